@@ -1,0 +1,234 @@
+#include "gateway/config.hpp"
+
+#include <toml++/toml.h>
+#include <unistd.h>
+
+#include <charconv>
+#include <cstdlib>
+#include <set>
+
+namespace blockway::gateway {
+namespace {
+
+std::string lower(std::string_view s) {
+  std::string out(s);
+  for (auto& c : out) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return out;
+}
+
+template <class Int>
+Int parse_int(std::string_view text, std::string_view what) {
+  Int v{};
+  auto [p, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
+  if (ec != std::errc{} || p != text.data() + text.size())
+    throw ConfigError(std::string(what) + ": '" + std::string(text) + "' is not a valid number");
+  return v;
+}
+
+// Applies one generic export key; returns false if the key is not generic.
+bool apply_export_key(ExportConfig& e, const std::string& key, const std::string& value) {
+  if (key == "read-only" || key == "readonly" || key == "ro") {
+    e.read_only = value.empty() ? true : parse_bool(value, "export '" + e.name + "': " + key);
+  } else if (key == "description") {
+    e.description = value;
+  } else {
+    return false;
+  }
+  return true;
+}
+
+void check_export_name(const std::string& name, std::string_view where) {
+  if (name.empty()) throw ConfigError(std::string(where) + ": export name is empty");
+  if (name.size() > 4096) throw ConfigError(std::string(where) + ": export name is too long");
+}
+
+}  // namespace
+
+uint64_t parse_size(std::string_view text, std::string_view what) {
+  if (text.empty()) throw ConfigError(std::string(what) + ": empty size");
+  uint64_t mult = 1;
+  switch (std::tolower(static_cast<unsigned char>(text.back()))) {
+    case 'k': mult = 1ull << 10; break;
+    case 'm': mult = 1ull << 20; break;
+    case 'g': mult = 1ull << 30; break;
+    case 't': mult = 1ull << 40; break;
+    default: break;
+  }
+  if (mult != 1) text.remove_suffix(1);
+  const auto v = parse_int<uint64_t>(text, what);
+  if (v > UINT64_MAX / mult) throw ConfigError(std::string(what) + ": size is too large");
+  return v * mult;
+}
+
+bool parse_bool(std::string_view text, std::string_view what) {
+  const auto t = lower(text);
+  if (t == "on" || t == "true" || t == "yes" || t == "1") return true;
+  if (t == "off" || t == "false" || t == "no" || t == "0") return false;
+  throw ConfigError(std::string(what) + ": '" + std::string(text) + "' is not on/off");
+}
+
+ListenAddress ListenAddress::parse(std::string_view text) {
+  ListenAddress a;
+  const std::string where = "listen address '" + std::string(text) + "'";
+  if (text.starts_with("unix:")) {
+    a.kind = Kind::unix_socket;
+    a.path = std::string(text.substr(5));
+    if (a.path.empty() || a.path.front() != '/')
+      throw ConfigError(where + ": a Unix socket needs an absolute path (unix:/run/x.sock)");
+    if (a.path.size() >= 108) throw ConfigError(where + ": Unix socket path is too long");
+    return a;
+  }
+  std::string_view host, port;
+  if (text.starts_with("[")) {
+    const auto close = text.find(']');
+    if (close == std::string_view::npos || close + 1 >= text.size() || text[close + 1] != ':')
+      throw ConfigError(where + ": expected [IPV6]:PORT");
+    host = text.substr(1, close - 1);
+    port = text.substr(close + 2);
+  } else {
+    const auto colon = text.rfind(':');
+    if (colon == std::string_view::npos) throw ConfigError(where + ": expected HOST:PORT");
+    host = text.substr(0, colon);
+    port = text.substr(colon + 1);
+    if (host.find(':') != std::string_view::npos)
+      throw ConfigError(where + ": write IPv6 addresses in brackets, [::1]:10809");
+  }
+  a.host = std::string(host);
+  a.port = parse_int<uint16_t>(port, where);
+  return a;
+}
+
+std::string ListenAddress::to_string() const {
+  if (kind == Kind::unix_socket) return "unix:" + path;
+  if (host.find(':') != std::string::npos) return "[" + host + "]:" + std::to_string(port);
+  return host + ":" + std::to_string(port);
+}
+
+ExportConfig ExportConfig::parse_spec(std::string_view spec) {
+  const std::string where = "--export '" + std::string(spec) + "'";
+  const auto eq = spec.find('=');
+  if (eq == std::string_view::npos) throw ConfigError(where + ": expected NAME=URI[,option=value...]");
+  ExportConfig e;
+  e.name = std::string(spec.substr(0, eq));
+  check_export_name(e.name, where);
+  std::string_view rest = spec.substr(eq + 1);
+  bool first = true;
+  while (true) {
+    const auto comma = rest.find(',');
+    const std::string_view item = rest.substr(0, comma);
+    if (first) {
+      e.uri = std::string(item);
+      if (e.uri.empty()) throw ConfigError(where + ": the URI is empty");
+      first = false;
+    } else if (!item.empty()) {
+      const auto ieq = item.find('=');
+      const std::string key(item.substr(0, ieq));
+      const std::string value = ieq == std::string_view::npos ? "" : std::string(item.substr(ieq + 1));
+      if (!apply_export_key(e, key, value)) {
+        if (e.options.contains(key)) throw ConfigError(where + ": option '" + key + "' given twice");
+        e.options[key] = value;
+      }
+    }
+    if (comma == std::string_view::npos) break;
+    rest = rest.substr(comma + 1);
+  }
+  return e;
+}
+
+void DaemonConfig::validate() const {
+  std::set<std::string> names;
+  for (const auto& e : exports) {
+    if (!names.insert(e.name).second) throw ConfigError("export '" + e.name + "' is defined twice");
+  }
+  if (!default_export.empty() && !names.contains(default_export) &&
+      !(stdio_export && stdio_export->name == default_export))
+    throw ConfigError("default-export '" + default_export + "' names no export");
+  if (max_request_bytes < 4096 || max_request_bytes > (256u << 20))
+    throw ConfigError("max-request must be between 4k and 256M");
+  if (max_inflight_bytes < max_request_bytes)
+    throw ConfigError("max-inflight must be at least max-request (" +
+                      std::to_string(max_request_bytes) + " bytes)");
+  static const std::set<std::string> levels{"trace", "debug", "info", "warn", "error", "critical", "off"};
+  if (!levels.contains(log_level))
+    throw ConfigError("log-level '" + log_level + "' is not one of trace, debug, info, warn, error, off");
+  if (threads > 256) throw ConfigError("threads must be at most 256");
+  if (blocking_threads == 0 || blocking_threads > 1024)
+    throw ConfigError("blocking-threads must be between 1 and 1024");
+}
+
+void load_config_file(const std::string& path, DaemonConfig& cfg) {
+  toml::table root;
+  try {
+    root = toml::parse_file(path);
+  } catch (const toml::parse_error& err) {
+    const auto& where = err.source().begin;
+    throw ConfigError(path + ":" + std::to_string(where.line) + ":" + std::to_string(where.column) +
+                      ": " + std::string(err.description()));
+  }
+  auto as_string = [&](const toml::node& n, const std::string& key) -> std::string {
+    if (auto v = n.value<std::string>()) return *v;
+    if (auto i = n.value<int64_t>()) return std::to_string(*i);
+    if (auto b = n.value<bool>()) return *b ? "on" : "off";
+    throw ConfigError(path + ": '" + key + "' must be a string, number or boolean");
+  };
+  for (const auto& [k, node] : root) {
+    const std::string key(k.str());
+    if (key == "listen") {
+      cfg.listen.clear();
+      auto* arr = node.as_array();
+      if (!arr) throw ConfigError(path + ": 'listen' must be an array of strings");
+      for (const auto& item : *arr) cfg.listen.push_back(ListenAddress::parse(as_string(item, key)));
+    } else if (key == "export") {
+      auto* arr = node.as_array();
+      if (!arr) throw ConfigError(path + ": use [[export]] tables for exports");
+      for (const auto& item : *arr) {
+        auto* t = item.as_table();
+        if (!t) throw ConfigError(path + ": every [[export]] must be a table");
+        ExportConfig e;
+        if (auto n = (*t)["name"].value<std::string>()) e.name = *n;
+        check_export_name(e.name, path + ": [[export]]");
+        if (auto u = (*t)["uri"].value<std::string>()) e.uri = *u;
+        if (e.uri.empty()) throw ConfigError(path + ": export '" + e.name + "' has no uri");
+        for (const auto& [ik, inode] : *t) {
+          const std::string ikey(ik.str());
+          if (ikey == "name" || ikey == "uri") continue;
+          const std::string value = as_string(inode, ikey);
+          if (!apply_export_key(e, ikey, value)) e.options[ikey] = value;
+        }
+        cfg.exports.push_back(std::move(e));
+      }
+    } else if (key == "threads") {
+      cfg.threads = parse_int<unsigned>(as_string(node, key), key);
+    } else if (key == "blocking-threads") {
+      cfg.blocking_threads = parse_int<unsigned>(as_string(node, key), key);
+    } else if (key == "data-dir") {
+      cfg.data_dir = as_string(node, key);
+    } else if (key == "log-level") {
+      cfg.log_level = as_string(node, key);
+    } else if (key == "pid-file") {
+      cfg.pid_file = as_string(node, key);
+    } else if (key == "default-export") {
+      cfg.default_export = as_string(node, key);
+    } else if (key == "max-inflight") {
+      cfg.max_inflight_bytes = parse_size(as_string(node, key), key);
+    } else if (key == "max-request") {
+      const auto v = parse_size(as_string(node, key), key);
+      if (v > UINT32_MAX) throw ConfigError("max-request is too large");
+      cfg.max_request_bytes = static_cast<uint32_t>(v);
+    } else if (key == "handshake-timeout") {
+      cfg.handshake_timeout = std::chrono::milliseconds(
+          1000 * parse_int<uint64_t>(as_string(node, key), key));
+    } else {
+      throw ConfigError(path + ": unknown setting '" + key + "'");
+    }
+  }
+}
+
+std::string default_data_dir() {
+  if (geteuid() == 0) return "/var/lib/blockway";
+  if (const char* x = std::getenv("XDG_DATA_HOME"); x && *x) return std::string(x) + "/blockway";
+  if (const char* h = std::getenv("HOME"); h && *h) return std::string(h) + "/.local/share/blockway";
+  return "/var/tmp/blockway";
+}
+
+}  // namespace blockway::gateway

@@ -1,0 +1,77 @@
+// Daemon configuration: the TOML file, the command line, and their checks.
+//
+// Everything here runs once at start-up on the main thread and reports
+// mistakes by throwing ConfigError with a message that names the setting.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace blockway::gateway {
+
+struct ConfigError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+struct ListenAddress {
+  enum class Kind { tcp, unix_socket };
+  Kind kind = Kind::tcp;
+  std::string host;  // tcp: IPv4/IPv6 literal or host name, without brackets
+  uint16_t port = 0;
+  std::string path;  // unix socket path
+
+  // "HOST:PORT", "[V6]:PORT", ":PORT" (all addresses), "unix:/path".
+  static ListenAddress parse(std::string_view text);
+  [[nodiscard]] std::string to_string() const;
+};
+
+struct ExportConfig {
+  std::string name;
+  std::string uri;
+  std::string description;
+  bool read_only = false;
+  // Options not understood by the generic export code (backend, cache, ...),
+  // each consumed by the part that knows it; leftovers are an error.
+  std::map<std::string, std::string> options;
+
+  // "NAME=URI[,key=value|flag]..." as given to --export.
+  static ExportConfig parse_spec(std::string_view spec);
+};
+
+struct DaemonConfig {
+  std::vector<ListenAddress> listen;
+  std::vector<ExportConfig> exports;
+  std::optional<ExportConfig> stdio_export;  // --stdio: one client on stdin/stdout
+  std::string default_export;
+  unsigned threads = 0;            // event loops; 0 = one per core
+  unsigned blocking_threads = 16;  // pool for calls that may block
+  std::string data_dir;
+  std::string log_level = "info";
+  std::string pid_file;
+  uint64_t max_inflight_bytes = 128ull << 20;  // per connection
+  uint32_t max_request_bytes = 32u << 20;      // largest read/write payload
+  std::chrono::milliseconds handshake_timeout{10000};
+  std::chrono::milliseconds shutdown_timeout{30000};
+  bool embedded_default = false;  // no config and no exports: serve the demo image
+
+  void validate() const;
+};
+
+// Parses "64k", "32M", "1G", "4096" (binary units). Throws ConfigError naming `what`.
+uint64_t parse_size(std::string_view text, std::string_view what);
+bool parse_bool(std::string_view text, std::string_view what);
+
+// Reads a TOML file into `cfg` (fields it names replace the defaults).
+void load_config_file(const std::string& path, DaemonConfig& cfg);
+
+// The default data directory: /var/lib/blockway for root, else
+// $XDG_DATA_HOME/blockway or ~/.local/share/blockway.
+std::string default_data_dir();
+
+}  // namespace blockway::gateway

@@ -1,0 +1,153 @@
+#include "gateway/daemon.hpp"
+
+#include "gateway/event_loops.hpp"
+#include "gateway/export.hpp"
+#include "gateway/logging.hpp"
+#include "nbd/server.hpp"
+#include "remote/registry.hpp"
+
+#include <boost/asio/signal_set.hpp>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <csignal>
+#include <filesystem>
+#include <fstream>
+
+namespace blockway::gateway {
+namespace {
+
+constexpr uint64_t kDemoImageSize = 1ull << 30;
+
+// The embedded default: a sparse 1 GiB demo image in the data directory.
+ExportConfig demo_export(const std::string& data_dir) {
+  std::error_code ec;
+  std::filesystem::create_directories(data_dir, ec);
+  if (ec) throw ConfigError("cannot create data directory " + data_dir + ": " + ec.message());
+  const std::string path = data_dir + "/demo.img";
+  if (!std::filesystem::exists(path)) {
+    const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd < 0) throw ConfigError("cannot create demo image " + path + ": " + std::strerror(errno));
+    const int rc = ::ftruncate(fd, static_cast<off_t>(kDemoImageSize));
+    ::close(fd);
+    if (rc != 0) throw ConfigError("cannot size demo image " + path + ": " + std::strerror(errno));
+  }
+  ExportConfig e;
+  e.name = "demo";
+  e.uri = "file://" + path;
+  e.description = "blockway demo image (1 GiB, file backend)";
+  return e;
+}
+
+std::shared_ptr<Export> open_export(ExportConfig cfg, EventLoops& loops) {
+  remote::OpenRequest req;
+  req.uri = cfg.uri;
+  req.read_only = cfg.read_only;
+  req.options = &cfg.options;
+  req.blocking = &loops.blocking();
+  std::unique_ptr<BlockDevice> device;
+  try {
+    device = remote::open_device(req);
+  } catch (const remote::BackendError& e) {
+    throw ConfigError("export '" + cfg.name + "': " + e.what());
+  }
+  if (!cfg.options.empty())
+    throw ConfigError("export '" + cfg.name + "': unknown option '" + cfg.options.begin()->first + "'");
+  auto exp = std::make_shared<Export>();
+  exp->name = cfg.name;
+  exp->description = cfg.description;
+  exp->uri = cfg.uri;
+  exp->device = std::make_shared<CheckedDevice>(std::move(device), cfg.read_only);
+  return exp;
+}
+
+void log_stats(spdlog::logger& log, const Export& exp) {
+  const auto s = exp.device->stats().snapshot();
+  log.info("export '{}': {} reads ({} bytes), {} writes ({} bytes), {} flushes, {} trims, {} zeroes, "
+           "{} block-status, {} prefetches, {} errors",
+           exp.name, s.reads, s.bytes_read, s.writes, s.bytes_written, s.flushes, s.trims, s.zeroes,
+           s.block_status, s.prefetches, s.errors);
+}
+
+}  // namespace
+
+int run_daemon(DaemonConfig config) {
+  auto log = logger("daemon");
+  if (config.data_dir.empty()) config.data_dir = default_data_dir();
+  if (config.embedded_default) {
+    config.exports.push_back(demo_export(config.data_dir));
+    if (config.listen.empty()) {
+      config.listen.push_back(ListenAddress::parse("127.0.0.1:10809"));
+      config.listen.push_back(ListenAddress::parse("[::1]:10809"));
+    }
+  }
+  if (config.listen.empty() && !config.stdio_export)
+    config.listen.push_back(ListenAddress::parse("127.0.0.1:10809"));
+  config.validate();
+
+  std::signal(SIGPIPE, SIG_IGN);  // a vanished client is an error code, not a signal
+  EventLoops loops(config.threads, config.blocking_threads);
+  ExportTable exports;
+  std::vector<ExportConfig> all = config.exports;
+  if (config.stdio_export) all.push_back(*config.stdio_export);
+  for (auto& e : all) {
+    auto exp = open_export(e, loops);
+    const auto geo = exp->device->geometry();
+    log->info("export '{}': {} ({} bytes{})", exp->name, exp->device->describe(), geo.size,
+              exp->device->capabilities().read_only ? ", read-only" : "");
+    exports.add(std::move(exp));
+  }
+  exports.set_default(config.default_export);
+
+  nbd::ServerOptions sopts;
+  sopts.limits.max_request_bytes = config.max_request_bytes;
+  sopts.limits.max_inflight_bytes = config.max_inflight_bytes;
+  sopts.handshake_timeout = config.handshake_timeout;
+  sopts.shutdown_timeout = config.shutdown_timeout;
+  nbd::Server server(loops, exports, sopts);
+
+  boost::asio::signal_set signals(loops.at(0), SIGINT, SIGTERM);
+  server.set_on_drained([&] {
+    boost::asio::post(loops.at(0), [&] {
+      boost::system::error_code ignored;
+      signals.cancel(ignored);
+      loops.release();
+    });
+  });
+
+  if (config.stdio_export) {
+    server.serve_stdio();
+  }
+  for (const auto& addr : config.listen) {
+    try {
+      for (const auto& b : server.listen(addr)) log->info("listening on {}", b);
+    } catch (const std::runtime_error& e) {
+      throw ConfigError(e.what());
+    }
+  }
+
+  std::function<void(const boost::system::error_code&, int)> on_signal =
+      [&](const boost::system::error_code& ec, int sig) {
+        if (ec) return;
+        log->info("received {}, shutting down", sig == SIGINT ? "SIGINT" : "SIGTERM");
+        server.shutdown();
+        signals.async_wait(on_signal);
+      };
+  signals.async_wait(on_signal);
+
+  if (!config.pid_file.empty()) {
+    // Written after every socket listens: its presence means "ready".
+    const std::string tmp = config.pid_file + ".tmp";
+    std::ofstream(tmp) << ::getpid() << "\n";
+    std::filesystem::rename(tmp, config.pid_file);
+  }
+
+  loops.run();
+  for (const auto& exp : exports.list()) log_stats(*log, *exp);
+  if (!config.pid_file.empty()) ::unlink(config.pid_file.c_str());
+  log->info("stopped");
+  return 0;
+}
+
+}  // namespace blockway::gateway

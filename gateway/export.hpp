@@ -1,0 +1,45 @@
+// Export: one named image offered to clients, and the table of them.
+//
+// Thread model: an Export is immutable after creation apart from its device's
+// own counters, and is shared (shared_ptr) by every session using it. The
+// ExportTable is read by handshakes on every event-loop thread and changed
+// rarely, so a shared_mutex guards it; sessions keep their own shared_ptr and
+// never hold the lock during I/O.
+#pragma once
+
+#include "gateway/checked_device.hpp"
+
+#include <map>
+#include <memory>
+#include <shared_mutex>
+#include <string>
+#include <vector>
+
+namespace blockway::gateway {
+
+struct Export {
+  std::string name;
+  std::string description;
+  std::string uri;
+  std::shared_ptr<CheckedDevice> device;
+};
+
+class ExportTable {
+ public:
+  // Throws std::invalid_argument if the name is taken or invalid.
+  void add(std::shared_ptr<Export> exp);
+  std::shared_ptr<Export> remove(const std::string& name);
+  // Looks up a name; the empty name means the default export.
+  [[nodiscard]] std::shared_ptr<Export> find(const std::string& name) const;
+  [[nodiscard]] std::vector<std::shared_ptr<Export>> list() const;
+  // The export that the empty name selects; with no setting and exactly one
+  // export, that one.
+  void set_default(std::string name);
+
+ private:
+  mutable std::shared_mutex mutex_;
+  std::map<std::string, std::shared_ptr<Export>> exports_;
+  std::string default_name_;
+};
+
+}  // namespace blockway::gateway

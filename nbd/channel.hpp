@@ -1,0 +1,70 @@
+// Channel: the byte stream to one NBD client (a TCP or Unix socket, or
+// stdin/stdout in --stdio mode), as one or two posix stream descriptors.
+//
+// Thread model: owned by one connection on one io_context; at most one read
+// and one write outstanding at a time, as Asio requires.
+#pragma once
+
+#include "gateway/task.hpp"
+
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/posix/stream_descriptor.hpp>
+#include <boost/asio/read.hpp>
+#include <boost/asio/write.hpp>
+
+#include <optional>
+#include <span>
+#include <system_error>
+
+namespace blockway::nbd {
+
+class Channel {
+ public:
+  using Descriptor = boost::asio::posix::stream_descriptor;
+
+  // A socket: one descriptor both ways.
+  explicit Channel(Descriptor both) : in_(std::move(both)) {}
+  // Separate input and output (stdin/stdout).
+  Channel(Descriptor in, Descriptor out) : in_(std::move(in)), out_(std::move(out)) {}
+
+  [[nodiscard]] Descriptor& in() noexcept { return in_; }
+  [[nodiscard]] Descriptor& out() noexcept { return out_ ? *out_ : in_; }
+  [[nodiscard]] boost::asio::any_io_executor executor() { return in_.get_executor(); }
+
+  gateway::Task<std::error_code> read_exact(std::span<std::byte> buf) {
+    auto [ec, n] = co_await boost::asio::async_read(
+        in_, boost::asio::buffer(buf.data(), buf.size()),
+        boost::asio::as_tuple(boost::asio::use_awaitable));
+    co_return std::error_code(ec);
+  }
+
+  template <class Buffers>
+  gateway::Task<std::error_code> write_all(const Buffers& buffers) {
+    auto [ec, n] = co_await boost::asio::async_write(
+        out(), buffers, boost::asio::as_tuple(boost::asio::use_awaitable));
+    co_return std::error_code(ec);
+  }
+
+  // Cancels a pending read only (a write in progress goes on).
+  void cancel_read() {
+    boost::system::error_code ignored;
+    in_.cancel(ignored);
+  }
+  // Cancels pending reads and writes; the stream stays open.
+  void cancel() {
+    boost::system::error_code ignored;
+    in_.cancel(ignored);
+    if (out_) out_->cancel(ignored);
+  }
+  void close() {
+    boost::system::error_code ignored;
+    in_.close(ignored);
+    if (out_) out_->close(ignored);
+  }
+
+ private:
+  Descriptor in_;
+  std::optional<Descriptor> out_;
+};
+
+}  // namespace blockway::nbd

@@ -1,0 +1,53 @@
+// The fixed-newstyle NBD handshake, as an explicit state machine over a
+// Channel: greeting, client flags, then one option at a time until the client
+// picks an export (EXPORT_NAME or GO), aborts, or breaks the protocol.
+//
+// Thread model: runs as one coroutine on the connection's io_context; reads
+// the ExportTable through its own lock.
+#pragma once
+
+#include "gateway/export.hpp"
+#include "gateway/logging.hpp"
+#include "nbd/channel.hpp"
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace blockway::nbd {
+
+// The metadata contexts this server offers (NBD_OPT_*_META_CONTEXT).
+enum class MetaContextKind : uint8_t { base_allocation };
+
+struct MetaContext {
+  uint32_t id = 0;
+  MetaContextKind kind = MetaContextKind::base_allocation;
+  std::string name;
+};
+
+struct HandshakeOptions {
+  uint32_t max_request_bytes = 32u << 20;
+  // Set while the server shuts down: options get NBD_REP_ERR_SHUTDOWN.
+  const std::atomic<bool>* shutting_down = nullptr;
+};
+
+struct Negotiated {
+  std::shared_ptr<gateway::Export> exp;
+  bool structured_replies = false;
+  bool no_zeroes = false;
+  std::vector<MetaContext> contexts;  // selected for exp
+  uint16_t transmission_flags = 0;
+};
+
+// The transmission flags an export advertises.
+uint16_t transmission_flags(const gateway::Capabilities& caps, bool structured_replies) noexcept;
+
+// Runs the handshake. Returns the negotiated export, or nullopt when the
+// client aborted, disconnected, or violated the protocol (the caller closes).
+gateway::Task<std::optional<Negotiated>> negotiate(Channel& channel, const gateway::ExportTable& exports,
+                                                   const HandshakeOptions& options);
+
+}  // namespace blockway::nbd

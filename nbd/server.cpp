@@ -1,0 +1,269 @@
+#include "nbd/server.hpp"
+
+#include "gateway/logging.hpp"
+
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/ip/v6_only.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+
+namespace blockway::nbd {
+
+namespace asio = boost::asio;
+using gateway::Task;
+
+struct Server::Connection {
+  explicit Connection(Channel ch) : channel(std::move(ch)) {}
+  Channel channel;
+  std::shared_ptr<Session> session;  // set once the handshake succeeded
+};
+
+Server::Server(gateway::EventLoops& loops, gateway::ExportTable& exports, ServerOptions options)
+    : loops_(loops), exports_(exports), options_(options), log_(gateway::logger("nbd")) {
+  handshake_options_.max_request_bytes = options_.limits.max_request_bytes;
+  handshake_options_.shutting_down = &shutting_down_;
+}
+
+Server::~Server() {
+  for (const auto& p : unix_paths_) ::unlink(p.c_str());
+}
+
+std::vector<std::string> Server::listen(const gateway::ListenAddress& address) {
+  auto& ctx = loops_.at(0);
+  std::vector<std::string> bound;
+  if (address.kind == gateway::ListenAddress::Kind::unix_socket) {
+    struct stat st {};
+    if (::lstat(address.path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) ::unlink(address.path.c_str());
+    auto acceptor = std::make_shared<asio::local::stream_protocol::acceptor>(ctx);
+    boost::system::error_code ec;
+    acceptor->open(asio::local::stream_protocol(), ec);
+    if (!ec) acceptor->bind(asio::local::stream_protocol::endpoint(address.path), ec);
+    if (!ec) acceptor->listen(asio::socket_base::max_listen_connections, ec);
+    if (ec) throw std::runtime_error("cannot listen on " + address.to_string() + ": " + ec.message());
+    unix_paths_.push_back(address.path);
+    unix_acceptors_.push_back(acceptor);
+    asio::co_spawn(ctx, accept_unix(acceptor, address.path), asio::detached);
+    bound.push_back(address.to_string());
+    return bound;
+  }
+  asio::ip::tcp::resolver resolver(ctx);
+  boost::system::error_code ec;
+  const std::string host = address.host.empty() ? "::" : address.host;
+  auto results = resolver.resolve(host, std::to_string(address.port),
+                                  asio::ip::tcp::resolver::passive | asio::ip::tcp::resolver::numeric_service, ec);
+  if (ec) throw std::runtime_error("cannot resolve " + address.to_string() + ": " + ec.message());
+  std::vector<asio::ip::tcp::endpoint> done;
+  for (const auto& r : results) {
+    auto ep = r.endpoint();
+    if (std::find(done.begin(), done.end(), ep) != done.end()) continue;
+    done.push_back(ep);
+    auto acceptor = std::make_shared<asio::ip::tcp::acceptor>(ctx);
+    acceptor->open(ep.protocol(), ec);
+    if (!ec) acceptor->set_option(asio::socket_base::reuse_address(true), ec);
+    if (!ec && ep.address().is_v6()) acceptor->set_option(asio::ip::v6_only(!address.host.empty()), ec);
+    if (!ec) acceptor->bind(ep, ec);
+    if (!ec) acceptor->listen(asio::socket_base::max_listen_connections, ec);
+    if (ec) throw std::runtime_error("cannot listen on " + address.to_string() + " (" + ep.address().to_string() +
+                                     "): " + ec.message());
+    const auto local = acceptor->local_endpoint();
+    bound.push_back((local.address().is_v6() ? "[" + local.address().to_string() + "]"
+                                             : local.address().to_string()) +
+                    ":" + std::to_string(local.port()));
+    tcp_acceptors_.push_back(acceptor);
+    asio::co_spawn(ctx, accept_tcp(acceptor), asio::detached);
+  }
+  return bound;
+}
+
+Task<void> Server::accept_tcp(std::shared_ptr<asio::ip::tcp::acceptor> acceptor) {
+  while (!shutting_down_) {
+    auto& target = loops_.next();
+    auto [ec, socket] = co_await acceptor->async_accept(target, asio::as_tuple(asio::use_awaitable));
+    if (ec) {
+      if (ec == asio::error::operation_aborted || shutting_down_) co_return;
+      log_->warn("accept failed: {}", ec.message());
+      if (ec == asio::error::no_descriptors || ec == asio::error::no_buffer_space) {
+        asio::steady_timer t(co_await asio::this_coro::executor, std::chrono::milliseconds(100));
+        co_await t.async_wait(asio::as_tuple(asio::use_awaitable));
+      }
+      continue;
+    }
+    boost::system::error_code ignored;
+    socket.set_option(asio::ip::tcp::no_delay(true), ignored);
+    const int fd = socket.release(ignored);
+    if (fd >= 0) start_connection(target, fd, -1);
+  }
+}
+
+Task<void> Server::accept_unix(std::shared_ptr<asio::local::stream_protocol::acceptor> acceptor, std::string) {
+  while (!shutting_down_) {
+    auto& target = loops_.next();
+    auto [ec, socket] = co_await acceptor->async_accept(target, asio::as_tuple(asio::use_awaitable));
+    if (ec) {
+      if (ec == asio::error::operation_aborted || shutting_down_) co_return;
+      log_->warn("accept failed: {}", ec.message());
+      continue;
+    }
+    boost::system::error_code ignored;
+    const int fd = socket.release(ignored);
+    if (fd >= 0) start_connection(target, fd, -1);
+  }
+}
+
+void Server::serve_stdio() {
+  stdio_ = true;
+  // Duplicates, so that closing the channel leaves fds 0 and 1 valid.
+  const int in = ::dup(STDIN_FILENO);
+  const int out = ::dup(STDOUT_FILENO);
+  if (in < 0 || out < 0) throw std::runtime_error("cannot duplicate stdin/stdout");
+  start_connection(loops_.at(0), in, out);
+}
+
+void Server::start_connection(asio::io_context& ctx, int fd_in, int fd_out) {
+  std::shared_ptr<Connection> conn;
+  try {
+    Channel ch = fd_out < 0 ? Channel(Channel::Descriptor(ctx, fd_in))
+                            : Channel(Channel::Descriptor(ctx, fd_in), Channel::Descriptor(ctx, fd_out));
+    conn = std::make_shared<Connection>(std::move(ch));
+  } catch (const std::exception& e) {
+    log_->error("cannot set up connection: {}", e.what());
+    ::close(fd_in);
+    if (fd_out >= 0) ::close(fd_out);
+    return;
+  }
+  {
+    std::lock_guard lock(mutex_);
+    connections_.push_back(conn);
+  }
+  asio::co_spawn(ctx, serve(conn), [this, raw = conn.get()](std::exception_ptr e) {
+    if (e) {
+      try {
+        std::rethrow_exception(e);
+      } catch (const std::exception& ex) {
+        log_->error("connection ended with an error: {}", ex.what());
+      }
+    }
+    connection_ended(raw);
+  });
+}
+
+Task<void> Server::serve(std::shared_ptr<Connection> conn) {
+  auto& ch = conn->channel;
+  // The handshake has a deadline: a silent or slow client is cut off.
+  asio::steady_timer deadline(ch.executor(), options_.handshake_timeout);
+  deadline.async_wait([conn](boost::system::error_code ec) {
+    if (!ec) conn->channel.cancel();
+  });
+  auto negotiated = co_await negotiate(ch, exports_, handshake_options_);
+  deadline.cancel();
+  if (negotiated && !shutting_down_) {
+    log_->debug("client entered transmission on export '{}'", negotiated->exp->name);
+    conn->session = std::make_shared<Session>(ch, std::move(*negotiated), options_.limits);
+    if (shutting_down_) conn->session->stop();
+    co_await conn->session->run();
+  }
+  ch.close();
+  conn->session.reset();
+}
+
+void Server::connection_ended(Connection* conn) {
+  std::function<void()> drained;
+  {
+    std::lock_guard lock(mutex_);
+    connections_.remove_if([&](const std::weak_ptr<Connection>& w) {
+      auto p = w.lock();
+      return !p || p.get() == conn;
+    });
+    if (stdio_ && !shutting_down_) {
+      // The one stdio client is gone: the daemon's work is done.
+      shutting_down_ = true;
+    }
+    if (shutting_down_ && connections_.empty() && !drained_called_) {
+      drained_called_ = true;
+      drained = on_drained_;
+    }
+  }
+  if (stdio_) {
+    for (auto& a : tcp_acceptors_) asio::post(a->get_executor(), [a] { boost::system::error_code ig; a->close(ig); });
+    for (auto& a : unix_acceptors_) asio::post(a->get_executor(), [a] { boost::system::error_code ig; a->close(ig); });
+  }
+  if (drained) {
+    asio::post(loops_.at(0), [this] {
+      if (shutdown_timer_) shutdown_timer_->cancel();
+    });
+    drained();
+  }
+}
+
+// Runs on loop 0 (the daemon's signal handler), like the shutdown timer.
+void Server::shutdown() {
+  if (shutting_down_.exchange(true)) {
+    // A second request: do not wait any longer.
+    force_close_all();
+    return;
+  }
+  for (auto& a : tcp_acceptors_)
+    asio::post(a->get_executor(), [a] {
+      boost::system::error_code ig;
+      a->close(ig);
+    });
+  for (auto& a : unix_acceptors_)
+    asio::post(a->get_executor(), [a] {
+      boost::system::error_code ig;
+      a->close(ig);
+    });
+  std::vector<std::shared_ptr<Connection>> live;
+  std::function<void()> drained;
+  {
+    std::lock_guard lock(mutex_);
+    for (auto& w : connections_)
+      if (auto c = w.lock()) live.push_back(c);
+    if (live.empty() && !drained_called_) {
+      drained_called_ = true;
+      drained = on_drained_;
+    }
+  }
+  for (auto& c : live) {
+    asio::post(c->channel.executor(), [c] {
+      if (c->session)
+        c->session->stop();
+      else
+        c->channel.cancel();  // still in the handshake
+    });
+  }
+  if (drained) {
+    drained();
+    return;
+  }
+  shutdown_timer_ = std::make_unique<asio::steady_timer>(loops_.at(0), options_.shutdown_timeout);
+  shutdown_timer_->async_wait([this](boost::system::error_code ec) {
+    if (!ec) {
+      log_->warn("connections still open after the shutdown timeout, closing them");
+      force_close_all();
+    }
+  });
+}
+
+void Server::force_close_all() {
+  std::vector<std::shared_ptr<Connection>> live;
+  {
+    std::lock_guard lock(mutex_);
+    for (auto& w : connections_)
+      if (auto c = w.lock()) live.push_back(c);
+  }
+  for (auto& c : live) asio::post(c->channel.executor(), [c] { c->channel.close(); });
+}
+
+size_t Server::connection_count() const {
+  std::lock_guard lock(mutex_);
+  return connections_.size();
+}
+
+}  // namespace blockway::nbd

@@ -1,0 +1,79 @@
+// Server: listening sockets, the --stdio connection, and an orderly shutdown.
+//
+// Thread model: acceptors run on event loop 0; each accepted connection is
+// handed to the next loop round-robin and lives there (handshake, then
+// Session). The connection list is guarded by a mutex and touched only when a
+// connection starts or ends and at shutdown. shutdown() may be called from any
+// thread; on_drained runs once, on some loop thread, after the last connection
+// has ended following shutdown().
+#pragma once
+
+#include "gateway/config.hpp"
+#include "gateway/event_loops.hpp"
+#include "gateway/export.hpp"
+#include "nbd/session.hpp"
+
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/local/stream_protocol.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <functional>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+namespace blockway::nbd {
+
+struct ServerOptions {
+  SessionLimits limits;
+  std::chrono::milliseconds handshake_timeout{10000};
+  std::chrono::milliseconds shutdown_timeout{30000};
+};
+
+class Server {
+ public:
+  Server(gateway::EventLoops& loops, gateway::ExportTable& exports, ServerOptions options);
+  ~Server();
+
+  // Binds and starts accepting. Throws std::runtime_error naming the address.
+  // Returns the addresses actually bound (port 0 resolved).
+  std::vector<std::string> listen(const gateway::ListenAddress& address);
+  // Serves one client on stdin/stdout; the server drains when it leaves.
+  void serve_stdio();
+  // Stops accepting and ends every connection gracefully; after the timeout,
+  // forcibly. Idempotent.
+  void shutdown();
+  void set_on_drained(std::function<void()> fn) { on_drained_ = std::move(fn); }
+  [[nodiscard]] size_t connection_count() const;
+
+ private:
+  struct Connection;
+  gateway::Task<void> accept_tcp(std::shared_ptr<boost::asio::ip::tcp::acceptor> acceptor);
+  gateway::Task<void> accept_unix(std::shared_ptr<boost::asio::local::stream_protocol::acceptor> acceptor,
+                                  std::string path);
+  void start_connection(boost::asio::io_context& ctx, int fd_in, int fd_out);
+  gateway::Task<void> serve(std::shared_ptr<Connection> conn);
+  void connection_ended(Connection* conn);
+  void force_close_all();
+
+  gateway::EventLoops& loops_;
+  gateway::ExportTable& exports_;
+  ServerOptions options_;
+  HandshakeOptions handshake_options_;
+  std::shared_ptr<spdlog::logger> log_;
+
+  mutable std::mutex mutex_;
+  std::list<std::weak_ptr<Connection>> connections_;
+  std::vector<std::shared_ptr<boost::asio::ip::tcp::acceptor>> tcp_acceptors_;
+  std::vector<std::shared_ptr<boost::asio::local::stream_protocol::acceptor>> unix_acceptors_;
+  std::vector<std::string> unix_paths_;
+  std::atomic<bool> shutting_down_{false};
+  bool drained_called_ = false;
+  bool stdio_ = false;
+  std::function<void()> on_drained_;
+  std::unique_ptr<boost::asio::steady_timer> shutdown_timer_;
+};
+
+}  // namespace blockway::nbd

@@ -1,0 +1,102 @@
+// Session: the NBD transmission phase of one connection.
+//
+// A reader coroutine parses requests out of a large receive buffer (many per
+// read() when the client pipelines) and starts one handler coroutine per
+// request; handlers complete in any order and queue their replies; a writer
+// coroutine sends every queued reply with one gathered write. Memory is
+// bounded: a request is admitted only while the bytes of requests whose
+// replies are not yet sent stay under max_inflight_bytes (one request is
+// always admitted), so a client that stops reading replies stalls its own
+// connection instead of growing the daemon.
+//
+// Thread model: everything runs on the connection's io_context (one thread);
+// no locks. The export's device is shared with other sessions and is
+// thread-safe itself.
+#pragma once
+
+#include "gateway/async_event.hpp"
+#include "nbd/channel.hpp"
+#include "nbd/handshake.hpp"
+#include "nbd/protocol.hpp"
+
+#include <deque>
+#include <memory>
+#include <vector>
+
+namespace blockway::nbd {
+
+struct SessionLimits {
+  uint32_t max_request_bytes = 32u << 20;
+  uint64_t max_inflight_bytes = 128ull << 20;
+  uint32_t max_inflight_requests = 1024;
+};
+
+class Session : public std::enable_shared_from_this<Session> {
+ public:
+  Session(Channel& channel, Negotiated negotiated, SessionLimits limits);
+
+  // Serves requests until the client disconnects, breaks the protocol, or
+  // stop() is called; returns once every admitted request has been answered
+  // (or the client is gone). Does not close the channel.
+  gateway::Task<void> run();
+  // Graceful end: read no further requests, finish those in flight. Must be
+  // called on the session's io_context.
+  void stop();
+
+ private:
+  struct Buffer {
+    std::unique_ptr<std::byte[]> bytes;
+    size_t size = 0;
+  };
+  struct Reply {
+    std::array<std::byte, 32> head;
+    uint8_t head_len = 0;
+    std::vector<std::byte> extra;  // block-status descriptors, error text
+    Buffer data;                   // read payload
+    uint64_t budget = 0;           // admitted bytes, released once sent
+  };
+
+  gateway::Task<void> reader();
+  gateway::Task<void> writer();
+  gateway::Task<void> handle(RequestHeader req, Buffer payload, uint64_t budget);
+  gateway::Task<Reply> execute(const RequestHeader& req, Buffer& payload);
+  gateway::Task<bool> admit(uint64_t bytes);
+  gateway::Task<bool> discard_payload(uint64_t length);
+  void enqueue(Reply reply);
+  void release(const Reply& reply);
+
+  [[nodiscard]] Reply simple_reply(uint64_t cookie, uint32_t error) const;
+  [[nodiscard]] Reply error_reply(const RequestHeader& req, std::error_code ec) const;
+  [[nodiscard]] Reply read_reply(const RequestHeader& req, Buffer data) const;
+  [[nodiscard]] Reply block_status_reply(const RequestHeader& req, uint32_t context_id,
+                                         const gateway::ExtentList& extents) const;
+
+  Channel& channel_;
+  Negotiated neg_;
+  SessionLimits limits_;
+  gateway::CheckedDevice& device_;
+  std::shared_ptr<spdlog::logger> log_;
+
+  // Receive buffer: requests are parsed in place.
+  std::unique_ptr<std::byte[]> rbuf_;
+  size_t rhead_ = 0, rtail_ = 0;
+
+  std::vector<Reply> queue_;    // replies waiting for the writer
+  std::vector<Reply> sending_;  // replies in the current gathered write
+  std::vector<boost::asio::const_buffer> iov_;
+
+  uint64_t pending_requests_ = 0;  // admitted, reply not yet sent
+  uint64_t pending_bytes_ = 0;
+  bool stopping_ = false;
+  bool reader_idle_ = false;  // waiting for a new request header, nothing half-read
+  bool dead_ = false;         // the client can no longer be written to
+  bool writer_stop_ = false;
+  bool writer_done_ = false;
+  bool dirty_ = false;  // data changed since the last flush
+
+  gateway::AsyncEvent writer_wakeup_;
+  gateway::AsyncEvent budget_freed_;
+  gateway::AsyncEvent drained_;
+};
+
+}  // namespace blockway::nbd

@@ -1,0 +1,60 @@
+// FileDevice: a raw image file or a block device on this host.
+//
+// Thread model: stateless apart from the fd and a few capability latches
+// (atomics), so any number of threads may call it at once. Reads first try
+// preadv2(RWF_NOWAIT) on the calling event loop, which succeeds at memory
+// speed when the data is in the page cache; on a miss the read moves to the
+// blocking pool. Plain writes go to the page cache inline (pwrite only blocks
+// under dirty-page throttling, and RWF_NOWAIT is not supported for buffered
+// writes on ext4); FUA writes, flushes and fallocate calls always run on the
+// blocking pool because they wait for the disk.
+#pragma once
+
+#include "gateway/block_device.hpp"
+
+#include <boost/asio/thread_pool.hpp>
+
+#include <atomic>
+#include <string>
+
+namespace blockway::remote {
+
+class FileDevice final : public gateway::BlockDevice {
+ public:
+  // Opens `path`; falls back to read-only when the file cannot be written and
+  // read_only was not asked for. Throws std::system_error naming the path.
+  FileDevice(std::string path, bool read_only, boost::asio::thread_pool& blocking);
+  ~FileDevice() override;
+  FileDevice(const FileDevice&) = delete;
+  FileDevice& operator=(const FileDevice&) = delete;
+
+  [[nodiscard]] gateway::Geometry geometry() const noexcept override;
+  [[nodiscard]] gateway::Capabilities capabilities() const noexcept override;
+  [[nodiscard]] std::string describe() const override { return "file:" + path_; }
+
+  gateway::Task<std::error_code> read(std::span<std::byte> buf, uint64_t offset,
+                                      gateway::IoFlags flags) override;
+  gateway::Task<std::error_code> write(std::span<const std::byte> buf, uint64_t offset,
+                                       gateway::IoFlags flags) override;
+  gateway::Task<std::error_code> flush() override;
+  gateway::Task<std::error_code> trim(gateway::ByteRange range, gateway::IoFlags flags) override;
+  gateway::Task<std::error_code> zero(gateway::ByteRange range, gateway::IoFlags flags) override;
+  gateway::Task<std::error_code> block_status(gateway::ByteRange range,
+                                              gateway::ExtentList& out) override;
+  gateway::Task<std::error_code> prefetch(gateway::ByteRange range) override;
+
+ private:
+  gateway::Task<std::error_code> fallocate_range(int mode, gateway::ByteRange range,
+                                                 gateway::IoFlags flags);
+
+  std::string path_;
+  int fd_ = -1;
+  uint64_t size_ = 0;
+  bool is_block_device_ = false;
+  bool read_only_ = false;
+  boost::asio::thread_pool& blocking_;
+  std::atomic<bool> nowait_reads_{true};  // cleared if the kernel refuses RWF_NOWAIT
+  std::atomic<bool> can_seek_data_{true};
+};
+
+}  // namespace blockway::remote

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs every Debian package blockway needs to build, test and benchmark.
+# Idempotent: installs only what is missing, so a second run costs one dpkg query.
+set -euo pipefail
+
+BUILD_PKGS=(
+  build-essential cmake ninja-build pkg-config
+  libboost1.81-dev libspdlog-dev libfmt-dev libsqlite3-dev libtomlplusplus-dev
+  libgtest-dev libgmock-dev libnbd-dev
+)
+TEST_PKGS=(
+  nbdkit qemu-utils fio libnbd-bin python3 python3-libnbd
+)
+
+want=("${BUILD_PKGS[@]}")
+[[ "${1:-}" == "--build-only" ]] || want+=("${TEST_PKGS[@]}")
+
+missing=()
+for p in "${want[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "installing: ${missing[*]}"
+  SUDO=""; [[ $(id -u) -eq 0 ]] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
