@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Builds blockway twice (optimised, and with AddressSanitizer+UBSan) and runs
+# the whole test suite (unit and integration) against each build.
+# Usage: ./scripts/test.sh            everything
+#        ./scripts/test.sh --fast     optimised build only
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+./scripts/install-deps.sh
+jobs=$(nproc)
+
+echo "=== release build ==="
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+ninja -C build
+(cd build && ctest --output-on-failure --timeout 900 -j "$jobs")
+
+if [[ "${1:-}" != "--fast" ]]; then
+  echo "=== AddressSanitizer + UndefinedBehaviorSanitizer build ==="
+  cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DBLOCKWAY_SANITIZE=ON >/dev/null
+  ninja -C build-asan
+  export ASAN_OPTIONS=abort_on_error=1:detect_leaks=1:strict_string_checks=1
+  export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+  (cd build-asan && ctest --output-on-failure --timeout 1800 -j "$jobs")
+fi
