@@ -1,5 +1,7 @@
 #include "gateway/event_loops.hpp"
 
+#include "gateway/logging.hpp"
+
 namespace blockway::gateway {
 
 EventLoops::EventLoops(unsigned loops, unsigned blocking_threads)
@@ -25,8 +27,22 @@ boost::asio::io_context& EventLoops::next() {
 void EventLoops::run() {
   std::vector<std::jthread> threads;
   for (size_t i = 1; i < contexts_.size(); ++i)
-    threads.emplace_back([ctx = contexts_[i].get()] { ctx->run(); });
-  contexts_[0]->run();
+    threads.emplace_back([this, ctx = contexts_[i].get()] {
+      try {
+        ctx->run();
+      } catch (const std::exception& e) {
+        // A bug escaped a coroutine: bring the whole daemon down rather than
+        // leave one loop dead and its connections hanging.
+        logger("daemon")->critical("event loop failed: {}", e.what());
+        for (auto& c : contexts_) c->stop();
+      }
+    });
+  try {
+    contexts_[0]->run();
+  } catch (...) {
+    stop();  // let the other loops' threads end before they are joined
+    throw;
+  }
 }
 
 void EventLoops::release() {

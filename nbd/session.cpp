@@ -336,6 +336,12 @@ Session::Reply Session::read_reply(const RequestHeader& req, Buffer data) const 
   put32(r.head.data(), kStructuredReplyMagic);
   put16(r.head.data() + 4, kReplyFlagDone);
   put64(r.head.data() + 8, req.cookie);
+  if (data.size == 0) {  // a data chunk must carry at least one byte
+    put16(r.head.data() + 6, kReplyNone);
+    put32(r.head.data() + 16, 0);
+    r.head_len = kStructuredHeaderSize;
+    return r;
+  }
   put64(r.head.data() + 20, req.offset);
   if (all_zero(data.bytes.get(), data.size)) {
     // Zeroes travel as a 12-byte hole instead of their full length.

@@ -187,9 +187,21 @@ class CommandTest(harness.DaemonTestCase):
         self.assertFalse(state_at(seen, 0) & nbd.STATE_HOLE)
 
     def test_read_df_and_zero_read(self):
+        self.assertTrue(self.h.can_df())
         self.h.zero(MiB, 3 * MiB)
-        self.assertEqual(self.h.pread(MiB, 3 * MiB, nbd.CMD_FLAG_DF), bytes(MiB))
-        self.assertEqual(self.h.pread(MiB, 0, nbd.CMD_FLAG_DF), harness.read_file(self.img, 0, MiB))
+        chunks = []
+
+        def chunk(buf, offset, status, err):
+            chunks.append((offset, len(buf), status))
+            return 0
+
+        # DF: the whole read arrives as one chunk (data or hole).
+        self.assertEqual(self.h.pread_structured(MiB, 3 * MiB, chunk, nbd.CMD_FLAG_DF), bytes(MiB))
+        self.assertEqual(len(chunks), 1, chunks)
+        chunks.clear()
+        self.assertEqual(self.h.pread_structured(MiB, 0, chunk, nbd.CMD_FLAG_DF),
+                         harness.read_file(self.img, 0, MiB))
+        self.assertEqual(chunks, [(0, MiB, nbd.READ_DATA)])
 
     def test_structured_reply_chunks(self):
         # pread_structured shows the chunks: a zeroed range may come back as a hole.
