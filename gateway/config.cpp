@@ -215,6 +215,9 @@ void load_config_file(const std::string& path, DaemonConfig& cfg) {
       const auto v = parse_size(as_string(node, key), key);
       if (v > UINT32_MAX) throw ConfigError("max-request is too large");
       cfg.max_request_bytes = static_cast<uint32_t>(v);
+    } else if (key == "shutdown-timeout") {
+      cfg.shutdown_timeout = std::chrono::milliseconds(
+          1000 * parse_int<uint64_t>(as_string(node, key), key));
     } else if (key == "handshake-timeout") {
       cfg.handshake_timeout = std::chrono::milliseconds(
           1000 * parse_int<uint64_t>(as_string(node, key), key));

@@ -26,6 +26,9 @@ Serves disk images as NBD exports.
   --blocking-threads N   threads for calls that may block (default 16)
   --max-inflight SIZE    per-connection cap on bytes in flight (default 128M)
   --max-request SIZE     largest read or write payload (default 32M)
+  --handshake-timeout S  seconds a client may take to choose an export (default 10)
+  --shutdown-timeout S   seconds SIGTERM waits for connections before closing them
+                         (default 30)
   --data-dir DIR         where the demo image lives (default /var/lib/blockway
                          for root, else ~/.local/share/blockway)
   --pid-file FILE        write the pid here once every socket listens
@@ -84,6 +87,10 @@ int main(int argc, char** argv) {
         const auto v = parse_size(need(), "--max-request");
         if (v > UINT32_MAX) throw ConfigError("--max-request is too large");
         cfg.max_request_bytes = static_cast<uint32_t>(v);
+      } else if (arg == "--handshake-timeout") {
+        cfg.handshake_timeout = std::chrono::milliseconds(1000 * parse_size(need(), "--handshake-timeout"));
+      } else if (arg == "--shutdown-timeout") {
+        cfg.shutdown_timeout = std::chrono::milliseconds(1000 * parse_size(need(), "--shutdown-timeout"));
       } else if (arg == "--data-dir") {
         cfg.data_dir = need();
       } else if (arg == "--pid-file") {
@@ -106,6 +113,8 @@ int main(int argc, char** argv) {
       if (cfg.max_inflight_bytes != DaemonConfig{}.max_inflight_bytes) from_file.max_inflight_bytes = cfg.max_inflight_bytes;
       if (cfg.max_request_bytes != DaemonConfig{}.max_request_bytes) from_file.max_request_bytes = cfg.max_request_bytes;
       if (!cfg.data_dir.empty()) from_file.data_dir = cfg.data_dir;
+      if (cfg.handshake_timeout != DaemonConfig{}.handshake_timeout) from_file.handshake_timeout = cfg.handshake_timeout;
+      if (cfg.shutdown_timeout != DaemonConfig{}.shutdown_timeout) from_file.shutdown_timeout = cfg.shutdown_timeout;
       if (!cfg.pid_file.empty()) from_file.pid_file = cfg.pid_file;
       if (cfg.log_level != DaemonConfig{}.log_level) from_file.log_level = cfg.log_level;
       cfg = std::move(from_file);

@@ -32,7 +32,12 @@ Server::Server(gateway::EventLoops& loops, gateway::ExportTable& exports, Server
 }
 
 Server::~Server() {
-  for (const auto& p : unix_paths_) ::unlink(p.c_str());
+  // Remove only the socket files this server created: after a takeover the
+  // path may belong to someone else.
+  for (const auto& p : unix_paths_) {
+    struct stat st {};
+    if (::lstat(p.path.c_str(), &st) == 0 && st.st_dev == p.dev && st.st_ino == p.ino) ::unlink(p.path.c_str());
+  }
 }
 
 std::vector<std::string> Server::listen(const gateway::ListenAddress& address) {
@@ -40,14 +45,26 @@ std::vector<std::string> Server::listen(const gateway::ListenAddress& address) {
   std::vector<std::string> bound;
   if (address.kind == gateway::ListenAddress::Kind::unix_socket) {
     struct stat st {};
-    if (::lstat(address.path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) ::unlink(address.path.c_str());
+    if (::lstat(address.path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) {
+      // A socket file is left behind by a crash, or belongs to a live server:
+      // only a stale one may be replaced.
+      asio::local::stream_protocol::socket probe(ctx);
+      boost::system::error_code probe_ec;
+      probe.connect(asio::local::stream_protocol::endpoint(address.path), probe_ec);
+      if (!probe_ec)
+        throw std::runtime_error("cannot listen on " + address.to_string() +
+                                 ": another server is accepting connections there");
+      ::unlink(address.path.c_str());
+    }
     auto acceptor = std::make_shared<asio::local::stream_protocol::acceptor>(ctx);
     boost::system::error_code ec;
     acceptor->open(asio::local::stream_protocol(), ec);
     if (!ec) acceptor->bind(asio::local::stream_protocol::endpoint(address.path), ec);
     if (!ec) acceptor->listen(asio::socket_base::max_listen_connections, ec);
     if (ec) throw std::runtime_error("cannot listen on " + address.to_string() + ": " + ec.message());
-    unix_paths_.push_back(address.path);
+    struct stat mine {};
+    ::lstat(address.path.c_str(), &mine);
+    unix_paths_.push_back({address.path, mine.st_dev, mine.st_ino});
     unix_acceptors_.push_back(acceptor);
     asio::co_spawn(ctx, accept_unix(acceptor, address.path), asio::detached);
     bound.push_back(address.to_string());

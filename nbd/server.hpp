@@ -16,6 +16,8 @@
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/local/stream_protocol.hpp>
 
+#include <sys/types.h>
+
 #include <atomic>
 #include <chrono>
 #include <functional>
@@ -68,7 +70,12 @@ class Server {
   std::list<std::weak_ptr<Connection>> connections_;
   std::vector<std::shared_ptr<boost::asio::ip::tcp::acceptor>> tcp_acceptors_;
   std::vector<std::shared_ptr<boost::asio::local::stream_protocol::acceptor>> unix_acceptors_;
-  std::vector<std::string> unix_paths_;
+  struct SocketFile {
+    std::string path;
+    dev_t dev;
+    ino_t ino;
+  };
+  std::vector<SocketFile> unix_paths_;
   std::atomic<bool> shutting_down_{false};
   bool drained_called_ = false;
   bool stdio_ = false;

@@ -83,10 +83,10 @@ def read_file(path, offset, length):
         return f.read(length)
 
 
-def run(cmd, timeout=60, check=True, env=None, input=None):
+def run(cmd, timeout=60, check=True, env=None, input=None, cwd=None):
     """Runs a command with a timeout; on failure raises with its output."""
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          timeout=timeout, env=env, input=input)
+                          timeout=timeout, env=env, input=input, cwd=cwd)
     if check and proc.returncode != 0:
         raise AssertionError(
             "command failed (exit %d): %s\nstdout:\n%s\nstderr:\n%s" % (
@@ -192,6 +192,8 @@ class Daemon:
         if expect_rc is not None and rc != expect_rc:
             raise AssertionError("blockwayd exited with %d, expected %d:\n%s"
                                  % (rc, expect_rc, self.log()))
+        if rc == 0 and os.path.exists(self.pid_file):
+            raise AssertionError("blockwayd exited 0 but left its pid file behind")
         return rc
 
     def cleanup(self):

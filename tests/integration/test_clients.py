@@ -234,6 +234,74 @@ class TransportTest(harness.DaemonTestCase):
                            what="the --stdio daemon to exit")
 
 
+class HandshakeVariantsTest(harness.DaemonTestCase):
+    def setUp(self):
+        super().setUp()
+        self.a = harness.make_random_image(self.path("a.img"), 2 * MiB, seed=13)
+        self.b = harness.make_random_image(self.path("b.img"), 3 * MiB, seed=14)
+
+    def test_empty_name_single_export(self):
+        self.serve({"only": self.a})
+        h = self.connect("nbd://127.0.0.1:%d" % self.port)
+        self.assertEqual(h.get_size(), 2 * MiB)
+
+    def test_empty_name_needs_default_with_several_exports(self):
+        self.serve({"a": self.a, "b": self.b})
+        h = nbd.NBD()
+        self.addCleanup(harness.close_handle, h)
+        with self.assertRaises(nbd.Error):
+            h.connect_uri("nbd://127.0.0.1:%d" % self.port)
+
+    def test_default_export(self):
+        self.serve({"a": self.a, "b": self.b}, extra=["--default-export", "b"])
+        h = self.connect("nbd://127.0.0.1:%d" % self.port)
+        self.assertEqual(h.get_size(), 3 * MiB)
+        self.assertEqual(h.pread(4096, 0), harness.read_file(self.b, 0, 4096))
+
+    def test_opt_export_name_without_fixed_newstyle(self):
+        # Handshake flags 0: libnbd falls back to NBD_OPT_EXPORT_NAME, and the
+        # server sends the 124 zero bytes that NO_ZEROES would have saved.
+        self.serve({"a": self.a, "b": self.b})
+        for flags in (0, nbd.HANDSHAKE_FLAG_NO_ZEROES):
+            h = nbd.NBD()
+            self.addCleanup(harness.close_handle, h)
+            h.set_handshake_flags(flags)
+            h.connect_uri(self.uri("b"))
+            self.assertEqual(h.get_size(), 3 * MiB)
+            self.assertFalse(h.get_structured_replies_negotiated())
+            self.assertEqual(h.pread(8192, MiB), harness.read_file(self.b, MiB, 8192))
+            h.shutdown()
+
+    def test_option_mode_list_info_go(self):
+        self.serve({"a": self.a + ",description=first", "b": self.b})
+        h = nbd.NBD()
+        self.addCleanup(harness.close_handle, h)
+        h.set_opt_mode(True)
+        h.set_full_info(True)
+        h.connect_uri(self.uri("a"))
+        listed = {}
+        self.assertEqual(h.opt_list(lambda name, desc: listed.__setitem__(name, desc) or 0), 2)
+        self.assertEqual(listed, {"a": "first", "b": ""})
+        h.set_export_name("b")
+        h.opt_info()
+        self.assertEqual(h.get_size(), 3 * MiB)
+        h.set_export_name("nosuch")
+        with self.assertRaises(nbd.Error):
+            h.opt_info()
+        h.set_export_name("a")
+        h.opt_go()
+        self.assertEqual(h.get_size(), 2 * MiB)
+        self.assertEqual(h.get_export_description(), "first")
+        self.assertEqual(h.pread(4096, 0), harness.read_file(self.a, 0, 4096))
+
+    def test_many_connections(self):
+        self.serve({"a": self.a})
+        hs = [self.connect(self.uri("a")) for _ in range(100)]
+        for i, h in enumerate(hs):
+            off = (i * 4096) % (2 * MiB)
+            self.assertEqual(h.pread(512, off), harness.read_file(self.a, off, 512))
+
+
 def close_and_forget(h):
     harness.close_handle(h)
 

@@ -242,6 +242,52 @@ class CommandTest(harness.DaemonTestCase):
         self.assertEqual(harness.read_file(self.img, 30 * MiB, 4096), b"D" * 4096)
 
 
+def _can_losetup():
+    return os.geteuid() == 0 and harness.have("losetup") and os.path.exists("/dev/loop-control")
+
+
+@unittest.skipUnless(_can_losetup(), "needs root and loop devices")
+class BlockDeviceExportTest(harness.DaemonTestCase):
+    """A block device (a loop device over a file) exported directly."""
+
+    def setUp(self):
+        super().setUp()
+        self.backing = harness.make_random_image(self.path("loop.img"), 16 * MiB, seed=41)
+        p = harness.run(["losetup", "-f", "--show", self.backing], timeout=20, check=False)
+        if p.returncode != 0:
+            self.skipTest("losetup failed: " + p.stderr.decode())
+        self.dev = p.stdout.decode().strip()
+        self.addCleanup(harness.run, ["losetup", "-d", self.dev], 20, False)
+        self.serve({"blk": self.dev})
+        self.h = nbd.NBD()
+        self.addCleanup(harness.close_handle, self.h)
+        self.h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+        self.h.connect_uri(self.uri("blk"))
+
+    def test_size_read_write(self):
+        self.assertEqual(self.h.get_size(), 16 * MiB)
+        self.assertEqual(self.h.pread(MiB, 3 * MiB), harness.read_file(self.backing, 3 * MiB, MiB))
+        self.h.pwrite(b"L" * 65536, 5 * MiB, nbd.CMD_FLAG_FUA)
+        self.h.flush()
+        self.assertEqual(harness.read_file(self.dev, 5 * MiB, 65536), b"L" * 65536)
+
+    def test_zero_trim_and_block_status(self):
+        self.h.zero(MiB, 2 * MiB)
+        self.h.flush()
+        self.assertEqual(harness.read_file(self.dev, 2 * MiB, MiB), bytes(MiB))
+        self.assertEqual(self.h.pread(MiB, 2 * MiB), bytes(MiB))
+        self.h.trim(MiB, 8 * MiB)  # advisory; must succeed and not touch neighbours
+        self.assertEqual(self.h.pread(4096, 9 * MiB), harness.read_file(self.backing, 9 * MiB, 4096))
+        # No extent information on a block device: all of it reads as data.
+        ext = extents_of(self.h, 16 * MiB, 0)
+        self.assertEqual(sum(e[1] for e in ext), 16 * MiB)
+        self.assertEqual(ext[0][0], 0)
+        with self.assertRaises(nbd.Error) as cm:
+            self.h.set_strict_mode(0)
+            self.h.pwrite(b"x" * 512, 16 * MiB)
+        self.assertEqual(cm.exception.errnum, 28)  # ENOSPC
+
+
 @unittest.skipUnless(os.path.isdir("/dev/shm"), "no tmpfs at /dev/shm")
 class EmulatedZeroTest(harness.DaemonTestCase):
     """tmpfs cannot FALLOC_FL_ZERO_RANGE: NO_HOLE zeroes are written, FAST_ZERO fails."""
