@@ -7,7 +7,7 @@
 # Environment knobs:
 #   BENCH_QUICK=1       smoke test: one round, 2 s fio runs, 256 MiB image
 #   BENCH_RUNTIME=N     seconds per fio run (default 10; 2 in quick mode)
-#   BENCH_REPS=N        rounds; each figure is the median (default 3; 1 quick)
+#   BENCH_REPS=N        rounds; each figure is the median (default 5; 1 quick)
 #   BENCH_SIZE_MIB=N    image size in MiB (default 1024; 256 in quick mode)
 #   BENCH_TMPDIR=DIR    where the temp dir goes (default /var/tmp)
 #   BLOCKWAYD=PATH      daemon binary (default <repo>/build/blockwayd)
@@ -28,7 +28,7 @@ if [[ $QUICK == 1 ]]; then
     SIZE_MIB=${BENCH_SIZE_MIB:-256}
 else
     RUNTIME=${BENCH_RUNTIME:-10}
-    REPS=${BENCH_REPS:-3}
+    REPS=${BENCH_REPS:-5}
     SIZE_MIB=${BENCH_SIZE_MIB:-1024}
 fi
 BLOCKWAYD=${BLOCKWAYD:-$repo/build/blockwayd}
@@ -52,6 +52,12 @@ TMP=$(mktemp -d "$TMPBASE/nbd-bench.XXXXXX")
 IMG=$TMP/img.raw        # the served image
 SRC=$TMP/src.raw        # source of the sequential write
 RESULTS=$TMP/results.tsv
+# Run a private copy of the daemon, so a rebuild of build/ during the run
+# cannot mix two versions into one set of figures.
+cp "$BLOCKWAYD" "$TMP/blockwayd"
+BLOCKWAYD_ORIG=$BLOCKWAYD
+BLOCKWAYD=$TMP/blockwayd
+cd "$TMP"   # anything a client drops in its cwd goes away with TMP
 SERVER_PID=
 SERVER_NAME=
 SERVER_LOG=
@@ -88,11 +94,12 @@ machine_info() {
     echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
     echo "- nproc: $(nproc); CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
     echo "- memory: $(free -m | awk '/^Mem:/ {print $2 " MiB"}'); kernel: $(uname -sr)"
-    echo "- blockwayd: $("$BLOCKWAYD" --version 2>&1 | head -n1) (git $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$repo" diff --quiet 2>/dev/null || echo '+dirty'))"
+    echo "- blockwayd: $("$BLOCKWAYD" --version 2>&1 | head -n1), $BLOCKWAYD_ORIG built $(date -u -r "$BLOCKWAYD_ORIG" '+%Y-%m-%d %H:%M UTC'), sha256 $(sha256sum "$BLOCKWAYD" | cut -c1-12) (repo at $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$repo" diff --quiet 2>/dev/null || echo '+dirty'))"
     echo "- $(nbdkit --version | head -n1); $(qemu-nbd --version | head -n1)"
     echo "- $(nbdcopy --version | head -n1) ($(nbdcopy --version | sed -n 2p)); $(fio --version)"
     echo "- image: ${SIZE_MIB} MiB random data on $(df --output=source,fstype "$TMP" | tail -n1 | tr -s ' '), in page cache"
     echo "- fio runtime ${RUNTIME} s, ${REPS} round(s), median reported"
+    echo "- load average at start: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine skews the figures)"
     echo
 }
 
@@ -174,7 +181,7 @@ seq_write() {
 
 fio_4k() {
     local port=$1 rw=$2 dir out=$TMP/fio.json
-    case $rw in randread) dir=read ;; randwrite) dir=write ;; esac
+    case $rw in randread) dir="read" ;; randwrite) dir="write" ;; esac
     fio --name="$rw" --ioengine=nbd --uri="nbd://127.0.0.1:$port/$EXPORT" \
         --rw="$rw" --bs=4k --iodepth=16 --numjobs=1 --time_based \
         --runtime="$RUNTIME" --size="${SIZE_MIB}M" \
@@ -206,6 +213,11 @@ for ((round = 1; round <= REPS; round++)); do
         v=$(fio_4k "$port" randread);       record "$srv" randread "$round" "$v"
         v=$(seq_write "$port");             record "$srv" seqwrite "$round" "$v"
         sync   # flush dirty pages now, not during the next test
+        if [[ $round == 1 ]]; then
+            # not timed: what was written reads back intact over this server
+            nbdcopy "nbd://127.0.0.1:$port/$EXPORT" - | cmp -s - "$SRC" \
+                || die "$srv: data read back after the sequential write differs from the source"
+        fi
         v=$(fio_4k "$port" randwrite);      record "$srv" randwrite "$round" "$v"
         sync
         stop_server
@@ -214,7 +226,8 @@ for ((round = 1; round <= REPS; round++)); do
 done
 
 # ---------------------------------------------------------------- report
-"$PY" - "$RESULTS" <<'EOF'
+LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
+"$PY" - "$RESULTS" "$LOAD_END" <<'EOF'
 import statistics, sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
 data = {}
@@ -234,11 +247,18 @@ for t, label in tests:
     b, n, q = (med[(s, t)] for s in servers)
     print(f"| {label} | {b:.0f} | {n:.0f} | {q:.0f} | {b/n:.2f} | {b/q:.2f} |")
 print()
-print("## All runs")
+print(f"Load average at end: {sys.argv[2]}")
 print()
-print("| test | " + " | ".join(servers) + " |")
-print("| --- | " + " | ".join("---" for _ in servers) + " |")
+# Servers are interleaved within a round, so a ratio taken inside one round
+# sees the same machine state; its median is robust against drift.
+def ratios(t, other):
+    return [b / o for b, o in zip(data[("blockwayd", t)], data[(other, t)])]
+print("## All runs (in round order)")
+print()
+print("| test | " + " | ".join(servers) + " | median per-round blockwayd/nbdkit | median per-round blockwayd/qemu-nbd |")
+print("| --- | " + " | ".join("---" for _ in servers) + " | ---: | ---: |")
 for t, label in tests:
     cells = [", ".join(f"{v:.0f}" for v in data[(s, t)]) for s in servers]
+    cells += [f"{statistics.median(ratios(t, o)):.2f}" for o in ("nbdkit", "qemu-nbd")]
     print(f"| {label} | " + " | ".join(cells) + " |")
 EOF

@@ -152,6 +152,11 @@ void DaemonConfig::validate() const {
   if (!levels.contains(log_level))
     throw ConfigError("log-level '" + log_level + "' is not one of trace, debug, info, warn, error, off");
   if (threads > 256) throw ConfigError("threads must be at most 256");
+  using std::chrono::hours;
+  if (handshake_timeout.count() <= 0 || handshake_timeout > hours(1))
+    throw ConfigError("handshake-timeout must be between 1 second and 1 hour");
+  if (shutdown_timeout.count() < 0 || shutdown_timeout > hours(24))
+    throw ConfigError("shutdown-timeout must be at most 24 hours");
   if (blocking_threads == 0 || blocking_threads > 1024)
     throw ConfigError("blocking-threads must be between 1 and 1024");
 }

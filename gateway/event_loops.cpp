@@ -2,6 +2,9 @@
 
 #include "gateway/logging.hpp"
 
+#include <exception>
+#include <mutex>
+
 namespace blockway::gateway {
 
 EventLoops::EventLoops(unsigned loops, unsigned blocking_threads)
@@ -25,24 +28,26 @@ boost::asio::io_context& EventLoops::next() {
 }
 
 void EventLoops::run() {
-  std::vector<std::jthread> threads;
-  for (size_t i = 1; i < contexts_.size(); ++i)
-    threads.emplace_back([this, ctx = contexts_[i].get()] {
-      try {
-        ctx->run();
-      } catch (const std::exception& e) {
-        // A bug escaped a coroutine: bring the whole daemon down rather than
-        // leave one loop dead and its connections hanging.
-        logger("daemon")->critical("event loop failed: {}", e.what());
-        for (auto& c : contexts_) c->stop();
-      }
-    });
-  try {
-    contexts_[0]->run();
-  } catch (...) {
-    stop();  // let the other loops' threads end before they are joined
-    throw;
+  std::mutex failure_mutex;
+  std::exception_ptr failure;
+  auto run_one = [&](boost::asio::io_context& ctx) {
+    try {
+      ctx.run();
+    } catch (const std::exception& e) {
+      // A bug escaped a coroutine: bring the whole daemon down rather than
+      // leave one loop dead and its connections hanging, and report it.
+      logger("daemon")->critical("event loop failed: {}", e.what());
+      std::lock_guard lock(failure_mutex);
+      if (!failure) failure = std::current_exception();
+      for (auto& c : contexts_) c->stop();
+    }
+  };
+  {
+    std::vector<std::jthread> threads;
+    for (size_t i = 1; i < contexts_.size(); ++i) threads.emplace_back([&, i] { run_one(*contexts_[i]); });
+    run_one(*contexts_[0]);
   }
+  if (failure) std::rethrow_exception(failure);
 }
 
 void EventLoops::release() {

@@ -98,6 +98,12 @@ void Session::release(const Reply& reply) {
   if (pending_requests_ == 0) drained_.notify();
 }
 
+void Session::refuse(const RequestHeader& req, std::error_code ec) {
+  Reply r = error_reply(req, ec);
+  r.budget = kReplyOverhead;  // what admit(0) charged
+  enqueue(std::move(r));
+}
+
 void Session::enqueue(Reply reply) {
   queue_.push_back(std::move(reply));
   writer_wakeup_.notify();
@@ -154,12 +160,12 @@ Task<void> Session::reader() {
     if (req.type == kCmdWrite && too_big) {
       if (req.length > kMaxDiscard || !co_await discard_payload(req.length)) co_return;
       if (!co_await admit(0)) co_return;
-      enqueue(error_reply(req, gateway::errno_code(EINVAL)));
+      refuse(req, gateway::errno_code(EINVAL));
       continue;
     }
     if (req.type == kCmdRead && too_big) {
       if (!co_await admit(0)) co_return;
-      enqueue(error_reply(req, gateway::errno_code(EINVAL)));
+      refuse(req, gateway::errno_code(EINVAL));
       continue;
     }
     const uint64_t charge = (req.type == kCmdWrite || req.type == kCmdRead) ? req.length : 0;

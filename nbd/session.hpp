@@ -63,6 +63,8 @@ class Session : public std::enable_shared_from_this<Session> {
   gateway::Task<bool> admit(uint64_t bytes);
   gateway::Task<bool> discard_payload(uint64_t length);
   void enqueue(Reply reply);
+  // Answers an admitted request with an error without running it.
+  void refuse(const RequestHeader& req, std::error_code ec);
   void release(const Reply& reply);
 
   [[nodiscard]] Reply simple_reply(uint64_t cookie, uint32_t error) const;

@@ -25,6 +25,7 @@ std::string decode(std::string_view s, std::string_view whole) {
       throw std::invalid_argument("bad percent escape in URI '" + std::string(whole) + "'");
     const int hi = hex_value(s[i + 1]), lo = hex_value(s[i + 2]);
     if (hi < 0 || lo < 0) throw std::invalid_argument("bad percent escape in URI '" + std::string(whole) + "'");
+    if (hi == 0 && lo == 0) throw std::invalid_argument("%00 (NUL) is not allowed in URI '" + std::string(whole) + "'");
     out.push_back(static_cast<char>(hi * 16 + lo));
     i += 2;
   }
@@ -68,6 +69,8 @@ Uri Uri::parse(std::string_view text) {
     }
   } else if (auto colon = authority.rfind(':'); colon != std::string_view::npos) {
     u.host = std::string(authority.substr(0, colon));
+    if (u.host.find(':') != std::string::npos)
+      throw std::invalid_argument("write IPv6 addresses in brackets ([::1]) in URI '" + whole + "'");
     port = authority.substr(colon + 1);
   } else {
     u.host = std::string(authority);

@@ -36,6 +36,30 @@ std::error_code pread_all(int fd, std::span<std::byte> buf, uint64_t offset) {
   return {};
 }
 
+// Reads what the page cache holds without blocking: advances buf and offset
+// past the bytes read and stops at the first byte that would need the disk.
+// Sets `unsupported` if the kernel refuses RWF_NOWAIT here.
+std::error_code pread_cached(int fd, std::span<std::byte>& buf, uint64_t& offset, bool& unsupported) {
+  while (!buf.empty()) {
+    iovec iov{buf.data(), buf.size()};
+    const ssize_t n = ::preadv2(fd, &iov, 1, static_cast<off_t>(offset), RWF_NOWAIT);
+    if (n > 0) {
+      buf = buf.subspan(static_cast<size_t>(n));
+      offset += static_cast<uint64_t>(n);
+      continue;
+    }
+    if (n == 0) return errno_code(EIO);  // the file shrank under us
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN) return {};
+    if (errno == EOPNOTSUPP || errno == EINVAL) {
+      unsupported = true;
+      return {};
+    }
+    return errno_code(errno);
+  }
+  return {};
+}
+
 std::error_code pwrite_all(int fd, std::span<const std::byte> buf, uint64_t offset, int rwf) {
   while (!buf.empty()) {
     iovec iov{const_cast<std::byte*>(buf.data()), buf.size()};
@@ -109,20 +133,9 @@ gateway::Capabilities FileDevice::capabilities() const noexcept {
 Task<std::error_code> FileDevice::read(std::span<std::byte> buf, uint64_t offset, IoFlags) {
   if (nowait_reads_.load(std::memory_order_relaxed)) {
     // Fast path: served from the page cache without leaving this thread.
-    while (!buf.empty()) {
-      iovec iov{buf.data(), buf.size()};
-      const ssize_t n = ::preadv2(fd_, &iov, 1, static_cast<off_t>(offset), RWF_NOWAIT);
-      if (n > 0) {
-        buf = buf.subspan(static_cast<size_t>(n));
-        offset += static_cast<uint64_t>(n);
-        continue;
-      }
-      if (n == 0) co_return errno_code(EIO);
-      if (errno == EINTR) continue;
-      if (errno == EOPNOTSUPP || errno == EINVAL) nowait_reads_.store(false, std::memory_order_relaxed);
-      if (errno != EAGAIN && errno != EOPNOTSUPP && errno != EINVAL) co_return errno_code(errno);
-      break;
-    }
+    bool unsupported = false;
+    if (auto ec = pread_cached(fd_, buf, offset, unsupported)) co_return ec;
+    if (unsupported) nowait_reads_.store(false, std::memory_order_relaxed);
     if (buf.empty()) co_return std::error_code{};
   }
   co_return co_await gateway::offload(blocking_, [fd = fd_, buf, offset] { return pread_all(fd, buf, offset); });

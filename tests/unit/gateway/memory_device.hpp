@@ -11,9 +11,8 @@
 #pragma once
 
 #include "gateway/block_device.hpp"
+#include "tests/unit/test_util.hpp"
 
-#include <boost/asio/co_spawn.hpp>
-#include <boost/asio/io_context.hpp>
 #include <boost/asio/steady_timer.hpp>
 
 #include <array>
@@ -103,31 +102,5 @@ class MemoryDevice final : public gateway::BlockDevice {
   std::array<std::atomic<uint64_t>, kOpCount> active_{};
   std::array<std::atomic<uint64_t>, kOpCount> max_active_{};
 };
-
-// Runs one Task to completion on a private io_context and returns its result.
-template <class T>
-T sync_wait(gateway::Task<T> task) {
-  boost::asio::io_context io;
-  std::optional<T> result;
-  std::exception_ptr error;
-  boost::asio::co_spawn(io, std::move(task), [&](std::exception_ptr e, T value) {
-    error = e;
-    if (!e) result.emplace(std::move(value));
-  });
-  io.run();
-  if (error) std::rethrow_exception(error);
-  return std::move(*result);
-}
-
-// Polls `pred` until it holds or `timeout` passes; returns its last value.
-inline bool eventually(const std::function<bool()>& pred,
-                       std::chrono::milliseconds timeout = std::chrono::milliseconds(2000)) {
-  const auto deadline = std::chrono::steady_clock::now() + timeout;
-  while (!pred()) {
-    if (std::chrono::steady_clock::now() > deadline) return pred();
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
-  return true;
-}
 
 }  // namespace blockway::test

@@ -1,0 +1,364 @@
+// Configuration parsing: sizes, booleans, listen addresses, --export specs,
+// the TOML file, and DaemonConfig::validate.
+#include "gateway/config.hpp"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <string>
+
+namespace blockway::gateway {
+namespace {
+
+using ::testing::HasSubstr;
+
+// The message of the ConfigError that f throws ("" if it throws none).
+template <class F>
+std::string config_error(F&& f) {
+  try {
+    f();
+  } catch (const ConfigError& e) {
+    return e.what();
+  }
+  return "";
+}
+
+// ---------------------------------------------------------------- parse_size / parse_bool
+
+TEST(ParseSize, PlainNumbersAndBinaryUnits) {
+  EXPECT_EQ(parse_size("0", "x"), 0u);
+  EXPECT_EQ(parse_size("4096", "x"), 4096u);
+  EXPECT_EQ(parse_size("64k", "x"), 64u << 10);
+  EXPECT_EQ(parse_size("64K", "x"), 64u << 10);
+  EXPECT_EQ(parse_size("32M", "x"), 32u << 20);
+  EXPECT_EQ(parse_size("1G", "x"), 1ull << 30);
+  EXPECT_EQ(parse_size("2t", "x"), 2ull << 40);
+  EXPECT_EQ(parse_size("18446744073709551615", "x"), UINT64_MAX);
+}
+
+TEST(ParseSize, RejectsGarbageAndNamesTheSetting) {
+  for (const char* bad : {"", "k", "-1", "1.5G", "12x", " 12", "12 ", "0x10", "1kk", "18446744073709551616"}) {
+    const auto msg = config_error([&] { parse_size(bad, "max-inflight"); });
+    EXPECT_THAT(msg, HasSubstr("max-inflight")) << "input '" << bad << "'";
+  }
+}
+
+TEST(ParseSize, RejectsOverflowThroughTheUnit) {
+  EXPECT_THAT(config_error([] { parse_size("16777216T", "max-request"); }), HasSubstr("too large"));
+  EXPECT_EQ(parse_size("16777215T", "x"), 16777215ull << 40);
+}
+
+TEST(ParseBool, AcceptsTheUsualSpellings) {
+  for (const char* t : {"on", "true", "yes", "1", "ON", "True", "YES"}) EXPECT_TRUE(parse_bool(t, "x")) << t;
+  for (const char* f : {"off", "false", "no", "0", "OFF", "False"}) EXPECT_FALSE(parse_bool(f, "x")) << f;
+}
+
+TEST(ParseBool, RejectsOtherWordsAndNamesTheSetting) {
+  for (const char* bad : {"", "maybe", "2", "onn", "y"}) {
+    const auto msg = config_error([&] { parse_bool(bad, "read-only"); });
+    EXPECT_THAT(msg, HasSubstr("read-only")) << "input '" << bad << "'";
+  }
+}
+
+// ---------------------------------------------------------------- ListenAddress
+
+TEST(ListenAddress, Ipv4HostAndPort) {
+  const auto a = ListenAddress::parse("127.0.0.1:10809");
+  EXPECT_EQ(a.kind, ListenAddress::Kind::tcp);
+  EXPECT_EQ(a.host, "127.0.0.1");
+  EXPECT_EQ(a.port, 10809);
+  EXPECT_EQ(a.to_string(), "127.0.0.1:10809");
+}
+
+TEST(ListenAddress, HostNameAndEmptyHost) {
+  EXPECT_EQ(ListenAddress::parse("localhost:1").host, "localhost");
+  const auto any = ListenAddress::parse(":10809");
+  EXPECT_EQ(any.host, "");
+  EXPECT_EQ(any.port, 10809);
+  EXPECT_EQ(ListenAddress::parse("0.0.0.0:0").port, 0);
+}
+
+TEST(ListenAddress, BracketedIpv6) {
+  const auto a = ListenAddress::parse("[::1]:10809");
+  EXPECT_EQ(a.kind, ListenAddress::Kind::tcp);
+  EXPECT_EQ(a.host, "::1");
+  EXPECT_EQ(a.port, 10809);
+  EXPECT_EQ(a.to_string(), "[::1]:10809");
+  EXPECT_EQ(ListenAddress::parse("[fe80::1%eth0]:99").host, "fe80::1%eth0");
+}
+
+TEST(ListenAddress, UnixSocket) {
+  const auto a = ListenAddress::parse("unix:/run/blockway.sock");
+  EXPECT_EQ(a.kind, ListenAddress::Kind::unix_socket);
+  EXPECT_EQ(a.path, "/run/blockway.sock");
+  EXPECT_EQ(a.to_string(), "unix:/run/blockway.sock");
+}
+
+TEST(ListenAddress, Errors) {
+  const std::string long_path = "unix:/" + std::string(120, 'a');
+  const std::pair<std::string, std::string> cases[] = {
+      {"unix:", "absolute path"},
+      {"unix:relative.sock", "absolute path"},
+      {long_path, "too long"},
+      {"localhost", "HOST:PORT"},
+      {"::1:10809", "brackets"},
+      {"[::1]", "[IPV6]:PORT"},
+      {"[::1]10809", "[IPV6]:PORT"},
+      {"[::1", "[IPV6]:PORT"},
+      {"host:", "not a valid number"},
+      {"host:65536", "not a valid number"},
+      {"host:http", "not a valid number"},
+      {"host:-1", "not a valid number"},
+  };
+  for (const auto& [text, expect] : cases) {
+    const auto msg = config_error([&] { ListenAddress::parse(text); });
+    EXPECT_THAT(msg, HasSubstr(expect)) << "input '" << text << "'";
+    EXPECT_THAT(msg, HasSubstr(text)) << "the message quotes the address";
+  }
+}
+
+// ---------------------------------------------------------------- ExportConfig::parse_spec
+
+TEST(ExportSpec, NameAndUriOnly) {
+  const auto e = ExportConfig::parse_spec("disk=file:///var/tmp/disk.img");
+  EXPECT_EQ(e.name, "disk");
+  EXPECT_EQ(e.uri, "file:///var/tmp/disk.img");
+  EXPECT_FALSE(e.read_only);
+  EXPECT_TRUE(e.description.empty());
+  EXPECT_TRUE(e.options.empty());
+}
+
+TEST(ExportSpec, GenericKeysAndLeftoverOptions) {
+  const auto e = ExportConfig::parse_spec("db=nbd://h/x?a=b,ro,description=Main DB,cache=on,mode=writeback,");
+  EXPECT_EQ(e.name, "db");
+  EXPECT_EQ(e.uri, "nbd://h/x?a=b");
+  EXPECT_TRUE(e.read_only);
+  EXPECT_EQ(e.description, "Main DB");
+  const std::map<std::string, std::string> expected{{"cache", "on"}, {"mode", "writeback"}};
+  EXPECT_EQ(e.options, expected);
+}
+
+TEST(ExportSpec, ReadOnlySpellingsAndValues) {
+  EXPECT_TRUE(ExportConfig::parse_spec("a=file:///x,read-only").read_only);
+  EXPECT_TRUE(ExportConfig::parse_spec("a=file:///x,readonly=yes").read_only);
+  EXPECT_FALSE(ExportConfig::parse_spec("a=file:///x,ro=off").read_only);
+  EXPECT_TRUE(ExportConfig::parse_spec("a=file:///x,ro=on").read_only);
+}
+
+TEST(ExportSpec, FlagWithoutValueIsKeptAsEmptyOption) {
+  const auto e = ExportConfig::parse_spec("a=file:///x,direct");
+  ASSERT_TRUE(e.options.contains("direct"));
+  EXPECT_EQ(e.options.at("direct"), "");
+}
+
+TEST(ExportSpec, ErrorsNameTheProblem) {
+  EXPECT_THAT(config_error([] { ExportConfig::parse_spec("just-a-name"); }), HasSubstr("NAME=URI"));
+  EXPECT_THAT(config_error([] { ExportConfig::parse_spec("=file:///x"); }), HasSubstr("export name is empty"));
+  EXPECT_THAT(config_error([] { ExportConfig::parse_spec("a="); }), HasSubstr("URI is empty"));
+  EXPECT_THAT(config_error([] { ExportConfig::parse_spec("a=,ro"); }), HasSubstr("URI is empty"));
+  EXPECT_THAT(config_error([] { ExportConfig::parse_spec(std::string(4097, 'n') + "=file:///x"); }),
+              HasSubstr("too long"));
+  const auto twice = config_error([] { ExportConfig::parse_spec("a=file:///x,cache=on,cache=off"); });
+  EXPECT_THAT(twice, HasSubstr("'cache'"));
+  EXPECT_THAT(twice, HasSubstr("twice"));
+  const auto bad_ro = config_error([] { ExportConfig::parse_spec("a=file:///x,ro=maybe"); });
+  EXPECT_THAT(bad_ro, HasSubstr("ro"));
+  EXPECT_THAT(bad_ro, HasSubstr("maybe"));
+  EXPECT_THAT(bad_ro, HasSubstr("export 'a'"));
+}
+
+// ---------------------------------------------------------------- TOML file
+
+class ConfigFile : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/blockway-config-XXXXXX";
+    const int fd = ::mkstemp(tmpl);
+    ASSERT_GE(fd, 0);
+    ::close(fd);
+    path_ = tmpl;
+  }
+  void TearDown() override { std::remove(path_.c_str()); }
+  void write(const std::string& text) {
+    std::ofstream f(path_, std::ios::trunc);
+    f << text;
+  }
+  std::string path_;
+};
+
+TEST_F(ConfigFile, GoodFileSetsEverySetting) {
+  write(R"(# blockwayd.toml
+listen = ["127.0.0.1:10809", "[::1]:10810", "unix:/run/bw.sock"]
+threads = 4
+blocking-threads = 8
+data-dir = "/var/lib/bw"
+log-level = "debug"
+pid-file = "/run/bw.pid"
+default-export = "disk"
+max-inflight = "64M"
+max-request = 1048576
+handshake-timeout = 5
+
+[[export]]
+name = "disk"
+uri = "file:///var/tmp/disk.img"
+description = "the disk"
+read-only = true
+cache = "on"
+chunk = 65536
+
+[[export]]
+name = "other"
+uri = "file:///var/tmp/other.img"
+)");
+  DaemonConfig cfg;
+  cfg.listen.push_back(ListenAddress::parse("1.2.3.4:5"));  // replaced by the file
+  load_config_file(path_, cfg);
+  ASSERT_EQ(cfg.listen.size(), 3u);
+  EXPECT_EQ(cfg.listen[0].to_string(), "127.0.0.1:10809");
+  EXPECT_EQ(cfg.listen[1].host, "::1");
+  EXPECT_EQ(cfg.listen[1].port, 10810);
+  EXPECT_EQ(cfg.listen[2].kind, ListenAddress::Kind::unix_socket);
+  EXPECT_EQ(cfg.threads, 4u);
+  EXPECT_EQ(cfg.blocking_threads, 8u);
+  EXPECT_EQ(cfg.data_dir, "/var/lib/bw");
+  EXPECT_EQ(cfg.log_level, "debug");
+  EXPECT_EQ(cfg.pid_file, "/run/bw.pid");
+  EXPECT_EQ(cfg.default_export, "disk");
+  EXPECT_EQ(cfg.max_inflight_bytes, 64u << 20);
+  EXPECT_EQ(cfg.max_request_bytes, 1u << 20);
+  EXPECT_EQ(cfg.handshake_timeout, std::chrono::seconds(5));
+  ASSERT_EQ(cfg.exports.size(), 2u);
+  EXPECT_EQ(cfg.exports[0].name, "disk");
+  EXPECT_EQ(cfg.exports[0].uri, "file:///var/tmp/disk.img");
+  EXPECT_EQ(cfg.exports[0].description, "the disk");
+  EXPECT_TRUE(cfg.exports[0].read_only);
+  const std::map<std::string, std::string> opts{{"cache", "on"}, {"chunk", "65536"}};
+  EXPECT_EQ(cfg.exports[0].options, opts);
+  EXPECT_EQ(cfg.exports[1].name, "other");
+  EXPECT_FALSE(cfg.exports[1].read_only);
+  EXPECT_NO_THROW(cfg.validate());
+}
+
+TEST_F(ConfigFile, EmptyFileKeepsDefaults) {
+  write("");
+  DaemonConfig cfg;
+  load_config_file(path_, cfg);
+  EXPECT_EQ(cfg.max_inflight_bytes, 128ull << 20);
+  EXPECT_EQ(cfg.log_level, "info");
+  EXPECT_TRUE(cfg.exports.empty());
+}
+
+TEST_F(ConfigFile, UnknownKeyIsAnErrorNamingIt) {
+  write("threads = 2\nthreadz = 3\n");
+  DaemonConfig cfg;
+  const auto msg = config_error([&] { load_config_file(path_, cfg); });
+  EXPECT_THAT(msg, HasSubstr("unknown setting 'threadz'"));
+  EXPECT_THAT(msg, HasSubstr(path_));
+}
+
+TEST_F(ConfigFile, ParseErrorCarriesPathAndLine) {
+  write("threads = 2\n\nlog-level = \"info\n");
+  DaemonConfig cfg;
+  const auto msg = config_error([&] { load_config_file(path_, cfg); });
+  EXPECT_THAT(msg, HasSubstr(path_ + ":3:"));
+}
+
+TEST_F(ConfigFile, MissingFileIsAConfigError) {
+  DaemonConfig cfg;
+  const auto msg = config_error([&] { load_config_file(path_ + ".missing", cfg); });
+  EXPECT_THAT(msg, HasSubstr(path_ + ".missing"));
+}
+
+TEST_F(ConfigFile, BadValuesNameTheSetting) {
+  const std::pair<std::string, std::string> cases[] = {
+      {"threads = -1\n", "threads"},
+      {"threads = 1.5\n", "'threads' must be a string, number or boolean"},
+      {"max-inflight = \"lots\"\n", "max-inflight"},
+      {"max-request = \"8G\"\n", "max-request"},
+      {"listen = \"127.0.0.1:1\"\n", "'listen' must be an array"},
+      {"listen = [\"nowhere\"]\n", "nowhere"},
+      {"export = 3\n", "[[export]]"},
+      {"[[export]]\nuri = \"file:///x\"\n", "export name is empty"},
+      {"[[export]]\nname = \"a\"\n", "export 'a' has no uri"},
+      {"[[export]]\nname = \"a\"\nuri = \"file:///x\"\nread-only = \"perhaps\"\n", "read-only"},
+  };
+  for (const auto& [text, expect] : cases) {
+    write(text);
+    DaemonConfig cfg;
+    EXPECT_THAT(config_error([&] { load_config_file(path_, cfg); }), HasSubstr(expect)) << text;
+  }
+}
+
+// ---------------------------------------------------------------- validate
+
+DaemonConfig valid_config() {
+  DaemonConfig cfg;
+  cfg.exports.push_back(ExportConfig::parse_spec("a=file:///a"));
+  cfg.exports.push_back(ExportConfig::parse_spec("b=file:///b"));
+  return cfg;
+}
+
+TEST(DaemonConfigValidate, DefaultsAreValid) {
+  EXPECT_NO_THROW(DaemonConfig{}.validate());
+  EXPECT_NO_THROW(valid_config().validate());
+}
+
+TEST(DaemonConfigValidate, DuplicateExport) {
+  auto cfg = valid_config();
+  cfg.exports.push_back(ExportConfig::parse_spec("a=file:///c"));
+  EXPECT_THAT(config_error([&] { cfg.validate(); }), HasSubstr("export 'a' is defined twice"));
+}
+
+TEST(DaemonConfigValidate, DefaultExportMustExist) {
+  auto cfg = valid_config();
+  cfg.default_export = "b";
+  EXPECT_NO_THROW(cfg.validate());
+  cfg.default_export = "zz";
+  EXPECT_THAT(config_error([&] { cfg.validate(); }), HasSubstr("default-export 'zz'"));
+  cfg.stdio_export = ExportConfig::parse_spec("zz=file:///z");
+  EXPECT_NO_THROW(cfg.validate());
+}
+
+TEST(DaemonConfigValidate, RequestAndInflightLimits) {
+  auto cfg = valid_config();
+  cfg.max_request_bytes = 4095;
+  EXPECT_THAT(config_error([&] { cfg.validate(); }), HasSubstr("max-request"));
+  cfg.max_request_bytes = (256u << 20) + 1;
+  EXPECT_THAT(config_error([&] { cfg.validate(); }), HasSubstr("max-request"));
+  cfg.max_request_bytes = 4096;
+  cfg.max_inflight_bytes = 4096;
+  EXPECT_NO_THROW(cfg.validate());
+  cfg.max_request_bytes = 1u << 20;
+  cfg.max_inflight_bytes = (1u << 20) - 1;
+  EXPECT_THAT(config_error([&] { cfg.validate(); }), HasSubstr("max-inflight"));
+}
+
+TEST(DaemonConfigValidate, LogLevelThreadsAndBlockingThreads) {
+  auto cfg = valid_config();
+  cfg.log_level = "verbose";
+  EXPECT_THAT(config_error([&] { cfg.validate(); }), HasSubstr("log-level 'verbose'"));
+  cfg.log_level = "warn";
+  EXPECT_NO_THROW(cfg.validate());
+  cfg.threads = 257;
+  EXPECT_THAT(config_error([&] { cfg.validate(); }), HasSubstr("threads"));
+  cfg.threads = 256;
+  EXPECT_NO_THROW(cfg.validate());
+  cfg.blocking_threads = 0;
+  EXPECT_THAT(config_error([&] { cfg.validate(); }), HasSubstr("blocking-threads"));
+  cfg.blocking_threads = 1025;
+  EXPECT_THAT(config_error([&] { cfg.validate(); }), HasSubstr("blocking-threads"));
+}
+
+TEST(DefaultDataDir, RootUsesVarLib) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root";
+  EXPECT_EQ(default_data_dir(), "/var/lib/blockway");
+}
+
+}  // namespace
+}  // namespace blockway::gateway
