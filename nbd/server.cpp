@@ -187,6 +187,7 @@ Task<void> Server::serve(std::shared_ptr<Connection> conn) {
     co_await conn->session->run();
   }
   ch.close();
+  if (conn->session) co_await conn->session->flush_if_dirty();
   conn->session.reset();
 }
 

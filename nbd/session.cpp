@@ -14,7 +14,9 @@ namespace {
 
 using gateway::Task;
 
-constexpr size_t kReceiveBuffer = 256u << 10;
+// Small enough that little of a large write's payload is read here and then
+// copied; large enough to take hundreds of pipelined headers per read().
+constexpr size_t kReceiveBuffer = 64u << 10;
 // Every admitted request is charged at least this much, so that a flood of
 // small requests whose replies are never read is bounded too.
 constexpr uint64_t kReplyOverhead = 64;
@@ -68,14 +70,16 @@ Task<void> Session::run() {
   boost::asio::co_spawn(channel_.executor(), [self] { return self->writer(); }, boost::asio::detached);
   co_await reader();
   while (pending_requests_ > 0) co_await drained_.wait();
-  if (dirty_ && !dead_) {
-    // A client that left without flushing still gets its writes made durable.
-    if (auto ec = co_await device_.flush())
-      log_->warn("export '{}': flush at disconnect failed: {}", neg_.exp->name, ec.message());
-  }
   writer_stop_ = true;
   writer_wakeup_.notify();
   while (!writer_done_) co_await drained_.wait();
+}
+
+Task<void> Session::flush_if_dirty() {
+  if (!dirty_) co_return;
+  dirty_ = false;
+  if (auto ec = co_await device_.flush())
+    log_->warn("export '{}': flush after disconnect failed: {}", neg_.exp->name, ec.message());
 }
 
 Task<bool> Session::admit(uint64_t bytes) {
@@ -171,13 +175,12 @@ Task<void> Session::reader() {
     const uint64_t charge = (req.type == kCmdWrite || req.type == kCmdRead) ? req.length : 0;
     if (!co_await admit(charge)) co_return;
     if (req.type == kCmdWrite) {
-      payload.bytes = std::make_unique_for_overwrite<std::byte[]>(req.length);
-      payload.size = req.length;
+      payload = Buffer(req.length);
       const size_t buffered = std::min<size_t>(req.length, rtail_ - rhead_);
-      std::memcpy(payload.bytes.get(), rbuf_.get() + rhead_, buffered);
+      std::memcpy(payload.data(), rbuf_.get() + rhead_, buffered);
       rhead_ += buffered;
       if (buffered < req.length &&
-          co_await channel_.read_exact({payload.bytes.get() + buffered, req.length - buffered})) {
+          co_await channel_.read_exact({payload.data() + buffered, req.length - buffered})) {
         --pending_requests_;  // admitted but never started
         pending_bytes_ -= charge + kReplyOverhead;
         if (pending_requests_ == 0) drained_.notify();
@@ -211,13 +214,13 @@ Task<Session::Reply> Session::execute(const RequestHeader& req, Buffer& payload)
   std::error_code ec;
   switch (req.type) {
     case kCmdRead: {
-      Buffer data{std::make_unique_for_overwrite<std::byte[]>(req.length), req.length};
-      ec = co_await device_.read({data.bytes.get(), data.size}, req.offset, 0);
+      Buffer data(req.length);
+      ec = co_await device_.read(data.span(), req.offset, 0);
       if (ec) break;
       co_return read_reply(req, std::move(data));
     }
     case kCmdWrite:
-      ec = co_await device_.write({payload.bytes.get(), payload.size}, req.offset, fua);
+      ec = co_await device_.write(payload.span(), req.offset, fua);
       dirty_ |= !ec;
       break;
     case kCmdFlush:
@@ -288,7 +291,7 @@ Task<void> Session::writer() {
       for (const auto& r : sending_) {
         iov_.emplace_back(r.head.data(), r.head_len);
         if (!r.extra.empty()) iov_.emplace_back(r.extra.data(), r.extra.size());
-        if (r.data.size) iov_.emplace_back(r.data.bytes.get(), r.data.size);
+        if (!r.data.empty()) iov_.emplace_back(r.data.data(), r.data.size());
       }
       ec = co_await channel_.write_all(iov_);
     }
@@ -342,23 +345,23 @@ Session::Reply Session::read_reply(const RequestHeader& req, Buffer data) const 
   put32(r.head.data(), kStructuredReplyMagic);
   put16(r.head.data() + 4, kReplyFlagDone);
   put64(r.head.data() + 8, req.cookie);
-  if (data.size == 0) {  // a data chunk must carry at least one byte
+  if (data.empty()) {  // a data chunk must carry at least one byte
     put16(r.head.data() + 6, kReplyNone);
     put32(r.head.data() + 16, 0);
     r.head_len = kStructuredHeaderSize;
     return r;
   }
   put64(r.head.data() + 20, req.offset);
-  if (all_zero(data.bytes.get(), data.size)) {
+  if (all_zero(data.data(), data.size())) {
     // Zeroes travel as a 12-byte hole instead of their full length.
     put16(r.head.data() + 6, kReplyOffsetHole);
     put32(r.head.data() + 16, 12);
-    put32(r.head.data() + 28, static_cast<uint32_t>(data.size));
+    put32(r.head.data() + 28, static_cast<uint32_t>(data.size()));
     r.head_len = kStructuredHeaderSize + 12;
     return r;
   }
   put16(r.head.data() + 6, kReplyOffsetData);
-  put32(r.head.data() + 16, static_cast<uint32_t>(8 + data.size));
+  put32(r.head.data() + 16, static_cast<uint32_t>(8 + data.size()));
   r.head_len = kStructuredHeaderSize + 8;
   r.data = std::move(data);
   return r;

@@ -15,6 +15,7 @@
 #pragma once
 
 #include "gateway/async_event.hpp"
+#include "gateway/buffer_pool.hpp"
 #include "nbd/channel.hpp"
 #include "nbd/handshake.hpp"
 #include "nbd/protocol.hpp"
@@ -39,15 +40,15 @@ class Session : public std::enable_shared_from_this<Session> {
   // stop() is called; returns once every admitted request has been answered
   // (or the client is gone). Does not close the channel.
   gateway::Task<void> run();
+  // A client that left without flushing still gets its writes made durable;
+  // called after the connection is closed, so the client does not wait.
+  gateway::Task<void> flush_if_dirty();
   // Graceful end: read no further requests, finish those in flight. Must be
   // called on the session's io_context.
   void stop();
 
  private:
-  struct Buffer {
-    std::unique_ptr<std::byte[]> bytes;
-    size_t size = 0;
-  };
+  using Buffer = gateway::IoBuffer;
   struct Reply {
     std::array<std::byte, 32> head;
     uint8_t head_len = 0;

@@ -9,7 +9,7 @@ BUILD_PKGS=(
   libgtest-dev libgmock-dev libnbd-dev
 )
 TEST_PKGS=(
-  nbdkit qemu-utils fio libnbd-bin python3 python3-libnbd
+  nbdkit qemu-utils fio libnbd-bin python3 python3-libnbd jq
 )
 
 want=("${BUILD_PKGS[@]}")

@@ -303,6 +303,8 @@ class ServerHarness {
       co_await h->session_->run();
     }
     h->channel_->close();
+    // As nbd::Server does: unflushed writes are flushed once the client is gone.
+    if (h->session_) co_await h->session_->flush_if_dirty();
   }
 
   boost::asio::io_context io_;
