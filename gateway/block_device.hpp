@@ -85,6 +85,9 @@ class BlockDevice {
   // may cover less than the range but must cover at least one byte.
   virtual Task<std::error_code> block_status(ByteRange range, ExtentList& out) = 0;
   virtual Task<std::error_code> prefetch(ByteRange range) = 0;
+  // Orderly end before destruction: stop background work, persist state.
+  // Called once, after the last request has completed.
+  virtual Task<void> close() { co_return; }
 };
 
 // A Layer wraps the device below it and forwards every call it does not
@@ -117,6 +120,7 @@ class Layer : public BlockDevice {
     return next_->block_status(range, out);
   }
   Task<std::error_code> prefetch(ByteRange range) override { return next_->prefetch(range); }
+  Task<void> close() override { return next_->close(); }
 
  protected:
   [[nodiscard]] BlockDevice& next() const noexcept { return *next_; }

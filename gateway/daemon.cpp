@@ -3,17 +3,22 @@
 #include "gateway/event_loops.hpp"
 #include "gateway/export.hpp"
 #include "gateway/logging.hpp"
+#include "gateway/retry_layer.hpp"
+#include "cache/cache_layer.hpp"
 #include "nbd/server.hpp"
 #include "remote/registry.hpp"
 
+#include <boost/asio/co_spawn.hpp>
 #include <boost/asio/signal_set.hpp>
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <csignal>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 
 namespace blockway::gateway {
 namespace {
@@ -40,17 +45,67 @@ ExportConfig demo_export(const std::string& data_dir) {
   return e;
 }
 
-std::shared_ptr<Export> open_export(ExportConfig cfg, EventLoops& loops) {
+// Everything an export's device chain needs from the daemon.
+struct OpenContext {
+  EventLoops& loops;
+  std::string data_dir;
+  std::unique_ptr<cache::MetaStore> catalogue;  // opened when the first cache needs it
+  std::vector<cache::CacheLayer*> caches;        // started once every export is open
+
+  cache::MetaStore& open_catalogue() {
+    if (!catalogue) {
+      std::error_code ec;
+      std::filesystem::create_directories(data_dir, ec);
+      if (ec) throw ConfigError("cannot create data directory " + data_dir + ": " + ec.message());
+      try {
+        catalogue = std::make_unique<cache::MetaStore>(data_dir + "/catalogue.db");
+      } catch (const std::runtime_error& e) {
+        throw ConfigError(e.what());
+      }
+    }
+    return *catalogue;
+  }
+};
+
+std::shared_ptr<Export> open_export(ExportConfig cfg, OpenContext& ctx) {
+  auto& loops = ctx.loops;
+  const auto cache_cfg = cache::CacheConfig::take_from(cfg.options, cfg.name);
+  if (!cache_cfg && std::filesystem::exists(ctx.data_dir + "/catalogue.db")) {
+    // Serving an export without the cache that still holds its unwritten data
+    // would silently show clients old bytes.
+    auto& store = ctx.open_catalogue();
+    if (auto rec = store.find(cfg.name)) {
+      const auto dirty = store.load_bitmap(cfg.name, cache::BitmapKind::dirty, (rec->size / rec->chunk_size) / 64 + 2);
+      if (std::any_of(dirty.begin(), dirty.end(), [](uint64_t w) { return w != 0; }))
+        throw ConfigError("export '" + cfg.name + "': its cache " + rec->cache_path +
+                          " holds data not yet written to " + rec->remote +
+                          "; start it with its cache (cache=" +
+                          std::filesystem::path(rec->cache_path).parent_path().string() + ",mode=" + rec->mode +
+                          ") so the data is written back");
+    }
+  }
   remote::OpenRequest req;
   req.uri = cfg.uri;
   req.read_only = cfg.read_only;
   req.options = &cfg.options;
   req.blocking = &loops.blocking();
+  req.loops = &loops;
   std::unique_ptr<BlockDevice> device;
   try {
     device = remote::open_device(req);
   } catch (const remote::BackendError& e) {
     throw ConfigError("export '" + cfg.name + "': " + e.what());
+  }
+  if (auto* remote = dynamic_cast<RemoteDevice*>(device.get())) {
+    // A network session can drop: reconnect and retry right above the remote.
+    RetryOptions retry;
+    try {
+      retry = RetryOptions::take_from(cfg.options);
+    } catch (const ConfigError& e) {
+      throw ConfigError("export '" + cfg.name + "': " + e.what());
+    }
+    (void)device.release();
+    device = std::make_unique<RetryLayer>(std::unique_ptr<RemoteDevice>(remote), retry);
   }
   if (!cfg.options.empty())
     throw ConfigError("export '" + cfg.name + "': unknown option '" + cfg.options.begin()->first + "'");
@@ -58,7 +113,29 @@ std::shared_ptr<Export> open_export(ExportConfig cfg, EventLoops& loops) {
   exp->name = cfg.name;
   exp->description = cfg.description;
   exp->uri = cfg.uri;
+  cache::CacheLayer* cache_layer = nullptr;
+  if (cache_cfg) {
+    ctx.open_catalogue();
+    cache::CacheLayer::Params params;
+    params.export_name = cfg.name;
+    params.remote_uri = cfg.uri;
+    params.config = *cache_cfg;
+    params.store = ctx.catalogue.get();
+    params.blocking = &loops.blocking();
+    params.background = loops.at(0).get_executor();
+    try {
+      auto layer = std::make_unique<cache::CacheLayer>(std::move(device), std::move(params));
+      cache_layer = layer.get();
+      device = std::move(layer);
+    } catch (const std::runtime_error& e) {
+      throw ConfigError("export '" + cfg.name + "': " + e.what());
+    }
+  }
   exp->device = std::make_shared<CheckedDevice>(std::move(device), cfg.read_only);
+  if (cache_layer) {
+    exp->cache_status = [cache_layer](ByteRange r, ExtentList& out) { return cache_layer->cache_status(r, out); };
+    ctx.caches.push_back(cache_layer);
+  }
   return exp;
 }
 
@@ -91,14 +168,16 @@ int run_daemon(DaemonConfig config) {
   ExportTable exports;
   std::vector<ExportConfig> all = config.exports;
   if (config.stdio_export) all.push_back(*config.stdio_export);
+  OpenContext open_ctx{loops, config.data_dir, nullptr};
   for (auto& e : all) {
-    auto exp = open_export(e, loops);
+    auto exp = open_export(e, open_ctx);
     const auto geo = exp->device->geometry();
     log->info("export '{}': {} ({} bytes{})", exp->name, exp->device->describe(), geo.size,
               exp->device->capabilities().read_only ? ", read-only" : "");
     exports.add(std::move(exp));
   }
   exports.set_default(config.default_export);
+  for (auto* c : open_ctx.caches) c->start();
 
   nbd::ServerOptions sopts;
   sopts.limits.max_request_bytes = config.max_request_bytes;
@@ -109,11 +188,19 @@ int run_daemon(DaemonConfig config) {
 
   boost::asio::signal_set signals(loops.at(0), SIGINT, SIGTERM);
   server.set_on_drained([&] {
-    boost::asio::post(loops.at(0), [&] {
-      boost::system::error_code ignored;
-      signals.cancel(ignored);
-      loops.release();
-    });
+    // Every client is gone: let each export stop its background work and
+    // persist its state, then let the loops run out of work.
+    boost::asio::co_spawn(
+        loops.at(0),
+        [&]() -> Task<void> {
+          for (const auto& exp : exports.list()) co_await exp->device->close();
+        },
+        [&](std::exception_ptr e) {
+          if (e) log->error("closing the exports failed");
+          boost::system::error_code ignored;
+          signals.cancel(ignored);
+          loops.release();
+        });
   });
 
   if (config.stdio_export) {

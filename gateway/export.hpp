@@ -9,6 +9,7 @@
 
 #include "gateway/checked_device.hpp"
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <shared_mutex>
@@ -22,6 +23,10 @@ struct Export {
   std::string description;
   std::string uri;
   std::shared_ptr<CheckedDevice> device;
+  // Set when a local cache sits in the device chain: its per-range state
+  // (extent flag 1 = present locally, 2 = dirty), for the blockway:cache
+  // metadata context.
+  std::function<Task<std::error_code>(ByteRange, ExtentList&)> cache_status;
 };
 
 class ExportTable {

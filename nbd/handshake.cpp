@@ -17,15 +17,18 @@ constexpr uint32_t kMaxOptionLength = 64u << 10;
 // A client that keeps sending options without choosing an export is cut off.
 constexpr unsigned kMaxOptions = 4096;
 
-const std::vector<MetaContext>& offered_contexts() {
-  static const std::vector<MetaContext> all{{1, MetaContextKind::base_allocation, "base:allocation"}};
+// The contexts an export offers: every export has base:allocation; cached
+// exports also describe their cache.
+std::vector<MetaContext> offered_contexts(const gateway::Export& exp) {
+  std::vector<MetaContext> all{{1, MetaContextKind::base_allocation, "base:allocation"}};
+  if (exp.cache_status) all.push_back({2, MetaContextKind::cache, "blockway:cache"});
   return all;
 }
 
 // Contexts matched by one query: exact name, or "namespace:" for all of it.
-std::vector<MetaContext> match_query(std::string_view query, bool allow_wildcard) {
+std::vector<MetaContext> match_query(const gateway::Export& exp, std::string_view query, bool allow_wildcard) {
   std::vector<MetaContext> out;
-  for (const auto& c : offered_contexts()) {
+  for (const auto& c : offered_contexts(exp)) {
     const bool exact = query == c.name;
     const bool wildcard = allow_wildcard && query.ends_with(':') && std::string_view(c.name).starts_with(query);
     if (exact || wildcard) out.push_back(c);
@@ -181,11 +184,11 @@ Task<bool> Handshake::handle_meta_context(uint32_t option) {
 
   const bool list = option == kOptListMetaContext;
   std::vector<MetaContext> found;
-  if (queries.empty() && list) found = offered_contexts();
+  if (queries.empty() && list) found = offered_contexts(*exp);
   for (auto q : queries) {
     if (q.find(':') == std::string_view::npos)
       co_return co_await reply_error(option, kRepErrInvalid, "a query must start with a namespace");
-    for (auto& c : match_query(q, list))
+    for (auto& c : match_query(*exp, q, list))
       if (std::none_of(found.begin(), found.end(), [&](auto& f) { return f.id == c.id; })) found.push_back(c);
   }
   for (const auto& c : found) {

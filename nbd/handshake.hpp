@@ -20,7 +20,10 @@
 namespace blockway::nbd {
 
 // The metadata contexts this server offers (NBD_OPT_*_META_CONTEXT).
-enum class MetaContextKind : uint8_t { base_allocation };
+enum class MetaContextKind : uint8_t {
+  base_allocation,  // base:allocation (holes and zeroes)
+  cache,            // blockway:cache (flag 1: present locally, 2: dirty), on cached exports
+};
 
 struct MetaContext {
   uint32_t id = 0;

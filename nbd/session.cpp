@@ -250,7 +250,15 @@ Task<Session::Reply> Session::execute(const RequestHeader& req, Buffer& payload)
       Reply reply;
       for (size_t i = 0; i < neg_.contexts.size(); ++i) {
         gateway::ExtentList extents;
-        ec = co_await device_.block_status(range, extents);
+        if (neg_.contexts[i].kind == MetaContextKind::cache) {
+          const uint64_t size = device_.geometry().size;
+          if (range.length == 0 || range.offset > size || range.length > size - range.offset)
+            ec = gateway::errno_code(EINVAL);
+          else
+            ec = co_await neg_.exp->cache_status(range, extents);
+        } else {
+          ec = co_await device_.block_status(range, extents);
+        }
         if (ec) break;
         if (req.flags & kCmdFlagReqOne) extents.resize(1);
         Reply chunk = block_status_reply(req, neg_.contexts[i].id, extents);

@@ -5,6 +5,7 @@
 #pragma once
 
 #include "gateway/block_device.hpp"
+#include "gateway/event_loops.hpp"
 
 #include <boost/asio/thread_pool.hpp>
 
@@ -27,6 +28,8 @@ struct OpenRequest {
   // keys it uses; what is left belongs to someone else or is a mistake.
   std::map<std::string, std::string>* options = nullptr;
   boost::asio::thread_pool* blocking = nullptr;
+  // The daemon's event loops, for backends that keep sessions on them.
+  gateway::EventLoops* loops = nullptr;
 };
 
 // Validates the URI and options without touching the remote. Throws BackendError.

@@ -1,0 +1,34 @@
+// CacheConfig: the per-export cache settings, parsed from the export's
+// options (TOML keys or "--export NAME=URI,cache=DIR,mode=...").
+//
+// Start-up only; no threads.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+
+namespace blockway::cache {
+
+enum class WriteMode { writethrough, writeback, writeback_local };
+
+std::string to_string(WriteMode mode);
+
+struct CacheConfig {
+  std::string dir;  // where the cache file lives
+  WriteMode mode = WriteMode::writethrough;
+  uint64_t chunk_size = 64u << 10;
+  bool preallocate = false;
+  uint32_t readahead_chunks = 16;     // fetched ahead of a sequential miss
+  std::chrono::milliseconds checkpoint_interval{2000};
+
+  // Takes the cache options out of `options` (erasing the keys it uses).
+  // Returns nullopt when the export has no cache (no "cache" key).
+  // Throws gateway::ConfigError naming the option on a bad value.
+  static std::optional<CacheConfig> take_from(std::map<std::string, std::string>& options,
+                                              const std::string& export_name);
+};
+
+}  // namespace blockway::cache

@@ -1,0 +1,805 @@
+#include "cache/cache_layer.hpp"
+
+#include "gateway/buffer_pool.hpp"
+#include "gateway/logging.hpp"
+#include "remote/file/file_device.hpp"
+
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <bit>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <stdexcept>
+
+namespace blockway::cache {
+
+using gateway::ByteRange;
+using gateway::errno_code;
+using gateway::IoFlags;
+using gateway::Support;
+using gateway::Task;
+
+namespace {
+
+// Largest single remote request of a fill or a write-back.
+constexpr uint64_t kMaxRun = 1u << 20;
+
+bool all_zero(const std::byte* p, size_t n) {
+  if (n == 0) return true;
+  const size_t head = std::min<size_t>(n, 16);
+  for (size_t i = 0; i < head; ++i)
+    if (p[i] != std::byte{0}) return false;
+  return n <= 16 || std::memcmp(p, p + 16, n - 16) == 0;
+}
+
+std::string file_name_for(const std::string& export_name) {
+  std::string out;
+  for (char c : export_name)
+    out.push_back(std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == '.' ? c : '_');
+  return out + ".img";
+}
+
+}  // namespace
+
+struct CacheLayer::Fill {
+  gateway::SharedEvent done;
+};
+
+// Counts writes in progress per region while it lives, and marks the regions
+// touched when it ends, so a checkpoint keeps their write-intent.
+class CacheLayer::RegionWrites {
+ public:
+  RegionWrites(CacheLayer& c, uint64_t first_chunk, uint64_t last_chunk)
+      : c_(c), r0_(first_chunk / kChunksPerRegion), r1_(last_chunk / kChunksPerRegion) {
+    for (uint64_t r = r0_; r <= r1_; ++r) c_.region_writes_[r].fetch_add(1, std::memory_order_seq_cst);
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+  }
+  ~RegionWrites() {
+    for (uint64_t r = r0_; r <= r1_; ++r) {
+      c_.touched_.set(r);
+      c_.region_writes_[r].fetch_sub(1, std::memory_order_seq_cst);
+    }
+  }
+  RegionWrites(const RegionWrites&) = delete;
+  RegionWrites& operator=(const RegionWrites&) = delete;
+
+ private:
+  CacheLayer& c_;
+  uint64_t r0_, r1_;
+};
+
+CacheLayer::CacheLayer(std::unique_ptr<gateway::BlockDevice> remote, Params p)
+    : Layer(std::move(remote)),
+      name_(p.export_name),
+      remote_uri_(p.remote_uri),
+      cfg_(p.config),
+      store_(*p.store),
+      blocking_(*p.blocking),
+      background_(p.background),
+      log_(gateway::logger("cache")),
+      geometry_(next().geometry()),
+      remote_caps_(next().capabilities()) {
+  chunk_shift_ = static_cast<unsigned>(std::countr_zero(cfg_.chunk_size));
+  nchunks_ = (geometry_.size + cfg_.chunk_size - 1) >> chunk_shift_;
+  nregions_ = (nchunks_ + kChunksPerRegion - 1) / kChunksPerRegion;
+  for (auto* b : {&present_, &dirty_, &cleaning_}) b->resize(nchunks_);
+  for (auto* b : {&intent_, &intent_persisted_, &touched_}) b->resize(nregions_);
+  region_writes_ = std::make_unique<std::atomic<uint32_t>[]>(nregions_ ? nregions_ : 1);
+  for (uint64_t r = 0; r < nregions_; ++r) region_writes_[r].store(0);
+  cache_path_ = cfg_.dir + "/" + file_name_for(name_);
+
+  std::error_code fs_ec;
+  std::filesystem::create_directories(cfg_.dir, fs_ec);
+  if (fs_ec) throw std::runtime_error("cannot create cache directory " + cfg_.dir + ": " + fs_ec.message());
+
+  CacheRecord want{name_, remote_uri_, cache_path_, to_string(cfg_.mode), geometry_.size, cfg_.chunk_size, true};
+  auto have = store_.find(name_);
+  const bool injected = static_cast<bool>(p.open_cache_file);
+  bool reuse = have && have->remote == want.remote && have->size == want.size &&
+               have->chunk_size == want.chunk_size && have->cache_path == want.cache_path &&
+               (injected || (std::filesystem::exists(cache_path_) &&
+                             std::filesystem::file_size(cache_path_) == geometry_.size));
+  if (have && !reuse) {
+    // Never throw away data the remote does not have.
+    const auto dirty = store_.load_bitmap(name_, BitmapKind::dirty, (have->size / have->chunk_size + 64) / 64 + 1);
+    if (std::any_of(dirty.begin(), dirty.end(), [](uint64_t w) { return w != 0; }))
+      throw std::runtime_error("export '" + name_ + "': the cache " + have->cache_path +
+                               " holds data not yet written to " + have->remote +
+                               ", but the remote, size, chunk size or cache file changed; restore the previous "
+                               "settings so it can be written back");
+    log_->warn("export '{}': cache settings or remote changed, starting with an empty cache", name_);
+  }
+  if (!reuse && injected) {
+    store_.reset(want);
+  } else if (!reuse) {
+    ::unlink(cache_path_.c_str());
+    const int fd = ::open(cache_path_.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (fd < 0) throw std::runtime_error("cannot create cache file " + cache_path_ + ": " + std::strerror(errno));
+    int rc = ::ftruncate(fd, static_cast<off_t>(geometry_.size));
+    if (rc == 0 && cfg_.preallocate) rc = ::posix_fallocate(fd, 0, static_cast<off_t>(geometry_.size));
+    const int e = rc == 0 ? 0 : (rc > 0 ? rc : errno);
+    ::fsync(fd);
+    ::close(fd);
+    if (e) throw std::runtime_error("cannot size cache file " + cache_path_ + ": " + std::strerror(e));
+    store_.reset(want);
+  }
+  try {
+    cache_file_ = injected ? p.open_cache_file(cache_path_)
+                           : std::make_unique<remote::FileDevice>(cache_path_, false, blocking_);
+  } catch (const std::exception& e) {
+    throw std::runtime_error(std::string("cache file: ") + e.what());
+  }
+  if (cache_file_->geometry().size < geometry_.size)
+    throw std::runtime_error("cache file " + cache_path_ + " is smaller than the image");
+  if (cache_file_->capabilities().read_only)
+    throw std::runtime_error("cache file " + cache_path_ + " is not writable");
+
+  auto load = [&](BitmapKind kind, AtomicBitmap& bm, std::vector<uint64_t>& saved) {
+    saved = store_.load_bitmap(name_, kind, bm.word_count());
+    for (size_t i = 0; i < saved.size(); ++i) bm.store_word(i, saved[i]);
+  };
+  load(BitmapKind::present, present_, saved_present_);
+  load(BitmapKind::dirty, dirty_, saved_dirty_);
+  load(BitmapKind::intent, intent_, saved_intent_);
+  for (size_t i = 0; i < intent_.word_count(); ++i) intent_persisted_.store_word(i, saved_intent_[i]);
+  for (size_t i = 0; i < dirty_.word_count(); ++i)  // dirty implies present
+    present_.store_word(i, present_.word(i) | dirty_.word(i));
+
+  if (reuse && !have->clean) recover_after_unclean_stop();
+  if (reuse && have->mode != want.mode) store_.set_mode(name_, want.mode);
+  store_.set_clean(name_, false);  // until a clean close
+  log_->info("export '{}': {} cache {} ({} chunks of {} KiB, {} present, {} dirty{})", name_, to_string(cfg_.mode),
+             cache_path_, nchunks_, cfg_.chunk_size >> 10, present_.count(), dirty_.count(),
+             recovered_ ? ", recovered after an unclean stop" : "");
+}
+
+CacheLayer::~CacheLayer() = default;
+
+void CacheLayer::recover_after_unclean_stop() {
+  // A region with persisted write-intent may hold cache data that never became
+  // durable or never reached the remote: every present chunk there that is
+  // not persisted dirty is dropped and will be fetched again.
+  uint64_t dropped = 0;
+  for (uint64_t r = 0; r < nregions_; ++r) {
+    if (!intent_.test(r)) continue;
+    const uint64_t first = r * kChunksPerRegion;
+    const uint64_t last = std::min(nchunks_, first + kChunksPerRegion) - 1;
+    for (uint64_t c = first; c <= last; ++c)
+      if (present_.test(c) && !dirty_.test(c)) {
+        present_.clear(c);
+        ++dropped;
+      }
+  }
+  std::vector<MetaStore::PageWrite> pages;
+  auto add_all = [&](BitmapKind kind, AtomicBitmap& bm, std::vector<uint64_t>& saved) {
+    for (size_t i = 0; i < bm.word_count(); ++i) saved[i] = bm.word(i);
+    for (size_t first = 0; first < saved.size(); first += MetaStore::kWordsPerPage) {
+      const size_t n = std::min(MetaStore::kWordsPerPage, saved.size() - first);
+      pages.push_back({kind, static_cast<uint32_t>(first / MetaStore::kWordsPerPage),
+                       std::vector<uint64_t>(saved.begin() + static_cast<long>(first),
+                                             saved.begin() + static_cast<long>(first + n))});
+    }
+  };
+  // The intents stay until the first checkpoint after new writes: clearing
+  // them here is safe only together with the present bits just dropped.
+  add_all(BitmapKind::present, present_, saved_present_);
+  for (size_t i = 0; i < intent_.word_count(); ++i) intent_.store_word(i, 0);
+  add_all(BitmapKind::intent, intent_, saved_intent_);
+  for (size_t i = 0; i < intent_.word_count(); ++i) intent_persisted_.store_word(i, 0);
+  store_.commit(name_, pages, std::nullopt);
+  recovered_ = true;
+  log_->warn("export '{}': recovered after an unclean stop: {} chunks dropped, {} dirty chunks kept", name_, dropped,
+             dirty_.count());
+}
+
+uint64_t CacheLayer::chunk_len(uint64_t c) const noexcept {
+  const uint64_t start = chunk_start(c);
+  return std::min<uint64_t>(cfg_.chunk_size, geometry_.size - start);
+}
+
+gateway::Capabilities CacheLayer::capabilities() const noexcept {
+  auto c = remote_caps_;
+  c.flush = Support::native;
+  c.fua = Support::native;
+  c.prefetch = Support::native;
+  c.multi_conn = true;  // one cache for every connection
+  if (cfg_.mode != WriteMode::writethrough) {
+    c.trim = Support::native;
+    c.zero = Support::native;
+  } else {
+    c.trim = remote_caps_.trim == Support::native ? Support::native : Support::none;
+    c.zero = remote_caps_.zero == Support::native ? Support::native : Support::none;
+  }
+  c.extents = remote_caps_.extents == Support::native ? Support::native : Support::none;
+  return c;
+}
+
+std::string CacheLayer::describe() const {
+  return "cache(" + to_string(cfg_.mode) + ", " + cache_path_ + ") over " + next().describe();
+}
+
+// ---- population of absent chunks -------------------------------------------
+
+Task<std::pair<std::shared_ptr<CacheLayer::Fill>, std::vector<uint64_t>>> CacheLayer::claim(uint64_t first,
+                                                                                             uint64_t last,
+                                                                                             bool present_too) {
+  auto fill = std::make_shared<Fill>();
+  std::vector<uint64_t> mine;
+  uint64_t c = first;
+  // Chunks are claimed in increasing order, so two claimers never wait for
+  // each other in a cycle.
+  while (c <= last) {
+    if (!present_too && present_.test(c)) {
+      ++c;
+      continue;
+    }
+    std::shared_ptr<Fill> other;
+    {
+      auto& s = shard(c);
+      std::lock_guard lock(s.mutex);
+      if (present_too || !present_.test(c)) {
+        auto [it, inserted] = s.fills.try_emplace(c, fill);
+        if (inserted)
+          mine.push_back(c);
+        else if (it->second != fill)
+          other = it->second;
+      }
+    }
+    if (other) {
+      co_await other->done.wait();  // then look at chunk c again
+      continue;
+    }
+    ++c;
+  }
+  co_return std::make_pair(fill, std::move(mine));
+}
+
+void CacheLayer::release(const std::shared_ptr<Fill>& fill, const std::vector<uint64_t>& chunks, std::error_code ec) {
+  for (uint64_t c : chunks) {
+    auto& s = shard(c);
+    std::lock_guard lock(s.mutex);
+    auto it = s.fills.find(c);
+    if (it != s.fills.end() && it->second == fill) s.fills.erase(it);
+  }
+  fill->done.set(ec);
+}
+
+Task<std::error_code> CacheLayer::fetch_run(uint64_t first, uint64_t last) {
+  const uint64_t off = chunk_start(first);
+  const uint64_t len = chunk_start(last) + chunk_len(last) - off;
+  gateway::IoBuffer buf(len);
+  const uint64_t step = std::max<uint64_t>(geometry_.max_transfer / geometry_.min_block * geometry_.min_block,
+                                           geometry_.min_block);
+  for (uint64_t done = 0; done < len;) {
+    const uint64_t n = std::min(step, len - done);
+    if (auto ec = co_await next().read(buf.span().subspan(done, n), off + done, 0)) {
+      fetch_errors_.fetch_add(1, std::memory_order_relaxed);
+      log_->debug("export '{}': fetch of {} bytes at {} failed: {}", name_, n, off + done, ec.message());
+      co_return ec;
+    }
+    done += n;
+  }
+  if (auto ec = co_await cache_file_->write(buf.span(), off, 0)) {
+    log_->error("export '{}': writing the cache file failed: {}", name_, ec.message());
+    co_return ec;
+  }
+  for (uint64_t c = first; c <= last; ++c) present_.set(c);
+  fetched_.fetch_add(len, std::memory_order_relaxed);
+  co_return std::error_code{};
+}
+
+Task<std::error_code> CacheLayer::populate(uint64_t first, uint64_t last) {
+  auto [fill, mine] = co_await claim(first, last);
+  std::error_code ec;
+  const uint64_t max_chunks = std::max<uint64_t>(1, kMaxRun >> chunk_shift_);
+  for (size_t i = 0; i < mine.size() && !ec;) {
+    size_t j = i;
+    while (j + 1 < mine.size() && mine[j + 1] == mine[j] + 1 && j + 1 - i < max_chunks) ++j;
+    ec = co_await fetch_run(mine[i], mine[j]);
+    i = j + 1;
+  }
+  release(fill, mine, ec);
+  if (ec) co_return ec;
+  // A chunk someone else was filling may have failed: then it is still absent.
+  for (uint64_t c = first; c <= last; ++c)
+    if (!present_.test(c)) co_return errno_code(EIO);
+  co_return std::error_code{};
+}
+
+void CacheLayer::start_readahead(uint64_t after) {
+  if (cfg_.readahead_chunks == 0 || after >= nchunks_) return;
+  const uint64_t last = std::min(nchunks_ - 1, after + cfg_.readahead_chunks - 1);
+  if (present_.all_set(after, last)) return;
+  // At most two read-aheads at a time; close() waits for them.
+  if (readaheads_.fetch_add(1) >= 2 || stopping_.load()) {
+    readaheads_.fetch_sub(1);
+    return;
+  }
+  boost::asio::co_spawn(
+      background_,
+      [this, after, last]() -> Task<void> {
+        if (auto ec = co_await populate(after, last)) log_->debug("export '{}': read-ahead failed: {}", name_, ec.message());
+      },
+      [this](std::exception_ptr) { readaheads_.fetch_sub(1); });
+}
+
+// ---- requests ----------------------------------------------------------------
+
+Task<std::error_code> CacheLayer::read(std::span<std::byte> buf, uint64_t offset, IoFlags) {
+  if (buf.empty()) co_return std::error_code{};
+  const uint64_t first = chunk_of(offset), last = chunk_of(offset + buf.size() - 1);
+  if (present_.all_set(first, last)) {
+    hits_.fetch_add(1, std::memory_order_relaxed);
+  } else {
+    misses_.fetch_add(1, std::memory_order_relaxed);
+    if (auto ec = co_await populate(first, last)) co_return ec;
+    // A miss right after the previous one: read ahead of a sequential reader.
+    if (last_miss_end_.exchange(last + 1, std::memory_order_relaxed) == first) start_readahead(last + 1);
+  }
+  co_return co_await cache_file_->read(buf, offset, 0);
+}
+
+Task<std::error_code> CacheLayer::ensure_intent(uint64_t first, uint64_t last) {
+  bool need = false;
+  for (uint64_t r = first / kChunksPerRegion; r <= last / kChunksPerRegion; ++r) {
+    if (!intent_.test(r)) {
+      intent_.set(r);
+      need = true;
+    } else if (!intent_persisted_.test(r)) {
+      need = true;
+    }
+  }
+  if (!need) co_return std::error_code{};
+  co_return co_await checkpoint(false);
+}
+
+Task<std::error_code> CacheLayer::write(std::span<const std::byte> buf, uint64_t offset, IoFlags flags) {
+  if (buf.empty()) co_return std::error_code{};
+  if (cfg_.mode == WriteMode::writethrough) co_return co_await write_through(buf, offset, flags);
+  co_return co_await write_cached(buf, offset, flags);
+}
+
+Task<std::error_code> CacheLayer::write_cached(std::span<const std::byte> buf, uint64_t offset, IoFlags flags) {
+  const uint64_t end = offset + buf.size();
+  const uint64_t first = chunk_of(offset), last = chunk_of(end - 1);
+  RegionWrites guard(*this, first, last);
+  if (auto ec = co_await ensure_intent(first, last)) co_return ec;
+  // Chunks the write covers only in part must hold the rest of their data.
+  const bool head_partial = offset != chunk_start(first) || end < chunk_start(first) + chunk_len(first);
+  const bool tail_partial = end < chunk_start(last) + chunk_len(last);
+  if (head_partial && !present_.test(first))
+    if (auto ec = co_await populate(first, first)) co_return ec;
+  if (tail_partial && last != first && !present_.test(last))
+    if (auto ec = co_await populate(last, last)) co_return ec;
+  auto [fill, mine] = co_await claim(first, last);
+  auto ec = co_await cache_file_->write(buf, offset, 0);
+  if (!ec) {
+    for (uint64_t c = first; c <= last; ++c) dirty_.set(c);
+    for (uint64_t c : mine) present_.set(c);
+  }
+  release(fill, mine, ec);
+  if (ec) co_return ec;
+  if (flags & gateway::kFua) co_return co_await make_durable(first, last);
+  co_return std::error_code{};
+}
+
+Task<std::error_code> CacheLayer::write_through(std::span<const std::byte> buf, uint64_t offset, IoFlags flags) {
+  const uint64_t end = offset + buf.size();
+  const uint64_t first = chunk_of(offset), last = chunk_of(end - 1);
+  RegionWrites guard(*this, first, last);
+  if (auto ec = co_await ensure_intent(first, last)) co_return ec;
+  // Hold the chunks (absent ones: so that no fill can store data older than
+  // this write; present ones: so that two overlapping writes update remote
+  // and cache in the same order).
+  auto [fill, mine] = co_await claim(first, last, true);
+  auto ec = co_await next().write(buf, offset, flags & gateway::kFua);
+  if (!ec) {
+    if (auto cec = co_await cache_file_->write(buf, offset, 0)) {
+      // The remote has the data; the cache must not keep the old bytes.
+      log_->warn("export '{}': cache file write failed ({}), dropping those chunks", name_, cec.message());
+      for (uint64_t c = first; c <= last; ++c) present_.clear(c);
+    } else {
+      for (uint64_t c : mine)  // write-allocate chunks the write covers whole
+        if (offset <= chunk_start(c) && end >= chunk_start(c) + chunk_len(c)) present_.set(c);
+      // A present chunk written partly keeps its present bit: the cache got the
+      // same bytes as the remote.
+    }
+  }
+  release(fill, mine, ec);
+  co_return ec;
+}
+
+Task<std::error_code> CacheLayer::make_durable(uint64_t first, uint64_t last) {
+  if (cfg_.mode == WriteMode::writeback_local) co_return co_await checkpoint(true);
+  if (cfg_.mode == WriteMode::writeback) co_return co_await write_back(first, last);
+  co_return std::error_code{};
+}
+
+Task<std::error_code> CacheLayer::flush() {
+  switch (cfg_.mode) {
+    case WriteMode::writethrough:
+      if (dirty_.find_set(0) < nchunks_ || cleaning_.find_set(0) < nchunks_)  // inherited from a write-back mode
+        if (auto ec = co_await write_back(0, nchunks_ - 1)) co_return ec;
+      co_return co_await next().flush();
+    case WriteMode::writeback_local: co_return co_await checkpoint(true);
+    case WriteMode::writeback: co_return co_await write_back(0, nchunks_ ? nchunks_ - 1 : 0);
+  }
+  co_return std::error_code{};
+}
+
+Task<std::error_code> CacheLayer::zero_cached(ByteRange range, IoFlags flags, bool whole_chunks_only) {
+  if (whole_chunks_only) {  // trim: only what covers whole chunks, the rest is advisory
+    uint64_t start = (range.offset + cfg_.chunk_size - 1) & ~(cfg_.chunk_size - 1);
+    uint64_t stop = range.end() == geometry_.size ? range.end() : range.end() & ~(cfg_.chunk_size - 1);
+    if (stop <= start) co_return std::error_code{};
+    range = {start, stop - start};
+  }
+  const uint64_t first = chunk_of(range.offset), last = chunk_of(range.end() - 1);
+  RegionWrites guard(*this, first, last);
+  if (auto ec = co_await ensure_intent(first, last)) co_return ec;
+  const bool head_partial = range.offset != chunk_start(first) || range.end() < chunk_start(first) + chunk_len(first);
+  const bool tail_partial = range.end() < chunk_start(last) + chunk_len(last);
+  if (head_partial && !present_.test(first))
+    if (auto ec = co_await populate(first, first)) co_return ec;
+  if (tail_partial && last != first && !present_.test(last))
+    if (auto ec = co_await populate(last, last)) co_return ec;
+  auto [fill, mine] = co_await claim(first, last);
+  auto ec = co_await cache_file_->zero(range, flags & gateway::kNoHole);
+  if (ec == std::errc::not_supported || ec == std::errc::operation_not_supported) {
+    static const std::vector<std::byte> zeroes(1u << 20);
+    ec = {};
+    for (uint64_t done = 0; done < range.length && !ec;) {
+      const uint64_t n = std::min<uint64_t>(zeroes.size(), range.length - done);
+      ec = co_await cache_file_->write({zeroes.data(), n}, range.offset + done, 0);
+      done += n;
+    }
+  }
+  if (!ec) {
+    for (uint64_t c = first; c <= last; ++c) dirty_.set(c);
+    for (uint64_t c : mine) present_.set(c);
+  }
+  release(fill, mine, ec);
+  if (ec) co_return ec;
+  if (flags & gateway::kFua) co_return co_await make_durable(first, last);
+  co_return std::error_code{};
+}
+
+Task<std::error_code> CacheLayer::zero(ByteRange range, IoFlags flags) {
+  if (range.length == 0) co_return std::error_code{};
+  if (cfg_.mode != WriteMode::writethrough) co_return co_await zero_cached(range, flags, false);
+  const uint64_t first = chunk_of(range.offset), last = chunk_of(range.end() - 1);
+  RegionWrites guard(*this, first, last);
+  if (auto ec = co_await ensure_intent(first, last)) co_return ec;
+  auto [fill, mine] = co_await claim(first, last);
+  auto ec = co_await next().zero(range, flags);
+  if (!ec) {
+    if (co_await cache_file_->zero(range, 0)) {
+      for (uint64_t c = first; c <= last; ++c) present_.clear(c);  // cannot mirror it: forget it
+    } else {
+      for (uint64_t c : mine)
+        if (range.offset <= chunk_start(c) && range.end() >= chunk_start(c) + chunk_len(c)) present_.set(c);
+    }
+  }
+  release(fill, mine, ec);
+  co_return ec;
+}
+
+Task<std::error_code> CacheLayer::trim(ByteRange range, IoFlags flags) {
+  if (range.length == 0) co_return std::error_code{};
+  if (cfg_.mode != WriteMode::writethrough) co_return co_await zero_cached(range, flags, true);
+  const uint64_t first = chunk_of(range.offset), last = chunk_of(range.end() - 1);
+  RegionWrites guard(*this, first, last);
+  if (auto ec = co_await ensure_intent(first, last)) co_return ec;
+  auto [fill, mine] = co_await claim(first, last);
+  auto ec = co_await next().trim(range, flags);
+  // What the remote now returns there is its business: fetch it again.
+  for (uint64_t c = first; c <= last; ++c) present_.clear(c);
+  release(fill, mine, ec);
+  co_return ec;
+}
+
+Task<std::error_code> CacheLayer::prefetch(ByteRange range) {
+  if (range.length == 0) co_return std::error_code{};
+  co_return co_await populate(chunk_of(range.offset), chunk_of(range.end() - 1));
+}
+
+Task<std::error_code> CacheLayer::block_status(ByteRange range, gateway::ExtentList& out) {
+  gateway::ExtentList remote;
+  if (auto ec = co_await next().block_status(range, remote)) co_return ec;
+  if (cfg_.mode == WriteMode::writethrough) {
+    out = std::move(remote);
+    co_return std::error_code{};
+  }
+  // The remote does not know about dirty chunks yet: they are data.
+  auto push = [&](uint64_t len, uint32_t flags) {
+    if (len == 0) return;
+    if (!out.empty() && out.back().flags == flags)
+      out.back().length += len;
+    else
+      out.push_back({len, flags});
+  };
+  uint64_t pos = range.offset;
+  for (const auto& e : remote) {
+    const uint64_t end = std::min(pos + e.length, range.end());
+    if (e.flags == 0) {
+      push(end - pos, 0);
+    } else {
+      while (pos < end) {
+        const uint64_t c = chunk_of(pos);
+        const uint64_t cend = std::min(end, chunk_start(c) + chunk_len(c));
+        push(cend - pos, (dirty_.test(c) || cleaning_.test(c)) ? 0 : e.flags);
+        pos = cend;
+      }
+    }
+    pos = end;
+    if (pos >= range.end()) break;
+  }
+  co_return std::error_code{};
+}
+
+Task<std::error_code> CacheLayer::cache_status(ByteRange range, gateway::ExtentList& out) {
+  out.clear();
+  if (range.length == 0) co_return errno_code(EINVAL);
+  uint64_t pos = range.offset;
+  while (pos < range.end() && out.size() < 1024) {
+    const uint64_t c = chunk_of(pos);
+    const uint64_t cend = std::min(range.end(), chunk_start(c) + chunk_len(c));
+    const uint32_t flags = (present_.test(c) ? 1u : 0u) | ((dirty_.test(c) || cleaning_.test(c)) ? 2u : 0u);
+    if (!out.empty() && out.back().flags == flags)
+      out.back().length += cend - pos;
+    else
+      out.push_back({cend - pos, flags});
+    pos = cend;
+  }
+  co_return std::error_code{};
+}
+
+// ---- write-back ----------------------------------------------------------------
+
+Task<std::error_code> CacheLayer::write_back(uint64_t first, uint64_t last) {
+  auto guard = co_await writeback_mutex_.lock();
+  co_return co_await write_back_locked(first, last);
+}
+
+Task<std::error_code> CacheLayer::write_back_locked(uint64_t first, uint64_t last) {
+  std::vector<std::pair<uint64_t, uint64_t>> cleaned;
+  std::error_code ec;
+  const uint64_t max_chunks = std::max<uint64_t>(1, std::min<uint64_t>(kMaxRun, geometry_.max_transfer) >> chunk_shift_);
+  auto redirty = [&](uint64_t a, uint64_t b) {
+    for (uint64_t c = a; c <= b; ++c) {
+      dirty_.set(c);
+      cleaning_.clear(c);
+    }
+  };
+  for (uint64_t c = dirty_.find_set(first); c <= last && c < nchunks_ && !ec; c = dirty_.find_set(c)) {
+    // Take a run of consecutive dirty chunks. "cleaning" is set before "dirty"
+    // is cleared, so a checkpoint never sees the chunk as clean while its data
+    // is not on the remote yet; a write meanwhile sets dirty again.
+    const uint64_t a = c;
+    uint64_t b = c;
+    while (b <= last && b < nchunks_ && b - a < max_chunks) {
+      cleaning_.set(b);
+      if (!dirty_.clear(b)) {
+        cleaning_.clear(b);
+        break;
+      }
+      ++b;
+    }
+    if (b == a) {
+      c = a + 1;
+      continue;
+    }
+    --b;
+    c = b + 1;
+    const uint64_t off = chunk_start(a);
+    const uint64_t len = chunk_start(b) + chunk_len(b) - off;
+    gateway::IoBuffer buf(len);
+    ec = co_await cache_file_->read(buf.span(), off, 0);
+    if (!ec) {
+      if (remote_caps_.zero == Support::native && all_zero(buf.data(), len)) {
+        ec = co_await next().zero({off, len}, 0);
+        if (ec == std::errc::not_supported || ec == std::errc::operation_not_supported)
+          ec = co_await next().write(buf.span(), off, 0);
+      } else {
+        ec = co_await next().write(buf.span(), off, 0);
+      }
+    }
+    if (ec) {
+      redirty(a, b);
+      break;
+    }
+    cleaned.emplace_back(a, b);
+    written_back_.fetch_add(len, std::memory_order_relaxed);
+  }
+  if (!cleaned.empty()) {
+    // Clean only once the remote made the data durable.
+    auto fec = co_await next().flush();
+    if (fec) {
+      for (auto [a, b] : cleaned) redirty(a, b);
+      if (!ec) ec = fec;
+    } else {
+      for (auto [a, b] : cleaned)
+        for (uint64_t x = a; x <= b; ++x) cleaning_.clear(x);
+    }
+  }
+  if (ec) {
+    wb_errors_.fetch_add(1, std::memory_order_relaxed);
+    log_->warn("export '{}': write-back failed: {}", name_, ec.message());
+  }
+  co_return ec;
+}
+
+// ---- checkpoints ------------------------------------------------------------------
+
+Task<std::error_code> CacheLayer::checkpoint(bool sync_data) {
+  const uint64_t ticket = checkpoint_requested_.fetch_add(1, std::memory_order_acq_rel) + 1;
+  auto guard = co_await checkpoint_mutex_.lock();
+  // Group commit: a checkpoint that started after this request covers it.
+  if (checkpoint_done_ >= ticket && (!sync_data || checkpoint_done_sync_.load() >= ticket)) co_return std::error_code{};
+  co_return co_await run_checkpoint(sync_data);
+}
+
+Task<std::error_code> CacheLayer::run_checkpoint(bool sync_data) {
+  const uint64_t started = checkpoint_requested_.load(std::memory_order_acquire);
+  // Snapshots first: everything in them happened before the data sync below.
+  std::vector<uint64_t> touched(touched_.word_count());
+  if (sync_data)
+    for (size_t i = 0; i < touched.size(); ++i) touched[i] = touched_.exchange_word(i, 0);
+  std::vector<uint64_t> present(present_.word_count()), dirty(dirty_.word_count());
+  for (size_t i = 0; i < present.size(); ++i) {
+    present[i] = present_.word(i);
+    dirty[i] = dirty_.word(i) | cleaning_.word(i);
+  }
+  if (sync_data) {
+    if (auto ec = co_await cache_file_->flush()) {
+      for (size_t i = 0; i < touched.size(); ++i)
+        if (touched[i]) touched_.store_word(i, touched_.word(i) | touched[i]);
+      log_->error("export '{}': syncing the cache file failed: {}", name_, ec.message());
+      co_return ec;
+    }
+    // Regions written since the last checkpoint, or being written now, keep
+    // their intent; the rest is durable and persisted below, so it may go.
+    for (uint64_t r = 0; r < nregions_; ++r) {
+      if (!intent_.test(r) || ((touched[r / 64] >> (r % 64)) & 1)) continue;
+      intent_.clear(r);
+      std::atomic_thread_fence(std::memory_order_seq_cst);
+      if (region_writes_[r].load(std::memory_order_seq_cst) > 0) intent_.set(r);
+    }
+  }
+  std::vector<uint64_t> intent(intent_.word_count());
+  for (size_t i = 0; i < intent.size(); ++i) intent[i] = intent_.word(i);
+
+  std::vector<MetaStore::PageWrite> pages;
+  auto diff = [&](BitmapKind kind, const std::vector<uint64_t>& now, const std::vector<uint64_t>& saved) {
+    for (size_t first = 0; first < now.size(); first += MetaStore::kWordsPerPage) {
+      const size_t n = std::min(MetaStore::kWordsPerPage, now.size() - first);
+      if (std::equal(now.begin() + static_cast<long>(first), now.begin() + static_cast<long>(first + n),
+                     saved.begin() + static_cast<long>(first)))
+        continue;
+      pages.push_back({kind, static_cast<uint32_t>(first / MetaStore::kWordsPerPage),
+                       std::vector<uint64_t>(now.begin() + static_cast<long>(first),
+                                             now.begin() + static_cast<long>(first + n))});
+    }
+  };
+  diff(BitmapKind::intent, intent, saved_intent_);
+  if (sync_data) {
+    diff(BitmapKind::present, present, saved_present_);
+    diff(BitmapKind::dirty, dirty, saved_dirty_);
+  }
+  if (!pages.empty()) {
+    auto ec = co_await gateway::offload(blocking_, [this, &pages]() -> std::error_code {
+      try {
+        store_.commit(name_, pages, std::nullopt);
+        return {};
+      } catch (const std::exception& e) {
+        gateway::logger("cache")->error("{}", e.what());
+        return errno_code(EIO);
+      }
+    });
+    if (ec) co_return ec;
+  }
+  saved_intent_ = intent;
+  for (size_t i = 0; i < intent.size(); ++i) intent_persisted_.store_word(i, intent[i]);
+  if (sync_data) {
+    saved_present_ = std::move(present);
+    saved_dirty_ = std::move(dirty);
+    checkpoint_done_sync_.store(started);
+  }
+  checkpoint_done_ = started;
+  co_return std::error_code{};
+}
+
+// ---- background work and shutdown -------------------------------------------------
+
+void CacheLayer::start() {
+  background_done_ = std::make_shared<gateway::SharedEvent>();
+  boost::asio::co_spawn(background_, background_loop(), [done = background_done_](std::exception_ptr) { done->set(); });
+}
+
+Task<void> CacheLayer::background_loop() {
+  boost::asio::steady_timer timer(co_await boost::asio::this_coro::executor);
+  auto last_checkpoint = std::chrono::steady_clock::now();
+  auto backoff = std::chrono::milliseconds(100);
+  while (!stopping_.load()) {
+    timer.expires_after(std::chrono::milliseconds(100));
+    co_await timer.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
+    if (stopping_.load()) break;
+    // Dirty chunks are written back in every mode: writethrough can inherit
+    // them from an earlier run in a write-back mode.
+    if (dirty_.find_set(0) < nchunks_) {
+      if (auto ec = co_await write_back(0, nchunks_ - 1)) {
+        // The remote is in trouble: try again later, less often.
+        timer.expires_after(backoff);
+        co_await timer.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
+        backoff = std::min(backoff * 2, std::chrono::milliseconds(10000));
+      } else {
+        backoff = std::chrono::milliseconds(100);
+      }
+    }
+    if (std::chrono::steady_clock::now() - last_checkpoint >= cfg_.checkpoint_interval) {
+      last_checkpoint = std::chrono::steady_clock::now();
+      if (auto ec = co_await checkpoint(true)) log_->warn("export '{}': checkpoint failed: {}", name_, ec.message());
+    }
+  }
+}
+
+Task<void> CacheLayer::close() {
+  stopping_.store(true);
+  if (background_done_) co_await background_done_->wait();
+  {
+    boost::asio::steady_timer timer(co_await boost::asio::this_coro::executor);
+    while (readaheads_.load() > 0) {
+      timer.expires_after(std::chrono::milliseconds(10));
+      co_await timer.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
+    }
+  }
+  // No request is running any more: every region's intent can be cleared.
+  for (size_t i = 0; i < touched_.word_count(); ++i) touched_.store_word(i, 0);
+  auto ec = co_await checkpoint(true);
+  if (!ec) {
+    ec = co_await gateway::offload(blocking_, [this]() -> std::error_code {
+      try {
+        store_.set_clean(name_, true);
+        return {};
+      } catch (const std::exception& e) {
+        gateway::logger("cache")->error("{}", e.what());
+        return errno_code(EIO);
+      }
+    });
+  }
+  if (ec)
+    log_->error("export '{}': the cache could not be closed cleanly ({}); it will be checked at the next start",
+                name_, ec.message());
+  const auto s = stats();
+  log_->info("export '{}': cache hits {}, misses {}, fetched {} bytes, written back {} bytes, present {} bytes, "
+             "dirty {} bytes",
+             name_, s.hits, s.misses, s.bytes_fetched, s.bytes_written_back, s.present_bytes, s.dirty_bytes);
+  co_await next().close();
+}
+
+CacheStats CacheLayer::stats() const {
+  CacheStats s;
+  s.hits = hits_.load();
+  s.misses = misses_.load();
+  s.bytes_fetched = fetched_.load();
+  s.bytes_written_back = written_back_.load();
+  s.chunk_size = cfg_.chunk_size;
+  s.chunks = nchunks_;
+  s.present_bytes = std::min(geometry_.size, present_.count() << chunk_shift_);
+  uint64_t dirty = 0;
+  for (size_t i = 0; i < dirty_.word_count(); ++i) dirty += std::popcount(dirty_.word(i) | cleaning_.word(i));
+  s.dirty_bytes = std::min(geometry_.size, dirty << chunk_shift_);
+  s.writeback_errors = wb_errors_.load();
+  s.fetch_errors = fetch_errors_.load();
+  s.recovered = recovered_;
+  return s;
+}
+
+}  // namespace blockway::cache

@@ -1,0 +1,193 @@
+// CacheLayer: a local-disk sector cache in front of a remote device.
+//
+// The cache file is a raw image of the remote's exact size (sparse unless
+// preallocated), so a complete cache is itself a usable image. The image is
+// cut into chunks (power of two, default 64 KiB) with three bitmaps, kept in
+// memory and persisted to the MetaStore at checkpoints:
+//   present  - the chunk's bytes in the cache file are the image's bytes;
+//   dirty    - the cache holds data the remote does not have yet;
+//   intent   - per region of 64 chunks: writes may be changing cache data
+//              here. Persisted *before* a write touches the cache file, so
+//              after an unclean stop every present chunk of such a region
+//              that is not persisted dirty is dropped (refetched): it may
+//              hold a write that never became durable or never reached the
+//              remote. This is what makes kill -9 and power loss safe
+//              without one metadata transaction per write.
+// Ordering rules (DESIGN.md invariant 3): a present bit is persisted only
+// after an fdatasync of the cache file that followed the fill; a dirty bit is
+// persisted no later than the FLUSH/FUA that covers it; a dirty bit is
+// cleared only after the remote acknowledged the write-back *and* a remote
+// flush after it.
+//
+// Absent chunks have at most one "populator" at a time (a fetch, or a write
+// that covers the whole chunk), registered in a sharded map; everyone else
+// waits for it. Present chunks need no coordination on the data path: reads
+// of fully present ranges touch only atomics and the cache file.
+//
+// Thread model: every method may be called from any event-loop thread.
+// Bitmaps are atomics; the populator map is sharded with one mutex per
+// shard (held only for map operations, never across I/O); write-back passes
+// are serialised by an AsyncMutex; checkpoints are group-committed under
+// another AsyncMutex and do their fsync and SQLite work on the blocking pool.
+// Lock order: writeback_mutex_ before checkpoint_mutex_; shard mutexes are
+// leaves.
+#pragma once
+
+#include "cache/bitmap.hpp"
+#include "cache/cache_config.hpp"
+#include "cache/meta_store.hpp"
+#include "gateway/async_mutex.hpp"
+#include "gateway/block_device.hpp"
+#include "gateway/logging.hpp"
+#include "gateway/shared_event.hpp"
+
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/thread_pool.hpp>
+
+#include <array>
+#include <functional>
+#include <atomic>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+namespace blockway::cache {
+
+struct CacheStats {
+  uint64_t hits = 0, misses = 0;
+  uint64_t bytes_fetched = 0, bytes_written_back = 0;
+  uint64_t present_bytes = 0, dirty_bytes = 0;
+  uint64_t chunk_size = 0, chunks = 0;
+  uint64_t writeback_errors = 0, fetch_errors = 0;
+  bool recovered = false;  // the last start followed an unclean stop
+};
+
+class CacheLayer final : public gateway::Layer {
+ public:
+  struct Params {
+    std::string export_name;
+    std::string remote_uri;
+    CacheConfig config;
+    MetaStore* store = nullptr;
+    boost::asio::thread_pool* blocking = nullptr;
+    boost::asio::any_io_executor background;  // where write-back and checkpoints run
+    // Opens the cache image at a path; the default is a FileDevice on a
+    // sparse file created here. Tests pass a device that simulates power loss.
+    std::function<std::unique_ptr<gateway::BlockDevice>(const std::string& path)> open_cache_file;
+  };
+
+  // Opens or creates the cache file and its metadata; after an unclean stop,
+  // drops what may be stale. Throws std::runtime_error with a clear message.
+  CacheLayer(std::unique_ptr<gateway::BlockDevice> remote, Params params);
+  ~CacheLayer() override;
+
+  [[nodiscard]] gateway::Capabilities capabilities() const noexcept override;
+  [[nodiscard]] std::string describe() const override;
+
+  gateway::Task<std::error_code> read(std::span<std::byte> buf, uint64_t offset, gateway::IoFlags flags) override;
+  gateway::Task<std::error_code> write(std::span<const std::byte> buf, uint64_t offset,
+                                       gateway::IoFlags flags) override;
+  gateway::Task<std::error_code> flush() override;
+  gateway::Task<std::error_code> trim(gateway::ByteRange range, gateway::IoFlags flags) override;
+  gateway::Task<std::error_code> zero(gateway::ByteRange range, gateway::IoFlags flags) override;
+  gateway::Task<std::error_code> block_status(gateway::ByteRange range, gateway::ExtentList& out) override;
+  gateway::Task<std::error_code> prefetch(gateway::ByteRange range) override;
+  gateway::Task<void> close() override;
+
+  // Present/dirty state of [range] as extents: flag 1 = present, 2 = dirty.
+  gateway::Task<std::error_code> cache_status(gateway::ByteRange range, gateway::ExtentList& out);
+  [[nodiscard]] CacheStats stats() const;
+  [[nodiscard]] WriteMode mode() const noexcept { return cfg_.mode; }
+  // Starts the background write-back / checkpoint loop (on `background`).
+  void start();
+
+ private:
+  struct Fill;  // one populator's claim on a set of absent chunks
+  struct Shard {
+    std::mutex mutex;
+    std::unordered_map<uint64_t, std::shared_ptr<Fill>> fills;
+  };
+  static constexpr uint64_t kChunksPerRegion = 64;
+  static constexpr size_t kShards = 64;
+
+  [[nodiscard]] uint64_t chunk_of(uint64_t offset) const noexcept { return offset >> chunk_shift_; }
+  [[nodiscard]] uint64_t chunk_start(uint64_t c) const noexcept { return c << chunk_shift_; }
+  [[nodiscard]] uint64_t chunk_len(uint64_t c) const noexcept;
+  Shard& shard(uint64_t c) noexcept { return shards_[c % kShards]; }
+
+  // Makes chunks [first, last] present, fetching what is absent (as one
+  // populator per chunk). Adds read-ahead after a sequential miss.
+  gateway::Task<std::error_code> populate(uint64_t first, uint64_t last);
+  // Claims the absent chunks of [first, last] for the caller (all of them
+  // with present_too), waiting for other claimers; returns the claimed chunks.
+  gateway::Task<std::pair<std::shared_ptr<Fill>, std::vector<uint64_t>>> claim(uint64_t first, uint64_t last,
+                                                                              bool present_too = false);
+  void release(const std::shared_ptr<Fill>& fill, const std::vector<uint64_t>& chunks, std::error_code ec);
+  gateway::Task<std::error_code> fetch_run(uint64_t first, uint64_t last);
+  void start_readahead(uint64_t after);
+
+  // Write-intent for the regions of chunks [first, last], persisted before
+  // the caller changes cache data there.
+  gateway::Task<std::error_code> ensure_intent(uint64_t first, uint64_t last);
+  class RegionWrites;  // RAII: counts writes in progress per region
+
+  gateway::Task<std::error_code> write_cached(std::span<const std::byte> buf, uint64_t offset,
+                                              gateway::IoFlags flags);
+  gateway::Task<std::error_code> write_through(std::span<const std::byte> buf, uint64_t offset,
+                                               gateway::IoFlags flags);
+  gateway::Task<std::error_code> zero_cached(gateway::ByteRange range, gateway::IoFlags flags, bool whole_chunks_only);
+  // Durability of a FUA request over chunks [first, last], per write mode.
+  gateway::Task<std::error_code> make_durable(uint64_t first, uint64_t last);
+
+  // Writes dirty chunks of [first, last] to the remote and flushes it.
+  gateway::Task<std::error_code> write_back(uint64_t first, uint64_t last);
+  gateway::Task<std::error_code> write_back_locked(uint64_t first, uint64_t last);
+  // Group-committed checkpoint: with sync_data, fdatasync the cache file and
+  // persist present/dirty/intent; without, persist only new intents.
+  gateway::Task<std::error_code> checkpoint(bool sync_data);
+  gateway::Task<std::error_code> run_checkpoint(bool sync_data);
+  gateway::Task<void> background_loop();
+  void recover_after_unclean_stop();
+  void open_cache_file();
+
+  std::string name_;
+  std::string remote_uri_;
+  CacheConfig cfg_;
+  MetaStore& store_;
+  boost::asio::thread_pool& blocking_;
+  boost::asio::any_io_executor background_;
+  std::shared_ptr<spdlog::logger> log_;
+
+  gateway::Geometry geometry_;
+  gateway::Capabilities remote_caps_;
+  std::unique_ptr<gateway::BlockDevice> cache_file_;  // FileDevice on the cache image
+  std::string cache_path_;
+  unsigned chunk_shift_ = 16;
+  uint64_t nchunks_ = 0;
+  uint64_t nregions_ = 0;
+
+  AtomicBitmap present_, dirty_, cleaning_, intent_, intent_persisted_, touched_;
+  std::unique_ptr<std::atomic<uint32_t>[]> region_writes_;
+  std::array<Shard, kShards> shards_;
+
+  // Last persisted words, to write only changed pages (checkpoint_mutex_).
+  std::vector<uint64_t> saved_present_, saved_dirty_, saved_intent_;
+  gateway::AsyncMutex checkpoint_mutex_;
+  std::atomic<uint64_t> checkpoint_requested_{0};
+  uint64_t checkpoint_done_ = 0;  // under checkpoint_mutex_
+  std::atomic<uint64_t> checkpoint_done_sync_{0};
+  gateway::AsyncMutex writeback_mutex_;
+
+  std::atomic<bool> stopping_{false};
+  std::shared_ptr<gateway::SharedEvent> background_done_;
+  std::atomic<uint64_t> last_miss_end_{UINT64_MAX};
+  std::atomic<int> readaheads_{0};
+
+  mutable std::atomic<uint64_t> hits_{0}, misses_{0}, fetched_{0}, written_back_{0}, wb_errors_{0},
+      fetch_errors_{0};
+  bool recovered_ = false;
+};
+
+}  // namespace blockway::cache

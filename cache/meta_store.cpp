@@ -1,0 +1,163 @@
+#include "cache/meta_store.hpp"
+
+#include <sqlite3.h>
+
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+
+namespace blockway::cache {
+namespace {
+
+struct StmtDeleter {
+  void operator()(sqlite3_stmt* s) const { sqlite3_finalize(s); }
+};
+using Stmt = std::unique_ptr<sqlite3_stmt, StmtDeleter>;
+
+}  // namespace
+
+MetaStore::MetaStore(const std::string& path) : path_(path) {
+  if (sqlite3_open_v2(path.c_str(), &db_, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX,
+                      nullptr) != SQLITE_OK) {
+    std::string msg = db_ ? sqlite3_errmsg(db_) : "out of memory";
+    sqlite3_close(db_);
+    db_ = nullptr;
+    throw std::runtime_error("cannot open catalogue " + path + ": " + msg);
+  }
+  sqlite3_busy_timeout(db_, 5000);
+  // WAL + FULL: a committed transaction survives power loss.
+  exec("PRAGMA journal_mode=WAL");
+  exec("PRAGMA synchronous=FULL");
+  exec("CREATE TABLE IF NOT EXISTS caches ("
+       " name TEXT PRIMARY KEY, remote TEXT NOT NULL, cache_path TEXT NOT NULL, mode TEXT NOT NULL,"
+       " size INTEGER NOT NULL, chunk_size INTEGER NOT NULL, clean INTEGER NOT NULL)");
+  exec("CREATE TABLE IF NOT EXISTS bitmap_pages ("
+       " name TEXT NOT NULL, kind INTEGER NOT NULL, page INTEGER NOT NULL, bits BLOB NOT NULL,"
+       " PRIMARY KEY (name, kind, page)) WITHOUT ROWID");
+}
+
+MetaStore::~MetaStore() { sqlite3_close(db_); }
+
+void MetaStore::exec(const char* sql) {
+  char* err = nullptr;
+  if (sqlite3_exec(db_, sql, nullptr, nullptr, &err) != SQLITE_OK) {
+    std::string msg = err ? err : "unknown error";
+    sqlite3_free(err);
+    throw std::runtime_error("catalogue " + path_ + ": " + msg);
+  }
+}
+
+std::optional<CacheRecord> MetaStore::find(const std::string& name) {
+  std::lock_guard lock(mutex_);
+  sqlite3_stmt* raw = nullptr;
+  sqlite3_prepare_v2(db_, "SELECT remote, cache_path, mode, size, chunk_size, clean FROM caches WHERE name = ?",
+                     -1, &raw, nullptr);
+  Stmt st(raw);
+  sqlite3_bind_text(raw, 1, name.c_str(), -1, SQLITE_TRANSIENT);
+  if (sqlite3_step(raw) != SQLITE_ROW) return std::nullopt;
+  CacheRecord r;
+  r.name = name;
+  r.remote = reinterpret_cast<const char*>(sqlite3_column_text(raw, 0));
+  r.cache_path = reinterpret_cast<const char*>(sqlite3_column_text(raw, 1));
+  r.mode = reinterpret_cast<const char*>(sqlite3_column_text(raw, 2));
+  r.size = static_cast<uint64_t>(sqlite3_column_int64(raw, 3));
+  r.chunk_size = static_cast<uint64_t>(sqlite3_column_int64(raw, 4));
+  r.clean = sqlite3_column_int(raw, 5) != 0;
+  return r;
+}
+
+void MetaStore::reset(const CacheRecord& r) {
+  std::lock_guard lock(mutex_);
+  exec("BEGIN IMMEDIATE");
+  try {
+    sqlite3_stmt* raw = nullptr;
+    sqlite3_prepare_v2(db_, "DELETE FROM bitmap_pages WHERE name = ?", -1, &raw, nullptr);
+    Stmt del(raw);
+    sqlite3_bind_text(raw, 1, r.name.c_str(), -1, SQLITE_TRANSIENT);
+    if (sqlite3_step(raw) != SQLITE_DONE) throw std::runtime_error(sqlite3_errmsg(db_));
+    sqlite3_prepare_v2(db_,
+                       "INSERT OR REPLACE INTO caches (name, remote, cache_path, mode, size, chunk_size, clean)"
+                       " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       -1, &raw, nullptr);
+    Stmt ins(raw);
+    sqlite3_bind_text(raw, 1, r.name.c_str(), -1, SQLITE_TRANSIENT);
+    sqlite3_bind_text(raw, 2, r.remote.c_str(), -1, SQLITE_TRANSIENT);
+    sqlite3_bind_text(raw, 3, r.cache_path.c_str(), -1, SQLITE_TRANSIENT);
+    sqlite3_bind_text(raw, 4, r.mode.c_str(), -1, SQLITE_TRANSIENT);
+    sqlite3_bind_int64(raw, 5, static_cast<sqlite3_int64>(r.size));
+    sqlite3_bind_int64(raw, 6, static_cast<sqlite3_int64>(r.chunk_size));
+    sqlite3_bind_int(raw, 7, r.clean ? 1 : 0);
+    if (sqlite3_step(raw) != SQLITE_DONE) throw std::runtime_error(sqlite3_errmsg(db_));
+    exec("COMMIT");
+  } catch (...) {
+    sqlite3_exec(db_, "ROLLBACK", nullptr, nullptr, nullptr);
+    throw;
+  }
+}
+
+void MetaStore::set_clean(const std::string& name, bool clean) { commit(name, {}, clean); }
+
+void MetaStore::set_mode(const std::string& name, const std::string& mode) {
+  std::lock_guard lock(mutex_);
+  sqlite3_stmt* raw = nullptr;
+  sqlite3_prepare_v2(db_, "UPDATE caches SET mode = ? WHERE name = ?", -1, &raw, nullptr);
+  Stmt st(raw);
+  sqlite3_bind_text(raw, 1, mode.c_str(), -1, SQLITE_TRANSIENT);
+  sqlite3_bind_text(raw, 2, name.c_str(), -1, SQLITE_TRANSIENT);
+  if (sqlite3_step(raw) != SQLITE_DONE) throw std::runtime_error(std::string("catalogue: ") + sqlite3_errmsg(db_));
+}
+
+std::vector<uint64_t> MetaStore::load_bitmap(const std::string& name, BitmapKind kind, size_t nwords) {
+  std::lock_guard lock(mutex_);
+  std::vector<uint64_t> words(nwords, 0);
+  sqlite3_stmt* raw = nullptr;
+  sqlite3_prepare_v2(db_, "SELECT page, bits FROM bitmap_pages WHERE name = ? AND kind = ?", -1, &raw, nullptr);
+  Stmt st(raw);
+  sqlite3_bind_text(raw, 1, name.c_str(), -1, SQLITE_TRANSIENT);
+  sqlite3_bind_int(raw, 2, static_cast<int>(kind));
+  while (sqlite3_step(raw) == SQLITE_ROW) {
+    const auto page = static_cast<uint64_t>(sqlite3_column_int64(raw, 0));
+    const auto* blob = static_cast<const std::byte*>(sqlite3_column_blob(raw, 1));
+    const size_t bytes = static_cast<size_t>(sqlite3_column_bytes(raw, 1));
+    const size_t first = page * kWordsPerPage;
+    if (first >= nwords) continue;  // from a larger image: ignore
+    const size_t n = std::min(bytes / 8, nwords - first);
+    std::memcpy(words.data() + first, blob, n * 8);
+  }
+  return words;
+}
+
+void MetaStore::commit(const std::string& name, const std::vector<PageWrite>& pages, std::optional<bool> clean) {
+  std::lock_guard lock(mutex_);
+  exec("BEGIN IMMEDIATE");
+  try {
+    if (!pages.empty()) {
+      sqlite3_stmt* raw = nullptr;
+      sqlite3_prepare_v2(db_, "INSERT OR REPLACE INTO bitmap_pages (name, kind, page, bits) VALUES (?, ?, ?, ?)",
+                         -1, &raw, nullptr);
+      Stmt st(raw);
+      for (const auto& p : pages) {
+        sqlite3_reset(raw);
+        sqlite3_bind_text(raw, 1, name.c_str(), -1, SQLITE_TRANSIENT);
+        sqlite3_bind_int(raw, 2, static_cast<int>(p.kind));
+        sqlite3_bind_int64(raw, 3, p.page);
+        sqlite3_bind_blob(raw, 4, p.words.data(), static_cast<int>(p.words.size() * 8), SQLITE_STATIC);
+        if (sqlite3_step(raw) != SQLITE_DONE) throw std::runtime_error(sqlite3_errmsg(db_));
+      }
+    }
+    if (clean) {
+      sqlite3_stmt* raw = nullptr;
+      sqlite3_prepare_v2(db_, "UPDATE caches SET clean = ? WHERE name = ?", -1, &raw, nullptr);
+      Stmt st(raw);
+      sqlite3_bind_int(raw, 1, *clean ? 1 : 0);
+      sqlite3_bind_text(raw, 2, name.c_str(), -1, SQLITE_TRANSIENT);
+      if (sqlite3_step(raw) != SQLITE_DONE) throw std::runtime_error(sqlite3_errmsg(db_));
+    }
+    exec("COMMIT");
+  } catch (const std::exception& e) {
+    sqlite3_exec(db_, "ROLLBACK", nullptr, nullptr, nullptr);
+    throw std::runtime_error("catalogue " + path_ + ": commit failed: " + e.what());
+  }
+}
+
+}  // namespace blockway::cache

@@ -1,0 +1,75 @@
+// SharedEvent: a one-shot event that coroutines on any thread can wait for.
+//
+// Thread model: thread-safe. set() may run on any thread; each waiter
+// resumes on its own executor (its handler is posted there).
+#pragma once
+
+#include "gateway/task.hpp"
+
+#include <boost/asio/any_completion_handler.hpp>
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/associated_executor.hpp>
+#include <boost/asio/post.hpp>
+
+#include <mutex>
+#include <system_error>
+#include <vector>
+
+namespace blockway::gateway {
+
+class SharedEvent {
+ public:
+  using Handler = boost::asio::any_completion_handler<void(std::error_code)>;
+  struct Waiter {
+    boost::asio::any_io_executor executor;  // where the waiter resumes
+    Handler handler;
+  };
+
+  // Wakes every waiter, now and later, with `ec`. Only the first call counts.
+  void set(std::error_code ec = {}) {
+    std::vector<Waiter> waiters;
+    {
+      std::lock_guard lock(mutex_);
+      if (done_) return;
+      done_ = true;
+      result_ = ec;
+      waiters.swap(waiters_);
+    }
+    for (auto& w : waiters)
+      boost::asio::post(w.executor, [h = std::move(w.handler), ec]() mutable { std::move(h)(ec); });
+  }
+
+  [[nodiscard]] bool is_set() const {
+    std::lock_guard lock(mutex_);
+    return done_;
+  }
+
+  Task<std::error_code> wait() {
+    {
+      std::lock_guard lock(mutex_);
+      if (done_) co_return result_;
+    }
+    co_return co_await boost::asio::async_initiate<const boost::asio::use_awaitable_t<>, void(std::error_code)>(
+        [this](auto handler) {
+          std::unique_lock lock(mutex_);
+          if (done_) {
+            const auto ec = result_;
+            lock.unlock();
+            auto ex = boost::asio::get_associated_executor(handler);
+            boost::asio::post(ex, [h = std::move(handler), ec]() mutable { std::move(h)(ec); });
+            return;
+          }
+          boost::asio::any_io_executor ex = boost::asio::get_associated_executor(handler);
+          waiters_.push_back({std::move(ex), Handler(std::move(handler))});
+        },
+        boost::asio::use_awaitable);
+  }
+
+ private:
+  mutable std::mutex mutex_;
+  bool done_ = false;
+  std::error_code result_;
+  std::vector<Waiter> waiters_;
+};
+
+}  // namespace blockway::gateway

@@ -1,0 +1,533 @@
+#include "remote/nbd/nbd_device.hpp"
+
+#include "gateway/logging.hpp"
+#include "remote/fd_watcher.hpp"
+#include "remote/registry.hpp"
+
+#include <boost/asio/associated_executor.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <libnbd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <list>
+
+namespace blockway::remote {
+
+using gateway::ByteRange;
+using gateway::errno_code;
+using gateway::ExtentList;
+using gateway::IoFlags;
+using gateway::Support;
+using gateway::Task;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+// A type-erased completion handler. (Boost 1.81's any_completion_handler
+// recurses forever when moved, so it is not used.)
+struct Completion {
+  virtual ~Completion() = default;
+  virtual void complete(std::error_code ec) = 0;
+};
+template <class H>
+struct CompletionOf final : Completion {
+  explicit CompletionOf(H&& h) : handler(std::move(h)) {}
+  void complete(std::error_code ec) override { std::move(handler)(ec); }
+  H handler;
+};
+using Handler = std::unique_ptr<Completion>;
+
+}  // namespace
+
+namespace {
+
+constexpr uint32_t kDefaultMaxTransfer = 32u << 20;
+// NBD lengths are 32-bit; trim, zero and block status go in steps of this.
+constexpr uint64_t kMaxCommandLength = 1ull << 30;
+constexpr const char* kBaseAllocation = "base:allocation";
+
+struct HandleCloser {
+  void operator()(nbd_handle* h) const noexcept { nbd_close(h); }
+};
+using HandlePtr = std::unique_ptr<nbd_handle, HandleCloser>;
+
+int last_errno(int fallback) {
+  const int e = nbd_get_errno();
+  return e != 0 ? e : fallback;
+}
+
+std::string last_message() {
+  const char* m = nbd_get_error();
+  return m != nullptr && *m != '\0' ? m : "unknown libnbd error";
+}
+
+struct ConnectResult {
+  HandlePtr handle;
+  int err = 0;
+  std::string message;
+};
+
+// Opens one connection and finishes the handshake, giving up after `timeout`
+// (a server that accepts but never answers must not block a thread forever).
+// Blocking: call at start-up or on the blocking pool.
+ConnectResult connect_handle(const std::string& uri, std::chrono::milliseconds timeout) {
+  ConnectResult r;
+  auto fail = [&r](int fallback) {
+    r.err = last_errno(fallback);
+    r.message = last_message();
+    r.handle.reset();
+  };
+  r.handle.reset(nbd_create());
+  nbd_handle* h = r.handle.get();
+  if (h == nullptr) {
+    fail(ENOMEM);
+    return r;
+  }
+  if (nbd_add_meta_context(h, kBaseAllocation) == -1 || nbd_aio_connect_uri(h, uri.c_str()) == -1) {
+    fail(EINVAL);
+    return r;
+  }
+  const auto deadline = Clock::now() + timeout;
+  while (nbd_aio_is_ready(h) == 0) {
+    if (nbd_aio_is_dead(h) == 1 || nbd_aio_is_closed(h) == 1) {
+      fail(ECONNRESET);
+      return r;
+    }
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+    if (left.count() <= 0) {
+      r.err = ETIMEDOUT;
+      r.message = "no answer to the handshake within " + std::to_string(timeout.count()) + " ms";
+      r.handle.reset();
+      return r;
+    }
+    if (nbd_poll(h, static_cast<int>(std::min<int64_t>(left.count(), 1000))) == -1) {
+      fail(ECONNRESET);
+      return r;
+    }
+  }
+  return r;
+}
+
+uint32_t nbd_flags(IoFlags flags, bool fua_ok) {
+  uint32_t out = 0;
+  if ((flags & gateway::kFua) && fua_ok) out |= LIBNBD_CMD_FLAG_FUA;
+  if (flags & gateway::kNoHole) out |= LIBNBD_CMD_FLAG_NO_HOLE;
+  if (flags & gateway::kFastZero) out |= LIBNBD_CMD_FLAG_FAST_ZERO;
+  return out;
+}
+
+}  // namespace
+
+// One request handed to libnbd. libnbd owns it from the aio call until it
+// calls on_free (exactly once, even when the call fails).
+struct NbdDevice::Request {
+  Connection* conn = nullptr;
+  std::list<Request*>::iterator pos;
+  bool linked = false;
+  bool issuing = false;  // inside the nbd_aio_* call
+  bool freed = false;    // on_free came while issuing
+  bool done = false;     // handler already posted
+  Clock::time_point started;
+  boost::asio::any_io_executor executor;  // the awaiting coroutine's
+  Handler handler;
+  // block_status only
+  ExtentList* extents = nullptr;
+  uint64_t status_length = 0;
+  uint64_t covered = 0;
+};
+
+class NbdDevice::Connection final : public FdWatcher::Client,
+                                    public std::enable_shared_from_this<Connection> {
+ public:
+  Connection(boost::asio::io_context& ctx, std::chrono::milliseconds io_timeout, std::string name)
+      : ctx_(ctx), io_timeout_(io_timeout), name_(std::move(name)), timer_(ctx), log_(gateway::logger("nbd")) {}
+
+  ~Connection() override {
+    if (watcher_) watcher_->detach();
+    while (!inflight_.empty()) finish(inflight_.front(), ENOTCONN);
+    h_.reset();  // frees every request libnbd still holds
+  }
+
+  [[nodiscard]] boost::asio::io_context::executor_type executor() { return ctx_.get_executor(); }
+  [[nodiscard]] bool on_this_thread() const noexcept { return ctx_.get_executor().running_in_this_thread(); }
+  [[nodiscard]] bool alive() const noexcept { return alive_.load(std::memory_order_acquire); }
+
+  // On the loop thread (or before the loop runs): replaces the handle,
+  // failing whatever was in flight on the old one.
+  void install(HandlePtr h) {
+    kill(ENOTCONN, "replaced by a new connection");
+    if (!watcher_) watcher_ = FdWatcher::create(ctx_.get_executor(), weak_from_this());
+    h_ = std::move(h);
+    alive_.store(true, std::memory_order_release);
+  }
+
+  // Fails every request in flight with `err` and closes the handle.
+  void kill(int err, const std::string& why) {
+    if (!h_) return;
+    alive_.store(false, std::memory_order_release);
+    if (!inflight_.empty() || err != ENOTCONN)
+      log_->warn("{}: connection closed: {} ({} requests in flight fail with {})", name_, why,
+                 inflight_.size(), std::strerror(err));
+    while (!inflight_.empty()) finish(inflight_.front(), err);
+    if (watcher_) watcher_->stop();  // before libnbd closes the fd
+    h_.reset();
+    timer_.cancel();
+  }
+
+  // Issues one command. `issue(handle, request, completion)` calls nbd_aio_*.
+  template <class H, class Issue>
+  void start(H handler, Issue& issue) {
+    boost::asio::any_io_executor ex = boost::asio::get_associated_executor(handler, ctx_.get_executor());
+    if (!h_ || !alive()) {
+      boost::asio::post(ex, [h = std::move(handler)]() mutable { std::move(h)(errno_code(ENOTCONN)); });
+      return;
+    }
+    auto owned = std::make_unique<Request>();
+    Request* r = owned.get();
+    r->conn = this;
+    r->executor = std::move(ex);
+    r->handler = std::make_unique<CompletionOf<H>>(std::move(handler));
+    r->started = Clock::now();
+    link(r);
+    r->issuing = true;
+    const nbd_completion_callback cb{&on_complete, r, &on_free};
+    (void)owned.release();  // from here on_free deletes it
+    const int64_t cookie = issue(h_.get(), r, cb);
+    r->issuing = false;
+    if (cookie == -1) {
+      const int err = last_errno(EIO);
+      const bool dead = nbd_aio_is_dead(h_.get()) == 1 || nbd_aio_is_closed(h_.get()) == 1;
+      if (!r->done) finish(r, dead ? ENOTCONN : err);
+      if (r->freed) {
+        std::unique_ptr<Request> gone(r);
+      }
+      if (dead) kill(ENOTCONN, last_message());
+      return;
+    }
+    watcher_->kick();
+  }
+
+  // FdWatcher::Client
+  int watched_fd() override { return h_ ? nbd_aio_get_fd(h_.get()) : -1; }
+  short wanted_events() override {
+    if (!h_ || inflight_.empty()) return 0;  // idle: leave nothing pending
+    const unsigned dir = nbd_aio_get_direction(h_.get());
+    short ev = 0;
+    if (dir & LIBNBD_AIO_DIRECTION_READ) ev |= POLLIN;
+    if (dir & LIBNBD_AIO_DIRECTION_WRITE) ev |= POLLOUT;
+    return ev;
+  }
+  void service(short revents) override {
+    if (!h_) return;
+    nbd_handle* h = h_.get();
+    const int rc = (revents & POLLOUT) ? nbd_aio_notify_write(h) : nbd_aio_notify_read(h);
+    if (rc == -1 || nbd_aio_is_dead(h) == 1 || nbd_aio_is_closed(h) == 1) {
+      int err = last_errno(ECONNRESET);
+      if (!gateway::is_connection_error(errno_code(err))) err = ECONNRESET;
+      kill(err, rc == -1 ? last_message() : "server closed the connection");
+    }
+  }
+
+ private:
+  static int on_complete(void* user_data, int* error) {
+    auto* r = static_cast<Request*>(user_data);
+    if (!r->done) {
+      int err = *error;
+      if (err == 0 && r->extents != nullptr && r->covered == 0) err = EIO;  // no base:allocation reply
+      r->conn->finish(r, err);
+    }
+    return 1;  // retire the command
+  }
+
+  static void on_free(void* user_data) {
+    auto* r = static_cast<Request*>(user_data);
+    if (r->issuing) {
+      r->freed = true;  // the issuer deletes it after the failed call
+      return;
+    }
+    if (!r->done) r->conn->finish(r, ENOTCONN);
+    std::unique_ptr<Request> gone(r);
+  }
+
+ public:
+  static int on_extents(void* user_data, const char* context, uint64_t /*offset*/, uint32_t* entries,
+                        size_t count, int* error) {
+    auto* r = static_cast<Request*>(user_data);
+    if (r->done || *error != 0 || std::strcmp(context, kBaseAllocation) != 0) return 0;
+    for (size_t i = 0; i + 1 < count && r->covered < r->status_length; i += 2) {
+      const uint64_t take = std::min<uint64_t>(entries[i], r->status_length - r->covered);
+      if (take == 0) continue;
+      r->extents->push_back({take, entries[i + 1] & (gateway::kExtentHole | gateway::kExtentZero)});
+      r->covered += take;
+    }
+    return 0;
+  }
+
+ private:
+  void finish(Request* r, int err) {
+    r->done = true;
+    unlink(r);
+    const std::error_code ec = err ? errno_code(err) : std::error_code{};
+    // Never resume the coroutine here: libnbd's lock may be held.
+    boost::asio::post(r->executor, [h = std::move(r->handler), ec] { h->complete(ec); });
+  }
+
+  void link(Request* r) {
+    r->pos = inflight_.insert(inflight_.end(), r);
+    r->linked = true;
+    if (inflight_.size() == 1) arm_timer();
+  }
+
+  void unlink(Request* r) {
+    if (!r->linked) return;
+    inflight_.erase(r->pos);
+    r->linked = false;
+    if (inflight_.empty()) timer_.cancel();
+  }
+
+  void arm_timer() {
+    timer_.expires_at(inflight_.front()->started + io_timeout_);
+    timer_.async_wait([self = shared_from_this()](const boost::system::error_code& ec) {
+      if (!ec) self->on_timer();
+    });
+  }
+
+  void on_timer() {
+    if (!h_ || inflight_.empty()) return;
+    if (Clock::now() >= inflight_.front()->started + io_timeout_) {
+      kill(ETIMEDOUT, "no reply within " + std::to_string(io_timeout_.count()) + " ms");
+      return;
+    }
+    arm_timer();
+  }
+
+  boost::asio::io_context& ctx_;
+  std::chrono::milliseconds io_timeout_;
+  std::string name_;
+  boost::asio::steady_timer timer_;
+  std::shared_ptr<spdlog::logger> log_;
+  HandlePtr h_;
+  std::shared_ptr<FdWatcher> watcher_;
+  std::list<Request*> inflight_;  // in issue order: the front is the oldest
+  std::atomic<bool> alive_{false};
+};
+
+namespace {
+
+Task<void> install_on(std::shared_ptr<NbdDevice::Connection> conn, HandlePtr handle) {
+  conn->install(std::move(handle));
+  co_return;
+}
+
+}  // namespace
+
+NbdDevice::NbdDevice(std::string uri, bool read_only, NbdOptions options, gateway::EventLoops& loops)
+    : uri_(std::move(uri)), read_only_(read_only), options_(options), loops_(loops) {
+  auto first = connect_handle(uri_, options_.io_timeout);
+  if (!first.handle) throw BackendError("cannot connect to '" + uri_ + "': " + first.message);
+  nbd_handle* h = first.handle.get();
+  const int64_t size = nbd_get_size(h);
+  if (size < 0) throw BackendError("'" + uri_ + "': cannot get the export size: " + last_message());
+  geometry_.size = static_cast<uint64_t>(size);
+  const int64_t min_block = nbd_get_block_size(h, LIBNBD_SIZE_MINIMUM);
+  const int64_t preferred = nbd_get_block_size(h, LIBNBD_SIZE_PREFERRED);
+  const int64_t maximum = nbd_get_block_size(h, LIBNBD_SIZE_MAXIMUM);
+  geometry_.min_block = min_block > 0 ? static_cast<uint32_t>(min_block) : 1;
+  geometry_.preferred_block = preferred > 0 ? static_cast<uint32_t>(preferred) : 4096;
+  geometry_.max_transfer =
+      maximum > 0 ? static_cast<uint32_t>(std::min<int64_t>(maximum, kDefaultMaxTransfer)) : kDefaultMaxTransfer;
+  geometry_.max_transfer = std::max(geometry_.max_transfer, geometry_.min_block);
+
+  auto native_if = [](int yes) { return yes == 1 ? Support::native : Support::none; };
+  caps_.read_only = read_only_ || nbd_is_read_only(h) == 1;
+  caps_.flush = native_if(nbd_can_flush(h));
+  caps_.fua = native_if(nbd_can_fua(h));
+  caps_.trim = native_if(nbd_can_trim(h));
+  caps_.zero = native_if(nbd_can_zero(h));
+  caps_.extents = native_if(nbd_can_meta_context(h, kBaseAllocation));
+  caps_.prefetch = native_if(nbd_can_cache(h));
+  caps_.multi_conn = nbd_can_multi_conn(h) == 1;
+  fast_zero_ = nbd_can_fast_zero(h) == 1;
+
+  size_t count = options_.connections;
+  if (count == 0) count = caps_.multi_conn ? loops_.size() : 1;
+  auto log = gateway::logger("nbd");
+  if (count > 1 && !caps_.multi_conn)
+    log->warn("{}: server does not offer multi-conn; {} connections, every flush goes to each", uri_, count);
+
+  std::vector<HandlePtr> handles;
+  handles.push_back(std::move(first.handle));
+  while (handles.size() < count) {
+    auto more = connect_handle(uri_, options_.io_timeout);
+    if (!more.handle)
+      throw BackendError("cannot open connection " + std::to_string(handles.size() + 1) + " to '" + uri_ +
+                         "': " + more.message);
+    handles.push_back(std::move(more.handle));
+  }
+  for (size_t i = 0; i < handles.size(); ++i) {
+    auto conn = std::make_shared<Connection>(loops_.at(i % loops_.size()), options_.io_timeout,
+                                             uri_ + " #" + std::to_string(i + 1));
+    conn->install(std::move(handles[i]));  // the loops do not run yet
+    conns_.push_back(std::move(conn));
+  }
+  log->info("{}: {} bytes, {} connection(s){}{}{}{}{}", uri_, geometry_.size, conns_.size(),
+            caps_.multi_conn ? ", multi-conn" : "", caps_.fua == Support::native ? ", fua" : "",
+            caps_.trim == Support::native ? ", trim" : "", caps_.extents == Support::native ? ", extents" : "",
+            caps_.read_only ? ", read-only" : "");
+}
+
+NbdDevice::~NbdDevice() {
+  for (auto& c : conns_) c->kill(ENOTCONN, "device closed");
+}
+
+std::string NbdDevice::describe() const { return "nbd:" + uri_; }
+
+bool NbdDevice::connected() const noexcept {
+  return std::all_of(conns_.begin(), conns_.end(), [](const auto& c) { return c->alive(); });
+}
+
+template <class Issue>
+Task<std::error_code> NbdDevice::submit_on(Connection& conn, Issue issue) {
+  if (!conn.on_this_thread()) {
+    co_return co_await boost::asio::co_spawn(conn.executor(), submit_on(conn, std::move(issue)),
+                                             boost::asio::use_awaitable);
+  }
+  co_return co_await boost::asio::async_initiate<const boost::asio::use_awaitable_t<>, void(std::error_code)>(
+      [&conn](auto handler, Issue iss) { conn.start(std::move(handler), iss); },
+      boost::asio::use_awaitable, std::move(issue));
+}
+
+template <class Issue>
+Task<std::error_code> NbdDevice::submit(Issue issue) {
+  for (auto& c : conns_)
+    if (c->on_this_thread()) co_return co_await submit_on(*c, std::move(issue));
+  auto& conn = *conns_[next_.fetch_add(1, std::memory_order_relaxed) % conns_.size()];
+  co_return co_await submit_on(conn, std::move(issue));
+}
+
+Task<std::error_code> NbdDevice::read(std::span<std::byte> buf, uint64_t offset, IoFlags /*flags*/) {
+  if (buf.empty()) co_return std::error_code{};
+  co_return co_await submit([buf, offset](nbd_handle* h, Request*, nbd_completion_callback cb) {
+    return nbd_aio_pread(h, buf.data(), buf.size(), offset, cb, 0);
+  });
+}
+
+Task<std::error_code> NbdDevice::write(std::span<const std::byte> buf, uint64_t offset, IoFlags flags) {
+  if (caps_.read_only) co_return errno_code(EPERM);
+  if (buf.empty()) co_return std::error_code{};
+  const uint32_t f = nbd_flags(flags & gateway::kFua, caps_.fua == Support::native);
+  co_return co_await submit([buf, offset, f](nbd_handle* h, Request*, nbd_completion_callback cb) {
+    return nbd_aio_pwrite(h, buf.data(), buf.size(), offset, cb, f);
+  });
+}
+
+Task<std::error_code> NbdDevice::flush() {
+  if (caps_.flush != Support::native) co_return std::error_code{};
+  auto issue = [](nbd_handle* h, Request*, nbd_completion_callback cb) { return nbd_aio_flush(h, cb, 0); };
+  if (conns_.size() == 1 || caps_.multi_conn) co_return co_await submit(issue);
+  // Without multi-conn a flush covers only its own connection: flush them all.
+  std::error_code first;
+  for (auto& c : conns_) {
+    auto ec = co_await submit_on(*c, issue);
+    if (ec && !first) first = ec;
+  }
+  co_return first;
+}
+
+Task<std::error_code> NbdDevice::trim(ByteRange range, IoFlags flags) {
+  if (caps_.read_only) co_return errno_code(EPERM);
+  if (caps_.trim != Support::native) co_return errno_code(EOPNOTSUPP);
+  const uint32_t f = nbd_flags(flags & gateway::kFua, caps_.fua == Support::native);
+  while (range.length > 0) {
+    const uint64_t n = std::min(range.length, kMaxCommandLength);
+    const uint64_t off = range.offset;
+    auto ec = co_await submit([n, off, f](nbd_handle* h, Request*, nbd_completion_callback cb) {
+      return nbd_aio_trim(h, n, off, cb, f);
+    });
+    if (ec) co_return ec;
+    range.offset += n;
+    range.length -= n;
+  }
+  co_return std::error_code{};
+}
+
+Task<std::error_code> NbdDevice::zero(ByteRange range, IoFlags flags) {
+  if (caps_.read_only) co_return errno_code(EPERM);
+  if (caps_.zero != Support::native) co_return errno_code(EOPNOTSUPP);
+  if ((flags & gateway::kFastZero) && !fast_zero_) co_return errno_code(EOPNOTSUPP);
+  const uint32_t f = nbd_flags(flags, caps_.fua == Support::native);
+  while (range.length > 0) {
+    const uint64_t n = std::min(range.length, kMaxCommandLength);
+    const uint64_t off = range.offset;
+    auto ec = co_await submit([n, off, f](nbd_handle* h, Request*, nbd_completion_callback cb) {
+      return nbd_aio_zero(h, n, off, cb, f);
+    });
+    if (ec) co_return ec;
+    range.offset += n;
+    range.length -= n;
+  }
+  co_return std::error_code{};
+}
+
+Task<std::error_code> NbdDevice::block_status(ByteRange range, ExtentList& out) {
+  if (caps_.extents != Support::native) co_return errno_code(EOPNOTSUPP);
+  if (range.length == 0) co_return errno_code(EINVAL);
+  const uint64_t n = std::min(range.length, kMaxCommandLength);
+  const uint64_t off = range.offset;
+  ExtentList* list = &out;
+  co_return co_await submit([n, off, list](nbd_handle* h, Request* r, nbd_completion_callback cb) {
+    r->extents = list;
+    r->status_length = n;
+    const nbd_extent_callback ext{&Connection::on_extents, r, nullptr};
+    return nbd_aio_block_status(h, n, off, ext, cb, 0);
+  });
+}
+
+Task<std::error_code> NbdDevice::prefetch(ByteRange range) {
+  if (caps_.prefetch != Support::native) co_return std::error_code{};
+  while (range.length > 0) {
+    const uint64_t n = std::min(range.length, kMaxCommandLength);
+    const uint64_t off = range.offset;
+    auto ec = co_await submit([n, off](nbd_handle* h, Request*, nbd_completion_callback cb) {
+      return nbd_aio_cache(h, n, off, cb, 0);
+    });
+    if (ec) co_return ec;
+    range.offset += n;
+    range.length -= n;
+  }
+  co_return std::error_code{};
+}
+
+Task<std::error_code> NbdDevice::reconnect() {
+  auto log = gateway::logger("nbd");
+  std::vector<HandlePtr> fresh;
+  for (size_t i = 0; i < conns_.size(); ++i) {
+    auto res = co_await gateway::offload(loops_.blocking(), [uri = uri_, timeout = options_.io_timeout] {
+      return connect_handle(uri, timeout);
+    });
+    if (!res.handle) {
+      log->debug("{}: reconnect failed: {}", uri_, res.message);
+      co_return errno_code(gateway::is_connection_error(errno_code(res.err)) ? res.err : ECONNREFUSED);
+    }
+    const int64_t size = nbd_get_size(res.handle.get());
+    if (size < 0 || static_cast<uint64_t>(size) != geometry_.size) {
+      log->error("{}: after reconnecting the export has {} bytes instead of {}; not using it", uri_, size,
+                 geometry_.size);
+      co_return errno_code(EIO);
+    }
+    fresh.push_back(std::move(res.handle));
+  }
+  for (size_t i = 0; i < conns_.size(); ++i)
+    co_await boost::asio::co_spawn(conns_[i]->executor(), install_on(conns_[i], std::move(fresh[i])),
+                                   boost::asio::use_awaitable);
+  const uint64_t gen = generation_.fetch_add(1, std::memory_order_acq_rel) + 1;
+  log->info("{}: reconnected ({} connection(s), generation {})", uri_, conns_.size(), gen);
+  co_return std::error_code{};
+}
+
+}  // namespace blockway::remote

@@ -1,0 +1,103 @@
+// NbdDevice: an image on another NBD server, reached through libnbd.
+//
+// URIs are libnbd's: nbd://host[:port]/export and
+// nbd+unix:///export?socket=/path. Every connection is made (and its
+// handshake finished, with base:allocation requested) before the device is
+// returned, so a wrong URI, a server that is not there or an unknown export
+// stops the daemon at start-up.
+//
+// Data path: libnbd's asynchronous API, many requests in flight per
+// connection. Each connection belongs to one event loop: its libnbd handle is
+// only ever touched on that loop's thread, an FdWatcher (remote/fd_watcher.hpp)
+// drives the handle from the same loop, and completion callbacks post the
+// result to the awaiting coroutine's executor (never resuming it inside
+// libnbd, whose lock is held during callbacks). A request issued on a loop
+// that owns a connection uses it directly; from any other thread it hops to a
+// connection's loop (round-robin) and back. With several connections and no
+// multi-conn from the server, a flush is sent on every connection.
+//
+// Failures: a request that gets no reply within io-timeout kills its
+// connection (every request in flight on it fails with ETIMEDOUT); a lost
+// connection fails its requests with ENOTCONN/ECONNRESET and later requests
+// fast with ENOTCONN until reconnect(). reconnect() makes fresh connections on
+// the blocking pool (each bounded by io-timeout) and then swaps them in on
+// their loops; generation() counts the swaps.
+//
+// Thread model: any method may be called from any event-loop thread. The
+// connection objects are fixed at construction; what changes (handle, in-flight
+// list, timers) is confined to each connection's loop. connected() and
+// generation() are atomics. reconnect() is never called concurrently with
+// itself (RetryLayer's contract). The device must be destroyed when its loops
+// no longer run its connections (after EventLoops::run() returned).
+#pragma once
+
+#include "gateway/event_loops.hpp"
+#include "gateway/remote_device.hpp"
+
+#include <atomic>
+#include <chrono>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace blockway::remote {
+
+struct NbdOptions {
+  unsigned connections = 0;  // 0: one per event loop if the server allows multi-conn, else 1
+  std::chrono::milliseconds io_timeout{30000};
+};
+
+class NbdDevice final : public gateway::RemoteDevice {
+ public:
+  // Connects synchronously. Throws BackendError (registry.hpp) with a message
+  // naming the URI and what libnbd said.
+  NbdDevice(std::string uri, bool read_only, NbdOptions options, gateway::EventLoops& loops);
+  ~NbdDevice() override;
+  NbdDevice(const NbdDevice&) = delete;
+  NbdDevice& operator=(const NbdDevice&) = delete;
+
+  [[nodiscard]] gateway::Geometry geometry() const noexcept override { return geometry_; }
+  [[nodiscard]] gateway::Capabilities capabilities() const noexcept override { return caps_; }
+  [[nodiscard]] std::string describe() const override;
+
+  gateway::Task<std::error_code> read(std::span<std::byte> buf, uint64_t offset,
+                                      gateway::IoFlags flags) override;
+  gateway::Task<std::error_code> write(std::span<const std::byte> buf, uint64_t offset,
+                                       gateway::IoFlags flags) override;
+  gateway::Task<std::error_code> flush() override;
+  gateway::Task<std::error_code> trim(gateway::ByteRange range, gateway::IoFlags flags) override;
+  gateway::Task<std::error_code> zero(gateway::ByteRange range, gateway::IoFlags flags) override;
+  gateway::Task<std::error_code> block_status(gateway::ByteRange range,
+                                              gateway::ExtentList& out) override;
+  gateway::Task<std::error_code> prefetch(gateway::ByteRange range) override;
+
+  gateway::Task<std::error_code> reconnect() override;
+  [[nodiscard]] bool connected() const noexcept override;
+  [[nodiscard]] uint64_t generation() const noexcept override {
+    return generation_.load(std::memory_order_acquire);
+  }
+
+  [[nodiscard]] size_t connection_count() const noexcept { return conns_.size(); }
+
+  class Connection;
+  struct Request;
+
+ private:
+  template <class Issue>
+  gateway::Task<std::error_code> submit(Issue issue);
+  template <class Issue>
+  gateway::Task<std::error_code> submit_on(Connection& conn, Issue issue);
+
+  std::string uri_;
+  bool read_only_ = false;
+  NbdOptions options_;
+  gateway::EventLoops& loops_;
+  gateway::Geometry geometry_;
+  gateway::Capabilities caps_;
+  bool fast_zero_ = false;
+  std::vector<std::shared_ptr<Connection>> conns_;
+  std::atomic<size_t> next_{0};
+  std::atomic<uint64_t> generation_{1};
+};
+
+}  // namespace blockway::remote
