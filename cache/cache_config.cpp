@@ -31,11 +31,13 @@ std::optional<CacheConfig> CacheConfig::take_from(std::map<std::string, std::str
   auto chunk = take("chunk");
   auto prealloc = take("preallocate");
   auto readahead = take("readahead");
+  auto capacity = take("capacity");
   if (!dir) {
-    for (const char* k : {"mode", "chunk", "preallocate", "readahead"})
-      if ((k == std::string("mode") && mode) || (k == std::string("chunk") && chunk) ||
-          (k == std::string("preallocate") && prealloc) || (k == std::string("readahead") && readahead))
-        throw ConfigError(where + "option '" + k + "' needs a cache directory (cache=DIR)");
+    const std::pair<const char*, bool> given[] = {
+        {"mode", mode.has_value()}, {"chunk", chunk.has_value()}, {"preallocate", prealloc.has_value()},
+        {"readahead", readahead.has_value()}, {"capacity", capacity.has_value()}};
+    for (const auto& [key, present] : given)
+      if (present) throw ConfigError(where + "option '" + key + "' needs a cache directory (cache=DIR)");
     return std::nullopt;
   }
   CacheConfig c;
@@ -57,6 +59,12 @@ std::optional<CacheConfig> CacheConfig::take_from(std::map<std::string, std::str
       throw ConfigError(where + "chunk must be a power of two between 4k and 16M");
   }
   if (prealloc) c.preallocate = gateway::parse_bool(*prealloc, where + "preallocate");
+  if (capacity) {
+    c.capacity = gateway::parse_size(*capacity, where + "capacity");
+    if (c.capacity != 0 && c.capacity < 64 * c.chunk_size)
+      throw ConfigError(where + "capacity must be 0 (unlimited) or at least 64 chunks (" +
+                        std::to_string(64 * c.chunk_size) + " bytes)");
+  }
   if (readahead) {
     const auto v = gateway::parse_size(*readahead, where + "readahead");
     if (v > (64u << 20)) throw ConfigError(where + "readahead must be at most 64M");

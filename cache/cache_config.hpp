@@ -21,6 +21,7 @@ struct CacheConfig {
   WriteMode mode = WriteMode::writethrough;
   uint64_t chunk_size = 64u << 10;
   bool preallocate = false;
+  uint64_t capacity = 0;              // bytes of present chunks to keep; 0 = the whole image
   uint32_t readahead_chunks = 16;     // fetched ahead of a sequential miss
   std::chrono::milliseconds checkpoint_interval{2000};
 

@@ -75,6 +75,24 @@ class CacheLayer::RegionWrites {
   uint64_t r0_, r1_;
 };
 
+class CacheLayer::EpochGuard {
+ public:
+  explicit EpochGuard(CacheLayer& c) : c_(c.capacity_chunks_ ? &c : nullptr) {
+    if (!c_) return;
+    e_ = c_->epoch_.load(std::memory_order_seq_cst);
+    c_->epoch_active_[e_].fetch_add(1, std::memory_order_seq_cst);
+  }
+  ~EpochGuard() {
+    if (c_) c_->epoch_active_[e_].fetch_sub(1, std::memory_order_seq_cst);
+  }
+  EpochGuard(const EpochGuard&) = delete;
+  EpochGuard& operator=(const EpochGuard&) = delete;
+
+ private:
+  CacheLayer* c_;
+  uint32_t e_ = 0;
+};
+
 CacheLayer::CacheLayer(std::unique_ptr<gateway::BlockDevice> remote, Params p)
     : Layer(std::move(remote)),
       name_(p.export_name),
@@ -94,6 +112,10 @@ CacheLayer::CacheLayer(std::unique_ptr<gateway::BlockDevice> remote, Params p)
   region_writes_ = std::make_unique<std::atomic<uint32_t>[]>(nregions_ ? nregions_ : 1);
   for (uint64_t r = 0; r < nregions_; ++r) region_writes_[r].store(0);
   cache_path_ = cfg_.dir + "/" + file_name_for(name_);
+  if (cfg_.capacity && cfg_.capacity < geometry_.size) {
+    capacity_chunks_ = cfg_.capacity >> chunk_shift_;
+    referenced_.resize(nchunks_);
+  }
 
   std::error_code fs_ec;
   std::filesystem::create_directories(cfg_.dir, fs_ec);
@@ -335,15 +357,24 @@ void CacheLayer::start_readahead(uint64_t after) {
 Task<std::error_code> CacheLayer::read(std::span<std::byte> buf, uint64_t offset, IoFlags) {
   if (buf.empty()) co_return std::error_code{};
   const uint64_t first = chunk_of(offset), last = chunk_of(offset + buf.size() - 1);
-  if (present_.all_set(first, last)) {
-    hits_.fetch_add(1, std::memory_order_relaxed);
-  } else {
-    misses_.fetch_add(1, std::memory_order_relaxed);
+  for (int attempt = 0; attempt < 4; ++attempt) {
+    {
+      EpochGuard guard(*this);
+      if (present_.all_set(first, last)) {
+        if (attempt == 0) hits_.fetch_add(1, std::memory_order_relaxed);
+        if (capacity_chunks_ && !referenced_.test(first)) referenced_.set(first);
+        co_return co_await cache_file_->read(buf, offset, 0);
+      }
+    }
+    if (attempt == 0) misses_.fetch_add(1, std::memory_order_relaxed);
     if (auto ec = co_await populate(first, last)) co_return ec;
     // A miss right after the previous one: read ahead of a sequential reader.
-    if (last_miss_end_.exchange(last + 1, std::memory_order_relaxed) == first) start_readahead(last + 1);
+    if (attempt == 0 && last_miss_end_.exchange(last + 1, std::memory_order_relaxed) == first)
+      start_readahead(last + 1);
   }
-  co_return co_await cache_file_->read(buf, offset, 0);
+  // Evicted again as soon as fetched (a cache far too small for the load):
+  // chunks are evicted only when clean, so the remote has these bytes.
+  co_return co_await next().read(buf, offset, 0);
 }
 
 Task<std::error_code> CacheLayer::ensure_intent(uint64_t first, uint64_t last) {
@@ -374,20 +405,39 @@ Task<std::error_code> CacheLayer::write_cached(std::span<const std::byte> buf, u
   // Chunks the write covers only in part must hold the rest of their data.
   const bool head_partial = offset != chunk_start(first) || end < chunk_start(first) + chunk_len(first);
   const bool tail_partial = end < chunk_start(last) + chunk_len(last);
-  if (head_partial && !present_.test(first))
-    if (auto ec = co_await populate(first, first)) co_return ec;
-  if (tail_partial && last != first && !present_.test(last))
-    if (auto ec = co_await populate(last, last)) co_return ec;
-  auto [fill, mine] = co_await claim(first, last);
-  auto ec = co_await cache_file_->write(buf, offset, 0);
-  if (!ec) {
-    for (uint64_t c = first; c <= last; ++c) dirty_.set(c);
-    for (uint64_t c : mine) present_.set(c);
+  std::error_code ec;
+  for (bool done = false; !done;) {
+    if (head_partial && !present_.test(first))
+      if (auto pec = co_await populate(first, first)) co_return pec;
+    if (tail_partial && last != first && !present_.test(last))
+      if (auto pec = co_await populate(last, last)) co_return pec;
+    auto [fill, mine] = co_await claim(first, last);
+    {
+      EpochGuard guard(*this);
+      // Eviction may have taken a chunk since it was checked: then start over.
+      done = chunks_ready(first, last, mine);
+      if (done) {
+        ec = co_await cache_file_->write(buf, offset, 0);
+        if (!ec) {
+          for (uint64_t c = first; c <= last; ++c) dirty_.set(c);
+          for (uint64_t c : mine) present_.set(c);
+        }
+      }
+    }
+    release(fill, mine, ec);
   }
-  release(fill, mine, ec);
   if (ec) co_return ec;
   if (flags & gateway::kFua) co_return co_await make_durable(first, last);
   co_return std::error_code{};
+}
+
+bool CacheLayer::chunks_ready(uint64_t first, uint64_t last, const std::vector<uint64_t>& mine) const noexcept {
+  size_t i = 0;
+  for (uint64_t c = first; c <= last; ++c) {
+    while (i < mine.size() && mine[i] < c) ++i;
+    if (!(i < mine.size() && mine[i] == c) && !present_.test(c)) return false;
+  }
+  return true;
 }
 
 Task<std::error_code> CacheLayer::write_through(std::span<const std::byte> buf, uint64_t offset, IoFlags flags) {
@@ -446,26 +496,35 @@ Task<std::error_code> CacheLayer::zero_cached(ByteRange range, IoFlags flags, bo
   if (auto ec = co_await ensure_intent(first, last)) co_return ec;
   const bool head_partial = range.offset != chunk_start(first) || range.end() < chunk_start(first) + chunk_len(first);
   const bool tail_partial = range.end() < chunk_start(last) + chunk_len(last);
-  if (head_partial && !present_.test(first))
-    if (auto ec = co_await populate(first, first)) co_return ec;
-  if (tail_partial && last != first && !present_.test(last))
-    if (auto ec = co_await populate(last, last)) co_return ec;
-  auto [fill, mine] = co_await claim(first, last);
-  auto ec = co_await cache_file_->zero(range, flags & gateway::kNoHole);
-  if (ec == std::errc::not_supported || ec == std::errc::operation_not_supported) {
-    static const std::vector<std::byte> zeroes(1u << 20);
-    ec = {};
-    for (uint64_t done = 0; done < range.length && !ec;) {
-      const uint64_t n = std::min<uint64_t>(zeroes.size(), range.length - done);
-      ec = co_await cache_file_->write({zeroes.data(), n}, range.offset + done, 0);
-      done += n;
+  std::error_code ec;
+  for (bool done = false; !done;) {
+    if (head_partial && !present_.test(first))
+      if (auto pec = co_await populate(first, first)) co_return pec;
+    if (tail_partial && last != first && !present_.test(last))
+      if (auto pec = co_await populate(last, last)) co_return pec;
+    auto [fill, mine] = co_await claim(first, last);
+    {
+      EpochGuard guard(*this);
+      done = chunks_ready(first, last, mine);
+      if (done) {
+        ec = co_await cache_file_->zero(range, flags & gateway::kNoHole);
+        if (ec == std::errc::not_supported || ec == std::errc::operation_not_supported) {
+          static const std::vector<std::byte> zeroes(1u << 20);
+          ec = {};
+          for (uint64_t pos = 0; pos < range.length && !ec;) {
+            const uint64_t n = std::min<uint64_t>(zeroes.size(), range.length - pos);
+            ec = co_await cache_file_->write({zeroes.data(), n}, range.offset + pos, 0);
+            pos += n;
+          }
+        }
+        if (!ec) {
+          for (uint64_t c = first; c <= last; ++c) dirty_.set(c);
+          for (uint64_t c : mine) present_.set(c);
+        }
+      }
     }
+    release(fill, mine, ec);
   }
-  if (!ec) {
-    for (uint64_t c = first; c <= last; ++c) dirty_.set(c);
-    for (uint64_t c : mine) present_.set(c);
-  }
-  release(fill, mine, ec);
   if (ec) co_return ec;
   if (flags & gateway::kFua) co_return co_await make_durable(first, last);
   co_return std::error_code{};
@@ -743,11 +802,75 @@ Task<void> CacheLayer::background_loop() {
         backoff = std::chrono::milliseconds(100);
       }
     }
+    if (capacity_chunks_ && present_.count() > capacity_chunks_) co_await evict();
     if (std::chrono::steady_clock::now() - last_checkpoint >= cfg_.checkpoint_interval) {
       last_checkpoint = std::chrono::steady_clock::now();
       if (auto ec = co_await checkpoint(true)) log_->warn("export '{}': checkpoint failed: {}", name_, ec.message());
     }
   }
+}
+
+Task<void> CacheLayer::evict() {
+  const uint64_t present = present_.count();
+  const uint64_t target = capacity_chunks_ - capacity_chunks_ / 10;
+  if (present <= target || nchunks_ == 0) co_return;
+  const uint64_t want = std::min<uint64_t>(present - target, 16384);
+  auto fill = std::make_shared<Fill>();
+  std::vector<uint64_t> victims;
+  // CLOCK: a referenced chunk gets a second chance; dirty or claimed chunks
+  // are skipped. A victim is claimed (no fill can start there) and its present
+  // bit cleared at once, so new readers fetch it again after the eviction.
+  for (uint64_t steps = 0; steps < 2 * nchunks_ && victims.size() < want; ++steps) {
+    const uint64_t c = clock_hand_;
+    clock_hand_ = (clock_hand_ + 1) % nchunks_;
+    if (!present_.test(c) || dirty_.test(c) || cleaning_.test(c)) continue;
+    if (referenced_.clear(c)) continue;
+    auto& s = shard(c);
+    std::lock_guard lock(s.mutex);
+    if (s.fills.contains(c) || dirty_.test(c)) continue;
+    s.fills.emplace(c, fill);
+    present_.clear(c);
+    victims.push_back(c);
+  }
+  if (victims.empty()) {
+    fill->done.set();
+    co_return;
+  }
+  std::sort(victims.begin(), victims.end());
+  // Grace period: requests that saw these chunks present finish first.
+  const uint32_t old_epoch = epoch_.fetch_xor(1, std::memory_order_seq_cst);
+  boost::asio::steady_timer timer(co_await boost::asio::this_coro::executor);
+  while (epoch_active_[old_epoch].load(std::memory_order_seq_cst) > 0) {
+    timer.expires_after(std::chrono::milliseconds(1));
+    co_await timer.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
+  }
+  // A write that began before the present bit was cleared made the chunk
+  // dirty: it stays.
+  std::vector<uint64_t> gone;
+  for (uint64_t c : victims) {
+    if (dirty_.test(c) || cleaning_.test(c))
+      present_.set(c);
+    else
+      gone.push_back(c);
+  }
+  // The cleared present bits are persisted before the bytes go, so a crash
+  // in between never finds a "present" chunk full of zeroes.
+  if (auto ec = co_await checkpoint(true)) {
+    for (uint64_t c : gone) present_.set(c);  // nothing was punched: still valid
+    release(fill, victims, {});
+    co_return;
+  }
+  for (size_t i = 0; i < gone.size();) {
+    size_t j = i;
+    while (j + 1 < gone.size() && gone[j + 1] == gone[j] + 1) ++j;
+    const uint64_t off = chunk_start(gone[i]);
+    const uint64_t len = chunk_start(gone[j]) + chunk_len(gone[j]) - off;
+    if (auto ec = co_await cache_file_->trim({off, len}, 0))
+      log_->debug("export '{}': punching evicted chunks failed: {}", name_, ec.message());
+    i = j + 1;
+  }
+  evicted_.fetch_add(gone.size() << chunk_shift_, std::memory_order_relaxed);
+  release(fill, victims, {});
 }
 
 Task<void> CacheLayer::close() {
@@ -799,6 +922,8 @@ CacheStats CacheLayer::stats() const {
   s.writeback_errors = wb_errors_.load();
   s.fetch_errors = fetch_errors_.load();
   s.recovered = recovered_;
+  s.evicted_bytes = evicted_.load();
+  s.capacity = capacity_chunks_ << chunk_shift_;
   return s;
 }
 

@@ -6,6 +6,10 @@
 // memory and persisted to the MetaStore at checkpoints:
 //   present  - the chunk's bytes in the cache file are the image's bytes;
 //   dirty    - the cache holds data the remote does not have yet;
+// With a capacity, clean chunks are evicted (CLOCK, an LRU approximation):
+// their present bit is cleared and persisted before their bytes are punched
+// out of the cache file, and readers that saw them present finish first
+// (EpochGuard). Dirty chunks are never evicted.
 //   intent   - per region of 64 chunks: writes may be changing cache data
 //              here. Persisted *before* a write touches the cache file, so
 //              after an unclean stop every present chunk of such a region
@@ -61,6 +65,7 @@ struct CacheStats {
   uint64_t present_bytes = 0, dirty_bytes = 0;
   uint64_t chunk_size = 0, chunks = 0;
   uint64_t writeback_errors = 0, fetch_errors = 0;
+  uint64_t evicted_bytes = 0, capacity = 0;
   bool recovered = false;  // the last start followed an unclean stop
 };
 
@@ -125,6 +130,8 @@ class CacheLayer final : public gateway::Layer {
   gateway::Task<std::pair<std::shared_ptr<Fill>, std::vector<uint64_t>>> claim(uint64_t first, uint64_t last,
                                                                               bool present_too = false);
   void release(const std::shared_ptr<Fill>& fill, const std::vector<uint64_t>& chunks, std::error_code ec);
+  // True if every chunk of [first, last] is present or in `mine` (sorted).
+  [[nodiscard]] bool chunks_ready(uint64_t first, uint64_t last, const std::vector<uint64_t>& mine) const noexcept;
   gateway::Task<std::error_code> fetch_run(uint64_t first, uint64_t last);
   void start_readahead(uint64_t after);
 
@@ -149,6 +156,12 @@ class CacheLayer final : public gateway::Layer {
   gateway::Task<std::error_code> checkpoint(bool sync_data);
   gateway::Task<std::error_code> run_checkpoint(bool sync_data);
   gateway::Task<void> background_loop();
+  // Capacity: evicts clean, unreferenced chunks (CLOCK) down to 90% of it.
+  gateway::Task<void> evict();
+  // Read side of eviction's grace period: while a guard lives, chunks seen
+  // present stay in the cache file (eviction waits for guards of the epoch in
+  // which it cleared their present bits). No-op without a capacity.
+  class EpochGuard;
   void recover_after_unclean_stop();
   void open_cache_file();
 
@@ -184,6 +197,14 @@ class CacheLayer final : public gateway::Layer {
   std::shared_ptr<gateway::SharedEvent> background_done_;
   std::atomic<uint64_t> last_miss_end_{UINT64_MAX};
   std::atomic<int> readaheads_{0};
+
+  // Eviction (only with a capacity).
+  uint64_t capacity_chunks_ = 0;
+  AtomicBitmap referenced_;
+  uint64_t clock_hand_ = 0;  // background loop only
+  std::atomic<uint32_t> epoch_{0};
+  std::atomic<int64_t> epoch_active_[2] = {0, 0};
+  std::atomic<uint64_t> evicted_{0};
 
   mutable std::atomic<uint64_t> hits_{0}, misses_{0}, fetched_{0}, written_back_{0}, wb_errors_{0},
       fetch_errors_{0};
