@@ -627,7 +627,28 @@ Task<std::error_code> CacheLayer::write_back(uint64_t first, uint64_t last) {
   co_return co_await write_back_locked(first, last);
 }
 
+Task<std::error_code> CacheLayer::write_back_run(uint64_t a, uint64_t b) {
+  const uint64_t off = chunk_start(a);
+  const uint64_t len = chunk_start(b) + chunk_len(b) - off;
+  gateway::IoBuffer buf(len);
+  auto ec = co_await cache_file_->read(buf.span(), off, 0);
+  if (!ec) {
+    if (remote_caps_.zero == Support::native && all_zero(buf.data(), len)) {
+      ec = co_await next().zero({off, len}, 0);  // keeps the remote sparse
+      if (ec == std::errc::not_supported || ec == std::errc::operation_not_supported)
+        ec = co_await next().write(buf.span(), off, 0);
+    } else {
+      ec = co_await next().write(buf.span(), off, 0);
+    }
+  }
+  if (!ec) written_back_.fetch_add(len, std::memory_order_relaxed);
+  co_return ec;
+}
+
 Task<std::error_code> CacheLayer::write_back_locked(uint64_t first, uint64_t last) {
+  // Up to kWriteBackWindow runs of up to kMaxRun bytes are in flight at once:
+  // a remote with latency is kept busy, and memory stays bounded.
+  constexpr size_t kWriteBackWindow = 8;
   std::vector<std::pair<uint64_t, uint64_t>> cleaned;
   std::error_code ec;
   const uint64_t max_chunks = std::max<uint64_t>(1, std::min<uint64_t>(kMaxRun, geometry_.max_transfer) >> chunk_shift_);
@@ -637,45 +658,49 @@ Task<std::error_code> CacheLayer::write_back_locked(uint64_t first, uint64_t las
       cleaning_.clear(c);
     }
   };
-  for (uint64_t c = dirty_.find_set(first); c <= last && c < nchunks_ && !ec; c = dirty_.find_set(c)) {
-    // Take a run of consecutive dirty chunks. "cleaning" is set before "dirty"
-    // is cleared, so a checkpoint never sees the chunk as clean while its data
-    // is not on the remote yet; a write meanwhile sets dirty again.
-    const uint64_t a = c;
-    uint64_t b = c;
-    while (b <= last && b < nchunks_ && b - a < max_chunks) {
-      cleaning_.set(b);
-      if (!dirty_.clear(b)) {
-        cleaning_.clear(b);
-        break;
+  auto ex = co_await boost::asio::this_coro::executor;
+  uint64_t c = dirty_.find_set(first);
+  while (c <= last && c < nchunks_ && !ec) {
+    // Take up to a window of runs of consecutive dirty chunks. "cleaning" is
+    // set before "dirty" is cleared, so a checkpoint never sees a chunk as
+    // clean while its data is not on the remote yet; a write meanwhile sets
+    // dirty again and the chunk is written back once more.
+    std::vector<std::pair<uint64_t, uint64_t>> window;
+    while (window.size() < kWriteBackWindow && c <= last && c < nchunks_) {
+      const uint64_t a = c;
+      uint64_t b = c;
+      while (b <= last && b < nchunks_ && b - a < max_chunks) {
+        cleaning_.set(b);
+        if (!dirty_.clear(b)) {
+          cleaning_.clear(b);
+          break;
+        }
+        ++b;
       }
-      ++b;
+      if (b > a) window.emplace_back(a, b - 1);
+      c = dirty_.find_set(b > a ? b : a + 1);
     }
-    if (b == a) {
-      c = a + 1;
-      continue;
+    if (window.empty()) break;
+    // Run the window concurrently on this executor and wait for all of it.
+    auto all_done = std::make_shared<gateway::SharedEvent>();
+    auto remaining = std::make_shared<size_t>(window.size());
+    std::vector<std::error_code> results(window.size());
+    for (size_t i = 0; i < window.size(); ++i) {
+      boost::asio::co_spawn(ex, write_back_run(window[i].first, window[i].second),
+                            [&results, i, remaining, all_done](std::exception_ptr e, std::error_code rec) {
+                              results[i] = e ? errno_code(EIO) : rec;
+                              if (--*remaining == 0) all_done->set();
+                            });
     }
-    --b;
-    c = b + 1;
-    const uint64_t off = chunk_start(a);
-    const uint64_t len = chunk_start(b) + chunk_len(b) - off;
-    gateway::IoBuffer buf(len);
-    ec = co_await cache_file_->read(buf.span(), off, 0);
-    if (!ec) {
-      if (remote_caps_.zero == Support::native && all_zero(buf.data(), len)) {
-        ec = co_await next().zero({off, len}, 0);
-        if (ec == std::errc::not_supported || ec == std::errc::operation_not_supported)
-          ec = co_await next().write(buf.span(), off, 0);
+    co_await all_done->wait();
+    for (size_t i = 0; i < window.size(); ++i) {
+      if (results[i]) {
+        redirty(window[i].first, window[i].second);
+        if (!ec) ec = results[i];
       } else {
-        ec = co_await next().write(buf.span(), off, 0);
+        cleaned.push_back(window[i]);
       }
     }
-    if (ec) {
-      redirty(a, b);
-      break;
-    }
-    cleaned.emplace_back(a, b);
-    written_back_.fetch_add(len, std::memory_order_relaxed);
   }
   if (!cleaned.empty()) {
     // Clean only once the remote made the data durable.

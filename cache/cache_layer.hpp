@@ -151,6 +151,8 @@ class CacheLayer final : public gateway::Layer {
   // Writes dirty chunks of [first, last] to the remote and flushes it.
   gateway::Task<std::error_code> write_back(uint64_t first, uint64_t last);
   gateway::Task<std::error_code> write_back_locked(uint64_t first, uint64_t last);
+  // Copies chunks [a, b] from the cache file to the remote (no flush).
+  gateway::Task<std::error_code> write_back_run(uint64_t a, uint64_t b);
   // Group-committed checkpoint: with sync_data, fdatasync the cache file and
   // persist present/dirty/intent; without, persist only new intents.
   gateway::Task<std::error_code> checkpoint(bool sync_data);
