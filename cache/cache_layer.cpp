@@ -107,7 +107,7 @@ CacheLayer::CacheLayer(std::unique_ptr<gateway::BlockDevice> remote, Params p)
   chunk_shift_ = static_cast<unsigned>(std::countr_zero(cfg_.chunk_size));
   nchunks_ = (geometry_.size + cfg_.chunk_size - 1) >> chunk_shift_;
   nregions_ = (nchunks_ + kChunksPerRegion - 1) / kChunksPerRegion;
-  for (auto* b : {&present_, &dirty_, &cleaning_}) b->resize(nchunks_);
+  for (auto* b : {&present_, &dirty_, &cleaning_, &dirty_persisted_}) b->resize(nchunks_);
   for (auto* b : {&intent_, &intent_persisted_, &touched_}) b->resize(nregions_);
   region_writes_ = std::make_unique<std::atomic<uint32_t>[]>(nregions_ ? nregions_ : 1);
   for (uint64_t r = 0; r < nregions_; ++r) region_writes_[r].store(0);
@@ -169,6 +169,7 @@ CacheLayer::CacheLayer(std::unique_ptr<gateway::BlockDevice> remote, Params p)
   };
   load(BitmapKind::present, present_, saved_present_);
   load(BitmapKind::dirty, dirty_, saved_dirty_);
+  for (size_t i = 0; i < saved_dirty_.size(); ++i) dirty_persisted_.store_word(i, saved_dirty_[i]);
   load(BitmapKind::intent, intent_, saved_intent_);
   for (size_t i = 0; i < intent_.word_count(); ++i) intent_persisted_.store_word(i, saved_intent_[i]);
   for (size_t i = 0; i < dirty_.word_count(); ++i)  // dirty implies present
@@ -421,6 +422,12 @@ Task<std::error_code> CacheLayer::write_cached(std::span<const std::byte> buf, u
         if (!ec) {
           for (uint64_t c = first; c <= last; ++c) dirty_.set(c);
           for (uint64_t c : mine) present_.set(c);
+        } else {
+          // Part of the write may be in the cache file: a clean chunk must not
+          // keep bytes the remote does not have. (A dirty one is the client's
+          // failed write to undefined contents, and stays dirty.)
+          for (uint64_t c = first; c <= last; ++c)
+            if (!dirty_.test(c) && !cleaning_.test(c)) present_.clear(c);
         }
       }
     }
@@ -449,7 +456,8 @@ Task<std::error_code> CacheLayer::write_through(std::span<const std::byte> buf, 
   // this write; present ones: so that two overlapping writes update remote
   // and cache in the same order).
   auto [fill, mine] = co_await claim(first, last, true);
-  auto ec = co_await next().write(buf, offset, flags & gateway::kFua);
+  auto ec = co_await next().write(buf, offset, remote_fua(flags));
+  if (!ec && needs_remote_flush(flags)) ec = co_await next().flush();
   if (!ec) {
     if (auto cec = co_await cache_file_->write(buf, offset, 0)) {
       // The remote has the data; the cache must not keep the old bytes.
@@ -468,7 +476,7 @@ Task<std::error_code> CacheLayer::write_through(std::span<const std::byte> buf, 
 
 Task<std::error_code> CacheLayer::make_durable(uint64_t first, uint64_t last) {
   if (cfg_.mode == WriteMode::writeback_local) co_return co_await checkpoint(true);
-  if (cfg_.mode == WriteMode::writeback) co_return co_await write_back(first, last);
+  if (cfg_.mode == WriteMode::writeback) co_return co_await write_back_durably(first, last);
   co_return std::error_code{};
 }
 
@@ -476,10 +484,10 @@ Task<std::error_code> CacheLayer::flush() {
   switch (cfg_.mode) {
     case WriteMode::writethrough:
       if (dirty_.find_set(0) < nchunks_ || cleaning_.find_set(0) < nchunks_)  // inherited from a write-back mode
-        if (auto ec = co_await write_back(0, nchunks_ - 1)) co_return ec;
+        if (auto ec = co_await write_back_durably(0, nchunks_ - 1)) co_return ec;
       co_return co_await next().flush();
     case WriteMode::writeback_local: co_return co_await checkpoint(true);
-    case WriteMode::writeback: co_return co_await write_back(0, nchunks_ ? nchunks_ - 1 : 0);
+    case WriteMode::writeback: co_return co_await write_back_durably(0, nchunks_ ? nchunks_ - 1 : 0);
   }
   co_return std::error_code{};
 }
@@ -536,8 +544,9 @@ Task<std::error_code> CacheLayer::zero(ByteRange range, IoFlags flags) {
   const uint64_t first = chunk_of(range.offset), last = chunk_of(range.end() - 1);
   RegionWrites guard(*this, first, last);
   if (auto ec = co_await ensure_intent(first, last)) co_return ec;
-  auto [fill, mine] = co_await claim(first, last);
-  auto ec = co_await next().zero(range, flags);
+  auto [fill, mine] = co_await claim(first, last, true);
+  auto ec = co_await next().zero(range, (flags & ~gateway::kFua) | remote_fua(flags));
+  if (!ec && needs_remote_flush(flags)) ec = co_await next().flush();
   if (!ec) {
     if (co_await cache_file_->zero(range, 0)) {
       for (uint64_t c = first; c <= last; ++c) present_.clear(c);  // cannot mirror it: forget it
@@ -556,8 +565,9 @@ Task<std::error_code> CacheLayer::trim(ByteRange range, IoFlags flags) {
   const uint64_t first = chunk_of(range.offset), last = chunk_of(range.end() - 1);
   RegionWrites guard(*this, first, last);
   if (auto ec = co_await ensure_intent(first, last)) co_return ec;
-  auto [fill, mine] = co_await claim(first, last);
-  auto ec = co_await next().trim(range, flags);
+  auto [fill, mine] = co_await claim(first, last, true);  // no fill may race with the trim
+  auto ec = co_await next().trim(range, remote_fua(flags));
+  if (!ec && needs_remote_flush(flags)) ec = co_await next().flush();
   // What the remote now returns there is its business: fetch it again.
   for (uint64_t c = first; c <= last; ++c) present_.clear(c);
   release(fill, mine, ec);
@@ -625,6 +635,20 @@ Task<std::error_code> CacheLayer::cache_status(ByteRange range, gateway::ExtentL
 Task<std::error_code> CacheLayer::write_back(uint64_t first, uint64_t last) {
   auto guard = co_await writeback_mutex_.lock();
   co_return co_await write_back_locked(first, last);
+}
+
+Task<std::error_code> CacheLayer::write_back_durably(uint64_t first, uint64_t last) {
+  {
+    auto guard = co_await writeback_mutex_.lock();
+    if (auto ec = co_await write_back_locked(first, last)) co_return ec;
+  }
+  // A chunk cleaned (by this pass or an earlier one) whose dirty bit is still
+  // persisted would, after a power loss that reverts the cache file, be
+  // written back again with older bytes over the ones flushed to the remote.
+  // Then sync the cache file and persist the clean bits before answering.
+  for (uint64_t c = dirty_persisted_.find_set(first); c <= last && c < nchunks_; c = dirty_persisted_.find_set(c + 1))
+    if (!dirty_.test(c) && !cleaning_.test(c)) co_return co_await checkpoint(true);
+  co_return std::error_code{};
 }
 
 Task<std::error_code> CacheLayer::write_back_run(uint64_t a, uint64_t b) {
@@ -792,6 +816,7 @@ Task<std::error_code> CacheLayer::run_checkpoint(bool sync_data) {
   saved_intent_ = intent;
   for (size_t i = 0; i < intent.size(); ++i) intent_persisted_.store_word(i, intent[i]);
   if (sync_data) {
+    for (size_t i = 0; i < dirty.size(); ++i) dirty_persisted_.store_word(i, dirty[i]);
     saved_present_ = std::move(present);
     saved_dirty_ = std::move(dirty);
     checkpoint_done_sync_.store(started);
@@ -896,6 +921,24 @@ Task<void> CacheLayer::evict() {
   }
   evicted_.fetch_add(gone.size() << chunk_shift_, std::memory_order_relaxed);
   release(fill, victims, {});
+}
+
+gateway::IoFlags CacheLayer::remote_fua(gateway::IoFlags flags) const noexcept {
+  return (flags & gateway::kFua) && remote_caps_.fua == Support::native ? gateway::kFua : 0;
+}
+
+bool CacheLayer::needs_remote_flush(gateway::IoFlags flags) const noexcept {
+  return (flags & gateway::kFua) && remote_caps_.fua != Support::native && remote_caps_.flush == Support::native;
+}
+
+Task<void> CacheLayer::abandon() {
+  stopping_.store(true);
+  if (background_done_) co_await background_done_->wait();
+  boost::asio::steady_timer timer(co_await boost::asio::this_coro::executor);
+  while (readaheads_.load() > 0) {
+    timer.expires_after(std::chrono::milliseconds(10));
+    co_await timer.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
+  }
 }
 
 Task<void> CacheLayer::close() {

@@ -100,6 +100,9 @@ class CacheLayer final : public gateway::Layer {
   gateway::Task<std::error_code> block_status(gateway::ByteRange range, gateway::ExtentList& out) override;
   gateway::Task<std::error_code> prefetch(gateway::ByteRange range) override;
   gateway::Task<void> close() override;
+  // Stops background work without persisting anything or marking the cache
+  // clean: what a crash leaves behind (for tests).
+  gateway::Task<void> abandon();
 
   // Present/dirty state of [range] as extents: flag 1 = present, 2 = dirty.
   gateway::Task<std::error_code> cache_status(gateway::ByteRange range, gateway::ExtentList& out);
@@ -150,7 +153,13 @@ class CacheLayer final : public gateway::Layer {
 
   // Writes dirty chunks of [first, last] to the remote and flushes it.
   gateway::Task<std::error_code> write_back(uint64_t first, uint64_t last);
+  // Writes back and, where a persisted dirty bit could later resurrect older
+  // bytes, syncs the cache and persists the clean bits: for FLUSH and FUA.
+  gateway::Task<std::error_code> write_back_durably(uint64_t first, uint64_t last);
   gateway::Task<std::error_code> write_back_locked(uint64_t first, uint64_t last);
+  // FUA for the remote: passed on if it has FUA, else done by a flush after.
+  [[nodiscard]] gateway::IoFlags remote_fua(gateway::IoFlags flags) const noexcept;
+  [[nodiscard]] bool needs_remote_flush(gateway::IoFlags flags) const noexcept;
   // Copies chunks [a, b] from the cache file to the remote (no flush).
   gateway::Task<std::error_code> write_back_run(uint64_t a, uint64_t b);
   // Group-committed checkpoint: with sync_data, fdatasync the cache file and
@@ -184,6 +193,7 @@ class CacheLayer final : public gateway::Layer {
   uint64_t nregions_ = 0;
 
   AtomicBitmap present_, dirty_, cleaning_, intent_, intent_persisted_, touched_;
+  AtomicBitmap dirty_persisted_;  // dirty bits as last persisted
   std::unique_ptr<std::atomic<uint32_t>[]> region_writes_;
   std::array<Shard, kShards> shards_;
 

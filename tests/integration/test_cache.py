@@ -1,0 +1,290 @@
+"""blockwayd with a local cache in front of a remote: a file:// image, and
+nbdkit (file plugin, with its delay and error filters) over NBD."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+from harness import MiB  # noqa: E402
+
+SIZE = 16 * MiB
+CHUNK = 64 * 1024
+MODES = ("writethrough", "writeback", "writeback-local")
+
+
+def fetched_bytes(log):
+    """Bytes fetched from the remote, from the cache's shutdown line."""
+    m = re.findall(r"cache hits \d+, misses \d+, fetched (\d+) bytes", log)
+    assert m, "no cache statistics line in the log:\n" + log[-3000:]
+    return int(m[-1])
+
+
+class CacheTestCase(harness.DaemonTestCase):
+    def setUp(self):
+        super().setUp()
+        self.data_dir = self.path("data")
+        self.cache_dir = self.path("cache")
+        self.remote = harness.make_random_image(self.path("remote.img"), SIZE, seed=7)
+
+    def cached(self, uri, mode, extra_opts="", name="blockwayd"):
+        self.port = harness.free_port()
+        spec = "disk=%s,cache=%s,mode=%s,chunk=64k%s" % (uri, self.cache_dir, mode, extra_opts)
+        args = ["--log-level", "info", "--listen", "127.0.0.1:%d" % self.port,
+                "--data-dir", self.data_dir, "--export", spec]
+        return self.start_daemon(args, name)
+
+    def nbdcopy(self, src, dst):
+        # --flush: without it nbdcopy never sends FLUSH.
+        harness.run(["nbdcopy", "--flush", src, dst], timeout=120)
+
+    def cmp(self, a, b):
+        harness.run(["cmp", a, b], timeout=60)
+
+    def cache_map(self, uri):
+        """[(offset, length, type)] of the blockway:cache context."""
+        p = harness.run(["nbdinfo", "--map=blockway:cache", uri], timeout=30)
+        out = []
+        for line in p.stdout.decode().splitlines():
+            parts = line.split()
+            if len(parts) >= 3 and parts[0].isdigit():
+                out.append((int(parts[0]), int(parts[1]), int(parts[2])))
+        return out
+
+    @staticmethod
+    def type_at(extents, offset):
+        for off, length, typ in extents:
+            if off <= offset < off + length:
+                return typ
+        raise AssertionError("offset %d not in the map %r" % (offset, extents))
+
+
+@unittest.skipUnless(harness.have("nbdcopy") and harness.have("nbdinfo"), "libnbd tools missing")
+class FileRemoteTest(CacheTestCase):
+    def test_nbdcopy_round_trip_every_mode(self):
+        for i, mode in enumerate(MODES):
+            with self.subTest(mode=mode):
+                self.cache_dir = self.path("cache-" + mode)
+                self.data_dir = self.path("data-" + mode)
+                remote = harness.make_random_image(self.path("remote-%s.img" % mode), SIZE, seed=10 + i)
+                d = self.cached("file://" + remote, mode, name="bw-" + mode)
+                out = self.path("out-%s.img" % mode)
+                self.nbdcopy(self.uri("disk"), out)
+                self.cmp(out, remote)
+                new = harness.make_random_image(self.path("new-%s.img" % mode), SIZE, seed=20 + i)
+                self.nbdcopy(new, self.uri("disk"))  # ends with a FLUSH
+                self.nbdcopy(self.uri("disk"), out)
+                self.cmp(out, new)
+                if mode != "writeback-local":
+                    self.cmp(remote, new)  # the flush put it on the remote
+                else:
+                    harness.wait_until(
+                        lambda: harness.read_file(remote, 0, SIZE) == harness.read_file(new, 0, SIZE),
+                        20, what="background write-back to the remote file")
+                d.stop()
+
+    @unittest.skipUnless(harness.have("fio"), "fio missing")
+    def test_fio_verify_writeback_local(self):
+        self.cached("file://" + self.remote, "writeback-local")
+        harness.run(["fio", "--name=v", "--ioengine=nbd", "--uri=" + self.uri("disk"),
+                     "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=%d" % SIZE,
+                     "--verify=crc32c", "--verify_fatal=1", "--do_verify=1"],
+                    timeout=120, cwd=self.tmp)
+
+    @unittest.skipUnless(harness.have("fio"), "fio missing")
+    def test_fio_verify_writethrough_mixed_sizes(self):
+        self.cached("file://" + self.remote, "writethrough")
+        harness.run(["fio", "--name=v", "--ioengine=nbd", "--uri=" + self.uri("disk"),
+                     "--rw=randrw", "--bsrange=512-128k", "--iodepth=8", "--size=%d" % SIZE,
+                     "--verify=crc32c", "--verify_fatal=1"],
+                    timeout=120, cwd=self.tmp)
+
+    def test_cache_map_shows_present_and_dirty(self):
+        self.cached("file://" + self.remote, "writeback")
+        h = self.connect(self.uri("disk"))
+        h.pread(CHUNK, 0)                       # chunk 0: present
+        h.pwrite(b"\x55" * 4096, 4 * CHUNK)     # chunk 4: present + dirty
+        m = self.cache_map(self.uri("disk"))
+        self.assertEqual(self.type_at(m, 0), 1)
+        self.assertEqual(self.type_at(m, 4 * CHUNK), 3)
+        self.assertEqual(self.type_at(m, 8 * CHUNK), 0)
+        self.assertEqual(sum(length for _, length, _ in m), SIZE)
+        h.flush()
+        m = self.cache_map(self.uri("disk"))
+        self.assertEqual(self.type_at(m, 4 * CHUNK), 1, "clean after FLUSH in writeback")
+        self.assertEqual(harness.read_file(self.remote, 4 * CHUNK, 4096), b"\x55" * 4096)
+
+    def test_flush_reaches_the_remote_where_the_mode_promises(self):
+        import nbd
+        for mode in ("writethrough", "writeback"):
+            with self.subTest(mode=mode):
+                self.cache_dir = self.path("cache-" + mode)
+                self.data_dir = self.path("data-" + mode)
+                d = self.cached("file://" + self.remote, mode, name="bw-" + mode)
+                h = self.connect(self.uri("disk"))
+                h.pwrite(b"F" * 8192, 3 * CHUNK + 512, nbd.CMD_FLAG_FUA)
+                self.assertEqual(harness.read_file(self.remote, 3 * CHUNK + 512, 8192), b"F" * 8192,
+                                 "FUA write not on the remote in " + mode)
+                h.pwrite(mode[:1].encode() * 4096, 9 * CHUNK)
+                h.flush()
+                self.assertEqual(harness.read_file(self.remote, 9 * CHUNK, 4096), mode[:1].encode() * 4096,
+                                 "flushed write not on the remote in " + mode)
+                harness.close_handle(h)
+                d.stop()
+
+    def test_writeback_local_flush_needs_no_remote_and_catches_up(self):
+        self.cached("file://" + self.remote, "writeback-local")
+        h = self.connect(self.uri("disk"))
+        h.pwrite(b"L" * 65536, 2 * CHUNK)
+        h.flush()
+        self.assertEqual(h.pread(65536, 2 * CHUNK), b"L" * 65536)
+        harness.wait_until(lambda: harness.read_file(self.remote, 2 * CHUNK, 65536) == b"L" * 65536,
+                           20, what="background write-back")
+
+    def test_restart_reuses_the_cache(self):
+        d = self.cached("file://" + self.remote, "writeback-local", name="first")
+        out = self.path("out.img")
+        self.nbdcopy(self.uri("disk"), out)
+        d.stop()
+        self.assertEqual(fetched_bytes(d.log()), SIZE)
+        d2 = self.cached("file://" + self.remote, "writeback-local", name="second")
+        self.nbdcopy(self.uri("disk"), out)
+        self.cmp(out, self.remote)
+        d2.stop()
+        self.assertEqual(fetched_bytes(d2.log()), 0, "present chunks were fetched again")
+
+    def test_restart_after_kill_keeps_flushed_writes(self):
+        d = self.cached("file://" + self.remote, "writeback-local", name="first")
+        h = self.connect(self.uri("disk"))
+        h.pwrite(b"K" * 4096, 5 * CHUNK)
+        h.flush()
+        d.send_signal(signal.SIGKILL)
+        d.wait(10)
+        self.cached("file://" + self.remote, "writeback-local", name="second")
+        h = self.connect(self.uri("disk"))
+        self.assertEqual(h.pread(4096, 5 * CHUNK), b"K" * 4096)
+
+    def test_wrong_cache_options_exit_2_naming_the_option(self):
+        cases = [("mode=writearound", "mode"), ("chunk=3k", "chunk"), ("chunk=lots", "chunk"),
+                 ("preallocate=maybe", "preallocate"), ("readahead=1T", "readahead")]
+        for opt, name in cases:
+            with self.subTest(opt=opt):
+                spec = "disk=file://%s,cache=%s,%s" % (self.remote, self.cache_dir, opt)
+                p = harness.run([harness.BLOCKWAYD, "--listen", "127.0.0.1:%d" % harness.free_port(),
+                                 "--data-dir", self.data_dir, "--export", spec], timeout=20, check=False)
+                self.assertEqual(p.returncode, 2, p.stderr.decode(errors="replace"))
+                err = (p.stderr + p.stdout).decode(errors="replace")
+                self.assertIn(name, err)
+        for spec, name in [("disk=file://%s,cache=relative/dir" % self.remote, "cache"),
+                           ("disk=file://%s,mode=writeback" % self.remote, "mode")]:
+            with self.subTest(spec=spec):
+                p = harness.run([harness.BLOCKWAYD, "--listen", "127.0.0.1:%d" % harness.free_port(),
+                                 "--data-dir", self.data_dir, "--export", spec], timeout=20, check=False)
+                self.assertEqual(p.returncode, 2)
+                self.assertIn(name, (p.stderr + p.stdout).decode(errors="replace"))
+
+    def test_changed_chunk_size_with_dirty_data_refuses_to_start(self):
+        d = self.cached("file://" + self.remote, "writeback-local", name="first")
+        h = self.connect(self.uri("disk"))
+        h.pwrite(b"D" * 4096, 0)
+        h.flush()
+        d.send_signal(signal.SIGKILL)  # no chance to write back
+        d.wait(10)
+        spec = "disk=file://%s,cache=%s,mode=writeback-local,chunk=128k" % (self.remote, self.cache_dir)
+        p = harness.run([harness.BLOCKWAYD, "--listen", "127.0.0.1:%d" % harness.free_port(),
+                         "--data-dir", self.data_dir, "--export", spec], timeout=20, check=False)
+        self.assertEqual(p.returncode, 2, (p.stderr + p.stdout).decode(errors="replace"))
+        self.assertIn("not yet written", (p.stderr + p.stdout).decode(errors="replace"))
+
+
+class Nbdkit:
+    def __init__(self, test, image, filters=(), params=()):
+        self.port = harness.free_port()
+        self.log = test.path("nbdkit-%d.log" % self.port)
+        cmd = ["nbdkit", "-f", "-p", str(self.port), "-i", "127.0.0.1"]
+        for f in filters:
+            cmd += ["--filter=" + f]
+        cmd += ["file", image] + list(params)
+        self._out = open(self.log, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT)
+        test.addCleanup(self.stop)
+        harness.wait_until(self._answers, 10, what="nbdkit to answer")
+
+    def _answers(self):
+        if self.proc.poll() is not None:
+            raise AssertionError("nbdkit exited: " + open(self.log).read())
+        return subprocess.run(["nbdinfo", "--size", self.uri()], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, timeout=10).returncode == 0
+
+    def uri(self):
+        return "nbd://127.0.0.1:%d/" % self.port
+
+    def stop(self):
+        harness.kill_pid(self.proc, signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            harness.kill_pid(self.proc)
+            self.proc.wait(5)
+        self._out.close()
+
+
+@unittest.skipUnless(harness.have("nbdkit") and harness.have("nbdcopy"), "nbdkit or nbdcopy missing")
+class NbdkitRemoteTest(CacheTestCase):
+    def test_slow_remote_round_trip_and_flush(self):
+        kit = Nbdkit(self, self.remote, filters=["delay"], params=["rdelay=2ms", "wdelay=2ms"])
+        self.cached(kit.uri(), "writeback")
+        out = self.path("out.img")
+        self.nbdcopy(self.uri("disk"), out)
+        self.cmp(out, self.remote)
+        new = harness.make_random_image(self.path("new.img"), SIZE, seed=99)
+        self.nbdcopy(new, self.uri("disk"))
+        self.cmp(self.remote, new)  # writeback: the FLUSH reached nbdkit's file
+
+    def test_present_chunks_are_served_while_the_remote_fails(self):
+        errfile = self.path("ERR")
+        kit = Nbdkit(self, self.remote, filters=["error"],
+                     params=["error-rate=100%", "error-file=" + errfile])
+        self.cached(kit.uri(), "writeback-local")
+        h = self.connect(self.uri("disk"))
+        warm = h.pread(4 * CHUNK, 0)
+        self.assertEqual(warm, harness.read_file(self.remote, 0, 4 * CHUNK))
+        open(errfile, "w").close()
+        t0 = time.monotonic()
+        self.assertEqual(h.pread(4 * CHUNK, 0), warm)
+        h.pwrite(b"W" * CHUNK, 8 * CHUNK)  # whole chunk: no fetch needed
+        h.flush()                          # writeback-local: no remote needed
+        self.assertEqual(h.pread(CHUNK, 8 * CHUNK), b"W" * CHUNK)
+        self.assertLess(time.monotonic() - t0, 10)
+        os.unlink(errfile)
+        self.assertEqual(h.pread(CHUNK, 12 * CHUNK), harness.read_file(self.remote, 12 * CHUNK, CHUNK))
+        harness.wait_until(lambda: harness.read_file(self.remote, 8 * CHUNK, CHUNK) == b"W" * CHUNK,
+                           30, what="write-back after the remote came back")
+
+    def test_restart_does_not_refetch_from_nbdkit(self):
+        kit = Nbdkit(self, self.remote, filters=["log"], params=["logfile=" + self.path("kit.log")])
+        d = self.cached(kit.uri(), "writethrough", name="first")
+        out = self.path("out.img")
+        self.nbdcopy(self.uri("disk"), out)
+        d.stop()
+        self.assertEqual(fetched_bytes(d.log()), SIZE)
+        with open(self.path("kit.log")) as f:
+            reads_before = len(re.findall(r" Read id=\d+ offset=", f.read()))
+        self.assertGreater(reads_before, 0)
+        d2 = self.cached(kit.uri(), "writethrough", name="second")
+        self.nbdcopy(self.uri("disk"), out)
+        self.cmp(out, self.remote)
+        d2.stop()
+        self.assertEqual(fetched_bytes(d2.log()), 0)
+        with open(self.path("kit.log")) as f:
+            reads_after = len(re.findall(r" Read id=\d+ offset=", f.read()))
+        self.assertEqual(reads_after, reads_before, "nbdkit saw reads after the restart")
+
+
+if __name__ == "__main__":
+    unittest.main()

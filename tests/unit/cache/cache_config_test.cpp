@@ -1,0 +1,113 @@
+// Unit tests for cache/cache_config: per-export cache options.
+#include "cache/cache_config.hpp"
+
+#include "gateway/config.hpp"
+
+#include <gtest/gtest.h>
+
+namespace blockway::cache {
+namespace {
+
+using Options = std::map<std::string, std::string>;
+
+// The message of the ConfigError that take_from throws, or "" if it does not.
+std::string error_of(Options opts) {
+  try {
+    (void)CacheConfig::take_from(opts, "vm1");
+  } catch (const gateway::ConfigError& e) {
+    return e.what();
+  }
+  return "";
+}
+
+TEST(CacheConfig, NoCacheKeyMeansNoCache) {
+  Options o{{"other", "1"}};
+  EXPECT_FALSE(CacheConfig::take_from(o, "vm1").has_value());
+  EXPECT_EQ(o.size(), 1u);  // not ours: left for the caller
+}
+
+TEST(CacheConfig, Defaults) {
+  Options o{{"cache", "/var/cache/bw"}};
+  auto c = CacheConfig::take_from(o, "vm1");
+  ASSERT_TRUE(c);
+  EXPECT_EQ(c->dir, "/var/cache/bw");
+  EXPECT_EQ(c->mode, WriteMode::writethrough);
+  EXPECT_EQ(c->chunk_size, 64u << 10);
+  EXPECT_FALSE(c->preallocate);
+  EXPECT_TRUE(o.empty());
+}
+
+TEST(CacheConfig, EveryOptionParsedAndTaken) {
+  Options o{{"cache", "/c"}, {"mode", "writeback-local"}, {"chunk", "256k"},
+            {"preallocate", "on"}, {"readahead", "1M"}, {"keep", "x"}};
+  auto c = CacheConfig::take_from(o, "vm1");
+  ASSERT_TRUE(c);
+  EXPECT_EQ(c->mode, WriteMode::writeback_local);
+  EXPECT_EQ(c->chunk_size, 256u << 10);
+  EXPECT_TRUE(c->preallocate);
+  EXPECT_EQ(c->readahead_chunks, 4u);  // 1M / 256k
+  EXPECT_EQ(o, (Options{{"keep", "x"}}));
+}
+
+TEST(CacheConfig, Modes) {
+  for (auto [text, mode] : {std::pair{"writethrough", WriteMode::writethrough},
+                            std::pair{"writeback", WriteMode::writeback},
+                            std::pair{"writeback-local", WriteMode::writeback_local}}) {
+    Options o{{"cache", "/c"}, {"mode", text}};
+    auto c = CacheConfig::take_from(o, "vm1");
+    ASSERT_TRUE(c);
+    EXPECT_EQ(c->mode, mode);
+    EXPECT_EQ(to_string(mode), text);
+  }
+}
+
+TEST(CacheConfig, ReadaheadZeroDisables) {
+  Options o{{"cache", "/c"}, {"readahead", "0"}};
+  EXPECT_EQ(CacheConfig::take_from(o, "vm1")->readahead_chunks, 0u);
+}
+
+TEST(CacheConfig, ChunkBounds) {
+  for (const char* ok : {"4k", "4096", "16M", "1M"}) {
+    Options o{{"cache", "/c"}, {"chunk", ok}};
+    EXPECT_TRUE(CacheConfig::take_from(o, "vm1")) << ok;
+  }
+  for (const char* bad : {"2k", "32M", "96k", "5000", "0"}) {
+    const auto msg = error_of({{"cache", "/c"}, {"chunk", bad}});
+    EXPECT_NE(msg.find("chunk"), std::string::npos) << bad << ": " << msg;
+    EXPECT_NE(msg.find("vm1"), std::string::npos) << msg;
+  }
+}
+
+TEST(CacheConfig, ErrorsNameTheOption) {
+  struct Case {
+    Options opts;
+    const char* option;
+  };
+  const Case cases[] = {
+      {{{"cache", "/c"}, {"mode", "writearound"}}, "mode"},
+      {{{"cache", "/c"}, {"chunk", "lots"}}, "chunk"},
+      {{{"cache", "/c"}, {"preallocate", "maybe"}}, "preallocate"},
+      {{{"cache", "/c"}, {"readahead", "1T"}}, "readahead"},
+      {{{"cache", "/c"}, {"readahead", "fast"}}, "readahead"},
+      {{{"cache", "relative/dir"}}, "cache"},
+      {{{"cache", ""}}, "cache"},
+      {{{"mode", "writeback"}}, "mode"},
+      {{{"chunk", "64k"}}, "chunk"},
+      {{{"preallocate", "on"}}, "preallocate"},
+      {{{"readahead", "1M"}}, "readahead"},
+  };
+  for (const auto& c : cases) {
+    const auto msg = error_of(c.opts);
+    ASSERT_FALSE(msg.empty()) << "no error for option " << c.option;
+    EXPECT_NE(msg.find(c.option), std::string::npos) << msg;
+    EXPECT_NE(msg.find("vm1"), std::string::npos) << msg;
+  }
+}
+
+TEST(CacheConfig, BadModeNamesTheValue) {
+  const auto msg = error_of({{"cache", "/c"}, {"mode", "writearound"}});
+  EXPECT_NE(msg.find("writearound"), std::string::npos) << msg;
+}
+
+}  // namespace
+}  // namespace blockway::cache

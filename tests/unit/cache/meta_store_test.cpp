@@ -1,0 +1,167 @@
+// Unit tests for cache/meta_store: the SQLite catalogue of caches.
+#include "cache/meta_store.hpp"
+
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <random>
+#include <stdexcept>
+
+namespace blockway::cache {
+namespace {
+
+class MetaStoreTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = std::filesystem::temp_directory_path() /
+           ("bw-meta-" + std::to_string(::getpid()) + "-" + std::to_string(std::random_device{}()));
+    std::filesystem::create_directories(dir_);
+    path_ = (dir_ / "catalogue.db").string();
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+
+  static CacheRecord record(const std::string& name = "vm1") {
+    return {name, "file:///remote.img", "/cache/" + name + ".img", "writeback", 1u << 30, 64u << 10, false};
+  }
+  static std::vector<uint64_t> words(size_t n, uint64_t seed) {
+    std::mt19937_64 rng(seed);
+    std::vector<uint64_t> w(n);
+    for (auto& x : w) x = rng();
+    return w;
+  }
+
+  std::filesystem::path dir_;
+  std::string path_;
+};
+
+TEST_F(MetaStoreTest, FindOfUnknownExportIsEmpty) {
+  MetaStore s(path_);
+  EXPECT_FALSE(s.find("nope").has_value());
+  EXPECT_EQ(s.load_bitmap("nope", BitmapKind::present, 3), std::vector<uint64_t>(3, 0));
+}
+
+TEST_F(MetaStoreTest, ResetStoresTheRecord) {
+  MetaStore s(path_);
+  s.reset(record());
+  auto r = s.find("vm1");
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->name, "vm1");
+  EXPECT_EQ(r->remote, "file:///remote.img");
+  EXPECT_EQ(r->cache_path, "/cache/vm1.img");
+  EXPECT_EQ(r->mode, "writeback");
+  EXPECT_EQ(r->size, 1u << 30);
+  EXPECT_EQ(r->chunk_size, 64u << 10);
+  EXPECT_FALSE(r->clean);
+}
+
+TEST_F(MetaStoreTest, CommitAndLoadPagesOfEveryKind) {
+  MetaStore s(path_);
+  s.reset(record());
+  const size_t n = MetaStore::kWordsPerPage * 2 + 7;  // two full pages and a short last one
+  const auto present = words(n, 1), dirty = words(n, 2), intent = words(n, 3);
+  std::vector<MetaStore::PageWrite> pages;
+  for (auto [kind, w] : {std::pair{BitmapKind::present, &present}, std::pair{BitmapKind::dirty, &dirty},
+                         std::pair{BitmapKind::intent, &intent}})
+    for (size_t first = 0; first < n; first += MetaStore::kWordsPerPage) {
+      const size_t len = std::min(MetaStore::kWordsPerPage, n - first);
+      pages.push_back({kind, static_cast<uint32_t>(first / MetaStore::kWordsPerPage),
+                       std::vector<uint64_t>(w->begin() + static_cast<long>(first),
+                                             w->begin() + static_cast<long>(first + len))});
+    }
+  s.commit("vm1", pages, std::nullopt);
+  EXPECT_EQ(s.load_bitmap("vm1", BitmapKind::present, n), present);
+  EXPECT_EQ(s.load_bitmap("vm1", BitmapKind::dirty, n), dirty);
+  EXPECT_EQ(s.load_bitmap("vm1", BitmapKind::intent, n), intent);
+  // Other exports do not see them.
+  EXPECT_EQ(s.load_bitmap("vm2", BitmapKind::present, 4), std::vector<uint64_t>(4, 0));
+}
+
+TEST_F(MetaStoreTest, MissingPagesReadAsZeroAndLargerStoredBitmapsAreCut) {
+  MetaStore s(path_);
+  s.reset(record());
+  std::vector<uint64_t> page1(MetaStore::kWordsPerPage, ~uint64_t{0});
+  s.commit("vm1", {{BitmapKind::dirty, 1, page1}}, std::nullopt);
+  auto w = s.load_bitmap("vm1", BitmapKind::dirty, MetaStore::kWordsPerPage * 3);
+  for (size_t i = 0; i < w.size(); ++i)
+    EXPECT_EQ(w[i], (i >= MetaStore::kWordsPerPage && i < 2 * MetaStore::kWordsPerPage) ? ~uint64_t{0} : 0u) << i;
+  // A smaller image: only the words that fit.
+  auto small = s.load_bitmap("vm1", BitmapKind::dirty, MetaStore::kWordsPerPage + 3);
+  EXPECT_EQ(small.size(), MetaStore::kWordsPerPage + 3);
+  EXPECT_EQ(small.back(), ~uint64_t{0});
+  auto tiny = s.load_bitmap("vm1", BitmapKind::dirty, 5);
+  EXPECT_EQ(tiny, std::vector<uint64_t>(5, 0));
+}
+
+TEST_F(MetaStoreTest, CommitReplacesAPage) {
+  MetaStore s(path_);
+  s.reset(record());
+  s.commit("vm1", {{BitmapKind::present, 0, {1, 2, 3}}}, std::nullopt);
+  s.commit("vm1", {{BitmapKind::present, 0, {4, 5, 6}}}, std::nullopt);
+  EXPECT_EQ(s.load_bitmap("vm1", BitmapKind::present, 3), (std::vector<uint64_t>{4, 5, 6}));
+}
+
+TEST_F(MetaStoreTest, CleanFlagAndMode) {
+  MetaStore s(path_);
+  s.reset(record());
+  s.set_clean("vm1", true);
+  EXPECT_TRUE(s.find("vm1")->clean);
+  s.commit("vm1", {{BitmapKind::dirty, 0, {9}}}, false);
+  EXPECT_FALSE(s.find("vm1")->clean);
+  EXPECT_EQ(s.load_bitmap("vm1", BitmapKind::dirty, 1), std::vector<uint64_t>{9});
+  s.set_mode("vm1", "writeback-local");
+  EXPECT_EQ(s.find("vm1")->mode, "writeback-local");
+}
+
+TEST_F(MetaStoreTest, ResetForgetsBitmaps) {
+  MetaStore s(path_);
+  s.reset(record());
+  s.commit("vm1", {{BitmapKind::dirty, 0, {7, 7}}}, std::nullopt);
+  auto r = record();
+  r.chunk_size = 4096;
+  s.reset(r);
+  EXPECT_EQ(s.find("vm1")->chunk_size, 4096u);
+  EXPECT_EQ(s.load_bitmap("vm1", BitmapKind::dirty, 2), std::vector<uint64_t>(2, 0));
+}
+
+TEST_F(MetaStoreTest, ReopenPersistsEverything) {
+  const auto bits = words(MetaStore::kWordsPerPage + 1, 42);
+  {
+    MetaStore s(path_);
+    s.reset(record("a"));
+    s.reset(record("b"));
+    s.commit("a", {{BitmapKind::present, 0, std::vector<uint64_t>(bits.begin(), bits.begin() + 512)},
+                   {BitmapKind::present, 1, std::vector<uint64_t>(bits.begin() + 512, bits.end())}},
+             true);
+    s.set_mode("b", "writethrough");
+  }
+  MetaStore s(path_);
+  auto a = s.find("a");
+  ASSERT_TRUE(a);
+  EXPECT_TRUE(a->clean);
+  EXPECT_EQ(s.load_bitmap("a", BitmapKind::present, bits.size()), bits);
+  auto b = s.find("b");
+  ASSERT_TRUE(b);
+  EXPECT_EQ(b->mode, "writethrough");
+  EXPECT_FALSE(b->clean);
+}
+
+TEST_F(MetaStoreTest, TwoStoresOnOneFileSeeEachOthersCommits) {
+  MetaStore s1(path_);
+  s1.reset(record());
+  MetaStore s2(path_);
+  s1.commit("vm1", {{BitmapKind::intent, 0, {5}}}, std::nullopt);
+  EXPECT_EQ(s2.load_bitmap("vm1", BitmapKind::intent, 1), std::vector<uint64_t>{5});
+}
+
+TEST_F(MetaStoreTest, UnopenablePathThrowsNamingIt) {
+  const std::string bad = (dir_ / "missing-dir" / "x.db").string();
+  try {
+    MetaStore s(bad);
+    FAIL() << "expected an exception";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find(bad), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace blockway::cache
