@@ -32,10 +32,12 @@ std::optional<CacheConfig> CacheConfig::take_from(std::map<std::string, std::str
   auto prealloc = take("preallocate");
   auto readahead = take("readahead");
   auto capacity = take("capacity");
+  auto wb_delay = take("writeback-delay");
   if (!dir) {
     const std::pair<const char*, bool> given[] = {
         {"mode", mode.has_value()}, {"chunk", chunk.has_value()}, {"preallocate", prealloc.has_value()},
-        {"readahead", readahead.has_value()}, {"capacity", capacity.has_value()}};
+        {"readahead", readahead.has_value()}, {"capacity", capacity.has_value()},
+        {"writeback-delay", wb_delay.has_value()}};
     for (const auto& [key, present] : given)
       if (present) throw ConfigError(where + "option '" + key + "' needs a cache directory (cache=DIR)");
     return std::nullopt;
@@ -64,6 +66,11 @@ std::optional<CacheConfig> CacheConfig::take_from(std::map<std::string, std::str
     if (c.capacity != 0 && c.capacity < 64 * c.chunk_size)
       throw ConfigError(where + "capacity must be 0 (unlimited) or at least 64 chunks (" +
                         std::to_string(64 * c.chunk_size) + " bytes)");
+  }
+  if (wb_delay) {
+    const auto v = gateway::parse_size(*wb_delay, where + "writeback-delay");
+    if (v > 3600) throw ConfigError(where + "writeback-delay must be at most 3600 seconds");
+    c.writeback_delay = std::chrono::milliseconds(v * 1000);
   }
   if (readahead) {
     const auto v = gateway::parse_size(*readahead, where + "readahead");

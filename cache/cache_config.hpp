@@ -24,6 +24,10 @@ struct CacheConfig {
   uint64_t capacity = 0;              // bytes of present chunks to keep; 0 = the whole image
   uint32_t readahead_chunks = 16;     // fetched ahead of a sequential miss
   std::chrono::milliseconds checkpoint_interval{2000};
+  // Background write-back waits this long after data became dirty, so that
+  // repeated writes to a chunk go to the remote once (0: at once). It starts
+  // sooner when dirty data fills 90% of a cache with a capacity.
+  std::chrono::milliseconds writeback_delay{5000};
 
   // Takes the cache options out of `options` (erasing the keys it uses).
   // Returns nullopt when the export has no cache (no "cache" key).

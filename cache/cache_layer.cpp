@@ -16,6 +16,7 @@
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
+#include <optional>
 #include <stdexcept>
 
 namespace blockway::cache {
@@ -253,7 +254,7 @@ std::string CacheLayer::describe() const {
 Task<std::pair<std::shared_ptr<CacheLayer::Fill>, std::vector<uint64_t>>> CacheLayer::claim(uint64_t first,
                                                                                              uint64_t last,
                                                                                              bool present_too) {
-  auto fill = std::make_shared<Fill>();
+  std::shared_ptr<Fill> fill;  // allocated on the first claim: hits need none
   std::vector<uint64_t> mine;
   uint64_t c = first;
   // Chunks are claimed in increasing order, so two claimers never wait for
@@ -263,6 +264,7 @@ Task<std::pair<std::shared_ptr<CacheLayer::Fill>, std::vector<uint64_t>>> CacheL
       ++c;
       continue;
     }
+    if (!fill) fill = std::make_shared<Fill>();
     std::shared_ptr<Fill> other;
     {
       auto& s = shard(c);
@@ -285,6 +287,7 @@ Task<std::pair<std::shared_ptr<CacheLayer::Fill>, std::vector<uint64_t>>> CacheL
 }
 
 void CacheLayer::release(const std::shared_ptr<Fill>& fill, const std::vector<uint64_t>& chunks, std::error_code ec) {
+  if (!fill) return;
   for (uint64_t c : chunks) {
     auto& s = shard(c);
     std::lock_guard lock(s.mutex);
@@ -836,21 +839,32 @@ Task<void> CacheLayer::background_loop() {
   boost::asio::steady_timer timer(co_await boost::asio::this_coro::executor);
   auto last_checkpoint = std::chrono::steady_clock::now();
   auto backoff = std::chrono::milliseconds(100);
+  std::optional<std::chrono::steady_clock::time_point> dirty_since;
+  const uint64_t cache_chunks = capacity_chunks_ ? capacity_chunks_ : nchunks_;
   while (!stopping_.load()) {
     timer.expires_after(std::chrono::milliseconds(100));
     co_await timer.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
     if (stopping_.load()) break;
-    // Dirty chunks are written back in every mode: writethrough can inherit
-    // them from an earlier run in a write-back mode.
+    // Dirty chunks are written back in every mode (writethrough can inherit
+    // them from an earlier run in a write-back mode), once they have waited
+    // writeback-delay, or at once when they fill 90% of a limited cache (dirty
+    // chunks cannot be evicted).
+    const auto now = std::chrono::steady_clock::now();
     if (dirty_.find_set(0) < nchunks_) {
-      if (auto ec = co_await write_back(0, nchunks_ - 1)) {
-        // The remote is in trouble: try again later, less often.
-        timer.expires_after(backoff);
-        co_await timer.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
-        backoff = std::min(backoff * 2, std::chrono::milliseconds(10000));
-      } else {
-        backoff = std::chrono::milliseconds(100);
+      if (!dirty_since) dirty_since = now;
+      if (now - *dirty_since >= cfg_.writeback_delay || (capacity_chunks_ && dirty_.count() * 10 >= cache_chunks * 9)) {
+        if (auto ec = co_await write_back(0, nchunks_ - 1)) {
+          // The remote is in trouble: try again later, less often.
+          timer.expires_after(backoff);
+          co_await timer.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
+          backoff = std::min(backoff * 2, std::chrono::milliseconds(10000));
+        } else {
+          backoff = std::chrono::milliseconds(100);
+        }
+        dirty_since.reset();
       }
+    } else {
+      dirty_since.reset();
     }
     if (capacity_chunks_ && present_.count() > capacity_chunks_) co_await evict();
     if (std::chrono::steady_clock::now() - last_checkpoint >= cfg_.checkpoint_interval) {

@@ -53,6 +53,7 @@ class CacheLayerTest : public ::testing::Test {
     c.chunk_size = kChunk;
     c.readahead_chunks = 0;
     c.checkpoint_interval = std::chrono::milliseconds(50);
+    c.writeback_delay = std::chrono::milliseconds(0);  // tests want write-back at once
     return c;
   }
   CacheLayer& open(WriteMode mode) { return open_with(config(mode)); }

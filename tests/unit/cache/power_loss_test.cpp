@@ -111,6 +111,7 @@ class PowerLoss : public ::testing::TestWithParam<Variant> {
     p.config.chunk_size = kChunk;
     p.config.readahead_chunks = rng_() % 2 ? 4 : 0;
     p.config.checkpoint_interval = std::chrono::milliseconds(0);
+    p.config.writeback_delay = std::chrono::milliseconds(0);
     p.store = store_.get();
     p.open_cache_file = [img = cache_image_](const std::string&) -> std::unique_ptr<gateway::BlockDevice> {
       return std::make_unique<test::SharedDevice>(img);
@@ -410,6 +411,7 @@ class PowerLossScenario : public ::testing::Test {
     p.config.chunk_size = kChunk;
     p.config.readahead_chunks = 0;
     p.config.checkpoint_interval = std::chrono::milliseconds(0);
+    p.config.writeback_delay = std::chrono::milliseconds(0);
     p.store = store_.get();
     p.open_cache_file = [img = cache_image_](const std::string&) -> std::unique_ptr<gateway::BlockDevice> {
       return std::make_unique<test::SharedDevice>(img);
