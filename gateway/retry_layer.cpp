@@ -18,7 +18,8 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 Task<void> sleep_until(Clock::time_point t) {
-  boost::asio::steady_timer timer(co_await boost::asio::this_coro::executor, t);
+  const auto ex = co_await boost::asio::this_coro::executor;
+  boost::asio::steady_timer timer(ex, t);
   co_await timer.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
 }
 
@@ -102,39 +103,50 @@ Task<RetryLayer::Outcome> RetryLayer::with_retry(const char* what, Op op) {
 }
 
 Task<bool> RetryLayer::recover(uint64_t failed_generation, Clock::time_point deadline) {
+  waiters_.fetch_add(1, std::memory_order_acq_rel);
+  struct Leave {
+    std::atomic<unsigned>& n;
+    ~Leave() { n.fetch_sub(1, std::memory_order_acq_rel); }
+  } leave{waiters_};
   for (;;) {
     if (remote_.generation() > failed_generation) co_return true;
-    const auto now = Clock::now();
-    if (now >= deadline) co_return false;
+    if (Clock::now() >= deadline) co_return false;
     if (!reconnecting_.exchange(true, std::memory_order_acq_rel)) {
-      // Detached: the attempt in progress is not abandoned when this request
-      // gives up; the loop has its own deadline.
-      boost::asio::co_spawn(co_await boost::asio::this_coro::executor,
-                            reconnect_loop(now + options_.timeout), boost::asio::detached);
+      // Detached: an attempt in progress is not abandoned when this request
+      // gives up; the loop ends once nobody waits for it.
+      const auto ex = co_await boost::asio::this_coro::executor;
+      boost::asio::co_spawn(ex, reconnect_loop(), boost::asio::detached);
     }
     co_await sleep_until(std::min(deadline, Clock::now() + options_.poll));
   }
 }
 
-Task<void> RetryLayer::reconnect_loop(Clock::time_point deadline) {
+Task<void> RetryLayer::reconnect_loop() {
   auto log = logger("retry");
   for (;;) {
-    const std::error_code ec = co_await remote_.reconnect();
-    std::chrono::milliseconds wait{};
+    Clock::time_point not_before;
     {
       std::lock_guard lock(mutex_);
-      if (!ec) {
-        ++health_.reconnects;
-        backoff_ = options_.first_backoff;
-        break;
-      }
-      health_.last_error = ec;
-      wait = backoff_;
-      backoff_ = std::min(backoff_ * 2, options_.max_backoff);
+      not_before = next_attempt_;
     }
-    log->debug("{}: reconnect failed: {}; next attempt in {} ms", describe(), ec.message(), wait.count());
-    if (Clock::now() + wait >= deadline) break;
-    co_await sleep_until(Clock::now() + wait);
+    // Back-off holds across loops: a new loop does not restart the clock.
+    if (Clock::now() < not_before) co_await sleep_until(not_before);
+    if (waiters_.load(std::memory_order_acquire) == 0) break;
+    const std::error_code ec = co_await remote_.reconnect();
+    std::lock_guard lock(mutex_);
+    if (!ec) {
+      ++health_.reconnects;
+      backoff_ = options_.first_backoff;
+      next_attempt_ = Clock::now();
+      log->info("{}: reconnected after {} attempt(s)", describe(), attempts_ + 1);
+      attempts_ = 0;
+      break;
+    }
+    health_.last_error = ec;
+    ++attempts_;
+    next_attempt_ = Clock::now() + backoff_;
+    log->debug("{}: reconnect failed: {}; next attempt in {} ms", describe(), ec.message(), backoff_.count());
+    backoff_ = std::min(backoff_ * 2, options_.max_backoff);
   }
   reconnecting_.store(false, std::memory_order_release);
 }

@@ -16,9 +16,10 @@
 // flush errors), after which they count as handled.
 //
 // One reconnect at a time: the first request that needs one starts a
-// reconnect loop (detached, on its own executor); every request that needs a
-// session newer than the one it failed on waits for it, bounded by its own
-// deadline. A request that failed on an old session retries at once if a
+// reconnect loop (detached, on its own executor) that tries until it succeeds
+// or no request waits any more; every request that needs a session newer
+// than the one it failed on waits for it, bounded by its own deadline. The
+// back-off carries over from one loop to the next and resets on success. A request that failed on an old session retries at once if a
 // newer one already exists.
 //
 // Thread model: any method may be called from any event-loop thread. The
@@ -92,18 +93,22 @@ class RetryLayer final : public Layer {
   // Waits until a session newer than `failed_generation` exists (true), or
   // the deadline passes (false). Starts the reconnect loop if none runs.
   Task<bool> recover(uint64_t failed_generation, std::chrono::steady_clock::time_point deadline);
-  Task<void> reconnect_loop(std::chrono::steady_clock::time_point deadline);
+  // Attempts reconnect() with back-off until it succeeds or nobody waits.
+  Task<void> reconnect_loop();
   void note_write(uint64_t generation);
   void note_error(std::error_code ec);
 
   RemoteDevice& remote_;
   RetryOptions options_;
   std::atomic<bool> reconnecting_{false};
+  std::atomic<unsigned> waiters_{0};  // requests inside recover()
 
   mutable std::mutex mutex_;
   std::deque<Run> unflushed_;
   uint64_t write_seq_ = 0;
   std::chrono::milliseconds backoff_;
+  std::chrono::steady_clock::time_point next_attempt_{};
+  uint64_t attempts_ = 0;  // failed attempts since the last success
   RetryHealth health_;
 };
 

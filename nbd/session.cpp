@@ -177,7 +177,7 @@ Task<void> Session::reader() {
     if (req.type == kCmdWrite) {
       payload = Buffer(req.length);
       const size_t buffered = std::min<size_t>(req.length, rtail_ - rhead_);
-      std::memcpy(payload.data(), rbuf_.get() + rhead_, buffered);
+      if (buffered) std::memcpy(payload.data(), rbuf_.get() + rhead_, buffered);  // data() is null when empty
       rhead_ += buffered;
       if (buffered < req.length &&
           co_await channel_.read_exact({payload.data() + buffered, req.length - buffered})) {

@@ -1,6 +1,7 @@
 #include "remote/fd_watcher.hpp"
 
 #include <boost/asio/error.hpp>
+#include <boost/asio/post.hpp>
 
 namespace blockway::remote {
 
@@ -33,54 +34,73 @@ void FdWatcher::detach() {
 }
 
 void FdWatcher::arm() {
-  auto client = client_.lock();
-  if (!client) return;
-  const int fd = client->watched_fd();
-  if (fd != fd_) {
-    stop();
-    if (fd < 0) return;
-    boost::system::error_code ec;
-    sd_.assign(fd, ec);
-    if (ec) {
-      // Cannot watch this fd: let the library find out on its own.
-      client->service(POLLERR);
-      return;
+  // Asio waits are edge-triggered (epoll EPOLLET, no speculative check for
+  // async_wait), while these libraries expect level-triggered poll(): libnbd
+  // reads exactly one reply per notification and may leave more in the
+  // socket, and an edge that arrived while no wait was queued is gone. So
+  // before queueing a wait, ask poll() with a zero timeout whether the fd is
+  // already ready, and service it at once if so. Bounded, then yield.
+  for (int round = 0; round < 64; ++round) {
+    auto client = client_.lock();
+    if (!client) return;
+    const int fd = client->watched_fd();
+    if (fd != fd_) {
+      stop();
+      if (fd < 0) return;
+      boost::system::error_code ec;
+      sd_.assign(fd, ec);
+      if (ec) {
+        client->service(POLLERR);  // cannot watch it: let the library find out
+        return;
+      }
+      fd_ = fd;
     }
-    fd_ = fd;
+    if (fd_ < 0) return;
+    const short wanted = client->wanted_events();
+    short check = 0;
+    if ((wanted & POLLIN) && !read_pending_) check |= POLLIN;
+    if ((wanted & POLLOUT) && !write_pending_) check |= POLLOUT;
+    if (check == 0) return;
+    pollfd p{fd_, check, 0};
+    if (::poll(&p, 1, 0) > 0 && p.revents != 0) {
+      const bool readable = (check & POLLIN) && (p.revents & (POLLIN | POLLHUP | POLLERR));
+      client->service(readable ? POLLIN : POLLOUT);  // errors surface through recv/send
+      continue;
+    }
+    const unsigned epoch = epoch_;
+    if (check & POLLIN) {
+      read_pending_ = true;
+      sd_.async_wait(boost::asio::posix::stream_descriptor::wait_read,
+                     [self = shared_from_this(), epoch](const boost::system::error_code& ec) {
+                       if (epoch == self->epoch_) self->on_ready(false, ec);
+                     });
+    }
+    if (check & POLLOUT) {
+      write_pending_ = true;
+      sd_.async_wait(boost::asio::posix::stream_descriptor::wait_write,
+                     [self = shared_from_this(), epoch](const boost::system::error_code& ec) {
+                       if (epoch == self->epoch_) self->on_ready(true, ec);
+                     });
+    }
+    return;
   }
-  if (fd_ < 0) return;
-  const short wanted = client->wanted_events();
-  const unsigned epoch = epoch_;
-  if ((wanted & POLLIN) && !read_pending_) {
-    read_pending_ = true;
-    sd_.async_wait(boost::asio::posix::stream_descriptor::wait_read,
-                   [self = shared_from_this(), epoch](const boost::system::error_code& ec) {
-                     if (epoch == self->epoch_) self->on_ready(false, ec);
-                   });
-  }
-  if ((wanted & POLLOUT) && !write_pending_) {
-    write_pending_ = true;
-    sd_.async_wait(boost::asio::posix::stream_descriptor::wait_write,
-                   [self = shared_from_this(), epoch](const boost::system::error_code& ec) {
-                     if (epoch == self->epoch_) self->on_ready(true, ec);
-                   });
-  }
+  // Still busy after many rounds: let other work on this loop run first.
+  boost::asio::post(sd_.get_executor(), [self = shared_from_this(), epoch = epoch_] {
+    if (epoch == self->epoch_) self->arm();
+  });
 }
 
 void FdWatcher::on_ready(bool write, const boost::system::error_code& ec) {
   (write ? write_pending_ : read_pending_) = false;
   if (ec == boost::asio::error::operation_aborted) return;
-  auto client = client_.lock();
-  if (!client) return;
-  const short event = write ? POLLOUT : POLLIN;
   if (ec) {
-    client->service(POLLERR);
-  } else if (client->wanted_events() & event) {
-    // The library may have changed its mind since the wait was armed (a
-    // write wait fires late after the queue drained): only service what it
-    // still wants.
-    client->service(event);
+    if (auto client = client_.lock()) client->service(POLLERR);
   }
+  // No service straight from the edge: it may be stale (the data it announced
+  // was already consumed after a level check). A spurious notify_read is not
+  // harmless in libnbd: in the middle of sending a write payload it pauses
+  // the payload to read a reply that is not coming, and both ends wait for
+  // each other. arm() services only what poll() reports ready right now.
   arm();
 }
 

@@ -7,7 +7,10 @@
 // destroyed or the fd changes, never close()) and keeps at most one
 // wait_read and one wait_write pending, as the library's wanted events ask.
 // When the fd is ready it calls the library's service function and asks again
-// what the library wants. After queueing new commands the owner calls kick(),
+// what the library wants. Asio's waits are edge-triggered but the libraries
+// expect poll()'s level semantics (libnbd reads one reply per notification),
+// so before queueing a wait the watcher checks the level with a zero-timeout
+// poll() and services at once when the fd is already ready. After queueing new commands the owner calls kick(),
 // so a library that now has bytes to send gets its POLLOUT armed. If the
 // library's fd changed (a reconnect made a new socket), the next arm() wraps
 // the new one.
@@ -19,7 +22,7 @@
 //
 // Completion handlers rather than one coroutine: the read and write waits are
 // independent and either may be pending alone, which two small handlers
-// express directly.
+// express directly. Deviation from the first sketch, on purpose.
 //
 // Thread model: every method and every call into the Client runs on the one
 // io_context the watcher was created with (the owning connection's event

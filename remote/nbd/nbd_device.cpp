@@ -507,9 +507,10 @@ Task<std::error_code> NbdDevice::reconnect() {
   auto log = gateway::logger("nbd");
   std::vector<HandlePtr> fresh;
   for (size_t i = 0; i < conns_.size(); ++i) {
-    auto res = co_await gateway::offload(loops_.blocking(), [uri = uri_, timeout = options_.io_timeout] {
-      return connect_handle(uri, timeout);
-    });
+    // Only trivially destructible captures in a co_await expression: GCC 12
+    // destroys some temporaries of such expressions twice.
+    auto connect = [this] { return connect_handle(uri_, options_.io_timeout); };
+    auto res = co_await gateway::offload(loops_.blocking(), connect);
     if (!res.handle) {
       log->debug("{}: reconnect failed: {}", uri_, res.message);
       co_return errno_code(gateway::is_connection_error(errno_code(res.err)) ? res.err : ECONNREFUSED);
@@ -522,9 +523,10 @@ Task<std::error_code> NbdDevice::reconnect() {
     }
     fresh.push_back(std::move(res.handle));
   }
-  for (size_t i = 0; i < conns_.size(); ++i)
-    co_await boost::asio::co_spawn(conns_[i]->executor(), install_on(conns_[i], std::move(fresh[i])),
-                                   boost::asio::use_awaitable);
+  for (size_t i = 0; i < conns_.size(); ++i) {
+    auto task = install_on(conns_[i], std::move(fresh[i]));  // outside the co_await (GCC 12)
+    co_await boost::asio::co_spawn(conns_[i]->executor(), std::move(task), boost::asio::use_awaitable);
+  }
   const uint64_t gen = generation_.fetch_add(1, std::memory_order_acq_rel) + 1;
   log->info("{}: reconnected ({} connection(s), generation {})", uri_, conns_.size(), gen);
   co_return std::error_code{};
