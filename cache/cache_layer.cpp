@@ -401,20 +401,26 @@ Task<std::error_code> CacheLayer::write(std::span<const std::byte> buf, uint64_t
   co_return co_await write_cached(buf, offset, flags);
 }
 
+Task<std::error_code> CacheLayer::populate_partial_ends(ByteRange range) {
+  // A chunk that a change covers only in part must hold the rest of its data.
+  const uint64_t first = chunk_of(range.offset), last = chunk_of(range.end() - 1);
+  const bool head_partial = range.offset != chunk_start(first) || range.end() < chunk_start(first) + chunk_len(first);
+  const bool tail_partial = last != first && range.end() < chunk_start(last) + chunk_len(last);
+  if (head_partial && !present_.test(first))
+    if (auto ec = co_await populate(first, first)) co_return ec;
+  if (tail_partial && !present_.test(last))
+    if (auto ec = co_await populate(last, last)) co_return ec;
+  co_return std::error_code{};
+}
+
 Task<std::error_code> CacheLayer::write_cached(std::span<const std::byte> buf, uint64_t offset, IoFlags flags) {
   const uint64_t end = offset + buf.size();
   const uint64_t first = chunk_of(offset), last = chunk_of(end - 1);
   RegionWrites guard(*this, first, last);
   if (auto ec = co_await ensure_intent(first, last)) co_return ec;
-  // Chunks the write covers only in part must hold the rest of their data.
-  const bool head_partial = offset != chunk_start(first) || end < chunk_start(first) + chunk_len(first);
-  const bool tail_partial = end < chunk_start(last) + chunk_len(last);
   std::error_code ec;
   for (bool done = false; !done;) {
-    if (head_partial && !present_.test(first))
-      if (auto pec = co_await populate(first, first)) co_return pec;
-    if (tail_partial && last != first && !present_.test(last))
-      if (auto pec = co_await populate(last, last)) co_return pec;
+    if (auto pec = co_await populate_partial_ends({offset, buf.size()})) co_return pec;
     auto [fill, mine] = co_await claim(first, last);
     {
       EpochGuard guard(*this);
@@ -505,14 +511,9 @@ Task<std::error_code> CacheLayer::zero_cached(ByteRange range, IoFlags flags, bo
   const uint64_t first = chunk_of(range.offset), last = chunk_of(range.end() - 1);
   RegionWrites guard(*this, first, last);
   if (auto ec = co_await ensure_intent(first, last)) co_return ec;
-  const bool head_partial = range.offset != chunk_start(first) || range.end() < chunk_start(first) + chunk_len(first);
-  const bool tail_partial = range.end() < chunk_start(last) + chunk_len(last);
   std::error_code ec;
   for (bool done = false; !done;) {
-    if (head_partial && !present_.test(first))
-      if (auto pec = co_await populate(first, first)) co_return pec;
-    if (tail_partial && last != first && !present_.test(last))
-      if (auto pec = co_await populate(last, last)) co_return pec;
+    if (auto pec = co_await populate_partial_ends(range)) co_return pec;
     auto [fill, mine] = co_await claim(first, last);
     {
       EpochGuard guard(*this);
@@ -719,7 +720,14 @@ Task<std::error_code> CacheLayer::write_back_locked(uint64_t first, uint64_t las
                               if (--*remaining == 0) all_done->set();
                             });
     }
-    co_await all_done->wait();
+    // Only the runs keep the event alive while this frame waits on it: were
+    // they abandoned (the loop destroyed mid-flight), the event, its waiter
+    // and so this frame are freed with them instead of keeping each other
+    // alive. Safe on this single-threaded executor: no run starts before this
+    // frame suspends, and wait() touches nothing of the event after it resumes.
+    gateway::SharedEvent* event = all_done.get();
+    all_done.reset();
+    co_await event->wait();
     for (size_t i = 0; i < window.size(); ++i) {
       if (results[i]) {
         redirty(window[i].first, window[i].second);

@@ -143,6 +143,8 @@ class CacheLayer final : public gateway::Layer {
   gateway::Task<std::error_code> ensure_intent(uint64_t first, uint64_t last);
   class RegionWrites;  // RAII: counts writes in progress per region
 
+  // Fetches the chunks at either end of `range` that it covers only in part.
+  gateway::Task<std::error_code> populate_partial_ends(gateway::ByteRange range);
   gateway::Task<std::error_code> write_cached(std::span<const std::byte> buf, uint64_t offset,
                                               gateway::IoFlags flags);
   gateway::Task<std::error_code> write_through(std::span<const std::byte> buf, uint64_t offset,
