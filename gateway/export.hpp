@@ -8,6 +8,7 @@
 #pragma once
 
 #include "gateway/checked_device.hpp"
+#include "gateway/export_control.hpp"
 
 #include <functional>
 #include <map>
@@ -27,6 +28,10 @@ struct Export {
   // (extent flag 1 = present locally, 2 = dirty), for the blockway:cache
   // metadata context.
   std::function<Task<std::error_code>(ByteRange, ExtentList&)> cache_status;
+  // Set when a local cache sits in the device chain: run-time control of it
+  // (prefetch, detach, write mode) and its report. Owned by the device chain,
+  // so it lives as long as `device`.
+  ExportControl* control = nullptr;
 };
 
 class ExportTable {
