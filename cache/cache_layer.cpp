@@ -465,9 +465,17 @@ Task<std::error_code> CacheLayer::write_through(std::span<const std::byte> buf, 
   // this write; present ones: so that two overlapping writes update remote
   // and cache in the same order).
   auto [fill, mine] = co_await claim(first, last, true);
+  // The cache file needs these bytes only for chunks that are present (to
+  // stay in step with the remote) or that the write covers whole (write-
+  // allocate). A write that only partly covers absent chunks skips it: on a
+  // cold cache that saves a local write per request. Decided under the claim,
+  // so no fill can make a chunk present behind our back.
+  bool cache_needs_it = false;
+  for (uint64_t c = first; c <= last && !cache_needs_it; ++c)
+    cache_needs_it = present_.test(c) || (offset <= chunk_start(c) && end >= chunk_start(c) + chunk_len(c));
   auto ec = co_await next().write(buf, offset, remote_fua(flags));
   if (!ec && needs_remote_flush(flags)) ec = co_await next().flush();
-  if (!ec) {
+  if (!ec && cache_needs_it) {
     if (auto cec = co_await cache_file_->write(buf, offset, 0)) {
       // The remote has the data; the cache must not keep the old bytes.
       log_->warn("export '{}': cache file write failed ({}), dropping those chunks", name_, cec.message());

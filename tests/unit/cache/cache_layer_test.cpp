@@ -13,7 +13,9 @@
 #include <boost/asio/use_future.hpp>
 
 #include <cstdlib>
+#include <filesystem>
 #include <future>
+#include <sys/stat.h>
 
 namespace blockway::cache {
 namespace {
@@ -287,6 +289,35 @@ TEST_F(CacheLayerTest, WritethroughWriteReachesTheRemoteBeforeTheAck) {
   ASSERT_FALSE(flush());
   EXPECT_EQ(remote_->calls(Op::flush), 1u);
   EXPECT_EQ(layer().stats().dirty_bytes, 0u);
+}
+
+// A writethrough write that only partly covers absent chunks has nothing to
+// keep in step in the cache file: it goes to the remote alone, and a later
+// read fetches the chunk with the new bytes.
+TEST_F(CacheLayerTest, WritethroughPartialWriteToAnAbsentChunkSkipsTheCacheFile) {
+  open(WriteMode::writethrough);
+  auto data = bytes(4096, 0x3C);
+  ASSERT_FALSE(write(2 * kChunk + 512, data));
+  EXPECT_EQ(remote_->contents(2 * kChunk + 512, 4096), data);
+  uint64_t allocated = 0;
+  for (const auto& f : std::filesystem::recursive_directory_iterator(dir_.str()))
+    if (f.is_regular_file() && f.path().extension() != ".db" && f.path().string().find(".db-") == std::string::npos) {
+      struct stat st {};
+      ASSERT_EQ(::stat(f.path().c_str(), &st), 0);
+      allocated += static_cast<uint64_t>(st.st_blocks);
+    }
+  EXPECT_EQ(allocated, 0u) << "the cache file was written although no chunk it holds changed";
+  EXPECT_EQ(layer().stats().present_bytes, 0u);
+  auto got = read(2 * kChunk, kChunk);
+  EXPECT_EQ(std::vector<std::byte>(got.begin() + 512, got.begin() + 512 + 4096), data);
+  EXPECT_EQ(std::vector<std::byte>(got.begin(), got.begin() + 512), pattern(2 * kChunk, 512));
+  // Now present: the next partial write keeps the cache file in step.
+  auto more = bytes(100, 0x3D);
+  ASSERT_FALSE(write(2 * kChunk + 10, more));
+  const auto calls = remote_->calls(Op::read);
+  got = read(2 * kChunk, 200);
+  EXPECT_EQ(std::vector<std::byte>(got.begin() + 10, got.begin() + 110), more);
+  EXPECT_EQ(remote_->calls(Op::read), calls) << "a present chunk was fetched again";
 }
 
 TEST_F(CacheLayerTest, WritethroughWriteErrorIsReportedAndNothingChanges) {
