@@ -278,7 +278,12 @@ Task<std::pair<std::shared_ptr<CacheLayer::Fill>, std::vector<uint64_t>>> CacheL
       }
     }
     if (other) {
-      co_await other->done.wait();  // then look at chunk c again
+      // Then look at chunk c again. The wait does not own the other Fill, so
+      // that this frame and it never keep each other alive (see wait_unowned).
+      gateway::SharedEvent* done = &other->done;
+      std::shared_ptr<gateway::SharedEvent> event(std::move(other), done);
+      auto waiting = gateway::SharedEvent::wait_unowned(std::move(event));
+      co_await std::move(waiting);
       continue;
     }
     ++c;
@@ -731,11 +736,9 @@ Task<std::error_code> CacheLayer::write_back_locked(uint64_t first, uint64_t las
     // Only the runs keep the event alive while this frame waits on it: were
     // they abandoned (the loop destroyed mid-flight), the event, its waiter
     // and so this frame are freed with them instead of keeping each other
-    // alive. Safe on this single-threaded executor: no run starts before this
-    // frame suspends, and wait() touches nothing of the event after it resumes.
-    gateway::SharedEvent* event = all_done.get();
-    all_done.reset();
-    co_await event->wait();
+    // alive.
+    auto waiting = gateway::SharedEvent::wait_unowned(std::move(all_done));
+    co_await std::move(waiting);
     for (size_t i = 0; i < window.size(); ++i) {
       if (results[i]) {
         redirty(window[i].first, window[i].second);

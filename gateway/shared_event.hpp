@@ -11,6 +11,7 @@
 #include <boost/asio/associated_executor.hpp>
 #include <boost/asio/post.hpp>
 
+#include <memory>
 #include <mutex>
 #include <system_error>
 #include <vector>
@@ -50,22 +51,36 @@ class SharedEvent {
       if (done_) co_return result_;
     }
     co_return co_await boost::asio::async_initiate<const boost::asio::use_awaitable_t<>, void(std::error_code)>(
-        [this](auto handler) {
-          std::unique_lock lock(mutex_);
-          if (done_) {
-            const auto ec = result_;
-            lock.unlock();
-            auto ex = boost::asio::get_associated_executor(handler);
-            boost::asio::post(ex, [h = std::move(handler), ec]() mutable { std::move(h)(ec); });
-            return;
-          }
-          boost::asio::any_io_executor ex = boost::asio::get_associated_executor(handler);
-          waiters_.push_back({std::move(ex), Handler(std::move(handler))});
-        },
-        boost::asio::use_awaitable);
+        [this](auto handler) { add_waiter(std::move(handler)); }, boost::asio::use_awaitable);
+  }
+
+  // Waits for `*event`, keeping it alive only until the wait is registered.
+  // The waiter then does not own the event: if whoever owns it is destroyed
+  // without setting it (an event loop torn down mid-flight), the waiter is
+  // freed with it, instead of the two keeping each other alive in a
+  // reference cycle (event -> waiter's handler -> waiter's frame -> event).
+  // Not a coroutine on purpose: a coroutine's frame would hold the argument.
+  static Task<std::error_code> wait_unowned(std::shared_ptr<SharedEvent> event) {
+    return boost::asio::async_initiate<const boost::asio::use_awaitable_t<>, void(std::error_code)>(
+        [](auto handler, std::shared_ptr<SharedEvent> ev) { ev->add_waiter(std::move(handler)); },
+        boost::asio::use_awaitable, std::move(event));
   }
 
  private:
+  template <class H>
+  void add_waiter(H handler) {
+    std::unique_lock lock(mutex_);
+    if (done_) {
+      const auto ec = result_;
+      lock.unlock();
+      auto ex = boost::asio::get_associated_executor(handler);
+      boost::asio::post(ex, [h = std::move(handler), ec]() mutable { std::move(h)(ec); });
+      return;
+    }
+    boost::asio::any_io_executor ex = boost::asio::get_associated_executor(handler);
+    waiters_.push_back({std::move(ex), Handler(std::move(handler))});
+  }
+
   mutable std::mutex mutex_;
   bool done_ = false;
   std::error_code result_;
