@@ -60,6 +60,9 @@
 namespace blockway::cache {
 
 struct CacheStats {
+  // hits/misses count read requests (served wholly from the cache, or not);
+  // bytes_fetched counts every fetch, also those that merge a partial write
+  // or zero into a chunk that was absent.
   uint64_t hits = 0, misses = 0;
   uint64_t bytes_fetched = 0, bytes_written_back = 0;
   uint64_t present_bytes = 0, dirty_bytes = 0;
