@@ -2,6 +2,7 @@
 
 #include <cerrno>
 #include <cstdio>
+#include <iterator>
 #include <iscsi/iscsi.h>
 #include <iscsi/scsi-lowlevel.h>
 
@@ -59,13 +60,29 @@ ScsiOutcome scsi_outcome(int status, int sense_key, int ascq) noexcept {
   }
 }
 
+namespace {
+
+// libiscsi's scsi_sense_key_str() returns NULL for some keys; our own names.
+const char* sense_key_name(int key) {
+  static const char* const names[] = {"NO_SENSE",        "RECOVERED_ERROR", "NOT_READY",       "MEDIUM_ERROR",
+                                      "HARDWARE_ERROR",  "ILLEGAL_REQUEST", "UNIT_ATTENTION",  "DATA_PROTECTION",
+                                      "BLANK_CHECK",     "VENDOR_SPECIFIC", "COPY_ABORTED",    "ABORTED_COMMAND",
+                                      "OBSOLETE",        "VOLUME_OVERFLOW", "MISCOMPARE"};
+  return key >= 0 && key < static_cast<int>(std::size(names)) ? names[key] : "UNKNOWN";
+}
+
+}  // namespace
+
 std::string describe_scsi_status(int status, int sense_key, int ascq) {
   char buf[160];
   switch (status) {
-    case SCSI_STATUS_CHECK_CONDITION:
-      std::snprintf(buf, sizeof buf, "CHECK CONDITION: %s (0x%x) ascq 0x%04x (%s)", scsi_sense_key_str(sense_key),
-                    sense_key, static_cast<unsigned>(ascq), scsi_sense_ascq_str(ascq));
+    case SCSI_STATUS_CHECK_CONDITION: {
+      const char* ascq_name = scsi_sense_ascq_str(ascq);
+      std::snprintf(buf, sizeof buf, "CHECK CONDITION: %s (0x%x) ascq 0x%04x%s%s%s", sense_key_name(sense_key),
+                    static_cast<unsigned>(sense_key), static_cast<unsigned>(ascq), ascq_name ? " (" : "",
+                    ascq_name ? ascq_name : "", ascq_name ? ")" : "");
       return buf;
+    }
     case SCSI_STATUS_BUSY: return "BUSY";
     case SCSI_STATUS_TASK_SET_FULL: return "TASK SET FULL";
     case SCSI_STATUS_TASK_ABORTED: return "TASK ABORTED";
