@@ -106,8 +106,13 @@ std::string explain_login_failure(const IscsiUri& uri, const std::string& raw) {
   if (raw.find("Target not found") != std::string::npos || raw.find("TARGET_NOT_FOUND") != std::string::npos ||
       raw.find("target not found") != std::string::npos)
     return "target " + uri.target + " not found on " + uri.portal() + " (" + raw + ")";
-  if (raw.find("uthentication") != std::string::npos || raw.find("CHAP") != std::string::npos)
-    return "login to " + uri.target + " refused: CHAP authentication failed (" + raw + ")";
+  if (raw.find("uthentication") != std::string::npos || raw.find("CHAP") != std::string::npos) {
+    if (uri.user.empty())
+      return "login to " + uri.target + " refused: the target wants CHAP; give iscsi://user%password@" +
+             uri.portal() + "/... (" + raw + ")";
+    return "login to " + uri.target + " refused: CHAP authentication failed for user '" + uri.user + "' (" + raw +
+           ")";
+  }
   return raw;
 }
 
