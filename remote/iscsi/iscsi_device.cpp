@@ -101,8 +101,6 @@ void on_connected(iscsi_context* ctx, int status, void*, void* private_data) {
 
 // Turns libiscsi's words into what a user needs to act on.
 std::string explain_login_failure(const IscsiUri& uri, const std::string& raw) {
-  if (raw.find("LOGICAL_UNIT_NOT_SUPPORTED") != std::string::npos)
-    return "LUN " + std::to_string(uri.lun) + " does not exist on target " + uri.target + " (" + raw + ")";
   if (raw.find("Target not found") != std::string::npos || raw.find("TARGET_NOT_FOUND") != std::string::npos ||
       raw.find("target not found") != std::string::npos)
     return "target " + uri.target + " not found on " + uri.portal() + " (" + raw + ")";
@@ -116,46 +114,11 @@ std::string explain_login_failure(const IscsiUri& uri, const std::string& raw) {
   return raw;
 }
 
-// Logs one session in and checks the LUN answers, giving up after `timeout`
-// (a portal that accepts but never answers must not block a thread forever).
-// Blocking: call at start-up or on the blocking pool.
-ConnectResult connect_session(const IscsiUri& uri, const IscsiOptions& o, uint32_t slot) {
-  ConnectResult r;
-  r.ctx.reset(iscsi_create_context(o.initiator.c_str()));
-  iscsi_context* ctx = r.ctx.get();
-  if (ctx == nullptr) {
-    r.err = ENOMEM;
-    r.message = "cannot create an iSCSI context";
-    return r;
-  }
-  iscsi_set_session_type(ctx, ISCSI_SESSION_NORMAL);
-  iscsi_set_header_digest(ctx, ISCSI_HEADER_DIGEST_NONE_CRC32C);
-  iscsi_set_noautoreconnect(ctx, 1);  // RetryLayer decides when and how often
-  iscsi_set_isid_random(ctx, isid_base() | (slot & 0xffu), 0);
-  if (iscsi_set_targetname(ctx, uri.target.c_str()) != 0 ||
-      (!uri.user.empty() &&
-       iscsi_set_initiator_username_pwd(ctx, uri.user.c_str(), uri.password.c_str()) != 0)) {
-    r.err = EINVAL;
-    r.message = context_error(ctx);
-    r.ctx.reset();
-    return r;
-  }
-  ConnectState state;
-  if (iscsi_full_connect_async(ctx, uri.portal().c_str(), uri.lun, &on_connected, &state) != 0) {
-    r.err = ECONNREFUSED;
-    r.message = context_error(ctx);
-    r.ctx.reset();
-    return r;
-  }
-  const auto deadline = Clock::now() + o.io_timeout;
+// Drives ctx with poll() until `state` is done or `deadline` passes (false).
+bool run_until(iscsi_context* ctx, ConnectState& state, Clock::time_point deadline) {
   while (!state.done) {
     const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
-    if (left.count() <= 0) {
-      r.err = ETIMEDOUT;
-      r.message = "no answer to the login within " + std::to_string(o.io_timeout.count()) + " ms";
-      r.ctx.reset();  // the callback is not called on destroy
-      return r;
-    }
+    if (left.count() <= 0) return false;
     const short events = static_cast<short>(iscsi_which_events(ctx));
     pollfd p{iscsi_get_fd(ctx), events, 0};
     const int wait = static_cast<int>(std::min<int64_t>(left.count(), 100));
@@ -166,17 +129,62 @@ ConnectResult connect_session(const IscsiUri& uri, const IscsiOptions& o, uint32
       p.revents = POLLERR;
     }
     if (iscsi_service(ctx, p.revents) < 0 && !state.done) {
+      // Lost before libiscsi called back (e.g. the target closed during the login).
       state.done = true;
       state.status = SCSI_STATUS_ERROR;
       state.error = context_error(ctx);
     }
   }
-  if (state.status != SCSI_STATUS_GOOD) {
-    const std::string raw = state.error.empty() ? context_error(ctx) : state.error;
-    r.err = raw.find("refused") != std::string::npos ? ECONNREFUSED : ECONNRESET;
-    r.message = explain_login_failure(uri, raw);
-    r.ctx.reset();
+  return true;
+}
+
+// Connects and logs one session in, giving up after `timeout` (a portal that
+// accepts but never answers must not block a thread forever). The LUN itself
+// is checked by the caller's first command. Connect and login are driven
+// separately rather than with iscsi_full_connect_async: that one's private
+// state leaks when the context is destroyed, or the socket lost, mid-login.
+// Blocking: call at start-up or on the blocking pool.
+ConnectResult connect_session(const IscsiUri& uri, const IscsiOptions& o, uint32_t slot) {
+  ConnectResult r;
+  r.ctx.reset(iscsi_create_context(o.initiator.c_str()));
+  iscsi_context* ctx = r.ctx.get();
+  if (ctx == nullptr) {
+    r.err = ENOMEM;
+    r.message = "cannot create an iSCSI context";
     return r;
+  }
+  auto fail = [&r](int err, std::string message) {
+    r.err = err;
+    r.message = std::move(message);
+    r.ctx.reset();  // no callback of ours runs on destroy before login completes
+    return std::move(r);
+  };
+  iscsi_set_session_type(ctx, ISCSI_SESSION_NORMAL);
+  iscsi_set_header_digest(ctx, ISCSI_HEADER_DIGEST_NONE_CRC32C);
+  iscsi_set_noautoreconnect(ctx, 1);  // RetryLayer decides when and how often
+  iscsi_set_isid_random(ctx, isid_base() | (slot & 0xffu), 0);
+  if (iscsi_set_targetname(ctx, uri.target.c_str()) != 0 ||
+      (!uri.user.empty() &&
+       iscsi_set_initiator_username_pwd(ctx, uri.user.c_str(), uri.password.c_str()) != 0))
+    return fail(EINVAL, context_error(ctx));
+  const auto deadline = Clock::now() + o.io_timeout;
+  const std::string timeout_text = std::to_string(o.io_timeout.count()) + " ms";
+
+  ConnectState connected;
+  if (iscsi_connect_async(ctx, uri.portal().c_str(), &on_connected, &connected) != 0)
+    return fail(ECONNREFUSED, context_error(ctx));
+  if (!run_until(ctx, connected, deadline)) return fail(ETIMEDOUT, "no TCP connection within " + timeout_text);
+  if (connected.status != SCSI_STATUS_GOOD) {
+    const std::string raw = connected.error.empty() ? context_error(ctx) : connected.error;
+    return fail(raw.find("refused") != std::string::npos ? ECONNREFUSED : ECONNRESET, raw);
+  }
+
+  ConnectState logged_in;
+  if (iscsi_login_async(ctx, &on_connected, &logged_in) != 0) return fail(ECONNRESET, context_error(ctx));
+  if (!run_until(ctx, logged_in, deadline)) return fail(ETIMEDOUT, "no answer to the login within " + timeout_text);
+  if (logged_in.status != SCSI_STATUS_GOOD) {
+    const std::string raw = logged_in.error.empty() ? context_error(ctx) : logged_in.error;
+    return fail(ECONNRESET, explain_login_failure(uri, raw));
   }
   return r;
 }
@@ -203,6 +211,10 @@ IscsiLunInfo probe_lun(iscsi_context* ctx, const IscsiUri& uri) {
   IscsiLunInfo info;
   const int lun = uri.lun;
   auto cap = probe_command([&] { return iscsi_readcapacity16_sync(ctx, lun); });
+  if (cap && cap->status == SCSI_STATUS_CHECK_CONDITION && cap->sense.key == SCSI_SENSE_ILLEGAL_REQUEST &&
+      cap->sense.ascq == SCSI_SENSE_ASCQ_LOGICAL_UNIT_NOT_SUPPORTED)
+    throw BackendError("'" + uri.redacted() + "': LUN " + std::to_string(lun) + " does not exist on target " +
+                       uri.target + " (" + task_failure(ctx, cap) + ")");
   if (!cap || cap->status != SCSI_STATUS_GOOD)
     throw BackendError("'" + uri.redacted() + "': READ CAPACITY(16) failed: " + task_failure(ctx, cap));
   auto* rc16 = static_cast<scsi_readcapacity16*>(scsi_datain_unmarshall(cap.get()));
