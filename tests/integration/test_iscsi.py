@@ -259,6 +259,27 @@ class DataPathTest(IscsiTestCase):
         self.assertEqual(harness.read_file(img, MiB, MiB), b"\0" * MiB)
         self.assertEqual(h.pread(4096, 0), harness.read_file(img, 0, 4096))
 
+    def test_write_protected_lun_fails_writes_not_the_session(self):
+        img = harness.make_random_image(self.path("lun.img"), 8 * MiB, seed=8)
+        tgt = self.start_tgt({1: (img, False)})
+        daemon = self.serve_remote(tgt.uri(), "retry-timeout=3")
+        h = self.connect(self.uri("r"))
+        h.pwrite(b"\x61" * 4096, 0)
+        tgt.tgtadm("--op", "update", "--mode", "logicalunit", "--tid", "1", "--lun", "1", "--params", "readonly=1")
+        start = time.monotonic()
+        with self.assertRaises(nbd.Error) as cm:
+            h.pwrite(b"\x62" * 4096, 0)
+        # DATA PROTECT / WRITE PROTECTED is EROFS, which NBD carries as EPERM; not retried.
+        self.assertEqual(cm.exception.errnum, errno.EPERM)
+        self.assertLess(time.monotonic() - start, 2.0)
+        self.assertEqual(h.pread(4096, 0), b"\x61" * 4096)
+        tgt.tgtadm("--op", "update", "--mode", "logicalunit", "--tid", "1", "--lun", "1", "--params", "readonly=0")
+        h.pwrite(b"\x63" * 4096, 0)
+        h.flush()
+        self.assertEqual(harness.read_file(img, 0, 4096), b"\x63" * 4096)
+        self.assertIn("DATA_PROTECTION (0x7) ascq 0x2700", daemon.log())
+        self.assertNotIn("reconnect", daemon.log())
+
     def test_chap(self):
         img = harness.make_random_image(self.path("lun.img"), 8 * MiB, seed=5)
         tgt = Tgt(self.tmp)
