@@ -396,7 +396,7 @@ class IscsiDevice::Session final : public FdWatcher::Client, public std::enable_
     if (status == SCSI_STATUS_CANCELLED || status == SCSI_STATUS_ERROR) s->broken_ = true;
     if (out.err == 0 && r->extents != nullptr) out.err = parse_lba_status(*r, task.get());
     if (out.err != 0 && !gateway::is_connection_error(errno_code(out.err)))
-      s->log_->debug("{}: command 0x{:02x} failed: {}", s->name_, task->cdb[0],
+      s->log_->debug("{}: command 0x{:02x} {}: {}", s->name_, task->cdb[0], out.retry ? "will be retried" : "failed",
                      describe_scsi_status(status, key, ascq));
     s->finish(r, out.err);
   }

@@ -280,6 +280,20 @@ class DataPathTest(IscsiTestCase):
         self.assertIn("DATA_PROTECTION (0x7) ascq 0x2700", daemon.log())
         self.assertNotIn("reconnect", daemon.log())
 
+    def test_unit_attention_is_retried(self):
+        img = harness.make_random_image(self.path("lun.img"), 8 * MiB, seed=10)
+        extra = harness.make_sparse_image(self.path("lun2.img"), 8 * MiB)
+        tgt = self.start_tgt({1: (img, False)})
+        daemon = self.serve_remote(tgt.uri(), "sessions=1")
+        h = self.connect(self.uri("r"))
+        self.assertEqual(h.pread(4096, 0), harness.read_file(img, 0, 4096))
+        # A new LUN on the target: tgt answers the next command of every
+        # session with UNIT ATTENTION "reported LUNs data has changed".
+        tgt.add_lun(2, extra)
+        self.assertEqual(h.pread(4096, 4096), harness.read_file(img, 4096, 4096))
+        self.assertIn("will be retried: CHECK CONDITION: UNIT_ATTENTION (0x6) ascq 0x3f0e", daemon.log())
+        self.assertNotIn("reconnect", daemon.log())
+
     def test_chap(self):
         img = harness.make_random_image(self.path("lun.img"), 8 * MiB, seed=5)
         tgt = Tgt(self.tmp)
