@@ -1,6 +1,7 @@
 #include "remote/registry.hpp"
 
 #include "remote/file/file_device.hpp"
+#include "remote/iscsi/iscsi_backend.hpp"
 #include "remote/nbd/nbd_device.hpp"
 #include "remote/uri.hpp"
 
@@ -112,6 +113,8 @@ const std::vector<Backend>& backends() {
       {"file", check_file, open_file},
       {"nbd", check_nbd, open_nbd},
       {"nbd+unix", check_nbd, open_nbd},
+      {"iscsi", [](const Uri&, const OpenRequest& r) { check_iscsi(r); },
+       [](const Uri&, const OpenRequest& r) { return open_iscsi(r); }},
   };
   return all;
 }
@@ -119,7 +122,12 @@ const std::vector<Backend>& backends() {
 std::pair<const Backend*, Uri> resolve(const OpenRequest& req) {
   Uri uri;
   try {
-    uri = Uri::parse(req.uri);
+    // iscsi:// has libiscsi's own syntax (user%password is not a percent
+    // escape): its backend parses the whole URI itself.
+    if (req.uri.starts_with("iscsi://"))
+      uri.scheme = "iscsi";
+    else
+      uri = Uri::parse(req.uri);
   } catch (const std::invalid_argument& e) {
     throw BackendError(e.what());
   }

@@ -1,0 +1,192 @@
+#!/usr/bin/env bash
+# Benchmark the iscsi:// backend: blockwayd in front of a tgt LUN (NBD
+# clients: nbdcopy, fio's nbd engine), next to clients that read the same LUN
+# directly over iSCSI (iscsi-perf from libiscsi-bin, qemu-img convert from
+# qemu-block-extra). No cache layer. One run, side by side.
+#
+# Usage: bench/iscsi.sh
+#
+# Environment knobs:
+#   BENCH_QUICK=1       smoke test: one round, 2 s timed runs, 256 MiB LUN
+#   BENCH_RUNTIME=N     seconds per fio / iscsi-perf run (default 10; 2 quick)
+#   BENCH_REPS=N        rounds; each figure is the median (default 3; 1 quick)
+#   BENCH_SIZE_MIB=N    LUN size in MiB (default 1024; 256 quick)
+#   BENCH_TMPDIR=DIR    where the temp dir goes (default /var/tmp)
+#   BLOCKWAYD=PATH      daemon binary (default <repo>/build/blockwayd)
+#
+# Method: one tgtd (userspace target, rdwr backing store on a file of random
+# data in page cache) on a free loopback port. Per round:
+#   seq read   blockwayd: nbdcopy --requests=64 --connections=4 nbd://... null:
+#              qemu-img:  qemu-img convert -m 16 -f raw iscsi://... null-co
+#              iscsi-perf -m 16 -b 512 (256 KiB requests, sequential, timed)
+#   seq write  blockwayd: nbdcopy --requests=64 --connections=4 SRC nbd://...
+#              qemu-img:  qemu-img convert -n -m 16 SRC iscsi://...
+#              (both end with a flush: SYNCHRONIZE CACHE -> tgt's fdatasync)
+#   4k rand    blockwayd: fio --ioengine=nbd --bs=4k --iodepth=16 randread / randwrite
+#              iscsi-perf -r -m 16 -b 8 (4 KiB random reads, QD16); it has no write mode
+# blockwayd runs twice per round: with its default (one iSCSI session per
+# event loop, 2 here) and with sessions=1.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/.." && pwd)
+
+QUICK=${BENCH_QUICK:-0}
+if [[ $QUICK == 1 ]]; then
+    RUNTIME=${BENCH_RUNTIME:-2}; REPS=${BENCH_REPS:-1}; SIZE_MIB=${BENCH_SIZE_MIB:-256}
+else
+    RUNTIME=${BENCH_RUNTIME:-10}; REPS=${BENCH_REPS:-3}; SIZE_MIB=${BENCH_SIZE_MIB:-1024}
+fi
+BLOCKWAYD=${BLOCKWAYD:-$repo/build/blockwayd}
+TMPBASE=${BENCH_TMPDIR:-/var/tmp}
+IQN=iqn.2026-11.io.blockway.bench:lun
+PY=python3
+[[ -x /usr/bin/python3 ]] && PY=/usr/bin/python3
+
+die() { echo "iscsi.sh: $*" >&2; exit 1; }
+for tool in tgtd tgtadm iscsi-perf qemu-img nbdcopy fio jq; do
+    command -v "$tool" >/dev/null || die "missing tool: $tool"
+done
+[[ -x $BLOCKWAYD ]] || die "blockwayd not found at $BLOCKWAYD (set BLOCKWAYD=)"
+
+TMP=$(mktemp -d "$TMPBASE/iscsi-bench.XXXXXX")
+IMG=$TMP/lun.raw
+SRC=$TMP/src.raw
+RESULTS=$TMP/results.tsv
+cp "$BLOCKWAYD" "$TMP/blockwayd"   # a rebuild during the run cannot mix versions
+BLOCKWAYD_ORIG=$BLOCKWAYD
+BLOCKWAYD=$TMP/blockwayd
+cd "$TMP"
+TGT_PID=
+BW_PID=
+CONTROL=
+
+stop_pid() {  # pid signal
+    local pid=$1
+    [[ -n $pid ]] || return 0
+    kill "-$2" "$pid" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+    local rc=$?
+    stop_pid "$BW_PID" TERM
+    if [[ -n $TGT_PID ]]; then
+        # tgtd ignores SIGTERM while it has targets: remove them first.
+        tgtadm -C "$CONTROL" --op delete --mode system --force >/dev/null 2>&1 || true
+        stop_pid "$TGT_PID" TERM
+    fi
+    if [[ $rc -ne 0 ]]; then
+        for f in "$TMP"/*.log; do [[ -f $f ]] && { echo "--- $f" >&2; tail -n 20 "$f" >&2; }; done
+    fi
+    rm -rf "$TMP"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+now() { date +%s.%N; }
+mbps() { "$PY" -c "import sys; print('%.0f' % ($1 / 1e6 / ($3 - $2)))"; }
+
+# ---------------------------------------------------------------- target
+PORT=$(free_port)
+start_tgt() {
+    for _ in 1 2 3 4 5; do
+        CONTROL=$((RANDOM % 30000 + 1000))
+        tgtd -f -C "$CONTROL" --iscsi "portal=127.0.0.1:$PORT" >>"$TMP/tgtd.log" 2>&1 &
+        TGT_PID=$!
+        for _ in $(seq 100); do
+            kill -0 "$TGT_PID" 2>/dev/null || break
+            tgtadm -C "$CONTROL" --op show --mode target >/dev/null 2>&1 && return 0
+            sleep 0.05
+        done
+        stop_pid "$TGT_PID" KILL
+        TGT_PID=
+    done
+    die "tgtd did not start"
+}
+
+echo "iscsi.sh: ${SIZE_MIB} MiB random image in $TMP ..." >&2
+head -c $((SIZE_MIB << 20)) /dev/urandom >"$IMG"
+cp "$IMG" "$SRC"
+start_tgt
+tgtadm -C "$CONTROL" --lld iscsi --op new --mode target --tid 1 -T "$IQN"
+tgtadm -C "$CONTROL" --lld iscsi --op new --mode logicalunit --tid 1 --lun 1 -b "$IMG"
+tgtadm -C "$CONTROL" --lld iscsi --op bind --mode target --tid 1 -I ALL
+LUN_URI=iscsi://127.0.0.1:$PORT/$IQN/1
+BYTES=$((SIZE_MIB << 20))
+
+start_blockwayd() {  # extra export options
+    local port
+    port=$(free_port)
+    rm -f "$TMP/bw.pid"
+    "$BLOCKWAYD" --listen "127.0.0.1:$port" --export "bench=$LUN_URI$1" --pid-file "$TMP/bw.pid" \
+        >>"$TMP/blockwayd.log" 2>&1 &
+    BW_PID=$!
+    for _ in $(seq 200); do [[ -s $TMP/bw.pid ]] && break; sleep 0.05; done
+    [[ -s $TMP/bw.pid ]] || die "blockwayd did not start"
+    NBD_URI=nbd://127.0.0.1:$port/bench
+}
+
+fio_iops() {  # rw uri
+    fio --name=b --ioengine=nbd --uri="$2" --rw="$1" --bs=4k --iodepth=16 --size="${SIZE_MIB}M" \
+        --time_based --runtime="$RUNTIME" --output-format=json --output="$TMP/fio.json" >/dev/null 2>>"$TMP/fio.log"
+    local key=read; [[ $1 == randwrite ]] && key=write
+    jq ".jobs[0].$key.iops | floor" "$TMP/fio.json"
+}
+
+perf_avg() {  # iscsi-perf args...; prints "iops MB/s"
+    timeout $((RUNTIME + 20)) iscsi-perf -t "$RUNTIME" "$@" "$LUN_URI" >"$TMP/perf.out" 2>&1 || true
+    tr '\r' '\n' <"$TMP/perf.out" | grep -o 'iops average [0-9]* ([0-9]* MB/s)' | tail -n1 |
+        sed -E 's/iops average ([0-9]+) \(([0-9]+) MB\/s\)/\1 \2/'
+}
+
+record() { printf '%s\t%s\t%s\n' "$1" "$2" "$3" >>"$RESULTS"; }
+
+for round in $(seq "$REPS"); do
+    echo "iscsi.sh: round $round/$REPS" >&2
+    for variant in default sessions=1; do
+        opts=""; [[ $variant == sessions=1 ]] && opts=",sessions=1"
+        start_blockwayd "$opts"
+        t0=$(now); nbdcopy --requests=64 --connections=4 "$NBD_URI" null: ; t1=$(now)
+        record "blockwayd ($variant)" seqread "$(mbps $BYTES "$t0" "$t1")"
+        t0=$(now); nbdcopy --requests=64 --connections=4 "$SRC" "$NBD_URI"; t1=$(now)
+        record "blockwayd ($variant)" seqwrite "$(mbps $BYTES "$t0" "$t1")"
+        record "blockwayd ($variant)" randread "$(fio_iops randread "$NBD_URI")"
+        record "blockwayd ($variant)" randwrite "$(fio_iops randwrite "$NBD_URI")"
+        stop_pid "$BW_PID" TERM; BW_PID=
+        grep -q "session(s)" "$TMP/blockwayd.log" || die "blockwayd did not open the LUN"
+    done
+    t0=$(now)
+    qemu-img convert -m 16 -f raw -O raw -n "$LUN_URI" \
+        "json:{\"driver\":\"raw\",\"file\":{\"driver\":\"null-co\",\"size\":$BYTES}}"
+    t1=$(now)
+    record "qemu-img convert" seqread "$(mbps $BYTES "$t0" "$t1")"
+    t0=$(now); qemu-img convert -m 16 -f raw -O raw -n "$SRC" "$LUN_URI"; t1=$(now)
+    record "qemu-img convert" seqwrite "$(mbps $BYTES "$t0" "$t1")"
+    read -r _ mb < <(perf_avg -m 16 -b 512)
+    record "iscsi-perf" seqread "$mb"
+    read -r iops _ < <(perf_avg -m 16 -b 8 -r)
+    record "iscsi-perf" randread "$iops"
+done
+cmp "$SRC" "$IMG" || die "the LUN does not hold what was written"
+
+median() { sort -n | awk '{a[NR]=$1} END {if (NR) print a[int((NR+1)/2)]; else print "-"}'; }
+cell() { awk -F'\t' -v c="$1" -v m="$2" '$1==c && $2==m {print $3}' "$RESULTS" | median; }
+
+echo "## iSCSI backend: blockwayd vs direct iSCSI clients"
+echo
+echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC'); nproc $(nproc); load average $(cut -d' ' -f1-3 /proc/loadavg) at the end"
+echo "- blockwayd $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?') ($BLOCKWAYD_ORIG); tgt $(tgtd --version 2>&1 | head -n1); $(qemu-img --version | head -n1); $(fio --version)"
+echo "- LUN: ${SIZE_MIB} MiB random data, tgt rdwr backing file in page cache; ${REPS} round(s), median; timed runs ${RUNTIME} s"
+echo
+echo "| client | seq read MB/s | seq write MB/s | 4k randread IOPS QD16 | 4k randwrite IOPS QD16 |"
+echo "| --- | --- | --- | --- | --- |"
+for c in "blockwayd (default)" "blockwayd (sessions=1)" "qemu-img convert" "iscsi-perf"; do
+    printf '| %s | %s | %s | %s | %s |\n' "$c" "$(cell "$c" seqread)" "$(cell "$c" seqwrite)" \
+        "$(cell "$c" randread)" "$(cell "$c" randwrite)"
+done
