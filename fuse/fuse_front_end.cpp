@@ -696,26 +696,30 @@ void Impl::mount(const std::string& where) {
   std::error_code fec;
   std::string path = std::filesystem::absolute(where, fec).lexically_normal().string();
   if (path.size() > 1 && path.back() == '/') path.pop_back();
-  struct stat st{};
-  if (::stat(path.c_str(), &st) != 0) {
-    const int e = errno;
+  // A daemon that died without unmounting leaves a mount that answers
+  // nothing (ENOTCONN). stat() may still succeed from cached attributes;
+  // statfs() always asks the daemon.
+  struct statvfs vfs{};
+  const bool fuse_mount = is_fuse_mountpoint(path) ||
+                          is_fuse_mountpoint(std::filesystem::weakly_canonical(path, fec).string());
+  if (fuse_mount || ::statvfs(path.c_str(), &vfs) != 0) {
+    const int e = fuse_mount && ::statvfs(path.c_str(), &vfs) == 0 ? EEXIST : errno;
+    if (fuse_mount && e == EEXIST)
+      throw std::runtime_error("FUSE: " + path + " is already a FUSE mount (another blockwayd running?)");
     if (e == ENOTCONN || e == ECONNABORTED) {
-      // A daemon died without unmounting: its mount answers nothing.
       log->warn("FUSE: {} is a stale mount ({}); detaching it", path, std::strerror(e));
       if (!detach_mount(path)) throw std::runtime_error("FUSE: cannot detach the stale mount at " + path);
     } else if (e == ENOENT) {
       std::filesystem::create_directories(path, fec);
       if (fec) throw std::runtime_error("FUSE: cannot create " + path + ": " + fec.message());
-    } else {
+    } else if (e != 0) {
       throw std::runtime_error("FUSE: cannot use " + path + ": " + std::strerror(e));
     }
-    if (::stat(path.c_str(), &st) != 0)
-      throw std::runtime_error("FUSE: cannot use " + path + ": " + std::strerror(errno));
   }
+  struct stat st{};
+  if (::stat(path.c_str(), &st) != 0)
+    throw std::runtime_error("FUSE: cannot use " + path + ": " + std::strerror(errno));
   if (!S_ISDIR(st.st_mode)) throw std::runtime_error("FUSE: " + path + " is not a directory");
-  const std::string canonical = std::filesystem::canonical(path, fec).string();
-  if (is_fuse_mountpoint(fec ? path : canonical))
-    throw std::runtime_error("FUSE: " + path + " is already a FUSE mount (another blockwayd running?)");
 
   std::string mount_opts = "fsname=blockway,subtype=blockway,default_permissions,max_read=" + std::to_string(kMaxIo);
   if (options.allow_other) mount_opts += ",allow_other";
