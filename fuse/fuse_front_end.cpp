@@ -48,6 +48,8 @@ constexpr uint32_t kMaxIo = 1u << 20;
 // One request: header page + payload (the kernel wants room for max_write + 80).
 constexpr size_t kReceiveBuffer = kMaxIo + 4096;
 constexpr double kAttrTimeout = 1.0;
+// Reads and writes at least this large are served on the next loop.
+constexpr size_t kSpreadBytes = 128 * 1024;
 // The kernel's request header (struct fuse_in_header); anything shorter is not a request.
 constexpr size_t kRequestHeader = 40;
 
@@ -126,10 +128,13 @@ FuseOptions FuseOptions::parse(const std::map<std::string, std::string>& options
       o.gid = static_cast<gid_t>(parse_uint(value, key, 10, UINT32_MAX - 1));
     } else if (key == "allow-other" || key == "allow_other") {
       o.allow_other = gateway::parse_bool(value, "fuse option allow-other");
+    } else if (key == "readers") {
+      o.readers = static_cast<unsigned>(parse_uint(value, key, 10, 256));
+      if (o.readers == 0) throw ConfigError("fuse option readers must be at least 1");
     } else if (key == "direct-io" || key == "direct_io") {
       o.direct_io = gateway::parse_bool(value, "fuse option direct-io");
     } else {
-      throw ConfigError("unknown fuse option '" + key + "' (mode, uid, gid, allow-other, direct-io)");
+      throw ConfigError("unknown fuse option '" + key + "' (mode, uid, gid, allow-other, direct-io, readers)");
     }
   }
   return o;
@@ -324,11 +329,15 @@ Impl& impl_of(fuse_req_t req) { return *static_cast<Impl*>(fuse_req_userdata(req
 // Starts `task` on the loop that read the request; its completion accounts
 // for it. A coroutine that escapes with an exception has not replied yet
 // (replies are their last step and do not throw), so it answers EIO.
-void spawn(fuse_req_t req, Task<void> task) {
+void spawn(fuse_req_t req, Task<void> task, size_t bytes = 0) {
   auto& impl = impl_of(req);
   impl.inflight.fetch_add(1, std::memory_order_relaxed);
   auto* reader = FuseFrontEnd::Reader::current;
-  auto ex = reader ? reader->executor() : boost::asio::any_io_executor(impl.loops.at(0).get_executor());
+  // Large transfers go to the next loop round-robin, so their copies run on
+  // other cores while the reader takes the next request; small ones stay on
+  // the reader's loop, where a hop would cost more than the work.
+  auto ex = reader && bytes < kSpreadBytes ? reader->executor()
+                                           : boost::asio::any_io_executor(impl.loops.next().get_executor());
   boost::asio::co_spawn(ex, std::move(task), [self = impl.shared_from_this(), req](std::exception_ptr e) {
     if (e) {
       self->log->error("a FUSE request failed with an exception");
@@ -476,7 +485,7 @@ void op_read(fuse_req_t req, fuse_ino_t, size_t size, off_t off, fuse_file_info*
   const auto offset = static_cast<uint64_t>(off);
   if (offset >= node->size || size == 0) return (void)fuse_reply_buf(req, nullptr, 0);  // end of file
   const size_t n = static_cast<size_t>(std::min<uint64_t>(size, node->size - offset));
-  spawn(req, do_read(req, std::move(node), n, offset));
+  spawn(req, do_read(req, std::move(node), n, offset), n);
 }
 
 Task<void> do_write(fuse_req_t req, std::shared_ptr<Node> node, IoBuffer owner, const std::byte* data, size_t n,
@@ -514,7 +523,7 @@ void op_write(fuse_req_t req, fuse_ino_t, const char* data, size_t size, off_t o
   // O_SYNC/O_DSYNC opens make every write durable before it is acknowledged.
   const gateway::IoFlags flags = (fi->flags & O_DSYNC) ? gateway::kFua : 0;
   h->wrote.store(true, std::memory_order_relaxed);
-  spawn(req, do_write(req, std::move(node), std::move(owner), payload, n, offset, flags));
+  spawn(req, do_write(req, std::move(node), std::move(owner), payload, n, offset, flags), n);
 }
 
 Task<void> do_flush(fuse_req_t req, std::shared_ptr<Node> node) {
@@ -744,7 +753,11 @@ void Impl::mount(const std::string& where) {
 
   const int fd = fuse_session_fd(se);
   readers.clear();
-  for (size_t i = 0; i < loops.size(); ++i) {
+  // Every reader's epoll wakes for every request (no EPOLLEXCLUSIVE in
+  // Asio), so readers beyond one cost a wasted wakeup per request; see
+  // docs/architecture.md. Loops 1.. serve large transfers either way.
+  const size_t nreaders = std::clamp<size_t>(options.readers, 1, loops.size());
+  for (size_t i = 0; i < nreaders; ++i) {
     const int copy = ::fcntl(fd, F_DUPFD_CLOEXEC, 3);
     if (copy < 0) break;
     readers.push_back(std::make_shared<Reader>(this, loops.at(i), copy));

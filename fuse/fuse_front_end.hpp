@@ -1,10 +1,11 @@
 // FuseFrontEnd: every export as a regular file in a FUSE mount directory.
 //
 // Thread model: no FUSE thread of its own. The /dev/fuse descriptor is
-// dup()ed once per event loop and each loop keeps one Asio read pending on
-// its copy; whichever loop the kernel's request lands on parses it with
+// dup()ed for each reader loop (option readers, default 1) and each keeps one
+// Asio read pending on its copy; the loop that reads a request parses it with
 // fuse_session_process_buf() and the low-level handler starts a coroutine on
-// that same loop, which calls the export's CheckedDevice (the stack NBD uses)
+// that loop (reads and writes of 128 KiB or more: on the next loop,
+// round-robin), which calls the export's CheckedDevice (the stack NBD uses)
 // and replies from its completion (fuse_reply_* writes one message to
 // /dev/fuse and is safe from any thread). Nothing blocks a loop: reads of
 // /dev/fuse are non-blocking, and umount and the kernel notifications (which
@@ -41,6 +42,7 @@ struct FuseOptions {
   gid_t gid = 0;
   bool allow_other = false;  // let other users than the daemon's reach the mount
   bool direct_io = false;    // FOPEN_DIRECT_IO: bypass the kernel page cache
+  unsigned readers = 1;      // event loops that read /dev/fuse (at most one per loop)
   std::chrono::milliseconds shutdown_timeout{30000};  // how long open files keep a detached mount served
 
   // From [fuse] keys or --fuse-mount options. Throws gateway::ConfigError.

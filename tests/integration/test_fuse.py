@@ -321,7 +321,8 @@ class FuseFileTest(FuseTestCase):
 class FuseClientsTest(FuseTestCase):
     def test_ext4_on_loop_device_and_nbd_sees_the_same_bytes(self):
         img = self.image()
-        self.fuse_daemon({"disk": "file://" + img})
+        # Two reader loops: both read /dev/fuse.
+        self.fuse_daemon({"disk": "file://" + img}, fuse_opts="readers=2", extra=["--threads", "2"])
         dev = self.losetup(self.file("disk"))
         harness.run(["mkfs.ext4", "-q", "-F", dev], timeout=120)
         fs = self.path("fs")

@@ -31,7 +31,8 @@ using namespace std::chrono_literals;
 
 TEST(FuseOptions, ParsesEveryOption) {
   const auto o = FuseOptions::parse(
-      {{"mode", "0600"}, {"uid", "12"}, {"gid", "34"}, {"allow-other", "on"}, {"direct-io", "yes"}});
+      {{"mode", "0600"}, {"uid", "12"}, {"gid", "34"}, {"allow-other", "on"}, {"direct-io", "yes"}, {"readers", "2"}});
+  EXPECT_EQ(o.readers, 2u);
   EXPECT_EQ(o.mode, 0600u);
   EXPECT_EQ(o.uid, 12u);
   EXPECT_EQ(o.gid, 34u);
@@ -51,6 +52,7 @@ TEST(FuseOptions, RefusesBadValues) {
   EXPECT_THROW(FuseOptions::parse({{"uid", "abc"}}), ConfigError);
   EXPECT_THROW(FuseOptions::parse({{"allow-other", "perhaps"}}), ConfigError);
   EXPECT_THROW(FuseOptions::parse({{"colour", "red"}}), ConfigError);
+  EXPECT_THROW(FuseOptions::parse({{"readers", "0"}}), ConfigError);
 }
 
 TEST(FuseMountConfig, ParsesTheCommandLineSpec) {
@@ -60,6 +62,34 @@ TEST(FuseMountConfig, ParsesTheCommandLineSpec) {
   EXPECT_EQ(f.options.at("allow-other"), "on");
   EXPECT_THROW(gateway::FuseMountConfig::parse_spec(",mode=1"), ConfigError);
   EXPECT_THROW(gateway::FuseMountConfig::parse_spec("/x,,mode=1"), ConfigError);
+}
+
+TEST(FuseMountConfig, ReadsTheFuseTable) {
+  char path[] = "/tmp/bw-fuse-config-XXXXXX";
+  const int fd = ::mkstemp(path);
+  ASSERT_GE(fd, 0);
+  ::close(fd);
+  {
+    std::ofstream(path) << "[fuse]\nmountpoint = \"/run/x\"\nmode = \"0600\"\nallow-other = true\n";
+    gateway::DaemonConfig cfg;
+    gateway::load_config_file(path, cfg);
+    ASSERT_TRUE(cfg.fuse);
+    EXPECT_EQ(cfg.fuse->mountpoint, "/run/x");
+    const auto o = FuseOptions::parse(cfg.fuse->options);
+    EXPECT_EQ(o.mode, 0600u);
+    EXPECT_TRUE(o.allow_other);
+  }
+  {
+    std::ofstream(path) << "[fuse]\nmode = \"0600\"\n";
+    gateway::DaemonConfig cfg;
+    EXPECT_THROW(gateway::load_config_file(path, cfg), ConfigError);  // no mountpoint
+  }
+  {
+    std::ofstream(path) << "fuse = \"/run/x\"\n";
+    gateway::DaemonConfig cfg;
+    EXPECT_THROW(gateway::load_config_file(path, cfg), ConfigError);  // not a table
+  }
+  ::unlink(path);
 }
 
 TEST(FuseErrno, PassesWhatUsersCanActOnAndMapsTheRestToEio) {
@@ -173,7 +203,7 @@ TEST_F(FuseMount, ExportsAddedAndRemovedAtRunTimeAppearAndDisappear) {
 TEST_F(FuseMount, DeviceErrorsReachTheFileUserAsErrno) {
   MemoryDevice* a = nullptr;
   table_.add(memory_export("a", 1 << 20, &a));
-  start(FuseOptions{.direct_io = true});
+  start(FuseOptions{.direct_io = true, .readers = 2});
   const int fd = ::open((mnt_ + "/a").c_str(), O_RDWR);
   ASSERT_GE(fd, 0);
   char buf[4096] = {};
