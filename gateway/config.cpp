@@ -236,7 +236,6 @@ void load_config_file(const std::string& path, DaemonConfig& cfg) {
         else
           f.options[fkey] = value;
       }
-      if (f.mountpoint.empty()) throw ConfigError(path + ": [fuse] needs a mountpoint");
       cfg.fuse = std::move(f);
     } else if (key == "threads") {
       cfg.threads = parse_int<unsigned>(as_string(node, key), key);

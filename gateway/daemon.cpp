@@ -163,11 +163,10 @@ int run_daemon(DaemonConfig config) {
   if (config.listen.empty() && !config.stdio_export)
     config.listen.push_back(ListenAddress::parse("127.0.0.1:10809"));
   config.validate();
-  std::optional<fuse::FuseOptions> fuse_options;
-  if (config.fuse) {
-    fuse_options = fuse::FuseOptions::parse(config.fuse->options);
-    fuse_options->shutdown_timeout = config.shutdown_timeout;
-  }
+  // Checked before anything starts; a [fuse] table without a mountpoint
+  // only sets the options of a mount made later at run time.
+  auto fuse_options = fuse::FuseOptions::parse(config.fuse ? config.fuse->options : std::map<std::string, std::string>{});
+  fuse_options.shutdown_timeout = config.shutdown_timeout;
 
   std::signal(SIGPIPE, SIG_IGN);  // a vanished client is an error code, not a signal
   EventLoops loops(config.threads, config.blocking_threads);
@@ -193,16 +192,16 @@ int run_daemon(DaemonConfig config) {
   nbd::Server server(loops, exports, sopts);
 
   boost::asio::signal_set signals(loops.at(0), SIGINT, SIGTERM);
-  // The FUSE front end (optional; `blockway mount DIR` can mount it later).
-  std::unique_ptr<fuse::FuseFrontEnd> fuse_front;
-  if (fuse_options) fuse_front = std::make_unique<fuse::FuseFrontEnd>(loops, exports, *fuse_options);
+  // The FUSE front end: mounted below if configured; a control command can
+  // mount() and unmount() it at run time.
+  auto fuse_front = std::make_unique<fuse::FuseFrontEnd>(loops, exports, fuse_options);
   // Exports close once every front end is done with them: the NBD server has
   // drained and the FUSE mount is gone. Touched on loop 0 only.
   bool server_drained = false;
   bool closing = false;
   auto close_exports_when_idle = [&] {
     boost::asio::post(loops.at(0), [&] {
-      if (closing || !server_drained || (fuse_front && fuse_front->active())) return;
+      if (closing || !server_drained || fuse_front->active()) return;
       closing = true;
       // Let each export stop its background work and persist its state, then
       // let the loops run out of work.
@@ -222,11 +221,11 @@ int run_daemon(DaemonConfig config) {
   server.set_on_drained([&] {
     boost::asio::post(loops.at(0), [&] {
       server_drained = true;
-      if (fuse_front) fuse_front->unmount();  // --stdio: the client left
+      fuse_front->unmount();  // --stdio: the client left
       close_exports_when_idle();
     });
   });
-  if (fuse_front) fuse_front->set_on_unmounted(close_exports_when_idle);
+  fuse_front->set_on_unmounted(close_exports_when_idle);
 
   if (config.stdio_export) {
     server.serve_stdio();
@@ -244,12 +243,12 @@ int run_daemon(DaemonConfig config) {
         if (ec) return;
         log->info("received {}, shutting down", sig == SIGINT ? "SIGINT" : "SIGTERM");
         server.shutdown();
-        if (fuse_front) fuse_front->unmount();
+        fuse_front->unmount();
         signals.async_wait(on_signal);
       };
   signals.async_wait(on_signal);
 
-  if (fuse_front) {
+  if (config.fuse && !config.fuse->mountpoint.empty()) {
     try {
       fuse_front->mount(config.fuse->mountpoint);
     } catch (const std::runtime_error& e) {

@@ -121,7 +121,11 @@ int main(int argc, char** argv) {
       if (cfg.handshake_timeout != DaemonConfig{}.handshake_timeout) from_file.handshake_timeout = cfg.handshake_timeout;
       if (cfg.shutdown_timeout != DaemonConfig{}.shutdown_timeout) from_file.shutdown_timeout = cfg.shutdown_timeout;
       if (!cfg.pid_file.empty()) from_file.pid_file = cfg.pid_file;
-      if (cfg.fuse) from_file.fuse = cfg.fuse;
+      if (cfg.fuse) {  // the command line's directory; its options over the file's
+        if (!from_file.fuse) from_file.fuse.emplace();
+        from_file.fuse->mountpoint = cfg.fuse->mountpoint;
+        for (const auto& [k, v] : cfg.fuse->options) from_file.fuse->options[k] = v;
+      }
       if (cfg.log_level != DaemonConfig{}.log_level) from_file.log_level = cfg.log_level;
       cfg = std::move(from_file);
     }
