@@ -28,6 +28,7 @@
 #include <fstream>
 #include <sstream>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 extern char** environ;
@@ -203,6 +204,10 @@ struct FuseFrontEnd::Impl : std::enable_shared_from_this<FuseFrontEnd::Impl> {
   std::map<std::string, std::shared_ptr<Node>> by_name;
   std::unordered_map<fuse_ino_t, std::shared_ptr<Node>> by_ino;
   fuse_ino_t next_ino = FUSE_ROOT_ID + 1;
+
+  // Open files: the kernel sends no RELEASE for those still open when a
+  // session is cut off, so the rest are freed when it ends.
+  std::unordered_set<Handle*> handles;
 
   // Requests being served by coroutines, plus kernel notifications queued.
   std::atomic<int64_t> inflight{0};
@@ -458,14 +463,28 @@ void op_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   if (!node) return (void)fuse_reply_err(req, ENOENT);
   if ((fi->flags & O_ACCMODE) != O_RDONLY && node->read_only) return (void)fuse_reply_err(req, EROFS);
   auto* h = new Handle{std::move(node)};
+  {
+    std::lock_guard lock(impl.mutex);
+    impl.handles.insert(h);
+  }
   fi->fh = reinterpret_cast<uint64_t>(h);
   fi->direct_io = impl.options.direct_io ? 1 : 0;
   fi->keep_cache = 0;  // opening again shows what NBD clients wrote meanwhile
-  if (fuse_reply_open(req, fi) != 0) delete h;  // the opener was interrupted: no release will come
+  if (fuse_reply_open(req, fi) != 0) {  // the opener was interrupted: no release will come
+    std::lock_guard lock(impl.mutex);
+    impl.handles.erase(h);
+    delete h;
+  }
 }
 
 void op_release(fuse_req_t req, fuse_ino_t, fuse_file_info* fi) {
-  delete reinterpret_cast<Handle*>(fi->fh);
+  auto& impl = impl_of(req);
+  auto* h = reinterpret_cast<Handle*>(fi->fh);
+  {
+    std::lock_guard lock(impl.mutex);
+    impl.handles.erase(h);
+  }
+  delete h;
   fuse_reply_err(req, 0);
 }
 
@@ -835,6 +854,8 @@ void Impl::check_finished() {
     state = State::idle;
     fuse_session_unmount(old);  // closes the last descriptor; the mount is already gone
     fuse_session_destroy(old);
+    for (auto* h : handles) delete h;  // files still open when the session was cut off
+    handles.clear();
     log->info("FUSE: {} unmounted", dir);
     done = on_unmounted;
   }
@@ -859,6 +880,8 @@ FuseFrontEnd::~FuseFrontEnd() {
     fuse_session_unmount(impl_->se);
     fuse_session_destroy(impl_->se);
     impl_->se = nullptr;
+    for (auto* h : impl_->handles) delete h;
+    impl_->handles.clear();
   }
 }
 
