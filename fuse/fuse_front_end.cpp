@@ -22,6 +22,8 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdarg>
+#include <cstdio>
 #include <climits>
 #include <cstring>
 #include <filesystem>
@@ -112,6 +114,21 @@ bool detach_mount(const std::string& dir) {
   while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
   }
   return WIFEXITED(status) && WEXITSTATUS(status) == 0;
+}
+
+// libfuse's own messages (mount errors, protocol warnings) into our log.
+void log_from_libfuse(enum fuse_log_level level, const char* fmt, va_list ap) {
+  char text[1024];
+  std::vsnprintf(text, sizeof text, fmt, ap);
+  std::string_view msg(text);
+  while (!msg.empty() && msg.back() == '\n') msg.remove_suffix(1);
+  static const auto log = gateway::logger("fuse");
+  if (level <= FUSE_LOG_ERR)
+    log->error("libfuse: {}", msg);
+  else if (level <= FUSE_LOG_NOTICE)
+    log->warn("libfuse: {}", msg);
+  else
+    log->debug("libfuse: {}", msg);
 }
 
 }  // namespace
@@ -755,14 +772,15 @@ void Impl::mount(const std::string& where) {
   std::vector<char*> argv;
   for (auto& a : argv_s) argv.push_back(a.data());
   fuse_args args = FUSE_ARGS_INIT(static_cast<int>(argv.size()), argv.data());
+  fuse_set_log_func(log_from_libfuse);
   const auto& ops = operations();
   se = fuse_session_new(&args, &ops, sizeof(ops), this);
   fuse_opt_free_args(&args);
-  if (!se) throw std::runtime_error("FUSE: cannot create a session (see the message above)");
+  if (!se) throw std::runtime_error("FUSE: cannot create a session (see the log)");
   if (fuse_session_mount(se, path.c_str()) != 0) {
     fuse_session_destroy(se);
     se = nullptr;
-    throw std::runtime_error("FUSE: cannot mount " + path + " (see the message above)");
+    throw std::runtime_error("FUSE: cannot mount " + path + " (see the log)");
   }
   dir = path;
   mount_ns = now_ns();
