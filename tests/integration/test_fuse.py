@@ -368,6 +368,23 @@ class FuseClientsTest(FuseTestCase):
                          "--do_verify=1", "--verify_fatal=1", "--group_reporting"] + extra,
                         timeout=300)
 
+    def test_nbd_writes_show_in_the_file(self):
+        img = self.image(size=8 * MiB)
+        self.fuse_daemon({"d": "file://" + img})
+        with open(self.file("d"), "rb") as f:
+            self.assertEqual(f.read(4096), bytes(4096))  # now in the kernel's page cache
+        import nbd
+        h = nbd.NBD()
+        h.connect_uri("nbd://127.0.0.1:%d/d" % self.port)
+        try:
+            h.pwrite(b"from nbd!" * 100, 0)
+            h.flush()
+        finally:
+            h.shutdown()
+        # The next open drops the file's cached pages.
+        with open(self.file("d"), "rb") as f:
+            self.assertEqual(f.read(900), b"from nbd!" * 100)
+
     def test_direct_io_option(self):
         img = self.image(size=8 * MiB, random_data=True)
         self.fuse_daemon({"d": "file://" + img}, fuse_opts="direct-io")
