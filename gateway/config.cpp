@@ -104,6 +104,28 @@ std::string ListenAddress::to_string() const {
   return host + ":" + std::to_string(port);
 }
 
+FuseMountConfig FuseMountConfig::parse_spec(std::string_view spec) {
+  const std::string where = "--fuse-mount '" + std::string(spec) + "'";
+  FuseMountConfig f;
+  const auto comma = spec.find(',');
+  f.mountpoint = std::string(spec.substr(0, comma));
+  if (f.mountpoint.empty()) throw ConfigError(where + ": expected DIR[,option=value...]");
+  std::string_view rest = comma == std::string_view::npos ? std::string_view{} : spec.substr(comma + 1);
+  while (!rest.empty()) {
+    const auto next = rest.find(',');
+    const std::string_view item = rest.substr(0, next);
+    const auto eq = item.find('=');
+    if (item.empty()) throw ConfigError(where + ": empty option");
+    if (eq == std::string_view::npos)
+      f.options[std::string(item)] = "on";  // a bare flag: allow-other, direct-io
+    else
+      f.options[std::string(item.substr(0, eq))] = std::string(item.substr(eq + 1));
+    if (next == std::string_view::npos) break;
+    rest = rest.substr(next + 1);
+  }
+  return f;
+}
+
 ExportConfig ExportConfig::parse_spec(std::string_view spec) {
   const std::string where = "--export '" + std::string(spec) + "'";
   const auto eq = spec.find('=');
@@ -202,6 +224,19 @@ void load_config_file(const std::string& path, DaemonConfig& cfg) {
         }
         cfg.exports.push_back(std::move(e));
       }
+    } else if (key == "fuse") {
+      auto* t = node.as_table();
+      if (!t) throw ConfigError(path + ": use a [fuse] table for the FUSE mount");
+      FuseMountConfig f;
+      for (const auto& [fk, fnode] : *t) {
+        const std::string fkey(fk.str());
+        const std::string value = as_string(fnode, fkey);
+        if (fkey == "mountpoint")
+          f.mountpoint = value;
+        else
+          f.options[fkey] = value;
+      }
+      cfg.fuse = std::move(f);
     } else if (key == "threads") {
       cfg.threads = parse_int<unsigned>(as_string(node, key), key);
     } else if (key == "blocking-threads") {

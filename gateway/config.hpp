@@ -44,6 +44,16 @@ struct ExportConfig {
   static ExportConfig parse_spec(std::string_view spec);
 };
 
+// The FUSE mount ([fuse] in the file, --fuse-mount on the command line).
+// Options (mode, uid, gid, allow-other, direct-io) are checked by fuse/.
+struct FuseMountConfig {
+  std::string mountpoint;
+  std::map<std::string, std::string> options;
+
+  // "DIR[,key=value...]" as given to --fuse-mount.
+  static FuseMountConfig parse_spec(std::string_view spec);
+};
+
 struct DaemonConfig {
   std::vector<ListenAddress> listen;
   std::vector<ExportConfig> exports;
@@ -58,6 +68,7 @@ struct DaemonConfig {
   uint32_t max_request_bytes = 32u << 20;      // largest read/write payload
   std::chrono::milliseconds handshake_timeout{10000};
   std::chrono::milliseconds shutdown_timeout{30000};
+  std::optional<FuseMountConfig> fuse;  // each export as a file under a mount directory
   bool embedded_default = false;  // no config and no exports: serve the demo image
 
   void validate() const;

@@ -5,6 +5,7 @@
 #include "gateway/logging.hpp"
 #include "gateway/retry_layer.hpp"
 #include "cache/cache_layer.hpp"
+#include "fuse/fuse_front_end.hpp"
 #include "nbd/server.hpp"
 #include "remote/registry.hpp"
 
@@ -162,6 +163,10 @@ int run_daemon(DaemonConfig config) {
   if (config.listen.empty() && !config.stdio_export)
     config.listen.push_back(ListenAddress::parse("127.0.0.1:10809"));
   config.validate();
+  // Checked before anything starts; a [fuse] table without a mountpoint
+  // only sets the options of a mount made later at run time.
+  auto fuse_options = fuse::FuseOptions::parse(config.fuse ? config.fuse->options : std::map<std::string, std::string>{});
+  fuse_options.shutdown_timeout = config.shutdown_timeout;
 
   std::signal(SIGPIPE, SIG_IGN);  // a vanished client is an error code, not a signal
   EventLoops loops(config.threads, config.blocking_threads);
@@ -187,21 +192,40 @@ int run_daemon(DaemonConfig config) {
   nbd::Server server(loops, exports, sopts);
 
   boost::asio::signal_set signals(loops.at(0), SIGINT, SIGTERM);
+  // The FUSE front end: mounted below if configured; a control command can
+  // mount() and unmount() it at run time.
+  auto fuse_front = std::make_unique<fuse::FuseFrontEnd>(loops, exports, fuse_options);
+  // Exports close once every front end is done with them: the NBD server has
+  // drained and the FUSE mount is gone. Touched on loop 0 only.
+  bool server_drained = false;
+  bool closing = false;
+  auto close_exports_when_idle = [&] {
+    boost::asio::post(loops.at(0), [&] {
+      if (closing || !server_drained || fuse_front->active()) return;
+      closing = true;
+      // Let each export stop its background work and persist its state, then
+      // let the loops run out of work.
+      boost::asio::co_spawn(
+          loops.at(0),
+          [&]() -> Task<void> {
+            for (const auto& exp : exports.list()) co_await exp->device->close();
+          },
+          [&](std::exception_ptr e) {
+            if (e) log->error("closing the exports failed");
+            boost::system::error_code ignored;
+            signals.cancel(ignored);
+            loops.release();
+          });
+    });
+  };
   server.set_on_drained([&] {
-    // Every client is gone: let each export stop its background work and
-    // persist its state, then let the loops run out of work.
-    boost::asio::co_spawn(
-        loops.at(0),
-        [&]() -> Task<void> {
-          for (const auto& exp : exports.list()) co_await exp->device->close();
-        },
-        [&](std::exception_ptr e) {
-          if (e) log->error("closing the exports failed");
-          boost::system::error_code ignored;
-          signals.cancel(ignored);
-          loops.release();
-        });
+    boost::asio::post(loops.at(0), [&] {
+      server_drained = true;
+      fuse_front->unmount();  // --stdio: the client left
+      close_exports_when_idle();
+    });
   });
+  fuse_front->set_on_unmounted(close_exports_when_idle);
 
   if (config.stdio_export) {
     server.serve_stdio();
@@ -219,9 +243,18 @@ int run_daemon(DaemonConfig config) {
         if (ec) return;
         log->info("received {}, shutting down", sig == SIGINT ? "SIGINT" : "SIGTERM");
         server.shutdown();
+        fuse_front->unmount();
         signals.async_wait(on_signal);
       };
   signals.async_wait(on_signal);
+
+  if (config.fuse && !config.fuse->mountpoint.empty()) {
+    try {
+      fuse_front->mount(config.fuse->mountpoint);
+    } catch (const std::runtime_error& e) {
+      throw ConfigError(e.what());
+    }
+  }
 
   if (!config.pid_file.empty()) {
     // Written after every socket listens: its presence means "ready".

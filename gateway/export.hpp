@@ -13,6 +13,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <shared_mutex>
 #include <string>
 #include <vector>
@@ -34,6 +35,10 @@ struct Export {
   ExportControl* control = nullptr;
 };
 
+// What happened to an export, for ExportTable observers.
+enum class ExportEvent { added, removed };
+using ExportObserver = std::function<void(const std::shared_ptr<Export>&, ExportEvent)>;
+
 class ExportTable {
  public:
   // Throws std::invalid_argument if the name is taken or invalid.
@@ -46,7 +51,21 @@ class ExportTable {
   // export, that one.
   void set_default(std::string name);
 
+  // Observers of add() and remove() (front ends that list exports, such as
+  // the FUSE mount). Called on the thread that changed the table, after the
+  // change, without the table lock held (an observer may call find/list) but
+  // under the observers' own lock: an observer must not subscribe or
+  // unsubscribe, and unsubscribe() returns only after any call in progress.
+  uint64_t subscribe(ExportObserver observer);
+  void unsubscribe(uint64_t id);
+
  private:
+  void notify(const std::shared_ptr<Export>& exp, ExportEvent event);
+
+  std::mutex observers_mutex_;
+  uint64_t next_observer_ = 1;
+  std::map<uint64_t, ExportObserver> observers_;
+
   mutable std::shared_mutex mutex_;
   std::map<std::string, std::shared_ptr<Export>> exports_;
   std::string default_name_;

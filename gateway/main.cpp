@@ -31,6 +31,9 @@ Serves disk images as NBD exports.
                          (default 30)
   --data-dir DIR         where the demo image lives (default /var/lib/blockway
                          for root, else ~/.local/share/blockway)
+  --fuse-mount DIR[,OPT=VAL...]
+                         also show every export as a file in DIR (FUSE); options:
+                         mode=0644, uid=N, gid=N, allow-other, direct-io
   --pid-file FILE        write the pid here once every socket listens
   --log-level LEVEL      trace, debug, info, warn, error or off (default info)
   --version, --help
@@ -93,6 +96,8 @@ int main(int argc, char** argv) {
         cfg.shutdown_timeout = std::chrono::milliseconds(1000 * parse_size(need(), "--shutdown-timeout"));
       } else if (arg == "--data-dir") {
         cfg.data_dir = need();
+      } else if (arg == "--fuse-mount") {
+        cfg.fuse = FuseMountConfig::parse_spec(need());
       } else if (arg == "--pid-file") {
         cfg.pid_file = need();
       } else if (arg == "--log-level") {
@@ -116,6 +121,11 @@ int main(int argc, char** argv) {
       if (cfg.handshake_timeout != DaemonConfig{}.handshake_timeout) from_file.handshake_timeout = cfg.handshake_timeout;
       if (cfg.shutdown_timeout != DaemonConfig{}.shutdown_timeout) from_file.shutdown_timeout = cfg.shutdown_timeout;
       if (!cfg.pid_file.empty()) from_file.pid_file = cfg.pid_file;
+      if (cfg.fuse) {  // the command line's directory; its options over the file's
+        if (!from_file.fuse) from_file.fuse.emplace();
+        from_file.fuse->mountpoint = cfg.fuse->mountpoint;
+        for (const auto& [k, v] : cfg.fuse->options) from_file.fuse->options[k] = v;
+      }
       if (cfg.log_level != DaemonConfig{}.log_level) from_file.log_level = cfg.log_level;
       cfg = std::move(from_file);
     }

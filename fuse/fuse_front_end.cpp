@@ -1,0 +1,924 @@
+#include "fuse/fuse_front_end.hpp"
+
+#define FUSE_USE_VERSION 314
+#include <fuse3/fuse_lowlevel.h>
+
+#include "gateway/buffer_pool.hpp"
+#include "gateway/config.hpp"
+#include "gateway/logging.hpp"
+
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/posix/stream_descriptor.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
+
+#include <fcntl.h>
+#include <spawn.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdarg>
+#include <cstdio>
+#include <climits>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+extern char** environ;
+
+namespace blockway::fuse {
+
+using gateway::ByteRange;
+using gateway::ConfigError;
+using gateway::ExtentList;
+using gateway::IoBuffer;
+using gateway::Task;
+
+namespace {
+
+// Largest read or write the kernel sends in one request. libfuse 3.14 caps
+// max_write at its receive buffer (256 pages); the kernel's max_pages follows.
+constexpr uint32_t kMaxIo = 1u << 20;
+// One request: header page + payload (the kernel wants room for max_write + 80).
+constexpr size_t kReceiveBuffer = kMaxIo + 4096;
+constexpr double kAttrTimeout = 1.0;
+// Reads and writes at least this large are served on the next loop.
+constexpr size_t kSpreadBytes = 128 * 1024;
+// The kernel's request header (struct fuse_in_header); anything shorter is not a request.
+constexpr size_t kRequestHeader = 40;
+
+int64_t now_ns() {
+  timespec ts{};
+  ::clock_gettime(CLOCK_REALTIME, &ts);
+  return ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+timespec to_timespec(int64_t ns) {
+  return timespec{static_cast<time_t>(ns / 1000000000LL), static_cast<long>(ns % 1000000000LL)};
+}
+
+uint64_t parse_uint(const std::string& text, const std::string& what, int base, uint64_t max) {
+  if (text.empty()) throw ConfigError("fuse option " + what + " is empty");
+  char* end = nullptr;
+  errno = 0;
+  const unsigned long long v = std::strtoull(text.c_str(), &end, base);
+  if (errno != 0 || *end != '\0' || text[0] == '-' || v > max)
+    throw ConfigError("fuse option " + what + ": '" + text + "' is not a valid value");
+  return v;
+}
+
+// Is dir (canonical) the mount point of a FUSE filesystem right now?
+bool is_fuse_mountpoint(const std::string& dir) {
+  std::ifstream in("/proc/self/mountinfo");
+  std::string line;
+  while (std::getline(in, line)) {
+    std::istringstream fields(line);
+    std::string id, parent, devno, root, mnt;
+    fields >> id >> parent >> devno >> root >> mnt;
+    // Unescape \040 and friends (three octal digits) in the mount point.
+    std::string path;
+    for (size_t i = 0; i < mnt.size(); ++i) {
+      if (mnt[i] == '\\' && i + 3 < mnt.size()) {
+        path += static_cast<char>(((mnt[i + 1] - '0') << 6) | ((mnt[i + 2] - '0') << 3) | (mnt[i + 3] - '0'));
+        i += 3;
+      } else {
+        path += mnt[i];
+      }
+    }
+    if (path != dir) continue;
+    const auto sep = line.find(" - ");
+    if (sep == std::string::npos) continue;
+    if (line.compare(sep + 3, 4, "fuse") == 0) return true;
+  }
+  return false;
+}
+
+// Lazily detaches the mount at dir: umount2(MNT_DETACH) as root, else
+// fusermount3 -u -z.
+bool detach_mount(const std::string& dir) {
+  if (::umount2(dir.c_str(), MNT_DETACH) == 0) return true;
+  pid_t pid = 0;
+  const char* argv[] = {"fusermount3", "-u", "-z", dir.c_str(), nullptr};
+  if (::posix_spawnp(&pid, "fusermount3", nullptr, nullptr, const_cast<char* const*>(argv), environ) != 0)
+    return false;
+  int status = 0;
+  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  }
+  return WIFEXITED(status) && WEXITSTATUS(status) == 0;
+}
+
+// libfuse's own messages (mount errors, protocol warnings) into our log.
+void log_from_libfuse(enum fuse_log_level level, const char* fmt, va_list ap) {
+  char text[1024];
+  std::vsnprintf(text, sizeof text, fmt, ap);
+  std::string_view msg(text);
+  while (!msg.empty() && msg.back() == '\n') msg.remove_suffix(1);
+  static const auto log = gateway::logger("fuse");
+  if (level <= FUSE_LOG_ERR)
+    log->error("libfuse: {}", msg);
+  else if (level <= FUSE_LOG_NOTICE)
+    log->warn("libfuse: {}", msg);
+  else
+    log->debug("libfuse: {}", msg);
+}
+
+}  // namespace
+
+FuseOptions FuseOptions::parse(const std::map<std::string, std::string>& options) {
+  FuseOptions o;
+  o.uid = ::geteuid();
+  o.gid = ::getegid();
+  for (const auto& [key, value] : options) {
+    if (key == "mode") {
+      o.mode = static_cast<mode_t>(parse_uint(value, key, 8, 07777));
+    } else if (key == "uid") {
+      o.uid = static_cast<uid_t>(parse_uint(value, key, 10, UINT32_MAX - 1));
+    } else if (key == "gid") {
+      o.gid = static_cast<gid_t>(parse_uint(value, key, 10, UINT32_MAX - 1));
+    } else if (key == "allow-other" || key == "allow_other") {
+      o.allow_other = gateway::parse_bool(value, "fuse option allow-other");
+    } else if (key == "readers") {
+      o.readers = static_cast<unsigned>(parse_uint(value, key, 10, 256));
+      if (o.readers == 0) throw ConfigError("fuse option readers must be at least 1");
+    } else if (key == "direct-io" || key == "direct_io") {
+      o.direct_io = gateway::parse_bool(value, "fuse option direct-io");
+    } else {
+      throw ConfigError("unknown fuse option '" + key + "' (mode, uid, gid, allow-other, direct-io, readers)");
+    }
+  }
+  return o;
+}
+
+int fuse_errno(std::error_code ec) noexcept {
+  if (!ec) return 0;
+  switch (ec.value()) {
+    case EIO:
+    case ENOSPC:
+    case EROFS:
+    case EINVAL:
+    case EFBIG:
+    case ENOMEM:
+    case EOPNOTSUPP:
+    case EDQUOT:
+    case EPERM:
+    case EACCES:
+      return ec.value();
+    default:
+      return EIO;  // timeouts, lost connections, protocol errors: the file's user sees an I/O error
+  }
+}
+
+bool representable_name(const std::string& name) noexcept {
+  return !name.empty() && name.size() <= 255 && name != "." && name != ".." &&
+         name.find('/') == std::string::npos && name.find('\0') == std::string::npos;
+}
+
+// One export in the mount. Immutable apart from its times.
+struct FuseFrontEnd::Node {
+  fuse_ino_t ino = 0;
+  std::string name;
+  std::shared_ptr<gateway::Export> exp;
+  uint64_t size = 0;
+  bool read_only = false;
+  int64_t created_ns = 0;
+  std::atomic<int64_t> mtime_ns{0};
+};
+
+// One open file description.
+struct FuseFrontEnd::Handle {
+  std::shared_ptr<Node> node;
+  std::atomic<bool> wrote{false};  // since the last flush through this handle
+};
+
+struct FuseFrontEnd::Impl : std::enable_shared_from_this<FuseFrontEnd::Impl> {
+  enum class State { idle, mounted, unmounting };
+
+  gateway::EventLoops& loops;
+  gateway::ExportTable& exports;
+  FuseOptions options;
+  std::shared_ptr<spdlog::logger> log = gateway::logger("fuse");
+
+  mutable std::mutex mutex;
+  State state = State::idle;
+  fuse_session* se = nullptr;
+  std::string dir;
+  std::vector<std::shared_ptr<Reader>> readers;
+  size_t readers_running = 0;
+  std::unique_ptr<boost::asio::steady_timer> detach_timer;
+  std::function<void()> on_unmounted;
+  uint64_t observer_id = 0;
+  int64_t mount_ns = 0;
+
+  std::map<std::string, std::shared_ptr<Node>> by_name;
+  std::unordered_map<fuse_ino_t, std::shared_ptr<Node>> by_ino;
+  fuse_ino_t next_ino = FUSE_ROOT_ID + 1;
+
+  // Open files: the kernel sends no RELEASE for those still open when a
+  // session is cut off, so the rest are freed when it ends.
+  std::unordered_set<Handle*> handles;
+
+  // Requests being served by coroutines, plus kernel notifications queued.
+  std::atomic<int64_t> inflight{0};
+
+  Impl(gateway::EventLoops& l, gateway::ExportTable& e, FuseOptions o)
+      : loops(l), exports(e), options(std::move(o)) {}
+
+  void mount(const std::string& where);
+  void unmount();
+  void reader_ended();
+  void end_request() {
+    if (inflight.fetch_sub(1, std::memory_order_acq_rel) == 1) check_finished();
+  }
+  void check_finished();
+  void add_node(const std::shared_ptr<gateway::Export>& exp);  // mutex held
+  void on_export(const std::shared_ptr<gateway::Export>& exp, gateway::ExportEvent event);
+
+  std::shared_ptr<Node> find(fuse_ino_t ino, fuse_file_info* fi) {
+    if (fi && fi->fh) return reinterpret_cast<Handle*>(fi->fh)->node;
+    std::lock_guard lock(mutex);
+    auto it = by_ino.find(ino);
+    return it == by_ino.end() ? nullptr : it->second;
+  }
+  struct stat attr_of(const Node& n) const {
+    struct stat st{};
+    st.st_ino = n.ino;
+    st.st_mode = S_IFREG | (n.read_only ? (options.mode & 0444) : options.mode);
+    st.st_nlink = 1;
+    st.st_uid = options.uid;
+    st.st_gid = options.gid;
+    st.st_size = static_cast<off_t>(n.size);
+    st.st_blksize = 4096;
+    st.st_blocks = static_cast<blkcnt_t>((n.size + 511) / 512);
+    st.st_atim = to_timespec(n.created_ns);
+    st.st_mtim = to_timespec(n.mtime_ns.load(std::memory_order_relaxed));
+    st.st_ctim = to_timespec(std::max(n.created_ns, n.mtime_ns.load(std::memory_order_relaxed)));
+    return st;
+  }
+  struct stat root_attr() const {
+    struct stat st{};
+    st.st_ino = FUSE_ROOT_ID;
+    st.st_mode = S_IFDIR | 0755;
+    st.st_nlink = 2;
+    st.st_uid = options.uid;
+    st.st_gid = options.gid;
+    st.st_atim = st.st_mtim = st.st_ctim = to_timespec(mount_ns);
+    return st;
+  }
+};
+
+// Reads requests from one dup() of the /dev/fuse descriptor on one event
+// loop. Asio's descriptor read tries read() before it waits and after every
+// epoll event, so no request is left behind by an edge-triggered wakeup.
+class FuseFrontEnd::Reader : public std::enable_shared_from_this<FuseFrontEnd::Reader> {
+ public:
+  Reader(Impl* impl, boost::asio::io_context& ctx, int fd) : impl_(impl), sd_(ctx, fd) {}
+
+  void start() { arm(); }
+  // Any thread: closes the descriptor on its loop; the pending read ends.
+  void stop() {
+    boost::asio::post(sd_.get_executor(), [self = shared_from_this()] {
+      boost::system::error_code ignored;
+      self->sd_.close(ignored);
+    });
+  }
+  boost::asio::any_io_executor executor() { return sd_.get_executor(); }
+  // The request being processed now: a write handler takes its buffer
+  // instead of copying the payload out of it.
+  [[nodiscard]] bool holds(const void* p) const noexcept {
+    const auto* b = reinterpret_cast<const std::byte*>(p);
+    return !buf_.empty() && b >= buf_.data() && b < buf_.data() + buf_.size();
+  }
+  IoBuffer take_buffer() { return std::move(buf_); }
+
+  static thread_local Reader* current;
+
+ private:
+  void arm() {
+    if (buf_.empty()) buf_ = IoBuffer(kReceiveBuffer);
+    sd_.async_read_some(boost::asio::buffer(buf_.data(), buf_.size()),
+                        [self = shared_from_this()](const boost::system::error_code& ec, size_t n) {
+                          self->on_read(ec, n);
+                        });
+  }
+
+  void on_read(const boost::system::error_code& ec, size_t n) {
+    if (ec) {
+      // ENOENT: the request was interrupted before we read it.
+      if (ec.value() == ENOENT || ec.value() == EINTR || ec.value() == EAGAIN) return arm();
+      if (ec != boost::asio::error::operation_aborted && ec.value() != ENODEV &&
+          ec != boost::asio::error::bad_descriptor)
+        impl_->log->warn("reading /dev/fuse: {}", ec.message());
+      boost::system::error_code ignored;
+      sd_.close(ignored);
+      impl_->reader_ended();
+      return;
+    }
+    if (n >= kRequestHeader) {
+      fuse_buf fb{};
+      fb.size = n;
+      fb.mem = buf_.data();
+      current = this;
+      fuse_session_process_buf(impl_->se, &fb);
+      current = nullptr;
+    }
+    arm();
+  }
+
+  Impl* impl_;
+  boost::asio::posix::stream_descriptor sd_;
+  IoBuffer buf_;
+};
+
+thread_local FuseFrontEnd::Reader* FuseFrontEnd::Reader::current = nullptr;
+
+namespace {
+
+using Impl = FuseFrontEnd::Impl;
+using Node = FuseFrontEnd::Node;
+using Handle = FuseFrontEnd::Handle;
+
+Impl& impl_of(fuse_req_t req) { return *static_cast<Impl*>(fuse_req_userdata(req)); }
+
+// Starts `task` on the loop that read the request; its completion accounts
+// for it. A coroutine that escapes with an exception has not replied yet
+// (replies are their last step and do not throw), so it answers EIO.
+void spawn(fuse_req_t req, Task<void> task, size_t bytes = 0) {
+  auto& impl = impl_of(req);
+  impl.inflight.fetch_add(1, std::memory_order_relaxed);
+  auto* reader = FuseFrontEnd::Reader::current;
+  // Large transfers go to the next loop round-robin, so their copies run on
+  // other cores while the reader takes the next request; small ones stay on
+  // the reader's loop, where a hop would cost more than the work.
+  auto ex = reader && bytes < kSpreadBytes ? reader->executor()
+                                           : boost::asio::any_io_executor(impl.loops.next().get_executor());
+  boost::asio::co_spawn(ex, std::move(task), [self = impl.shared_from_this(), req](std::exception_ptr e) {
+    if (e) {
+      self->log->error("a FUSE request failed with an exception");
+      fuse_reply_err(req, EIO);
+    }
+    self->end_request();
+  });
+}
+
+void reply_entry(fuse_req_t req, const Impl& impl, const Node& node) {
+  fuse_entry_param e{};
+  e.ino = node.ino;
+  e.generation = 1;
+  e.attr = impl.attr_of(node);
+  e.attr_timeout = kAttrTimeout;
+  e.entry_timeout = kAttrTimeout;
+  fuse_reply_entry(req, &e);
+}
+
+void op_init(void* userdata, fuse_conn_info* conn) {
+  auto& impl = *static_cast<Impl*>(userdata);
+  conn->max_write = kMaxIo;
+  conn->max_read = kMaxIo;  // must match the max_read mount option
+  conn->max_readahead = std::min<unsigned>(conn->max_readahead, kMaxIo);
+  // Payloads go to a device buffer, not to an fd: splicing would add a copy.
+  conn->want &= ~(FUSE_CAP_SPLICE_READ | FUSE_CAP_SPLICE_WRITE | FUSE_CAP_SPLICE_MOVE);
+  // Every write reaches the export before write(2) returns: the export's
+  // write mode, not the kernel's page cache, decides what a flush means.
+  conn->want &= ~FUSE_CAP_WRITEBACK_CACHE;
+  if (conn->capable & FUSE_CAP_ASYNC_DIO) conn->want |= FUSE_CAP_ASYNC_DIO;
+  if (conn->capable & FUSE_CAP_ASYNC_READ) conn->want |= FUSE_CAP_ASYNC_READ;
+  // Let readahead and async direct I/O keep many requests in flight.
+  conn->max_background = 64;
+  conn->congestion_threshold = 48;
+  conn->time_gran = 1;
+  impl.log->debug("FUSE session started (protocol {}.{}, max_write {})", conn->proto_major, conn->proto_minor,
+                  conn->max_write);
+}
+
+void op_lookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
+  auto& impl = impl_of(req);
+  if (parent != FUSE_ROOT_ID) return (void)fuse_reply_err(req, ENOTDIR);
+  std::shared_ptr<Node> node;
+  {
+    std::lock_guard lock(impl.mutex);
+    auto it = impl.by_name.find(name);
+    if (it != impl.by_name.end()) node = it->second;
+  }
+  if (!node) return (void)fuse_reply_err(req, ENOENT);
+  reply_entry(req, impl, *node);
+}
+
+void op_getattr(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
+  auto& impl = impl_of(req);
+  if (ino == FUSE_ROOT_ID) {
+    const auto st = impl.root_attr();
+    return (void)fuse_reply_attr(req, &st, kAttrTimeout);
+  }
+  auto node = impl.find(ino, fi);
+  if (!node) return (void)fuse_reply_err(req, ENOENT);
+  const auto st = impl.attr_of(*node);
+  fuse_reply_attr(req, &st, kAttrTimeout);
+}
+
+void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_set, fuse_file_info* fi) {
+  auto& impl = impl_of(req);
+  if (ino == FUSE_ROOT_ID) return (void)fuse_reply_err(req, EPERM);
+  auto node = impl.find(ino, fi);
+  if (!node) return (void)fuse_reply_err(req, ENOENT);
+  // Owner and mode come from the configuration.
+  if (to_set & (FUSE_SET_ATTR_MODE | FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID)) return (void)fuse_reply_err(req, EPERM);
+  // An export has the size of its image: truncating to that size is a no-op,
+  // any other size cannot be honoured.
+  if ((to_set & FUSE_SET_ATTR_SIZE) && static_cast<uint64_t>(attr->st_size) != node->size)
+    return (void)fuse_reply_err(req, node->read_only ? EROFS : EINVAL);
+  if (to_set & FUSE_SET_ATTR_MTIME_NOW)
+    node->mtime_ns.store(now_ns(), std::memory_order_relaxed);
+  else if (to_set & FUSE_SET_ATTR_MTIME)
+    node->mtime_ns.store(attr->st_mtim.tv_sec * 1000000000LL + attr->st_mtim.tv_nsec, std::memory_order_relaxed);
+  const auto st = impl.attr_of(*node);
+  fuse_reply_attr(req, &st, kAttrTimeout);
+}
+
+void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info*) {
+  auto& impl = impl_of(req);
+  if (ino != FUSE_ROOT_ID) return (void)fuse_reply_err(req, ENOTDIR);
+  std::vector<std::pair<std::string, struct stat>> entries;
+  {
+    std::lock_guard lock(impl.mutex);
+    entries.reserve(impl.by_name.size() + 2);
+    struct stat dir{};
+    dir.st_ino = FUSE_ROOT_ID;
+    dir.st_mode = S_IFDIR;
+    entries.emplace_back(".", dir);
+    entries.emplace_back("..", dir);
+    for (const auto& [name, node] : impl.by_name) {
+      struct stat st{};
+      st.st_ino = node->ino;
+      st.st_mode = S_IFREG;
+      entries.emplace_back(name, st);
+    }
+  }
+  std::vector<char> buf(size);
+  size_t used = 0;
+  for (size_t i = static_cast<size_t>(std::max<off_t>(off, 0)); i < entries.size(); ++i) {
+    const size_t need = fuse_add_direntry(req, buf.data() + used, size - used, entries[i].first.c_str(),
+                                          &entries[i].second, static_cast<off_t>(i + 1));
+    if (need > size - used) break;
+    used += need;
+  }
+  fuse_reply_buf(req, buf.data(), used);
+}
+
+void op_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
+  auto& impl = impl_of(req);
+  if (ino == FUSE_ROOT_ID) return (void)fuse_reply_err(req, EISDIR);
+  auto node = impl.find(ino, nullptr);
+  if (!node) return (void)fuse_reply_err(req, ENOENT);
+  if ((fi->flags & O_ACCMODE) != O_RDONLY && node->read_only) return (void)fuse_reply_err(req, EROFS);
+  auto* h = new Handle{std::move(node)};
+  {
+    std::lock_guard lock(impl.mutex);
+    impl.handles.insert(h);
+  }
+  fi->fh = reinterpret_cast<uint64_t>(h);
+  fi->direct_io = impl.options.direct_io ? 1 : 0;
+  fi->keep_cache = 0;  // opening again shows what NBD clients wrote meanwhile
+  if (fuse_reply_open(req, fi) != 0) {  // the opener was interrupted: no release will come
+    std::lock_guard lock(impl.mutex);
+    impl.handles.erase(h);
+    delete h;
+  }
+}
+
+void op_release(fuse_req_t req, fuse_ino_t, fuse_file_info* fi) {
+  auto& impl = impl_of(req);
+  auto* h = reinterpret_cast<Handle*>(fi->fh);
+  {
+    std::lock_guard lock(impl.mutex);
+    impl.handles.erase(h);
+  }
+  delete h;
+  fuse_reply_err(req, 0);
+}
+
+Task<void> do_read(fuse_req_t req, std::shared_ptr<Node> node, size_t n, uint64_t off) {
+  IoBuffer buf(n);
+  auto span = buf.span().first(n);
+  const std::error_code ec = co_await node->exp->device->read(span, off, 0);
+  if (ec)
+    fuse_reply_err(req, fuse_errno(ec));
+  else
+    fuse_reply_buf(req, reinterpret_cast<const char*>(buf.data()), n);
+}
+
+void op_read(fuse_req_t req, fuse_ino_t, size_t size, off_t off, fuse_file_info* fi) {
+  auto node = reinterpret_cast<Handle*>(fi->fh)->node;
+  if (off < 0) return (void)fuse_reply_err(req, EINVAL);
+  const auto offset = static_cast<uint64_t>(off);
+  if (offset >= node->size || size == 0) return (void)fuse_reply_buf(req, nullptr, 0);  // end of file
+  const size_t n = static_cast<size_t>(std::min<uint64_t>(size, node->size - offset));
+  spawn(req, do_read(req, std::move(node), n, offset), n);
+}
+
+Task<void> do_write(fuse_req_t req, std::shared_ptr<Node> node, IoBuffer owner, const std::byte* data, size_t n,
+                    uint64_t off, gateway::IoFlags flags) {
+  const std::span<const std::byte> payload(data, n);
+  const std::error_code ec = co_await node->exp->device->write(payload, off, flags);
+  owner.reset();
+  if (ec) {
+    fuse_reply_err(req, fuse_errno(ec));
+    co_return;
+  }
+  node->mtime_ns.store(now_ns(), std::memory_order_relaxed);
+  fuse_reply_write(req, n);
+}
+
+void op_write(fuse_req_t req, fuse_ino_t, const char* data, size_t size, off_t off, fuse_file_info* fi) {
+  auto* h = reinterpret_cast<Handle*>(fi->fh);
+  auto node = h->node;
+  if (node->read_only) return (void)fuse_reply_err(req, EROFS);
+  if (off < 0) return (void)fuse_reply_err(req, EINVAL);
+  const auto offset = static_cast<uint64_t>(off);
+  if (size == 0) return (void)fuse_reply_write(req, 0);
+  // The file cannot grow: like a block device, a write at the end has no space.
+  if (offset >= node->size) return (void)fuse_reply_err(req, ENOSPC);
+  const size_t n = static_cast<size_t>(std::min<uint64_t>(size, node->size - offset));
+  IoBuffer owner;
+  const std::byte* payload = reinterpret_cast<const std::byte*>(data);
+  if (auto* reader = FuseFrontEnd::Reader::current; reader && reader->holds(data)) {
+    owner = reader->take_buffer();  // zero copy: the reader gets a fresh buffer
+  } else {
+    owner = IoBuffer(n);
+    std::memcpy(owner.data(), data, n);
+    payload = owner.data();
+  }
+  // O_SYNC/O_DSYNC opens make every write durable before it is acknowledged.
+  const gateway::IoFlags flags = (fi->flags & O_DSYNC) ? gateway::kFua : 0;
+  h->wrote.store(true, std::memory_order_relaxed);
+  spawn(req, do_write(req, std::move(node), std::move(owner), payload, n, offset, flags), n);
+}
+
+Task<void> do_flush(fuse_req_t req, std::shared_ptr<Node> node) {
+  const std::error_code ec = co_await node->exp->device->flush();
+  fuse_reply_err(req, fuse_errno(ec));
+}
+
+// close(): flushes only if this file description wrote since its last flush,
+// as an NBD client's disconnect does; a failed flush reaches close() as EIO.
+void op_flush(fuse_req_t req, fuse_ino_t, fuse_file_info* fi) {
+  auto* h = reinterpret_cast<Handle*>(fi->fh);
+  if (!h->wrote.exchange(false, std::memory_order_acq_rel)) return (void)fuse_reply_err(req, 0);
+  spawn(req, do_flush(req, h->node));
+}
+
+// fsync and fdatasync: the export's FLUSH (its write mode decides how far the
+// data goes: the remote for writethrough/writeback, the local cache for
+// writeback-local, the disk for a file).
+void op_fsync(fuse_req_t req, fuse_ino_t, int /*datasync*/, fuse_file_info* fi) {
+  auto* h = reinterpret_cast<Handle*>(fi->fh);
+  h->wrote.store(false, std::memory_order_relaxed);
+  spawn(req, do_flush(req, h->node));
+}
+
+Task<void> do_zero(fuse_req_t req, std::shared_ptr<Node> node, ByteRange range, gateway::IoFlags flags) {
+  const std::error_code ec = co_await node->exp->device->zero(range, flags);
+  if (!ec) node->mtime_ns.store(now_ns(), std::memory_order_relaxed);
+  fuse_reply_err(req, fuse_errno(ec));
+}
+
+void op_fallocate(fuse_req_t req, fuse_ino_t, int mode, off_t off, off_t len, fuse_file_info* fi) {
+  auto* h = reinterpret_cast<Handle*>(fi->fh);
+  const auto& node = h->node;
+  constexpr int kKnown = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE;
+  if (mode & ~kKnown) return (void)fuse_reply_err(req, EOPNOTSUPP);
+  if (node->read_only) return (void)fuse_reply_err(req, EROFS);
+  if (off < 0 || len <= 0 || off > LLONG_MAX - len) return (void)fuse_reply_err(req, EINVAL);
+  const bool keep_size = mode & FALLOC_FL_KEEP_SIZE;
+  uint64_t start = static_cast<uint64_t>(off);
+  uint64_t end = start + static_cast<uint64_t>(len);
+  if (end > node->size) {
+    if (!keep_size) return (void)fuse_reply_err(req, ENOSPC);  // the file cannot grow
+    end = node->size;
+  }
+  if (start >= end || !(mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE)))
+    return (void)fuse_reply_err(req, 0);  // plain allocation: the image already has its size
+  h->wrote.store(true, std::memory_order_relaxed);
+  // PUNCH_HOLE promises zeroes afterwards, which an advisory TRIM does not:
+  // it is WRITE_ZEROES that may deallocate (the file backend punches a hole).
+  // ZERO_RANGE keeps the range allocated: WRITE_ZEROES with NO_HOLE.
+  const gateway::IoFlags flags = (mode & FALLOC_FL_PUNCH_HOLE) ? 0 : gateway::kNoHole;
+  spawn(req, do_zero(req, node, ByteRange{start, end - start}, flags));
+}
+
+Task<void> do_lseek(fuse_req_t req, std::shared_ptr<Node> node, uint64_t pos, int whence) {
+  const uint64_t size = node->size;
+  while (pos < size) {
+    ExtentList extents;
+    std::error_code ec = co_await node->exp->device->block_status(ByteRange{pos, size - pos}, extents);
+    if (!ec && extents.empty()) ec = gateway::errno_code(EIO);
+    if (ec) {
+      fuse_reply_err(req, fuse_errno(ec));
+      co_return;
+    }
+    for (const auto& e : extents) {
+      const bool hole = e.flags & gateway::kExtentHole;
+      if (whence == SEEK_DATA ? !hole : hole) {
+        fuse_reply_lseek(req, static_cast<off_t>(pos));
+        co_return;
+      }
+      if (e.length == 0) {  // a device bug: do not loop forever
+        fuse_reply_err(req, EIO);
+        co_return;
+      }
+      pos = std::min(size, pos + e.length);
+      if (pos >= size) break;
+    }
+  }
+  // No data after pos; the end of the file is an implicit hole.
+  if (whence == SEEK_DATA)
+    fuse_reply_err(req, ENXIO);
+  else
+    fuse_reply_lseek(req, static_cast<off_t>(size));
+}
+
+void op_lseek(fuse_req_t req, fuse_ino_t, off_t off, int whence, fuse_file_info* fi) {
+  auto node = reinterpret_cast<Handle*>(fi->fh)->node;
+  if (whence != SEEK_DATA && whence != SEEK_HOLE) return (void)fuse_reply_err(req, EINVAL);
+  if (off < 0) return (void)fuse_reply_err(req, EINVAL);
+  if (static_cast<uint64_t>(off) >= node->size) return (void)fuse_reply_err(req, ENXIO);
+  spawn(req, do_lseek(req, std::move(node), static_cast<uint64_t>(off), whence));
+}
+
+void op_statfs(fuse_req_t req, fuse_ino_t) {
+  auto& impl = impl_of(req);
+  struct statvfs st{};
+  uint64_t bytes = 0;
+  size_t files = 0;
+  {
+    std::lock_guard lock(impl.mutex);
+    for (const auto& [name, node] : impl.by_name) bytes += node->size;
+    files = impl.by_name.size();
+  }
+  st.f_bsize = 4096;
+  st.f_frsize = 4096;
+  st.f_blocks = (bytes + 4095) / 4096;
+  st.f_files = files + 1;
+  st.f_namemax = 255;
+  fuse_reply_statfs(req, &st);
+}
+
+const fuse_lowlevel_ops& operations() {
+  static const fuse_lowlevel_ops ops = [] {
+    fuse_lowlevel_ops o{};
+    o.init = op_init;
+    o.lookup = op_lookup;
+    o.getattr = op_getattr;
+    o.setattr = op_setattr;
+    o.readdir = op_readdir;
+    o.open = op_open;
+    o.release = op_release;
+    o.read = op_read;
+    o.write = op_write;
+    o.flush = op_flush;
+    o.fsync = op_fsync;
+    o.fallocate = op_fallocate;
+    o.lseek = op_lseek;
+    o.statfs = op_statfs;
+    return o;
+  }();
+  return ops;
+}
+
+}  // namespace
+
+void Impl::add_node(const std::shared_ptr<gateway::Export>& exp) {
+  if (!representable_name(exp->name)) {
+    log->warn("export '{}' has a name that cannot be a file name; not shown in the FUSE mount", exp->name);
+    return;
+  }
+  auto node = std::make_shared<Node>();
+  node->ino = next_ino++;
+  node->name = exp->name;
+  node->exp = exp;
+  node->size = exp->device->geometry().size;
+  node->read_only = exp->device->capabilities().read_only;
+  node->created_ns = now_ns();
+  node->mtime_ns.store(node->created_ns, std::memory_order_relaxed);
+  by_ino[node->ino] = node;
+  by_name[node->name] = std::move(node);
+}
+
+void Impl::on_export(const std::shared_ptr<gateway::Export>& exp, gateway::ExportEvent event) {
+  std::lock_guard lock(mutex);
+  if (event == gateway::ExportEvent::added) {
+    if (by_name.count(exp->name)) return;
+    add_node(exp);
+  } else {
+    auto it = by_name.find(exp->name);
+    if (it == by_name.end() || it->second->exp != exp) return;
+    by_ino.erase(it->second->ino);
+    by_name.erase(it);
+  }
+  if (state != State::mounted || !se) return;
+  // The kernel caches names and the directory listing; tell it. These calls
+  // may wait for the kernel, which may be waiting for one of our replies:
+  // never on a loop thread.
+  inflight.fetch_add(1, std::memory_order_relaxed);
+  boost::asio::post(loops.blocking(), [self = shared_from_this(), name = exp->name] {
+    fuse_lowlevel_notify_inval_entry(self->se, FUSE_ROOT_ID, name.c_str(), name.size());
+    fuse_lowlevel_notify_inval_inode(self->se, FUSE_ROOT_ID, 0, 0);
+    self->end_request();
+  });
+}
+
+void Impl::mount(const std::string& where) {
+  std::lock_guard lock(mutex);
+  if (state != State::idle) throw std::runtime_error("FUSE: already mounted at " + dir);
+  std::error_code fec;
+  std::string path = std::filesystem::absolute(where, fec).lexically_normal().string();
+  if (path.size() > 1 && path.back() == '/') path.pop_back();
+  // A daemon that died without unmounting leaves a mount that answers
+  // nothing (ENOTCONN). stat() may still succeed from cached attributes;
+  // statfs() always asks the daemon.
+  struct statvfs vfs{};
+  const bool fuse_mount = is_fuse_mountpoint(path) ||
+                          is_fuse_mountpoint(std::filesystem::weakly_canonical(path, fec).string());
+  if (fuse_mount || ::statvfs(path.c_str(), &vfs) != 0) {
+    const int e = fuse_mount && ::statvfs(path.c_str(), &vfs) == 0 ? EEXIST : errno;
+    if (fuse_mount && e == EEXIST)
+      throw std::runtime_error("FUSE: " + path + " is already a FUSE mount (another blockwayd running?)");
+    if (e == ENOTCONN || e == ECONNABORTED) {
+      log->warn("FUSE: {} is a stale mount ({}); detaching it", path, std::strerror(e));
+      if (!detach_mount(path)) throw std::runtime_error("FUSE: cannot detach the stale mount at " + path);
+    } else if (e == ENOENT) {
+      std::filesystem::create_directories(path, fec);
+      if (fec) throw std::runtime_error("FUSE: cannot create " + path + ": " + fec.message());
+    } else if (e != 0) {
+      throw std::runtime_error("FUSE: cannot use " + path + ": " + std::strerror(e));
+    }
+  }
+  struct stat st{};
+  if (::stat(path.c_str(), &st) != 0)
+    throw std::runtime_error("FUSE: cannot use " + path + ": " + std::strerror(errno));
+  if (!S_ISDIR(st.st_mode)) throw std::runtime_error("FUSE: " + path + " is not a directory");
+
+  std::string mount_opts = "fsname=blockway,subtype=blockway,default_permissions,max_read=" + std::to_string(kMaxIo);
+  if (options.allow_other) mount_opts += ",allow_other";
+  std::vector<std::string> argv_s = {"blockwayd", "-o", mount_opts};
+  std::vector<char*> argv;
+  for (auto& a : argv_s) argv.push_back(a.data());
+  fuse_args args = FUSE_ARGS_INIT(static_cast<int>(argv.size()), argv.data());
+  fuse_set_log_func(log_from_libfuse);
+  const auto& ops = operations();
+  se = fuse_session_new(&args, &ops, sizeof(ops), this);
+  fuse_opt_free_args(&args);
+  if (!se) throw std::runtime_error("FUSE: cannot create a session (see the log)");
+  if (fuse_session_mount(se, path.c_str()) != 0) {
+    fuse_session_destroy(se);
+    se = nullptr;
+    throw std::runtime_error("FUSE: cannot mount " + path + " (see the log)");
+  }
+  dir = path;
+  mount_ns = now_ns();
+  by_name.clear();
+  by_ino.clear();
+  for (const auto& exp : exports.list()) add_node(exp);
+
+  const int fd = fuse_session_fd(se);
+  readers.clear();
+  // Every reader's epoll wakes for every request (no EPOLLEXCLUSIVE in
+  // Asio), so readers beyond one cost a wasted wakeup per request; see
+  // docs/architecture.md. Loops 1.. serve large transfers either way.
+  const size_t nreaders = std::clamp<size_t>(options.readers, 1, loops.size());
+  for (size_t i = 0; i < nreaders; ++i) {
+    const int copy = ::fcntl(fd, F_DUPFD_CLOEXEC, 3);
+    if (copy < 0) break;
+    readers.push_back(std::make_shared<Reader>(this, loops.at(i), copy));
+  }
+  readers_running = readers.size();
+  state = State::mounted;
+  for (auto& r : readers) boost::asio::post(r->executor(), [r] { r->start(); });
+  log->info("FUSE: {} export(s) as files in {} ({} reader loops{}{})", by_name.size(), dir, readers.size(),
+            options.direct_io ? ", direct I/O" : "", options.allow_other ? ", allow_other" : "");
+}
+
+void Impl::unmount() {
+  std::lock_guard lock(mutex);
+  if (state != State::mounted) return;
+  state = State::unmounting;
+  log->info("FUSE: unmounting {}", dir);
+  boost::asio::post(loops.blocking(), [self = shared_from_this(), path = dir] {
+    // A plain umount succeeds when no file is open; the kernel then ends the
+    // session and every reader sees ENODEV.
+    if (::umount2(path.c_str(), 0) == 0) return;
+    const int e = errno;
+    if (e == EBUSY) {
+      // Open files (a loop device, a VM): take the mount out of the namespace
+      // now, keep serving them for a while, then cut them off.
+      self->log->warn("FUSE: {} is busy; detached, its open files are served for up to {} s", path,
+                      self->options.shutdown_timeout.count() / 1000);
+      (void)detach_mount(path);
+    } else if (e != EINVAL && e != ENOENT) {
+      self->log->warn("FUSE: umount {}: {}", path, std::strerror(e));
+      (void)detach_mount(path);
+    }
+    std::lock_guard lock(self->mutex);
+    if (self->state != State::unmounting) return;
+    self->detach_timer = std::make_unique<boost::asio::steady_timer>(self->loops.at(0), self->options.shutdown_timeout);
+    self->detach_timer->async_wait([self](const boost::system::error_code& ec) {
+      if (ec) return;
+      std::lock_guard lock(self->mutex);
+      if (self->state != State::unmounting) return;
+      self->log->warn("FUSE: files on {} still open after the shutdown timeout; ending the session", self->dir);
+      for (auto& r : self->readers) r->stop();
+    });
+  });
+}
+
+void Impl::reader_ended() {
+  {
+    std::lock_guard lock(mutex);
+    if (readers_running > 0) --readers_running;
+    if (state == State::mounted) {
+      // Unmounted from outside (fusermount -u, umount): end the session too.
+      log->warn("FUSE: {} was unmounted from outside", dir);
+      state = State::unmounting;
+    }
+    if (state == State::unmounting)
+      for (auto& r : readers) r->stop();  // the others end too (ENODEV, or now)
+  }
+  check_finished();
+}
+
+void Impl::check_finished() {
+  std::function<void()> done;
+  {
+    std::lock_guard lock(mutex);
+    if (state != State::unmounting || readers_running != 0 || inflight.load(std::memory_order_acquire) != 0 || !se)
+      return;
+    // No reader and no request left: nothing can write to se's fd any more.
+    fuse_session* old = se;
+    se = nullptr;
+    if (detach_timer) {
+      boost::asio::post(loops.at(0), [t = std::shared_ptr<boost::asio::steady_timer>(std::move(detach_timer))] {
+        t->cancel();
+      });
+    }
+    readers.clear();
+    state = State::idle;
+    fuse_session_unmount(old);  // closes the last descriptor; the mount is already gone
+    fuse_session_destroy(old);
+    for (auto* h : handles) delete h;  // files still open when the session was cut off
+    handles.clear();
+    log->info("FUSE: {} unmounted", dir);
+    done = on_unmounted;
+  }
+  if (done) done();
+}
+
+FuseFrontEnd::FuseFrontEnd(gateway::EventLoops& loops, gateway::ExportTable& exports, FuseOptions options)
+    : impl_(std::make_shared<Impl>(loops, exports, std::move(options))) {
+  std::weak_ptr<Impl> weak = impl_;
+  impl_->observer_id = exports.subscribe([weak](const std::shared_ptr<gateway::Export>& exp, gateway::ExportEvent ev) {
+    if (auto impl = weak.lock()) impl->on_export(exp, ev);
+  });
+}
+
+FuseFrontEnd::~FuseFrontEnd() {
+  impl_->exports.unsubscribe(impl_->observer_id);
+  std::lock_guard lock(impl_->mutex);
+  if (impl_->se) {
+    // The loops are gone (start-up failed after mounting): tear down directly.
+    (void)::umount2(impl_->dir.c_str(), MNT_DETACH);
+    impl_->readers.clear();
+    fuse_session_unmount(impl_->se);
+    fuse_session_destroy(impl_->se);
+    impl_->se = nullptr;
+    for (auto* h : impl_->handles) delete h;
+    impl_->handles.clear();
+  }
+}
+
+void FuseFrontEnd::mount(const std::string& dir) { impl_->mount(dir); }
+void FuseFrontEnd::unmount() { impl_->unmount(); }
+
+void FuseFrontEnd::set_on_unmounted(std::function<void()> fn) {
+  std::lock_guard lock(impl_->mutex);
+  impl_->on_unmounted = std::move(fn);
+}
+
+bool FuseFrontEnd::active() const {
+  std::lock_guard lock(impl_->mutex);
+  return impl_->state != Impl::State::idle;
+}
+
+std::string FuseFrontEnd::mountpoint() const {
+  std::lock_guard lock(impl_->mutex);
+  return impl_->state == Impl::State::idle ? std::string() : impl_->dir;
+}
+
+}  // namespace blockway::fuse

@@ -1,0 +1,248 @@
+// FuseFrontEnd: options, errno mapping, and a real mount (root and /dev/fuse
+// needed, else skipped) served by EventLoops over MemoryDevice exports:
+// exports added and removed at run time appear and disappear, device errors
+// reach the file's user as the right errno, unmount ends cleanly.
+#include "fuse/fuse_front_end.hpp"
+
+#include "gateway/config.hpp"
+#include "tests/unit/gateway/memory_device.hpp"
+#include "tests/unit/test_util.hpp"
+
+#include <gtest/gtest.h>
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <set>
+#include <thread>
+
+namespace blockway::fuse {
+namespace {
+
+using gateway::ConfigError;
+using test::MemoryDevice;
+using test::Op;
+using namespace std::chrono_literals;
+
+TEST(FuseOptions, ParsesEveryOption) {
+  const auto o = FuseOptions::parse(
+      {{"mode", "0600"}, {"uid", "12"}, {"gid", "34"}, {"allow-other", "on"}, {"direct-io", "yes"}, {"readers", "2"}});
+  EXPECT_EQ(o.readers, 2u);
+  EXPECT_EQ(o.mode, 0600u);
+  EXPECT_EQ(o.uid, 12u);
+  EXPECT_EQ(o.gid, 34u);
+  EXPECT_TRUE(o.allow_other);
+  EXPECT_TRUE(o.direct_io);
+  const auto d = FuseOptions::parse({});
+  EXPECT_EQ(d.mode, 0644u);
+  EXPECT_EQ(d.uid, ::geteuid());
+  EXPECT_FALSE(d.allow_other);
+  EXPECT_FALSE(d.direct_io);
+}
+
+TEST(FuseOptions, RefusesBadValues) {
+  EXPECT_THROW(FuseOptions::parse({{"mode", "0999"}}), ConfigError);
+  EXPECT_THROW(FuseOptions::parse({{"mode", "70000"}}), ConfigError);
+  EXPECT_THROW(FuseOptions::parse({{"uid", "-1"}}), ConfigError);
+  EXPECT_THROW(FuseOptions::parse({{"uid", "abc"}}), ConfigError);
+  EXPECT_THROW(FuseOptions::parse({{"allow-other", "perhaps"}}), ConfigError);
+  EXPECT_THROW(FuseOptions::parse({{"colour", "red"}}), ConfigError);
+  EXPECT_THROW(FuseOptions::parse({{"readers", "0"}}), ConfigError);
+}
+
+TEST(FuseMountConfig, ParsesTheCommandLineSpec) {
+  const auto f = gateway::FuseMountConfig::parse_spec("/mnt/x,mode=0640,allow-other");
+  EXPECT_EQ(f.mountpoint, "/mnt/x");
+  EXPECT_EQ(f.options.at("mode"), "0640");
+  EXPECT_EQ(f.options.at("allow-other"), "on");
+  EXPECT_THROW(gateway::FuseMountConfig::parse_spec(",mode=1"), ConfigError);
+  EXPECT_THROW(gateway::FuseMountConfig::parse_spec("/x,,mode=1"), ConfigError);
+}
+
+TEST(FuseMountConfig, ReadsTheFuseTable) {
+  char path[] = "/tmp/bw-fuse-config-XXXXXX";
+  const int fd = ::mkstemp(path);
+  ASSERT_GE(fd, 0);
+  ::close(fd);
+  {
+    std::ofstream(path) << "[fuse]\nmountpoint = \"/run/x\"\nmode = \"0600\"\nallow-other = true\n";
+    gateway::DaemonConfig cfg;
+    gateway::load_config_file(path, cfg);
+    ASSERT_TRUE(cfg.fuse);
+    EXPECT_EQ(cfg.fuse->mountpoint, "/run/x");
+    const auto o = FuseOptions::parse(cfg.fuse->options);
+    EXPECT_EQ(o.mode, 0600u);
+    EXPECT_TRUE(o.allow_other);
+  }
+  {
+    // No mountpoint: options for a mount made at run time.
+    std::ofstream(path) << "[fuse]\nmode = \"0600\"\n";
+    gateway::DaemonConfig cfg;
+    gateway::load_config_file(path, cfg);
+    ASSERT_TRUE(cfg.fuse);
+    EXPECT_TRUE(cfg.fuse->mountpoint.empty());
+  }
+  {
+    std::ofstream(path) << "fuse = \"/run/x\"\n";
+    gateway::DaemonConfig cfg;
+    EXPECT_THROW(gateway::load_config_file(path, cfg), ConfigError);  // not a table
+  }
+  ::unlink(path);
+}
+
+TEST(FuseErrno, PassesWhatUsersCanActOnAndMapsTheRestToEio) {
+  EXPECT_EQ(fuse_errno({}), 0);
+  for (int e : {EIO, ENOSPC, EROFS, EINVAL, EFBIG}) EXPECT_EQ(fuse_errno(gateway::errno_code(e)), e);
+  for (int e : {ETIMEDOUT, ECONNRESET, ENOTCONN, EPROTO, ESHUTDOWN})
+    EXPECT_EQ(fuse_errno(gateway::errno_code(e)), EIO);
+}
+
+TEST(FuseNames, OnlyNamesThatCanBeFileNames) {
+  EXPECT_TRUE(representable_name("vm1"));
+  EXPECT_TRUE(representable_name(std::string(255, 'a')));
+  EXPECT_FALSE(representable_name(std::string(256, 'a')));
+  EXPECT_FALSE(representable_name(""));
+  EXPECT_FALSE(representable_name("."));
+  EXPECT_FALSE(representable_name(".."));
+  EXPECT_FALSE(representable_name("a/b"));
+}
+
+std::shared_ptr<gateway::Export> memory_export(const std::string& name, uint64_t size, MemoryDevice** raw,
+                                               bool read_only = false) {
+  gateway::Capabilities caps;
+  caps.flush = gateway::Support::native;
+  caps.zero = gateway::Support::native;
+  caps.extents = gateway::Support::native;
+  auto dev = std::make_unique<MemoryDevice>(gateway::Geometry{.size = size}, caps);
+  if (raw) *raw = dev.get();
+  auto exp = std::make_shared<gateway::Export>();
+  exp->name = name;
+  exp->uri = "memory:";
+  exp->device = std::make_shared<gateway::CheckedDevice>(std::move(dev), read_only);
+  return exp;
+}
+
+std::set<std::string> listing(const std::string& dir) {
+  std::set<std::string> out;
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(dir, ec)) out.insert(e.path().filename().string());
+  return out;
+}
+
+class FuseMount : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (::geteuid() != 0 || ::access("/dev/fuse", R_OK | W_OK) != 0) GTEST_SKIP() << "needs root and /dev/fuse";
+    char tmpl[] = "/tmp/bw-fuse-unit-XXXXXX";
+    ASSERT_NE(::mkdtemp(tmpl), nullptr);
+    dir_ = tmpl;
+    mnt_ = dir_ + "/mnt";
+  }
+  void TearDown() override {
+    if (front_) {
+      front_->unmount();
+      EXPECT_TRUE(test::eventually([&] { return unmounted_.load(); }, 10s));
+    }
+    loops_.release();
+    if (runner_.joinable()) runner_.join();
+    front_.reset();
+    if (!dir_.empty()) std::filesystem::remove_all(dir_);
+  }
+  void start(FuseOptions options = {}) {
+    front_ = std::make_unique<FuseFrontEnd>(loops_, table_, options);
+    front_->set_on_unmounted([&] { unmounted_ = true; });
+    front_->mount(mnt_);
+    runner_ = std::thread([&] { loops_.run(); });
+  }
+
+  gateway::EventLoops loops_{2, 2};
+  gateway::ExportTable table_;
+  std::unique_ptr<FuseFrontEnd> front_;
+  std::thread runner_;
+  std::atomic<bool> unmounted_{false};
+  std::string dir_, mnt_;
+};
+
+TEST_F(FuseMount, ExportsAddedAndRemovedAtRunTimeAppearAndDisappear) {
+  MemoryDevice* a = nullptr;
+  table_.add(memory_export("a", 1 << 20, &a));
+  start();
+  EXPECT_EQ(front_->mountpoint(), mnt_);
+  EXPECT_EQ(listing(mnt_), (std::set<std::string>{"a"}));
+
+  MemoryDevice* b = nullptr;
+  table_.add(memory_export("b", 2 << 20, &b));
+  table_.add(memory_export("bad/name", 4096, nullptr));  // cannot be a file name: not shown
+  EXPECT_TRUE(test::eventually([&] { return listing(mnt_) == std::set<std::string>{"a", "b"}; }, 5s));
+  struct stat st{};
+  ASSERT_EQ(::stat((mnt_ + "/b").c_str(), &st), 0);
+  EXPECT_EQ(st.st_size, 2 << 20);
+
+  // An open file outlives its export's removal from the table.
+  b->fill_pattern(0, 4096);
+  const int fd = ::open((mnt_ + "/b").c_str(), O_RDONLY);
+  ASSERT_GE(fd, 0);
+  table_.remove("b");
+  EXPECT_TRUE(test::eventually([&] { return listing(mnt_) == std::set<std::string>{"a"}; }, 5s));
+  EXPECT_TRUE(test::eventually([&] { return ::access((mnt_ + "/b").c_str(), F_OK) != 0; }, 5s));
+  char c = 0;
+  EXPECT_EQ(::pread(fd, &c, 1, 7), 1);
+  EXPECT_EQ(std::byte(static_cast<uint8_t>(c)), MemoryDevice::pattern_at(7));
+  ::close(fd);
+
+  // The name comes back as a new export.
+  table_.add(memory_export("b", 4096, nullptr));
+  EXPECT_TRUE(test::eventually([&] {
+    struct stat s{};
+    return ::stat((mnt_ + "/b").c_str(), &s) == 0 && s.st_size == 4096;
+  }, 5s));
+}
+
+TEST_F(FuseMount, DeviceErrorsReachTheFileUserAsErrno) {
+  MemoryDevice* a = nullptr;
+  table_.add(memory_export("a", 1 << 20, &a));
+  start(FuseOptions{.direct_io = true, .readers = 2});
+  const int fd = ::open((mnt_ + "/a").c_str(), O_RDWR);
+  ASSERT_GE(fd, 0);
+  char buf[4096] = {};
+  a->fail(Op::read, ETIMEDOUT);
+  EXPECT_EQ(::pread(fd, buf, sizeof buf, 0), -1);
+  EXPECT_EQ(errno, EIO);
+  a->fail(Op::read, 0);
+  a->fail(Op::write, ENOSPC);
+  EXPECT_EQ(::pwrite(fd, buf, sizeof buf, 0), -1);
+  EXPECT_EQ(errno, ENOSPC);
+  a->fail(Op::write, 0);
+  EXPECT_EQ(::pwrite(fd, buf, sizeof buf, 0), static_cast<ssize_t>(sizeof buf));
+  a->fail(Op::flush, EIO);
+  EXPECT_EQ(::fsync(fd), -1);
+  EXPECT_EQ(errno, EIO);
+  a->fail(Op::flush, 0);
+  const auto flushes = a->calls(Op::flush);
+  EXPECT_EQ(::fdatasync(fd), 0);
+  EXPECT_EQ(a->calls(Op::flush), flushes + 1);
+  // close() flushes only after writes: none since the fdatasync.
+  EXPECT_EQ(::close(fd), 0);
+  EXPECT_EQ(a->calls(Op::flush), flushes + 1);
+}
+
+TEST_F(FuseMount, UnmountEndsTheMountAndCanMountAgain) {
+  table_.add(memory_export("a", 4096, nullptr));
+  start();
+  front_->unmount();
+  ASSERT_TRUE(test::eventually([&] { return unmounted_.load(); }, 10s));
+  EXPECT_FALSE(front_->active());
+  EXPECT_EQ(listing(mnt_), std::set<std::string>{});
+  unmounted_ = false;
+  front_->mount(mnt_);
+  EXPECT_EQ(listing(mnt_), (std::set<std::string>{"a"}));
+  EXPECT_THROW(front_->mount(mnt_), std::runtime_error);  // already mounted
+}
+
+}  // namespace
+}  // namespace blockway::fuse
