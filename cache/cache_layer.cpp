@@ -823,6 +823,16 @@ Task<std::error_code> CacheLayer::run_checkpoint(bool sync_data) {
     diff(BitmapKind::present, present, saved_present_);
     diff(BitmapKind::dirty, dirty, saved_dirty_);
   }
+  if (sync_data) {
+    // dirty_persisted_ must never miss a bit the catalogue may hold: FLUSH and
+    // FUA read it to decide whether a clean chunk still needs its clean bit
+    // persisted. Set the new bits before the commit, not after it: a FUA
+    // write-back that finishes while this commit runs on the blocking pool
+    // would otherwise see the bit clear, skip its own checkpoint, and a power
+    // loss would then bring back the older cache bytes as dirty.
+    for (size_t i = 0; i < dirty.size(); ++i)
+      if (dirty[i] & ~dirty_persisted_.word(i)) dirty_persisted_.store_word(i, dirty_persisted_.word(i) | dirty[i]);
+  }
   if (!pages.empty()) {
     auto ec = co_await gateway::offload(blocking_, [this, &pages]() -> std::error_code {
       try {
