@@ -1,5 +1,6 @@
 #include "remote/registry.hpp"
 
+#include "remote/aoe/aoe_backend.hpp"
 #include "remote/file/file_device.hpp"
 #include "remote/nbd/nbd_device.hpp"
 #include "remote/uri.hpp"
@@ -112,6 +113,7 @@ const std::vector<Backend>& backends() {
       {"file", check_file, open_file},
       {"nbd", check_nbd, open_nbd},
       {"nbd+unix", check_nbd, open_nbd},
+      {"aoe", aoe::check_backend, aoe::open_backend},
   };
   return all;
 }
