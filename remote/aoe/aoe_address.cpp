@@ -20,7 +20,8 @@ bool parse_decimal(const std::string& s, unsigned& out) {
   return ec == std::errc{} && end == s.data() + s.size();
 }
 
-std::chrono::milliseconds seconds_option(const std::string& key, const std::string& v, double lo, double hi) {
+std::chrono::milliseconds seconds_option(const std::string& key, const std::string& v, double hi) {
+  constexpr double lo = 0.1;
   double seconds = -1;
   try {
     size_t used = 0;
@@ -30,8 +31,7 @@ std::chrono::milliseconds seconds_option(const std::string& key, const std::stri
     seconds = -1;
   }
   if (!(seconds >= lo && seconds <= hi))
-    throw BackendError("option " + key + "='" + v + "': expected seconds from " + std::to_string(lo).substr(0, 3) +
-                       " to " + std::to_string(static_cast<long>(hi)));
+    throw BackendError("option " + key + "='" + v + "': expected seconds from 0.1 to " + std::to_string(static_cast<long>(hi)));
   return std::chrono::milliseconds(static_cast<int64_t>(std::llround(seconds * 1000)));
 }
 
@@ -75,11 +75,11 @@ AoeOptions parse_options(std::map<std::string, std::string>* options, bool erase
   AoeOptions o;
   if (options == nullptr) return o;
   if (auto it = options->find("io-timeout"); it != options->end()) {
-    o.io_timeout = seconds_option("io-timeout", it->second, 0.1, 86400);
+    o.io_timeout = seconds_option("io-timeout", it->second, 86400);
     if (erase) options->erase(it);
   }
   if (auto it = options->find("discover-timeout"); it != options->end()) {
-    o.discover_timeout = seconds_option("discover-timeout", it->second, 0.1, 3600);
+    o.discover_timeout = seconds_option("discover-timeout", it->second, 3600);
     if (erase) options->erase(it);
   }
   return o;
