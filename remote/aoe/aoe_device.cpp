@@ -39,6 +39,12 @@ namespace {
 
 constexpr uint32_t kMaxTransfer = 32u << 20;
 constexpr size_t kMaxWindow = 1024;          // slots, even if a target offers more buffers
+// A tag is a slot index (low 10 bits) and that slot's use count (high 22
+// bits): a late answer to an earlier use of the slot has another tag, for
+// four million uses of the slot.
+constexpr unsigned kTagIndexBits = 10;
+constexpr uint32_t kTagIndexMask = (1u << kTagIndexBits) - 1;
+static_assert(kMaxWindow <= kTagIndexMask + 1);
 constexpr size_t kSendBatch = 32;            // frames per sendmmsg
 constexpr size_t kRecvBatch = 32;            // frames per recvmmsg
 constexpr int kMaxRounds = 64;               // receive rounds before yielding the loop
@@ -104,7 +110,8 @@ class AoeDevice::Session final : public std::enable_shared_from_this<Session> {
     ifindex_ = socket.ifindex;
     mtu_ = socket.mtu;
     target_ = target;
-    slots_.assign(std::clamp<size_t>(target.config.buffer_count, 1, kMaxWindow), Slot{});
+    // Keep the use counts of slots that survive, so tags stay distinct across sessions.
+    slots_.resize(std::clamp<size_t>(target.config.buffer_count, 1, kMaxWindow));
     free_.clear();
     for (size_t i = slots_.size(); i-- > 0;) free_.push_back(static_cast<uint16_t>(i));
     rx_size_ = std::max<size_t>(mtu_, kAtaHeaderSize + kSectorSize) + 64;
@@ -169,6 +176,7 @@ class AoeDevice::Session final : public std::enable_shared_from_this<Session> {
   struct Slot {
     Request* cmd = nullptr;  // null: free
     uint32_t tag = 0;
+    uint32_t uses = 0;       // high bits of the tag
     unsigned count = 0;      // sectors
     size_t data_offset = 0;  // into cmd->op.data
     unsigned retries = 0;
@@ -195,7 +203,7 @@ class AoeDevice::Session final : public std::enable_shared_from_this<Session> {
       ++busy_;
       Slot& s = slots_[index];
       s.cmd = c;
-      s.tag = (serial_++ << 16) | index;
+      s.tag = (++s.uses << kTagIndexBits) | index;
       s.retries = 0;
       Header h;
       h.shelf = address_.shelf;
@@ -370,7 +378,7 @@ class AoeDevice::Session final : public std::enable_shared_from_this<Session> {
       Counters::bump(counters_.foreign);
       return;
     }
-    const size_t index = h->tag & 0xffff;
+    const size_t index = h->tag & kTagIndexMask;
     if (h->command != aoe::Command::ata || index >= slots_.size() || slots_[index].cmd == nullptr ||
         slots_[index].tag != h->tag) {
       Counters::bump(counters_.stale);
@@ -486,7 +494,6 @@ class AoeDevice::Session final : public std::enable_shared_from_this<Session> {
   std::vector<Slot> slots_;
   std::vector<uint16_t> free_;  // indexes of free slots (a stack: warm ones first)
   size_t busy_ = 0;
-  uint32_t serial_ = 0;         // high 16 bits of tags: a reused slot gets a new tag
   std::list<std::unique_ptr<Request>> commands_;  // every request not yet finished
   std::deque<Request*> waiting_;                  // requests with frames still to issue
   size_t rx_size_ = 0;

@@ -131,8 +131,10 @@ DiscoverResult open_packet_socket(const AoeAddress& address) {
   const int one = 1;
   (void)::setsockopt(fd, SOL_PACKET, PACKET_IGNORE_OUTGOING, &one, sizeof one);
   // Room for a full window of jumbo answers even if the loop is slow to read.
+  // SO_RCVBUFFORCE passes net.core.rmem_max when we may (CAP_NET_ADMIN).
   const int rcvbuf = 4 << 20;
-  (void)::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf);
+  if (::setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &rcvbuf, sizeof rcvbuf) < 0)
+    (void)::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf);
   return r;
 }
 
