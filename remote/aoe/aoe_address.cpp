@@ -31,7 +31,8 @@ std::chrono::milliseconds seconds_option(const std::string& key, const std::stri
     seconds = -1;
   }
   if (!(seconds >= lo && seconds <= hi))
-    throw BackendError("option " + key + "='" + v + "': expected seconds from 0.1 to " + std::to_string(static_cast<long>(hi)));
+    throw BackendError("option " + key + "='" + v + "': expected seconds from 0.1 to " +
+                       std::to_string(static_cast<long>(hi)));
   return std::chrono::milliseconds(static_cast<int64_t>(std::llround(seconds * 1000)));
 }
 

@@ -308,6 +308,7 @@ class AoeDevice::Session final : public std::enable_shared_from_this<Session> {
       pump();
       if (got == 0) {
         arm_read();
+        arm_timer();
         return;
       }
     }
@@ -420,7 +421,12 @@ class AoeDevice::Session final : public std::enable_shared_from_this<Session> {
     Request* c = s.cmd;
     s.cmd = nullptr;
     free_.push_back(static_cast<uint16_t>(&s - slots_.data()));
-    --busy_;
+    if (--busy_ == 0 && timer_armed_) {
+      // Idle: leave no timer pending, so the loop can finish at shutdown.
+      timer_armed_ = false;
+      ++timer_gen_;
+      timer_.cancel();
+    }
     if (err != 0 && c->err == 0) c->err = err;
     if (--c->frames_out == 0 && c->fully_issued) finish(c, c->err);
   }
@@ -438,11 +444,13 @@ class AoeDevice::Session final : public std::enable_shared_from_this<Session> {
       if (s.cmd != nullptr) next = std::min({next, s.deadline, s.first_sent + options_.io_timeout});
     timer_armed_ = true;
     timer_.expires_at(next);
-    timer_.async_wait([self = shared_from_this(), epoch = epoch_](const boost::system::error_code& ec) {
-      if (epoch != self->epoch_) return;
+    auto handler = [self = shared_from_this(), epoch = epoch_, gen = ++timer_gen_](
+                       const boost::system::error_code& ec) {
+      if (epoch != self->epoch_ || gen != self->timer_gen_) return;
       self->timer_armed_ = false;
       if (!ec) self->on_timer();
-    });
+    };
+    timer_.async_wait(std::move(handler));
   }
 
   void on_timer() {
@@ -500,6 +508,7 @@ class AoeDevice::Session final : public std::enable_shared_from_this<Session> {
   std::vector<std::byte> rx_;
   bool read_pending_ = false;
   bool timer_armed_ = false;
+  uint64_t timer_gen_ = 0;  // bumped when the timer is cancelled or re-armed: older handlers are stale
   uint64_t epoch_ = 0;  // bumped by kill(): handlers of older waits are stale
   std::atomic<bool> alive_{false};
   Counters counters_;
