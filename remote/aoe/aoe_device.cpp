@@ -618,9 +618,11 @@ Task<std::error_code> AoeDevice::prefetch(ByteRange) { co_return std::error_code
 
 Task<std::error_code> AoeDevice::reconnect() {
   auto log = gateway::logger("aoe");
-  const AoeAddress address = address_;
   const auto timeout = std::min(options_.discover_timeout, std::chrono::milliseconds(kReconnectDiscovery));
-  auto rediscover = [address, timeout] { return std::make_shared<DiscoverResult>(discover(address, timeout)); };
+  // Only trivially destructible captures in a co_await expression (GCC 12
+  // destroys some temporaries of such expressions twice); address_ is
+  // never modified after construction, so the pool thread may read it.
+  auto rediscover = [this, timeout] { return std::make_shared<DiscoverResult>(discover(address_, timeout)); };
   std::shared_ptr<DiscoverResult> found = co_await gateway::offload(loops_.blocking(), rediscover);
   if (found->err != 0) {
     log->debug("{}: rediscovery failed: {}", uri_, found->message);
