@@ -152,14 +152,31 @@ frames = [
     aoe(vmac, 8, 0, shelf, slot, 1, 0x12345, bytes(8)),                      # config answer nobody asked
     dst + vmac + struct.pack(">H", 0x88A2) + os.urandom(200),                # noise
 ]
-sent = 0
+# Duplicates: real answers of vblade, seen on this side of the link, sent
+# again 20 ms later, when their tags are done or reused.
+sniff = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+sniff.bind((ifname, 0))
+sniff.setblocking(False)
+captured = []
+sent = replayed = 0
 end = time.monotonic() + seconds
 while time.monotonic() < end:
     for f in frames:
         s.send(f)
         sent += 1
+    for _ in range(64):
+        try:
+            f = sniff.recv(9100)
+        except BlockingIOError:
+            break
+        if len(f) >= 36 and f[12:14] == b"\x88\xa2" and f[6:12] == vmac and f[14] == 0x18 and f[19] == 0 and len(captured) < 256:
+            captured.append((time.monotonic(), f))
+    now = time.monotonic()
+    while captured and now - captured[0][0] > 0.02:
+        s.send(captured.pop(0)[1])
+        replayed += 1
     time.sleep(0.002)
-print(sent)
+print(sent, replayed)
 """
 
 
@@ -362,7 +379,7 @@ class AoeTest(harness.DaemonTestCase):
         self.assertEqual(h.pread(4096, 0), b"x" * 4096)
         self.assertTrue(d.running())
 
-    def test_foreign_and_malformed_frames_are_ignored(self):
+    def test_foreign_malformed_and_duplicate_frames_are_ignored(self):
         self.setup_target(size=64 * MiB)
         d = self.serve_aoe()
         script = self.path("inject.py")
@@ -388,11 +405,16 @@ class AoeTest(harness.DaemonTestCase):
             rounds += 1
         out, err = inject.communicate(timeout=30)
         self.assertEqual(inject.returncode, 0, err.decode())
-        self.assertGreater(int(out), 100)
+        sent, replayed = map(int, out.split())
+        self.assertGreater(sent, 100)
+        self.assertGreater(replayed, 50, "the injector caught too few of vblade's answers to replay")
         d.stop()
         counts = ignored_counts(d.log())
+        print("injected %d, replayed %d, daemon counted %r" % (sent, replayed, counts), file=sys.stderr)
         for kind in ("short", "malformed", "foreign", "stale"):
             self.assertGreater(counts[kind], 0, "no %s frames counted: %r" % (kind, counts))
+        # Replayed answers carry tags that are done: they count as stale, never as answers.
+        self.assertGreater(counts["stale"], replayed // 2, (counts, replayed))
         self.assertNotIn("AoE error", d.log())  # the forged error answer was not taken for ours
 
     # --- start-up errors --------------------------------------------------------
