@@ -80,11 +80,12 @@ class AoeNet:
 class Vblade:
     """vblade serving IMG as SHELF.SLOT inside the namespace."""
 
-    def __init__(self, test, net, img, sync=False):
+    def __init__(self, test, net, img, sync=False, read_only=False):
         self.test = test
         self.net = net
         self.img = img
         self.sync = sync
+        self.read_only = read_only
         self.proc = None
         self.log_path = os.path.join(test.tmp, "vblade-%s.log" % net.ns)
         test.addCleanup(self.kill)
@@ -93,6 +94,8 @@ class Vblade:
         args = ["ip", "netns", "exec", self.net.ns, "vblade"]
         if self.sync:
             args.append("-s")   # O_SYNC: vblade's FLUSH does not sync by itself
+        if self.read_only:
+            args.append("-r")
         args += [str(SHELF), str(SLOT), self.net.peer_if, self.img]
         log = open(self.log_path, "ab")
         # `ip netns exec` execs vblade: this pid is vblade's.
@@ -194,10 +197,10 @@ class AoeTest(harness.DaemonTestCase):
         import shutil
         shutil.rmtree(cls.shared, ignore_errors=True)
 
-    def setup_target(self, size=256 * MiB, mtu=1500, sync=False):
+    def setup_target(self, size=256 * MiB, mtu=1500, sync=False, read_only=False):
         self.net = AoeNet(self, mtu=mtu)
         self.img = harness.make_sparse_image(self.path("target.img"), size)
-        self.vblade = Vblade(self, self.net, self.img, sync=sync).start()
+        self.vblade = Vblade(self, self.net, self.img, sync=sync, read_only=read_only).start()
 
     def serve_aoe(self, opts="", name="blockwayd", extra=()):
         self.port = harness.free_port()
@@ -282,7 +285,33 @@ class AoeTest(harness.DaemonTestCase):
         self.assertTrue(seen_request, "no ATA flush frame went to the target")
         self.assertTrue(seen_answer, "the target did not answer the flush")
 
+    def test_unaligned_request_is_refused_and_export_stays_usable(self):
+        self.setup_target(size=16 * MiB)
+        self.serve_aoe()
+        h = self.connect(self.uri("d"), strict=False)
+        self.assertEqual(h.get_block_size(nbd.SIZE_MINIMUM), 512)
+        with self.assertRaises(nbd.Error) as cm:
+            h.pwrite(b"z" * 100, 1)
+        self.assertEqual(cm.exception.errnum, errno.EINVAL)
+        h.pwrite(b"y" * 512, 512)
+        self.assertEqual(h.pread(512, 512), b"y" * 512)
+
     # --- failures -------------------------------------------------------------
+
+    def test_target_error_maps_to_eio(self):
+        """vblade -r fails writes with ATA status ERR: the client gets EIO,
+        the session stays up and reads keep working."""
+        self.setup_target(size=16 * MiB, read_only=True)
+        with open(self.img, "r+b") as f:
+            f.write(b"r" * 4096)
+        d = self.serve_aoe()
+        h = self.connect(self.uri("d"))
+        with self.assertRaises(nbd.Error) as cm:
+            h.pwrite(b"w" * 4096, 0)
+        self.assertEqual(cm.exception.errnum, errno.EIO)
+        self.assertEqual(h.pread(4096, 0), b"r" * 4096)
+        d.stop()
+        self.assertRegex(d.log(), r"errors [1-9]\d*, session timeouts 0")
 
     def _writer(self, h, base, count, block, durable, errors, stop):
         """Writes `count` blocks with distinct contents, flushing every 8;
