@@ -1,5 +1,6 @@
 #include "remote/registry.hpp"
 
+#include "remote/aoe/aoe_backend.hpp"
 #include "remote/file/file_device.hpp"
 #include "remote/iscsi/iscsi_backend.hpp"
 #include "remote/nbd/nbd_device.hpp"
@@ -115,6 +116,7 @@ const std::vector<Backend>& backends() {
       {"nbd+unix", check_nbd, open_nbd},
       {"iscsi", [](const Uri&, const OpenRequest& r) { check_iscsi(r); },
        [](const Uri&, const OpenRequest& r) { return open_iscsi(r); }},
+      {"aoe", aoe::check_backend, aoe::open_backend},
   };
   return all;
 }
