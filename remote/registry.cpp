@@ -2,6 +2,7 @@
 
 #include "remote/file/file_device.hpp"
 #include "remote/nbd/nbd_device.hpp"
+#include "remote/nfs/nfs_backend.hpp"
 #include "remote/uri.hpp"
 
 #include <charconv>
@@ -112,6 +113,7 @@ const std::vector<Backend>& backends() {
       {"file", check_file, open_file},
       {"nbd", check_nbd, open_nbd},
       {"nbd+unix", check_nbd, open_nbd},
+      {"nfs", check_nfs, open_nfs},
   };
   return all;
 }
