@@ -54,6 +54,7 @@ struct CompletionOf final : Completion {
 using Handler = std::unique_ptr<Completion>;
 
 constexpr uint64_t kMaxTransfer = 32u << 20;
+constexpr uint32_t kNfs4WriteMax = 3072;
 
 struct ContextCloser {
   void operator()(nfs_context* c) const noexcept { nfs_destroy_context(c); }
@@ -248,18 +249,40 @@ NfsDevice::Session connect_session(const NfsTarget& t, bool read_only, std::chro
 
 }  // namespace
 
-// One RPC handed to libnfs. Owned by its Connection's in-flight list; libnfs
-// holds a pointer to it until its callback ran or the context is destroyed.
+// One operation handed to libnfs as one or more RPCs ("parts", issued back
+// to back, so a transfer larger than the server's rsize/wsize is pipelined).
+// Owned by its Connection's in-flight list; libnfs holds pointers to its
+// parts until their callbacks ran or the context is destroyed.
 struct NfsDevice::Request {
+  struct Part {
+    Request* request = nullptr;
+    uint64_t offset = 0;
+    size_t length = 0;
+    std::byte* read_into = nullptr;        // reads: where the data goes (null: discard)
+    const std::byte* write_from = nullptr;  // writes
+    size_t done = 0;                        // bytes the server read or wrote
+  };
   Connection* conn = nullptr;
   std::list<Request>::iterator pos;
   bool done = false;  // handler already posted (or abandoned with the context)
   Clock::time_point started;
   boost::asio::any_io_executor executor;  // the awaiting coroutine's
   Handler handler;
-  std::byte* read_into = nullptr;  // reads: where the data goes
-  size_t read_len = 0;
-  size_t* transferred = nullptr;  // reads and writes: bytes done, in the awaiting frame
+  std::vector<Part> parts;  // never resized after the first RPC is queued
+  size_t pending = 0;       // RPCs queued and not answered
+  int error = 0;            // first error of a part
+  size_t* transferred = nullptr;  // reads and writes: bytes done from the start, in the awaiting frame
+};
+
+// What one submit() asks for.
+struct NfsOp {
+  enum Kind : uint8_t { read, write, commit } kind = read;
+  uint64_t offset = 0;
+  size_t length = 0;
+  size_t chunk = 0;  // largest RPC payload
+  std::byte* read_into = nullptr;
+  const std::byte* write_from = nullptr;
+  size_t* transferred = nullptr;
 };
 
 class NfsDevice::Connection final : public FdWatcher::Client,
@@ -320,10 +343,9 @@ class NfsDevice::Connection final : public FdWatcher::Client,
     keepalive_.cancel();
   }
 
-  // Issues one RPC: `issue(ctx, fh, request)` calls nfs_*_async with
-  // &on_reply and the request as private data.
-  template <class H, class Issue>
-  void start(H handler, Issue& issue) {
+  // Issues `op` as one or more RPCs.
+  template <class H>
+  void start(H handler, const NfsOp& op) {
     boost::asio::any_io_executor ex = boost::asio::get_associated_executor(handler, ctx_.get_executor());
     if (!session_.ctx || !alive()) {
       boost::asio::post(ex, [h = std::move(handler)]() mutable { std::move(h)(errno_code(ENOTCONN)); });
@@ -335,19 +357,52 @@ class NfsDevice::Connection final : public FdWatcher::Client,
     r.executor = std::move(ex);
     r.handler = std::make_unique<CompletionOf<H>>(std::move(handler));
     r.started = Clock::now();
+    r.transferred = op.transferred;
     last_issue_ = r.started;
     if (inflight_.size() == 1) arm_timer();
-    const int rc = issue(session_.ctx.get(), session_.fh, r);
-    if (rc != 0) {
-      // Not queued (libnfs could not even build the RPC): the session is
-      // not usable.
-      const std::string why = "cannot queue an RPC: " + context_error(session_.ctx.get());
-      if (!r.done) finish(r, ECONNRESET);
-      kill(ECONNRESET, why);
-      return;
+    if (op.kind == NfsOp::commit) {
+      r.parts.push_back({&r});
+    } else {
+      const size_t chunk = std::max<size_t>(op.chunk, 1);
+      r.parts.reserve((op.length + chunk - 1) / chunk);
+      for (size_t at = 0; at < op.length; at += chunk) {
+        Request::Part part{&r, op.offset + at, std::min(chunk, op.length - at)};
+        if (op.read_into != nullptr) part.read_into = op.read_into + at;
+        if (op.write_from != nullptr) part.write_from = op.write_from + at;
+        r.parts.push_back(part);
+      }
+    }
+    nfs_context* ctx = session_.ctx.get();
+    nfsfh* fh = session_.fh;
+    for (auto& part : r.parts) {
+      int rc = 0;
+      switch (op.kind) {
+        case NfsOp::read:
+          rc = nfs_pread_async(ctx, fh, part.offset, part.length, &Connection::on_reply, &part);
+          break;
+        case NfsOp::write:
+          rc = nfs_pwrite_async(ctx, fh, part.offset, part.length, part.write_from, &Connection::on_reply, &part);
+          break;
+        case NfsOp::commit:
+          rc = nfs_fsync_async(ctx, fh, &Connection::on_reply, &part);
+          break;
+      }
+      if (rc != 0) {
+        // libnfs could not build the RPC (e.g. it does not fit its encode
+        // buffer): this request fails, the session stays. Parts already
+        // queued are waited for, since they use the caller's buffer.
+        log_->error("{}: cannot queue an RPC: {}", name_, context_error(ctx));
+        r.error = EIO;
+        break;
+      }
+      ++r.pending;
     }
     if (lost_) {
       kill(ECONNRESET, lost_why_);
+      return;
+    }
+    if (r.pending == 0) {
+      finish(r, r.error);
       return;
     }
     watcher_->kick();
@@ -369,34 +424,47 @@ class NfsDevice::Connection final : public FdWatcher::Client,
   }
 
   static void on_reply(int status, nfs_context* /*nfs*/, void* data, void* priv) {
-    auto* r = static_cast<Request*>(priv);
-    if (r->done) return;  // abandoned while the context is torn down
-    r->conn->complete(*r, status, data);
+    auto* part = static_cast<Request::Part*>(priv);
+    Request& r = *part->request;
+    if (r.done) return;  // abandoned while the context is torn down
+    r.conn->complete(r, *part, status, data);
   }
 
  private:
-  void complete(Request& r, int status, void* data) {
-    if (status >= 0) {
-      size_t n = static_cast<size_t>(status);
-      if (r.read_into != nullptr) {
-        n = std::min(n, r.read_len);
-        if (n > 0 && data != nullptr) std::memcpy(r.read_into, data, n);
-      }
-      if (r.transferred != nullptr) *r.transferred = n;
-      finish(r, 0);
-      return;
-    }
-    const int err = -status;
-    if (is_rpc_failure(err)) {
+  void complete(Request& r, Request::Part& part, int status, void* data) {
+    if (status < 0 && is_rpc_failure(-status)) {
       // The session is broken. Not torn down here (we are inside libnfs):
       // service() or start() kills it when libnfs returns, failing this
       // request and the others with a connection error.
-      if (!lost_) lost_why_ = data != nullptr ? static_cast<const char*>(data) : std::strerror(err);
+      if (!lost_) lost_why_ = data != nullptr ? static_cast<const char*>(data) : std::strerror(-status);
       lost_ = true;
       return;
     }
-    log_->debug("{}: request failed: {}", name_, data != nullptr ? static_cast<const char*>(data) : "");
-    finish(r, err);
+    if (status >= 0) {
+      size_t n = std::min(static_cast<size_t>(status), part.length);
+      if (part.read_into != nullptr && n > 0) {
+        if (data != nullptr) {
+          std::memcpy(part.read_into, data, n);
+        } else {
+          n = 0;
+        }
+      }
+      part.done = n;
+    } else {
+      log_->debug("{}: RPC failed: {}", name_, data != nullptr ? static_cast<const char*>(data) : "");
+      if (r.error == 0) r.error = -status;
+    }
+    if (--r.pending > 0) return;
+    if (r.transferred != nullptr) {
+      // Bytes done from the start, up to the first part the server cut short.
+      size_t total = 0;
+      for (const auto& p : r.parts) {
+        total += p.done;
+        if (p.done < p.length) break;
+      }
+      *r.transferred = total;
+    }
+    finish(r, r.error);
   }
 
   void post_result(Request& r, int err) {
@@ -442,10 +510,11 @@ class NfsDevice::Connection final : public FdWatcher::Client,
     if (alive() && inflight_.empty() && Clock::now() - last_issue_ >= keepalive_interval_ &&
         session_.size > 0) {
       // A one-byte READ with the open stateid renews the NFSv4 lease.
-      auto issue = [](nfs_context* ctx, nfsfh* fh, Request& r) {
-        return nfs_pread_async(ctx, fh, 0, 1, &Connection::on_reply, &r);
-      };
-      start([](std::error_code) {}, issue);
+      NfsOp op;
+      op.kind = NfsOp::read;
+      op.length = 1;
+      op.chunk = 1;
+      start([](std::error_code) {}, op);
     }
     arm_keepalive();
   }
@@ -497,7 +566,12 @@ NfsDevice::NfsDevice(std::string uri, NfsTarget target, bool read_only, NfsOptio
   geometry_.preferred_block = 4096;
   read_max_ = clamp_transfer(first.read_max);
   write_max_ = clamp_transfer(first.write_max);
-  geometry_.max_transfer = std::min(read_max_, write_max_);
+  // libnfs 4.0 encodes an NFSv4 COMPOUND into a fixed 4 KiB buffer (no
+  // size hint before libnfs 5), so a v4 WRITE carries less than 4 KiB of
+  // data; larger writes are sent as several pipelined RPCs.
+  if (target_.version == 4) write_max_ = std::min<uint32_t>(write_max_, kNfs4WriteMax);
+  // Larger requests are split here and pipelined; this is only a hint.
+  geometry_.max_transfer = static_cast<uint32_t>(kMaxTransfer);
   caps_.read_only = first.read_only;
   caps_.flush = Support::native;
   caps_.fua = Support::native;
@@ -537,37 +611,32 @@ bool NfsDevice::connected() const noexcept {
   return std::all_of(conns_.begin(), conns_.end(), [](const auto& c) { return c->alive(); });
 }
 
-template <class Issue>
-Task<std::error_code> NfsDevice::submit_on(Connection& conn, Issue issue) {
+Task<std::error_code> NfsDevice::submit_on(Connection& conn, NfsOp op) {
   if (!conn.on_this_thread()) {
-    co_return co_await boost::asio::co_spawn(conn.executor(), submit_on(conn, std::move(issue)),
-                                             boost::asio::use_awaitable);
+    co_return co_await boost::asio::co_spawn(conn.executor(), submit_on(conn, op), boost::asio::use_awaitable);
   }
   co_return co_await boost::asio::async_initiate<const boost::asio::use_awaitable_t<>, void(std::error_code)>(
-      [&conn](auto handler, Issue iss) { conn.start(std::move(handler), iss); }, boost::asio::use_awaitable,
-      std::move(issue));
+      [&conn](auto handler, NfsOp o) { conn.start(std::move(handler), o); }, boost::asio::use_awaitable, op);
 }
 
-template <class Issue>
-Task<std::error_code> NfsDevice::submit(Issue issue) {
+Task<std::error_code> NfsDevice::submit(NfsOp op) {
   for (auto& c : conns_)
-    if (c->on_this_thread()) co_return co_await submit_on(*c, std::move(issue));
+    if (c->on_this_thread()) co_return co_await submit_on(*c, op);
   auto& conn = *conns_[next_.fetch_add(1, std::memory_order_relaxed) % conns_.size()];
-  co_return co_await submit_on(conn, std::move(issue));
+  co_return co_await submit_on(conn, op);
 }
 
 Task<std::error_code> NfsDevice::read(std::span<std::byte> buf, uint64_t offset, IoFlags /*flags*/) {
   while (!buf.empty()) {
-    const size_t n = std::min<size_t>(buf.size(), read_max_);
     size_t got = 0;
-    size_t* got_ptr = &got;
-    std::byte* dst = buf.data();
-    auto ec = co_await submit([dst, n, offset, got_ptr](nfs_context* ctx, nfsfh* fh, Request& r) {
-      r.read_into = dst;
-      r.read_len = n;
-      r.transferred = got_ptr;
-      return nfs_pread_async(ctx, fh, offset, n, &Connection::on_reply, &r);
-    });
+    NfsOp op;
+    op.kind = NfsOp::read;
+    op.offset = offset;
+    op.length = buf.size();
+    op.chunk = read_max_;
+    op.read_into = buf.data();
+    op.transferred = &got;
+    auto ec = co_await submit(op);
     if (ec) co_return ec;
     if (got == 0) co_return errno_code(EIO);  // the file shrank under us
     buf = buf.subspan(got);
@@ -579,14 +648,15 @@ Task<std::error_code> NfsDevice::read(std::span<std::byte> buf, uint64_t offset,
 Task<std::error_code> NfsDevice::write(std::span<const std::byte> buf, uint64_t offset, IoFlags flags) {
   if (caps_.read_only) co_return errno_code(EPERM);
   while (!buf.empty()) {
-    const size_t n = std::min<size_t>(buf.size(), write_max_);
     size_t done = 0;
-    size_t* done_ptr = &done;
-    const std::byte* src = buf.data();
-    auto ec = co_await submit([src, n, offset, done_ptr](nfs_context* ctx, nfsfh* fh, Request& r) {
-      r.transferred = done_ptr;
-      return nfs_pwrite_async(ctx, fh, offset, n, src, &Connection::on_reply, &r);
-    });
+    NfsOp op;
+    op.kind = NfsOp::write;
+    op.offset = offset;
+    op.length = buf.size();
+    op.chunk = write_max_;
+    op.write_from = buf.data();
+    op.transferred = &done;
+    auto ec = co_await submit(op);
     if (ec) co_return ec;
     if (done == 0) co_return errno_code(EIO);
     buf = buf.subspan(done);
@@ -597,9 +667,9 @@ Task<std::error_code> NfsDevice::write(std::span<const std::byte> buf, uint64_t 
 }
 
 Task<std::error_code> NfsDevice::commit() {
-  co_return co_await submit([](nfs_context* ctx, nfsfh* fh, Request& r) {
-    return nfs_fsync_async(ctx, fh, &Connection::on_reply, &r);
-  });
+  NfsOp op;
+  op.kind = NfsOp::commit;
+  co_return co_await submit(op);
 }
 
 Task<std::error_code> NfsDevice::flush() {

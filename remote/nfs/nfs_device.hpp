@@ -16,9 +16,12 @@
 // coroutine's continuation (never resume it inside libnfs). A request issued
 // on a loop that owns a session uses it directly; from any other thread it
 // hops to a session's loop (round-robin) and back. Reads and writes larger
-// than the server's rsize/wsize are split; geometry().max_transfer says the
-// smaller of the two so layers above rarely need that. libnfs 4.0 copies read
-// data out of its receive buffer into ours: one memcpy per read.
+// than the server's rsize/wsize are split into RPCs that are queued back to
+// back on the same session (pipelined, one completion for the caller).
+// libnfs 4.0 copies read data out of its receive buffer into ours: one
+// memcpy per read. libnfs 4.0 also encodes every NFSv4 COMPOUND into a fixed
+// 4 KiB buffer, so NFSv4 writes go out in RPCs of at most 3 KiB of data
+// (NFSv3 uses the server's wsize).
 //
 // Durability: libnfs writes UNSTABLE; flush and FUA send COMMIT for the file,
 // which the server applies to the file, so one COMMIT covers the writes of
@@ -60,6 +63,8 @@
 #include <vector>
 
 namespace blockway::remote {
+
+struct NfsOp;  // one read, write or commit, in nfs_device.cpp
 
 struct NfsOptions {
   unsigned connections = 0;  // 0: one per event loop
@@ -106,10 +111,8 @@ class NfsDevice final : public gateway::RemoteDevice {
   struct Session;
 
  private:
-  template <class Issue>
-  gateway::Task<std::error_code> submit(Issue issue);
-  template <class Issue>
-  gateway::Task<std::error_code> submit_on(Connection& conn, Issue issue);
+  gateway::Task<std::error_code> submit(NfsOp op);
+  gateway::Task<std::error_code> submit_on(Connection& conn, NfsOp op);
   gateway::Task<std::error_code> commit();
 
   std::string uri_;
