@@ -417,7 +417,8 @@ class NfsDevice::Connection final : public FdWatcher::Client,
   void service(short revents) override {
     if (!session_.ctx) return;
     if (nfs_service(session_.ctx.get(), revents) < 0) {
-      kill(ECONNRESET, context_error(session_.ctx.get()));
+      const char* m = nfs_get_error(session_.ctx.get());
+      kill(ECONNRESET, m != nullptr && *m != '\0' ? m : "connection to the server lost");
       return;
     }
     if (lost_) kill(ECONNRESET, lost_why_);
