@@ -17,6 +17,21 @@ const std::string* find_option(const OpenRequest& req, const std::string& key) {
   return it == req.options->end() ? nullptr : &it->second;
 }
 
+std::chrono::milliseconds seconds_option(const std::string& key, const std::string& v, double min) {
+  double seconds = -1;
+  try {
+    size_t used = 0;
+    seconds = std::stod(v, &used);
+    if (used != v.size()) seconds = -1;
+  } catch (const std::exception&) {
+    seconds = -1;
+  }
+  if (!(seconds >= min && seconds <= 86400))
+    throw BackendError("option " + key + "='" + v + "': expected seconds from " + (min > 0 ? "0.1" : "0") +
+                       " to 86400");
+  return std::chrono::milliseconds(static_cast<int64_t>(std::llround(seconds * 1000)));
+}
+
 NfsOptions nfs_options(const OpenRequest& req) {
   NfsOptions o;
   if (const auto* v = find_option(req, "connections")) {
@@ -27,19 +42,8 @@ NfsOptions nfs_options(const OpenRequest& req) {
                          std::to_string(kMaxConnections));
     o.connections = n;
   }
-  if (const auto* v = find_option(req, "io-timeout")) {
-    double seconds = -1;
-    try {
-      size_t used = 0;
-      seconds = std::stod(*v, &used);
-      if (used != v->size()) seconds = -1;
-    } catch (const std::exception&) {
-      seconds = -1;
-    }
-    if (!(seconds >= 0.1 && seconds <= 86400))
-      throw BackendError("option io-timeout='" + *v + "': expected seconds from 0.1 to 86400");
-    o.io_timeout = std::chrono::milliseconds(static_cast<int64_t>(std::llround(seconds * 1000)));
-  }
+  if (const auto* v = find_option(req, "io-timeout")) o.io_timeout = seconds_option("io-timeout", *v, 0.1);
+  if (const auto* v = find_option(req, "keepalive")) o.keepalive = seconds_option("keepalive", *v, 0);
   return o;
 }
 
@@ -57,6 +61,7 @@ std::unique_ptr<gateway::BlockDevice> open_nfs(const Uri& /*uri*/, const OpenReq
   if (req.options != nullptr) {
     req.options->erase("connections");
     req.options->erase("io-timeout");
+    req.options->erase("keepalive");
   }
   return std::make_unique<NfsDevice>(req.uri, std::move(target), req.read_only, opts, *req.loops);
 }

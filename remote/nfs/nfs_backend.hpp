@@ -9,7 +9,7 @@
 
 namespace blockway::remote {
 
-// Checks the URI and the options (connections, io-timeout) without touching
+// Checks the URI and the options (connections, io-timeout, keepalive) without touching
 // the network. Throws BackendError.
 void check_nfs(const Uri& uri, const OpenRequest& request);
 // Mounts and opens; erases the options it used. Throws BackendError.

@@ -20,6 +20,7 @@
 #include <cerrno>
 #include <cstring>
 #include <list>
+#include <string_view>
 #include <random>
 #include <utility>
 
@@ -70,6 +71,19 @@ std::string context_error(nfs_context* ctx) {
 // out) as -EFAULT and -EINTR; NFS status codes map to other errno values.
 bool is_rpc_failure(int err) {
   return err == EFAULT || err == EINTR || gateway::is_connection_error(errno_code(err));
+}
+
+// NFSv4 errors that mean the server no longer knows our client or open
+// state (lease expired, server restarted, state revoked): libnfs maps them
+// to -EIO and names them only in its message. A fresh session (new client
+// id, new OPEN) cures them, so they count as a lost session.
+bool lost_nfs4_state(const void* message) {
+  if (message == nullptr) return false;
+  const std::string_view m(static_cast<const char*>(message));
+  for (const char* code : {"NFS4ERR_EXPIRED", "NFS4ERR_STALE_CLIENTID", "NFS4ERR_STALE_STATEID",
+                           "NFS4ERR_BAD_STATEID", "NFS4ERR_ADMIN_REVOKED", "NFS4ERR_OLD_STATEID"})
+    if (m.find(code) != std::string_view::npos) return true;
+  return false;
 }
 
 // One step of the blocking set-up, driven by poll() with a deadline.
@@ -433,7 +447,7 @@ class NfsDevice::Connection final : public FdWatcher::Client,
 
  private:
   void complete(Request& r, Request::Part& part, int status, void* data) {
-    if (status < 0 && is_rpc_failure(-status)) {
+    if (status < 0 && (is_rpc_failure(-status) || lost_nfs4_state(data))) {
       // The session is broken. Not torn down here (we are inside libnfs):
       // service() or start() kills it when libnfs returns, failing this
       // request and the others with a connection error.

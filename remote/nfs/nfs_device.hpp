@@ -41,8 +41,10 @@
 // EACCES, ESTALE...) are passed through as errno values.
 //
 // NFSv4 leases: libnfs 4.0 does not renew its lease, so an idle v4 session
-// reads one byte every 20 s (a READ with the open stateid renews the lease);
-// close() stops that so the loops can finish.
+// reads one byte every `keepalive` (20 s; a READ with the open stateid
+// renews the lease); close() stops that timer so the loops can finish. An
+// NFSv4 error that says our state is gone anyway (EXPIRED, STALE_CLIENTID,
+// BAD_STATEID...) counts as a lost session: a new one opens the file again.
 //
 // Thread model: any method may be called from any event-loop thread. The
 // session objects are fixed at construction; what changes (context, open
@@ -69,7 +71,7 @@ struct NfsOp;  // one read, write or commit, in nfs_device.cpp
 struct NfsOptions {
   unsigned connections = 0;  // 0: one per event loop
   std::chrono::milliseconds io_timeout{30000};
-  std::chrono::milliseconds keepalive{20000};  // NFSv4 lease renewal while idle
+  std::chrono::milliseconds keepalive{20000};  // NFSv4 lease renewal while idle; 0: none
 };
 
 class NfsDevice final : public gateway::RemoteDevice {

@@ -45,7 +45,7 @@ def port_open(port, host="127.0.0.1"):
 class Ganesha:
     """nfs-ganesha with two VFS exports (read-write and read-only)."""
 
-    def __init__(self, workdir):
+    def __init__(self, workdir, lease=None):
         self.workdir = workdir
         self.export_dir = os.path.join(workdir, "export")
         self.ro_dir = os.path.join(workdir, "roexport")
@@ -57,12 +57,12 @@ class Ganesha:
         with open(self.conf, "w") as f:
             f.write("""
 NFS_CORE_PARAM { Protocols = 3, 4; NFS_Port = 2049; Enable_NLM = false; Enable_RQUOTA = false; }
-NFSv4 { Graceless = true; }
+NFSv4 { Graceless = true; %s}
 EXPORT { Export_Id = 1; Path = %s; Pseudo = %s; Access_Type = RW;
          Squash = No_Root_Squash; Protocols = 3, 4; Transports = TCP; FSAL { Name = VFS; } }
 EXPORT { Export_Id = 2; Path = %s; Pseudo = %s; Access_Type = RO;
          Squash = No_Root_Squash; Protocols = 3, 4; Transports = TCP; FSAL { Name = VFS; } }
-""" % (self.export_dir, PSEUDO, self.ro_dir, RO_PSEUDO))
+""" % ("Lease_Lifetime = %d; " % lease if lease else "", self.export_dir, PSEUDO, self.ro_dir, RO_PSEUDO))
         self.proc = None
 
     def start(self, timeout=60.0):
@@ -418,6 +418,37 @@ class OutageTest(NfsTestCase):
         self.assertEqual(h.pread(4096, 8192), harness.read_file(img, 8192, 4096))
         h.shutdown()
         daemon.stop(timeout=60)
+
+
+@unittest.skipUnless(nbd is not None, "python3-libnbd missing")
+class LeaseTest(NfsTestCase):
+    def test_idle_v4_session_keeps_or_regains_its_lease(self):
+        """libnfs 4.0 never renews its NFSv4 lease: the keepalive does, and
+        without it an expired state is treated as a lost session."""
+        SERVER.stop()
+        self.addCleanup(SERVER.start)
+        short = Ganesha(self.path("lease"), lease=2)
+        self.addCleanup(short.stop)
+        short.start()
+        img = harness.make_sparse_image(os.path.join(short.export_dir, "lease.img"), 4 * MiB)
+        for keepalive in ("0.5", "0"):
+            daemon = self.serve(short.v4_uri("lease.img"), "keepalive=%s,connections=1" % keepalive,
+                                name="lease" + keepalive)
+            h = self.connect()
+            h.pwrite(b"a" * 4096, 0)
+            h.flush()
+            time.sleep(7)  # over three leases of 2 s
+            h.pwrite(b"b" * 4096, 4096)
+            h.flush()
+            self.assertEqual(harness.read_file(img, 0, 8192), b"a" * 4096 + b"b" * 4096)
+            h.shutdown()
+            daemon.stop(timeout=60)
+            if keepalive == "0":
+                self.assertIn("NFS4ERR_EXPIRED", daemon.log())  # the lease did run out
+                self.assertIn("reconnected", daemon.log())
+            else:
+                self.assertNotIn("NFS4ERR", daemon.log())
+                self.assertNotIn("reconnected", daemon.log())
 
 
 class StartupErrorTest(NfsTestCase):
