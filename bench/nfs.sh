@@ -260,12 +260,13 @@ tests = [("seqread", "seq read MB/s (nbdcopy / nfs-cp / qemu-img convert)"),
          ("qwrite", "4k write IOPS, QD16 (qemu-img bench -w)")]
 print("## Results (median)")
 print()
-print("| test | " + " | ".join(cols) + " | blockwayd-v3 / best direct |")
-print("| --- | " + " | ".join("---:" for _ in cols) + " | ---: |")
+print("| test | " + " | ".join(cols) + " | v3: blockwayd / best direct | v4: blockwayd / nfs-cp |")
+print("| --- | " + " | ".join("---:" for _ in cols) + " | ---: | ---: |")
 for t, label in tests:
     direct = [med[(w, t)] for w in ("nfs-cp", "qemu-img") if (w, t) in med]
-    ratio = "%.2f" % (med[("blockwayd-v3", t)] / max(direct)) if direct else "-"
-    print(f"| {label} | " + " | ".join(cell(c, t) for c in cols) + f" | {ratio} |")
+    r3 = "%.2f" % (med[("blockwayd-v3", t)] / max(direct)) if direct else "-"
+    r4 = "%.2f" % (med[("blockwayd-v4", t)] / med[("nfs-cp-v4", t)]) if ("nfs-cp-v4", t) in med else "-"
+    print(f"| {label} | " + " | ".join(cell(c, t) for c in cols) + f" | {r3} | {r4} |")
 print()
 print("All runs:", "; ".join(f"{w}/{t}: " + ", ".join("%.0f" % x for x in v) for (w, t), v in sorted(data.items())))
 print()
