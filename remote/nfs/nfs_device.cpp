@@ -175,8 +175,8 @@ bool wait_for(nfs_context* ctx, SyncCall& call, Clock::time_point deadline, std:
       return false;
     }
     if (nfs_service(ctx, rc > 0 ? p.revents : 0) < 0) {
-      why = context_error(ctx);
-      if (call.done && !call.message.empty()) why = call.message;
+      why = "the connection failed (" + (call.done && !call.message.empty() ? call.message : context_error(ctx)) +
+            "; is an NFS server listening there?)";
       return false;
     }
   }

@@ -477,7 +477,7 @@ class StartupErrorTest(NfsTestCase):
         port = harness.free_port()
         out = self.refused("r=nfs://127.0.0.1:%d%s/disk.img?version=4,io-timeout=5" % (port, PSEUDO),
                            "cannot mount '%s' from server 127.0.0.1:%d (NFSv4)" % (PSEUDO, port))
-        self.assertRegex(out, "(?i)connect|refused|failed")
+        self.assertIn("the connection failed", out)
 
 
 if __name__ == "__main__":
