@@ -122,6 +122,7 @@ struct SyncCall {
 struct NfsDevice::Session {
   ContextPtr ctx;
   nfsfh* fh = nullptr;
+  nfsfh* fh_stable = nullptr;  // NFSv3: opened O_SYNC, its WRITEs are FILE_SYNC (for FUA)
   uint64_t size = 0;
   bool read_only = false;
   uint64_t read_max = 0;
@@ -136,6 +137,7 @@ struct NfsDevice::Session {
     release();
     ctx = std::move(o.ctx);
     fh = std::exchange(o.fh, nullptr);
+    fh_stable = std::exchange(o.fh_stable, nullptr);
     size = o.size;
     read_only = o.read_only;
     read_max = o.read_max;
@@ -150,7 +152,9 @@ struct NfsDevice::Session {
   // Frees the file handle locally and destroys the context.
   void release() {
     if (fh != nullptr) nfs_free_nfsfh(fh);
+    if (fh_stable != nullptr) nfs_free_nfsfh(fh_stable);
     fh = nullptr;
+    fh_stable = nullptr;
     ctx.reset();
   }
 };
@@ -251,6 +255,19 @@ NfsDevice::Session connect_session(const NfsTarget& t, bool read_only, std::chro
   s.fh = open.fh;
   s.read_only = ro;
 
+  if (!ro && t.version == 3) {
+    // libnfs 4.0 sends FILE_SYNC WRITEs on a file opened O_SYNC (NFSv3 only;
+    // its NFSv4 code ignores the flag): a FUA write then needs no COMMIT.
+    // NFSv3 opens hold no server state, so a second one is free. Optional.
+    SyncCall stable;
+    stable.want_fh = true;
+    if (nfs_open_async(ctx, t.file.c_str(), O_RDWR | O_SYNC, &SyncCall::callback, &stable) == 0) {
+      if (!wait_for(ctx, stable, Clock::now() + timeout, why))
+        return fail(ECONNRESET, "cannot open '" + t.file + "' on " + where + ": " + why);
+      if (stable.status == 0) s.fh_stable = stable.fh;
+    }
+  }
+
   stat.want_stat = true;
   if (nfs_fstat64_async(ctx, s.fh, &SyncCall::callback, &stat) != 0 ||
       !wait_for(ctx, stat, Clock::now() + timeout, why) || stat.status < 0) {
@@ -296,7 +313,7 @@ struct NfsDevice::Request {
 
 // What one submit() asks for.
 struct NfsOp {
-  enum Kind : uint8_t { read, write, commit } kind = read;
+  enum Kind : uint8_t { read, write, stable_write, commit } kind = read;
   uint64_t offset = 0;
   size_t length = 0;
   size_t chunk = 0;  // largest RPC payload
@@ -402,6 +419,10 @@ class NfsDevice::Connection final : public FdWatcher::Client,
           break;
         case NfsOp::write:
           rc = nfs_pwrite_async(ctx, fh, part.offset, part.length, part.write_from, &Connection::on_reply, &part);
+          break;
+        case NfsOp::stable_write:
+          rc = nfs_pwrite_async(ctx, session_.fh_stable, part.offset, part.length, part.write_from,
+                                &Connection::on_reply, &part);
           break;
         case NfsOp::commit:
           rc = nfs_fsync_async(ctx, fh, &Connection::on_reply, &part);
@@ -594,6 +615,7 @@ NfsDevice::NfsDevice(std::string uri, NfsTarget target, bool read_only, NfsOptio
   // Larger requests are split here and pipelined; this is only a hint.
   geometry_.max_transfer = static_cast<uint32_t>(kMaxTransfer);
   caps_.read_only = first.read_only;
+  stable_writes_ = first.fh_stable != nullptr;
   caps_.flush = Support::native;
   caps_.fua = Support::native;
   caps_.trim = Support::none;
@@ -668,10 +690,14 @@ Task<std::error_code> NfsDevice::read(std::span<std::byte> buf, uint64_t offset,
 
 Task<std::error_code> NfsDevice::write(std::span<const std::byte> buf, uint64_t offset, IoFlags flags) {
   if (caps_.read_only) co_return errno_code(EPERM);
+  // A FUA write that fits one WRITE goes out FILE_SYNC where the session
+  // can (one round trip); a larger one is written UNSTABLE and committed
+  // once, rather than making the server sync every part.
+  const bool stable = (flags & gateway::kFua) && stable_writes_ && buf.size() <= write_max_;
   while (!buf.empty()) {
     size_t done = 0;
     NfsOp op;
-    op.kind = NfsOp::write;
+    op.kind = stable ? NfsOp::stable_write : NfsOp::write;
     op.offset = offset;
     op.length = buf.size();
     op.chunk = write_max_;
@@ -683,7 +709,7 @@ Task<std::error_code> NfsDevice::write(std::span<const std::byte> buf, uint64_t 
     buf = buf.subspan(done);
     offset += done;
   }
-  if (flags & gateway::kFua) co_return co_await commit();
+  if ((flags & gateway::kFua) && !stable) co_return co_await commit();
   co_return std::error_code{};
 }
 
@@ -730,7 +756,7 @@ Task<std::error_code> NfsDevice::reconnect() {
                  geometry_.size);
       co_return errno_code(EIO);
     }
-    if (res->read_only != ro) {
+    if (res->read_only != ro || (res->fh_stable != nullptr) != stable_writes_) {
       log->error("{}: after reconnecting the file is no longer writable; not using it", uri_);
       co_return errno_code(EIO);
     }

@@ -23,9 +23,11 @@
 // 4 KiB buffer, so NFSv4 writes go out in RPCs of at most 3 KiB of data
 // (NFSv3 uses the server's wsize).
 //
-// Durability: libnfs writes UNSTABLE; flush and FUA send COMMIT for the file,
-// which the server applies to the file, so one COMMIT covers the writes of
-// every session (multi_conn). A server that restarts loses uncommitted data
+// Durability: libnfs writes UNSTABLE; flush sends COMMIT for the file, which
+// the server applies to the file, so one COMMIT covers the writes of every
+// session (multi_conn). A FUA write is a FILE_SYNC WRITE on NFSv3 (through a
+// second handle opened O_SYNC) when it fits one WRITE, else (and on NFSv4,
+// where libnfs 4.0 ignores O_SYNC) the writes followed by a COMMIT. A server that restarts loses uncommitted data
 // and the sessions with it; RetryLayer's generation check then fails the next
 // flush once with EIO. NFS has no discard or write-zeroes in libnfs 4.0 (no
 // ALLOCATE/DEALLOCATE, no SEEK_DATA): trim is not offered, zero is emulated,
@@ -125,6 +127,7 @@ class NfsDevice final : public gateway::RemoteDevice {
   gateway::Capabilities caps_;
   uint32_t read_max_ = 0;
   uint32_t write_max_ = 0;
+  bool stable_writes_ = false;  // every session has an O_SYNC handle (NFSv3)
   std::vector<std::shared_ptr<Connection>> conns_;
   std::atomic<size_t> next_{0};
   std::atomic<uint64_t> generation_{1};

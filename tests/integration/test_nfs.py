@@ -275,7 +275,9 @@ class DataPathTest(NfsTestCase):
 
     @unittest.skipUnless(harness.have("strace"), "strace missing")
     def test_flush_and_fua_reach_the_server_as_commit(self):
-        """FLUSH and FUA make ganesha fsync the file; plain writes do not."""
+        """FLUSH and FUA make ganesha fsync the file; plain writes do not.
+        (A small FUA write on NFSv3 is a FILE_SYNC WRITE, a large one or any
+        on NFSv4 is UNSTABLE plus COMMIT: both make the server sync.)"""
         for version in (3, 4):
             name = "flush%d.img" % version
             self.image(name, 4 * MiB, random=False)
@@ -307,6 +309,11 @@ class DataPathTest(NfsTestCase):
             self.assertNotEqual(traced(lambda: h.pwrite(data, 65536, nbd.CMD_FLAG_FUA)), [],
                                 "a FUA write was not committed")
             self.assertEqual(harness.read_file(SERVER.file(name), 65536, 65536), data)
+            # Larger than one WRITE (wsize 1 MiB): written UNSTABLE, then committed.
+            big = os.urandom(2 * MiB)
+            self.assertNotEqual(traced(lambda: h.pwrite(big, MiB, nbd.CMD_FLAG_FUA)), [],
+                                "a large FUA write was not committed")
+            self.assertEqual(harness.read_file(SERVER.file(name), MiB, len(big)), big)
             h.shutdown()
             daemon.stop(timeout=60)
 
