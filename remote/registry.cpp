@@ -4,6 +4,7 @@
 #include "remote/file/file_device.hpp"
 #include "remote/iscsi/iscsi_backend.hpp"
 #include "remote/nbd/nbd_device.hpp"
+#include "remote/nfs/nfs_backend.hpp"
 #include "remote/uri.hpp"
 
 #include <charconv>
@@ -117,6 +118,7 @@ const std::vector<Backend>& backends() {
       {"iscsi", [](const Uri&, const OpenRequest& r) { check_iscsi(r); },
        [](const Uri&, const OpenRequest& r) { return open_iscsi(r); }},
       {"aoe", aoe::check_backend, aoe::open_backend},
+      {"nfs", check_nfs, open_nfs},
   };
   return all;
 }

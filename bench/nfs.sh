@@ -1,0 +1,274 @@
+#!/usr/bin/env bash
+# Benchmark the NFS backend: blockwayd serving an image file from nfs-ganesha
+# (VFS FSAL, loopback) as an NBD export, next to clients that read and write
+# the same file over NFS directly: nfs-cp (libnfs-utils) and qemu's nfs driver
+# (qemu-img convert, qemu-img bench; package qemu-block-extra).
+#
+# Usage: bench/nfs.sh            (as root: ganesha, rpcbind)
+#
+# Environment knobs:
+#   BENCH_QUICK=1       smoke test: one round, 2 s fio runs, 256 MiB image
+#   BENCH_RUNTIME=N     seconds per fio run (default 10; 2 in quick mode)
+#   BENCH_REPS=N        rounds; each figure is the median (default 3; 1 quick)
+#   BENCH_SIZE_MIB=N    image size in MiB (default 1024; 256 in quick mode)
+#   BENCH_TMPDIR=DIR    where the exported directory goes (default /var/tmp)
+#   BLOCKWAYD=PATH      daemon binary (default <repo>/build/blockwayd)
+#
+# Method: one ganesha (port 2049; rpcbind is started only if none runs) exports
+# a directory holding the image (random data, in page cache). Each round, for
+# each contender in turn: sequential read of the whole image into a file in
+# /dev/shm (nbdcopy from blockwayd's export; nfs-cp and qemu-img convert from
+# the nfs:// URI), sequential write of a random source over the whole image
+# (nbdcopy to blockwayd; qemu-img convert -n to nfs:// onto a second file of
+# the same size; nfs-cp, which only creates files, to a new file), 4k QD16 random read and write with fio's nbd
+# engine through blockwayd, and 4k QD16 reads and writes with qemu-img bench
+# against both blockwayd's nbd:// and the nfs:// URI (the same client on both
+# paths). blockwayd runs without a cache layer, with its default sessions (one
+# per event loop); it is started per round and must exit 0 after SIGTERM.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/.." && pwd)
+
+QUICK=${BENCH_QUICK:-0}
+if [[ $QUICK == 1 ]]; then
+    RUNTIME=${BENCH_RUNTIME:-2}
+    REPS=${BENCH_REPS:-1}
+    SIZE_MIB=${BENCH_SIZE_MIB:-256}
+else
+    RUNTIME=${BENCH_RUNTIME:-10}
+    REPS=${BENCH_REPS:-3}
+    SIZE_MIB=${BENCH_SIZE_MIB:-1024}
+fi
+BLOCKWAYD=${BLOCKWAYD:-$repo/build/blockwayd}
+TMPBASE=${BENCH_TMPDIR:-/var/tmp}
+PSEUDO=/bwbench
+BENCH_COUNT=$((QUICK == 1 ? 20000 : 100000))   # qemu-img bench requests
+
+PY=python3
+[[ -x /usr/bin/python3 ]] && PY=/usr/bin/python3
+
+die() { echo "nfs.sh: $*" >&2; exit 1; }
+
+for tool in ganesha.nfsd rpcbind nfs-ls nfs-cp qemu-img nbdcopy nbdinfo fio jq; do
+    command -v "$tool" >/dev/null || die "missing tool: $tool"
+done
+[[ -x $BLOCKWAYD ]] || die "blockwayd not found at $BLOCKWAYD (set BLOCKWAYD=)"
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+port_open 2049 && die "port 2049 is taken: another NFS server runs here"
+
+TMP=$(mktemp -d "$TMPBASE/nfs-bench.XXXXXX")
+EXP=$TMP/export
+mkdir -p "$EXP"
+IMG=$EXP/img.raw       # served by blockwayd
+IMG2=$EXP/img2.raw     # written by the direct clients
+SRC=$TMP/src.raw       # source of the sequential writes
+OUT=/dev/shm/nfs-bench-out.$$.raw
+RESULTS=$TMP/results.tsv
+cp "$BLOCKWAYD" "$TMP/blockwayd"   # a rebuild during the run cannot mix versions
+BLOCKWAYD_ORIG=$BLOCKWAYD
+BLOCKWAYD=$TMP/blockwayd
+cd "$TMP"
+GANESHA_PID=
+RPCBIND_PID=
+BW_PID=
+
+stop_pid() {   # stop_pid PID: SIGTERM, then SIGKILL after 10 s
+    local pid=$1
+    kill -TERM "$pid" 2>/dev/null || return 0
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+    local rc=$?
+    [[ -n $BW_PID ]] && stop_pid "$BW_PID"
+    if [[ $rc -ne 0 ]]; then
+        for f in "$TMP"/blockwayd.log "$TMP"/ganesha.log; do
+            [[ -f $f ]] && { echo "--- last lines of $f ---" >&2; tail -n 15 "$f" >&2; }
+        done
+    fi
+    [[ -n $GANESHA_PID ]] && stop_pid "$GANESHA_PID"
+    [[ -n $RPCBIND_PID ]] && stop_pid "$RPCBIND_PID"
+    rm -f "$OUT"
+    rm -rf "$TMP"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+free_port() {
+    "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+now() { date +%s.%N; }
+mbps() { "$PY" -c "import sys; print('%.0f' % ($1 / 1e6 / ($3 - $2)))"; }
+record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$RESULTS"; }
+
+# ---------------------------------------------------------------- setup
+BYTES=$((SIZE_MIB * 1024 * 1024))
+echo "Creating ${SIZE_MIB} MiB random images in $TMP ..." >&2
+dd if=/dev/urandom of="$IMG" bs=1M count="$SIZE_MIB" iflag=fullblock status=none
+dd if=/dev/urandom of="$SRC" bs=1M count="$SIZE_MIB" iflag=fullblock status=none
+cp "$IMG" "$IMG2"
+sync
+cat "$IMG" "$IMG2" "$SRC" >/dev/null
+: >"$RESULTS"
+
+if ! port_open 111; then
+    rpcbind -w -f >"$TMP/rpcbind.log" 2>&1 &
+    RPCBIND_PID=$!
+    for _ in $(seq 100); do port_open 111 && break; sleep 0.05; done
+fi
+cat >"$TMP/ganesha.conf" <<EOF
+NFS_CORE_PARAM { Protocols = 3, 4; NFS_Port = 2049; Enable_NLM = false; Enable_RQUOTA = false; }
+NFSv4 { Graceless = true; }
+EXPORT { Export_Id = 1; Path = $EXP; Pseudo = $PSEUDO; Access_Type = RW;
+         Squash = No_Root_Squash; Protocols = 3, 4; Transports = TCP; FSAL { Name = VFS; } }
+EOF
+ganesha.nfsd -F -f "$TMP/ganesha.conf" -L "$TMP/ganesha.log" -p "$TMP/ganesha.pid" >/dev/null 2>&1 &
+GANESHA_PID=$!
+ok=0
+for _ in $(seq 120); do
+    kill -0 "$GANESHA_PID" 2>/dev/null || die "ganesha exited during startup"
+    if nfs-ls "nfs://127.0.0.1$EXP" >/dev/null 2>&1 && nfs-ls "nfs://127.0.0.1$PSEUDO?version=4" >/dev/null 2>&1; then
+        ok=1; break
+    fi
+    sleep 0.5
+done
+[[ $ok == 1 ]] || die "ganesha did not answer within 60 s"
+
+V3=nfs://127.0.0.1$EXP/img.raw
+V4="nfs://127.0.0.1$PSEUDO/img.raw?version=4"
+V3_2=nfs://127.0.0.1$EXP/img2.raw
+
+# ---------------------------------------------------------------- blockwayd
+start_blockwayd() {   # start_blockwayd URI -> sets BW_PORT
+    BW_PORT=$(free_port)
+    rm -f "$TMP/blockwayd.pid"
+    "$BLOCKWAYD" --listen "127.0.0.1:$BW_PORT" --export "bench=$1" --pid-file "$TMP/blockwayd.pid" \
+        >>"$TMP/blockwayd.log" 2>&1 &
+    BW_PID=$!
+    for _ in $(seq 400); do
+        kill -0 "$BW_PID" 2>/dev/null || die "blockwayd exited during startup"
+        [[ -s $TMP/blockwayd.pid ]] && nbdinfo --size "nbd://127.0.0.1:$BW_PORT/bench" >/dev/null 2>&1 && return
+        sleep 0.05
+    done
+    die "blockwayd did not answer within 20 s"
+}
+
+stop_blockwayd() {
+    local rc=0
+    kill -TERM "$BW_PID"
+    wait "$BW_PID" || rc=$?
+    BW_PID=
+    [[ $rc == 0 ]] || die "blockwayd exited with status $rc after SIGTERM"
+}
+
+timed() {   # timed CMD... -> MB/s for BYTES
+    local t0 t1
+    t0=$(now)
+    "$@" >/dev/null 2>"$TMP/cmd.err" || { cat "$TMP/cmd.err" >&2; die "failed: $*"; }
+    t1=$(now)
+    mbps "$BYTES" "$t0" "$t1"
+}
+
+fio_4k() {   # fio_4k URI randread|randwrite -> IOPS
+    local uri=$1 rw=$2 dir out=$TMP/fio.json
+    case $rw in randread) dir=read ;; randwrite) dir=write ;; esac
+    fio --name="$rw" --ioengine=nbd --uri="$uri" --rw="$rw" --bs=4k --iodepth=16 --numjobs=1 \
+        --time_based --runtime="$RUNTIME" --size="${SIZE_MIB}M" \
+        --output-format=json --output="$out" >/dev/null || die "fio $rw on $uri failed"
+    [[ $(jq '.jobs[0].error' "$out") == 0 ]] || die "fio $rw reported an error"
+    jq -r ".jobs[0].$dir.iops | floor" "$out"
+}
+
+qbench() {   # qbench URI [-w] -> IOPS (4k requests, 16 in flight, sequential offsets)
+    local uri=$1; shift
+    local t0 t1
+    t0=$(now)
+    qemu-img bench -f raw -c "$BENCH_COUNT" -d 16 -s 4k "$@" "$uri" >/dev/null 2>"$TMP/cmd.err" \
+        || { cat "$TMP/cmd.err" >&2; die "qemu-img bench $* $uri failed"; }
+    t1=$(now)
+    "$PY" -c "print('%.0f' % ($BENCH_COUNT / ($t1 - $t0)))"
+}
+
+# ---------------------------------------------------------------- machine info
+echo "## Machine"
+echo
+echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC'); nproc: $(nproc); kernel: $(uname -sr)"
+echo "- blockwayd: $BLOCKWAYD_ORIG (repo at $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$repo" diff --quiet 2>/dev/null || echo '+dirty'))"
+echo "- $(dpkg-query -W -f='nfs-ganesha ${Version}' nfs-ganesha 2>/dev/null); $(dpkg-query -W -f='libnfs ${Version}' libnfs13 2>/dev/null); $(qemu-img --version | head -n1)"
+echo "- image: ${SIZE_MIB} MiB random data on $(df --output=fstype "$TMP" | tail -n1 | tr -d ' '), in page cache; reads land in /dev/shm"
+echo "- fio runtime ${RUNTIME} s, qemu-img bench ${BENCH_COUNT} requests, ${REPS} round(s), median reported"
+echo "- load average at start: $(cut -d' ' -f1-3 /proc/loadavg) (a shared machine: other work skews the figures)"
+echo
+
+# ---------------------------------------------------------------- run
+for ((round = 1; round <= REPS; round++)); do
+    # blockwayd over NFSv3 and NFSv4
+    for v in 3 4; do
+        uri=$V3; [[ $v == 4 ]] && uri=$V4
+        name=blockwayd-v$v
+        start_blockwayd "$uri"
+        nbd="nbd://127.0.0.1:$BW_PORT/bench"
+        record "$name" seqread "$round" "$(timed nbdcopy "$nbd" "$OUT")"; rm -f "$OUT"
+        record "$name" seqwrite "$round" "$(timed nbdcopy "$SRC" "$nbd")"
+        if [[ $round == 1 ]]; then
+            cmp -s "$SRC" "$IMG" || die "$name: the server's file differs from what was written"
+        fi
+        record "$name" randread "$round" "$(fio_4k "$nbd" randread)"
+        record "$name" randwrite "$round" "$(fio_4k "$nbd" randwrite)"
+        record "$name" qread "$round" "$(qbench "$nbd")"
+        record "$name" qwrite "$round" "$(qbench "$nbd" -w)"
+        stop_blockwayd
+    done
+    # the direct clients (NFSv3: nfs-cp's NFSv4 writes fail with libnfs 4.0,
+    # qemu's nfs driver speaks NFSv3 only)
+    record nfs-cp seqread "$round" "$(timed nfs-cp "$V3" "$OUT")"; rm -f "$OUT"
+    # nfs-cp only creates new files: a fresh name each round
+    record nfs-cp seqwrite "$round" "$(timed nfs-cp "$SRC" "nfs://127.0.0.1$EXP/new-$round.raw")"
+    rm -f "$EXP/new-$round.raw"
+    record nfs-cp-v4 seqread "$round" "$(timed nfs-cp "$V4" "$OUT")"; rm -f "$OUT"
+    record qemu-img seqread "$round" "$(timed qemu-img convert -f raw -O raw "$V3" "$OUT")"; rm -f "$OUT"
+    record qemu-img seqwrite "$round" "$(timed qemu-img convert -n -f raw -O raw "$SRC" "$V3_2")"
+    record qemu-img qread "$round" "$(qbench "$V3")"
+    record qemu-img qwrite "$round" "$(qbench "$V3" -w)"
+    sync
+    echo "round $round/$REPS: $(awk -F'\t' -v r="$round" '$3==r {printf "%s/%s=%s ", $1, $2, $4}' "$RESULTS")" >&2
+done
+
+# ---------------------------------------------------------------- report
+LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
+"$PY" - "$RESULTS" "$LOAD_END" <<'EOF'
+import statistics, sys
+rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
+data = {}
+for who, test, rnd, val in rows:
+    data.setdefault((who, test), []).append(float(val))
+med = {k: statistics.median(v) for k, v in data.items()}
+def cell(who, test):
+    v = data.get((who, test))
+    return "%.0f" % med[(who, test)] if v else "-"
+cols = ["blockwayd-v3", "blockwayd-v4", "nfs-cp", "nfs-cp-v4", "qemu-img"]
+tests = [("seqread", "seq read MB/s (nbdcopy / nfs-cp / qemu-img convert)"),
+         ("seqwrite", "seq write MB/s (nbdcopy / nfs-cp / qemu-img convert -n)"),
+         ("randread", "4k randread IOPS, QD16 (fio nbd)"),
+         ("randwrite", "4k randwrite IOPS, QD16 (fio nbd)"),
+         ("qread", "4k read IOPS, QD16 (qemu-img bench)"),
+         ("qwrite", "4k write IOPS, QD16 (qemu-img bench -w)")]
+print("## Results (median)")
+print()
+print("| test | " + " | ".join(cols) + " | v3: blockwayd / best direct | v4: blockwayd / nfs-cp |")
+print("| --- | " + " | ".join("---:" for _ in cols) + " | ---: | ---: |")
+for t, label in tests:
+    direct = [med[(w, t)] for w in ("nfs-cp", "qemu-img") if (w, t) in med]
+    r3 = "%.2f" % (med[("blockwayd-v3", t)] / max(direct)) if direct else "-"
+    r4 = "%.2f" % (med[("blockwayd-v4", t)] / med[("nfs-cp-v4", t)]) if ("nfs-cp-v4", t) in med else "-"
+    print(f"| {label} | " + " | ".join(cell(c, t) for c in cols) + f" | {r3} | {r4} |")
+print()
+print("All runs:", "; ".join(f"{w}/{t}: " + ", ".join("%.0f" % x for x in v) for (w, t), v in sorted(data.items())))
+print()
+print(f"Load average at end: {sys.argv[2]}")
+EOF
