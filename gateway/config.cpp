@@ -157,6 +157,9 @@ void DaemonConfig::validate() const {
     throw ConfigError("handshake-timeout must be between 1 second and 1 hour");
   if (shutdown_timeout.count() < 0 || shutdown_timeout > hours(24))
     throw ConfigError("shutdown-timeout must be at most 24 hours");
+  if (!control_socket.empty() && control_socket != "off" &&
+      (control_socket.front() != '/' || control_socket.size() >= 108))
+    throw ConfigError("control socket '" + control_socket + "' must be an absolute path shorter than 108 bytes");
   if (blocking_threads == 0 || blocking_threads > 1024)
     throw ConfigError("blocking-threads must be between 1 and 1024");
 }
@@ -226,6 +229,26 @@ void load_config_file(const std::string& path, DaemonConfig& cfg) {
     } else if (key == "handshake-timeout") {
       cfg.handshake_timeout = std::chrono::milliseconds(
           1000 * parse_int<uint64_t>(as_string(node, key), key));
+    } else if (key == "control") {
+      auto* t = node.as_table();
+      if (!t) throw ConfigError(path + ": 'control' must be a table ([control])");
+      for (const auto& [ck, cnode] : *t) {
+        const std::string ckey(ck.str());
+        if (ckey == "socket") {
+          cfg.control_socket = as_string(cnode, "control.socket");
+          if (cfg.control_socket.empty())
+            throw ConfigError(path + ": control.socket is empty (use \"off\" to disable the control socket)");
+        } else if (ckey == "mode") {
+          const auto text = as_string(cnode, "control.mode");
+          unsigned m = 0;
+          auto [p, ec] = std::from_chars(text.data(), text.data() + text.size(), m, 8);
+          if (ec != std::errc{} || p != text.data() + text.size() || m > 0777)
+            throw ConfigError(path + ": control.mode '" + text + "' is not an octal file mode like \"0660\"");
+          cfg.control_socket_mode = m;
+        } else {
+          throw ConfigError(path + ": unknown setting 'control." + ckey + "'");
+        }
+      }
     } else {
       throw ConfigError(path + ": unknown setting '" + key + "'");
     }
@@ -237,6 +260,12 @@ std::string default_data_dir() {
   if (const char* x = std::getenv("XDG_DATA_HOME"); x && *x) return std::string(x) + "/blockway";
   if (const char* h = std::getenv("HOME"); h && *h) return std::string(h) + "/.local/share/blockway";
   return "/var/tmp/blockway";
+}
+
+std::string default_control_socket() {
+  if (geteuid() == 0) return "/run/blockway/control.sock";
+  if (const char* x = std::getenv("XDG_RUNTIME_DIR"); x && *x) return std::string(x) + "/blockway/control.sock";
+  return default_data_dir() + "/control.sock";
 }
 
 }  // namespace blockway::gateway

@@ -9,6 +9,7 @@
 
 #include "gateway/checked_device.hpp"
 #include "gateway/export_control.hpp"
+#include "gateway/retry_layer.hpp"
 
 #include <functional>
 #include <map>
@@ -32,6 +33,9 @@ struct Export {
   // (prefetch, detach, write mode) and its report. Owned by the device chain,
   // so it lives as long as `device`.
   ExportControl* control = nullptr;
+  // Set when the backend reaches its image over a network session: the
+  // health of that session (from the RetryLayer above it), for status.
+  std::function<RetryHealth()> remote_health;
 };
 
 class ExportTable {
