@@ -22,8 +22,8 @@ std::shared_ptr<Export> find_export(ExportTable& exports, const Json& request) {
 ExportControl& control_of(const Export& exp) {
   if (!exp.control)
     throw ControlError("no-cache", EOPNOTSUPP,
-                       "export '" + exp.name + "' has no cache: prefetch, detach and write modes need one "
-                       "(add cache=DIR to its options)");
+                       "export '" + exp.name + "' has no cache under run-time control: prefetch, detach and "
+                       "write modes need a cache (add cache=DIR to its options)");
   return *exp.control;
 }
 
