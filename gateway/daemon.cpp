@@ -211,7 +211,6 @@ class RuntimeExports {
       std::shared_ptr<Export> exp;
       std::vector<cache::CacheLayer*> caches;
       std::string error;
-      bool bad_request = false;
     };
     auto open = [this, cfg, options]() -> Opened {
       Opened o;
@@ -220,9 +219,6 @@ class RuntimeExports {
         o.exp = open_export(cfg, ctx_);
         o.caches.assign(ctx_.caches.begin() + static_cast<long>(caches_before), ctx_.caches.end());
         ctx_.open_catalogue().save_runtime_export({cfg.name, cfg.uri, options});
-      } catch (const ConfigError& e) {
-        o.error = e.what();
-        o.bad_request = !o.exp;
       } catch (const std::exception& e) {
         o.error = e.what();
       }
@@ -232,8 +228,15 @@ class RuntimeExports {
     Opened opened = co_await offload(loops_.blocking(), std::move(open));
     if (!opened.error.empty()) {
       if (opened.exp) co_await opened.exp->device->close();
-      throw ControlError(opened.bad_request ? "bad-request" : "failed", opened.bad_request ? EINVAL : EIO,
-                         "cannot add export '" + name + "': " + opened.error);
+      // Options the backend or cache reject, a missing image, an unreachable
+      // remote: all "failed", with the opener's message.
+      throw ControlError("failed", EIO, "cannot add export '" + name + "': " + opened.error);
+    }
+    if (shutting_down_) {
+      // The daemon began to stop while the export was opening: the drain
+      // would not close it, so close it here and add nothing.
+      co_await opened.exp->device->close();
+      throw ControlError("refused", ESHUTDOWN, "the daemon is shutting down");
     }
     for (auto* c : opened.caches) c->start();
     exports_.add(opened.exp);
