@@ -34,12 +34,36 @@ MetaStore::MetaStore(const std::string& path) : path_(path) {
   exec("CREATE TABLE IF NOT EXISTS bitmap_pages ("
        " name TEXT NOT NULL, kind INTEGER NOT NULL, page INTEGER NOT NULL, bits BLOB NOT NULL,"
        " PRIMARY KEY (name, kind, page)) WITHOUT ROWID");
-  exec("CREATE TABLE IF NOT EXISTS runtime_exports ("
-       " name TEXT PRIMARY KEY, uri TEXT NOT NULL, options TEXT NOT NULL, added INTEGER NOT NULL)");
+}
+
+MetaStore::~MetaStore() { sqlite3_close(db_); }
+
+void MetaStore::exec(const char* sql) {
+  char* err = nullptr;
+  if (sqlite3_exec(db_, sql, nullptr, nullptr, &err) != SQLITE_OK) {
+    std::string msg = err ? err : "unknown error";
+    sqlite3_free(err);
+    throw std::runtime_error("catalogue " + path_ + ": " + msg);
+  }
+}
+
+// The run-time exports table is created on first use (with the store's
+// mutex held), so that the constructor stays as the cache knows it.
+static void create_runtime_exports_table(sqlite3* db) {
+  char* err = nullptr;
+  if (sqlite3_exec(db,
+                   "CREATE TABLE IF NOT EXISTS runtime_exports ("
+                   " name TEXT PRIMARY KEY, uri TEXT NOT NULL, options TEXT NOT NULL, added INTEGER NOT NULL)",
+                   nullptr, nullptr, &err) != SQLITE_OK) {
+    std::string msg = err ? err : "unknown error";
+    sqlite3_free(err);
+    throw std::runtime_error("catalogue: cannot create the runtime_exports table: " + msg);
+  }
 }
 
 std::vector<RuntimeExport> MetaStore::runtime_exports() {
   std::lock_guard lock(mutex_);
+  create_runtime_exports_table(db_);
   std::vector<RuntimeExport> out;
   sqlite3_stmt* raw = nullptr;
   sqlite3_prepare_v2(db_, "SELECT name, uri, options FROM runtime_exports ORDER BY added, name", -1, &raw, nullptr);
@@ -56,6 +80,7 @@ std::vector<RuntimeExport> MetaStore::runtime_exports() {
 
 void MetaStore::save_runtime_export(const RuntimeExport& e) {
   std::lock_guard lock(mutex_);
+  create_runtime_exports_table(db_);
   sqlite3_stmt* raw = nullptr;
   sqlite3_prepare_v2(db_,
                      "INSERT OR REPLACE INTO runtime_exports (name, uri, options, added)"
@@ -71,6 +96,7 @@ void MetaStore::save_runtime_export(const RuntimeExport& e) {
 
 bool MetaStore::remove_runtime_export(const std::string& name) {
   std::lock_guard lock(mutex_);
+  create_runtime_exports_table(db_);
   sqlite3_stmt* raw = nullptr;
   sqlite3_prepare_v2(db_, "DELETE FROM runtime_exports WHERE name = ?", -1, &raw, nullptr);
   Stmt st(raw);
@@ -78,17 +104,6 @@ bool MetaStore::remove_runtime_export(const std::string& name) {
   if (sqlite3_step(raw) != SQLITE_DONE)
     throw std::runtime_error("catalogue " + path_ + ": cannot remove export: " + sqlite3_errmsg(db_));
   return sqlite3_changes(db_) > 0;
-}
-
-MetaStore::~MetaStore() { sqlite3_close(db_); }
-
-void MetaStore::exec(const char* sql) {
-  char* err = nullptr;
-  if (sqlite3_exec(db_, sql, nullptr, nullptr, &err) != SQLITE_OK) {
-    std::string msg = err ? err : "unknown error";
-    sqlite3_free(err);
-    throw std::runtime_error("catalogue " + path_ + ": " + msg);
-  }
 }
 
 std::optional<CacheRecord> MetaStore::find(const std::string& name) {

@@ -50,6 +50,13 @@ class MetaStore {
   MetaStore(const MetaStore&) = delete;
   MetaStore& operator=(const MetaStore&) = delete;
 
+  // Run-time exports, in the order they were added.
+  std::vector<RuntimeExport> runtime_exports();
+  // Inserts or replaces; throws std::runtime_error.
+  void save_runtime_export(const RuntimeExport& e);
+  // Returns false if there was none by that name.
+  bool remove_runtime_export(const std::string& name);
+
   std::optional<CacheRecord> find(const std::string& name);
   // Inserts or replaces the record and forgets its bitmaps.
   void reset(const CacheRecord& record);
@@ -58,13 +65,6 @@ class MetaStore {
   // Words of a bitmap (missing pages read as zero); words are stored in host
   // (little-endian) order.
   std::vector<uint64_t> load_bitmap(const std::string& name, BitmapKind kind, size_t nwords);
-
-  // Run-time exports, in the order they were added.
-  std::vector<RuntimeExport> runtime_exports();
-  // Inserts or replaces; throws std::runtime_error.
-  void save_runtime_export(const RuntimeExport& e);
-  // Returns false if there was none by that name.
-  bool remove_runtime_export(const std::string& name);
 
   struct PageWrite {
     BitmapKind kind;

@@ -191,6 +191,19 @@ class StatusAndStats(ControlTestCase):
         self.assertIn("read-only", out)
         self.bw("flush", "nope", expect=EXIT_UNKNOWN)
 
+    def test_bash_completion(self):
+        img = harness.make_sparse_image(self.path("a.img"), 4 * MiB)
+        self.start({"alpha": "file://" + img, "beta": "file://" + img})
+        completion = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                  "../../packaging/blockway.bash-completion")
+        script = ('source %s; COMP_WORDS=(blockway detach ""); COMP_CWORD=2; _blockway; echo "${COMPREPLY[@]}";'
+                  'COMP_WORDS=(blockway prefetch start a); COMP_CWORD=3; _blockway; echo "${COMPREPLY[@]}"'
+                  % completion)
+        env = dict(os.environ, PATH=os.path.dirname(os.path.abspath(harness.BLOCKWAY)) + ":" + os.environ["PATH"],
+                   BLOCKWAY_SOCKET=self.csock)
+        p = subprocess.run(["bash", "-c", script], stdout=subprocess.PIPE, env=env, timeout=30)
+        self.assertEqual(p.stdout.decode().splitlines(), ["alpha beta", "alpha"])
+
 
 class Errors(ControlTestCase):
     def test_exit_codes_and_messages(self):
