@@ -357,9 +357,10 @@ int cmd_prefetch(const std::vector<std::string>& in) {
   const std::string name = a.positional[0];
   ControlClient c(control_socket_path(a.option("--socket")));
   const bool json = a.has("--json");
+  // Prints the daemon's own message when it sent one, else `text`.
   auto done = [&](const Json& r, const std::string& text) {
     if (json) print_json(r);
-    else std::puts(text.c_str());
+    else std::puts(str(r, "message", text).c_str());
     return kOk;
   };
   if (sub == "start" || sub == "follow") {
@@ -399,8 +400,10 @@ int cmd_prefetch(const std::vector<std::string>& in) {
       }
     }
     const Json r = c.call("prefetch-rate", {{"name", name}, {"rate", rate}});
-    return done(r, rate ? "prefetch of '" + name + "' limited to " + bytes(rate) + "/s"
-                        : "prefetch of '" + name + "' unlimited");
+    if (json) return print_json(r), kOk;
+    std::puts((rate ? "prefetch of '" + name + "' limited to " + bytes(rate) + "/s"
+                    : "prefetch of '" + name + "' unlimited").c_str());
+    return kOk;
   }
   // status
   const Json p = c.call("prefetch-status", {{"name", name}});
