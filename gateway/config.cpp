@@ -239,11 +239,19 @@ void load_config_file(const std::string& path, DaemonConfig& cfg) {
           if (cfg.control_socket.empty())
             throw ConfigError(path + ": control.socket is empty (use \"off\" to disable the control socket)");
         } else if (ckey == "mode") {
-          const auto text = as_string(cnode, "control.mode");
+          // "0660" (a string read as octal) or 0o660 (a TOML integer).
           unsigned m = 0;
-          auto [p, ec] = std::from_chars(text.data(), text.data() + text.size(), m, 8);
-          if (ec != std::errc{} || p != text.data() + text.size() || m > 0777)
-            throw ConfigError(path + ": control.mode '" + text + "' is not an octal file mode like \"0660\"");
+          std::string text;
+          if (auto i = cnode.value<int64_t>(); i && !cnode.is_string()) {
+            text = std::to_string(*i);
+            m = *i < 0 ? 01000 : static_cast<unsigned>(std::min<int64_t>(*i, 01000));
+          } else {
+            text = as_string(cnode, "control.mode");
+            auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), m, 8);
+            if (ec != std::errc{} || end != text.data() + text.size()) m = 01000;
+          }
+          if (m > 0777)
+            throw ConfigError(path + ": control.mode '" + text + "' is not a file mode like \"0660\" or 0o660");
           cfg.control_socket_mode = m;
         } else {
           throw ConfigError(path + ": unknown setting 'control." + ckey + "'");

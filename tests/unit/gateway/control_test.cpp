@@ -3,6 +3,7 @@
 // cache's own tests and end to end in tests/integration/test_control.py), and
 // the control socket itself.
 #include "gateway/checked_device.hpp"
+#include "gateway/config.hpp"
 #include "gateway/control_protocol.hpp"
 #include "gateway/control_server.hpp"
 #include "tests/unit/gateway/memory_device.hpp"
@@ -441,6 +442,57 @@ TEST_F(SocketFixture, LiveSocketIsNeverTakenOverStaleOneIsReplaced) {
   EXPECT_EQ(st.st_mode & 0777, 0660u);
   EXPECT_TRUE(ControlServer::is_live(stale));
   EXPECT_THROW(second.listen("relative.sock"), std::runtime_error);
+}
+
+// ---- [control] in the configuration ----
+
+DaemonConfig load(const std::string& toml) {
+  char tmpl[] = "/tmp/blockway-control-conf-XXXXXX";
+  const int fd = ::mkstemp(tmpl);
+  EXPECT_GE(fd, 0);
+  EXPECT_EQ(::write(fd, toml.data(), toml.size()), static_cast<ssize_t>(toml.size()));
+  ::close(fd);
+  DaemonConfig cfg;
+  try {
+    load_config_file(tmpl, cfg);
+  } catch (...) {
+    ::unlink(tmpl);
+    throw;
+  }
+  ::unlink(tmpl);
+  return cfg;
+}
+
+TEST(ControlConfig, SocketAndMode) {
+  const auto cfg = load("[control]\nsocket = \"/run/x/c.sock\"\nmode = \"0660\"\n");
+  EXPECT_EQ(cfg.control_socket, "/run/x/c.sock");
+  EXPECT_EQ(cfg.control_socket_mode, 0660u);
+  EXPECT_NO_THROW(cfg.validate());
+  EXPECT_EQ(load("[control]\nmode = 0o640\n").control_socket_mode, 0640u);
+  const auto off = load("[control]\nsocket = \"off\"\n");
+  EXPECT_EQ(off.control_socket, "off");
+  EXPECT_NO_THROW(off.validate());
+  const auto dflt = load("threads = 2\n");
+  EXPECT_EQ(dflt.control_socket, "");
+  EXPECT_EQ(dflt.control_socket_mode, 0600u);
+}
+
+TEST(ControlConfig, MistakesNameTheSetting) {
+  auto message = [](const std::string& toml) {
+    try {
+      load(toml).validate();
+    } catch (const ConfigError& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_NE(message("[control]\nbogus = 1\n").find("control.bogus"), std::string::npos);
+  EXPECT_NE(message("[control]\nmode = \"rw\"\n").find("control.mode"), std::string::npos);
+  EXPECT_NE(message("[control]\nmode = \"01777\"\n").find("control.mode"), std::string::npos);
+  EXPECT_NE(message("[control]\nsocket = \"\"\n").find("off"), std::string::npos);
+  EXPECT_NE(message("[control]\nsocket = \"relative.sock\"\n").find("absolute"), std::string::npos);
+  EXPECT_NE(message("control = 1\n").find("[control]"), std::string::npos);
+  EXPECT_NE(default_control_socket().find("control.sock"), std::string::npos);
 }
 
 }  // namespace
