@@ -54,14 +54,14 @@ struct DaemonConfig {
   std::string data_dir;
   std::string log_level = "info";
   std::string pid_file;
-  uint64_t max_inflight_bytes = 128ull << 20;  // per connection
-  uint32_t max_request_bytes = 32u << 20;      // largest read/write payload
-  std::chrono::milliseconds handshake_timeout{10000};
-  std::chrono::milliseconds shutdown_timeout{30000};
   // Control socket: empty = default_control_socket() (skipped with a warning
   // if another daemon already listens there); "off" = no control plane.
   std::string control_socket;
   unsigned control_socket_mode = 0600;
+  uint64_t max_inflight_bytes = 128ull << 20;  // per connection
+  uint32_t max_request_bytes = 32u << 20;      // largest read/write payload
+  std::chrono::milliseconds handshake_timeout{10000};
+  std::chrono::milliseconds shutdown_timeout{30000};
   bool embedded_default = false;  // no config and no exports: serve the demo image
 
   void validate() const;

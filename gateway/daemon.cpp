@@ -419,7 +419,6 @@ int run_daemon(DaemonConfig config) {
       [&](const boost::system::error_code& ec, int sig) {
         if (ec) return;
         log->info("received {}, shutting down", sig == SIGINT ? "SIGINT" : "SIGTERM");
-        stop_control();
         server.shutdown();
         signals.async_wait(on_signal);
       };

@@ -29,13 +29,13 @@ struct Export {
   // (extent flag 1 = present locally, 2 = dirty), for the blockway:cache
   // metadata context.
   std::function<Task<std::error_code>(ByteRange, ExtentList&)> cache_status;
+  // Set when the backend reaches its image over a network session: the
+  // health of that session (from the RetryLayer above it), for status.
+  std::function<RetryHealth()> remote_health;
   // Set when a local cache sits in the device chain: run-time control of it
   // (prefetch, detach, write mode) and its report. Owned by the device chain,
   // so it lives as long as `device`.
   ExportControl* control = nullptr;
-  // Set when the backend reaches its image over a network session: the
-  // health of that session (from the RetryLayer above it), for status.
-  std::function<RetryHealth()> remote_health;
 };
 
 class ExportTable {

@@ -31,10 +31,10 @@ Serves disk images as NBD exports.
                          (default 30)
   --data-dir DIR         where the demo image lives (default /var/lib/blockway
                          for root, else ~/.local/share/blockway)
-  --control-socket PATH  the control socket used by the blockway command (default
-                         /run/blockway/control.sock for root; "off" disables it)
   --pid-file FILE        write the pid here once every socket listens
   --log-level LEVEL      trace, debug, info, warn, error or off (default info)
+  --control-socket PATH  the control socket used by the blockway command (default
+                         /run/blockway/control.sock for root; "off" disables it)
   --version, --help
 
 With no --config, --export or --stdio it serves its embedded default: a sparse
@@ -97,11 +97,11 @@ int main(int argc, char** argv) {
         cfg.data_dir = need();
       } else if (arg == "--pid-file") {
         cfg.pid_file = need();
+      } else if (arg == "--log-level") {
+        cfg.log_level = need();
       } else if (arg == "--control-socket") {
         cfg.control_socket = need();
         if (cfg.control_socket.empty()) throw ConfigError("--control-socket needs a path (or off)");
-      } else if (arg == "--log-level") {
-        cfg.log_level = need();
       } else {
         throw ConfigError("unknown argument '" + args[i] + "' (see --help)");
       }
@@ -121,8 +121,8 @@ int main(int argc, char** argv) {
       if (cfg.handshake_timeout != DaemonConfig{}.handshake_timeout) from_file.handshake_timeout = cfg.handshake_timeout;
       if (cfg.shutdown_timeout != DaemonConfig{}.shutdown_timeout) from_file.shutdown_timeout = cfg.shutdown_timeout;
       if (!cfg.pid_file.empty()) from_file.pid_file = cfg.pid_file;
-      if (!cfg.control_socket.empty()) from_file.control_socket = cfg.control_socket;
       if (cfg.log_level != DaemonConfig{}.log_level) from_file.log_level = cfg.log_level;
+      if (!cfg.control_socket.empty()) from_file.control_socket = cfg.control_socket;
       cfg = std::move(from_file);
     }
     if (!cli_listen.empty()) cfg.listen = cli_listen;
