@@ -418,6 +418,22 @@ class RuntimeExports(ControlTestCase):
         self.start({"base": "file://" + img})
         self.assertEqual([e["name"] for e in self.bwj("export", "list")["exports"]], ["base", "net"])
 
+    def test_saved_export_that_cannot_open_is_skipped_and_kept(self):
+        img = harness.make_random_image(self.path("a.img"), 4 * MiB, seed=6)
+        base = harness.make_sparse_image(self.path("base.img"), MiB)
+        d = self.start({"base": "file://" + base})
+        self.bw("export", "add", "late", "file://" + img)
+        d.stop()
+        os.rename(img, img + ".away")
+        d = self.start({"base": "file://" + base})
+        self.assertEqual([e["name"] for e in self.bwj("export", "list")["exports"]], ["base"])
+        self.assertIn("export 'late' added at run time cannot be opened", d.log())
+        d.stop()
+        os.rename(img + ".away", img)
+        self.start({"base": "file://" + base})
+        self.assertEqual([e["name"] for e in self.bwj("export", "list")["exports"]], ["base", "late"])
+        self.assertEqual(self.connect(self.uri("late")).pread(4096, 0), harness.read_file(img, 0, 4096))
+
     def test_remove_with_connected_clients(self):
         img = harness.make_random_image(self.path("a.img"), 4 * MiB, seed=5)
         d = self.start({"a": "file://" + img})
