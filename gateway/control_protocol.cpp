@@ -160,8 +160,7 @@ uint64_t arg_size(const Json& request, const char* key) {
 }
 
 long export_clients(const std::shared_ptr<Export>& exp) {
-  // One reference is the table's, one the caller's; the rest are sessions.
-  return std::max(0L, exp.use_count() - 2);
+  return std::max(0L, exp->clients.load(std::memory_order_relaxed));
 }
 
 Json export_json(const Export& exp, long clients) {

@@ -77,7 +77,7 @@ uint64_t arg_size(const Json& request, const char* key);
 // number of NBD connections using it (-1 if unknown).
 Json export_json(const Export& exp, long clients);
 
-// Connections using an export, from the references the table and `exp` hold.
+// NBD connections using an export (Export::clients).
 long export_clients(const std::shared_ptr<Export>& exp);
 
 // Registers the commands that need only the export table: status, list,

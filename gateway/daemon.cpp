@@ -251,7 +251,7 @@ class RuntimeExports {
     auto guard = co_await lock_.lock();
     auto exp = name.empty() ? nullptr : exports_.find(name);
     if (!exp) throw ControlError("unknown-export", ENOENT, "no export named '" + name + "'");
-    const long clients = std::max(0L, exp.use_count() - 2);  // the table's and ours
+    const long clients = export_clients(exp);
     if (clients > 0 && !force)
       throw ControlError("refused", EBUSY,
                          "export '" + name + "' has " + std::to_string(clients) +
@@ -295,7 +295,8 @@ class RuntimeExports {
     return ExportConfig::parse_spec(name + "=" + uri + (options.empty() ? "" : "," + options));
   }
 
-  // Waits until no session holds `exp`, then closes it as shutdown would.
+  // Waits until nothing holds `exp` any more (sessions, a FUSE node), then
+  // closes it as shutdown would.
   static Task<void> close_when_unused(std::shared_ptr<Export> exp) {
     boost::asio::steady_timer timer(co_await boost::asio::this_coro::executor);
     while (exp.use_count() > 1) {

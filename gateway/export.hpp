@@ -11,6 +11,7 @@
 #include "gateway/export_control.hpp"
 #include "gateway/retry_layer.hpp"
 
+#include <atomic>
 #include <functional>
 #include <map>
 #include <memory>
@@ -32,6 +33,10 @@ struct Export {
   // Set when the backend reaches its image over a network session: the
   // health of that session (from the RetryLayer above it), for status.
   std::function<RetryHealth()> remote_health;
+  // NBD connections using this export right now (kept by nbd::Session), for
+  // status and for refusing to remove an export in use. Other holders of the
+  // shared_ptr (a FUSE mount's node, a status request) are not clients.
+  std::atomic<long> clients{0};
   // Set when a local cache sits in the device chain: run-time control of it
   // (prefetch, detach, write mode) and its report. Owned by the device chain,
   // so it lives as long as `device`.

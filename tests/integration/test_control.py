@@ -190,6 +190,12 @@ class StatusAndStats(ControlTestCase):
         out, _ = self.bw("flush", "ro")
         self.assertIn("read-only", out)
         self.bw("flush", "nope", expect=EXIT_UNKNOWN)
+        # Clients are counted per connection, and uncounted when they leave.
+        h2 = self.connect(self.uri("a"))
+        self.assertEqual(self.bwj("stats", "a")["clients"], 2)
+        h.shutdown()
+        h2.shutdown()
+        harness.wait_until(lambda: self.bwj("stats", "a")["clients"] == 0, 10, what="clients to reach 0")
 
     def test_bash_completion(self):
         img = harness.make_sparse_image(self.path("a.img"), 4 * MiB)

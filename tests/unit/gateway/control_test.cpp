@@ -198,8 +198,8 @@ TEST_F(Fixture, CountersAreLive) {
 }
 
 TEST_F(Fixture, ClientsAreCounted) {
-  auto session1 = table.find("plain");  // what NBD sessions hold
-  auto session2 = table.find("plain");
+  table.find("plain")->clients += 2;  // what two NBD sessions do
+  auto not_a_client = table.find("plain");  // a reference alone (a FUSE node) is not a client
   const auto r = call(R"({"cmd": "list"})");
   ASSERT_EQ(r["ok"], true);
   for (const auto& e : r["result"]["exports"])
