@@ -475,6 +475,7 @@ class CacheControl(ControlTestCase):
                         "plain": "file://" + self.remote_img})
         if not self.has_cache_control("vm"):
             self.skipTest(NO_CONTROL)
+        self.daemon = d
         return d
 
     def test_prefetch_wait_progress_bar_under_a_terminal(self):
@@ -500,6 +501,7 @@ class CacheControl(ControlTestCase):
         self.assertEqual(st["state"], "done")
         self.assertEqual(st["present_bytes"], 32 * MiB)
         self.assertEqual(self.bwj("stats", "vm")["present_bytes"], 32 * MiB)
+        self.daemon.stop()
 
     def test_prefetch_plain_lines_pause_resume_rate(self):
         self.setup_cached()
@@ -529,6 +531,7 @@ class CacheControl(ControlTestCase):
         self.assertEqual(j["state"], "done")
         out, _ = self.bw("prefetch", "status", "other")
         self.assertIn("done", out)
+        self.daemon.stop()
 
     def test_detach_and_mode(self):
         self.setup_cached(size=8 * MiB)
@@ -550,6 +553,7 @@ class CacheControl(ControlTestCase):
         _, err = self.bw("mode", "vm", "writeback", expect=EXIT_REFUSED)
         out, _ = self.bw("status")
         self.assertIn("detached", out)
+        self.daemon.stop()
 
 
 if __name__ == "__main__":
