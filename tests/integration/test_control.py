@@ -257,6 +257,8 @@ class Errors(ControlTestCase):
         self.assertEqual(out.split(), ["a"])
         # Permission: a non-root user cannot talk to the root-only socket.
         if os.geteuid() == 0:
+            # The directory lets anyone reach the socket: only its mode stops them.
+            os.chmod(self.tmp, 0o755)
             p = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                                 harness.BLOCKWAY, "status", "--socket", self.csock],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
