@@ -47,6 +47,65 @@ void MetaStore::exec(const char* sql) {
   }
 }
 
+// The run-time exports table is created on first use (with the store's
+// mutex held), so that the constructor stays as the cache knows it.
+static void create_runtime_exports_table(sqlite3* db) {
+  char* err = nullptr;
+  if (sqlite3_exec(db,
+                   "CREATE TABLE IF NOT EXISTS runtime_exports ("
+                   " name TEXT PRIMARY KEY, uri TEXT NOT NULL, options TEXT NOT NULL, added INTEGER NOT NULL)",
+                   nullptr, nullptr, &err) != SQLITE_OK) {
+    std::string msg = err ? err : "unknown error";
+    sqlite3_free(err);
+    throw std::runtime_error("catalogue: cannot create the runtime_exports table: " + msg);
+  }
+}
+
+std::vector<RuntimeExport> MetaStore::runtime_exports() {
+  std::lock_guard lock(mutex_);
+  create_runtime_exports_table(db_);
+  std::vector<RuntimeExport> out;
+  sqlite3_stmt* raw = nullptr;
+  sqlite3_prepare_v2(db_, "SELECT name, uri, options FROM runtime_exports ORDER BY added, name", -1, &raw, nullptr);
+  Stmt st(raw);
+  while (sqlite3_step(raw) == SQLITE_ROW) {
+    RuntimeExport e;
+    e.name = reinterpret_cast<const char*>(sqlite3_column_text(raw, 0));
+    e.uri = reinterpret_cast<const char*>(sqlite3_column_text(raw, 1));
+    e.options = reinterpret_cast<const char*>(sqlite3_column_text(raw, 2));
+    out.push_back(std::move(e));
+  }
+  return out;
+}
+
+void MetaStore::save_runtime_export(const RuntimeExport& e) {
+  std::lock_guard lock(mutex_);
+  create_runtime_exports_table(db_);
+  sqlite3_stmt* raw = nullptr;
+  sqlite3_prepare_v2(db_,
+                     "INSERT OR REPLACE INTO runtime_exports (name, uri, options, added)"
+                     " VALUES (?, ?, ?, (SELECT COALESCE(MAX(added), 0) + 1 FROM runtime_exports))",
+                     -1, &raw, nullptr);
+  Stmt st(raw);
+  sqlite3_bind_text(raw, 1, e.name.c_str(), -1, SQLITE_TRANSIENT);
+  sqlite3_bind_text(raw, 2, e.uri.c_str(), -1, SQLITE_TRANSIENT);
+  sqlite3_bind_text(raw, 3, e.options.c_str(), -1, SQLITE_TRANSIENT);
+  if (sqlite3_step(raw) != SQLITE_DONE)
+    throw std::runtime_error("catalogue " + path_ + ": cannot save export: " + sqlite3_errmsg(db_));
+}
+
+bool MetaStore::remove_runtime_export(const std::string& name) {
+  std::lock_guard lock(mutex_);
+  create_runtime_exports_table(db_);
+  sqlite3_stmt* raw = nullptr;
+  sqlite3_prepare_v2(db_, "DELETE FROM runtime_exports WHERE name = ?", -1, &raw, nullptr);
+  Stmt st(raw);
+  sqlite3_bind_text(raw, 1, name.c_str(), -1, SQLITE_TRANSIENT);
+  if (sqlite3_step(raw) != SQLITE_DONE)
+    throw std::runtime_error("catalogue " + path_ + ": cannot remove export: " + sqlite3_errmsg(db_));
+  return sqlite3_changes(db_) > 0;
+}
+
 std::optional<CacheRecord> MetaStore::find(const std::string& name) {
   std::lock_guard lock(mutex_);
   sqlite3_stmt* raw = nullptr;

@@ -29,6 +29,15 @@ struct CacheRecord {
   bool clean = true;  // false while the daemon runs: true only after a clean stop
 };
 
+// An export added at run time through the control socket; the daemon opens
+// these again at start. `options` is the option list as written after the URI
+// on --export ("ro,cache=/var/cache/vm1,mode=writeback").
+struct RuntimeExport {
+  std::string name;
+  std::string uri;
+  std::string options;
+};
+
 enum class BitmapKind : int { present = 0, dirty = 1, intent = 2 };
 
 class MetaStore {
@@ -40,6 +49,13 @@ class MetaStore {
   ~MetaStore();
   MetaStore(const MetaStore&) = delete;
   MetaStore& operator=(const MetaStore&) = delete;
+
+  // Run-time exports, in the order they were added.
+  std::vector<RuntimeExport> runtime_exports();
+  // Inserts or replaces; throws std::runtime_error.
+  void save_runtime_export(const RuntimeExport& e);
+  // Returns false if there was none by that name.
+  bool remove_runtime_export(const std::string& name);
 
   std::optional<CacheRecord> find(const std::string& name);
   // Inserts or replaces the record and forgets its bitmaps.

@@ -8,5 +8,8 @@
 namespace blockway::cli {
 
 int info_command(const std::vector<std::string>& args);
+// status, stats, export, prefetch, detach, mode, flush: talk to the running
+// daemon's control socket. Returns -1 if `cmd` is none of these.
+int control_command(const std::string& cmd, const std::vector<std::string>& args);
 
 }  // namespace blockway::cli

@@ -179,6 +179,9 @@ void DaemonConfig::validate() const {
     throw ConfigError("handshake-timeout must be between 1 second and 1 hour");
   if (shutdown_timeout.count() < 0 || shutdown_timeout > hours(24))
     throw ConfigError("shutdown-timeout must be at most 24 hours");
+  if (!control_socket.empty() && control_socket != "off" &&
+      (control_socket.front() != '/' || control_socket.size() >= 108))
+    throw ConfigError("control socket '" + control_socket + "' must be an absolute path shorter than 108 bytes");
   if (blocking_threads == 0 || blocking_threads > 1024)
     throw ConfigError("blocking-threads must be between 1 and 1024");
 }
@@ -205,6 +208,34 @@ void load_config_file(const std::string& path, DaemonConfig& cfg) {
       auto* arr = node.as_array();
       if (!arr) throw ConfigError(path + ": 'listen' must be an array of strings");
       for (const auto& item : *arr) cfg.listen.push_back(ListenAddress::parse(as_string(item, key)));
+    } else if (key == "control") {
+      auto* t = node.as_table();
+      if (!t) throw ConfigError(path + ": 'control' must be a table ([control])");
+      for (const auto& [ck, cnode] : *t) {
+        const std::string ckey(ck.str());
+        if (ckey == "socket") {
+          cfg.control_socket = as_string(cnode, "control.socket");
+          if (cfg.control_socket.empty())
+            throw ConfigError(path + ": control.socket is empty (use \"off\" to disable the control socket)");
+        } else if (ckey == "mode") {
+          // "0660" (a string read as octal) or 0o660 (a TOML integer).
+          unsigned m = 0;
+          std::string text;
+          if (auto i = cnode.value<int64_t>(); i && !cnode.is_string()) {
+            text = std::to_string(*i);
+            m = *i < 0 ? 01000 : static_cast<unsigned>(std::min<int64_t>(*i, 01000));
+          } else {
+            text = as_string(cnode, "control.mode");
+            auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), m, 8);
+            if (ec != std::errc{} || end != text.data() + text.size()) m = 01000;
+          }
+          if (m > 0777)
+            throw ConfigError(path + ": control.mode '" + text + "' is not a file mode like \"0660\" or 0o660");
+          cfg.control_socket_mode = m;
+        } else {
+          throw ConfigError(path + ": unknown setting 'control." + ckey + "'");
+        }
+      }
     } else if (key == "export") {
       auto* arr = node.as_array();
       if (!arr) throw ConfigError(path + ": use [[export]] tables for exports");
@@ -272,6 +303,12 @@ std::string default_data_dir() {
   if (const char* x = std::getenv("XDG_DATA_HOME"); x && *x) return std::string(x) + "/blockway";
   if (const char* h = std::getenv("HOME"); h && *h) return std::string(h) + "/.local/share/blockway";
   return "/var/tmp/blockway";
+}
+
+std::string default_control_socket() {
+  if (geteuid() == 0) return "/run/blockway/control.sock";
+  if (const char* x = std::getenv("XDG_RUNTIME_DIR"); x && *x) return std::string(x) + "/blockway/control.sock";
+  return default_data_dir() + "/control.sock";
 }
 
 }  // namespace blockway::gateway

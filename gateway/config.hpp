@@ -64,6 +64,10 @@ struct DaemonConfig {
   std::string data_dir;
   std::string log_level = "info";
   std::string pid_file;
+  // Control socket: empty = default_control_socket() (skipped with a warning
+  // if another daemon already listens there); "off" = no control plane.
+  std::string control_socket;
+  unsigned control_socket_mode = 0600;
   uint64_t max_inflight_bytes = 128ull << 20;  // per connection
   uint32_t max_request_bytes = 32u << 20;      // largest read/write payload
   std::chrono::milliseconds handshake_timeout{10000};
@@ -84,5 +88,10 @@ void load_config_file(const std::string& path, DaemonConfig& cfg);
 // The default data directory: /var/lib/blockway for root, else
 // $XDG_DATA_HOME/blockway or ~/.local/share/blockway.
 std::string default_data_dir();
+
+// The default control socket, the same for blockwayd and blockway:
+// /run/blockway/control.sock for root, else $XDG_RUNTIME_DIR/blockway/
+// control.sock, else control.sock in default_data_dir().
+std::string default_control_socket();
 
 }  // namespace blockway::gateway

@@ -1,5 +1,8 @@
 #include "gateway/daemon.hpp"
 
+#include "gateway/async_mutex.hpp"
+#include "gateway/control_protocol.hpp"
+#include "gateway/control_server.hpp"
 #include "gateway/event_loops.hpp"
 #include "gateway/export.hpp"
 #include "gateway/logging.hpp"
@@ -10,6 +13,8 @@
 #include "remote/registry.hpp"
 
 #include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/asio/signal_set.hpp>
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -92,6 +97,7 @@ std::shared_ptr<Export> open_export(ExportConfig cfg, OpenContext& ctx) {
   req.blocking = &loops.blocking();
   req.loops = &loops;
   std::unique_ptr<BlockDevice> device;
+  RetryLayer* retry_layer = nullptr;  // owned by the device chain, like the cache
   try {
     device = remote::open_device(req);
   } catch (const remote::BackendError& e) {
@@ -106,7 +112,9 @@ std::shared_ptr<Export> open_export(ExportConfig cfg, OpenContext& ctx) {
       throw ConfigError("export '" + cfg.name + "': " + e.what());
     }
     (void)device.release();
-    device = std::make_unique<RetryLayer>(std::unique_ptr<RemoteDevice>(remote), retry);
+    auto layer = std::make_unique<RetryLayer>(std::unique_ptr<RemoteDevice>(remote), retry);
+    retry_layer = layer.get();
+    device = std::move(layer);
   }
   if (!cfg.options.empty())
     throw ConfigError("export '" + cfg.name + "': unknown option '" + cfg.options.begin()->first + "'");
@@ -133,6 +141,7 @@ std::shared_ptr<Export> open_export(ExportConfig cfg, OpenContext& ctx) {
     }
   }
   exp->device = std::make_shared<CheckedDevice>(std::move(device), cfg.read_only);
+  if (retry_layer) exp->remote_health = [retry_layer] { return retry_layer->health(); };
   if (cache_layer) {
     exp->cache_status = [cache_layer](ByteRange r, ExtentList& out) { return cache_layer->cache_status(r, out); };
     ctx.caches.push_back(cache_layer);
@@ -146,6 +155,192 @@ void log_stats(spdlog::logger& log, const Export& exp) {
            "{} block-status, {} prefetches, {} errors",
            exp.name, s.reads, s.bytes_read, s.writes, s.bytes_written, s.flushes, s.trims, s.zeroes,
            s.block_status, s.prefetches, s.errors);
+}
+
+// Exports added and removed at run time through the control socket
+// (export-add, export-remove), persisted in the catalogue's runtime_exports
+// table and opened again at start.
+//
+// Thread model: the handlers run on event loop 0; one add or remove at a time
+// (lock_), which also serialises every use of the OpenContext after start-up.
+// Opening an export may block (connecting to a remote, creating a cache
+// file), so it runs on the blocking pool.
+//
+// Removing an export that clients are connected to is refused (EBUSY) unless
+// forced; forced, the export leaves the table at once (no new client can open
+// it) and the sessions that hold it keep working until they disconnect, after
+// which it is closed (its cache persisted) like at shutdown.
+class RuntimeExports {
+ public:
+  RuntimeExports(OpenContext& ctx, ExportTable& exports, EventLoops& loops)
+      : ctx_(ctx), exports_(exports), loops_(loops), log_(logger("control")) {}
+
+  // Opens the exports saved by earlier export-add commands. One that cannot
+  // be opened is logged and skipped (and kept in the catalogue: its remote
+  // may come back); a name the configuration also defines is the
+  // configuration's.
+  void open_saved() {
+    if (!std::filesystem::exists(ctx_.data_dir + "/catalogue.db")) return;
+    for (const auto& saved : ctx_.open_catalogue().runtime_exports()) {
+      if (exports_.find(saved.name) && !saved.name.empty()) {
+        log_->warn("export '{}' added at run time is also defined in the configuration: serving the "
+                   "configuration's ({})", saved.name, exports_.find(saved.name)->uri);
+        continue;
+      }
+      try {
+        auto exp = open_export(parse(saved.name, saved.uri, saved.options), ctx_);
+        log_->info("export '{}': {} ({} bytes, added at run time)", exp->name, exp->device->describe(),
+                   exp->device->geometry().size);
+        exports_.add(std::move(exp));
+      } catch (const std::exception& e) {
+        log_->error("export '{}' added at run time cannot be opened, skipped: {}", saved.name, e.what());
+      }
+    }
+  }
+
+  void set_shutting_down() { shutting_down_ = true; }
+
+  Task<Json> add(const Json& req) {
+    const auto name = arg_string(req, "name");
+    const auto uri = arg_string(req, "uri");
+    const auto options = req.contains("options") ? arg_string(req, "options") : std::string();
+    ExportConfig cfg = parse(name, uri, options);  // ConfigError: bad-request
+    auto guard = co_await lock_.lock();
+    if (shutting_down_) throw ControlError("refused", ESHUTDOWN, "the daemon is shutting down");
+    if (exports_.find(name)) throw ControlError("refused", EEXIST, "export '" + name + "' already exists");
+    struct Opened {
+      std::shared_ptr<Export> exp;
+      std::vector<cache::CacheLayer*> caches;
+      std::string error;
+    };
+    auto open = [this, cfg, options]() -> Opened {
+      Opened o;
+      const size_t caches_before = ctx_.caches.size();
+      try {
+        o.exp = open_export(cfg, ctx_);
+        o.caches.assign(ctx_.caches.begin() + static_cast<long>(caches_before), ctx_.caches.end());
+        ctx_.open_catalogue().save_runtime_export({cfg.name, cfg.uri, options});
+      } catch (const std::exception& e) {
+        o.error = e.what();
+      }
+      ctx_.caches.resize(caches_before);  // the start-up list; these start below
+      return o;
+    };
+    Opened opened = co_await offload(loops_.blocking(), std::move(open));
+    if (!opened.error.empty()) {
+      if (opened.exp) co_await opened.exp->device->close();
+      // Options the backend or cache reject, a missing image, an unreachable
+      // remote: all "failed", with the opener's message.
+      throw ControlError("failed", EIO, "cannot add export '" + name + "': " + opened.error);
+    }
+    if (shutting_down_) {
+      // The daemon began to stop while the export was opening: the drain
+      // would not close it, so close it here and add nothing.
+      co_await opened.exp->device->close();
+      throw ControlError("refused", ESHUTDOWN, "the daemon is shutting down");
+    }
+    for (auto* c : opened.caches) c->start();
+    exports_.add(opened.exp);
+    log_->info("export '{}': {} ({} bytes) added at run time", name, opened.exp->device->describe(),
+               opened.exp->device->geometry().size);
+    co_return export_json(*opened.exp, 0);
+  }
+
+  Task<Json> remove(const Json& req) {
+    const auto name = arg_string(req, "name");
+    const bool force = arg_bool(req, "force", false);
+    auto guard = co_await lock_.lock();
+    auto exp = name.empty() ? nullptr : exports_.find(name);
+    if (!exp) throw ControlError("unknown-export", ENOENT, "no export named '" + name + "'");
+    const long clients = export_clients(exp);
+    if (clients > 0 && !force)
+      throw ControlError("refused", EBUSY,
+                         "export '" + name + "' has " + std::to_string(clients) +
+                             " client connection(s); disconnect them first, or force: existing "
+                             "connections keep it until they close, new ones cannot open it");
+    exports_.remove(name);
+    auto forget = [this, name]() -> int {
+      try {
+        if (!std::filesystem::exists(ctx_.data_dir + "/catalogue.db")) return 0;
+        return ctx_.open_catalogue().remove_runtime_export(name) ? 1 : 0;
+      } catch (const std::exception&) {
+        return -1;
+      }
+    };
+    const int forgotten = co_await offload(loops_.blocking(), std::move(forget));
+    Json out;
+    out["name"] = name;
+    out["clients"] = clients;
+    std::string message = "export '" + name + "' removed";
+    if (clients > 0) {
+      message += "; it closes when its " + std::to_string(clients) + " client connection(s) end";
+      auto ex = co_await boost::asio::this_coro::executor;
+      boost::asio::co_spawn(ex, close_when_unused(std::move(exp)), boost::asio::detached);
+    } else {
+      co_await exp->device->close();
+      exp.reset();
+    }
+    if (forgotten == 0) message += " (it comes from the configuration, so it is back at the next start)";
+    if (forgotten < 0) message += " (warning: the catalogue could not be updated; it may come back at the next start)";
+    out["message"] = message;
+    log_->info("{}", message);
+    co_return out;
+  }
+
+ private:
+  static ExportConfig parse(const std::string& name, const std::string& uri, const std::string& options) {
+    if (name.find(',') != std::string::npos || name.find('=') != std::string::npos)
+      throw ConfigError("export name '" + name + "' must not contain ',' or '='");
+    if (uri.find(',') != std::string::npos)
+      throw ConfigError("the URI must not contain ',' (options go in \"options\")");
+    return ExportConfig::parse_spec(name + "=" + uri + (options.empty() ? "" : "," + options));
+  }
+
+  // Waits until nothing holds `exp` any more (sessions, a FUSE node), then
+  // closes it as shutdown would.
+  static Task<void> close_when_unused(std::shared_ptr<Export> exp) {
+    boost::asio::steady_timer timer(co_await boost::asio::this_coro::executor);
+    while (exp.use_count() > 1) {
+      timer.expires_after(std::chrono::milliseconds(100));
+      co_await timer.async_wait(boost::asio::use_awaitable);
+    }
+    co_await exp->device->close();
+  }
+
+  OpenContext& ctx_;
+  ExportTable& exports_;
+  EventLoops& loops_;
+  std::shared_ptr<spdlog::logger> log_;
+  AsyncMutex lock_;
+  std::atomic<bool> shutting_down_{false};
+};
+
+// `blockway mount DIR`: mount(2), and a statfs of whatever is already at DIR
+// (a stale mount can take a while to answer), run on the blocking pool, not
+// on the control plane's event loop.
+Task<Json> fuse_mount_command(fuse::FuseFrontEnd& fuse, boost::asio::thread_pool& pool, Json request) {
+  const std::string dir = arg_string(request, "dir");
+  if (dir.empty() || dir.front() != '/')
+    throw ControlError("bad-request", EINVAL, "mount: dir must be an absolute path, not '" + dir + "'");
+  if (fuse.active()) throw ControlError("refused", EBUSY, "the exports are already mounted at " + fuse.mountpoint());
+  auto mounting = offload(pool, [&fuse, dir]() -> std::string {
+    try {
+      fuse.mount(dir);
+      return {};
+    } catch (const std::exception& e) {
+      return e.what();
+    }
+  });
+  const std::string error = co_await std::move(mounting);
+  if (!error.empty()) throw ControlError("failed", EIO, error);
+  co_return Json{{"mountpoint", fuse.mountpoint()}};
+}
+
+Task<Json> fuse_unmount_command(fuse::FuseFrontEnd& fuse) {
+  if (!fuse.active()) throw ControlError("refused", EINVAL, "the exports are not mounted");
+  const std::string where = fuse.mountpoint();
+  fuse.unmount();
+  co_return Json{{"mountpoint", where}};
 }
 
 }  // namespace
@@ -181,8 +376,26 @@ int run_daemon(DaemonConfig config) {
               exp->device->capabilities().read_only ? ", read-only" : "");
     exports.add(std::move(exp));
   }
+  RuntimeExports runtime_exports(open_ctx, exports, loops);
+  runtime_exports.open_saved();
   exports.set_default(config.default_export);
   for (auto* c : open_ctx.caches) c->start();
+  open_ctx.caches.clear();
+
+  // The control plane: the dispatch table, then its socket (after the NBD
+  // sockets, below). Adding a command is one add() here or in
+  // add_export_commands().
+  ControlDispatcher control_commands;
+  add_export_commands(control_commands, exports);
+  control_commands.add("export-add", "add an export and save it in the catalogue {name, uri, options?}",
+                       [&runtime_exports](const Json& req) { return runtime_exports.add(req); });
+  control_commands.add("export-remove", "remove an export {name, force?}",
+                       [&runtime_exports](const Json& req) { return runtime_exports.remove(req); });
+  ControlServer control(loops.at(0), control_commands);
+  auto stop_control = [&] {
+    runtime_exports.set_shutting_down();
+    control.stop();
+  };
 
   nbd::ServerOptions sopts;
   sopts.limits.max_request_bytes = config.max_request_bytes;
@@ -203,6 +416,7 @@ int run_daemon(DaemonConfig config) {
     boost::asio::post(loops.at(0), [&] {
       if (closing || !server_drained || fuse_front->active()) return;
       closing = true;
+      stop_control();
       // Let each export stop its background work and persist its state, then
       // let the loops run out of work.
       boost::asio::co_spawn(
@@ -226,6 +440,12 @@ int run_daemon(DaemonConfig config) {
     });
   });
   fuse_front->set_on_unmounted(close_exports_when_idle);
+  control_commands.add("mount", "mount the FUSE front end: every export as a file in {dir}",
+                       [&fuse_front, &loops](const Json& req) {
+                         return fuse_mount_command(*fuse_front, loops.blocking(), req);
+                       });
+  control_commands.add("unmount", "unmount the FUSE front end",
+                       [&fuse_front](const Json&) { return fuse_unmount_command(*fuse_front); });
 
   if (config.stdio_export) {
     server.serve_stdio();
@@ -235,6 +455,22 @@ int run_daemon(DaemonConfig config) {
       for (const auto& b : server.listen(addr)) log->info("listening on {}", b);
     } catch (const std::runtime_error& e) {
       throw ConfigError(e.what());
+    }
+  }
+
+  if (config.control_socket != "off") {
+    const bool explicit_path = !config.control_socket.empty();
+    const std::string path = explicit_path ? config.control_socket : default_control_socket();
+    try {
+      if (!explicit_path && ControlServer::is_live(path))
+        throw std::runtime_error("control socket " + path + ": another daemon is listening there");
+      control.listen(path, static_cast<mode_t>(config.control_socket_mode));
+      log->info("control socket {}", path);
+    } catch (const std::runtime_error& e) {
+      if (explicit_path) throw ConfigError(e.what());
+      // The default path is shared by every daemon on the machine: a second
+      // one still serves its exports, without a control socket.
+      log->warn("{}; running without a control socket (set --control-socket or [control] socket)", e.what());
     }
   }
 

@@ -9,7 +9,9 @@
 
 #include "gateway/checked_device.hpp"
 #include "gateway/export_control.hpp"
+#include "gateway/retry_layer.hpp"
 
+#include <atomic>
 #include <functional>
 #include <map>
 #include <memory>
@@ -29,6 +31,13 @@ struct Export {
   // (extent flag 1 = present locally, 2 = dirty), for the blockway:cache
   // metadata context.
   std::function<Task<std::error_code>(ByteRange, ExtentList&)> cache_status;
+  // Set when the backend reaches its image over a network session: the
+  // health of that session (from the RetryLayer above it), for status.
+  std::function<RetryHealth()> remote_health;
+  // NBD connections using this export right now (kept by nbd::Session), for
+  // status and for refusing to remove an export in use. Other holders of the
+  // shared_ptr (a FUSE mount's node, a status request) are not clients.
+  std::atomic<long> clients{0};
   // Set when a local cache sits in the device chain: run-time control of it
   // (prefetch, detach, write mode) and its report. Owned by the device chain,
   // so it lives as long as `device`.

@@ -36,6 +36,8 @@ Serves disk images as NBD exports.
                          mode=0644, uid=N, gid=N, allow-other, direct-io
   --pid-file FILE        write the pid here once every socket listens
   --log-level LEVEL      trace, debug, info, warn, error or off (default info)
+  --control-socket PATH  the control socket used by the blockway command (default
+                         /run/blockway/control.sock for root; "off" disables it)
   --version, --help
 
 With no --config, --export or --stdio it serves its embedded default: a sparse
@@ -102,6 +104,9 @@ int main(int argc, char** argv) {
         cfg.pid_file = need();
       } else if (arg == "--log-level") {
         cfg.log_level = need();
+      } else if (arg == "--control-socket") {
+        cfg.control_socket = need();
+        if (cfg.control_socket.empty()) throw ConfigError("--control-socket needs a path (or off)");
       } else {
         throw ConfigError("unknown argument '" + args[i] + "' (see --help)");
       }
@@ -127,6 +132,7 @@ int main(int argc, char** argv) {
         for (const auto& [k, v] : cfg.fuse->options) from_file.fuse->options[k] = v;
       }
       if (cfg.log_level != DaemonConfig{}.log_level) from_file.log_level = cfg.log_level;
+      if (!cfg.control_socket.empty()) from_file.control_socket = cfg.control_socket;
       cfg = std::move(from_file);
     }
     if (!cli_listen.empty()) cfg.listen = cli_listen;

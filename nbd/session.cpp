@@ -58,7 +58,11 @@ Session::Session(Channel& channel, Negotiated negotiated, SessionLimits limits)
       rbuf_(std::make_unique_for_overwrite<std::byte[]>(kReceiveBuffer)),
       writer_wakeup_(channel.executor()),
       budget_freed_(channel.executor()),
-      drained_(channel.executor()) {}
+      drained_(channel.executor()) {
+  neg_.exp->clients.fetch_add(1, std::memory_order_relaxed);
+}
+
+Session::~Session() { neg_.exp->clients.fetch_sub(1, std::memory_order_relaxed); }
 
 void Session::stop() {
   stopping_ = true;

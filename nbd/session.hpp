@@ -35,6 +35,7 @@ struct SessionLimits {
 class Session : public std::enable_shared_from_this<Session> {
  public:
   Session(Channel& channel, Negotiated negotiated, SessionLimits limits);
+  ~Session();
 
   // Serves requests until the client disconnects, breaks the protocol, or
   // stop() is called; returns once every admitted request has been answered

@@ -1,0 +1,372 @@
+#include "gateway/control_protocol.hpp"
+
+#include "gateway/config.hpp"
+
+#include <cerrno>
+#include <cmath>
+#include <cstring>
+#include <unistd.h>
+
+namespace blockway::gateway {
+namespace {
+
+[[noreturn]] void bad_request(const std::string& message) { throw ControlError("bad-request", EINVAL, message); }
+
+std::shared_ptr<Export> find_export(ExportTable& exports, const Json& request) {
+  const auto name = arg_string(request, "name");
+  auto exp = name.empty() ? nullptr : exports.find(name);
+  if (!exp) throw ControlError("unknown-export", ENOENT, "no export named '" + name + "'");
+  return exp;
+}
+
+ExportControl& control_of(const Export& exp) {
+  if (!exp.control)
+    throw ControlError("no-cache", EOPNOTSUPP,
+                       "export '" + exp.name + "' has no cache under run-time control: prefetch, detach and "
+                       "write modes need a cache (add cache=DIR to its options)");
+  return *exp.control;
+}
+
+// Turns an ExportControl outcome into a result or a "refused"/"failed" error.
+Json outcome(const ControlResult& r, const std::string& what) {
+  if (r.ok()) {
+    Json out = Json::object();
+    if (!r.message.empty()) out["message"] = r.message;
+    return out;
+  }
+  const int e = r.ec.value();
+  const bool refused = e == EBUSY || e == EALREADY || e == EPERM || e == EINVAL || e == EAGAIN ||
+                       e == EOPNOTSUPP || e == ENOSPC;
+  throw ControlError(refused ? "refused" : "failed", e,
+                     what + ": " + (r.message.empty() ? r.ec.message() : r.message));
+}
+
+Json prefetch_json(const PrefetchStatus& p) {
+  Json j;
+  j["state"] = std::string(to_string(p.state));
+  j["order"] = std::string(to_string(p.order));
+  j["total_bytes"] = p.total_bytes;
+  j["done_bytes"] = p.done_bytes;
+  j["percent"] = p.total_bytes ? 100.0 * static_cast<double>(p.done_bytes) / static_cast<double>(p.total_bytes)
+                               : (p.state == PrefetchState::done ? 100.0 : 0.0);
+  j["rate_limit"] = p.rate_limit;
+  j["rate"] = std::isfinite(p.rate) ? p.rate : 0.0;
+  j["eta_seconds"] = std::isfinite(p.eta_seconds) ? p.eta_seconds : -1.0;
+  if (!p.error.empty()) j["error"] = p.error;
+  return j;
+}
+
+}  // namespace
+
+void ControlDispatcher::add(std::string name, std::string summary, Handler handler) {
+  table_[std::move(name)] = Entry{std::move(summary), std::move(handler)};
+}
+
+std::map<std::string, std::string> ControlDispatcher::commands() const {
+  std::map<std::string, std::string> out;
+  for (const auto& [name, e] : table_) out[name] = e.summary;
+  return out;
+}
+
+std::string ControlDispatcher::error_line(const std::string& code, int errno_value, const std::string& message,
+                                          const Json& id) {
+  Json r;
+  r["ok"] = false;
+  r["error"] = {{"code", code}, {"errno", errno_value}, {"message", message}};
+  if (!id.is_null()) r["id"] = id;
+  // Replace invalid UTF-8 (a message may quote the client's bytes) rather than throw.
+  return r.dump(-1, ' ', false, Json::error_handler_t::replace);
+}
+
+Task<std::string> ControlDispatcher::handle(std::string_view line) const {
+  if (line.size() > kMaxControlRequest)
+    co_return error_line("too-large", E2BIG,
+                         "request is larger than " + std::to_string(kMaxControlRequest) + " bytes");
+  Json request = Json::parse(line.begin(), line.end(), nullptr, false);
+  if (request.is_discarded())
+    co_return error_line("bad-request", EINVAL, "malformed JSON: a request is one JSON object per line");
+  if (!request.is_object())
+    co_return error_line("bad-request", EINVAL, "a request must be a JSON object with a \"cmd\" string");
+  Json id = request.contains("id") ? request["id"] : Json(nullptr);
+  auto cmd_it = request.find("cmd");
+  if (cmd_it == request.end() || !cmd_it->is_string())
+    co_return error_line("bad-request", EINVAL, "missing \"cmd\" (a string naming the command)", id);
+  const auto& cmd = cmd_it->get_ref<const std::string&>();
+  auto it = table_.find(cmd);
+  if (it == table_.end())
+    co_return error_line("unknown-command", ENOSYS,
+                         "unknown command '" + cmd + "' (the \"commands\" command lists them)", id);
+  std::string error_code, error_message;
+  int error_errno = 0;
+  Json result;
+  try {
+    auto task = it->second.handler(request);
+    result = co_await std::move(task);
+  } catch (const ControlError& e) {
+    error_code = e.code;
+    error_errno = e.errno_value;
+    error_message = e.what();
+  } catch (const Json::exception& e) {
+    error_code = "bad-request";
+    error_errno = EINVAL;
+    error_message = std::string("invalid argument: ") + e.what();
+  } catch (const ConfigError& e) {
+    error_code = "bad-request";
+    error_errno = EINVAL;
+    error_message = e.what();
+  } catch (const std::exception& e) {
+    error_code = "failed";
+    error_errno = EIO;
+    error_message = e.what();
+  }
+  if (!error_code.empty()) co_return error_line(error_code, error_errno, error_message, id);
+  Json response;
+  response["ok"] = true;
+  response["result"] = std::move(result);
+  if (!id.is_null()) response["id"] = id;
+  co_return response.dump(-1, ' ', false, Json::error_handler_t::replace);
+}
+
+std::string arg_string(const Json& request, const char* key) {
+  auto it = request.find(key);
+  if (it == request.end()) bad_request(std::string("missing argument \"") + key + "\"");
+  if (!it->is_string()) bad_request(std::string("argument \"") + key + "\" must be a string");
+  return it->get<std::string>();
+}
+
+bool arg_bool(const Json& request, const char* key, bool fallback) {
+  auto it = request.find(key);
+  if (it == request.end() || it->is_null()) return fallback;
+  if (!it->is_boolean()) bad_request(std::string("argument \"") + key + "\" must be true or false");
+  return it->get<bool>();
+}
+
+uint64_t arg_size(const Json& request, const char* key) {
+  auto it = request.find(key);
+  if (it == request.end()) bad_request(std::string("missing argument \"") + key + "\"");
+  if (it->is_number_unsigned()) return it->get<uint64_t>();
+  if (it->is_number_integer()) {
+    if (it->get<int64_t>() < 0) bad_request(std::string("argument \"") + key + "\" must not be negative");
+    return static_cast<uint64_t>(it->get<int64_t>());
+  }
+  if (it->is_string()) {
+    try {
+      return parse_size(it->get<std::string>(), std::string("argument \"") + key + "\"");
+    } catch (const ConfigError& e) {
+      bad_request(e.what());
+    }
+  }
+  bad_request(std::string("argument \"") + key + "\" must be a byte count (4096 or \"50M\")");
+}
+
+long export_clients(const std::shared_ptr<Export>& exp) {
+  return std::max(0L, exp->clients.load(std::memory_order_relaxed));
+}
+
+Json export_json(const Export& exp, long clients) {
+  Json j;
+  j["name"] = exp.name;
+  j["uri"] = exp.uri;
+  if (!exp.description.empty()) j["description"] = exp.description;
+  j["backend"] = exp.device->describe();
+  j["size"] = exp.device->geometry().size;
+  j["read_only"] = exp.device->capabilities().read_only;
+  if (clients >= 0) j["clients"] = clients;
+
+  Json remote;
+  if (exp.remote_health) {
+    const auto h = exp.remote_health();
+    remote["kind"] = "network";
+    remote["connected"] = h.connected;
+    remote["generation"] = h.generation;
+    remote["reconnects"] = h.reconnects;
+    remote["retries"] = h.retries;
+    remote["failures"] = h.failures;
+    if (h.last_error) remote["last_error"] = h.last_error.message();
+  } else {
+    remote["kind"] = "local";
+    remote["connected"] = true;  // a local file cannot be disconnected
+  }
+
+  if (exp.control) {
+    const auto r = exp.control->report();
+    j["mode"] = r.mode;
+    j["present_bytes"] = r.present_bytes;
+    j["dirty_bytes"] = r.dirty_bytes;
+    Json cache;
+    cache["mode"] = r.mode;
+    cache["detached"] = r.detached;
+    cache["path"] = r.cache_path;
+    cache["chunk_size"] = r.chunk_size;
+    cache["capacity"] = r.capacity;
+    cache["present_bytes"] = r.present_bytes;
+    cache["dirty_bytes"] = r.dirty_bytes;
+    cache["hits"] = r.hits;
+    cache["misses"] = r.misses;
+    cache["bytes_fetched"] = r.bytes_fetched;
+    cache["bytes_written_back"] = r.bytes_written_back;
+    cache["fetch_errors"] = r.fetch_errors;
+    cache["writeback_errors"] = r.writeback_errors;
+    cache["evicted_bytes"] = r.evicted_bytes;
+    cache["recovered"] = r.recovered;
+    j["cache"] = std::move(cache);
+    j["prefetch"] = prefetch_json(r.prefetch);
+    if (r.detached) {
+      remote["kind"] = "detached";
+      remote["connected"] = false;
+    }
+  } else {
+    j["mode"] = "direct";  // no cache: every request goes to the remote
+    j["present_bytes"] = nullptr;
+    j["dirty_bytes"] = nullptr;
+    j["cache"] = nullptr;
+    j["prefetch"] = nullptr;
+  }
+  j["remote"] = std::move(remote);
+
+  const auto s = exp.device->stats().snapshot();
+  j["io"] = {{"reads", s.reads},           {"bytes_read", s.bytes_read}, {"writes", s.writes},
+             {"bytes_written", s.bytes_written}, {"flushes", s.flushes}, {"trims", s.trims},
+             {"zeroes", s.zeroes},         {"block_status", s.block_status},
+             {"prefetches", s.prefetches}, {"errors", s.errors}};
+  return j;
+}
+
+namespace {
+
+// The handlers of add_export_commands. Plain functions returning a Task (no
+// capturing coroutine lambdas: the GCC 12 rule in HELPERS.md).
+class ExportCommands {
+ public:
+  explicit ExportCommands(ExportTable& exports) : exports_(exports) {}
+
+  Task<Json> status(const Json&) {
+    Json list = Json::array();
+    for (const auto& exp : exports_.list()) list.push_back(export_json(*exp, export_clients(exp)));
+    Json out;
+    out["exports"] = std::move(list);
+    out["pid"] = static_cast<long>(::getpid());
+    out["version"] = BLOCKWAY_VERSION;
+    co_return out;
+  }
+
+  Task<Json> list(const Json&) {
+    Json list = Json::array();
+    for (const auto& exp : exports_.list()) {
+      Json e;
+      e["name"] = exp->name;
+      e["uri"] = exp->uri;
+      e["size"] = exp->device->geometry().size;
+      e["read_only"] = exp->device->capabilities().read_only;
+      e["mode"] = exp->control ? exp->control->report().mode : std::string("direct");
+      e["clients"] = export_clients(exp);
+      list.push_back(std::move(e));
+    }
+    co_return Json{{"exports", std::move(list)}};
+  }
+
+  Task<Json> stats(const Json& req) {
+    auto exp = find_export(exports_, req);
+    co_return export_json(*exp, export_clients(exp));
+  }
+
+  Task<Json> flush(const Json& req) {
+    auto exp = find_export(exports_, req);
+    if (exp->device->capabilities().read_only) co_return Json{{"message", "read-only export: nothing to flush"}};
+    const std::error_code ec = co_await exp->device->flush();
+    if (ec) throw ControlError("failed", ec.value(), "flush of '" + exp->name + "' failed: " + ec.message());
+    co_return Json::object();
+  }
+
+  Task<Json> prefetch_start(const Json& req) {
+    auto exp = find_export(exports_, req);
+    auto order = PrefetchOrder::sequential;
+    if (req.contains("order")) {
+      const auto o = arg_string(req, "order");
+      if (o == "hot-first") order = PrefetchOrder::hot_first;
+      else if (o != "sequential") bad_request("order must be \"sequential\" or \"hot-first\", not '" + o + "'");
+    }
+    auto& c = control_of(*exp);
+    co_return outcome(c.prefetch_start(order), "prefetch start '" + exp->name + "'");
+  }
+  Task<Json> prefetch_pause(const Json& req) {
+    auto exp = find_export(exports_, req);
+    co_return outcome(control_of(*exp).prefetch_pause(), "prefetch pause '" + exp->name + "'");
+  }
+  Task<Json> prefetch_resume(const Json& req) {
+    auto exp = find_export(exports_, req);
+    co_return outcome(control_of(*exp).prefetch_resume(), "prefetch resume '" + exp->name + "'");
+  }
+  Task<Json> prefetch_rate(const Json& req) {
+    auto exp = find_export(exports_, req);
+    const uint64_t rate = arg_size(req, "rate");
+    co_return outcome(control_of(*exp).prefetch_set_rate(rate), "prefetch rate '" + exp->name + "'");
+  }
+  Task<Json> prefetch_status(const Json& req) {
+    auto exp = find_export(exports_, req);
+    const auto r = control_of(*exp).report();
+    Json out = prefetch_json(r.prefetch);
+    out["name"] = exp->name;
+    out["present_bytes"] = r.present_bytes;
+    out["dirty_bytes"] = r.dirty_bytes;
+    out["size"] = exp->device->geometry().size;
+    out["mode"] = r.mode;
+    out["detached"] = r.detached;
+    co_return out;
+  }
+
+  Task<Json> detach(const Json& req) {
+    auto exp = find_export(exports_, req);
+    const bool force = arg_bool(req, "force", false);
+    auto& c = control_of(*exp);
+    const ControlResult r = co_await c.detach(force);
+    co_return outcome(r, "detach '" + exp->name + "'");
+  }
+
+  Task<Json> mode(const Json& req) {
+    auto exp = find_export(exports_, req);
+    const auto m = arg_string(req, "mode");
+    if (m != "writethrough" && m != "writeback" && m != "writeback-local")
+      bad_request("mode must be writethrough, writeback or writeback-local, not '" + m +
+                  "' (use detach for local)");
+    auto& c = control_of(*exp);
+    const ControlResult r = co_await c.set_mode(m);
+    co_return outcome(r, "mode '" + exp->name + "'");
+  }
+
+ private:
+  ExportTable& exports_;
+};
+
+Task<Json> list_commands(const ControlDispatcher& d) {
+  Json out = Json::object();
+  for (const auto& [name, summary] : d.commands()) out[name] = summary;
+  co_return out;
+}
+
+}  // namespace
+
+void add_export_commands(ControlDispatcher& d, ExportTable& exports) {
+  auto cmds = std::make_shared<ExportCommands>(exports);
+  auto bind = [cmds](Task<Json> (ExportCommands::*fn)(const Json&)) -> ControlDispatcher::Handler {
+    return [cmds, fn](const Json& req) { return ((*cmds).*fn)(req); };
+  };
+  d.add("status", "every export with its state and counters", bind(&ExportCommands::status));
+  d.add("list", "export names, URIs, sizes and modes", bind(&ExportCommands::list));
+  d.add("stats", "one export's state and counters {name}", bind(&ExportCommands::stats));
+  d.add("flush", "flush an export to stable storage {name}", bind(&ExportCommands::flush));
+  d.add("prefetch-start", "start copying the image into the cache {name, order?}",
+        bind(&ExportCommands::prefetch_start));
+  d.add("prefetch-pause", "pause the prefetch {name}", bind(&ExportCommands::prefetch_pause));
+  d.add("prefetch-resume", "resume the prefetch {name}", bind(&ExportCommands::prefetch_resume));
+  d.add("prefetch-rate", "limit the prefetch to bytes per second, 0 = unlimited {name, rate}",
+        bind(&ExportCommands::prefetch_rate));
+  d.add("prefetch-status", "prefetch progress {name}", bind(&ExportCommands::prefetch_status));
+  d.add("detach", "switch to local-only operation {name, force?}", bind(&ExportCommands::detach));
+  d.add("mode", "change the cache's write mode {name, mode}", bind(&ExportCommands::mode));
+  // "commands" lists the table as it is when asked, including later additions.
+  d.add("commands", "the commands this daemon understands",
+        [&d](const Json&) { return list_commands(d); });
+}
+
+}  // namespace blockway::gateway

@@ -1,0 +1,88 @@
+// Control protocol: newline-delimited JSON requests and responses, and the
+// dispatch table that maps a command name to its handler.
+//
+// A request is one JSON object on one line: {"cmd": "stats", "name": "vm1"}
+// (an optional "id" of any type is echoed back). A response is one line:
+//   {"ok": true,  "result": {...}}
+//   {"ok": false, "error": {"code": "unknown-export", "errno": 2, "message": "..."}}
+// Error codes: bad-request (malformed JSON, missing or wrong-typed argument),
+// too-large, unknown-command, unknown-export, no-cache (the export has no
+// cache to control), refused (the action is not possible now: EBUSY,
+// EALREADY, EPERM...), failed (it was tried and did not work).
+//
+// Thread model: a ControlDispatcher is filled before the control server
+// starts and read-only afterwards; handle() may run on any event loop and
+// many times at once. Handlers signal errors by throwing ControlError (this is
+// the control path, not the data path); anything else thrown becomes a
+// "failed" response, never a crash.
+#pragma once
+
+#include "gateway/export.hpp"
+#include "gateway/task.hpp"
+
+#include <nlohmann/json.hpp>
+
+#include <functional>
+#include <map>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+
+namespace blockway::gateway {
+
+using Json = nlohmann::json;
+
+// The largest request line the server reads; longer ones are answered with
+// "too-large" and the connection is closed.
+inline constexpr size_t kMaxControlRequest = 64 * 1024;
+
+struct ControlError : std::runtime_error {
+  ControlError(std::string code_, int errno_value_, const std::string& message)
+      : std::runtime_error(message), code(std::move(code_)), errno_value(errno_value_) {}
+  std::string code;
+  int errno_value;
+};
+
+class ControlDispatcher {
+ public:
+  // Runs on an event loop; returns the "result" object or throws ControlError.
+  using Handler = std::function<Task<Json>(const Json& request)>;
+
+  // Adds a command; a later add() with the same name replaces it.
+  void add(std::string name, std::string summary, Handler handler);
+  // Parses one request line and runs its command. Always returns a complete
+  // response line (without the trailing newline).
+  Task<std::string> handle(std::string_view line) const;
+
+  [[nodiscard]] std::map<std::string, std::string> commands() const;
+
+  [[nodiscard]] static std::string error_line(const std::string& code, int errno_value,
+                                              const std::string& message, const Json& id = nullptr);
+
+ private:
+  struct Entry {
+    std::string summary;
+    Handler handler;
+  };
+  std::map<std::string, Entry, std::less<>> table_;
+};
+
+// Argument helpers: throw ControlError("bad-request") naming the argument.
+std::string arg_string(const Json& request, const char* key);
+bool arg_bool(const Json& request, const char* key, bool fallback);
+// A byte count: a non-negative integer, or a string with a binary suffix ("50M").
+uint64_t arg_size(const Json& request, const char* key);
+
+// The state of one export as the control plane reports it. `clients` is the
+// number of NBD connections using it (-1 if unknown).
+Json export_json(const Export& exp, long clients);
+
+// NBD connections using an export (Export::clients).
+long export_clients(const std::shared_ptr<Export>& exp);
+
+// Registers the commands that need only the export table: status, list,
+// stats, flush, prefetch-start|pause|resume|rate|status, detach, mode,
+// commands. The daemon adds export-add and export-remove.
+void add_export_commands(ControlDispatcher& dispatcher, ExportTable& exports);
+
+}  // namespace blockway::gateway

@@ -1,0 +1,60 @@
+// ControlServer: the daemon's control socket. A Unix stream socket (mode 0600
+// by default: root-only when the daemon runs as root) on which every client
+// sends newline-delimited JSON requests and reads one response line each
+// (see control_protocol.hpp).
+//
+// Thread model: the acceptor and every client coroutine run on one event loop
+// (the daemon's loop 0); requests of one client are answered in order, those
+// of different clients concurrently (a slow detach does not hold up status).
+// stop() may be called from any thread: it posts to that loop. The destructor
+// runs after the loops stopped and removes the socket file only if it is still
+// the one this server created.
+#pragma once
+
+#include "gateway/control_protocol.hpp"
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/local/stream_protocol.hpp>
+
+#include <sys/types.h>
+
+#include <list>
+#include <memory>
+#include <string>
+
+namespace blockway::gateway {
+
+class ControlServer {
+ public:
+  ControlServer(boost::asio::io_context& ctx, const ControlDispatcher& dispatcher);
+  ~ControlServer();
+  ControlServer(const ControlServer&) = delete;
+  ControlServer& operator=(const ControlServer&) = delete;
+
+  // Creates the socket's directory if needed, replaces a stale socket file
+  // (never a live one: std::runtime_error), binds, sets `mode` and starts
+  // accepting. Throws std::runtime_error naming the path.
+  void listen(const std::string& path, mode_t mode = 0600);
+  // Stops accepting and closes every client connection.
+  void stop();
+  [[nodiscard]] const std::string& path() const noexcept { return path_; }
+
+  // True if something accepts connections on `path` right now.
+  static bool is_live(const std::string& path);
+
+ private:
+  using Socket = boost::asio::local::stream_protocol::socket;
+  Task<void> accept_loop();
+  Task<void> serve(std::shared_ptr<Socket> socket);
+
+  boost::asio::io_context& ctx_;
+  const ControlDispatcher& dispatcher_;
+  std::unique_ptr<boost::asio::local::stream_protocol::acceptor> acceptor_;
+  std::list<std::weak_ptr<Socket>> clients_;  // touched only on ctx_
+  bool stopped_ = false;
+  std::string path_;
+  dev_t dev_ = 0;
+  ino_t ino_ = 0;
+};
+
+}  // namespace blockway::gateway
