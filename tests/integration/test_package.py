@@ -63,7 +63,8 @@ class DebianPackage(DaemonTestCase):
     def test_contents(self):
         listing = run(["dpkg-deb", "-c", self.deb]).stdout
         for path in ("./usr/sbin/blockwayd", "./usr/bin/blockway", "./etc/blockway/blockwayd.toml",
-                     "./lib/systemd/system/blockwayd.service", "./usr/share/doc/blockway/README.md"):
+                     "./lib/systemd/system/blockwayd.service", "./usr/share/doc/blockway/README.md",
+                     "./usr/share/bash-completion/completions/blockway"):
             self.assertIn(path, listing)
         for script in ("postinst", "prerm", "postrm"):
             body = run(["dpkg-deb", "-I", self.deb, script]).stdout
