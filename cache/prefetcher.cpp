@@ -373,6 +373,9 @@ Task<void> Prefetcher::run(PrefetchOrder order) {
         if (quit()) break;
       }
 
+      // Paused while it waited for tokens: hold this run until resumed.
+      while (paused_.load() && !quit()) co_await sleep_for(std::chrono::milliseconds(20));
+      if (quit()) break;
       in_flight_.fetch_add(1);
       boost::asio::co_spawn(ex, fill(c, last), [this, wake](std::exception_ptr e, std::error_code ec) {
         if (e) ec = errno_code(EIO);
