@@ -181,6 +181,10 @@ for round in $(seq "$REPS"); do
         window=$((RUNTIME * 1000))
     fi
     windows+=("$(printf %.0f "$window")")
+    if (( $(echo "$window < 100" | bc -l) )); then
+        echo "  prefetch ended before fio got going (window ${window} ms): round not used for latency" >&2
+        continue
+    fi
     read -r a b c < <(lat_stats busy "$window")
     pf_p50+=("$a"); pf_p99+=("$b"); pf_n+=("$c")
 

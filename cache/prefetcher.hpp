@@ -44,9 +44,9 @@ class CacheLayer;
 
 class Prefetcher {
  public:
-  static constexpr uint64_t kRunBytes = 2u << 20;
+  static constexpr uint64_t kRunBytes = 1u << 20;
   static constexpr uint64_t kBusyRunBytes = 256u << 10;
-  static constexpr int kMaxInFlight = 8;
+  static constexpr int kMaxInFlight = 16;
   // Client requests that ended less than this long ago count as activity.
   static constexpr std::chrono::milliseconds kQuietAfter{5};
 
