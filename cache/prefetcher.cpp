@@ -420,12 +420,21 @@ Task<void> Prefetcher::run(PrefetchOrder order) {
     persisted_ = "done";
   }
   persist();
-  if (c_.cfg_.auto_detach) {
+  if (!c_.cfg_.auto_detach) co_return;
+  // Auto-detach waits for write-back (forced); while that fails (the remote
+  // is away) it tries again with back-off until it works or the layer stops.
+  for (int attempt = 0; !quit(); ++attempt) {
     const auto r = co_await c_.detach(true);
-    if (r.ok())
+    if (r.ok()) {
       c_.log_->info("export '{}': auto-detach: {}", c_.name_, r.message);
-    else
-      c_.log_->warn("export '{}': auto-detach refused: {}", c_.name_, r.message);
+      co_return;
+    }
+    if (attempt % 10 == 0) c_.log_->warn("export '{}': auto-detach refused: {}", c_.name_, r.message);
+    // Chunks went missing again (a writethrough trim): a new prefetch retries.
+    if (c_.present_.find_clear(0) < n) co_return;
+    const auto wait = std::chrono::milliseconds(std::min(30000, 1000 << std::min(attempt, 5)));
+    for (auto slept = std::chrono::milliseconds(0); slept < wait && !quit(); slept += std::chrono::milliseconds(100))
+      co_await sleep_for(std::chrono::milliseconds(100));
   }
 }
 

@@ -484,6 +484,23 @@ TEST_F(PrefetchTest, AfterDetachTheRemoteIsNeverContactedAgainNorOpenedAfterARes
   EXPECT_THROW((void)open_if_detached(*store_, "vm", "memory://remote"), std::runtime_error);
 }
 
+TEST_F(PrefetchTest, AutoDetachRetriesWhileWriteBackFails) {
+  auto cfg = config(WriteMode::writeback);
+  cfg.auto_detach = true;
+  open_with(cfg);
+  std::vector<std::byte> data(kChunk, std::byte{0x6b});
+  ASSERT_FALSE(write(7 * kChunk, data));  // whole chunk: dirty, no fetch
+  remote_->fail(Op::write, EIO);
+  ASSERT_TRUE(layer().prefetch_start(PrefetchOrder::sequential).ok());
+  ASSERT_TRUE(wait_until([&] { return status().state == PrefetchState::done; }));
+  std::this_thread::sleep_for(300ms);
+  EXPECT_FALSE(layer().detached());  // the write-back cannot succeed
+  remote_->fail(Op::write, 0);
+  ASSERT_TRUE(wait_until([&] { return layer().detached(); }, 10s));
+  EXPECT_EQ(remote_->contents(7 * kChunk, kChunk), data);
+  EXPECT_EQ(read(7 * kChunk, kChunk), data);
+}
+
 TEST_F(PrefetchTest, DetachHoldsNewRequestsUntilTheSwitchAndLosesNone) {
   open(WriteMode::writeback);
   ASSERT_TRUE(layer().prefetch_start(PrefetchOrder::sequential).ok());
