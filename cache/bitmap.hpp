@@ -77,6 +77,18 @@ class AtomicBitmap {
     }
     return bits_;
   }
+  // The first clear bit at or after `from`, or size() if none.
+  [[nodiscard]] uint64_t find_clear(uint64_t from) const noexcept {
+    for (uint64_t i = from; i < bits_;) {
+      uint64_t w = ~words_[i / 64].load(std::memory_order_acquire) >> (i % 64);
+      if (w) {
+        const uint64_t r = i + static_cast<uint64_t>(std::countr_zero(w));
+        return r < bits_ ? r : bits_;
+      }
+      i = (i / 64 + 1) * 64;
+    }
+    return bits_;
+  }
   [[nodiscard]] uint64_t count() const noexcept {
     uint64_t n = 0;
     for (size_t i = 0; i < nwords_; ++i) n += std::popcount(words_[i].load(std::memory_order_relaxed));

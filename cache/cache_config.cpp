@@ -33,11 +33,15 @@ std::optional<CacheConfig> CacheConfig::take_from(std::map<std::string, std::str
   auto readahead = take("readahead");
   auto capacity = take("capacity");
   auto wb_delay = take("writeback-delay");
+  auto prefetch = take("prefetch");
+  auto prefetch_rate = take("prefetch-rate");
+  auto auto_detach = take("auto-detach");
   if (!dir) {
     const std::pair<const char*, bool> given[] = {
         {"mode", mode.has_value()}, {"chunk", chunk.has_value()}, {"preallocate", prealloc.has_value()},
         {"readahead", readahead.has_value()}, {"capacity", capacity.has_value()},
-        {"writeback-delay", wb_delay.has_value()}};
+        {"writeback-delay", wb_delay.has_value()}, {"prefetch", prefetch.has_value()},
+        {"prefetch-rate", prefetch_rate.has_value()}, {"auto-detach", auto_detach.has_value()}};
     for (const auto& [key, present] : given)
       if (present) throw ConfigError(where + "option '" + key + "' needs a cache directory (cache=DIR)");
     return std::nullopt;
@@ -77,6 +81,21 @@ std::optional<CacheConfig> CacheConfig::take_from(std::map<std::string, std::str
     if (v > (64u << 20)) throw ConfigError(where + "readahead must be at most 64M");
     c.readahead_chunks = static_cast<uint32_t>(v / c.chunk_size);
   }
+  if (prefetch) {
+    if (*prefetch == "off") {
+      c.prefetch_auto = false;
+    } else if (*prefetch == "sequential" || *prefetch == "on") {
+      c.prefetch_auto = true;
+      c.prefetch_order = gateway::PrefetchOrder::sequential;
+    } else if (*prefetch == "hot-first") {
+      c.prefetch_auto = true;
+      c.prefetch_order = gateway::PrefetchOrder::hot_first;
+    } else {
+      throw ConfigError(where + "prefetch '" + *prefetch + "' is not off, sequential or hot-first");
+    }
+  }
+  if (prefetch_rate) c.prefetch_rate = gateway::parse_size(*prefetch_rate, where + "prefetch-rate");
+  if (auto_detach) c.auto_detach = gateway::parse_bool(*auto_detach, where + "auto-detach");
   return c;
 }
 

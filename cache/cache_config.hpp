@@ -4,6 +4,8 @@
 // Start-up only; no threads.
 #pragma once
 
+#include "gateway/export_control.hpp"
+
 #include <chrono>
 #include <cstdint>
 #include <map>
@@ -28,6 +30,14 @@ struct CacheConfig {
   // repeated writes to a chunk go to the remote once (0: at once). It starts
   // sooner when dirty data fills 90% of a cache with a capacity.
   std::chrono::milliseconds writeback_delay{5000};
+  // prefetch=sequential|hot-first starts the background copy of the whole
+  // image at start-up (off: only on request); prefetch-rate limits it
+  // (bytes/s, 0 = unlimited); auto-detach=on switches to local mode once
+  // every chunk is present.
+  bool prefetch_auto = false;
+  gateway::PrefetchOrder prefetch_order = gateway::PrefetchOrder::sequential;
+  uint64_t prefetch_rate = 0;
+  bool auto_detach = false;
 
   // Takes the cache options out of `options` (erasing the keys it uses).
   // Returns nullopt when the export has no cache (no "cache" key).

@@ -1,5 +1,7 @@
 #include "cache/cache_layer.hpp"
 
+#include "cache/prefetcher.hpp"
+
 #include "gateway/buffer_pool.hpp"
 #include "gateway/logging.hpp"
 #include "remote/file/file_device.hpp"
@@ -12,6 +14,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <bit>
 #include <cerrno>
 #include <cstring>
@@ -94,6 +97,23 @@ class CacheLayer::EpochGuard {
   uint32_t e_ = 0;
 };
 
+// Counts a client request in flight while it lives (detach and set_mode wait
+// for none), and notes when the last one ended (the prefetcher's yield).
+class CacheLayer::InFlight {
+ public:
+  explicit InFlight(CacheLayer& c) : c_(c) { c_.inflight_.fetch_add(1, std::memory_order_seq_cst); }
+  ~InFlight() {
+    c_.last_request_end_.store(std::chrono::steady_clock::now().time_since_epoch().count(),
+                               std::memory_order_relaxed);
+    c_.inflight_.fetch_sub(1, std::memory_order_seq_cst);
+  }
+  InFlight(const InFlight&) = delete;
+  InFlight& operator=(const InFlight&) = delete;
+
+ private:
+  CacheLayer& c_;
+};
+
 CacheLayer::CacheLayer(std::unique_ptr<gateway::BlockDevice> remote, Params p)
     : Layer(std::move(remote)),
       name_(p.export_name),
@@ -108,7 +128,8 @@ CacheLayer::CacheLayer(std::unique_ptr<gateway::BlockDevice> remote, Params p)
   chunk_shift_ = static_cast<unsigned>(std::countr_zero(cfg_.chunk_size));
   nchunks_ = (geometry_.size + cfg_.chunk_size - 1) >> chunk_shift_;
   nregions_ = (nchunks_ + kChunksPerRegion - 1) / kChunksPerRegion;
-  for (auto* b : {&present_, &dirty_, &cleaning_, &dirty_persisted_}) b->resize(nchunks_);
+  mode_.store(cfg_.mode);
+  for (auto* b : {&present_, &dirty_, &cleaning_, &dirty_persisted_, &holes_, &no_hole_, &seen_}) b->resize(nchunks_);
   for (auto* b : {&intent_, &intent_persisted_, &touched_}) b->resize(nregions_);
   region_writes_ = std::make_unique<std::atomic<uint32_t>[]>(nregions_ ? nregions_ : 1);
   for (uint64_t r = 0; r < nregions_; ++r) region_writes_[r].store(0);
@@ -176,10 +197,22 @@ CacheLayer::CacheLayer(std::unique_ptr<gateway::BlockDevice> remote, Params p)
   for (size_t i = 0; i < dirty_.word_count(); ++i)  // dirty implies present
     present_.store_word(i, present_.word(i) | dirty_.word(i));
 
-  if (reuse && !have->clean) recover_after_unclean_stop();
+  if (reuse && store_.get_state(name_, "detached").value_or("") == "1") {
+    // Local mode: the cache file is the image. Nothing may be dropped (there
+    // is no remote to fetch it from again), and every chunk is present.
+    local_.store(true);
+    for (uint64_t c = 0; c < nchunks_; ++c) present_.set(c);
+    for (size_t i = 0; i < dirty_.word_count(); ++i) dirty_.store_word(i, 0);
+    recovered_ = !have->clean;
+  } else {
+    if (reuse && !have->clean) recover_after_unclean_stop();
+    session_ = store_.begin_session(name_);
+  }
   if (reuse && have->mode != want.mode) store_.set_mode(name_, want.mode);
   store_.set_clean(name_, false);  // until a clean close
-  log_->info("export '{}': {} cache {} ({} chunks of {} KiB, {} present, {} dirty{})", name_, to_string(cfg_.mode),
+  prefetcher_ = std::make_unique<Prefetcher>(*this);
+  log_->info("export '{}': {} cache {} ({} chunks of {} KiB, {} present, {} dirty{})", name_,
+             local_ ? std::string("local (detached)") : to_string(cfg_.mode),
              cache_path_, nchunks_, cfg_.chunk_size >> 10, present_.count(), dirty_.count(),
              recovered_ ? ", recovered after an unclean stop" : "");
 }
@@ -229,12 +262,18 @@ uint64_t CacheLayer::chunk_len(uint64_t c) const noexcept {
 }
 
 gateway::Capabilities CacheLayer::capabilities() const noexcept {
+  if (local_.load(std::memory_order_acquire)) {
+    gateway::Capabilities c;
+    c.flush = c.fua = c.trim = c.zero = c.extents = c.prefetch = Support::native;
+    c.multi_conn = true;
+    return c;
+  }
   auto c = remote_caps_;
   c.flush = Support::native;
   c.fua = Support::native;
   c.prefetch = Support::native;
   c.multi_conn = true;  // one cache for every connection
-  if (cfg_.mode != WriteMode::writethrough) {
+  if (mode() != WriteMode::writethrough) {
     c.trim = Support::native;
     c.zero = Support::native;
   } else {
@@ -246,7 +285,8 @@ gateway::Capabilities CacheLayer::capabilities() const noexcept {
 }
 
 std::string CacheLayer::describe() const {
-  return "cache(" + to_string(cfg_.mode) + ", " + cache_path_ + ") over " + next().describe();
+  if (local_.load(std::memory_order_acquire)) return "local image " + cache_path_ + " (detached from " + remote_uri_ + ")";
+  return "cache(" + to_string(mode()) + ", " + cache_path_ + ") over " + next().describe();
 }
 
 // ---- population of absent chunks -------------------------------------------
@@ -365,7 +405,12 @@ void CacheLayer::start_readahead(uint64_t after) {
 
 Task<std::error_code> CacheLayer::read(std::span<std::byte> buf, uint64_t offset, IoFlags) {
   if (buf.empty()) co_return std::error_code{};
+  InFlight inflight(*this);
+  if (switching_.load(std::memory_order_seq_cst)) [[unlikely]]
+    co_await wait_for_switch();
+  if (local_.load(std::memory_order_acquire)) co_return co_await cache_file_->read(buf, offset, 0);
   const uint64_t first = chunk_of(offset), last = chunk_of(offset + buf.size() - 1);
+  if (!seen_.test(first) || !seen_.test(last)) record_first_reads(first, last);
   for (int attempt = 0; attempt < 4; ++attempt) {
     {
       EpochGuard guard(*this);
@@ -402,7 +447,11 @@ Task<std::error_code> CacheLayer::ensure_intent(uint64_t first, uint64_t last) {
 
 Task<std::error_code> CacheLayer::write(std::span<const std::byte> buf, uint64_t offset, IoFlags flags) {
   if (buf.empty()) co_return std::error_code{};
-  if (cfg_.mode == WriteMode::writethrough) co_return co_await write_through(buf, offset, flags);
+  InFlight inflight(*this);
+  if (switching_.load(std::memory_order_seq_cst)) [[unlikely]]
+    co_await wait_for_switch();
+  if (local_.load(std::memory_order_acquire)) co_return co_await local_write(buf, offset, flags);
+  if (mode() == WriteMode::writethrough) co_return co_await write_through(buf, offset, flags);
   co_return co_await write_cached(buf, offset, flags);
 }
 
@@ -466,6 +515,7 @@ Task<std::error_code> CacheLayer::write_through(std::span<const std::byte> buf, 
   const uint64_t first = chunk_of(offset), last = chunk_of(end - 1);
   RegionWrites guard(*this, first, last);
   if (auto ec = co_await ensure_intent(first, last)) co_return ec;
+  mark_remote_written(first, last);
   // Hold the chunks (absent ones: so that no fill can store data older than
   // this write; present ones: so that two overlapping writes update remote
   // and cache in the same order).
@@ -497,13 +547,18 @@ Task<std::error_code> CacheLayer::write_through(std::span<const std::byte> buf, 
 }
 
 Task<std::error_code> CacheLayer::make_durable(uint64_t first, uint64_t last) {
-  if (cfg_.mode == WriteMode::writeback_local) co_return co_await checkpoint(true);
-  if (cfg_.mode == WriteMode::writeback) co_return co_await write_back_durably(first, last);
+  const auto m = mode();
+  if (m == WriteMode::writeback_local) co_return co_await checkpoint(true);
+  if (m == WriteMode::writeback) co_return co_await write_back_durably(first, last);
   co_return std::error_code{};
 }
 
 Task<std::error_code> CacheLayer::flush() {
-  switch (cfg_.mode) {
+  InFlight inflight(*this);
+  if (switching_.load(std::memory_order_seq_cst)) [[unlikely]]
+    co_await wait_for_switch();
+  if (local_.load(std::memory_order_acquire)) co_return co_await cache_file_->flush();
+  switch (mode()) {
     case WriteMode::writethrough:
       if (dirty_.find_set(0) < nchunks_ || cleaning_.find_set(0) < nchunks_)  // inherited from a write-back mode
         if (auto ec = co_await write_back_durably(0, nchunks_ - 1)) co_return ec;
@@ -557,10 +612,18 @@ Task<std::error_code> CacheLayer::zero_cached(ByteRange range, IoFlags flags, bo
 
 Task<std::error_code> CacheLayer::zero(ByteRange range, IoFlags flags) {
   if (range.length == 0) co_return std::error_code{};
-  if (cfg_.mode != WriteMode::writethrough) co_return co_await zero_cached(range, flags, false);
+  InFlight inflight(*this);
+  if (switching_.load(std::memory_order_seq_cst)) [[unlikely]]
+    co_await wait_for_switch();
+  if (local_.load(std::memory_order_acquire)) co_return co_await local_zero(range, flags);
+  if (mode() != WriteMode::writethrough) co_return co_await zero_cached(range, flags, false);
+  // After a switch from a write-back mode, a client may still zero what this
+  // remote cannot zero natively.
+  if (remote_caps_.zero != Support::native) co_return co_await zero_through_by_writes(range, flags);
   const uint64_t first = chunk_of(range.offset), last = chunk_of(range.end() - 1);
   RegionWrites guard(*this, first, last);
   if (auto ec = co_await ensure_intent(first, last)) co_return ec;
+  mark_remote_written(first, last);
   auto [fill, mine] = co_await claim(first, last, true);
   auto ec = co_await next().zero(range, (flags & ~gateway::kFua) | remote_fua(flags));
   if (!ec && needs_remote_flush(flags)) ec = co_await next().flush();
@@ -578,10 +641,23 @@ Task<std::error_code> CacheLayer::zero(ByteRange range, IoFlags flags) {
 
 Task<std::error_code> CacheLayer::trim(ByteRange range, IoFlags flags) {
   if (range.length == 0) co_return std::error_code{};
-  if (cfg_.mode != WriteMode::writethrough) co_return co_await zero_cached(range, flags, true);
+  InFlight inflight(*this);
+  if (switching_.load(std::memory_order_seq_cst)) [[unlikely]]
+    co_await wait_for_switch();
+  if (local_.load(std::memory_order_acquire)) {
+    auto ec = co_await cache_file_->trim(range, 0);
+    if (ec == std::errc::not_supported || ec == std::errc::operation_not_supported) ec = {};  // advisory
+    if (!ec && (flags & gateway::kFua)) ec = co_await cache_file_->flush();
+    co_return ec;
+  }
+  if (mode() != WriteMode::writethrough) co_return co_await zero_cached(range, flags, true);
+  // Trim is advisory: a remote without it (after a switch from a write-back
+  // mode, which offered trim) simply keeps its data.
+  if (remote_caps_.trim != Support::native) co_return std::error_code{};
   const uint64_t first = chunk_of(range.offset), last = chunk_of(range.end() - 1);
   RegionWrites guard(*this, first, last);
   if (auto ec = co_await ensure_intent(first, last)) co_return ec;
+  mark_remote_written(first, last);
   auto [fill, mine] = co_await claim(first, last, true);  // no fill may race with the trim
   auto ec = co_await next().trim(range, remote_fua(flags));
   if (!ec && needs_remote_flush(flags)) ec = co_await next().flush();
@@ -593,13 +669,21 @@ Task<std::error_code> CacheLayer::trim(ByteRange range, IoFlags flags) {
 
 Task<std::error_code> CacheLayer::prefetch(ByteRange range) {
   if (range.length == 0) co_return std::error_code{};
+  InFlight inflight(*this);
+  if (switching_.load(std::memory_order_seq_cst)) [[unlikely]]
+    co_await wait_for_switch();
+  if (local_.load(std::memory_order_acquire)) co_return std::error_code{};
   co_return co_await populate(chunk_of(range.offset), chunk_of(range.end() - 1));
 }
 
 Task<std::error_code> CacheLayer::block_status(ByteRange range, gateway::ExtentList& out) {
+  InFlight inflight(*this);
+  if (switching_.load(std::memory_order_seq_cst)) [[unlikely]]
+    co_await wait_for_switch();
+  if (local_.load(std::memory_order_acquire)) co_return co_await cache_file_->block_status(range, out);
   gateway::ExtentList remote;
   if (auto ec = co_await next().block_status(range, remote)) co_return ec;
-  if (cfg_.mode == WriteMode::writethrough) {
+  if (mode() == WriteMode::writethrough) {
     out = std::move(remote);
     co_return std::error_code{};
   }
@@ -669,6 +753,7 @@ Task<std::error_code> CacheLayer::write_back_durably(uint64_t first, uint64_t la
 }
 
 Task<std::error_code> CacheLayer::write_back_run(uint64_t a, uint64_t b) {
+  mark_remote_written(a, b);
   const uint64_t off = chunk_start(a);
   const uint64_t len = chunk_start(b) + chunk_len(b) - off;
   gateway::IoBuffer buf(len);
@@ -819,9 +904,12 @@ Task<std::error_code> CacheLayer::run_checkpoint(bool sync_data) {
     }
   };
   diff(BitmapKind::intent, intent, saved_intent_);
+  std::vector<uint32_t> profile;  // first reads since the last save
   if (sync_data) {
     diff(BitmapKind::present, present, saved_present_);
     diff(BitmapKind::dirty, dirty, saved_dirty_);
+    std::lock_guard lock(profile_mutex_);
+    profile.assign(profile_.begin() + static_cast<long>(profile_saved_), profile_.end());
   }
   if (sync_data) {
     // dirty_persisted_ must never miss a bit the catalogue may hold: FLUSH and
@@ -833,10 +921,11 @@ Task<std::error_code> CacheLayer::run_checkpoint(bool sync_data) {
     for (size_t i = 0; i < dirty.size(); ++i)
       if (dirty[i] & ~dirty_persisted_.word(i)) dirty_persisted_.store_word(i, dirty_persisted_.word(i) | dirty[i]);
   }
-  if (!pages.empty()) {
-    auto ec = co_await gateway::offload(blocking_, [this, &pages]() -> std::error_code {
+  if (!pages.empty() || !profile.empty()) {
+    auto ec = co_await gateway::offload(blocking_, [this, &pages, &profile]() -> std::error_code {
       try {
-        store_.commit(name_, pages, std::nullopt);
+        if (!pages.empty()) store_.commit(name_, pages, std::nullopt);
+        if (!profile.empty()) store_.append_profile(name_, session_, profile_batch_, profile);
         return {};
       } catch (const std::exception& e) {
         gateway::logger("cache")->error("{}", e.what());
@@ -844,6 +933,10 @@ Task<std::error_code> CacheLayer::run_checkpoint(bool sync_data) {
       }
     });
     if (ec) co_return ec;
+    if (!profile.empty()) {
+      profile_saved_ += profile.size();
+      ++profile_batch_;
+    }
   }
   saved_intent_ = intent;
   for (size_t i = 0; i < intent.size(); ++i) intent_persisted_.store_word(i, intent[i]);
@@ -862,6 +955,7 @@ Task<std::error_code> CacheLayer::run_checkpoint(bool sync_data) {
 void CacheLayer::start() {
   background_done_ = std::make_shared<gateway::SharedEvent>();
   boost::asio::co_spawn(background_, background_loop(), [done = background_done_](std::exception_ptr) { done->set(); });
+  prefetcher_->start_at_boot();
 }
 
 Task<void> CacheLayer::background_loop() {
@@ -874,6 +968,9 @@ Task<void> CacheLayer::background_loop() {
     timer.expires_after(std::chrono::milliseconds(100));
     co_await timer.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
     if (stopping_.load()) break;
+    // Local mode: the cache file is the image; nothing to write back, evict
+    // or checkpoint (flushes sync it).
+    if (local_.load(std::memory_order_acquire)) continue;
     // Dirty chunks are written back in every mode (writethrough can inherit
     // them from an earlier run in a write-back mode), once they have waited
     // writeback-delay, or at once when they fill 90% of a limited cache (dirty
@@ -977,6 +1074,7 @@ bool CacheLayer::needs_remote_flush(gateway::IoFlags flags) const noexcept {
 Task<void> CacheLayer::abandon() {
   stopping_.store(true);
   if (background_done_) co_await background_done_->wait();
+  co_await prefetcher_->stop();
   boost::asio::steady_timer timer(co_await boost::asio::this_coro::executor);
   while (readaheads_.load() > 0) {
     timer.expires_after(std::chrono::milliseconds(10));
@@ -987,6 +1085,7 @@ Task<void> CacheLayer::abandon() {
 Task<void> CacheLayer::close() {
   stopping_.store(true);
   if (background_done_) co_await background_done_->wait();
+  co_await prefetcher_->stop();
   {
     boost::asio::steady_timer timer(co_await boost::asio::this_coro::executor);
     while (readaheads_.load() > 0) {
@@ -1015,7 +1114,7 @@ Task<void> CacheLayer::close() {
   log_->info("export '{}': cache hits {}, misses {}, fetched {} bytes, written back {} bytes, present {} bytes, "
              "dirty {} bytes",
              name_, s.hits, s.misses, s.bytes_fetched, s.bytes_written_back, s.present_bytes, s.dirty_bytes);
-  co_await next().close();
+  if (!remote_closed_.exchange(true)) co_await next().close();
 }
 
 CacheStats CacheLayer::stats() const {
@@ -1036,6 +1135,348 @@ CacheStats CacheLayer::stats() const {
   s.evicted_bytes = evicted_.load();
   s.capacity = capacity_chunks_ << chunk_shift_;
   return s;
+}
+
+// ---- prefetch support ----------------------------------------------------------------
+
+void CacheLayer::mark_remote_written(uint64_t first, uint64_t last) noexcept {
+  for (uint64_t c = first; c <= last && c < nchunks_; ++c)
+    if (!no_hole_.test(c)) no_hole_.set(c);
+}
+
+uint64_t CacheLayer::chunks_bytes(uint64_t n) const noexcept { return std::min(geometry_.size, n << chunk_shift_); }
+
+uint64_t CacheLayer::dirty_chunks() const noexcept {
+  uint64_t n = 0;
+  for (size_t i = 0; i < dirty_.word_count(); ++i) n += std::popcount(dirty_.word(i) | cleaning_.word(i));
+  return n;
+}
+
+void CacheLayer::record_first_reads(uint64_t first, uint64_t last) {
+  uint32_t fresh[64];
+  size_t n = 0;
+  for (uint64_t c = first; c <= last && n < 64; ++c)
+    if (c <= UINT32_MAX && !seen_.test(c) && !seen_.set(c)) fresh[n++] = static_cast<uint32_t>(c);
+  if (n == 0) return;
+  std::lock_guard lock(profile_mutex_);
+  for (size_t i = 0; i < n && profile_.size() < kMaxProfile; ++i) profile_.push_back(fresh[i]);
+}
+
+Task<std::error_code> CacheLayer::zero_cache_file(ByteRange range, IoFlags flags) {
+  auto ec = co_await cache_file_->zero(range, flags & gateway::kNoHole);
+  if (ec == std::errc::not_supported || ec == std::errc::operation_not_supported) {
+    static const std::vector<std::byte> zeroes(1u << 20);
+    ec = {};
+    for (uint64_t pos = 0; pos < range.length && !ec;) {
+      const uint64_t n = std::min<uint64_t>(zeroes.size(), range.length - pos);
+      ec = co_await cache_file_->write({zeroes.data(), n}, range.offset + pos, 0);
+      pos += n;
+    }
+  }
+  co_return ec;
+}
+
+Task<std::error_code> CacheLayer::prefetch_fill(uint64_t first, uint64_t last, uint64_t* fetched) {
+  // The same claims as a read miss: a chunk a client is fetching or writing
+  // is waited for, then skipped (it is present).
+  auto [fill, mine] = co_await claim(first, last);
+  std::error_code ec;
+  for (size_t i = 0; i < mine.size() && !ec;) {
+    // Whether a chunk is a hole is decided under the claim: a writethrough
+    // write marks no_hole_ before it claims, so a chunk seen as a hole here
+    // cannot have been written at the remote yet.
+    const bool hole = is_hole(mine[i]);
+    size_t j = i;
+    while (j + 1 < mine.size() && mine[j + 1] == mine[j] + 1 && is_hole(mine[j + 1]) == hole) ++j;
+    const uint64_t off = chunk_start(mine[i]);
+    const uint64_t len = chunk_start(mine[j]) + chunk_len(mine[j]) - off;
+    if (hole) {
+      // The remote reads zero here: zero the cache file (a stale copy may
+      // remain from before an unclean stop) and mark present, like a fill.
+      ec = co_await zero_cache_file({off, len}, cfg_.preallocate ? gateway::kNoHole : 0);
+      if (!ec)
+        for (uint64_t c = mine[i]; c <= mine[j]; ++c) present_.set(c);
+    } else {
+      ec = co_await fetch_run(mine[i], mine[j]);
+      if (!ec && fetched) *fetched += len;
+    }
+    i = j + 1;
+  }
+  release(fill, mine, ec);
+  co_return ec;
+}
+
+// ---- local mode: requests, detach, write mode -------------------------------------------
+
+Task<void> CacheLayer::wait_for_switch() {
+  // The caller's InFlight counted it; while a switch drains, it must not.
+  while (switching_.load(std::memory_order_seq_cst)) {
+    std::shared_ptr<gateway::SharedEvent> done;
+    {
+      std::lock_guard lock(switch_mutex_);
+      done = switch_done_;
+    }
+    inflight_.fetch_sub(1, std::memory_order_seq_cst);
+    if (done) co_await done->wait();
+    inflight_.fetch_add(1, std::memory_order_seq_cst);
+  }
+}
+
+Task<void> CacheLayer::quiesce(bool with_background) {
+  {
+    std::lock_guard lock(switch_mutex_);
+    switch_done_ = std::make_shared<gateway::SharedEvent>();
+  }
+  switching_.store(true, std::memory_order_seq_cst);
+  boost::asio::steady_timer timer(co_await boost::asio::this_coro::executor);
+  while (inflight_.load(std::memory_order_seq_cst) > 0 ||
+         (with_background && (readaheads_.load() > 0 || prefetcher_->in_flight() > 0))) {
+    timer.expires_after(std::chrono::milliseconds(1));
+    co_await timer.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
+  }
+}
+
+void CacheLayer::unquiesce() {
+  std::shared_ptr<gateway::SharedEvent> done;
+  {
+    std::lock_guard lock(switch_mutex_);
+    done = std::move(switch_done_);
+  }
+  switching_.store(false, std::memory_order_seq_cst);
+  if (done) done->set();
+}
+
+Task<std::error_code> CacheLayer::local_write(std::span<const std::byte> buf, uint64_t offset, IoFlags flags) {
+  auto ec = co_await cache_file_->write(buf, offset, 0);
+  if (!ec && (flags & gateway::kFua)) ec = co_await cache_file_->flush();
+  co_return ec;
+}
+
+Task<std::error_code> CacheLayer::local_zero(ByteRange range, IoFlags flags) {
+  auto ec = co_await zero_cache_file(range, flags);
+  if (!ec && (flags & gateway::kFua)) ec = co_await cache_file_->flush();
+  co_return ec;
+}
+
+Task<std::error_code> CacheLayer::zero_through_by_writes(ByteRange range, IoFlags flags) {
+  static const std::vector<std::byte> zeroes(1u << 20);
+  for (uint64_t pos = 0; pos < range.length;) {
+    const uint64_t n = std::min<uint64_t>(zeroes.size(), range.length - pos);
+    std::span<const std::byte> piece(zeroes.data(), n);
+    if (auto ec = co_await write_through(piece, range.offset + pos, flags & gateway::kFua)) co_return ec;
+    pos += n;
+  }
+  co_return std::error_code{};
+}
+
+Task<std::error_code> CacheLayer::persist_state(std::string key, std::string value) {
+  co_return co_await gateway::offload(blocking_, [this, &key, &value]() -> std::error_code {
+    try {
+      store_.set_state(name_, key, value);
+      return {};
+    } catch (const std::exception& e) {
+      gateway::logger("cache")->error("{}", e.what());
+      return errno_code(EIO);
+    }
+  });
+}
+
+namespace {
+
+std::string human_bytes(uint64_t n) {
+  const char* units[] = {"bytes", "KiB", "MiB", "GiB", "TiB"};
+  double v = static_cast<double>(n);
+  int u = 0;
+  while (v >= 1024 && u < 4) {
+    v /= 1024;
+    ++u;
+  }
+  char buf[64];
+  if (u == 0)
+    std::snprintf(buf, sizeof buf, "%llu bytes", static_cast<unsigned long long>(n));
+  else
+    std::snprintf(buf, sizeof buf, "%.1f %s", v, units[u]);
+  return buf;
+}
+
+}  // namespace
+
+Task<gateway::ControlResult> CacheLayer::detach(bool force) {
+  using gateway::ControlResult;
+  auto control = co_await control_mutex_.lock();
+  if (local_.load()) co_return ControlResult{{}, "export '" + name_ + "' is already detached (local mode)"};
+  auto missing_message = [this](uint64_t missing) {
+    return std::to_string(missing) + " chunks (" + human_bytes(chunks_bytes(missing)) +
+           ") are not present yet; run prefetch first";
+  };
+  auto dirty_message = [this](uint64_t dirty) {
+    return std::to_string(dirty) + " chunks (" + human_bytes(chunks_bytes(dirty)) + ") are not written back to " +
+           remote_uri_ + " yet; detach with force waits for their write-back";
+  };
+  if (const uint64_t missing = nchunks_ - present_.count())
+    co_return ControlResult{errno_code(EBUSY), missing_message(missing)};
+  if (const uint64_t dirty = dirty_chunks(); dirty && !force)
+    co_return ControlResult{errno_code(EBUSY), dirty_message(dirty)};
+  // Forced: write back while clients keep going, then once more at the door.
+  for (int round = 0; round < 3 && dirty_chunks() > 0; ++round)
+    if (auto ec = co_await write_back_durably(0, nchunks_ - 1))
+      co_return ControlResult{ec, "write-back to " + remote_uri_ + " failed: " + ec.message()};
+
+  co_await quiesce(true);
+  ControlResult refused;
+  if (const uint64_t missing = nchunks_ - present_.count()) {
+    refused = {errno_code(EBUSY), missing_message(missing)};
+  } else if (const uint64_t dirty = dirty_chunks(); dirty && !force) {
+    refused = {errno_code(EBUSY), dirty_message(dirty)};
+  } else if (dirty) {
+    if (auto ec = co_await write_back_durably(0, nchunks_ - 1))
+      refused = {ec, "write-back to " + remote_uri_ + " failed: " + ec.message()};
+  }
+  if (refused.ec) {
+    unquiesce();
+    co_return refused;
+  }
+  // Everything the catalogue says is durable in the cache file, and then the
+  // catalogue says "detached": from here on the file is the image.
+  if (auto ec = co_await checkpoint(true)) {
+    unquiesce();
+    co_return ControlResult{ec, "syncing the cache failed: " + ec.message()};
+  }
+  std::string key = "detached", value = "1";
+  if (auto ec = co_await persist_state(std::move(key), std::move(value))) {
+    unquiesce();
+    co_return ControlResult{ec, "the catalogue could not record the detach: " + ec.message()};
+  }
+  local_.store(true, std::memory_order_seq_cst);
+  {
+    // A background write-back pass that began before (with nothing dirty it
+    // touches nothing) ends before the remote is closed.
+    auto wb = co_await writeback_mutex_.lock();
+  }
+  unquiesce();
+  prefetcher_->mark_done();
+  log_->info("export '{}': detached from {}: local mode, the cache file {} is the image", name_, remote_uri_,
+             cache_path_);
+  if (!remote_closed_.exchange(true)) co_await next().close();
+  co_return ControlResult{{}, "detached: " + cache_path_ + " is now the image; " + remote_uri_ + " is closed"};
+}
+
+Task<gateway::ControlResult> CacheLayer::set_mode(std::string_view mode_name) {
+  using gateway::ControlResult;
+  WriteMode want;
+  if (mode_name == "writethrough")
+    want = WriteMode::writethrough;
+  else if (mode_name == "writeback")
+    want = WriteMode::writeback;
+  else if (mode_name == "writeback-local")
+    want = WriteMode::writeback_local;
+  else
+    co_return ControlResult{errno_code(EINVAL), "unknown write mode '" + std::string(mode_name) +
+                                                    "': use writethrough, writeback or writeback-local"};
+  auto control = co_await control_mutex_.lock();
+  if (local_.load())
+    co_return ControlResult{errno_code(EPERM),
+                            "export '" + name_ + "' is detached (local mode): it has no remote and no write mode"};
+  const WriteMode old = mode();
+  if (old == want) co_return ControlResult{{}, "write mode is already " + to_string(want)};
+  // Writethrough keeps no dirty data: write it back (first while clients go
+  // on, then the rest with requests held), so nothing races the switch.
+  if (want == WriteMode::writethrough && dirty_chunks() > 0)
+    if (auto ec = co_await write_back_durably(0, nchunks_ - 1))
+      co_return ControlResult{ec, "write-back to " + remote_uri_ + " failed: " + ec.message()};
+  co_await quiesce(false);
+  if (want == WriteMode::writethrough && dirty_chunks() > 0) {
+    if (auto ec = co_await write_back_durably(0, nchunks_ - 1)) {
+      unquiesce();
+      co_return ControlResult{ec, "write-back to " + remote_uri_ + " failed: " + ec.message()};
+    }
+  }
+  mode_.store(want, std::memory_order_release);
+  unquiesce();
+  std::string key = "mode", value = to_string(want);
+  auto ec = co_await gateway::offload(blocking_, [this, &value]() -> std::error_code {
+    try {
+      store_.set_mode(name_, value);
+      return {};
+    } catch (const std::exception& e) {
+      gateway::logger("cache")->error("{}", e.what());
+      return errno_code(EIO);
+    }
+  });
+  (void)key;
+  log_->info("export '{}': write mode {} (was {})", name_, to_string(want), to_string(old));
+  co_return ControlResult{{}, "write mode is now " + to_string(want) + " (was " + to_string(old) + ")" +
+                                  (ec ? "; the catalogue could not record it" : "")};
+}
+
+gateway::CacheReport CacheLayer::report() const {
+  const auto s = stats();
+  gateway::CacheReport r;
+  r.detached = local_.load();
+  r.mode = r.detached ? "local" : to_string(mode());
+  r.cache_path = cache_path_;
+  r.chunk_size = s.chunk_size;
+  r.capacity = s.capacity;
+  r.present_bytes = s.present_bytes;
+  r.dirty_bytes = s.dirty_bytes;
+  r.hits = s.hits;
+  r.misses = s.misses;
+  r.bytes_fetched = s.bytes_fetched;
+  r.bytes_written_back = s.bytes_written_back;
+  r.fetch_errors = s.fetch_errors;
+  r.writeback_errors = s.writeback_errors;
+  r.evicted_bytes = s.evicted_bytes;
+  r.recovered = s.recovered;
+  r.prefetch = prefetcher_->status();
+  return r;
+}
+
+gateway::ControlResult CacheLayer::prefetch_start(gateway::PrefetchOrder order) { return prefetcher_->start(order); }
+gateway::ControlResult CacheLayer::prefetch_pause() { return prefetcher_->pause(); }
+gateway::ControlResult CacheLayer::prefetch_resume() { return prefetcher_->resume(); }
+gateway::ControlResult CacheLayer::prefetch_set_rate(uint64_t bytes_per_second) {
+  return prefetcher_->set_rate(bytes_per_second);
+}
+
+// ---- the stand-in remote of a detached export ------------------------------------------------
+
+namespace {
+
+class DetachedRemote final : public gateway::BlockDevice {
+ public:
+  DetachedRemote(uint64_t size, std::string uri) : size_(size), uri_(std::move(uri)) {}
+  [[nodiscard]] gateway::Geometry geometry() const noexcept override { return {size_, 1, 4096, 32u << 20}; }
+  [[nodiscard]] gateway::Capabilities capabilities() const noexcept override { return {}; }
+  [[nodiscard]] std::string describe() const override { return uri_ + " (detached, not opened)"; }
+  Task<std::error_code> read(std::span<std::byte>, uint64_t, IoFlags) override { co_return errno_code(ENOTCONN); }
+  Task<std::error_code> write(std::span<const std::byte>, uint64_t, IoFlags) override {
+    co_return errno_code(ENOTCONN);
+  }
+  Task<std::error_code> flush() override { co_return errno_code(ENOTCONN); }
+  Task<std::error_code> trim(ByteRange, IoFlags) override { co_return errno_code(ENOTCONN); }
+  Task<std::error_code> zero(ByteRange, IoFlags) override { co_return errno_code(ENOTCONN); }
+  Task<std::error_code> block_status(ByteRange, gateway::ExtentList&) override { co_return errno_code(ENOTCONN); }
+  Task<std::error_code> prefetch(ByteRange) override { co_return errno_code(ENOTCONN); }
+
+ private:
+  uint64_t size_;
+  std::string uri_;
+};
+
+}  // namespace
+
+std::unique_ptr<gateway::BlockDevice> open_if_detached(MetaStore& store, const std::string& export_name,
+                                                       const std::string& remote_uri) {
+  auto rec = store.find(export_name);
+  if (!rec || rec->remote != remote_uri) return nullptr;
+  if (store.get_state(export_name, "detached").value_or("") != "1") return nullptr;
+  std::error_code ec;
+  const auto size = std::filesystem::file_size(rec->cache_path, ec);
+  if (ec || size != rec->size)
+    throw std::runtime_error("export '" + export_name + "' is detached (local mode), but its image " +
+                             rec->cache_path + " is missing or not " + std::to_string(rec->size) +
+                             " bytes; restore it (the remote " + remote_uri + " may be out of date)");
+  return std::make_unique<DetachedRemote>(rec->size, remote_uri);
 }
 
 }  // namespace blockway::cache

@@ -28,6 +28,14 @@
 // waits for it. Present chunks need no coordination on the data path: reads
 // of fully present ranges touch only atomics and the cache file.
 //
+// Prefetch (cache/prefetcher.hpp) copies every absent chunk in the
+// background through the same claims. Detach switches the export to local
+// mode once every chunk is present and nothing is dirty: requests are held at
+// the door (switching_) while those in flight drain, the state is persisted
+// ("detached" in the catalogue), and from then on requests go straight to the
+// cache file and the remote is closed. After a restart, open_if_detached()
+// gives the daemon a stand-in for the remote, so it is never opened again.
+//
 // Thread model: every method may be called from any event-loop thread.
 // Bitmaps are atomics; the populator map is sharded with one mutex per
 // shard (held only for map operations, never across I/O); write-back passes
@@ -42,6 +50,7 @@
 #include "cache/meta_store.hpp"
 #include "gateway/async_mutex.hpp"
 #include "gateway/block_device.hpp"
+#include "gateway/export_control.hpp"
 #include "gateway/logging.hpp"
 #include "gateway/shared_event.hpp"
 
@@ -72,7 +81,16 @@ struct CacheStats {
   bool recovered = false;  // the last start followed an unclean stop
 };
 
-class CacheLayer final : public gateway::Layer {
+class Prefetcher;
+
+// The stand-in remote of an export that was detached (local mode), built
+// from the catalogue, or nullptr if the export is not detached or its remote
+// URI changed (then the remote is opened and the cache starts over). Every
+// I/O on the stand-in fails with ENOTCONN; the cache layer never calls it.
+std::unique_ptr<gateway::BlockDevice> open_if_detached(MetaStore& store, const std::string& export_name,
+                                                       const std::string& remote_uri);
+
+class CacheLayer final : public gateway::Layer, public gateway::ExportControl {
  public:
   struct Params {
     std::string export_name;
@@ -110,11 +128,23 @@ class CacheLayer final : public gateway::Layer {
   // Present/dirty state of [range] as extents: flag 1 = present, 2 = dirty.
   gateway::Task<std::error_code> cache_status(gateway::ByteRange range, gateway::ExtentList& out);
   [[nodiscard]] CacheStats stats() const;
-  [[nodiscard]] WriteMode mode() const noexcept { return cfg_.mode; }
-  // Starts the background write-back / checkpoint loop (on `background`).
+  [[nodiscard]] WriteMode mode() const noexcept { return mode_.load(std::memory_order_acquire); }
+  [[nodiscard]] bool detached() const noexcept { return local_.load(std::memory_order_acquire); }
+  // Starts the background write-back / checkpoint loop (on `background`),
+  // and the prefetch if configured or persisted as running.
   void start();
 
+  // ExportControl.
+  [[nodiscard]] gateway::CacheReport report() const override;
+  gateway::ControlResult prefetch_start(gateway::PrefetchOrder order) override;
+  gateway::ControlResult prefetch_pause() override;
+  gateway::ControlResult prefetch_resume() override;
+  gateway::ControlResult prefetch_set_rate(uint64_t bytes_per_second) override;
+  gateway::Task<gateway::ControlResult> detach(bool force) override;
+  gateway::Task<gateway::ControlResult> set_mode(std::string_view mode) override;
+
  private:
+  friend class Prefetcher;
   struct Fill;  // one populator's claim on a set of absent chunks
   struct Shard {
     std::mutex mutex;
@@ -179,6 +209,31 @@ class CacheLayer final : public gateway::Layer {
   // which it cleared their present bits). No-op without a capacity.
   class EpochGuard;
   void recover_after_unclean_stop();
+
+  // Prefetch: claims the absent chunks of [first, last], zeroes those the
+  // remote reported as holes and fetches the rest; returns data bytes fetched.
+  gateway::Task<std::error_code> prefetch_fill(uint64_t first, uint64_t last, uint64_t* fetched);
+  [[nodiscard]] bool is_hole(uint64_t c) const noexcept { return holes_.test(c) && !no_hole_.test(c); }
+  void mark_remote_written(uint64_t first, uint64_t last) noexcept;
+  // Chunks not present, excluding holes; bytes of chunks of a bitmap.
+  [[nodiscard]] uint64_t chunks_bytes(uint64_t n) const noexcept;
+  [[nodiscard]] uint64_t dirty_chunks() const noexcept;
+
+  // Requests in flight and the door that detach / set_mode close while they
+  // switch (quiesce): new requests wait, those in flight drain.
+  class InFlight;
+  gateway::Task<void> wait_for_switch();
+  gateway::Task<void> quiesce(bool with_background);
+  void unquiesce();
+  // The local-mode data path (after detach).
+  gateway::Task<std::error_code> local_write(std::span<const std::byte> buf, uint64_t offset, gateway::IoFlags flags);
+  gateway::Task<std::error_code> local_zero(gateway::ByteRange range, gateway::IoFlags flags);
+  gateway::Task<std::error_code> zero_cache_file(gateway::ByteRange range, gateway::IoFlags flags);
+  // Writethrough zero for a remote without native zero: writes of zeroes.
+  gateway::Task<std::error_code> zero_through_by_writes(gateway::ByteRange range, gateway::IoFlags flags);
+  gateway::Task<std::error_code> persist_state(std::string key, std::string value);
+  // Access profile: the first read of each chunk in this session.
+  void record_first_reads(uint64_t first, uint64_t last);
   void open_cache_file();
 
   std::string name_;
@@ -226,6 +281,31 @@ class CacheLayer final : public gateway::Layer {
   mutable std::atomic<uint64_t> hits_{0}, misses_{0}, fetched_{0}, written_back_{0}, wb_errors_{0},
       fetch_errors_{0};
   bool recovered_ = false;
+
+  std::atomic<WriteMode> mode_;
+  std::atomic<bool> local_{false};
+  std::atomic<bool> remote_closed_{false};
+  std::atomic<bool> switching_{false};
+  std::atomic<int64_t> inflight_{0};
+  std::atomic<int64_t> last_request_end_{0};  // steady_clock ns, for the prefetcher's yield
+  std::mutex switch_mutex_;
+  std::shared_ptr<gateway::SharedEvent> switch_done_;  // under switch_mutex_
+  gateway::AsyncMutex control_mutex_;  // one detach / set_mode at a time
+
+  // Holes: what the prefetcher's block-status scan found reading as zero at
+  // the remote; no_hole_: chunks written to the remote since (sticky).
+  AtomicBitmap holes_, no_hole_;
+
+  // Access profile of this session (bounded), saved at checkpoints.
+  static constexpr size_t kMaxProfile = 1u << 16;
+  AtomicBitmap seen_;
+  std::mutex profile_mutex_;
+  std::vector<uint32_t> profile_;
+  size_t profile_saved_ = 0;      // under checkpoint_mutex_
+  int64_t profile_batch_ = 0;     // under checkpoint_mutex_
+  int64_t session_ = 0;
+
+  std::unique_ptr<Prefetcher> prefetcher_;
 };
 
 }  // namespace blockway::cache

@@ -34,6 +34,11 @@ MetaStore::MetaStore(const std::string& path) : path_(path) {
   exec("CREATE TABLE IF NOT EXISTS bitmap_pages ("
        " name TEXT NOT NULL, kind INTEGER NOT NULL, page INTEGER NOT NULL, bits BLOB NOT NULL,"
        " PRIMARY KEY (name, kind, page)) WITHOUT ROWID");
+  exec("CREATE TABLE IF NOT EXISTS cache_state ("
+       " name TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (name, key)) WITHOUT ROWID");
+  exec("CREATE TABLE IF NOT EXISTS access_profile ("
+       " name TEXT NOT NULL, session INTEGER NOT NULL, batch INTEGER NOT NULL, chunks BLOB NOT NULL,"
+       " PRIMARY KEY (name, session, batch)) WITHOUT ROWID");
 }
 
 MetaStore::~MetaStore() { sqlite3_close(db_); }
@@ -134,6 +139,13 @@ void MetaStore::reset(const CacheRecord& r) {
     Stmt del(raw);
     sqlite3_bind_text(raw, 1, r.name.c_str(), -1, SQLITE_TRANSIENT);
     if (sqlite3_step(raw) != SQLITE_DONE) throw std::runtime_error(sqlite3_errmsg(db_));
+    for (const char* sql : {"DELETE FROM cache_state WHERE name = ?", "DELETE FROM access_profile WHERE name = ?"}) {
+      sqlite3_stmt* d = nullptr;
+      sqlite3_prepare_v2(db_, sql, -1, &d, nullptr);
+      Stmt st(d);
+      sqlite3_bind_text(d, 1, r.name.c_str(), -1, SQLITE_TRANSIENT);
+      if (sqlite3_step(d) != SQLITE_DONE) throw std::runtime_error(sqlite3_errmsg(db_));
+    }
     sqlite3_prepare_v2(db_,
                        "INSERT OR REPLACE INTO caches (name, remote, cache_path, mode, size, chunk_size, clean)"
                        " VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -217,6 +229,90 @@ void MetaStore::commit(const std::string& name, const std::vector<PageWrite>& pa
     sqlite3_exec(db_, "ROLLBACK", nullptr, nullptr, nullptr);
     throw std::runtime_error("catalogue " + path_ + ": commit failed: " + e.what());
   }
+}
+
+std::optional<std::string> MetaStore::get_state(const std::string& name, const std::string& key) {
+  std::lock_guard lock(mutex_);
+  sqlite3_stmt* raw = nullptr;
+  sqlite3_prepare_v2(db_, "SELECT value FROM cache_state WHERE name = ? AND key = ?", -1, &raw, nullptr);
+  Stmt st(raw);
+  sqlite3_bind_text(raw, 1, name.c_str(), -1, SQLITE_TRANSIENT);
+  sqlite3_bind_text(raw, 2, key.c_str(), -1, SQLITE_TRANSIENT);
+  if (sqlite3_step(raw) != SQLITE_ROW) return std::nullopt;
+  return std::string(reinterpret_cast<const char*>(sqlite3_column_text(raw, 0)));
+}
+
+void MetaStore::set_state(const std::string& name, const std::string& key, const std::string& value) {
+  std::lock_guard lock(mutex_);
+  sqlite3_stmt* raw = nullptr;
+  sqlite3_prepare_v2(db_, "INSERT OR REPLACE INTO cache_state (name, key, value) VALUES (?, ?, ?)", -1, &raw,
+                     nullptr);
+  Stmt st(raw);
+  sqlite3_bind_text(raw, 1, name.c_str(), -1, SQLITE_TRANSIENT);
+  sqlite3_bind_text(raw, 2, key.c_str(), -1, SQLITE_TRANSIENT);
+  sqlite3_bind_text(raw, 3, value.c_str(), -1, SQLITE_TRANSIENT);
+  if (sqlite3_step(raw) != SQLITE_DONE)
+    throw std::runtime_error("catalogue " + path_ + ": cannot store state: " + sqlite3_errmsg(db_));
+}
+
+int64_t MetaStore::begin_session(const std::string& name, int keep) {
+  std::lock_guard lock(mutex_);
+  int64_t last = 0;
+  {
+    sqlite3_stmt* raw = nullptr;
+    sqlite3_prepare_v2(db_, "SELECT MAX(session) FROM access_profile WHERE name = ?", -1, &raw, nullptr);
+    Stmt st(raw);
+    sqlite3_bind_text(raw, 1, name.c_str(), -1, SQLITE_TRANSIENT);
+    if (sqlite3_step(raw) == SQLITE_ROW && sqlite3_column_type(raw, 0) != SQLITE_NULL)
+      last = sqlite3_column_int64(raw, 0);
+  }
+  const int64_t session = last + 1;
+  // Keep the newest `keep` earlier sessions (those > session - 1 - keep).
+  sqlite3_stmt* raw = nullptr;
+  sqlite3_prepare_v2(db_, "DELETE FROM access_profile WHERE name = ? AND session <= ?", -1, &raw, nullptr);
+  Stmt st(raw);
+  sqlite3_bind_text(raw, 1, name.c_str(), -1, SQLITE_TRANSIENT);
+  sqlite3_bind_int64(raw, 2, session - 1 - keep);
+  if (sqlite3_step(raw) != SQLITE_DONE)
+    throw std::runtime_error("catalogue " + path_ + ": cannot prune the access profile: " + sqlite3_errmsg(db_));
+  return session;
+}
+
+void MetaStore::append_profile(const std::string& name, int64_t session, int64_t batch,
+                               const std::vector<uint32_t>& chunks) {
+  std::lock_guard lock(mutex_);
+  sqlite3_stmt* raw = nullptr;
+  sqlite3_prepare_v2(db_, "INSERT OR REPLACE INTO access_profile (name, session, batch, chunks) VALUES (?, ?, ?, ?)",
+                     -1, &raw, nullptr);
+  Stmt st(raw);
+  sqlite3_bind_text(raw, 1, name.c_str(), -1, SQLITE_TRANSIENT);
+  sqlite3_bind_int64(raw, 2, session);
+  sqlite3_bind_int64(raw, 3, batch);
+  sqlite3_bind_blob(raw, 4, chunks.data(), static_cast<int>(chunks.size() * sizeof(uint32_t)), SQLITE_STATIC);
+  if (sqlite3_step(raw) != SQLITE_DONE)
+    throw std::runtime_error("catalogue " + path_ + ": cannot store the access profile: " + sqlite3_errmsg(db_));
+}
+
+std::vector<std::vector<uint32_t>> MetaStore::load_profiles(const std::string& name) {
+  std::lock_guard lock(mutex_);
+  std::vector<std::vector<uint32_t>> out;
+  sqlite3_stmt* raw = nullptr;
+  sqlite3_prepare_v2(db_, "SELECT session, chunks FROM access_profile WHERE name = ? ORDER BY session DESC, batch",
+                     -1, &raw, nullptr);
+  Stmt st(raw);
+  sqlite3_bind_text(raw, 1, name.c_str(), -1, SQLITE_TRANSIENT);
+  int64_t current = -1;
+  while (sqlite3_step(raw) == SQLITE_ROW) {
+    const int64_t session = sqlite3_column_int64(raw, 0);
+    if (out.empty() || session != current) out.emplace_back();
+    current = session;
+    const auto* blob = static_cast<const std::byte*>(sqlite3_column_blob(raw, 1));
+    const size_t n = static_cast<size_t>(sqlite3_column_bytes(raw, 1)) / sizeof(uint32_t);
+    const size_t old = out.back().size();
+    out.back().resize(old + n);
+    if (n) std::memcpy(out.back().data() + old, blob, n * sizeof(uint32_t));
+  }
+  return out;
 }
 
 }  // namespace blockway::cache

@@ -5,6 +5,11 @@
 // Only pages that changed are written, in one transaction per commit, and a
 // commit happens at checkpoints and flushes, never once per I/O.
 //
+// Besides the bitmaps: a small per-export key/value state (detached, the
+// prefetch that should run after a restart, its rate), and the access
+// profile: per daemon run ("session"), the chunks in the order clients first
+// read them, appended in batches at checkpoints (for hot-first prefetch).
+//
 // Thread model: every method takes the store's mutex; commits may block on
 // fsync, so the cache layer calls them from the blocking pool.
 #pragma once
@@ -73,6 +78,18 @@ class MetaStore {
   };
   // Writes pages (and optionally the clean flag) in one durable transaction.
   void commit(const std::string& name, const std::vector<PageWrite>& pages, std::optional<bool> clean);
+
+  // Per-export state ("detached", "prefetch", ...); reset() forgets it.
+  std::optional<std::string> get_state(const std::string& name, const std::string& key);
+  void set_state(const std::string& name, const std::string& key, const std::string& value);
+
+  // Access profile. begin_session() returns a new session number and keeps
+  // only the newest `keep` sessions before it.
+  static constexpr int kKeepSessions = 4;
+  int64_t begin_session(const std::string& name, int keep = kKeepSessions);
+  void append_profile(const std::string& name, int64_t session, int64_t batch, const std::vector<uint32_t>& chunks);
+  // Every stored session's chunks in first-read order, newest session first.
+  std::vector<std::vector<uint32_t>> load_profiles(const std::string& name);
 
  private:
   void exec(const char* sql);

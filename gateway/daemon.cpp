@@ -73,6 +73,23 @@ struct OpenContext {
   }
 };
 
+// The stand-in remote of an export detached in an earlier run, or nullptr.
+// The backend and retry options are still checked (and consumed).
+std::unique_ptr<BlockDevice> open_detached_export(ExportConfig& cfg, const remote::OpenRequest& req,
+                                                  OpenContext& ctx) {
+  std::unique_ptr<BlockDevice> device;
+  try {
+    device = cache::open_if_detached(ctx.open_catalogue(), cfg.name, cfg.uri);
+  } catch (const std::runtime_error& e) {
+    throw ConfigError("export '" + cfg.name + "': " + e.what());
+  }
+  if (device) {
+    remote::check_device(req);
+    (void)RetryOptions::take_from(cfg.options);
+  }
+  return device;
+}
+
 std::shared_ptr<Export> open_export(ExportConfig cfg, OpenContext& ctx) {
   auto& loops = ctx.loops;
   const auto cache_cfg = cache::CacheConfig::take_from(cfg.options, cfg.name);
@@ -99,7 +116,9 @@ std::shared_ptr<Export> open_export(ExportConfig cfg, OpenContext& ctx) {
   std::unique_ptr<BlockDevice> device;
   RetryLayer* retry_layer = nullptr;  // owned by the device chain, like the cache
   try {
-    device = remote::open_device(req);
+    // A detached export (local mode) never opens its remote again.
+    if (cache_cfg) device = open_detached_export(cfg, req, ctx);
+    if (!device) device = remote::open_device(req);
   } catch (const remote::BackendError& e) {
     throw ConfigError("export '" + cfg.name + "': " + e.what());
   }
@@ -144,6 +163,7 @@ std::shared_ptr<Export> open_export(ExportConfig cfg, OpenContext& ctx) {
   if (retry_layer) exp->remote_health = [retry_layer] { return retry_layer->health(); };
   if (cache_layer) {
     exp->cache_status = [cache_layer](ByteRange r, ExtentList& out) { return cache_layer->cache_status(r, out); };
+    exp->control = cache_layer;
     ctx.caches.push_back(cache_layer);
   }
   return exp;

@@ -109,5 +109,32 @@ TEST(CacheConfig, BadModeNamesTheValue) {
   EXPECT_NE(msg.find("writearound"), std::string::npos) << msg;
 }
 
+TEST(CacheConfig, PrefetchOptions) {
+  Options o{{"cache", "/c"}};
+  auto c = CacheConfig::take_from(o, "vm1");
+  EXPECT_FALSE(c->prefetch_auto);
+  EXPECT_EQ(c->prefetch_rate, 0u);
+  EXPECT_FALSE(c->auto_detach);
+  o = {{"cache", "/c"}, {"prefetch", "hot-first"}, {"prefetch-rate", "50M"}, {"auto-detach", "on"}};
+  c = CacheConfig::take_from(o, "vm1");
+  EXPECT_TRUE(c->prefetch_auto);
+  EXPECT_EQ(c->prefetch_order, gateway::PrefetchOrder::hot_first);
+  EXPECT_EQ(c->prefetch_rate, 50u << 20);
+  EXPECT_TRUE(c->auto_detach);
+  EXPECT_TRUE(o.empty());
+  o = {{"cache", "/c"}, {"prefetch", "sequential"}};
+  c = CacheConfig::take_from(o, "vm1");
+  EXPECT_TRUE(c->prefetch_auto);
+  EXPECT_EQ(c->prefetch_order, gateway::PrefetchOrder::sequential);
+  o = {{"cache", "/c"}, {"prefetch", "off"}};
+  EXPECT_FALSE(CacheConfig::take_from(o, "vm1")->prefetch_auto);
+  EXPECT_NE(error_of({{"cache", "/c"}, {"prefetch", "fast"}}).find("prefetch 'fast' is not off, sequential or hot-first"),
+            std::string::npos);
+  EXPECT_NE(error_of({{"cache", "/c"}, {"prefetch-rate", "lots"}}).find("prefetch-rate"), std::string::npos);
+  EXPECT_NE(error_of({{"cache", "/c"}, {"auto-detach", "maybe"}}).find("auto-detach"), std::string::npos);
+  EXPECT_NE(error_of({{"prefetch", "sequential"}}).find("'prefetch' needs a cache directory"), std::string::npos);
+  EXPECT_NE(error_of({{"auto-detach", "on"}}).find("'auto-detach' needs a cache directory"), std::string::npos);
+}
+
 }  // namespace
 }  // namespace blockway::cache

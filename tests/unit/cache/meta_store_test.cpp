@@ -163,5 +163,46 @@ TEST_F(MetaStoreTest, UnopenablePathThrowsNamingIt) {
   }
 }
 
+TEST_F(MetaStoreTest, StateIsPerExportAndResetForgetsIt) {
+  MetaStore s(path_);
+  s.reset(record("a"));
+  s.reset(record("b"));
+  EXPECT_FALSE(s.get_state("a", "detached"));
+  s.set_state("a", "detached", "1");
+  s.set_state("a", "prefetch", "sequential");
+  s.set_state("a", "prefetch", "done");
+  EXPECT_EQ(s.get_state("a", "detached"), "1");
+  EXPECT_EQ(s.get_state("a", "prefetch"), "done");
+  EXPECT_FALSE(s.get_state("b", "detached"));
+  {
+    MetaStore again(path_);  // persisted
+    EXPECT_EQ(again.get_state("a", "detached"), "1");
+  }
+  s.reset(record("a"));
+  EXPECT_FALSE(s.get_state("a", "detached"));
+}
+
+TEST_F(MetaStoreTest, AccessProfilesKeepOrderAndOnlyTheNewestSessions) {
+  MetaStore s(path_);
+  s.reset(record("a"));
+  EXPECT_TRUE(s.load_profiles("a").empty());
+  const int64_t s1 = s.begin_session("a");
+  s.append_profile("a", s1, 0, {5, 3});
+  s.append_profile("a", s1, 1, {9});
+  const int64_t s2 = s.begin_session("a");
+  EXPECT_GT(s2, s1);
+  s.append_profile("a", s2, 0, {7, 1});
+  auto p = s.load_profiles("a");
+  ASSERT_EQ(p.size(), 2u);
+  EXPECT_EQ(p[0], (std::vector<uint32_t>{7, 1}));  // newest first
+  EXPECT_EQ(p[1], (std::vector<uint32_t>{5, 3, 9}));
+  for (int i = 0; i < 10; ++i) s.append_profile("a", s.begin_session("a", 2), 0, {static_cast<uint32_t>(i)});
+  p = s.load_profiles("a");
+  ASSERT_EQ(p.size(), 3u);  // the two kept before the newest, and the newest
+  EXPECT_EQ(p[0], (std::vector<uint32_t>{9}));
+  s.reset(record("a"));
+  EXPECT_TRUE(s.load_profiles("a").empty());
+}
+
 }  // namespace
 }  // namespace blockway::cache
