@@ -4,6 +4,7 @@
 #include "remote/aoe/aoe_discovery.hpp"
 #include "remote/aoe/aoe_protocol.hpp"
 #include "remote/aoe/rtt_estimator.hpp"
+#include "remote/completion.hpp"
 #include "remote/registry.hpp"
 
 #include <boost/asio/associated_executor.hpp>
@@ -50,17 +51,6 @@ constexpr size_t kRecvBatch = 32;            // frames per recvmmsg
 constexpr int kMaxRounds = 64;               // receive rounds before yielding the loop
 constexpr auto kReconnectDiscovery = std::chrono::milliseconds(2000);
 
-// A type-erased completion handler (as in nbd_device.cpp).
-struct Completion {
-  virtual ~Completion() = default;
-  virtual void complete(std::error_code ec) = 0;
-};
-template <class H>
-struct CompletionOf final : Completion {
-  explicit CompletionOf(H&& h) : handler(std::move(h)) {}
-  void complete(std::error_code ec) override { std::move(handler)(ec); }
-  H handler;
-};
 
 struct Counters {
   std::atomic<uint64_t> frames_sent{0}, retransmits{0}, answers{0}, short_frames{0}, malformed{0}, foreign{0},

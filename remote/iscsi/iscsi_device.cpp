@@ -1,6 +1,7 @@
 #include "remote/iscsi/iscsi_device.hpp"
 
 #include "gateway/logging.hpp"
+#include "remote/completion.hpp"
 #include "remote/fd_watcher.hpp"
 #include "remote/iscsi/scsi_errors.hpp"
 #include "remote/registry.hpp"
@@ -33,18 +34,6 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 
-// A type-erased completion handler (Boost 1.81's any_completion_handler
-// recurses forever when moved).
-struct Completion {
-  virtual ~Completion() = default;
-  virtual void complete(std::error_code ec) = 0;
-};
-template <class H>
-struct CompletionOf final : Completion {
-  explicit CompletionOf(H&& h) : handler(std::move(h)) {}
-  void complete(std::error_code ec) override { std::move(handler)(ec); }
-  H handler;
-};
 using Handler = std::unique_ptr<Completion>;
 
 constexpr uint32_t kDefaultMaxTransfer = 32u << 20;
