@@ -150,6 +150,13 @@ CacheLayer::CacheLayer(std::unique_ptr<gateway::BlockDevice> remote, Params p)
                have->chunk_size == want.chunk_size && have->cache_path == want.cache_path &&
                (injected || (std::filesystem::exists(cache_path_) &&
                              std::filesystem::file_size(cache_path_) == geometry_.size));
+  if (have && !reuse && store_.get_state(name_, "detached").value_or("") == "1")
+    // After a detach the cache file is the only up-to-date copy of the image
+    // (local-mode writes are never dirty: there is no remote to owe them to).
+    throw std::runtime_error("export '" + name_ + "' is detached (local mode) and its image is " + have->cache_path +
+                             " (chunk size " + std::to_string(have->chunk_size) + ", remote " + have->remote +
+                             "); the export's remote, chunk size or cache directory changed: restore them, or "
+                             "serve the image itself with file://" + have->cache_path);
   if (have && !reuse) {
     // Never throw away data the remote does not have.
     const auto dirty = store_.load_bitmap(name_, BitmapKind::dirty, (have->size / have->chunk_size + 64) / 64 + 1);
@@ -1313,6 +1320,11 @@ Task<gateway::ControlResult> CacheLayer::detach(bool force) {
     return std::to_string(dirty) + " chunks (" + human_bytes(chunks_bytes(dirty)) + ") are not written back to " +
            remote_uri_ + " yet; detach with force waits for their write-back";
   };
+  if (capacity_chunks_)
+    // Eviction would keep punching chunks out of what is about to be the only
+    // copy of the image.
+    co_return ControlResult{errno_code(ENOSPC), "export '" + name_ + "' has a cache capacity smaller than the image; "
+                                                "a detached cache must hold all of it (set capacity=0)"};
   if (const uint64_t missing = nchunks_ - present_.count())
     co_return ControlResult{errno_code(EBUSY), missing_message(missing)};
   if (const uint64_t dirty = dirty_chunks(); dirty && !force)
@@ -1468,8 +1480,11 @@ class DetachedRemote final : public gateway::BlockDevice {
 std::unique_ptr<gateway::BlockDevice> open_if_detached(MetaStore& store, const std::string& export_name,
                                                        const std::string& remote_uri) {
   auto rec = store.find(export_name);
-  if (!rec || rec->remote != remote_uri) return nullptr;
-  if (store.get_state(export_name, "detached").value_or("") != "1") return nullptr;
+  if (!rec || store.get_state(export_name, "detached").value_or("") != "1") return nullptr;
+  if (rec->remote != remote_uri)
+    throw std::runtime_error("export '" + export_name + "' is detached (local mode) from " + rec->remote +
+                             " and its image is " + rec->cache_path + "; it is now configured with " + remote_uri +
+                             ": restore the old URI, or serve the image itself with file://" + rec->cache_path);
   std::error_code ec;
   const auto size = std::filesystem::file_size(rec->cache_path, ec);
   if (ec || size != rec->size)

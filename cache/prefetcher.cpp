@@ -191,12 +191,15 @@ bool Prefetcher::foreground_busy() const noexcept {
 void Prefetcher::persist() {
   std::string wanted;
   bool paused;
+  uint64_t seq;
   {
+    // The sequence number is taken with the state it stands for, so the
+    // newest state also has the highest number.
     std::lock_guard lock(mutex_);
     wanted = persisted_;
     paused = paused_.load();
+    seq = ++persist_seq_;
   }
-  const uint64_t seq = ++persist_seq_;
   // Serialised, and a write older than one already made is skipped: the
   // catalogue ends with the newest state whatever order the pool runs them.
   boost::asio::post(c_.blocking_, [queue = persist_queue_, &store = c_.store_, name = c_.name_, wanted, paused,

@@ -461,7 +461,8 @@ TEST_F(PrefetchTest, AfterDetachTheRemoteIsNeverContactedAgainNorOpenedAfterARes
   EXPECT_EQ(cache_file(), expected);
 
   // Restart: the catalogue says detached, so the remote is not needed.
-  EXPECT_EQ(open_if_detached(*store_, "vm", "memory://other"), nullptr);
+  EXPECT_THROW((void)open_if_detached(*store_, "vm", "memory://other"), std::runtime_error)
+      << "a detached export configured with another remote must not open that remote";
   auto standin = open_if_detached(*store_, "vm", "memory://remote");
   ASSERT_NE(standin, nullptr);
   EXPECT_EQ(standin->geometry().size, kSize);
@@ -482,6 +483,42 @@ TEST_F(PrefetchTest, AfterDetachTheRemoteIsNeverContactedAgainNorOpenedAfterARes
   // Without its image, a detached export refuses to start.
   std::filesystem::remove(dir_.str() + "/cache/vm.img");
   EXPECT_THROW((void)open_if_detached(*store_, "vm", "memory://remote"), std::runtime_error);
+}
+
+// After a detach the cache file is the only up-to-date copy of the image:
+// changed settings are refused, never answered by discarding it.
+TEST_F(PrefetchTest, ADetachedImageIsNeverDiscardedWhenSettingsChange) {
+  auto cfg = config(WriteMode::writethrough);
+  cfg.prefetch_auto = true;
+  cfg.auto_detach = true;
+  open_with(cfg);
+  ASSERT_TRUE(wait_until([&] { return layer().detached(); }));
+  std::vector<std::byte> data(4096, std::byte{0x77});
+  ASSERT_FALSE(write(8192, data, gateway::kFua));
+  h_->close();
+  const auto image = cache_file();
+  ASSERT_EQ(image.size(), kSize);
+  auto other = cfg;
+  other.chunk_size = kChunk * 2;
+  EXPECT_THROW(open_with(other, open_if_detached(*store_, "vm", "memory://remote")), std::runtime_error);
+  h_.reset();
+  EXPECT_EQ(cache_file(), image) << "the detached image was changed or deleted";
+  open_with(cfg, open_if_detached(*store_, "vm", "memory://remote"));
+  EXPECT_TRUE(layer().detached()) << "the catalogue forgot the detach";
+  EXPECT_EQ(read(8192, 4096), data);
+  h_->close();
+}
+
+// Eviction would punch chunks out of what is about to be the only copy.
+TEST_F(PrefetchTest, DetachIsRefusedWithACapacitySmallerThanTheImage) {
+  auto cfg = config(WriteMode::writethrough);
+  cfg.capacity = kSize / 2;
+  open_with(cfg);
+  auto r = h_->run(layer().detach(true));
+  EXPECT_EQ(r.ec, std::errc::no_space_on_device);
+  EXPECT_NE(r.message.find("capacity"), std::string::npos) << r.message;
+  EXPECT_FALSE(layer().detached());
+  h_->close();
 }
 
 TEST_F(PrefetchTest, AutoDetachRetriesWhileWriteBackFails) {
