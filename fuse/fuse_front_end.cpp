@@ -105,7 +105,7 @@ bool is_fuse_mountpoint(const std::string& dir) {
 // Lazily detaches the mount at dir: umount2(MNT_DETACH) as root, else
 // fusermount3 -u -z.
 bool detach_mount(const std::string& dir) {
-  if (::umount2(dir.c_str(), MNT_DETACH) == 0) return true;
+  if (::umount2(dir.c_str(), MNT_DETACH | UMOUNT_NOFOLLOW) == 0) return true;
   pid_t pid = 0;
   const char* argv[] = {"fusermount3", "-u", "-z", dir.c_str(), nullptr};
   if (::posix_spawnp(&pid, "fusermount3", nullptr, nullptr, const_cast<char* const*>(argv), environ) != 0)
@@ -741,17 +741,23 @@ void Impl::mount(const std::string& where) {
   std::error_code fec;
   std::string path = std::filesystem::absolute(where, fec).lexically_normal().string();
   if (path.size() > 1 && path.back() == '/') path.pop_back();
+  // Resolve symlinks once, here: every check and the mount itself then name
+  // the same directory (mountinfo lists canonical paths), and a stale-mount
+  // detach cannot be pointed elsewhere through a link.
+  if (auto canonical = std::filesystem::weakly_canonical(path, fec); !fec) path = canonical.string();
+  if (path.size() > 1 && path.back() == '/') path.pop_back();
   // A daemon that died without unmounting leaves a mount that answers
   // nothing (ENOTCONN). stat() may still succeed from cached attributes;
   // statfs() always asks the daemon.
   struct statvfs vfs{};
-  const bool fuse_mount = is_fuse_mountpoint(path) ||
-                          is_fuse_mountpoint(std::filesystem::weakly_canonical(path, fec).string());
+  const bool fuse_mount = is_fuse_mountpoint(path);
   if (fuse_mount || ::statvfs(path.c_str(), &vfs) != 0) {
     const int e = fuse_mount && ::statvfs(path.c_str(), &vfs) == 0 ? EEXIST : errno;
     if (fuse_mount && e == EEXIST)
       throw std::runtime_error("FUSE: " + path + " is already a FUSE mount (another blockwayd running?)");
-    if (e == ENOTCONN || e == ECONNABORTED) {
+    if (fuse_mount && (e == ENOTCONN || e == ECONNABORTED)) {
+      // Only a FUSE mount listed at this very path: a dead mount found by
+      // following a symlink elsewhere is not ours to take down.
       log->warn("FUSE: {} is a stale mount ({}); detaching it", path, std::strerror(e));
       if (!detach_mount(path)) throw std::runtime_error("FUSE: cannot detach the stale mount at " + path);
     } else if (e == ENOENT) {
