@@ -7,6 +7,7 @@
 #include <boost/asio/detached.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/read_until.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/asio/write.hpp>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -93,9 +94,19 @@ Task<void> ControlServer::accept_loop() {
   auto log = logger("control");
   while (!stopped_) {
     auto [ec, socket] = co_await acceptor_->async_accept(asio::as_tuple(asio::use_awaitable));
+    if (stopped_) {
+      // An accept that completed just before stop(): that client would keep
+      // the loop busy after the drain.
+      boost::system::error_code ignored;
+      socket.close(ignored);
+      co_return;
+    }
     if (ec) {
-      if (ec == asio::error::operation_aborted || stopped_) co_return;
+      if (ec == asio::error::operation_aborted) co_return;
       log->warn("control socket: accept failed: {}", ec.message());
+      // Out of descriptors (EMFILE) fails at once again: do not spin.
+      asio::steady_timer pause(ctx_, std::chrono::milliseconds(100));
+      co_await pause.async_wait(asio::use_awaitable);
       continue;
     }
     auto client = std::make_shared<Socket>(std::move(socket));

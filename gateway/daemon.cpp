@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <csignal>
 #include <filesystem>
 #include <fstream>
@@ -98,6 +99,11 @@ std::shared_ptr<Export> open_export(ExportConfig cfg, OpenContext& ctx) {
     // would silently show clients old bytes.
     auto& store = ctx.open_catalogue();
     if (auto rec = store.find(cfg.name)) {
+      if (store.get_state(cfg.name, "detached").value_or("") == "1" && cfg.uri != "file://" + rec->cache_path)
+        throw ConfigError("export '" + cfg.name + "' is detached (local mode): its image is " + rec->cache_path +
+                          " and " + rec->remote + " may be out of date; start it with its cache (cache=" +
+                          std::filesystem::path(rec->cache_path).parent_path().string() +
+                          "), or serve the image itself with file://" + rec->cache_path);
       const auto dirty = store.load_bitmap(cfg.name, cache::BitmapKind::dirty, (rec->size / rec->chunk_size) / 64 + 2);
       if (std::any_of(dirty.begin(), dirty.end(), [](uint64_t w) { return w != 0; }))
         throw ConfigError("export '" + cfg.name + "': its cache " + rec->cache_path +
@@ -239,7 +245,7 @@ class RuntimeExports {
       try {
         o.exp = open_export(cfg, ctx_);
         o.caches.assign(ctx_.caches.begin() + static_cast<long>(caches_before), ctx_.caches.end());
-        ctx_.open_catalogue().save_runtime_export({cfg.name, cfg.uri, options});
+        if (!shutting_down_) ctx_.open_catalogue().save_runtime_export({cfg.name, cfg.uri, options});
       } catch (const std::exception& e) {
         o.error = e.what();
       }
@@ -255,7 +261,17 @@ class RuntimeExports {
     }
     if (shutting_down_) {
       // The daemon began to stop while the export was opening: the drain
-      // would not close it, so close it here and add nothing.
+      // would not close it, so close it here and add nothing; nor may it come
+      // back at the next start (forgotten on the pool, not on this loop).
+      auto forget = offload(loops_.blocking(), [this, name]() -> bool {
+        try {
+          ctx_.open_catalogue().remove_runtime_export(name);
+          return true;
+        } catch (const std::exception&) {
+          return false;
+        }
+      });
+      if (!co_await std::move(forget)) log_->warn("export '{}': could not forget it in the catalogue", name);
       co_await opened.exp->device->close();
       throw ControlError("refused", ESHUTDOWN, "the daemon is shutting down");
     }
@@ -292,8 +308,11 @@ class RuntimeExports {
     out["name"] = name;
     out["clients"] = clients;
     std::string message = "export '" + name + "' removed";
-    if (clients > 0) {
-      message += "; it closes when its " + std::to_string(clients) + " client connection(s) end";
+    if (exp.use_count() > 1) {
+      // Still held: NBD sessions, a handshake that found it just before, files
+      // open in the FUSE mount, another control request. Closing it now would
+      // acknowledge their writes into a closed cache; close it once they let go.
+      if (clients > 0) message += "; it closes when its " + std::to_string(clients) + " client connection(s) end";
       auto ex = co_await boost::asio::this_coro::executor;
       boost::asio::co_spawn(ex, close_when_unused(std::move(exp)), boost::asio::detached);
     } else {
@@ -338,10 +357,12 @@ class RuntimeExports {
 // `blockway mount DIR`: mount(2), and a statfs of whatever is already at DIR
 // (a stale mount can take a while to answer), run on the blocking pool, not
 // on the control plane's event loop.
-Task<Json> fuse_mount_command(fuse::FuseFrontEnd& fuse, boost::asio::thread_pool& pool, Json request) {
+Task<Json> fuse_mount_command(fuse::FuseFrontEnd& fuse, boost::asio::thread_pool& pool,
+                              const std::atomic<bool>& stopping, Json request) {
   const std::string dir = arg_string(request, "dir");
   if (dir.empty() || dir.front() != '/')
     throw ControlError("bad-request", EINVAL, "mount: dir must be an absolute path, not '" + dir + "'");
+  if (stopping.load()) throw ControlError("refused", ESHUTDOWN, "the daemon is shutting down");
   if (fuse.active()) throw ControlError("refused", EBUSY, "the exports are already mounted at " + fuse.mountpoint());
   auto mounting = offload(pool, [&fuse, dir]() -> std::string {
     try {
@@ -353,6 +374,12 @@ Task<Json> fuse_mount_command(fuse::FuseFrontEnd& fuse, boost::asio::thread_pool
   });
   const std::string error = co_await std::move(mounting);
   if (!error.empty()) throw ControlError("failed", EIO, error);
+  if (stopping.load()) {
+    // SIGTERM came while mount(2) ran: its unmount() found nothing to do, and
+    // a mount left behind would keep the daemon from ever finishing the drain.
+    fuse.unmount();
+    throw ControlError("refused", ESHUTDOWN, "the daemon is shutting down");
+  }
   co_return Json{{"mountpoint", fuse.mountpoint()}};
 }
 
@@ -460,9 +487,10 @@ int run_daemon(DaemonConfig config) {
     });
   });
   fuse_front->set_on_unmounted(close_exports_when_idle);
+  std::atomic<bool> stopping{false};  // set by SIGTERM/SIGINT
   control_commands.add("mount", "mount the FUSE front end: every export as a file in {dir}",
-                       [&fuse_front, &loops](const Json& req) {
-                         return fuse_mount_command(*fuse_front, loops.blocking(), req);
+                       [&fuse_front, &loops, &stopping](const Json& req) {
+                         return fuse_mount_command(*fuse_front, loops.blocking(), stopping, req);
                        });
   control_commands.add("unmount", "unmount the FUSE front end",
                        [&fuse_front](const Json&) { return fuse_unmount_command(*fuse_front); });
@@ -498,6 +526,7 @@ int run_daemon(DaemonConfig config) {
       [&](const boost::system::error_code& ec, int sig) {
         if (ec) return;
         log->info("received {}, shutting down", sig == SIGINT ? "SIGINT" : "SIGTERM");
+        stopping = true;
         server.shutdown();
         fuse_front->unmount();
         signals.async_wait(on_signal);
