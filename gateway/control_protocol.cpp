@@ -2,6 +2,7 @@
 
 #include "gateway/config.hpp"
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstring>
@@ -78,10 +79,35 @@ std::string ControlDispatcher::error_line(const std::string& code, int errno_val
   return r.dump(-1, ' ', false, Json::error_handler_t::replace);
 }
 
+// Deepest nesting of arrays and objects in a JSON text (strings skipped).
+// Parsing is iterative, but copying and dumping a json value recurse: a
+// request nested 30,000 deep would overflow the event loop's stack.
+static size_t json_depth(std::string_view text) {
+  size_t depth = 0, deepest = 0;
+  bool in_string = false, escaped = false;
+  for (const char ch : text) {
+    if (in_string) {
+      if (escaped) escaped = false;
+      else if (ch == '\\') escaped = true;
+      else if (ch == '"') in_string = false;
+    } else if (ch == '"') {
+      in_string = true;
+    } else if (ch == '[' || ch == '{') {
+      deepest = std::max(deepest, ++depth);
+    } else if ((ch == ']' || ch == '}') && depth > 0) {
+      --depth;
+    }
+  }
+  return deepest;
+}
+
 Task<std::string> ControlDispatcher::handle(std::string_view line) const {
   if (line.size() > kMaxControlRequest)
     co_return error_line("too-large", E2BIG,
                          "request is larger than " + std::to_string(kMaxControlRequest) + " bytes");
+  if (json_depth(line) > kMaxControlDepth)
+    co_return error_line("bad-request", EINVAL,
+                         "request nests deeper than " + std::to_string(kMaxControlDepth) + " levels");
   Json request = Json::parse(line.begin(), line.end(), nullptr, false);
   if (request.is_discarded())
     co_return error_line("bad-request", EINVAL, "malformed JSON: a request is one JSON object per line");

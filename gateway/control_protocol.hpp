@@ -35,6 +35,8 @@ using Json = nlohmann::json;
 // The largest request line the server reads; longer ones are answered with
 // "too-large" and the connection is closed.
 inline constexpr size_t kMaxControlRequest = 64 * 1024;
+// The deepest nesting of arrays and objects a request may have.
+inline constexpr size_t kMaxControlDepth = 32;
 
 struct ControlError : std::runtime_error {
   ControlError(std::string code_, int errno_value_, const std::string& message)

@@ -142,6 +142,22 @@ TEST_F(Fixture, MalformedRequestsGetClearErrors) {
   EXPECT_EQ(code(call(std::string(kMaxControlRequest + 1, ' '))), "too-large");
 }
 
+// Copying or dumping a deeply nested json value recurses: such a request
+// must be refused before it is parsed, not crash the daemon.
+TEST_F(Fixture, DeeplyNestedRequestsAreRefused) {
+  const size_t levels = 30000;  // fits in one request line
+  std::string deep = R"({"cmd":"status","id":)" + std::string(levels, '[') + std::string(levels, ']') + "}";
+  ASSERT_LE(deep.size(), kMaxControlRequest);
+  const auto r = call(deep);
+  EXPECT_EQ(code(r), "bad-request");
+  EXPECT_NE(r["error"]["message"].get<std::string>().find("nests deeper"), std::string::npos);
+  // Brackets inside strings do not count; nesting up to the limit is fine.
+  EXPECT_EQ(call(R"({"cmd":"status","id":"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["})")["ok"], true);
+  std::string ok_deep = R"({"cmd":"status","id":)" + std::string(kMaxControlDepth - 1, '[') +
+                        std::string(kMaxControlDepth - 1, ']') + "}";
+  EXPECT_EQ(call(ok_deep)["ok"], true);
+}
+
 TEST_F(Fixture, ArgumentsAreTypeChecked) {
   EXPECT_EQ(code(call(R"({"cmd": "stats"})")), "bad-request");
   EXPECT_EQ(code(call(R"({"cmd": "stats", "name": 3})")), "bad-request");
