@@ -189,6 +189,13 @@ CacheLayer::CacheLayer(std::unique_ptr<gateway::BlockDevice> remote, Params p)
   }
   if (cache_file_->geometry().size < geometry_.size)
     throw std::runtime_error("cache file " + cache_path_ + " is smaller than the image");
+  if (!injected) {
+    const int fd = ::open(cache_path_.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+      writeback_fd_ = std::make_shared<WritebackFd>();
+      writeback_fd_->fd = fd;
+    }
+  }
   if (cache_file_->capabilities().read_only)
     throw std::runtime_error("cache file " + cache_path_ + " is not writable");
 
@@ -558,6 +565,17 @@ Task<std::error_code> CacheLayer::make_durable(uint64_t first, uint64_t last) {
   if (m == WriteMode::writeback_local) co_return co_await checkpoint(true);
   if (m == WriteMode::writeback) co_return co_await write_back_durably(first, last);
   co_return std::error_code{};
+}
+
+CacheLayer::WritebackFd::~WritebackFd() {
+  if (fd >= 0) ::close(fd);
+}
+
+void CacheLayer::start_writeback(uint64_t offset, uint64_t length) {
+  if (!writeback_fd_ || length == 0) return;
+  boost::asio::post(blocking_, [f = writeback_fd_, offset, length] {
+    (void)::sync_file_range(f->fd, static_cast<off64_t>(offset), static_cast<off64_t>(length), SYNC_FILE_RANGE_WRITE);
+  });
 }
 
 Task<std::error_code> CacheLayer::flush() {

@@ -213,6 +213,10 @@ class CacheLayer final : public gateway::Layer, public gateway::ExportControl {
   // Prefetch: claims the absent chunks of [first, last], zeroes those the
   // remote reported as holes and fetches the rest; returns data bytes fetched.
   gateway::Task<std::error_code> prefetch_fill(uint64_t first, uint64_t last, uint64_t* fetched);
+  // Starts writing bytes of the cache file to disk without waiting for them
+  // (sync_file_range on the blocking pool); durability still comes only from
+  // the fdatasync of a checkpoint.
+  void start_writeback(uint64_t offset, uint64_t length);
   [[nodiscard]] bool is_hole(uint64_t c) const noexcept { return holes_.test(c) && !no_hole_.test(c); }
   void mark_remote_written(uint64_t first, uint64_t last) noexcept;
   // Chunks not present, excluding holes; bytes of chunks of a bitmap.
@@ -247,6 +251,13 @@ class CacheLayer final : public gateway::Layer, public gateway::ExportControl {
   gateway::Geometry geometry_;
   gateway::Capabilities remote_caps_;
   std::unique_ptr<gateway::BlockDevice> cache_file_;  // FileDevice on the cache image
+  // A descriptor of the cache file for start_writeback(); shared with the
+  // pool tasks that use it, so it outlives them.
+  struct WritebackFd {
+    int fd = -1;
+    ~WritebackFd();
+  };
+  std::shared_ptr<WritebackFd> writeback_fd_;
   std::string cache_path_;
   unsigned chunk_shift_ = 16;
   uint64_t nchunks_ = 0;

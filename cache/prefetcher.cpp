@@ -445,6 +445,9 @@ Task<std::error_code> Prefetcher::fill(uint64_t first, uint64_t last) {
   uint64_t fetched = 0;
   auto ec = co_await c_.prefetch_fill(first, last, &fetched);
   copied_.fetch_add(fetched);
+  // Let the disk take the copied run now, while the rest is still being
+  // fetched: the sync before a detach then finds little left to write.
+  if (!ec && fetched) c_.start_writeback(c_.chunk_start(first), c_.chunk_start(last) + c_.chunk_len(last) - c_.chunk_start(first));
   co_return ec;
 }
 
