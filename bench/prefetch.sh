@@ -141,8 +141,11 @@ median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(
 copy_t=() copysync_t=() pcopy_t=() detach_t=() idle_p50=() idle_p99=() pf_p50=() pf_p99=() idle_n=() pf_n=() windows=()
 for round in $(seq "$REPS"); do
     echo "round $round/$REPS" >&2
-    # 1a. nbdcopy of the image to a local file.
+    # 1a. nbdcopy of the image to a local file. Every timed step starts with
+    #     the disk idle (sync): otherwise whichever step syncs pays for the
+    #     previous steps' writes and deletes (a detach must fdatasync).
     rm -f "$work/copy.img"
+    sync
     t0=$(now)
     nbdcopy "$remote" "$work/copy.img"
     t1=$(now)
@@ -150,6 +153,7 @@ for round in $(seq "$REPS"); do
     cmp "$work/copy.img" "$img" || die "nbdcopy's copy differs"
     rm -f "$work/copy.img"
     # The same made durable (detach syncs the image before it switches).
+    sync
     t0=$(now)
     nbdcopy "$remote" "$work/copy.img"
     sync --data "$work/copy.img"
@@ -158,6 +162,7 @@ for round in $(seq "$REPS"); do
     rm -f "$work/copy.img"
 
     # 1b. prefetch until detached.
+    sync
     t0=$(now)
     start_bw detach "prefetch=sequential,auto-detach=on"
     pid=$BW_PID
