@@ -6,6 +6,7 @@ process a test starts is tracked by pid and stopped by pid in cleanup; every
 wait has a deadline.
 """
 
+import errno
 import os
 import random
 import shutil
@@ -260,6 +261,22 @@ class DaemonTestCase(unittest.TestCase):
         h.connect_uri(uri)
         self.addCleanup(close_handle, h)
         return h
+
+
+    def assert_requests_fail_with_eio_in_time(self, h, retry_timeout, slack=5.0):
+        """With the remote gone: a read, a write and a flush on handle h each
+        fail with EIO, no sooner than retry_timeout (less half a second) and
+        no later than retry_timeout + slack seconds."""
+        import nbd
+        for op in (lambda: h.pread(4096, 0), lambda: h.pwrite(b"x" * 4096, 0), h.flush):
+            start = time.monotonic()
+            with self.assertRaises(nbd.Error) as cm:
+                op()
+            took = time.monotonic() - start
+            self.assertEqual(cm.exception.errnum, errno.EIO)
+            self.assertGreater(took, retry_timeout - 0.5)
+            self.assertLess(took, retry_timeout + slack,
+                            "a request waited %.1fs with retry-timeout=%g" % (took, retry_timeout))
 
 
 def close_handle(h):
