@@ -552,9 +552,12 @@ void op_read(fuse_req_t req, fuse_ino_t, size_t size, off_t off, fuse_file_info*
 }
 
 // The second half of a split write (see op_write); its result goes to `done`.
-Task<void> write_part(std::shared_ptr<Node> node, std::span<const std::byte> part, uint64_t off,
-                      gateway::IoFlags flags, std::shared_ptr<gateway::SharedEvent> done) {
+// It shares the payload's buffer, which outlives both halves even if the
+// first one ends early.
+Task<void> write_part(std::shared_ptr<Node> node, std::shared_ptr<IoBuffer> owner, std::span<const std::byte> part,
+                      uint64_t off, gateway::IoFlags flags, std::shared_ptr<gateway::SharedEvent> done) {
   const std::error_code ec = co_await node->exp->device->write(part, off, flags);
+  owner.reset();
   done->set(ec);
 }
 
@@ -563,10 +566,12 @@ Task<void> do_write(fuse_req_t req, std::shared_ptr<Node> node, IoBuffer owner, 
                     uint64_t off, gateway::IoFlags flags, boost::asio::any_io_executor split_to) {
   std::span<const std::byte> payload(data, n);
   std::shared_ptr<gateway::SharedEvent> second;
+  std::shared_ptr<IoBuffer> shared_owner;
   if (split_to) {
     const size_t half = (n / 2) & ~(kSplitAlign - 1);
     second = std::make_shared<gateway::SharedEvent>();
-    boost::asio::co_spawn(split_to, write_part(node, payload.subspan(half), off + half, flags, second),
+    shared_owner = std::make_shared<IoBuffer>(std::move(owner));
+    boost::asio::co_spawn(split_to, write_part(node, shared_owner, payload.subspan(half), off + half, flags, second),
                           [second](std::exception_ptr e) {
                             if (e) second->set(std::make_error_code(std::errc::io_error));
                           });
@@ -578,6 +583,7 @@ Task<void> do_write(fuse_req_t req, std::shared_ptr<Node> node, IoBuffer owner, 
     if (!ec) ec = second_ec;
   }
   owner.reset();
+  shared_owner.reset();
   if (ec) {
     fuse_reply_err(req, fuse_errno(ec));
     co_return;
