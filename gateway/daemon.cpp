@@ -512,7 +512,10 @@ int run_daemon(DaemonConfig config) {
     try {
       if (!explicit_path && ControlServer::is_live(path))
         throw std::runtime_error("control socket " + path + ": another daemon is listening there");
-      control.listen(path, static_cast<mode_t>(config.control_socket_mode));
+      const gid_t group = config.control_socket_group.empty()
+                              ? static_cast<gid_t>(-1)
+                              : static_cast<gid_t>(control_group_id(config.control_socket_group));
+      control.listen(path, static_cast<mode_t>(config.control_mode()), group);
       log->info("control socket {}", path);
     } catch (const std::runtime_error& e) {
       if (explicit_path) throw ConfigError(e.what());
