@@ -282,6 +282,67 @@ TEST_F(Fixture, ModeChange) {
   EXPECT_NE(r["error"]["message"].get<std::string>().find("detached"), std::string::npos);
 }
 
+// The daemon's hooks: run-time changes the export took are handed on to be
+// saved (refusals are not); saved exports that failed to open are listed.
+struct HookedFixture : Fixture {
+  std::vector<std::string> saved;
+  std::string save_warning;
+  Json failed = Json::array();
+
+  void SetUp() override {
+    Fixture::SetUp();
+    ExportCommandHooks hooks;
+    hooks.persist = [this](std::string name, std::string key, std::string value) {
+      return save(std::move(name), std::move(key), std::move(value));
+    };
+    hooks.failed_exports = [this] { return failed; };
+    add_export_commands(dispatcher, table, std::move(hooks));  // replaces the commands
+  }
+  Task<std::string> save(std::string name, std::string key, std::string value) {
+    saved.push_back(name + " " + key + "=" + value);
+    co_return save_warning;
+  }
+};
+
+TEST_F(HookedFixture, ModeAndRateChangesAreSavedRefusalsAreNot) {
+  ASSERT_EQ(call(R"({"cmd": "mode", "name": "cached", "mode": "writeback-local"})")["ok"], true);
+  ASSERT_EQ(call(R"({"cmd": "prefetch-rate", "name": "cached", "rate": "2M"})")["ok"], true);
+  EXPECT_EQ(saved, (std::vector<std::string>{"cached mode=writeback-local", "cached prefetch-rate=2097152"}));
+  fake.next = {std::error_code(EPERM, std::system_category()), "the export is detached"};
+  EXPECT_EQ(code(call(R"({"cmd": "mode", "name": "cached", "mode": "writeback"})")), "refused");
+  EXPECT_EQ(code(call(R"({"cmd": "mode", "name": "cached", "mode": "bogus"})")), "bad-request");
+  EXPECT_EQ(saved.size(), 2u) << "nothing saved for a change that did not happen";
+  // A change that could not be saved is in effect, with a warning.
+  fake.next = {};
+  save_warning = "disk full";
+  const auto r = call(R"({"cmd": "mode", "name": "cached", "mode": "writethrough"})");
+  ASSERT_EQ(r["ok"], true);
+  EXPECT_EQ(r["result"]["warning"], "disk full");
+  EXPECT_NE(r["result"]["message"].get<std::string>().find("warning: disk full"), std::string::npos);
+}
+
+TEST_F(HookedFixture, FailedSavedExportsShowInStatusListAndStatsAndAreRefusedElsewhere) {
+  failed.push_back({{"name", "gone"}, {"uri", "file:///gone.img"}, {"options", ""},
+                    {"state", "failed: no such file"}, {"error", "no such file"}, {"mode", "failed"},
+                    {"clients", 0}});
+  const auto status = call(R"({"cmd": "status"})")["result"]["exports"];
+  ASSERT_EQ(status.size(), 3u);
+  EXPECT_EQ(status[0]["state"], "open");
+  EXPECT_EQ(status[2]["name"], "gone");
+  EXPECT_EQ(status[2]["state"], "failed: no such file");
+  const auto list = call(R"({"cmd": "list"})")["result"]["exports"];
+  ASSERT_EQ(list.size(), 3u);
+  EXPECT_EQ(list[0]["state"], "open");
+  EXPECT_EQ(list[2]["state"], "failed: no such file");
+  const auto stats = call(R"({"cmd": "stats", "name": "gone"})");
+  ASSERT_EQ(stats["ok"], true);
+  EXPECT_EQ(stats["result"]["state"], "failed: no such file");
+  const auto r = call(R"({"cmd": "detach", "name": "gone"})");
+  EXPECT_EQ(code(r), "refused");
+  EXPECT_NE(r["error"]["message"].get<std::string>().find("failed: no such file"), std::string::npos);
+  EXPECT_EQ(code(call(R"({"cmd": "stats", "name": "nowhere"})")), "unknown-export");
+}
+
 TEST_F(Fixture, Flush) {
   ASSERT_EQ(call(R"({"cmd": "flush", "name": "plain"})")["ok"], true);
   EXPECT_EQ(plain_mem->calls(test::Op::flush), 1u);
