@@ -325,8 +325,12 @@ int wait_prefetch(ControlClient& c, const std::string& name, bool json, double t
   const auto started = std::chrono::steady_clock::now();
   const auto deadline = started + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
                                       std::chrono::duration<double>(timeout));
-  if (timeout > 0) c.set_timeout(timeout);  // a daemon that stops answering cannot hold us past it either
   while (true) {
+    if (timeout > 0) {
+      // A daemon that stops answering cannot hold us much past the deadline either.
+      const double left = std::chrono::duration<double>(deadline - std::chrono::steady_clock::now()).count();
+      c.set_timeout(std::max(left, 0.1));
+    }
     const Json p = c.call("prefetch-status", {{"name", name}});
     const std::string state = str(p, "state");
     const auto now = std::chrono::steady_clock::now();
