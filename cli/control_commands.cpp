@@ -450,6 +450,7 @@ int cmd_prefetch(const std::vector<std::string>& in) {
     }
     const Json r = c.call("prefetch-rate", {{"name", name}, {"rate", rate}});
     if (json) return print_json(r), kOk;
+    if (r.contains("warning")) std::fprintf(stderr, "blockway prefetch: warning: %s\n", str(r, "warning").c_str());
     std::puts((rate ? "prefetch of '" + name + "' limited to " + bytes(rate) + "/s"
                     : "prefetch of '" + name + "' unlimited").c_str());
     return kOk;
