@@ -1118,6 +1118,10 @@ Task<void> CacheLayer::close() {
       co_await timer.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
     }
   }
+  // A detach or mode change in progress (control socket) finishes before the
+  // cache is persisted and the remote closed under it. Taken only after the
+  // prefetcher stopped: its auto-detach takes this lock too.
+  auto control = co_await control_mutex_.lock();
   // No request is running any more: every region's intent can be cleared.
   for (size_t i = 0; i < touched_.word_count(); ++i) touched_.store_word(i, 0);
   auto ec = co_await checkpoint(true);

@@ -111,6 +111,80 @@ bool MetaStore::remove_runtime_export(const std::string& name) {
   return sqlite3_changes(db_) > 0;
 }
 
+bool MetaStore::update_runtime_export_options(const std::string& name, const std::string& options) {
+  std::lock_guard lock(mutex_);
+  create_runtime_exports_table(db_);
+  sqlite3_stmt* raw = nullptr;
+  sqlite3_prepare_v2(db_, "UPDATE runtime_exports SET options = ? WHERE name = ?", -1, &raw, nullptr);
+  Stmt st(raw);
+  sqlite3_bind_text(raw, 1, options.c_str(), -1, SQLITE_TRANSIENT);
+  sqlite3_bind_text(raw, 2, name.c_str(), -1, SQLITE_TRANSIENT);
+  if (sqlite3_step(raw) != SQLITE_DONE)
+    throw std::runtime_error("catalogue " + path_ + ": cannot update export options: " + sqlite3_errmsg(db_));
+  return sqlite3_changes(db_) > 0;
+}
+
+// Created on first use, like runtime_exports.
+static void create_runtime_settings_table(sqlite3* db) {
+  char* err = nullptr;
+  if (sqlite3_exec(db,
+                   "CREATE TABLE IF NOT EXISTS runtime_settings ("
+                   " name TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, config_value TEXT NOT NULL,"
+                   " PRIMARY KEY (name, key)) WITHOUT ROWID",
+                   nullptr, nullptr, &err) != SQLITE_OK) {
+    std::string msg = err ? err : "unknown error";
+    sqlite3_free(err);
+    throw std::runtime_error("catalogue: cannot create the runtime_settings table: " + msg);
+  }
+}
+
+std::vector<RuntimeSetting> MetaStore::runtime_settings(const std::string& name) {
+  std::lock_guard lock(mutex_);
+  create_runtime_settings_table(db_);
+  std::vector<RuntimeSetting> out;
+  sqlite3_stmt* raw = nullptr;
+  sqlite3_prepare_v2(db_, "SELECT key, value, config_value FROM runtime_settings WHERE name = ? ORDER BY key", -1,
+                     &raw, nullptr);
+  Stmt st(raw);
+  sqlite3_bind_text(raw, 1, name.c_str(), -1, SQLITE_TRANSIENT);
+  while (sqlite3_step(raw) == SQLITE_ROW) {
+    RuntimeSetting r;
+    r.key = reinterpret_cast<const char*>(sqlite3_column_text(raw, 0));
+    r.value = reinterpret_cast<const char*>(sqlite3_column_text(raw, 1));
+    r.config_value = reinterpret_cast<const char*>(sqlite3_column_text(raw, 2));
+    out.push_back(std::move(r));
+  }
+  return out;
+}
+
+void MetaStore::save_runtime_setting(const std::string& name, const RuntimeSetting& r) {
+  std::lock_guard lock(mutex_);
+  create_runtime_settings_table(db_);
+  sqlite3_stmt* raw = nullptr;
+  sqlite3_prepare_v2(db_,
+                     "INSERT OR REPLACE INTO runtime_settings (name, key, value, config_value) VALUES (?, ?, ?, ?)",
+                     -1, &raw, nullptr);
+  Stmt st(raw);
+  sqlite3_bind_text(raw, 1, name.c_str(), -1, SQLITE_TRANSIENT);
+  sqlite3_bind_text(raw, 2, r.key.c_str(), -1, SQLITE_TRANSIENT);
+  sqlite3_bind_text(raw, 3, r.value.c_str(), -1, SQLITE_TRANSIENT);
+  sqlite3_bind_text(raw, 4, r.config_value.c_str(), -1, SQLITE_TRANSIENT);
+  if (sqlite3_step(raw) != SQLITE_DONE)
+    throw std::runtime_error("catalogue " + path_ + ": cannot save a run-time setting: " + sqlite3_errmsg(db_));
+}
+
+void MetaStore::forget_runtime_setting(const std::string& name, const std::string& key) {
+  std::lock_guard lock(mutex_);
+  create_runtime_settings_table(db_);
+  sqlite3_stmt* raw = nullptr;
+  sqlite3_prepare_v2(db_, "DELETE FROM runtime_settings WHERE name = ? AND key = ?", -1, &raw, nullptr);
+  Stmt st(raw);
+  sqlite3_bind_text(raw, 1, name.c_str(), -1, SQLITE_TRANSIENT);
+  sqlite3_bind_text(raw, 2, key.c_str(), -1, SQLITE_TRANSIENT);
+  if (sqlite3_step(raw) != SQLITE_DONE)
+    throw std::runtime_error("catalogue " + path_ + ": cannot forget a run-time setting: " + sqlite3_errmsg(db_));
+}
+
 std::optional<CacheRecord> MetaStore::find(const std::string& name) {
   std::lock_guard lock(mutex_);
   sqlite3_stmt* raw = nullptr;

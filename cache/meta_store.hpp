@@ -9,6 +9,9 @@
 // prefetch that should run after a restart, its rate), and the access
 // profile: per daemon run ("session"), the chunks in the order clients first
 // read them, appended in batches at checkpoints (for hot-first prefetch).
+// For the daemon: the exports added at run time (runtime_exports) and the
+// settings changed at run time (runtime_settings), both outside what a cache
+// reset forgets.
 //
 // Thread model: every method takes the store's mutex; commits may block on
 // fsync, so the cache layer calls them from the blocking pool.
@@ -43,6 +46,16 @@ struct RuntimeExport {
   std::string options;
 };
 
+// A setting changed at run time through the control socket (the write mode,
+// the prefetch rate) of an export from the configuration, with the value the
+// configuration had when it was changed: at start the run-time value applies
+// while the configuration still says `config_value`.
+struct RuntimeSetting {
+  std::string key;  // "mode", "prefetch-rate"
+  std::string value;
+  std::string config_value;
+};
+
 enum class BitmapKind : int { present = 0, dirty = 1, intent = 2 };
 
 class MetaStore {
@@ -61,6 +74,15 @@ class MetaStore {
   void save_runtime_export(const RuntimeExport& e);
   // Returns false if there was none by that name.
   bool remove_runtime_export(const std::string& name);
+  // Replaces the option list of a run-time export (keeping its place in the
+  // order); returns false if there is none by that name.
+  bool update_runtime_export_options(const std::string& name, const std::string& options);
+
+  // Run-time settings of configured exports (kept apart from the cache's own
+  // state, which a cache reset forgets).
+  std::vector<RuntimeSetting> runtime_settings(const std::string& name);
+  void save_runtime_setting(const std::string& name, const RuntimeSetting& setting);
+  void forget_runtime_setting(const std::string& name, const std::string& key);
 
   std::optional<CacheRecord> find(const std::string& name);
   // Inserts or replaces the record and forgets its bitmaps.

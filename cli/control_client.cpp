@@ -3,6 +3,7 @@
 #include "gateway/config.hpp"
 
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -44,6 +45,15 @@ ControlClient::~ControlClient() {
   if (fd_ >= 0) ::close(fd_);
 }
 
+void ControlClient::set_timeout(double seconds) {
+  timeval tv{};
+  tv.tv_sec = static_cast<time_t>(seconds);
+  tv.tv_usec = static_cast<suseconds_t>((seconds - static_cast<double>(tv.tv_sec)) * 1e6);
+  if (tv.tv_sec == 0 && tv.tv_usec == 0) tv.tv_usec = 1;
+  ::setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  ::setsockopt(fd_, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+}
+
 Json ControlClient::call(const std::string& cmd, Json args) {
   args["cmd"] = cmd;
   std::string line = args.dump() + "\n";
@@ -51,6 +61,8 @@ Json ControlClient::call(const std::string& cmd, Json args) {
     const ssize_t n = ::send(fd_, line.data() + off, line.size() - off, MSG_NOSIGNAL);
     if (n < 0) {
       if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK)
+        throw CliError(kTimedOut, "the daemon did not take the request in time");
       throw CliError(kNoDaemon, "the daemon closed the control connection: " + std::string(std::strerror(errno)));
     }
     off += static_cast<size_t>(n);
@@ -60,6 +72,8 @@ Json ControlClient::call(const std::string& cmd, Json args) {
     char chunk[65536];
     const ssize_t n = ::read(fd_, chunk, sizeof(chunk));
     if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+      throw CliError(kTimedOut, "the daemon did not answer in time");
     if (n <= 0) throw CliError(kNoDaemon, "the daemon closed the control connection without an answer");
     buffer_.append(chunk, static_cast<size_t>(n));
   }

@@ -23,6 +23,7 @@ enum Exit : int {
   kUnknownExport = 4,   // no export by that name
   kRefused = 5,         // the daemon refused: busy, not possible now, export without a cache
   kProtocol = 6,        // the daemon's answer made no sense (or it lacks the command)
+  kTimedOut = 7,        // --timeout ran out before the awaited state (the action goes on)
 };
 
 // Thrown with the exit code and the message for the operator.
@@ -46,6 +47,9 @@ class ControlClient {
   // Sends {"cmd": cmd, ...args} and returns "result". An error response
   // becomes a CliError with the exit code for its error code.
   Json call(const std::string& cmd, Json args = Json::object());
+  // Bounds every later send and receive to `seconds`; one that takes longer
+  // is a CliError(kTimedOut).
+  void set_timeout(double seconds);
 
  private:
   int fd_ = -1;

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <map>
 #include <set>
@@ -108,6 +109,9 @@ std::string str(const Json& j, const char* key, const std::string& fallback = ""
 
 void print_json(const Json& j) { std::puts(j.dump(2).c_str()); }
 
+// A saved export that failed to open ("failed: REASON"), not an open one.
+bool failed_export(const Json& e) { return str(e, "state", "open") != "open"; }
+
 // "done 3.2% at 12.0 MB/s" for status lines.
 std::string prefetch_summary(const Json& p) {
   if (!p.is_object()) return "-";
@@ -147,6 +151,10 @@ int cmd_status(const std::vector<std::string>& in) {
   fmt::print("{:<16} {:<15} {:>10} {:>10} {:>10} {:<10} {:>7}  {}\n", "NAME", "MODE", "SIZE", "PRESENT", "DIRTY",
              "REMOTE", "CLIENTS", "PREFETCH");
   for (const auto& e : list) {
+    if (failed_export(e)) {
+      fmt::print("{:<16} {}\n", str(e, "name"), str(e, "state"));
+      continue;
+    }
     std::string mode = str(e, "mode");
     if (e.value("read_only", false)) mode += ",ro";
     fmt::print("{:<16} {:<15} {:>10} {:>10} {:>10} {:<10} {:>7}  {}\n", str(e, "name"), mode, bytes(u64(e, "size")),
@@ -168,6 +176,11 @@ int cmd_stats(const std::vector<std::string>& in) {
   ControlClient c(control_socket_path(a.option("--socket")));
   const Json e = c.call("stats", {{"name", a.positional[0]}});
   if (a.has("--json")) return print_json(e), kOk;
+  if (failed_export(e)) {
+    fmt::print("export:    {}\nuri:       {}\noptions:   {}\nstate:     {}\n", str(e, "name"), str(e, "uri"),
+               str(e, "options"), str(e, "state"));
+    return kOk;
+  }
   fmt::print("export:    {}\nuri:       {}\nbackend:   {}\nsize:      {} ({} bytes){}\nmode:      {}\nclients:   {}\n",
              str(e, "name"), str(e, "uri"), str(e, "backend"), bytes(u64(e, "size")), u64(e, "size"),
              e.value("read_only", false) ? ", read-only" : "", str(e, "mode"), u64(e, "clients"));
@@ -211,7 +224,8 @@ int cmd_export(const std::vector<std::string>& in) {
       "opened again at every start; OPTIONS is the option list of blockwayd --export,\n"
       "e.g. ro,cache=/var/cache/blockway,mode=writeback.\n"
       "remove refuses while clients are connected; with --force the export takes no\n"
-      "new clients at once and is closed when the connected ones leave.";
+      "new clients at once and is closed when the connected ones leave. A saved export\n"
+      "that failed to open at start (list shows \"failed: REASON\") is simply forgotten.";
   auto a = parse_args(in, usage, {"--force", "--names"}, {});
   if (a.positional.empty()) {
     if (a.help) return std::puts(usage.c_str()), kOk;
@@ -230,10 +244,16 @@ int cmd_export(const std::vector<std::string>& in) {
       return kOk;
     }
     fmt::print("{:<16} {:<15} {:>10} {:>7}  {}\n", "NAME", "MODE", "SIZE", "CLIENTS", "URI");
-    for (const auto& e : r.at("exports"))
+    for (const auto& e : r.at("exports")) {
+      if (failed_export(e)) {
+        fmt::print("{:<16} {:<15} {:>10} {:>7}  {}  ({})\n", str(e, "name"), "failed", "-", "-", str(e, "uri"),
+                   str(e, "state"));
+        continue;
+      }
       fmt::print("{:<16} {:<15} {:>10} {:>7}  {}\n", str(e, "name"),
                  str(e, "mode") + (e.value("read_only", false) ? ",ro" : ""), bytes(u64(e, "size")),
                  u64(e, "clients"), str(e, "uri"));
+    }
     return kOk;
   }
   if (sub == "add") {
@@ -295,13 +315,22 @@ std::string progress_line(const std::string& name, const Json& p, bool bar) {
 }
 
 // Polls prefetch-status until done (0) or failed (1), drawing a bar on a
-// terminal and printing a plain line each second otherwise.
-int wait_prefetch(ControlClient& c, const std::string& name, bool json) {
+// terminal and printing a plain line each second otherwise; gives up after
+// `timeout` seconds (kTimedOut; 0 = no limit).
+int wait_prefetch(ControlClient& c, const std::string& name, bool json, double timeout) {
   const bool tty = ::isatty(STDOUT_FILENO) && !json;
   std::signal(SIGINT, [](int) { g_interrupted = 1; });
   auto last_line = std::chrono::steady_clock::time_point{};
   const auto poll = std::chrono::milliseconds(tty ? 250 : 500);
+  const auto started = std::chrono::steady_clock::now();
+  const auto deadline = started + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                                      std::chrono::duration<double>(timeout));
   while (true) {
+    if (timeout > 0) {
+      // A daemon that stops answering cannot hold us much past the deadline either.
+      const double left = std::chrono::duration<double>(deadline - std::chrono::steady_clock::now()).count();
+      c.set_timeout(std::max(left, 0.1));
+    }
     const Json p = c.call("prefetch-status", {{"name", name}});
     const std::string state = str(p, "state");
     const auto now = std::chrono::steady_clock::now();
@@ -328,7 +357,15 @@ int wait_prefetch(ControlClient& c, const std::string& name, bool json) {
       std::fputs("interrupted; the prefetch goes on in the daemon\n", stderr);
       return 130;
     }
-    std::this_thread::sleep_for(poll);
+    if (timeout > 0 && now >= deadline) {
+      if (tty) std::puts("");
+      if (json) print_json(p);
+      throw CliError(kTimedOut, fmt::format("prefetch of '{}' not complete after {} s ({:.1f}% done); it goes on "
+                                            "in the daemon", name, timeout, dbl(p, "percent")));
+    }
+    auto pause = std::chrono::duration_cast<std::chrono::steady_clock::duration>(poll);
+    if (timeout > 0) pause = std::min(pause, std::max(deadline - now, std::chrono::steady_clock::duration::zero()));
+    std::this_thread::sleep_for(pause);
   }
 }
 
@@ -338,13 +375,15 @@ int cmd_prefetch(const std::vector<std::string>& in) {
       "       blockway prefetch pause|resume NAME\n"
       "       blockway prefetch status NAME [--json]\n"
       "       blockway prefetch rate NAME RATE     (bytes per second: 50M, 1G, 0 = unlimited)\n"
-      "       blockway prefetch NAME [--wait]      (start or resume, then follow it)\n"
+      "       blockway prefetch NAME [--wait [--timeout SECONDS]]  (start or resume, then follow it)\n"
       "  (each also takes --socket PATH)\n\n"
       "Copies every chunk of the export's image that is not yet in its cache, in the\n"
       "background. --wait follows it to the end with a progress bar (percent, MB/s,\n"
       "ETA) on a terminal and a plain line per second otherwise; it exits 0 when every\n"
-      "chunk is present and 1 if the prefetch fails. Ctrl-C stops waiting, not the prefetch.";
-  auto a = parse_args(in, usage, {"--wait"}, {"--order"});
+      "chunk is present and 1 if the prefetch fails. --timeout SECONDS stops waiting\n"
+      "after that long with exit code 7 (the prefetch goes on). Ctrl-C stops waiting,\n"
+      "not the prefetch.";
+  auto a = parse_args(in, usage, {"--wait"}, {"--order", "--timeout"});
   if (a.help) return std::puts(usage.c_str()), kOk;
   if (a.positional.empty()) throw CliError(kUsage, "missing subcommand or export name\n" + usage);
   static const std::set<std::string> subs{"start", "pause", "resume", "status", "rate"};
@@ -356,6 +395,15 @@ int cmd_prefetch(const std::vector<std::string>& in) {
   }
   need_positionals(a, sub == "rate" ? 2 : 1, usage);
   const std::string name = a.positional[0];
+  double timeout = 0;
+  if (a.options.contains("--timeout")) {
+    const std::string text = a.option("--timeout");
+    char* end = nullptr;
+    timeout = std::strtod(text.c_str(), &end);
+    if (text.empty() || *end != '\0' || !std::isfinite(timeout) || timeout <= 0)
+      throw CliError(kUsage, "--timeout needs a number of seconds greater than 0, not '" + text + "'\n" + usage);
+    if (!a.has("--wait")) throw CliError(kUsage, "--timeout goes with --wait\n" + usage);
+  }
   ControlClient c(control_socket_path(a.option("--socket")));
   const bool json = a.has("--json");
   // Prints the daemon's own message when it sent one, else `text`.
@@ -384,7 +432,7 @@ int cmd_prefetch(const std::vector<std::string>& in) {
     } else {
       r = c.call("prefetch-start", req);
     }
-    if (a.has("--wait")) return wait_prefetch(c, name, json);
+    if (a.has("--wait")) return wait_prefetch(c, name, json, timeout);
     return done(r, "prefetch of '" + name + "' " + what);
   }
   if (a.has("--wait")) throw CliError(kUsage, "--wait goes with start or NAME alone\n" + usage);
@@ -402,6 +450,7 @@ int cmd_prefetch(const std::vector<std::string>& in) {
     }
     const Json r = c.call("prefetch-rate", {{"name", name}, {"rate", rate}});
     if (json) return print_json(r), kOk;
+    if (r.contains("warning")) std::fprintf(stderr, "blockway prefetch: warning: %s\n", str(r, "warning").c_str());
     std::puts((rate ? "prefetch of '" + name + "' limited to " + bytes(rate) + "/s"
                     : "prefetch of '" + name + "' unlimited").c_str());
     return kOk;

@@ -2,10 +2,12 @@
 
 #include <toml++/toml.h>
 #include <unistd.h>
+#include <grp.h>
 
 #include <charconv>
 #include <cstdlib>
 #include <set>
+#include <vector>
 
 namespace blockway::gateway {
 namespace {
@@ -232,6 +234,10 @@ void load_config_file(const std::string& path, DaemonConfig& cfg) {
           if (m > 0777)
             throw ConfigError(path + ": control.mode '" + text + "' is not a file mode like \"0660\" or 0o660");
           cfg.control_socket_mode = m;
+          cfg.control_socket_mode_set = true;
+        } else if (ckey == "group") {
+          cfg.control_socket_group = as_string(cnode, "control.group");
+          (void)control_group_id(cfg.control_socket_group);  // an unknown group stops the start here
         } else {
           throw ConfigError(path + ": unknown setting 'control." + ckey + "'");
         }
@@ -303,6 +309,18 @@ std::string default_data_dir() {
   if (const char* x = std::getenv("XDG_DATA_HOME"); x && *x) return std::string(x) + "/blockway";
   if (const char* h = std::getenv("HOME"); h && *h) return std::string(h) + "/.local/share/blockway";
   return "/var/tmp/blockway";
+}
+
+unsigned control_group_id(const std::string& group) {
+  if (group.empty()) throw ConfigError("control.group is empty (leave it out for a root-only socket)");
+  std::vector<char> buf(16384);
+  struct group gr {};
+  struct group* found = nullptr;
+  if (::getgrnam_r(group.c_str(), &gr, buf.data(), buf.size(), &found) == 0 && found) return found->gr_gid;
+  unsigned id = 0;
+  auto [end, ec] = std::from_chars(group.data(), group.data() + group.size(), id);
+  if (ec == std::errc{} && end == group.data() + group.size() && id != static_cast<unsigned>(-1)) return id;
+  throw ConfigError("control.group '" + group + "': no such group");
 }
 
 std::string default_control_socket() {

@@ -68,6 +68,13 @@ struct DaemonConfig {
   // if another daemon already listens there); "off" = no control plane.
   std::string control_socket;
   unsigned control_socket_mode = 0600;
+  bool control_socket_mode_set = false;  // [control] mode given
+  // [control] group: the socket's group (a name or a number); with it the
+  // mode defaults to 0660, so the group's members may use the control plane.
+  std::string control_socket_group;
+  [[nodiscard]] unsigned control_mode() const noexcept {
+    return control_socket_mode_set || control_socket_group.empty() ? control_socket_mode : 0660;
+  }
   uint64_t max_inflight_bytes = 128ull << 20;  // per connection
   uint32_t max_request_bytes = 32u << 20;      // largest read/write payload
   std::chrono::milliseconds handshake_timeout{10000};
@@ -93,5 +100,9 @@ std::string default_data_dir();
 // /run/blockway/control.sock for root, else $XDG_RUNTIME_DIR/blockway/
 // control.sock, else control.sock in default_data_dir().
 std::string default_control_socket();
+
+// The group id of [control] group (a group name or a number). Throws
+// ConfigError naming the setting if there is no such group.
+unsigned control_group_id(const std::string& group);
 
 }  // namespace blockway::gateway

@@ -13,10 +13,24 @@ namespace {
 
 [[noreturn]] void bad_request(const std::string& message) { throw ControlError("bad-request", EINVAL, message); }
 
-std::shared_ptr<Export> find_export(ExportTable& exports, const Json& request) {
+// The saved export by that name that failed to open, or null.
+Json failed_entry(const ExportCommandHooks& hooks, const std::string& name) {
+  if (!hooks.failed_exports || name.empty()) return nullptr;
+  for (auto& e : hooks.failed_exports())
+    if (e.value("name", "") == name) return e;
+  return nullptr;
+}
+
+std::shared_ptr<Export> find_export(ExportTable& exports, const Json& request, const ExportCommandHooks& hooks = {}) {
   const auto name = arg_string(request, "name");
   auto exp = name.empty() ? nullptr : exports.find(name);
-  if (!exp) throw ControlError("unknown-export", ENOENT, "no export named '" + name + "'");
+  if (!exp) {
+    if (const Json failed = failed_entry(hooks, name); !failed.is_null())
+      throw ControlError("refused", ENODEV,
+                         "export '" + name + "' is not open (" + failed.value("state", "failed") +
+                             "); fix the cause and restart the daemon, or drop it with export remove");
+    throw ControlError("unknown-export", ENOENT, "no export named '" + name + "'");
+  }
   return exp;
 }
 
@@ -193,6 +207,7 @@ Json export_json(const Export& exp, long clients) {
   Json j;
   j["name"] = exp.name;
   j["uri"] = exp.uri;
+  j["state"] = "open";
   if (!exp.description.empty()) j["description"] = exp.description;
   j["backend"] = exp.device->describe();
   j["size"] = exp.device->geometry().size;
@@ -264,11 +279,12 @@ namespace {
 // capturing coroutine lambdas: the GCC 12 rule in HELPERS.md).
 class ExportCommands {
  public:
-  explicit ExportCommands(ExportTable& exports) : exports_(exports) {}
+  ExportCommands(ExportTable& exports, ExportCommandHooks hooks) : exports_(exports), hooks_(std::move(hooks)) {}
 
   Task<Json> status(const Json&) {
     Json list = Json::array();
     for (const auto& exp : exports_.list()) list.push_back(export_json(*exp, export_clients(exp)));
+    add_failed(list);
     Json out;
     out["exports"] = std::move(list);
     out["pid"] = static_cast<long>(::getpid());
@@ -286,18 +302,21 @@ class ExportCommands {
       e["read_only"] = exp->device->capabilities().read_only;
       e["mode"] = exp->control ? exp->control->report().mode : std::string("direct");
       e["clients"] = export_clients(exp);
+      e["state"] = "open";
       list.push_back(std::move(e));
     }
+    add_failed(list);
     co_return Json{{"exports", std::move(list)}};
   }
 
   Task<Json> stats(const Json& req) {
-    auto exp = find_export(exports_, req);
+    if (auto failed = failed_entry(hooks_, arg_string(req, "name")); !failed.is_null()) co_return failed;
+    auto exp = find_export(exports_, req, hooks_);
     co_return export_json(*exp, export_clients(exp));
   }
 
   Task<Json> flush(const Json& req) {
-    auto exp = find_export(exports_, req);
+    auto exp = find_export(exports_, req, hooks_);
     if (exp->device->capabilities().read_only) co_return Json{{"message", "read-only export: nothing to flush"}};
     const std::error_code ec = co_await exp->device->flush();
     if (ec) throw ControlError("failed", ec.value(), "flush of '" + exp->name + "' failed: " + ec.message());
@@ -305,7 +324,7 @@ class ExportCommands {
   }
 
   Task<Json> prefetch_start(const Json& req) {
-    auto exp = find_export(exports_, req);
+    auto exp = find_export(exports_, req, hooks_);
     auto order = PrefetchOrder::sequential;
     if (req.contains("order")) {
       const auto o = arg_string(req, "order");
@@ -316,20 +335,23 @@ class ExportCommands {
     co_return outcome(c.prefetch_start(order), "prefetch start '" + exp->name + "'");
   }
   Task<Json> prefetch_pause(const Json& req) {
-    auto exp = find_export(exports_, req);
+    auto exp = find_export(exports_, req, hooks_);
     co_return outcome(control_of(*exp).prefetch_pause(), "prefetch pause '" + exp->name + "'");
   }
   Task<Json> prefetch_resume(const Json& req) {
-    auto exp = find_export(exports_, req);
+    auto exp = find_export(exports_, req, hooks_);
     co_return outcome(control_of(*exp).prefetch_resume(), "prefetch resume '" + exp->name + "'");
   }
   Task<Json> prefetch_rate(const Json& req) {
-    auto exp = find_export(exports_, req);
+    auto exp = find_export(exports_, req, hooks_);
     const uint64_t rate = arg_size(req, "rate");
-    co_return outcome(control_of(*exp).prefetch_set_rate(rate), "prefetch rate '" + exp->name + "'");
+    Json out = outcome(control_of(*exp).prefetch_set_rate(rate), "prefetch rate '" + exp->name + "'");
+    auto saving = persist(exp->name, "prefetch-rate", std::to_string(rate), out);
+    co_await std::move(saving);
+    co_return out;
   }
   Task<Json> prefetch_status(const Json& req) {
-    auto exp = find_export(exports_, req);
+    auto exp = find_export(exports_, req, hooks_);
     const auto r = control_of(*exp).report();
     Json out = prefetch_json(r.prefetch);
     out["name"] = exp->name;
@@ -342,7 +364,7 @@ class ExportCommands {
   }
 
   Task<Json> detach(const Json& req) {
-    auto exp = find_export(exports_, req);
+    auto exp = find_export(exports_, req, hooks_);
     const bool force = arg_bool(req, "force", false);
     auto& c = control_of(*exp);
     const ControlResult r = co_await c.detach(force);
@@ -350,18 +372,39 @@ class ExportCommands {
   }
 
   Task<Json> mode(const Json& req) {
-    auto exp = find_export(exports_, req);
+    auto exp = find_export(exports_, req, hooks_);
     const auto m = arg_string(req, "mode");
     if (m != "writethrough" && m != "writeback" && m != "writeback-local")
       bad_request("mode must be writethrough, writeback or writeback-local, not '" + m +
                   "' (use detach for local)");
     auto& c = control_of(*exp);
     const ControlResult r = co_await c.set_mode(m);
-    co_return outcome(r, "mode '" + exp->name + "'");
+    Json out = outcome(r, "mode '" + exp->name + "'");
+    auto saving = persist(exp->name, "mode", m, out);
+    co_await std::move(saving);
+    co_return out;
   }
 
  private:
+  // Saves a change the export took, so that it outlives a restart; a failure
+  // to save is a warning in the reply (the change itself is in effect).
+  Task<void> persist(std::string name, std::string key, std::string value, Json& out) {
+    if (!hooks_.persist) co_return;
+    auto saving = hooks_.persist(std::move(name), std::move(key), std::move(value));
+    const std::string warning = co_await std::move(saving);
+    if (warning.empty()) co_return;
+    std::string message = out.value("message", "");
+    out["message"] = message + (message.empty() ? "" : "; ") + "warning: " + warning;
+    out["warning"] = warning;
+  }
+
+  void add_failed(Json& list) const {
+    if (!hooks_.failed_exports) return;
+    for (auto& e : hooks_.failed_exports()) list.push_back(std::move(e));
+  }
+
   ExportTable& exports_;
+  ExportCommandHooks hooks_;
 };
 
 Task<Json> list_commands(const ControlDispatcher& d) {
@@ -372,8 +415,8 @@ Task<Json> list_commands(const ControlDispatcher& d) {
 
 }  // namespace
 
-void add_export_commands(ControlDispatcher& d, ExportTable& exports) {
-  auto cmds = std::make_shared<ExportCommands>(exports);
+void add_export_commands(ControlDispatcher& d, ExportTable& exports, ExportCommandHooks hooks) {
+  auto cmds = std::make_shared<ExportCommands>(exports, std::move(hooks));
   auto bind = [cmds](Task<Json> (ExportCommands::*fn)(const Json&)) -> ControlDispatcher::Handler {
     return [cmds, fn](const Json& req) { return ((*cmds).*fn)(req); };
   };

@@ -82,9 +82,22 @@ Json export_json(const Export& exp, long clients);
 // NBD connections using an export (Export::clients).
 long export_clients(const std::shared_ptr<Export>& exp);
 
+// What the daemon adds to the export commands; each may be empty.
+struct ExportCommandHooks {
+  // Saves a run-time change that should outlive a restart: key "mode" or
+  // "prefetch-rate" (bytes per second) of export `name`, after the export
+  // took it. Returns "" once saved, else a warning for the reply. Runs on the
+  // control plane's event loop (offload what blocks).
+  std::function<Task<std::string>(std::string name, std::string key, std::string value)> persist;
+  // Exports saved in the catalogue that could not be opened at start: each
+  // {name, uri, options, state: "failed: REASON", error: REASON}. status and
+  // list show them, stats NAME shows one, other commands are refused.
+  std::function<Json()> failed_exports;
+};
+
 // Registers the commands that need only the export table: status, list,
 // stats, flush, prefetch-start|pause|resume|rate|status, detach, mode,
 // commands. The daemon adds export-add and export-remove.
-void add_export_commands(ControlDispatcher& dispatcher, ExportTable& exports);
+void add_export_commands(ControlDispatcher& dispatcher, ExportTable& exports, ExportCommandHooks hooks = {});
 
 }  // namespace blockway::gateway

@@ -9,10 +9,13 @@
 #include <boost/asio/read_until.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/write.hpp>
+#include <fcntl.h>
+#include <stdio.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstring>
 #include <filesystem>
 
 namespace blockway::gateway {
@@ -39,7 +42,25 @@ bool ControlServer::is_live(const std::string& path) {
   return !ec;
 }
 
-void ControlServer::listen(const std::string& path, mode_t mode) {
+namespace {
+
+// A private directory next to the socket, removed (with what is left in it)
+// when it goes out of scope.
+struct PrivateDir {
+  std::string path;
+  int fd = -1;
+  ~PrivateDir() {
+    if (fd >= 0) {
+      ::unlinkat(fd, "s", 0);
+      ::close(fd);
+    }
+    if (!path.empty()) ::rmdir(path.c_str());
+  }
+};
+
+}  // namespace
+
+void ControlServer::listen(const std::string& path, mode_t mode, gid_t group) {
   const std::string where = "control socket " + path;
   if (path.empty() || path.front() != '/') throw std::runtime_error(where + ": needs an absolute path");
   if (path.size() >= 108) throw std::runtime_error(where + ": path is too long for a Unix socket");
@@ -49,29 +70,58 @@ void ControlServer::listen(const std::string& path, mode_t mode) {
     std::filesystem::create_directories(dir, fs_ec);
     if (fs_ec) throw std::runtime_error(where + ": cannot create " + dir.string() + ": " + fs_ec.message());
   }
-  struct stat st {};
-  if (::lstat(path.c_str(), &st) == 0) {
+  auto refuse_existing = [&] {
+    struct stat st {};
+    if (::lstat(path.c_str(), &st) != 0) return;
     if (!S_ISSOCK(st.st_mode)) throw std::runtime_error(where + ": the path exists and is not a socket");
     // Left behind by a crash, or in use by a running daemon: only a stale one
     // may be replaced.
     if (is_live(path)) throw std::runtime_error(where + ": another daemon is listening there");
-    ::unlink(path.c_str());
+  };
+  refuse_existing();
+
+  // The socket is bound in a fresh 0700 directory next to its path (nobody
+  // else can reach it or swap anything in there), given its mode and group
+  // there, and then renamed into place: it appears at `path` complete, and
+  // nothing is ever done through `path` that a symlink swapped into the
+  // directory could redirect. No umask change: other threads create files
+  // concurrently (SQLite, the loops).
+  PrivateDir tmp;
+  {
+    std::string tmpl = dir.string() + "/.control-XXXXXX";
+    if (tmpl.size() + 2 >= 108)
+      throw std::runtime_error(where + ": the directory's path is too long for a Unix socket");
+    if (!::mkdtemp(tmpl.data()))
+      throw std::runtime_error(where + ": cannot create a private directory in " + dir.string() + ": " +
+                               std::strerror(errno));
+    tmp.path = tmpl;
+    tmp.fd = ::open(tmp.path.c_str(), O_DIRECTORY | O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    if (tmp.fd < 0) throw std::runtime_error(where + ": cannot open " + tmp.path + ": " + std::strerror(errno));
   }
+  const std::string private_path = tmp.path + "/s";
   auto acceptor = std::make_unique<stream::acceptor>(ctx_);
   boost::system::error_code ec;
   acceptor->open(stream(), ec);
-  if (!ec) {
-    // Bind under a strict umask so the socket is never reachable by others,
-    // not even between bind() and chmod().
-    const mode_t old = ::umask(0177);
-    acceptor->bind(stream::endpoint(path), ec);
-    ::umask(old);
-  }
-  if (!ec && ::chmod(path.c_str(), mode) != 0) ec.assign(errno, boost::system::system_category());
+  if (!ec) acceptor->bind(stream::endpoint(private_path), ec);
+  auto sys_error = [&ec] { ec.assign(errno, boost::system::system_category()); };
+  if (!ec && group != static_cast<gid_t>(-1) && ::fchownat(tmp.fd, "s", static_cast<uid_t>(-1), group,
+                                                           AT_SYMLINK_NOFOLLOW) != 0)
+    sys_error();
+  // After the chown, which may clear set-id bits; fchmodat cannot refuse to
+  // follow a symlink, but "s" in a directory only we can write is our socket.
+  if (!ec && ::fchmodat(tmp.fd, "s", mode, 0) != 0) sys_error();
   if (!ec) acceptor->listen(asio::socket_base::max_listen_connections, ec);
-  if (ec) throw std::runtime_error(where + ": " + ec.message());
   struct stat mine {};
-  ::lstat(path.c_str(), &mine);
+  if (!ec && ::fstatat(tmp.fd, "s", &mine, AT_SYMLINK_NOFOLLOW) != 0) sys_error();
+  if (ec) throw std::runtime_error(where + ": " + ec.message());
+  // Publish: never over anything (a daemon that started meanwhile); over a
+  // stale socket only after checking again that it is stale.
+  if (::renameat2(tmp.fd, "s", AT_FDCWD, path.c_str(), RENAME_NOREPLACE) != 0) {
+    if (errno != EEXIST) throw std::runtime_error(where + ": " + std::strerror(errno));
+    refuse_existing();
+    if (::renameat(tmp.fd, "s", AT_FDCWD, path.c_str()) != 0)
+      throw std::runtime_error(where + ": " + std::strerror(errno));
+  }
   path_ = path;
   dev_ = mine.st_dev;
   ino_ = mine.st_ino;

@@ -1,5 +1,7 @@
 // ControlServer: the daemon's control socket. A Unix stream socket (mode 0600
-// by default: root-only when the daemon runs as root) on which every client
+// by default: root-only when the daemon runs as root; 0660 with a group for
+// operators in it), created with its mode already set: it is bound in a
+// private directory and renamed into place. On it every client
 // sends newline-delimited JSON requests and reads one response line each
 // (see control_protocol.hpp).
 //
@@ -31,10 +33,12 @@ class ControlServer {
   ControlServer(const ControlServer&) = delete;
   ControlServer& operator=(const ControlServer&) = delete;
 
-  // Creates the socket's directory if needed, replaces a stale socket file
-  // (never a live one: std::runtime_error), binds, sets `mode` and starts
-  // accepting. Throws std::runtime_error naming the path.
-  void listen(const std::string& path, mode_t mode = 0600);
+  // Creates the socket's directory if needed, binds in a private directory
+  // next to `path`, sets `mode` (and `group` unless -1) there and renames the
+  // socket into place, replacing a stale socket file (never a live one:
+  // std::runtime_error); then starts accepting. Throws std::runtime_error
+  // naming the path.
+  void listen(const std::string& path, mode_t mode = 0600, gid_t group = static_cast<gid_t>(-1));
   // Stops accepting and closes every client connection.
   void stop();
   [[nodiscard]] const std::string& path() const noexcept { return path_; }

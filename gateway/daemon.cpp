@@ -22,10 +22,14 @@
 
 #include <algorithm>
 #include <atomic>
+#include <charconv>
 #include <csignal>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <mutex>
 #include <optional>
+#include <set>
 
 namespace blockway::gateway {
 namespace {
@@ -58,6 +62,12 @@ struct OpenContext {
   std::string data_dir;
   std::unique_ptr<cache::MetaStore> catalogue;  // opened when the first cache needs it
   std::vector<cache::CacheLayer*> caches;        // started once every export is open
+  // Per cached export, the settings its configuration gives (for a run-time
+  // export: its saved options) before run-time changes apply: what a run-time
+  // change is recorded against. Written while opening, read by the control
+  // plane.
+  std::mutex configured_mutex;
+  std::map<std::string, std::map<std::string, std::string>> configured;
 
   cache::MetaStore& open_catalogue() {
     if (!catalogue) {
@@ -91,9 +101,52 @@ std::unique_ptr<BlockDevice> open_detached_export(ExportConfig& cfg, const remot
   return device;
 }
 
+// Run-time changes of the write mode and the prefetch rate (blockway mode,
+// blockway prefetch rate) are saved with the value the configuration had then;
+// at start they apply while the configuration still says that value. Once the
+// configuration says something else, the edit is newer: it wins and the saved
+// change is dropped.
+void apply_runtime_settings(const std::string& name, cache::CacheConfig& c, OpenContext& ctx) {
+  const std::string config_mode = cache::to_string(c.mode);
+  const std::string config_rate = std::to_string(c.prefetch_rate);
+  {
+    std::lock_guard lock(ctx.configured_mutex);
+    ctx.configured[name] = {{"mode", config_mode}, {"prefetch-rate", config_rate}};
+  }
+  auto log = logger("daemon");
+  auto& store = ctx.open_catalogue();
+  try {
+    for (const auto& s : store.runtime_settings(name)) {
+      const std::string now = s.key == "mode" ? config_mode : s.key == "prefetch-rate" ? config_rate : "";
+      if (now.empty()) continue;  // a setting this version does not know
+      if (s.config_value != now) {
+        log->info("export '{}': the configuration's {} changed from {} to {} since it was set to {} at run time: "
+                  "the configuration's {} applies", name, s.key, s.config_value, now, s.value, now);
+        store.forget_runtime_setting(name, s.key);
+        continue;
+      }
+      if (s.key == "mode") {
+        if (s.value == "writethrough") c.mode = cache::WriteMode::writethrough;
+        else if (s.value == "writeback") c.mode = cache::WriteMode::writeback;
+        else if (s.value == "writeback-local") c.mode = cache::WriteMode::writeback_local;
+        else continue;
+      } else {
+        uint64_t rate = 0;
+        auto [end, ec] = std::from_chars(s.value.data(), s.value.data() + s.value.size(), rate);
+        if (ec != std::errc{} || end != s.value.data() + s.value.size()) continue;
+        c.prefetch_rate = rate;
+      }
+      log->info("export '{}': {} {} (set at run time; the configuration says {})", name, s.key, s.value, now);
+    }
+  } catch (const std::runtime_error& e) {
+    throw ConfigError("export '" + name + "': " + e.what());
+  }
+}
+
 std::shared_ptr<Export> open_export(ExportConfig cfg, OpenContext& ctx) {
   auto& loops = ctx.loops;
-  const auto cache_cfg = cache::CacheConfig::take_from(cfg.options, cfg.name);
+  auto cache_cfg = cache::CacheConfig::take_from(cfg.options, cfg.name);
+  if (cache_cfg) apply_runtime_settings(cfg.name, *cache_cfg, ctx);
   if (!cache_cfg && std::filesystem::exists(ctx.data_dir + "/catalogue.db")) {
     // Serving an export without the cache that still holds its unwritten data
     // would silently show clients old bytes.
@@ -218,10 +271,73 @@ class RuntimeExports {
         log_->info("export '{}': {} ({} bytes, added at run time)", exp->name, exp->device->describe(),
                    exp->device->geometry().size);
         exports_.add(std::move(exp));
+        std::lock_guard lock(names_mutex_);
+        runtime_names_.insert(saved.name);
       } catch (const std::exception& e) {
-        log_->error("export '{}' added at run time cannot be opened, skipped: {}", saved.name, e.what());
+        log_->error("export '{}' added at run time cannot be opened, skipped (blockway status shows it; "
+                    "blockway export remove drops it): {}", saved.name, e.what());
+        std::lock_guard lock(names_mutex_);
+        failed_[saved.name] = Failed{saved.uri, saved.options, e.what()};
       }
     }
+  }
+
+  // The saved exports that failed to open, for status, list and stats.
+  Json failed_json() const {
+    Json list = Json::array();
+    std::lock_guard lock(names_mutex_);
+    for (const auto& [name, f] : failed_) {
+      Json e;
+      e["name"] = name;
+      e["uri"] = f.uri;
+      e["options"] = f.options;
+      e["state"] = "failed: " + f.reason;
+      e["error"] = f.reason;
+      e["mode"] = "failed";
+      e["clients"] = 0;
+      list.push_back(std::move(e));
+    }
+    return list;
+  }
+
+  // Saves a run-time change (hook of the "mode" and "prefetch-rate"
+  // commands): into the saved options of an export added at run time, else
+  // as a run-time setting over the configuration's value.
+  Task<std::string> persist(std::string name, std::string key, std::string value) {
+    bool runtime = false;
+    {
+      std::lock_guard lock(names_mutex_);
+      runtime = runtime_names_.contains(name);
+    }
+    std::string config_value;
+    {
+      std::lock_guard lock(ctx_.configured_mutex);
+      auto it = ctx_.configured.find(name);
+      if (it != ctx_.configured.end() && it->second.contains(key)) config_value = it->second.at(key);
+    }
+    cache::MetaStore* store = ctx_.catalogue.get();  // open: the export has a cache
+    auto save = [store, name, key, value, runtime, config_value]() -> std::string {
+      if (!store) return "not saved: no catalogue";
+      try {
+        if (runtime) {
+          for (const auto& e : store->runtime_exports())
+            if (e.name == name) store->update_runtime_export_options(name, with_option(e.options, key, value));
+        } else if (config_value.empty()) {
+          return "not saved: the configuration's " + key + " of '" + name + "' is unknown";
+        } else if (value == config_value) {
+          store->forget_runtime_setting(name, key);  // the configuration says so anyway
+        } else {
+          store->save_runtime_setting(name, {key, value, config_value});
+        }
+        return {};
+      } catch (const std::exception& e) {
+        return std::string("not saved in the catalogue, so it lasts until the daemon stops: ") + e.what();
+      }
+    };
+    auto saving = offload(loops_.blocking(), std::move(save));
+    std::string warning = co_await std::move(saving);
+    if (!warning.empty()) log_->warn("export '{}': {} {}: {}", name, key, value, warning);
+    co_return warning;
   }
 
   void set_shutting_down() { shutting_down_ = true; }
@@ -277,6 +393,11 @@ class RuntimeExports {
     }
     for (auto* c : opened.caches) c->start();
     exports_.add(opened.exp);
+    {
+      std::lock_guard lock(names_mutex_);
+      runtime_names_.insert(name);
+      failed_.erase(name);  // added again: the saved entry was replaced
+    }
     log_->info("export '{}': {} ({} bytes) added at run time", name, opened.exp->device->describe(),
                opened.exp->device->geometry().size);
     co_return export_json(*opened.exp, 0);
@@ -287,7 +408,10 @@ class RuntimeExports {
     const bool force = arg_bool(req, "force", false);
     auto guard = co_await lock_.lock();
     auto exp = name.empty() ? nullptr : exports_.find(name);
-    if (!exp) throw ControlError("unknown-export", ENOENT, "no export named '" + name + "'");
+    if (!exp) {
+      auto removing = remove_failed(name);
+      co_return co_await std::move(removing);
+    }
     const long clients = export_clients(exp);
     if (clients > 0 && !force)
       throw ControlError("refused", EBUSY,
@@ -295,6 +419,10 @@ class RuntimeExports {
                              " client connection(s); disconnect them first, or force: existing "
                              "connections keep it until they close, new ones cannot open it");
     exports_.remove(name);
+    {
+      std::lock_guard lock(names_mutex_);
+      runtime_names_.erase(name);
+    }
     auto forget = [this, name]() -> int {
       try {
         if (!std::filesystem::exists(ctx_.data_dir + "/catalogue.db")) return 0;
@@ -327,6 +455,64 @@ class RuntimeExports {
   }
 
  private:
+  struct Failed {
+    std::string uri, options, reason;
+  };
+
+  // export-remove of a saved export that failed to open: forget it.
+  Task<Json> remove_failed(std::string name) {
+    std::optional<Failed> failed;
+    {
+      std::lock_guard lock(names_mutex_);
+      if (auto it = failed_.find(name); it != failed_.end()) failed = it->second;
+    }
+    if (!failed) throw ControlError("unknown-export", ENOENT, "no export named '" + name + "'");
+    cache::MetaStore* store = ctx_.catalogue.get();  // open: open_saved() read it
+    auto forget = [store, name]() -> std::string {
+      try {
+        if (store) store->remove_runtime_export(name);
+        return {};
+      } catch (const std::exception& e) {
+        return e.what();
+      }
+    };
+    auto forgetting = offload(loops_.blocking(), std::move(forget));
+    const std::string error = co_await std::move(forgetting);
+    if (!error.empty())
+      throw ControlError("failed", EIO, "export '" + name + "' could not be forgotten in the catalogue: " + error);
+    {
+      std::lock_guard lock(names_mutex_);
+      failed_.erase(name);
+    }
+    Json out;
+    out["name"] = name;
+    out["clients"] = 0;
+    out["message"] = "export '" + name + "' (which failed to open: " + failed->reason +
+                     ") removed; it is forgotten in the catalogue";
+    log_->info("{}", out["message"].get<std::string>());
+    co_return out;
+  }
+
+  // "ro,cache=/c,mode=writeback" with key=value set (replaced or appended).
+  static std::string with_option(const std::string& options, const std::string& key, const std::string& value) {
+    std::string out;
+    bool replaced = false;
+    size_t pos = 0;
+    while (pos <= options.size() && !options.empty()) {
+      const size_t comma = std::min(options.find(',', pos), options.size());
+      std::string item = options.substr(pos, comma - pos);
+      if (item.substr(0, item.find('=')) == key) {
+        if (replaced) item.clear();  // a repeated key: keep one
+        else item = key + "=" + value;
+        replaced = true;
+      }
+      if (!item.empty()) out += (out.empty() ? "" : ",") + item;
+      pos = comma + 1;
+    }
+    if (!replaced) out += (out.empty() ? "" : ",") + key + "=" + value;
+    return out;
+  }
+
   static ExportConfig parse(const std::string& name, const std::string& uri, const std::string& options) {
     if (name.find(',') != std::string::npos || name.find('=') != std::string::npos)
       throw ConfigError("export name '" + name + "' must not contain ',' or '='");
@@ -352,6 +538,11 @@ class RuntimeExports {
   std::shared_ptr<spdlog::logger> log_;
   AsyncMutex lock_;
   std::atomic<bool> shutting_down_{false};
+  // Names of the exports this class opened (run-time ones), and the saved
+  // ones that failed to open; read by the control plane's hooks.
+  mutable std::mutex names_mutex_;
+  std::set<std::string> runtime_names_;
+  std::map<std::string, Failed> failed_;
 };
 
 // `blockway mount DIR`: mount(2), and a statfs of whatever is already at DIR
@@ -433,7 +624,12 @@ int run_daemon(DaemonConfig config) {
   // sockets, below). Adding a command is one add() here or in
   // add_export_commands().
   ControlDispatcher control_commands;
-  add_export_commands(control_commands, exports);
+  ExportCommandHooks hooks;
+  hooks.persist = [&runtime_exports](std::string name, std::string key, std::string value) {
+    return runtime_exports.persist(std::move(name), std::move(key), std::move(value));
+  };
+  hooks.failed_exports = [&runtime_exports] { return runtime_exports.failed_json(); };
+  add_export_commands(control_commands, exports, std::move(hooks));
   control_commands.add("export-add", "add an export and save it in the catalogue {name, uri, options?}",
                        [&runtime_exports](const Json& req) { return runtime_exports.add(req); });
   control_commands.add("export-remove", "remove an export {name, force?}",
@@ -512,7 +708,10 @@ int run_daemon(DaemonConfig config) {
     try {
       if (!explicit_path && ControlServer::is_live(path))
         throw std::runtime_error("control socket " + path + ": another daemon is listening there");
-      control.listen(path, static_cast<mode_t>(config.control_socket_mode));
+      const gid_t group = config.control_socket_group.empty()
+                              ? static_cast<gid_t>(-1)
+                              : static_cast<gid_t>(control_group_id(config.control_socket_group));
+      control.listen(path, static_cast<mode_t>(config.control_mode()), group);
       log->info("control socket {}", path);
     } catch (const std::runtime_error& e) {
       if (explicit_path) throw ConfigError(e.what());

@@ -25,6 +25,7 @@ from harness import MiB  # noqa: E402
 from test_nbd_remote import Nbdkit  # noqa: E402
 
 EXIT_FAILED, EXIT_USAGE, EXIT_NO_DAEMON, EXIT_UNKNOWN, EXIT_REFUSED, EXIT_PROTOCOL = 1, 2, 3, 4, 5, 6
+EXIT_TIMED_OUT = 7
 
 NO_CONTROL = ("this daemon's cache offers no run-time control (ExportControl is not wired: "
               "the prefetch/detach work is not merged into this build)")
@@ -434,13 +435,60 @@ class RuntimeExports(ControlTestCase):
         d.stop()
         os.rename(img, img + ".away")
         d = self.start({"base": "file://" + base})
-        self.assertEqual([e["name"] for e in self.bwj("export", "list")["exports"]], ["base"])
+        listed = {e["name"]: e for e in self.bwj("export", "list")["exports"]}
+        self.assertEqual(sorted(listed), ["base", "late"])
+        self.assertTrue(listed["late"]["state"].startswith("failed: "), listed["late"])
         self.assertIn("export 'late' added at run time cannot be opened", d.log())
         d.stop()
         os.rename(img + ".away", img)
         self.start({"base": "file://" + base})
         self.assertEqual([e["name"] for e in self.bwj("export", "list")["exports"]], ["base", "late"])
         self.assertEqual(self.connect(self.uri("late")).pread(4096, 0), harness.read_file(img, 0, 4096))
+
+    def test_failed_saved_export_shows_in_status_and_export_remove_drops_it(self):
+        img = harness.make_random_image(self.path("a.img"), 4 * MiB, seed=7)
+        base = harness.make_sparse_image(self.path("base.img"), MiB)
+        d = self.start({"base": "file://" + base})
+        self.bw("export", "add", "late", "file://" + img)
+        d.stop()
+        os.rename(img, img + ".away")
+        d = self.start({"base": "file://" + base})
+        # status, export list and stats show it, with the reason.
+        st = {e["name"]: e for e in self.bwj("status")["exports"]}
+        self.assertEqual(st["base"]["state"], "open")
+        self.assertTrue(st["late"]["state"].startswith("failed: "), st["late"])
+        self.assertIn("a.img", st["late"]["state"])
+        out, _ = self.bw("status")
+        self.assertRegex(out, r"(?m)^late +failed: .*a\.img")
+        out, _ = self.bw("export", "list")
+        self.assertRegex(out, r"(?m)^late +failed +- +- +file://")
+        out, _ = self.bw("export", "list", "--names")
+        self.assertEqual(out.split(), ["base", "late"], "completion offers it for export remove")
+        out, _ = self.bw("stats", "late")
+        self.assertIn("state:     failed: ", out)
+        # Other commands say why they cannot act on it.
+        _, err = self.bw("flush", "late", expect=EXIT_REFUSED)
+        self.assertIn("failed: ", err)
+        # export remove forgets it, at once and across a restart.
+        out, _ = self.bw("export", "remove", "late")
+        self.assertIn("removed", out)
+        self.assertEqual([e["name"] for e in self.bwj("export", "list")["exports"]], ["base"])
+        self.bw("export", "remove", "late", expect=EXIT_UNKNOWN)
+        d.stop()
+        os.rename(img + ".away", img)
+        d = self.start({"base": "file://" + base})
+        self.assertEqual([e["name"] for e in self.bwj("export", "list")["exports"]], ["base"])
+        self.assertNotIn("late", d.log())
+        # A failed one can also be replaced by adding it again (once it opens).
+        self.bw("export", "add", "late", "file://" + img)
+        d.stop()
+        os.rename(img, img + ".away")
+        self.start({"base": "file://" + base})
+        os.rename(img + ".away", img)
+        self.bw("export", "add", "late", "file://" + img)
+        st = {e["name"]: e for e in self.bwj("status")["exports"]}
+        self.assertEqual(st["late"]["state"], "open")
+        self.assertEqual(len(self.bwj("status")["exports"]), 2)
 
     def test_remove_with_connected_clients(self):
         img = harness.make_random_image(self.path("a.img"), 4 * MiB, seed=5)
@@ -535,6 +583,27 @@ class CacheControl(ControlTestCase):
         self.assertIn("done", out)
         self.daemon.stop()
 
+    def test_prefetch_wait_timeout(self):
+        self.setup_cached(size=16 * MiB)
+        self.bw("prefetch", "rate", "other", "1M")
+        for bad in (["--timeout", "0"], ["--timeout", "soon"], ["--timeout", "-1"]):
+            _, err = self.bw("prefetch", "other", "--wait", *bad, expect=EXIT_USAGE)
+            self.assertIn("--timeout", err)
+        _, err = self.bw("prefetch", "status", "other", "--timeout", "1", expect=EXIT_USAGE)
+        self.assertIn("goes with --wait", err)
+        t0 = time.monotonic()
+        out, err = self.bw("prefetch", "other", "--wait", "--timeout", "1.5", expect=EXIT_TIMED_OUT)
+        elapsed = time.monotonic() - t0
+        self.assertGreaterEqual(elapsed, 1.4)
+        self.assertLess(elapsed, 10)
+        self.assertIn("not complete after 1.5 s", err)
+        self.assertIn("goes on", err)
+        self.assertEqual(self.bwj("prefetch", "status", "other")["state"], "running", "only the waiting stopped")
+        self.bw("prefetch", "rate", "other", "0")
+        j = self.bwj("prefetch", "other", "--wait", "--timeout", "120")
+        self.assertEqual(j["state"], "done")
+        self.daemon.stop()
+
     def test_detach_and_mode(self):
         self.setup_cached(size=8 * MiB)
         # Missing chunks: refused, even with force, with a clear message.
@@ -556,6 +625,65 @@ class CacheControl(ControlTestCase):
         out, _ = self.bw("status")
         self.assertIn("detached", out)
         self.daemon.stop()
+
+
+class RunTimeSettings(ControlTestCase):
+    """blockway mode / prefetch rate outlive a restart until the configuration changes."""
+
+    def catalogue(self, sql):
+        import sqlite3
+        with sqlite3.connect(os.path.join(self.data, "catalogue.db")) as db:
+            return db.execute(sql).fetchall()
+
+    def test_mode_and_rate_persist_until_the_configuration_changes(self):
+        img = harness.make_random_image(self.path("vm.img"), 4 * MiB, seed=11)
+        rt_img = harness.make_random_image(self.path("rt.img"), 4 * MiB, seed=12)
+        cache = self.path("cache")
+
+        def start(mode="writethrough", rate=None):
+            spec = "file://%s,cache=%s,chunk=256k,mode=%s" % (img, cache, mode)
+            if rate:
+                spec += ",prefetch-rate=" + rate
+            return self.start({"vm": spec})
+
+        def state(name):
+            st = self.bwj("stats", name)
+            return st["mode"], st["prefetch"]["rate_limit"]
+
+        d = start()
+        if not self.has_cache_control("vm"):
+            self.skipTest(NO_CONTROL)
+        self.bw("mode", "vm", "writeback")
+        self.bw("prefetch", "rate", "vm", "3M")
+        self.bw("export", "add", "rt", "file://" + rt_img, "cache=%s,chunk=256k,mode=writethrough" % cache)
+        self.bw("mode", "rt", "writeback-local")
+        self.bw("prefetch", "rate", "rt", "2M")
+        d.stop()
+
+        # Same configuration: the run-time changes win.
+        d = start()
+        self.assertEqual(state("vm"), ("writeback", 3 * MiB))
+        self.assertEqual(state("rt"), ("writeback-local", 2 * MiB))
+        self.assertIn("set at run time; the configuration says writethrough", d.log())
+        d.stop()
+        # A run-time export's saved options carry its changes.
+        (options,), = self.catalogue("SELECT options FROM runtime_exports WHERE name = 'rt'")
+        self.assertIn("mode=writeback-local", options)
+        self.assertIn("prefetch-rate=2097152", options)
+        self.assertEqual(options.count("mode="), 1, options)
+
+        # The configuration's mode changed since: it wins, the saved mode is
+        # dropped; the rate (its configured value unchanged) still applies.
+        d = start(mode="writeback-local")
+        self.assertEqual(state("vm"), ("writeback-local", 3 * MiB))
+        self.assertIn("the configuration's mode changed from writethrough to writeback-local", d.log())
+        # Setting the configured value again at run time drops the saved one.
+        self.bw("prefetch", "rate", "vm", "0")
+        d.stop()
+        self.assertEqual(self.catalogue("SELECT key FROM runtime_settings WHERE name = 'vm'"), [])
+        d = start(mode="writeback-local", rate="5M")
+        self.assertEqual(state("vm"), ("writeback-local", 5 * MiB))
+        d.stop()
 
 
 class FuseMountAtRunTime(ControlTestCase):

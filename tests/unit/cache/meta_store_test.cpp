@@ -182,6 +182,38 @@ TEST_F(MetaStoreTest, StateIsPerExportAndResetForgetsIt) {
   EXPECT_FALSE(s.get_state("a", "detached"));
 }
 
+TEST_F(MetaStoreTest, RuntimeSettingsAndExportOptionsPersistAndSurviveACacheReset) {
+  MetaStore s(path_);
+  s.reset(record("a"));
+  EXPECT_TRUE(s.runtime_settings("a").empty());
+  s.save_runtime_setting("a", {"mode", "writeback", "writethrough"});
+  s.save_runtime_setting("a", {"prefetch-rate", "1048576", "0"});
+  s.save_runtime_setting("a", {"mode", "writeback-local", "writethrough"});  // replaces
+  s.reset(record("a"));  // a fresh cache keeps the operator's settings
+  {
+    MetaStore again(path_);
+    const auto got = again.runtime_settings("a");
+    ASSERT_EQ(got.size(), 2u);
+    EXPECT_EQ(got[0].key, "mode");
+    EXPECT_EQ(got[0].value, "writeback-local");
+    EXPECT_EQ(got[0].config_value, "writethrough");
+    EXPECT_EQ(got[1].key, "prefetch-rate");
+    EXPECT_EQ(got[1].value, "1048576");
+  }
+  EXPECT_TRUE(s.runtime_settings("b").empty());
+  s.forget_runtime_setting("a", "mode");
+  ASSERT_EQ(s.runtime_settings("a").size(), 1u);
+
+  s.save_runtime_export({"x", "file:///x.img", "cache=/c"});
+  s.save_runtime_export({"y", "file:///y.img", ""});
+  EXPECT_TRUE(s.update_runtime_export_options("x", "cache=/c,mode=writeback"));
+  EXPECT_FALSE(s.update_runtime_export_options("z", "ro"));
+  const auto list = s.runtime_exports();
+  ASSERT_EQ(list.size(), 2u);
+  EXPECT_EQ(list[0].name, "x") << "the order of addition is kept";
+  EXPECT_EQ(list[0].options, "cache=/c,mode=writeback");
+}
+
 TEST_F(MetaStoreTest, AccessProfilesKeepOrderAndOnlyTheNewestSessions) {
   MetaStore s(path_);
   s.reset(record("a"));

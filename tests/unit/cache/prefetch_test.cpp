@@ -17,6 +17,7 @@
 #include <chrono>
 #include <fstream>
 #include <functional>
+#include <future>
 #include <iterator>
 #include <thread>
 
@@ -559,6 +560,34 @@ TEST_F(PrefetchTest, DetachHoldsNewRequestsUntilTheSwitchAndLosesNone) {
   EXPECT_EQ(read(0, kSize), expected);
   h_->close();
   EXPECT_EQ(cache_file(), expected);
+}
+
+// close() (shutdown, export-remove) waits for a detach in progress instead
+// of persisting the cache and closing the remote under it.
+TEST_F(PrefetchTest, CloseWaitsForADetachInProgress) {
+  open(WriteMode::writeback);
+  ASSERT_TRUE(layer().prefetch_start(PrefetchOrder::sequential).ok());
+  ASSERT_TRUE(wait_done());
+  std::vector<std::byte> data(2 * kChunk, std::byte{0x5a});
+  ASSERT_FALSE(write(3 * kChunk, data));
+  remote_->close_gate(Op::write);
+  auto detach = boost::asio::co_spawn(h_->io(), layer().detach(true), boost::asio::use_future);
+  ASSERT_TRUE(wait_until([&] { return remote_->in_flight(Op::write) > 0; })) << "detach writes back";
+  auto closing = boost::asio::co_spawn(h_->io(), layer().close(), boost::asio::use_future);
+  EXPECT_EQ(closing.wait_for(300ms), std::future_status::timeout) << "close() did not wait for the detach";
+  remote_->open_gate(Op::write);
+  const auto r = detach.get();
+  EXPECT_TRUE(r.ok()) << r.message;
+  closing.get();
+  EXPECT_EQ(remote_->contents(3 * kChunk, data.size()), data);
+  h_.reset();
+  // The next run finds a clean, detached export.
+  EXPECT_TRUE(store_->find("vm")->clean);
+  auto standin = open_if_detached(*store_, "vm", "memory://remote");
+  ASSERT_TRUE(standin);
+  auto& again = open_with(config(WriteMode::writeback), std::move(standin));
+  EXPECT_TRUE(again.detached());
+  EXPECT_FALSE(again.stats().recovered);
 }
 
 TEST_F(PrefetchTest, SetModeSwitchesAndWritesBackWhenTheNewModeNeedsIt) {

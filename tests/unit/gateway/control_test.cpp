@@ -11,6 +11,7 @@
 
 #include <boost/asio/executor_work_guard.hpp>
 #include <gtest/gtest.h>
+#include <sys/inotify.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -281,6 +282,67 @@ TEST_F(Fixture, ModeChange) {
   EXPECT_NE(r["error"]["message"].get<std::string>().find("detached"), std::string::npos);
 }
 
+// The daemon's hooks: run-time changes the export took are handed on to be
+// saved (refusals are not); saved exports that failed to open are listed.
+struct HookedFixture : Fixture {
+  std::vector<std::string> saved;
+  std::string save_warning;
+  Json failed = Json::array();
+
+  void SetUp() override {
+    Fixture::SetUp();
+    ExportCommandHooks hooks;
+    hooks.persist = [this](std::string name, std::string key, std::string value) {
+      return save(std::move(name), std::move(key), std::move(value));
+    };
+    hooks.failed_exports = [this] { return failed; };
+    add_export_commands(dispatcher, table, std::move(hooks));  // replaces the commands
+  }
+  Task<std::string> save(std::string name, std::string key, std::string value) {
+    saved.push_back(name + " " + key + "=" + value);
+    co_return save_warning;
+  }
+};
+
+TEST_F(HookedFixture, ModeAndRateChangesAreSavedRefusalsAreNot) {
+  ASSERT_EQ(call(R"({"cmd": "mode", "name": "cached", "mode": "writeback-local"})")["ok"], true);
+  ASSERT_EQ(call(R"({"cmd": "prefetch-rate", "name": "cached", "rate": "2M"})")["ok"], true);
+  EXPECT_EQ(saved, (std::vector<std::string>{"cached mode=writeback-local", "cached prefetch-rate=2097152"}));
+  fake.next = {std::error_code(EPERM, std::system_category()), "the export is detached"};
+  EXPECT_EQ(code(call(R"({"cmd": "mode", "name": "cached", "mode": "writeback"})")), "refused");
+  EXPECT_EQ(code(call(R"({"cmd": "mode", "name": "cached", "mode": "bogus"})")), "bad-request");
+  EXPECT_EQ(saved.size(), 2u) << "nothing saved for a change that did not happen";
+  // A change that could not be saved is in effect, with a warning.
+  fake.next = {};
+  save_warning = "disk full";
+  const auto r = call(R"({"cmd": "mode", "name": "cached", "mode": "writethrough"})");
+  ASSERT_EQ(r["ok"], true);
+  EXPECT_EQ(r["result"]["warning"], "disk full");
+  EXPECT_NE(r["result"]["message"].get<std::string>().find("warning: disk full"), std::string::npos);
+}
+
+TEST_F(HookedFixture, FailedSavedExportsShowInStatusListAndStatsAndAreRefusedElsewhere) {
+  failed.push_back({{"name", "gone"}, {"uri", "file:///gone.img"}, {"options", ""},
+                    {"state", "failed: no such file"}, {"error", "no such file"}, {"mode", "failed"},
+                    {"clients", 0}});
+  const auto status = call(R"({"cmd": "status"})")["result"]["exports"];
+  ASSERT_EQ(status.size(), 3u);
+  EXPECT_EQ(status[0]["state"], "open");
+  EXPECT_EQ(status[2]["name"], "gone");
+  EXPECT_EQ(status[2]["state"], "failed: no such file");
+  const auto list = call(R"({"cmd": "list"})")["result"]["exports"];
+  ASSERT_EQ(list.size(), 3u);
+  EXPECT_EQ(list[0]["state"], "open");
+  EXPECT_EQ(list[2]["state"], "failed: no such file");
+  const auto stats = call(R"({"cmd": "stats", "name": "gone"})");
+  ASSERT_EQ(stats["ok"], true);
+  EXPECT_EQ(stats["result"]["state"], "failed: no such file");
+  const auto r = call(R"({"cmd": "detach", "name": "gone"})");
+  EXPECT_EQ(code(r), "refused");
+  EXPECT_NE(r["error"]["message"].get<std::string>().find("failed: no such file"), std::string::npos);
+  EXPECT_EQ(code(call(R"({"cmd": "stats", "name": "nowhere"})")), "unknown-export");
+}
+
 TEST_F(Fixture, Flush) {
   ASSERT_EQ(call(R"({"cmd": "flush", "name": "plain"})")["ok"], true);
   EXPECT_EQ(plain_mem->calls(test::Op::flush), 1u);
@@ -460,6 +522,78 @@ TEST_F(SocketFixture, LiveSocketIsNeverTakenOverStaleOneIsReplaced) {
   EXPECT_THROW(second.listen("relative.sock"), std::runtime_error);
 }
 
+// The socket appears at its path complete: it is never created there and its
+// mode is never changed through that path (a chmod() after bind() follows a
+// symlink swapped into the directory in between), and the process umask is
+// left alone (other threads create files meanwhile).
+TEST_F(SocketFixture, SocketAppearsWithItsModeAndIsNeverChmodedInPlace) {
+  std::filesystem::create_directories(dir + "/sub");
+  const int in = ::inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+  ASSERT_GE(in, 0);
+  ASSERT_GE(::inotify_add_watch(in, (dir + "/sub").c_str(), IN_CREATE | IN_ATTRIB | IN_MOVED_TO), 0);
+  const mode_t umask_before = ::umask(022);
+  ::umask(umask_before);
+  server->listen(path, 0640);
+  const mode_t umask_after = ::umask(022);
+  ::umask(umask_after);
+  EXPECT_EQ(umask_after, umask_before);
+  start();
+  std::vector<std::string> events;
+  alignas(inotify_event) char buf[4096];
+  for (ssize_t n; (n = ::read(in, buf, sizeof buf)) > 0;) {
+    for (char* p = buf; p < buf + n;) {
+      const auto* ev = reinterpret_cast<const inotify_event*>(p);
+      const std::string name = ev->len ? ev->name : "";
+      if (name == "control.sock") {
+        if (ev->mask & IN_CREATE) events.push_back("create");
+        if (ev->mask & IN_ATTRIB) events.push_back("attrib");
+        if (ev->mask & IN_MOVED_TO) events.push_back("moved-to");
+      }
+      p += sizeof(inotify_event) + ev->len;
+    }
+  }
+  ::close(in);
+  EXPECT_EQ(events, std::vector<std::string>{"moved-to"}) << "bound elsewhere, then renamed into place";
+  struct stat st {};
+  ASSERT_EQ(::lstat(path.c_str(), &st), 0);
+  EXPECT_TRUE(S_ISSOCK(st.st_mode));
+  EXPECT_EQ(st.st_mode & 0777, 0640u);
+  // Nothing is left of the private directory.
+  for (const auto& e : std::filesystem::directory_iterator(dir + "/sub"))
+    EXPECT_EQ(e.path().filename(), "control.sock");
+  const int fd = connect_to(path);
+  ASSERT_GE(fd, 0);
+  send_all(fd, "{\"cmd\":\"list\"}\n");
+  EXPECT_EQ(Json::parse(read_line(fd))["ok"], true);
+  ::close(fd);
+}
+
+// A symlink at the socket's path is refused and its target left as it was.
+TEST_F(SocketFixture, SymlinkAtThePathIsRefusedAndItsTargetUntouched) {
+  std::filesystem::create_directories(dir + "/sub");
+  const std::string victim = dir + "/victim";
+  { std::ofstream(victim) << "x"; }
+  ::chmod(victim.c_str(), 0644);
+  ASSERT_EQ(::symlink(victim.c_str(), path.c_str()), 0);
+  EXPECT_THROW(server->listen(path, 0666), std::runtime_error);
+  struct stat st {};
+  ASSERT_EQ(::stat(victim.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0644u);
+  for (const auto& e : std::filesystem::directory_iterator(dir + "/sub"))
+    EXPECT_EQ(e.path().filename(), "control.sock") << "the private directory is removed after a failure";
+}
+
+TEST_F(SocketFixture, GroupSetsTheSocketsGroup) {
+  // Root may give the socket any group; anyone may give it their own.
+  const gid_t group = ::geteuid() == 0 ? 65534 : ::getegid();
+  server->listen(path, 0660, group);
+  start();
+  struct stat st {};
+  ASSERT_EQ(::lstat(path.c_str(), &st), 0);
+  EXPECT_EQ(st.st_gid, group);
+  EXPECT_EQ(st.st_mode & 0777, 0660u);
+}
+
 // ---- [control] in the configuration ----
 
 DaemonConfig load(const std::string& toml) {
@@ -483,6 +617,14 @@ TEST(ControlConfig, SocketAndMode) {
   const auto cfg = load("[control]\nsocket = \"/run/x/c.sock\"\nmode = \"0660\"\n");
   EXPECT_EQ(cfg.control_socket, "/run/x/c.sock");
   EXPECT_EQ(cfg.control_socket_mode, 0660u);
+  EXPECT_EQ(cfg.control_mode(), 0660u);
+  // A group makes the default mode 0660; an explicit mode still wins.
+  const auto grouped = load("[control]\ngroup = \"0\"\n");
+  EXPECT_EQ(grouped.control_socket_group, "0");
+  EXPECT_EQ(grouped.control_mode(), 0660u);
+  EXPECT_EQ(load("[control]\ngroup = \"root\"\nmode = \"0640\"\n").control_mode(), 0640u);
+  EXPECT_EQ(control_group_id("root"), 0u);
+  EXPECT_EQ(control_group_id("1234"), 1234u);
   EXPECT_NO_THROW(cfg.validate());
   EXPECT_EQ(load("[control]\nmode = 0o640\n").control_socket_mode, 0640u);
   const auto off = load("[control]\nsocket = \"off\"\n");
@@ -508,6 +650,8 @@ TEST(ControlConfig, MistakesNameTheSetting) {
   EXPECT_NE(message("[control]\nsocket = \"\"\n").find("off"), std::string::npos);
   EXPECT_NE(message("[control]\nsocket = \"relative.sock\"\n").find("absolute"), std::string::npos);
   EXPECT_NE(message("control = 1\n").find("[control]"), std::string::npos);
+  EXPECT_NE(message("[control]\ngroup = \"no-such-group-here\"\n").find("control.group"), std::string::npos);
+  EXPECT_NE(message("[control]\ngroup = \"\"\n").find("control.group"), std::string::npos);
   EXPECT_NE(default_control_socket().find("control.sock"), std::string::npos);
 }
 
