@@ -122,13 +122,16 @@ void log_from_libfuse(enum fuse_log_level level, const char* fmt, va_list ap) {
   std::vsnprintf(text, sizeof text, fmt, ap);
   std::string_view msg(text);
   while (!msg.empty() && msg.back() == '\n') msg.remove_suffix(1);
-  static const auto log = gateway::logger("fuse");
-  if (level <= FUSE_LOG_ERR)
-    log->error("libfuse: {}", msg);
-  else if (level <= FUSE_LOG_NOTICE)
-    log->warn("libfuse: {}", msg);
-  else
-    log->debug("libfuse: {}", msg);
+  try {  // called from C: nothing may escape
+    static const auto log = gateway::logger("fuse");
+    if (level <= FUSE_LOG_ERR)
+      log->error("libfuse: {}", msg);
+    else if (level <= FUSE_LOG_NOTICE)
+      log->warn("libfuse: {}", msg);
+    else
+      log->debug("libfuse: {}", msg);
+  } catch (...) {
+  }
 }
 
 }  // namespace
@@ -348,9 +351,34 @@ using Handle = FuseFrontEnd::Handle;
 
 Impl& impl_of(fuse_req_t req) { return *static_cast<Impl*>(fuse_req_userdata(req)); }
 
+// errno for an exception that reached the edge of a request: ENOMEM for an
+// allocation that failed, EIO for anything else. Call only inside a catch.
+int errno_of_current_exception() noexcept {
+  try {
+    throw;
+  } catch (const std::bad_alloc&) {
+    return ENOMEM;
+  } catch (...) {
+    return EIO;
+  }
+}
+
+void log_exception(Impl& impl, const char* where) noexcept {
+  try {
+    try {
+      throw;
+    } catch (const std::exception& e) {
+      impl.log->error("a FUSE request failed in {}: {}", where, e.what());
+    } catch (...) {
+      impl.log->error("a FUSE request failed in {} with an exception", where);
+    }
+  } catch (...) {  // logging needs memory too
+  }
+}
+
 // Starts `task` on the loop that read the request; its completion accounts
 // for it. A coroutine that escapes with an exception has not replied yet
-// (replies are their last step and do not throw), so it answers EIO.
+// (replies are their last step and do not throw), so it answers ENOMEM/EIO.
 void spawn(fuse_req_t req, Task<void> task, size_t bytes = 0) {
   auto& impl = impl_of(req);
   impl.inflight.fetch_add(1, std::memory_order_relaxed);
@@ -360,14 +388,42 @@ void spawn(fuse_req_t req, Task<void> task, size_t bytes = 0) {
   // the reader's loop, where a hop would cost more than the work.
   auto ex = reader && bytes < kSpreadBytes ? reader->executor()
                                            : boost::asio::any_io_executor(impl.loops.next().get_executor());
-  boost::asio::co_spawn(ex, std::move(task), [self = impl.shared_from_this(), req](std::exception_ptr e) {
-    if (e) {
-      self->log->error("a FUSE request failed with an exception");
-      fuse_reply_err(req, EIO);
-    }
-    self->end_request();
-  });
+  try {
+    boost::asio::co_spawn(ex, std::move(task), [self = impl.shared_from_this(), req](std::exception_ptr e) {
+      if (e) {
+        try {
+          std::rethrow_exception(e);
+        } catch (...) {
+          log_exception(*self, "a coroutine");
+          fuse_reply_err(req, errno_of_current_exception());
+        }
+      }
+      self->end_request();
+    });
+  } catch (...) {
+    // Not started (no memory for the handler): answer, then let go of it.
+    fuse_reply_err(req, errno_of_current_exception());
+    impl.end_request();
+  }
 }
+
+// Runs an op with no exception escaping into libfuse's C frames (undefined
+// behaviour). Every op replies as its last step and nothing after a reply
+// throws, so an exception means no reply was sent: it gets ENOMEM or EIO.
+// A try block costs nothing until something throws.
+template <auto Op>
+struct Guarded;
+template <class... Args, void (*Op)(fuse_req_t, Args...)>
+struct Guarded<Op> {
+  static void call(fuse_req_t req, Args... args) noexcept {
+    try {
+      Op(req, args...);
+    } catch (...) {
+      log_exception(impl_of(req), "an operation");
+      fuse_reply_err(req, errno_of_current_exception());
+    }
+  }
+};
 
 void reply_entry(fuse_req_t req, const Impl& impl, const Node& node) {
   fuse_entry_param e{};
@@ -395,8 +451,11 @@ void op_init(void* userdata, fuse_conn_info* conn) {
   conn->max_background = 64;
   conn->congestion_threshold = 48;
   conn->time_gran = 1;
-  impl.log->debug("FUSE session started (protocol {}.{}, max_write {})", conn->proto_major, conn->proto_minor,
-                  conn->max_write);
+  try {
+    impl.log->debug("FUSE session started (protocol {}.{}, max_write {})", conn->proto_major, conn->proto_minor,
+                    conn->max_write);
+  } catch (...) {  // called from libfuse's C code: nothing may escape
+  }
 }
 
 void op_lookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
@@ -675,19 +734,19 @@ const fuse_lowlevel_ops& operations() {
   static const fuse_lowlevel_ops ops = [] {
     fuse_lowlevel_ops o{};
     o.init = op_init;
-    o.lookup = op_lookup;
-    o.getattr = op_getattr;
-    o.setattr = op_setattr;
-    o.readdir = op_readdir;
-    o.open = op_open;
-    o.release = op_release;
-    o.read = op_read;
-    o.write = op_write;
-    o.flush = op_flush;
-    o.fsync = op_fsync;
-    o.fallocate = op_fallocate;
-    o.lseek = op_lseek;
-    o.statfs = op_statfs;
+    o.lookup = Guarded<op_lookup>::call;
+    o.getattr = Guarded<op_getattr>::call;
+    o.setattr = Guarded<op_setattr>::call;
+    o.readdir = Guarded<op_readdir>::call;
+    o.open = Guarded<op_open>::call;
+    o.release = Guarded<op_release>::call;
+    o.read = Guarded<op_read>::call;
+    o.write = Guarded<op_write>::call;
+    o.flush = Guarded<op_flush>::call;
+    o.fsync = Guarded<op_fsync>::call;
+    o.fallocate = Guarded<op_fallocate>::call;
+    o.lseek = Guarded<op_lseek>::call;
+    o.statfs = Guarded<op_statfs>::call;
     return o;
   }();
   return ops;
