@@ -3,6 +3,7 @@
 #define FUSE_USE_VERSION 314
 #include <fuse3/fuse_lowlevel.h>
 
+#include "gateway/async_mutex.hpp"
 #include "gateway/buffer_pool.hpp"
 #include "gateway/config.hpp"
 #include "gateway/logging.hpp"
@@ -185,13 +186,18 @@ bool representable_name(const std::string& name) noexcept {
          name.find('/') == std::string::npos && name.find('\0') == std::string::npos;
 }
 
-// One export in the mount. Immutable apart from its times.
+// One export in the mount. Immutable apart from its times (and edge_lock).
 struct FuseFrontEnd::Node {
   fuse_ino_t ino = 0;
   std::string name;
   std::shared_ptr<gateway::Export> exp;
   uint64_t size = 0;
+  uint32_t min_block = 1;  // the device's: requests off this grid are read-modify-written here
   bool read_only = false;
+  // Held over every read-modify-write of a partial block (and the rest of
+  // that request), so that two unaligned writes into one block cannot undo
+  // each other. Aligned requests never take it.
+  gateway::AsyncMutex edge_lock;
   int64_t created_ns = 0;
   std::atomic<int64_t> mtime_ns{0};
 };
@@ -574,19 +580,109 @@ Task<void> do_read(fuse_req_t req, std::shared_ptr<Node> node, size_t n, uint64_
     fuse_reply_buf(req, reinterpret_cast<const char*>(buf.data()), n);
 }
 
+// A read off the device's block grid: read the blocks that cover it, copy out.
+Task<void> do_read_unaligned(fuse_req_t req, std::shared_ptr<Node> node, size_t n, uint64_t off) {
+  const uint64_t mb = node->min_block;
+  const uint64_t first = off / mb * mb;
+  const uint64_t last = (off + n + mb - 1) / mb * mb;
+  IoBuffer buf(static_cast<size_t>(last - first));
+  auto span = buf.span().first(static_cast<size_t>(last - first));
+  const std::error_code ec = co_await node->exp->device->read(span, first, 0);
+  if (ec)
+    fuse_reply_err(req, fuse_errno(ec));
+  else
+    fuse_reply_buf(req, reinterpret_cast<const char*>(buf.data() + (off - first)), n);
+}
+
+bool off_grid(const Node& node, uint64_t off, uint64_t n) noexcept {
+  return node.min_block > 1 && (off % node.min_block != 0 || n % node.min_block != 0);
+}
+
 void op_read(fuse_req_t req, fuse_ino_t, size_t size, off_t off, fuse_file_info* fi) {
   auto node = reinterpret_cast<Handle*>(fi->fh)->node;
   if (off < 0) return (void)fuse_reply_err(req, EINVAL);
   const auto offset = static_cast<uint64_t>(off);
   if (offset >= node->size || size == 0) return (void)fuse_reply_buf(req, nullptr, 0);  // end of file
   const size_t n = static_cast<size_t>(std::min<uint64_t>(size, node->size - offset));
+  if (off_grid(*node, offset, n)) return spawn(req, do_read_unaligned(req, std::move(node), n, offset), n);
   spawn(req, do_read(req, std::move(node), n, offset), n);
+}
+
+// One block of the device's grid, read, patched at [from, from + len) with
+// src (nullptr: zeroes), and written back. The caller holds edge_lock.
+Task<std::error_code> patch_block(Node& node, uint64_t block, uint64_t from, size_t len, const std::byte* src,
+                                  gateway::IoFlags flags) {
+  const uint32_t mb = node.min_block;
+  IoBuffer buf(mb);
+  auto in = buf.span().first(mb);
+  std::error_code ec = co_await node.exp->device->read(in, block, 0);
+  if (ec) co_return ec;
+  std::byte* at = buf.data() + (from - block);
+  if (src)
+    std::memcpy(at, src, len);
+  else
+    std::memset(at, 0, len);
+  const std::span<const std::byte> out(buf.data(), mb);
+  ec = co_await node.exp->device->write(out, block, flags);
+  co_return ec;
+}
+
+// Writes [off, off + n) on a device with min_block > 1 where off or n is off
+// its grid: the partial blocks at either end are read, patched and written
+// back; the whole blocks between go down as they are (src: straight from
+// the request; nullptr: WRITE_ZEROES with zero_flags). The caller holds
+// edge_lock, so unaligned requests into the same block take turns.
+Task<std::error_code> write_off_grid(Node& node, uint64_t off, uint64_t n, const std::byte* src,
+                                     gateway::IoFlags flags, gateway::IoFlags zero_flags) {
+  const uint64_t mb = node.min_block;
+  const uint64_t end = off + n;
+  uint64_t pos = off;
+  std::error_code ec;
+  if (off % mb != 0) {
+    const uint64_t block = off / mb * mb;
+    const uint64_t stop = std::min(end, block + mb);
+    ec = co_await patch_block(node, block, off, static_cast<size_t>(stop - off), src, flags);
+    if (ec) co_return ec;
+    pos = stop;
+  }
+  const uint64_t whole_end = std::max(pos, end / mb * mb);
+  if (whole_end > pos) {
+    if (src) {
+      const std::span<const std::byte> middle(src + (pos - off), static_cast<size_t>(whole_end - pos));
+      ec = co_await node.exp->device->write(middle, pos, flags);
+    } else {
+      ec = co_await node.exp->device->zero(ByteRange{pos, whole_end - pos}, zero_flags);
+    }
+    if (ec) co_return ec;
+    pos = whole_end;
+  }
+  if (pos < end) {  // a partial block at the end; pos is on the grid here
+    const std::byte* tail = src ? src + (pos - off) : nullptr;
+    ec = co_await patch_block(node, pos, pos, static_cast<size_t>(end - pos), tail, flags);
+  }
+  co_return ec;
 }
 
 Task<void> do_write(fuse_req_t req, std::shared_ptr<Node> node, IoBuffer owner, const std::byte* data, size_t n,
                     uint64_t off, gateway::IoFlags flags) {
   const std::span<const std::byte> payload(data, n);
   const std::error_code ec = co_await node->exp->device->write(payload, off, flags);
+  owner.reset();
+  if (ec) {
+    fuse_reply_err(req, fuse_errno(ec));
+    co_return;
+  }
+  node->mtime_ns.store(now_ns(), std::memory_order_relaxed);
+  fuse_reply_write(req, n);
+}
+
+Task<void> do_write_unaligned(fuse_req_t req, std::shared_ptr<Node> node, IoBuffer owner, const std::byte* data,
+                              size_t n, uint64_t off, gateway::IoFlags flags) {
+  std::error_code ec;
+  {
+    auto guard = co_await node->edge_lock.lock();
+    ec = co_await write_off_grid(*node, off, n, data, flags, 0);
+  }
   owner.reset();
   if (ec) {
     fuse_reply_err(req, fuse_errno(ec));
@@ -618,6 +714,8 @@ void op_write(fuse_req_t req, fuse_ino_t, const char* data, size_t size, off_t o
   // O_SYNC/O_DSYNC opens make every write durable before it is acknowledged.
   const gateway::IoFlags flags = (fi->flags & O_DSYNC) ? gateway::kFua : 0;
   h->wrote.store(true, std::memory_order_relaxed);
+  if (off_grid(*node, offset, n))
+    return spawn(req, do_write_unaligned(req, std::move(node), std::move(owner), payload, n, offset, flags), n);
   spawn(req, do_write(req, std::move(node), std::move(owner), payload, n, offset, flags), n);
 }
 
@@ -644,7 +742,15 @@ void op_fsync(fuse_req_t req, fuse_ino_t, int /*datasync*/, fuse_file_info* fi) 
 }
 
 Task<void> do_zero(fuse_req_t req, std::shared_ptr<Node> node, ByteRange range, gateway::IoFlags flags) {
-  const std::error_code ec = co_await node->exp->device->zero(range, flags);
+  std::error_code ec;
+  if (off_grid(*node, range.offset, range.length)) {
+    // Partial blocks at the edges get zeroes written into them; the whole
+    // blocks between are zeroed (or deallocated) by the device.
+    auto guard = co_await node->edge_lock.lock();
+    ec = co_await write_off_grid(*node, range.offset, range.length, nullptr, 0, flags);
+  } else {
+    ec = co_await node->exp->device->zero(range, flags);
+  }
   if (!ec) node->mtime_ns.store(now_ns(), std::memory_order_relaxed);
   fuse_reply_err(req, fuse_errno(ec));
 }
@@ -673,8 +779,10 @@ void op_fallocate(fuse_req_t req, fuse_ino_t, int mode, off_t off, off_t len, fu
   spawn(req, do_zero(req, node, ByteRange{start, end - start}, flags));
 }
 
-Task<void> do_lseek(fuse_req_t req, std::shared_ptr<Node> node, uint64_t pos, int whence) {
+Task<void> do_lseek(fuse_req_t req, std::shared_ptr<Node> node, uint64_t from, int whence) {
   const uint64_t size = node->size;
+  // Block status is asked from the device's grid; the answer is never before `from`.
+  uint64_t pos = from / node->min_block * node->min_block;
   while (pos < size) {
     ExtentList extents;
     std::error_code ec = co_await node->exp->device->block_status(ByteRange{pos, size - pos}, extents);
@@ -685,8 +793,8 @@ Task<void> do_lseek(fuse_req_t req, std::shared_ptr<Node> node, uint64_t pos, in
     }
     for (const auto& e : extents) {
       const bool hole = e.flags & gateway::kExtentHole;
-      if (whence == SEEK_DATA ? !hole : hole) {
-        fuse_reply_lseek(req, static_cast<off_t>(pos));
+      if ((whence == SEEK_DATA ? !hole : hole) && pos + e.length > from) {
+        fuse_reply_lseek(req, static_cast<off_t>(std::max(pos, from)));
         co_return;
       }
       if (e.length == 0) {  // a device bug: do not loop forever
@@ -764,6 +872,7 @@ void Impl::add_node(const std::shared_ptr<gateway::Export>& exp) {
   node->name = exp->name;
   node->exp = exp;
   node->size = exp->device->geometry().size;
+  node->min_block = std::max<uint32_t>(exp->device->geometry().min_block, 1);
   node->read_only = exp->device->capabilities().read_only;
   node->created_ns = now_ns();
   node->mtime_ns.store(node->created_ns, std::memory_order_relaxed);

@@ -16,6 +16,14 @@
 // open files hold their node by shared_ptr, so a removed export stays usable
 // through descriptors opened before. mount()/unmount() may be called from any
 // thread; the mount state is guarded by the same mutex.
+//
+// Devices with min_block > 1 (an NBD remote with a 4096 minimum, iSCSI):
+// reads and writes off that grid are served by reading the covering blocks;
+// the partial blocks of a write (or of a fallocate range) are
+// read-modify-written under a per-file AsyncMutex, so unaligned writes into
+// one block take turns. Aligned requests take no lock and no copy (and are
+// not ordered against a concurrent read-modify-write of the same block, as
+// two NBD clients writing one block are not).
 #pragma once
 
 #include "gateway/event_loops.hpp"
