@@ -117,6 +117,34 @@ bool detach_mount(const std::string& dir) {
   return WIFEXITED(status) && WEXITSTATUS(status) == 0;
 }
 
+// Ends a session whose mount we have already taken away (umount, or a lazy
+// detach that open files outlive). fuse_session_unmount() would poll the
+// /dev/fuse descriptor and, finding the connection alive (files still open
+// on a detached mount), umount2(MNT_DETACH) the directory once more as root:
+// whatever has been mounted there since would go. So the descriptor is
+// swapped, in place, for the write end of a pipe without a reader, which
+// polls POLLERR ("already unmounted" to libfuse): closing the /dev/fuse
+// descriptor ends the connection (open files then get ENOTCONN), and
+// libfuse's unmount closes the pipe instead. Any thread; no reader may be
+// using the descriptor any more.
+// dead_end is that pipe end, made when the session was mounted (so this
+// cannot fail for want of a descriptor); it is closed here.
+void end_session(fuse_session* session, int dead_end) {
+  const int fd = fuse_session_fd(session);
+  if (fd >= 0 && dead_end >= 0) (void)::dup3(dead_end, fd, O_CLOEXEC);
+  if (dead_end >= 0) ::close(dead_end);
+  fuse_session_unmount(session);  // polls POLLERR: closes the descriptor, unmounts nothing
+  fuse_session_destroy(session);
+}
+
+// The write end of a pipe whose read end is closed: it polls POLLERR.
+int make_dead_end() {
+  int p[2] = {-1, -1};
+  if (::pipe2(p, O_CLOEXEC) != 0) return -1;
+  ::close(p[0]);
+  return p[1];
+}
+
 // libfuse's own messages (mount errors, protocol warnings) into our log.
 void log_from_libfuse(enum fuse_log_level level, const char* fmt, va_list ap) {
   char text[1024];
@@ -209,7 +237,9 @@ struct FuseFrontEnd::Handle {
 };
 
 struct FuseFrontEnd::Impl : std::enable_shared_from_this<FuseFrontEnd::Impl> {
-  enum class State { idle, mounted, unmounting };
+  // mounting: mount() is probing DIR and calling mount(2) without the mutex
+  // (a hung mount at DIR may block it for long); nothing else may start.
+  enum class State { idle, mounting, mounted, unmounting };
 
   gateway::EventLoops& loops;
   gateway::ExportTable& exports;
@@ -219,6 +249,7 @@ struct FuseFrontEnd::Impl : std::enable_shared_from_this<FuseFrontEnd::Impl> {
   mutable std::mutex mutex;
   State state = State::idle;
   fuse_session* se = nullptr;
+  int dead_end = -1;  // for end_session(se, ...)
   std::string dir;
   std::vector<std::shared_ptr<Reader>> readers;
   size_t readers_running = 0;
@@ -242,6 +273,12 @@ struct FuseFrontEnd::Impl : std::enable_shared_from_this<FuseFrontEnd::Impl> {
       : loops(l), exports(e), options(std::move(o)) {}
 
   void mount(const std::string& where);
+  struct NewSession {
+    fuse_session* session = nullptr;
+    std::string dir;
+    int dead_end = -1;  // see end_session()
+  };
+  NewSession mount_session(const std::string& where);
   void unmount();
   void reader_ended();
   void end_request() {
@@ -903,9 +940,12 @@ void Impl::on_export(const std::shared_ptr<gateway::Export>& exp, gateway::Expor
   });
 }
 
-void Impl::mount(const std::string& where) {
-  std::lock_guard lock(mutex);
-  if (state != State::idle) throw std::runtime_error("FUSE: already mounted at " + dir);
+// Probes DIR, detaches a stale mount there, creates the directory if
+// missing, and mounts a new session on it. Returns the session, the
+// canonical directory and the pipe end end_session() needs. Throws
+// std::runtime_error. Called without the mutex: every step here may wait for
+// whatever is mounted at DIR.
+Impl::NewSession Impl::mount_session(const std::string& where) {
   std::error_code fec;
   std::string path = std::filesystem::absolute(where, fec).lexically_normal().string();
   if (path.size() > 1 && path.back() == '/') path.pop_back();
@@ -948,36 +988,77 @@ void Impl::mount(const std::string& where) {
   fuse_args args = FUSE_ARGS_INIT(static_cast<int>(argv.size()), argv.data());
   fuse_set_log_func(log_from_libfuse);
   const auto& ops = operations();
-  se = fuse_session_new(&args, &ops, sizeof(ops), this);
+  const int dead = make_dead_end();
+  if (dead < 0) throw std::runtime_error(std::string("FUSE: cannot make a pipe: ") + std::strerror(errno));
+  fuse_session* session = fuse_session_new(&args, &ops, sizeof(ops), this);
   fuse_opt_free_args(&args);
-  if (!se) throw std::runtime_error("FUSE: cannot create a session (see the log)");
-  if (fuse_session_mount(se, path.c_str()) != 0) {
-    fuse_session_destroy(se);
-    se = nullptr;
+  if (!session) {
+    ::close(dead);
+    throw std::runtime_error("FUSE: cannot create a session (see the log)");
+  }
+  if (fuse_session_mount(session, path.c_str()) != 0) {
+    fuse_session_destroy(session);
+    ::close(dead);
     throw std::runtime_error("FUSE: cannot mount " + path + " (see the log)");
   }
-  dir = path;
-  mount_ns = now_ns();
-  by_name.clear();
-  by_ino.clear();
-  for (const auto& exp : exports.list()) add_node(exp);
+  return {session, path, dead};
+}
 
-  const int fd = fuse_session_fd(se);
-  readers.clear();
-  // Every reader's epoll wakes for every request (no EPOLLEXCLUSIVE in
-  // Asio), so readers beyond one cost a wasted wakeup per request; see
-  // docs/architecture.md. Loops 1.. serve large transfers either way.
-  const size_t nreaders = std::clamp<size_t>(options.readers, 1, loops.size());
-  for (size_t i = 0; i < nreaders; ++i) {
-    const int copy = ::fcntl(fd, F_DUPFD_CLOEXEC, 3);
-    if (copy < 0) break;
-    readers.push_back(std::make_shared<Reader>(this, loops.at(i), copy));
+void Impl::mount(const std::string& where) {
+  {
+    std::lock_guard lock(mutex);
+    if (state == State::mounting) throw std::runtime_error("FUSE: a mount is already being made");
+    if (state != State::idle) throw std::runtime_error("FUSE: already mounted at " + dir);
+    state = State::mounting;
   }
-  readers_running = readers.size();
-  state = State::mounted;
-  for (auto& r : readers) boost::asio::post(r->executor(), [r] { r->start(); });
-  log->info("FUSE: {} export(s) as files in {} ({} reader loops{}{})", by_name.size(), dir, readers.size(),
-            options.direct_io ? ", direct I/O" : "", options.allow_other ? ", allow_other" : "");
+  NewSession fresh;
+  try {
+    fresh = mount_session(where);
+    const std::string& path = fresh.dir;
+    std::lock_guard lock(mutex);
+    dir = path;
+    mount_ns = now_ns();
+    by_name.clear();
+    by_ino.clear();
+    for (const auto& exp : exports.list()) add_node(exp);
+    const int fd = fuse_session_fd(fresh.session);
+    readers.clear();
+    // Every reader's epoll wakes for every request (no EPOLLEXCLUSIVE in
+    // Asio), so readers beyond one cost a wasted wakeup per request; see
+    // docs/architecture.md. Loops 1.. serve large transfers either way.
+    const size_t nreaders = std::clamp<size_t>(options.readers, 1, loops.size());
+    for (size_t i = 0; i < nreaders; ++i) {
+      const int copy = ::fcntl(fd, F_DUPFD_CLOEXEC, 3);
+      if (copy < 0) break;
+      readers.push_back(std::make_shared<Reader>(this, loops.at(i), copy));
+    }
+    readers_running = readers.size();
+    se = fresh.session;
+    dead_end = fresh.dead_end;
+    state = State::mounted;
+    for (auto& r : readers) boost::asio::post(r->executor(), [r] { r->start(); });
+    log->info("FUSE: {} export(s) as files in {} ({} reader loops{}{})", by_name.size(), path, readers.size(),
+              options.direct_io ? ", direct I/O" : "", options.allow_other ? ", allow_other" : "");
+  } catch (...) {
+    std::function<void()> done;
+    {
+      std::lock_guard lock(mutex);
+      readers.clear();  // not started, unless posting a later one threw (memory)
+      readers_running = 0;
+      se = nullptr;
+      dead_end = -1;
+      state = State::idle;
+      done = on_unmounted;
+    }
+    if (fresh.session) {
+      (void)::umount2(fresh.dir.c_str(), MNT_DETACH | UMOUNT_NOFOLLOW);
+      end_session(fresh.session, fresh.dead_end);
+    }
+    // Whoever waits for the front end to become idle (a daemon shutting
+    // down while this mount was being made) must hear of it.
+    if (done) done();
+    throw;
+  }
 }
 
 void Impl::unmount() {
@@ -1044,8 +1125,9 @@ void Impl::check_finished() {
     }
     readers.clear();
     state = State::idle;
-    fuse_session_unmount(old);  // closes the last descriptor; the mount is already gone
-    fuse_session_destroy(old);
+    // The mount is already gone (or detached): close the last descriptor,
+    // without a second umount by path.
+    end_session(old, std::exchange(dead_end, -1));
     for (auto* h : handles) delete h;  // files still open when the session was cut off
     handles.clear();
     log->info("FUSE: {} unmounted", dir);
@@ -1069,8 +1151,7 @@ FuseFrontEnd::~FuseFrontEnd() {
     // The loops are gone (start-up failed after mounting): tear down directly.
     (void)::umount2(impl_->dir.c_str(), MNT_DETACH);
     impl_->readers.clear();
-    fuse_session_unmount(impl_->se);
-    fuse_session_destroy(impl_->se);
+    end_session(impl_->se, std::exchange(impl_->dead_end, -1));
     impl_->se = nullptr;
     for (auto* h : impl_->handles) delete h;
     impl_->handles.clear();
@@ -1092,7 +1173,8 @@ bool FuseFrontEnd::active() const {
 
 std::string FuseFrontEnd::mountpoint() const {
   std::lock_guard lock(impl_->mutex);
-  return impl_->state == Impl::State::idle ? std::string() : impl_->dir;
+  const bool has_dir = impl_->state == Impl::State::mounted || impl_->state == Impl::State::unmounting;
+  return has_dir ? impl_->dir : std::string();
 }
 
 }  // namespace blockway::fuse
