@@ -1149,7 +1149,10 @@ FuseFrontEnd::~FuseFrontEnd() {
   std::lock_guard lock(impl_->mutex);
   if (impl_->se) {
     // The loops are gone (start-up failed after mounting): tear down directly.
-    (void)::umount2(impl_->dir.c_str(), MNT_DETACH);
+    // Once unmounting, the directory is no longer ours: something else may
+    // be mounted there by now.
+    if (impl_->state == Impl::State::mounted)
+      (void)::umount2(impl_->dir.c_str(), MNT_DETACH | UMOUNT_NOFOLLOW);
     impl_->readers.clear();
     end_session(impl_->se, std::exchange(impl_->dead_end, -1));
     impl_->se = nullptr;
