@@ -1036,14 +1036,19 @@ void Impl::mount(const std::string& where) {
     se = fresh.session;
     dead_end = fresh.dead_end;
     state = State::mounted;
+    // From here on the session is live: the readers start, and a failure to
+    // log is no reason to take the mount down.
     for (auto& r : readers) boost::asio::post(r->executor(), [r] { r->start(); });
-    log->info("FUSE: {} export(s) as files in {} ({} reader loops{}{})", by_name.size(), path, readers.size(),
-              options.direct_io ? ", direct I/O" : "", options.allow_other ? ", allow_other" : "");
+    try {
+      log->info("FUSE: {} export(s) as files in {} ({} reader loops{}{})", by_name.size(), path, readers.size(),
+                options.direct_io ? ", direct I/O" : "", options.allow_other ? ", allow_other" : "");
+    } catch (...) {
+    }
   } catch (...) {
     std::function<void()> done;
     {
       std::lock_guard lock(mutex);
-      readers.clear();  // not started, unless posting a later one threw (memory)
+      readers.clear();  // not started, unless posting a later one failed for want of memory (not handled)
       readers_running = 0;
       se = nullptr;
       dead_end = -1;
