@@ -589,6 +589,9 @@ void op_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   fi->fh = reinterpret_cast<uint64_t>(h);
   fi->direct_io = impl.options.direct_io ? 1 : 0;
   fi->keep_cache = 0;  // opening again shows what NBD clients wrote meanwhile
+  // O_TRUNC arrives here (libfuse asks for atomic_o_trunc by default) and is
+  // ignored, as a block device ignores it: a shell's `> FILE` overwrites from
+  // the start and the file keeps its size and its other bytes.
   if (fuse_reply_open(req, fi) != 0) {  // the opener was interrupted: no release will come
     std::lock_guard lock(impl.mutex);
     impl.handles.erase(h);
