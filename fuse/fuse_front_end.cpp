@@ -3,6 +3,7 @@
 #define FUSE_USE_VERSION 314
 #include <fuse3/fuse_lowlevel.h>
 
+#include "gateway/async_mutex.hpp"
 #include "gateway/buffer_pool.hpp"
 #include "gateway/config.hpp"
 #include "gateway/logging.hpp"
@@ -122,19 +123,50 @@ bool detach_mount(const std::string& dir) {
   return WIFEXITED(status) && WEXITSTATUS(status) == 0;
 }
 
+// Ends a session whose mount we have already taken away (umount, or a lazy
+// detach that open files outlive). fuse_session_unmount() would poll the
+// /dev/fuse descriptor and, finding the connection alive (files still open
+// on a detached mount), umount2(MNT_DETACH) the directory once more as root:
+// whatever has been mounted there since would go. So the descriptor is
+// swapped, in place, for the write end of a pipe without a reader, which
+// polls POLLERR ("already unmounted" to libfuse): closing the /dev/fuse
+// descriptor ends the connection (open files then get ENOTCONN), and
+// libfuse's unmount closes the pipe instead. Any thread; no reader may be
+// using the descriptor any more.
+// dead_end is that pipe end, made when the session was mounted (so this
+// cannot fail for want of a descriptor); it is closed here.
+void end_session(fuse_session* session, int dead_end) {
+  const int fd = fuse_session_fd(session);
+  if (fd >= 0 && dead_end >= 0) (void)::dup3(dead_end, fd, O_CLOEXEC);
+  if (dead_end >= 0) ::close(dead_end);
+  fuse_session_unmount(session);  // polls POLLERR: closes the descriptor, unmounts nothing
+  fuse_session_destroy(session);
+}
+
+// The write end of a pipe whose read end is closed: it polls POLLERR.
+int make_dead_end() {
+  int p[2] = {-1, -1};
+  if (::pipe2(p, O_CLOEXEC) != 0) return -1;
+  ::close(p[0]);
+  return p[1];
+}
+
 // libfuse's own messages (mount errors, protocol warnings) into our log.
 void log_from_libfuse(enum fuse_log_level level, const char* fmt, va_list ap) {
   char text[1024];
   std::vsnprintf(text, sizeof text, fmt, ap);
   std::string_view msg(text);
   while (!msg.empty() && msg.back() == '\n') msg.remove_suffix(1);
-  static const auto log = gateway::logger("fuse");
-  if (level <= FUSE_LOG_ERR)
-    log->error("libfuse: {}", msg);
-  else if (level <= FUSE_LOG_NOTICE)
-    log->warn("libfuse: {}", msg);
-  else
-    log->debug("libfuse: {}", msg);
+  try {  // called from C: nothing may escape
+    static const auto log = gateway::logger("fuse");
+    if (level <= FUSE_LOG_ERR)
+      log->error("libfuse: {}", msg);
+    else if (level <= FUSE_LOG_NOTICE)
+      log->warn("libfuse: {}", msg);
+    else
+      log->debug("libfuse: {}", msg);
+  } catch (...) {
+  }
 }
 
 }  // namespace
@@ -188,13 +220,18 @@ bool representable_name(const std::string& name) noexcept {
          name.find('/') == std::string::npos && name.find('\0') == std::string::npos;
 }
 
-// One export in the mount. Immutable apart from its times.
+// One export in the mount. Immutable apart from its times (and edge_lock).
 struct FuseFrontEnd::Node {
   fuse_ino_t ino = 0;
   std::string name;
   std::shared_ptr<gateway::Export> exp;
   uint64_t size = 0;
+  uint32_t min_block = 1;  // the device's: requests off this grid are read-modify-written here
   bool read_only = false;
+  // Held over every read-modify-write of a partial block (and the rest of
+  // that request), so that two unaligned writes into one block cannot undo
+  // each other. Aligned requests never take it.
+  gateway::AsyncMutex edge_lock;
   int64_t created_ns = 0;
   std::atomic<int64_t> mtime_ns{0};
 };
@@ -206,7 +243,9 @@ struct FuseFrontEnd::Handle {
 };
 
 struct FuseFrontEnd::Impl : std::enable_shared_from_this<FuseFrontEnd::Impl> {
-  enum class State { idle, mounted, unmounting };
+  // mounting: mount() is probing DIR and calling mount(2) without the mutex
+  // (a hung mount at DIR may block it for long); nothing else may start.
+  enum class State { idle, mounting, mounted, unmounting };
 
   gateway::EventLoops& loops;
   gateway::ExportTable& exports;
@@ -216,6 +255,7 @@ struct FuseFrontEnd::Impl : std::enable_shared_from_this<FuseFrontEnd::Impl> {
   mutable std::mutex mutex;
   State state = State::idle;
   fuse_session* se = nullptr;
+  int dead_end = -1;  // for end_session(se, ...)
   std::string dir;
   std::vector<std::shared_ptr<Reader>> readers;
   size_t readers_running = 0;
@@ -239,6 +279,12 @@ struct FuseFrontEnd::Impl : std::enable_shared_from_this<FuseFrontEnd::Impl> {
       : loops(l), exports(e), options(std::move(o)) {}
 
   void mount(const std::string& where);
+  struct NewSession {
+    fuse_session* session = nullptr;
+    std::string dir;
+    int dead_end = -1;  // see end_session()
+  };
+  NewSession mount_session(const std::string& where);
   void unmount();
   void reader_ended();
   void end_request() {
@@ -359,9 +405,34 @@ using Handle = FuseFrontEnd::Handle;
 
 Impl& impl_of(fuse_req_t req) { return *static_cast<Impl*>(fuse_req_userdata(req)); }
 
+// errno for an exception that reached the edge of a request: ENOMEM for an
+// allocation that failed, EIO for anything else. Call only inside a catch.
+int errno_of_current_exception() noexcept {
+  try {
+    throw;
+  } catch (const std::bad_alloc&) {
+    return ENOMEM;
+  } catch (...) {
+    return EIO;
+  }
+}
+
+void log_exception(Impl& impl, const char* where) noexcept {
+  try {
+    try {
+      throw;
+    } catch (const std::exception& e) {
+      impl.log->error("a FUSE request failed in {}: {}", where, e.what());
+    } catch (...) {
+      impl.log->error("a FUSE request failed in {} with an exception", where);
+    }
+  } catch (...) {  // logging needs memory too
+  }
+}
+
 // Starts `task` on the loop that read the request; its completion accounts
 // for it. A coroutine that escapes with an exception has not replied yet
-// (replies are their last step and do not throw), so it answers EIO.
+// (replies are their last step and do not throw), so it answers ENOMEM/EIO.
 //
 // Large transfers go to the next loop round-robin, so their copies run on
 // other cores while the reader takes the next request; small ones stay on
@@ -387,14 +458,42 @@ void spawn(fuse_req_t req, Task<void> task, size_t bytes = 0, bool write = false
     if (write && reader && ctx == &reader->context()) ctx = &impl.loops.next();
     ex = ctx->get_executor();
   }
-  boost::asio::co_spawn(ex, std::move(task), [self = impl.shared_from_this(), req](std::exception_ptr e) {
-    if (e) {
-      self->log->error("a FUSE request failed with an exception");
-      fuse_reply_err(req, EIO);
-    }
-    self->end_request();
-  });
+  try {
+    boost::asio::co_spawn(ex, std::move(task), [self = impl.shared_from_this(), req](std::exception_ptr e) {
+      if (e) {
+        try {
+          std::rethrow_exception(e);
+        } catch (...) {
+          log_exception(*self, "a coroutine");
+          fuse_reply_err(req, errno_of_current_exception());
+        }
+      }
+      self->end_request();
+    });
+  } catch (...) {
+    // Not started (no memory for the handler): answer, then let go of it.
+    fuse_reply_err(req, errno_of_current_exception());
+    impl.end_request();
+  }
 }
+
+// Runs an op with no exception escaping into libfuse's C frames (undefined
+// behaviour). Every op replies as its last step and nothing after a reply
+// throws, so an exception means no reply was sent: it gets ENOMEM or EIO.
+// A try block costs nothing until something throws.
+template <auto Op>
+struct Guarded;
+template <class... Args, void (*Op)(fuse_req_t, Args...)>
+struct Guarded<Op> {
+  static void call(fuse_req_t req, Args... args) noexcept {
+    try {
+      Op(req, args...);
+    } catch (...) {
+      log_exception(impl_of(req), "an operation");
+      fuse_reply_err(req, errno_of_current_exception());
+    }
+  }
+};
 
 void reply_entry(fuse_req_t req, const Impl& impl, const Node& node) {
   fuse_entry_param e{};
@@ -422,8 +521,11 @@ void op_init(void* userdata, fuse_conn_info* conn) {
   conn->max_background = 64;
   conn->congestion_threshold = 48;
   conn->time_gran = 1;
-  impl.log->debug("FUSE session started (protocol {}.{}, max_write {})", conn->proto_major, conn->proto_minor,
-                  conn->max_write);
+  try {
+    impl.log->debug("FUSE session started (protocol {}.{}, max_write {})", conn->proto_major, conn->proto_minor,
+                    conn->max_write);
+  } catch (...) {  // called from libfuse's C code: nothing may escape
+  }
 }
 
 void op_lookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
@@ -514,6 +616,9 @@ void op_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   fi->fh = reinterpret_cast<uint64_t>(h);
   fi->direct_io = impl.options.direct_io ? 1 : 0;
   fi->keep_cache = 0;  // opening again shows what NBD clients wrote meanwhile
+  // O_TRUNC arrives here (libfuse asks for atomic_o_trunc by default) and is
+  // ignored, as a block device ignores it: a shell's `> FILE` overwrites from
+  // the start and the file keeps its size and its other bytes.
   if (fuse_reply_open(req, fi) != 0) {  // the opener was interrupted: no release will come
     std::lock_guard lock(impl.mutex);
     impl.handles.erase(h);
@@ -542,13 +647,87 @@ Task<void> do_read(fuse_req_t req, std::shared_ptr<Node> node, size_t n, uint64_
     fuse_reply_buf(req, reinterpret_cast<const char*>(buf.data()), n);
 }
 
+// A read off the device's block grid: read the blocks that cover it, copy out.
+Task<void> do_read_unaligned(fuse_req_t req, std::shared_ptr<Node> node, size_t n, uint64_t off) {
+  const uint64_t mb = node->min_block;
+  const uint64_t first = off / mb * mb;
+  const uint64_t last = (off + n + mb - 1) / mb * mb;
+  IoBuffer buf(static_cast<size_t>(last - first));
+  auto span = buf.span().first(static_cast<size_t>(last - first));
+  const std::error_code ec = co_await node->exp->device->read(span, first, 0);
+  if (ec)
+    fuse_reply_err(req, fuse_errno(ec));
+  else
+    fuse_reply_buf(req, reinterpret_cast<const char*>(buf.data() + (off - first)), n);
+}
+
+bool off_grid(const Node& node, uint64_t off, uint64_t n) noexcept {
+  return node.min_block > 1 && (off % node.min_block != 0 || n % node.min_block != 0);
+}
+
 void op_read(fuse_req_t req, fuse_ino_t, size_t size, off_t off, fuse_file_info* fi) {
   auto node = reinterpret_cast<Handle*>(fi->fh)->node;
   if (off < 0) return (void)fuse_reply_err(req, EINVAL);
   const auto offset = static_cast<uint64_t>(off);
   if (offset >= node->size || size == 0) return (void)fuse_reply_buf(req, nullptr, 0);  // end of file
   const size_t n = static_cast<size_t>(std::min<uint64_t>(size, node->size - offset));
+  if (off_grid(*node, offset, n)) return spawn(req, do_read_unaligned(req, std::move(node), n, offset), n);
   spawn(req, do_read(req, std::move(node), n, offset), n);
+}
+
+// One block of the device's grid, read, patched at [from, from + len) with
+// src (nullptr: zeroes), and written back. The caller holds edge_lock.
+Task<std::error_code> patch_block(Node& node, uint64_t block, uint64_t from, size_t len, const std::byte* src,
+                                  gateway::IoFlags flags) {
+  const uint32_t mb = node.min_block;
+  IoBuffer buf(mb);
+  auto in = buf.span().first(mb);
+  std::error_code ec = co_await node.exp->device->read(in, block, 0);
+  if (ec) co_return ec;
+  std::byte* at = buf.data() + (from - block);
+  if (src)
+    std::memcpy(at, src, len);
+  else
+    std::memset(at, 0, len);
+  const std::span<const std::byte> out(buf.data(), mb);
+  ec = co_await node.exp->device->write(out, block, flags);
+  co_return ec;
+}
+
+// Writes [off, off + n) on a device with min_block > 1 where off or n is off
+// its grid: the partial blocks at either end are read, patched and written
+// back; the whole blocks between go down as they are (src: straight from
+// the request; nullptr: WRITE_ZEROES with zero_flags). The caller holds
+// edge_lock, so unaligned requests into the same block take turns.
+Task<std::error_code> write_off_grid(Node& node, uint64_t off, uint64_t n, const std::byte* src,
+                                     gateway::IoFlags flags, gateway::IoFlags zero_flags) {
+  const uint64_t mb = node.min_block;
+  const uint64_t end = off + n;
+  uint64_t pos = off;
+  std::error_code ec;
+  if (off % mb != 0) {
+    const uint64_t block = off / mb * mb;
+    const uint64_t stop = std::min(end, block + mb);
+    ec = co_await patch_block(node, block, off, static_cast<size_t>(stop - off), src, flags);
+    if (ec) co_return ec;
+    pos = stop;
+  }
+  const uint64_t whole_end = std::max(pos, end / mb * mb);
+  if (whole_end > pos) {
+    if (src) {
+      const std::span<const std::byte> middle(src + (pos - off), static_cast<size_t>(whole_end - pos));
+      ec = co_await node.exp->device->write(middle, pos, flags);
+    } else {
+      ec = co_await node.exp->device->zero(ByteRange{pos, whole_end - pos}, zero_flags);
+    }
+    if (ec) co_return ec;
+    pos = whole_end;
+  }
+  if (pos < end) {  // a partial block at the end; pos is on the grid here
+    const std::byte* tail = src ? src + (pos - off) : nullptr;
+    ec = co_await patch_block(node, pos, pos, static_cast<size_t>(end - pos), tail, flags);
+  }
+  co_return ec;
 }
 
 // The second half of a split write (see op_write); its result goes to `done`.
@@ -592,6 +771,22 @@ Task<void> do_write(fuse_req_t req, std::shared_ptr<Node> node, IoBuffer owner, 
   fuse_reply_write(req, n);
 }
 
+Task<void> do_write_unaligned(fuse_req_t req, std::shared_ptr<Node> node, IoBuffer owner, const std::byte* data,
+                              size_t n, uint64_t off, gateway::IoFlags flags) {
+  std::error_code ec;
+  {
+    auto guard = co_await node->edge_lock.lock();
+    ec = co_await write_off_grid(*node, off, n, data, flags, 0);
+  }
+  owner.reset();
+  if (ec) {
+    fuse_reply_err(req, fuse_errno(ec));
+    co_return;
+  }
+  node->mtime_ns.store(now_ns(), std::memory_order_relaxed);
+  fuse_reply_write(req, n);
+}
+
 void op_write(fuse_req_t req, fuse_ino_t, const char* data, size_t size, off_t off, fuse_file_info* fi) {
   auto* h = reinterpret_cast<Handle*>(fi->fh);
   auto node = h->node;
@@ -615,6 +810,8 @@ void op_write(fuse_req_t req, fuse_ino_t, const char* data, size_t size, off_t o
   // O_SYNC/O_DSYNC opens make every write durable before it is acknowledged.
   const gateway::IoFlags flags = (fi->flags & O_DSYNC) ? gateway::kFua : 0;
   h->wrote.store(true, std::memory_order_relaxed);
+  if (off_grid(*node, offset, n))
+    return spawn(req, do_write_unaligned(req, std::move(node), std::move(owner), payload, n, offset, flags), n);
   // A large write with nothing else in flight (one writer, one request at a
   // time: cp, dd, psync) is split in two halves written at once, the first
   // on the reader's loop and the second on another: the copy into the image
@@ -654,7 +851,15 @@ void op_fsync(fuse_req_t req, fuse_ino_t, int /*datasync*/, fuse_file_info* fi) 
 }
 
 Task<void> do_zero(fuse_req_t req, std::shared_ptr<Node> node, ByteRange range, gateway::IoFlags flags) {
-  const std::error_code ec = co_await node->exp->device->zero(range, flags);
+  std::error_code ec;
+  if (off_grid(*node, range.offset, range.length)) {
+    // Partial blocks at the edges get zeroes written into them; the whole
+    // blocks between are zeroed (or deallocated) by the device.
+    auto guard = co_await node->edge_lock.lock();
+    ec = co_await write_off_grid(*node, range.offset, range.length, nullptr, 0, flags);
+  } else {
+    ec = co_await node->exp->device->zero(range, flags);
+  }
   if (!ec) node->mtime_ns.store(now_ns(), std::memory_order_relaxed);
   fuse_reply_err(req, fuse_errno(ec));
 }
@@ -683,8 +888,10 @@ void op_fallocate(fuse_req_t req, fuse_ino_t, int mode, off_t off, off_t len, fu
   spawn(req, do_zero(req, node, ByteRange{start, end - start}, flags));
 }
 
-Task<void> do_lseek(fuse_req_t req, std::shared_ptr<Node> node, uint64_t pos, int whence) {
+Task<void> do_lseek(fuse_req_t req, std::shared_ptr<Node> node, uint64_t from, int whence) {
   const uint64_t size = node->size;
+  // Block status is asked from the device's grid; the answer is never before `from`.
+  uint64_t pos = from / node->min_block * node->min_block;
   while (pos < size) {
     ExtentList extents;
     std::error_code ec = co_await node->exp->device->block_status(ByteRange{pos, size - pos}, extents);
@@ -695,8 +902,8 @@ Task<void> do_lseek(fuse_req_t req, std::shared_ptr<Node> node, uint64_t pos, in
     }
     for (const auto& e : extents) {
       const bool hole = e.flags & gateway::kExtentHole;
-      if (whence == SEEK_DATA ? !hole : hole) {
-        fuse_reply_lseek(req, static_cast<off_t>(pos));
+      if ((whence == SEEK_DATA ? !hole : hole) && pos + e.length > from) {
+        fuse_reply_lseek(req, static_cast<off_t>(std::max(pos, from)));
         co_return;
       }
       if (e.length == 0) {  // a device bug: do not loop forever
@@ -744,19 +951,19 @@ const fuse_lowlevel_ops& operations() {
   static const fuse_lowlevel_ops ops = [] {
     fuse_lowlevel_ops o{};
     o.init = op_init;
-    o.lookup = op_lookup;
-    o.getattr = op_getattr;
-    o.setattr = op_setattr;
-    o.readdir = op_readdir;
-    o.open = op_open;
-    o.release = op_release;
-    o.read = op_read;
-    o.write = op_write;
-    o.flush = op_flush;
-    o.fsync = op_fsync;
-    o.fallocate = op_fallocate;
-    o.lseek = op_lseek;
-    o.statfs = op_statfs;
+    o.lookup = Guarded<op_lookup>::call;
+    o.getattr = Guarded<op_getattr>::call;
+    o.setattr = Guarded<op_setattr>::call;
+    o.readdir = Guarded<op_readdir>::call;
+    o.open = Guarded<op_open>::call;
+    o.release = Guarded<op_release>::call;
+    o.read = Guarded<op_read>::call;
+    o.write = Guarded<op_write>::call;
+    o.flush = Guarded<op_flush>::call;
+    o.fsync = Guarded<op_fsync>::call;
+    o.fallocate = Guarded<op_fallocate>::call;
+    o.lseek = Guarded<op_lseek>::call;
+    o.statfs = Guarded<op_statfs>::call;
     return o;
   }();
   return ops;
@@ -774,6 +981,7 @@ void Impl::add_node(const std::shared_ptr<gateway::Export>& exp) {
   node->name = exp->name;
   node->exp = exp;
   node->size = exp->device->geometry().size;
+  node->min_block = std::max<uint32_t>(exp->device->geometry().min_block, 1);
   node->read_only = exp->device->capabilities().read_only;
   node->created_ns = now_ns();
   node->mtime_ns.store(node->created_ns, std::memory_order_relaxed);
@@ -804,9 +1012,12 @@ void Impl::on_export(const std::shared_ptr<gateway::Export>& exp, gateway::Expor
   });
 }
 
-void Impl::mount(const std::string& where) {
-  std::lock_guard lock(mutex);
-  if (state != State::idle) throw std::runtime_error("FUSE: already mounted at " + dir);
+// Probes DIR, detaches a stale mount there, creates the directory if
+// missing, and mounts a new session on it. Returns the session, the
+// canonical directory and the pipe end end_session() needs. Throws
+// std::runtime_error. Called without the mutex: every step here may wait for
+// whatever is mounted at DIR.
+Impl::NewSession Impl::mount_session(const std::string& where) {
   std::error_code fec;
   std::string path = std::filesystem::absolute(where, fec).lexically_normal().string();
   if (path.size() > 1 && path.back() == '/') path.pop_back();
@@ -849,36 +1060,82 @@ void Impl::mount(const std::string& where) {
   fuse_args args = FUSE_ARGS_INIT(static_cast<int>(argv.size()), argv.data());
   fuse_set_log_func(log_from_libfuse);
   const auto& ops = operations();
-  se = fuse_session_new(&args, &ops, sizeof(ops), this);
+  const int dead = make_dead_end();
+  if (dead < 0) throw std::runtime_error(std::string("FUSE: cannot make a pipe: ") + std::strerror(errno));
+  fuse_session* session = fuse_session_new(&args, &ops, sizeof(ops), this);
   fuse_opt_free_args(&args);
-  if (!se) throw std::runtime_error("FUSE: cannot create a session (see the log)");
-  if (fuse_session_mount(se, path.c_str()) != 0) {
-    fuse_session_destroy(se);
-    se = nullptr;
+  if (!session) {
+    ::close(dead);
+    throw std::runtime_error("FUSE: cannot create a session (see the log)");
+  }
+  if (fuse_session_mount(session, path.c_str()) != 0) {
+    fuse_session_destroy(session);
+    ::close(dead);
     throw std::runtime_error("FUSE: cannot mount " + path + " (see the log)");
   }
-  dir = path;
-  mount_ns = now_ns();
-  by_name.clear();
-  by_ino.clear();
-  for (const auto& exp : exports.list()) add_node(exp);
+  return {session, path, dead};
+}
 
-  const int fd = fuse_session_fd(se);
-  readers.clear();
-  // Every reader's epoll wakes for every request (no EPOLLEXCLUSIVE in
-  // Asio), so readers beyond one cost a wasted wakeup per request; see
-  // docs/architecture.md. Loops 1.. serve large transfers either way.
-  const size_t nreaders = std::clamp<size_t>(options.readers, 1, loops.size());
-  for (size_t i = 0; i < nreaders; ++i) {
-    const int copy = ::fcntl(fd, F_DUPFD_CLOEXEC, 3);
-    if (copy < 0) break;
-    readers.push_back(std::make_shared<Reader>(this, loops.at(i), copy));
+void Impl::mount(const std::string& where) {
+  {
+    std::lock_guard lock(mutex);
+    if (state == State::mounting) throw std::runtime_error("FUSE: a mount is already being made");
+    if (state != State::idle) throw std::runtime_error("FUSE: already mounted at " + dir);
+    state = State::mounting;
   }
-  readers_running = readers.size();
-  state = State::mounted;
-  for (auto& r : readers) boost::asio::post(r->executor(), [r] { r->start(); });
-  log->info("FUSE: {} export(s) as files in {} ({} reader loops{}{})", by_name.size(), dir, readers.size(),
-            options.direct_io ? ", direct I/O" : "", options.allow_other ? ", allow_other" : "");
+  NewSession fresh;
+  try {
+    fresh = mount_session(where);
+    const std::string& path = fresh.dir;
+    std::lock_guard lock(mutex);
+    dir = path;
+    mount_ns = now_ns();
+    by_name.clear();
+    by_ino.clear();
+    for (const auto& exp : exports.list()) add_node(exp);
+    const int fd = fuse_session_fd(fresh.session);
+    readers.clear();
+    // Every reader's epoll wakes for every request (no EPOLLEXCLUSIVE in
+    // Asio), so readers beyond one cost a wasted wakeup per request; see
+    // docs/architecture.md. Loops 1.. serve large transfers either way.
+    const size_t nreaders = std::clamp<size_t>(options.readers, 1, loops.size());
+    for (size_t i = 0; i < nreaders; ++i) {
+      const int copy = ::fcntl(fd, F_DUPFD_CLOEXEC, 3);
+      if (copy < 0) break;
+      readers.push_back(std::make_shared<Reader>(this, loops.at(i), copy));
+    }
+    readers_running = readers.size();
+    se = fresh.session;
+    dead_end = fresh.dead_end;
+    state = State::mounted;
+    // From here on the session is live: the readers start, and a failure to
+    // log is no reason to take the mount down.
+    for (auto& r : readers) boost::asio::post(r->executor(), [r] { r->start(); });
+    try {
+      log->info("FUSE: {} export(s) as files in {} ({} reader loops{}{})", by_name.size(), path, readers.size(),
+                options.direct_io ? ", direct I/O" : "", options.allow_other ? ", allow_other" : "");
+    } catch (...) {
+    }
+  } catch (...) {
+    std::function<void()> done;
+    {
+      std::lock_guard lock(mutex);
+      readers.clear();  // not started, unless posting a later one failed for want of memory (not handled)
+      readers_running = 0;
+      se = nullptr;
+      dead_end = -1;
+      state = State::idle;
+      done = on_unmounted;
+    }
+    if (fresh.session) {
+      (void)::umount2(fresh.dir.c_str(), MNT_DETACH | UMOUNT_NOFOLLOW);
+      end_session(fresh.session, fresh.dead_end);
+    }
+    // Whoever waits for the front end to become idle (a daemon shutting
+    // down while this mount was being made) must hear of it.
+    if (done) done();
+    throw;
+  }
 }
 
 void Impl::unmount() {
@@ -945,8 +1202,9 @@ void Impl::check_finished() {
     }
     readers.clear();
     state = State::idle;
-    fuse_session_unmount(old);  // closes the last descriptor; the mount is already gone
-    fuse_session_destroy(old);
+    // The mount is already gone (or detached): close the last descriptor,
+    // without a second umount by path.
+    end_session(old, std::exchange(dead_end, -1));
     for (auto* h : handles) delete h;  // files still open when the session was cut off
     handles.clear();
     log->info("FUSE: {} unmounted", dir);
@@ -968,10 +1226,12 @@ FuseFrontEnd::~FuseFrontEnd() {
   std::lock_guard lock(impl_->mutex);
   if (impl_->se) {
     // The loops are gone (start-up failed after mounting): tear down directly.
-    (void)::umount2(impl_->dir.c_str(), MNT_DETACH);
+    // Once unmounting, the directory is no longer ours: something else may
+    // be mounted there by now.
+    if (impl_->state == Impl::State::mounted)
+      (void)::umount2(impl_->dir.c_str(), MNT_DETACH | UMOUNT_NOFOLLOW);
     impl_->readers.clear();
-    fuse_session_unmount(impl_->se);
-    fuse_session_destroy(impl_->se);
+    end_session(impl_->se, std::exchange(impl_->dead_end, -1));
     impl_->se = nullptr;
     for (auto* h : impl_->handles) delete h;
     impl_->handles.clear();
@@ -993,7 +1253,8 @@ bool FuseFrontEnd::active() const {
 
 std::string FuseFrontEnd::mountpoint() const {
   std::lock_guard lock(impl_->mutex);
-  return impl_->state == Impl::State::idle ? std::string() : impl_->dir;
+  const bool has_dir = impl_->state == Impl::State::mounted || impl_->state == Impl::State::unmounting;
+  return has_dir ? impl_->dir : std::string();
 }
 
 }  // namespace blockway::fuse

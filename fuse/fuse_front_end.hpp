@@ -15,7 +15,16 @@
 // mutex and changes when exports are added or removed (ExportTable observer);
 // open files hold their node by shared_ptr, so a removed export stays usable
 // through descriptors opened before. mount()/unmount() may be called from any
-// thread; the mount state is guarded by the same mutex.
+// thread; the mount state is guarded by the same mutex, which is never held
+// while mount() probes the directory or calls mount(2).
+//
+// Devices with min_block > 1 (an NBD remote with a 4096 minimum, iSCSI):
+// reads and writes off that grid are served by reading the covering blocks;
+// the partial blocks of a write (or of a fallocate range) are
+// read-modify-written under a per-file AsyncMutex, so unaligned writes into
+// one block take turns. Aligned requests take no lock and no copy (and are
+// not ordered against a concurrent read-modify-write of the same block, as
+// two NBD clients writing one block are not).
 #pragma once
 
 #include "gateway/event_loops.hpp"
@@ -66,16 +75,21 @@ class FuseFrontEnd {
 
   // Mounts at dir (created if missing). A stale mount left by a crashed
   // daemon (ENOTCONN) is detached first; a live mount is refused. Throws
-  // std::runtime_error with a message naming dir.
+  // std::runtime_error with a message naming dir. Probing dir and mount(2)
+  // run without the front end's mutex (a hung mount at dir may take long):
+  // meanwhile active() is true, unmount() does nothing and a second mount()
+  // is refused at once.
   void mount(const std::string& dir);
   // Starts an orderly unmount: detach the mount, serve files still open for
   // up to shutdown_timeout, wait for every request in flight. Returns at
   // once; on_unmounted runs when it is done. Idempotent.
   void unmount();
   // Runs (on some loop or pool thread) every time a mount ends, whether by
-  // unmount() or because someone unmounted it from outside.
+  // unmount() or because someone unmounted it from outside, and when a
+  // mount() that got past its first checks fails (the front end is idle
+  // again: whoever waits for that, a daemon shutting down, hears of it).
   void set_on_unmounted(std::function<void()> fn);
-  // Mounted, or unmounting and not finished yet.
+  // Being mounted, mounted, or unmounting and not finished yet.
   [[nodiscard]] bool active() const;
   [[nodiscard]] std::string mountpoint() const;
 
