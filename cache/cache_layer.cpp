@@ -548,7 +548,7 @@ Task<std::error_code> CacheLayer::write_through(std::span<const std::byte> buf, 
     if (auto cec = co_await cache_file_->write(buf, offset, 0)) {
       // The remote has the data; the cache must not keep the old bytes.
       log_->warn("export '{}': cache file write failed ({}), dropping those chunks", name_, cec.message());
-      for (uint64_t c = first; c <= last; ++c) present_.clear(c);
+      if (drop_clean_chunks(first, last)) ec = cec;
     } else {
       for (uint64_t c : mine)  // write-allocate chunks the write covers whole
         if (offset <= chunk_start(c) && end >= chunk_start(c) + chunk_len(c)) present_.set(c);
@@ -558,6 +558,17 @@ Task<std::error_code> CacheLayer::write_through(std::span<const std::byte> buf, 
   }
   release(fill, mine, ec);
   co_return ec;
+}
+
+bool CacheLayer::drop_clean_chunks(uint64_t first, uint64_t last) noexcept {
+  bool kept_dirty = false;
+  for (uint64_t c = first; c <= last; ++c) {
+    if (dirty_.test(c) || cleaning_.test(c))
+      kept_dirty = true;
+    else
+      present_.clear(c);
+  }
+  return kept_dirty;
 }
 
 Task<std::error_code> CacheLayer::make_durable(uint64_t first, uint64_t last) {
@@ -653,8 +664,8 @@ Task<std::error_code> CacheLayer::zero(ByteRange range, IoFlags flags) {
   auto ec = co_await next().zero(range, (flags & ~gateway::kFua) | remote_fua(flags));
   if (!ec && needs_remote_flush(flags)) ec = co_await next().flush();
   if (!ec) {
-    if (co_await cache_file_->zero(range, 0)) {
-      for (uint64_t c = first; c <= last; ++c) present_.clear(c);  // cannot mirror it: forget it
+    if (auto cec = co_await cache_file_->zero(range, 0)) {
+      if (drop_clean_chunks(first, last)) ec = cec;  // cannot mirror it: forget it
     } else {
       for (uint64_t c : mine)
         if (range.offset <= chunk_start(c) && range.end() >= chunk_start(c) + chunk_len(c)) present_.set(c);
@@ -686,8 +697,15 @@ Task<std::error_code> CacheLayer::trim(ByteRange range, IoFlags flags) {
   auto [fill, mine] = co_await claim(first, last, true);  // no fill may race with the trim
   auto ec = co_await next().trim(range, remote_fua(flags));
   if (!ec && needs_remote_flush(flags)) ec = co_await next().flush();
-  // What the remote now returns there is its business: fetch it again.
-  for (uint64_t c = first; c <= last; ++c) present_.clear(c);
+  // What the remote now returns there is its business: fetch it again. A
+  // chunk that is still dirty (inherited from a write-back mode) keeps its
+  // bytes, and is written back again: refetching it would lose the rest of
+  // its dirty data, and a trim leaves the trimmed contents undefined anyway.
+  for (uint64_t c = first; c <= last; ++c)
+    if (dirty_.test(c) || cleaning_.test(c))
+      dirty_.set(c);
+    else
+      present_.clear(c);
   release(fill, mine, ec);
   co_return ec;
 }
@@ -779,6 +797,14 @@ Task<std::error_code> CacheLayer::write_back_durably(uint64_t first, uint64_t la
 
 Task<std::error_code> CacheLayer::write_back_run(uint64_t a, uint64_t b) {
   mark_remote_written(a, b);
+  // Hold the chunks while their bytes go from the cache file to the remote:
+  // a writethrough write (or zero/trim) holds them too, from its remote write
+  // to its cache write. Without this, a write-back could read the old bytes
+  // before such a write and store them at the remote after it: the remote
+  // would keep stale data and the chunk would be marked clean. Write-back
+  // modes need no claim (their writes set dirty again after the cache
+  // write), but taking it costs a map insert per chunk next to a remote write.
+  auto [fill, mine] = co_await claim(a, b, true);
   const uint64_t off = chunk_start(a);
   const uint64_t len = chunk_start(b) + chunk_len(b) - off;
   gateway::IoBuffer buf(len);
@@ -792,6 +818,7 @@ Task<std::error_code> CacheLayer::write_back_run(uint64_t a, uint64_t b) {
       ec = co_await next().write(buf.span(), off, 0);
     }
   }
+  release(fill, mine, ec);
   if (!ec) written_back_.fetch_add(len, std::memory_order_relaxed);
   co_return ec;
 }

@@ -183,6 +183,11 @@ class CacheLayer final : public gateway::Layer, public gateway::ExportControl {
   gateway::Task<std::error_code> write_through(std::span<const std::byte> buf, uint64_t offset,
                                                gateway::IoFlags flags);
   gateway::Task<std::error_code> zero_cached(gateway::ByteRange range, gateway::IoFlags flags, bool whole_chunks_only);
+  // After a writethrough change reached the remote but not the cache file:
+  // drops the clean chunks of [first, last] (fetched again when read). Dirty
+  // ones (inherited from a write-back mode) cannot be dropped without losing
+  // their data: returns true if there were any, and the change then fails.
+  bool drop_clean_chunks(uint64_t first, uint64_t last) noexcept;
   // Durability of a FUA request over chunks [first, last], per write mode.
   gateway::Task<std::error_code> make_durable(uint64_t first, uint64_t last);
 

@@ -1,0 +1,239 @@
+// Unit tests for the cache layer's switches (detach, set_mode) and for
+// write-back racing foreground writes, over an in-memory remote whose writes
+// can be held (gate) or made slow (SlowWrites).
+#include "cache/cache_layer.hpp"
+
+#include "tests/unit/cache/cache_test_support.hpp"
+#include "tests/unit/gateway/memory_device.hpp"
+#include "tests/unit/test_util.hpp"
+
+#include <gtest/gtest.h>
+
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/asio/use_future.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <fstream>
+#include <functional>
+#include <iterator>
+#include <thread>
+
+namespace blockway::cache {
+namespace {
+
+using gateway::ByteRange;
+using gateway::PrefetchOrder;
+using gateway::PrefetchState;
+using test::Op;
+using namespace std::chrono_literals;
+
+constexpr uint64_t kChunk = 64u << 10;
+constexpr uint64_t kChunks = 64;
+constexpr uint64_t kSize = kChunk * kChunks;  // 4 MiB
+
+// A remote whose writes (and zeroes) take `delay` each: a slow link.
+class SlowWrites final : public gateway::BlockDevice {
+ public:
+  SlowWrites(std::shared_ptr<test::MemoryDevice> d, std::shared_ptr<std::atomic<int>> delay_ms)
+      : d_(std::move(d)), delay_ms_(std::move(delay_ms)) {}
+  [[nodiscard]] gateway::Geometry geometry() const noexcept override { return d_->geometry(); }
+  [[nodiscard]] gateway::Capabilities capabilities() const noexcept override { return d_->capabilities(); }
+  [[nodiscard]] std::string describe() const override { return "slow " + d_->describe(); }
+  gateway::Task<std::error_code> read(std::span<std::byte> b, uint64_t o, gateway::IoFlags f) override {
+    return d_->read(b, o, f);
+  }
+  gateway::Task<std::error_code> write(std::span<const std::byte> b, uint64_t o, gateway::IoFlags f) override {
+    co_await delay();
+    co_return co_await d_->write(b, o, f);
+  }
+  gateway::Task<std::error_code> flush() override { return d_->flush(); }
+  gateway::Task<std::error_code> trim(ByteRange r, gateway::IoFlags f) override { return d_->trim(r, f); }
+  gateway::Task<std::error_code> zero(ByteRange r, gateway::IoFlags f) override {
+    co_await delay();
+    co_return co_await d_->zero(r, f);
+  }
+  gateway::Task<std::error_code> block_status(ByteRange r, gateway::ExtentList& out) override {
+    return d_->block_status(r, out);
+  }
+  gateway::Task<std::error_code> prefetch(ByteRange r) override { return d_->prefetch(r); }
+
+ private:
+  gateway::Task<void> delay() {
+    const int ms = delay_ms_->load();
+    if (ms <= 0) co_return;
+    boost::asio::steady_timer timer(co_await boost::asio::this_coro::executor);
+    timer.expires_after(std::chrono::milliseconds(ms));
+    co_await timer.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
+  }
+  std::shared_ptr<test::MemoryDevice> d_;
+  std::shared_ptr<std::atomic<int>> delay_ms_;
+};
+
+std::vector<std::byte> bytes(size_t n, uint8_t v) { return std::vector<std::byte>(n, std::byte{v}); }
+
+class SwitchRaceTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    gateway::Capabilities caps;
+    caps.flush = caps.fua = caps.trim = caps.zero = caps.extents = gateway::Support::native;
+    remote_ = std::make_shared<test::MemoryDevice>(gateway::Geometry{kSize, 1, 4096, 32u << 20}, caps);
+    remote_->fill_pattern(0, kSize);
+    store_ = std::make_unique<MetaStore>(dir_.str() + "/catalogue.db");
+  }
+  void TearDown() override { h_.reset(); }
+
+  CacheConfig config(WriteMode mode) {
+    CacheConfig c;
+    c.dir = dir_.str() + "/cache";
+    c.mode = mode;
+    c.chunk_size = kChunk;
+    c.readahead_chunks = 0;
+    c.checkpoint_interval = 50ms;
+    c.writeback_delay = 60s;  // write-back only when a test asks for it
+    return c;
+  }
+  CacheLayer& open(WriteMode mode) {
+    h_ = std::make_unique<test::LayerHarness>();
+    CacheLayer::Params p;
+    p.export_name = "vm";
+    p.remote_uri = "memory://remote";
+    p.config = config(mode);
+    p.store = store_.get();
+    auto& l = h_->open(std::make_unique<SlowWrites>(remote_, delay_ms_), std::move(p));
+    l.start();
+    return l;
+  }
+  CacheLayer& layer() { return h_->layer(); }
+  std::vector<std::byte> read(uint64_t off, uint64_t len) {
+    std::vector<std::byte> buf(len);
+    auto ec = h_->run(layer().read(buf, off, 0));
+    EXPECT_FALSE(ec) << ec.message();
+    return buf;
+  }
+  std::error_code write(uint64_t off, const std::vector<std::byte>& data, gateway::IoFlags f = 0) {
+    return h_->run(layer().write(data, off, f));
+  }
+  static std::vector<std::byte> pattern(uint64_t off, uint64_t len) {
+    std::vector<std::byte> v(len);
+    for (uint64_t i = 0; i < len; ++i) v[i] = test::MemoryDevice::pattern_at(off + i);
+    return v;
+  }
+  std::vector<std::byte> cache_file() {
+    std::ifstream f(dir_.str() + "/cache/vm.img", std::ios::binary);
+    std::vector<char> raw((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    std::vector<std::byte> out(raw.size());
+    std::memcpy(out.data(), raw.data(), raw.size());
+    return out;
+  }
+  // Chunk [0, kChunk) dirty with 0xA1, inherited by a writethrough session.
+  void open_writethrough_with_dirty_chunk0() {
+    open(WriteMode::writeback);
+    ASSERT_FALSE(write(0, bytes(kChunk, 0xA1)));  // whole chunk: dirty, no fetch
+    h_->close();
+    open(WriteMode::writethrough);
+    ASSERT_EQ(layer().report().dirty_bytes, kChunk);
+    ASSERT_EQ(remote_->contents(0, kChunk), pattern(0, kChunk));
+  }
+
+  // Client traffic while a switch runs: a reader of a present chunk that
+  // records its worst latency, and a writer of 4 KiB blocks that keeps the
+  // image it expects.
+  struct Traffic {
+    std::atomic<bool> stop{false};
+    std::atomic<int64_t> worst_read_us{0};
+    std::atomic<int> reads{0}, writes{0}, errors{0};
+    std::vector<std::byte> expected;
+    std::thread reader, writer;
+  };
+  void start_traffic(Traffic& t, uint64_t read_off, uint64_t write_from, uint64_t write_chunks) {
+    t.expected = read(0, kSize);
+    t.reader = std::thread([this, &t, read_off] {
+      std::vector<std::byte> buf(4096);
+      while (!t.stop.load()) {
+        const auto t0 = std::chrono::steady_clock::now();
+        if (h_->run(layer().read(buf, read_off, 0))) ++t.errors;
+        const auto us = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0);
+        t.worst_read_us.store(std::max<int64_t>(t.worst_read_us.load(), us.count()));
+        ++t.reads;
+        std::this_thread::sleep_for(2ms);
+      }
+    });
+    t.writer = std::thread([this, &t, write_from, write_chunks] {
+      for (uint64_t i = 0; !t.stop.load(); ++i) {
+        const uint64_t off = (write_from + i % write_chunks) * kChunk + (i * 4096) % kChunk;
+        auto data = bytes(4096, static_cast<uint8_t>(i % 250 + 1));
+        if (h_->run(layer().write(data, off, 0))) {
+          ++t.errors;
+        } else {
+          std::copy(data.begin(), data.end(), t.expected.begin() + static_cast<long>(off));
+          ++t.writes;
+        }
+        std::this_thread::sleep_for(5ms);
+      }
+    });
+  }
+  static void stop_traffic(Traffic& t) {
+    t.stop.store(true);
+    t.reader.join();
+    t.writer.join();
+  }
+
+  test::TempDir dir_;
+  std::shared_ptr<test::MemoryDevice> remote_;
+  std::shared_ptr<std::atomic<int>> delay_ms_ = std::make_shared<std::atomic<int>>(0);
+  std::unique_ptr<MetaStore> store_;
+  std::unique_ptr<test::LayerHarness> h_;
+};
+
+// Issue 2: a chunk inherited dirty in writethrough mode. The writethrough
+// write reaches the remote while a write-back of the same chunk runs; the
+// write-back must not store the chunk's older bytes over it (a lost write
+// the cache would then call clean).
+TEST_F(SwitchRaceTest, WriteBackNeverStoresOlderBytesOverAWritethroughWrite) {
+  open_writethrough_with_dirty_chunk0();
+  remote_->close_gate(Op::write);
+  const auto fresh = bytes(4096, 0xB2);
+  auto wt = boost::asio::co_spawn(h_->io(), layer().write(fresh, 0, 0), boost::asio::use_future);
+  ASSERT_TRUE(test::eventually([&] { return remote_->in_flight(Op::write) == 1; }, 5s));
+  // A FLUSH writes back the inherited dirty chunk. Without exclusion its
+  // write-back reads the old bytes from the cache file and reaches the gate
+  // now, behind the writethrough write.
+  auto flush = boost::asio::co_spawn(h_->io(), layer().flush(), boost::asio::use_future);
+  (void)test::eventually([&] { return remote_->in_flight(Op::write) == 2; }, 500ms);
+  remote_->open_gate(Op::write);
+  EXPECT_FALSE(wt.get());
+  EXPECT_FALSE(flush.get());
+  auto expected = bytes(kChunk, 0xA1);
+  std::copy(fresh.begin(), fresh.end(), expected.begin());
+  EXPECT_EQ(remote_->contents(0, kChunk), expected) << "the write-back stored stale bytes over a newer write";
+  EXPECT_EQ(read(0, kChunk), expected);
+  EXPECT_EQ(layer().report().dirty_bytes, 0u);
+  h_->close();
+}
+
+// A writethrough trim of part of a chunk that is still dirty must not drop
+// the chunk (a refetch would replace the rest of its dirty data by the
+// remote's older bytes).
+TEST_F(SwitchRaceTest, WritethroughTrimKeepsTheRestOfADirtyChunk) {
+  open_writethrough_with_dirty_chunk0();
+  ASSERT_FALSE(h_->run(layer().trim({0, 4096}, 0)));
+  EXPECT_EQ(read(4096, kChunk - 4096), bytes(kChunk - 4096, 0xA1));
+  ASSERT_FALSE(h_->run(layer().flush()));
+  EXPECT_EQ(layer().report().dirty_bytes, 0u);
+  EXPECT_EQ(remote_->contents(4096, kChunk - 4096), bytes(kChunk - 4096, 0xA1));
+  // A trim that covers clean chunks still drops them: fetched again.
+  const auto reads = remote_->calls(Op::read);
+  ASSERT_FALSE(h_->run(layer().trim({kChunk, kChunk}, 0)));
+  EXPECT_EQ(read(kChunk, kChunk), bytes(kChunk, 0));  // the memory remote trims to zeroes
+  EXPECT_GT(remote_->calls(Op::read), reads);
+  h_->close();
+}
+
+}  // namespace
+}  // namespace blockway::cache
