@@ -1274,15 +1274,14 @@ Task<void> CacheLayer::wait_for_switch() {
   }
 }
 
-Task<void> CacheLayer::quiesce(bool with_background) {
+Task<void> CacheLayer::quiesce() {
   {
     std::lock_guard lock(switch_mutex_);
     switch_done_ = std::make_shared<gateway::SharedEvent>();
   }
   switching_.store(true, std::memory_order_seq_cst);
   boost::asio::steady_timer timer(co_await boost::asio::this_coro::executor);
-  while (inflight_.load(std::memory_order_seq_cst) > 0 ||
-         (with_background && (readaheads_.load() > 0 || prefetcher_->in_flight() > 0))) {
+  while (inflight_.load(std::memory_order_seq_cst) > 0) {
     timer.expires_after(std::chrono::milliseconds(1));
     co_await timer.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
   }
@@ -1374,27 +1373,46 @@ Task<gateway::ControlResult> CacheLayer::detach(bool force) {
     co_return ControlResult{errno_code(EBUSY), missing_message(missing)};
   if (const uint64_t dirty = dirty_chunks(); dirty && !force)
     co_return ControlResult{errno_code(EBUSY), dirty_message(dirty)};
-  // Forced: write back while clients keep going, then once more at the door.
-  for (int round = 0; round < 3 && dirty_chunks() > 0; ++round)
-    if (auto ec = co_await write_back_durably(0, nchunks_ - 1))
-      co_return ControlResult{ec, "write-back to " + remote_uri_ + " failed: " + ec.message()};
 
-  co_await quiesce(true);
-  ControlResult refused;
-  if (const uint64_t missing = nchunks_ - present_.count()) {
-    refused = {errno_code(EBUSY), missing_message(missing)};
-  } else if (const uint64_t dirty = dirty_chunks(); dirty && !force) {
-    refused = {errno_code(EBUSY), dirty_message(dirty)};
-  } else if (dirty) {
-    if (auto ec = co_await write_back_durably(0, nchunks_ - 1))
-      refused = {ec, "write-back to " + remote_uri_ + " failed: " + ec.message()};
-  }
-  if (refused.ec) {
+  // The door is never held across remote I/O (a write-back to a slow or
+  // absent remote would park every client for up to the retry timeout): the
+  // write-back runs with requests flowing, then the door closes only to
+  // check. If clients dirtied chunks in between, it opens again and the
+  // switch is retried, a bounded number of times.
+  for (int attempt = 1;; ++attempt) {
+    for (int round = 0; round < 3 && dirty_chunks() > 0; ++round)
+      if (auto ec = co_await write_back_durably(0, nchunks_ - 1))
+        co_return ControlResult{ec, "write-back to " + remote_uri_ + " failed: " + ec.message()};
+    co_await quiesce();
+    if (const uint64_t missing = nchunks_ - present_.count()) {
+      unquiesce();
+      co_return ControlResult{errno_code(EBUSY), missing_message(missing)};
+    }
+    const uint64_t dirty = dirty_chunks();
+    if (dirty == 0) break;  // the door stays closed
     unquiesce();
-    co_return refused;
+    if (!force) co_return ControlResult{errno_code(EBUSY), dirty_message(dirty)};
+    if (attempt >= kSwitchAttempts)
+      co_return ControlResult{
+          errno_code(EAGAIN),
+          "export '" + name_ + "' is busy: clients dirtied " + std::to_string(dirty) +
+              " chunks again during each of " + std::to_string(kSwitchAttempts) +
+              " write-backs; try again, or switch it to writethrough first (then nothing new becomes dirty)"};
+    log_->info("export '{}': detach: {} chunks were dirtied during the write-back, writing back again", name_, dirty);
+  }
+  // Door closed, every chunk present and clean. A read-ahead or prefetch fill
+  // still counted has fetched its chunks already (they are present): no
+  // remote I/O is left to wait for.
+  {
+    boost::asio::steady_timer timer(co_await boost::asio::this_coro::executor);
+    while (readaheads_.load() > 0 || prefetcher_->in_flight() > 0) {
+      timer.expires_after(std::chrono::milliseconds(1));
+      co_await timer.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
+    }
   }
   // Everything the catalogue says is durable in the cache file, and then the
-  // catalogue says "detached": from here on the file is the image.
+  // catalogue says "detached": from here on the file is the image. (Local
+  // disk and SQLite only, no remote.)
   if (auto ec = co_await checkpoint(true)) {
     unquiesce();
     co_return ControlResult{ec, "syncing the cache failed: " + ec.message()};
@@ -1436,21 +1454,33 @@ Task<gateway::ControlResult> CacheLayer::set_mode(std::string_view mode_name) {
                             "export '" + name_ + "' is detached (local mode): it has no remote and no write mode"};
   const WriteMode old = mode();
   if (old == want) co_return ControlResult{{}, "write mode is already " + to_string(want)};
-  // Writethrough keeps no dirty data: write it back (first while clients go
-  // on, then the rest with requests held), so nothing races the switch.
-  if (want == WriteMode::writethrough && dirty_chunks() > 0)
-    if (auto ec = co_await write_back_durably(0, nchunks_ - 1))
-      co_return ControlResult{ec, "write-back to " + remote_uri_ + " failed: " + ec.message()};
-  co_await quiesce(false);
-  if (want == WriteMode::writethrough && dirty_chunks() > 0) {
-    if (auto ec = co_await write_back_durably(0, nchunks_ - 1)) {
-      unquiesce();
-      co_return ControlResult{ec, "write-back to " + remote_uri_ + " failed: " + ec.message()};
-    }
-  }
+  // The door only lets the requests of the old mode drain; no remote I/O
+  // happens behind it.
+  co_await quiesce();
   mode_.store(want, std::memory_order_release);
   unquiesce();
-  std::string key = "mode", value = to_string(want);
+  if (want == WriteMode::writethrough) {
+    // Writethrough keeps no dirty data: write back what the old mode left,
+    // with requests flowing. New writes go to the remote and dirty nothing
+    // (write-back and writethrough writes exclude each other by the chunk
+    // claim), so this ends; only a failed write-back dirties chunks again.
+    std::error_code ec;
+    for (int round = 0; round < kSwitchAttempts && !ec && dirty_chunks() > 0; ++round)
+      ec = co_await write_back_durably(0, nchunks_ - 1);
+    if (ec || dirty_chunks() > 0) {
+      // Back to the old mode: the switch did not happen. No door: a
+      // writethrough write still in flight (perhaps waiting for the same
+      // absent remote) ends as it would have anyway.
+      mode_.store(old, std::memory_order_release);
+      if (!ec)
+        co_return ControlResult{errno_code(EAGAIN), "export '" + name_ + "' is busy: chunks are still being written "
+                                                    "back to " + remote_uri_ + "; the write mode stays " +
+                                                    to_string(old) + ", try again"};
+      co_return ControlResult{ec, "write-back to " + remote_uri_ + " failed: " + ec.message() +
+                                      "; the write mode stays " + to_string(old)};
+    }
+  }
+  std::string value = to_string(want);
   auto ec = co_await gateway::offload(blocking_, [this, &value]() -> std::error_code {
     try {
       store_.set_mode(name_, value);
@@ -1460,7 +1490,6 @@ Task<gateway::ControlResult> CacheLayer::set_mode(std::string_view mode_name) {
       return errno_code(EIO);
     }
   });
-  (void)key;
   log_->info("export '{}': write mode {} (was {})", name_, to_string(want), to_string(old));
   co_return ControlResult{{}, "write mode is now " + to_string(want) + " (was " + to_string(old) + ")" +
                                   (ec ? "; the catalogue could not record it" : "")};
