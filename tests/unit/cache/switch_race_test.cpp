@@ -99,12 +99,13 @@ class SwitchRaceTest : public ::testing::Test {
     c.writeback_delay = 60s;  // write-back only when a test asks for it
     return c;
   }
-  CacheLayer& open(WriteMode mode) {
+  CacheLayer& open(WriteMode mode, bool auto_detach = false) {
     h_ = std::make_unique<test::LayerHarness>();
     CacheLayer::Params p;
     p.export_name = "vm";
     p.remote_uri = "memory://remote";
     p.config = config(mode);
+    p.config.auto_detach = auto_detach;
     p.store = store_.get();
     auto& l = h_->open(std::make_unique<SlowWrites>(remote_, delay_ms_), std::move(p));
     l.start();
@@ -133,11 +134,11 @@ class SwitchRaceTest : public ::testing::Test {
     return out;
   }
   // Chunk [0, kChunk) dirty with 0xA1, inherited by a writethrough session.
-  void open_writethrough_with_dirty_chunk0() {
+  void open_writethrough_with_dirty_chunk0(bool auto_detach = false) {
     open(WriteMode::writeback);
     ASSERT_FALSE(write(0, bytes(kChunk, 0xA1)));  // whole chunk: dirty, no fetch
     h_->close();
-    open(WriteMode::writethrough);
+    open(WriteMode::writethrough, auto_detach);
     ASSERT_EQ(layer().report().dirty_bytes, kChunk);
     ASSERT_EQ(remote_->contents(0, kChunk), pattern(0, kChunk));
   }
@@ -317,6 +318,49 @@ TEST_F(SwitchRaceTest, ForcedDetachUnderAWriterNeverParksClientsAndEndsBusyOrDet
   EXPECT_EQ(read(0, kSize), t.expected);
   h_->close();
   EXPECT_EQ(cache_file(), t.expected);
+}
+
+// Issue 3: chunks that go missing after the prefetch finished (here a
+// writethrough trim while auto-detach waits for a write-back) are fetched
+// again, and the export still detaches, instead of auto-detach giving up.
+TEST_F(SwitchRaceTest, AutoDetachFetchesChunksThatWentMissingAndDetaches) {
+  open_writethrough_with_dirty_chunk0(true);
+  remote_->close_gate(Op::write);
+  ASSERT_TRUE(layer().prefetch_start(PrefetchOrder::sequential).ok());
+  // Auto-detach writes back chunk 0 first: held at the gate.
+  ASSERT_TRUE(test::eventually([&] { return remote_->in_flight(Op::write) == 1; }, 10s));
+  ASSERT_EQ(layer().report().prefetch.state, PrefetchState::done);
+  ASSERT_FALSE(h_->run(layer().trim({5 * kChunk, kChunk}, 0)));  // drops chunk 5
+  EXPECT_EQ(layer().report().present_bytes, kSize - kChunk);
+  remote_->open_gate(Op::write);
+  ASSERT_TRUE(test::eventually([&] { return layer().detached(); }, 15s))
+      << "auto-detach gave up: " << layer().report().prefetch.error;
+  const auto rep = layer().report();
+  EXPECT_EQ(rep.prefetch.state, PrefetchState::done);
+  EXPECT_EQ(rep.prefetch.error, "");
+  EXPECT_EQ(rep.present_bytes, kSize);
+  EXPECT_EQ(remote_->contents(0, kChunk), bytes(kChunk, 0xA1));
+  EXPECT_EQ(read(5 * kChunk, kChunk), bytes(kChunk, 0));  // what the remote holds after its trim
+  h_->close();
+}
+
+// While auto-detach is refused, the status says why.
+TEST_F(SwitchRaceTest, AutoDetachShowsWhyItWaitsInTheStatus) {
+  open_writethrough_with_dirty_chunk0(true);
+  remote_->fail(Op::write, EIO);
+  ASSERT_TRUE(layer().prefetch_start(PrefetchOrder::sequential).ok());
+  ASSERT_TRUE(test::eventually(
+      [&] { return layer().report().prefetch.error.find("auto-detach waits") != std::string::npos; }, 10s))
+      << layer().report().prefetch.error;
+  const auto rep = layer().report();
+  EXPECT_EQ(rep.prefetch.state, PrefetchState::done);
+  EXPECT_NE(rep.prefetch.error.find("write-back to memory://remote failed"), std::string::npos)
+      << rep.prefetch.error;
+  EXPECT_FALSE(layer().detached());
+  remote_->fail(Op::write, 0);
+  ASSERT_TRUE(test::eventually([&] { return layer().detached(); }, 10s));
+  EXPECT_EQ(layer().report().prefetch.error, "");
+  h_->close();
 }
 
 }  // namespace
