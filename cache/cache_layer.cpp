@@ -726,11 +726,9 @@ Task<std::error_code> CacheLayer::block_status(ByteRange range, gateway::ExtentL
   if (local_.load(std::memory_order_acquire)) co_return co_await cache_file_->block_status(range, out);
   gateway::ExtentList remote;
   if (auto ec = co_await next().block_status(range, remote)) co_return ec;
-  if (mode() == WriteMode::writethrough) {
-    out = std::move(remote);
-    co_return std::error_code{};
-  }
-  // The remote does not know about dirty chunks yet: they are data.
+  // The remote does not know about dirty chunks yet: they are data. Also in
+  // writethrough, which inherits them from a write-back mode (an earlier run,
+  // or set_mode while it writes them back).
   auto push = [&](uint64_t len, uint32_t flags) {
     if (len == 0) return;
     if (!out.empty() && out.back().flags == flags)

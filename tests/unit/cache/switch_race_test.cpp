@@ -239,6 +239,22 @@ TEST_F(SwitchRaceTest, WritethroughTrimKeepsTheRestOfADirtyChunk) {
   h_->close();
 }
 
+// Block status in writethrough mode reports an inherited dirty chunk as data,
+// even where the remote (which does not have it yet) says hole.
+TEST_F(SwitchRaceTest, WritethroughBlockStatusReportsInheritedDirtyChunksAsData) {
+  open_writethrough_with_dirty_chunk0();
+  const uint32_t hz = gateway::kExtentHole | gateway::kExtentZero;
+  remote_->set_extents({{kSize, hz}});
+  gateway::ExtentList out;
+  ASSERT_FALSE(h_->run(layer().block_status({0, kSize}, out)));
+  EXPECT_EQ(out, (gateway::ExtentList{{kChunk, 0}, {kSize - kChunk, hz}}));
+  ASSERT_FALSE(h_->run(layer().flush()));  // written back: the remote's word again
+  out.clear();
+  ASSERT_FALSE(h_->run(layer().block_status({0, kSize}, out)));
+  EXPECT_EQ(out, (gateway::ExtentList{{kSize, hz}}));
+  h_->close();
+}
+
 // Issue 1: set_mode to writethrough writes back what is dirty without the
 // door closed: clients reading present chunks are never held behind a slow
 // remote write, and the switch ends with nothing dirty and nothing lost.
