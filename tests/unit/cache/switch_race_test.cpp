@@ -320,7 +320,9 @@ TEST_F(SwitchRaceTest, ForcedDetachUnderAWriterNeverParksClientsAndEndsBusyOrDet
   EXPECT_NE(busy.message.find("busy"), std::string::npos) << busy.message;
   EXPECT_NE(busy.message.find("try again"), std::string::npos) << busy.message;
   EXPECT_FALSE(layer().detached());
-  EXPECT_LT(t.worst_read_us.load(), 150'000) << "a read of a present chunk waited behind a remote write";
+  const int64_t worst_us = t.worst_read_us.load();
+  std::printf("worst read while detach was busy: %lld us\n", static_cast<long long>(worst_us));
+  EXPECT_LT(worst_us, 150'000) << "a read of a present chunk waited behind a remote write";
   EXPECT_EQ(t.errors.load(), 0);
   // What the message suggests: writethrough first, then nothing new is dirty.
   const auto wt = h_->run(layer().set_mode("writethrough"));
