@@ -1272,17 +1272,31 @@ Task<void> CacheLayer::wait_for_switch() {
   }
 }
 
-Task<void> CacheLayer::quiesce() {
+Task<bool> CacheLayer::quiesce() {
   {
     std::lock_guard lock(switch_mutex_);
     switch_done_ = std::make_shared<gateway::SharedEvent>();
   }
   switching_.store(true, std::memory_order_seq_cst);
+  const auto give_up = std::chrono::steady_clock::now() + kDoorDrainLimit;
   boost::asio::steady_timer timer(co_await boost::asio::this_coro::executor);
   while (inflight_.load(std::memory_order_seq_cst) > 0) {
+    if (std::chrono::steady_clock::now() >= give_up) {
+      // A request in flight waits on the remote: do not hold everyone else
+      // behind it.
+      unquiesce();
+      co_return false;
+    }
     timer.expires_after(std::chrono::milliseconds(1));
     co_await timer.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
   }
+  co_return true;
+}
+
+Task<void> CacheLayer::switch_backoff(int attempt) {
+  boost::asio::steady_timer timer(co_await boost::asio::this_coro::executor);
+  timer.expires_after(std::chrono::milliseconds(100) * std::min(attempt, 10));
+  co_await timer.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
 }
 
 void CacheLayer::unquiesce() {
@@ -1377,11 +1391,22 @@ Task<gateway::ControlResult> CacheLayer::detach(bool force) {
   // write-back runs with requests flowing, then the door closes only to
   // check. If clients dirtied chunks in between, it opens again and the
   // switch is retried, a bounded number of times.
+  auto busy = [this](const std::string& why) {
+    return ControlResult{errno_code(EAGAIN), "export '" + name_ + "' is busy: " + why + " (" +
+                                                 std::to_string(kSwitchAttempts) + " tries); try again"};
+  };
   for (int attempt = 1;; ++attempt) {
     for (int round = 0; round < 3 && dirty_chunks() > 0; ++round)
       if (auto ec = co_await write_back_durably(0, nchunks_ - 1))
         co_return ControlResult{ec, "write-back to " + remote_uri_ + " failed: " + ec.message()};
-    co_await quiesce();
+    if (const bool drained = co_await quiesce(); !drained) {
+      if (attempt >= kSwitchAttempts)
+        co_return busy("requests in flight kept waiting on " + remote_uri_ + " for longer than " +
+                       std::to_string(kDoorDrainLimit.count()) + " ms");
+      log_->info("export '{}': detach: requests in flight wait on the remote, trying again", name_);
+      co_await switch_backoff(attempt);
+      continue;
+    }
     if (const uint64_t missing = nchunks_ - present_.count()) {
       unquiesce();
       co_return ControlResult{errno_code(EBUSY), missing_message(missing)};
@@ -1391,11 +1416,9 @@ Task<gateway::ControlResult> CacheLayer::detach(bool force) {
     unquiesce();
     if (!force) co_return ControlResult{errno_code(EBUSY), dirty_message(dirty)};
     if (attempt >= kSwitchAttempts)
-      co_return ControlResult{
-          errno_code(EAGAIN),
-          "export '" + name_ + "' is busy: clients dirtied " + std::to_string(dirty) +
-              " chunks again during each of " + std::to_string(kSwitchAttempts) +
-              " write-backs; try again, or switch it to writethrough first (then nothing new becomes dirty)"};
+      co_return busy("clients dirtied " + std::to_string(dirty) +
+                     " chunks again during each write-back; or switch it to writethrough first, then nothing new "
+                     "becomes dirty");
     log_->info("export '{}': detach: {} chunks were dirtied during the write-back, writing back again", name_, dirty);
   }
   // Door closed, every chunk present and clean. A read-ahead or prefetch fill
@@ -1453,8 +1476,17 @@ Task<gateway::ControlResult> CacheLayer::set_mode(std::string_view mode_name) {
   const WriteMode old = mode();
   if (old == want) co_return ControlResult{{}, "write mode is already " + to_string(want)};
   // The door only lets the requests of the old mode drain; no remote I/O
-  // happens behind it.
-  co_await quiesce();
+  // happens behind it, and it gives up on requests that wait on the remote.
+  for (int attempt = 1;; ++attempt) {
+    if (const bool drained = co_await quiesce(); drained) break;
+    if (attempt >= kSwitchAttempts)
+      co_return ControlResult{errno_code(EAGAIN),
+                              "export '" + name_ + "' is busy: requests in flight kept waiting on " + remote_uri_ +
+                                  " for longer than " + std::to_string(kDoorDrainLimit.count()) + " ms (" +
+                                  std::to_string(kSwitchAttempts) + " tries); the write mode stays " +
+                                  to_string(old) + ", try again"};
+    co_await switch_backoff(attempt);
+  }
   mode_.store(want, std::memory_order_release);
   unquiesce();
   if (want == WriteMode::writethrough) {

@@ -65,6 +65,7 @@
 #include <boost/asio/thread_pool.hpp>
 
 #include <array>
+#include <chrono>
 #include <functional>
 #include <atomic>
 #include <memory>
@@ -158,9 +159,10 @@ class CacheLayer final : public gateway::Layer, public gateway::ExportControl {
     std::unordered_map<uint64_t, std::shared_ptr<Fill>> fills;
   };
   static constexpr uint64_t kChunksPerRegion = 64;
-  // Detach: how often the door may close and find chunks dirtied again by
-  // clients during the write-back before it answers EAGAIN (busy). set_mode
-  // to writethrough: write-back rounds before it gives up.
+  // Detach and set_mode: how often the door may close and find chunks
+  // dirtied again by clients during the write-back, or requests in flight
+  // that do not drain, before the switch answers EAGAIN (busy). set_mode to
+  // writethrough: also the write-back rounds before it gives up.
   static constexpr int kSwitchAttempts = 5;
   static constexpr size_t kShards = 64;
 
@@ -241,11 +243,16 @@ class CacheLayer final : public gateway::Layer, public gateway::ExportControl {
 
   // Requests in flight and the door that detach / set_mode close while they
   // switch (quiesce): new requests wait, those in flight drain. The switch
-  // itself never does remote I/O behind the closed door: a client waits at
-  // most for the requests that were already in flight.
+  // itself never does remote I/O behind the closed door, and if the requests
+  // in flight do not drain within kDoorDrainLimit (they wait on a slow or
+  // absent remote), quiesce opens the door again and returns false: the
+  // switch backs off and tries again. A client never waits at the door for
+  // longer than that.
   class InFlight;
+  static constexpr std::chrono::milliseconds kDoorDrainLimit{250};
   gateway::Task<void> wait_for_switch();
-  gateway::Task<void> quiesce();
+  gateway::Task<bool> quiesce();
+  gateway::Task<void> switch_backoff(int attempt);
   void unquiesce();
   // The local-mode data path (after detach).
   gateway::Task<std::error_code> local_write(std::span<const std::byte> buf, uint64_t offset, gateway::IoFlags flags);

@@ -324,7 +324,10 @@ TEST_F(SwitchRaceTest, ForcedDetachUnderAWriterNeverParksClientsAndEndsBusyOrDet
   std::printf("worst read while detach was busy: %lld us\n", static_cast<long long>(worst_us));
   EXPECT_LT(worst_us, 150'000) << "a read of a present chunk waited behind a remote write";
   EXPECT_EQ(t.errors.load(), 0);
-  // What the message suggests: writethrough first, then nothing new is dirty.
+  // What the message suggests: writethrough first, then nothing new is dirty
+  // (the writer's requests now wait on the remote: 100 ms, within what the
+  // door waits for requests in flight).
+  delay_ms_->store(100);
   const auto wt = h_->run(layer().set_mode("writethrough"));
   ASSERT_TRUE(wt.ok()) << wt.message;
   const auto r = h_->run(layer().detach(true));
@@ -378,6 +381,58 @@ TEST_F(SwitchRaceTest, AutoDetachShowsWhyItWaitsInTheStatus) {
   remote_->fail(Op::write, 0);
   ASSERT_TRUE(test::eventually([&] { return layer().detached(); }, 10s));
   EXPECT_EQ(layer().report().prefetch.error, "");
+  h_->close();
+}
+
+// A writethrough write stuck at an absent remote is in flight when detach and
+// set_mode close the door: they give up on it after a bounded wait, open the
+// door again (nobody waits behind it for long), back off, and finally answer
+// "busy"; once the remote answers, the same detach succeeds.
+TEST_F(SwitchRaceTest, ASwitchDoesNotHoldClientsBehindARequestStuckAtTheRemote) {
+  open(WriteMode::writethrough);
+  ASSERT_TRUE(layer().prefetch_start(PrefetchOrder::sequential).ok());
+  ASSERT_TRUE(test::eventually([&] { return layer().report().prefetch.state == PrefetchState::done; }, 20s));
+  remote_->close_gate(Op::write);
+  const auto data = bytes(4096, 0x3c);
+  auto stuck = boost::asio::co_spawn(h_->io(), layer().write(data, 9 * kChunk, 0), boost::asio::use_future);
+  ASSERT_TRUE(test::eventually([&] { return remote_->in_flight(Op::write) == 1; }, 5s));
+  Traffic t;
+  t.expected = read(0, kSize);
+  t.reader = std::thread([this, &t] {
+    std::vector<std::byte> buf(4096);
+    while (!t.stop.load()) {
+      const auto t0 = std::chrono::steady_clock::now();
+      if (h_->run(layer().read(buf, 40 * kChunk, 0))) ++t.errors;
+      const auto us = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0);
+      t.worst_read_us.store(std::max<int64_t>(t.worst_read_us.load(), us.count()));
+      ++t.reads;
+      std::this_thread::sleep_for(2ms);
+    }
+  });
+  t.writer = std::thread([] {});
+  auto detach = boost::asio::co_spawn(h_->io(), layer().detach(false), boost::asio::use_future);
+  const bool answered = detach.wait_for(15s) == std::future_status::ready;
+  auto mode = boost::asio::co_spawn(h_->io(), layer().set_mode("writeback"), boost::asio::use_future);
+  const bool mode_answered = mode.wait_for(15s) == std::future_status::ready;
+  remote_->open_gate(Op::write);  // (also unblocks the switch and the reader if they were stuck)
+  stop_traffic(t);
+  ASSERT_TRUE(answered) << "detach waited for a request stuck at the remote";
+  ASSERT_TRUE(mode_answered) << "set_mode waited for a request stuck at the remote";
+  const auto r = detach.get();
+  EXPECT_EQ(r.ec, std::errc::resource_unavailable_try_again) << r.message;
+  EXPECT_NE(r.message.find("requests in flight kept waiting"), std::string::npos) << r.message;
+  const auto m = mode.get();
+  EXPECT_EQ(m.ec, std::errc::resource_unavailable_try_again) << m.message;
+  EXPECT_NE(m.message.find("the write mode stays writethrough"), std::string::npos) << m.message;
+  EXPECT_EQ(layer().mode(), WriteMode::writethrough);
+  EXPECT_FALSE(layer().detached());
+  EXPECT_LT(t.worst_read_us.load(), 600'000) << "a client waited at the door behind the stuck request";
+  EXPECT_EQ(t.errors.load(), 0);
+  EXPECT_FALSE(stuck.get());
+  const auto ok = h_->run(layer().detach(false));
+  ASSERT_TRUE(ok.ok()) << ok.message;
+  EXPECT_EQ(remote_->contents(9 * kChunk, 4096), data);
+  EXPECT_EQ(read(9 * kChunk, 4096), data);
   h_->close();
 }
 
