@@ -554,10 +554,17 @@ Task<std::error_code> CacheLayer::write_through(std::span<const std::byte> buf, 
         if (offset <= chunk_start(c) && end >= chunk_start(c) + chunk_len(c)) present_.set(c);
       // A present chunk written partly keeps its present bit: the cache got the
       // same bytes as the remote.
+      if ((flags & gateway::kFua) && owes_write_back(first, last)) ec = co_await cache_file_->flush();
     }
   }
   release(fill, mine, ec);
   co_return ec;
+}
+
+bool CacheLayer::owes_write_back(uint64_t first, uint64_t last) const noexcept {
+  for (uint64_t c = first; c <= last; ++c)
+    if (dirty_.test(c) || cleaning_.test(c) || dirty_persisted_.test(c)) return true;
+  return false;
 }
 
 bool CacheLayer::drop_clean_chunks(uint64_t first, uint64_t last) noexcept {
@@ -596,7 +603,12 @@ Task<std::error_code> CacheLayer::flush() {
   if (local_.load(std::memory_order_acquire)) co_return co_await cache_file_->flush();
   switch (mode()) {
     case WriteMode::writethrough:
-      if (dirty_.find_set(0) < nchunks_ || cleaning_.find_set(0) < nchunks_)  // inherited from a write-back mode
+      // Inherited from a write-back mode: write back what is dirty, and persist
+      // the clean bits of chunks still persisted dirty (after a power loss the
+      // write-back would otherwise store the cache file's older bytes over
+      // what this FLUSH covers).
+      if (dirty_.find_set(0) < nchunks_ || cleaning_.find_set(0) < nchunks_ ||
+          dirty_persisted_.find_set(0) < nchunks_)
         if (auto ec = co_await write_back_durably(0, nchunks_ - 1)) co_return ec;
       co_return co_await next().flush();
     case WriteMode::writeback_local: co_return co_await checkpoint(true);
@@ -669,6 +681,7 @@ Task<std::error_code> CacheLayer::zero(ByteRange range, IoFlags flags) {
     } else {
       for (uint64_t c : mine)
         if (range.offset <= chunk_start(c) && range.end() >= chunk_start(c) + chunk_len(c)) present_.set(c);
+      if ((flags & gateway::kFua) && owes_write_back(first, last)) ec = co_await cache_file_->flush();
     }
   }
   release(fill, mine, ec);

@@ -201,6 +201,11 @@ class CacheLayer final : public gateway::Layer, public gateway::ExportControl {
   // ones (inherited from a write-back mode) cannot be dropped without losing
   // their data: returns true if there were any, and the change then fails.
   bool drop_clean_chunks(uint64_t first, uint64_t last) noexcept;
+  // True if a chunk of [first, last] is dirty, being written back, or still
+  // persisted dirty: after a power loss it would be written back from the
+  // cache file, so a writethrough FUA there must make the cache file durable
+  // too.
+  [[nodiscard]] bool owes_write_back(uint64_t first, uint64_t last) const noexcept;
   // Durability of a FUA request over chunks [first, last], per write mode.
   gateway::Task<std::error_code> make_durable(uint64_t first, uint64_t last);
 
