@@ -1409,6 +1409,8 @@ Task<gateway::ControlResult> CacheLayer::detach(bool force) {
                                                  std::to_string(kSwitchAttempts) + " tries); try again"};
   };
   for (int attempt = 1;; ++attempt) {
+    // close() waits for this call (control_mutex_): do not keep it waiting.
+    if (stopping_.load()) co_return ControlResult{errno_code(ESHUTDOWN), "export '" + name_ + "' is shutting down"};
     for (int round = 0; round < 3 && dirty_chunks() > 0; ++round)
       if (auto ec = co_await write_back_durably(0, nchunks_ - 1))
         co_return ControlResult{ec, "write-back to " + remote_uri_ + " failed: " + ec.message()};
@@ -1492,7 +1494,7 @@ Task<gateway::ControlResult> CacheLayer::set_mode(std::string_view mode_name) {
   // happens behind it, and it gives up on requests that wait on the remote.
   for (int attempt = 1;; ++attempt) {
     if (const bool drained = co_await quiesce(); drained) break;
-    if (attempt >= kSwitchAttempts)
+    if (attempt >= kSwitchAttempts || stopping_.load())
       co_return ControlResult{errno_code(EAGAIN),
                               "export '" + name_ + "' is busy: requests in flight kept waiting on " + remote_uri_ +
                                   " for longer than " + std::to_string(kDoorDrainLimit.count()) + " ms (" +
@@ -1508,7 +1510,7 @@ Task<gateway::ControlResult> CacheLayer::set_mode(std::string_view mode_name) {
     // (write-back and writethrough writes exclude each other by the chunk
     // claim), so this ends; only a failed write-back dirties chunks again.
     std::error_code ec;
-    for (int round = 0; round < kSwitchAttempts && !ec && dirty_chunks() > 0; ++round)
+    for (int round = 0; round < kSwitchAttempts && !ec && dirty_chunks() > 0 && !stopping_.load(); ++round)
       ec = co_await write_back_durably(0, nchunks_ - 1);
     if (ec || dirty_chunks() > 0) {
       // Back to the old mode: the switch did not happen. No door: a
