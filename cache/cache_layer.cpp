@@ -1490,6 +1490,13 @@ Task<gateway::ControlResult> CacheLayer::set_mode(std::string_view mode_name) {
                             "export '" + name_ + "' is detached (local mode): it has no remote and no write mode"};
   const WriteMode old = mode();
   if (old == want) co_return ControlResult{{}, "write mode is already " + to_string(want)};
+  // To writethrough: a first write-back in the old mode, so that a remote
+  // that is away fails the switch before any client write depends on it
+  // (writeback-local keeps accepting writes while the remote is away).
+  if (want == WriteMode::writethrough && dirty_chunks() > 0)
+    if (auto ec = co_await write_back_durably(0, nchunks_ - 1))
+      co_return ControlResult{ec, "write-back to " + remote_uri_ + " failed: " + ec.message() +
+                                      "; the write mode stays " + to_string(old)};
   // The door only lets the requests of the old mode drain; no remote I/O
   // happens behind it, and it gives up on requests that wait on the remote.
   for (int attempt = 1;; ++attempt) {
@@ -1505,8 +1512,8 @@ Task<gateway::ControlResult> CacheLayer::set_mode(std::string_view mode_name) {
   mode_.store(want, std::memory_order_release);
   unquiesce();
   if (want == WriteMode::writethrough) {
-    // Writethrough keeps no dirty data: write back what the old mode left,
-    // with requests flowing. New writes go to the remote and dirty nothing
+    // Writethrough keeps no dirty data: write back what the old mode left
+    // (dirtied during the first pass), with requests flowing. New writes go to the remote and dirty nothing
     // (write-back and writethrough writes exclude each other by the chunk
     // claim), so this ends; only a failed write-back dirties chunks again.
     std::error_code ec;

@@ -293,11 +293,14 @@ TEST_F(SwitchRaceTest, SetModeToWritethroughKeepsTheOldModeWhenTheWriteBackFails
   EXPECT_EQ(layer().mode(), WriteMode::writeback_local);
   EXPECT_EQ(layer().report().dirty_bytes, kChunk);
   EXPECT_EQ(store_->find("vm")->mode, "writeback-local");
+  // The remote is still away: writes keep working in the old mode.
+  ASSERT_FALSE(write(2 * kChunk, bytes(kChunk, 0x5b)));
   remote_->fail(Op::write, 0);
   const auto ok = h_->run(layer().set_mode("writethrough"));
   ASSERT_TRUE(ok.ok()) << ok.message;
   EXPECT_EQ(layer().report().dirty_bytes, 0u);
   EXPECT_EQ(remote_->contents(0, kChunk), bytes(kChunk, 0x5a));
+  EXPECT_EQ(remote_->contents(2 * kChunk, kChunk), bytes(kChunk, 0x5b));
   EXPECT_EQ(store_->find("vm")->mode, "writethrough");
   h_->close();
 }
