@@ -195,7 +195,7 @@ class SwitchRaceTest : public ::testing::Test {
   std::unique_ptr<test::LayerHarness> h_;
 };
 
-// Issue 2: a chunk inherited dirty in writethrough mode. The writethrough
+// A chunk inherited dirty in writethrough mode. The writethrough
 // write reaches the remote while a write-back of the same chunk runs; the
 // write-back must not store the chunk's older bytes over it (a lost write
 // the cache would then call clean).
@@ -255,7 +255,7 @@ TEST_F(SwitchRaceTest, WritethroughBlockStatusReportsInheritedDirtyChunksAsData)
   h_->close();
 }
 
-// Issue 1: set_mode to writethrough writes back what is dirty without the
+// set_mode to writethrough writes back what is dirty without the
 // door closed: clients reading present chunks are never held behind a slow
 // remote write, and the switch ends with nothing dirty and nothing lost.
 TEST_F(SwitchRaceTest, SetModeToWritethroughNeverParksClientsBehindTheWriteBack) {
@@ -305,7 +305,7 @@ TEST_F(SwitchRaceTest, SetModeToWritethroughKeepsTheOldModeWhenTheWriteBackFails
   h_->close();
 }
 
-// Issue 1: a forced detach while a client keeps dirtying chunks. The door
+// A forced detach while a client keeps dirtying chunks. The door
 // closes only to check; each time new dirty data is found it opens again and
 // writes back with clients going on; after a bounded number of tries it says
 // "busy" (EAGAIN). Switched to writethrough first, the same detach succeeds.
@@ -344,7 +344,7 @@ TEST_F(SwitchRaceTest, ForcedDetachUnderAWriterNeverParksClientsAndEndsBusyOrDet
   EXPECT_EQ(cache_file(), t.expected);
 }
 
-// Issue 3: chunks that go missing after the prefetch finished (here a
+// Chunks that go missing after the prefetch finished (here a
 // writethrough trim while auto-detach waits for a write-back) are fetched
 // again, and the export still detaches, instead of auto-detach giving up.
 TEST_F(SwitchRaceTest, AutoDetachFetchesChunksThatWentMissingAndDetaches) {
