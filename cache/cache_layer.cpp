@@ -548,16 +548,34 @@ Task<std::error_code> CacheLayer::write_through(std::span<const std::byte> buf, 
     if (auto cec = co_await cache_file_->write(buf, offset, 0)) {
       // The remote has the data; the cache must not keep the old bytes.
       log_->warn("export '{}': cache file write failed ({}), dropping those chunks", name_, cec.message());
-      for (uint64_t c = first; c <= last; ++c) present_.clear(c);
+      if (drop_clean_chunks(first, last)) ec = cec;
     } else {
       for (uint64_t c : mine)  // write-allocate chunks the write covers whole
         if (offset <= chunk_start(c) && end >= chunk_start(c) + chunk_len(c)) present_.set(c);
       // A present chunk written partly keeps its present bit: the cache got the
       // same bytes as the remote.
+      if ((flags & gateway::kFua) && owes_write_back(first, last)) ec = co_await cache_file_->flush();
     }
   }
   release(fill, mine, ec);
   co_return ec;
+}
+
+bool CacheLayer::owes_write_back(uint64_t first, uint64_t last) const noexcept {
+  for (uint64_t c = first; c <= last; ++c)
+    if (dirty_.test(c) || cleaning_.test(c) || dirty_persisted_.test(c)) return true;
+  return false;
+}
+
+bool CacheLayer::drop_clean_chunks(uint64_t first, uint64_t last) noexcept {
+  bool kept_dirty = false;
+  for (uint64_t c = first; c <= last; ++c) {
+    if (dirty_.test(c) || cleaning_.test(c))
+      kept_dirty = true;
+    else
+      present_.clear(c);
+  }
+  return kept_dirty;
 }
 
 Task<std::error_code> CacheLayer::make_durable(uint64_t first, uint64_t last) {
@@ -585,7 +603,12 @@ Task<std::error_code> CacheLayer::flush() {
   if (local_.load(std::memory_order_acquire)) co_return co_await cache_file_->flush();
   switch (mode()) {
     case WriteMode::writethrough:
-      if (dirty_.find_set(0) < nchunks_ || cleaning_.find_set(0) < nchunks_)  // inherited from a write-back mode
+      // Inherited from a write-back mode: write back what is dirty, and persist
+      // the clean bits of chunks still persisted dirty (after a power loss the
+      // write-back would otherwise store the cache file's older bytes over
+      // what this FLUSH covers).
+      if (dirty_.find_set(0) < nchunks_ || cleaning_.find_set(0) < nchunks_ ||
+          dirty_persisted_.find_set(0) < nchunks_)
         if (auto ec = co_await write_back_durably(0, nchunks_ - 1)) co_return ec;
       co_return co_await next().flush();
     case WriteMode::writeback_local: co_return co_await checkpoint(true);
@@ -653,11 +676,12 @@ Task<std::error_code> CacheLayer::zero(ByteRange range, IoFlags flags) {
   auto ec = co_await next().zero(range, (flags & ~gateway::kFua) | remote_fua(flags));
   if (!ec && needs_remote_flush(flags)) ec = co_await next().flush();
   if (!ec) {
-    if (co_await cache_file_->zero(range, 0)) {
-      for (uint64_t c = first; c <= last; ++c) present_.clear(c);  // cannot mirror it: forget it
+    if (auto cec = co_await cache_file_->zero(range, 0)) {
+      if (drop_clean_chunks(first, last)) ec = cec;  // cannot mirror it: forget it
     } else {
       for (uint64_t c : mine)
         if (range.offset <= chunk_start(c) && range.end() >= chunk_start(c) + chunk_len(c)) present_.set(c);
+      if ((flags & gateway::kFua) && owes_write_back(first, last)) ec = co_await cache_file_->flush();
     }
   }
   release(fill, mine, ec);
@@ -686,8 +710,15 @@ Task<std::error_code> CacheLayer::trim(ByteRange range, IoFlags flags) {
   auto [fill, mine] = co_await claim(first, last, true);  // no fill may race with the trim
   auto ec = co_await next().trim(range, remote_fua(flags));
   if (!ec && needs_remote_flush(flags)) ec = co_await next().flush();
-  // What the remote now returns there is its business: fetch it again.
-  for (uint64_t c = first; c <= last; ++c) present_.clear(c);
+  // What the remote now returns there is its business: fetch it again. A
+  // chunk that is still dirty (inherited from a write-back mode) keeps its
+  // bytes, and is written back again: refetching it would lose the rest of
+  // its dirty data, and a trim leaves the trimmed contents undefined anyway.
+  for (uint64_t c = first; c <= last; ++c)
+    if (dirty_.test(c) || cleaning_.test(c))
+      dirty_.set(c);
+    else
+      present_.clear(c);
   release(fill, mine, ec);
   co_return ec;
 }
@@ -708,11 +739,9 @@ Task<std::error_code> CacheLayer::block_status(ByteRange range, gateway::ExtentL
   if (local_.load(std::memory_order_acquire)) co_return co_await cache_file_->block_status(range, out);
   gateway::ExtentList remote;
   if (auto ec = co_await next().block_status(range, remote)) co_return ec;
-  if (mode() == WriteMode::writethrough) {
-    out = std::move(remote);
-    co_return std::error_code{};
-  }
-  // The remote does not know about dirty chunks yet: they are data.
+  // The remote does not know about dirty chunks yet: they are data. Also in
+  // writethrough, which inherits them from a write-back mode (an earlier run,
+  // or set_mode while it writes them back).
   auto push = [&](uint64_t len, uint32_t flags) {
     if (len == 0) return;
     if (!out.empty() && out.back().flags == flags)
@@ -779,6 +808,14 @@ Task<std::error_code> CacheLayer::write_back_durably(uint64_t first, uint64_t la
 
 Task<std::error_code> CacheLayer::write_back_run(uint64_t a, uint64_t b) {
   mark_remote_written(a, b);
+  // Hold the chunks while their bytes go from the cache file to the remote:
+  // a writethrough write (or zero/trim) holds them too, from its remote write
+  // to its cache write. Without this, a write-back could read the old bytes
+  // before such a write and store them at the remote after it: the remote
+  // would keep stale data and the chunk would be marked clean. Write-back
+  // modes need no claim (their writes set dirty again after the cache
+  // write), but taking it costs a map insert per chunk next to a remote write.
+  auto [fill, mine] = co_await claim(a, b, true);
   const uint64_t off = chunk_start(a);
   const uint64_t len = chunk_start(b) + chunk_len(b) - off;
   gateway::IoBuffer buf(len);
@@ -792,6 +829,7 @@ Task<std::error_code> CacheLayer::write_back_run(uint64_t a, uint64_t b) {
       ec = co_await next().write(buf.span(), off, 0);
     }
   }
+  release(fill, mine, ec);
   if (!ec) written_back_.fetch_add(len, std::memory_order_relaxed);
   co_return ec;
 }
@@ -1251,18 +1289,31 @@ Task<void> CacheLayer::wait_for_switch() {
   }
 }
 
-Task<void> CacheLayer::quiesce(bool with_background) {
+Task<bool> CacheLayer::quiesce() {
   {
     std::lock_guard lock(switch_mutex_);
     switch_done_ = std::make_shared<gateway::SharedEvent>();
   }
   switching_.store(true, std::memory_order_seq_cst);
+  const auto give_up = std::chrono::steady_clock::now() + kDoorDrainLimit;
   boost::asio::steady_timer timer(co_await boost::asio::this_coro::executor);
-  while (inflight_.load(std::memory_order_seq_cst) > 0 ||
-         (with_background && (readaheads_.load() > 0 || prefetcher_->in_flight() > 0))) {
+  while (inflight_.load(std::memory_order_seq_cst) > 0) {
+    if (std::chrono::steady_clock::now() >= give_up) {
+      // A request in flight waits on the remote: do not hold everyone else
+      // behind it.
+      unquiesce();
+      co_return false;
+    }
     timer.expires_after(std::chrono::milliseconds(1));
     co_await timer.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
   }
+  co_return true;
+}
+
+Task<void> CacheLayer::switch_backoff(int attempt) {
+  boost::asio::steady_timer timer(co_await boost::asio::this_coro::executor);
+  timer.expires_after(std::chrono::milliseconds(100) * std::min(attempt, 10));
+  co_await timer.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
 }
 
 void CacheLayer::unquiesce() {
@@ -1351,27 +1402,57 @@ Task<gateway::ControlResult> CacheLayer::detach(bool force) {
     co_return ControlResult{errno_code(EBUSY), missing_message(missing)};
   if (const uint64_t dirty = dirty_chunks(); dirty && !force)
     co_return ControlResult{errno_code(EBUSY), dirty_message(dirty)};
-  // Forced: write back while clients keep going, then once more at the door.
-  for (int round = 0; round < 3 && dirty_chunks() > 0; ++round)
-    if (auto ec = co_await write_back_durably(0, nchunks_ - 1))
-      co_return ControlResult{ec, "write-back to " + remote_uri_ + " failed: " + ec.message()};
 
-  co_await quiesce(true);
-  ControlResult refused;
-  if (const uint64_t missing = nchunks_ - present_.count()) {
-    refused = {errno_code(EBUSY), missing_message(missing)};
-  } else if (const uint64_t dirty = dirty_chunks(); dirty && !force) {
-    refused = {errno_code(EBUSY), dirty_message(dirty)};
-  } else if (dirty) {
-    if (auto ec = co_await write_back_durably(0, nchunks_ - 1))
-      refused = {ec, "write-back to " + remote_uri_ + " failed: " + ec.message()};
-  }
-  if (refused.ec) {
+  // The door is never held across remote I/O (a write-back to a slow or
+  // absent remote would park every client for up to the retry timeout): the
+  // write-back runs with requests flowing, then the door closes only to
+  // check. If clients dirtied chunks in between, it opens again and the
+  // switch is retried, a bounded number of times.
+  auto busy = [this](const std::string& why) {
+    return ControlResult{errno_code(EAGAIN), "export '" + name_ + "' is busy: " + why + " (" +
+                                                 std::to_string(kSwitchAttempts) + " tries); try again"};
+  };
+  for (int attempt = 1;; ++attempt) {
+    // close() waits for this call (control_mutex_): do not keep it waiting.
+    if (stopping_.load()) co_return ControlResult{errno_code(ESHUTDOWN), "export '" + name_ + "' is shutting down"};
+    for (int round = 0; round < 3 && dirty_chunks() > 0; ++round)
+      if (auto ec = co_await write_back_durably(0, nchunks_ - 1))
+        co_return ControlResult{ec, "write-back to " + remote_uri_ + " failed: " + ec.message()};
+    if (const bool drained = co_await quiesce(); !drained) {
+      if (attempt >= kSwitchAttempts)
+        co_return busy("requests in flight kept waiting on " + remote_uri_ + " for longer than " +
+                       std::to_string(kDoorDrainLimit.count()) + " ms");
+      log_->info("export '{}': detach: requests in flight wait on the remote, trying again", name_);
+      co_await switch_backoff(attempt);
+      continue;
+    }
+    if (const uint64_t missing = nchunks_ - present_.count()) {
+      unquiesce();
+      co_return ControlResult{errno_code(EBUSY), missing_message(missing)};
+    }
+    const uint64_t dirty = dirty_chunks();
+    if (dirty == 0) break;  // the door stays closed
     unquiesce();
-    co_return refused;
+    if (!force) co_return ControlResult{errno_code(EBUSY), dirty_message(dirty)};
+    if (attempt >= kSwitchAttempts)
+      co_return busy("clients dirtied " + std::to_string(dirty) +
+                     " chunks again during each write-back; or switch it to writethrough first, then nothing new "
+                     "becomes dirty");
+    log_->info("export '{}': detach: {} chunks were dirtied during the write-back, writing back again", name_, dirty);
+  }
+  // Door closed, every chunk present and clean. A read-ahead or prefetch fill
+  // still counted has fetched its chunks already (they are present): no
+  // remote I/O is left to wait for.
+  {
+    boost::asio::steady_timer timer(co_await boost::asio::this_coro::executor);
+    while (readaheads_.load() > 0 || prefetcher_->in_flight() > 0) {
+      timer.expires_after(std::chrono::milliseconds(1));
+      co_await timer.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
+    }
   }
   // Everything the catalogue says is durable in the cache file, and then the
-  // catalogue says "detached": from here on the file is the image.
+  // catalogue says "detached": from here on the file is the image. (Local
+  // disk and SQLite only, no remote.)
   if (auto ec = co_await checkpoint(true)) {
     unquiesce();
     co_return ControlResult{ec, "syncing the cache failed: " + ec.message()};
@@ -1413,21 +1494,49 @@ Task<gateway::ControlResult> CacheLayer::set_mode(std::string_view mode_name) {
                             "export '" + name_ + "' is detached (local mode): it has no remote and no write mode"};
   const WriteMode old = mode();
   if (old == want) co_return ControlResult{{}, "write mode is already " + to_string(want)};
-  // Writethrough keeps no dirty data: write it back (first while clients go
-  // on, then the rest with requests held), so nothing races the switch.
+  // To writethrough: a first write-back in the old mode, so that a remote
+  // that is away fails the switch before any client write depends on it
+  // (writeback-local keeps accepting writes while the remote is away).
   if (want == WriteMode::writethrough && dirty_chunks() > 0)
     if (auto ec = co_await write_back_durably(0, nchunks_ - 1))
-      co_return ControlResult{ec, "write-back to " + remote_uri_ + " failed: " + ec.message()};
-  co_await quiesce(false);
-  if (want == WriteMode::writethrough && dirty_chunks() > 0) {
-    if (auto ec = co_await write_back_durably(0, nchunks_ - 1)) {
-      unquiesce();
-      co_return ControlResult{ec, "write-back to " + remote_uri_ + " failed: " + ec.message()};
-    }
+      co_return ControlResult{ec, "write-back to " + remote_uri_ + " failed: " + ec.message() +
+                                      "; the write mode stays " + to_string(old)};
+  // The door only lets the requests of the old mode drain; no remote I/O
+  // happens behind it, and it gives up on requests that wait on the remote.
+  for (int attempt = 1;; ++attempt) {
+    if (const bool drained = co_await quiesce(); drained) break;
+    if (attempt >= kSwitchAttempts || stopping_.load())
+      co_return ControlResult{errno_code(EAGAIN),
+                              "export '" + name_ + "' is busy: requests in flight kept waiting on " + remote_uri_ +
+                                  " for longer than " + std::to_string(kDoorDrainLimit.count()) + " ms (" +
+                                  std::to_string(kSwitchAttempts) + " tries); the write mode stays " +
+                                  to_string(old) + ", try again"};
+    co_await switch_backoff(attempt);
   }
   mode_.store(want, std::memory_order_release);
   unquiesce();
-  std::string key = "mode", value = to_string(want);
+  if (want == WriteMode::writethrough) {
+    // Writethrough keeps no dirty data: write back what the old mode left
+    // (dirtied during the first pass), with requests flowing. New writes go to the remote and dirty nothing
+    // (write-back and writethrough writes exclude each other by the chunk
+    // claim), so this ends; only a failed write-back dirties chunks again.
+    std::error_code ec;
+    for (int round = 0; round < kSwitchAttempts && !ec && dirty_chunks() > 0 && !stopping_.load(); ++round)
+      ec = co_await write_back_durably(0, nchunks_ - 1);
+    if (ec || dirty_chunks() > 0) {
+      // Back to the old mode: the switch did not happen. No door: a
+      // writethrough write still in flight (perhaps waiting for the same
+      // absent remote) ends as it would have anyway.
+      mode_.store(old, std::memory_order_release);
+      if (!ec)
+        co_return ControlResult{errno_code(EAGAIN), "export '" + name_ + "' is busy: chunks are still being written "
+                                                    "back to " + remote_uri_ + "; the write mode stays " +
+                                                    to_string(old) + ", try again"};
+      co_return ControlResult{ec, "write-back to " + remote_uri_ + " failed: " + ec.message() +
+                                      "; the write mode stays " + to_string(old)};
+    }
+  }
+  std::string value = to_string(want);
   auto ec = co_await gateway::offload(blocking_, [this, &value]() -> std::error_code {
     try {
       store_.set_mode(name_, value);
@@ -1437,7 +1546,6 @@ Task<gateway::ControlResult> CacheLayer::set_mode(std::string_view mode_name) {
       return errno_code(EIO);
     }
   });
-  (void)key;
   log_->info("export '{}': write mode {} (was {})", name_, to_string(want), to_string(old));
   co_return ControlResult{{}, "write mode is now " + to_string(want) + " (was " + to_string(old) + ")" +
                                   (ec ? "; the catalogue could not record it" : "")};

@@ -26,14 +26,21 @@
 // Absent chunks have at most one "populator" at a time (a fetch, or a write
 // that covers the whole chunk), registered in a sharded map; everyone else
 // waits for it. Present chunks need no coordination on the data path: reads
-// of fully present ranges touch only atomics and the cache file.
+// of fully present ranges touch only atomics and the cache file. Writethrough
+// write/zero/trim and each write-back run also claim present chunks, so a
+// write-back never copies a chunk while a writethrough update of it is
+// between the remote and the cache file.
 //
 // Prefetch (cache/prefetcher.hpp) copies every absent chunk in the
 // background through the same claims. Detach switches the export to local
 // mode once every chunk is present and nothing is dirty: requests are held at
 // the door (switching_) while those in flight drain, the state is persisted
 // ("detached" in the catalogue), and from then on requests go straight to the
-// cache file and the remote is closed. After a restart, open_if_detached()
+// cache file and the remote is closed. The door is never held across remote
+// I/O: write-back happens with it open; a detach that finds chunks dirtied
+// again behind the closed door opens it, writes back and tries again
+// (kSwitchAttempts, then EAGAIN "busy"); set_mode to writethrough switches
+// first and writes back after, with requests flowing. After a restart, open_if_detached()
 // gives the daemon a stand-in for the remote, so it is never opened again.
 //
 // Thread model: every method may be called from any event-loop thread.
@@ -58,6 +65,7 @@
 #include <boost/asio/thread_pool.hpp>
 
 #include <array>
+#include <chrono>
 #include <functional>
 #include <atomic>
 #include <memory>
@@ -151,6 +159,11 @@ class CacheLayer final : public gateway::Layer, public gateway::ExportControl {
     std::unordered_map<uint64_t, std::shared_ptr<Fill>> fills;
   };
   static constexpr uint64_t kChunksPerRegion = 64;
+  // Detach and set_mode: how often the door may close and find chunks
+  // dirtied again by clients during the write-back, or requests in flight
+  // that do not drain, before the switch answers EAGAIN (busy). set_mode to
+  // writethrough: also the write-back rounds before it gives up.
+  static constexpr int kSwitchAttempts = 5;
   static constexpr size_t kShards = 64;
 
   [[nodiscard]] uint64_t chunk_of(uint64_t offset) const noexcept { return offset >> chunk_shift_; }
@@ -183,6 +196,16 @@ class CacheLayer final : public gateway::Layer, public gateway::ExportControl {
   gateway::Task<std::error_code> write_through(std::span<const std::byte> buf, uint64_t offset,
                                                gateway::IoFlags flags);
   gateway::Task<std::error_code> zero_cached(gateway::ByteRange range, gateway::IoFlags flags, bool whole_chunks_only);
+  // After a writethrough change reached the remote but not the cache file:
+  // drops the clean chunks of [first, last] (fetched again when read). Dirty
+  // ones (inherited from a write-back mode) cannot be dropped without losing
+  // their data: returns true if there were any, and the change then fails.
+  bool drop_clean_chunks(uint64_t first, uint64_t last) noexcept;
+  // True if a chunk of [first, last] is dirty, being written back, or still
+  // persisted dirty: after a power loss it would be written back from the
+  // cache file, so a writethrough FUA there must make the cache file durable
+  // too.
+  [[nodiscard]] bool owes_write_back(uint64_t first, uint64_t last) const noexcept;
   // Durability of a FUA request over chunks [first, last], per write mode.
   gateway::Task<std::error_code> make_durable(uint64_t first, uint64_t last);
 
@@ -224,10 +247,17 @@ class CacheLayer final : public gateway::Layer, public gateway::ExportControl {
   [[nodiscard]] uint64_t dirty_chunks() const noexcept;
 
   // Requests in flight and the door that detach / set_mode close while they
-  // switch (quiesce): new requests wait, those in flight drain.
+  // switch (quiesce): new requests wait, those in flight drain. The switch
+  // itself never does remote I/O behind the closed door, and if the requests
+  // in flight do not drain within kDoorDrainLimit (they wait on a slow or
+  // absent remote), quiesce opens the door again and returns false: the
+  // switch backs off and tries again. A client never waits at the door for
+  // longer than that.
   class InFlight;
+  static constexpr std::chrono::milliseconds kDoorDrainLimit{250};
   gateway::Task<void> wait_for_switch();
-  gateway::Task<void> quiesce(bool with_background);
+  gateway::Task<bool> quiesce();
+  gateway::Task<void> switch_backoff(int attempt);
   void unquiesce();
   // The local-mode data path (after detach).
   gateway::Task<std::error_code> local_write(std::span<const std::byte> buf, uint64_t offset, gateway::IoFlags flags);

@@ -149,6 +149,11 @@ void Prefetcher::set_state(PrefetchState s, std::string error) {
   error_ = std::move(error);
 }
 
+void Prefetcher::note_auto_detach(std::string why) {
+  std::lock_guard lock(mutex_);
+  if (state_ == PrefetchState::done) error_ = std::move(why);  // not over a state a command set meanwhile
+}
+
 gateway::PrefetchStatus Prefetcher::status() const {
   gateway::PrefetchStatus st;
   // Holes (as far as the last scan knows) are not part of the work.
@@ -425,16 +430,41 @@ Task<void> Prefetcher::run(PrefetchOrder order) {
   persist();
   if (!c_.cfg_.auto_detach) co_return;
   // Auto-detach waits for write-back (forced); while that fails (the remote
-  // is away) it tries again with back-off until it works or the layer stops.
+  // is away, or clients keep it busy) it tries again with back-off until it
+  // works or the layer stops. Why it waits is in the report (error, with
+  // state done) and in the log.
   for (int attempt = 0; !quit(); ++attempt) {
     const auto r = co_await c_.detach(true);
     if (r.ok()) {
+      refetches_.store(0);
       c_.log_->info("export '{}': auto-detach: {}", c_.name_, r.message);
       co_return;
     }
-    if (attempt % 10 == 0) c_.log_->warn("export '{}': auto-detach refused: {}", c_.name_, r.message);
-    // Chunks went missing again (a writethrough trim): a new prefetch retries.
-    if (c_.present_.find_clear(0) < n) co_return;
+    if (c_.local_.load()) co_return;  // detached by command meanwhile
+    const uint64_t missing = n - c_.present_.count();
+    if (missing > 0) {
+      // Chunks went missing after the copy (a writethrough trim or a failed
+      // cache update drops them): fetch them again, then detach. A new copy
+      // loop does both; it starts at once the first time, then with back-off
+      // (a client that keeps trimming must not keep the remote busy).
+      const int k = refetches_.fetch_add(1);
+      c_.log_->info("export '{}': auto-detach: {} chunks went missing after the prefetch; fetching them again{}",
+                    c_.name_, missing, k ? ", then detaching (try " + std::to_string(k + 1) + ")" : ", then detaching");
+      note_auto_detach("auto-detach: " + std::to_string(missing) +
+                       " chunks went missing after the prefetch; fetching them again");
+      const auto wait = std::chrono::milliseconds(k == 0 ? 0 : std::min(30000, 500 << std::min(k - 1, 6)));
+      for (auto slept = std::chrono::milliseconds(0); slept < wait && !quit(); slept += std::chrono::milliseconds(100))
+        co_await sleep_for(std::chrono::milliseconds(100));
+      if (quit()) co_return;
+      if (auto again = start(order); !again.ok()) {
+        c_.log_->warn("export '{}': auto-detach stopped: the prefetch could not start again: {}", c_.name_,
+                      again.message);
+        set_state(PrefetchState::failed, "auto-detach: the prefetch could not start again: " + again.message);
+      }
+      co_return;
+    }
+    if (attempt % 10 == 0) c_.log_->warn("export '{}': auto-detach refused, trying again: {}", c_.name_, r.message);
+    note_auto_detach("auto-detach waits: " + r.message);
     const auto wait = std::chrono::milliseconds(std::min(30000, 1000 << std::min(attempt, 5)));
     for (auto slept = std::chrono::milliseconds(0); slept < wait && !quit(); slept += std::chrono::milliseconds(100))
       co_await sleep_for(std::chrono::milliseconds(100));

@@ -14,7 +14,11 @@
 //   - holes: chunks the remote's block status reports as reading zero are
 //     not copied, only zeroed in the cache file and marked present;
 //   - persistence: whether it runs (and paused/rate) is kept in the
-//     catalogue, so it continues after a restart from the present bitmap.
+//     catalogue, so it continues after a restart from the present bitmap;
+//   - auto-detach after a complete copy: retried with back-off while refused
+//     (the reason is the status's error, with state done); chunks that went
+//     missing after the copy (a writethrough trim) are fetched again by a new
+//     copy loop, which then detaches.
 //
 // Thread model: the control calls (start/pause/resume/set_rate/status) may
 // come from any thread; they take mutex_ briefly and never block. The copy
@@ -84,6 +88,9 @@ class Prefetcher {
   // the catalogue on the blocking pool.
   void persist();
   void set_state(gateway::PrefetchState s, std::string error = {});
+  // Why auto-detach has not happened yet, shown as the status's error while
+  // the state is done.
+  void note_auto_detach(std::string why);
 
   CacheLayer& c_;
   mutable std::mutex mutex_;
@@ -101,6 +108,9 @@ class Prefetcher {
   std::atomic<int> failures_{0};    // consecutive failed runs
   std::string last_error_;          // under mutex_
   std::atomic<uint64_t> copied_{0};  // data bytes fetched by prefetch runs
+  // Auto-detach: copy loops restarted because chunks went missing after a
+  // completed prefetch (back-off between them); 0 after a detach.
+  std::atomic<int> refetches_{0};
 
   // Catalogue writes run on the blocking pool, one at a time, newest wins.
   struct PersistQueue {

@@ -46,7 +46,7 @@ struct PrefetchStatus {
   uint64_t rate_limit = 0;   // bytes per second; 0 = unlimited
   double rate = 0;           // bytes per second, averaged over the last few seconds
   double eta_seconds = -1;   // -1 = unknown
-  std::string error;         // why it failed (state == failed)
+  std::string error;         // why it failed (state == failed), or why auto-detach waits (state == done)
 };
 
 struct CacheReport {

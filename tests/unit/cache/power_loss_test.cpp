@@ -401,7 +401,7 @@ class PowerLossScenario : public ::testing::Test {
     cache_image_ = std::make_shared<test::VolatileDevice>(kSize);
     store_ = std::make_unique<MetaStore>(dir_.str() + "/catalogue.db");
   }
-  void open(WriteMode mode, bool start) {
+  void open(WriteMode mode, bool start, std::chrono::milliseconds checkpoint_interval = std::chrono::milliseconds(0)) {
     h_ = std::make_unique<test::LayerHarness>();
     CacheLayer::Params p;
     p.export_name = "vm";
@@ -410,7 +410,7 @@ class PowerLossScenario : public ::testing::Test {
     p.config.mode = mode;
     p.config.chunk_size = kChunk;
     p.config.readahead_chunks = 0;
-    p.config.checkpoint_interval = std::chrono::milliseconds(0);
+    p.config.checkpoint_interval = checkpoint_interval;
     p.config.writeback_delay = std::chrono::milliseconds(0);
     p.store = store_.get();
     p.open_cache_file = [img = cache_image_](const std::string&) -> std::unique_ptr<gateway::BlockDevice> {
@@ -499,6 +499,58 @@ TEST_F(PowerLossScenario, WritebackLocalFlushSurvivesPowerLoss) {
   const auto lost = read(kChunk * 200, kChunk);
   EXPECT_TRUE(lost == std::vector<std::byte>(kChunk, std::byte{0xA3}) || lost == std::vector<std::byte>(kChunk))
       << "neither the unflushed write nor the remote's bytes";
+}
+
+// Writethrough over a chunk inherited dirty (persisted dirty, the cache file
+// synced with 0xE0): chunk 0 is set up so by a writeback-local session whose
+// remote is down.
+class PowerLossInherited : public PowerLossScenario {
+ protected:
+  void inherit_dirty_chunk0() {
+    open(WriteMode::writeback_local, true);
+    remote_->set_failing(true);
+    ASSERT_FALSE(write(0, 0xE0));
+    ASSERT_FALSE(h_->run(h_->layer().flush()));
+    ASSERT_TRUE(persisted_dirty(0));
+    h_->close();
+    remote_->set_failing(false);
+  }
+};
+
+// An acknowledged writethrough FUA write over an inherited dirty chunk: the
+// remote has it, but after a power loss the chunk, still persisted dirty,
+// would be written back from the cache file. It must hold the FUA's bytes.
+TEST_F(PowerLossInherited, WritethroughFuaOverADirtyChunkSurvivesPowerLoss) {
+  inherit_dirty_chunk0();
+  open(WriteMode::writethrough, false);
+  ASSERT_EQ(h_->layer().stats().dirty_bytes, kChunk);
+  ASSERT_FALSE(write(0, 0xE1, gateway::kFua));
+  ASSERT_EQ(remote_->durable(0, kChunk), std::vector<std::byte>(kChunk, std::byte{0xE1}));
+  power_loss();
+  open(WriteMode::writethrough, false);
+  EXPECT_EQ(read(0, kChunk), std::vector<std::byte>(kChunk, std::byte{0xE1})) << "FUA write lost in the cache";
+  ASSERT_FALSE(h_->run(h_->layer().flush()));
+  EXPECT_EQ(remote_->durable(0, kChunk), std::vector<std::byte>(kChunk, std::byte{0xE1}))
+      << "FUA write overwritten on the remote by older cache bytes";
+}
+
+// The same with a FLUSH, after a background write-back cleaned the chunk in
+// memory but no checkpoint persisted it clean yet.
+TEST_F(PowerLossInherited, WritethroughFlushAfterABackgroundWriteBackSurvivesPowerLoss) {
+  inherit_dirty_chunk0();
+  open(WriteMode::writethrough, true, std::chrono::milliseconds(60000));
+  ASSERT_TRUE(test::eventually([&] { return h_->layer().stats().dirty_bytes == 0; }, std::chrono::seconds(5)));
+  ASSERT_EQ(remote_->durable(0, kChunk), std::vector<std::byte>(kChunk, std::byte{0xE0}));
+  ASSERT_TRUE(persisted_dirty(0));
+  ASSERT_FALSE(write(0, 0xE2));
+  ASSERT_FALSE(h_->run(h_->layer().flush()));
+  ASSERT_EQ(remote_->durable(0, kChunk), std::vector<std::byte>(kChunk, std::byte{0xE2}));
+  power_loss();
+  open(WriteMode::writethrough, false);
+  EXPECT_EQ(read(0, kChunk), std::vector<std::byte>(kChunk, std::byte{0xE2})) << "flushed write lost in the cache";
+  ASSERT_FALSE(h_->run(h_->layer().flush()));
+  EXPECT_EQ(remote_->durable(0, kChunk), std::vector<std::byte>(kChunk, std::byte{0xE2}))
+      << "flushed write overwritten on the remote by older cache bytes";
 }
 
 }  // namespace
