@@ -58,6 +58,7 @@
 
 #include "gateway/event_loops.hpp"
 #include "gateway/remote_device.hpp"
+#include "remote/command_slots.hpp"
 #include "remote/nfs/nfs_uri.hpp"
 
 #include <atomic>
@@ -74,6 +75,7 @@ struct NfsOptions {
   unsigned connections = 0;  // 0: one per event loop
   std::chrono::milliseconds io_timeout{30000};
   std::chrono::milliseconds keepalive{20000};  // NFSv4 lease renewal while idle; 0: none
+  uint64_t inflight_bytes = kDefaultInflightBytes;  // data in flight per session
 };
 
 class NfsDevice final : public gateway::RemoteDevice {
