@@ -9,10 +9,11 @@
 // buffers. A few commands per session keep the pipe full on loopback and on a
 // LAN, and the data still warm between the copies.
 //
-// Measured (nbdcopy --requests=64 --connections=4 reading 1 GiB, loaded
-// 2-core machine, medians of 5): with 2 MiB per session instead of no bound,
-// tgtd + blockwayd + nbdcopy took ~3-10% fewer cycles per GB, blockwayd itself
-// up to 10-13% fewer, and ganesha/tgtd ~10% fewer. A link with a long round
+// Measured (nbdcopy --requests=64 --connections=4 reading 1 GiB from tgt,
+// shared 2-core machine, medians of 5): with 2 MiB per session instead of no
+// bound, tgtd + blockwayd + nbdcopy took 3-10% fewer cycles per GB and
+// blockwayd itself up to 15% fewer. Against ganesha the sign changed from run
+// to run, so NFS sessions have no bound by default. A link with a long round
 // trip needs a larger budget: each session moves at most budget / RTT (the
 // backends' option `inflight-kib`, 0 for no bound).
 //
