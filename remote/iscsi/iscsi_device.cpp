@@ -525,8 +525,8 @@ IscsiDevice::IscsiDevice(IscsiUri uri, bool read_only, IscsiOptions options, gat
     contexts.push_back(std::move(more.ctx));
   }
   for (size_t i = 0; i < contexts.size(); ++i) {
-    auto s = std::make_shared<Session>(loops_.at(i % loops_.size()), uri_.lun, options_.io_timeout, options_.inflight_bytes,
-                                       name + " #" + std::to_string(i + 1));
+    auto s = std::make_shared<Session>(loops_.at(i % loops_.size()), uri_.lun, options_.io_timeout,
+                                       options_.inflight_bytes, name + " #" + std::to_string(i + 1));
     s->install(std::move(contexts[i]));  // the loops do not run yet
     sessions_.push_back(std::move(s));
   }
