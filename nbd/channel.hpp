@@ -33,7 +33,7 @@ class Channel {
 
   gateway::Task<std::error_code> read_exact(std::span<std::byte> buf) {
     auto [ec, n] = co_await boost::asio::async_read(
-        in_, boost::asio::buffer(buf.data(), buf.size()),
+        in_, boost::asio::buffer(buf.data(), buf.size()), whole_transfer,
         boost::asio::as_tuple(boost::asio::use_awaitable));
     co_return std::error_code(ec);
   }
@@ -41,7 +41,7 @@ class Channel {
   template <class Buffers>
   gateway::Task<std::error_code> write_all(const Buffers& buffers) {
     auto [ec, n] = co_await boost::asio::async_write(
-        out(), buffers, boost::asio::as_tuple(boost::asio::use_awaitable));
+        out(), buffers, whole_transfer, boost::asio::as_tuple(boost::asio::use_awaitable));
     co_return std::error_code(ec);
   }
 
@@ -63,6 +63,14 @@ class Channel {
   }
 
  private:
+  // Asio's default completion conditions (transfer_all, transfer_exactly)
+  // hand at most 64 KiB to each read/writev, so a 256 KiB read reply took
+  // four writev calls and as many trips through the reactor. Let each call
+  // take as much as the socket accepts.
+  static std::size_t whole_transfer(const boost::system::error_code& ec, std::size_t) {
+    return ec ? 0 : std::size_t{1} << 30;
+  }
+
   Descriptor in_;
   std::optional<Descriptor> out_;
 };

@@ -10,7 +10,8 @@
 // what the library wants. Asio's waits are edge-triggered but the libraries
 // expect poll()'s level semantics (libnbd reads one reply per notification),
 // so before queueing a wait the watcher checks the level with a zero-timeout
-// poll() and services at once when the fd is already ready. After queueing new commands the owner calls kick(),
+// poll() and services at once when the fd is already ready (a wanted write is
+// tried once without the poll: sends that find no room are harmless). After queueing new commands the owner calls kick(),
 // so a library that now has bytes to send gets its POLLOUT armed. If the
 // library's fd changed (a reconnect made a new socket), the next arm() wraps
 // the new one.
@@ -50,7 +51,10 @@ class FdWatcher : public std::enable_shared_from_this<FdWatcher> {
     // POLLIN and/or POLLOUT, or 0 for "nothing to wait for now".
     [[nodiscard]] virtual short wanted_events() = 0;
     // The fd is ready for `revents` (POLLIN or POLLOUT, or POLLERR when the
-    // wait itself failed): let the library make progress.
+    // wait itself failed): let the library make progress. POLLIN is passed
+    // only when poll() reported the fd readable; POLLOUT also when the
+    // library asked for it and the fd may be full (see arm()): the library
+    // must then take EAGAIN from its send in its stride.
     virtual void service(short revents) = 0;
   };
 

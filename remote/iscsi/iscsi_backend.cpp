@@ -1,5 +1,7 @@
 #include "remote/iscsi/iscsi_backend.hpp"
 
+#include "remote/command_slots.hpp"
+
 #include <charconv>
 #include <cmath>
 #include <stdexcept>
@@ -52,6 +54,13 @@ IscsiOptions iscsi_options(const OpenRequest& req) {
       throw BackendError("option initiator='" + *v + "': expected an iSCSI name (iqn.YYYY-MM.domain:name)");
     o.initiator = *v;
   }
+  if (const auto* v = find_option(req, "inflight-kib")) {
+    try {
+      o.inflight_bytes = parse_inflight_kib(*v);
+    } catch (const std::invalid_argument& e) {
+      throw BackendError(e.what());
+    }
+  }
   return o;
 }
 
@@ -69,6 +78,7 @@ std::unique_ptr<gateway::BlockDevice> open_iscsi(const OpenRequest& req) {
     req.options->erase("sessions");
     req.options->erase("io-timeout");
     req.options->erase("initiator");
+    req.options->erase("inflight-kib");
   }
   return std::make_unique<IscsiDevice>(std::move(uri), req.read_only, std::move(opts), *req.loops);
 }

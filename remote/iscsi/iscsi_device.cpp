@@ -1,4 +1,5 @@
 #include "remote/iscsi/iscsi_device.hpp"
+#include "remote/command_slots.hpp"
 
 #include "gateway/logging.hpp"
 #include "remote/completion.hpp"
@@ -292,9 +293,13 @@ struct IscsiDevice::Request {
 
 class IscsiDevice::Session final : public FdWatcher::Client, public std::enable_shared_from_this<Session> {
  public:
-  Session(boost::asio::io_context& ctx, int lun, std::chrono::milliseconds io_timeout, std::string name)
+  Session(boost::asio::io_context& ctx, int lun, std::chrono::milliseconds io_timeout, uint64_t inflight_bytes,
+          std::string name)
       : io_(ctx), lun_(lun), io_timeout_(io_timeout), name_(std::move(name)), timer_(ctx),
-        log_(gateway::logger("iscsi")) {}
+        log_(gateway::logger("iscsi")), slots_(ctx.get_executor(), inflight_bytes) {}
+
+  // Bounds the data this session has in flight (on its loop only).
+  [[nodiscard]] CommandSlots& slots() noexcept { return slots_; }
 
   ~Session() override {
     if (watcher_) watcher_->detach();
@@ -457,6 +462,7 @@ class IscsiDevice::Session final : public FdWatcher::Client, public std::enable_
   std::string name_;
   boost::asio::steady_timer timer_;
   std::shared_ptr<spdlog::logger> log_;
+  CommandSlots slots_;
   ContextPtr ctx_;
   std::shared_ptr<FdWatcher> watcher_;
   std::list<Request*> inflight_;  // in issue order: the front is the oldest
@@ -520,7 +526,7 @@ IscsiDevice::IscsiDevice(IscsiUri uri, bool read_only, IscsiOptions options, gat
   }
   for (size_t i = 0; i < contexts.size(); ++i) {
     auto s = std::make_shared<Session>(loops_.at(i % loops_.size()), uri_.lun, options_.io_timeout,
-                                       name + " #" + std::to_string(i + 1));
+                                       options_.inflight_bytes, name + " #" + std::to_string(i + 1));
     s->install(std::move(contexts[i]));  // the loops do not run yet
     sessions_.push_back(std::move(s));
   }
@@ -548,15 +554,17 @@ Task<std::error_code> IscsiDevice::submit_once(Session& s, Issue& issue) {
 }
 
 template <class Issue>
-Task<std::error_code> IscsiDevice::submit_on(Session& s, Issue issue) {
+Task<std::error_code> IscsiDevice::submit_on(Session& s, Issue issue, uint64_t data_bytes) {
   if (!s.on_this_thread()) {
-    auto hop = submit_on(s, std::move(issue));  // outside the co_await (GCC 12)
+    auto hop = submit_on(s, std::move(issue), data_bytes);  // outside the co_await (GCC 12)
     co_return co_await boost::asio::co_spawn(s.executor(), std::move(hop), boost::asio::use_awaitable);
   }
   // UNIT ATTENTION, BUSY and friends: the command did not run; send it again,
   // backing off a little from the third attempt on.
   for (int attempt = 1;; ++attempt) {
+    co_await s.slots().acquire(data_bytes);
     auto ec = co_await submit_once(s, issue);
+    s.slots().release(data_bytes);
     if (ec.value() != EAGAIN || ec.category() != std::system_category()) co_return ec;
     if (attempt >= kMaxAttempts) co_return errno_code(EIO);
     if (attempt >= 2) co_await sleep_for(std::chrono::milliseconds(5 << attempt));
@@ -564,17 +572,17 @@ Task<std::error_code> IscsiDevice::submit_on(Session& s, Issue issue) {
 }
 
 template <class Issue>
-Task<std::error_code> IscsiDevice::submit(Issue issue) {
+Task<std::error_code> IscsiDevice::submit(Issue issue, uint64_t data_bytes) {
   for (auto& s : sessions_)
-    if (s->on_this_thread() && s->alive()) co_return co_await submit_on(*s, std::move(issue));
+    if (s->on_this_thread() && s->alive()) co_return co_await submit_on(*s, std::move(issue), data_bytes);
   // Round-robin, skipping dead sessions while a live one exists.
   const size_t n = sessions_.size();
   const size_t start = next_.fetch_add(1, std::memory_order_relaxed);
   for (size_t i = 0; i < n; ++i) {
     auto& s = *sessions_[(start + i) % n];
-    if (s.alive()) co_return co_await submit_on(s, std::move(issue));
+    if (s.alive()) co_return co_await submit_on(s, std::move(issue), data_bytes);
   }
-  co_return co_await submit_on(*sessions_[start % n], std::move(issue));  // fails fast with ENOTCONN
+  co_return co_await submit_on(*sessions_[start % n], std::move(issue), data_bytes);  // fails fast with ENOTCONN
 }
 
 Task<std::error_code> IscsiDevice::read(std::span<std::byte> buf, uint64_t offset, IoFlags /*flags*/) {
@@ -585,7 +593,7 @@ Task<std::error_code> IscsiDevice::read(std::span<std::byte> buf, uint64_t offse
     return iscsi_read16_iov_task(ctx, lun, offset / bs, static_cast<uint32_t>(buf.size()), static_cast<int>(bs), 0, 0,
                                  0, 0, 0, cb, r, &r->iov, 1);
   };
-  co_return co_await submit(issue);
+  co_return co_await submit(issue, buf.size());
 }
 
 Task<std::error_code> IscsiDevice::write(std::span<const std::byte> buf, uint64_t offset, IoFlags flags) {
@@ -599,7 +607,7 @@ Task<std::error_code> IscsiDevice::write(std::span<const std::byte> buf, uint64_
     return iscsi_write16_iov_task(ctx, lun, offset / bs, nullptr, static_cast<uint32_t>(buf.size()),
                                   static_cast<int>(bs), 0, 0, fua, 0, 0, cb, r, &r->iov, 1);
   };
-  co_return co_await submit(issue);
+  co_return co_await submit(issue, buf.size());
 }
 
 Task<std::error_code> IscsiDevice::flush() {

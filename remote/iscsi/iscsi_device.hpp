@@ -41,6 +41,7 @@
 
 #include "gateway/event_loops.hpp"
 #include "gateway/remote_device.hpp"
+#include "remote/command_slots.hpp"
 #include "remote/iscsi/iscsi_uri.hpp"
 
 #include <atomic>
@@ -55,6 +56,7 @@ struct IscsiOptions {
   unsigned sessions = 0;  // 0: one per event loop
   std::chrono::milliseconds io_timeout{30000};
   std::string initiator = "iqn.2026-11.io.blockway:initiator";
+  uint64_t inflight_bytes = kDefaultInflightBytes;  // data in flight per session
 };
 
 // What the probe found out about the LUN (also for tests and logs).
@@ -113,10 +115,12 @@ class IscsiDevice final : public gateway::RemoteDevice {
   struct Request;
 
  private:
+  // data_bytes: what the command moves, charged to the session's in-flight
+  // budget (remote/command_slots.hpp).
   template <class Issue>
-  gateway::Task<std::error_code> submit(Issue issue);
+  gateway::Task<std::error_code> submit(Issue issue, uint64_t data_bytes = 0);
   template <class Issue>
-  gateway::Task<std::error_code> submit_on(Session& s, Issue issue);
+  gateway::Task<std::error_code> submit_on(Session& s, Issue issue, uint64_t data_bytes = 0);
   template <class Issue>
   gateway::Task<std::error_code> submit_once(Session& s, Issue& issue);
 

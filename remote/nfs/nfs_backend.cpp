@@ -1,5 +1,6 @@
 #include "remote/nfs/nfs_backend.hpp"
 
+#include "remote/command_slots.hpp"
 #include "remote/nfs/nfs_device.hpp"
 #include "remote/nfs/nfs_uri.hpp"
 
@@ -44,6 +45,13 @@ NfsOptions nfs_options(const OpenRequest& req) {
   }
   if (const auto* v = find_option(req, "io-timeout")) o.io_timeout = seconds_option("io-timeout", *v, 0.1);
   if (const auto* v = find_option(req, "keepalive")) o.keepalive = seconds_option("keepalive", *v, 0);
+  if (const auto* v = find_option(req, "inflight-kib")) {
+    try {
+      o.inflight_bytes = parse_inflight_kib(*v);
+    } catch (const std::invalid_argument& e) {
+      throw BackendError(e.what());
+    }
+  }
   return o;
 }
 
@@ -62,6 +70,7 @@ std::unique_ptr<gateway::BlockDevice> open_nfs(const Uri& /*uri*/, const OpenReq
     req.options->erase("connections");
     req.options->erase("io-timeout");
     req.options->erase("keepalive");
+    req.options->erase("inflight-kib");
   }
   return std::make_unique<NfsDevice>(req.uri, std::move(target), req.read_only, opts, *req.loops);
 }

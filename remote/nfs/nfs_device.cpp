@@ -1,4 +1,5 @@
 #include "remote/nfs/nfs_device.hpp"
+#include "remote/command_slots.hpp"
 
 #include "gateway/logging.hpp"
 #include "remote/completion.hpp"
@@ -315,14 +316,18 @@ class NfsDevice::Connection final : public FdWatcher::Client,
                                     public std::enable_shared_from_this<Connection> {
  public:
   Connection(boost::asio::io_context& ctx, std::chrono::milliseconds io_timeout,
-             std::chrono::milliseconds keepalive, std::string name)
+             std::chrono::milliseconds keepalive, uint64_t inflight_bytes, std::string name)
       : ctx_(ctx),
         io_timeout_(io_timeout),
         keepalive_interval_(keepalive),
         name_(std::move(name)),
         timer_(ctx),
         keepalive_(ctx),
-        log_(gateway::logger("nfs")) {}
+        log_(gateway::logger("nfs")),
+        slots_(ctx.get_executor(), inflight_bytes) {}
+
+  // Bounds the data this session has in flight (on its loop only).
+  [[nodiscard]] CommandSlots& slots() noexcept { return slots_; }
 
   ~Connection() override {
     if (watcher_) watcher_->detach();
@@ -558,6 +563,7 @@ class NfsDevice::Connection final : public FdWatcher::Client,
   boost::asio::steady_timer timer_;
   boost::asio::steady_timer keepalive_;
   std::shared_ptr<spdlog::logger> log_;
+  CommandSlots slots_;
   std::shared_ptr<FdWatcher> watcher_;
   std::list<Request> inflight_;  // in issue order: the front is the oldest
   std::atomic<bool> alive_{false};
@@ -626,7 +632,8 @@ NfsDevice::NfsDevice(std::string uri, NfsTarget target, bool read_only, NfsOptio
   }
   for (size_t i = 0; i < sessions.size(); ++i) {
     auto conn = std::make_shared<Connection>(loops_.at(i % loops_.size()), options_.io_timeout,
-                                             options_.keepalive, uri_ + " #" + std::to_string(i + 1));
+                                             options_.keepalive, options_.inflight_bytes,
+                                             uri_ + " #" + std::to_string(i + 1));
     conn->install(std::move(sessions[i]));  // the loops do not run yet
     conns_.push_back(std::move(conn));
   }
@@ -647,8 +654,12 @@ Task<std::error_code> NfsDevice::submit_on(Connection& conn, NfsOp op) {
   if (!conn.on_this_thread()) {
     co_return co_await boost::asio::co_spawn(conn.executor(), submit_on(conn, op), boost::asio::use_awaitable);
   }
-  co_return co_await boost::asio::async_initiate<const boost::asio::use_awaitable_t<>, void(std::error_code)>(
+  const uint64_t data_bytes = op.kind == NfsOp::commit ? 0 : op.length;
+  co_await conn.slots().acquire(data_bytes);
+  auto ec = co_await boost::asio::async_initiate<const boost::asio::use_awaitable_t<>, void(std::error_code)>(
       [&conn](auto handler, NfsOp o) { conn.start(std::move(handler), o); }, boost::asio::use_awaitable, op);
+  conn.slots().release(data_bytes);
+  co_return ec;
 }
 
 Task<std::error_code> NfsDevice::submit(NfsOp op) {

@@ -58,6 +58,7 @@
 
 #include "gateway/event_loops.hpp"
 #include "gateway/remote_device.hpp"
+#include "remote/command_slots.hpp"
 #include "remote/nfs/nfs_uri.hpp"
 
 #include <atomic>
@@ -74,6 +75,9 @@ struct NfsOptions {
   unsigned connections = 0;  // 0: one per event loop
   std::chrono::milliseconds io_timeout{30000};
   std::chrono::milliseconds keepalive{20000};  // NFSv4 lease renewal while idle; 0: none
+  // Data in flight per session: no bound by default. 2 MiB (iSCSI's default)
+  // gave no gain against ganesha that held up from run to run here.
+  uint64_t inflight_bytes = kUnboundedInflight;
 };
 
 class NfsDevice final : public gateway::RemoteDevice {

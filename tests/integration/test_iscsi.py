@@ -441,6 +441,8 @@ class StartupErrorTest(IscsiTestCase):
         self.assert_refused("r=iscsi://bob@127.0.0.1/%s/1" % IQN, "has no password")
         self.assert_refused("r=iscsi://127.0.0.1/%s/1,sessions=0" % IQN, "sessions='0'")
         self.assert_refused("r=iscsi://127.0.0.1/%s/1,io-timeout=x" % IQN, "io-timeout='x'")
+        self.assert_refused("r=iscsi://127.0.0.1/%s/1,inflight-kib=x" % IQN, "inflight-kib='x'")
+        self.assert_refused("r=iscsi://127.0.0.1/%s/1,inflight-kib=2000000" % IQN, "inflight-kib='2000000'")
 
     def test_missing_lun_and_wrong_iqn(self):
         img = harness.make_sparse_image(self.path("lun.img"), 8 * MiB)

@@ -462,6 +462,7 @@ class StartupErrorTest(NfsTestCase):
         self.refused("r=nfs://user@127.0.0.1/srv/disk.img", "names a user")
         self.refused("r=nfs://127.0.0.1/srv/disk.img,connections=0", "connections='0'")
         self.refused("r=nfs://127.0.0.1/srv/disk.img,io-timeout=x", "io-timeout='x'")
+        self.refused("r=nfs://127.0.0.1/srv/disk.img,inflight-kib=-1", "inflight-kib='-1'")
 
     def test_wrong_export_path(self):
         self.refused("r=nfs://127.0.0.1/no/such/export/disk.img", "cannot mount '/no/such/export'",

@@ -1,0 +1,104 @@
+#include "remote/command_slots.hpp"
+
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/io_context.hpp>
+#include <gtest/gtest.h>
+
+#include <vector>
+
+namespace blockway::remote {
+namespace {
+
+namespace asio = boost::asio;
+
+// One "command": takes its share of the budget and records that it started;
+// the test returns the share with release() when it likes. io.poll(), not
+// run(): a parked waiter keeps the io_context busy.
+struct Command {
+  uint64_t bytes;
+  bool started = false;
+};
+
+gateway::Task<void> run_command(CommandSlots& slots, Command& c, std::vector<int>& order, int id) {
+  co_await slots.acquire(c.bytes);
+  c.started = true;
+  order.push_back(id);
+  co_return;
+}
+
+TEST(CommandSlots, AdmitsWithinTheBudgetInOrder) {
+  asio::io_context io;
+  CommandSlots slots(io.get_executor(), 100);
+  std::vector<Command> cmds{{40}, {40}, {40}, {10}, {100}};
+  std::vector<int> order;
+  for (int i = 0; i < static_cast<int>(cmds.size()); ++i)
+    asio::co_spawn(io, run_command(slots, cmds[i], order, i), asio::detached);
+  io.poll();
+  io.restart();
+  // 40 + 40 fit; the third 40 waits, and so does the 10 behind it (FIFO: no
+  // overtaking, so a large command is not starved by small ones).
+  EXPECT_EQ(order, (std::vector<int>{0, 1}));
+  EXPECT_EQ(slots.commands(), 2u);
+  EXPECT_EQ(slots.bytes(), 80u);
+  EXPECT_EQ(slots.waiting(), 3u);
+
+  slots.release(40);  // command 0 done: 40 + 40 + 10 = 90 fit, 100 does not
+  io.poll();
+  io.restart();
+  EXPECT_EQ(order, (std::vector<int>{0, 1, 2, 3}));
+  EXPECT_EQ(slots.bytes(), 90u);
+  EXPECT_EQ(slots.waiting(), 1u);
+
+  slots.release(40);
+  slots.release(40);
+  io.poll();
+  io.restart();
+  EXPECT_FALSE(cmds[4].started);  // 10 still in flight: 110 > 100
+  slots.release(10);
+  io.poll();
+  io.restart();
+  EXPECT_TRUE(cmds[4].started);
+  EXPECT_EQ(slots.commands(), 1u);
+  slots.release(100);
+  EXPECT_EQ(slots.commands(), 0u);
+  EXPECT_EQ(slots.bytes(), 0u);
+  io.run();  // every coroutine finished: nothing is left waiting
+  EXPECT_EQ(slots.waiting(), 0u);
+}
+
+TEST(CommandSlots, ACommandLargerThanTheBudgetGoesAlone) {
+  asio::io_context io;
+  CommandSlots slots(io.get_executor(), 100);
+  std::vector<Command> cmds{{500}, {0}, {1}};
+  std::vector<int> order;
+  for (int i = 0; i < 3; ++i) asio::co_spawn(io, run_command(slots, cmds[i], order, i), asio::detached);
+  io.poll();
+  io.restart();
+  EXPECT_EQ(order, (std::vector<int>{0}));  // admitted with nothing else in flight
+  slots.release(500);
+  io.poll();
+  EXPECT_EQ(order, (std::vector<int>{0, 1, 2}));
+  slots.release(0);
+  slots.release(1);
+  io.run();
+  EXPECT_EQ(slots.commands(), 0u);
+}
+
+TEST(CommandSlots, ParsesTheOption) {
+  EXPECT_EQ(parse_inflight_kib("2048"), 2u << 20);
+  EXPECT_EQ(parse_inflight_kib("1"), 1024u);
+  EXPECT_EQ(parse_inflight_kib("0"), kUnboundedInflight);
+  EXPECT_EQ(parse_inflight_kib("1048576"), 1ull << 30);
+  for (const char* bad : {"", "x", "-1", "1.5", "12k", "1048577", "99999999999999999999"}) {
+    try {
+      (void)parse_inflight_kib(bad);
+      ADD_FAILURE() << "accepted '" << bad << "'";
+    } catch (const std::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find(std::string("inflight-kib='") + bad + "'"), std::string::npos) << e.what();
+    }
+  }
+}
+
+}  // namespace
+}  // namespace blockway::remote
