@@ -7,7 +7,6 @@
 #include "gateway/buffer_pool.hpp"
 #include "gateway/config.hpp"
 #include "gateway/logging.hpp"
-#include "gateway/shared_event.hpp"
 
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
@@ -55,11 +54,6 @@ constexpr size_t kReceiveBuffer = kMaxIo + 4096;
 constexpr double kAttrTimeout = 1.0;
 // Reads and writes at least this large are served on the next loop.
 constexpr size_t kSpreadBytes = 128 * 1024;
-// A write at least this large with nothing else in flight is written in two
-// halves at once, split at a multiple of kSplitAlign (any block size an NBD
-// export may require divides it).
-constexpr size_t kSplitBytes = 256 * 1024;
-constexpr size_t kSplitAlign = 64 * 1024;
 // The kernel's request header (struct fuse_in_header); anything shorter is not a request.
 constexpr size_t kRequestHeader = 40;
 
@@ -730,39 +724,11 @@ Task<std::error_code> write_off_grid(Node& node, uint64_t off, uint64_t n, const
   co_return ec;
 }
 
-// The second half of a split write (see op_write); its result goes to `done`.
-// It shares the payload's buffer, which outlives both halves even if the
-// first one ends early.
-Task<void> write_part(std::shared_ptr<Node> node, std::shared_ptr<IoBuffer> owner, std::span<const std::byte> part,
-                      uint64_t off, gateway::IoFlags flags, std::shared_ptr<gateway::SharedEvent> done) {
-  const std::error_code ec = co_await node->exp->device->write(part, off, flags);
-  owner.reset();
-  done->set(ec);
-}
-
-// `split_to`, when set, takes the second half of the write (see op_write).
 Task<void> do_write(fuse_req_t req, std::shared_ptr<Node> node, IoBuffer owner, const std::byte* data, size_t n,
-                    uint64_t off, gateway::IoFlags flags, boost::asio::any_io_executor split_to) {
-  std::span<const std::byte> payload(data, n);
-  std::shared_ptr<gateway::SharedEvent> second;
-  std::shared_ptr<IoBuffer> shared_owner;
-  if (split_to) {
-    const size_t half = (n / 2) & ~(kSplitAlign - 1);
-    second = std::make_shared<gateway::SharedEvent>();
-    shared_owner = std::make_shared<IoBuffer>(std::move(owner));
-    boost::asio::co_spawn(split_to, write_part(node, shared_owner, payload.subspan(half), off + half, flags, second),
-                          [second](std::exception_ptr e) {
-                            if (e) second->set(std::make_error_code(std::errc::io_error));
-                          });
-    payload = payload.first(half);
-  }
-  std::error_code ec = co_await node->exp->device->write(payload, off, flags);
-  if (second) {
-    const std::error_code second_ec = co_await second->wait();
-    if (!ec) ec = second_ec;
-  }
+                    uint64_t off, gateway::IoFlags flags) {
+  const std::span<const std::byte> payload(data, n);
+  const std::error_code ec = co_await node->exp->device->write(payload, off, flags);
   owner.reset();
-  shared_owner.reset();
   if (ec) {
     fuse_reply_err(req, fuse_errno(ec));
     co_return;
@@ -812,20 +778,7 @@ void op_write(fuse_req_t req, fuse_ino_t, const char* data, size_t size, off_t o
   h->wrote.store(true, std::memory_order_relaxed);
   if (off_grid(*node, offset, n))
     return spawn(req, do_write_unaligned(req, std::move(node), std::move(owner), payload, n, offset, flags), n);
-  // A large write with nothing else in flight (one writer, one request at a
-  // time: cp, dd, psync) is split in two halves written at once, the first
-  // on the reader's loop and the second on another: the copy into the image
-  // then runs on two cores instead of one, and nothing else waits for them.
-  // With requests queued, the loops are busy anyway and spawn() spreads.
-  auto& impl = impl_of(req);
-  if (reader && n >= kSplitBytes && offset % kSplitAlign == 0 && n % kSplitAlign == 0 && impl.loops.size() > 1 &&
-      impl.inflight.load(std::memory_order_relaxed) == 0) {
-    auto* ctx = &impl.loops.next();
-    if (ctx == &reader->context()) ctx = &impl.loops.next();
-    spawn(req, do_write(req, std::move(node), std::move(owner), payload, n, offset, flags, ctx->get_executor()));
-    return;
-  }
-  spawn(req, do_write(req, std::move(node), std::move(owner), payload, n, offset, flags, {}), n, /*write=*/true);
+  spawn(req, do_write(req, std::move(node), std::move(owner), payload, n, offset, flags), n, /*write=*/true);
 }
 
 Task<void> do_flush(fuse_req_t req, std::shared_ptr<Node> node) {

@@ -361,8 +361,7 @@ class FuseClientsTest(FuseTestCase):
         harness.run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", src, f], timeout=120)
         harness.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", src, f], timeout=120)
         harness.run(["cmp", src, img], timeout=60)
-        # One writer with one 1 MiB request at a time: each request is split
-        # in two halves written at once on two loops (plain, then O_DSYNC: FUA).
+        # One writer with one 1 MiB request at a time, plain and O_DSYNC (FUA).
         for seed, oflag in ((6, "direct"), (7, "direct,dsync")):
             src = harness.make_random_image(self.path("src%d.img" % seed), SIZE, seed=seed)
             harness.run(["dd", "if=" + src, "of=" + f, "bs=1M", "oflag=" + oflag, "conv=notrunc",
