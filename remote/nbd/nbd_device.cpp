@@ -77,6 +77,12 @@ ConnectResult connect_handle(const std::string& uri, std::chrono::milliseconds t
     fail(ENOMEM);
     return r;
   }
+  // libnbd zeroes every read buffer before the read by default (a guard for
+  // callers that use the buffer after an error). We never do: a failed read
+  // is only ever an error code, and on success libnbd has checked that the
+  // server's replies covered the whole buffer. The memset cost ~4% of the
+  // daemon's cycles in a prefetch.
+  nbd_set_pread_initialize(h, false);
   if (nbd_add_meta_context(h, kBaseAllocation) == -1 || nbd_aio_connect_uri(h, uri.c_str()) == -1) {
     fail(EINVAL);
     return r;
