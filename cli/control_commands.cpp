@@ -119,6 +119,8 @@ std::string prefetch_summary(const Json& p) {
   if (state == "idle") return "idle";
   std::string s = fmt::format("{} {:.1f}%", state, dbl(p, "percent"));
   if (state == "running") s += fmt::format(" {:.1f} MB/s ETA {}", dbl(p, "rate") / 1e6, duration(dbl(p, "eta_seconds", -1)));
+  // Why it failed, or why a finished prefetch has not detached yet.
+  if (const auto why = str(p, "error"); !why.empty()) s += " (" + why + ")";
   return s;
 }
 
