@@ -4,6 +4,7 @@
 #include "gateway/logging.hpp"
 #include "remote/completion.hpp"
 #include "remote/fd_watcher.hpp"
+#include "remote/inflight_requests.hpp"
 #include "remote/iscsi/scsi_errors.hpp"
 #include "remote/registry.hpp"
 
@@ -295,8 +296,8 @@ class IscsiDevice::Session final : public FdWatcher::Client, public std::enable_
  public:
   Session(boost::asio::io_context& ctx, int lun, std::chrono::milliseconds io_timeout, uint64_t inflight_bytes,
           std::string name)
-      : io_(ctx), lun_(lun), io_timeout_(io_timeout), name_(std::move(name)), timer_(ctx),
-        log_(gateway::logger("iscsi")), slots_(ctx.get_executor(), inflight_bytes) {}
+      : io_(ctx), lun_(lun), name_(std::move(name)), log_(gateway::logger("iscsi")),
+        slots_(ctx.get_executor(), inflight_bytes), inflight_(ctx, io_timeout, [this] { on_hung(); }) {}
 
   // Bounds the data this session has in flight (on its loop only).
   [[nodiscard]] CommandSlots& slots() noexcept { return slots_; }
@@ -329,11 +330,11 @@ class IscsiDevice::Session final : public FdWatcher::Client, public std::enable_
     if (!inflight_.empty() || err != ENOTCONN)
       log_->warn("{}: session closed: {} ({} commands in flight fail with {})", name_, why, inflight_.size(),
                  std::strerror(err));
-    while (!inflight_.empty()) finish(inflight_.front(), err);
+    while (!inflight_.empty()) finish(inflight_.oldest(), err);
     if (watcher_) watcher_->stop();  // before libiscsi closes the fd
     iscsi_scsi_cancel_all_tasks(ctx_.get());  // each callback frees its task and request
     ctx_.reset();
-    timer_.cancel();
+    inflight_.stop_timer();
   }
 
   // Issues one command. `issue(ctx, lun, request, callback)` calls an
@@ -360,7 +361,7 @@ class IscsiDevice::Session final : public FdWatcher::Client, public std::enable_
       kill(ENOTCONN, why);
       return;
     }
-    link(r);
+    inflight_.link(r, shared_from_this());
     (void)owned.release();  // the callback deletes it
     watcher_->kick();
   }
@@ -421,51 +422,26 @@ class IscsiDevice::Session final : public FdWatcher::Client, public std::enable_
 
   void finish(Request* r, int err) {
     r->done = true;
-    unlink(r);
+    inflight_.unlink(r);
     const std::error_code ec = err ? errno_code(err) : std::error_code{};
     // Never resume the coroutine inside libiscsi's service call.
     boost::asio::post(r->executor, [h = std::move(r->handler), ec] { h->complete(ec); });
   }
 
-  void link(Request* r) {
-    r->pos = inflight_.insert(inflight_.end(), r);
-    r->linked = true;
-    if (inflight_.size() == 1) arm_timer();
-  }
-
-  void unlink(Request* r) {
-    if (!r->linked) return;
-    inflight_.erase(r->pos);
-    r->linked = false;
-    if (inflight_.empty()) timer_.cancel();
-  }
-
-  void arm_timer() {
-    timer_.expires_at(inflight_.front()->started + io_timeout_);
-    timer_.async_wait([self = shared_from_this()](const boost::system::error_code& ec) {
-      if (!ec) self->on_timer();
-    });
-  }
-
-  void on_timer() {
-    if (!ctx_ || inflight_.empty()) return;
-    if (Clock::now() >= inflight_.front()->started + io_timeout_) {
-      kill(ETIMEDOUT, "no answer within " + std::to_string(io_timeout_.count()) + " ms");
-      return;
-    }
-    arm_timer();
+  // The oldest command has waited io-timeout: the session hangs.
+  void on_hung() {
+    if (!ctx_) return;
+    kill(ETIMEDOUT, "no answer within " + std::to_string(inflight_.timeout().count()) + " ms");
   }
 
   boost::asio::io_context& io_;
   int lun_;
-  std::chrono::milliseconds io_timeout_;
   std::string name_;
-  boost::asio::steady_timer timer_;
   std::shared_ptr<spdlog::logger> log_;
   CommandSlots slots_;
+  InflightRequests<Request> inflight_;
   ContextPtr ctx_;
   std::shared_ptr<FdWatcher> watcher_;
-  std::list<Request*> inflight_;  // in issue order: the front is the oldest
   bool broken_ = false;           // a callback saw the session go; kill after service returns
   std::atomic<bool> alive_{false};
 };
@@ -563,7 +539,13 @@ Task<std::error_code> IscsiDevice::submit_on(Session& s, Issue issue, uint64_t d
   // backing off a little from the third attempt on.
   for (int attempt = 1;; ++attempt) {
     co_await s.slots().acquire(data_bytes);
-    auto ec = co_await submit_once(s, issue);
+    std::error_code ec;
+    try {
+      ec = co_await submit_once(s, issue);
+    } catch (...) {  // no memory: give the share back, or the session's queue stalls for good
+      s.slots().release(data_bytes);
+      throw;
+    }
     s.slots().release(data_bytes);
     if (ec.value() != EAGAIN || ec.category() != std::system_category()) co_return ec;
     if (attempt >= kMaxAttempts) co_return errno_code(EIO);

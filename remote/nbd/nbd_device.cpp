@@ -3,6 +3,7 @@
 #include "gateway/logging.hpp"
 #include "remote/completion.hpp"
 #include "remote/fd_watcher.hpp"
+#include "remote/inflight_requests.hpp"
 #include "remote/registry.hpp"
 
 #include <boost/asio/associated_executor.hpp>
@@ -140,11 +141,12 @@ class NbdDevice::Connection final : public FdWatcher::Client,
                                     public std::enable_shared_from_this<Connection> {
  public:
   Connection(boost::asio::io_context& ctx, std::chrono::milliseconds io_timeout, std::string name)
-      : ctx_(ctx), io_timeout_(io_timeout), name_(std::move(name)), timer_(ctx), log_(gateway::logger("nbd")) {}
+      : ctx_(ctx), name_(std::move(name)), log_(gateway::logger("nbd")),
+        inflight_(ctx, io_timeout, [this] { on_hung(); }) {}
 
   ~Connection() override {
     if (watcher_) watcher_->detach();
-    while (!inflight_.empty()) finish(inflight_.front(), ENOTCONN);
+    while (!inflight_.empty()) finish(inflight_.oldest(), ENOTCONN);
     h_.reset();  // frees every request libnbd still holds
   }
 
@@ -168,10 +170,10 @@ class NbdDevice::Connection final : public FdWatcher::Client,
     if (!inflight_.empty() || err != ENOTCONN)
       log_->warn("{}: connection closed: {} ({} requests in flight fail with {})", name_, why,
                  inflight_.size(), std::strerror(err));
-    while (!inflight_.empty()) finish(inflight_.front(), err);
+    while (!inflight_.empty()) finish(inflight_.oldest(), err);
     if (watcher_) watcher_->stop();  // before libnbd closes the fd
     h_.reset();
-    timer_.cancel();
+    inflight_.stop_timer();
   }
 
   // Issues one command. `issue(handle, request, completion)` calls nbd_aio_*.
@@ -188,7 +190,7 @@ class NbdDevice::Connection final : public FdWatcher::Client,
     r->executor = std::move(ex);
     r->handler = std::make_unique<CompletionOf<H>>(std::move(handler));
     r->started = Clock::now();
-    link(r);
+    inflight_.link(r, shared_from_this());
     r->issuing = true;
     const nbd_completion_callback cb{&on_complete, r, &on_free};
     (void)owned.release();  // from here on_free deletes it
@@ -266,49 +268,24 @@ class NbdDevice::Connection final : public FdWatcher::Client,
  private:
   void finish(Request* r, int err) {
     r->done = true;
-    unlink(r);
+    inflight_.unlink(r);
     const std::error_code ec = err ? errno_code(err) : std::error_code{};
     // Never resume the coroutine here: libnbd's lock may be held.
     boost::asio::post(r->executor, [h = std::move(r->handler), ec] { h->complete(ec); });
   }
 
-  void link(Request* r) {
-    r->pos = inflight_.insert(inflight_.end(), r);
-    r->linked = true;
-    if (inflight_.size() == 1) arm_timer();
-  }
-
-  void unlink(Request* r) {
-    if (!r->linked) return;
-    inflight_.erase(r->pos);
-    r->linked = false;
-    if (inflight_.empty()) timer_.cancel();
-  }
-
-  void arm_timer() {
-    timer_.expires_at(inflight_.front()->started + io_timeout_);
-    timer_.async_wait([self = shared_from_this()](const boost::system::error_code& ec) {
-      if (!ec) self->on_timer();
-    });
-  }
-
-  void on_timer() {
-    if (!h_ || inflight_.empty()) return;
-    if (Clock::now() >= inflight_.front()->started + io_timeout_) {
-      kill(ETIMEDOUT, "no reply within " + std::to_string(io_timeout_.count()) + " ms");
-      return;
-    }
-    arm_timer();
+  // The oldest request has waited io-timeout: the connection hangs.
+  void on_hung() {
+    if (!h_) return;
+    kill(ETIMEDOUT, "no reply within " + std::to_string(inflight_.timeout().count()) + " ms");
   }
 
   boost::asio::io_context& ctx_;
-  std::chrono::milliseconds io_timeout_;
   std::string name_;
-  boost::asio::steady_timer timer_;
   std::shared_ptr<spdlog::logger> log_;
+  InflightRequests<Request> inflight_;
   HandlePtr h_;
   std::shared_ptr<FdWatcher> watcher_;
-  std::list<Request*> inflight_;  // in issue order: the front is the oldest
   std::atomic<bool> alive_{false};
 };
 
