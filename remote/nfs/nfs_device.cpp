@@ -656,8 +656,14 @@ Task<std::error_code> NfsDevice::submit_on(Connection& conn, NfsOp op) {
   }
   const uint64_t data_bytes = op.kind == NfsOp::commit ? 0 : op.length;
   co_await conn.slots().acquire(data_bytes);
-  auto ec = co_await boost::asio::async_initiate<const boost::asio::use_awaitable_t<>, void(std::error_code)>(
-      [&conn](auto handler, NfsOp o) { conn.start(std::move(handler), o); }, boost::asio::use_awaitable, op);
+  std::error_code ec;
+  try {
+    ec = co_await boost::asio::async_initiate<const boost::asio::use_awaitable_t<>, void(std::error_code)>(
+        [&conn](auto handler, NfsOp o) { conn.start(std::move(handler), o); }, boost::asio::use_awaitable, op);
+  } catch (...) {  // no memory: give the share back, or the connection's queue stalls for good
+    conn.slots().release(data_bytes);
+    throw;
+  }
   conn.slots().release(data_bytes);
   co_return ec;
 }
