@@ -1384,6 +1384,8 @@ std::string human_bytes(uint64_t n) {
 Task<gateway::ControlResult> CacheLayer::detach(bool force) {
   using gateway::ControlResult;
   auto control = co_await control_mutex_.lock();
+  // close() may have had the lock first: nothing is switched under a closed layer.
+  if (stopping_.load()) co_return ControlResult{errno_code(ESHUTDOWN), "export '" + name_ + "' is shutting down"};
   if (local_.load()) co_return ControlResult{{}, "export '" + name_ + "' is already detached (local mode)"};
   auto missing_message = [this](uint64_t missing) {
     return std::to_string(missing) + " chunks (" + human_bytes(chunks_bytes(missing)) +
@@ -1489,6 +1491,7 @@ Task<gateway::ControlResult> CacheLayer::set_mode(std::string_view mode_name) {
     co_return ControlResult{errno_code(EINVAL), "unknown write mode '" + std::string(mode_name) +
                                                     "': use writethrough, writeback or writeback-local"};
   auto control = co_await control_mutex_.lock();
+  if (stopping_.load()) co_return ControlResult{errno_code(ESHUTDOWN), "export '" + name_ + "' is shutting down"};
   if (local_.load())
     co_return ControlResult{errno_code(EPERM),
                             "export '" + name_ + "' is detached (local mode): it has no remote and no write mode"};

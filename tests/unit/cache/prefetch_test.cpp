@@ -590,6 +590,26 @@ TEST_F(PrefetchTest, CloseWaitsForADetachInProgress) {
   EXPECT_FALSE(again.stats().recovered);
 }
 
+// A detach or mode change that gets the control lock only after close() had
+// it finds the layer closed and switches nothing (no write-back to a closed
+// remote, no catalogue write after the clean close).
+TEST_F(PrefetchTest, DetachAndSetModeAfterCloseAreRefused) {
+  open(WriteMode::writeback);
+  ASSERT_TRUE(layer().prefetch_start(PrefetchOrder::sequential).ok());
+  ASSERT_TRUE(wait_done());
+  std::vector<std::byte> data(kChunk, std::byte{0x6b});
+  ASSERT_FALSE(write(2 * kChunk, data));
+  auto closing = boost::asio::co_spawn(h_->io(), layer().close(), boost::asio::use_future);
+  closing.get();
+  const auto writes = remote_->calls(Op::write);
+  const auto d = boost::asio::co_spawn(h_->io(), layer().detach(true), boost::asio::use_future).get();
+  EXPECT_EQ(d.ec.value(), ESHUTDOWN) << d.message;
+  const auto m = boost::asio::co_spawn(h_->io(), layer().set_mode("writethrough"), boost::asio::use_future).get();
+  EXPECT_EQ(m.ec.value(), ESHUTDOWN) << m.message;
+  EXPECT_EQ(remote_->calls(Op::write), writes) << "nothing written back after close";
+  EXPECT_FALSE(layer().detached());
+}
+
 TEST_F(PrefetchTest, SetModeSwitchesAndWritesBackWhenTheNewModeNeedsIt) {
   open(WriteMode::writeback);
   std::vector<std::byte> data(kChunk, std::byte{0x11});
