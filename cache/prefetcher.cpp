@@ -433,8 +433,15 @@ Task<void> Prefetcher::run(PrefetchOrder order) {
   // is away, or clients keep it busy) it tries again with back-off until it
   // works or the layer stops. Why it waits is in the report (error, with
   // state done) and in the log.
-  for (int attempt = 0; !quit(); ++attempt) {
+  // A prefetch started again by command after this one finished owns the
+  // state and has its own auto-detach: this loop then bows out.
+  auto superseded = [this] {
+    std::lock_guard lock(mutex_);
+    return state_ == PrefetchState::running || state_ == PrefetchState::paused;
+  };
+  for (int attempt = 0; !quit() && !superseded(); ++attempt) {
     const auto r = co_await c_.detach(true);
+    if (!r.ok() && superseded()) co_return;
     if (r.ok()) {
       refetches_.store(0);
       c_.log_->info("export '{}': auto-detach: {}", c_.name_, r.message);
@@ -455,8 +462,9 @@ Task<void> Prefetcher::run(PrefetchOrder order) {
       const auto wait = std::chrono::milliseconds(k == 0 ? 0 : std::min(30000, 500 << std::min(k - 1, 6)));
       for (auto slept = std::chrono::milliseconds(0); slept < wait && !quit(); slept += std::chrono::milliseconds(100))
         co_await sleep_for(std::chrono::milliseconds(100));
-      if (quit()) co_return;
+      if (quit() || superseded()) co_return;
       if (auto again = start(order); !again.ok()) {
+        if (again.ec == errno_code(EALREADY)) co_return;  // a newer run copies
         c_.log_->warn("export '{}': auto-detach stopped: the prefetch could not start again: {}", c_.name_,
                       again.message);
         set_state(PrefetchState::failed, "auto-detach: the prefetch could not start again: " + again.message);

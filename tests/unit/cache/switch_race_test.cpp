@@ -387,6 +387,31 @@ TEST_F(SwitchRaceTest, AutoDetachShowsWhyItWaitsInTheStatus) {
   h_->close();
 }
 
+// A prefetch started by command while a finished one's auto-detach waits:
+// the old auto-detach loop bows out instead of trying to start a copy of its
+// own (EALREADY), which marked the user's running prefetch as failed.
+TEST_F(SwitchRaceTest, AutoDetachOfAFinishedRunLeavesANewerRunAlone) {
+  open_writethrough_with_dirty_chunk0(true);
+  remote_->fail(Op::write, EIO);  // the first run's auto-detach cannot write back: it waits
+  ASSERT_TRUE(layer().prefetch_start(PrefetchOrder::sequential).ok());
+  ASSERT_TRUE(test::eventually(
+      [&] { return layer().report().prefetch.error.find("auto-detach waits") != std::string::npos; }, 10s));
+  ASSERT_FALSE(h_->run(layer().trim({5 * kChunk, kChunk}, 0)));  // drops chunk 5: it is missing now
+  remote_->close_gate(Op::read);  // the new run's fetch of chunk 5 waits
+  ASSERT_TRUE(layer().prefetch_start(PrefetchOrder::sequential).ok());
+  ASSERT_TRUE(test::eventually([&] { return remote_->in_flight(Op::read) == 1; }, 5s));
+  remote_->fail(Op::write, 0);  // the old loop's next try would now get as far as "missing"
+  // The old loop retries after its back-off (1-2 s); the new run must stay running.
+  for (int i = 0; i < 40; ++i) {
+    ASSERT_EQ(layer().report().prefetch.state, PrefetchState::running) << layer().report().prefetch.error;
+    std::this_thread::sleep_for(100ms);
+  }
+  remote_->open_gate(Op::read);
+  ASSERT_TRUE(test::eventually([&] { return layer().detached(); }, 15s)) << layer().report().prefetch.error;
+  EXPECT_EQ(layer().report().prefetch.state, PrefetchState::done);
+  h_->close();
+}
+
 // A writethrough write stuck at an absent remote is in flight when detach and
 // set_mode close the door: they give up on it after a bounded wait, open the
 // door again (nobody waits behind it for long), back off, and finally answer
