@@ -402,8 +402,11 @@ int cmd_prefetch(const std::vector<std::string>& in) {
     const std::string text = a.option("--timeout");
     char* end = nullptr;
     timeout = std::strtod(text.c_str(), &end);
-    if (text.empty() || *end != '\0' || !std::isfinite(timeout) || timeout <= 0)
-      throw CliError(kUsage, "--timeout needs a number of seconds greater than 0, not '" + text + "'\n" + usage);
+    // At most ten years: the deadline is a steady_clock time point, which a
+    // larger count of seconds would overflow.
+    if (text.empty() || *end != '\0' || !std::isfinite(timeout) || timeout <= 0 || timeout > 315360000)
+      throw CliError(kUsage, "--timeout needs a number of seconds greater than 0 (at most 315360000), not '" + text +
+                                 "'\n" + usage);
     if (!a.has("--wait")) throw CliError(kUsage, "--timeout goes with --wait\n" + usage);
   }
   ControlClient c(control_socket_path(a.option("--socket")));

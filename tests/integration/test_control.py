@@ -586,7 +586,7 @@ class CacheControl(ControlTestCase):
     def test_prefetch_wait_timeout(self):
         self.setup_cached(size=16 * MiB)
         self.bw("prefetch", "rate", "other", "1M")
-        for bad in (["--timeout", "0"], ["--timeout", "soon"], ["--timeout", "-1"]):
+        for bad in (["--timeout", "0"], ["--timeout", "soon"], ["--timeout", "-1"], ["--timeout", "1e300"]):
             _, err = self.bw("prefetch", "other", "--wait", *bad, expect=EXIT_USAGE)
             self.assertIn("--timeout", err)
         _, err = self.bw("prefetch", "status", "other", "--timeout", "1", expect=EXIT_USAGE)
