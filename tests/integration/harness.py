@@ -114,6 +114,30 @@ def rss_kib(pid):
     raise AssertionError("no VmRSS for pid %d" % pid)
 
 
+def freeze(pid, timeout=10.0):
+    """SIGSTOPs pid and returns once every one of its threads has stopped.
+
+    kill() returns before a multi-threaded process is stopped: one thread is
+    woken to start the group stop, and on a busy machine the others may still
+    answer a request meanwhile (a server "hung" this way answered a read
+    77 us later in 1 of 4 runs under load)."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout
+    while True:
+        states = []
+        for tid in os.listdir("/proc/%d/task" % pid):
+            try:
+                with open("/proc/%d/task/%s/stat" % (pid, tid)) as f:
+                    states.append(f.read().rsplit(") ", 1)[1][0])
+            except FileNotFoundError:  # a thread that ended meanwhile
+                pass
+        if states and all(s in "tT" for s in states):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError("pid %d did not stop within %.0fs (thread states %s)" % (pid, timeout, states))
+        time.sleep(0.005)
+
+
 def kill_pid(proc, sig=signal.SIGKILL):
     """Signals a process we started, by its pid, if it is still running."""
     if proc.poll() is None:

@@ -403,7 +403,7 @@ class ReconnectTest(IscsiTestCase):
         daemon = self.serve_remote(tgt.uri(), "io-timeout=1,retry-timeout=2")
         h = self.connect(self.uri("r"))
         self.assertEqual(h.pread(4096, 0), harness.read_file(img, 0, 4096))
-        os.kill(tgt.proc.pid, signal.SIGSTOP)  # the target stops answering, its sockets stay open
+        harness.freeze(tgt.proc.pid)  # the target stops answering, its sockets stay open
         try:
             start = time.monotonic()
             with self.assertRaises(nbd.Error) as cm:

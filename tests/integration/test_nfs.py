@@ -404,7 +404,7 @@ class OutageTest(NfsTestCase):
         daemon = self.serve(SERVER.v3_uri("hung.img"), "io-timeout=1,retry-timeout=2")
         h = self.connect()
         self.assertEqual(h.pread(4096, 0), harness.read_file(img, 0, 4096))
-        os.kill(SERVER.proc.pid, signal.SIGSTOP)
+        harness.freeze(SERVER.proc.pid)
         try:
             start = time.monotonic()
             with self.assertRaises(nbd.Error) as cm:
