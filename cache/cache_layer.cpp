@@ -543,7 +543,8 @@ Task<std::error_code> CacheLayer::write_through(std::span<const std::byte> buf, 
   for (uint64_t c = first; c <= last && !cache_needs_it; ++c)
     cache_needs_it = present_.test(c) || (offset <= chunk_start(c) && end >= chunk_start(c) + chunk_len(c));
   auto ec = co_await next().write(buf, offset, remote_fua(flags));
-  if (!ec && needs_remote_flush(flags)) ec = co_await next().flush();
+  remote_write_done(remote_fua(flags), ec);
+  if (!ec && needs_remote_flush(flags)) ec = co_await flush_remote();
   if (!ec && cache_needs_it) {
     if (auto cec = co_await cache_file_->write(buf, offset, 0)) {
       // The remote has the data; the cache must not keep the old bytes.
@@ -610,9 +611,14 @@ Task<std::error_code> CacheLayer::flush() {
       if (dirty_.find_set(0) < nchunks_ || cleaning_.find_set(0) < nchunks_ ||
           dirty_persisted_.find_set(0) < nchunks_)
         if (auto ec = co_await write_back_durably(0, nchunks_ - 1)) co_return ec;
-      co_return co_await next().flush();
+      co_return co_await flush_remote();
     case WriteMode::writeback_local: co_return co_await checkpoint(true);
-    case WriteMode::writeback: co_return co_await write_back_durably(0, nchunks_ ? nchunks_ - 1 : 0);
+    case WriteMode::writeback:
+      if (auto ec = co_await write_back_durably(0, nchunks_ ? nchunks_ - 1 : 0)) co_return ec;
+      // Nothing was written back, but the remote may still hold writes no
+      // flush covered, which a client may have read: the FLUSH covers them.
+      if (remote_flush_owed()) co_return co_await flush_remote();
+      co_return std::error_code{};
   }
   co_return std::error_code{};
 }
@@ -674,7 +680,8 @@ Task<std::error_code> CacheLayer::zero(ByteRange range, IoFlags flags) {
   mark_remote_written(first, last);
   auto [fill, mine] = co_await claim(first, last, true);
   auto ec = co_await next().zero(range, (flags & ~gateway::kFua) | remote_fua(flags));
-  if (!ec && needs_remote_flush(flags)) ec = co_await next().flush();
+  remote_write_done(remote_fua(flags), ec);
+  if (!ec && needs_remote_flush(flags)) ec = co_await flush_remote();
   if (!ec) {
     if (auto cec = co_await cache_file_->zero(range, 0)) {
       if (drop_clean_chunks(first, last)) ec = cec;  // cannot mirror it: forget it
@@ -709,7 +716,8 @@ Task<std::error_code> CacheLayer::trim(ByteRange range, IoFlags flags) {
   mark_remote_written(first, last);
   auto [fill, mine] = co_await claim(first, last, true);  // no fill may race with the trim
   auto ec = co_await next().trim(range, remote_fua(flags));
-  if (!ec && needs_remote_flush(flags)) ec = co_await next().flush();
+  remote_write_done(remote_fua(flags), ec);
+  if (!ec && needs_remote_flush(flags)) ec = co_await flush_remote();
   // What the remote now returns there is its business: fetch it again. A
   // chunk that is still dirty (inherited from a write-back mode) keeps its
   // bytes, and is written back again: refetching it would lose the rest of
@@ -829,6 +837,7 @@ Task<std::error_code> CacheLayer::write_back_run(uint64_t a, uint64_t b) {
       ec = co_await next().write(buf.span(), off, 0);
     }
   }
+  remote_write_done(0, ec);
   release(fill, mine, ec);
   if (!ec) written_back_.fetch_add(len, std::memory_order_relaxed);
   co_return ec;
@@ -898,7 +907,7 @@ Task<std::error_code> CacheLayer::write_back_locked(uint64_t first, uint64_t las
   }
   if (!cleaned.empty()) {
     // Clean only once the remote made the data durable.
-    auto fec = co_await next().flush();
+    auto fec = co_await flush_remote();
     if (fec) {
       for (auto [a, b] : cleaned) redirty(a, b);
       if (!ec) ec = fec;
@@ -1132,6 +1141,29 @@ gateway::IoFlags CacheLayer::remote_fua(gateway::IoFlags flags) const noexcept {
 
 bool CacheLayer::needs_remote_flush(gateway::IoFlags flags) const noexcept {
   return (flags & gateway::kFua) && remote_caps_.fua != Support::native && remote_caps_.flush == Support::native;
+}
+
+Task<std::error_code> CacheLayer::flush_remote() {
+  // Writes that ended before this point are covered by the flush; those
+  // ending later count again.
+  const uint64_t covers = remote_writes_.load(std::memory_order_acquire);
+  auto ec = co_await next().flush();
+  if (!ec) {
+    uint64_t seen = remote_writes_flushed_.load(std::memory_order_relaxed);
+    while (seen < covers && !remote_writes_flushed_.compare_exchange_weak(seen, covers, std::memory_order_acq_rel)) {
+    }
+  }
+  co_return ec;
+}
+
+void CacheLayer::remote_write_done(gateway::IoFlags remote_flags, std::error_code ec) noexcept {
+  // A FUA write that succeeded is durable by itself; anything else (a failed
+  // one may have landed in part) waits for a flush.
+  if (ec || !(remote_flags & gateway::kFua)) remote_writes_.fetch_add(1, std::memory_order_acq_rel);
+}
+
+bool CacheLayer::remote_flush_owed() const noexcept {
+  return remote_writes_flushed_.load(std::memory_order_acquire) != remote_writes_.load(std::memory_order_acquire);
 }
 
 Task<void> CacheLayer::abandon() {

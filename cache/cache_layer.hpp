@@ -218,6 +218,13 @@ class CacheLayer final : public gateway::Layer, public gateway::ExportControl {
   // FUA for the remote: passed on if it has FUA, else done by a flush after.
   [[nodiscard]] gateway::IoFlags remote_fua(gateway::IoFlags flags) const noexcept;
   [[nodiscard]] bool needs_remote_flush(gateway::IoFlags flags) const noexcept;
+  // Every remote flush goes through flush_remote(), and every remote write,
+  // zero or trim calls remote_write_done() once it has ended: a FLUSH with
+  // nothing to write back still flushes the remote if it may hold writes
+  // no flush has covered yet (always so for the first one after open).
+  gateway::Task<std::error_code> flush_remote();
+  void remote_write_done(gateway::IoFlags remote_flags, std::error_code ec) noexcept;
+  [[nodiscard]] bool remote_flush_owed() const noexcept;
   // Copies chunks [a, b] from the cache file to the remote (no flush).
   gateway::Task<std::error_code> write_back_run(uint64_t a, uint64_t b);
   // Group-committed checkpoint: with sync_data, fdatasync the cache file and
@@ -318,6 +325,12 @@ class CacheLayer final : public gateway::Layer, public gateway::ExportControl {
   std::atomic<uint32_t> epoch_{0};
   std::atomic<int64_t> epoch_active_[2] = {0, 0};
   std::atomic<uint64_t> evicted_{0};
+
+  // Remote writes ended / how many of them the last successful remote flush
+  // covered. Starts unequal: what the remote holds unflushed from before
+  // this open (a previous run's writes in flight at a crash, say) is
+  // unknown, and a client may already have read it.
+  std::atomic<uint64_t> remote_writes_{1}, remote_writes_flushed_{0};
 
   mutable std::atomic<uint64_t> hits_{0}, misses_{0}, fetched_{0}, written_back_{0}, wb_errors_{0},
       fetch_errors_{0};

@@ -483,6 +483,32 @@ TEST_F(PowerLossScenario, WritebackFuaIsNotUndoneByAStaleDirtyChunk) {
   EXPECT_EQ(read(0, kChunk), std::vector<std::byte>(kChunk, std::byte{0xD1}));
 }
 
+// writeback: a write of the previous run, in flight at its crash, reached the
+// remote's volatile cache afterwards and was never flushed. The new run has
+// nothing dirty, a client reads those bytes and FLUSHes: the remote must make
+// them durable, or a later power loss of the remote takes back what the
+// client read after its flush (the gateway skipped the remote flush because
+// it had nothing to write back).
+TEST_F(PowerLossScenario, WritebackFlushCoversWhatTheRemoteHeldUnflushedAtOpen) {
+  open(WriteMode::writeback, false);
+  {
+    const std::vector<std::byte> orphan(kChunk, std::byte{0xC1});
+    ASSERT_FALSE(h_->run(remote_->write(orphan, 0, 0)));  // lands unflushed, as after the crash
+  }
+  power_loss();
+  open(WriteMode::writeback, false);
+  ASSERT_EQ(read(0, kChunk), std::vector<std::byte>(kChunk, std::byte{0xC1}));
+  ASSERT_EQ(h_->layer().stats().dirty_bytes, 0u);
+  const auto before = remote_->flushes();
+  ASSERT_FALSE(h_->run(h_->layer().flush()));
+  EXPECT_EQ(remote_->flushes(), before + 1) << "the FLUSH did not reach the remote";
+  EXPECT_EQ(remote_->durable(0, kChunk), std::vector<std::byte>(kChunk, std::byte{0xC1}))
+      << "the client read bytes that its FLUSH did not make durable";
+  // Nothing written since: the next FLUSH need not reach the remote again.
+  ASSERT_FALSE(h_->run(h_->layer().flush()));
+  EXPECT_EQ(remote_->flushes(), before + 1) << "a FLUSH with nothing new still flushed the remote";
+}
+
 // writeback-local: a FLUSH survives power loss even when the remote is down.
 TEST_F(PowerLossScenario, WritebackLocalFlushSurvivesPowerLoss) {
   open(WriteMode::writeback_local, true);
