@@ -1,9 +1,7 @@
 // Unit tests for cache/cache_layer: the sector cache over an in-memory remote.
 #include "cache/cache_layer.hpp"
 
-#include "tests/unit/cache/cache_test_support.hpp"
-#include "tests/unit/gateway/memory_device.hpp"
-#include "tests/unit/test_util.hpp"
+#include "tests/unit/cache/memory_remote_fixture.hpp"
 
 #include <gtest/gtest.h>
 
@@ -30,60 +28,20 @@ constexpr uint64_t kChunk = 64u << 10;
 constexpr uint64_t kChunks = 16;
 constexpr uint64_t kSize = kChunk * kChunks;
 
-
 std::vector<std::byte> bytes(size_t n, uint8_t v) { return std::vector<std::byte>(n, std::byte{v}); }
 
-class CacheLayerTest : public ::testing::Test {
+class CacheLayerTest : public test::MemoryRemoteLayerTest {
  protected:
-  void SetUp() override {
-    gateway::Capabilities caps;
-    caps.flush = caps.fua = caps.trim = caps.zero = caps.extents = gateway::Support::native;
-    make_remote(caps);
-    store_ = std::make_unique<MetaStore>(dir_.str() + "/catalogue.db");
-  }
-  void TearDown() override { h_.reset(); }
+  CacheLayerTest() : MemoryRemoteLayerTest(kChunk, kSize) {}
 
-  void make_remote(gateway::Capabilities caps) {
-    remote_ = std::make_shared<test::MemoryDevice>(gateway::Geometry{kSize, 1, 4096, 32u << 20}, caps);
-    remote_->fill_pattern(0, kSize);
-  }
-
-  CacheConfig config(WriteMode mode) {
-    CacheConfig c;
-    c.dir = dir_.str() + "/cache";
-    c.mode = mode;
-    c.chunk_size = kChunk;
-    c.readahead_chunks = 0;
-    c.checkpoint_interval = std::chrono::milliseconds(50);
-    c.writeback_delay = std::chrono::milliseconds(0);  // tests want write-back at once
-    return c;
-  }
   CacheLayer& open(WriteMode mode) { return open_with(config(mode)); }
-  CacheLayer& open_with(const CacheConfig& cfg) {
-    h_ = std::make_unique<test::LayerHarness>();
-    CacheLayer::Params p;
-    p.export_name = "vm";
-    p.remote_uri = "memory://remote";
-    p.config = cfg;
-    p.store = store_.get();
-    return h_->open(std::make_unique<test::SharedDevice>(remote_), std::move(p));
-  }
-  CacheLayer& layer() { return h_->layer(); }
+  CacheLayer& open_with(const CacheConfig& cfg) { return open_layer(cfg, nullptr, false); }
   void close() { h_->close(); }
   void crash() { h_->crash(); }
 
-  std::vector<std::byte> read(uint64_t off, uint64_t len) {
-    std::vector<std::byte> buf(len);
-    auto ec = h_->run(layer().read(buf, off, 0));
-    EXPECT_FALSE(ec) << ec.message();
-    return buf;
-  }
   std::error_code try_read(uint64_t off, uint64_t len) {
     std::vector<std::byte> buf(len);
     return h_->run(layer().read(buf, off, 0));
-  }
-  std::error_code write(uint64_t off, const std::vector<std::byte>& data, gateway::IoFlags f = 0) {
-    return h_->run(layer().write(data, off, f));
   }
   std::error_code flush() { return h_->run(layer().flush()); }
   ExtentList cache_status(ByteRange r) {
@@ -91,16 +49,6 @@ class CacheLayerTest : public ::testing::Test {
     EXPECT_FALSE(h_->run(layer().cache_status(r, out)));
     return out;
   }
-  std::vector<std::byte> pattern(uint64_t off, uint64_t len) {
-    std::vector<std::byte> v(len);
-    for (uint64_t i = 0; i < len; ++i) v[i] = test::MemoryDevice::pattern_at(off + i);
-    return v;
-  }
-
-  test::TempDir dir_;
-  std::shared_ptr<test::MemoryDevice> remote_;
-  std::unique_ptr<MetaStore> store_;
-  std::unique_ptr<test::LayerHarness> h_;
 };
 
 class CacheLayerModes : public CacheLayerTest, public ::testing::WithParamInterface<WriteMode> {};

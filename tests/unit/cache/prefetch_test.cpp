@@ -4,9 +4,7 @@
 
 #include "cache/prefetcher.hpp"
 
-#include "tests/unit/cache/cache_test_support.hpp"
-#include "tests/unit/gateway/memory_device.hpp"
-#include "tests/unit/test_util.hpp"
+#include "tests/unit/cache/memory_remote_fixture.hpp"
 
 #include <gtest/gtest.h>
 
@@ -34,63 +32,14 @@ constexpr uint64_t kChunk = 64u << 10;
 constexpr uint64_t kChunks = 128;
 constexpr uint64_t kSize = kChunk * kChunks;  // 8 MiB
 
-class PrefetchTest : public ::testing::Test {
+class PrefetchTest : public test::MemoryRemoteLayerTest {
  protected:
-  void SetUp() override {
-    gateway::Capabilities caps;
-    caps.flush = caps.fua = caps.trim = caps.zero = caps.extents = gateway::Support::native;
-    remote_ = std::make_shared<test::MemoryDevice>(gateway::Geometry{kSize, 1, 4096, 32u << 20}, caps);
-    remote_->fill_pattern(0, kSize);
-    store_ = std::make_unique<MetaStore>(dir_.str() + "/catalogue.db");
-  }
-  void TearDown() override { h_.reset(); }
+  PrefetchTest() : MemoryRemoteLayerTest(kChunk, kSize) { writeback_delay_ = 60s; }  // write-back only when a test asks
 
-  CacheConfig config(WriteMode mode) {
-    CacheConfig c;
-    c.dir = dir_.str() + "/cache";
-    c.mode = mode;
-    c.chunk_size = kChunk;
-    c.readahead_chunks = 0;
-    c.checkpoint_interval = 50ms;
-    c.writeback_delay = 60s;  // write-back only when a test asks for it
-    return c;
-  }
   CacheLayer& open_with(const CacheConfig& cfg, std::unique_ptr<gateway::BlockDevice> remote = nullptr) {
-    h_ = std::make_unique<test::LayerHarness>();
-    CacheLayer::Params p;
-    p.export_name = "vm";
-    p.remote_uri = "memory://remote";
-    p.config = cfg;
-    p.store = store_.get();
-    if (!remote) remote = std::make_unique<test::SharedDevice>(remote_);
-    auto& l = h_->open(std::move(remote), std::move(p));
-    l.start();
-    return l;
+    return open_layer(cfg, std::move(remote), true);
   }
   CacheLayer& open(WriteMode mode) { return open_with(config(mode)); }
-  CacheLayer& layer() { return h_->layer(); }
-
-  std::vector<std::byte> read(uint64_t off, uint64_t len) {
-    std::vector<std::byte> buf(len);
-    auto ec = h_->run(layer().read(buf, off, 0));
-    EXPECT_FALSE(ec) << ec.message();
-    return buf;
-  }
-  std::error_code write(uint64_t off, const std::vector<std::byte>& data, gateway::IoFlags f = 0) {
-    return h_->run(layer().write(data, off, f));
-  }
-  static std::vector<std::byte> pattern(uint64_t off, uint64_t len) {
-    std::vector<std::byte> v(len);
-    for (uint64_t i = 0; i < len; ++i) v[i] = test::MemoryDevice::pattern_at(off + i);
-    return v;
-  }
-  std::vector<std::byte> cache_file() {
-    std::ifstream f(dir_.str() + "/cache/vm.img", std::ios::binary);
-    std::vector<char> raw((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-    std::vector<std::byte> out(raw.size());
-    std::memcpy(out.data(), raw.data(), raw.size());
-    return out;
-  }
   gateway::PrefetchStatus status() { return layer().report().prefetch; }
   // Waits (bounded) until pred() holds.
   static bool wait_until(const std::function<bool()>& pred, std::chrono::milliseconds limit = 20s) {
@@ -121,11 +70,6 @@ class PrefetchTest : public ::testing::Test {
     for (size_t i = 0; i < test::kOpCount; ++i) out[i] = remote_->calls(static_cast<Op>(i));
     return out;
   }
-
-  test::TempDir dir_;
-  std::shared_ptr<test::MemoryDevice> remote_;
-  std::unique_ptr<MetaStore> store_;
-  std::unique_ptr<test::LayerHarness> h_;
 };
 
 TEST_F(PrefetchTest, CopiesEveryChunkInMergedRunsAndMatchesTheRemote) {

@@ -3,9 +3,7 @@
 // can be held (gate) or made slow (SlowWrites).
 #include "cache/cache_layer.hpp"
 
-#include "tests/unit/cache/cache_test_support.hpp"
-#include "tests/unit/gateway/memory_device.hpp"
-#include "tests/unit/test_util.hpp"
+#include "tests/unit/cache/memory_remote_fixture.hpp"
 
 #include <gtest/gtest.h>
 
@@ -78,60 +76,14 @@ class SlowWrites final : public gateway::BlockDevice {
 
 std::vector<std::byte> bytes(size_t n, uint8_t v) { return std::vector<std::byte>(n, std::byte{v}); }
 
-class SwitchRaceTest : public ::testing::Test {
+class SwitchRaceTest : public test::MemoryRemoteLayerTest {
  protected:
-  void SetUp() override {
-    gateway::Capabilities caps;
-    caps.flush = caps.fua = caps.trim = caps.zero = caps.extents = gateway::Support::native;
-    remote_ = std::make_shared<test::MemoryDevice>(gateway::Geometry{kSize, 1, 4096, 32u << 20}, caps);
-    remote_->fill_pattern(0, kSize);
-    store_ = std::make_unique<MetaStore>(dir_.str() + "/catalogue.db");
-  }
-  void TearDown() override { h_.reset(); }
+  SwitchRaceTest() : MemoryRemoteLayerTest(kChunk, kSize) { writeback_delay_ = 60s; }  // write-back only when a test asks
 
-  CacheConfig config(WriteMode mode) {
-    CacheConfig c;
-    c.dir = dir_.str() + "/cache";
-    c.mode = mode;
-    c.chunk_size = kChunk;
-    c.readahead_chunks = 0;
-    c.checkpoint_interval = 50ms;
-    c.writeback_delay = 60s;  // write-back only when a test asks for it
-    return c;
-  }
   CacheLayer& open(WriteMode mode, bool auto_detach = false) {
-    h_ = std::make_unique<test::LayerHarness>();
-    CacheLayer::Params p;
-    p.export_name = "vm";
-    p.remote_uri = "memory://remote";
-    p.config = config(mode);
-    p.config.auto_detach = auto_detach;
-    p.store = store_.get();
-    auto& l = h_->open(std::make_unique<SlowWrites>(remote_, delay_ms_), std::move(p));
-    l.start();
-    return l;
-  }
-  CacheLayer& layer() { return h_->layer(); }
-  std::vector<std::byte> read(uint64_t off, uint64_t len) {
-    std::vector<std::byte> buf(len);
-    auto ec = h_->run(layer().read(buf, off, 0));
-    EXPECT_FALSE(ec) << ec.message();
-    return buf;
-  }
-  std::error_code write(uint64_t off, const std::vector<std::byte>& data, gateway::IoFlags f = 0) {
-    return h_->run(layer().write(data, off, f));
-  }
-  static std::vector<std::byte> pattern(uint64_t off, uint64_t len) {
-    std::vector<std::byte> v(len);
-    for (uint64_t i = 0; i < len; ++i) v[i] = test::MemoryDevice::pattern_at(off + i);
-    return v;
-  }
-  std::vector<std::byte> cache_file() {
-    std::ifstream f(dir_.str() + "/cache/vm.img", std::ios::binary);
-    std::vector<char> raw((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-    std::vector<std::byte> out(raw.size());
-    std::memcpy(out.data(), raw.data(), raw.size());
-    return out;
+    auto cfg = config(mode);
+    cfg.auto_detach = auto_detach;
+    return open_layer(cfg, std::make_unique<SlowWrites>(remote_, delay_ms_), true);
   }
   // Chunk [0, kChunk) dirty with 0xA1, inherited by a writethrough session.
   void open_writethrough_with_dirty_chunk0(bool auto_detach = false) {
@@ -188,11 +140,7 @@ class SwitchRaceTest : public ::testing::Test {
                 static_cast<long long>(t.worst_read_us.load()), t.writes.load(), t.errors.load());
   }
 
-  test::TempDir dir_;
-  std::shared_ptr<test::MemoryDevice> remote_;
   std::shared_ptr<std::atomic<int>> delay_ms_ = std::make_shared<std::atomic<int>>(0);
-  std::unique_ptr<MetaStore> store_;
-  std::unique_ptr<test::LayerHarness> h_;
 };
 
 // A chunk inherited dirty in writethrough mode. The writethrough
