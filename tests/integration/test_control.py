@@ -686,6 +686,71 @@ class RunTimeSettings(ControlTestCase):
         d.stop()
 
 
+    def saved_mode(self, name, configured):
+        """The mode the catalogue would apply at the next start."""
+        rows = self.catalogue("SELECT value FROM runtime_settings WHERE name = '%s' AND key = 'mode'" % name)
+        if rows:
+            return rows[0][0]
+        rows = self.catalogue("SELECT options FROM runtime_exports WHERE name = '%s'" % name)
+        for (options,) in rows:
+            for item in options.split(","):
+                if item.startswith("mode="):
+                    return item[len("mode="):]
+        return configured
+
+    def test_concurrent_mode_switches_are_saved_in_the_order_they_took_effect(self):
+        import random
+        img = harness.make_random_image(self.path("vm.img"), 4 * MiB, seed=13)
+        rt_img = harness.make_random_image(self.path("rt.img"), 4 * MiB, seed=14)
+        cache = self.path("cache")
+        spec = "file://%s,cache=%s,chunk=256k,mode=writethrough" % (img, cache)
+        d = self.start({"vm": spec})
+        if not self.has_cache_control("vm"):
+            self.skipTest(NO_CONTROL)
+        self.bw("export", "add", "rt", "file://" + rt_img, "cache=%s,chunk=256k,mode=writethrough" % cache)
+        modes = ["writethrough", "writeback", "writeback-local"]
+        rng = random.Random(5)
+        for round_ in range(20):
+            for name in ("vm", "rt"):
+                wanted = [rng.choice(modes) for _ in range(16)]
+                threads = [threading.Thread(target=self.bw, args=("mode", name, m)) for m in wanted]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(60)
+                in_effect = self.bwj("stats", name)["mode"]
+                self.assertEqual(self.saved_mode(name, "writethrough"), in_effect,
+                                 "round %d, export %s: the saved mode is not the one in effect" % (round_, name))
+        before = {n: self.bwj("stats", n)["mode"] for n in ("vm", "rt")}
+        d.stop()
+        self.start({"vm": spec})
+        self.assertEqual({n: self.bwj("stats", n)["mode"] for n in ("vm", "rt")}, before)
+
+    def test_export_remove_forgets_the_run_time_settings(self):
+        img = harness.make_random_image(self.path("vm.img"), 4 * MiB, seed=15)
+        cache = self.path("cache")
+        spec = "file://%s,cache=%s,chunk=256k,mode=writethrough" % (img, cache)
+        d = self.start({"vm": spec})
+        if not self.has_cache_control("vm"):
+            self.skipTest(NO_CONTROL)
+        self.bw("mode", "vm", "writeback")
+        self.bw("prefetch", "rate", "vm", "3M")
+        self.assertEqual(len(self.catalogue("SELECT key FROM runtime_settings WHERE name = 'vm'")), 2)
+        self.bw("export", "remove", "vm")
+        self.assertEqual(self.catalogue("SELECT key FROM runtime_settings WHERE name = 'vm'"), [])
+        self.assertIn("its 2 run-time setting(s) are forgotten", d.log())
+        # Added again at run time under the same name: its own options apply.
+        self.bw("export", "add", "vm", "file://" + img, "cache=%s,chunk=256k,mode=writethrough" % cache)
+        st = self.bwj("stats", "vm")
+        self.assertEqual((st["mode"], st["prefetch"]["rate_limit"]), ("writethrough", 0))
+        self.bw("export", "remove", "vm")
+        d.stop()
+        # Back from the configuration at the next start: the configuration's values.
+        self.start({"vm": spec})
+        st = self.bwj("stats", "vm")
+        self.assertEqual((st["mode"], st["prefetch"]["rate_limit"]), ("writethrough", 0))
+
+
 class FuseMountAtRunTime(ControlTestCase):
     """`blockway mount DIR` / `blockway unmount`: the FUSE front end started and
     stopped through the control plane; exports added at run time appear."""
