@@ -337,7 +337,7 @@ class Errors(ControlTestCase):
         self.addCleanup(d2.cleanup)
         with self.assertRaises(AssertionError) as ctx:
             d2.start()
-        self.assertIn("another daemon is listening", str(ctx.exception))
+        self.assertIn("another blockwayd is running on %s (pid %d)" % (self.csock, d1.pid), str(ctx.exception))
         self.assertEqual(self.bwj("export", "list")["exports"][0]["name"], "a", "the first daemon keeps it")
         # kill -9 leaves the socket file behind; the next daemon replaces it.
         d1.send_signal(signal.SIGKILL)
@@ -351,6 +351,80 @@ class Errors(ControlTestCase):
         d3.start()
         self.assertEqual(self.bwj("export", "list")["exports"][0]["name"], "c")
         self.assertEqual(stat.S_IMODE(os.stat(self.csock).st_mode), 0o600)
+
+    def stale_socket(self, path):
+        """A socket file nobody listens on, as a kill -9 leaves it."""
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(path)
+        s.close()
+
+    def test_two_daemons_started_at_once_one_gets_the_socket(self):
+        img = harness.make_sparse_image(self.path("a.img"), 4 * MiB)
+        for round_ in range(4):
+            if round_ % 2 == 0:
+                self.stale_socket(self.csock)  # both would find it stale and replace it
+            daemons = []
+            for i in range(2):
+                d = harness.Daemon(self.tmp, ["--listen", "127.0.0.1:%d" % harness.free_port(), "--data-dir",
+                                              self.path("data%d" % i), "--control-socket", self.csock,
+                                              "--export", "e%d=file://%s" % (i, img)], name="r%d-d%d" % (round_, i))
+                self.addCleanup(d.cleanup)
+                daemons.append(d)
+            errors = [None, None]
+
+            def start(i):
+                try:
+                    daemons[i].start(ready_timeout=30)
+                except AssertionError as e:
+                    errors[i] = str(e)
+
+            threads = [threading.Thread(target=start, args=(i,)) for i in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            self.assertEqual(sorted(e is None for e in errors), [False, True],
+                             "round %d: exactly one daemon starts: %s" % (round_, errors))
+            winner = errors.index(None)
+            loser = 1 - winner
+            self.assertIn("another blockwayd is running on %s (pid %d)" % (self.csock, daemons[winner].pid),
+                          errors[loser])
+            names = [e["name"] for e in self.bwj("export", "list")["exports"]]
+            self.assertEqual(names, ["e%d" % winner], "the socket is the winner's")
+            self.assertTrue(os.path.exists(self.csock + ".lock"))
+            daemons[winner].stop()
+            self.assertFalse(os.path.exists(self.csock), "the daemon removes its control socket")
+            self.assertFalse(os.path.exists(self.csock + ".lock"), "and its lock file")
+
+    def test_kill_inside_listen_leaves_nothing_behind(self):
+        # strace kills the daemon (SIGKILL) at its renameat2(): inside
+        # listen(), after the socket was bound in its private directory.
+        if not harness.have("strace"):
+            self.skipTest("strace is not installed")
+        img = harness.make_sparse_image(self.path("a.img"), 4 * MiB)
+        rundir = self.path("run")
+        os.mkdir(rundir)
+        csock = os.path.join(rundir, "control.sock")
+        args = ["--listen", "127.0.0.1:%d" % harness.free_port(), "--data-dir", self.data,
+                "--control-socket", csock, "--export", "a=file://" + img]
+        p = subprocess.run(["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=renameat2",
+                            "-e", "inject=renameat2:signal=SIGKILL", harness.BLOCKWAYD] + args,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+        left = sorted(os.listdir(rundir))
+        if p.returncode != -signal.SIGKILL and p.returncode != 128 + signal.SIGKILL:
+            self.skipTest("strace could not stop the daemon at renameat2 (exit %d): %s"
+                          % (p.returncode, p.stdout.decode(errors="replace")[-2000:]))
+        private = [n for n in left if n.startswith(".control-")]
+        self.assertEqual(len(private), 1, "killed inside listen(): %s" % left)
+        self.assertEqual(os.listdir(os.path.join(rundir, private[0])), ["s"])
+        # Someone else's directory by that pattern, not named in the lock file:
+        # left alone.
+        os.mkdir(os.path.join(rundir, ".control-zzzzzz"))
+        d = self.start_daemon(args, name="after-kill")
+        self.assertEqual(sorted(os.listdir(rundir)), [".control-zzzzzz", "control.sock", "control.sock.lock"])
+        self.assertIn("removed %s" % os.path.join(rundir, private[0]), d.log())
+        out, _ = self.bw("export", "list", "--names", "--socket", csock)
+        self.assertEqual(out.split(), ["a"])
 
     def test_control_socket_from_the_config_file(self):
         img = harness.make_sparse_image(self.path("a.img"), 4 * MiB)
