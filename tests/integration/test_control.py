@@ -450,6 +450,40 @@ class Errors(ControlTestCase):
         self.assertNotIn("control socket", d.log())
 
 
+    def test_control_group_flag(self):
+        import grp
+        img = harness.make_sparse_image(self.path("a.img"), 4 * MiB)
+        # A group this process may give its socket: any as root, else its own.
+        group = grp.getgrnam("daemon") if os.geteuid() == 0 else grp.getgrgid(os.getgid())
+        help_text = subprocess.run([harness.BLOCKWAYD, "--help"], stdout=subprocess.PIPE, timeout=30).stdout.decode()
+        self.assertIn("--control-group GROUP", help_text)
+        conf = self.path("bw.toml")
+        with open(conf, "w") as f:
+            f.write('[control]\ngroup = "%s"\n' % grp.getgrgid(os.getgid()).gr_name)
+        base = ["--listen", "127.0.0.1:%d" % harness.free_port(), "--data-dir", self.data,
+                "--control-socket", self.csock, "--export", "a=file://" + img]
+        # The flag wins over [control] group; with a group the mode is 0660.
+        d = self.start_daemon(base + ["--config", conf, "--control-group", group.gr_name])
+        st = os.stat(self.csock)
+        self.assertEqual((st.st_gid, stat.S_IMODE(st.st_mode)), (group.gr_gid, 0o660))
+        self.assertEqual(self.bwj("export", "list")["exports"][0]["name"], "a")
+        d.stop()
+        # By number too.
+        d = self.start_daemon(base + ["--control-group=%d" % group.gr_gid], name="bynumber")
+        self.assertEqual(os.stat(self.csock).st_gid, group.gr_gid)
+        d.stop()
+        # A group that does not exist, or none at all: exit 2 before anything starts.
+        for extra, message in ((["--control-group", "no-such-group-here"],
+                                "--control-group 'no-such-group-here': no such group"),
+                               (["--control-group="], "--control-group is empty"),
+                               (["--control-group"], "--control-group needs a value")):
+            p = subprocess.run([harness.BLOCKWAYD] + base + extra, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               timeout=30)
+            self.assertEqual(p.returncode, 2, extra)
+            self.assertIn(message, p.stderr.decode())
+            self.assertFalse(os.path.exists(self.csock))
+
+
 class RuntimeExports(ControlTestCase):
     def test_add_remove_persist_across_restart(self):
         img = harness.make_random_image(self.path("a.img"), 4 * MiB, seed=3)
