@@ -794,6 +794,22 @@ class RunTimeSettings(ControlTestCase):
         d.stop()
 
 
+    def test_a_run_time_settings_table_it_cannot_read_stops_the_start(self):
+        import sqlite3
+        img = harness.make_random_image(self.path("vm.img"), 4 * MiB, seed=16)
+        os.makedirs(self.data)
+        with sqlite3.connect(os.path.join(self.data, "catalogue.db")) as db:
+            db.execute("CREATE TABLE runtime_settings (name TEXT, key TEXT, value TEXT)")  # no config_value
+            db.execute("INSERT INTO runtime_settings VALUES ('vm', 'mode', 'writeback')")
+        p = subprocess.run([harness.BLOCKWAYD, "--data-dir", self.data, "--control-socket", "off", "--listen",
+                            "127.0.0.1:%d" % harness.free_port(), "--export",
+                            "vm=file://%s,cache=%s,chunk=256k" % (img, self.path("cache"))],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        err = p.stderr.decode(errors="replace")
+        self.assertEqual(p.returncode, 2, err)
+        self.assertIn("export 'vm': catalogue %s/catalogue.db: cannot read the run-time settings: "
+                      "no such column: config_value" % self.data, err)
+
     def saved_mode(self, name, configured):
         """The mode the catalogue would apply at the next start."""
         rows = self.catalogue("SELECT value FROM runtime_settings WHERE name = '%s' AND key = 'mode'" % name)
