@@ -9,10 +9,69 @@
 namespace blockway::cache {
 namespace {
 
-struct StmtDeleter {
-  void operator()(sqlite3_stmt* s) const { sqlite3_finalize(s); }
+// One prepared statement, finalised when it goes out of scope. Every SQLite
+// call is checked: a failed prepare (a table of another schema, a locked or
+// corrupt file), bind or step throws std::runtime_error naming the catalogue,
+// what was being done and SQLite's message, instead of reading as "no rows".
+class Statement {
+ public:
+  Statement(sqlite3* db, const std::string& path, const char* what, const char* sql)
+      : db_(db), path_(path), what_(what) {
+    if (sqlite3_prepare_v2(db_, sql, -1, &stmt_, nullptr) != SQLITE_OK) fail();
+  }
+  ~Statement() { sqlite3_finalize(stmt_); }
+  Statement(const Statement&) = delete;
+  Statement& operator=(const Statement&) = delete;
+
+  // Binds parameters 1, 2, ... in order. Blobs are not copied: they must
+  // outlive the step.
+  Statement& bind(const std::string& v) { return check(sqlite3_bind_text(stmt_, next(), v.c_str(), -1, SQLITE_TRANSIENT)); }
+  Statement& bind(int64_t v) { return check(sqlite3_bind_int64(stmt_, next(), v)); }
+  Statement& bind_blob(const void* data, size_t bytes) {
+    return check(sqlite3_bind_blob(stmt_, next(), data, static_cast<int>(bytes), SQLITE_STATIC));
+  }
+
+  // True with a row to read, false when done.
+  bool step() {
+    const int rc = sqlite3_step(stmt_);
+    if (rc == SQLITE_ROW) return true;
+    if (rc != SQLITE_DONE) fail();
+    return false;
+  }
+  // Steps a statement that returns no rows.
+  void run() { (void)step(); }
+  // For a statement run again with other parameters.
+  void reset() {
+    sqlite3_reset(stmt_);
+    sqlite3_clear_bindings(stmt_);
+    param_ = 0;
+  }
+
+  std::string text(int col) const {
+    const auto* t = reinterpret_cast<const char*>(sqlite3_column_text(stmt_, col));
+    return t ? t : "";
+  }
+  int64_t integer(int col) const { return sqlite3_column_int64(stmt_, col); }
+  bool is_null(int col) const { return sqlite3_column_type(stmt_, col) == SQLITE_NULL; }
+  const void* blob(int col) const { return sqlite3_column_blob(stmt_, col); }
+  size_t blob_bytes(int col) const { return static_cast<size_t>(sqlite3_column_bytes(stmt_, col)); }
+
+ private:
+  int next() { return ++param_; }
+  Statement& check(int rc) {
+    if (rc != SQLITE_OK) fail();
+    return *this;
+  }
+  [[noreturn]] void fail() const {
+    throw std::runtime_error("catalogue " + path_ + ": " + what_ + ": " + sqlite3_errmsg(db_));
+  }
+
+  sqlite3* db_;
+  sqlite3_stmt* stmt_ = nullptr;
+  const std::string& path_;
+  const char* what_;
+  int param_ = 0;
 };
-using Stmt = std::unique_ptr<sqlite3_stmt, StmtDeleter>;
 
 }  // namespace
 
@@ -52,155 +111,100 @@ void MetaStore::exec(const char* sql) {
   }
 }
 
-// The run-time exports table is created on first use (with the store's
-// mutex held), so that the constructor stays as the cache knows it.
-static void create_runtime_exports_table(sqlite3* db) {
-  char* err = nullptr;
-  if (sqlite3_exec(db,
-                   "CREATE TABLE IF NOT EXISTS runtime_exports ("
-                   " name TEXT PRIMARY KEY, uri TEXT NOT NULL, options TEXT NOT NULL, added INTEGER NOT NULL)",
-                   nullptr, nullptr, &err) != SQLITE_OK) {
-    std::string msg = err ? err : "unknown error";
-    sqlite3_free(err);
-    throw std::runtime_error("catalogue: cannot create the runtime_exports table: " + msg);
-  }
+// The run-time tables are created on first use (with the store's mutex
+// held), so that the constructor stays as the cache knows it.
+void MetaStore::create_runtime_tables() {
+  exec("CREATE TABLE IF NOT EXISTS runtime_exports ("
+       " name TEXT PRIMARY KEY, uri TEXT NOT NULL, options TEXT NOT NULL, added INTEGER NOT NULL)");
+  exec("CREATE TABLE IF NOT EXISTS runtime_settings ("
+       " name TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, config_value TEXT NOT NULL,"
+       " PRIMARY KEY (name, key)) WITHOUT ROWID");
 }
 
 std::vector<RuntimeExport> MetaStore::runtime_exports() {
   std::lock_guard lock(mutex_);
-  create_runtime_exports_table(db_);
+  create_runtime_tables();
   std::vector<RuntimeExport> out;
-  sqlite3_stmt* raw = nullptr;
-  sqlite3_prepare_v2(db_, "SELECT name, uri, options FROM runtime_exports ORDER BY added, name", -1, &raw, nullptr);
-  Stmt st(raw);
-  while (sqlite3_step(raw) == SQLITE_ROW) {
-    RuntimeExport e;
-    e.name = reinterpret_cast<const char*>(sqlite3_column_text(raw, 0));
-    e.uri = reinterpret_cast<const char*>(sqlite3_column_text(raw, 1));
-    e.options = reinterpret_cast<const char*>(sqlite3_column_text(raw, 2));
-    out.push_back(std::move(e));
-  }
+  Statement st(db_, path_, "cannot read the run-time exports",
+               "SELECT name, uri, options FROM runtime_exports ORDER BY added, name");
+  while (st.step()) out.push_back({st.text(0), st.text(1), st.text(2)});
   return out;
 }
 
 void MetaStore::save_runtime_export(const RuntimeExport& e) {
   std::lock_guard lock(mutex_);
-  create_runtime_exports_table(db_);
-  sqlite3_stmt* raw = nullptr;
-  sqlite3_prepare_v2(db_,
-                     "INSERT OR REPLACE INTO runtime_exports (name, uri, options, added)"
-                     " VALUES (?, ?, ?, (SELECT COALESCE(MAX(added), 0) + 1 FROM runtime_exports))",
-                     -1, &raw, nullptr);
-  Stmt st(raw);
-  sqlite3_bind_text(raw, 1, e.name.c_str(), -1, SQLITE_TRANSIENT);
-  sqlite3_bind_text(raw, 2, e.uri.c_str(), -1, SQLITE_TRANSIENT);
-  sqlite3_bind_text(raw, 3, e.options.c_str(), -1, SQLITE_TRANSIENT);
-  if (sqlite3_step(raw) != SQLITE_DONE)
-    throw std::runtime_error("catalogue " + path_ + ": cannot save export: " + sqlite3_errmsg(db_));
+  create_runtime_tables();
+  Statement st(db_, path_, "cannot save export",
+               "INSERT OR REPLACE INTO runtime_exports (name, uri, options, added)"
+               " VALUES (?, ?, ?, (SELECT COALESCE(MAX(added), 0) + 1 FROM runtime_exports))");
+  st.bind(e.name).bind(e.uri).bind(e.options).run();
 }
 
 bool MetaStore::remove_runtime_export(const std::string& name) {
   std::lock_guard lock(mutex_);
-  create_runtime_exports_table(db_);
-  sqlite3_stmt* raw = nullptr;
-  sqlite3_prepare_v2(db_, "DELETE FROM runtime_exports WHERE name = ?", -1, &raw, nullptr);
-  Stmt st(raw);
-  sqlite3_bind_text(raw, 1, name.c_str(), -1, SQLITE_TRANSIENT);
-  if (sqlite3_step(raw) != SQLITE_DONE)
-    throw std::runtime_error("catalogue " + path_ + ": cannot remove export: " + sqlite3_errmsg(db_));
+  create_runtime_tables();
+  Statement st(db_, path_, "cannot remove export", "DELETE FROM runtime_exports WHERE name = ?");
+  st.bind(name).run();
   return sqlite3_changes(db_) > 0;
 }
 
 bool MetaStore::update_runtime_export_options(const std::string& name, const std::string& options) {
   std::lock_guard lock(mutex_);
-  create_runtime_exports_table(db_);
-  sqlite3_stmt* raw = nullptr;
-  sqlite3_prepare_v2(db_, "UPDATE runtime_exports SET options = ? WHERE name = ?", -1, &raw, nullptr);
-  Stmt st(raw);
-  sqlite3_bind_text(raw, 1, options.c_str(), -1, SQLITE_TRANSIENT);
-  sqlite3_bind_text(raw, 2, name.c_str(), -1, SQLITE_TRANSIENT);
-  if (sqlite3_step(raw) != SQLITE_DONE)
-    throw std::runtime_error("catalogue " + path_ + ": cannot update export options: " + sqlite3_errmsg(db_));
+  create_runtime_tables();
+  Statement st(db_, path_, "cannot update export options", "UPDATE runtime_exports SET options = ? WHERE name = ?");
+  st.bind(options).bind(name).run();
   return sqlite3_changes(db_) > 0;
-}
-
-// Created on first use, like runtime_exports.
-static void create_runtime_settings_table(sqlite3* db) {
-  char* err = nullptr;
-  if (sqlite3_exec(db,
-                   "CREATE TABLE IF NOT EXISTS runtime_settings ("
-                   " name TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, config_value TEXT NOT NULL,"
-                   " PRIMARY KEY (name, key)) WITHOUT ROWID",
-                   nullptr, nullptr, &err) != SQLITE_OK) {
-    std::string msg = err ? err : "unknown error";
-    sqlite3_free(err);
-    throw std::runtime_error("catalogue: cannot create the runtime_settings table: " + msg);
-  }
 }
 
 std::vector<RuntimeSetting> MetaStore::runtime_settings(const std::string& name) {
   std::lock_guard lock(mutex_);
-  create_runtime_settings_table(db_);
+  create_runtime_tables();
   std::vector<RuntimeSetting> out;
-  sqlite3_stmt* raw = nullptr;
-  sqlite3_prepare_v2(db_, "SELECT key, value, config_value FROM runtime_settings WHERE name = ? ORDER BY key", -1,
-                     &raw, nullptr);
-  Stmt st(raw);
-  sqlite3_bind_text(raw, 1, name.c_str(), -1, SQLITE_TRANSIENT);
-  while (sqlite3_step(raw) == SQLITE_ROW) {
-    RuntimeSetting r;
-    r.key = reinterpret_cast<const char*>(sqlite3_column_text(raw, 0));
-    r.value = reinterpret_cast<const char*>(sqlite3_column_text(raw, 1));
-    r.config_value = reinterpret_cast<const char*>(sqlite3_column_text(raw, 2));
-    out.push_back(std::move(r));
-  }
+  Statement st(db_, path_, "cannot read the run-time settings",
+               "SELECT key, value, config_value FROM runtime_settings WHERE name = ? ORDER BY key");
+  st.bind(name);
+  while (st.step()) out.push_back({st.text(0), st.text(1), st.text(2)});
   return out;
 }
 
 void MetaStore::save_runtime_setting(const std::string& name, const RuntimeSetting& r) {
   std::lock_guard lock(mutex_);
-  create_runtime_settings_table(db_);
-  sqlite3_stmt* raw = nullptr;
-  sqlite3_prepare_v2(db_,
-                     "INSERT OR REPLACE INTO runtime_settings (name, key, value, config_value) VALUES (?, ?, ?, ?)",
-                     -1, &raw, nullptr);
-  Stmt st(raw);
-  sqlite3_bind_text(raw, 1, name.c_str(), -1, SQLITE_TRANSIENT);
-  sqlite3_bind_text(raw, 2, r.key.c_str(), -1, SQLITE_TRANSIENT);
-  sqlite3_bind_text(raw, 3, r.value.c_str(), -1, SQLITE_TRANSIENT);
-  sqlite3_bind_text(raw, 4, r.config_value.c_str(), -1, SQLITE_TRANSIENT);
-  if (sqlite3_step(raw) != SQLITE_DONE)
-    throw std::runtime_error("catalogue " + path_ + ": cannot save a run-time setting: " + sqlite3_errmsg(db_));
+  create_runtime_tables();
+  Statement st(db_, path_, "cannot save a run-time setting",
+               "INSERT OR REPLACE INTO runtime_settings (name, key, value, config_value) VALUES (?, ?, ?, ?)");
+  st.bind(name).bind(r.key).bind(r.value).bind(r.config_value).run();
 }
 
 void MetaStore::forget_runtime_setting(const std::string& name, const std::string& key) {
   std::lock_guard lock(mutex_);
-  create_runtime_settings_table(db_);
-  sqlite3_stmt* raw = nullptr;
-  sqlite3_prepare_v2(db_, "DELETE FROM runtime_settings WHERE name = ? AND key = ?", -1, &raw, nullptr);
-  Stmt st(raw);
-  sqlite3_bind_text(raw, 1, name.c_str(), -1, SQLITE_TRANSIENT);
-  sqlite3_bind_text(raw, 2, key.c_str(), -1, SQLITE_TRANSIENT);
-  if (sqlite3_step(raw) != SQLITE_DONE)
-    throw std::runtime_error("catalogue " + path_ + ": cannot forget a run-time setting: " + sqlite3_errmsg(db_));
+  create_runtime_tables();
+  Statement st(db_, path_, "cannot forget a run-time setting",
+               "DELETE FROM runtime_settings WHERE name = ? AND key = ?");
+  st.bind(name).bind(key).run();
+}
+
+size_t MetaStore::forget_runtime_settings(const std::string& name) {
+  std::lock_guard lock(mutex_);
+  create_runtime_tables();
+  Statement st(db_, path_, "cannot forget the run-time settings", "DELETE FROM runtime_settings WHERE name = ?");
+  st.bind(name).run();
+  return static_cast<size_t>(sqlite3_changes(db_));
 }
 
 std::optional<CacheRecord> MetaStore::find(const std::string& name) {
   std::lock_guard lock(mutex_);
-  sqlite3_stmt* raw = nullptr;
-  sqlite3_prepare_v2(db_, "SELECT remote, cache_path, mode, size, chunk_size, clean FROM caches WHERE name = ?",
-                     -1, &raw, nullptr);
-  Stmt st(raw);
-  sqlite3_bind_text(raw, 1, name.c_str(), -1, SQLITE_TRANSIENT);
-  if (sqlite3_step(raw) != SQLITE_ROW) return std::nullopt;
+  Statement st(db_, path_, "cannot read the cache record",
+               "SELECT remote, cache_path, mode, size, chunk_size, clean FROM caches WHERE name = ?");
+  st.bind(name);
+  if (!st.step()) return std::nullopt;
   CacheRecord r;
   r.name = name;
-  r.remote = reinterpret_cast<const char*>(sqlite3_column_text(raw, 0));
-  r.cache_path = reinterpret_cast<const char*>(sqlite3_column_text(raw, 1));
-  r.mode = reinterpret_cast<const char*>(sqlite3_column_text(raw, 2));
-  r.size = static_cast<uint64_t>(sqlite3_column_int64(raw, 3));
-  r.chunk_size = static_cast<uint64_t>(sqlite3_column_int64(raw, 4));
-  r.clean = sqlite3_column_int(raw, 5) != 0;
+  r.remote = st.text(0);
+  r.cache_path = st.text(1);
+  r.mode = st.text(2);
+  r.size = static_cast<uint64_t>(st.integer(3));
+  r.chunk_size = static_cast<uint64_t>(st.integer(4));
+  r.clean = st.integer(5) != 0;
   return r;
 }
 
@@ -208,31 +212,17 @@ void MetaStore::reset(const CacheRecord& r) {
   std::lock_guard lock(mutex_);
   exec("BEGIN IMMEDIATE");
   try {
-    sqlite3_stmt* raw = nullptr;
-    sqlite3_prepare_v2(db_, "DELETE FROM bitmap_pages WHERE name = ?", -1, &raw, nullptr);
-    Stmt del(raw);
-    sqlite3_bind_text(raw, 1, r.name.c_str(), -1, SQLITE_TRANSIENT);
-    if (sqlite3_step(raw) != SQLITE_DONE) throw std::runtime_error(sqlite3_errmsg(db_));
-    for (const char* sql : {"DELETE FROM cache_state WHERE name = ?", "DELETE FROM access_profile WHERE name = ?"}) {
-      sqlite3_stmt* d = nullptr;
-      sqlite3_prepare_v2(db_, sql, -1, &d, nullptr);
-      Stmt st(d);
-      sqlite3_bind_text(d, 1, r.name.c_str(), -1, SQLITE_TRANSIENT);
-      if (sqlite3_step(d) != SQLITE_DONE) throw std::runtime_error(sqlite3_errmsg(db_));
+    for (const char* sql : {"DELETE FROM bitmap_pages WHERE name = ?", "DELETE FROM cache_state WHERE name = ?",
+                            "DELETE FROM access_profile WHERE name = ?"}) {
+      Statement del(db_, path_, "cannot reset the cache", sql);
+      del.bind(r.name).run();
     }
-    sqlite3_prepare_v2(db_,
-                       "INSERT OR REPLACE INTO caches (name, remote, cache_path, mode, size, chunk_size, clean)"
-                       " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                       -1, &raw, nullptr);
-    Stmt ins(raw);
-    sqlite3_bind_text(raw, 1, r.name.c_str(), -1, SQLITE_TRANSIENT);
-    sqlite3_bind_text(raw, 2, r.remote.c_str(), -1, SQLITE_TRANSIENT);
-    sqlite3_bind_text(raw, 3, r.cache_path.c_str(), -1, SQLITE_TRANSIENT);
-    sqlite3_bind_text(raw, 4, r.mode.c_str(), -1, SQLITE_TRANSIENT);
-    sqlite3_bind_int64(raw, 5, static_cast<sqlite3_int64>(r.size));
-    sqlite3_bind_int64(raw, 6, static_cast<sqlite3_int64>(r.chunk_size));
-    sqlite3_bind_int(raw, 7, r.clean ? 1 : 0);
-    if (sqlite3_step(raw) != SQLITE_DONE) throw std::runtime_error(sqlite3_errmsg(db_));
+    Statement ins(db_, path_, "cannot reset the cache",
+                  "INSERT OR REPLACE INTO caches (name, remote, cache_path, mode, size, chunk_size, clean)"
+                  " VALUES (?, ?, ?, ?, ?, ?, ?)");
+    ins.bind(r.name).bind(r.remote).bind(r.cache_path).bind(r.mode);
+    ins.bind(static_cast<int64_t>(r.size)).bind(static_cast<int64_t>(r.chunk_size)).bind(int64_t{r.clean ? 1 : 0});
+    ins.run();
     exec("COMMIT");
   } catch (...) {
     sqlite3_exec(db_, "ROLLBACK", nullptr, nullptr, nullptr);
@@ -244,30 +234,21 @@ void MetaStore::set_clean(const std::string& name, bool clean) { commit(name, {}
 
 void MetaStore::set_mode(const std::string& name, const std::string& mode) {
   std::lock_guard lock(mutex_);
-  sqlite3_stmt* raw = nullptr;
-  sqlite3_prepare_v2(db_, "UPDATE caches SET mode = ? WHERE name = ?", -1, &raw, nullptr);
-  Stmt st(raw);
-  sqlite3_bind_text(raw, 1, mode.c_str(), -1, SQLITE_TRANSIENT);
-  sqlite3_bind_text(raw, 2, name.c_str(), -1, SQLITE_TRANSIENT);
-  if (sqlite3_step(raw) != SQLITE_DONE) throw std::runtime_error(std::string("catalogue: ") + sqlite3_errmsg(db_));
+  Statement st(db_, path_, "cannot store the write mode", "UPDATE caches SET mode = ? WHERE name = ?");
+  st.bind(mode).bind(name).run();
 }
 
 std::vector<uint64_t> MetaStore::load_bitmap(const std::string& name, BitmapKind kind, size_t nwords) {
   std::lock_guard lock(mutex_);
   std::vector<uint64_t> words(nwords, 0);
-  sqlite3_stmt* raw = nullptr;
-  sqlite3_prepare_v2(db_, "SELECT page, bits FROM bitmap_pages WHERE name = ? AND kind = ?", -1, &raw, nullptr);
-  Stmt st(raw);
-  sqlite3_bind_text(raw, 1, name.c_str(), -1, SQLITE_TRANSIENT);
-  sqlite3_bind_int(raw, 2, static_cast<int>(kind));
-  while (sqlite3_step(raw) == SQLITE_ROW) {
-    const auto page = static_cast<uint64_t>(sqlite3_column_int64(raw, 0));
-    const auto* blob = static_cast<const std::byte*>(sqlite3_column_blob(raw, 1));
-    const size_t bytes = static_cast<size_t>(sqlite3_column_bytes(raw, 1));
+  Statement st(db_, path_, "cannot read a bitmap", "SELECT page, bits FROM bitmap_pages WHERE name = ? AND kind = ?");
+  st.bind(name).bind(int64_t{static_cast<int>(kind)});
+  while (st.step()) {
+    const auto page = static_cast<uint64_t>(st.integer(0));
     const size_t first = page * kWordsPerPage;
     if (first >= nwords) continue;  // from a larger image: ignore
-    const size_t n = std::min(bytes / 8, nwords - first);
-    std::memcpy(words.data() + first, blob, n * 8);
+    const size_t n = std::min(st.blob_bytes(1) / 8, nwords - first);
+    if (n) std::memcpy(words.data() + first, st.blob(1), n * 8);
   }
   return words;
 }
@@ -277,114 +258,80 @@ void MetaStore::commit(const std::string& name, const std::vector<PageWrite>& pa
   exec("BEGIN IMMEDIATE");
   try {
     if (!pages.empty()) {
-      sqlite3_stmt* raw = nullptr;
-      sqlite3_prepare_v2(db_, "INSERT OR REPLACE INTO bitmap_pages (name, kind, page, bits) VALUES (?, ?, ?, ?)",
-                         -1, &raw, nullptr);
-      Stmt st(raw);
+      Statement st(db_, path_, "commit failed",
+                   "INSERT OR REPLACE INTO bitmap_pages (name, kind, page, bits) VALUES (?, ?, ?, ?)");
       for (const auto& p : pages) {
-        sqlite3_reset(raw);
-        sqlite3_bind_text(raw, 1, name.c_str(), -1, SQLITE_TRANSIENT);
-        sqlite3_bind_int(raw, 2, static_cast<int>(p.kind));
-        sqlite3_bind_int64(raw, 3, p.page);
-        sqlite3_bind_blob(raw, 4, p.words.data(), static_cast<int>(p.words.size() * 8), SQLITE_STATIC);
-        if (sqlite3_step(raw) != SQLITE_DONE) throw std::runtime_error(sqlite3_errmsg(db_));
+        st.reset();
+        st.bind(name).bind(int64_t{static_cast<int>(p.kind)}).bind(int64_t{p.page});
+        st.bind_blob(p.words.data(), p.words.size() * 8).run();
       }
     }
     if (clean) {
-      sqlite3_stmt* raw = nullptr;
-      sqlite3_prepare_v2(db_, "UPDATE caches SET clean = ? WHERE name = ?", -1, &raw, nullptr);
-      Stmt st(raw);
-      sqlite3_bind_int(raw, 1, *clean ? 1 : 0);
-      sqlite3_bind_text(raw, 2, name.c_str(), -1, SQLITE_TRANSIENT);
-      if (sqlite3_step(raw) != SQLITE_DONE) throw std::runtime_error(sqlite3_errmsg(db_));
+      Statement st(db_, path_, "commit failed", "UPDATE caches SET clean = ? WHERE name = ?");
+      st.bind(int64_t{*clean ? 1 : 0}).bind(name).run();
     }
     exec("COMMIT");
-  } catch (const std::exception& e) {
+  } catch (...) {
     sqlite3_exec(db_, "ROLLBACK", nullptr, nullptr, nullptr);
-    throw std::runtime_error("catalogue " + path_ + ": commit failed: " + e.what());
+    throw;
   }
 }
 
 std::optional<std::string> MetaStore::get_state(const std::string& name, const std::string& key) {
   std::lock_guard lock(mutex_);
-  sqlite3_stmt* raw = nullptr;
-  sqlite3_prepare_v2(db_, "SELECT value FROM cache_state WHERE name = ? AND key = ?", -1, &raw, nullptr);
-  Stmt st(raw);
-  sqlite3_bind_text(raw, 1, name.c_str(), -1, SQLITE_TRANSIENT);
-  sqlite3_bind_text(raw, 2, key.c_str(), -1, SQLITE_TRANSIENT);
-  if (sqlite3_step(raw) != SQLITE_ROW) return std::nullopt;
-  return std::string(reinterpret_cast<const char*>(sqlite3_column_text(raw, 0)));
+  Statement st(db_, path_, "cannot read state", "SELECT value FROM cache_state WHERE name = ? AND key = ?");
+  st.bind(name).bind(key);
+  if (!st.step()) return std::nullopt;
+  return st.text(0);
 }
 
 void MetaStore::set_state(const std::string& name, const std::string& key, const std::string& value) {
   std::lock_guard lock(mutex_);
-  sqlite3_stmt* raw = nullptr;
-  sqlite3_prepare_v2(db_, "INSERT OR REPLACE INTO cache_state (name, key, value) VALUES (?, ?, ?)", -1, &raw,
-                     nullptr);
-  Stmt st(raw);
-  sqlite3_bind_text(raw, 1, name.c_str(), -1, SQLITE_TRANSIENT);
-  sqlite3_bind_text(raw, 2, key.c_str(), -1, SQLITE_TRANSIENT);
-  sqlite3_bind_text(raw, 3, value.c_str(), -1, SQLITE_TRANSIENT);
-  if (sqlite3_step(raw) != SQLITE_DONE)
-    throw std::runtime_error("catalogue " + path_ + ": cannot store state: " + sqlite3_errmsg(db_));
+  Statement st(db_, path_, "cannot store state",
+               "INSERT OR REPLACE INTO cache_state (name, key, value) VALUES (?, ?, ?)");
+  st.bind(name).bind(key).bind(value).run();
 }
 
 int64_t MetaStore::begin_session(const std::string& name, int keep) {
   std::lock_guard lock(mutex_);
   int64_t last = 0;
   {
-    sqlite3_stmt* raw = nullptr;
-    sqlite3_prepare_v2(db_, "SELECT MAX(session) FROM access_profile WHERE name = ?", -1, &raw, nullptr);
-    Stmt st(raw);
-    sqlite3_bind_text(raw, 1, name.c_str(), -1, SQLITE_TRANSIENT);
-    if (sqlite3_step(raw) == SQLITE_ROW && sqlite3_column_type(raw, 0) != SQLITE_NULL)
-      last = sqlite3_column_int64(raw, 0);
+    Statement st(db_, path_, "cannot read the access profile",
+                 "SELECT MAX(session) FROM access_profile WHERE name = ?");
+    st.bind(name);
+    if (st.step() && !st.is_null(0)) last = st.integer(0);
   }
   const int64_t session = last + 1;
   // Keep the newest `keep` earlier sessions (those > session - 1 - keep).
-  sqlite3_stmt* raw = nullptr;
-  sqlite3_prepare_v2(db_, "DELETE FROM access_profile WHERE name = ? AND session <= ?", -1, &raw, nullptr);
-  Stmt st(raw);
-  sqlite3_bind_text(raw, 1, name.c_str(), -1, SQLITE_TRANSIENT);
-  sqlite3_bind_int64(raw, 2, session - 1 - keep);
-  if (sqlite3_step(raw) != SQLITE_DONE)
-    throw std::runtime_error("catalogue " + path_ + ": cannot prune the access profile: " + sqlite3_errmsg(db_));
+  Statement st(db_, path_, "cannot prune the access profile",
+               "DELETE FROM access_profile WHERE name = ? AND session <= ?");
+  st.bind(name).bind(session - 1 - keep).run();
   return session;
 }
 
 void MetaStore::append_profile(const std::string& name, int64_t session, int64_t batch,
                                const std::vector<uint32_t>& chunks) {
   std::lock_guard lock(mutex_);
-  sqlite3_stmt* raw = nullptr;
-  sqlite3_prepare_v2(db_, "INSERT OR REPLACE INTO access_profile (name, session, batch, chunks) VALUES (?, ?, ?, ?)",
-                     -1, &raw, nullptr);
-  Stmt st(raw);
-  sqlite3_bind_text(raw, 1, name.c_str(), -1, SQLITE_TRANSIENT);
-  sqlite3_bind_int64(raw, 2, session);
-  sqlite3_bind_int64(raw, 3, batch);
-  sqlite3_bind_blob(raw, 4, chunks.data(), static_cast<int>(chunks.size() * sizeof(uint32_t)), SQLITE_STATIC);
-  if (sqlite3_step(raw) != SQLITE_DONE)
-    throw std::runtime_error("catalogue " + path_ + ": cannot store the access profile: " + sqlite3_errmsg(db_));
+  Statement st(db_, path_, "cannot store the access profile",
+               "INSERT OR REPLACE INTO access_profile (name, session, batch, chunks) VALUES (?, ?, ?, ?)");
+  st.bind(name).bind(session).bind(batch).bind_blob(chunks.data(), chunks.size() * sizeof(uint32_t)).run();
 }
 
 std::vector<std::vector<uint32_t>> MetaStore::load_profiles(const std::string& name) {
   std::lock_guard lock(mutex_);
   std::vector<std::vector<uint32_t>> out;
-  sqlite3_stmt* raw = nullptr;
-  sqlite3_prepare_v2(db_, "SELECT session, chunks FROM access_profile WHERE name = ? ORDER BY session DESC, batch",
-                     -1, &raw, nullptr);
-  Stmt st(raw);
-  sqlite3_bind_text(raw, 1, name.c_str(), -1, SQLITE_TRANSIENT);
+  Statement st(db_, path_, "cannot read the access profile",
+               "SELECT session, chunks FROM access_profile WHERE name = ? ORDER BY session DESC, batch");
+  st.bind(name);
   int64_t current = -1;
-  while (sqlite3_step(raw) == SQLITE_ROW) {
-    const int64_t session = sqlite3_column_int64(raw, 0);
+  while (st.step()) {
+    const int64_t session = st.integer(0);
     if (out.empty() || session != current) out.emplace_back();
     current = session;
-    const auto* blob = static_cast<const std::byte*>(sqlite3_column_blob(raw, 1));
-    const size_t n = static_cast<size_t>(sqlite3_column_bytes(raw, 1)) / sizeof(uint32_t);
+    const size_t n = st.blob_bytes(1) / sizeof(uint32_t);
     const size_t old = out.back().size();
     out.back().resize(old + n);
-    if (n) std::memcpy(out.back().data() + old, blob, n * sizeof(uint32_t));
+    if (n) std::memcpy(out.back().data() + old, st.blob(1), n * sizeof(uint32_t));
   }
   return out;
 }

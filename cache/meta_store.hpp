@@ -62,7 +62,9 @@ class MetaStore {
  public:
   static constexpr size_t kWordsPerPage = 512;  // 4 KiB of bits per row
 
-  // Opens (creating if needed) the catalogue. Throws std::runtime_error.
+  // Opens (creating if needed) the catalogue. Every method throws
+  // std::runtime_error (naming the catalogue and SQLite's message) when a
+  // statement cannot be prepared, bound or run.
   explicit MetaStore(const std::string& path);
   ~MetaStore();
   MetaStore(const MetaStore&) = delete;
@@ -83,6 +85,8 @@ class MetaStore {
   std::vector<RuntimeSetting> runtime_settings(const std::string& name);
   void save_runtime_setting(const std::string& name, const RuntimeSetting& setting);
   void forget_runtime_setting(const std::string& name, const std::string& key);
+  // Every run-time setting of the export (export-remove); returns how many.
+  size_t forget_runtime_settings(const std::string& name);
 
   std::optional<CacheRecord> find(const std::string& name);
   // Inserts or replaces the record and forgets its bitmaps.
@@ -115,6 +119,7 @@ class MetaStore {
 
  private:
   void exec(const char* sql);
+  void create_runtime_tables();
   std::mutex mutex_;
   sqlite3* db_ = nullptr;
   std::string path_;

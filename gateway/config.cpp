@@ -311,8 +311,8 @@ std::string default_data_dir() {
   return "/var/tmp/blockway";
 }
 
-unsigned control_group_id(const std::string& group) {
-  if (group.empty()) throw ConfigError("control.group is empty (leave it out for a root-only socket)");
+unsigned control_group_id(const std::string& group, const std::string& what) {
+  if (group.empty()) throw ConfigError(what + " is empty (leave it out for a root-only socket)");
   std::vector<char> buf(16384);
   struct group gr {};
   struct group* found = nullptr;
@@ -320,7 +320,7 @@ unsigned control_group_id(const std::string& group) {
   unsigned id = 0;
   auto [end, ec] = std::from_chars(group.data(), group.data() + group.size(), id);
   if (ec == std::errc{} && end == group.data() + group.size() && id != static_cast<unsigned>(-1)) return id;
-  throw ConfigError("control.group '" + group + "': no such group");
+  throw ConfigError(what + " '" + group + "': no such group");
 }
 
 std::string default_control_socket() {

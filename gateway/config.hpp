@@ -101,8 +101,9 @@ std::string default_data_dir();
 // control.sock, else control.sock in default_data_dir().
 std::string default_control_socket();
 
-// The group id of [control] group (a group name or a number). Throws
-// ConfigError naming the setting if there is no such group.
-unsigned control_group_id(const std::string& group);
+// The group id of [control] group or --control-group (a group name or a
+// number). Throws ConfigError naming the setting (`what`) if there is no such
+// group.
+unsigned control_group_id(const std::string& group, const std::string& what = "control.group");
 
 }  // namespace blockway::gateway

@@ -1,11 +1,13 @@
 #include "gateway/control_protocol.hpp"
 
+#include "gateway/async_mutex.hpp"
 #include "gateway/config.hpp"
 
 #include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstring>
+#include <mutex>
 #include <unistd.h>
 
 namespace blockway::gateway {
@@ -345,6 +347,8 @@ class ExportCommands {
   Task<Json> prefetch_rate(const Json& req) {
     auto exp = find_export(exports_, req, hooks_);
     const uint64_t rate = arg_size(req, "rate");
+    auto ordered = settings_lock(exp->name, "prefetch-rate");
+    auto guard = co_await ordered->lock();
     Json out = outcome(control_of(*exp).prefetch_set_rate(rate), "prefetch rate '" + exp->name + "'");
     auto saving = persist(exp->name, "prefetch-rate", std::to_string(rate), out);
     co_await std::move(saving);
@@ -378,6 +382,8 @@ class ExportCommands {
       bad_request("mode must be writethrough, writeback or writeback-local, not '" + m +
                   "' (use detach for local)");
     auto& c = control_of(*exp);
+    auto ordered = settings_lock(exp->name, "mode");
+    auto guard = co_await ordered->lock();
     const ControlResult r = co_await c.set_mode(m);
     Json out = outcome(r, "mode '" + exp->name + "'");
     auto saving = persist(exp->name, "mode", m, out);
@@ -386,6 +392,18 @@ class ExportCommands {
   }
 
  private:
+  // The lock that orders the changes of one run-time setting (mode,
+  // prefetch-rate) of one export: each command holds it from the change until
+  // the change is saved, so the saved value is the one in effect (two
+  // concurrent mode commands cannot be saved in the opposite order from the
+  // one in which they switched). Keyed by name, like the saved settings.
+  std::shared_ptr<AsyncMutex> settings_lock(const std::string& name, const std::string& key) {
+    std::lock_guard lock(settings_locks_mutex_);
+    auto& slot = settings_locks_[name + '\0' + key];
+    if (!slot) slot = std::make_shared<AsyncMutex>();
+    return slot;
+  }
+
   // Saves a change the export took, so that it outlives a restart; a failure
   // to save is a warning in the reply (the change itself is in effect).
   Task<void> persist(std::string name, std::string key, std::string value, Json& out) {
@@ -405,6 +423,8 @@ class ExportCommands {
 
   ExportTable& exports_;
   ExportCommandHooks hooks_;
+  std::mutex settings_locks_mutex_;
+  std::map<std::string, std::shared_ptr<AsyncMutex>> settings_locks_;
 };
 
 Task<Json> list_commands(const ControlDispatcher& d) {

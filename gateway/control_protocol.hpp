@@ -87,7 +87,9 @@ struct ExportCommandHooks {
   // Saves a run-time change that should outlive a restart: key "mode" or
   // "prefetch-rate" (bytes per second) of export `name`, after the export
   // took it. Returns "" once saved, else a warning for the reply. Runs on the
-  // control plane's event loop (offload what blocks).
+  // control plane's event loop (offload what blocks), with the lock of that
+  // export's setting held: changes of one setting are saved one at a time, in
+  // the order in which they took effect.
   std::function<Task<std::string>(std::string name, std::string key, std::string value)> persist;
   // Exports saved in the catalogue that could not be opened at start: each
   // {name, uri, options, state: "failed: REASON", error: REASON}. status and

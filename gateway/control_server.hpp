@@ -11,6 +11,11 @@
 // stop() may be called from any thread: it posts to that loop. The destructor
 // runs after the loops stopped and removes the socket file only if it is still
 // the one this server created.
+//
+// One daemon per socket: listen() first takes an flock on PATH.lock, held
+// until the destructor (a second daemon fails with "another blockwayd is
+// running on PATH (pid N)"); under it, it removes the private directory a
+// daemon killed inside listen() left behind (the lock file names it).
 #pragma once
 
 #include "gateway/control_protocol.hpp"
@@ -37,7 +42,7 @@ class ControlServer {
   // next to `path`, sets `mode` (and `group` unless -1) there and renames the
   // socket into place, replacing a stale socket file (never a live one:
   // std::runtime_error); then starts accepting. Throws std::runtime_error
-  // naming the path.
+  // naming the path, or the pid of the daemon that holds PATH.lock.
   void listen(const std::string& path, mode_t mode = 0600, gid_t group = static_cast<gid_t>(-1));
   // Stops accepting and closes every client connection.
   void stop();
@@ -57,6 +62,8 @@ class ControlServer {
   std::list<std::weak_ptr<Socket>> clients_;  // touched only on ctx_
   bool stopped_ = false;
   std::string path_;
+  std::string lock_path_;  // PATH.lock, flocked while this server owns PATH
+  int lock_fd_ = -1;
   dev_t dev_ = 0;
   ino_t ino_ = 0;
 };

@@ -316,8 +316,11 @@ class RuntimeExports {
       if (it != ctx_.configured.end() && it->second.contains(key)) config_value = it->second.at(key);
     }
     cache::MetaStore* store = ctx_.catalogue.get();  // open: the export has a cache
-    auto save = [store, name, key, value, runtime, config_value]() -> std::string {
+    auto save = [this, store, name, key, value, runtime, config_value]() -> std::string {
       if (!store) return "not saved: no catalogue";
+      std::lock_guard saving(settings_mutex_);
+      // Removed meanwhile (export-remove forgot its settings): nothing to save.
+      if (!exports_.find(name)) return {};
       try {
         if (runtime) {
           for (const auto& e : store->runtime_exports())
@@ -423,11 +426,20 @@ class RuntimeExports {
       std::lock_guard lock(names_mutex_);
       runtime_names_.erase(name);
     }
+    // Its saved run-time export entry, and the run-time settings (mode,
+    // prefetch rate) saved over its configuration: removed, it is gone with
+    // them; one that comes back (from the configuration at the next start, or
+    // added again) starts from its own options.
     auto forget = [this, name]() -> int {
       try {
         if (!std::filesystem::exists(ctx_.data_dir + "/catalogue.db")) return 0;
-        return ctx_.open_catalogue().remove_runtime_export(name) ? 1 : 0;
-      } catch (const std::exception&) {
+        auto& store = ctx_.open_catalogue();
+        std::lock_guard saving(settings_mutex_);
+        const size_t settings = store.forget_runtime_settings(name);
+        if (settings) log_->info("export '{}': its {} run-time setting(s) are forgotten", name, settings);
+        return store.remove_runtime_export(name) ? 1 : 0;
+      } catch (const std::exception& e) {
+        log_->error("export '{}': the catalogue could not be updated: {}", name, e.what());
         return -1;
       }
     };
@@ -468,8 +480,10 @@ class RuntimeExports {
     }
     if (!failed) throw ControlError("unknown-export", ENOENT, "no export named '" + name + "'");
     cache::MetaStore* store = ctx_.catalogue.get();  // open: open_saved() read it
-    auto forget = [store, name]() -> std::string {
+    auto forget = [this, store, name]() -> std::string {
       try {
+        std::lock_guard saving(settings_mutex_);
+        if (store) store->forget_runtime_settings(name);
         if (store) store->remove_runtime_export(name);
         return {};
       } catch (const std::exception& e) {
@@ -537,6 +551,11 @@ class RuntimeExports {
   EventLoops& loops_;
   std::shared_ptr<spdlog::logger> log_;
   AsyncMutex lock_;
+  // Held (on the blocking pool) while a run-time setting is saved or an
+  // export's saved entry and settings are forgotten: a save is a
+  // read-modify-write of a run-time export's options, and one that loses the
+  // race with export-remove must find the export gone, not save it again.
+  std::mutex settings_mutex_;
   std::atomic<bool> shutting_down_{false};
   // Names of the exports this class opened (run-time ones), and the saved
   // ones that failed to open; read by the control plane's hooks.

@@ -38,6 +38,10 @@ Serves disk images as NBD exports.
   --log-level LEVEL      trace, debug, info, warn, error or off (default info)
   --control-socket PATH  the control socket used by the blockway command (default
                          /run/blockway/control.sock for root; "off" disables it)
+  --control-group GROUP  the control socket's group (name or number): its members
+                         may use blockway; mode 0660 unless [control] mode says
+                         otherwise (default: none, a root-only socket; wins over
+                         [control] group)
   --version, --help
 
 With no --config, --export or --stdio it serves its embedded default: a sparse
@@ -107,6 +111,9 @@ int main(int argc, char** argv) {
       } else if (arg == "--control-socket") {
         cfg.control_socket = need();
         if (cfg.control_socket.empty()) throw ConfigError("--control-socket needs a path (or off)");
+      } else if (arg == "--control-group") {
+        cfg.control_socket_group = need();
+        (void)control_group_id(cfg.control_socket_group, "--control-group");  // an unknown group stops here
       } else {
         throw ConfigError("unknown argument '" + args[i] + "' (see --help)");
       }
@@ -133,6 +140,7 @@ int main(int argc, char** argv) {
       }
       if (cfg.log_level != DaemonConfig{}.log_level) from_file.log_level = cfg.log_level;
       if (!cfg.control_socket.empty()) from_file.control_socket = cfg.control_socket;
+      if (!cfg.control_socket_group.empty()) from_file.control_socket_group = cfg.control_socket_group;
       cfg = std::move(from_file);
     }
     if (!cli_listen.empty()) cfg.listen = cli_listen;

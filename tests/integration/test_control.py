@@ -337,7 +337,7 @@ class Errors(ControlTestCase):
         self.addCleanup(d2.cleanup)
         with self.assertRaises(AssertionError) as ctx:
             d2.start()
-        self.assertIn("another daemon is listening", str(ctx.exception))
+        self.assertIn("another blockwayd is running on %s (pid %d)" % (self.csock, d1.pid), str(ctx.exception))
         self.assertEqual(self.bwj("export", "list")["exports"][0]["name"], "a", "the first daemon keeps it")
         # kill -9 leaves the socket file behind; the next daemon replaces it.
         d1.send_signal(signal.SIGKILL)
@@ -351,6 +351,80 @@ class Errors(ControlTestCase):
         d3.start()
         self.assertEqual(self.bwj("export", "list")["exports"][0]["name"], "c")
         self.assertEqual(stat.S_IMODE(os.stat(self.csock).st_mode), 0o600)
+
+    def stale_socket(self, path):
+        """A socket file nobody listens on, as a kill -9 leaves it."""
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(path)
+        s.close()
+
+    def test_two_daemons_started_at_once_one_gets_the_socket(self):
+        img = harness.make_sparse_image(self.path("a.img"), 4 * MiB)
+        for round_ in range(4):
+            if round_ % 2 == 0:
+                self.stale_socket(self.csock)  # both would find it stale and replace it
+            daemons = []
+            for i in range(2):
+                d = harness.Daemon(self.tmp, ["--listen", "127.0.0.1:%d" % harness.free_port(), "--data-dir",
+                                              self.path("data%d" % i), "--control-socket", self.csock,
+                                              "--export", "e%d=file://%s" % (i, img)], name="r%d-d%d" % (round_, i))
+                self.addCleanup(d.cleanup)
+                daemons.append(d)
+            errors = [None, None]
+
+            def start(i):
+                try:
+                    daemons[i].start(ready_timeout=30)
+                except AssertionError as e:
+                    errors[i] = str(e)
+
+            threads = [threading.Thread(target=start, args=(i,)) for i in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            self.assertEqual(sorted(e is None for e in errors), [False, True],
+                             "round %d: exactly one daemon starts: %s" % (round_, errors))
+            winner = errors.index(None)
+            loser = 1 - winner
+            self.assertIn("another blockwayd is running on %s (pid %d)" % (self.csock, daemons[winner].pid),
+                          errors[loser])
+            names = [e["name"] for e in self.bwj("export", "list")["exports"]]
+            self.assertEqual(names, ["e%d" % winner], "the socket is the winner's")
+            self.assertTrue(os.path.exists(self.csock + ".lock"))
+            daemons[winner].stop()
+            self.assertFalse(os.path.exists(self.csock), "the daemon removes its control socket")
+            self.assertFalse(os.path.exists(self.csock + ".lock"), "and its lock file")
+
+    def test_kill_inside_listen_leaves_nothing_behind(self):
+        # strace kills the daemon (SIGKILL) at its renameat2(): inside
+        # listen(), after the socket was bound in its private directory.
+        if not harness.have("strace"):
+            self.skipTest("strace is not installed")
+        img = harness.make_sparse_image(self.path("a.img"), 4 * MiB)
+        rundir = self.path("run")
+        os.mkdir(rundir)
+        csock = os.path.join(rundir, "control.sock")
+        args = ["--listen", "127.0.0.1:%d" % harness.free_port(), "--data-dir", self.data,
+                "--control-socket", csock, "--export", "a=file://" + img]
+        p = subprocess.run(["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=renameat2",
+                            "-e", "inject=renameat2:signal=SIGKILL", harness.BLOCKWAYD] + args,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+        left = sorted(os.listdir(rundir))
+        if p.returncode != -signal.SIGKILL and p.returncode != 128 + signal.SIGKILL:
+            self.skipTest("strace could not stop the daemon at renameat2 (exit %d): %s"
+                          % (p.returncode, p.stdout.decode(errors="replace")[-2000:]))
+        private = [n for n in left if n.startswith(".control-")]
+        self.assertEqual(len(private), 1, "killed inside listen(): %s" % left)
+        self.assertEqual(os.listdir(os.path.join(rundir, private[0])), ["s"])
+        # Someone else's directory by that pattern, not named in the lock file:
+        # left alone.
+        os.mkdir(os.path.join(rundir, ".control-zzzzzz"))
+        d = self.start_daemon(args, name="after-kill")
+        self.assertEqual(sorted(os.listdir(rundir)), [".control-zzzzzz", "control.sock", "control.sock.lock"])
+        self.assertIn("removed %s" % os.path.join(rundir, private[0]), d.log())
+        out, _ = self.bw("export", "list", "--names", "--socket", csock)
+        self.assertEqual(out.split(), ["a"])
 
     def test_control_socket_from_the_config_file(self):
         img = harness.make_sparse_image(self.path("a.img"), 4 * MiB)
@@ -374,6 +448,40 @@ class Errors(ControlTestCase):
         self.addCleanup(d.cleanup)
         d.start()
         self.assertNotIn("control socket", d.log())
+
+
+    def test_control_group_flag(self):
+        import grp
+        img = harness.make_sparse_image(self.path("a.img"), 4 * MiB)
+        # A group this process may give its socket: any as root, else its own.
+        group = grp.getgrnam("daemon") if os.geteuid() == 0 else grp.getgrgid(os.getgid())
+        help_text = subprocess.run([harness.BLOCKWAYD, "--help"], stdout=subprocess.PIPE, timeout=30).stdout.decode()
+        self.assertIn("--control-group GROUP", help_text)
+        conf = self.path("bw.toml")
+        with open(conf, "w") as f:
+            f.write('[control]\ngroup = "%s"\n' % grp.getgrgid(os.getgid()).gr_name)
+        base = ["--listen", "127.0.0.1:%d" % harness.free_port(), "--data-dir", self.data,
+                "--control-socket", self.csock, "--export", "a=file://" + img]
+        # The flag wins over [control] group; with a group the mode is 0660.
+        d = self.start_daemon(base + ["--config", conf, "--control-group", group.gr_name])
+        st = os.stat(self.csock)
+        self.assertEqual((st.st_gid, stat.S_IMODE(st.st_mode)), (group.gr_gid, 0o660))
+        self.assertEqual(self.bwj("export", "list")["exports"][0]["name"], "a")
+        d.stop()
+        # By number too.
+        d = self.start_daemon(base + ["--control-group=%d" % group.gr_gid], name="bynumber")
+        self.assertEqual(os.stat(self.csock).st_gid, group.gr_gid)
+        d.stop()
+        # A group that does not exist, or none at all: exit 2 before anything starts.
+        for extra, message in ((["--control-group", "no-such-group-here"],
+                                "--control-group 'no-such-group-here': no such group"),
+                               (["--control-group="], "--control-group is empty"),
+                               (["--control-group"], "--control-group needs a value")):
+            p = subprocess.run([harness.BLOCKWAYD] + base + extra, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               timeout=30)
+            self.assertEqual(p.returncode, 2, extra)
+            self.assertIn(message, p.stderr.decode())
+            self.assertFalse(os.path.exists(self.csock))
 
 
 class RuntimeExports(ControlTestCase):
@@ -684,6 +792,87 @@ class RunTimeSettings(ControlTestCase):
         d = start(mode="writeback-local", rate="5M")
         self.assertEqual(state("vm"), ("writeback-local", 5 * MiB))
         d.stop()
+
+
+    def test_a_run_time_settings_table_it_cannot_read_stops_the_start(self):
+        import sqlite3
+        img = harness.make_random_image(self.path("vm.img"), 4 * MiB, seed=16)
+        os.makedirs(self.data)
+        with sqlite3.connect(os.path.join(self.data, "catalogue.db")) as db:
+            db.execute("CREATE TABLE runtime_settings (name TEXT, key TEXT, value TEXT)")  # no config_value
+            db.execute("INSERT INTO runtime_settings VALUES ('vm', 'mode', 'writeback')")
+        p = subprocess.run([harness.BLOCKWAYD, "--data-dir", self.data, "--control-socket", "off", "--listen",
+                            "127.0.0.1:%d" % harness.free_port(), "--export",
+                            "vm=file://%s,cache=%s,chunk=256k" % (img, self.path("cache"))],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        err = p.stderr.decode(errors="replace")
+        self.assertEqual(p.returncode, 2, err)
+        self.assertIn("export 'vm': catalogue %s/catalogue.db: cannot read the run-time settings: "
+                      "no such column: config_value" % self.data, err)
+
+    def saved_mode(self, name, configured):
+        """The mode the catalogue would apply at the next start."""
+        rows = self.catalogue("SELECT value FROM runtime_settings WHERE name = '%s' AND key = 'mode'" % name)
+        if rows:
+            return rows[0][0]
+        rows = self.catalogue("SELECT options FROM runtime_exports WHERE name = '%s'" % name)
+        for (options,) in rows:
+            for item in options.split(","):
+                if item.startswith("mode="):
+                    return item[len("mode="):]
+        return configured
+
+    def test_concurrent_mode_switches_are_saved_in_the_order_they_took_effect(self):
+        import random
+        img = harness.make_random_image(self.path("vm.img"), 4 * MiB, seed=13)
+        rt_img = harness.make_random_image(self.path("rt.img"), 4 * MiB, seed=14)
+        cache = self.path("cache")
+        spec = "file://%s,cache=%s,chunk=256k,mode=writethrough" % (img, cache)
+        d = self.start({"vm": spec})
+        if not self.has_cache_control("vm"):
+            self.skipTest(NO_CONTROL)
+        self.bw("export", "add", "rt", "file://" + rt_img, "cache=%s,chunk=256k,mode=writethrough" % cache)
+        modes = ["writethrough", "writeback", "writeback-local"]
+        rng = random.Random(5)
+        for round_ in range(20):
+            for name in ("vm", "rt"):
+                wanted = [rng.choice(modes) for _ in range(16)]
+                threads = [threading.Thread(target=self.bw, args=("mode", name, m)) for m in wanted]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(60)
+                in_effect = self.bwj("stats", name)["mode"]
+                self.assertEqual(self.saved_mode(name, "writethrough"), in_effect,
+                                 "round %d, export %s: the saved mode is not the one in effect" % (round_, name))
+        before = {n: self.bwj("stats", n)["mode"] for n in ("vm", "rt")}
+        d.stop()
+        self.start({"vm": spec})
+        self.assertEqual({n: self.bwj("stats", n)["mode"] for n in ("vm", "rt")}, before)
+
+    def test_export_remove_forgets_the_run_time_settings(self):
+        img = harness.make_random_image(self.path("vm.img"), 4 * MiB, seed=15)
+        cache = self.path("cache")
+        spec = "file://%s,cache=%s,chunk=256k,mode=writethrough" % (img, cache)
+        d = self.start({"vm": spec})
+        if not self.has_cache_control("vm"):
+            self.skipTest(NO_CONTROL)
+        self.bw("mode", "vm", "writeback")
+        self.bw("prefetch", "rate", "vm", "3M")
+        self.assertEqual(len(self.catalogue("SELECT key FROM runtime_settings WHERE name = 'vm'")), 2)
+        self.bw("export", "remove", "vm")
+        self.assertEqual(self.catalogue("SELECT key FROM runtime_settings WHERE name = 'vm'"), [])
+        self.assertIn("its 2 run-time setting(s) are forgotten", d.log())
+        # Added again at run time under the same name: its own options apply.
+        self.bw("export", "add", "vm", "file://" + img, "cache=%s,chunk=256k,mode=writethrough" % cache)
+        st = self.bwj("stats", "vm")
+        self.assertEqual((st["mode"], st["prefetch"]["rate_limit"]), ("writethrough", 0))
+        self.bw("export", "remove", "vm")
+        d.stop()
+        # Back from the configuration at the next start: the configuration's values.
+        self.start({"vm": spec})
+        st = self.bwj("stats", "vm")
+        self.assertEqual((st["mode"], st["prefetch"]["rate_limit"]), ("writethrough", 0))
 
 
 class FuseMountAtRunTime(ControlTestCase):

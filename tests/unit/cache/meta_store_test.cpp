@@ -2,6 +2,7 @@
 #include "cache/meta_store.hpp"
 
 #include <gtest/gtest.h>
+#include <sqlite3.h>
 
 #include <filesystem>
 #include <random>
@@ -234,6 +235,55 @@ TEST_F(MetaStoreTest, AccessProfilesKeepOrderAndOnlyTheNewestSessions) {
   EXPECT_EQ(p[0], (std::vector<uint32_t>{9}));
   s.reset(record("a"));
   EXPECT_TRUE(s.load_profiles("a").empty());
+}
+
+// A run-time table of another schema (an older or newer daemon's, a hand
+// edit) makes every statement on it fail to prepare: that is an error naming
+// the catalogue and the column, never an empty list read as "nothing saved".
+TEST_F(MetaStoreTest, AStatementThatCannotBePreparedIsAClearError) {
+  {
+    sqlite3* db = nullptr;
+    ASSERT_EQ(sqlite3_open(path_.c_str(), &db), SQLITE_OK);
+    ASSERT_EQ(sqlite3_exec(db,
+                           "CREATE TABLE runtime_settings (name TEXT, key TEXT, value TEXT);"
+                           "INSERT INTO runtime_settings VALUES ('a', 'mode', 'writeback');"
+                           "CREATE TABLE runtime_exports (name TEXT, uri TEXT);"
+                           "INSERT INTO runtime_exports VALUES ('x', 'file:///x.img')",
+                           nullptr, nullptr, nullptr),
+              SQLITE_OK);
+    sqlite3_close(db);
+  }
+  MetaStore s(path_);
+  auto expect_error = [&](auto&& fn, const std::string& what, const std::string& column) {
+    try {
+      fn();
+      ADD_FAILURE() << what << ": no error";
+    } catch (const std::runtime_error& e) {
+      const std::string msg = e.what();
+      EXPECT_NE(msg.find(path_), std::string::npos) << msg;
+      EXPECT_NE(msg.find(what), std::string::npos) << msg;
+      EXPECT_NE(msg.find(column), std::string::npos) << msg;
+    }
+  };
+  expect_error([&] { (void)s.runtime_settings("a"); }, "cannot read the run-time settings", "config_value");
+  expect_error([&] { s.save_runtime_setting("a", {"mode", "writeback", "writethrough"}); },
+               "cannot save a run-time setting", "config_value");
+  expect_error([&] { (void)s.runtime_exports(); }, "cannot read the run-time exports", "options");
+  expect_error([&] { s.save_runtime_export({"y", "file:///y.img", ""}); }, "cannot save export", "options");
+  // The tables this store made itself still work.
+  s.reset(record("a"));
+  EXPECT_EQ(s.find("a")->mode, "writeback");
+}
+
+TEST_F(MetaStoreTest, ForgetRuntimeSettingsDropsEveryKeyOfOneExport) {
+  MetaStore s(path_);
+  s.save_runtime_setting("a", {"mode", "writeback", "writethrough"});
+  s.save_runtime_setting("a", {"prefetch-rate", "1048576", "0"});
+  s.save_runtime_setting("b", {"mode", "writeback", "writethrough"});
+  EXPECT_EQ(s.forget_runtime_settings("a"), 2u);
+  EXPECT_TRUE(s.runtime_settings("a").empty());
+  EXPECT_EQ(s.runtime_settings("b").size(), 1u);
+  EXPECT_EQ(s.forget_runtime_settings("a"), 0u);
 }
 
 }  // namespace
