@@ -6,6 +6,7 @@ process a test starts is tracked by pid and stopped by pid in cleanup; every
 wait has a deadline.
 """
 
+import contextlib
 import errno
 import os
 import random
@@ -136,6 +137,45 @@ def freeze(pid, timeout=10.0):
         if time.monotonic() > deadline:
             raise AssertionError("pid %d did not stop within %.0fs (thread states %s)" % (pid, timeout, states))
         time.sleep(0.005)
+
+
+@contextlib.contextmanager
+def frozen(pid):
+    """Holds pid stopped (see freeze) for the with-block, then SIGCONTs it."""
+    freeze(pid)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+class PeerProcess:
+    """A peer server a test started (nbdkit, tgtd, ganesha, vblade): `proc` is
+    its Popen, `log_path` the file its output goes to."""
+
+    proc = None
+    log_path = None
+
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self, tail=4000):
+        """The last `tail` characters of its log ("" before it wrote one)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                return f.read().decode(errors="replace")[-tail:]
+        except FileNotFoundError:
+            return ""
+
+    def kill(self, sig=signal.SIGKILL):
+        """Signals it by pid and reaps it; SIGKILL if it outlives `sig` by 15 s."""
+        if self.running():
+            os.kill(self.proc.pid, sig)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(15)
 
 
 def kill_pid(proc, sig=signal.SIGKILL):

@@ -10,7 +10,6 @@ import errno
 import itertools
 import os
 import re
-import signal
 import socket
 import struct
 import subprocess
@@ -77,7 +76,7 @@ class AoeNet:
         return bytes(int(x, 16) for x in out.split(":"))
 
 
-class Vblade:
+class Vblade(harness.PeerProcess):
     """vblade serving IMG as SHELF.SLOT inside the namespace."""
 
     def __init__(self, test, net, img, sync=False, read_only=False):
@@ -109,15 +108,6 @@ class Vblade:
                 return self
             time.sleep(0.02)
         raise AssertionError("vblade did not start within %.0fs:\n%s" % (timeout, self.log()))
-
-    def log(self):
-        with open(self.log_path, "rb") as f:
-            return f.read().decode(errors="replace")
-
-    def kill(self):
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
 
 
 def aoe_uri(net):

@@ -10,7 +10,6 @@ parallel never talk to each other's daemon; tgtd is stopped by its pid.
 import errno
 import os
 import random
-import signal
 import socket
 import subprocess
 import sys
@@ -31,7 +30,7 @@ class TgtExited(AssertionError):
     pass
 
 
-class Tgt:
+class Tgt(harness.PeerProcess):
     """One tgtd with one target (tid 1), restartable on the same portal."""
 
     def __init__(self, workdir, port=None, name="tgtd"):
@@ -108,22 +107,6 @@ class Tgt:
     def debug(self, on):
         harness.run(["tgtadm", "-C", str(self.control), "--op", "update", "--mode", "sys",
                      "--name", "debug", "--value", "on" if on else "off"], timeout=20)
-
-    def running(self):
-        return self.proc is not None and self.proc.poll() is None
-
-    def log(self):
-        try:
-            with open(self.log_path, "rb") as f:
-                return f.read().decode(errors="replace")[-4000:]
-        except FileNotFoundError:
-            return ""
-
-    def kill(self):
-        """SIGKILL by pid (tgtd ignores SIGTERM while it has targets), and reap."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
 
     def uri(self, lun=1, auth=""):
         return "iscsi://%s127.0.0.1:%d/%s/%d" % (auth + "@" if auth else "", self.port, IQN, lun)
@@ -403,14 +386,11 @@ class ReconnectTest(IscsiTestCase):
         daemon = self.serve_remote(tgt.uri(), "io-timeout=1,retry-timeout=2")
         h = self.connect(self.uri("r"))
         self.assertEqual(h.pread(4096, 0), harness.read_file(img, 0, 4096))
-        harness.freeze(tgt.proc.pid)  # the target stops answering, its sockets stay open
-        try:
+        with harness.frozen(tgt.proc.pid):  # the target stops answering, its sockets stay open
             start = time.monotonic()
             with self.assertRaises(nbd.Error) as cm:
                 h.pread(4096, 8192)
             took = time.monotonic() - start
-        finally:
-            os.kill(tgt.proc.pid, signal.SIGCONT)
         self.assertEqual(cm.exception.errnum, errno.EIO)
         self.assertLess(took, 8.0)
         self.assertIn("no answer within 1000 ms", daemon.log())

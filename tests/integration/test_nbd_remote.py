@@ -3,7 +3,6 @@ its reconnect layer, and what a user sees when the remote misbehaves."""
 
 import errno
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from harness import MiB  # noqa: E402
 import nbd  # noqa: E402
 
 
-class Nbdkit:
+class Nbdkit(harness.PeerProcess):
     """One nbdkit process serving a file, on a TCP port or a Unix socket."""
 
     def __init__(self, workdir, img, port=None, sock=None, filters=(), params=(), name="nbdkit"):
@@ -58,19 +57,6 @@ class Nbdkit:
             except OSError:
                 time.sleep(0.02)
         raise AssertionError("nbdkit did not listen within %.0fs:\n%s" % (timeout, self.log()))
-
-    def log(self):
-        try:
-            with open(self.log_path, "rb") as f:
-                return f.read().decode(errors="replace")[-4000:]
-        except FileNotFoundError:
-            return ""
-
-    def kill(self):
-        """SIGKILL by pid, and reap."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
 
     @property
     def uri(self):

@@ -42,7 +42,7 @@ def port_open(port, host="127.0.0.1"):
         return False
 
 
-class Ganesha:
+class Ganesha(harness.PeerProcess):
     """nfs-ganesha with two VFS exports (read-write and read-only)."""
 
     def __init__(self, workdir, lease=None):
@@ -87,25 +87,13 @@ EXPORT { Export_Id = 2; Path = %s; Pseudo = %s; Access_Type = RO;
         self.kill()
         raise AssertionError("ganesha did not answer within %.0fs:\n%s" % (timeout, self.log()))
 
+
     def kill(self, sig=signal.SIGKILL):
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, sig)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(15)
+        super().kill(sig)
         self.proc = None
 
     def stop(self):
         self.kill(signal.SIGTERM)
-
-    def log(self):
-        try:
-            with open(self.log_path, "rb") as f:
-                return f.read().decode(errors="replace")[-4000:]
-        except FileNotFoundError:
-            return ""
 
     def v3_uri(self, name, ro=False):
         return "nfs://127.0.0.1%s/%s" % (self.ro_dir if ro else self.export_dir, name)
@@ -404,14 +392,11 @@ class OutageTest(NfsTestCase):
         daemon = self.serve(SERVER.v3_uri("hung.img"), "io-timeout=1,retry-timeout=2")
         h = self.connect()
         self.assertEqual(h.pread(4096, 0), harness.read_file(img, 0, 4096))
-        harness.freeze(SERVER.proc.pid)
-        try:
+        with harness.frozen(SERVER.proc.pid):
             start = time.monotonic()
             with self.assertRaises(nbd.Error) as cm:
                 h.pread(4096, 8192)
             took = time.monotonic() - start
-        finally:
-            os.kill(SERVER.proc.pid, signal.SIGCONT)
         self.assertEqual(cm.exception.errnum, errno.EIO)
         self.assertLess(took, 8.0)
         self.assertIn("no reply within 1000 ms", daemon.log())
