@@ -12,6 +12,9 @@
 #include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
 
 #include <fcntl.h>
 #include <spawn.h>
@@ -29,6 +32,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <sstream>
 #include <unordered_map>
 #include <unordered_set>
@@ -56,6 +60,18 @@ constexpr double kAttrTimeout = 1.0;
 constexpr size_t kSpreadBytes = 128 * 1024;
 // The kernel's request header (struct fuse_in_header); anything shorter is not a request.
 constexpr size_t kRequestHeader = 40;
+// A reader that cannot get a receive buffer (no memory) tries again after this.
+constexpr auto kReceiveRetry = std::chrono::milliseconds(50);
+
+// Test hook: receive-buffer allocations still to fail (fail_receive_buffers_for_test).
+std::atomic<int> receive_failures_to_inject{0};
+
+IoBuffer new_receive_buffer() {
+  if (receive_failures_to_inject.load(std::memory_order_relaxed) > 0 &&
+      receive_failures_to_inject.fetch_sub(1, std::memory_order_relaxed) > 0)
+    throw std::bad_alloc();
+  return IoBuffer(kReceiveBuffer);
+}
 
 int64_t now_ns() {
   timespec ts{};
@@ -224,10 +240,16 @@ struct FuseFrontEnd::Node {
   bool read_only = false;
   // Held over every read-modify-write of a partial block (and the rest of
   // that request), so that two unaligned writes into one block cannot undo
-  // each other. Aligned requests never take it.
+  // each other. Aligned writes take it only while a read-modify-write is
+  // pending (see AlignedWrite).
   gateway::AsyncMutex edge_lock;
+  // Read-modify-writes waiting for or holding edge_lock.
+  std::atomic<uint32_t> rmw_pending{0};
   int64_t created_ns = 0;
+  // Written by every write (mtime), so the counter of aligned writes in
+  // flight without the lock shares its cache line: no extra line bounces.
   std::atomic<int64_t> mtime_ns{0};
+  std::atomic<uint32_t> aligned_unlocked{0};
 };
 
 // One open file description.
@@ -326,7 +348,7 @@ struct FuseFrontEnd::Impl : std::enable_shared_from_this<FuseFrontEnd::Impl> {
 // epoll event, so no request is left behind by an edge-triggered wakeup.
 class FuseFrontEnd::Reader : public std::enable_shared_from_this<FuseFrontEnd::Reader> {
  public:
-  Reader(Impl* impl, boost::asio::io_context& ctx, int fd) : impl_(impl), ctx_(ctx), sd_(ctx, fd) {}
+  Reader(Impl* impl, boost::asio::io_context& ctx, int fd) : impl_(impl), ctx_(ctx), sd_(ctx, fd), retry_(ctx) {}
 
   void start() { arm(); }
   // Any thread: closes the descriptor on its loop; the pending read ends.
@@ -352,11 +374,47 @@ class FuseFrontEnd::Reader : public std::enable_shared_from_this<FuseFrontEnd::R
 
  private:
   void arm() {
-    if (buf_.empty()) buf_ = IoBuffer(kReceiveBuffer);
+    if (buf_.empty()) {
+      // A write handler took the last buffer. Without memory for a new one,
+      // wait and try again: an exception out of this handler would end the
+      // loop's run().
+      try {
+        buf_ = new_receive_buffer();
+      } catch (const std::bad_alloc&) {
+        return retry_later();
+      }
+      if (starved_) {
+        starved_ = false;
+        impl_->log->info("FUSE: receive buffer allocated again; reading /dev/fuse");
+      }
+    }
     sd_.async_read_some(boost::asio::buffer(buf_.data(), buf_.size()),
                         [self = shared_from_this()](const boost::system::error_code& ec, size_t n) {
                           self->on_read(ec, n);
                         });
+  }
+
+  // Called from a handler: nothing may throw out of it.
+  void retry_later() noexcept {
+    try {
+      if (!starved_) {  // once per shortage, not every kReceiveRetry
+        starved_ = true;
+        impl_->log->error("FUSE: no memory for a {} KiB receive buffer; reading /dev/fuse again every {} ms",
+                          kReceiveBuffer / 1024, kReceiveRetry.count());
+      }
+    } catch (...) {
+    }
+    try {
+      retry_.expires_after(kReceiveRetry);
+      // Not cancelled by stop(): once stop() closed the descriptor, arm()
+      // ends in a failed read, and that reports the reader's end.
+      retry_.async_wait([self = shared_from_this()](const boost::system::error_code&) { self->arm(); });
+    } catch (...) {
+      // Not even a timer: this reader ends (the others, if any, go on).
+      boost::system::error_code ignored;
+      sd_.close(ignored);
+      impl_->reader_ended();
+    }
   }
 
   void on_read(const boost::system::error_code& ec, size_t n) {
@@ -387,6 +445,8 @@ class FuseFrontEnd::Reader : public std::enable_shared_from_this<FuseFrontEnd::R
   boost::asio::posix::stream_descriptor sd_;
   size_t write_turn_ = 0;  // reader's loop only
   IoBuffer buf_;
+  boost::asio::steady_timer retry_;  // waiting for memory for buf_
+  bool starved_ = false;             // logged that buf_ could not be allocated
 };
 
 thread_local FuseFrontEnd::Reader* FuseFrontEnd::Reader::current = nullptr;
@@ -602,11 +662,15 @@ void op_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   auto node = impl.find(ino, nullptr);
   if (!node) return (void)fuse_reply_err(req, ENOENT);
   if ((fi->flags & O_ACCMODE) != O_RDONLY && node->read_only) return (void)fuse_reply_err(req, EROFS);
-  auto* h = new Handle{std::move(node)};
+  // Owned here until the table holds it: an insert that throws (no memory)
+  // frees it, and the request gets ENOMEM from Guarded.
+  auto owned = std::make_unique<Handle>(std::move(node));
+  Handle* h = owned.get();
   {
     std::lock_guard lock(impl.mutex);
     impl.handles.insert(h);
   }
+  owned.release();  // now the table's (freed at RELEASE or when the session ends)
   fi->fh = reinterpret_cast<uint64_t>(h);
   fi->direct_io = impl.options.direct_io ? 1 : 0;
   fi->keep_cache = 0;  // opening again shows what NBD clients wrote meanwhile
@@ -724,33 +788,117 @@ Task<std::error_code> write_off_grid(Node& node, uint64_t off, uint64_t n, const
   co_return ec;
 }
 
+// Orders an aligned write (or zeroing) against read-modify-writes on a
+// device with min_block > 1. Without it, an RMW that read a block before an
+// aligned write of that block landed would write the old bytes back after it.
+//
+// The cheap case, no RMW pending on the file: the write counts itself in
+// aligned_unlocked and goes ahead without the lock. Otherwise it queues on
+// edge_lock behind the pending RMWs. An RMW, holding edge_lock, waits until
+// aligned_unlocked is zero. Both sides increment their own counter before
+// reading the other's (sequentially consistent), so at least one of them
+// sees the other. The lock is per file, not per block: an aligned write
+// waits for any RMW of its file (they are rare: off-grid requests).
+class AlignedWrite {
+ public:
+  // No coroutine frame on the way: the lock, when needed, is taken with wait().
+  explicit AlignedWrite(Node& node) noexcept : node_(node) {
+    if (node.min_block == 1) return;  // no RMW ever: nothing to order
+    node.aligned_unlocked.fetch_add(1, std::memory_order_seq_cst);
+    if (node.rmw_pending.load(std::memory_order_seq_cst) == 0) {
+      counted_ = true;
+      return;
+    }
+    node.aligned_unlocked.fetch_sub(1, std::memory_order_release);
+    must_wait_ = true;
+  }
+  [[nodiscard]] bool must_wait() const noexcept { return must_wait_; }
+  // Queues behind the pending RMWs; the lock is held until destruction.
+  Task<void> wait() {
+    auto guard = co_await node_.edge_lock.lock();
+    guard_.emplace(std::move(guard));
+  }
+  AlignedWrite(const AlignedWrite&) = delete;
+  AlignedWrite& operator=(const AlignedWrite&) = delete;
+  ~AlignedWrite() {
+    if (counted_) node_.aligned_unlocked.fetch_sub(1, std::memory_order_release);
+  }
+
+ private:
+  Node& node_;
+  bool counted_ = false;
+  bool must_wait_ = false;
+  std::optional<gateway::AsyncMutex::Guard> guard_;
+};
+
+// Holds edge_lock for a read-modify-write, once no aligned write that went
+// ahead without the lock is in flight any more (see AlignedWrite).
+class EdgeLock {
+ public:
+  static Task<EdgeLock> lock(Node& node) {
+    node.rmw_pending.fetch_add(1, std::memory_order_seq_cst);
+    EdgeLock held(&node);  // counted from here: any exit below undoes it
+    auto guard = co_await node.edge_lock.lock();
+    held.guard_.emplace(std::move(guard));
+    if (node.aligned_unlocked.load(std::memory_order_seq_cst) != 0) {
+      // Aligned writes started before this RMW was counted: they take a
+      // device round trip at most. Later ones queue behind the lock.
+      const auto ex = co_await boost::asio::this_coro::executor;
+      boost::asio::steady_timer timer(ex);
+      while (node.aligned_unlocked.load(std::memory_order_seq_cst) != 0) {
+        timer.expires_after(std::chrono::microseconds(100));
+        co_await timer.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
+      }
+    }
+    co_return held;
+  }
+  EdgeLock(EdgeLock&& o) noexcept : node_(std::exchange(o.node_, nullptr)), guard_(std::move(o.guard_)) {
+    o.guard_.reset();
+  }
+  EdgeLock& operator=(EdgeLock&&) = delete;
+  ~EdgeLock() {
+    guard_.reset();  // the next in line may start
+    if (node_) node_->rmw_pending.fetch_sub(1, std::memory_order_release);
+  }
+
+ private:
+  explicit EdgeLock(Node* node) : node_(node) {}
+  Node* node_;
+  std::optional<gateway::AsyncMutex::Guard> guard_;
+};
+
+// The last step of every write: the error, or the new mtime and the count.
+void reply_written(fuse_req_t req, Node& node, std::error_code ec, size_t n) {
+  if (ec) {
+    fuse_reply_err(req, fuse_errno(ec));
+    return;
+  }
+  node.mtime_ns.store(now_ns(), std::memory_order_relaxed);
+  fuse_reply_write(req, n);
+}
+
 Task<void> do_write(fuse_req_t req, std::shared_ptr<Node> node, IoBuffer owner, const std::byte* data, size_t n,
                     uint64_t off, gateway::IoFlags flags) {
   const std::span<const std::byte> payload(data, n);
-  const std::error_code ec = co_await node->exp->device->write(payload, off, flags);
-  owner.reset();
-  if (ec) {
-    fuse_reply_err(req, fuse_errno(ec));
-    co_return;
+  std::error_code ec;
+  {
+    AlignedWrite pass(*node);
+    if (pass.must_wait()) co_await pass.wait();
+    ec = co_await node->exp->device->write(payload, off, flags);
   }
-  node->mtime_ns.store(now_ns(), std::memory_order_relaxed);
-  fuse_reply_write(req, n);
+  owner.reset();
+  reply_written(req, *node, ec, n);
 }
 
 Task<void> do_write_unaligned(fuse_req_t req, std::shared_ptr<Node> node, IoBuffer owner, const std::byte* data,
                               size_t n, uint64_t off, gateway::IoFlags flags) {
   std::error_code ec;
   {
-    auto guard = co_await node->edge_lock.lock();
+    auto guard = co_await EdgeLock::lock(*node);
     ec = co_await write_off_grid(*node, off, n, data, flags, 0);
   }
   owner.reset();
-  if (ec) {
-    fuse_reply_err(req, fuse_errno(ec));
-    co_return;
-  }
-  node->mtime_ns.store(now_ns(), std::memory_order_relaxed);
-  fuse_reply_write(req, n);
+  reply_written(req, *node, ec, n);
 }
 
 void op_write(fuse_req_t req, fuse_ino_t, const char* data, size_t size, off_t off, fuse_file_info* fi) {
@@ -808,9 +956,11 @@ Task<void> do_zero(fuse_req_t req, std::shared_ptr<Node> node, ByteRange range, 
   if (off_grid(*node, range.offset, range.length)) {
     // Partial blocks at the edges get zeroes written into them; the whole
     // blocks between are zeroed (or deallocated) by the device.
-    auto guard = co_await node->edge_lock.lock();
+    auto guard = co_await EdgeLock::lock(*node);
     ec = co_await write_off_grid(*node, range.offset, range.length, nullptr, 0, flags);
   } else {
+    AlignedWrite pass(*node);
+    if (pass.must_wait()) co_await pass.wait();
     ec = co_await node->exp->device->zero(range, flags);
   }
   if (!ec) node->mtime_ns.store(now_ns(), std::memory_order_relaxed);
@@ -1189,6 +1339,10 @@ FuseFrontEnd::~FuseFrontEnd() {
     for (auto* h : impl_->handles) delete h;
     impl_->handles.clear();
   }
+}
+
+void fail_receive_buffers_for_test(int count) noexcept {
+  receive_failures_to_inject.store(count, std::memory_order_relaxed);
 }
 
 void FuseFrontEnd::mount(const std::string& dir) { impl_->mount(dir); }

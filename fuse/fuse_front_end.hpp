@@ -66,6 +66,10 @@ int fuse_errno(std::error_code ec) noexcept;
 // at most 255 bytes).
 bool representable_name(const std::string& name) noexcept;
 
+// Test hook: the next `count` allocations of a reader's receive buffer throw
+// std::bad_alloc (as a real shortage would).
+void fail_receive_buffers_for_test(int count) noexcept;
+
 class FuseFrontEnd {
  public:
   FuseFrontEnd(gateway::EventLoops& loops, gateway::ExportTable& exports, FuseOptions options);
