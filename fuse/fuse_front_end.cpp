@@ -32,6 +32,8 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <future>
+#include <thread>
 #include <optional>
 #include <sstream>
 #include <unordered_map>
@@ -119,6 +121,46 @@ bool is_fuse_mountpoint(const std::string& dir) {
   return false;
 }
 
+// Runs fn on a thread of its own and waits for it at most `timeout`;
+// nullopt if it has not finished by then. fn must own everything it uses: on
+// a timeout it runs on, detached (a probe of a hung FUSE mount waits until
+// that mount's connection ends, or until the process exits).
+template <class T>
+std::optional<T> run_bounded(std::function<T()> fn, std::chrono::milliseconds timeout) {
+  auto task = std::make_shared<std::packaged_task<T()>>(std::move(fn));
+  auto result = task->get_future();
+  std::thread([task] { (*task)(); }).detach();
+  if (result.wait_for(timeout) != std::future_status::ready) return std::nullopt;
+  return result.get();
+}
+
+// What mount() needs to know of the directory, from calls that wait for
+// whatever is mounted there.
+struct DirProbe {
+  std::string path;        // absolute, symlinks resolved
+  bool fuse_mount = false;  // a FUSE mount is listed at path
+  int statvfs_errno = 0;    // of statvfs(path)
+};
+
+DirProbe probe_dir(const std::string& where) {
+  DirProbe p;
+  std::error_code fec;
+  p.path = std::filesystem::absolute(where, fec).lexically_normal().string();
+  if (p.path.size() > 1 && p.path.back() == '/') p.path.pop_back();
+  // Resolve symlinks once, here: every check and the mount itself then name
+  // the same directory (mountinfo lists canonical paths), and a stale-mount
+  // detach cannot be pointed elsewhere through a link.
+  if (auto canonical = std::filesystem::weakly_canonical(p.path, fec); !fec) p.path = canonical.string();
+  if (p.path.size() > 1 && p.path.back() == '/') p.path.pop_back();
+  p.fuse_mount = is_fuse_mountpoint(p.path);
+  // A daemon that died without unmounting leaves a mount that answers
+  // nothing (ENOTCONN). stat() may still succeed from cached attributes;
+  // statfs() always asks the daemon.
+  struct statvfs vfs{};
+  p.statvfs_errno = ::statvfs(p.path.c_str(), &vfs) == 0 ? 0 : errno;
+  return p;
+}
+
 // Lazily detaches the mount at dir: umount2(MNT_DETACH) as root, else
 // fusermount3 -u -z.
 bool detach_mount(const std::string& dir) {
@@ -199,8 +241,12 @@ FuseOptions FuseOptions::parse(const std::map<std::string, std::string>& options
       if (o.readers == 0) throw ConfigError("fuse option readers must be at least 1");
     } else if (key == "direct-io" || key == "direct_io") {
       o.direct_io = gateway::parse_bool(value, "fuse option direct-io");
+    } else if (key == "mount-timeout" || key == "mount_timeout") {
+      o.mount_timeout = std::chrono::seconds(parse_uint(value, key, 10, 86400));
+      if (o.mount_timeout.count() == 0) throw ConfigError("fuse option mount-timeout must be at least 1 (seconds)");
     } else {
-      throw ConfigError("unknown fuse option '" + key + "' (mode, uid, gid, allow-other, direct-io, readers)");
+      throw ConfigError("unknown fuse option '" + key +
+                        "' (mode, uid, gid, allow-other, direct-io, readers, mount-timeout)");
     }
   }
   return o;
@@ -1121,39 +1167,50 @@ void Impl::on_export(const std::shared_ptr<gateway::Export>& exp, gateway::Expor
 // std::runtime_error. Called without the mutex: every step here may wait for
 // whatever is mounted at DIR.
 Impl::NewSession Impl::mount_session(const std::string& where) {
-  std::error_code fec;
-  std::string path = std::filesystem::absolute(where, fec).lexically_normal().string();
-  if (path.size() > 1 && path.back() == '/') path.pop_back();
-  // Resolve symlinks once, here: every check and the mount itself then name
-  // the same directory (mountinfo lists canonical paths), and a stale-mount
-  // detach cannot be pointed elsewhere through a link.
-  if (auto canonical = std::filesystem::weakly_canonical(path, fec); !fec) path = canonical.string();
-  if (path.size() > 1 && path.back() == '/') path.pop_back();
-  // A daemon that died without unmounting leaves a mount that answers
-  // nothing (ENOTCONN). stat() may still succeed from cached attributes;
-  // statfs() always asks the daemon.
-  struct statvfs vfs{};
-  const bool fuse_mount = is_fuse_mountpoint(path);
-  if (fuse_mount || ::statvfs(path.c_str(), &vfs) != 0) {
-    const int e = fuse_mount && ::statvfs(path.c_str(), &vfs) == 0 ? EEXIST : errno;
-    if (fuse_mount && e == EEXIST)
+  const auto timeout = options.mount_timeout;
+  auto hung = [&](const std::string& path) {
+    return std::runtime_error("FUSE: " + path + " did not answer within " + std::to_string(timeout.count()) +
+                              " ms (a hung mount there, e.g. a FUSE server that is stopped?); not mounted");
+  };
+  // Only calls that may wait for a mount at DIR run bounded, on a thread of
+  // their own; what they find is acted on here (an abandoned probe changes
+  // nothing).
+  const auto probed = run_bounded<DirProbe>([where] { return probe_dir(where); }, timeout);
+  if (!probed) {
+    std::error_code fec;
+    throw hung(std::filesystem::absolute(where, fec).lexically_normal().string());
+  }
+  const std::string path = probed->path;
+  if (probed->fuse_mount || probed->statvfs_errno != 0) {
+    const int e = probed->fuse_mount && probed->statvfs_errno == 0 ? EEXIST : probed->statvfs_errno;
+    if (probed->fuse_mount && e == EEXIST)
       throw std::runtime_error("FUSE: " + path + " is already a FUSE mount (another blockwayd running?)");
-    if (fuse_mount && (e == ENOTCONN || e == ECONNABORTED)) {
+    if (probed->fuse_mount && (e == ENOTCONN || e == ECONNABORTED)) {
       // Only a FUSE mount listed at this very path: a dead mount found by
       // following a symlink elsewhere is not ours to take down.
       log->warn("FUSE: {} is a stale mount ({}); detaching it", path, std::strerror(e));
       if (!detach_mount(path)) throw std::runtime_error("FUSE: cannot detach the stale mount at " + path);
     } else if (e == ENOENT) {
+      std::error_code fec;
       std::filesystem::create_directories(path, fec);
       if (fec) throw std::runtime_error("FUSE: cannot create " + path + ": " + fec.message());
     } else if (e != 0) {
       throw std::runtime_error("FUSE: cannot use " + path + ": " + std::strerror(e));
     }
   }
-  struct stat st{};
-  if (::stat(path.c_str(), &st) != 0)
-    throw std::runtime_error("FUSE: cannot use " + path + ": " + std::strerror(errno));
-  if (!S_ISDIR(st.st_mode)) throw std::runtime_error("FUSE: " + path + " is not a directory");
+  struct Stat {
+    int err = 0;
+    mode_t mode = 0;
+  };
+  const auto st = run_bounded<Stat>(
+      [path] {
+        struct stat s{};
+        return ::stat(path.c_str(), &s) == 0 ? Stat{0, s.st_mode} : Stat{errno, 0};
+      },
+      timeout);
+  if (!st) throw hung(path);
+  if (st->err != 0) throw std::runtime_error("FUSE: cannot use " + path + ": " + std::strerror(st->err));
+  if (!S_ISDIR(st->mode)) throw std::runtime_error("FUSE: " + path + " is not a directory");
 
   std::string mount_opts = "fsname=blockway,subtype=blockway,default_permissions,max_read=" + std::to_string(kMaxIo);
   if (options.allow_other) mount_opts += ",allow_other";

@@ -53,6 +53,9 @@ struct FuseOptions {
   bool direct_io = false;    // FOPEN_DIRECT_IO: bypass the kernel page cache
   unsigned readers = 1;      // event loops that read /dev/fuse (at most one per loop)
   std::chrono::milliseconds shutdown_timeout{30000};  // how long open files keep a detached mount served
+  // How long mount() waits for the directory to answer (a hung FUSE mount
+  // there never does): then it fails instead of waiting on.
+  std::chrono::milliseconds mount_timeout{10000};
 
   // From [fuse] keys or --fuse-mount options. Throws gateway::ConfigError.
   static FuseOptions parse(const std::map<std::string, std::string>& options);
@@ -82,7 +85,9 @@ class FuseFrontEnd {
   // std::runtime_error with a message naming dir. Probing dir and mount(2)
   // run without the front end's mutex (a hung mount at dir may take long):
   // meanwhile active() is true, unmount() does nothing and a second mount()
-  // is refused at once.
+  // is refused at once. The probes run on a thread of their own, bounded by
+  // options.mount_timeout: a directory that does not answer by then fails
+  // the mount (the probe is left waiting, detached, and acts on nothing).
   void mount(const std::string& dir);
   // Starts an orderly unmount: detach the mount, serve files still open for
   // up to shutdown_timeout, wait for every request in flight. Returns at

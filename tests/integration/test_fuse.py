@@ -238,6 +238,27 @@ class FuseFileTest(FuseTestCase):
         self.assertIn("already a FUSE mount", p.stderr.decode())
         self.assertEqual(os.listdir(self.mnt), ["d"])  # the first one still serves
 
+    def test_hung_mount_fails_start_up_after_mount_timeout(self):
+        """A FUSE mount at the directory whose server is stopped answers
+        nothing: start-up gives up after mount-timeout (exit code 2, a clear
+        message) instead of hanging; once that server runs again it is a live
+        mount as before."""
+        img = self.image(size=MiB)
+        first = self.fuse_daemon({"d": "file://" + img})
+        self.addCleanup(harness.kill_pid, first.proc, signal.SIGCONT)  # runs before first's cleanup
+        os.listdir(self.mnt)  # attributes are cached now; statfs still asks the server
+        harness.freeze(first.proc.pid)
+        t0 = time.monotonic()
+        p = subprocess.run([harness.BLOCKWAYD, "--listen", "127.0.0.1:0", "--control-socket", "off",
+                            "--export", "d=file://" + img, "--fuse-mount", self.mnt + ",mount-timeout=1"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        took = time.monotonic() - t0
+        self.assertEqual(p.returncode, 2, p.stderr)
+        self.assertIn("did not answer within 1000 ms", p.stderr.decode())
+        self.assertLess(took, 20)
+        os.kill(first.proc.pid, signal.SIGCONT)
+        self.assertEqual(os.listdir(self.mnt), ["d"])  # the first one serves again
+
     def test_sigterm_unmounts_and_sigkill_leftover_is_cleaned(self):
         img = self.image(size=8 * MiB, random_data=True)
         want = sha256_file(img)

@@ -86,6 +86,10 @@ TEST(FuseOptions, RefusesBadValues) {
   EXPECT_THROW(FuseOptions::parse({{"allow-other", "perhaps"}}), ConfigError);
   EXPECT_THROW(FuseOptions::parse({{"colour", "red"}}), ConfigError);
   EXPECT_THROW(FuseOptions::parse({{"readers", "0"}}), ConfigError);
+  EXPECT_THROW(FuseOptions::parse({{"mount-timeout", "0"}}), ConfigError);
+  EXPECT_THROW(FuseOptions::parse({{"mount-timeout", "1.5"}}), ConfigError);
+  EXPECT_EQ(FuseOptions::parse({{"mount-timeout", "3"}}).mount_timeout, 3s);
+  EXPECT_EQ(FuseOptions::parse({}).mount_timeout, 10s);
 }
 
 TEST(FuseMountConfig, ParsesTheCommandLineSpec) {
@@ -569,6 +573,44 @@ TEST_F(FuseMount, AReadModifyWriteWaitsForAnAlignedWriteInFlight) {
   EXPECT_EQ(a->contents(0, 4096), expect);
   std::free(whole);
   ::close(fd);
+}
+
+// With mount_timeout, a hung mount at the directory fails mount() with a
+// clear error once the time is up, instead of waiting for it (the daemon's
+// start-up would hang). The probe left waiting changes nothing: once the
+// hung mount's connection ends, a mount() succeeds.
+TEST_F(FuseMount, AHungMountAtTheDirectoryFailsTheMountAfterTheTimeout) {
+  ASSERT_EQ(::mkdir(mnt_.c_str(), 0755), 0);
+  const int hung = ::open("/dev/fuse", O_RDWR | O_CLOEXEC);
+  ASSERT_GE(hung, 0);
+  const std::string opts = "fd=" + std::to_string(hung) + ",rootmode=40000,user_id=0,group_id=0";
+  ASSERT_EQ(::mount("bw-hung", mnt_.c_str(), "fuse", MS_NOSUID | MS_NODEV, opts.c_str()), 0) << std::strerror(errno);
+  table_.add(memory_export("a", 4096, nullptr));
+  front_ = std::make_unique<FuseFrontEnd>(loops_, table_, FuseOptions{.mount_timeout = 300ms});
+  front_->set_on_unmounted([&] { unmounted_ = true; });
+  runner_ = std::thread([&] { loops_.run(); });
+  auto mounting = std::async(std::launch::async, [&]() -> std::string {
+    try {
+      front_->mount(mnt_);
+      return "mounted";
+    } catch (const std::runtime_error& e) {
+      return e.what();
+    }
+  });
+  const bool returned = mounting.wait_for(5s) == std::future_status::ready;
+  if (!returned) ::close(hung);  // let the test end
+  ASSERT_TRUE(returned) << "mount() waited for the hung mount";
+  const std::string error = mounting.get();
+  EXPECT_NE(error.find("did not answer within 300 ms"), std::string::npos) << error;
+  EXPECT_NE(error.find(mnt_), std::string::npos) << error;
+  EXPECT_FALSE(front_->active());
+  ::close(hung);  // now a stale mount (ENOTCONN): detached by the next mount()
+  unmounted_ = false;
+  front_->mount(mnt_);
+  EXPECT_EQ(front_->mountpoint(), mnt_);
+  std::this_thread::sleep_for(200ms);  // the abandoned probe has woken up by now
+  EXPECT_TRUE(mounted_as(mnt_, "fuse.blockway"));
+  EXPECT_TRUE(test::eventually([&] { return listing(mnt_) == std::set<std::string>{"a"}; }, 5s));
 }
 
 // A file kept open across unmount(): the mount is detached at once and the
