@@ -284,6 +284,8 @@ struct FuseFrontEnd::Node {
   uint64_t size = 0;
   uint32_t min_block = 1;  // the device's: requests off this grid are read-modify-written here
   bool read_only = false;
+  // The device refused the final, partial block (size off its grid): logged.
+  std::atomic<bool> tail_refused{false};
   // Held over every read-modify-write of a partial block (and the rest of
   // that request), so that two unaligned writes into one block cannot undo
   // each other. Aligned writes take it only while a read-modify-write is
@@ -751,14 +753,43 @@ Task<void> do_read(fuse_req_t req, std::shared_ptr<Node> node, size_t n, uint64_
     fuse_reply_buf(req, reinterpret_cast<const char*>(buf.data()), n);
 }
 
-// A read off the device's block grid: read the blocks that cover it, copy out.
+// Where the final block starts when it is partial (the image's size is off
+// the device's grid); the image's size when there is none.
+uint64_t partial_tail(const Node& node) noexcept {
+  return node.size / node.min_block * node.min_block;
+}
+
+// Did the device refuse the final, partial block, for a request (or a
+// read-modify-write) that reached `end`? A request from the grid to the
+// image's end is the only way to that block; a remote that takes only whole
+// blocks (nbdkit's blocksize-policy) answers EINVAL. Logged once per file.
+bool tail_refused(Node& node, uint64_t end, std::error_code ec, spdlog::logger& log) noexcept {
+  if (ec.value() != EINVAL || end <= partial_tail(node)) return false;
+  if (!node.tail_refused.exchange(true, std::memory_order_relaxed)) {
+    try {
+      log.error("FUSE: {}: the device refuses the final {} bytes (the size {} is not a multiple of its "
+                "{}-byte blocks, and it takes whole blocks only): reads and writes there fail with EIO",
+                node.name, node.size - partial_tail(node), node.size, node.min_block);
+    } catch (...) {
+    }
+  }
+  return true;
+}
+
+// A read off the device's block grid: read the blocks that cover it (the
+// last one ends at the image's end if it is partial), copy out. A read that
+// reaches into a partial final block the device refuses fails with EIO, not
+// short: the kernel takes a short read for the end of the file and would
+// shrink the file's cached size. (Buffered readers still get every byte
+// before that block: the kernel reads page by page after a failure.)
 Task<void> do_read_unaligned(fuse_req_t req, std::shared_ptr<Node> node, size_t n, uint64_t off) {
   const uint64_t mb = node->min_block;
   const uint64_t first = off / mb * mb;
-  const uint64_t last = (off + n + mb - 1) / mb * mb;
+  const uint64_t last = std::min((off + n + mb - 1) / mb * mb, node->size);
   IoBuffer buf(static_cast<size_t>(last - first));
   auto span = buf.span().first(static_cast<size_t>(last - first));
-  const std::error_code ec = co_await node->exp->device->read(span, first, 0);
+  std::error_code ec = co_await node->exp->device->read(span, first, 0);
+  if (ec && tail_refused(*node, last, ec, *impl_of(req).log)) ec = gateway::errno_code(EIO);
   if (ec)
     fuse_reply_err(req, fuse_errno(ec));
   else
@@ -783,17 +814,21 @@ void op_read(fuse_req_t req, fuse_ino_t, size_t size, off_t off, fuse_file_info*
 // src (nullptr: zeroes), and written back. The caller holds edge_lock.
 Task<std::error_code> patch_block(Node& node, uint64_t block, uint64_t from, size_t len, const std::byte* src,
                                   gateway::IoFlags flags) {
-  const uint32_t mb = node.min_block;
-  IoBuffer buf(mb);
-  auto in = buf.span().first(mb);
-  std::error_code ec = co_await node.exp->device->read(in, block, 0);
-  if (ec) co_return ec;
+  // The final block of an image whose size is off the grid ends at the image's end.
+  const auto bytes = static_cast<size_t>(std::min<uint64_t>(node.min_block, node.size - block));
+  IoBuffer buf(bytes);
+  std::error_code ec;
+  if (from != block || len != bytes) {  // a patch of all of it needs no read
+    auto in = buf.span().first(bytes);
+    ec = co_await node.exp->device->read(in, block, 0);
+    if (ec) co_return ec;
+  }
   std::byte* at = buf.data() + (from - block);
   if (src)
     std::memcpy(at, src, len);
   else
     std::memset(at, 0, len);
-  const std::span<const std::byte> out(buf.data(), mb);
+  const std::span<const std::byte> out(buf.data(), bytes);
   ec = co_await node.exp->device->write(out, block, flags);
   co_return ec;
 }
@@ -939,12 +974,25 @@ Task<void> do_write(fuse_req_t req, std::shared_ptr<Node> node, IoBuffer owner, 
 Task<void> do_write_unaligned(fuse_req_t req, std::shared_ptr<Node> node, IoBuffer owner, const std::byte* data,
                               size_t n, uint64_t off, gateway::IoFlags flags) {
   std::error_code ec;
+  size_t written = n;
   {
     auto guard = co_await EdgeLock::lock(*node);
-    ec = co_await write_off_grid(*node, off, n, data, flags, 0);
+    // The partial final block goes last, on its own: a device that refuses
+    // it still takes the rest, and the write is short up to it.
+    const uint64_t tail = partial_tail(*node);
+    const uint64_t end = off + n;
+    const uint64_t split = std::clamp(tail, off, end);
+    if (split > off) ec = co_await write_off_grid(*node, off, split - off, data, flags, 0);
+    if (!ec && end > split) {
+      ec = co_await write_off_grid(*node, split, end - split, data + (split - off), flags, 0);
+      if (ec && tail_refused(*node, end, ec, *impl_of(req).log)) {
+        ec = split > off ? std::error_code{} : gateway::errno_code(EIO);
+        written = static_cast<size_t>(split - off);
+      }
+    }
   }
   owner.reset();
-  reply_written(req, *node, ec, n);
+  reply_written(req, *node, ec, written);
 }
 
 void op_write(fuse_req_t req, fuse_ino_t, const char* data, size_t size, off_t off, fuse_file_info* fi) {
@@ -1009,6 +1057,7 @@ Task<void> do_zero(fuse_req_t req, std::shared_ptr<Node> node, ByteRange range, 
     if (pass.must_wait()) co_await pass.wait();
     ec = co_await node->exp->device->zero(range, flags);
   }
+  if (ec && tail_refused(*node, range.end(), ec, *impl_of(req).log)) ec = gateway::errno_code(EIO);
   if (!ec) node->mtime_ns.store(now_ns(), std::memory_order_relaxed);
   fuse_reply_err(req, fuse_errno(ec));
 }

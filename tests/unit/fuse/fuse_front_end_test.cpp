@@ -339,6 +339,41 @@ TEST_F(FuseMount, RequestsOffTheDeviceGridAreReadModifyWritten) {
   ::close(fd);
 }
 
+// An image whose size is off the device's grid: its final, partial block is
+// read and written (and read-modify-written) by requests that end at the
+// image's end, byte-exact.
+TEST_F(FuseMount, ThePartialFinalBlockIsReadAndWritten) {
+  constexpr uint64_t kSize = 4 * 4096 + 512;
+  MemoryDevice* a = nullptr;
+  table_.add(memory_export("a", kSize, &a, false, 4096));
+  a->fill_pattern(0, kSize);
+  std::vector<std::byte> expect = a->contents(0, kSize);
+  start(FuseOptions{.direct_io = true});
+  const int fd = ::open((mnt_ + "/a").c_str(), O_RDWR);
+  ASSERT_GE(fd, 0);
+  auto put = [&](uint64_t off, size_t n, uint8_t seed) {
+    std::vector<std::byte> data(n);
+    for (size_t i = 0; i < n; ++i) data[i] = std::byte(static_cast<uint8_t>(seed + i * 3));
+    ASSERT_EQ(::pwrite(fd, data.data(), n, static_cast<off_t>(off)), static_cast<ssize_t>(n)) << off << "+" << n;
+    std::copy(data.begin(), data.end(), expect.begin() + static_cast<ptrdiff_t>(off));
+  };
+  put(16384 + 100, 10, 1);   // inside the partial block
+  put(16000, 600, 2);        // the last whole block's end and the partial block's start
+  put(16384, 512, 3);        // all of the partial block
+  put(kSize - 1, 1, 4);      // the last byte
+  EXPECT_EQ(a->contents(0, kSize), expect);
+  std::vector<std::byte> got(kSize);
+  ASSERT_EQ(::pread(fd, got.data(), 8192, 12000), static_cast<ssize_t>(kSize - 12000));  // to the end
+  EXPECT_TRUE(std::equal(got.begin(), got.begin() + (kSize - 12000), expect.begin() + 12000));
+  ASSERT_EQ(::pread(fd, got.data(), 5, 16384 + 3), 5);
+  EXPECT_TRUE(std::equal(got.begin(), got.begin() + 5, expect.begin() + 16384 + 3));
+  ASSERT_EQ(::fallocate(fd, FALLOC_FL_ZERO_RANGE, 16300, kSize - 16300), 0) << std::strerror(errno);
+  std::fill(expect.begin() + 16300, expect.end(), std::byte{0});
+  const auto after = a->contents(0, kSize);
+  EXPECT_EQ(after, expect);
+  ::close(fd);
+}
+
 // Several unaligned writes into one block in flight at once (async direct
 // I/O): each read-modify-write waits for the one before, so no write undoes
 // another's bytes. The device's reads are held until all are submitted, and
