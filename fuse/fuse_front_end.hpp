@@ -22,9 +22,12 @@
 // reads and writes off that grid are served by reading the covering blocks;
 // the partial blocks of a write (or of a fallocate range) are
 // read-modify-written under a per-file AsyncMutex, so unaligned writes into
-// one block take turns. Aligned requests take no lock and no copy (and are
-// not ordered against a concurrent read-modify-write of the same block, as
-// two NBD clients writing one block are not).
+// one block take turns. Aligned requests take no lock and no copy while no
+// read-modify-write is pending in their file; while one is, aligned writes
+// queue behind it, and a read-modify-write first waits for the aligned
+// writes in flight (two atomic counters per file, see AlignedWrite). The
+// final block of an image whose size is off the grid is partial: requests
+// for it end at the image's end.
 #pragma once
 
 #include "gateway/event_loops.hpp"
