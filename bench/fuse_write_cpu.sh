@@ -9,6 +9,9 @@
 #   BENCH_REPS=N      rounds, alternating old/new (default 2)
 #   BENCH_SIZE_MIB=N  image size (default 512)
 #   BENCH_TMPDIR=DIR  where the temp dir goes (default /var/tmp)
+#   BENCH_MIN_BLOCK=N export an NBD remote instead of the file: nbdkit's file
+#                     plugin with the blocksize-policy filter, N-byte minimum
+#                     block (the read-modify-write front end's aligned path)
 #
 # Method: for each binary in turn, a fresh daemon exports one image file
 # (in the page cache) under --fuse-mount with direct-io, and fio writes to
@@ -38,9 +41,10 @@ work=$(mktemp -d "$TMPBASE/bw-fuse-wcpu.XXXXXX")
 img=$work/image.raw
 mnt=$work/mnt
 mkdir -p "$mnt"
-bw_pid=
+bw_pid= nbdkit_pid=
 cleanup() {
     set +e
+    [[ -n $nbdkit_pid ]] && kill "$nbdkit_pid" 2>/dev/null
     if [[ -n $bw_pid ]]; then
         kill -TERM "$bw_pid" 2>/dev/null
         for _ in $(seq 100); do kill -0 "$bw_pid" 2>/dev/null || break; sleep 0.1; done
@@ -52,13 +56,22 @@ trap cleanup EXIT
 
 head -c $((SIZE_MIB << 20)) /dev/urandom > "$img"
 ticks=$(getconf CLK_TCK)
+uri=file://$img
+if [[ -n ${BENCH_MIN_BLOCK:-} ]]; then
+    port=$($PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    nbdkit -f -p "$port" -i 127.0.0.1 --pidfile "$work/nbdkit.pid" --filter=blocksize-policy file "$img" \
+        blocksize-minimum="$BENCH_MIN_BLOCK" blocksize-error-policy=error 2> "$work/nbdkit.log" &
+    nbdkit_pid=$!
+    for _ in $(seq 200); do [[ -e $work/nbdkit.pid ]] && break; sleep 0.05; done
+    uri=nbd://127.0.0.1:$port
+fi
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 run_one() { # binary label test-name fio-args...
     local bin=$1 label=$2 name=$3; shift 3
     rm -f "$work/bw.pid"
-    "$bin" --listen 127.0.0.1:0 --control-socket off --log-level warn --export "bench=file://$img" \
+    "$bin" --listen 127.0.0.1:0 --control-socket off --log-level warn --export "bench=$uri" \
         --fuse-mount "$mnt,direct-io=on" --pid-file "$work/bw.pid" 2> "$work/bw.log" &
     bw_pid=$!
     for _ in $(seq 200); do [[ -e $work/bw.pid ]] && break; sleep 0.05; done
@@ -81,7 +94,7 @@ print("%-4s %-22s %8.1f MB/s %8.0f IOPS  cpu %6.2f s  %6.3f s/GiB" %
 EOF
 }
 
-echo "# $(date -u +%FT%TZ) $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg); ${RUNTIME}s runs, ${SIZE_MIB} MiB image"
+echo "# $(date -u +%FT%TZ) $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg); ${RUNTIME}s runs, ${SIZE_MIB} MiB image, $uri"
 for rep in $(seq "$REPS"); do
     for pair in "old:$OLD" "new:$NEW"; do
         label=${pair%%:*} bin=${pair#*:}
