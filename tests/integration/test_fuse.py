@@ -261,6 +261,20 @@ class FuseFileTest(FuseTestCase):
         self.assertEqual(p.returncode, 2, p.stderr)
         self.assertIn("did not answer within 1000 ms", p.stderr.decode())
         self.assertLess(took, 20)
+        # At run time, `blockway mount` gives up the same way; the daemon runs on.
+        conf = self.path("fuse.toml")
+        with open(conf, "w") as f:
+            f.write('[fuse]\nmount-timeout = "1"\n')
+        csock = self.path("control.sock")
+        third = self.start_daemon(["--config", conf, "--listen", "127.0.0.1:%d" % harness.free_port(),
+                                   "--control-socket", csock, "--export", "d=file://" + img], "third")
+        t0 = time.monotonic()
+        p = subprocess.run([harness.BLOCKWAY, "--socket", csock, "mount", self.mnt],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(p.returncode, 1, p.stderr)
+        self.assertIn("did not answer within 1000 ms", p.stderr.decode())
+        self.assertLess(time.monotonic() - t0, 20)
+        self.assertIsNone(third.proc.poll())
         os.kill(first.proc.pid, signal.SIGCONT)
         self.assertEqual(os.listdir(self.mnt), ["d"])  # the first one serves again
 
