@@ -12,6 +12,9 @@
 #include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
 
 #include <fcntl.h>
 #include <spawn.h>
@@ -29,6 +32,9 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <future>
+#include <thread>
+#include <optional>
 #include <sstream>
 #include <unordered_map>
 #include <unordered_set>
@@ -56,6 +62,18 @@ constexpr double kAttrTimeout = 1.0;
 constexpr size_t kSpreadBytes = 128 * 1024;
 // The kernel's request header (struct fuse_in_header); anything shorter is not a request.
 constexpr size_t kRequestHeader = 40;
+// A reader that cannot get a receive buffer (no memory) tries again after this.
+constexpr auto kReceiveRetry = std::chrono::milliseconds(50);
+
+// Test hook: receive-buffer allocations still to fail (fail_receive_buffers_for_test).
+std::atomic<int> receive_failures_to_inject{0};
+
+IoBuffer new_receive_buffer() {
+  if (receive_failures_to_inject.load(std::memory_order_relaxed) > 0 &&
+      receive_failures_to_inject.fetch_sub(1, std::memory_order_relaxed) > 0)
+    throw std::bad_alloc();
+  return IoBuffer(kReceiveBuffer);
+}
 
 int64_t now_ns() {
   timespec ts{};
@@ -101,6 +119,46 @@ bool is_fuse_mountpoint(const std::string& dir) {
     if (line.compare(sep + 3, 4, "fuse") == 0) return true;
   }
   return false;
+}
+
+// Runs fn on a thread of its own and waits for it at most `timeout`;
+// nullopt if it has not finished by then. fn must own everything it uses: on
+// a timeout it runs on, detached (a probe of a hung FUSE mount waits until
+// that mount's connection ends, or until the process exits).
+template <class T>
+std::optional<T> run_bounded(std::function<T()> fn, std::chrono::milliseconds timeout) {
+  auto task = std::make_shared<std::packaged_task<T()>>(std::move(fn));
+  auto result = task->get_future();
+  std::thread([task] { (*task)(); }).detach();
+  if (result.wait_for(timeout) != std::future_status::ready) return std::nullopt;
+  return result.get();
+}
+
+// What mount() needs to know of the directory, from calls that wait for
+// whatever is mounted there.
+struct DirProbe {
+  std::string path;        // absolute, symlinks resolved
+  bool fuse_mount = false;  // a FUSE mount is listed at path
+  int statvfs_errno = 0;    // of statvfs(path)
+};
+
+DirProbe probe_dir(const std::string& where) {
+  DirProbe p;
+  std::error_code fec;
+  p.path = std::filesystem::absolute(where, fec).lexically_normal().string();
+  if (p.path.size() > 1 && p.path.back() == '/') p.path.pop_back();
+  // Resolve symlinks once, here: every check and the mount itself then name
+  // the same directory (mountinfo lists canonical paths), and a stale-mount
+  // detach cannot be pointed elsewhere through a link.
+  if (auto canonical = std::filesystem::weakly_canonical(p.path, fec); !fec) p.path = canonical.string();
+  if (p.path.size() > 1 && p.path.back() == '/') p.path.pop_back();
+  p.fuse_mount = is_fuse_mountpoint(p.path);
+  // A daemon that died without unmounting leaves a mount that answers
+  // nothing (ENOTCONN). stat() may still succeed from cached attributes;
+  // statfs() always asks the daemon.
+  struct statvfs vfs{};
+  p.statvfs_errno = ::statvfs(p.path.c_str(), &vfs) == 0 ? 0 : errno;
+  return p;
 }
 
 // Lazily detaches the mount at dir: umount2(MNT_DETACH) as root, else
@@ -183,8 +241,12 @@ FuseOptions FuseOptions::parse(const std::map<std::string, std::string>& options
       if (o.readers == 0) throw ConfigError("fuse option readers must be at least 1");
     } else if (key == "direct-io" || key == "direct_io") {
       o.direct_io = gateway::parse_bool(value, "fuse option direct-io");
+    } else if (key == "mount-timeout" || key == "mount_timeout") {
+      o.mount_timeout = std::chrono::seconds(parse_uint(value, key, 10, 86400));
+      if (o.mount_timeout.count() == 0) throw ConfigError("fuse option mount-timeout must be at least 1 (seconds)");
     } else {
-      throw ConfigError("unknown fuse option '" + key + "' (mode, uid, gid, allow-other, direct-io, readers)");
+      throw ConfigError("unknown fuse option '" + key +
+                        "' (mode, uid, gid, allow-other, direct-io, readers, mount-timeout)");
     }
   }
   return o;
@@ -222,12 +284,20 @@ struct FuseFrontEnd::Node {
   uint64_t size = 0;
   uint32_t min_block = 1;  // the device's: requests off this grid are read-modify-written here
   bool read_only = false;
+  // The device refused the final, partial block (size off its grid): logged.
+  std::atomic<bool> tail_refused{false};
   // Held over every read-modify-write of a partial block (and the rest of
   // that request), so that two unaligned writes into one block cannot undo
-  // each other. Aligned requests never take it.
+  // each other. Aligned writes take it only while a read-modify-write is
+  // pending (see AlignedWrite).
   gateway::AsyncMutex edge_lock;
+  // Read-modify-writes waiting for or holding edge_lock.
+  std::atomic<uint32_t> rmw_pending{0};
   int64_t created_ns = 0;
+  // Written by every write (mtime), so the counter of aligned writes in
+  // flight without the lock shares its cache line: no extra line bounces.
   std::atomic<int64_t> mtime_ns{0};
+  std::atomic<uint32_t> aligned_unlocked{0};
 };
 
 // One open file description.
@@ -326,7 +396,7 @@ struct FuseFrontEnd::Impl : std::enable_shared_from_this<FuseFrontEnd::Impl> {
 // epoll event, so no request is left behind by an edge-triggered wakeup.
 class FuseFrontEnd::Reader : public std::enable_shared_from_this<FuseFrontEnd::Reader> {
  public:
-  Reader(Impl* impl, boost::asio::io_context& ctx, int fd) : impl_(impl), ctx_(ctx), sd_(ctx, fd) {}
+  Reader(Impl* impl, boost::asio::io_context& ctx, int fd) : impl_(impl), ctx_(ctx), sd_(ctx, fd), retry_(ctx) {}
 
   void start() { arm(); }
   // Any thread: closes the descriptor on its loop; the pending read ends.
@@ -352,11 +422,47 @@ class FuseFrontEnd::Reader : public std::enable_shared_from_this<FuseFrontEnd::R
 
  private:
   void arm() {
-    if (buf_.empty()) buf_ = IoBuffer(kReceiveBuffer);
+    if (buf_.empty()) {
+      // A write handler took the last buffer. Without memory for a new one,
+      // wait and try again: an exception out of this handler would end the
+      // loop's run().
+      try {
+        buf_ = new_receive_buffer();
+      } catch (const std::bad_alloc&) {
+        return retry_later();
+      }
+      if (starved_) {
+        starved_ = false;
+        impl_->log->info("FUSE: receive buffer allocated again; reading /dev/fuse");
+      }
+    }
     sd_.async_read_some(boost::asio::buffer(buf_.data(), buf_.size()),
                         [self = shared_from_this()](const boost::system::error_code& ec, size_t n) {
                           self->on_read(ec, n);
                         });
+  }
+
+  // Called from a handler: nothing may throw out of it.
+  void retry_later() noexcept {
+    try {
+      if (!starved_) {  // once per shortage, not every kReceiveRetry
+        starved_ = true;
+        impl_->log->error("FUSE: no memory for a {} KiB receive buffer; reading /dev/fuse again every {} ms",
+                          kReceiveBuffer / 1024, kReceiveRetry.count());
+      }
+    } catch (...) {
+    }
+    try {
+      retry_.expires_after(kReceiveRetry);
+      // Not cancelled by stop(): once stop() closed the descriptor, arm()
+      // ends in a failed read, and that reports the reader's end.
+      retry_.async_wait([self = shared_from_this()](const boost::system::error_code&) { self->arm(); });
+    } catch (...) {
+      // Not even a timer: this reader ends (the others, if any, go on).
+      boost::system::error_code ignored;
+      sd_.close(ignored);
+      impl_->reader_ended();
+    }
   }
 
   void on_read(const boost::system::error_code& ec, size_t n) {
@@ -387,6 +493,8 @@ class FuseFrontEnd::Reader : public std::enable_shared_from_this<FuseFrontEnd::R
   boost::asio::posix::stream_descriptor sd_;
   size_t write_turn_ = 0;  // reader's loop only
   IoBuffer buf_;
+  boost::asio::steady_timer retry_;  // waiting for memory for buf_
+  bool starved_ = false;             // logged that buf_ could not be allocated
 };
 
 thread_local FuseFrontEnd::Reader* FuseFrontEnd::Reader::current = nullptr;
@@ -602,11 +710,15 @@ void op_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   auto node = impl.find(ino, nullptr);
   if (!node) return (void)fuse_reply_err(req, ENOENT);
   if ((fi->flags & O_ACCMODE) != O_RDONLY && node->read_only) return (void)fuse_reply_err(req, EROFS);
-  auto* h = new Handle{std::move(node)};
+  // Owned here until the table holds it: an insert that throws (no memory)
+  // frees it, and the request gets ENOMEM from Guarded.
+  auto owned = std::make_unique<Handle>(std::move(node));
+  Handle* h = owned.get();
   {
     std::lock_guard lock(impl.mutex);
     impl.handles.insert(h);
   }
+  owned.release();  // now the table's (freed at RELEASE or when the session ends)
   fi->fh = reinterpret_cast<uint64_t>(h);
   fi->direct_io = impl.options.direct_io ? 1 : 0;
   fi->keep_cache = 0;  // opening again shows what NBD clients wrote meanwhile
@@ -641,14 +753,43 @@ Task<void> do_read(fuse_req_t req, std::shared_ptr<Node> node, size_t n, uint64_
     fuse_reply_buf(req, reinterpret_cast<const char*>(buf.data()), n);
 }
 
-// A read off the device's block grid: read the blocks that cover it, copy out.
+// Where the final block starts when it is partial (the image's size is off
+// the device's grid); the image's size when there is none.
+uint64_t partial_tail(const Node& node) noexcept {
+  return node.size / node.min_block * node.min_block;
+}
+
+// Did the device refuse the final, partial block, for a request (or a
+// read-modify-write) that reached `end`? A request from the grid to the
+// image's end is the only way to that block; a remote that takes only whole
+// blocks (nbdkit's blocksize-policy) answers EINVAL. Logged once per file.
+bool tail_refused(Node& node, uint64_t end, std::error_code ec, spdlog::logger& log) noexcept {
+  if (ec.value() != EINVAL || end <= partial_tail(node)) return false;
+  if (!node.tail_refused.exchange(true, std::memory_order_relaxed)) {
+    try {
+      log.error("FUSE: {}: the device refuses the final {} bytes (the size {} is not a multiple of its "
+                "{}-byte blocks, and it takes whole blocks only): reads and writes there fail with EIO",
+                node.name, node.size - partial_tail(node), node.size, node.min_block);
+    } catch (...) {
+    }
+  }
+  return true;
+}
+
+// A read off the device's block grid: read the blocks that cover it (the
+// last one ends at the image's end if it is partial), copy out. A read that
+// reaches into a partial final block the device refuses fails with EIO, not
+// short: the kernel takes a short read for the end of the file and would
+// shrink the file's cached size. (Buffered readers still get every byte
+// before that block: the kernel reads page by page after a failure.)
 Task<void> do_read_unaligned(fuse_req_t req, std::shared_ptr<Node> node, size_t n, uint64_t off) {
   const uint64_t mb = node->min_block;
   const uint64_t first = off / mb * mb;
-  const uint64_t last = (off + n + mb - 1) / mb * mb;
+  const uint64_t last = std::min((off + n + mb - 1) / mb * mb, node->size);
   IoBuffer buf(static_cast<size_t>(last - first));
   auto span = buf.span().first(static_cast<size_t>(last - first));
-  const std::error_code ec = co_await node->exp->device->read(span, first, 0);
+  std::error_code ec = co_await node->exp->device->read(span, first, 0);
+  if (ec && tail_refused(*node, last, ec, *impl_of(req).log)) ec = gateway::errno_code(EIO);
   if (ec)
     fuse_reply_err(req, fuse_errno(ec));
   else
@@ -673,17 +814,21 @@ void op_read(fuse_req_t req, fuse_ino_t, size_t size, off_t off, fuse_file_info*
 // src (nullptr: zeroes), and written back. The caller holds edge_lock.
 Task<std::error_code> patch_block(Node& node, uint64_t block, uint64_t from, size_t len, const std::byte* src,
                                   gateway::IoFlags flags) {
-  const uint32_t mb = node.min_block;
-  IoBuffer buf(mb);
-  auto in = buf.span().first(mb);
-  std::error_code ec = co_await node.exp->device->read(in, block, 0);
-  if (ec) co_return ec;
+  // The final block of an image whose size is off the grid ends at the image's end.
+  const auto bytes = static_cast<size_t>(std::min<uint64_t>(node.min_block, node.size - block));
+  IoBuffer buf(bytes);
+  std::error_code ec;
+  if (from != block || len != bytes) {  // a patch of all of it needs no read
+    auto in = buf.span().first(bytes);
+    ec = co_await node.exp->device->read(in, block, 0);
+    if (ec) co_return ec;
+  }
   std::byte* at = buf.data() + (from - block);
   if (src)
     std::memcpy(at, src, len);
   else
     std::memset(at, 0, len);
-  const std::span<const std::byte> out(buf.data(), mb);
+  const std::span<const std::byte> out(buf.data(), bytes);
   ec = co_await node.exp->device->write(out, block, flags);
   co_return ec;
 }
@@ -724,33 +869,130 @@ Task<std::error_code> write_off_grid(Node& node, uint64_t off, uint64_t n, const
   co_return ec;
 }
 
+// Orders an aligned write (or zeroing) against read-modify-writes on a
+// device with min_block > 1. Without it, an RMW that read a block before an
+// aligned write of that block landed would write the old bytes back after it.
+//
+// The cheap case, no RMW pending on the file: the write counts itself in
+// aligned_unlocked and goes ahead without the lock. Otherwise it queues on
+// edge_lock behind the pending RMWs. An RMW, holding edge_lock, waits until
+// aligned_unlocked is zero. Both sides increment their own counter before
+// reading the other's (sequentially consistent), so at least one of them
+// sees the other. The lock is per file, not per block: an aligned write
+// waits for any RMW of its file (they are rare: off-grid requests).
+class AlignedWrite {
+ public:
+  // No coroutine frame on the way: the lock, when needed, is taken with wait().
+  explicit AlignedWrite(Node& node) noexcept : node_(node) {
+    if (node.min_block == 1) return;  // no RMW ever: nothing to order
+    node.aligned_unlocked.fetch_add(1, std::memory_order_seq_cst);
+    if (node.rmw_pending.load(std::memory_order_seq_cst) == 0) {
+      counted_ = true;
+      return;
+    }
+    node.aligned_unlocked.fetch_sub(1, std::memory_order_release);
+    must_wait_ = true;
+  }
+  [[nodiscard]] bool must_wait() const noexcept { return must_wait_; }
+  // Queues behind the pending RMWs; the lock is held until destruction.
+  Task<void> wait() {
+    auto guard = co_await node_.edge_lock.lock();
+    guard_.emplace(std::move(guard));
+  }
+  AlignedWrite(const AlignedWrite&) = delete;
+  AlignedWrite& operator=(const AlignedWrite&) = delete;
+  ~AlignedWrite() {
+    if (counted_) node_.aligned_unlocked.fetch_sub(1, std::memory_order_release);
+  }
+
+ private:
+  Node& node_;
+  bool counted_ = false;
+  bool must_wait_ = false;
+  std::optional<gateway::AsyncMutex::Guard> guard_;
+};
+
+// Holds edge_lock for a read-modify-write, once no aligned write that went
+// ahead without the lock is in flight any more (see AlignedWrite).
+class EdgeLock {
+ public:
+  static Task<EdgeLock> lock(Node& node) {
+    node.rmw_pending.fetch_add(1, std::memory_order_seq_cst);
+    EdgeLock held(&node);  // counted from here: any exit below undoes it
+    auto guard = co_await node.edge_lock.lock();
+    held.guard_.emplace(std::move(guard));
+    if (node.aligned_unlocked.load(std::memory_order_seq_cst) != 0) {
+      // Aligned writes started before this RMW was counted: they take a
+      // device round trip at most. Later ones queue behind the lock.
+      const auto ex = co_await boost::asio::this_coro::executor;
+      boost::asio::steady_timer timer(ex);
+      while (node.aligned_unlocked.load(std::memory_order_seq_cst) != 0) {
+        timer.expires_after(std::chrono::microseconds(100));
+        co_await timer.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
+      }
+    }
+    co_return held;
+  }
+  EdgeLock(EdgeLock&& o) noexcept : node_(std::exchange(o.node_, nullptr)), guard_(std::move(o.guard_)) {
+    o.guard_.reset();
+  }
+  EdgeLock& operator=(EdgeLock&&) = delete;
+  ~EdgeLock() {
+    guard_.reset();  // the next in line may start
+    if (node_) node_->rmw_pending.fetch_sub(1, std::memory_order_release);
+  }
+
+ private:
+  explicit EdgeLock(Node* node) : node_(node) {}
+  Node* node_;
+  std::optional<gateway::AsyncMutex::Guard> guard_;
+};
+
+// The last step of every write: the error, or the new mtime and the count.
+void reply_written(fuse_req_t req, Node& node, std::error_code ec, size_t n) {
+  if (ec) {
+    fuse_reply_err(req, fuse_errno(ec));
+    return;
+  }
+  node.mtime_ns.store(now_ns(), std::memory_order_relaxed);
+  fuse_reply_write(req, n);
+}
+
 Task<void> do_write(fuse_req_t req, std::shared_ptr<Node> node, IoBuffer owner, const std::byte* data, size_t n,
                     uint64_t off, gateway::IoFlags flags) {
   const std::span<const std::byte> payload(data, n);
-  const std::error_code ec = co_await node->exp->device->write(payload, off, flags);
-  owner.reset();
-  if (ec) {
-    fuse_reply_err(req, fuse_errno(ec));
-    co_return;
+  std::error_code ec;
+  {
+    AlignedWrite pass(*node);
+    if (pass.must_wait()) co_await pass.wait();
+    ec = co_await node->exp->device->write(payload, off, flags);
   }
-  node->mtime_ns.store(now_ns(), std::memory_order_relaxed);
-  fuse_reply_write(req, n);
+  owner.reset();
+  reply_written(req, *node, ec, n);
 }
 
 Task<void> do_write_unaligned(fuse_req_t req, std::shared_ptr<Node> node, IoBuffer owner, const std::byte* data,
                               size_t n, uint64_t off, gateway::IoFlags flags) {
   std::error_code ec;
+  size_t written = n;
   {
-    auto guard = co_await node->edge_lock.lock();
-    ec = co_await write_off_grid(*node, off, n, data, flags, 0);
+    auto guard = co_await EdgeLock::lock(*node);
+    // The partial final block goes last, on its own: a device that refuses
+    // it still takes the rest, and the write is short up to it.
+    const uint64_t tail = partial_tail(*node);
+    const uint64_t end = off + n;
+    const uint64_t split = std::clamp(tail, off, end);
+    if (split > off) ec = co_await write_off_grid(*node, off, split - off, data, flags, 0);
+    if (!ec && end > split) {
+      ec = co_await write_off_grid(*node, split, end - split, data + (split - off), flags, 0);
+      if (ec && tail_refused(*node, end, ec, *impl_of(req).log)) {
+        ec = split > off ? std::error_code{} : gateway::errno_code(EIO);
+        written = static_cast<size_t>(split - off);
+      }
+    }
   }
   owner.reset();
-  if (ec) {
-    fuse_reply_err(req, fuse_errno(ec));
-    co_return;
-  }
-  node->mtime_ns.store(now_ns(), std::memory_order_relaxed);
-  fuse_reply_write(req, n);
+  reply_written(req, *node, ec, written);
 }
 
 void op_write(fuse_req_t req, fuse_ino_t, const char* data, size_t size, off_t off, fuse_file_info* fi) {
@@ -808,11 +1050,14 @@ Task<void> do_zero(fuse_req_t req, std::shared_ptr<Node> node, ByteRange range, 
   if (off_grid(*node, range.offset, range.length)) {
     // Partial blocks at the edges get zeroes written into them; the whole
     // blocks between are zeroed (or deallocated) by the device.
-    auto guard = co_await node->edge_lock.lock();
+    auto guard = co_await EdgeLock::lock(*node);
     ec = co_await write_off_grid(*node, range.offset, range.length, nullptr, 0, flags);
   } else {
+    AlignedWrite pass(*node);
+    if (pass.must_wait()) co_await pass.wait();
     ec = co_await node->exp->device->zero(range, flags);
   }
+  if (ec && tail_refused(*node, range.end(), ec, *impl_of(req).log)) ec = gateway::errno_code(EIO);
   if (!ec) node->mtime_ns.store(now_ns(), std::memory_order_relaxed);
   fuse_reply_err(req, fuse_errno(ec));
 }
@@ -971,39 +1216,50 @@ void Impl::on_export(const std::shared_ptr<gateway::Export>& exp, gateway::Expor
 // std::runtime_error. Called without the mutex: every step here may wait for
 // whatever is mounted at DIR.
 Impl::NewSession Impl::mount_session(const std::string& where) {
-  std::error_code fec;
-  std::string path = std::filesystem::absolute(where, fec).lexically_normal().string();
-  if (path.size() > 1 && path.back() == '/') path.pop_back();
-  // Resolve symlinks once, here: every check and the mount itself then name
-  // the same directory (mountinfo lists canonical paths), and a stale-mount
-  // detach cannot be pointed elsewhere through a link.
-  if (auto canonical = std::filesystem::weakly_canonical(path, fec); !fec) path = canonical.string();
-  if (path.size() > 1 && path.back() == '/') path.pop_back();
-  // A daemon that died without unmounting leaves a mount that answers
-  // nothing (ENOTCONN). stat() may still succeed from cached attributes;
-  // statfs() always asks the daemon.
-  struct statvfs vfs{};
-  const bool fuse_mount = is_fuse_mountpoint(path);
-  if (fuse_mount || ::statvfs(path.c_str(), &vfs) != 0) {
-    const int e = fuse_mount && ::statvfs(path.c_str(), &vfs) == 0 ? EEXIST : errno;
-    if (fuse_mount && e == EEXIST)
+  const auto timeout = options.mount_timeout;
+  auto hung = [&](const std::string& path) {
+    return std::runtime_error("FUSE: " + path + " did not answer within " + std::to_string(timeout.count()) +
+                              " ms (a hung mount there, e.g. a FUSE server that is stopped?); not mounted");
+  };
+  // Only calls that may wait for a mount at DIR run bounded, on a thread of
+  // their own; what they find is acted on here (an abandoned probe changes
+  // nothing).
+  const auto probed = run_bounded<DirProbe>([where] { return probe_dir(where); }, timeout);
+  if (!probed) {
+    std::error_code fec;
+    throw hung(std::filesystem::absolute(where, fec).lexically_normal().string());
+  }
+  const std::string path = probed->path;
+  if (probed->fuse_mount || probed->statvfs_errno != 0) {
+    const int e = probed->fuse_mount && probed->statvfs_errno == 0 ? EEXIST : probed->statvfs_errno;
+    if (probed->fuse_mount && e == EEXIST)
       throw std::runtime_error("FUSE: " + path + " is already a FUSE mount (another blockwayd running?)");
-    if (fuse_mount && (e == ENOTCONN || e == ECONNABORTED)) {
+    if (probed->fuse_mount && (e == ENOTCONN || e == ECONNABORTED)) {
       // Only a FUSE mount listed at this very path: a dead mount found by
       // following a symlink elsewhere is not ours to take down.
       log->warn("FUSE: {} is a stale mount ({}); detaching it", path, std::strerror(e));
       if (!detach_mount(path)) throw std::runtime_error("FUSE: cannot detach the stale mount at " + path);
     } else if (e == ENOENT) {
+      std::error_code fec;
       std::filesystem::create_directories(path, fec);
       if (fec) throw std::runtime_error("FUSE: cannot create " + path + ": " + fec.message());
     } else if (e != 0) {
       throw std::runtime_error("FUSE: cannot use " + path + ": " + std::strerror(e));
     }
   }
-  struct stat st{};
-  if (::stat(path.c_str(), &st) != 0)
-    throw std::runtime_error("FUSE: cannot use " + path + ": " + std::strerror(errno));
-  if (!S_ISDIR(st.st_mode)) throw std::runtime_error("FUSE: " + path + " is not a directory");
+  struct Stat {
+    int err = 0;
+    mode_t mode = 0;
+  };
+  const auto st = run_bounded<Stat>(
+      [path] {
+        struct stat s{};
+        return ::stat(path.c_str(), &s) == 0 ? Stat{0, s.st_mode} : Stat{errno, 0};
+      },
+      timeout);
+  if (!st) throw hung(path);
+  if (st->err != 0) throw std::runtime_error("FUSE: cannot use " + path + ": " + std::strerror(st->err));
+  if (!S_ISDIR(st->mode)) throw std::runtime_error("FUSE: " + path + " is not a directory");
 
   std::string mount_opts = "fsname=blockway,subtype=blockway,default_permissions,max_read=" + std::to_string(kMaxIo);
   if (options.allow_other) mount_opts += ",allow_other";
@@ -1189,6 +1445,10 @@ FuseFrontEnd::~FuseFrontEnd() {
     for (auto* h : impl_->handles) delete h;
     impl_->handles.clear();
   }
+}
+
+void fail_receive_buffers_for_test(int count) noexcept {
+  receive_failures_to_inject.store(count, std::memory_order_relaxed);
 }
 
 void FuseFrontEnd::mount(const std::string& dir) { impl_->mount(dir); }

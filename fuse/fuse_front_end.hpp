@@ -22,9 +22,12 @@
 // reads and writes off that grid are served by reading the covering blocks;
 // the partial blocks of a write (or of a fallocate range) are
 // read-modify-written under a per-file AsyncMutex, so unaligned writes into
-// one block take turns. Aligned requests take no lock and no copy (and are
-// not ordered against a concurrent read-modify-write of the same block, as
-// two NBD clients writing one block are not).
+// one block take turns. Aligned requests take no lock and no copy while no
+// read-modify-write is pending in their file; while one is, aligned writes
+// queue behind it, and a read-modify-write first waits for the aligned
+// writes in flight (two atomic counters per file, see AlignedWrite). The
+// final block of an image whose size is off the grid is partial: requests
+// for it end at the image's end.
 #pragma once
 
 #include "gateway/event_loops.hpp"
@@ -53,6 +56,9 @@ struct FuseOptions {
   bool direct_io = false;    // FOPEN_DIRECT_IO: bypass the kernel page cache
   unsigned readers = 1;      // event loops that read /dev/fuse (at most one per loop)
   std::chrono::milliseconds shutdown_timeout{30000};  // how long open files keep a detached mount served
+  // How long mount() waits for the directory to answer (a hung FUSE mount
+  // there never does): then it fails instead of waiting on.
+  std::chrono::milliseconds mount_timeout{10000};
 
   // From [fuse] keys or --fuse-mount options. Throws gateway::ConfigError.
   static FuseOptions parse(const std::map<std::string, std::string>& options);
@@ -66,6 +72,10 @@ int fuse_errno(std::error_code ec) noexcept;
 // at most 255 bytes).
 bool representable_name(const std::string& name) noexcept;
 
+// Test hook: the next `count` allocations of a reader's receive buffer throw
+// std::bad_alloc (as a real shortage would).
+void fail_receive_buffers_for_test(int count) noexcept;
+
 class FuseFrontEnd {
  public:
   FuseFrontEnd(gateway::EventLoops& loops, gateway::ExportTable& exports, FuseOptions options);
@@ -78,7 +88,9 @@ class FuseFrontEnd {
   // std::runtime_error with a message naming dir. Probing dir and mount(2)
   // run without the front end's mutex (a hung mount at dir may take long):
   // meanwhile active() is true, unmount() does nothing and a second mount()
-  // is refused at once.
+  // is refused at once. The probes run on a thread of their own, bounded by
+  // options.mount_timeout: a directory that does not answer by then fails
+  // the mount (the probe is left waiting, detached, and acts on nothing).
   void mount(const std::string& dir);
   // Starts an orderly unmount: detach the mount, serve files still open for
   // up to shutdown_timeout, wait for every request in flight. Returns at

@@ -238,6 +238,46 @@ class FuseFileTest(FuseTestCase):
         self.assertIn("already a FUSE mount", p.stderr.decode())
         self.assertEqual(os.listdir(self.mnt), ["d"])  # the first one still serves
 
+    def test_hung_mount_fails_start_up_after_mount_timeout(self):
+        """A FUSE mount at the directory whose server is stopped answers
+        nothing: start-up gives up after mount-timeout (exit code 2, a clear
+        message) instead of hanging; once that server runs again it is a live
+        mount as before."""
+        img = self.image(size=MiB)
+        first = self.fuse_daemon({"d": "file://" + img})
+        self.addCleanup(harness.kill_pid, first.proc, signal.SIGCONT)  # runs before first's cleanup
+        os.listdir(self.mnt)  # attributes are cached now; statfs still asks the server
+        harness.freeze(first.proc.pid)
+        # In an ASan build, LeakSanitizer stops every thread with ptrace at
+        # exit; the probe thread waiting in the hung mount never stops (FUSE
+        # waits are killable only), so the leak check would wait forever.
+        env = dict(os.environ)
+        env["ASAN_OPTIONS"] = ":".join(filter(None, [env.get("ASAN_OPTIONS", ""), "detect_leaks=0"]))
+        t0 = time.monotonic()
+        p = subprocess.run([harness.BLOCKWAYD, "--listen", "127.0.0.1:0", "--control-socket", "off",
+                            "--export", "d=file://" + img, "--fuse-mount", self.mnt + ",mount-timeout=1"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60, env=env)
+        took = time.monotonic() - t0
+        self.assertEqual(p.returncode, 2, p.stderr)
+        self.assertIn("did not answer within 1000 ms", p.stderr.decode())
+        self.assertLess(took, 20)
+        # At run time, `blockway mount` gives up the same way; the daemon runs on.
+        conf = self.path("fuse.toml")
+        with open(conf, "w") as f:
+            f.write('[fuse]\nmount-timeout = "1"\n')
+        csock = self.path("control.sock")
+        third = self.start_daemon(["--config", conf, "--listen", "127.0.0.1:%d" % harness.free_port(),
+                                   "--control-socket", csock, "--export", "d=file://" + img], "third")
+        t0 = time.monotonic()
+        p = subprocess.run([harness.BLOCKWAY, "--socket", csock, "mount", self.mnt],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(p.returncode, 1, p.stderr)
+        self.assertIn("did not answer within 1000 ms", p.stderr.decode())
+        self.assertLess(time.monotonic() - t0, 20)
+        self.assertIsNone(third.proc.poll())
+        os.kill(first.proc.pid, signal.SIGCONT)
+        self.assertEqual(os.listdir(self.mnt), ["d"])  # the first one serves again
+
     def test_sigterm_unmounts_and_sigkill_leftover_is_cleaned(self):
         img = self.image(size=8 * MiB, random_data=True)
         want = sha256_file(img)
@@ -508,6 +548,73 @@ class FuseMinBlockTest(FuseTestCase):
         if got != bytes(ref):
             first = next(i for i in range(len(ref)) if got[i] != ref[i])
             self.fail("the remote's image differs from the reference first at byte %d" % first)
+
+
+    def tail_remote(self, policy):
+        """nbdkit with 4096-byte blocks over an image of 4 blocks + 512 bytes."""
+        from test_nbd_remote import Nbdkit
+        size = 4 * self.BLOCK + 512
+        img = harness.make_random_image(self.path("tail-%s.img" % policy), size, seed=21)
+        kit = Nbdkit(self.tmp, img, port=harness.free_port(), filters=["blocksize-policy"],
+                     params=["blocksize-minimum=%d" % self.BLOCK, "blocksize-error-policy=" + policy],
+                     name="nbdkit-" + policy)
+        self.addCleanup(kit.kill)
+        kit.start()
+        with open(img, "rb") as f:
+            return kit, img, size, bytearray(f.read())
+
+    def test_partial_final_block_of_a_lenient_remote_is_read_and_written(self):
+        """The remote advertises 4096-byte blocks but takes a request for
+        the final 512 bytes (blocksize-error-policy=allow): the file's last
+        bytes are read and written byte-exact."""
+        kit, img, size, ref = self.tail_remote("allow")
+        self.fuse_daemon({"t": kit.uri})
+        f = self.file("t")
+        self.assertEqual(os.stat(f).st_size, size)
+        fd = os.open(f, os.O_RDWR)
+        try:
+            self.assertEqual(os.pread(fd, 9000, 10000), bytes(ref[10000:]))  # short: the end of the file
+            for off, n in ((size - 512 + 7, 20), (size - 600, 600), (size - 1, 1), (3 * self.BLOCK + 5, 4000)):
+                data = random.Random(off).randbytes(n)
+                self.assertEqual(os.pwrite(fd, data, off), n)
+                ref[off:off + n] = data
+            self.assertEqual(os.pread(fd, size, 0), bytes(ref))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        with open(img, "rb") as inp:
+            self.assertEqual(inp.read(), bytes(ref))
+
+    def test_partial_final_block_of_a_strict_remote_fails_only_there(self):
+        """The remote takes whole 4096-byte blocks only
+        (blocksize-error-policy=error) and so cannot reach its final 512
+        bytes at all: reads and writes up to them work, a read that reaches
+        into them fails with EIO (through the page cache: a short read up to
+        them, then EIO), a write into them is short up to them; the log
+        says why."""
+        kit, img, size, ref = self.tail_remote("error")
+        d = self.fuse_daemon({"t": kit.uri})
+        f = self.file("t")
+        tail = 4 * self.BLOCK
+        fd = os.open(f, os.O_RDWR)
+        try:
+            self.assertEqual(os.pread(fd, size, 0), bytes(ref[:tail]))  # page cache: short, up to the final block
+            self.assertEqual(os.pread(fd, 100, tail - 100), bytes(ref[tail - 100:tail]))
+            with self.assertRaises(OSError) as cm:
+                os.pread(fd, 10, tail + 3)
+            self.assertEqual(cm.exception.errno, errno.EIO)
+            data = random.Random(5).randbytes(1000)
+            self.assertEqual(os.pwrite(fd, data, tail - 600), 600)  # short: stops at the final block
+            ref[tail - 600:tail] = data[:600]
+            with self.assertRaises(OSError) as cm:
+                os.pwrite(fd, b"x" * 10, tail + 1)
+            self.assertEqual(cm.exception.errno, errno.EIO)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.assertIn("refuses the final 512 bytes", d.log())
+        with open(img, "rb") as inp:
+            self.assertEqual(inp.read(), bytes(ref))
 
 
 def sqlite(db, sql):

@@ -14,6 +14,9 @@
 
 #include <gtest/gtest.h>
 
+#include <cstdlib>
+#include <new>
+
 #include <fcntl.h>
 #include <linux/aio_abi.h>
 #include <sys/mount.h>
@@ -30,6 +33,26 @@
 #include <set>
 #include <sstream>
 #include <thread>
+
+// GCC sees free() of what operator new returned once both are inlined; here
+// they are the same allocator.
+#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
+
+namespace {
+// Allocation-failure injection for the whole binary: the next operator new
+// of exactly this many bytes, on any thread, throws std::bad_alloc (0: off).
+std::atomic<size_t> g_fail_next_new_of_size{0};
+}  // namespace
+
+void* operator new(size_t n) {
+  size_t armed = g_fail_next_new_of_size.load(std::memory_order_relaxed);
+  if (armed != 0 && armed == n && g_fail_next_new_of_size.compare_exchange_strong(armed, 0))
+    throw std::bad_alloc();
+  if (void* p = std::malloc(n ? n : 1)) return p;
+  throw std::bad_alloc();
+}
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete(void* p, size_t) noexcept { std::free(p); }
 
 namespace blockway::fuse {
 namespace {
@@ -63,6 +86,10 @@ TEST(FuseOptions, RefusesBadValues) {
   EXPECT_THROW(FuseOptions::parse({{"allow-other", "perhaps"}}), ConfigError);
   EXPECT_THROW(FuseOptions::parse({{"colour", "red"}}), ConfigError);
   EXPECT_THROW(FuseOptions::parse({{"readers", "0"}}), ConfigError);
+  EXPECT_THROW(FuseOptions::parse({{"mount-timeout", "0"}}), ConfigError);
+  EXPECT_THROW(FuseOptions::parse({{"mount-timeout", "1.5"}}), ConfigError);
+  EXPECT_EQ(FuseOptions::parse({{"mount-timeout", "3"}}).mount_timeout, 3s);
+  EXPECT_EQ(FuseOptions::parse({}).mount_timeout, 10s);
 }
 
 TEST(FuseMountConfig, ParsesTheCommandLineSpec) {
@@ -312,6 +339,41 @@ TEST_F(FuseMount, RequestsOffTheDeviceGridAreReadModifyWritten) {
   ::close(fd);
 }
 
+// An image whose size is off the device's grid: its final, partial block is
+// read and written (and read-modify-written) by requests that end at the
+// image's end, byte-exact.
+TEST_F(FuseMount, ThePartialFinalBlockIsReadAndWritten) {
+  constexpr uint64_t kSize = 4 * 4096 + 512;
+  MemoryDevice* a = nullptr;
+  table_.add(memory_export("a", kSize, &a, false, 4096));
+  a->fill_pattern(0, kSize);
+  std::vector<std::byte> expect = a->contents(0, kSize);
+  start(FuseOptions{.direct_io = true});
+  const int fd = ::open((mnt_ + "/a").c_str(), O_RDWR);
+  ASSERT_GE(fd, 0);
+  auto put = [&](uint64_t off, size_t n, uint8_t seed) {
+    std::vector<std::byte> data(n);
+    for (size_t i = 0; i < n; ++i) data[i] = std::byte(static_cast<uint8_t>(seed + i * 3));
+    ASSERT_EQ(::pwrite(fd, data.data(), n, static_cast<off_t>(off)), static_cast<ssize_t>(n)) << off << "+" << n;
+    std::copy(data.begin(), data.end(), expect.begin() + static_cast<ptrdiff_t>(off));
+  };
+  put(16384 + 100, 10, 1);   // inside the partial block
+  put(16000, 600, 2);        // the last whole block's end and the partial block's start
+  put(16384, 512, 3);        // all of the partial block
+  put(kSize - 1, 1, 4);      // the last byte
+  EXPECT_EQ(a->contents(0, kSize), expect);
+  std::vector<std::byte> got(kSize);
+  ASSERT_EQ(::pread(fd, got.data(), 8192, 12000), static_cast<ssize_t>(kSize - 12000));  // to the end
+  EXPECT_TRUE(std::equal(got.begin(), got.begin() + (kSize - 12000), expect.begin() + 12000));
+  ASSERT_EQ(::pread(fd, got.data(), 5, 16384 + 3), 5);
+  EXPECT_TRUE(std::equal(got.begin(), got.begin() + 5, expect.begin() + 16384 + 3));
+  ASSERT_EQ(::fallocate(fd, FALLOC_FL_ZERO_RANGE, 16300, kSize - 16300), 0) << std::strerror(errno);
+  std::fill(expect.begin() + 16300, expect.end(), std::byte{0});
+  const auto after = a->contents(0, kSize);
+  EXPECT_EQ(after, expect);
+  ::close(fd);
+}
+
 // Several unaligned writes into one block in flight at once (async direct
 // I/O): each read-modify-write waits for the one before, so no write undoes
 // another's bytes. The device's reads are held until all are submitted, and
@@ -405,6 +467,184 @@ TEST_F(FuseMount, AHungMountAtTheDirectoryBlocksNothingElse) {
   first.join();
   ASSERT_FALSE(first_failed);
   EXPECT_EQ(front_->mountpoint(), mnt_);
+  EXPECT_TRUE(test::eventually([&] { return listing(mnt_) == std::set<std::string>{"a"}; }, 5s));
+}
+
+// An open whose handle cannot be entered in the table of open files (no
+// memory) fails with ENOMEM and leaves no handle behind: the export is let
+// go once it is removed.
+TEST_F(FuseMount, AnOpenOutOfMemoryLeaksNoHandle) {
+  auto exp = memory_export("a", 4096, nullptr);
+  table_.add(exp);
+  start();
+  const std::string path = mnt_ + "/a";
+  int fd = ::open(path.c_str(), O_RDONLY);  // the name is looked up and cached now
+  ASSERT_GE(fd, 0);
+  ::close(fd);
+  ASSERT_TRUE(test::eventually([&] { return exp.use_count() == 3; }, 5s));  // here, the table, its node
+  // The table's node for one more pointer (std::unordered_set<Handle*>).
+  g_fail_next_new_of_size = 2 * sizeof(void*);
+  fd = ::open(path.c_str(), O_RDONLY);
+  const int err = errno;
+  g_fail_next_new_of_size = 0;
+  EXPECT_EQ(fd, -1);
+  EXPECT_EQ(err, ENOMEM);
+  if (fd >= 0) ::close(fd);
+  table_.remove("a");
+  EXPECT_TRUE(test::eventually([&] { return exp.use_count() == 1; }, 5s))
+      << "something still holds the export: " << exp.use_count();
+}
+
+// A reader that gets no memory for its next receive buffer (a write took the
+// last one) waits and tries again instead of ending its loop: the next
+// request is served once memory is back.
+TEST_F(FuseMount, AReaderOutOfMemoryForItsBufferWaitsAndReadsOn) {
+  MemoryDevice* a = nullptr;
+  table_.add(memory_export("a", 1 << 20, &a));
+  start(FuseOptions{.direct_io = true, .readers = 1});
+  const int fd = ::open((mnt_ + "/a").c_str(), O_RDWR);
+  ASSERT_GE(fd, 0);
+  std::vector<char> buf(65536, 'x');
+  fail_receive_buffers_for_test(3);
+  ASSERT_EQ(::pwrite(fd, buf.data(), buf.size(), 0), static_cast<ssize_t>(buf.size()));  // takes the buffer
+  const auto t0 = std::chrono::steady_clock::now();
+  auto reading = std::async(std::launch::async, [&] { return ::pread(fd, buf.data(), buf.size(), 4096); });
+  ASSERT_EQ(reading.wait_for(10s), std::future_status::ready) << "the reader never read again";
+  EXPECT_EQ(reading.get(), static_cast<ssize_t>(buf.size()));
+  // Three failed allocations, 50 ms apart, came before this read was read.
+  EXPECT_GE(std::chrono::steady_clock::now() - t0, 90ms);
+  fail_receive_buffers_for_test(0);
+  ::close(fd);
+  EXPECT_EQ(a->contents(0, 1), std::vector<std::byte>{std::byte{'x'}});
+}
+
+// One O_DIRECT write by async I/O (it is in flight when this returns).
+struct AioWriter {
+  explicit AioWriter(int fd) : fd_(fd) { EXPECT_EQ(::syscall(SYS_io_setup, 8, &ctx_), 0) << std::strerror(errno); }
+  ~AioWriter() { ::syscall(SYS_io_destroy, ctx_); }
+  void submit(const void* data, size_t n, uint64_t off) {
+    auto& cb = cbs_.emplace_back(std::make_unique<iocb>());
+    *cb = iocb{};
+    cb->aio_lio_opcode = IOCB_CMD_PWRITE;
+    cb->aio_fildes = static_cast<uint32_t>(fd_);
+    cb->aio_buf = reinterpret_cast<uint64_t>(data);
+    cb->aio_nbytes = n;
+    cb->aio_offset = static_cast<int64_t>(off);
+    iocb* p = cb.get();
+    ASSERT_EQ(::syscall(SYS_io_submit, ctx_, 1, &p), 1) << std::strerror(errno);
+  }
+  // Results of every write submitted, in completion order.
+  std::vector<int64_t> wait_all() {
+    std::vector<io_event> events(cbs_.size());
+    size_t done = 0;
+    while (done < cbs_.size()) {
+      timespec timeout{10, 0};
+      const long n = ::syscall(SYS_io_getevents, ctx_, 1, cbs_.size() - done, events.data() + done, &timeout);
+      if (n <= 0) break;
+      done += static_cast<size_t>(n);
+    }
+    std::vector<int64_t> out;
+    for (size_t i = 0; i < done; ++i) out.push_back(events[i].res);
+    return out;
+  }
+  int fd_;
+  aio_context_t ctx_ = 0;
+  std::vector<std::unique_ptr<iocb>> cbs_;
+};
+
+// An aligned write of a block while an unaligned write into it is being
+// read-modify-written waits for it: it reaches the device only after the
+// RMW wrote the block back, so it is not undone by it.
+TEST_F(FuseMount, AnAlignedWriteWaitsForAReadModifyWriteOfItsBlock) {
+  MemoryDevice* a = nullptr;
+  table_.add(memory_export("a", 1 << 20, &a, false, 4096));
+  start(FuseOptions{.direct_io = true, .readers = 2});
+  const int fd = ::open((mnt_ + "/a").c_str(), O_RDWR | O_DIRECT);
+  ASSERT_GE(fd, 0) << std::strerror(errno);
+  auto* whole = static_cast<char*>(std::aligned_alloc(4096, 4096));
+  std::memset(whole, 'W', 4096);
+  std::vector<char> patch(16, 'U');
+  AioWriter aio(fd);
+  a->close_gate(Op::read);
+  aio.submit(patch.data(), patch.size(), 5);  // the RMW: holds the lock, its read waits at the gate
+  ASSERT_TRUE(test::eventually([&] { return a->in_flight(Op::read) == 1; }, 5s));
+  aio.submit(whole, 4096, 0);  // aligned, the same block
+  std::this_thread::sleep_for(300ms);
+  EXPECT_EQ(a->in_flight(Op::write), 0u) << "the aligned write went ahead of the RMW";
+  a->open_gate(Op::read);
+  const auto results = aio.wait_all();
+  ASSERT_EQ(results.size(), 2u);
+  for (auto r : results) EXPECT_GT(r, 0);
+  EXPECT_EQ(a->contents(0, 4096), std::vector<std::byte>(4096, std::byte{'W'}));  // the later write wins
+  std::free(whole);
+  ::close(fd);
+}
+
+// The other way round: an unaligned write into a block that an aligned write
+// (which took no lock) is still writing waits for it before it reads the
+// block, so it keeps the aligned write's bytes around its own.
+TEST_F(FuseMount, AReadModifyWriteWaitsForAnAlignedWriteInFlight) {
+  MemoryDevice* a = nullptr;
+  table_.add(memory_export("a", 1 << 20, &a, false, 4096));
+  start(FuseOptions{.direct_io = true, .readers = 2});
+  const int fd = ::open((mnt_ + "/a").c_str(), O_RDWR | O_DIRECT);
+  ASSERT_GE(fd, 0) << std::strerror(errno);
+  auto* whole = static_cast<char*>(std::aligned_alloc(4096, 4096));
+  std::memset(whole, 'W', 4096);
+  std::vector<char> patch(16, 'U');
+  AioWriter aio(fd);
+  a->close_gate(Op::write);
+  aio.submit(whole, 4096, 0);  // aligned: at the device, held at the gate
+  ASSERT_TRUE(test::eventually([&] { return a->in_flight(Op::write) == 1; }, 5s));
+  aio.submit(patch.data(), patch.size(), 5);
+  std::this_thread::sleep_for(300ms);
+  EXPECT_EQ(a->calls(Op::read), 0u) << "the RMW read the block under an aligned write in flight";
+  a->open_gate(Op::write);
+  const auto results = aio.wait_all();
+  ASSERT_EQ(results.size(), 2u);
+  for (auto r : results) EXPECT_GT(r, 0);
+  auto expect = std::vector<std::byte>(4096, std::byte{'W'});
+  std::fill(expect.begin() + 5, expect.begin() + 21, std::byte{'U'});
+  EXPECT_EQ(a->contents(0, 4096), expect);
+  std::free(whole);
+  ::close(fd);
+}
+
+// With mount_timeout, a hung mount at the directory fails mount() with a
+// clear error once the time is up, instead of waiting for it (the daemon's
+// start-up would hang). The probe left waiting changes nothing: once the
+// hung mount's connection ends, a mount() succeeds.
+TEST_F(FuseMount, AHungMountAtTheDirectoryFailsTheMountAfterTheTimeout) {
+  ASSERT_EQ(::mkdir(mnt_.c_str(), 0755), 0);
+  const int hung = ::open("/dev/fuse", O_RDWR | O_CLOEXEC);
+  ASSERT_GE(hung, 0);
+  const std::string opts = "fd=" + std::to_string(hung) + ",rootmode=40000,user_id=0,group_id=0";
+  ASSERT_EQ(::mount("bw-hung", mnt_.c_str(), "fuse", MS_NOSUID | MS_NODEV, opts.c_str()), 0) << std::strerror(errno);
+  table_.add(memory_export("a", 4096, nullptr));
+  front_ = std::make_unique<FuseFrontEnd>(loops_, table_, FuseOptions{.mount_timeout = 300ms});
+  front_->set_on_unmounted([&] { unmounted_ = true; });
+  runner_ = std::thread([&] { loops_.run(); });
+  auto mounting = std::async(std::launch::async, [&]() -> std::string {
+    try {
+      front_->mount(mnt_);
+      return "mounted";
+    } catch (const std::runtime_error& e) {
+      return e.what();
+    }
+  });
+  const bool returned = mounting.wait_for(5s) == std::future_status::ready;
+  if (!returned) ::close(hung);  // let the test end
+  ASSERT_TRUE(returned) << "mount() waited for the hung mount";
+  const std::string error = mounting.get();
+  EXPECT_NE(error.find("did not answer within 300 ms"), std::string::npos) << error;
+  EXPECT_NE(error.find(mnt_), std::string::npos) << error;
+  EXPECT_FALSE(front_->active());
+  ::close(hung);  // now a stale mount (ENOTCONN): detached by the next mount()
+  unmounted_ = false;
+  front_->mount(mnt_);
+  EXPECT_EQ(front_->mountpoint(), mnt_);
+  std::this_thread::sleep_for(200ms);  // the abandoned probe has woken up by now
+  EXPECT_TRUE(mounted_as(mnt_, "fuse.blockway"));
   EXPECT_TRUE(test::eventually([&] { return listing(mnt_) == std::set<std::string>{"a"}; }, 5s));
 }
 

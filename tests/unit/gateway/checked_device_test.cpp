@@ -132,6 +132,24 @@ TEST(CheckedDeviceRange, MisalignedRequestsAreEinvalWithMinBlock512) {
   EXPECT_EQ(do_write(*s.dev, bytes(1024, 1), 512), std::error_code{});
 }
 
+// An image whose size is off the grid: its final, partial block is reached by
+// a request from the grid to the image's end, and only by such a request.
+TEST(CheckedDeviceRange, TheFinalPartialBlockIsReachedByARequestEndingAtTheEnd) {
+  constexpr uint64_t kOdd = 4 * 512 + 100;
+  Capabilities caps = writable_caps();
+  caps.zero = Support::native;
+  auto s = make(caps, {.size = kOdd, .min_block = 512});
+  std::vector<std::byte> tail(100), more(612), short_tail(50);
+  EXPECT_EQ(do_read(*s.dev, tail, 2048), std::error_code{});
+  EXPECT_EQ(do_read(*s.dev, more, 1536), std::error_code{});
+  EXPECT_EQ(do_write(*s.dev, bytes(100, 7), 2048), std::error_code{});
+  EXPECT_EQ(do_zero(*s.dev, {1536, 612}), std::error_code{});
+  EXPECT_EQ(do_read(*s.dev, short_tail, 2048), err(EINVAL));  // ends inside the tail
+  EXPECT_EQ(do_read(*s.dev, short_tail, 2098), err(EINVAL));  // starts off the grid
+  std::vector<std::byte> past(512);
+  EXPECT_EQ(do_read(*s.dev, past, 2048), err(EINVAL));  // beyond the end
+}
+
 // ---------------------------------------------------------------- read-only and flags
 
 TEST(CheckedDeviceReadOnly, ExportReadOnlyRefusesWriteTrimZeroWithEperm) {
