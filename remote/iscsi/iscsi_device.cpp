@@ -363,7 +363,7 @@ class IscsiDevice::Session final : public FdWatcher::Client, public std::enable_
     }
     inflight_.link(r, shared_from_this());
     (void)owned.release();  // the callback deletes it
-    watcher_->kick();
+    watcher_->kick_soon();  // the batch queued in this turn leaves together
   }
 
   // FdWatcher::Client

@@ -440,7 +440,7 @@ class NfsDevice::Connection final : public FdWatcher::Client,
       finish(r, r.error);
       return;
     }
-    watcher_->kick();
+    watcher_->kick_soon();  // the batch queued in this turn leaves together
   }
 
   // FdWatcher::Client
