@@ -538,7 +538,7 @@ Task<std::error_code> IscsiDevice::submit_on(Session& s, Issue issue, uint64_t d
   // UNIT ATTENTION, BUSY and friends: the command did not run; send it again,
   // backing off a little from the third attempt on.
   for (int attempt = 1;; ++attempt) {
-    co_await s.slots().acquire(data_bytes);
+    if (!s.slots().try_acquire(data_bytes)) co_await s.slots().acquire(data_bytes);
     std::error_code ec;
     try {
       ec = co_await submit_once(s, issue);

@@ -655,7 +655,7 @@ Task<std::error_code> NfsDevice::submit_on(Connection& conn, NfsOp op) {
     co_return co_await boost::asio::co_spawn(conn.executor(), submit_on(conn, op), boost::asio::use_awaitable);
   }
   const uint64_t data_bytes = op.kind == NfsOp::commit ? 0 : op.length;
-  co_await conn.slots().acquire(data_bytes);
+  if (!conn.slots().try_acquire(data_bytes)) co_await conn.slots().acquire(data_bytes);
   std::error_code ec;
   try {
     ec = co_await boost::asio::async_initiate<const boost::asio::use_awaitable_t<>, void(std::error_code)>(
