@@ -11,7 +11,7 @@
 // expect poll()'s level semantics (libnbd reads one reply per notification),
 // so before queueing a wait the watcher checks the level with a zero-timeout
 // poll() and services at once when the fd is already ready (a wanted write is
-// tried once without the poll: sends that find no room are harmless). After queueing new commands the owner calls kick(),
+// tried once without the poll: sends that find no room are harmless). After queueing new commands the owner calls kick() (or kick_soon(), once per loop turn),
 // so a library that now has bytes to send gets its POLLOUT armed. If the
 // library's fd changed (a reconnect made a new socket), the next arm() wraps
 // the new one.
