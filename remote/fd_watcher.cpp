@@ -33,6 +33,17 @@ void FdWatcher::detach() {
   client_.reset();
 }
 
+void FdWatcher::kick_soon() {
+  if (kick_posted_) return;
+  kick_posted_ = true;
+  // Not tied to an epoch: after a stop() in between, arm() starts again on
+  // the client's current fd, as kick() would; after detach() it does nothing.
+  boost::asio::post(sd_.get_executor(), [self = shared_from_this()] {
+    self->kick_posted_ = false;
+    self->arm();
+  });
+}
+
 void FdWatcher::arm() {
   // Asio waits are edge-triggered (epoll EPOLLET, no speculative check for
   // async_wait), while these libraries expect level-triggered poll(): libnbd

@@ -11,7 +11,7 @@
 // expect poll()'s level semantics (libnbd reads one reply per notification),
 // so before queueing a wait the watcher checks the level with a zero-timeout
 // poll() and services at once when the fd is already ready (a wanted write is
-// tried once without the poll: sends that find no room are harmless). After queueing new commands the owner calls kick(),
+// tried once without the poll: sends that find no room are harmless). After queueing new commands the owner calls kick() (or kick_soon(), once per loop turn),
 // so a library that now has bytes to send gets its POLLOUT armed. If the
 // library's fd changed (a reconnect made a new socket), the next arm() wraps
 // the new one.
@@ -66,6 +66,12 @@ class FdWatcher : public std::enable_shared_from_this<FdWatcher> {
 
   // Re-reads the fd and the wanted events and arms the waits that are missing.
   void kick() { arm(); }
+  // Like kick(), but once, after the handlers already queued on the loop ran:
+  // commands queued in the same turn (a client's pipelined requests) leave
+  // in one service call instead of one each. libnfs 4.0's rpc_service scans
+  // its 1024 reply buckets for timeouts on every call, so this is ~6% of the
+  // daemon's cycles at 4 KiB, QD16. Costs one post per batch (same thread).
+  void kick_soon();
   // Cancels the waits and forgets the fd (without closing it). Call before the
   // library closes its fd. The watcher stays usable: kick() starts again.
   void stop();
@@ -90,6 +96,7 @@ class FdWatcher : public std::enable_shared_from_this<FdWatcher> {
   bool read_pending_ = false;
   bool write_pending_ = false;
   unsigned epoch_ = 0;       // bumped by stop(): handlers of older waits are stale
+  bool kick_posted_ = false;  // a kick_soon() is queued and has not run yet
 };
 
 }  // namespace blockway::remote

@@ -440,7 +440,7 @@ class NfsDevice::Connection final : public FdWatcher::Client,
       finish(r, r.error);
       return;
     }
-    watcher_->kick();
+    watcher_->kick_soon();  // the batch queued in this turn leaves together
   }
 
   // FdWatcher::Client
@@ -655,7 +655,7 @@ Task<std::error_code> NfsDevice::submit_on(Connection& conn, NfsOp op) {
     co_return co_await boost::asio::co_spawn(conn.executor(), submit_on(conn, op), boost::asio::use_awaitable);
   }
   const uint64_t data_bytes = op.kind == NfsOp::commit ? 0 : op.length;
-  co_await conn.slots().acquire(data_bytes);
+  if (!conn.slots().try_acquire(data_bytes)) co_await conn.slots().acquire(data_bytes);
   std::error_code ec;
   try {
     ec = co_await boost::asio::async_initiate<const boost::asio::use_awaitable_t<>, void(std::error_code)>(
@@ -668,11 +668,13 @@ Task<std::error_code> NfsDevice::submit_on(Connection& conn, NfsOp op) {
   co_return ec;
 }
 
+// Not a coroutine: hands back submit_on's awaitable (which copies `op` into
+// its own frame), saving a frame allocation per command.
 Task<std::error_code> NfsDevice::submit(NfsOp op) {
   for (auto& c : conns_)
-    if (c->on_this_thread()) co_return co_await submit_on(*c, op);
+    if (c->on_this_thread()) return submit_on(*c, op);
   auto& conn = *conns_[next_.fetch_add(1, std::memory_order_relaxed) % conns_.size()];
-  co_return co_await submit_on(conn, op);
+  return submit_on(conn, op);
 }
 
 Task<std::error_code> NfsDevice::read(std::span<std::byte> buf, uint64_t offset, IoFlags /*flags*/) {

@@ -85,6 +85,42 @@ TEST(CommandSlots, ACommandLargerThanTheBudgetGoesAlone) {
   EXPECT_EQ(slots.commands(), 0u);
 }
 
+TEST(CommandSlots, TryAcquireTakesAShareOnlyWhenAcquireWouldNotWait) {
+  asio::io_context io;
+  CommandSlots slots(io.get_executor(), 100);
+  EXPECT_TRUE(slots.try_acquire(60));
+  EXPECT_EQ(slots.commands(), 1u);
+  EXPECT_EQ(slots.bytes(), 60u);
+  EXPECT_FALSE(slots.try_acquire(50));  // 110 > 100: nothing taken
+  EXPECT_EQ(slots.commands(), 1u);
+  EXPECT_EQ(slots.bytes(), 60u);
+
+  // A waiter queued behind the budget: a small command that would fit must
+  // not overtake it (FIFO, as acquire()).
+  Command big{80};
+  std::vector<int> order;
+  asio::co_spawn(io, run_command(slots, big, order, 0), asio::detached);
+  io.poll();
+  io.restart();
+  EXPECT_EQ(slots.waiting(), 1u);
+  EXPECT_FALSE(slots.try_acquire(10));
+  EXPECT_EQ(slots.bytes(), 60u);
+
+  slots.release(60);  // the waiter goes
+  io.poll();
+  io.restart();
+  EXPECT_TRUE(big.started);
+  EXPECT_TRUE(slots.try_acquire(20));  // 80 + 20 fit, nobody waits
+  EXPECT_FALSE(slots.try_acquire(1));
+  slots.release(80);
+  slots.release(20);
+  EXPECT_TRUE(slots.try_acquire(500));  // nothing in flight: a large one goes alone
+  slots.release(500);
+  io.run();
+  EXPECT_EQ(slots.commands(), 0u);
+  EXPECT_EQ(slots.bytes(), 0u);
+}
+
 TEST(CommandSlots, ParsesTheOption) {
   EXPECT_EQ(parse_inflight_kib("2048"), 2u << 20);
   EXPECT_EQ(parse_inflight_kib("1"), 1024u);

@@ -1,0 +1,244 @@
+#!/usr/bin/python3
+"""A/B cost of blockwayd builds or options in front of tgt (iSCSI) or ganesha (NFS).
+
+On a shared, loaded machine wall-clock throughput moves by 2x between runs,
+so this alternates the variants (ABAB..., the order reversed every other
+round) and reports, besides the rate, what each unit of work cost: blockwayd's
+instructions and cycles (perf stat -p), and the CPU seconds (utime + stime)
+of blockwayd, the server and the client. Medians over the rounds.
+
+Usage (as root):
+    bench/remote_ab.py iscsi REPS TESTS LABEL=BINARY[|OPTS] ...
+    bench/remote_ab.py nfs   REPS TESTS LABEL=BINARY[|OPTS] ...   (LABEL=direct: qemu's own nfs driver)
+TESTS, comma-separated: iscsi: seqread, seqwrite (nbdcopy --requests=64
+--connections=4), randread, randwrite (fio nbd, 4k, QD16); nfs: qread,
+qwrite (qemu-img bench -d 16 -s 4k), seqread (nbdcopy to null: / nfs-cp to /dev/shm).
+OPTS are appended to the export URI, e.g. 'new=build/blockwayd|,sessions=1'.
+Environment: SIZE_MIB (default 512), RUNTIME (fio seconds, 4), COUNT
+(qemu-img bench requests, 100000), PEV (perf events, default
+instructions,cycles; e.g. instructions,raw_syscalls:sys_enter).
+Units: rate in GB/s or M requests/s; Gins/Gcyc (second PEV event) and CPU
+seconds per GB or per M requests.
+
+NFS runs in a private network and mount namespace (its own rpcbind, /run
+and port 2049), so it does not meet other NFS tests on this machine.
+"""
+import json, os, random, signal, socket, statistics, subprocess, sys, tempfile, time
+
+HZ = os.sysconf("SC_CLK_TCK")
+
+
+def cpu(pid):
+    try:
+        f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / HZ
+    except (FileNotFoundError, TypeError):
+        return 0.0
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def run_child(cmd):  # -> wall seconds, CPU seconds of the child
+    t0 = time.time()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, ru = os.wait4(p.pid, 0)
+    if status != 0:
+        raise SystemExit(f"failed: {cmd}: {p.stderr.read().decode()[-500:]}")
+    return time.time() - t0, ru.ru_utime + ru.ru_stime
+
+
+class PerfStat:
+    def __init__(self, pid, tmp):
+        self.out = f"{tmp}/pstat.txt"
+        self.p = None
+        if pid:
+            self.p = subprocess.Popen(["perf", "stat", "-x,", "-e", os.environ.get("PEV", "instructions,cycles"),
+                                       "-p", str(pid), "-o", self.out],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(0.3)
+
+    def stop(self):  # -> [first event, second event]
+        if not self.p:
+            return [0.0, 0.0]
+        self.p.send_signal(signal.SIGINT)
+        self.p.wait()
+        vals = []
+        for line in open(self.out):
+            f = line.split(",")
+            if len(f) > 3 and not line.startswith("#"):
+                try:
+                    vals.append(float(f[0]))
+                except ValueError:
+                    vals.append(0.0)
+        return (vals + [0.0, 0.0])[:2]
+
+
+def start_bw(binary, export, tmp):
+    port = free_port()
+    pidf = f"{tmp}/bw.{port}.pid"
+    p = subprocess.Popen([binary, "--listen", f"127.0.0.1:{port}", "--export", f"bench={export}", "--pid-file", pidf],
+                         stdout=open(f"{tmp}/blockwayd.log", "a"), stderr=subprocess.STDOUT)
+    for _ in range(400):
+        if os.path.exists(pidf) and os.path.getsize(pidf) > 0:
+            return p, f"nbd://127.0.0.1:{port}/bench"
+        if p.poll() is not None:
+            raise SystemExit(f"blockwayd exited; see {tmp}/blockwayd.log")
+        time.sleep(0.05)
+    raise SystemExit("blockwayd did not start")
+
+
+def stop(p):
+    p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(20)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+
+
+def one_test(test, uri, size, tmp):  # -> wall, client CPU, work units
+    runtime = os.environ.get("RUNTIME", "4")
+    count = int(os.environ.get("COUNT", "100000"))
+    if test == "seqread":
+        if uri.startswith("nbd:"):
+            return (*run_child(["nbdcopy", "--requests=64", "--connections=4", uri, "null:"]), size / 1e9)
+        out = f"/dev/shm/remote-ab.{os.getpid()}.raw"  # nfs-cp cannot write to /dev/null
+        try:
+            return (*run_child(["nfs-cp", uri, out]), size / 1e9)
+        finally:
+            if os.path.exists(out):
+                os.unlink(out)
+    if test == "seqwrite":
+        return (*run_child(["nbdcopy", "--requests=64", "--connections=4", f"{tmp}/src.raw", uri]), size / 1e9)
+    if test in ("randread", "randwrite"):
+        out = f"{tmp}/fio.json"
+        wall, c = run_child(["fio", "--name=b", "--ioengine=nbd", f"--uri={uri}", f"--rw={test}", "--bs=4k",
+                             "--iodepth=16", f"--size={size}", "--time_based", f"--runtime={runtime}",
+                             "--output-format=json", f"--output={out}"])
+        key = "read" if test == "randread" else "write"
+        return wall, c, json.load(open(out))["jobs"][0][key]["total_ios"] / 1e6
+    if test in ("qread", "qwrite"):
+        cmd = ["qemu-img", "bench", "-f", "raw", "-c", str(count), "-d", "16", "-s", "4k"] + \
+              (["-w"] if test == "qwrite" else []) + [uri]
+        return (*run_child(cmd), count / 1e6)
+    raise SystemExit(f"unknown test {test}")
+
+
+def run_rounds(reps, tests, variants, server_pid, remote_uri, size, tmp):
+    res = {}
+    for r in range(reps):
+        for label, spec in (variants if r % 2 == 0 else variants[::-1]):
+            binary, opts = (spec.split("|", 1) + [""])[:2]
+            p, uri = (None, remote_uri) if binary == "direct" else start_bw(binary, remote_uri + opts, tmp)
+            pid = p.pid if p else None
+            for t in tests:
+                ps = PerfStat(pid, tmp)
+                c0b, c0s = cpu(pid), cpu(server_pid)
+                wall, ccpu, work = one_test(t, uri, size, tmp)
+                ev = ps.stop()
+                bcpu, scpu = cpu(pid) - c0b, cpu(server_pid) - c0s
+                m = dict(rate=work / wall, gins=ev[0] / work / 1e9, gev2=ev[1] / work / 1e9, bw=bcpu / work,
+                         srv=scpu / work, cli=ccpu / work, tot=(bcpu + scpu + ccpu) / work)
+                res.setdefault((label, t), []).append(m)
+                print(f"round {r} {label:10s} {t:9s} " + " ".join(f"{k} {v:.4g}" for k, v in m.items()), flush=True)
+            if p:
+                stop(p)
+    print(f"\nmedians of {reps} (load average {open('/proc/loadavg').read().split()[0]} at the end)")
+    print("| test | variant | rate | blockwayd Gins | blockwayd 2nd event (G) | CPU s: blockwayd | server | client | all |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for t in tests:
+        for label, _ in variants:
+            ms = res[(label, t)]
+            med = {k: statistics.median(m[k] for m in ms) for k in ms[0]}
+            print(f"| {t} | {label} | {med['rate']:.3f} | {med['gins']:.3f} | {med['gev2']:.4f} | {med['bw']:.3f} | "
+                  f"{med['srv']:.3f} | {med['cli']:.3f} | {med['tot']:.3f} |")
+
+
+def iscsi(reps, tests, variants, size, tmp):
+    img = f"{tmp}/lun.raw"
+    subprocess.run(f"head -c {size} /dev/urandom > {img}; head -c {size} /dev/urandom > {tmp}/src.raw",
+                   shell=True, check=True)
+    port, control = free_port(), random.randint(1000, 30000)
+    tgt = subprocess.Popen(["tgtd", "-f", "-C", str(control), "--iscsi", f"portal=127.0.0.1:{port}"],
+                           stdout=open(f"{tmp}/tgtd.log", "w"), stderr=subprocess.STDOUT)
+    iqn = "iqn.2026-11.io.blockway.ab:lun"
+
+    def adm(*a):
+        return subprocess.run(["tgtadm", "-C", str(control), *a], capture_output=True).returncode
+
+    try:
+        for _ in range(100):
+            if adm("--op", "show", "--mode", "target") == 0:
+                break
+            time.sleep(0.05)
+        assert adm("--lld", "iscsi", "--op", "new", "--mode", "target", "--tid", "1", "-T", iqn) == 0
+        assert adm("--lld", "iscsi", "--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1", "-b", img) == 0
+        assert adm("--lld", "iscsi", "--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL") == 0
+        run_rounds(reps, tests, variants, tgt.pid, f"iscsi://127.0.0.1:{port}/{iqn}/1", size, tmp)
+    finally:
+        adm("--op", "delete", "--mode", "system", "--force")
+        tgt.terminate()
+        try:
+            tgt.wait(10)
+        except subprocess.TimeoutExpired:
+            tgt.kill()
+            tgt.wait()
+
+
+def nfs(reps, tests, variants, size, tmp):
+    exp = f"{tmp}/export"
+    os.mkdir(exp)
+    subprocess.run(f"head -c {size} /dev/urandom > {exp}/img.raw", shell=True, check=True)
+    rpcb = subprocess.Popen(["rpcbind", "-w", "-f"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    open(f"{tmp}/g.conf", "w").write(
+        "NFS_CORE_PARAM { Protocols = 3, 4; NFS_Port = 2049; Enable_NLM = false; Enable_RQUOTA = false; }\n"
+        "NFSv4 { Graceless = true; }\n"
+        f"EXPORT {{ Export_Id = 1; Path = {exp}; Pseudo = /bw; Access_Type = RW; Squash = No_Root_Squash; "
+        "Protocols = 3, 4; Transports = TCP; FSAL { Name = VFS; } }\n")
+    g = subprocess.Popen(["ganesha.nfsd", "-F", "-f", f"{tmp}/g.conf", "-L", f"{tmp}/g.log", "-p", f"{tmp}/g.pid"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(120):
+            if subprocess.run(["nfs-ls", f"nfs://127.0.0.1{exp}"], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.5)
+        run_rounds(reps, tests, variants, g.pid, f"nfs://127.0.0.1{exp}/img.raw", size, tmp)
+    finally:
+        for p in (g, rpcb):
+            p.terminate()
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def main():
+    if len(sys.argv) < 5 or sys.argv[1] not in ("iscsi", "nfs"):
+        raise SystemExit(__doc__)
+    kind, reps, tests = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(",")
+    variants = [a.split("=", 1) for a in sys.argv[4:]]
+    if kind == "nfs" and os.environ.get("REMOTE_AB_NETNS") != "1":
+        # Own network and mount namespace: rpcbind's socket lives in /run.
+        os.environ["REMOTE_AB_NETNS"] = "1"
+        script = os.path.abspath(__file__)
+        os.execvp("unshare", ["unshare", "-n", "-m", "--propagation", "private", "sh", "-c",
+                              'mount -t tmpfs t /run && mkdir -p /run/rpcbind && ip link set lo up && exec "$@"',
+                              "sh", sys.executable, script] + sys.argv[1:])
+    size = int(os.environ.get("SIZE_MIB", "512")) << 20
+    tmp = tempfile.mkdtemp(dir=os.environ.get("BENCH_TMPDIR", "/var/tmp"), prefix=f"remote-ab-{kind}.")
+    try:
+        (iscsi if kind == "iscsi" else nfs)(reps, tests, variants, size, tmp)
+    finally:
+        subprocess.run(["rm", "-rf", tmp])
+
+
+if __name__ == "__main__":
+    main()
