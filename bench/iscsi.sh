@@ -190,3 +190,23 @@ for c in "blockwayd (default)" "blockwayd (sessions=1)" "qemu-img convert" "iscs
     printf '| %s | %s | %s | %s | %s |\n' "$c" "$(cell "$c" seqread)" "$(cell "$c" seqwrite)" \
         "$(cell "$c" randread)" "$(cell "$c" randwrite)"
 done
+
+# Rounds are interleaved, so the ratio within each round cancels much of this
+# VM's drift between rounds (single figures swing by 30% or more).
+ratios() {  # label test ours theirs
+    awk -F'\t' -v t="$2" -v a="$3" -v b="$4" -v label="$1" '
+        $2==t && $1==a {x[++na]=$3} $2==t && $1==b {y[++nb]=$3}
+        END {
+            n = na < nb ? na : nb; out = ""
+            for (i = 1; i <= n; i++) { r[i] = x[i] / y[i]; out = out sprintf(" %.2f", r[i]) }
+            for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (r[j] < r[i]) { t2 = r[i]; r[i] = r[j]; r[j] = t2 }
+            if (n) printf "- %s: per round%s; median %.2fx\n", label, out, r[int((n + 1) / 2)]
+        }' "$RESULTS"
+}
+echo
+echo "Ratios within each round (blockwayd default / direct client):"
+echo
+ratios "seq read vs qemu-img convert" seqread "blockwayd (default)" "qemu-img convert"
+ratios "seq read (sessions=1) vs qemu-img convert" seqread "blockwayd (sessions=1)" "qemu-img convert"
+ratios "seq write vs qemu-img convert" seqwrite "blockwayd (default)" "qemu-img convert"
+ratios "4k randread QD16 vs iscsi-perf" randread "blockwayd (default)" "iscsi-perf"

@@ -268,6 +268,23 @@ for t, label in tests:
     r4 = "%.2f" % (med[("blockwayd-v4", t)] / med[("nfs-cp-v4", t)]) if ("nfs-cp-v4", t) in med else "-"
     print(f"| {label} | " + " | ".join(cell(c, t) for c in cols) + f" | {r3} | {r4} |")
 print()
+# Rounds are interleaved, so the ratio within each round cancels much of the
+# drift between rounds on a shared VM.
+by_round = {(w, t, r): float(v) for w, t, r, v in rows}
+rounds = sorted({r for _, _, r, _ in rows}, key=int)
+print("Ratios within each round, blockwayd / best direct client of that round:")
+print()
+for t, label in tests:
+    for ours, theirs in (("blockwayd-v3", ("nfs-cp", "qemu-img")), ("blockwayd-v4", ("nfs-cp-v4",))):
+        rs = []
+        for r in rounds:
+            d = [by_round[(w, t, r)] for w in theirs if (w, t, r) in by_round]
+            if (ours, t, r) in by_round and d:
+                rs.append(by_round[(ours, t, r)] / max(d))
+        if rs:
+            print(f"- {label}, {ours[-2:]}: per round " + " ".join("%.2f" % x for x in rs)
+                  + "; median %.2fx" % statistics.median(rs))
+print()
 print("All runs:", "; ".join(f"{w}/{t}: " + ", ".join("%.0f" % x for x in v) for (w, t), v in sorted(data.items())))
 print()
 print(f"Load average at end: {sys.argv[2]}")
