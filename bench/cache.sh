@@ -56,25 +56,11 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/.." && pwd)
 
-QUICK=${BENCH_QUICK:-0}
-if [[ $QUICK == 1 ]]; then
-    RUNTIME=${BENCH_RUNTIME:-2}
-    REPS=${BENCH_REPS:-1}
-    SIZE_MIB=${BENCH_SIZE_MIB:-256}
-else
-    RUNTIME=${BENCH_RUNTIME:-10}
-    REPS=${BENCH_REPS:-3}
-    SIZE_MIB=${BENCH_SIZE_MIB:-1024}
-fi
+source "$here/lib.sh"
+bench_settings 10 3
 DELAY=${BENCH_DELAY:-1ms}
-BLOCKWAYD=${BLOCKWAYD:-$repo/build/blockwayd}
-TMPBASE=${BENCH_TMPDIR:-/var/tmp}
 EXPORT=bench
 NBDCOPY_OPTS=(--requests=64 --connections=4)
-
-# Debian's python3 (the pyenv shim may not be there for every user).
-PY=python3
-[[ -x /usr/bin/python3 ]] && PY=/usr/bin/python3
 
 die() { echo "cache.sh: $*" >&2; exit 1; }
 
@@ -134,12 +120,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
-
-free_port() {
-    "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
-}
-
-now() { date +%s.%N; }
 
 # ---------------------------------------------------------------- machine info
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -242,8 +222,6 @@ start_ceiling() {
 
 # ---------------------------------------------------------------- tests
 record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$RESULTS"; }
-
-mbps() { "$PY" -c "import sys; print('%.0f' % ($1 / 1e6 / ($3 - $2)))"; }
 
 seq_read() {   # URI: MB/s of one nbdcopy pass over the whole image
     local uri=$1 t0 t1

@@ -32,16 +32,8 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/.." && pwd)
 
-QUICK=${BENCH_QUICK:-0}
-if [[ $QUICK == 1 ]]; then
-    RUNTIME=${BENCH_RUNTIME:-2}; REPS=${BENCH_REPS:-1}; SIZE_MIB=${BENCH_SIZE_MIB:-256}
-else
-    RUNTIME=${BENCH_RUNTIME:-8}; REPS=${BENCH_REPS:-2}; SIZE_MIB=${BENCH_SIZE_MIB:-1024}
-fi
-BLOCKWAYD=${BLOCKWAYD:-$repo/build/blockwayd}
-TMPBASE=${BENCH_TMPDIR:-/var/tmp}
-PY=python3
-[[ -x /usr/bin/python3 ]] && PY=/usr/bin/python3
+source "$here/lib.sh"
+bench_settings 8 2
 
 die() { echo "fuse.sh: $*" >&2; exit 1; }
 [[ $(id -u) == 0 ]] || die "run as root (FUSE mounts, fusermount3)"
@@ -74,7 +66,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_for() { # path, what
     for _ in $(seq 200); do [[ -e $1 ]] && return 0; sleep 0.05; done
     die "$2 did not come up"

@@ -21,25 +21,11 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/.." && pwd)
 
-QUICK=${BENCH_QUICK:-0}
-if [[ $QUICK == 1 ]]; then
-    RUNTIME=${BENCH_RUNTIME:-2}
-    REPS=${BENCH_REPS:-1}
-    SIZE_MIB=${BENCH_SIZE_MIB:-256}
-else
-    RUNTIME=${BENCH_RUNTIME:-10}
-    REPS=${BENCH_REPS:-5}
-    SIZE_MIB=${BENCH_SIZE_MIB:-1024}
-fi
-BLOCKWAYD=${BLOCKWAYD:-$repo/build/blockwayd}
-TMPBASE=${BENCH_TMPDIR:-/var/tmp}
+source "$here/lib.sh"
+bench_settings 10 5
 EXPORT=bench
 SERVERS=(blockwayd nbdkit qemu-nbd)
 NBDCOPY_OPTS=(--requests=64 --connections=4)
-
-# Debian's python3 (the pyenv shim may not be there for every user).
-PY=python3
-[[ -x /usr/bin/python3 ]] && PY=/usr/bin/python3
 
 die() { echo "nbd_servers.sh: $*" >&2; exit 1; }
 
@@ -80,12 +66,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
-
-free_port() {
-    "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
-}
-
-now() { date +%s.%N; }
 
 # ---------------------------------------------------------------- machine info
 machine_info() {
@@ -158,8 +138,6 @@ stop_server() {
 
 # ---------------------------------------------------------------- tests
 record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$RESULTS"; }
-
-mbps() { "$PY" -c "import sys; print('%.0f' % ($1 / 1e6 / ($3 - $2)))"; }
 
 seq_read() {
     local port=$1 t0 t1

@@ -30,23 +30,10 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/.." && pwd)
 
-QUICK=${BENCH_QUICK:-0}
-if [[ $QUICK == 1 ]]; then
-    RUNTIME=${BENCH_RUNTIME:-2}
-    REPS=${BENCH_REPS:-1}
-    SIZE_MIB=${BENCH_SIZE_MIB:-256}
-else
-    RUNTIME=${BENCH_RUNTIME:-10}
-    REPS=${BENCH_REPS:-3}
-    SIZE_MIB=${BENCH_SIZE_MIB:-1024}
-fi
-BLOCKWAYD=${BLOCKWAYD:-$repo/build/blockwayd}
-TMPBASE=${BENCH_TMPDIR:-/var/tmp}
+source "$here/lib.sh"
+bench_settings 10 3
 PSEUDO=/bwbench
 BENCH_COUNT=$((QUICK == 1 ? 20000 : 100000))   # qemu-img bench requests
-
-PY=python3
-[[ -x /usr/bin/python3 ]] && PY=/usr/bin/python3
 
 die() { echo "nfs.sh: $*" >&2; exit 1; }
 
@@ -99,11 +86,6 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-free_port() {
-    "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
-}
-now() { date +%s.%N; }
-mbps() { "$PY" -c "import sys; print('%.0f' % ($1 / 1e6 / ($3 - $2)))"; }
 record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$RESULTS"; }
 
 # ---------------------------------------------------------------- setup
