@@ -350,7 +350,7 @@ class ExportCommands {
     auto ordered = settings_lock(exp->name, "prefetch-rate");
     auto guard = co_await ordered->lock();
     Json out = outcome(control_of(*exp).prefetch_set_rate(rate), "prefetch rate '" + exp->name + "'");
-    auto saving = persist(exp->name, "prefetch-rate", std::to_string(rate), out);
+    auto saving = persist(exp, "prefetch-rate", std::to_string(rate), out);
     co_await std::move(saving);
     co_return out;
   }
@@ -386,7 +386,7 @@ class ExportCommands {
     auto guard = co_await ordered->lock();
     const ControlResult r = co_await c.set_mode(m);
     Json out = outcome(r, "mode '" + exp->name + "'");
-    auto saving = persist(exp->name, "mode", m, out);
+    auto saving = persist(exp, "mode", m, out);
     co_await std::move(saving);
     co_return out;
   }
@@ -406,9 +406,9 @@ class ExportCommands {
 
   // Saves a change the export took, so that it outlives a restart; a failure
   // to save is a warning in the reply (the change itself is in effect).
-  Task<void> persist(std::string name, std::string key, std::string value, Json& out) {
+  Task<void> persist(std::shared_ptr<Export> exp, std::string key, std::string value, Json& out) {
     if (!hooks_.persist) co_return;
-    auto saving = hooks_.persist(std::move(name), std::move(key), std::move(value));
+    auto saving = hooks_.persist(std::move(exp), std::move(key), std::move(value));
     const std::string warning = co_await std::move(saving);
     if (warning.empty()) co_return;
     std::string message = out.value("message", "");

@@ -85,12 +85,14 @@ long export_clients(const std::shared_ptr<Export>& exp);
 // What the daemon adds to the export commands; each may be empty.
 struct ExportCommandHooks {
   // Saves a run-time change that should outlive a restart: key "mode" or
-  // "prefetch-rate" (bytes per second) of export `name`, after the export
+  // "prefetch-rate" (bytes per second) of export `exp`, after the export
   // took it. Returns "" once saved, else a warning for the reply. Runs on the
   // control plane's event loop (offload what blocks), with the lock of that
   // export's setting held: changes of one setting are saved one at a time, in
   // the order in which they took effect.
-  std::function<Task<std::string>(std::string name, std::string key, std::string value)> persist;
+  // Saved only while `exp` itself is still in the table: not after it was
+  // removed, nor onto a new export added under its name meanwhile.
+  std::function<Task<std::string>(std::shared_ptr<Export> exp, std::string key, std::string value)> persist;
   // Exports saved in the catalogue that could not be opened at start: each
   // {name, uri, options, state: "failed: REASON", error: REASON}. status and
   // list show them, stats NAME shows one, other commands are refused.

@@ -303,7 +303,8 @@ class RuntimeExports {
   // Saves a run-time change (hook of the "mode" and "prefetch-rate"
   // commands): into the saved options of an export added at run time, else
   // as a run-time setting over the configuration's value.
-  Task<std::string> persist(std::string name, std::string key, std::string value) {
+  Task<std::string> persist(std::shared_ptr<Export> exp, std::string key, std::string value) {
+    const std::string name = exp->name;
     bool runtime = false;
     {
       std::lock_guard lock(names_mutex_);
@@ -316,11 +317,12 @@ class RuntimeExports {
       if (it != ctx_.configured.end() && it->second.contains(key)) config_value = it->second.at(key);
     }
     cache::MetaStore* store = ctx_.catalogue.get();  // open: the export has a cache
-    auto save = [this, store, name, key, value, runtime, config_value]() -> std::string {
+    auto save = [this, store, exp, name, key, value, runtime, config_value]() -> std::string {
       if (!store) return "not saved: no catalogue";
       std::lock_guard saving(settings_mutex_);
-      // Removed meanwhile (export-remove forgot its settings): nothing to save.
-      if (!exports_.find(name)) return {};
+      // Removed meanwhile (export-remove forgot its settings), perhaps with a
+      // new export added under its name: nothing of this one to save.
+      if (exports_.find(name) != exp) return {};
       try {
         if (runtime) {
           for (const auto& e : store->runtime_exports())
@@ -644,8 +646,8 @@ int run_daemon(DaemonConfig config) {
   // add_export_commands().
   ControlDispatcher control_commands;
   ExportCommandHooks hooks;
-  hooks.persist = [&runtime_exports](std::string name, std::string key, std::string value) {
-    return runtime_exports.persist(std::move(name), std::move(key), std::move(value));
+  hooks.persist = [&runtime_exports](std::shared_ptr<Export> exp, std::string key, std::string value) {
+    return runtime_exports.persist(std::move(exp), std::move(key), std::move(value));
   };
   hooks.failed_exports = [&runtime_exports] { return runtime_exports.failed_json(); };
   add_export_commands(control_commands, exports, std::move(hooks));

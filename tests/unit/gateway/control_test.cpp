@@ -292,8 +292,8 @@ struct HookedFixture : Fixture {
   void SetUp() override {
     Fixture::SetUp();
     ExportCommandHooks hooks;
-    hooks.persist = [this](std::string name, std::string key, std::string value) {
-      return save(std::move(name), std::move(key), std::move(value));
+    hooks.persist = [this](std::shared_ptr<Export> exp, std::string key, std::string value) {
+      return save(exp->name, std::move(key), std::move(value));
     };
     hooks.failed_exports = [this] { return failed; };
     add_export_commands(dispatcher, table, std::move(hooks));  // replaces the commands
