@@ -74,6 +74,16 @@ struct ControlLock {
     for (int attempt = 0;; ++attempt) {
       fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0644);
       if (fd < 0) throw std::runtime_error("cannot open " + path + ": " + std::strerror(errno));
+      // The daemon truncates and writes this file: in a directory others can
+      // write to, a hard link or a file of another user planted there must
+      // not make it write elsewhere or let that user hold the lock.
+      struct stat st {};
+      if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_uid != ::geteuid() || st.st_nlink != 1) {
+        ::close(fd);
+        fd = -1;
+        throw std::runtime_error("refusing the lock file " + path +
+                                 ": not a regular file of this user with a single link (remove it if it is stale)");
+      }
       if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
         const int e = errno;
         std::string holder = e == EWOULDBLOCK ? owner() : "";

@@ -543,6 +543,27 @@ TEST_F(SocketFixture, OneServerPerSocketByItsLockFile) {
   EXPECT_TRUE(std::filesystem::exists(path + ".lock")) << "a refused server leaves the holder's lock file";
 }
 
+// A lock file planted as a hard link to another file is refused, and that
+// file is neither truncated nor written (the daemon writes its pid there).
+TEST_F(SocketFixture, ALockFileWithAnotherLinkIsRefusedAndLeftAlone) {
+  const std::string victim = dir + "/victim";
+  std::filesystem::create_directories(dir + "/sub");
+  {
+    std::ofstream(victim) << "precious\n";
+  }
+  ASSERT_EQ(::link(victim.c_str(), (path + ".lock").c_str()), 0) << std::strerror(errno);
+  try {
+    server->listen(path);
+    ADD_FAILURE() << "listened with a hard-linked lock file";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("refusing the lock file " + path + ".lock"), std::string::npos) << e.what();
+  }
+  std::ifstream in(victim);
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_EQ(text, "precious\n");
+  EXPECT_TRUE(std::filesystem::exists(path + ".lock")) << "the planted file is not ours to remove";
+}
+
 // The socket appears at its path complete: it is never created there and its
 // mode is never changed through that path (a chmod() after bind() follows a
 // symlink swapped into the directory in between), and the process umask is
@@ -593,6 +614,7 @@ TEST_F(SocketFixture, SocketAppearsWithItsModeAndIsNeverChmodedInPlace) {
 TEST_F(SocketFixture, SymlinkAtThePathIsRefusedAndItsTargetUntouched) {
   std::filesystem::create_directories(dir + "/sub");
   const std::string victim = dir + "/victim";
+  std::filesystem::create_directories(dir + "/sub");
   { std::ofstream(victim) << "x"; }
   ::chmod(victim.c_str(), 0644);
   ASSERT_EQ(::symlink(victim.c_str(), path.c_str()), 0);
