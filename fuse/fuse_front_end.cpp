@@ -429,6 +429,8 @@ class FuseFrontEnd::Reader : public std::enable_shared_from_this<FuseFrontEnd::R
       try {
         buf_ = new_receive_buffer();
       } catch (const std::bad_alloc&) {
+        // Stopped meanwhile: end now, or unmount would wait for memory.
+        if (!sd_.is_open()) return impl_->reader_ended();
         return retry_later();
       }
       if (starved_) {
@@ -455,7 +457,7 @@ class FuseFrontEnd::Reader : public std::enable_shared_from_this<FuseFrontEnd::R
     try {
       retry_.expires_after(kReceiveRetry);
       // Not cancelled by stop(): once stop() closed the descriptor, arm()
-      // ends in a failed read, and that reports the reader's end.
+      // ends the reader (a failed read, or at once while still short).
       retry_.async_wait([self = shared_from_this()](const boost::system::error_code&) { self->arm(); });
     } catch (...) {
       // Not even a timer: this reader ends (the others, if any, go on).
@@ -894,10 +896,14 @@ class AlignedWrite {
     must_wait_ = true;
   }
   [[nodiscard]] bool must_wait() const noexcept { return must_wait_; }
-  // Queues behind the pending RMWs; the lock is held until destruction.
+  // Queues behind the pending RMWs, then counts itself like a write that
+  // went ahead and lets the lock go at once: the lock is only a barrier (an
+  // RMW queued after it waits for the count), so writes that waited still
+  // run in parallel with each other.
   Task<void> wait() {
     auto guard = co_await node_.edge_lock.lock();
-    guard_.emplace(std::move(guard));
+    node_.aligned_unlocked.fetch_add(1, std::memory_order_seq_cst);
+    counted_ = true;
   }
   AlignedWrite(const AlignedWrite&) = delete;
   AlignedWrite& operator=(const AlignedWrite&) = delete;
@@ -909,7 +915,6 @@ class AlignedWrite {
   Node& node_;
   bool counted_ = false;
   bool must_wait_ = false;
-  std::optional<gateway::AsyncMutex::Guard> guard_;
 };
 
 // Holds edge_lock for a read-modify-write, once no aligned write that went
@@ -926,9 +931,13 @@ class EdgeLock {
       // device round trip at most. Later ones queue behind the lock.
       const auto ex = co_await boost::asio::this_coro::executor;
       boost::asio::steady_timer timer(ex);
+      // 100 us first, doubling up to 10 ms: a write stuck on a slow or
+      // reconnecting remote is not polled 10,000 times a second.
+      auto pause = std::chrono::microseconds(100);
       while (node.aligned_unlocked.load(std::memory_order_seq_cst) != 0) {
-        timer.expires_after(std::chrono::microseconds(100));
+        timer.expires_after(pause);
         co_await timer.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
+        pause = std::min<std::chrono::microseconds>(pause * 2, std::chrono::milliseconds(10));
       }
     }
     co_return held;
