@@ -211,6 +211,24 @@ class FuseMount : public ::testing::Test {
     front_->mount(mnt_);
     runner_ = std::thread([&] { loops_.run(); });
   }
+  // Export "a" of `size` bytes on a device that takes only whole 4096-byte
+  // blocks, filled with its pattern (also in expect_), mounted with direct
+  // I/O and opened (fd_, closed by the test).
+  void open_on_4k_grid(uint64_t size) {
+    table_.add(memory_export("a", size, &grid_, false, 4096));
+    grid_->fill_pattern(0, size);
+    expect_ = grid_->contents(0, size);
+    start(FuseOptions{.direct_io = true});
+    fd_ = ::open((mnt_ + "/a").c_str(), O_RDWR);
+    ASSERT_GE(fd_, 0);
+  }
+  // Writes n bytes (seed + i * step) at off through fd_, and into expect_.
+  void put(uint64_t off, size_t n, uint8_t seed, uint8_t step) {
+    std::vector<std::byte> data(n);
+    for (size_t i = 0; i < n; ++i) data[i] = std::byte(static_cast<uint8_t>(seed + i * step));
+    ASSERT_EQ(::pwrite(fd_, data.data(), n, static_cast<off_t>(off)), static_cast<ssize_t>(n)) << off << "+" << n;
+    std::copy(data.begin(), data.end(), expect_.begin() + static_cast<ptrdiff_t>(off));
+  }
 
   gateway::EventLoops loops_{2, 2};
   gateway::ExportTable table_;
@@ -218,6 +236,9 @@ class FuseMount : public ::testing::Test {
   std::thread runner_;
   std::atomic<bool> unmounted_{false};
   std::string dir_, mnt_;
+  MemoryDevice* grid_ = nullptr;  // open_on_4k_grid's device
+  std::vector<std::byte> expect_;
+  int fd_ = -1;
 };
 
 TEST_F(FuseMount, ExportsAddedAndRemovedAtRunTimeAppearAndDisappear) {
@@ -302,19 +323,11 @@ TEST_F(FuseMount, UnmountEndsTheMountAndCanMountAgain) {
 // byte-exact, and the bytes around them stay.
 TEST_F(FuseMount, RequestsOffTheDeviceGridAreReadModifyWritten) {
   constexpr uint64_t kSize = 1 << 20;
-  MemoryDevice* a = nullptr;
-  table_.add(memory_export("a", kSize, &a, false, 4096));
-  a->fill_pattern(0, kSize);
-  std::vector<std::byte> expect = a->contents(0, kSize);
-  start(FuseOptions{.direct_io = true});
-  const int fd = ::open((mnt_ + "/a").c_str(), O_RDWR);
-  ASSERT_GE(fd, 0);
-  auto put = [&](uint64_t off, size_t n, uint8_t seed) {
-    std::vector<std::byte> data(n);
-    for (size_t i = 0; i < n; ++i) data[i] = std::byte(static_cast<uint8_t>(seed + i * 7));
-    ASSERT_EQ(::pwrite(fd, data.data(), n, static_cast<off_t>(off)), static_cast<ssize_t>(n)) << off << "+" << n;
-    std::copy(data.begin(), data.end(), expect.begin() + static_cast<ptrdiff_t>(off));
-  };
+  ASSERT_NO_FATAL_FAILURE(open_on_4k_grid(kSize));
+  MemoryDevice* const a = grid_;
+  std::vector<std::byte>& expect = expect_;
+  const int fd = fd_;
+  auto put = [&](uint64_t off, size_t n, uint8_t seed) { ASSERT_NO_FATAL_FAILURE(this->put(off, n, seed, 7)); };
   put(10, 3, 1);             // inside one block
   put(4000, 10000, 2);       // partial, whole, partial
   put(8192 - 50, 100, 3);    // across one block boundary
@@ -344,19 +357,11 @@ TEST_F(FuseMount, RequestsOffTheDeviceGridAreReadModifyWritten) {
 // image's end, byte-exact.
 TEST_F(FuseMount, ThePartialFinalBlockIsReadAndWritten) {
   constexpr uint64_t kSize = 4 * 4096 + 512;
-  MemoryDevice* a = nullptr;
-  table_.add(memory_export("a", kSize, &a, false, 4096));
-  a->fill_pattern(0, kSize);
-  std::vector<std::byte> expect = a->contents(0, kSize);
-  start(FuseOptions{.direct_io = true});
-  const int fd = ::open((mnt_ + "/a").c_str(), O_RDWR);
-  ASSERT_GE(fd, 0);
-  auto put = [&](uint64_t off, size_t n, uint8_t seed) {
-    std::vector<std::byte> data(n);
-    for (size_t i = 0; i < n; ++i) data[i] = std::byte(static_cast<uint8_t>(seed + i * 3));
-    ASSERT_EQ(::pwrite(fd, data.data(), n, static_cast<off_t>(off)), static_cast<ssize_t>(n)) << off << "+" << n;
-    std::copy(data.begin(), data.end(), expect.begin() + static_cast<ptrdiff_t>(off));
-  };
+  ASSERT_NO_FATAL_FAILURE(open_on_4k_grid(kSize));
+  MemoryDevice* const a = grid_;
+  std::vector<std::byte>& expect = expect_;
+  const int fd = fd_;
+  auto put = [&](uint64_t off, size_t n, uint8_t seed) { ASSERT_NO_FATAL_FAILURE(this->put(off, n, seed, 3)); };
   put(16384 + 100, 10, 1);   // inside the partial block
   put(16000, 600, 2);        // the last whole block's end and the partial block's start
   put(16384, 512, 3);        // all of the partial block
