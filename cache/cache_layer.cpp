@@ -11,6 +11,7 @@
 #include <boost/asio/detached.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -83,8 +84,16 @@ class CacheLayer::EpochGuard {
  public:
   explicit EpochGuard(CacheLayer& c) : c_(c.capacity_chunks_ ? &c : nullptr) {
     if (!c_) return;
-    e_ = c_->epoch_.load(std::memory_order_seq_cst);
-    c_->epoch_active_[e_].fetch_add(1, std::memory_order_seq_cst);
+    // Register in the epoch that is current *after* the count went up: a
+    // count added to an epoch that eviction already left (a stale load) is
+    // waited for by nobody, and the reader could then read a chunk while it
+    // is punched out of the cache file.
+    for (;;) {
+      e_ = c_->epoch_.load(std::memory_order_seq_cst);
+      c_->epoch_active_[e_].fetch_add(1, std::memory_order_seq_cst);
+      if (c_->epoch_.load(std::memory_order_seq_cst) == e_) break;
+      c_->epoch_active_[e_].fetch_sub(1, std::memory_order_seq_cst);
+    }
   }
   ~EpochGuard() {
     if (c_) c_->epoch_active_[e_].fetch_sub(1, std::memory_order_seq_cst);
@@ -219,7 +228,10 @@ CacheLayer::CacheLayer(std::unique_ptr<gateway::BlockDevice> remote, Params p)
     for (size_t i = 0; i < dirty_.word_count(); ++i) dirty_.store_word(i, 0);
     recovered_ = !have->clean;
   } else {
-    if (reuse && !have->clean) recover_after_unclean_stop();
+    if (reuse && !have->clean) {
+      recover_after_unclean_stop();
+      if (!injected) punch_absent_chunks();
+    }
     session_ = store_.begin_session(name_);
   }
   if (reuse && have->mode != want.mode) store_.set_mode(name_, want.mode);
@@ -268,6 +280,29 @@ void CacheLayer::recover_after_unclean_stop() {
   recovered_ = true;
   log_->warn("export '{}': recovered after an unclean stop: {} chunks dropped, {} dirty chunks kept", name_, dropped,
              dirty_.count());
+}
+
+void CacheLayer::punch_absent_chunks() {
+  // Bytes of absent chunks are never read, but take disk space that eviction
+  // (which looks only at present chunks) would never free: chunks dropped
+  // just now, or evicted by a run that stopped between persisting the cleared
+  // present bit and punching. One fallocate per run of absent chunks.
+  const int fd = ::open(cache_path_.c_str(), O_RDWR | O_CLOEXEC);
+  if (fd < 0) return;
+  uint64_t punched = 0;
+  for (uint64_t c = present_.find_clear(0); c < nchunks_;) {
+    const uint64_t next_present = std::min(present_.find_set(c), nchunks_);
+    const uint64_t off = chunk_start(c), len = chunk_start(next_present - 1) + chunk_len(next_present - 1) - off;
+    if (::fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(off),
+                    static_cast<off_t>(len)) != 0) {
+      log_->debug("export '{}': punching absent chunks failed: {}", name_, std::strerror(errno));
+      break;
+    }
+    punched += len;
+    c = next_present >= nchunks_ ? nchunks_ : present_.find_clear(next_present);
+  }
+  ::close(fd);
+  log_->debug("export '{}': punched {} bytes of absent chunks out of the cache file", name_, punched);
 }
 
 uint64_t CacheLayer::chunk_len(uint64_t c) const noexcept {
@@ -380,22 +415,33 @@ Task<std::error_code> CacheLayer::fetch_run(uint64_t first, uint64_t last) {
   co_return std::error_code{};
 }
 
-Task<std::error_code> CacheLayer::populate(uint64_t first, uint64_t last) {
-  auto [fill, mine] = co_await claim(first, last);
-  std::error_code ec;
+Task<std::error_code> CacheLayer::fetch_absent(const std::vector<uint64_t>& mine) {
   const uint64_t max_chunks = std::max<uint64_t>(1, kMaxRun >> chunk_shift_);
-  for (size_t i = 0; i < mine.size() && !ec;) {
+  for (size_t i = 0; i < mine.size();) {
+    if (present_.test(mine[i])) {
+      ++i;
+      continue;
+    }
     size_t j = i;
-    while (j + 1 < mine.size() && mine[j + 1] == mine[j] + 1 && j + 1 - i < max_chunks) ++j;
-    ec = co_await fetch_run(mine[i], mine[j]);
+    while (j + 1 < mine.size() && mine[j + 1] == mine[j] + 1 && !present_.test(mine[j + 1]) &&
+           j + 1 - i < max_chunks)
+      ++j;
+    if (auto ec = co_await fetch_run(mine[i], mine[j])) co_return ec;
     i = j + 1;
   }
-  release(fill, mine, ec);
-  if (ec) co_return ec;
-  // A chunk someone else was filling may have failed: then it is still absent.
-  for (uint64_t c = first; c <= last; ++c)
-    if (!present_.test(c)) co_return errno_code(EIO);
   co_return std::error_code{};
+}
+
+Task<std::error_code> CacheLayer::populate(uint64_t first, uint64_t last) {
+  // Only this populator's own fetches can fail it: a chunk whose fill by
+  // someone else failed is claimed and fetched here (claim() looks at it
+  // again). A chunk may be absent again afterwards (evicted, or dropped by a
+  // writethrough change), which is not an error: callers that need chunks to
+  // stay hold a claim on them instead (read_miss, write_cached).
+  auto [fill, mine] = co_await claim(first, last);
+  auto ec = co_await fetch_absent(mine);
+  release(fill, mine, ec);
+  co_return ec;
 }
 
 void CacheLayer::start_readahead(uint64_t after) {
@@ -417,6 +463,19 @@ void CacheLayer::start_readahead(uint64_t after) {
 
 // ---- requests ----------------------------------------------------------------
 
+void CacheLayer::mark_referenced(uint64_t first, uint64_t last) noexcept {
+  if (!capacity_chunks_) return;
+  for (uint64_t c = first; c <= last; ++c)
+    if (!referenced_.test(c)) referenced_.set(c);
+}
+
+std::error_code CacheLayer::request_failed(const char* what, uint64_t length, uint64_t offset, const char* where,
+                                           std::error_code ec) {
+  failed_requests_.fetch_add(1, std::memory_order_relaxed);
+  log_->warn("export '{}': {} of {} bytes at {} failed: {}: {}", name_, what, length, offset, where, ec.message());
+  return ec;
+}
+
 Task<std::error_code> CacheLayer::read(std::span<std::byte> buf, uint64_t offset, IoFlags) {
   if (buf.empty()) co_return std::error_code{};
   InFlight inflight(*this);
@@ -425,24 +484,41 @@ Task<std::error_code> CacheLayer::read(std::span<std::byte> buf, uint64_t offset
   if (local_.load(std::memory_order_acquire)) co_return co_await cache_file_->read(buf, offset, 0);
   const uint64_t first = chunk_of(offset), last = chunk_of(offset + buf.size() - 1);
   if (!seen_.test(first) || !seen_.test(last)) record_first_reads(first, last);
-  for (int attempt = 0; attempt < 4; ++attempt) {
-    {
-      EpochGuard guard(*this);
-      if (present_.all_set(first, last)) {
-        if (attempt == 0) hits_.fetch_add(1, std::memory_order_relaxed);
-        if (capacity_chunks_ && !referenced_.test(first)) referenced_.set(first);
-        co_return co_await cache_file_->read(buf, offset, 0);
-      }
+  {
+    // Hit: no claim, only the eviction grace period.
+    EpochGuard guard(*this);
+    if (present_.all_set(first, last)) {
+      hits_.fetch_add(1, std::memory_order_relaxed);
+      mark_referenced(first, last);
+      auto ec = co_await cache_file_->read(buf, offset, 0);
+      if (ec) co_return request_failed("read", buf.size(), offset, "reading the cache file", ec);
+      co_return ec;
     }
-    if (attempt == 0) misses_.fetch_add(1, std::memory_order_relaxed);
-    if (auto ec = co_await populate(first, last)) co_return ec;
-    // A miss right after the previous one: read ahead of a sequential reader.
-    if (attempt == 0 && last_miss_end_.exchange(last + 1, std::memory_order_relaxed) == first)
-      start_readahead(last + 1);
   }
-  // Evicted again as soon as fetched (a cache far too small for the load):
-  // chunks are evicted only when clean, so the remote has these bytes.
-  co_return co_await next().read(buf, offset, 0);
+  misses_.fetch_add(1, std::memory_order_relaxed);
+  auto ec = co_await read_miss(buf, offset, first, last);
+  // A miss right after the previous one: read ahead of a sequential reader.
+  if (!ec && last_miss_end_.exchange(last + 1, std::memory_order_relaxed) == first) start_readahead(last + 1);
+  co_return ec;
+}
+
+Task<std::error_code> CacheLayer::read_miss(std::span<std::byte> buf, uint64_t offset, uint64_t first, uint64_t last) {
+  // Claim every chunk of the range, the present ones too: while the claim is
+  // held no eviction, fill or writethrough change can take a chunk away, so
+  // the read cannot find a chunk it just fetched evicted again (with a
+  // capacity far below the working set, reads that span chunks used to fail
+  // that way). Hits never take this path, so they stay claim-free.
+  auto [fill, mine] = co_await claim(first, last, true);
+  std::error_code ec = co_await fetch_absent(mine);
+  if (ec) {
+    request_failed("read", buf.size(), offset, "fetching from the remote", ec);
+  } else {
+    mark_referenced(first, last);
+    ec = co_await cache_file_->read(buf, offset, 0);
+    if (ec) request_failed("read", buf.size(), offset, "reading the cache file", ec);
+  }
+  release(fill, mine, ec);
+  co_return ec;
 }
 
 Task<std::error_code> CacheLayer::ensure_intent(uint64_t first, uint64_t last) {
@@ -469,15 +545,19 @@ Task<std::error_code> CacheLayer::write(std::span<const std::byte> buf, uint64_t
   co_return co_await write_cached(buf, offset, flags);
 }
 
-Task<std::error_code> CacheLayer::populate_partial_ends(ByteRange range) {
-  // A chunk that a change covers only in part must hold the rest of its data.
+Task<std::error_code> CacheLayer::fetch_partial_ends(ByteRange range, const std::vector<uint64_t>& mine) {
+  // A chunk that a change covers only in part must hold the rest of its data
+  // before the change lands in the cache file. Only claimed chunks are
+  // fetched; a present one that is not claimed is checked under the epoch
+  // guard afterwards (chunks_ready).
   const uint64_t first = chunk_of(range.offset), last = chunk_of(range.end() - 1);
   const bool head_partial = range.offset != chunk_start(first) || range.end() < chunk_start(first) + chunk_len(first);
   const bool tail_partial = last != first && range.end() < chunk_start(last) + chunk_len(last);
-  if (head_partial && !present_.test(first))
-    if (auto ec = co_await populate(first, first)) co_return ec;
-  if (tail_partial && !present_.test(last))
-    if (auto ec = co_await populate(last, last)) co_return ec;
+  auto is_mine = [&](uint64_t c) { return std::binary_search(mine.begin(), mine.end(), c); };
+  if (head_partial && is_mine(first) && !present_.test(first))
+    if (auto ec = co_await fetch_run(first, first)) co_return ec;
+  if (tail_partial && is_mine(last) && !present_.test(last))
+    if (auto ec = co_await fetch_run(last, last)) co_return ec;
   co_return std::error_code{};
 }
 
@@ -485,11 +565,18 @@ Task<std::error_code> CacheLayer::write_cached(std::span<const std::byte> buf, u
   const uint64_t end = offset + buf.size();
   const uint64_t first = chunk_of(offset), last = chunk_of(end - 1);
   RegionWrites guard(*this, first, last);
-  if (auto ec = co_await ensure_intent(first, last)) co_return ec;
+  if (auto ec = co_await ensure_intent(first, last)) co_return request_failed("write", buf.size(), offset, "persisting the write intent", ec);
   std::error_code ec;
-  for (bool done = false; !done;) {
-    if (auto pec = co_await populate_partial_ends({offset, buf.size()})) co_return pec;
-    auto [fill, mine] = co_await claim(first, last);
+  for (int attempt = 0;; ++attempt) {
+    // Absent chunks are claimed (no fill may store older bytes over this
+    // write); present ones only after two rounds lost one of them to
+    // eviction, and then no eviction can take them.
+    auto [fill, mine] = co_await claim(first, last, attempt >= kClaimAllAfter);
+    if (auto pec = co_await fetch_partial_ends({offset, buf.size()}, mine)) {
+      release(fill, mine, pec);
+      co_return request_failed("write", buf.size(), offset, "fetching the rest of a partly written chunk", pec);
+    }
+    bool done = false;
     {
       EpochGuard guard(*this);
       // Eviction may have taken a chunk since it was checked: then start over.
@@ -509,8 +596,9 @@ Task<std::error_code> CacheLayer::write_cached(std::span<const std::byte> buf, u
       }
     }
     release(fill, mine, ec);
+    if (done) break;
   }
-  if (ec) co_return ec;
+  if (ec) co_return request_failed("write", buf.size(), offset, "writing the cache file", ec);
   if (flags & gateway::kFua) co_return co_await make_durable(first, last);
   co_return std::error_code{};
 }
@@ -536,17 +624,26 @@ Task<std::error_code> CacheLayer::write_through(std::span<const std::byte> buf, 
   auto [fill, mine] = co_await claim(first, last, true);
   // The cache file needs these bytes only for chunks that are present (to
   // stay in step with the remote) or that the write covers whole (write-
-  // allocate). A write that only partly covers absent chunks skips it: on a
-  // cold cache that saves a local write per request. Decided under the claim,
-  // so no fill can make a chunk present behind our back.
-  bool cache_needs_it = false;
-  for (uint64_t c = first; c <= last && !cache_needs_it; ++c)
-    cache_needs_it = present_.test(c) || (offset <= chunk_start(c) && end >= chunk_start(c) + chunk_len(c));
+  // allocate); the part of an absent chunk at either end that the write
+  // covers only in part is left out (it would take disk space no eviction
+  // ever frees, since the chunk is not present). A write that only partly
+  // covers absent chunks skips the cache: on a cold cache that saves a local
+  // write per request. Decided under the claim, so no fill can make a chunk
+  // present behind our back.
+  const ByteRange for_cache = cacheable_part({offset, buf.size()});
+  const bool cache_needs_it = for_cache.length > 0;
   auto ec = co_await next().write(buf, offset, remote_fua(flags));
   remote_write_done(remote_fua(flags), ec);
   if (!ec && needs_remote_flush(flags)) ec = co_await flush_remote();
+  if (ec) {
+    // The remote may hold part of the failed write: a clean chunk must not
+    // keep the older bytes, or two reads could disagree once it is evicted.
+    drop_clean_chunks(first, last);
+    request_failed("write", buf.size(), offset, "writing to the remote", ec);
+  }
   if (!ec && cache_needs_it) {
-    if (auto cec = co_await cache_file_->write(buf, offset, 0)) {
+    if (auto cec = co_await cache_file_->write(buf.subspan(for_cache.offset - offset, for_cache.length),
+                                               for_cache.offset, 0)) {
       // The remote has the data; the cache must not keep the old bytes.
       log_->warn("export '{}': cache file write failed ({}), dropping those chunks", name_, cec.message());
       if (drop_clean_chunks(first, last)) ec = cec;
@@ -560,6 +657,17 @@ Task<std::error_code> CacheLayer::write_through(std::span<const std::byte> buf, 
   }
   release(fill, mine, ec);
   co_return ec;
+}
+
+ByteRange CacheLayer::cacheable_part(ByteRange range) const noexcept {
+  const uint64_t first = chunk_of(range.offset), last = chunk_of(range.end() - 1);
+  uint64_t lo = range.offset, hi = range.end();
+  const auto covers_whole = [&](uint64_t c) {
+    return range.offset <= chunk_start(c) && range.end() >= chunk_start(c) + chunk_len(c);
+  };
+  if (!present_.test(first) && !covers_whole(first)) lo = chunk_start(first) + chunk_len(first);
+  if (!present_.test(last) && !covers_whole(last)) hi = chunk_start(last);
+  return lo < hi ? ByteRange{lo, hi - lo} : ByteRange{range.offset, 0};
 }
 
 bool CacheLayer::owes_write_back(uint64_t first, uint64_t last) const noexcept {
@@ -632,34 +740,37 @@ Task<std::error_code> CacheLayer::zero_cached(ByteRange range, IoFlags flags, bo
   }
   const uint64_t first = chunk_of(range.offset), last = chunk_of(range.end() - 1);
   RegionWrites guard(*this, first, last);
-  if (auto ec = co_await ensure_intent(first, last)) co_return ec;
+  const char* what = whole_chunks_only ? "trim" : "write-zeroes";
+  if (auto ec = co_await ensure_intent(first, last))
+    co_return request_failed(what, range.length, range.offset, "persisting the write intent", ec);
   std::error_code ec;
-  for (bool done = false; !done;) {
-    if (auto pec = co_await populate_partial_ends(range)) co_return pec;
-    auto [fill, mine] = co_await claim(first, last);
+  for (int attempt = 0;; ++attempt) {
+    auto [fill, mine] = co_await claim(first, last, attempt >= kClaimAllAfter);  // as write_cached
+    if (auto pec = co_await fetch_partial_ends(range, mine)) {
+      release(fill, mine, pec);
+      co_return request_failed(what, range.length, range.offset, "fetching the rest of a partly zeroed chunk", pec);
+    }
+    bool done = false;
     {
       EpochGuard guard(*this);
       done = chunks_ready(first, last, mine);
       if (done) {
-        ec = co_await cache_file_->zero(range, flags & gateway::kNoHole);
-        if (ec == std::errc::not_supported || ec == std::errc::operation_not_supported) {
-          static const std::vector<std::byte> zeroes(1u << 20);
-          ec = {};
-          for (uint64_t pos = 0; pos < range.length && !ec;) {
-            const uint64_t n = std::min<uint64_t>(zeroes.size(), range.length - pos);
-            ec = co_await cache_file_->write({zeroes.data(), n}, range.offset + pos, 0);
-            pos += n;
-          }
-        }
+        ec = co_await zero_cache_file(range, flags);
         if (!ec) {
           for (uint64_t c = first; c <= last; ++c) dirty_.set(c);
           for (uint64_t c : mine) present_.set(c);
+        } else {
+          // As a failed write: a clean chunk must not keep zeroes the remote
+          // does not have.
+          for (uint64_t c = first; c <= last; ++c)
+            if (!dirty_.test(c) && !cleaning_.test(c)) present_.clear(c);
         }
       }
     }
     release(fill, mine, ec);
+    if (done) break;
   }
-  if (ec) co_return ec;
+  if (ec) co_return request_failed(what, range.length, range.offset, "zeroing the cache file", ec);
   if (flags & gateway::kFua) co_return co_await make_durable(first, last);
   co_return std::error_code{};
 }
@@ -682,6 +793,10 @@ Task<std::error_code> CacheLayer::zero(ByteRange range, IoFlags flags) {
   auto ec = co_await next().zero(range, (flags & ~gateway::kFua) | remote_fua(flags));
   remote_write_done(remote_fua(flags), ec);
   if (!ec && needs_remote_flush(flags)) ec = co_await flush_remote();
+  if (ec) {
+    drop_clean_chunks(first, last);  // as a failed write_through
+    request_failed("write-zeroes", range.length, range.offset, "zeroing at the remote", ec);
+  }
   if (!ec) {
     if (auto cec = co_await cache_file_->zero(range, 0)) {
       if (drop_clean_chunks(first, last)) ec = cec;  // cannot mirror it: forget it
@@ -1131,7 +1246,10 @@ Task<void> CacheLayer::evict() {
       log_->debug("export '{}': punching evicted chunks failed: {}", name_, ec.message());
     i = j + 1;
   }
-  evicted_.fetch_add(gone.size() << chunk_shift_, std::memory_order_relaxed);
+  uint64_t bytes = 0;
+  for (uint64_t c : gone) bytes += chunk_len(c);
+  evicted_.fetch_add(bytes, std::memory_order_relaxed);
+  evictions_.fetch_add(gone.size(), std::memory_order_relaxed);
   release(fill, victims, {});
 }
 
@@ -1232,7 +1350,11 @@ CacheStats CacheLayer::stats() const {
   s.fetch_errors = fetch_errors_.load();
   s.recovered = recovered_;
   s.evicted_bytes = evicted_.load();
+  s.evictions = evictions_.load();
+  s.failed_requests = failed_requests_.load();
   s.capacity = capacity_chunks_ << chunk_shift_;
+  struct stat st {};
+  if (::stat(cache_path_.c_str(), &st) == 0) s.file_bytes = static_cast<uint64_t>(st.st_blocks) * 512;
   return s;
 }
 
@@ -1603,6 +1725,9 @@ gateway::CacheReport CacheLayer::report() const {
   r.fetch_errors = s.fetch_errors;
   r.writeback_errors = s.writeback_errors;
   r.evicted_bytes = s.evicted_bytes;
+  r.evictions = s.evictions;
+  r.file_bytes = s.file_bytes;
+  r.failed_requests = s.failed_requests;
   r.recovered = s.recovered;
   r.prefetch = prefetcher_->status();
   return r;

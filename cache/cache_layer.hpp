@@ -86,6 +86,9 @@ struct CacheStats {
   uint64_t chunk_size = 0, chunks = 0;
   uint64_t writeback_errors = 0, fetch_errors = 0;
   uint64_t evicted_bytes = 0, capacity = 0;
+  uint64_t evictions = 0;        // chunks evicted
+  uint64_t file_bytes = 0;       // allocated size of the cache file (st_blocks)
+  uint64_t failed_requests = 0;  // client requests failed here (logged at warn)
   bool recovered = false;  // the last start followed an unclean stop
 };
 
@@ -171,8 +174,8 @@ class CacheLayer final : public gateway::Layer, public gateway::ExportControl {
   [[nodiscard]] uint64_t chunk_len(uint64_t c) const noexcept;
   Shard& shard(uint64_t c) noexcept { return shards_[c % kShards]; }
 
-  // Makes chunks [first, last] present, fetching what is absent (as one
-  // populator per chunk). Adds read-ahead after a sequential miss.
+  // Fetches what is absent of chunks [first, last] (one populator per chunk),
+  // for read-ahead and NBD_CMD_CACHE: they may be evicted again at once.
   gateway::Task<std::error_code> populate(uint64_t first, uint64_t last);
   // Claims the absent chunks of [first, last] for the caller (all of them
   // with present_too), waiting for other claimers; returns the claimed chunks.
@@ -189,8 +192,23 @@ class CacheLayer final : public gateway::Layer, public gateway::ExportControl {
   gateway::Task<std::error_code> ensure_intent(uint64_t first, uint64_t last);
   class RegionWrites;  // RAII: counts writes in progress per region
 
-  // Fetches the chunks at either end of `range` that it covers only in part.
-  gateway::Task<std::error_code> populate_partial_ends(gateway::ByteRange range);
+  // Fetches the chunks at either end of `range` that it covers only in part,
+  // if they are absent and claimed by the caller (in `mine`, sorted).
+  gateway::Task<std::error_code> fetch_partial_ends(gateway::ByteRange range, const std::vector<uint64_t>& mine);
+  // Fetches every chunk of `mine` (claimed by the caller, sorted) that is not
+  // present, in runs of up to kMaxRun bytes.
+  gateway::Task<std::error_code> fetch_absent(const std::vector<uint64_t>& mine);
+  // A read that missed: claims every chunk of the range, fetches the absent
+  // ones and reads the range from the cache file under the claim.
+  gateway::Task<std::error_code> read_miss(std::span<std::byte> buf, uint64_t offset, uint64_t first, uint64_t last);
+  // A write or zero that lost a present chunk to eviction this many times
+  // claims the present chunks too (then none can be evicted under it).
+  static constexpr int kClaimAllAfter = 2;
+  void mark_referenced(uint64_t first, uint64_t last) noexcept;
+  // A request that fails in this layer: logged at warn with the reason and
+  // counted (CacheStats::failed_requests); returns ec.
+  std::error_code request_failed(const char* what, uint64_t length, uint64_t offset, const char* where,
+                                 std::error_code ec);
   gateway::Task<std::error_code> write_cached(std::span<const std::byte> buf, uint64_t offset,
                                               gateway::IoFlags flags);
   gateway::Task<std::error_code> write_through(std::span<const std::byte> buf, uint64_t offset,
@@ -201,6 +219,10 @@ class CacheLayer final : public gateway::Layer, public gateway::ExportControl {
   // ones (inherited from a write-back mode) cannot be dropped without losing
   // their data: returns true if there were any, and the change then fails.
   bool drop_clean_chunks(uint64_t first, uint64_t last) noexcept;
+  // The part of a writethrough change the cache file takes: `range` less the
+  // absent chunks at either end that it covers only in part (empty if none
+  // is left). Under the change's claim.
+  [[nodiscard]] gateway::ByteRange cacheable_part(gateway::ByteRange range) const noexcept;
   // True if a chunk of [first, last] is dirty, being written back, or still
   // persisted dirty: after a power loss it would be written back from the
   // cache file, so a writethrough FUA there must make the cache file durable
@@ -239,6 +261,8 @@ class CacheLayer final : public gateway::Layer, public gateway::ExportControl {
   // which it cleared their present bits). No-op without a capacity.
   class EpochGuard;
   void recover_after_unclean_stop();
+  // After recovery: frees the disk space of every absent chunk.
+  void punch_absent_chunks();
 
   // Prefetch: claims the absent chunks of [first, last], zeroes those the
   // remote reported as holes and fetches the rest; returns data bytes fetched.
@@ -333,7 +357,7 @@ class CacheLayer final : public gateway::Layer, public gateway::ExportControl {
   std::atomic<uint64_t> remote_writes_{1}, remote_writes_flushed_{0};
 
   mutable std::atomic<uint64_t> hits_{0}, misses_{0}, fetched_{0}, written_back_{0}, wb_errors_{0},
-      fetch_errors_{0};
+      fetch_errors_{0}, failed_requests_{0}, evictions_{0};
   bool recovered_ = false;
 
   std::atomic<WriteMode> mode_;

@@ -204,11 +204,13 @@ int cmd_stats(const std::vector<std::string>& in) {
     fmt::print("cache:     {} ({} chunks{}{})\n", str(k, "path"), bytes(u64(k, "chunk_size")),
                u64(k, "capacity") ? ", capacity " + bytes(u64(k, "capacity")) : "",
                k.value("detached", false) ? ", detached" : "");
-    fmt::print("           present {}, dirty {}, {} hits, {} misses, fetched {}, written back {}, evicted {}\n",
-               bytes(u64(k, "present_bytes")), bytes(u64(k, "dirty_bytes")), u64(k, "hits"), u64(k, "misses"),
-               bytes(u64(k, "bytes_fetched")), bytes(u64(k, "bytes_written_back")), bytes(u64(k, "evicted_bytes")));
-    fmt::print("           {} fetch errors, {} write-back errors{}\n", u64(k, "fetch_errors"),
-               u64(k, "writeback_errors"), k.value("recovered", false) ? ", recovered after an unclean stop" : "");
+    fmt::print("           present {}, dirty {}, on disk {}, {} hits, {} misses, fetched {}, written back {}\n",
+               bytes(u64(k, "present_bytes")), bytes(u64(k, "dirty_bytes")), bytes(u64(k, "file_bytes")),
+               u64(k, "hits"), u64(k, "misses"), bytes(u64(k, "bytes_fetched")), bytes(u64(k, "bytes_written_back")));
+    fmt::print("           {} evictions ({}), {} fetch errors, {} write-back errors, {} failed requests{}\n",
+               u64(k, "evictions"), bytes(u64(k, "evicted_bytes")), u64(k, "fetch_errors"),
+               u64(k, "writeback_errors"), u64(k, "failed_requests"),
+               k.value("recovered", false) ? ", recovered after an unclean stop" : "");
     fmt::print("prefetch:  {}\n", prefetch_summary(e["prefetch"]));
   } else {
     std::puts("cache:     none");

@@ -251,6 +251,9 @@ Json export_json(const Export& exp, long clients) {
     cache["fetch_errors"] = r.fetch_errors;
     cache["writeback_errors"] = r.writeback_errors;
     cache["evicted_bytes"] = r.evicted_bytes;
+    cache["evictions"] = r.evictions;
+    cache["file_bytes"] = r.file_bytes;
+    cache["failed_requests"] = r.failed_requests;
     cache["recovered"] = r.recovered;
     j["cache"] = std::move(cache);
     j["prefetch"] = prefetch_json(r.prefetch);

@@ -60,6 +60,9 @@ struct CacheReport {
   uint64_t bytes_fetched = 0, bytes_written_back = 0;
   uint64_t fetch_errors = 0, writeback_errors = 0;
   uint64_t evicted_bytes = 0;
+  uint64_t evictions = 0;         // chunks evicted (evicted_bytes / chunk size, but for a short last chunk)
+  uint64_t file_bytes = 0;        // disk space the cache file takes now (allocated blocks)
+  uint64_t failed_requests = 0;   // client requests this cache failed (each logged at warn with its reason)
   bool recovered = false;  // the last start followed an unclean stop
   PrefetchStatus prefetch;
 };

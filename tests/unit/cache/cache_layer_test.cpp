@@ -53,14 +53,7 @@ class CacheLayerTest : public test::MemoryRemoteLayerTest {
 
 class CacheLayerModes : public CacheLayerTest, public ::testing::WithParamInterface<WriteMode> {};
 
-INSTANTIATE_TEST_SUITE_P(AllModes, CacheLayerModes,
-                         ::testing::Values(WriteMode::writethrough, WriteMode::writeback,
-                                           WriteMode::writeback_local),
-                         [](const auto& info) {
-                           auto s = to_string(info.param);
-                           std::replace(s.begin(), s.end(), '-', '_');
-                           return s;
-                         });
+INSTANTIATE_TEST_SUITE_P(AllModes, CacheLayerModes, test::kAllWriteModes, test::write_mode_name);
 
 // ---- reads ------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <fstream>
@@ -23,6 +24,16 @@
 #include <vector>
 
 namespace blockway::test {
+
+// Every write mode but local, for INSTANTIATE_TEST_SUITE_P(..., kAllWriteModes, write_mode_name).
+inline const auto kAllWriteModes =
+    ::testing::Values(cache::WriteMode::writethrough, cache::WriteMode::writeback, cache::WriteMode::writeback_local);
+// A test name for a write mode ("writeback_local").
+inline std::string write_mode_name(const ::testing::TestParamInfo<cache::WriteMode>& info) {
+  auto s = to_string(info.param);
+  std::replace(s.begin(), s.end(), '-', '_');
+  return s;
+}
 
 class MemoryRemoteLayerTest : public ::testing::Test {
  protected:
