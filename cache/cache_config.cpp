@@ -1,6 +1,6 @@
 #include "cache/cache_config.hpp"
 
-#include "gateway/config.hpp"
+#include "core/options.hpp"
 
 #include <bit>
 
@@ -17,7 +17,7 @@ std::string to_string(WriteMode mode) {
 
 std::optional<CacheConfig> CacheConfig::take_from(std::map<std::string, std::string>& options,
                                                   const std::string& export_name) {
-  using gateway::ConfigError;
+  using core::ConfigError;
   const std::string where = "export '" + export_name + "': ";
   auto take = [&](const char* key) -> std::optional<std::string> {
     auto it = options.find(key);
@@ -60,24 +60,24 @@ std::optional<CacheConfig> CacheConfig::take_from(std::map<std::string, std::str
       throw ConfigError(where + "mode '" + *mode + "' is not writethrough, writeback or writeback-local");
   }
   if (chunk) {
-    c.chunk_size = gateway::parse_size(*chunk, where + "chunk");
+    c.chunk_size = core::parse_size(*chunk, where + "chunk");
     if (c.chunk_size < 4096 || c.chunk_size > (16u << 20) || !std::has_single_bit(c.chunk_size))
       throw ConfigError(where + "chunk must be a power of two between 4k and 16M");
   }
-  if (prealloc) c.preallocate = gateway::parse_bool(*prealloc, where + "preallocate");
+  if (prealloc) c.preallocate = core::parse_bool(*prealloc, where + "preallocate");
   if (capacity) {
-    c.capacity = gateway::parse_size(*capacity, where + "capacity");
+    c.capacity = core::parse_size(*capacity, where + "capacity");
     if (c.capacity != 0 && c.capacity < 64 * c.chunk_size)
       throw ConfigError(where + "capacity must be 0 (unlimited) or at least 64 chunks (" +
                         std::to_string(64 * c.chunk_size) + " bytes)");
   }
   if (wb_delay) {
-    const auto v = gateway::parse_size(*wb_delay, where + "writeback-delay");
+    const auto v = core::parse_size(*wb_delay, where + "writeback-delay");
     if (v > 3600) throw ConfigError(where + "writeback-delay must be at most 3600 seconds");
     c.writeback_delay = std::chrono::milliseconds(v * 1000);
   }
   if (readahead) {
-    const auto v = gateway::parse_size(*readahead, where + "readahead");
+    const auto v = core::parse_size(*readahead, where + "readahead");
     if (v > (64u << 20)) throw ConfigError(where + "readahead must be at most 64M");
     c.readahead_chunks = static_cast<uint32_t>(v / c.chunk_size);
   }
@@ -86,16 +86,16 @@ std::optional<CacheConfig> CacheConfig::take_from(std::map<std::string, std::str
       c.prefetch_auto = false;
     } else if (*prefetch == "sequential" || *prefetch == "on") {
       c.prefetch_auto = true;
-      c.prefetch_order = gateway::PrefetchOrder::sequential;
+      c.prefetch_order = core::PrefetchOrder::sequential;
     } else if (*prefetch == "hot-first") {
       c.prefetch_auto = true;
-      c.prefetch_order = gateway::PrefetchOrder::hot_first;
+      c.prefetch_order = core::PrefetchOrder::hot_first;
     } else {
       throw ConfigError(where + "prefetch '" + *prefetch + "' is not off, sequential or hot-first");
     }
   }
-  if (prefetch_rate) c.prefetch_rate = gateway::parse_size(*prefetch_rate, where + "prefetch-rate");
-  if (auto_detach) c.auto_detach = gateway::parse_bool(*auto_detach, where + "auto-detach");
+  if (prefetch_rate) c.prefetch_rate = core::parse_size(*prefetch_rate, where + "prefetch-rate");
+  if (auto_detach) c.auto_detach = core::parse_bool(*auto_detach, where + "auto-detach");
   return c;
 }
 

@@ -4,7 +4,7 @@
 // Start-up only; no threads.
 #pragma once
 
-#include "gateway/export_control.hpp"
+#include "core/export_control.hpp"
 
 #include <chrono>
 #include <cstdint>
@@ -35,13 +35,13 @@ struct CacheConfig {
   // (bytes/s, 0 = unlimited); auto-detach=on switches to local mode once
   // every chunk is present.
   bool prefetch_auto = false;
-  gateway::PrefetchOrder prefetch_order = gateway::PrefetchOrder::sequential;
+  core::PrefetchOrder prefetch_order = core::PrefetchOrder::sequential;
   uint64_t prefetch_rate = 0;
   bool auto_detach = false;
 
   // Takes the cache options out of `options` (erasing the keys it uses).
   // Returns nullopt when the export has no cache (no "cache" key).
-  // Throws gateway::ConfigError naming the option on a bad value.
+  // Throws core::ConfigError naming the option on a bad value.
   static std::optional<CacheConfig> take_from(std::map<std::string, std::string>& options,
                                               const std::string& export_name);
 };

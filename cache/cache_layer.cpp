@@ -2,8 +2,8 @@
 
 #include "cache/prefetcher.hpp"
 
-#include "gateway/buffer_pool.hpp"
-#include "gateway/logging.hpp"
+#include "core/buffer_pool.hpp"
+#include "core/logging.hpp"
 #include "remote/file/file_device.hpp"
 
 #include <boost/asio/as_tuple.hpp>
@@ -25,11 +25,11 @@
 
 namespace blockway::cache {
 
-using gateway::ByteRange;
-using gateway::errno_code;
-using gateway::IoFlags;
-using gateway::Support;
-using gateway::Task;
+using core::ByteRange;
+using core::errno_code;
+using core::IoFlags;
+using core::Support;
+using core::Task;
 
 namespace {
 
@@ -54,7 +54,7 @@ std::string file_name_for(const std::string& export_name) {
 }  // namespace
 
 struct CacheLayer::Fill {
-  gateway::SharedEvent done;
+  core::SharedEvent done;
 };
 
 // Counts writes in progress per region while it lives, and marks the regions
@@ -123,7 +123,7 @@ class CacheLayer::InFlight {
   CacheLayer& c_;
 };
 
-CacheLayer::CacheLayer(std::unique_ptr<gateway::BlockDevice> remote, Params p)
+CacheLayer::CacheLayer(std::unique_ptr<core::BlockDevice> remote, Params p)
     : Layer(std::move(remote)),
       name_(p.export_name),
       remote_uri_(p.remote_uri),
@@ -131,7 +131,7 @@ CacheLayer::CacheLayer(std::unique_ptr<gateway::BlockDevice> remote, Params p)
       store_(*p.store),
       blocking_(*p.blocking),
       background_(p.background),
-      log_(gateway::logger("cache")),
+      log_(core::logger("cache")),
       geometry_(next().geometry()),
       remote_caps_(next().capabilities()) {
   chunk_shift_ = static_cast<unsigned>(std::countr_zero(cfg_.chunk_size));
@@ -310,9 +310,9 @@ uint64_t CacheLayer::chunk_len(uint64_t c) const noexcept {
   return std::min<uint64_t>(cfg_.chunk_size, geometry_.size - start);
 }
 
-gateway::Capabilities CacheLayer::capabilities() const noexcept {
+core::Capabilities CacheLayer::capabilities() const noexcept {
   if (local_.load(std::memory_order_acquire)) {
-    gateway::Capabilities c;
+    core::Capabilities c;
     c.flush = c.fua = c.trim = c.zero = c.extents = c.prefetch = Support::native;
     c.multi_conn = true;
     return c;
@@ -369,9 +369,9 @@ Task<std::pair<std::shared_ptr<CacheLayer::Fill>, std::vector<uint64_t>>> CacheL
     if (other) {
       // Then look at chunk c again. The wait does not own the other Fill, so
       // that this frame and it never keep each other alive (see wait_unowned).
-      gateway::SharedEvent* done = &other->done;
-      std::shared_ptr<gateway::SharedEvent> event(std::move(other), done);
-      auto waiting = gateway::SharedEvent::wait_unowned(std::move(event));
+      core::SharedEvent* done = &other->done;
+      std::shared_ptr<core::SharedEvent> event(std::move(other), done);
+      auto waiting = core::SharedEvent::wait_unowned(std::move(event));
       co_await std::move(waiting);
       continue;
     }
@@ -394,7 +394,7 @@ void CacheLayer::release(const std::shared_ptr<Fill>& fill, const std::vector<ui
 Task<std::error_code> CacheLayer::fetch_run(uint64_t first, uint64_t last) {
   const uint64_t off = chunk_start(first);
   const uint64_t len = chunk_start(last) + chunk_len(last) - off;
-  gateway::IoBuffer buf(len);
+  core::IoBuffer buf(len);
   const uint64_t step = std::max<uint64_t>(geometry_.max_transfer / geometry_.min_block * geometry_.min_block,
                                            geometry_.min_block);
   for (uint64_t done = 0; done < len;) {
@@ -599,7 +599,7 @@ Task<std::error_code> CacheLayer::write_cached(std::span<const std::byte> buf, u
     if (done) break;
   }
   if (ec) co_return request_failed("write", buf.size(), offset, "writing the cache file", ec);
-  if (flags & gateway::kFua) co_return co_await make_durable(first, last);
+  if (flags & core::kFua) co_return co_await make_durable(first, last);
   co_return std::error_code{};
 }
 
@@ -652,7 +652,7 @@ Task<std::error_code> CacheLayer::write_through(std::span<const std::byte> buf, 
         if (offset <= chunk_start(c) && end >= chunk_start(c) + chunk_len(c)) present_.set(c);
       // A present chunk written partly keeps its present bit: the cache got the
       // same bytes as the remote.
-      if ((flags & gateway::kFua) && owes_write_back(first, last)) ec = co_await cache_file_->flush();
+      if ((flags & core::kFua) && owes_write_back(first, last)) ec = co_await cache_file_->flush();
     }
   }
   release(fill, mine, ec);
@@ -771,7 +771,7 @@ Task<std::error_code> CacheLayer::zero_cached(ByteRange range, IoFlags flags, bo
     if (done) break;
   }
   if (ec) co_return request_failed(what, range.length, range.offset, "zeroing the cache file", ec);
-  if (flags & gateway::kFua) co_return co_await make_durable(first, last);
+  if (flags & core::kFua) co_return co_await make_durable(first, last);
   co_return std::error_code{};
 }
 
@@ -790,7 +790,7 @@ Task<std::error_code> CacheLayer::zero(ByteRange range, IoFlags flags) {
   if (auto ec = co_await ensure_intent(first, last)) co_return ec;
   mark_remote_written(first, last);
   auto [fill, mine] = co_await claim(first, last, true);
-  auto ec = co_await next().zero(range, (flags & ~gateway::kFua) | remote_fua(flags));
+  auto ec = co_await next().zero(range, (flags & ~core::kFua) | remote_fua(flags));
   remote_write_done(remote_fua(flags), ec);
   if (!ec && needs_remote_flush(flags)) ec = co_await flush_remote();
   if (ec) {
@@ -803,7 +803,7 @@ Task<std::error_code> CacheLayer::zero(ByteRange range, IoFlags flags) {
     } else {
       for (uint64_t c : mine)
         if (range.offset <= chunk_start(c) && range.end() >= chunk_start(c) + chunk_len(c)) present_.set(c);
-      if ((flags & gateway::kFua) && owes_write_back(first, last)) ec = co_await cache_file_->flush();
+      if ((flags & core::kFua) && owes_write_back(first, last)) ec = co_await cache_file_->flush();
     }
   }
   release(fill, mine, ec);
@@ -818,7 +818,7 @@ Task<std::error_code> CacheLayer::trim(ByteRange range, IoFlags flags) {
   if (local_.load(std::memory_order_acquire)) {
     auto ec = co_await cache_file_->trim(range, 0);
     if (ec == std::errc::not_supported || ec == std::errc::operation_not_supported) ec = {};  // advisory
-    if (!ec && (flags & gateway::kFua)) ec = co_await cache_file_->flush();
+    if (!ec && (flags & core::kFua)) ec = co_await cache_file_->flush();
     co_return ec;
   }
   if (mode() != WriteMode::writethrough) co_return co_await zero_cached(range, flags, true);
@@ -855,12 +855,12 @@ Task<std::error_code> CacheLayer::prefetch(ByteRange range) {
   co_return co_await populate(chunk_of(range.offset), chunk_of(range.end() - 1));
 }
 
-Task<std::error_code> CacheLayer::block_status(ByteRange range, gateway::ExtentList& out) {
+Task<std::error_code> CacheLayer::block_status(ByteRange range, core::ExtentList& out) {
   InFlight inflight(*this);
   if (switching_.load(std::memory_order_seq_cst)) [[unlikely]]
     co_await wait_for_switch();
   if (local_.load(std::memory_order_acquire)) co_return co_await cache_file_->block_status(range, out);
-  gateway::ExtentList remote;
+  core::ExtentList remote;
   if (auto ec = co_await next().block_status(range, remote)) co_return ec;
   // The remote does not know about dirty chunks yet: they are data. Also in
   // writethrough, which inherits them from a write-back mode (an earlier run,
@@ -891,7 +891,7 @@ Task<std::error_code> CacheLayer::block_status(ByteRange range, gateway::ExtentL
   co_return std::error_code{};
 }
 
-Task<std::error_code> CacheLayer::cache_status(ByteRange range, gateway::ExtentList& out) {
+Task<std::error_code> CacheLayer::cache_status(ByteRange range, core::ExtentList& out) {
   out.clear();
   if (range.length == 0) co_return errno_code(EINVAL);
   uint64_t pos = range.offset;
@@ -941,7 +941,7 @@ Task<std::error_code> CacheLayer::write_back_run(uint64_t a, uint64_t b) {
   auto [fill, mine] = co_await claim(a, b, true);
   const uint64_t off = chunk_start(a);
   const uint64_t len = chunk_start(b) + chunk_len(b) - off;
-  gateway::IoBuffer buf(len);
+  core::IoBuffer buf(len);
   auto ec = co_await cache_file_->read(buf.span(), off, 0);
   if (!ec) {
     if (remote_caps_.zero == Support::native && all_zero(buf.data(), len)) {
@@ -995,7 +995,7 @@ Task<std::error_code> CacheLayer::write_back_locked(uint64_t first, uint64_t las
     }
     if (window.empty()) break;
     // Run the window concurrently on this executor and wait for all of it.
-    auto all_done = std::make_shared<gateway::SharedEvent>();
+    auto all_done = std::make_shared<core::SharedEvent>();
     auto remaining = std::make_shared<size_t>(window.size());
     std::vector<std::error_code> results(window.size());
     for (size_t i = 0; i < window.size(); ++i) {
@@ -1009,7 +1009,7 @@ Task<std::error_code> CacheLayer::write_back_locked(uint64_t first, uint64_t las
     // they abandoned (the loop destroyed mid-flight), the event, its waiter
     // and so this frame are freed with them instead of keeping each other
     // alive.
-    auto waiting = gateway::SharedEvent::wait_unowned(std::move(all_done));
+    auto waiting = core::SharedEvent::wait_unowned(std::move(all_done));
     co_await std::move(waiting);
     for (size_t i = 0; i < window.size(); ++i) {
       if (results[i]) {
@@ -1109,13 +1109,13 @@ Task<std::error_code> CacheLayer::run_checkpoint(bool sync_data) {
       if (dirty[i] & ~dirty_persisted_.word(i)) dirty_persisted_.store_word(i, dirty_persisted_.word(i) | dirty[i]);
   }
   if (!pages.empty() || !profile.empty()) {
-    auto ec = co_await gateway::offload(blocking_, [this, &pages, &profile]() -> std::error_code {
+    auto ec = co_await core::offload(blocking_, [this, &pages, &profile]() -> std::error_code {
       try {
         if (!pages.empty()) store_.commit(name_, pages, std::nullopt);
         if (!profile.empty()) store_.append_profile(name_, session_, profile_batch_, profile);
         return {};
       } catch (const std::exception& e) {
-        gateway::logger("cache")->error("{}", e.what());
+        core::logger("cache")->error("{}", e.what());
         return errno_code(EIO);
       }
     });
@@ -1140,7 +1140,7 @@ Task<std::error_code> CacheLayer::run_checkpoint(bool sync_data) {
 // ---- background work and shutdown -------------------------------------------------
 
 void CacheLayer::start() {
-  background_done_ = std::make_shared<gateway::SharedEvent>();
+  background_done_ = std::make_shared<core::SharedEvent>();
   boost::asio::co_spawn(background_, background_loop(), [done = background_done_](std::exception_ptr) { done->set(); });
   prefetcher_->start_at_boot();
 }
@@ -1253,12 +1253,12 @@ Task<void> CacheLayer::evict() {
   release(fill, victims, {});
 }
 
-gateway::IoFlags CacheLayer::remote_fua(gateway::IoFlags flags) const noexcept {
-  return (flags & gateway::kFua) && remote_caps_.fua == Support::native ? gateway::kFua : 0;
+core::IoFlags CacheLayer::remote_fua(core::IoFlags flags) const noexcept {
+  return (flags & core::kFua) && remote_caps_.fua == Support::native ? core::kFua : 0;
 }
 
-bool CacheLayer::needs_remote_flush(gateway::IoFlags flags) const noexcept {
-  return (flags & gateway::kFua) && remote_caps_.fua != Support::native && remote_caps_.flush == Support::native;
+bool CacheLayer::needs_remote_flush(core::IoFlags flags) const noexcept {
+  return (flags & core::kFua) && remote_caps_.fua != Support::native && remote_caps_.flush == Support::native;
 }
 
 Task<std::error_code> CacheLayer::flush_remote() {
@@ -1274,10 +1274,10 @@ Task<std::error_code> CacheLayer::flush_remote() {
   co_return ec;
 }
 
-void CacheLayer::remote_write_done(gateway::IoFlags remote_flags, std::error_code ec) noexcept {
+void CacheLayer::remote_write_done(core::IoFlags remote_flags, std::error_code ec) noexcept {
   // A FUA write that succeeded is durable by itself; anything else (a failed
   // one may have landed in part) waits for a flush.
-  if (ec || !(remote_flags & gateway::kFua)) remote_writes_.fetch_add(1, std::memory_order_acq_rel);
+  if (ec || !(remote_flags & core::kFua)) remote_writes_.fetch_add(1, std::memory_order_acq_rel);
 }
 
 bool CacheLayer::remote_flush_owed() const noexcept {
@@ -1314,12 +1314,12 @@ Task<void> CacheLayer::close() {
   for (size_t i = 0; i < touched_.word_count(); ++i) touched_.store_word(i, 0);
   auto ec = co_await checkpoint(true);
   if (!ec) {
-    ec = co_await gateway::offload(blocking_, [this]() -> std::error_code {
+    ec = co_await core::offload(blocking_, [this]() -> std::error_code {
       try {
         store_.set_clean(name_, true);
         return {};
       } catch (const std::exception& e) {
-        gateway::logger("cache")->error("{}", e.what());
+        core::logger("cache")->error("{}", e.what());
         return errno_code(EIO);
       }
     });
@@ -1384,7 +1384,7 @@ void CacheLayer::record_first_reads(uint64_t first, uint64_t last) {
 }
 
 Task<std::error_code> CacheLayer::zero_cache_file(ByteRange range, IoFlags flags) {
-  auto ec = co_await cache_file_->zero(range, flags & gateway::kNoHole);
+  auto ec = co_await cache_file_->zero(range, flags & core::kNoHole);
   if (ec == std::errc::not_supported || ec == std::errc::operation_not_supported) {
     static const std::vector<std::byte> zeroes(1u << 20);
     ec = {};
@@ -1414,7 +1414,7 @@ Task<std::error_code> CacheLayer::prefetch_fill(uint64_t first, uint64_t last, u
     if (hole) {
       // The remote reads zero here: zero the cache file (a stale copy may
       // remain from before an unclean stop) and mark present, like a fill.
-      ec = co_await zero_cache_file({off, len}, cfg_.preallocate ? gateway::kNoHole : 0);
+      ec = co_await zero_cache_file({off, len}, cfg_.preallocate ? core::kNoHole : 0);
       if (!ec)
         for (uint64_t c = mine[i]; c <= mine[j]; ++c) present_.set(c);
     } else {
@@ -1432,7 +1432,7 @@ Task<std::error_code> CacheLayer::prefetch_fill(uint64_t first, uint64_t last, u
 Task<void> CacheLayer::wait_for_switch() {
   // The caller's InFlight counted it; while a switch drains, it must not.
   while (switching_.load(std::memory_order_seq_cst)) {
-    std::shared_ptr<gateway::SharedEvent> done;
+    std::shared_ptr<core::SharedEvent> done;
     {
       std::lock_guard lock(switch_mutex_);
       done = switch_done_;
@@ -1446,7 +1446,7 @@ Task<void> CacheLayer::wait_for_switch() {
 Task<bool> CacheLayer::quiesce() {
   {
     std::lock_guard lock(switch_mutex_);
-    switch_done_ = std::make_shared<gateway::SharedEvent>();
+    switch_done_ = std::make_shared<core::SharedEvent>();
   }
   switching_.store(true, std::memory_order_seq_cst);
   const auto give_up = std::chrono::steady_clock::now() + kDoorDrainLimit;
@@ -1471,7 +1471,7 @@ Task<void> CacheLayer::switch_backoff(int attempt) {
 }
 
 void CacheLayer::unquiesce() {
-  std::shared_ptr<gateway::SharedEvent> done;
+  std::shared_ptr<core::SharedEvent> done;
   {
     std::lock_guard lock(switch_mutex_);
     done = std::move(switch_done_);
@@ -1482,13 +1482,13 @@ void CacheLayer::unquiesce() {
 
 Task<std::error_code> CacheLayer::local_write(std::span<const std::byte> buf, uint64_t offset, IoFlags flags) {
   auto ec = co_await cache_file_->write(buf, offset, 0);
-  if (!ec && (flags & gateway::kFua)) ec = co_await cache_file_->flush();
+  if (!ec && (flags & core::kFua)) ec = co_await cache_file_->flush();
   co_return ec;
 }
 
 Task<std::error_code> CacheLayer::local_zero(ByteRange range, IoFlags flags) {
   auto ec = co_await zero_cache_file(range, flags);
-  if (!ec && (flags & gateway::kFua)) ec = co_await cache_file_->flush();
+  if (!ec && (flags & core::kFua)) ec = co_await cache_file_->flush();
   co_return ec;
 }
 
@@ -1497,19 +1497,19 @@ Task<std::error_code> CacheLayer::zero_through_by_writes(ByteRange range, IoFlag
   for (uint64_t pos = 0; pos < range.length;) {
     const uint64_t n = std::min<uint64_t>(zeroes.size(), range.length - pos);
     std::span<const std::byte> piece(zeroes.data(), n);
-    if (auto ec = co_await write_through(piece, range.offset + pos, flags & gateway::kFua)) co_return ec;
+    if (auto ec = co_await write_through(piece, range.offset + pos, flags & core::kFua)) co_return ec;
     pos += n;
   }
   co_return std::error_code{};
 }
 
 Task<std::error_code> CacheLayer::persist_state(std::string key, std::string value) {
-  co_return co_await gateway::offload(blocking_, [this, &key, &value]() -> std::error_code {
+  co_return co_await core::offload(blocking_, [this, &key, &value]() -> std::error_code {
     try {
       store_.set_state(name_, key, value);
       return {};
     } catch (const std::exception& e) {
-      gateway::logger("cache")->error("{}", e.what());
+      core::logger("cache")->error("{}", e.what());
       return errno_code(EIO);
     }
   });
@@ -1535,8 +1535,8 @@ std::string human_bytes(uint64_t n) {
 
 }  // namespace
 
-Task<gateway::ControlResult> CacheLayer::detach(bool force) {
-  using gateway::ControlResult;
+Task<core::ControlResult> CacheLayer::detach(bool force) {
+  using core::ControlResult;
   auto control = co_await control_mutex_.lock();
   // close() may have had the lock first: nothing is switched under a closed layer.
   if (stopping_.load()) co_return ControlResult{errno_code(ESHUTDOWN), "export '" + name_ + "' is shutting down"};
@@ -1632,8 +1632,8 @@ Task<gateway::ControlResult> CacheLayer::detach(bool force) {
   co_return ControlResult{{}, "detached: " + cache_path_ + " is now the image; " + remote_uri_ + " is closed"};
 }
 
-Task<gateway::ControlResult> CacheLayer::set_mode(std::string_view mode_name) {
-  using gateway::ControlResult;
+Task<core::ControlResult> CacheLayer::set_mode(std::string_view mode_name) {
+  using core::ControlResult;
   WriteMode want;
   if (mode_name == "writethrough")
     want = WriteMode::writethrough;
@@ -1694,12 +1694,12 @@ Task<gateway::ControlResult> CacheLayer::set_mode(std::string_view mode_name) {
     }
   }
   std::string value = to_string(want);
-  auto ec = co_await gateway::offload(blocking_, [this, &value]() -> std::error_code {
+  auto ec = co_await core::offload(blocking_, [this, &value]() -> std::error_code {
     try {
       store_.set_mode(name_, value);
       return {};
     } catch (const std::exception& e) {
-      gateway::logger("cache")->error("{}", e.what());
+      core::logger("cache")->error("{}", e.what());
       return errno_code(EIO);
     }
   });
@@ -1708,9 +1708,9 @@ Task<gateway::ControlResult> CacheLayer::set_mode(std::string_view mode_name) {
                                   (ec ? "; the catalogue could not record it" : "")};
 }
 
-gateway::CacheReport CacheLayer::report() const {
+core::CacheReport CacheLayer::report() const {
   const auto s = stats();
-  gateway::CacheReport r;
+  core::CacheReport r;
   r.detached = local_.load();
   r.mode = r.detached ? "local" : to_string(mode());
   r.cache_path = cache_path_;
@@ -1733,10 +1733,10 @@ gateway::CacheReport CacheLayer::report() const {
   return r;
 }
 
-gateway::ControlResult CacheLayer::prefetch_start(gateway::PrefetchOrder order) { return prefetcher_->start(order); }
-gateway::ControlResult CacheLayer::prefetch_pause() { return prefetcher_->pause(); }
-gateway::ControlResult CacheLayer::prefetch_resume() { return prefetcher_->resume(); }
-gateway::ControlResult CacheLayer::prefetch_set_rate(uint64_t bytes_per_second) {
+core::ControlResult CacheLayer::prefetch_start(core::PrefetchOrder order) { return prefetcher_->start(order); }
+core::ControlResult CacheLayer::prefetch_pause() { return prefetcher_->pause(); }
+core::ControlResult CacheLayer::prefetch_resume() { return prefetcher_->resume(); }
+core::ControlResult CacheLayer::prefetch_set_rate(uint64_t bytes_per_second) {
   return prefetcher_->set_rate(bytes_per_second);
 }
 
@@ -1744,11 +1744,11 @@ gateway::ControlResult CacheLayer::prefetch_set_rate(uint64_t bytes_per_second) 
 
 namespace {
 
-class DetachedRemote final : public gateway::BlockDevice {
+class DetachedRemote final : public core::BlockDevice {
  public:
   DetachedRemote(uint64_t size, std::string uri) : size_(size), uri_(std::move(uri)) {}
-  [[nodiscard]] gateway::Geometry geometry() const noexcept override { return {size_, 1, 4096, 32u << 20}; }
-  [[nodiscard]] gateway::Capabilities capabilities() const noexcept override { return {}; }
+  [[nodiscard]] core::Geometry geometry() const noexcept override { return {size_, 1, 4096, 32u << 20}; }
+  [[nodiscard]] core::Capabilities capabilities() const noexcept override { return {}; }
   [[nodiscard]] std::string describe() const override { return uri_ + " (detached, not opened)"; }
   Task<std::error_code> read(std::span<std::byte>, uint64_t, IoFlags) override { co_return errno_code(ENOTCONN); }
   Task<std::error_code> write(std::span<const std::byte>, uint64_t, IoFlags) override {
@@ -1757,7 +1757,7 @@ class DetachedRemote final : public gateway::BlockDevice {
   Task<std::error_code> flush() override { co_return errno_code(ENOTCONN); }
   Task<std::error_code> trim(ByteRange, IoFlags) override { co_return errno_code(ENOTCONN); }
   Task<std::error_code> zero(ByteRange, IoFlags) override { co_return errno_code(ENOTCONN); }
-  Task<std::error_code> block_status(ByteRange, gateway::ExtentList&) override { co_return errno_code(ENOTCONN); }
+  Task<std::error_code> block_status(ByteRange, core::ExtentList&) override { co_return errno_code(ENOTCONN); }
   Task<std::error_code> prefetch(ByteRange) override { co_return errno_code(ENOTCONN); }
 
  private:
@@ -1767,7 +1767,7 @@ class DetachedRemote final : public gateway::BlockDevice {
 
 }  // namespace
 
-std::unique_ptr<gateway::BlockDevice> open_if_detached(MetaStore& store, const std::string& export_name,
+std::unique_ptr<core::BlockDevice> open_if_detached(MetaStore& store, const std::string& export_name,
                                                        const std::string& remote_uri) {
   auto rec = store.find(export_name);
   if (!rec || store.get_state(export_name, "detached").value_or("") != "1") return nullptr;

@@ -55,11 +55,11 @@
 #include "cache/bitmap.hpp"
 #include "cache/cache_config.hpp"
 #include "cache/meta_store.hpp"
-#include "gateway/async_mutex.hpp"
-#include "gateway/block_device.hpp"
-#include "gateway/export_control.hpp"
-#include "gateway/logging.hpp"
-#include "gateway/shared_event.hpp"
+#include "core/async_mutex.hpp"
+#include "core/block_device.hpp"
+#include "core/export_control.hpp"
+#include "core/logging.hpp"
+#include "core/shared_event.hpp"
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/thread_pool.hpp>
@@ -98,10 +98,10 @@ class Prefetcher;
 // from the catalogue, or nullptr if the export is not detached or its remote
 // URI changed (then the remote is opened and the cache starts over). Every
 // I/O on the stand-in fails with ENOTCONN; the cache layer never calls it.
-std::unique_ptr<gateway::BlockDevice> open_if_detached(MetaStore& store, const std::string& export_name,
+std::unique_ptr<core::BlockDevice> open_if_detached(MetaStore& store, const std::string& export_name,
                                                        const std::string& remote_uri);
 
-class CacheLayer final : public gateway::Layer, public gateway::ExportControl {
+class CacheLayer final : public core::Layer, public core::ExportControl {
  public:
   struct Params {
     std::string export_name;
@@ -112,32 +112,32 @@ class CacheLayer final : public gateway::Layer, public gateway::ExportControl {
     boost::asio::any_io_executor background;  // where write-back and checkpoints run
     // Opens the cache image at a path; the default is a FileDevice on a
     // sparse file created here. Tests pass a device that simulates power loss.
-    std::function<std::unique_ptr<gateway::BlockDevice>(const std::string& path)> open_cache_file;
+    std::function<std::unique_ptr<core::BlockDevice>(const std::string& path)> open_cache_file;
   };
 
   // Opens or creates the cache file and its metadata; after an unclean stop,
   // drops what may be stale. Throws std::runtime_error with a clear message.
-  CacheLayer(std::unique_ptr<gateway::BlockDevice> remote, Params params);
+  CacheLayer(std::unique_ptr<core::BlockDevice> remote, Params params);
   ~CacheLayer() override;
 
-  [[nodiscard]] gateway::Capabilities capabilities() const noexcept override;
+  [[nodiscard]] core::Capabilities capabilities() const noexcept override;
   [[nodiscard]] std::string describe() const override;
 
-  gateway::Task<std::error_code> read(std::span<std::byte> buf, uint64_t offset, gateway::IoFlags flags) override;
-  gateway::Task<std::error_code> write(std::span<const std::byte> buf, uint64_t offset,
-                                       gateway::IoFlags flags) override;
-  gateway::Task<std::error_code> flush() override;
-  gateway::Task<std::error_code> trim(gateway::ByteRange range, gateway::IoFlags flags) override;
-  gateway::Task<std::error_code> zero(gateway::ByteRange range, gateway::IoFlags flags) override;
-  gateway::Task<std::error_code> block_status(gateway::ByteRange range, gateway::ExtentList& out) override;
-  gateway::Task<std::error_code> prefetch(gateway::ByteRange range) override;
-  gateway::Task<void> close() override;
+  core::Task<std::error_code> read(std::span<std::byte> buf, uint64_t offset, core::IoFlags flags) override;
+  core::Task<std::error_code> write(std::span<const std::byte> buf, uint64_t offset,
+                                       core::IoFlags flags) override;
+  core::Task<std::error_code> flush() override;
+  core::Task<std::error_code> trim(core::ByteRange range, core::IoFlags flags) override;
+  core::Task<std::error_code> zero(core::ByteRange range, core::IoFlags flags) override;
+  core::Task<std::error_code> block_status(core::ByteRange range, core::ExtentList& out) override;
+  core::Task<std::error_code> prefetch(core::ByteRange range) override;
+  core::Task<void> close() override;
   // Stops background work without persisting anything or marking the cache
   // clean: what a crash leaves behind (for tests).
-  gateway::Task<void> abandon();
+  core::Task<void> abandon();
 
   // Present/dirty state of [range] as extents: flag 1 = present, 2 = dirty.
-  gateway::Task<std::error_code> cache_status(gateway::ByteRange range, gateway::ExtentList& out);
+  core::Task<std::error_code> cache_status(core::ByteRange range, core::ExtentList& out);
   [[nodiscard]] CacheStats stats() const;
   [[nodiscard]] WriteMode mode() const noexcept { return mode_.load(std::memory_order_acquire); }
   [[nodiscard]] bool detached() const noexcept { return local_.load(std::memory_order_acquire); }
@@ -146,13 +146,13 @@ class CacheLayer final : public gateway::Layer, public gateway::ExportControl {
   void start();
 
   // ExportControl.
-  [[nodiscard]] gateway::CacheReport report() const override;
-  gateway::ControlResult prefetch_start(gateway::PrefetchOrder order) override;
-  gateway::ControlResult prefetch_pause() override;
-  gateway::ControlResult prefetch_resume() override;
-  gateway::ControlResult prefetch_set_rate(uint64_t bytes_per_second) override;
-  gateway::Task<gateway::ControlResult> detach(bool force) override;
-  gateway::Task<gateway::ControlResult> set_mode(std::string_view mode) override;
+  [[nodiscard]] core::CacheReport report() const override;
+  core::ControlResult prefetch_start(core::PrefetchOrder order) override;
+  core::ControlResult prefetch_pause() override;
+  core::ControlResult prefetch_resume() override;
+  core::ControlResult prefetch_set_rate(uint64_t bytes_per_second) override;
+  core::Task<core::ControlResult> detach(bool force) override;
+  core::Task<core::ControlResult> set_mode(std::string_view mode) override;
 
  private:
   friend class Prefetcher;
@@ -176,31 +176,31 @@ class CacheLayer final : public gateway::Layer, public gateway::ExportControl {
 
   // Fetches what is absent of chunks [first, last] (one populator per chunk),
   // for read-ahead and NBD_CMD_CACHE: they may be evicted again at once.
-  gateway::Task<std::error_code> populate(uint64_t first, uint64_t last);
+  core::Task<std::error_code> populate(uint64_t first, uint64_t last);
   // Claims the absent chunks of [first, last] for the caller (all of them
   // with present_too), waiting for other claimers; returns the claimed chunks.
-  gateway::Task<std::pair<std::shared_ptr<Fill>, std::vector<uint64_t>>> claim(uint64_t first, uint64_t last,
+  core::Task<std::pair<std::shared_ptr<Fill>, std::vector<uint64_t>>> claim(uint64_t first, uint64_t last,
                                                                               bool present_too = false);
   void release(const std::shared_ptr<Fill>& fill, const std::vector<uint64_t>& chunks, std::error_code ec);
   // True if every chunk of [first, last] is present or in `mine` (sorted).
   [[nodiscard]] bool chunks_ready(uint64_t first, uint64_t last, const std::vector<uint64_t>& mine) const noexcept;
-  gateway::Task<std::error_code> fetch_run(uint64_t first, uint64_t last);
+  core::Task<std::error_code> fetch_run(uint64_t first, uint64_t last);
   void start_readahead(uint64_t after);
 
   // Write-intent for the regions of chunks [first, last], persisted before
   // the caller changes cache data there.
-  gateway::Task<std::error_code> ensure_intent(uint64_t first, uint64_t last);
+  core::Task<std::error_code> ensure_intent(uint64_t first, uint64_t last);
   class RegionWrites;  // RAII: counts writes in progress per region
 
   // Fetches the chunks at either end of `range` that it covers only in part,
   // if they are absent and claimed by the caller (in `mine`, sorted).
-  gateway::Task<std::error_code> fetch_partial_ends(gateway::ByteRange range, const std::vector<uint64_t>& mine);
+  core::Task<std::error_code> fetch_partial_ends(core::ByteRange range, const std::vector<uint64_t>& mine);
   // Fetches every chunk of `mine` (claimed by the caller, sorted) that is not
   // present, in runs of up to kMaxRun bytes.
-  gateway::Task<std::error_code> fetch_absent(const std::vector<uint64_t>& mine);
+  core::Task<std::error_code> fetch_absent(const std::vector<uint64_t>& mine);
   // A read that missed: claims every chunk of the range, fetches the absent
   // ones and reads the range from the cache file under the claim.
-  gateway::Task<std::error_code> read_miss(std::span<std::byte> buf, uint64_t offset, uint64_t first, uint64_t last);
+  core::Task<std::error_code> read_miss(std::span<std::byte> buf, uint64_t offset, uint64_t first, uint64_t last);
   // A write or zero that lost a present chunk to eviction this many times
   // claims the present chunks too (then none can be evicted under it).
   static constexpr int kClaimAllAfter = 2;
@@ -209,11 +209,11 @@ class CacheLayer final : public gateway::Layer, public gateway::ExportControl {
   // counted (CacheStats::failed_requests); returns ec.
   std::error_code request_failed(const char* what, uint64_t length, uint64_t offset, const char* where,
                                  std::error_code ec);
-  gateway::Task<std::error_code> write_cached(std::span<const std::byte> buf, uint64_t offset,
-                                              gateway::IoFlags flags);
-  gateway::Task<std::error_code> write_through(std::span<const std::byte> buf, uint64_t offset,
-                                               gateway::IoFlags flags);
-  gateway::Task<std::error_code> zero_cached(gateway::ByteRange range, gateway::IoFlags flags, bool whole_chunks_only);
+  core::Task<std::error_code> write_cached(std::span<const std::byte> buf, uint64_t offset,
+                                              core::IoFlags flags);
+  core::Task<std::error_code> write_through(std::span<const std::byte> buf, uint64_t offset,
+                                               core::IoFlags flags);
+  core::Task<std::error_code> zero_cached(core::ByteRange range, core::IoFlags flags, bool whole_chunks_only);
   // After a writethrough change reached the remote but not the cache file:
   // drops the clean chunks of [first, last] (fetched again when read). Dirty
   // ones (inherited from a write-back mode) cannot be dropped without losing
@@ -222,40 +222,40 @@ class CacheLayer final : public gateway::Layer, public gateway::ExportControl {
   // The part of a writethrough change the cache file takes: `range` less the
   // absent chunks at either end that it covers only in part (empty if none
   // is left). Under the change's claim.
-  [[nodiscard]] gateway::ByteRange cacheable_part(gateway::ByteRange range) const noexcept;
+  [[nodiscard]] core::ByteRange cacheable_part(core::ByteRange range) const noexcept;
   // True if a chunk of [first, last] is dirty, being written back, or still
   // persisted dirty: after a power loss it would be written back from the
   // cache file, so a writethrough FUA there must make the cache file durable
   // too.
   [[nodiscard]] bool owes_write_back(uint64_t first, uint64_t last) const noexcept;
   // Durability of a FUA request over chunks [first, last], per write mode.
-  gateway::Task<std::error_code> make_durable(uint64_t first, uint64_t last);
+  core::Task<std::error_code> make_durable(uint64_t first, uint64_t last);
 
   // Writes dirty chunks of [first, last] to the remote and flushes it.
-  gateway::Task<std::error_code> write_back(uint64_t first, uint64_t last);
+  core::Task<std::error_code> write_back(uint64_t first, uint64_t last);
   // Writes back and, where a persisted dirty bit could later resurrect older
   // bytes, syncs the cache and persists the clean bits: for FLUSH and FUA.
-  gateway::Task<std::error_code> write_back_durably(uint64_t first, uint64_t last);
-  gateway::Task<std::error_code> write_back_locked(uint64_t first, uint64_t last);
+  core::Task<std::error_code> write_back_durably(uint64_t first, uint64_t last);
+  core::Task<std::error_code> write_back_locked(uint64_t first, uint64_t last);
   // FUA for the remote: passed on if it has FUA, else done by a flush after.
-  [[nodiscard]] gateway::IoFlags remote_fua(gateway::IoFlags flags) const noexcept;
-  [[nodiscard]] bool needs_remote_flush(gateway::IoFlags flags) const noexcept;
+  [[nodiscard]] core::IoFlags remote_fua(core::IoFlags flags) const noexcept;
+  [[nodiscard]] bool needs_remote_flush(core::IoFlags flags) const noexcept;
   // Every remote flush goes through flush_remote(), and every remote write,
   // zero or trim calls remote_write_done() once it has ended: a FLUSH with
   // nothing to write back still flushes the remote if it may hold writes
   // no flush has covered yet (always so for the first one after open).
-  gateway::Task<std::error_code> flush_remote();
-  void remote_write_done(gateway::IoFlags remote_flags, std::error_code ec) noexcept;
+  core::Task<std::error_code> flush_remote();
+  void remote_write_done(core::IoFlags remote_flags, std::error_code ec) noexcept;
   [[nodiscard]] bool remote_flush_owed() const noexcept;
   // Copies chunks [a, b] from the cache file to the remote (no flush).
-  gateway::Task<std::error_code> write_back_run(uint64_t a, uint64_t b);
+  core::Task<std::error_code> write_back_run(uint64_t a, uint64_t b);
   // Group-committed checkpoint: with sync_data, fdatasync the cache file and
   // persist present/dirty/intent; without, persist only new intents.
-  gateway::Task<std::error_code> checkpoint(bool sync_data);
-  gateway::Task<std::error_code> run_checkpoint(bool sync_data);
-  gateway::Task<void> background_loop();
+  core::Task<std::error_code> checkpoint(bool sync_data);
+  core::Task<std::error_code> run_checkpoint(bool sync_data);
+  core::Task<void> background_loop();
   // Capacity: evicts clean, unreferenced chunks (CLOCK) down to 90% of it.
-  gateway::Task<void> evict();
+  core::Task<void> evict();
   // Read side of eviction's grace period: while a guard lives, chunks seen
   // present stay in the cache file (eviction waits for guards of the epoch in
   // which it cleared their present bits). No-op without a capacity.
@@ -266,7 +266,7 @@ class CacheLayer final : public gateway::Layer, public gateway::ExportControl {
 
   // Prefetch: claims the absent chunks of [first, last], zeroes those the
   // remote reported as holes and fetches the rest; returns data bytes fetched.
-  gateway::Task<std::error_code> prefetch_fill(uint64_t first, uint64_t last, uint64_t* fetched);
+  core::Task<std::error_code> prefetch_fill(uint64_t first, uint64_t last, uint64_t* fetched);
   // Starts writing bytes of the cache file to disk without waiting for them
   // (sync_file_range on the blocking pool); durability still comes only from
   // the fdatasync of a checkpoint.
@@ -286,17 +286,17 @@ class CacheLayer final : public gateway::Layer, public gateway::ExportControl {
   // longer than that.
   class InFlight;
   static constexpr std::chrono::milliseconds kDoorDrainLimit{250};
-  gateway::Task<void> wait_for_switch();
-  gateway::Task<bool> quiesce();
-  gateway::Task<void> switch_backoff(int attempt);
+  core::Task<void> wait_for_switch();
+  core::Task<bool> quiesce();
+  core::Task<void> switch_backoff(int attempt);
   void unquiesce();
   // The local-mode data path (after detach).
-  gateway::Task<std::error_code> local_write(std::span<const std::byte> buf, uint64_t offset, gateway::IoFlags flags);
-  gateway::Task<std::error_code> local_zero(gateway::ByteRange range, gateway::IoFlags flags);
-  gateway::Task<std::error_code> zero_cache_file(gateway::ByteRange range, gateway::IoFlags flags);
+  core::Task<std::error_code> local_write(std::span<const std::byte> buf, uint64_t offset, core::IoFlags flags);
+  core::Task<std::error_code> local_zero(core::ByteRange range, core::IoFlags flags);
+  core::Task<std::error_code> zero_cache_file(core::ByteRange range, core::IoFlags flags);
   // Writethrough zero for a remote without native zero: writes of zeroes.
-  gateway::Task<std::error_code> zero_through_by_writes(gateway::ByteRange range, gateway::IoFlags flags);
-  gateway::Task<std::error_code> persist_state(std::string key, std::string value);
+  core::Task<std::error_code> zero_through_by_writes(core::ByteRange range, core::IoFlags flags);
+  core::Task<std::error_code> persist_state(std::string key, std::string value);
   // Access profile: the first read of each chunk in this session.
   void record_first_reads(uint64_t first, uint64_t last);
   void open_cache_file();
@@ -309,9 +309,9 @@ class CacheLayer final : public gateway::Layer, public gateway::ExportControl {
   boost::asio::any_io_executor background_;
   std::shared_ptr<spdlog::logger> log_;
 
-  gateway::Geometry geometry_;
-  gateway::Capabilities remote_caps_;
-  std::unique_ptr<gateway::BlockDevice> cache_file_;  // FileDevice on the cache image
+  core::Geometry geometry_;
+  core::Capabilities remote_caps_;
+  std::unique_ptr<core::BlockDevice> cache_file_;  // FileDevice on the cache image
   // A descriptor of the cache file for start_writeback(); shared with the
   // pool tasks that use it, so it outlives them.
   struct WritebackFd {
@@ -331,14 +331,14 @@ class CacheLayer final : public gateway::Layer, public gateway::ExportControl {
 
   // Last persisted words, to write only changed pages (checkpoint_mutex_).
   std::vector<uint64_t> saved_present_, saved_dirty_, saved_intent_;
-  gateway::AsyncMutex checkpoint_mutex_;
+  core::AsyncMutex checkpoint_mutex_;
   std::atomic<uint64_t> checkpoint_requested_{0};
   uint64_t checkpoint_done_ = 0;  // under checkpoint_mutex_
   std::atomic<uint64_t> checkpoint_done_sync_{0};
-  gateway::AsyncMutex writeback_mutex_;
+  core::AsyncMutex writeback_mutex_;
 
   std::atomic<bool> stopping_{false};
-  std::shared_ptr<gateway::SharedEvent> background_done_;
+  std::shared_ptr<core::SharedEvent> background_done_;
   std::atomic<uint64_t> last_miss_end_{UINT64_MAX};
   std::atomic<int> readaheads_{0};
 
@@ -367,8 +367,8 @@ class CacheLayer final : public gateway::Layer, public gateway::ExportControl {
   std::atomic<int64_t> inflight_{0};
   std::atomic<int64_t> last_request_end_{0};  // steady_clock ns, for the prefetcher's yield
   std::mutex switch_mutex_;
-  std::shared_ptr<gateway::SharedEvent> switch_done_;  // under switch_mutex_
-  gateway::AsyncMutex control_mutex_;  // one detach / set_mode at a time
+  std::shared_ptr<core::SharedEvent> switch_done_;  // under switch_mutex_
+  core::AsyncMutex control_mutex_;  // one detach / set_mode at a time
 
   // Holes: what the prefetcher's block-status scan found reading as zero at
   // the remote; no_hole_: chunks written to the remote since (sticky).

@@ -1,7 +1,7 @@
 #include "cache/prefetcher.hpp"
 
 #include "cache/cache_layer.hpp"
-#include "gateway/logging.hpp"
+#include "core/logging.hpp"
 
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/co_spawn.hpp>
@@ -14,11 +14,11 @@
 
 namespace blockway::cache {
 
-using gateway::ControlResult;
-using gateway::errno_code;
-using gateway::PrefetchOrder;
-using gateway::PrefetchState;
-using gateway::Task;
+using core::ControlResult;
+using core::errno_code;
+using core::PrefetchOrder;
+using core::PrefetchState;
+using core::Task;
 using Clock = std::chrono::steady_clock;
 
 namespace {
@@ -69,7 +69,7 @@ void Prefetcher::start_at_boot() {
     set_state(PrefetchState::failed, r.message);
   } else if (resumed) {
     c_.log_->info("export '{}': prefetch ({}) continues from the persisted bitmap{}", c_.name_,
-                  gateway::to_string(*order), paused == "1" ? ", paused" : "");
+                  core::to_string(*order), paused == "1" ? ", paused" : "");
   }
 }
 
@@ -82,7 +82,7 @@ ControlResult Prefetcher::start(PrefetchOrder order, bool paused) {
     }
     if (state_ == PrefetchState::running || state_ == PrefetchState::paused)
       return {errno_code(EALREADY), "prefetch of export '" + c_.name_ + "' is already " +
-                                        std::string(gateway::to_string(state_))};
+                                        std::string(core::to_string(state_))};
     if (c_.capacity_chunks_)
       return {errno_code(ENOSPC), "the cache capacity of export '" + c_.name_ + "' (" +
                                       std::to_string(c_.capacity_chunks_ << c_.chunk_shift_) +
@@ -95,7 +95,7 @@ ControlResult Prefetcher::start(PrefetchOrder order, bool paused) {
     samples_.clear();
     paused_.store(paused);
     stop_.store(false);
-    persisted_ = std::string(gateway::to_string(order));
+    persisted_ = std::string(core::to_string(order));
     ++loops_;
   }
   persist();
@@ -103,7 +103,7 @@ ControlResult Prefetcher::start(PrefetchOrder order, bool paused) {
     if (e) set_state(PrefetchState::failed, "internal error");
     --loops_;
   });
-  return {{}, "prefetch of export '" + c_.name_ + "' started (" + std::string(gateway::to_string(order)) + ")"};
+  return {{}, "prefetch of export '" + c_.name_ + "' started (" + std::string(core::to_string(order)) + ")"};
 }
 
 ControlResult Prefetcher::pause() {
@@ -111,7 +111,7 @@ ControlResult Prefetcher::pause() {
     std::lock_guard lock(mutex_);
     if (state_ != PrefetchState::running)
       return {errno_code(EINVAL), "prefetch of export '" + c_.name_ + "' is not running (it is " +
-                                      std::string(gateway::to_string(state_)) + ")"};
+                                      std::string(core::to_string(state_)) + ")"};
     state_ = PrefetchState::paused;
     paused_.store(true);
   }
@@ -124,7 +124,7 @@ ControlResult Prefetcher::resume() {
     std::lock_guard lock(mutex_);
     if (state_ != PrefetchState::paused)
       return {errno_code(EINVAL), "prefetch of export '" + c_.name_ + "' is not paused (it is " +
-                                      std::string(gateway::to_string(state_)) + ")"};
+                                      std::string(core::to_string(state_)) + ")"};
     state_ = PrefetchState::running;
     paused_.store(false);
   }
@@ -154,8 +154,8 @@ void Prefetcher::note_auto_detach(std::string why) {
   if (state_ == PrefetchState::done) error_ = std::move(why);  // not over a state a command set meanwhile
 }
 
-gateway::PrefetchStatus Prefetcher::status() const {
-  gateway::PrefetchStatus st;
+core::PrefetchStatus Prefetcher::status() const {
+  core::PrefetchStatus st;
   // Holes (as far as the last scan knows) are not part of the work.
   uint64_t holes = 0, present_data = 0;
   for (size_t i = 0; i < c_.present_.word_count(); ++i) {
@@ -216,7 +216,7 @@ void Prefetcher::persist() {
       store.set_state(name, "prefetch", wanted);
       store.set_state(name, "prefetch-paused", paused ? "1" : "0");
     } catch (const std::exception& e) {
-      gateway::logger("cache")->warn("export '{}': cannot record the prefetch state: {}", name, e.what());
+      core::logger("cache")->warn("export '{}': cannot record the prefetch state: {}", name, e.what());
     }
   });
 }
@@ -232,20 +232,20 @@ Task<void> Prefetcher::stop() {
   // (A raw pointer: GCC 12 destroys non-trivial captures of a lambda inside a
   // co_await expression twice; persist_queue_ keeps it alive.)
   PersistQueue* queue = persist_queue_.get();
-  co_await gateway::offload(c_.blocking_, [queue]() -> std::error_code {
+  co_await core::offload(c_.blocking_, [queue]() -> std::error_code {
     std::lock_guard lock(queue->mutex);
     return {};
   });
 }
 
 Task<void> Prefetcher::scan_holes() {
-  if (c_.remote_caps_.extents != gateway::Support::native) co_return;
+  if (c_.remote_caps_.extents != core::Support::native) co_return;
   const uint64_t size = c_.geometry_.size;
   const uint64_t chunk = c_.cfg_.chunk_size;
   uint64_t pos = 0;
   for (int calls = 0; pos < size && calls < (1 << 20) && !stop_.load() && !c_.stopping_.load(); ++calls) {
-    gateway::ExtentList extents;
-    const gateway::ByteRange range{pos, std::min<uint64_t>(size - pos, uint64_t{1} << 30)};
+    core::ExtentList extents;
+    const core::ByteRange range{pos, std::min<uint64_t>(size - pos, uint64_t{1} << 30)};
     if (auto ec = co_await c_.next().block_status(range, extents)) {
       c_.log_->warn("export '{}': block status of the remote failed ({}); holes will be copied", c_.name_,
                     ec.message());
@@ -255,7 +255,7 @@ Task<void> Prefetcher::scan_holes() {
     for (const auto& e : extents) {
       const uint64_t len = std::min<uint64_t>(e.length, range.end() - at);
       if (len == 0) break;
-      if (e.flags & gateway::kExtentZero) {
+      if (e.flags & core::kExtentZero) {
         // Whole chunks inside [at, at + len) only; the last chunk may be short.
         uint64_t c = (at + chunk - 1) / chunk;
         const uint64_t end = at + len;
@@ -302,7 +302,7 @@ Task<void> Prefetcher::run(PrefetchOrder order) {
   co_await scan_holes();
   std::vector<uint64_t> hot;
   if (order == PrefetchOrder::hot_first) {
-    auto profiles = co_await gateway::offload(c_.blocking_, [this] { return hot_order(); });
+    auto profiles = co_await core::offload(c_.blocking_, [this] { return hot_order(); });
     hot = std::move(profiles);
   }
   const uint64_t n = c_.nchunks_;

@@ -27,9 +27,9 @@
 // persist_mutex_.
 #pragma once
 
-#include "gateway/export_control.hpp"
-#include "gateway/shared_event.hpp"
-#include "gateway/task.hpp"
+#include "core/export_control.hpp"
+#include "core/shared_event.hpp"
+#include "core/task.hpp"
 
 #include <boost/asio/steady_timer.hpp>
 
@@ -63,39 +63,39 @@ class Prefetcher {
   // running, or starts the configured one.
   void start_at_boot();
 
-  gateway::ControlResult start(gateway::PrefetchOrder order, bool paused = false);
-  gateway::ControlResult pause();
-  gateway::ControlResult resume();
-  gateway::ControlResult set_rate(uint64_t bytes_per_second);
-  [[nodiscard]] gateway::PrefetchStatus status() const;
+  core::ControlResult start(core::PrefetchOrder order, bool paused = false);
+  core::ControlResult pause();
+  core::ControlResult resume();
+  core::ControlResult set_rate(uint64_t bytes_per_second);
+  [[nodiscard]] core::PrefetchStatus status() const;
   // After detach: nothing is left to do.
   void mark_done();
 
   // Stops the loop and waits for its fills (close / abandon).
-  gateway::Task<void> stop();
+  core::Task<void> stop();
   // Prefetch fills in flight (detach waits for none).
   [[nodiscard]] int in_flight() const noexcept { return in_flight_.load(); }
 
  private:
-  gateway::Task<void> run(gateway::PrefetchOrder order);
-  gateway::Task<void> scan_holes();
-  gateway::Task<void> sleep_for(std::chrono::microseconds d);
-  gateway::Task<std::error_code> fill(uint64_t first, uint64_t last);
+  core::Task<void> run(core::PrefetchOrder order);
+  core::Task<void> scan_holes();
+  core::Task<void> sleep_for(std::chrono::microseconds d);
+  core::Task<std::error_code> fill(uint64_t first, uint64_t last);
   std::vector<uint64_t> hot_order() const;
   [[nodiscard]] bool foreground_busy() const noexcept;
   void sample_rate();
   // Writes the wanted state (prefetch / prefetch-paused / prefetch-rate) to
   // the catalogue on the blocking pool.
   void persist();
-  void set_state(gateway::PrefetchState s, std::string error = {});
+  void set_state(core::PrefetchState s, std::string error = {});
   // Why auto-detach has not happened yet, shown as the status's error while
   // the state is done.
   void note_auto_detach(std::string why);
 
   CacheLayer& c_;
   mutable std::mutex mutex_;
-  gateway::PrefetchState state_ = gateway::PrefetchState::idle;
-  gateway::PrefetchOrder order_ = gateway::PrefetchOrder::sequential;
+  core::PrefetchState state_ = core::PrefetchState::idle;
+  core::PrefetchOrder order_ = core::PrefetchOrder::sequential;
   std::string error_;
   std::string persisted_;  // what the catalogue should say under "prefetch"
   std::deque<std::pair<std::chrono::steady_clock::time_point, uint64_t>> samples_;

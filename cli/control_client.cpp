@@ -1,6 +1,6 @@
 #include "cli/control_client.hpp"
 
-#include "gateway/config.hpp"
+#include "core/paths.hpp"
 
 #include <sys/socket.h>
 #include <sys/time.h>
@@ -16,7 +16,7 @@ namespace blockway::cli {
 std::string control_socket_path(const std::string& from_option) {
   if (!from_option.empty()) return from_option;
   if (const char* env = std::getenv("BLOCKWAY_SOCKET"); env && *env) return env;
-  return gateway::default_control_socket();
+  return core::default_control_socket();
 }
 
 ControlClient::ControlClient(const std::string& path) : path_(path) {

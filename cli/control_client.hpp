@@ -33,7 +33,7 @@ struct CliError : std::runtime_error {
 };
 
 // The socket the command talks to: --socket, else $BLOCKWAY_SOCKET, else the
-// daemon's default (gateway::default_control_socket()).
+// daemon's default (core::default_control_socket()).
 std::string control_socket_path(const std::string& from_option);
 
 class ControlClient {

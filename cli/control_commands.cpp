@@ -3,7 +3,7 @@
 #include "cli/command.hpp"
 #include "cli/control_client.hpp"
 
-#include "gateway/config.hpp"
+#include "core/options.hpp"
 
 #include <fmt/format.h>
 #include <sys/ioctl.h>
@@ -450,8 +450,8 @@ int cmd_prefetch(const std::vector<std::string>& in) {
     uint64_t rate = 0;
     if (text != "unlimited" && text != "off") {
       try {
-        rate = gateway::parse_size(text, "rate");
-      } catch (const gateway::ConfigError& e) {
+        rate = core::parse_size(text, "rate");
+      } catch (const core::ConfigError& e) {
         throw CliError(kUsage, std::string(e.what()) + " (e.g. 50M for 50 MiB/s, 0 for unlimited)");
       }
     }

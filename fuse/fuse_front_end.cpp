@@ -3,10 +3,10 @@
 #define FUSE_USE_VERSION 314
 #include <fuse3/fuse_lowlevel.h>
 
-#include "gateway/async_mutex.hpp"
-#include "gateway/buffer_pool.hpp"
-#include "gateway/config.hpp"
-#include "gateway/logging.hpp"
+#include "core/async_mutex.hpp"
+#include "core/buffer_pool.hpp"
+#include "core/logging.hpp"
+#include "core/options.hpp"
 
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
@@ -44,11 +44,11 @@ extern char** environ;
 
 namespace blockway::fuse {
 
-using gateway::ByteRange;
-using gateway::ConfigError;
-using gateway::ExtentList;
-using gateway::IoBuffer;
-using gateway::Task;
+using core::ByteRange;
+using core::ConfigError;
+using core::ExtentList;
+using core::IoBuffer;
+using core::Task;
 
 namespace {
 
@@ -210,7 +210,7 @@ void log_from_libfuse(enum fuse_log_level level, const char* fmt, va_list ap) {
   std::string_view msg(text);
   while (!msg.empty() && msg.back() == '\n') msg.remove_suffix(1);
   try {  // called from C: nothing may escape
-    static const auto log = gateway::logger("fuse");
+    static const auto log = core::logger("fuse");
     if (level <= FUSE_LOG_ERR)
       log->error("libfuse: {}", msg);
     else if (level <= FUSE_LOG_NOTICE)
@@ -235,12 +235,12 @@ FuseOptions FuseOptions::parse(const std::map<std::string, std::string>& options
     } else if (key == "gid") {
       o.gid = static_cast<gid_t>(parse_uint(value, key, 10, UINT32_MAX - 1));
     } else if (key == "allow-other" || key == "allow_other") {
-      o.allow_other = gateway::parse_bool(value, "fuse option allow-other");
+      o.allow_other = core::parse_bool(value, "fuse option allow-other");
     } else if (key == "readers") {
       o.readers = static_cast<unsigned>(parse_uint(value, key, 10, 256));
       if (o.readers == 0) throw ConfigError("fuse option readers must be at least 1");
     } else if (key == "direct-io" || key == "direct_io") {
-      o.direct_io = gateway::parse_bool(value, "fuse option direct-io");
+      o.direct_io = core::parse_bool(value, "fuse option direct-io");
     } else if (key == "mount-timeout" || key == "mount_timeout") {
       o.mount_timeout = std::chrono::seconds(parse_uint(value, key, 10, 86400));
       if (o.mount_timeout.count() == 0) throw ConfigError("fuse option mount-timeout must be at least 1 (seconds)");
@@ -280,7 +280,7 @@ bool representable_name(const std::string& name) noexcept {
 struct FuseFrontEnd::Node {
   fuse_ino_t ino = 0;
   std::string name;
-  std::shared_ptr<gateway::Export> exp;
+  std::shared_ptr<core::Export> exp;
   uint64_t size = 0;
   uint32_t min_block = 1;  // the device's: requests off this grid are read-modify-written here
   bool read_only = false;
@@ -290,7 +290,7 @@ struct FuseFrontEnd::Node {
   // that request), so that two unaligned writes into one block cannot undo
   // each other. Aligned writes take it only while a read-modify-write is
   // pending (see AlignedWrite).
-  gateway::AsyncMutex edge_lock;
+  core::AsyncMutex edge_lock;
   // Read-modify-writes waiting for or holding edge_lock.
   std::atomic<uint32_t> rmw_pending{0};
   int64_t created_ns = 0;
@@ -311,10 +311,10 @@ struct FuseFrontEnd::Impl : std::enable_shared_from_this<FuseFrontEnd::Impl> {
   // (a hung mount at DIR may block it for long); nothing else may start.
   enum class State { idle, mounting, mounted, unmounting };
 
-  gateway::EventLoops& loops;
-  gateway::ExportTable& exports;
+  core::EventLoops& loops;
+  core::ExportTable& exports;
   FuseOptions options;
-  std::shared_ptr<spdlog::logger> log = gateway::logger("fuse");
+  std::shared_ptr<spdlog::logger> log = core::logger("fuse");
 
   mutable std::mutex mutex;
   State state = State::idle;
@@ -339,7 +339,7 @@ struct FuseFrontEnd::Impl : std::enable_shared_from_this<FuseFrontEnd::Impl> {
   // Requests being served by coroutines, plus kernel notifications queued.
   std::atomic<int64_t> inflight{0};
 
-  Impl(gateway::EventLoops& l, gateway::ExportTable& e, FuseOptions o)
+  Impl(core::EventLoops& l, core::ExportTable& e, FuseOptions o)
       : loops(l), exports(e), options(std::move(o)) {}
 
   void mount(const std::string& where);
@@ -355,8 +355,8 @@ struct FuseFrontEnd::Impl : std::enable_shared_from_this<FuseFrontEnd::Impl> {
     if (inflight.fetch_sub(1, std::memory_order_acq_rel) == 1) check_finished();
   }
   void check_finished();
-  void add_node(const std::shared_ptr<gateway::Export>& exp);  // mutex held
-  void on_export(const std::shared_ptr<gateway::Export>& exp, gateway::ExportEvent event);
+  void add_node(const std::shared_ptr<core::Export>& exp);  // mutex held
+  void on_export(const std::shared_ptr<core::Export>& exp, core::ExportEvent event);
 
   std::shared_ptr<Node> find(fuse_ino_t ino, fuse_file_info* fi) {
     if (fi && fi->fh) return reinterpret_cast<Handle*>(fi->fh)->node;
@@ -791,7 +791,7 @@ Task<void> do_read_unaligned(fuse_req_t req, std::shared_ptr<Node> node, size_t 
   IoBuffer buf(static_cast<size_t>(last - first));
   auto span = buf.span().first(static_cast<size_t>(last - first));
   std::error_code ec = co_await node->exp->device->read(span, first, 0);
-  if (ec && tail_refused(*node, last, ec, *impl_of(req).log)) ec = gateway::errno_code(EIO);
+  if (ec && tail_refused(*node, last, ec, *impl_of(req).log)) ec = core::errno_code(EIO);
   if (ec)
     fuse_reply_err(req, fuse_errno(ec));
   else
@@ -815,7 +815,7 @@ void op_read(fuse_req_t req, fuse_ino_t, size_t size, off_t off, fuse_file_info*
 // One block of the device's grid, read, patched at [from, from + len) with
 // src (nullptr: zeroes), and written back. The caller holds edge_lock.
 Task<std::error_code> patch_block(Node& node, uint64_t block, uint64_t from, size_t len, const std::byte* src,
-                                  gateway::IoFlags flags) {
+                                  core::IoFlags flags) {
   // The final block of an image whose size is off the grid ends at the image's end.
   const auto bytes = static_cast<size_t>(std::min<uint64_t>(node.min_block, node.size - block));
   IoBuffer buf(bytes);
@@ -841,7 +841,7 @@ Task<std::error_code> patch_block(Node& node, uint64_t block, uint64_t from, siz
 // the request; nullptr: WRITE_ZEROES with zero_flags). The caller holds
 // edge_lock, so unaligned requests into the same block take turns.
 Task<std::error_code> write_off_grid(Node& node, uint64_t off, uint64_t n, const std::byte* src,
-                                     gateway::IoFlags flags, gateway::IoFlags zero_flags) {
+                                     core::IoFlags flags, core::IoFlags zero_flags) {
   const uint64_t mb = node.min_block;
   const uint64_t end = off + n;
   uint64_t pos = off;
@@ -954,7 +954,7 @@ class EdgeLock {
  private:
   explicit EdgeLock(Node* node) : node_(node) {}
   Node* node_;
-  std::optional<gateway::AsyncMutex::Guard> guard_;
+  std::optional<core::AsyncMutex::Guard> guard_;
 };
 
 // The last step of every write: the error, or the new mtime and the count.
@@ -968,7 +968,7 @@ void reply_written(fuse_req_t req, Node& node, std::error_code ec, size_t n) {
 }
 
 Task<void> do_write(fuse_req_t req, std::shared_ptr<Node> node, IoBuffer owner, const std::byte* data, size_t n,
-                    uint64_t off, gateway::IoFlags flags) {
+                    uint64_t off, core::IoFlags flags) {
   const std::span<const std::byte> payload(data, n);
   std::error_code ec;
   {
@@ -981,7 +981,7 @@ Task<void> do_write(fuse_req_t req, std::shared_ptr<Node> node, IoBuffer owner, 
 }
 
 Task<void> do_write_unaligned(fuse_req_t req, std::shared_ptr<Node> node, IoBuffer owner, const std::byte* data,
-                              size_t n, uint64_t off, gateway::IoFlags flags) {
+                              size_t n, uint64_t off, core::IoFlags flags) {
   std::error_code ec;
   size_t written = n;
   {
@@ -995,7 +995,7 @@ Task<void> do_write_unaligned(fuse_req_t req, std::shared_ptr<Node> node, IoBuff
     if (!ec && end > split) {
       ec = co_await write_off_grid(*node, split, end - split, data + (split - off), flags, 0);
       if (ec && tail_refused(*node, end, ec, *impl_of(req).log)) {
-        ec = split > off ? std::error_code{} : gateway::errno_code(EIO);
+        ec = split > off ? std::error_code{} : core::errno_code(EIO);
         written = static_cast<size_t>(split - off);
       }
     }
@@ -1025,7 +1025,7 @@ void op_write(fuse_req_t req, fuse_ino_t, const char* data, size_t size, off_t o
     payload = owner.data();
   }
   // O_SYNC/O_DSYNC opens make every write durable before it is acknowledged.
-  const gateway::IoFlags flags = (fi->flags & O_DSYNC) ? gateway::kFua : 0;
+  const core::IoFlags flags = (fi->flags & O_DSYNC) ? core::kFua : 0;
   h->wrote.store(true, std::memory_order_relaxed);
   if (off_grid(*node, offset, n))
     return spawn(req, do_write_unaligned(req, std::move(node), std::move(owner), payload, n, offset, flags), n);
@@ -1054,7 +1054,7 @@ void op_fsync(fuse_req_t req, fuse_ino_t, int /*datasync*/, fuse_file_info* fi) 
   spawn(req, do_flush(req, h->node));
 }
 
-Task<void> do_zero(fuse_req_t req, std::shared_ptr<Node> node, ByteRange range, gateway::IoFlags flags) {
+Task<void> do_zero(fuse_req_t req, std::shared_ptr<Node> node, ByteRange range, core::IoFlags flags) {
   std::error_code ec;
   if (off_grid(*node, range.offset, range.length)) {
     // Partial blocks at the edges get zeroes written into them; the whole
@@ -1066,7 +1066,7 @@ Task<void> do_zero(fuse_req_t req, std::shared_ptr<Node> node, ByteRange range, 
     if (pass.must_wait()) co_await pass.wait();
     ec = co_await node->exp->device->zero(range, flags);
   }
-  if (ec && tail_refused(*node, range.end(), ec, *impl_of(req).log)) ec = gateway::errno_code(EIO);
+  if (ec && tail_refused(*node, range.end(), ec, *impl_of(req).log)) ec = core::errno_code(EIO);
   if (!ec) node->mtime_ns.store(now_ns(), std::memory_order_relaxed);
   fuse_reply_err(req, fuse_errno(ec));
 }
@@ -1091,7 +1091,7 @@ void op_fallocate(fuse_req_t req, fuse_ino_t, int mode, off_t off, off_t len, fu
   // PUNCH_HOLE promises zeroes afterwards, which an advisory TRIM does not:
   // it is WRITE_ZEROES that may deallocate (the file backend punches a hole).
   // ZERO_RANGE keeps the range allocated: WRITE_ZEROES with NO_HOLE.
-  const gateway::IoFlags flags = (mode & FALLOC_FL_PUNCH_HOLE) ? 0 : gateway::kNoHole;
+  const core::IoFlags flags = (mode & FALLOC_FL_PUNCH_HOLE) ? 0 : core::kNoHole;
   spawn(req, do_zero(req, node, ByteRange{start, end - start}, flags));
 }
 
@@ -1102,13 +1102,13 @@ Task<void> do_lseek(fuse_req_t req, std::shared_ptr<Node> node, uint64_t from, i
   while (pos < size) {
     ExtentList extents;
     std::error_code ec = co_await node->exp->device->block_status(ByteRange{pos, size - pos}, extents);
-    if (!ec && extents.empty()) ec = gateway::errno_code(EIO);
+    if (!ec && extents.empty()) ec = core::errno_code(EIO);
     if (ec) {
       fuse_reply_err(req, fuse_errno(ec));
       co_return;
     }
     for (const auto& e : extents) {
-      const bool hole = e.flags & gateway::kExtentHole;
+      const bool hole = e.flags & core::kExtentHole;
       if ((whence == SEEK_DATA ? !hole : hole) && pos + e.length > from) {
         fuse_reply_lseek(req, static_cast<off_t>(std::max(pos, from)));
         co_return;
@@ -1178,7 +1178,7 @@ const fuse_lowlevel_ops& operations() {
 
 }  // namespace
 
-void Impl::add_node(const std::shared_ptr<gateway::Export>& exp) {
+void Impl::add_node(const std::shared_ptr<core::Export>& exp) {
   if (!representable_name(exp->name)) {
     log->warn("export '{}' has a name that cannot be a file name; not shown in the FUSE mount", exp->name);
     return;
@@ -1196,9 +1196,9 @@ void Impl::add_node(const std::shared_ptr<gateway::Export>& exp) {
   by_name[node->name] = std::move(node);
 }
 
-void Impl::on_export(const std::shared_ptr<gateway::Export>& exp, gateway::ExportEvent event) {
+void Impl::on_export(const std::shared_ptr<core::Export>& exp, core::ExportEvent event) {
   std::lock_guard lock(mutex);
-  if (event == gateway::ExportEvent::added) {
+  if (event == core::ExportEvent::added) {
     if (by_name.count(exp->name)) return;
     add_node(exp);
   } else {
@@ -1431,10 +1431,10 @@ void Impl::check_finished() {
   if (done) done();
 }
 
-FuseFrontEnd::FuseFrontEnd(gateway::EventLoops& loops, gateway::ExportTable& exports, FuseOptions options)
+FuseFrontEnd::FuseFrontEnd(core::EventLoops& loops, core::ExportTable& exports, FuseOptions options)
     : impl_(std::make_shared<Impl>(loops, exports, std::move(options))) {
   std::weak_ptr<Impl> weak = impl_;
-  impl_->observer_id = exports.subscribe([weak](const std::shared_ptr<gateway::Export>& exp, gateway::ExportEvent ev) {
+  impl_->observer_id = exports.subscribe([weak](const std::shared_ptr<core::Export>& exp, core::ExportEvent ev) {
     if (auto impl = weak.lock()) impl->on_export(exp, ev);
   });
 }

@@ -30,8 +30,8 @@
 // for it end at the image's end.
 #pragma once
 
-#include "gateway/event_loops.hpp"
-#include "gateway/export.hpp"
+#include "core/event_loops.hpp"
+#include "core/export.hpp"
 
 #include <atomic>
 #include <chrono>
@@ -60,7 +60,7 @@ struct FuseOptions {
   // there never does): then it fails instead of waiting on.
   std::chrono::milliseconds mount_timeout{10000};
 
-  // From [fuse] keys or --fuse-mount options. Throws gateway::ConfigError.
+  // From [fuse] keys or --fuse-mount options. Throws core::ConfigError.
   static FuseOptions parse(const std::map<std::string, std::string>& options);
 };
 
@@ -78,7 +78,7 @@ void fail_receive_buffers_for_test(int count) noexcept;
 
 class FuseFrontEnd {
  public:
-  FuseFrontEnd(gateway::EventLoops& loops, gateway::ExportTable& exports, FuseOptions options);
+  FuseFrontEnd(core::EventLoops& loops, core::ExportTable& exports, FuseOptions options);
   ~FuseFrontEnd();
   FuseFrontEnd(const FuseFrontEnd&) = delete;
   FuseFrontEnd& operator=(const FuseFrontEnd&) = delete;

@@ -5,18 +5,17 @@
 #include <grp.h>
 
 #include <charconv>
-#include <cstdlib>
 #include <set>
 #include <vector>
 
 namespace blockway::gateway {
-namespace {
 
-std::string lower(std::string_view s) {
-  std::string out(s);
-  for (auto& c : out) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  return out;
-}
+using core::ConfigError;
+using core::ListenAddress;
+using core::parse_bool;
+using core::parse_size;
+
+namespace {
 
 template <class Int>
 Int parse_int(std::string_view text, std::string_view what) {
@@ -45,66 +44,6 @@ void check_export_name(const std::string& name, std::string_view where) {
 }
 
 }  // namespace
-
-uint64_t parse_size(std::string_view text, std::string_view what) {
-  if (text.empty()) throw ConfigError(std::string(what) + ": empty size");
-  uint64_t mult = 1;
-  switch (std::tolower(static_cast<unsigned char>(text.back()))) {
-    case 'k': mult = 1ull << 10; break;
-    case 'm': mult = 1ull << 20; break;
-    case 'g': mult = 1ull << 30; break;
-    case 't': mult = 1ull << 40; break;
-    default: break;
-  }
-  if (mult != 1) text.remove_suffix(1);
-  const auto v = parse_int<uint64_t>(text, what);
-  if (v > UINT64_MAX / mult) throw ConfigError(std::string(what) + ": size is too large");
-  return v * mult;
-}
-
-bool parse_bool(std::string_view text, std::string_view what) {
-  const auto t = lower(text);
-  if (t == "on" || t == "true" || t == "yes" || t == "1") return true;
-  if (t == "off" || t == "false" || t == "no" || t == "0") return false;
-  throw ConfigError(std::string(what) + ": '" + std::string(text) + "' is not on/off");
-}
-
-ListenAddress ListenAddress::parse(std::string_view text) {
-  ListenAddress a;
-  const std::string where = "listen address '" + std::string(text) + "'";
-  if (text.starts_with("unix:")) {
-    a.kind = Kind::unix_socket;
-    a.path = std::string(text.substr(5));
-    if (a.path.empty() || a.path.front() != '/')
-      throw ConfigError(where + ": a Unix socket needs an absolute path (unix:/run/x.sock)");
-    if (a.path.size() >= 108) throw ConfigError(where + ": Unix socket path is too long");
-    return a;
-  }
-  std::string_view host, port;
-  if (text.starts_with("[")) {
-    const auto close = text.find(']');
-    if (close == std::string_view::npos || close + 1 >= text.size() || text[close + 1] != ':')
-      throw ConfigError(where + ": expected [IPV6]:PORT");
-    host = text.substr(1, close - 1);
-    port = text.substr(close + 2);
-  } else {
-    const auto colon = text.rfind(':');
-    if (colon == std::string_view::npos) throw ConfigError(where + ": expected HOST:PORT");
-    host = text.substr(0, colon);
-    port = text.substr(colon + 1);
-    if (host.find(':') != std::string_view::npos)
-      throw ConfigError(where + ": write IPv6 addresses in brackets, [::1]:10809");
-  }
-  a.host = std::string(host);
-  a.port = parse_int<uint16_t>(port, where);
-  return a;
-}
-
-std::string ListenAddress::to_string() const {
-  if (kind == Kind::unix_socket) return "unix:" + path;
-  if (host.find(':') != std::string::npos) return "[" + host + "]:" + std::to_string(port);
-  return host + ":" + std::to_string(port);
-}
 
 FuseMountConfig FuseMountConfig::parse_spec(std::string_view spec) {
   const std::string where = "--fuse-mount '" + std::string(spec) + "'";
@@ -304,13 +243,6 @@ void load_config_file(const std::string& path, DaemonConfig& cfg) {
   }
 }
 
-std::string default_data_dir() {
-  if (geteuid() == 0) return "/var/lib/blockway";
-  if (const char* x = std::getenv("XDG_DATA_HOME"); x && *x) return std::string(x) + "/blockway";
-  if (const char* h = std::getenv("HOME"); h && *h) return std::string(h) + "/.local/share/blockway";
-  return "/var/tmp/blockway";
-}
-
 unsigned control_group_id(const std::string& group, const std::string& what) {
   if (group.empty()) throw ConfigError(what + " is empty (leave it out for a root-only socket)");
   std::vector<char> buf(16384);
@@ -321,12 +253,6 @@ unsigned control_group_id(const std::string& group, const std::string& what) {
   auto [end, ec] = std::from_chars(group.data(), group.data() + group.size(), id);
   if (ec == std::errc{} && end == group.data() + group.size() && id != static_cast<unsigned>(-1)) return id;
   throw ConfigError(what + " '" + group + "': no such group");
-}
-
-std::string default_control_socket() {
-  if (geteuid() == 0) return "/run/blockway/control.sock";
-  if (const char* x = std::getenv("XDG_RUNTIME_DIR"); x && *x) return std::string(x) + "/blockway/control.sock";
-  return default_data_dir() + "/control.sock";
 }
 
 }  // namespace blockway::gateway

@@ -4,32 +4,18 @@
 // mistakes by throwing ConfigError with a message that names the setting.
 #pragma once
 
+#include "core/listen_address.hpp"
+#include "core/options.hpp"
+
 #include <chrono>
 #include <cstdint>
 #include <map>
 #include <optional>
-#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <vector>
 
 namespace blockway::gateway {
-
-struct ConfigError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-
-struct ListenAddress {
-  enum class Kind { tcp, unix_socket };
-  Kind kind = Kind::tcp;
-  std::string host;  // tcp: IPv4/IPv6 literal or host name, without brackets
-  uint16_t port = 0;
-  std::string path;  // unix socket path
-
-  // "HOST:PORT", "[V6]:PORT", ":PORT" (all addresses), "unix:/path".
-  static ListenAddress parse(std::string_view text);
-  [[nodiscard]] std::string to_string() const;
-};
 
 struct ExportConfig {
   std::string name;
@@ -55,7 +41,7 @@ struct FuseMountConfig {
 };
 
 struct DaemonConfig {
-  std::vector<ListenAddress> listen;
+  std::vector<core::ListenAddress> listen;
   std::vector<ExportConfig> exports;
   std::optional<ExportConfig> stdio_export;  // --stdio: one client on stdin/stdout
   std::string default_export;
@@ -85,21 +71,8 @@ struct DaemonConfig {
   void validate() const;
 };
 
-// Parses "64k", "32M", "1G", "4096" (binary units). Throws ConfigError naming `what`.
-uint64_t parse_size(std::string_view text, std::string_view what);
-bool parse_bool(std::string_view text, std::string_view what);
-
 // Reads a TOML file into `cfg` (fields it names replace the defaults).
 void load_config_file(const std::string& path, DaemonConfig& cfg);
-
-// The default data directory: /var/lib/blockway for root, else
-// $XDG_DATA_HOME/blockway or ~/.local/share/blockway.
-std::string default_data_dir();
-
-// The default control socket, the same for blockwayd and blockway:
-// /run/blockway/control.sock for root, else $XDG_RUNTIME_DIR/blockway/
-// control.sock, else control.sock in default_data_dir().
-std::string default_control_socket();
 
 // The group id of [control] group or --control-group (a group name or a
 // number). Throws ConfigError naming the setting (`what`) if there is no such

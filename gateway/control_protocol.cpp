@@ -1,7 +1,7 @@
 #include "gateway/control_protocol.hpp"
 
-#include "gateway/async_mutex.hpp"
-#include "gateway/config.hpp"
+#include "core/async_mutex.hpp"
+#include "core/options.hpp"
 
 #include <algorithm>
 #include <cerrno>
@@ -11,6 +11,19 @@
 #include <unistd.h>
 
 namespace blockway::gateway {
+
+using core::AsyncMutex;
+using core::ConfigError;
+using core::ControlResult;
+using core::Export;
+using core::ExportControl;
+using core::ExportTable;
+using core::PrefetchOrder;
+using core::PrefetchState;
+using core::parse_size;
+using core::PrefetchStatus;
+using core::Task;
+
 namespace {
 
 [[noreturn]] void bad_request(const std::string& message) { throw ControlError("bad-request", EINVAL, message); }

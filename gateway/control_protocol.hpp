@@ -17,8 +17,8 @@
 // "failed" response, never a crash.
 #pragma once
 
-#include "gateway/export.hpp"
-#include "gateway/task.hpp"
+#include "core/export.hpp"
+#include "core/task.hpp"
 
 #include <nlohmann/json.hpp>
 
@@ -48,13 +48,13 @@ struct ControlError : std::runtime_error {
 class ControlDispatcher {
  public:
   // Runs on an event loop; returns the "result" object or throws ControlError.
-  using Handler = std::function<Task<Json>(const Json& request)>;
+  using Handler = std::function<core::Task<Json>(const Json& request)>;
 
   // Adds a command; a later add() with the same name replaces it.
   void add(std::string name, std::string summary, Handler handler);
   // Parses one request line and runs its command. Always returns a complete
   // response line (without the trailing newline).
-  Task<std::string> handle(std::string_view line) const;
+  core::Task<std::string> handle(std::string_view line) const;
 
   [[nodiscard]] std::map<std::string, std::string> commands() const;
 
@@ -77,10 +77,10 @@ uint64_t arg_size(const Json& request, const char* key);
 
 // The state of one export as the control plane reports it. `clients` is the
 // number of NBD connections using it (-1 if unknown).
-Json export_json(const Export& exp, long clients);
+Json export_json(const core::Export& exp, long clients);
 
 // NBD connections using an export (Export::clients).
-long export_clients(const std::shared_ptr<Export>& exp);
+long export_clients(const std::shared_ptr<core::Export>& exp);
 
 // What the daemon adds to the export commands; each may be empty.
 struct ExportCommandHooks {
@@ -92,7 +92,8 @@ struct ExportCommandHooks {
   // the order in which they took effect.
   // Saved only while `exp` itself is still in the table: not after it was
   // removed, nor onto a new export added under its name meanwhile.
-  std::function<Task<std::string>(std::shared_ptr<Export> exp, std::string key, std::string value)> persist;
+  std::function<core::Task<std::string>(std::shared_ptr<core::Export> exp, std::string key, std::string value)>
+      persist;
   // Exports saved in the catalogue that could not be opened at start: each
   // {name, uri, options, state: "failed: REASON", error: REASON}. status and
   // list show them, stats NAME shows one, other commands are refused.
@@ -102,6 +103,6 @@ struct ExportCommandHooks {
 // Registers the commands that need only the export table: status, list,
 // stats, flush, prefetch-start|pause|resume|rate|status, detach, mode,
 // commands. The daemon adds export-add and export-remove.
-void add_export_commands(ControlDispatcher& dispatcher, ExportTable& exports, ExportCommandHooks hooks = {});
+void add_export_commands(ControlDispatcher& dispatcher, core::ExportTable& exports, ExportCommandHooks hooks = {});
 
 }  // namespace blockway::gateway

@@ -1,6 +1,6 @@
 #include "gateway/control_server.hpp"
 
-#include "gateway/logging.hpp"
+#include "core/logging.hpp"
 
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/co_spawn.hpp>
@@ -21,6 +21,9 @@
 #include <thread>
 
 namespace blockway::gateway {
+
+using core::logger;
+using core::Task;
 
 namespace asio = boost::asio;
 using stream = asio::local::stream_protocol;

@@ -53,8 +53,8 @@ class ControlServer {
 
  private:
   using Socket = boost::asio::local::stream_protocol::socket;
-  Task<void> accept_loop();
-  Task<void> serve(std::shared_ptr<Socket> socket);
+  core::Task<void> accept_loop();
+  core::Task<void> serve(std::shared_ptr<Socket> socket);
 
   boost::asio::io_context& ctx_;
   const ControlDispatcher& dispatcher_;

@@ -1,14 +1,15 @@
 #include "gateway/daemon.hpp"
 
-#include "gateway/async_mutex.hpp"
+#include "cache/cache_layer.hpp"
+#include "core/async_mutex.hpp"
+#include "core/event_loops.hpp"
+#include "core/export.hpp"
+#include "core/logging.hpp"
+#include "core/paths.hpp"
+#include "core/retry_layer.hpp"
+#include "fuse/fuse_front_end.hpp"
 #include "gateway/control_protocol.hpp"
 #include "gateway/control_server.hpp"
-#include "gateway/event_loops.hpp"
-#include "gateway/export.hpp"
-#include "gateway/logging.hpp"
-#include "gateway/retry_layer.hpp"
-#include "cache/cache_layer.hpp"
-#include "fuse/fuse_front_end.hpp"
 #include "nbd/server.hpp"
 #include "remote/registry.hpp"
 
@@ -32,6 +33,26 @@
 #include <set>
 
 namespace blockway::gateway {
+
+using core::AsyncMutex;
+using core::BlockDevice;
+using core::ByteRange;
+using core::CheckedDevice;
+using core::ConfigError;
+using core::default_control_socket;
+using core::default_data_dir;
+using core::EventLoops;
+using core::Export;
+using core::ExportTable;
+using core::ExtentList;
+using core::ListenAddress;
+using core::logger;
+using core::offload;
+using core::RemoteDevice;
+using core::RetryLayer;
+using core::RetryOptions;
+using core::Task;
+
 namespace {
 
 constexpr uint64_t kDemoImageSize = 1ull << 30;

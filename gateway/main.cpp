@@ -1,7 +1,8 @@
 // blockwayd: the blockway daemon's command line.
+#include "core/logging.hpp"
+#include "core/options.hpp"
 #include "gateway/config.hpp"
 #include "gateway/daemon.hpp"
-#include "gateway/logging.hpp"
 
 #include <cstdio>
 #include <iostream>
@@ -52,9 +53,10 @@ With no --config, --export or --stdio it serves its embedded default: a sparse
 
 int main(int argc, char** argv) {
   using namespace blockway::gateway;
+  namespace core = blockway::core;
   DaemonConfig cfg;
   std::string config_file;
-  std::vector<ListenAddress> cli_listen;
+  std::vector<core::ListenAddress> cli_listen;
   try {
     std::vector<std::string> args(argv + 1, argv + argc);
     for (size_t i = 0; i < args.size(); ++i) {
@@ -67,7 +69,7 @@ int main(int argc, char** argv) {
       }
       auto need = [&]() -> std::string {
         if (has_value) return value;
-        if (i + 1 >= args.size()) throw ConfigError(arg + " needs a value");
+        if (i + 1 >= args.size()) throw core::ConfigError(arg + " needs a value");
         return args[++i];
       };
       if (arg == "--help" || arg == "-h") {
@@ -79,7 +81,7 @@ int main(int argc, char** argv) {
       } else if (arg == "--config") {
         config_file = need();
       } else if (arg == "--listen") {
-        cli_listen.push_back(ListenAddress::parse(need()));
+        cli_listen.push_back(core::ListenAddress::parse(need()));
       } else if (arg == "--export") {
         cfg.exports.push_back(ExportConfig::parse_spec(need()));
       } else if (arg == "--stdio") {
@@ -87,19 +89,19 @@ int main(int argc, char** argv) {
       } else if (arg == "--default-export") {
         cfg.default_export = need();
       } else if (arg == "--threads") {
-        cfg.threads = static_cast<unsigned>(parse_size(need(), "--threads"));
+        cfg.threads = static_cast<unsigned>(core::parse_size(need(), "--threads"));
       } else if (arg == "--blocking-threads") {
-        cfg.blocking_threads = static_cast<unsigned>(parse_size(need(), "--blocking-threads"));
+        cfg.blocking_threads = static_cast<unsigned>(core::parse_size(need(), "--blocking-threads"));
       } else if (arg == "--max-inflight") {
-        cfg.max_inflight_bytes = parse_size(need(), "--max-inflight");
+        cfg.max_inflight_bytes = core::parse_size(need(), "--max-inflight");
       } else if (arg == "--max-request") {
-        const auto v = parse_size(need(), "--max-request");
-        if (v > UINT32_MAX) throw ConfigError("--max-request is too large");
+        const auto v = core::parse_size(need(), "--max-request");
+        if (v > UINT32_MAX) throw core::ConfigError("--max-request is too large");
         cfg.max_request_bytes = static_cast<uint32_t>(v);
       } else if (arg == "--handshake-timeout") {
-        cfg.handshake_timeout = std::chrono::milliseconds(1000 * parse_size(need(), "--handshake-timeout"));
+        cfg.handshake_timeout = std::chrono::milliseconds(1000 * core::parse_size(need(), "--handshake-timeout"));
       } else if (arg == "--shutdown-timeout") {
-        cfg.shutdown_timeout = std::chrono::milliseconds(1000 * parse_size(need(), "--shutdown-timeout"));
+        cfg.shutdown_timeout = std::chrono::milliseconds(1000 * core::parse_size(need(), "--shutdown-timeout"));
       } else if (arg == "--data-dir") {
         cfg.data_dir = need();
       } else if (arg == "--fuse-mount") {
@@ -110,12 +112,12 @@ int main(int argc, char** argv) {
         cfg.log_level = need();
       } else if (arg == "--control-socket") {
         cfg.control_socket = need();
-        if (cfg.control_socket.empty()) throw ConfigError("--control-socket needs a path (or off)");
+        if (cfg.control_socket.empty()) throw core::ConfigError("--control-socket needs a path (or off)");
       } else if (arg == "--control-group") {
         cfg.control_socket_group = need();
         (void)control_group_id(cfg.control_socket_group, "--control-group");  // an unknown group stops here
       } else {
-        throw ConfigError("unknown argument '" + args[i] + "' (see --help)");
+        throw core::ConfigError("unknown argument '" + args[i] + "' (see --help)");
       }
     }
     if (!config_file.empty()) {
@@ -146,9 +148,9 @@ int main(int argc, char** argv) {
     if (!cli_listen.empty()) cfg.listen = cli_listen;
     cfg.embedded_default = config_file.empty() && cfg.exports.empty() && !cfg.stdio_export;
     cfg.validate();
-    init_logging(cfg.log_level);
+    core::init_logging(cfg.log_level);
     return run_daemon(std::move(cfg));
-  } catch (const ConfigError& e) {
+  } catch (const core::ConfigError& e) {
     std::fprintf(stderr, "blockwayd: %s\n", e.what());
     return 2;
   } catch (const std::exception& e) {

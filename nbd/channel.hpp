@@ -5,7 +5,7 @@
 // and one write outstanding at a time, as Asio requires.
 #pragma once
 
-#include "gateway/task.hpp"
+#include "core/task.hpp"
 
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
@@ -31,7 +31,7 @@ class Channel {
   [[nodiscard]] Descriptor& out() noexcept { return out_ ? *out_ : in_; }
   [[nodiscard]] boost::asio::any_io_executor executor() { return in_.get_executor(); }
 
-  gateway::Task<std::error_code> read_exact(std::span<std::byte> buf) {
+  core::Task<std::error_code> read_exact(std::span<std::byte> buf) {
     auto [ec, n] = co_await boost::asio::async_read(
         in_, boost::asio::buffer(buf.data(), buf.size()), whole_transfer,
         boost::asio::as_tuple(boost::asio::use_awaitable));
@@ -39,7 +39,7 @@ class Channel {
   }
 
   template <class Buffers>
-  gateway::Task<std::error_code> write_all(const Buffers& buffers) {
+  core::Task<std::error_code> write_all(const Buffers& buffers) {
     auto [ec, n] = co_await boost::asio::async_write(
         out(), buffers, whole_transfer, boost::asio::as_tuple(boost::asio::use_awaitable));
     co_return std::error_code(ec);

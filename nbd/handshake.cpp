@@ -1,6 +1,6 @@
 #include "nbd/handshake.hpp"
 
-#include "gateway/logging.hpp"
+#include "core/logging.hpp"
 #include "nbd/protocol.hpp"
 
 #include <array>
@@ -9,7 +9,7 @@
 namespace blockway::nbd {
 namespace {
 
-using gateway::Task;
+using core::Task;
 
 // Option payloads above this are discarded unread (NBD_REP_ERR_TOO_BIG):
 // the largest legitimate one is a meta-context query list.
@@ -19,14 +19,14 @@ constexpr unsigned kMaxOptions = 4096;
 
 // The contexts an export offers: every export has base:allocation; cached
 // exports also describe their cache.
-std::vector<MetaContext> offered_contexts(const gateway::Export& exp) {
+std::vector<MetaContext> offered_contexts(const core::Export& exp) {
   std::vector<MetaContext> all{{1, MetaContextKind::base_allocation, "base:allocation"}};
   if (exp.cache_status) all.push_back({2, MetaContextKind::cache, "blockway:cache"});
   return all;
 }
 
 // Contexts matched by one query: exact name, or "namespace:" for all of it.
-std::vector<MetaContext> match_query(const gateway::Export& exp, std::string_view query, bool allow_wildcard) {
+std::vector<MetaContext> match_query(const core::Export& exp, std::string_view query, bool allow_wildcard) {
   std::vector<MetaContext> out;
   for (const auto& c : offered_contexts(exp)) {
     const bool exact = query == c.name;
@@ -38,8 +38,8 @@ std::vector<MetaContext> match_query(const gateway::Export& exp, std::string_vie
 
 class Handshake {
  public:
-  Handshake(Channel& ch, const gateway::ExportTable& exports, const HandshakeOptions& opts)
-      : ch_(ch), exports_(exports), opts_(opts), log_(gateway::logger("nbd")) {}
+  Handshake(Channel& ch, const core::ExportTable& exports, const HandshakeOptions& opts)
+      : ch_(ch), exports_(exports), opts_(opts), log_(core::logger("nbd")) {}
 
   Task<std::optional<Negotiated>> run();
 
@@ -51,7 +51,7 @@ class Handshake {
   }
   // Reads or discards the option payload; false if the client is gone.
   Task<bool> read_payload(uint32_t length);
-  Task<bool> send_info(uint32_t option, const gateway::Export& exp, bool want_name, bool want_description);
+  Task<bool> send_info(uint32_t option, const core::Export& exp, bool want_name, bool want_description);
   Task<bool> handle_info(uint32_t option, std::optional<Negotiated>& result);
   Task<bool> handle_meta_context(uint32_t option);
   [[nodiscard]] bool shutting_down() const {
@@ -59,7 +59,7 @@ class Handshake {
   }
 
   Channel& ch_;
-  const gateway::ExportTable& exports_;
+  const core::ExportTable& exports_;
   const HandshakeOptions& opts_;
   std::shared_ptr<spdlog::logger> log_;
   std::vector<std::byte> payload_;
@@ -95,7 +95,7 @@ Task<bool> Handshake::read_payload(uint32_t length) {
   co_return true;
 }
 
-Task<bool> Handshake::send_info(uint32_t option, const gateway::Export& exp, bool want_name,
+Task<bool> Handshake::send_info(uint32_t option, const core::Export& exp, bool want_name,
                                 bool want_description) {
   const auto geo = exp.device->geometry();
   const auto caps = exp.device->capabilities();
@@ -309,8 +309,8 @@ Task<std::optional<Negotiated>> Handshake::run() {
 
 }  // namespace
 
-uint16_t transmission_flags(const gateway::Capabilities& caps, bool structured_replies) noexcept {
-  using gateway::Support;
+uint16_t transmission_flags(const core::Capabilities& caps, bool structured_replies) noexcept {
+  using core::Support;
   uint16_t f = kFlagHasFlags | kFlagSendCache;
   if (caps.read_only) f |= kFlagReadOnly;
   if (caps.flush != Support::none) f |= kFlagSendFlush;
@@ -322,7 +322,7 @@ uint16_t transmission_flags(const gateway::Capabilities& caps, bool structured_r
   return f;
 }
 
-Task<std::optional<Negotiated>> negotiate(Channel& channel, const gateway::ExportTable& exports,
+Task<std::optional<Negotiated>> negotiate(Channel& channel, const core::ExportTable& exports,
                                           const HandshakeOptions& options) {
   Handshake h(channel, exports, options);
   co_return co_await h.run();

@@ -6,8 +6,8 @@
 // the ExportTable through its own lock.
 #pragma once
 
-#include "gateway/export.hpp"
-#include "gateway/logging.hpp"
+#include "core/export.hpp"
+#include "core/logging.hpp"
 #include "nbd/channel.hpp"
 
 #include <atomic>
@@ -38,7 +38,7 @@ struct HandshakeOptions {
 };
 
 struct Negotiated {
-  std::shared_ptr<gateway::Export> exp;
+  std::shared_ptr<core::Export> exp;
   bool structured_replies = false;
   bool no_zeroes = false;
   std::vector<MetaContext> contexts;  // selected for exp
@@ -46,11 +46,11 @@ struct Negotiated {
 };
 
 // The transmission flags an export advertises.
-uint16_t transmission_flags(const gateway::Capabilities& caps, bool structured_replies) noexcept;
+uint16_t transmission_flags(const core::Capabilities& caps, bool structured_replies) noexcept;
 
 // Runs the handshake. Returns the negotiated export, or nullopt when the
 // client aborted, disconnected, or violated the protocol (the caller closes).
-gateway::Task<std::optional<Negotiated>> negotiate(Channel& channel, const gateway::ExportTable& exports,
+core::Task<std::optional<Negotiated>> negotiate(Channel& channel, const core::ExportTable& exports,
                                                    const HandshakeOptions& options);
 
 }  // namespace blockway::nbd

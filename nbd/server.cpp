@@ -1,6 +1,6 @@
 #include "nbd/server.hpp"
 
-#include "gateway/logging.hpp"
+#include "core/logging.hpp"
 
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
@@ -17,7 +17,7 @@
 namespace blockway::nbd {
 
 namespace asio = boost::asio;
-using gateway::Task;
+using core::Task;
 
 struct Server::Connection {
   explicit Connection(Channel ch) : channel(std::move(ch)) {}
@@ -25,8 +25,8 @@ struct Server::Connection {
   std::shared_ptr<Session> session;  // set once the handshake succeeded
 };
 
-Server::Server(gateway::EventLoops& loops, gateway::ExportTable& exports, ServerOptions options)
-    : loops_(loops), exports_(exports), options_(options), log_(gateway::logger("nbd")) {
+Server::Server(core::EventLoops& loops, core::ExportTable& exports, ServerOptions options)
+    : loops_(loops), exports_(exports), options_(options), log_(core::logger("nbd")) {
   handshake_options_.max_request_bytes = options_.limits.max_request_bytes;
   handshake_options_.shutting_down = &shutting_down_;
 }
@@ -40,10 +40,10 @@ Server::~Server() {
   }
 }
 
-std::vector<std::string> Server::listen(const gateway::ListenAddress& address) {
+std::vector<std::string> Server::listen(const core::ListenAddress& address) {
   auto& ctx = loops_.at(0);
   std::vector<std::string> bound;
-  if (address.kind == gateway::ListenAddress::Kind::unix_socket) {
+  if (address.kind == core::ListenAddress::Kind::unix_socket) {
     struct stat st {};
     if (::lstat(address.path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) {
       // A socket file is left behind by a crash, or belongs to a live server:

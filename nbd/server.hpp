@@ -8,9 +8,9 @@
 // has ended following shutdown().
 #pragma once
 
-#include "gateway/config.hpp"
-#include "gateway/event_loops.hpp"
-#include "gateway/export.hpp"
+#include "core/event_loops.hpp"
+#include "core/export.hpp"
+#include "core/listen_address.hpp"
 #include "nbd/session.hpp"
 
 #include <boost/asio/ip/tcp.hpp>
@@ -36,12 +36,12 @@ struct ServerOptions {
 
 class Server {
  public:
-  Server(gateway::EventLoops& loops, gateway::ExportTable& exports, ServerOptions options);
+  Server(core::EventLoops& loops, core::ExportTable& exports, ServerOptions options);
   ~Server();
 
   // Binds and starts accepting. Throws std::runtime_error naming the address.
   // Returns the addresses actually bound (port 0 resolved).
-  std::vector<std::string> listen(const gateway::ListenAddress& address);
+  std::vector<std::string> listen(const core::ListenAddress& address);
   // Serves one client on stdin/stdout; the server drains when it leaves.
   void serve_stdio();
   // Stops accepting and ends every connection gracefully; after the timeout,
@@ -52,16 +52,16 @@ class Server {
 
  private:
   struct Connection;
-  gateway::Task<void> accept_tcp(std::shared_ptr<boost::asio::ip::tcp::acceptor> acceptor);
-  gateway::Task<void> accept_unix(std::shared_ptr<boost::asio::local::stream_protocol::acceptor> acceptor,
+  core::Task<void> accept_tcp(std::shared_ptr<boost::asio::ip::tcp::acceptor> acceptor);
+  core::Task<void> accept_unix(std::shared_ptr<boost::asio::local::stream_protocol::acceptor> acceptor,
                                   std::string path);
   void start_connection(boost::asio::io_context& ctx, int fd_in, int fd_out);
-  gateway::Task<void> serve(std::shared_ptr<Connection> conn);
+  core::Task<void> serve(std::shared_ptr<Connection> conn);
   void connection_ended(Connection* conn);
   void force_close_all();
 
-  gateway::EventLoops& loops_;
-  gateway::ExportTable& exports_;
+  core::EventLoops& loops_;
+  core::ExportTable& exports_;
   ServerOptions options_;
   HandshakeOptions handshake_options_;
   std::shared_ptr<spdlog::logger> log_;

@@ -1,6 +1,6 @@
 #include "nbd/session.hpp"
 
-#include "gateway/logging.hpp"
+#include "core/logging.hpp"
 
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
@@ -12,7 +12,7 @@
 namespace blockway::nbd {
 namespace {
 
-using gateway::Task;
+using core::Task;
 
 // Small enough that little of a large write's payload is read here and then
 // copied; large enough to take hundreds of pipelined headers per read().
@@ -54,7 +54,7 @@ Session::Session(Channel& channel, Negotiated negotiated, SessionLimits limits)
       neg_(std::move(negotiated)),
       limits_(limits),
       device_(*neg_.exp->device),
-      log_(gateway::logger("nbd")),
+      log_(core::logger("nbd")),
       rbuf_(std::make_unique_for_overwrite<std::byte[]>(kReceiveBuffer)),
       writer_wakeup_(channel.executor()),
       budget_freed_(channel.executor()),
@@ -168,12 +168,12 @@ Task<void> Session::reader() {
     if (req.type == kCmdWrite && too_big) {
       if (req.length > kMaxDiscard || !co_await discard_payload(req.length)) co_return;
       if (!co_await admit(0)) co_return;
-      refuse(req, gateway::errno_code(EINVAL));
+      refuse(req, core::errno_code(EINVAL));
       continue;
     }
     if (req.type == kCmdRead && too_big) {
       if (!co_await admit(0)) co_return;
-      refuse(req, gateway::errno_code(EINVAL));
+      refuse(req, core::errno_code(EINVAL));
       continue;
     }
     const uint64_t charge = (req.type == kCmdWrite || req.type == kCmdRead) ? req.length : 0;
@@ -204,7 +204,7 @@ Task<void> Session::handle(RequestHeader req, Buffer payload, uint64_t budget) {
     reply = co_await execute(req, payload);
   } catch (const std::exception& e) {
     log_->error("export '{}': request type {} failed: {}", neg_.exp->name, req.type, e.what());
-    reply = error_reply(req, gateway::errno_code(EIO));
+    reply = error_reply(req, core::errno_code(EIO));
   }
   reply.budget = budget;
   enqueue(std::move(reply));
@@ -212,9 +212,9 @@ Task<void> Session::handle(RequestHeader req, Buffer payload, uint64_t budget) {
 
 Task<Session::Reply> Session::execute(const RequestHeader& req, Buffer& payload) {
   const bool structured = neg_.structured_replies;
-  if (req.flags & ~allowed_flags(req.type, structured)) co_return error_reply(req, gateway::errno_code(EINVAL));
-  const gateway::IoFlags fua = (req.flags & kCmdFlagFua) ? gateway::kFua : 0;
-  const gateway::ByteRange range{req.offset, req.length};
+  if (req.flags & ~allowed_flags(req.type, structured)) co_return error_reply(req, core::errno_code(EINVAL));
+  const core::IoFlags fua = (req.flags & kCmdFlagFua) ? core::kFua : 0;
+  const core::ByteRange range{req.offset, req.length};
   std::error_code ec;
   switch (req.type) {
     case kCmdRead: {
@@ -239,25 +239,25 @@ Task<Session::Reply> Session::execute(const RequestHeader& req, Buffer& payload)
       ec = co_await device_.prefetch(range);
       break;
     case kCmdWriteZeroes: {
-      gateway::IoFlags flags = fua;
-      if (req.flags & kCmdFlagNoHole) flags |= gateway::kNoHole;
-      if (req.flags & kCmdFlagFastZero) flags |= gateway::kFastZero;
+      core::IoFlags flags = fua;
+      if (req.flags & kCmdFlagNoHole) flags |= core::kNoHole;
+      if (req.flags & kCmdFlagFastZero) flags |= core::kFastZero;
       ec = co_await device_.zero(range, flags);
       dirty_ |= !ec;
       break;
     }
     case kCmdBlockStatus: {
       if (!structured || neg_.contexts.empty()) {
-        ec = gateway::errno_code(EINVAL);
+        ec = core::errno_code(EINVAL);
         break;
       }
       Reply reply;
       for (size_t i = 0; i < neg_.contexts.size(); ++i) {
-        gateway::ExtentList extents;
+        core::ExtentList extents;
         if (neg_.contexts[i].kind == MetaContextKind::cache) {
           const uint64_t size = device_.geometry().size;
           if (range.length == 0 || range.offset > size || range.length > size - range.offset)
-            ec = gateway::errno_code(EINVAL);
+            ec = core::errno_code(EINVAL);
           else
             ec = co_await neg_.exp->cache_status(range, extents);
         } else {
@@ -278,7 +278,7 @@ Task<Session::Reply> Session::execute(const RequestHeader& req, Buffer& payload)
       co_return reply;
     }
     default:
-      ec = gateway::errno_code(EINVAL);
+      ec = core::errno_code(EINVAL);
       break;
   }
   if (ec) co_return error_reply(req, ec);
@@ -380,7 +380,7 @@ Session::Reply Session::read_reply(const RequestHeader& req, Buffer data) const 
 }
 
 Session::Reply Session::block_status_reply(const RequestHeader& req, uint32_t context_id,
-                                           const gateway::ExtentList& extents) const {
+                                           const core::ExtentList& extents) const {
   Reply r;
   r.extra.resize(4 + 8 * extents.size());
   put32(r.extra.data(), context_id);
@@ -388,8 +388,8 @@ Session::Reply Session::block_status_reply(const RequestHeader& req, uint32_t co
   for (const auto& e : extents) {
     put32(p, static_cast<uint32_t>(e.length));
     uint32_t flags = 0;
-    if (e.flags & gateway::kExtentHole) flags |= kStateHole;
-    if (e.flags & gateway::kExtentZero) flags |= kStateZero;
+    if (e.flags & core::kExtentHole) flags |= kStateHole;
+    if (e.flags & core::kExtentZero) flags |= kStateZero;
     put32(p + 4, flags);
     p += 8;
   }

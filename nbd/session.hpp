@@ -14,8 +14,8 @@
 // thread-safe itself.
 #pragma once
 
-#include "gateway/async_event.hpp"
-#include "gateway/buffer_pool.hpp"
+#include "core/async_event.hpp"
+#include "core/buffer_pool.hpp"
 #include "nbd/channel.hpp"
 #include "nbd/handshake.hpp"
 #include "nbd/protocol.hpp"
@@ -40,16 +40,16 @@ class Session : public std::enable_shared_from_this<Session> {
   // Serves requests until the client disconnects, breaks the protocol, or
   // stop() is called; returns once every admitted request has been answered
   // (or the client is gone). Does not close the channel.
-  gateway::Task<void> run();
+  core::Task<void> run();
   // A client that left without flushing still gets its writes made durable;
   // called after the connection is closed, so the client does not wait.
-  gateway::Task<void> flush_if_dirty();
+  core::Task<void> flush_if_dirty();
   // Graceful end: read no further requests, finish those in flight. Must be
   // called on the session's io_context.
   void stop();
 
  private:
-  using Buffer = gateway::IoBuffer;
+  using Buffer = core::IoBuffer;
   struct Reply {
     std::array<std::byte, 32> head;
     uint8_t head_len = 0;
@@ -58,12 +58,12 @@ class Session : public std::enable_shared_from_this<Session> {
     uint64_t budget = 0;           // admitted bytes, released once sent
   };
 
-  gateway::Task<void> reader();
-  gateway::Task<void> writer();
-  gateway::Task<void> handle(RequestHeader req, Buffer payload, uint64_t budget);
-  gateway::Task<Reply> execute(const RequestHeader& req, Buffer& payload);
-  gateway::Task<bool> admit(uint64_t bytes);
-  gateway::Task<bool> discard_payload(uint64_t length);
+  core::Task<void> reader();
+  core::Task<void> writer();
+  core::Task<void> handle(RequestHeader req, Buffer payload, uint64_t budget);
+  core::Task<Reply> execute(const RequestHeader& req, Buffer& payload);
+  core::Task<bool> admit(uint64_t bytes);
+  core::Task<bool> discard_payload(uint64_t length);
   void enqueue(Reply reply);
   // Answers an admitted request with an error without running it.
   void refuse(const RequestHeader& req, std::error_code ec);
@@ -73,12 +73,12 @@ class Session : public std::enable_shared_from_this<Session> {
   [[nodiscard]] Reply error_reply(const RequestHeader& req, std::error_code ec) const;
   [[nodiscard]] Reply read_reply(const RequestHeader& req, Buffer data) const;
   [[nodiscard]] Reply block_status_reply(const RequestHeader& req, uint32_t context_id,
-                                         const gateway::ExtentList& extents) const;
+                                         const core::ExtentList& extents) const;
 
   Channel& channel_;
   Negotiated neg_;
   SessionLimits limits_;
-  gateway::CheckedDevice& device_;
+  core::CheckedDevice& device_;
   std::shared_ptr<spdlog::logger> log_;
 
   // Receive buffer: requests are parsed in place.
@@ -98,9 +98,9 @@ class Session : public std::enable_shared_from_this<Session> {
   bool writer_done_ = false;
   bool dirty_ = false;  // data changed since the last flush
 
-  gateway::AsyncEvent writer_wakeup_;
-  gateway::AsyncEvent budget_freed_;
-  gateway::AsyncEvent drained_;
+  core::AsyncEvent writer_wakeup_;
+  core::AsyncEvent budget_freed_;
+  core::AsyncEvent drained_;
 };
 
 }  // namespace blockway::nbd

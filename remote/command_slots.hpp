@@ -21,7 +21,7 @@
 // and release() are called there only.
 #pragma once
 
-#include "gateway/task.hpp"
+#include "core/task.hpp"
 #include "remote/completion.hpp"
 
 #include <boost/asio/any_io_executor.hpp>
@@ -64,7 +64,7 @@ class CommandSlots {
   // once while they fit in the budget next to those in flight and nobody
   // waits before it, or when nothing is in flight (a command larger than
   // the budget goes alone). Every acquire(n) is paired with one release(n).
-  gateway::Task<void> acquire(uint64_t bytes) {
+  core::Task<void> acquire(uint64_t bytes) {
     if (try_acquire(bytes)) co_return;
     (void)co_await boost::asio::async_initiate<const boost::asio::use_awaitable_t<>, void(std::error_code)>(
         [this, bytes](auto handler) {

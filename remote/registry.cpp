@@ -18,7 +18,7 @@ namespace {
 struct Backend {
   std::string scheme;
   std::function<void(const Uri&, const OpenRequest&)> check;
-  std::function<std::unique_ptr<gateway::BlockDevice>(const Uri&, const OpenRequest&)> open;
+  std::function<std::unique_ptr<core::BlockDevice>(const Uri&, const OpenRequest&)> open;
 };
 
 void check_file(const Uri& uri, const OpenRequest& req) {
@@ -29,7 +29,7 @@ void check_file(const Uri& uri, const OpenRequest& req) {
   if (!uri.query.empty()) throw BackendError("file URI '" + req.uri + "' takes no query parameters");
 }
 
-std::unique_ptr<gateway::BlockDevice> open_file(const Uri& uri, const OpenRequest& req) {
+std::unique_ptr<core::BlockDevice> open_file(const Uri& uri, const OpenRequest& req) {
   try {
     return std::make_unique<FileDevice>(uri.path, req.read_only, *req.blocking);
   } catch (const std::system_error& e) {
@@ -100,7 +100,7 @@ void check_nbd(const Uri& uri, const OpenRequest& req) {
   (void)nbd_options(req);
 }
 
-std::unique_ptr<gateway::BlockDevice> open_nbd(const Uri&, const OpenRequest& req) {
+std::unique_ptr<core::BlockDevice> open_nbd(const Uri&, const OpenRequest& req) {
   if (req.loops == nullptr) throw BackendError("NBD URI '" + req.uri + "' needs the daemon's event loops");
   const NbdOptions opts = nbd_options(req);
   if (req.options != nullptr) {
@@ -149,7 +149,7 @@ void check_device(const OpenRequest& req) {
   backend->check(uri, req);
 }
 
-std::unique_ptr<gateway::BlockDevice> open_device(const OpenRequest& req) {
+std::unique_ptr<core::BlockDevice> open_device(const OpenRequest& req) {
   auto [backend, uri] = resolve(req);
   backend->check(uri, req);
   return backend->open(uri, req);

@@ -4,8 +4,8 @@
 // control plane, never on the data path; they may block (connecting, opening).
 #pragma once
 
-#include "gateway/block_device.hpp"
-#include "gateway/event_loops.hpp"
+#include "core/block_device.hpp"
+#include "core/event_loops.hpp"
 
 #include <boost/asio/thread_pool.hpp>
 
@@ -29,13 +29,13 @@ struct OpenRequest {
   std::map<std::string, std::string>* options = nullptr;
   boost::asio::thread_pool* blocking = nullptr;
   // The daemon's event loops, for backends that keep sessions on them.
-  gateway::EventLoops* loops = nullptr;
+  core::EventLoops* loops = nullptr;
 };
 
 // Validates the URI and options without touching the remote. Throws BackendError.
 void check_device(const OpenRequest& request);
 // Opens the device. Throws BackendError with a message that names the URI.
-std::unique_ptr<gateway::BlockDevice> open_device(const OpenRequest& request);
+std::unique_ptr<core::BlockDevice> open_device(const OpenRequest& request);
 // The schemes that open_device() accepts, for messages and --help.
 std::vector<std::string> supported_schemes();
 

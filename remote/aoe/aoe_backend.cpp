@@ -10,7 +10,7 @@ void check_backend(const Uri& uri, const OpenRequest& req) {
   (void)parse_options(req.options, false);
 }
 
-std::unique_ptr<gateway::BlockDevice> open_backend(const Uri& uri, const OpenRequest& req) {
+std::unique_ptr<core::BlockDevice> open_backend(const Uri& uri, const OpenRequest& req) {
   if (req.loops == nullptr) throw BackendError("AoE URI '" + req.uri + "' needs the daemon's event loops");
   AoeAddress address = parse_address(uri, req.uri);
   const AoeOptions options = parse_options(req.options, true);

@@ -10,6 +10,6 @@
 namespace blockway::remote::aoe {
 
 void check_backend(const Uri& uri, const OpenRequest& req);
-std::unique_ptr<gateway::BlockDevice> open_backend(const Uri& uri, const OpenRequest& req);
+std::unique_ptr<core::BlockDevice> open_backend(const Uri& uri, const OpenRequest& req);
 
 }  // namespace blockway::remote::aoe

@@ -1,6 +1,6 @@
 #include "remote/aoe/aoe_device.hpp"
 
-#include "gateway/logging.hpp"
+#include "core/logging.hpp"
 #include "remote/aoe/aoe_discovery.hpp"
 #include "remote/aoe/aoe_protocol.hpp"
 #include "remote/aoe/rtt_estimator.hpp"
@@ -28,12 +28,12 @@
 
 namespace blockway::remote::aoe {
 
-using gateway::ByteRange;
-using gateway::errno_code;
-using gateway::ExtentList;
-using gateway::IoFlags;
-using gateway::Support;
-using gateway::Task;
+using core::ByteRange;
+using core::errno_code;
+using core::ExtentList;
+using core::IoFlags;
+using core::Support;
+using core::Task;
 using Clock = std::chrono::steady_clock;
 
 namespace {
@@ -78,7 +78,7 @@ class AoeDevice::Session final : public std::enable_shared_from_this<Session> {
         options_(options),
         sd_(ctx),
         timer_(ctx),
-        log_(gateway::logger("aoe")) {}
+        log_(core::logger("aoe")) {}
 
   ~Session() { kill(ENOTCONN, "device closed"); }
 
@@ -523,7 +523,7 @@ Task<void> install_on(std::shared_ptr<AoeDevice::Session> session, std::shared_p
 }  // namespace
 
 AoeDevice::AoeDevice(std::string uri, AoeAddress address, AoeOptions options, bool read_only,
-                     gateway::EventLoops& loops)
+                     core::EventLoops& loops)
     : uri_(std::move(uri)), address_(std::move(address)), options_(options), loops_(loops) {
   DiscoverResult found = discover(address_, options_.discover_timeout);
   if (found.err != 0) throw BackendError("'" + uri_ + "': " + found.message);
@@ -534,14 +534,14 @@ AoeDevice::AoeDevice(std::string uri, AoeAddress address, AoeOptions options, bo
   caps_.read_only = read_only;
   caps_.flush = Support::native;
   caps_.multi_conn = true;  // one session: a flush covers every completed write
-  gateway::logger("aoe")->info("{}: {}", uri_, describe_target(found.target, found.socket.mtu));
+  core::logger("aoe")->info("{}: {}", uri_, describe_target(found.target, found.socket.mtu));
   session_ = std::make_shared<Session>(loops_.next(), uri_, address_, options_);
   session_->install(std::move(found.socket), found.target);  // the loops do not run yet
 }
 
 AoeDevice::~AoeDevice() {
   const AoeStats s = stats();
-  gateway::logger("aoe")->info(
+  core::logger("aoe")->info(
       "{}: frames sent {}, retransmitted {}, answers {}, errors {}, session timeouts {}; ignored {} "
       "(short {}, malformed {}, foreign {}, stale {})",
       uri_, s.frames_sent, s.retransmits, s.answers, s.errors, s.timeouts, s.ignored(), s.short_frames,
@@ -607,17 +607,17 @@ Task<std::error_code> AoeDevice::block_status(ByteRange, ExtentList&) { co_retur
 Task<std::error_code> AoeDevice::prefetch(ByteRange) { co_return std::error_code{}; }
 
 Task<std::error_code> AoeDevice::reconnect() {
-  auto log = gateway::logger("aoe");
+  auto log = core::logger("aoe");
   const auto timeout = std::min(options_.discover_timeout, std::chrono::milliseconds(kReconnectDiscovery));
   // Only trivially destructible captures in a co_await expression (GCC 12
   // destroys some temporaries of such expressions twice); address_ is
   // never modified after construction, so the pool thread may read it.
   auto rediscover = [this, timeout] { return std::make_shared<DiscoverResult>(discover(address_, timeout)); };
-  std::shared_ptr<DiscoverResult> found = co_await gateway::offload(loops_.blocking(), rediscover);
+  std::shared_ptr<DiscoverResult> found = co_await core::offload(loops_.blocking(), rediscover);
   if (found->err != 0) {
     log->debug("{}: rediscovery failed: {}", uri_, found->message);
     const std::error_code ec = errno_code(found->err);
-    co_return gateway::is_connection_error(ec) ? ec : errno_code(EHOSTUNREACH);
+    co_return core::is_connection_error(ec) ? ec : errno_code(EHOSTUNREACH);
   }
   const uint64_t size = found->target.identify.sectors * kSectorSize;
   if (size != geometry_.size) {

@@ -36,8 +36,8 @@
 // stopped running (as the daemon does).
 #pragma once
 
-#include "gateway/event_loops.hpp"
-#include "gateway/remote_device.hpp"
+#include "core/event_loops.hpp"
+#include "core/remote_device.hpp"
 #include "remote/aoe/aoe_address.hpp"
 
 #include <atomic>
@@ -59,28 +59,28 @@ struct AoeStats {
   [[nodiscard]] uint64_t ignored() const noexcept { return short_frames + malformed + foreign + stale; }
 };
 
-class AoeDevice final : public gateway::RemoteDevice {
+class AoeDevice final : public core::RemoteDevice {
  public:
   // Discovers the target synchronously. Throws BackendError naming the URI.
-  AoeDevice(std::string uri, AoeAddress address, AoeOptions options, bool read_only, gateway::EventLoops& loops);
+  AoeDevice(std::string uri, AoeAddress address, AoeOptions options, bool read_only, core::EventLoops& loops);
   ~AoeDevice() override;
   AoeDevice(const AoeDevice&) = delete;
   AoeDevice& operator=(const AoeDevice&) = delete;
 
-  [[nodiscard]] gateway::Geometry geometry() const noexcept override { return geometry_; }
-  [[nodiscard]] gateway::Capabilities capabilities() const noexcept override { return caps_; }
+  [[nodiscard]] core::Geometry geometry() const noexcept override { return geometry_; }
+  [[nodiscard]] core::Capabilities capabilities() const noexcept override { return caps_; }
   [[nodiscard]] std::string describe() const override { return "aoe:" + uri_; }
 
-  gateway::Task<std::error_code> read(std::span<std::byte> buf, uint64_t offset, gateway::IoFlags flags) override;
-  gateway::Task<std::error_code> write(std::span<const std::byte> buf, uint64_t offset,
-                                       gateway::IoFlags flags) override;
-  gateway::Task<std::error_code> flush() override;
-  gateway::Task<std::error_code> trim(gateway::ByteRange range, gateway::IoFlags flags) override;
-  gateway::Task<std::error_code> zero(gateway::ByteRange range, gateway::IoFlags flags) override;
-  gateway::Task<std::error_code> block_status(gateway::ByteRange range, gateway::ExtentList& out) override;
-  gateway::Task<std::error_code> prefetch(gateway::ByteRange range) override;
+  core::Task<std::error_code> read(std::span<std::byte> buf, uint64_t offset, core::IoFlags flags) override;
+  core::Task<std::error_code> write(std::span<const std::byte> buf, uint64_t offset,
+                                       core::IoFlags flags) override;
+  core::Task<std::error_code> flush() override;
+  core::Task<std::error_code> trim(core::ByteRange range, core::IoFlags flags) override;
+  core::Task<std::error_code> zero(core::ByteRange range, core::IoFlags flags) override;
+  core::Task<std::error_code> block_status(core::ByteRange range, core::ExtentList& out) override;
+  core::Task<std::error_code> prefetch(core::ByteRange range) override;
 
-  gateway::Task<std::error_code> reconnect() override;
+  core::Task<std::error_code> reconnect() override;
   [[nodiscard]] bool connected() const noexcept override;
   [[nodiscard]] uint64_t generation() const noexcept override {
     return generation_.load(std::memory_order_acquire);
@@ -92,14 +92,14 @@ class AoeDevice final : public gateway::RemoteDevice {
   struct Op;
 
  private:
-  gateway::Task<std::error_code> submit(Op op);
+  core::Task<std::error_code> submit(Op op);
 
   std::string uri_;
   AoeAddress address_;
   AoeOptions options_;
-  gateway::EventLoops& loops_;
-  gateway::Geometry geometry_;
-  gateway::Capabilities caps_;
+  core::EventLoops& loops_;
+  core::Geometry geometry_;
+  core::Capabilities caps_;
   std::shared_ptr<Session> session_;
   std::atomic<uint64_t> generation_{1};
 };

@@ -13,11 +13,11 @@
 
 namespace blockway::remote {
 
-using gateway::ByteRange;
-using gateway::errno_code;
-using gateway::IoFlags;
-using gateway::Support;
-using gateway::Task;
+using core::ByteRange;
+using core::errno_code;
+using core::IoFlags;
+using core::Support;
+using core::Task;
 
 namespace {
 
@@ -113,12 +113,12 @@ FileDevice::~FileDevice() {
   if (fd_ >= 0) ::close(fd_);
 }
 
-gateway::Geometry FileDevice::geometry() const noexcept {
+core::Geometry FileDevice::geometry() const noexcept {
   return {.size = size_, .min_block = 1, .preferred_block = 4096, .max_transfer = 64u << 20};
 }
 
-gateway::Capabilities FileDevice::capabilities() const noexcept {
-  gateway::Capabilities c;
+core::Capabilities FileDevice::capabilities() const noexcept {
+  core::Capabilities c;
   c.read_only = read_only_;
   c.flush = Support::native;
   c.fua = Support::native;
@@ -138,29 +138,29 @@ Task<std::error_code> FileDevice::read(std::span<std::byte> buf, uint64_t offset
     if (unsupported) nowait_reads_.store(false, std::memory_order_relaxed);
     if (buf.empty()) co_return std::error_code{};
   }
-  co_return co_await gateway::offload(blocking_, [fd = fd_, buf, offset] { return pread_all(fd, buf, offset); });
+  co_return co_await core::offload(blocking_, [fd = fd_, buf, offset] { return pread_all(fd, buf, offset); });
 }
 
 Task<std::error_code> FileDevice::write(std::span<const std::byte> buf, uint64_t offset,
                                         IoFlags flags) {
-  if (flags & gateway::kFua) {
-    co_return co_await gateway::offload(
+  if (flags & core::kFua) {
+    co_return co_await core::offload(
         blocking_, [fd = fd_, buf, offset] { return pwrite_all(fd, buf, offset, RWF_DSYNC); });
   }
   co_return pwrite_all(fd_, buf, offset, 0);
 }
 
 Task<std::error_code> FileDevice::flush() {
-  co_return co_await gateway::offload(blocking_, [fd = fd_] { return sync_fd(fd); });
+  co_return co_await core::offload(blocking_, [fd = fd_] { return sync_fd(fd); });
 }
 
 Task<std::error_code> FileDevice::fallocate_range(int mode, ByteRange range, IoFlags flags) {
-  co_return co_await gateway::offload(blocking_, [fd = fd_, mode, range, flags]() -> std::error_code {
+  co_return co_await core::offload(blocking_, [fd = fd_, mode, range, flags]() -> std::error_code {
     while (::fallocate(fd, mode, static_cast<off_t>(range.offset), static_cast<off_t>(range.length)) != 0) {
       if (errno == EINTR) continue;
       return errno_code(errno == EOPNOTSUPP ? ENOTSUP : errno);
     }
-    return (flags & gateway::kFua) ? sync_fd(fd) : std::error_code{};
+    return (flags & core::kFua) ? sync_fd(fd) : std::error_code{};
   });
 }
 
@@ -171,12 +171,12 @@ Task<std::error_code> FileDevice::trim(ByteRange range, IoFlags flags) {
 Task<std::error_code> FileDevice::zero(ByteRange range, IoFlags flags) {
   // A punched hole reads as zeroes and frees space; NO_HOLE asks to keep the
   // blocks allocated, which ZERO_RANGE does without writing data.
-  const int mode = (flags & gateway::kNoHole) ? FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE
+  const int mode = (flags & core::kNoHole) ? FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE
                                                : FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
   co_return co_await fallocate_range(mode, range, flags);
 }
 
-Task<std::error_code> FileDevice::block_status(ByteRange range, gateway::ExtentList& out) {
+Task<std::error_code> FileDevice::block_status(ByteRange range, core::ExtentList& out) {
   const auto data_extent = [&] { out.push_back({range.length, 0}); };
   if (is_block_device_ || !can_seek_data_.load(std::memory_order_relaxed)) {
     data_extent();
@@ -188,7 +188,7 @@ Task<std::error_code> FileDevice::block_status(ByteRange range, gateway::ExtentL
   while (pos < end && out.size() < 64) {
     const off_t data = ::lseek(fd_, static_cast<off_t>(pos), SEEK_DATA);
     if (data < 0 && errno == ENXIO) {  // only a hole up to end of file
-      out.push_back({end - pos, gateway::kExtentHole | gateway::kExtentZero});
+      out.push_back({end - pos, core::kExtentHole | core::kExtentZero});
       break;
     }
     if (data < 0) {
@@ -200,7 +200,7 @@ Task<std::error_code> FileDevice::block_status(ByteRange range, gateway::ExtentL
     }
     if (static_cast<uint64_t>(data) > pos) {
       const uint64_t hole_end = std::min<uint64_t>(static_cast<uint64_t>(data), end);
-      out.push_back({hole_end - pos, gateway::kExtentHole | gateway::kExtentZero});
+      out.push_back({hole_end - pos, core::kExtentHole | core::kExtentZero});
       pos = hole_end;
       continue;
     }

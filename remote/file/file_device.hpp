@@ -10,7 +10,7 @@
 // blocking pool because they wait for the disk.
 #pragma once
 
-#include "gateway/block_device.hpp"
+#include "core/block_device.hpp"
 
 #include <boost/asio/thread_pool.hpp>
 
@@ -19,7 +19,7 @@
 
 namespace blockway::remote {
 
-class FileDevice final : public gateway::BlockDevice {
+class FileDevice final : public core::BlockDevice {
  public:
   // Opens `path`; falls back to read-only when the file cannot be written and
   // read_only was not asked for. Throws std::system_error naming the path.
@@ -28,24 +28,24 @@ class FileDevice final : public gateway::BlockDevice {
   FileDevice(const FileDevice&) = delete;
   FileDevice& operator=(const FileDevice&) = delete;
 
-  [[nodiscard]] gateway::Geometry geometry() const noexcept override;
-  [[nodiscard]] gateway::Capabilities capabilities() const noexcept override;
+  [[nodiscard]] core::Geometry geometry() const noexcept override;
+  [[nodiscard]] core::Capabilities capabilities() const noexcept override;
   [[nodiscard]] std::string describe() const override { return "file:" + path_; }
 
-  gateway::Task<std::error_code> read(std::span<std::byte> buf, uint64_t offset,
-                                      gateway::IoFlags flags) override;
-  gateway::Task<std::error_code> write(std::span<const std::byte> buf, uint64_t offset,
-                                       gateway::IoFlags flags) override;
-  gateway::Task<std::error_code> flush() override;
-  gateway::Task<std::error_code> trim(gateway::ByteRange range, gateway::IoFlags flags) override;
-  gateway::Task<std::error_code> zero(gateway::ByteRange range, gateway::IoFlags flags) override;
-  gateway::Task<std::error_code> block_status(gateway::ByteRange range,
-                                              gateway::ExtentList& out) override;
-  gateway::Task<std::error_code> prefetch(gateway::ByteRange range) override;
+  core::Task<std::error_code> read(std::span<std::byte> buf, uint64_t offset,
+                                      core::IoFlags flags) override;
+  core::Task<std::error_code> write(std::span<const std::byte> buf, uint64_t offset,
+                                       core::IoFlags flags) override;
+  core::Task<std::error_code> flush() override;
+  core::Task<std::error_code> trim(core::ByteRange range, core::IoFlags flags) override;
+  core::Task<std::error_code> zero(core::ByteRange range, core::IoFlags flags) override;
+  core::Task<std::error_code> block_status(core::ByteRange range,
+                                              core::ExtentList& out) override;
+  core::Task<std::error_code> prefetch(core::ByteRange range) override;
 
  private:
-  gateway::Task<std::error_code> fallocate_range(int mode, gateway::ByteRange range,
-                                                 gateway::IoFlags flags);
+  core::Task<std::error_code> fallocate_range(int mode, core::ByteRange range,
+                                                 core::IoFlags flags);
 
   std::string path_;
   int fd_ = -1;

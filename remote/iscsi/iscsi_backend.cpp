@@ -69,7 +69,7 @@ void check_iscsi(const OpenRequest& req) {
   (void)iscsi_options(req);
 }
 
-std::unique_ptr<gateway::BlockDevice> open_iscsi(const OpenRequest& req) {
+std::unique_ptr<core::BlockDevice> open_iscsi(const OpenRequest& req) {
   IscsiUri uri = parse_uri(req);
   if (req.loops == nullptr)
     throw BackendError("iSCSI URI '" + uri.redacted() + "' needs the daemon's event loops");

@@ -15,6 +15,6 @@ namespace blockway::remote {
 void check_iscsi(const OpenRequest& req);
 IscsiOptions iscsi_options(const OpenRequest& req);
 // check_iscsi(), then erases the options it used and connects.
-std::unique_ptr<gateway::BlockDevice> open_iscsi(const OpenRequest& req);
+std::unique_ptr<core::BlockDevice> open_iscsi(const OpenRequest& req);
 
 }  // namespace blockway::remote

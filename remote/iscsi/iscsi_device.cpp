@@ -1,7 +1,7 @@
 #include "remote/iscsi/iscsi_device.hpp"
 #include "remote/command_slots.hpp"
 
-#include "gateway/logging.hpp"
+#include "core/logging.hpp"
 #include "remote/completion.hpp"
 #include "remote/fd_watcher.hpp"
 #include "remote/inflight_requests.hpp"
@@ -26,12 +26,12 @@
 
 namespace blockway::remote {
 
-using gateway::ByteRange;
-using gateway::errno_code;
-using gateway::ExtentList;
-using gateway::IoFlags;
-using gateway::Support;
-using gateway::Task;
+using core::ByteRange;
+using core::errno_code;
+using core::ExtentList;
+using core::IoFlags;
+using core::Support;
+using core::Task;
 using Clock = std::chrono::steady_clock;
 
 namespace {
@@ -296,7 +296,7 @@ class IscsiDevice::Session final : public FdWatcher::Client, public std::enable_
  public:
   Session(boost::asio::io_context& ctx, int lun, std::chrono::milliseconds io_timeout, uint64_t inflight_bytes,
           std::string name)
-      : io_(ctx), lun_(lun), name_(std::move(name)), log_(gateway::logger("iscsi")),
+      : io_(ctx), lun_(lun), name_(std::move(name)), log_(core::logger("iscsi")),
         slots_(ctx.get_executor(), inflight_bytes), inflight_(ctx, io_timeout, [this] { on_hung(); }) {}
 
   // Bounds the data this session has in flight (on its loop only).
@@ -390,7 +390,7 @@ class IscsiDevice::Session final : public FdWatcher::Client, public std::enable_
     ScsiOutcome out = scsi_outcome(status, key, ascq);
     if (status == SCSI_STATUS_CANCELLED || status == SCSI_STATUS_ERROR) s->broken_ = true;
     if (out.err == 0 && r->extents != nullptr) out.err = parse_lba_status(*r, task.get());
-    if (out.err != 0 && !gateway::is_connection_error(errno_code(out.err)))
+    if (out.err != 0 && !core::is_connection_error(errno_code(out.err)))
       s->log_->debug("{}: command 0x{:02x} {}: {}", s->name_, task->cdb[0], out.retry ? "will be retried" : "failed",
                      describe_scsi_status(status, key, ascq));
     s->finish(r, out.err);
@@ -409,8 +409,8 @@ class IscsiDevice::Session final : public FdWatcher::Client, public std::enable_
       if (end <= cursor) continue;
       const uint64_t take = std::min(end, r.status_end) - cursor;
       uint32_t flags = 0;
-      if (d.provisioning == SCSI_PROVISIONING_TYPE_DEALLOCATED) flags |= gateway::kExtentHole;
-      if (d.provisioning != SCSI_PROVISIONING_TYPE_MAPPED && r.lbprz) flags |= gateway::kExtentZero;
+      if (d.provisioning == SCSI_PROVISIONING_TYPE_DEALLOCATED) flags |= core::kExtentHole;
+      if (d.provisioning != SCSI_PROVISIONING_TYPE_MAPPED && r.lbprz) flags |= core::kExtentZero;
       if (r.extents->size() > first && r.extents->back().flags == flags)
         r.extents->back().length += take * r.block_size;
       else
@@ -461,7 +461,7 @@ Task<void> sleep_for(std::chrono::milliseconds d) {
 
 }  // namespace
 
-IscsiDevice::IscsiDevice(IscsiUri uri, bool read_only, IscsiOptions options, gateway::EventLoops& loops)
+IscsiDevice::IscsiDevice(IscsiUri uri, bool read_only, IscsiOptions options, core::EventLoops& loops)
     : uri_(std::move(uri)), read_only_(read_only), options_(std::move(options)), loops_(loops) {
   const std::string name = uri_.redacted();
   auto first = connect_session(uri_, options_, 0);
@@ -506,7 +506,7 @@ IscsiDevice::IscsiDevice(IscsiUri uri, bool read_only, IscsiOptions options, gat
     s->install(std::move(contexts[i]));  // the loops do not run yet
     sessions_.push_back(std::move(s));
   }
-  gateway::logger("iscsi")->info(
+  core::logger("iscsi")->info(
       "{}: {} bytes, {}-byte blocks, {} session(s), max transfer {}{}{}{}{}{}", name, geometry_.size, bs,
       sessions_.size(), geometry_.max_transfer, caps_.fua == Support::native ? ", fua" : "",
       caps_.trim == Support::native ? ", unmap" : "", caps_.zero == Support::native ? ", write-same" : "",
@@ -584,7 +584,7 @@ Task<std::error_code> IscsiDevice::write(std::span<const std::byte> buf, uint64_
   if (caps_.read_only) co_return errno_code(EPERM);
   if (buf.empty()) co_return std::error_code{};
   const uint32_t bs = info_.block_size;
-  const int fua = (flags & gateway::kFua) && caps_.fua == Support::native ? 1 : 0;
+  const int fua = (flags & core::kFua) && caps_.fua == Support::native ? 1 : 0;
   auto issue = [buf, offset, bs, fua](iscsi_context* ctx, int lun, Request* r, iscsi_command_cb cb) {
     // libiscsi only reads through the iovec; its API is not const-correct.
     r->iov = {const_cast<std::byte*>(buf.data()), buf.size()};
@@ -619,7 +619,7 @@ Task<std::error_code> IscsiDevice::trim(ByteRange range, IoFlags flags) {
     lba += n;
     left -= n;
   }
-  if (flags & gateway::kFua) co_return co_await flush();
+  if (flags & core::kFua) co_return co_await flush();
   co_return std::error_code{};
 }
 
@@ -628,8 +628,8 @@ Task<std::error_code> IscsiDevice::zero(ByteRange range, IoFlags flags) {
   if (caps_.zero != Support::native) co_return errno_code(EOPNOTSUPP);
   // WRITE SAME with UNMAP only where unmapped blocks read as zeroes; with
   // NO_HOLE, write the zeroes (allocated).
-  const int unmap = info_.unmapped_reads_zero && !(flags & gateway::kNoHole) ? 1 : 0;
-  if ((flags & gateway::kFastZero) && !unmap) co_return errno_code(EOPNOTSUPP);
+  const int unmap = info_.unmapped_reads_zero && !(flags & core::kNoHole) ? 1 : 0;
+  if ((flags & core::kFastZero) && !unmap) co_return errno_code(EOPNOTSUPP);
   const uint32_t bs = info_.block_size;
   uint64_t lba = range.offset / bs;
   uint64_t left = range.length / bs;
@@ -646,7 +646,7 @@ Task<std::error_code> IscsiDevice::zero(ByteRange range, IoFlags flags) {
     lba += n;
     left -= n;
   }
-  if (flags & gateway::kFua) co_return co_await flush();
+  if (flags & core::kFua) co_return co_await flush();
   co_return std::error_code{};
 }
 
@@ -674,7 +674,7 @@ Task<std::error_code> IscsiDevice::block_status(ByteRange range, ExtentList& out
 Task<std::error_code> IscsiDevice::prefetch(ByteRange /*range*/) { co_return std::error_code{}; }
 
 Task<std::error_code> IscsiDevice::reconnect() {
-  auto log = gateway::logger("iscsi");
+  auto log = core::logger("iscsi");
   const std::string name = uri_.redacted();
   // Only the sessions that are gone: the live ones keep their commands.
   std::vector<size_t> dead;
@@ -709,14 +709,14 @@ Task<std::error_code> IscsiDevice::reconnect() {
       }
       return res;
     };
-    auto res = co_await gateway::offload(loops_.blocking(), connect);
+    auto res = co_await core::offload(loops_.blocking(), connect);
     if (!res.ctx) {
       if (res.err == EIO) {
         log->error("{}: {}", name, res.message);
         co_return errno_code(EIO);
       }
       log->debug("{}: reconnect failed: {}", name, res.message);
-      co_return errno_code(gateway::is_connection_error(errno_code(res.err)) ? res.err : ECONNREFUSED);
+      co_return errno_code(core::is_connection_error(errno_code(res.err)) ? res.err : ECONNREFUSED);
     }
     fresh.push_back(std::move(res.ctx));
   }

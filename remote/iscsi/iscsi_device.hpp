@@ -39,8 +39,8 @@
 // loops stopped running its sessions.
 #pragma once
 
-#include "gateway/event_loops.hpp"
-#include "gateway/remote_device.hpp"
+#include "core/event_loops.hpp"
+#include "core/remote_device.hpp"
 #include "remote/command_slots.hpp"
 #include "remote/iscsi/iscsi_uri.hpp"
 
@@ -78,31 +78,31 @@ struct IscsiLunInfo {
   bool write_same_unmap = false;  // LBPWS
 };
 
-class IscsiDevice final : public gateway::RemoteDevice {
+class IscsiDevice final : public core::RemoteDevice {
  public:
   // Connects synchronously. Throws BackendError (registry.hpp) with a message
   // naming the URI (password masked) and what went wrong.
-  IscsiDevice(IscsiUri uri, bool read_only, IscsiOptions options, gateway::EventLoops& loops);
+  IscsiDevice(IscsiUri uri, bool read_only, IscsiOptions options, core::EventLoops& loops);
   ~IscsiDevice() override;
   IscsiDevice(const IscsiDevice&) = delete;
   IscsiDevice& operator=(const IscsiDevice&) = delete;
 
-  [[nodiscard]] gateway::Geometry geometry() const noexcept override { return geometry_; }
-  [[nodiscard]] gateway::Capabilities capabilities() const noexcept override { return caps_; }
+  [[nodiscard]] core::Geometry geometry() const noexcept override { return geometry_; }
+  [[nodiscard]] core::Capabilities capabilities() const noexcept override { return caps_; }
   [[nodiscard]] std::string describe() const override;
 
-  gateway::Task<std::error_code> read(std::span<std::byte> buf, uint64_t offset,
-                                      gateway::IoFlags flags) override;
-  gateway::Task<std::error_code> write(std::span<const std::byte> buf, uint64_t offset,
-                                       gateway::IoFlags flags) override;
-  gateway::Task<std::error_code> flush() override;
-  gateway::Task<std::error_code> trim(gateway::ByteRange range, gateway::IoFlags flags) override;
-  gateway::Task<std::error_code> zero(gateway::ByteRange range, gateway::IoFlags flags) override;
-  gateway::Task<std::error_code> block_status(gateway::ByteRange range,
-                                              gateway::ExtentList& out) override;
-  gateway::Task<std::error_code> prefetch(gateway::ByteRange range) override;
+  core::Task<std::error_code> read(std::span<std::byte> buf, uint64_t offset,
+                                      core::IoFlags flags) override;
+  core::Task<std::error_code> write(std::span<const std::byte> buf, uint64_t offset,
+                                       core::IoFlags flags) override;
+  core::Task<std::error_code> flush() override;
+  core::Task<std::error_code> trim(core::ByteRange range, core::IoFlags flags) override;
+  core::Task<std::error_code> zero(core::ByteRange range, core::IoFlags flags) override;
+  core::Task<std::error_code> block_status(core::ByteRange range,
+                                              core::ExtentList& out) override;
+  core::Task<std::error_code> prefetch(core::ByteRange range) override;
 
-  gateway::Task<std::error_code> reconnect() override;
+  core::Task<std::error_code> reconnect() override;
   [[nodiscard]] bool connected() const noexcept override;
   [[nodiscard]] uint64_t generation() const noexcept override {
     return generation_.load(std::memory_order_acquire);
@@ -118,19 +118,19 @@ class IscsiDevice final : public gateway::RemoteDevice {
   // data_bytes: what the command moves, charged to the session's in-flight
   // budget (remote/command_slots.hpp).
   template <class Issue>
-  gateway::Task<std::error_code> submit(Issue issue, uint64_t data_bytes = 0);
+  core::Task<std::error_code> submit(Issue issue, uint64_t data_bytes = 0);
   template <class Issue>
-  gateway::Task<std::error_code> submit_on(Session& s, Issue issue, uint64_t data_bytes = 0);
+  core::Task<std::error_code> submit_on(Session& s, Issue issue, uint64_t data_bytes = 0);
   template <class Issue>
-  gateway::Task<std::error_code> submit_once(Session& s, Issue& issue);
+  core::Task<std::error_code> submit_once(Session& s, Issue& issue);
 
   IscsiUri uri_;
   bool read_only_ = false;
   IscsiOptions options_;
-  gateway::EventLoops& loops_;
+  core::EventLoops& loops_;
   IscsiLunInfo info_;
-  gateway::Geometry geometry_;
-  gateway::Capabilities caps_;
+  core::Geometry geometry_;
+  core::Capabilities caps_;
   std::vector<unsigned char> zero_block_;  // WRITE SAME's one block of zeroes
   std::vector<std::shared_ptr<Session>> sessions_;
   std::atomic<size_t> next_{0};

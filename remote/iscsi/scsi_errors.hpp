@@ -4,7 +4,7 @@
 // return, or "retry the same command" (UNIT ATTENTION, BUSY, TASK SET FULL,
 // ABORTED COMMAND, a LUN becoming ready), which IscsiDevice does a bounded
 // number of times. A lost or cancelled session maps to a connection error
-// (gateway::is_connection_error) so RetryLayer reconnects. Pure functions,
+// (core::is_connection_error) so RetryLayer reconnects. Pure functions,
 // no threads.
 #pragma once
 

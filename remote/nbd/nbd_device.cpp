@@ -1,6 +1,6 @@
 #include "remote/nbd/nbd_device.hpp"
 
-#include "gateway/logging.hpp"
+#include "core/logging.hpp"
 #include "remote/completion.hpp"
 #include "remote/fd_watcher.hpp"
 #include "remote/inflight_requests.hpp"
@@ -20,12 +20,12 @@
 
 namespace blockway::remote {
 
-using gateway::ByteRange;
-using gateway::errno_code;
-using gateway::ExtentList;
-using gateway::IoFlags;
-using gateway::Support;
-using gateway::Task;
+using core::ByteRange;
+using core::errno_code;
+using core::ExtentList;
+using core::IoFlags;
+using core::Support;
+using core::Task;
 using Clock = std::chrono::steady_clock;
 
 namespace {
@@ -117,9 +117,9 @@ ConnectResult connect_handle(const std::string& uri, std::chrono::milliseconds t
 
 uint32_t nbd_flags(IoFlags flags, bool fua_ok) {
   uint32_t out = 0;
-  if ((flags & gateway::kFua) && fua_ok) out |= LIBNBD_CMD_FLAG_FUA;
-  if (flags & gateway::kNoHole) out |= LIBNBD_CMD_FLAG_NO_HOLE;
-  if (flags & gateway::kFastZero) out |= LIBNBD_CMD_FLAG_FAST_ZERO;
+  if ((flags & core::kFua) && fua_ok) out |= LIBNBD_CMD_FLAG_FUA;
+  if (flags & core::kNoHole) out |= LIBNBD_CMD_FLAG_NO_HOLE;
+  if (flags & core::kFastZero) out |= LIBNBD_CMD_FLAG_FAST_ZERO;
   return out;
 }
 
@@ -147,7 +147,7 @@ class NbdDevice::Connection final : public FdWatcher::Client,
                                     public std::enable_shared_from_this<Connection> {
  public:
   Connection(boost::asio::io_context& ctx, std::chrono::milliseconds io_timeout, std::string name)
-      : ctx_(ctx), name_(std::move(name)), log_(gateway::logger("nbd")),
+      : ctx_(ctx), name_(std::move(name)), log_(core::logger("nbd")),
         inflight_(ctx, io_timeout, [this] { on_hung(); }) {}
 
   ~Connection() override {
@@ -231,7 +231,7 @@ class NbdDevice::Connection final : public FdWatcher::Client,
     const int rc = (revents & POLLOUT) ? nbd_aio_notify_write(h) : nbd_aio_notify_read(h);
     if (rc == -1 || nbd_aio_is_dead(h) == 1 || nbd_aio_is_closed(h) == 1) {
       int err = last_errno(ECONNRESET);
-      if (!gateway::is_connection_error(errno_code(err))) err = ECONNRESET;
+      if (!core::is_connection_error(errno_code(err))) err = ECONNRESET;
       kill(err, rc == -1 ? last_message() : "server closed the connection");
     }
   }
@@ -265,7 +265,7 @@ class NbdDevice::Connection final : public FdWatcher::Client,
     for (size_t i = 0; i + 1 < count && r->covered < r->status_length; i += 2) {
       const uint64_t take = std::min<uint64_t>(entries[i], r->status_length - r->covered);
       if (take == 0) continue;
-      r->extents->push_back({take, entries[i + 1] & (gateway::kExtentHole | gateway::kExtentZero)});
+      r->extents->push_back({take, entries[i + 1] & (core::kExtentHole | core::kExtentZero)});
       r->covered += take;
     }
     return 0;
@@ -304,7 +304,7 @@ Task<void> install_on(std::shared_ptr<NbdDevice::Connection> conn, HandlePtr han
 
 }  // namespace
 
-NbdDevice::NbdDevice(std::string uri, bool read_only, NbdOptions options, gateway::EventLoops& loops)
+NbdDevice::NbdDevice(std::string uri, bool read_only, NbdOptions options, core::EventLoops& loops)
     : uri_(std::move(uri)), read_only_(read_only), options_(options), loops_(loops) {
   auto first = connect_handle(uri_, options_.io_timeout);
   if (!first.handle) throw BackendError("cannot connect to '" + uri_ + "': " + first.message);
@@ -334,7 +334,7 @@ NbdDevice::NbdDevice(std::string uri, bool read_only, NbdOptions options, gatewa
 
   size_t count = options_.connections;
   if (count == 0) count = caps_.multi_conn ? loops_.size() : 1;
-  auto log = gateway::logger("nbd");
+  auto log = core::logger("nbd");
   if (count > 1 && !caps_.multi_conn)
     log->warn("{}: server does not offer multi-conn; {} connections, every flush goes to each", uri_, count);
 
@@ -398,7 +398,7 @@ Task<std::error_code> NbdDevice::read(std::span<std::byte> buf, uint64_t offset,
 Task<std::error_code> NbdDevice::write(std::span<const std::byte> buf, uint64_t offset, IoFlags flags) {
   if (caps_.read_only) co_return errno_code(EPERM);
   if (buf.empty()) co_return std::error_code{};
-  const uint32_t f = nbd_flags(flags & gateway::kFua, caps_.fua == Support::native);
+  const uint32_t f = nbd_flags(flags & core::kFua, caps_.fua == Support::native);
   co_return co_await submit([buf, offset, f](nbd_handle* h, Request*, nbd_completion_callback cb) {
     return nbd_aio_pwrite(h, buf.data(), buf.size(), offset, cb, f);
   });
@@ -420,7 +420,7 @@ Task<std::error_code> NbdDevice::flush() {
 Task<std::error_code> NbdDevice::trim(ByteRange range, IoFlags flags) {
   if (caps_.read_only) co_return errno_code(EPERM);
   if (caps_.trim != Support::native) co_return errno_code(EOPNOTSUPP);
-  const uint32_t f = nbd_flags(flags & gateway::kFua, caps_.fua == Support::native);
+  const uint32_t f = nbd_flags(flags & core::kFua, caps_.fua == Support::native);
   while (range.length > 0) {
     const uint64_t n = std::min(range.length, kMaxCommandLength);
     const uint64_t off = range.offset;
@@ -437,7 +437,7 @@ Task<std::error_code> NbdDevice::trim(ByteRange range, IoFlags flags) {
 Task<std::error_code> NbdDevice::zero(ByteRange range, IoFlags flags) {
   if (caps_.read_only) co_return errno_code(EPERM);
   if (caps_.zero != Support::native) co_return errno_code(EOPNOTSUPP);
-  if ((flags & gateway::kFastZero) && !fast_zero_) co_return errno_code(EOPNOTSUPP);
+  if ((flags & core::kFastZero) && !fast_zero_) co_return errno_code(EOPNOTSUPP);
   const uint32_t f = nbd_flags(flags, caps_.fua == Support::native);
   while (range.length > 0) {
     const uint64_t n = std::min(range.length, kMaxCommandLength);
@@ -482,16 +482,16 @@ Task<std::error_code> NbdDevice::prefetch(ByteRange range) {
 }
 
 Task<std::error_code> NbdDevice::reconnect() {
-  auto log = gateway::logger("nbd");
+  auto log = core::logger("nbd");
   std::vector<HandlePtr> fresh;
   for (size_t i = 0; i < conns_.size(); ++i) {
     // Only trivially destructible captures in a co_await expression: GCC 12
     // destroys some temporaries of such expressions twice.
     auto connect = [this] { return connect_handle(uri_, options_.io_timeout); };
-    auto res = co_await gateway::offload(loops_.blocking(), connect);
+    auto res = co_await core::offload(loops_.blocking(), connect);
     if (!res.handle) {
       log->debug("{}: reconnect failed: {}", uri_, res.message);
-      co_return errno_code(gateway::is_connection_error(errno_code(res.err)) ? res.err : ECONNREFUSED);
+      co_return errno_code(core::is_connection_error(errno_code(res.err)) ? res.err : ECONNREFUSED);
     }
     const int64_t size = nbd_get_size(res.handle.get());
     if (size < 0 || static_cast<uint64_t>(size) != geometry_.size) {

@@ -31,8 +31,8 @@
 // no longer run its connections (after EventLoops::run() returned).
 #pragma once
 
-#include "gateway/event_loops.hpp"
-#include "gateway/remote_device.hpp"
+#include "core/event_loops.hpp"
+#include "core/remote_device.hpp"
 
 #include <atomic>
 #include <chrono>
@@ -47,31 +47,31 @@ struct NbdOptions {
   std::chrono::milliseconds io_timeout{30000};
 };
 
-class NbdDevice final : public gateway::RemoteDevice {
+class NbdDevice final : public core::RemoteDevice {
  public:
   // Connects synchronously. Throws BackendError (registry.hpp) with a message
   // naming the URI and what libnbd said.
-  NbdDevice(std::string uri, bool read_only, NbdOptions options, gateway::EventLoops& loops);
+  NbdDevice(std::string uri, bool read_only, NbdOptions options, core::EventLoops& loops);
   ~NbdDevice() override;
   NbdDevice(const NbdDevice&) = delete;
   NbdDevice& operator=(const NbdDevice&) = delete;
 
-  [[nodiscard]] gateway::Geometry geometry() const noexcept override { return geometry_; }
-  [[nodiscard]] gateway::Capabilities capabilities() const noexcept override { return caps_; }
+  [[nodiscard]] core::Geometry geometry() const noexcept override { return geometry_; }
+  [[nodiscard]] core::Capabilities capabilities() const noexcept override { return caps_; }
   [[nodiscard]] std::string describe() const override;
 
-  gateway::Task<std::error_code> read(std::span<std::byte> buf, uint64_t offset,
-                                      gateway::IoFlags flags) override;
-  gateway::Task<std::error_code> write(std::span<const std::byte> buf, uint64_t offset,
-                                       gateway::IoFlags flags) override;
-  gateway::Task<std::error_code> flush() override;
-  gateway::Task<std::error_code> trim(gateway::ByteRange range, gateway::IoFlags flags) override;
-  gateway::Task<std::error_code> zero(gateway::ByteRange range, gateway::IoFlags flags) override;
-  gateway::Task<std::error_code> block_status(gateway::ByteRange range,
-                                              gateway::ExtentList& out) override;
-  gateway::Task<std::error_code> prefetch(gateway::ByteRange range) override;
+  core::Task<std::error_code> read(std::span<std::byte> buf, uint64_t offset,
+                                      core::IoFlags flags) override;
+  core::Task<std::error_code> write(std::span<const std::byte> buf, uint64_t offset,
+                                       core::IoFlags flags) override;
+  core::Task<std::error_code> flush() override;
+  core::Task<std::error_code> trim(core::ByteRange range, core::IoFlags flags) override;
+  core::Task<std::error_code> zero(core::ByteRange range, core::IoFlags flags) override;
+  core::Task<std::error_code> block_status(core::ByteRange range,
+                                              core::ExtentList& out) override;
+  core::Task<std::error_code> prefetch(core::ByteRange range) override;
 
-  gateway::Task<std::error_code> reconnect() override;
+  core::Task<std::error_code> reconnect() override;
   [[nodiscard]] bool connected() const noexcept override;
   [[nodiscard]] uint64_t generation() const noexcept override {
     return generation_.load(std::memory_order_acquire);
@@ -84,16 +84,16 @@ class NbdDevice final : public gateway::RemoteDevice {
 
  private:
   template <class Issue>
-  gateway::Task<std::error_code> submit(Issue issue);
+  core::Task<std::error_code> submit(Issue issue);
   template <class Issue>
-  gateway::Task<std::error_code> submit_on(Connection& conn, Issue issue);
+  core::Task<std::error_code> submit_on(Connection& conn, Issue issue);
 
   std::string uri_;
   bool read_only_ = false;
   NbdOptions options_;
-  gateway::EventLoops& loops_;
-  gateway::Geometry geometry_;
-  gateway::Capabilities caps_;
+  core::EventLoops& loops_;
+  core::Geometry geometry_;
+  core::Capabilities caps_;
   bool fast_zero_ = false;
   std::vector<std::shared_ptr<Connection>> conns_;
   std::atomic<size_t> next_{0};

@@ -62,7 +62,7 @@ void check_nfs(const Uri& /*uri*/, const OpenRequest& req) {
   (void)nfs_options(req);
 }
 
-std::unique_ptr<gateway::BlockDevice> open_nfs(const Uri& /*uri*/, const OpenRequest& req) {
+std::unique_ptr<core::BlockDevice> open_nfs(const Uri& /*uri*/, const OpenRequest& req) {
   if (req.loops == nullptr) throw BackendError("NFS URI '" + req.uri + "' needs the daemon's event loops");
   NfsTarget target = NfsTarget::parse(req.uri);
   const NfsOptions opts = nfs_options(req);

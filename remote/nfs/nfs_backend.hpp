@@ -13,6 +13,6 @@ namespace blockway::remote {
 // the network. Throws BackendError.
 void check_nfs(const Uri& uri, const OpenRequest& request);
 // Mounts and opens; erases the options it used. Throws BackendError.
-std::unique_ptr<gateway::BlockDevice> open_nfs(const Uri& uri, const OpenRequest& request);
+std::unique_ptr<core::BlockDevice> open_nfs(const Uri& uri, const OpenRequest& request);
 
 }  // namespace blockway::remote

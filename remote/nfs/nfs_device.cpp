@@ -1,7 +1,7 @@
 #include "remote/nfs/nfs_device.hpp"
 #include "remote/command_slots.hpp"
 
-#include "gateway/logging.hpp"
+#include "core/logging.hpp"
 #include "remote/completion.hpp"
 #include "remote/fd_watcher.hpp"
 #include "remote/registry.hpp"
@@ -38,12 +38,12 @@ extern "C" const char* __lsan_default_suppressions() { return "leak:nfs4_set_cli
 
 namespace blockway::remote {
 
-using gateway::ByteRange;
-using gateway::errno_code;
-using gateway::ExtentList;
-using gateway::IoFlags;
-using gateway::Support;
-using gateway::Task;
+using core::ByteRange;
+using core::errno_code;
+using core::ExtentList;
+using core::IoFlags;
+using core::Support;
+using core::Task;
 using Clock = std::chrono::steady_clock;
 
 namespace {
@@ -66,7 +66,7 @@ std::string context_error(nfs_context* ctx) {
 // libnfs reports RPC-level failures (socket gone, command cancelled or timed
 // out) as -EFAULT and -EINTR; NFS status codes map to other errno values.
 bool is_rpc_failure(int err) {
-  return err == EFAULT || err == EINTR || gateway::is_connection_error(errno_code(err));
+  return err == EFAULT || err == EINTR || core::is_connection_error(errno_code(err));
 }
 
 // NFSv4 errors that mean the server no longer knows our client or open
@@ -323,7 +323,7 @@ class NfsDevice::Connection final : public FdWatcher::Client,
         name_(std::move(name)),
         timer_(ctx),
         keepalive_(ctx),
-        log_(gateway::logger("nfs")),
+        log_(core::logger("nfs")),
         slots_(ctx.get_executor(), inflight_bytes) {}
 
   // Bounds the data this session has in flight (on its loop only).
@@ -594,7 +594,7 @@ uint32_t clamp_transfer(uint64_t server_max) {
 }  // namespace
 
 NfsDevice::NfsDevice(std::string uri, NfsTarget target, bool read_only, NfsOptions options,
-                     gateway::EventLoops& loops)
+                     core::EventLoops& loops)
     : uri_(std::move(uri)), target_(std::move(target)), options_(options), loops_(loops) {
   auto first = connect_session(target_, read_only, options_.io_timeout);
   if (!first.ctx) throw BackendError("NFS URI '" + uri_ + "': " + first.message);
@@ -637,7 +637,7 @@ NfsDevice::NfsDevice(std::string uri, NfsTarget target, bool read_only, NfsOptio
     conn->install(std::move(sessions[i]));  // the loops do not run yet
     conns_.push_back(std::move(conn));
   }
-  gateway::logger("nfs")->info("{}: {} bytes, NFSv{}, {} session(s), rsize {} wsize {}{}", uri_, geometry_.size,
+  core::logger("nfs")->info("{}: {} bytes, NFSv{}, {} session(s), rsize {} wsize {}{}", uri_, geometry_.size,
                                target_.version, conns_.size(), read_max_, write_max_,
                                caps_.read_only ? ", read-only" : "");
 }
@@ -701,7 +701,7 @@ Task<std::error_code> NfsDevice::write(std::span<const std::byte> buf, uint64_t 
   // A FUA write that fits one WRITE goes out FILE_SYNC where the session
   // can (one round trip); a larger one is written UNSTABLE and committed
   // once, rather than making the server sync every part.
-  const bool stable = (flags & gateway::kFua) && stable_writes_ && buf.size() <= write_max_;
+  const bool stable = (flags & core::kFua) && stable_writes_ && buf.size() <= write_max_;
   while (!buf.empty()) {
     size_t done = 0;
     NfsOp op;
@@ -717,7 +717,7 @@ Task<std::error_code> NfsDevice::write(std::span<const std::byte> buf, uint64_t 
     buf = buf.subspan(done);
     offset += done;
   }
-  if ((flags & gateway::kFua) && !stable) co_return co_await commit();
+  if ((flags & core::kFua) && !stable) co_return co_await commit();
   co_return std::error_code{};
 }
 
@@ -748,16 +748,16 @@ Task<void> NfsDevice::close() {
 }
 
 Task<std::error_code> NfsDevice::reconnect() {
-  auto log = gateway::logger("nfs");
+  auto log = core::logger("nfs");
   std::vector<Session> fresh;
   const bool ro = caps_.read_only;
   for (size_t i = 0; i < conns_.size(); ++i) {
     // Only trivially destructible captures in a co_await expression (GCC 12).
     auto connect = [this, ro] { return std::make_shared<Session>(connect_session(target_, ro, options_.io_timeout)); };
-    auto res = co_await gateway::offload(loops_.blocking(), connect);
+    auto res = co_await core::offload(loops_.blocking(), connect);
     if (!res->ctx) {
       log->debug("{}: reconnect failed: {}", uri_, res->message);
-      co_return errno_code(gateway::is_connection_error(errno_code(res->err)) ? res->err : ECONNREFUSED);
+      co_return errno_code(core::is_connection_error(errno_code(res->err)) ? res->err : ECONNREFUSED);
     }
     if (res->size != geometry_.size) {
       log->error("{}: after reconnecting the file has {} bytes instead of {}; not using it", uri_, res->size,

@@ -56,8 +56,8 @@
 // destroyed after the loops stopped running its sessions.
 #pragma once
 
-#include "gateway/event_loops.hpp"
-#include "gateway/remote_device.hpp"
+#include "core/event_loops.hpp"
+#include "core/remote_device.hpp"
 #include "remote/command_slots.hpp"
 #include "remote/nfs/nfs_uri.hpp"
 
@@ -80,33 +80,33 @@ struct NfsOptions {
   uint64_t inflight_bytes = kUnboundedInflight;
 };
 
-class NfsDevice final : public gateway::RemoteDevice {
+class NfsDevice final : public core::RemoteDevice {
  public:
   // Mounts synchronously. Throws BackendError (registry.hpp) with a message
   // naming the URI and what the server or libnfs said.
   NfsDevice(std::string uri, NfsTarget target, bool read_only, NfsOptions options,
-            gateway::EventLoops& loops);
+            core::EventLoops& loops);
   ~NfsDevice() override;
   NfsDevice(const NfsDevice&) = delete;
   NfsDevice& operator=(const NfsDevice&) = delete;
 
-  [[nodiscard]] gateway::Geometry geometry() const noexcept override { return geometry_; }
-  [[nodiscard]] gateway::Capabilities capabilities() const noexcept override { return caps_; }
+  [[nodiscard]] core::Geometry geometry() const noexcept override { return geometry_; }
+  [[nodiscard]] core::Capabilities capabilities() const noexcept override { return caps_; }
   [[nodiscard]] std::string describe() const override { return "nfs:" + uri_; }
 
-  gateway::Task<std::error_code> read(std::span<std::byte> buf, uint64_t offset,
-                                      gateway::IoFlags flags) override;
-  gateway::Task<std::error_code> write(std::span<const std::byte> buf, uint64_t offset,
-                                       gateway::IoFlags flags) override;
-  gateway::Task<std::error_code> flush() override;
-  gateway::Task<std::error_code> trim(gateway::ByteRange range, gateway::IoFlags flags) override;
-  gateway::Task<std::error_code> zero(gateway::ByteRange range, gateway::IoFlags flags) override;
-  gateway::Task<std::error_code> block_status(gateway::ByteRange range,
-                                              gateway::ExtentList& out) override;
-  gateway::Task<std::error_code> prefetch(gateway::ByteRange range) override;
-  gateway::Task<void> close() override;
+  core::Task<std::error_code> read(std::span<std::byte> buf, uint64_t offset,
+                                      core::IoFlags flags) override;
+  core::Task<std::error_code> write(std::span<const std::byte> buf, uint64_t offset,
+                                       core::IoFlags flags) override;
+  core::Task<std::error_code> flush() override;
+  core::Task<std::error_code> trim(core::ByteRange range, core::IoFlags flags) override;
+  core::Task<std::error_code> zero(core::ByteRange range, core::IoFlags flags) override;
+  core::Task<std::error_code> block_status(core::ByteRange range,
+                                              core::ExtentList& out) override;
+  core::Task<std::error_code> prefetch(core::ByteRange range) override;
+  core::Task<void> close() override;
 
-  gateway::Task<std::error_code> reconnect() override;
+  core::Task<std::error_code> reconnect() override;
   [[nodiscard]] bool connected() const noexcept override;
   [[nodiscard]] uint64_t generation() const noexcept override {
     return generation_.load(std::memory_order_acquire);
@@ -119,16 +119,16 @@ class NfsDevice final : public gateway::RemoteDevice {
   struct Session;
 
  private:
-  gateway::Task<std::error_code> submit(NfsOp op);
-  gateway::Task<std::error_code> submit_on(Connection& conn, NfsOp op);
-  gateway::Task<std::error_code> commit();
+  core::Task<std::error_code> submit(NfsOp op);
+  core::Task<std::error_code> submit_on(Connection& conn, NfsOp op);
+  core::Task<std::error_code> commit();
 
   std::string uri_;
   NfsTarget target_;
   NfsOptions options_;
-  gateway::EventLoops& loops_;
-  gateway::Geometry geometry_;
-  gateway::Capabilities caps_;
+  core::EventLoops& loops_;
+  core::Geometry geometry_;
+  core::Capabilities caps_;
   uint32_t read_max_ = 0;
   uint32_t write_max_ = 0;
   bool stable_writes_ = false;  // every session has an O_SYNC handle (NFSv3)

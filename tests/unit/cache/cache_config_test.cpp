@@ -1,7 +1,7 @@
 // Unit tests for cache/cache_config: per-export cache options.
 #include "cache/cache_config.hpp"
 
-#include "gateway/config.hpp"
+#include "core/options.hpp"
 
 #include <gtest/gtest.h>
 
@@ -14,7 +14,7 @@ using Options = std::map<std::string, std::string>;
 std::string error_of(Options opts) {
   try {
     (void)CacheConfig::take_from(opts, "vm1");
-  } catch (const gateway::ConfigError& e) {
+  } catch (const core::ConfigError& e) {
     return e.what();
   }
   return "";
@@ -118,14 +118,14 @@ TEST(CacheConfig, PrefetchOptions) {
   o = {{"cache", "/c"}, {"prefetch", "hot-first"}, {"prefetch-rate", "50M"}, {"auto-detach", "on"}};
   c = CacheConfig::take_from(o, "vm1");
   EXPECT_TRUE(c->prefetch_auto);
-  EXPECT_EQ(c->prefetch_order, gateway::PrefetchOrder::hot_first);
+  EXPECT_EQ(c->prefetch_order, core::PrefetchOrder::hot_first);
   EXPECT_EQ(c->prefetch_rate, 50u << 20);
   EXPECT_TRUE(c->auto_detach);
   EXPECT_TRUE(o.empty());
   o = {{"cache", "/c"}, {"prefetch", "sequential"}};
   c = CacheConfig::take_from(o, "vm1");
   EXPECT_TRUE(c->prefetch_auto);
-  EXPECT_EQ(c->prefetch_order, gateway::PrefetchOrder::sequential);
+  EXPECT_EQ(c->prefetch_order, core::PrefetchOrder::sequential);
   o = {{"cache", "/c"}, {"prefetch", "off"}};
   EXPECT_FALSE(CacheConfig::take_from(o, "vm1")->prefetch_auto);
   EXPECT_NE(error_of({{"cache", "/c"}, {"prefetch", "fast"}}).find("prefetch 'fast' is not off, sequential or hot-first"),

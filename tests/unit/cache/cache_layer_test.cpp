@@ -18,10 +18,10 @@
 namespace blockway::cache {
 namespace {
 
-using gateway::ByteRange;
-using gateway::errno_code;
-using gateway::Extent;
-using gateway::ExtentList;
+using core::ByteRange;
+using core::errno_code;
+using core::Extent;
+using core::ExtentList;
 using test::Op;
 
 constexpr uint64_t kChunk = 64u << 10;
@@ -223,10 +223,10 @@ TEST_F(CacheLayerTest, WritethroughWriteReachesTheRemoteBeforeTheAck) {
   EXPECT_FALSE(fut.get());
   EXPECT_EQ(remote_->contents(2 * kChunk, 8192), data);
   // FUA is passed on, FLUSH is passed on.
-  ASSERT_FALSE(write(0, bytes(512, 1), gateway::kFua));
+  ASSERT_FALSE(write(0, bytes(512, 1), core::kFua));
   auto writes = remote_->log_of(Op::write);
   ASSERT_EQ(writes.size(), 2u);
-  EXPECT_TRUE(writes[1].flags & gateway::kFua);
+  EXPECT_TRUE(writes[1].flags & core::kFua);
   ASSERT_FALSE(flush());
   EXPECT_EQ(remote_->calls(Op::flush), 1u);
   EXPECT_EQ(layer().stats().dirty_bytes, 0u);
@@ -296,7 +296,7 @@ TEST_F(CacheLayerTest, WritebackFlushWritesDirtyDataToTheRemoteAndFlushesIt) {
 TEST_F(CacheLayerTest, WritebackFuaWriteReachesTheRemote) {
   open(WriteMode::writeback);
   ASSERT_FALSE(write(kChunk, bytes(kChunk, 1)));  // dirty, not FUA
-  ASSERT_FALSE(write(5 * kChunk, bytes(4096, 2), gateway::kFua));
+  ASSERT_FALSE(write(5 * kChunk, bytes(4096, 2), core::kFua));
   EXPECT_EQ(remote_->contents(5 * kChunk, 4096), bytes(4096, 2));
   EXPECT_GE(remote_->calls(Op::flush), 1u);
   auto cs = cache_status({5 * kChunk, kChunk});
@@ -323,7 +323,7 @@ TEST_F(CacheLayerTest, WritebackFlushFailsWhileTheRemoteFailsAndKeepsChunksDirty
 TEST_F(CacheLayerTest, WritebackLocalFlushDoesNotTouchTheRemoteButSurvivesRecreation) {
   open(WriteMode::writeback_local);
   ASSERT_FALSE(write(2 * kChunk + 10, bytes(3 * kChunk, 0x42)));
-  ASSERT_FALSE(write(9 * kChunk, bytes(512, 0x43), gateway::kFua));
+  ASSERT_FALSE(write(9 * kChunk, bytes(512, 0x43), core::kFua));
   remote_->clear_log();
   ASSERT_FALSE(flush());
   for (const auto& c : remote_->log()) EXPECT_NE(c.op, Op::write);
@@ -396,7 +396,7 @@ TEST_P(CacheLayerModes, CacheStatusShowsPresentAndDirty) {
 
 TEST_P(CacheLayerModes, BlockStatusReportsDirtyChunksAsData) {
   open(GetParam());
-  remote_->set_extents({{kSize, gateway::kExtentHole | gateway::kExtentZero}});
+  remote_->set_extents({{kSize, core::kExtentHole | core::kExtentZero}});
   ASSERT_FALSE(write(3 * kChunk, bytes(kChunk, 1)));
   ExtentList out;
   ASSERT_FALSE(h_->run(layer().block_status({0, kSize}, out)));
@@ -405,9 +405,9 @@ TEST_P(CacheLayerModes, BlockStatusReportsDirtyChunksAsData) {
   EXPECT_EQ(total, kSize);
   if (GetParam() == WriteMode::writethrough) {
     // The remote has the data: what it says is the truth (its fake says hole).
-    EXPECT_EQ(out, (ExtentList{{kSize, gateway::kExtentHole | gateway::kExtentZero}}));
+    EXPECT_EQ(out, (ExtentList{{kSize, core::kExtentHole | core::kExtentZero}}));
   } else {
-    const uint32_t hz = gateway::kExtentHole | gateway::kExtentZero;
+    const uint32_t hz = core::kExtentHole | core::kExtentZero;
     EXPECT_EQ(out, (ExtentList{{3 * kChunk, hz}, {kChunk, 0}, {kSize - 4 * kChunk, hz}}));
     ASSERT_FALSE(flush());
     if (GetParam() == WriteMode::writeback) {
@@ -490,10 +490,10 @@ TEST_F(CacheLayerTest, SettingsChangeWithoutDirtyDataStartsEmpty) {
 TEST_F(CacheLayerTest, CapabilitiesFollowTheMode) {
   open(WriteMode::writeback_local);
   auto c = layer().capabilities();
-  EXPECT_EQ(c.flush, gateway::Support::native);
-  EXPECT_EQ(c.fua, gateway::Support::native);
-  EXPECT_EQ(c.trim, gateway::Support::native);
-  EXPECT_EQ(c.zero, gateway::Support::native);
+  EXPECT_EQ(c.flush, core::Support::native);
+  EXPECT_EQ(c.fua, core::Support::native);
+  EXPECT_EQ(c.trim, core::Support::native);
+  EXPECT_EQ(c.zero, core::Support::native);
   EXPECT_TRUE(c.multi_conn);
 }
 
@@ -518,14 +518,14 @@ TEST_F(CacheLayerTest, ModeSwitchToWritethroughWritesDirtyChunksBack) {
 // A writethrough FUA write to a remote that does not support FUA: the layer
 // advertises FUA natively, so it must emulate it (remote write + flush).
 TEST_F(CacheLayerTest, WritethroughFuaToARemoteWithoutFuaFlushesTheRemote) {
-  gateway::Capabilities caps;
-  caps.flush = gateway::Support::native;
-  caps.fua = gateway::Support::none;
+  core::Capabilities caps;
+  caps.flush = core::Support::native;
+  caps.fua = core::Support::none;
   make_remote(caps);
   open(WriteMode::writethrough);
-  EXPECT_EQ(layer().capabilities().fua, gateway::Support::native);
-  ASSERT_FALSE(write(0, bytes(512, 1), gateway::kFua));
-  const bool flag_passed = !remote_->log_of(Op::write).empty() && (remote_->log_of(Op::write)[0].flags & gateway::kFua);
+  EXPECT_EQ(layer().capabilities().fua, core::Support::native);
+  ASSERT_FALSE(write(0, bytes(512, 1), core::kFua));
+  const bool flag_passed = !remote_->log_of(Op::write).empty() && (remote_->log_of(Op::write)[0].flags & core::kFua);
   EXPECT_FALSE(flag_passed);
   EXPECT_GE(remote_->calls(Op::flush), 1u);
 }
@@ -535,10 +535,10 @@ TEST_F(CacheLayerTest, WritethroughFuaToARemoteWithoutFuaFlushesTheRemote) {
 // fetching into the cache, and the daemon destroys it right after.
 TEST_F(CacheLayerTest, CloseWaitsForReadahead) {
   // Reads at or beyond `hold_from` wait while `hold` is set.
-  struct HoldingRemote final : gateway::Layer {
+  struct HoldingRemote final : core::Layer {
     explicit HoldingRemote(std::shared_ptr<test::MemoryDevice> d)
         : Layer(std::make_unique<test::SharedDevice>(std::move(d))) {}
-    gateway::Task<std::error_code> read(std::span<std::byte> b, uint64_t o, gateway::IoFlags f) override {
+    core::Task<std::error_code> read(std::span<std::byte> b, uint64_t o, core::IoFlags f) override {
       if (o >= hold_from) {
         waiting.fetch_add(1);
         boost::asio::steady_timer t(co_await boost::asio::this_coro::executor);

@@ -50,7 +50,7 @@ class EvictionTest : public test::MemoryRemoteLayerTest, public ::testing::WithP
   // Waits (bounded) until eviction took `chunk` out of the cache.
   bool evicted(uint64_t chunk) {
     return test::eventually([&] {
-      gateway::ExtentList out;
+      core::ExtentList out;
       EXPECT_FALSE(h_->run(layer().cache_status({chunk * kChunk, kChunk}, out)));
       return !out.empty() && (out[0].flags & 1) == 0;
     }, std::chrono::seconds(10));
@@ -135,7 +135,7 @@ TEST_P(EvictionTest, RandomRequestsFromSeveralClientsMatchTheModel) {
 
   // Each client runs at least min_ops requests, and on until eviction took
   // 20 chunks (it runs every 100 ms), at most max_ops.
-  auto client = [&](int min_ops, int max_ops) -> gateway::Task<void> {
+  auto client = [&](int min_ops, int max_ops) -> core::Task<void> {
     for (int i = 0; i < max_ops && (i < min_ops || l.stats().evictions < 20); ++i) {
       uint64_t off = 0, len = 0;
       int kind = 0;

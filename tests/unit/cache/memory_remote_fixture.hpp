@@ -9,9 +9,9 @@
 
 #include "cache/cache_layer.hpp"
 
+#include "tests/support/memory_device.hpp"
+#include "tests/support/test_util.hpp"
 #include "tests/unit/cache/cache_test_support.hpp"
-#include "tests/unit/gateway/memory_device.hpp"
-#include "tests/unit/test_util.hpp"
 
 #include <gtest/gtest.h>
 
@@ -40,15 +40,15 @@ class MemoryRemoteLayerTest : public ::testing::Test {
   MemoryRemoteLayerTest(uint64_t chunk_size, uint64_t size) : chunk_size_(chunk_size), size_(size) {}
 
   void SetUp() override {
-    gateway::Capabilities caps;
-    caps.flush = caps.fua = caps.trim = caps.zero = caps.extents = gateway::Support::native;
+    core::Capabilities caps;
+    caps.flush = caps.fua = caps.trim = caps.zero = caps.extents = core::Support::native;
     make_remote(caps);
     store_ = std::make_unique<cache::MetaStore>(dir_.str() + "/catalogue.db");
   }
   void TearDown() override { h_.reset(); }
 
-  void make_remote(gateway::Capabilities caps) {
-    remote_ = std::make_shared<MemoryDevice>(gateway::Geometry{size_, 1, 4096, 32u << 20}, caps);
+  void make_remote(core::Capabilities caps) {
+    remote_ = std::make_shared<MemoryDevice>(core::Geometry{size_, 1, 4096, 32u << 20}, caps);
     remote_->fill_pattern(0, size_);
   }
 
@@ -65,7 +65,7 @@ class MemoryRemoteLayerTest : public ::testing::Test {
   }
   // Opens a layer over `remote` (default: the shared in-memory remote) and
   // starts its background loop if `start`.
-  cache::CacheLayer& open_layer(const cache::CacheConfig& cfg, std::unique_ptr<gateway::BlockDevice> remote,
+  cache::CacheLayer& open_layer(const cache::CacheConfig& cfg, std::unique_ptr<core::BlockDevice> remote,
                                 bool start) {
     h_ = std::make_unique<LayerHarness>();
     cache::CacheLayer::Params p;
@@ -86,7 +86,7 @@ class MemoryRemoteLayerTest : public ::testing::Test {
     EXPECT_FALSE(ec) << ec.message();
     return buf;
   }
-  std::error_code write(uint64_t off, const std::vector<std::byte>& data, gateway::IoFlags f = 0) {
+  std::error_code write(uint64_t off, const std::vector<std::byte>& data, core::IoFlags f = 0) {
     return h_->run(layer().write(data, off, f));
   }
   // What the remote held at the start (MemoryDevice's pattern).

@@ -20,8 +20,8 @@
 //     flushed write.
 #include "cache/cache_layer.hpp"
 
+#include "tests/support/test_util.hpp"
 #include "tests/unit/cache/cache_test_support.hpp"
-#include "tests/unit/test_util.hpp"
 
 #include <gtest/gtest.h>
 
@@ -34,8 +34,8 @@
 namespace blockway::cache {
 namespace {
 
-using gateway::ByteRange;
-using gateway::ExtentList;
+using core::ByteRange;
+using core::ExtentList;
 
 constexpr uint64_t kSector = 512;
 constexpr uint64_t kChunk = 4096;
@@ -113,7 +113,7 @@ class PowerLoss : public ::testing::TestWithParam<Variant> {
     p.config.checkpoint_interval = std::chrono::milliseconds(0);
     p.config.writeback_delay = std::chrono::milliseconds(0);
     p.store = store_.get();
-    p.open_cache_file = [img = cache_image_](const std::string&) -> std::unique_ptr<gateway::BlockDevice> {
+    p.open_cache_file = [img = cache_image_](const std::string&) -> std::unique_ptr<core::BlockDevice> {
       return std::make_unique<test::SharedDevice>(img);
     };
     h_->open(std::make_unique<test::SharedDevice>(remote_), std::move(p));
@@ -182,7 +182,7 @@ class PowerLoss : public ::testing::TestWithParam<Variant> {
       sectors_[s0 + i].pending.push_back(id);
       sectors_[s0 + i].rpending.push_back(id);
     }
-    const gateway::IoFlags f = fua ? gateway::kFua : 0;
+    const core::IoFlags f = fua ? core::kFua : 0;
     auto task = zero_op ? layer().zero({s0 * kSector, n * kSector}, f) : layer().write(*data, s0 * kSector, f);
     if (!wait) {
       // In flight at the crash: never acknowledged.
@@ -413,13 +413,13 @@ class PowerLossScenario : public ::testing::Test {
     p.config.checkpoint_interval = checkpoint_interval;
     p.config.writeback_delay = std::chrono::milliseconds(0);
     p.store = store_.get();
-    p.open_cache_file = [img = cache_image_](const std::string&) -> std::unique_ptr<gateway::BlockDevice> {
+    p.open_cache_file = [img = cache_image_](const std::string&) -> std::unique_ptr<core::BlockDevice> {
       return std::make_unique<test::SharedDevice>(img);
     };
     h_->open(std::make_unique<test::SharedDevice>(remote_), std::move(p));
     if (start) h_->layer().start();
   }
-  std::error_code write(uint64_t off, uint8_t v, gateway::IoFlags f = 0) {
+  std::error_code write(uint64_t off, uint8_t v, core::IoFlags f = 0) {
     std::vector<std::byte> d(kChunk, std::byte{v});
     return h_->run(h_->layer().write(d, off, f));
   }
@@ -477,7 +477,7 @@ TEST_F(PowerLossScenario, WritebackFuaIsNotUndoneByAStaleDirtyChunk) {
   ASSERT_FALSE(write(0, 0xD0));
   ASSERT_TRUE(test::eventually([&] { return persisted_dirty(0); }, std::chrono::seconds(5)));
   remote_->set_failing(false);
-  ASSERT_FALSE(write(0, 0xD1, gateway::kFua));
+  ASSERT_FALSE(write(0, 0xD1, core::kFua));
   power_loss();
   open(WriteMode::writeback, false);
   EXPECT_EQ(read(0, kChunk), std::vector<std::byte>(kChunk, std::byte{0xD1}));
@@ -514,7 +514,7 @@ TEST_F(PowerLossScenario, WritebackLocalFlushSurvivesPowerLoss) {
   open(WriteMode::writeback_local, true);
   remote_->set_failing(true);
   ASSERT_FALSE(write(0, 0xA1));
-  ASSERT_FALSE(write(kChunk * 100, 0xA2, gateway::kFua));
+  ASSERT_FALSE(write(kChunk * 100, 0xA2, core::kFua));
   ASSERT_FALSE(h_->run(h_->layer().flush()));
   ASSERT_FALSE(write(kChunk * 200, 0xA3));  // not flushed: may be lost
   power_loss();
@@ -550,7 +550,7 @@ TEST_F(PowerLossInherited, WritethroughFuaOverADirtyChunkSurvivesPowerLoss) {
   inherit_dirty_chunk0();
   open(WriteMode::writethrough, false);
   ASSERT_EQ(h_->layer().stats().dirty_bytes, kChunk);
-  ASSERT_FALSE(write(0, 0xE1, gateway::kFua));
+  ASSERT_FALSE(write(0, 0xE1, core::kFua));
   ASSERT_EQ(remote_->durable(0, kChunk), std::vector<std::byte>(kChunk, std::byte{0xE1}));
   power_loss();
   open(WriteMode::writethrough, false);

@@ -22,9 +22,9 @@
 namespace blockway::cache {
 namespace {
 
-using gateway::ByteRange;
-using gateway::PrefetchOrder;
-using gateway::PrefetchState;
+using core::ByteRange;
+using core::PrefetchOrder;
+using core::PrefetchState;
 using test::Op;
 using namespace std::chrono_literals;
 
@@ -36,11 +36,11 @@ class PrefetchTest : public test::MemoryRemoteLayerTest {
  protected:
   PrefetchTest() : MemoryRemoteLayerTest(kChunk, kSize) { writeback_delay_ = 60s; }  // write-back only when a test asks
 
-  CacheLayer& open_with(const CacheConfig& cfg, std::unique_ptr<gateway::BlockDevice> remote = nullptr) {
+  CacheLayer& open_with(const CacheConfig& cfg, std::unique_ptr<core::BlockDevice> remote = nullptr) {
     return open_layer(cfg, std::move(remote), true);
   }
   CacheLayer& open(WriteMode mode) { return open_with(config(mode)); }
-  gateway::PrefetchStatus status() { return layer().report().prefetch; }
+  core::PrefetchStatus status() { return layer().report().prefetch; }
   // Waits (bounded) until pred() holds.
   static bool wait_until(const std::function<bool()>& pred, std::chrono::milliseconds limit = 20s) {
     const auto end = std::chrono::steady_clock::now() + limit;
@@ -226,7 +226,7 @@ TEST_F(PrefetchTest, HolesAreNotFetchedButWritesIntoThemAre) {
   // Remote: 1 MiB data, 4 MiB reading as zero, 3 MiB data.
   const uint64_t hole_off = 1u << 20, hole_len = 4u << 20;
   remote_->fill(hole_off, hole_len, std::byte{0});
-  remote_->set_extents({{hole_off, 0}, {hole_len, gateway::kExtentHole | gateway::kExtentZero},
+  remote_->set_extents({{hole_off, 0}, {hole_len, core::kExtentHole | core::kExtentZero},
                         {kSize - hole_off - hole_len, 0}});
   open(WriteMode::writethrough);
   // A stale copy in the cache file where the hole is (what an unclean stop
@@ -384,14 +384,14 @@ TEST_F(PrefetchTest, AfterDetachTheRemoteIsNeverContactedAgainNorOpenedAfterARes
   auto expected = pattern(0, kSize);
   // Every kind of request, concurrently with nothing else: all local.
   std::vector<std::byte> data(10000, std::byte{0x42});
-  ASSERT_FALSE(write(12345, data, gateway::kFua));
+  ASSERT_FALSE(write(12345, data, core::kFua));
   std::copy(data.begin(), data.end(), expected.begin() + 12345);
   ASSERT_FALSE(h_->run(layer().zero({kChunk * 3, kChunk}, 0)));
   std::fill(expected.begin() + static_cast<long>(kChunk * 3), expected.begin() + static_cast<long>(kChunk * 4),
             std::byte{0});
   ASSERT_FALSE(h_->run(layer().flush()));
   ASSERT_FALSE(h_->run(layer().prefetch({0, kSize})));
-  gateway::ExtentList ext;
+  core::ExtentList ext;
   ASSERT_FALSE(h_->run(layer().block_status({0, kSize}, ext)));
   EXPECT_FALSE(ext.empty());
   EXPECT_EQ(read(0, kSize), expected);
@@ -439,7 +439,7 @@ TEST_F(PrefetchTest, ADetachedImageIsNeverDiscardedWhenSettingsChange) {
   open_with(cfg);
   ASSERT_TRUE(wait_until([&] { return layer().detached(); }));
   std::vector<std::byte> data(4096, std::byte{0x77});
-  ASSERT_FALSE(write(8192, data, gateway::kFua));
+  ASSERT_FALSE(write(8192, data, core::kFua));
   h_->close();
   const auto image = cache_file();
   ASSERT_EQ(image.size(), kSize);

@@ -26,9 +26,9 @@
 namespace blockway::cache {
 namespace {
 
-using gateway::ByteRange;
-using gateway::PrefetchOrder;
-using gateway::PrefetchState;
+using core::ByteRange;
+using core::PrefetchOrder;
+using core::PrefetchState;
 using test::Op;
 using namespace std::chrono_literals;
 
@@ -37,33 +37,33 @@ constexpr uint64_t kChunks = 64;
 constexpr uint64_t kSize = kChunk * kChunks;  // 4 MiB
 
 // A remote whose writes (and zeroes) take `delay` each: a slow link.
-class SlowWrites final : public gateway::BlockDevice {
+class SlowWrites final : public core::BlockDevice {
  public:
   SlowWrites(std::shared_ptr<test::MemoryDevice> d, std::shared_ptr<std::atomic<int>> delay_ms)
       : d_(std::move(d)), delay_ms_(std::move(delay_ms)) {}
-  [[nodiscard]] gateway::Geometry geometry() const noexcept override { return d_->geometry(); }
-  [[nodiscard]] gateway::Capabilities capabilities() const noexcept override { return d_->capabilities(); }
+  [[nodiscard]] core::Geometry geometry() const noexcept override { return d_->geometry(); }
+  [[nodiscard]] core::Capabilities capabilities() const noexcept override { return d_->capabilities(); }
   [[nodiscard]] std::string describe() const override { return "slow " + d_->describe(); }
-  gateway::Task<std::error_code> read(std::span<std::byte> b, uint64_t o, gateway::IoFlags f) override {
+  core::Task<std::error_code> read(std::span<std::byte> b, uint64_t o, core::IoFlags f) override {
     return d_->read(b, o, f);
   }
-  gateway::Task<std::error_code> write(std::span<const std::byte> b, uint64_t o, gateway::IoFlags f) override {
+  core::Task<std::error_code> write(std::span<const std::byte> b, uint64_t o, core::IoFlags f) override {
     co_await delay();
     co_return co_await d_->write(b, o, f);
   }
-  gateway::Task<std::error_code> flush() override { return d_->flush(); }
-  gateway::Task<std::error_code> trim(ByteRange r, gateway::IoFlags f) override { return d_->trim(r, f); }
-  gateway::Task<std::error_code> zero(ByteRange r, gateway::IoFlags f) override {
+  core::Task<std::error_code> flush() override { return d_->flush(); }
+  core::Task<std::error_code> trim(ByteRange r, core::IoFlags f) override { return d_->trim(r, f); }
+  core::Task<std::error_code> zero(ByteRange r, core::IoFlags f) override {
     co_await delay();
     co_return co_await d_->zero(r, f);
   }
-  gateway::Task<std::error_code> block_status(ByteRange r, gateway::ExtentList& out) override {
+  core::Task<std::error_code> block_status(ByteRange r, core::ExtentList& out) override {
     return d_->block_status(r, out);
   }
-  gateway::Task<std::error_code> prefetch(ByteRange r) override { return d_->prefetch(r); }
+  core::Task<std::error_code> prefetch(ByteRange r) override { return d_->prefetch(r); }
 
  private:
-  gateway::Task<void> delay() {
+  core::Task<void> delay() {
     const int ms = delay_ms_->load();
     if (ms <= 0) co_return;
     boost::asio::steady_timer timer(co_await boost::asio::this_coro::executor);
@@ -191,15 +191,15 @@ TEST_F(SwitchRaceTest, WritethroughTrimKeepsTheRestOfADirtyChunk) {
 // even where the remote (which does not have it yet) says hole.
 TEST_F(SwitchRaceTest, WritethroughBlockStatusReportsInheritedDirtyChunksAsData) {
   open_writethrough_with_dirty_chunk0();
-  const uint32_t hz = gateway::kExtentHole | gateway::kExtentZero;
+  const uint32_t hz = core::kExtentHole | core::kExtentZero;
   remote_->set_extents({{kSize, hz}});
-  gateway::ExtentList out;
+  core::ExtentList out;
   ASSERT_FALSE(h_->run(layer().block_status({0, kSize}, out)));
-  EXPECT_EQ(out, (gateway::ExtentList{{kChunk, 0}, {kSize - kChunk, hz}}));
+  EXPECT_EQ(out, (core::ExtentList{{kChunk, 0}, {kSize - kChunk, hz}}));
   ASSERT_FALSE(h_->run(layer().flush()));  // written back: the remote's word again
   out.clear();
   ASSERT_FALSE(h_->run(layer().block_status({0, kSize}, out)));
-  EXPECT_EQ(out, (gateway::ExtentList{{kSize, hz}}));
+  EXPECT_EQ(out, (core::ExtentList{{kSize, hz}}));
   h_->close();
 }
 

@@ -8,9 +8,9 @@
 // that was mounted at the directory since.
 #include "fuse/fuse_front_end.hpp"
 
-#include "gateway/config.hpp"
-#include "tests/unit/gateway/memory_device.hpp"
-#include "tests/unit/test_util.hpp"
+#include "core/options.hpp"
+#include "tests/support/memory_device.hpp"
+#include "tests/support/test_util.hpp"
 
 #include <gtest/gtest.h>
 
@@ -57,7 +57,7 @@ void operator delete(void* p, size_t) noexcept { std::free(p); }
 namespace blockway::fuse {
 namespace {
 
-using gateway::ConfigError;
+using core::ConfigError;
 using test::MemoryDevice;
 using test::Op;
 using namespace std::chrono_literals;
@@ -92,51 +92,11 @@ TEST(FuseOptions, RefusesBadValues) {
   EXPECT_EQ(FuseOptions::parse({}).mount_timeout, 10s);
 }
 
-TEST(FuseMountConfig, ParsesTheCommandLineSpec) {
-  const auto f = gateway::FuseMountConfig::parse_spec("/mnt/x,mode=0640,allow-other");
-  EXPECT_EQ(f.mountpoint, "/mnt/x");
-  EXPECT_EQ(f.options.at("mode"), "0640");
-  EXPECT_EQ(f.options.at("allow-other"), "on");
-  EXPECT_THROW(gateway::FuseMountConfig::parse_spec(",mode=1"), ConfigError);
-  EXPECT_THROW(gateway::FuseMountConfig::parse_spec("/x,,mode=1"), ConfigError);
-}
-
-TEST(FuseMountConfig, ReadsTheFuseTable) {
-  char path[] = "/tmp/bw-fuse-config-XXXXXX";
-  const int fd = ::mkstemp(path);
-  ASSERT_GE(fd, 0);
-  ::close(fd);
-  {
-    std::ofstream(path) << "[fuse]\nmountpoint = \"/run/x\"\nmode = \"0600\"\nallow-other = true\n";
-    gateway::DaemonConfig cfg;
-    gateway::load_config_file(path, cfg);
-    ASSERT_TRUE(cfg.fuse);
-    EXPECT_EQ(cfg.fuse->mountpoint, "/run/x");
-    const auto o = FuseOptions::parse(cfg.fuse->options);
-    EXPECT_EQ(o.mode, 0600u);
-    EXPECT_TRUE(o.allow_other);
-  }
-  {
-    // No mountpoint: options for a mount made at run time.
-    std::ofstream(path) << "[fuse]\nmode = \"0600\"\n";
-    gateway::DaemonConfig cfg;
-    gateway::load_config_file(path, cfg);
-    ASSERT_TRUE(cfg.fuse);
-    EXPECT_TRUE(cfg.fuse->mountpoint.empty());
-  }
-  {
-    std::ofstream(path) << "fuse = \"/run/x\"\n";
-    gateway::DaemonConfig cfg;
-    EXPECT_THROW(gateway::load_config_file(path, cfg), ConfigError);  // not a table
-  }
-  ::unlink(path);
-}
-
 TEST(FuseErrno, PassesWhatUsersCanActOnAndMapsTheRestToEio) {
   EXPECT_EQ(fuse_errno({}), 0);
-  for (int e : {EIO, ENOSPC, EROFS, EINVAL, EFBIG}) EXPECT_EQ(fuse_errno(gateway::errno_code(e)), e);
+  for (int e : {EIO, ENOSPC, EROFS, EINVAL, EFBIG}) EXPECT_EQ(fuse_errno(core::errno_code(e)), e);
   for (int e : {ETIMEDOUT, ECONNRESET, ENOTCONN, EPROTO, ESHUTDOWN})
-    EXPECT_EQ(fuse_errno(gateway::errno_code(e)), EIO);
+    EXPECT_EQ(fuse_errno(core::errno_code(e)), EIO);
 }
 
 TEST(FuseNames, OnlyNamesThatCanBeFileNames) {
@@ -149,18 +109,18 @@ TEST(FuseNames, OnlyNamesThatCanBeFileNames) {
   EXPECT_FALSE(representable_name("a/b"));
 }
 
-std::shared_ptr<gateway::Export> memory_export(const std::string& name, uint64_t size, MemoryDevice** raw,
+std::shared_ptr<core::Export> memory_export(const std::string& name, uint64_t size, MemoryDevice** raw,
                                                bool read_only = false, uint32_t min_block = 1) {
-  gateway::Capabilities caps;
-  caps.flush = gateway::Support::native;
-  caps.zero = gateway::Support::native;
-  caps.extents = gateway::Support::native;
-  auto dev = std::make_unique<MemoryDevice>(gateway::Geometry{.size = size, .min_block = min_block}, caps);
+  core::Capabilities caps;
+  caps.flush = core::Support::native;
+  caps.zero = core::Support::native;
+  caps.extents = core::Support::native;
+  auto dev = std::make_unique<MemoryDevice>(core::Geometry{.size = size, .min_block = min_block}, caps);
   if (raw) *raw = dev.get();
-  auto exp = std::make_shared<gateway::Export>();
+  auto exp = std::make_shared<core::Export>();
   exp->name = name;
   exp->uri = "memory:";
-  exp->device = std::make_shared<gateway::CheckedDevice>(std::move(dev), read_only);
+  exp->device = std::make_shared<core::CheckedDevice>(std::move(dev), read_only);
   return exp;
 }
 
@@ -230,8 +190,8 @@ class FuseMount : public ::testing::Test {
     std::copy(data.begin(), data.end(), expect_.begin() + static_cast<ptrdiff_t>(off));
   }
 
-  gateway::EventLoops loops_{2, 2};
-  gateway::ExportTable table_;
+  core::EventLoops loops_{2, 2};
+  core::ExportTable table_;
   std::unique_ptr<FuseFrontEnd> front_;
   std::thread runner_;
   std::atomic<bool> unmounted_{false};

@@ -1,6 +1,8 @@
-// Configuration parsing: sizes, booleans, listen addresses, --export specs,
-// the TOML file, and DaemonConfig::validate.
+// Configuration parsing: --export and --fuse-mount specs, the TOML file, and
+// DaemonConfig::validate.
 #include "gateway/config.hpp"
+
+#include "fuse/fuse_front_end.hpp"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -15,6 +17,9 @@
 namespace blockway::gateway {
 namespace {
 
+using core::ConfigError;
+using core::ListenAddress;
+
 using ::testing::HasSubstr;
 
 // The message of the ConfigError that f throws ("" if it throws none).
@@ -26,100 +31,6 @@ std::string config_error(F&& f) {
     return e.what();
   }
   return "";
-}
-
-// ---------------------------------------------------------------- parse_size / parse_bool
-
-TEST(ParseSize, PlainNumbersAndBinaryUnits) {
-  EXPECT_EQ(parse_size("0", "x"), 0u);
-  EXPECT_EQ(parse_size("4096", "x"), 4096u);
-  EXPECT_EQ(parse_size("64k", "x"), 64u << 10);
-  EXPECT_EQ(parse_size("64K", "x"), 64u << 10);
-  EXPECT_EQ(parse_size("32M", "x"), 32u << 20);
-  EXPECT_EQ(parse_size("1G", "x"), 1ull << 30);
-  EXPECT_EQ(parse_size("2t", "x"), 2ull << 40);
-  EXPECT_EQ(parse_size("18446744073709551615", "x"), UINT64_MAX);
-}
-
-TEST(ParseSize, RejectsGarbageAndNamesTheSetting) {
-  for (const char* bad : {"", "k", "-1", "1.5G", "12x", " 12", "12 ", "0x10", "1kk", "18446744073709551616"}) {
-    const auto msg = config_error([&] { parse_size(bad, "max-inflight"); });
-    EXPECT_THAT(msg, HasSubstr("max-inflight")) << "input '" << bad << "'";
-  }
-}
-
-TEST(ParseSize, RejectsOverflowThroughTheUnit) {
-  EXPECT_THAT(config_error([] { parse_size("16777216T", "max-request"); }), HasSubstr("too large"));
-  EXPECT_EQ(parse_size("16777215T", "x"), 16777215ull << 40);
-}
-
-TEST(ParseBool, AcceptsTheUsualSpellings) {
-  for (const char* t : {"on", "true", "yes", "1", "ON", "True", "YES"}) EXPECT_TRUE(parse_bool(t, "x")) << t;
-  for (const char* f : {"off", "false", "no", "0", "OFF", "False"}) EXPECT_FALSE(parse_bool(f, "x")) << f;
-}
-
-TEST(ParseBool, RejectsOtherWordsAndNamesTheSetting) {
-  for (const char* bad : {"", "maybe", "2", "onn", "y"}) {
-    const auto msg = config_error([&] { parse_bool(bad, "read-only"); });
-    EXPECT_THAT(msg, HasSubstr("read-only")) << "input '" << bad << "'";
-  }
-}
-
-// ---------------------------------------------------------------- ListenAddress
-
-TEST(ListenAddress, Ipv4HostAndPort) {
-  const auto a = ListenAddress::parse("127.0.0.1:10809");
-  EXPECT_EQ(a.kind, ListenAddress::Kind::tcp);
-  EXPECT_EQ(a.host, "127.0.0.1");
-  EXPECT_EQ(a.port, 10809);
-  EXPECT_EQ(a.to_string(), "127.0.0.1:10809");
-}
-
-TEST(ListenAddress, HostNameAndEmptyHost) {
-  EXPECT_EQ(ListenAddress::parse("localhost:1").host, "localhost");
-  const auto any = ListenAddress::parse(":10809");
-  EXPECT_EQ(any.host, "");
-  EXPECT_EQ(any.port, 10809);
-  EXPECT_EQ(ListenAddress::parse("0.0.0.0:0").port, 0);
-}
-
-TEST(ListenAddress, BracketedIpv6) {
-  const auto a = ListenAddress::parse("[::1]:10809");
-  EXPECT_EQ(a.kind, ListenAddress::Kind::tcp);
-  EXPECT_EQ(a.host, "::1");
-  EXPECT_EQ(a.port, 10809);
-  EXPECT_EQ(a.to_string(), "[::1]:10809");
-  EXPECT_EQ(ListenAddress::parse("[fe80::1%eth0]:99").host, "fe80::1%eth0");
-}
-
-TEST(ListenAddress, UnixSocket) {
-  const auto a = ListenAddress::parse("unix:/run/blockway.sock");
-  EXPECT_EQ(a.kind, ListenAddress::Kind::unix_socket);
-  EXPECT_EQ(a.path, "/run/blockway.sock");
-  EXPECT_EQ(a.to_string(), "unix:/run/blockway.sock");
-}
-
-TEST(ListenAddress, Errors) {
-  const std::string long_path = "unix:/" + std::string(120, 'a');
-  const std::pair<std::string, std::string> cases[] = {
-      {"unix:", "absolute path"},
-      {"unix:relative.sock", "absolute path"},
-      {long_path, "too long"},
-      {"localhost", "HOST:PORT"},
-      {"::1:10809", "brackets"},
-      {"[::1]", "[IPV6]:PORT"},
-      {"[::1]10809", "[IPV6]:PORT"},
-      {"[::1", "[IPV6]:PORT"},
-      {"host:", "not a valid number"},
-      {"host:65536", "not a valid number"},
-      {"host:http", "not a valid number"},
-      {"host:-1", "not a valid number"},
-  };
-  for (const auto& [text, expect] : cases) {
-    const auto msg = config_error([&] { ListenAddress::parse(text); });
-    EXPECT_THAT(msg, HasSubstr(expect)) << "input '" << text << "'";
-    EXPECT_THAT(msg, HasSubstr(text)) << "the message quotes the address";
-  }
 }
 
 // ---------------------------------------------------------------- ExportConfig::parse_spec
@@ -355,9 +266,44 @@ TEST(DaemonConfigValidate, LogLevelThreadsAndBlockingThreads) {
   EXPECT_THAT(config_error([&] { cfg.validate(); }), HasSubstr("blocking-threads"));
 }
 
-TEST(DefaultDataDir, RootUsesVarLib) {
-  if (::geteuid() != 0) GTEST_SKIP() << "needs root";
-  EXPECT_EQ(default_data_dir(), "/var/lib/blockway");
+TEST(FuseMountConfig, ParsesTheCommandLineSpec) {
+  const auto f = FuseMountConfig::parse_spec("/mnt/x,mode=0640,allow-other");
+  EXPECT_EQ(f.mountpoint, "/mnt/x");
+  EXPECT_EQ(f.options.at("mode"), "0640");
+  EXPECT_EQ(f.options.at("allow-other"), "on");
+  EXPECT_THROW(FuseMountConfig::parse_spec(",mode=1"), ConfigError);
+  EXPECT_THROW(FuseMountConfig::parse_spec("/x,,mode=1"), ConfigError);
+}
+
+TEST(FuseMountConfig, ReadsTheFuseTable) {
+  char path[] = "/tmp/bw-fuse-config-XXXXXX";
+  const int fd = ::mkstemp(path);
+  ASSERT_GE(fd, 0);
+  ::close(fd);
+  {
+    std::ofstream(path) << "[fuse]\nmountpoint = \"/run/x\"\nmode = \"0600\"\nallow-other = true\n";
+    DaemonConfig cfg;
+    load_config_file(path, cfg);
+    ASSERT_TRUE(cfg.fuse);
+    EXPECT_EQ(cfg.fuse->mountpoint, "/run/x");
+    const auto o = fuse::FuseOptions::parse(cfg.fuse->options);
+    EXPECT_EQ(o.mode, 0600u);
+    EXPECT_TRUE(o.allow_other);
+  }
+  {
+    // No mountpoint: options for a mount made at run time.
+    std::ofstream(path) << "[fuse]\nmode = \"0600\"\n";
+    DaemonConfig cfg;
+    load_config_file(path, cfg);
+    ASSERT_TRUE(cfg.fuse);
+    EXPECT_TRUE(cfg.fuse->mountpoint.empty());
+  }
+  {
+    std::ofstream(path) << "fuse = \"/run/x\"\n";
+    DaemonConfig cfg;
+    EXPECT_THROW(load_config_file(path, cfg), ConfigError);  // not a table
+  }
+  ::unlink(path);
 }
 
 }  // namespace

@@ -10,8 +10,8 @@ namespace blockway::test {
 namespace {
 
 using namespace blockway::nbd;
-using gateway::Capabilities;
-using gateway::Support;
+using core::Capabilities;
+using core::Support;
 
 constexpr uint64_t kDiskSize = 1u << 20;
 constexpr uint64_t kRoSize = 64u << 10;
@@ -69,7 +69,7 @@ class HandshakeTest : public ::testing::Test {
     EXPECT_FALSE(r[0].data.empty()) << "errors carry a message";
   }
 
-  gateway::ExportTable table_;
+  core::ExportTable table_;
   TestExport disk_, ro_;
   HandshakeOptions hopts_;
   std::atomic<bool> shutting_down_{false};

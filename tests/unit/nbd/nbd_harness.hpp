@@ -4,11 +4,11 @@
 // encoding NBD messages by hand.
 #pragma once
 
-#include "gateway/export.hpp"
+#include "core/export.hpp"
 #include "nbd/handshake.hpp"
 #include "nbd/protocol.hpp"
 #include "nbd/session.hpp"
-#include "tests/unit/gateway/memory_device.hpp"
+#include "tests/support/memory_device.hpp"
 
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/io_context.hpp>
@@ -210,20 +210,20 @@ inline std::optional<Reply> read_reply(int fd, uint32_t read_length = 0) {
 // ---------------------------------------------------------------- exports
 
 struct TestExport {
-  std::shared_ptr<gateway::Export> exp;
+  std::shared_ptr<core::Export> exp;
   MemoryDevice* mem = nullptr;  // owned by exp->device
 };
 
-inline TestExport make_export(const std::string& name, gateway::Geometry geo, gateway::Capabilities caps,
+inline TestExport make_export(const std::string& name, core::Geometry geo, core::Capabilities caps,
                               bool read_only = false, const std::string& description = "") {
   auto mem = std::make_unique<MemoryDevice>(geo, caps);
   TestExport t;
   t.mem = mem.get();
-  t.exp = std::make_shared<gateway::Export>();
+  t.exp = std::make_shared<core::Export>();
   t.exp->name = name;
   t.exp->description = description;
   t.exp->uri = "memory:" + name;
-  t.exp->device = std::make_shared<gateway::CheckedDevice>(std::move(mem), read_only);
+  t.exp->device = std::make_shared<core::CheckedDevice>(std::move(mem), read_only);
   return t;
 }
 
@@ -232,7 +232,7 @@ inline TestExport make_export(const std::string& name, gateway::Geometry geo, ga
 class ServerHarness {
  public:
   // Runs negotiate() and, if `limits` is given and the handshake succeeds, a Session.
-  ServerHarness(const gateway::ExportTable& table, nbd::HandshakeOptions hopts,
+  ServerHarness(const core::ExportTable& table, nbd::HandshakeOptions hopts,
                 std::optional<nbd::SessionLimits> limits = std::nullopt)
       : table_(table), hopts_(hopts), limits_(limits) {
     int sv[2];
@@ -290,7 +290,7 @@ class ServerHarness {
   boost::asio::io_context& io() { return io_; }
 
  private:
-  static gateway::Task<void> serve(ServerHarness* h) {
+  static core::Task<void> serve(ServerHarness* h) {
     auto result = co_await nbd::negotiate(*h->channel_, h->table_, h->hopts_);
     {
       std::lock_guard lock(h->mutex_);
@@ -308,7 +308,7 @@ class ServerHarness {
   }
 
   boost::asio::io_context io_;
-  const gateway::ExportTable& table_;
+  const core::ExportTable& table_;
   nbd::HandshakeOptions hopts_;
   std::optional<nbd::SessionLimits> limits_;
   std::optional<nbd::Channel> channel_;

@@ -12,10 +12,10 @@ namespace blockway::test {
 namespace {
 
 using namespace blockway::nbd;
-using gateway::Capabilities;
-using gateway::kExtentHole;
-using gateway::kExtentZero;
-using gateway::Support;
+using core::Capabilities;
+using core::kExtentHole;
+using core::kExtentZero;
+using core::Support;
 
 constexpr uint64_t kDiskSize = 4u << 20;
 
@@ -92,7 +92,7 @@ class SessionTest : public ::testing::Test {
     return Bytes(r.payload.begin() + 8, r.payload.end());
   }
 
-  gateway::ExportTable table_;
+  core::ExportTable table_;
   TestExport disk_, ro_;
   std::optional<ServerHarness> server_;
 };
@@ -220,10 +220,10 @@ TEST_F(SessionTest, CommandsReachTheDeviceWithTheirFlags) {
   expect_ok(next(), 4);
   send(request(kCmdCache, 0, 5, 0, 65536));
   expect_ok(next(), 5);
-  const std::vector<Call> expected{{Op::write, 0, 512, gateway::kFua},
+  const std::vector<Call> expected{{Op::write, 0, 512, core::kFua},
                                    {Op::flush, 0, 0, 0},
-                                   {Op::trim, 4096, 4096, gateway::kFua},
-                                   {Op::zero, 8192, 4096, gateway::kNoHole | gateway::kFastZero},
+                                   {Op::trim, 4096, 4096, core::kFua},
+                                   {Op::zero, 8192, 4096, core::kNoHole | core::kFastZero},
                                    {Op::prefetch, 0, 65536, 0}};
   EXPECT_EQ(disk_.mem->log(), expected);
 }

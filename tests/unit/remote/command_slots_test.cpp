@@ -20,7 +20,7 @@ struct Command {
   bool started = false;
 };
 
-gateway::Task<void> run_command(CommandSlots& slots, Command& c, std::vector<int>& order, int id) {
+core::Task<void> run_command(CommandSlots& slots, Command& c, std::vector<int>& order, int id) {
   co_await slots.acquire(c.bytes);
   c.started = true;
   order.push_back(id);

@@ -1,7 +1,7 @@
 // FileDevice on a temporary sparse file: data path, holes, read-only, errors.
-#include "gateway/checked_device.hpp"
+#include "core/checked_device.hpp"
 #include "remote/file/file_device.hpp"
-#include "tests/unit/test_util.hpp"
+#include "tests/support/test_util.hpp"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -21,19 +21,19 @@
 namespace blockway::remote {
 namespace {
 
-using gateway::ByteRange;
-using gateway::ExtentList;
-using gateway::kExtentHole;
-using gateway::kExtentZero;
-using gateway::kFua;
-using gateway::kNoHole;
+using core::ByteRange;
+using core::ExtentList;
+using core::kExtentHole;
+using core::kExtentZero;
+using core::kFua;
+using core::kNoHole;
 using test::sync_wait;
 using ::testing::HasSubstr;
 
 constexpr uint64_t kSize = 1u << 20;
 constexpr uint32_t kHoleZero = kExtentHole | kExtentZero;
 
-std::error_code err(int e) { return gateway::errno_code(e); }
+std::error_code err(int e) { return core::errno_code(e); }
 
 std::vector<std::byte> pattern(size_t n, uint8_t seed) {
   std::vector<std::byte> v(n);
@@ -79,12 +79,12 @@ class FileDeviceTest : public ::testing::Test {
     EXPECT_EQ(::stat(path_.c_str(), &st), 0);
     return static_cast<uint64_t>(st.st_blocks) * 512;
   }
-  ExtentList status(gateway::BlockDevice& dev, ByteRange r) {
+  ExtentList status(core::BlockDevice& dev, ByteRange r) {
     ExtentList out;
     EXPECT_EQ(sync_wait(dev.block_status(r, out)), std::error_code{});
     return out;
   }
-  std::vector<std::byte> read(gateway::BlockDevice& dev, uint64_t offset, size_t n) {
+  std::vector<std::byte> read(core::BlockDevice& dev, uint64_t offset, size_t n) {
     std::vector<std::byte> out(n, std::byte{0x55});
     EXPECT_EQ(sync_wait(dev.read(out, offset, 0)), std::error_code{});
     return out;
@@ -104,11 +104,11 @@ TEST_F(FileDeviceTest, GeometryCapabilitiesAndDescription) {
   EXPECT_EQ(dev.describe(), "file:" + path_);
   const auto c = dev.capabilities();
   EXPECT_FALSE(c.read_only);
-  EXPECT_EQ(c.flush, gateway::Support::native);
-  EXPECT_EQ(c.fua, gateway::Support::native);
-  EXPECT_EQ(c.trim, gateway::Support::native);
-  EXPECT_EQ(c.zero, gateway::Support::native);
-  EXPECT_EQ(c.extents, gateway::Support::native);
+  EXPECT_EQ(c.flush, core::Support::native);
+  EXPECT_EQ(c.fua, core::Support::native);
+  EXPECT_EQ(c.trim, core::Support::native);
+  EXPECT_EQ(c.zero, core::Support::native);
+  EXPECT_EQ(c.extents, core::Support::native);
 }
 
 TEST_F(FileDeviceTest, WriteReadRoundTripReachesTheFile) {
@@ -193,7 +193,7 @@ TEST_F(FileDeviceTest, ZeroWithNoHoleKeepsTheBlocksAllocated) {
 }
 
 TEST_F(FileDeviceTest, ZeroThroughCheckedDeviceAlwaysReadsBackAsZero) {
-  gateway::CheckedDevice dev(std::make_unique<FileDevice>(path_, false, pool_), false);
+  core::CheckedDevice dev(std::make_unique<FileDevice>(path_, false, pool_), false);
   ASSERT_EQ(sync_wait(dev.write(pattern(65536, 7), 0, 0)), std::error_code{});
   EXPECT_EQ(sync_wait(dev.zero({4096, 8192}, kNoHole)), std::error_code{});
   EXPECT_EQ(sync_wait(dev.zero({20480, 8192}, 0)), std::error_code{});
@@ -243,7 +243,7 @@ TEST_F(FileDeviceTest, ReadOnlyOpenRefusesWrites) {
   EXPECT_EQ(sync_wait(file->write(junk, 0, 0)), err(EBADF));
   EXPECT_NE(sync_wait(file->trim({0, 4096}, 0)), std::error_code{});
 
-  gateway::CheckedDevice dev(std::move(inner), false);
+  core::CheckedDevice dev(std::move(inner), false);
   EXPECT_TRUE(dev.capabilities().read_only);
   EXPECT_EQ(sync_wait(dev.write(junk, 0, 0)), err(EPERM));
   EXPECT_EQ(sync_wait(dev.zero({0, 4096}, 0)), err(EPERM));
@@ -282,11 +282,11 @@ TEST_F(FileDeviceTest, DirectoryIsRefused) {
 }
 
 TEST_F(FileDeviceTest, CheckedFileDeviceAdvertisesNativeFeatures) {
-  gateway::CheckedDevice dev(std::make_unique<FileDevice>(path_, false, pool_), false);
+  core::CheckedDevice dev(std::make_unique<FileDevice>(path_, false, pool_), false);
   const auto c = dev.capabilities();
   EXPECT_FALSE(c.read_only);
-  EXPECT_EQ(c.fua, gateway::Support::native);
-  EXPECT_EQ(c.extents, gateway::Support::native);
+  EXPECT_EQ(c.fua, core::Support::native);
+  EXPECT_EQ(c.extents, core::Support::native);
   EXPECT_TRUE(c.multi_conn);
   // Range checks use the file size.
   std::vector<std::byte> buf(4096);

@@ -1,7 +1,7 @@
 // scsi_outcome(): SCSI status and sense data to errno and "retry".
 #include "remote/iscsi/scsi_errors.hpp"
 
-#include "gateway/remote_device.hpp"
+#include "core/remote_device.hpp"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -17,7 +17,7 @@ using ::testing::HasSubstr;
 
 ScsiOutcome check(int key, int ascq) { return scsi_outcome(SCSI_STATUS_CHECK_CONDITION, key, ascq); }
 
-bool connection_error(int err) { return gateway::is_connection_error({err, std::system_category()}); }
+bool connection_error(int err) { return core::is_connection_error({err, std::system_category()}); }
 
 TEST(ScsiErrors, GoodIsSuccess) {
   EXPECT_EQ(scsi_outcome(SCSI_STATUS_GOOD, 0, 0).err, 0);

@@ -1,0 +1,83 @@
+// Export: one named image offered to clients, and the table of them.
+//
+// Thread model: an Export is immutable after creation apart from its device's
+// own counters, and is shared (shared_ptr) by every session using it. The
+// ExportTable is read by handshakes on every event-loop thread and changed
+// rarely, so a shared_mutex guards it; sessions keep their own shared_ptr and
+// never hold the lock during I/O.
+#pragma once
+
+#include "core/checked_device.hpp"
+#include "core/export_control.hpp"
+#include "core/retry_layer.hpp"
+
+#include <atomic>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <shared_mutex>
+#include <string>
+#include <vector>
+
+namespace blockway::core {
+
+struct Export {
+  std::string name;
+  std::string description;
+  std::string uri;
+  std::shared_ptr<CheckedDevice> device;
+  // Set when a local cache sits in the device chain: its per-range state
+  // (extent flag 1 = present locally, 2 = dirty), for the blockway:cache
+  // metadata context.
+  std::function<Task<std::error_code>(ByteRange, ExtentList&)> cache_status;
+  // Set when the backend reaches its image over a network session: the
+  // health of that session (from the RetryLayer above it), for status.
+  std::function<RetryHealth()> remote_health;
+  // NBD connections using this export right now (kept by nbd::Session), for
+  // status and for refusing to remove an export in use. Other holders of the
+  // shared_ptr (a FUSE mount's node, a status request) are not clients.
+  std::atomic<long> clients{0};
+  // Set when a local cache sits in the device chain: run-time control of it
+  // (prefetch, detach, write mode) and its report. Owned by the device chain,
+  // so it lives as long as `device`.
+  ExportControl* control = nullptr;
+};
+
+// What happened to an export, for ExportTable observers.
+enum class ExportEvent { added, removed };
+using ExportObserver = std::function<void(const std::shared_ptr<Export>&, ExportEvent)>;
+
+class ExportTable {
+ public:
+  // Throws std::invalid_argument if the name is taken or invalid.
+  void add(std::shared_ptr<Export> exp);
+  std::shared_ptr<Export> remove(const std::string& name);
+  // Looks up a name; the empty name means the default export.
+  [[nodiscard]] std::shared_ptr<Export> find(const std::string& name) const;
+  [[nodiscard]] std::vector<std::shared_ptr<Export>> list() const;
+  // The export that the empty name selects; with no setting and exactly one
+  // export, that one.
+  void set_default(std::string name);
+
+  // Observers of add() and remove() (front ends that list exports, such as
+  // the FUSE mount). Called on the thread that changed the table, after the
+  // change, without the table lock held (an observer may call find/list) but
+  // under the observers' own lock: an observer must not subscribe or
+  // unsubscribe, and unsubscribe() returns only after any call in progress.
+  uint64_t subscribe(ExportObserver observer);
+  void unsubscribe(uint64_t id);
+
+ private:
+  void notify(const std::shared_ptr<Export>& exp, ExportEvent event);
+
+  std::mutex observers_mutex_;
+  uint64_t next_observer_ = 1;
+  std::map<uint64_t, ExportObserver> observers_;
+
+  mutable std::shared_mutex mutex_;
+  std::map<std::string, std::shared_ptr<Export>> exports_;
+  std::string default_name_;
+};
+
+}  // namespace blockway::core

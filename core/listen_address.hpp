@@ -1,0 +1,25 @@
+// ListenAddress: where a server listens, as written in the configuration
+// ("HOST:PORT", "[V6]:PORT", ":PORT", "unix:/path").
+//
+// Pure value type, no threads. Mistakes are ConfigError (core/options.hpp).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+namespace blockway::core {
+
+struct ListenAddress {
+  enum class Kind { tcp, unix_socket };
+  Kind kind = Kind::tcp;
+  std::string host;  // tcp: IPv4/IPv6 literal or host name, without brackets
+  uint16_t port = 0;
+  std::string path;  // unix socket path
+
+  // "HOST:PORT", "[V6]:PORT", ":PORT" (all addresses), "unix:/path".
+  static ListenAddress parse(std::string_view text);
+  [[nodiscard]] std::string to_string() const;
+};
+
+}  // namespace blockway::core

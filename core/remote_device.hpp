@@ -1,0 +1,56 @@
+// RemoteDevice: a backend that reaches its image over a network session,
+// which can be lost and re-established.
+//
+// Contract for implementations:
+// - A lost or hung session makes the affected requests fail with a
+//   connection error (is_connection_error() below); a request that gets no
+//   answer within the backend's I/O timeout counts as hung: the backend
+//   drops the session (failing every request in flight with ETIMEDOUT)
+//   rather than wait forever.
+// - reconnect() re-establishes the session; it is called by RetryLayer,
+//   never concurrently with itself, while other requests may be running
+//   (they fail fast with ENOTCONN until the session is back).
+// - generation() increases every time a new session is established, so a
+//   layer above can tell whether acknowledged-but-unflushed writes went to
+//   a session that no longer exists.
+//
+// Thread model: as BlockDevice: any method may be called from any event-loop
+// thread at any time.
+#pragma once
+
+#include "core/block_device.hpp"
+
+#include <cerrno>
+
+namespace blockway::core {
+
+class RemoteDevice : public BlockDevice {
+ public:
+  virtual Task<std::error_code> reconnect() = 0;
+  [[nodiscard]] virtual bool connected() const noexcept = 0;
+  [[nodiscard]] virtual uint64_t generation() const noexcept = 0;
+};
+
+// Errors that mean "the session is gone or stuck", after which a retry on a
+// new session may succeed.
+[[nodiscard]] inline bool is_connection_error(std::error_code ec) noexcept {
+  if (ec.category() != std::system_category() && ec.category() != std::generic_category()) return false;
+  switch (ec.value()) {
+    case ENOTCONN:
+    case ECONNRESET:
+    case ECONNREFUSED:
+    case ECONNABORTED:
+    case EPIPE:
+    case ESHUTDOWN:
+    case ETIMEDOUT:
+    case EHOSTUNREACH:
+    case ENETUNREACH:
+    case ENETDOWN:
+    case EHOSTDOWN:
+      return true;
+    default:
+      return false;
+  }
+}
+
+}  // namespace blockway::core

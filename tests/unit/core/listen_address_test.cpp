@@ -1,0 +1,85 @@
+// Unit tests for core/listen_address: HOST:PORT, [V6]:PORT and unix:/path.
+#include "core/listen_address.hpp"
+
+#include "core/options.hpp"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <string>
+
+namespace blockway::core {
+namespace {
+
+using ::testing::HasSubstr;
+
+// The message of the ConfigError that f throws ("" if it throws none).
+template <class F>
+std::string config_error(F&& f) {
+  try {
+    f();
+  } catch (const ConfigError& e) {
+    return e.what();
+  }
+  return "";
+}
+
+// ---------------------------------------------------------------- ListenAddress
+
+TEST(ListenAddress, Ipv4HostAndPort) {
+  const auto a = ListenAddress::parse("127.0.0.1:10809");
+  EXPECT_EQ(a.kind, ListenAddress::Kind::tcp);
+  EXPECT_EQ(a.host, "127.0.0.1");
+  EXPECT_EQ(a.port, 10809);
+  EXPECT_EQ(a.to_string(), "127.0.0.1:10809");
+}
+
+TEST(ListenAddress, HostNameAndEmptyHost) {
+  EXPECT_EQ(ListenAddress::parse("localhost:1").host, "localhost");
+  const auto any = ListenAddress::parse(":10809");
+  EXPECT_EQ(any.host, "");
+  EXPECT_EQ(any.port, 10809);
+  EXPECT_EQ(ListenAddress::parse("0.0.0.0:0").port, 0);
+}
+
+TEST(ListenAddress, BracketedIpv6) {
+  const auto a = ListenAddress::parse("[::1]:10809");
+  EXPECT_EQ(a.kind, ListenAddress::Kind::tcp);
+  EXPECT_EQ(a.host, "::1");
+  EXPECT_EQ(a.port, 10809);
+  EXPECT_EQ(a.to_string(), "[::1]:10809");
+  EXPECT_EQ(ListenAddress::parse("[fe80::1%eth0]:99").host, "fe80::1%eth0");
+}
+
+TEST(ListenAddress, UnixSocket) {
+  const auto a = ListenAddress::parse("unix:/run/blockway.sock");
+  EXPECT_EQ(a.kind, ListenAddress::Kind::unix_socket);
+  EXPECT_EQ(a.path, "/run/blockway.sock");
+  EXPECT_EQ(a.to_string(), "unix:/run/blockway.sock");
+}
+
+TEST(ListenAddress, Errors) {
+  const std::string long_path = "unix:/" + std::string(120, 'a');
+  const std::pair<std::string, std::string> cases[] = {
+      {"unix:", "absolute path"},
+      {"unix:relative.sock", "absolute path"},
+      {long_path, "too long"},
+      {"localhost", "HOST:PORT"},
+      {"::1:10809", "brackets"},
+      {"[::1]", "[IPV6]:PORT"},
+      {"[::1]10809", "[IPV6]:PORT"},
+      {"[::1", "[IPV6]:PORT"},
+      {"host:", "not a valid number"},
+      {"host:65536", "not a valid number"},
+      {"host:http", "not a valid number"},
+      {"host:-1", "not a valid number"},
+  };
+  for (const auto& [text, expect] : cases) {
+    const auto msg = config_error([&] { ListenAddress::parse(text); });
+    EXPECT_THAT(msg, HasSubstr(expect)) << "input '" << text << "'";
+    EXPECT_THAT(msg, HasSubstr(text)) << "the message quotes the address";
+  }
+}
+
+}  // namespace
+}  // namespace blockway::core
