@@ -5,11 +5,12 @@
 #pragma once
 
 #include "core/export_control.hpp"
+#include "core/options.hpp"
 
 #include <chrono>
 #include <cstdint>
-#include <map>
 #include <optional>
+#include <span>
 #include <string>
 
 namespace blockway::cache {
@@ -39,11 +40,12 @@ struct CacheConfig {
   uint64_t prefetch_rate = 0;
   bool auto_detach = false;
 
-  // Takes the cache options out of `options` (erasing the keys it uses).
-  // Returns nullopt when the export has no cache (no "cache" key).
-  // Throws core::ConfigError naming the option on a bad value.
-  static std::optional<CacheConfig> take_from(std::map<std::string, std::string>& options,
-                                              const std::string& export_name);
+  // Takes the cache options from an export's options. Returns nullopt when
+  // the export has no cache (no "cache" option; then any other cache option
+  // is an error). Throws core::ConfigError naming the option on a bad value.
+  static std::optional<CacheConfig> take_from(core::Options& options);
+  // Every cache option, for --help.
+  static std::span<const core::OptionSpec> options();
 };
 
 }  // namespace blockway::cache

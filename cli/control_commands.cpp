@@ -401,14 +401,14 @@ int cmd_prefetch(const std::vector<std::string>& in) {
   const std::string name = a.positional[0];
   double timeout = 0;
   if (a.options.contains("--timeout")) {
-    const std::string text = a.option("--timeout");
-    char* end = nullptr;
-    timeout = std::strtod(text.c_str(), &end);
     // At most ten years: the deadline is a steady_clock time point, which a
     // larger count of seconds would overflow.
-    if (text.empty() || *end != '\0' || !std::isfinite(timeout) || timeout <= 0 || timeout > 315360000)
-      throw CliError(kUsage, "--timeout needs a number of seconds greater than 0 (at most 315360000), not '" + text +
-                                 "'\n" + usage);
+    try {
+      timeout = static_cast<double>(core::parse_seconds(a.option("--timeout"), "--timeout", 0.001, 315360000).count()) /
+                1000;
+    } catch (const core::ConfigError& e) {
+      throw CliError(kUsage, std::string(e.what()) + "\n" + usage);
+    }
     if (!a.has("--wait")) throw CliError(kUsage, "--timeout goes with --wait\n" + usage);
   }
   ControlClient c(control_socket_path(a.option("--socket")));

@@ -10,7 +10,6 @@
 #include <boost/asio/this_coro.hpp>
 
 #include <algorithm>
-#include <cmath>
 
 namespace blockway::core {
 namespace {
@@ -25,23 +24,16 @@ Task<void> sleep_until(Clock::time_point t) {
 
 }  // namespace
 
-RetryOptions RetryOptions::take_from(std::map<std::string, std::string>& options) {
+const OptionSpec RetryOptions::kTimeoutOption{
+    .name = "retry-timeout",
+    .kind = OptionKind::seconds,
+    .help = "how long a request waits for a lost session to come back before it fails with EIO (default 30)",
+    .min = 0,
+    .max = 86400};
+
+RetryOptions RetryOptions::take_from(Options& options) {
   RetryOptions o;
-  auto it = options.find("retry-timeout");
-  if (it == options.end()) return o;
-  const std::string v = it->second;
-  double seconds = -1;
-  try {
-    size_t used = 0;
-    seconds = std::stod(v, &used);
-    if (used != v.size()) seconds = -1;
-  } catch (const std::exception&) {
-    seconds = -1;
-  }
-  if (!(seconds >= 0 && seconds <= 86400))
-    throw ConfigError("option retry-timeout='" + v + "': expected seconds from 0 to 86400");
-  o.timeout = std::chrono::milliseconds(static_cast<int64_t>(std::llround(seconds * 1000)));
-  options.erase(it);
+  if (auto timeout = options.seconds(kTimeoutOption)) o.timeout = *timeout;
   return o;
 }
 

@@ -30,6 +30,7 @@
 #pragma once
 
 #include "core/block_device.hpp"
+#include "core/options.hpp"
 #include "core/remote_device.hpp"
 
 #include <atomic>
@@ -48,9 +49,12 @@ struct RetryOptions {
   // How often a request waiting for another request's reconnect looks again.
   std::chrono::milliseconds poll{10};
 
-  // Reads and erases `retry-timeout` (seconds, 0 to 86400; decimals allowed)
-  // from an export's options. Throws ConfigError naming the option.
-  static RetryOptions take_from(std::map<std::string, std::string>& options);
+  // `retry-timeout`, taken by every export whose backend has a RetryLayer.
+  static const OptionSpec kTimeoutOption;
+
+  // Takes `retry-timeout` from an export's options. Throws ConfigError
+  // naming the option.
+  static RetryOptions take_from(Options& options);
 };
 
 struct RetryHealth {

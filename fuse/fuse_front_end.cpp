@@ -45,7 +45,6 @@ extern char** environ;
 namespace blockway::fuse {
 
 using core::ByteRange;
-using core::ConfigError;
 using core::ExtentList;
 using core::IoBuffer;
 using core::Task;
@@ -83,16 +82,6 @@ int64_t now_ns() {
 
 timespec to_timespec(int64_t ns) {
   return timespec{static_cast<time_t>(ns / 1000000000LL), static_cast<long>(ns % 1000000000LL)};
-}
-
-uint64_t parse_uint(const std::string& text, const std::string& what, int base, uint64_t max) {
-  if (text.empty()) throw ConfigError("fuse option " + what + " is empty");
-  char* end = nullptr;
-  errno = 0;
-  const unsigned long long v = std::strtoull(text.c_str(), &end, base);
-  if (errno != 0 || *end != '\0' || text[0] == '-' || v > max)
-    throw ConfigError("fuse option " + what + ": '" + text + "' is not a valid value");
-  return v;
 }
 
 // Is dir (canonical) the mount point of a FUSE filesystem right now?
@@ -223,32 +212,60 @@ void log_from_libfuse(enum fuse_log_level level, const char* fmt, va_list ap) {
 
 }  // namespace
 
-FuseOptions FuseOptions::parse(const std::map<std::string, std::string>& options) {
+const core::OptionSpec kFuseOptions[] = {
+    {.name = "mode",
+     .kind = core::OptionKind::octal,
+     .help = "permission bits of the files (default 0644; read-only exports & 0444)",
+     .min = 0,
+     .max = 07777},
+    {.name = "uid",
+     .kind = core::OptionKind::number,
+     .help = "owner of the files (default: the daemon's user)",
+     .min = 0,
+     .max = UINT32_MAX - 1},
+    {.name = "gid",
+     .kind = core::OptionKind::number,
+     .help = "group of the files (default: the daemon's group)",
+     .min = 0,
+     .max = UINT32_MAX - 1},
+    {.name = "allow-other",
+     .kind = core::OptionKind::flag,
+     .help = "let users other than the daemon's reach the mount (default off)",
+     .aliases = {"allow_other"}},
+    {.name = "direct-io",
+     .kind = core::OptionKind::flag,
+     .help = "bypass the kernel page cache (default off)",
+     .aliases = {"direct_io"}},
+    {.name = "readers",
+     .kind = core::OptionKind::number,
+     .help = "event loops that read /dev/fuse (default 1)",
+     .min = 1,
+     .max = 256},
+    {.name = "mount-timeout",
+     .kind = core::OptionKind::seconds,
+     .help = "how long a mount waits for the directory to answer (default 10)",
+     .min = 1,
+     .max = 86400,
+     .aliases = {"mount_timeout"}},
+};
+
+std::span<const core::OptionSpec> FuseOptions::options() { return kFuseOptions; }
+
+FuseOptions FuseOptions::parse(const std::map<std::string, std::string>& given) {
+  enum { kMode, kUid, kGid, kAllowOther, kDirectIo, kReaders, kMountTimeout };
+  std::map<std::string, std::string> values = given;
+  core::Options options(values, "", "fuse option");
   FuseOptions o;
   o.uid = ::geteuid();
   o.gid = ::getegid();
-  for (const auto& [key, value] : options) {
-    if (key == "mode") {
-      o.mode = static_cast<mode_t>(parse_uint(value, key, 8, 07777));
-    } else if (key == "uid") {
-      o.uid = static_cast<uid_t>(parse_uint(value, key, 10, UINT32_MAX - 1));
-    } else if (key == "gid") {
-      o.gid = static_cast<gid_t>(parse_uint(value, key, 10, UINT32_MAX - 1));
-    } else if (key == "allow-other" || key == "allow_other") {
-      o.allow_other = core::parse_bool(value, "fuse option allow-other");
-    } else if (key == "readers") {
-      o.readers = static_cast<unsigned>(parse_uint(value, key, 10, 256));
-      if (o.readers == 0) throw ConfigError("fuse option readers must be at least 1");
-    } else if (key == "direct-io" || key == "direct_io") {
-      o.direct_io = core::parse_bool(value, "fuse option direct-io");
-    } else if (key == "mount-timeout" || key == "mount_timeout") {
-      o.mount_timeout = std::chrono::seconds(parse_uint(value, key, 10, 86400));
-      if (o.mount_timeout.count() == 0) throw ConfigError("fuse option mount-timeout must be at least 1 (seconds)");
-    } else {
-      throw ConfigError("unknown fuse option '" + key +
-                        "' (mode, uid, gid, allow-other, direct-io, readers, mount-timeout)");
-    }
-  }
+  if (auto v = options.number(kFuseOptions[kMode])) o.mode = static_cast<mode_t>(*v);
+  if (auto v = options.number(kFuseOptions[kUid])) o.uid = static_cast<uid_t>(*v);
+  if (auto v = options.number(kFuseOptions[kGid])) o.gid = static_cast<gid_t>(*v);
+  if (auto v = options.flag(kFuseOptions[kAllowOther])) o.allow_other = *v;
+  if (auto v = options.flag(kFuseOptions[kDirectIo])) o.direct_io = *v;
+  if (auto v = options.number(kFuseOptions[kReaders])) o.readers = static_cast<unsigned>(*v);
+  if (auto v = options.seconds(kFuseOptions[kMountTimeout])) o.mount_timeout = *v;
+  options.finish();
   return o;
 }
 

@@ -32,6 +32,7 @@
 
 #include "core/event_loops.hpp"
 #include "core/export.hpp"
+#include "core/options.hpp"
 
 #include <atomic>
 #include <chrono>
@@ -40,6 +41,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <span>
 #include <string>
 #include <sys/types.h>
 #include <system_error>
@@ -62,6 +64,8 @@ struct FuseOptions {
 
   // From [fuse] keys or --fuse-mount options. Throws core::ConfigError.
   static FuseOptions parse(const std::map<std::string, std::string>& options);
+  // Every FUSE option, for --help.
+  static std::span<const core::OptionSpec> options();
 };
 
 // errno for a FUSE reply from a device error: the values a file's user can act

@@ -116,7 +116,7 @@ void DaemonConfig::validate() const {
     throw ConfigError("log-level '" + log_level + "' is not one of trace, debug, info, warn, error, off");
   if (threads > 256) throw ConfigError("threads must be at most 256");
   using std::chrono::hours;
-  if (handshake_timeout.count() <= 0 || handshake_timeout > hours(1))
+  if (handshake_timeout < std::chrono::seconds(1) || handshake_timeout > hours(1))
     throw ConfigError("handshake-timeout must be between 1 second and 1 hour");
   if (shutdown_timeout.count() < 0 || shutdown_timeout > hours(24))
     throw ConfigError("shutdown-timeout must be at most 24 hours");
@@ -136,10 +136,18 @@ void load_config_file(const std::string& path, DaemonConfig& cfg) {
     throw ConfigError(path + ":" + std::to_string(where.line) + ":" + std::to_string(where.column) +
                       ": " + std::string(err.description()));
   }
-  auto as_string = [&](const toml::node& n, const std::string& key) -> std::string {
+  // A value as the text the option readers take. Floating-point numbers only
+  // where seconds (which take decimals) can be: the timeouts, and the
+  // options of an [[export]] or [fuse] table, whose readers check them.
+  auto as_string = [&](const toml::node& n, const std::string& key, bool decimals = false) -> std::string {
     if (auto v = n.value<std::string>()) return *v;
-    if (auto i = n.value<int64_t>()) return std::to_string(*i);
+    if (n.is_integer()) return std::to_string(*n.value<int64_t>());
     if (auto b = n.value<bool>()) return *b ? "on" : "off";
+    if (auto d = n.value<double>(); d && decimals) {
+      char buf[64];
+      auto [end, ec] = std::to_chars(buf, buf + sizeof buf, *d);
+      if (ec == std::errc{}) return std::string(buf, end);
+    }
     throw ConfigError(path + ": '" + key + "' must be a string, number or boolean");
   };
   for (const auto& [k, node] : root) {
@@ -195,7 +203,7 @@ void load_config_file(const std::string& path, DaemonConfig& cfg) {
         for (const auto& [ik, inode] : *t) {
           const std::string ikey(ik.str());
           if (ikey == "name" || ikey == "uri") continue;
-          const std::string value = as_string(inode, ikey);
+          const std::string value = as_string(inode, ikey, true);
           if (!apply_export_key(e, ikey, value)) e.options[ikey] = value;
         }
         cfg.exports.push_back(std::move(e));
@@ -206,7 +214,7 @@ void load_config_file(const std::string& path, DaemonConfig& cfg) {
       FuseMountConfig f;
       for (const auto& [fk, fnode] : *t) {
         const std::string fkey(fk.str());
-        const std::string value = as_string(fnode, fkey);
+        const std::string value = as_string(fnode, fkey, true);
         if (fkey == "mountpoint")
           f.mountpoint = value;
         else
@@ -232,11 +240,9 @@ void load_config_file(const std::string& path, DaemonConfig& cfg) {
       if (v > UINT32_MAX) throw ConfigError("max-request is too large");
       cfg.max_request_bytes = static_cast<uint32_t>(v);
     } else if (key == "shutdown-timeout") {
-      cfg.shutdown_timeout = std::chrono::milliseconds(
-          1000 * parse_int<uint64_t>(as_string(node, key), key));
+      cfg.shutdown_timeout = core::parse_seconds(as_string(node, key, true), key);
     } else if (key == "handshake-timeout") {
-      cfg.handshake_timeout = std::chrono::milliseconds(
-          1000 * parse_int<uint64_t>(as_string(node, key), key));
+      cfg.handshake_timeout = core::parse_seconds(as_string(node, key, true), key);
     } else {
       throw ConfigError(path + ": unknown setting '" + key + "'");
     }

@@ -5,6 +5,7 @@
 #include "core/event_loops.hpp"
 #include "core/export.hpp"
 #include "core/logging.hpp"
+#include "core/options.hpp"
 #include "core/paths.hpp"
 #include "core/retry_layer.hpp"
 #include "fuse/fuse_front_end.hpp"
@@ -108,7 +109,7 @@ struct OpenContext {
 // The stand-in remote of an export detached in an earlier run, or nullptr.
 // The backend and retry options are still checked (and consumed).
 std::unique_ptr<BlockDevice> open_detached_export(ExportConfig& cfg, const remote::OpenRequest& req,
-                                                  OpenContext& ctx) {
+                                                  core::Options& options, OpenContext& ctx) {
   std::unique_ptr<BlockDevice> device;
   try {
     device = cache::open_if_detached(ctx.open_catalogue(), cfg.name, cfg.uri);
@@ -117,7 +118,7 @@ std::unique_ptr<BlockDevice> open_detached_export(ExportConfig& cfg, const remot
   }
   if (device) {
     remote::check_device(req);
-    (void)RetryOptions::take_from(cfg.options);
+    (void)RetryOptions::take_from(options);
   }
   return device;
 }
@@ -166,7 +167,8 @@ void apply_runtime_settings(const std::string& name, cache::CacheConfig& c, Open
 
 std::shared_ptr<Export> open_export(ExportConfig cfg, OpenContext& ctx) {
   auto& loops = ctx.loops;
-  auto cache_cfg = cache::CacheConfig::take_from(cfg.options, cfg.name);
+  core::Options options(cfg.options, "export '" + cfg.name + "'");
+  auto cache_cfg = cache::CacheConfig::take_from(options);
   if (cache_cfg) apply_runtime_settings(cfg.name, *cache_cfg, ctx);
   if (!cache_cfg && std::filesystem::exists(ctx.data_dir + "/catalogue.db")) {
     // Serving an export without the cache that still holds its unwritten data
@@ -197,26 +199,20 @@ std::shared_ptr<Export> open_export(ExportConfig cfg, OpenContext& ctx) {
   RetryLayer* retry_layer = nullptr;  // owned by the device chain, like the cache
   try {
     // A detached export (local mode) never opens its remote again.
-    if (cache_cfg) device = open_detached_export(cfg, req, ctx);
+    if (cache_cfg) device = open_detached_export(cfg, req, options, ctx);
     if (!device) device = remote::open_device(req);
   } catch (const remote::BackendError& e) {
     throw ConfigError("export '" + cfg.name + "': " + e.what());
   }
   if (auto* remote = dynamic_cast<RemoteDevice*>(device.get())) {
     // A network session can drop: reconnect and retry right above the remote.
-    RetryOptions retry;
-    try {
-      retry = RetryOptions::take_from(cfg.options);
-    } catch (const ConfigError& e) {
-      throw ConfigError("export '" + cfg.name + "': " + e.what());
-    }
+    const RetryOptions retry = RetryOptions::take_from(options);
     (void)device.release();
     auto layer = std::make_unique<RetryLayer>(std::unique_ptr<RemoteDevice>(remote), retry);
     retry_layer = layer.get();
     device = std::move(layer);
   }
-  if (!cfg.options.empty())
-    throw ConfigError("export '" + cfg.name + "': unknown option '" + cfg.options.begin()->first + "'");
+  options.finish();
   auto exp = std::make_shared<Export>();
   exp->name = cfg.name;
   exp->description = cfg.description;

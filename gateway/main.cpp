@@ -99,9 +99,9 @@ int main(int argc, char** argv) {
         if (v > UINT32_MAX) throw core::ConfigError("--max-request is too large");
         cfg.max_request_bytes = static_cast<uint32_t>(v);
       } else if (arg == "--handshake-timeout") {
-        cfg.handshake_timeout = std::chrono::milliseconds(1000 * core::parse_size(need(), "--handshake-timeout"));
+        cfg.handshake_timeout = core::parse_seconds(need(), "--handshake-timeout");
       } else if (arg == "--shutdown-timeout") {
-        cfg.shutdown_timeout = std::chrono::milliseconds(1000 * core::parse_size(need(), "--shutdown-timeout"));
+        cfg.shutdown_timeout = core::parse_seconds(need(), "--shutdown-timeout");
       } else if (arg == "--data-dir") {
         cfg.data_dir = need();
       } else if (arg == "--fuse-mount") {

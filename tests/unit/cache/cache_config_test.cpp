@@ -10,10 +10,16 @@ namespace {
 
 using Options = std::map<std::string, std::string>;
 
+// CacheConfig::take_from on the options of an export named vm1.
+std::optional<CacheConfig> take(Options& values) {
+  core::Options opts(values, "export 'vm1'");
+  return CacheConfig::take_from(opts);
+}
+
 // The message of the ConfigError that take_from throws, or "" if it does not.
 std::string error_of(Options opts) {
   try {
-    (void)CacheConfig::take_from(opts, "vm1");
+    (void)take(opts);
   } catch (const core::ConfigError& e) {
     return e.what();
   }
@@ -22,13 +28,13 @@ std::string error_of(Options opts) {
 
 TEST(CacheConfig, NoCacheKeyMeansNoCache) {
   Options o{{"other", "1"}};
-  EXPECT_FALSE(CacheConfig::take_from(o, "vm1").has_value());
+  EXPECT_FALSE(take(o).has_value());
   EXPECT_EQ(o.size(), 1u);  // not ours: left for the caller
 }
 
 TEST(CacheConfig, Defaults) {
   Options o{{"cache", "/var/cache/bw"}};
-  auto c = CacheConfig::take_from(o, "vm1");
+  auto c = take(o);
   ASSERT_TRUE(c);
   EXPECT_EQ(c->dir, "/var/cache/bw");
   EXPECT_EQ(c->mode, WriteMode::writethrough);
@@ -40,7 +46,7 @@ TEST(CacheConfig, Defaults) {
 TEST(CacheConfig, EveryOptionParsedAndTaken) {
   Options o{{"cache", "/c"}, {"mode", "writeback-local"}, {"chunk", "256k"},
             {"preallocate", "on"}, {"readahead", "1M"}, {"keep", "x"}};
-  auto c = CacheConfig::take_from(o, "vm1");
+  auto c = take(o);
   ASSERT_TRUE(c);
   EXPECT_EQ(c->mode, WriteMode::writeback_local);
   EXPECT_EQ(c->chunk_size, 256u << 10);
@@ -54,22 +60,28 @@ TEST(CacheConfig, Modes) {
                             std::pair{"writeback", WriteMode::writeback},
                             std::pair{"writeback-local", WriteMode::writeback_local}}) {
     Options o{{"cache", "/c"}, {"mode", text}};
-    auto c = CacheConfig::take_from(o, "vm1");
+    auto c = take(o);
     ASSERT_TRUE(c);
     EXPECT_EQ(c->mode, mode);
     EXPECT_EQ(to_string(mode), text);
   }
 }
 
+TEST(CacheConfig, WritebackDelayTakesSecondsWithDecimals) {
+  Options o{{"cache", "/c"}, {"writeback-delay", "1.5"}};
+  EXPECT_EQ(take(o)->writeback_delay, std::chrono::milliseconds(1500));
+  EXPECT_NE(error_of({{"cache", "/c"}, {"writeback-delay", "3601"}}).find("writeback-delay='3601'"), std::string::npos);
+}
+
 TEST(CacheConfig, ReadaheadZeroDisables) {
   Options o{{"cache", "/c"}, {"readahead", "0"}};
-  EXPECT_EQ(CacheConfig::take_from(o, "vm1")->readahead_chunks, 0u);
+  EXPECT_EQ(take(o)->readahead_chunks, 0u);
 }
 
 TEST(CacheConfig, ChunkBounds) {
   for (const char* ok : {"4k", "4096", "16M", "1M"}) {
     Options o{{"cache", "/c"}, {"chunk", ok}};
-    EXPECT_TRUE(CacheConfig::take_from(o, "vm1")) << ok;
+    EXPECT_TRUE(take(o)) << ok;
   }
   for (const char* bad : {"2k", "32M", "96k", "5000", "0"}) {
     const auto msg = error_of({{"cache", "/c"}, {"chunk", bad}});
@@ -111,23 +123,23 @@ TEST(CacheConfig, BadModeNamesTheValue) {
 
 TEST(CacheConfig, PrefetchOptions) {
   Options o{{"cache", "/c"}};
-  auto c = CacheConfig::take_from(o, "vm1");
+  auto c = take(o);
   EXPECT_FALSE(c->prefetch_auto);
   EXPECT_EQ(c->prefetch_rate, 0u);
   EXPECT_FALSE(c->auto_detach);
   o = {{"cache", "/c"}, {"prefetch", "hot-first"}, {"prefetch-rate", "50M"}, {"auto-detach", "on"}};
-  c = CacheConfig::take_from(o, "vm1");
+  c = take(o);
   EXPECT_TRUE(c->prefetch_auto);
   EXPECT_EQ(c->prefetch_order, core::PrefetchOrder::hot_first);
   EXPECT_EQ(c->prefetch_rate, 50u << 20);
   EXPECT_TRUE(c->auto_detach);
   EXPECT_TRUE(o.empty());
   o = {{"cache", "/c"}, {"prefetch", "sequential"}};
-  c = CacheConfig::take_from(o, "vm1");
+  c = take(o);
   EXPECT_TRUE(c->prefetch_auto);
   EXPECT_EQ(c->prefetch_order, core::PrefetchOrder::sequential);
   o = {{"cache", "/c"}, {"prefetch", "off"}};
-  EXPECT_FALSE(CacheConfig::take_from(o, "vm1")->prefetch_auto);
+  EXPECT_FALSE(take(o)->prefetch_auto);
   EXPECT_NE(error_of({{"cache", "/c"}, {"prefetch", "fast"}}).find("prefetch 'fast' is not off, sequential or hot-first"),
             std::string::npos);
   EXPECT_NE(error_of({{"cache", "/c"}, {"prefetch-rate", "lots"}}).find("prefetch-rate"), std::string::npos);

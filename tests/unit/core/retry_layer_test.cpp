@@ -324,17 +324,20 @@ TEST(RetryLayerTest, ZeroTimeoutFailsAtOnce) {
 }
 
 TEST(RetryOptionsTest, ParsesAndConsumesRetryTimeout) {
-  std::map<std::string, std::string> opts{{"retry-timeout", "2.5"}, {"other", "x"}};
+  std::map<std::string, std::string> values{{"retry-timeout", "2.5"}, {"other", "x"}};
+  Options opts(values);
   const auto o = RetryOptions::take_from(opts);
   EXPECT_EQ(o.timeout, 2500ms);
-  EXPECT_FALSE(opts.contains("retry-timeout"));
-  EXPECT_TRUE(opts.contains("other"));
+  EXPECT_FALSE(values.contains("retry-timeout"));
+  EXPECT_TRUE(values.contains("other"));
 
   std::map<std::string, std::string> none;
-  EXPECT_EQ(RetryOptions::take_from(none).timeout, 30000ms);
+  Options no_opts(none);
+  EXPECT_EQ(RetryOptions::take_from(no_opts).timeout, 30000ms);
 
   for (const char* bad : {"abc", "-1", "5s", "", "1e9"}) {
-    std::map<std::string, std::string> o2{{"retry-timeout", bad}};
+    std::map<std::string, std::string> v2{{"retry-timeout", bad}};
+    Options o2(v2);
     EXPECT_THROW(RetryOptions::take_from(o2), ConfigError) << bad;
   }
 }

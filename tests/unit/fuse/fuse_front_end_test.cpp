@@ -87,7 +87,9 @@ TEST(FuseOptions, RefusesBadValues) {
   EXPECT_THROW(FuseOptions::parse({{"colour", "red"}}), ConfigError);
   EXPECT_THROW(FuseOptions::parse({{"readers", "0"}}), ConfigError);
   EXPECT_THROW(FuseOptions::parse({{"mount-timeout", "0"}}), ConfigError);
-  EXPECT_THROW(FuseOptions::parse({{"mount-timeout", "1.5"}}), ConfigError);
+  EXPECT_THROW(FuseOptions::parse({{"mount-timeout", "0.5"}}), ConfigError);
+  // Seconds take decimals, as every seconds option does.
+  EXPECT_EQ(FuseOptions::parse({{"mount-timeout", "1.5"}}).mount_timeout, 1500ms);
   EXPECT_EQ(FuseOptions::parse({{"mount-timeout", "3"}}).mount_timeout, 3s);
   EXPECT_EQ(FuseOptions::parse({}).mount_timeout, 10s);
 }

@@ -156,6 +156,17 @@ uri = "file:///var/tmp/other.img"
   EXPECT_NO_THROW(cfg.validate());
 }
 
+TEST_F(ConfigFile, SecondsTakeDecimals) {
+  write("handshake-timeout = 2.5\nshutdown-timeout = \"0.25\"\n");
+  DaemonConfig cfg;
+  load_config_file(path_, cfg);
+  EXPECT_EQ(cfg.handshake_timeout, std::chrono::milliseconds(2500));
+  EXPECT_EQ(cfg.shutdown_timeout, std::chrono::milliseconds(250));
+  write("shutdown-timeout = \"soon\"\n");
+  DaemonConfig bad;
+  EXPECT_THAT(config_error([&] { load_config_file(path_, bad); }), HasSubstr("shutdown-timeout='soon'"));
+}
+
 TEST_F(ConfigFile, EmptyFileKeepsDefaults) {
   write("");
   DaemonConfig cfg;
