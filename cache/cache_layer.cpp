@@ -192,7 +192,7 @@ CacheLayer::CacheLayer(std::unique_ptr<core::BlockDevice> remote, Params p)
   }
   try {
     cache_file_ = injected ? p.open_cache_file(cache_path_)
-                           : std::make_unique<remote::FileDevice>(cache_path_, false, blocking_);
+                           : std::make_unique<remote::file::FileDevice>(cache_path_, false, blocking_);
   } catch (const std::exception& e) {
     throw std::runtime_error(std::string("cache file: ") + e.what());
   }

@@ -26,6 +26,14 @@ namespace blockway::core {
 
 class RemoteDevice : public BlockDevice {
  public:
+  // What a backend does not offer (its capabilities say none, so CheckedDevice
+  // emulates or skips it) needs no stub: trim, zero and block status fail
+  // with EOPNOTSUPP; prefetch, being advisory, does nothing and succeeds.
+  Task<std::error_code> trim(ByteRange, IoFlags) override { co_return errno_code(EOPNOTSUPP); }
+  Task<std::error_code> zero(ByteRange, IoFlags) override { co_return errno_code(EOPNOTSUPP); }
+  Task<std::error_code> block_status(ByteRange, ExtentList&) override { co_return errno_code(EOPNOTSUPP); }
+  Task<std::error_code> prefetch(ByteRange) override { co_return std::error_code{}; }
+
   virtual Task<std::error_code> reconnect() = 0;
   [[nodiscard]] virtual bool connected() const noexcept = 0;
   [[nodiscard]] virtual uint64_t generation() const noexcept = 0;

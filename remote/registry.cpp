@@ -31,7 +31,7 @@ void check_file(const Uri& uri, const OpenRequest& req) {
 
 std::unique_ptr<core::BlockDevice> open_file(const Uri& uri, const OpenRequest& req) {
   try {
-    return std::make_unique<FileDevice>(uri.path, req.read_only, *req.blocking);
+    return std::make_unique<file::FileDevice>(uri.path, req.read_only, *req.blocking);
   } catch (const std::system_error& e) {
     throw BackendError(e.what());
   }
@@ -51,8 +51,8 @@ bool has_option(const OpenRequest& req, const std::string& key) {
   return req.options != nullptr && req.options->contains(key);
 }
 
-NbdOptions nbd_options(const OpenRequest& req) {
-  NbdOptions o;
+nbd::NbdOptions nbd_options(const OpenRequest& req) {
+  nbd::NbdOptions o;
   if (has_option(req, "connections")) {
     const std::string v = option(req, "connections");
     unsigned n = 0;
@@ -102,12 +102,12 @@ void check_nbd(const Uri& uri, const OpenRequest& req) {
 
 std::unique_ptr<core::BlockDevice> open_nbd(const Uri&, const OpenRequest& req) {
   if (req.loops == nullptr) throw BackendError("NBD URI '" + req.uri + "' needs the daemon's event loops");
-  const NbdOptions opts = nbd_options(req);
+  const nbd::NbdOptions opts = nbd_options(req);
   if (req.options != nullptr) {
     req.options->erase("connections");
     req.options->erase("io-timeout");
   }
-  return std::make_unique<NbdDevice>(req.uri, req.read_only, opts, *req.loops);
+  return std::make_unique<nbd::NbdDevice>(req.uri, req.read_only, opts, *req.loops);
 }
 
 const std::vector<Backend>& backends() {
@@ -115,10 +115,10 @@ const std::vector<Backend>& backends() {
       {"file", check_file, open_file},
       {"nbd", check_nbd, open_nbd},
       {"nbd+unix", check_nbd, open_nbd},
-      {"iscsi", [](const Uri&, const OpenRequest& r) { check_iscsi(r); },
-       [](const Uri&, const OpenRequest& r) { return open_iscsi(r); }},
+      {"iscsi", [](const Uri&, const OpenRequest& r) { iscsi::check_iscsi(r); },
+       [](const Uri&, const OpenRequest& r) { return iscsi::open_iscsi(r); }},
       {"aoe", aoe::check_backend, aoe::open_backend},
-      {"nfs", check_nfs, open_nfs},
+      {"nfs", nfs::check_nfs, nfs::open_nfs},
   };
   return all;
 }

@@ -6,6 +6,7 @@
 
 #include "core/block_device.hpp"
 #include "core/event_loops.hpp"
+#include "remote/backend.hpp"
 
 #include <boost/asio/thread_pool.hpp>
 
@@ -16,10 +17,6 @@
 #include <vector>
 
 namespace blockway::remote {
-
-struct BackendError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
 
 struct OpenRequest {
   std::string uri;

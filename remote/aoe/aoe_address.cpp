@@ -1,6 +1,6 @@
 #include "remote/aoe/aoe_address.hpp"
 
-#include "remote/registry.hpp"
+#include "remote/backend.hpp"
 
 #include <cctype>
 #include <charconv>

@@ -4,8 +4,8 @@
 #include "remote/aoe/aoe_discovery.hpp"
 #include "remote/aoe/aoe_protocol.hpp"
 #include "remote/aoe/rtt_estimator.hpp"
-#include "remote/completion.hpp"
-#include "remote/registry.hpp"
+#include "remote/backend.hpp"
+#include "remote/common/completion.hpp"
 
 #include <boost/asio/associated_executor.hpp>
 #include <boost/asio/co_spawn.hpp>
@@ -141,7 +141,7 @@ class AoeDevice::Session final : public std::enable_shared_from_this<Session> {
     auto cmd = std::make_unique<Request>();
     cmd->op = op;
     cmd->executor = std::move(ex);
-    cmd->handler = std::make_unique<CompletionOf<H>>(std::move(handler));
+    cmd->handler = std::make_unique<common::CompletionOf<H>>(std::move(handler));
     Request* c = cmd.get();
     commands_.push_back(std::move(cmd));
     c->pos = std::prev(commands_.end());
@@ -159,7 +159,7 @@ class AoeDevice::Session final : public std::enable_shared_from_this<Session> {
     bool fully_issued = false;
     int err = 0;
     boost::asio::any_io_executor executor;
-    std::unique_ptr<Completion> handler;
+    std::unique_ptr<common::Completion> handler;
     std::list<std::unique_ptr<Request>>::iterator pos;
   };
 
@@ -600,11 +600,6 @@ Task<std::error_code> AoeDevice::flush() {
   if (caps_.read_only) co_return std::error_code{};
   co_return co_await submit(Op{OpKind::flush, nullptr, 0, 0});
 }
-
-Task<std::error_code> AoeDevice::trim(ByteRange, IoFlags) { co_return errno_code(EOPNOTSUPP); }
-Task<std::error_code> AoeDevice::zero(ByteRange, IoFlags) { co_return errno_code(EOPNOTSUPP); }
-Task<std::error_code> AoeDevice::block_status(ByteRange, ExtentList&) { co_return errno_code(EOPNOTSUPP); }
-Task<std::error_code> AoeDevice::prefetch(ByteRange) { co_return std::error_code{}; }
 
 Task<std::error_code> AoeDevice::reconnect() {
   auto log = core::logger("aoe");

@@ -75,10 +75,6 @@ class AoeDevice final : public core::RemoteDevice {
   core::Task<std::error_code> write(std::span<const std::byte> buf, uint64_t offset,
                                        core::IoFlags flags) override;
   core::Task<std::error_code> flush() override;
-  core::Task<std::error_code> trim(core::ByteRange range, core::IoFlags flags) override;
-  core::Task<std::error_code> zero(core::ByteRange range, core::IoFlags flags) override;
-  core::Task<std::error_code> block_status(core::ByteRange range, core::ExtentList& out) override;
-  core::Task<std::error_code> prefetch(core::ByteRange range) override;
 
   core::Task<std::error_code> reconnect() override;
   [[nodiscard]] bool connected() const noexcept override;

@@ -11,7 +11,7 @@
 #include <cerrno>
 #include <system_error>
 
-namespace blockway::remote {
+namespace blockway::remote::file {
 
 using core::ByteRange;
 using core::errno_code;
@@ -220,4 +220,4 @@ Task<std::error_code> FileDevice::prefetch(ByteRange range) {
   co_return rc == 0 ? std::error_code{} : errno_code(rc);
 }
 
-}  // namespace blockway::remote
+}  // namespace blockway::remote::file

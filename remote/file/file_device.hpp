@@ -17,7 +17,7 @@
 #include <atomic>
 #include <string>
 
-namespace blockway::remote {
+namespace blockway::remote::file {
 
 class FileDevice final : public core::BlockDevice {
  public:
@@ -57,4 +57,4 @@ class FileDevice final : public core::BlockDevice {
   std::atomic<bool> can_seek_data_{true};
 };
 
-}  // namespace blockway::remote
+}  // namespace blockway::remote::file

@@ -1,12 +1,12 @@
 #include "remote/iscsi/iscsi_backend.hpp"
 
-#include "remote/command_slots.hpp"
+#include "remote/common/command_slots.hpp"
 
 #include <charconv>
 #include <cmath>
 #include <stdexcept>
 
-namespace blockway::remote {
+namespace blockway::remote::iscsi {
 namespace {
 
 constexpr unsigned kMaxSessions = 64;
@@ -56,7 +56,7 @@ IscsiOptions iscsi_options(const OpenRequest& req) {
   }
   if (const auto* v = find_option(req, "inflight-kib")) {
     try {
-      o.inflight_bytes = parse_inflight_kib(*v);
+      o.inflight_bytes = common::parse_inflight_kib(*v);
     } catch (const std::invalid_argument& e) {
       throw BackendError(e.what());
     }
@@ -83,4 +83,4 @@ std::unique_ptr<core::BlockDevice> open_iscsi(const OpenRequest& req) {
   return std::make_unique<IscsiDevice>(std::move(uri), req.read_only, std::move(opts), *req.loops);
 }
 
-}  // namespace blockway::remote
+}  // namespace blockway::remote::iscsi

@@ -9,7 +9,7 @@
 #include "remote/iscsi/iscsi_device.hpp"
 #include "remote/registry.hpp"
 
-namespace blockway::remote {
+namespace blockway::remote::iscsi {
 
 // Parses the URI and the options this backend takes. Throws BackendError.
 void check_iscsi(const OpenRequest& req);
@@ -17,4 +17,4 @@ IscsiOptions iscsi_options(const OpenRequest& req);
 // check_iscsi(), then erases the options it used and connects.
 std::unique_ptr<core::BlockDevice> open_iscsi(const OpenRequest& req);
 
-}  // namespace blockway::remote
+}  // namespace blockway::remote::iscsi

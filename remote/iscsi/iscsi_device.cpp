@@ -1,17 +1,13 @@
 #include "remote/iscsi/iscsi_device.hpp"
-#include "remote/command_slots.hpp"
 
 #include "core/logging.hpp"
-#include "remote/completion.hpp"
-#include "remote/fd_watcher.hpp"
-#include "remote/inflight_requests.hpp"
+#include "remote/backend.hpp"
+#include "remote/common/inflight_requests.hpp"
+#include "remote/common/poll_until.hpp"
 #include "remote/iscsi/scsi_errors.hpp"
-#include "remote/registry.hpp"
 
 #include <boost/asio/as_tuple.hpp>
-#include <boost/asio/associated_executor.hpp>
-#include <boost/asio/co_spawn.hpp>
-#include <boost/asio/io_context.hpp>
+#include <boost/asio/async_result.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <iscsi/iscsi.h>
@@ -20,11 +16,9 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
-#include <list>
 #include <random>
-#include <thread>
 
-namespace blockway::remote {
+namespace blockway::remote::iscsi {
 
 using core::ByteRange;
 using core::errno_code;
@@ -35,8 +29,6 @@ using core::Task;
 using Clock = std::chrono::steady_clock;
 
 namespace {
-
-using Handler = std::unique_ptr<Completion>;
 
 constexpr uint32_t kDefaultMaxTransfer = 32u << 20;
 constexpr int kMaxAttempts = 8;            // per command, for UNIT ATTENTION, BUSY and the like
@@ -71,11 +63,7 @@ uint32_t isid_base() {
   return base;
 }
 
-struct ConnectResult {
-  ContextPtr ctx;
-  int err = 0;
-  std::string message;
-};
+using Connected = common::Connected<ContextPtr>;
 
 struct ConnectState {
   bool done = false;
@@ -105,28 +93,27 @@ std::string explain_login_failure(const IscsiUri& uri, const std::string& raw) {
   return raw;
 }
 
-// Drives ctx with poll() until `state` is done or `deadline` passes (false).
+// One step of the login (connect, then login) for common::poll_until.
+struct LoginStep {
+  iscsi_context* ctx;
+  ConnectState& state;
+  bool done() { return state.done; }
+  int fd() { return iscsi_get_fd(ctx); }
+  short events() { return static_cast<short>(iscsi_which_events(ctx)); }
+  bool service(short revents) { return iscsi_service(ctx, revents) >= 0; }
+};
+
+// Drives ctx until `state` is done (true) or `deadline` passes (false).
 bool run_until(iscsi_context* ctx, ConnectState& state, Clock::time_point deadline) {
-  while (!state.done) {
-    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
-    if (left.count() <= 0) return false;
-    const short events = static_cast<short>(iscsi_which_events(ctx));
-    pollfd p{iscsi_get_fd(ctx), events, 0};
-    const int wait = static_cast<int>(std::min<int64_t>(left.count(), 100));
-    if (events == 0 || p.fd < 0) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(std::min(wait, 10)));
-      p.revents = 0;
-    } else if (::poll(&p, 1, wait) < 0 && errno != EINTR) {
-      p.revents = POLLERR;
-    }
-    if (iscsi_service(ctx, p.revents) < 0 && !state.done) {
-      // Lost before libiscsi called back (e.g. the target closed during the login).
-      state.done = true;
-      state.status = SCSI_STATUS_ERROR;
-      state.error = context_error(ctx);
-    }
+  LoginStep step{ctx, state};
+  const auto end = common::poll_until(step, deadline);
+  if (end == common::PollEnd::failed && !state.done) {
+    // Lost before libiscsi called back (e.g. the target closed during the login).
+    state.done = true;
+    state.status = SCSI_STATUS_ERROR;
+    state.error = context_error(ctx);
   }
-  return true;
+  return end != common::PollEnd::timed_out;
 }
 
 // Connects and logs one session in, giving up after `timeout` (a portal that
@@ -135,10 +122,10 @@ bool run_until(iscsi_context* ctx, ConnectState& state, Clock::time_point deadli
 // separately rather than with iscsi_full_connect_async: that one's private
 // state leaks when the context is destroyed, or the socket lost, mid-login.
 // Blocking: call at start-up or on the blocking pool.
-ConnectResult connect_session(const IscsiUri& uri, const IscsiOptions& o, uint32_t slot) {
-  ConnectResult r;
-  r.ctx.reset(iscsi_create_context(o.initiator.c_str()));
-  iscsi_context* ctx = r.ctx.get();
+Connected connect_session(const IscsiUri& uri, const IscsiOptions& o, uint32_t slot) {
+  Connected r;
+  r.handle.reset(iscsi_create_context(o.initiator.c_str()));
+  iscsi_context* ctx = r.handle.get();
   if (ctx == nullptr) {
     r.err = ENOMEM;
     r.message = "cannot create an iSCSI context";
@@ -147,7 +134,7 @@ ConnectResult connect_session(const IscsiUri& uri, const IscsiOptions& o, uint32
   auto fail = [&r](int err, std::string message) {
     r.err = err;
     r.message = std::move(message);
-    r.ctx.reset();  // no callback of ours runs on destroy before login completes
+    r.handle.reset();  // no callback of ours runs on destroy before login completes
     return std::move(r);
   };
   iscsi_set_session_type(ctx, ISCSI_SESSION_NORMAL);
@@ -273,14 +260,8 @@ int seconds_for_libiscsi(std::chrono::milliseconds t) {
 // One command handed to libiscsi. Owned by libiscsi's callback from the
 // *_task() call on: the callback (called exactly once, also when the session
 // is cancelled) frees the task and deletes the request.
-struct IscsiDevice::Request {
+struct IscsiDevice::Request : common::SessionRequest {
   Session* session = nullptr;
-  std::list<Request*>::iterator pos;
-  bool linked = false;
-  bool done = false;  // handler already posted
-  Clock::time_point started;
-  boost::asio::any_io_executor executor;  // the awaiting coroutine's
-  Handler handler;
   scsi_task* task = nullptr;
   scsi_iovec iov{};     // the caller's buffer, handed to libiscsi without a copy
   unmap_list unmap{};   // UNMAP's one descriptor
@@ -292,33 +273,28 @@ struct IscsiDevice::Request {
   bool lbprz = false;
 };
 
-class IscsiDevice::Session final : public FdWatcher::Client, public std::enable_shared_from_this<Session> {
+// One session: its iSCSI context, only ever touched on the session's loop.
+class IscsiDevice::Session final : public common::LoopSession {
  public:
-  Session(boost::asio::io_context& ctx, int lun, std::chrono::milliseconds io_timeout, uint64_t inflight_bytes,
+  Session(boost::asio::io_context& io, int lun, std::chrono::milliseconds io_timeout, uint64_t inflight_bytes,
           std::string name)
-      : io_(ctx), lun_(lun), name_(std::move(name)), log_(core::logger("iscsi")),
-        slots_(ctx.get_executor(), inflight_bytes), inflight_(ctx, io_timeout, [this] { on_hung(); }) {}
+      : LoopSession(io, std::move(name), "iscsi"),
+        lun_(lun),
+        slots_(io.get_executor(), inflight_bytes),
+        inflight_(io, io_timeout, [this] { on_hung(); }) {}
+
+  ~Session() override { kill(ENOTCONN, "session closed"); }
 
   // Bounds the data this session has in flight (on its loop only).
-  [[nodiscard]] CommandSlots& slots() noexcept { return slots_; }
-
-  ~Session() override {
-    if (watcher_) watcher_->detach();
-    kill(ENOTCONN, "session closed");
-  }
-
-  [[nodiscard]] boost::asio::io_context::executor_type executor() { return io_.get_executor(); }
-  [[nodiscard]] bool on_this_thread() const noexcept { return io_.get_executor().running_in_this_thread(); }
-  [[nodiscard]] bool alive() const noexcept { return alive_.load(std::memory_order_acquire); }
+  [[nodiscard]] common::CommandSlots& slots() noexcept { return slots_; }
 
   // On the loop thread (or before the loop runs): replaces the context,
   // failing whatever was in flight on the old one.
   void install(ContextPtr ctx) {
     kill(ENOTCONN, "replaced by a new session");
-    if (!watcher_) watcher_ = FdWatcher::create(io_.get_executor(), weak_from_this());
     ctx_ = std::move(ctx);
     broken_ = false;
-    alive_.store(true, std::memory_order_release);
+    mark_up();
   }
 
   // Fails every command in flight with `err` and logs out of nothing: the
@@ -326,12 +302,9 @@ class IscsiDevice::Session final : public FdWatcher::Client, public std::enable_
   // callback.
   void kill(int err, const std::string& why) {
     if (!ctx_) return;
-    alive_.store(false, std::memory_order_release);
-    if (!inflight_.empty() || err != ENOTCONN)
-      log_->warn("{}: session closed: {} ({} commands in flight fail with {})", name_, why, inflight_.size(),
-                 std::strerror(err));
+    mark_down(err, why, inflight_.size(), "commands");
     while (!inflight_.empty()) finish(inflight_.oldest(), err);
-    if (watcher_) watcher_->stop();  // before libiscsi closes the fd
+    stop_watching();  // before libiscsi closes the fd
     iscsi_scsi_cancel_all_tasks(ctx_.get());  // each callback frees its task and request
     ctx_.reset();
     inflight_.stop_timer();
@@ -341,29 +314,24 @@ class IscsiDevice::Session final : public FdWatcher::Client, public std::enable_
   // iscsi_*_task() function and returns its task (or nullptr).
   template <class H, class Issue>
   void start(H handler, Issue& issue) {
-    boost::asio::any_io_executor ex = boost::asio::get_associated_executor(handler, io_.get_executor());
-    if (!ctx_ || !alive()) {
-      boost::asio::post(ex, [h = std::move(handler)]() mutable { std::move(h)(errno_code(ENOTCONN)); });
-      return;
-    }
+    auto ex = executor_of(handler);
+    if (!ctx_ || !alive()) return fail_now(ex, std::move(handler), ENOTCONN);
     auto owned = std::make_unique<Request>();
     Request* r = owned.get();
     r->session = this;
-    r->executor = std::move(ex);
-    r->handler = std::make_unique<CompletionOf<H>>(std::move(handler));
-    r->started = Clock::now();
+    r->begin(std::move(ex), std::move(handler));
     r->task = issue(ctx_.get(), lun_, r, &on_command);
     if (r->task == nullptr) {
       // Not queued, no callback will come: fail it here.
       const std::string why = context_error(ctx_.get());
       log_->debug("{}: cannot queue a command: {}", name_, why);
-      boost::asio::post(r->executor, [h = std::move(r->handler)] { h->complete(errno_code(ENOTCONN)); });
+      r->complete(ENOTCONN);
       kill(ENOTCONN, why);
       return;
     }
     inflight_.link(r, shared_from_this());
     (void)owned.release();  // the callback deletes it
-    watcher_->kick_soon();  // the batch queued in this turn leaves together
+    kick_soon();  // the batch queued in this turn leaves together
   }
 
   // FdWatcher::Client
@@ -421,11 +389,8 @@ class IscsiDevice::Session final : public FdWatcher::Client, public std::enable_
   }
 
   void finish(Request* r, int err) {
-    r->done = true;
     inflight_.unlink(r);
-    const std::error_code ec = err ? errno_code(err) : std::error_code{};
-    // Never resume the coroutine inside libiscsi's service call.
-    boost::asio::post(r->executor, [h = std::move(r->handler), ec] { h->complete(ec); });
+    r->complete(err);  // posted: never resume the coroutine inside libiscsi's service call
   }
 
   // The oldest command has waited io-timeout: the session hangs.
@@ -434,24 +399,14 @@ class IscsiDevice::Session final : public FdWatcher::Client, public std::enable_
     kill(ETIMEDOUT, "no answer within " + std::to_string(inflight_.timeout().count()) + " ms");
   }
 
-  boost::asio::io_context& io_;
   int lun_;
-  std::string name_;
-  std::shared_ptr<spdlog::logger> log_;
-  CommandSlots slots_;
-  InflightRequests<Request> inflight_;
+  common::CommandSlots slots_;
+  common::InflightRequests<Request> inflight_;
   ContextPtr ctx_;
-  std::shared_ptr<FdWatcher> watcher_;
-  bool broken_ = false;           // a callback saw the session go; kill after service returns
-  std::atomic<bool> alive_{false};
+  bool broken_ = false;  // a callback saw the session go; kill after service returns
 };
 
 namespace {
-
-Task<void> install_on(std::shared_ptr<IscsiDevice::Session> s, ContextPtr ctx) {
-  s->install(std::move(ctx));
-  co_return;
-}
 
 Task<void> sleep_for(std::chrono::milliseconds d) {
   const auto ex = co_await boost::asio::this_coro::executor;
@@ -465,10 +420,10 @@ IscsiDevice::IscsiDevice(IscsiUri uri, bool read_only, IscsiOptions options, cor
     : uri_(std::move(uri)), read_only_(read_only), options_(std::move(options)), loops_(loops) {
   const std::string name = uri_.redacted();
   auto first = connect_session(uri_, options_, 0);
-  if (!first.ctx) throw BackendError("cannot log in to '" + name + "': " + first.message);
-  iscsi_set_timeout(first.ctx.get(), seconds_for_libiscsi(options_.io_timeout));
-  info_ = probe_lun(first.ctx.get(), uri_);
-  iscsi_set_timeout(first.ctx.get(), 0);  // the data path keeps its own clock
+  if (!first) throw BackendError("cannot log in to '" + name + "': " + first.message);
+  iscsi_set_timeout(first.handle.get(), seconds_for_libiscsi(options_.io_timeout));
+  info_ = probe_lun(first.handle.get(), uri_);
+  iscsi_set_timeout(first.handle.get(), 0);  // the data path keeps its own clock
 
   const uint32_t bs = info_.block_size;
   geometry_.size = info_.blocks * bs;
@@ -490,22 +445,17 @@ IscsiDevice::IscsiDevice(IscsiUri uri, bool read_only, IscsiOptions options, cor
   caps_.multi_conn = true;  // SYNCHRONIZE CACHE acts on the LUN, whichever session sends it
   zero_block_.assign(bs, 0);
 
-  size_t count = options_.sessions != 0 ? options_.sessions : loops_.size();
-  std::vector<ContextPtr> contexts;
-  contexts.push_back(std::move(first.ctx));
-  while (contexts.size() < count) {
-    auto more = connect_session(uri_, options_, static_cast<uint32_t>(contexts.size()));
-    if (!more.ctx)
-      throw BackendError("cannot open session " + std::to_string(contexts.size() + 1) + " to '" + name +
-                         "': " + more.message);
-    contexts.push_back(std::move(more.ctx));
-  }
-  for (size_t i = 0; i < contexts.size(); ++i) {
-    auto s = std::make_shared<Session>(loops_.at(i % loops_.size()), uri_.lun, options_.io_timeout,
-                                       options_.inflight_bytes, name + " #" + std::to_string(i + 1));
-    s->install(std::move(contexts[i]));  // the loops do not run yet
-    sessions_.push_back(std::move(s));
-  }
+  const size_t count = options_.sessions != 0 ? options_.sessions : loops_.size();
+  auto contexts = common::connect_all(
+      std::move(first.handle), count,
+      [this](size_t i) { return connect_session(uri_, options_, static_cast<uint32_t>(i)); },
+      [&name](size_t i, const std::string& message) {
+        return BackendError("cannot open session " + std::to_string(i + 1) + " to '" + name + "': " + message);
+      });
+  sessions_.open(std::move(contexts), loops_, name, [this](boost::asio::io_context& io, std::string session_name) {
+    return std::make_shared<Session>(io, uri_.lun, options_.io_timeout, options_.inflight_bytes,
+                                     std::move(session_name));
+  });
   core::logger("iscsi")->info(
       "{}: {} bytes, {}-byte blocks, {} session(s), max transfer {}{}{}{}{}{}", name, geometry_.size, bs,
       sessions_.size(), geometry_.max_transfer, caps_.fua == Support::native ? ", fua" : "",
@@ -513,15 +463,11 @@ IscsiDevice::IscsiDevice(IscsiUri uri, bool read_only, IscsiOptions options, cor
       caps_.extents == Support::native ? ", lba-status" : "", caps_.read_only ? ", read-only" : "");
 }
 
-IscsiDevice::~IscsiDevice() {
-  for (auto& s : sessions_) s->kill(ENOTCONN, "device closed");
-}
+IscsiDevice::~IscsiDevice() { sessions_.kill_all(ENOTCONN, "device closed"); }
+
+bool IscsiDevice::connected() const noexcept { return sessions_.all_alive(); }
 
 std::string IscsiDevice::describe() const { return uri_.redacted(); }
-
-bool IscsiDevice::connected() const noexcept {
-  return std::all_of(sessions_.begin(), sessions_.end(), [](const auto& s) { return s->alive(); });
-}
 
 template <class Issue>
 Task<std::error_code> IscsiDevice::submit_once(Session& s, Issue& issue) {
@@ -533,7 +479,7 @@ template <class Issue>
 Task<std::error_code> IscsiDevice::submit_on(Session& s, Issue issue, uint64_t data_bytes) {
   if (!s.on_this_thread()) {
     auto hop = submit_on(s, std::move(issue), data_bytes);  // outside the co_await (GCC 12)
-    co_return co_await boost::asio::co_spawn(s.executor(), std::move(hop), boost::asio::use_awaitable);
+    co_return co_await common::on_loop_of(s, std::move(hop));
   }
   // UNIT ATTENTION, BUSY and friends: the command did not run; send it again,
   // backing off a little from the third attempt on.
@@ -557,16 +503,9 @@ Task<std::error_code> IscsiDevice::submit_on(Session& s, Issue issue, uint64_t d
 // its own frame), saving a frame allocation per command.
 template <class Issue>
 Task<std::error_code> IscsiDevice::submit(Issue issue, uint64_t data_bytes) {
-  for (auto& s : sessions_)
-    if (s->on_this_thread() && s->alive()) return submit_on(*s, std::move(issue), data_bytes);
-  // Round-robin, skipping dead sessions while a live one exists.
-  const size_t n = sessions_.size();
-  const size_t start = next_.fetch_add(1, std::memory_order_relaxed);
-  for (size_t i = 0; i < n; ++i) {
-    auto& s = *sessions_[(start + i) % n];
-    if (s.alive()) return submit_on(s, std::move(issue), data_bytes);
-  }
-  return submit_on(*sessions_[start % n], std::move(issue), data_bytes);  // fails fast with ENOTCONN
+  // A live session, skipping dead ones while one lives: reconnect() replaces
+  // only the dead sessions, and the live ones keep serving meanwhile.
+  return submit_on(sessions_.pick_live(), std::move(issue), data_bytes);
 }
 
 Task<std::error_code> IscsiDevice::read(std::span<std::byte> buf, uint64_t offset, IoFlags /*flags*/) {
@@ -671,15 +610,13 @@ Task<std::error_code> IscsiDevice::block_status(ByteRange range, ExtentList& out
   co_return co_await submit(issue);  // CheckedDevice passes block-aligned ranges only
 }
 
-Task<std::error_code> IscsiDevice::prefetch(ByteRange /*range*/) { co_return std::error_code{}; }
-
 Task<std::error_code> IscsiDevice::reconnect() {
   auto log = core::logger("iscsi");
   const std::string name = uri_.redacted();
   // Only the sessions that are gone: the live ones keep their commands.
   std::vector<size_t> dead;
   for (size_t i = 0; i < sessions_.size(); ++i)
-    if (!sessions_[i]->alive()) dead.push_back(i);
+    if (!sessions_[i].alive()) dead.push_back(i);
   if (dead.empty()) co_return std::error_code{};
   std::vector<ContextPtr> fresh;
   for (size_t i : dead) {
@@ -687,46 +624,43 @@ Task<std::error_code> IscsiDevice::reconnect() {
     // Only trivially destructible captures in a co_await expression (GCC 12).
     auto connect = [this, slot] {
       auto res = connect_session(uri_, options_, slot);
-      if (res.ctx) {
+      if (res) {
         // The LUN must still be the one we know: same size and block size.
-        iscsi_set_timeout(res.ctx.get(), seconds_for_libiscsi(options_.io_timeout));
-        auto cap = probe_command([&] { return iscsi_readcapacity16_sync(res.ctx.get(), uri_.lun); });
+        iscsi_set_timeout(res.handle.get(), seconds_for_libiscsi(options_.io_timeout));
+        auto cap = probe_command([&] { return iscsi_readcapacity16_sync(res.handle.get(), uri_.lun); });
         auto* rc16 = cap && cap->status == SCSI_STATUS_GOOD
                          ? static_cast<scsi_readcapacity16*>(scsi_datain_unmarshall(cap.get()))
                          : nullptr;
-        iscsi_set_timeout(res.ctx.get(), 0);
+        iscsi_set_timeout(res.handle.get(), 0);
         if (rc16 == nullptr) {
           res.err = ECONNRESET;
-          res.message = "READ CAPACITY(16) failed after login: " + task_failure(res.ctx.get(), cap);
-          res.ctx.reset();
+          res.message = "READ CAPACITY(16) failed after login: " + task_failure(res.handle.get(), cap);
+          res.handle.reset();
         } else if (rc16->block_length != info_.block_size || rc16->returned_lba + 1 != info_.blocks) {
           res.err = EIO;
           res.message = "the LUN now has " + std::to_string(rc16->returned_lba + 1) + " blocks of " +
                         std::to_string(rc16->block_length) + " bytes instead of " + std::to_string(info_.blocks) +
                         " of " + std::to_string(info_.block_size) + "; not using it";
-          res.ctx.reset();
+          res.handle.reset();
         }
       }
       return res;
     };
     auto res = co_await core::offload(loops_.blocking(), connect);
-    if (!res.ctx) {
+    if (!res) {
       if (res.err == EIO) {
         log->error("{}: {}", name, res.message);
         co_return errno_code(EIO);
       }
       log->debug("{}: reconnect failed: {}", name, res.message);
-      co_return errno_code(core::is_connection_error(errno_code(res.err)) ? res.err : ECONNREFUSED);
+      co_return common::reconnect_failure(res.err);
     }
-    fresh.push_back(std::move(res.ctx));
+    fresh.push_back(std::move(res.handle));
   }
-  for (size_t k = 0; k < dead.size(); ++k) {
-    auto task = install_on(sessions_[dead[k]], std::move(fresh[k]));  // outside the co_await (GCC 12)
-    co_await boost::asio::co_spawn(sessions_[dead[k]]->executor(), std::move(task), boost::asio::use_awaitable);
-  }
-  const uint64_t gen = generation_.fetch_add(1, std::memory_order_acq_rel) + 1;
+  for (size_t k = 0; k < dead.size(); ++k) co_await sessions_.install(dead[k], std::move(fresh[k]));
+  const uint64_t gen = sessions_.next_generation();
   log->info("{}: reconnected ({} of {} session(s), generation {})", name, dead.size(), sessions_.size(), gen);
   co_return std::error_code{};
 }
 
-}  // namespace blockway::remote
+}  // namespace blockway::remote::iscsi

@@ -15,7 +15,7 @@
 // Data path: libiscsi's asynchronous API, many commands in flight per
 // session, buffers handed to libiscsi as iovecs (no copy). Each session
 // belongs to one event loop and its iscsi_context is only touched on that
-// loop's thread, driven by an FdWatcher (remote/fd_watcher.hpp); completions
+// loop's thread, driven by an FdWatcher (remote/common/fd_watcher.hpp); completions
 // are posted to the awaiting coroutine's executor. A request issued on a loop
 // that owns a session uses it; from any other thread it hops to a session's
 // loop (round-robin). SYNCHRONIZE CACHE acts on the LUN's cache, not on a
@@ -41,7 +41,8 @@
 
 #include "core/event_loops.hpp"
 #include "core/remote_device.hpp"
-#include "remote/command_slots.hpp"
+#include "remote/common/command_slots.hpp"
+#include "remote/common/loop_session.hpp"
 #include "remote/iscsi/iscsi_uri.hpp"
 
 #include <atomic>
@@ -50,13 +51,13 @@
 #include <string>
 #include <vector>
 
-namespace blockway::remote {
+namespace blockway::remote::iscsi {
 
 struct IscsiOptions {
   unsigned sessions = 0;  // 0: one per event loop
   std::chrono::milliseconds io_timeout{30000};
   std::string initiator = "iqn.2026-11.io.blockway:initiator";
-  uint64_t inflight_bytes = kDefaultInflightBytes;  // data in flight per session
+  uint64_t inflight_bytes = common::kDefaultInflightBytes;  // data in flight per session
 };
 
 // What the probe found out about the LUN (also for tests and logs).
@@ -80,8 +81,8 @@ struct IscsiLunInfo {
 
 class IscsiDevice final : public core::RemoteDevice {
  public:
-  // Connects synchronously. Throws BackendError (registry.hpp) with a message
-  // naming the URI (password masked) and what went wrong.
+  // Connects synchronously. Throws BackendError (remote/backend.hpp) with a
+  // message naming the URI (password masked) and what went wrong.
   IscsiDevice(IscsiUri uri, bool read_only, IscsiOptions options, core::EventLoops& loops);
   ~IscsiDevice() override;
   IscsiDevice(const IscsiDevice&) = delete;
@@ -91,22 +92,16 @@ class IscsiDevice final : public core::RemoteDevice {
   [[nodiscard]] core::Capabilities capabilities() const noexcept override { return caps_; }
   [[nodiscard]] std::string describe() const override;
 
-  core::Task<std::error_code> read(std::span<std::byte> buf, uint64_t offset,
-                                      core::IoFlags flags) override;
-  core::Task<std::error_code> write(std::span<const std::byte> buf, uint64_t offset,
-                                       core::IoFlags flags) override;
+  core::Task<std::error_code> read(std::span<std::byte> buf, uint64_t offset, core::IoFlags flags) override;
+  core::Task<std::error_code> write(std::span<const std::byte> buf, uint64_t offset, core::IoFlags flags) override;
   core::Task<std::error_code> flush() override;
   core::Task<std::error_code> trim(core::ByteRange range, core::IoFlags flags) override;
   core::Task<std::error_code> zero(core::ByteRange range, core::IoFlags flags) override;
-  core::Task<std::error_code> block_status(core::ByteRange range,
-                                              core::ExtentList& out) override;
-  core::Task<std::error_code> prefetch(core::ByteRange range) override;
+  core::Task<std::error_code> block_status(core::ByteRange range, core::ExtentList& out) override;
 
   core::Task<std::error_code> reconnect() override;
   [[nodiscard]] bool connected() const noexcept override;
-  [[nodiscard]] uint64_t generation() const noexcept override {
-    return generation_.load(std::memory_order_acquire);
-  }
+  [[nodiscard]] uint64_t generation() const noexcept override { return sessions_.generation(); }
 
   [[nodiscard]] const IscsiLunInfo& lun_info() const noexcept { return info_; }
   [[nodiscard]] size_t session_count() const noexcept { return sessions_.size(); }
@@ -116,7 +111,7 @@ class IscsiDevice final : public core::RemoteDevice {
 
  private:
   // data_bytes: what the command moves, charged to the session's in-flight
-  // budget (remote/command_slots.hpp).
+  // budget (remote/common/command_slots.hpp).
   template <class Issue>
   core::Task<std::error_code> submit(Issue issue, uint64_t data_bytes = 0);
   template <class Issue>
@@ -132,9 +127,7 @@ class IscsiDevice final : public core::RemoteDevice {
   core::Geometry geometry_;
   core::Capabilities caps_;
   std::vector<unsigned char> zero_block_;  // WRITE SAME's one block of zeroes
-  std::vector<std::shared_ptr<Session>> sessions_;
-  std::atomic<size_t> next_{0};
-  std::atomic<uint64_t> generation_{1};
+  common::SessionSet<Session> sessions_;
 };
 
-}  // namespace blockway::remote
+}  // namespace blockway::remote::iscsi

@@ -4,7 +4,7 @@
 #include <charconv>
 #include <stdexcept>
 
-namespace blockway::remote {
+namespace blockway::remote::iscsi {
 namespace {
 
 constexpr std::string_view kScheme = "iscsi://";
@@ -114,4 +114,4 @@ std::string IscsiUri::redacted() const {
   return out;
 }
 
-}  // namespace blockway::remote
+}  // namespace blockway::remote::iscsi

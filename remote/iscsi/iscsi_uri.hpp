@@ -10,7 +10,7 @@
 #include <string>
 #include <string_view>
 
-namespace blockway::remote {
+namespace blockway::remote::iscsi {
 
 struct IscsiUri {
   std::string user;      // CHAP user name; empty: no CHAP
@@ -34,4 +34,4 @@ struct IscsiUri {
 // about URIs that did not parse.
 [[nodiscard]] std::string redact_iscsi_uri(std::string_view text);
 
-}  // namespace blockway::remote
+}  // namespace blockway::remote::iscsi

@@ -6,7 +6,7 @@
 #include <iscsi/iscsi.h>
 #include <iscsi/scsi-lowlevel.h>
 
-namespace blockway::remote {
+namespace blockway::remote::iscsi {
 
 ScsiOutcome scsi_outcome(int status, int sense_key, int ascq) noexcept {
   switch (status) {
@@ -96,4 +96,4 @@ std::string describe_scsi_status(int status, int sense_key, int ascq) {
   }
 }
 
-}  // namespace blockway::remote
+}  // namespace blockway::remote::iscsi

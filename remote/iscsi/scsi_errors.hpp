@@ -10,7 +10,7 @@
 
 #include <string>
 
-namespace blockway::remote {
+namespace blockway::remote::iscsi {
 
 struct ScsiOutcome {
   int err = 0;         // 0 on success
@@ -25,4 +25,4 @@ struct ScsiOutcome {
 // "CHECK CONDITION: MEDIUM_ERROR (0x3) ascq 0x1100", for logs.
 [[nodiscard]] std::string describe_scsi_status(int status, int sense_key, int ascq);
 
-}  // namespace blockway::remote
+}  // namespace blockway::remote::iscsi

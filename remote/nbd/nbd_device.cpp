@@ -1,24 +1,18 @@
 #include "remote/nbd/nbd_device.hpp"
 
 #include "core/logging.hpp"
-#include "remote/completion.hpp"
-#include "remote/fd_watcher.hpp"
-#include "remote/inflight_requests.hpp"
-#include "remote/registry.hpp"
+#include "remote/backend.hpp"
+#include "remote/common/inflight_requests.hpp"
+#include "remote/common/poll_until.hpp"
 
-#include <boost/asio/associated_executor.hpp>
-#include <boost/asio/co_spawn.hpp>
-#include <boost/asio/io_context.hpp>
-#include <boost/asio/steady_timer.hpp>
-#include <boost/asio/this_coro.hpp>
+#include <boost/asio/async_result.hpp>
 #include <libnbd.h>
 
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
-#include <list>
 
-namespace blockway::remote {
+namespace blockway::remote::nbd {
 
 using core::ByteRange;
 using core::errno_code;
@@ -27,12 +21,6 @@ using core::IoFlags;
 using core::Support;
 using core::Task;
 using Clock = std::chrono::steady_clock;
-
-namespace {
-
-using Handler = std::unique_ptr<Completion>;
-
-}  // namespace
 
 namespace {
 
@@ -56,28 +44,47 @@ std::string last_message() {
   return m != nullptr && *m != '\0' ? m : "unknown libnbd error";
 }
 
-struct ConnectResult {
-  HandlePtr handle;
-  int err = 0;
-  std::string message;
+bool dead(nbd_handle* h) { return nbd_aio_is_dead(h) == 1 || nbd_aio_is_closed(h) == 1; }
+
+// libnbd's wanted direction as poll() events.
+short direction_events(nbd_handle* h) {
+  const unsigned dir = nbd_aio_get_direction(h);
+  short ev = 0;
+  if (dir & LIBNBD_AIO_DIRECTION_READ) ev |= POLLIN;
+  if (dir & LIBNBD_AIO_DIRECTION_WRITE) ev |= POLLOUT;
+  return ev;
+}
+
+// The handshake of a fresh handle, for common::poll_until (as nbd_poll() does
+// it: a readable or hung-up socket is read first).
+struct Handshake {
+  nbd_handle* h;
+  bool done() { return nbd_aio_is_ready(h) != 0 || dead(h); }
+  int fd() { return nbd_aio_get_fd(h); }
+  short events() { return direction_events(h); }
+  bool service(short revents) {
+    if (revents & (POLLIN | POLLHUP)) return nbd_aio_notify_read(h) != -1;
+    if (revents & POLLOUT) return nbd_aio_notify_write(h) != -1;
+    return !(revents & (POLLERR | POLLNVAL));
+  }
 };
+
+using Connected = common::Connected<HandlePtr>;
 
 // Opens one connection and finishes the handshake, giving up after `timeout`
 // (a server that accepts but never answers must not block a thread forever).
 // Blocking: call at start-up or on the blocking pool.
-ConnectResult connect_handle(const std::string& uri, std::chrono::milliseconds timeout) {
-  ConnectResult r;
+Connected connect_handle(const std::string& uri, std::chrono::milliseconds timeout) {
+  Connected r;
   auto fail = [&r](int fallback) {
     r.err = last_errno(fallback);
     r.message = last_message();
     r.handle.reset();
+    return std::move(r);
   };
   r.handle.reset(nbd_create());
   nbd_handle* h = r.handle.get();
-  if (h == nullptr) {
-    fail(ENOMEM);
-    return r;
-  }
+  if (h == nullptr) return fail(ENOMEM);
   // libnbd zeroes every read buffer before the read by default (a guard for
   // callers that use the buffer after an error). We never do: a failed read
   // is only ever an error code, and on success libnbd has checked that the
@@ -90,28 +97,17 @@ ConnectResult connect_handle(const std::string& uri, std::chrono::milliseconds t
   // before the server could say whether it takes it.
   if (const int strict = nbd_get_strict_mode(h); strict >= 0)
     nbd_set_strict_mode(h, static_cast<uint32_t>(strict) & ~static_cast<uint32_t>(LIBNBD_STRICT_ALIGN));
-  if (nbd_add_meta_context(h, kBaseAllocation) == -1 || nbd_aio_connect_uri(h, uri.c_str()) == -1) {
-    fail(EINVAL);
+  if (nbd_add_meta_context(h, kBaseAllocation) == -1 || nbd_aio_connect_uri(h, uri.c_str()) == -1)
+    return fail(EINVAL);
+  Handshake handshake{h};
+  const auto end = common::poll_until(handshake, Clock::now() + timeout);
+  if (end == common::PollEnd::timed_out) {
+    r.err = ETIMEDOUT;
+    r.message = "no answer to the handshake within " + std::to_string(timeout.count()) + " ms";
+    r.handle.reset();
     return r;
   }
-  const auto deadline = Clock::now() + timeout;
-  while (nbd_aio_is_ready(h) == 0) {
-    if (nbd_aio_is_dead(h) == 1 || nbd_aio_is_closed(h) == 1) {
-      fail(ECONNRESET);
-      return r;
-    }
-    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
-    if (left.count() <= 0) {
-      r.err = ETIMEDOUT;
-      r.message = "no answer to the handshake within " + std::to_string(timeout.count()) + " ms";
-      r.handle.reset();
-      return r;
-    }
-    if (nbd_poll(h, static_cast<int>(std::min<int64_t>(left.count(), 1000))) == -1) {
-      fail(ECONNRESET);
-      return r;
-    }
-  }
+  if (end == common::PollEnd::failed || dead(h)) return fail(ECONNRESET);
   return r;
 }
 
@@ -127,57 +123,41 @@ uint32_t nbd_flags(IoFlags flags, bool fua_ok) {
 
 // One request handed to libnbd. libnbd owns it from the aio call until it
 // calls on_free (exactly once, even when the call fails).
-struct NbdDevice::Request {
-  Connection* conn = nullptr;
-  std::list<Request*>::iterator pos;
-  bool linked = false;
+struct NbdDevice::Request : common::SessionRequest {
+  Session* session = nullptr;
   bool issuing = false;  // inside the nbd_aio_* call
   bool freed = false;    // on_free came while issuing
-  bool done = false;     // handler already posted
-  Clock::time_point started;
-  boost::asio::any_io_executor executor;  // the awaiting coroutine's
-  Handler handler;
   // block_status only
   ExtentList* extents = nullptr;
   uint64_t status_length = 0;
   uint64_t covered = 0;
 };
 
-class NbdDevice::Connection final : public FdWatcher::Client,
-                                    public std::enable_shared_from_this<Connection> {
+// One connection: its libnbd handle, only ever touched on the session's loop.
+class NbdDevice::Session final : public common::LoopSession {
  public:
-  Connection(boost::asio::io_context& ctx, std::chrono::milliseconds io_timeout, std::string name)
-      : ctx_(ctx), name_(std::move(name)), log_(core::logger("nbd")),
-        inflight_(ctx, io_timeout, [this] { on_hung(); }) {}
+  Session(boost::asio::io_context& io, std::chrono::milliseconds io_timeout, std::string name)
+      : LoopSession(io, std::move(name), "nbd"), inflight_(io, io_timeout, [this] { on_hung(); }) {}
 
-  ~Connection() override {
-    if (watcher_) watcher_->detach();
+  ~Session() override {
     while (!inflight_.empty()) finish(inflight_.oldest(), ENOTCONN);
     h_.reset();  // frees every request libnbd still holds
   }
-
-  [[nodiscard]] boost::asio::io_context::executor_type executor() { return ctx_.get_executor(); }
-  [[nodiscard]] bool on_this_thread() const noexcept { return ctx_.get_executor().running_in_this_thread(); }
-  [[nodiscard]] bool alive() const noexcept { return alive_.load(std::memory_order_acquire); }
 
   // On the loop thread (or before the loop runs): replaces the handle,
   // failing whatever was in flight on the old one.
   void install(HandlePtr h) {
     kill(ENOTCONN, "replaced by a new connection");
-    if (!watcher_) watcher_ = FdWatcher::create(ctx_.get_executor(), weak_from_this());
     h_ = std::move(h);
-    alive_.store(true, std::memory_order_release);
+    mark_up();
   }
 
   // Fails every request in flight with `err` and closes the handle.
   void kill(int err, const std::string& why) {
     if (!h_) return;
-    alive_.store(false, std::memory_order_release);
-    if (!inflight_.empty() || err != ENOTCONN)
-      log_->warn("{}: connection closed: {} ({} requests in flight fail with {})", name_, why,
-                 inflight_.size(), std::strerror(err));
+    mark_down(err, why, inflight_.size());
     while (!inflight_.empty()) finish(inflight_.oldest(), err);
-    if (watcher_) watcher_->stop();  // before libnbd closes the fd
+    stop_watching();  // before libnbd closes the fd
     h_.reset();
     inflight_.stop_timer();
   }
@@ -185,17 +165,12 @@ class NbdDevice::Connection final : public FdWatcher::Client,
   // Issues one command. `issue(handle, request, completion)` calls nbd_aio_*.
   template <class H, class Issue>
   void start(H handler, Issue& issue) {
-    boost::asio::any_io_executor ex = boost::asio::get_associated_executor(handler, ctx_.get_executor());
-    if (!h_ || !alive()) {
-      boost::asio::post(ex, [h = std::move(handler)]() mutable { std::move(h)(errno_code(ENOTCONN)); });
-      return;
-    }
+    auto ex = executor_of(handler);
+    if (!h_ || !alive()) return fail_now(ex, std::move(handler), ENOTCONN);
     auto owned = std::make_unique<Request>();
     Request* r = owned.get();
-    r->conn = this;
-    r->executor = std::move(ex);
-    r->handler = std::make_unique<CompletionOf<H>>(std::move(handler));
-    r->started = Clock::now();
+    r->session = this;
+    r->begin(std::move(ex), std::move(handler));
     inflight_.link(r, shared_from_this());
     r->issuing = true;
     const nbd_completion_callback cb{&on_complete, r, &on_free};
@@ -204,62 +179,36 @@ class NbdDevice::Connection final : public FdWatcher::Client,
     r->issuing = false;
     if (cookie == -1) {
       const int err = last_errno(EIO);
-      const bool dead = nbd_aio_is_dead(h_.get()) == 1 || nbd_aio_is_closed(h_.get()) == 1;
-      if (!r->done) finish(r, dead ? ENOTCONN : err);
+      const bool lost = dead(h_.get());
+      if (!r->done) finish(r, lost ? ENOTCONN : err);
       if (r->freed) {
         std::unique_ptr<Request> gone(r);
       }
-      if (dead) kill(ENOTCONN, last_message());
+      if (lost) kill(ENOTCONN, last_message());
       return;
     }
-    watcher_->kick();
+    kick();
   }
 
   // FdWatcher::Client
   int watched_fd() override { return h_ ? nbd_aio_get_fd(h_.get()) : -1; }
   short wanted_events() override {
     if (!h_ || inflight_.empty()) return 0;  // idle: leave nothing pending
-    const unsigned dir = nbd_aio_get_direction(h_.get());
-    short ev = 0;
-    if (dir & LIBNBD_AIO_DIRECTION_READ) ev |= POLLIN;
-    if (dir & LIBNBD_AIO_DIRECTION_WRITE) ev |= POLLOUT;
-    return ev;
+    return direction_events(h_.get());
   }
   void service(short revents) override {
     if (!h_) return;
     nbd_handle* h = h_.get();
     const int rc = (revents & POLLOUT) ? nbd_aio_notify_write(h) : nbd_aio_notify_read(h);
-    if (rc == -1 || nbd_aio_is_dead(h) == 1 || nbd_aio_is_closed(h) == 1) {
+    if (rc == -1 || dead(h)) {
       int err = last_errno(ECONNRESET);
       if (!core::is_connection_error(errno_code(err))) err = ECONNRESET;
       kill(err, rc == -1 ? last_message() : "server closed the connection");
     }
   }
 
- private:
-  static int on_complete(void* user_data, int* error) {
-    auto* r = static_cast<Request*>(user_data);
-    if (!r->done) {
-      int err = *error;
-      if (err == 0 && r->extents != nullptr && r->covered == 0) err = EIO;  // no base:allocation reply
-      r->conn->finish(r, err);
-    }
-    return 1;  // retire the command
-  }
-
-  static void on_free(void* user_data) {
-    auto* r = static_cast<Request*>(user_data);
-    if (r->issuing) {
-      r->freed = true;  // the issuer deletes it after the failed call
-      return;
-    }
-    if (!r->done) r->conn->finish(r, ENOTCONN);
-    std::unique_ptr<Request> gone(r);
-  }
-
- public:
-  static int on_extents(void* user_data, const char* context, uint64_t /*offset*/, uint32_t* entries,
-                        size_t count, int* error) {
+  static int on_extents(void* user_data, const char* context, uint64_t /*offset*/, uint32_t* entries, size_t count,
+                        int* error) {
     auto* r = static_cast<Request*>(user_data);
     if (r->done || *error != 0 || std::strcmp(context, kBaseAllocation) != 0) return 0;
     for (size_t i = 0; i + 1 < count && r->covered < r->status_length; i += 2) {
@@ -272,12 +221,29 @@ class NbdDevice::Connection final : public FdWatcher::Client,
   }
 
  private:
+  static int on_complete(void* user_data, int* error) {
+    auto* r = static_cast<Request*>(user_data);
+    if (!r->done) {
+      int err = *error;
+      if (err == 0 && r->extents != nullptr && r->covered == 0) err = EIO;  // no base:allocation reply
+      r->session->finish(r, err);
+    }
+    return 1;  // retire the command
+  }
+
+  static void on_free(void* user_data) {
+    auto* r = static_cast<Request*>(user_data);
+    if (r->issuing) {
+      r->freed = true;  // the issuer deletes it after the failed call
+      return;
+    }
+    if (!r->done) r->session->finish(r, ENOTCONN);
+    std::unique_ptr<Request> gone(r);
+  }
+
   void finish(Request* r, int err) {
-    r->done = true;
     inflight_.unlink(r);
-    const std::error_code ec = err ? errno_code(err) : std::error_code{};
-    // Never resume the coroutine here: libnbd's lock may be held.
-    boost::asio::post(r->executor, [h = std::move(r->handler), ec] { h->complete(ec); });
+    r->complete(err);  // posted: libnbd's lock may be held here
   }
 
   // The oldest request has waited io-timeout: the connection hangs.
@@ -286,28 +252,14 @@ class NbdDevice::Connection final : public FdWatcher::Client,
     kill(ETIMEDOUT, "no reply within " + std::to_string(inflight_.timeout().count()) + " ms");
   }
 
-  boost::asio::io_context& ctx_;
-  std::string name_;
-  std::shared_ptr<spdlog::logger> log_;
-  InflightRequests<Request> inflight_;
+  common::InflightRequests<Request> inflight_;
   HandlePtr h_;
-  std::shared_ptr<FdWatcher> watcher_;
-  std::atomic<bool> alive_{false};
 };
-
-namespace {
-
-Task<void> install_on(std::shared_ptr<NbdDevice::Connection> conn, HandlePtr handle) {
-  conn->install(std::move(handle));
-  co_return;
-}
-
-}  // namespace
 
 NbdDevice::NbdDevice(std::string uri, bool read_only, NbdOptions options, core::EventLoops& loops)
     : uri_(std::move(uri)), read_only_(read_only), options_(options), loops_(loops) {
   auto first = connect_handle(uri_, options_.io_timeout);
-  if (!first.handle) throw BackendError("cannot connect to '" + uri_ + "': " + first.message);
+  if (!first) throw BackendError("cannot connect to '" + uri_ + "': " + first.message);
   nbd_handle* h = first.handle.get();
   const int64_t size = nbd_get_size(h);
   if (size < 0) throw BackendError("'" + uri_ + "': cannot get the export size: " + last_message());
@@ -337,55 +289,52 @@ NbdDevice::NbdDevice(std::string uri, bool read_only, NbdOptions options, core::
   auto log = core::logger("nbd");
   if (count > 1 && !caps_.multi_conn)
     log->warn("{}: server does not offer multi-conn; {} connections, every flush goes to each", uri_, count);
-
-  std::vector<HandlePtr> handles;
-  handles.push_back(std::move(first.handle));
-  while (handles.size() < count) {
-    auto more = connect_handle(uri_, options_.io_timeout);
-    if (!more.handle)
-      throw BackendError("cannot open connection " + std::to_string(handles.size() + 1) + " to '" + uri_ +
-                         "': " + more.message);
-    handles.push_back(std::move(more.handle));
-  }
-  for (size_t i = 0; i < handles.size(); ++i) {
-    auto conn = std::make_shared<Connection>(loops_.at(i % loops_.size()), options_.io_timeout,
-                                             uri_ + " #" + std::to_string(i + 1));
-    conn->install(std::move(handles[i]));  // the loops do not run yet
-    conns_.push_back(std::move(conn));
-  }
-  log->info("{}: {} bytes, {} connection(s){}{}{}{}{}", uri_, geometry_.size, conns_.size(),
+  auto handles = common::connect_all(
+      std::move(first.handle), count, [this](size_t) { return connect_handle(uri_, options_.io_timeout); },
+      [this](size_t i, const std::string& message) {
+        return BackendError("cannot open connection " + std::to_string(i + 1) + " to '" + uri_ + "': " + message);
+      });
+  sessions_.open(std::move(handles), loops_, uri_, [this](boost::asio::io_context& io, std::string name) {
+    return std::make_shared<Session>(io, options_.io_timeout, std::move(name));
+  });
+  log->info("{}: {} bytes, {} connection(s){}{}{}{}{}", uri_, geometry_.size, sessions_.size(),
             caps_.multi_conn ? ", multi-conn" : "", caps_.fua == Support::native ? ", fua" : "",
             caps_.trim == Support::native ? ", trim" : "", caps_.extents == Support::native ? ", extents" : "",
             caps_.read_only ? ", read-only" : "");
 }
 
-NbdDevice::~NbdDevice() {
-  for (auto& c : conns_) c->kill(ENOTCONN, "device closed");
-}
+NbdDevice::~NbdDevice() { sessions_.kill_all(ENOTCONN, "device closed"); }
 
-std::string NbdDevice::describe() const { return "nbd:" + uri_; }
-
-bool NbdDevice::connected() const noexcept {
-  return std::all_of(conns_.begin(), conns_.end(), [](const auto& c) { return c->alive(); });
-}
+bool NbdDevice::connected() const noexcept { return sessions_.all_alive(); }
 
 template <class Issue>
-Task<std::error_code> NbdDevice::submit_on(Connection& conn, Issue issue) {
-  if (!conn.on_this_thread()) {
-    co_return co_await boost::asio::co_spawn(conn.executor(), submit_on(conn, std::move(issue)),
-                                             boost::asio::use_awaitable);
-  }
+Task<std::error_code> NbdDevice::submit_on(Session& s, Issue issue) {
+  if (!s.on_this_thread()) co_return co_await common::on_loop_of(s, submit_on(s, std::move(issue)));
   co_return co_await boost::asio::async_initiate<const boost::asio::use_awaitable_t<>, void(std::error_code)>(
-      [&conn](auto handler, Issue iss) { conn.start(std::move(handler), iss); },
-      boost::asio::use_awaitable, std::move(issue));
+      [&s](auto handler, Issue iss) { s.start(std::move(handler), iss); }, boost::asio::use_awaitable,
+      std::move(issue));
 }
 
+// Not a coroutine: hands back submit_on's awaitable (which moves `issue` into
+// its own frame), saving a frame allocation per command.
 template <class Issue>
 Task<std::error_code> NbdDevice::submit(Issue issue) {
-  for (auto& c : conns_)
-    if (c->on_this_thread()) co_return co_await submit_on(*c, std::move(issue));
-  auto& conn = *conns_[next_.fetch_add(1, std::memory_order_relaxed) % conns_.size()];
-  co_return co_await submit_on(conn, std::move(issue));
+  return submit_on(sessions_.pick(), std::move(issue));
+}
+
+template <class Issue>
+Task<std::error_code> NbdDevice::submit_in_steps(ByteRange range, Issue issue) {
+  while (range.length > 0) {
+    const uint64_t n = std::min(range.length, kMaxCommandLength);
+    const uint64_t off = range.offset;
+    auto ec = co_await submit([n, off, issue](nbd_handle* h, Request*, nbd_completion_callback cb) {
+      return issue(h, n, off, cb);
+    });
+    if (ec) co_return ec;
+    range.offset += n;
+    range.length -= n;
+  }
+  co_return std::error_code{};
 }
 
 Task<std::error_code> NbdDevice::read(std::span<std::byte> buf, uint64_t offset, IoFlags /*flags*/) {
@@ -407,11 +356,11 @@ Task<std::error_code> NbdDevice::write(std::span<const std::byte> buf, uint64_t 
 Task<std::error_code> NbdDevice::flush() {
   if (caps_.flush != Support::native) co_return std::error_code{};
   auto issue = [](nbd_handle* h, Request*, nbd_completion_callback cb) { return nbd_aio_flush(h, cb, 0); };
-  if (conns_.size() == 1 || caps_.multi_conn) co_return co_await submit(issue);
+  if (sessions_.size() == 1 || caps_.multi_conn) co_return co_await submit(issue);
   // Without multi-conn a flush covers only its own connection: flush them all.
   std::error_code first;
-  for (auto& c : conns_) {
-    auto ec = co_await submit_on(*c, issue);
+  for (size_t i = 0; i < sessions_.size(); ++i) {
+    auto ec = co_await submit_on(sessions_[i], issue);
     if (ec && !first) first = ec;
   }
   co_return first;
@@ -421,17 +370,9 @@ Task<std::error_code> NbdDevice::trim(ByteRange range, IoFlags flags) {
   if (caps_.read_only) co_return errno_code(EPERM);
   if (caps_.trim != Support::native) co_return errno_code(EOPNOTSUPP);
   const uint32_t f = nbd_flags(flags & core::kFua, caps_.fua == Support::native);
-  while (range.length > 0) {
-    const uint64_t n = std::min(range.length, kMaxCommandLength);
-    const uint64_t off = range.offset;
-    auto ec = co_await submit([n, off, f](nbd_handle* h, Request*, nbd_completion_callback cb) {
-      return nbd_aio_trim(h, n, off, cb, f);
-    });
-    if (ec) co_return ec;
-    range.offset += n;
-    range.length -= n;
-  }
-  co_return std::error_code{};
+  co_return co_await submit_in_steps(range, [f](nbd_handle* h, uint64_t n, uint64_t off, nbd_completion_callback cb) {
+    return nbd_aio_trim(h, n, off, cb, f);
+  });
 }
 
 Task<std::error_code> NbdDevice::zero(ByteRange range, IoFlags flags) {
@@ -439,17 +380,9 @@ Task<std::error_code> NbdDevice::zero(ByteRange range, IoFlags flags) {
   if (caps_.zero != Support::native) co_return errno_code(EOPNOTSUPP);
   if ((flags & core::kFastZero) && !fast_zero_) co_return errno_code(EOPNOTSUPP);
   const uint32_t f = nbd_flags(flags, caps_.fua == Support::native);
-  while (range.length > 0) {
-    const uint64_t n = std::min(range.length, kMaxCommandLength);
-    const uint64_t off = range.offset;
-    auto ec = co_await submit([n, off, f](nbd_handle* h, Request*, nbd_completion_callback cb) {
-      return nbd_aio_zero(h, n, off, cb, f);
-    });
-    if (ec) co_return ec;
-    range.offset += n;
-    range.length -= n;
-  }
-  co_return std::error_code{};
+  co_return co_await submit_in_steps(range, [f](nbd_handle* h, uint64_t n, uint64_t off, nbd_completion_callback cb) {
+    return nbd_aio_zero(h, n, off, cb, f);
+  });
 }
 
 Task<std::error_code> NbdDevice::block_status(ByteRange range, ExtentList& out) {
@@ -461,37 +394,29 @@ Task<std::error_code> NbdDevice::block_status(ByteRange range, ExtentList& out) 
   co_return co_await submit([n, off, list](nbd_handle* h, Request* r, nbd_completion_callback cb) {
     r->extents = list;
     r->status_length = n;
-    const nbd_extent_callback ext{&Connection::on_extents, r, nullptr};
+    const nbd_extent_callback ext{&Session::on_extents, r, nullptr};
     return nbd_aio_block_status(h, n, off, ext, cb, 0);
   });
 }
 
 Task<std::error_code> NbdDevice::prefetch(ByteRange range) {
   if (caps_.prefetch != Support::native) co_return std::error_code{};
-  while (range.length > 0) {
-    const uint64_t n = std::min(range.length, kMaxCommandLength);
-    const uint64_t off = range.offset;
-    auto ec = co_await submit([n, off](nbd_handle* h, Request*, nbd_completion_callback cb) {
-      return nbd_aio_cache(h, n, off, cb, 0);
-    });
-    if (ec) co_return ec;
-    range.offset += n;
-    range.length -= n;
-  }
-  co_return std::error_code{};
+  co_return co_await submit_in_steps(range, [](nbd_handle* h, uint64_t n, uint64_t off, nbd_completion_callback cb) {
+    return nbd_aio_cache(h, n, off, cb, 0);
+  });
 }
 
 Task<std::error_code> NbdDevice::reconnect() {
   auto log = core::logger("nbd");
   std::vector<HandlePtr> fresh;
-  for (size_t i = 0; i < conns_.size(); ++i) {
+  for (size_t i = 0; i < sessions_.size(); ++i) {
     // Only trivially destructible captures in a co_await expression: GCC 12
     // destroys some temporaries of such expressions twice.
     auto connect = [this] { return connect_handle(uri_, options_.io_timeout); };
     auto res = co_await core::offload(loops_.blocking(), connect);
-    if (!res.handle) {
+    if (!res) {
       log->debug("{}: reconnect failed: {}", uri_, res.message);
-      co_return errno_code(core::is_connection_error(errno_code(res.err)) ? res.err : ECONNREFUSED);
+      co_return common::reconnect_failure(res.err);
     }
     const int64_t size = nbd_get_size(res.handle.get());
     if (size < 0 || static_cast<uint64_t>(size) != geometry_.size) {
@@ -501,13 +426,10 @@ Task<std::error_code> NbdDevice::reconnect() {
     }
     fresh.push_back(std::move(res.handle));
   }
-  for (size_t i = 0; i < conns_.size(); ++i) {
-    auto task = install_on(conns_[i], std::move(fresh[i]));  // outside the co_await (GCC 12)
-    co_await boost::asio::co_spawn(conns_[i]->executor(), std::move(task), boost::asio::use_awaitable);
-  }
-  const uint64_t gen = generation_.fetch_add(1, std::memory_order_acq_rel) + 1;
-  log->info("{}: reconnected ({} connection(s), generation {})", uri_, conns_.size(), gen);
+  for (size_t i = 0; i < sessions_.size(); ++i) co_await sessions_.install(i, std::move(fresh[i]));
+  const uint64_t gen = sessions_.next_generation();
+  log->info("{}: reconnected ({} connection(s), generation {})", uri_, sessions_.size(), gen);
   co_return std::error_code{};
 }
 
-}  // namespace blockway::remote
+}  // namespace blockway::remote::nbd

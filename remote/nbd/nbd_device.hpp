@@ -8,24 +8,28 @@
 //
 // Data path: libnbd's asynchronous API, many requests in flight per
 // connection. Each connection belongs to one event loop: its libnbd handle is
-// only ever touched on that loop's thread, an FdWatcher (remote/fd_watcher.hpp)
-// drives the handle from the same loop, and completion callbacks post the
+// only ever touched on that loop's thread, an FdWatcher
+// (remote/common/fd_watcher.hpp) drives the handle from the same loop, and completion callbacks post the
 // result to the awaiting coroutine's executor (never resuming it inside
 // libnbd, whose lock is held during callbacks). A request issued on a loop
 // that owns a connection uses it directly; from any other thread it hops to a
 // connection's loop (round-robin) and back. With several connections and no
 // multi-conn from the server, a flush is sent on every connection.
 //
+// Each connection is a session (remote/common/loop_session.hpp): the
+// per-loop object that lives as long as the device, holding the libnbd
+// handle that a reconnect replaces.
+//
 // Failures: a request that gets no reply within io-timeout kills its
-// connection (every request in flight on it fails with ETIMEDOUT); a lost
+// session (every request in flight on it fails with ETIMEDOUT); a lost
 // connection fails its requests with ENOTCONN/ECONNRESET and later requests
 // fast with ENOTCONN until reconnect(). reconnect() makes fresh connections on
 // the blocking pool (each bounded by io-timeout) and then swaps them in on
 // their loops; generation() counts the swaps.
 //
 // Thread model: any method may be called from any event-loop thread. The
-// connection objects are fixed at construction; what changes (handle, in-flight
-// list, timers) is confined to each connection's loop. connected() and
+// session objects are fixed at construction; what changes (handle, in-flight
+// list, timers) is confined to each session's loop. connected() and
 // generation() are atomics. reconnect() is never called concurrently with
 // itself (RetryLayer's contract). The device must be destroyed when its loops
 // no longer run its connections (after EventLoops::run() returned).
@@ -33,6 +37,7 @@
 
 #include "core/event_loops.hpp"
 #include "core/remote_device.hpp"
+#include "remote/common/loop_session.hpp"
 
 #include <atomic>
 #include <chrono>
@@ -40,7 +45,7 @@
 #include <string>
 #include <vector>
 
-namespace blockway::remote {
+namespace blockway::remote::nbd {
 
 struct NbdOptions {
   unsigned connections = 0;  // 0: one per event loop if the server allows multi-conn, else 1
@@ -49,8 +54,8 @@ struct NbdOptions {
 
 class NbdDevice final : public core::RemoteDevice {
  public:
-  // Connects synchronously. Throws BackendError (registry.hpp) with a message
-  // naming the URI and what libnbd said.
+  // Connects synchronously. Throws BackendError (remote/backend.hpp) with a
+  // message naming the URI and what libnbd said.
   NbdDevice(std::string uri, bool read_only, NbdOptions options, core::EventLoops& loops);
   ~NbdDevice() override;
   NbdDevice(const NbdDevice&) = delete;
@@ -58,35 +63,33 @@ class NbdDevice final : public core::RemoteDevice {
 
   [[nodiscard]] core::Geometry geometry() const noexcept override { return geometry_; }
   [[nodiscard]] core::Capabilities capabilities() const noexcept override { return caps_; }
-  [[nodiscard]] std::string describe() const override;
+  [[nodiscard]] std::string describe() const override { return "nbd:" + uri_; }
 
-  core::Task<std::error_code> read(std::span<std::byte> buf, uint64_t offset,
-                                      core::IoFlags flags) override;
-  core::Task<std::error_code> write(std::span<const std::byte> buf, uint64_t offset,
-                                       core::IoFlags flags) override;
+  core::Task<std::error_code> read(std::span<std::byte> buf, uint64_t offset, core::IoFlags flags) override;
+  core::Task<std::error_code> write(std::span<const std::byte> buf, uint64_t offset, core::IoFlags flags) override;
   core::Task<std::error_code> flush() override;
   core::Task<std::error_code> trim(core::ByteRange range, core::IoFlags flags) override;
   core::Task<std::error_code> zero(core::ByteRange range, core::IoFlags flags) override;
-  core::Task<std::error_code> block_status(core::ByteRange range,
-                                              core::ExtentList& out) override;
+  core::Task<std::error_code> block_status(core::ByteRange range, core::ExtentList& out) override;
   core::Task<std::error_code> prefetch(core::ByteRange range) override;
 
   core::Task<std::error_code> reconnect() override;
   [[nodiscard]] bool connected() const noexcept override;
-  [[nodiscard]] uint64_t generation() const noexcept override {
-    return generation_.load(std::memory_order_acquire);
-  }
+  [[nodiscard]] uint64_t generation() const noexcept override { return sessions_.generation(); }
 
-  [[nodiscard]] size_t connection_count() const noexcept { return conns_.size(); }
+  [[nodiscard]] size_t connection_count() const noexcept { return sessions_.size(); }
 
-  class Connection;
+  class Session;
   struct Request;
 
  private:
   template <class Issue>
   core::Task<std::error_code> submit(Issue issue);
   template <class Issue>
-  core::Task<std::error_code> submit_on(Connection& conn, Issue issue);
+  core::Task<std::error_code> submit_on(Session& s, Issue issue);
+  // Trim, zero and cache in commands of at most kMaxCommandLength.
+  template <class Issue>
+  core::Task<std::error_code> submit_in_steps(core::ByteRange range, Issue issue);
 
   std::string uri_;
   bool read_only_ = false;
@@ -95,9 +98,7 @@ class NbdDevice final : public core::RemoteDevice {
   core::Geometry geometry_;
   core::Capabilities caps_;
   bool fast_zero_ = false;
-  std::vector<std::shared_ptr<Connection>> conns_;
-  std::atomic<size_t> next_{0};
-  std::atomic<uint64_t> generation_{1};
+  common::SessionSet<Session> sessions_;
 };
 
-}  // namespace blockway::remote
+}  // namespace blockway::remote::nbd

@@ -1,13 +1,13 @@
 #include "remote/nfs/nfs_backend.hpp"
 
-#include "remote/command_slots.hpp"
+#include "remote/common/command_slots.hpp"
 #include "remote/nfs/nfs_device.hpp"
 #include "remote/nfs/nfs_uri.hpp"
 
 #include <charconv>
 #include <cmath>
 
-namespace blockway::remote {
+namespace blockway::remote::nfs {
 namespace {
 
 constexpr unsigned kMaxConnections = 64;
@@ -47,7 +47,7 @@ NfsOptions nfs_options(const OpenRequest& req) {
   if (const auto* v = find_option(req, "keepalive")) o.keepalive = seconds_option("keepalive", *v, 0);
   if (const auto* v = find_option(req, "inflight-kib")) {
     try {
-      o.inflight_bytes = parse_inflight_kib(*v);
+      o.inflight_bytes = common::parse_inflight_kib(*v);
     } catch (const std::invalid_argument& e) {
       throw BackendError(e.what());
     }
@@ -75,4 +75,4 @@ std::unique_ptr<core::BlockDevice> open_nfs(const Uri& /*uri*/, const OpenReques
   return std::make_unique<NfsDevice>(req.uri, std::move(target), req.read_only, opts, *req.loops);
 }
 
-}  // namespace blockway::remote
+}  // namespace blockway::remote::nfs

@@ -7,7 +7,7 @@
 #include "remote/registry.hpp"
 #include "remote/uri.hpp"
 
-namespace blockway::remote {
+namespace blockway::remote::nfs {
 
 // Checks the URI and the options (connections, io-timeout, keepalive) without touching
 // the network. Throws BackendError.
@@ -15,4 +15,4 @@ void check_nfs(const Uri& uri, const OpenRequest& request);
 // Mounts and opens; erases the options it used. Throws BackendError.
 std::unique_ptr<core::BlockDevice> open_nfs(const Uri& uri, const OpenRequest& request);
 
-}  // namespace blockway::remote
+}  // namespace blockway::remote::nfs

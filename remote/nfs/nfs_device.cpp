@@ -1,16 +1,12 @@
 #include "remote/nfs/nfs_device.hpp"
-#include "remote/command_slots.hpp"
 
 #include "core/logging.hpp"
-#include "remote/completion.hpp"
-#include "remote/fd_watcher.hpp"
-#include "remote/registry.hpp"
+#include "remote/backend.hpp"
+#include "remote/common/inflight_requests.hpp"
+#include "remote/common/poll_until.hpp"
 
-#include <boost/asio/associated_executor.hpp>
-#include <boost/asio/co_spawn.hpp>
-#include <boost/asio/io_context.hpp>
+#include <boost/asio/async_result.hpp>
 #include <boost/asio/steady_timer.hpp>
-#include <boost/asio/this_coro.hpp>
 
 #include <fcntl.h>
 #include <nfsc/libnfs.h>
@@ -21,9 +17,8 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
-#include <list>
-#include <string_view>
 #include <random>
+#include <string_view>
 #include <utility>
 
 // Exported by libnfs 4.0 but missing from its public header: frees an open
@@ -36,7 +31,7 @@ extern "C" void nfs_free_nfsfh(struct nfsfh* nfsfh);
 // unused otherwise.
 extern "C" const char* __lsan_default_suppressions() { return "leak:nfs4_set_client_name\n"; }
 
-namespace blockway::remote {
+namespace blockway::remote::nfs {
 
 using core::ByteRange;
 using core::errno_code;
@@ -47,8 +42,6 @@ using core::Task;
 using Clock = std::chrono::steady_clock;
 
 namespace {
-
-using Handler = std::unique_ptr<Completion>;
 
 constexpr uint64_t kMaxTransfer = 32u << 20;
 constexpr uint32_t kNfs4WriteMax = 3072;
@@ -82,7 +75,8 @@ bool lost_nfs4_state(const void* message) {
   return false;
 }
 
-// One step of the blocking set-up, driven by poll() with a deadline.
+// One step of the blocking set-up (mount, open, GETATTR), driven by
+// common::poll_until with a deadline.
 struct SyncCall {
   bool done = false;
   int status = 0;
@@ -107,9 +101,9 @@ struct SyncCall {
 
 }  // namespace
 
-// A mounted session with the image open: made on a blocking thread, then
-// handed to a Connection on its loop.
-struct NfsDevice::Session {
+// A mounted export with the image open: made on a blocking thread, then
+// installed in a session on its loop.
+struct NfsDevice::MountedFile {
   ContextPtr ctx;
   nfsfh* fh = nullptr;
   nfsfh* fh_stable = nullptr;  // NFSv3: opened O_SYNC, its WRITEs are FILE_SYNC (for FUA)
@@ -117,12 +111,10 @@ struct NfsDevice::Session {
   bool read_only = false;
   uint64_t read_max = 0;
   uint64_t write_max = 0;
-  int err = 0;
-  std::string message;
 
-  Session() = default;
-  Session(Session&& o) noexcept { *this = std::move(o); }
-  Session& operator=(Session&& o) noexcept {
+  MountedFile() = default;
+  MountedFile(MountedFile&& o) noexcept { *this = std::move(o); }
+  MountedFile& operator=(MountedFile&& o) noexcept {
     if (this == &o) return *this;
     release();
     ctx = std::move(o.ctx);
@@ -132,13 +124,12 @@ struct NfsDevice::Session {
     read_only = o.read_only;
     read_max = o.read_max;
     write_max = o.write_max;
-    err = o.err;
-    message = std::move(o.message);
     return *this;
   }
-  Session(const Session&) = delete;
-  Session& operator=(const Session&) = delete;
-  ~Session() { release(); }
+  MountedFile(const MountedFile&) = delete;
+  MountedFile& operator=(const MountedFile&) = delete;
+  ~MountedFile() { release(); }
+  [[nodiscard]] explicit operator bool() const noexcept { return static_cast<bool>(ctx); }
   // Frees the file handle locally and destroys the context.
   void release() {
     if (fh != nullptr) nfs_free_nfsfh(fh);
@@ -151,44 +142,51 @@ struct NfsDevice::Session {
 
 namespace {
 
+using Connected = common::Connected<NfsDevice::MountedFile>;
+
 std::atomic<uint64_t> g_session_counter{0};
+
+// One SyncCall for common::poll_until.
+struct SyncStep {
+  nfs_context* ctx;
+  SyncCall& call;
+  bool done() { return call.done; }
+  int fd() { return nfs_get_fd(ctx); }
+  short events() { return static_cast<short>(nfs_which_events(ctx)); }
+  bool service(short revents) { return nfs_service(ctx, revents) >= 0; }
+};
 
 // Waits until `call` completed, the deadline passed or the connection
 // failed; false (with `why`) unless it completed.
 bool wait_for(nfs_context* ctx, SyncCall& call, Clock::time_point deadline, std::string& why) {
-  while (!call.done) {
-    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
-    if (left.count() <= 0) {
+  SyncStep step{ctx, call};
+  switch (common::poll_until(step, deadline, std::chrono::milliseconds(200))) {
+    case common::PollEnd::done:
+      return true;
+    case common::PollEnd::timed_out:
       why = "no answer from the server in time";
       return false;
-    }
-    pollfd p{nfs_get_fd(ctx), static_cast<short>(nfs_which_events(ctx)), 0};
-    const int rc = ::poll(&p, 1, static_cast<int>(std::min<int64_t>(left.count(), 200)));
-    if (rc < 0 && errno != EINTR) {
-      why = std::string("poll: ") + std::strerror(errno);
-      return false;
-    }
-    if (nfs_service(ctx, rc > 0 ? p.revents : 0) < 0) {
-      why = "the connection failed (" + (call.done && !call.message.empty() ? call.message : context_error(ctx)) +
-            "; is an NFS server listening there?)";
-      return false;
-    }
+    case common::PollEnd::failed:
+      break;
   }
-  return true;
+  why = "the connection failed (" + (call.done && !call.message.empty() ? call.message : context_error(ctx)) +
+        "; is an NFS server listening there?)";
+  return false;
 }
 
 // Mounts the export and opens and measures the image, each step bounded by
 // `timeout`. Blocking: call at start-up or on the blocking pool.
-NfsDevice::Session connect_session(const NfsTarget& t, bool read_only, std::chrono::milliseconds timeout) {
-  NfsDevice::Session s;
+Connected connect_session(const NfsTarget& t, bool read_only, std::chrono::milliseconds timeout) {
+  Connected r;
+  NfsDevice::MountedFile& s = r.handle;
   // The calls' results live outside the context, which is destroyed first on
   // failure (libnfs may still call back while it is torn down).
   SyncCall mount, open, stat;
-  auto fail = [&s](int err, std::string message) {
-    s.release();
-    s.err = err;
-    s.message = std::move(message);
-    return std::move(s);
+  auto fail = [&r](int err, std::string message) {
+    r.handle.release();
+    r.err = err;
+    r.message = std::move(message);
+    return std::move(r);
   };
   s.ctx.reset(nfs_init_context());
   nfs_context* ctx = s.ctx.get();
@@ -271,16 +269,16 @@ NfsDevice::Session connect_session(const NfsTarget& t, bool read_only, std::chro
   s.size = stat.st.nfs_size;
   s.read_max = nfs_get_readmax(ctx);
   s.write_max = nfs_get_writemax(ctx);
-  return s;
+  return r;
 }
 
 }  // namespace
 
 // One operation handed to libnfs as one or more RPCs ("parts", issued back
 // to back, so a transfer larger than the server's rsize/wsize is pipelined).
-// Owned by its Connection's in-flight list; libnfs holds pointers to its
-// parts until their callbacks ran or the context is destroyed.
-struct NfsDevice::Request {
+// Owned by its session from start() to finish() (or kill()); libnfs holds
+// pointers to its parts until their callbacks ran or the context is destroyed.
+struct NfsDevice::Request : common::SessionRequest {
   struct Part {
     Request* request = nullptr;
     uint64_t offset = 0;
@@ -289,12 +287,7 @@ struct NfsDevice::Request {
     const std::byte* write_from = nullptr;  // writes
     size_t done = 0;                        // bytes the server read or wrote
   };
-  Connection* conn = nullptr;
-  std::list<Request>::iterator pos;
-  bool done = false;  // handler already posted (or abandoned with the context)
-  Clock::time_point started;
-  boost::asio::any_io_executor executor;  // the awaiting coroutine's
-  Handler handler;
+  Session* session = nullptr;
   std::vector<Part> parts;  // never resized after the first RPC is queued
   size_t pending = 0;       // RPCs queued and not answered
   int error = 0;            // first error of a part
@@ -312,60 +305,52 @@ struct NfsOp {
   size_t* transferred = nullptr;
 };
 
-class NfsDevice::Connection final : public FdWatcher::Client,
-                                    public std::enable_shared_from_this<Connection> {
+// One session: its libnfs context with the image open, only ever touched on
+// the session's loop.
+class NfsDevice::Session final : public common::LoopSession {
  public:
-  Connection(boost::asio::io_context& ctx, std::chrono::milliseconds io_timeout,
-             std::chrono::milliseconds keepalive, uint64_t inflight_bytes, std::string name)
-      : ctx_(ctx),
-        io_timeout_(io_timeout),
+  Session(boost::asio::io_context& io, std::chrono::milliseconds io_timeout, std::chrono::milliseconds keepalive,
+          uint64_t inflight_bytes, std::string name)
+      : LoopSession(io, std::move(name), "nfs"),
         keepalive_interval_(keepalive),
-        name_(std::move(name)),
-        timer_(ctx),
-        keepalive_(ctx),
-        log_(core::logger("nfs")),
-        slots_(ctx.get_executor(), inflight_bytes) {}
+        keepalive_(io),
+        slots_(io.get_executor(), inflight_bytes),
+        inflight_(io, io_timeout, [this] { on_hung(); }) {}
+
+  ~Session() override { kill(ENOTCONN, "closed"); }
 
   // Bounds the data this session has in flight (on its loop only).
-  [[nodiscard]] CommandSlots& slots() noexcept { return slots_; }
+  [[nodiscard]] common::CommandSlots& slots() noexcept { return slots_; }
 
-  ~Connection() override {
-    if (watcher_) watcher_->detach();
-    kill(ENOTCONN, "closed");
-  }
-
-  [[nodiscard]] boost::asio::io_context::executor_type executor() { return ctx_.get_executor(); }
-  [[nodiscard]] bool on_this_thread() const noexcept { return ctx_.get_executor().running_in_this_thread(); }
-  [[nodiscard]] bool alive() const noexcept { return alive_.load(std::memory_order_acquire); }
-
-  // On the loop thread (or before the loops run): replaces the session,
+  // On the loop thread (or before the loops run): replaces the mounted file,
   // failing whatever was in flight on the old one.
-  void install(Session session) {
+  void install(MountedFile file) {
     kill(ENOTCONN, "replaced by a new session");
-    if (!watcher_) watcher_ = FdWatcher::create(ctx_.get_executor(), weak_from_this());
-    session_ = std::move(session);
+    file_ = std::move(file);
     lost_ = false;
     last_issue_ = Clock::now();
-    alive_.store(true, std::memory_order_release);
+    mark_up();
     arm_keepalive();
   }
 
-  // Fails every request in flight with `err` and destroys the session.
+  // Fails every request in flight with `err` and destroys the context.
   void kill(int err, const std::string& why) {
-    if (!session_.ctx) return;
-    alive_.store(false, std::memory_order_release);
-    if (!inflight_.empty() || err != ENOTCONN)
-      log_->warn("{}: session closed: {} ({} requests in flight fail with {})", name_, why, inflight_.size(),
-                 std::strerror(err));
+    if (!file_) return;
+    mark_down(err, why, inflight_.size());
     // libnfs may call back for these while the context is destroyed: they
     // are marked done first and freed only afterwards.
-    std::list<Request> abandoned;
-    abandoned.splice(abandoned.end(), inflight_);
-    for (auto& r : abandoned) post_result(r, err);
-    if (watcher_) watcher_->stop();  // before libnfs closes the fd
-    session_.release();
+    std::vector<std::unique_ptr<Request>> abandoned;
+    abandoned.reserve(inflight_.size());
+    while (!inflight_.empty()) {
+      Request* r = inflight_.oldest();
+      inflight_.unlink(r);
+      r->complete(err);
+      abandoned.emplace_back(r);
+    }
+    stop_watching();  // before libnfs closes the fd
+    file_.release();
     abandoned.clear();
-    timer_.cancel();
+    inflight_.stop_timer();
   }
 
   // Stops the keepalive for good (close()).
@@ -377,20 +362,16 @@ class NfsDevice::Connection final : public FdWatcher::Client,
   // Issues `op` as one or more RPCs.
   template <class H>
   void start(H handler, const NfsOp& op) {
-    boost::asio::any_io_executor ex = boost::asio::get_associated_executor(handler, ctx_.get_executor());
-    if (!session_.ctx || !alive()) {
-      boost::asio::post(ex, [h = std::move(handler)]() mutable { std::move(h)(errno_code(ENOTCONN)); });
-      return;
-    }
-    Request& r = inflight_.emplace_back();
-    r.pos = std::prev(inflight_.end());
-    r.conn = this;
-    r.executor = std::move(ex);
-    r.handler = std::make_unique<CompletionOf<H>>(std::move(handler));
-    r.started = Clock::now();
+    auto ex = executor_of(handler);
+    if (!file_ || !alive()) return fail_now(ex, std::move(handler), ENOTCONN);
+    auto owned = std::make_unique<Request>();
+    Request& r = *owned;
+    r.session = this;
+    r.begin(std::move(ex), std::move(handler));
     r.transferred = op.transferred;
     last_issue_ = r.started;
-    if (inflight_.size() == 1) arm_timer();
+    inflight_.link(&r, shared_from_this());
+    (void)owned.release();  // finish() or kill() deletes it
     if (op.kind == NfsOp::commit) {
       r.parts.push_back({&r});
     } else {
@@ -403,23 +384,23 @@ class NfsDevice::Connection final : public FdWatcher::Client,
         r.parts.push_back(part);
       }
     }
-    nfs_context* ctx = session_.ctx.get();
-    nfsfh* fh = session_.fh;
+    nfs_context* ctx = file_.ctx.get();
+    nfsfh* fh = file_.fh;
     for (auto& part : r.parts) {
       int rc = 0;
       switch (op.kind) {
         case NfsOp::read:
-          rc = nfs_pread_async(ctx, fh, part.offset, part.length, &Connection::on_reply, &part);
+          rc = nfs_pread_async(ctx, fh, part.offset, part.length, &Session::on_reply, &part);
           break;
         case NfsOp::write:
-          rc = nfs_pwrite_async(ctx, fh, part.offset, part.length, part.write_from, &Connection::on_reply, &part);
+          rc = nfs_pwrite_async(ctx, fh, part.offset, part.length, part.write_from, &Session::on_reply, &part);
           break;
         case NfsOp::stable_write:
-          rc = nfs_pwrite_async(ctx, session_.fh_stable, part.offset, part.length, part.write_from,
-                                &Connection::on_reply, &part);
+          rc = nfs_pwrite_async(ctx, file_.fh_stable, part.offset, part.length, part.write_from, &Session::on_reply,
+                                &part);
           break;
         case NfsOp::commit:
-          rc = nfs_fsync_async(ctx, fh, &Connection::on_reply, &part);
+          rc = nfs_fsync_async(ctx, fh, &Session::on_reply, &part);
           break;
       }
       if (rc != 0) {
@@ -440,19 +421,19 @@ class NfsDevice::Connection final : public FdWatcher::Client,
       finish(r, r.error);
       return;
     }
-    watcher_->kick_soon();  // the batch queued in this turn leaves together
+    kick_soon();  // the batch queued in this turn leaves together
   }
 
   // FdWatcher::Client
-  int watched_fd() override { return session_.ctx ? nfs_get_fd(session_.ctx.get()) : -1; }
+  int watched_fd() override { return file_ ? nfs_get_fd(file_.ctx.get()) : -1; }
   short wanted_events() override {
-    if (!session_.ctx || inflight_.empty()) return 0;  // idle: leave nothing pending
-    return static_cast<short>(nfs_which_events(session_.ctx.get()) & (POLLIN | POLLOUT));
+    if (!file_ || inflight_.empty()) return 0;  // idle: leave nothing pending
+    return static_cast<short>(nfs_which_events(file_.ctx.get()) & (POLLIN | POLLOUT));
   }
   void service(short revents) override {
-    if (!session_.ctx) return;
-    if (nfs_service(session_.ctx.get(), revents) < 0) {
-      const char* m = nfs_get_error(session_.ctx.get());
+    if (!file_) return;
+    if (nfs_service(file_.ctx.get(), revents) < 0) {
+      const char* m = nfs_get_error(file_.ctx.get());
       kill(ECONNRESET, m != nullptr && *m != '\0' ? m : "connection to the server lost");
       return;
     }
@@ -463,11 +444,11 @@ class NfsDevice::Connection final : public FdWatcher::Client,
     auto* part = static_cast<Request::Part*>(priv);
     Request& r = *part->request;
     if (r.done) return;  // abandoned while the context is torn down
-    r.conn->complete(r, *part, status, data);
+    r.session->part_done(r, *part, status, data);
   }
 
  private:
-  void complete(Request& r, Request::Part& part, int status, void* data) {
+  void part_done(Request& r, Request::Part& part, int status, void* data) {
     if (status < 0 && (is_rpc_failure(-status) || lost_nfs4_state(data))) {
       // The session is broken. Not torn down here (we are inside libnfs):
       // service() or start() kills it when libnfs returns, failing this
@@ -503,39 +484,23 @@ class NfsDevice::Connection final : public FdWatcher::Client,
     finish(r, r.error);
   }
 
-  void post_result(Request& r, int err) {
-    r.done = true;
-    const std::error_code ec = err ? errno_code(err) : std::error_code{};
-    boost::asio::post(r.executor, [h = std::move(r.handler), ec] { h->complete(ec); });
-  }
-
   void finish(Request& r, int err) {
-    post_result(r, err);
-    inflight_.erase(r.pos);
-    if (inflight_.empty()) timer_.cancel();
+    inflight_.unlink(&r);
+    r.complete(err);  // posted: never resume the coroutine inside libnfs
+    std::unique_ptr<Request> gone(&r);
   }
 
-  void arm_timer() {
-    timer_.expires_at(inflight_.front().started + io_timeout_);
-    timer_.async_wait([self = shared_from_this()](const boost::system::error_code& ec) {
-      if (!ec) self->on_timer();
-    });
-  }
-
-  void on_timer() {
-    if (!session_.ctx || inflight_.empty()) return;
-    if (Clock::now() >= inflight_.front().started + io_timeout_) {
-      kill(ETIMEDOUT, "no reply within " + std::to_string(io_timeout_.count()) + " ms");
-      return;
-    }
-    arm_timer();
+  // The oldest request has waited io-timeout: the session hangs.
+  void on_hung() {
+    if (!file_) return;
+    kill(ETIMEDOUT, "no reply within " + std::to_string(inflight_.timeout().count()) + " ms");
   }
 
   void arm_keepalive() {
     if (keepalive_interval_.count() <= 0 || keepalive_stopped_ || keepalive_armed_) return;
     keepalive_armed_ = true;
     keepalive_.expires_after(keepalive_interval_);
-    keepalive_.async_wait([self = shared_from_this()](const boost::system::error_code& ec) {
+    keepalive_.async_wait([self = self<Session>()](const boost::system::error_code& ec) {
       self->keepalive_armed_ = false;
       if (!ec) self->on_keepalive();
     });
@@ -543,8 +508,7 @@ class NfsDevice::Connection final : public FdWatcher::Client,
 
   void on_keepalive() {
     if (keepalive_stopped_) return;
-    if (alive() && inflight_.empty() && Clock::now() - last_issue_ >= keepalive_interval_ &&
-        session_.size > 0) {
+    if (alive() && inflight_.empty() && Clock::now() - last_issue_ >= keepalive_interval_ && file_.size > 0) {
       // A one-byte READ with the open stateid renews the NFSv4 lease.
       NfsOp op;
       op.kind = NfsOp::read;
@@ -555,18 +519,11 @@ class NfsDevice::Connection final : public FdWatcher::Client,
     arm_keepalive();
   }
 
-  Session session_;
-  boost::asio::io_context& ctx_;
-  std::chrono::milliseconds io_timeout_;
+  MountedFile file_;
   std::chrono::milliseconds keepalive_interval_;
-  std::string name_;
-  boost::asio::steady_timer timer_;
   boost::asio::steady_timer keepalive_;
-  std::shared_ptr<spdlog::logger> log_;
-  CommandSlots slots_;
-  std::shared_ptr<FdWatcher> watcher_;
-  std::list<Request> inflight_;  // in issue order: the front is the oldest
-  std::atomic<bool> alive_{false};
+  common::CommandSlots slots_;
+  common::InflightRequests<Request> inflight_;
   bool lost_ = false;
   std::string lost_why_;
   Clock::time_point last_issue_{};
@@ -575,16 +532,6 @@ class NfsDevice::Connection final : public FdWatcher::Client,
 };
 
 namespace {
-
-Task<void> install_on(std::shared_ptr<NfsDevice::Connection> conn, NfsDevice::Session session) {
-  conn->install(std::move(session));
-  co_return;
-}
-
-Task<void> stop_keepalive_on(std::shared_ptr<NfsDevice::Connection> conn) {
-  conn->stop_keepalive();
-  co_return;
-}
 
 uint32_t clamp_transfer(uint64_t server_max) {
   if (server_max == 0) return 1u << 20;  // libnfs always knows; be safe anyway
@@ -597,20 +544,21 @@ NfsDevice::NfsDevice(std::string uri, NfsTarget target, bool read_only, NfsOptio
                      core::EventLoops& loops)
     : uri_(std::move(uri)), target_(std::move(target)), options_(options), loops_(loops) {
   auto first = connect_session(target_, read_only, options_.io_timeout);
-  if (!first.ctx) throw BackendError("NFS URI '" + uri_ + "': " + first.message);
-  geometry_.size = first.size;
+  if (!first) throw BackendError("NFS URI '" + uri_ + "': " + first.message);
+  const MountedFile& file = first.handle;
+  geometry_.size = file.size;
   geometry_.min_block = 1;
   geometry_.preferred_block = 4096;
-  read_max_ = clamp_transfer(first.read_max);
-  write_max_ = clamp_transfer(first.write_max);
+  read_max_ = clamp_transfer(file.read_max);
+  write_max_ = clamp_transfer(file.write_max);
   // libnfs 4.0 encodes an NFSv4 COMPOUND into a fixed 4 KiB buffer (no
   // size hint before libnfs 5), so a v4 WRITE carries less than 4 KiB of
   // data; larger writes are sent as several pipelined RPCs.
   if (target_.version == 4) write_max_ = std::min<uint32_t>(write_max_, kNfs4WriteMax);
   // Larger requests are split here and pipelined; this is only a hint.
   geometry_.max_transfer = static_cast<uint32_t>(kMaxTransfer);
-  caps_.read_only = first.read_only;
-  stable_writes_ = first.fh_stable != nullptr;
+  caps_.read_only = file.read_only;
+  stable_writes_ = file.fh_stable != nullptr;
   caps_.flush = Support::native;
   caps_.fua = Support::native;
   caps_.trim = Support::none;
@@ -621,61 +569,44 @@ NfsDevice::NfsDevice(std::string uri, NfsTarget target, bool read_only, NfsOptio
   if (target_.version != 4) options_.keepalive = std::chrono::milliseconds(0);
 
   const size_t count = options_.connections == 0 ? loops_.size() : options_.connections;
-  std::vector<Session> sessions;
-  sessions.push_back(std::move(first));
-  while (sessions.size() < count) {
-    auto more = connect_session(target_, caps_.read_only, options_.io_timeout);
-    if (!more.ctx)
-      throw BackendError("NFS URI '" + uri_ + "': session " + std::to_string(sessions.size() + 1) + ": " +
-                         more.message);
-    sessions.push_back(std::move(more));
-  }
-  for (size_t i = 0; i < sessions.size(); ++i) {
-    auto conn = std::make_shared<Connection>(loops_.at(i % loops_.size()), options_.io_timeout,
-                                             options_.keepalive, options_.inflight_bytes,
-                                             uri_ + " #" + std::to_string(i + 1));
-    conn->install(std::move(sessions[i]));  // the loops do not run yet
-    conns_.push_back(std::move(conn));
-  }
+  auto files = common::connect_all(
+      std::move(first.handle), count,
+      [this](size_t) { return connect_session(target_, caps_.read_only, options_.io_timeout); },
+      [this](size_t i, const std::string& message) {
+        return BackendError("NFS URI '" + uri_ + "': session " + std::to_string(i + 1) + ": " + message);
+      });
+  sessions_.open(std::move(files), loops_, uri_, [this](boost::asio::io_context& io, std::string name) {
+    return std::make_shared<Session>(io, options_.io_timeout, options_.keepalive, options_.inflight_bytes,
+                                     std::move(name));
+  });
   core::logger("nfs")->info("{}: {} bytes, NFSv{}, {} session(s), rsize {} wsize {}{}", uri_, geometry_.size,
-                               target_.version, conns_.size(), read_max_, write_max_,
+                               target_.version, sessions_.size(), read_max_, write_max_,
                                caps_.read_only ? ", read-only" : "");
 }
 
-NfsDevice::~NfsDevice() {
-  for (auto& c : conns_) c->kill(ENOTCONN, "device closed");
-}
+NfsDevice::~NfsDevice() { sessions_.kill_all(ENOTCONN, "device closed"); }
 
-bool NfsDevice::connected() const noexcept {
-  return std::all_of(conns_.begin(), conns_.end(), [](const auto& c) { return c->alive(); });
-}
+bool NfsDevice::connected() const noexcept { return sessions_.all_alive(); }
 
-Task<std::error_code> NfsDevice::submit_on(Connection& conn, NfsOp op) {
-  if (!conn.on_this_thread()) {
-    co_return co_await boost::asio::co_spawn(conn.executor(), submit_on(conn, op), boost::asio::use_awaitable);
-  }
+Task<std::error_code> NfsDevice::submit_on(Session& s, NfsOp op) {
+  if (!s.on_this_thread()) co_return co_await common::on_loop_of(s, submit_on(s, op));
   const uint64_t data_bytes = op.kind == NfsOp::commit ? 0 : op.length;
-  if (!conn.slots().try_acquire(data_bytes)) co_await conn.slots().acquire(data_bytes);
+  if (!s.slots().try_acquire(data_bytes)) co_await s.slots().acquire(data_bytes);
   std::error_code ec;
   try {
     ec = co_await boost::asio::async_initiate<const boost::asio::use_awaitable_t<>, void(std::error_code)>(
-        [&conn](auto handler, NfsOp o) { conn.start(std::move(handler), o); }, boost::asio::use_awaitable, op);
-  } catch (...) {  // no memory: give the share back, or the connection's queue stalls for good
-    conn.slots().release(data_bytes);
+        [&s](auto handler, NfsOp o) { s.start(std::move(handler), o); }, boost::asio::use_awaitable, op);
+  } catch (...) {  // no memory: give the share back, or the session's queue stalls for good
+    s.slots().release(data_bytes);
     throw;
   }
-  conn.slots().release(data_bytes);
+  s.slots().release(data_bytes);
   co_return ec;
 }
 
 // Not a coroutine: hands back submit_on's awaitable (which copies `op` into
 // its own frame), saving a frame allocation per command.
-Task<std::error_code> NfsDevice::submit(NfsOp op) {
-  for (auto& c : conns_)
-    if (c->on_this_thread()) return submit_on(*c, op);
-  auto& conn = *conns_[next_.fetch_add(1, std::memory_order_relaxed) % conns_.size()];
-  return submit_on(conn, op);
-}
+Task<std::error_code> NfsDevice::submit(NfsOp op) { return submit_on(sessions_.pick(), op); }
 
 Task<std::error_code> NfsDevice::read(std::span<std::byte> buf, uint64_t offset, IoFlags /*flags*/) {
   while (!buf.empty()) {
@@ -732,51 +663,40 @@ Task<std::error_code> NfsDevice::flush() {
   co_return co_await commit();
 }
 
-Task<std::error_code> NfsDevice::trim(ByteRange, IoFlags) { co_return errno_code(EOPNOTSUPP); }
-
-Task<std::error_code> NfsDevice::zero(ByteRange, IoFlags) { co_return errno_code(EOPNOTSUPP); }
-
-Task<std::error_code> NfsDevice::block_status(ByteRange, ExtentList&) { co_return errno_code(EOPNOTSUPP); }
-
-Task<std::error_code> NfsDevice::prefetch(ByteRange) { co_return std::error_code{}; }
-
 Task<void> NfsDevice::close() {
-  for (auto& c : conns_) {
-    auto task = stop_keepalive_on(c);  // outside the co_await (GCC 12)
-    co_await boost::asio::co_spawn(c->executor(), std::move(task), boost::asio::use_awaitable);
-  }
+  co_await sessions_.on_each([](Session& s) { s.stop_keepalive(); });
 }
 
 Task<std::error_code> NfsDevice::reconnect() {
   auto log = core::logger("nfs");
-  std::vector<Session> fresh;
+  std::vector<MountedFile> fresh;
   const bool ro = caps_.read_only;
-  for (size_t i = 0; i < conns_.size(); ++i) {
+  for (size_t i = 0; i < sessions_.size(); ++i) {
     // Only trivially destructible captures in a co_await expression (GCC 12).
-    auto connect = [this, ro] { return std::make_shared<Session>(connect_session(target_, ro, options_.io_timeout)); };
+    auto connect = [this, ro] {
+      return std::make_shared<Connected>(connect_session(target_, ro, options_.io_timeout));
+    };
     auto res = co_await core::offload(loops_.blocking(), connect);
-    if (!res->ctx) {
+    if (!*res) {
       log->debug("{}: reconnect failed: {}", uri_, res->message);
-      co_return errno_code(core::is_connection_error(errno_code(res->err)) ? res->err : ECONNREFUSED);
+      co_return common::reconnect_failure(res->err);
     }
-    if (res->size != geometry_.size) {
-      log->error("{}: after reconnecting the file has {} bytes instead of {}; not using it", uri_, res->size,
+    const MountedFile& file = res->handle;
+    if (file.size != geometry_.size) {
+      log->error("{}: after reconnecting the file has {} bytes instead of {}; not using it", uri_, file.size,
                  geometry_.size);
       co_return errno_code(EIO);
     }
-    if (res->read_only != ro || (res->fh_stable != nullptr) != stable_writes_) {
+    if (file.read_only != ro || (file.fh_stable != nullptr) != stable_writes_) {
       log->error("{}: after reconnecting the file is no longer writable; not using it", uri_);
       co_return errno_code(EIO);
     }
-    fresh.push_back(std::move(*res));
+    fresh.push_back(std::move(res->handle));
   }
-  for (size_t i = 0; i < conns_.size(); ++i) {
-    auto task = install_on(conns_[i], std::move(fresh[i]));  // outside the co_await (GCC 12)
-    co_await boost::asio::co_spawn(conns_[i]->executor(), std::move(task), boost::asio::use_awaitable);
-  }
-  const uint64_t gen = generation_.fetch_add(1, std::memory_order_acq_rel) + 1;
-  log->info("{}: reconnected ({} session(s), generation {})", uri_, conns_.size(), gen);
+  for (size_t i = 0; i < sessions_.size(); ++i) co_await sessions_.install(i, std::move(fresh[i]));
+  const uint64_t gen = sessions_.next_generation();
+  log->info("{}: reconnected ({} session(s), generation {})", uri_, sessions_.size(), gen);
   co_return std::error_code{};
 }
 
-}  // namespace blockway::remote
+}  // namespace blockway::remote::nfs

@@ -11,7 +11,8 @@
 // Data path: libnfs's asynchronous API (nfs_pread_async, nfs_pwrite_async,
 // nfs_fsync_async = COMMIT). One session (nfs_context + open file) per event
 // loop by default, each with many RPCs in flight; a session's context is only
-// ever touched on its loop's thread, driven by an FdWatcher (fd_watcher.hpp),
+// ever touched on its loop's thread, driven by an FdWatcher
+// (remote/common/fd_watcher.hpp),
 // and libnfs's callbacks only record the result and post the awaiting
 // coroutine's continuation (never resume it inside libnfs). A request issued
 // on a loop that owns a session uses it directly; from any other thread it
@@ -58,7 +59,8 @@
 
 #include "core/event_loops.hpp"
 #include "core/remote_device.hpp"
-#include "remote/command_slots.hpp"
+#include "remote/common/command_slots.hpp"
+#include "remote/common/loop_session.hpp"
 #include "remote/nfs/nfs_uri.hpp"
 
 #include <atomic>
@@ -67,7 +69,7 @@
 #include <string>
 #include <vector>
 
-namespace blockway::remote {
+namespace blockway::remote::nfs {
 
 struct NfsOp;  // one read, write or commit, in nfs_device.cpp
 
@@ -77,15 +79,14 @@ struct NfsOptions {
   std::chrono::milliseconds keepalive{20000};  // NFSv4 lease renewal while idle; 0: none
   // Data in flight per session: no bound by default. 2 MiB (iSCSI's default)
   // gave no gain against ganesha that held up from run to run here.
-  uint64_t inflight_bytes = kUnboundedInflight;
+  uint64_t inflight_bytes = common::kUnboundedInflight;
 };
 
 class NfsDevice final : public core::RemoteDevice {
  public:
-  // Mounts synchronously. Throws BackendError (registry.hpp) with a message
-  // naming the URI and what the server or libnfs said.
-  NfsDevice(std::string uri, NfsTarget target, bool read_only, NfsOptions options,
-            core::EventLoops& loops);
+  // Mounts synchronously. Throws BackendError (remote/backend.hpp) with a
+  // message naming the URI and what the server or libnfs said.
+  NfsDevice(std::string uri, NfsTarget target, bool read_only, NfsOptions options, core::EventLoops& loops);
   ~NfsDevice() override;
   NfsDevice(const NfsDevice&) = delete;
   NfsDevice& operator=(const NfsDevice&) = delete;
@@ -94,33 +95,24 @@ class NfsDevice final : public core::RemoteDevice {
   [[nodiscard]] core::Capabilities capabilities() const noexcept override { return caps_; }
   [[nodiscard]] std::string describe() const override { return "nfs:" + uri_; }
 
-  core::Task<std::error_code> read(std::span<std::byte> buf, uint64_t offset,
-                                      core::IoFlags flags) override;
-  core::Task<std::error_code> write(std::span<const std::byte> buf, uint64_t offset,
-                                       core::IoFlags flags) override;
+  core::Task<std::error_code> read(std::span<std::byte> buf, uint64_t offset, core::IoFlags flags) override;
+  core::Task<std::error_code> write(std::span<const std::byte> buf, uint64_t offset, core::IoFlags flags) override;
   core::Task<std::error_code> flush() override;
-  core::Task<std::error_code> trim(core::ByteRange range, core::IoFlags flags) override;
-  core::Task<std::error_code> zero(core::ByteRange range, core::IoFlags flags) override;
-  core::Task<std::error_code> block_status(core::ByteRange range,
-                                              core::ExtentList& out) override;
-  core::Task<std::error_code> prefetch(core::ByteRange range) override;
   core::Task<void> close() override;
 
   core::Task<std::error_code> reconnect() override;
   [[nodiscard]] bool connected() const noexcept override;
-  [[nodiscard]] uint64_t generation() const noexcept override {
-    return generation_.load(std::memory_order_acquire);
-  }
+  [[nodiscard]] uint64_t generation() const noexcept override { return sessions_.generation(); }
 
-  [[nodiscard]] size_t connection_count() const noexcept { return conns_.size(); }
+  [[nodiscard]] size_t connection_count() const noexcept { return sessions_.size(); }
 
-  class Connection;
+  class Session;
   struct Request;
-  struct Session;
+  struct MountedFile;
 
  private:
   core::Task<std::error_code> submit(NfsOp op);
-  core::Task<std::error_code> submit_on(Connection& conn, NfsOp op);
+  core::Task<std::error_code> submit_on(Session& s, NfsOp op);
   core::Task<std::error_code> commit();
 
   std::string uri_;
@@ -132,9 +124,7 @@ class NfsDevice final : public core::RemoteDevice {
   uint32_t read_max_ = 0;
   uint32_t write_max_ = 0;
   bool stable_writes_ = false;  // every session has an O_SYNC handle (NFSv3)
-  std::vector<std::shared_ptr<Connection>> conns_;
-  std::atomic<size_t> next_{0};
-  std::atomic<uint64_t> generation_{1};
+  common::SessionSet<Session> sessions_;
 };
 
-}  // namespace blockway::remote
+}  // namespace blockway::remote::nfs

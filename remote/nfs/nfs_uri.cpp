@@ -1,11 +1,11 @@
 #include "remote/nfs/nfs_uri.hpp"
 
-#include "remote/registry.hpp"
+#include "remote/backend.hpp"
 #include "remote/uri.hpp"
 
 #include <stdexcept>
 
-namespace blockway::remote {
+namespace blockway::remote::nfs {
 namespace {
 
 constexpr const char* kForm = "nfs://server[:port]/path/to/image[?version=3|4]";
@@ -73,4 +73,4 @@ std::string NfsTarget::libnfs_settings_url() const {
   return url;
 }
 
-}  // namespace blockway::remote
+}  // namespace blockway::remote::nfs

@@ -22,7 +22,7 @@
 #include <string>
 #include <string_view>
 
-namespace blockway::remote {
+namespace blockway::remote::nfs {
 
 struct NfsTarget {
   std::string server;               // host name or address, without brackets
@@ -38,4 +38,4 @@ struct NfsTarget {
   [[nodiscard]] std::string libnfs_settings_url() const;
 };
 
-}  // namespace blockway::remote
+}  // namespace blockway::remote::nfs

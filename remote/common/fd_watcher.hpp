@@ -38,7 +38,7 @@
 #include <memory>
 #include <poll.h>
 
-namespace blockway::remote {
+namespace blockway::remote::common {
 
 class FdWatcher : public std::enable_shared_from_this<FdWatcher> {
  public:
@@ -99,4 +99,4 @@ class FdWatcher : public std::enable_shared_from_this<FdWatcher> {
   bool kick_posted_ = false;  // a kick_soon() is queued and has not run yet
 };
 
-}  // namespace blockway::remote
+}  // namespace blockway::remote::common

@@ -10,7 +10,7 @@
 #include <map>
 #include <string>
 
-namespace blockway::remote {
+namespace blockway::remote::nfs {
 namespace {
 
 using ::testing::HasSubstr;
@@ -117,4 +117,4 @@ TEST(NfsRegistry, SchemeIsListed) {
 }
 
 }  // namespace
-}  // namespace blockway::remote
+}  // namespace blockway::remote::nfs

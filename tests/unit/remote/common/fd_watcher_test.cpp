@@ -1,7 +1,7 @@
 // FdWatcher::kick_soon(): commands queued in one loop turn are serviced with
 // one call, after the handlers already queued ran, never from inside
 // kick_soon() itself. A real socket pair stands in for the library's fd.
-#include "remote/fd_watcher.hpp"
+#include "remote/common/fd_watcher.hpp"
 
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/post.hpp>
@@ -13,7 +13,7 @@
 #include <memory>
 #include <vector>
 
-namespace blockway::remote {
+namespace blockway::remote::common {
 namespace {
 
 // A "library" with `queued` commands to send: wants POLLOUT while any are
@@ -91,4 +91,4 @@ TEST_F(FdWatcherTest, KickSoonAfterDetachDoesNothing) {
 }
 
 }  // namespace
-}  // namespace blockway::remote
+}  // namespace blockway::remote::common

@@ -10,7 +10,7 @@
 #include <stdexcept>
 #include <string>
 
-namespace blockway::remote {
+namespace blockway::remote::iscsi {
 namespace {
 
 using ::testing::HasSubstr;
@@ -115,4 +115,4 @@ TEST(IscsiRegistry, SchemeIsListed) {
 }
 
 }  // namespace
-}  // namespace blockway::remote
+}  // namespace blockway::remote::iscsi

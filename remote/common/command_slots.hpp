@@ -22,7 +22,7 @@
 #pragma once
 
 #include "core/task.hpp"
-#include "remote/completion.hpp"
+#include "remote/common/completion.hpp"
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/async_result.hpp>
@@ -36,7 +36,7 @@
 #include <stdexcept>
 #include <string>
 
-namespace blockway::remote {
+namespace blockway::remote::common {
 
 // The default budget per session, and the option that changes it.
 inline constexpr uint64_t kDefaultInflightBytes = 2u << 20;
@@ -115,4 +115,4 @@ class CommandSlots {
   std::deque<Waiter> waiters_;
 };
 
-}  // namespace blockway::remote
+}  // namespace blockway::remote::common

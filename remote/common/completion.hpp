@@ -4,14 +4,17 @@
 // any_completion_handler recurses forever when moved, so it is not used.
 //
 // Thread model: none of its own; the owner calls complete() once, on the
-// thread where the handler may run (backends post it to its executor).
+// thread where the handler may run (post_completion() posts it there).
 #pragma once
+
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/post.hpp>
 
 #include <memory>
 #include <system_error>
 #include <utility>
 
-namespace blockway::remote {
+namespace blockway::remote::common {
 
 struct Completion {
   virtual ~Completion() = default;
@@ -25,4 +28,12 @@ struct CompletionOf final : Completion {
   H handler;
 };
 
-}  // namespace blockway::remote
+// Completes `done` with errno `err` (0: success) on `ex`, never in the
+// caller's frame: a C library's callback must not resume the awaiting
+// coroutine while the library is inside its own code (and may hold a lock).
+inline void post_completion(const boost::asio::any_io_executor& ex, std::unique_ptr<Completion> done, int err) {
+  const std::error_code ec = err ? std::error_code(err, std::system_category()) : std::error_code{};
+  boost::asio::post(ex, [done = std::move(done), ec] { done->complete(ec); });
+}
+
+}  // namespace blockway::remote::common

@@ -1,9 +1,9 @@
-#include "remote/fd_watcher.hpp"
+#include "remote/common/fd_watcher.hpp"
 
 #include <boost/asio/error.hpp>
 #include <boost/asio/post.hpp>
 
-namespace blockway::remote {
+namespace blockway::remote::common {
 
 std::shared_ptr<FdWatcher> FdWatcher::create(const boost::asio::any_io_executor& ex,
                                              std::weak_ptr<Client> client) {
@@ -130,4 +130,4 @@ void FdWatcher::on_ready(bool write, const boost::system::error_code& ec) {
   arm();
 }
 
-}  // namespace blockway::remote
+}  // namespace blockway::remote::common

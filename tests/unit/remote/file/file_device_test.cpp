@@ -18,7 +18,7 @@
 #include <system_error>
 #include <vector>
 
-namespace blockway::remote {
+namespace blockway::remote::file {
 namespace {
 
 using core::ByteRange;
@@ -295,4 +295,4 @@ TEST_F(FileDeviceTest, CheckedFileDeviceAdvertisesNativeFeatures) {
 }
 
 }  // namespace
-}  // namespace blockway::remote
+}  // namespace blockway::remote::file

@@ -1,4 +1,4 @@
-#include "remote/command_slots.hpp"
+#include "remote/common/command_slots.hpp"
 
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
@@ -7,7 +7,7 @@
 
 #include <vector>
 
-namespace blockway::remote {
+namespace blockway::remote::common {
 namespace {
 
 namespace asio = boost::asio;
@@ -137,4 +137,4 @@ TEST(CommandSlots, ParsesTheOption) {
 }
 
 }  // namespace
-}  // namespace blockway::remote
+}  // namespace blockway::remote::common

@@ -10,7 +10,7 @@
 
 #include <cerrno>
 
-namespace blockway::remote {
+namespace blockway::remote::iscsi {
 namespace {
 
 using ::testing::HasSubstr;
@@ -87,4 +87,4 @@ TEST(ScsiErrors, DescriptionsNameTheSense) {
 }
 
 }  // namespace
-}  // namespace blockway::remote
+}  // namespace blockway::remote::iscsi
