@@ -49,7 +49,6 @@ using core::ExtentList;
 using core::ListenAddress;
 using core::logger;
 using core::offload;
-using core::RemoteDevice;
 using core::RetryLayer;
 using core::RetryOptions;
 using core::Task;
@@ -107,8 +106,8 @@ struct OpenContext {
 };
 
 // The stand-in remote of an export detached in an earlier run, or nullptr.
-// The backend and retry options are still checked (and consumed).
-std::unique_ptr<BlockDevice> open_detached_export(ExportConfig& cfg, const remote::OpenRequest& req,
+// The backend and retry options are still checked (and taken).
+std::unique_ptr<BlockDevice> open_detached_export(ExportConfig& cfg, const remote::Backend& backend,
                                                   core::Options& options, OpenContext& ctx) {
   std::unique_ptr<BlockDevice> device;
   try {
@@ -117,8 +116,8 @@ std::unique_ptr<BlockDevice> open_detached_export(ExportConfig& cfg, const remot
     throw ConfigError("export '" + cfg.name + "': " + e.what());
   }
   if (device) {
-    remote::check_device(req);
-    (void)RetryOptions::take_from(options);
+    backend.check(cfg.uri, options);
+    if (backend.retry()) (void)RetryOptions::take_from(options);
   }
   return device;
 }
@@ -189,28 +188,23 @@ std::shared_ptr<Export> open_export(ExportConfig cfg, OpenContext& ctx) {
                           ") so the data is written back");
     }
   }
-  remote::OpenRequest req;
-  req.uri = cfg.uri;
-  req.read_only = cfg.read_only;
-  req.options = &cfg.options;
-  req.blocking = &loops.blocking();
-  req.loops = &loops;
+  const remote::OpenEnv env{cfg.read_only, &loops.blocking(), &loops};
   std::unique_ptr<BlockDevice> device;
   RetryLayer* retry_layer = nullptr;  // owned by the device chain, like the cache
   try {
+    const remote::Backend& backend = remote::backend_for(cfg.uri);
     // A detached export (local mode) never opens its remote again.
-    if (cache_cfg) device = open_detached_export(cfg, req, options, ctx);
-    if (!device) device = remote::open_device(req);
+    if (cache_cfg) device = open_detached_export(cfg, backend, options, ctx);
+    if (!device && backend.open_local) device = backend.open_local(cfg.uri, options, env);
+    if (!device && backend.open_remote) {
+      // A network session can drop: reconnect and retry right above the remote.
+      const RetryOptions retry = RetryOptions::take_from(options);
+      auto layer = std::make_unique<RetryLayer>(backend.open_remote(cfg.uri, options, env), retry);
+      retry_layer = layer.get();
+      device = std::move(layer);
+    }
   } catch (const remote::BackendError& e) {
     throw ConfigError("export '" + cfg.name + "': " + e.what());
-  }
-  if (auto* remote = dynamic_cast<RemoteDevice*>(device.get())) {
-    // A network session can drop: reconnect and retry right above the remote.
-    const RetryOptions retry = RetryOptions::take_from(options);
-    (void)device.release();
-    auto layer = std::make_unique<RetryLayer>(std::unique_ptr<RemoteDevice>(remote), retry);
-    retry_layer = layer.get();
-    device = std::move(layer);
   }
   options.finish();
   auto exp = std::make_shared<Export>();

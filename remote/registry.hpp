@@ -1,39 +1,25 @@
-// The registry of backends: a URI scheme chooses the BlockDevice that opens it.
+// The registry of backends: the one table (registry.cpp) that says which
+// backend opens which URI scheme, with its URI forms, its options and whether
+// a RetryLayer goes above it. Validation, opening and --help all read it.
 //
-// Thread model: open_device() and check_device() run at start-up or from the
-// control plane, never on the data path; they may block (connecting, opening).
+// Thread model: start-up and control plane only; the table is immutable.
 #pragma once
 
-#include "core/block_device.hpp"
-#include "core/event_loops.hpp"
 #include "remote/backend.hpp"
 
-#include <boost/asio/thread_pool.hpp>
-
-#include <map>
-#include <memory>
-#include <stdexcept>
 #include <string>
 #include <vector>
 
 namespace blockway::remote {
 
-struct OpenRequest {
-  std::string uri;
-  bool read_only = false;
-  // Backend options from the export's configuration. A backend erases the
-  // keys it uses; what is left belongs to someone else or is a mistake.
-  std::map<std::string, std::string>* options = nullptr;
-  boost::asio::thread_pool* blocking = nullptr;
-  // The daemon's event loops, for backends that keep sessions on them.
-  core::EventLoops* loops = nullptr;
-};
-
-// Validates the URI and options without touching the remote. Throws BackendError.
-void check_device(const OpenRequest& request);
-// Opens the device. Throws BackendError with a message that names the URI.
-std::unique_ptr<core::BlockDevice> open_device(const OpenRequest& request);
-// The schemes that open_device() accepts, for messages and --help.
+// Every backend, in the order --help lists them.
+const std::vector<Backend>& backends();
+// The backend for `uri`'s scheme. Throws BackendError naming the URI and the
+// schemes there are.
+const Backend& backend_for(const std::string& uri);
+// backend_for(uri).check(uri, options): validates without touching the remote.
+void check(const std::string& uri, core::Options& options);
+// Every scheme of every backend, for messages and --help.
 std::vector<std::string> supported_schemes();
 
 }  // namespace blockway::remote

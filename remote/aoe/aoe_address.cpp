@@ -4,7 +4,6 @@
 
 #include <cctype>
 #include <charconv>
-#include <cmath>
 
 namespace blockway::remote::aoe {
 namespace {
@@ -18,22 +17,6 @@ bool parse_decimal(const std::string& s, unsigned& out) {
     if (!std::isdigit(static_cast<unsigned char>(c))) return false;
   auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), out);
   return ec == std::errc{} && end == s.data() + s.size();
-}
-
-std::chrono::milliseconds seconds_option(const std::string& key, const std::string& v, double hi) {
-  constexpr double lo = 0.1;
-  double seconds = -1;
-  try {
-    size_t used = 0;
-    seconds = std::stod(v, &used);
-    if (used != v.size()) seconds = -1;
-  } catch (const std::exception&) {
-    seconds = -1;
-  }
-  if (!(seconds >= lo && seconds <= hi))
-    throw BackendError("option " + key + "='" + v + "': expected seconds from 0.1 to " +
-                       std::to_string(static_cast<long>(hi)));
-  return std::chrono::milliseconds(static_cast<int64_t>(std::llround(seconds * 1000)));
 }
 
 }  // namespace
@@ -70,20 +53,6 @@ AoeAddress parse_address(const Uri& uri, const std::string& text) {
     throw BackendError(where + ": slot '" + slot_text + "' is not a number from 0 to " + std::to_string(kMaxSlot) +
                        " (255 is the broadcast slot)");
   return AoeAddress{uri.host, static_cast<uint16_t>(shelf), static_cast<uint8_t>(slot)};
-}
-
-AoeOptions parse_options(std::map<std::string, std::string>* options, bool erase) {
-  AoeOptions o;
-  if (options == nullptr) return o;
-  if (auto it = options->find("io-timeout"); it != options->end()) {
-    o.io_timeout = seconds_option("io-timeout", it->second, 86400);
-    if (erase) options->erase(it);
-  }
-  if (auto it = options->find("discover-timeout"); it != options->end()) {
-    o.discover_timeout = seconds_option("discover-timeout", it->second, 3600);
-    if (erase) options->erase(it);
-  }
-  return o;
 }
 
 }  // namespace blockway::remote::aoe

@@ -1,5 +1,6 @@
 // AoeAddress: what an aoe://IFACE/SHELF.SLOT URI names, and the aoe://
-// export options, validated without touching the network (check_device).
+// export options (read by aoe_backend.cpp), validated without touching the
+// network.
 //
 // Pure functions, no threads. Errors are BackendError (remote/registry.hpp)
 // with a message that quotes the URI and says what is accepted.
@@ -9,7 +10,6 @@
 
 #include <chrono>
 #include <cstdint>
-#include <map>
 #include <string>
 
 namespace blockway::remote::aoe {
@@ -38,8 +38,5 @@ struct AoeOptions {
 
 // `text` is the URI as the user wrote it, for messages.
 [[nodiscard]] AoeAddress parse_address(const Uri& uri, const std::string& text);
-// Reads io-timeout and discover-timeout (seconds) from `options`; erases them
-// when `erase` is set.
-[[nodiscard]] AoeOptions parse_options(std::map<std::string, std::string>* options, bool erase);
 
 }  // namespace blockway::remote::aoe

@@ -1,20 +1,50 @@
 #include "remote/aoe/aoe_backend.hpp"
 
-#include "remote/aoe/aoe_address.hpp"
 #include "remote/aoe/aoe_device.hpp"
+#include "remote/uri.hpp"
+
+#include <stdexcept>
 
 namespace blockway::remote::aoe {
+namespace {
 
-void check_backend(const Uri& uri, const OpenRequest& req) {
-  (void)parse_address(uri, req.uri);
-  (void)parse_options(req.options, false);
+constexpr core::OptionSpec kIoTimeout =
+    io_timeout_option("a frame unanswered this long, after retransmissions, drops the session (default 15)");
+constexpr core::OptionSpec kDiscoverTimeout{.name = "discover-timeout",
+                                            .kind = core::OptionKind::seconds,
+                                            .help = "how long opening waits for the target to answer (default 5)",
+                                            .min = 0.1,
+                                            .max = 3600};
+constexpr core::OptionSpec kOptions[] = {kIoTimeout, kDiscoverTimeout};
+
+AoeAddress address_of(const std::string& text) {
+  try {
+    return parse_address(Uri::parse(text), text);
+  } catch (const std::invalid_argument& e) {
+    throw BackendError(e.what());
+  }
 }
 
-std::unique_ptr<core::BlockDevice> open_backend(const Uri& uri, const OpenRequest& req) {
-  if (req.loops == nullptr) throw BackendError("AoE URI '" + req.uri + "' needs the daemon's event loops");
-  AoeAddress address = parse_address(uri, req.uri);
-  const AoeOptions options = parse_options(req.options, true);
-  return std::make_unique<AoeDevice>(req.uri, std::move(address), options, req.read_only, *req.loops);
+}  // namespace
+
+std::span<const core::OptionSpec> options() { return kOptions; }
+
+AoeOptions take_options(core::Options& options) {
+  AoeOptions o;
+  if (auto t = options.seconds(kIoTimeout)) o.io_timeout = *t;
+  if (auto t = options.seconds(kDiscoverTimeout)) o.discover_timeout = *t;
+  return o;
+}
+
+void check(const std::string& uri, core::Options& options) {
+  (void)address_of(uri);
+  (void)take_options(options);
+}
+
+std::unique_ptr<core::RemoteDevice> open(const std::string& uri, core::Options& options, const OpenEnv& env) {
+  AoeAddress address = address_of(uri);
+  const AoeOptions o = take_options(options);
+  return std::make_unique<AoeDevice>(uri, std::move(address), o, env.read_only, loops_of(env, uri));
 }
 
 }  // namespace blockway::remote::aoe

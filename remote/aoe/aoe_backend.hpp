@@ -1,15 +1,24 @@
-// The aoe:// entry of the backend registry: check without touching the
-// network, open by discovering the target.
+// The aoe:// backend: a disk on an ATA-over-Ethernet target, reached by
+// blockway's own initiator (aoe_device.hpp).
 //
-// Thread model: start-up / control plane only (may block for discovery).
+//   aoe://IFACE/SHELF.SLOT
+//
+// Options: io-timeout=SECONDS (default 15), discover-timeout=SECONDS (how
+// long start-up waits for the target to answer, default 5). A RetryLayer
+// goes above it; its reconnect is a rediscovery.
+// Thread model: start-up and control plane only (see remote/backend.hpp).
 #pragma once
 
-#include "remote/registry.hpp"
-#include "remote/uri.hpp"
+#include "remote/aoe/aoe_address.hpp"
+#include "remote/backend.hpp"
 
 namespace blockway::remote::aoe {
 
-void check_backend(const Uri& uri, const OpenRequest& req);
-std::unique_ptr<core::BlockDevice> open_backend(const Uri& uri, const OpenRequest& req);
+std::span<const core::OptionSpec> options();
+void check(const std::string& uri, core::Options& options);
+std::unique_ptr<core::RemoteDevice> open(const std::string& uri, core::Options& options, const OpenEnv& env);
+
+// Takes this backend's options (for tests). Throws core::ConfigError.
+AoeOptions take_options(core::Options& options);
 
 }  // namespace blockway::remote::aoe

@@ -21,6 +21,7 @@
 // and release() are called there only.
 #pragma once
 
+#include "core/options.hpp"
 #include "core/task.hpp"
 #include "remote/common/completion.hpp"
 
@@ -29,12 +30,10 @@
 #include <boost/asio/post.hpp>
 #include <boost/asio/use_awaitable.hpp>
 
-#include <charconv>
 #include <cstdint>
 #include <deque>
 #include <memory>
-#include <stdexcept>
-#include <string>
+#include <optional>
 
 namespace blockway::remote::common {
 
@@ -43,15 +42,22 @@ inline constexpr uint64_t kDefaultInflightBytes = 2u << 20;
 inline constexpr uint64_t kMaxInflightKib = 1u << 20;  // 1 GiB
 inline constexpr uint64_t kUnboundedInflight = ~uint64_t{0} >> 1;
 
-// `inflight-kib=N`: N KiB per session, 0 for no bound. Throws
-// std::invalid_argument with a message naming the option.
-inline uint64_t parse_inflight_kib(const std::string& v) {
-  uint64_t kib = 0;
-  auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), kib);
-  if (v.empty() || ec != std::errc{} || end != v.data() + v.size() || kib > kMaxInflightKib)
-    throw std::invalid_argument("option inflight-kib='" + v + "': expected KiB from 0 (no bound) to " +
-                                std::to_string(kMaxInflightKib));
-  return kib == 0 ? kUnboundedInflight : kib << 10;
+// `inflight-kib=N`: N KiB per session, 0 for no bound.
+inline constexpr core::OptionSpec kInflightKibOption{
+    .name = "inflight-kib",
+    .kind = core::OptionKind::number,
+    .help = "data in flight per session, in KiB (0: no bound)",
+    .min = 0,
+    .max = kMaxInflightKib,
+    .value = "KIB",
+    .unit = "KiB"};
+
+// Takes inflight-kib from an export's options: the budget in bytes per
+// session (kUnboundedInflight for 0), or nullopt when it is not given.
+inline std::optional<uint64_t> take_inflight_budget(core::Options& options) {
+  const auto kib = options.number(kInflightKibOption);
+  if (!kib) return std::nullopt;
+  return *kib == 0 ? kUnboundedInflight : *kib << 10;
 }
 
 class CommandSlots {

@@ -2,24 +2,27 @@
 
 #include "remote/common/command_slots.hpp"
 
-#include <charconv>
-#include <cmath>
 #include <stdexcept>
 
 namespace blockway::remote::iscsi {
 namespace {
 
-constexpr unsigned kMaxSessions = 64;
+constexpr core::OptionSpec kSessions{.name = "sessions",
+                                     .kind = core::OptionKind::number,
+                                     .help = "sessions logged in to the target (default: one per event loop)",
+                                     .min = 1,
+                                     .max = 64};
+constexpr core::OptionSpec kIoTimeout = io_timeout_option("a command unanswered this long drops its session (default 30)");
+constexpr core::OptionSpec kInitiator{.name = "initiator",
+                                      .kind = core::OptionKind::text,
+                                      .help = "the initiator name to log in with (default "
+                                              "iqn.2026-11.io.blockway:initiator)",
+                                      .value = "IQN"};
+constexpr core::OptionSpec kOptions[] = {kSessions, kIoTimeout, kInitiator, common::kInflightKibOption};
 
-const std::string* find_option(const OpenRequest& req, const char* key) {
-  if (req.options == nullptr) return nullptr;
-  auto it = req.options->find(key);
-  return it == req.options->end() ? nullptr : &it->second;
-}
-
-IscsiUri parse_uri(const OpenRequest& req) {
+IscsiUri parse_uri(const std::string& uri) {
   try {
-    return IscsiUri::parse(req.uri);
+    return IscsiUri::parse(uri);
   } catch (const std::invalid_argument& e) {
     throw BackendError(e.what());
   }
@@ -27,60 +30,33 @@ IscsiUri parse_uri(const OpenRequest& req) {
 
 }  // namespace
 
-IscsiOptions iscsi_options(const OpenRequest& req) {
+std::span<const core::OptionSpec> options() { return kOptions; }
+
+IscsiOptions take_options(core::Options& options) {
   IscsiOptions o;
-  if (const auto* v = find_option(req, "sessions")) {
-    unsigned n = 0;
-    auto [end, ec] = std::from_chars(v->data(), v->data() + v->size(), n);
-    if (ec != std::errc{} || end != v->data() + v->size() || n < 1 || n > kMaxSessions)
-      throw BackendError("option sessions='" + *v + "': expected a number from 1 to " + std::to_string(kMaxSessions));
-    o.sessions = n;
+  if (auto n = options.number(kSessions)) o.sessions = static_cast<unsigned>(*n);
+  if (auto t = options.seconds(kIoTimeout)) o.io_timeout = *t;
+  if (auto name = options.text(kInitiator)) {
+    if (name->empty() || name->size() > 223 ||
+        !(name->starts_with("iqn.") || name->starts_with("eui.") || name->starts_with("naa.")))
+      throw core::ConfigError(options.what(kInitiator) + "='" + *name +
+                              "': expected an iSCSI name (iqn.YYYY-MM.domain:name)");
+    o.initiator = *name;
   }
-  if (const auto* v = find_option(req, "io-timeout")) {
-    double seconds = -1;
-    try {
-      size_t used = 0;
-      seconds = std::stod(*v, &used);
-      if (used != v->size()) seconds = -1;
-    } catch (const std::exception&) {
-      seconds = -1;
-    }
-    if (!(seconds >= 0.1 && seconds <= 86400))
-      throw BackendError("option io-timeout='" + *v + "': expected seconds from 0.1 to 86400");
-    o.io_timeout = std::chrono::milliseconds(static_cast<int64_t>(std::llround(seconds * 1000)));
-  }
-  if (const auto* v = find_option(req, "initiator")) {
-    if (v->empty() || v->size() > 223 || !(v->starts_with("iqn.") || v->starts_with("eui.") || v->starts_with("naa.")))
-      throw BackendError("option initiator='" + *v + "': expected an iSCSI name (iqn.YYYY-MM.domain:name)");
-    o.initiator = *v;
-  }
-  if (const auto* v = find_option(req, "inflight-kib")) {
-    try {
-      o.inflight_bytes = common::parse_inflight_kib(*v);
-    } catch (const std::invalid_argument& e) {
-      throw BackendError(e.what());
-    }
-  }
+  if (auto budget = common::take_inflight_budget(options)) o.inflight_bytes = *budget;
   return o;
 }
 
-void check_iscsi(const OpenRequest& req) {
-  (void)parse_uri(req);
-  (void)iscsi_options(req);
+void check(const std::string& uri, core::Options& options) {
+  (void)parse_uri(uri);
+  (void)take_options(options);
 }
 
-std::unique_ptr<core::BlockDevice> open_iscsi(const OpenRequest& req) {
-  IscsiUri uri = parse_uri(req);
-  if (req.loops == nullptr)
-    throw BackendError("iSCSI URI '" + uri.redacted() + "' needs the daemon's event loops");
-  IscsiOptions opts = iscsi_options(req);
-  if (req.options != nullptr) {
-    req.options->erase("sessions");
-    req.options->erase("io-timeout");
-    req.options->erase("initiator");
-    req.options->erase("inflight-kib");
-  }
-  return std::make_unique<IscsiDevice>(std::move(uri), req.read_only, std::move(opts), *req.loops);
+std::unique_ptr<core::RemoteDevice> open(const std::string& text, core::Options& options, const OpenEnv& env) {
+  IscsiUri uri = parse_uri(text);
+  IscsiOptions o = take_options(options);
+  core::EventLoops& loops = loops_of(env, uri.redacted());
+  return std::make_unique<IscsiDevice>(std::move(uri), env.read_only, std::move(o), loops);
 }
 
 }  // namespace blockway::remote::iscsi

@@ -1,20 +1,23 @@
-// The iscsi:// entry of the backend registry (remote/registry.cpp): option
-// parsing, validation without connecting, and opening.
+// The iscsi:// backend: one LUN of an iSCSI target, through libiscsi.
 //
-// Options: sessions=N (1..64, default one per event loop), io-timeout=S
-// (0.1..86400 s, default 30), initiator=IQN (the initiator name to log in
-// with). Thread model: start-up only, may block while opening.
+//   iscsi://[USER%PASSWORD@]HOST[:PORT]/TARGET-IQN/LUN
+//
+// Options: sessions=N (1..64, default one per event loop),
+// io-timeout=SECONDS, initiator=IQN (the initiator name to log in with),
+// inflight-kib=KIB. A RetryLayer goes above it.
+// Thread model: start-up and control plane only (see remote/backend.hpp).
 #pragma once
 
+#include "remote/backend.hpp"
 #include "remote/iscsi/iscsi_device.hpp"
-#include "remote/registry.hpp"
 
 namespace blockway::remote::iscsi {
 
-// Parses the URI and the options this backend takes. Throws BackendError.
-void check_iscsi(const OpenRequest& req);
-IscsiOptions iscsi_options(const OpenRequest& req);
-// check_iscsi(), then erases the options it used and connects.
-std::unique_ptr<core::BlockDevice> open_iscsi(const OpenRequest& req);
+std::span<const core::OptionSpec> options();
+void check(const std::string& uri, core::Options& options);
+std::unique_ptr<core::RemoteDevice> open(const std::string& uri, core::Options& options, const OpenEnv& env);
+
+// Takes this backend's options (for tests). Throws core::ConfigError.
+IscsiOptions take_options(core::Options& options);
 
 }  // namespace blockway::remote::iscsi

@@ -4,75 +4,44 @@
 #include "remote/nfs/nfs_device.hpp"
 #include "remote/nfs/nfs_uri.hpp"
 
-#include <charconv>
-#include <cmath>
-
 namespace blockway::remote::nfs {
 namespace {
 
-constexpr unsigned kMaxConnections = 64;
+constexpr core::OptionSpec kConnections{.name = "connections",
+                                        .kind = core::OptionKind::number,
+                                        .help = "sessions mounted on the server (default: one per event loop)",
+                                        .min = 1,
+                                        .max = 64};
+constexpr core::OptionSpec kIoTimeout = io_timeout_option("an RPC unanswered this long drops its session (default 30)");
+constexpr core::OptionSpec kKeepalive{.name = "keepalive",
+                                      .kind = core::OptionKind::seconds,
+                                      .help = "NFSv4: an idle session renews its lease this often (default 20; 0: never)",
+                                      .min = 0,
+                                      .max = 86400};
+constexpr core::OptionSpec kOptions[] = {kConnections, kIoTimeout, kKeepalive, common::kInflightKibOption};
 
-const std::string* find_option(const OpenRequest& req, const std::string& key) {
-  if (req.options == nullptr) return nullptr;
-  auto it = req.options->find(key);
-  return it == req.options->end() ? nullptr : &it->second;
-}
-
-std::chrono::milliseconds seconds_option(const std::string& key, const std::string& v, double min) {
-  double seconds = -1;
-  try {
-    size_t used = 0;
-    seconds = std::stod(v, &used);
-    if (used != v.size()) seconds = -1;
-  } catch (const std::exception&) {
-    seconds = -1;
-  }
-  if (!(seconds >= min && seconds <= 86400))
-    throw BackendError("option " + key + "='" + v + "': expected seconds from " + (min > 0 ? "0.1" : "0") +
-                       " to 86400");
-  return std::chrono::milliseconds(static_cast<int64_t>(std::llround(seconds * 1000)));
-}
-
-NfsOptions nfs_options(const OpenRequest& req) {
+NfsOptions take_options(core::Options& options) {
   NfsOptions o;
-  if (const auto* v = find_option(req, "connections")) {
-    unsigned n = 0;
-    auto [end, ec] = std::from_chars(v->data(), v->data() + v->size(), n);
-    if (ec != std::errc{} || end != v->data() + v->size() || n < 1 || n > kMaxConnections)
-      throw BackendError("option connections='" + *v + "': expected a number from 1 to " +
-                         std::to_string(kMaxConnections));
-    o.connections = n;
-  }
-  if (const auto* v = find_option(req, "io-timeout")) o.io_timeout = seconds_option("io-timeout", *v, 0.1);
-  if (const auto* v = find_option(req, "keepalive")) o.keepalive = seconds_option("keepalive", *v, 0);
-  if (const auto* v = find_option(req, "inflight-kib")) {
-    try {
-      o.inflight_bytes = common::parse_inflight_kib(*v);
-    } catch (const std::invalid_argument& e) {
-      throw BackendError(e.what());
-    }
-  }
+  if (auto n = options.number(kConnections)) o.connections = static_cast<unsigned>(*n);
+  if (auto t = options.seconds(kIoTimeout)) o.io_timeout = *t;
+  if (auto t = options.seconds(kKeepalive)) o.keepalive = *t;
+  if (auto budget = common::take_inflight_budget(options)) o.inflight_bytes = *budget;
   return o;
 }
 
 }  // namespace
 
-void check_nfs(const Uri& /*uri*/, const OpenRequest& req) {
-  (void)NfsTarget::parse(req.uri);
-  (void)nfs_options(req);
+std::span<const core::OptionSpec> options() { return kOptions; }
+
+void check(const std::string& uri, core::Options& options) {
+  (void)NfsTarget::parse(uri);
+  (void)take_options(options);
 }
 
-std::unique_ptr<core::BlockDevice> open_nfs(const Uri& /*uri*/, const OpenRequest& req) {
-  if (req.loops == nullptr) throw BackendError("NFS URI '" + req.uri + "' needs the daemon's event loops");
-  NfsTarget target = NfsTarget::parse(req.uri);
-  const NfsOptions opts = nfs_options(req);
-  if (req.options != nullptr) {
-    req.options->erase("connections");
-    req.options->erase("io-timeout");
-    req.options->erase("keepalive");
-    req.options->erase("inflight-kib");
-  }
-  return std::make_unique<NfsDevice>(req.uri, std::move(target), req.read_only, opts, *req.loops);
+std::unique_ptr<core::RemoteDevice> open(const std::string& uri, core::Options& options, const OpenEnv& env) {
+  NfsTarget target = NfsTarget::parse(uri);
+  const NfsOptions o = take_options(options);
+  return std::make_unique<NfsDevice>(uri, std::move(target), env.read_only, o, loops_of(env, uri));
 }
 
 }  // namespace blockway::remote::nfs

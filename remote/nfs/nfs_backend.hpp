@@ -1,18 +1,20 @@
-// The nfs:// entry of the backend registry (registry.cpp): option parsing,
-// validation without connecting, and opening.
+// The nfs:// backend: an image file on an NFS server (v3 or v4), through
+// libnfs.
 //
-// Thread model: start-up and control plane only, like the registry.
+//   nfs://SERVER[:PORT]/PATH/TO/IMAGE[?version=3|4]
+//
+// Options: connections=N (1..64, default one per event loop),
+// io-timeout=SECONDS, keepalive=SECONDS (NFSv4 lease renewal while idle),
+// inflight-kib=KIB. A RetryLayer goes above it.
+// Thread model: start-up and control plane only (see remote/backend.hpp).
 #pragma once
 
-#include "remote/registry.hpp"
-#include "remote/uri.hpp"
+#include "remote/backend.hpp"
 
 namespace blockway::remote::nfs {
 
-// Checks the URI and the options (connections, io-timeout, keepalive) without touching
-// the network. Throws BackendError.
-void check_nfs(const Uri& uri, const OpenRequest& request);
-// Mounts and opens; erases the options it used. Throws BackendError.
-std::unique_ptr<core::BlockDevice> open_nfs(const Uri& uri, const OpenRequest& request);
+std::span<const core::OptionSpec> options();
+void check(const std::string& uri, core::Options& options);
+std::unique_ptr<core::RemoteDevice> open(const std::string& uri, core::Options& options, const OpenEnv& env);
 
 }  // namespace blockway::remote::nfs

@@ -1,7 +1,8 @@
-// aoe:// URIs and options: what check_device accepts and the messages it gives.
+// aoe://IFACE/SHELF.SLOT: what parse_address accepts and the messages it gives.
 #include "remote/aoe/aoe_address.hpp"
 
-#include "remote/registry.hpp"
+#include "remote/backend.hpp"
+#include "remote/uri.hpp"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -16,18 +17,6 @@ AoeAddress parse(const std::string& text) { return parse_address(Uri::parse(text
 std::string error_of(const std::string& text) {
   try {
     (void)parse(text);
-  } catch (const BackendError& e) {
-    return e.what();
-  }
-  return "";
-}
-
-std::string check_error(const std::string& text, std::map<std::string, std::string> options = {}) {
-  OpenRequest req;
-  req.uri = text;
-  req.options = &options;
-  try {
-    check_device(req);
   } catch (const BackendError& e) {
     return e.what();
   }
@@ -77,26 +66,6 @@ TEST(AoeAddress, MessagesQuoteTheUriAndTheForm) {
   const auto msg = error_of("aoe://eth1/banana");
   EXPECT_THAT(msg, HasSubstr("'aoe://eth1/banana'"));
   EXPECT_THAT(msg, HasSubstr("aoe://IFACE/SHELF.SLOT"));
-}
-
-TEST(AoeAddress, RegistryChecksWithoutTheNetwork) {
-  // An interface that does not exist still passes check_device: only open() looks.
-  EXPECT_EQ(check_error("aoe://nosuchif0/0.1"), "");
-  EXPECT_THAT(check_error("aoe://eth0/0.256"), HasSubstr("slot '256'"));
-  EXPECT_THAT(check_error("aoe://eth0/0.1", {{"io-timeout", "0"}}), HasSubstr("option io-timeout='0'"));
-  EXPECT_THAT(check_error("aoe://eth0/0.1", {{"discover-timeout", "x"}}), HasSubstr("option discover-timeout='x'"));
-  EXPECT_EQ(check_error("aoe://eth0/0.1", {{"io-timeout", "2.5"}}), "");
-}
-
-TEST(AoeAddress, OptionsAreParsedAndErased) {
-  std::map<std::string, std::string> options{{"io-timeout", "2.5"}, {"discover-timeout", "1"}, {"other", "x"}};
-  const auto o = parse_options(&options, true);
-  EXPECT_EQ(o.io_timeout, std::chrono::milliseconds(2500));
-  EXPECT_EQ(o.discover_timeout, std::chrono::milliseconds(1000));
-  EXPECT_EQ(options.size(), 1u);
-  EXPECT_TRUE(options.contains("other"));
-  const auto d = parse_options(nullptr, true);
-  EXPECT_EQ(d.io_timeout, std::chrono::milliseconds(15000));
 }
 
 }  // namespace

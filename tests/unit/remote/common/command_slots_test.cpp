@@ -5,6 +5,8 @@
 #include <boost/asio/io_context.hpp>
 #include <gtest/gtest.h>
 
+#include <map>
+#include <string>
 #include <vector>
 
 namespace blockway::remote::common {
@@ -121,19 +123,29 @@ TEST(CommandSlots, TryAcquireTakesAShareOnlyWhenAcquireWouldNotWait) {
   EXPECT_EQ(slots.bytes(), 0u);
 }
 
-TEST(CommandSlots, ParsesTheOption) {
-  EXPECT_EQ(parse_inflight_kib("2048"), 2u << 20);
-  EXPECT_EQ(parse_inflight_kib("1"), 1024u);
-  EXPECT_EQ(parse_inflight_kib("0"), kUnboundedInflight);
-  EXPECT_EQ(parse_inflight_kib("1048576"), 1ull << 30);
+// inflight-kib=N through the options reader: the budget in bytes, or none.
+uint64_t budget_of(const std::string& text) {
+  std::map<std::string, std::string> values{{"inflight-kib", text}};
+  core::Options options(values);
+  return *take_inflight_budget(options);
+}
+
+TEST(CommandSlots, TakesTheOption) {
+  EXPECT_EQ(budget_of("2048"), 2u << 20);
+  EXPECT_EQ(budget_of("1"), 1024u);
+  EXPECT_EQ(budget_of("0"), kUnboundedInflight);
+  EXPECT_EQ(budget_of("1048576"), 1ull << 30);
   for (const char* bad : {"", "x", "-1", "1.5", "12k", "1048577", "99999999999999999999"}) {
     try {
-      (void)parse_inflight_kib(bad);
+      (void)budget_of(bad);
       ADD_FAILURE() << "accepted '" << bad << "'";
-    } catch (const std::invalid_argument& e) {
+    } catch (const core::ConfigError& e) {
       EXPECT_NE(std::string(e.what()).find(std::string("inflight-kib='") + bad + "'"), std::string::npos) << e.what();
     }
   }
+  std::map<std::string, std::string> none;
+  core::Options options(none);
+  EXPECT_EQ(take_inflight_budget(options), std::nullopt);
 }
 
 }  // namespace

@@ -1,7 +1,8 @@
 // NfsTarget::parse: how nfs:// URIs split into server, mount path and file,
 // and the messages for what is refused (no network involved).
 #include "remote/nfs/nfs_uri.hpp"
-#include "remote/registry.hpp"
+
+#include "remote/backend.hpp"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -87,33 +88,6 @@ TEST(NfsUri, MalformedUriIsABackendError) {
   EXPECT_THAT(refusal("nfs://h:99999/x.img"), HasSubstr("99999"));
   EXPECT_THAT(refusal("nfs://h:0/x.img"), HasSubstr("bad port"));
   EXPECT_THAT(refusal("nfs://h/x%zz.img"), HasSubstr("percent"));
-}
-
-TEST(NfsRegistry, CheckValidatesWithoutConnecting) {
-  std::map<std::string, std::string> options{{"connections", "4"}, {"io-timeout", "2.5"}};
-  OpenRequest req;
-  req.uri = "nfs://192.0.2.1/export/disk.img?version=4";  // TEST-NET: nothing answers there
-  req.options = &options;
-  EXPECT_NO_THROW(check_device(req));
-  EXPECT_EQ(options.size(), 2u) << "check_device must not consume options";
-
-  options = {{"connections", "65"}};
-  try {
-    check_device(req);
-    FAIL() << "connections=65 accepted";
-  } catch (const BackendError& e) {
-    EXPECT_THAT(e.what(), HasSubstr("connections='65'"));
-  }
-  options = {{"io-timeout", "0"}};
-  EXPECT_THROW(check_device(req), BackendError);
-  options.clear();
-  req.uri = "nfs://192.0.2.1/";
-  EXPECT_THROW(check_device(req), BackendError);
-}
-
-TEST(NfsRegistry, SchemeIsListed) {
-  const auto schemes = supported_schemes();
-  EXPECT_NE(std::find(schemes.begin(), schemes.end(), "nfs"), schemes.end());
 }
 
 }  // namespace

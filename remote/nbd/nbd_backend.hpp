@@ -1,0 +1,19 @@
+// The nbd:// backend: an export of another NBD server, through libnbd.
+//
+//   nbd://HOST[:PORT]/EXPORT
+//   nbd+unix:///EXPORT?socket=/path/to/socket
+//
+// Options: connections=N (1..64; default one per event loop when the server
+// offers multi-conn, else 1), io-timeout=SECONDS. A RetryLayer goes above it.
+// Thread model: start-up and control plane only (see remote/backend.hpp).
+#pragma once
+
+#include "remote/backend.hpp"
+
+namespace blockway::remote::nbd {
+
+std::span<const core::OptionSpec> options();
+void check(const std::string& uri, core::Options& options);
+std::unique_ptr<core::RemoteDevice> open(const std::string& uri, core::Options& options, const OpenEnv& env);
+
+}  // namespace blockway::remote::nbd
