@@ -1,0 +1,305 @@
+#include "gateway/runtime_exports.hpp"
+
+#include "core/options.hpp"
+
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/steady_timer.hpp>
+
+#include <algorithm>
+#include <optional>
+
+namespace blockway::gateway {
+
+using core::ConfigError;
+using core::Export;
+using core::offload;
+using core::Task;
+
+namespace {
+
+// "ro,cache=/c,mode=writeback" with key=value set (replaced or appended).
+std::string with_option(const std::string& options, const std::string& key, const std::string& value) {
+  std::string out;
+  bool replaced = false;
+  size_t pos = 0;
+  while (pos <= options.size() && !options.empty()) {
+    const size_t comma = std::min(options.find(',', pos), options.size());
+    std::string item = options.substr(pos, comma - pos);
+    if (item.substr(0, item.find('=')) == key) {
+      if (replaced) item.clear();  // a repeated key: keep one
+      else item = key + "=" + value;
+      replaced = true;
+    }
+    if (!item.empty()) out += (out.empty() ? "" : ",") + item;
+    pos = comma + 1;
+  }
+  if (!replaced) out += (out.empty() ? "" : ",") + key + "=" + value;
+  return out;
+}
+
+// The configuration of a run-time export, from its name, URI and option
+// string (as export-add gets them and the catalogue keeps them).
+ExportConfig parse(const std::string& name, const std::string& uri, const std::string& options) {
+  if (name.find(',') != std::string::npos || name.find('=') != std::string::npos)
+    throw ConfigError("export name '" + name + "' must not contain ',' or '='");
+  if (uri.find(',') != std::string::npos)
+    throw ConfigError("the URI must not contain ',' (options go in \"options\")");
+  return ExportConfig::parse_spec(name + "=" + uri + (options.empty() ? "" : "," + options));
+}
+
+// Waits until nothing holds `exp` any more (sessions, a FUSE node), then
+// closes it as shutdown would.
+Task<void> close_when_unused(std::shared_ptr<Export> exp) {
+  boost::asio::steady_timer timer(co_await boost::asio::this_coro::executor);
+  while (exp.use_count() > 1) {
+    timer.expires_after(std::chrono::milliseconds(100));
+    co_await timer.async_wait(boost::asio::use_awaitable);
+  }
+  co_await exp->device->close();
+}
+
+}  // namespace
+
+// Opens the exports saved by earlier export-add commands. One that cannot
+// be opened is logged and skipped (and kept in the catalogue: its remote
+// may come back); a name the configuration also defines is the
+// configuration's.
+void RuntimeExports::open_saved(std::vector<cache::CacheLayer*>& caches) {
+  if (!builder_.catalogue_exists()) return;
+  for (const auto& saved : builder_.catalogue().runtime_exports()) {
+    if (exports_.find(saved.name) && !saved.name.empty()) {
+      log_->warn("export '{}' added at run time is also defined in the configuration: serving the "
+                 "configuration's ({})", saved.name, exports_.find(saved.name)->uri);
+      continue;
+    }
+    try {
+      auto [exp, cache] = builder_.build(parse(saved.name, saved.uri, saved.options));
+      if (cache) caches.push_back(cache);
+      log_->info("export '{}': {} ({} bytes, added at run time)", exp->name, exp->device->describe(),
+                 exp->device->geometry().size);
+      exports_.add(std::move(exp));
+      std::lock_guard lock(names_mutex_);
+      runtime_names_.insert(saved.name);
+    } catch (const std::exception& e) {
+      log_->error("export '{}' added at run time cannot be opened, skipped (blockway status shows it; "
+                  "blockway export remove drops it): {}", saved.name, e.what());
+      std::lock_guard lock(names_mutex_);
+      failed_[saved.name] = Failed{saved.uri, saved.options, e.what()};
+    }
+  }
+}
+
+// The saved exports that failed to open, for status, list and stats.
+Json RuntimeExports::failed_json() const {
+  Json list = Json::array();
+  std::lock_guard lock(names_mutex_);
+  for (const auto& [name, f] : failed_) {
+    Json e;
+    e["name"] = name;
+    e["uri"] = f.uri;
+    e["options"] = f.options;
+    e["state"] = "failed: " + f.reason;
+    e["error"] = f.reason;
+    e["mode"] = "failed";
+    e["clients"] = 0;
+    list.push_back(std::move(e));
+  }
+  return list;
+}
+
+// Saves a run-time change (hook of the "mode" and "prefetch-rate"
+// commands): into the saved options of an export added at run time, else
+// as a run-time setting over the configuration's value.
+Task<std::string> RuntimeExports::persist(std::shared_ptr<Export> exp, std::string key, std::string value) {
+  const std::string name = exp->name;
+  bool runtime = false;
+  {
+    std::lock_guard lock(names_mutex_);
+    runtime = runtime_names_.contains(name);
+  }
+  const std::string config_value = builder_.configured_value(name, key);
+  cache::MetaStore* store = builder_.open_catalogue_or_null();  // open: the export has a cache
+  auto save = [this, store, exp, name, key, value, runtime, config_value]() -> std::string {
+    if (!store) return "not saved: no catalogue";
+    std::lock_guard saving(settings_mutex_);
+    // Removed meanwhile (export-remove forgot its settings), perhaps with a
+    // new export added under its name: nothing of this one to save.
+    if (exports_.find(name) != exp) return {};
+    try {
+      if (runtime) {
+        for (const auto& e : store->runtime_exports())
+          if (e.name == name) store->update_runtime_export_options(name, with_option(e.options, key, value));
+      } else if (config_value.empty()) {
+        return "not saved: the configuration's " + key + " of '" + name + "' is unknown";
+      } else if (value == config_value) {
+        store->forget_runtime_setting(name, key);  // the configuration says so anyway
+      } else {
+        store->save_runtime_setting(name, {key, value, config_value});
+      }
+      return {};
+    } catch (const std::exception& e) {
+      return std::string("not saved in the catalogue, so it lasts until the daemon stops: ") + e.what();
+    }
+  };
+  auto saving = offload(loops_.blocking(), std::move(save));
+  std::string warning = co_await std::move(saving);
+  if (!warning.empty()) log_->warn("export '{}': {} {}: {}", name, key, value, warning);
+  co_return warning;
+}
+
+Task<Json> RuntimeExports::add(const Json& req) {
+  const auto name = arg_string(req, "name");
+  const auto uri = arg_string(req, "uri");
+  const auto options = req.contains("options") ? arg_string(req, "options") : std::string();
+  ExportConfig cfg = parse(name, uri, options);  // ConfigError: bad-request
+  auto guard = co_await lock_.lock();
+  if (shutting_down_) throw ControlError("refused", ESHUTDOWN, "the daemon is shutting down");
+  if (exports_.find(name)) throw ControlError("refused", EEXIST, "export '" + name + "' already exists");
+  struct Opened {
+    StackBuilder::Built built;
+    std::string error;
+  };
+  auto open = [this, cfg, options]() -> Opened {
+    Opened o;
+    try {
+      o.built = builder_.build(cfg);
+      if (!shutting_down_) builder_.catalogue().save_runtime_export({cfg.name, cfg.uri, options});
+    } catch (const std::exception& e) {
+      o.error = e.what();
+    }
+    return o;
+  };
+  Opened opened = co_await offload(loops_.blocking(), std::move(open));
+  auto& exp = opened.built.exp;
+  if (!opened.error.empty()) {
+    if (exp) co_await exp->device->close();
+    // Options the backend or cache reject, a missing image, an unreachable
+    // remote: all "failed", with the opener's message.
+    throw ControlError("failed", EIO, "cannot add export '" + name + "': " + opened.error);
+  }
+  if (shutting_down_) {
+    // The daemon began to stop while the export was opening: the drain
+    // would not close it, so close it here and add nothing; nor may it come
+    // back at the next start (forgotten on the pool, not on this loop).
+    auto forget = offload(loops_.blocking(), [this, name]() -> bool {
+      try {
+        builder_.catalogue().remove_runtime_export(name);
+        return true;
+      } catch (const std::exception&) {
+        return false;
+      }
+    });
+    if (!co_await std::move(forget)) log_->warn("export '{}': could not forget it in the catalogue", name);
+    co_await exp->device->close();
+    throw ControlError("refused", ESHUTDOWN, "the daemon is shutting down");
+  }
+  if (opened.built.cache) opened.built.cache->start();
+  exports_.add(exp);
+  {
+    std::lock_guard lock(names_mutex_);
+    runtime_names_.insert(name);
+    failed_.erase(name);  // added again: the saved entry was replaced
+  }
+  log_->info("export '{}': {} ({} bytes) added at run time", name, exp->device->describe(),
+             exp->device->geometry().size);
+  co_return export_json(*exp, 0);
+}
+
+Task<Json> RuntimeExports::remove(const Json& req) {
+  const auto name = arg_string(req, "name");
+  const bool force = arg_bool(req, "force", false);
+  auto guard = co_await lock_.lock();
+  auto exp = name.empty() ? nullptr : exports_.find(name);
+  if (!exp) {
+    auto removing = remove_failed(name);
+    co_return co_await std::move(removing);
+  }
+  const long clients = export_clients(exp);
+  if (clients > 0 && !force)
+    throw ControlError("refused", EBUSY,
+                       "export '" + name + "' has " + std::to_string(clients) +
+                           " client connection(s); disconnect them first, or force: existing "
+                           "connections keep it until they close, new ones cannot open it");
+  exports_.remove(name);
+  {
+    std::lock_guard lock(names_mutex_);
+    runtime_names_.erase(name);
+  }
+  // Its saved run-time export entry, and the run-time settings (mode,
+  // prefetch rate) saved over its configuration: removed, it is gone with
+  // them; one that comes back (from the configuration at the next start, or
+  // added again) starts from its own options.
+  auto forget = [this, name]() -> int {
+    try {
+      if (!builder_.catalogue_exists()) return 0;
+      auto& store = builder_.catalogue();
+      std::lock_guard saving(settings_mutex_);
+      const size_t settings = store.forget_runtime_settings(name);
+      if (settings) log_->info("export '{}': its {} run-time setting(s) are forgotten", name, settings);
+      return store.remove_runtime_export(name) ? 1 : 0;
+    } catch (const std::exception& e) {
+      log_->error("export '{}': the catalogue could not be updated: {}", name, e.what());
+      return -1;
+    }
+  };
+  const int forgotten = co_await offload(loops_.blocking(), std::move(forget));
+  Json out;
+  out["name"] = name;
+  out["clients"] = clients;
+  std::string message = "export '" + name + "' removed";
+  if (exp.use_count() > 1) {
+    // Still held: NBD sessions, a handshake that found it just before, files
+    // open in the FUSE mount, another control request. Closing it now would
+    // acknowledge their writes into a closed cache; close it once they let go.
+    if (clients > 0) message += "; it closes when its " + std::to_string(clients) + " client connection(s) end";
+    auto ex = co_await boost::asio::this_coro::executor;
+    boost::asio::co_spawn(ex, close_when_unused(std::move(exp)), boost::asio::detached);
+  } else {
+    co_await exp->device->close();
+    exp.reset();
+  }
+  if (forgotten == 0) message += " (it comes from the configuration, so it is back at the next start)";
+  if (forgotten < 0) message += " (warning: the catalogue could not be updated; it may come back at the next start)";
+  out["message"] = message;
+  log_->info("{}", message);
+  co_return out;
+}
+
+// export-remove of a saved export that failed to open: forget it.
+Task<Json> RuntimeExports::remove_failed(std::string name) {
+  std::optional<Failed> failed;
+  {
+    std::lock_guard lock(names_mutex_);
+    if (auto it = failed_.find(name); it != failed_.end()) failed = it->second;
+  }
+  if (!failed) throw ControlError("unknown-export", ENOENT, "no export named '" + name + "'");
+  cache::MetaStore* store = builder_.open_catalogue_or_null();  // open: open_saved() read it
+  auto forget = [this, store, name]() -> std::string {
+    try {
+      std::lock_guard saving(settings_mutex_);
+      if (store) store->forget_runtime_settings(name);
+      if (store) store->remove_runtime_export(name);
+      return {};
+    } catch (const std::exception& e) {
+      return e.what();
+    }
+  };
+  auto forgetting = offload(loops_.blocking(), std::move(forget));
+  const std::string error = co_await std::move(forgetting);
+  if (!error.empty())
+    throw ControlError("failed", EIO, "export '" + name + "' could not be forgotten in the catalogue: " + error);
+  {
+    std::lock_guard lock(names_mutex_);
+    failed_.erase(name);
+  }
+  Json out;
+  out["name"] = name;
+  out["clients"] = 0;
+  out["message"] = "export '" + name + "' (which failed to open: " + failed->reason +
+                   ") removed; it is forgotten in the catalogue";
+  log_->info("{}", out["message"].get<std::string>());
+  co_return out;
+}
+
+}  // namespace blockway::gateway

@@ -1,0 +1,88 @@
+// RuntimeExports: the exports added and removed at run time through the
+// control socket (export-add, export-remove), saved in the catalogue's
+// runtime_exports table and opened again at start, and the run-time settings
+// (mode, prefetch-rate) the control plane saves for any export.
+//
+// Thread model: the handlers run on event loop 0; one add or remove at a time
+// (lock_), which also serialises every use of the StackBuilder after start-up.
+// Opening an export may block (connecting to a remote, creating a cache
+// file), so it runs on the blocking pool.
+//
+// Removing an export that clients are connected to is refused (EBUSY) unless
+// forced; forced, the export leaves the table at once (no new client can open
+// it) and the sessions that hold it keep working until they disconnect, after
+// which it is closed (its cache persisted) like at shutdown.
+#pragma once
+
+#include "cache/cache_layer.hpp"
+#include "core/async_mutex.hpp"
+#include "core/event_loops.hpp"
+#include "core/export.hpp"
+#include "core/logging.hpp"
+#include "gateway/control_protocol.hpp"
+#include "gateway/stack_builder.hpp"
+
+#include <atomic>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <vector>
+
+namespace blockway::gateway {
+
+class RuntimeExports {
+ public:
+  RuntimeExports(StackBuilder& builder, core::ExportTable& exports, core::EventLoops& loops)
+      : builder_(builder), exports_(exports), loops_(loops), log_(core::logger("control")) {}
+  RuntimeExports(const RuntimeExports&) = delete;
+  RuntimeExports& operator=(const RuntimeExports&) = delete;
+
+  // Opens the exports saved by earlier export-add commands. One that cannot
+  // be opened is logged and skipped (and kept in the catalogue: its remote
+  // may come back); a name the configuration also defines is the
+  // configuration's. The caches of those opened are appended to `caches`, to
+  // be started with the configured exports'.
+  void open_saved(std::vector<cache::CacheLayer*>& caches);
+  // The saved exports that failed to open, for status, list and stats.
+  Json failed_json() const;
+  // Saves a run-time change (hook of the "mode" and "prefetch-rate"
+  // commands): into the saved options of an export added at run time, else
+  // as a run-time setting over the configuration's value.
+  core::Task<std::string> persist(std::shared_ptr<core::Export> exp, std::string key, std::string value);
+  // export-add {name, uri, options?}: opens the export on the blocking pool,
+  // saves it, starts its cache and adds it to the table.
+  core::Task<Json> add(const Json& req);
+  // export-remove {name, force?}.
+  core::Task<Json> remove(const Json& req);
+  // From now on export-add is refused (the daemon is stopping).
+  void set_shutting_down() { shutting_down_ = true; }
+
+ private:
+  struct Failed {
+    std::string uri, options, reason;
+  };
+
+  // export-remove of a saved export that failed to open: forget it.
+  core::Task<Json> remove_failed(std::string name);
+
+  StackBuilder& builder_;
+  core::ExportTable& exports_;
+  core::EventLoops& loops_;
+  std::shared_ptr<spdlog::logger> log_;
+  core::AsyncMutex lock_;
+  // Held (on the blocking pool) while a run-time setting is saved or an
+  // export's saved entry and settings are forgotten: a save is a
+  // read-modify-write of a run-time export's options, and one that loses the
+  // race with export-remove must find the export gone, not save it again.
+  std::mutex settings_mutex_;
+  std::atomic<bool> shutting_down_{false};
+  // Names of the exports this class opened (run-time ones), and the saved
+  // ones that failed to open; read by the control plane's hooks.
+  mutable std::mutex names_mutex_;
+  std::set<std::string> runtime_names_;
+  std::map<std::string, Failed> failed_;
+};
+
+}  // namespace blockway::gateway

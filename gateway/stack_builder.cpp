@@ -1,0 +1,187 @@
+#include "gateway/stack_builder.hpp"
+
+#include "core/checked_device.hpp"
+#include "core/logging.hpp"
+#include "core/options.hpp"
+#include "core/retry_layer.hpp"
+#include "remote/registry.hpp"
+
+#include <algorithm>
+#include <charconv>
+#include <filesystem>
+
+namespace blockway::gateway {
+
+using core::BlockDevice;
+using core::ByteRange;
+using core::CheckedDevice;
+using core::ConfigError;
+using core::Export;
+using core::ExtentList;
+using core::RetryLayer;
+using core::RetryOptions;
+
+StackBuilder::StackBuilder(core::EventLoops& loops, std::string data_dir)
+    : loops_(loops), data_dir_(std::move(data_dir)) {}
+
+cache::MetaStore& StackBuilder::catalogue() {
+  if (!catalogue_) {
+    std::error_code ec;
+    std::filesystem::create_directories(data_dir_, ec);
+    if (ec) throw ConfigError("cannot create data directory " + data_dir_ + ": " + ec.message());
+    try {
+      catalogue_ = std::make_unique<cache::MetaStore>(data_dir_ + "/catalogue.db");
+    } catch (const std::runtime_error& e) {
+      throw ConfigError(e.what());
+    }
+  }
+  return *catalogue_;
+}
+
+bool StackBuilder::catalogue_exists() const { return std::filesystem::exists(data_dir_ + "/catalogue.db"); }
+
+std::string StackBuilder::configured_value(const std::string& name, const std::string& key) const {
+  std::lock_guard lock(configured_mutex_);
+  auto it = configured_.find(name);
+  if (it == configured_.end()) return {};
+  auto value = it->second.find(key);
+  return value == it->second.end() ? std::string() : value->second;
+}
+
+StackBuilder::Built StackBuilder::build(ExportConfig cfg) {
+  core::Options options(cfg.options, "export '" + cfg.name + "'");
+  auto cache_cfg = cache::CacheConfig::take_from(options);
+  if (cache_cfg) apply_runtime_settings(cfg.name, *cache_cfg);
+  if (!cache_cfg) refuse_without_its_cache(cfg);
+  // The remote, and a RetryLayer above it when the registry says its
+  // session can be lost.
+  const remote::OpenEnv env{cfg.read_only, &loops_.blocking(), &loops_};
+  std::unique_ptr<BlockDevice> device;
+  RetryLayer* retry_layer = nullptr;  // owned by the device chain, like the cache
+  try {
+    const remote::Backend& backend = remote::backend_for(cfg.uri);
+    // A detached export (local mode) never opens its remote again.
+    if (cache_cfg) device = open_detached(cfg, backend, options);
+    if (!device && backend.open_local) device = backend.open_local(cfg.uri, options, env);
+    if (!device && backend.open_remote) {
+      // A network session can drop: reconnect and retry right above the remote.
+      const RetryOptions retry = RetryOptions::take_from(options);
+      auto layer = std::make_unique<RetryLayer>(backend.open_remote(cfg.uri, options, env), retry);
+      retry_layer = layer.get();
+      device = std::move(layer);
+    }
+  } catch (const remote::BackendError& e) {
+    throw ConfigError("export '" + cfg.name + "': " + e.what());
+  }
+  options.finish();
+  auto exp = std::make_shared<Export>();
+  exp->name = cfg.name;
+  exp->description = cfg.description;
+  exp->uri = cfg.uri;
+  cache::CacheLayer* cache_layer = nullptr;
+  if (cache_cfg) {
+    cache::CacheLayer::Params params;
+    params.export_name = cfg.name;
+    params.remote_uri = cfg.uri;
+    params.config = *cache_cfg;
+    params.store = &catalogue();
+    params.blocking = &loops_.blocking();
+    params.background = loops_.at(0).get_executor();
+    try {
+      auto layer = std::make_unique<cache::CacheLayer>(std::move(device), std::move(params));
+      cache_layer = layer.get();
+      device = std::move(layer);
+    } catch (const std::runtime_error& e) {
+      throw ConfigError("export '" + cfg.name + "': " + e.what());
+    }
+  }
+  exp->device = std::make_shared<CheckedDevice>(std::move(device), cfg.read_only);
+  if (retry_layer) exp->remote_health = [retry_layer] { return retry_layer->health(); };
+  if (cache_layer) {
+    exp->cache_status = [cache_layer](ByteRange r, ExtentList& out) { return cache_layer->cache_status(r, out); };
+    exp->control = cache_layer;
+  }
+  return {exp, cache_layer};
+}
+
+// The stand-in remote of an export detached in an earlier run, or nullptr.
+// The backend and retry options are still checked (and taken).
+std::unique_ptr<BlockDevice> StackBuilder::open_detached(const ExportConfig& cfg, const remote::Backend& backend,
+                                                        core::Options& options) {
+  std::unique_ptr<BlockDevice> device;
+  try {
+    device = cache::open_if_detached(catalogue(), cfg.name, cfg.uri);
+  } catch (const std::runtime_error& e) {
+    throw ConfigError("export '" + cfg.name + "': " + e.what());
+  }
+  if (device) {
+    backend.check(cfg.uri, options);
+    if (backend.retry()) (void)RetryOptions::take_from(options);
+  }
+  return device;
+}
+
+// Run-time changes of the write mode and the prefetch rate (blockway mode,
+// blockway prefetch rate) are saved with the value the configuration had then;
+// at start they apply while the configuration still says that value. Once the
+// configuration says something else, the edit is newer: it wins and the saved
+// change is dropped.
+void StackBuilder::apply_runtime_settings(const std::string& name, cache::CacheConfig& c) {
+  const std::string config_mode = cache::to_string(c.mode);
+  const std::string config_rate = std::to_string(c.prefetch_rate);
+  {
+    std::lock_guard lock(configured_mutex_);
+    configured_[name] = {{"mode", config_mode}, {"prefetch-rate", config_rate}};
+  }
+  auto log = core::logger("daemon");
+  auto& store = catalogue();
+  try {
+    for (const auto& s : store.runtime_settings(name)) {
+      const std::string now = s.key == "mode" ? config_mode : s.key == "prefetch-rate" ? config_rate : "";
+      if (now.empty()) continue;  // a setting this version does not know
+      if (s.config_value != now) {
+        log->info("export '{}': the configuration's {} changed from {} to {} since it was set to {} at run time: "
+                  "the configuration's {} applies", name, s.key, s.config_value, now, s.value, now);
+        store.forget_runtime_setting(name, s.key);
+        continue;
+      }
+      if (s.key == "mode") {
+        if (s.value == "writethrough") c.mode = cache::WriteMode::writethrough;
+        else if (s.value == "writeback") c.mode = cache::WriteMode::writeback;
+        else if (s.value == "writeback-local") c.mode = cache::WriteMode::writeback_local;
+        else continue;
+      } else {
+        uint64_t rate = 0;
+        auto [end, ec] = std::from_chars(s.value.data(), s.value.data() + s.value.size(), rate);
+        if (ec != std::errc{} || end != s.value.data() + s.value.size()) continue;
+        c.prefetch_rate = rate;
+      }
+      log->info("export '{}': {} {} (set at run time; the configuration says {})", name, s.key, s.value, now);
+    }
+  } catch (const std::runtime_error& e) {
+    throw ConfigError("export '" + name + "': " + e.what());
+  }
+}
+
+// Serving an export without the cache that still holds its unwritten data
+// would silently show clients old bytes.
+void StackBuilder::refuse_without_its_cache(const ExportConfig& cfg) {
+  if (!catalogue_exists()) return;
+  auto& store = catalogue();
+  if (auto rec = store.find(cfg.name)) {
+    if (store.get_state(cfg.name, "detached").value_or("") == "1" && cfg.uri != "file://" + rec->cache_path)
+      throw ConfigError("export '" + cfg.name + "' is detached (local mode): its image is " + rec->cache_path +
+                        " and " + rec->remote + " may be out of date; start it with its cache (cache=" +
+                        std::filesystem::path(rec->cache_path).parent_path().string() +
+                        "), or serve the image itself with file://" + rec->cache_path);
+    const auto dirty = store.load_bitmap(cfg.name, cache::BitmapKind::dirty, (rec->size / rec->chunk_size) / 64 + 2);
+    if (std::any_of(dirty.begin(), dirty.end(), [](uint64_t w) { return w != 0; }))
+      throw ConfigError("export '" + cfg.name + "': its cache " + rec->cache_path +
+                        " holds data not yet written to " + rec->remote +
+                        "; start it with its cache (cache=" +
+                        std::filesystem::path(rec->cache_path).parent_path().string() + ",mode=" + rec->mode +
+                        ") so the data is written back");
+  }
+}
+
+}  // namespace blockway::gateway

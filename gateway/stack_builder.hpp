@@ -1,0 +1,77 @@
+// StackBuilder: turns an export's configuration (URI + options) into the
+// layer stack clients are served from, bottom up:
+//
+//   the backend the URI's scheme names (remote/registry.cpp)
+//   RetryLayer         when the registry says the backend's session can be lost
+//   CacheLayer         when the options name a cache directory (cache=DIR)
+//   CheckedDevice      always: the one checkpoint that validates and emulates
+//
+// Each part takes its options from one core::Options; what is left is an
+// unknown option. It also owns the catalogue (opened when the first cache, or
+// a run-time export, needs it), applies run-time settings saved there before
+// a cache is built, and refuses an export whose cache holds data its remote
+// lacks when the configuration no longer names that cache.
+//
+// Thread model: build() runs at start-up on the main thread, and later on the
+// blocking pool for export-add (RuntimeExports serialises those), never two at
+// once. configured_value() may be called from any thread.
+#pragma once
+
+#include "cache/cache_layer.hpp"
+#include "cache/meta_store.hpp"
+#include "core/event_loops.hpp"
+#include "core/export.hpp"
+#include "gateway/config.hpp"
+
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+
+namespace blockway::remote {
+struct Backend;
+}
+
+namespace blockway::gateway {
+
+class StackBuilder {
+ public:
+  StackBuilder(core::EventLoops& loops, std::string data_dir);
+
+  struct Built {
+    std::shared_ptr<core::Export> exp;
+    // The cache in the stack, if any: start() it once the export is served.
+    cache::CacheLayer* cache = nullptr;
+  };
+  // Builds the stack of one export. Throws core::ConfigError naming the export.
+  Built build(ExportConfig cfg);
+
+  // The catalogue, opened (and the data directory made) on first use.
+  // Throws core::ConfigError.
+  cache::MetaStore& catalogue();
+  // The catalogue if it is open, else nullptr.
+  [[nodiscard]] cache::MetaStore* open_catalogue_or_null() const noexcept { return catalogue_.get(); }
+  // Whether a catalogue file exists in the data directory (without opening it).
+  [[nodiscard]] bool catalogue_exists() const;
+
+  // The value the configuration (or, for a run-time export, its saved
+  // options) gave `key` ("mode", "prefetch-rate") of a cached export before
+  // run-time changes: what a run-time change is recorded against. Empty if
+  // unknown.
+  [[nodiscard]] std::string configured_value(const std::string& name, const std::string& key) const;
+
+ private:
+  std::unique_ptr<core::BlockDevice> open_detached(const ExportConfig& cfg, const remote::Backend& backend,
+                                                   core::Options& options);
+  void apply_runtime_settings(const std::string& name, cache::CacheConfig& c);
+  void refuse_without_its_cache(const ExportConfig& cfg);
+
+  core::EventLoops& loops_;
+  const std::string data_dir_;
+  std::unique_ptr<cache::MetaStore> catalogue_;
+  mutable std::mutex configured_mutex_;
+  std::map<std::string, std::map<std::string, std::string>> configured_;
+};
+
+}  // namespace blockway::gateway
