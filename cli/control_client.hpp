@@ -4,6 +4,8 @@
 // Thread model: used by the blockway command on its main thread only.
 #pragma once
 
+#include "cli/exit_codes.hpp"
+
 #include <nlohmann/json.hpp>
 
 #include <stdexcept>
@@ -12,19 +14,6 @@
 namespace blockway::cli {
 
 using Json = nlohmann::json;
-
-// Exit codes of the blockway command, one per kind of failure, so scripts
-// can tell them apart.
-enum Exit : int {
-  kOk = 0,
-  kFailed = 1,          // the daemon tried the action and it failed
-  kUsage = 2,           // wrong command line (or a request the daemon calls malformed)
-  kNoDaemon = 3,        // no daemon answers on the control socket
-  kUnknownExport = 4,   // no export by that name
-  kRefused = 5,         // the daemon refused: busy, not possible now, export without a cache
-  kProtocol = 6,        // the daemon's answer made no sense (or it lacks the command)
-  kTimedOut = 7,        // --timeout ran out before the awaited state (the action goes on)
-};
 
 // Thrown with the exit code and the message for the operator.
 struct CliError : std::runtime_error {

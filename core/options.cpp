@@ -131,39 +131,27 @@ std::string OptionSpec::usage() const {
 }
 
 std::string OptionSpec::describe() const {
-  std::string out(help);
-  std::string range;
+  std::string extra;
   switch (kind) {
-    case OptionKind::seconds: range = number_text(min) + " to " + number_text(max) + " s, decimals allowed"; break;
-    case OptionKind::number: range = number_text(min) + " to " + number_text(max); break;
-    case OptionKind::octal: range = octal_text(static_cast<uint64_t>(min)) + " to " + octal_text(static_cast<uint64_t>(max)); break;
+    case OptionKind::seconds:
+    case OptionKind::number: extra = number_text(min) + "-" + number_text(max); break;
+    case OptionKind::octal:
+      extra = octal_text(static_cast<uint64_t>(min)) + "-" + octal_text(static_cast<uint64_t>(max));
+      break;
     case OptionKind::size:
-      if (max > 0) range = "at most " + size_text(static_cast<uint64_t>(max));
+      if (max > 0) extra = "at most " + size_text(static_cast<uint64_t>(max));
       break;
     default: break;
   }
-  if (!range.empty()) out += " (" + range + ")";
   std::string also;
   for (auto a : aliases)
-    if (!a.empty()) also += (also.empty() ? "" : ", ") + std::string(a);
-  if (!also.empty()) out += "; also " + also;
-  return out;
-}
-
-std::string option_help(std::span<const OptionSpec> specs, size_t indent, size_t column) {
-  std::string out;
-  for (const auto& s : specs) {
-    std::string line(indent, ' ');
-    line += s.usage();
-    if (line.size() + 2 > column) {
-      out += line + "\n";
-      line.assign(column, ' ');
-    } else {
-      line.resize(column, ' ');
-    }
-    out += line + s.describe() + "\n";
-  }
-  return out;
+    if (!a.empty()) also += (also.empty() ? "also " : ", ") + std::string(a);
+  if (!also.empty()) extra += (extra.empty() ? "" : "; ") + also;
+  std::string out(help);
+  if (extra.empty()) return out;
+  // "... (default 30)" becomes "... (default 30; 0.1-86400)".
+  if (!out.empty() && out.back() == ')') return out.substr(0, out.size() - 1) + "; " + extra + ")";
+  return out + " (" + extra + ")";
 }
 
 Options::Options(std::map<std::string, std::string>& values, std::string where, std::string noun)

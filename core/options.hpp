@@ -26,7 +26,6 @@
 #include <limits>
 #include <map>
 #include <optional>
-#include <span>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -80,12 +79,10 @@ struct OptionSpec {
 
   // "io-timeout=SECONDS" (or "allow-other=on|off"), for --help.
   [[nodiscard]] std::string usage() const;
-  // The help text with the accepted range ("... (0.1 to 86400)").
+  // The help text with the accepted range and the aliases:
+  // "... (default 30; 0.1-86400)".
   [[nodiscard]] std::string describe() const;
 };
-
-// Lines for --help: "  NAME=VALUE  help", the help column at `column`.
-std::string option_help(std::span<const OptionSpec> specs, size_t indent = 2, size_t column = 30);
 
 class Options {
  public:

@@ -4,6 +4,7 @@
 #include <unistd.h>
 #include <grp.h>
 
+#include <algorithm>
 #include <charconv>
 #include <set>
 #include <vector>
@@ -17,20 +18,25 @@ using core::parse_size;
 
 namespace {
 
-template <class Int>
-Int parse_int(std::string_view text, std::string_view what) {
-  Int v{};
-  auto [p, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
-  if (ec != std::errc{} || p != text.data() + text.size())
-    throw ConfigError(std::string(what) + ": '" + std::string(text) + "' is not a valid number");
-  return v;
+const core::OptionSpec kExportOptions[] = {
+    {.name = "read-only",
+     .kind = core::OptionKind::flag,
+     .help = "serve the export read-only (default off; a bare ro means on)",
+     .aliases = {"ro", "readonly"}},
+    {.name = "description", .kind = core::OptionKind::text, .help = "what NBD clients are told it is", .value = "TEXT"},
+};
+const core::OptionSpec& kReadOnly = kExportOptions[0];
+const core::OptionSpec& kDescription = kExportOptions[1];
+
+bool names(const core::OptionSpec& spec, const std::string& key) {
+  return key == spec.name || std::find(spec.aliases.begin(), spec.aliases.end(), key) != spec.aliases.end();
 }
 
 // Applies one generic export key; returns false if the key is not generic.
 bool apply_export_key(ExportConfig& e, const std::string& key, const std::string& value) {
-  if (key == "read-only" || key == "readonly" || key == "ro") {
-    e.read_only = value.empty() ? true : parse_bool(value, "export '" + e.name + "': " + key);
-  } else if (key == "description") {
+  if (names(kReadOnly, key)) {
+    e.read_only = value.empty() ? true : parse_bool(value, "export '" + e.name + "': option " + key);
+  } else if (names(kDescription, key)) {
     e.description = value;
   } else {
     return false;
@@ -44,6 +50,8 @@ void check_export_name(const std::string& name, std::string_view where) {
 }
 
 }  // namespace
+
+std::span<const core::OptionSpec> ExportConfig::generic_options() { return kExportOptions; }
 
 FuseMountConfig FuseMountConfig::parse_spec(std::string_view spec) {
   const std::string where = "--fuse-mount '" + std::string(spec) + "'";
@@ -222,9 +230,9 @@ void load_config_file(const std::string& path, DaemonConfig& cfg) {
       }
       cfg.fuse = std::move(f);
     } else if (key == "threads") {
-      cfg.threads = parse_int<unsigned>(as_string(node, key), key);
+      cfg.threads = static_cast<unsigned>(core::parse_number(as_string(node, key), key, 0, UINT32_MAX));
     } else if (key == "blocking-threads") {
-      cfg.blocking_threads = parse_int<unsigned>(as_string(node, key), key);
+      cfg.blocking_threads = static_cast<unsigned>(core::parse_number(as_string(node, key), key, 0, UINT32_MAX));
     } else if (key == "data-dir") {
       cfg.data_dir = as_string(node, key);
     } else if (key == "log-level") {

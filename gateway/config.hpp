@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <map>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -28,6 +29,9 @@ struct ExportConfig {
 
   // "NAME=URI[,key=value|flag]..." as given to --export.
   static ExportConfig parse_spec(std::string_view spec);
+  // The options every export takes (read-only, description), for --help;
+  // the backend's, the RetryLayer's and the cache's are theirs.
+  static std::span<const core::OptionSpec> generic_options();
 };
 
 // The FUSE mount ([fuse] in the file, --fuse-mount on the command line).

@@ -1,0 +1,49 @@
+#include "cli/args.hpp"
+
+#include "cli/control_client.hpp"
+
+namespace blockway::cli {
+
+Args parse_args(const std::vector<std::string>& in, const std::string& usage, std::set<std::string> flags,
+                std::set<std::string> options) {
+  flags.insert("--json");
+  options.insert("--socket");
+  Args a;
+  for (size_t i = 0; i < in.size(); ++i) {
+    std::string arg = in[i];
+    if (arg == "--help" || arg == "-h") {
+      a.help = true;
+      continue;
+    }
+    if (arg.starts_with("--") && arg.size() > 2) {
+      std::string value;
+      bool has_value = false;
+      if (auto eq = arg.find('='); eq != std::string::npos) {
+        value = arg.substr(eq + 1);
+        arg = arg.substr(0, eq);
+        has_value = true;
+      }
+      if (flags.contains(arg) && !has_value) {
+        a.flags.insert(arg);
+      } else if (options.contains(arg)) {
+        if (!has_value) {
+          if (i + 1 >= in.size()) throw CliError(kUsage, arg + " needs a value\n" + usage);
+          value = in[++i];
+        }
+        a.options[arg] = value;
+      } else {
+        throw CliError(kUsage, "unknown option '" + in[i] + "'\n" + usage);
+      }
+      continue;
+    }
+    a.positional.push_back(arg);
+  }
+  return a;
+}
+
+void need_positionals(const Args& a, size_t n, const std::string& usage) {
+  if (a.positional.size() < n) throw CliError(kUsage, "missing argument\n" + usage);
+  if (a.positional.size() > n) throw CliError(kUsage, "unexpected argument '" + a.positional[n] + "'\n" + usage);
+}
+
+}  // namespace blockway::cli

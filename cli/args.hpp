@@ -1,0 +1,36 @@
+// The command line of one blockway subcommand: positionals, flags and
+// options with a value, and the checks every subcommand shares.
+//
+// Main thread only.
+#pragma once
+
+#include <map>
+#include <set>
+#include <string>
+#include <vector>
+
+namespace blockway::cli {
+
+struct Args {
+  std::vector<std::string> positional;
+  std::set<std::string> flags;
+  std::map<std::string, std::string> options;
+  bool help = false;
+
+  [[nodiscard]] bool has(const std::string& f) const { return flags.contains(f); }
+  [[nodiscard]] std::string option(const std::string& o) const {
+    auto it = options.find(o);
+    return it == options.end() ? std::string() : it->second;
+  }
+};
+
+// Parses a subcommand's arguments. Every subcommand accepts --json, --socket
+// PATH and --help besides its own `flags` and `options` (which take a value).
+// Throws CliError(kUsage) with `usage` for anything else.
+Args parse_args(const std::vector<std::string>& in, const std::string& usage, std::set<std::string> flags,
+                std::set<std::string> options);
+
+// Exactly n positionals, else CliError(kUsage) with `usage`.
+void need_positionals(const Args& a, size_t n, const std::string& usage);
+
+}  // namespace blockway::cli

@@ -1,0 +1,96 @@
+#include "cli/command.hpp"
+
+#include "cli/control_client.hpp"
+#include "cli/exit_codes.hpp"
+
+#include <cstdio>
+
+namespace blockway::cli {
+namespace {
+
+const Command kCommands[] = {
+    {"info",
+     "info [--json] URI   size, flags and block sizes of an NBD export, e.g.\n"
+     "                    blockway info nbd://localhost/demo\n"
+     "                    blockway info 'nbd+unix:///demo?socket=/run/blockway.sock'",
+     info_command, false},
+    {"status",
+     "status              every export: mode, size, cached/dirty bytes, prefetch,\n"
+     "                    remote health, clients",
+     status_command},
+    {"stats", "stats NAME          one export's state and counters", stats_command},
+    {"export",
+     "export list         exports (--names: names only)\n"
+     "export add NAME URI [OPTIONS]\n"
+     "                    add an export (OPTIONS as on blockwayd --export), saved\n"
+     "                    so that the daemon opens it again at start\n"
+     "export remove NAME [--force]",
+     export_command},
+    {"prefetch",
+     "prefetch start|pause|resume|status NAME\n"
+     "prefetch NAME [--wait [--timeout SECONDS]]\n"
+     "                    start (or resume) copying the image into the cache;\n"
+     "                    --wait follows it with a progress bar\n"
+     "prefetch rate NAME RATE\n"
+     "                    limit the prefetch (50M = 50 MiB/s, 0 = unlimited)",
+     prefetch_command},
+    {"detach",
+     "detach NAME [--force]\n"
+     "                    run the export from its cache alone, without the remote",
+     detach_command},
+    {"mode", "mode NAME MODE      writethrough, writeback or writeback-local", mode_command},
+    {"flush", "flush NAME          flush the export", flush_command},
+    {"mount", "mount DIR           mount the FUSE front end at DIR: every export as a file", mount_command},
+    {"unmount", "unmount             unmount it", unmount_command},
+};
+
+void add_entries(std::string& out, bool daemon) {
+  for (const auto& c : kCommands) {
+    if (c.daemon != daemon) continue;
+    std::string_view help = c.help;
+    while (!help.empty()) {
+      const auto nl = help.find('\n');
+      out += "  ";
+      out += help.substr(0, nl);
+      out += "\n";
+      help = nl == std::string_view::npos ? std::string_view{} : help.substr(nl + 1);
+    }
+  }
+}
+
+}  // namespace
+
+std::span<const Command> commands() { return kCommands; }
+
+std::string usage() {
+  std::string out = "Usage: blockway COMMAND [ARGS]\n\nCommands:\n";
+  add_entries(out, false);
+  out +=
+      "\nCommands that talk to the running daemon (its control socket: --socket PATH,\n"
+      "or $BLOCKWAY_SOCKET, default /run/blockway/control.sock for root):\n";
+  add_entries(out, true);
+  out += "Every command takes --help; read commands take --json.\n\nExit codes:\n";
+  for (const auto& e : kExitCodes) out += "  " + std::to_string(e.code) + "  " + std::string(e.meaning) + "\n";
+  out +=
+      "\n  --version           print the version\n"
+      "  --help              this text\n";
+  return out;
+}
+
+int run_command(const std::string& name, const std::vector<std::string>& args) {
+  for (const auto& c : kCommands) {
+    if (c.name != name) continue;
+    try {
+      return c.run(args);
+    } catch (const CliError& e) {
+      std::fprintf(stderr, "blockway %s: %s\n", name.c_str(), e.what());
+      return e.code;
+    } catch (const Json::exception& e) {
+      std::fprintf(stderr, "blockway %s: unexpected answer from the daemon: %s\n", name.c_str(), e.what());
+      return kProtocol;
+    }
+  }
+  return -1;
+}
+
+}  // namespace blockway::cli
