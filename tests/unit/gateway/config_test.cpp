@@ -317,5 +317,65 @@ TEST(FuseMountConfig, ReadsTheFuseTable) {
   ::unlink(path);
 }
 
+// ---------------------------------------------------------------- [control]
+
+DaemonConfig load(const std::string& toml) {
+  char tmpl[] = "/tmp/blockway-control-conf-XXXXXX";
+  const int fd = ::mkstemp(tmpl);
+  EXPECT_GE(fd, 0);
+  EXPECT_EQ(::write(fd, toml.data(), toml.size()), static_cast<ssize_t>(toml.size()));
+  ::close(fd);
+  DaemonConfig cfg;
+  try {
+    load_config_file(tmpl, cfg);
+  } catch (...) {
+    ::unlink(tmpl);
+    throw;
+  }
+  ::unlink(tmpl);
+  return cfg;
+}
+
+TEST(ControlConfig, SocketAndMode) {
+  const auto cfg = load("[control]\nsocket = \"/run/x/c.sock\"\nmode = \"0660\"\n");
+  EXPECT_EQ(cfg.control_socket, "/run/x/c.sock");
+  EXPECT_EQ(cfg.control_socket_mode, 0660u);
+  EXPECT_EQ(cfg.control_mode(), 0660u);
+  // A group makes the default mode 0660; an explicit mode still wins.
+  const auto grouped = load("[control]\ngroup = \"0\"\n");
+  EXPECT_EQ(grouped.control_socket_group, "0");
+  EXPECT_EQ(grouped.control_mode(), 0660u);
+  EXPECT_EQ(load("[control]\ngroup = \"root\"\nmode = \"0640\"\n").control_mode(), 0640u);
+  EXPECT_EQ(control_group_id("root"), 0u);
+  EXPECT_EQ(control_group_id("1234"), 1234u);
+  EXPECT_NO_THROW(cfg.validate());
+  EXPECT_EQ(load("[control]\nmode = 0o640\n").control_socket_mode, 0640u);
+  const auto off = load("[control]\nsocket = \"off\"\n");
+  EXPECT_EQ(off.control_socket, "off");
+  EXPECT_NO_THROW(off.validate());
+  const auto dflt = load("threads = 2\n");
+  EXPECT_EQ(dflt.control_socket, "");
+  EXPECT_EQ(dflt.control_socket_mode, 0600u);
+}
+
+TEST(ControlConfig, MistakesNameTheSetting) {
+  auto message = [](const std::string& toml) {
+    try {
+      load(toml).validate();
+    } catch (const ConfigError& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_NE(message("[control]\nbogus = 1\n").find("control.bogus"), std::string::npos);
+  EXPECT_NE(message("[control]\nmode = \"rw\"\n").find("control.mode"), std::string::npos);
+  EXPECT_NE(message("[control]\nmode = \"01777\"\n").find("control.mode"), std::string::npos);
+  EXPECT_NE(message("[control]\nsocket = \"\"\n").find("off"), std::string::npos);
+  EXPECT_NE(message("[control]\nsocket = \"relative.sock\"\n").find("absolute"), std::string::npos);
+  EXPECT_NE(message("control = 1\n").find("[control]"), std::string::npos);
+  EXPECT_NE(message("[control]\ngroup = \"no-such-group-here\"\n").find("control.group"), std::string::npos);
+  EXPECT_NE(message("[control]\ngroup = \"\"\n").find("control.group"), std::string::npos);
+}
+
 }  // namespace
 }  // namespace blockway::gateway
