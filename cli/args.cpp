@@ -1,6 +1,8 @@
 #include "cli/args.hpp"
 
-#include "cli/control_client.hpp"
+#include "cli/format.hpp"
+
+#include <cstdio>
 
 namespace blockway::cli {
 
@@ -44,6 +46,18 @@ Args parse_args(const std::vector<std::string>& in, const std::string& usage, st
 void need_positionals(const Args& a, size_t n, const std::string& usage) {
   if (a.positional.size() < n) throw CliError(kUsage, "missing argument\n" + usage);
   if (a.positional.size() > n) throw CliError(kUsage, "unexpected argument '" + a.positional[n] + "'\n" + usage);
+}
+
+int run_one_request(const std::vector<std::string>& in, const OneRequest& command) {
+  const Args a = parse_args(in, command.usage, command.flags, {});
+  if (a.help) return std::puts(command.usage.c_str()), kOk;
+  need_positionals(a, command.positionals, command.usage);
+  ControlClient client(control_socket_path(a.option("--socket")));
+  const auto [name, arguments] = command.request(a);
+  const Json answer = client.call(name, arguments);
+  if (a.has("--json")) return print_json(answer), kOk;
+  command.print(a, answer);
+  return kOk;
 }
 
 }  // namespace blockway::cli

@@ -4,9 +4,14 @@
 // Main thread only.
 #pragma once
 
+#include "cli/control_client.hpp"
+
+#include <cstddef>
+#include <functional>
 #include <map>
 #include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace blockway::cli {
@@ -32,5 +37,21 @@ Args parse_args(const std::vector<std::string>& in, const std::string& usage, st
 
 // Exactly n positionals, else CliError(kUsage) with `usage`.
 void need_positionals(const Args& a, size_t n, const std::string& usage);
+
+// A control command and its arguments: {"flush", {{"name", "vm1"}}}.
+using Request = std::pair<std::string, Json>;
+
+// The shape of most subcommands: parse the arguments, answer --help, send
+// one request to the daemon, print the answer (as JSON with --json).
+struct OneRequest {
+  std::string usage;
+  std::set<std::string> flags = {};  // besides --json, --socket and --help
+  size_t positionals = 0;
+  // The control command and its arguments, from the parsed command line.
+  std::function<Request(const Args&)> request;
+  // Prints the answer for people.
+  std::function<void(const Args&, const Json&)> print;
+};
+int run_one_request(const std::vector<std::string>& in, const OneRequest& command);
 
 }  // namespace blockway::cli

@@ -2,7 +2,6 @@
 #include "cli/command.hpp"
 
 #include "cli/args.hpp"
-#include "cli/control_client.hpp"
 #include "cli/format.hpp"
 
 #include <fmt/format.h>
@@ -12,54 +11,53 @@
 namespace blockway::cli {
 
 int stats_command(const std::vector<std::string>& in) {
-  const std::string usage =
-      "Usage: blockway stats NAME [--json] [--socket PATH]\n\n"
-      "One export's state and its counters since the daemon started: requests and\n"
-      "bytes, cache hits and misses, bytes fetched and written back, errors.";
-  auto a = parse_args(in, usage, {}, {});
-  if (a.help) return std::puts(usage.c_str()), kOk;
-  need_positionals(a, 1, usage);
-  ControlClient c(control_socket_path(a.option("--socket")));
-  const Json e = c.call("stats", {{"name", a.positional[0]}});
-  if (a.has("--json")) return print_json(e), kOk;
-  if (failed_export(e)) {
-    fmt::print("export:    {}\nuri:       {}\noptions:   {}\nstate:     {}\n", str(e, "name"), str(e, "uri"),
-               str(e, "options"), str(e, "state"));
-    return kOk;
-  }
-  fmt::print("export:    {}\nuri:       {}\nbackend:   {}\nsize:      {} ({} bytes){}\nmode:      {}\nclients:   {}\n",
-             str(e, "name"), str(e, "uri"), str(e, "backend"), bytes(u64(e, "size")), u64(e, "size"),
-             e.value("read_only", false) ? ", read-only" : "", str(e, "mode"), u64(e, "clients"));
-  const auto& r = e["remote"];
-  fmt::print("remote:    {}", remote_summary(r));
-  if (str(r, "kind") == "network")
-    fmt::print(" (session {}, {} reconnects, {} retries, {} failures{})", u64(r, "generation"), u64(r, "reconnects"),
-               u64(r, "retries"), u64(r, "failures"),
-               r.contains("last_error") ? ", last error: " + str(r, "last_error") : "");
-  std::puts("");
-  const auto& io = e["io"];
-  fmt::print("requests:  {} reads ({}), {} writes ({}), {} flushes, {} trims, {} zeroes, {} block-status, "
-             "{} prefetches, {} errors\n",
-             u64(io, "reads"), bytes(u64(io, "bytes_read")), u64(io, "writes"), bytes(u64(io, "bytes_written")),
-             u64(io, "flushes"), u64(io, "trims"), u64(io, "zeroes"), u64(io, "block_status"),
-             u64(io, "prefetches"), u64(io, "errors"));
-  if (e["cache"].is_object()) {
-    const auto& k = e["cache"];
-    fmt::print("cache:     {} ({} chunks{}{})\n", str(k, "path"), bytes(u64(k, "chunk_size")),
-               u64(k, "capacity") ? ", capacity " + bytes(u64(k, "capacity")) : "",
-               k.value("detached", false) ? ", detached" : "");
-    fmt::print("           present {}, dirty {}, on disk {}, {} hits, {} misses, fetched {}, written back {}\n",
-               bytes(u64(k, "present_bytes")), bytes(u64(k, "dirty_bytes")), bytes(u64(k, "file_bytes")),
-               u64(k, "hits"), u64(k, "misses"), bytes(u64(k, "bytes_fetched")), bytes(u64(k, "bytes_written_back")));
-    fmt::print("           {} evictions ({}), {} fetch errors, {} write-back errors, {} failed requests{}\n",
-               u64(k, "evictions"), bytes(u64(k, "evicted_bytes")), u64(k, "fetch_errors"),
-               u64(k, "writeback_errors"), u64(k, "failed_requests"),
-               k.value("recovered", false) ? ", recovered after an unclean stop" : "");
-    fmt::print("prefetch:  {}\n", prefetch_summary(e["prefetch"]));
-  } else {
-    std::puts("cache:     none");
-  }
-  return kOk;
+  OneRequest command{
+      .usage = "Usage: blockway stats NAME [--json] [--socket PATH]\n\n"
+               "One export's state and its counters since the daemon started: requests and\n"
+               "bytes, cache hits and misses, bytes fetched and written back, errors.",
+      .positionals = 1};
+  command.request = [](const Args& a) { return Request("stats", {{"name", a.positional[0]}}); };
+  command.print = [](const Args&, const Json& e) {
+    if (failed_export(e)) {
+      fmt::print("export:    {}\nuri:       {}\noptions:   {}\nstate:     {}\n", str(e, "name"), str(e, "uri"),
+                 str(e, "options"), str(e, "state"));
+      return;
+    }
+    fmt::print("export:    {}\nuri:       {}\nbackend:   {}\nsize:      {} ({} bytes){}\nmode:      {}\nclients:   {}\n",
+               str(e, "name"), str(e, "uri"), str(e, "backend"), bytes(u64(e, "size")), u64(e, "size"),
+               e.value("read_only", false) ? ", read-only" : "", str(e, "mode"), u64(e, "clients"));
+    const auto& r = e["remote"];
+    fmt::print("remote:    {}", remote_summary(r));
+    if (str(r, "kind") == "network")
+      fmt::print(" (session {}, {} reconnects, {} retries, {} failures{})", u64(r, "generation"), u64(r, "reconnects"),
+                 u64(r, "retries"), u64(r, "failures"),
+                 r.contains("last_error") ? ", last error: " + str(r, "last_error") : "");
+    std::puts("");
+    const auto& io = e["io"];
+    fmt::print("requests:  {} reads ({}), {} writes ({}), {} flushes, {} trims, {} zeroes, {} block-status, "
+               "{} prefetches, {} errors\n",
+               u64(io, "reads"), bytes(u64(io, "bytes_read")), u64(io, "writes"), bytes(u64(io, "bytes_written")),
+               u64(io, "flushes"), u64(io, "trims"), u64(io, "zeroes"), u64(io, "block_status"),
+               u64(io, "prefetches"), u64(io, "errors"));
+    if (e["cache"].is_object()) {
+      const auto& k = e["cache"];
+      fmt::print("cache:     {} ({} chunks{}{})\n", str(k, "path"), bytes(u64(k, "chunk_size")),
+                 u64(k, "capacity") ? ", capacity " + bytes(u64(k, "capacity")) : "",
+                 k.value("detached", false) ? ", detached" : "");
+      fmt::print("           present {}, dirty {}, on disk {}, {} hits, {} misses, fetched {}, written back {}\n",
+                 bytes(u64(k, "present_bytes")), bytes(u64(k, "dirty_bytes")), bytes(u64(k, "file_bytes")),
+                 u64(k, "hits"), u64(k, "misses"), bytes(u64(k, "bytes_fetched")), bytes(u64(k, "bytes_written_back")));
+      fmt::print("           {} evictions ({}), {} fetch errors, {} write-back errors, {} failed requests{}\n",
+                 u64(k, "evictions"), bytes(u64(k, "evicted_bytes")), u64(k, "fetch_errors"),
+                 u64(k, "writeback_errors"), u64(k, "failed_requests"),
+                 k.value("recovered", false) ? ", recovered after an unclean stop" : "");
+      fmt::print("prefetch:  {}\n", prefetch_summary(e["prefetch"]));
+    } else {
+      std::puts("cache:     none");
+    }
+    return;
+  };
+  return run_one_request(in, command);
 }
 
 }  // namespace blockway::cli

@@ -2,7 +2,6 @@
 #include "cli/command.hpp"
 
 #include "cli/args.hpp"
-#include "cli/control_client.hpp"
 #include "cli/format.hpp"
 
 #include <fmt/format.h>
@@ -12,36 +11,33 @@
 namespace blockway::cli {
 
 int status_command(const std::vector<std::string>& in) {
-  const std::string usage =
-      "Usage: blockway status [--json] [--socket PATH]\n\n"
-      "Every export of the running daemon: mode, size, cached and dirty bytes,\n"
-      "prefetch progress, remote health and connected clients.";
-  auto a = parse_args(in, usage, {}, {});
-  if (a.help) return std::puts(usage.c_str()), kOk;
-  need_positionals(a, 0, usage);
-  ControlClient c(control_socket_path(a.option("--socket")));
-  const Json r = c.call("status");
-  if (a.has("--json")) return print_json(r), kOk;
-  const auto& list = r.at("exports");
-  if (list.empty()) {
-    std::puts("no exports");
-    return kOk;
-  }
-  fmt::print("{:<16} {:<15} {:>10} {:>10} {:>10} {:<10} {:>7}  {}\n", "NAME", "MODE", "SIZE", "PRESENT", "DIRTY",
-             "REMOTE", "CLIENTS", "PREFETCH");
-  for (const auto& e : list) {
-    if (failed_export(e)) {
-      fmt::print("{:<16} {}\n", str(e, "name"), str(e, "state"));
-      continue;
+  OneRequest command{
+      .usage = "Usage: blockway status [--json] [--socket PATH]\n\n"
+               "Every export of the running daemon: mode, size, cached and dirty bytes,\n"
+               "prefetch progress, remote health and connected clients."};
+  command.request = [](const Args&) { return Request("status", Json::object()); };
+  command.print = [](const Args&, const Json& r) {
+    const auto& list = r.at("exports");
+    if (list.empty()) {
+      std::puts("no exports");
+      return;
     }
-    std::string mode = str(e, "mode");
-    if (e.value("read_only", false)) mode += ",ro";
-    fmt::print("{:<16} {:<15} {:>10} {:>10} {:>10} {:<10} {:>7}  {}\n", str(e, "name"), mode, bytes(u64(e, "size")),
-               e["present_bytes"].is_number() ? bytes(u64(e, "present_bytes")) : "-",
-               e["dirty_bytes"].is_number() ? bytes(u64(e, "dirty_bytes")) : "-", remote_summary(e["remote"]),
-               u64(e, "clients"), prefetch_summary(e["prefetch"]));
-  }
-  return kOk;
+    fmt::print("{:<16} {:<15} {:>10} {:>10} {:>10} {:<10} {:>7}  {}\n", "NAME", "MODE", "SIZE", "PRESENT", "DIRTY",
+               "REMOTE", "CLIENTS", "PREFETCH");
+    for (const auto& e : list) {
+      if (failed_export(e)) {
+        fmt::print("{:<16} {}\n", str(e, "name"), str(e, "state"));
+        continue;
+      }
+      std::string mode = str(e, "mode");
+      if (e.value("read_only", false)) mode += ",ro";
+      fmt::print("{:<16} {:<15} {:>10} {:>10} {:>10} {:<10} {:>7}  {}\n", str(e, "name"), mode, bytes(u64(e, "size")),
+                 e["present_bytes"].is_number() ? bytes(u64(e, "present_bytes")) : "-",
+                 e["dirty_bytes"].is_number() ? bytes(u64(e, "dirty_bytes")) : "-", remote_summary(e["remote"]),
+                 u64(e, "clients"), prefetch_summary(e["prefetch"]));
+    }
+  };
+  return run_one_request(in, command);
 }
 
 }  // namespace blockway::cli

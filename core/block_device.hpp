@@ -26,11 +26,14 @@ struct ByteRange {
   friend bool operator==(const ByteRange&, const ByteRange&) = default;
 };
 
+// The largest single read or write a device takes unless it says less.
+inline constexpr uint32_t kDefaultMaxTransfer = 32u << 20;
+
 struct Geometry {
   uint64_t size = 0;               // bytes
   uint32_t min_block = 1;          // every offset and length is a multiple
   uint32_t preferred_block = 4096;  // what clients should use for efficiency
-  uint32_t max_transfer = 32u << 20;  // largest single read/write the device takes
+  uint32_t max_transfer = kDefaultMaxTransfer;  // largest single read/write the device takes
 };
 
 // How an operation is provided: not at all, emulated by CheckedDevice, or by

@@ -207,7 +207,9 @@ std::vector<std::pair<std::string_view, std::string_view>> flags() {
 }
 
 std::string usage() {
-  std::string out = "Usage: blockwayd [OPTIONS]\n\nServes disk images as NBD exports (and as files in a FUSE mount).\n\n";
+  std::string out =
+      "Usage: blockwayd [OPTIONS]\n\n"
+      "Serves disk images as NBD exports (and as files in a FUSE mount).\n\n";
   for (const auto& f : kFlags)
     entry(out, f.value.empty() ? std::string(f.name) : std::string(f.name) + " " + std::string(f.value), f.help);
   out +=

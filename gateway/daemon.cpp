@@ -134,7 +134,8 @@ int run_daemon(DaemonConfig config) {
   complete(config);
   // Checked before anything starts; a [fuse] table without a mountpoint
   // only sets the options of a mount made later at run time.
-  auto fuse_options = fuse::FuseOptions::parse(config.fuse ? config.fuse->options : std::map<std::string, std::string>{});
+  auto fuse_options =
+      fuse::FuseOptions::parse(config.fuse ? config.fuse->options : std::map<std::string, std::string>{});
   fuse_options.shutdown_timeout = config.shutdown_timeout;
 
   std::signal(SIGPIPE, SIG_IGN);  // a vanished client is an error code, not a signal

@@ -21,6 +21,7 @@
 #include "core/event_loops.hpp"
 #include "core/options.hpp"
 #include "core/remote_device.hpp"
+#include "remote/uri.hpp"
 
 #include <boost/asio/thread_pool.hpp>
 
@@ -73,6 +74,14 @@ struct Backend {
 constexpr core::OptionSpec io_timeout_option(std::string_view help) {
   return {.name = "io-timeout", .kind = core::OptionKind::seconds, .help = help, .min = 0.1, .max = 86400};
 }
+
+// How many sessions (connections) a network backend keeps: 1 to 64.
+constexpr core::OptionSpec session_count_option(std::string_view name, std::string_view help) {
+  return {.name = name, .kind = core::OptionKind::number, .help = help, .min = 1, .max = 64};
+}
+
+// A URI in the generic syntax (remote/uri.hpp). Throws BackendError quoting it.
+Uri parse_uri(const std::string& text);
 
 // The event loops a backend that keeps sessions on them needs; BackendError
 // naming the URI if the daemon gave none.

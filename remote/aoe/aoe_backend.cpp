@@ -1,9 +1,6 @@
 #include "remote/aoe/aoe_backend.hpp"
 
 #include "remote/aoe/aoe_device.hpp"
-#include "remote/uri.hpp"
-
-#include <stdexcept>
 
 namespace blockway::remote::aoe {
 namespace {
@@ -17,13 +14,7 @@ constexpr core::OptionSpec kDiscoverTimeout{.name = "discover-timeout",
                                             .max = 3600};
 constexpr core::OptionSpec kOptions[] = {kIoTimeout, kDiscoverTimeout};
 
-AoeAddress address_of(const std::string& text) {
-  try {
-    return parse_address(Uri::parse(text), text);
-  } catch (const std::invalid_argument& e) {
-    throw BackendError(e.what());
-  }
-}
+AoeAddress address_of(const std::string& text) { return parse_address(parse_uri(text), text); }
 
 }  // namespace
 

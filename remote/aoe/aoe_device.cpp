@@ -28,9 +28,7 @@
 
 namespace blockway::remote::aoe {
 
-using core::ByteRange;
 using core::errno_code;
-using core::ExtentList;
 using core::IoFlags;
 using core::Support;
 using core::Task;
@@ -38,7 +36,6 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 
-constexpr uint32_t kMaxTransfer = 32u << 20;
 constexpr size_t kMaxWindow = 1024;          // slots, even if a target offers more buffers
 // A tag is a slot index (low 10 bits) and that slot's use count (high 22
 // bits): a late answer to an earlier use of the slot has another tag, for
@@ -530,7 +527,7 @@ AoeDevice::AoeDevice(std::string uri, AoeAddress address, AoeOptions options, bo
   geometry_.size = found.target.identify.sectors * kSectorSize;
   geometry_.min_block = kSectorSize;
   geometry_.preferred_block = 4096;
-  geometry_.max_transfer = kMaxTransfer;
+  geometry_.max_transfer = core::kDefaultMaxTransfer;
   caps_.read_only = read_only;
   caps_.flush = Support::native;
   caps_.multi_conn = true;  // one session: a flush covers every completed write

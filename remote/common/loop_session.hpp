@@ -85,19 +85,22 @@ class LoopSession : public FdWatcher::Client, public std::enable_shared_from_thi
   void kick() { watcher_->kick(); }
   void kick_soon() { watcher_->kick_soon(); }
 
-  // The executor a request's completion runs on (the awaiting coroutine's).
-  template <class H>
-  [[nodiscard]] boost::asio::any_io_executor executor_of(const H& handler) const {
-    return boost::asio::get_associated_executor(handler, io_.get_executor());
-  }
-
-  // Fails a request at once (posted, never in the caller's frame): for one
-  // that arrives while the session is down.
-  template <class H>
-  static void fail_now(const boost::asio::any_io_executor& ex, H handler, int err) {
-    boost::asio::post(ex, [h = std::move(handler), err]() mutable {
-      std::move(h)(std::error_code(err, std::system_category()));
-    });
+  // A new request (a SessionRequest) that completes `handler` on the
+  // awaiting coroutine's executor, or nullptr when the session is down
+  // (no handle, or not alive): then the handler fails with ENOTCONN, posted,
+  // never in the caller's frame.
+  template <class Request, class H>
+  [[nodiscard]] std::unique_ptr<Request> new_request(H handler, bool have_handle) {
+    boost::asio::any_io_executor ex = boost::asio::get_associated_executor(handler, io_.get_executor());
+    if (!have_handle || !alive()) {
+      boost::asio::post(ex, [h = std::move(handler)]() mutable {
+        std::move(h)(std::error_code(ENOTCONN, std::system_category()));
+      });
+      return nullptr;
+    }
+    auto r = std::make_unique<Request>();
+    r->begin(std::move(ex), std::move(handler));
+    return r;
   }
 
   // shared_from_this() as the derived type.

@@ -1,9 +1,7 @@
 #include "remote/file/file_backend.hpp"
 
 #include "remote/file/file_device.hpp"
-#include "remote/uri.hpp"
 
-#include <stdexcept>
 #include <system_error>
 
 namespace blockway::remote::file {
@@ -11,12 +9,7 @@ namespace {
 
 // The path the URI names. Throws BackendError.
 std::string path_of(const std::string& text) {
-  Uri uri;
-  try {
-    uri = Uri::parse(text);
-  } catch (const std::invalid_argument& e) {
-    throw BackendError(e.what());
-  }
+  const Uri uri = parse_uri(text);
   if (!uri.host.empty() && uri.host != "localhost")
     throw BackendError("file URI '" + text + "' names a host; use file:///absolute/path");
   if (uri.path.empty() || uri.path == "/")

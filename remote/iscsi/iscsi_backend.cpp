@@ -7,12 +7,10 @@
 namespace blockway::remote::iscsi {
 namespace {
 
-constexpr core::OptionSpec kSessions{.name = "sessions",
-                                     .kind = core::OptionKind::number,
-                                     .help = "sessions logged in to the target (default: one per event loop)",
-                                     .min = 1,
-                                     .max = 64};
-constexpr core::OptionSpec kIoTimeout = io_timeout_option("a command unanswered this long drops its session (default 30)");
+constexpr core::OptionSpec kSessions =
+    session_count_option("sessions", "sessions logged in to the target (default: one per event loop)");
+constexpr core::OptionSpec kIoTimeout =
+    io_timeout_option("a command unanswered this long drops its session (default 30)");
 constexpr core::OptionSpec kInitiator{.name = "initiator",
                                       .kind = core::OptionKind::text,
                                       .help = "the initiator name to log in with (default "

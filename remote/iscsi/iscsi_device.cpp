@@ -30,7 +30,6 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 
-constexpr uint32_t kDefaultMaxTransfer = 32u << 20;
 constexpr int kMaxAttempts = 8;            // per command, for UNIT ATTENTION, BUSY and the like
 constexpr uint32_t kLbaStatusAlloc = 4096;  // GET LBA STATUS answer: up to 255 descriptors
 constexpr uint64_t kMaxBlocksPerCommand = 0xffffffffull;
@@ -314,12 +313,10 @@ class IscsiDevice::Session final : public common::LoopSession {
   // iscsi_*_task() function and returns its task (or nullptr).
   template <class H, class Issue>
   void start(H handler, Issue& issue) {
-    auto ex = executor_of(handler);
-    if (!ctx_ || !alive()) return fail_now(ex, std::move(handler), ENOTCONN);
-    auto owned = std::make_unique<Request>();
+    auto owned = new_request<Request>(std::move(handler), ctx_ != nullptr);
+    if (!owned) return;
     Request* r = owned.get();
     r->session = this;
-    r->begin(std::move(ex), std::move(handler));
     r->task = issue(ctx_.get(), lun_, r, &on_command);
     if (r->task == nullptr) {
       // Not queued, no callback will come: fail it here.
@@ -429,7 +426,7 @@ IscsiDevice::IscsiDevice(IscsiUri uri, bool read_only, IscsiOptions options, cor
   geometry_.size = info_.blocks * bs;
   geometry_.min_block = bs;
   geometry_.preferred_block = std::max<uint32_t>(4096, bs << info_.physical_exponent);
-  uint64_t max_bytes = kDefaultMaxTransfer;
+  uint64_t max_bytes = core::kDefaultMaxTransfer;
   if (info_.max_transfer_blocks > 0) max_bytes = std::min<uint64_t>(max_bytes, uint64_t{info_.max_transfer_blocks} * bs);
   geometry_.max_transfer = std::max<uint32_t>(static_cast<uint32_t>(max_bytes / bs * bs), bs);
 
@@ -508,6 +505,20 @@ Task<std::error_code> IscsiDevice::submit(Issue issue, uint64_t data_bytes) {
   return submit_on(sessions_.pick_live(), std::move(issue), data_bytes);
 }
 
+template <class Issue>
+Task<std::error_code> IscsiDevice::submit_blocks(uint64_t lba, uint64_t blocks, uint64_t step, Issue issue) {
+  while (blocks > 0) {
+    const uint64_t n = std::min(blocks, step);
+    auto ec = co_await submit([lba, n, issue](iscsi_context* ctx, int lun, Request* r, iscsi_command_cb cb) {
+      return issue(ctx, lun, r, cb, lba, n);
+    });
+    if (ec) co_return ec;
+    lba += n;
+    blocks -= n;
+  }
+  co_return std::error_code{};
+}
+
 Task<std::error_code> IscsiDevice::read(std::span<std::byte> buf, uint64_t offset, IoFlags /*flags*/) {
   if (buf.empty()) co_return std::error_code{};
   const uint32_t bs = info_.block_size;
@@ -544,20 +555,14 @@ Task<std::error_code> IscsiDevice::trim(ByteRange range, IoFlags flags) {
   if (caps_.read_only) co_return errno_code(EPERM);
   if (caps_.trim != Support::native) co_return errno_code(EOPNOTSUPP);
   const uint32_t bs = info_.block_size;
-  uint64_t lba = range.offset / bs;
-  uint64_t left = range.length / bs;
+  const uint64_t lba = range.offset / bs;
+  const uint64_t left = range.length / bs;
   const uint64_t step = std::min<uint64_t>(info_.max_unmap_blocks, kMaxBlocksPerCommand);
-  while (left > 0) {
-    const uint64_t n = std::min(left, step);
-    auto issue = [lba, n](iscsi_context* ctx, int lun, Request* r, iscsi_command_cb cb) {
-      r->unmap = {lba, static_cast<uint32_t>(n)};
-      return iscsi_unmap_task(ctx, lun, 0, 0, &r->unmap, 1, cb, r);
-    };
-    auto ec = co_await submit(issue);
-    if (ec) co_return ec;
-    lba += n;
-    left -= n;
-  }
+  auto unmap = [](iscsi_context* ctx, int lun, Request* r, iscsi_command_cb cb, uint64_t first, uint64_t n) {
+    r->unmap = {first, static_cast<uint32_t>(n)};
+    return iscsi_unmap_task(ctx, lun, 0, 0, &r->unmap, 1, cb, r);
+  };
+  if (auto ec = co_await submit_blocks(lba, left, step, unmap)) co_return ec;
   if (flags & core::kFua) co_return co_await flush();
   co_return std::error_code{};
 }
@@ -570,21 +575,16 @@ Task<std::error_code> IscsiDevice::zero(ByteRange range, IoFlags flags) {
   const int unmap = info_.unmapped_reads_zero && !(flags & core::kNoHole) ? 1 : 0;
   if ((flags & core::kFastZero) && !unmap) co_return errno_code(EOPNOTSUPP);
   const uint32_t bs = info_.block_size;
-  uint64_t lba = range.offset / bs;
-  uint64_t left = range.length / bs;
-  uint64_t step = info_.max_write_same_blocks != 0 ? info_.max_write_same_blocks : (32u << 20) / bs;
+  const uint64_t lba = range.offset / bs;
+  const uint64_t left = range.length / bs;
+  uint64_t step = info_.max_write_same_blocks != 0 ? info_.max_write_same_blocks : core::kDefaultMaxTransfer / bs;
   step = std::min(step, kMaxBlocksPerCommand);
   unsigned char* pattern = zero_block_.data();
-  while (left > 0) {
-    const uint64_t n = std::min(left, step);
-    auto issue = [lba, n, unmap, bs, pattern](iscsi_context* ctx, int lun, Request* r, iscsi_command_cb cb) {
-      return iscsi_writesame16_task(ctx, lun, lba, pattern, bs, static_cast<uint32_t>(n), 0, unmap, 0, 0, cb, r);
-    };
-    auto ec = co_await submit(issue);
-    if (ec) co_return ec;
-    lba += n;
-    left -= n;
-  }
+  auto write_same = [unmap, bs, pattern](iscsi_context* ctx, int lun, Request* r, iscsi_command_cb cb, uint64_t first,
+                                         uint64_t n) {
+    return iscsi_writesame16_task(ctx, lun, first, pattern, bs, static_cast<uint32_t>(n), 0, unmap, 0, 0, cb, r);
+  };
+  if (auto ec = co_await submit_blocks(lba, left, step, write_same)) co_return ec;
   if (flags & core::kFua) co_return co_await flush();
   co_return std::error_code{};
 }

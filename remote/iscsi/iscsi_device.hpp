@@ -118,6 +118,10 @@ class IscsiDevice final : public core::RemoteDevice {
   core::Task<std::error_code> submit_on(Session& s, Issue issue, uint64_t data_bytes = 0);
   template <class Issue>
   core::Task<std::error_code> submit_once(Session& s, Issue& issue);
+  // Trim and zero: commands of at most `step` blocks from `lba` on.
+  // issue(ctx, lun, request, callback, first_lba, count) queues one.
+  template <class Issue>
+  core::Task<std::error_code> submit_blocks(uint64_t lba, uint64_t blocks, uint64_t step, Issue issue);
 
   IscsiUri uri_;
   bool read_only_ = false;

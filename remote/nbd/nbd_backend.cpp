@@ -1,31 +1,20 @@
 #include "remote/nbd/nbd_backend.hpp"
 
 #include "remote/nbd/nbd_device.hpp"
-#include "remote/uri.hpp"
-
-#include <stdexcept>
 
 namespace blockway::remote::nbd {
 namespace {
 
-constexpr core::OptionSpec kConnections{
-    .name = "connections",
-    .kind = core::OptionKind::number,
-    .help = "connections to the server (default: one per event loop with multi-conn, else 1)",
-    .min = 1,
-    .max = 64};
-constexpr core::OptionSpec kIoTimeout = io_timeout_option("a request unanswered this long drops its connection (default 30)");
+constexpr core::OptionSpec kConnections = session_count_option(
+    "connections", "connections to the server (default: one per event loop with multi-conn, else 1)");
+constexpr core::OptionSpec kIoTimeout =
+    io_timeout_option("a request unanswered this long drops its connection (default 30)");
 constexpr core::OptionSpec kOptions[] = {kConnections, kIoTimeout};
 
 // Validates the URI (libnbd parses it again when it connects) and takes the
 // options. Throws BackendError or core::ConfigError.
 NbdOptions settings(const std::string& text, core::Options& options) {
-  Uri uri;
-  try {
-    uri = Uri::parse(text);
-  } catch (const std::invalid_argument& e) {
-    throw BackendError(e.what());
-  }
+  const Uri uri = parse_uri(text);
   if (uri.scheme == "nbd") {
     if (uri.host.empty()) throw BackendError("NBD URI '" + text + "' names no host; use nbd://host[:port]/export");
     if (!uri.query.empty()) throw BackendError("NBD URI '" + text + "' takes no query parameters");

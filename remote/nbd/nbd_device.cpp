@@ -24,7 +24,6 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 
-constexpr uint32_t kDefaultMaxTransfer = 32u << 20;
 // NBD lengths are 32-bit; trim, zero and block status go in steps of this.
 constexpr uint64_t kMaxCommandLength = 1ull << 30;
 constexpr const char* kBaseAllocation = "base:allocation";
@@ -165,12 +164,10 @@ class NbdDevice::Session final : public common::LoopSession {
   // Issues one command. `issue(handle, request, completion)` calls nbd_aio_*.
   template <class H, class Issue>
   void start(H handler, Issue& issue) {
-    auto ex = executor_of(handler);
-    if (!h_ || !alive()) return fail_now(ex, std::move(handler), ENOTCONN);
-    auto owned = std::make_unique<Request>();
+    auto owned = new_request<Request>(std::move(handler), h_ != nullptr);
+    if (!owned) return;
     Request* r = owned.get();
     r->session = this;
-    r->begin(std::move(ex), std::move(handler));
     inflight_.link(r, shared_from_this());
     r->issuing = true;
     const nbd_completion_callback cb{&on_complete, r, &on_free};
@@ -270,7 +267,7 @@ NbdDevice::NbdDevice(std::string uri, bool read_only, NbdOptions options, core::
   geometry_.min_block = min_block > 0 ? static_cast<uint32_t>(min_block) : 1;
   geometry_.preferred_block = preferred > 0 ? static_cast<uint32_t>(preferred) : 4096;
   geometry_.max_transfer =
-      maximum > 0 ? static_cast<uint32_t>(std::min<int64_t>(maximum, kDefaultMaxTransfer)) : kDefaultMaxTransfer;
+      maximum > 0 ? static_cast<uint32_t>(std::min<int64_t>(maximum, core::kDefaultMaxTransfer)) : core::kDefaultMaxTransfer;
   geometry_.max_transfer = std::max(geometry_.max_transfer, geometry_.min_block);
 
   auto native_if = [](int yes) { return yes == 1 ? Support::native : Support::none; };

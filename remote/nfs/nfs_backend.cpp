@@ -7,15 +7,14 @@
 namespace blockway::remote::nfs {
 namespace {
 
-constexpr core::OptionSpec kConnections{.name = "connections",
-                                        .kind = core::OptionKind::number,
-                                        .help = "sessions mounted on the server (default: one per event loop)",
-                                        .min = 1,
-                                        .max = 64};
-constexpr core::OptionSpec kIoTimeout = io_timeout_option("an RPC unanswered this long drops its session (default 30)");
+constexpr core::OptionSpec kConnections =
+    session_count_option("connections", "sessions mounted on the server (default: one per event loop)");
+constexpr core::OptionSpec kIoTimeout =
+    io_timeout_option("an RPC unanswered this long drops its session (default 30)");
 constexpr core::OptionSpec kKeepalive{.name = "keepalive",
                                       .kind = core::OptionKind::seconds,
-                                      .help = "NFSv4: an idle session renews its lease this often (default 20; 0: never)",
+                                      .help = "NFSv4: an idle session renews its lease this often "
+                                              "(default 20; 0: never)",
                                       .min = 0,
                                       .max = 86400};
 constexpr core::OptionSpec kOptions[] = {kConnections, kIoTimeout, kKeepalive, common::kInflightKibOption};

@@ -33,9 +33,7 @@ extern "C" const char* __lsan_default_suppressions() { return "leak:nfs4_set_cli
 
 namespace blockway::remote::nfs {
 
-using core::ByteRange;
 using core::errno_code;
-using core::ExtentList;
 using core::IoFlags;
 using core::Support;
 using core::Task;
@@ -43,7 +41,6 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 
-constexpr uint64_t kMaxTransfer = 32u << 20;
 constexpr uint32_t kNfs4WriteMax = 3072;
 
 struct ContextCloser {
@@ -362,12 +359,10 @@ class NfsDevice::Session final : public common::LoopSession {
   // Issues `op` as one or more RPCs.
   template <class H>
   void start(H handler, const NfsOp& op) {
-    auto ex = executor_of(handler);
-    if (!file_ || !alive()) return fail_now(ex, std::move(handler), ENOTCONN);
-    auto owned = std::make_unique<Request>();
+    auto owned = new_request<Request>(std::move(handler), static_cast<bool>(file_));
+    if (!owned) return;
     Request& r = *owned;
     r.session = this;
-    r.begin(std::move(ex), std::move(handler));
     r.transferred = op.transferred;
     last_issue_ = r.started;
     inflight_.link(&r, shared_from_this());
@@ -535,7 +530,7 @@ namespace {
 
 uint32_t clamp_transfer(uint64_t server_max) {
   if (server_max == 0) return 1u << 20;  // libnfs always knows; be safe anyway
-  return static_cast<uint32_t>(std::min<uint64_t>(server_max, kMaxTransfer));
+  return static_cast<uint32_t>(std::min<uint64_t>(server_max, core::kDefaultMaxTransfer));
 }
 
 }  // namespace
@@ -556,7 +551,7 @@ NfsDevice::NfsDevice(std::string uri, NfsTarget target, bool read_only, NfsOptio
   // data; larger writes are sent as several pipelined RPCs.
   if (target_.version == 4) write_max_ = std::min<uint32_t>(write_max_, kNfs4WriteMax);
   // Larger requests are split here and pipelined; this is only a hint.
-  geometry_.max_transfer = static_cast<uint32_t>(kMaxTransfer);
+  geometry_.max_transfer = core::kDefaultMaxTransfer;
   caps_.read_only = file.read_only;
   stable_writes_ = file.fh_stable != nullptr;
   caps_.flush = Support::native;

@@ -1,9 +1,6 @@
 #include "remote/nfs/nfs_uri.hpp"
 
 #include "remote/backend.hpp"
-#include "remote/uri.hpp"
-
-#include <stdexcept>
 
 namespace blockway::remote::nfs {
 namespace {
@@ -17,12 +14,7 @@ NfsTarget NfsTarget::parse(std::string_view text) {
   auto fail = [&whole](const std::string& what) {
     throw BackendError("NFS URI '" + whole + "' " + what + "; use " + kForm);
   };
-  Uri uri;
-  try {
-    uri = Uri::parse(text);
-  } catch (const std::invalid_argument& e) {
-    throw BackendError(e.what());
-  }
+  const Uri uri = parse_uri(whole);
   if (uri.scheme != "nfs") fail("does not start with nfs://");
   if (!uri.user.empty()) fail("names a user (authentication is AUTH_SYS with the daemon's uid/gid)");
   if (uri.host.empty()) fail("names no server");

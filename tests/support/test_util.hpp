@@ -10,6 +10,7 @@
 #include <exception>
 #include <functional>
 #include <optional>
+#include <string>
 #include <thread>
 
 namespace blockway::test {
@@ -27,6 +28,18 @@ T sync_wait(core::Task<T> task) {
   io.run();
   if (error) std::rethrow_exception(error);
   return std::move(*result);
+}
+
+// The message of the exception of type E that f() throws, or "" if it
+// throws none: what_of<core::ConfigError>([&] { parse(...); }).
+template <class E, class F>
+std::string what_of(F&& f) {
+  try {
+    f();
+  } catch (const E& e) {
+    return e.what();
+  }
+  return "";
 }
 
 // Polls `pred` until it holds or `timeout` passes; returns its last value.

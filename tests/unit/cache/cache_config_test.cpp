@@ -2,6 +2,7 @@
 #include "cache/cache_config.hpp"
 
 #include "core/options.hpp"
+#include "tests/support/test_util.hpp"
 
 #include <gtest/gtest.h>
 
@@ -18,12 +19,7 @@ std::optional<CacheConfig> take(Options& values) {
 
 // The message of the ConfigError that take_from throws, or "" if it does not.
 std::string error_of(Options opts) {
-  try {
-    (void)take(opts);
-  } catch (const core::ConfigError& e) {
-    return e.what();
-  }
-  return "";
+  return test::what_of<core::ConfigError>([&] { (void)take(opts); });
 }
 
 TEST(CacheConfig, NoCacheKeyMeansNoCache) {

@@ -2,6 +2,7 @@
 #include "core/listen_address.hpp"
 
 #include "core/options.hpp"
+#include "tests/support/test_util.hpp"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -12,17 +13,7 @@ namespace blockway::core {
 namespace {
 
 using ::testing::HasSubstr;
-
-// The message of the ConfigError that f throws ("" if it throws none).
-template <class F>
-std::string config_error(F&& f) {
-  try {
-    f();
-  } catch (const ConfigError& e) {
-    return e.what();
-  }
-  return "";
-}
+using test::what_of;
 
 // ---------------------------------------------------------------- ListenAddress
 
@@ -75,7 +66,7 @@ TEST(ListenAddress, Errors) {
       {"host:-1", "not a valid number"},
   };
   for (const auto& [text, expect] : cases) {
-    const auto msg = config_error([&] { ListenAddress::parse(text); });
+    const auto msg = what_of<ConfigError>([&] { ListenAddress::parse(text); });
     EXPECT_THAT(msg, HasSubstr(expect)) << "input '" << text << "'";
     EXPECT_THAT(msg, HasSubstr(text)) << "the message quotes the address";
   }

@@ -1,7 +1,8 @@
-// Unit tests for core/options: sizes, booleans and the errors that name the setting.
+// Unit tests for core/options: the parsers (sizes, seconds, booleans, numbers),
+// the Options reader and OptionSpec's help, and the errors that name the
+// setting.
 #include "core/options.hpp"
-
-#include "core/options.hpp"
+#include "tests/support/test_util.hpp"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -14,17 +15,7 @@ namespace blockway::core {
 namespace {
 
 using ::testing::HasSubstr;
-
-// The message of the ConfigError that f throws ("" if it throws none).
-template <class F>
-std::string config_error(F&& f) {
-  try {
-    f();
-  } catch (const ConfigError& e) {
-    return e.what();
-  }
-  return "";
-}
+using test::what_of;
 
 // ---------------------------------------------------------------- parse_size / parse_bool
 
@@ -41,13 +32,13 @@ TEST(ParseSize, PlainNumbersAndBinaryUnits) {
 
 TEST(ParseSize, RejectsGarbageAndNamesTheSetting) {
   for (const char* bad : {"", "k", "-1", "1.5G", "12x", " 12", "12 ", "0x10", "1kk", "18446744073709551616"}) {
-    const auto msg = config_error([&] { parse_size(bad, "max-inflight"); });
+    const auto msg = what_of<ConfigError>([&] { parse_size(bad, "max-inflight"); });
     EXPECT_THAT(msg, HasSubstr("max-inflight")) << "input '" << bad << "'";
   }
 }
 
 TEST(ParseSize, RejectsOverflowThroughTheUnit) {
-  EXPECT_THAT(config_error([] { parse_size("16777216T", "max-request"); }), HasSubstr("too large"));
+  EXPECT_THAT(what_of<ConfigError>([] { parse_size("16777216T", "max-request"); }), HasSubstr("too large"));
   EXPECT_EQ(parse_size("16777215T", "x"), 16777215ull << 40);
 }
 
@@ -58,7 +49,7 @@ TEST(ParseBool, AcceptsTheUsualSpellings) {
 
 TEST(ParseBool, RejectsOtherWordsAndNamesTheSetting) {
   for (const char* bad : {"", "maybe", "2", "onn", "y"}) {
-    const auto msg = config_error([&] { parse_bool(bad, "read-only"); });
+    const auto msg = what_of<ConfigError>([&] { parse_bool(bad, "read-only"); });
     EXPECT_THAT(msg, HasSubstr("read-only")) << "input '" << bad << "'";
   }
 }
@@ -76,22 +67,22 @@ TEST(ParseSeconds, WholeAndDecimalSecondsToMilliseconds) {
 
 TEST(ParseSeconds, RejectsGarbageAndValuesOutOfRangeNamingBoth) {
   for (const char* bad : {"", "x", "5s", "-1", " 5", "inf", "nan", "0x10", "1,5"}) {
-    const auto msg = config_error([&] { parse_seconds(bad, "option io-timeout", 0.1, 86400); });
+    const auto msg = what_of<ConfigError>([&] { parse_seconds(bad, "option io-timeout", 0.1, 86400); });
     EXPECT_THAT(msg, HasSubstr(std::string("option io-timeout='") + bad + "'")) << "input '" << bad << "'";
     EXPECT_THAT(msg, HasSubstr("expected seconds from 0.1 to 86400")) << msg;
   }
-  EXPECT_THAT(config_error([] { parse_seconds("0.05", "io-timeout", 0.1, 86400); }), HasSubstr("0.1 to 86400"));
-  EXPECT_THAT(config_error([] { parse_seconds("86401", "io-timeout", 0.1, 86400); }), HasSubstr("86401"));
+  EXPECT_THAT(what_of<ConfigError>([] { parse_seconds("0.05", "io-timeout", 0.1, 86400); }), HasSubstr("0.1 to 86400"));
+  EXPECT_THAT(what_of<ConfigError>([] { parse_seconds("86401", "io-timeout", 0.1, 86400); }), HasSubstr("86401"));
 }
 
 TEST(ParseNumber, DecimalAndOctalWithinBounds) {
   EXPECT_EQ(parse_number("64", "x", 1, 64), 64u);
   EXPECT_EQ(parse_number("0644", "x", 0, 07777, 8), 0644u);
-  EXPECT_THAT(config_error([] { parse_number("65", "connections", 1, 64); }),
+  EXPECT_THAT(what_of<ConfigError>([] { parse_number("65", "connections", 1, 64); }),
               HasSubstr("connections='65': expected a number from 1 to 64"));
-  EXPECT_THAT(config_error([] { parse_number("0999", "mode", 0, 07777, 8); }), HasSubstr("octal"));
+  EXPECT_THAT(what_of<ConfigError>([] { parse_number("0999", "mode", 0, 07777, 8); }), HasSubstr("octal"));
   for (const char* bad : {"", "-1", "1.5", "x", "12 "})
-    EXPECT_THAT(config_error([&] { parse_number(bad, "n", 0, 10); }), HasSubstr("n='")) << bad;
+    EXPECT_THAT(what_of<ConfigError>([&] { parse_number(bad, "n", 0, 10); }), HasSubstr("n='")) << bad;
 }
 
 // ---------------------------------------------------------------- Options
@@ -114,7 +105,7 @@ TEST(Options, EachReaderTakesItsOptionsAndFinishReportsTheRest) {
   EXPECT_EQ(opts.seconds(kTimeout), std::nullopt);
   EXPECT_EQ(opts.number(kCount), 4u);
   EXPECT_EQ(values.size(), 1u);
-  const auto msg = config_error([&] { opts.finish(); });
+  const auto msg = what_of<ConfigError>([&] { opts.finish(); });
   EXPECT_THAT(msg, HasSubstr("export 'vm1': unknown option 'colour'"));
   EXPECT_THAT(msg, HasSubstr("io-timeout, connections")) << "lists what was asked for";
   values.clear();
@@ -124,10 +115,10 @@ TEST(Options, EachReaderTakesItsOptionsAndFinishReportsTheRest) {
 TEST(Options, ErrorsNameTheOptionTheValueAndWhere) {
   std::map<std::string, std::string> values{{"io-timeout", "x"}, {"connections", "0"}, {"inflight-kib", "2000"}};
   Options opts(values, "export 'vm1'");
-  EXPECT_THAT(config_error([&] { opts.seconds(kTimeout); }),
+  EXPECT_THAT(what_of<ConfigError>([&] { opts.seconds(kTimeout); }),
               HasSubstr("export 'vm1': option io-timeout='x': expected seconds from 0.1 to 86400"));
-  EXPECT_THAT(config_error([&] { opts.number(kCount); }), HasSubstr("option connections='0'"));
-  EXPECT_THAT(config_error([&] { opts.number(kKib); }), HasSubstr("inflight-kib='2000': expected KiB from 0 to 1024"));
+  EXPECT_THAT(what_of<ConfigError>([&] { opts.number(kCount); }), HasSubstr("option connections='0'"));
+  EXPECT_THAT(what_of<ConfigError>([&] { opts.number(kKib); }), HasSubstr("inflight-kib='2000': expected KiB from 0 to 1024"));
   EXPECT_THAT(opts.error(kCount, "is odd").what(), HasSubstr("export 'vm1': option 'connections' is odd"));
 }
 
@@ -138,11 +129,12 @@ TEST(Options, AliasesChoicesFlagsAndSizes) {
   EXPECT_EQ(opts.choice(kWord), "sequential") << "a listed synonym";
   EXPECT_EQ(opts.size(kSize), 1u << 20);
   values = {{"prefetch", "fast"}, {"readahead", "1G"}, {"allow-other", "1"}, {"allow_other", "1"}};
-  EXPECT_THAT(config_error([&] { opts.choice(kWord); }), HasSubstr("prefetch 'fast' is not off, sequential or hot-first"));
-  EXPECT_THAT(config_error([&] { opts.size(kSize); }), HasSubstr("readahead='1G'"));
-  EXPECT_THAT(config_error([&] { opts.flag(kFlag); }), HasSubstr("given twice"));
+  EXPECT_THAT(what_of<ConfigError>([&] { opts.choice(kWord); }),
+              HasSubstr("prefetch 'fast' is not off, sequential or hot-first"));
+  EXPECT_THAT(what_of<ConfigError>([&] { opts.size(kSize); }), HasSubstr("readahead='1G'"));
+  EXPECT_THAT(what_of<ConfigError>([&] { opts.flag(kFlag); }), HasSubstr("given twice"));
   values = {{"bogus", "1"}};
-  EXPECT_THAT(config_error([&] { opts.finish(); }), HasSubstr("unknown fuse option 'bogus'"));
+  EXPECT_THAT(what_of<ConfigError>([&] { opts.finish(); }), HasSubstr("unknown fuse option 'bogus'"));
 }
 
 TEST(OptionSpec, HelpShowsTheValueTheRangeAndTheAliases) {

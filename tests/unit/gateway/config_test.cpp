@@ -3,6 +3,7 @@
 #include "gateway/config.hpp"
 
 #include "fuse/fuse_front_end.hpp"
+#include "tests/support/test_util.hpp"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -21,17 +22,7 @@ using core::ConfigError;
 using core::ListenAddress;
 
 using ::testing::HasSubstr;
-
-// The message of the ConfigError that f throws ("" if it throws none).
-template <class F>
-std::string config_error(F&& f) {
-  try {
-    f();
-  } catch (const ConfigError& e) {
-    return e.what();
-  }
-  return "";
-}
+using test::what_of;
 
 // ---------------------------------------------------------------- ExportConfig::parse_spec
 
@@ -68,16 +59,16 @@ TEST(ExportSpec, FlagWithoutValueIsKeptAsEmptyOption) {
 }
 
 TEST(ExportSpec, ErrorsNameTheProblem) {
-  EXPECT_THAT(config_error([] { ExportConfig::parse_spec("just-a-name"); }), HasSubstr("NAME=URI"));
-  EXPECT_THAT(config_error([] { ExportConfig::parse_spec("=file:///x"); }), HasSubstr("export name is empty"));
-  EXPECT_THAT(config_error([] { ExportConfig::parse_spec("a="); }), HasSubstr("URI is empty"));
-  EXPECT_THAT(config_error([] { ExportConfig::parse_spec("a=,ro"); }), HasSubstr("URI is empty"));
-  EXPECT_THAT(config_error([] { ExportConfig::parse_spec(std::string(4097, 'n') + "=file:///x"); }),
+  EXPECT_THAT(what_of<ConfigError>([] { ExportConfig::parse_spec("just-a-name"); }), HasSubstr("NAME=URI"));
+  EXPECT_THAT(what_of<ConfigError>([] { ExportConfig::parse_spec("=file:///x"); }), HasSubstr("export name is empty"));
+  EXPECT_THAT(what_of<ConfigError>([] { ExportConfig::parse_spec("a="); }), HasSubstr("URI is empty"));
+  EXPECT_THAT(what_of<ConfigError>([] { ExportConfig::parse_spec("a=,ro"); }), HasSubstr("URI is empty"));
+  EXPECT_THAT(what_of<ConfigError>([] { ExportConfig::parse_spec(std::string(4097, 'n') + "=file:///x"); }),
               HasSubstr("too long"));
-  const auto twice = config_error([] { ExportConfig::parse_spec("a=file:///x,cache=on,cache=off"); });
+  const auto twice = what_of<ConfigError>([] { ExportConfig::parse_spec("a=file:///x,cache=on,cache=off"); });
   EXPECT_THAT(twice, HasSubstr("'cache'"));
   EXPECT_THAT(twice, HasSubstr("twice"));
-  const auto bad_ro = config_error([] { ExportConfig::parse_spec("a=file:///x,ro=maybe"); });
+  const auto bad_ro = what_of<ConfigError>([] { ExportConfig::parse_spec("a=file:///x,ro=maybe"); });
   EXPECT_THAT(bad_ro, HasSubstr("ro"));
   EXPECT_THAT(bad_ro, HasSubstr("maybe"));
   EXPECT_THAT(bad_ro, HasSubstr("export 'a'"));
@@ -164,7 +155,7 @@ TEST_F(ConfigFile, SecondsTakeDecimals) {
   EXPECT_EQ(cfg.shutdown_timeout, std::chrono::milliseconds(250));
   write("shutdown-timeout = \"soon\"\n");
   DaemonConfig bad;
-  EXPECT_THAT(config_error([&] { load_config_file(path_, bad); }), HasSubstr("shutdown-timeout='soon'"));
+  EXPECT_THAT(what_of<ConfigError>([&] { load_config_file(path_, bad); }), HasSubstr("shutdown-timeout='soon'"));
 }
 
 TEST_F(ConfigFile, EmptyFileKeepsDefaults) {
@@ -179,7 +170,7 @@ TEST_F(ConfigFile, EmptyFileKeepsDefaults) {
 TEST_F(ConfigFile, UnknownKeyIsAnErrorNamingIt) {
   write("threads = 2\nthreadz = 3\n");
   DaemonConfig cfg;
-  const auto msg = config_error([&] { load_config_file(path_, cfg); });
+  const auto msg = what_of<ConfigError>([&] { load_config_file(path_, cfg); });
   EXPECT_THAT(msg, HasSubstr("unknown setting 'threadz'"));
   EXPECT_THAT(msg, HasSubstr(path_));
 }
@@ -187,13 +178,13 @@ TEST_F(ConfigFile, UnknownKeyIsAnErrorNamingIt) {
 TEST_F(ConfigFile, ParseErrorCarriesPathAndLine) {
   write("threads = 2\n\nlog-level = \"info\n");
   DaemonConfig cfg;
-  const auto msg = config_error([&] { load_config_file(path_, cfg); });
+  const auto msg = what_of<ConfigError>([&] { load_config_file(path_, cfg); });
   EXPECT_THAT(msg, HasSubstr(path_ + ":3:"));
 }
 
 TEST_F(ConfigFile, MissingFileIsAConfigError) {
   DaemonConfig cfg;
-  const auto msg = config_error([&] { load_config_file(path_ + ".missing", cfg); });
+  const auto msg = what_of<ConfigError>([&] { load_config_file(path_ + ".missing", cfg); });
   EXPECT_THAT(msg, HasSubstr(path_ + ".missing"));
 }
 
@@ -213,7 +204,7 @@ TEST_F(ConfigFile, BadValuesNameTheSetting) {
   for (const auto& [text, expect] : cases) {
     write(text);
     DaemonConfig cfg;
-    EXPECT_THAT(config_error([&] { load_config_file(path_, cfg); }), HasSubstr(expect)) << text;
+    EXPECT_THAT(what_of<ConfigError>([&] { load_config_file(path_, cfg); }), HasSubstr(expect)) << text;
   }
 }
 
@@ -234,7 +225,7 @@ TEST(DaemonConfigValidate, DefaultsAreValid) {
 TEST(DaemonConfigValidate, DuplicateExport) {
   auto cfg = valid_config();
   cfg.exports.push_back(ExportConfig::parse_spec("a=file:///c"));
-  EXPECT_THAT(config_error([&] { cfg.validate(); }), HasSubstr("export 'a' is defined twice"));
+  EXPECT_THAT(what_of<ConfigError>([&] { cfg.validate(); }), HasSubstr("export 'a' is defined twice"));
 }
 
 TEST(DaemonConfigValidate, DefaultExportMustExist) {
@@ -242,7 +233,7 @@ TEST(DaemonConfigValidate, DefaultExportMustExist) {
   cfg.default_export = "b";
   EXPECT_NO_THROW(cfg.validate());
   cfg.default_export = "zz";
-  EXPECT_THAT(config_error([&] { cfg.validate(); }), HasSubstr("default-export 'zz'"));
+  EXPECT_THAT(what_of<ConfigError>([&] { cfg.validate(); }), HasSubstr("default-export 'zz'"));
   cfg.stdio_export = ExportConfig::parse_spec("zz=file:///z");
   EXPECT_NO_THROW(cfg.validate());
 }
@@ -250,31 +241,31 @@ TEST(DaemonConfigValidate, DefaultExportMustExist) {
 TEST(DaemonConfigValidate, RequestAndInflightLimits) {
   auto cfg = valid_config();
   cfg.max_request_bytes = 4095;
-  EXPECT_THAT(config_error([&] { cfg.validate(); }), HasSubstr("max-request"));
+  EXPECT_THAT(what_of<ConfigError>([&] { cfg.validate(); }), HasSubstr("max-request"));
   cfg.max_request_bytes = (256u << 20) + 1;
-  EXPECT_THAT(config_error([&] { cfg.validate(); }), HasSubstr("max-request"));
+  EXPECT_THAT(what_of<ConfigError>([&] { cfg.validate(); }), HasSubstr("max-request"));
   cfg.max_request_bytes = 4096;
   cfg.max_inflight_bytes = 4096;
   EXPECT_NO_THROW(cfg.validate());
   cfg.max_request_bytes = 1u << 20;
   cfg.max_inflight_bytes = (1u << 20) - 1;
-  EXPECT_THAT(config_error([&] { cfg.validate(); }), HasSubstr("max-inflight"));
+  EXPECT_THAT(what_of<ConfigError>([&] { cfg.validate(); }), HasSubstr("max-inflight"));
 }
 
 TEST(DaemonConfigValidate, LogLevelThreadsAndBlockingThreads) {
   auto cfg = valid_config();
   cfg.log_level = "verbose";
-  EXPECT_THAT(config_error([&] { cfg.validate(); }), HasSubstr("log-level 'verbose'"));
+  EXPECT_THAT(what_of<ConfigError>([&] { cfg.validate(); }), HasSubstr("log-level 'verbose'"));
   cfg.log_level = "warn";
   EXPECT_NO_THROW(cfg.validate());
   cfg.threads = 257;
-  EXPECT_THAT(config_error([&] { cfg.validate(); }), HasSubstr("threads"));
+  EXPECT_THAT(what_of<ConfigError>([&] { cfg.validate(); }), HasSubstr("threads"));
   cfg.threads = 256;
   EXPECT_NO_THROW(cfg.validate());
   cfg.blocking_threads = 0;
-  EXPECT_THAT(config_error([&] { cfg.validate(); }), HasSubstr("blocking-threads"));
+  EXPECT_THAT(what_of<ConfigError>([&] { cfg.validate(); }), HasSubstr("blocking-threads"));
   cfg.blocking_threads = 1025;
-  EXPECT_THAT(config_error([&] { cfg.validate(); }), HasSubstr("blocking-threads"));
+  EXPECT_THAT(what_of<ConfigError>([&] { cfg.validate(); }), HasSubstr("blocking-threads"));
 }
 
 TEST(FuseMountConfig, ParsesTheCommandLineSpec) {

@@ -1,6 +1,7 @@
 // The backend registry: one entry per backend, found by scheme; which ones
 // get a RetryLayer; what an unknown scheme or a non-URI is told.
 #include "remote/registry.hpp"
+#include "tests/support/test_util.hpp"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -16,12 +17,7 @@ namespace {
 using ::testing::HasSubstr;
 
 std::string error_of(const std::string& uri) {
-  try {
-    (void)backend_for(uri);
-  } catch (const BackendError& e) {
-    return e.what();
-  }
-  return "";
+  return test::what_of<BackendError>([&] { (void)backend_for(uri); });
 }
 
 TEST(Registry, EverySchemeHasOneBackend) {

@@ -1,5 +1,6 @@
 // Uri::parse: the parts of backend URIs, decoding, and errors.
 #include "remote/uri.hpp"
+#include "tests/support/test_util.hpp"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -13,12 +14,7 @@ namespace {
 using ::testing::HasSubstr;
 
 std::string parse_error(const std::string& text) {
-  try {
-    Uri::parse(text);
-  } catch (const std::invalid_argument& e) {
-    return e.what();
-  }
-  return "";
+  return test::what_of<std::invalid_argument>([&] { Uri::parse(text); });
 }
 
 TEST(Uri, FileWithAbsolutePath) {

@@ -3,6 +3,7 @@
 
 #include "remote/backend.hpp"
 #include "remote/uri.hpp"
+#include "tests/support/test_util.hpp"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -15,12 +16,7 @@ using ::testing::HasSubstr;
 AoeAddress parse(const std::string& text) { return parse_address(Uri::parse(text), text); }
 
 std::string error_of(const std::string& text) {
-  try {
-    (void)parse(text);
-  } catch (const BackendError& e) {
-    return e.what();
-  }
-  return "";
+  return test::what_of<BackendError>([&] { (void)parse(text); });
 }
 
 TEST(AoeAddress, ParsesInterfaceShelfAndSlot) {

@@ -1,5 +1,6 @@
 // The aoe:// backend: what check() accepts without the network, and its options.
 #include "remote/aoe/aoe_backend.hpp"
+#include "tests/support/test_util.hpp"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -14,12 +15,7 @@ using ::testing::HasSubstr;
 
 std::string check_error(const std::string& text, std::map<std::string, std::string> values = {}) {
   core::Options options(values);
-  try {
-    check(text, options);
-  } catch (const core::ConfigError& e) {
-    return e.what();
-  }
-  return "";
+  return test::what_of<core::ConfigError>([&] { check(text, options); });
 }
 
 TEST(AoeBackend, ChecksWithoutTheNetwork) {

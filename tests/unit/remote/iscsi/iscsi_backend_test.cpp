@@ -1,6 +1,7 @@
 // The iscsi:// backend: what check() accepts without a network, and the
 // messages for what it refuses.
 #include "remote/iscsi/iscsi_backend.hpp"
+#include "tests/support/test_util.hpp"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -15,12 +16,7 @@ using ::testing::HasSubstr;
 
 std::string check_error(const std::string& uri, std::map<std::string, std::string> values = {}) {
   core::Options options(values);
-  try {
-    check(uri, options);
-  } catch (const core::ConfigError& e) {
-    return e.what();
-  }
-  return "";
+  return test::what_of<core::ConfigError>([&] { check(uri, options); });
 }
 
 TEST(IscsiBackend, CheckValidatesWithoutConnecting) {

@@ -1,6 +1,7 @@
 // IscsiUri::parse: what a user may write, what is refused and with which
 // words, all without a network.
 #include "remote/iscsi/iscsi_uri.hpp"
+#include "tests/support/test_util.hpp"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -15,12 +16,7 @@ using ::testing::HasSubstr;
 using ::testing::Not;
 
 std::string parse_error(const std::string& text) {
-  try {
-    IscsiUri::parse(text);
-  } catch (const std::invalid_argument& e) {
-    return e.what();
-  }
-  return "";
+  return test::what_of<std::invalid_argument>([&] { IscsiUri::parse(text); });
 }
 
 TEST(IscsiUri, HostTargetAndLun) {

@@ -3,6 +3,7 @@
 #include "remote/nfs/nfs_uri.hpp"
 
 #include "remote/backend.hpp"
+#include "tests/support/test_util.hpp"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -17,12 +18,7 @@ namespace {
 using ::testing::HasSubstr;
 
 std::string refusal(const std::string& uri) {
-  try {
-    NfsTarget::parse(uri);
-  } catch (const BackendError& e) {
-    return e.what();
-  }
-  return "";
+  return test::what_of<BackendError>([&] { NfsTarget::parse(uri); });
 }
 
 TEST(NfsUri, SplitsTheDirectoryToMountFromTheFile) {
