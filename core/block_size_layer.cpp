@@ -160,13 +160,16 @@ Task<std::error_code> BlockSizeLayer::write(std::span<const std::byte> buf, uint
 
 Task<BlockSizeLayer::Written> BlockSizeLayer::write_some(std::span<const std::byte> buf, uint64_t offset,
                                                          IoFlags flags) {
+  if (!on_grid(offset, buf.size())) co_return co_await write_unaligned(buf, offset, flags);
+  // write_aligned() inline: one coroutine frame fewer on the hot path.
   std::error_code ec;
-  if (block_ == 1)
+  if (block_ == 1) {
     ec = co_await next_->write(buf, offset, flags);
-  else if (on_grid(offset, buf.size()))
-    ec = co_await write_aligned(buf, offset, flags);
-  else
-    co_return co_await write_unaligned(buf, offset, flags);
+  } else {
+    AlignedWrite pass(*this);
+    if (pass.must_wait()) co_await pass.wait();
+    ec = co_await next_->write(buf, offset, flags);
+  }
   co_return Written{ec, ec ? 0 : buf.size()};
 }
 
