@@ -12,6 +12,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -24,38 +25,13 @@
 #include <stdexcept>
 #include <system_error>
 #include <thread>
+#include <vector>
 
 extern char** environ;
 
 namespace blockway::fuse {
 
 namespace {
-
-// Is dir (canonical) the mount point of a FUSE filesystem right now?
-bool is_fuse_mountpoint(const std::string& dir) {
-  std::ifstream in("/proc/self/mountinfo");
-  std::string line;
-  while (std::getline(in, line)) {
-    std::istringstream fields(line);
-    std::string id, parent, devno, root, mnt;
-    fields >> id >> parent >> devno >> root >> mnt;
-    // Unescape \040 and friends (three octal digits) in the mount point.
-    std::string path;
-    for (size_t i = 0; i < mnt.size(); ++i) {
-      if (mnt[i] == '\\' && i + 3 < mnt.size()) {
-        path += static_cast<char>(((mnt[i + 1] - '0') << 6) | ((mnt[i + 2] - '0') << 3) | (mnt[i + 3] - '0'));
-        i += 3;
-      } else {
-        path += mnt[i];
-      }
-    }
-    if (path != dir) continue;
-    const auto sep = line.find(" - ");
-    if (sep == std::string::npos) continue;
-    if (line.compare(sep + 3, 4, "fuse") == 0) return true;
-  }
-  return false;
-}
 
 // Runs fn on a thread of its own and waits for it at most `timeout`;
 // nullopt if it has not finished by then. fn must own everything it uses: on
@@ -88,7 +64,8 @@ DirProbe probe_dir(const std::string& where) {
   // detach cannot be pointed elsewhere through a link.
   if (auto canonical = std::filesystem::weakly_canonical(p.path, fec); !fec) p.path = canonical.string();
   if (p.path.size() > 1 && p.path.back() == '/') p.path.pop_back();
-  p.fuse_mount = is_fuse_mountpoint(p.path);
+  const auto types = mount_types(p.path);
+  p.fuse_mount = std::any_of(types.begin(), types.end(), [](const std::string& t) { return t.starts_with("fuse"); });
   // A daemon that died without unmounting leaves a mount that answers
   // nothing (ENOTCONN). stat() may still succeed from cached attributes;
   // statfs() always asks the daemon.
@@ -98,6 +75,35 @@ DirProbe probe_dir(const std::string& where) {
 }
 
 }  // namespace
+
+std::vector<std::string> mount_types(const std::string& dir) {
+  std::vector<std::string> types;
+  std::ifstream in("/proc/self/mountinfo");
+  std::string line;
+  while (std::getline(in, line)) {
+    std::istringstream fields(line);
+    std::string id, parent, devno, root, mnt;
+    fields >> id >> parent >> devno >> root >> mnt;
+    // Unescape \040 and friends (three octal digits) in the mount point.
+    std::string path;
+    for (size_t i = 0; i < mnt.size(); ++i) {
+      if (mnt[i] == '\\' && i + 3 < mnt.size()) {
+        path += static_cast<char>(((mnt[i + 1] - '0') << 6) | ((mnt[i + 2] - '0') << 3) | (mnt[i + 3] - '0'));
+        i += 3;
+      } else {
+        path += mnt[i];
+      }
+    }
+    if (path != dir) continue;
+    const auto sep = line.find(" - ");
+    if (sep == std::string::npos) continue;
+    std::istringstream after(line.substr(sep + 3));
+    std::string type;
+    after >> type;
+    types.push_back(type);
+  }
+  return types;
+}
 
 std::string prepare_mount_point(const std::string& where, std::chrono::milliseconds timeout, spdlog::logger& log) {
   auto hung = [&](const std::string& path) {

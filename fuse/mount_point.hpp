@@ -9,6 +9,7 @@
 
 #include <chrono>
 #include <string>
+#include <vector>
 
 struct fuse_session;
 
@@ -24,6 +25,10 @@ namespace blockway::fuse {
 // Throws std::runtime_error naming the directory: a live FUSE mount there, a
 // directory that does not answer within `timeout`, anything unusable.
 std::string prepare_mount_point(const std::string& where, std::chrono::milliseconds timeout, spdlog::logger& log);
+
+// The file system types mounted at dir (canonical) right now, as listed in
+// /proc/self/mountinfo ("fuse.blockway", "tmpfs"), bottom first.
+std::vector<std::string> mount_types(const std::string& dir);
 
 // Lazily detaches the mount at dir: umount2(MNT_DETACH) as root, else
 // fusermount3 -u -z. Blocks (a hung mount): call from the blocking pool.

@@ -451,29 +451,35 @@ class Loop {
   std::vector<std::thread> threads_;
 };
 
+// Requests kept in flight on two threads over a 4096-byte grid, with a
+// whole block and a patch of it to write.
+class BlockSizeLayerOrder : public ::testing::Test {
+ protected:
+  Stack s{1 << 20, 4096};
+  const std::vector<std::byte> whole = filled(4096, 'W');
+  const std::vector<std::byte> patch = filled(16, 'U');
+  Loop loop{2};  // last: its threads end before the buffers and the stack go
+};
+
 // Several unaligned writes into one block at once: each RMW waits for the one
 // before, so none undoes another's bytes. The device's reads are held until
 // every write has arrived, and its writes until every read that could start
 // has read.
-TEST(BlockSizeLayerOrder, UnalignedWritesIntoOneBlockTakeTurns) {
-  Stack s(1 << 20, 4096);
+TEST_F(BlockSizeLayerOrder, UnalignedWritesIntoOneBlockTakeTurns) {
   constexpr int kWriters = 8;
   constexpr size_t kSlot = 16;
   std::vector<std::vector<std::byte>> data;
   for (int i = 0; i < kWriters; ++i) data.push_back(filled(kSlot, static_cast<uint8_t>('A' + i)));
   s.mem->close_gate(Op::read);
   s.mem->close_gate(Op::write);
-  {
-    Loop loop(2);
-    for (int i = 0; i < kWriters; ++i) loop.spawn(s.layer->write(data[i], 5 + i * kSlot, 0));
-    EXPECT_TRUE(eventually([&] { return s.mem->in_flight(Op::read) >= 1; }, 5s));
-    std::this_thread::sleep_for(100ms);
-    s.mem->open_gate(Op::read);
-    std::this_thread::sleep_for(100ms);  // without the lock, every one has read the old block now
-    s.mem->open_gate(Op::write);
-    ASSERT_TRUE(eventually([&] { return loop.done == kWriters; }, 10s));
-    EXPECT_EQ(loop.errors, 0);
-  }
+  for (int i = 0; i < kWriters; ++i) loop.spawn(s.layer->write(data[i], 5 + i * kSlot, 0));
+  EXPECT_TRUE(eventually([&] { return s.mem->in_flight(Op::read) >= 1; }, 5s));
+  std::this_thread::sleep_for(100ms);
+  s.mem->open_gate(Op::read);
+  std::this_thread::sleep_for(100ms);  // without the lock, every one has read the old block now
+  s.mem->open_gate(Op::write);
+  ASSERT_TRUE(eventually([&] { return loop.done == kWriters; }, 10s));
+  EXPECT_EQ(loop.errors, 0);
   const auto got = s.mem->contents(0, 4096);
   for (int i = 0; i < kWriters; ++i)
     for (size_t j = 0; j < kSlot; ++j)
@@ -483,12 +489,8 @@ TEST(BlockSizeLayerOrder, UnalignedWritesIntoOneBlockTakeTurns) {
 
 // An aligned write of a block while an RMW of it is under way waits for it:
 // it reaches the device only after the RMW wrote the block back.
-TEST(BlockSizeLayerOrder, AnAlignedWriteWaitsForAReadModifyWriteOfItsBlock) {
-  Stack s(1 << 20, 4096);
-  const auto whole = filled(4096, 'W');
-  const auto patch = filled(16, 'U');
+TEST_F(BlockSizeLayerOrder, AnAlignedWriteWaitsForAReadModifyWriteOfItsBlock) {
   s.mem->close_gate(Op::read);
-  Loop loop(2);
   loop.spawn(s.layer->write(patch, 5, 0));  // holds the lock; its read waits at the gate
   ASSERT_TRUE(eventually([&] { return s.mem->in_flight(Op::read) == 1; }, 5s));
   loop.spawn(s.layer->write(whole, 0, 0));
@@ -502,12 +504,8 @@ TEST(BlockSizeLayerOrder, AnAlignedWriteWaitsForAReadModifyWriteOfItsBlock) {
 
 // The other way round: an RMW of a block that an aligned write (which took
 // no lock) is still writing waits for it before it reads the block.
-TEST(BlockSizeLayerOrder, AReadModifyWriteWaitsForAnAlignedWriteInFlight) {
-  Stack s(1 << 20, 4096);
-  const auto whole = filled(4096, 'W');
-  const auto patch = filled(16, 'U');
+TEST_F(BlockSizeLayerOrder, AReadModifyWriteWaitsForAnAlignedWriteInFlight) {
   s.mem->close_gate(Op::write);
-  Loop loop(2);
   loop.spawn(s.layer->write(whole, 0, 0));  // at the device, held at the gate
   ASSERT_TRUE(eventually([&] { return s.mem->in_flight(Op::write) == 1; }, 5s));
   loop.spawn(s.layer->zero({5, 16}, 0));

@@ -1,5 +1,7 @@
 #include "tests/unit/fuse/fuse_mount_fixture.hpp"
 
+#include "fuse/mount_point.hpp"
+
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -7,9 +9,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <new>
-#include <sstream>
 
 // GCC sees free() of what operator new returned once both are inlined; here
 // they are the same allocator.
@@ -49,17 +49,8 @@ std::shared_ptr<core::Export> memory_export(const std::string& name, uint64_t si
 }
 
 bool mounted_as(const std::string& dir, const std::string& type) {
-  std::ifstream in("/proc/self/mountinfo");
-  std::string line;
-  while (std::getline(in, line)) {
-    std::istringstream fields(line);
-    std::string id, parent, devno, root, mnt;
-    fields >> id >> parent >> devno >> root >> mnt;
-    const auto sep = line.find(" - ");
-    if (mnt == dir && sep != std::string::npos && line.compare(sep + 3, type.size() + 1, type + " ") == 0)
-      return true;
-  }
-  return false;
+  const auto types = mount_types(dir);
+  return std::find(types.begin(), types.end(), type) != types.end();
 }
 
 std::set<std::string> listing(const std::string& dir) {
@@ -102,6 +93,15 @@ void FuseMount::open_on_4k_grid(uint64_t size) {
   start(FuseOptions{.direct_io = true});
   fd_ = ::open((mnt_ + "/a").c_str(), O_RDWR);
   ASSERT_GE(fd_, 0);
+}
+
+void FuseMount::open_direct_on_4k_grid() {
+  table_.add(memory_export("a", 1 << 20, &grid_, false, 4096));
+  start(FuseOptions{.direct_io = true, .readers = 2});
+  fd_ = ::open((mnt_ + "/a").c_str(), O_RDWR | O_DIRECT);
+  ASSERT_GE(fd_, 0) << std::strerror(errno);
+  whole_.assign(4096, 'W');
+  patch_.assign(16, 'U');
 }
 
 void FuseMount::put(uint64_t off, size_t n, uint8_t seed, uint8_t step) {

@@ -35,7 +35,8 @@ extern std::atomic<size_t> fail_next_new_of_size;
 // extents) whose grid is min_block; *raw (if given) is the device.
 std::shared_ptr<core::Export> memory_export(const std::string& name, uint64_t size, test::MemoryDevice** raw,
                                             bool read_only = false, uint32_t min_block = 1);
-// Is dir a mount point of a file system of this type right now?
+// Is dir a mount point of a file system of this type right now? (As the
+// front end reads /proc/self/mountinfo: mount_types().)
 bool mounted_as(const std::string& dir, const std::string& type);
 // The names in dir.
 std::set<std::string> listing(const std::string& dir);
@@ -49,6 +50,13 @@ class FuseMount : public ::testing::Test {
   // blocks, filled with its pattern (also in expect_), mounted with direct
   // I/O and opened (fd_, closed by the test).
   void open_on_4k_grid(uint64_t size);
+  // Export "a" of 1 MiB on a device that takes only whole 4096-byte blocks
+  // (grid_), mounted with direct I/O and two readers, and opened with
+  // O_DIRECT (fd_, closed by the test); with a whole block and a patch of
+  // it to write by async I/O (a FUSE file with direct I/O takes any
+  // buffer).
+  void open_direct_on_4k_grid();
+  std::vector<char> whole_, patch_;
   // Writes n bytes (seed + i * step) at off through fd_, and into expect_.
   void put(uint64_t off, size_t n, uint8_t seed, uint8_t step);
 

@@ -1,11 +1,16 @@
 // prepare_mount_point: a missing directory is created, symlinks resolved, a
-// file refused, and a live FUSE mount refused with a message naming it.
+// file refused, and a live FUSE mount refused with a message naming it;
+// mount_types reads the mount table.
 // (Stale and hung mounts: mount_test.cpp.)
 #include "fuse/mount_point.hpp"
 
 #include "core/logging.hpp"
 #include "tests/unit/fuse/fuse_mount_fixture.hpp"
 
+#include <sys/mount.h>
+#include <unistd.h>
+
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 
@@ -49,6 +54,18 @@ TEST_F(MountPoint, AFileIsNotADirectory) {
   std::ofstream(dir_ + "/file") << "x";
   const auto error = error_of(dir_ + "/file");
   EXPECT_NE(error.find(dir_ + "/file is not a directory"), std::string::npos) << error;
+}
+
+// Mount points are listed with spaces and such escaped (\040).
+TEST_F(MountPoint, MountTypesAreReadFromTheMountTable) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root";
+  const std::string dir = dir_ + "/with space";
+  std::filesystem::create_directory(dir);
+  EXPECT_TRUE(mount_types(dir).empty());
+  ASSERT_EQ(::mount("bw-tmpfs", dir.c_str(), "tmpfs", 0, "size=1m"), 0) << std::strerror(errno);
+  EXPECT_EQ(mount_types(dir), std::vector<std::string>{"tmpfs"});
+  ASSERT_EQ(::umount2(dir.c_str(), MNT_DETACH), 0);
+  EXPECT_TRUE(mount_types(dir).empty());
 }
 
 TEST_F(FuseMount, ALiveFuseMountIsRefused) {

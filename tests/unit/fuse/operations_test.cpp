@@ -13,7 +13,6 @@
 #include <fcntl.h>
 #include <unistd.h>
 
-#include <cstdlib>
 #include <cstring>
 
 namespace blockway::fuse {
@@ -164,95 +163,73 @@ TEST_F(FuseMount, APartialFinalBlockTheDeviceRefusesEndsWritesShort) {
 // another's bytes. The device's reads are held until all are submitted, and
 // its writes until every read that could start has read.
 TEST_F(FuseMount, ConcurrentUnalignedWritesIntoOneBlockKeepEachOthersBytes) {
-  MemoryDevice* a = nullptr;
-  table_.add(memory_export("a", 1 << 20, &a, false, 4096));
-  start(FuseOptions{.direct_io = true, .readers = 2});
-  const int fd = ::open((mnt_ + "/a").c_str(), O_RDWR | O_DIRECT);
-  ASSERT_GE(fd, 0) << std::strerror(errno);
+  ASSERT_NO_FATAL_FAILURE(open_direct_on_4k_grid());
   constexpr int kWriters = 8;
   constexpr size_t kSlot = 16;
   std::vector<std::vector<char>> data(kWriters);
-  a->close_gate(Op::read);
-  a->close_gate(Op::write);
-  {
-    AioWriter aio(fd);
-    for (int i = 0; i < kWriters; ++i) {
-      data[i].assign(kSlot, static_cast<char>('A' + i));
-      aio.submit(data[i].data(), kSlot, 5 + i * kSlot);  // all in block 0, none aligned
-    }
-    EXPECT_TRUE(test::eventually([&] { return a->in_flight(Op::read) >= 1; }, 5s));
-    std::this_thread::sleep_for(200ms);  // every write has reached the front end by now
-    a->open_gate(Op::read);
-    std::this_thread::sleep_for(200ms);  // without the lock, every one has read the old block now
-    a->open_gate(Op::write);
-    const auto results = aio.wait_all();
-    ASSERT_EQ(results.size(), static_cast<size_t>(kWriters)) << "writes did not complete";
-    for (auto r : results) EXPECT_EQ(r, static_cast<int64_t>(kSlot));
+  grid_->close_gate(Op::read);
+  grid_->close_gate(Op::write);
+  AioWriter aio(fd_);
+  for (int i = 0; i < kWriters; ++i) {
+    data[i].assign(kSlot, static_cast<char>('A' + i));
+    aio.submit(data[i].data(), kSlot, 5 + i * kSlot);  // all in block 0, none aligned
   }
-  ::close(fd);
-  const auto got = a->contents(0, 4096);
+  EXPECT_TRUE(test::eventually([&] { return grid_->in_flight(Op::read) >= 1; }, 5s));
+  std::this_thread::sleep_for(200ms);  // every write has reached the front end by now
+  grid_->open_gate(Op::read);
+  std::this_thread::sleep_for(200ms);  // without the lock, every one has read the old block now
+  grid_->open_gate(Op::write);
+  const auto results = aio.wait_all();
+  ASSERT_EQ(results.size(), static_cast<size_t>(kWriters)) << "writes did not complete";
+  for (auto r : results) EXPECT_EQ(r, static_cast<int64_t>(kSlot));
+  ::close(fd_);
+  const auto got = grid_->contents(0, 4096);
   for (int i = 0; i < kWriters; ++i)
     for (size_t j = 0; j < kSlot; ++j)
       EXPECT_EQ(got[5 + i * kSlot + j], std::byte(static_cast<uint8_t>('A' + i))) << "writer " << i;
-  EXPECT_EQ(a->max_in_flight(Op::read), 1u);  // the read-modify-writes took turns
+  EXPECT_EQ(grid_->max_in_flight(Op::read), 1u);  // the read-modify-writes took turns
 }
 
 // An aligned write of a block while an unaligned write into it is being
 // read-modify-written waits for it: it reaches the device only after the
 // RMW wrote the block back, so it is not undone by it.
 TEST_F(FuseMount, AnAlignedWriteWaitsForAReadModifyWriteOfItsBlock) {
-  MemoryDevice* a = nullptr;
-  table_.add(memory_export("a", 1 << 20, &a, false, 4096));
-  start(FuseOptions{.direct_io = true, .readers = 2});
-  const int fd = ::open((mnt_ + "/a").c_str(), O_RDWR | O_DIRECT);
-  ASSERT_GE(fd, 0) << std::strerror(errno);
-  auto* whole = static_cast<char*>(std::aligned_alloc(4096, 4096));
-  std::memset(whole, 'W', 4096);
-  std::vector<char> patch(16, 'U');
-  AioWriter aio(fd);
-  a->close_gate(Op::read);
-  aio.submit(patch.data(), patch.size(), 5);  // the RMW: holds the lock, its read waits at the gate
-  ASSERT_TRUE(test::eventually([&] { return a->in_flight(Op::read) == 1; }, 5s));
-  aio.submit(whole, 4096, 0);  // aligned, the same block
+  ASSERT_NO_FATAL_FAILURE(open_direct_on_4k_grid());
+  AioWriter aio(fd_);
+  grid_->close_gate(Op::read);
+  aio.submit(patch_.data(), patch_.size(), 5);  // the RMW: holds the lock, its read waits at the gate
+  ASSERT_TRUE(test::eventually([&] { return grid_->in_flight(Op::read) == 1; }, 5s));
+  aio.submit(whole_.data(), whole_.size(), 0);  // aligned, the same block
   std::this_thread::sleep_for(300ms);
-  EXPECT_EQ(a->in_flight(Op::write), 0u) << "the aligned write went ahead of the RMW";
-  a->open_gate(Op::read);
+  EXPECT_EQ(grid_->in_flight(Op::write), 0u) << "the aligned write went ahead of the RMW";
+  grid_->open_gate(Op::read);
   const auto results = aio.wait_all();
   ASSERT_EQ(results.size(), 2u);
   for (auto r : results) EXPECT_GT(r, 0);
-  EXPECT_EQ(a->contents(0, 4096), std::vector<std::byte>(4096, std::byte{'W'}));  // the later write wins
-  std::free(whole);
-  ::close(fd);
+  EXPECT_EQ(grid_->contents(0, 4096), std::vector<std::byte>(4096, std::byte{'W'}));  // the later write wins
+  ::close(fd_);
 }
 
 // The other way round: an unaligned write into a block that an aligned write
 // (which took no lock) is still writing waits for it before it reads the
 // block, so it keeps the aligned write's bytes around its own.
 TEST_F(FuseMount, AReadModifyWriteWaitsForAnAlignedWriteInFlight) {
-  MemoryDevice* a = nullptr;
-  table_.add(memory_export("a", 1 << 20, &a, false, 4096));
-  start(FuseOptions{.direct_io = true, .readers = 2});
-  const int fd = ::open((mnt_ + "/a").c_str(), O_RDWR | O_DIRECT);
-  ASSERT_GE(fd, 0) << std::strerror(errno);
-  auto* whole = static_cast<char*>(std::aligned_alloc(4096, 4096));
-  std::memset(whole, 'W', 4096);
-  std::vector<char> patch(16, 'U');
-  AioWriter aio(fd);
-  a->close_gate(Op::write);
-  aio.submit(whole, 4096, 0);  // aligned: at the device, held at the gate
-  ASSERT_TRUE(test::eventually([&] { return a->in_flight(Op::write) == 1; }, 5s));
-  aio.submit(patch.data(), patch.size(), 5);
+  ASSERT_NO_FATAL_FAILURE(open_direct_on_4k_grid());
+  AioWriter aio(fd_);
+  grid_->close_gate(Op::write);
+  aio.submit(whole_.data(), whole_.size(), 0);  // aligned: at the device, held at the gate
+  ASSERT_TRUE(test::eventually([&] { return grid_->in_flight(Op::write) == 1; }, 5s));
+  aio.submit(patch_.data(), patch_.size(), 5);
   std::this_thread::sleep_for(300ms);
-  EXPECT_EQ(a->calls(Op::read), 0u) << "the RMW read the block under an aligned write in flight";
-  a->open_gate(Op::write);
+  EXPECT_EQ(grid_->calls(Op::read), 0u) << "the RMW read the block under an aligned write in flight";
+  grid_->open_gate(Op::write);
   const auto results = aio.wait_all();
   ASSERT_EQ(results.size(), 2u);
   for (auto r : results) EXPECT_GT(r, 0);
   auto expect = std::vector<std::byte>(4096, std::byte{'W'});
   std::fill(expect.begin() + 5, expect.begin() + 21, std::byte{'U'});
-  EXPECT_EQ(a->contents(0, 4096), expect);
-  std::free(whole);
-  ::close(fd);
+  EXPECT_EQ(grid_->contents(0, 4096), expect);
+  ::close(fd_);
 }
 
 }  // namespace
