@@ -51,7 +51,12 @@ Task<std::error_code> MemoryDevice::enter(Call call) {
     co_await waiter->timer->async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
   }
   std::lock_guard lock(mutex_);
-  co_return errors_[i] ? errno_code(errors_[i]) : std::error_code{};
+  if (errors_[i]) co_return errno_code(errors_[i]);
+  const uint64_t grid = std::max<uint32_t>(geometry_.min_block, 1);
+  const bool ranged = call.op != Op::flush && call.op != Op::prefetch;
+  if (refuse_partial_ && ranged && (call.offset % grid != 0 || call.length % grid != 0))
+    co_return errno_code(EINVAL);
+  co_return std::error_code{};
 }
 
 void MemoryDevice::leave(Op op) { active_[static_cast<size_t>(op)].fetch_sub(1); }
@@ -137,6 +142,11 @@ Task<std::error_code> MemoryDevice::prefetch(ByteRange range) {
 void MemoryDevice::fail(Op op, int err) {
   std::lock_guard lock(mutex_);
   errors_[static_cast<size_t>(op)] = err;
+}
+
+void MemoryDevice::refuse_partial_blocks(bool on) {
+  std::lock_guard lock(mutex_);
+  refuse_partial_ = on;
 }
 
 void MemoryDevice::set_extents(core::ExtentList extents) {

@@ -63,6 +63,11 @@ class MemoryDevice final : public core::BlockDevice {
   // --- test controls (any thread) ---
   // Every later call of `op` fails with errno `err` (0: succeed again).
   void fail(Op op, int err);
+  // Every later read, write, zero, trim or block_status whose offset or
+  // length is off the min_block grid fails with EINVAL (as nbdkit's
+  // blocksize-policy filter does): the partial final block of an image
+  // whose size is off the grid cannot be reached.
+  void refuse_partial_blocks(bool on);
   // Native block_status appends exactly these extents (default: one data extent).
   void set_extents(core::ExtentList extents);
   // Closes or opens the gate of `op`: while closed, calls wait before doing anything.
@@ -96,6 +101,7 @@ class MemoryDevice final : public core::BlockDevice {
   std::vector<Call> log_;
   std::array<int, kOpCount> errors_{};
   std::array<bool, kOpCount> gate_closed_{};
+  bool refuse_partial_ = false;
   std::vector<std::shared_ptr<Waiter>> waiters_;
   std::optional<core::ExtentList> extents_;
   std::array<std::atomic<uint64_t>, kOpCount> counts_{};
