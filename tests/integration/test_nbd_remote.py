@@ -18,7 +18,11 @@ import nbd  # noqa: E402
 
 
 class Nbdkit(harness.PeerProcess):
-    """One nbdkit process serving a file, on a TCP port or a Unix socket."""
+    """One nbdkit process serving a file, on a TCP port or a Unix socket.
+
+    nbdkit sets PR_SET_PDEATHSIG(SIGTERM): it shuts down when the *thread*
+    that started it ends. Start it from a thread that outlives it (the test's
+    main thread, or a helper thread joined only after the last use)."""
 
     def __init__(self, workdir, img, port=None, sock=None, filters=(), params=(), name="nbdkit"):
         self.workdir = workdir
