@@ -1104,6 +1104,33 @@ Task<std::error_code> CacheLayer::checkpoint(bool sync_data) {
   co_return co_await run_checkpoint(sync_data);
 }
 
+void CacheLayer::add_changed_pages(BitmapKind kind, const std::vector<uint64_t>& now,
+                                   const std::vector<uint64_t>& saved, std::vector<MetaStore::PageWrite>& out) {
+  for (size_t first = 0; first < now.size(); first += MetaStore::kWordsPerPage) {
+    const size_t n = std::min(MetaStore::kWordsPerPage, now.size() - first);
+    if (std::equal(now.begin() + static_cast<long>(first), now.begin() + static_cast<long>(first + n),
+                   saved.begin() + static_cast<long>(first)))
+      continue;
+    out.push_back({kind, static_cast<uint32_t>(first / MetaStore::kWordsPerPage),
+                   std::vector<uint64_t>(now.begin() + static_cast<long>(first),
+                                         now.begin() + static_cast<long>(first + n))});
+  }
+}
+
+Task<std::error_code> CacheLayer::commit_pages(const std::vector<MetaStore::PageWrite>& pages,
+                                               const std::vector<uint32_t>& profile) {
+  co_return co_await gateway::offload(blocking_, [this, &pages, &profile]() -> std::error_code {
+    try {
+      if (!pages.empty()) store_.commit(name_, pages, std::nullopt);
+      if (!profile.empty()) store_.append_profile(name_, session_, profile_batch_, profile);
+      return {};
+    } catch (const std::exception& e) {
+      gateway::logger("cache")->error("{}", e.what());
+      return errno_code(EIO);
+    }
+  });
+}
+
 Task<std::error_code> CacheLayer::run_checkpoint(bool sync_data) {
   const uint64_t started = checkpoint_requested_.load(std::memory_order_acquire);
   // Snapshots first: everything in them happened before the data sync below.
@@ -1135,22 +1162,11 @@ Task<std::error_code> CacheLayer::run_checkpoint(bool sync_data) {
   for (size_t i = 0; i < intent.size(); ++i) intent[i] = intent_.word(i);
 
   std::vector<MetaStore::PageWrite> pages;
-  auto diff = [&](BitmapKind kind, const std::vector<uint64_t>& now, const std::vector<uint64_t>& saved) {
-    for (size_t first = 0; first < now.size(); first += MetaStore::kWordsPerPage) {
-      const size_t n = std::min(MetaStore::kWordsPerPage, now.size() - first);
-      if (std::equal(now.begin() + static_cast<long>(first), now.begin() + static_cast<long>(first + n),
-                     saved.begin() + static_cast<long>(first)))
-        continue;
-      pages.push_back({kind, static_cast<uint32_t>(first / MetaStore::kWordsPerPage),
-                       std::vector<uint64_t>(now.begin() + static_cast<long>(first),
-                                             now.begin() + static_cast<long>(first + n))});
-    }
-  };
-  diff(BitmapKind::intent, intent, saved_intent_);
+  add_changed_pages(BitmapKind::intent, intent, saved_intent_, pages);
   std::vector<uint32_t> profile;  // first reads since the last save
   if (sync_data) {
-    diff(BitmapKind::present, present, saved_present_);
-    diff(BitmapKind::dirty, dirty, saved_dirty_);
+    add_changed_pages(BitmapKind::present, present, saved_present_, pages);
+    add_changed_pages(BitmapKind::dirty, dirty, saved_dirty_, pages);
     std::lock_guard lock(profile_mutex_);
     profile.assign(profile_.begin() + static_cast<long>(profile_saved_), profile_.end());
   }
@@ -1165,17 +1181,7 @@ Task<std::error_code> CacheLayer::run_checkpoint(bool sync_data) {
       if (dirty[i] & ~dirty_persisted_.word(i)) dirty_persisted_.store_word(i, dirty_persisted_.word(i) | dirty[i]);
   }
   if (!pages.empty() || !profile.empty()) {
-    auto ec = co_await gateway::offload(blocking_, [this, &pages, &profile]() -> std::error_code {
-      try {
-        if (!pages.empty()) store_.commit(name_, pages, std::nullopt);
-        if (!profile.empty()) store_.append_profile(name_, session_, profile_batch_, profile);
-        return {};
-      } catch (const std::exception& e) {
-        gateway::logger("cache")->error("{}", e.what());
-        return errno_code(EIO);
-      }
-    });
-    if (ec) co_return ec;
+    if (auto ec = co_await commit_pages(pages, profile)) co_return ec;
     if (!profile.empty()) {
       profile_saved_ += profile.size();
       ++profile_batch_;
@@ -1245,7 +1251,10 @@ Task<void> CacheLayer::background_loop() {
             std::chrono::nanoseconds(kPinnedFlushInterval).count()) {
       if (co_await flush_remote() == gateway::writes_lost_error()) (void)co_await write_back(0, nchunks_ - 1);
     }
-    if (capacity_chunks_ && present_.count() > capacity_chunks_) co_await evict();
+    if (capacity_chunks_ && present_.count() > capacity_chunks_)
+      co_await evict();
+    else if (!unpunched_.empty())
+      co_await punch_evicted({});
     if (std::chrono::steady_clock::now() - last_checkpoint >= cfg_.checkpoint_interval) {
       last_checkpoint = std::chrono::steady_clock::now();
       if (auto ec = co_await checkpoint(true)) log_->warn("export '{}': checkpoint failed: {}", name_, ec.message());
@@ -1298,27 +1307,92 @@ Task<void> CacheLayer::evict() {
     else
       gone.push_back(c);
   }
-  // The cleared present bits are persisted before the bytes go, so a crash
-  // in between never finds a "present" chunk full of zeroes.
-  if (auto ec = co_await checkpoint(true)) {
-    for (uint64_t c : gone) present_.set(c);  // nothing was punched: still valid
-    release(fill, victims, {});
-    co_return;
-  }
-  for (size_t i = 0; i < gone.size();) {
-    size_t j = i;
-    while (j + 1 < gone.size() && gone[j + 1] == gone[j] + 1) ++j;
-    const uint64_t off = chunk_start(gone[i]);
-    const uint64_t len = chunk_start(gone[j]) + chunk_len(gone[j]) - off;
-    if (auto ec = co_await cache_file_->trim({off, len}, 0))
-      log_->debug("export '{}': punching evicted chunks failed: {}", name_, ec.message());
-    i = j + 1;
-  }
+  // Readers of the victims may fetch them again from now on: the claims are
+  // held only across the grace period, not across the catalogue commit and
+  // the punching below (a random reader used to wait behind a whole pass,
+  // hundreds of milliseconds).
+  release(fill, victims, {});
   uint64_t bytes = 0;
   for (uint64_t c : gone) bytes += chunk_len(c);
   evicted_.fetch_add(bytes, std::memory_order_relaxed);
   evictions_.fetch_add(gone.size(), std::memory_order_relaxed);
-  release(fill, victims, {});
+  co_await punch_evicted(std::move(gone));
+}
+
+Task<void> CacheLayer::punch_evicted(std::vector<uint64_t> gone) {
+  // Chunks an earlier pass could not punch (claimed at that moment) are
+  // tried again with these.
+  gone.insert(gone.end(), unpunched_.begin(), unpunched_.end());
+  unpunched_.clear();
+  std::sort(gone.begin(), gone.end());
+  gone.erase(std::unique(gone.begin(), gone.end()), gone.end());
+  unpunched_ = co_await punch_absent(std::move(gone));
+}
+
+Task<std::vector<uint64_t>> CacheLayer::punch_absent(std::vector<uint64_t> gone) {
+  // The cleared present bits are persisted before the bytes go, so a crash
+  // in between never finds a "present" chunk full of zeroes. Clearing a bit
+  // needs no fdatasync of the cache file (only setting one does), so this is
+  // a catalogue commit of the present pages alone. Under checkpoint_mutex_,
+  // saved_present_ is what the catalogue holds: a chunk is punched only while
+  // it is absent in memory and in the catalogue, and claimed (no fill can be
+  // writing it). A chunk fetched again meanwhile is left alone.
+  // The lock is let go every kPunchBatch runs so that a FLUSH's checkpoint
+  // does not wait for the whole pass; a checkpoint in between snapshots the
+  // chunks still to punch as absent (they are, or they are skipped).
+  constexpr int kPunchBatch = 32;
+  std::optional<gateway::AsyncMutex::Guard> guard(co_await checkpoint_mutex_.lock());
+  std::vector<uint64_t> now = saved_present_;
+  for (uint64_t c : gone)
+    if (!present_.test(c)) now[c / 64] &= ~(uint64_t{1} << (c % 64));
+  std::vector<MetaStore::PageWrite> pages;
+  add_changed_pages(BitmapKind::present, now, saved_present_, pages);
+  if (!pages.empty()) {
+    // (nothing is punched if this fails: the bytes stay valid for the
+    // catalogue's present bits)
+    if (co_await commit_pages(pages, {})) co_return gone;
+    saved_present_ = std::move(now);
+  }
+  std::vector<uint64_t> later;  // absent, but claimed or not persisted absent yet: try again
+  auto fill = std::make_shared<Fill>();
+  for (size_t i = 0, runs = 0; i < gone.size(); ++runs) {
+    if (runs % kPunchBatch == kPunchBatch - 1) {
+      guard.reset();
+      guard.emplace(co_await checkpoint_mutex_.lock());
+    }
+    // A run of consecutive chunks that are absent, persisted absent and
+    // unclaimed, claimed for the punch.
+    std::vector<uint64_t> run;
+    for (; i < gone.size(); ++i) {
+      const uint64_t c = gone[i];
+      if (!run.empty() && c != run.back() + 1) break;
+      if (present_.test(c)) continue;  // fetched again: its bytes are valid
+      auto& sh = shard(c);
+      std::lock_guard lock(sh.mutex);
+      if (((saved_present_[c / 64] >> (c % 64)) & 1) || sh.fills.contains(c) || present_.test(c)) {
+        if (!present_.test(c)) later.push_back(c);
+        continue;
+      }
+      sh.fills.emplace(c, fill);
+      run.push_back(c);
+    }
+    if (run.empty()) continue;
+    const uint64_t off = chunk_start(run.front());
+    const uint64_t len = chunk_start(run.back()) + chunk_len(run.back()) - off;
+    if (auto ec = co_await cache_file_->trim({off, len}, 0))
+      log_->debug("export '{}': punching evicted chunks failed: {}", name_, ec.message());
+    for (uint64_t c : run) {
+      auto& sh = shard(c);
+      std::lock_guard lock(sh.mutex);
+      sh.fills.erase(c);
+    }
+    // Wake whoever waited on one of these chunks, and start a new fill for
+    // the next run (its waiters must not be woken by this one).
+    fill->done.set();
+    fill = std::make_shared<Fill>();
+  }
+  fill->done.set();
+  co_return later;
 }
 
 gateway::IoFlags CacheLayer::remote_fua(gateway::IoFlags flags) const noexcept {

@@ -302,9 +302,23 @@ class CacheLayer final : public gateway::Layer, public gateway::ExportControl {
   // persist present/dirty/intent; without, persist only new intents.
   gateway::Task<std::error_code> checkpoint(bool sync_data);
   gateway::Task<std::error_code> run_checkpoint(bool sync_data);
+  // Adds to `out` the pages of bitmap `kind` where `now` differs from `saved`.
+  static void add_changed_pages(BitmapKind kind, const std::vector<uint64_t>& now,
+                                const std::vector<uint64_t>& saved, std::vector<MetaStore::PageWrite>& out);
+  // Commits pages (and first reads of the access profile) on the blocking
+  // pool; EIO (logged) if SQLite fails. Under checkpoint_mutex_.
+  gateway::Task<std::error_code> commit_pages(const std::vector<MetaStore::PageWrite>& pages,
+                                              const std::vector<uint32_t>& profile);
   gateway::Task<void> background_loop();
   // Capacity: evicts clean, unreferenced chunks (CLOCK) down to 90% of it.
   gateway::Task<void> evict();
+  // Punches evicted chunks (and those an earlier pass had to leave) out of
+  // the cache file; keeps in unpunched_ what it had to leave this time.
+  gateway::Task<void> punch_evicted(std::vector<uint64_t> gone);
+  // Persists the cleared present bits of `gone` (sorted; no data sync needed
+  // to clear a bit) and punches the chunks that are absent, persisted absent
+  // and unclaimed; returns the absent ones it could not punch now.
+  gateway::Task<std::vector<uint64_t>> punch_absent(std::vector<uint64_t> gone);
   // Read side of eviction's grace period: while a guard lives, chunks seen
   // present stay in the cache file (eviction waits for guards of the epoch in
   // which it cleared their present bits). No-op without a capacity.
@@ -395,6 +409,7 @@ class CacheLayer final : public gateway::Layer, public gateway::ExportControl {
   uint64_t capacity_chunks_ = 0;
   AtomicBitmap referenced_;
   uint64_t clock_hand_ = 0;  // background loop only
+  std::vector<uint64_t> unpunched_;  // background loop only: evicted, not punched yet
   std::atomic<uint32_t> epoch_{0};
   std::atomic<int64_t> epoch_active_[2] = {0, 0};
   std::atomic<uint64_t> evicted_{0};
