@@ -85,6 +85,20 @@ def read_file(path, offset, length):
         return f.read(length)
 
 
+def read_direct(path, offset, length):
+    """Reads bytes of the backing file with O_DIRECT (offset and length in
+    whole 4 KiB blocks): what the file holds, not what a cache of ours kept."""
+    import mmap
+    buf = mmap.mmap(-1, length)  # page-aligned, as O_DIRECT wants
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        n = os.preadv(fd, [buf], offset)
+        return bytes(buf[:n])
+    finally:
+        os.close(fd)
+        buf.close()
+
+
 def run(cmd, timeout=60, check=True, env=None, input=None, cwd=None):
     """Runs a command with a timeout; on failure raises with its output."""
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -149,35 +163,6 @@ def frozen(pid):
         os.kill(pid, signal.SIGCONT)
 
 
-class PeerProcess:
-    """A peer server a test started (nbdkit, tgtd, ganesha, vblade): `proc` is
-    its Popen, `log_path` the file its output goes to."""
-
-    proc = None
-    log_path = None
-
-    def running(self):
-        return self.proc is not None and self.proc.poll() is None
-
-    def log(self, tail=4000):
-        """The last `tail` characters of its log ("" before it wrote one)."""
-        try:
-            with open(self.log_path, "rb") as f:
-                return f.read().decode(errors="replace")[-tail:]
-        except FileNotFoundError:
-            return ""
-
-    def kill(self, sig=signal.SIGKILL):
-        """Signals it by pid and reaps it; SIGKILL if it outlives `sig` by 15 s."""
-        if self.running():
-            os.kill(self.proc.pid, sig)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(15)
-
-
 def kill_pid(proc, sig=signal.SIGKILL):
     """Signals a process we started, by its pid, if it is still running."""
     if proc.poll() is None:
@@ -190,11 +175,13 @@ def kill_pid(proc, sig=signal.SIGKILL):
 class Daemon:
     """One blockwayd process started by a test."""
 
-    def __init__(self, workdir, args, name="blockwayd"):
+    def __init__(self, workdir, args, name="blockwayd", prefix=()):
+        """prefix: a command that execs blockwayd (nsenter into a peer's
+        network namespace), so the pid stays blockwayd's."""
         self.workdir = workdir
         self.pid_file = os.path.join(workdir, name + ".pid")
         self.log_path = os.path.join(workdir, name + ".log")
-        self.args = [BLOCKWAYD] + list(args) + ["--pid-file", self.pid_file]
+        self.args = list(prefix) + [BLOCKWAYD] + list(args) + ["--pid-file", self.pid_file]
         self.proc = None
         self._log = None
 
@@ -283,11 +270,36 @@ class DaemonTestCase(unittest.TestCase):
     def path(self, name):
         return os.path.join(self.tmp, name)
 
-    def start_daemon(self, args, name="blockwayd", ready_timeout=10.0):
-        d = Daemon(self.tmp, args, name)
+    def start_daemon(self, args, name="blockwayd", ready_timeout=10.0, prefix=()):
+        d = Daemon(self.tmp, args, name, prefix)
         self.addCleanup(d.cleanup)
         d.start(ready_timeout)
         return d
+
+    def serve_remote(self, uri, options="", name="blockwayd", ready_timeout=20.0, unix=False, prefix=()):
+        """blockwayd exporting `uri` (plus `options`) as export 'r', on a free
+        loopback port or (unix) a Unix socket: sets self.port or self.sock."""
+        self.port = self.sock = None
+        if unix:
+            self.sock = self.path(name + ".sock")
+            listen = "unix:" + self.sock
+        else:
+            self.port = free_port()
+            listen = "127.0.0.1:%d" % self.port
+        spec = "r=" + uri + ("," + options if options else "")
+        return self.start_daemon(["--log-level", "debug", "--listen", listen, "--export", spec],
+                                 name=name, ready_timeout=ready_timeout, prefix=prefix)
+
+    def start_refused(self, spec, *needles, timeout=60, prefix=()):
+        """Runs blockwayd with `--export spec`; asserts that it exits 2 and
+        that its output names every needle. Returns the output."""
+        p = run(list(prefix) + [BLOCKWAYD, "--listen", "127.0.0.1:%d" % free_port(), "--export", spec],
+                timeout=timeout, check=False)
+        out = p.stderr.decode(errors="replace") + p.stdout.decode(errors="replace")
+        self.assertEqual(p.returncode, 2, "blockwayd --export %s:\n%s" % (spec, out))
+        for n in needles:
+            self.assertIn(n, out)
+        return out
 
     def serve(self, exports, extra=(), unix=False, tcp=True, name="blockwayd"):
         """Starts a daemon on a free loopback port; exports is {name: spec}.

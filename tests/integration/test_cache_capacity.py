@@ -21,7 +21,7 @@ import unittest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 from harness import MiB  # noqa: E402
-from test_nbd_remote import Nbdkit  # noqa: E402
+import remotes  # noqa: E402
 
 import nbd  # noqa: E402
 
@@ -197,9 +197,7 @@ class CapacityTest(harness.DaemonTestCase):
         remote = harness.make_random_image(self.path("remote.img"), SIZE, seed=seed)
         with open(remote, "rb") as f:
             model = bytearray(f.read())
-        kit = Nbdkit(self.tmp, remote, port=harness.free_port(), name="nbdkit-" + mode)
-        self.addCleanup(kit.kill)
-        kit.start()
+        kit = remotes.started(self, remotes.Nbdkit(self.tmp, remote, name="nbdkit-" + mode))
         ops = 120 if SANITIZED else 400
         work = Workload(model, seed)
 

@@ -22,7 +22,7 @@ import unittest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 from harness import MiB  # noqa: E402
-from test_nbd_remote import Nbdkit  # noqa: E402
+import remotes  # noqa: E402
 
 EXIT_FAILED, EXIT_USAGE, EXIT_NO_DAEMON, EXIT_UNKNOWN, EXIT_REFUSED, EXIT_PROTOCOL = 1, 2, 3, 4, 5, 6
 EXIT_TIMED_OUT = 7
@@ -69,9 +69,7 @@ class ControlTestCase(harness.DaemonTestCase):
         return self.start_daemon(args + list(extra), name)
 
     def nbdkit(self, img, name="nbdkit", filters=(), params=()):
-        k = Nbdkit(self.tmp, img, port=harness.free_port(), filters=filters, params=params, name=name)
-        self.addCleanup(k.kill)
-        return k.start()
+        return remotes.started(self, remotes.Nbdkit(self.tmp, img, filters=filters, params=params, name=name))
 
     def raw(self, payload, read=True, timeout=10):
         """Sends raw bytes on the control socket; returns the response lines."""
