@@ -16,6 +16,7 @@ import socket
 import struct
 import subprocess
 import tempfile
+import threading
 import time
 import unittest
 
@@ -417,6 +418,73 @@ def read_simple_reply(sock):
     magic, error, cookie = struct.unpack(">IIQ", recv_exact(sock, 16))
     assert magic == SIMPLE_REPLY_MAGIC, "bad reply magic %#x" % magic
     return error, cookie
+
+
+def nbd_map(uri, context=None):
+    """[(offset, length, type)] as `nbdinfo --map[=context]` prints them:
+    base:allocation by default (type 1 hole, 2 zero), or e.g.
+    blockway:cache (1 present, 2 dirty)."""
+    p = run(["nbdinfo", "--map=" + context if context else "--map", uri], timeout=30)
+    out = []
+    for line in p.stdout.decode().splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[0].isdigit():
+            out.append((int(parts[0]), int(parts[1]), int(parts[2])))
+    return out
+
+
+def type_at(extents, offset):
+    """The type of the extent that holds offset."""
+    for off, length, t in extents:
+        if off <= offset < off + length:
+            return t
+    raise AssertionError("offset %d not in the map %r" % (offset, extents))
+
+
+class FlushingWriter(threading.Thread):
+    """A thread that writes `count` blocks of distinct contents through the
+    NBD handle h, block i at base + (i % span) * block, and flushes after
+    every 8th and at the end. `durable` collects the (offset, data) a
+    successful flush covered, in order; `errors` the (kind, i, errno) of the
+    writes and flushes that failed. stop() ends it early."""
+
+    def __init__(self, h, count, block, base=0, span=None, pause=0.002):
+        super().__init__()
+        self.h, self.count, self.block, self.base = h, count, block, base
+        self.span = span or count
+        self.pause = pause
+        self.durable, self.errors = [], []
+        self._stop_event = threading.Event()
+
+    def stop(self):
+        self._stop_event.set()
+
+    def _flush(self, i, pending):
+        import nbd
+        try:
+            self.h.flush()
+            self.durable.extend(pending)
+        except nbd.Error as e:
+            self.errors.append(("flush", i, e.errnum))
+
+    def run(self):
+        import nbd
+        pending = []
+        for i in range(self.count):
+            if self._stop_event.is_set():
+                break
+            off = self.base + (i % self.span) * self.block
+            data = struct.pack(">Q", i + 1) * (self.block // 8)
+            try:
+                self.h.pwrite(data, off)
+                pending.append((off, data))
+            except nbd.Error as e:
+                self.errors.append(("write", i, e.errnum))
+            if i % 8 == 7:
+                self._flush(i, pending)
+                pending = []
+            time.sleep(self.pause)
+        self._flush(-1, pending)
 
 
 def wait_until(pred, timeout, interval=0.05, what="condition"):

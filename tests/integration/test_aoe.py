@@ -10,10 +10,8 @@ on one end of a veth pair, blockwayd on the other end in the host namespace.
 import errno
 import os
 import re
-import struct
 import subprocess
 import sys
-import threading
 import time
 import unittest
 
@@ -169,60 +167,33 @@ class AoeTest(harness.DaemonTestCase):
         d.stop()
         self.assertRegex(d.log(), r"errors [1-9]\d*, session timeouts 0")
 
-    def _writer(self, h, base, count, block, durable, errors, stop):
-        """Writes `count` blocks with distinct contents, flushing every 8;
-        records which ones a successful flush covered."""
-        pending = []
-        for i in range(count):
-            if stop.is_set():
-                break
-            off = base + i * block
-            data = struct.pack(">Q", i + 1) * (block // 8)
-            try:
-                h.pwrite(data, off)
-                pending.append((off, data))
-            except nbd.Error as e:
-                errors.append(("write", i, e.errnum))
-            if i % 8 == 7:
-                try:
-                    h.flush()
-                    durable.extend(pending)
-                except nbd.Error as e:
-                    errors.append(("flush", i, e.errnum))
-                pending = []
-            time.sleep(0.002)
-        try:
-            h.flush()
-            durable.extend(pending)
-        except nbd.Error as e:
-            errors.append(("flush", -1, e.errnum))
-
     def _run_outage(self, opts, outage, count=1500):
+        """A writer (harness.FlushingWriter) runs while vblade is killed and
+        restarted `outage` seconds later; what a flush covered is in the file."""
         self.setup_target(size=64 * MiB, sync=True)
         d = self.serve_aoe(opts)
         h = self.connect(self.uri("d"))
-        durable, errors, stop = [], [], threading.Event()
-        t = threading.Thread(target=self._writer, args=(h, 0, count, 16384, durable, errors, stop))
-        t.start()
+        w = harness.FlushingWriter(h, count, 16384)
+        w.start()
         try:
-            harness.wait_until(lambda: len(durable) >= 80, 30, what="writes before the outage")
+            harness.wait_until(lambda: len(w.durable) >= 80, 30, what="writes before the outage")
             self.vblade.kill()
-            before = len(durable)
+            before = len(w.durable)
             time.sleep(outage)
             self.vblade.start()
-            t.join(240)
-            self.assertFalse(t.is_alive(), "writer hung")
+            w.join(240)
+            self.assertFalse(w.is_alive(), "writer hung")
         finally:
-            stop.set()
-            t.join(30)
-        self.assertGreater(len(durable), before + 100, "I/O did not resume after the target restarted")
+            w.stop()
+            w.join(30)
+        self.assertGreater(len(w.durable), before + 100, "I/O did not resume after the target restarted")
         with open(self.img, "rb") as f:
-            for off, data in durable:
+            for off, data in w.durable:
                 f.seek(off)
                 self.assertEqual(f.read(len(data)), data, "flushed write at %d lost" % off)
         # And a read through the daemon agrees with the file.
         self.assertEqual(h.pread(65536, 0), harness.read_file(self.img, 0, 65536))
-        return d, errors
+        return d, w.errors
 
     def test_target_restart_short_outage_resumes_transparently(self):
         """vblade killed and back within the frame give-up time: retransmission

@@ -46,22 +46,12 @@ class CacheTestCase(harness.DaemonTestCase):
     def cmp(self, a, b):
         harness.run(["cmp", a, b], timeout=60)
 
-    def cache_map(self, uri):
-        """[(offset, length, type)] of the blockway:cache context."""
-        p = harness.run(["nbdinfo", "--map=blockway:cache", uri], timeout=30)
-        out = []
-        for line in p.stdout.decode().splitlines():
-            parts = line.split()
-            if len(parts) >= 3 and parts[0].isdigit():
-                out.append((int(parts[0]), int(parts[1]), int(parts[2])))
-        return out
-
     @staticmethod
-    def type_at(extents, offset):
-        for off, length, typ in extents:
-            if off <= offset < off + length:
-                return typ
-        raise AssertionError("offset %d not in the map %r" % (offset, extents))
+    def cache_map(uri):
+        """[(offset, length, type)] of the blockway:cache context."""
+        return harness.nbd_map(uri, "blockway:cache")
+
+    type_at = staticmethod(harness.type_at)
 
 
 @unittest.skipUnless(harness.have("nbdcopy") and harness.have("nbdinfo"), "libnbd tools missing")

@@ -34,11 +34,7 @@ def extents_of(h, count, offset, flags=0):
     return out
 
 
-def state_at(extents, offset):
-    for off, length, flags in extents:
-        if off <= offset < off + length:
-            return flags
-    raise AssertionError("offset %d not covered by %r" % (offset, extents))
+state_at = harness.type_at
 
 
 def allocated_bytes(path):

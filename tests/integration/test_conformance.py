@@ -25,7 +25,6 @@ network namespace of their own (no lock on port 2049).
 
 import errno
 import os
-import struct
 import sys
 import threading
 import time
@@ -331,7 +330,7 @@ class ConformanceCases:
         h.flush()
 
         stop = threading.Event()
-        read_errors, write_errors, durable = [], [], []
+        read_errors = []
 
         def reader():
             rh = nbd.NBD()
@@ -347,48 +346,29 @@ class ConformanceCases:
             except Exception as e:  # noqa: BLE001
                 read_errors.append(repr(e))
 
-        def writer():
-            pending = []
-            i = 0
-            while not stop.is_set() and i < 4000:
-                off = (16 + i % 400) * block
-                data = struct.pack(">Q", i + 1) * (block // 8)
-                try:
-                    h.pwrite(data, off)
-                    pending.append((off, data))
-                except nbd.Error as e:
-                    write_errors.append(("write", i, e.errnum))
-                if i % 8 == 7:
-                    try:
-                        h.flush()
-                        durable.extend(pending)
-                    except nbd.Error as e:
-                        write_errors.append(("flush", i, e.errnum))
-                    pending = []
-                i += 1
-                time.sleep(0.002)
-
-        threads = [threading.Thread(target=reader), threading.Thread(target=writer)]
+        writer = harness.FlushingWriter(h, 4000, block, base=16 * block, span=400)
+        threads = [threading.Thread(target=reader), writer]
         for t in threads:
             t.start()
         try:
-            harness.wait_until(lambda: len(durable) >= 32, 30, what="writes before the outage")
+            harness.wait_until(lambda: len(writer.durable) >= 32, 30, what="writes before the outage")
             b.peer.kill()
             time.sleep(1.5)
-            before = len(durable)
+            before = len(writer.durable)
             b.peer.start()
-            harness.wait_until(lambda: len(durable) >= before + 64, 90, interval=0.1,
+            harness.wait_until(lambda: len(writer.durable) >= before + 64, 90, interval=0.1,
                                what="flushed writes after the restart")
         finally:
             stop.set()
+            writer.stop()
             for t in threads:
                 t.join(120)
         self.assertFalse(any(t.is_alive() for t in threads), "a client hung")
         self.assertEqual(read_errors, [])
-        for kind, _i, err in write_errors:
-            self.assertEqual((kind, err), ("flush", errno.EIO), write_errors)
-        self.assertLessEqual(len(write_errors), 3, write_errors)
-        latest = dict(durable)  # the last flushed contents of each block
+        for kind, _i, err in writer.errors:
+            self.assertEqual((kind, err), ("flush", errno.EIO), writer.errors)
+        self.assertLessEqual(len(writer.errors), 3, writer.errors)
+        latest = dict(writer.durable)  # the last flushed contents of each block
         for off, data in list(base.items()) + list(latest.items()):
             self.assertEqual(harness.read_file(b.image, off, len(data)), data, "flushed data at %d lost" % off)
         if b.reconnect_log:

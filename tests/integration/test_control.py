@@ -533,14 +533,20 @@ class RuntimeExports(ControlTestCase):
         self.start({"base": "file://" + img})
         self.assertEqual([e["name"] for e in self.bwj("export", "list")["exports"]], ["base", "net"])
 
-    def test_saved_export_that_cannot_open_is_skipped_and_kept(self):
-        img = harness.make_random_image(self.path("a.img"), 4 * MiB, seed=6)
+    def start_with_saved_export_gone(self, seed):
+        """A daemon with export 'base', which saved a run-time export 'late'
+        whose image then went away (moved to IMG.away). Returns (daemon,
+        img, base)."""
+        img = harness.make_random_image(self.path("a.img"), 4 * MiB, seed=seed)
         base = harness.make_sparse_image(self.path("base.img"), MiB)
         d = self.start({"base": "file://" + base})
         self.bw("export", "add", "late", "file://" + img)
         d.stop()
         os.rename(img, img + ".away")
-        d = self.start({"base": "file://" + base})
+        return self.start({"base": "file://" + base}), img, base
+
+    def test_saved_export_that_cannot_open_is_skipped_and_kept(self):
+        d, img, base = self.start_with_saved_export_gone(seed=6)
         listed = {e["name"]: e for e in self.bwj("export", "list")["exports"]}
         self.assertEqual(sorted(listed), ["base", "late"])
         self.assertTrue(listed["late"]["state"].startswith("failed: "), listed["late"])
@@ -552,13 +558,7 @@ class RuntimeExports(ControlTestCase):
         self.assertEqual(self.connect(self.uri("late")).pread(4096, 0), harness.read_file(img, 0, 4096))
 
     def test_failed_saved_export_shows_in_status_and_export_remove_drops_it(self):
-        img = harness.make_random_image(self.path("a.img"), 4 * MiB, seed=7)
-        base = harness.make_sparse_image(self.path("base.img"), MiB)
-        d = self.start({"base": "file://" + base})
-        self.bw("export", "add", "late", "file://" + img)
-        d.stop()
-        os.rename(img, img + ".away")
-        d = self.start({"base": "file://" + base})
+        d, img, base = self.start_with_saved_export_gone(seed=7)
         # status, export list and stats show it, with the reason.
         st = {e["name"]: e for e in self.bwj("status")["exports"]}
         self.assertEqual(st["base"]["state"], "open")

@@ -59,22 +59,7 @@ def sha256_nbd(uri, size, chunk=MiB):
         h.shutdown()
 
 
-def nbd_map(uri):
-    """[(offset, length, type)] of base:allocation (type 1 = hole, 2 = zero)."""
-    p = harness.run(["nbdinfo", "--map", uri], timeout=30)
-    out = []
-    for line in p.stdout.decode().splitlines():
-        parts = line.split()
-        if len(parts) >= 3 and parts[0].isdigit():
-            out.append((int(parts[0]), int(parts[1]), int(parts[2])))
-    return out
-
-
-def type_at(extents, offset):
-    for off, length, t in extents:
-        if off <= offset < off + length:
-            return t
-    raise AssertionError("offset %d not in map %r" % (offset, extents))
+nbd_map, type_at = harness.nbd_map, harness.type_at
 
 
 class FuseTestCase(harness.DaemonTestCase):

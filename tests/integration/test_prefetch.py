@@ -44,13 +44,7 @@ class PrefetchTestCase(harness.DaemonTestCase):
 
     def cache_map(self):
         """[(offset, length, flags)] of the blockway:cache context."""
-        p = harness.run(["nbdinfo", "--map=blockway:cache", self.uri("disk")], timeout=30)
-        out = []
-        for line in p.stdout.decode().splitlines():
-            parts = line.split()
-            if len(parts) >= 3 and parts[0].isdigit():
-                out.append((int(parts[0]), int(parts[1]), int(parts[2])))
-        return out
+        return harness.nbd_map(self.uri("disk"), "blockway:cache")
 
     def present_bytes(self):
         return sum(length for _, length, flags in self.cache_map() if flags & 1)
