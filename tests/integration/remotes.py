@@ -463,8 +463,9 @@ RO_PSEUDO = "/bwro"
 class Ganesha(PeerProcess):
     """nfs-ganesha (VFS FSAL) with two exports of directories under workdir:
     export/ read-write and roexport/ read-only. On the host it takes port
-    2049 (tests that use it hold ctest's nfs-ganesha lock); with a
-    NetNamespace it runs inside, and so must blockwayd (netns.prefix())."""
+    2049 and the host's rpcbind (bench/remote_ab.py runs it so, inside a
+    namespace of its own); with a NetNamespace it runs inside that, and so
+    must blockwayd (netns.prefix()): see PrivateNfs."""
 
     def __init__(self, workdir, lease=None, netns=None):
         self.workdir = workdir
