@@ -16,8 +16,9 @@ blockwayd against each kind of remote, with the real peer behind it.
   bad URIs           refused at start-up with exit code 2 and a clear message,
                      and so is a peer that is not there
 
-A backend is one small fixture class (Backend below) plus one line that
-mixes it into the cases; a new backend gets every case that way. Cases that
+A backend is one small fixture class, `class NAMEBackend(Backend)` (see
+Backend below): it gets every case as NAMEConformance, and ctest runs it as
+integration.test_conformance.name. Nothing else to add. Cases that
 need a peer process skip for file://. Clients reach blockwayd on a Unix
 socket, so the NFS fixture can run rpcbind, ganesha and blockwayd in a
 network namespace of their own (no lock on port 2049).
@@ -160,7 +161,7 @@ class IscsiBackend(Backend):
         return ("iscsi://127.0.0.1:%d/%s/1" % (port, remotes.IQN), "cannot log in", "Connection refused")
 
 
-class NfsBackend(Backend):
+class Nfs3Backend(Backend):
     """ganesha and rpcbind in a network namespace of their own; blockwayd
     joins it (its clients come in on a Unix socket)."""
 
@@ -199,7 +200,7 @@ class NfsBackend(Backend):
                 "cannot mount '%s' from server 127.0.0.1:%d" % (remotes.PSEUDO, port), "the connection failed")
 
 
-class Nfs4Backend(NfsBackend):
+class Nfs4Backend(Nfs3Backend):
     version = 4
 
 
@@ -426,28 +427,13 @@ class ConformanceCases:
         self.assertLess(time.monotonic() - start, 30)
 
 
-class FileConformance(ConformanceCases, harness.DaemonTestCase):
-    BACKEND = FileBackend
-
-
-class NbdConformance(ConformanceCases, harness.DaemonTestCase):
-    BACKEND = NbdBackend
-
-
-class IscsiConformance(ConformanceCases, harness.DaemonTestCase):
-    BACKEND = IscsiBackend
-
-
-class Nfs3Conformance(ConformanceCases, harness.DaemonTestCase):
-    BACKEND = NfsBackend
-
-
-class Nfs4Conformance(ConformanceCases, harness.DaemonTestCase):
-    BACKEND = Nfs4Backend
-
-
-class AoeConformance(ConformanceCases, harness.DaemonTestCase):
-    BACKEND = AoeBackend
+# One test class per backend: NAMEConformance for each class NAMEBackend
+# above (tests/CMakeLists.txt finds them by the same name, one ctest test each).
+for _backend in [v for k, v in list(globals().items())
+                 if k.endswith("Backend") and isinstance(v, type) and issubclass(v, Backend) and v is not Backend]:
+    _name = _backend.__name__[:-len("Backend")] + "Conformance"
+    globals()[_name] = type(_name, (ConformanceCases, harness.DaemonTestCase),
+                            {"BACKEND": _backend, "__qualname__": _name})
 
 
 if __name__ == "__main__":

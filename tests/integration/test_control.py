@@ -820,15 +820,22 @@ class RunTimeSettings(ControlTestCase):
                     return item[len("mode="):]
         return configured
 
-    def test_concurrent_mode_switches_are_saved_in_the_order_they_took_effect(self):
-        import random
-        img = harness.make_random_image(self.path("vm.img"), 4 * MiB, seed=13)
-        rt_img = harness.make_random_image(self.path("rt.img"), 4 * MiB, seed=14)
+    def start_cached_vm(self, seed):
+        """A daemon with export 'vm', a cached file export (256k chunks,
+        writethrough) whose cache takes run-time control. Returns (daemon,
+        its spec, the image, the cache directory)."""
+        img = harness.make_random_image(self.path("vm.img"), 4 * MiB, seed=seed)
         cache = self.path("cache")
         spec = "file://%s,cache=%s,chunk=256k,mode=writethrough" % (img, cache)
         d = self.start({"vm": spec})
         if not self.has_cache_control("vm"):
             self.skipTest(NO_CONTROL)
+        return d, spec, img, cache
+
+    def test_concurrent_mode_switches_are_saved_in_the_order_they_took_effect(self):
+        import random
+        d, spec, _, cache = self.start_cached_vm(seed=13)
+        rt_img = harness.make_random_image(self.path("rt.img"), 4 * MiB, seed=14)
         self.bw("export", "add", "rt", "file://" + rt_img, "cache=%s,chunk=256k,mode=writethrough" % cache)
         modes = ["writethrough", "writeback", "writeback-local"]
         rng = random.Random(5)
@@ -849,12 +856,7 @@ class RunTimeSettings(ControlTestCase):
         self.assertEqual({n: self.bwj("stats", n)["mode"] for n in ("vm", "rt")}, before)
 
     def test_export_remove_forgets_the_run_time_settings(self):
-        img = harness.make_random_image(self.path("vm.img"), 4 * MiB, seed=15)
-        cache = self.path("cache")
-        spec = "file://%s,cache=%s,chunk=256k,mode=writethrough" % (img, cache)
-        d = self.start({"vm": spec})
-        if not self.has_cache_control("vm"):
-            self.skipTest(NO_CONTROL)
+        d, spec, img, cache = self.start_cached_vm(seed=15)
         self.bw("mode", "vm", "writeback")
         self.bw("prefetch", "rate", "vm", "3M")
         self.assertEqual(len(self.catalogue("SELECT key FROM runtime_settings WHERE name = 'vm'")), 2)
