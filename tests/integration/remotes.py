@@ -228,7 +228,11 @@ class AoeFlushSniffer(FlushObserver):
 class Nbdkit(PeerProcess):
     """nbdkit's file plugin serving a file, on a TCP port or a Unix socket.
     With log_requests, its log filter writes every request to requests_log
-    (flush_observer() and read_bytes() read it)."""
+    (flush_observer() and read_bytes() read it).
+
+    nbdkit sets PR_SET_PDEATHSIG(SIGTERM): it shuts down when the *thread*
+    that started it ends. Start it from a thread that outlives it (the test's
+    main thread, or a helper thread joined only after the last use)."""
 
     def __init__(self, workdir, img, port=None, sock=None, filters=(), params=(), name="nbdkit",
                  log_requests=False):

@@ -21,7 +21,7 @@ import unittest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 from harness import MiB  # noqa: E402
-from test_nbd_remote import Nbdkit  # noqa: E402
+import remotes  # noqa: E402
 
 import nbd  # noqa: E402
 
@@ -35,9 +35,7 @@ class RemoteCrashTest(harness.DaemonTestCase):
         img = harness.make_random_image(self.path("remote.img"), SIZE, seed=31)
         with open(img, "rb") as f:
             model = bytearray(f.read())
-        kit = Nbdkit(self.tmp, img, port=harness.free_port(), filters=["cache"], params=["cache=writeback"])
-        self.addCleanup(kit.kill)
-        kit.start()
+        kit = remotes.started(self, remotes.Nbdkit(self.tmp, img, filters=["cache"], params=["cache=writeback"]))
         self.port = harness.free_port()
         csock = self.path("control.sock")
         spec = "vm=%s,cache=%s,mode=%s,retry-timeout=30,writeback-delay=0" % (kit.uri, self.path("cache"), mode)
@@ -159,9 +157,7 @@ class RemoteCrashTest(harness.DaemonTestCase):
         again: a FLUSH after the remote lost them fails with EIO (once), the
         log says why, and the export goes on working."""
         img = harness.make_random_image(self.path("remote.img"), SIZE, seed=32)
-        kit = Nbdkit(self.tmp, img, port=harness.free_port(), filters=["cache"], params=["cache=writeback"])
-        self.addCleanup(kit.kill)
-        kit.start()
+        kit = remotes.started(self, remotes.Nbdkit(self.tmp, img, filters=["cache"], params=["cache=writeback"]))
         self.port = harness.free_port()
         spec = "vm=%s,cache=%s,mode=writethrough,retry-timeout=30" % (kit.uri, self.path("cache"))
         d = self.start_daemon(["--log-level", "info", "--listen", "127.0.0.1:%d" % self.port,
