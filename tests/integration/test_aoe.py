@@ -84,7 +84,7 @@ print(sent, replayed)
 """
 
 
-@unittest.skipUnless(remotes.can_make_netns(), "needs root, ip netns and vblade")
+@unittest.skipUnless(remotes.can_make_netns() and harness.have("vblade"), "needs root, ip netns and vblade")
 class AoeTest(harness.DaemonTestCase):
 
     @classmethod
