@@ -17,37 +17,27 @@
 #   BENCH_TMPDIR, BLOCKWAYD (see bench/lib.sh)
 set -euo pipefail
 
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-repo=$(cd "$here/.." && pwd)
-die() { echo "cache_capacity.sh: $*" >&2; exit 1; }
-source "$here/lib.sh"
-bench_settings 10 3
-[[ $QUICK == 1 ]] || SIZE_MIB=${BENCH_SIZE_MIB:-512}
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+bench_settings 10 3 512
 [[ $QUICK == 1 ]] && SIZE_MIB=${BENCH_SIZE_MIB:-128}
 DELAY=${BENCH_DELAY:-1ms}
 BLOCKWAY=${BLOCKWAY:-$(dirname "$BLOCKWAYD")/blockway}
 [[ -x $BLOCKWAYD && -x $BLOCKWAY ]] || die "build blockwayd and blockway first"
 
-tmp=$(mktemp -d "$TMPBASE/bw-capacity.XXXXXX")
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-    rm -rf "$tmp"
-}
-trap cleanup EXIT
+bench_tmpdir bw-capacity
+tmp=$TMP
+bench_cleanup_trap
 
 img=$tmp/remote.img
 head -c $((SIZE_MIB << 20)) /dev/urandom > "$img"
 
 wait_port() {
-    for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done
+    for _ in $(seq 200); do port_open "$1" && return 0; sleep 0.05; done
     die "nothing listens on port $1"
 }
 
 rport=$(free_port)
-nbdkit -f -i 127.0.0.1 -p "$rport" --filter=delay file "$img" rdelay="$DELAY" >/dev/null 2>&1 &
-pids+=($!)
+bench_start /dev/null nbdkit -f -i 127.0.0.1 -p "$rport" --filter=delay file "$img" rdelay="$DELAY"
 wait_port "$rport"
 
 fio_iops() {  # URI SECONDS [extra fio args]: read IOPS
@@ -66,10 +56,9 @@ run_cfg() {  # NAME -> prints "IOPS HITRATIO EVICTIONS FILEBYTES"
         whole)  opts=",cache=$dir/cache,capacity=${SIZE_MIB}M" ;;
         direct) opts="" ;;
     esac
-    "$BLOCKWAYD" --listen 127.0.0.1:"$port" --data-dir "$dir/data" --control-socket "$sock" --log-level warn \
-        --export "b=nbd://127.0.0.1:$rport/$opts" >"$dir/log" 2>&1 &
-    local pid=$!
-    pids+=($pid)
+    bench_start "$dir/log" "$BLOCKWAYD" --listen 127.0.0.1:"$port" --data-dir "$dir/data" \
+        --control-socket "$sock" --log-level warn --export "b=nbd://127.0.0.1:$rport/$opts"
+    local pid=$BG_PID
     wait_port "$port"
     local uri=nbd://127.0.0.1:$port/b
     # Warm-up: one pass over the working set in random order (untimed).
@@ -89,7 +78,7 @@ if a.get("cache"):
 else:
     print(iops, "-", "-", "-")
 EOF
-    kill "$pid"; wait "$pid" 2>/dev/null || true
+    stop_pid "$pid" >&2
 }
 
 declare -A results
