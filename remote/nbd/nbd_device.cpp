@@ -202,17 +202,22 @@ class NbdDevice::Connection final : public FdWatcher::Client,
     (void)owned.release();  // from here on_free deletes it
     const int64_t cookie = issue(h_.get(), r, cb);
     r->issuing = false;
-    if (cookie == -1) {
-      const int err = last_errno(EIO);
-      const bool dead = nbd_aio_is_dead(h_.get()) == 1 || nbd_aio_is_closed(h_.get()) == 1;
+    // libnbd may also retire the command inside a call that succeeds: the
+    // call queues it, runs the state machine, finds the server gone and
+    // frees every command. on_free then left it to us in either case.
+    const bool dead = nbd_aio_is_dead(h_.get()) == 1 || nbd_aio_is_closed(h_.get()) == 1;
+    if (cookie == -1 || r->freed) {
+      const int err = cookie == -1 ? last_errno(EIO) : ENOTCONN;
       if (!r->done) finish(r, dead ? ENOTCONN : err);
       if (r->freed) {
         std::unique_ptr<Request> gone(r);
       }
-      if (dead) kill(ENOTCONN, last_message());
+    }
+    if (dead) {
+      kill(ENOTCONN, cookie == -1 ? last_message() : "server closed the connection");
       return;
     }
-    watcher_->kick();
+    if (cookie != -1) watcher_->kick();
   }
 
   // FdWatcher::Client
