@@ -53,16 +53,12 @@
 #                   which is what a LAN remote does to writes.
 set -euo pipefail
 
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-repo=$(cd "$here/.." && pwd)
-
-source "$here/lib.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 bench_settings 10 3
 DELAY=${BENCH_DELAY:-1ms}
 EXPORT=bench
 NBDCOPY_OPTS=(--requests=64 --connections=4)
 
-die() { echo "cache.sh: $*" >&2; exit 1; }
 
 for tool in nbdkit nbdcopy nbdinfo fio jq; do
     command -v "$tool" >/dev/null || die "missing tool: $tool"
@@ -72,70 +68,37 @@ nbdkit --dump-plugin nbd >/dev/null 2>&1 || die "nbdkit nbd plugin not installed
 nbdkit --filter=cache --filter=delay null --dump-plugin >/dev/null 2>&1 \
     || die "nbdkit cache or delay filter not installed"
 
-TMP=$(mktemp -d "$TMPBASE/cache-bench.XXXXXX")
+bench_tmpdir cache-bench
 IMG=$TMP/img.raw        # the remote's image
 COPY=$TMP/copy.raw      # the local ceiling's image
 RESULTS=$TMP/results.tsv
-# Run a private copy of the daemon, so a rebuild of build/ during the run
-# cannot mix two versions into one set of figures.
-cp "$BLOCKWAYD" "$TMP/blockwayd"
-BLOCKWAYD_ORIG=$BLOCKWAYD
-BLOCKWAYD=$TMP/blockwayd
+bench_private_daemon
 cd "$TMP"   # anything a client drops in its cwd goes away with TMP
 
-# Processes this script started and still runs, in start order.
+# Processes of the configuration being measured, in start order.
 PIDS=()
 NAMES=()
 LOGS=()
 CONFIG=   # name of the configuration being measured (for messages)
 
-stop_pid() {   # pid: SIGTERM, wait up to 10 s, then SIGKILL; exit status in STOP_RC
-    # (not a $(...) subshell: only this shell can wait for its children)
-    local pid=$1 rc=0
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    if kill -0 "$pid" 2>/dev/null; then
-        echo "warning: pid $pid did not stop within 10 s of SIGTERM; killing it" >&2
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    wait "$pid" 2>/dev/null || rc=$?
-    STOP_RC=$rc
-}
-
-cleanup() {
-    local rc=$? i
-    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
-        if kill -0 "${PIDS[i]}" 2>/dev/null; then stop_pid "${PIDS[i]}"; fi
+show_logs() {
+    local i
+    [[ $1 -ne 0 ]] || return 0
+    for ((i = 0; i < ${#LOGS[@]}; i++)); do
+        [[ -f ${LOGS[i]} ]] || continue
+        echo "--- last lines of ${NAMES[i]} log (${CONFIG:-?}) ---" >&2
+        tail -n 20 "${LOGS[i]}" >&2 || true
     done
-    if [[ $rc -ne 0 ]]; then
-        for ((i = 0; i < ${#LOGS[@]}; i++)); do
-            [[ -f ${LOGS[i]} ]] || continue
-            echo "--- last lines of ${NAMES[i]} log (${CONFIG:-?}) ---" >&2
-            tail -n 20 "${LOGS[i]}" >&2 || true
-        done
-    fi
-    rm -rf "$TMP"
-    exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+bench_cleanup_trap show_logs
 
 # ---------------------------------------------------------------- machine info
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 machine_info() {
-    echo "## Machine"
-    echo
-    echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
-    echo "- nproc: $(nproc); CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
-    echo "- memory: $(free -m | awk '/^Mem:/ {print $2 " MiB"}'); kernel: $(uname -sr)"
-    echo "- blockwayd: $("$BLOCKWAYD" --version 2>&1 | head -n1), $BLOCKWAYD_ORIG built $(date -u -r "$BLOCKWAYD_ORIG" '+%Y-%m-%d %H:%M UTC'), sha256 $(sha256sum "$BLOCKWAYD" | cut -c1-12) (repo at $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$repo" diff --quiet 2>/dev/null || echo '+dirty'))"
-    echo "- $(nbdkit --version | head -n1); $(nbdcopy --version | head -n1) ($(nbdcopy --version | sed -n 2p)); $(fio --version)"
-    echo "- image: ${SIZE_MIB} MiB random data on $(df --output=source,fstype "$TMP" | tail -n1 | tr -s ' '), in page cache"
-    echo "- remote: nbdkit file plugin + delay filter rdelay=$DELAY (write tests also with wdelay=$DELAY)"
-    echo "- fio runtime ${RUNTIME} s, ${REPS} round(s), median reported"
-    echo "- load average at start: $LOAD_START (other work on the machine skews the figures)"
-    echo
+    bench_machine_info "$(nbdkit --version | head -n1); $(nbdcopy --version | head -n1) ($(nbdcopy --version | sed -n 2p)); $(fio --version)" \
+        "image: ${SIZE_MIB} MiB random data on $(df --output=source,fstype "$TMP" | tail -n1 | tr -s ' '), in page cache" \
+        "remote: nbdkit file plugin + delay filter rdelay=$DELAY (write tests also with wdelay=$DELAY)" \
+        "fio runtime ${RUNTIME} s, ${REPS} round(s), median reported"
 }
 
 # ---------------------------------------------------------------- processes
@@ -143,21 +106,11 @@ machine_info() {
 # until nbdinfo answers on READY_URI. For blockwayd, also waits for its pid file.
 start() {
     local name=$1 uri=$2; shift 2
-    local log=$TMP/$CONFIG.r$round.$name.log pid
-    "$@" >"$log" 2>&1 &
-    pid=$!
-    PIDS+=("$pid"); NAMES+=("$name"); LOGS+=("$log")
-    local ok=0
-    for _ in $(seq 200); do
-        kill -0 "$pid" 2>/dev/null || die "$CONFIG: $name exited during startup: $*"
-        if [[ $name == blockwayd* && ! -s $TMP/$CONFIG.pid ]]; then sleep 0.05; continue; fi
-        if nbdinfo --size "$uri" >/dev/null 2>&1; then ok=1; break; fi
-        sleep 0.05
-    done
-    [[ $ok == 1 ]] || die "$CONFIG: $name did not answer on $uri within 10 s"
-    if [[ $name == blockwayd* ]]; then
-        [[ $(cat "$TMP/$CONFIG.pid") == "$pid" ]] || die "$CONFIG: blockwayd pid file does not match pid $pid"
-    fi
+    local log=$TMP/$CONFIG.r$round.$name.log
+    bench_start "$log" "$@"
+    PIDS+=("$BG_PID"); NAMES+=("$name"); LOGS+=("$log")
+    [[ $name == blockwayd* ]] && wait_pid_file "$TMP/$CONFIG.pid" "$BG_PID"
+    wait_nbd "$uri"
 }
 
 # Stop everything this configuration started, newest first. blockwayd must
@@ -232,21 +185,9 @@ seq_read() {   # URI: MB/s of one nbdcopy pass over the whole image
 }
 
 fio_run() {   # URI RW BS: IOPS (4k) or MB/s (otherwise)
-    local uri=$1 rw=$2 bs=$3 dir out=$TMP/fio.json
-    case $rw in read | randread) dir="read" ;; write | randwrite) dir="write" ;; esac
-    fio --name="$rw" --ioengine=nbd --uri="$uri" \
-        --rw="$rw" --bs="$bs" --iodepth=16 --numjobs=1 --time_based \
-        --runtime="$RUNTIME" --size="${SIZE_MIB}M" \
-        --output-format=json --output="$out" >/dev/null \
-        || { cat "$out" >&2 2>/dev/null || true; die "$CONFIG: fio $rw $bs on $uri failed"; }
-    local err
-    err=$(jq '.jobs[0].error' "$out")
-    [[ $err == 0 ]] || die "$CONFIG: fio $rw $bs on $uri reported error $err"
-    if [[ $bs == 4k ]]; then
-        jq -r ".jobs[0].$dir.iops | floor" "$out"
-    else
-        jq -r ".jobs[0].$dir.bw_bytes / 1000000 | floor" "$out"
-    fi
+    local v
+    v=$(fio_nbd "$1" "$2" "$3") || die "$CONFIG: fio $2 $3 failed"
+    if [[ $3 == 4k ]]; then echo "${v% *}"; else echo "${v#* }"; fi
 }
 
 # Every configuration: name, then what it measures.

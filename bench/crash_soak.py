@@ -4,6 +4,9 @@
     ROUNDS=300 MODES=writeback-local,writeback,writethrough SEED=123 \
         BLOCKWAYD=build/blockwayd /usr/bin/python3 bench/crash_soak.py
 
+ROUNDS defaults to bench/lib.sh's BENCH_REPS with a default of 200 (1 with
+BENCH_QUICK=1); BLOCKWAYD to build/blockwayd.
+
 Each round: random writes with random FLUSH/FUA through blockwayd, SIGKILL at
 a random moment, restart on the same cache and catalogue, verify (see
 tests/integration/crash_common.py). Stops at the first problem and keeps the
@@ -16,11 +19,13 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests", "integration"))
+import lib  # bench/lib.py: settings; puts tests/integration on sys.path
+
+SETTINGS = lib.settings(0, 200)
+os.environ["BLOCKWAYD"] = SETTINGS["BLOCKWAYD"]
 import crash_common  # noqa: E402
 
-rounds = int(os.environ.get("ROUNDS", "200"))
+rounds = int(os.environ.get("ROUNDS", SETTINGS["REPS"]))
 modes = os.environ.get("MODES", "writeback-local,writeback,writethrough").split(",")
 seed = int(os.environ["SEED"]) if "SEED" in os.environ else None
 max_delay = float(os.environ.get("MAX_DELAY", "2.0"))

@@ -29,42 +29,33 @@
 # both sides (no fsync). Ratios are blockway / nbdfuse.
 set -euo pipefail
 
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-repo=$(cd "$here/.." && pwd)
-
-source "$here/lib.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 bench_settings 8 2
 
-die() { echo "fuse.sh: $*" >&2; exit 1; }
 [[ $(id -u) == 0 ]] || die "run as root (FUSE mounts, fusermount3)"
 for t in fio nbdkit nbdfuse fusermount3; do command -v $t >/dev/null || die "$t is missing"; done
 [[ -x $BLOCKWAYD ]] || die "no daemon at $BLOCKWAYD (build it first)"
 
-work=$(mktemp -d "$TMPBASE/bw-fuse-bench.XXXXXX")
+bench_tmpdir bw-fuse-bench
+work=$TMP
 img=$work/image.raw
 mnt_bw=$work/mnt-blockway
 mnt_nf=$work/mnt-nbdfuse
 mkdir -p "$mnt_bw" "$mnt_nf"
 bw_pid= nbdkit_pid= nbdfuse_pid=
 
-cleanup() {
-    set +e
+unmount_all() {   # before the temp dir goes: nothing may stay mounted in it
     if [[ -n $nbdfuse_pid ]]; then
         fusermount3 -u "$mnt_nf" 2>/dev/null
-        for _ in $(seq 50); do kill -0 "$nbdfuse_pid" 2>/dev/null || break; sleep 0.1; done
-        kill "$nbdfuse_pid" 2>/dev/null
+        stop_pid "$nbdfuse_pid"
     fi
-    [[ -n $nbdkit_pid ]] && kill "$nbdkit_pid" 2>/dev/null
-    if [[ -n $bw_pid ]]; then
-        kill -TERM "$bw_pid" 2>/dev/null
-        for _ in $(seq 100); do kill -0 "$bw_pid" 2>/dev/null || break; sleep 0.1; done
-    fi
+    stop_pid "$nbdkit_pid"
+    stop_pid "$bw_pid"
     for m in "$mnt_nf" "$mnt_bw"; do
         grep -q " $m " /proc/self/mountinfo && umount -l "$m"
     done
-    rm -rf "$work"
 }
-trap cleanup EXIT
+bench_cleanup_trap unmount_all
 
 wait_for() { # path, what
     for _ in $(seq 200); do [[ -e $1 ]] && return 0; sleep 0.05; done
@@ -75,17 +66,17 @@ echo "fuse.sh: ${SIZE_MIB} MiB image of random data, ${RUNTIME}s per run, ${REPS
 head -c $((SIZE_MIB << 20)) /dev/urandom > "$img"
 
 bw_opts=${BW_FUSE_OPTS:+,$BW_FUSE_OPTS}
-"$BLOCKWAYD" --listen 127.0.0.1:0 --log-level warn --export "bench=file://$img" \
-    --fuse-mount "$mnt_bw$bw_opts" --pid-file "$work/bw.pid" 2> "$work/bw.log" &
-bw_pid=$!
-wait_for "$work/bw.pid" blockwayd
+bench_start "$work/bw.log" "$BLOCKWAYD" --listen 127.0.0.1:0 --log-level warn --export "bench=file://$img" \
+    --fuse-mount "$mnt_bw$bw_opts" --pid-file "$work/bw.pid"
+bw_pid=$BG_PID
+wait_pid_file "$work/bw.pid" "$bw_pid"
 
 port=$(free_port)
-nbdkit -f -p "$port" -i 127.0.0.1 --pidfile "$work/nbdkit.pid" file "$img" 2> "$work/nbdkit.log" &
-nbdkit_pid=$!
+bench_start "$work/nbdkit.log" nbdkit -f -p "$port" -i 127.0.0.1 --pidfile "$work/nbdkit.pid" file "$img"
+nbdkit_pid=$BG_PID
 wait_for "$work/nbdkit.pid" nbdkit
-nbdfuse -P "$work/nbdfuse.pid" "$mnt_nf/bench" "nbd://127.0.0.1:$port" 2> "$work/nbdfuse.log" &
-nbdfuse_pid=$!
+bench_start "$work/nbdfuse.log" nbdfuse -P "$work/nbdfuse.pid" "$mnt_nf/bench" "nbd://127.0.0.1:$port"
+nbdfuse_pid=$BG_PID
 wait_for "$work/nbdfuse.pid" nbdfuse
 
 files=("$mnt_bw/bench" "$mnt_nf/bench")
@@ -144,5 +135,6 @@ for (t, e), d in rows.items():
     print("| %s | %s | %.0f | %.0f | %.0f | %.0f | %.2fx | %s %.1fx |" % (
         t, e, bw, bi, nw, ni, ratio, "met" if ratio >= target else "MISSED", target))
 EOF
-kill -TERM "$bw_pid"; wait "$bw_pid" || die "blockwayd did not exit 0 after SIGTERM"
+stop_pid "$bw_pid"
+[[ $STOP_RC == 0 ]] || die "blockwayd exited with $STOP_RC after SIGTERM"
 bw_pid=

@@ -5,6 +5,7 @@
 # Usage: bench/fuse_write_cpu.sh OLD_BLOCKWAYD NEW_BLOCKWAYD   (as root)
 #
 # Environment knobs:
+#   BENCH_QUICK=1     smoke test: 2 s runs, 1 round, 256 MiB image
 #   BENCH_RUNTIME=N   seconds per fio run (default 6)
 #   BENCH_REPS=N      rounds, alternating old/new (default 2)
 #   BENCH_SIZE_MIB=N  image size (default 512)
@@ -23,47 +24,36 @@
 # printed (no median: compare them yourself on a loaded machine).
 set -euo pipefail
 
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+bench_settings 6 2 512
 OLD=${1:?usage: $0 OLD_BLOCKWAYD NEW_BLOCKWAYD}
 NEW=${2:?usage: $0 OLD_BLOCKWAYD NEW_BLOCKWAYD}
-RUNTIME=${BENCH_RUNTIME:-6}
-REPS=${BENCH_REPS:-2}
-SIZE_MIB=${BENCH_SIZE_MIB:-512}
-TMPBASE=${BENCH_TMPDIR:-/var/tmp}
-PY=python3
-[[ -x /usr/bin/python3 ]] && PY=/usr/bin/python3
 
-die() { echo "fuse_write_cpu.sh: $*" >&2; exit 1; }
 [[ $(id -u) == 0 ]] || die "run as root (FUSE mounts)"
 command -v fio >/dev/null || die "fio is missing"
 [[ -x $OLD && -x $NEW ]] || die "both daemon binaries must exist"
 
-work=$(mktemp -d "$TMPBASE/bw-fuse-wcpu.XXXXXX")
+bench_tmpdir bw-fuse-wcpu
+work=$TMP
 img=$work/image.raw
 mnt=$work/mnt
 mkdir -p "$mnt"
-bw_pid= nbdkit_pid=
-cleanup() {
-    set +e
-    [[ -n $nbdkit_pid ]] && kill "$nbdkit_pid" 2>/dev/null
-    if [[ -n $bw_pid ]]; then
-        kill -TERM "$bw_pid" 2>/dev/null
-        for _ in $(seq 100); do kill -0 "$bw_pid" 2>/dev/null || break; sleep 0.1; done
-    fi
+bw_pid=
+unmount() {   # before the temp dir goes: nothing may stay mounted in it
+    stop_pid "$bw_pid"
     grep -q " $mnt " /proc/self/mountinfo && umount -l "$mnt"
-    rm -rf "$work"
 }
-trap cleanup EXIT
+bench_cleanup_trap unmount
 
 head -c $((SIZE_MIB << 20)) /dev/urandom > "$img"
 ticks=$(getconf CLK_TCK)
 uri=file://$img
 if [[ -n ${BENCH_MIN_BLOCK:-} ]]; then
-    port=$($PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-    nbdkit -f -p "$port" -i 127.0.0.1 --pidfile "$work/nbdkit.pid" --filter=blocksize-policy file "$img" \
-        blocksize-minimum="$BENCH_MIN_BLOCK" blocksize-error-policy=error 2> "$work/nbdkit.log" &
-    nbdkit_pid=$!
-    for _ in $(seq 200); do [[ -e $work/nbdkit.pid ]] && break; sleep 0.05; done
+    port=$(free_port)
+    bench_start "$work/nbdkit.log" nbdkit -f -p "$port" -i 127.0.0.1 --filter=blocksize-policy file "$img" \
+        blocksize-minimum="$BENCH_MIN_BLOCK" blocksize-error-policy=error
     uri=nbd://127.0.0.1:$port
+    wait_nbd "$uri"
 fi
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
@@ -71,17 +61,17 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 run_one() { # binary label test-name fio-args...
     local bin=$1 label=$2 name=$3; shift 3
     rm -f "$work/bw.pid"
-    "$bin" --listen 127.0.0.1:0 --control-socket off --log-level warn --export "bench=$uri" \
-        --fuse-mount "$mnt,direct-io=on" --pid-file "$work/bw.pid" 2> "$work/bw.log" &
-    bw_pid=$!
-    for _ in $(seq 200); do [[ -e $work/bw.pid ]] && break; sleep 0.05; done
-    [[ -e $work/bw.pid ]] || die "blockwayd did not come up: $(cat "$work/bw.log")"
+    bench_start "$work/bw.log" "$bin" --listen 127.0.0.1:0 --control-socket off --log-level warn \
+        --export "bench=$uri" --fuse-mount "$mnt,direct-io=on" --pid-file "$work/bw.pid"
+    bw_pid=$BG_PID
+    wait_pid_file "$work/bw.pid" "$bw_pid"
     local before after
     before=$(cpu_ticks "$bw_pid")
     fio --name=w --filename="$mnt/bench" --direct=1 --time_based --runtime="$RUNTIME" \
         --size="${SIZE_MIB}M" --output-format=json "$@" > "$work/fio.json"
     after=$(cpu_ticks "$bw_pid")
-    kill -TERM "$bw_pid"; wait "$bw_pid" || die "blockwayd did not exit 0"
+    stop_pid "$bw_pid"
+    [[ $STOP_RC == 0 ]] || die "blockwayd did not exit 0"
     bw_pid=
     $PY - "$work/fio.json" "$before" "$after" "$ticks" "$label" "$name" <<'EOF'
 import json, sys

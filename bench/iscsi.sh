@@ -28,65 +28,45 @@
 # event loop, 2 here) and with sessions=1.
 set -euo pipefail
 
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-repo=$(cd "$here/.." && pwd)
-
-source "$here/lib.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 bench_settings 10 3
 IQN=iqn.2026-11.io.blockway.bench:lun
 
-die() { echo "iscsi.sh: $*" >&2; exit 1; }
 for tool in tgtd tgtadm iscsi-perf qemu-img nbdcopy fio jq; do
     command -v "$tool" >/dev/null || die "missing tool: $tool"
 done
 [[ -x $BLOCKWAYD ]] || die "blockwayd not found at $BLOCKWAYD (set BLOCKWAYD=)"
 
-TMP=$(mktemp -d "$TMPBASE/iscsi-bench.XXXXXX")
+bench_tmpdir iscsi-bench
 IMG=$TMP/lun.raw
 SRC=$TMP/src.raw
 RESULTS=$TMP/results.tsv
-cp "$BLOCKWAYD" "$TMP/blockwayd"   # a rebuild during the run cannot mix versions
-BLOCKWAYD_ORIG=$BLOCKWAYD
-BLOCKWAYD=$TMP/blockwayd
+bench_private_daemon
 cd "$TMP"
 TGT_PID=
 BW_PID=
 CONTROL=
 
-stop_pid() {  # pid signal
-    local pid=$1
-    [[ -n $pid ]] || return 0
-    kill "-$2" "$pid" 2>/dev/null || true
-    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
-
-cleanup() {
-    local rc=$?
-    stop_pid "$BW_PID" TERM
+before_cleanup() {
+    stop_pid "$BW_PID"
     if [[ -n $TGT_PID ]]; then
         # tgtd ignores SIGTERM while it has targets: remove them first.
         tgtadm -C "$CONTROL" --op delete --mode system --force >/dev/null 2>&1 || true
-        stop_pid "$TGT_PID" TERM
+        stop_pid "$TGT_PID"
     fi
-    if [[ $rc -ne 0 ]]; then
+    if [[ $1 -ne 0 ]]; then
         for f in "$TMP"/*.log; do [[ -f $f ]] && { echo "--- $f" >&2; tail -n 20 "$f" >&2; }; done
     fi
-    rm -rf "$TMP"
-    exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+bench_cleanup_trap before_cleanup
 
 # ---------------------------------------------------------------- target
 PORT=$(free_port)
 start_tgt() {
     for _ in 1 2 3 4 5; do
         CONTROL=$((RANDOM % 30000 + 1000))
-        tgtd -f -C "$CONTROL" --iscsi "portal=127.0.0.1:$PORT" >>"$TMP/tgtd.log" 2>&1 &
-        TGT_PID=$!
+        bench_start "$TMP/tgtd.log" tgtd -f -C "$CONTROL" --iscsi "portal=127.0.0.1:$PORT"
+        TGT_PID=$BG_PID
         for _ in $(seq 100); do
             kill -0 "$TGT_PID" 2>/dev/null || break
             tgtadm -C "$CONTROL" --op show --mode target >/dev/null 2>&1 && return 0
@@ -112,19 +92,17 @@ start_blockwayd() {  # extra export options
     local port
     port=$(free_port)
     rm -f "$TMP/bw.pid"
-    "$BLOCKWAYD" --listen "127.0.0.1:$port" --export "bench=$LUN_URI$1" --pid-file "$TMP/bw.pid" \
-        >>"$TMP/blockwayd.log" 2>&1 &
-    BW_PID=$!
-    for _ in $(seq 200); do [[ -s $TMP/bw.pid ]] && break; sleep 0.05; done
-    [[ -s $TMP/bw.pid ]] || die "blockwayd did not start"
+    bench_start "$TMP/blockwayd.log" "$BLOCKWAYD" --listen "127.0.0.1:$port" --export "bench=$LUN_URI$1" \
+        --pid-file "$TMP/bw.pid"
+    BW_PID=$BG_PID
+    wait_pid_file "$TMP/bw.pid" "$BW_PID"
     NBD_URI=nbd://127.0.0.1:$port/bench
 }
 
 fio_iops() {  # rw uri
-    fio --name=b --ioengine=nbd --uri="$2" --rw="$1" --bs=4k --iodepth=16 --size="${SIZE_MIB}M" \
-        --time_based --runtime="$RUNTIME" --output-format=json --output="$TMP/fio.json" >/dev/null 2>>"$TMP/fio.log"
-    local key=read; [[ $1 == randwrite ]] && key=write
-    jq ".jobs[0].$key.iops | floor" "$TMP/fio.json"
+    local v
+    v=$(fio_nbd "$2" "$1" 4k)
+    echo "${v% *}"
 }
 
 perf_avg() {  # iscsi-perf args...; prints "iops MB/s"
@@ -146,7 +124,7 @@ for round in $(seq "$REPS"); do
         record "blockwayd ($variant)" seqwrite "$(mbps $BYTES "$t0" "$t1")"
         record "blockwayd ($variant)" randread "$(fio_iops randread "$NBD_URI")"
         record "blockwayd ($variant)" randwrite "$(fio_iops randwrite "$NBD_URI")"
-        stop_pid "$BW_PID" TERM; BW_PID=
+        stop_pid "$BW_PID"; BW_PID=
         grep -q "session(s)" "$TMP/blockwayd.log" || die "blockwayd did not open the LUN"
     done
     t0=$(now)
@@ -163,7 +141,6 @@ for round in $(seq "$REPS"); do
 done
 cmp "$SRC" "$IMG" || die "the LUN does not hold what was written"
 
-median() { sort -n | awk '{a[NR]=$1} END {if (NR) print a[int((NR+1)/2)]; else print "-"}'; }
 cell() { awk -F'\t' -v c="$1" -v m="$2" '$1==c && $2==m {print $3}' "$RESULTS" | median; }
 
 echo "## iSCSI backend: blockwayd vs direct iSCSI clients"

@@ -1,28 +1,159 @@
-# Shared set-up of the benchmark scripts (sourced, not run):
-#   bench_settings DEFAULT_RUNTIME DEFAULT_REPS
-# sets QUICK, RUNTIME, REPS, SIZE_MIB from BENCH_QUICK / BENCH_RUNTIME /
-# BENCH_REPS / BENCH_SIZE_MIB (quick mode: 2 s runs, 1 round, 256 MiB; else
-# the defaults given and 1 GiB), BLOCKWAYD (default: build/blockwayd),
-# TMPBASE (BENCH_TMPDIR, default /var/tmp) and PY (Debian's python3: the
-# pyenv shim may not be there for every user). Also defines free_port, now
-# and mbps. The caller sets `repo` and `die` first.
+# Shared parts of the benchmark scripts, sourced first thing:
+#     source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+# It sets `repo` (the repository root) and defines die MESSAGE (prints it
+# after the script's name and exits 1); then the script calls bench_settings.
+#
+#   bench_settings RUNTIME REPS [SIZE_MIB]
+#       QUICK, RUNTIME, REPS, SIZE_MIB from BENCH_QUICK / BENCH_RUNTIME /
+#       BENCH_REPS / BENCH_SIZE_MIB (quick mode: 2 s runs, 1 round, 256 MiB;
+#       else the defaults given, SIZE_MIB 1024 unless given), BLOCKWAYD
+#       (default build/blockwayd), TMPBASE (BENCH_TMPDIR, default /var/tmp),
+#       PY (Debian's python3: the pyenv shim may not be there for every user)
+#       and a PATH with the system directories first.
+#   bench_tmpdir NAME          TMP: a fresh directory under TMPBASE
+#   bench_private_daemon       runs a copy of BLOCKWAYD from TMP, so a rebuild
+#                              of build/ during the run cannot mix versions
+#                              (BLOCKWAYD_ORIG keeps the original path)
+#   bench_cleanup_trap [HOOK]  on exit: HOOK, stop every tracked pid (newest
+#                              first), remove TMP; INT and TERM exit too
+#   bench_start LOG CMD...     CMD in the background, output to LOG; its pid
+#                              in BG_PID, tracked for the cleanup
+#   stop_pid PID [SIGNAL]      SIGNAL (TERM), SIGKILL after 10 s, reap; the
+#                              exit status in STOP_RC; untracks PID
+#   wait_nbd URI [SECONDS]     until nbdinfo answers on URI (default 10 s)
+#   wait_pid_file FILE PID [S] until FILE holds PID (blockwayd's --pid-file)
+#   port_open PORT             whether something listens on 127.0.0.1:PORT
+#   free_port, now, mbps BYTES T0 T1 (MB/s, 10^6 bytes), median [N...]
+#   fio_nbd URI RW BS [ARGS]   fio's nbd engine, QD16, time based: prints
+#                              "IOPS MB/s" of the direction that moved data
+#   bench_machine_info [LINE...]  the "## Machine" block of a report
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+die() { echo "${0##*/}: $*" >&2; exit 1; }
 
 bench_settings() {
     QUICK=${BENCH_QUICK:-0}
     if [[ $QUICK == 1 ]]; then
         RUNTIME=${BENCH_RUNTIME:-2}; REPS=${BENCH_REPS:-1}; SIZE_MIB=${BENCH_SIZE_MIB:-256}
     else
-        RUNTIME=${BENCH_RUNTIME:-$1}; REPS=${BENCH_REPS:-$2}; SIZE_MIB=${BENCH_SIZE_MIB:-1024}
+        RUNTIME=${BENCH_RUNTIME:-$1}; REPS=${BENCH_REPS:-$2}; SIZE_MIB=${BENCH_SIZE_MIB:-${3:-1024}}
     fi
     BLOCKWAYD=${BLOCKWAYD:-$repo/build/blockwayd}
     TMPBASE=${BENCH_TMPDIR:-/var/tmp}
     PY=python3
     [[ -x /usr/bin/python3 ]] && PY=/usr/bin/python3
+    export PATH=/usr/bin:/bin:/usr/sbin:/sbin:$PATH
+    BENCH_PIDS=()
     return 0
 }
+
+bench_tmpdir() { TMP=$(mktemp -d "$TMPBASE/$1.XXXXXX"); }
+
+bench_private_daemon() {
+    cp "$BLOCKWAYD" "$TMP/blockwayd"
+    BLOCKWAYD_ORIG=$BLOCKWAYD
+    BLOCKWAYD=$TMP/blockwayd
+}
+
+_bench_cleanup() {
+    local rc=$? i
+    set +e
+    [[ -n ${BENCH_CLEANUP_HOOK:-} ]] && "$BENCH_CLEANUP_HOOK" "$rc"
+    for ((i = ${#BENCH_PIDS[@]} - 1; i >= 0; i--)); do
+        stop_pid "${BENCH_PIDS[i]}"
+    done
+    [[ -n ${TMP:-} ]] && rm -rf "$TMP"
+    exit "$rc"
+}
+
+bench_cleanup_trap() {
+    BENCH_CLEANUP_HOOK=${1:-}
+    trap _bench_cleanup EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+}
+
+bench_start() {
+    local log=$1; shift
+    "$@" >>"$log" 2>&1 &
+    BG_PID=$!
+    BENCH_PIDS+=("$BG_PID")
+}
+
+# Not called in a $(...) subshell: only this shell can wait for its children.
+stop_pid() {
+    local pid=$1 sig=${2:-TERM} rc=0 keep=() p
+    STOP_RC=0
+    [[ -n $pid ]] || return 0
+    if kill -0 "$pid" 2>/dev/null; then
+        kill "-$sig" "$pid" 2>/dev/null || true
+        for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        if kill -0 "$pid" 2>/dev/null; then
+            echo "warning: pid $pid did not stop within 10 s of SIG$sig; killing it" >&2
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+    fi
+    wait "$pid" 2>/dev/null || rc=$?
+    STOP_RC=$rc
+    for p in "${BENCH_PIDS[@]}"; do [[ $p == "$pid" ]] || keep+=("$p"); done
+    BENCH_PIDS=("${keep[@]}")
+    return 0
+}
+
+wait_nbd() {
+    local uri=$1 tries=$(( ${2:-10} * 20 ))
+    for _ in $(seq "$tries"); do
+        nbdinfo --size "$uri" >/dev/null 2>&1 && return 0
+        sleep 0.05
+    done
+    die "nothing answers on $uri"
+}
+
+wait_pid_file() {
+    local file=$1 pid=$2 tries=$(( ${3:-10} * 20 ))
+    for _ in $(seq "$tries"); do
+        kill -0 "$pid" 2>/dev/null || die "pid $pid exited during startup (waiting for $file)"
+        [[ -s $file ]] && break
+        sleep 0.05
+    done
+    [[ -s $file ]] || die "no pid file $file after ${3:-10} s"
+    [[ $(cat "$file") == "$pid" ]] || die "pid file $file does not match pid $pid"
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 # A free TCP port on 127.0.0.1 (free when asked; the caller binds it soon after).
 free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
 now() { date +%s.%N; }
 # mbps BYTES T0 T1: MB/s (10^6 bytes) between two `now` stamps.
 mbps() { "$PY" -c "import sys; print('%.0f' % ($1 / 1e6 / ($3 - $2)))"; }
+# median N... (or numbers on stdin): the middle one, or the mean of the two.
+median() {
+    if (($#)); then printf '%s\n' "$@"; else cat; fi | sort -g |
+        awk '{ a[NR] = $1 } END { if (!NR) print "-"; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
+}
+
+fio_nbd() {
+    local uri=$1 rw=$2 bs=$3 out=$TMP/fio.json dir
+    shift 3
+    case $rw in *read) dir=read ;; *) dir=write ;; esac
+    fio --name="$rw" --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --iodepth=16 --numjobs=1 \
+        --time_based --runtime="$RUNTIME" --size="${SIZE_MIB}M" "$@" \
+        --output-format=json --output="$out" >/dev/null \
+        || { cat "$out" >&2 2>/dev/null || true; die "fio $rw $bs on $uri failed"; }
+    [[ $(jq '.jobs[0].error' "$out") == 0 ]] || die "fio $rw $bs on $uri reported an error"
+    jq -r ".jobs[0].$dir | \"\\(.iops | floor) \\(.bw_bytes / 1000000 | floor)\"" "$out"
+}
+
+bench_machine_info() {
+    local line
+    echo "## Machine"
+    echo
+    echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+    echo "- nproc: $(nproc); CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
+    echo "- memory: $(free -m | awk '/^Mem:/ {print $2 " MiB"}'); kernel: $(uname -sr)"
+    echo "- blockwayd: $("$BLOCKWAYD" --version 2>&1 | head -n1), ${BLOCKWAYD_ORIG:-$BLOCKWAYD} built $(date -u -r "${BLOCKWAYD_ORIG:-$BLOCKWAYD}" '+%Y-%m-%d %H:%M UTC'), sha256 $(sha256sum "$BLOCKWAYD" | cut -c1-12) (repo at $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$repo" diff --quiet 2>/dev/null || echo '+dirty'))"
+    for line in "$@"; do echo "- $line"; done
+    echo "- load average at start: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine skews the figures)"
+    echo
+}

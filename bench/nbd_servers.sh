@@ -18,69 +18,42 @@
 # affects all of them alike. The report gives the median per cell.
 set -euo pipefail
 
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-repo=$(cd "$here/.." && pwd)
-
-source "$here/lib.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 bench_settings 10 5
 EXPORT=bench
 SERVERS=(blockwayd nbdkit qemu-nbd)
 NBDCOPY_OPTS=(--requests=64 --connections=4)
 
-die() { echo "nbd_servers.sh: $*" >&2; exit 1; }
 
 for tool in nbdkit qemu-nbd nbdcopy nbdinfo fio jq; do
     command -v "$tool" >/dev/null || die "missing tool: $tool"
 done
 [[ -x $BLOCKWAYD ]] || die "blockwayd not found at $BLOCKWAYD (set BLOCKWAYD=)"
 
-TMP=$(mktemp -d "$TMPBASE/nbd-bench.XXXXXX")
+bench_tmpdir nbd-bench
 IMG=$TMP/img.raw        # the served image
 SRC=$TMP/src.raw        # source of the sequential write
 RESULTS=$TMP/results.tsv
-# Run a private copy of the daemon, so a rebuild of build/ during the run
-# cannot mix two versions into one set of figures.
-cp "$BLOCKWAYD" "$TMP/blockwayd"
-BLOCKWAYD_ORIG=$BLOCKWAYD
-BLOCKWAYD=$TMP/blockwayd
+bench_private_daemon
 cd "$TMP"   # anything a client drops in its cwd goes away with TMP
 SERVER_PID=
 SERVER_NAME=
 SERVER_LOG=
 
-cleanup() {
-    local rc=$?
-    if [[ -n $SERVER_PID ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
-        kill -TERM "$SERVER_PID" 2>/dev/null || true
-        for _ in $(seq 50); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$SERVER_PID" 2>/dev/null || true
-        wait "$SERVER_PID" 2>/dev/null || true
-    fi
-    if [[ $rc -ne 0 && -n $SERVER_LOG && -f $SERVER_LOG ]]; then
+show_log() {
+    if [[ $1 -ne 0 && -n $SERVER_LOG && -f $SERVER_LOG ]]; then
         echo "--- last lines of $SERVER_NAME log ---" >&2
         tail -n 20 "$SERVER_LOG" >&2 || true
     fi
-    rm -rf "$TMP"
-    exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+bench_cleanup_trap show_log
 
 # ---------------------------------------------------------------- machine info
 machine_info() {
-    echo "## Machine"
-    echo
-    echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
-    echo "- nproc: $(nproc); CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
-    echo "- memory: $(free -m | awk '/^Mem:/ {print $2 " MiB"}'); kernel: $(uname -sr)"
-    echo "- blockwayd: $("$BLOCKWAYD" --version 2>&1 | head -n1), $BLOCKWAYD_ORIG built $(date -u -r "$BLOCKWAYD_ORIG" '+%Y-%m-%d %H:%M UTC'), sha256 $(sha256sum "$BLOCKWAYD" | cut -c1-12) (repo at $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$repo" diff --quiet 2>/dev/null || echo '+dirty'))"
-    echo "- $(nbdkit --version | head -n1); $(qemu-nbd --version | head -n1)"
-    echo "- $(nbdcopy --version | head -n1) ($(nbdcopy --version | sed -n 2p)); $(fio --version)"
-    echo "- image: ${SIZE_MIB} MiB random data on $(df --output=source,fstype "$TMP" | tail -n1 | tr -s ' '), in page cache"
-    echo "- fio runtime ${RUNTIME} s, ${REPS} round(s), median reported"
-    echo "- load average at start: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine skews the figures)"
-    echo
+    bench_machine_info "$(nbdkit --version | head -n1); $(qemu-nbd --version | head -n1)" \
+        "$(nbdcopy --version | head -n1) ($(nbdcopy --version | sed -n 2p)); $(fio --version)" \
+        "image: ${SIZE_MIB} MiB random data on $(df --output=source,fstype "$TMP" | tail -n1 | tr -s ' '), in page cache" \
+        "fio runtime ${RUNTIME} s, ${REPS} round(s), median reported"
 }
 
 # ---------------------------------------------------------------- servers
@@ -91,47 +64,29 @@ start_server() {
     case $name in
     blockwayd)
         rm -f "$TMP/blockwayd.pid"
-        "$BLOCKWAYD" --listen "127.0.0.1:$port" --export "$EXPORT=file://$IMG" \
-            --pid-file "$TMP/blockwayd.pid" >>"$SERVER_LOG" 2>&1 &
-        SERVER_PID=$!
+        bench_start "$SERVER_LOG" "$BLOCKWAYD" --listen "127.0.0.1:$port" --export "$EXPORT=file://$IMG" \
+            --pid-file "$TMP/blockwayd.pid"
+        wait_pid_file "$TMP/blockwayd.pid" "$BG_PID"
         ;;
     nbdkit)
-        nbdkit -f -p "$port" file "$IMG" >>"$SERVER_LOG" 2>&1 &
-        SERVER_PID=$!
+        bench_start "$SERVER_LOG" nbdkit -f -p "$port" file "$IMG"
         ;;
     qemu-nbd)
         # -x: same export name as the others; -e 4: allow nbdcopy's 4
         # connections (the default, 1, also makes qemu-nbd not advertise
         # multi-conn, so nbdcopy would fall back to a single connection).
-        qemu-nbd -f raw -p "$port" -t -x "$EXPORT" -e 4 "$IMG" >>"$SERVER_LOG" 2>&1 &
-        SERVER_PID=$!
+        bench_start "$SERVER_LOG" qemu-nbd -f raw -p "$port" -t -x "$EXPORT" -e 4 "$IMG"
         ;;
     *) die "unknown server $name" ;;
     esac
-    local ok=0
-    for _ in $(seq 200); do
-        kill -0 "$SERVER_PID" 2>/dev/null || die "$name exited during startup"
-        if [[ $name == blockwayd && ! -s $TMP/blockwayd.pid ]]; then sleep 0.05; continue; fi
-        if nbdinfo --size "nbd://127.0.0.1:$port/$EXPORT" >/dev/null 2>&1; then ok=1; break; fi
-        sleep 0.05
-    done
-    [[ $ok == 1 ]] || die "$name did not answer on port $port within 10 s"
-    if [[ $name == blockwayd ]]; then
-        [[ $(cat "$TMP/blockwayd.pid") == "$SERVER_PID" ]] || die "blockwayd pid file does not match pid $SERVER_PID"
-    fi
+    SERVER_PID=$BG_PID
+    wait_nbd "nbd://127.0.0.1:$port/$EXPORT"
 }
 
 stop_server() {
-    local rc=0
-    kill -TERM "$SERVER_PID"
-    for _ in $(seq 100); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
-    if kill -0 "$SERVER_PID" 2>/dev/null; then
-        echo "warning: $SERVER_NAME did not stop within 10 s of SIGTERM; killing it" >&2
-        kill -KILL "$SERVER_PID" 2>/dev/null || true
-    fi
-    wait "$SERVER_PID" || rc=$?
-    if [[ $SERVER_NAME == blockwayd && $rc -ne 0 ]]; then
-        die "blockwayd exited with status $rc after SIGTERM (log: see above)"
+    stop_pid "$SERVER_PID"
+    if [[ $SERVER_NAME == blockwayd && $STOP_RC -ne 0 ]]; then
+        die "blockwayd exited with status $STOP_RC after SIGTERM (log: see above)"
     fi
     SERVER_PID=
 }
@@ -157,18 +112,10 @@ seq_write() {
     mbps "$BYTES" "$t0" "$t1"
 }
 
-fio_4k() {
-    local port=$1 rw=$2 dir out=$TMP/fio.json
-    case $rw in randread) dir="read" ;; randwrite) dir="write" ;; esac
-    fio --name="$rw" --ioengine=nbd --uri="nbd://127.0.0.1:$port/$EXPORT" \
-        --rw="$rw" --bs=4k --iodepth=16 --numjobs=1 --time_based \
-        --runtime="$RUNTIME" --size="${SIZE_MIB}M" \
-        --output-format=json --output="$out" >/dev/null \
-        || { cat "$out" >&2 2>/dev/null || true; die "$SERVER_NAME: fio $rw failed"; }
-    local err
-    err=$(jq '.jobs[0].error' "$out")
-    [[ $err == 0 ]] || die "$SERVER_NAME: fio $rw reported error $err"
-    jq -r ".jobs[0].$dir.iops | floor" "$out"
+fio_4k() {   # port rw: IOPS
+    local v
+    v=$(fio_nbd "nbd://127.0.0.1:$1/$EXPORT" "$2" 4k)
+    echo "${v% *}"
 }
 
 # ---------------------------------------------------------------- setup
@@ -205,18 +152,15 @@ done
 
 # ---------------------------------------------------------------- report
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
-"$PY" - "$RESULTS" "$LOAD_END" <<'EOF'
+PYTHONPATH=$repo/bench "$PY" - "$RESULTS" "$LOAD_END" <<'EOF'
 import statistics, sys
-rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
-data = {}
-for srv, test, rnd, val in rows:
-    data.setdefault((srv, test), []).append(float(val))
+from lib import read_results
+_, data, med = read_results(sys.argv[1])
 servers = ["blockwayd", "nbdkit", "qemu-nbd"]
 tests = [("seqread", "seq read MB/s (nbdcopy)"),
          ("seqwrite", "seq write MB/s (nbdcopy)"),
          ("randread", "4k randread IOPS (fio nbd, QD16)"),
          ("randwrite", "4k randwrite IOPS (fio nbd, QD16)")]
-med = {k: statistics.median(v) for k, v in data.items()}
 print("## Results (median)")
 print()
 print("| test | blockwayd | nbdkit | qemu-nbd | blockwayd/nbdkit | blockwayd/qemu-nbd |")

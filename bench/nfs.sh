@@ -27,24 +27,19 @@
 # per event loop); it is started per round and must exit 0 after SIGTERM.
 set -euo pipefail
 
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-repo=$(cd "$here/.." && pwd)
-
-source "$here/lib.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 bench_settings 10 3
 PSEUDO=/bwbench
 BENCH_COUNT=$((QUICK == 1 ? 20000 : 100000))   # qemu-img bench requests
 
-die() { echo "nfs.sh: $*" >&2; exit 1; }
 
 for tool in ganesha.nfsd rpcbind nfs-ls nfs-cp qemu-img nbdcopy nbdinfo fio jq; do
     command -v "$tool" >/dev/null || die "missing tool: $tool"
 done
 [[ -x $BLOCKWAYD ]] || die "blockwayd not found at $BLOCKWAYD (set BLOCKWAYD=)"
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 port_open 2049 && die "port 2049 is taken: another NFS server runs here"
 
-TMP=$(mktemp -d "$TMPBASE/nfs-bench.XXXXXX")
+bench_tmpdir nfs-bench
 EXP=$TMP/export
 mkdir -p "$EXP"
 IMG=$EXP/img.raw       # served by blockwayd
@@ -52,39 +47,20 @@ IMG2=$EXP/img2.raw     # written by the direct clients
 SRC=$TMP/src.raw       # source of the sequential writes
 OUT=/dev/shm/nfs-bench-out.$$.raw
 RESULTS=$TMP/results.tsv
-cp "$BLOCKWAYD" "$TMP/blockwayd"   # a rebuild during the run cannot mix versions
-BLOCKWAYD_ORIG=$BLOCKWAYD
-BLOCKWAYD=$TMP/blockwayd
+bench_private_daemon
 cd "$TMP"
-GANESHA_PID=
-RPCBIND_PID=
 BW_PID=
 
-stop_pid() {   # stop_pid PID: SIGTERM, then SIGKILL after 10 s
-    local pid=$1
-    kill -TERM "$pid" 2>/dev/null || return 0
-    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
-
-cleanup() {
-    local rc=$?
-    [[ -n $BW_PID ]] && stop_pid "$BW_PID"
-    if [[ $rc -ne 0 ]]; then
+before_cleanup() {
+    stop_pid "$BW_PID"
+    if [[ $1 -ne 0 ]]; then
         for f in "$TMP"/blockwayd.log "$TMP"/ganesha.log; do
             [[ -f $f ]] && { echo "--- last lines of $f ---" >&2; tail -n 15 "$f" >&2; }
         done
     fi
-    [[ -n $GANESHA_PID ]] && stop_pid "$GANESHA_PID"
-    [[ -n $RPCBIND_PID ]] && stop_pid "$RPCBIND_PID"
     rm -f "$OUT"
-    rm -rf "$TMP"
-    exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+bench_cleanup_trap before_cleanup
 
 record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$RESULTS"; }
 
@@ -99,8 +75,7 @@ cat "$IMG" "$IMG2" "$SRC" >/dev/null
 : >"$RESULTS"
 
 if ! port_open 111; then
-    rpcbind -w -f >"$TMP/rpcbind.log" 2>&1 &
-    RPCBIND_PID=$!
+    bench_start "$TMP/rpcbind.log" rpcbind -w -f
     for _ in $(seq 100); do port_open 111 && break; sleep 0.05; done
 fi
 cat >"$TMP/ganesha.conf" <<EOF
@@ -109,8 +84,8 @@ NFSv4 { Graceless = true; }
 EXPORT { Export_Id = 1; Path = $EXP; Pseudo = $PSEUDO; Access_Type = RW;
          Squash = No_Root_Squash; Protocols = 3, 4; Transports = TCP; FSAL { Name = VFS; } }
 EOF
-ganesha.nfsd -F -f "$TMP/ganesha.conf" -L "$TMP/ganesha.log" -p "$TMP/ganesha.pid" >/dev/null 2>&1 &
-GANESHA_PID=$!
+bench_start /dev/null ganesha.nfsd -F -f "$TMP/ganesha.conf" -L "$TMP/ganesha.log" -p "$TMP/ganesha.pid"
+GANESHA_PID=$BG_PID
 ok=0
 for _ in $(seq 120); do
     kill -0 "$GANESHA_PID" 2>/dev/null || die "ganesha exited during startup"
@@ -129,23 +104,17 @@ V3_2=nfs://127.0.0.1$EXP/img2.raw
 start_blockwayd() {   # start_blockwayd URI -> sets BW_PORT
     BW_PORT=$(free_port)
     rm -f "$TMP/blockwayd.pid"
-    "$BLOCKWAYD" --listen "127.0.0.1:$BW_PORT" --export "bench=$1" --pid-file "$TMP/blockwayd.pid" \
-        >>"$TMP/blockwayd.log" 2>&1 &
-    BW_PID=$!
-    for _ in $(seq 400); do
-        kill -0 "$BW_PID" 2>/dev/null || die "blockwayd exited during startup"
-        [[ -s $TMP/blockwayd.pid ]] && nbdinfo --size "nbd://127.0.0.1:$BW_PORT/bench" >/dev/null 2>&1 && return
-        sleep 0.05
-    done
-    die "blockwayd did not answer within 20 s"
+    bench_start "$TMP/blockwayd.log" "$BLOCKWAYD" --listen "127.0.0.1:$BW_PORT" --export "bench=$1" \
+        --pid-file "$TMP/blockwayd.pid"
+    BW_PID=$BG_PID
+    wait_pid_file "$TMP/blockwayd.pid" "$BW_PID" 20
+    wait_nbd "nbd://127.0.0.1:$BW_PORT/bench"
 }
 
 stop_blockwayd() {
-    local rc=0
-    kill -TERM "$BW_PID"
-    wait "$BW_PID" || rc=$?
+    stop_pid "$BW_PID"
     BW_PID=
-    [[ $rc == 0 ]] || die "blockwayd exited with status $rc after SIGTERM"
+    [[ $STOP_RC == 0 ]] || die "blockwayd exited with status $STOP_RC after SIGTERM"
 }
 
 timed() {   # timed CMD... -> MB/s for BYTES
@@ -157,13 +126,9 @@ timed() {   # timed CMD... -> MB/s for BYTES
 }
 
 fio_4k() {   # fio_4k URI randread|randwrite -> IOPS
-    local uri=$1 rw=$2 dir out=$TMP/fio.json
-    case $rw in randread) dir=read ;; randwrite) dir=write ;; esac
-    fio --name="$rw" --ioengine=nbd --uri="$uri" --rw="$rw" --bs=4k --iodepth=16 --numjobs=1 \
-        --time_based --runtime="$RUNTIME" --size="${SIZE_MIB}M" \
-        --output-format=json --output="$out" >/dev/null || die "fio $rw on $uri failed"
-    [[ $(jq '.jobs[0].error' "$out") == 0 ]] || die "fio $rw reported an error"
-    jq -r ".jobs[0].$dir.iops | floor" "$out"
+    local v
+    v=$(fio_nbd "$1" "$2" 4k)
+    echo "${v% *}"
 }
 
 qbench() {   # qbench URI [-w] -> IOPS (4k requests, 16 in flight, sequential offsets)
@@ -177,15 +142,9 @@ qbench() {   # qbench URI [-w] -> IOPS (4k requests, 16 in flight, sequential of
 }
 
 # ---------------------------------------------------------------- machine info
-echo "## Machine"
-echo
-echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC'); nproc: $(nproc); kernel: $(uname -sr)"
-echo "- blockwayd: $BLOCKWAYD_ORIG (repo at $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$repo" diff --quiet 2>/dev/null || echo '+dirty'))"
-echo "- $(dpkg-query -W -f='nfs-ganesha ${Version}' nfs-ganesha 2>/dev/null); $(dpkg-query -W -f='libnfs ${Version}' libnfs13 2>/dev/null); $(qemu-img --version | head -n1)"
-echo "- image: ${SIZE_MIB} MiB random data on $(df --output=fstype "$TMP" | tail -n1 | tr -d ' '), in page cache; reads land in /dev/shm"
-echo "- fio runtime ${RUNTIME} s, qemu-img bench ${BENCH_COUNT} requests, ${REPS} round(s), median reported"
-echo "- load average at start: $(cut -d' ' -f1-3 /proc/loadavg) (a shared machine: other work skews the figures)"
-echo
+bench_machine_info "$(dpkg-query -W -f='nfs-ganesha ${Version}' nfs-ganesha 2>/dev/null); $(dpkg-query -W -f='libnfs ${Version}' libnfs13 2>/dev/null); $(qemu-img --version | head -n1)" \
+    "image: ${SIZE_MIB} MiB random data on $(df --output=fstype "$TMP" | tail -n1 | tr -d ' '), in page cache; reads land in /dev/shm" \
+    "fio runtime ${RUNTIME} s, qemu-img bench ${BENCH_COUNT} requests, ${REPS} round(s), median reported"
 
 # ---------------------------------------------------------------- run
 for ((round = 1; round <= REPS; round++)); do
@@ -223,13 +182,10 @@ done
 
 # ---------------------------------------------------------------- report
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
-"$PY" - "$RESULTS" "$LOAD_END" <<'EOF'
+PYTHONPATH=$repo/bench "$PY" - "$RESULTS" "$LOAD_END" <<'EOF'
 import statistics, sys
-rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
-data = {}
-for who, test, rnd, val in rows:
-    data.setdefault((who, test), []).append(float(val))
-med = {k: statistics.median(v) for k, v in data.items()}
+from lib import read_results
+rows, data, med = read_results(sys.argv[1])
 def cell(who, test):
     v = data.get((who, test))
     return "%.0f" % med[(who, test)] if v else "-"

@@ -24,9 +24,10 @@
 #
 # Usage: bench/prefetch.sh
 # Environment knobs:
-#   BENCH_SIZE_MIB=N   image size (default 1024)
-#   BENCH_REPS=N       rounds, figures are medians (default 3)
-#   BENCH_RUNTIME=N    seconds per fio run (default 6)
+#   BENCH_QUICK=1      smoke test: one round, 2 s fio runs, 256 MiB image
+#   BENCH_SIZE_MIB=N   image size (default 1024; 256 quick)
+#   BENCH_REPS=N       rounds, figures are medians (default 3; 1 quick)
+#   BENCH_RUNTIME=N    seconds per fio run (default 6; 2 quick)
 #   BENCH_DELAY=D      remote read delay (default 1ms)
 #   BENCH_TMPDIR=DIR   where the temp dir goes (default /var/tmp)
 #   BLOCKWAYD=PATH     daemon binary (default <repo>/build/blockwayd)
@@ -34,48 +35,17 @@
 # Every process is started here, stopped by pid, and the temp dir removed.
 set -euo pipefail
 
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-repo=$(cd "$here/.." && pwd)
-SIZE_MIB=${BENCH_SIZE_MIB:-1024}
-REPS=${BENCH_REPS:-3}
-RUNTIME=${BENCH_RUNTIME:-6}
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+bench_settings 6 3
 DELAY=${BENCH_DELAY:-1ms}
-BLOCKWAYD=${BLOCKWAYD:-$repo/build/blockwayd}
-TMPBASE=${BENCH_TMPDIR:-/var/tmp}
-PY=python3
-[[ -x /usr/bin/python3 ]] && PY=/usr/bin/python3
-export PATH=/usr/bin:/bin:/usr/sbin:/sbin:$PATH
 
-die() { echo "prefetch.sh: $*" >&2; exit 1; }
 for t in nbdkit nbdcopy fio nbdinfo; do command -v $t >/dev/null || die "$t missing"; done
 [[ -x $BLOCKWAYD ]] || die "no daemon at $BLOCKWAYD (build it: ninja -C build blockwayd)"
 
-work=$(mktemp -d "$TMPBASE/bw-prefetch-bench.XXXXXX")
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-    rm -rf "$work"
-}
-trap cleanup EXIT
-
-free_port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-now() { date +%s.%N; }
-wait_port() {  # PORT
-    for _ in $(seq 200); do
-        nbdinfo --size "nbd://127.0.0.1:$1/" >/dev/null 2>&1 && return 0
-        sleep 0.05
-    done
-    die "nothing answers on port $1"
-}
-stop_pid() {  # PID
-    kill "$1" 2>/dev/null || true
-    wait "$1" 2>/dev/null || true
-    while kill -0 "$1" 2>/dev/null; do sleep 0.05; done
-    local keep=()
-    for p in "${pids[@]}"; do [[ $p == "$1" ]] || keep+=("$p"); done
-    pids=("${keep[@]}")
-}
+bench_tmpdir bw-prefetch-bench
+work=$TMP
+bench_cleanup_trap
+wait_port() { wait_nbd "nbd://127.0.0.1:$1/"; }  # PORT
 
 img=$work/image.img
 echo "creating a ${SIZE_MIB} MiB random image..." >&2
@@ -83,9 +53,7 @@ head -c $((SIZE_MIB << 20)) /dev/urandom > "$img"
 cat "$img" > /dev/null  # page cache: the remote's disk is not what we measure
 
 kport=$(free_port)
-nbdkit -f -p "$kport" -i 127.0.0.1 --filter=delay file "$img" rdelay="$DELAY" > "$work/nbdkit.log" 2>&1 &
-kpid=$!
-pids+=("$kpid")
+bench_start "$work/nbdkit.log" nbdkit -f -p "$kport" -i 127.0.0.1 --filter=delay file "$img" rdelay="$DELAY"
 wait_port "$kport"
 remote="nbd://127.0.0.1:$kport/"
 
@@ -97,11 +65,10 @@ start_bw() {
     BW_PORT=$port
     rm -rf "$work/$name"
     mkdir -p "$work/$name"
-    "$BLOCKWAYD" --log-level info --listen "127.0.0.1:$port" --data-dir "$work/$name/data" \
-        --pid-file "$work/$name/pid" --export "bench=$remote,cache=$work/$name/cache,$opts" \
-        > "$work/$name/log" 2>&1 &
-    BW_PID=$!
-    pids+=("$BW_PID")
+    bench_start "$work/$name/log" "$BLOCKWAYD" --log-level info --listen "127.0.0.1:$port" \
+        --data-dir "$work/$name/data" --pid-file "$work/$name/pid" \
+        --export "bench=$remote,cache=$work/$name/cache,$opts"
+    BW_PID=$BG_PID
 }
 
 # fio 4k random reads, QD1, time based, with a per-I/O latency log.
@@ -136,7 +103,6 @@ else:
 EOF
 }
 
-median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
 copy_t=() copysync_t=() pcopy_t=() detach_t=() idle_p50=() idle_p99=() pf_p50=() pf_p99=() idle_n=() pf_n=() windows=()
 for round in $(seq "$REPS"); do

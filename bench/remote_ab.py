@@ -14,16 +14,24 @@ TESTS, comma-separated: iscsi: seqread, seqwrite (nbdcopy --requests=64
 --connections=4), randread, randwrite (fio nbd, 4k, QD16); nfs: qread,
 qwrite (qemu-img bench -d 16 -s 4k), seqread (nbdcopy to null: / nfs-cp to /dev/shm).
 OPTS are appended to the export URI, e.g. 'new=build/blockwayd|,sessions=1'.
-Environment: SIZE_MIB (default 512), RUNTIME (fio seconds, 4), COUNT
-(qemu-img bench requests, 100000), PEV (perf events, default
-instructions,cycles; e.g. instructions,raw_syscalls:sys_enter).
+Environment (bench/lib.sh's settings): BENCH_SIZE_MIB (default 512),
+BENCH_RUNTIME (fio seconds, 4), BENCH_QUICK=1 (256 MiB, 2 s, 20000 requests),
+BENCH_TMPDIR; COUNT (qemu-img bench requests, 100000), PEV (perf events,
+default instructions,cycles; e.g. instructions,raw_syscalls:sys_enter).
 Units: rate in GB/s or M requests/s; Gins/Gcyc (second PEV event) and CPU
 seconds per GB or per M requests.
 
 NFS runs in a private network and mount namespace (its own rpcbind, /run
-and port 2049), so it does not meet other NFS tests on this machine.
+and port 2049), so it does not meet other NFS tests on this machine. The
+peers are the integration tests' (tests/integration/remotes.py).
 """
-import json, os, random, signal, socket, statistics, subprocess, sys, tempfile, time
+import json, os, signal, statistics, subprocess, sys, tempfile, time
+
+import lib  # bench/lib.py: settings; puts tests/integration on sys.path
+from harness import free_port  # noqa: E402
+import remotes  # noqa: E402
+
+SETTINGS = lib.settings(4, 1, 512)
 
 HZ = os.sysconf("SC_CLK_TCK")
 
@@ -34,14 +42,6 @@ def cpu(pid):
         return (int(f[11]) + int(f[12])) / HZ
     except (FileNotFoundError, TypeError):
         return 0.0
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def run_child(cmd):  # -> wall seconds, CPU seconds of the child
@@ -103,8 +103,8 @@ def stop(p):
 
 
 def one_test(test, uri, size, tmp):  # -> wall, client CPU, work units
-    runtime = os.environ.get("RUNTIME", "4")
-    count = int(os.environ.get("COUNT", "100000"))
+    runtime = SETTINGS["RUNTIME"]
+    count = int(os.environ.get("COUNT", "20000" if SETTINGS["QUICK"] else "100000"))
     if test == "seqread":
         if uri.startswith("nbd:"):
             return (*run_child(["nbdcopy", "--requests=64", "--connections=4", uri, "null:"]), size / 1e9)
@@ -164,60 +164,26 @@ def iscsi(reps, tests, variants, size, tmp):
     img = f"{tmp}/lun.raw"
     subprocess.run(f"head -c {size} /dev/urandom > {img}; head -c {size} /dev/urandom > {tmp}/src.raw",
                    shell=True, check=True)
-    port, control = free_port(), random.randint(1000, 30000)
-    tgt = subprocess.Popen(["tgtd", "-f", "-C", str(control), "--iscsi", f"portal=127.0.0.1:{port}"],
-                           stdout=open(f"{tmp}/tgtd.log", "w"), stderr=subprocess.STDOUT)
-    iqn = "iqn.2026-11.io.blockway.ab:lun"
-
-    def adm(*a):
-        return subprocess.run(["tgtadm", "-C", str(control), *a], capture_output=True).returncode
-
+    tgt = remotes.Tgt(tmp)
+    tgt.luns.append((1, img, False))
     try:
-        for _ in range(100):
-            if adm("--op", "show", "--mode", "target") == 0:
-                break
-            time.sleep(0.05)
-        assert adm("--lld", "iscsi", "--op", "new", "--mode", "target", "--tid", "1", "-T", iqn) == 0
-        assert adm("--lld", "iscsi", "--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1", "-b", img) == 0
-        assert adm("--lld", "iscsi", "--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL") == 0
-        run_rounds(reps, tests, variants, tgt.pid, f"iscsi://127.0.0.1:{port}/{iqn}/1", size, tmp)
+        tgt.start()
+        run_rounds(reps, tests, variants, tgt.pid, tgt.uri(), size, tmp)
     finally:
-        adm("--op", "delete", "--mode", "system", "--force")
-        tgt.terminate()
-        try:
-            tgt.wait(10)
-        except subprocess.TimeoutExpired:
-            tgt.kill()
-            tgt.wait()
+        tgt.close()
 
 
 def nfs(reps, tests, variants, size, tmp):
-    exp = f"{tmp}/export"
-    os.mkdir(exp)
-    subprocess.run(f"head -c {size} /dev/urandom > {exp}/img.raw", shell=True, check=True)
-    rpcb = subprocess.Popen(["rpcbind", "-w", "-f"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(0.5)
-    open(f"{tmp}/g.conf", "w").write(
-        "NFS_CORE_PARAM { Protocols = 3, 4; NFS_Port = 2049; Enable_NLM = false; Enable_RQUOTA = false; }\n"
-        "NFSv4 { Graceless = true; }\n"
-        f"EXPORT {{ Export_Id = 1; Path = {exp}; Pseudo = /bw; Access_Type = RW; Squash = No_Root_Squash; "
-        "Protocols = 3, 4; Transports = TCP; FSAL { Name = VFS; } }\n")
-    g = subprocess.Popen(["ganesha.nfsd", "-F", "-f", f"{tmp}/g.conf", "-L", f"{tmp}/g.log", "-p", f"{tmp}/g.pid"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Already in a namespace of our own (see main): the host's peers, there.
+    rpcbind, ganesha = remotes.Rpcbind(tmp), remotes.Ganesha(tmp)
+    subprocess.run(f"head -c {size} /dev/urandom > {ganesha.file('img.raw')}", shell=True, check=True)
     try:
-        for _ in range(120):
-            if subprocess.run(["nfs-ls", f"nfs://127.0.0.1{exp}"], capture_output=True).returncode == 0:
-                break
-            time.sleep(0.5)
-        run_rounds(reps, tests, variants, g.pid, f"nfs://127.0.0.1{exp}/img.raw", size, tmp)
+        rpcbind.start()
+        ganesha.start()
+        run_rounds(reps, tests, variants, ganesha.pid, ganesha.v3_uri("img.raw"), size, tmp)
     finally:
-        for p in (g, rpcb):
-            p.terminate()
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        ganesha.stop()
+        rpcbind.close()
 
 
 def main():
@@ -232,8 +198,8 @@ def main():
         os.execvp("unshare", ["unshare", "-n", "-m", "--propagation", "private", "sh", "-c",
                               'mount -t tmpfs t /run && mkdir -p /run/rpcbind && ip link set lo up && exec "$@"',
                               "sh", sys.executable, script] + sys.argv[1:])
-    size = int(os.environ.get("SIZE_MIB", "512")) << 20
-    tmp = tempfile.mkdtemp(dir=os.environ.get("BENCH_TMPDIR", "/var/tmp"), prefix=f"remote-ab-{kind}.")
+    size = SETTINGS["SIZE_MIB"] << 20
+    tmp = tempfile.mkdtemp(dir=SETTINGS["TMPBASE"], prefix=f"remote-ab-{kind}.")
     try:
         (iscsi if kind == "iscsi" else nfs)(reps, tests, variants, size, tmp)
     finally:

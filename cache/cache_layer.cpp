@@ -4,6 +4,7 @@
 
 #include "core/buffer_pool.hpp"
 #include "core/logging.hpp"
+#include "core/remote_device.hpp"
 #include "remote/file/file_device.hpp"
 
 #include <boost/asio/as_tuple.hpp>
@@ -138,7 +139,9 @@ CacheLayer::CacheLayer(std::unique_ptr<core::BlockDevice> remote, Params p)
   nchunks_ = (geometry_.size + cfg_.chunk_size - 1) >> chunk_shift_;
   nregions_ = (nchunks_ + kChunksPerRegion - 1) / kChunksPerRegion;
   mode_.store(cfg_.mode);
-  for (auto* b : {&present_, &dirty_, &cleaning_, &dirty_persisted_, &holes_, &no_hole_, &seen_}) b->resize(nchunks_);
+  for (auto* b : {&present_, &dirty_, &cleaning_, &dirty_persisted_, &holes_, &no_hole_, &seen_, &unflushed_[0].chunks,
+                  &unflushed_[1].chunks})
+    b->resize(nchunks_);
   for (auto* b : {&intent_, &intent_persisted_, &touched_}) b->resize(nregions_);
   region_writes_ = std::make_unique<std::atomic<uint32_t>[]>(nregions_ ? nregions_ : 1);
   for (uint64_t r = 0; r < nregions_; ++r) region_writes_[r].store(0);
@@ -591,7 +594,10 @@ Task<std::error_code> CacheLayer::write_cached(std::span<const std::byte> buf, u
           // keep bytes the remote does not have. (A dirty one is the client's
           // failed write to undefined contents, and stays dirty.)
           for (uint64_t c = first; c <= last; ++c)
-            if (!dirty_.test(c) && !cleaning_.test(c)) present_.clear(c);
+            if (!dirty_.test(c) && !cleaning_.test(c)) {
+              present_.clear(c);
+              forget_replayable(c);
+            }
         }
       }
     }
@@ -632,9 +638,9 @@ Task<std::error_code> CacheLayer::write_through(std::span<const std::byte> buf, 
   // present behind our back.
   const ByteRange for_cache = cacheable_part({offset, buf.size()});
   const bool cache_needs_it = for_cache.length > 0;
-  auto ec = co_await next().write(buf, offset, remote_fua(flags));
-  remote_write_done(remote_fua(flags), ec);
-  if (!ec && needs_remote_flush(flags)) ec = co_await flush_remote();
+  const uint64_t begun = remote_write_begin();
+  auto ec = co_await remote_change([&](IoFlags f) { return next().write(buf, offset, f); }, flags);
+  const std::error_code remote_ec = ec;  // what the remote holds, whatever the cache file does next
   if (ec) {
     // The remote may hold part of the failed write: a clean chunk must not
     // keep the older bytes, or two reads could disagree once it is evicted.
@@ -655,7 +661,27 @@ Task<std::error_code> CacheLayer::write_through(std::span<const std::byte> buf, 
       if ((flags & core::kFua) && owes_write_back(first, last)) ec = co_await cache_file_->flush();
     }
   }
+  remote_write_end(first, last, begun, present_.all_set(first, last), remote_ec, flags & core::kFua);
   release(fill, mine, ec);
+  co_return ec;
+}
+
+template <class Send>
+Task<std::error_code> CacheLayer::remote_change(Send send, IoFlags flags) {
+  auto ec = co_await send(remote_fua(flags));
+  remote_write_done(remote_fua(flags), ec);
+  if (!ec && needs_remote_flush(flags)) {
+    // FUA emulated by a flush. If the flush reports lost writes, this very
+    // change may be among them (sent on the session that died): send it
+    // again on the new one, and flush again.
+    for (int round = 1;; ++round) {
+      ec = co_await flush_remote();
+      if (ec != core::writes_lost_error() || round == kReplayRounds) break;
+      ec = co_await send(0);
+      remote_write_done(0, ec);
+      if (ec) break;
+    }
+  }
   co_return ec;
 }
 
@@ -679,10 +705,12 @@ bool CacheLayer::owes_write_back(uint64_t first, uint64_t last) const noexcept {
 bool CacheLayer::drop_clean_chunks(uint64_t first, uint64_t last) noexcept {
   bool kept_dirty = false;
   for (uint64_t c = first; c <= last; ++c) {
-    if (dirty_.test(c) || cleaning_.test(c))
+    if (dirty_.test(c) || cleaning_.test(c)) {
       kept_dirty = true;
-    else
+    } else {
       present_.clear(c);
+      forget_replayable(c);
+    }
   }
   return kept_dirty;
 }
@@ -690,7 +718,14 @@ bool CacheLayer::drop_clean_chunks(uint64_t first, uint64_t last) noexcept {
 Task<std::error_code> CacheLayer::make_durable(uint64_t first, uint64_t last) {
   const auto m = mode();
   if (m == WriteMode::writeback_local) co_return co_await checkpoint(true);
-  if (m == WriteMode::writeback) co_return co_await write_back_durably(first, last);
+  if (m == WriteMode::writeback) {
+    // The FUA covers this request's data only; a loss of other writes is
+    // the next FLUSH's to report.
+    for (int round = 1;; ++round) {
+      auto ec = co_await write_back_durably(first, last);
+      if (ec != core::writes_lost_error() || round == kReplayRounds) co_return ec;
+    }
+  }
   co_return std::error_code{};
 }
 
@@ -710,25 +745,38 @@ Task<std::error_code> CacheLayer::flush() {
   if (switching_.load(std::memory_order_seq_cst)) [[unlikely]]
     co_await wait_for_switch();
   if (local_.load(std::memory_order_acquire)) co_return co_await cache_file_->flush();
+  const uint64_t last = nchunks_ ? nchunks_ - 1 : 0;
   switch (mode()) {
-    case WriteMode::writethrough:
-      // Inherited from a write-back mode: write back what is dirty, and persist
-      // the clean bits of chunks still persisted dirty (after a power loss the
-      // write-back would otherwise store the cache file's older bytes over
-      // what this FLUSH covers).
-      if (dirty_.find_set(0) < nchunks_ || cleaning_.find_set(0) < nchunks_ ||
-          dirty_persisted_.find_set(0) < nchunks_)
-        if (auto ec = co_await write_back_durably(0, nchunks_ - 1)) co_return ec;
-      co_return co_await flush_remote();
-    case WriteMode::writeback_local: co_return co_await checkpoint(true);
-    case WriteMode::writeback:
-      if (auto ec = co_await write_back_durably(0, nchunks_ ? nchunks_ - 1 : 0)) co_return ec;
-      // Nothing was written back, but the remote may still hold writes no
-      // flush covered, which a client may have read: the FLUSH covers them.
-      if (remote_flush_owed()) co_return co_await flush_remote();
-      co_return std::error_code{};
+    case WriteMode::writethrough: co_return co_await durable_on_remote(0, last, true);
+    case WriteMode::writeback_local:
+      if (auto ec = co_await checkpoint(true)) co_return ec;
+      co_return take_sticky_loss();
+    case WriteMode::writeback: co_return co_await durable_on_remote(0, last, false);
   }
   co_return std::error_code{};
+}
+
+Task<std::error_code> CacheLayer::durable_on_remote(uint64_t first, uint64_t last, bool always_flush) {
+  std::error_code ec;
+  for (int round = 1;; ++round) {
+    // In writethrough only chunks inherited dirty (from a write-back mode,
+    // or written again after a lost session) need a write-back; the clean
+    // bits of chunks still persisted dirty are persisted too (after a power
+    // loss the write-back would otherwise store the cache file's older bytes
+    // over what this covers).
+    ec = {};
+    if (mode() != WriteMode::writethrough || dirty_.find_set(first) <= last || cleaning_.find_set(first) <= last ||
+        dirty_persisted_.find_set(first) <= last)
+      ec = co_await write_back_durably(first, last);
+    // Nothing was written back, but the remote may still hold writes no
+    // flush covered, which a client may have read: the FLUSH covers them.
+    if (!ec && (always_flush || remote_flush_owed())) ec = co_await flush_remote();
+    // Lost writes were marked dirty again: write them back on the new
+    // session and flush once more.
+    if (ec != core::writes_lost_error() || round == kReplayRounds) break;
+  }
+  if (ec) co_return ec;
+  co_return take_sticky_loss();
 }
 
 Task<std::error_code> CacheLayer::zero_cached(ByteRange range, IoFlags flags, bool whole_chunks_only) {
@@ -763,7 +811,10 @@ Task<std::error_code> CacheLayer::zero_cached(ByteRange range, IoFlags flags, bo
           // As a failed write: a clean chunk must not keep zeroes the remote
           // does not have.
           for (uint64_t c = first; c <= last; ++c)
-            if (!dirty_.test(c) && !cleaning_.test(c)) present_.clear(c);
+            if (!dirty_.test(c) && !cleaning_.test(c)) {
+              present_.clear(c);
+              forget_replayable(c);
+            }
         }
       }
     }
@@ -790,9 +841,10 @@ Task<std::error_code> CacheLayer::zero(ByteRange range, IoFlags flags) {
   if (auto ec = co_await ensure_intent(first, last)) co_return ec;
   mark_remote_written(first, last);
   auto [fill, mine] = co_await claim(first, last, true);
-  auto ec = co_await next().zero(range, (flags & ~core::kFua) | remote_fua(flags));
-  remote_write_done(remote_fua(flags), ec);
-  if (!ec && needs_remote_flush(flags)) ec = co_await flush_remote();
+  const uint64_t begun = remote_write_begin();
+  auto ec = co_await remote_change(
+      [&](IoFlags f) { return next().zero(range, (flags & ~core::kFua) | f); }, flags);
+  const std::error_code remote_ec = ec;
   if (ec) {
     drop_clean_chunks(first, last);  // as a failed write_through
     request_failed("write-zeroes", range.length, range.offset, "zeroing at the remote", ec);
@@ -806,6 +858,7 @@ Task<std::error_code> CacheLayer::zero(ByteRange range, IoFlags flags) {
       if ((flags & core::kFua) && owes_write_back(first, last)) ec = co_await cache_file_->flush();
     }
   }
+  remote_write_end(first, last, begun, present_.all_set(first, last), remote_ec, flags & core::kFua);
   release(fill, mine, ec);
   co_return ec;
 }
@@ -830,18 +883,19 @@ Task<std::error_code> CacheLayer::trim(ByteRange range, IoFlags flags) {
   if (auto ec = co_await ensure_intent(first, last)) co_return ec;
   mark_remote_written(first, last);
   auto [fill, mine] = co_await claim(first, last, true);  // no fill may race with the trim
-  auto ec = co_await next().trim(range, remote_fua(flags));
-  remote_write_done(remote_fua(flags), ec);
-  if (!ec && needs_remote_flush(flags)) ec = co_await flush_remote();
+  auto ec = co_await remote_change([&](IoFlags f) { return next().trim(range, f); }, flags);
   // What the remote now returns there is its business: fetch it again. A
   // chunk that is still dirty (inherited from a write-back mode) keeps its
   // bytes, and is written back again: refetching it would lose the rest of
   // its dirty data, and a trim leaves the trimmed contents undefined anyway.
-  for (uint64_t c = first; c <= last; ++c)
-    if (dirty_.test(c) || cleaning_.test(c))
+  for (uint64_t c = first; c <= last; ++c) {
+    if (dirty_.test(c) || cleaning_.test(c)) {
       dirty_.set(c);
-    else
+    } else {
       present_.clear(c);
+      forget_replayable(c);
+    }
+  }
   release(fill, mine, ec);
   co_return ec;
 }
@@ -942,6 +996,7 @@ Task<std::error_code> CacheLayer::write_back_run(uint64_t a, uint64_t b) {
   const uint64_t off = chunk_start(a);
   const uint64_t len = chunk_start(b) + chunk_len(b) - off;
   core::IoBuffer buf(len);
+  const uint64_t begun = remote_write_begin();
   auto ec = co_await cache_file_->read(buf.span(), off, 0);
   if (!ec) {
     if (remote_caps_.zero == Support::native && all_zero(buf.data(), len)) {
@@ -953,6 +1008,7 @@ Task<std::error_code> CacheLayer::write_back_run(uint64_t a, uint64_t b) {
     }
   }
   remote_write_done(0, ec);
+  remote_write_end(a, b, begun, true, ec, false);
   release(fill, mine, ec);
   if (!ec) written_back_.fetch_add(len, std::memory_order_relaxed);
   co_return ec;
@@ -1048,6 +1104,33 @@ Task<std::error_code> CacheLayer::checkpoint(bool sync_data) {
   co_return co_await run_checkpoint(sync_data);
 }
 
+void CacheLayer::add_changed_pages(BitmapKind kind, const std::vector<uint64_t>& now,
+                                   const std::vector<uint64_t>& saved, std::vector<MetaStore::PageWrite>& out) {
+  for (size_t first = 0; first < now.size(); first += MetaStore::kWordsPerPage) {
+    const size_t n = std::min(MetaStore::kWordsPerPage, now.size() - first);
+    if (std::equal(now.begin() + static_cast<long>(first), now.begin() + static_cast<long>(first + n),
+                   saved.begin() + static_cast<long>(first)))
+      continue;
+    out.push_back({kind, static_cast<uint32_t>(first / MetaStore::kWordsPerPage),
+                   std::vector<uint64_t>(now.begin() + static_cast<long>(first),
+                                         now.begin() + static_cast<long>(first + n))});
+  }
+}
+
+Task<std::error_code> CacheLayer::commit_pages(const std::vector<MetaStore::PageWrite>& pages,
+                                               const std::vector<uint32_t>& profile) {
+  co_return co_await core::offload(blocking_, [this, &pages, &profile]() -> std::error_code {
+    try {
+      if (!pages.empty()) store_.commit(name_, pages, std::nullopt);
+      if (!profile.empty()) store_.append_profile(name_, session_, profile_batch_, profile);
+      return {};
+    } catch (const std::exception& e) {
+      core::logger("cache")->error("{}", e.what());
+      return errno_code(EIO);
+    }
+  });
+}
+
 Task<std::error_code> CacheLayer::run_checkpoint(bool sync_data) {
   const uint64_t started = checkpoint_requested_.load(std::memory_order_acquire);
   // Snapshots first: everything in them happened before the data sync below.
@@ -1079,22 +1162,11 @@ Task<std::error_code> CacheLayer::run_checkpoint(bool sync_data) {
   for (size_t i = 0; i < intent.size(); ++i) intent[i] = intent_.word(i);
 
   std::vector<MetaStore::PageWrite> pages;
-  auto diff = [&](BitmapKind kind, const std::vector<uint64_t>& now, const std::vector<uint64_t>& saved) {
-    for (size_t first = 0; first < now.size(); first += MetaStore::kWordsPerPage) {
-      const size_t n = std::min(MetaStore::kWordsPerPage, now.size() - first);
-      if (std::equal(now.begin() + static_cast<long>(first), now.begin() + static_cast<long>(first + n),
-                     saved.begin() + static_cast<long>(first)))
-        continue;
-      pages.push_back({kind, static_cast<uint32_t>(first / MetaStore::kWordsPerPage),
-                       std::vector<uint64_t>(now.begin() + static_cast<long>(first),
-                                             now.begin() + static_cast<long>(first + n))});
-    }
-  };
-  diff(BitmapKind::intent, intent, saved_intent_);
+  add_changed_pages(BitmapKind::intent, intent, saved_intent_, pages);
   std::vector<uint32_t> profile;  // first reads since the last save
   if (sync_data) {
-    diff(BitmapKind::present, present, saved_present_);
-    diff(BitmapKind::dirty, dirty, saved_dirty_);
+    add_changed_pages(BitmapKind::present, present, saved_present_, pages);
+    add_changed_pages(BitmapKind::dirty, dirty, saved_dirty_, pages);
     std::lock_guard lock(profile_mutex_);
     profile.assign(profile_.begin() + static_cast<long>(profile_saved_), profile_.end());
   }
@@ -1109,17 +1181,7 @@ Task<std::error_code> CacheLayer::run_checkpoint(bool sync_data) {
       if (dirty[i] & ~dirty_persisted_.word(i)) dirty_persisted_.store_word(i, dirty_persisted_.word(i) | dirty[i]);
   }
   if (!pages.empty() || !profile.empty()) {
-    auto ec = co_await core::offload(blocking_, [this, &pages, &profile]() -> std::error_code {
-      try {
-        if (!pages.empty()) store_.commit(name_, pages, std::nullopt);
-        if (!profile.empty()) store_.append_profile(name_, session_, profile_batch_, profile);
-        return {};
-      } catch (const std::exception& e) {
-        core::logger("cache")->error("{}", e.what());
-        return errno_code(EIO);
-      }
-    });
-    if (ec) co_return ec;
+    if (auto ec = co_await commit_pages(pages, profile)) co_return ec;
     if (!profile.empty()) {
       profile_saved_ += profile.size();
       ++profile_batch_;
@@ -1179,7 +1241,20 @@ Task<void> CacheLayer::background_loop() {
     } else {
       dirty_since.reset();
     }
-    if (capacity_chunks_ && present_.count() > capacity_chunks_) co_await evict();
+    // Chunks written to the remote stay pinned until a remote flush covers
+    // them: with a capacity and clients that never flush, flush the remote
+    // now and then so that they can be evicted. A flush that finds lost
+    // writes has marked them dirty: write them back at once.
+    if (capacity_chunks_ && remote_caps_.flush == Support::native && remote_flush_owed() &&
+        std::chrono::steady_clock::now().time_since_epoch().count() -
+                last_remote_flush_.load(std::memory_order_relaxed) >=
+            std::chrono::nanoseconds(kPinnedFlushInterval).count()) {
+      if (co_await flush_remote() == core::writes_lost_error()) (void)co_await write_back(0, nchunks_ - 1);
+    }
+    if (capacity_chunks_ && present_.count() > capacity_chunks_)
+      co_await evict();
+    else if (!unpunched_.empty())
+      co_await punch_evicted({});
     if (std::chrono::steady_clock::now() - last_checkpoint >= cfg_.checkpoint_interval) {
       last_checkpoint = std::chrono::steady_clock::now();
       if (auto ec = co_await checkpoint(true)) log_->warn("export '{}': checkpoint failed: {}", name_, ec.message());
@@ -1200,11 +1275,13 @@ Task<void> CacheLayer::evict() {
   for (uint64_t steps = 0; steps < 2 * nchunks_ && victims.size() < want; ++steps) {
     const uint64_t c = clock_hand_;
     clock_hand_ = (clock_hand_ + 1) % nchunks_;
-    if (!present_.test(c) || dirty_.test(c) || cleaning_.test(c)) continue;
+    if (!present_.test(c) || dirty_.test(c) || cleaning_.test(c) || pinned(c)) continue;
     if (referenced_.clear(c)) continue;
     auto& s = shard(c);
     std::lock_guard lock(s.mutex);
-    if (s.fills.contains(c) || dirty_.test(c)) continue;
+    // (pinned again under the shard lock: a writer notes its chunks before
+    // it releases their claim, which takes this lock)
+    if (s.fills.contains(c) || dirty_.test(c) || pinned(c)) continue;
     s.fills.emplace(c, fill);
     present_.clear(c);
     victims.push_back(c);
@@ -1230,27 +1307,92 @@ Task<void> CacheLayer::evict() {
     else
       gone.push_back(c);
   }
-  // The cleared present bits are persisted before the bytes go, so a crash
-  // in between never finds a "present" chunk full of zeroes.
-  if (auto ec = co_await checkpoint(true)) {
-    for (uint64_t c : gone) present_.set(c);  // nothing was punched: still valid
-    release(fill, victims, {});
-    co_return;
-  }
-  for (size_t i = 0; i < gone.size();) {
-    size_t j = i;
-    while (j + 1 < gone.size() && gone[j + 1] == gone[j] + 1) ++j;
-    const uint64_t off = chunk_start(gone[i]);
-    const uint64_t len = chunk_start(gone[j]) + chunk_len(gone[j]) - off;
-    if (auto ec = co_await cache_file_->trim({off, len}, 0))
-      log_->debug("export '{}': punching evicted chunks failed: {}", name_, ec.message());
-    i = j + 1;
-  }
+  // Readers of the victims may fetch them again from now on: the claims are
+  // held only across the grace period, not across the catalogue commit and
+  // the punching below (a random reader used to wait behind a whole pass,
+  // hundreds of milliseconds).
+  release(fill, victims, {});
   uint64_t bytes = 0;
   for (uint64_t c : gone) bytes += chunk_len(c);
   evicted_.fetch_add(bytes, std::memory_order_relaxed);
   evictions_.fetch_add(gone.size(), std::memory_order_relaxed);
-  release(fill, victims, {});
+  co_await punch_evicted(std::move(gone));
+}
+
+Task<void> CacheLayer::punch_evicted(std::vector<uint64_t> gone) {
+  // Chunks an earlier pass could not punch (claimed at that moment) are
+  // tried again with these.
+  gone.insert(gone.end(), unpunched_.begin(), unpunched_.end());
+  unpunched_.clear();
+  std::sort(gone.begin(), gone.end());
+  gone.erase(std::unique(gone.begin(), gone.end()), gone.end());
+  unpunched_ = co_await punch_absent(std::move(gone));
+}
+
+Task<std::vector<uint64_t>> CacheLayer::punch_absent(std::vector<uint64_t> gone) {
+  // The cleared present bits are persisted before the bytes go, so a crash
+  // in between never finds a "present" chunk full of zeroes. Clearing a bit
+  // needs no fdatasync of the cache file (only setting one does), so this is
+  // a catalogue commit of the present pages alone. Under checkpoint_mutex_,
+  // saved_present_ is what the catalogue holds: a chunk is punched only while
+  // it is absent in memory and in the catalogue, and claimed (no fill can be
+  // writing it). A chunk fetched again meanwhile is left alone.
+  // The lock is let go every kPunchBatch runs so that a FLUSH's checkpoint
+  // does not wait for the whole pass; a checkpoint in between snapshots the
+  // chunks still to punch as absent (they are, or they are skipped).
+  constexpr int kPunchBatch = 32;
+  std::optional<core::AsyncMutex::Guard> guard(co_await checkpoint_mutex_.lock());
+  std::vector<uint64_t> now = saved_present_;
+  for (uint64_t c : gone)
+    if (!present_.test(c)) now[c / 64] &= ~(uint64_t{1} << (c % 64));
+  std::vector<MetaStore::PageWrite> pages;
+  add_changed_pages(BitmapKind::present, now, saved_present_, pages);
+  if (!pages.empty()) {
+    // (nothing is punched if this fails: the bytes stay valid for the
+    // catalogue's present bits)
+    if (co_await commit_pages(pages, {})) co_return gone;
+    saved_present_ = std::move(now);
+  }
+  std::vector<uint64_t> later;  // absent, but claimed or not persisted absent yet: try again
+  auto fill = std::make_shared<Fill>();
+  for (size_t i = 0, runs = 0; i < gone.size(); ++runs) {
+    if (runs % kPunchBatch == kPunchBatch - 1) {
+      guard.reset();
+      guard.emplace(co_await checkpoint_mutex_.lock());
+    }
+    // A run of consecutive chunks that are absent, persisted absent and
+    // unclaimed, claimed for the punch.
+    std::vector<uint64_t> run;
+    for (; i < gone.size(); ++i) {
+      const uint64_t c = gone[i];
+      if (!run.empty() && c != run.back() + 1) break;
+      if (present_.test(c)) continue;  // fetched again: its bytes are valid
+      auto& sh = shard(c);
+      std::lock_guard lock(sh.mutex);
+      if (((saved_present_[c / 64] >> (c % 64)) & 1) || sh.fills.contains(c) || present_.test(c)) {
+        if (!present_.test(c)) later.push_back(c);
+        continue;
+      }
+      sh.fills.emplace(c, fill);
+      run.push_back(c);
+    }
+    if (run.empty()) continue;
+    const uint64_t off = chunk_start(run.front());
+    const uint64_t len = chunk_start(run.back()) + chunk_len(run.back()) - off;
+    if (auto ec = co_await cache_file_->trim({off, len}, 0))
+      log_->debug("export '{}': punching evicted chunks failed: {}", name_, ec.message());
+    for (uint64_t c : run) {
+      auto& sh = shard(c);
+      std::lock_guard lock(sh.mutex);
+      sh.fills.erase(c);
+    }
+    // Wake whoever waited on one of these chunks, and start a new fill for
+    // the next run (its waiters must not be woken by this one).
+    fill->done.set();
+    fill = std::make_shared<Fill>();
+  }
+  fill->done.set();
+  co_return later;
 }
 
 core::IoFlags CacheLayer::remote_fua(core::IoFlags flags) const noexcept {
@@ -1262,16 +1404,110 @@ bool CacheLayer::needs_remote_flush(core::IoFlags flags) const noexcept {
 }
 
 Task<std::error_code> CacheLayer::flush_remote() {
+  const uint64_t ticket = flush_requested_.fetch_add(1, std::memory_order_acq_rel) + 1;
+  auto guard = co_await flush_mutex_.lock();
+  // Group commit: a flush that started after this request arrived covers it,
+  // whatever it returned (waiting to fail the same way again, one request
+  // after another, would multiply the retry timeout by the queue's length).
+  if (flush_attempted_ >= ticket) co_return flush_result_;
+  const uint64_t started = flush_requested_.load(std::memory_order_acquire);
   // Writes that ended before this point are covered by the flush; those
-  // ending later count again.
+  // ending later count again, and note themselves in the new epoch.
   const uint64_t covers = remote_writes_.load(std::memory_order_acquire);
+  const uint32_t covered = flush_epoch_.fetch_xor(1, std::memory_order_seq_cst);
   auto ec = co_await next().flush();
   if (!ec) {
     uint64_t seen = remote_writes_flushed_.load(std::memory_order_relaxed);
     while (seen < covers && !remote_writes_flushed_.compare_exchange_weak(seen, covers, std::memory_order_acq_rel)) {
     }
+    auto& u = unflushed_[covered];
+    std::lock_guard lock(u.mutex);
+    for (uint64_t c : u.noted) u.chunks.clear(c);
+    u.noted.clear();
+    u.unreplayable.store(0);
+    last_remote_flush_.store(std::chrono::steady_clock::now().time_since_epoch().count(), std::memory_order_relaxed);
+  } else if (ec == core::writes_lost_error()) {
+    replay_lost_writes();
   }
+  flush_attempted_ = started;
+  flush_result_ = ec;
   co_return ec;
+}
+
+uint64_t CacheLayer::remote_write_begin() const noexcept { return lost_write_reports_.load(std::memory_order_seq_cst); }
+
+void CacheLayer::remote_write_end(uint64_t first, uint64_t last, uint64_t begun, bool replayable, std::error_code ec,
+                                  bool durable) noexcept {
+  // A failed change leaves its range undefined, and a FUA one is durable by
+  // itself: nothing for a lost session to take back.
+  if (ec || durable) return;
+  auto& u = unflushed_[flush_epoch_.load(std::memory_order_seq_cst)];
+  if (replayable) {
+    for (uint64_t c = first; c <= last; ++c) {
+      if (u.chunks.test(c) || u.chunks.set(c)) continue;
+      std::lock_guard lock(u.mutex);
+      u.noted.push_back(c);
+    }
+  } else {
+    u.unreplayable.fetch_add(1, std::memory_order_seq_cst);
+  }
+  // A loss reported while this change was between its start and its note
+  // may include it, and replay_lost_writes() did not see it.
+  if (lost_write_reports_.load(std::memory_order_seq_cst) == begun) return;
+  if (replayable) {
+    for (uint64_t c = first; c <= last; ++c) dirty_.set(c);
+    replayed_chunks_.fetch_add(last - first + 1, std::memory_order_relaxed);
+  } else if (!sticky_loss_.exchange(true)) {
+    log_->error("export '{}': the remote may have lost a write it acknowledged (a reconnect before a flush); "
+                "the cache does not hold its bytes: the next FLUSH fails with EIO",
+                name_);
+  }
+}
+
+void CacheLayer::replay_lost_writes() {
+  // Counted first: a change between its start and its note sees the count
+  // move and marks itself (remote_write_end), one that noted itself already
+  // is found below.
+  lost_write_reports_.fetch_add(1, std::memory_order_seq_cst);
+  uint64_t again = 0, unreplayable = 0;
+  for (auto& u : unflushed_) {
+    unreplayable += u.unreplayable.load(std::memory_order_seq_cst);
+    std::lock_guard lock(u.mutex);
+    for (uint64_t c : u.noted) {
+      if (present_.test(c)) {  // pinned: not evicted; a drop would have counted it unreplayable
+        dirty_.set(c);
+        ++again;
+      } else {
+        ++unreplayable;
+      }
+    }
+  }
+  replayed_chunks_.fetch_add(again, std::memory_order_relaxed);
+  if (unreplayable && !sticky_loss_.exchange(true))
+    log_->error("export '{}': the remote lost writes it had acknowledged (a reconnect before they were flushed); "
+                "{} chunks are written again from the cache, but {} writes whose bytes the cache does not hold "
+                "are gone: the next FLUSH fails with EIO",
+                name_, again, unreplayable);
+  else
+    log_->warn("export '{}': the remote lost writes it had acknowledged (a reconnect before they were flushed); "
+               "writing {} chunks again from the cache",
+               name_, again);
+}
+
+bool CacheLayer::pinned(uint64_t c) const noexcept { return unflushed_[0].chunks.test(c) || unflushed_[1].chunks.test(c); }
+
+void CacheLayer::forget_replayable(uint64_t c) noexcept {
+  for (auto& u : unflushed_)
+    if (u.chunks.test(c)) u.unreplayable.fetch_add(1, std::memory_order_seq_cst);
+}
+
+std::error_code CacheLayer::take_sticky_loss() {
+  if (!sticky_loss_.exchange(false)) return {};
+  failed_requests_.fetch_add(1, std::memory_order_relaxed);
+  log_->error("export '{}': FLUSH fails with EIO: the remote lost acknowledged writes in a reconnect that the "
+              "cache could not write again",
+              name_);
+  return errno_code(EIO);
 }
 
 void CacheLayer::remote_write_done(core::IoFlags remote_flags, std::error_code ec) noexcept {
@@ -1352,6 +1588,8 @@ CacheStats CacheLayer::stats() const {
   s.evicted_bytes = evicted_.load();
   s.evictions = evictions_.load();
   s.failed_requests = failed_requests_.load();
+  s.lost_write_reports = lost_write_reports_.load();
+  s.replayed_chunks = replayed_chunks_.load();
   s.capacity = capacity_chunks_ << chunk_shift_;
   struct stat st {};
   if (::stat(cache_path_.c_str(), &st) == 0) s.file_bytes = static_cast<uint64_t>(st.st_blocks) * 512;
@@ -1728,6 +1966,8 @@ core::CacheReport CacheLayer::report() const {
   r.evictions = s.evictions;
   r.file_bytes = s.file_bytes;
   r.failed_requests = s.failed_requests;
+  r.lost_write_reports = s.lost_write_reports;
+  r.replayed_chunks = s.replayed_chunks;
   r.recovered = s.recovered;
   r.prefetch = prefetcher_->status();
   return r;

@@ -89,6 +89,9 @@ struct CacheStats {
   uint64_t evictions = 0;        // chunks evicted
   uint64_t file_bytes = 0;       // allocated size of the cache file (st_blocks)
   uint64_t failed_requests = 0;  // client requests failed here (logged at warn)
+  // The remote lost acknowledged writes in a reconnect (reports), and how
+  // many chunks the cache wrote again because of it.
+  uint64_t lost_write_reports = 0, replayed_chunks = 0;
   bool recovered = false;  // the last start followed an unclean stop
 };
 
@@ -244,18 +247,78 @@ class CacheLayer final : public core::Layer, public core::ExportControl {
   // zero or trim calls remote_write_done() once it has ended: a FLUSH with
   // nothing to write back still flushes the remote if it may hold writes
   // no flush has covered yet (always so for the first one after open).
+  //
+  // Remote flushes are serialised and group-committed (a request is covered
+  // by any flush that started after it). When the remote reports that writes
+  // it acknowledged on a session that died were never flushed there
+  // (writes_lost_error() from the RetryLayer), flush_remote() marks every
+  // chunk written to the remote since the last successful flush dirty again,
+  // so that write-back stores it again from the cache file on the new
+  // session, and returns writes_lost_error(): the caller writes back and
+  // flushes again (durable_on_remote). Writes whose bytes the cache does not
+  // hold (a writethrough write that covers an absent chunk only in part)
+  // cannot be written again: then the loss is sticky until a client FLUSH or
+  // FUA reports it (EIO, logged at error).
   core::Task<std::error_code> flush_remote();
   void remote_write_done(core::IoFlags remote_flags, std::error_code ec) noexcept;
   [[nodiscard]] bool remote_flush_owed() const noexcept;
+  // Around every remote write or zero (writethrough) and write-back run of
+  // chunks [first, last], under their claim: begin before it is sent, end
+  // once the cache file is in step (a writethrough change also wrote the
+  // cache). `replayable`: the cache file now holds every byte the remote got
+  // (the chunks are present); `durable`: FUA made it durable by itself. From
+  // end to a successful remote flush that started later, replayable chunks
+  // are pinned (never evicted) and remembered in case the remote loses them.
+  [[nodiscard]] uint64_t remote_write_begin() const noexcept;
+  void remote_write_end(uint64_t first, uint64_t last, uint64_t begun, bool replayable, std::error_code ec,
+                        bool durable) noexcept;
+  // Sends a writethrough change (send(remote_flags) returns its Task) with
+  // FUA passed on or emulated by a flush; when that flush reports lost
+  // writes, sends the change again on the new session (kReplayRounds).
+  template <class Send>
+  core::Task<std::error_code> remote_change(Send send, core::IoFlags flags);
+  // Under flush_mutex_, after a flush reported lost writes: marks what the
+  // cache can write again dirty; notes what it cannot (sticky loss).
+  void replay_lost_writes();
+  [[nodiscard]] bool pinned(uint64_t c) const noexcept;
+  // The chunk's bytes leave the cache (dropped, trimmed): a write of it the
+  // remote may still lose can no longer be written again.
+  void forget_replayable(uint64_t c) noexcept;
+  // Writes back [first, last] durably and flushes the remote (always, or
+  // when owed), again as long as a flush reports lost writes that the cache
+  // wrote again (kReplayRounds); then reports a sticky loss once. For FLUSH
+  // and FUA.
+  core::Task<std::error_code> durable_on_remote(uint64_t first, uint64_t last, bool always_flush);
+  static constexpr int kReplayRounds = 4;
+  // How long written chunks may stay pinned (with a capacity) before the
+  // background loop flushes the remote to release them.
+  static constexpr std::chrono::seconds kPinnedFlushInterval{1};
+  // Reports (and clears) a loss of writes the cache could not write again:
+  // EIO with a log line, once.
+  std::error_code take_sticky_loss();
   // Copies chunks [a, b] from the cache file to the remote (no flush).
   core::Task<std::error_code> write_back_run(uint64_t a, uint64_t b);
   // Group-committed checkpoint: with sync_data, fdatasync the cache file and
   // persist present/dirty/intent; without, persist only new intents.
   core::Task<std::error_code> checkpoint(bool sync_data);
   core::Task<std::error_code> run_checkpoint(bool sync_data);
+  // Adds to `out` the pages of bitmap `kind` where `now` differs from `saved`.
+  static void add_changed_pages(BitmapKind kind, const std::vector<uint64_t>& now,
+                                const std::vector<uint64_t>& saved, std::vector<MetaStore::PageWrite>& out);
+  // Commits pages (and first reads of the access profile) on the blocking
+  // pool; EIO (logged) if SQLite fails. Under checkpoint_mutex_.
+  core::Task<std::error_code> commit_pages(const std::vector<MetaStore::PageWrite>& pages,
+                                              const std::vector<uint32_t>& profile);
   core::Task<void> background_loop();
   // Capacity: evicts clean, unreferenced chunks (CLOCK) down to 90% of it.
   core::Task<void> evict();
+  // Punches evicted chunks (and those an earlier pass had to leave) out of
+  // the cache file; keeps in unpunched_ what it had to leave this time.
+  core::Task<void> punch_evicted(std::vector<uint64_t> gone);
+  // Persists the cleared present bits of `gone` (sorted; no data sync needed
+  // to clear a bit) and punches the chunks that are absent, persisted absent
+  // and unclaimed; returns the absent ones it could not punch now.
+  core::Task<std::vector<uint64_t>> punch_absent(std::vector<uint64_t> gone);
   // Read side of eviction's grace period: while a guard lives, chunks seen
   // present stay in the cache file (eviction waits for guards of the epoch in
   // which it cleared their present bits). No-op without a capacity.
@@ -346,6 +409,7 @@ class CacheLayer final : public core::Layer, public core::ExportControl {
   uint64_t capacity_chunks_ = 0;
   AtomicBitmap referenced_;
   uint64_t clock_hand_ = 0;  // background loop only
+  std::vector<uint64_t> unpunched_;  // background loop only: evicted, not punched yet
   std::atomic<uint32_t> epoch_{0};
   std::atomic<int64_t> epoch_active_[2] = {0, 0};
   std::atomic<uint64_t> evicted_{0};
@@ -355,6 +419,28 @@ class CacheLayer final : public core::Layer, public core::ExportControl {
   // this open (a previous run's writes in flight at a crash, say) is
   // unknown, and a client may already have read it.
   std::atomic<uint64_t> remote_writes_{1}, remote_writes_flushed_{0};
+
+  // Remote writes not yet covered by a successful remote flush, by flush
+  // epoch: a flush flips flush_epoch_ when it starts and, when it succeeds,
+  // forgets the epoch it flipped away from (a write notes itself after its
+  // remote acknowledgement, in the epoch current then, so a flush never
+  // forgets a write it does not cover). `chunks`/`noted`: writes the cache
+  // can store again; `unreplayable`: those it cannot.
+  struct UnflushedWrites {
+    AtomicBitmap chunks;
+    std::mutex mutex;  // noted
+    std::vector<uint64_t> noted;
+    std::atomic<uint64_t> unreplayable{0};
+  };
+  std::array<UnflushedWrites, 2> unflushed_;
+  std::atomic<uint32_t> flush_epoch_{0};
+  core::AsyncMutex flush_mutex_;
+  std::atomic<uint64_t> flush_requested_{0};
+  uint64_t flush_attempted_ = 0;  // under flush_mutex_: the last flush covered tickets up to this
+  std::error_code flush_result_;  // under flush_mutex_: and returned this
+  std::atomic<int64_t> last_remote_flush_{0};  // steady_clock ns of the last successful one
+  std::atomic<bool> sticky_loss_{false};
+  std::atomic<uint64_t> replayed_chunks_{0}, lost_write_reports_{0};
 
   mutable std::atomic<uint64_t> hits_{0}, misses_{0}, fetched_{0}, written_back_{0}, wb_errors_{0},
       fetch_errors_{0}, failed_requests_{0}, evictions_{0};

@@ -51,6 +51,9 @@ int stats_command(const std::vector<std::string>& in) {
                  u64(k, "evictions"), bytes(u64(k, "evicted_bytes")), u64(k, "fetch_errors"),
                  u64(k, "writeback_errors"), u64(k, "failed_requests"),
                  k.value("recovered", false) ? ", recovered after an unclean stop" : "");
+      if (u64(k, "lost_write_reports"))
+        fmt::print("           the remote lost acknowledged writes in {} reconnect(s); {} chunks written again\n",
+                   u64(k, "lost_write_reports"), u64(k, "replayed_chunks"));
       fmt::print("prefetch:  {}\n", prefetch_summary(e["prefetch"]));
     } else {
       std::puts("cache:     none");

@@ -63,6 +63,8 @@ struct CacheReport {
   uint64_t evictions = 0;         // chunks evicted (evicted_bytes / chunk size, but for a short last chunk)
   uint64_t file_bytes = 0;        // disk space the cache file takes now (allocated blocks)
   uint64_t failed_requests = 0;   // client requests this cache failed (each logged at warn with its reason)
+  uint64_t lost_write_reports = 0;  // the remote lost acknowledged writes in a reconnect (flushes that said so)
+  uint64_t replayed_chunks = 0;     // chunks the cache wrote to the remote again because of that
   bool recovered = false;  // the last start followed an unclean stop
   PrefetchStatus prefetch;
 };

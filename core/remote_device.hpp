@@ -61,4 +61,12 @@ class RemoteDevice : public BlockDevice {
   }
 }
 
+// What a FLUSH returns when it succeeded on a new session, but writes the
+// remote acknowledged on a session that died before a flush covered them may
+// be lost there. Its value is EIO, so every front end reports it as an I/O
+// error; its own category lets a layer that still holds those bytes (the
+// cache) tell it from a plain EIO, write them again and flush once more.
+const std::error_category& writes_lost_category() noexcept;
+[[nodiscard]] inline std::error_code writes_lost_error() noexcept { return {EIO, writes_lost_category()}; }
+
 }  // namespace blockway::core

@@ -22,7 +22,23 @@ Task<void> sleep_until(Clock::time_point t) {
   co_await timer.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
 }
 
+class WritesLostCategory final : public std::error_category {
+ public:
+  [[nodiscard]] const char* name() const noexcept override { return "blockway.writes-lost"; }
+  [[nodiscard]] std::string message(int) const override {
+    return "Input/output error (writes acknowledged on a lost remote session were never flushed there)";
+  }
+  [[nodiscard]] std::error_condition default_error_condition(int ev) const noexcept override {
+    return std::generic_category().default_error_condition(ev);
+  }
+};
+
 }  // namespace
+
+const std::error_category& writes_lost_category() noexcept {
+  static const WritesLostCategory category;
+  return category;
+}
 
 const OptionSpec RetryOptions::kTimeoutOption{
     .name = "retry-timeout",
@@ -191,9 +207,10 @@ Task<std::error_code> RetryLayer::flush() {
   }
   if (lost) {
     logger("retry")->error("{}: flush fails with EIO: writes acknowledged before a reconnect were never "
-                           "flushed on their session and may be lost on the remote",
+                           "flushed on their session and may be lost on the remote (a cache above writes "
+                           "again what it still holds)",
                            describe());
-    co_return errno_code(EIO);
+    co_return writes_lost_error();
   }
   co_return std::error_code{};
 }

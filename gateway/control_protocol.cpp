@@ -267,6 +267,8 @@ Json export_json(const Export& exp, long clients) {
     cache["evictions"] = r.evictions;
     cache["file_bytes"] = r.file_bytes;
     cache["failed_requests"] = r.failed_requests;
+    cache["lost_write_reports"] = r.lost_write_reports;
+    cache["replayed_chunks"] = r.replayed_chunks;
     cache["recovered"] = r.recovered;
     j["cache"] = std::move(cache);
     j["prefetch"] = prefetch_json(r.prefetch);

@@ -174,17 +174,22 @@ class NbdDevice::Session final : public common::LoopSession {
     (void)owned.release();  // from here on_free deletes it
     const int64_t cookie = issue(h_.get(), r, cb);
     r->issuing = false;
-    if (cookie == -1) {
-      const int err = last_errno(EIO);
-      const bool lost = dead(h_.get());
+    // libnbd may also retire the command inside a call that succeeds: the
+    // call queues it, runs the state machine, finds the server gone and
+    // frees every command. on_free then left it to us in either case.
+    const bool lost = dead(h_.get());
+    if (cookie == -1 || r->freed) {
+      const int err = cookie == -1 ? last_errno(EIO) : ENOTCONN;
       if (!r->done) finish(r, lost ? ENOTCONN : err);
       if (r->freed) {
         std::unique_ptr<Request> gone(r);
       }
-      if (lost) kill(ENOTCONN, last_message());
+    }
+    if (lost) {
+      kill(ENOTCONN, cookie == -1 ? last_message() : "server closed the connection");
       return;
     }
-    kick();
+    if (cookie != -1) kick();
   }
 
   // FdWatcher::Client

@@ -16,7 +16,6 @@ import signal
 import struct
 import subprocess
 import threading
-import time
 
 import harness
 

@@ -16,6 +16,7 @@ import socket
 import struct
 import subprocess
 import tempfile
+import threading
 import time
 import unittest
 
@@ -85,6 +86,20 @@ def read_file(path, offset, length):
         return f.read(length)
 
 
+def read_direct(path, offset, length):
+    """Reads bytes of the backing file with O_DIRECT (offset and length in
+    whole 4 KiB blocks): what the file holds, not what a cache of ours kept."""
+    import mmap
+    buf = mmap.mmap(-1, length)  # page-aligned, as O_DIRECT wants
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        n = os.preadv(fd, [buf], offset)
+        return bytes(buf[:n])
+    finally:
+        os.close(fd)
+        buf.close()
+
+
 def run(cmd, timeout=60, check=True, env=None, input=None, cwd=None):
     """Runs a command with a timeout; on failure raises with its output."""
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -149,35 +164,6 @@ def frozen(pid):
         os.kill(pid, signal.SIGCONT)
 
 
-class PeerProcess:
-    """A peer server a test started (nbdkit, tgtd, ganesha, vblade): `proc` is
-    its Popen, `log_path` the file its output goes to."""
-
-    proc = None
-    log_path = None
-
-    def running(self):
-        return self.proc is not None and self.proc.poll() is None
-
-    def log(self, tail=4000):
-        """The last `tail` characters of its log ("" before it wrote one)."""
-        try:
-            with open(self.log_path, "rb") as f:
-                return f.read().decode(errors="replace")[-tail:]
-        except FileNotFoundError:
-            return ""
-
-    def kill(self, sig=signal.SIGKILL):
-        """Signals it by pid and reaps it; SIGKILL if it outlives `sig` by 15 s."""
-        if self.running():
-            os.kill(self.proc.pid, sig)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(15)
-
-
 def kill_pid(proc, sig=signal.SIGKILL):
     """Signals a process we started, by its pid, if it is still running."""
     if proc.poll() is None:
@@ -190,11 +176,13 @@ def kill_pid(proc, sig=signal.SIGKILL):
 class Daemon:
     """One blockwayd process started by a test."""
 
-    def __init__(self, workdir, args, name="blockwayd"):
+    def __init__(self, workdir, args, name="blockwayd", prefix=()):
+        """prefix: a command that execs blockwayd (nsenter into a peer's
+        network namespace), so the pid stays blockwayd's."""
         self.workdir = workdir
         self.pid_file = os.path.join(workdir, name + ".pid")
         self.log_path = os.path.join(workdir, name + ".log")
-        self.args = [BLOCKWAYD] + list(args) + ["--pid-file", self.pid_file]
+        self.args = list(prefix) + [BLOCKWAYD] + list(args) + ["--pid-file", self.pid_file]
         self.proc = None
         self._log = None
 
@@ -283,11 +271,36 @@ class DaemonTestCase(unittest.TestCase):
     def path(self, name):
         return os.path.join(self.tmp, name)
 
-    def start_daemon(self, args, name="blockwayd", ready_timeout=10.0):
-        d = Daemon(self.tmp, args, name)
+    def start_daemon(self, args, name="blockwayd", ready_timeout=10.0, prefix=()):
+        d = Daemon(self.tmp, args, name, prefix)
         self.addCleanup(d.cleanup)
         d.start(ready_timeout)
         return d
+
+    def serve_remote(self, uri, options="", name="blockwayd", ready_timeout=20.0, unix=False, prefix=()):
+        """blockwayd exporting `uri` (plus `options`) as export 'r', on a free
+        loopback port or (unix) a Unix socket: sets self.port or self.sock."""
+        self.port = self.sock = None
+        if unix:
+            self.sock = self.path(name + ".sock")
+            listen = "unix:" + self.sock
+        else:
+            self.port = free_port()
+            listen = "127.0.0.1:%d" % self.port
+        spec = "r=" + uri + ("," + options if options else "")
+        return self.start_daemon(["--log-level", "debug", "--listen", listen, "--export", spec],
+                                 name=name, ready_timeout=ready_timeout, prefix=prefix)
+
+    def start_refused(self, spec, *needles, timeout=60, prefix=()):
+        """Runs blockwayd with `--export spec`; asserts that it exits 2 and
+        that its output names every needle. Returns the output."""
+        p = run(list(prefix) + [BLOCKWAYD, "--listen", "127.0.0.1:%d" % free_port(), "--export", spec],
+                timeout=timeout, check=False)
+        out = p.stderr.decode(errors="replace") + p.stdout.decode(errors="replace")
+        self.assertEqual(p.returncode, 2, "blockwayd --export %s:\n%s" % (spec, out))
+        for n in needles:
+            self.assertIn(n, out)
+        return out
 
     def serve(self, exports, extra=(), unix=False, tcp=True, name="blockwayd"):
         """Starts a daemon on a free loopback port; exports is {name: spec}.
@@ -405,6 +418,73 @@ def read_simple_reply(sock):
     magic, error, cookie = struct.unpack(">IIQ", recv_exact(sock, 16))
     assert magic == SIMPLE_REPLY_MAGIC, "bad reply magic %#x" % magic
     return error, cookie
+
+
+def nbd_map(uri, context=None):
+    """[(offset, length, type)] as `nbdinfo --map[=context]` prints them:
+    base:allocation by default (type 1 hole, 2 zero), or e.g.
+    blockway:cache (1 present, 2 dirty)."""
+    p = run(["nbdinfo", "--map=" + context if context else "--map", uri], timeout=30)
+    out = []
+    for line in p.stdout.decode().splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[0].isdigit():
+            out.append((int(parts[0]), int(parts[1]), int(parts[2])))
+    return out
+
+
+def type_at(extents, offset):
+    """The type of the extent that holds offset."""
+    for off, length, t in extents:
+        if off <= offset < off + length:
+            return t
+    raise AssertionError("offset %d not in the map %r" % (offset, extents))
+
+
+class FlushingWriter(threading.Thread):
+    """A thread that writes `count` blocks of distinct contents through the
+    NBD handle h, block i at base + (i % span) * block, and flushes after
+    every 8th and at the end. `durable` collects the (offset, data) a
+    successful flush covered, in order; `errors` the (kind, i, errno) of the
+    writes and flushes that failed. stop() ends it early."""
+
+    def __init__(self, h, count, block, base=0, span=None, pause=0.002):
+        super().__init__()
+        self.h, self.count, self.block, self.base = h, count, block, base
+        self.span = span or count
+        self.pause = pause
+        self.durable, self.errors = [], []
+        self._stop_event = threading.Event()
+
+    def stop(self):
+        self._stop_event.set()
+
+    def _flush(self, i, pending):
+        import nbd
+        try:
+            self.h.flush()
+            self.durable.extend(pending)
+        except nbd.Error as e:
+            self.errors.append(("flush", i, e.errnum))
+
+    def run(self):
+        import nbd
+        pending = []
+        for i in range(self.count):
+            if self._stop_event.is_set():
+                break
+            off = self.base + (i % self.span) * self.block
+            data = struct.pack(">Q", i + 1) * (self.block // 8)
+            try:
+                self.h.pwrite(data, off)
+                pending.append((off, data))
+            except nbd.Error as e:
+                self.errors.append(("write", i, e.errnum))
+            if i % 8 == 7:
+                self._flush(i, pending)
+                pending = []
+            time.sleep(self.pause)
+        self._flush(-1, pending)
 
 
 def wait_until(pred, timeout, interval=0.05, what="condition"):

@@ -1,117 +1,28 @@
-"""blockwayd's aoe:// backend against vblade, the reference AoE target.
+"""blockwayd's aoe:// backend against vblade, the reference AoE target:
+what is particular to AoE (MTU, retransmission, rediscovery, stray frames,
+ATA errors, capabilities). The cases every backend shares are in
+test_conformance.py.
 
-Each test builds its own network: a namespace with vblade on one end of a
-veth pair, blockwayd on the other end in the host namespace. Names carry the
-pid and a counter so parallel runs do not collide; everything is deleted in
-cleanup and every process is stopped by its pid.
+Each test builds its own network (remotes.AoeNet): a namespace with vblade
+on one end of a veth pair, blockwayd on the other end in the host namespace.
 """
 
 import errno
-import itertools
 import os
 import re
-import socket
-import struct
 import subprocess
 import sys
-import threading
 import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
+import remotes  # noqa: E402
 from harness import MiB  # noqa: E402
-from test_fio import fio  # noqa: E402
 
 import nbd  # noqa: E402
 
-AOE_ETHERTYPE = 0x88A2
-SHELF, SLOT = 3, 7
-_names = itertools.count()
-
-
-def can_make_netns():
-    if os.geteuid() != 0 or not harness.have("ip") or not harness.have("vblade"):
-        return False
-    name = "bwchk%d" % os.getpid()
-    p = subprocess.run(["ip", "netns", "add", name], capture_output=True)
-    if p.returncode != 0:
-        return False
-    subprocess.run(["ip", "netns", "del", name], capture_output=True)
-    return True
-
-
-HAVE_NETNS = can_make_netns()
-
-
-class AoeNet:
-    """A network namespace joined to the host by a veth pair."""
-
-    def __init__(self, test, mtu=1500):
-        n = next(_names)
-        tag = "%d%d" % (os.getpid() % 100000, n)
-        self.ns = "bwaoe" + tag
-        self.host_if = "bwh" + tag   # blockwayd's end, in the host namespace
-        self.peer_if = "bwp" + tag   # vblade's end, in the namespace
-        test.addCleanup(self.delete)
-        harness.run(["ip", "netns", "add", self.ns])
-        harness.run(["ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.peer_if])
-        harness.run(["ip", "link", "set", self.peer_if, "netns", self.ns])
-        harness.run(["ip", "link", "set", self.host_if, "mtu", str(mtu), "up"])
-        self.ns_run(["ip", "link", "set", self.peer_if, "mtu", str(mtu), "up"])
-        self.ns_run(["ip", "link", "set", "lo", "up"])
-
-    def ns_run(self, cmd, **kw):
-        return harness.run(["ip", "netns", "exec", self.ns] + list(cmd), **kw)
-
-    def delete(self):
-        # Deleting the host end removes the pair; deleting the namespace
-        # removes anything left in it.
-        subprocess.run(["ip", "link", "del", self.host_if], capture_output=True)
-        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
-
-    def mac(self, ifname, in_ns):
-        cmd = ["cat", "/sys/class/net/%s/address" % ifname]
-        out = (self.ns_run(cmd) if in_ns else harness.run(cmd)).stdout.decode().strip()
-        return bytes(int(x, 16) for x in out.split(":"))
-
-
-class Vblade(harness.PeerProcess):
-    """vblade serving IMG as SHELF.SLOT inside the namespace."""
-
-    def __init__(self, test, net, img, sync=False, read_only=False):
-        self.test = test
-        self.net = net
-        self.img = img
-        self.sync = sync
-        self.read_only = read_only
-        self.proc = None
-        self.log_path = os.path.join(test.tmp, "vblade-%s.log" % net.ns)
-        test.addCleanup(self.kill)
-
-    def start(self, timeout=10.0):
-        args = ["ip", "netns", "exec", self.net.ns, "vblade"]
-        if self.sync:
-            args.append("-s")   # O_SYNC: vblade's FLUSH does not sync by itself
-        if self.read_only:
-            args.append("-r")
-        args += [str(SHELF), str(SLOT), self.net.peer_if, self.img]
-        log = open(self.log_path, "ab")
-        # `ip netns exec` execs vblade: this pid is vblade's.
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError("vblade exited with %d:\n%s" % (self.proc.returncode, self.log()))
-            if re.search(r"pid %d: e%d\.%d" % (self.proc.pid, SHELF, SLOT), self.log()):
-                return self
-            time.sleep(0.02)
-        raise AssertionError("vblade did not start within %.0fs:\n%s" % (timeout, self.log()))
-
-
-def aoe_uri(net):
-    return "aoe://%s/%d.%d" % (net.host_if, SHELF, SLOT)
+SHELF, SLOT = remotes.AOE_SHELF, remotes.AOE_SLOT
 
 
 def ignored_counts(log):
@@ -173,7 +84,7 @@ print(sent, replayed)
 """
 
 
-@unittest.skipUnless(HAVE_NETNS, "needs root, ip netns and vblade")
+@unittest.skipUnless(remotes.can_make_netns() and harness.have("vblade"), "needs root, ip netns and vblade")
 class AoeTest(harness.DaemonTestCase):
 
     @classmethod
@@ -188,15 +99,19 @@ class AoeTest(harness.DaemonTestCase):
         shutil.rmtree(cls.shared, ignore_errors=True)
 
     def setup_target(self, size=256 * MiB, mtu=1500, sync=False, read_only=False):
-        self.net = AoeNet(self, mtu=mtu)
+        self.net = remotes.started(self, remotes.AoeNet(mtu=mtu))
         self.img = harness.make_sparse_image(self.path("target.img"), size)
-        self.vblade = Vblade(self, self.net, self.img, sync=sync, read_only=read_only).start()
+        self.vblade = remotes.started(self, remotes.Vblade(self.tmp, self.net, self.img, sync=sync,
+                                                           read_only=read_only))
 
     def serve_aoe(self, opts="", name="blockwayd", extra=()):
         self.port = harness.free_port()
-        spec = "d=" + aoe_uri(self.net) + ("," + opts if opts else "")
+        spec = "d=" + self.vblade.uri + ("," + opts if opts else "")
         args = ["--log-level", "info", "--listen", "127.0.0.1:%d" % self.port, "--export", spec] + list(extra)
         return self.start_daemon(args, name=name, ready_timeout=20)
+
+    def aoe_uri(self):
+        return "aoe://%s/%d.%d" % (self.net.host_if, SHELF, SLOT)
 
     def start_failure(self, spec, argv_prefix=()):
         """Runs blockwayd with one export that must fail to open; returns its output."""
@@ -217,67 +132,16 @@ class AoeTest(harness.DaemonTestCase):
 
     # --- data ---------------------------------------------------------------
 
-    def test_nbdcopy_256m_in_and_out(self):
-        self.setup_target()
-        d = self.serve_aoe()
-        self.copy_in_out()
-        self.assertIn("2 sectors per frame at MTU 1500", d.log())
-
     def test_nbdcopy_256m_at_mtu_9000(self):
         self.setup_target(mtu=9000)
         d = self.serve_aoe()
         self.copy_in_out()
         self.assertIn("17 sectors per frame at MTU 9000", d.log())
 
-    @unittest.skipUnless(harness.have("fio"), "fio missing")
-    def test_fio_verify_randrw_qd16(self):
-        self.setup_target(size=64 * MiB)
-        self.serve_aoe()
-        _, result, _ = fio(self, self.uri("d"), "--rw=randrw", "--bs=4k", "--iodepth=16", "--size=64M",
-                           "--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--io_size=32M",
-                           timeout=240)
-        job = result["jobs"][0]
-        self.assertGreater(job["write"]["io_bytes"], 4 * MiB)
-        self.assertGreater(job["read"]["io_bytes"], 4 * MiB)
-
-    def test_flush_and_fua_reach_the_file(self):
-        """A FLUSH is sent to the target as an ATA flush command and answered;
-        the data is in vblade's file (-s: written O_SYNC) when it returns."""
-        self.setup_target(size=16 * MiB, sync=True)
-        self.serve_aoe()
-        # ETH_P_ALL: only such taps see frames the host sends, not just those it receives.
-        sniff = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
-        self.addCleanup(sniff.close)
-        sniff.bind((self.net.host_if, 0))
-        sniff.settimeout(0.2)
-        h = self.connect(self.uri("d"))
-        h.pwrite(b"\xa5" * 65536, 1 * MiB)
-        h.flush()
-        self.assertEqual(harness.read_file(self.img, 1 * MiB, 65536), b"\xa5" * 65536)
-        h.pwrite(b"\x5a" * 4096, 3 * MiB, nbd.CMD_FLAG_FUA)
-        self.assertEqual(harness.read_file(self.img, 3 * MiB, 4096), b"\x5a" * 4096)
-        # The wire: blockwayd's outgoing ATA FLUSH CACHE (vblade offers no EXT) and vblade's answer.
-        flush_cmds = {0xE7, 0xEA}
-        seen_request = seen_answer = False
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and not (seen_request and seen_answer):
-            try:
-                frame = sniff.recv(9100)
-            except socket.timeout:
-                h.flush()
-                continue
-            if len(frame) < 14 + 22 or frame[12:14] != b"\x88\xa2" or frame[14 + 5] != 0:
-                continue
-            if frame[14 + 13] in flush_cmds and not frame[14] & 0x08:
-                seen_request = True
-            if seen_request and frame[14] & 0x08 and not frame[14 + 13] & 0x01:
-                seen_answer = True  # a response without ERR (status is DRDY)
-        self.assertTrue(seen_request, "no ATA flush frame went to the target")
-        self.assertTrue(seen_answer, "the target did not answer the flush")
-
     def test_unaligned_request_is_refused_and_export_stays_usable(self):
         self.setup_target(size=16 * MiB)
-        self.serve_aoe()
+        d = self.serve_aoe()
+        self.assertIn("2 sectors per frame at MTU 1500", d.log())
         h = self.connect(self.uri("d"), strict=False)
         self.assertEqual(h.get_block_size(nbd.SIZE_MINIMUM), 512)
         with self.assertRaises(nbd.Error) as cm:
@@ -303,60 +167,33 @@ class AoeTest(harness.DaemonTestCase):
         d.stop()
         self.assertRegex(d.log(), r"errors [1-9]\d*, session timeouts 0")
 
-    def _writer(self, h, base, count, block, durable, errors, stop):
-        """Writes `count` blocks with distinct contents, flushing every 8;
-        records which ones a successful flush covered."""
-        pending = []
-        for i in range(count):
-            if stop.is_set():
-                break
-            off = base + i * block
-            data = struct.pack(">Q", i + 1) * (block // 8)
-            try:
-                h.pwrite(data, off)
-                pending.append((off, data))
-            except nbd.Error as e:
-                errors.append(("write", i, e.errnum))
-            if i % 8 == 7:
-                try:
-                    h.flush()
-                    durable.extend(pending)
-                except nbd.Error as e:
-                    errors.append(("flush", i, e.errnum))
-                pending = []
-            time.sleep(0.002)
-        try:
-            h.flush()
-            durable.extend(pending)
-        except nbd.Error as e:
-            errors.append(("flush", -1, e.errnum))
-
     def _run_outage(self, opts, outage, count=1500):
+        """A writer (harness.FlushingWriter) runs while vblade is killed and
+        restarted `outage` seconds later; what a flush covered is in the file."""
         self.setup_target(size=64 * MiB, sync=True)
         d = self.serve_aoe(opts)
         h = self.connect(self.uri("d"))
-        durable, errors, stop = [], [], threading.Event()
-        t = threading.Thread(target=self._writer, args=(h, 0, count, 16384, durable, errors, stop))
-        t.start()
+        w = harness.FlushingWriter(h, count, 16384)
+        w.start()
         try:
-            harness.wait_until(lambda: len(durable) >= 80, 30, what="writes before the outage")
+            harness.wait_until(lambda: len(w.durable) >= 80, 30, what="writes before the outage")
             self.vblade.kill()
-            before = len(durable)
+            before = len(w.durable)
             time.sleep(outage)
             self.vblade.start()
-            t.join(240)
-            self.assertFalse(t.is_alive(), "writer hung")
+            w.join(240)
+            self.assertFalse(w.is_alive(), "writer hung")
         finally:
-            stop.set()
-            t.join(30)
-        self.assertGreater(len(durable), before + 100, "I/O did not resume after the target restarted")
+            w.stop()
+            w.join(30)
+        self.assertGreater(len(w.durable), before + 100, "I/O did not resume after the target restarted")
         with open(self.img, "rb") as f:
-            for off, data in durable:
+            for off, data in w.durable:
                 f.seek(off)
                 self.assertEqual(f.read(len(data)), data, "flushed write at %d lost" % off)
         # And a read through the daemon agrees with the file.
         self.assertEqual(h.pread(65536, 0), harness.read_file(self.img, 0, 65536))
-        return d, errors
+        return d, w.errors
 
     def test_target_restart_short_outage_resumes_transparently(self):
         """vblade killed and back within the frame give-up time: retransmission
@@ -382,23 +219,6 @@ class AoeTest(harness.DaemonTestCase):
         self.assertRegex(log, r"session timeouts [1-9]")
         self.assertIn("AoE session closed", log)
         self.assertIn("rediscovered", log)
-
-    def test_target_gone_fails_with_eio_after_deadline(self):
-        self.setup_target(size=16 * MiB)
-        d = self.serve_aoe("io-timeout=0.5,retry-timeout=2")
-        h = self.connect(self.uri("d"))
-        h.pwrite(b"x" * 4096, 0)
-        self.vblade.kill()
-        start = time.monotonic()
-        with self.assertRaises(nbd.Error) as cm:
-            h.pread(4096, 0)
-        took = time.monotonic() - start
-        self.assertEqual(cm.exception.errnum, errno.EIO)
-        self.assertLess(took, 10, "the request was not bounded by its deadline")
-        # The target comes back: the next request rediscovers it.
-        self.vblade.start()
-        self.assertEqual(h.pread(4096, 0), b"x" * 4096)
-        self.assertTrue(d.running())
 
     def test_foreign_malformed_and_duplicate_frames_are_ignored(self):
         self.setup_target(size=64 * MiB)
@@ -440,28 +260,17 @@ class AoeTest(harness.DaemonTestCase):
 
     # --- start-up errors --------------------------------------------------------
 
-    def test_startup_errors_are_clear(self):
-        self.net = AoeNet(self)
-        out = self.start_failure("aoe://%s/0.255" % self.net.host_if)
-        self.assertIn("slot '255' is not a number from 0 to 254", out)
-        out = self.start_failure("aoe://%s/1" % self.net.host_if)
-        self.assertIn("is not SHELF.SLOT", out)
-        out = self.start_failure("aoe://nosuch%d/0.1" % os.getpid())
-        self.assertIn("no network interface 'nosuch%d'" % os.getpid(), out)
-        # The interface exists but nobody serves SHELF.SLOT on it.
-        start = time.monotonic()
-        out = self.start_failure(aoe_uri(self.net) + ",discover-timeout=1")
-        self.assertLess(time.monotonic() - start, 15)
-        self.assertIn("no AoE target answered Query Config for shelf %d slot %d on %s"
-                      % (SHELF, SLOT, self.net.host_if), out)
+    def test_interface_down_is_explained(self):
+        # Malformed URIs and a target nobody serves: test_conformance.py.
+        self.net = remotes.started(self, remotes.AoeNet())
         harness.run(["ip", "link", "set", self.net.host_if, "down"])
-        out = self.start_failure(aoe_uri(self.net))
+        out = self.start_failure(self.aoe_uri())
         self.assertIn("network interface %s is down" % self.net.host_if, out)
 
     @unittest.skipUnless(harness.have("setpriv"), "setpriv missing")
     def test_missing_cap_net_raw_is_explained(self):
-        self.net = AoeNet(self)
-        out = self.start_failure(aoe_uri(self.net),
+        self.net = remotes.started(self, remotes.AoeNet())
+        out = self.start_failure(self.aoe_uri(),
                                  argv_prefix=["setpriv", "--inh-caps=-all", "--bounding-set=-net_raw"])
         self.assertIn("needs CAP_NET_RAW (or root) for aoe://", out)
         self.assertIn("setcap cap_net_raw+ep", out)

@@ -4,13 +4,13 @@ nbdkit (file plugin, with its delay and error filters) over NBD."""
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
+import remotes  # noqa: E402
 from harness import MiB  # noqa: E402
 
 SIZE = 16 * MiB
@@ -46,22 +46,12 @@ class CacheTestCase(harness.DaemonTestCase):
     def cmp(self, a, b):
         harness.run(["cmp", a, b], timeout=60)
 
-    def cache_map(self, uri):
-        """[(offset, length, type)] of the blockway:cache context."""
-        p = harness.run(["nbdinfo", "--map=blockway:cache", uri], timeout=30)
-        out = []
-        for line in p.stdout.decode().splitlines():
-            parts = line.split()
-            if len(parts) >= 3 and parts[0].isdigit():
-                out.append((int(parts[0]), int(parts[1]), int(parts[2])))
-        return out
-
     @staticmethod
-    def type_at(extents, offset):
-        for off, length, typ in extents:
-            if off <= offset < off + length:
-                return typ
-        raise AssertionError("offset %d not in the map %r" % (offset, extents))
+    def cache_map(uri):
+        """[(offset, length, type)] of the blockway:cache context."""
+        return harness.nbd_map(uri, "blockway:cache")
+
+    type_at = staticmethod(harness.type_at)
 
 
 @unittest.skipUnless(harness.have("nbdcopy") and harness.have("nbdinfo"), "libnbd tools missing")
@@ -202,43 +192,14 @@ class FileRemoteTest(CacheTestCase):
         self.assertIn("not yet written", (p.stderr + p.stdout).decode(errors="replace"))
 
 
-class Nbdkit:
-    def __init__(self, test, image, filters=(), params=()):
-        self.port = harness.free_port()
-        self.log = test.path("nbdkit-%d.log" % self.port)
-        cmd = ["nbdkit", "-f", "-p", str(self.port), "-i", "127.0.0.1"]
-        for f in filters:
-            cmd += ["--filter=" + f]
-        cmd += ["file", image] + list(params)
-        self._out = open(self.log, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT)
-        test.addCleanup(self.stop)
-        harness.wait_until(self._answers, 10, what="nbdkit to answer")
-
-    def _answers(self):
-        if self.proc.poll() is not None:
-            raise AssertionError("nbdkit exited: " + open(self.log).read())
-        return subprocess.run(["nbdinfo", "--size", self.uri()], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, timeout=10).returncode == 0
-
-    def uri(self):
-        return "nbd://127.0.0.1:%d/" % self.port
-
-    def stop(self):
-        harness.kill_pid(self.proc, signal.SIGTERM)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            harness.kill_pid(self.proc)
-            self.proc.wait(5)
-        self._out.close()
-
-
 @unittest.skipUnless(harness.have("nbdkit") and harness.have("nbdcopy"), "nbdkit or nbdcopy missing")
 class NbdkitRemoteTest(CacheTestCase):
+    def nbdkit(self, **kw):
+        return remotes.started(self, remotes.Nbdkit(self.tmp, self.remote, **kw))
+
     def test_slow_remote_round_trip_and_flush(self):
-        kit = Nbdkit(self, self.remote, filters=["delay"], params=["rdelay=2ms", "wdelay=2ms"])
-        self.cached(kit.uri(), "writeback")
+        kit = self.nbdkit(filters=["delay"], params=["rdelay=2ms", "wdelay=2ms"])
+        self.cached(kit.uri, "writeback")
         out = self.path("out.img")
         self.nbdcopy(self.uri("disk"), out)
         self.cmp(out, self.remote)
@@ -248,9 +209,8 @@ class NbdkitRemoteTest(CacheTestCase):
 
     def test_present_chunks_are_served_while_the_remote_fails(self):
         errfile = self.path("ERR")
-        kit = Nbdkit(self, self.remote, filters=["error"],
-                     params=["error-rate=100%", "error-file=" + errfile])
-        self.cached(kit.uri(), "writeback-local")
+        kit = self.nbdkit(filters=["error"], params=["error-rate=100%", "error-file=" + errfile])
+        self.cached(kit.uri, "writeback-local")
         h = self.connect(self.uri("disk"))
         warm = h.pread(4 * CHUNK, 0)
         self.assertEqual(warm, harness.read_file(self.remote, 0, 4 * CHUNK))
@@ -267,22 +227,20 @@ class NbdkitRemoteTest(CacheTestCase):
                            30, what="write-back after the remote came back")
 
     def test_restart_does_not_refetch_from_nbdkit(self):
-        kit = Nbdkit(self, self.remote, filters=["log"], params=["logfile=" + self.path("kit.log")])
-        d = self.cached(kit.uri(), "writethrough", name="first")
+        kit = self.nbdkit(log_requests=True)
+        d = self.cached(kit.uri, "writethrough", name="first")
         out = self.path("out.img")
         self.nbdcopy(self.uri("disk"), out)
         d.stop()
         self.assertEqual(fetched_bytes(d.log()), SIZE)
-        with open(self.path("kit.log")) as f:
-            reads_before = len(re.findall(r" Read id=\d+ offset=", f.read()))
+        reads_before = len(re.findall(r" Read id=\d+ offset=", kit.requests()))
         self.assertGreater(reads_before, 0)
-        d2 = self.cached(kit.uri(), "writethrough", name="second")
+        d2 = self.cached(kit.uri, "writethrough", name="second")
         self.nbdcopy(self.uri("disk"), out)
         self.cmp(out, self.remote)
         d2.stop()
         self.assertEqual(fetched_bytes(d2.log()), 0)
-        with open(self.path("kit.log")) as f:
-            reads_after = len(re.findall(r" Read id=\d+ offset=", f.read()))
+        reads_after = len(re.findall(r" Read id=\d+ offset=", kit.requests()))
         self.assertEqual(reads_after, reads_before, "nbdkit saw reads after the restart")
 
 

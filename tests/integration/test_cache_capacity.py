@@ -12,16 +12,14 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import threading
-import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 from harness import MiB  # noqa: E402
-from test_nbd_remote import Nbdkit  # noqa: E402
+import remotes  # noqa: E402
 
 import nbd  # noqa: E402
 
@@ -148,11 +146,8 @@ class CapacityTest(harness.DaemonTestCase):
         does not count the chunk present: disk space no eviction frees."""
         chunk = stats["chunk_size"]
         present = set()
-        out = harness.run(["nbdinfo", "--map=blockway:cache", self.uri()], timeout=30).stdout.decode()
-        for line in out.splitlines():
-            parts = line.split()
-            if len(parts) >= 3 and parts[0].isdigit() and int(parts[2]) & 1:
-                off, length = int(parts[0]), int(parts[1])
+        for off, length, flags in harness.nbd_map(self.uri(), "blockway:cache"):
+            if flags & 1:
                 present.update(range(off // chunk, (off + length + chunk - 1) // chunk))
         data = set()
         fd = os.open(stats["path"], os.O_RDONLY)
@@ -197,9 +192,7 @@ class CapacityTest(harness.DaemonTestCase):
         remote = harness.make_random_image(self.path("remote.img"), SIZE, seed=seed)
         with open(remote, "rb") as f:
             model = bytearray(f.read())
-        kit = Nbdkit(self.tmp, remote, port=harness.free_port(), name="nbdkit-" + mode)
-        self.addCleanup(kit.kill)
-        kit.start()
+        kit = remotes.started(self, remotes.Nbdkit(self.tmp, remote, name="nbdkit-" + mode))
         ops = 120 if SANITIZED else 400
         work = Workload(model, seed)
 

@@ -34,15 +34,16 @@ def extents_of(h, count, offset, flags=0):
     return out
 
 
-def state_at(extents, offset):
-    for off, length, flags in extents:
-        if off <= offset < off + length:
-            return flags
-    raise AssertionError("offset %d not covered by %r" % (offset, extents))
+state_at = harness.type_at
 
 
 def allocated_bytes(path):
     return os.stat(path).st_blocks * 512
+
+
+# Punching a hole can split an extent and cost the file a block of extent
+# tree (st_blocks counts it): a punch frees "at least N bytes" up to this.
+EXTENT_SLACK = 64 * 1024
 
 
 class CommandTest(harness.DaemonTestCase):
@@ -108,7 +109,7 @@ class CommandTest(harness.DaemonTestCase):
         ext = extents_of(self.h, 4 * MiB, 8 * MiB)
         self.assertEqual(ext, [(8 * MiB, 4 * MiB, nbd.STATE_HOLE | nbd.STATE_ZERO)])
         self.assertEqual(harness.read_file(self.img, 8 * MiB, 4 * MiB), bytes(4 * MiB))
-        self.assertLessEqual(allocated_bytes(self.img), before - 4 * MiB)
+        self.assertLessEqual(allocated_bytes(self.img), before - 4 * MiB + EXTENT_SLACK)
         # Neighbours untouched and still data.
         ext = extents_of(self.h, 16 * MiB, 0)
         self.assertEqual(state_at(ext, 0), 0)
@@ -120,7 +121,7 @@ class CommandTest(harness.DaemonTestCase):
         self.h.flush()
         self.assertEqual(harness.read_file(self.img, 4 * MiB, 2 * MiB), bytes(2 * MiB))
         self.assertEqual(self.h.pread(2 * MiB, 4 * MiB), bytes(2 * MiB))
-        self.assertLessEqual(allocated_bytes(self.img), before - 2 * MiB)
+        self.assertLessEqual(allocated_bytes(self.img), before - 2 * MiB + EXTENT_SLACK)
         self.assertTrue(state_at(extents_of(self.h, MiB, 4 * MiB), 4 * MiB) & nbd.STATE_ZERO)
 
     def test_zero_no_hole_keeps_allocation(self):

@@ -22,7 +22,7 @@ import unittest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 from harness import MiB  # noqa: E402
-from test_nbd_remote import Nbdkit  # noqa: E402
+import remotes  # noqa: E402
 
 EXIT_FAILED, EXIT_USAGE, EXIT_NO_DAEMON, EXIT_UNKNOWN, EXIT_REFUSED, EXIT_PROTOCOL = 1, 2, 3, 4, 5, 6
 EXIT_TIMED_OUT = 7
@@ -69,9 +69,7 @@ class ControlTestCase(harness.DaemonTestCase):
         return self.start_daemon(args + list(extra), name)
 
     def nbdkit(self, img, name="nbdkit", filters=(), params=()):
-        k = Nbdkit(self.tmp, img, port=harness.free_port(), filters=filters, params=params, name=name)
-        self.addCleanup(k.kill)
-        return k.start()
+        return remotes.started(self, remotes.Nbdkit(self.tmp, img, filters=filters, params=params, name=name))
 
     def raw(self, payload, read=True, timeout=10):
         """Sends raw bytes on the control socket; returns the response lines."""
@@ -535,14 +533,20 @@ class RuntimeExports(ControlTestCase):
         self.start({"base": "file://" + img})
         self.assertEqual([e["name"] for e in self.bwj("export", "list")["exports"]], ["base", "net"])
 
-    def test_saved_export_that_cannot_open_is_skipped_and_kept(self):
-        img = harness.make_random_image(self.path("a.img"), 4 * MiB, seed=6)
+    def start_with_saved_export_gone(self, seed):
+        """A daemon with export 'base', which saved a run-time export 'late'
+        whose image then went away (moved to IMG.away). Returns (daemon,
+        img, base)."""
+        img = harness.make_random_image(self.path("a.img"), 4 * MiB, seed=seed)
         base = harness.make_sparse_image(self.path("base.img"), MiB)
         d = self.start({"base": "file://" + base})
         self.bw("export", "add", "late", "file://" + img)
         d.stop()
         os.rename(img, img + ".away")
-        d = self.start({"base": "file://" + base})
+        return self.start({"base": "file://" + base}), img, base
+
+    def test_saved_export_that_cannot_open_is_skipped_and_kept(self):
+        d, img, base = self.start_with_saved_export_gone(seed=6)
         listed = {e["name"]: e for e in self.bwj("export", "list")["exports"]}
         self.assertEqual(sorted(listed), ["base", "late"])
         self.assertTrue(listed["late"]["state"].startswith("failed: "), listed["late"])
@@ -554,13 +558,7 @@ class RuntimeExports(ControlTestCase):
         self.assertEqual(self.connect(self.uri("late")).pread(4096, 0), harness.read_file(img, 0, 4096))
 
     def test_failed_saved_export_shows_in_status_and_export_remove_drops_it(self):
-        img = harness.make_random_image(self.path("a.img"), 4 * MiB, seed=7)
-        base = harness.make_sparse_image(self.path("base.img"), MiB)
-        d = self.start({"base": "file://" + base})
-        self.bw("export", "add", "late", "file://" + img)
-        d.stop()
-        os.rename(img, img + ".away")
-        d = self.start({"base": "file://" + base})
+        d, img, base = self.start_with_saved_export_gone(seed=7)
         # status, export list and stats show it, with the reason.
         st = {e["name"]: e for e in self.bwj("status")["exports"]}
         self.assertEqual(st["base"]["state"], "open")
@@ -822,15 +820,22 @@ class RunTimeSettings(ControlTestCase):
                     return item[len("mode="):]
         return configured
 
-    def test_concurrent_mode_switches_are_saved_in_the_order_they_took_effect(self):
-        import random
-        img = harness.make_random_image(self.path("vm.img"), 4 * MiB, seed=13)
-        rt_img = harness.make_random_image(self.path("rt.img"), 4 * MiB, seed=14)
+    def start_cached_vm(self, seed):
+        """A daemon with export 'vm', a cached file export (256k chunks,
+        writethrough) whose cache takes run-time control. Returns (daemon,
+        its spec, the image, the cache directory)."""
+        img = harness.make_random_image(self.path("vm.img"), 4 * MiB, seed=seed)
         cache = self.path("cache")
         spec = "file://%s,cache=%s,chunk=256k,mode=writethrough" % (img, cache)
         d = self.start({"vm": spec})
         if not self.has_cache_control("vm"):
             self.skipTest(NO_CONTROL)
+        return d, spec, img, cache
+
+    def test_concurrent_mode_switches_are_saved_in_the_order_they_took_effect(self):
+        import random
+        d, spec, _, cache = self.start_cached_vm(seed=13)
+        rt_img = harness.make_random_image(self.path("rt.img"), 4 * MiB, seed=14)
         self.bw("export", "add", "rt", "file://" + rt_img, "cache=%s,chunk=256k,mode=writethrough" % cache)
         modes = ["writethrough", "writeback", "writeback-local"]
         rng = random.Random(5)
@@ -851,12 +856,7 @@ class RunTimeSettings(ControlTestCase):
         self.assertEqual({n: self.bwj("stats", n)["mode"] for n in ("vm", "rt")}, before)
 
     def test_export_remove_forgets_the_run_time_settings(self):
-        img = harness.make_random_image(self.path("vm.img"), 4 * MiB, seed=15)
-        cache = self.path("cache")
-        spec = "file://%s,cache=%s,chunk=256k,mode=writethrough" % (img, cache)
-        d = self.start({"vm": spec})
-        if not self.has_cache_control("vm"):
-            self.skipTest(NO_CONTROL)
+        d, spec, img, cache = self.start_cached_vm(seed=15)
         self.bw("mode", "vm", "writeback")
         self.bw("prefetch", "rate", "vm", "3M")
         self.assertEqual(len(self.catalogue("SELECT key FROM runtime_settings WHERE name = 'vm'")), 2)

@@ -59,22 +59,7 @@ def sha256_nbd(uri, size, chunk=MiB):
         h.shutdown()
 
 
-def nbd_map(uri):
-    """[(offset, length, type)] of base:allocation (type 1 = hole, 2 = zero)."""
-    p = harness.run(["nbdinfo", "--map", uri], timeout=30)
-    out = []
-    for line in p.stdout.decode().splitlines():
-        parts = line.split()
-        if len(parts) >= 3 and parts[0].isdigit():
-            out.append((int(parts[0]), int(parts[1]), int(parts[2])))
-    return out
-
-
-def type_at(extents, offset):
-    for off, length, t in extents:
-        if off <= offset < off + length:
-            return t
-    raise AssertionError("offset %d not in map %r" % (offset, extents))
+nbd_map, type_at = harness.nbd_map, harness.type_at
 
 
 class FuseTestCase(harness.DaemonTestCase):
@@ -461,14 +446,10 @@ class FuseMinBlockTest(FuseTestCase):
     SIZE = 8 * MiB
 
     def test_unaligned_io_reaches_a_4096_byte_remote_byte_exact(self):
-        from test_nbd_remote import Nbdkit
         img = harness.make_random_image(self.path("remote.img"), self.SIZE, seed=11)
         with open(img, "rb") as f:
             ref = bytearray(f.read())
-        kit = Nbdkit(self.tmp, img, port=harness.free_port(), filters=["blocksize-policy"],
-                     params=["blocksize-minimum=%d" % self.BLOCK, "blocksize-error-policy=error"])
-        self.addCleanup(kit.kill)
-        kit.start()
+        kit = self.blocksize_remote(img, "error")
         d = self.fuse_daemon({"r": kit.uri})
         f = self.file("r")
         self.assertEqual(os.stat(f).st_size, self.SIZE)
@@ -550,16 +531,18 @@ class FuseMinBlockTest(FuseTestCase):
             self.fail("the remote's image differs from the reference first at byte %d" % first)
 
 
+    def blocksize_remote(self, img, policy, name="nbdkit"):
+        """nbdkit that takes only whole BLOCKs; `policy`: what it does with others."""
+        from remotes import Nbdkit, started
+        return started(self, Nbdkit(self.tmp, img, filters=["blocksize-policy"], name=name,
+                                    params=["blocksize-minimum=%d" % self.BLOCK,
+                                            "blocksize-error-policy=" + policy]))
+
     def tail_remote(self, policy):
         """nbdkit with 4096-byte blocks over an image of 4 blocks + 512 bytes."""
-        from test_nbd_remote import Nbdkit
         size = 4 * self.BLOCK + 512
         img = harness.make_random_image(self.path("tail-%s.img" % policy), size, seed=21)
-        kit = Nbdkit(self.tmp, img, port=harness.free_port(), filters=["blocksize-policy"],
-                     params=["blocksize-minimum=%d" % self.BLOCK, "blocksize-error-policy=" + policy],
-                     name="nbdkit-" + policy)
-        self.addCleanup(kit.kill)
-        kit.start()
+        kit = self.blocksize_remote(img, policy, name="nbdkit-" + policy)
         with open(img, "rb") as f:
             return kit, img, size, bytearray(f.read())
 

@@ -18,57 +18,10 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
+import remotes  # noqa: E402
 from harness import MiB  # noqa: E402
 
 CHUNK = 64 * 1024
-
-
-class Nbdkit:
-    """nbdkit's file plugin with its log filter (every request, with offsets)."""
-
-    def __init__(self, test, image, name="nbdkit"):
-        self.test = test
-        self.image = image
-        self.port = harness.free_port()
-        self.logfile = test.path(name + "-requests.log")
-        self.out = test.path(name + ".out")
-        self.proc = None
-        test.addCleanup(self.stop)
-
-    def start(self):
-        cmd = ["nbdkit", "-f", "-p", str(self.port), "-i", "127.0.0.1", "--filter=log",
-               "file", self.image, "logfile=" + self.logfile]
-        with open(self.out, "ab") as out:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-        harness.wait_until(self._answers, 10, what="nbdkit to answer")
-        return self
-
-    def _answers(self):
-        if self.proc.poll() is not None:
-            raise AssertionError("nbdkit exited: " + open(self.out).read())
-        return subprocess.run(["nbdinfo", "--size", self.uri()], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, timeout=10).returncode == 0
-
-    def uri(self):
-        return "nbd://127.0.0.1:%d/" % self.port
-
-    def read_bytes(self):
-        """Bytes the remote was asked to read so far."""
-        try:
-            with open(self.logfile) as f:
-                text = f.read()
-        except FileNotFoundError:
-            return 0
-        return sum(int(c, 0) for c in re.findall(r" Read id=\d+ offset=\S+ count=(\S+)", text))
-
-    def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            harness.kill_pid(self.proc, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                harness.kill_pid(self.proc)
-                self.proc.wait(5)
 
 
 class PrefetchTestCase(harness.DaemonTestCase):
@@ -85,15 +38,13 @@ class PrefetchTestCase(harness.DaemonTestCase):
                 "--data-dir", self.data_dir, "--export", spec]
         return self.start_daemon(args, name)
 
+    def nbdkit(self, image):
+        """nbdkit's file plugin with its log filter (every request, with offsets)."""
+        return remotes.started(self, remotes.Nbdkit(self.tmp, image, log_requests=True))
+
     def cache_map(self):
         """[(offset, length, flags)] of the blockway:cache context."""
-        p = harness.run(["nbdinfo", "--map=blockway:cache", self.uri("disk")], timeout=30)
-        out = []
-        for line in p.stdout.decode().splitlines():
-            parts = line.split()
-            if len(parts) >= 3 and parts[0].isdigit():
-                out.append((int(parts[0]), int(parts[1]), int(parts[2])))
-        return out
+        return harness.nbd_map(self.uri("disk"), "blockway:cache")
 
     def present_bytes(self):
         return sum(length for _, length, flags in self.cache_map() if flags & 1)
@@ -122,8 +73,8 @@ class PrefetchTest(PrefetchTestCase):
     def test_prefetch_512m_while_fio_verifies(self):
         size = 512 * MiB
         remote = harness.make_random_image(self.path("remote.img"), size, seed=5)
-        kit = Nbdkit(self, remote).start()
-        d = self.daemon(kit.uri(), "mode=writethrough,prefetch=sequential")
+        kit = self.nbdkit(remote)
+        d = self.daemon(kit.uri, "mode=writethrough,prefetch=sequential")
         fio_result = {}
 
         def fio():
@@ -155,8 +106,8 @@ class PrefetchTest(PrefetchTestCase):
     def test_kill9_halfway_then_resume_fetches_only_what_is_missing(self):
         size = 128 * MiB
         remote = harness.make_random_image(self.path("remote.img"), size, seed=6)
-        kit = Nbdkit(self, remote).start()
-        d = self.daemon(kit.uri(), "prefetch=sequential,prefetch-rate=24M", name="first")
+        kit = self.nbdkit(remote)
+        d = self.daemon(kit.uri, "prefetch=sequential,prefetch-rate=24M", name="first")
         harness.wait_until(lambda: self.present_bytes() >= size // 3, 60, interval=0.2,
                            what="a third of the image present")
         time.sleep(2.5)  # a checkpoint (every 2 s) persists what is present
@@ -168,7 +119,7 @@ class PrefetchTest(PrefetchTestCase):
         before = kit.read_bytes()
         self.assertGreaterEqual(before, present * CHUNK)
 
-        d2 = self.daemon(kit.uri(), "prefetch=sequential", name="second")
+        d2 = self.daemon(kit.uri, "prefetch=sequential", name="second")
         self.wait_all_present(size, 120)
         self.assertRegex(d2.log(), r"recovered after an unclean stop")
         d2.stop()
@@ -182,8 +133,8 @@ class PrefetchTest(PrefetchTestCase):
         size = 64 * MiB
         remote = harness.make_random_image(self.path("remote.img"), size, seed=8)
         expected = harness.make_random_image(self.path("expected.img"), size, seed=8)
-        kit = Nbdkit(self, remote).start()
-        d = self.daemon(kit.uri(), "mode=writeback,prefetch=sequential,auto-detach=on")
+        kit = self.nbdkit(remote)
+        d = self.daemon(kit.uri, "mode=writeback,prefetch=sequential,auto-detach=on")
         h = self.connect(self.uri("disk"))  # stays connected through the switch
         self.assertEqual(h.pread(CHUNK, 5 * MiB), harness.read_file(remote, 5 * MiB, CHUNK))
         self.wait_log(d, r"detached from", 120)
@@ -220,7 +171,7 @@ class PrefetchTest(PrefetchTestCase):
         d.stop()
 
         # Restart with nbdkit still stopped: local mode, the remote never opened.
-        d2 = self.daemon(kit.uri(), "mode=writeback,prefetch=sequential,auto-detach=on", name="second")
+        d2 = self.daemon(kit.uri, "mode=writeback,prefetch=sequential,auto-detach=on", name="second")
         self.assertRegex(d2.log(), r"local \(detached\)")
         h3 = self.connect(self.uri("disk"))
         self.assertEqual(h3.pread(100000, 12345), b"A" * 100000)
