@@ -136,7 +136,7 @@ class CacheLayer final : public core::Layer, public core::ExportControl {
   core::Task<std::error_code> prefetch(core::ByteRange range) override;
   core::Task<void> close() override;
   // Stops background work without persisting anything or marking the cache
-  // clean: what a crash leaves behind (for tests).
+  // clean: what a crash leaves behind (tests), and the first half of close().
   core::Task<void> abandon();
 
   // Present/dirty state of [range] as extents: flag 1 = present, 2 = dirty.
@@ -360,6 +360,11 @@ class CacheLayer final : public core::Layer, public core::ExportControl {
   // Writethrough zero for a remote without native zero: writes of zeroes.
   core::Task<std::error_code> zero_through_by_writes(core::ByteRange range, core::IoFlags flags);
   core::Task<std::error_code> persist_state(std::string key, std::string value);
+  // After a write or zero of chunks [first, last] into the cache file under
+  // the claim of `mine`: dirty and present when it worked, else the clean
+  // chunks it touched leave the cache.
+  void settle_cache_change(uint64_t first, uint64_t last, const std::vector<uint64_t>& mine,
+                           std::error_code ec) noexcept;
   // Access profile: the first read of each chunk in this session.
   void record_first_reads(uint64_t first, uint64_t last);
   void open_cache_file();

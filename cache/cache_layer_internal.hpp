@@ -1,0 +1,126 @@
+// Pieces the CacheLayer's source files share: the RAII guards a request
+// holds (InFlight, RegionWrites, EpochGuard), the fill a claim waits on, and
+// two constants. Private to cache/: include it only from cache_layer*.cpp.
+//
+// Thread model: as CacheLayer's (cache_layer.hpp): guards live on whichever
+// loop runs the request that holds them; their counters are atomics.
+#pragma once
+
+#include "cache/cache_layer.hpp"
+
+#include "core/logging.hpp"
+#include "core/shared_event.hpp"
+#include "core/task.hpp"
+
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <exception>
+
+namespace blockway::cache {
+
+using core::ByteRange;
+using core::errno_code;
+using core::IoFlags;
+using core::Support;
+using core::Task;
+
+// Runs `call` (a catalogue update: MetaStore throws on SQLite errors) on the
+// blocking pool; EIO, logged, if it throws.
+template <class F>
+Task<std::error_code> catalogue_call(boost::asio::thread_pool& pool, F call) {
+  co_return co_await core::offload(pool, [&call]() -> std::error_code {
+    try {
+      call();
+      return {};
+    } catch (const std::exception& e) {
+      core::logger("cache")->error("{}", e.what());
+      return errno_code(EIO);
+    }
+  });
+}
+
+// Largest single remote request of a fill or a write-back.
+inline constexpr uint64_t kMaxRun = 1u << 20;
+
+inline bool all_zero(const std::byte* p, size_t n) {
+  if (n == 0) return true;
+  const size_t head = std::min<size_t>(n, 16);
+  for (size_t i = 0; i < head; ++i)
+    if (p[i] != std::byte{0}) return false;
+  return n <= 16 || std::memcmp(p, p + 16, n - 16) == 0;
+}
+
+struct CacheLayer::Fill {
+  core::SharedEvent done;
+};
+
+// Counts writes in progress per region while it lives, and marks the regions
+// touched when it ends, so a checkpoint keeps their write-intent.
+class CacheLayer::RegionWrites {
+ public:
+  RegionWrites(CacheLayer& c, uint64_t first_chunk, uint64_t last_chunk)
+      : c_(c), r0_(first_chunk / kChunksPerRegion), r1_(last_chunk / kChunksPerRegion) {
+    for (uint64_t r = r0_; r <= r1_; ++r) c_.region_writes_[r].fetch_add(1, std::memory_order_seq_cst);
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+  }
+  ~RegionWrites() {
+    for (uint64_t r = r0_; r <= r1_; ++r) {
+      c_.touched_.set(r);
+      c_.region_writes_[r].fetch_sub(1, std::memory_order_seq_cst);
+    }
+  }
+  RegionWrites(const RegionWrites&) = delete;
+  RegionWrites& operator=(const RegionWrites&) = delete;
+
+ private:
+  CacheLayer& c_;
+  uint64_t r0_, r1_;
+};
+
+class CacheLayer::EpochGuard {
+ public:
+  explicit EpochGuard(CacheLayer& c) : c_(c.capacity_chunks_ ? &c : nullptr) {
+    if (!c_) return;
+    // Register in the epoch that is current *after* the count went up: a
+    // count added to an epoch that eviction already left (a stale load) is
+    // waited for by nobody, and the reader could then read a chunk while it
+    // is punched out of the cache file.
+    for (;;) {
+      e_ = c_->epoch_.load(std::memory_order_seq_cst);
+      c_->epoch_active_[e_].fetch_add(1, std::memory_order_seq_cst);
+      if (c_->epoch_.load(std::memory_order_seq_cst) == e_) break;
+      c_->epoch_active_[e_].fetch_sub(1, std::memory_order_seq_cst);
+    }
+  }
+  ~EpochGuard() {
+    if (c_) c_->epoch_active_[e_].fetch_sub(1, std::memory_order_seq_cst);
+  }
+  EpochGuard(const EpochGuard&) = delete;
+  EpochGuard& operator=(const EpochGuard&) = delete;
+
+ private:
+  CacheLayer* c_;
+  uint32_t e_ = 0;
+};
+
+// Counts a client request in flight while it lives (detach and set_mode wait
+// for none), and notes when the last one ended (the prefetcher's yield).
+class CacheLayer::InFlight {
+ public:
+  explicit InFlight(CacheLayer& c) : c_(c) { c_.inflight_.fetch_add(1, std::memory_order_seq_cst); }
+  ~InFlight() {
+    c_.last_request_end_.store(std::chrono::steady_clock::now().time_since_epoch().count(),
+                               std::memory_order_relaxed);
+    c_.inflight_.fetch_sub(1, std::memory_order_seq_cst);
+  }
+  InFlight(const InFlight&) = delete;
+  InFlight& operator=(const InFlight&) = delete;
+
+ private:
+  CacheLayer& c_;
+};
+
+}  // namespace blockway::cache

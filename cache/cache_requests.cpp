@@ -1,0 +1,508 @@
+// CacheLayer: the client requests (read, write, zero, trim, flush, block
+// status) in every write mode.
+#include "cache/cache_layer.hpp"
+#include "cache/cache_layer_internal.hpp"
+
+#include "core/logging.hpp"
+#include "core/remote_device.hpp"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+
+namespace blockway::cache {
+
+// ---- requests ----------------------------------------------------------------
+
+void CacheLayer::mark_referenced(uint64_t first, uint64_t last) noexcept {
+  if (!capacity_chunks_) return;
+  for (uint64_t c = first; c <= last; ++c)
+    if (!referenced_.test(c)) referenced_.set(c);
+}
+
+std::error_code CacheLayer::request_failed(const char* what, uint64_t length, uint64_t offset, const char* where,
+                                           std::error_code ec) {
+  failed_requests_.fetch_add(1, std::memory_order_relaxed);
+  log_->warn("export '{}': {} of {} bytes at {} failed: {}: {}", name_, what, length, offset, where, ec.message());
+  return ec;
+}
+
+Task<std::error_code> CacheLayer::read(std::span<std::byte> buf, uint64_t offset, IoFlags) {
+  if (buf.empty()) co_return std::error_code{};
+  InFlight inflight(*this);
+  if (switching_.load(std::memory_order_seq_cst)) [[unlikely]]
+    co_await wait_for_switch();
+  if (local_.load(std::memory_order_acquire)) co_return co_await cache_file_->read(buf, offset, 0);
+  const uint64_t first = chunk_of(offset), last = chunk_of(offset + buf.size() - 1);
+  if (!seen_.test(first) || !seen_.test(last)) record_first_reads(first, last);
+  {
+    // Hit: no claim, only the eviction grace period.
+    EpochGuard guard(*this);
+    if (present_.all_set(first, last)) {
+      hits_.fetch_add(1, std::memory_order_relaxed);
+      mark_referenced(first, last);
+      auto ec = co_await cache_file_->read(buf, offset, 0);
+      if (ec) co_return request_failed("read", buf.size(), offset, "reading the cache file", ec);
+      co_return ec;
+    }
+  }
+  misses_.fetch_add(1, std::memory_order_relaxed);
+  auto ec = co_await read_miss(buf, offset, first, last);
+  // A miss right after the previous one: read ahead of a sequential reader.
+  if (!ec && last_miss_end_.exchange(last + 1, std::memory_order_relaxed) == first) start_readahead(last + 1);
+  co_return ec;
+}
+
+Task<std::error_code> CacheLayer::read_miss(std::span<std::byte> buf, uint64_t offset, uint64_t first, uint64_t last) {
+  // Claim every chunk of the range, the present ones too: while the claim is
+  // held no eviction, fill or writethrough change can take a chunk away, so
+  // the read cannot find a chunk it just fetched evicted again (with a
+  // capacity far below the working set, reads that span chunks used to fail
+  // that way). Hits never take this path, so they stay claim-free.
+  auto [fill, mine] = co_await claim(first, last, true);
+  std::error_code ec = co_await fetch_absent(mine);
+  if (ec) {
+    request_failed("read", buf.size(), offset, "fetching from the remote", ec);
+  } else {
+    mark_referenced(first, last);
+    ec = co_await cache_file_->read(buf, offset, 0);
+    if (ec) request_failed("read", buf.size(), offset, "reading the cache file", ec);
+  }
+  release(fill, mine, ec);
+  co_return ec;
+}
+
+Task<std::error_code> CacheLayer::ensure_intent(uint64_t first, uint64_t last) {
+  bool need = false;
+  for (uint64_t r = first / kChunksPerRegion; r <= last / kChunksPerRegion; ++r) {
+    if (!intent_.test(r)) {
+      intent_.set(r);
+      need = true;
+    } else if (!intent_persisted_.test(r)) {
+      need = true;
+    }
+  }
+  if (!need) co_return std::error_code{};
+  co_return co_await checkpoint(false);
+}
+
+Task<std::error_code> CacheLayer::write(std::span<const std::byte> buf, uint64_t offset, IoFlags flags) {
+  if (buf.empty()) co_return std::error_code{};
+  InFlight inflight(*this);
+  if (switching_.load(std::memory_order_seq_cst)) [[unlikely]]
+    co_await wait_for_switch();
+  if (local_.load(std::memory_order_acquire)) co_return co_await local_write(buf, offset, flags);
+  if (mode() == WriteMode::writethrough) co_return co_await write_through(buf, offset, flags);
+  co_return co_await write_cached(buf, offset, flags);
+}
+
+Task<std::error_code> CacheLayer::fetch_partial_ends(ByteRange range, const std::vector<uint64_t>& mine) {
+  // A chunk that a change covers only in part must hold the rest of its data
+  // before the change lands in the cache file. Only claimed chunks are
+  // fetched; a present one that is not claimed is checked under the epoch
+  // guard afterwards (chunks_ready).
+  const uint64_t first = chunk_of(range.offset), last = chunk_of(range.end() - 1);
+  const bool head_partial = range.offset != chunk_start(first) || range.end() < chunk_start(first) + chunk_len(first);
+  const bool tail_partial = last != first && range.end() < chunk_start(last) + chunk_len(last);
+  auto is_mine = [&](uint64_t c) { return std::binary_search(mine.begin(), mine.end(), c); };
+  if (head_partial && is_mine(first) && !present_.test(first))
+    if (auto ec = co_await fetch_run(first, first)) co_return ec;
+  if (tail_partial && is_mine(last) && !present_.test(last))
+    if (auto ec = co_await fetch_run(last, last)) co_return ec;
+  co_return std::error_code{};
+}
+
+void CacheLayer::settle_cache_change(uint64_t first, uint64_t last, const std::vector<uint64_t>& mine,
+                                     std::error_code ec) noexcept {
+  if (!ec) {
+    for (uint64_t c = first; c <= last; ++c) dirty_.set(c);
+    for (uint64_t c : mine) present_.set(c);
+    return;
+  }
+  // Part of the change may be in the cache file: a clean chunk must not keep
+  // bytes the remote does not have. (A dirty one is the client's failed write
+  // to undefined contents, and stays dirty.)
+  for (uint64_t c = first; c <= last; ++c)
+    if (!dirty_.test(c) && !cleaning_.test(c)) {
+      present_.clear(c);
+      forget_replayable(c);
+    }
+}
+
+Task<std::error_code> CacheLayer::write_cached(std::span<const std::byte> buf, uint64_t offset, IoFlags flags) {
+  const uint64_t end = offset + buf.size();
+  const uint64_t first = chunk_of(offset), last = chunk_of(end - 1);
+  RegionWrites guard(*this, first, last);
+  if (auto ec = co_await ensure_intent(first, last)) co_return request_failed("write", buf.size(), offset, "persisting the write intent", ec);
+  std::error_code ec;
+  for (int attempt = 0;; ++attempt) {
+    // Absent chunks are claimed (no fill may store older bytes over this
+    // write); present ones only after two rounds lost one of them to
+    // eviction, and then no eviction can take them.
+    auto [fill, mine] = co_await claim(first, last, attempt >= kClaimAllAfter);
+    if (auto pec = co_await fetch_partial_ends({offset, buf.size()}, mine)) {
+      release(fill, mine, pec);
+      co_return request_failed("write", buf.size(), offset, "fetching the rest of a partly written chunk", pec);
+    }
+    bool done = false;
+    {
+      EpochGuard guard(*this);
+      // Eviction may have taken a chunk since it was checked: then start over.
+      done = chunks_ready(first, last, mine);
+      if (done) {
+        ec = co_await cache_file_->write(buf, offset, 0);
+        settle_cache_change(first, last, mine, ec);
+      }
+    }
+    release(fill, mine, ec);
+    if (done) break;
+  }
+  if (ec) co_return request_failed("write", buf.size(), offset, "writing the cache file", ec);
+  if (flags & core::kFua) co_return co_await make_durable(first, last);
+  co_return std::error_code{};
+}
+
+bool CacheLayer::chunks_ready(uint64_t first, uint64_t last, const std::vector<uint64_t>& mine) const noexcept {
+  size_t i = 0;
+  for (uint64_t c = first; c <= last; ++c) {
+    while (i < mine.size() && mine[i] < c) ++i;
+    if (!(i < mine.size() && mine[i] == c) && !present_.test(c)) return false;
+  }
+  return true;
+}
+
+Task<std::error_code> CacheLayer::write_through(std::span<const std::byte> buf, uint64_t offset, IoFlags flags) {
+  const uint64_t end = offset + buf.size();
+  const uint64_t first = chunk_of(offset), last = chunk_of(end - 1);
+  RegionWrites guard(*this, first, last);
+  if (auto ec = co_await ensure_intent(first, last)) co_return ec;
+  mark_remote_written(first, last);
+  // Hold the chunks (absent ones: so that no fill can store data older than
+  // this write; present ones: so that two overlapping writes update remote
+  // and cache in the same order).
+  auto [fill, mine] = co_await claim(first, last, true);
+  // The cache file needs these bytes only for chunks that are present (to
+  // stay in step with the remote) or that the write covers whole (write-
+  // allocate); the part of an absent chunk at either end that the write
+  // covers only in part is left out (it would take disk space no eviction
+  // ever frees, since the chunk is not present). A write that only partly
+  // covers absent chunks skips the cache: on a cold cache that saves a local
+  // write per request. Decided under the claim, so no fill can make a chunk
+  // present behind our back.
+  const ByteRange for_cache = cacheable_part({offset, buf.size()});
+  const bool cache_needs_it = for_cache.length > 0;
+  const uint64_t begun = remote_write_begin();
+  auto ec = co_await remote_change([&](IoFlags f) { return next().write(buf, offset, f); }, flags);
+  const std::error_code remote_ec = ec;  // what the remote holds, whatever the cache file does next
+  if (ec) {
+    // The remote may hold part of the failed write: a clean chunk must not
+    // keep the older bytes, or two reads could disagree once it is evicted.
+    drop_clean_chunks(first, last);
+    request_failed("write", buf.size(), offset, "writing to the remote", ec);
+  }
+  if (!ec && cache_needs_it) {
+    if (auto cec = co_await cache_file_->write(buf.subspan(for_cache.offset - offset, for_cache.length),
+                                               for_cache.offset, 0)) {
+      // The remote has the data; the cache must not keep the old bytes.
+      log_->warn("export '{}': cache file write failed ({}), dropping those chunks", name_, cec.message());
+      if (drop_clean_chunks(first, last)) ec = cec;
+    } else {
+      for (uint64_t c : mine)  // write-allocate chunks the write covers whole
+        if (offset <= chunk_start(c) && end >= chunk_start(c) + chunk_len(c)) present_.set(c);
+      // A present chunk written partly keeps its present bit: the cache got the
+      // same bytes as the remote.
+      if ((flags & core::kFua) && owes_write_back(first, last)) ec = co_await cache_file_->flush();
+    }
+  }
+  remote_write_end(first, last, begun, present_.all_set(first, last), remote_ec, flags & core::kFua);
+  release(fill, mine, ec);
+  co_return ec;
+}
+
+template <class Send>
+Task<std::error_code> CacheLayer::remote_change(Send send, IoFlags flags) {
+  auto ec = co_await send(remote_fua(flags));
+  remote_write_done(remote_fua(flags), ec);
+  if (!ec && needs_remote_flush(flags)) {
+    // FUA emulated by a flush. If the flush reports lost writes, this very
+    // change may be among them (sent on the session that died): send it
+    // again on the new one, and flush again.
+    for (int round = 1;; ++round) {
+      ec = co_await flush_remote();
+      if (ec != core::writes_lost_error() || round == kReplayRounds) break;
+      ec = co_await send(0);
+      remote_write_done(0, ec);
+      if (ec) break;
+    }
+  }
+  co_return ec;
+}
+
+ByteRange CacheLayer::cacheable_part(ByteRange range) const noexcept {
+  const uint64_t first = chunk_of(range.offset), last = chunk_of(range.end() - 1);
+  uint64_t lo = range.offset, hi = range.end();
+  const auto covers_whole = [&](uint64_t c) {
+    return range.offset <= chunk_start(c) && range.end() >= chunk_start(c) + chunk_len(c);
+  };
+  if (!present_.test(first) && !covers_whole(first)) lo = chunk_start(first) + chunk_len(first);
+  if (!present_.test(last) && !covers_whole(last)) hi = chunk_start(last);
+  return lo < hi ? ByteRange{lo, hi - lo} : ByteRange{range.offset, 0};
+}
+
+bool CacheLayer::owes_write_back(uint64_t first, uint64_t last) const noexcept {
+  for (uint64_t c = first; c <= last; ++c)
+    if (dirty_.test(c) || cleaning_.test(c) || dirty_persisted_.test(c)) return true;
+  return false;
+}
+
+bool CacheLayer::drop_clean_chunks(uint64_t first, uint64_t last) noexcept {
+  bool kept_dirty = false;
+  for (uint64_t c = first; c <= last; ++c) {
+    if (dirty_.test(c) || cleaning_.test(c)) {
+      kept_dirty = true;
+    } else {
+      present_.clear(c);
+      forget_replayable(c);
+    }
+  }
+  return kept_dirty;
+}
+
+Task<std::error_code> CacheLayer::make_durable(uint64_t first, uint64_t last) {
+  const auto m = mode();
+  if (m == WriteMode::writeback_local) co_return co_await checkpoint(true);
+  if (m == WriteMode::writeback) {
+    // The FUA covers this request's data only; a loss of other writes is
+    // the next FLUSH's to report.
+    for (int round = 1;; ++round) {
+      auto ec = co_await write_back_durably(first, last);
+      if (ec != core::writes_lost_error() || round == kReplayRounds) co_return ec;
+    }
+  }
+  co_return std::error_code{};
+}
+
+CacheLayer::WritebackFd::~WritebackFd() {
+  if (fd >= 0) ::close(fd);
+}
+
+void CacheLayer::start_writeback(uint64_t offset, uint64_t length) {
+  if (!writeback_fd_ || length == 0) return;
+  boost::asio::post(blocking_, [f = writeback_fd_, offset, length] {
+    (void)::sync_file_range(f->fd, static_cast<off64_t>(offset), static_cast<off64_t>(length), SYNC_FILE_RANGE_WRITE);
+  });
+}
+
+Task<std::error_code> CacheLayer::flush() {
+  InFlight inflight(*this);
+  if (switching_.load(std::memory_order_seq_cst)) [[unlikely]]
+    co_await wait_for_switch();
+  if (local_.load(std::memory_order_acquire)) co_return co_await cache_file_->flush();
+  const uint64_t last = nchunks_ ? nchunks_ - 1 : 0;
+  switch (mode()) {
+    case WriteMode::writethrough: co_return co_await durable_on_remote(0, last, true);
+    case WriteMode::writeback_local:
+      if (auto ec = co_await checkpoint(true)) co_return ec;
+      co_return take_sticky_loss();
+    case WriteMode::writeback: co_return co_await durable_on_remote(0, last, false);
+  }
+  co_return std::error_code{};
+}
+
+Task<std::error_code> CacheLayer::durable_on_remote(uint64_t first, uint64_t last, bool always_flush) {
+  std::error_code ec;
+  for (int round = 1;; ++round) {
+    // In writethrough only chunks inherited dirty (from a write-back mode,
+    // or written again after a lost session) need a write-back; the clean
+    // bits of chunks still persisted dirty are persisted too (after a power
+    // loss the write-back would otherwise store the cache file's older bytes
+    // over what this covers).
+    ec = {};
+    if (mode() != WriteMode::writethrough || dirty_.find_set(first) <= last || cleaning_.find_set(first) <= last ||
+        dirty_persisted_.find_set(first) <= last)
+      ec = co_await write_back_durably(first, last);
+    // Nothing was written back, but the remote may still hold writes no
+    // flush covered, which a client may have read: the FLUSH covers them.
+    if (!ec && (always_flush || remote_flush_owed())) ec = co_await flush_remote();
+    // Lost writes were marked dirty again: write them back on the new
+    // session and flush once more.
+    if (ec != core::writes_lost_error() || round == kReplayRounds) break;
+  }
+  if (ec) co_return ec;
+  co_return take_sticky_loss();
+}
+
+Task<std::error_code> CacheLayer::zero_cached(ByteRange range, IoFlags flags, bool whole_chunks_only) {
+  if (whole_chunks_only) {  // trim: only what covers whole chunks, the rest is advisory
+    uint64_t start = (range.offset + cfg_.chunk_size - 1) & ~(cfg_.chunk_size - 1);
+    uint64_t stop = range.end() == geometry_.size ? range.end() : range.end() & ~(cfg_.chunk_size - 1);
+    if (stop <= start) co_return std::error_code{};
+    range = {start, stop - start};
+  }
+  const uint64_t first = chunk_of(range.offset), last = chunk_of(range.end() - 1);
+  RegionWrites guard(*this, first, last);
+  const char* what = whole_chunks_only ? "trim" : "write-zeroes";
+  if (auto ec = co_await ensure_intent(first, last))
+    co_return request_failed(what, range.length, range.offset, "persisting the write intent", ec);
+  std::error_code ec;
+  for (int attempt = 0;; ++attempt) {
+    auto [fill, mine] = co_await claim(first, last, attempt >= kClaimAllAfter);  // as write_cached
+    if (auto pec = co_await fetch_partial_ends(range, mine)) {
+      release(fill, mine, pec);
+      co_return request_failed(what, range.length, range.offset, "fetching the rest of a partly zeroed chunk", pec);
+    }
+    bool done = false;
+    {
+      EpochGuard guard(*this);
+      done = chunks_ready(first, last, mine);
+      if (done) {
+        ec = co_await zero_cache_file(range, flags);
+        settle_cache_change(first, last, mine, ec);
+      }
+    }
+    release(fill, mine, ec);
+    if (done) break;
+  }
+  if (ec) co_return request_failed(what, range.length, range.offset, "zeroing the cache file", ec);
+  if (flags & core::kFua) co_return co_await make_durable(first, last);
+  co_return std::error_code{};
+}
+
+Task<std::error_code> CacheLayer::zero(ByteRange range, IoFlags flags) {
+  if (range.length == 0) co_return std::error_code{};
+  InFlight inflight(*this);
+  if (switching_.load(std::memory_order_seq_cst)) [[unlikely]]
+    co_await wait_for_switch();
+  if (local_.load(std::memory_order_acquire)) co_return co_await local_zero(range, flags);
+  if (mode() != WriteMode::writethrough) co_return co_await zero_cached(range, flags, false);
+  // After a switch from a write-back mode, a client may still zero what this
+  // remote cannot zero natively.
+  if (remote_caps_.zero != Support::native) co_return co_await zero_through_by_writes(range, flags);
+  const uint64_t first = chunk_of(range.offset), last = chunk_of(range.end() - 1);
+  RegionWrites guard(*this, first, last);
+  if (auto ec = co_await ensure_intent(first, last)) co_return ec;
+  mark_remote_written(first, last);
+  auto [fill, mine] = co_await claim(first, last, true);
+  const uint64_t begun = remote_write_begin();
+  auto ec = co_await remote_change(
+      [&](IoFlags f) { return next().zero(range, (flags & ~core::kFua) | f); }, flags);
+  const std::error_code remote_ec = ec;
+  if (ec) {
+    drop_clean_chunks(first, last);  // as a failed write_through
+    request_failed("write-zeroes", range.length, range.offset, "zeroing at the remote", ec);
+  }
+  if (!ec) {
+    if (auto cec = co_await cache_file_->zero(range, 0)) {
+      if (drop_clean_chunks(first, last)) ec = cec;  // cannot mirror it: forget it
+    } else {
+      for (uint64_t c : mine)
+        if (range.offset <= chunk_start(c) && range.end() >= chunk_start(c) + chunk_len(c)) present_.set(c);
+      if ((flags & core::kFua) && owes_write_back(first, last)) ec = co_await cache_file_->flush();
+    }
+  }
+  remote_write_end(first, last, begun, present_.all_set(first, last), remote_ec, flags & core::kFua);
+  release(fill, mine, ec);
+  co_return ec;
+}
+
+Task<std::error_code> CacheLayer::trim(ByteRange range, IoFlags flags) {
+  if (range.length == 0) co_return std::error_code{};
+  InFlight inflight(*this);
+  if (switching_.load(std::memory_order_seq_cst)) [[unlikely]]
+    co_await wait_for_switch();
+  if (local_.load(std::memory_order_acquire)) {
+    auto ec = co_await cache_file_->trim(range, 0);
+    if (ec == std::errc::not_supported || ec == std::errc::operation_not_supported) ec = {};  // advisory
+    if (!ec && (flags & core::kFua)) ec = co_await cache_file_->flush();
+    co_return ec;
+  }
+  if (mode() != WriteMode::writethrough) co_return co_await zero_cached(range, flags, true);
+  // Trim is advisory: a remote without it (after a switch from a write-back
+  // mode, which offered trim) simply keeps its data.
+  if (remote_caps_.trim != Support::native) co_return std::error_code{};
+  const uint64_t first = chunk_of(range.offset), last = chunk_of(range.end() - 1);
+  RegionWrites guard(*this, first, last);
+  if (auto ec = co_await ensure_intent(first, last)) co_return ec;
+  mark_remote_written(first, last);
+  auto [fill, mine] = co_await claim(first, last, true);  // no fill may race with the trim
+  auto ec = co_await remote_change([&](IoFlags f) { return next().trim(range, f); }, flags);
+  // What the remote now returns there is its business: fetch it again. A
+  // chunk that is still dirty (inherited from a write-back mode) keeps its
+  // bytes, and is written back again: refetching it would lose the rest of
+  // its dirty data, and a trim leaves the trimmed contents undefined anyway.
+  for (uint64_t c = first; c <= last; ++c) {
+    if (dirty_.test(c) || cleaning_.test(c)) {
+      dirty_.set(c);
+    } else {
+      present_.clear(c);
+      forget_replayable(c);
+    }
+  }
+  release(fill, mine, ec);
+  co_return ec;
+}
+
+Task<std::error_code> CacheLayer::prefetch(ByteRange range) {
+  if (range.length == 0) co_return std::error_code{};
+  InFlight inflight(*this);
+  if (switching_.load(std::memory_order_seq_cst)) [[unlikely]]
+    co_await wait_for_switch();
+  if (local_.load(std::memory_order_acquire)) co_return std::error_code{};
+  co_return co_await populate(chunk_of(range.offset), chunk_of(range.end() - 1));
+}
+
+Task<std::error_code> CacheLayer::block_status(ByteRange range, core::ExtentList& out) {
+  InFlight inflight(*this);
+  if (switching_.load(std::memory_order_seq_cst)) [[unlikely]]
+    co_await wait_for_switch();
+  if (local_.load(std::memory_order_acquire)) co_return co_await cache_file_->block_status(range, out);
+  core::ExtentList remote;
+  if (auto ec = co_await next().block_status(range, remote)) co_return ec;
+  // The remote does not know about dirty chunks yet: they are data. Also in
+  // writethrough, which inherits them from a write-back mode (an earlier run,
+  // or set_mode while it writes them back).
+  auto push = [&](uint64_t len, uint32_t flags) {
+    if (len == 0) return;
+    if (!out.empty() && out.back().flags == flags)
+      out.back().length += len;
+    else
+      out.push_back({len, flags});
+  };
+  uint64_t pos = range.offset;
+  for (const auto& e : remote) {
+    const uint64_t end = std::min(pos + e.length, range.end());
+    if (e.flags == 0) {
+      push(end - pos, 0);
+    } else {
+      while (pos < end) {
+        const uint64_t c = chunk_of(pos);
+        const uint64_t cend = std::min(end, chunk_start(c) + chunk_len(c));
+        push(cend - pos, (dirty_.test(c) || cleaning_.test(c)) ? 0 : e.flags);
+        pos = cend;
+      }
+    }
+    pos = end;
+    if (pos >= range.end()) break;
+  }
+  co_return std::error_code{};
+}
+
+Task<std::error_code> CacheLayer::cache_status(ByteRange range, core::ExtentList& out) {
+  out.clear();
+  if (range.length == 0) co_return errno_code(EINVAL);
+  uint64_t pos = range.offset;
+  while (pos < range.end() && out.size() < 1024) {
+    const uint64_t c = chunk_of(pos);
+    const uint64_t cend = std::min(range.end(), chunk_start(c) + chunk_len(c));
+    const uint32_t flags = (present_.test(c) ? 1u : 0u) | ((dirty_.test(c) || cleaning_.test(c)) ? 2u : 0u);
+    if (!out.empty() && out.back().flags == flags)
+      out.back().length += cend - pos;
+    else
+      out.push_back({cend - pos, flags});
+    pos = cend;
+  }
+  co_return std::error_code{};
+}
+
+}  // namespace blockway::cache
