@@ -11,45 +11,11 @@
 
 namespace blockway::remote {
 
-// Adding a backend is one entry here (see docs/adding-a-backend.md).
+// Adding a backend is one line here, its entry in its own NAME_backend.cpp
+// (see docs/adding-a-backend.md).
 const std::vector<Backend>& backends() {
-  static const std::vector<Backend> table{
-      {.name = "file",
-       .summary = "a raw image file or block device on this host",
-       .schemes = {"file"},
-       .uri_forms = {"file:///path/to/image"},
-       .options = file::options(),
-       .check = file::check,
-       .open_local = file::open},
-      {.name = "nbd",
-       .summary = "an export of another NBD server (libnbd)",
-       .schemes = {"nbd", "nbd+unix"},
-       .uri_forms = {"nbd://HOST[:PORT]/EXPORT", "nbd+unix:///EXPORT?socket=/path/to/socket"},
-       .options = nbd::options(),
-       .check = nbd::check,
-       .open_remote = nbd::open},
-      {.name = "iscsi",
-       .summary = "one LUN of an iSCSI target (libiscsi; CHAP with USER%PASSWORD)",
-       .schemes = {"iscsi"},
-       .uri_forms = {"iscsi://[USER%PASSWORD@]HOST[:PORT]/TARGET-IQN/LUN"},
-       .options = iscsi::options(),
-       .check = iscsi::check,
-       .open_remote = iscsi::open},
-      {.name = "nfs",
-       .summary = "an image file on an NFS server, NFSv3 (default) or NFSv4 (libnfs)",
-       .schemes = {"nfs"},
-       .uri_forms = {"nfs://SERVER[:PORT]/PATH/TO/IMAGE[?version=3|4]"},
-       .options = nfs::options(),
-       .check = nfs::check,
-       .open_remote = nfs::open},
-      {.name = "aoe",
-       .summary = "a disk on an ATA-over-Ethernet target (shelf.slot) on a local network interface",
-       .schemes = {"aoe"},
-       .uri_forms = {"aoe://IFACE/SHELF.SLOT"},
-       .options = aoe::options(),
-       .check = aoe::check,
-       .open_remote = aoe::open},
-  };
+  static const std::vector<Backend> table{file::backend(), nbd::backend(), iscsi::backend(), nfs::backend(),
+                                          aoe::backend()};
   return table;
 }
 

@@ -18,14 +18,14 @@ AoeAddress address_of(const std::string& text) { return parse_address(parse_uri(
 
 }  // namespace
 
-std::span<const core::OptionSpec> options() { return kOptions; }
-
 AoeOptions take_options(core::Options& options) {
   AoeOptions o;
   if (auto t = options.seconds(kIoTimeout)) o.io_timeout = *t;
   if (auto t = options.seconds(kDiscoverTimeout)) o.discover_timeout = *t;
   return o;
 }
+
+namespace {
 
 void check(const std::string& uri, core::Options& options) {
   (void)address_of(uri);
@@ -36,6 +36,19 @@ std::unique_ptr<core::RemoteDevice> open(const std::string& uri, core::Options& 
   AoeAddress address = address_of(uri);
   const AoeOptions o = take_options(options);
   return std::make_unique<AoeDevice>(uri, std::move(address), o, env.read_only, loops_of(env, uri));
+}
+
+}  // namespace
+
+const Backend& backend() {
+  static const Backend entry{.name = "aoe",
+                             .summary = "a disk on an ATA-over-Ethernet target (shelf.slot) on a local network interface",
+                             .schemes = {"aoe"},
+                             .uri_forms = {"aoe://IFACE/SHELF.SLOT"},
+                             .options = kOptions,
+                             .check = check,
+                             .open_remote = open};
+  return entry;
 }
 
 }  // namespace blockway::remote::aoe

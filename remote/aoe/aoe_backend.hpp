@@ -14,9 +14,8 @@
 
 namespace blockway::remote::aoe {
 
-std::span<const core::OptionSpec> options();
-void check(const std::string& uri, core::Options& options);
-std::unique_ptr<core::RemoteDevice> open(const std::string& uri, core::Options& options, const OpenEnv& env);
+// Its entry in the registry (remote/registry.cpp).
+const Backend& backend();
 
 // Takes this backend's options (for tests). Throws core::ConfigError.
 AoeOptions take_options(core::Options& options);

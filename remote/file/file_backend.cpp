@@ -20,7 +20,7 @@ std::string path_of(const std::string& text) {
 
 }  // namespace
 
-std::span<const core::OptionSpec> options() { return {}; }
+namespace {
 
 void check(const std::string& uri, core::Options& /*options*/) { (void)path_of(uri); }
 
@@ -31,6 +31,18 @@ std::unique_ptr<core::BlockDevice> open(const std::string& uri, core::Options& /
   } catch (const std::system_error& e) {
     throw BackendError(e.what());
   }
+}
+
+}  // namespace
+
+const Backend& backend() {
+  static const Backend entry{.name = "file",
+                             .summary = "a raw image file or block device on this host",
+                             .schemes = {"file"},
+                             .uri_forms = {"file:///path/to/image"},
+                             .check = check,
+                             .open_local = open};
+  return entry;
 }
 
 }  // namespace blockway::remote::file

@@ -10,8 +10,7 @@
 
 namespace blockway::remote::file {
 
-std::span<const core::OptionSpec> options();
-void check(const std::string& uri, core::Options& options);
-std::unique_ptr<core::BlockDevice> open(const std::string& uri, core::Options& options, const OpenEnv& env);
+// Its entry in the registry (remote/registry.cpp).
+const Backend& backend();
 
 }  // namespace blockway::remote::file

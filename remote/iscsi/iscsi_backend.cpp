@@ -28,8 +28,6 @@ IscsiUri parse_uri(const std::string& uri) {
 
 }  // namespace
 
-std::span<const core::OptionSpec> options() { return kOptions; }
-
 IscsiOptions take_options(core::Options& options) {
   IscsiOptions o;
   if (auto n = options.number(kSessions)) o.sessions = static_cast<unsigned>(*n);
@@ -45,6 +43,8 @@ IscsiOptions take_options(core::Options& options) {
   return o;
 }
 
+namespace {
+
 void check(const std::string& uri, core::Options& options) {
   (void)parse_uri(uri);
   (void)take_options(options);
@@ -55,6 +55,19 @@ std::unique_ptr<core::RemoteDevice> open(const std::string& text, core::Options&
   IscsiOptions o = take_options(options);
   core::EventLoops& loops = loops_of(env, uri.redacted());
   return std::make_unique<IscsiDevice>(std::move(uri), env.read_only, std::move(o), loops);
+}
+
+}  // namespace
+
+const Backend& backend() {
+  static const Backend entry{.name = "iscsi",
+                             .summary = "one LUN of an iSCSI target (libiscsi; CHAP with USER%PASSWORD)",
+                             .schemes = {"iscsi"},
+                             .uri_forms = {"iscsi://[USER%PASSWORD@]HOST[:PORT]/TARGET-IQN/LUN"},
+                             .options = kOptions,
+                             .check = check,
+                             .open_remote = open};
+  return entry;
 }
 
 }  // namespace blockway::remote::iscsi

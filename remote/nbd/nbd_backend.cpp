@@ -35,13 +35,26 @@ NbdOptions settings(const std::string& text, core::Options& options) {
 
 }  // namespace
 
-std::span<const core::OptionSpec> options() { return kOptions; }
+namespace {
 
 void check(const std::string& uri, core::Options& options) { (void)settings(uri, options); }
 
 std::unique_ptr<core::RemoteDevice> open(const std::string& uri, core::Options& options, const OpenEnv& env) {
   const NbdOptions o = settings(uri, options);
   return std::make_unique<NbdDevice>(uri, env.read_only, o, loops_of(env, uri));
+}
+
+}  // namespace
+
+const Backend& backend() {
+  static const Backend entry{.name = "nbd",
+                             .summary = "an export of another NBD server (libnbd)",
+                             .schemes = {"nbd", "nbd+unix"},
+                             .uri_forms = {"nbd://HOST[:PORT]/EXPORT", "nbd+unix:///EXPORT?socket=/path/to/socket"},
+                             .options = kOptions,
+                             .check = check,
+                             .open_remote = open};
+  return entry;
 }
 
 }  // namespace blockway::remote::nbd

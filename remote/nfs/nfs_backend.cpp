@@ -30,7 +30,7 @@ NfsOptions take_options(core::Options& options) {
 
 }  // namespace
 
-std::span<const core::OptionSpec> options() { return kOptions; }
+namespace {
 
 void check(const std::string& uri, core::Options& options) {
   (void)NfsTarget::parse(uri);
@@ -41,6 +41,19 @@ std::unique_ptr<core::RemoteDevice> open(const std::string& uri, core::Options& 
   NfsTarget target = NfsTarget::parse(uri);
   const NfsOptions o = take_options(options);
   return std::make_unique<NfsDevice>(uri, std::move(target), env.read_only, o, loops_of(env, uri));
+}
+
+}  // namespace
+
+const Backend& backend() {
+  static const Backend entry{.name = "nfs",
+                             .summary = "an image file on an NFS server, NFSv3 (default) or NFSv4 (libnfs)",
+                             .schemes = {"nfs"},
+                             .uri_forms = {"nfs://SERVER[:PORT]/PATH/TO/IMAGE[?version=3|4]"},
+                             .options = kOptions,
+                             .check = check,
+                             .open_remote = open};
+  return entry;
 }
 
 }  // namespace blockway::remote::nfs
