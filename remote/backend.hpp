@@ -67,6 +67,18 @@ struct Backend {
   OpenRemoteFn open_remote = nullptr;
 
   [[nodiscard]] bool retry() const noexcept { return open_remote != nullptr; }
+
+  // A backend on this host (no RetryLayer) and a network backend.
+  static Backend on_this_host(std::string_view name, std::string_view summary,
+                              std::vector<std::string_view> schemes, std::vector<std::string_view> uri_forms,
+                              std::span<const core::OptionSpec> options, CheckFn check, OpenLocalFn open) {
+    return {name, summary, std::move(schemes), std::move(uri_forms), options, check, open, nullptr};
+  }
+  static Backend network(std::string_view name, std::string_view summary, std::vector<std::string_view> schemes,
+                         std::vector<std::string_view> uri_forms, std::span<const core::OptionSpec> options,
+                         CheckFn check, OpenRemoteFn open) {
+    return {name, summary, std::move(schemes), std::move(uri_forms), options, check, nullptr, open};
+  }
 };
 
 // `io-timeout`, as every network backend takes it: how long one request may

@@ -11,11 +11,11 @@
 
 namespace blockway::remote {
 
-// Adding a backend is one line here, its entry in its own NAME_backend.cpp
+// Adding a backend is one line here, its entry (kBackend) in its own NAME_backend.cpp
 // (see docs/adding-a-backend.md).
 const std::vector<Backend>& backends() {
-  static const std::vector<Backend> table{file::backend(), nbd::backend(), iscsi::backend(), nfs::backend(),
-                                          aoe::backend()};
+  static const std::vector<Backend> table{file::kBackend, nbd::kBackend, iscsi::kBackend, nfs::kBackend,
+                                          aoe::kBackend};
   return table;
 }
 

@@ -40,15 +40,8 @@ std::unique_ptr<core::RemoteDevice> open(const std::string& uri, core::Options& 
 
 }  // namespace
 
-const Backend& backend() {
-  static const Backend entry{.name = "aoe",
-                             .summary = "a disk on an ATA-over-Ethernet target (shelf.slot) on a local network interface",
-                             .schemes = {"aoe"},
-                             .uri_forms = {"aoe://IFACE/SHELF.SLOT"},
-                             .options = kOptions,
-                             .check = check,
-                             .open_remote = open};
-  return entry;
-}
+const Backend kBackend =
+    Backend::network("aoe", "a disk on an ATA-over-Ethernet target (shelf.slot) on a local network interface", {"aoe"},
+                     {"aoe://IFACE/SHELF.SLOT"}, kOptions, check, open);
 
 }  // namespace blockway::remote::aoe

@@ -15,7 +15,7 @@
 namespace blockway::remote::aoe {
 
 // Its entry in the registry (remote/registry.cpp).
-const Backend& backend();
+extern const Backend kBackend;
 
 // Takes this backend's options (for tests). Throws core::ConfigError.
 AoeOptions take_options(core::Options& options);

@@ -35,14 +35,7 @@ std::unique_ptr<core::BlockDevice> open(const std::string& uri, core::Options& /
 
 }  // namespace
 
-const Backend& backend() {
-  static const Backend entry{.name = "file",
-                             .summary = "a raw image file or block device on this host",
-                             .schemes = {"file"},
-                             .uri_forms = {"file:///path/to/image"},
-                             .check = check,
-                             .open_local = open};
-  return entry;
-}
+const Backend kBackend = Backend::on_this_host("file", "a raw image file or block device on this host", {"file"},
+                                               {"file:///path/to/image"}, {}, check, open);
 
 }  // namespace blockway::remote::file

@@ -11,6 +11,6 @@
 namespace blockway::remote::file {
 
 // Its entry in the registry (remote/registry.cpp).
-const Backend& backend();
+extern const Backend kBackend;
 
 }  // namespace blockway::remote::file

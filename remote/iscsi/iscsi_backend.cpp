@@ -59,15 +59,8 @@ std::unique_ptr<core::RemoteDevice> open(const std::string& text, core::Options&
 
 }  // namespace
 
-const Backend& backend() {
-  static const Backend entry{.name = "iscsi",
-                             .summary = "one LUN of an iSCSI target (libiscsi; CHAP with USER%PASSWORD)",
-                             .schemes = {"iscsi"},
-                             .uri_forms = {"iscsi://[USER%PASSWORD@]HOST[:PORT]/TARGET-IQN/LUN"},
-                             .options = kOptions,
-                             .check = check,
-                             .open_remote = open};
-  return entry;
-}
+const Backend kBackend =
+    Backend::network("iscsi", "one LUN of an iSCSI target (libiscsi; CHAP with USER%PASSWORD)", {"iscsi"},
+                     {"iscsi://[USER%PASSWORD@]HOST[:PORT]/TARGET-IQN/LUN"}, kOptions, check, open);
 
 }  // namespace blockway::remote::iscsi

@@ -14,7 +14,7 @@
 namespace blockway::remote::iscsi {
 
 // Its entry in the registry (remote/registry.cpp).
-const Backend& backend();
+extern const Backend kBackend;
 
 // Takes this backend's options (for tests). Throws core::ConfigError.
 IscsiOptions take_options(core::Options& options);

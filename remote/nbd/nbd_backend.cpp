@@ -46,15 +46,8 @@ std::unique_ptr<core::RemoteDevice> open(const std::string& uri, core::Options& 
 
 }  // namespace
 
-const Backend& backend() {
-  static const Backend entry{.name = "nbd",
-                             .summary = "an export of another NBD server (libnbd)",
-                             .schemes = {"nbd", "nbd+unix"},
-                             .uri_forms = {"nbd://HOST[:PORT]/EXPORT", "nbd+unix:///EXPORT?socket=/path/to/socket"},
-                             .options = kOptions,
-                             .check = check,
-                             .open_remote = open};
-  return entry;
-}
+const Backend kBackend =
+    Backend::network("nbd", "an export of another NBD server (libnbd)", {"nbd", "nbd+unix"},
+                     {"nbd://HOST[:PORT]/EXPORT", "nbd+unix:///EXPORT?socket=/path/to/socket"}, kOptions, check, open);
 
 }  // namespace blockway::remote::nbd

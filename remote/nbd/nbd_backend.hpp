@@ -13,6 +13,6 @@
 namespace blockway::remote::nbd {
 
 // Its entry in the registry (remote/registry.cpp).
-const Backend& backend();
+extern const Backend kBackend;
 
 }  // namespace blockway::remote::nbd

@@ -45,15 +45,8 @@ std::unique_ptr<core::RemoteDevice> open(const std::string& uri, core::Options& 
 
 }  // namespace
 
-const Backend& backend() {
-  static const Backend entry{.name = "nfs",
-                             .summary = "an image file on an NFS server, NFSv3 (default) or NFSv4 (libnfs)",
-                             .schemes = {"nfs"},
-                             .uri_forms = {"nfs://SERVER[:PORT]/PATH/TO/IMAGE[?version=3|4]"},
-                             .options = kOptions,
-                             .check = check,
-                             .open_remote = open};
-  return entry;
-}
+const Backend kBackend =
+    Backend::network("nfs", "an image file on an NFS server, NFSv3 (default) or NFSv4 (libnfs)", {"nfs"},
+                     {"nfs://SERVER[:PORT]/PATH/TO/IMAGE[?version=3|4]"}, kOptions, check, open);
 
 }  // namespace blockway::remote::nfs

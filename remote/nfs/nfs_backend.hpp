@@ -14,6 +14,6 @@
 namespace blockway::remote::nfs {
 
 // Its entry in the registry (remote/registry.cpp).
-const Backend& backend();
+extern const Backend kBackend;
 
 }  // namespace blockway::remote::nfs

@@ -15,7 +15,7 @@ using ::testing::HasSubstr;
 
 std::string check_error(const std::string& text, std::map<std::string, std::string> values = {}) {
   core::Options options(values);
-  return test::what_of<core::ConfigError>([&] { backend().check(text, options); });
+  return test::what_of<core::ConfigError>([&] { kBackend.check(text, options); });
 }
 
 TEST(AoeBackend, ChecksWithoutTheNetwork) {

@@ -16,7 +16,7 @@ using ::testing::HasSubstr;
 
 std::string check_error(const std::string& uri, std::map<std::string, std::string> values = {}) {
   core::Options options(values);
-  return test::what_of<core::ConfigError>([&] { backend().check(uri, options); });
+  return test::what_of<core::ConfigError>([&] { kBackend.check(uri, options); });
 }
 
 TEST(IscsiBackend, CheckValidatesWithoutConnecting) {
