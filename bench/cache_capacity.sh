@@ -14,7 +14,9 @@
 # Usage: bench/cache_capacity.sh
 #   BENCH_QUICK=1 (2 s runs, 1 round, 128 MiB), BENCH_RUNTIME, BENCH_REPS,
 #   BENCH_SIZE_MIB (working set, default 512), BENCH_DELAY (default 1ms),
-#   BENCH_TMPDIR, BLOCKWAYD (see bench/lib.sh)
+#   BENCH_TMPDIR, BLOCKWAYD (see bench/lib.sh); BLOCKWAYD_BASE=PATH adds
+#   half-base and whole-base: the same with a second daemon (say, last
+#   main's; its blockway CLI next to it), in the same rounds: an A/B
 set -euo pipefail
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -23,6 +25,12 @@ bench_settings 10 3 512
 DELAY=${BENCH_DELAY:-1ms}
 BLOCKWAY=${BLOCKWAY:-$(dirname "$BLOCKWAYD")/blockway}
 [[ -x $BLOCKWAYD && -x $BLOCKWAY ]] || die "build blockwayd and blockway first"
+CONFIGS=(half whole direct)
+if [[ -n ${BLOCKWAYD_BASE:-} ]]; then
+    [[ -x $BLOCKWAYD_BASE && -x $(dirname "$BLOCKWAYD_BASE")/blockway ]] ||
+        die "BLOCKWAYD_BASE=$BLOCKWAYD_BASE: no blockwayd with a blockway next to it"
+    CONFIGS=(half half-base whole whole-base direct)
+fi
 
 bench_tmpdir bw-capacity
 tmp=$TMP
@@ -49,14 +57,17 @@ fio_iops() {  # URI SECONDS [extra fio args]: read IOPS
 }
 
 run_cfg() {  # NAME -> prints "IOPS HITRATIO EVICTIONS FILEBYTES"
-    local name=$1 port sock dir opts
+    local name=$1 port sock dir opts daemon=$BLOCKWAYD cli=$BLOCKWAY
     port=$(free_port); dir=$tmp/$name-$RANDOM; mkdir -p "$dir"; sock=$dir/control.sock
-    case $name in
+    if [[ $name == *-base ]]; then
+        daemon=$BLOCKWAYD_BASE; cli=$(dirname "$BLOCKWAYD_BASE")/blockway
+    fi
+    case ${name%-base} in
         half)   opts=",cache=$dir/cache,capacity=$((SIZE_MIB / 2))M" ;;
         whole)  opts=",cache=$dir/cache,capacity=${SIZE_MIB}M" ;;
         direct) opts="" ;;
     esac
-    bench_start "$dir/log" "$BLOCKWAYD" --listen 127.0.0.1:"$port" --data-dir "$dir/data" \
+    bench_start "$dir/log" "$daemon" --listen 127.0.0.1:"$port" --data-dir "$dir/data" \
         --control-socket "$sock" --log-level warn --export "b=nbd://127.0.0.1:$rport/$opts"
     local pid=$BG_PID
     wait_port "$port"
@@ -65,9 +76,9 @@ run_cfg() {  # NAME -> prints "IOPS HITRATIO EVICTIONS FILEBYTES"
     fio --name=w --ioengine=nbd --uri="$uri" --rw=randread --bs=64k --iodepth=16 --size=${SIZE_MIB}M \
         >/dev/null 2>&1
     local before after iops
-    before=$("$BLOCKWAY" --socket "$sock" stats b --json)
+    before=$("$cli" --socket "$sock" stats b --json)
     iops=$(fio_iops "$uri" "$RUNTIME")
-    after=$("$BLOCKWAY" --socket "$sock" stats b --json)
+    after=$("$cli" --socket "$sock" stats b --json)
     "$PY" - "$iops" "$before" "$after" <<'EOF'
 import json, sys
 iops = int(sys.argv[1]); b = json.loads(sys.argv[2]); a = json.loads(sys.argv[3])
@@ -83,20 +94,20 @@ EOF
 
 declare -A results
 for ((r = 1; r <= REPS; r++)); do
-    for cfg in half whole direct; do
+    for cfg in "${CONFIGS[@]}"; do
         results[$cfg]+="$(run_cfg $cfg);"
     done
 done
 
 echo "4k random read, QD16, warm, working set ${SIZE_MIB} MiB, remote nbdkit rdelay=$DELAY, ${RUNTIME}s x $REPS rounds"
-printf "%-8s %10s %8s %12s %14s\n" config IOPS hits evictions "file on disk"
-for cfg in half whole direct; do
+printf "%-11s %10s %8s %12s %14s\n" config IOPS hits evictions "file on disk"
+for cfg in "${CONFIGS[@]}"; do
     "$PY" - "$cfg" "${results[$cfg]}" <<'EOF'
 import statistics, sys
 cfg, raw = sys.argv[1], [r.split() for r in sys.argv[2].split(";") if r.strip()]
 iops = statistics.median(int(r[0]) for r in raw)
 last = raw[-1]
 fb = "-" if last[3] == "-" else "%d MiB" % (int(last[3]) >> 20)
-print("%-8s %10d %8s %12s %14s" % (cfg, iops, last[1], last[2], fb))
+print("%-11s %10d %8s %12s %14s" % (cfg, iops, last[1], last[2], fb))
 EOF
 done

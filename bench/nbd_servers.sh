@@ -11,6 +11,8 @@
 #   BENCH_SIZE_MIB=N    image size in MiB (default 1024; 256 in quick mode)
 #   BENCH_TMPDIR=DIR    where the temp dir goes (default /var/tmp)
 #   BLOCKWAYD=PATH      daemon binary (default <repo>/build/blockwayd)
+#   BLOCKWAYD_BASE=PATH a second daemon binary (say, last main's) measured as
+#                       "blockwayd-base" in the same rounds: an A/B of a change
 #
 # Method: each round starts each server in turn on a fresh free port, runs
 # seq read, 4k randread, seq write, 4k randwrite against it, then stops it
@@ -22,6 +24,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 bench_settings 10 5
 EXPORT=bench
 SERVERS=(blockwayd nbdkit qemu-nbd)
+[[ -n ${BLOCKWAYD_BASE:-} ]] && SERVERS=(blockwayd blockwayd-base nbdkit qemu-nbd)
 NBDCOPY_OPTS=(--requests=64 --connections=4)
 
 
@@ -35,6 +38,10 @@ IMG=$TMP/img.raw        # the served image
 SRC=$TMP/src.raw        # source of the sequential write
 RESULTS=$TMP/results.tsv
 bench_private_daemon
+if [[ -n ${BLOCKWAYD_BASE:-} ]]; then
+    [[ -x $BLOCKWAYD_BASE ]] || die "BLOCKWAYD_BASE=$BLOCKWAYD_BASE is not an executable"
+    cp "$BLOCKWAYD_BASE" "$TMP/blockwayd-base"
+fi
 cd "$TMP"   # anything a client drops in its cwd goes away with TMP
 SERVER_PID=
 SERVER_NAME=
@@ -62,9 +69,11 @@ start_server() {
     SERVER_NAME=$name
     SERVER_LOG=$TMP/$name.log
     case $name in
-    blockwayd)
+    blockwayd | blockwayd-base)
+        local bin=$BLOCKWAYD
+        [[ $name == blockwayd-base ]] && bin=$TMP/blockwayd-base
         rm -f "$TMP/blockwayd.pid"
-        bench_start "$SERVER_LOG" "$BLOCKWAYD" --listen "127.0.0.1:$port" --export "$EXPORT=file://$IMG" \
+        bench_start "$SERVER_LOG" "$bin" --listen "127.0.0.1:$port" --export "$EXPORT=file://$IMG" \
             --pid-file "$TMP/blockwayd.pid"
         wait_pid_file "$TMP/blockwayd.pid" "$BG_PID"
         ;;
@@ -85,7 +94,7 @@ start_server() {
 
 stop_server() {
     stop_pid "$SERVER_PID"
-    if [[ $SERVER_NAME == blockwayd && $STOP_RC -ne 0 ]]; then
+    if [[ $SERVER_NAME == blockwayd* && $STOP_RC -ne 0 ]]; then
         die "blockwayd exited with status $STOP_RC after SIGTERM (log: see above)"
     fi
     SERVER_PID=
@@ -157,17 +166,22 @@ import statistics, sys
 from lib import read_results
 _, data, med = read_results(sys.argv[1])
 servers = ["blockwayd", "nbdkit", "qemu-nbd"]
+base = ("blockwayd-base", "seqread") in med
+if base:
+    servers.insert(1, "blockwayd-base")
+others = [s for s in servers if s != "blockwayd"]
 tests = [("seqread", "seq read MB/s (nbdcopy)"),
          ("seqwrite", "seq write MB/s (nbdcopy)"),
          ("randread", "4k randread IOPS (fio nbd, QD16)"),
          ("randwrite", "4k randwrite IOPS (fio nbd, QD16)")]
 print("## Results (median)")
 print()
-print("| test | blockwayd | nbdkit | qemu-nbd | blockwayd/nbdkit | blockwayd/qemu-nbd |")
-print("| --- | ---: | ---: | ---: | ---: | ---: |")
+print("| test | " + " | ".join(servers) + " | " + " | ".join(f"blockwayd/{o}" for o in others) + " |")
+print("| --- | " + " | ".join("---:" for _ in servers + others) + " |")
 for t, label in tests:
-    b, n, q = (med[(s, t)] for s in servers)
-    print(f"| {label} | {b:.0f} | {n:.0f} | {q:.0f} | {b/n:.2f} | {b/q:.2f} |")
+    b = med[("blockwayd", t)]
+    print(f"| {label} | " + " | ".join(f"{med[(s, t)]:.0f}" for s in servers) + " | "
+          + " | ".join(f"{b / med[(o, t)]:.2f}" for o in others) + " |")
 print()
 print(f"Load average at end: {sys.argv[2]}")
 print()
@@ -177,10 +191,10 @@ def ratios(t, other):
     return [b / o for b, o in zip(data[("blockwayd", t)], data[(other, t)])]
 print("## All runs (in round order)")
 print()
-print("| test | " + " | ".join(servers) + " | median per-round blockwayd/nbdkit | median per-round blockwayd/qemu-nbd |")
-print("| --- | " + " | ".join("---" for _ in servers) + " | ---: | ---: |")
+print("| test | " + " | ".join(servers) + " | " + " | ".join(f"median per-round blockwayd/{o}" for o in others) + " |")
+print("| --- | " + " | ".join("---" for _ in servers) + " | " + " | ".join("---:" for _ in others) + " |")
 for t, label in tests:
     cells = [", ".join(f"{v:.0f}" for v in data[(s, t)]) for s in servers]
-    cells += [f"{statistics.median(ratios(t, o)):.2f}" for o in ("nbdkit", "qemu-nbd")]
+    cells += [f"{statistics.median(ratios(t, o)):.2f}" for o in others]
     print(f"| {label} | " + " | ".join(cells) + " |")
 EOF
