@@ -1,0 +1,81 @@
+"""Shared by test_control.py and test_control_cache.py: a daemon with a
+control socket, and blockway run against it."""
+
+import json
+import os
+import socket
+import subprocess
+
+import harness
+import remotes
+
+EXIT_FAILED, EXIT_USAGE, EXIT_NO_DAEMON, EXIT_UNKNOWN, EXIT_REFUSED, EXIT_PROTOCOL = 1, 2, 3, 4, 5, 6
+EXIT_TIMED_OUT = 7
+
+NO_CONTROL = ("this daemon's cache offers no run-time control (ExportControl is not wired: "
+              "the prefetch/detach work is not merged into this build)")
+
+
+class ControlTestCase(harness.DaemonTestCase):
+    def setUp(self):
+        super().setUp()
+        self.data = self.path("data")
+        self.csock = self.path("control.sock")
+
+    # ---- helpers ----
+
+    def bw(self, *args, expect=0, timeout=60, env_socket=False, input=None):
+        """Runs blockway with --socket (or BLOCKWAY_SOCKET); asserts the exit code."""
+        env = dict(os.environ)
+        cmd = [harness.BLOCKWAY] + list(args)
+        if env_socket:
+            env["BLOCKWAY_SOCKET"] = self.csock
+        elif "--socket" not in args:
+            cmd += ["--socket", self.csock]
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout, env=env,
+                           input=input)
+        out, err = p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace")
+        if expect is not None:
+            self.assertEqual(p.returncode, expect, "blockway %s: exit %d\nstdout:\n%s\nstderr:\n%s"
+                             % (" ".join(args), p.returncode, out, err))
+        return out, err
+
+    def bwj(self, *args, expect=0):
+        out, _ = self.bw(*(list(args) + ["--json"]), expect=expect)
+        return json.loads(out)
+
+    def start(self, exports, extra=(), name="blockwayd"):
+        """exports: {name: 'URI[,options]'}."""
+        args = ["--log-level", "debug", "--data-dir", self.data, "--control-socket", self.csock]
+        self.port = harness.free_port()
+        args += ["--listen", "127.0.0.1:%d" % self.port]
+        for n, spec in exports.items():
+            args += ["--export", "%s=%s" % (n, spec)]
+        return self.start_daemon(args + list(extra), name)
+
+    def nbdkit(self, img, name="nbdkit", filters=(), params=()):
+        return remotes.started(self, remotes.Nbdkit(self.tmp, img, filters=filters, params=params, name=name))
+
+    def raw(self, payload, read=True, timeout=10):
+        """Sends raw bytes on the control socket; returns the response lines."""
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(timeout)
+            s.connect(self.csock)
+            try:
+                s.sendall(payload)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the server may hang up on a too-large line before reading all of it
+            s.shutdown(socket.SHUT_WR)
+            data = b""
+            while read:
+                try:
+                    chunk = s.recv(65536)
+                except ConnectionResetError:
+                    break
+                if not chunk:
+                    break
+                data += chunk
+        return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+
+    def has_cache_control(self, name):
+        return self.bwj("stats", name)["cache"] is not None
