@@ -93,6 +93,8 @@ class MemoryDevice final : public core::BlockDevice {
   // Records the call, then waits while the gate of op is closed; returns the injected error.
   core::Task<std::error_code> enter(Call call);
   void leave(Op op);
+  // trim and zero (op): both clear the bytes of the range.
+  core::Task<std::error_code> clear(Op op, core::ByteRange range, core::IoFlags flags);
 
   core::Geometry geometry_;
   core::Capabilities caps_;
