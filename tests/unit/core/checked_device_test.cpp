@@ -546,15 +546,7 @@ TEST(CheckedDeviceStats, DeviceErrorsAreCounted) {
 // ---------------------------------------------------------------- capabilities
 
 TEST(CheckedDeviceCaps, AdvertisesEmulationsAndKeepsNativeOnes) {
-  Capabilities caps;
-  caps.flush = Support::native;
-  caps.fua = Support::native;
-  caps.trim = Support::native;
-  caps.zero = Support::native;
-  caps.extents = Support::native;
-  caps.prefetch = Support::native;
-  caps.multi_conn = true;
-  auto s = make(caps);
+  auto s = make(native_caps());
   const auto c = s.dev->capabilities();
   EXPECT_EQ(c.fua, Support::native);
   EXPECT_EQ(c.zero, Support::native);

@@ -17,21 +17,10 @@ constexpr uint64_t kDiskSize = 1u << 20;
 constexpr uint64_t kRoSize = 64u << 10;
 constexpr uint32_t kMaxRequest = 1u << 20;
 
-Capabilities full_caps() {
-  Capabilities c;
-  c.flush = Support::native;
-  c.fua = Support::native;
-  c.trim = Support::native;
-  c.zero = Support::native;
-  c.extents = Support::native;
-  c.multi_conn = true;
-  return c;
-}
-
 class HandshakeTest : public ::testing::Test {
  protected:
   HandshakeTest() {
-    disk_ = make_export("disk", {.size = kDiskSize, .min_block = 512, .preferred_block = 8192}, full_caps(), false,
+    disk_ = make_export("disk", {.size = kDiskSize, .min_block = 512, .preferred_block = 8192}, native_caps(), false,
                         "the disk");
     ro_ = make_export("ro", {.size = kRoSize}, Capabilities{}, true);
     table_.add(disk_.exp);

@@ -15,20 +15,8 @@ using namespace blockway::nbd;
 using core::Capabilities;
 using core::kExtentHole;
 using core::kExtentZero;
-using core::Support;
 
 constexpr uint64_t kDiskSize = 4u << 20;
-
-Capabilities full_caps() {
-  Capabilities c;
-  c.flush = Support::native;
-  c.fua = Support::native;
-  c.trim = Support::native;
-  c.zero = Support::native;
-  c.extents = Support::native;
-  c.prefetch = Support::native;
-  return c;
-}
 
 Bytes pattern(size_t n, uint8_t seed) {
   Bytes v(n);
@@ -39,8 +27,8 @@ Bytes pattern(size_t n, uint8_t seed) {
 class SessionTest : public ::testing::Test {
  protected:
   SessionTest() {
-    disk_ = make_export("disk", {.size = kDiskSize}, full_caps());
-    ro_ = make_export("ro", {.size = kDiskSize}, full_caps(), true);
+    disk_ = make_export("disk", {.size = kDiskSize}, native_caps());
+    ro_ = make_export("ro", {.size = kDiskSize}, native_caps(), true);
     table_.add(disk_.exp);
     table_.add(ro_.exp);
   }
