@@ -19,11 +19,9 @@ using test_support::memory_export;
 using namespace std::chrono_literals;
 
 TEST_F(FuseMount, AReaderOutOfMemoryForItsBufferWaitsAndReadsOn) {
-  MemoryDevice* a = nullptr;
-  table_.add(memory_export("a", 1 << 20, &a));
-  start(FuseOptions{.direct_io = true, .readers = 1});
-  const int fd = ::open((mnt_ + "/a").c_str(), O_RDWR);
-  ASSERT_GE(fd, 0);
+  ASSERT_NO_FATAL_FAILURE(open_a(1 << 20, 1, FuseOptions{.direct_io = true, .readers = 1}, O_RDWR));
+  MemoryDevice* a = dev_;
+  const int fd = fd_;
   std::vector<char> buf(65536, 'x');
   fail_receive_buffers_for_test(3);
   ASSERT_EQ(::pwrite(fd, buf.data(), buf.size(), 0), static_cast<ssize_t>(buf.size()));  // takes the buffer
