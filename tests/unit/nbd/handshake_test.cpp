@@ -35,6 +35,18 @@ class HandshakeTest : public ::testing::Test {
     return *server_;
   }
   int fd() { return server_->client(); }
+  // Starts the server, and a client (with client_flags) that sends `bytes`.
+  void start_and_send(const Bytes& bytes, uint32_t client_flags = kClientFixedNewstyle | kClientNoZeroes) {
+    start();
+    ASSERT_TRUE(client_start(fd(), client_flags));
+    ASSERT_TRUE(send_all(fd(), bytes));
+  }
+  // The option EXPORT_NAME naming `name`.
+  static Bytes export_name(const std::string& name) {
+    Bytes payload;
+    append_str(payload, name);
+    return option(kOptExportName, payload);
+  }
 
   // The handshake ended without an export and the server closed the connection.
   void expect_closed_without_export() {
@@ -83,20 +95,16 @@ TEST_F(HandshakeTest, UnknownClientFlagsCloseTheConnection) {
 }
 
 TEST_F(HandshakeTest, BadOptionMagicClosesTheConnection) {
-  start();
-  ASSERT_TRUE(client_start(fd()));
   Bytes bad = option(kOptList);
   bad[0] = std::byte{'X'};
-  ASSERT_TRUE(send_all(fd(), bad));
+  ASSERT_NO_FATAL_FAILURE(start_and_send(bad));
   expect_closed_without_export();
 }
 
 TEST_F(HandshakeTest, ClientGoneMidHandshakeEndsIt) {
-  start();
-  ASSERT_TRUE(client_start(fd()));
   Bytes partial = option(kOptGo, info_payload("disk"));
   partial.resize(partial.size() - 3);
-  ASSERT_TRUE(send_all(fd(), partial));
+  ASSERT_NO_FATAL_FAILURE(start_and_send(partial));
   ::shutdown(fd(), SHUT_WR);
   expect_closed_without_export();
 }
@@ -464,11 +472,7 @@ TEST_F(HandshakeTest, TooManyOptionsCloseTheConnection) {
 // ---------------------------------------------------------------- EXPORT_NAME, ABORT, old clients
 
 TEST_F(HandshakeTest, ExportNameKnownSendsSizeFlagsAndZeroes) {
-  start();
-  ASSERT_TRUE(client_start(fd(), kClientFixedNewstyle));
-  Bytes name;
-  append_str(name, "disk");
-  ASSERT_TRUE(send_all(fd(), option(kOptExportName, name)));
+  ASSERT_NO_FATAL_FAILURE(start_and_send(export_name("disk"), kClientFixedNewstyle));
   auto r = recv_exact(fd(), 134);
   ASSERT_TRUE(r);
   EXPECT_EQ(get64(r->data()), kDiskSize);
@@ -483,11 +487,7 @@ TEST_F(HandshakeTest, ExportNameKnownSendsSizeFlagsAndZeroes) {
 }
 
 TEST_F(HandshakeTest, ExportNameWithNoZeroesSendsTenBytes) {
-  start();
-  ASSERT_TRUE(client_start(fd()));
-  Bytes name;
-  append_str(name, "ro");
-  ASSERT_TRUE(send_all(fd(), option(kOptExportName, name)));
+  ASSERT_NO_FATAL_FAILURE(start_and_send(export_name("ro")));
   auto r = recv_exact(fd(), 10);
   ASSERT_TRUE(r);
   EXPECT_EQ(get64(r->data()), kRoSize);
@@ -499,27 +499,19 @@ TEST_F(HandshakeTest, ExportNameWithNoZeroesSendsTenBytes) {
 }
 
 TEST_F(HandshakeTest, ExportNameEmptySelectsTheDefault) {
-  start();
-  ASSERT_TRUE(client_start(fd()));
-  ASSERT_TRUE(send_all(fd(), option(kOptExportName)));
+  ASSERT_NO_FATAL_FAILURE(start_and_send(option(kOptExportName)));
   auto r = recv_exact(fd(), 10);
   ASSERT_TRUE(r);
   EXPECT_EQ(get64(r->data()), kDiskSize);
 }
 
 TEST_F(HandshakeTest, ExportNameUnknownClosesTheConnection) {
-  start();
-  ASSERT_TRUE(client_start(fd()));
-  Bytes name;
-  append_str(name, "nope");
-  ASSERT_TRUE(send_all(fd(), option(kOptExportName, name)));
+  ASSERT_NO_FATAL_FAILURE(start_and_send(export_name("nope")));
   expect_closed_without_export();
 }
 
 TEST_F(HandshakeTest, ExportNameLongerThan4096ClosesTheConnection) {
-  start();
-  ASSERT_TRUE(client_start(fd()));
-  ASSERT_TRUE(send_all(fd(), option(kOptExportName, Bytes(5000, std::byte{'a'}))));
+  ASSERT_NO_FATAL_FAILURE(start_and_send(option(kOptExportName, Bytes(5000, std::byte{'a'}))));
   expect_closed_without_export();
 }
 
@@ -534,18 +526,12 @@ TEST_F(HandshakeTest, AbortIsAckedAndEndsWithoutExport) {
 }
 
 TEST_F(HandshakeTest, PlainNewstyleClientSendingListIsDisconnected) {
-  start();
-  ASSERT_TRUE(client_start(fd(), 0));
-  ASSERT_TRUE(send_all(fd(), option(kOptList)));
+  ASSERT_NO_FATAL_FAILURE(start_and_send(option(kOptList), 0));
   expect_closed_without_export();
 }
 
 TEST_F(HandshakeTest, PlainNewstyleClientCanUseExportName) {
-  start();
-  ASSERT_TRUE(client_start(fd(), 0));
-  Bytes name;
-  append_str(name, "disk");
-  ASSERT_TRUE(send_all(fd(), option(kOptExportName, name)));
+  ASSERT_NO_FATAL_FAILURE(start_and_send(export_name("disk"), 0));
   auto r = recv_exact(fd(), 134);
   ASSERT_TRUE(r);
   EXPECT_EQ(get64(r->data()), kDiskSize);
@@ -564,12 +550,8 @@ TEST_F(HandshakeTest, ShuttingDownAnswersOptionsWithErrShutdown) {
 }
 
 TEST_F(HandshakeTest, ShuttingDownRefusesExportName) {
-  start();
   shutting_down_ = true;
-  ASSERT_TRUE(client_start(fd()));
-  Bytes name;
-  append_str(name, "disk");
-  ASSERT_TRUE(send_all(fd(), option(kOptExportName, name)));
+  ASSERT_NO_FATAL_FAILURE(start_and_send(export_name("disk")));
   expect_closed_without_export();
 }
 
