@@ -42,6 +42,13 @@ class SessionTest : public ::testing::Test {
   }
   int fd() { return server_->client(); }
   void send(const Bytes& b) { ASSERT_TRUE(send_all(fd(), b)); }
+  // Sending `bytes` ends the session: the server closes the connection
+  // without a reply, and is done.
+  void expect_sending_ends_the_session(const Bytes& bytes) {
+    send(bytes);
+    EXPECT_TRUE(closed_by_peer(fd())) << "no reply; the connection ends";
+    ASSERT_TRUE(server_->wait_done());
+  }
   Reply next(uint32_t read_length = 0) {
     auto r = read_reply(fd(), read_length);
     EXPECT_TRUE(r) << "no reply from the server";
@@ -268,9 +275,7 @@ TEST_F(SessionTest, OversizedWriteIsEinvalAndTheSessionStaysUsable) {
 
 TEST_F(SessionTest, BadMagicClosesTheConnection) {
   start();
-  send(request(kCmdRead, 0, 50, 0, 512, {}, 0xdeadbeef));
-  EXPECT_TRUE(closed_by_peer(fd()));
-  EXPECT_TRUE(server_->wait_done());
+  expect_sending_ends_the_session(request(kCmdRead, 0, 50, 0, 512, {}, 0xdeadbeef));
   EXPECT_EQ(disk_.mem->calls(test::Op::read), 0u);
 }
 
@@ -278,9 +283,7 @@ TEST_F(SessionTest, DiscEndsTheSessionAndFlushesUnflushedWrites) {
   start();
   send(request(kCmdWrite, 0, 51, 0, 512, pattern(512, 9)));
   expect_ok(next(), 51);
-  send(request(kCmdDisc, 0, 52, 0, 0));
-  EXPECT_TRUE(closed_by_peer(fd())) << "DISC gets no reply; the connection ends";
-  ASSERT_TRUE(server_->wait_done());
+  ASSERT_NO_FATAL_FAILURE(expect_sending_ends_the_session(request(kCmdDisc, 0, 52, 0, 0)));
   EXPECT_EQ(disk_.mem->calls(test::Op::flush), 1u);
 }
 
@@ -290,9 +293,7 @@ TEST_F(SessionTest, DiscAfterFlushDoesNotFlushAgain) {
   expect_ok(next(), 53);
   send(request(kCmdFlush, 0, 54, 0, 0));
   expect_ok(next(), 54);
-  send(request(kCmdDisc, 0, 55, 0, 0));
-  EXPECT_TRUE(closed_by_peer(fd()));
-  ASSERT_TRUE(server_->wait_done());
+  ASSERT_NO_FATAL_FAILURE(expect_sending_ends_the_session(request(kCmdDisc, 0, 55, 0, 0)));
   EXPECT_EQ(disk_.mem->calls(test::Op::flush), 1u);
 }
 
