@@ -64,12 +64,16 @@ class SessionTest : public ::testing::Test {
       EXPECT_EQ(r.error, 0u);
     }
   }
-  // A structured error chunk: DONE, the NBD error value, and a message.
-  static void expect_error_chunk(const Reply& r, uint64_t cookie, uint32_t error) {
+  // A structured chunk of `type` for cookie, the last (DONE) of its reply.
+  static void expect_done_chunk(const Reply& r, uint64_t cookie, uint16_t type) {
     EXPECT_TRUE(r.structured);
     EXPECT_EQ(r.cookie, cookie);
-    EXPECT_EQ(r.type, kReplyError);
+    EXPECT_EQ(r.type, type);
     EXPECT_EQ(r.flags, kReplyFlagDone);
+  }
+  // A structured error chunk: DONE, the NBD error value, and a message.
+  static void expect_error_chunk(const Reply& r, uint64_t cookie, uint32_t error) {
+    expect_done_chunk(r, cookie, kReplyError);
     ASSERT_GE(r.payload.size(), 6u);
     EXPECT_EQ(get32(r.payload.data()), error);
     const uint16_t msg_len = get16(r.payload.data() + 4);
@@ -78,10 +82,7 @@ class SessionTest : public ::testing::Test {
   }
   // A structured read answered with one OFFSET_DATA chunk.
   static Bytes data_of(const Reply& r, uint64_t cookie, uint64_t offset) {
-    EXPECT_TRUE(r.structured);
-    EXPECT_EQ(r.cookie, cookie);
-    EXPECT_EQ(r.type, kReplyOffsetData);
-    EXPECT_EQ(r.flags, kReplyFlagDone);
+    expect_done_chunk(r, cookie, kReplyOffsetData);
     if (r.payload.size() < 8) return {};
     EXPECT_EQ(get64(r.payload.data()), offset);
     return Bytes(r.payload.begin() + 8, r.payload.end());
@@ -142,10 +143,7 @@ TEST_F(SessionTest, AllZeroReadIsAnOffsetHoleChunk) {
   start();
   send(request(kCmdRead, 0, 3, 1u << 20, 65536));
   auto r = next();
-  EXPECT_TRUE(r.structured);
-  EXPECT_EQ(r.cookie, 3u);
-  EXPECT_EQ(r.type, kReplyOffsetHole);
-  EXPECT_EQ(r.flags, kReplyFlagDone);
+  expect_done_chunk(r, 3u, kReplyOffsetHole);
   ASSERT_EQ(r.payload.size(), 12u);
   EXPECT_EQ(get64(r.payload.data()), 1u << 20);
   EXPECT_EQ(get32(r.payload.data() + 8), 65536u);
@@ -164,10 +162,7 @@ TEST_F(SessionTest, ZeroLengthStructuredReadIsANoneChunk) {
   start();
   send(request(kCmdRead, 0, 6, 4096, 0));
   auto r = next();
-  EXPECT_TRUE(r.structured);
-  EXPECT_EQ(r.cookie, 6u);
-  EXPECT_EQ(r.type, kReplyNone);
-  EXPECT_EQ(r.flags, kReplyFlagDone);
+  expect_done_chunk(r, 6u, kReplyNone);
   EXPECT_TRUE(r.payload.empty());
   send(request(kCmdFlush, 0, 7, 0, 0));  // still in sync
   expect_ok(next(), 7);
@@ -423,10 +418,7 @@ TEST_F(SessionTest, BlockStatusReplyFormat) {
   const uint32_t ctx = server_->negotiated()->contexts.at(0).id;
   send(request(kCmdBlockStatus, 0, 70, 0, 16384));
   auto r = next();
-  EXPECT_TRUE(r.structured);
-  EXPECT_EQ(r.cookie, 70u);
-  EXPECT_EQ(r.type, kReplyBlockStatus);
-  EXPECT_EQ(r.flags, kReplyFlagDone);
+  expect_done_chunk(r, 70u, kReplyBlockStatus);
   ASSERT_EQ(r.payload.size(), 4u + 3 * 8);
   EXPECT_EQ(get32(r.payload.data()), ctx);
   const std::vector<std::pair<uint32_t, uint32_t>> expected{
