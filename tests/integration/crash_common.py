@@ -165,6 +165,18 @@ class CrashRun:
             out.append(h.pread(step, off))
         return b"".join(out)
 
+    def first_disallowed(self, image, allowed, on_allowed=None):
+        """The first block of image that holds a write allowed(block) does not
+        allow, as (block, write), or None; on_allowed(block, write) is called
+        for each block before it."""
+        for b in range(self.nblocks):
+            got = identify(image[b * BLOCK:(b + 1) * BLOCK], b, self.original[b])
+            if got not in allowed(b):
+                return b, got
+            if on_allowed:
+                on_allowed(b, got)
+        return None
+
     def verify(self, rnd):
         """Returns a list of problems (empty when every invariant holds)."""
         problems = []
@@ -172,12 +184,11 @@ class CrashRun:
         if self.mode in ("writethrough", "writeback"):
             with open(self.remote, "rb") as f:
                 rimg = f.read()
-            for b in range(self.nblocks):
-                got = identify(rimg[b * BLOCK:(b + 1) * BLOCK], b, self.original[b])
-                if got not in m.remote_allowed(b):
-                    problems.append("remote block %d holds write %d; flushed write %d, later %r"
-                                    % (b, got, m.rdurable[b], m.rpending[b][-5:]))
-                    break
+            bad = self.first_disallowed(rimg, m.remote_allowed)
+            if bad:
+                b, got = bad
+                problems.append("remote block %d holds write %d; flushed write %d, later %r"
+                                % (b, got, m.rdurable[b], m.rpending[b][-5:]))
         h = self.connect()
         try:
             img = self.read_all(h)
@@ -186,13 +197,11 @@ class CrashRun:
             harness.close_handle(h)
         if img != again:
             problems.append("two reads after the restart differ (flip-flop)")
-        for b in range(self.nblocks):
-            got = identify(img[b * BLOCK:(b + 1) * BLOCK], b, self.original[b])
-            if got not in m.allowed(b):
-                problems.append("block %d reads as write %d; flushed write %d, later %r"
-                                % (b, got, m.durable[b], m.pending[b][-5:]))
-                break
-            m.recovered(b, got)
+        bad = self.first_disallowed(img, m.allowed, m.recovered)
+        if bad:
+            b, got = bad
+            problems.append("block %d reads as write %d; flushed write %d, later %r"
+                            % (b, got, m.durable[b], m.pending[b][-5:]))
         return [p + "; " + self.where(rnd) for p in problems]
 
     def round(self, rnd, max_delay=1.5):

@@ -95,20 +95,15 @@ Task<std::error_code> MemoryDevice::flush() {
 }
 
 Task<std::error_code> MemoryDevice::trim(ByteRange range, IoFlags flags) {
-  auto ec = co_await enter({Op::trim, range.offset, range.length, flags});
-  if (!ec) {
-    std::lock_guard lock(mutex_);
-    if (range.end() > data_.size())
-      ec = errno_code(EIO);
-    else
-      std::fill_n(data_.begin() + static_cast<std::ptrdiff_t>(range.offset), range.length, std::byte{0});
-  }
-  leave(Op::trim);
-  co_return ec;
+  return clear(Op::trim, range, flags);
 }
 
 Task<std::error_code> MemoryDevice::zero(ByteRange range, IoFlags flags) {
-  auto ec = co_await enter({Op::zero, range.offset, range.length, flags});
+  return clear(Op::zero, range, flags);
+}
+
+Task<std::error_code> MemoryDevice::clear(Op op, ByteRange range, IoFlags flags) {
+  auto ec = co_await enter({op, range.offset, range.length, flags});
   if (!ec) {
     std::lock_guard lock(mutex_);
     if (range.end() > data_.size())
@@ -116,7 +111,7 @@ Task<std::error_code> MemoryDevice::zero(ByteRange range, IoFlags flags) {
     else
       std::fill_n(data_.begin() + static_cast<std::ptrdiff_t>(range.offset), range.length, std::byte{0});
   }
-  leave(Op::zero);
+  leave(op);
   co_return ec;
 }
 

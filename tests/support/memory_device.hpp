@@ -31,6 +31,15 @@ namespace blockway::test {
 enum class Op : uint8_t { read, write, flush, trim, zero, block_status, prefetch };
 inline constexpr size_t kOpCount = 7;
 
+// Every capability native (flush, fua, trim, zero, extents, prefetch), with
+// multi_conn: a device that offers all it can.
+inline core::Capabilities native_caps() {
+  core::Capabilities c;
+  c.flush = c.fua = c.trim = c.zero = c.extents = c.prefetch = core::Support::native;
+  c.multi_conn = true;
+  return c;
+}
+
 struct Call {
   Op op = Op::read;
   uint64_t offset = 0;
@@ -93,6 +102,8 @@ class MemoryDevice final : public core::BlockDevice {
   // Records the call, then waits while the gate of op is closed; returns the injected error.
   core::Task<std::error_code> enter(Call call);
   void leave(Op op);
+  // trim and zero (op): both clear the bytes of the range.
+  core::Task<std::error_code> clear(Op op, core::ByteRange range, core::IoFlags flags);
 
   core::Geometry geometry_;
   core::Capabilities caps_;

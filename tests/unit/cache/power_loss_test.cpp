@@ -437,6 +437,18 @@ class PowerLossScenario : public ::testing::Test {
     std::mt19937_64 rng(1);
     cache_image_->crash(rng, false);  // every unflushed cache write is lost
   }
+  // Chunk 0 holds `value` on the remote, durably. After a power loss and a
+  // restart in `mode` it reads as `value`, and a flush leaves `value` on the
+  // remote: `what` is neither lost in the cache nor overwritten on the remote
+  // by older cache bytes.
+  void expect_chunk0_survives_power_loss(WriteMode mode, bool start, uint8_t value, const std::string& what) {
+    power_loss();
+    open(mode, start);
+    const std::vector<std::byte> expected(kChunk, std::byte{value});
+    EXPECT_EQ(read(0, kChunk), expected) << what << " lost in the cache";
+    ASSERT_FALSE(h_->run(h_->layer().flush()));
+    EXPECT_EQ(remote_->durable(0, kChunk), expected) << what << " overwritten on the remote by older cache bytes";
+  }
 
   test::TempDir dir_;
   std::shared_ptr<test::VolatileDevice> remote_, cache_image_;
@@ -462,12 +474,7 @@ TEST_F(PowerLossScenario, WritebackFlushIsNotUndoneByAStaleDirtyChunk) {
   ASSERT_FALSE(write(0, 0xD1));
   ASSERT_FALSE(h_->run(h_->layer().flush()));
   ASSERT_EQ(remote_->durable(0, kChunk), std::vector<std::byte>(kChunk, std::byte{0xD1}));
-  power_loss();
-  open(WriteMode::writeback, true);
-  EXPECT_EQ(read(0, kChunk), std::vector<std::byte>(kChunk, std::byte{0xD1})) << "flushed data lost in the cache";
-  ASSERT_FALSE(h_->run(h_->layer().flush()));
-  EXPECT_EQ(remote_->durable(0, kChunk), std::vector<std::byte>(kChunk, std::byte{0xD1}))
-      << "flushed data overwritten on the remote";
+  expect_chunk0_survives_power_loss(WriteMode::writeback, true, 0xD1, "flushed data");
 }
 
 // The same with a FUA write instead of a FLUSH.
@@ -552,12 +559,7 @@ TEST_F(PowerLossInherited, WritethroughFuaOverADirtyChunkSurvivesPowerLoss) {
   ASSERT_EQ(h_->layer().stats().dirty_bytes, kChunk);
   ASSERT_FALSE(write(0, 0xE1, core::kFua));
   ASSERT_EQ(remote_->durable(0, kChunk), std::vector<std::byte>(kChunk, std::byte{0xE1}));
-  power_loss();
-  open(WriteMode::writethrough, false);
-  EXPECT_EQ(read(0, kChunk), std::vector<std::byte>(kChunk, std::byte{0xE1})) << "FUA write lost in the cache";
-  ASSERT_FALSE(h_->run(h_->layer().flush()));
-  EXPECT_EQ(remote_->durable(0, kChunk), std::vector<std::byte>(kChunk, std::byte{0xE1}))
-      << "FUA write overwritten on the remote by older cache bytes";
+  expect_chunk0_survives_power_loss(WriteMode::writethrough, false, 0xE1, "FUA write");
 }
 
 // The same with a FLUSH, after a background write-back cleaned the chunk in
@@ -571,12 +573,7 @@ TEST_F(PowerLossInherited, WritethroughFlushAfterABackgroundWriteBackSurvivesPow
   ASSERT_FALSE(write(0, 0xE2));
   ASSERT_FALSE(h_->run(h_->layer().flush()));
   ASSERT_EQ(remote_->durable(0, kChunk), std::vector<std::byte>(kChunk, std::byte{0xE2}));
-  power_loss();
-  open(WriteMode::writethrough, false);
-  EXPECT_EQ(read(0, kChunk), std::vector<std::byte>(kChunk, std::byte{0xE2})) << "flushed write lost in the cache";
-  ASSERT_FALSE(h_->run(h_->layer().flush()));
-  EXPECT_EQ(remote_->durable(0, kChunk), std::vector<std::byte>(kChunk, std::byte{0xE2}))
-      << "flushed write overwritten on the remote by older cache bytes";
+  expect_chunk0_survives_power_loss(WriteMode::writethrough, false, 0xE2, "flushed write");
 }
 
 }  // namespace

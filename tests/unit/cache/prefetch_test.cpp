@@ -40,6 +40,13 @@ class PrefetchTest : public test::MemoryRemoteLayerTest {
     return open_layer(cfg, std::move(remote), true);
   }
   CacheLayer& open(WriteMode mode) { return open_with(config(mode)); }
+  // A writethrough cache that prefetches the whole image, then detaches itself.
+  CacheConfig auto_detach_config() {
+    auto cfg = config(WriteMode::writethrough);
+    cfg.prefetch_auto = true;
+    cfg.auto_detach = true;
+    return cfg;
+  }
   core::PrefetchStatus status() { return layer().report().prefetch; }
   // Waits (bounded) until pred() holds.
   static bool wait_until(const std::function<bool()>& pred, std::chrono::milliseconds limit = 20s) {
@@ -375,9 +382,7 @@ TEST_F(PrefetchTest, DetachRefusesMissingAndDirtyChunksAndForceWaitsForWriteBack
 }
 
 TEST_F(PrefetchTest, AfterDetachTheRemoteIsNeverContactedAgainNorOpenedAfterARestart) {
-  auto cfg = config(WriteMode::writethrough);
-  cfg.prefetch_auto = true;
-  cfg.auto_detach = true;
+  const auto cfg = auto_detach_config();
   open_with(cfg);
   ASSERT_TRUE(wait_until([&] { return layer().detached(); }));
   const auto calls = remote_calls();
@@ -433,9 +438,7 @@ TEST_F(PrefetchTest, AfterDetachTheRemoteIsNeverContactedAgainNorOpenedAfterARes
 // After a detach the cache file is the only up-to-date copy of the image:
 // changed settings are refused, never answered by discarding it.
 TEST_F(PrefetchTest, ADetachedImageIsNeverDiscardedWhenSettingsChange) {
-  auto cfg = config(WriteMode::writethrough);
-  cfg.prefetch_auto = true;
-  cfg.auto_detach = true;
+  const auto cfg = auto_detach_config();
   open_with(cfg);
   ASSERT_TRUE(wait_until([&] { return layer().detached(); }));
   std::vector<std::byte> data(4096, std::byte{0x77});

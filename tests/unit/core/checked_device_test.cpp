@@ -6,6 +6,7 @@
 
 #include <cerrno>
 #include <cstdint>
+#include <initializer_list>
 #include <vector>
 
 namespace blockway::test {
@@ -28,9 +29,12 @@ constexpr uint64_t kSize = 4u << 20;
 
 std::error_code err(int e) { return core::errno_code(e); }
 
-Capabilities writable_caps() {
+// Native flush, and the capabilities named in `also` native too
+// (writable_caps({&Capabilities::zero})).
+Capabilities writable_caps(std::initializer_list<Support Capabilities::*> also = {}) {
   Capabilities c;
   c.flush = Support::native;
+  for (const auto field : also) c.*field = Support::native;
   return c;
 }
 
@@ -84,10 +88,7 @@ TEST(CheckedDeviceRange, ReadBeyondEndIsEinvalAndNeverReachesDevice) {
 }
 
 TEST(CheckedDeviceRange, WriteTrimZeroBeyondEndIsEnospc) {
-  Capabilities caps = writable_caps();
-  caps.trim = Support::native;
-  caps.zero = Support::native;
-  auto s = make(caps);
+  auto s = make(writable_caps({&Capabilities::trim, &Capabilities::zero}));
   EXPECT_EQ(do_write(*s.dev, bytes(1024, 1), kSize - 512), err(ENOSPC));
   EXPECT_EQ(do_trim(*s.dev, {kSize - 512, 1024}), err(ENOSPC));
   EXPECT_EQ(do_zero(*s.dev, {kSize, 512}), err(ENOSPC));
@@ -96,11 +97,7 @@ TEST(CheckedDeviceRange, WriteTrimZeroBeyondEndIsEnospc) {
 }
 
 TEST(CheckedDeviceRange, OffsetPlusLengthOverflowIsRejected) {
-  Capabilities caps = writable_caps();
-  caps.trim = Support::native;
-  caps.zero = Support::native;
-  caps.extents = Support::native;
-  auto s = make(caps);
+  auto s = make(writable_caps({&Capabilities::trim, &Capabilities::zero, &Capabilities::extents}));
   const uint64_t wrap = UINT64_MAX - 511;  // wrap + 1024 overflows to 512
   std::vector<std::byte> buf(1024);
   EXPECT_EQ(do_read(*s.dev, buf, wrap), err(EINVAL));
@@ -114,10 +111,7 @@ TEST(CheckedDeviceRange, OffsetPlusLengthOverflowIsRejected) {
 }
 
 TEST(CheckedDeviceRange, MisalignedRequestsAreEinvalWithMinBlock512) {
-  Capabilities caps = writable_caps();
-  caps.zero = Support::native;
-  caps.trim = Support::native;
-  auto s = make(caps, {.size = kSize, .min_block = 512});
+  auto s = make(writable_caps({&Capabilities::zero, &Capabilities::trim}), {.size = kSize, .min_block = 512});
   EXPECT_EQ(s.dev->geometry().min_block, 512u);
   std::vector<std::byte> buf(512);
   EXPECT_EQ(do_read(*s.dev, buf, 100), err(EINVAL));
@@ -136,9 +130,7 @@ TEST(CheckedDeviceRange, MisalignedRequestsAreEinvalWithMinBlock512) {
 // a request from the grid to the image's end, and only by such a request.
 TEST(CheckedDeviceRange, TheFinalPartialBlockIsReachedByARequestEndingAtTheEnd) {
   constexpr uint64_t kOdd = 4 * 512 + 100;
-  Capabilities caps = writable_caps();
-  caps.zero = Support::native;
-  auto s = make(caps, {.size = kOdd, .min_block = 512});
+  auto s = make(writable_caps({&Capabilities::zero}), {.size = kOdd, .min_block = 512});
   std::vector<std::byte> tail(100), more(612), short_tail(50);
   EXPECT_EQ(do_read(*s.dev, tail, 2048), std::error_code{});
   EXPECT_EQ(do_read(*s.dev, more, 1536), std::error_code{});
@@ -153,10 +145,7 @@ TEST(CheckedDeviceRange, TheFinalPartialBlockIsReachedByARequestEndingAtTheEnd) 
 // ---------------------------------------------------------------- read-only and flags
 
 TEST(CheckedDeviceReadOnly, ExportReadOnlyRefusesWriteTrimZeroWithEperm) {
-  Capabilities caps = writable_caps();
-  caps.trim = Support::native;
-  caps.zero = Support::native;
-  auto s = make(caps, {.size = kSize}, /*export_ro=*/true);
+  auto s = make(writable_caps({&Capabilities::trim, &Capabilities::zero}), {.size = kSize}, /*export_ro=*/true);
   EXPECT_TRUE(s.dev->capabilities().read_only);
   EXPECT_EQ(s.dev->capabilities().trim, Support::none);
   EXPECT_EQ(s.dev->capabilities().zero, Support::none);
@@ -178,10 +167,7 @@ TEST(CheckedDeviceReadOnly, ReadOnlyDeviceMakesTheExportReadOnly) {
 }
 
 TEST(CheckedDeviceFlags, UnknownFlagsAreEinval) {
-  Capabilities caps = writable_caps();
-  caps.trim = Support::native;
-  caps.zero = Support::native;
-  auto s = make(caps);
+  auto s = make(writable_caps({&Capabilities::trim, &Capabilities::zero}));
   std::vector<std::byte> buf(512);
   EXPECT_EQ(do_read(*s.dev, buf, 0, kNoHole), err(EINVAL));
   EXPECT_EQ(do_write(*s.dev, buf, 0, kNoHole), err(EINVAL));
@@ -211,9 +197,7 @@ TEST(CheckedDeviceFua, PlainWriteDoesNotFlush) {
 }
 
 TEST(CheckedDeviceFua, NativeFuaIsPassedDownWithoutFlush) {
-  Capabilities caps = writable_caps();
-  caps.fua = Support::native;
-  auto s = make(caps);
+  auto s = make(writable_caps({&Capabilities::fua}));
   EXPECT_EQ(do_write(*s.dev, bytes(4096, 7), 0, kFua), std::error_code{});
   const std::vector<Call> expected{{Op::write, 0, 4096, kFua}};
   EXPECT_EQ(s.mem->log(), expected);
@@ -233,9 +217,7 @@ TEST(CheckedDeviceFua, FlushErrorFailsTheFuaWrite) {
 }
 
 TEST(CheckedDeviceFua, TrimWithEmulatedFuaFlushesAfterTrim) {
-  Capabilities caps = writable_caps();
-  caps.trim = Support::native;
-  auto s = make(caps);
+  auto s = make(writable_caps({&Capabilities::trim}));
   EXPECT_EQ(do_trim(*s.dev, {4096, 4096}, kFua), std::error_code{});
   const std::vector<Call> expected{{Op::trim, 4096, 4096, 0}, {Op::flush, 0, 0, 0}};
   EXPECT_EQ(s.mem->log(), expected);
@@ -267,9 +249,7 @@ TEST(CheckedDeviceTrim, WithoutDeviceTrimItIsAnAdvisoryNoop) {
 }
 
 TEST(CheckedDeviceTrim, DeviceTrimReturningEnotsupIsIgnored) {
-  Capabilities caps = writable_caps();
-  caps.trim = Support::native;
-  auto s = make(caps);
+  auto s = make(writable_caps({&Capabilities::trim}));
   s.mem->fail(Op::trim, EOPNOTSUPP);
   EXPECT_EQ(do_trim(*s.dev, {0, 4096}), std::error_code{});
   EXPECT_EQ(s.mem->calls(Op::trim), 1u);
@@ -328,9 +308,7 @@ TEST(CheckedDeviceZero, FastZeroWithoutNativeZeroIsEnotsupAndWritesNothing) {
 }
 
 TEST(CheckedDeviceZero, NativeZeroGetsTheFlags) {
-  Capabilities caps = writable_caps();
-  caps.zero = Support::native;
-  auto s = make(caps);
+  auto s = make(writable_caps({&Capabilities::zero}));
   s.mem->fill(0, 8192, std::byte{0xAA});
   EXPECT_EQ(do_zero(*s.dev, {0, 8192}, kNoHole | kFastZero), std::error_code{});
   const std::vector<Call> expected{{Op::zero, 0, 8192, kNoHole | kFastZero}};
@@ -339,9 +317,7 @@ TEST(CheckedDeviceZero, NativeZeroGetsTheFlags) {
 }
 
 TEST(CheckedDeviceZero, NativeZeroReturningEnotsupFallsBackToWrites) {
-  Capabilities caps = writable_caps();
-  caps.zero = Support::native;
-  auto s = make(caps);
+  auto s = make(writable_caps({&Capabilities::zero}));
   s.mem->fill(0, 8192, std::byte{0xAA});
   s.mem->fail(Op::zero, ENOTSUP);
   EXPECT_EQ(do_zero(*s.dev, {0, 8192}), std::error_code{});
@@ -351,9 +327,7 @@ TEST(CheckedDeviceZero, NativeZeroReturningEnotsupFallsBackToWrites) {
 }
 
 TEST(CheckedDeviceZero, NativeZeroEnotsupWithFastZeroDoesNotFallBack) {
-  Capabilities caps = writable_caps();
-  caps.zero = Support::native;
-  auto s = make(caps);
+  auto s = make(writable_caps({&Capabilities::zero}));
   s.mem->fill(0, 8192, std::byte{0xAA});
   s.mem->fail(Op::zero, ENOTSUP);
   EXPECT_EQ(do_zero(*s.dev, {0, 8192}, kFastZero), err(ENOTSUP));
@@ -362,9 +336,7 @@ TEST(CheckedDeviceZero, NativeZeroEnotsupWithFastZeroDoesNotFallBack) {
 }
 
 TEST(CheckedDeviceZero, NativeZeroOtherErrorIsReported) {
-  Capabilities caps = writable_caps();
-  caps.zero = Support::native;
-  auto s = make(caps);
+  auto s = make(writable_caps({&Capabilities::zero}));
   s.mem->fail(Op::zero, EIO);
   EXPECT_EQ(do_zero(*s.dev, {0, 8192}), err(EIO));
   EXPECT_EQ(s.mem->calls(Op::write), 0u);
@@ -382,9 +354,7 @@ TEST(CheckedDeviceBlockStatus, EmulatedAsOneDataExtent) {
 }
 
 TEST(CheckedDeviceBlockStatus, NativeExtentsAreClippedAndMerged) {
-  Capabilities caps = writable_caps();
-  caps.extents = Support::native;
-  auto s = make(caps);
+  auto s = make(writable_caps({&Capabilities::extents}));
   s.mem->set_extents({{4096, kExtentHole | kExtentZero},
                       {4096, kExtentHole | kExtentZero},
                       {0, 0},
@@ -397,9 +367,7 @@ TEST(CheckedDeviceBlockStatus, NativeExtentsAreClippedAndMerged) {
 }
 
 TEST(CheckedDeviceBlockStatus, ShortNativeAnswerIsKeptShort) {
-  Capabilities caps = writable_caps();
-  caps.extents = Support::native;
-  auto s = make(caps);
+  auto s = make(writable_caps({&Capabilities::extents}));
   s.mem->set_extents({{4096, kExtentHole | kExtentZero}});
   ExtentList out;
   EXPECT_EQ(do_status(*s.dev, {0, 65536}, out), std::error_code{});
@@ -407,9 +375,7 @@ TEST(CheckedDeviceBlockStatus, ShortNativeAnswerIsKeptShort) {
 }
 
 TEST(CheckedDeviceBlockStatus, EmptyNativeAnswerBecomesOneDataExtent) {
-  Capabilities caps = writable_caps();
-  caps.extents = Support::native;
-  auto s = make(caps);
+  auto s = make(writable_caps({&Capabilities::extents}));
   s.mem->set_extents({{0, kExtentHole}});
   ExtentList out;
   EXPECT_EQ(do_status(*s.dev, {0, 65536}, out), std::error_code{});
@@ -424,9 +390,7 @@ TEST(CheckedDeviceBlockStatus, ZeroLengthAndOutOfRangeAreEinval) {
 }
 
 TEST(CheckedDeviceBlockStatus, NativeErrorIsReported) {
-  Capabilities caps = writable_caps();
-  caps.extents = Support::native;
-  auto s = make(caps);
+  auto s = make(writable_caps({&Capabilities::extents}));
   s.mem->fail(Op::block_status, EIO);
   ExtentList out;
   EXPECT_EQ(do_status(*s.dev, {0, 4096}, out), err(EIO));
@@ -457,9 +421,7 @@ TEST(CheckedDevicePrefetch, EmulationReadErrorIsReported) {
 }
 
 TEST(CheckedDevicePrefetch, NativePrefetchIsPassedDown) {
-  Capabilities caps = writable_caps();
-  caps.prefetch = Support::native;
-  auto s = make(caps);
+  auto s = make(writable_caps({&Capabilities::prefetch}));
   EXPECT_EQ(sync_wait(s.dev->prefetch({4096, 8192})), std::error_code{});
   const std::vector<Call> expected{{Op::prefetch, 4096, 8192, 0}};
   EXPECT_EQ(s.mem->log(), expected);
@@ -507,9 +469,7 @@ TEST(CheckedDeviceSplit, ErrorInTheMiddleStopsTheRequest) {
 // ---------------------------------------------------------------- stats
 
 TEST(CheckedDeviceStats, CountsEveryKindOfRequestAndErrors) {
-  Capabilities caps = writable_caps();
-  caps.trim = Support::native;
-  auto s = make(caps);
+  auto s = make(writable_caps({&Capabilities::trim}));
   std::vector<std::byte> buf(4096);
   EXPECT_FALSE(do_read(*s.dev, buf, 0));
   EXPECT_FALSE(do_read(*s.dev, buf, 4096));
@@ -546,15 +506,7 @@ TEST(CheckedDeviceStats, DeviceErrorsAreCounted) {
 // ---------------------------------------------------------------- capabilities
 
 TEST(CheckedDeviceCaps, AdvertisesEmulationsAndKeepsNativeOnes) {
-  Capabilities caps;
-  caps.flush = Support::native;
-  caps.fua = Support::native;
-  caps.trim = Support::native;
-  caps.zero = Support::native;
-  caps.extents = Support::native;
-  caps.prefetch = Support::native;
-  caps.multi_conn = true;
-  auto s = make(caps);
+  auto s = make(native_caps());
   const auto c = s.dev->capabilities();
   EXPECT_EQ(c.fua, Support::native);
   EXPECT_EQ(c.zero, Support::native);

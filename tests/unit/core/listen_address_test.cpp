@@ -17,13 +17,17 @@ using test::what_of;
 
 // ---------------------------------------------------------------- ListenAddress
 
-TEST(ListenAddress, Ipv4HostAndPort) {
-  const auto a = ListenAddress::parse("127.0.0.1:10809");
+// text parses as the TCP address host:port and prints back as text.
+void expect_tcp(const std::string& text, const std::string& host, uint16_t port) {
+  SCOPED_TRACE(text);
+  const auto a = ListenAddress::parse(text);
   EXPECT_EQ(a.kind, ListenAddress::Kind::tcp);
-  EXPECT_EQ(a.host, "127.0.0.1");
-  EXPECT_EQ(a.port, 10809);
-  EXPECT_EQ(a.to_string(), "127.0.0.1:10809");
+  EXPECT_EQ(a.host, host);
+  EXPECT_EQ(a.port, port);
+  EXPECT_EQ(a.to_string(), text);
 }
+
+TEST(ListenAddress, Ipv4HostAndPort) { expect_tcp("127.0.0.1:10809", "127.0.0.1", 10809); }
 
 TEST(ListenAddress, HostNameAndEmptyHost) {
   EXPECT_EQ(ListenAddress::parse("localhost:1").host, "localhost");
@@ -34,11 +38,7 @@ TEST(ListenAddress, HostNameAndEmptyHost) {
 }
 
 TEST(ListenAddress, BracketedIpv6) {
-  const auto a = ListenAddress::parse("[::1]:10809");
-  EXPECT_EQ(a.kind, ListenAddress::Kind::tcp);
-  EXPECT_EQ(a.host, "::1");
-  EXPECT_EQ(a.port, 10809);
-  EXPECT_EQ(a.to_string(), "[::1]:10809");
+  expect_tcp("[::1]:10809", "::1", 10809);
   EXPECT_EQ(ListenAddress::parse("[fe80::1%eth0]:99").host, "fe80::1%eth0");
 }
 

@@ -18,19 +18,26 @@ struct Owner {
 
 std::shared_ptr<SharedEvent> event_of(const std::shared_ptr<Owner>& o) { return {o, &o->done}; }
 
+// Spawns on io a coroutine that waits for ev by wait_unowned() and stores
+// what it wakes with in out.
+void spawn_unowned_wait(boost::asio::io_context& io, const std::shared_ptr<SharedEvent>& ev,
+                        std::optional<std::error_code>& out) {
+  boost::asio::co_spawn(
+      io,
+      [ev, &out]() -> Task<void> {
+        auto waiting = SharedEvent::wait_unowned(ev);
+        out = co_await std::move(waiting);
+      },
+      boost::asio::detached);
+}
+
 TEST(SharedEvent, WaitersWakeWithTheFirstResultOnly) {
   boost::asio::io_context io;
   auto ev = std::make_shared<SharedEvent>();
   std::optional<std::error_code> a, b;
   boost::asio::co_spawn(
       io, [&]() -> Task<void> { a = co_await ev->wait(); }, boost::asio::detached);
-  boost::asio::co_spawn(
-      io,
-      [&]() -> Task<void> {
-        auto waiting = SharedEvent::wait_unowned(ev);
-        b = co_await std::move(waiting);
-      },
-      boost::asio::detached);
+  spawn_unowned_wait(io, ev, b);
   io.poll();
   EXPECT_FALSE(a || b) << "woke before set()";
   ev->set(std::make_error_code(std::errc::io_error));
@@ -42,13 +49,7 @@ TEST(SharedEvent, WaitersWakeWithTheFirstResultOnly) {
   EXPECT_EQ(*b, std::errc::io_error);
   // Waiting after set() returns at once with the same result.
   std::optional<std::error_code> c;
-  boost::asio::co_spawn(
-      io,
-      [&]() -> Task<void> {
-        auto waiting = SharedEvent::wait_unowned(ev);
-        c = co_await std::move(waiting);
-      },
-      boost::asio::detached);
+  spawn_unowned_wait(io, ev, c);
   io.restart();
   io.poll();
   ASSERT_TRUE(c);

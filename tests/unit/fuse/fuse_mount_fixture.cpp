@@ -86,20 +86,21 @@ void FuseMount::start(FuseOptions options) {
   runner_ = std::thread([&] { loops_.run(); });
 }
 
+void FuseMount::open_a(uint64_t size, uint32_t min_block, FuseOptions options, int flags) {
+  table_.add(memory_export("a", size, &dev_, false, min_block));
+  start(options);
+  fd_ = ::open((mnt_ + "/a").c_str(), flags);
+  ASSERT_GE(fd_, 0) << std::strerror(errno);
+}
+
 void FuseMount::open_on_4k_grid(uint64_t size) {
-  table_.add(memory_export("a", size, &grid_, false, 4096));
-  grid_->fill_pattern(0, size);
-  expect_ = grid_->contents(0, size);
-  start(FuseOptions{.direct_io = true});
-  fd_ = ::open((mnt_ + "/a").c_str(), O_RDWR);
-  ASSERT_GE(fd_, 0);
+  ASSERT_NO_FATAL_FAILURE(open_a(size, 4096, FuseOptions{.direct_io = true}, O_RDWR));
+  dev_->fill_pattern(0, size);
+  expect_ = dev_->contents(0, size);
 }
 
 void FuseMount::open_direct_on_4k_grid() {
-  table_.add(memory_export("a", 1 << 20, &grid_, false, 4096));
-  start(FuseOptions{.direct_io = true, .readers = 2});
-  fd_ = ::open((mnt_ + "/a").c_str(), O_RDWR | O_DIRECT);
-  ASSERT_GE(fd_, 0) << std::strerror(errno);
+  ASSERT_NO_FATAL_FAILURE(open_a(1 << 20, 4096, FuseOptions{.direct_io = true, .readers = 2}, O_RDWR | O_DIRECT));
   whole_.assign(4096, 'W');
   patch_.assign(16, 'U');
 }

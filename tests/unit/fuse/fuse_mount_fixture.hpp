@@ -46,12 +46,16 @@ class FuseMount : public ::testing::Test {
   void SetUp() override;
   void TearDown() override;
   void start(FuseOptions options = {});
+  // Export "a" of `size` bytes on a MemoryDevice whose grid is min_block
+  // (dev_), mounted with `options` and opened with `flags` (fd_, closed by
+  // the test).
+  void open_a(uint64_t size, uint32_t min_block, FuseOptions options, int flags);
   // Export "a" of `size` bytes on a device that takes only whole 4096-byte
-  // blocks, filled with its pattern (also in expect_), mounted with direct
-  // I/O and opened (fd_, closed by the test).
+  // blocks (dev_), filled with its pattern (also in expect_), mounted with
+  // direct I/O and opened (fd_, closed by the test).
   void open_on_4k_grid(uint64_t size);
   // Export "a" of 1 MiB on a device that takes only whole 4096-byte blocks
-  // (grid_), mounted with direct I/O and two readers, and opened with
+  // (dev_), mounted with direct I/O and two readers, and opened with
   // O_DIRECT (fd_, closed by the test); with a whole block and a patch of
   // it to write by async I/O (a FUSE file with direct I/O takes any
   // buffer).
@@ -66,7 +70,7 @@ class FuseMount : public ::testing::Test {
   std::thread runner_;
   std::atomic<bool> unmounted_{false};
   std::string dir_, mnt_;
-  test::MemoryDevice* grid_ = nullptr;  // open_on_4k_grid's device
+  test::MemoryDevice* dev_ = nullptr;  // the device of open_a's export
   std::vector<std::byte> expect_;
   int fd_ = -1;
 };

@@ -26,11 +26,9 @@ using test_support::memory_export;
 using namespace std::chrono_literals;
 
 TEST_F(FuseMount, DeviceErrorsReachTheFileUserAsErrno) {
-  MemoryDevice* a = nullptr;
-  table_.add(memory_export("a", 1 << 20, &a));
-  start(FuseOptions{.direct_io = true, .readers = 2});
-  const int fd = ::open((mnt_ + "/a").c_str(), O_RDWR);
-  ASSERT_GE(fd, 0);
+  ASSERT_NO_FATAL_FAILURE(open_a(1 << 20, 1, FuseOptions{.direct_io = true, .readers = 2}, O_RDWR));
+  MemoryDevice* a = dev_;
+  const int fd = fd_;
   char buf[4096] = {};
   a->fail(Op::read, ETIMEDOUT);
   EXPECT_EQ(::pread(fd, buf, sizeof buf, 0), -1);
@@ -84,7 +82,7 @@ TEST_F(FuseMount, AnOpenOutOfMemoryLeaksNoHandle) {
 TEST_F(FuseMount, RequestsOffTheDeviceGridAreReadModifyWritten) {
   constexpr uint64_t kSize = 1 << 20;
   ASSERT_NO_FATAL_FAILURE(open_on_4k_grid(kSize));
-  MemoryDevice* const a = grid_;
+  MemoryDevice* const a = dev_;
   std::vector<std::byte>& expect = expect_;
   const int fd = fd_;
   auto put = [&](uint64_t off, size_t n, uint8_t seed) { ASSERT_NO_FATAL_FAILURE(this->put(off, n, seed, 7)); };
@@ -120,7 +118,7 @@ TEST_F(FuseMount, RequestsOffTheDeviceGridAreReadModifyWritten) {
 TEST_F(FuseMount, ThePartialFinalBlockIsReadAndWritten) {
   constexpr uint64_t kSize = 4 * 4096 + 512;
   ASSERT_NO_FATAL_FAILURE(open_on_4k_grid(kSize));
-  MemoryDevice* const a = grid_;
+  MemoryDevice* const a = dev_;
   std::vector<std::byte>& expect = expect_;
   const int fd = fd_;
   auto put = [&](uint64_t off, size_t n, uint8_t seed) { ASSERT_NO_FATAL_FAILURE(this->put(off, n, seed, 3)); };
@@ -146,7 +144,7 @@ TEST_F(FuseMount, ThePartialFinalBlockIsReadAndWritten) {
 TEST_F(FuseMount, APartialFinalBlockTheDeviceRefusesEndsWritesShort) {
   constexpr uint64_t kTail = 4 * 4096;
   ASSERT_NO_FATAL_FAILURE(open_on_4k_grid(kTail + 512));
-  grid_->refuse_partial_blocks(true);
+  dev_->refuse_partial_blocks(true);
   std::vector<char> data(1000, 'z');
   EXPECT_EQ(::pwrite(fd_, data.data(), data.size(), kTail - 600), 600);
   EXPECT_EQ(::pwrite(fd_, data.data(), 10, kTail + 1), -1);
@@ -154,7 +152,7 @@ TEST_F(FuseMount, APartialFinalBlockTheDeviceRefusesEndsWritesShort) {
   EXPECT_EQ(::pread(fd_, data.data(), 10, kTail + 3), -1);
   EXPECT_EQ(errno, EIO);
   std::fill_n(expect_.begin() + (kTail - 600), 600, std::byte{'z'});
-  EXPECT_EQ(grid_->contents(0, kTail + 512), expect_);
+  EXPECT_EQ(dev_->contents(0, kTail + 512), expect_);
   ::close(fd_);
 }
 
@@ -167,27 +165,27 @@ TEST_F(FuseMount, ConcurrentUnalignedWritesIntoOneBlockKeepEachOthersBytes) {
   constexpr int kWriters = 8;
   constexpr size_t kSlot = 16;
   std::vector<std::vector<char>> data(kWriters);
-  grid_->close_gate(Op::read);
-  grid_->close_gate(Op::write);
+  dev_->close_gate(Op::read);
+  dev_->close_gate(Op::write);
   AioWriter aio(fd_);
   for (int i = 0; i < kWriters; ++i) {
     data[i].assign(kSlot, static_cast<char>('A' + i));
     aio.submit(data[i].data(), kSlot, 5 + i * kSlot);  // all in block 0, none aligned
   }
-  EXPECT_TRUE(test::eventually([&] { return grid_->in_flight(Op::read) >= 1; }, 5s));
+  EXPECT_TRUE(test::eventually([&] { return dev_->in_flight(Op::read) >= 1; }, 5s));
   std::this_thread::sleep_for(200ms);  // every write has reached the front end by now
-  grid_->open_gate(Op::read);
+  dev_->open_gate(Op::read);
   std::this_thread::sleep_for(200ms);  // without the lock, every one has read the old block now
-  grid_->open_gate(Op::write);
+  dev_->open_gate(Op::write);
   const auto results = aio.wait_all();
   ASSERT_EQ(results.size(), static_cast<size_t>(kWriters)) << "writes did not complete";
   for (auto r : results) EXPECT_EQ(r, static_cast<int64_t>(kSlot));
   ::close(fd_);
-  const auto got = grid_->contents(0, 4096);
+  const auto got = dev_->contents(0, 4096);
   for (int i = 0; i < kWriters; ++i)
     for (size_t j = 0; j < kSlot; ++j)
       EXPECT_EQ(got[5 + i * kSlot + j], std::byte(static_cast<uint8_t>('A' + i))) << "writer " << i;
-  EXPECT_EQ(grid_->max_in_flight(Op::read), 1u);  // the read-modify-writes took turns
+  EXPECT_EQ(dev_->max_in_flight(Op::read), 1u);  // the read-modify-writes took turns
 }
 
 // An aligned write of a block while an unaligned write into it is being
@@ -196,17 +194,17 @@ TEST_F(FuseMount, ConcurrentUnalignedWritesIntoOneBlockKeepEachOthersBytes) {
 TEST_F(FuseMount, AnAlignedWriteWaitsForAReadModifyWriteOfItsBlock) {
   ASSERT_NO_FATAL_FAILURE(open_direct_on_4k_grid());
   AioWriter aio(fd_);
-  grid_->close_gate(Op::read);
+  dev_->close_gate(Op::read);
   aio.submit(patch_.data(), patch_.size(), 5);  // the RMW: holds the lock, its read waits at the gate
-  ASSERT_TRUE(test::eventually([&] { return grid_->in_flight(Op::read) == 1; }, 5s));
+  ASSERT_TRUE(test::eventually([&] { return dev_->in_flight(Op::read) == 1; }, 5s));
   aio.submit(whole_.data(), whole_.size(), 0);  // aligned, the same block
   std::this_thread::sleep_for(300ms);
-  EXPECT_EQ(grid_->in_flight(Op::write), 0u) << "the aligned write went ahead of the RMW";
-  grid_->open_gate(Op::read);
+  EXPECT_EQ(dev_->in_flight(Op::write), 0u) << "the aligned write went ahead of the RMW";
+  dev_->open_gate(Op::read);
   const auto results = aio.wait_all();
   ASSERT_EQ(results.size(), 2u);
   for (auto r : results) EXPECT_GT(r, 0);
-  EXPECT_EQ(grid_->contents(0, 4096), std::vector<std::byte>(4096, std::byte{'W'}));  // the later write wins
+  EXPECT_EQ(dev_->contents(0, 4096), std::vector<std::byte>(4096, std::byte{'W'}));  // the later write wins
   ::close(fd_);
 }
 
@@ -216,19 +214,19 @@ TEST_F(FuseMount, AnAlignedWriteWaitsForAReadModifyWriteOfItsBlock) {
 TEST_F(FuseMount, AReadModifyWriteWaitsForAnAlignedWriteInFlight) {
   ASSERT_NO_FATAL_FAILURE(open_direct_on_4k_grid());
   AioWriter aio(fd_);
-  grid_->close_gate(Op::write);
+  dev_->close_gate(Op::write);
   aio.submit(whole_.data(), whole_.size(), 0);  // aligned: at the device, held at the gate
-  ASSERT_TRUE(test::eventually([&] { return grid_->in_flight(Op::write) == 1; }, 5s));
+  ASSERT_TRUE(test::eventually([&] { return dev_->in_flight(Op::write) == 1; }, 5s));
   aio.submit(patch_.data(), patch_.size(), 5);
   std::this_thread::sleep_for(300ms);
-  EXPECT_EQ(grid_->calls(Op::read), 0u) << "the RMW read the block under an aligned write in flight";
-  grid_->open_gate(Op::write);
+  EXPECT_EQ(dev_->calls(Op::read), 0u) << "the RMW read the block under an aligned write in flight";
+  dev_->open_gate(Op::write);
   const auto results = aio.wait_all();
   ASSERT_EQ(results.size(), 2u);
   for (auto r : results) EXPECT_GT(r, 0);
   auto expect = std::vector<std::byte>(4096, std::byte{'W'});
   std::fill(expect.begin() + 5, expect.begin() + 21, std::byte{'U'});
-  EXPECT_EQ(grid_->contents(0, 4096), expect);
+  EXPECT_EQ(dev_->contents(0, 4096), expect);
   ::close(fd_);
 }
 

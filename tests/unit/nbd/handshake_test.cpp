@@ -17,21 +17,10 @@ constexpr uint64_t kDiskSize = 1u << 20;
 constexpr uint64_t kRoSize = 64u << 10;
 constexpr uint32_t kMaxRequest = 1u << 20;
 
-Capabilities full_caps() {
-  Capabilities c;
-  c.flush = Support::native;
-  c.fua = Support::native;
-  c.trim = Support::native;
-  c.zero = Support::native;
-  c.extents = Support::native;
-  c.multi_conn = true;
-  return c;
-}
-
 class HandshakeTest : public ::testing::Test {
  protected:
   HandshakeTest() {
-    disk_ = make_export("disk", {.size = kDiskSize, .min_block = 512, .preferred_block = 8192}, full_caps(), false,
+    disk_ = make_export("disk", {.size = kDiskSize, .min_block = 512, .preferred_block = 8192}, native_caps(), false,
                         "the disk");
     ro_ = make_export("ro", {.size = kRoSize}, Capabilities{}, true);
     table_.add(disk_.exp);
@@ -46,6 +35,27 @@ class HandshakeTest : public ::testing::Test {
     return *server_;
   }
   int fd() { return server_->client(); }
+  // Starts the server, and a client (fixed newstyle, NO_ZEROES) in the
+  // option phase; with `structured`, it has negotiated structured replies.
+  void start_client(bool structured = false) {
+    start();
+    ASSERT_TRUE(client_start(fd()));
+    if (structured) {
+      ASSERT_EQ(exchange(fd(), kOptStructuredReply).at(0).type, kRepAck);
+    }
+  }
+  // Starts the server, and a client (with client_flags) that sends `bytes`.
+  void start_and_send(const Bytes& bytes, uint32_t client_flags = kClientFixedNewstyle | kClientNoZeroes) {
+    start();
+    ASSERT_TRUE(client_start(fd(), client_flags));
+    ASSERT_TRUE(send_all(fd(), bytes));
+  }
+  // The option EXPORT_NAME naming `name`.
+  static Bytes export_name(const std::string& name) {
+    Bytes payload;
+    append_str(payload, name);
+    return option(kOptExportName, payload);
+  }
 
   // The handshake ended without an export and the server closed the connection.
   void expect_closed_without_export() {
@@ -94,20 +104,16 @@ TEST_F(HandshakeTest, UnknownClientFlagsCloseTheConnection) {
 }
 
 TEST_F(HandshakeTest, BadOptionMagicClosesTheConnection) {
-  start();
-  ASSERT_TRUE(client_start(fd()));
   Bytes bad = option(kOptList);
   bad[0] = std::byte{'X'};
-  ASSERT_TRUE(send_all(fd(), bad));
+  ASSERT_NO_FATAL_FAILURE(start_and_send(bad));
   expect_closed_without_export();
 }
 
 TEST_F(HandshakeTest, ClientGoneMidHandshakeEndsIt) {
-  start();
-  ASSERT_TRUE(client_start(fd()));
   Bytes partial = option(kOptGo, info_payload("disk"));
   partial.resize(partial.size() - 3);
-  ASSERT_TRUE(send_all(fd(), partial));
+  ASSERT_NO_FATAL_FAILURE(start_and_send(partial));
   ::shutdown(fd(), SHUT_WR);
   expect_closed_without_export();
 }
@@ -115,8 +121,7 @@ TEST_F(HandshakeTest, ClientGoneMidHandshakeEndsIt) {
 // ---------------------------------------------------------------- LIST
 
 TEST_F(HandshakeTest, ListNamesEveryExportWithDescription) {
-  start();
-  ASSERT_TRUE(client_start(fd()));
+  ASSERT_NO_FATAL_FAILURE(start_client());
   auto r = exchange(fd(), kOptList);
   ASSERT_EQ(r.size(), 3u);
   std::map<std::string, std::string> seen;
@@ -137,8 +142,7 @@ TEST_F(HandshakeTest, ListNamesEveryExportWithDescription) {
 }
 
 TEST_F(HandshakeTest, ListWithDataIsInvalid) {
-  start();
-  ASSERT_TRUE(client_start(fd()));
+  ASSERT_NO_FATAL_FAILURE(start_client());
   expect_error(exchange(fd(), kOptList, Bytes(3)), kOptList, kRepErrInvalid);
   expect_still_negotiating();
 }
@@ -186,8 +190,7 @@ InfoReplies parse_info(const std::vector<OptionReply>& replies, uint32_t option)
 }
 
 TEST_F(HandshakeTest, InfoWithNameDescriptionAndBlockSize) {
-  start();
-  ASSERT_TRUE(client_start(fd()));
+  ASSERT_NO_FATAL_FAILURE(start_client());
   auto r = exchange(fd(), kOptInfo, info_payload("disk", {kInfoName, kInfoDescription, kInfoBlockSize}));
   const auto info = parse_info(r, kOptInfo);
   EXPECT_TRUE(info.acked);
@@ -205,8 +208,7 @@ TEST_F(HandshakeTest, InfoWithNameDescriptionAndBlockSize) {
 }
 
 TEST_F(HandshakeTest, InfoWithoutRequestsSendsExportAndBlockSizeOnly) {
-  start();
-  ASSERT_TRUE(client_start(fd()));
+  ASSERT_NO_FATAL_FAILURE(start_client());
   const auto info = parse_info(exchange(fd(), kOptInfo, info_payload("disk")), kOptInfo);
   EXPECT_TRUE(info.acked);
   EXPECT_TRUE(info.size);
@@ -216,8 +218,7 @@ TEST_F(HandshakeTest, InfoWithoutRequestsSendsExportAndBlockSizeOnly) {
 }
 
 TEST_F(HandshakeTest, InfoSkipsAnEmptyDescription) {
-  start();
-  ASSERT_TRUE(client_start(fd()));
+  ASSERT_NO_FATAL_FAILURE(start_client());
   const auto info = parse_info(exchange(fd(), kOptInfo, info_payload("ro", {kInfoDescription})), kOptInfo);
   EXPECT_TRUE(info.acked);
   EXPECT_FALSE(info.description);
@@ -227,8 +228,7 @@ TEST_F(HandshakeTest, InfoSkipsAnEmptyDescription) {
 }
 
 TEST_F(HandshakeTest, InfoOnTheDefaultExportNamesIt) {
-  start();
-  ASSERT_TRUE(client_start(fd()));
+  ASSERT_NO_FATAL_FAILURE(start_client());
   const auto info = parse_info(exchange(fd(), kOptInfo, info_payload("", {kInfoName})), kOptInfo);
   EXPECT_TRUE(info.acked);
   EXPECT_EQ(info.name, "disk");
@@ -236,16 +236,14 @@ TEST_F(HandshakeTest, InfoOnTheDefaultExportNamesIt) {
 }
 
 TEST_F(HandshakeTest, InfoAndGoOnUnknownExportAreErrUnknown) {
-  start();
-  ASSERT_TRUE(client_start(fd()));
+  ASSERT_NO_FATAL_FAILURE(start_client());
   expect_error(exchange(fd(), kOptInfo, info_payload("nope")), kOptInfo, kRepErrUnknown);
   expect_error(exchange(fd(), kOptGo, info_payload("nope", {kInfoName})), kOptGo, kRepErrUnknown);
   expect_still_negotiating();
 }
 
 TEST_F(HandshakeTest, MalformedInfoLengthsAreInvalid) {
-  start();
-  ASSERT_TRUE(client_start(fd()));
+  ASSERT_NO_FATAL_FAILURE(start_client());
   // Shorter than the fixed part.
   expect_error(exchange(fd(), kOptInfo, Bytes(5)), kOptInfo, kRepErrInvalid);
   // Name length beyond the payload.
@@ -267,8 +265,7 @@ TEST_F(HandshakeTest, MalformedInfoLengthsAreInvalid) {
 }
 
 TEST_F(HandshakeTest, GoSelectsTheExportAndEndsTheHandshake) {
-  start();
-  ASSERT_TRUE(client_start(fd()));
+  ASSERT_NO_FATAL_FAILURE(start_client());
   auto r = exchange(fd(), kOptGo, info_payload("disk", {kInfoBlockSize}));
   const auto info = parse_info(r, kOptGo);
   EXPECT_TRUE(info.acked);
@@ -287,8 +284,7 @@ TEST_F(HandshakeTest, GoSelectsTheExportAndEndsTheHandshake) {
 // ---------------------------------------------------------------- structured replies and meta contexts
 
 TEST_F(HandshakeTest, StructuredReplyIsAckedAndAdvertisesDf) {
-  start();
-  ASSERT_TRUE(client_start(fd()));
+  ASSERT_NO_FATAL_FAILURE(start_client());
   auto r = exchange(fd(), kOptStructuredReply);
   ASSERT_EQ(r.size(), 1u);
   EXPECT_EQ(r[0].type, kRepAck);
@@ -301,8 +297,7 @@ TEST_F(HandshakeTest, StructuredReplyIsAckedAndAdvertisesDf) {
 }
 
 TEST_F(HandshakeTest, StructuredReplyWithDataIsInvalid) {
-  start();
-  ASSERT_TRUE(client_start(fd()));
+  ASSERT_NO_FATAL_FAILURE(start_client());
   expect_error(exchange(fd(), kOptStructuredReply, Bytes(1)), kOptStructuredReply, kRepErrInvalid);
   // Not enabled by the failed attempt: DF is not advertised.
   const auto info = parse_info(exchange(fd(), kOptInfo, info_payload("disk")), kOptInfo);
@@ -311,8 +306,7 @@ TEST_F(HandshakeTest, StructuredReplyWithDataIsInvalid) {
 }
 
 TEST_F(HandshakeTest, MetaContextBeforeStructuredRepliesIsInvalid) {
-  start();
-  ASSERT_TRUE(client_start(fd()));
+  ASSERT_NO_FATAL_FAILURE(start_client());
   expect_error(exchange(fd(), kOptListMetaContext, meta_payload("disk", {})), kOptListMetaContext,
                kRepErrInvalid);
   expect_error(exchange(fd(), kOptSetMetaContext, meta_payload("disk", {"base:allocation"})), kOptSetMetaContext,
@@ -334,9 +328,7 @@ std::vector<std::pair<uint32_t, std::string>> contexts_of(const std::vector<Opti
 }
 
 TEST_F(HandshakeTest, ListMetaContexts) {
-  start();
-  ASSERT_TRUE(client_start(fd()));
-  ASSERT_EQ(exchange(fd(), kOptStructuredReply).at(0).type, kRepAck);
+  ASSERT_NO_FATAL_FAILURE(start_client(/*structured=*/true));
   using List = std::vector<std::pair<uint32_t, std::string>>;
   const List base{{0, "base:allocation"}};
   EXPECT_EQ(contexts_of(exchange(fd(), kOptListMetaContext, meta_payload("disk", {}))), base);
@@ -354,9 +346,7 @@ TEST_F(HandshakeTest, ListMetaContexts) {
 }
 
 TEST_F(HandshakeTest, SetMetaContextSelectsAnIdThatGoCarries) {
-  start();
-  ASSERT_TRUE(client_start(fd()));
-  ASSERT_EQ(exchange(fd(), kOptStructuredReply).at(0).type, kRepAck);
+  ASSERT_NO_FATAL_FAILURE(start_client(/*structured=*/true));
   const auto set = contexts_of(exchange(fd(), kOptSetMetaContext, meta_payload("disk", {"base:allocation"})));
   ASSERT_EQ(set.size(), 1u);
   EXPECT_NE(set[0].first, 0u);
@@ -372,9 +362,7 @@ TEST_F(HandshakeTest, SetMetaContextSelectsAnIdThatGoCarries) {
 }
 
 TEST_F(HandshakeTest, SetMetaContextWithUnknownNamespaceSelectsNothing) {
-  start();
-  ASSERT_TRUE(client_start(fd()));
-  ASSERT_EQ(exchange(fd(), kOptStructuredReply).at(0).type, kRepAck);
+  ASSERT_NO_FATAL_FAILURE(start_client(/*structured=*/true));
   ASSERT_EQ(contexts_of(exchange(fd(), kOptSetMetaContext, meta_payload("disk", {"base:allocation"}))).size(), 1u);
   // A second SET replaces the selection.
   EXPECT_TRUE(contexts_of(exchange(fd(), kOptSetMetaContext, meta_payload("disk", {"qemu:dirty-bitmap:b"}))).empty());
@@ -385,9 +373,7 @@ TEST_F(HandshakeTest, SetMetaContextWithUnknownNamespaceSelectsNothing) {
 }
 
 TEST_F(HandshakeTest, ContextsSelectedForAnotherExportAreDropped) {
-  start();
-  ASSERT_TRUE(client_start(fd()));
-  ASSERT_EQ(exchange(fd(), kOptStructuredReply).at(0).type, kRepAck);
+  ASSERT_NO_FATAL_FAILURE(start_client(/*structured=*/true));
   ASSERT_EQ(contexts_of(exchange(fd(), kOptSetMetaContext, meta_payload("disk", {"base:allocation"}))).size(), 1u);
   EXPECT_TRUE(parse_info(exchange(fd(), kOptGo, info_payload("ro")), kOptGo).acked);
   ASSERT_TRUE(server_->wait_negotiated());
@@ -398,9 +384,7 @@ TEST_F(HandshakeTest, ContextsSelectedForAnotherExportAreDropped) {
 }
 
 TEST_F(HandshakeTest, ContextsSetOnTheDefaultNameApplyToTheDefaultExport) {
-  start();
-  ASSERT_TRUE(client_start(fd()));
-  ASSERT_EQ(exchange(fd(), kOptStructuredReply).at(0).type, kRepAck);
+  ASSERT_NO_FATAL_FAILURE(start_client(/*structured=*/true));
   ASSERT_EQ(contexts_of(exchange(fd(), kOptSetMetaContext, meta_payload("", {"base:allocation"}))).size(), 1u);
   EXPECT_TRUE(parse_info(exchange(fd(), kOptGo, info_payload("disk")), kOptGo).acked);
   ASSERT_TRUE(server_->wait_negotiated());
@@ -409,9 +393,7 @@ TEST_F(HandshakeTest, ContextsSetOnTheDefaultNameApplyToTheDefaultExport) {
 }
 
 TEST_F(HandshakeTest, MalformedMetaContextPayloadsAreInvalid) {
-  start();
-  ASSERT_TRUE(client_start(fd()));
-  ASSERT_EQ(exchange(fd(), kOptStructuredReply).at(0).type, kRepAck);
+  ASSERT_NO_FATAL_FAILURE(start_client(/*structured=*/true));
   expect_error(exchange(fd(), kOptSetMetaContext, Bytes(7)), kOptSetMetaContext, kRepErrInvalid);
   Bytes p = meta_payload("disk", {"base:allocation"});
   put32(p.data(), 1000);  // name longer than the payload
@@ -433,15 +415,13 @@ TEST_F(HandshakeTest, MalformedMetaContextPayloadsAreInvalid) {
 // ---------------------------------------------------------------- unsupported and oversized options
 
 TEST_F(HandshakeTest, StartTlsIsUnsupported) {
-  start();
-  ASSERT_TRUE(client_start(fd()));
+  ASSERT_NO_FATAL_FAILURE(start_client());
   expect_error(exchange(fd(), kOptStartTls), kOptStartTls, kRepErrUnsup);
   expect_still_negotiating();
 }
 
 TEST_F(HandshakeTest, UnknownOptionIsUnsupportedAndTheHandshakeContinues) {
-  start();
-  ASSERT_TRUE(client_start(fd()));
+  ASSERT_NO_FATAL_FAILURE(start_client());
   expect_error(exchange(fd(), 99, Bytes(10, std::byte{1})), 99, kRepErrUnsup);
   EXPECT_TRUE(parse_info(exchange(fd(), kOptGo, info_payload("disk")), kOptGo).acked);
   ASSERT_TRUE(server_->wait_negotiated());
@@ -449,8 +429,7 @@ TEST_F(HandshakeTest, UnknownOptionIsUnsupportedAndTheHandshakeContinues) {
 }
 
 TEST_F(HandshakeTest, OptionPayloadAbove64KiBIsTooBigAndDrained) {
-  start();
-  ASSERT_TRUE(client_start(fd()));
+  ASSERT_NO_FATAL_FAILURE(start_client());
   expect_error(exchange(fd(), 99, Bytes((64u << 10) + 1, std::byte{7})), 99, kRepErrTooBig);
   // Even a well-formed GO is refused when oversized, and the stream stays in sync.
   Bytes big = info_payload("disk");
@@ -462,8 +441,7 @@ TEST_F(HandshakeTest, OptionPayloadAbove64KiBIsTooBigAndDrained) {
 }
 
 TEST_F(HandshakeTest, TooManyOptionsCloseTheConnection) {
-  start();
-  ASSERT_TRUE(client_start(fd()));
+  ASSERT_NO_FATAL_FAILURE(start_client());
   for (int i = 0; i < 4096; ++i) {
     auto r = exchange(fd(), 99);
     ASSERT_EQ(r.size(), 1u) << "option " << i;
@@ -475,11 +453,7 @@ TEST_F(HandshakeTest, TooManyOptionsCloseTheConnection) {
 // ---------------------------------------------------------------- EXPORT_NAME, ABORT, old clients
 
 TEST_F(HandshakeTest, ExportNameKnownSendsSizeFlagsAndZeroes) {
-  start();
-  ASSERT_TRUE(client_start(fd(), kClientFixedNewstyle));
-  Bytes name;
-  append_str(name, "disk");
-  ASSERT_TRUE(send_all(fd(), option(kOptExportName, name)));
+  ASSERT_NO_FATAL_FAILURE(start_and_send(export_name("disk"), kClientFixedNewstyle));
   auto r = recv_exact(fd(), 134);
   ASSERT_TRUE(r);
   EXPECT_EQ(get64(r->data()), kDiskSize);
@@ -494,11 +468,7 @@ TEST_F(HandshakeTest, ExportNameKnownSendsSizeFlagsAndZeroes) {
 }
 
 TEST_F(HandshakeTest, ExportNameWithNoZeroesSendsTenBytes) {
-  start();
-  ASSERT_TRUE(client_start(fd()));
-  Bytes name;
-  append_str(name, "ro");
-  ASSERT_TRUE(send_all(fd(), option(kOptExportName, name)));
+  ASSERT_NO_FATAL_FAILURE(start_and_send(export_name("ro")));
   auto r = recv_exact(fd(), 10);
   ASSERT_TRUE(r);
   EXPECT_EQ(get64(r->data()), kRoSize);
@@ -510,33 +480,24 @@ TEST_F(HandshakeTest, ExportNameWithNoZeroesSendsTenBytes) {
 }
 
 TEST_F(HandshakeTest, ExportNameEmptySelectsTheDefault) {
-  start();
-  ASSERT_TRUE(client_start(fd()));
-  ASSERT_TRUE(send_all(fd(), option(kOptExportName)));
+  ASSERT_NO_FATAL_FAILURE(start_and_send(option(kOptExportName)));
   auto r = recv_exact(fd(), 10);
   ASSERT_TRUE(r);
   EXPECT_EQ(get64(r->data()), kDiskSize);
 }
 
 TEST_F(HandshakeTest, ExportNameUnknownClosesTheConnection) {
-  start();
-  ASSERT_TRUE(client_start(fd()));
-  Bytes name;
-  append_str(name, "nope");
-  ASSERT_TRUE(send_all(fd(), option(kOptExportName, name)));
+  ASSERT_NO_FATAL_FAILURE(start_and_send(export_name("nope")));
   expect_closed_without_export();
 }
 
 TEST_F(HandshakeTest, ExportNameLongerThan4096ClosesTheConnection) {
-  start();
-  ASSERT_TRUE(client_start(fd()));
-  ASSERT_TRUE(send_all(fd(), option(kOptExportName, Bytes(5000, std::byte{'a'}))));
+  ASSERT_NO_FATAL_FAILURE(start_and_send(option(kOptExportName, Bytes(5000, std::byte{'a'}))));
   expect_closed_without_export();
 }
 
 TEST_F(HandshakeTest, AbortIsAckedAndEndsWithoutExport) {
-  start();
-  ASSERT_TRUE(client_start(fd()));
+  ASSERT_NO_FATAL_FAILURE(start_client());
   auto r = exchange(fd(), kOptAbort);
   ASSERT_EQ(r.size(), 1u);
   EXPECT_EQ(r[0].option, kOptAbort);
@@ -545,18 +506,12 @@ TEST_F(HandshakeTest, AbortIsAckedAndEndsWithoutExport) {
 }
 
 TEST_F(HandshakeTest, PlainNewstyleClientSendingListIsDisconnected) {
-  start();
-  ASSERT_TRUE(client_start(fd(), 0));
-  ASSERT_TRUE(send_all(fd(), option(kOptList)));
+  ASSERT_NO_FATAL_FAILURE(start_and_send(option(kOptList), 0));
   expect_closed_without_export();
 }
 
 TEST_F(HandshakeTest, PlainNewstyleClientCanUseExportName) {
-  start();
-  ASSERT_TRUE(client_start(fd(), 0));
-  Bytes name;
-  append_str(name, "disk");
-  ASSERT_TRUE(send_all(fd(), option(kOptExportName, name)));
+  ASSERT_NO_FATAL_FAILURE(start_and_send(export_name("disk"), 0));
   auto r = recv_exact(fd(), 134);
   ASSERT_TRUE(r);
   EXPECT_EQ(get64(r->data()), kDiskSize);
@@ -565,9 +520,8 @@ TEST_F(HandshakeTest, PlainNewstyleClientCanUseExportName) {
 // ---------------------------------------------------------------- shutdown
 
 TEST_F(HandshakeTest, ShuttingDownAnswersOptionsWithErrShutdown) {
-  start();
   shutting_down_ = true;
-  ASSERT_TRUE(client_start(fd()));
+  ASSERT_NO_FATAL_FAILURE(start_client());
   expect_error(exchange(fd(), kOptList), kOptList, kRepErrShutdown);
   expect_error(exchange(fd(), kOptGo, info_payload("disk")), kOptGo, kRepErrShutdown);
   expect_error(exchange(fd(), kOptInfo, info_payload("disk")), kOptInfo, kRepErrShutdown);
@@ -575,12 +529,8 @@ TEST_F(HandshakeTest, ShuttingDownAnswersOptionsWithErrShutdown) {
 }
 
 TEST_F(HandshakeTest, ShuttingDownRefusesExportName) {
-  start();
   shutting_down_ = true;
-  ASSERT_TRUE(client_start(fd()));
-  Bytes name;
-  append_str(name, "disk");
-  ASSERT_TRUE(send_all(fd(), option(kOptExportName, name)));
+  ASSERT_NO_FATAL_FAILURE(start_and_send(export_name("disk")));
   expect_closed_without_export();
 }
 

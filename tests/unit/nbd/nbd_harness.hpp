@@ -145,6 +145,16 @@ struct OptionReply {
   Bytes data;
 };
 
+// Reads the `len` bytes of a payload into out (none when len is 0); false
+// when the connection ends first.
+inline bool recv_payload(int fd, size_t len, Bytes& out) {
+  if (len == 0) return true;
+  auto data = recv_exact(fd, len);
+  if (!data) return false;
+  out = std::move(*data);
+  return true;
+}
+
 inline std::optional<OptionReply> read_option_reply(int fd) {
   auto head = recv_exact(fd, 20);
   if (!head) return std::nullopt;
@@ -154,11 +164,7 @@ inline std::optional<OptionReply> read_option_reply(int fd) {
   r.type = nbd::get32(head->data() + 12);
   const uint32_t len = nbd::get32(head->data() + 16);
   if (len > (1u << 20)) return std::nullopt;
-  if (len > 0) {
-    auto data = recv_exact(fd, len);
-    if (!data) return std::nullopt;
-    r.data = std::move(*data);
-  }
+  if (!recv_payload(fd, len, r.data)) return std::nullopt;
   return r;
 }
 
@@ -183,11 +189,7 @@ inline std::optional<Reply> read_reply(int fd, uint32_t read_length = 0) {
     if (!rest) return std::nullopt;
     r.error = nbd::get32(rest->data());
     r.cookie = nbd::get64(rest->data() + 4);
-    if (r.error == 0 && read_length > 0) {
-      auto data = recv_exact(fd, read_length);
-      if (!data) return std::nullopt;
-      r.payload = std::move(*data);
-    }
+    if (r.error == 0 && !recv_payload(fd, read_length, r.payload)) return std::nullopt;
     return r;
   }
   if (magic != nbd::kStructuredReplyMagic) return std::nullopt;
@@ -199,11 +201,7 @@ inline std::optional<Reply> read_reply(int fd, uint32_t read_length = 0) {
   r.cookie = nbd::get64(rest->data() + 4);
   const uint32_t len = nbd::get32(rest->data() + 12);
   if (len > (64u << 20)) return std::nullopt;
-  if (len > 0) {
-    auto data = recv_exact(fd, len);
-    if (!data) return std::nullopt;
-    r.payload = std::move(*data);
-  }
+  if (!recv_payload(fd, len, r.payload)) return std::nullopt;
   return r;
 }
 

@@ -15,20 +15,8 @@ using namespace blockway::nbd;
 using core::Capabilities;
 using core::kExtentHole;
 using core::kExtentZero;
-using core::Support;
 
 constexpr uint64_t kDiskSize = 4u << 20;
-
-Capabilities full_caps() {
-  Capabilities c;
-  c.flush = Support::native;
-  c.fua = Support::native;
-  c.trim = Support::native;
-  c.zero = Support::native;
-  c.extents = Support::native;
-  c.prefetch = Support::native;
-  return c;
-}
 
 Bytes pattern(size_t n, uint8_t seed) {
   Bytes v(n);
@@ -39,8 +27,8 @@ Bytes pattern(size_t n, uint8_t seed) {
 class SessionTest : public ::testing::Test {
  protected:
   SessionTest() {
-    disk_ = make_export("disk", {.size = kDiskSize}, full_caps());
-    ro_ = make_export("ro", {.size = kDiskSize}, full_caps(), true);
+    disk_ = make_export("disk", {.size = kDiskSize}, native_caps());
+    ro_ = make_export("ro", {.size = kDiskSize}, native_caps(), true);
     table_.add(disk_.exp);
     table_.add(ro_.exp);
   }
@@ -54,6 +42,13 @@ class SessionTest : public ::testing::Test {
   }
   int fd() { return server_->client(); }
   void send(const Bytes& b) { ASSERT_TRUE(send_all(fd(), b)); }
+  // Sending `bytes` ends the session: the server closes the connection
+  // without a reply, and is done.
+  void expect_sending_ends_the_session(const Bytes& bytes) {
+    send(bytes);
+    EXPECT_TRUE(closed_by_peer(fd())) << "no reply; the connection ends";
+    ASSERT_TRUE(server_->wait_done());
+  }
   Reply next(uint32_t read_length = 0) {
     auto r = read_reply(fd(), read_length);
     EXPECT_TRUE(r) << "no reply from the server";
@@ -69,12 +64,16 @@ class SessionTest : public ::testing::Test {
       EXPECT_EQ(r.error, 0u);
     }
   }
-  // A structured error chunk: DONE, the NBD error value, and a message.
-  static void expect_error_chunk(const Reply& r, uint64_t cookie, uint32_t error) {
+  // A structured chunk of `type` for cookie, the last (DONE) of its reply.
+  static void expect_done_chunk(const Reply& r, uint64_t cookie, uint16_t type) {
     EXPECT_TRUE(r.structured);
     EXPECT_EQ(r.cookie, cookie);
-    EXPECT_EQ(r.type, kReplyError);
+    EXPECT_EQ(r.type, type);
     EXPECT_EQ(r.flags, kReplyFlagDone);
+  }
+  // A structured error chunk: DONE, the NBD error value, and a message.
+  static void expect_error_chunk(const Reply& r, uint64_t cookie, uint32_t error) {
+    expect_done_chunk(r, cookie, kReplyError);
     ASSERT_GE(r.payload.size(), 6u);
     EXPECT_EQ(get32(r.payload.data()), error);
     const uint16_t msg_len = get16(r.payload.data() + 4);
@@ -83,10 +82,7 @@ class SessionTest : public ::testing::Test {
   }
   // A structured read answered with one OFFSET_DATA chunk.
   static Bytes data_of(const Reply& r, uint64_t cookie, uint64_t offset) {
-    EXPECT_TRUE(r.structured);
-    EXPECT_EQ(r.cookie, cookie);
-    EXPECT_EQ(r.type, kReplyOffsetData);
-    EXPECT_EQ(r.flags, kReplyFlagDone);
+    expect_done_chunk(r, cookie, kReplyOffsetData);
     if (r.payload.size() < 8) return {};
     EXPECT_EQ(get64(r.payload.data()), offset);
     return Bytes(r.payload.begin() + 8, r.payload.end());
@@ -147,10 +143,7 @@ TEST_F(SessionTest, AllZeroReadIsAnOffsetHoleChunk) {
   start();
   send(request(kCmdRead, 0, 3, 1u << 20, 65536));
   auto r = next();
-  EXPECT_TRUE(r.structured);
-  EXPECT_EQ(r.cookie, 3u);
-  EXPECT_EQ(r.type, kReplyOffsetHole);
-  EXPECT_EQ(r.flags, kReplyFlagDone);
+  expect_done_chunk(r, 3u, kReplyOffsetHole);
   ASSERT_EQ(r.payload.size(), 12u);
   EXPECT_EQ(get64(r.payload.data()), 1u << 20);
   EXPECT_EQ(get32(r.payload.data() + 8), 65536u);
@@ -169,10 +162,7 @@ TEST_F(SessionTest, ZeroLengthStructuredReadIsANoneChunk) {
   start();
   send(request(kCmdRead, 0, 6, 4096, 0));
   auto r = next();
-  EXPECT_TRUE(r.structured);
-  EXPECT_EQ(r.cookie, 6u);
-  EXPECT_EQ(r.type, kReplyNone);
-  EXPECT_EQ(r.flags, kReplyFlagDone);
+  expect_done_chunk(r, 6u, kReplyNone);
   EXPECT_TRUE(r.payload.empty());
   send(request(kCmdFlush, 0, 7, 0, 0));  // still in sync
   expect_ok(next(), 7);
@@ -280,9 +270,7 @@ TEST_F(SessionTest, OversizedWriteIsEinvalAndTheSessionStaysUsable) {
 
 TEST_F(SessionTest, BadMagicClosesTheConnection) {
   start();
-  send(request(kCmdRead, 0, 50, 0, 512, {}, 0xdeadbeef));
-  EXPECT_TRUE(closed_by_peer(fd()));
-  EXPECT_TRUE(server_->wait_done());
+  expect_sending_ends_the_session(request(kCmdRead, 0, 50, 0, 512, {}, 0xdeadbeef));
   EXPECT_EQ(disk_.mem->calls(test::Op::read), 0u);
 }
 
@@ -290,9 +278,7 @@ TEST_F(SessionTest, DiscEndsTheSessionAndFlushesUnflushedWrites) {
   start();
   send(request(kCmdWrite, 0, 51, 0, 512, pattern(512, 9)));
   expect_ok(next(), 51);
-  send(request(kCmdDisc, 0, 52, 0, 0));
-  EXPECT_TRUE(closed_by_peer(fd())) << "DISC gets no reply; the connection ends";
-  ASSERT_TRUE(server_->wait_done());
+  ASSERT_NO_FATAL_FAILURE(expect_sending_ends_the_session(request(kCmdDisc, 0, 52, 0, 0)));
   EXPECT_EQ(disk_.mem->calls(test::Op::flush), 1u);
 }
 
@@ -302,9 +288,7 @@ TEST_F(SessionTest, DiscAfterFlushDoesNotFlushAgain) {
   expect_ok(next(), 53);
   send(request(kCmdFlush, 0, 54, 0, 0));
   expect_ok(next(), 54);
-  send(request(kCmdDisc, 0, 55, 0, 0));
-  EXPECT_TRUE(closed_by_peer(fd()));
-  ASSERT_TRUE(server_->wait_done());
+  ASSERT_NO_FATAL_FAILURE(expect_sending_ends_the_session(request(kCmdDisc, 0, 55, 0, 0)));
   EXPECT_EQ(disk_.mem->calls(test::Op::flush), 1u);
 }
 
@@ -434,10 +418,7 @@ TEST_F(SessionTest, BlockStatusReplyFormat) {
   const uint32_t ctx = server_->negotiated()->contexts.at(0).id;
   send(request(kCmdBlockStatus, 0, 70, 0, 16384));
   auto r = next();
-  EXPECT_TRUE(r.structured);
-  EXPECT_EQ(r.cookie, 70u);
-  EXPECT_EQ(r.type, kReplyBlockStatus);
-  EXPECT_EQ(r.flags, kReplyFlagDone);
+  expect_done_chunk(r, 70u, kReplyBlockStatus);
   ASSERT_EQ(r.payload.size(), 4u + 3 * 8);
   EXPECT_EQ(get32(r.payload.data()), ctx);
   const std::vector<std::pair<uint32_t, uint32_t>> expected{

@@ -3,6 +3,7 @@
 
 #include "remote/backend.hpp"
 #include "remote/uri.hpp"
+#include "tests/support/refusals.hpp"
 #include "tests/support/test_util.hpp"
 
 #include <gmock/gmock.h>
@@ -26,32 +27,38 @@ TEST(AoeAddress, ParsesInterfaceShelfAndSlot) {
 }
 
 TEST(AoeAddress, ShelfAndSlotRanges) {
-  EXPECT_THAT(error_of("aoe://eth1/65535.1"), HasSubstr("shelf '65535' is not a number from 0 to 65534"));
-  EXPECT_THAT(error_of("aoe://eth1/70000.1"), HasSubstr("shelf '70000'"));
-  EXPECT_THAT(error_of("aoe://eth1/0.255"), HasSubstr("slot '255' is not a number from 0 to 254"));
-  EXPECT_THAT(error_of("aoe://eth1/-1.2"), HasSubstr("shelf '-1'"));
-  EXPECT_THAT(error_of("aoe://eth1/1.x"), HasSubstr("slot 'x'"));
-  EXPECT_THAT(error_of("aoe://eth1/1."), HasSubstr("slot ''"));
-  EXPECT_THAT(error_of("aoe://eth1/.1"), HasSubstr("shelf ''"));
-  EXPECT_THAT(error_of("aoe://eth1/000001.1"), HasSubstr("shelf '000001'"));
+  test::expect_refusals(error_of, {
+      {"aoe://eth1/65535.1", "shelf '65535' is not a number from 0 to 65534"},
+      {"aoe://eth1/70000.1", "shelf '70000'"},
+      {"aoe://eth1/0.255", "slot '255' is not a number from 0 to 254"},
+      {"aoe://eth1/-1.2", "shelf '-1'"},
+      {"aoe://eth1/1.x", "slot 'x'"},
+      {"aoe://eth1/1.", "slot ''"},
+      {"aoe://eth1/.1", "shelf ''"},
+      {"aoe://eth1/000001.1", "shelf '000001'"},
+  });
 }
 
 TEST(AoeAddress, TargetSyntax) {
-  EXPECT_THAT(error_of("aoe://eth1/1"), HasSubstr("'1' is not SHELF.SLOT"));
-  EXPECT_THAT(error_of("aoe://eth1/1.2.3"), HasSubstr("is not SHELF.SLOT"));
-  EXPECT_THAT(error_of("aoe://eth1/"), HasSubstr("names no shelf and slot"));
-  EXPECT_THAT(error_of("aoe://eth1"), HasSubstr("names no shelf and slot"));
-  EXPECT_THAT(error_of("aoe://eth1/0/1"), HasSubstr("is not SHELF.SLOT"));
+  test::expect_refusals(error_of, {
+      {"aoe://eth1/1", "'1' is not SHELF.SLOT"},
+      {"aoe://eth1/1.2.3", "is not SHELF.SLOT"},
+      {"aoe://eth1/", "names no shelf and slot"},
+      {"aoe://eth1", "names no shelf and slot"},
+      {"aoe://eth1/0/1", "is not SHELF.SLOT"},
+  });
 }
 
 TEST(AoeAddress, InterfaceNames) {
-  EXPECT_THAT(error_of("aoe:///0.1"), HasSubstr("names no network interface"));
-  EXPECT_THAT(error_of("aoe://abcdefghijklmnop/0.1"), HasSubstr("not a valid network interface name"));
-  EXPECT_THAT(error_of("aoe://../0.1"), HasSubstr("not a valid network interface name"));
+  test::expect_refusals(error_of, {
+      {"aoe:///0.1", "names no network interface"},
+      {"aoe://abcdefghijklmnop/0.1", "not a valid network interface name"},
+      {"aoe://../0.1", "not a valid network interface name"},
+      {"aoe://eth1:80/0.1", "takes no port"},
+      {"aoe://me@eth1/0.1", "takes no user name"},
+      {"aoe://eth1/0.1?mtu=9000", "takes no query parameters"},
+  });
   EXPECT_FALSE(valid_interface_name("eth 1"));
-  EXPECT_THAT(error_of("aoe://eth1:80/0.1"), HasSubstr("takes no port"));
-  EXPECT_THAT(error_of("aoe://me@eth1/0.1"), HasSubstr("takes no user name"));
-  EXPECT_THAT(error_of("aoe://eth1/0.1?mtu=9000"), HasSubstr("takes no query parameters"));
   EXPECT_TRUE(valid_interface_name("abcdefghijklmno"));  // 15 bytes is the limit
   EXPECT_FALSE(valid_interface_name("abcdefghijklmnop"));
   EXPECT_FALSE(valid_interface_name("a/b"));
