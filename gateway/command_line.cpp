@@ -116,7 +116,8 @@ void entry(std::string& out, std::string_view name, std::string_view help, size_
       line.assign(kColumn, ' ');
       first = true;
     }
-    line += (first ? "" : " ") + std::string(word);
+    if (!first) line += ' ';
+    line += word;
     first = false;
     if (space == std::string_view::npos) break;
     if (help[space] == '\n') {

@@ -10,13 +10,13 @@ cd "$(dirname "$0")/.."
 jobs=$(nproc)
 
 echo "=== release build ==="
-cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DBLOCKWAY_WERROR=ON >/dev/null
 ninja -C build
 (cd build && ctest --output-on-failure --timeout 900 -j "$jobs")
 
 if [[ "${1:-}" != "--fast" ]]; then
   echo "=== AddressSanitizer + UndefinedBehaviorSanitizer build ==="
-  cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DBLOCKWAY_SANITIZE=ON >/dev/null
+  cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DBLOCKWAY_SANITIZE=ON -DBLOCKWAY_WERROR=ON >/dev/null
   ninja -C build-asan
   export ASAN_OPTIONS=abort_on_error=1:detect_leaks=1:strict_string_checks=1
   export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1

@@ -30,8 +30,11 @@ std::string section(const std::string& help, const std::string& heading) {
 
 TEST(Usage, ListsEveryFlag) {
   const std::string help = usage();
-  for (const auto& [name, value] : flags())
-    EXPECT_THAT(help, HasSubstr(std::string(name) + (value.empty() ? "" : " " + std::string(value)))) << name;
+  for (const auto& [name, value] : flags()) {
+    std::string expected(name);
+    if (!value.empty()) (expected += ' ') += value;
+    EXPECT_THAT(help, HasSubstr(expected)) << name;
+  }
 }
 
 TEST(Usage, ListsEveryRegisteredSchemeAndUriForm) {
