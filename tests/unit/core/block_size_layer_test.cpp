@@ -156,7 +156,9 @@ struct Shape {
 class BlockSizeModel : public ::testing::TestWithParam<Shape> {};
 
 TEST_P(BlockSizeModel, RandomRequestsOfAnyAlignmentMatchAModel) {
-  const auto [block, size] = GetParam();
+  // Not a structured binding: Clang 14 cannot capture one in a lambda.
+  const uint32_t block = GetParam().block;
+  const uint64_t size = GetParam().size;
   Stack s(size, block);
   s.mem->fill_pattern(0, size);
   auto model = s.mem->contents(0, size);

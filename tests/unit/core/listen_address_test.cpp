@@ -66,7 +66,8 @@ TEST(ListenAddress, Errors) {
       {"host:-1", "not a valid number"},
   };
   for (const auto& [text, expect] : cases) {
-    const auto msg = what_of<ConfigError>([&] { ListenAddress::parse(text); });
+    const std::string& input = text;  // Clang 14 cannot capture a structured binding
+    const auto msg = what_of<ConfigError>([&] { ListenAddress::parse(input); });
     EXPECT_THAT(msg, HasSubstr(expect)) << "input '" << text << "'";
     EXPECT_THAT(msg, HasSubstr(text)) << "the message quotes the address";
   }
