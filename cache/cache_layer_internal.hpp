@@ -1,6 +1,7 @@
 // Pieces the CacheLayer's source files share: the RAII guards a request
-// holds (InFlight, RegionWrites, EpochGuard), the fill a claim waits on, and
-// two constants. Private to cache/: include it only from cache_layer*.cpp.
+// holds (InFlight, RegionWrites, EpochGuard), the fill a claim waits on,
+// catalogue_call(), all_zero() and kMaxRun. Private to cache/: include it
+// only from the cache_*.cpp files of CacheLayer.
 //
 // Thread model: as CacheLayer's (cache_layer.hpp): guards live on whichever
 // loop runs the request that holds them; their counters are atomics.
@@ -12,7 +13,11 @@
 #include "core/shared_event.hpp"
 #include "core/task.hpp"
 
+#include <boost/asio/thread_pool.hpp>
+
+#include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
