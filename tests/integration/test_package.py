@@ -1,21 +1,31 @@
-"""The Debian package: built by CPack from the build tree under test, it holds
-the binaries, the sample configuration as a conffile, the systemd unit and
-the docs, declares its library dependencies, and what it installs runs: the
-packaged daemon starts on the packaged configuration and serves an export.
+"""The packages: the .deb and the .rpm, built by CPack from the build tree
+under test. Each holds the binaries, the sample configuration as a conffile
+(%config(noreplace) in the .rpm), the systemd unit and the docs, declares its
+dependencies, and what it installs runs: the packaged daemon starts on the
+packaged configuration and serves an export. The .rpm holds the same files
+as the .deb (the unit in Fedora's directory) and follows the same rules.
+The binaries are hardened (PIE, full RELRO, stack protector, _FORTIFY_SOURCE)
+unless the tree was built with the sanitizers or -DBLOCKWAY_HARDENING=OFF.
 
-The package is extracted into a temporary root (dpkg-deb -x), not installed:
-a test must not change the machine it runs on.
+Nothing is installed on the machine: the .deb is extracted into a temporary
+root (dpkg-deb -x) and the .rpm installed into a scratch root with its own
+database (rpm --root DIR -i --nodeps --noscripts: the Fedora libraries it
+requires do not exist on Debian, and its scriptlets act on the real system).
 """
 
 import os
+import re
 import shutil
 import subprocess
+import tempfile
 import unittest
 
 from harness import BLOCKWAYD, Daemon, DaemonTestCase, free_port, make_random_image, run as run_bytes, MiB
 
 
 BUILD_DIR = os.path.dirname(os.path.abspath(BLOCKWAYD))
+UNIT_DEB = "/lib/systemd/system/blockwayd.service"
+UNIT_RPM = "/usr/lib/systemd/system/blockwayd.service"
 
 
 def run(cmd, **kw):
@@ -26,22 +36,63 @@ def run(cmd, **kw):
     return p
 
 
+def build_package(generator, suffix):
+    """Runs cpack for one generator into a fresh directory: (dir, package)."""
+    if not os.path.exists(os.path.join(BUILD_DIR, "CPackConfig.cmake")):
+        raise unittest.SkipTest("no CPackConfig.cmake in %s" % BUILD_DIR)
+    out = tempfile.mkdtemp(prefix="bw-pkg-", dir="/tmp")
+    # Its own output and staging directory: parallel builds of the package
+    # (release and sanitizer trees) never share one.
+    r = run(["cpack", "--config", os.path.join(BUILD_DIR, "CPackConfig.cmake"), "-G", generator,
+             "-B", out], timeout=600, cwd=BUILD_DIR)
+    made = [f for f in os.listdir(out) if f.endswith(suffix)]
+    assert len(made) == 1, "cpack made %r:\n%s" % (made, r.stdout)
+    return out, os.path.join(out, made[0])
+
+
+def cache_value(name):
+    with open(os.path.join(BUILD_DIR, "CMakeCache.txt")) as f:
+        for line in f:
+            if line.startswith(name + ":"):
+                return line.split("=", 1)[1].strip()
+    return ""
+
+
+def deb_files(deb):
+    """{path: (mode, type)} of the .deb's files, without its directories."""
+    files = {}
+    for line in run(["dpkg-deb", "-c", deb]).stdout.splitlines():
+        perms, path = line.split()[0], line.split()[-1]
+        if perms.startswith("d"):
+            continue
+        files[path.lstrip(".")] = perms
+    return files
+
+
+def serve_and_copy(test, blockwayd, config):
+    """The packaged daemon, on the packaged configuration, serves an export
+    that nbdcopy reads back byte for byte."""
+    img = test.path("disk.img")
+    make_random_image(img, 4 * MiB, seed=9)
+    port = free_port()
+    d = Daemon(test.tmp, [])
+    d.args = [blockwayd, "--config", config, "--listen", "127.0.0.1:%d" % port,
+              "--data-dir", test.path("data"), "--export", "disk=file://" + img, "--pid-file", d.pid_file]
+    test.addCleanup(d.cleanup)
+    d.start()
+    out = test.path("copy.img")
+    run(["nbdcopy", "nbd://127.0.0.1:%d/disk" % port, out], timeout=60)
+    with open(img, "rb") as a, open(out, "rb") as b:
+        test.assertEqual(a.read(), b.read())
+    d.stop()
+
+
 class DebianPackage(DaemonTestCase):
     @classmethod
     def setUpClass(cls):
         if not shutil.which("cpack") or not shutil.which("dpkg-deb"):
             raise unittest.SkipTest("cpack or dpkg-deb missing")
-        if not os.path.exists(os.path.join(BUILD_DIR, "CPackConfig.cmake")):
-            raise unittest.SkipTest("no CPackConfig.cmake in %s" % BUILD_DIR)
-        import tempfile
-        cls.out = tempfile.mkdtemp(prefix="bw-pkg-", dir="/tmp")
-        # Its own output and staging directory: parallel builds of the package
-        # (release and sanitizer trees) never share one.
-        r = run(["cpack", "--config", os.path.join(BUILD_DIR, "CPackConfig.cmake"), "-G", "DEB",
-                 "-B", cls.out], timeout=600, cwd=BUILD_DIR)
-        debs = [f for f in os.listdir(cls.out) if f.endswith(".deb")]
-        assert len(debs) == 1, "cpack made %r:\n%s" % (debs, r.stdout)
-        cls.deb = os.path.join(cls.out, debs[0])
+        cls.out, cls.deb = build_package("DEB", ".deb")
 
     @classmethod
     def tearDownClass(cls):
@@ -61,11 +112,12 @@ class DebianPackage(DaemonTestCase):
                          "the configuration must be a conffile, or upgrades overwrite the operator's edits")
 
     def test_contents(self):
-        listing = run(["dpkg-deb", "-c", self.deb]).stdout
-        for path in ("./usr/sbin/blockwayd", "./usr/bin/blockway", "./etc/blockway/blockwayd.toml",
-                     "./lib/systemd/system/blockwayd.service", "./usr/share/doc/blockway/README.md",
-                     "./usr/share/bash-completion/completions/blockway"):
-            self.assertIn(path, listing)
+        files = deb_files(self.deb)
+        for path in ("/usr/sbin/blockwayd", "/usr/bin/blockway", "/etc/blockway/blockwayd.toml",
+                     UNIT_DEB, "/usr/share/doc/blockway/README.md",
+                     "/usr/share/bash-completion/completions/blockway"):
+            self.assertIn(path, files)
+        self.assertNotIn(UNIT_RPM, files, "the .deb's unit belongs in /lib (DEP17)")
         for script in ("postinst", "prerm", "postrm"):
             body = run(["dpkg-deb", "-I", self.deb, script]).stdout
             self.assertTrue(body.startswith("#!/bin/sh"), script)
@@ -78,7 +130,7 @@ class DebianPackage(DaemonTestCase):
     def test_unit_points_at_the_installed_paths(self):
         root = self.path("root")
         run(["dpkg-deb", "-x", self.deb, root])
-        with open(os.path.join(root, "lib/systemd/system/blockwayd.service")) as f:
+        with open(root + UNIT_DEB) as f:
             unit = f.read()
         self.assertIn("ExecStart=/usr/sbin/blockwayd --config /etc/blockway/blockwayd.toml", unit)
         if shutil.which("systemd-analyze"):
@@ -89,23 +141,107 @@ class DebianPackage(DaemonTestCase):
     def test_packaged_daemon_serves_with_the_packaged_config(self):
         root = self.path("root")
         run(["dpkg-deb", "-x", self.deb, root])
-        blockwayd = os.path.join(root, "usr/sbin/blockwayd")
-        blockway = os.path.join(root, "usr/bin/blockway")
-        self.assertIn("blockway", run([blockway, "--version"]).stdout.lower())
-        img = self.path("disk.img")
-        make_random_image(img, 4 * MiB, seed=9)
-        port = free_port()
-        d = Daemon(self.tmp, [])
-        d.args = [blockwayd, "--config", os.path.join(root, "etc/blockway/blockwayd.toml"),
-                  "--listen", "127.0.0.1:%d" % port, "--data-dir", self.path("data"),
-                  "--export", "disk=file://" + img, "--pid-file", d.pid_file]
-        self.addCleanup(d.cleanup)
-        d.start()
-        out = self.path("copy.img")
-        run(["nbdcopy", "nbd://127.0.0.1:%d/disk" % port, out], timeout=60)
-        with open(img, "rb") as a, open(out, "rb") as b:
-            self.assertEqual(a.read(), b.read())
-        d.stop()
+        self.assertIn("blockway", run([os.path.join(root, "usr/bin/blockway"), "--version"]).stdout.lower())
+        serve_and_copy(self, os.path.join(root, "usr/sbin/blockwayd"),
+                       os.path.join(root, "etc/blockway/blockwayd.toml"))
+
+    def test_binaries_are_hardened(self):
+        # Hardened by blockway's own flags, or by a distribution's (scripts/package.sh).
+        hardened = cache_value("BLOCKWAY_HARDENING") != "OFF" or "_FORTIFY_SOURCE" in cache_value("CMAKE_CXX_FLAGS")
+        if cache_value("BLOCKWAY_SANITIZE") == "ON" or not hardened:
+            self.skipTest("built with the sanitizers or without hardening")
+        root = self.path("root")
+        run(["dpkg-deb", "-x", self.deb, root])
+        for binary in ("usr/sbin/blockwayd", "usr/bin/blockway"):
+            path = os.path.join(root, binary)
+            header = run(["readelf", "-h", path]).stdout
+            self.assertRegex(header, r"Type:\s+DYN", "%s is not PIE" % binary)
+            dynamic = run(["readelf", "-d", path]).stdout
+            self.assertRegex(dynamic, r"FLAGS_1\).*\bNOW\b.*\bPIE\b|FLAGS_1\).*\bPIE\b.*\bNOW\b",
+                             "%s: no BIND_NOW/PIE flags" % binary)
+            self.assertIn("GNU_RELRO", run(["readelf", "-l", path]).stdout, "%s: no RELRO" % binary)
+            symbols = run(["readelf", "--dyn-syms", "-W", path]).stdout
+            self.assertIn("__stack_chk_fail", symbols, "%s: no stack protector" % binary)
+            self.assertRegex(symbols, r"__\w+_chk\b(?<!__stack_chk)", "%s: no _FORTIFY_SOURCE" % binary)
+
+
+class RpmPackage(DaemonTestCase):
+    @classmethod
+    def setUpClass(cls):
+        for tool in ("cpack", "rpmbuild", "rpm", "dpkg-deb"):
+            if not shutil.which(tool):
+                raise unittest.SkipTest("%s missing" % tool)
+        cls.out, cls.rpm = build_package("RPM", ".rpm")
+        cls.deb_out, cls.deb = build_package("DEB", ".deb")
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.out, ignore_errors=True)
+        shutil.rmtree(cls.deb_out, ignore_errors=True)
+
+    def query(self, *what):
+        return run(["rpm", "-qp", *what, self.rpm]).stdout
+
+    def test_header_requires_and_provides(self):
+        self.assertEqual(self.query("--qf", "%{NAME}").strip(), "blockway")
+        self.assertRegex(self.query("--qf", "%{VERSION}-%{RELEASE}"), r"^\d+\.\d+\.\d+-1$")
+        requires = self.query("--requires").split("\n")
+        # Fedora/RHEL package names, beside the sonames rpmbuild reads off the ELF files.
+        for package in ("fuse3-libs", "libnbd", "libiscsi", "libnfs", "sqlite-libs", "spdlog", "fmt",
+                        "tomlplusplus", "systemd"):
+            self.assertIn(package, [r.strip() for r in requires], "Requires lacks %s" % package)
+        self.assertTrue(any(r.startswith("libnbd.so.0") for r in requires), requires)
+        provides = self.query("--provides")
+        self.assertRegex(provides, r"(?m)^blockway = \d+\.\d+\.\d+-1")
+
+    def test_same_files_as_the_deb_with_the_same_modes(self):
+        # Less the build-id links rpmbuild adds, as on Fedora (debuginfo lookup).
+        listing = [l for l in self.query("--qf", "[%{FILEMODES:perms} %{FILENAMES}\n]").splitlines()
+                   if "/usr/lib/.build-id" not in l]
+        rpm_files = {l.split(" ", 1)[1]: l.split(" ", 1)[0] for l in listing if not l.startswith("d")}
+        rpm_dirs = {l.split(" ", 1)[1] for l in listing if l.startswith("d")}
+        expected = {(UNIT_RPM if p == UNIT_DEB else p): m for p, m in deb_files(self.deb).items()}
+        self.assertEqual(rpm_files, expected)
+        # It owns its own directories only, never the system's.
+        for d in rpm_dirs:
+            self.assertTrue("blockway" in d, "the .rpm claims %s, which other packages own" % d)
+
+    def test_configuration_is_config_noreplace(self):
+        flags = self.query("--qf", "[%{FILEFLAGS:fflags} %{FILENAMES}\n]").splitlines()
+        config = [l.split(" ", 1) for l in flags if "c" in l.split(" ", 1)[0]]
+        self.assertEqual(config, [["cn", "/etc/blockway/blockwayd.toml"]],
+                         "the configuration must be %config(noreplace)")
+        self.assertEqual(self.query("--configfiles").split(), ["/etc/blockway/blockwayd.toml"])
+
+    def test_scripts_follow_the_deb_rules(self):
+        scripts = self.query("--scripts")
+        parts = dict(re.findall(r"(?ms)^(\w+) scriptlet \(using /bin/sh\):\n(.*?)(?=^\w+ scriptlet|\Z)", scripts))
+        self.assertEqual(sorted(parts), ["postinstall", "postuninstall", "preuninstall"], scripts)
+        for name, body in parts.items():
+            self.assertEqual(subprocess.run(["sh", "-n"], input=body, text=True).returncode, 0,
+                             "%s is not valid sh" % name)
+            self.assertNotIn("rm -rf", body, "caches must survive an erase")
+        self.assertIn("install -d -m 0750 /var/lib/blockway", parts["postinstall"])
+        # The daemon is stopped on an erase ($1 = 0) only, never on an upgrade.
+        self.assertRegex(parts["preuninstall"], r'if \[ "\$1" -eq 0 \].*\n.*--now blockwayd\.service')
+
+    def test_installs_into_a_scratch_root_and_serves(self):
+        root = self.path("root")
+        run(["rpm", "--root", root, "--initdb"], timeout=60)
+        run(["rpm", "--root", root, "-i", "--nodeps", "--noscripts", self.rpm], timeout=120)
+        self.assertEqual(run(["rpm", "--root", root, "-q", "blockway"]).stdout.strip().split("-")[0], "blockway")
+        expected_modes = {"/usr/sbin/blockwayd": 0o755, "/usr/bin/blockway": 0o755,
+                          "/etc/blockway/blockwayd.toml": 0o644, UNIT_RPM: 0o644,
+                          "/usr/share/doc/blockway/README.md": 0o644,
+                          "/usr/share/bash-completion/completions/blockway": 0o644}
+        for path, mode in expected_modes.items():
+            st = os.stat(root + path)
+            self.assertEqual(st.st_mode & 0o7777, mode, path)
+            self.assertEqual((st.st_uid, st.st_gid), (0, 0), path)
+        # The database in the scratch root agrees with the disk (rpm -V prints nothing).
+        verify = run(["rpm", "--root", root, "-V", "--nodeps", "blockway"], check=False)
+        self.assertEqual((verify.returncode, verify.stdout.strip()), (0, ""), verify.stderr)
+        serve_and_copy(self, root + "/usr/sbin/blockwayd", root + "/etc/blockway/blockwayd.toml")
 
 
 if __name__ == "__main__":
