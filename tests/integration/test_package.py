@@ -64,7 +64,9 @@ class DebianPackage(DaemonTestCase):
         listing = run(["dpkg-deb", "-c", self.deb]).stdout
         for path in ("./usr/sbin/blockwayd", "./usr/bin/blockway", "./etc/blockway/blockwayd.toml",
                      "./lib/systemd/system/blockwayd.service", "./usr/share/doc/blockway/README.md",
-                     "./usr/share/bash-completion/completions/blockway"):
+                     "./usr/share/bash-completion/completions/blockway",
+                     "./lib/systemd/system/blockwayd.socket", "./usr/share/man/man8/blockwayd.8",
+                     "./usr/share/man/man5/blockwayd.toml.5", "./usr/share/man/man1/blockway.1"):
             self.assertIn(path, listing)
         for script in ("postinst", "prerm", "postrm"):
             body = run(["dpkg-deb", "-I", self.deb, script]).stdout
@@ -85,6 +87,58 @@ class DebianPackage(DaemonTestCase):
             r = subprocess.run(["systemd-analyze", "verify", "--root=" + root, "blockwayd.service"],
                                capture_output=True, text=True)
             self.assertNotIn("bad-setting", r.stderr)
+
+    def test_socket_unit_matches_the_packaged_listeners(self):
+        """Each ListenStream= of blockwayd.socket must be a listen address of
+        the packaged configuration, or the daemon refuses to start."""
+        import re
+        root = self.path("root")
+        run(["dpkg-deb", "-x", self.deb, root])
+        with open(os.path.join(root, "lib/systemd/system/blockwayd.socket")) as f:
+            streams = re.findall(r"(?m)^ListenStream=(.+)$", f.read())
+        with open(os.path.join(root, "etc/blockway/blockwayd.toml")) as f:
+            listen = re.search(r"(?m)^listen = \[(.*)\]", f.read()).group(1)
+        configured = re.findall(r'"([^"]+)"', listen)
+        self.assertTrue(streams)
+        for s in streams:
+            self.assertIn("unix:" + s if s.startswith("/") else s, configured)
+        with open(os.path.join(root, "lib/systemd/system/blockwayd.service")) as f:
+            unit = f.read()
+        self.assertIn("Type=notify", unit)
+        self.assertIn("WatchdogSec=", unit)
+        if shutil.which("systemd-analyze"):
+            r = subprocess.run(["systemd-analyze", "verify", "--root=" + root, "blockwayd.socket"],
+                               capture_output=True, text=True)
+            self.assertNotIn("bad-setting", r.stderr)
+
+    def test_man_pages_render_without_warnings(self):
+        import re
+        root = self.path("root")
+        run(["dpkg-deb", "-x", self.deb, root])
+        pages = {"blockwayd": "usr/share/man/man8/blockwayd.8",
+                 "blockwayd.toml": "usr/share/man/man5/blockwayd.toml.5",
+                 "blockway": "usr/share/man/man1/blockway.1"}
+        text = {}
+        for name, rel in pages.items():
+            page = os.path.join(root, rel)
+            g = subprocess.run(["groff", "-ww", "-z", "-man", "-Tutf8", page], capture_output=True, text=True)
+            self.assertEqual((g.returncode, g.stderr), (0, ""), "groff warns about " + rel)
+            m = subprocess.run(["man", "--warnings=w", "-l", page], capture_output=True, text=True,
+                               env=dict(os.environ, MANWIDTH="80", MAN_KEEP_FORMATTING="0", LANG="C.UTF-8"))
+            self.assertEqual((m.returncode, m.stderr), (0, ""), "man -l " + rel)
+            self.assertIn("NAME", m.stdout)
+            text[name] = re.sub(r".\x08", "", m.stdout)
+        # Generated from the same tables as --help: every flag is documented.
+        help_text = run([os.path.join(root, "usr/sbin/blockwayd"), "--help"]).stdout
+        flags = re.findall(r"(?m)^  (--[a-z-]+)", help_text)
+        self.assertIn("--log-format", flags)
+        for flag in flags:
+            self.assertIn(flag, text["blockwayd"])
+            self.assertIn(flag, text["blockwayd.toml"])
+        for cmd in ("prefetch start|pause|resume|status NAME", "detach NAME [--force]"):
+            self.assertIn(cmd, text["blockway"])
+        for section in ("SYSTEMD", "SOCKET ACTIVATION", "LOGGING", "EXIT STATUS", "EXPORT OPTIONS"):
+            self.assertIn(section, text["blockwayd"])
 
     def test_packaged_daemon_serves_with_the_packaged_config(self):
         root = self.path("root")

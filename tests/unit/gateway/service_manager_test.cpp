@@ -1,0 +1,118 @@
+// ServiceManager: READY=1 and STATUS= to a real datagram socket, and the
+// watchdog: pings while every event loop ticks, none while one loop is
+// wedged, pings again once it runs.
+#include "gateway/service_manager.hpp"
+
+#include <gtest/gtest.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <boost/asio/post.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <thread>
+
+namespace blockway::gateway {
+namespace {
+
+using namespace std::chrono_literals;
+
+struct Receiver {
+  int fd = ::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  std::string name = "blockway-service-test-" + std::to_string(::getpid());
+  Receiver() {
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::memcpy(addr.sun_path + 1, name.data(), name.size());
+    EXPECT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&addr),
+                     static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + 1 + name.size())),
+              0);
+  }
+  ~Receiver() { ::close(fd); }
+  // The next datagram within `ms`, or "".
+  std::string receive(int ms) {
+    pollfd p{fd, POLLIN, 0};
+    if (::poll(&p, 1, ms) != 1) return "";
+    char buf[512];
+    const auto n = ::recv(fd, buf, sizeof buf, 0);
+    return n < 0 ? "" : std::string(buf, static_cast<size_t>(n));
+  }
+  // WATCHDOG=1 datagrams arriving during `d`.
+  int pings(std::chrono::milliseconds d) {
+    int n = 0;
+    const auto end = std::chrono::steady_clock::now() + d;
+    while (true) {
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(end - std::chrono::steady_clock::now());
+      if (left.count() <= 0) return n;
+      if (receive(static_cast<int>(left.count())) == "WATCHDOG=1") ++n;
+    }
+  }
+  void drain() {
+    while (!receive(0).empty()) {
+    }
+  }
+};
+
+TEST(ServiceManagerTest, ReadyStatusAndAWedgedLoopStopsThePings) {
+  Receiver r;
+  ::setenv("NOTIFY_SOCKET", ("@" + r.name).c_str(), 1);
+  ::setenv("WATCHDOG_USEC", "200000", 1);  // pings every 50 ms
+  ::unsetenv("WATCHDOG_PID");
+  core::EventLoops loops(2, 1);
+  core::ExportTable exports;
+  ServiceManager service(loops, exports, [] { return size_t{3}; });
+  ASSERT_TRUE(service.enabled());
+  EXPECT_EQ(service.status(), "serving 0 exports to 3 clients");
+  service.starting("opening exports");
+  EXPECT_EQ(r.receive(5000), "STATUS=opening exports");
+
+  std::thread runner([&] { loops.run(); });
+  service.ready();
+  EXPECT_EQ(r.receive(5000), "READY=1\nSTATUS=serving 0 exports to 3 clients");
+  EXPECT_GE(r.pings(500ms), 4);
+
+  // Loop 1 blocks: within half the interval (100 ms) the pings stop.
+  std::atomic<bool> release{false};
+  boost::asio::post(loops.at(1), [&] {
+    while (!release) std::this_thread::sleep_for(5ms);
+  });
+  std::this_thread::sleep_for(200ms);
+  r.drain();
+  EXPECT_EQ(r.pings(400ms), 0) << "a wedged loop must stop the watchdog";
+  release = true;
+  EXPECT_GE(r.pings(500ms), 4) << "pings resume once the loop runs again";
+
+  service.stopping();
+  std::string stopping;
+  for (int i = 0; i < 50 && !stopping.starts_with("STOPPING"); ++i) stopping = r.receive(1000);
+  EXPECT_EQ(stopping, "STOPPING=1\nSTATUS=stopping: 3 clients left");
+  boost::asio::post(loops.at(0), [&] {
+    service.stop();
+    loops.release();
+  });
+  runner.join();  // stop() ends every timer, so the loops run out of work
+  r.drain();
+  EXPECT_EQ(r.pings(200ms), 0);
+}
+
+TEST(ServiceManagerTest, WithoutSystemdNothingRuns) {
+  ::unsetenv("NOTIFY_SOCKET");
+  ::setenv("WATCHDOG_USEC", "200000", 1);
+  core::EventLoops loops(1, 1);
+  core::ExportTable exports;
+  ServiceManager service(loops, exports, [] { return size_t{0}; });
+  EXPECT_FALSE(service.enabled());
+  service.ready();
+  loops.release();
+  loops.run();  // returns at once: no timer was armed
+  service.stop();
+}
+
+}  // namespace
+}  // namespace blockway::gateway
