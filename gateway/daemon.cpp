@@ -74,7 +74,8 @@ void complete(DaemonConfig& config, bool sockets_passed) {
       config.listen.push_back(ListenAddress::parse("[::1]:10809"));
     }
   }
-  if (config.listen.empty() && !config.stdio_export && !sockets_passed) config.listen.push_back(ListenAddress::parse("127.0.0.1:10809"));
+  if (config.listen.empty() && !config.stdio_export && !sockets_passed)
+    config.listen.push_back(ListenAddress::parse("127.0.0.1:10809"));
   config.validate();
 }
 

@@ -16,9 +16,11 @@ namespace {
 
 // One definition: the term in bold (its placeholder underlined), the text
 // indented under it. Line breaks in the help become spaces: scdoc fills.
-void term(std::string& out, std::string_view name, std::string_view value, std::string_view help) {
+// `sep` goes between them: " " for a flag, "=" for an option.
+void term(std::string& out, std::string_view name, std::string_view value, std::string_view help,
+          std::string_view sep = " ") {
   out += "*" + scdoc_escape(name) + "*";
-  if (!value.empty()) out += " _" + scdoc_escape(value) + "_";
+  if (!value.empty()) out += std::string(sep) + "_" + scdoc_escape(value) + "_";
   out += "\n";
   std::string text = scdoc_escape(help);
   for (auto& c : text)
@@ -30,7 +32,7 @@ void options(std::string& out, std::span<const core::OptionSpec> specs) {
   for (const auto& s : specs) {
     const std::string usage = s.usage();  // "io-timeout=SECONDS"
     const auto eq = usage.find('=');
-    term(out, usage.substr(0, eq), eq == std::string::npos ? "" : usage.substr(eq + 1), s.describe());
+    term(out, usage.substr(0, eq), eq == std::string::npos ? "" : usage.substr(eq + 1), s.describe(), "=");
   }
 }
 

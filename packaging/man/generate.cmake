@@ -1,6 +1,7 @@
 # Makes one man page: fills the @@SECTION@@ lines of the scdoc source SOURCE
 # with `blockwayd --help-man SECTION` (and @@usage@@ with `blockway --help`,
-# as a literal block), then runs scdoc. Run by the build (CMakeLists.txt here):
+# as a literal block), then runs scdoc, and gzips the page. Run by the build
+# (CMakeLists.txt here):
 #   cmake -DSOURCE=... -DOUTPUT=... -DBLOCKWAYD=... -DBLOCKWAY=... -DSCDOC=... -P generate.cmake
 file(STRINGS ${SOURCE} lines)
 set(text "")
@@ -24,4 +25,9 @@ file(WRITE ${OUTPUT}.scd "${text}")
 execute_process(COMMAND ${SCDOC} INPUT_FILE ${OUTPUT}.scd OUTPUT_FILE ${OUTPUT} RESULT_VARIABLE rc ERROR_VARIABLE err)
 if(NOT rc EQUAL 0)
   message(FATAL_ERROR "scdoc ${OUTPUT}.scd: ${err}")
+endif()
+# Installed compressed, as Debian policy asks (gzip -9n: no name, no time).
+execute_process(COMMAND gzip -9n -c ${OUTPUT} OUTPUT_FILE ${OUTPUT}.gz RESULT_VARIABLE rc)
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "gzip ${OUTPUT}: ${rc}")
 endif()

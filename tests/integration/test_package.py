@@ -7,6 +7,7 @@ The package is extracted into a temporary root (dpkg-deb -x), not installed:
 a test must not change the machine it runs on.
 """
 
+import gzip
 import os
 import shutil
 import subprocess
@@ -65,8 +66,8 @@ class DebianPackage(DaemonTestCase):
         for path in ("./usr/sbin/blockwayd", "./usr/bin/blockway", "./etc/blockway/blockwayd.toml",
                      "./lib/systemd/system/blockwayd.service", "./usr/share/doc/blockway/README.md",
                      "./usr/share/bash-completion/completions/blockway",
-                     "./lib/systemd/system/blockwayd.socket", "./usr/share/man/man8/blockwayd.8",
-                     "./usr/share/man/man5/blockwayd.toml.5", "./usr/share/man/man1/blockway.1"):
+                     "./lib/systemd/system/blockwayd.socket", "./usr/share/man/man8/blockwayd.8.gz",
+                     "./usr/share/man/man5/blockwayd.toml.5.gz", "./usr/share/man/man1/blockway.1.gz"):
             self.assertIn(path, listing)
         for script in ("postinst", "prerm", "postrm"):
             body = run(["dpkg-deb", "-I", self.deb, script]).stdout
@@ -115,13 +116,16 @@ class DebianPackage(DaemonTestCase):
         import re
         root = self.path("root")
         run(["dpkg-deb", "-x", self.deb, root])
-        pages = {"blockwayd": "usr/share/man/man8/blockwayd.8",
-                 "blockwayd.toml": "usr/share/man/man5/blockwayd.toml.5",
-                 "blockway": "usr/share/man/man1/blockway.1"}
+        pages = {"blockwayd": "usr/share/man/man8/blockwayd.8.gz",
+                 "blockwayd.toml": "usr/share/man/man5/blockwayd.toml.5.gz",
+                 "blockway": "usr/share/man/man1/blockway.1.gz"}
         text = {}
         for name, rel in pages.items():
             page = os.path.join(root, rel)
-            g = subprocess.run(["groff", "-ww", "-z", "-man", "-Tutf8", page], capture_output=True, text=True)
+            with gzip.open(page, "rt") as f:
+                source = f.read()
+            g = subprocess.run(["groff", "-ww", "-z", "-man", "-Tutf8"], input=source, capture_output=True,
+                               text=True)
             self.assertEqual((g.returncode, g.stderr), (0, ""), "groff warns about " + rel)
             m = subprocess.run(["man", "--warnings=w", "-l", page], capture_output=True, text=True,
                                env=dict(os.environ, MANWIDTH="80", MAN_KEEP_FORMATTING="0", LANG="C.UTF-8"))

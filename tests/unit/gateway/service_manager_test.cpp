@@ -3,18 +3,15 @@
 // wedged, pings again once it runs.
 #include "gateway/service_manager.hpp"
 
+#include "tests/support/notify_receiver.hpp"
+
 #include <gtest/gtest.h>
-#include <poll.h>
-#include <sys/socket.h>
-#include <sys/un.h>
-#include <unistd.h>
 
 #include <boost/asio/post.hpp>
 
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
-#include <cstring>
 #include <string>
 #include <thread>
 
@@ -23,45 +20,10 @@ namespace {
 
 using namespace std::chrono_literals;
 
-struct Receiver {
-  int fd = ::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-  std::string name = "blockway-service-test-" + std::to_string(::getpid());
-  Receiver() {
-    sockaddr_un addr{};
-    addr.sun_family = AF_UNIX;
-    std::memcpy(addr.sun_path + 1, name.data(), name.size());
-    EXPECT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&addr),
-                     static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + 1 + name.size())),
-              0);
-  }
-  ~Receiver() { ::close(fd); }
-  // The next datagram within `ms`, or "".
-  std::string receive(int ms) {
-    pollfd p{fd, POLLIN, 0};
-    if (::poll(&p, 1, ms) != 1) return "";
-    char buf[512];
-    const auto n = ::recv(fd, buf, sizeof buf, 0);
-    return n < 0 ? "" : std::string(buf, static_cast<size_t>(n));
-  }
-  // WATCHDOG=1 datagrams arriving during `d`.
-  int pings(std::chrono::milliseconds d) {
-    int n = 0;
-    const auto end = std::chrono::steady_clock::now() + d;
-    while (true) {
-      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(end - std::chrono::steady_clock::now());
-      if (left.count() <= 0) return n;
-      if (receive(static_cast<int>(left.count())) == "WATCHDOG=1") ++n;
-    }
-  }
-  void drain() {
-    while (!receive(0).empty()) {
-    }
-  }
-};
-
 TEST(ServiceManagerTest, ReadyStatusAndAWedgedLoopStopsThePings) {
-  Receiver r;
-  ::setenv("NOTIFY_SOCKET", ("@" + r.name).c_str(), 1);
+  test::NotifyReceiver r("service-test");
+  ASSERT_TRUE(r.bound());
+  ::setenv("NOTIFY_SOCKET", r.notify_socket().c_str(), 1);
   ::setenv("WATCHDOG_USEC", "200000", 1);  // pings every 50 ms
   ::unsetenv("WATCHDOG_PID");
   core::EventLoops loops(2, 1);

@@ -2,14 +2,12 @@
 // WATCHDOG_USEC/WATCHDOG_PID rule, and datagrams received by a real socket.
 #include "gateway/systemd_notify.hpp"
 
+#include "tests/support/notify_receiver.hpp"
+
 #include <gtest/gtest.h>
-#include <poll.h>
-#include <sys/socket.h>
-#include <sys/un.h>
 #include <unistd.h>
 
 #include <cstdlib>
-#include <cstring>
 #include <string>
 
 namespace blockway::gateway {
@@ -36,31 +34,10 @@ TEST(SystemdNotifyTest, WatchdogInterval) {
   EXPECT_FALSE(SystemdNotify::watchdog_interval("500000", "x", 42));
 }
 
-// A datagram socket bound to an abstract name, as systemd's would be.
-struct Receiver {
-  int fd = ::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-  std::string name = "blockway-notify-test-" + std::to_string(::getpid());
-  Receiver() {
-    sockaddr_un addr{};
-    addr.sun_family = AF_UNIX;
-    std::memcpy(addr.sun_path + 1, name.data(), name.size());
-    EXPECT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&addr),
-                     static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + 1 + name.size())),
-              0);
-  }
-  ~Receiver() { ::close(fd); }
-  std::string receive() {
-    pollfd p{fd, POLLIN, 0};
-    if (::poll(&p, 1, 5000) != 1) return "(nothing)";
-    char buf[512];
-    const auto n = ::recv(fd, buf, sizeof buf, 0);
-    return n < 0 ? "(error)" : std::string(buf, static_cast<size_t>(n));
-  }
-};
-
 TEST(SystemdNotifyTest, SendsToAnAbstractSocketAndClearsTheEnvironment) {
-  Receiver r;
-  ::setenv("NOTIFY_SOCKET", ("@" + r.name).c_str(), 1);
+  test::NotifyReceiver r("notify-test");
+  ASSERT_TRUE(r.bound());
+  ::setenv("NOTIFY_SOCKET", r.notify_socket().c_str(), 1);
   ::setenv("WATCHDOG_USEC", "1000000", 1);
   ::setenv("WATCHDOG_PID", std::to_string(::getpid()).c_str(), 1);
   SystemdNotify n;
@@ -69,7 +46,7 @@ TEST(SystemdNotifyTest, SendsToAnAbstractSocketAndClearsTheEnvironment) {
   EXPECT_EQ(std::getenv("NOTIFY_SOCKET"), nullptr);  // not inherited by children
   EXPECT_EQ(std::getenv("WATCHDOG_USEC"), nullptr);
   EXPECT_TRUE(n.send("READY=1\nSTATUS=up"));
-  EXPECT_EQ(r.receive(), "READY=1\nSTATUS=up");
+  EXPECT_EQ(r.receive(5000), "READY=1\nSTATUS=up");
 }
 
 TEST(SystemdNotifyTest, WithoutNotifySocketNothingIsSent) {
