@@ -20,7 +20,8 @@ foreach(line IN LISTS lines)
     message(FATAL_ERROR "${line}: the generator failed (${rc})")
   endif()
 endforeach()
-# file(STRINGS) drops ';' from lines: none of the sources use it.
+# file(STRINGS) and the list above mangle ';' and a trailing '\': none of the
+# sources use them.
 file(WRITE ${OUTPUT}.scd "${text}")
 execute_process(COMMAND ${SCDOC} INPUT_FILE ${OUTPUT}.scd OUTPUT_FILE ${OUTPUT} RESULT_VARIABLE rc ERROR_VARIABLE err)
 if(NOT rc EQUAL 0)
