@@ -3,7 +3,8 @@
 the test: a NOTIFY_SOCKET (a Python datagram socket) receiving READY=1,
 STATUS=, STOPPING=1 and WATCHDOG=1; a SIGSTOPped daemon whose pings stop;
 socket activation by systemd-socket-activate (systemd's own tool), with the
-client connecting before the daemon is ready; journal priority prefixes
+client connecting before the daemon is ready, and a client waiting in the
+listen queue of a passed socket while the daemon restarts; journal priority prefixes
 (JOURNAL_STREAM naming the pipe the test gives as stderr); --log-format json.
 """
 
@@ -251,6 +252,55 @@ class SocketActivationTest(SystemdCase):
         with socket.create_connection(("127.0.0.1", passed), timeout=10):
             self.assertEqual(p.wait(20), 2)
         self.assertIn("socket 127.0.0.1:%d passed by systemd (nbd) matches no listen address" % passed, self.log())
+
+
+class RestartTest(SystemdCase):
+    """What systemd does across a restart, played by the test: it holds the
+    listening socket and passes it to each new daemon as fd 3."""
+
+    def start_on(self, listener, name):
+        fd = listener.fileno()
+        pid_file = self.path(name + ".pid")
+        log = open(self.path(name + ".log"), "wb")
+        self.addCleanup(log.close)
+        move = "" if fd == 3 else "exec 3<&%d %d<&-; " % (fd, fd)  # to fd 3, where sd_listen_fds(3) looks
+        script = move + 'export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=nbd; exec "$@"'
+        p = subprocess.Popen(["bash", "-c", script, "bash", BLOCKWAYD, "--export", "vm1=file://" + self.image(),
+                              "--control-socket", "off", "--pid-file", pid_file],
+                             pass_fds=[fd], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+
+        def stop():
+            if p.poll() is None:
+                kill_pid(p)
+            p.wait(10)
+        self.addCleanup(stop)
+        wait_until(lambda: os.path.exists(pid_file) or p.poll() is not None, 10, what=name + " ready")
+        if p.poll() is not None:
+            with open(self.path(name + ".log")) as f:
+                self.fail("%s exited with %d:\n%s" % (name, p.returncode, f.read()))
+        return p
+
+    def test_a_client_waits_through_a_restart(self):
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        uri = "nbd://127.0.0.1:%d/vm1" % listener.getsockname()[1]
+        first = self.start_on(listener, "first")
+        self.assertEqual(nbdinfo_size(uri), 64 * MiB)
+        first.send_signal(signal.SIGTERM)
+        self.assertEqual(first.wait(40), 0)
+        # No daemon now: the client's connection waits in the listen queue.
+        client = subprocess.Popen(["nbdinfo", "--size", uri], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(lambda: (kill_pid(client), client.wait(10)))
+        time.sleep(0.5)
+        self.assertIsNone(client.poll(), "the client must wait, not be refused")
+        self.start_on(listener, "second")
+        out, err = client.communicate(timeout=30)
+        self.assertEqual(client.returncode, 0, err)
+        self.assertEqual(int(out.decode().strip()), 64 * MiB)
+        with open(self.path("second.log")) as f:
+            self.assertIn("(socket passed by systemd: nbd)", f.read())
 
 
 class JournalTest(SystemdCase):
