@@ -420,5 +420,24 @@ class JsonLogTest(SystemdCase):
         self.assertIn(b"log-format 'yaml' is not one of text, json", p.stderr)
 
 
+class HelpManTest(unittest.TestCase):
+    """blockwayd --help-man SECTION, what the build makes the man pages from."""
+
+    def test_sections(self):
+        for section, needle in (("options", b"*--log-format* _FORMAT_"), ("uris", b"*nbd://HOST[:PORT]/EXPORT*"),
+                                ("export-options", b"*cache*=_DIR_"), ("fuse-options", b"*allow-other*"),
+                                ("exit-status", b"*2*\n\ta configuration mistake")):
+            p = run([BLOCKWAYD, "--help-man", section], timeout=20)
+            self.assertIn(needle, p.stdout, section)
+
+    def test_unknown_section_is_refused(self):
+        p = run([BLOCKWAYD, "--help-man", "everything"], check=False, timeout=20)
+        self.assertEqual(p.returncode, 2)
+        self.assertIn(b"--help-man 'everything' is not one of options, uris", p.stderr)
+        p = run([BLOCKWAYD, "--help-man"], check=False, timeout=20)
+        self.assertEqual(p.returncode, 2)
+        self.assertIn(b"--help-man needs a value", p.stderr)
+
+
 if __name__ == "__main__":
     unittest.main()
