@@ -9,6 +9,7 @@ a test must not change the machine it runs on.
 
 import gzip
 import os
+import re
 import shutil
 import subprocess
 import unittest
@@ -84,15 +85,16 @@ class DebianPackage(DaemonTestCase):
         with open(os.path.join(root, "lib/systemd/system/blockwayd.service")) as f:
             unit = f.read()
         self.assertIn("ExecStart=/usr/sbin/blockwayd --config /etc/blockway/blockwayd.toml", unit)
+        self.verify_unit(root, "blockwayd.service")
+
+    def verify_unit(self, root, unit):
         if shutil.which("systemd-analyze"):
-            r = subprocess.run(["systemd-analyze", "verify", "--root=" + root, "blockwayd.service"],
-                               capture_output=True, text=True)
+            r = subprocess.run(["systemd-analyze", "verify", "--root=" + root, unit], capture_output=True, text=True)
             self.assertNotIn("bad-setting", r.stderr)
 
     def test_socket_unit_matches_the_packaged_listeners(self):
         """Each ListenStream= of blockwayd.socket must be a listen address of
         the packaged configuration, or the daemon refuses to start."""
-        import re
         root = self.path("root")
         run(["dpkg-deb", "-x", self.deb, root])
         with open(os.path.join(root, "lib/systemd/system/blockwayd.socket")) as f:
@@ -107,13 +109,9 @@ class DebianPackage(DaemonTestCase):
             unit = f.read()
         self.assertIn("Type=notify", unit)
         self.assertIn("WatchdogSec=", unit)
-        if shutil.which("systemd-analyze"):
-            r = subprocess.run(["systemd-analyze", "verify", "--root=" + root, "blockwayd.socket"],
-                               capture_output=True, text=True)
-            self.assertNotIn("bad-setting", r.stderr)
+        self.verify_unit(root, "blockwayd.socket")
 
     def test_man_pages_render_without_warnings(self):
-        import re
         root = self.path("root")
         run(["dpkg-deb", "-x", self.deb, root])
         pages = {"blockwayd": "usr/share/man/man8/blockwayd.8.gz",
