@@ -258,7 +258,7 @@ class RestartTest(SystemdCase):
     """What systemd does across a restart, played by the test: it holds the
     listening socket and passes it to each new daemon as fd 3."""
 
-    def start_on(self, listener, name):
+    def start_on(self, listener, name, expect_exit=None):
         fd = listener.fileno()
         pid_file = self.path(name + ".pid")
         log = open(self.path(name + ".log"), "wb")
@@ -274,6 +274,10 @@ class RestartTest(SystemdCase):
                 kill_pid(p)
             p.wait(10)
         self.addCleanup(stop)
+        if expect_exit is not None:
+            self.assertEqual(p.wait(20), expect_exit)
+            with open(self.path(name + ".log")) as f:
+                return f.read()
         wait_until(lambda: os.path.exists(pid_file) or p.poll() is not None, 10, what=name + " ready")
         if p.poll() is not None:
             with open(self.path(name + ".log")) as f:
@@ -301,6 +305,14 @@ class RestartTest(SystemdCase):
         self.assertEqual(int(out.decode().strip()), 64 * MiB)
         with open(self.path("second.log")) as f:
             self.assertIn("(socket passed by systemd: nbd)", f.read())
+
+
+    def test_a_passed_socket_that_cannot_accept_is_refused(self):
+        for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):  # a datagram socket; a stream one not listening
+            with socket.socket(socket.AF_INET, kind) as s:
+                s.bind(("127.0.0.1", 0))
+                log = self.start_on(s, "bad%d" % kind, expect_exit=2)
+                self.assertIn("blockwayd: passed fd 3 is not a listening stream socket", log)
 
 
 class JournalTest(SystemdCase):
