@@ -21,7 +21,7 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (BLOCKWAYD, DaemonTestCase, free_port, have, kill_pid,  # noqa: E402
-                     make_sparse_image, run, wait_until)
+                     make_random_image, make_sparse_image, run, wait_until)
 
 MiB = 1 << 20
 
@@ -141,6 +141,19 @@ class NotifyTest(SystemdCase):
 
     def test_ready_status_stopping_on_an_abstract_socket(self):
         self.run_notify(abstract=True)
+
+    def test_status_shows_prefetch_progress(self):
+        n = self.notify_socket()
+        img = make_random_image(self.path("full.img"), 16 * MiB)
+        os.mkdir(self.path("cache"))
+        p = self.spawn(["--listen", "127.0.0.1:%d" % free_port(), "--control-socket", "off", "--export",
+                        "vm1=file://%s,cache=%s,prefetch=sequential,prefetch-rate=1M" % (img, self.path("cache"))],
+                       env={"NOTIFY_SOCKET": n.env})
+        n.wait_for("READY", 10)
+        m = n.wait_for("STATUS", 15, value=lambda s: "prefetch" in s)
+        self.assertRegex(m["STATUS"], r"^serving 1 export to 0 clients; prefetch vm1 \d+\.\d%$")
+        p.send_signal(signal.SIGTERM)
+        self.assertEqual(p.wait(40), 0, self.log())
 
     def test_without_notify_socket_nothing_changes(self):
         port = free_port()
