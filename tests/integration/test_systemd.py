@@ -182,7 +182,8 @@ class WatchdogTest(SystemdCase):
                         "--control-socket", "off", "--threads", "2"],
                        env={"NOTIFY_SOCKET": n.env, "WATCHDOG_USEC": "400000"})
         n.wait_for("READY", 10)
-        self.assertGreaterEqual(n.count("WATCHDOG", 1.0), 5, n.messages[-5:])
+        # About 10 a second are sent; fewer on a loaded machine.
+        self.assertGreaterEqual(n.count("WATCHDOG", 1.0), 3, n.messages[-5:])
         os.kill(p.pid, signal.SIGSTOP)
         try:
             time.sleep(0.2)  # a ping sent just before the stop may be queued
@@ -191,7 +192,7 @@ class WatchdogTest(SystemdCase):
             self.assertEqual(n.count("WATCHDOG", 1.5), 0, "a stopped daemon must not ping")
         finally:
             os.kill(p.pid, signal.SIGCONT)
-        self.assertGreaterEqual(n.count("WATCHDOG", 1.0), 5, "pings resume after SIGCONT")
+        self.assertGreaterEqual(n.count("WATCHDOG", 1.0), 3, "pings resume after SIGCONT")
         p.send_signal(signal.SIGTERM)
         self.assertEqual(p.wait(40), 0, self.log())
         self.assertIn("watchdog: every event loop checked every 100 ms", self.log())
