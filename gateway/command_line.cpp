@@ -68,6 +68,10 @@ const Flag kFlags[] = {
      [](CommandLine& l, const std::string& v) { l.config.pid_file = v; }},
     {"--log-level", "LEVEL", "trace, debug, info, warn, error or off (default info)",
      [](CommandLine& l, const std::string& v) { l.config.log_level = v; }},
+    {"--log-format", "FORMAT",
+     "text, or json: one object a line (time, level, logger, message, pid, thread) for log shippers (default "
+     "text). Under systemd, lines carry their syslog priority for the journal",
+     [](CommandLine& l, const std::string& v) { l.config.log_format = core::parse_log_format(v, "--log-format"); }},
     {"--control-socket", "PATH",
      "the control socket used by the blockway command (default /run/blockway/control.sock for root; \"off\" "
      "disables it)",
@@ -85,6 +89,13 @@ const Flag kFlags[] = {
     {"--version", "", "print the version",
      [](CommandLine& l, const std::string&) { l.action = CommandLine::Action::version; }},
     {"--help", "", "this text", [](CommandLine& l, const std::string&) { l.action = CommandLine::Action::help; }},
+    {"--help-man", "SECTION",
+     "print a section of the man pages in scdoc, made from these tables: options, uris, export-options, "
+     "fuse-options or exit-status (used by the build)",
+     [](CommandLine& l, const std::string& v) {
+       l.action = CommandLine::Action::help_man;
+       l.man_section = v;
+     }},
 };
 
 const std::pair<DaemonExit, std::string_view> kExits[] = {
@@ -191,6 +202,7 @@ DaemonConfig effective_config(CommandLine line) {
       for (const auto& [k, v] : cfg.fuse->options) from_file.fuse->options[k] = v;
     }
     if (cfg.log_level != defaults.log_level) from_file.log_level = cfg.log_level;
+    if (cfg.log_format != defaults.log_format) from_file.log_format = cfg.log_format;
     if (!cfg.control_socket.empty()) from_file.control_socket = cfg.control_socket;
     if (!cfg.control_socket_group.empty()) from_file.control_socket_group = cfg.control_socket_group;
     cfg = std::move(from_file);
@@ -204,6 +216,18 @@ DaemonConfig effective_config(CommandLine line) {
 std::vector<std::pair<std::string_view, std::string_view>> flags() {
   std::vector<std::pair<std::string_view, std::string_view>> out;
   for (const auto& f : kFlags) out.emplace_back(f.name, f.value);
+  return out;
+}
+
+std::vector<FlagHelp> flag_help() {
+  std::vector<FlagHelp> out;
+  for (const auto& f : kFlags) out.push_back({f.name, f.value, f.help});
+  return out;
+}
+
+std::vector<std::pair<int, std::string_view>> exit_codes() {
+  std::vector<std::pair<int, std::string_view>> out;
+  for (const auto& [code, meaning] : kExits) out.emplace_back(code, meaning);
   return out;
 }
 

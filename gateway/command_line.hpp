@@ -24,8 +24,9 @@ enum DaemonExit : int {
 };
 
 struct CommandLine {
-  enum class Action { run, help, version };
+  enum class Action { run, help, help_man, version };
   Action action = Action::run;
+  std::string man_section;                 // --help-man
   DaemonConfig config;                     // what the flags set
   std::string config_file;                 // --config
   std::vector<core::ListenAddress> listen;  // --listen: replaces the file's
@@ -44,5 +45,13 @@ std::string usage();
 
 // Every flag, with its value placeholder ("--listen", "ADDR"), for tests.
 std::vector<std::pair<std::string_view, std::string_view>> flags();
+
+// Every flag with its placeholder and help, and the exit codes with their
+// meaning: what the man page is made from (gateway/man_page.hpp).
+struct FlagHelp {
+  std::string_view name, value, help;
+};
+std::vector<FlagHelp> flag_help();
+std::vector<std::pair<int, std::string_view>> exit_codes();
 
 }  // namespace blockway::gateway

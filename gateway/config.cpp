@@ -237,6 +237,8 @@ void load_config_file(const std::string& path, DaemonConfig& cfg) {
       cfg.data_dir = as_string(node, key);
     } else if (key == "log-level") {
       cfg.log_level = as_string(node, key);
+    } else if (key == "log-format") {
+      cfg.log_format = core::parse_log_format(as_string(node, key), key);
     } else if (key == "pid-file") {
       cfg.pid_file = as_string(node, key);
     } else if (key == "default-export") {

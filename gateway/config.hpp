@@ -5,6 +5,7 @@
 #pragma once
 
 #include "core/listen_address.hpp"
+#include "core/logging.hpp"
 #include "core/options.hpp"
 
 #include <chrono>
@@ -53,6 +54,7 @@ struct DaemonConfig {
   unsigned blocking_threads = 16;  // pool for calls that may block
   std::string data_dir;
   std::string log_level = "info";
+  core::LogFormat log_format = core::LogFormat::text;  // --log-format, log-format
   std::string pid_file;
   // Control socket: empty = default_control_socket() (skipped with a warning
   // if another daemon already listens there); "off" = no control plane.

@@ -10,6 +10,8 @@
 #include "gateway/control_server.hpp"
 #include "gateway/fuse_commands.hpp"
 #include "gateway/runtime_exports.hpp"
+#include "gateway/service_manager.hpp"
+#include "gateway/socket_activation.hpp"
 #include "gateway/stack_builder.hpp"
 #include "nbd/server.hpp"
 
@@ -61,17 +63,19 @@ ExportConfig demo_export(const std::string& data_dir) {
 }
 
 // The defaults that depend on the rest of the configuration: the data
-// directory, the demo export and the listen addresses.
-void complete(DaemonConfig& config) {
+// directory, the demo export and the listen addresses (none when systemd
+// passed listening sockets: those are the listeners then).
+void complete(DaemonConfig& config, bool sockets_passed) {
   if (config.data_dir.empty()) config.data_dir = core::default_data_dir();
   if (config.embedded_default) {
     config.exports.push_back(demo_export(config.data_dir));
-    if (config.listen.empty()) {
+    if (config.listen.empty() && !sockets_passed) {
       config.listen.push_back(ListenAddress::parse("127.0.0.1:10809"));
       config.listen.push_back(ListenAddress::parse("[::1]:10809"));
     }
   }
-  if (config.listen.empty() && !config.stdio_export) config.listen.push_back(ListenAddress::parse("127.0.0.1:10809"));
+  if (config.listen.empty() && !config.stdio_export && !sockets_passed)
+    config.listen.push_back(ListenAddress::parse("127.0.0.1:10809"));
   config.validate();
 }
 
@@ -120,18 +124,23 @@ struct Drain {
 // export closes: it stops its background work and persists its state. Then
 // the loops may run out of work.
 Task<void> shut_down(Drain& drain, fuse::FuseFrontEnd& fuse, RuntimeExports& runtime_exports, ControlServer& control,
-                     ExportTable& exports) {
+                     ExportTable& exports, ServiceManager& service) {
   while (!drain.server_drained || fuse.active()) co_await drain.changed.wait();
   runtime_exports.set_shutting_down();
   control.stop();
   for (const auto& exp : exports.list()) co_await exp->device->close();
+  service.stop();
 }
 
 }  // namespace
 
 int run_daemon(DaemonConfig config) {
   auto log = core::logger("daemon");
-  complete(config);
+  auto passed = take_passed_sockets();
+  complete(config, !passed.empty());
+  // Checked before any export opens: a passed socket that fits no listen
+  // address stops the start.
+  auto listen_plan = plan_listeners(config.listen, std::move(passed));
   // Checked before anything starts; a [fuse] table without a mountpoint
   // only sets the options of a mount made later at run time.
   auto fuse_options =
@@ -141,6 +150,11 @@ int run_daemon(DaemonConfig config) {
   std::signal(SIGPIPE, SIG_IGN);  // a vanished client is an error code, not a signal
   EventLoops loops(config.threads, config.blocking_threads);
   ExportTable exports;
+  // STATUS=/READY=1/STOPPING=1/WATCHDOG=1 to systemd; counts clients on
+  // loop 0 through `server`, which exists by the time ready() runs.
+  nbd::Server* server_ptr = nullptr;
+  ServiceManager service(loops, exports, [&server_ptr] { return server_ptr ? server_ptr->connection_count() : 0; });
+  service.starting("opening exports");
   std::vector<ExportConfig> all = config.exports;
   if (config.stdio_export) all.push_back(*config.stdio_export);
   StackBuilder builder(loops, config.data_dir);
@@ -179,6 +193,7 @@ int run_daemon(DaemonConfig config) {
   sopts.handshake_timeout = config.handshake_timeout;
   sopts.shutdown_timeout = config.shutdown_timeout;
   nbd::Server server(loops, exports, sopts);
+  server_ptr = &server;
 
   boost::asio::signal_set signals(loops.at(0), SIGINT, SIGTERM);
   // The FUSE front end: mounted below if configured; a control command can
@@ -197,7 +212,15 @@ int run_daemon(DaemonConfig config) {
   add_fuse_commands(control_commands, *fuse_front, loops.blocking(), stopping);
 
   if (config.stdio_export) server.serve_stdio();
-  for (const auto& addr : config.listen) {
+  for (const auto& passed_socket : listen_plan.adopt) {
+    try {
+      log->info("listening on {} (socket passed by systemd{})", server.adopt(passed_socket.fd),
+                passed_socket.name.empty() ? "" : ": " + passed_socket.name);
+    } catch (const std::runtime_error& e) {
+      throw ConfigError(e.what());
+    }
+  }
+  for (const auto& addr : listen_plan.bind) {
     try {
       for (const auto& b : server.listen(addr)) log->info("listening on {}", b);
     } catch (const std::runtime_error& e) {
@@ -211,14 +234,16 @@ int run_daemon(DaemonConfig config) {
     if (ec) return;
     log->info("received {}, shutting down", sig == SIGINT ? "SIGINT" : "SIGTERM");
     stopping = true;
+    service.stopping();
     server.shutdown();
     fuse_front->unmount();
     signals.async_wait(on_signal);
   };
   signals.async_wait(on_signal);
-  boost::asio::co_spawn(loops.at(0), shut_down(drain, *fuse_front, runtime_exports, control, exports),
+  boost::asio::co_spawn(loops.at(0), shut_down(drain, *fuse_front, runtime_exports, control, exports, service),
                         [&](std::exception_ptr e) {
                           if (e) log->error("closing the exports failed");
+                          service.stop();  // its timers would keep the loops running
                           boost::system::error_code ignored;
                           signals.cancel(ignored);
                           loops.release();
@@ -238,6 +263,7 @@ int run_daemon(DaemonConfig config) {
     std::ofstream(tmp) << ::getpid() << "\n";
     std::filesystem::rename(tmp, config.pid_file);
   }
+  service.ready();
 
   loops.run();
   for (const auto& exp : exports.list()) log_stats(*log, *exp);

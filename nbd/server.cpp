@@ -99,6 +99,42 @@ std::vector<std::string> Server::listen(const core::ListenAddress& address) {
   return bound;
 }
 
+std::string Server::adopt(int fd) {
+  auto& ctx = loops_.at(0);
+  int type = 0, listening = 0;
+  socklen_t len = sizeof type;
+  if (::getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) != 0)
+    throw std::runtime_error("passed fd " + std::to_string(fd) + " is not a socket");
+  len = sizeof listening;
+  if (type != SOCK_STREAM || ::getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) != 0 || !listening)
+    throw std::runtime_error("passed fd " + std::to_string(fd) + " is not a listening stream socket");
+  sockaddr_storage addr{};
+  len = sizeof addr;
+  if (::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0)
+    throw std::runtime_error("passed fd " + std::to_string(fd) + ": getsockname failed");
+  boost::system::error_code ec;
+  if (addr.ss_family == AF_UNIX) {
+    auto acceptor = std::make_shared<asio::local::stream_protocol::acceptor>(ctx);
+    acceptor->assign(asio::local::stream_protocol(), fd, ec);
+    if (ec) throw std::runtime_error("passed fd " + std::to_string(fd) + ": " + ec.message());
+    const std::string path = acceptor->local_endpoint(ec).path();
+    // The socket file is its creator's to remove: not in unix_paths_.
+    unix_acceptors_.push_back(acceptor);
+    asio::co_spawn(ctx, accept_unix(acceptor, path), asio::detached);
+    return "unix:" + path;
+  }
+  if (addr.ss_family != AF_INET && addr.ss_family != AF_INET6)
+    throw std::runtime_error("passed fd " + std::to_string(fd) + " is neither a TCP nor a Unix socket");
+  auto acceptor = std::make_shared<asio::ip::tcp::acceptor>(ctx);
+  acceptor->assign(addr.ss_family == AF_INET ? asio::ip::tcp::v4() : asio::ip::tcp::v6(), fd, ec);
+  if (ec) throw std::runtime_error("passed fd " + std::to_string(fd) + ": " + ec.message());
+  const auto local = acceptor->local_endpoint(ec);
+  tcp_acceptors_.push_back(acceptor);
+  asio::co_spawn(ctx, accept_tcp(acceptor), asio::detached);
+  return (local.address().is_v6() ? "[" + local.address().to_string() + "]" : local.address().to_string()) + ":" +
+         std::to_string(local.port());
+}
+
 Task<void> Server::accept_tcp(std::shared_ptr<asio::ip::tcp::acceptor> acceptor) {
   while (!shutting_down_) {
     auto& target = loops_.next();

@@ -42,6 +42,11 @@ class Server {
   // Binds and starts accepting. Throws std::runtime_error naming the address.
   // Returns the addresses actually bound (port 0 resolved).
   std::vector<std::string> listen(const core::ListenAddress& address);
+  // Accepts on a listening socket made by someone else (systemd socket
+  // activation), TCP or Unix; the server owns the fd from then on. Returns
+  // its address. Throws std::runtime_error (and closes nothing) if `fd` is
+  // not a listening stream socket of those families.
+  std::string adopt(int fd);
   // Serves one client on stdin/stdout; the server drains when it leaves.
   void serve_stdio();
   // Stops accepting and ends every connection gracefully; after the timeout,

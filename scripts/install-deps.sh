@@ -7,7 +7,7 @@ BUILD_PKGS=(
   build-essential cmake ninja-build pkg-config
   libboost1.81-dev libspdlog-dev libfmt-dev libsqlite3-dev libtomlplusplus-dev
   libgtest-dev libgmock-dev libnbd-dev libiscsi-dev libnfs-dev libfuse3-dev
-  nlohmann-json3-dev
+  nlohmann-json3-dev scdoc
 )
 TEST_PKGS=(
   nbdkit qemu-utils fio libnbd-bin python3 python3-libnbd jq

@@ -13,6 +13,7 @@ database (rpm --root DIR -i --nodeps --noscripts: the Fedora libraries it
 requires do not exist on Debian, and its scriptlets act on the real system).
 """
 
+import gzip
 import os
 import re
 import shutil
@@ -115,7 +116,9 @@ class DebianPackage(DaemonTestCase):
         files = deb_files(self.deb)
         for path in ("/usr/sbin/blockwayd", "/usr/bin/blockway", "/etc/blockway/blockwayd.toml",
                      UNIT_DEB, "/usr/share/doc/blockway/README.md",
-                     "/usr/share/bash-completion/completions/blockway"):
+                     "/usr/share/bash-completion/completions/blockway",
+                     "/lib/systemd/system/blockwayd.socket", "/usr/share/man/man8/blockwayd.8.gz",
+                     "/usr/share/man/man5/blockwayd.toml.5.gz", "/usr/share/man/man1/blockway.1.gz"):
             self.assertIn(path, files)
         self.assertNotIn(UNIT_RPM, files, "the .deb's unit belongs in /lib (DEP17)")
         for script in ("postinst", "prerm", "postrm"):
@@ -133,10 +136,62 @@ class DebianPackage(DaemonTestCase):
         with open(root + UNIT_DEB) as f:
             unit = f.read()
         self.assertIn("ExecStart=/usr/sbin/blockwayd --config /etc/blockway/blockwayd.toml", unit)
+        self.verify_unit(root, "blockwayd.service")
+
+    def verify_unit(self, root, unit):
         if shutil.which("systemd-analyze"):
-            r = subprocess.run(["systemd-analyze", "verify", "--root=" + root, "blockwayd.service"],
-                               capture_output=True, text=True)
+            r = subprocess.run(["systemd-analyze", "verify", "--root=" + root, unit], capture_output=True, text=True)
             self.assertNotIn("bad-setting", r.stderr)
+
+    def test_socket_unit_matches_the_packaged_listeners(self):
+        """Each ListenStream= of blockwayd.socket must be a listen address of
+        the packaged configuration, or the daemon refuses to start."""
+        root = self.path("root")
+        run(["dpkg-deb", "-x", self.deb, root])
+        with open(os.path.join(root, "lib/systemd/system/blockwayd.socket")) as f:
+            streams = re.findall(r"(?m)^ListenStream=(.+)$", f.read())
+        with open(os.path.join(root, "etc/blockway/blockwayd.toml")) as f:
+            listen = re.search(r"(?m)^listen = \[(.*)\]", f.read()).group(1)
+        configured = re.findall(r'"([^"]+)"', listen)
+        self.assertTrue(streams)
+        for s in streams:
+            self.assertIn("unix:" + s if s.startswith("/") else s, configured)
+        with open(os.path.join(root, "lib/systemd/system/blockwayd.service")) as f:
+            unit = f.read()
+        self.assertIn("Type=notify", unit)
+        self.assertIn("WatchdogSec=", unit)
+        self.verify_unit(root, "blockwayd.socket")
+
+    def test_man_pages_render_without_warnings(self):
+        root = self.path("root")
+        run(["dpkg-deb", "-x", self.deb, root])
+        pages = {"blockwayd": "usr/share/man/man8/blockwayd.8.gz",
+                 "blockwayd.toml": "usr/share/man/man5/blockwayd.toml.5.gz",
+                 "blockway": "usr/share/man/man1/blockway.1.gz"}
+        text = {}
+        for name, rel in pages.items():
+            page = os.path.join(root, rel)
+            with gzip.open(page, "rt") as f:
+                source = f.read()
+            g = subprocess.run(["groff", "-ww", "-z", "-man", "-Tutf8"], input=source, capture_output=True,
+                               text=True)
+            self.assertEqual((g.returncode, g.stderr), (0, ""), "groff warns about " + rel)
+            m = subprocess.run(["man", "--warnings=w", "-l", page], capture_output=True, text=True,
+                               env=dict(os.environ, MANWIDTH="80", MAN_KEEP_FORMATTING="0", LANG="C.UTF-8"))
+            self.assertEqual((m.returncode, m.stderr), (0, ""), "man -l " + rel)
+            text[name] = re.sub(r".\x08", "", m.stdout)  # no overstrike (bold, underline)
+            self.assertIn("\nNAME\n", text[name])
+        # Generated from the same tables as --help: every flag is documented.
+        help_text = run([os.path.join(root, "usr/sbin/blockwayd"), "--help"]).stdout
+        flags = re.findall(r"(?m)^  (--[a-z-]+)", help_text)
+        self.assertIn("--log-format", flags)
+        for flag in flags:
+            self.assertIn(flag, text["blockwayd"])
+            self.assertIn(flag, text["blockwayd.toml"])
+        for cmd in ("prefetch start|pause|resume|status NAME", "detach NAME [--force]"):
+            self.assertIn(cmd, text["blockway"])
+        for section in ("SYSTEMD", "SOCKET ACTIVATION", "LOGGING", "EXIT STATUS", "EXPORT OPTIONS"):
+            self.assertIn(section, text["blockwayd"])
 
     def test_packaged_daemon_serves_with_the_packaged_config(self):
         root = self.path("root")
@@ -200,7 +255,8 @@ class RpmPackage(DaemonTestCase):
                    if "/usr/lib/.build-id" not in l]
         rpm_files = {l.split(" ", 1)[1]: l.split(" ", 1)[0] for l in listing if not l.startswith("d")}
         rpm_dirs = {l.split(" ", 1)[1] for l in listing if l.startswith("d")}
-        expected = {(UNIT_RPM if p == UNIT_DEB else p): m for p, m in deb_files(self.deb).items()}
+        expected = {p.replace("/lib/systemd/", "/usr/lib/systemd/") if p.startswith("/lib/") else p: m
+                    for p, m in deb_files(self.deb).items()}
         self.assertEqual(rpm_files, expected)
         # It owns its own directories only, never the system's.
         for d in rpm_dirs:
@@ -223,7 +279,7 @@ class RpmPackage(DaemonTestCase):
             self.assertNotIn("rm -rf", body, "caches must survive an erase")
         self.assertIn("install -d -m 0750 /var/lib/blockway", parts["postinstall"])
         # The daemon is stopped on an erase ($1 = 0) only, never on an upgrade.
-        self.assertRegex(parts["preuninstall"], r'if \[ "\$1" -eq 0 \].*\n.*--now blockwayd\.service')
+        self.assertRegex(parts["preuninstall"], r'if \[ "\$1" -eq 0 \].*\n.*--now blockwayd\.socket blockwayd\.service')
 
     def test_installs_into_a_scratch_root_and_serves(self):
         root = self.path("root")
