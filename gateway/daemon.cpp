@@ -9,6 +9,8 @@
 #include "gateway/control_protocol.hpp"
 #include "gateway/control_server.hpp"
 #include "gateway/fuse_commands.hpp"
+#include "gateway/metrics.hpp"
+#include "gateway/metrics_server.hpp"
 #include "gateway/runtime_exports.hpp"
 #include "gateway/stack_builder.hpp"
 #include "nbd/server.hpp"
@@ -120,10 +122,11 @@ struct Drain {
 // export closes: it stops its background work and persists its state. Then
 // the loops may run out of work.
 Task<void> shut_down(Drain& drain, fuse::FuseFrontEnd& fuse, RuntimeExports& runtime_exports, ControlServer& control,
-                     ExportTable& exports) {
+                     MetricsServer& metrics, ExportTable& exports) {
   while (!drain.server_drained || fuse.active()) co_await drain.changed.wait();
   runtime_exports.set_shutting_down();
   control.stop();
+  metrics.stop();
   for (const auto& exp : exports.list()) co_await exp->device->close();
 }
 
@@ -172,6 +175,10 @@ int run_daemon(DaemonConfig config) {
   control_commands.add("export-remove", "remove an export {name, force?}",
                        [&runtime_exports](const Json& req) { return runtime_exports.remove(req); });
   ControlServer control(loops.at(0), control_commands);
+  // The metrics endpoint. Per-export metric families of other modules (QoS)
+  // are one metrics_collector.add_export_provider() here.
+  MetricsCollector metrics_collector(exports);
+  MetricsServer metrics(loops.at(0), metrics_collector);
 
   nbd::ServerOptions sopts;
   sopts.limits.max_request_bytes = config.max_request_bytes;
@@ -205,6 +212,13 @@ int run_daemon(DaemonConfig config) {
     }
   }
   listen_control(control, config, *log);
+  if (config.metrics) {
+    try {
+      log->info("metrics on http://{}/metrics", metrics.listen(*config.metrics));
+    } catch (const std::runtime_error& e) {
+      throw ConfigError(e.what());
+    }
+  }
 
   std::function<void(const boost::system::error_code&, int)> on_signal = [&](const boost::system::error_code& ec,
                                                                              int sig) {
@@ -216,7 +230,7 @@ int run_daemon(DaemonConfig config) {
     signals.async_wait(on_signal);
   };
   signals.async_wait(on_signal);
-  boost::asio::co_spawn(loops.at(0), shut_down(drain, *fuse_front, runtime_exports, control, exports),
+  boost::asio::co_spawn(loops.at(0), shut_down(drain, *fuse_front, runtime_exports, control, metrics, exports),
                         [&](std::exception_ptr e) {
                           if (e) log->error("closing the exports failed");
                           boost::system::error_code ignored;
