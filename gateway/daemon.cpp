@@ -13,6 +13,7 @@
 #include "gateway/metrics_server.hpp"
 #include "gateway/runtime_exports.hpp"
 #include "gateway/stack_builder.hpp"
+#include "gateway/trace_commands.hpp"
 #include "nbd/server.hpp"
 
 #include <boost/asio/co_spawn.hpp>
@@ -122,11 +123,12 @@ struct Drain {
 // export closes: it stops its background work and persists its state. Then
 // the loops may run out of work.
 Task<void> shut_down(Drain& drain, fuse::FuseFrontEnd& fuse, RuntimeExports& runtime_exports, ControlServer& control,
-                     MetricsServer& metrics, ExportTable& exports) {
+                     MetricsServer& metrics, TraceCommands& traces, ExportTable& exports) {
   while (!drain.server_drained || fuse.active()) co_await drain.changed.wait();
   runtime_exports.set_shutting_down();
   control.stop();
   metrics.stop();
+  traces.stop();
   for (const auto& exp : exports.list()) co_await exp->device->close();
 }
 
@@ -174,6 +176,8 @@ int run_daemon(DaemonConfig config) {
                        [&runtime_exports](const Json& req) { return runtime_exports.add(req); });
   control_commands.add("export-remove", "remove an export {name, force?}",
                        [&runtime_exports](const Json& req) { return runtime_exports.remove(req); });
+  TraceCommands trace_commands(loops.at(0), exports);
+  trace_commands.add_to(control_commands);
   ControlServer control(loops.at(0), control_commands);
   // The metrics endpoint. Per-export metric families of other modules (QoS)
   // are one metrics_collector.add_export_provider() here.
@@ -230,7 +234,7 @@ int run_daemon(DaemonConfig config) {
     signals.async_wait(on_signal);
   };
   signals.async_wait(on_signal);
-  boost::asio::co_spawn(loops.at(0), shut_down(drain, *fuse_front, runtime_exports, control, metrics, exports),
+  boost::asio::co_spawn(loops.at(0), shut_down(drain, *fuse_front, runtime_exports, control, metrics, trace_commands, exports),
                         [&](std::exception_ptr e) {
                           if (e) log->error("closing the exports failed");
                           boost::system::error_code ignored;
