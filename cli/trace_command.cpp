@@ -94,7 +94,8 @@ int record(const Args& a) {
   const Json started = c.call("trace-start", req);
   const uint64_t id = u64(started, "id");
   out << "# blockway trace v1 export=" << str(started, "name") << " size=" << u64(started, "size")
-      << " started=" << utc_now() << "\nstart_ns,op,offset,length,latency_ns,cache,error\n";
+      << " started=" << utc_now() << "\nstart_ns,op,offset,length,latency_ns,cache,error\n"
+      << std::flush;  // on disk once the trace runs: a script can wait for it
   interrupted = 0;
   auto* previous = std::signal(SIGINT, [](int) { interrupted = 1; });
   const auto begin = std::chrono::steady_clock::now();
