@@ -46,7 +46,7 @@ Task<Json> TraceCommands::start(const Json& req) {
   if (stopped_) throw ControlError("refused", ESHUTDOWN, "the daemon is shutting down");
   const std::string name = arg_string(req, "name");
   auto exp = exports_.find(name);
-  if (!exp || name.empty()) throw ControlError("not-found", ENOENT, "no export named '" + name + "'");
+  if (!exp || name.empty()) throw ControlError("unknown-export", ENOENT, "no export named '" + name + "'");
   uint64_t capacity = kDefaultCapacity;
   if (req.contains("capacity")) {
     capacity = arg_size(req, "capacity");
