@@ -21,6 +21,7 @@ import harness
 import remotes
 
 MiB = harness.MiB
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$')
 LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
@@ -132,6 +133,15 @@ class MetricsTest(control_common.ControlTestCase):
         self.assertEqual(value(s, "blockway_exports"), 2)
         self.assertEqual(value(s, "blockway_export_size_bytes", export="vm"), 16 * MiB)
         self.assertEqual(value(s, "blockway_export_requests_total", export="plain", op="read"), 0)
+        # The sample Grafana dashboard queries only names this daemon serves.
+        with open(os.path.join(REPO, "packaging", "grafana-dashboard.json")) as f:
+            dash = json.load(f)
+        exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+        used = set(re.findall(r"blockway_[a-z_]+", " ".join(exprs)))
+        self.assertGreater(len(used), 10)
+        served = {name for name, _ in s}
+        for name in used:
+            self.assertIn(name, served, "the dashboard uses %s" % name)
         # No cache on 'plain': no cache families for it.
         self.assertNotIn(("blockway_cache_hits_total", frozenset({("export", "plain")})), s)
         harness.close_handle(h)

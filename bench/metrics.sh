@@ -1,0 +1,81 @@
+#!/bin/bash
+# Cost of the metrics endpoint: 4k random reads (fio's nbd engine, QD16) on a
+# file export in /dev/shm, with --metrics off and with --metrics on and
+# scraped every second (curl, as Prometheus would), alternating ROUNDS times
+# (the order flips every round); each figure is one fio run on a fresh daemon.
+# With BASE_BLOCKWAYD set, a third column runs that build (e.g. main before
+# the per-operation latency histograms) the same way, metrics off.
+#
+#   bench/metrics.sh [ROUNDS]        (as root)
+#
+# Knobs: BENCH_QUICK=1, BENCH_RUNTIME (s per fio run, default 10), BENCH_REPS
+# (rounds, default 5), BENCH_SIZE_MIB (image, default 256), BENCH_TMPDIR
+# (default /dev/shm), BASE_BLOCKWAYD. Writes the report to stdout.
+set -euo pipefail
+
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+bench_settings 10 5 256
+rounds=${1:-$REPS}
+TMPBASE=${BENCH_TMPDIR:-/dev/shm}
+bench_tmpdir bw-metrics
+bench_private_daemon
+bench_cleanup_trap
+base=${BASE_BLOCKWAYD:-}
+if [[ -n $base ]]; then cp "$base" "$TMP/blockwayd-base"; base=$TMP/blockwayd-base; fi
+dd if=/dev/urandom of="$TMP/img" bs=1M count="$SIZE_MIB" status=none
+results=$TMP/results.tsv
+scrapes=0
+
+run() {  # WHO ROUND
+  local who=$1 bin=$BLOCKWAYD port mport extra=() scraper= iops
+  [[ $who == base ]] && bin=$base
+  port=$(free_port)
+  if [[ $who == on ]]; then mport=$(free_port); extra=(--metrics "$mport"); fi
+  bench_start "$TMP/daemon.log" "$bin" --control-socket off --listen "127.0.0.1:$port" \
+      --export "d=file://$TMP/img" --pid-file "$TMP/pid" "${extra[@]}"
+  local pid=$BG_PID
+  wait_pid_file "$TMP/pid" "$pid"
+  if [[ $who == on ]]; then
+    curl -sf "http://127.0.0.1:$mport/metrics" >/dev/null || die "no metrics on port $mport"
+    bench_start "$TMP/scraper.log" bash -c \
+        "while :; do curl -sf -o /dev/null http://127.0.0.1:$mport/metrics && echo ok; sleep 1; done"
+    scraper=$BG_PID
+  fi
+  iops=$(fio_nbd "nbd://127.0.0.1:$port/d" randread 4k | cut -d' ' -f1)
+  if [[ -n $scraper ]]; then stop_pid "$scraper"; fi
+  stop_pid "$pid"
+  rm -f "$TMP/pid"
+  printf '%s\trandread-4k\t%s\t%s\n' "$who" "$2" "$iops" >>"$results"
+  echo "round $2 $who: $iops IOPS" >&2
+}
+
+loads=()
+for i in $(seq "$rounds"); do
+  loads+=("$(cut -d' ' -f1 /proc/loadavg)")
+  if ((i % 2)); then order=(off on); else order=(on off); fi
+  [[ -n $base ]] && order+=(base)
+  for who in "${order[@]}"; do run "$who" "$i"; done
+done
+scrapes=$(grep -c ok "$TMP/scraper.log" || true)
+
+bench_machine_info "image: ${SIZE_MIB} MiB in $TMPBASE, file backend; fio nbd engine, 4k randread QD16, ${RUNTIME} s per run, $rounds rounds" \
+                   "scrapes answered during the 'on' runs: $scrapes" "load average per round: ${loads[*]}"
+"$PY" - "$results" <<'PY'
+import sys
+sys.path.insert(0, "bench")
+import lib
+rows, data, med = lib.read_results(sys.argv[1])
+whos = [w for w in ("off", "on", "base") if (w, "randread-4k") in data]
+print("| round | " + " | ".join(whos) + " | on/off |")
+print("| --- " * (len(whos) + 2) + "|")
+n = len(data[("off", "randread-4k")])
+for i in range(n):
+    cells = [str(int(data[(w, "randread-4k")][i])) for w in whos]
+    ratio = data[("on", "randread-4k")][i] / data[("off", "randread-4k")][i]
+    print("| %d | %s | %.3f |" % (i + 1, " | ".join(cells), ratio))
+cells = ["%d" % med[(w, "randread-4k")] for w in whos]
+print("| median | %s | %.3f |" % (" | ".join(cells), med[("on", "randread-4k")] / med[("off", "randread-4k")]))
+if "base" in whos:
+    print("\noff/base (the always-on per-request counters and clock reads against the base build): %.3f"
+          % (med[("off", "randread-4k")] / med[("base", "randread-4k")]))
+PY
