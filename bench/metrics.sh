@@ -10,7 +10,13 @@
 #
 # Knobs: BENCH_QUICK=1, BENCH_RUNTIME (s per fio run, default 10), BENCH_REPS
 # (rounds, default 5), BENCH_SIZE_MIB (image, default 256), BENCH_TMPDIR
-# (default /dev/shm), BASE_BLOCKWAYD. Writes the report to stdout.
+# (default /dev/shm), BASE_BLOCKWAYD, SCRAPE_ONLY=1 (only the second part).
+# Writes the report to stdout.
+#
+# Second part, robust against a loaded machine: the daemon's own CPU time
+# (utime+stime from /proc) for 1000 scrapes over one keep-alive connection,
+# with 8 exports (one with a cache) after some I/O: CPU per scrape, i.e. the
+# share of one core that a scrape every second takes.
 set -euo pipefail
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -49,6 +55,44 @@ run() {  # WHO ROUND
   echo "round $2 $who: $iops IOPS" >&2
 }
 
+scrape_cost() {
+  local port mport pid exports=() n
+  port=$(free_port); mport=$(free_port)
+  for n in 1 2 3 4 5 6 7; do truncate -s 64M "$TMP/e$n.img"; exports+=(--export "e$n=file://$TMP/e$n.img"); done
+  bench_start "$TMP/daemon.log" "$BLOCKWAYD" --control-socket off --listen "127.0.0.1:$port" --metrics "$mport" \
+      --export "d=file://$TMP/img,cache=$TMP/cache,chunk=64k" "${exports[@]}" --pid-file "$TMP/pid"
+  pid=$BG_PID
+  wait_pid_file "$TMP/pid" "$pid"
+  RUNTIME=2 fio_nbd "nbd://127.0.0.1:$port/d" randread 4k >/dev/null
+  "$PY" - "$pid" "$mport" <<'PY'
+import http.client, os, sys
+pid, port = int(sys.argv[1]), int(sys.argv[2])
+tick = os.sysconf("SC_CLK_TCK")
+def cpu():
+    f = open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / tick
+c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+c.request("GET", "/metrics"); body = c.getresponse().read()
+n = 1000
+before = cpu()
+for _ in range(n):
+    c.request("GET", "/metrics")
+    r = c.getresponse(); r.read()
+    assert r.status == 200
+used = cpu() - before
+print("scrape: %d bytes, %d lines, 8 exports; daemon CPU for %d scrapes: %.2f s = %.2f ms per scrape "
+      "(%.3f %% of one core at one scrape per second)" % (len(body), body.count(b"\n"), n, used, used / n * 1e3,
+                                                          used / n * 100))
+PY
+  stop_pid "$pid"
+  rm -f "$TMP/pid"
+}
+
+if [[ ${SCRAPE_ONLY:-0} == 1 ]]; then
+  scrape_cost
+  exit 0
+fi
+
 loads=()
 for i in $(seq "$rounds"); do
   loads+=("$(cut -d' ' -f1 /proc/loadavg)")
@@ -57,9 +101,10 @@ for i in $(seq "$rounds"); do
   for who in "${order[@]}"; do run "$who" "$i"; done
 done
 scrapes=$(grep -c ok "$TMP/scraper.log" || true)
+cost=$(scrape_cost)
 
 bench_machine_info "image: ${SIZE_MIB} MiB in $TMPBASE, file backend; fio nbd engine, 4k randread QD16, ${RUNTIME} s per run, $rounds rounds" \
-                   "scrapes answered during the 'on' runs: $scrapes" "load average per round: ${loads[*]}"
+                   "scrapes answered during the 'on' runs: $scrapes" "load average per round: ${loads[*]}" "$cost"
 "$PY" - "$results" <<'PY'
 import sys
 sys.path.insert(0, "bench")
