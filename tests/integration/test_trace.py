@@ -141,7 +141,13 @@ class TraceTest(control_common.ControlTestCase):
             lines = f.read().splitlines()
         self.assertEqual([x.split(",")[1] for x in lines[2:-1]], ["read"] * 3)
         self.assertIn("export 'gone' was removed", lines[-1])
-        # The daemon goes on: the other export traces fine.
+        # The daemon goes on: the other export traces fine, and completion offers it.
+        completion = os.path.join(REPO, "packaging", "blockway.bash-completion")
+        script = 'source %s; COMP_WORDS=(blockway trace ""); COMP_CWORD=2; _blockway; echo "${COMPREPLY[@]}"' % completion
+        env = dict(os.environ, PATH=os.path.dirname(os.path.abspath(harness.BLOCKWAY)) + ":" + os.environ["PATH"],
+                   BLOCKWAY_SOCKET=self.csock)
+        p = subprocess.run(["bash", "-c", script], stdout=subprocess.PIPE, env=env, timeout=30)
+        self.assertEqual(p.stdout.decode().split(), ["keep"])
         self.bw("trace", "keep", "--seconds", "0.3", self.path("keep.csv"))
 
     def test_bad_input(self):
