@@ -55,7 +55,8 @@ std::error_code CheckedDevice::finish(Request& r, std::error_code ec) noexcept {
   const auto end = IoTrace::Clock::now();
   if (ec) stats_.count_error(r.op);
   if (r.accepted)
-    stats_.observe(r.op, static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(end - r.start).count()));
+    stats_.observe(r.op,
+                   static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(end - r.start).count()));
   if (r.traced) [[unlikely]] {
     if (current_request_note == &r.note) current_request_note = nullptr;  // nobody below took it
     std::lock_guard lock(trace_mutex_);

@@ -10,8 +10,11 @@ void IoTrace::record(Clock::time_point start, Clock::time_point end, IoOp op, ui
                      CacheOutcome cache, int error) {
   TraceRecord r;
   // A request that began just before the trace did is stamped 0.
-  r.start_ns = start > began_ ? static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(start - began_).count()) : 0;
-  r.latency_ns = end > start ? static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(end - start).count()) : 0;
+  const auto ns = [](Clock::duration d) {
+    return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(d).count());
+  };
+  r.start_ns = start > began_ ? ns(start - began_) : 0;
+  r.latency_ns = end > start ? ns(end - start) : 0;
   r.op = op;
   r.offset = offset;
   r.length = length;

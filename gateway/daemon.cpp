@@ -234,7 +234,8 @@ int run_daemon(DaemonConfig config) {
     signals.async_wait(on_signal);
   };
   signals.async_wait(on_signal);
-  boost::asio::co_spawn(loops.at(0), shut_down(drain, *fuse_front, runtime_exports, control, metrics, trace_commands, exports),
+  boost::asio::co_spawn(loops.at(0),
+                        shut_down(drain, *fuse_front, runtime_exports, control, metrics, trace_commands, exports),
                         [&](std::exception_ptr e) {
                           if (e) log->error("closing the exports failed");
                           boost::system::error_code ignored;

@@ -68,7 +68,8 @@ Task<Json> TraceCommands::start(const Json& req) {
 TraceCommands::Trace& TraceCommands::find(const Json& req) {
   const uint64_t id = arg_size(req, "id");
   auto it = traces_.find(id);
-  if (it == traces_.end()) throw ControlError("not-found", ENOENT, fmt::format("no trace {} (stopped, or idle for 30 s)", id));
+  if (it == traces_.end())
+    throw ControlError("not-found", ENOENT, fmt::format("no trace {} (stopped, or idle for 30 s)", id));
   return it->second;
 }
 
