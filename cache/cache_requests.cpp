@@ -3,6 +3,7 @@
 #include "cache/cache_layer.hpp"
 #include "cache/cache_layer_internal.hpp"
 
+#include "core/io_trace.hpp"
 #include "core/logging.hpp"
 #include "core/remote_device.hpp"
 
@@ -12,6 +13,14 @@
 #include <cerrno>
 
 namespace blockway::cache {
+namespace {
+
+// A traced read learns whether it hit; one split into pieces hit only if every piece did.
+void note_outcome(core::RequestNote* note, core::CacheOutcome outcome) noexcept {
+  if (note && note->cache != core::CacheOutcome::miss) note->cache = outcome;
+}
+
+}  // namespace
 
 // ---- requests ----------------------------------------------------------------
 
@@ -29,11 +38,16 @@ std::error_code CacheLayer::request_failed(const char* what, uint64_t length, ui
 }
 
 Task<std::error_code> CacheLayer::read(std::span<std::byte> buf, uint64_t offset, IoFlags) {
+  // Taken before anything can suspend: it belongs to the request that called.
+  core::RequestNote* note = core::take_request_note();
   if (buf.empty()) co_return std::error_code{};
   InFlight inflight(*this);
   if (switching_.load(std::memory_order_seq_cst)) [[unlikely]]
     co_await wait_for_switch();
-  if (local_.load(std::memory_order_acquire)) co_return co_await cache_file_->read(buf, offset, 0);
+  if (local_.load(std::memory_order_acquire)) {
+    note_outcome(note, core::CacheOutcome::hit);
+    co_return co_await cache_file_->read(buf, offset, 0);
+  }
   const uint64_t first = chunk_of(offset), last = chunk_of(offset + buf.size() - 1);
   if (!seen_.test(first) || !seen_.test(last)) record_first_reads(first, last);
   {
@@ -41,6 +55,7 @@ Task<std::error_code> CacheLayer::read(std::span<std::byte> buf, uint64_t offset
     EpochGuard guard(*this);
     if (present_.all_set(first, last)) {
       hits_.fetch_add(1, std::memory_order_relaxed);
+      note_outcome(note, core::CacheOutcome::hit);
       mark_referenced(first, last);
       auto ec = co_await cache_file_->read(buf, offset, 0);
       if (ec) co_return request_failed("read", buf.size(), offset, "reading the cache file", ec);
@@ -48,6 +63,7 @@ Task<std::error_code> CacheLayer::read(std::span<std::byte> buf, uint64_t offset
     }
   }
   misses_.fetch_add(1, std::memory_order_relaxed);
+  note_outcome(note, core::CacheOutcome::miss);
   auto ec = co_await read_miss(buf, offset, first, last);
   // A miss right after the previous one: read ahead of a sequential reader.
   if (!ec && last_miss_end_.exchange(last + 1, std::memory_order_relaxed) == first) start_readahead(last + 1);

@@ -22,6 +22,7 @@ int mode_command(const std::vector<std::string>& args);
 int flush_command(const std::vector<std::string>& args);
 int mount_command(const std::vector<std::string>& args);
 int unmount_command(const std::vector<std::string>& args);
+int trace_command(const std::vector<std::string>& args);
 
 struct Command {
   std::string_view name;

@@ -42,6 +42,12 @@ const Command kCommands[] = {
     {"flush", "flush NAME          flush the export", flush_command},
     {"mount", "mount DIR           mount the FUSE front end at DIR: every export as a file", mount_command},
     {"unmount", "unmount             unmount it", unmount_command},
+    {"trace",
+     "trace NAME --seconds N FILE\n"
+     "                    record every request of the export into FILE (CSV)\n"
+     "trace --summary FILE\n"
+     "                    latency percentiles and hottest regions of a trace",
+     trace_command},
 };
 
 void add_entries(std::string& out, bool daemon) {

@@ -42,6 +42,42 @@ CheckedDevice::CheckedDevice(std::unique_ptr<BlockDevice> inner, bool export_rea
   }
 }
 
+void CheckedDevice::begin(Request& r) noexcept {
+  r.start = IoTrace::Clock::now();
+  if (tracing_.load(std::memory_order_relaxed)) [[unlikely]] {
+    r.traced = true;
+    // Only reads ask the cache whether it holds the data.
+    if (r.op == IoOp::read || r.op == IoOp::prefetch) current_request_note = &r.note;
+  }
+}
+
+std::error_code CheckedDevice::finish(Request& r, std::error_code ec) noexcept {
+  const auto end = IoTrace::Clock::now();
+  if (ec) stats_.count_error(r.op);
+  if (r.accepted)
+    stats_.observe(r.op,
+                   static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(end - r.start).count()));
+  if (r.traced) [[unlikely]] {
+    if (current_request_note == &r.note) current_request_note = nullptr;  // nobody below took it
+    std::lock_guard lock(trace_mutex_);
+    if (trace_) trace_->record(r.start, end, r.op, r.offset, r.length, r.note.cache, ec.value());
+  }
+  return ec;
+}
+
+void CheckedDevice::attach_trace(std::shared_ptr<IoTrace> trace) {
+  std::lock_guard lock(trace_mutex_);
+  trace_ = std::move(trace);
+  tracing_.store(trace_ != nullptr, std::memory_order_relaxed);
+}
+
+void CheckedDevice::detach_trace(const std::shared_ptr<IoTrace>& trace) {
+  std::lock_guard lock(trace_mutex_);
+  if (trace_ != trace) return;  // a newer trace replaced it
+  trace_.reset();
+  tracing_.store(false, std::memory_order_relaxed);
+}
+
 std::error_code CheckedDevice::check_range(ByteRange r, int beyond_end_error) const noexcept {
   if (r.length > geometry_.size || r.offset > geometry_.size - r.length)
     return errno_code(beyond_end_error);
@@ -57,16 +93,20 @@ std::error_code CheckedDevice::check_range(ByteRange r, int beyond_end_error) co
 
 Task<std::error_code> CheckedDevice::read(std::span<std::byte> buf, uint64_t offset,
                                           IoFlags flags) {
-  if (auto ec = check_range({offset, buf.size()}, EINVAL)) co_return counted(ec);
-  if (flags & ~kFua) co_return counted(errno_code(EINVAL));  // FUA on a read is harmless
-  stats_.count_read(buf.size());
+  Request r{IoOp::read, offset, buf.size()};
+  begin(r);
+  if (auto ec = check_range({offset, buf.size()}, EINVAL)) co_return finish(r, ec);
+  if (flags & ~kFua) co_return finish(r, errno_code(EINVAL));  // FUA on a read is harmless
+  accept(r);
   while (!buf.empty()) {
     const size_t n = std::min<size_t>(buf.size(), geometry_.max_transfer);
-    if (auto ec = co_await next().read(buf.first(n), offset, 0)) co_return counted(ec);
+    if (r.traced) [[unlikely]]
+      current_request_note = &r.note;  // each piece tells the cache layer it is part of this request
+    if (auto ec = co_await next().read(buf.first(n), offset, 0)) co_return finish(r, ec);
     buf = buf.subspan(n);
     offset += n;
   }
-  co_return std::error_code{};
+  co_return finish(r, {});
 }
 
 Task<std::error_code> CheckedDevice::finish_fua(std::error_code ec, IoFlags flags) {
@@ -89,28 +129,34 @@ Task<std::error_code> CheckedDevice::write_split(std::span<const std::byte> buf,
 
 Task<std::error_code> CheckedDevice::write(std::span<const std::byte> buf, uint64_t offset,
                                            IoFlags flags) {
-  if (caps_.read_only) co_return counted(errno_code(EPERM));
-  if (auto ec = check_range({offset, buf.size()}, ENOSPC)) co_return counted(ec);
-  if (flags & ~kValidWriteFlags) co_return counted(errno_code(EINVAL));
-  stats_.count_write(buf.size());
-  co_return counted(co_await write_split(buf, offset, flags));
+  Request r{IoOp::write, offset, buf.size()};
+  begin(r);
+  if (caps_.read_only) co_return finish(r, errno_code(EPERM));
+  if (auto ec = check_range({offset, buf.size()}, ENOSPC)) co_return finish(r, ec);
+  if (flags & ~kValidWriteFlags) co_return finish(r, errno_code(EINVAL));
+  accept(r);
+  co_return finish(r, co_await write_split(buf, offset, flags));
 }
 
 Task<std::error_code> CheckedDevice::flush() {
-  stats_.count_flush();
-  if (inner_caps_.flush == Support::none) co_return std::error_code{};  // nothing is volatile
-  co_return counted(co_await next().flush());
+  Request r{IoOp::flush, 0, 0};
+  begin(r);
+  accept(r);
+  if (inner_caps_.flush == Support::none) co_return finish(r, {});  // nothing is volatile
+  co_return finish(r, co_await next().flush());
 }
 
 Task<std::error_code> CheckedDevice::trim(ByteRange range, IoFlags flags) {
-  if (caps_.read_only) co_return counted(errno_code(EPERM));
-  if (auto ec = check_range(range, ENOSPC)) co_return counted(ec);
-  if (flags & ~kFua) co_return counted(errno_code(EINVAL));
-  stats_.count_trim();
-  if (caps_.trim == Support::none || range.length == 0) co_return std::error_code{};  // advisory
+  Request r{IoOp::trim, range.offset, range.length};
+  begin(r);
+  if (caps_.read_only) co_return finish(r, errno_code(EPERM));
+  if (auto ec = check_range(range, ENOSPC)) co_return finish(r, ec);
+  if (flags & ~kFua) co_return finish(r, errno_code(EINVAL));
+  accept(r);
+  if (caps_.trim == Support::none || range.length == 0) co_return finish(r, {});  // advisory
   auto ec = co_await next().trim(range, inner_caps_.fua == Support::native ? flags : 0);
-  if (is_unsupported(ec)) co_return std::error_code{};
-  co_return counted(co_await finish_fua(ec, flags));
+  if (is_unsupported(ec)) co_return finish(r, {});
+  co_return finish(r, co_await finish_fua(ec, flags));
 }
 
 Task<std::error_code> CheckedDevice::write_zeroes_by_writing(ByteRange range, IoFlags flags) {
@@ -127,29 +173,33 @@ Task<std::error_code> CheckedDevice::write_zeroes_by_writing(ByteRange range, Io
 }
 
 Task<std::error_code> CheckedDevice::zero(ByteRange range, IoFlags flags) {
-  if (caps_.read_only) co_return counted(errno_code(EPERM));
-  if (auto ec = check_range(range, ENOSPC)) co_return counted(ec);
-  if (flags & ~kValidZeroFlags) co_return counted(errno_code(EINVAL));
-  stats_.count_zero();
-  if (range.length == 0) co_return std::error_code{};
+  Request r{IoOp::zero, range.offset, range.length};
+  begin(r);
+  if (caps_.read_only) co_return finish(r, errno_code(EPERM));
+  if (auto ec = check_range(range, ENOSPC)) co_return finish(r, ec);
+  if (flags & ~kValidZeroFlags) co_return finish(r, errno_code(EINVAL));
+  accept(r);
+  if (range.length == 0) co_return finish(r, {});
   if (inner_caps_.zero == Support::native) {
     const IoFlags pass = flags & (kNoHole | kFastZero | (inner_caps_.fua == Support::native ? kFua : 0));
     auto ec = co_await next().zero(range, pass);
-    if (!is_unsupported(ec)) co_return counted(co_await finish_fua(ec, flags));
+    if (!is_unsupported(ec)) co_return finish(r, co_await finish_fua(ec, flags));
   }
   // Falling back to writing zeroes is exactly what FAST_ZERO forbids.
-  if (flags & kFastZero) co_return counted(errno_code(ENOTSUP));
-  co_return counted(co_await write_zeroes_by_writing(range, flags));
+  if (flags & kFastZero) co_return finish(r, errno_code(ENOTSUP));
+  co_return finish(r, co_await write_zeroes_by_writing(range, flags));
 }
 
 Task<std::error_code> CheckedDevice::block_status(ByteRange range, ExtentList& out) {
-  if (range.length == 0) co_return counted(errno_code(EINVAL));
-  if (auto ec = check_range(range, EINVAL)) co_return counted(ec);
-  stats_.count_block_status();
+  Request r{IoOp::block_status, range.offset, range.length};
+  begin(r);
+  if (range.length == 0) co_return finish(r, errno_code(EINVAL));
+  if (auto ec = check_range(range, EINVAL)) co_return finish(r, ec);
+  accept(r);
   out.clear();
   if (inner_caps_.extents == Support::native) {
     ExtentList raw;
-    if (auto ec = co_await next().block_status(range, raw)) co_return counted(ec);
+    if (auto ec = co_await next().block_status(range, raw)) co_return finish(r, ec);
     // Clip to the request, drop empty extents, merge neighbours with equal flags.
     uint64_t covered = 0;
     for (const Extent& e : raw) {
@@ -164,24 +214,28 @@ Task<std::error_code> CheckedDevice::block_status(ByteRange range, ExtentList& o
     }
   }
   if (out.empty()) out.push_back({range.length, 0});  // "data, contents unknown" is always true
-  co_return std::error_code{};
+  co_return finish(r, {});
 }
 
 Task<std::error_code> CheckedDevice::prefetch(ByteRange range) {
-  if (auto ec = check_range(range, EINVAL)) co_return counted(ec);
-  stats_.count_prefetch();
-  if (range.length == 0) co_return std::error_code{};
-  if (inner_caps_.prefetch == Support::native) co_return counted(co_await next().prefetch(range));
+  Request r{IoOp::prefetch, range.offset, range.length};
+  begin(r);
+  if (auto ec = check_range(range, EINVAL)) co_return finish(r, ec);
+  accept(r);
+  if (range.length == 0) co_return finish(r, {});
+  if (inner_caps_.prefetch == Support::native) co_return finish(r, co_await next().prefetch(range));
   // Emulation: read and discard, so that the layers below see (and cache) the data.
   const uint64_t step = std::min<uint64_t>(kZeroChunk, geometry_.max_transfer);
   auto scratch = std::make_unique_for_overwrite<std::byte[]>(step);
   for (uint64_t done = 0; done < range.length;) {
     const uint64_t n = std::min(step, range.length - done);
+    if (r.traced) [[unlikely]]
+      current_request_note = &r.note;
     if (auto ec = co_await next().read({scratch.get(), n}, range.offset + done, 0))
-      co_return counted(ec);
+      co_return finish(r, ec);
     done += n;
   }
-  co_return std::error_code{};
+  co_return finish(r, {});
 }
 
 }  // namespace blockway::core

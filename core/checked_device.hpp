@@ -7,12 +7,22 @@
 // max_transfer by splitting. Front ends advertise capabilities() of this
 // class, never of the device below.
 //
-// Thread model: stateless apart from IoStats (atomics); safe to call from any
-// number of threads at once, like the device it wraps.
+// It also measures: per operation the requests, bytes, errors and latency
+// (IoStats, read by `blockway stats` and the metrics endpoint), and, while a
+// trace is attached, one record per request (IoTrace).
+//
+// Thread model: stateless apart from IoStats (atomics) and the attached trace
+// (an atomic flag on the data path; a mutex only while tracing); safe to call
+// from any number of threads at once, like the device it wraps.
 #pragma once
 
 #include "core/block_device.hpp"
 #include "core/io_stats.hpp"
+#include "core/io_trace.hpp"
+
+#include <atomic>
+#include <memory>
+#include <mutex>
 
 namespace blockway::core {
 
@@ -35,21 +45,42 @@ class CheckedDevice final : public Layer {
 
   [[nodiscard]] const IoStats& stats() const noexcept { return stats_; }
 
+  // Records every request from now on into `trace` (replacing one attached
+  // before); detach_trace() stops it. Any thread.
+  void attach_trace(std::shared_ptr<IoTrace> trace);
+  void detach_trace(const std::shared_ptr<IoTrace>& trace);
+
  private:
+  // One request on its way through: what the stats and the trace record.
+  struct Request {
+    IoOp op;
+    uint64_t offset, length;
+    IoTrace::Clock::time_point start{};
+    bool accepted = false;
+    bool traced = false;
+    RequestNote note;
+  };
+  void begin(Request& r) noexcept;  // stamps the start; sets the note if traced
+  // The request passed validation and goes down.
+  void accept(Request& r) noexcept {
+    r.accepted = true;
+    stats_.count(r.op, r.length);
+  }
+  std::error_code finish(Request& r, std::error_code ec) noexcept;
+
   // EINVAL (or `beyond_end_error`) unless range lies inside the image and is aligned.
   [[nodiscard]] std::error_code check_range(ByteRange range, int beyond_end_error) const noexcept;
   Task<std::error_code> write_split(std::span<const std::byte> buf, uint64_t offset, IoFlags flags);
   Task<std::error_code> write_zeroes_by_writing(ByteRange range, IoFlags flags);
   Task<std::error_code> finish_fua(std::error_code ec, IoFlags flags);
-  std::error_code counted(std::error_code ec) noexcept {
-    if (ec) stats_.count_error();
-    return ec;
-  }
 
   Geometry geometry_;
   Capabilities inner_caps_;
   Capabilities caps_;
   IoStats stats_;
+  std::atomic<bool> tracing_{false};
+  std::mutex trace_mutex_;
+  std::shared_ptr<IoTrace> trace_;
 };
 
 }  // namespace blockway::core

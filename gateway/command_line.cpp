@@ -86,6 +86,16 @@ const Flag kFlags[] = {
        (void)control_group_id(v, "--control-group");  // an unknown group stops here
        l.config.control_socket_group = v;
      }},
+    {"--metrics", "ADDR",
+     "serve Prometheus metrics on http://ADDR/metrics: HOST:PORT, [IPV6]:PORT, PORT (on 127.0.0.1) or HOST "
+     "(port 9110); \"off\" disables it (default: off; wins over [metrics] listen)",
+     [](CommandLine& l, const std::string& v) {
+       l.metrics_set = true;
+       if (v == "off")
+         l.config.metrics.reset();
+       else
+         l.config.metrics = parse_metrics_address(v);
+     }},
     {"--version", "", "print the version",
      [](CommandLine& l, const std::string&) { l.action = CommandLine::Action::version; }},
     {"--help", "", "this text", [](CommandLine& l, const std::string&) { l.action = CommandLine::Action::help; }},
@@ -205,6 +215,7 @@ DaemonConfig effective_config(CommandLine line) {
     if (cfg.log_format != defaults.log_format) from_file.log_format = cfg.log_format;
     if (!cfg.control_socket.empty()) from_file.control_socket = cfg.control_socket;
     if (!cfg.control_socket_group.empty()) from_file.control_socket_group = cfg.control_socket_group;
+    if (line.metrics_set) from_file.metrics = cfg.metrics;
     cfg = std::move(from_file);
   }
   if (!line.listen.empty()) cfg.listen = line.listen;

@@ -30,6 +30,7 @@ struct CommandLine {
   DaemonConfig config;                     // what the flags set
   std::string config_file;                 // --config
   std::vector<core::ListenAddress> listen;  // --listen: replaces the file's
+  bool metrics_set = false;                 // --metrics given: replaces [metrics] listen
 };
 
 // Parses blockwayd's arguments (without argv[0]). Throws core::ConfigError.

@@ -197,6 +197,18 @@ void load_config_file(const std::string& path, DaemonConfig& cfg) {
           throw ConfigError(path + ": unknown setting 'control." + ckey + "'");
         }
       }
+    } else if (key == "metrics") {
+      auto* t = node.as_table();
+      if (!t) throw ConfigError(path + ": use a [metrics] table for the metrics endpoint");
+      for (const auto& [mk, mnode] : *t) {
+        const std::string mkey(mk.str());
+        if (mkey != "listen") throw ConfigError(path + ": unknown setting 'metrics." + mkey + "'");
+        const std::string value = as_string(mnode, "metrics.listen");
+        if (value == "off")
+          cfg.metrics.reset();
+        else
+          cfg.metrics = parse_metrics_address(value);
+      }
     } else if (key == "export") {
       auto* arr = node.as_array();
       if (!arr) throw ConfigError(path + ": use [[export]] tables for exports");
@@ -257,6 +269,22 @@ void load_config_file(const std::string& path, DaemonConfig& cfg) {
       throw ConfigError(path + ": unknown setting '" + key + "'");
     }
   }
+}
+
+ListenAddress parse_metrics_address(std::string_view text) {
+  const std::string t(text);
+  if (t.empty()) throw ConfigError("metrics address is empty (HOST:PORT, PORT or HOST)");
+  ListenAddress a;
+  if (t.find_first_not_of("0123456789") == std::string::npos)
+    a = ListenAddress::parse("127.0.0.1:" + t);
+  else if (t.find(':') == std::string::npos && t.front() != '[')
+    a = ListenAddress::parse(t + ":" + std::to_string(kDefaultMetricsPort));
+  else
+    a = ListenAddress::parse(t);
+  if (a.kind != ListenAddress::Kind::tcp)
+    throw ConfigError("metrics address '" + t + "': the metrics endpoint listens on TCP only");
+  if (a.port == 0) throw ConfigError("metrics address '" + t + "': port 0 is not a port");
+  return a;
 }
 
 unsigned control_group_id(const std::string& group, const std::string& what) {

@@ -72,10 +72,18 @@ struct DaemonConfig {
   std::chrono::milliseconds handshake_timeout{10000};
   std::chrono::milliseconds shutdown_timeout{30000};
   std::optional<FuseMountConfig> fuse;  // each export as a file under a mount directory
+  std::optional<core::ListenAddress> metrics;  // --metrics / [metrics] listen: the Prometheus endpoint
   bool embedded_default = false;  // no config and no exports: serve the demo image
 
   void validate() const;
 };
+
+inline constexpr uint16_t kDefaultMetricsPort = 9110;
+
+// --metrics / [metrics] listen: "HOST:PORT", "[V6]:PORT", "PORT" (on
+// 127.0.0.1) or "HOST" (port 9110). ConfigError for anything else (a Unix
+// socket, port 0, a malformed address).
+core::ListenAddress parse_metrics_address(std::string_view text);
 
 // Reads a TOML file into `cfg` (fields it names replace the defaults).
 void load_config_file(const std::string& path, DaemonConfig& cfg);

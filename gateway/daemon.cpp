@@ -9,10 +9,13 @@
 #include "gateway/control_protocol.hpp"
 #include "gateway/control_server.hpp"
 #include "gateway/fuse_commands.hpp"
+#include "gateway/metrics.hpp"
+#include "gateway/metrics_server.hpp"
 #include "gateway/runtime_exports.hpp"
 #include "gateway/service_manager.hpp"
 #include "gateway/socket_activation.hpp"
 #include "gateway/stack_builder.hpp"
+#include "gateway/trace_commands.hpp"
 #include "nbd/server.hpp"
 
 #include <boost/asio/co_spawn.hpp>
@@ -124,10 +127,13 @@ struct Drain {
 // export closes: it stops its background work and persists its state. Then
 // the loops may run out of work.
 Task<void> shut_down(Drain& drain, fuse::FuseFrontEnd& fuse, RuntimeExports& runtime_exports, ControlServer& control,
-                     ExportTable& exports, ServiceManager& service) {
+                     MetricsServer& metrics, TraceCommands& traces, ExportTable& exports,
+                     ServiceManager& service) {
   while (!drain.server_drained || fuse.active()) co_await drain.changed.wait();
   runtime_exports.set_shutting_down();
   control.stop();
+  metrics.stop();
+  traces.stop();
   for (const auto& exp : exports.list()) co_await exp->device->close();
   service.stop();
 }
@@ -185,7 +191,13 @@ int run_daemon(DaemonConfig config) {
                        [&runtime_exports](const Json& req) { return runtime_exports.add(req); });
   control_commands.add("export-remove", "remove an export {name, force?}",
                        [&runtime_exports](const Json& req) { return runtime_exports.remove(req); });
+  TraceCommands trace_commands(loops.at(0), exports);
+  trace_commands.add_to(control_commands);
   ControlServer control(loops.at(0), control_commands);
+  // The metrics endpoint. Per-export metric families of other modules (QoS)
+  // are one metrics_collector.add_export_provider() here.
+  MetricsCollector metrics_collector(exports);
+  MetricsServer metrics(loops.at(0), metrics_collector);
 
   nbd::ServerOptions sopts;
   sopts.limits.max_request_bytes = config.max_request_bytes;
@@ -228,6 +240,13 @@ int run_daemon(DaemonConfig config) {
     }
   }
   listen_control(control, config, *log);
+  if (config.metrics) {
+    try {
+      log->info("metrics on http://{}/metrics", metrics.listen(*config.metrics));
+    } catch (const std::runtime_error& e) {
+      throw ConfigError(e.what());
+    }
+  }
 
   std::function<void(const boost::system::error_code&, int)> on_signal = [&](const boost::system::error_code& ec,
                                                                              int sig) {
@@ -240,7 +259,9 @@ int run_daemon(DaemonConfig config) {
     signals.async_wait(on_signal);
   };
   signals.async_wait(on_signal);
-  boost::asio::co_spawn(loops.at(0), shut_down(drain, *fuse_front, runtime_exports, control, exports, service),
+  boost::asio::co_spawn(loops.at(0),
+                        shut_down(drain, *fuse_front, runtime_exports, control, metrics, trace_commands, exports,
+                                  service),
                         [&](std::exception_ptr e) {
                           if (e) log->error("closing the exports failed");
                           service.stop();  // its timers would keep the loops running

@@ -13,7 +13,7 @@ TEST_PKGS=(
   nbdkit qemu-utils fio libnbd-bin python3 python3-libnbd jq
   tgt libiscsi-bin nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils vblade qemu-block-extra
   fuse3 iproute2 e2fsprogs util-linux sqlite3 tmux strace
-  rpm
+  rpm prometheus python3-matplotlib
 )
 
 want=("${BUILD_PKGS[@]}")

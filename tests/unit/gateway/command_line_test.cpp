@@ -13,6 +13,10 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
+#include <cstdio>
+#include <fstream>
 #include <string>
 #include <vector>
 
@@ -93,6 +97,21 @@ TEST(CommandLine, FlagsTakeTheirValueEitherWay) {
   EXPECT_EQ(line.config.handshake_timeout, std::chrono::milliseconds(2500));
   EXPECT_EQ(parse_command_line({"-h"}).action, CommandLine::Action::help);
   EXPECT_EQ(parse_command_line({"--version"}).action, CommandLine::Action::version);
+}
+
+TEST(CommandLine, MetricsFlagWinsOverTheFile) {
+  const std::string path = "/tmp/blockway-cl-metrics-" + std::to_string(::getpid()) + ".toml";
+  std::ofstream(path) << "[metrics]\nlisten = \"127.0.0.1:9333\"\n[[export]]\nname = \"a\"\nuri = \"file:///x.img\"\n";
+  auto config = [&](std::vector<std::string> extra) {
+    std::vector<std::string> args{"--config", path};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return effective_config(parse_command_line(args));
+  };
+  EXPECT_EQ(config({}).metrics->to_string(), "127.0.0.1:9333");
+  EXPECT_EQ(config({"--metrics", "9444"}).metrics->to_string(), "127.0.0.1:9444");
+  EXPECT_FALSE(config({"--metrics", "off"}).metrics);
+  EXPECT_FALSE(effective_config(parse_command_line({})).metrics);  // off unless asked for
+  std::remove(path.c_str());
 }
 
 TEST(CommandLine, MistakesAreConfigErrorsNamingTheFlag) {

@@ -368,5 +368,43 @@ TEST(ControlConfig, MistakesNameTheSetting) {
   EXPECT_NE(message("[control]\ngroup = \"\"\n").find("control.group"), std::string::npos);
 }
 
+
+// ---------------------------------------------------------------- metrics address
+
+TEST(MetricsAddress, EveryFormAndItsDefaults) {
+  EXPECT_EQ(parse_metrics_address("9200").to_string(), "127.0.0.1:9200");  // a port alone: loopback
+  EXPECT_EQ(parse_metrics_address("127.0.0.2").to_string(), "127.0.0.2:9110");  // a host alone: port 9110
+  EXPECT_EQ(parse_metrics_address("0.0.0.0:9300").to_string(), "0.0.0.0:9300");
+  EXPECT_EQ(parse_metrics_address("[::1]:9400").to_string(), "[::1]:9400");
+  EXPECT_EQ(parse_metrics_address(":9500").port, 9500);
+  EXPECT_THAT(what_of<ConfigError>([] { parse_metrics_address(""); }), HasSubstr("metrics address is empty"));
+  EXPECT_THAT(what_of<ConfigError>([] { parse_metrics_address("unix:/run/m.sock"); }), HasSubstr("TCP only"));
+  EXPECT_THAT(what_of<ConfigError>([] { parse_metrics_address("0"); }), HasSubstr("port 0 is not a port"));
+  EXPECT_THAT(what_of<ConfigError>([] { parse_metrics_address("70000"); }), HasSubstr("70000"));
+  EXPECT_THAT(what_of<ConfigError>([] { parse_metrics_address("h:x"); }), HasSubstr("not a valid number"));
+}
+
+TEST_F(ConfigFile, MetricsTable) {
+  write("[metrics]\nlisten = \"127.0.0.1:9111\"\n");
+  DaemonConfig cfg;
+  load_config_file(path_, cfg);
+  ASSERT_TRUE(cfg.metrics);
+  EXPECT_EQ(cfg.metrics->to_string(), "127.0.0.1:9111");
+  write("[metrics]\nlisten = 9112\n");  // a TOML integer: a port on loopback
+  load_config_file(path_, cfg);
+  EXPECT_EQ(cfg.metrics->to_string(), "127.0.0.1:9112");
+  write("[metrics]\nlisten = \"off\"\n");
+  load_config_file(path_, cfg);
+  EXPECT_FALSE(cfg.metrics);
+  for (const auto& [text, expect] : std::vector<std::pair<std::string, std::string>>{
+           {"metrics = 1\n", "[metrics] table"},
+           {"[metrics]\nport = 1\n", "unknown setting 'metrics.port'"},
+           {"[metrics]\nlisten = \"unix:/x\"\n", "TCP only"}}) {
+    write(text);
+    DaemonConfig bad;
+    EXPECT_THAT(what_of<ConfigError>([&] { load_config_file(path_, bad); }), HasSubstr(expect)) << text;
+  }
+}
+
 }  // namespace
 }  // namespace blockway::gateway
