@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <map>
 
 namespace blockway::core {
 namespace {
@@ -17,12 +18,12 @@ const OptionSpec kOptions[] = {
      .kind = OptionKind::number,
      .help = "read operations per second this export serves (default 0: no limit)",
      .min = 0,
-     .max = 1e9},
+     .max = 4294967295},
     {.name = "qos-write-iops",
      .kind = OptionKind::number,
      .help = "write operations per second, trim and write-zeroes included (default 0: no limit)",
      .min = 0,
-     .max = 1e9},
+     .max = 4294967295},
     {.name = "qos-read-bps",
      .kind = OptionKind::size,
      .help = "bytes per second read from this export (default 0: no limit)"},
@@ -56,6 +57,21 @@ std::string QosLimits::to_options() const {
   return "qos-read-iops=" + std::to_string(read_iops) + ",qos-write-iops=" + std::to_string(write_iops) +
          ",qos-read-bps=" + std::to_string(read_bps) + ",qos-write-bps=" + std::to_string(write_bps) +
          ",qos-burst=" + burst_text;
+}
+
+QosLimits QosLimits::from_options(std::string_view text, const std::string& where) {
+  std::map<std::string, std::string> values;
+  for (size_t pos = 0; pos < text.size();) {
+    const size_t comma = std::min(text.find(',', pos), text.size());
+    const std::string_view item = text.substr(pos, comma - pos);
+    const size_t eq = item.find('=');
+    values[std::string(item.substr(0, eq))] = eq == std::string_view::npos ? "" : std::string(item.substr(eq + 1));
+    pos = comma + 1;
+  }
+  Options options(values, where);
+  QosLimits q = take_from(options);
+  options.finish();
+  return q;
 }
 
 struct QosLayer::Waiter {

@@ -42,6 +42,7 @@
 #include <mutex>
 #include <span>
 #include <string>
+#include <string_view>
 
 namespace blockway::core {
 
@@ -60,6 +61,8 @@ struct QosLimits {
   // The limits as export options ("qos-read-iops=100,qos-write-bps=1048576,qos-burst=1"),
   // what is saved for a run-time change; parsed back by take_from.
   [[nodiscard]] std::string to_options() const;
+  // Reads to_options()'s text back. Throws ConfigError prefixed with `where`.
+  static QosLimits from_options(std::string_view text, const std::string& where);
 };
 
 struct QosClassStats {

@@ -2,6 +2,7 @@
 
 #include "cache/cache_config.hpp"
 #include "core/options.hpp"
+#include "core/qos_layer.hpp"
 #include "core/retry_layer.hpp"
 #include "fuse/fuse_front_end.hpp"
 #include "remote/registry.hpp"
@@ -226,6 +227,7 @@ std::string usage() {
       "SECONDS take decimals (2.5); a SIZE takes a binary suffix (64k, 32M, 1G, 2T).\n"
       "  every export:\n";
   option_entries(out, ExportConfig::generic_options());
+  option_entries(out, core::QosLimits::options());
   out += "  with a cache (cache=DIR):\n";
   option_entries(out, cache::CacheConfig::options());
   for (const auto& b : remote::backends()) {

@@ -50,6 +50,8 @@ std::string StackBuilder::configured_value(const std::string& name, const std::s
 
 StackBuilder::Built StackBuilder::build(ExportConfig cfg) {
   core::Options options(cfg.options, "export '" + cfg.name + "'");
+  auto qos = core::QosLimits::take_from(options);
+  apply_runtime_qos(cfg.name, qos);
   auto cache_cfg = cache::CacheConfig::take_from(options);
   if (cache_cfg) apply_runtime_settings(cfg.name, *cache_cfg);
   if (!cache_cfg) refuse_without_its_cache(cfg);
@@ -95,7 +97,10 @@ StackBuilder::Built StackBuilder::build(ExportConfig cfg) {
       throw ConfigError("export '" + cfg.name + "': " + e.what());
     }
   }
-  exp->device = std::make_shared<CheckedDevice>(std::move(device), cfg.read_only);
+  // QoS above the cache: cache hits are limited too, as the tenant sees them.
+  auto qos_layer = std::make_unique<core::QosLayer>(std::move(device), qos);
+  exp->qos = qos_layer.get();
+  exp->device = std::make_shared<CheckedDevice>(std::move(qos_layer), cfg.read_only);
   if (retry_layer) exp->remote_health = [retry_layer] { return retry_layer->health(); };
   if (cache_layer) {
     exp->cache_status = [cache_layer](ByteRange r, ExtentList& out) { return cache_layer->cache_status(r, out); };
@@ -131,7 +136,8 @@ void StackBuilder::apply_runtime_settings(const std::string& name, cache::CacheC
   const std::string config_rate = std::to_string(c.prefetch_rate);
   {
     std::lock_guard lock(configured_mutex_);
-    configured_[name] = {{"mode", config_mode}, {"prefetch-rate", config_rate}};
+    configured_[name]["mode"] = config_mode;
+    configured_[name]["prefetch-rate"] = config_rate;
   }
   auto log = core::logger("daemon");
   auto& store = catalogue();
@@ -157,6 +163,36 @@ void StackBuilder::apply_runtime_settings(const std::string& name, cache::CacheC
         c.prefetch_rate = rate;
       }
       log->info("export '{}': {} {} (set at run time; the configuration says {})", name, s.key, s.value, now);
+    }
+  } catch (const std::runtime_error& e) {
+    throw ConfigError("export '" + name + "': " + e.what());
+  }
+}
+
+// A run-time QoS change (blockway qos) is saved like the write mode: as the
+// limits in export-option form with the configuration's limits then, and it
+// applies while the configuration still says the same. Any export may have
+// one, so the catalogue is read only if it exists (never made for this).
+void StackBuilder::apply_runtime_qos(const std::string& name, core::QosLimits& q) {
+  const std::string config_value = q.to_options();
+  {
+    std::lock_guard lock(configured_mutex_);
+    configured_[name]["qos"] = config_value;
+  }
+  if (!catalogue_exists()) return;
+  auto log = core::logger("daemon");
+  auto& store = catalogue();
+  try {
+    for (const auto& s : store.runtime_settings(name)) {
+      if (s.key != "qos") continue;
+      if (s.config_value != config_value) {
+        log->info("export '{}': the configuration's QoS limits changed since they were set at run time: "
+                  "the configuration's apply ({})", name, config_value);
+        store.forget_runtime_setting(name, s.key);
+        continue;
+      }
+      q = core::QosLimits::from_options(s.value, "export '" + name + "': saved QoS");
+      log->info("export '{}': QoS {} (set at run time; the configuration says {})", name, s.value, config_value);
     }
   } catch (const std::runtime_error& e) {
     throw ConfigError("export '" + name + "': " + e.what());

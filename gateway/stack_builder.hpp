@@ -4,6 +4,7 @@
 //   the backend the URI's scheme names (remote/registry.cpp)
 //   RetryLayer         when the registry says the backend's session can be lost
 //   CacheLayer         when the options name a cache directory (cache=DIR)
+//   QosLayer           always: the export's QoS limits (qos-*), none by default
 //   CheckedDevice      always: the one checkpoint that validates and emulates
 //
 // Each part takes its options from one core::Options; what is left is an
@@ -56,7 +57,7 @@ class StackBuilder {
   [[nodiscard]] bool catalogue_exists() const;
 
   // The value the configuration (or, for a run-time export, its saved
-  // options) gave `key` ("mode", "prefetch-rate") of a cached export before
+  // options) gave `key` ("mode", "prefetch-rate", "qos") of an export before
   // run-time changes: what a run-time change is recorded against. Empty if
   // unknown.
   [[nodiscard]] std::string configured_value(const std::string& name, const std::string& key) const;
@@ -65,6 +66,7 @@ class StackBuilder {
   std::unique_ptr<core::BlockDevice> open_detached(const ExportConfig& cfg, const remote::Backend& backend,
                                                    core::Options& options);
   void apply_runtime_settings(const std::string& name, cache::CacheConfig& c);
+  void apply_runtime_qos(const std::string& name, core::QosLimits& q);
   void refuse_without_its_cache(const ExportConfig& cfg);
 
   core::EventLoops& loops_;
