@@ -187,7 +187,9 @@ class CacheLayer final : public core::Layer, public core::ExportControl {
   void release(const std::shared_ptr<Fill>& fill, const std::vector<uint64_t>& chunks, std::error_code ec);
   // True if every chunk of [first, last] is present or in `mine` (sorted).
   [[nodiscard]] bool chunks_ready(uint64_t first, uint64_t last, const std::vector<uint64_t>& mine) const noexcept;
-  core::Task<std::error_code> fetch_run(uint64_t first, uint64_t last);
+  // flags: kBackground for the prefetch's fills (the remote bandwidth cap's
+  // background class), else 0.
+  core::Task<std::error_code> fetch_run(uint64_t first, uint64_t last, core::IoFlags flags = 0);
   void start_readahead(uint64_t after);
 
   // Write-intent for the regions of chunks [first, last], persisted before

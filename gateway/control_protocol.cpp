@@ -341,6 +341,7 @@ class ExportCommands {
     Json out;
     out["exports"] = std::move(list);
     out["pid"] = static_cast<long>(::getpid());
+    if (hooks_.remote_bandwidth) out["remote_bandwidth"] = hooks_.remote_bandwidth();
     out["version"] = BLOCKWAY_VERSION;
     co_return out;
   }

@@ -38,6 +38,12 @@ cache::MetaStore& StackBuilder::catalogue() {
   return *catalogue_;
 }
 
+void StackBuilder::set_remote_bandwidth(uint64_t bytes_per_second) {
+  remote_bandwidth_ = bytes_per_second == 0 ? nullptr
+                                            : std::make_shared<core::RemoteBandwidth>(bytes_per_second,
+                                                                                      loops_.at(0).get_executor());
+}
+
 bool StackBuilder::catalogue_exists() const { return std::filesystem::exists(data_dir_ + "/catalogue.db"); }
 
 std::string StackBuilder::configured_value(const std::string& name, const std::string& key) const {
@@ -71,6 +77,8 @@ StackBuilder::Built StackBuilder::build(ExportConfig cfg) {
       auto layer = std::make_unique<RetryLayer>(backend.open_remote(cfg.uri, options, env), retry);
       retry_layer = layer.get();
       device = std::move(layer);
+      if (remote_bandwidth_)
+        device = std::make_unique<core::RemoteBandwidthLayer>(std::move(device), remote_bandwidth_);
     }
   } catch (const remote::BackendError& e) {
     throw ConfigError("export '" + cfg.name + "': " + e.what());
