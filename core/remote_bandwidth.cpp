@@ -26,6 +26,16 @@ RemoteBandwidthStats RemoteBandwidth::stats() const {
 
 Task<void> RemoteBandwidth::acquire(uint64_t bytes, Class c) {
   if (rate_ == 0) co_return;
+  // In slices: a 1 MiB prefetch run is sixteen turns, not one that puts the
+  // bucket a quarter second in debt in front of every client request.
+  for (uint64_t left = bytes; left > 0;) {
+    const uint64_t n = std::min(left, kSlice);
+    co_await acquire_slice(n, c);
+    left -= n;
+  }
+}
+
+Task<void> RemoteBandwidth::acquire_slice(uint64_t bytes, Class c) {
   const auto ex = co_await boost::asio::this_coro::executor;
   std::shared_ptr<Waiter> w;
   {
@@ -39,8 +49,10 @@ Task<void> RemoteBandwidth::acquire(uint64_t bytes, Class c) {
       virtual_time_[c] += cost / kWeights[c];
       co_return;
     }
-    // A class that was idle starts level with the other: no credit saved up.
-    if (queues_[c].empty()) virtual_time_[c] = std::max(virtual_time_[c], virtual_time_[1 - c]);
+    // A class that was idle keeps at most one bucket of credit: it cannot
+    // save up a share while it has nothing to do.
+    if (queues_[c].empty())
+      virtual_time_[c] = std::max(virtual_time_[c], virtual_time_[1 - c] - bucket_.capacity() / kWeights[c]);
     w = std::make_shared<Waiter>(ex);
     w->bytes = bytes;
     w->arrived = now;
@@ -60,7 +72,10 @@ RemoteBandwidth::Clock::time_point RemoteBandwidth::grant(Clock::time_point now)
     const size_t c = !has1 ? 0 : !has0 ? 1 : (virtual_time_[0] <= virtual_time_[1] ? 0 : 1);
     auto& w = queues_[c].front();
     const double cost = static_cast<double>(w->bytes);
-    const auto at = bucket_.ready_at(cost, now);
+    // Background work not owed a share takes spare tokens only (a full
+    // bucket), so that a client request arriving next still finds some.
+    const bool spare_only = c == background && virtual_time_[background] > virtual_time_[client];
+    const auto at = bucket_.ready_at(spare_only ? std::max(cost, bucket_.capacity()) : cost, now);
     if (at > now) return at;
     bucket_.take(cost, now);
     virtual_time_[c] += cost / kWeights[c];
@@ -86,8 +101,8 @@ void RemoteBandwidth::pump() {
 }
 
 Task<std::error_code> RemoteBandwidthLayer::read(std::span<std::byte> buf, uint64_t offset, IoFlags flags) {
-  const auto c = (flags & kBackground) ? RemoteBandwidth::background : RemoteBandwidth::client;
-  co_await cap_->acquire(buf.size(), c);
+  // kBackground: the prefetch took its budget before it claimed the chunks.
+  if (!(flags & kBackground)) co_await cap_->acquire(buf.size(), RemoteBandwidth::client);
   co_return co_await next().read(buf, offset, flags & ~kBackground);
 }
 

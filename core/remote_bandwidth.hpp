@@ -9,8 +9,13 @@
 // weighted fair shares, 3 to 1 in favour of client work (start-time fair
 // queueing over bytes: the class with the smaller served-bytes / weight goes
 // next), so prefetch cannot starve client misses nor be starved by them;
-// either class alone gets the whole cap. Within a class requests go in
-// arrival order. A request larger than the bucket borrows, as in QosLayer.
+// either class alone gets the whole cap. Background work beyond its share
+// takes only spare tokens (it waits for a full bucket), so client requests
+// that arrive one after another are not delayed behind it; a class that was
+// idle keeps at most one bucket of credit. Within a class requests go in
+// arrival order. A request is charged in 64 KiB slices, each a turn of its
+// class, so a large prefetch run cannot hold the link for long; a slice
+// larger than the bucket (a tiny cap) borrows, as in QosLayer.
 //
 // The per-export `prefetch-rate` stays a limit of one export's prefetch
 // (the Prefetcher's own TokenBucket); this cap is the link's budget above it.
@@ -67,6 +72,9 @@ class RemoteBandwidth : public std::enable_shared_from_this<RemoteBandwidth> {
     boost::asio::steady_timer timer;
   };
 
+  static constexpr uint64_t kSlice = 64 << 10;  // the unit of the fair shares
+
+  Task<void> acquire_slice(uint64_t bytes, Class c);
   // Grants what the bucket allows, fairly; arms the pump timer for the rest.
   // Runs on the pump executor.
   void pump();
@@ -85,8 +93,10 @@ class RemoteBandwidth : public std::enable_shared_from_this<RemoteBandwidth> {
   RemoteBandwidthStats stats_;
 };
 
-// Charges every read and write of the device below (a remote) to the cap.
-// Reads with kBackground count as background (the flag is not passed on).
+// Charges every read and write of the device below (a remote) to the cap as
+// client work. Reads with kBackground are the prefetch's, which took its
+// budget (as background work) before it claimed the chunks: not charged
+// again, and the flag is not passed on.
 class RemoteBandwidthLayer final : public Layer {
  public:
   RemoteBandwidthLayer(std::unique_ptr<BlockDevice> next, std::shared_ptr<RemoteBandwidth> cap)

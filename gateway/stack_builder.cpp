@@ -97,6 +97,7 @@ StackBuilder::Built StackBuilder::build(ExportConfig cfg) {
     params.store = &catalogue();
     params.blocking = &loops_.blocking();
     params.background = loops_.at(0).get_executor();
+    if (retry_layer) params.remote_bandwidth = remote_bandwidth_;
     try {
       auto layer = std::make_unique<cache::CacheLayer>(std::move(device), std::move(params));
       cache_layer = layer.get();

@@ -181,6 +181,33 @@ class QosTest(control_common.ControlTestCase):
         st = self.qos("t")
         self.assertEqual((st["read"]["iops"], st["write"]["bps"], st["burst"]), (100, 10 * MiB, 0.5))
 
+    def test_remote_bandwidth_cap_is_shared_by_prefetch_and_client_misses(self):
+        remote = harness.make_random_image(self.path("remote.img"), 128 * MiB, seed=3)
+        k = self.nbdkit(remote)
+        self.start({"vm": "%s,cache=%s,chunk=64k,readahead=0,prefetch=sequential" % (k.uri, self.path("cache"))},
+                   extra=["--remote-bandwidth", "4M"])
+        time.sleep(1)  # past the bucket the cap starts with
+        before, start = self.bwj("status")["remote_bandwidth"], time.monotonic()
+        # Client misses (random 64k reads of chunks not cached yet) while the prefetch runs.
+        report = fio_json(self, "misses", *job(self.uri("vm"), "misses", "randread", "64k", 16, 6))
+        after, elapsed = self.bwj("status")["remote_bandwidth"], time.monotonic() - start
+        self.assertEqual(after["rate"], 4 * MiB)
+        client = (after["client"]["bytes"] - before["client"]["bytes"]) / elapsed
+        prefetch = (after["prefetch"]["bytes"] - before["prefetch"]["bytes"]) / elapsed
+        print("\nremote cap 4 MiB/s: client misses %.2f MiB/s, prefetch %.2f MiB/s"
+              % (client / MiB, prefetch / MiB), file=sys.stderr)
+        self.assertLess(client + prefetch, 4 * MiB * 1.15)
+        self.assertGreater(client + prefetch, 4 * MiB * 0.7)
+        self.assertGreater(client, 2 * MiB, "client misses got too little of the cap")
+        self.assertGreater(prefetch, 0.4 * MiB, "the prefetch starved")
+        self.assertGreater(report["jobs"][0]["read"]["io_bytes"], 10 * MiB)
+        self.assertGreater(after["client"]["delayed"], 0)
+        out, _ = self.bw("status")
+        self.assertIn("remote bandwidth cap 4.0 MiB/s", out)
+        # What came through the cap is the remote's data.
+        h = self.connect(self.uri("vm"))
+        self.assertEqual(h.pread(MiB, 0), harness.read_file(remote, 0, MiB))
+
     def daemons_stop(self):
         for d in list(self._daemons):
             if d.running():
