@@ -140,11 +140,16 @@ TEST(QosLayer, TrimAndZeroCountAsOneWriteOperationWithoutBytes) {
   EXPECT_LT(took, 0.5);
 }
 
-TEST(QosLayer, RequestsOfOneClassFinishInArrivalOrder) {
+// Reads limited to `bps` bytes per second with `burst`.
+QosLimits read_bps(uint64_t bps, std::chrono::milliseconds burst) {
   QosLimits q;
-  q.read_bps = 1 << 20;  // 1 MiB/s, burst 64 KiB
-  q.burst = 64ms;
-  auto layer = make_layer(q);
+  q.read_bps = bps;
+  q.burst = burst;
+  return q;
+}
+
+TEST(QosLayer, RequestsOfOneClassFinishInArrivalOrder) {
+  auto layer = make_layer(read_bps(1 << 20, 64ms));  // 1 MiB/s, burst 64 KiB
   Runner r(*layer);
   // A large request first, then small ones: none of them overtakes it, and
   // it is not starved by them.
@@ -158,10 +163,7 @@ TEST(QosLayer, RequestsOfOneClassFinishInArrivalOrder) {
 }
 
 TEST(QosLayer, ARequestLargerThanTheBurstPasses) {
-  QosLimits q;
-  q.read_bps = 1 << 20;  // 1 MiB/s, burst 0.1 MiB
-  q.burst = 100ms;
-  auto layer = make_layer(q);
+  auto layer = make_layer(read_bps(1 << 20, 100ms));  // 1 MiB/s, burst 0.1 MiB
   Runner r(*layer);
   r.read(1 << 20, 0);  // 10 bursts' worth: it goes at once, on a full bucket
   EXPECT_LT(r.run(), 0.3);
