@@ -116,6 +116,7 @@ void QosLayer::set_limits(const QosLimits& limits) {
     c->ops.drain(now);
     c->bytes.drain(now);
     for (auto& w : c->queue) {
+      if (w->ready <= now) continue;  // due already, about to go: not scheduled again
       const auto before = w->ready;
       w->ready = reserve(*c, w->bytes, now);
       if (w->ready < before)  // earlier than its timer: wake it on its own executor
