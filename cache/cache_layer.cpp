@@ -51,6 +51,7 @@ CacheLayer::CacheLayer(std::unique_ptr<core::BlockDevice> remote, Params p)
       store_(*p.store),
       blocking_(*p.blocking),
       background_(p.background),
+      remote_bandwidth_(p.remote_bandwidth),
       log_(core::logger("cache")),
       geometry_(next().geometry()),
       remote_caps_(next().capabilities()) {

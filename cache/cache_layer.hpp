@@ -57,6 +57,7 @@
 #include "cache/meta_store.hpp"
 #include "core/async_mutex.hpp"
 #include "core/block_device.hpp"
+#include "core/remote_bandwidth.hpp"
 #include "core/export_control.hpp"
 #include "core/logging.hpp"
 #include "core/shared_event.hpp"
@@ -113,6 +114,10 @@ class CacheLayer final : public core::Layer, public core::ExportControl {
     MetaStore* store = nullptr;
     boost::asio::thread_pool* blocking = nullptr;
     boost::asio::any_io_executor background;  // where write-back and checkpoints run
+    // The daemon-wide remote bandwidth cap, if any: the prefetch takes its
+    // budget there before it claims chunks (so client reads never wait behind
+    // a claimed chunk whose fill waits for budget).
+    std::shared_ptr<core::RemoteBandwidth> remote_bandwidth;
     // Opens the cache image at a path; the default is a FileDevice on a
     // sparse file created here. Tests pass a device that simulates power loss.
     std::function<std::unique_ptr<core::BlockDevice>(const std::string& path)> open_cache_file;
@@ -187,7 +192,9 @@ class CacheLayer final : public core::Layer, public core::ExportControl {
   void release(const std::shared_ptr<Fill>& fill, const std::vector<uint64_t>& chunks, std::error_code ec);
   // True if every chunk of [first, last] is present or in `mine` (sorted).
   [[nodiscard]] bool chunks_ready(uint64_t first, uint64_t last, const std::vector<uint64_t>& mine) const noexcept;
-  core::Task<std::error_code> fetch_run(uint64_t first, uint64_t last);
+  // flags: kBackground for the prefetch's fills (the remote bandwidth cap's
+  // background class), else 0.
+  core::Task<std::error_code> fetch_run(uint64_t first, uint64_t last, core::IoFlags flags = 0);
   void start_readahead(uint64_t after);
 
   // Write-intent for the regions of chunks [first, last], persisted before
@@ -375,6 +382,7 @@ class CacheLayer final : public core::Layer, public core::ExportControl {
   MetaStore& store_;
   boost::asio::thread_pool& blocking_;
   boost::asio::any_io_executor background_;
+  std::shared_ptr<core::RemoteBandwidth> remote_bandwidth_;  // the daemon-wide cap, or null
   std::shared_ptr<spdlog::logger> log_;
 
   core::Geometry geometry_;

@@ -66,7 +66,7 @@ void CacheLayer::release(const std::shared_ptr<Fill>& fill, const std::vector<ui
   fill->done.set(ec);
 }
 
-Task<std::error_code> CacheLayer::fetch_run(uint64_t first, uint64_t last) {
+Task<std::error_code> CacheLayer::fetch_run(uint64_t first, uint64_t last, core::IoFlags flags) {
   const uint64_t off = chunk_start(first);
   const uint64_t len = chunk_start(last) + chunk_len(last) - off;
   core::IoBuffer buf(len);
@@ -74,7 +74,7 @@ Task<std::error_code> CacheLayer::fetch_run(uint64_t first, uint64_t last) {
                                            geometry_.min_block);
   for (uint64_t done = 0; done < len;) {
     const uint64_t n = std::min(step, len - done);
-    if (auto ec = co_await next().read(buf.span().subspan(done, n), off + done, 0)) {
+    if (auto ec = co_await next().read(buf.span().subspan(done, n), off + done, flags)) {
       fetch_errors_.fetch_add(1, std::memory_order_relaxed);
       log_->debug("export '{}': fetch of {} bytes at {} failed: {}", name_, n, off + done, ec.message());
       co_return ec;
@@ -196,7 +196,7 @@ Task<std::error_code> CacheLayer::prefetch_fill(uint64_t first, uint64_t last, u
       if (!ec)
         for (uint64_t c = mine[i]; c <= mine[j]; ++c) present_.set(c);
     } else {
-      ec = co_await fetch_run(mine[i], mine[j]);
+      ec = co_await fetch_run(mine[i], mine[j], core::kBackground);
       if (!ec && fetched) *fetched += len;
     }
     i = j + 1;

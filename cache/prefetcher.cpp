@@ -381,6 +381,13 @@ Task<void> Prefetcher::run(PrefetchOrder order) {
         if (quit()) break;
       }
 
+      // The daemon-wide cap, before the run claims its chunks: its fill then
+      // reads with kBackground, which the cap's layer does not charge again.
+      if (c_.remote_bandwidth_ && !hole) {
+        co_await c_.remote_bandwidth_->acquire(c_.chunks_bytes(last - c + 1), core::RemoteBandwidth::background);
+        if (quit()) break;
+      }
+
       // Paused while it waited for tokens: hold this run until resumed.
       while (paused_.load() && !quit()) co_await sleep_for(std::chrono::milliseconds(20));
       if (quit()) break;

@@ -49,7 +49,7 @@ void need_positionals(const Args& a, size_t n, const std::string& usage) {
 }
 
 int run_one_request(const std::vector<std::string>& in, const OneRequest& command) {
-  const Args a = parse_args(in, command.usage, command.flags, {});
+  const Args a = parse_args(in, command.usage, command.flags, command.options);
   if (a.help) return std::puts(command.usage.c_str()), kOk;
   need_positionals(a, command.positionals, command.usage);
   ControlClient client(control_socket_path(a.option("--socket")));

@@ -19,6 +19,7 @@ int export_command(const std::vector<std::string>& args);
 int prefetch_command(const std::vector<std::string>& args);
 int detach_command(const std::vector<std::string>& args);
 int mode_command(const std::vector<std::string>& args);
+int qos_command(const std::vector<std::string>& args);
 int flush_command(const std::vector<std::string>& args);
 int mount_command(const std::vector<std::string>& args);
 int unmount_command(const std::vector<std::string>& args);

@@ -39,6 +39,11 @@ const Command kCommands[] = {
      "                    run the export from its cache alone, without the remote",
      detach_command},
     {"mode", "mode NAME MODE      writethrough, writeback or writeback-local", mode_command},
+    {"qos",
+     "qos NAME [--read-iops N] [--write-iops N] [--read-bps SIZE] [--write-bps SIZE]\n"
+     "         [--burst SECONDS] | --off\n"
+     "                    show or change the export's QoS limits (kept across restarts)",
+     qos_command},
     {"flush", "flush NAME          flush the export", flush_command},
     {"mount", "mount DIR           mount the FUSE front end at DIR: every export as a file", mount_command},
     {"unmount", "unmount             unmount it", unmount_command},

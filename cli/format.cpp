@@ -58,4 +58,18 @@ std::string remote_summary(const Json& r) {
   return r.value("connected", false) ? "connected" : "DOWN";
 }
 
+std::string qos_summary(const Json& q, const std::string& indent) {
+  std::string out;
+  for (const char* cls : {"read", "write"}) {
+    const Json& c = q.contains(cls) ? q[cls] : Json::object();
+    std::string limit;
+    if (u64(c, "iops")) limit = fmt::format("{} IOPS", u64(c, "iops"));
+    if (u64(c, "bps")) limit += (limit.empty() ? "" : ", ") + bytes(u64(c, "bps")) + "/s";
+    if (limit.empty()) limit = "no limit";
+    out += fmt::format("{}{:<6} {}; {} delayed ({:.2f} s in all), {} waiting\n", indent, std::string(cls) + ":", limit,
+                       u64(c, "delayed"), dbl(c, "delay_seconds"), u64(c, "queued"));
+  }
+  return out;
+}
+
 }  // namespace blockway::cli

@@ -29,5 +29,8 @@ bool failed_export(const Json& e);
 std::string prefetch_summary(const Json& p);
 // "connected", "DOWN", "local" or "detached".
 std::string remote_summary(const Json& r);
+// Two lines, "read:  100 IOPS, 10.0 MiB/s; 5 delayed (1.20 s in all), 2 waiting\n"
+// and the same for write, from the "qos" object of stats.
+std::string qos_summary(const Json& q, const std::string& indent);
 
 }  // namespace blockway::cli

@@ -14,7 +14,8 @@ int stats_command(const std::vector<std::string>& in) {
   OneRequest command{
       .usage = "Usage: blockway stats NAME [--json] [--socket PATH]\n\n"
                "One export's state and its counters since the daemon started: requests and\n"
-               "bytes, cache hits and misses, bytes fetched and written back, errors.",
+               "bytes, cache hits and misses, bytes fetched and written back, errors, QoS\n"
+               "limits and the requests they delayed.",
       .positionals = 1};
   command.request = [](const Args& a) { return Request("stats", {{"name", a.positional[0]}}); };
   command.print = [](const Args&, const Json& e) {
@@ -58,6 +59,8 @@ int stats_command(const std::vector<std::string>& in) {
     } else {
       std::puts("cache:     none");
     }
+    if (e["qos"].is_object())
+      fmt::print("qos:       burst {} s\n{}", dbl(e["qos"], "burst"), qos_summary(e["qos"], "           "));
     return;
   };
   return run_one_request(in, command);

@@ -36,6 +36,13 @@ int status_command(const std::vector<std::string>& in) {
                  e["dirty_bytes"].is_number() ? bytes(u64(e, "dirty_bytes")) : "-", remote_summary(e["remote"]),
                  u64(e, "clients"), prefetch_summary(e["prefetch"]));
     }
+    if (r.contains("remote_bandwidth")) {
+      const auto& b = r["remote_bandwidth"];
+      fmt::print("remote bandwidth cap {}/s:", bytes(u64(b, "rate")));
+      for (const char* c : {"client", "prefetch"})
+        fmt::print(" {} {} ({} delayed, {} waiting){}", c, bytes(u64(b[c], "bytes")), u64(b[c], "delayed"),
+                   u64(b[c], "queued"), c[0] == 'c' ? ";" : "\n");
+    }
   };
   return run_one_request(in, command);
 }

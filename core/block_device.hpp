@@ -57,6 +57,9 @@ using IoFlags = uint32_t;
 inline constexpr IoFlags kFua = 1u << 0;       // write/trim/zero: durable before completion
 inline constexpr IoFlags kNoHole = 1u << 1;    // zero: keep the range allocated
 inline constexpr IoFlags kFastZero = 1u << 2;  // zero: fail with ENOTSUP rather than write slowly
+// read, below the cache only (never from a client): background work, the
+// prefetch, which the remote bandwidth cap serves after client requests.
+inline constexpr IoFlags kBackground = 1u << 8;
 
 // base:allocation semantics (NBD): hole = not allocated, zero = reads as zero.
 inline constexpr uint32_t kExtentHole = 1u << 0;

@@ -9,6 +9,7 @@
 
 #include "core/checked_device.hpp"
 #include "core/export_control.hpp"
+#include "core/qos_layer.hpp"
 #include "core/retry_layer.hpp"
 
 #include <atomic>
@@ -42,6 +43,10 @@ struct Export {
   // (prefetch, detach, write mode) and its report. Owned by the device chain,
   // so it lives as long as `device`.
   ExportControl* control = nullptr;
+  // The export's QoS limits and counters (always in the chain, right below
+  // `device`; without limits it passes requests straight on). Owned by the
+  // device chain.
+  QosLayer* qos = nullptr;
 };
 
 // What happened to an export, for ExportTable observers.

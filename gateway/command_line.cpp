@@ -2,6 +2,7 @@
 
 #include "cache/cache_config.hpp"
 #include "core/options.hpp"
+#include "core/qos_layer.hpp"
 #include "core/retry_layer.hpp"
 #include "fuse/fuse_front_end.hpp"
 #include "remote/registry.hpp"
@@ -43,6 +44,10 @@ const Flag kFlags[] = {
      }},
     {"--max-inflight", "SIZE", "per-connection cap on bytes in flight (default 128M)",
      [](CommandLine& l, const std::string& v) { l.config.max_inflight_bytes = core::parse_size(v, "--max-inflight"); }},
+    {"--remote-bandwidth", "SIZE",
+     "cap on bytes per second to and from network remotes, all exports together, shared 3:1 by client "
+     "requests and prefetch when both wait (default 0: no cap)",
+     [](CommandLine& l, const std::string& v) { l.config.remote_bandwidth = core::parse_size(v, "--remote-bandwidth"); }},
     {"--max-request", "SIZE", "largest read or write payload (default 32M)",
      [](CommandLine& l, const std::string& v) {
        const auto n = core::parse_size(v, "--max-request");
@@ -202,6 +207,7 @@ DaemonConfig effective_config(CommandLine line) {
     if (cfg.blocking_threads != defaults.blocking_threads) from_file.blocking_threads = cfg.blocking_threads;
     if (cfg.max_inflight_bytes != defaults.max_inflight_bytes) from_file.max_inflight_bytes = cfg.max_inflight_bytes;
     if (cfg.max_request_bytes != defaults.max_request_bytes) from_file.max_request_bytes = cfg.max_request_bytes;
+    if (cfg.remote_bandwidth != defaults.remote_bandwidth) from_file.remote_bandwidth = cfg.remote_bandwidth;
     if (!cfg.data_dir.empty()) from_file.data_dir = cfg.data_dir;
     if (cfg.handshake_timeout != defaults.handshake_timeout) from_file.handshake_timeout = cfg.handshake_timeout;
     if (cfg.shutdown_timeout != defaults.shutdown_timeout) from_file.shutdown_timeout = cfg.shutdown_timeout;
@@ -261,6 +267,7 @@ std::string usage() {
       "SECONDS take decimals (2.5); a SIZE takes a binary suffix (64k, 32M, 1G, 2T).\n"
       "  every export:\n";
   option_entries(out, ExportConfig::generic_options());
+  option_entries(out, core::QosLimits::options());
   out += "  with a cache (cache=DIR):\n";
   option_entries(out, cache::CacheConfig::options());
   for (const auto& b : remote::backends()) {

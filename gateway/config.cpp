@@ -255,6 +255,8 @@ void load_config_file(const std::string& path, DaemonConfig& cfg) {
       cfg.pid_file = as_string(node, key);
     } else if (key == "default-export") {
       cfg.default_export = as_string(node, key);
+    } else if (key == "remote-bandwidth") {
+      cfg.remote_bandwidth = parse_size(as_string(node, key), key);
     } else if (key == "max-inflight") {
       cfg.max_inflight_bytes = parse_size(as_string(node, key), key);
     } else if (key == "max-request") {

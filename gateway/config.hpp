@@ -68,6 +68,7 @@ struct DaemonConfig {
     return control_socket_mode_set || control_socket_group.empty() ? control_socket_mode : 0660;
   }
   uint64_t max_inflight_bytes = 128ull << 20;  // per connection
+  uint64_t remote_bandwidth = 0;  // bytes per second to and from network remotes, all exports; 0 = no cap
   uint32_t max_request_bytes = 32u << 20;      // largest read/write payload
   std::chrono::milliseconds handshake_timeout{10000};
   std::chrono::milliseconds shutdown_timeout{30000};

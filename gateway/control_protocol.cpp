@@ -86,6 +86,37 @@ Json prefetch_json(const PrefetchStatus& p) {
   return j;
 }
 
+Json qos_class_json(const core::QosClassStats& c, uint64_t iops, uint64_t bps) {
+  return {{"iops", iops},       {"bps", bps},
+          {"delayed", c.delayed}, {"delay_seconds", c.delay_seconds},
+          {"queued", c.queued}};
+}
+
+// The limits (0 = none) and the throttling counters of an export.
+Json qos_json(const core::QosStats& s) {
+  Json j;
+  j["limited"] = s.limits.any();
+  j["burst"] = static_cast<double>(s.limits.burst.count()) / 1000.0;
+  j["read"] = qos_class_json(s.read, s.limits.read_iops, s.limits.read_bps);
+  j["write"] = qos_class_json(s.write, s.limits.write_iops, s.limits.write_bps);
+  return j;
+}
+
+// A whole number from 0 to max, given as a JSON number or a string.
+uint64_t arg_count(const Json& request, const char* key, uint64_t max) {
+  auto it = request.find(key);
+  const std::string what = std::string("argument \"") + key + "\"";
+  if (it->is_number_unsigned() && it->get<uint64_t>() <= max) return it->get<uint64_t>();
+  if (it->is_string()) {
+    try {
+      return core::parse_number(it->get<std::string>(), what, 0, max);
+    } catch (const ConfigError& e) {
+      bad_request(e.what());
+    }
+  }
+  bad_request(what + " must be a number from 0 to " + std::to_string(max));
+}
+
 }  // namespace
 
 void ControlDispatcher::add(std::string name, std::string summary, Handler handler) {
@@ -285,6 +316,8 @@ Json export_json(const Export& exp, long clients) {
   }
   j["remote"] = std::move(remote);
 
+  if (exp.qos) j["qos"] = qos_json(exp.qos->stats());
+
   const auto s = exp.device->stats().snapshot();
   j["io"] = {{"reads", s.reads},           {"bytes_read", s.bytes_read}, {"writes", s.writes},
              {"bytes_written", s.bytes_written}, {"flushes", s.flushes}, {"trims", s.trims},
@@ -308,6 +341,7 @@ class ExportCommands {
     Json out;
     out["exports"] = std::move(list);
     out["pid"] = static_cast<long>(::getpid());
+    if (hooks_.remote_bandwidth) out["remote_bandwidth"] = hooks_.remote_bandwidth();
     out["version"] = BLOCKWAY_VERSION;
     co_return out;
   }
@@ -409,6 +443,47 @@ class ExportCommands {
     co_return out;
   }
 
+  // qos {name, read_iops?, write_iops?, read_bps?, write_bps?, burst?, off?}:
+  // changes the given limits (the others stay), or lifts them all with off;
+  // with none of those it only reports. Saved like the write mode.
+  Task<Json> qos(const Json& req) {
+    auto exp = find_export(exports_, req, hooks_);
+    if (!exp->qos) throw ControlError("refused", EOPNOTSUPP, "export '" + exp->name + "' has no QoS layer");
+    const bool off = arg_bool(req, "off", false);
+    static constexpr const char* kKeys[] = {"read_iops", "write_iops", "read_bps", "write_bps", "burst"};
+    const bool change = std::any_of(std::begin(kKeys), std::end(kKeys), [&](const char* k) { return req.contains(k); });
+    if (off && change) bad_request("off lifts every limit: give it alone, or give the limits to set");
+    if (!off && !change) {
+      Json out = qos_json(exp->qos->stats());
+      out["name"] = exp->name;
+      co_return out;
+    }
+    auto ordered = settings_lock(exp->name, "qos");
+    auto guard = co_await ordered->lock();
+    core::QosLimits q = off ? core::QosLimits{} : exp->qos->limits();
+    if (off) q.burst = exp->qos->limits().burst;
+    constexpr uint64_t kMaxIops = 4294967295;
+    if (req.contains("read_iops")) q.read_iops = arg_count(req, "read_iops", kMaxIops);
+    if (req.contains("write_iops")) q.write_iops = arg_count(req, "write_iops", kMaxIops);
+    if (req.contains("read_bps")) q.read_bps = arg_size(req, "read_bps");
+    if (req.contains("write_bps")) q.write_bps = arg_size(req, "write_bps");
+    if (req.contains("burst")) {
+      const auto& b = req["burst"];
+      const std::string text = b.is_string() ? b.get<std::string>() : b.is_number() ? b.dump() : std::string("?");
+      try {
+        q.burst = core::parse_seconds(text, "argument \"burst\"", 0.01, 3600);
+      } catch (const ConfigError& e) {
+        bad_request(e.what());
+      }
+    }
+    exp->qos->set_limits(q);
+    Json out = qos_json(exp->qos->stats());
+    out["name"] = exp->name;
+    auto saving = persist(exp, "qos", q.to_options(), out);
+    co_await std::move(saving);
+    co_return out;
+  }
+
  private:
   // The lock that orders the changes of one run-time setting (mode,
   // prefetch-rate) of one export: each command holds it from the change until
@@ -471,6 +546,8 @@ void add_export_commands(ControlDispatcher& d, ExportTable& exports, ExportComma
   d.add("prefetch-status", "prefetch progress {name}", bind(&ExportCommands::prefetch_status));
   d.add("detach", "switch to local-only operation {name, force?}", bind(&ExportCommands::detach));
   d.add("mode", "change the cache's write mode {name, mode}", bind(&ExportCommands::mode));
+  d.add("qos", "show or change an export's QoS limits {name, read_iops?, write_iops?, read_bps?, write_bps?, "
+        "burst?, off?}", bind(&ExportCommands::qos));
   // "commands" lists the table as it is when asked, including later additions.
   d.add("commands", "the commands this daemon understands",
         [&d](const Json&) { return list_commands(d); });

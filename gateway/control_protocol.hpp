@@ -98,6 +98,9 @@ struct ExportCommandHooks {
   // {name, uri, options, state: "failed: REASON", error: REASON}. status and
   // list show them, stats NAME shows one, other commands are refused.
   std::function<Json()> failed_exports;
+  // The daemon-wide remote bandwidth cap and its counters, for status; unset
+  // without a cap.
+  std::function<Json()> remote_bandwidth;
 };
 
 // Registers the commands that need only the export table: status, list,

@@ -164,6 +164,7 @@ int run_daemon(DaemonConfig config) {
   std::vector<ExportConfig> all = config.exports;
   if (config.stdio_export) all.push_back(*config.stdio_export);
   StackBuilder builder(loops, config.data_dir);
+  builder.set_remote_bandwidth(config.remote_bandwidth);
   std::vector<cache::CacheLayer*> caches;  // started once every export is open
   for (auto& e : all) {
     auto [exp, cache] = builder.build(e);
@@ -186,6 +187,18 @@ int run_daemon(DaemonConfig config) {
     return runtime_exports.persist(std::move(exp), std::move(key), std::move(value));
   };
   hooks.failed_exports = [&runtime_exports] { return runtime_exports.failed_json(); };
+  if (auto cap = builder.remote_bandwidth()) {
+    hooks.remote_bandwidth = [cap] {
+      const auto s = cap->stats();
+      Json j{{"rate", s.rate}};
+      for (size_t c = 0; c < 2; ++c)
+        j[c == 0 ? "client" : "prefetch"] = {{"bytes", s.bytes[c]},
+                                             {"delayed", s.delayed[c]},
+                                             {"delay_seconds", s.delay_seconds[c]},
+                                             {"queued", s.queued[c]}};
+      return j;
+    };
+  }
   add_export_commands(control_commands, exports, std::move(hooks));
   control_commands.add("export-add", "add an export and save it in the catalogue {name, uri, options?}",
                        [&runtime_exports](const Json& req) { return runtime_exports.add(req); });

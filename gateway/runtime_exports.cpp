@@ -38,6 +38,20 @@ std::string with_option(const std::string& options, const std::string& key, cons
   return out;
 }
 
+// with_option for a saved setting: "qos" is saved as several options
+// ("qos-read-iops=100,qos-burst=1"), each set in the export's options.
+std::string with_options(std::string options, const std::string& key, const std::string& value) {
+  if (key != "qos") return with_option(options, key, value);
+  for (size_t pos = 0; pos < value.size();) {
+    const size_t comma = std::min(value.find(',', pos), value.size());
+    const std::string item = value.substr(pos, comma - pos);
+    if (const auto eq = item.find('='); eq != std::string::npos)
+      options = with_option(options, item.substr(0, eq), item.substr(eq + 1));
+    pos = comma + 1;
+  }
+  return options;
+}
+
 // The configuration of a run-time export, from its name, URI and option
 // string (as export-add gets them and the catalogue keeps them).
 ExportConfig parse(const std::string& name, const std::string& uri, const std::string& options) {
@@ -120,6 +134,20 @@ Task<std::string> RuntimeExports::persist(std::shared_ptr<Export> exp, std::stri
   }
   const std::string config_value = builder_.configured_value(name, key);
   cache::MetaStore* store = builder_.open_catalogue_or_null();  // open: the export has a cache
+  if (!store && key == "qos") {
+    // QoS applies to exports without a cache too: the first change opens
+    // (makes) the catalogue, under the lock that serialises the builder.
+    auto guard = co_await lock_.lock();
+    auto open = [this]() -> cache::MetaStore* {
+      try {
+        return &builder_.catalogue();
+      } catch (const std::exception& e) {
+        log_->warn("cannot open the catalogue: {}", e.what());
+        return nullptr;
+      }
+    };
+    store = co_await offload(loops_.blocking(), std::move(open));
+  }
   auto save = [this, store, exp, name, key, value, runtime, config_value]() -> std::string {
     if (!store) return "not saved: no catalogue";
     std::lock_guard saving(settings_mutex_);
@@ -129,7 +157,7 @@ Task<std::string> RuntimeExports::persist(std::shared_ptr<Export> exp, std::stri
     try {
       if (runtime) {
         for (const auto& e : store->runtime_exports())
-          if (e.name == name) store->update_runtime_export_options(name, with_option(e.options, key, value));
+          if (e.name == name) store->update_runtime_export_options(name, with_options(e.options, key, value));
       } else if (config_value.empty()) {
         return "not saved: the configuration's " + key + " of '" + name + "' is unknown";
       } else if (value == config_value) {

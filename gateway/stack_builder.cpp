@@ -38,6 +38,12 @@ cache::MetaStore& StackBuilder::catalogue() {
   return *catalogue_;
 }
 
+void StackBuilder::set_remote_bandwidth(uint64_t bytes_per_second) {
+  remote_bandwidth_ = bytes_per_second == 0 ? nullptr
+                                            : std::make_shared<core::RemoteBandwidth>(bytes_per_second,
+                                                                                      loops_.at(0).get_executor());
+}
+
 bool StackBuilder::catalogue_exists() const { return std::filesystem::exists(data_dir_ + "/catalogue.db"); }
 
 std::string StackBuilder::configured_value(const std::string& name, const std::string& key) const {
@@ -50,6 +56,8 @@ std::string StackBuilder::configured_value(const std::string& name, const std::s
 
 StackBuilder::Built StackBuilder::build(ExportConfig cfg) {
   core::Options options(cfg.options, "export '" + cfg.name + "'");
+  auto qos = core::QosLimits::take_from(options);
+  apply_runtime_qos(cfg.name, qos);
   auto cache_cfg = cache::CacheConfig::take_from(options);
   if (cache_cfg) apply_runtime_settings(cfg.name, *cache_cfg);
   if (!cache_cfg) refuse_without_its_cache(cfg);
@@ -69,6 +77,8 @@ StackBuilder::Built StackBuilder::build(ExportConfig cfg) {
       auto layer = std::make_unique<RetryLayer>(backend.open_remote(cfg.uri, options, env), retry);
       retry_layer = layer.get();
       device = std::move(layer);
+      if (remote_bandwidth_)
+        device = std::make_unique<core::RemoteBandwidthLayer>(std::move(device), remote_bandwidth_);
     }
   } catch (const remote::BackendError& e) {
     throw ConfigError("export '" + cfg.name + "': " + e.what());
@@ -87,6 +97,7 @@ StackBuilder::Built StackBuilder::build(ExportConfig cfg) {
     params.store = &catalogue();
     params.blocking = &loops_.blocking();
     params.background = loops_.at(0).get_executor();
+    if (retry_layer) params.remote_bandwidth = remote_bandwidth_;
     try {
       auto layer = std::make_unique<cache::CacheLayer>(std::move(device), std::move(params));
       cache_layer = layer.get();
@@ -95,7 +106,10 @@ StackBuilder::Built StackBuilder::build(ExportConfig cfg) {
       throw ConfigError("export '" + cfg.name + "': " + e.what());
     }
   }
-  exp->device = std::make_shared<CheckedDevice>(std::move(device), cfg.read_only);
+  // QoS above the cache: cache hits are limited too, as the tenant sees them.
+  auto qos_layer = std::make_unique<core::QosLayer>(std::move(device), qos);
+  exp->qos = qos_layer.get();
+  exp->device = std::make_shared<CheckedDevice>(std::move(qos_layer), cfg.read_only);
   if (retry_layer) exp->remote_health = [retry_layer] { return retry_layer->health(); };
   if (cache_layer) {
     exp->cache_status = [cache_layer](ByteRange r, ExtentList& out) { return cache_layer->cache_status(r, out); };
@@ -131,7 +145,8 @@ void StackBuilder::apply_runtime_settings(const std::string& name, cache::CacheC
   const std::string config_rate = std::to_string(c.prefetch_rate);
   {
     std::lock_guard lock(configured_mutex_);
-    configured_[name] = {{"mode", config_mode}, {"prefetch-rate", config_rate}};
+    configured_[name]["mode"] = config_mode;
+    configured_[name]["prefetch-rate"] = config_rate;
   }
   auto log = core::logger("daemon");
   auto& store = catalogue();
@@ -157,6 +172,36 @@ void StackBuilder::apply_runtime_settings(const std::string& name, cache::CacheC
         c.prefetch_rate = rate;
       }
       log->info("export '{}': {} {} (set at run time; the configuration says {})", name, s.key, s.value, now);
+    }
+  } catch (const std::runtime_error& e) {
+    throw ConfigError("export '" + name + "': " + e.what());
+  }
+}
+
+// A run-time QoS change (blockway qos) is saved like the write mode: as the
+// limits in export-option form with the configuration's limits then, and it
+// applies while the configuration still says the same. Any export may have
+// one, so the catalogue is read only if it exists (never made for this).
+void StackBuilder::apply_runtime_qos(const std::string& name, core::QosLimits& q) {
+  const std::string config_value = q.to_options();
+  {
+    std::lock_guard lock(configured_mutex_);
+    configured_[name]["qos"] = config_value;
+  }
+  if (!catalogue_exists()) return;
+  auto log = core::logger("daemon");
+  auto& store = catalogue();
+  try {
+    for (const auto& s : store.runtime_settings(name)) {
+      if (s.key != "qos") continue;
+      if (s.config_value != config_value) {
+        log->info("export '{}': the configuration's QoS limits changed since they were set at run time: "
+                  "the configuration's apply ({})", name, config_value);
+        store.forget_runtime_setting(name, s.key);
+        continue;
+      }
+      q = core::QosLimits::from_options(s.value, "export '" + name + "': saved QoS");
+      log->info("export '{}': QoS {} (set at run time; the configuration says {})", name, s.value, config_value);
     }
   } catch (const std::runtime_error& e) {
     throw ConfigError("export '" + name + "': " + e.what());

@@ -3,7 +3,9 @@
 //
 //   the backend the URI's scheme names (remote/registry.cpp)
 //   RetryLayer         when the registry says the backend's session can be lost
+//   RemoteBandwidthLayer  above it, with --remote-bandwidth: the daemon-wide cap
 //   CacheLayer         when the options name a cache directory (cache=DIR)
+//   QosLayer           always: the export's QoS limits (qos-*), none by default
 //   CheckedDevice      always: the one checkpoint that validates and emulates
 //
 // Each part takes its options from one core::Options; what is left is an
@@ -21,6 +23,7 @@
 #include "cache/meta_store.hpp"
 #include "core/event_loops.hpp"
 #include "core/export.hpp"
+#include "core/remote_bandwidth.hpp"
 #include "gateway/config.hpp"
 
 #include <map>
@@ -47,6 +50,13 @@ class StackBuilder {
   // Builds the stack of one export. Throws core::ConfigError naming the export.
   Built build(ExportConfig cfg);
 
+  // The daemon-wide cap on remote bandwidth (0: none), for the exports built
+  // after this call. Start-up only.
+  void set_remote_bandwidth(uint64_t bytes_per_second);
+  [[nodiscard]] const std::shared_ptr<core::RemoteBandwidth>& remote_bandwidth() const noexcept {
+    return remote_bandwidth_;
+  }
+
   // The catalogue, opened (and the data directory made) on first use.
   // Throws core::ConfigError.
   cache::MetaStore& catalogue();
@@ -56,7 +66,7 @@ class StackBuilder {
   [[nodiscard]] bool catalogue_exists() const;
 
   // The value the configuration (or, for a run-time export, its saved
-  // options) gave `key` ("mode", "prefetch-rate") of a cached export before
+  // options) gave `key` ("mode", "prefetch-rate", "qos") of an export before
   // run-time changes: what a run-time change is recorded against. Empty if
   // unknown.
   [[nodiscard]] std::string configured_value(const std::string& name, const std::string& key) const;
@@ -65,11 +75,13 @@ class StackBuilder {
   std::unique_ptr<core::BlockDevice> open_detached(const ExportConfig& cfg, const remote::Backend& backend,
                                                    core::Options& options);
   void apply_runtime_settings(const std::string& name, cache::CacheConfig& c);
+  void apply_runtime_qos(const std::string& name, core::QosLimits& q);
   void refuse_without_its_cache(const ExportConfig& cfg);
 
   core::EventLoops& loops_;
   const std::string data_dir_;
   std::unique_ptr<cache::MetaStore> catalogue_;
+  std::shared_ptr<core::RemoteBandwidth> remote_bandwidth_;
   mutable std::mutex configured_mutex_;
   std::map<std::string, std::map<std::string, std::string>> configured_;
 };

@@ -6,6 +6,7 @@
 #include "gateway/command_line.hpp"
 
 #include "cache/cache_config.hpp"
+#include "core/qos_layer.hpp"
 #include "core/retry_layer.hpp"
 #include "fuse/fuse_front_end.hpp"
 #include "remote/registry.hpp"
@@ -54,6 +55,7 @@ TEST(Usage, ListsEveryExportOptionUnderItsBackend) {
   ASSERT_FALSE(options.empty());
   for (const auto& o : ExportConfig::generic_options()) EXPECT_THAT(options, HasSubstr(o.usage())) << o.name;
   for (const auto& o : cache::CacheConfig::options()) EXPECT_THAT(options, HasSubstr(o.usage())) << o.name;
+  for (const auto& o : core::QosLimits::options()) EXPECT_THAT(options, HasSubstr(o.usage())) << o.name;
   for (const auto& b : remote::backends()) {
     const std::string heading = "  " + std::string(b.schemes.front()) + "://";
     const auto at = options.find(heading);
@@ -95,6 +97,8 @@ TEST(CommandLine, FlagsTakeTheirValueEitherWay) {
   ASSERT_EQ(line.config.exports.size(), 1u);
   EXPECT_TRUE(line.config.exports[0].read_only);
   EXPECT_EQ(line.config.handshake_timeout, std::chrono::milliseconds(2500));
+  EXPECT_EQ(parse_command_line({"--remote-bandwidth", "100M"}).config.remote_bandwidth, 100u << 20);
+  EXPECT_EQ(parse_command_line({}).config.remote_bandwidth, 0u);
   EXPECT_EQ(parse_command_line({"-h"}).action, CommandLine::Action::help);
   EXPECT_EQ(parse_command_line({"--version"}).action, CommandLine::Action::version);
 }
@@ -129,6 +133,7 @@ TEST(CommandLine, MistakesAreConfigErrorsNamingTheFlag) {
   EXPECT_THAT(error({"--max-inflight", "lots"}), HasSubstr("--max-inflight='lots'"));
   EXPECT_THAT(error({"--shutdown-timeout", "soon"}), HasSubstr("--shutdown-timeout='soon'"));
   EXPECT_THAT(error({"--control-socket="}), HasSubstr("needs a path"));
+  EXPECT_THAT(error({"--remote-bandwidth", "fast"}), HasSubstr("--remote-bandwidth='fast': expected a size"));
 }
 
 }  // namespace
