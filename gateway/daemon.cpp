@@ -207,8 +207,8 @@ int run_daemon(DaemonConfig config) {
   TraceCommands trace_commands(loops.at(0), exports);
   trace_commands.add_to(control_commands);
   ControlServer control(loops.at(0), control_commands);
-  // The metrics endpoint. Per-export metric families of other modules (QoS)
-  // are one metrics_collector.add_export_provider() here.
+  // The metrics endpoint. Per-export metric families of other modules are
+  // one metrics_collector.add_export_provider() here.
   MetricsCollector metrics_collector(exports);
   MetricsServer metrics(loops.at(0), metrics_collector);
 

@@ -174,8 +174,28 @@ void write_remote_metrics(const Export& exp, MetricsWriter& out) {
   put("blockway_remote_failures_total", "Operations failed with EIO after the retries ran out.", h.failures);
 }
 
+void write_qos_metrics(const Export& exp, MetricsWriter& out) {
+  if (!exp.qos) return;
+  const auto st = exp.qos->stats();
+  out.family("blockway_qos_limit_iops", Type::gauge, "The export's QoS operations-per-second limit (0: none).");
+  out.family("blockway_qos_limit_bytes_per_second", Type::gauge, "The export's QoS bandwidth limit (0: none).");
+  out.family("blockway_qos_delayed_requests_total", Type::counter, "Requests the QoS layer made wait.");
+  out.family("blockway_qos_delay_seconds_total", Type::counter, "Their waits, summed.");
+  out.family("blockway_qos_queued_requests", Type::gauge, "Requests waiting in the QoS layer now.");
+  auto put = [&](const char* cls, const core::QosClassStats& c, uint64_t iops, uint64_t bps) {
+    const MetricLabels labels{{"export", exp.name}, {"class", cls}};
+    out.sample("blockway_qos_limit_iops", labels, static_cast<double>(iops));
+    out.sample("blockway_qos_limit_bytes_per_second", labels, static_cast<double>(bps));
+    out.sample("blockway_qos_delayed_requests_total", labels, static_cast<double>(c.delayed));
+    out.sample("blockway_qos_delay_seconds_total", labels, c.delay_seconds);
+    out.sample("blockway_qos_queued_requests", labels, static_cast<double>(c.queued));
+  };
+  put("read", st.read, st.limits.read_iops, st.limits.read_bps);
+  put("write", st.write, st.limits.write_iops, st.limits.write_bps);
+}
+
 MetricsCollector::MetricsCollector(const core::ExportTable& exports) : exports_(exports) {
-  providers_ = {write_io_metrics, write_cache_metrics, write_remote_metrics};
+  providers_ = {write_io_metrics, write_cache_metrics, write_remote_metrics, write_qos_metrics};
 }
 
 void MetricsCollector::add_export_provider(ExportProvider provider) { providers_.push_back(std::move(provider)); }

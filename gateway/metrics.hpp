@@ -6,7 +6,7 @@
 // at the moment of the scrape: nothing is kept twice.
 //
 // Other parts of the daemon add their per-export families with
-// add_export_provider() (the QoS layer's throttling counters go there): a
+// add_export_provider(): a
 // provider is called once per export per scrape and writes samples through
 // a MetricsWriter, which groups them by family and escapes label values.
 //
@@ -72,5 +72,6 @@ class MetricsCollector {
 void write_io_metrics(const core::Export& exp, MetricsWriter& out);
 void write_cache_metrics(const core::Export& exp, MetricsWriter& out);
 void write_remote_metrics(const core::Export& exp, MetricsWriter& out);
+void write_qos_metrics(const core::Export& exp, MetricsWriter& out);
 
 }  // namespace blockway::gateway

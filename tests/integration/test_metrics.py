@@ -148,6 +148,30 @@ class MetricsTest(control_common.ControlTestCase):
         harness.wait_until(lambda: value(parse(self.scrape()), "blockway_clients") == 0, 10,
                            what="the client count to drop")
 
+    def test_qos_counters_match_stats(self):
+        """An export limited to 20 read IOPS with a 0.1 s burst: 10 reads in
+        a row must wait, and the QoS families say what `stats --json` says."""
+        img = harness.make_random_image(self.path("q.img"), 4 * MiB)
+        self.start_metrics({"q": "file://%s,qos-read-iops=20,qos-write-bps=1M,qos-burst=0.1" % img})
+        h = self.connect("nbd://127.0.0.1:%d/q" % self.port, strict=False)
+        for i in range(10):
+            h.pread(4096, i * 4096)
+        s = parse(self.scrape())
+        q = self.bwj("stats", "q")["qos"]
+        self.assertGreater(q["read"]["delayed"], 0)
+        for cls in ("read", "write"):
+            self.assertEqual(value(s, "blockway_qos_limit_iops", export="q", **{"class": cls}), q[cls]["iops"])
+            self.assertEqual(value(s, "blockway_qos_limit_bytes_per_second", export="q", **{"class": cls}),
+                             q[cls]["bps"])
+            self.assertEqual(value(s, "blockway_qos_delayed_requests_total", export="q", **{"class": cls}),
+                             q[cls]["delayed"])
+            self.assertAlmostEqual(value(s, "blockway_qos_delay_seconds_total", export="q", **{"class": cls}),
+                                   q[cls]["delay_seconds"], places=6)
+            self.assertEqual(value(s, "blockway_qos_queued_requests", export="q", **{"class": cls}), 0)
+        self.assertEqual((q["read"]["iops"], q["write"]["bps"]), (20, MiB))
+        # 10 reads at 20/s from a 2-operation bucket take at least 0.35 s of waiting in all.
+        self.assertGreater(q["read"]["delay_seconds"], 0.3)
+
     def test_a_real_prometheus_scrapes_and_answers_a_query(self):
         img = harness.make_sparse_image(self.path("a.img"), 8 * MiB)
         self.start_metrics({"a": "file://" + img})
