@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdio>
 #include <map>
+#include <optional>
 
 namespace blockway::core {
 namespace {
@@ -75,10 +76,12 @@ QosLimits QosLimits::from_options(std::string_view text, const std::string& wher
 }
 
 struct QosLayer::Waiter {
-  explicit Waiter(const boost::asio::any_io_executor& ex) : timer(ex) {}
   uint64_t bytes = 0;
+  Clock::time_point arrived;
   Clock::time_point ready;  // under mutex_
-  boost::asio::steady_timer timer;
+  // Made by wait_turn on the request's executor (under mutex_): until then
+  // set_limits only moves `ready`, which wait_turn reads before it sleeps.
+  std::optional<boost::asio::steady_timer> timer;
 };
 
 QosLayer::QosLayer(std::unique_ptr<BlockDevice> next, QosLimits limits)
@@ -119,8 +122,8 @@ void QosLayer::set_limits(const QosLimits& limits) {
       if (w->ready <= now) continue;  // due already, about to go: not scheduled again
       const auto before = w->ready;
       w->ready = reserve(*c, w->bytes, now);
-      if (w->ready < before)  // earlier than its timer: wake it on its own executor
-        boost::asio::post(w->timer.get_executor(), [w] { w->timer.cancel(); });
+      if (w->ready < before && w->timer)  // earlier than its timer: wake it on its own executor
+        boost::asio::post(w->timer->get_executor(), [w] { w->timer->cancel(); });
     }
     if (!c->limited) {  // the limit is gone: nothing owed any more
       c->ops.configure(0, 0, now);
@@ -153,61 +156,68 @@ QosLayer::Clock::time_point QosLayer::reserve(Class& c, uint64_t bytes, Clock::t
   return at;
 }
 
-Task<void> QosLayer::admit(Class& c, uint64_t bytes) {
+std::shared_ptr<QosLayer::Waiter> QosLayer::reserve_or_queue(Class& c, uint64_t bytes) {
+  std::lock_guard lock(mutex_);
+  const auto now = Clock::now();
+  const auto at = reserve(c, bytes, now);
+  // Within the limits: no wait. Its start is still after every earlier
+  // reservation (the buckets stand at the latest one), so FIFO holds.
+  if (at <= now) return nullptr;
+  auto w = std::make_shared<Waiter>();
+  w->bytes = bytes;
+  w->arrived = now;
+  w->ready = at;
+  c.queue.push_back(w);
+  ++c.stats.delayed;
+  return w;
+}
+
+Task<void> QosLayer::wait_turn(Class& c, std::shared_ptr<Waiter> w) {
   const auto ex = co_await boost::asio::this_coro::executor;
-  std::shared_ptr<Waiter> w;
-  Clock::time_point arrived;
-  {
-    std::lock_guard lock(mutex_);
-    arrived = Clock::now();
-    const auto at = reserve(c, bytes, arrived);
-    // Within the limits: no wait. Its start is still after every earlier
-    // reservation (the buckets stand at the latest one), so FIFO holds.
-    if (at <= arrived) co_return;
-    w = std::make_shared<Waiter>(ex);
-    w->bytes = bytes;
-    w->ready = at;
-    c.queue.push_back(w);
-    ++c.stats.delayed;
-  }
   for (;;) {
     {
       std::lock_guard lock(mutex_);
       const auto now = Clock::now();
       if (w->ready <= now) {
         c.queue.erase(std::find(c.queue.begin(), c.queue.end(), w));
-        c.stats.delay_seconds += std::chrono::duration<double>(now - arrived).count();
+        c.stats.delay_seconds += std::chrono::duration<double>(now - w->arrived).count();
         break;
       }
-      w->timer.expires_at(w->ready);
+      if (!w->timer) w->timer.emplace(ex);
+      w->timer->expires_at(w->ready);
     }
     // Woken at its time, or earlier by set_limits (operation_aborted): look again.
-    co_await w->timer.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
+    co_await w->timer->async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
   }
 }
 
 Task<std::error_code> QosLayer::read(std::span<std::byte> buf, uint64_t offset, IoFlags flags) {
-  if (read_.limited.load(std::memory_order_acquire)) co_await admit(read_, buf.size());
+  if (read_.limited.load(std::memory_order_acquire))
+    if (auto w = reserve_or_queue(read_, buf.size())) co_await wait_turn(read_, std::move(w));
   co_return co_await next().read(buf, offset, flags);
 }
 
 Task<std::error_code> QosLayer::write(std::span<const std::byte> buf, uint64_t offset, IoFlags flags) {
-  if (write_.limited.load(std::memory_order_acquire)) co_await admit(write_, buf.size());
+  if (write_.limited.load(std::memory_order_acquire))
+    if (auto w = reserve_or_queue(write_, buf.size())) co_await wait_turn(write_, std::move(w));
   co_return co_await next().write(buf, offset, flags);
 }
 
 Task<std::error_code> QosLayer::trim(ByteRange range, IoFlags flags) {
-  if (write_.limited.load(std::memory_order_acquire)) co_await admit(write_, 0);
+  if (write_.limited.load(std::memory_order_acquire))
+    if (auto w = reserve_or_queue(write_, 0)) co_await wait_turn(write_, std::move(w));
   co_return co_await next().trim(range, flags);
 }
 
 Task<std::error_code> QosLayer::zero(ByteRange range, IoFlags flags) {
-  if (write_.limited.load(std::memory_order_acquire)) co_await admit(write_, 0);
+  if (write_.limited.load(std::memory_order_acquire))
+    if (auto w = reserve_or_queue(write_, 0)) co_await wait_turn(write_, std::move(w));
   co_return co_await next().zero(range, flags);
 }
 
 Task<std::error_code> QosLayer::prefetch(ByteRange range) {
-  if (read_.limited.load(std::memory_order_acquire)) co_await admit(read_, 0);
+  if (read_.limited.load(std::memory_order_acquire))
+    if (auto w = reserve_or_queue(read_, 0)) co_await wait_turn(read_, std::move(w));
   co_return co_await next().prefetch(range);
 }
 

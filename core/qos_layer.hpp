@@ -14,7 +14,9 @@
 // reserves its tokens when it arrives, at the earliest time both buckets
 // allow, after every earlier request of its class (FIFO: a large request is
 // never overtaken, so it cannot starve); it then waits on an Asio timer on
-// its own executor (no thread is parked, nothing polls). A request larger
+// its own executor (no thread is parked, nothing polls). A request within the
+// limits costs the lock, a clock read and the bucket arithmetic, in the
+// caller's frame: no coroutine, timer or allocation of its own. A request larger
 // than the burst borrows (the level goes negative) so it never waits
 // forever. With no limit on a class the layer costs one atomic load.
 //
@@ -101,8 +103,13 @@ class QosLayer final : public Layer {
     QosClassStats stats;
   };
 
-  // Waits until a request of `bytes` bytes may start in `c`.
-  Task<void> admit(Class& c, uint64_t bytes);
+  // Reserves the start of a request of `bytes` bytes in `c`. Within the
+  // limits it may start now: returns null, with no coroutine frame, timer or
+  // allocation (the common case when limits are set but not reached).
+  // Otherwise returns its queued record, for wait_turn().
+  std::shared_ptr<Waiter> reserve_or_queue(Class& c, uint64_t bytes);
+  // Waits until the queued request `w` may start.
+  Task<void> wait_turn(Class& c, std::shared_ptr<Waiter> w);
   void configure(Class& c, uint64_t iops, uint64_t bps, Clock::time_point now, bool keep_level);
   // The start time of a request of `bytes` arriving at `now`, reserved.
   Clock::time_point reserve(Class& c, uint64_t bytes, Clock::time_point now);
