@@ -29,7 +29,7 @@ namespace asio = boost::asio;
 using stream = asio::local::stream_protocol;
 
 ControlServer::ControlServer(asio::io_context& ctx, const ControlDispatcher& dispatcher)
-    : ctx_(ctx), dispatcher_(dispatcher) {}
+    : ctx_(ctx), dispatcher_(dispatcher), acceptor_(ctx, "control", "control socket") {}
 
 ControlServer::~ControlServer() {
   if (!path_.empty()) {
@@ -250,47 +250,10 @@ void ControlServer::listen(const std::string& path, mode_t mode, gid_t group) {
   ino_ = mine.st_ino;
   lock_path_ = std::exchange(lock.path, {});
   lock_fd_ = std::exchange(lock.fd, -1);
-  acceptor_ = std::move(acceptor);
-  asio::co_spawn(ctx_, accept_loop(), asio::detached);
+  acceptor_.start(std::move(acceptor), [this](std::shared_ptr<Socket> socket) { return serve(std::move(socket)); });
 }
 
-void ControlServer::stop() {
-  asio::post(ctx_, [this] {
-    stopped_ = true;
-    boost::system::error_code ignored;
-    if (acceptor_) acceptor_->close(ignored);
-    for (auto& w : clients_)
-      if (auto s = w.lock()) s->close(ignored);
-    clients_.clear();
-  });
-}
-
-Task<void> ControlServer::accept_loop() {
-  auto log = logger("control");
-  while (!stopped_) {
-    auto [ec, socket] = co_await acceptor_->async_accept(asio::as_tuple(asio::use_awaitable));
-    if (stopped_) {
-      // An accept that completed just before stop(): that client would keep
-      // the loop busy after the drain.
-      boost::system::error_code ignored;
-      socket.close(ignored);
-      co_return;
-    }
-    if (ec) {
-      if (ec == asio::error::operation_aborted) co_return;
-      log->warn("control socket: accept failed: {}", ec.message());
-      // Out of descriptors (EMFILE) fails at once again: do not spin.
-      asio::steady_timer pause(ctx_, std::chrono::milliseconds(100));
-      co_await pause.async_wait(asio::use_awaitable);
-      continue;
-    }
-    auto client = std::make_shared<Socket>(std::move(socket));
-    // Forget clients that have gone, so the list stays as long as the live ones.
-    clients_.remove_if([](const std::weak_ptr<Socket>& w) { return w.expired(); });
-    clients_.push_back(client);
-    asio::co_spawn(ctx_, serve(client), asio::detached);
-  }
-}
+void ControlServer::stop() { acceptor_.stop(); }
 
 Task<void> ControlServer::serve(std::shared_ptr<Socket> socket) {
   std::string buffer;

@@ -18,6 +18,7 @@
 // daemon killed inside listen() left behind (the lock file names it).
 #pragma once
 
+#include "gateway/client_acceptor.hpp"
 #include "gateway/control_protocol.hpp"
 
 #include <boost/asio/io_context.hpp>
@@ -25,7 +26,6 @@
 
 #include <sys/types.h>
 
-#include <list>
 #include <memory>
 #include <string>
 
@@ -53,14 +53,11 @@ class ControlServer {
 
  private:
   using Socket = boost::asio::local::stream_protocol::socket;
-  core::Task<void> accept_loop();
   core::Task<void> serve(std::shared_ptr<Socket> socket);
 
   boost::asio::io_context& ctx_;
   const ControlDispatcher& dispatcher_;
-  std::unique_ptr<boost::asio::local::stream_protocol::acceptor> acceptor_;
-  std::list<std::weak_ptr<Socket>> clients_;  // touched only on ctx_
-  bool stopped_ = false;
+  ClientAcceptor<boost::asio::local::stream_protocol> acceptor_;
   std::string path_;
   std::string lock_path_;  // PATH.lock, flocked while this server owns PATH
   int lock_fd_ = -1;

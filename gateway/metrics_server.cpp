@@ -30,7 +30,7 @@ constexpr const char* kContentType = "text/plain; version=0.0.4; charset=utf-8";
 }  // namespace
 
 MetricsServer::MetricsServer(asio::io_context& ctx, const MetricsCollector& collector)
-    : ctx_(ctx), collector_(collector) {}
+    : ctx_(ctx), collector_(collector), acceptor_(ctx, "metrics", "metrics") {}
 
 MetricsServer::~MetricsServer() = default;
 
@@ -50,54 +50,20 @@ std::string MetricsServer::listen(const ListenAddress& address) {
   if (ec) throw std::runtime_error(where + ": " + ec.message());
   const auto bound = acceptor->local_endpoint();
   port_ = bound.port();
-  acceptor_ = std::move(acceptor);
-  asio::co_spawn(ctx_, accept_loop(), asio::detached);
+  acceptor_.start(
+      std::move(acceptor), [this](std::shared_ptr<Socket> socket) { return serve(std::move(socket)); },
+      [this](Socket& socket) {
+        boost::system::error_code ec;
+        const auto peer = socket.remote_endpoint(ec);
+        return !ec && admit(peer);
+      });
   const std::string host = bound.address().to_string();
   return (bound.address().is_v6() ? "[" + host + "]" : host) + ":" + std::to_string(port_);
 }
 
-void MetricsServer::stop() {
-  asio::post(ctx_, [this] {
-    stopped_ = true;
-    boost::system::error_code ignored;
-    if (acceptor_) acceptor_->close(ignored);
-    for (auto& w : clients_)
-      if (auto s = w.lock()) s->close(ignored);
-    clients_.clear();
-  });
-}
+void MetricsServer::stop() { acceptor_.stop(); }
 
 bool MetricsServer::admit(const tcp::endpoint&) const { return true; }
-
-Task<void> MetricsServer::accept_loop() {
-  auto log = core::logger("metrics");
-  while (!stopped_) {
-    auto [ec, socket] = co_await acceptor_->async_accept(asio::as_tuple(asio::use_awaitable));
-    if (stopped_) {
-      boost::system::error_code ignored;
-      socket.close(ignored);
-      co_return;
-    }
-    if (ec) {
-      if (ec == asio::error::operation_aborted) co_return;
-      log->warn("metrics: accept failed: {}", ec.message());
-      asio::steady_timer pause(ctx_, std::chrono::milliseconds(100));  // EMFILE fails at once again
-      co_await pause.async_wait(asio::use_awaitable);
-      continue;
-    }
-    boost::system::error_code pec;
-    const auto peer = socket.remote_endpoint(pec);
-    if (pec || !admit(peer)) {
-      boost::system::error_code ignored;
-      socket.close(ignored);
-      continue;
-    }
-    auto client = std::make_shared<Socket>(std::move(socket));
-    clients_.remove_if([](const std::weak_ptr<Socket>& w) { return w.expired(); });
-    clients_.push_back(client);
-    asio::co_spawn(ctx_, serve(client), asio::detached);
-  }
-}
 
 Task<void> MetricsServer::serve(std::shared_ptr<Socket> socket) {
   auto log = core::logger("metrics");
@@ -105,7 +71,7 @@ Task<void> MetricsServer::serve(std::shared_ptr<Socket> socket) {
   // Closing the socket on timeout: a client that keeps a connection open
   // without asking anything holds no more than a descriptor for a minute.
   asio::steady_timer idle(ctx_);
-  while (!stopped_) {
+  while (!acceptor_.stopped()) {
     http::request_parser<http::empty_body> parser;
     parser.header_limit(kMaxHeaderBytes);
     parser.body_limit(0);

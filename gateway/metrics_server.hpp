@@ -18,12 +18,12 @@
 
 #include "core/listen_address.hpp"
 #include "core/task.hpp"
+#include "gateway/client_acceptor.hpp"
 #include "gateway/metrics.hpp"
 
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
 
-#include <list>
 #include <memory>
 #include <string>
 
@@ -45,17 +45,14 @@ class MetricsServer {
 
  private:
   using Socket = boost::asio::ip::tcp::socket;
-  core::Task<void> accept_loop();
   core::Task<void> serve(std::shared_ptr<Socket> socket);
   // The access check (security issue 14 adds its rules here).
   [[nodiscard]] bool admit(const boost::asio::ip::tcp::endpoint& peer) const;
 
   boost::asio::io_context& ctx_;
   const MetricsCollector& collector_;
-  std::unique_ptr<boost::asio::ip::tcp::acceptor> acceptor_;
-  std::list<std::weak_ptr<Socket>> clients_;
+  ClientAcceptor<boost::asio::ip::tcp> acceptor_;
   uint16_t port_ = 0;
-  bool stopped_ = false;
 };
 
 }  // namespace blockway::gateway
