@@ -54,7 +54,16 @@ int run_one_request(const std::vector<std::string>& in, const OneRequest& comman
   need_positionals(a, command.positionals, command.usage);
   ControlClient client(control_socket_path(a.option("--socket")));
   const auto [name, arguments] = command.request(a);
-  const Json answer = client.call(name, arguments);
+  Json answer;
+  try {
+    answer = client.call(name, arguments);
+  } catch (const CliError& e) {
+    std::string message = e.what();
+    for (const auto& [argument, option] : command.argument_options)
+      for (size_t at; (at = message.find("argument \"" + argument + "\"")) != std::string::npos;)
+        message.replace(at, argument.size() + 11, option);
+    throw CliError(e.code, message);
+  }
   if (a.has("--json")) return print_json(answer), kOk;
   command.print(a, answer);
   return kOk;

@@ -52,6 +52,9 @@ struct OneRequest {
   std::function<Request(const Args&)> request;
   // Prints the answer for people.
   std::function<void(const Args&, const Json&)> print;
+  // Control argument -> the option that sets it ({"read_iops", "--read-iops"}):
+  // the daemon's errors then name what the user typed.
+  std::vector<std::pair<std::string, std::string>> argument_options = {};
 };
 int run_one_request(const std::vector<std::string>& in, const OneRequest& command);
 

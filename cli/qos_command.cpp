@@ -27,7 +27,10 @@ int qos_command(const std::vector<std::string>& in) {
                "requests already waiting too, and is kept across restarts.",
       .flags = {"--off"},
       .positionals = 1};
-  for (const auto& [flag, key] : kLimits) command.options.insert(flag);
+  for (const auto& [flag, key] : kLimits) {
+    command.options.insert(flag);
+    command.argument_options.emplace_back(key, flag);
+  }
   command.request = [](const Args& a) {
     Json req = {{"name", a.positional[0]}};
     for (const auto& [flag, key] : kLimits)
