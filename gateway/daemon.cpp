@@ -210,6 +210,8 @@ int run_daemon(DaemonConfig config) {
   // The metrics endpoint. Per-export metric families of other modules are
   // one metrics_collector.add_export_provider() here.
   MetricsCollector metrics_collector(exports);
+  if (auto cap = builder.remote_bandwidth())
+    metrics_collector.add_daemon_provider([cap](MetricsWriter& out) { write_remote_bandwidth_metrics(cap->stats(), out); });
   MetricsServer metrics(loops.at(0), metrics_collector);
 
   nbd::ServerOptions sopts;

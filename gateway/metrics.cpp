@@ -200,6 +200,27 @@ MetricsCollector::MetricsCollector(const core::ExportTable& exports) : exports_(
 
 void MetricsCollector::add_export_provider(ExportProvider provider) { providers_.push_back(std::move(provider)); }
 
+void MetricsCollector::add_daemon_provider(DaemonProvider provider) {
+  daemon_providers_.push_back(std::move(provider));
+}
+
+void write_remote_bandwidth_metrics(const core::RemoteBandwidthStats& s, MetricsWriter& out) {
+  out.family("blockway_remote_bandwidth_limit_bytes_per_second", Type::gauge,
+             "The daemon-wide cap on bytes per second to and from network remotes (--remote-bandwidth).");
+  out.sample("blockway_remote_bandwidth_limit_bytes_per_second", {}, static_cast<double>(s.rate));
+  out.family("blockway_remote_bandwidth_bytes_total", Type::counter, "Bytes charged to the remote bandwidth cap.");
+  out.family("blockway_remote_bandwidth_delayed_requests_total", Type::counter, "Remote requests the cap made wait.");
+  out.family("blockway_remote_bandwidth_delay_seconds_total", Type::counter, "Their waits, summed.");
+  out.family("blockway_remote_bandwidth_queued_requests", Type::gauge, "Remote requests waiting for the cap now.");
+  for (size_t c = 0; c < 2; ++c) {
+    const MetricLabels labels{{"class", c == core::RemoteBandwidth::client ? "client" : "prefetch"}};
+    out.sample("blockway_remote_bandwidth_bytes_total", labels, static_cast<double>(s.bytes[c]));
+    out.sample("blockway_remote_bandwidth_delayed_requests_total", labels, static_cast<double>(s.delayed[c]));
+    out.sample("blockway_remote_bandwidth_delay_seconds_total", labels, s.delay_seconds[c]);
+    out.sample("blockway_remote_bandwidth_queued_requests", labels, static_cast<double>(s.queued[c]));
+  }
+}
+
 std::string MetricsCollector::render() const {
   MetricsWriter out;
   out.family("blockway_build_info", Type::gauge, "Always 1; the version of the running daemon.");
@@ -211,6 +232,7 @@ std::string MetricsCollector::render() const {
   for (const auto& e : list) clients += std::max(0L, e->clients.load(std::memory_order_relaxed));
   out.family("blockway_clients", Type::gauge, "NBD connections open now, all exports.");
   out.sample("blockway_clients", {}, static_cast<double>(clients));
+  for (const auto& p : daemon_providers_) p(out);
   for (const auto& e : list)
     for (const auto& p : providers_) p(*e, out);
   return out.text();

@@ -17,6 +17,7 @@
 #pragma once
 
 #include "core/export.hpp"
+#include "core/remote_bandwidth.hpp"
 
 #include <functional>
 #include <map>
@@ -57,15 +58,19 @@ class MetricsWriter {
 class MetricsCollector {
  public:
   using ExportProvider = std::function<void(const core::Export&, MetricsWriter&)>;
+  using DaemonProvider = std::function<void(MetricsWriter&)>;
 
   explicit MetricsCollector(const core::ExportTable& exports);
   // Adds families for every export (called in registration order).
   void add_export_provider(ExportProvider provider);
+  // Adds daemon-wide families (written once per scrape, before the exports').
+  void add_daemon_provider(DaemonProvider provider);
   [[nodiscard]] std::string render() const;
 
  private:
   const core::ExportTable& exports_;
   std::vector<ExportProvider> providers_;
+  std::vector<DaemonProvider> daemon_providers_;
 };
 
 // The built-in providers (registered by MetricsCollector's constructor).
@@ -73,5 +78,8 @@ void write_io_metrics(const core::Export& exp, MetricsWriter& out);
 void write_cache_metrics(const core::Export& exp, MetricsWriter& out);
 void write_remote_metrics(const core::Export& exp, MetricsWriter& out);
 void write_qos_metrics(const core::Export& exp, MetricsWriter& out);
+// The daemon-wide remote bandwidth cap (--remote-bandwidth), labelled by
+// class (`client`, `prefetch`) like `status --json`'s "remote_bandwidth".
+void write_remote_bandwidth_metrics(const core::RemoteBandwidthStats& stats, MetricsWriter& out);
 
 }  // namespace blockway::gateway

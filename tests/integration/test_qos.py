@@ -7,6 +7,7 @@ import os
 import sys
 import time
 import unittest
+import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import control_common  # noqa: E402
@@ -31,6 +32,14 @@ def job(uri, name, rw, bs, depth, seconds, ramp=0):
     return ["--name=" + name, "--ioengine=nbd", "--uri=" + uri, "--rw=" + rw, "--bs=" + bs,
             "--iodepth=%d" % depth, "--size=128M", "--time_based", "--runtime=%d" % seconds,
             "--ramp_time=%d" % ramp]
+
+
+def metric_value(text, series):
+    """The value of one sample line ('name{labels} value') of a scrape."""
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    raise AssertionError("no sample %s in the scrape" % series)
 
 
 def by_name(report):
@@ -190,8 +199,9 @@ class QosTest(control_common.ControlTestCase):
     def test_remote_bandwidth_cap_is_shared_by_prefetch_and_client_misses(self):
         remote = harness.make_random_image(self.path("remote.img"), 128 * MiB, seed=3)
         k = self.nbdkit(remote)
+        mport = harness.free_port()
         self.start({"vm": "%s,cache=%s,chunk=64k,readahead=0,prefetch=sequential" % (k.uri, self.path("cache"))},
-                   extra=["--remote-bandwidth", "4M"])
+                   extra=["--remote-bandwidth", "4M", "--metrics", str(mport)])
         time.sleep(1)  # past the bucket the cap starts with
         before, start = self.bwj("status")["remote_bandwidth"], time.monotonic()
         # Client misses (random 64k reads of chunks not cached yet) while the prefetch runs.
@@ -210,6 +220,19 @@ class QosTest(control_common.ControlTestCase):
         self.assertGreater(after["client"]["delayed"], 0)
         out, _ = self.bw("status")
         self.assertIn("remote bandwidth cap 4.0 MiB/s", out)
+        # /metrics shows the cap and its counters, equal to status --json
+        # read right after it (the prefetch may add bytes in between: >=).
+        with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % mport, timeout=10) as r:
+            metrics = r.read().decode()
+        status = self.bwj("status")["remote_bandwidth"]
+        self.assertIn("blockway_remote_bandwidth_limit_bytes_per_second %d\n" % (4 * MiB), metrics)
+        for cls in ("client", "prefetch"):
+            scraped = metric_value(metrics, 'blockway_remote_bandwidth_bytes_total{class="%s"}' % cls)
+            self.assertGreater(scraped, 0)
+            self.assertLessEqual(scraped, status[cls]["bytes"])
+            self.assertGreaterEqual(scraped, after[cls]["bytes"])
+        self.assertEqual(metric_value(metrics, 'blockway_remote_bandwidth_delayed_requests_total{class="client"}'),
+                         status["client"]["delayed"])
         # What came through the cap is the remote's data.
         h = self.connect(self.uri("vm"))
         self.assertEqual(h.pread(MiB, 0), harness.read_file(remote, 0, MiB))
