@@ -2,6 +2,7 @@
 
 #include "cli/format.hpp"
 
+#include <algorithm>
 #include <cstdio>
 
 namespace blockway::cli {
@@ -51,7 +52,10 @@ void need_positionals(const Args& a, size_t n, const std::string& usage) {
 int run_one_request(const std::vector<std::string>& in, const OneRequest& command) {
   const Args a = parse_args(in, command.usage, command.flags, command.options);
   if (a.help) return std::puts(command.usage.c_str()), kOk;
-  need_positionals(a, command.positionals, command.usage);
+  need_positionals(a,
+                   std::clamp(a.positional.size(), command.positionals,
+                              command.positionals + command.optional_positionals),
+                   command.usage);
   ControlClient client(control_socket_path(a.option("--socket")));
   const auto [name, arguments] = command.request(a);
   Json answer;

@@ -47,6 +47,7 @@ struct OneRequest {
   std::string usage;
   std::set<std::string> flags = {};  // besides --json, --socket and --help
   size_t positionals = 0;
+  size_t optional_positionals = 0;  // that may follow them
   std::set<std::string> options = {};  // that take a value, besides --socket
   // The control command and its arguments, from the parsed command line.
   std::function<Request(const Args&)> request;

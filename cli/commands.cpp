@@ -44,6 +44,11 @@ const Command kCommands[] = {
      "         [--burst SECONDS] | --off\n"
      "                    show or change the export's QoS limits (kept across restarts)",
      qos_command},
+    {"remote-bandwidth",
+     "remote-bandwidth [RATE]\n"
+     "                    show the daemon-wide remote bandwidth cap, or change it\n"
+     "                    until the next start (100M; 0 lifts it)",
+     remote_bandwidth_command},
     {"flush", "flush NAME          flush the export", flush_command},
     {"mount", "mount DIR           mount the FUSE front end at DIR: every export as a file", mount_command},
     {"unmount", "unmount             unmount it", unmount_command},

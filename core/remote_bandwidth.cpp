@@ -13,8 +13,21 @@ RemoteBandwidth::RemoteBandwidth(uint64_t bytes_per_second, boost::asio::any_io_
     : rate_(bytes_per_second), pump_executor_(std::move(pump_executor)), pump_timer_(pump_executor_) {
   // A tenth of a second of the cap: enough to keep a link busy, small enough
   // that the fair shares show within a second.
-  bucket_.configure(static_cast<double>(rate_), std::max(1.0, static_cast<double>(rate_) / 10), Clock::now());
-  stats_.rate = rate_;
+  bucket_.configure(static_cast<double>(bytes_per_second), std::max(1.0, static_cast<double>(bytes_per_second) / 10),
+                    Clock::now());
+  stats_.rate = bytes_per_second;
+}
+
+void RemoteBandwidth::set_rate(uint64_t bytes_per_second) {
+  {
+    std::lock_guard lock(mutex_);
+    rate_.store(bytes_per_second, std::memory_order_relaxed);
+    bucket_.reconfigure(static_cast<double>(bytes_per_second),
+                        std::max(1.0, static_cast<double>(bytes_per_second) / 10), Clock::now());
+    stats_.rate = bytes_per_second;
+  }
+  // The waiting requests: granted now, or at times computed from the new rate.
+  boost::asio::post(pump_executor_, [self = shared_from_this()] { self->pump(); });
 }
 
 RemoteBandwidthStats RemoteBandwidth::stats() const {
@@ -25,7 +38,7 @@ RemoteBandwidthStats RemoteBandwidth::stats() const {
 }
 
 Task<void> RemoteBandwidth::acquire(uint64_t bytes, Class c) {
-  if (rate_ == 0) co_return;
+  if (rate_.load(std::memory_order_relaxed) == 0) co_return;
   // In slices: a 1 MiB prefetch run is sixteen turns, not one that puts the
   // bucket a quarter second in debt in front of every client request.
   for (uint64_t left = bytes; left > 0;) {

@@ -17,6 +17,10 @@
 // class, so a large prefetch run cannot hold the link for long; a slice
 // larger than the bucket (a tiny cap) borrows, as in QosLayer.
 //
+// set_rate() changes the cap at run time (`blockway remote-bandwidth`): the
+// bucket keeps its level (clamped to the new capacity) and the pump grants
+// again under the new rate.
+//
 // The per-export `prefetch-rate` stays a limit of one export's prefetch
 // (the Prefetcher's own TokenBucket); this cap is the link's budget above it.
 //
@@ -60,7 +64,10 @@ class RemoteBandwidth : public std::enable_shared_from_this<RemoteBandwidth> {
   // Waits until `bytes` may go to or come from a remote.
   Task<void> acquire(uint64_t bytes, Class c);
   [[nodiscard]] RemoteBandwidthStats stats() const;
-  [[nodiscard]] uint64_t rate() const noexcept { return rate_; }
+  [[nodiscard]] uint64_t rate() const noexcept { return rate_.load(std::memory_order_relaxed); }
+  // A new cap, at once: waiting requests are granted under it (0 lifts the
+  // cap; the layers stay in the stacks and let everything through).
+  void set_rate(uint64_t bytes_per_second);
 
  private:
   using Clock = TokenBucket::Clock;
@@ -82,7 +89,7 @@ class RemoteBandwidth : public std::enable_shared_from_this<RemoteBandwidth> {
   // one may go (or time_point::max() when none waits).
   Clock::time_point grant(Clock::time_point now);
 
-  const uint64_t rate_;
+  std::atomic<uint64_t> rate_;
   boost::asio::any_io_executor pump_executor_;
   boost::asio::steady_timer pump_timer_;  // on pump_executor_ only
 

@@ -43,6 +43,37 @@ using core::Task;
 
 namespace {
 
+Json remote_bandwidth_json(const core::RemoteBandwidth& cap) {
+  const auto s = cap.stats();
+  Json j{{"rate", s.rate}};
+  for (size_t c = 0; c < 2; ++c)
+    j[c == 0 ? "client" : "prefetch"] = {{"bytes", s.bytes[c]},
+                                         {"delayed", s.delayed[c]},
+                                         {"delay_seconds", s.delay_seconds[c]},
+                                         {"queued", s.queued[c]}};
+  return j;
+}
+
+// remote-bandwidth {rate?}: the cap and its counters; with `rate`, a new cap
+// until the next start (0 lifts it). The cap's layers are in the stacks only
+// when one was set at start, so without one there is nothing to change.
+core::Task<Json> remote_bandwidth_command(std::shared_ptr<core::RemoteBandwidth> cap, Json req) {
+  if (!cap)
+    throw ControlError("refused", EOPNOTSUPP,
+                       "no remote bandwidth cap was set at start (--remote-bandwidth, or remote-bandwidth in the "
+                       "configuration file); start with one to change it at run time");
+  if (req.contains("rate")) {
+    const uint64_t rate = arg_size(req, "rate");
+    cap->set_rate(rate);
+    core::logger("daemon")->info("remote bandwidth cap changed to {} bytes/s{}", rate, rate ? "" : " (no cap)");
+  }
+  co_return remote_bandwidth_json(*cap);
+}
+
+}  // namespace
+
+namespace {
+
 constexpr uint64_t kDemoImageSize = 1ull << 30;
 
 // The embedded default: a sparse 1 GiB demo image in the data directory.
@@ -187,18 +218,9 @@ int run_daemon(DaemonConfig config) {
     return runtime_exports.persist(std::move(exp), std::move(key), std::move(value));
   };
   hooks.failed_exports = [&runtime_exports] { return runtime_exports.failed_json(); };
-  if (auto cap = builder.remote_bandwidth()) {
-    hooks.remote_bandwidth = [cap] {
-      const auto s = cap->stats();
-      Json j{{"rate", s.rate}};
-      for (size_t c = 0; c < 2; ++c)
-        j[c == 0 ? "client" : "prefetch"] = {{"bytes", s.bytes[c]},
-                                             {"delayed", s.delayed[c]},
-                                             {"delay_seconds", s.delay_seconds[c]},
-                                             {"queued", s.queued[c]}};
-      return j;
-    };
-  }
+  if (auto cap = builder.remote_bandwidth()) hooks.remote_bandwidth = [cap] { return remote_bandwidth_json(*cap); };
+  control_commands.add("remote-bandwidth", "show or change the daemon-wide remote bandwidth cap {rate?}",
+                       [cap = builder.remote_bandwidth()](const Json& req) { return remote_bandwidth_command(cap, req); });
   add_export_commands(control_commands, exports, std::move(hooks));
   control_commands.add("export-add", "add an export and save it in the catalogue {name, uri, options?}",
                        [&runtime_exports](const Json& req) { return runtime_exports.add(req); });

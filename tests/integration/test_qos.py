@@ -14,7 +14,7 @@ import control_common  # noqa: E402
 import harness  # noqa: E402
 from harness import MiB  # noqa: E402
 
-from control_common import EXIT_UNKNOWN, EXIT_USAGE  # noqa: E402
+from control_common import EXIT_REFUSED, EXIT_UNKNOWN, EXIT_USAGE  # noqa: E402
 
 
 def fio_json(test, name, *args, timeout=60):
@@ -236,6 +236,54 @@ class QosTest(control_common.ControlTestCase):
         # What came through the cap is the remote's data.
         h = self.connect(self.uri("vm"))
         self.assertEqual(h.pread(MiB, 0), harness.read_file(remote, 0, MiB))
+
+    def test_remote_bandwidth_cap_changes_at_run_time_until_the_next_start(self):
+        remote = harness.make_random_image(self.path("remote.img"), 64 * MiB, seed=5)
+        k = self.nbdkit(remote)
+        spec = {"vm": "%s,cache=%s,chunk=64k,readahead=0" % (k.uri, self.path("cache"))}
+        d = self.start(spec, extra=["--remote-bandwidth", "1M"])
+        h = self.connect(self.uri("vm"))
+
+        def miss_rate(first_mib, seconds):
+            """Sequential 64 KiB reads, all misses, from `first_mib` for `seconds`
+            (or to the end of the image): MiB/s."""
+            start, off = time.monotonic(), first_mib * MiB
+            while time.monotonic() - start < seconds and off < 64 * MiB:
+                self.assertEqual(h.pread(64 * 1024, off), harness.read_file(remote, off, 64 * 1024))
+                off += 64 * 1024
+            return (off - first_mib * MiB) / (time.monotonic() - start) / MiB
+
+        miss_rate(0, 0.3)  # past the bucket the cap starts with
+        slow = miss_rate(1, 2.0)
+        out, _ = self.bw("remote-bandwidth", "6M")
+        self.assertIn("remote bandwidth cap: 6.0 MiB/s", out)
+        self.assertEqual(self.bwj("status")["remote_bandwidth"]["rate"], 6 * MiB)
+        charged = self.bwj("remote-bandwidth")["client"]["bytes"]
+        fast = miss_rate(8, 2.0)
+        self.assertGreater(self.bwj("remote-bandwidth")["client"]["bytes"] - charged, 6 * MiB)
+        print("\nremote cap 1 MiB/s: %.2f MiB/s of misses; raised to 6 MiB/s: %.2f" % (slow, fast), file=sys.stderr)
+        self.assertLess(slow, 1.25)
+        self.assertGreater(slow, 0.6)
+        self.assertGreater(fast, 3.5)
+        self.assertLess(fast, 6 * 1.25)
+        self.assertIn("remote bandwidth cap changed to %d bytes/s" % (6 * MiB), d.log())
+        _, err = self.bw("remote-bandwidth", "fast", expect=EXIT_USAGE)
+        self.assertIn("RATE='fast': expected a size", err)
+        _, err = self.bw("remote-bandwidth", "1M", "2M", expect=EXIT_USAGE)
+        self.assertIn("unexpected argument '2M'", err)
+        self.bw("remote-bandwidth", "0")
+        self.assertEqual(self.bwj("remote-bandwidth")["rate"], 0)
+        self.assertGreater(miss_rate(24, 2.0), 6 * 1.25)  # no cap any more
+        # A run-time change lasts until the next start.
+        harness.close_handle(h)
+        self.daemons_stop()
+        self.start(spec, extra=["--remote-bandwidth", "1M"])
+        self.assertEqual(self.bwj("remote-bandwidth")["rate"], MiB)
+        # Without a cap at start there is none to change.
+        self.daemons_stop()
+        self.start(spec)
+        _, err = self.bw("remote-bandwidth", "5M", expect=EXIT_REFUSED)
+        self.assertIn("no remote bandwidth cap was set at start", err)
 
     def daemons_stop(self):
         for d in list(self._daemons):

@@ -103,6 +103,37 @@ TEST(RemoteBandwidth, OneClassAloneGetsTheWholeCap) {
   EXPECT_TRUE(test::eventually([&] { return cap->stats().queued[1] == 0; }, 2000ms));
 }
 
+TEST(RemoteBandwidth, RunTimeChangeAppliesToWaitingRequestsAtOnce) {
+  Loops loops;
+  auto cap = std::make_shared<RemoteBandwidth>(1 << 20, loops.a.get_executor());
+  std::atomic<bool> stop{false};
+  std::atomic<uint64_t> client{0};
+  for (int i = 0; i < 4; ++i)
+    boost::asio::co_spawn(loops.b, stream(cap, RemoteBandwidth::client, 64 << 10, stop, client), boost::asio::detached);
+  auto rate_over = [&](std::chrono::milliseconds span) {
+    const uint64_t c0 = client;
+    std::this_thread::sleep_for(span);
+    return static_cast<double>(client - c0) / std::chrono::duration<double>(span).count();
+  };
+  std::this_thread::sleep_for(200ms);
+  const double slow = rate_over(1000ms);
+  EXPECT_GT(slow, 0.85 * (1 << 20));
+  EXPECT_LT(slow, 1.15 * (1 << 20));
+  // Raised: the requests already waiting go under the new cap.
+  cap->set_rate(8 << 20);
+  EXPECT_EQ(cap->rate(), 8u << 20);
+  EXPECT_EQ(cap->stats().rate, 8u << 20);
+  std::this_thread::sleep_for(200ms);
+  const double fast = rate_over(1000ms);
+  EXPECT_GT(fast, 0.85 * (8 << 20));
+  EXPECT_LT(fast, 1.15 * (8 << 20));
+  // Lifted (0): nothing waits any more.
+  cap->set_rate(0);
+  EXPECT_TRUE(test::eventually([&] { return client > 0 && cap->stats().queued[0] == 0; }, 2000ms));
+  EXPECT_GT(rate_over(300ms), 50.0 * (1 << 20));
+  stop = true;
+}
+
 TEST(RemoteBandwidthLayer, ChargesClientReadsAndWritesNotPrefetchReads) {
   boost::asio::io_context io;
   auto cap = std::make_shared<RemoteBandwidth>(1 << 20, io.get_executor());
