@@ -19,6 +19,7 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
+import remotes  # noqa: E402
 import tls_certs  # noqa: E402
 from harness import MiB  # noqa: E402
 
@@ -250,6 +251,52 @@ class TlsOnTest(TlsTestCase):
         # LIST in plaintext does not show what needs TLS.
         self.assertEqual(self.list_names(self.uri("")), {"open"})
         self.assertEqual(self.list_names(nbds(self.port, "", certs=PKI["client-nocert"])), {"open", "secret"})
+
+
+class RemoteTlsTest(harness.DaemonTestCase):
+    """nbds:// and nbds+unix:// remotes against nbdkit --tls=require."""
+
+    def setUp(self):
+        super().setUp()
+        self.remote_img = harness.make_random_image(self.path("remote.img"), 8 * MiB, seed=9)
+
+    def nbdkit(self, *tls_args, sock=None):
+        return remotes.started(self, remotes.Nbdkit(self.tmp, self.remote_img, sock=sock,
+                                                    server_args=["--tls=require", *tls_args]))
+
+    def roundtrip(self, uri):
+        """Serves uri as export 'r', writes through it, reads it back."""
+        self.serve_remote(uri)
+        local = self.uri("r")
+        harness.run(["nbdcopy", local, self.path("got.img")], timeout=60)
+        self.assertTrue(filecmp.cmp(self.remote_img, self.path("got.img"), shallow=False))
+        src = harness.make_random_image(self.path("new.img"), 8 * MiB, seed=21)
+        harness.run(["nbdcopy", src, local], timeout=60)
+        self.assertTrue(filecmp.cmp(src, self.remote_img, shallow=False))
+
+    def test_certificates(self):
+        peer = self.nbdkit("--tls-certificates=" + PKI["server"])
+        self.roundtrip("nbds://localhost:%d/?tls-certificates=%s" % (peer.port, PKI["client-nocert"]))
+
+    def test_psk_over_unix_socket(self):
+        sock = self.path("nbdkit.sock")
+        self.nbdkit("--tls-psk=" + PKI["psk"], sock=sock)
+        self.roundtrip("nbds+unix://bob@/?socket=%s&tls-psk-file=%s" % (sock, PKI["psk"]))
+
+    def test_refused(self):
+        peer = self.nbdkit("--tls-certificates=" + PKI["server"])
+        base = "nbds://localhost:%d/" % peer.port
+        # Plaintext against --tls=require, and a CA that did not sign nbdkit's certificate.
+        self.start_refused("r=nbd://127.0.0.1:%d/" % peer.port, "cannot connect")
+        self.start_refused("r=%s?tls-certificates=%s" % (base, PKI["client-otherca"]), "cannot connect")
+        # Mistakes found without connecting.
+        self.start_refused("r=%s?tls-certificates=%s" % (base, self.path("nodir")), "is not a directory")
+        self.start_refused("r=%s?tls-psk-file=%s" % (base, self.path("no.psk")), "cannot be read")
+        self.start_refused("r=nbds://alice@localhost:%d/" % peer.port, "PSK identity")
+        self.start_refused("r=%s?tls=on" % base, "unknown query parameter 'tls'")
+        self.start_refused("r=nbd://localhost:%d/?tls-certificates=%s" % (peer.port, PKI["client"]),
+                           "takes no query parameters")
+        self.start_refused("r=%s?tls-verify-peer=maybe" % base, "true or false")
 
 
 class ConfigTest(harness.DaemonTestCase):
