@@ -26,7 +26,7 @@ const core::OptionSpec kExportOptions[] = {
     {.name = "description", .kind = core::OptionKind::text, .help = "what NBD clients are told it is", .value = "TEXT"},
     {.name = "tls",
      .kind = core::OptionKind::text,
-     .help = "require: NBD clients must use TLS for this export even where the server allows plaintext "
+     .help = "NBD clients must use TLS for this export even where the server allows plaintext "
              "(needs --tls on or require)",
      .value = "require"},
 };
