@@ -47,6 +47,9 @@ struct Export {
   // `device`; without limits it passes requests straight on). Owned by the
   // device chain.
   QosLayer* qos = nullptr;
+  // NBD clients must use TLS for this export (tls=require), even on a
+  // listener that allows plaintext.
+  bool tls_required = false;
 };
 
 // What happened to an export, for ExportTable observers.

@@ -101,6 +101,28 @@ const Flag kFlags[] = {
        else
          l.config.metrics = parse_metrics_address(v);
      }},
+    {"--tls", "MODE",
+     "NBD over TLS (STARTTLS): off, on (offered; exports without tls=require also take plaintext) or require "
+     "(nothing but STARTTLS before TLS) (default off; wins over [tls] mode)",
+     [](CommandLine& l, const std::string& v) {
+       l.config.tls.mode = parse_tls_mode_setting(v, "--tls");
+       l.tls_mode_set = true;
+     }},
+    {"--tls-certificates", "DIR",
+     "X.509 credentials: DIR holds ca-cert.pem, server-cert.pem and server-key.pem (the layout of nbdkit and "
+     "qemu; ca-crl.pem if present)",
+     [](CommandLine& l, const std::string& v) {
+       if (v.empty()) throw ConfigError("--tls-certificates needs a directory");
+       l.config.tls.certificates_dir = v;
+     }},
+    {"--tls-psk", "FILE", "pre-shared keys: a psktool file of identity:hexkey lines",
+     [](CommandLine& l, const std::string& v) {
+       if (v.empty()) throw ConfigError("--tls-psk needs a file");
+       l.config.tls.psk_file = v;
+     }},
+    {"--tls-verify-peer", "",
+     "ask every TLS client for a certificate signed by ca-cert.pem and refuse those without one",
+     [](CommandLine& l, const std::string&) { l.config.tls.verify_peer = true; }},
     {"--version", "", "print the version",
      [](CommandLine& l, const std::string&) { l.action = CommandLine::Action::version; }},
     {"--help", "", "this text", [](CommandLine& l, const std::string&) { l.action = CommandLine::Action::help; }},
@@ -222,6 +244,10 @@ DaemonConfig effective_config(CommandLine line) {
     if (!cfg.control_socket.empty()) from_file.control_socket = cfg.control_socket;
     if (!cfg.control_socket_group.empty()) from_file.control_socket_group = cfg.control_socket_group;
     if (line.metrics_set) from_file.metrics = cfg.metrics;
+    if (line.tls_mode_set) from_file.tls.mode = cfg.tls.mode;
+    if (!cfg.tls.certificates_dir.empty()) from_file.tls.certificates_dir = cfg.tls.certificates_dir;
+    if (!cfg.tls.psk_file.empty()) from_file.tls.psk_file = cfg.tls.psk_file;
+    if (cfg.tls.verify_peer) from_file.tls.verify_peer = true;
     cfg = std::move(from_file);
   }
   if (!line.listen.empty()) cfg.listen = line.listen;

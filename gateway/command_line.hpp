@@ -31,6 +31,7 @@ struct CommandLine {
   std::string config_file;                 // --config
   std::vector<core::ListenAddress> listen;  // --listen: replaces the file's
   bool metrics_set = false;                 // --metrics given: replaces [metrics] listen
+  bool tls_mode_set = false;                // --tls given: replaces [tls] mode
 };
 
 // Parses blockwayd's arguments (without argv[0]). Throws core::ConfigError.

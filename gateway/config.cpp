@@ -24,9 +24,15 @@ const core::OptionSpec kExportOptions[] = {
      .help = "serve the export read-only (default off; a bare ro means on)",
      .aliases = {"ro", "readonly"}},
     {.name = "description", .kind = core::OptionKind::text, .help = "what NBD clients are told it is", .value = "TEXT"},
+    {.name = "tls",
+     .kind = core::OptionKind::text,
+     .help = "NBD clients must use TLS for this export even where the server allows plaintext "
+             "(needs --tls on or require)",
+     .value = "require"},
 };
 const core::OptionSpec& kReadOnly = kExportOptions[0];
 const core::OptionSpec& kDescription = kExportOptions[1];
+const core::OptionSpec& kTls = kExportOptions[2];
 
 bool names(const core::OptionSpec& spec, const std::string& key) {
   return key == spec.name || std::find(spec.aliases.begin(), spec.aliases.end(), key) != spec.aliases.end();
@@ -38,6 +44,10 @@ bool apply_export_key(ExportConfig& e, const std::string& key, const std::string
     e.read_only = value.empty() ? true : parse_bool(value, "export '" + e.name + "': option " + key);
   } else if (names(kDescription, key)) {
     e.description = value;
+  } else if (names(kTls, key)) {
+    if (value != "require" && value != "off")
+      throw ConfigError("export '" + e.name + "': option tls='" + value + "': the value is require (or off)");
+    e.tls_required = value == "require";
   } else {
     return false;
   }
@@ -131,6 +141,16 @@ void DaemonConfig::validate() const {
   if (!control_socket.empty() && control_socket != "off" &&
       (control_socket.front() != '/' || control_socket.size() >= 108))
     throw ConfigError("control socket '" + control_socket + "' must be an absolute path shorter than 108 bytes");
+  if (tls.mode == nbd::TlsMode::off && (!tls.certificates_dir.empty() || !tls.psk_file.empty()))
+    throw ConfigError("TLS credentials are given but tls is off: add --tls=on or --tls=require");
+  if (tls.mode != nbd::TlsMode::off && tls.certificates_dir.empty() && tls.psk_file.empty())
+    throw ConfigError(std::string("--tls=") + nbd::to_string(tls.mode) +
+                      " needs --tls-certificates DIR or --tls-psk FILE");
+  if (tls.verify_peer && tls.certificates_dir.empty())
+    throw ConfigError("tls-verify-peer needs --tls-certificates DIR (its ca-cert.pem checks the clients)");
+  for (const auto& e : exports)
+    if (e.tls_required && tls.mode == nbd::TlsMode::off)
+      throw ConfigError("export '" + e.name + "' has tls=require but TLS is off: add --tls=on");
   if (blocking_threads == 0 || blocking_threads > 1024)
     throw ConfigError("blocking-threads must be between 1 and 1024");
 }
@@ -209,6 +229,23 @@ void load_config_file(const std::string& path, DaemonConfig& cfg) {
         else
           cfg.metrics = parse_metrics_address(value);
       }
+    } else if (key == "tls") {
+      auto* t = node.as_table();
+      if (!t) throw ConfigError(path + ": use a [tls] table for TLS");
+      for (const auto& [tk, tnode] : *t) {
+        const std::string tkey(tk.str());
+        const std::string value = as_string(tnode, "tls." + tkey);
+        if (tkey == "mode")
+          cfg.tls.mode = parse_tls_mode_setting(value, path + ": tls.mode");
+        else if (tkey == "certificates")
+          cfg.tls.certificates_dir = value;
+        else if (tkey == "psk")
+          cfg.tls.psk_file = value;
+        else if (tkey == "verify-peer")
+          cfg.tls.verify_peer = parse_bool(value, path + ": tls.verify-peer");
+        else
+          throw ConfigError(path + ": unknown setting 'tls." + tkey + "'");
+      }
     } else if (key == "export") {
       auto* arr = node.as_array();
       if (!arr) throw ConfigError(path + ": use [[export]] tables for exports");
@@ -270,6 +307,14 @@ void load_config_file(const std::string& path, DaemonConfig& cfg) {
     } else {
       throw ConfigError(path + ": unknown setting '" + key + "'");
     }
+  }
+}
+
+nbd::TlsMode parse_tls_mode_setting(const std::string& text, const std::string& what) {
+  try {
+    return nbd::parse_tls_mode(text);
+  } catch (const std::invalid_argument& e) {
+    throw ConfigError(what + ": " + e.what());
   }
 }
 

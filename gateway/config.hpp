@@ -7,6 +7,7 @@
 #include "core/listen_address.hpp"
 #include "core/logging.hpp"
 #include "core/options.hpp"
+#include "nbd/tls_context.hpp"
 
 #include <chrono>
 #include <cstdint>
@@ -24,6 +25,7 @@ struct ExportConfig {
   std::string uri;
   std::string description;
   bool read_only = false;
+  bool tls_required = false;  // tls=require
   // Options not understood by the generic export code (backend, cache, ...),
   // each consumed by the part that knows it; leftovers are an error.
   std::map<std::string, std::string> options;
@@ -74,6 +76,7 @@ struct DaemonConfig {
   std::chrono::milliseconds shutdown_timeout{30000};
   std::optional<FuseMountConfig> fuse;  // each export as a file under a mount directory
   std::optional<core::ListenAddress> metrics;  // --metrics / [metrics] listen: the Prometheus endpoint
+  nbd::TlsSettings tls;                        // --tls* / [tls]: NBD over TLS (STARTTLS)
   bool embedded_default = false;  // no config and no exports: serve the demo image
 
   void validate() const;
@@ -85,6 +88,9 @@ inline constexpr uint16_t kDefaultMetricsPort = 9110;
 // 127.0.0.1) or "HOST" (port 9110). ConfigError for anything else (a Unix
 // socket, port 0, a malformed address).
 core::ListenAddress parse_metrics_address(std::string_view text);
+
+// --tls / [tls] mode: off, on or require; ConfigError naming `what` otherwise.
+nbd::TlsMode parse_tls_mode_setting(const std::string& text, const std::string& what);
 
 // Reads a TOML file into `cfg` (fields it names replace the defaults).
 void load_config_file(const std::string& path, DaemonConfig& cfg);

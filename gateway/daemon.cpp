@@ -241,6 +241,18 @@ int run_daemon(DaemonConfig config) {
   sopts.limits.max_inflight_bytes = config.max_inflight_bytes;
   sopts.handshake_timeout = config.handshake_timeout;
   sopts.shutdown_timeout = config.shutdown_timeout;
+  if (config.tls.mode != nbd::TlsMode::off) {
+    try {
+      sopts.tls = std::make_shared<nbd::TlsContext>(config.tls);
+    } catch (const std::runtime_error& e) {
+      throw ConfigError(e.what());
+    }
+    sopts.tls_mode = config.tls.mode;
+    log->info("NBD over TLS: {} ({}{}{})", nbd::to_string(config.tls.mode),
+              config.tls.certificates_dir.empty() ? "" : "certificates " + config.tls.certificates_dir,
+              !config.tls.certificates_dir.empty() && !config.tls.psk_file.empty() ? ", " : "",
+              config.tls.psk_file.empty() ? "" : "PSK " + config.tls.psk_file);
+  }
   nbd::Server server(loops, exports, sopts);
   server_ptr = &server;
 

@@ -87,6 +87,7 @@ StackBuilder::Built StackBuilder::build(ExportConfig cfg) {
   auto exp = std::make_shared<Export>();
   exp->name = cfg.name;
   exp->description = cfg.description;
+  exp->tls_required = cfg.tls_required;
   exp->uri = cfg.uri;
   cache::CacheLayer* cache_layer = nullptr;
   if (cache_cfg) {

@@ -1,17 +1,20 @@
 // Channel: the byte stream to one NBD client (a TCP or Unix socket, or
-// stdin/stdout in --stdio mode), as one or two posix stream descriptors.
+// stdin/stdout in --stdio mode), as one or two posix stream descriptors,
+// in plaintext or, after start_tls(), through a TlsStream.
 //
 // Thread model: owned by one connection on one io_context; at most one read
 // and one write outstanding at a time, as Asio requires.
 #pragma once
 
 #include "core/task.hpp"
+#include "nbd/tls_stream.hpp"
 
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/read.hpp>
 #include <boost/asio/write.hpp>
 
+#include <memory>
 #include <optional>
 #include <span>
 #include <system_error>
@@ -32,18 +35,42 @@ class Channel {
   [[nodiscard]] boost::asio::any_io_executor executor() { return in_.get_executor(); }
 
   core::Task<std::error_code> read_exact(std::span<std::byte> buf) {
+    if (tls_) co_return co_await tls_->read_exact(buf);
     auto [ec, n] = co_await boost::asio::async_read(
         in_, boost::asio::buffer(buf.data(), buf.size()), whole_transfer,
         boost::asio::as_tuple(boost::asio::use_awaitable));
     co_return std::error_code(ec);
   }
 
+  // Whatever the stream has now, at least one byte.
+  core::Task<std::pair<std::error_code, size_t>> read_some(std::span<std::byte> buf) {
+    if (tls_) co_return co_await tls_->read_some(buf);
+    auto [ec, n] = co_await in_.async_read_some(boost::asio::buffer(buf.data(), buf.size()),
+                                                boost::asio::as_tuple(boost::asio::use_awaitable));
+    co_return std::pair{std::error_code(ec), n};
+  }
+
   template <class Buffers>
   core::Task<std::error_code> write_all(const Buffers& buffers) {
+    if (tls_) co_return co_await tls_->write_all(buffers);
     auto [ec, n] = co_await boost::asio::async_write(
         out(), buffers, whole_transfer, boost::asio::as_tuple(boost::asio::use_awaitable));
     co_return std::error_code(ec);
   }
+
+  // Runs the TLS handshake on this stream (after NBD_OPT_STARTTLS); from then
+  // on every read and write goes through TLS. Nothing is buffered in
+  // plaintext here, so bytes a client sent before the handshake are read by
+  // GnuTLS as (broken) TLS records, never as NBD.
+  core::Task<std::error_code> start_tls(const TlsContext& context) {
+    try {
+      tls_ = std::make_unique<TlsStream>(context, in_, out());
+    } catch (const std::exception&) {
+      co_return std::make_error_code(std::errc::protocol_error);
+    }
+    co_return co_await tls_->handshake();
+  }
+  [[nodiscard]] const TlsStream* tls() const noexcept { return tls_.get(); }
 
   // Cancels a pending read only (a write in progress goes on).
   void cancel_read() {
@@ -58,6 +85,7 @@ class Channel {
   }
   void close() {
     boost::system::error_code ignored;
+    tls_.reset();
     in_.close(ignored);
     if (out_) out_->close(ignored);
   }
@@ -73,6 +101,7 @@ class Channel {
 
   Descriptor in_;
   std::optional<Descriptor> out_;
+  std::unique_ptr<TlsStream> tls_;
 };
 
 }  // namespace blockway::nbd

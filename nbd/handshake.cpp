@@ -38,8 +38,8 @@ std::vector<MetaContext> match_query(const core::Export& exp, std::string_view q
 
 class Handshake {
  public:
-  Handshake(Channel& ch, const core::ExportTable& exports, const HandshakeOptions& opts)
-      : ch_(ch), exports_(exports), opts_(opts), log_(core::logger("nbd")) {}
+  Handshake(Channel& ch, const core::ExportTable& exports, const HandshakeOptions& opts, const PeerInfo& peer)
+      : ch_(ch), exports_(exports), opts_(opts), peer_(peer), log_(core::logger("nbd")) {}
 
   Task<std::optional<Negotiated>> run();
 
@@ -54,6 +54,11 @@ class Handshake {
   Task<bool> send_info(uint32_t option, const core::Export& exp, bool want_name, bool want_description);
   Task<bool> handle_info(uint32_t option, std::optional<Negotiated>& result);
   Task<bool> handle_meta_context(uint32_t option);
+  Task<bool> handle_starttls(uint32_t option, uint32_t length, bool& fatal);
+  // The export may not be used before TLS (--tls=require, or its tls=require).
+  [[nodiscard]] bool needs_tls(const core::Export& exp) const {
+    return !state_.tls && (opts_.tls_mode == TlsMode::require || exp.tls_required);
+  }
   [[nodiscard]] bool shutting_down() const {
     return opts_.shutting_down && opts_.shutting_down->load(std::memory_order_relaxed);
   }
@@ -61,6 +66,7 @@ class Handshake {
   Channel& ch_;
   const core::ExportTable& exports_;
   const HandshakeOptions& opts_;
+  const PeerInfo& peer_;
   std::shared_ptr<spdlog::logger> log_;
   std::vector<std::byte> payload_;
   bool fixed_ = false;
@@ -146,6 +152,7 @@ Task<bool> Handshake::handle_info(uint32_t option, std::optional<Negotiated>& re
   }
   auto exp = exports_.find(name);
   if (!exp) co_return co_await reply_error(option, kRepErrUnknown, "no export named '" + name + "'");
+  if (needs_tls(*exp)) co_return co_await reply_error(option, kRepErrTlsReqd, "export requires TLS: use STARTTLS");
   if (!co_await send_info(option, *exp, want_name, want_description)) co_return false;
   if (!co_await reply(option, kRepAck)) co_return false;
   if (option == kOptGo) {
@@ -181,6 +188,7 @@ Task<bool> Handshake::handle_meta_context(uint32_t option) {
   if (pos != p.size()) co_return co_await reply_error(option, kRepErrInvalid, "trailing bytes after queries");
   auto exp = exports_.find(name);
   if (!exp) co_return co_await reply_error(option, kRepErrUnknown, "no export named '" + name + "'");
+  if (needs_tls(*exp)) co_return co_await reply_error(option, kRepErrTlsReqd, "export requires TLS: use STARTTLS");
 
   const bool list = option == kOptListMetaContext;
   std::vector<MetaContext> found;
@@ -202,6 +210,30 @@ Task<bool> Handshake::handle_meta_context(uint32_t option) {
     contexts_for_ = exp->name;
   }
   co_return co_await reply(option, kRepAck);
+}
+
+Task<bool> Handshake::handle_starttls(uint32_t option, uint32_t length, bool& fatal) {
+  if (!opts_.tls || opts_.tls_mode == TlsMode::off)
+    co_return co_await reply_error(option, kRepErrUnsup, "TLS is not enabled on this server");
+  if (state_.tls) co_return co_await reply_error(option, kRepErrInvalid, "TLS is already on");
+  if (length != 0) co_return co_await reply_error(option, kRepErrInvalid, "NBD_OPT_STARTTLS takes no data");
+  if (!co_await reply(option, kRepAck)) co_return false;
+  if (auto ec = co_await ch_.start_tls(*opts_.tls)) {
+    log_->warn("TLS handshake with {} failed: {}", peer_.text, ec.message());
+    fatal = true;
+    co_return false;
+  }
+  // Nothing negotiated in plaintext survives into TLS (the spec's rule):
+  // the client starts over on the protected stream.
+  const bool no_zeroes = state_.no_zeroes;
+  state_ = Negotiated{};
+  state_.no_zeroes = no_zeroes;
+  state_.tls = true;
+  state_.tls_peer_name = ch_.tls()->peer_name();
+  contexts_for_.clear();
+  log_->info("TLS with {}: {}{}", peer_.text, ch_.tls()->description(),
+             state_.tls_peer_name.empty() ? "" : ", client '" + state_.tls_peer_name + "'");
+  co_return true;
 }
 
 Task<std::optional<Negotiated>> Handshake::run() {
@@ -239,6 +271,10 @@ Task<std::optional<Negotiated>> Handshake::run() {
       const std::string name(reinterpret_cast<const char*>(payload_.data()), payload_.size());
       auto exp = exports_.find(name);
       if (!exp || shutting_down()) co_return std::nullopt;  // this option cannot carry an error
+      if (needs_tls(*exp)) {
+        log_->info("client {} asked for export '{}' without TLS, which it requires: closing", peer_.text, name);
+        co_return std::nullopt;
+      }
       if (contexts_for_ != exp->name) state_.contexts.clear();
       state_.exp = exp;
       state_.transmission_flags = transmission_flags(exp->device->capabilities(), state_.structured_replies);
@@ -256,7 +292,9 @@ Task<std::optional<Negotiated>> Handshake::run() {
     }
     bool ok = true;
     std::optional<Negotiated> result;
-    if (too_big) {
+    if (!state_.tls && opts_.tls_mode == TlsMode::require && option != kOptStartTls && !too_big) {
+      ok = co_await reply_error(option, kRepErrTlsReqd, "server requires TLS: use STARTTLS");
+    } else if (too_big) {
       ok = co_await reply_error(option, kRepErrTooBig, "option data too large");
     } else if (shutting_down()) {
       ok = co_await reply_error(option, kRepErrShutdown, "server is shutting down");
@@ -268,6 +306,7 @@ Task<std::optional<Negotiated>> Handshake::run() {
             break;
           }
           for (const auto& exp : exports_.list()) {
+            if (needs_tls(*exp)) continue;  // not for this client now
             std::vector<std::byte> data(4 + exp->name.size() + exp->description.size());
             put32(data.data(), static_cast<uint32_t>(exp->name.size()));
             std::memcpy(data.data() + 4, exp->name.data(), exp->name.size());
@@ -276,9 +315,12 @@ Task<std::optional<Negotiated>> Handshake::run() {
           }
           if (ok) ok = co_await reply(option, kRepAck);
           break;
-        case kOptStartTls:
-          ok = co_await reply_error(option, kRepErrUnsup, "TLS is not supported by this server");
+        case kOptStartTls: {
+          bool fatal = false;
+          ok = co_await handle_starttls(option, length, fatal);
+          if (fatal) co_return std::nullopt;
           break;
+        }
         case kOptInfo:
         case kOptGo:
           ok = co_await handle_info(option, result);
@@ -323,8 +365,8 @@ uint16_t transmission_flags(const core::Capabilities& caps, bool structured_repl
 }
 
 Task<std::optional<Negotiated>> negotiate(Channel& channel, const core::ExportTable& exports,
-                                          const HandshakeOptions& options) {
-  Handshake h(channel, exports, options);
+                                          const HandshakeOptions& options, const PeerInfo& peer) {
+  Handshake h(channel, exports, options, peer);
   co_return co_await h.run();
 }
 

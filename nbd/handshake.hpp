@@ -9,6 +9,9 @@
 #include "core/export.hpp"
 #include "core/logging.hpp"
 #include "nbd/channel.hpp"
+#include "nbd/tls_context.hpp"
+
+#include <sys/types.h>
 
 #include <atomic>
 #include <cstdint>
@@ -33,8 +36,20 @@ struct MetaContext {
 
 struct HandshakeOptions {
   uint32_t max_request_bytes = 32u << 20;
+  // STARTTLS: offered when `tls` is set and the mode is not off.
+  const TlsContext* tls = nullptr;
+  TlsMode tls_mode = TlsMode::off;
   // Set while the server shuts down: options get NBD_REP_ERR_SHUTDOWN.
   const std::atomic<bool>* shutting_down = nullptr;
+};
+
+// Who is on the other end of a connection, for the log and access rules.
+struct PeerInfo {
+  std::string text;     // "127.0.0.1:40000", "[::1]:40000", "unix uid 1000", "stdio"
+  std::string address;  // the IP address alone (empty on a Unix socket)
+  bool unix_socket = false;
+  std::optional<uid_t> uid;  // Unix socket: SO_PEERCRED
+  std::optional<gid_t> gid;
 };
 
 struct Negotiated {
@@ -43,6 +58,8 @@ struct Negotiated {
   bool no_zeroes = false;
   std::vector<MetaContext> contexts;  // selected for exp
   uint16_t transmission_flags = 0;
+  bool tls = false;
+  std::string tls_peer_name;  // PSK identity or verified certificate CN
 };
 
 // The transmission flags an export advertises.
@@ -51,6 +68,6 @@ uint16_t transmission_flags(const core::Capabilities& caps, bool structured_repl
 // Runs the handshake. Returns the negotiated export, or nullopt when the
 // client aborted, disconnected, or violated the protocol (the caller closes).
 core::Task<std::optional<Negotiated>> negotiate(Channel& channel, const core::ExportTable& exports,
-                                                   const HandshakeOptions& options);
+                                                   const HandshakeOptions& options, const PeerInfo& peer);
 
 }  // namespace blockway::nbd

@@ -20,8 +20,9 @@ namespace asio = boost::asio;
 using core::Task;
 
 struct Server::Connection {
-  explicit Connection(Channel ch) : channel(std::move(ch)) {}
+  Connection(Channel ch, PeerInfo p) : channel(std::move(ch)), peer(std::move(p)) {}
   Channel channel;
+  PeerInfo peer;
   std::shared_ptr<Session> session;  // set once the handshake succeeded
 };
 
@@ -29,6 +30,8 @@ Server::Server(core::EventLoops& loops, core::ExportTable& exports, ServerOption
     : loops_(loops), exports_(exports), options_(options), log_(core::logger("nbd")) {
   handshake_options_.max_request_bytes = options_.limits.max_request_bytes;
   handshake_options_.shutting_down = &shutting_down_;
+  handshake_options_.tls = options_.tls.get();
+  handshake_options_.tls_mode = options_.tls ? options_.tls_mode : TlsMode::off;
 }
 
 Server::~Server() {
@@ -150,12 +153,36 @@ Task<void> Server::accept_tcp(std::shared_ptr<asio::ip::tcp::acceptor> acceptor)
     }
     boost::system::error_code ignored;
     socket.set_option(asio::ip::tcp::no_delay(true), ignored);
+    PeerInfo peer;
+    const auto remote = socket.remote_endpoint(ignored);
+    auto addr = remote.address();
+    if (addr.is_v6() && addr.to_v6().is_v4_mapped()) addr = asio::ip::make_address_v4(asio::ip::v4_mapped, addr.to_v6());  // dual-stack
+    peer.address = addr.to_string();
+    peer.text = (addr.is_v6() ? "[" + peer.address + "]" : peer.address) + ":" + std::to_string(remote.port());
     const int fd = socket.release(ignored);
-    if (fd >= 0) start_connection(target, fd, -1);
+    if (fd >= 0) start_connection(target, fd, -1, std::move(peer));
   }
 }
 
-Task<void> Server::accept_unix(std::shared_ptr<asio::local::stream_protocol::acceptor> acceptor, std::string) {
+namespace {
+// The uid and gid the kernel recorded for a Unix socket's client.
+PeerInfo unix_peer(int fd, const std::string& path) {
+  PeerInfo peer;
+  peer.unix_socket = true;
+  ucred cred{};
+  socklen_t len = sizeof cred;
+  if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0) {
+    peer.uid = cred.uid;
+    peer.gid = cred.gid;
+    peer.text = "unix:" + path + " (pid " + std::to_string(cred.pid) + " uid " + std::to_string(cred.uid) + ")";
+  } else {
+    peer.text = "unix:" + path;
+  }
+  return peer;
+}
+}  // namespace
+
+Task<void> Server::accept_unix(std::shared_ptr<asio::local::stream_protocol::acceptor> acceptor, std::string path) {
   while (!shutting_down_) {
     auto& target = loops_.next();
     auto [ec, socket] = co_await acceptor->async_accept(target, asio::as_tuple(asio::use_awaitable));
@@ -166,7 +193,7 @@ Task<void> Server::accept_unix(std::shared_ptr<asio::local::stream_protocol::acc
     }
     boost::system::error_code ignored;
     const int fd = socket.release(ignored);
-    if (fd >= 0) start_connection(target, fd, -1);
+    if (fd >= 0) start_connection(target, fd, -1, unix_peer(fd, path));
   }
 }
 
@@ -176,15 +203,15 @@ void Server::serve_stdio() {
   const int in = ::dup(STDIN_FILENO);
   const int out = ::dup(STDOUT_FILENO);
   if (in < 0 || out < 0) throw std::runtime_error("cannot duplicate stdin/stdout");
-  start_connection(loops_.at(0), in, out);
+  start_connection(loops_.at(0), in, out, PeerInfo{.text = "stdio"});
 }
 
-void Server::start_connection(asio::io_context& ctx, int fd_in, int fd_out) {
+void Server::start_connection(asio::io_context& ctx, int fd_in, int fd_out, PeerInfo peer) {
   std::shared_ptr<Connection> conn;
   try {
     Channel ch = fd_out < 0 ? Channel(Channel::Descriptor(ctx, fd_in))
                             : Channel(Channel::Descriptor(ctx, fd_in), Channel::Descriptor(ctx, fd_out));
-    conn = std::make_shared<Connection>(std::move(ch));
+    conn = std::make_shared<Connection>(std::move(ch), std::move(peer));
   } catch (const std::exception& e) {
     log_->error("cannot set up connection: {}", e.what());
     ::close(fd_in);
@@ -214,10 +241,11 @@ Task<void> Server::serve(std::shared_ptr<Connection> conn) {
   deadline.async_wait([conn](boost::system::error_code ec) {
     if (!ec) conn->channel.cancel();
   });
-  auto negotiated = co_await negotiate(ch, exports_, handshake_options_);
+  auto negotiated = co_await negotiate(ch, exports_, handshake_options_, conn->peer);
   deadline.cancel();
   if (negotiated && !shutting_down_) {
-    log_->debug("client entered transmission on export '{}'", negotiated->exp->name);
+    log_->debug("client {} entered transmission on export '{}'{}", conn->peer.text, negotiated->exp->name,
+                negotiated->tls ? " over TLS" : "");
     conn->session = std::make_shared<Session>(ch, std::move(*negotiated), options_.limits);
     if (shutting_down_) conn->session->stop();
     co_await conn->session->run();

@@ -32,6 +32,10 @@ struct ServerOptions {
   SessionLimits limits;
   std::chrono::milliseconds handshake_timeout{10000};
   std::chrono::milliseconds shutdown_timeout{30000};
+  // STARTTLS (--tls): the credentials, and whether TLS is off, offered or
+  // required. Unix sockets and --stdio offer it as TCP does.
+  std::shared_ptr<const TlsContext> tls;
+  TlsMode tls_mode = TlsMode::off;
 };
 
 class Server {
@@ -60,7 +64,7 @@ class Server {
   core::Task<void> accept_tcp(std::shared_ptr<boost::asio::ip::tcp::acceptor> acceptor);
   core::Task<void> accept_unix(std::shared_ptr<boost::asio::local::stream_protocol::acceptor> acceptor,
                                   std::string path);
-  void start_connection(boost::asio::io_context& ctx, int fd_in, int fd_out);
+  void start_connection(boost::asio::io_context& ctx, int fd_in, int fd_out, PeerInfo peer);
   core::Task<void> serve(std::shared_ptr<Connection> conn);
   void connection_ended(Connection* conn);
   void force_close_all();

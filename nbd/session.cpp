@@ -130,7 +130,8 @@ Task<bool> Session::discard_payload(uint64_t length) {
 }
 
 Task<void> Session::reader() {
-  auto& in = channel_.in();
+  static const std::error_code eof = boost::system::error_code(boost::asio::error::eof);
+  static const std::error_code aborted = boost::system::error_code(boost::asio::error::operation_aborted);
   while (!dead_) {
     // Make sure one whole request header is buffered.
     while (rtail_ - rhead_ < kRequestHeaderSize) {
@@ -143,12 +144,10 @@ Task<void> Session::reader() {
         rhead_ = 0;
       }
       reader_idle_ = rhead_ == rtail_;
-      auto [ec, n] = co_await in.async_read_some(
-          boost::asio::buffer(rbuf_.get() + rtail_, kReceiveBuffer - rtail_),
-          boost::asio::as_tuple(boost::asio::use_awaitable));
+      auto [ec, n] = co_await channel_.read_some({rbuf_.get() + rtail_, kReceiveBuffer - rtail_});
       reader_idle_ = false;
       if (ec || n == 0) {
-        if (ec && ec != boost::asio::error::eof && ec != boost::asio::error::operation_aborted)
+        if (ec && ec != eof && ec != aborted)
           log_->debug("export '{}': read from client failed: {}", neg_.exp->name, ec.message());
         co_return;
       }

@@ -235,8 +235,10 @@ class Nbdkit(PeerProcess):
     main thread, or a helper thread joined only after the last use)."""
 
     def __init__(self, workdir, img, port=None, sock=None, filters=(), params=(), name="nbdkit",
-                 log_requests=False):
+                 log_requests=False, server_args=()):
+        """server_args: nbdkit's own options (e.g. --tls=require ...)."""
         self.workdir = workdir
+        self.server_args = list(server_args)
         self.img = img
         self.sock = sock
         self.port = None if sock else (port or harness.free_port())
@@ -257,6 +259,7 @@ class Nbdkit(PeerProcess):
             args += ["-U", self.sock]
         else:
             args += ["-i", "127.0.0.1", "-p", str(self.port)]
+        args += self.server_args
         args += ["--filter=" + f for f in self.filters]
         args += ["file", self.img] + self.params
         self._spawn(args)

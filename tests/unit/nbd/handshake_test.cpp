@@ -414,6 +414,49 @@ TEST_F(HandshakeTest, MalformedMetaContextPayloadsAreInvalid) {
 
 // ---------------------------------------------------------------- unsupported and oversized options
 
+// ---------------------------------------------------------------- TLS policy (the TLS itself: test_tls.py)
+
+TEST_F(HandshakeTest, TlsRequiredAnswersOptionsWithTlsReqd) {
+  hopts_.tls_mode = TlsMode::require;
+  ASSERT_NO_FATAL_FAILURE(start_client());
+  expect_error(exchange(fd(), kOptList), kOptList, kRepErrTlsReqd);
+  expect_error(exchange(fd(), kOptGo, info_payload("disk")), kOptGo, kRepErrTlsReqd);
+  expect_error(exchange(fd(), kOptInfo, info_payload("disk")), kOptInfo, kRepErrTlsReqd);
+  expect_error(exchange(fd(), kOptStructuredReply), kOptStructuredReply, kRepErrTlsReqd);
+  expect_still_negotiating();  // ABORT is still acked
+}
+
+TEST_F(HandshakeTest, TlsRequiredExportNameClosesTheConnection) {
+  hopts_.tls_mode = TlsMode::require;
+  ASSERT_NO_FATAL_FAILURE(start_and_send(export_name("disk")));
+  expect_closed_without_export();
+}
+
+TEST_F(HandshakeTest, ExportWithTlsRequireIsHiddenAndRefusedInPlaintext) {
+  hopts_.tls_mode = TlsMode::on;
+  ro_.exp->tls_required = true;
+  ASSERT_NO_FATAL_FAILURE(start_client());
+  auto r = exchange(fd(), kOptList);
+  ASSERT_EQ(r.size(), 2u);  // disk, then ACK: "ro" is not listed
+  EXPECT_EQ(r[0].type, kRepServer);
+  EXPECT_EQ(r[1].type, kRepAck);
+  expect_error(exchange(fd(), kOptGo, info_payload("ro")), kOptGo, kRepErrTlsReqd);
+  expect_error(exchange(fd(), kOptSetMetaContext, meta_payload("ro", {"base:allocation"})), kOptSetMetaContext,
+               kRepErrInvalid);  // structured replies first
+  auto go = exchange(fd(), kOptGo, info_payload("disk"));
+  EXPECT_EQ(go.back().type, kRepAck);
+  ASSERT_TRUE(server_->wait_negotiated());
+  ASSERT_TRUE(server_->negotiated().has_value());
+  EXPECT_FALSE(server_->negotiated()->tls);
+}
+
+TEST_F(HandshakeTest, StartTlsWithoutCredentialsIsUnsupported) {
+  hopts_.tls_mode = TlsMode::on;  // no TlsContext: STARTTLS cannot be offered
+  ASSERT_NO_FATAL_FAILURE(start_client());
+  expect_error(exchange(fd(), kOptStartTls), kOptStartTls, kRepErrUnsup);
+  expect_still_negotiating();
+}
+
 TEST_F(HandshakeTest, StartTlsIsUnsupported) {
   ASSERT_NO_FATAL_FAILURE(start_client());
   expect_error(exchange(fd(), kOptStartTls), kOptStartTls, kRepErrUnsup);

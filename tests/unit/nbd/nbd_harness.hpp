@@ -292,7 +292,7 @@ class ServerHarness {
 
  private:
   static core::Task<void> serve(ServerHarness* h) {
-    auto result = co_await nbd::negotiate(*h->channel_, h->table_, h->hopts_);
+    auto result = co_await nbd::negotiate(*h->channel_, h->table_, h->hopts_, h->peer_);
     {
       std::lock_guard lock(h->mutex_);
       h->negotiated_ = result;
@@ -310,6 +310,7 @@ class ServerHarness {
 
   boost::asio::io_context io_;
   const core::ExportTable& table_;
+  nbd::PeerInfo peer_{.text = "test client"};
   nbd::HandshakeOptions hopts_;
   std::optional<nbd::SessionLimits> limits_;
   std::optional<nbd::Channel> channel_;

@@ -22,10 +22,11 @@ std::string error_of(const std::string& uri) {
 
 TEST(Registry, EverySchemeHasOneBackend) {
   const auto schemes = supported_schemes();
-  for (const char* s : {"file", "nbd", "nbd+unix", "iscsi", "nfs", "aoe"})
+  for (const char* s : {"file", "nbd", "nbd+unix", "nbds", "nbds+unix", "iscsi", "nfs", "aoe"})
     EXPECT_NE(std::find(schemes.begin(), schemes.end(), s), schemes.end()) << s;
   EXPECT_EQ(std::set<std::string>(schemes.begin(), schemes.end()).size(), schemes.size()) << "a scheme twice";
   EXPECT_EQ(backend_for("nbd+unix:///x?socket=/s").name, "nbd");
+  EXPECT_EQ(backend_for("nbds://h/x?tls-certificates=/d").name, "nbd");
   EXPECT_EQ(backend_for("NFS://h/x.img").name, "nfs") << "schemes are case-insensitive";
 }
 
