@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs fuzz harnesses of tests/fuzz/, one after the other, each for SECONDS,
-# from its seed corpus (tests/fuzz/corpus/NAME/, never written to) plus a
+# from its seed corpus (tests/fuzz/corpus/NAME/) and the inputs that once
+# crashed it (tests/fuzz/regressions/NAME/), neither written to, plus a
 # working corpus under WORKDIR/NAME that grows from run to run. Prints one
 # result line per harness:
 #   HARNESS SECONDS EXECUTIONS CRASHES CORPUS_ENTRIES
@@ -24,12 +25,15 @@ for name in "${harnesses[@]}"; do
     mkdir -p "$workdir/$name"
     dict=()
     [[ -f $repo/tests/fuzz/$name.dict ]] && dict=(-dict="$repo/tests/fuzz/$name.dict")
+    # Inputs that once crashed it: run first, at every start.
+    regressions=()
+    [[ -d $repo/tests/fuzz/regressions/$name ]] && regressions=("$repo/tests/fuzz/regressions/$name")
     log=$workdir/$name.log
     rc=0
     # -rss_limit_mb: the bounded-memory invariant, checked per input.
     "$bin" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=1024 -print_final_stats=1 \
         -artifact_prefix="$workdir/crashes/$name-" "${dict[@]}" \
-        "$workdir/$name" "$repo/tests/fuzz/corpus/$name" >"$log" 2>&1 || rc=$?
+        "$workdir/$name" "$repo/tests/fuzz/corpus/$name" "${regressions[@]}" >"$log" 2>&1 || rc=$?
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
     crashes=0
     if [[ $rc != 0 ]]; then

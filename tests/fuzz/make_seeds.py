@@ -64,7 +64,93 @@ def nbd_transmission():
     }
 
 
-SEEDS = {"nbd_handshake": nbd_handshake, "nbd_transmission": nbd_transmission}
+def control_protocol():
+    return {
+        "status": b'{"cmd":"status"}',
+        "export_add": b'{"cmd":"export-add","name":"vm1","uri":"file:///x.img","read-only":true,"id":7}',
+        "qos": b'{"cmd":"qos","limit":"50M","id":"a"}',
+        "qos_number": b'{"cmd":"qos","limit":1048576}',
+        "refuse": b'{"cmd":"refuse"}',
+        "unknown": b'{"cmd":"nosuch","id":[1,2,{"x":null}]}',
+        "nested": b'{"cmd":"status","x":' + b"[" * 40 + b"]" * 40 + b"}",
+        "not_json": b"status please",
+        "wrong_types": b'{"cmd":"export-add","name":5,"uri":null,"read-only":"yes"}',
+    }
+
+
+def uri():
+    return {
+        "nbd": b"\x00nbd://host:10809/disk",
+        "nbd_unix": b"\x00nbd+unix:///disk?socket=/run/nbd.sock",
+        "file": b"\x00file:///var/lib/images/vm%201.img",
+        "iscsi": b"\x01iscsi://user%secret@[fe80::1]:3260/iqn.2026-01.org.example:disk/2",
+        "iscsi_plain": b"\x01iscsi://10.0.0.1/iqn.2003-01.org.linux-iscsi.x:sn/0",
+        "nfs": b"\x02nfs://server:2049/export/dir/disk.img?version=4",
+        "nfs_v6": b"\x02nfs://[::1]/srv/nfs/img.raw",
+        "aoe": b"\x03aoe://eth0/3.7",
+        "listen_v6": b"\x04[::1]:10809",
+        "listen_unix": b"\x04unix:/run/blockway/nbd.sock",
+        "listen_v4": b"\x04127.0.0.1:10809",
+        "metrics": b"\x05127.0.0.1:9110",
+    }
+
+
+def config():
+    with open(os.path.join(HERE, "..", "..", "packaging", "blockwayd.toml"), "rb") as f:
+        packaged = f.read()
+    full = b"""listen = ["127.0.0.1:10809", "unix:/run/blockway/nbd.sock"]
+default-export = "vm1"
+threads = 2
+max-inflight = "64M"
+handshake-timeout = 2.5
+log-level = "debug"
+[control]
+socket = "/run/blockway/control.sock"
+mode = "0660"
+[[export]]
+name = "vm1"
+uri = "file:///srv/vm1.img"
+read-only = true
+[[export]]
+name = "vm2"
+uri = "nbd://10.0.0.5/disk"
+cache = "/var/cache/blockway/vm2"
+mode = "writeback-local"
+[fuse]
+mountpoint = "/run/blockway/disks"
+mode = "0640"
+[metrics]
+listen = "127.0.0.1:9110"
+"""
+    return {
+        "packaged": b"\x00" + packaged,
+        "full": b"\x00" + full,
+        "bad_type": b"\x00listen = 5\n[[export]]\nname = 3\n",
+        "export_spec": b"\x01vm1=nbd://h/e,cache=/var/cache/blockway/c,mode=writeback,read-only=true",
+        "export_spec_qos": b"\x01d=file:///x.img,qos-iops=100,qos-bps=50M",
+        "fuse_spec": b"\x02/mnt/disks,mode=0640,allow-other=true,direct-io=false",
+    }
+
+
+def aoe_frame():
+    def header(flags, err, shelf, slot, cmd, tag):
+        return struct.pack(">BBHBBI", 0x10 | flags, err, shelf, slot, cmd, tag)
+    identify = bytearray(512)
+    struct.pack_into("<H", identify, 83 * 2, (1 << 10) | (1 << 12) | (1 << 13))
+    struct.pack_into("<Q", identify, 100 * 2, 1 << 21)
+    identify[27 * 2:27 * 2 + 8] = b"lbvaed  "
+    ata = struct.pack(">BBBB6sH", 0x40, 0, 1, 0x40, bytes(6), 0)
+    return {
+        "ata_read": header(8, 0, 3, 7, 0, 1) + ata + bytes(512),
+        "identify": header(8, 0, 3, 7, 0, 2) + struct.pack(">BBBB6sH", 0, 0, 1, 0x40, bytes(6), 0) + bytes(identify),
+        "config": header(8, 0, 3, 7, 1, 3) + struct.pack(">HHBBH", 16, 0x4019, 2, 0x10, 0),
+        "error": header(12, 2, 3, 7, 0, 4),
+        "short": header(8, 0, 3, 7, 0, 5)[:6],
+    }
+
+
+SEEDS = {"nbd_handshake": nbd_handshake, "nbd_transmission": nbd_transmission,
+         "control_protocol": control_protocol, "uri": uri, "config": config, "aoe_frame": aoe_frame}
 
 
 def write(name, seeds):
