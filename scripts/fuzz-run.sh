@@ -30,7 +30,7 @@ for name in "${harnesses[@]}"; do
     [[ -d $repo/tests/fuzz/regressions/$name ]] && regressions=("$repo/tests/fuzz/regressions/$name")
     log=$workdir/$name.log
     rc=0
-    # -rss_limit_mb: the bounded-memory invariant, checked per input.
+    # Invariant 6 (bounded memory): an allocation or a process above 1 GiB is a finding.
     "$bin" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=1024 -print_final_stats=1 \
         -artifact_prefix="$workdir/crashes/$name-" "${dict[@]}" \
         "$workdir/$name" "$repo/tests/fuzz/corpus/$name" "${regressions[@]}" >"$log" 2>&1 || rc=$?
