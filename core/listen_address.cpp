@@ -2,6 +2,7 @@
 
 #include "core/options.hpp"
 
+#include <cerrno>
 #include <charconv>
 
 namespace blockway::core {
@@ -43,6 +44,13 @@ std::string ListenAddress::to_string() const {
   if (kind == Kind::unix_socket) return "unix:" + path;
   if (host.find(':') != std::string::npos) return "[" + host + "]:" + std::to_string(port);
   return host + ":" + std::to_string(port);
+}
+
+std::string privileged_port_hint(uint16_t port, int err) {
+  if (err != EACCES || port == 0 || port >= 1024) return {};
+  return ". Ports below 1024 need CAP_NET_BIND_SERVICE (or root): run blockwayd as root, grant it with "
+         "AmbientCapabilities=CAP_NET_BIND_SERVICE in its systemd unit (see README, Running without root), "
+         "or listen on a port above 1023";
 }
 
 }  // namespace blockway::core

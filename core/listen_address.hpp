@@ -22,4 +22,9 @@ struct ListenAddress {
   [[nodiscard]] std::string to_string() const;
 };
 
+// What to add to the message of a bind() that failed with errno `err`: for a
+// port below 1024 refused with EACCES, the capability it needs
+// (CAP_NET_BIND_SERVICE) and how to grant it; empty otherwise.
+std::string privileged_port_hint(uint16_t port, int err);
+
 }  // namespace blockway::core

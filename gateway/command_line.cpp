@@ -63,8 +63,8 @@ const Flag kFlags[] = {
        l.config.shutdown_timeout = core::parse_seconds(v, "--shutdown-timeout");
      }},
     {"--data-dir", "DIR",
-     "where the catalogue and the demo image live (default /var/lib/blockway for root, else "
-     "~/.local/share/blockway)",
+     "where the catalogue and the demo image live (default $STATE_DIRECTORY under systemd, "
+     "/var/lib/blockway for root, else ~/.local/share/blockway)",
      [](CommandLine& l, const std::string& v) { l.config.data_dir = v; }},
     {"--fuse-mount", "DIR[,OPT=VAL...]",
      "also show every export as a file in DIR (FUSE); the options are listed below",
@@ -78,8 +78,8 @@ const Flag kFlags[] = {
      "text). Under systemd, lines carry their syslog priority for the journal",
      [](CommandLine& l, const std::string& v) { l.config.log_format = core::parse_log_format(v, "--log-format"); }},
     {"--control-socket", "PATH",
-     "the control socket used by the blockway command (default /run/blockway/control.sock for root; \"off\" "
-     "disables it)",
+     "the control socket used by the blockway command (default $RUNTIME_DIRECTORY/control.sock under "
+     "systemd, /run/blockway/control.sock for root; \"off\" disables it)",
      [](CommandLine& l, const std::string& v) {
        if (v.empty()) throw ConfigError("--control-socket needs a path (or off)");
        l.config.control_socket = v;

@@ -47,7 +47,7 @@ std::string MetricsServer::listen(const ListenAddress& address) {
   if (!ec) acceptor->set_option(asio::socket_base::reuse_address(true), ec);
   if (!ec) acceptor->bind(ep, ec);
   if (!ec) acceptor->listen(asio::socket_base::max_listen_connections, ec);
-  if (ec) throw std::runtime_error(where + ": " + ec.message());
+  if (ec) throw std::runtime_error(where + ": " + ec.message() + core::privileged_port_hint(address.port, ec.value()));
   const auto bound = acceptor->local_endpoint();
   port_ = bound.port();
   acceptor_.start(

@@ -90,8 +90,9 @@ std::vector<std::string> Server::listen(const core::ListenAddress& address) {
     if (!ec && ep.address().is_v6()) acceptor->set_option(asio::ip::v6_only(!address.host.empty()), ec);
     if (!ec) acceptor->bind(ep, ec);
     if (!ec) acceptor->listen(asio::socket_base::max_listen_connections, ec);
-    if (ec) throw std::runtime_error("cannot listen on " + address.to_string() + " (" + ep.address().to_string() +
-                                     "): " + ec.message());
+    if (ec)
+      throw std::runtime_error("cannot listen on " + address.to_string() + " (" + ep.address().to_string() +
+                               "): " + ec.message() + core::privileged_port_hint(address.port, ec.value()));
     const auto local = acceptor->local_endpoint();
     bound.push_back((local.address().is_v6() ? "[" + local.address().to_string() + "]"
                                              : local.address().to_string()) +

@@ -14,6 +14,7 @@ TEST_PKGS=(
   tgt libiscsi-bin nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils vblade qemu-block-extra
   fuse3 iproute2 e2fsprogs util-linux sqlite3 tmux strace
   rpm prometheus python3-matplotlib gnutls-bin
+  clang libclang-rt-14-dev systemd
 )
 
 want=("${BUILD_PKGS[@]}")

@@ -27,6 +27,8 @@ from harness import BLOCKWAYD, Daemon, DaemonTestCase, free_port, make_random_im
 BUILD_DIR = os.path.dirname(os.path.abspath(BLOCKWAYD))
 UNIT_DEB = "/lib/systemd/system/blockwayd.service"
 UNIT_RPM = "/usr/lib/systemd/system/blockwayd.service"
+DROPINS = tuple("/usr/share/doc/blockway/examples/blockwayd.service.d/" + n
+                for n in ("aoe.conf", "fuse.conf", "images.conf", "low-port.conf"))
 
 
 def run(cmd, **kw):
@@ -118,7 +120,8 @@ class DebianPackage(DaemonTestCase):
                      UNIT_DEB, "/usr/share/doc/blockway/README.md",
                      "/usr/share/bash-completion/completions/blockway",
                      "/lib/systemd/system/blockwayd.socket", "/usr/share/man/man8/blockwayd.8.gz",
-                     "/usr/share/man/man5/blockwayd.toml.5.gz", "/usr/share/man/man1/blockway.1.gz"):
+                     "/usr/share/man/man5/blockwayd.toml.5.gz", "/usr/share/man/man1/blockway.1.gz",
+                     "/usr/lib/sysusers.d/blockway.conf", "/usr/lib/tmpfiles.d/blockway.conf") + DROPINS:
             self.assertIn(path, files)
         self.assertNotIn(UNIT_RPM, files, "the .deb's unit belongs in /lib (DEP17)")
         for script in ("postinst", "prerm", "postrm"):
@@ -129,6 +132,29 @@ class DebianPackage(DaemonTestCase):
         # Purge must not delete caches: they may hold data the remote lacks.
         postrm = run(["dpkg-deb", "-I", self.deb, "postrm"]).stdout
         self.assertNotIn("rm -rf", postrm)
+        # The unprivileged user the unit runs as, and its directories.
+        postinst = run(["dpkg-deb", "-I", self.deb, "postinst"]).stdout
+        self.assertIn("adduser --system --group --home /var/lib/blockway", postinst)
+        self.assertIn("install -d -m 0750 -o blockway -g blockway /var/lib/blockway /var/cache/blockway", postinst)
+
+    def test_packaged_unit_runs_unprivileged_in_a_sandbox(self):
+        """The installed unit (test_least_privilege.py checks the source's in
+        depth): the blockway user, no capability, exposure within the bound."""
+        root = self.path("root")
+        run(["dpkg-deb", "-x", self.deb, root])
+        with open(root + UNIT_DEB) as f:
+            unit = f.read()
+        lines = unit.splitlines()
+        for line in ("User=blockway", "CapabilityBoundingSet=", "AmbientCapabilities=", "NoNewPrivileges=yes",
+                     "ProtectSystem=strict", "PrivateTmp=yes"):
+            self.assertIn(line, lines)
+        r = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager", root + UNIT_DEB],
+                           capture_output=True, text=True, timeout=60)
+        m = re.search(r"Overall exposure level for blockwayd.service: (\d+\.\d+)", r.stdout)
+        if m:
+            self.assertLessEqual(float(m.group(1)), 2.0, r.stdout)
+        with open(os.path.join(root, "usr/lib/sysusers.d/blockway.conf")) as f:
+            self.assertRegex(f.read(), r"(?m)^u blockway - .* /var/lib/blockway /usr/sbin/nologin$")
 
     def test_unit_points_at_the_installed_paths(self):
         root = self.path("root")
@@ -277,7 +303,10 @@ class RpmPackage(DaemonTestCase):
             self.assertEqual(subprocess.run(["sh", "-n"], input=body, text=True).returncode, 0,
                              "%s is not valid sh" % name)
             self.assertNotIn("rm -rf", body, "caches must survive an erase")
-        self.assertIn("install -d -m 0750 /var/lib/blockway", parts["postinstall"])
+        self.assertIn("install -d -m 0750 -o blockway -g blockway /var/lib/blockway", parts["postinstall"])
+        # The blockway user: from the sysusers.d file, else useradd.
+        self.assertIn("systemd-sysusers /usr/lib/sysusers.d/blockway.conf", parts["postinstall"])
+        self.assertRegex(parts["postinstall"], r"useradd -r -g blockway -d /var/lib/blockway .*blockway")
         # The daemon is stopped on an erase ($1 = 0) only, never on an upgrade.
         self.assertRegex(parts["preuninstall"], r'if \[ "\$1" -eq 0 \].*\n.*--now blockwayd\.socket blockwayd\.service')
 
@@ -289,7 +318,8 @@ class RpmPackage(DaemonTestCase):
         expected_modes = {"/usr/sbin/blockwayd": 0o755, "/usr/bin/blockway": 0o755,
                           "/etc/blockway/blockwayd.toml": 0o644, UNIT_RPM: 0o644,
                           "/usr/share/doc/blockway/README.md": 0o644,
-                          "/usr/share/bash-completion/completions/blockway": 0o644}
+                          "/usr/share/bash-completion/completions/blockway": 0o644,
+                          "/usr/lib/sysusers.d/blockway.conf": 0o644, "/usr/lib/tmpfiles.d/blockway.conf": 0o644}
         for path, mode in expected_modes.items():
             st = os.stat(root + path)
             self.assertEqual(st.st_mode & 0o7777, mode, path)

@@ -7,6 +7,8 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <cerrno>
+
 #include <string>
 
 namespace blockway::core {
@@ -71,6 +73,18 @@ TEST(ListenAddress, Errors) {
     EXPECT_THAT(msg, HasSubstr(expect)) << "input '" << text << "'";
     EXPECT_THAT(msg, HasSubstr(text)) << "the message quotes the address";
   }
+}
+
+TEST(PrivilegedPortHint, NamesTheCapabilityForALowPortRefused) {
+  const auto hint = privileged_port_hint(80, EACCES);
+  EXPECT_NE(hint.find("CAP_NET_BIND_SERVICE"), std::string::npos);
+  EXPECT_NE(hint.find("AmbientCapabilities=CAP_NET_BIND_SERVICE"), std::string::npos);
+}
+
+TEST(PrivilegedPortHint, SilentOtherwise) {
+  EXPECT_EQ(privileged_port_hint(10809, EACCES), "");  // not a privileged port
+  EXPECT_EQ(privileged_port_hint(80, EADDRINUSE), "");  // another cause
+  EXPECT_EQ(privileged_port_hint(0, EACCES), "");       // any port
 }
 
 }  // namespace
