@@ -8,12 +8,14 @@ BUILD_PKGS=(
   libboost1.81-dev libspdlog-dev libfmt-dev libsqlite3-dev libtomlplusplus-dev
   libgtest-dev libgmock-dev libnbd-dev libiscsi-dev libnfs-dev libfuse3-dev
   nlohmann-json3-dev scdoc
+  librbd-dev librados-dev
 )
 TEST_PKGS=(
   nbdkit qemu-utils fio libnbd-bin python3 python3-libnbd jq
   tgt libiscsi-bin nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils vblade qemu-block-extra
   fuse3 iproute2 e2fsprogs util-linux sqlite3 tmux strace
   rpm prometheus python3-matplotlib
+  ceph-mon ceph-osd ceph-mgr ceph-common
 )
 
 want=("${BUILD_PKGS[@]}")
