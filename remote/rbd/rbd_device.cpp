@@ -117,7 +117,9 @@ void RbdDevice::connect_and_open(bool read_only) {
   if (r < 0) {
     image_ = nullptr;
     if (r == -ENOENT && snap) fail("the image or its snapshot '" + target_.snap + "' does not exist");
-    if (r == -ENOENT) fail("the image does not exist in the pool" + std::string(target_.ns.empty() ? "" : "/namespace"));
+    if (r == -ENOENT)
+      fail("there is no image '" + target_.image + "' in pool '" + target_.pool + "'" +
+           (target_.ns.empty() ? std::string() : " namespace '" + target_.ns + "'"));
     if (r == -EPERM || r == -EACCES) fail(user + " may not open the image (" + errno_text(r) + "): check its caps");
     fail("cannot open the image: " + errno_text(r));
   }
