@@ -298,8 +298,7 @@ class RbdBackend(Backend):
         else:
             self.image = self.make_image(self.test.path("rbd-src.img"), size, seed)
             c.rbd("import", self.image, "rbd/" + self.name)
-        self.peer = c.osd
-        self.test.addCleanup(c.rbd, "rm", "--no-progress", "rbd/" + self.name, check=False)
+        self.peer = c.osd  # (images stay until the cluster goes: see test_rbd.py)
         self.test.addCleanup(self._osd_back)
         return self
 
