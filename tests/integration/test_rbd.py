@@ -228,6 +228,33 @@ class ClusterRestartTest(RbdTestCase):
             self.assertEqual(img[off:off + len(data)], data, "flushed data at %d lost" % off)
 
 
+class CacheTest(RbdTestCase):
+    def test_prefetch_reads_whole_objects_then_serves_from_the_cache(self):
+        """A cached export over rbd prefetches the image in whole objects
+        (the preferred block); then every read is a cache hit: what librbd
+        inside blockwayd read says so."""
+        size = 32 * MiB
+        name = "t%d" % next(_names)
+        src = harness.make_random_image(self.path("src.img"), size, seed=3)
+        CLUSTER.rbd("import", "--no-progress", src, "rbd/" + name)
+        cache = self.path("cache")
+        daemon = self.start_daemon(["--log-level", "info", "--listen", "unix:" + self.path("bw.sock"),
+                                    "--data-dir", self.path("data"), "--export",
+                                    "r=%s,cache=%s,prefetch=sequential" % (CLUSTER.uri(name), cache)])
+        self.sock = self.path("bw.sock")
+        harness.wait_until(lambda: "prefetch done" in daemon.log(), 60, interval=0.1, what="prefetch done")
+
+        def librbd():
+            dump = CLUSTER.asok(daemon.pid, "client.admin", "perf", "dump")
+            return [v for k, v in dump.items() if k.startswith("librbd-")][0]
+        counters = librbd()
+        self.assertEqual(counters["rd_bytes"], size)
+        self.assertEqual(counters["rd"], size // (4 * MiB), "prefetch reads are not whole objects: %r" % counters)
+        h = self.client()
+        self.assertEqual(h.pread(size, 0), harness.read_file(src, 0, size))
+        self.assertEqual(librbd()["rd"], counters["rd"], "a read of a prefetched image went to the cluster")
+
+
 class StartupErrorTest(RbdTestCase):
     """Malformed URIs and a cluster that is not there: test_conformance.py."""
 
