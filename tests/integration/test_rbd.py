@@ -227,6 +227,30 @@ class ClusterRestartTest(RbdTestCase):
         for off, data in dict(writer.durable).items():
             self.assertEqual(img[off:off + len(data)], data, "flushed data at %d lost" % off)
 
+    def test_cluster_stopped_past_retry_timeout_gives_eio_then_recovers(self):
+        """Mon and OSD both gone: requests fail with EIO after retry-timeout
+        (librbd's own waits bounded by io-timeout), and the export works
+        again once the cluster is back, with no restart of the gateway."""
+        name = self.image(8 * MiB)
+        daemon = self.serve(CLUSTER.uri(name), "retry-timeout=3,io-timeout=1")
+        h = self.client()
+        h.pwrite(b"a" * 4096, 0)
+        h.flush()
+        CLUSTER.osd.kill()
+        CLUSTER.mon.kill()
+        try:
+            self.assert_requests_fail_with_eio_in_time(h, retry_timeout=3, slack=5.0, flush=False)
+            self.assertTrue(daemon.running())
+        finally:
+            CLUSTER.mon.start()
+            CLUSTER.osd.start()
+        self.assertEqual(h.pread(4096, 0), b"a" * 4096)
+        h.pwrite(b"b" * 4096, 4096)
+        h.flush()
+        self.assertEqual(self.export(name)[:8192], b"a" * 4096 + b"b" * 4096)
+        # Each wait for the mons was bounded by io-timeout.
+        self.assertIn("reconnect failed: Connection timed out", daemon.log())
+
 
 class CacheTest(RbdTestCase):
     def test_prefetch_reads_whole_objects_then_serves_from_the_cache(self):
