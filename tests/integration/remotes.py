@@ -686,9 +686,12 @@ class CephDaemon(PeerProcess):
     def start(self, timeout=60.0):
         self._spawn(["ceph-%s" % self.kind, "-f", "-c", self.cluster.conf, "-i", self.ident])
         if self.kind == "osd":
-            # The mon still counts a killed OSD as up: ask the new one itself.
+            # The mon still counts a killed OSD as up: ask the new one itself,
+            # then wait until its placement groups serve I/O again.
             self._wait_ready(lambda: self.cluster.daemon_state(self.proc.pid, "osd.0") == "active",
                              timeout, "ceph-osd", interval=0.1)
+            if self.cluster.pool_ready:
+                self._wait_ready(self.cluster.pgs_active, timeout, "the OSD's placement groups", interval=0.1)
         return self
 
     def kill(self, sig=signal.SIGKILL):
@@ -710,6 +713,7 @@ class CephCluster:
         self.port = harness.free_port()
         self.mon = CephDaemon(self, "mon", "a")
         self.osd = CephDaemon(self, "osd", "0")
+        self.pool_ready = False
 
     def _write_conf(self, fsid):
         d = self.dir
@@ -792,6 +796,7 @@ bluestore cache size = 128M
         self.ceph("osd", "pool", "create", "rbd", "8", "8")
         self.wait_osd_up(timeout)
         self.rbd("pool", "init", "rbd")
+        self.pool_ready = True
         return self
 
     def admin_socket(self, pid, name):
@@ -810,6 +815,12 @@ bluestore cache size = 128M
     def daemon_state(self, pid, name):
         status = self.asok(pid, name, "status")
         return status.get("state") if status else None
+
+    def pgs_active(self):
+        """Every placement group of pool rbd serves I/O again: listing the
+        pool visits each (without a mgr, `ceph pg stat` would hang)."""
+        return self.tool("rados", "--rados-osd-op-timeout", "2", "-p", "rbd", "ls", timeout=10,
+                         check=False).returncode == 0
 
     def osd_up(self):
         p = self.ceph("osd", "stat", "-f", "json", timeout=10, check=False)
