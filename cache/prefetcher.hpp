@@ -7,7 +7,8 @@
 //   - order: sequential, or hot-first (the chunks clients read first in
 //     earlier sessions, newest session first, then the rest sequentially);
 //   - merging: neighbouring absent chunks go to the remote as one read of up
-//     to kRunBytes (kBusyRunBytes while clients are active);
+//     to kRunBytes or the remote's preferred block, whichever is larger (an
+//     RBD object; kBusyRunBytes while clients are active);
 //   - yielding: up to kMaxInFlight runs in flight when the export is idle,
 //     one small run while client requests are in progress or just ended;
 //   - an optional rate limit (token bucket, bytes/s), pause/resume;

@@ -5,6 +5,7 @@
 #include "remote/iscsi/iscsi_backend.hpp"
 #include "remote/nbd/nbd_backend.hpp"
 #include "remote/nfs/nfs_backend.hpp"
+#include "remote/rbd/rbd_backend.hpp"
 
 #include <algorithm>
 #include <cctype>
@@ -15,7 +16,7 @@ namespace blockway::remote {
 // (see docs/adding-a-backend.md).
 const std::vector<Backend>& backends() {
   static const std::vector<Backend> table{file::kBackend, nbd::kBackend, iscsi::kBackend, nfs::kBackend,
-                                          aoe::kBackend};
+                                          aoe::kBackend, rbd::kBackend};
   return table;
 }
 

@@ -8,6 +8,7 @@ BUILD_PKGS=(
   libboost1.81-dev libspdlog-dev libfmt-dev libsqlite3-dev libtomlplusplus-dev
   libgtest-dev libgmock-dev libnbd-dev libiscsi-dev libnfs-dev libfuse3-dev
   nlohmann-json3-dev scdoc libgnutls28-dev
+  librbd-dev librados-dev
 )
 TEST_PKGS=(
   nbdkit qemu-utils fio libnbd-bin python3 python3-libnbd jq
@@ -15,6 +16,7 @@ TEST_PKGS=(
   fuse3 iproute2 e2fsprogs util-linux sqlite3 tmux strace
   rpm prometheus python3-matplotlib gnutls-bin
   clang libclang-rt-14-dev systemd
+  ceph-mon ceph-osd ceph-mgr ceph-common
 )
 
 want=("${BUILD_PKGS[@]}")

@@ -1,6 +1,7 @@
 """The peer servers blockwayd talks to in the integration tests, one class
 each: nbdkit (NBD), tgt (iSCSI), nfs-ganesha with rpcbind (NFS; on the host
-or in a private network namespace), vblade in a network namespace (AoE).
+or in a private network namespace), vblade in a network namespace (AoE), a
+one-node Ceph cluster on loopback (RBD).
 
 Every peer is a PeerProcess:
   start()            starts it and waits (bounded) until it answers
@@ -16,14 +17,17 @@ close() first. Names and ports are per test, so tests run in parallel.
 
 import functools
 import itertools
+import json
 import os
 import random
 import re
 import select
+import shutil
 import signal
 import socket
 import subprocess
 import time
+import uuid
 
 import harness
 
@@ -646,3 +650,202 @@ class Vblade(PeerProcess):
     def flush_observer(self):
         """The ATA flush frames blockwayd sends (vblade logs nothing)."""
         return AoeFlushSniffer(self.net.host_if)
+
+
+# ---- Ceph: a one-mon, one-OSD cluster on loopback, with cephx -----------------------
+
+class RbdFlushes(FlushObserver):
+    """The flushes librbd inside a client process (blockwayd) sent to the
+    cluster: the `flush` perf counter of its images, read on the client's
+    admin socket (the cluster's ceph.conf gives every client one)."""
+
+    def __init__(self, cluster, pid, user="admin"):
+        self.cluster = cluster
+        self.pid = pid
+        self.name = "client." + user
+        self.last = self._count()
+
+    def _count(self):
+        dump = self.cluster.asok(self.pid, self.name, "perf", "dump")
+        if dump is None:
+            raise AssertionError("no admin socket answers for pid %d" % self.pid)
+        return sum(v.get("flush", 0) for k, v in dump.items() if k.startswith("librbd-"))
+
+    def mark(self):
+        now = self._count()
+        seen, self.last = now - self.last, now
+        return seen
+
+
+class CephDaemon(PeerProcess):
+    """One Ceph daemon in the foreground (-f): its Popen pid is the daemon's."""
+
+    def __init__(self, cluster, kind, ident):
+        self.cluster = cluster
+        self.kind = kind
+        self.ident = ident
+        self.log_path = os.path.join(cluster.dir, "%s.%s.out" % (kind, ident))
+
+    def start(self, timeout=60.0):
+        self._spawn(["ceph-%s" % self.kind, "-f", "-c", self.cluster.conf, "-i", self.ident])
+        if self.kind == "osd":
+            # The mon still counts a killed OSD as up: ask the new one itself,
+            # then wait until its placement groups serve I/O again.
+            self._wait_ready(lambda: self.cluster.daemon_state(self.proc.pid, "osd.0") == "active",
+                             timeout, "ceph-osd", interval=0.1)
+            if self.cluster.pool_ready:
+                self._wait_ready(self.cluster.pgs_active, timeout, "the OSD's placement groups", interval=0.1)
+        return self
+
+    def kill(self, sig=signal.SIGKILL):
+        # Wait on the pid itself: a killed daemon lingers as a zombie ~2 s.
+        super().kill(sig)
+
+
+class CephCluster:
+    """A Ceph cluster of one mon, one mgr-less OSD (bluestore on a sparse file)
+    and the pool `rbd`, everything under workdir/ceph on 127.0.0.1 with a mon
+    port of its own (so modules can run in parallel), cephx on. One per test
+    module: start() takes about 3-5 s. `conf` and `keyring` (client.admin)
+    are what rbd:// URIs name; rbd(...) and ceph(...) run the tools."""
+
+    def __init__(self, workdir):
+        self.dir = os.path.join(workdir, "ceph")
+        self.conf = os.path.join(self.dir, "ceph.conf")
+        self.keyring = os.path.join(self.dir, "client.admin", "keyring")
+        self.port = harness.free_port()
+        self.mon = CephDaemon(self, "mon", "a")
+        self.osd = CephDaemon(self, "osd", "0")
+        self.pool_ready = False
+
+    def _write_conf(self, fsid):
+        d = self.dir
+        with open(self.conf, "w") as f:
+            f.write("""[global]
+fsid = %(fsid)s
+mon host = [v2:127.0.0.1:%(port)d]
+mon initial members = a
+public addr = 127.0.0.1
+cluster addr = 127.0.0.1
+public network = 127.0.0.0/8
+ms bind ipv6 = false
+auth cluster required = cephx
+auth service required = cephx
+auth client required = cephx
+keyring = %(d)s/$name/keyring
+mon data = %(d)s/mon.$id
+osd data = %(d)s/$name
+run dir = %(d)s/run
+admin socket = %(d)s/run/$name.$pid.asok
+pid file = %(d)s/run/$name.pid
+log file = %(d)s/log/$name.log
+osd pool default size = 1
+osd pool default min size = 1
+osd crush chooseleaf type = 0
+mon allow pool size one = true
+mon allow pool delete = true
+mon warn on pool no redundancy = false
+mon data avail warn = 1
+osd pool default pg autoscale mode = off
+osd pool default pg num = 8
+paxos propose interval = 0.1
+[osd]
+osd objectstore = bluestore
+bluestore block size = 4G
+bluestore block create = true
+bluestore fsck on mkfs = false
+bdev aio poll ms = 10
+osd memory target = 1G
+bluestore cache size = 128M
+""" % {"fsid": fsid, "port": self.port, "d": d})
+
+    def tool(self, name, *args, timeout=60, check=True):
+        return harness.run([name, "-c", self.conf] + list(args), timeout=timeout, check=check)
+
+    def ceph(self, *args, timeout=60, check=True):
+        return self.tool("ceph", *args, timeout=timeout, check=check)
+
+    def rbd(self, *args, timeout=120, check=True):
+        return self.tool("rbd", *args, timeout=timeout, check=check)
+
+    def start(self, timeout=60.0):
+        d = self.dir
+        for sub in ("run", "log", "client.admin", "osd.0"):
+            os.makedirs(os.path.join(d, sub), exist_ok=True)
+        fsid = str(uuid.uuid4())
+        self._write_conf(fsid)
+        # Keyrings live outside mon.a: ceph-mon --mkfs does nothing on a non-empty dir.
+        harness.run(["ceph-authtool", "--create-keyring", d + "/mon.keyring", "--gen-key", "-n", "mon.",
+                     "--cap", "mon", "allow *"])
+        harness.run(["ceph-authtool", "--create-keyring", self.keyring, "--gen-key", "-n", "client.admin",
+                     "--cap", "mon", "allow *", "--cap", "osd", "allow *", "--cap", "mgr", "allow *",
+                     "--cap", "mds", "allow *"])
+        harness.run(["ceph-authtool", d + "/mon.keyring", "--import-keyring", self.keyring])
+        harness.run(["monmaptool", "--create", "--fsid", fsid, "--addv", "a",
+                     "[v2:127.0.0.1:%d]" % self.port, d + "/monmap"])
+        harness.run(["ceph-mon", "-c", self.conf, "--mkfs", "-i", "a", "--monmap", d + "/monmap",
+                     "--keyring", d + "/mon.keyring"])
+        self.mon.start()
+        secret = harness.run(["ceph-authtool", "--gen-print-key"]).stdout.decode().strip()
+        with open(d + "/osd.json", "w") as f:
+            json.dump({"cephx_secret": secret}, f)
+        osd_uuid = str(uuid.uuid4())
+        self.ceph("osd", "new", osd_uuid, "-i", d + "/osd.json", timeout=timeout)
+        harness.run(["ceph-authtool", "--create-keyring", d + "/osd.0/keyring", "--name", "osd.0",
+                     "--add-key", secret])
+        harness.run(["ceph-osd", "-c", self.conf, "-i", "0", "--mkfs", "--osd-uuid", osd_uuid,
+                     "--osd-objectstore", "bluestore"], timeout=timeout)
+        self.osd.start()
+        self.ceph("osd", "pool", "create", "rbd", "8", "8")
+        self.wait_osd_up(timeout)
+        self.rbd("pool", "init", "rbd")
+        self.pool_ready = True
+        return self
+
+    def admin_socket(self, pid, name):
+        return os.path.join(self.dir, "run", "%s.%d.asok" % (name, pid))
+
+    def asok(self, pid, name, *command, timeout=10):
+        """A command on the admin socket of process `pid` (`name`: osd.0,
+        client.admin...) as JSON, or None when it does not answer."""
+        path = self.admin_socket(pid, name)
+        if not os.path.exists(path):
+            return None
+        p = subprocess.run(["ceph", "--admin-daemon", path] + list(command), capture_output=True,
+                           timeout=timeout)
+        return json.loads(p.stdout) if p.returncode == 0 else None
+
+    def daemon_state(self, pid, name):
+        status = self.asok(pid, name, "status")
+        return status.get("state") if status else None
+
+    def pgs_active(self):
+        """Every placement group of pool rbd serves I/O again: listing the
+        pool visits each (without a mgr, `ceph pg stat` would hang)."""
+        return self.tool("rados", "--rados-osd-op-timeout", "2", "-p", "rbd", "ls", timeout=10,
+                         check=False).returncode == 0
+
+    def osd_up(self):
+        p = self.ceph("osd", "stat", "-f", "json", timeout=10, check=False)
+        return p.returncode == 0 and json.loads(p.stdout).get("num_up_osds") == 1
+
+    def wait_osd_up(self, timeout=60.0):
+        harness.wait_until(self.osd_up, timeout, interval=0.1, what="the OSD is up")
+
+    def create_image(self, name, size, *extra):
+        self.rbd("create", "--size", str(size) + "B", "rbd/" + name, *extra)
+        return name
+
+    def uri(self, image, user="", extra=""):
+        u = "rbd://%srbd/%s?conf=%s&keyring=%s" % (user + "@" if user else "", image, self.conf, self.keyring)
+        return u + ("&" + extra if extra else "")
+
+    def image_path(self, image):
+        """What qemu and rbd take for the image."""
+        return "rbd:rbd/%s:conf=%s:keyring=%s" % (image, self.conf, self.keyring)
+
+    def close(self):
+        # The OSD first, then the mon; each by its own pid.
+        self.osd.kill()
+        self.mon.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)

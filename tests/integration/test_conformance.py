@@ -26,7 +26,9 @@ network namespace of their own (no lock on port 2049).
 
 import errno
 import os
+import shutil
 import sys
+import tempfile
 import threading
 import time
 import unittest
@@ -55,6 +57,7 @@ class Backend:
     hung_log = r"no (?:reply|answer) within 1000 ms"  # what blockwayd logs for a hung peer
     reconnect_log = "reconnected"  # logged when a session comes back (None: not required)
     bad_uris = ()            # (URI, needle...): refused without a peer
+    idle_flush_asks_peer = True  # a flush with nothing unflushed still goes to the peer
 
     peer = None
     image = None
@@ -86,6 +89,11 @@ class Backend:
 
     def flush_observer(self, daemon):
         return self.peer.flush_observer()
+
+    def contents(self):
+        """A local file that holds what the peer holds now (the peer's own
+        file where it has one)."""
+        return self.image
 
 
 class FileBackend(Backend):
@@ -241,6 +249,85 @@ class AoeBackend(Backend):
                 % (remotes.AOE_SHELF, remotes.AOE_SLOT, net.host_if))
 
 
+class RbdBackend(Backend):
+    """An image in a one-node Ceph cluster (remotes.CephCluster), one cluster
+    for the whole class (started by the first case, removed after the
+    last); each case gets an image of its own. The peer that is killed,
+    restarted and frozen is the OSD; librbd rides through a short outage
+    itself (no reconnect), rados_osd_op_timeout (io-timeout) bounds a long one."""
+
+    tools = ("ceph-mon", "ceph-osd", "rbd", "monmaptool", "ceph-authtool")
+    ready_timeout = 60.0
+    eio_options = "retry-timeout=3,io-timeout=1"
+    eio_slack = 5.0
+    hung_log = r"failed: Connection timed out; reconnecting"
+    reconnect_log = None
+    # librbd answers a flush with nothing in flight itself: with its cache
+    # off, every write it acknowledged is already on the OSDs.
+    idle_flush_asks_peer = False
+    bad_uris = (
+        ("rbd://rbd", "names no image (POOL/IMAGE)"),
+        ("rbd://rbd/ns/img/x", "too many path components"),
+        ("rbd://client.admin@rbd/img", "give the ID without 'client.'"),
+        ("rbd://rbd/img?conf=ceph.conf", "needs an absolute path for conf="),
+        ("rbd://rbd/img?exclusive=maybe", "exclusive='maybe' (expected on, off or break)"),
+        ("rbd://rbd/img@snap?exclusive=on", "exclusive lock on a snapshot"),
+    )
+    cluster = None
+    _images = 0
+
+    @classmethod
+    def _close_cluster(cls):
+        if cls.cluster is not None:
+            cls.cluster.close()
+            shutil.rmtree(os.path.dirname(cls.cluster.dir), ignore_errors=True)
+            cls.cluster = None
+
+    def start(self, size, seed=None, sync=False):
+        cls = type(self)
+        if cls.cluster is None:
+            cluster = remotes.CephCluster(tempfile.mkdtemp(prefix="bw-ceph-", dir="/tmp"))
+            cls.cluster = cluster
+            type(self.test).addClassCleanup(cls._close_cluster)
+            cluster.start()
+        c = cls.cluster
+        cls._images += 1
+        self.name = "img%d" % cls._images
+        if seed is None:
+            c.create_image(self.name, size)
+        else:
+            self.image = self.make_image(self.test.path("rbd-src.img"), size, seed)
+            c.rbd("import", self.image, "rbd/" + self.name)
+        self.peer = c.osd  # (images stay until the cluster goes: see test_rbd.py)
+        self.test.addCleanup(self._osd_back)
+        return self
+
+    def _osd_back(self):
+        """A case that failed half-way must not leave the OSD dead."""
+        if not self.peer.running():
+            self.peer.start()
+
+    def uri(self):
+        return self.cluster.uri(self.name)
+
+    def contents(self):
+        out = self.test.path("rbd-export-%d.img" % time.monotonic_ns())
+        self.cluster.rbd("export", "--no-progress", "rbd/" + self.name, out)
+        return out
+
+    def flush_observer(self, daemon):
+        return remotes.RbdFlushes(self.cluster, daemon.pid)
+
+    def unreachable(self):
+        conf = self.test.path("nomon.conf")
+        with open(conf, "w") as f:
+            f.write("[global]\nmon host = [v2:127.0.0.1:%d]\nauth client required = cephx\n" % harness.free_port())
+        keyring = self.test.path("client.keyring")
+        harness.run(["ceph-authtool", "--create-keyring", keyring, "--gen-key", "-n", "client.admin"])
+        return ("rbd://rbd/img?conf=%s&keyring=%s,io-timeout=2" % (conf, keyring),
+                "no answer from the mons within 2 s")
+
+
 class ConformanceCases:
     """The cases; a subclass mixes in harness.DaemonTestCase and names its
     BACKEND. Not a TestCase itself, so it never runs without a backend."""
@@ -281,7 +368,7 @@ class ConformanceCases:
         uri = self.unix_uri("r")
         p = harness.run(["nbdcopy", "--flush", src, uri], timeout=300, check=False)
         self.assertEqual(p.returncode, 0, p.stderr.decode(errors="replace") + daemon.log())
-        harness.run(["cmp", src, b.image], timeout=120)  # the peer's file
+        harness.run(["cmp", src, b.contents()], timeout=120)  # the peer's file
         out = self.path("out.img")
         harness.run(["nbdcopy", uri, out], timeout=300)
         harness.run(["cmp", src, out], timeout=120)
@@ -317,9 +404,10 @@ class ConformanceCases:
         self.assertEqual(after_write, 0, "a plain write made the peer sync")
         self.assertGreater(after_flush, 0, "FLUSH did not reach the peer")
         self.assertGreater(after_fua, 0, "a FUA write did not reach the peer as FUA or with a flush")
-        self.assertEqual(harness.read_direct(b.image, 2 * MiB, self.BLOCK), flushed)
-        self.assertEqual(harness.read_direct(b.image, 3 * MiB, 4096), fua)
-        self.assertEqual(harness.read_direct(b.image, 1 * MiB, self.BLOCK), plain)
+        img = b.contents()
+        self.assertEqual(harness.read_direct(img, 2 * MiB, self.BLOCK), flushed)
+        self.assertEqual(harness.read_direct(img, 3 * MiB, 4096), fua)
+        self.assertEqual(harness.read_direct(img, 1 * MiB, self.BLOCK), plain)
 
     # ---- the peer goes away ----
 
@@ -380,8 +468,9 @@ class ConformanceCases:
             self.assertEqual((kind, err), ("flush", errno.EIO), writer.errors)
         self.assertLessEqual(len(writer.errors), 3, writer.errors)
         latest = dict(writer.durable)  # the last flushed contents of each block
+        img = b.contents()
         for off, data in list(base.items()) + list(latest.items()):
-            self.assertEqual(harness.read_file(b.image, off, len(data)), data, "flushed data at %d lost" % off)
+            self.assertEqual(harness.read_file(img, off, len(data)), data, "flushed data at %d lost" % off)
         if b.reconnect_log:
             self.assertIn(b.reconnect_log, daemon.log())
         daemon.stop(timeout=60)
@@ -391,15 +480,16 @@ class ConformanceCases:
         b = self.backend.start(16 * MiB, seed=5)
         daemon = self.serve_backend(b.eio_options)
         h = self.client()
-        self.assertEqual(h.pread(4096, 0), harness.read_file(b.image, 0, 4096))
+        img = b.contents()
+        self.assertEqual(h.pread(4096, 0), harness.read_file(img, 0, 4096))
         b.peer.kill()
-        self.assert_requests_fail_with_eio_in_time(h, retry_timeout=3, slack=b.eio_slack)
+        self.assert_requests_fail_with_eio_in_time(h, retry_timeout=3, slack=b.eio_slack, flush=b.idle_flush_asks_peer)
         self.assertTrue(daemon.running())
         b.peer.start()
-        self.assertEqual(h.pread(4096, 4096), harness.read_file(b.image, 4096, 4096))
+        self.assertEqual(h.pread(4096, 4096), harness.read_file(img, 4096, 4096))
         h.pwrite(b"\x5e" * 4096, 8192)
         h.flush()
-        self.assertEqual(harness.read_file(b.image, 8192, 4096), b"\x5e" * 4096)
+        self.assertEqual(harness.read_file(b.contents(), 8192, 4096), b"\x5e" * 4096)
         daemon.stop(timeout=60)
 
     def test_hung_peer_hits_io_timeout_then_recovers(self):
@@ -407,7 +497,8 @@ class ConformanceCases:
         b = self.backend.start(16 * MiB, seed=6)
         daemon = self.serve_backend("io-timeout=1,retry-timeout=2")
         h = self.client()
-        self.assertEqual(h.pread(4096, 0), harness.read_file(b.image, 0, 4096))
+        img = b.contents()
+        self.assertEqual(h.pread(4096, 0), harness.read_file(img, 0, 4096))
         with b.peer.frozen():  # the peer stops answering, its sockets stay open
             start = time.monotonic()
             with self.assertRaises(nbd.Error) as cm:
@@ -420,7 +511,7 @@ class ConformanceCases:
 
         def reads_ok():
             try:
-                return h.pread(4096, 8192) == harness.read_file(b.image, 8192, 4096)
+                return h.pread(4096, 8192) == harness.read_file(img, 8192, 4096)
             except nbd.Error:
                 return False
         harness.wait_until(reads_ok, 20, interval=0.2, what="reads after SIGCONT")

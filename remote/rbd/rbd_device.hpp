@@ -1,0 +1,116 @@
+// RbdDevice: an image (or a snapshot of one) in a Ceph cluster, through
+// librbd.
+//
+// Start-up (blocking, on the calling thread): librados reads the conf, takes
+// the keyring, connects to the mons (bounded by io-timeout through
+// client_mount_timeout), opens the pool's I/O context and the image; a
+// writable image takes its exclusive lock (exclusive=on|break, see
+// rbd_uri.hpp). Every failure there is a BackendError that names the URI and
+// says what the cluster said, so a wrong pool, image, key or conf stops the
+// daemon with exit status 2. A key that may only read (EPERM on a read-write
+// open) is served read-only, with a warning.
+//
+// Data path: librbd's asynchronous API only (rbd_aio_read/write/flush/
+// discard/write_zeroes). Each request allocates one librbd completion whose
+// callback, on a librbd thread, posts the result to the executor of the
+// coroutine that issued it: no thread waits per request, no lock is taken
+// beyond the post. librbd is thread-safe, so every event loop submits
+// directly; there is one rados client and one image handle per device.
+// librbd's own cache is off (rbd_cache=false): a write librbd acknowledges is
+// on the OSDs, and a flush is still passed down (it is cheap then) so that
+// FLUSH reaches the cluster as the NBD spec asks. FUA is a write followed by
+// a flush (CheckedDevice emulates it). Block status comes from
+// rbd_diff_iterate2 (fast with the fast-diff feature), which librbd offers
+// only synchronously: it runs on the blocking pool.
+//
+// Failures: librbd resends its requests itself across OSD and mon restarts.
+// rados_osd_op_timeout and rados_mon_op_timeout are set to io-timeout, so a
+// request the cluster does not answer in time fails with ETIMEDOUT, which the
+// RetryLayer above treats as a lost session: it calls reconnect(), which asks
+// the mons for the cluster's health (bounded by io-timeout, on the blocking
+// pool) and, when they answer, counts a new generation; the request is then
+// issued again until retry-timeout. A client the cluster blocklisted (another
+// gateway broke our lock) gets EBLOCKLISTED (ESHUTDOWN) from librbd: that is
+// reported as EIO and logged, never retried.
+//
+// Thread model: any method may be called from any event-loop thread;
+// librbd's completion callbacks run on librbd's threads and only post.
+// connected(), generation() and the last health string are atomics / under
+// a small mutex never held across a co_await. reconnect() runs on the
+// blocking pool and is never concurrent with itself (RetryLayer's contract).
+#pragma once
+
+#include "core/remote_device.hpp"
+#include "remote/rbd/rbd_uri.hpp"
+
+#include <boost/asio/thread_pool.hpp>
+#include <rados/librados.h>
+#include <rbd/librbd.h>
+
+#include <atomic>
+#include <chrono>
+#include <string>
+
+namespace blockway::remote::rbd {
+
+struct RbdOptions {
+  std::chrono::milliseconds io_timeout{30000};
+};
+
+class RbdDevice final : public core::RemoteDevice {
+ public:
+  // Connects and opens the image; throws BackendError.
+  RbdDevice(std::string uri, RbdTarget target, bool read_only, RbdOptions options,
+            boost::asio::thread_pool& blocking);
+  ~RbdDevice() override;
+  RbdDevice(const RbdDevice&) = delete;
+  RbdDevice& operator=(const RbdDevice&) = delete;
+
+  [[nodiscard]] core::Geometry geometry() const noexcept override;
+  [[nodiscard]] core::Capabilities capabilities() const noexcept override;
+  [[nodiscard]] std::string describe() const override;
+
+  core::Task<std::error_code> read(std::span<std::byte> buf, uint64_t offset, core::IoFlags flags) override;
+  core::Task<std::error_code> write(std::span<const std::byte> buf, uint64_t offset, core::IoFlags flags) override;
+  core::Task<std::error_code> flush() override;
+  core::Task<std::error_code> trim(core::ByteRange range, core::IoFlags flags) override;
+  core::Task<std::error_code> zero(core::ByteRange range, core::IoFlags flags) override;
+  core::Task<std::error_code> block_status(core::ByteRange range, core::ExtentList& out) override;
+
+  core::Task<std::error_code> reconnect() override;
+  [[nodiscard]] bool connected() const noexcept override { return connected_.load(std::memory_order_relaxed); }
+  [[nodiscard]] uint64_t generation() const noexcept override {
+    return generation_.load(std::memory_order_relaxed);
+  }
+
+ private:
+  struct Request;
+  static void on_complete(rbd_completion_t c, void* arg);
+  // Creates a completion, calls start(c) (an rbd_aio_* call) and awaits the
+  // result; librbd's negative errno becomes an error_code.
+  template <class Start>
+  core::Task<std::error_code> submit(Start start);
+  // Notes what an error says about the cluster (connected, blocklisted).
+  std::error_code note(std::error_code ec, const char* what);
+  // Asks the mons for the cluster's health (blocking); 0 or a negative errno.
+  int ask_health();
+  void connect_and_open(bool read_only);
+  void take_lock();
+  void shutdown() noexcept;
+
+  std::string uri_;
+  RbdTarget target_;
+  RbdOptions options_;
+  boost::asio::thread_pool& blocking_;
+  rados_t cluster_ = nullptr;
+  rados_ioctx_t ioctx_ = nullptr;
+  rbd_image_t image_ = nullptr;
+  bool read_only_ = false;
+  bool locked_ = false;
+  core::Geometry geometry_;
+  bool fast_diff_ = false;
+  std::atomic<bool> connected_{true};
+  std::atomic<uint64_t> generation_{1};
+};
+
+}  // namespace blockway::remote::rbd

@@ -1,0 +1,311 @@
+"""The Ceph RBD backend (rbd://) against a one-node cluster on loopback:
+what is particular to it (the cases every backend shares run over rbd in
+test_conformance.py): discard and write-zeroes as the cluster records them
+(`rbd du`) and as block status reports them, snapshots served read-only, a
+key that may only read, the exclusive lock between two gateways, a mon
+restart under load, and the start-up errors for a wrong pool, image, key
+and conf.
+
+One cluster for the whole module (remotes.CephCluster, about 5 s to start),
+removed afterwards; each test makes images of its own.
+"""
+
+import errno
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+from harness import MiB  # noqa: E402
+import remotes  # noqa: E402
+
+try:
+    import nbd  # Debian's python3-libnbd
+except ImportError:  # pragma: no cover
+    nbd = None
+
+CLUSTER = None
+WORKDIR = None
+TOOLS = ("ceph-mon", "ceph-osd", "rbd", "monmaptool", "ceph-authtool", "nbdinfo")
+
+
+def setUpModule():
+    global CLUSTER, WORKDIR
+    for tool in TOOLS:
+        if not harness.have(tool):
+            raise unittest.SkipTest(tool + " missing")
+    if nbd is None:
+        raise unittest.SkipTest("python3-libnbd missing")
+    WORKDIR = tempfile.mkdtemp(prefix="bw-rbd-", dir="/tmp")
+    CLUSTER = remotes.CephCluster(WORKDIR)
+    try:
+        CLUSTER.start()
+    except BaseException:
+        tearDownModule()
+        raise
+
+
+def tearDownModule():
+    if CLUSTER is not None:
+        CLUSTER.close()
+    if WORKDIR:
+        shutil.rmtree(WORKDIR, ignore_errors=True)
+
+
+_names = iter(range(1, 1 << 30))
+
+
+class RbdTestCase(harness.DaemonTestCase):
+    def image(self, size, *extra):
+        name = "t%d" % next(_names)
+        # Not removed after the test: a gateway killed by the cleanup leaves
+        # its watch for 30 s, which `rbd rm` would wait out; the cluster
+        # goes with the module.
+        CLUSTER.create_image(name, size, *extra)
+        return name
+
+    def serve(self, uri, options="", name="blockwayd"):
+        return self.serve_remote(uri, options, name=name, unix=True, ready_timeout=60)
+
+    def client(self):
+        return self.connect(self.unix_uri("r"))
+
+    def used_bytes(self, name):
+        du = json.loads(CLUSTER.rbd("du", "--format", "json", "rbd/" + name).stdout)
+        return sum(i["used_size"] for i in du["images"] if i["name"] == name and "snapshot" not in i)
+
+    def export(self, spec):
+        out = self.path("export-%d.img" % time.monotonic_ns())
+        CLUSTER.rbd("export", "--no-progress", "rbd/" + spec, out)
+        with open(out, "rb") as f:
+            return f.read()
+
+
+class DataPathTest(RbdTestCase):
+    def test_geometry_and_flags(self):
+        name = self.image(24 * MiB, "--object-size", "1M")
+        self.serve(CLUSTER.uri(name))
+        h = self.client()
+        self.assertEqual(h.get_size(), 24 * MiB)
+        self.assertFalse(h.is_read_only())
+        for can in (h.can_flush, h.can_fua, h.can_trim, h.can_zero, h.can_multi_conn, h.can_fast_zero):
+            self.assertTrue(can(), can.__name__)
+        self.assertEqual(h.get_block_size(nbd.SIZE_PREFERRED), 1 * MiB, "the object size is the preferred block")
+
+    def test_discard_and_zero_change_rbd_du_and_block_status(self):
+        obj = 4 * MiB
+        name = self.image(32 * MiB)
+        self.serve(CLUSTER.uri(name))
+        h = self.client()
+        data = os.urandom(16 * MiB)
+        h.pwrite(data, 0)
+        h.flush()
+        self.assertEqual(self.used_bytes(name), 16 * MiB)
+        self.assertEqual(harness.type_at(harness.nbd_map(self.unix_uri("r")), 0), 0)
+        self.assertEqual(harness.type_at(harness.nbd_map(self.unix_uri("r")), 20 * MiB), 3)
+
+        h.trim(2 * obj, 0)             # objects 0 and 1
+        h.zero(obj, 2 * obj)           # object 2
+        h.flush()
+        self.assertEqual(self.used_bytes(name), 1 * obj, "discard and write-zeroes freed nothing in the cluster")
+        extents = harness.nbd_map(self.unix_uri("r"))
+        for off in (0, obj, 2 * obj):
+            self.assertEqual(harness.type_at(extents, off) & 2, 2, "offset %d: %r" % (off, extents))
+        self.assertEqual(harness.type_at(extents, 3 * obj), 0)
+        self.assertEqual(h.pread(3 * obj, 0), b"\0" * 3 * obj)
+        self.assertEqual(h.pread(obj, 3 * obj), data[3 * obj:])
+        self.assertEqual(self.export(name)[:4 * obj], b"\0" * 3 * obj + data[3 * obj:])
+
+        # A zero that must stay allocated (NO_HOLE) keeps the object.
+        h.zero(obj, 3 * obj, nbd.CMD_FLAG_NO_HOLE)
+        h.flush()
+        self.assertEqual(self.used_bytes(name), 1 * obj)
+        self.assertEqual(h.pread(obj, 3 * obj), b"\0" * obj)
+
+    def test_snapshot_export_is_read_only(self):
+        """A snapshot is served read-only and takes no lock, so it can be
+        served beside a gateway that writes the image."""
+        name = self.image(8 * MiB)
+        before = os.urandom(8 * MiB)
+        self.serve(CLUSTER.uri(name), name="writer")
+        writer_uri = self.unix_uri("r")
+        h = self.client()
+        h.pwrite(before, 0)
+        h.flush()
+        CLUSTER.rbd("snap", "create", "rbd/%s@s1" % name)
+        h.pwrite(b"\xee" * MiB, 0)  # the image changes after the snapshot
+        h.flush()
+
+        self.serve(CLUSTER.uri(name + "@s1"), name="snap")
+        s = self.client()
+        self.assertTrue(s.is_read_only())
+        self.assertEqual(s.pread(8 * MiB, 0), before)
+        s.set_strict_mode(0)
+        with self.assertRaises(nbd.Error) as cm:
+            s.pwrite(b"x" * 4096, 0)
+        self.assertEqual(cm.exception.errnum, errno.EPERM)
+        self.assertEqual(self.export(name + "@s1"), before)
+        self.assertEqual(self.connect(writer_uri).pread(MiB, 0), b"\xee" * MiB)
+        # Asking for a lock on a snapshot is a mistake, said at start-up.
+        self.start_refused("r=" + CLUSTER.uri(name + "@s1", extra="exclusive=on"), "exclusive lock on a snapshot")
+
+    def test_read_only_key_serves_read_only(self):
+        name = self.image(4 * MiB)
+        keyring = self.path("ro.keyring")
+        CLUSTER.ceph("auth", "get-or-create", "client.bwro", "mon", "profile rbd", "osd",
+                     "profile rbd-read-only pool=rbd", "-o", keyring)
+        self.addCleanup(CLUSTER.ceph, "auth", "rm", "client.bwro", check=False)
+        uri = "rbd://bwro@rbd/%s?conf=%s&keyring=%s" % (name, CLUSTER.conf, keyring)
+        daemon = self.serve(uri)
+        h = self.client()
+        self.assertTrue(h.is_read_only())
+        self.assertEqual(h.pread(4096, 0), b"\0" * 4096)
+        self.assertIn("may not write to the image; serving it read-only", daemon.log())
+
+
+class LockTest(RbdTestCase):
+    def test_second_gateway_is_refused_and_break_takes_the_lock(self):
+        name = self.image(8 * MiB)
+        uri = CLUSTER.uri(name)
+        self.serve(uri, name="first")
+        first = self.client()
+        first.pwrite(b"1" * 4096, 0)
+        first.flush()
+        out = self.start_refused("r=" + uri, "cannot take the exclusive lock", "exclusive=break")
+        self.assertIn("held by", out)
+
+        # exclusive=off shares the image: the user's choice, and it starts.
+        shared = self.serve(uri + "&exclusive=off", name="shared")
+        self.assertTrue(self.client().pread(4096, 0) == b"1" * 4096)
+        shared.stop(timeout=60)
+
+        # exclusive=break takes the lock; the cluster fences the first gateway.
+        second_daemon = self.serve(uri + "&exclusive=break", "retry-timeout=2", name="second")
+        self.assertIn("breaking the exclusive lock", second_daemon.log())
+        second = self.client()
+        second.pwrite(b"2" * 4096, 0)
+        second.flush()
+        start = time.monotonic()
+        with self.assertRaises(nbd.Error) as cm:
+            first.pwrite(b"X" * 4096, 4096)
+            first.flush()
+        self.assertEqual(cm.exception.errnum, errno.EIO)
+        self.assertLess(time.monotonic() - start, 30)
+        self.assertEqual(self.export(name)[:8192], b"2" * 4096 + b"\0" * 4096)
+
+
+class ClusterRestartTest(RbdTestCase):
+    def test_mon_restart_under_load_loses_nothing(self):
+        """Writes that flush every 8 blocks go on while the mon is killed and
+        restarted: no request fails, everything flushed is in the image."""
+        name = self.image(16 * MiB)
+        self.serve(CLUSTER.uri(name), "retry-timeout=60")
+        h = self.client()
+        writer = harness.FlushingWriter(h, 100000, 64 * 1024, span=200)
+        writer.start()
+        try:
+            harness.wait_until(lambda: len(writer.durable) >= 16, 30, what="writes before the restart")
+            CLUSTER.mon.kill()
+            time.sleep(1.0)
+            CLUSTER.mon.start()
+            CLUSTER.wait_osd_up(60)
+            before = len(writer.durable)
+            harness.wait_until(lambda: len(writer.durable) >= before + 32, 60, interval=0.1,
+                               what="flushed writes after the mon restart")
+        finally:
+            writer.stop()
+            writer.join(120)
+        self.assertFalse(writer.is_alive(), "the writer hung")
+        self.assertEqual(writer.errors, [])
+        img = self.export(name)
+        for off, data in dict(writer.durable).items():
+            self.assertEqual(img[off:off + len(data)], data, "flushed data at %d lost" % off)
+
+    def test_cluster_stopped_past_retry_timeout_gives_eio_then_recovers(self):
+        """Mon and OSD both gone: requests fail with EIO after retry-timeout
+        (librbd's own waits bounded by io-timeout), and the export works
+        again once the cluster is back, with no restart of the gateway."""
+        name = self.image(8 * MiB)
+        daemon = self.serve(CLUSTER.uri(name), "retry-timeout=3,io-timeout=1")
+        h = self.client()
+        h.pwrite(b"a" * 4096, 0)
+        h.flush()
+        CLUSTER.osd.kill()
+        CLUSTER.mon.kill()
+        try:
+            self.assert_requests_fail_with_eio_in_time(h, retry_timeout=3, slack=5.0, flush=False)
+            self.assertTrue(daemon.running())
+        finally:
+            CLUSTER.mon.start()
+            CLUSTER.osd.start()
+        self.assertEqual(h.pread(4096, 0), b"a" * 4096)
+        h.pwrite(b"b" * 4096, 4096)
+        h.flush()
+        self.assertEqual(self.export(name)[:8192], b"a" * 4096 + b"b" * 4096)
+        # Each wait for the mons was bounded by io-timeout.
+        self.assertIn("reconnect failed: Connection timed out", daemon.log())
+
+
+class CacheTest(RbdTestCase):
+    def test_prefetch_reads_whole_objects_then_serves_from_the_cache(self):
+        """A cached export over rbd prefetches the image in whole objects
+        (the preferred block); then every read is a cache hit: what librbd
+        inside blockwayd read says so."""
+        size = 32 * MiB
+        name = "t%d" % next(_names)
+        src = harness.make_random_image(self.path("src.img"), size, seed=3)
+        CLUSTER.rbd("import", "--no-progress", src, "rbd/" + name)
+        cache = self.path("cache")
+        daemon = self.start_daemon(["--log-level", "info", "--listen", "unix:" + self.path("bw.sock"),
+                                    "--data-dir", self.path("data"), "--export",
+                                    "r=%s,cache=%s,prefetch=sequential" % (CLUSTER.uri(name), cache)])
+        self.sock = self.path("bw.sock")
+        harness.wait_until(lambda: "prefetch done" in daemon.log(), 60, interval=0.1, what="prefetch done")
+
+        def librbd():
+            dump = CLUSTER.asok(daemon.pid, "client.admin", "perf", "dump")
+            return [v for k, v in dump.items() if k.startswith("librbd-")][0]
+        counters = librbd()
+        self.assertEqual(counters["rd_bytes"], size)
+        self.assertEqual(counters["rd"], size // (4 * MiB), "prefetch reads are not whole objects: %r" % counters)
+        h = self.client()
+        self.assertEqual(h.pread(size, 0), harness.read_file(src, 0, size))
+        self.assertEqual(librbd()["rd"], counters["rd"], "a read of a prefetched image went to the cluster")
+
+
+class StartupErrorTest(RbdTestCase):
+    """Malformed URIs and a cluster that is not there: test_conformance.py."""
+
+    def test_wrong_pool_image_snapshot_key_and_conf(self):
+        name = self.image(4 * MiB)
+        conf, keyring = CLUSTER.conf, CLUSTER.keyring
+
+        def uri(spec, user="", k=keyring, c=conf):
+            return "r=rbd://%s%s?conf=%s&keyring=%s" % (user + "@" if user else "", spec, c, k)
+        self.start_refused(uri("nopool/" + name), "the pool 'nopool' does not exist")
+        self.start_refused(uri("rbd/noimage"), "there is no image 'noimage' in pool 'rbd'")
+        self.start_refused(uri("rbd/" + name + "@nosnap"), "snapshot 'nosnap' does not exist")
+        wrong = self.path("wrong.keyring")
+        harness.run(["ceph-authtool", "--create-keyring", wrong, "--gen-key", "-n", "client.admin"])
+        self.start_refused(uri("rbd/" + name, k=wrong), "the cluster refused client.admin's key")
+        self.start_refused(uri("rbd/" + name, user="nobody"), "the cluster refused client.nobody's key")
+        self.start_refused(uri("rbd/" + name, k=self.path("missing.keyring")), "cannot read the keyring",
+                           "missing.keyring")
+        self.start_refused(uri("rbd/" + name, c=self.path("missing.conf")),
+                           "cannot read the Ceph configuration", "missing.conf")
+        self.start_refused("r=" + CLUSTER.uri(name) + ",io-timeout=0", "io-timeout='0'")
+        # An image without the exclusive-lock feature needs exclusive=off.
+        plain = self.image(4 * MiB, "--image-feature", "layering")
+        self.start_refused("r=" + CLUSTER.uri(plain), "lacks the exclusive-lock feature", "exclusive=off")
+        self.serve(CLUSTER.uri(plain, extra="exclusive=off"))
+        self.assertEqual(self.client().get_size(), 4 * MiB)
+
+
+if __name__ == "__main__":
+    unittest.main()
