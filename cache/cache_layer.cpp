@@ -9,6 +9,7 @@
 //   detached_remote.cpp    the stand-in remote of a detached export
 #include "cache/cache_layer.hpp"
 #include "cache/cache_layer_internal.hpp"
+#include "cache/image_file.hpp"
 
 #include "cache/prefetcher.hpp"
 
@@ -32,17 +33,6 @@
 
 namespace blockway::cache {
 
-namespace {
-
-std::string file_name_for(const std::string& export_name) {
-  std::string out;
-  for (char c : export_name)
-    out.push_back(std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == '.' ? c : '_');
-  return out + ".img";
-}
-
-}  // namespace
-
 CacheLayer::CacheLayer(std::unique_ptr<core::BlockDevice> remote, Params p)
     : Layer(std::move(remote)),
       name_(p.export_name),
@@ -65,7 +55,7 @@ CacheLayer::CacheLayer(std::unique_ptr<core::BlockDevice> remote, Params p)
   for (auto* b : {&intent_, &intent_persisted_, &touched_}) b->resize(nregions_);
   region_writes_ = std::make_unique<std::atomic<uint32_t>[]>(nregions_ ? nregions_ : 1);
   for (uint64_t r = 0; r < nregions_; ++r) region_writes_[r].store(0);
-  cache_path_ = cfg_.dir + "/" + file_name_for(name_);
+  cache_path_ = cfg_.dir + "/" + image_file_name(name_);
   if (cfg_.capacity && cfg_.capacity < geometry_.size) {
     capacity_chunks_ = cfg_.capacity >> chunk_shift_;
     referenced_.resize(nchunks_);
@@ -102,15 +92,7 @@ CacheLayer::CacheLayer(std::unique_ptr<core::BlockDevice> remote, Params p)
   if (!reuse && injected) {
     store_.reset(want);
   } else if (!reuse) {
-    ::unlink(cache_path_.c_str());
-    const int fd = ::open(cache_path_.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-    if (fd < 0) throw std::runtime_error("cannot create cache file " + cache_path_ + ": " + std::strerror(errno));
-    int rc = ::ftruncate(fd, static_cast<off_t>(geometry_.size));
-    if (rc == 0 && cfg_.preallocate) rc = ::posix_fallocate(fd, 0, static_cast<off_t>(geometry_.size));
-    const int e = rc == 0 ? 0 : (rc > 0 ? rc : errno);
-    ::fsync(fd);
-    ::close(fd);
-    if (e) throw std::runtime_error("cannot size cache file " + cache_path_ + ": " + std::strerror(e));
+    create_image_file(cache_path_, geometry_.size, cfg_.preallocate);
     store_.reset(want);
   }
   try {

@@ -8,6 +8,7 @@
 #pragma once
 
 #include "cache/cache_layer.hpp"
+#include "cache/catalogue_call.hpp"
 
 #include "core/logging.hpp"
 #include "core/shared_event.hpp"
@@ -31,21 +32,6 @@ using core::errno_code;
 using core::IoFlags;
 using core::Support;
 using core::Task;
-
-// Runs `call` (a catalogue update: MetaStore throws on SQLite errors) on the
-// blocking pool; EIO, logged, if it throws.
-template <class F>
-Task<std::error_code> catalogue_call(boost::asio::thread_pool& pool, F call) {
-  co_return co_await core::offload(pool, [&call]() -> std::error_code {
-    try {
-      call();
-      return {};
-    } catch (const std::exception& e) {
-      core::logger("cache")->error("{}", e.what());
-      return errno_code(EIO);
-    }
-  });
-}
 
 // Largest single remote request of a fill or a write-back.
 inline constexpr uint64_t kMaxRun = 1u << 20;

@@ -26,6 +26,11 @@ const Command kCommands[] = {
      "                    so that the daemon opens it again at start\n"
      "export remove NAME [--force]",
      export_command},
+    {"clone",
+     "clone BASE NAME [--overlay DIR] [--granularity SIZE] [--ro]\n"
+     "                    add NAME, a copy-on-write clone of the export BASE: its\n"
+     "                    writes in a local overlay, the rest read through BASE",
+     clone_command},
     {"prefetch",
      "prefetch start|pause|resume|status NAME\n"
      "prefetch NAME [--wait [--timeout SECONDS]]\n"

@@ -1,5 +1,7 @@
 #include "core/checked_device.hpp"
 
+#include "core/logging.hpp"
+
 #include <algorithm>
 #include <array>
 #include <cerrno>
@@ -40,6 +42,36 @@ CheckedDevice::CheckedDevice(std::unique_ptr<BlockDevice> inner, bool export_rea
     caps_.trim = Support::none;
     caps_.zero = Support::none;
   }
+}
+
+Capabilities CheckedDevice::capabilities() const noexcept {
+  if (holds_.load(std::memory_order_acquire) == 0) return caps_;
+  Capabilities c = caps_;
+  c.read_only = true;
+  c.trim = c.zero = Support::none;
+  return c;
+}
+
+void CheckedDevice::add_read_only_hold(const std::string& reason) {
+  std::lock_guard lock(hold_mutex_);
+  hold_reason_ = reason;
+  hold_logged_.store(false, std::memory_order_relaxed);
+  holds_.fetch_add(1, std::memory_order_acq_rel);
+}
+
+void CheckedDevice::drop_read_only_hold() noexcept { holds_.fetch_sub(1, std::memory_order_acq_rel); }
+
+bool CheckedDevice::refuses_writes() noexcept {
+  if (caps_.read_only) return true;
+  if (holds_.load(std::memory_order_acquire) == 0) return false;
+  if (!hold_logged_.exchange(true, std::memory_order_relaxed)) {
+    try {
+      std::lock_guard lock(hold_mutex_);
+      logger("export")->warn("refused a write to {}: {}", describe(), hold_reason_);
+    } catch (...) {  // a log line is not worth a crash
+    }
+  }
+  return true;
 }
 
 void CheckedDevice::begin(Request& r) noexcept {
@@ -131,7 +163,7 @@ Task<std::error_code> CheckedDevice::write(std::span<const std::byte> buf, uint6
                                            IoFlags flags) {
   Request r{IoOp::write, offset, buf.size()};
   begin(r);
-  if (caps_.read_only) co_return finish(r, errno_code(EPERM));
+  if (refuses_writes()) co_return finish(r, errno_code(EPERM));
   if (auto ec = check_range({offset, buf.size()}, ENOSPC)) co_return finish(r, ec);
   if (flags & ~kValidWriteFlags) co_return finish(r, errno_code(EINVAL));
   accept(r);
@@ -149,7 +181,7 @@ Task<std::error_code> CheckedDevice::flush() {
 Task<std::error_code> CheckedDevice::trim(ByteRange range, IoFlags flags) {
   Request r{IoOp::trim, range.offset, range.length};
   begin(r);
-  if (caps_.read_only) co_return finish(r, errno_code(EPERM));
+  if (refuses_writes()) co_return finish(r, errno_code(EPERM));
   if (auto ec = check_range(range, ENOSPC)) co_return finish(r, ec);
   if (flags & ~kFua) co_return finish(r, errno_code(EINVAL));
   accept(r);
@@ -175,7 +207,7 @@ Task<std::error_code> CheckedDevice::write_zeroes_by_writing(ByteRange range, Io
 Task<std::error_code> CheckedDevice::zero(ByteRange range, IoFlags flags) {
   Request r{IoOp::zero, range.offset, range.length};
   begin(r);
-  if (caps_.read_only) co_return finish(r, errno_code(EPERM));
+  if (refuses_writes()) co_return finish(r, errno_code(EPERM));
   if (auto ec = check_range(range, ENOSPC)) co_return finish(r, ec);
   if (flags & ~kValidZeroFlags) co_return finish(r, errno_code(EINVAL));
   accept(r);

@@ -23,6 +23,7 @@
 #include <atomic>
 #include <memory>
 #include <mutex>
+#include <string>
 
 namespace blockway::core {
 
@@ -31,7 +32,7 @@ class CheckedDevice final : public Layer {
   // export_read_only forces read-only even where the device is writable.
   CheckedDevice(std::unique_ptr<BlockDevice> inner, bool export_read_only);
 
-  [[nodiscard]] Capabilities capabilities() const noexcept override { return caps_; }
+  [[nodiscard]] Capabilities capabilities() const noexcept override;
   [[nodiscard]] Geometry geometry() const noexcept override { return geometry_; }
 
   Task<std::error_code> read(std::span<std::byte> buf, uint64_t offset, IoFlags flags) override;
@@ -44,6 +45,13 @@ class CheckedDevice final : public Layer {
   Task<std::error_code> prefetch(ByteRange range) override;
 
   [[nodiscard]] const IoStats& stats() const noexcept { return stats_; }
+
+  // Read-only holds: while any is held (the export is the base of clones),
+  // writes, trims and zeroes fail with EPERM and capabilities() says
+  // read-only; the first refusal of each hold logs `reason`. Any thread.
+  void add_read_only_hold(const std::string& reason);
+  void drop_read_only_hold() noexcept;
+  [[nodiscard]] int read_only_holds() const noexcept { return holds_.load(std::memory_order_acquire); }
 
   // Records every request from now on into `trace` (replacing one attached
   // before); detach_trace() stops it. Any thread.
@@ -67,6 +75,8 @@ class CheckedDevice final : public Layer {
     stats_.count(r.op, r.length);
   }
   std::error_code finish(Request& r, std::error_code ec) noexcept;
+  // True (and logs the reason once) if writes are refused now.
+  [[nodiscard]] bool refuses_writes() noexcept;
 
   // EINVAL (or `beyond_end_error`) unless range lies inside the image and is aligned.
   [[nodiscard]] std::error_code check_range(ByteRange range, int beyond_end_error) const noexcept;
@@ -81,6 +91,10 @@ class CheckedDevice final : public Layer {
   std::atomic<bool> tracing_{false};
   std::mutex trace_mutex_;
   std::shared_ptr<IoTrace> trace_;
+  std::atomic<int> holds_{0};
+  std::atomic<bool> hold_logged_{false};
+  std::mutex hold_mutex_;
+  std::string hold_reason_;
 };
 
 }  // namespace blockway::core

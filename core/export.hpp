@@ -19,6 +19,7 @@
 #include <mutex>
 #include <shared_mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace blockway::core {
@@ -50,6 +51,13 @@ struct Export {
   // NBD clients must use TLS for this export (tls=require), even on a
   // listener that allows plaintext.
   bool tls_required = false;
+  // Set for a clone (URI clone:BASE): the base export's name, the overlay
+  // file, and the overlay's counters as (name, value) pairs in a fixed order
+  // (allocated_bytes, base_read_bytes, ...), for status, stats and metrics.
+  // Owned by the device chain.
+  std::string clone_of;
+  std::string overlay_path;
+  std::function<std::vector<std::pair<std::string, uint64_t>>()> overlay_counters;
 };
 
 // What happened to an export, for ExportTable observers.

@@ -1,6 +1,7 @@
 #include "gateway/command_line.hpp"
 
 #include "cache/cache_config.hpp"
+#include "cache/overlay_config.hpp"
 #include "core/options.hpp"
 #include "core/qos_layer.hpp"
 #include "core/retry_layer.hpp"
@@ -288,6 +289,7 @@ std::string usage() {
     for (size_t i = 0; i + 1 < b.uri_forms.size(); ++i) out += "  " + std::string(b.uri_forms[i]) + "\n";
     entry(out, b.uri_forms.back(), b.summary);
   }
+  entry(out, "clone:BASE", "a copy-on-write clone of the export BASE (overlay options below)");
   out +=
       "\nExport options (--export NAME=URI,OPTION=VALUE,... or keys of [[export]]).\n"
       "SECONDS take decimals (2.5); a SIZE takes a binary suffix (64k, 32M, 1G, 2T).\n"
@@ -296,6 +298,8 @@ std::string usage() {
   option_entries(out, core::QosLimits::options());
   out += "  with a cache (cache=DIR):\n";
   option_entries(out, cache::CacheConfig::options());
+  out += "  a clone (clone:BASE):\n";
+  option_entries(out, cache::OverlayConfig::options());
   for (const auto& b : remote::backends()) {
     if (b.options.empty() && !b.retry()) continue;
     out += "  " + join_schemes(b) + ":\n";

@@ -314,9 +314,19 @@ Json export_json(const Export& exp, long clients) {
     j["cache"] = nullptr;
     j["prefetch"] = nullptr;
   }
-  j["remote"] = std::move(remote);
-
   if (exp.qos) j["qos"] = qos_json(exp.qos->stats());
+  if (exp.overlay_counters) {
+    // A clone: what it owns, and what it reads through its base's shared cache.
+    remote["kind"] = "clone";
+    remote["connected"] = true;
+    Json overlay{{"base", exp.clone_of}, {"path", exp.overlay_path}};
+    for (const auto& [key, value] : exp.overlay_counters()) overlay[key] = value;
+    overlay["recovered"] = overlay["recovered"] == 1;
+    j["clone"] = std::move(overlay);
+    j["mode"] = "clone";
+  }
+  j["remote"] = std::move(remote);
+  j["base_of_clones"] = exp.device->read_only_holds();
 
   const auto s = exp.device->stats().snapshot();
   j["io"] = {{"reads", s.reads},           {"bytes_read", s.bytes_read}, {"writes", s.writes},

@@ -196,6 +196,7 @@ int run_daemon(DaemonConfig config) {
   if (config.stdio_export) all.push_back(*config.stdio_export);
   StackBuilder builder(loops, config.data_dir);
   builder.set_remote_bandwidth(config.remote_bandwidth);
+  builder.set_export_lookup([&exports](const std::string& name) { return exports.find(name); });
   std::vector<cache::CacheLayer*> caches;  // started once every export is open
   for (auto& e : all) {
     auto [exp, cache] = builder.build(e);

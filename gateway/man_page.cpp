@@ -1,6 +1,7 @@
 #include "gateway/man_page.hpp"
 
 #include "cache/cache_config.hpp"
+#include "cache/overlay_config.hpp"
 #include "core/options.hpp"
 #include "core/retry_layer.hpp"
 #include "fuse/fuse_front_end.hpp"
@@ -62,11 +63,14 @@ std::string man_section(std::string_view section) {
       for (size_t i = 0; i + 1 < b.uri_forms.size(); ++i) out += "*" + scdoc_escape(b.uri_forms[i]) + "*++\n";
       term(out, b.uri_forms.back(), "", b.summary);
     }
+    term(out, "clone:BASE", "", "a copy-on-write clone of the export BASE (see the overlay options)");
   } else if (section == "export-options") {
     out += "## Every export\n\n";
     options(out, ExportConfig::generic_options());
     out += "## With a cache (cache=DIR)\n\n";
     options(out, cache::CacheConfig::options());
+    out += "## A clone (clone:BASE)\n\n";
+    options(out, cache::OverlayConfig::options());
     for (const auto& b : remote::backends()) {
       if (b.options.empty() && !b.retry()) continue;
       out += "## " + scdoc_escape(join_schemes(b)) + "\n\n";

@@ -194,8 +194,21 @@ void write_qos_metrics(const Export& exp, MetricsWriter& out) {
   put("write", st.write, st.limits.write_iops, st.limits.write_bps);
 }
 
+// A clone's overlay counters, one family each (blockway_overlay_<name>).
+void write_overlay_metrics(const Export& exp, MetricsWriter& out) {
+  if (!exp.overlay_counters) return;
+  const MetricLabels labels{{"export", exp.name}, {"base", exp.clone_of}};
+  for (const auto& [key, value] : exp.overlay_counters()) {
+    const bool counter = key != "granularity" && key != "allocated_bytes" && key != "file_bytes" && key != "recovered";
+    const std::string name = "blockway_overlay_" + key + (counter ? "_total" : "");
+    out.family(name, counter ? Type::counter : Type::gauge, "The clone's overlay: " + key + " (as in stats --json).");
+    out.sample(name, labels, static_cast<double>(value));
+  }
+}
+
 MetricsCollector::MetricsCollector(const core::ExportTable& exports) : exports_(exports) {
-  providers_ = {write_io_metrics, write_cache_metrics, write_remote_metrics, write_qos_metrics};
+  providers_ = {write_io_metrics, write_cache_metrics, write_remote_metrics, write_qos_metrics,
+                write_overlay_metrics};
 }
 
 void MetricsCollector::add_export_provider(ExportProvider provider) { providers_.push_back(std::move(provider)); }

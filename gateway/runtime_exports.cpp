@@ -243,6 +243,12 @@ Task<Json> RuntimeExports::remove(const Json& req) {
     auto removing = remove_failed(name);
     co_return co_await std::move(removing);
   }
+  std::string clones;
+  for (const auto& other : exports_.list())
+    if (other->clone_of == name) clones += (clones.empty() ? "'" : ", '") + other->name + "'";
+  if (!clones.empty())
+    throw ControlError("refused", EBUSY,
+                       "export '" + name + "' is the base of clone(s) " + clones + "; remove them first");
   const long clients = export_clients(exp);
   if (clients > 0 && !force)
     throw ControlError("refused", EBUSY,

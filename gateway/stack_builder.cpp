@@ -1,5 +1,7 @@
 #include "gateway/stack_builder.hpp"
 
+#include "cache/overlay_config.hpp"
+#include "cache/overlay_layer.hpp"
 #include "core/checked_device.hpp"
 #include "core/logging.hpp"
 #include "core/options.hpp"
@@ -59,22 +61,31 @@ StackBuilder::Built StackBuilder::build(ExportConfig cfg) {
   auto qos = core::QosLimits::take_from(options);
   apply_runtime_qos(cfg.name, qos);
   auto cache_cfg = cache::CacheConfig::take_from(options);
+  const auto clone_base = cache::clone_base_of(cfg.uri);
+  if (clone_base && cache_cfg)
+    throw ConfigError("export '" + cfg.name + "': a clone has no cache of its own (cache=): it reads through its "
+                      "base's cache");
+  if (!clone_base && cache::OverlayConfig::given(options))
+    throw ConfigError("export '" + cfg.name + "': overlay options (overlay=, granularity=) are for clones "
+                      "(clone:BASE)");
   if (cache_cfg) apply_runtime_settings(cfg.name, *cache_cfg);
   if (!cache_cfg) refuse_without_its_cache(cfg);
+  auto exp = std::make_shared<Export>();
   // The remote, and a RetryLayer above it when the registry says its
   // session can be lost.
   const remote::OpenEnv env{cfg.read_only, &loops_.blocking(), &loops_};
   std::unique_ptr<BlockDevice> device;
   RetryLayer* retry_layer = nullptr;  // owned by the device chain, like the cache
+  if (clone_base) device = open_clone(cfg, *clone_base, options, *exp);
   try {
-    const remote::Backend& backend = remote::backend_for(cfg.uri);
+    const remote::Backend* backend = clone_base ? nullptr : &remote::backend_for(cfg.uri);
     // A detached export (local mode) never opens its remote again.
-    if (cache_cfg) device = open_detached(cfg, backend, options);
-    if (!device && backend.open_local) device = backend.open_local(cfg.uri, options, env);
-    if (!device && backend.open_remote) {
+    if (backend && cache_cfg) device = open_detached(cfg, *backend, options);
+    if (backend && !device && backend->open_local) device = backend->open_local(cfg.uri, options, env);
+    if (backend && !device && backend->open_remote) {
       // A network session can drop: reconnect and retry right above the remote.
       const RetryOptions retry = RetryOptions::take_from(options);
-      auto layer = std::make_unique<RetryLayer>(backend.open_remote(cfg.uri, options, env), retry);
+      auto layer = std::make_unique<RetryLayer>(backend->open_remote(cfg.uri, options, env), retry);
       retry_layer = layer.get();
       device = std::move(layer);
       if (remote_bandwidth_)
@@ -84,7 +95,6 @@ StackBuilder::Built StackBuilder::build(ExportConfig cfg) {
     throw ConfigError("export '" + cfg.name + "': " + e.what());
   }
   options.finish();
-  auto exp = std::make_shared<Export>();
   exp->name = cfg.name;
   exp->description = cfg.description;
   exp->tls_required = cfg.tls_required;
@@ -117,6 +127,46 @@ StackBuilder::Built StackBuilder::build(ExportConfig cfg) {
     exp->control = cache_layer;
   }
   return {exp, cache_layer};
+}
+
+// A clone reads what it never wrote through its base export's whole stack
+// (its CheckedDevice: the base's QoS, cache and prefetch), so every clone
+// shares the base's one cache and one fetch per block.
+std::unique_ptr<BlockDevice> StackBuilder::open_clone(const ExportConfig& cfg, const std::string& base_name,
+                                                      core::Options& options, Export& exp) {
+  const std::string what = "export '" + cfg.name + "'";
+  if (base_name.empty()) throw ConfigError(what + ": clone: needs the name of its base export (clone:BASE)");
+  if (base_name == cfg.name) throw ConfigError(what + " cannot be a clone of itself");
+  auto base = find_export_ ? find_export_(base_name) : nullptr;
+  if (!base || base->name != base_name)
+    throw ConfigError(what + ": its base export '" + base_name +
+                      "' does not exist (define or add the base before its clones)");
+  auto overlay = cache::OverlayConfig::take_from(options, std::filesystem::absolute(data_dir_ + "/overlays").string());
+  cache::OverlayLayer::Params p;
+  p.export_name = cfg.name;
+  p.base_name = base_name;
+  p.config = overlay;
+  p.store = &catalogue();
+  p.blocking = &loops_.blocking();
+  std::unique_ptr<cache::OverlayLayer> layer;
+  try {
+    layer = std::make_unique<cache::OverlayLayer>(base->device, std::move(p));
+  } catch (const std::runtime_error& e) {
+    throw ConfigError(what + ": " + e.what());
+  }
+  exp.clone_of = base_name;
+  exp.overlay_path = layer->overlay_path();
+  exp.overlay_counters = [o = layer.get()] {
+    const auto s = o->stats();
+    return std::vector<std::pair<std::string, uint64_t>>{
+        {"granularity", s.granularity},     {"allocated_bytes", s.allocated_bytes},
+        {"file_bytes", s.file_bytes},       {"base_reads", s.base_reads},
+        {"base_read_bytes", s.base_read_bytes}, {"overlay_reads", s.overlay_reads},
+        {"overlay_read_bytes", s.overlay_read_bytes}, {"copy_ups", s.copy_ups},
+        {"copy_up_bytes", s.copy_up_bytes}, {"commits", s.commits},
+        {"recovered", s.recovered ? 1u : 0u}};
+  };
+  return layer;
 }
 
 // The stand-in remote of an export detached in an earlier run, or nullptr.

@@ -1,7 +1,9 @@
 // StackBuilder: turns an export's configuration (URI + options) into the
 // layer stack clients are served from, bottom up:
 //
-//   the backend the URI's scheme names (remote/registry.cpp)
+//   the backend the URI's scheme names (remote/registry.cpp), or, for a
+//   clone (clone:BASE), the base export's device and an OverlayLayer on it
+//   (no retry, bandwidth cap or cache of its own: the base has them)
 //   RetryLayer         when the registry says the backend's session can be lost
 //   RemoteBandwidthLayer  above it, with --remote-bandwidth: the daemon-wide cap
 //   CacheLayer         when the options name a cache directory (cache=DIR)
@@ -26,6 +28,7 @@
 #include "core/remote_bandwidth.hpp"
 #include "gateway/config.hpp"
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -49,6 +52,11 @@ class StackBuilder {
   };
   // Builds the stack of one export. Throws core::ConfigError naming the export.
   Built build(ExportConfig cfg);
+
+  // How a clone finds its base export (the daemon's export table). Start-up only.
+  void set_export_lookup(std::function<std::shared_ptr<core::Export>(const std::string&)> lookup) {
+    find_export_ = std::move(lookup);
+  }
 
   // The daemon-wide cap on remote bandwidth (0: none), for the exports built
   // after this call. Start-up only.
@@ -77,11 +85,15 @@ class StackBuilder {
   void apply_runtime_settings(const std::string& name, cache::CacheConfig& c);
   void apply_runtime_qos(const std::string& name, core::QosLimits& q);
   void refuse_without_its_cache(const ExportConfig& cfg);
+  // The device of a clone: an OverlayLayer over its base export's device.
+  std::unique_ptr<core::BlockDevice> open_clone(const ExportConfig& cfg, const std::string& base_name,
+                                                core::Options& options, core::Export& exp);
 
   core::EventLoops& loops_;
   const std::string data_dir_;
   std::unique_ptr<cache::MetaStore> catalogue_;
   std::shared_ptr<core::RemoteBandwidth> remote_bandwidth_;
+  std::function<std::shared_ptr<core::Export>(const std::string&)> find_export_;
   mutable std::mutex configured_mutex_;
   std::map<std::string, std::map<std::string, std::string>> configured_;
 };

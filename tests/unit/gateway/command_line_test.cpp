@@ -6,6 +6,7 @@
 #include "gateway/command_line.hpp"
 
 #include "cache/cache_config.hpp"
+#include "cache/overlay_config.hpp"
 #include "core/qos_layer.hpp"
 #include "core/retry_layer.hpp"
 #include "fuse/fuse_front_end.hpp"
@@ -55,6 +56,7 @@ TEST(Usage, ListsEveryExportOptionUnderItsBackend) {
   ASSERT_FALSE(options.empty());
   for (const auto& o : ExportConfig::generic_options()) EXPECT_THAT(options, HasSubstr(o.usage())) << o.name;
   for (const auto& o : cache::CacheConfig::options()) EXPECT_THAT(options, HasSubstr(o.usage())) << o.name;
+  for (const auto& o : cache::OverlayConfig::options()) EXPECT_THAT(options, HasSubstr(o.usage())) << o.name;
   for (const auto& o : core::QosLimits::options()) EXPECT_THAT(options, HasSubstr(o.usage())) << o.name;
   for (const auto& b : remote::backends()) {
     const std::string heading = "  " + std::string(b.schemes.front()) + "://";

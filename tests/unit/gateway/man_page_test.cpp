@@ -3,6 +3,7 @@
 #include "gateway/man_page.hpp"
 
 #include "cache/cache_config.hpp"
+#include "cache/overlay_config.hpp"
 #include "core/options.hpp"
 #include "fuse/fuse_front_end.hpp"
 #include "gateway/command_line.hpp"
@@ -34,6 +35,7 @@ TEST(ManPageTest, UrisAndOptionsOfEveryTable) {
     for (auto form : b.uri_forms) EXPECT_THAT(uris, HasSubstr("*" + scdoc_escape(form) + "*")) << form;
   const auto exports = man_section("export-options");
   for (const auto& s : cache::CacheConfig::options()) EXPECT_THAT(exports, HasSubstr("*" + scdoc_escape(s.name) + "*"));
+  for (const auto& s : cache::OverlayConfig::options()) EXPECT_THAT(exports, HasSubstr("*" + scdoc_escape(s.name) + "*"));
   for (const auto& b : remote::backends())
     for (const auto& s : b.options) EXPECT_THAT(exports, HasSubstr("*" + scdoc_escape(s.name) + "*")) << s.name;
   const auto fuse = man_section("fuse-options");

@@ -1,0 +1,164 @@
+// OverlayLayer: a clone's persistent copy-on-write overlay over a shared base.
+//
+// A clone is an export whose reads of blocks it never wrote go to its base
+// export's device (the base's CheckedDevice: its cache, prefetch and one
+// fetch per block serve every clone), and whose writes, trims and zeroes go
+// to its overlay: a sparse local raw file of the image's size (at the same
+// offsets, so it is a plain raw image of the clone's writes) plus one
+// "allocated" bit per overlay block (granularity 4-64 KiB), kept in memory
+// and persisted in the catalogue (MetaStore, kind present, under the clone's
+// export name).
+//
+// Copy-up: a write that covers part of an unallocated block first reads the
+// rest of that block from the base and writes the whole block. Every request
+// that changes unallocated blocks claims them (ascending, one claim per
+// block, waiting for other claimers), so a copy-up never overwrites a write
+// another request completed meanwhile; allocated blocks need no claim, as on
+// a disk. A block's bit is set only after its data is in the overlay file.
+//
+// Crash safety without a transaction per write: reads of unallocated blocks
+// never look at the overlay file, and a copy-up always rewrites a whole
+// block, so whatever an unclean stop left in the file of a block not
+// persisted allocated is never seen. FLUSH (and FUA) takes the bits set
+// since the last commit, fdatasyncs the overlay file, and only then commits
+// them (DESIGN.md invariant 3): an allocated bit is persisted only after its
+// data is durable, and every write completed before a FLUSH is durable, with
+// its bit, when the FLUSH completes. Flushes are group-committed.
+//
+// Trim and write-zeroes record zeroes in the overlay (holes punched, blocks
+// allocated) without touching the base; a trim's partial blocks are left
+// alone (a trim is advisory). Block status reports the overlay file's
+// extents for allocated blocks and the base's for the others.
+//
+// While the layer lives, the base holds a read-only hold (writes to the base
+// refused, with the reason, in its CheckedDevice).
+//
+// Thread model: every method may be called from any event-loop thread at
+// once. Bitmaps are atomics; the claim map has one mutex, held only for map
+// operations; commits are serialised by an AsyncMutex and run their SQLite
+// work on the blocking pool. Lock order: commit_mutex_ before claim_mutex_
+// (never held together in practice).
+#pragma once
+
+#include "cache/bitmap.hpp"
+#include "cache/meta_store.hpp"
+#include "cache/overlay_config.hpp"
+#include "core/async_mutex.hpp"
+#include "core/block_device.hpp"
+#include "core/checked_device.hpp"
+#include "core/logging.hpp"
+#include "core/shared_event.hpp"
+
+#include <boost/asio/thread_pool.hpp>
+
+#include <atomic>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+namespace blockway::cache {
+
+struct OverlayStats {
+  uint64_t granularity = 0, blocks = 0;
+  uint64_t allocated_bytes = 0;  // blocks the clone owns: reads never reach the base
+  uint64_t file_bytes = 0;       // allocated size of the overlay file (st_blocks)
+  // Reads (parts of client reads) served by the base, i.e. by its shared
+  // cache, and by the overlay.
+  uint64_t base_reads = 0, base_read_bytes = 0;
+  uint64_t overlay_reads = 0, overlay_read_bytes = 0;
+  uint64_t copy_ups = 0, copy_up_bytes = 0;  // blocks filled from the base before a partial write
+  uint64_t commits = 0;                      // catalogue commits (flush, FUA)
+  bool recovered = false;                    // the last start followed an unclean stop
+};
+
+class OverlayLayer final : public core::BlockDevice {
+ public:
+  struct Params {
+    std::string export_name;  // the clone
+    std::string base_name;    // its base export
+    OverlayConfig config;
+    MetaStore* store = nullptr;
+    boost::asio::thread_pool* blocking = nullptr;
+    // Opens the overlay image at a path; the default is a FileDevice on a
+    // sparse file created here. Tests pass a device that simulates power loss.
+    std::function<std::unique_ptr<core::BlockDevice>(const std::string& path)> open_overlay_file;
+  };
+
+  // Opens or creates the overlay file and its map. Throws std::runtime_error
+  // with a clear message (a size mismatch with the base, a changed base or
+  // granularity while the overlay holds writes).
+  OverlayLayer(std::shared_ptr<core::CheckedDevice> base, Params params);
+  ~OverlayLayer() override;
+  OverlayLayer(const OverlayLayer&) = delete;
+  OverlayLayer& operator=(const OverlayLayer&) = delete;
+
+  [[nodiscard]] core::Geometry geometry() const noexcept override { return geometry_; }
+  [[nodiscard]] core::Capabilities capabilities() const noexcept override;
+  [[nodiscard]] std::string describe() const override;
+
+  core::Task<std::error_code> read(std::span<std::byte> buf, uint64_t offset, core::IoFlags flags) override;
+  core::Task<std::error_code> write(std::span<const std::byte> buf, uint64_t offset, core::IoFlags flags) override;
+  core::Task<std::error_code> flush() override;
+  core::Task<std::error_code> trim(core::ByteRange range, core::IoFlags flags) override;
+  core::Task<std::error_code> zero(core::ByteRange range, core::IoFlags flags) override;
+  core::Task<std::error_code> block_status(core::ByteRange range, core::ExtentList& out) override;
+  core::Task<std::error_code> prefetch(core::ByteRange range) override;
+  // Commits what is durable and marks the overlay cleanly closed.
+  core::Task<void> close() override;
+
+  [[nodiscard]] OverlayStats stats() const;
+  [[nodiscard]] const std::string& base_name() const noexcept { return base_name_; }
+  [[nodiscard]] const std::string& overlay_path() const noexcept { return path_; }
+
+ private:
+  class Claims;  // the claimed blocks of one request, released on destruction
+
+  [[nodiscard]] uint64_t block_of(uint64_t offset) const noexcept { return offset / granularity_; }
+  [[nodiscard]] core::ByteRange block_range(uint64_t b) const noexcept;
+  // Claims every unallocated block of [first, last], ascending.
+  core::Task<Claims> claim(uint64_t first, uint64_t last);
+  void release(uint64_t block) noexcept;
+  // Writes `data` at `offset` (inside block b, which the caller claimed if it
+  // was unallocated): directly if b is allocated or data covers it, else the
+  // block merged with the base's bytes around it (copy-up).
+  core::Task<std::error_code> write_in_block(uint64_t b, std::span<const std::byte> data, uint64_t offset);
+  // write/zero: the common walk. `data` empty means zeroes.
+  core::Task<std::error_code> change(std::span<const std::byte> data, core::ByteRange range, bool zeroes,
+                                     core::IoFlags flags);
+  void mark_allocated(uint64_t first, uint64_t last) noexcept;
+  // The group commit behind flush and FUA.
+  core::Task<std::error_code> commit();
+
+  std::shared_ptr<core::CheckedDevice> base_;
+  std::string name_, base_name_, uri_;
+  OverlayConfig cfg_;
+  MetaStore& store_;
+  boost::asio::thread_pool& blocking_;
+  std::shared_ptr<spdlog::logger> log_;
+  core::Geometry geometry_;
+  uint64_t granularity_;
+  uint64_t nblocks_;
+  std::string path_;
+  std::unique_ptr<core::BlockDevice> file_;
+
+  AtomicBitmap allocated_;  // in memory: authoritative for reads
+  AtomicBitmap pending_;    // allocated since the last commit took them
+  std::vector<uint64_t> durable_;  // what the catalogue holds (under commit_mutex_)
+
+  std::mutex claim_mutex_;
+  std::unordered_map<uint64_t, std::shared_ptr<core::SharedEvent>> claims_;
+
+  core::AsyncMutex commit_mutex_;
+  std::atomic<uint64_t> commits_started_{0};
+  std::atomic<uint64_t> last_good_commit_{0};  // number of the last commit that succeeded
+
+  std::atomic<uint64_t> base_reads_{0}, base_read_bytes_{0}, overlay_reads_{0}, overlay_read_bytes_{0};
+  std::atomic<uint64_t> copy_ups_{0}, commits_{0};
+  bool recovered_ = false;
+  bool closed_ = false;
+};
+
+}  // namespace blockway::cache
