@@ -356,7 +356,8 @@ Task<void> Prefetcher::run(PrefetchOrder order) {
       const bool hole = c_.is_hole(c);
       const uint64_t rate = rate_limit_.load();
       // A remote that prefers larger requests (an RBD object) gets whole ones.
-      uint64_t run_bytes = busy ? kBusyRunBytes : std::max<uint64_t>(kRunBytes, c_.geometry_.preferred_block);
+      uint64_t run_bytes =
+          busy ? kBusyRunBytes : std::clamp<uint64_t>(c_.geometry_.preferred_block, kRunBytes, kMaxRunBytes);
       if (rate) run_bytes = std::min(run_bytes, std::max<uint64_t>(rate / 4, uint64_t{1} << shift));
       const uint64_t max_chunks = std::max<uint64_t>(1, run_bytes >> shift);
       uint64_t last = c;

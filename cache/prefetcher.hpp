@@ -7,8 +7,8 @@
 //   - order: sequential, or hot-first (the chunks clients read first in
 //     earlier sessions, newest session first, then the rest sequentially);
 //   - merging: neighbouring absent chunks go to the remote as one read of up
-//     to kRunBytes or the remote's preferred block, whichever is larger (an
-//     RBD object; kBusyRunBytes while clients are active);
+//     to kRunBytes or the remote's preferred block (an RBD object), whichever
+//     is larger, at most kMaxRunBytes (kBusyRunBytes while clients are active);
 //   - yielding: up to kMaxInFlight runs in flight when the export is idle,
 //     one small run while client requests are in progress or just ended;
 //   - an optional rate limit (token bucket, bytes/s), pause/resume;
@@ -50,6 +50,7 @@ class CacheLayer;
 class Prefetcher {
  public:
   static constexpr uint64_t kRunBytes = 1u << 20;
+  static constexpr uint64_t kMaxRunBytes = 8u << 20;  // bounds kMaxInFlight runs of a large preferred block
   static constexpr uint64_t kBusyRunBytes = 256u << 10;
   static constexpr int kMaxInFlight = 16;
   // Client requests that ended less than this long ago count as activity.

@@ -55,7 +55,8 @@ std::string remote_summary(const Json& r) {
   const auto kind = str(r, "kind");
   if (kind == "local") return "local";
   if (kind == "detached") return "detached";
-  return r.value("connected", false) ? "connected" : "DOWN";
+  const std::string state = r.value("connected", false) ? "connected" : "DOWN";
+  return r.contains("health") ? state + " " + str(r, "health") : state;
 }
 
 std::string qos_summary(const Json& q, const std::string& indent) {

@@ -35,6 +35,9 @@ class RemoteDevice : public BlockDevice {
   Task<std::error_code> prefetch(ByteRange) override { co_return std::error_code{}; }
 
   virtual Task<std::error_code> reconnect() = 0;
+  // What the remote itself says of its health, for `blockway status` (a
+  // Ceph cluster's "HEALTH_OK"); empty when it says nothing. Never blocks.
+  [[nodiscard]] virtual std::string health_detail() const { return {}; }
   [[nodiscard]] virtual bool connected() const noexcept = 0;
   [[nodiscard]] virtual uint64_t generation() const noexcept = 0;
 };

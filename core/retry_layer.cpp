@@ -60,10 +60,14 @@ RetryLayer::RetryLayer(std::unique_ptr<RemoteDevice> remote, RetryOptions option
       backoff_(options.first_backoff) {}
 
 RetryHealth RetryLayer::health() const {
-  std::lock_guard lock(mutex_);
-  RetryHealth h = health_;
+  RetryHealth h;
+  {
+    std::lock_guard lock(mutex_);
+    h = health_;
+  }
   h.connected = remote_.connected();
   h.generation = remote_.generation();
+  h.detail = remote_.health_detail();
   return h;
 }
 

@@ -64,6 +64,7 @@ struct RetryHealth {
   uint64_t reconnects = 0;     // successful reconnects
   uint64_t retries = 0;        // operations re-issued after a connection error
   uint64_t failures = 0;       // operations failed with EIO by this layer
+  std::string detail;          // the remote's own word on its health (RemoteDevice::health_detail)
 };
 
 class RetryLayer final : public Layer {

@@ -270,6 +270,7 @@ Json export_json(const Export& exp, long clients) {
     remote["retries"] = h.retries;
     remote["failures"] = h.failures;
     if (h.last_error) remote["last_error"] = h.last_error.message();
+    if (!h.detail.empty()) remote["health"] = h.detail;
   } else {
     remote["kind"] = "local";
     remote["connected"] = true;  // a local file cannot be disconnected

@@ -6,6 +6,7 @@
 #include "remote/common/completion.hpp"
 
 #include <boost/asio/associated_executor.hpp>
+#include <boost/asio/post.hpp>
 #include <rbd/features.h>
 
 #include <algorithm>
@@ -42,6 +43,10 @@ RbdDevice::RbdDevice(std::string uri, RbdTarget target, bool read_only, RbdOptio
 
 RbdDevice::~RbdDevice() { shutdown(); }
 
+RbdDevice::Cluster::~Cluster() {
+  if (handle) rados_shutdown(handle);
+}
+
 void RbdDevice::shutdown() noexcept {
   if (image_) {
     if (locked_) (void)rbd_lock_release(image_);
@@ -52,40 +57,38 @@ void RbdDevice::shutdown() noexcept {
     rados_ioctx_destroy(ioctx_);
     ioctx_ = nullptr;
   }
-  if (cluster_) {
-    rados_shutdown(cluster_);
-    cluster_ = nullptr;
-  }
+  cluster_.reset();  // shut down now, or by the health refresh in flight
 }
 
 void RbdDevice::connect_and_open(bool read_only) {
   const std::string where = "RBD image '" + target_.spec() + "' (" + uri_ + ")";
   auto fail = [&where](const std::string& what) { throw BackendError(where + ": " + what); };
   const std::string user = "client." + target_.id;
-  int r = rados_create2(&cluster_, "ceph", user.c_str(), 0);
+  cluster_->spec = target_.spec();
+  int r = rados_create2(&cluster_->handle, "ceph", user.c_str(), 0);
   if (r < 0) fail("cannot create a RADOS client for " + user + ": " + errno_text(r));
   if (!target_.conf.empty()) {
-    r = rados_conf_read_file(cluster_, target_.conf.c_str());
+    r = rados_conf_read_file(cluster_->handle, target_.conf.c_str());
     if (r < 0) fail("cannot read the Ceph configuration " + target_.conf + ": " + errno_text(r));
   } else {
-    r = rados_conf_read_file(cluster_, nullptr);
+    r = rados_conf_read_file(cluster_->handle, nullptr);
     if (r < 0) fail("no Ceph configuration found (/etc/ceph/ceph.conf, ~/.ceph/config, ./ceph.conf); name one "
                     "with ?conf=PATH");
   }
   if (!target_.keyring.empty()) {
     if (::access(target_.keyring.c_str(), R_OK) != 0)
       fail("cannot read the keyring " + target_.keyring + ": " + errno_text(errno));
-    r = rados_conf_set(cluster_, "keyring", target_.keyring.c_str());
+    r = rados_conf_set(cluster_->handle, "keyring", target_.keyring.c_str());
     if (r < 0) fail("keyring " + target_.keyring + ": " + errno_text(r));
   }
   // Every wait on the cluster is bounded by io-timeout (see the header).
   const std::string seconds = std::to_string(std::max<int64_t>(1, (options_.io_timeout.count() + 999) / 1000));
   for (const char* name : {"rados_osd_op_timeout", "rados_mon_op_timeout", "client_mount_timeout"}) {
-    r = rados_conf_set(cluster_, name, seconds.c_str());
+    r = rados_conf_set(cluster_->handle, name, seconds.c_str());
     if (r < 0) fail(std::string("cannot set ") + name + ": " + errno_text(r));
   }
-  (void)rados_conf_set(cluster_, "rbd_cache", "false");
-  r = rados_connect(cluster_);
+  (void)rados_conf_set(cluster_->handle, "rbd_cache", "false");
+  r = rados_connect(cluster_->handle);
   if (r < 0) {
     if (r == -EACCES || r == -EPERM || r == -EKEYREJECTED)
       fail("the cluster refused " + user + "'s key (" + errno_text(r) + "): check the keyring");
@@ -95,7 +98,7 @@ void RbdDevice::connect_and_open(bool read_only) {
       fail("no answer from the mons within " + seconds + " s (io-timeout): is the cluster up, is mon host right?");
     fail("cannot connect to the cluster as " + user + ": " + errno_text(r));
   }
-  r = rados_ioctx_create(cluster_, target_.pool.c_str(), &ioctx_);
+  r = rados_ioctx_create(cluster_->handle, target_.pool.c_str(), &ioctx_);
   if (r < 0) {
     ioctx_ = nullptr;
     if (r == -ENOENT) fail("the pool '" + target_.pool + "' does not exist");
@@ -147,6 +150,7 @@ void RbdDevice::connect_and_open(bool read_only) {
            "feature enable " + target_.spec() + " exclusive-lock) or add exclusive=off to the URI");
     take_lock();
   }
+  (void)cluster_->ask_health();  // for status from the start (bounded by io-timeout)
   core::logger("rbd")->info("{}: opened as {}, {} bytes, object size {}{}{}", target_.spec(), user, size,
                             info.obj_size, read_only_ ? ", read-only" : "", locked_ ? ", exclusive lock held" : "");
 }
@@ -330,31 +334,53 @@ core::Task<std::error_code> RbdDevice::block_status(core::ByteRange range, core:
   co_return note({}, "block status");
 }
 
-int RbdDevice::ask_health() {
+int RbdDevice::Cluster::ask_health() {
   const char* cmd[] = {R"({"prefix": "health", "format": "json"})"};
   char* outbuf = nullptr;
   size_t outlen = 0;
   char* outs = nullptr;
   size_t outslen = 0;
-  const int r = rados_mon_command(cluster_, cmd, 1, "", 0, &outbuf, &outlen, &outs, &outslen);
+  const int r = rados_mon_command(handle, cmd, 1, "", 0, &outbuf, &outlen, &outs, &outslen);
+  std::string status;
   if (r >= 0 && outbuf) {
     const std::string json(outbuf, outlen);
     const auto at = json.find("\"status\":\"");
     if (at != std::string::npos) {
       const auto from = at + 10;
-      core::logger("rbd")->info("{}: cluster health {}", target_.spec(),
-                                json.substr(from, json.find('"', from) - from));
+      status = json.substr(from, json.find('"', from) - from);
     }
   }
   rados_buffer_free(outbuf);
   rados_buffer_free(outs);
+  if (r < 0) status = "unreachable: " + errno_text(r);
+  if (status.empty()) status = "unknown";
+  std::string before;
+  {
+    std::lock_guard lock(mutex);
+    before = std::exchange(health, status);
+    at = std::chrono::steady_clock::now();
+  }
+  if (before != status) core::logger("rbd")->info("{}: cluster health {}", spec, status);
   return r;
+}
+
+std::string RbdDevice::health_detail() const {
+  Cluster& c = *cluster_;
+  std::lock_guard lock(c.mutex);
+  if (std::chrono::steady_clock::now() - c.at > kHealthMaxAge &&
+      !c.refreshing.exchange(true, std::memory_order_acq_rel)) {
+    boost::asio::post(blocking_, [cluster = cluster_] {
+      (void)cluster->ask_health();
+      cluster->refreshing.store(false, std::memory_order_release);
+    });
+  }
+  return c.health;
 }
 
 core::Task<std::error_code> RbdDevice::reconnect() {
   // librbd keeps its own sessions to mons and OSDs and resends on its own;
   // what is left is to wait, bounded, until the mons answer again.
-  const int r = co_await core::offload(blocking_, [this] { return ask_health(); });
+  const int r = co_await core::offload(blocking_, [cluster = cluster_] { return cluster->ask_health(); });
   if (r < 0) co_return core::errno_code(-r == ETIMEDOUT ? ETIMEDOUT : ENOTCONN);
   generation_.fetch_add(1, std::memory_order_relaxed);
   connected_.store(true, std::memory_order_relaxed);

@@ -35,8 +35,8 @@
 //
 // Thread model: any method may be called from any event-loop thread;
 // librbd's completion callbacks run on librbd's threads and only post.
-// connected(), generation() and the last health string are atomics / under
-// a small mutex never held across a co_await. reconnect() runs on the
+// connected() and generation() are atomics; the last health string is under
+// a small mutex never held across a co_await or a librados call. reconnect() runs on the
 // blocking pool and is never concurrent with itself (RetryLayer's contract).
 #pragma once
 
@@ -49,6 +49,8 @@
 
 #include <atomic>
 #include <chrono>
+#include <memory>
+#include <mutex>
 #include <string>
 
 namespace blockway::remote::rbd {
@@ -82,6 +84,10 @@ class RbdDevice final : public core::RemoteDevice {
   [[nodiscard]] uint64_t generation() const noexcept override {
     return generation_.load(std::memory_order_relaxed);
   }
+  // The cluster's health as the mons last said it ("HEALTH_OK", or
+  // "unreachable: ..."); refreshed on the blocking pool when older than
+  // kHealthMaxAge, so a status request never waits for the cluster.
+  [[nodiscard]] std::string health_detail() const override;
 
  private:
   struct Request;
@@ -92,8 +98,21 @@ class RbdDevice final : public core::RemoteDevice {
   core::Task<std::error_code> submit(Start start);
   // Notes what an error says about the cluster (connected, blocklisted).
   std::error_code note(std::error_code ec, const char* what);
-  // Asks the mons for the cluster's health (blocking); 0 or a negative errno.
-  int ask_health();
+  // The rados client and the cluster's last health, shared with a health
+  // refresh in flight on the blocking pool (which may outlive the device:
+  // the last owner shuts the client down).
+  struct Cluster {
+    rados_t handle = nullptr;
+    std::string spec;  // for logs
+    std::mutex mutex;  // guards health and at; never held across a librados call
+    std::string health;
+    std::chrono::steady_clock::time_point at{};
+    std::atomic<bool> refreshing{false};  // a refresh is queued or running
+    ~Cluster();
+    // Asks the mons for the cluster's health (blocking, bounded by
+    // rados_mon_op_timeout) and records it; 0 or a negative errno.
+    int ask_health();
+  };
   void connect_and_open(bool read_only);
   void take_lock();
   void shutdown() noexcept;
@@ -102,7 +121,7 @@ class RbdDevice final : public core::RemoteDevice {
   RbdTarget target_;
   RbdOptions options_;
   boost::asio::thread_pool& blocking_;
-  rados_t cluster_ = nullptr;
+  std::shared_ptr<Cluster> cluster_ = std::make_shared<Cluster>();
   rados_ioctx_t ioctx_ = nullptr;
   rbd_image_t image_ = nullptr;
   bool read_only_ = false;
@@ -111,6 +130,8 @@ class RbdDevice final : public core::RemoteDevice {
   bool fast_diff_ = false;
   std::atomic<bool> connected_{true};
   std::atomic<uint64_t> generation_{1};
+
+  static constexpr std::chrono::seconds kHealthMaxAge{5};
 };
 
 }  // namespace blockway::remote::rbd

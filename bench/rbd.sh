@@ -1,0 +1,185 @@
+#!/usr/bin/env bash
+# Benchmark the RBD backend: blockwayd serving an image of a one-node Ceph
+# cluster (mon + bluestore OSD on a sparse file, loopback, cephx; the
+# integration tests' fixture, bench/ceph_cluster.py) as an NBD export, next to
+# the direct librbd clients on the same image: qemu-img convert with qemu's
+# rbd driver (qemu-block-extra) and `rbd bench`.
+#
+# Usage: bench/rbd.sh            (as root)
+#
+# Environment knobs:
+#   BENCH_QUICK=1       smoke test: one round, 2 s fio runs, 256 MiB image
+#   BENCH_RUNTIME=N     seconds per fio run (default 10; 2 in quick mode)
+#   BENCH_REPS=N        rounds; each figure is the median (default 3; 1 quick)
+#   BENCH_SIZE_MIB=N    image size in MiB (default 512; 256 in quick mode)
+#   BENCH_TMPDIR=DIR    where the cluster and the cache go (default /var/tmp)
+#   BLOCKWAYD=PATH      daemon binary (default <repo>/build/blockwayd)
+#
+# Method: one cluster, one image `bench`, written full of random data first.
+# Each round, in turn: sequential read of the whole image into /dev/shm
+# (nbdcopy from blockwayd's export; qemu-img convert from rbd:), sequential
+# write of a random source over the whole image (nbdcopy to blockwayd;
+# qemu-img convert -n to rbd:), 4k QD16 random read and write (fio's nbd
+# engine through blockwayd; `rbd bench --io-threads 16 --io-pattern rand`,
+# librbd directly), and 4k QD16 random read through blockwayd with a warm
+# cache (cache=DIR, prefetched whole before fio starts). blockwayd runs
+# without a cache unless said, is started per contender (it holds the
+# image's exclusive lock) and must exit 0 after SIGTERM.
+set -euo pipefail
+
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+bench_settings 10 3 512
+[[ $QUICK == 1 ]] && SIZE_MIB=${BENCH_SIZE_MIB:-256}
+RBD_OPS=$((QUICK == 1 ? 20000 : 100000))   # rbd bench 4k requests
+
+for tool in ceph-mon ceph-osd rbd qemu-img nbdcopy nbdinfo fio jq; do
+    command -v "$tool" >/dev/null || die "missing tool: $tool"
+done
+[[ -x $BLOCKWAYD ]] || die "blockwayd not found at $BLOCKWAYD (set BLOCKWAYD=)"
+
+bench_tmpdir rbd-bench
+SRC=$TMP/src.raw
+OUT=/dev/shm/rbd-bench-out.$$.raw
+RESULTS=$TMP/results.tsv
+bench_private_daemon
+cd "$TMP"
+BW_PID=
+
+before_cleanup() {
+    stop_pid "$BW_PID"
+    if [[ $1 -ne 0 ]]; then
+        for f in "$TMP"/blockwayd.log "$TMP"/cluster.log; do
+            [[ -f $f ]] && { echo "--- last lines of $f ---" >&2; tail -n 15 "$f" >&2; }
+        done
+    fi
+    rm -f "$OUT"
+}
+bench_cleanup_trap before_cleanup
+
+record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$RESULTS"; }
+
+# ---------------------------------------------------------------- setup
+BYTES=$((SIZE_MIB * 1024 * 1024))
+echo "Starting a Ceph cluster in $TMP/cluster ..." >&2
+mkdir -p "$TMP/cluster"
+bench_start "$TMP/cluster.log" "$PY" "$repo/bench/ceph_cluster.py" "$TMP/cluster" bench "$SIZE_MIB"
+for _ in $(seq 240); do [[ -f $TMP/cluster/ready ]] && break; kill -0 "$BG_PID" || die "the cluster did not start"; sleep 0.5; done
+[[ -f $TMP/cluster/ready ]] || die "the cluster did not start within 120 s"
+read -r CONF KEYRING <"$TMP/cluster/ready"
+URI="rbd://rbd/bench?conf=$CONF&keyring=$KEYRING"
+QEMU="rbd:rbd/bench:conf=$CONF:keyring=$KEYRING"
+dd if=/dev/urandom of="$SRC" bs=1M count="$SIZE_MIB" iflag=fullblock status=none
+qemu-img convert -n -f raw -O raw "$SRC" "$QEMU"
+: >"$RESULTS"
+
+# ---------------------------------------------------------------- blockwayd
+start_blockwayd() {   # start_blockwayd [OPTIONS] -> sets BW_PORT
+    BW_PORT=$(free_port)
+    rm -f "$TMP/blockwayd.pid"
+    bench_start "$TMP/blockwayd.log" "$BLOCKWAYD" --listen "127.0.0.1:$BW_PORT" --control-socket off \
+        --data-dir "$TMP/data" --export "bench=$URI${1:+,$1}" --pid-file "$TMP/blockwayd.pid"
+    BW_PID=$BG_PID
+    wait_pid_file "$TMP/blockwayd.pid" "$BW_PID" 60
+    wait_nbd "nbd://127.0.0.1:$BW_PORT/bench" 30
+}
+
+stop_blockwayd() {
+    stop_pid "$BW_PID"
+    BW_PID=
+    [[ $STOP_RC == 0 ]] || die "blockwayd exited with status $STOP_RC after SIGTERM"
+}
+
+timed() {   # timed CMD... -> MB/s for BYTES
+    local t0 t1
+    t0=$(now)
+    "$@" >/dev/null 2>"$TMP/cmd.err" || { cat "$TMP/cmd.err" >&2; die "failed: $*"; }
+    t1=$(now)
+    mbps "$BYTES" "$t0" "$t1"
+}
+
+fio_4k() {   # fio_4k URI randread|randwrite -> IOPS
+    local v
+    v=$(fio_nbd "$1" "$2" 4k)
+    echo "${v% *}"
+}
+
+rbd_bench() {   # rbd_bench read|write -> IOPS (4k random, 16 threads, librbd directly)
+    rbd -c "$CONF" --keyring "$KEYRING" bench --io-type "$1" --io-size 4K --io-threads 16 --io-pattern rand \
+        --io-total $((RBD_OPS * 4096)) rbd/bench 2>"$TMP/cmd.err" | awk '/^elapsed:/ {print int($6)}' \
+        | grep . || { cat "$TMP/cmd.err" >&2; die "rbd bench $1 failed"; }
+}
+
+# ---------------------------------------------------------------- machine info
+bench_machine_info "$(dpkg-query -W -f='ceph ${Version}' ceph-osd 2>/dev/null); $(qemu-img --version | head -n1)" \
+    "cluster: 1 mon, 1 OSD (bluestore on a sparse file in $(df --output=fstype "$TMP" | tail -n1 | tr -d ' ')), pool size 1, loopback, cephx" \
+    "image: ${SIZE_MIB} MiB, 4 MiB objects, random data; reads land in /dev/shm" \
+    "fio runtime ${RUNTIME} s, rbd bench ${RBD_OPS} requests, ${REPS} round(s), median reported"
+
+# ---------------------------------------------------------------- run
+for ((round = 1; round <= REPS; round++)); do
+    start_blockwayd
+    nbd="nbd://127.0.0.1:$BW_PORT/bench"
+    record blockwayd seqread "$round" "$(timed nbdcopy "$nbd" "$OUT")"; rm -f "$OUT"
+    record blockwayd seqwrite "$round" "$(timed nbdcopy "$SRC" "$nbd")"
+    record blockwayd randread "$round" "$(fio_4k "$nbd" randread)"
+    record blockwayd randwrite "$round" "$(fio_4k "$nbd" randwrite)"
+    stop_blockwayd
+
+    record qemu-img seqread "$round" "$(timed qemu-img convert -f raw -O raw "$QEMU" "$OUT")"; rm -f "$OUT"
+    record qemu-img seqwrite "$round" "$(timed qemu-img convert -n -f raw -O raw "$SRC" "$QEMU")"
+    record rbd-bench randread "$round" "$(rbd_bench read)"
+    record rbd-bench randwrite "$round" "$(rbd_bench write)"
+
+    # a warm cache: prefetch everything, then random reads
+    rm -rf "$TMP/cache" "$TMP/data"
+    mkdir -p "$TMP/cache"
+    start_blockwayd "cache=$TMP/cache,prefetch=sequential"
+    for _ in $(seq 600); do grep -q "prefetch done" "$TMP/blockwayd.log" && break; sleep 0.2; done
+    grep -q "prefetch done" "$TMP/blockwayd.log" || die "the prefetch did not finish within 120 s"
+    record blockwayd-warm randread "$round" "$(fio_4k "nbd://127.0.0.1:$BW_PORT/bench" randread)"
+    stop_blockwayd
+    : >"$TMP/blockwayd.log"
+    echo "round $round/$REPS: $(awk -F'\t' -v r="$round" '$3==r {printf "%s/%s=%s ", $1, $2, $4}' "$RESULTS")" >&2
+done
+
+# The data path is right: what blockwayd reads is what qemu's driver wrote.
+qemu-img convert -n -f raw -O raw "$SRC" "$QEMU"
+start_blockwayd
+nbdcopy "nbd://127.0.0.1:$BW_PORT/bench" "$OUT"
+stop_blockwayd
+cmp -s "$SRC" "$OUT" || die "blockwayd read back something else than qemu-img wrote"
+rm -f "$OUT"
+
+# ---------------------------------------------------------------- report
+LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
+PYTHONPATH=$repo/bench "$PY" - "$RESULTS" "$LOAD_END" <<'EOF'
+import statistics, sys
+from lib import read_results
+rows, data, med = read_results(sys.argv[1])
+by_round = {(w, t, r): float(v) for w, t, r, v in rows}
+rounds = sorted({r for _, _, r, _ in rows}, key=int)
+def ratio(ours, theirs, t_ours, t_theirs=None):
+    t_theirs = t_theirs or t_ours
+    rs = [by_round[(ours, t_ours, r)] / by_round[(theirs, t_theirs, r)] for r in rounds
+          if (ours, t_ours, r) in by_round and (theirs, t_theirs, r) in by_round]
+    return rs
+lines = [("seq read MB/s (nbdcopy vs qemu-img convert)", "blockwayd", "qemu-img", "seqread", None, 1.0),
+         ("seq write MB/s (nbdcopy vs qemu-img convert -n)", "blockwayd", "qemu-img", "seqwrite", None, 1.0),
+         ("4k randread IOPS QD16 (fio nbd vs rbd bench)", "blockwayd", "rbd-bench", "randread", None, 0.9),
+         ("4k randwrite IOPS QD16 (fio nbd vs rbd bench)", "blockwayd", "rbd-bench", "randwrite", None, 0.9),
+         ("4k randread IOPS QD16, warm cache vs the cluster directly (rbd bench)", "blockwayd-warm", "rbd-bench",
+          "randread", None, 10.0)]
+print("## Results (median of rounds)")
+print()
+print("| test | blockwayd | direct | blockwayd / direct (per-round median) | target | met |")
+print("| --- | ---: | ---: | ---: | ---: | --- |")
+for label, ours, theirs, t, _, target in lines:
+    rs = ratio(ours, theirs, t)
+    m = statistics.median(rs) if rs else float("nan")
+    print(f"| {label} | {med[(ours, t)]:.0f} | {med[(theirs, t)]:.0f} | {m:.2f} (rounds: "
+          + " ".join("%.2f" % x for x in rs) + f") | {target:g}x | {'yes' if m >= target else 'no'} |")
+print()
+print("All runs:", "; ".join(f"{w}/{t}: " + ", ".join("%.0f" % x for x in v) for (w, t), v in sorted(data.items())))
+print()
+print(f"Load average at end: {sys.argv[2]}")
+EOF
