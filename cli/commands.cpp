@@ -44,6 +44,11 @@ const Command kCommands[] = {
      "         [--burst SECONDS] | --off\n"
      "                    show or change the export's QoS limits (kept across restarts)",
      qos_command},
+    {"access",
+     "access NAME [--allow RULES] [--listen NAMES]\n"
+     "                    show or change who may use the export over NBD (kept\n"
+     "                    across restarts)",
+     access_command},
     {"flush", "flush NAME          flush the export", flush_command},
     {"mount", "mount DIR           mount the FUSE front end at DIR: every export as a file", mount_command},
     {"unmount", "unmount             unmount it", unmount_command},

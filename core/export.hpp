@@ -7,6 +7,7 @@
 // never hold the lock during I/O.
 #pragma once
 
+#include "core/access_policy.hpp"
 #include "core/checked_device.hpp"
 #include "core/export_control.hpp"
 #include "core/qos_layer.hpp"
@@ -50,6 +51,12 @@ struct Export {
   // NBD clients must use TLS for this export (tls=require), even on a
   // listener that allows plaintext.
   bool tls_required = false;
+  // allow= and listen=: who may use it over NBD, and on which listeners it
+  // is published. Replaced whole when the control plane changes the rules;
+  // null means everyone, everywhere.
+  std::atomic<std::shared_ptr<const AccessPolicy>> access;
+  // NBD clients refused by `access` (INFO, GO, EXPORT_NAME, meta contexts).
+  std::atomic<uint64_t> denied{0};
 };
 
 // What happened to an export, for ExportTable observers.

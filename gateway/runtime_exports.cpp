@@ -9,6 +9,12 @@
 #include <algorithm>
 #include <optional>
 
+
+// GCC 12 pairs the operator delete of Asio's awaitable frame with the
+// allocator call it inlined into add() and warns; both are Asio's own
+// (its recycling allocator). Seen once ExportConfig grew (allow=, listen=).
+#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
+
 namespace blockway::gateway {
 
 using core::ConfigError;
@@ -41,6 +47,16 @@ std::string with_option(const std::string& options, const std::string& key, cons
 // with_option for a saved setting: "qos" is saved as several options
 // ("qos-read-iops=100,qos-burst=1"), each set in the export's options.
 std::string with_options(std::string options, const std::string& key, const std::string& value) {
+  if (key == "access") {  // "allow=...\nlisten=...": two options
+    for (size_t pos = 0; pos < value.size();) {
+      const size_t nl = std::min(value.find('\n', pos), value.size());
+      const std::string item = value.substr(pos, nl - pos);
+      if (const auto eq = item.find('='); eq != std::string::npos)
+        options = with_option(options, item.substr(0, eq), item.substr(eq + 1));
+      pos = nl + 1;
+    }
+    return options;
+  }
   if (key != "qos") return with_option(options, key, value);
   for (size_t pos = 0; pos < value.size();) {
     const size_t comma = std::min(value.find(',', pos), value.size());
@@ -134,7 +150,7 @@ Task<std::string> RuntimeExports::persist(std::shared_ptr<Export> exp, std::stri
   }
   const std::string config_value = builder_.configured_value(name, key);
   cache::MetaStore* store = builder_.open_catalogue_or_null();  // open: the export has a cache
-  if (!store && key == "qos") {
+  if (!store && (key == "qos" || key == "access")) {
     // QoS applies to exports without a cache too: the first change opens
     // (makes) the catalogue, under the lock that serialises the builder.
     auto guard = co_await lock_.lock();
