@@ -44,26 +44,18 @@ std::string with_option(const std::string& options, const std::string& key, cons
   return out;
 }
 
-// with_option for a saved setting: "qos" is saved as several options
-// ("qos-read-iops=100,qos-burst=1"), each set in the export's options.
+// with_option for a saved setting made of several options: "qos" is saved as
+// "qos-read-iops=100,qos-burst=1", "access" as "allow=...\nlisten=..." (an
+// allow list may hold no comma, but the separator must not clash with it).
 std::string with_options(std::string options, const std::string& key, const std::string& value) {
-  if (key == "access") {  // "allow=...\nlisten=...": two options
-    for (size_t pos = 0; pos < value.size();) {
-      const size_t nl = std::min(value.find('\n', pos), value.size());
-      const std::string item = value.substr(pos, nl - pos);
-      if (const auto eq = item.find('='); eq != std::string::npos)
-        options = with_option(options, item.substr(0, eq), item.substr(eq + 1));
-      pos = nl + 1;
-    }
-    return options;
-  }
-  if (key != "qos") return with_option(options, key, value);
+  if (key != "qos" && key != "access") return with_option(options, key, value);
+  const char separator = key == "qos" ? ',' : '\n';
   for (size_t pos = 0; pos < value.size();) {
-    const size_t comma = std::min(value.find(',', pos), value.size());
-    const std::string item = value.substr(pos, comma - pos);
+    const size_t end = std::min(value.find(separator, pos), value.size());
+    const std::string item = value.substr(pos, end - pos);
     if (const auto eq = item.find('='); eq != std::string::npos)
       options = with_option(options, item.substr(0, eq), item.substr(eq + 1));
-    pos = comma + 1;
+    pos = end + 1;
   }
   return options;
 }
