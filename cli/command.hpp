@@ -22,6 +22,7 @@ int detach_command(const std::vector<std::string>& args);
 int mode_command(const std::vector<std::string>& args);
 int qos_command(const std::vector<std::string>& args);
 int remote_bandwidth_command(const std::vector<std::string>& args);
+int access_command(const std::vector<std::string>& args);
 int flush_command(const std::vector<std::string>& args);
 int mount_command(const std::vector<std::string>& args);
 int unmount_command(const std::vector<std::string>& args);

@@ -54,6 +54,11 @@ const Command kCommands[] = {
      "                    show the daemon-wide remote bandwidth cap, or change it\n"
      "                    until the next start (100M; 0 lifts it)",
      remote_bandwidth_command},
+    {"access",
+     "access NAME [--allow RULES] [--listen NAMES]\n"
+     "                    show or change who may use the export over NBD (kept\n"
+     "                    across restarts)",
+     access_command},
     {"flush", "flush NAME          flush the export", flush_command},
     {"mount", "mount DIR           mount the FUSE front end at DIR: every export as a file", mount_command},
     {"unmount", "unmount             unmount it", unmount_command},

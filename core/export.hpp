@@ -7,6 +7,7 @@
 // never hold the lock during I/O.
 #pragma once
 
+#include "core/access_policy.hpp"
 #include "core/checked_device.hpp"
 #include "core/export_control.hpp"
 #include "core/qos_layer.hpp"
@@ -58,6 +59,12 @@ struct Export {
   std::string clone_of;
   std::string overlay_path;
   std::function<std::vector<std::pair<std::string, uint64_t>>()> overlay_counters;
+  // allow= and listen=: who may use it over NBD, and on which listeners it
+  // is published. Replaced whole when the control plane changes the rules;
+  // null means everyone, everywhere.
+  std::atomic<std::shared_ptr<const AccessPolicy>> access;
+  // NBD clients refused by `access` (INFO, GO, EXPORT_NAME, meta contexts).
+  std::atomic<uint64_t> denied{0};
 };
 
 // What happened to an export, for ExportTable observers.

@@ -10,6 +10,18 @@ namespace blockway::core {
 ListenAddress ListenAddress::parse(std::string_view text) {
   ListenAddress a;
   const std::string where = "listen address '" + std::string(text) + "'";
+  // NAME=ADDR: a name is letters, digits, '-', '_', '.', before any ':' '[' or '/'.
+  if (const auto eq = text.find('='); eq != std::string_view::npos && text.substr(0, eq).find_first_of(":[/") ==
+                                                                          std::string_view::npos) {
+    a.name = std::string(text.substr(0, eq));
+    if (a.name.empty() || a.name.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.") !=
+                              std::string::npos)
+      throw ConfigError(where + ": a listener name is letters, digits, '-', '_' and '.'");
+    auto rest = parse(text.substr(eq + 1));
+    if (!rest.name.empty()) throw ConfigError(where + ": one name only");
+    rest.name = a.name;
+    return rest;
+  }
   if (text.starts_with("unix:")) {
     a.kind = Kind::unix_socket;
     a.path = std::string(text.substr(5));

@@ -16,8 +16,10 @@ struct ListenAddress {
   std::string host;  // tcp: IPv4/IPv6 literal or host name, without brackets
   uint16_t port = 0;
   std::string path;  // unix socket path
+  std::string name;  // "NAME=ADDR": exports with listen=NAME are published here only
 
-  // "HOST:PORT", "[V6]:PORT", ":PORT" (all addresses), "unix:/path".
+  // "HOST:PORT", "[V6]:PORT", ":PORT" (all addresses), "unix:/path", each
+  // optionally prefixed by "NAME=".
   static ListenAddress parse(std::string_view text);
   [[nodiscard]] std::string to_string() const;
 };

@@ -1,5 +1,7 @@
 #include "gateway/config.hpp"
 
+#include "core/access_policy.hpp"
+
 #include <toml++/toml.h>
 #include <unistd.h>
 #include <grp.h>
@@ -29,10 +31,23 @@ const core::OptionSpec kExportOptions[] = {
      .help = "NBD clients must use TLS for this export even where the server allows plaintext "
              "(needs --tls on or require)",
      .value = "require"},
+    {.name = "allow",
+     .kind = core::OptionKind::text,
+     .help = "who may use the export over NBD, entries separated by spaces or ';': IPv4/IPv6 addresses and "
+             "CIDRs, cert:NAME (client certificate CN), psk:NAME (TLS PSK identity), user:NAME|UID and "
+             "group:NAME|GID (Unix socket peers); others are told it does not exist (default: everyone)",
+     .value = "RULES"},
+    {.name = "listen",
+     .kind = core::OptionKind::text,
+     .help = "publish the export only on these named listeners (--listen NAME=ADDR), separated by spaces or "
+             "';' (default: on every listener)",
+     .value = "NAMES"},
 };
 const core::OptionSpec& kReadOnly = kExportOptions[0];
 const core::OptionSpec& kDescription = kExportOptions[1];
 const core::OptionSpec& kTls = kExportOptions[2];
+const core::OptionSpec& kAllow = kExportOptions[3];
+const core::OptionSpec& kListenOn = kExportOptions[4];
 
 bool names(const core::OptionSpec& spec, const std::string& key) {
   return key == spec.name || std::find(spec.aliases.begin(), spec.aliases.end(), key) != spec.aliases.end();
@@ -48,6 +63,13 @@ bool apply_export_key(ExportConfig& e, const std::string& key, const std::string
     if (value != "require" && value != "off")
       throw ConfigError("export '" + e.name + "': option tls='" + value + "': the value is require (or off)");
     e.tls_required = value == "require";
+  } else if (names(kAllow, key) || names(kListenOn, key)) {
+    try {
+      (void)core::AccessPolicy::parse(key == "allow" ? value : "", key == "listen" ? value : "");
+    } catch (const ConfigError& err) {
+      throw ConfigError("export '" + e.name + "': " + err.what());
+    }
+    (key == "allow" ? e.allow : e.listen_on) = value;
   } else {
     return false;
   }
@@ -148,6 +170,19 @@ void DaemonConfig::validate() const {
                       " needs --tls-certificates DIR or --tls-psk FILE");
   if (tls.verify_peer && tls.certificates_dir.empty())
     throw ConfigError("tls-verify-peer needs --tls-certificates DIR (its ca-cert.pem checks the clients)");
+  std::set<std::string> listeners;
+  for (const auto& l : listen)
+    if (!l.name.empty() && !listeners.insert(l.name).second)
+      throw ConfigError("listener name '" + l.name + "' is used twice");
+  // Without --listen the listeners come from systemd (their names from
+  // FileDescriptorName=), known only at start.
+  for (const auto& e : exports) {
+    const auto policy = core::AccessPolicy::parse("", e.listen_on);
+    for (const auto& name : policy.listeners())
+      if (!listen.empty() && !listeners.contains(name))
+        throw ConfigError("export '" + e.name + "': listen=" + name + " names no listener (use --listen " + name +
+                          "=ADDR)");
+  }
   for (const auto& e : exports)
     if (e.tls_required && tls.mode == nbd::TlsMode::off)
       throw ConfigError("export '" + e.name + "' has tls=require but TLS is off: add --tls=on");
@@ -260,7 +295,12 @@ void load_config_file(const std::string& path, DaemonConfig& cfg) {
         for (const auto& [ik, inode] : *t) {
           const std::string ikey(ik.str());
           if (ikey == "name" || ikey == "uri") continue;
-          const std::string value = as_string(inode, ikey, true);
+          std::string value;
+          if (auto* list = inode.as_array(); list && (ikey == "allow" || ikey == "listen")) {
+            for (const auto& item : *list) value += (value.empty() ? "" : " ") + as_string(item, ikey);
+          } else {
+            value = as_string(inode, ikey, true);
+          }
           if (!apply_export_key(e, ikey, value)) e.options[ikey] = value;
         }
         cfg.exports.push_back(std::move(e));

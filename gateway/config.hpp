@@ -26,6 +26,8 @@ struct ExportConfig {
   std::string description;
   bool read_only = false;
   bool tls_required = false;  // tls=require
+  std::string allow;          // allow=: who may use it over NBD (core::AccessPolicy)
+  std::string listen_on;      // listen=: the named listeners it is published on
   // Options not understood by the generic export code (backend, cache, ...),
   // each consumed by the part that knows it; leftovers are an error.
   std::map<std::string, std::string> options;

@@ -1,6 +1,7 @@
 #include "gateway/control_protocol.hpp"
 
 #include "core/async_mutex.hpp"
+#include "core/logging.hpp"
 #include "core/options.hpp"
 
 #include <algorithm>
@@ -259,6 +260,14 @@ Json export_json(const Export& exp, long clients) {
   j["size"] = exp.device->geometry().size;
   j["read_only"] = exp.device->capabilities().read_only;
   if (clients >= 0) j["clients"] = clients;
+  // allow= / listen= and the NBD clients they refused.
+  Json access;
+  const auto policy = exp.access.load();
+  access["allow"] = policy ? policy->allow_text() : "";
+  access["listen"] = policy ? policy->listen_text() : "";
+  access["tls_required"] = exp.tls_required;
+  access["denied"] = exp.denied.load(std::memory_order_relaxed);
+  j["access"] = std::move(access);
 
   Json remote;
   if (exp.remote_health) {
@@ -495,6 +504,38 @@ class ExportCommands {
     co_return out;
   }
 
+  // access {name, allow?, listen?}: replaces the export's allow= and/or
+  // listen= rules (an empty string lifts them); without either, reports.
+  // Sessions already open keep going; every later handshake sees the new
+  // rules. Saved like the QoS limits.
+  Task<Json> access(const Json& req) {
+    auto exp = find_export(exports_, req, hooks_);
+    const auto report = [&] {
+      Json out = export_json(*exp, -1)["access"];
+      out["name"] = exp->name;
+      return out;
+    };
+    if (!req.contains("allow") && !req.contains("listen")) co_return report();
+    auto ordered = settings_lock(exp->name, "access");
+    auto guard = co_await ordered->lock();
+    const auto old = exp->access.load();
+    const std::string allow = req.contains("allow") ? arg_string(req, "allow") : old ? old->allow_text() : "";
+    const std::string listen = req.contains("listen") ? arg_string(req, "listen") : old ? old->listen_text() : "";
+    core::AccessPolicy policy;
+    try {
+      policy = core::AccessPolicy::parse(allow, listen);
+    } catch (const ConfigError& e) {
+      bad_request(e.what());
+    }
+    const std::string saved = policy.saved();
+    exp->access.store(policy.open() ? nullptr : std::make_shared<const core::AccessPolicy>(std::move(policy)));
+    core::logger("control")->info("export '{}': access rules now allow '{}', listen '{}'", exp->name, allow, listen);
+    Json out = report();
+    auto saving = persist(exp, "access", saved, out);
+    co_await std::move(saving);
+    co_return out;
+  }
+
  private:
   // The lock that orders the changes of one run-time setting (mode,
   // prefetch-rate) of one export: each command holds it from the change until
@@ -557,6 +598,8 @@ void add_export_commands(ControlDispatcher& d, ExportTable& exports, ExportComma
   d.add("prefetch-status", "prefetch progress {name}", bind(&ExportCommands::prefetch_status));
   d.add("detach", "switch to local-only operation {name, force?}", bind(&ExportCommands::detach));
   d.add("mode", "change the cache's write mode {name, mode}", bind(&ExportCommands::mode));
+  d.add("access", "show or change who may use an export over NBD {name, allow?, listen?}",
+        bind(&ExportCommands::access));
   d.add("qos", "show or change an export's QoS limits {name, read_iops?, write_iops?, read_bps?, write_bps?, "
         "burst?, off?}", bind(&ExportCommands::qos));
   // "commands" lists the table as it is when asked, including later additions.

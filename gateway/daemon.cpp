@@ -276,7 +276,7 @@ int run_daemon(DaemonConfig config) {
   if (config.stdio_export) server.serve_stdio();
   for (const auto& passed_socket : listen_plan.adopt) {
     try {
-      log->info("listening on {} (socket passed by systemd{})", server.adopt(passed_socket.fd),
+      log->info("listening on {} (socket passed by systemd{})", server.adopt(passed_socket.fd, passed_socket.name),
                 passed_socket.name.empty() ? "" : ": " + passed_socket.name);
     } catch (const std::runtime_error& e) {
       throw ConfigError(e.what());

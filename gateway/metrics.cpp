@@ -106,6 +106,10 @@ void write_io_metrics(const Export& exp, MetricsWriter& out) {
   out.family("blockway_export_clients", Type::gauge, "NBD connections using the export now.");
   out.sample("blockway_export_clients", labels,
              static_cast<double>(std::max(0L, exp.clients.load(std::memory_order_relaxed))));
+  out.family("blockway_export_access_denied_total", Type::counter,
+             "NBD clients refused by the export's allow= or listen= rules.");
+  out.sample("blockway_export_access_denied_total", labels,
+             static_cast<double>(exp.denied.load(std::memory_order_relaxed)));
   out.family("blockway_export_size_bytes", Type::gauge, "Size of the export's image.");
   out.sample("blockway_export_size_bytes", labels, static_cast<double>(exp.device->geometry().size));
 }

@@ -9,6 +9,12 @@
 #include <algorithm>
 #include <optional>
 
+
+// GCC 12 pairs the operator delete of Asio's awaitable frame with the
+// allocator call it inlined into add() and warns; both are Asio's own
+// (its recycling allocator). Seen once ExportConfig grew (allow=, listen=).
+#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
+
 namespace blockway::gateway {
 
 using core::ConfigError;
@@ -38,16 +44,18 @@ std::string with_option(const std::string& options, const std::string& key, cons
   return out;
 }
 
-// with_option for a saved setting: "qos" is saved as several options
-// ("qos-read-iops=100,qos-burst=1"), each set in the export's options.
+// with_option for a saved setting made of several options: "qos" is saved as
+// "qos-read-iops=100,qos-burst=1", "access" as "allow=...\nlisten=..." (an
+// allow list may hold no comma, but the separator must not clash with it).
 std::string with_options(std::string options, const std::string& key, const std::string& value) {
-  if (key != "qos") return with_option(options, key, value);
+  if (key != "qos" && key != "access") return with_option(options, key, value);
+  const char separator = key == "qos" ? ',' : '\n';
   for (size_t pos = 0; pos < value.size();) {
-    const size_t comma = std::min(value.find(',', pos), value.size());
-    const std::string item = value.substr(pos, comma - pos);
+    const size_t end = std::min(value.find(separator, pos), value.size());
+    const std::string item = value.substr(pos, end - pos);
     if (const auto eq = item.find('='); eq != std::string::npos)
       options = with_option(options, item.substr(0, eq), item.substr(eq + 1));
-    pos = comma + 1;
+    pos = end + 1;
   }
   return options;
 }
@@ -134,7 +142,7 @@ Task<std::string> RuntimeExports::persist(std::shared_ptr<Export> exp, std::stri
   }
   const std::string config_value = builder_.configured_value(name, key);
   cache::MetaStore* store = builder_.open_catalogue_or_null();  // open: the export has a cache
-  if (!store && key == "qos") {
+  if (!store && (key == "qos" || key == "access")) {
     // QoS applies to exports without a cache too: the first change opens
     // (makes) the catalogue, under the lock that serialises the builder.
     auto guard = co_await lock_.lock();

@@ -98,6 +98,7 @@ StackBuilder::Built StackBuilder::build(ExportConfig cfg) {
   exp->name = cfg.name;
   exp->description = cfg.description;
   exp->tls_required = cfg.tls_required;
+  exp->access.store(access_policy(cfg));
   exp->uri = cfg.uri;
   cache::CacheLayer* cache_layer = nullptr;
   if (cache_cfg) {
@@ -257,6 +258,36 @@ void StackBuilder::apply_runtime_qos(const std::string& name, core::QosLimits& q
   } catch (const std::runtime_error& e) {
     throw ConfigError("export '" + name + "': " + e.what());
   }
+}
+
+std::shared_ptr<const core::AccessPolicy> StackBuilder::access_policy(const ExportConfig& cfg) {
+  auto policy = core::AccessPolicy::parse(cfg.allow, cfg.listen_on);
+  const std::string config_value = policy.saved();
+  {
+    std::lock_guard lock(configured_mutex_);
+    configured_[cfg.name]["access"] = config_value;
+  }
+  if (catalogue_exists()) {
+    auto& store = catalogue();
+    try {
+      for (const auto& s : store.runtime_settings(cfg.name)) {
+        if (s.key != "access") continue;
+        if (s.config_value != config_value) {
+          core::logger("daemon")->info("export '{}': the configuration's access rules changed since they were set "
+                                       "at run time: the configuration's apply", cfg.name);
+          store.forget_runtime_setting(cfg.name, s.key);
+          continue;
+        }
+        policy = core::AccessPolicy::from_saved(s.value);
+        core::logger("daemon")->info("export '{}': allow '{}', listen '{}' (set at run time)", cfg.name,
+                                     policy.allow_text(), policy.listen_text());
+      }
+    } catch (const std::runtime_error& e) {
+      throw ConfigError("export '" + cfg.name + "': " + e.what());
+    }
+  }
+  if (policy.open()) return nullptr;
+  return std::make_shared<const core::AccessPolicy>(std::move(policy));
 }
 
 // Serving an export without the cache that still holds its unwritten data

@@ -84,6 +84,9 @@ class StackBuilder {
                                                    core::Options& options);
   void apply_runtime_settings(const std::string& name, cache::CacheConfig& c);
   void apply_runtime_qos(const std::string& name, core::QosLimits& q);
+  // allow= and listen= as the configuration says, or as `blockway access`
+  // changed them (saved like the QoS limits). Null: no rules.
+  std::shared_ptr<const core::AccessPolicy> access_policy(const ExportConfig& cfg);
   void refuse_without_its_cache(const ExportConfig& cfg);
   // The device of a clone: an OverlayLayer over its base export's device.
   std::unique_ptr<core::BlockDevice> open_clone(const ExportConfig& cfg, const std::string& base_name,

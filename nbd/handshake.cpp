@@ -3,6 +3,7 @@
 #include "core/logging.hpp"
 #include "nbd/protocol.hpp"
 
+#include <algorithm>
 #include <array>
 #include <string_view>
 
@@ -56,6 +57,27 @@ class Handshake {
   Task<bool> handle_meta_context(uint32_t option);
   Task<bool> handle_starttls(uint32_t option, uint32_t length, bool& fatal);
   // The export may not be used before TLS (--tls=require, or its tls=require).
+  // allow= and listen=: may this client see the export (LIST)? admit() also
+  // logs and counts a refusal.
+  [[nodiscard]] bool visible(const core::Export& exp) const {
+    const auto policy = exp.access.load();
+    if (!policy) return true;
+    core::AccessClient c{.address = peer_.address, .uid = peer_.uid, .gid = peer_.gid, .listener = peer_.listener};
+    (state_.tls_psk ? c.psk_name : c.cert_name) = state_.tls_peer_name;
+    return policy->allows(c);
+  }
+  bool admit(core::Export& exp) {
+    if (visible(exp)) return true;
+    // Counted and logged once per connection and export: a client asks
+    // about one export with several options (meta contexts, then GO).
+    if (std::find(denied_.begin(), denied_.end(), exp.name) != denied_.end()) return false;
+    if (denied_.size() < 16) denied_.push_back(exp.name);
+    exp.denied.fetch_add(1, std::memory_order_relaxed);
+    log_->warn("access to export '{}' denied to {}{}", exp.name, peer_.text,
+               state_.tls_peer_name.empty() ? "" : " (TLS " + std::string(state_.tls_psk ? "PSK" : "certificate") +
+                                                       " '" + state_.tls_peer_name + "')");
+    return false;
+  }
   [[nodiscard]] bool needs_tls(const core::Export& exp) const {
     return !state_.tls && (opts_.tls_mode == TlsMode::require || exp.tls_required);
   }
@@ -72,6 +94,7 @@ class Handshake {
   bool fixed_ = false;
   Negotiated state_;
   std::string contexts_for_;  // the export the selected contexts belong to
+  std::vector<std::string> denied_;  // exports this client was refused (counted once)
 };
 
 Task<bool> Handshake::reply(uint32_t option, uint32_t type, std::span<const std::byte> data) {
@@ -151,7 +174,9 @@ Task<bool> Handshake::handle_info(uint32_t option, std::optional<Negotiated>& re
     want_description |= type == kInfoDescription;
   }
   auto exp = exports_.find(name);
-  if (!exp) co_return co_await reply_error(option, kRepErrUnknown, "no export named '" + name + "'");
+  // A refused client hears what it would for a name that does not exist:
+  // the export's existence is not for it to learn.
+  if (!exp || !admit(*exp)) co_return co_await reply_error(option, kRepErrUnknown, "no export named '" + name + "'");
   if (needs_tls(*exp)) co_return co_await reply_error(option, kRepErrTlsReqd, "export requires TLS: use STARTTLS");
   if (!co_await send_info(option, *exp, want_name, want_description)) co_return false;
   if (!co_await reply(option, kRepAck)) co_return false;
@@ -187,7 +212,7 @@ Task<bool> Handshake::handle_meta_context(uint32_t option) {
   }
   if (pos != p.size()) co_return co_await reply_error(option, kRepErrInvalid, "trailing bytes after queries");
   auto exp = exports_.find(name);
-  if (!exp) co_return co_await reply_error(option, kRepErrUnknown, "no export named '" + name + "'");
+  if (!exp || !admit(*exp)) co_return co_await reply_error(option, kRepErrUnknown, "no export named '" + name + "'");
   if (needs_tls(*exp)) co_return co_await reply_error(option, kRepErrTlsReqd, "export requires TLS: use STARTTLS");
 
   const bool list = option == kOptListMetaContext;
@@ -230,6 +255,7 @@ Task<bool> Handshake::handle_starttls(uint32_t option, uint32_t length, bool& fa
   state_.no_zeroes = no_zeroes;
   state_.tls = true;
   state_.tls_peer_name = ch_.tls()->peer_name();
+  state_.tls_psk = ch_.tls()->peer_is_psk();
   contexts_for_.clear();
   log_->info("TLS with {}: {}{}", peer_.text, ch_.tls()->description(),
              state_.tls_peer_name.empty() ? "" : ", client '" + state_.tls_peer_name + "'");
@@ -270,7 +296,7 @@ Task<std::optional<Negotiated>> Handshake::run() {
       if (too_big || length > kMaxString) co_return std::nullopt;
       const std::string name(reinterpret_cast<const char*>(payload_.data()), payload_.size());
       auto exp = exports_.find(name);
-      if (!exp || shutting_down()) co_return std::nullopt;  // this option cannot carry an error
+      if (!exp || shutting_down() || !admit(*exp)) co_return std::nullopt;  // this option cannot carry an error
       if (needs_tls(*exp)) {
         log_->info("client {} asked for export '{}' without TLS, which it requires: closing", peer_.text, name);
         co_return std::nullopt;
@@ -306,7 +332,7 @@ Task<std::optional<Negotiated>> Handshake::run() {
             break;
           }
           for (const auto& exp : exports_.list()) {
-            if (needs_tls(*exp)) continue;  // not for this client now
+            if (needs_tls(*exp) || !visible(*exp)) continue;  // not for this client (now)
             std::vector<std::byte> data(4 + exp->name.size() + exp->description.size());
             put32(data.data(), static_cast<uint32_t>(exp->name.size()));
             std::memcpy(data.data() + 4, exp->name.data(), exp->name.size());

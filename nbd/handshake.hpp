@@ -50,6 +50,7 @@ struct PeerInfo {
   bool unix_socket = false;
   std::optional<uid_t> uid;  // Unix socket: SO_PEERCRED
   std::optional<gid_t> gid;
+  std::string listener;  // the name of the listener it came in on, if it has one
 };
 
 struct Negotiated {
@@ -60,6 +61,7 @@ struct Negotiated {
   uint16_t transmission_flags = 0;
   bool tls = false;
   std::string tls_peer_name;  // PSK identity or verified certificate CN
+  bool tls_psk = false;       // tls_peer_name is a PSK identity
 };
 
 // The transmission flags an export advertises.

@@ -69,7 +69,7 @@ std::vector<std::string> Server::listen(const core::ListenAddress& address) {
     ::lstat(address.path.c_str(), &mine);
     unix_paths_.push_back({address.path, mine.st_dev, mine.st_ino});
     unix_acceptors_.push_back(acceptor);
-    asio::co_spawn(ctx, accept_unix(acceptor, address.path), asio::detached);
+    asio::co_spawn(ctx, accept_unix(acceptor, address.path, address.name), asio::detached);
     bound.push_back(address.to_string());
     return bound;
   }
@@ -98,12 +98,12 @@ std::vector<std::string> Server::listen(const core::ListenAddress& address) {
                                              : local.address().to_string()) +
                     ":" + std::to_string(local.port()));
     tcp_acceptors_.push_back(acceptor);
-    asio::co_spawn(ctx, accept_tcp(acceptor), asio::detached);
+    asio::co_spawn(ctx, accept_tcp(acceptor, address.name), asio::detached);
   }
   return bound;
 }
 
-std::string Server::adopt(int fd) {
+std::string Server::adopt(int fd, const std::string& name) {
   auto& ctx = loops_.at(0);
   int type = 0, listening = 0;
   socklen_t len = sizeof type;
@@ -124,7 +124,7 @@ std::string Server::adopt(int fd) {
     const std::string path = acceptor->local_endpoint(ec).path();
     // The socket file is its creator's to remove: not in unix_paths_.
     unix_acceptors_.push_back(acceptor);
-    asio::co_spawn(ctx, accept_unix(acceptor, path), asio::detached);
+    asio::co_spawn(ctx, accept_unix(acceptor, path, name), asio::detached);
     return "unix:" + path;
   }
   if (addr.ss_family != AF_INET && addr.ss_family != AF_INET6)
@@ -134,12 +134,12 @@ std::string Server::adopt(int fd) {
   if (ec) throw std::runtime_error("passed fd " + std::to_string(fd) + ": " + ec.message());
   const auto local = acceptor->local_endpoint(ec);
   tcp_acceptors_.push_back(acceptor);
-  asio::co_spawn(ctx, accept_tcp(acceptor), asio::detached);
+  asio::co_spawn(ctx, accept_tcp(acceptor, name), asio::detached);
   return (local.address().is_v6() ? "[" + local.address().to_string() + "]" : local.address().to_string()) + ":" +
          std::to_string(local.port());
 }
 
-Task<void> Server::accept_tcp(std::shared_ptr<asio::ip::tcp::acceptor> acceptor) {
+Task<void> Server::accept_tcp(std::shared_ptr<asio::ip::tcp::acceptor> acceptor, std::string name) {
   while (!shutting_down_) {
     auto& target = loops_.next();
     auto [ec, socket] = co_await acceptor->async_accept(target, asio::as_tuple(asio::use_awaitable));
@@ -160,6 +160,7 @@ Task<void> Server::accept_tcp(std::shared_ptr<asio::ip::tcp::acceptor> acceptor)
     if (addr.is_v6() && addr.to_v6().is_v4_mapped()) addr = asio::ip::make_address_v4(asio::ip::v4_mapped, addr.to_v6());  // dual-stack
     peer.address = addr.to_string();
     peer.text = (addr.is_v6() ? "[" + peer.address + "]" : peer.address) + ":" + std::to_string(remote.port());
+    peer.listener = name;
     const int fd = socket.release(ignored);
     if (fd >= 0) start_connection(target, fd, -1, std::move(peer));
   }
@@ -183,7 +184,8 @@ PeerInfo unix_peer(int fd, const std::string& path) {
 }
 }  // namespace
 
-Task<void> Server::accept_unix(std::shared_ptr<asio::local::stream_protocol::acceptor> acceptor, std::string path) {
+Task<void> Server::accept_unix(std::shared_ptr<asio::local::stream_protocol::acceptor> acceptor, std::string path,
+                               std::string name) {
   while (!shutting_down_) {
     auto& target = loops_.next();
     auto [ec, socket] = co_await acceptor->async_accept(target, asio::as_tuple(asio::use_awaitable));
@@ -194,7 +196,11 @@ Task<void> Server::accept_unix(std::shared_ptr<asio::local::stream_protocol::acc
     }
     boost::system::error_code ignored;
     const int fd = socket.release(ignored);
-    if (fd >= 0) start_connection(target, fd, -1, unix_peer(fd, path));
+    if (fd >= 0) {
+      PeerInfo peer = unix_peer(fd, path);
+      peer.listener = name;
+      start_connection(target, fd, -1, std::move(peer));
+    }
   }
 }
 

@@ -50,7 +50,7 @@ class Server {
   // activation), TCP or Unix; the server owns the fd from then on. Returns
   // its address. Throws std::runtime_error (and closes nothing) if `fd` is
   // not a listening stream socket of those families.
-  std::string adopt(int fd);
+  std::string adopt(int fd, const std::string& name = "");
   // Serves one client on stdin/stdout; the server drains when it leaves.
   void serve_stdio();
   // Stops accepting and ends every connection gracefully; after the timeout,
@@ -61,9 +61,10 @@ class Server {
 
  private:
   struct Connection;
-  core::Task<void> accept_tcp(std::shared_ptr<boost::asio::ip::tcp::acceptor> acceptor);
+  // `name`: the listener's name (listen= on exports), may be empty.
+  core::Task<void> accept_tcp(std::shared_ptr<boost::asio::ip::tcp::acceptor> acceptor, std::string name);
   core::Task<void> accept_unix(std::shared_ptr<boost::asio::local::stream_protocol::acceptor> acceptor,
-                                  std::string path);
+                                  std::string path, std::string name);
   void start_connection(boost::asio::io_context& ctx, int fd_in, int fd_out, PeerInfo peer);
   core::Task<void> serve(std::shared_ptr<Connection> conn);
   void connection_ended(Connection* conn);

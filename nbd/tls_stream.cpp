@@ -112,6 +112,7 @@ Task<std::error_code> TlsStream::uncork() {
 void TlsStream::find_peer_name() {
   if (gnutls_auth_get_type(session_) == GNUTLS_CRD_PSK) {
     if (const char* user = gnutls_psk_server_get_username(session_)) peer_name_ = user;
+    peer_psk_ = true;
     return;
   }
   // Only a certificate the handshake verified names the client.

@@ -59,6 +59,7 @@ class TlsStream {
   // Who the client proved to be: its PSK identity, or the common name of its
   // verified certificate (tls-verify-peer); empty if neither.
   [[nodiscard]] const std::string& peer_name() const noexcept { return peer_name_; }
+  [[nodiscard]] bool peer_is_psk() const noexcept { return peer_psk_; }
   // "TLS1.3 AES-256-GCM" and the like, for the log.
   [[nodiscard]] std::string description() const;
 
@@ -72,6 +73,7 @@ class TlsStream {
   Descriptor& out_;
   gnutls_session_t session_ = nullptr;
   std::string peer_name_;
+  bool peer_psk_ = false;
 };
 
 }  // namespace blockway::nbd

@@ -87,5 +87,19 @@ TEST(PrivilegedPortHint, SilentOtherwise) {
   EXPECT_EQ(privileged_port_hint(0, EACCES), "");       // any port
 }
 
+TEST(ListenAddress, NamedListeners) {
+  const auto a = ListenAddress::parse("tenants=10.0.0.1:10809");
+  EXPECT_EQ(a.name, "tenants");
+  EXPECT_EQ(a.host, "10.0.0.1");
+  EXPECT_EQ(a.port, 10809);
+  const auto u = ListenAddress::parse("local=unix:/run/x.sock");
+  EXPECT_EQ(u.name, "local");
+  EXPECT_EQ(u.path, "/run/x.sock");
+  EXPECT_EQ(ListenAddress::parse("[::1]:10809").name, "");
+  EXPECT_THAT(what_of<ConfigError>([] { ListenAddress::parse("a b=1.2.3.4:5"); }), HasSubstr("listener name"));
+  EXPECT_THAT(what_of<ConfigError>([] { ListenAddress::parse("=1.2.3.4:5"); }), HasSubstr("listener name"));
+  EXPECT_THAT(what_of<ConfigError>([] { ListenAddress::parse("a=b=1.2.3.4:5"); }), HasSubstr("one name only"));
+}
+
 }  // namespace
 }  // namespace blockway::core
