@@ -92,6 +92,9 @@ def uri():
         "listen_unix": b"\x04unix:/run/blockway/nbd.sock",
         "listen_v4": b"\x04127.0.0.1:10809",
         "metrics": b"\x05127.0.0.1:9110",
+        "nbds": b"\x00nbds://host/disk?tls-certificates=/etc/pki/blockway&tls-verify-peer=false",
+        "rbd": b"\x06rbd://libvirt@rbd/ns/vm1@snap?conf=/etc/ceph/ceph.conf&keyring=/etc/ceph/k&exclusive=break",
+        "rbd_plain": b"\x06rbd://rbd/golden",
     }
 
 

@@ -85,10 +85,12 @@ inline void run_nbd(NbdFixture& f, std::span<const uint8_t> client, bool transmi
   nbd::Channel ch(nbd::Channel::Descriptor(ctx, input_fd(client)), nbd::Channel::Descriptor(ctx, out));
   nbd::HandshakeOptions hopts;
   hopts.max_request_bytes = 64u << 10;
+  // A TCP client on loopback, with no TLS offered: the access rules see an address.
+  const nbd::PeerInfo peer{.text = "127.0.0.1:40000", .address = "127.0.0.1"};
   boost::asio::co_spawn(
       ctx,
       [&]() -> core::Task<void> {
-        auto negotiated = co_await nbd::negotiate(ch, f.table, hopts);
+        auto negotiated = co_await nbd::negotiate(ch, f.table, hopts, peer);
         if (!negotiated || !transmission) co_return;
         nbd::SessionLimits limits;
         limits.max_request_bytes = 64u << 10;

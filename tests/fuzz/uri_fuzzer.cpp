@@ -1,7 +1,8 @@
 // libFuzzer harness: every URI and address parser, selected by the first
-// input byte (mod 6): 0 the generic remote::Uri (nbd://, nbd+unix://,
-// file://), 1 iscsi://, 2 nfs://, 3 aoe:// (Uri, then the AoE address),
-// 4 a listen address (HOST:PORT, [V6]:PORT, unix:PATH), 5 a metrics address.
+// input byte (mod 7): 0 the generic remote::Uri (nbd://, nbds://,
+// nbd+unix://, file://), 1 iscsi://, 2 nfs://, 3 aoe:// (Uri, then the AoE
+// address), 4 a listen address ([NAME=]HOST:PORT, [V6]:PORT, unix:PATH), 5 a
+// metrics address, 6 rbd://.
 // A refusal (an exception derived from std::exception: ConfigError,
 // BackendError, std::invalid_argument) is the expected answer to bad input;
 // a crash, a sanitizer report or anything else thrown is a finding.
@@ -11,6 +12,7 @@
 #include "remote/aoe/aoe_address.hpp"
 #include "remote/iscsi/iscsi_uri.hpp"
 #include "remote/nfs/nfs_uri.hpp"
+#include "remote/rbd/rbd_uri.hpp"
 #include "remote/uri.hpp"
 
 #include <exception>
@@ -21,7 +23,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size == 0) return 0;
   const std::string text(reinterpret_cast<const char*>(data) + 1, size - 1);
   try {
-    switch (data[0] % 6) {
+    switch (data[0] % 7) {
       case 0: {
         const auto uri = remote::Uri::parse(text);
         (void)uri.query.size();
@@ -45,6 +47,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       }
       case 4: (void)core::ListenAddress::parse(text).to_string(); break;
       case 5: (void)gateway::parse_metrics_address(text).to_string(); break;
+      case 6: (void)remote::rbd::RbdTarget::parse(text).spec(); break;
     }
   } catch (const std::exception&) {
     // Refused with a message: the right answer to bad input.
