@@ -7,11 +7,14 @@
 
 #include <boost/asio/associated_executor.hpp>
 #include <boost/asio/post.hpp>
+#include <boost/intrusive/list.hpp>
 #include <rbd/features.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <condition_variable>
 #include <cstring>
+#include <future>
 #include <memory>
 #include <vector>
 
@@ -23,22 +26,58 @@ std::string errno_text(int negative) { return std::strerror(negative < 0 ? -nega
 // Largest range one block-status call asks librbd about: it may answer less.
 constexpr uint64_t kMaxStatusBytes = 1ull << 30;
 
+// Handles left open at shutdown because librbd still held requests on them:
+// kept reachable (not leaked as far as LeakSanitizer is concerned) and never
+// closed, since closing would wait for those requests.
+std::mutex abandoned_mutex;
+std::vector<std::shared_ptr<void>>* abandoned_handles = nullptr;
+
+void keep_forever(std::shared_ptr<void> handle) {
+  std::lock_guard lock(abandoned_mutex);
+  if (!abandoned_handles) abandoned_handles = new std::vector<std::shared_ptr<void>>();
+  abandoned_handles->push_back(std::move(handle));
+}
+
 }  // namespace
 
-struct RbdDevice::Request {
+// One request librbd works on. Owned by librbd's completion callback (which
+// always frees it, however late); the watchdog only touches it while it is
+// linked, under Inflight::mutex.
+struct RbdDevice::Request : boost::intrusive::list_base_hook<> {
+  std::shared_ptr<Inflight> inflight;
+  const char* what = "";
   boost::asio::any_io_executor executor;
-  std::unique_ptr<common::Completion> done;
+  std::unique_ptr<common::Completion> done;  // null once the caller has been answered (timed out)
+  std::chrono::steady_clock::time_point deadline;
+  std::unique_ptr<std::byte[]> bounce;  // a read's data, until it is copied to `dest`
+  std::span<std::byte> dest;            // the caller's buffer: only written while `done` is set
+};
+
+struct RbdDevice::Inflight {
+  std::string spec;  // for logs
+  std::mutex mutex;
+  std::condition_variable changed;              // the first request linked, one left librbd, or stop
+  boost::intrusive::list<Request> list;         // not yet answered, oldest (earliest deadline) first
+  uint64_t in_librbd = 0;                       // submitted and not yet completed by librbd
+  uint64_t abandoned = 0;                       // of those, answered with ETIMEDOUT already
+  uint64_t timed_out = 0;                       // in total, for the log
+  bool wedged = false;                          // a request passed its deadline since the last reopen
+  bool stop = false;
 };
 
 RbdDevice::RbdDevice(std::string uri, RbdTarget target, bool read_only, RbdOptions options,
                      boost::asio::thread_pool& blocking)
-    : uri_(std::move(uri)), target_(std::move(target)), options_(options), blocking_(blocking) {
+    : uri_(std::move(uri)), target_(std::move(target)), options_(options), blocking_(blocking),
+      inflight_(std::make_shared<Inflight>()) {
+  inflight_->spec = target_.spec();
   try {
-    connect_and_open(read_only);
+    open_session(session_, read_only, false);
   } catch (...) {
-    shutdown();
+    close_session(std::move(session_), target_.spec(), kCloseBound);
     throw;
   }
+  image_.store(session_.image, std::memory_order_release);
+  watchdog_ = std::thread([inflight = inflight_] { watch(inflight); });
 }
 
 RbdDevice::~RbdDevice() { shutdown(); }
@@ -47,48 +86,100 @@ RbdDevice::Cluster::~Cluster() {
   if (handle) rados_shutdown(handle);
 }
 
-void RbdDevice::shutdown() noexcept {
-  if (image_) {
-    if (locked_) (void)rbd_lock_release(image_);
-    (void)rbd_close(image_);
-    image_ = nullptr;
+void RbdDevice::stop_watchdog() noexcept {
+  {
+    std::lock_guard lock(inflight_->mutex);
+    inflight_->stop = true;
   }
-  if (ioctx_) {
-    rados_ioctx_destroy(ioctx_);
-    ioctx_ = nullptr;
-  }
-  cluster_.reset();  // shut down now, or by the health refresh in flight
+  inflight_->changed.notify_all();
+  if (watchdog_.joinable()) watchdog_.join();
 }
 
-void RbdDevice::connect_and_open(bool read_only) {
+void RbdDevice::shutdown() noexcept {
+  // Every caller has been answered by now (the daemon waits for its
+  // requests, and the watchdog answers each within its deadline); what may
+  // remain are requests librbd still holds after they timed out.
+  uint64_t left = 0;
+  {
+    std::unique_lock lock(inflight_->mutex);
+    inflight_->changed.wait_for(lock, kCloseBound, [this] { return inflight_->in_librbd == 0; });
+    left = inflight_->in_librbd;
+  }
+  stop_watchdog();
+  std::vector<Session> sessions;
+  {
+    std::lock_guard lock(session_mutex_);
+    sessions = std::move(retired_);
+    sessions.push_back(std::exchange(session_, Session{}));
+  }
+  image_.store(nullptr, std::memory_order_release);
+  if (left > 0) {
+    core::logger("rbd")->warn("{}: {} request(s) still inside librbd after {} s; leaving the image and the cluster "
+                              "connection open (closing them would wait for those requests)",
+                              target_.spec(), left, kCloseBound.count());
+    keep_forever(std::make_shared<std::vector<Session>>(std::move(sessions)));
+    return;
+  }
+  for (auto& s : sessions) close_session(std::move(s), target_.spec(), kCloseBound);
+}
+
+void RbdDevice::close_session(Session s, std::string spec, std::chrono::milliseconds bound) {
+  // rbd_close releases the lock and flushes, rados_shutdown says goodbye:
+  // both talk to the cluster, which may not answer.
+  std::packaged_task<void()> task([s = std::move(s)]() mutable {
+    if (s.image) {
+      if (s.locked) (void)rbd_lock_release(s.image);
+      (void)rbd_close(s.image);
+    }
+    if (s.ioctx) rados_ioctx_destroy(s.ioctx);
+    s.cluster.reset();  // shut down now, or by the health refresh in flight
+  });
+  auto finished = task.get_future();
+  std::thread closer(std::move(task));
+  if (finished.wait_for(bound) == std::future_status::ready) {
+    closer.join();
+    return;
+  }
+  closer.detach();
+  if (bound.count() > 0)
+    core::logger("rbd")->warn("{}: closing the image took longer than {} ms (the cluster does not answer); not "
+                              "waiting for it",
+                              spec, bound.count());
+}
+
+void RbdDevice::open_session(Session& s, bool read_only, bool reopen) {
   const std::string where = "RBD image '" + target_.spec() + "' (" + uri_ + ")";
   auto fail = [&where](const std::string& what) { throw BackendError(where + ": " + what); };
   const std::string user = "client." + target_.id;
-  cluster_->spec = target_.spec();
-  int r = rados_create2(&cluster_->handle, "ceph", user.c_str(), 0);
+  s.cluster->spec = target_.spec();
+  int r = rados_create2(&s.cluster->handle, "ceph", user.c_str(), 0);
   if (r < 0) fail("cannot create a RADOS client for " + user + ": " + errno_text(r));
   if (!target_.conf.empty()) {
-    r = rados_conf_read_file(cluster_->handle, target_.conf.c_str());
+    r = rados_conf_read_file(s.cluster->handle, target_.conf.c_str());
     if (r < 0) fail("cannot read the Ceph configuration " + target_.conf + ": " + errno_text(r));
   } else {
-    r = rados_conf_read_file(cluster_->handle, nullptr);
+    r = rados_conf_read_file(s.cluster->handle, nullptr);
     if (r < 0) fail("no Ceph configuration found (/etc/ceph/ceph.conf, ~/.ceph/config, ./ceph.conf); name one "
                     "with ?conf=PATH");
   }
   if (!target_.keyring.empty()) {
     if (::access(target_.keyring.c_str(), R_OK) != 0)
       fail("cannot read the keyring " + target_.keyring + ": " + errno_text(errno));
-    r = rados_conf_set(cluster_->handle, "keyring", target_.keyring.c_str());
+    r = rados_conf_set(s.cluster->handle, "keyring", target_.keyring.c_str());
     if (r < 0) fail("keyring " + target_.keyring + ": " + errno_text(r));
   }
   // Every wait on the cluster is bounded by io-timeout (see the header).
   const std::string seconds = std::to_string(std::max<int64_t>(1, (options_.io_timeout.count() + 999) / 1000));
   for (const char* name : {"rados_osd_op_timeout", "rados_mon_op_timeout", "client_mount_timeout"}) {
-    r = rados_conf_set(cluster_->handle, name, seconds.c_str());
+    r = rados_conf_set(s.cluster->handle, name, seconds.c_str());
     if (r < 0) fail(std::string("cannot set ") + name + ": " + errno_text(r));
   }
-  (void)rados_conf_set(cluster_->handle, "rbd_cache", "false");
-  r = rados_connect(cluster_->handle);
+  (void)rados_conf_set(s.cluster->handle, "rbd_cache", "false");
+  // librbd copies a write's data at submission: a write abandoned at its
+  // deadline (see the header) must not read the caller's buffer later.
+  r = rados_conf_set(s.cluster->handle, "rbd_disable_zero_copy_writes", "true");
+  if (r < 0) fail(std::string("cannot set rbd_disable_zero_copy_writes: ") + errno_text(r));
+  r = rados_connect(s.cluster->handle);
   if (r < 0) {
     if (r == -EACCES || r == -EPERM || r == -EKEYREJECTED)
       fail("the cluster refused " + user + "'s key (" + errno_text(r) + "): check the keyring");
@@ -98,27 +189,27 @@ void RbdDevice::connect_and_open(bool read_only) {
       fail("no answer from the mons within " + seconds + " s (io-timeout): is the cluster up, is mon host right?");
     fail("cannot connect to the cluster as " + user + ": " + errno_text(r));
   }
-  r = rados_ioctx_create(cluster_->handle, target_.pool.c_str(), &ioctx_);
+  r = rados_ioctx_create(s.cluster->handle, target_.pool.c_str(), &s.ioctx);
   if (r < 0) {
-    ioctx_ = nullptr;
+    s.ioctx = nullptr;
     if (r == -ENOENT) fail("the pool '" + target_.pool + "' does not exist");
     fail("cannot open the pool '" + target_.pool + "': " + errno_text(r));
   }
-  rados_ioctx_set_namespace(ioctx_, target_.ns.empty() ? nullptr : target_.ns.c_str());
+  rados_ioctx_set_namespace(s.ioctx, target_.ns.empty() ? nullptr : target_.ns.c_str());
   const char* snap = target_.snap.empty() ? nullptr : target_.snap.c_str();
-  read_only_ = read_only || snap != nullptr;
-  r = read_only_ ? rbd_open_read_only(ioctx_, target_.image.c_str(), &image_, snap)
-                 : rbd_open(ioctx_, target_.image.c_str(), &image_, nullptr);
-  if (r == -EPERM && !read_only_) {
+  if (!reopen) read_only_ = read_only || snap != nullptr;
+  r = read_only_ ? rbd_open_read_only(s.ioctx, target_.image.c_str(), &s.image, snap)
+                 : rbd_open(s.ioctx, target_.image.c_str(), &s.image, nullptr);
+  if (r == -EPERM && !read_only_ && !reopen) {
     // A key that may only read: serve the image read-only rather than refuse.
-    r = rbd_open_read_only(ioctx_, target_.image.c_str(), &image_, nullptr);
+    r = rbd_open_read_only(s.ioctx, target_.image.c_str(), &s.image, nullptr);
     if (r >= 0) {
       read_only_ = true;
       core::logger("rbd")->warn("{}: {} may not write to the image; serving it read-only", target_.spec(), user);
     }
   }
   if (r < 0) {
-    image_ = nullptr;
+    s.image = nullptr;
     if (r == -ENOENT && snap) fail("the image or its snapshot '" + target_.snap + "' does not exist");
     if (r == -ENOENT)
       fail("there is no image '" + target_.image + "' in pool '" + target_.pool + "'" +
@@ -129,54 +220,67 @@ void RbdDevice::connect_and_open(bool read_only) {
 
   uint64_t size = 0;
   rbd_image_info_t info{};
-  if ((r = rbd_stat(image_, &info, sizeof info)) < 0) fail("cannot stat the image: " + errno_text(r));
+  if ((r = rbd_stat(s.image, &info, sizeof info)) < 0) fail("cannot stat the image: " + errno_text(r));
   size = info.size;
   uint64_t features = 0;
-  (void)rbd_get_features(image_, &features);
+  (void)rbd_get_features(s.image, &features);
   uint64_t flags = 0;
-  (void)rbd_get_flags(image_, &flags);
-  fast_diff_ = (features & RBD_FEATURE_FAST_DIFF) && !(flags & RBD_FLAG_FAST_DIFF_INVALID);
-  geometry_.size = size;
-  geometry_.min_block = 1;
+  (void)rbd_get_flags(s.image, &flags);
+  if (reopen) {
+    if (size != geometry_.size)
+      core::logger("rbd")->warn("{}: the image is now {} bytes; the export keeps {} bytes", target_.spec(), size,
+                                geometry_.size);
+  } else {
+    fast_diff_ = (features & RBD_FEATURE_FAST_DIFF) && !(flags & RBD_FLAG_FAST_DIFF_INVALID);
+    geometry_.size = size;
+  }
+  if (!reopen) geometry_.min_block = 1;
   // The object size as the preferred block: a whole object per request is
   // what RADOS serves best (and what the prefetch should read).
-  geometry_.preferred_block =
-      static_cast<uint32_t>(std::clamp<uint64_t>(info.obj_size, 4096, core::kDefaultMaxTransfer));
-  geometry_.max_transfer = core::kDefaultMaxTransfer;
+  if (!reopen) {
+    geometry_.preferred_block =
+        static_cast<uint32_t>(std::clamp<uint64_t>(info.obj_size, 4096, core::kDefaultMaxTransfer));
+    geometry_.max_transfer = core::kDefaultMaxTransfer;
+  }
 
   if (!read_only_ && target_.lock != LockMode::off) {
     if (!(features & RBD_FEATURE_EXCLUSIVE_LOCK))
       fail("the image lacks the exclusive-lock feature, so a second writer cannot be kept out; enable it (rbd "
            "feature enable " + target_.spec() + " exclusive-lock) or add exclusive=off to the URI");
-    take_lock();
+    take_lock(s.image, reopen);
+    s.locked = true;
   }
-  (void)cluster_->ask_health();  // for status from the start (bounded by io-timeout)
-  core::logger("rbd")->info("{}: opened as {}, {} bytes, object size {}{}{}", target_.spec(), user, size,
-                            info.obj_size, read_only_ ? ", read-only" : "", locked_ ? ", exclusive lock held" : "");
+  (void)s.cluster->ask_health();  // for status from the start (bounded by io-timeout)
+  core::logger("rbd")->info("{}: {} as {}, {} bytes, object size {}{}{}", target_.spec(),
+                            reopen ? "reopened" : "opened", user, size, info.obj_size,
+                            read_only_ ? ", read-only" : "", s.locked ? ", exclusive lock held" : "");
 }
 
-void RbdDevice::take_lock() {
+void RbdDevice::take_lock(rbd_image_t image, bool reopen) {
   const std::string where = "RBD image '" + target_.spec() + "' (" + uri_ + ")";
-  auto owners = [this] {
+  auto owners = [image] {
     rbd_lock_mode_t mode{};
     std::vector<char*> list(16);
     size_t count = list.size();
     std::vector<std::string> out;
-    if (rbd_lock_get_owners(image_, &mode, list.data(), &count) == 0) {
+    if (rbd_lock_get_owners(image, &mode, list.data(), &count) == 0) {
       for (size_t i = 0; i < count; ++i) out.emplace_back(list[i]);
       rbd_lock_get_owners_cleanup(list.data(), count);
     }
     return out;
   };
-  if (target_.lock == LockMode::take_over) {
+  // A reopen takes the lock back from this gateway's previous session, whose
+  // requests librbd no longer answered: breaking it fences that session.
+  if (target_.lock == LockMode::take_over || reopen) {
     for (const auto& owner : owners()) {
-      core::logger("rbd")->warn("{}: breaking the exclusive lock of {} (exclusive=break)", target_.spec(), owner);
-      const int r = rbd_lock_break(image_, RBD_LOCK_MODE_EXCLUSIVE, owner.c_str());
+      core::logger("rbd")->warn("{}: breaking the exclusive lock of {} ({})", target_.spec(), owner,
+                                reopen ? "our previous session" : "exclusive=break");
+      const int r = rbd_lock_break(image, RBD_LOCK_MODE_EXCLUSIVE, owner.c_str());
       if (r < 0 && r != -ENOENT)
         throw BackendError(where + ": cannot break the lock of " + owner + ": " + errno_text(r));
     }
   }
-  const int r = rbd_lock_acquire(image_, RBD_LOCK_MODE_EXCLUSIVE);
+  const int r = rbd_lock_acquire(image, RBD_LOCK_MODE_EXCLUSIVE);
   if (r < 0) {
     std::string holders;
     for (const auto& o : owners()) holders += (holders.empty() ? "" : ", ") + o;
@@ -185,7 +289,6 @@ void RbdDevice::take_lock() {
                        ": another gateway or client writes this image; stop it, or add exclusive=break to "
                        "the URI to take the lock from it");
   }
-  locked_ = true;
 }
 
 core::Geometry RbdDevice::geometry() const noexcept { return geometry_; }
@@ -209,28 +312,100 @@ void RbdDevice::on_complete(rbd_completion_t c, void* arg) {
   std::unique_ptr<Request> req(static_cast<Request*>(arg));
   const ssize_t r = rbd_aio_get_return_value(c);
   rbd_aio_release(c);
-  common::post_completion(req->executor, std::move(req->done), r < 0 ? static_cast<int>(-r) : 0);
+  Inflight& in = *req->inflight;
+  std::unique_ptr<common::Completion> done;
+  {
+    std::lock_guard lock(in.mutex);
+    if (req->is_linked()) in.list.erase(in.list.iterator_to(*req));
+    done = std::move(req->done);
+    --in.in_librbd;
+    if (!done) --in.abandoned;
+  }
+  in.changed.notify_all();
+  if (!done) {
+    core::logger("rbd")->info("{}: a {} that timed out came back from librbd ({})", in.spec, req->what,
+                              r < 0 ? errno_text(static_cast<int>(r)) : std::string("done"));
+    return;
+  }
+  // The caller still waits for this, so its buffer is alive.
+  if (r >= 0 && req->bounce) std::memcpy(req->dest.data(), req->bounce.get(), req->dest.size());
+  common::post_completion(req->executor, std::move(done), r < 0 ? static_cast<int>(-r) : 0);
+}
+
+void RbdDevice::watch(const std::shared_ptr<Inflight>& inflight) {
+  Inflight& in = *inflight;
+  std::unique_lock lock(in.mutex);
+  while (!in.stop) {
+    if (in.list.empty()) {
+      in.changed.wait(lock);
+      continue;
+    }
+    Request& oldest = in.list.front();
+    if (std::chrono::steady_clock::now() < oldest.deadline) {
+      in.changed.wait_until(lock, oldest.deadline);
+      continue;
+    }
+    in.list.pop_front();
+    ++in.abandoned;
+    in.wedged = true;
+    ++in.timed_out;
+    const char* what = oldest.what;
+    const uint64_t abandoned = in.abandoned;
+    common::post_completion(oldest.executor, std::move(oldest.done), ETIMEDOUT);
+    lock.unlock();
+    core::logger("rbd")->warn("{}: a {} got no answer from librbd by its deadline; failed with ETIMEDOUT and left "
+                              "to librbd ({} such request(s) still inside it)",
+                              in.spec, what, abandoned);
+    lock.lock();
+  }
 }
 
 template <class Start>
-core::Task<std::error_code> RbdDevice::submit(Start start) {
+core::Task<std::error_code> RbdDevice::submit(const char* what, Start start, std::span<std::byte> read_into) {
   co_return co_await boost::asio::async_initiate<const boost::asio::use_awaitable_t<>, void(std::error_code)>(
-      [this, &start](auto handler) {
+      [this, what, &start, read_into](auto handler) {
         auto req = std::make_unique<Request>();
+        req->inflight = inflight_;
+        req->what = what;
         req->executor = boost::asio::get_associated_executor(handler);
         req->done = std::make_unique<common::CompletionOf<decltype(handler)>>(std::move(handler));
+        if (!read_into.empty()) {
+          req->bounce = std::make_unique_for_overwrite<std::byte[]>(read_into.size());
+          req->dest = read_into;
+        }
+        char* target = reinterpret_cast<char*>(req->bounce.get());
         rbd_completion_t c = nullptr;
         int r = rbd_aio_create_completion(req.get(), &RbdDevice::on_complete, &c);
-        if (r >= 0) {
-          r = start(image_, c);
-          if (r >= 0) {
-            (void)req.release();  // on_complete owns it now
-            return;
-          }
-          rbd_aio_release(c);
+        if (r < 0) {
+          auto ex = req->executor;
+          common::post_completion(ex, std::move(req->done), -r);
+          return;
         }
-        auto ex = req->executor;
-        common::post_completion(ex, std::move(req->done), -r);
+        Inflight& in = *inflight_;
+        bool first = false;
+        {
+          std::lock_guard lock(in.mutex);
+          req->deadline = std::chrono::steady_clock::now() + deadline();
+          first = in.list.empty();
+          in.list.push_back(*req);
+          ++in.in_librbd;
+        }
+        if (first) in.changed.notify_all();
+        Request* raw = req.release();  // on_complete owns it from here, or we do again below
+        r = start(image_.load(std::memory_order_acquire), c, target);
+        if (r >= 0) return;
+        // Refused at once: librbd will not call on_complete.
+        std::unique_ptr<Request> back(raw);
+        std::unique_ptr<common::Completion> done;
+        {
+          std::lock_guard lock(in.mutex);
+          if (back->is_linked()) in.list.erase(in.list.iterator_to(*back));
+          done = std::move(back->done);
+          --in.in_librbd;
+          if (!done) --in.abandoned;
+        }
+        rbd_aio_release(c);
+        if (done) common::post_completion(back->executor, std::move(done), -r);
       },
       boost::asio::use_awaitable);
 }
@@ -256,28 +431,32 @@ std::error_code RbdDevice::note(std::error_code ec, const char* what) {
 }
 
 core::Task<std::error_code> RbdDevice::read(std::span<std::byte> buf, uint64_t offset, core::IoFlags) {
-  const auto ec = co_await submit([&](rbd_image_t img, rbd_completion_t c) {
-    return rbd_aio_read(img, offset, buf.size(), reinterpret_cast<char*>(buf.data()), c);
-  });
+  const auto ec = co_await submit(
+      "read",
+      [&](rbd_image_t img, rbd_completion_t c, char* into) { return rbd_aio_read(img, offset, buf.size(), into, c); },
+      buf);
   co_return note(ec, "read");
 }
 
 core::Task<std::error_code> RbdDevice::write(std::span<const std::byte> buf, uint64_t offset, core::IoFlags) {
   if (read_only_) co_return core::errno_code(EROFS);
-  const auto ec = co_await submit([&](rbd_image_t img, rbd_completion_t c) {
+  // librbd copies the data at submission (rbd_disable_zero_copy_writes), so
+  // a write abandoned at its deadline never reads the caller's buffer later.
+  const auto ec = co_await submit("write", [&](rbd_image_t img, rbd_completion_t c, char*) {
     return rbd_aio_write(img, offset, buf.size(), reinterpret_cast<const char*>(buf.data()), c);
   });
   co_return note(ec, "write");
 }
 
 core::Task<std::error_code> RbdDevice::flush() {
-  const auto ec = co_await submit([](rbd_image_t img, rbd_completion_t c) { return rbd_aio_flush(img, c); });
+  const auto ec =
+      co_await submit("flush", [](rbd_image_t img, rbd_completion_t c, char*) { return rbd_aio_flush(img, c); });
   co_return note(ec, "flush");
 }
 
 core::Task<std::error_code> RbdDevice::trim(core::ByteRange range, core::IoFlags) {
   if (read_only_) co_return core::errno_code(EROFS);
-  const auto ec = co_await submit([&](rbd_image_t img, rbd_completion_t c) {
+  const auto ec = co_await submit("discard", [&](rbd_image_t img, rbd_completion_t c, char*) {
     return rbd_aio_discard(img, range.offset, range.length, c);
   });
   co_return note(ec, "discard");
@@ -288,7 +467,7 @@ core::Task<std::error_code> RbdDevice::zero(core::ByteRange range, core::IoFlags
   // librbd zeroes by discarding whole objects and writing zeroes at the
   // edges: always fast; NO_HOLE asks it to keep the range allocated.
   const int zero_flags = (flags & core::kNoHole) ? RBD_WRITE_ZEROES_FLAG_THICK_PROVISION : 0;
-  const auto ec = co_await submit([&](rbd_image_t img, rbd_completion_t c) {
+  const auto ec = co_await submit("write-zeroes", [&](rbd_image_t img, rbd_completion_t c, char*) {
     return rbd_aio_write_zeroes(img, range.offset, range.length, c, zero_flags, 0);
   });
   co_return note(ec, "write-zeroes");
@@ -306,7 +485,7 @@ core::Task<std::error_code> RbdDevice::block_status(core::ByteRange range, core:
       if (exists) static_cast<std::vector<Found>*>(arg)->push_back({o, l});
       return 0;
     };
-    res.first = rbd_diff_iterate2(image_, nullptr, off, len, 1, fast_diff_ ? 1 : 0, cb, &res.second);
+    res.first = rbd_diff_iterate2(image_.load(std::memory_order_acquire), nullptr, off, len, 1, fast_diff_ ? 1 : 0, cb, &res.second);
     return res;
   });
   if (result.first < 0) co_return note(core::errno_code(-result.first), "block status");
@@ -365,22 +544,67 @@ int RbdDevice::Cluster::ask_health() {
 }
 
 std::string RbdDevice::health_detail() const {
-  Cluster& c = *cluster_;
-  std::lock_guard lock(c.mutex);
-  if (std::chrono::steady_clock::now() - c.at > kHealthMaxAge &&
-      !c.refreshing.exchange(true, std::memory_order_acq_rel)) {
-    boost::asio::post(blocking_, [cluster = cluster_] {
+  std::shared_ptr<Cluster> cluster;
+  {
+    std::lock_guard lock(session_mutex_);
+    cluster = session_.cluster;
+  }
+  if (!cluster) return "closed";
+  std::lock_guard lock(cluster->mutex);
+  if (std::chrono::steady_clock::now() - cluster->at > kHealthMaxAge &&
+      !cluster->refreshing.exchange(true, std::memory_order_acq_rel)) {
+    boost::asio::post(blocking_, [cluster] {
       (void)cluster->ask_health();
       cluster->refreshing.store(false, std::memory_order_release);
     });
   }
-  return c.health;
+  return cluster->health;
+}
+
+int RbdDevice::reopen() {
+  Session fresh;
+  try {
+    open_session(fresh, read_only_, true);
+  } catch (const BackendError& e) {
+    core::logger("rbd")->warn("{}", e.what());
+    close_session(std::move(fresh), target_.spec(), std::chrono::milliseconds(0));
+    return -ENOTCONN;
+  }
+  std::lock_guard lock(session_mutex_);
+  retired_.push_back(std::exchange(session_, std::move(fresh)));
+  image_.store(session_.image, std::memory_order_release);
+  return 0;
 }
 
 core::Task<std::error_code> RbdDevice::reconnect() {
   // librbd keeps its own sessions to mons and OSDs and resends on its own;
-  // what is left is to wait, bounded, until the mons answer again.
-  const int r = co_await core::offload(blocking_, [cluster = cluster_] { return cluster->ask_health(); });
+  // what is left is to wait, bounded, until the mons answer again. But once
+  // a request passed its deadline librbd may not answer this image again
+  // (seen after an OSD op timeout: every later request waited), so then the
+  // session is replaced by a fresh connection and image handle.
+  bool wedged = false;
+  {
+    std::lock_guard lock(inflight_->mutex);
+    wedged = std::exchange(inflight_->wedged, false);
+  }
+  int r = 0;
+  if (wedged) {
+    core::logger("rbd")->warn("{}: librbd left a request unanswered past its deadline; reopening the image on a "
+                              "new cluster connection",
+                              target_.spec());
+    r = co_await core::offload(blocking_, [this] { return reopen(); });
+    if (r < 0) {
+      std::lock_guard lock(inflight_->mutex);
+      inflight_->wedged = true;  // try again next time
+    }
+  } else {
+    std::shared_ptr<Cluster> cluster;
+    {
+      std::lock_guard lock(session_mutex_);
+      cluster = session_.cluster;
+    }
+    r = co_await core::offload(blocking_, [cluster] { return cluster->ask_health(); });
+  }
   if (r < 0) co_return core::errno_code(-r == ETIMEDOUT ? ETIMEDOUT : ENOTCONN);
   generation_.fetch_add(1, std::memory_order_relaxed);
   connected_.store(true, std::memory_order_relaxed);

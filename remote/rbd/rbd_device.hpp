@@ -23,6 +23,21 @@
 // rbd_diff_iterate2 (fast with the fast-diff feature), which librbd offers
 // only synchronously: it runs on the blocking pool.
 //
+// Deadline: librbd's op timeouts do not bound every wait inside it (a
+// request re-issued after a timeout, or one waiting for the exclusive lock
+// librbd re-takes after its watch failed, can wait without bound), so each
+// request also has a deadline of its own (1.5 x io-timeout). A
+// watchdog thread fails a request past it with ETIMEDOUT and abandons it to
+// librbd, whose completion may land later: a read goes through a bounce
+// buffer the request owns (librbd may still write it; the caller's buffer
+// is only copied into while the caller waits), a write's data is copied by
+// librbd at submission (rbd_disable_zero_copy_writes), and everything the
+// completion touches is owned by the request or shared with it. Shutdown
+// waits for abandoned requests at most kCloseBound; if librbd still holds
+// some, the image and the client are left open (rbd_close would wait for
+// them) and the process exits with them; rbd_close and rados_shutdown run
+// on a thread of their own and are abandoned past kCloseBound too.
+//
 // Failures: librbd resends its requests itself across OSD and mon restarts.
 // rados_osd_op_timeout and rados_mon_op_timeout are set to io-timeout, so a
 // request the cluster does not answer in time fails with ETIMEDOUT, which the
@@ -34,7 +49,10 @@
 // reported as EIO and logged, never retried.
 //
 // Thread model: any method may be called from any event-loop thread;
-// librbd's completion callbacks run on librbd's threads and only post.
+// librbd's completion callbacks run on librbd's threads and only post. The
+// requests in flight are in one list under a mutex (held only to link,
+// unlink or expire, never across a librbd call); the watchdog thread is the
+// device's own, joined by the destructor.
 // connected() and generation() are atomics; the last health string is under
 // a small mutex never held across a co_await or a librados call. reconnect() runs on the
 // blocking pool and is never concurrent with itself (RetryLayer's contract).
@@ -52,6 +70,8 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
+#include <vector>
 
 namespace blockway::remote::rbd {
 
@@ -91,11 +111,16 @@ class RbdDevice final : public core::RemoteDevice {
 
  private:
   struct Request;
+  struct Inflight;  // the requests in flight; shared with librbd's callbacks, which may outlive the device
   static void on_complete(rbd_completion_t c, void* arg);
   // Creates a completion, calls start(c) (an rbd_aio_* call) and awaits the
-  // result; librbd's negative errno becomes an error_code.
+  // result; librbd's negative errno becomes an error_code. A read passes its
+  // destination: librbd then reads into a bounce buffer (see the header).
   template <class Start>
-  core::Task<std::error_code> submit(Start start);
+  core::Task<std::error_code> submit(const char* what, Start start, std::span<std::byte> read_into = {});
+  // The watchdog thread: fails requests past their deadline.
+  static void watch(const std::shared_ptr<Inflight>& inflight);
+  void stop_watchdog() noexcept;
   // Notes what an error says about the cluster (connected, blocklisted).
   std::error_code note(std::error_code ec, const char* what);
   // The rados client and the cluster's last health, shared with a health
@@ -113,23 +138,50 @@ class RbdDevice final : public core::RemoteDevice {
     // rados_mon_op_timeout) and records it; 0 or a negative errno.
     int ask_health();
   };
-  void connect_and_open(bool read_only);
-  void take_lock();
+  // One connection to the cluster and the image opened on it; reconnect()
+  // replaces it whole after librbd stopped answering (see the header).
+  struct Session {
+    std::shared_ptr<Cluster> cluster = std::make_shared<Cluster>();
+    rados_ioctx_t ioctx = nullptr;
+    rbd_image_t image = nullptr;
+    bool locked = false;
+  };
+  // Connects and opens the image into s (start-up, or a reopen after a
+  // wedge: then the lock is taken back from our previous session); throws
+  // BackendError, leaving in s what to close.
+  void open_session(Session& s, bool read_only, bool reopen);
+  void take_lock(rbd_image_t image, bool reopen);
+  // Closes s on a thread of its own and waits for it at most `bound` (0: not
+  // at all); a close still running then is left to finish on its own.
+  static void close_session(Session s, std::string spec, std::chrono::milliseconds bound);
+  // Replaces the session by a fresh one (blocking pool): 0 or a negative errno.
+  int reopen();
   void shutdown() noexcept;
 
   std::string uri_;
   RbdTarget target_;
   RbdOptions options_;
   boost::asio::thread_pool& blocking_;
-  std::shared_ptr<Cluster> cluster_ = std::make_shared<Cluster>();
-  rados_ioctx_t ioctx_ = nullptr;
-  rbd_image_t image_ = nullptr;
+  mutable std::mutex session_mutex_;  // guards session_; never held across a librados call
+  Session session_;
+  // Sessions replaced by a reopen: closed at shutdown, not earlier (a block
+  // status on the blocking pool may still use one; librbd may still hold
+  // requests on it).
+  std::vector<Session> retired_;
+  std::atomic<rbd_image_t> image_{nullptr};  // session_.image, for the data path
   bool read_only_ = false;
-  bool locked_ = false;
   core::Geometry geometry_;
   bool fast_diff_ = false;
   std::atomic<bool> connected_{true};
   std::atomic<uint64_t> generation_{1};
+  std::shared_ptr<Inflight> inflight_;
+  std::thread watchdog_;
+
+  // A request's deadline: 1.5 x io-timeout, so librbd's own op timeout
+  // (= io-timeout) fails it first when it can.
+  [[nodiscard]] std::chrono::milliseconds deadline() const noexcept { return options_.io_timeout * 3 / 2; }
+  // The longest shutdown waits for librbd (abandoned requests, rbd_close).
+  static constexpr std::chrono::seconds kCloseBound{5};
 
   static constexpr std::chrono::seconds kHealthMaxAge{5};
 };

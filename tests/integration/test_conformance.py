@@ -265,13 +265,6 @@ class RbdBackend(Backend):
     # librbd answers a flush with nothing in flight itself: with its cache
     # off, every write it acknowledged is already on the OSDs.
     idle_flush_asks_peer = False
-    # Known bug (issue 15): once an OSD op timed out, the request the
-    # RetryLayer re-issues can wait in librbd without bound (seen with the
-    # OSD frozen, and killed for longer than retry-timeout), and the daemon
-    # then does not stop on SIGTERM either. Until the rbd device has its own
-    # deadline, these cases would hang the suite.
-    outage_cases_skip = ("rbd: a request re-issued after an OSD op timeout can wait in librbd without bound "
-                         "(known bug, issue 15)")
     bad_uris = (
         ("rbd://rbd", "names no image (POOL/IMAGE)"),
         ("rbd://rbd/ns/img/x", "too many path components"),

@@ -245,9 +245,6 @@ class ClusterRestartTest(RbdTestCase):
         for off, data in dict(writer.durable).items():
             self.assertEqual(img[off:off + len(data)], data, "flushed data at %d lost" % off)
 
-    @unittest.skip("known bug (issue 15 report): with mon and OSD both down a write can wait in librbd "
-                   "past retry-timeout (seen once: 15 min), likely for the exclusive lock librbd re-takes "
-                   "after its watch failed; osd/mon op timeouts do not bound that wait")
     def test_cluster_stopped_past_retry_timeout_gives_eio_then_recovers(self):
         """Mon and OSD both gone: requests fail with EIO after retry-timeout
         (librbd's own waits bounded by io-timeout), and the export works
@@ -275,6 +272,48 @@ class ClusterRestartTest(RbdTestCase):
         self.assertEqual(self.export(name)[:8192], b"a" * 4096 + b"b" * 4096)
         # Each wait for the mons was bounded by io-timeout.
         self.assertIn("reconnect failed: Connection timed out", daemon.log())
+
+
+class DeadlineTest(RbdTestCase):
+    def test_sigterm_with_the_osd_frozen_and_a_read_in_flight_exits_in_bounded_time(self):
+        """The OSD frozen (SIGSTOP) under a read: the read fails with EIO
+        within retry-timeout plus the request's deadline, SIGTERM then stops
+        the daemon in bounded time even though librbd still holds requests,
+        and a new gateway serves the image once the OSD runs again."""
+        name = self.image(8 * MiB)
+        daemon = self.serve(CLUSTER.uri(name), "retry-timeout=2,io-timeout=1")
+        h = self.client()
+        h.pwrite(b"c" * 4096, 0)
+        h.flush()
+        with harness.frozen(CLUSTER.osd.proc.pid):
+            start = time.monotonic()
+            with self.assertRaises(nbd.Error) as cm:
+                h.pread(4096, 4096)
+            self.assertEqual(cm.exception.errnum, errno.EIO)
+            self.assertLess(time.monotonic() - start, 8.0)
+            # A second read still inside librbd when SIGTERM comes.
+            errors = []
+
+            def reader():
+                try:
+                    h.pread(4096, 8192)
+                except nbd.Error as e:
+                    errors.append(e.errnum)
+            t = threading.Thread(target=reader)
+            t.start()
+            time.sleep(0.3)
+            start = time.monotonic()
+            daemon.stop(timeout=30)
+            stopped = time.monotonic() - start
+            t.join(10)
+        self.assertLess(stopped, 20.0, "SIGTERM took %.1fs" % stopped)
+        self.assertIn("request(s) still inside librbd", daemon.log())
+        # The gateway that stopped broke nothing: a new one takes the lock
+        # (exclusive=break: the stopped one could not release it) and reads.
+        uri = CLUSTER.uri(name)
+        self.serve(uri + ("&" if "?" in uri else "?") + "exclusive=break", "io-timeout=5", name="second")
+        h2 = self.client()
+        self.assertEqual(h2.pread(4096, 0), b"c" * 4096)
 
 
 class CacheTest(RbdTestCase):
