@@ -9,6 +9,7 @@ BUILD_PKGS=(
   libgtest-dev libgmock-dev libnbd-dev libiscsi-dev libnfs-dev libfuse3-dev
   nlohmann-json3-dev scdoc libgnutls28-dev
   librbd-dev librados-dev
+  nbdkit-plugin-dev
 )
 TEST_PKGS=(
   nbdkit qemu-utils fio libnbd-bin python3 python3-libnbd jq

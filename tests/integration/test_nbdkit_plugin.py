@@ -1,0 +1,290 @@
+"""The nbdkit plugin (nbdkit-blockway-plugin.so): blockway's export stack
+served by nbdkit, driven by real clients (nbdcopy, nbdinfo, fio, libnbd).
+
+- `nbdkit --dump-plugin` and `--help` describe it; bad keys make nbdkit exit
+  non-zero with the message blockwayd gives for the same mistake;
+- nbdcopy in and out through the plugin over a file, and the capabilities
+  nbdinfo sees equal what blockwayd reports for the same stack;
+- fio verify through a cache in writeback-local over an nbdkit remote, read
+  back by a second nbdkit on the same cache after a clean stop;
+- under nbdkit's cow filter (the image stays untouched) and retry filter
+  (the remote is killed and restarted while a read waits);
+- the cache's SIGKILL crash test (tests/integration/crash_common.py) with
+  nbdkit killed instead of blockwayd: flushed writes survive.
+
+The plugin is found beside blockwayd (BLOCKWAYD's directory) unless
+BLOCKWAY_NBDKIT_PLUGIN names it. nbdkit sets PR_SET_PDEATHSIG(SIGTERM), so
+every nbdkit here is started from the test's main thread.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import crash_common  # noqa: E402
+import harness  # noqa: E402
+import remotes  # noqa: E402
+from test_fio import fio  # noqa: E402
+
+MiB = harness.MiB
+PLUGIN = os.environ.get("BLOCKWAY_NBDKIT_PLUGIN",
+                        os.path.join(os.path.dirname(harness.BLOCKWAYD), "nbdkit-blockway-plugin.so"))
+
+
+class PluginServer(remotes.PeerProcess):
+    """nbdkit running the blockway plugin on a Unix socket, in the foreground."""
+
+    def __init__(self, workdir, params, filters=(), name="nbdkit-bw", server_args=()):
+        self.sock = os.path.join(workdir, name + ".sock")
+        self.log_path = os.path.join(workdir, name + ".log")
+        self.params = list(params)
+        self.filters = list(filters)
+        self.server_args = list(server_args)
+
+    def start(self, timeout=20.0):
+        if os.path.exists(self.sock):
+            os.unlink(self.sock)
+        args = (["nbdkit", "-f", "-U", self.sock] + self.server_args + ["--filter=" + f for f in self.filters]
+                + [PLUGIN] + self.params)
+        self._spawn(args)
+        return self._wait_ready(self._listens, timeout, "nbdkit with the blockway plugin")
+
+    def _listens(self):
+        import socket
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(self.sock)
+            return True
+        except OSError:
+            return False
+
+    @property
+    def uri(self):
+        return "nbd+unix:///?socket=" + self.sock
+
+
+def nbdkit_run(params, command, filters=(), timeout=120, server_args=()):
+    """`nbdkit -U - [filters] PLUGIN params --run command`: the CompletedProcess."""
+    args = (["nbdkit", "-U", "-"] + list(server_args) + ["--filter=" + f for f in filters]
+            + [PLUGIN] + list(params) + ["--run", command])
+    return harness.run(args, timeout=timeout, check=False)
+
+
+def capabilities(uri):
+    """nbdinfo --json's view of the one export at `uri`."""
+    p = harness.run(["nbdinfo", "--json", uri], timeout=30)
+    info = json.loads(p.stdout)["exports"][0]
+    keys = ("export-size", "is_read_only", "can_flush", "can_fua", "can_trim", "can_zero", "can_fast_zero",
+            "can_multi_conn", "can_cache", "block_size_minimum", "block_size_preferred")
+    return {k: info.get(k) for k in keys}
+
+
+@unittest.skipUnless(os.path.exists(PLUGIN) and harness.have("nbdkit"), "the plugin or nbdkit is missing")
+class PluginTest(harness.DaemonTestCase):
+    def serve(self, params, filters=(), name="nbdkit-bw", server_args=()):
+        return remotes.started(self, PluginServer(self.tmp, params, filters, name, server_args))
+
+    def test_dump_plugin_and_help_describe_it(self):
+        p = harness.run(["nbdkit", "--dump-plugin", PLUGIN], timeout=30)
+        lines = dict(line.split("=", 1) for line in p.stdout.decode().splitlines() if "=" in line)
+        self.assertEqual(lines["name"], "blockway")
+        self.assertEqual(lines["api_version"], "2")
+        self.assertEqual(lines["thread_model"], "parallel")
+        self.assertEqual(lines["magic_config_key"], "uri")
+        for cb in ("has_after_fork", "has_cleanup", "has_extents", "has_cache", "has_block_size", "has_can_fast_zero"):
+            self.assertEqual(lines.get(cb), "1", cb)
+        schemes = lines["blockway_schemes"].split(",")
+        for s in ("file", "nbd", "nbd+unix", "iscsi", "nfs", "aoe", "rbd"):
+            self.assertIn(s, schemes)
+        self.assertEqual(lines["blockway_write_modes"], "writethrough,writeback,writeback-local")
+        for key in ("uri", "cache", "mode", "prefetch", "auto-detach", "data-dir"):
+            self.assertIn(key, lines["blockway_keys"].split(","))
+        out = harness.run(["nbdkit", PLUGIN, "--help"], timeout=30).stdout.decode()
+        for needle in ("uri=URI", "mode=", "retry-timeout=SECONDS", "qos-read-iops=N", "prefetch="):
+            self.assertIn(needle, out)
+
+    def test_bad_options_are_refused_with_the_daemons_messages(self):
+        img = harness.make_random_image(self.path("img"), MiB)
+        cases = [
+            ([], "the image to serve is missing"),
+            (["file://" + img, "mode=writeback"], "option 'mode' needs a cache directory"),
+            (["file://" + img, "cache=" + self.path("c"), "mode=fast"],
+             "mode 'fast' is not writethrough, writeback or writeback-local"),
+            (["file://" + img, "bogus=1"], "unknown option 'bogus'"),
+            (["gopher://x/y"], "unknown scheme 'gopher'"),
+            (["file://" + img, "threads=0"], "threads"),
+            (["file://" + img, "cache=" + self.path("c"), "chunk=5"], "chunk"),
+            (["nbd://127.0.0.1:1/x", "retry-timeout=soon"], "retry-timeout"),
+            (["file://" + img, "uri=file://" + img], "given twice"),
+        ]
+        for params, needle in cases:
+            p = nbdkit_run(params, "true", timeout=60)
+            err = p.stderr.decode(errors="replace")
+            self.assertNotEqual(p.returncode, 0, "nbdkit accepted %r:\n%s" % (params, err))
+            self.assertIn(needle, err, "for %r" % (params,))
+        # A remote that cannot be opened is found after nbdkit forks (the
+        # stack's threads must start there), so --run would still run its
+        # command: in the foreground nbdkit exits non-zero with our message.
+        p = harness.run(["nbdkit", "-f", "-U", self.path("s.sock"), PLUGIN, "file://" + self.path("missing.img")],
+                        timeout=60, check=False)
+        self.assertNotEqual(p.returncode, 0)
+        self.assertIn("cannot open %s: No such file or directory" % self.path("missing.img"), p.stderr.decode())
+        # The same mistake in blockwayd gives the same message.
+        self.start_refused("r=file://%s,cache=%s,mode=fast" % (img, self.path("c")),
+                           "mode 'fast' is not writethrough, writeback or writeback-local")
+
+    def test_nbdcopy_in_and_out_over_a_file(self):
+        src = harness.make_random_image(self.path("src.img"), 48 * MiB, seed=16)
+        dst = self.path("dst.img")
+        with open(dst, "wb") as f:
+            f.truncate(48 * MiB)
+        out = self.path("out.img")
+        p = nbdkit_run(["file://" + dst], "nbdcopy %s $uri && nbdcopy $uri %s" % (src, out))
+        self.assertEqual(p.returncode, 0, p.stderr.decode(errors="replace"))
+        harness.run(["cmp", src, dst])
+        harness.run(["cmp", src, out])
+
+    def test_capabilities_are_the_stacks(self):
+        """What nbdinfo sees through nbdkit equals what blockwayd reports for
+        the same stack: a writable file, a read-only one, a cached NBD remote."""
+        img = harness.make_random_image(self.path("img"), 8 * MiB)
+        remote = remotes.started(self, remotes.Nbdkit(self.tmp, self.path("img")))
+        cases = [
+            ("file://" + img, []),
+            ("file://" + img, ["read-only=on"]),
+            (remote.uri, ["cache=" + self.path("cache"), "mode=writeback", "chunk=64k"]),
+        ]
+        for i, (uri, params) in enumerate(cases):
+            with self.subTest(uri=uri, params=params):
+                server = self.serve([uri] + params + ["data-dir=" + self.path("d%d" % i)], name="p%d" % i)
+                plugin = capabilities(server.uri)
+                server.stop()
+                d = self.serve_remote(uri, ",".join(params), name="bw%d" % i)
+                daemon = capabilities("nbd://127.0.0.1:%d/r" % self.port)
+                d.stop()
+                if plugin["is_read_only"]:
+                    # nbdkit's server never offers FUA on a read-only export;
+                    # blockwayd's does (a FUA that is never used). Not the plugin's.
+                    self.assertFalse(plugin.pop("can_fua"))
+                    daemon.pop("can_fua")
+                self.assertEqual(plugin, daemon)
+
+    @unittest.skipUnless(harness.have("fio"), "fio missing")
+    def test_fio_verify_through_a_writeback_local_cache_over_an_nbd_remote(self):
+        remote_img = harness.make_random_image(self.path("remote.img"), 32 * MiB, seed=3)
+        remote = remotes.started(self, remotes.Nbdkit(self.tmp, remote_img))
+        params = [remote.uri, "cache=" + self.path("cache"), "mode=writeback-local", "chunk=64k",
+                  "name=vm1", "threads=2"]
+        server = self.serve(params)
+        args = ["--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=24m", "--offset=4m",
+                "--verify=crc32c", "--verify_fatal=1"]
+        fio(self, server.uri, *args, "--do_verify=0", timeout=180)
+        server.stop()  # SIGTERM: .cleanup flushes and closes the cache
+        self.assertFalse(server.running())
+        # The catalogue knows the export and its cache; a fresh nbdkit on the
+        # same cache (remote unchanged underneath) reads fio's data back.
+        server = self.serve(params, name="nbdkit-bw2")
+        _, result, _ = fio(self, server.uri, *args, "--verify_only", timeout=180, name="verify")
+        self.assertGreater(sum(j["read"]["io_bytes"] for j in result["jobs"]), 0)
+
+    def test_cow_filter_keeps_the_image_untouched(self):
+        img = harness.make_random_image(self.path("img"), 8 * MiB, seed=5)
+        with open(img, "rb") as f:
+            before = f.read()
+        script = self.path("client.py")
+        with open(script, "w") as f:
+            f.write("import nbd, sys\nh = nbd.NBD()\nh.connect_uri(sys.argv[1])\n"
+                    "h.pwrite(b'\\xab' * 65536, 1 << 20)\nh.flush()\n"
+                    "assert h.pread(65536, 1 << 20) == b'\\xab' * 65536\n"
+                    "open(%r, 'wb').write(h.pread(8 << 20, 0))\n" % self.path("seen.img"))
+        p = nbdkit_run(["file://" + img, "cache=" + self.path("cache"), "data-dir=" + self.path("d")],
+                       "/usr/bin/python3 %s \"$uri\"" % script, filters=["cow"])
+        self.assertEqual(p.returncode, 0, p.stderr.decode(errors="replace"))
+        with open(img, "rb") as f:
+            self.assertEqual(f.read(), before, "the cow filter let a write reach the image")
+        with open(self.path("seen.img"), "rb") as f:
+            seen = f.read()
+        self.assertEqual(seen[:1 << 20], before[:1 << 20])
+        self.assertEqual(seen[1 << 20:(1 << 20) + 65536], b"\xab" * 65536)
+        self.assertEqual(seen[(1 << 20) + 65536:], before[(1 << 20) + 65536:])
+
+    def test_retry_filter_over_a_remote_restart(self):
+        """The remote dies: our RetryLayer gives up after retry-timeout=1 with
+        EIO, nbdkit's retry filter reopens the plugin and tries again, and once
+        the remote is back the read returns the right bytes."""
+        img = harness.make_random_image(self.path("img"), 8 * MiB, seed=7)
+        with open(img, "rb") as f:
+            data = f.read()
+        remote = remotes.started(self, remotes.Nbdkit(self.tmp, img))
+        server = self.serve([remote.uri, "retry-timeout=1", "io-timeout=2"], filters=["retry"],
+                            server_args=["-v"])
+        h = self.connect(server.uri)
+        self.assertEqual(h.pread(65536, 0), data[:65536])
+        remote.kill()
+        result = {}
+
+        def read():
+            t0 = time.monotonic()
+            try:
+                result["data"] = h.pread(65536, 4 * MiB)
+            except Exception as e:  # noqa: BLE001 - reported below
+                result["error"] = e
+            result["seconds"] = time.monotonic() - t0
+        reader = threading.Thread(target=read)
+        reader.start()
+        time.sleep(2.5)
+        remote.start()  # same port, main thread (PR_SET_PDEATHSIG)
+        reader.join(60)
+        self.assertFalse(reader.is_alive(), "the read did not return")
+        self.assertNotIn("error", result, "%r\n%s" % (result.get("error"), server.log()))
+        self.assertEqual(result["data"], data[4 * MiB:4 * MiB + 65536])
+        self.assertGreater(result["seconds"], 2.0)
+        self.assertRegex(server.log(), r"retry \d+: waiting", "the retry filter never retried")
+        harness.close_handle(h)
+
+
+class PluginCrashRun(crash_common.CrashRun):
+    """crash_common's rounds with nbdkit and the plugin in blockwayd's place."""
+
+    def start(self):
+        self.starts += 1
+        self.server = PluginServer(self.workdir, [
+            "file://" + self.remote, "cache=" + os.path.join(self.workdir, "cache"), "mode=" + self.mode,
+            "chunk=64k", "name=disk", "data-dir=" + os.path.join(self.workdir, "data")],
+            name="nbdkit-%d" % self.starts)
+        self.server.start()
+        self.daemon = self.server
+
+    def uri(self):
+        return self.server.uri
+
+    def kill(self):
+        if self.daemon is not None:
+            self.server.kill()
+
+
+@unittest.skipUnless(os.path.exists(PLUGIN) and harness.have("nbdkit"), "the plugin or nbdkit is missing")
+class PluginCrashTest(harness.DaemonTestCase):
+    ROUNDS = int(os.environ.get("PLUGIN_CRASH_ROUNDS", "3"))
+
+    def crash(self, mode):
+        run = PluginCrashRun(self.tmp, mode, size=8 << 20)
+        self.addCleanup(run.kill)
+        problems = run.run(self.ROUNDS, max_delay=1.0)
+        self.assertEqual(problems, [], "\n".join(problems) + "\n" + run.server.log())
+
+    def test_kill_9_writeback_local(self):
+        self.crash("writeback-local")
+
+    def test_kill_9_writethrough(self):
+        self.crash("writethrough")
+
+
+if __name__ == "__main__":
+    unittest.main()
