@@ -25,7 +25,7 @@ NFS runs in a private network and mount namespace (its own rpcbind, /run
 and port 2049), so it does not meet other NFS tests on this machine. The
 peers are the integration tests' (tests/integration/remotes.py).
 """
-import json, os, signal, statistics, subprocess, sys, tempfile, time
+import json, os, statistics, subprocess, sys, tempfile, time
 
 import lib  # bench/lib.py: settings; puts tests/integration on sys.path
 from harness import free_port  # noqa: E402
@@ -33,50 +33,7 @@ import remotes  # noqa: E402
 
 SETTINGS = lib.settings(4, 1, 512)
 
-HZ = os.sysconf("SC_CLK_TCK")
-
-
-def cpu(pid):
-    try:
-        f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-        return (int(f[11]) + int(f[12])) / HZ
-    except (FileNotFoundError, TypeError):
-        return 0.0
-
-
-def run_child(cmd):  # -> wall seconds, CPU seconds of the child
-    t0 = time.time()
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, ru = os.wait4(p.pid, 0)
-    if status != 0:
-        raise SystemExit(f"failed: {cmd}: {p.stderr.read().decode()[-500:]}")
-    return time.time() - t0, ru.ru_utime + ru.ru_stime
-
-
-class PerfStat:
-    def __init__(self, pid, tmp):
-        self.out = f"{tmp}/pstat.txt"
-        self.p = None
-        if pid:
-            self.p = subprocess.Popen(["perf", "stat", "-x,", "-e", os.environ.get("PEV", "instructions,cycles"),
-                                       "-p", str(pid), "-o", self.out],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(0.3)
-
-    def stop(self):  # -> [first event, second event]
-        if not self.p:
-            return [0.0, 0.0]
-        self.p.send_signal(signal.SIGINT)
-        self.p.wait()
-        vals = []
-        for line in open(self.out):
-            f = line.split(",")
-            if len(f) > 3 and not line.startswith("#"):
-                try:
-                    vals.append(float(f[0]))
-                except ValueError:
-                    vals.append(0.0)
-        return (vals + [0.0, 0.0])[:2]
+cpu, run_child, PerfStat, stop = lib.cpu, lib.run_child, lib.PerfStat, lib.stop_child
 
 
 def start_bw(binary, export, tmp):
@@ -91,15 +48,6 @@ def start_bw(binary, export, tmp):
             raise SystemExit(f"blockwayd exited; see {tmp}/blockwayd.log")
         time.sleep(0.05)
     raise SystemExit("blockwayd did not start")
-
-
-def stop(p):
-    p.send_signal(signal.SIGTERM)
-    try:
-        p.wait(20)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait()
 
 
 def one_test(test, uri, size, tmp):  # -> wall, client CPU, work units

@@ -1,0 +1,98 @@
+#!/bin/bash
+# blockwayd's user-space instructions per 4k request on the two paths that
+# matter most (issue 17), counted by callgrind: repeatable on this shared,
+# loaded machine (and this VM has no PMU for perf stat), where CPU-time
+# figures move by tens of per cent between runs.
+#
+# For each binary given (default: build/blockwayd) and each kind:
+#   file-read   4k random reads, NBD over a file (file://IMG)
+#   file-write  4k random writes, the same export
+#   hit-read    4k random reads through a warm cache (nbd://REMOTE,cache=DIR;
+#               nbdkit remote; the cache warmed by a daemon run without
+#               valgrind, then reused)
+# a fresh daemon runs under `valgrind --tool=callgrind`, fio sends N requests
+# (nbd engine over a Unix socket, QD16, random offsets of an image in the
+# page cache) and the daemon stops. The slope between two request counts
+# (N1, N2) is the instructions per request: start-up and shutdown cancel
+# out. Kernel work (system calls, copies) is not counted here: bench/cycles.py
+# measures the whole CPU time and the system calls per request.
+# Usage: bench/cycles_instructions.sh [BLOCKWAYD...]   (BENCH_N1, BENCH_N2,
+#        CYCLES_KINDS="file-read file-write hit-read")
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+bench_settings 1 1 64
+bench_tmpdir cycles-instr
+bench_cleanup_trap
+for t in valgrind fio nbdkit nbdcopy nbdinfo jq; do command -v $t >/dev/null || die "$t is missing"; done
+
+N1=${BENCH_N1:-4000}
+N2=${BENCH_N2:-20000}
+((BENCH_QUICK == 1)) 2>/dev/null && N1=${BENCH_N1:-1000} N2=${BENCH_N2:-3000}
+read -r -a kinds <<<"${CYCLES_KINDS:-file-read file-write hit-read}"
+binaries=("$@")
+((${#binaries[@]})) || binaries=("$BLOCKWAYD")
+
+img=$TMP/img
+dd if=/dev/urandom of="$img" bs=1M count="$SIZE_MIB" status=none
+cat "$img" >/dev/null
+sock=$TMP/nbd.sock
+rsock=$TMP/remote.sock
+bench_start "$TMP/nbdkit.log" nbdkit -f -U "$rsock" file "$TMP/img"
+nbdkit_pid=$BG_PID
+wait_nbd "nbd+unix:///?socket=$rsock" 10
+
+export_of() {  # kind -> the --export value
+    case $1 in
+        file-*) echo "bench=file://$img" ;;
+        hit-read) echo "bench=nbd+unix:///?socket=$rsock,cache=$TMP/cache,mode=writethrough" ;;
+        *) die "unknown kind $1" ;;
+    esac
+}
+
+# warm BINARY: fills the cache with the whole image (a daemon without valgrind).
+warm() {
+    rm -rf "$TMP/cache" "$TMP/pid" "$sock"
+    bench_start "$TMP/blockwayd.log" "$1" --listen "unix:$sock" --control-socket off --pid-file "$TMP/pid" \
+        --export "$(export_of hit-read)"
+    local pid=$BG_PID
+    wait_pid_file "$TMP/pid" "$pid" 30
+    wait_nbd "nbd+unix:///bench?socket=$sock" 30
+    nbdcopy "nbd+unix:///bench?socket=$sock" null: || die "warming the cache failed"
+    stop_pid "$pid" TERM
+}
+
+# instructions BINARY KIND N: the daemon's total instructions for N requests.
+instructions() {
+    local bin=$1 kind=$2 n=$3 out=$TMP/callgrind.out pid rw=randread
+    [[ $kind == *-write ]] && rw=randwrite
+    rm -f "$out" "$TMP/pid" "$sock"
+    bench_start "$TMP/blockwayd.log" valgrind --tool=callgrind --callgrind-out-file="$out" \
+        "$bin" --listen "unix:$sock" --control-socket off --pid-file "$TMP/pid" --export "$(export_of "$kind")"
+    pid=$BG_PID
+    wait_pid_file "$TMP/pid" "$pid" 120
+    wait_nbd "nbd+unix:///bench?socket=$sock" 60
+    fio --name=r --ioengine=nbd --uri="nbd+unix:///bench?socket=$sock" --rw=$rw --bs=4k --iodepth=16 \
+        --number_ios="$n" --size="${SIZE_MIB}M" --output-format=json --output="$TMP/fio.json" >/dev/null \
+        || die "fio on $kind failed"
+    [[ $(jq '.jobs[0].error' "$TMP/fio.json") == 0 ]] || die "fio on $kind reported an error"
+    stop_pid "$pid" TERM
+    awk '/^(summary|totals):/ { print $2; exit }' "$out"
+}
+
+bench_machine_info "callgrind; $N1 and $N2 random 4k requests per run, QD16; image ${SIZE_MIB} MiB in the page cache"
+echo "## Results: user-space instructions per 4k request"
+echo
+hdr="| binary |" sep="| --- |"
+for kind in "${kinds[@]}"; do hdr+=" $kind |" sep+=" ---: |"; done
+echo "$hdr"; echo "$sep"
+for bin in "${binaries[@]}"; do
+    row="| $bin |"
+    for kind in "${kinds[@]}"; do
+        [[ $kind == hit-read ]] && warm "$bin"
+        a=$(instructions "$bin" "$kind" "$N1")
+        b=$(instructions "$bin" "$kind" "$N2")
+        row+=" $(awk -v a="$a" -v b="$b" -v n1="$N1" -v n2="$N2" 'BEGIN { printf "%.0f", (b - a) / (n2 - n1) }') |"
+        echo "$bin $kind: $a instructions for $N1 requests, $b for $N2" >&2
+    done
+    echo "$row"
+done
