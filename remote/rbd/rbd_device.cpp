@@ -341,8 +341,11 @@ void RbdDevice::watch(const std::shared_ptr<Inflight>& inflight) {
       continue;
     }
     Request& oldest = in.list.front();
-    if (std::chrono::steady_clock::now() < oldest.deadline) {
-      in.changed.wait_until(lock, oldest.deadline);
+    // A copy: wait_until reads its time point after the wait, when on_complete
+    // may have freed `oldest`.
+    const auto deadline = oldest.deadline;
+    if (std::chrono::steady_clock::now() < deadline) {
+      in.changed.wait_until(lock, deadline);
       continue;
     }
     in.list.pop_front();
@@ -598,12 +601,16 @@ core::Task<std::error_code> RbdDevice::reconnect() {
       inflight_->wedged = true;  // try again next time
     }
   } else {
-    std::shared_ptr<Cluster> cluster;
-    {
-      std::lock_guard lock(session_mutex_);
-      cluster = session_.cluster;
-    }
-    r = co_await core::offload(blocking_, [cluster] { return cluster->ask_health(); });
+    // Only `this` captured: GCC 12 destroys a lambda's captures in a
+    // co_await'ed call twice (a shared_ptr captured here was released twice).
+    r = co_await core::offload(blocking_, [this] {
+      std::shared_ptr<Cluster> cluster;
+      {
+        std::lock_guard lock(session_mutex_);
+        cluster = session_.cluster;
+      }
+      return cluster->ask_health();
+    });
   }
   if (r < 0) co_return core::errno_code(-r == ETIMEDOUT ? ETIMEDOUT : ENOTCONN);
   generation_.fetch_add(1, std::memory_order_relaxed);
