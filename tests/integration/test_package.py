@@ -49,7 +49,7 @@ def build_package(generator, suffix, defines=()):
     # Its own output and staging directory: parallel builds of the package
     # (release and sanitizer trees) never share one.
     r = run(["cpack", "--config", os.path.join(BUILD_DIR, "CPackConfig.cmake"), "-G", generator,
-             "-B", out] + ["-D" + d for d in defines], timeout=600, cwd=BUILD_DIR)
+             "-B", out] + [a for d in defines for a in ("-D", d)], timeout=600, cwd=BUILD_DIR)
     made = [f for f in os.listdir(out) if f.endswith(suffix)]
     assert len(made) == 1, "cpack made %r:\n%s" % (made, r.stdout)
     return out, os.path.join(out, made[0])
@@ -374,10 +374,10 @@ class NbdkitPluginPackage(DaemonTestCase):
         dump = run(["nbdkit", "--dump-plugin", plugin], env=env).stdout
         self.assertIn("name=blockway", dump)
         self.assertIn("thread_model=parallel", dump)
-        # Only nbdkit's entry point is exported.
-        symbols = run(["nm", "-D", "--defined-only", plugin]).stdout.split()
-        self.assertEqual([s for s in symbols if len(s) > 1 and not all(c in "0123456789abcdef" for c in s)],
-                         ["T", "plugin_init"])
+        # Only nbdkit's entry point is exported (besides GNU unique objects,
+        # type u: Asio's per-thread call stacks, which a version script cannot hide).
+        symbols = [line.split() for line in run(["nm", "-D", "--defined-only", plugin]).stdout.splitlines()]
+        self.assertEqual([s[2] for s in symbols if s[1] != "u"], ["plugin_init"])
         img = make_random_image(self.path("disk.img"), 4 * MiB, seed=9)
         out = self.path("copy.img")
         run(["nbdkit", "-U", "-", plugin, "file://" + img, "--run", "nbdcopy $uri " + out], timeout=60, env=env)
