@@ -2,7 +2,8 @@
 # Builds the optimised tree with the distribution's hardening flags and both
 # packages from it: build-package/blockway_VERSION_ARCH.deb and
 # build-package/blockway-VERSION-1.ARCH.rpm (the .rpm needs rpmbuild: the
-# `rpm` package on Debian; skipped with a note when it is missing).
+# `rpm` package on Debian; skipped with a note when it is missing), and the
+# nbdkit plugin's own package, nbdkit-plugin-blockway, in both forms beside them.
 # Install with: sudo apt install ./build-package/blockway_*.deb
 #           or: sudo dnf install ./build-package/blockway-*.rpm
 set -euo pipefail
@@ -31,10 +32,10 @@ HARDENING=ON; [[ -n $CXXFLAGS ]] && HARDENING=OFF
 cmake -S . -B build-package -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
       "-DCMAKE_CXX_FLAGS=$CXXFLAGS" "-DCMAKE_EXE_LINKER_FLAGS=$LDFLAGS" \
       -DBLOCKWAY_TESTS=OFF -DBLOCKWAY_HARDENING=$HARDENING >/dev/null
-ninja -C build-package blockwayd blockway
-(cd build-package && cpack -G DEB)
+ninja -C build-package blockwayd blockway blockway_nbdkit_plugin
+(cd build-package && cpack -G DEB && cpack -G DEB -D BLOCKWAY_PACKAGE=nbdkit-plugin)
 if command -v rpmbuild >/dev/null; then
-  (cd build-package && cpack -G RPM)
+  (cd build-package && cpack -G RPM && cpack -G RPM -D BLOCKWAY_PACKAGE=nbdkit-plugin)
 else
   echo "package.sh: rpmbuild missing (Debian: apt-get install rpm); no .rpm built" >&2
 fi

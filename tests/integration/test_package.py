@@ -21,6 +21,7 @@ import subprocess
 import tempfile
 import unittest
 
+from test_nbdkit_plugin import nbdkit_env
 from harness import BLOCKWAYD, Daemon, DaemonTestCase, free_port, make_random_image, run as run_bytes, MiB
 
 
@@ -39,15 +40,16 @@ def run(cmd, **kw):
     return p
 
 
-def build_package(generator, suffix):
-    """Runs cpack for one generator into a fresh directory: (dir, package)."""
+def build_package(generator, suffix, defines=()):
+    """Runs cpack for one generator into a fresh directory: (dir, package).
+    defines: cpack -D settings (BLOCKWAY_PACKAGE=nbdkit-plugin: the plugin's package)."""
     if not os.path.exists(os.path.join(BUILD_DIR, "CPackConfig.cmake")):
         raise unittest.SkipTest("no CPackConfig.cmake in %s" % BUILD_DIR)
     out = tempfile.mkdtemp(prefix="bw-pkg-", dir="/tmp")
     # Its own output and staging directory: parallel builds of the package
     # (release and sanitizer trees) never share one.
     r = run(["cpack", "--config", os.path.join(BUILD_DIR, "CPackConfig.cmake"), "-G", generator,
-             "-B", out], timeout=600, cwd=BUILD_DIR)
+             "-B", out] + [a for d in defines for a in ("-D", d)], timeout=600, cwd=BUILD_DIR)
     made = [f for f in os.listdir(out) if f.endswith(suffix)]
     assert len(made) == 1, "cpack made %r:\n%s" % (made, r.stdout)
     return out, os.path.join(out, made[0])
@@ -328,6 +330,75 @@ class RpmPackage(DaemonTestCase):
         verify = run(["rpm", "--root", root, "-V", "--nodeps", "blockway"], check=False)
         self.assertEqual((verify.returncode, verify.stdout.strip()), (0, ""), verify.stderr)
         serve_and_copy(self, root + "/usr/sbin/blockwayd", root + "/etc/blockway/blockwayd.toml")
+
+
+PLUGIN_NAME = "nbdkit-blockway-plugin.so"
+
+
+def nbdkit_plugindir():
+    return run(["pkg-config", "--variable=plugindir", "nbdkit"]).stdout.strip()
+
+
+class NbdkitPluginPackage(DaemonTestCase):
+    """nbdkit-plugin-blockway: the plugin alone, in nbdkit's plugin directory,
+    depending on nbdkit; the blockway package does not hold it."""
+
+    @classmethod
+    def setUpClass(cls):
+        for tool in ("cpack", "dpkg-deb", "nbdkit", "pkg-config"):
+            if not shutil.which(tool):
+                raise unittest.SkipTest("%s missing" % tool)
+        if not os.path.exists(os.path.join(BUILD_DIR, PLUGIN_NAME)):
+            raise unittest.SkipTest("the plugin is not built")
+        cls.out, cls.deb = build_package("DEB", ".deb", ["BLOCKWAY_PACKAGE=nbdkit-plugin"])
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.out, ignore_errors=True)
+
+    def test_control_fields_and_contents(self):
+        field = lambda name: run(["dpkg-deb", "-f", self.deb, name]).stdout.strip()  # noqa: E731
+        self.assertEqual(field("Package"), "nbdkit-plugin-blockway")
+        self.assertIn("nbdkit (>= 1.30)", field("Depends"))
+        self.assertIn("libnbd0", field("Depends"))
+        self.assertEqual(list(deb_files(self.deb)), [nbdkit_plugindir() + "/" + PLUGIN_NAME])
+        for script in ("postinst", "prerm", "postrm", "conffiles"):
+            self.assertNotEqual(run(["dpkg-deb", "-I", self.deb, script], check=False).returncode, 0,
+                                "the plugin's package has the daemon's %s" % script)
+
+    def test_packaged_plugin_serves(self):
+        root = self.path("root")
+        run(["dpkg-deb", "-x", self.deb, root])
+        plugin = root + nbdkit_plugindir() + "/" + PLUGIN_NAME
+        env = nbdkit_env(plugin)  # the sanitizer tree's plugin needs libasan preloaded
+        dump = run(["nbdkit", "--dump-plugin", plugin], env=env).stdout
+        self.assertIn("name=blockway", dump)
+        self.assertIn("thread_model=parallel", dump)
+        # Only nbdkit's entry point is exported: global (upper-case type) and
+        # not a GNU unique object (u: a version script cannot hide those).
+        symbols = [line.split() for line in run(["nm", "-D", "--defined-only", plugin]).stdout.splitlines()]
+        self.assertEqual([s[2] for s in symbols if s[1].isupper()], ["plugin_init"])
+        img = make_random_image(self.path("disk.img"), 4 * MiB, seed=9)
+        out = self.path("copy.img")
+        run(["nbdkit", "-U", "-", plugin, "file://" + img, "--run", "nbdcopy $uri " + out], timeout=60, env=env)
+        with open(img, "rb") as a, open(out, "rb") as b:
+            self.assertEqual(a.read(), b.read())
+
+    def test_rpm_holds_the_same_file(self):
+        if not shutil.which("rpmbuild") or not shutil.which("rpm"):
+            self.skipTest("rpmbuild missing")
+        out, rpm = build_package("RPM", ".rpm", ["BLOCKWAY_PACKAGE=nbdkit-plugin"])
+        self.addCleanup(shutil.rmtree, out, True)
+        self.assertEqual(run(["rpm", "-qp", "--qf", "%{NAME}", rpm]).stdout, "nbdkit-plugin-blockway")
+        listing = [l for l in run(["rpm", "-qpl", rpm]).stdout.split() if "/usr/lib/.build-id" not in l]
+        self.assertEqual(listing, [nbdkit_plugindir() + "/" + PLUGIN_NAME])
+        self.assertIn("nbdkit-server >= 1.30", run(["rpm", "-qp", "--requires", rpm]).stdout)
+        self.assertEqual(run(["rpm", "-qp", "--scripts", rpm]).stdout.strip(), "")
+
+    def test_blockway_package_does_not_hold_it(self):
+        out, deb = build_package("DEB", ".deb")
+        self.addCleanup(shutil.rmtree, out, True)
+        self.assertFalse([p for p in deb_files(deb) if "nbdkit" in p])
 
 
 if __name__ == "__main__":
