@@ -35,8 +35,9 @@ the rounds, and the load average at the start and end.
 
 Environment (bench/lib.sh's settings): BENCH_QUICK=1 (smoke: 1 round,
 2 s, 256 MiB), BENCH_REPS (3), BENCH_RUNTIME (3), BENCH_SIZE_MIB (1024),
-BENCH_TMPDIR, BLOCKWAYD (a private copy is run); CYCLES_OUT=FILE also
-writes the Markdown result there.
+BENCH_TMPDIR, BLOCKWAYD (a private copy is run); CYCLES_BASE=BINARY adds
+a second blockwayd build as a third variant in the same rounds (before /
+after a change); CYCLES_OUT=FILE also writes the Markdown result there.
 
 It runs in a private network and mount namespace (own rpcbind, /run, port
 2049, FUSE mounts that go away with it), so it meets no other test here.
@@ -131,8 +132,9 @@ class Path:
     """One path's peers and its two variants. start(variant) -> (target,
     blockwayd pid or None, server pids, closer)."""
 
-    def __init__(self, name, binary, img, size, tmp):
+    def __init__(self, name, binary, img, size, tmp, base=None):
         self.name, self.binary, self.img, self.size, self.tmp = name, binary, img, size, tmp
+        self.base = base  # another blockwayd build measured in the same rounds (CYCLES_BASE)
         self.peers = []
         self.remote_uri = None
         self.server_pids = []
@@ -177,14 +179,15 @@ class Path:
 
     def start(self, variant, test):
         n, tmp = self.name, self.tmp
-        if variant == "bw":
+        if variant in ("bw", "base"):
+            binary = self.base if variant == "base" else self.binary
             if n in ("file", "fuse"):
                 extra = []
                 if n == "fuse":
                     mnt = f"{tmp}/mnt-bw"
                     os.makedirs(mnt, exist_ok=True)
                     extra = ["--fuse-mount", mnt]
-                bw = Bw(self.binary, f"file://{self.img}", tmp, extra)
+                bw = Bw(binary, f"file://{self.img}", tmp, extra)
                 if n == "fuse":
                     wait_path(f"{mnt}/bench")
                     return f"{mnt}/bench", bw.pid, [], bw.close
@@ -192,11 +195,11 @@ class Path:
             if n in ("cache-hit", "cache-miss"):
                 d = f"{tmp}/cache"
                 shutil.rmtree(d, ignore_errors=True)
-                bw = Bw(self.binary, f"{self.remote_uri},cache={d},mode=writethrough", tmp)
+                bw = Bw(binary, f"{self.remote_uri},cache={d},mode=writethrough", tmp)
                 if n == "cache-hit":
                     lib.run_child(["nbdcopy", "--requests=16", bw.uri, "null:"])  # warm it
                 return bw.uri, bw.pid, self.server_pids, bw.close
-            bw = Bw(self.binary, self.remote_uri, tmp)
+            bw = Bw(binary, self.remote_uri, tmp)
             return bw.uri, bw.pid, self.server_pids, bw.close
         # the peer variant
         if n in ("file", "cache-hit", "fuse"):
@@ -237,7 +240,7 @@ def wait_path(p, timeout=15):
 def run_path(path, reps, res):
     path.setup()
     try:
-        variants = ["bw", "peer"]
+        variants = ["bw", "base", "peer"] if path.base else ["bw", "peer"]
         for r in range(reps):
             for v in (variants if r % 2 == 0 else variants[::-1]):
                 for t in path.tests:
@@ -266,8 +269,8 @@ def run_path(path, reps, res):
 def table(res, paths):
     out = ["| path | test | unit | blockwayd CPU | its server's CPU | client CPU | blockwayd syscalls/unit "
            "| ctx switches/unit | peer | peer server CPU | peer client CPU | peer server syscalls/unit "
-           "| rate bw / peer |",
-           "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+           "| rate bw / peer | base build: blockwayd CPU | base syscalls/unit |",
+           "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
 
     def med(key, k):
         ms = res.get(key)
@@ -280,7 +283,7 @@ def table(res, paths):
             if (p.name, "bw", t) not in res:
                 continue
             unit = "us/req" if t.startswith("rand") else "s/GB"
-            b, pe = (p.name, "bw", t), (p.name, "peer", t)
+            b, pe, ba = (p.name, "bw", t), (p.name, "peer", t), (p.name, "base", t)
             ratio = None
             if med(pe, "rate"):
                 ratio = med(b, "rate") / med(pe, "rate")
@@ -288,7 +291,7 @@ def table(res, paths):
             peer_srv = med(pe, "bw") if p.name == "cache-miss" else med(pe, "srv")
             out.append(f"| {p.name} | {t} | {unit} | {f(med(b, 'bw'))} | {f(med(b, 'srv'))} | {f(med(b, 'cli'))} | "
                        f"{f(med(b, 'sys'), 1)} | {f(med(b, 'cs'), 2)} | {p.peer_label} | {f(peer_srv)} | "
-                       f"{f(med(pe, 'cli'))} | {f(med(pe, 'sys'), 1)} | {f(ratio)} |")
+                       f"{f(med(pe, 'cli'))} | {f(med(pe, 'sys'), 1)} | {f(ratio)} | {f(med(ba, 'bw'))} | {f(med(ba, 'sys'), 1)} |")
     return "\n".join(out)
 
 
@@ -312,13 +315,16 @@ def main():
     load0 = open("/proc/loadavg").read().split()[0]
     res, paths = {}, []
     try:
-        binary = f"{tmp}/blockwayd"
+        binary, base = f"{tmp}/blockwayd", None
         shutil.copy(SETTINGS["BLOCKWAYD"], binary)
+        if os.environ.get("CYCLES_BASE"):
+            base = f"{tmp}/blockwayd-base"
+            shutil.copy(os.environ["CYCLES_BASE"], base)
         subprocess.run(f"head -c {size} /dev/urandom > {tmp}/src.raw", shell=True, check=True)
         for n in names:
             img = f"{tmp}/{n}.raw"
             shutil.copy(f"{tmp}/src.raw", img)
-            p = Path(n, binary, img, size, tmp)
+            p = Path(n, binary, img, size, tmp, base)
             paths.append(p)
             run_path(p, reps, res)
             if os.path.exists(p.img):

@@ -27,7 +27,7 @@ for t in valgrind fio nbdkit nbdcopy nbdinfo jq; do command -v $t >/dev/null || 
 
 N1=${BENCH_N1:-4000}
 N2=${BENCH_N2:-20000}
-((BENCH_QUICK == 1)) 2>/dev/null && N1=${BENCH_N1:-1000} N2=${BENCH_N2:-3000}
+if [[ $QUICK == 1 ]]; then N1=${BENCH_N1:-1000} N2=${BENCH_N2:-3000}; fi
 read -r -a kinds <<<"${CYCLES_KINDS:-file-read file-write hit-read}"
 binaries=("$@")
 ((${#binaries[@]})) || binaries=("$BLOCKWAYD")

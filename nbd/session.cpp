@@ -86,6 +86,17 @@ Task<void> Session::flush_if_dirty() {
     log_->warn("export '{}': flush after disconnect failed: {}", neg_.exp->name, ec.message());
 }
 
+bool Session::try_admit(uint64_t bytes) {
+  bytes += kReplyOverhead;
+  if (dead_) return false;
+  if (pending_requests_ > 0 && (pending_requests_ >= limits_.max_inflight_requests ||
+                                pending_bytes_ + bytes > limits_.max_inflight_bytes))
+    return false;
+  ++pending_requests_;
+  pending_bytes_ += bytes;
+  return true;
+}
+
 Task<bool> Session::admit(uint64_t bytes) {
   bytes += kReplyOverhead;
   while (pending_requests_ > 0 && (pending_requests_ >= limits_.max_inflight_requests ||
@@ -166,17 +177,17 @@ Task<void> Session::reader() {
     const bool too_big = req.length > limits_.max_request_bytes;
     if (req.type == kCmdWrite && too_big) {
       if (req.length > kMaxDiscard || !co_await discard_payload(req.length)) co_return;
-      if (!co_await admit(0)) co_return;
+      if (!try_admit(0) && !co_await admit(0)) co_return;
       refuse(req, core::errno_code(EINVAL));
       continue;
     }
     if (req.type == kCmdRead && too_big) {
-      if (!co_await admit(0)) co_return;
+      if (!try_admit(0) && !co_await admit(0)) co_return;
       refuse(req, core::errno_code(EINVAL));
       continue;
     }
     const uint64_t charge = (req.type == kCmdWrite || req.type == kCmdRead) ? req.length : 0;
-    if (!co_await admit(charge)) co_return;
+    if (!try_admit(charge) && !co_await admit(charge)) co_return;
     if (req.type == kCmdWrite) {
       payload = Buffer(req.length);
       const size_t buffered = std::min<size_t>(req.length, rtail_ - rhead_);

@@ -62,6 +62,9 @@ class Session : public std::enable_shared_from_this<Session> {
   core::Task<void> writer();
   core::Task<void> handle(RequestHeader req, Buffer payload, uint64_t budget);
   core::Task<Reply> execute(const RequestHeader& req, Buffer& payload);
+  // Admits at once when the budget has room (no coroutine frame: the common
+  // case, once per request); admit() waits for room.
+  bool try_admit(uint64_t bytes);
   core::Task<bool> admit(uint64_t bytes);
   core::Task<bool> discard_payload(uint64_t length);
   void enqueue(Reply reply);
