@@ -102,7 +102,9 @@ def one_test(test, target, size, tmp):
     rt = SETTINGS["RUNTIME"]
     rw = {"randread": "randread", "randwrite": "randwrite", "seqread": "read", "seqwrite": "write"}[test]
     if isinstance(target, tuple):  # qemu's own driver for the remote
-        bs, n = ("4k", 200000 if not SETTINGS["QUICK"] else 40000) if test.startswith("rand") else \
+        # 40,000: with 200,000 strided requests qemu-img bench failed with EIO
+        # (tgt and ganesha alike; not looked into)
+        bs, n = ("4k", 40000) if test.startswith("rand") else \
             ("1M", size >> 20)
         cmd = ["qemu-img", "bench", "-f", "raw", "-d", "16", "-s", bs, "-c", str(n)]
         if test.startswith("rand"):
@@ -251,7 +253,15 @@ def run_path(path, reps, res):
                     try:
                         ps = lib.PerfStat(bwpid or spids, path.tmp, PEV)  # the peer's server when no blockwayd
                         b0, s0 = lib.cpu(bwpid), sum(lib.cpu(p) for p in spids)
-                        wall, ccpu, work = one_test(t, target, path.size, path.tmp)
+                        try:
+                            wall, ccpu, work = one_test(t, target, path.size, path.tmp)
+                        except SystemExit as e:
+                            if v != "peer":
+                                raise
+                            # a peer client that fails is reported, not fatal
+                            ps.stop()
+                            print(f"round {r} {path.name} peer {t}: {e}", flush=True)
+                            continue
                         ev = ps.stop()
                         bcpu, scpu = lib.cpu(bwpid) - b0, sum(lib.cpu(p) for p in spids) - s0
                     finally:

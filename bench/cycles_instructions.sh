@@ -63,20 +63,9 @@ warm() {
 
 # instructions BINARY KIND N: the daemon's total instructions for N requests.
 instructions() {
-    local bin=$1 kind=$2 n=$3 out=$TMP/callgrind.out pid rw=randread
-    [[ $kind == *-write ]] && rw=randwrite
-    rm -f "$out" "$TMP/pid" "$sock"
-    bench_start "$TMP/blockwayd.log" valgrind --tool=callgrind --callgrind-out-file="$out" \
-        "$bin" --listen "unix:$sock" --control-socket off --pid-file "$TMP/pid" --export "$(export_of "$kind")"
-    pid=$BG_PID
-    wait_pid_file "$TMP/pid" "$pid" 120
-    wait_nbd "nbd+unix:///bench?socket=$sock" 60
-    fio --name=r --ioengine=nbd --uri="nbd+unix:///bench?socket=$sock" --rw=$rw --bs=4k --iodepth=16 \
-        --number_ios="$n" --size="${SIZE_MIB}M" --output-format=json --output="$TMP/fio.json" >/dev/null \
-        || die "fio on $kind failed"
-    [[ $(jq '.jobs[0].error' "$TMP/fio.json") == 0 ]] || die "fio on $kind reported an error"
-    stop_pid "$pid" TERM
-    awk '/^(summary|totals):/ { print $2; exit }' "$out"
+    local rw=randread
+    [[ $2 == *-write ]] && rw=randwrite
+    callgrind_requests "$1" "$(export_of "$2")" bench "$rw" "$3"
 }
 
 bench_machine_info "callgrind; $N1 and $N2 random 4k requests per run, QD16; image ${SIZE_MIB} MiB in the page cache"

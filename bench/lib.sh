@@ -157,3 +157,25 @@ bench_machine_info() {
     echo "- load average at start: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine skews the figures)"
     echo
 }
+
+# callgrind_requests BINARY EXPORT NAME RW N: starts BINARY under callgrind
+# with --export EXPORT (whose name is NAME) on $TMP/nbd.sock, sends N 4k
+# requests of fio's RW (randread, randwrite) at QD16 over SIZE_MIB, stops it
+# and prints the daemon's total instructions (bench/*_instructions.sh).
+callgrind_requests() {
+    local bin=$1 spec=$2 name=$3 rw=$4 n=$5 out=$TMP/callgrind.out sock=$TMP/nbd.sock pid
+    rm -f "$out" "$TMP/pid" "$sock"
+    bench_start "$TMP/blockwayd.log" valgrind --tool=callgrind --callgrind-out-file="$out" \
+        "$bin" --listen "unix:$sock" --control-socket off --pid-file "$TMP/pid" --export "$spec"
+    pid=$BG_PID
+    wait_pid_file "$TMP/pid" "$pid" 120
+    wait_nbd "nbd+unix:///$name?socket=$sock" 60
+    if ((n > 0)); then
+        fio --name=r --ioengine=nbd --uri="nbd+unix:///$name?socket=$sock" --rw="$rw" --bs=4k --iodepth=16 \
+            --number_ios="$n" --size="${SIZE_MIB}M" --output-format=json --output="$TMP/fio.json" >/dev/null \
+            || die "fio on $name failed"
+        [[ $(jq '.jobs[0].error' "$TMP/fio.json") == 0 ]] || die "fio on $name reported an error"
+    fi
+    stop_pid "$pid" TERM
+    awk '/^(summary|totals):/ { print $2; exit }' "$out"
+}

@@ -27,30 +27,13 @@ binaries=("$@")
 img=$TMP/img
 dd if=/dev/urandom of="$img" bs=1M count="$SIZE_MIB" status=none
 cat "$img" >/dev/null
-sock=$TMP/nbd.sock
 declare -A spec=(
     [off]="off=file://$img"
     [on]="on=file://$img,qos-read-iops=4000000000,qos-read-bps=1T"
 )
 
 # instructions BINARY KIND N: the daemon's total instructions for N requests.
-instructions() {
-    local bin=$1 kind=$2 n=$3 out=$TMP/callgrind.out pid
-    rm -f "$out" "$TMP/pid" "$sock"
-    bench_start "$TMP/blockwayd.log" valgrind --tool=callgrind --callgrind-out-file="$out" \
-        "$bin" --listen "unix:$sock" --control-socket off --pid-file "$TMP/pid" --export "${spec[$kind]}"
-    pid=$BG_PID
-    wait_pid_file "$TMP/pid" "$pid" 120
-    wait_nbd "nbd+unix:///$kind?socket=$sock" 60
-    if ((n > 0)); then
-        fio --name=r --ioengine=nbd --uri="nbd+unix:///$kind?socket=$sock" --rw=randread --bs=4k --iodepth=16 \
-            --number_ios="$n" --size="${SIZE_MIB}M" --output-format=json --output="$TMP/fio.json" >/dev/null \
-            || die "fio on $kind failed"
-        [[ $(jq '.jobs[0].error' "$TMP/fio.json") == 0 ]] || die "fio on $kind reported an error"
-    fi
-    stop_pid "$pid" TERM
-    awk '/^(summary|totals):/ { print $2; exit }' "$out"
-}
+instructions() { callgrind_requests "$1" "${spec[$2]}" "$2" randread "$3"; }
 
 bench_machine_info "callgrind; $N1 and $N2 random 4k reads per run, QD16; image ${SIZE_MIB} MiB in the page cache"
 echo "## Results"
