@@ -32,5 +32,6 @@ if [[ "${1:-}" != "--fast" ]]; then
   ninja -C build-asan
   export ASAN_OPTIONS=abort_on_error=1:detect_leaks=1:strict_string_checks=1
   export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+  export LSAN_OPTIONS=suppressions=$PWD/tests/lsan.supp
   (cd build-asan && ctest --output-on-failure --timeout 1800 -j "$jobs")
 fi

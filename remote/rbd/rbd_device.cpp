@@ -56,13 +56,29 @@ struct RbdDevice::Request : boost::intrusive::list_base_hook<> {
 struct RbdDevice::Inflight {
   std::string spec;  // for logs
   std::mutex mutex;
-  std::condition_variable changed;              // the first request linked, one left librbd, or stop
+  std::condition_variable changed;              // the watchdog's: the first request linked, or stop
+  std::condition_variable drained;              // shutdown's: no request left in librbd
   boost::intrusive::list<Request> list;         // not yet answered, oldest (earliest deadline) first
   uint64_t in_librbd = 0;                       // submitted and not yet completed by librbd
   uint64_t abandoned = 0;                       // of those, answered with ETIMEDOUT already
-  uint64_t timed_out = 0;                       // in total, for the log
   bool wedged = false;                          // a request passed its deadline since the last reopen
   bool stop = false;
+
+  // r left librbd: unlinks it and returns what answers its caller (null if
+  // the watchdog did already).
+  std::unique_ptr<common::Completion> leave(Request& r) {
+    std::unique_ptr<common::Completion> done;
+    {
+      std::lock_guard lock(mutex);
+      if (r.is_linked()) list.erase(list.iterator_to(r));
+      done = std::move(r.done);
+      --in_librbd;
+      if (!done) --abandoned;
+      if (in_librbd > 0) return done;
+    }
+    drained.notify_all();
+    return done;
+  }
 };
 
 RbdDevice::RbdDevice(std::string uri, RbdTarget target, bool read_only, RbdOptions options,
@@ -102,7 +118,7 @@ void RbdDevice::shutdown() noexcept {
   uint64_t left = 0;
   {
     std::unique_lock lock(inflight_->mutex);
-    inflight_->changed.wait_for(lock, kCloseBound, [this] { return inflight_->in_librbd == 0; });
+    inflight_->drained.wait_for(lock, kCloseBound, [this] { return inflight_->in_librbd == 0; });
     left = inflight_->in_librbd;
   }
   stop_watchdog();
@@ -313,15 +329,7 @@ void RbdDevice::on_complete(rbd_completion_t c, void* arg) {
   const ssize_t r = rbd_aio_get_return_value(c);
   rbd_aio_release(c);
   Inflight& in = *req->inflight;
-  std::unique_ptr<common::Completion> done;
-  {
-    std::lock_guard lock(in.mutex);
-    if (req->is_linked()) in.list.erase(in.list.iterator_to(*req));
-    done = std::move(req->done);
-    --in.in_librbd;
-    if (!done) --in.abandoned;
-  }
-  in.changed.notify_all();
+  auto done = in.leave(*req);
   if (!done) {
     core::logger("rbd")->info("{}: a {} that timed out came back from librbd ({})", in.spec, req->what,
                               r < 0 ? errno_text(static_cast<int>(r)) : std::string("done"));
@@ -351,7 +359,6 @@ void RbdDevice::watch(const std::shared_ptr<Inflight>& inflight) {
     in.list.pop_front();
     ++in.abandoned;
     in.wedged = true;
-    ++in.timed_out;
     const char* what = oldest.what;
     const uint64_t abandoned = in.abandoned;
     common::post_completion(oldest.executor, std::move(oldest.done), ETIMEDOUT);
@@ -399,14 +406,7 @@ core::Task<std::error_code> RbdDevice::submit(const char* what, Start start, std
         if (r >= 0) return;
         // Refused at once: librbd will not call on_complete.
         std::unique_ptr<Request> back(raw);
-        std::unique_ptr<common::Completion> done;
-        {
-          std::lock_guard lock(in.mutex);
-          if (back->is_linked()) in.list.erase(in.list.iterator_to(*back));
-          done = std::move(back->done);
-          --in.in_librbd;
-          if (!done) --in.abandoned;
-        }
+        auto done = in.leave(*back);
         rbd_aio_release(c);
         if (done) common::post_completion(back->executor, std::move(done), -r);
       },
