@@ -21,8 +21,10 @@ fi
 nice -n 19 ninja -C "$build" >/dev/null
 work=${BENCH_TMPDIR:-/var/tmp}/blockway-fuzz
 # A copy of the harnesses, so that a rebuild during the campaign does not mix versions.
-bin=$work/bin
-mkdir -p "$bin"
+# One copy per campaign, so that campaigns of different harnesses can run in
+# parallel (a running binary cannot be overwritten: ETXTBSY).
+bin=$(mktemp -d "$work/bin.XXXXXX")
+trap 'rm -rf "$bin"' EXIT
 cp "$build"/*_fuzzer "$bin"/
 commit=$(git -C "$repo" rev-parse --short HEAD)
 results=$repo/bench/results/fuzz-campaign.tsv
