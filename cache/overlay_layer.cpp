@@ -621,7 +621,11 @@ Task<core::ControlResult> OverlayLayer::delete_snapshot(std::string snap) {
   const Level& from = *old->levels[k];
   Level& to = *old->levels[k + 1];
   const bool into_top = k + 2 == old->levels.size();
-  std::error_code ec = into_top ? co_await merge_into_top(from, to) : co_await merge_into_frozen(from, to);
+  std::error_code ec;  // (no co_await inside ?: : GCC 12 evaluates both arms)
+  if (into_top)
+    ec = co_await merge_into_top(from, to);
+  else
+    ec = co_await merge_into_frozen(from, to);
   auto next = std::make_shared<Chain>(*old);
   next->names.erase(next->names.begin() + static_cast<ptrdiff_t>(k));
   next->levels.erase(next->levels.begin() + static_cast<ptrdiff_t>(k));
