@@ -3,6 +3,7 @@
 #include <sqlite3.h>
 
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <stdexcept>
 
@@ -290,6 +291,69 @@ void MetaStore::set_state(const std::string& name, const std::string& key, const
   Statement st(db_, path_, "cannot store state",
                "INSERT OR REPLACE INTO cache_state (name, key, value) VALUES (?, ?, ?)");
   st.bind(name).bind(key).bind(value).run();
+}
+
+namespace {
+
+// Runs `body` in one BEGIN IMMEDIATE ... COMMIT (rolled back if it throws).
+template <class F>
+void in_transaction(sqlite3* db, const std::function<void(const char*)>& exec, F&& body) {
+  exec("BEGIN IMMEDIATE");
+  try {
+    body();
+    exec("COMMIT");
+  } catch (...) {
+    sqlite3_exec(db, "ROLLBACK", nullptr, nullptr, nullptr);
+    throw;
+  }
+}
+
+}  // namespace
+
+void MetaStore::freeze_overlay(const std::string& name, const std::string& frozen, const std::string& new_path,
+                               const std::string& chain) {
+  std::lock_guard lock(mutex_);
+  in_transaction(db_, [this](const char* sql) { exec(sql); }, [&] {
+    const char* what = "cannot take the snapshot";
+    Statement copy(db_, path_, what,
+                   "INSERT OR REPLACE INTO caches (name, remote, cache_path, mode, size, chunk_size, clean)"
+                   " SELECT ?, remote, cache_path, 'overlay-snapshot', size, chunk_size, 1 FROM caches WHERE name = ?");
+    copy.bind(frozen).bind(name).run();
+    if (sqlite3_changes(db_) != 1) throw std::runtime_error("catalogue " + path_ + ": no overlay record of " + name);
+    Statement drop(db_, path_, what, "DELETE FROM bitmap_pages WHERE name = ?");
+    drop.bind(frozen).run();
+    Statement move(db_, path_, what, "UPDATE bitmap_pages SET name = ? WHERE name = ?");
+    move.bind(frozen).bind(name).run();
+    Statement point(db_, path_, what, "UPDATE caches SET cache_path = ? WHERE name = ?");
+    point.bind(new_path).bind(name).run();
+    Statement state(db_, path_, what,
+                    "INSERT OR REPLACE INTO cache_state (name, key, value) VALUES (?, 'snapshots', ?)");
+    state.bind(name).bind(chain).run();
+  });
+}
+
+void MetaStore::replace_overlay(const std::string& name, const std::string& new_path) {
+  std::lock_guard lock(mutex_);
+  in_transaction(db_, [this](const char* sql) { exec(sql); }, [&] {
+    Statement drop(db_, path_, "cannot revert", "DELETE FROM bitmap_pages WHERE name = ?");
+    drop.bind(name).run();
+    Statement point(db_, path_, "cannot revert", "UPDATE caches SET cache_path = ? WHERE name = ?");
+    point.bind(new_path).bind(name).run();
+  });
+}
+
+void MetaStore::drop_snapshot(const std::string& name, const std::string& dropped, const std::string& chain) {
+  std::lock_guard lock(mutex_);
+  in_transaction(db_, [this](const char* sql) { exec(sql); }, [&] {
+    for (const char* sql : {"DELETE FROM bitmap_pages WHERE name = ?", "DELETE FROM cache_state WHERE name = ?",
+                            "DELETE FROM caches WHERE name = ?"}) {
+      Statement del(db_, path_, "cannot delete the snapshot", sql);
+      del.bind(dropped).run();
+    }
+    Statement state(db_, path_, "cannot delete the snapshot",
+                    "INSERT OR REPLACE INTO cache_state (name, key, value) VALUES (?, 'snapshots', ?)");
+    state.bind(name).bind(chain).run();
+  });
 }
 
 int64_t MetaStore::begin_session(const std::string& name, int keep) {

@@ -109,6 +109,19 @@ class MetaStore {
   std::optional<std::string> get_state(const std::string& name, const std::string& key);
   void set_state(const std::string& name, const std::string& key, const std::string& value);
 
+  // Snapshots of clone overlays (cache/overlay_layer.hpp), each change in one
+  // durable transaction, so a crash leaves the old or the new chain.
+  // freeze_overlay: the clone's overlay (its record and bits) becomes the
+  // record `frozen` (mode "overlay-snapshot"), the clone's record points at
+  // the new, empty overlay file `new_path`, and its chain state is `chain`.
+  void freeze_overlay(const std::string& name, const std::string& frozen, const std::string& new_path,
+                      const std::string& chain);
+  // The clone's overlay bits are forgotten and its record points at `new_path`.
+  void replace_overlay(const std::string& name, const std::string& new_path);
+  // The record `dropped` (with its bits and state) is forgotten and the
+  // clone's chain state is `chain`.
+  void drop_snapshot(const std::string& name, const std::string& dropped, const std::string& chain);
+
   // Access profile. begin_session() returns a new session number and keeps
   // only the newest `keep` sessions before it.
   static constexpr int kKeepSessions = 4;

@@ -6,11 +6,17 @@
 
 #include <sys/stat.h>
 
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
+
 #include <algorithm>
 #include <bit>
+#include <cctype>
 #include <cstring>
 #include <filesystem>
 #include <stdexcept>
+#include <utility>
 
 namespace blockway::cache {
 
@@ -37,6 +43,52 @@ class OverlayLayer::Claims {
   std::vector<uint64_t> blocks_;
 };
 
+// A write inside the gate that snapshot/revert close: they wait until no
+// pass is held, so the top does not change under a write.
+class OverlayLayer::WriterPass {
+ public:
+  explicit WriterPass(OverlayLayer* o) : o_(o) {}
+  WriterPass(WriterPass&& other) noexcept : o_(std::exchange(other.o_, nullptr)) {}
+  WriterPass& operator=(WriterPass&&) = delete;
+  ~WriterPass() {
+    if (o_) o_->writers_.fetch_sub(1, std::memory_order_seq_cst);
+  }
+
+ private:
+  OverlayLayer* o_;
+};
+
+namespace {
+
+constexpr const char* kChainKey = "snapshots";
+
+std::vector<std::string> split_names(const std::string& s) {
+  std::vector<std::string> out;
+  for (size_t pos = 0; pos < s.size();) {
+    const size_t nl = std::min(s.find('\n', pos), s.size());
+    if (nl > pos) out.push_back(s.substr(pos, nl - pos));
+    pos = nl + 1;
+  }
+  return out;
+}
+
+std::string join_names(const std::vector<std::string>& names) {
+  std::string out;
+  for (const auto& n : names) out += (out.empty() ? "" : "\n") + n;
+  return out;
+}
+
+bool valid_snapshot_name(const std::string& n) {
+  if (n.empty() || n.size() > 64 || n[0] == '.') return false;
+  return std::all_of(n.begin(), n.end(), [](char c) {
+    return std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == '.';
+  });
+}
+
+core::ControlResult failure(int err, std::string message) { return {errno_code(err), std::move(message)}; }
+
+}  // namespace
+
 OverlayLayer::OverlayLayer(std::shared_ptr<core::CheckedDevice> base, Params p)
     : base_(std::move(base)),
       name_(p.export_name),
@@ -52,23 +104,33 @@ OverlayLayer::OverlayLayer(std::shared_ptr<core::CheckedDevice> base, Params p)
   if (granularity_ % geometry_.min_block != 0)
     throw std::runtime_error("overlay granularity " + std::to_string(granularity_) +
                              " is not a multiple of the base's block size " + std::to_string(geometry_.min_block));
-  allocated_.resize(nblocks_);
   pending_.resize(nblocks_);
-  path_ = cfg_.dir + "/" + image_file_name(name_);
   const bool injected = static_cast<bool>(p.open_overlay_file);
+  injected_ = injected;
+  open_file_ = p.open_overlay_file;
+  if (!open_file_)
+    open_file_ = [this](const std::string& path) -> std::unique_ptr<core::BlockDevice> {
+      return std::make_unique<remote::file::FileDevice>(path, false, blocking_);
+    };
   std::error_code fs_ec;
   std::filesystem::create_directories(cfg_.dir, fs_ec);
   if (fs_ec) throw std::runtime_error("cannot create overlay directory " + cfg_.dir + ": " + fs_ec.message());
 
-  const CacheRecord want{name_, uri_, path_, "overlay", geometry_.size, granularity_, true};
+  path_ = cfg_.dir + "/" + image_file_name(name_);
   const auto have = store_.find(name_);
+  // The top file may have another name than the first (snapshot, revert).
+  if (have && have->mode == "overlay" && std::filesystem::path(have->cache_path).parent_path() == cfg_.dir)
+    path_ = have->cache_path;
+  const CacheRecord want{name_, uri_, path_, "overlay", geometry_.size, granularity_, true};
   const bool reuse = have && have->mode == want.mode && have->remote == want.remote && have->size == want.size &&
                      have->chunk_size == want.chunk_size && have->cache_path == want.cache_path &&
                      (injected || (std::filesystem::exists(path_) && std::filesystem::file_size(path_) == want.size));
+  const auto saved_chain = have && have->mode == "overlay" ? store_.get_state(name_, kChainKey) : std::nullopt;
   if (have && !reuse && have->mode == "overlay") {
-    // Never throw away a clone's writes because a setting changed.
+    // Never throw away a clone's writes or snapshots because a setting changed.
     const auto saved = store_.load_bitmap(name_, BitmapKind::present, (have->size / have->chunk_size + 64) / 64 + 1);
-    if (std::any_of(saved.begin(), saved.end(), [](uint64_t w) { return w != 0; }))
+    if (std::any_of(saved.begin(), saved.end(), [](uint64_t w) { return w != 0; }) ||
+        (saved_chain && !saved_chain->empty()))
       throw std::runtime_error("the overlay " + have->cache_path + " holds the clone's writes (" + have->remote +
                                ", size " + std::to_string(have->size) + ", granularity " +
                                std::to_string(have->chunk_size) + "), but the base, its size, the granularity or "
@@ -79,24 +141,67 @@ OverlayLayer::OverlayLayer(std::shared_ptr<core::CheckedDevice> base, Params p)
     if (!injected) create_image_file(path_, geometry_.size, false);
     store_.reset(want);
   }
-  try {
-    file_ = injected ? p.open_overlay_file(path_) : std::make_unique<remote::file::FileDevice>(path_, false, blocking_);
-  } catch (const std::exception& e) {
-    throw std::runtime_error(std::string("overlay file: ") + e.what());
+  auto c = std::make_shared<Chain>();
+  if (reuse && saved_chain) c->names = split_names(*saved_chain);
+  for (const auto& snap : c->names) {
+    const std::string record = name_ + "@" + snap;
+    const auto r = store_.find(record);
+    if (!r || r->mode != "overlay-snapshot")
+      throw std::runtime_error("snapshot '" + snap + "' of clone '" + name_ + "' has no catalogue record");
+    c->levels.push_back(open_level(record, r->cache_path));
   }
-  if (file_->geometry().size < geometry_.size) throw std::runtime_error("overlay file " + path_ + " is too small");
-  if (file_->capabilities().read_only) throw std::runtime_error("overlay file " + path_ + " is not writable");
-  durable_ = store_.load_bitmap(name_, BitmapKind::present, allocated_.word_count());
-  durable_.resize(allocated_.word_count());
-  for (size_t i = 0; i < durable_.size(); ++i) allocated_.store_word(i, durable_[i]);
+  c->levels.push_back(open_level(name_, path_));
+  const Level& top = *c->levels.back();
+  durable_ = store_.load_bitmap(name_, BitmapKind::present, top.allocated.word_count());
+  durable_.resize(top.allocated.word_count());
   recovered_ = reuse && !have->clean;
   store_.set_clean(name_, false);
   if (recovered_)
     log_->warn("export '{}': the overlay was not closed cleanly; {} blocks are allocated (what was flushed)", name_,
-               allocated_.count());
+               top.allocated.count());
+  chain_.store(std::move(c), std::memory_order_release);
   // Last, once nothing can throw: the destructor drops it.
   base_->add_read_only_hold("export '" + base_name_ + "' is the base of clone '" + name_ +
                             "' and is read-only while clones exist");
+}
+
+// Opens a level's file and loads its bits from the catalogue.
+std::shared_ptr<OverlayLayer::Level> OverlayLayer::open_level(const std::string& record, const std::string& path) {
+  auto level = std::make_shared<Level>();
+  level->record = record;
+  level->path = path;
+  try {
+    level->file = open_file_(path);
+  } catch (const std::exception& e) {
+    throw std::runtime_error(std::string("overlay file: ") + e.what());
+  }
+  if (level->file->geometry().size < geometry_.size) throw std::runtime_error("overlay file " + path + " is too small");
+  if (level->file->capabilities().read_only) throw std::runtime_error("overlay file " + path + " is not writable");
+  level->allocated.resize(nblocks_);
+  const auto words = store_.load_bitmap(record, BitmapKind::present, level->allocated.word_count());
+  for (size_t i = 0; i < words.size() && i < level->allocated.word_count(); ++i)
+    level->allocated.store_word(i, words[i]);
+  return level;
+}
+
+// A new, empty top at `path` (its file created here unless a test opens files).
+std::shared_ptr<OverlayLayer::Level> OverlayLayer::new_top(const std::string& path) {
+  if (!injected_) create_image_file(path, geometry_.size, false);
+  auto level = std::make_shared<Level>();
+  level->record = name_;
+  level->path = path;
+  level->file = open_file_(path);
+  level->allocated.resize(nblocks_);
+  return level;
+}
+
+std::string OverlayLayer::fresh_path() const {
+  for (uint64_t i = 1;; ++i) {
+    std::string path = cfg_.dir + "/" + image_file_name(name_ + "." + std::to_string(i));
+    const auto c = chain();
+    const bool used = std::any_of(c->levels.begin(), c->levels.end(), [&](const auto& l) { return l->path == path; });
+    if (!used && !std::filesystem::exists(path)) return path;
+  }
 }
 
 OverlayLayer::~OverlayLayer() { base_->drop_read_only_hold(); }
@@ -116,23 +221,40 @@ ByteRange OverlayLayer::block_range(uint64_t b) const noexcept {
 }
 
 Task<std::error_code> OverlayLayer::read(std::span<std::byte> buf, uint64_t offset, IoFlags flags) {
+  const auto c = chain();
+  co_return co_await read_levels(*c, c->levels.size(), buf, offset, flags, true);
+}
+
+Task<std::error_code> OverlayLayer::read_levels(const Chain& c, size_t upto, std::span<std::byte> buf,
+                                                uint64_t offset, IoFlags flags, bool count) {
+  // The newest level of [0, upto) that holds block b, or upto: the base.
+  auto owner = [&](uint64_t b) {
+    for (size_t i = upto; i-- > 0;)
+      if (c.levels[i]->allocated.test(b)) return i;
+    return upto;
+  };
   const uint64_t end = offset + buf.size();
   for (uint64_t pos = offset; pos < end;) {
     const uint64_t b = block_of(pos);
-    // The run of blocks in the same state (bits are only ever set, so a
-    // block seen allocated stays so).
-    const bool mine = allocated_.test(b);
-    const uint64_t next = mine ? allocated_.find_clear(b) : allocated_.find_set(b);
+    // The run of blocks in the same level (bits of a level are only set
+    // while it is in the chain, so a block seen in a level stays there).
+    const size_t level = owner(b);
+    uint64_t next = b + 1;
+    while (next * granularity_ < end && owner(next) == level) ++next;
     const uint64_t stop = std::min(end, next * granularity_);
     auto piece = buf.subspan(pos - offset, stop - pos);
     std::error_code ec;
-    if (mine) {
-      overlay_reads_.fetch_add(1, std::memory_order_relaxed);
-      overlay_read_bytes_.fetch_add(piece.size(), std::memory_order_relaxed);
-      ec = co_await file_->read(piece, pos, 0);
+    if (level < upto) {
+      if (count) {
+        overlay_reads_.fetch_add(1, std::memory_order_relaxed);
+        overlay_read_bytes_.fetch_add(piece.size(), std::memory_order_relaxed);
+      }
+      ec = co_await c.levels[level]->file->read(piece, pos, 0);
     } else {
-      base_reads_.fetch_add(1, std::memory_order_relaxed);
-      base_read_bytes_.fetch_add(piece.size(), std::memory_order_relaxed);
+      if (count) {
+        base_reads_.fetch_add(1, std::memory_order_relaxed);
+        base_read_bytes_.fetch_add(piece.size(), std::memory_order_relaxed);
+      }
       ec = co_await base_->read(piece, pos, flags);
     }
     if (ec) co_return ec;
@@ -141,10 +263,10 @@ Task<std::error_code> OverlayLayer::read(std::span<std::byte> buf, uint64_t offs
   co_return std::error_code{};
 }
 
-Task<OverlayLayer::Claims> OverlayLayer::claim(uint64_t first, uint64_t last) {
+Task<OverlayLayer::Claims> OverlayLayer::claim(const Level& top, uint64_t first, uint64_t last) {
   Claims claims(*this);
   for (uint64_t b = first; b <= last; ++b) {
-    while (!allocated_.test(b)) {
+    while (!top.allocated.test(b)) {
       std::shared_ptr<core::SharedEvent> other;
       {
         std::lock_guard lock(claim_mutex_);
@@ -174,26 +296,29 @@ void OverlayLayer::release(uint64_t block) noexcept {
   event->set();
 }
 
-void OverlayLayer::mark_allocated(uint64_t first, uint64_t last) noexcept {
+void OverlayLayer::mark_allocated(Level& top, uint64_t first, uint64_t last) noexcept {
   for (uint64_t b = first; b <= last; ++b) {
-    if (allocated_.test(b)) continue;
+    if (top.allocated.test(b)) continue;
     // Pending first: whoever sees the block allocated (and writes to it
     // directly) can rely on the next commit persisting it.
     pending_.set(b);
-    allocated_.set(b);
+    top.allocated.set(b);
   }
 }
 
-Task<std::error_code> OverlayLayer::write_in_block(uint64_t b, std::span<const std::byte> data, uint64_t offset) {
+Task<std::error_code> OverlayLayer::write_in_block(const Chain& c, uint64_t b, std::span<const std::byte> data,
+                                                   uint64_t offset) {
   const ByteRange br = block_range(b);
-  if (allocated_.test(b) || (offset == br.offset && data.size() == br.length))
-    co_return co_await file_->write(data, offset, 0);
-  // Copy-up: the rest of the block from the base, then the whole block.
+  const Level& top = *c.levels.back();
+  if (top.allocated.test(b) || (offset == br.offset && data.size() == br.length))
+    co_return co_await top.file->write(data, offset, 0);
+  // Copy-up: the rest of the block from below (snapshots, then the base),
+  // then the whole block.
   std::vector<std::byte> block(br.length);
-  if (auto ec = co_await base_->read(block, br.offset, 0)) co_return ec;
+  if (auto ec = co_await read_levels(c, c.levels.size() - 1, block, br.offset, 0, false)) co_return ec;
   std::memcpy(block.data() + (offset - br.offset), data.data(), data.size());
   copy_ups_.fetch_add(1, std::memory_order_relaxed);
-  co_return co_await file_->write(block, br.offset, 0);
+  co_return co_await top.file->write(block, br.offset, 0);
 }
 
 Task<std::error_code> OverlayLayer::change(std::span<const std::byte> data, ByteRange range, bool zeroes,
@@ -201,18 +326,22 @@ Task<std::error_code> OverlayLayer::change(std::span<const std::byte> data, Byte
   if (range.length == 0) co_return std::error_code{};
   const uint64_t first = block_of(range.offset), last = block_of(range.end() - 1);
   const IoFlags zero_flags = flags & core::kNoHole;
-  if (allocated_.all_set(first, last)) {
+  auto pass = co_await enter();
+  const auto c = chain();
+  Level& top = *c->levels.back();
+  core::BlockDevice& file = *top.file;
+  if (top.allocated.all_set(first, last)) {
     // The common case once a clone has written a block: no coordination.
     // (No co_await inside ?: here: GCC 12 evaluates both arms.)
     std::error_code ec;
     if (zeroes)
-      ec = co_await file_->zero(range, zero_flags);
+      ec = co_await file.zero(range, zero_flags);
     else
-      ec = co_await file_->write(data, range.offset, 0);
+      ec = co_await file.write(data, range.offset, 0);
     if (!ec && (flags & core::kFua)) ec = co_await commit();
     co_return ec;
   }
-  auto claims = co_await claim(first, last);
+  auto claims = co_await claim(top, first, last);
   std::vector<std::byte> zero_piece;
   for (uint64_t pos = range.offset; pos < range.end();) {
     const uint64_t b = block_of(pos);
@@ -222,19 +351,20 @@ Task<std::error_code> OverlayLayer::change(std::span<const std::byte> data, Byte
       // Whole blocks: straight to the overlay file, no copy-up.
       uint64_t stop = range.end() == geometry_.size ? range.end() : range.end() / granularity_ * granularity_;
       if (zeroes)
-        ec = co_await file_->zero({pos, stop - pos}, zero_flags);
+        ec = co_await file.zero({pos, stop - pos}, zero_flags);
       else
-        ec = co_await file_->write(data.subspan(pos - range.offset, stop - pos), pos, 0);
+        ec = co_await file.write(data.subspan(pos - range.offset, stop - pos), pos, 0);
       pos = stop;
     } else {
       const uint64_t stop = std::min(range.end(), br.end());
       if (zeroes) zero_piece.assign(stop - pos, std::byte{0});
-      ec = co_await write_in_block(b, zeroes ? std::span<const std::byte>(zero_piece) : data.subspan(pos - range.offset, stop - pos), pos);
+      const auto piece = zeroes ? std::span<const std::byte>(zero_piece) : data.subspan(pos - range.offset, stop - pos);
+      ec = co_await write_in_block(*c, b, piece, pos);
       pos = stop;
     }
     if (ec) co_return ec;
   }
-  mark_allocated(first, last);
+  mark_allocated(top, first, last);
   if (flags & core::kFua) co_return co_await commit();
   co_return std::error_code{};
 }
@@ -263,6 +393,13 @@ Task<std::error_code> OverlayLayer::commit() {
   auto guard = co_await commit_mutex_.lock();
   // A commit that started after this flush arrived, and succeeded, covered it.
   if (last_good_commit_.load(std::memory_order_acquire) > arrival) co_return std::error_code{};
+  co_return co_await commit_locked();
+}
+
+// The commit itself, with commit_mutex_ held.
+Task<std::error_code> OverlayLayer::commit_locked() {
+  const auto c = chain();
+  core::BlockDevice& file = *c->levels.back()->file;
   const uint64_t me = commits_started_.fetch_add(1, std::memory_order_acq_rel) + 1;
   std::vector<uint64_t> taken(pending_.word_count());
   bool any = false;
@@ -275,7 +412,7 @@ Task<std::error_code> OverlayLayer::commit() {
       for (uint64_t w = taken[i]; w; w &= w - 1) pending_.set(i * 64 + static_cast<uint64_t>(std::countr_zero(w)));
   };
   // The data first (every block taken was written before it was taken) ...
-  if (auto ec = co_await file_->flush()) {
+  if (auto ec = co_await file.flush()) {
     give_back();
     co_return ec;
   }
@@ -308,11 +445,18 @@ Task<std::error_code> OverlayLayer::commit() {
 
 Task<std::error_code> OverlayLayer::block_status(ByteRange range, core::ExtentList& out) {
   // One run of blocks in the same state per call (the caller asks again for the rest).
+  const auto c = chain();
+  auto owner = [&](uint64_t b) {
+    for (size_t i = c->levels.size(); i-- > 0;)
+      if (c->levels[i]->allocated.test(b)) return i;
+    return c->levels.size();
+  };
   const uint64_t b = block_of(range.offset);
-  const bool mine = allocated_.test(b);
-  const uint64_t next = mine ? allocated_.find_clear(b) : allocated_.find_set(b);
+  const size_t level = owner(b);
+  uint64_t next = b + 1;
+  while (next * granularity_ < range.end() && owner(next) == level) ++next;
   const ByteRange run{range.offset, std::min(range.end(), next * granularity_) - range.offset};
-  if (mine) co_return co_await file_->block_status(run, out);
+  if (level < c->levels.size()) co_return co_await c->levels[level]->file->block_status(run, out);
   co_return co_await base_->block_status(run, out);
 }
 
@@ -328,15 +472,238 @@ Task<void> OverlayLayer::close() {
   (void)co_await catalogue_call(blocking_, [&] { store_.set_clean(name_, true); });
 }
 
+// --- the write gate -------------------------------------------------------
+
+Task<OverlayLayer::WriterPass> OverlayLayer::enter() {
+  for (;;) {
+    // Count first, then look (seq_cst both sides): pause() sets paused_ and
+    // then waits for the count, so one of the two always sees the other.
+    writers_.fetch_add(1, std::memory_order_seq_cst);
+    if (!paused_.load(std::memory_order_seq_cst)) co_return WriterPass(this);
+    writers_.fetch_sub(1, std::memory_order_seq_cst);
+    std::shared_ptr<core::SharedEvent> wake;
+    {
+      std::lock_guard lock(gate_mutex_);
+      wake = resume_;
+    }
+    if (wake) (void)co_await wake->wait();
+  }
+}
+
+void OverlayLayer::pause() {
+  {
+    std::lock_guard lock(gate_mutex_);
+    resume_ = std::make_shared<core::SharedEvent>();
+  }
+  paused_.store(true, std::memory_order_seq_cst);
+}
+
+Task<void> OverlayLayer::drain() {
+  boost::asio::steady_timer timer(co_await boost::asio::this_coro::executor);
+  while (writers_.load(std::memory_order_seq_cst) != 0) {
+    timer.expires_after(std::chrono::milliseconds(1));
+    co_await timer.async_wait(boost::asio::use_awaitable);
+  }
+}
+
+void OverlayLayer::resume() {
+  paused_.store(false, std::memory_order_seq_cst);
+  std::shared_ptr<core::SharedEvent> wake;
+  {
+    std::lock_guard lock(gate_mutex_);
+    wake = std::move(resume_);
+  }
+  if (wake) wake->set();
+}
+
+// --- snapshots -------------------------------------------------------------
+
+std::vector<SnapshotInfo> OverlayLayer::snapshots() const {
+  const auto c = chain();
+  std::vector<SnapshotInfo> out;
+  for (size_t i = 0; i < c->names.size(); ++i) {
+    const auto& bits = c->levels[i]->allocated;
+    const uint64_t n = bits.count();
+    uint64_t bytes = n * granularity_;
+    if (n && bits.test(nblocks_ - 1)) bytes -= nblocks_ * granularity_ - geometry_.size;
+    out.push_back({c->names[i], bytes});
+  }
+  return out;
+}
+
+Task<core::ControlResult> OverlayLayer::snapshot(std::string snap) {
+  if (!valid_snapshot_name(snap))
+    co_return failure(EINVAL, "snapshot name '" + snap + "' must be 1-64 letters, digits, '.', '_' or '-' "
+                              "(not starting with '.')");
+  auto ops = co_await ops_mutex_.lock();
+  const auto old = chain();
+  if (std::find(old->names.begin(), old->names.end(), snap) != old->names.end())
+    co_return failure(EEXIST, "clone '" + name_ + "' already has a snapshot '" + snap + "'");
+  const std::string path = fresh_path();
+  std::shared_ptr<Level> top;
+  if (auto ec = co_await catalogue_call(blocking_, [&] { top = new_top(path); }))
+    co_return failure(ec.value(), "cannot create the new overlay file " + path + " (see the log)");
+  pause();
+  co_await drain();
+  auto guard = co_await commit_mutex_.lock();
+  std::error_code ec = co_await commit_locked();
+  auto next = std::make_shared<Chain>(*old);
+  next->names.push_back(snap);
+  if (!ec)
+    ec = co_await catalogue_call(blocking_, [&] {
+      store_.freeze_overlay(name_, name_ + "@" + snap, path, join_names(next->names));
+    });
+  if (ec) {
+    resume();
+    std::error_code ignored;
+    std::filesystem::remove(path, ignored);
+    co_return failure(ec.value(), "snapshot '" + snap + "' of clone '" + name_ + "' failed: " + ec.message());
+  }
+  // The old top (same object: readers may hold it) becomes the newest snapshot.
+  old->levels.back()->record = name_ + "@" + snap;
+  top->record = name_;
+  next->levels.push_back(top);
+  for (size_t i = 0; i < durable_.size(); ++i) durable_[i] = 0;
+  chain_.store(std::shared_ptr<const Chain>(std::move(next)), std::memory_order_release);
+  resume();
+  log_->info("export '{}': snapshot '{}' taken; new writes go to {}", name_, snap, path);
+  co_return core::ControlResult{{}, "snapshot '" + snap + "' of clone '" + name_ + "' taken"};
+}
+
+Task<core::ControlResult> OverlayLayer::revert(std::string snap) {
+  auto ops = co_await ops_mutex_.lock();
+  const auto old = chain();
+  const auto it = std::find(old->names.begin(), old->names.end(), snap);
+  if (it == old->names.end()) co_return failure(ENOENT, "clone '" + name_ + "' has no snapshot '" + snap + "'");
+  if (it + 1 != old->names.end()) {
+    std::string later;
+    for (auto l = it + 1; l != old->names.end(); ++l) later += (later.empty() ? "'" : ", '") + *l + "'";
+    co_return failure(EBUSY, "revert goes back to the newest snapshot only; delete the later snapshot(s) " + later +
+                                 " of clone '" + name_ + "' first");
+  }
+  const std::string path = fresh_path();
+  std::shared_ptr<Level> top;
+  if (auto ec = co_await catalogue_call(blocking_, [&] { top = new_top(path); }))
+    co_return failure(ec.value(), "cannot create the new overlay file " + path + " (see the log)");
+  pause();
+  co_await drain();
+  auto guard = co_await commit_mutex_.lock();
+  // One transaction is the switch: before it the old top, after it the empty one.
+  if (auto ec = co_await catalogue_call(blocking_, [&] { store_.replace_overlay(name_, path); })) {
+    resume();
+    std::error_code ignored;
+    std::filesystem::remove(path, ignored);
+    co_return failure(ec.value(), "revert of clone '" + name_ + "' failed: " + ec.message());
+  }
+  auto next = std::make_shared<Chain>(*old);
+  const std::string dropped = next->levels.back()->path;
+  next->levels.back() = top;
+  for (size_t i = 0; i < durable_.size(); ++i) {
+    durable_[i] = 0;
+    (void)pending_.exchange_word(i, 0);
+  }
+  chain_.store(std::shared_ptr<const Chain>(std::move(next)), std::memory_order_release);
+  resume();
+  if (!injected_) {
+    std::error_code ignored;
+    std::filesystem::remove(dropped, ignored);
+  }
+  log_->info("export '{}': reverted to snapshot '{}'", name_, snap);
+  co_return core::ControlResult{{}, "clone '" + name_ + "' reverted to snapshot '" + snap + "'"};
+}
+
+Task<core::ControlResult> OverlayLayer::delete_snapshot(std::string snap) {
+  auto ops = co_await ops_mutex_.lock();
+  const auto old = chain();
+  const auto it = std::find(old->names.begin(), old->names.end(), snap);
+  if (it == old->names.end()) co_return failure(ENOENT, "clone '" + name_ + "' has no snapshot '" + snap + "'");
+  const size_t k = static_cast<size_t>(it - old->names.begin());
+  const Level& from = *old->levels[k];
+  Level& to = *old->levels[k + 1];
+  const bool into_top = k + 2 == old->levels.size();
+  std::error_code ec;  // (no co_await inside ?: : GCC 12 evaluates both arms)
+  if (into_top)
+    ec = co_await merge_into_top(from, to);
+  else
+    ec = co_await merge_into_frozen(from, to);
+  auto next = std::make_shared<Chain>(*old);
+  next->names.erase(next->names.begin() + static_cast<ptrdiff_t>(k));
+  next->levels.erase(next->levels.begin() + static_cast<ptrdiff_t>(k));
+  if (!ec)
+    ec = co_await catalogue_call(blocking_, [&] { store_.drop_snapshot(name_, from.record, join_names(next->names)); });
+  if (ec)
+    co_return failure(ec.value(), "deleting snapshot '" + snap + "' of clone '" + name_ + "' failed (it is kept): " +
+                                      ec.message());
+  const std::string dropped = from.path;
+  chain_.store(std::shared_ptr<const Chain>(std::move(next)), std::memory_order_release);
+  if (!injected_) {
+    std::error_code ignored;
+    std::filesystem::remove(dropped, ignored);
+  }
+  log_->info("export '{}': snapshot '{}' deleted (merged into the level above)", name_, snap);
+  co_return core::ControlResult{{}, "snapshot '" + snap + "' of clone '" + name_ + "' deleted"};
+}
+
+// Copies the blocks of `from` that the top has not written into the top,
+// each under a claim as a writer's copy-up would, then commits them.
+Task<std::error_code> OverlayLayer::merge_into_top(const Level& from, Level& top) {
+  std::vector<std::byte> block;
+  for (uint64_t b = from.allocated.find_set(0); b < nblocks_; b = from.allocated.find_set(b + 1)) {
+    if (top.allocated.test(b)) continue;
+    auto pass = co_await enter();
+    auto claims = co_await claim(top, b, b);
+    if (top.allocated.test(b)) continue;  // a writer took it meanwhile
+    const ByteRange br = block_range(b);
+    block.resize(br.length);
+    if (auto ec = co_await from.file->read(block, br.offset, 0)) co_return ec;
+    if (auto ec = co_await top.file->write(block, br.offset, 0)) co_return ec;
+    mark_allocated(top, b, b);
+  }
+  co_return co_await commit();
+}
+
+// The same into a frozen snapshot: nobody writes it, so no claims; its file
+// is made durable before its bits are committed.
+Task<std::error_code> OverlayLayer::merge_into_frozen(const Level& from, Level& to) {
+  std::vector<std::byte> block;
+  bool any = false;
+  for (uint64_t b = from.allocated.find_set(0); b < nblocks_; b = from.allocated.find_set(b + 1)) {
+    if (to.allocated.test(b)) continue;
+    const ByteRange br = block_range(b);
+    block.resize(br.length);
+    if (auto ec = co_await from.file->read(block, br.offset, 0)) co_return ec;
+    if (auto ec = co_await to.file->write(block, br.offset, 0)) co_return ec;
+    to.allocated.set(b);
+    any = true;
+  }
+  if (!any) co_return std::error_code{};
+  if (auto ec = co_await to.file->flush()) co_return ec;
+  std::vector<MetaStore::PageWrite> pages;
+  for (size_t lo = 0; lo < to.allocated.word_count(); lo += MetaStore::kWordsPerPage) {
+    const size_t hi = std::min(to.allocated.word_count(), lo + MetaStore::kWordsPerPage);
+    std::vector<uint64_t> words;
+    for (size_t i = lo; i < hi; ++i) words.push_back(to.allocated.word(i));
+    pages.push_back({BitmapKind::present, static_cast<uint32_t>(lo / MetaStore::kWordsPerPage), std::move(words)});
+  }
+  co_return co_await catalogue_call(blocking_, [&] { store_.commit(to.record, pages, std::nullopt); });
+}
+
 OverlayStats OverlayLayer::stats() const {
   OverlayStats s;
   s.granularity = granularity_;
   s.blocks = nblocks_;
-  const uint64_t n = allocated_.count();
-  s.allocated_bytes = n * granularity_;
-  if (n && allocated_.test(nblocks_ - 1)) s.allocated_bytes -= nblocks_ * granularity_ - geometry_.size;
+  const auto c = chain();
+  auto bytes_of = [&](const Level& l) {
+    const uint64_t n = l.allocated.count();
+    uint64_t bytes = n * granularity_;
+    if (n && l.allocated.test(nblocks_ - 1)) bytes -= nblocks_ * granularity_ - geometry_.size;
+    return bytes;
+  };
+  s.allocated_bytes = bytes_of(*c->levels.back());
+  s.snapshots = c->names.size();
+  for (size_t i = 0; i + 1 < c->levels.size(); ++i) s.snapshot_bytes += bytes_of(*c->levels[i]);
   struct ::stat st {};
-  if (::stat(path_.c_str(), &st) == 0) s.file_bytes = static_cast<uint64_t>(st.st_blocks) * 512;
+  if (::stat(c->levels.back()->path.c_str(), &st) == 0) s.file_bytes = static_cast<uint64_t>(st.st_blocks) * 512;
   s.base_reads = base_reads_.load(std::memory_order_relaxed);
   s.base_read_bytes = base_read_bytes_.load(std::memory_order_relaxed);
   s.overlay_reads = overlay_reads_.load(std::memory_order_relaxed);

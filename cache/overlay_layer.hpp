@@ -30,6 +30,19 @@
 // alone (a trim is advisory). Block status reports the overlay file's
 // extents for allocated blocks and the base's for the others.
 //
+// Snapshots: the overlay is a chain of levels, oldest first; the last, the
+// top, takes the writes, the others are frozen snapshots (each a raw file
+// plus its bits, catalogue record "CLONE@SNAPSHOT"). A block reads from the
+// newest level that holds it, else from the base. snapshot() drains the
+// writes in flight, commits the top, and in one catalogue transaction turns
+// it into the newest snapshot and starts a new, empty top file; revert()
+// swaps the top for a new, empty one in one transaction; delete_snapshot()
+// merges a snapshot's blocks into the level above it (the blocks that level
+// has not written: under claims when it is the top, so concurrent writers
+// never race it), commits that level, then forgets the snapshot in one
+// transaction. Readers load the chain once per request (an immutable
+// snapshot of it), so a level they read outlives the change.
+//
 // While the layer lives, the base holds a read-only hold (writes to the base
 // refused, with the reason, in its CheckedDevice).
 //
@@ -37,7 +50,8 @@
 // once. Bitmaps are atomics; the claim map has one mutex, held only for map
 // operations; commits are serialised by an AsyncMutex and run their SQLite
 // work on the blocking pool. Lock order: commit_mutex_ before claim_mutex_
-// (never held together in practice).
+// (never held together in practice); ops_mutex_ (snapshot, revert, delete)
+// before both. Writes pass a gate that snapshot/revert close to drain them.
 #pragma once
 
 #include "cache/bitmap.hpp"
@@ -48,6 +62,7 @@
 #include "core/checked_device.hpp"
 #include "core/logging.hpp"
 #include "core/shared_event.hpp"
+#include "core/snapshot_control.hpp"
 
 #include <boost/asio/thread_pool.hpp>
 
@@ -72,9 +87,12 @@ struct OverlayStats {
   uint64_t copy_ups = 0, copy_up_bytes = 0;  // blocks filled from the base before a partial write
   uint64_t commits = 0;                      // catalogue commits (flush, FUA)
   bool recovered = false;                    // the last start followed an unclean stop
+  uint64_t snapshots = 0, snapshot_bytes = 0;  // frozen levels and the bytes they hold
 };
 
-class OverlayLayer final : public core::BlockDevice {
+using core::SnapshotInfo;
+
+class OverlayLayer final : public core::BlockDevice, public core::SnapshotControl {
  public:
   struct Params {
     std::string export_name;  // the clone
@@ -109,26 +127,66 @@ class OverlayLayer final : public core::BlockDevice {
   // Commits what is durable and marks the overlay cleanly closed.
   core::Task<void> close() override;
 
+  // Snapshots, oldest first.
+  [[nodiscard]] std::vector<SnapshotInfo> snapshots() const override;
+  // Freezes the clone's content as snapshot `name` (letters, digits, '.',
+  // '_', '-'); new writes go to a new, empty top. Waits for writes in flight.
+  core::Task<core::ControlResult> snapshot(std::string name) override;
+  // Discards every write since the newest snapshot, which must be `name`
+  // (EBUSY naming the later snapshots otherwise).
+  core::Task<core::ControlResult> revert(std::string name) override;
+  // Merges snapshot `name` into the level above it and forgets it; online.
+  core::Task<core::ControlResult> delete_snapshot(std::string name) override;
+
   [[nodiscard]] OverlayStats stats() const;
   [[nodiscard]] const std::string& base_name() const noexcept { return base_name_; }
-  [[nodiscard]] const std::string& overlay_path() const noexcept { return path_; }
+  [[nodiscard]] std::string overlay_path() const { return chain()->levels.back()->path; }
 
  private:
-  class Claims;  // the claimed blocks of one request, released on destruction
+  class Claims;       // the claimed blocks of one request, released on destruction
+  class WriterPass;   // a write inside the gate, left on destruction
+  // One level of the chain: an overlay file and the blocks it holds.
+  struct Level {
+    std::string record;  // catalogue record (the clone's name for the top)
+    std::string path;
+    std::unique_ptr<core::BlockDevice> file;
+    AtomicBitmap allocated;
+  };
+  // Immutable once published; replaced whole by snapshot, revert, delete.
+  struct Chain {
+    std::vector<std::shared_ptr<Level>> levels;  // oldest first; back() is the top
+    std::vector<std::string> names;              // snapshot names of levels[0..n-2]
+  };
+  [[nodiscard]] std::shared_ptr<const Chain> chain() const { return chain_.load(std::memory_order_acquire); }
+  std::shared_ptr<Level> open_level(const std::string& record, const std::string& path);
+  std::shared_ptr<Level> new_top(const std::string& path);
+  // A path for a new top file that no file uses.
+  std::string fresh_path() const;
+  // Reads through levels [0, upto) and then the base.
+  core::Task<std::error_code> read_levels(const Chain& c, size_t upto, std::span<std::byte> buf, uint64_t offset,
+                                          core::IoFlags flags, bool count);
+  core::Task<WriterPass> enter();
+  void pause();
+  core::Task<void> drain();
+  void resume();
+  core::Task<std::error_code> commit_locked();
+  core::Task<std::error_code> merge_into_top(const Level& from, Level& top);
+  core::Task<std::error_code> merge_into_frozen(const Level& from, Level& to);
 
   [[nodiscard]] uint64_t block_of(uint64_t offset) const noexcept { return offset / granularity_; }
   [[nodiscard]] core::ByteRange block_range(uint64_t b) const noexcept;
   // Claims every unallocated block of [first, last], ascending.
-  core::Task<Claims> claim(uint64_t first, uint64_t last);
+  core::Task<Claims> claim(const Level& top, uint64_t first, uint64_t last);
   void release(uint64_t block) noexcept;
   // Writes `data` at `offset` (inside block b, which the caller claimed if it
   // was unallocated): directly if b is allocated or data covers it, else the
   // block merged with the base's bytes around it (copy-up).
-  core::Task<std::error_code> write_in_block(uint64_t b, std::span<const std::byte> data, uint64_t offset);
+  core::Task<std::error_code> write_in_block(const Chain& c, uint64_t b, std::span<const std::byte> data,
+                                             uint64_t offset);
   // write/zero: the common walk. `data` empty means zeroes.
   core::Task<std::error_code> change(std::span<const std::byte> data, core::ByteRange range, bool zeroes,
                                      core::IoFlags flags);
-  void mark_allocated(uint64_t first, uint64_t last) noexcept;
+  void mark_allocated(Level& top, uint64_t first, uint64_t last) noexcept;
   // The group commit behind flush and FUA.
   core::Task<std::error_code> commit();
 
@@ -141,23 +199,29 @@ class OverlayLayer final : public core::BlockDevice {
   core::Geometry geometry_;
   uint64_t granularity_;
   uint64_t nblocks_;
-  std::string path_;
-  std::unique_ptr<core::BlockDevice> file_;
+  std::string path_;  // the top's file when the layer opened
+  std::function<std::unique_ptr<core::BlockDevice>(const std::string& path)> open_file_;
 
-  AtomicBitmap allocated_;  // in memory: authoritative for reads
-  AtomicBitmap pending_;    // allocated since the last commit took them
+  std::atomic<std::shared_ptr<const Chain>> chain_;  // its top's bits are authoritative for reads
+  AtomicBitmap pending_;    // top blocks allocated since the last commit took them
   std::vector<uint64_t> durable_;  // what the catalogue holds (under commit_mutex_)
 
   std::mutex claim_mutex_;
   std::unordered_map<uint64_t, std::shared_ptr<core::SharedEvent>> claims_;
 
   core::AsyncMutex commit_mutex_;
+  core::AsyncMutex ops_mutex_;
+  std::atomic<long> writers_{0};
+  std::atomic<bool> paused_{false};
+  std::mutex gate_mutex_;
+  std::shared_ptr<core::SharedEvent> resume_;  // set while paused
   std::atomic<uint64_t> commits_started_{0};
   std::atomic<uint64_t> last_good_commit_{0};  // number of the last commit that succeeded
 
   std::atomic<uint64_t> base_reads_{0}, base_read_bytes_{0}, overlay_reads_{0}, overlay_read_bytes_{0};
   std::atomic<uint64_t> copy_ups_{0}, commits_{0};
   bool recovered_ = false;
+  bool injected_ = false;  // overlay files opened by the test's opener
   bool closed_ = false;
 };
 

@@ -31,6 +31,15 @@ const Command kCommands[] = {
      "                    add NAME, a copy-on-write clone of the export BASE: its\n"
      "                    writes in a local overlay, the rest read through BASE",
      clone_command},
+    {"snapshot",
+     "snapshot create|delete CLONE SNAPSHOT | snapshot list CLONE\n"
+     "                    freeze a clone's content as a snapshot (new writes go\n"
+     "                    on top), list them, or delete one (merged, online)",
+     snapshot_command},
+    {"revert",
+     "revert CLONE SNAPSHOT [--force]\n"
+     "                    discard the clone's writes since its newest snapshot",
+     revert_command},
     {"prefetch",
      "prefetch start|pause|resume|status NAME\n"
      "prefetch NAME [--wait [--timeout SECONDS]]\n"

@@ -15,6 +15,7 @@
 #include "gateway/service_manager.hpp"
 #include "gateway/socket_activation.hpp"
 #include "gateway/stack_builder.hpp"
+#include "gateway/snapshot_commands.hpp"
 #include "gateway/trace_commands.hpp"
 #include "nbd/server.hpp"
 
@@ -227,6 +228,8 @@ int run_daemon(DaemonConfig config) {
                        [&runtime_exports](const Json& req) { return runtime_exports.add(req); });
   control_commands.add("export-remove", "remove an export {name, force?}",
                        [&runtime_exports](const Json& req) { return runtime_exports.remove(req); });
+  add_snapshot_commands(control_commands, exports,
+                        [&builder](const std::shared_ptr<Export>& exp) { return builder.snapshots_of(exp); });
   TraceCommands trace_commands(loops.at(0), exports);
   trace_commands.add_to(control_commands);
   ControlServer control(loops.at(0), control_commands);

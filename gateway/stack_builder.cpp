@@ -76,7 +76,8 @@ StackBuilder::Built StackBuilder::build(ExportConfig cfg) {
   const remote::OpenEnv env{cfg.read_only, &loops_.blocking(), &loops_};
   std::unique_ptr<BlockDevice> device;
   RetryLayer* retry_layer = nullptr;  // owned by the device chain, like the cache
-  if (clone_base) device = open_clone(cfg, *clone_base, options, *exp);
+  core::SnapshotControl* snapshots = nullptr;
+  if (clone_base) device = open_clone(cfg, *clone_base, options, *exp, snapshots);
   try {
     const remote::Backend* backend = clone_base ? nullptr : &remote::backend_for(cfg.uri);
     // A detached export (local mode) never opens its remote again.
@@ -127,14 +128,26 @@ StackBuilder::Built StackBuilder::build(ExportConfig cfg) {
     exp->cache_status = [cache_layer](ByteRange r, ExtentList& out) { return cache_layer->cache_status(r, out); };
     exp->control = cache_layer;
   }
+  if (snapshots) {
+    std::lock_guard lock(clones_mutex_);
+    clones_[cfg.name] = {exp, snapshots};
+  }
   return {exp, cache_layer};
+}
+
+core::SnapshotControl* StackBuilder::snapshots_of(const std::shared_ptr<Export>& exp) const {
+  std::lock_guard lock(clones_mutex_);
+  auto it = clones_.find(exp->name);
+  if (it == clones_.end() || it->second.first.lock() != exp) return nullptr;
+  return it->second.second;
 }
 
 // A clone reads what it never wrote through its base export's whole stack
 // (its CheckedDevice: the base's QoS, cache and prefetch), so every clone
 // shares the base's one cache and one fetch per block.
 std::unique_ptr<BlockDevice> StackBuilder::open_clone(const ExportConfig& cfg, const std::string& base_name,
-                                                      core::Options& options, Export& exp) {
+                                                      core::Options& options, Export& exp,
+                                                      core::SnapshotControl*& snapshots) {
   const std::string what = "export '" + cfg.name + "'";
   if (base_name.empty()) throw ConfigError(what + ": clone: needs the name of its base export (clone:BASE)");
   if (base_name == cfg.name) throw ConfigError(what + " cannot be a clone of itself");
@@ -157,6 +170,7 @@ std::unique_ptr<BlockDevice> StackBuilder::open_clone(const ExportConfig& cfg, c
   }
   exp.clone_of = base_name;
   exp.overlay_path = layer->overlay_path();
+  snapshots = layer.get();
   exp.overlay_counters = [o = layer.get()] {
     const auto s = o->stats();
     return std::vector<std::pair<std::string, uint64_t>>{
@@ -165,7 +179,8 @@ std::unique_ptr<BlockDevice> StackBuilder::open_clone(const ExportConfig& cfg, c
         {"base_read_bytes", s.base_read_bytes}, {"overlay_reads", s.overlay_reads},
         {"overlay_read_bytes", s.overlay_read_bytes}, {"copy_ups", s.copy_ups},
         {"copy_up_bytes", s.copy_up_bytes}, {"commits", s.commits},
-        {"recovered", s.recovered ? 1u : 0u}};
+        {"recovered", s.recovered ? 1u : 0u}, {"snapshots", s.snapshots},
+        {"snapshot_bytes", s.snapshot_bytes}};
   };
   return layer;
 }

@@ -26,6 +26,7 @@
 #include "core/event_loops.hpp"
 #include "core/export.hpp"
 #include "core/remote_bandwidth.hpp"
+#include "core/snapshot_control.hpp"
 #include "gateway/config.hpp"
 
 #include <functional>
@@ -79,6 +80,10 @@ class StackBuilder {
   // unknown.
   [[nodiscard]] std::string configured_value(const std::string& name, const std::string& key) const;
 
+  // The snapshots of `exp` if it is a clone this builder built (null for
+  // other exports). Valid while the caller holds `exp`. Any thread.
+  [[nodiscard]] core::SnapshotControl* snapshots_of(const std::shared_ptr<core::Export>& exp) const;
+
  private:
   std::unique_ptr<core::BlockDevice> open_detached(const ExportConfig& cfg, const remote::Backend& backend,
                                                    core::Options& options);
@@ -90,7 +95,8 @@ class StackBuilder {
   void refuse_without_its_cache(const ExportConfig& cfg);
   // The device of a clone: an OverlayLayer over its base export's device.
   std::unique_ptr<core::BlockDevice> open_clone(const ExportConfig& cfg, const std::string& base_name,
-                                                core::Options& options, core::Export& exp);
+                                                core::Options& options, core::Export& exp,
+                                                core::SnapshotControl*& snapshots);
 
   core::EventLoops& loops_;
   const std::string data_dir_;
@@ -99,6 +105,10 @@ class StackBuilder {
   std::function<std::shared_ptr<core::Export>(const std::string&)> find_export_;
   mutable std::mutex configured_mutex_;
   std::map<std::string, std::map<std::string, std::string>> configured_;
+  // Clones by name: the export (to tell a newer one of the same name apart)
+  // and its overlay's snapshots, which live as long as the export.
+  mutable std::mutex clones_mutex_;
+  std::map<std::string, std::pair<std::weak_ptr<core::Export>, core::SnapshotControl*>> clones_;
 };
 
 }  // namespace blockway::gateway

@@ -1,0 +1,37 @@
+// SnapshotControl: the snapshots of a clone's overlay, as the control plane
+// asks for them (`blockway snapshot`, `blockway revert`). Implemented by
+// cache::OverlayLayer; the interface lives in core/ so that the control plane
+// does not depend on the overlay's internals.
+//
+// Thread model: every method may be called from any event-loop thread; the
+// implementation serialises chain changes itself.
+#pragma once
+
+#include "core/export_control.hpp"
+#include "core/task.hpp"
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace blockway::core {
+
+struct SnapshotInfo {
+  std::string name;
+  uint64_t allocated_bytes = 0;  // blocks written between the previous snapshot and this one
+};
+
+class SnapshotControl {
+ public:
+  virtual ~SnapshotControl() = default;
+  // Oldest first.
+  [[nodiscard]] virtual std::vector<SnapshotInfo> snapshots() const = 0;
+  // Freezes the current content as snapshot `name`; new writes go on top.
+  virtual Task<ControlResult> snapshot(std::string name) = 0;
+  // Discards every write since the newest snapshot, which must be `name`.
+  virtual Task<ControlResult> revert(std::string name) = 0;
+  // Merges the snapshot into the level above it and forgets it; online.
+  virtual Task<ControlResult> delete_snapshot(std::string name) = 0;
+};
+
+}  // namespace blockway::core

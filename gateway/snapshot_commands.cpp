@@ -1,0 +1,90 @@
+#include "gateway/snapshot_commands.hpp"
+
+#include "core/logging.hpp"
+
+#include <cerrno>
+
+namespace blockway::gateway {
+namespace {
+
+using core::Export;
+using core::Task;
+
+struct Target {
+  std::shared_ptr<Export> exp;  // keeps the chain (and its SnapshotControl) alive
+  core::SnapshotControl* snapshots = nullptr;
+};
+
+struct Context {
+  core::ExportTable& exports;
+  SnapshotLookup lookup;
+};
+
+Target find_clone(const Context& ctx, const Json& req) {
+  const auto name = arg_string(req, "name");
+  auto exp = name.empty() ? nullptr : ctx.exports.find(name);
+  if (!exp || exp->name != name) throw ControlError("unknown-export", ENOENT, "no export named '" + name + "'");
+  auto* snapshots = ctx.lookup(exp);
+  if (!snapshots)
+    throw ControlError("refused", EINVAL,
+                       "export '" + name + "' is not a clone; snapshots are of clones (blockway clone BASE NAME)");
+  return {exp, snapshots};
+}
+
+Json list_json(const Target& t) {
+  Json list = Json::array();
+  for (const auto& s : t.snapshots->snapshots()) list.push_back({{"name", s.name}, {"allocated_bytes", s.allocated_bytes}});
+  return {{"name", t.exp->name}, {"snapshots", std::move(list)}};
+}
+
+// A SnapshotControl result as the reply, or the error it names.
+Json answer(const Target& t, const core::ControlResult& r) {
+  if (!r.ok()) {
+    const int e = r.ec.value();
+    throw ControlError(e == EINVAL ? "bad-request" : (e == EIO ? "failed" : "refused"), e, r.message);
+  }
+  Json out = list_json(t);
+  out["message"] = r.message;
+  core::logger("control")->info("{}", r.message);
+  return out;
+}
+
+Task<Json> snapshot_list(std::shared_ptr<const Context> ctx, Json req) { co_return list_json(find_clone(*ctx, req)); }
+
+Task<Json> snapshot_create(std::shared_ptr<const Context> ctx, Json req) {
+  const auto t = find_clone(*ctx, req);
+  co_return answer(t, co_await t.snapshots->snapshot(arg_string(req, "snapshot")));
+}
+
+Task<Json> snapshot_delete(std::shared_ptr<const Context> ctx, Json req) {
+  const auto t = find_clone(*ctx, req);
+  co_return answer(t, co_await t.snapshots->delete_snapshot(arg_string(req, "snapshot")));
+}
+
+Task<Json> revert(std::shared_ptr<const Context> ctx, Json req) {
+  const auto t = find_clone(*ctx, req);
+  const auto snap = arg_string(req, "snapshot");
+  const long clients = export_clients(t.exp);
+  if (clients > 0 && !arg_bool(req, "force", false))
+    throw ControlError("refused", EBUSY,
+                       "clone '" + t.exp->name + "' has " + std::to_string(clients) +
+                           " client connection(s), whose caches would keep data the revert discards; "
+                           "disconnect them first, or force");
+  co_return answer(t, co_await t.snapshots->revert(snap));
+}
+
+}  // namespace
+
+void add_snapshot_commands(ControlDispatcher& d, core::ExportTable& exports, SnapshotLookup lookup) {
+  auto ctx = std::make_shared<const Context>(Context{exports, std::move(lookup)});
+  d.add("snapshot-list", "a clone's snapshots, oldest first {name}",
+        [ctx](const Json& req) { return snapshot_list(ctx, req); });
+  d.add("snapshot-create", "freeze a clone's content as a snapshot {name, snapshot}",
+        [ctx](const Json& req) { return snapshot_create(ctx, req); });
+  d.add("snapshot-delete", "delete a snapshot, merging it into the level above (online) {name, snapshot}",
+        [ctx](const Json& req) { return snapshot_delete(ctx, req); });
+  d.add("revert", "discard a clone's writes since its newest snapshot {name, snapshot, force?}",
+        [ctx](const Json& req) { return revert(ctx, req); });
+}
+
+}  // namespace blockway::gateway
