@@ -1,10 +1,9 @@
 #include "core/access_policy.hpp"
 
 #include "core/options.hpp"
+#include "core/user_lookup.hpp"
 
 #include <arpa/inet.h>
-#include <grp.h>
-#include <pwd.h>
 
 #include <algorithm>
 #include <charconv>
@@ -69,29 +68,17 @@ AccessPolicy AccessPolicy::parse(std::string_view allow, std::string_view listen
       const std::string name = e.substr(e.find(':') + 1);
       if (name.empty()) throw ConfigError(where + ": the name is empty");
       (e.starts_with("cert:") ? p.certs_ : p.psks_).push_back(name);
-    } else if (e.starts_with("user:")) {
-      const std::string name = e.substr(5);
-      if (auto id = number(name)) {
+    } else if (e.starts_with("user:") || e.starts_with("group:")) {
+      const bool user = e.starts_with("user:");
+      const std::string name = e.substr(e.find(':') + 1);
+      if (user) {
+        const auto id = find_user(name);
+        if (!id) throw ConfigError(where + ": no such user");
         p.uids_.push_back(*id);
       } else {
-        std::vector<char> buf(16384);
-        passwd pw{};
-        passwd* found = nullptr;
-        if (::getpwnam_r(name.c_str(), &pw, buf.data(), buf.size(), &found) != 0 || !found)
-          throw ConfigError(where + ": no such user");
-        p.uids_.push_back(found->pw_uid);
-      }
-    } else if (e.starts_with("group:")) {
-      const std::string name = e.substr(6);
-      if (auto id = number(name)) {
+        const auto id = find_group(name);
+        if (!id) throw ConfigError(where + ": no such group");
         p.gids_.push_back(*id);
-      } else {
-        std::vector<char> buf(16384);
-        group gr{};
-        group* found = nullptr;
-        if (::getgrnam_r(name.c_str(), &gr, buf.data(), buf.size(), &found) != 0 || !found)
-          throw ConfigError(where + ": no such group");
-        p.gids_.push_back(found->gr_gid);
       }
     } else {
       Net n;
@@ -138,31 +125,25 @@ bool AccessPolicy::matches_address(const std::string& address) const {
                      [&](const Net& n) { return n.v6 == v6 && same_prefix(n.bytes, bytes, n.prefix); });
 }
 
-bool AccessPolicy::matches_unix(uid_t uid, std::optional<gid_t> gid) const {
-  if (std::find(uids_.begin(), uids_.end(), uid) != uids_.end()) return true;
-  if (gids_.empty()) return false;
-  if (gid && std::find(gids_.begin(), gids_.end(), *gid) != gids_.end()) return true;
-  // Supplementary groups: those of the peer's user in the group database.
-  std::vector<char> buf(16384);
-  passwd pw{};
-  passwd* found = nullptr;
-  if (::getpwuid_r(uid, &pw, buf.data(), buf.size(), &found) != 0 || !found) return false;
-  int count = 64;
-  std::vector<gid_t> groups(static_cast<size_t>(count));
-  if (::getgrouplist(found->pw_name, found->pw_gid, groups.data(), &count) < 0) {
-    groups.resize(static_cast<size_t>(count));
-    if (::getgrouplist(found->pw_name, found->pw_gid, groups.data(), &count) < 0) return false;
-  }
-  groups.resize(static_cast<size_t>(count));
-  return std::any_of(groups.begin(), groups.end(),
-                     [&](gid_t g) { return std::find(gids_.begin(), gids_.end(), g) != gids_.end(); });
+bool AccessPolicy::matches_unix(const AccessClient& c) const {
+  if (std::find(uids_.begin(), uids_.end(), *c.uid) != uids_.end()) return true;
+  auto listed = [&](gid_t g) { return std::find(gids_.begin(), gids_.end(), g) != gids_.end(); };
+  // The peer process's own groups as the kernel holds them (SO_PEERCRED,
+  // SO_PEERGROUPS; FUSE: the caller's): no group database on the event
+  // loop, and the same answer the kernel gives for a file's group.
+  return (c.gid && listed(*c.gid)) || std::any_of(c.groups.begin(), c.groups.end(), listed);
+}
+
+bool AccessPolicy::allows_local_user(const AccessClient& c) const {
+  if (uids_.empty() && gids_.empty()) return true;
+  return c.uid && matches_unix(c);
 }
 
 bool AccessPolicy::allows(const AccessClient& c) const {
   if (!published_on(c.listener)) return false;
   if (allow_text_.empty()) return true;
   if (matches_address(c.address)) return true;
-  if (c.uid && matches_unix(*c.uid, c.gid)) return true;
+  if (c.uid && matches_unix(c)) return true;
   if (!c.cert_name.empty() && std::find(certs_.begin(), certs_.end(), c.cert_name) != certs_.end()) return true;
   if (!c.psk_name.empty() && std::find(psks_.begin(), psks_.end(), c.psk_name) != psks_.end()) return true;
   return false;

@@ -22,6 +22,7 @@ struct AccessClient {
   std::string address;  // IPv4 or IPv6 literal; empty on a Unix socket or stdio
   std::optional<uid_t> uid;  // Unix socket peer (SO_PEERCRED)
   std::optional<gid_t> gid;
+  std::vector<gid_t> groups;  // the peer's supplementary groups (SO_PEERGROUPS)
   std::string cert_name;  // CN of a verified client certificate
   std::string psk_name;   // TLS PSK identity
   std::string listener;   // name of the listener it came in on ("" = unnamed)
@@ -31,7 +32,8 @@ class AccessPolicy {
  public:
   // allow: entries separated by spaces or ';': an IPv4/IPv6 address or
   // CIDR (10.0.0.0/8, fd00::/8), cert:NAME, psk:NAME, user:NAME|UID,
-  // group:NAME|GID. Empty: every client. listen: listener names separated
+  // group:NAME|GID (the peer's primary or supplementary groups as its
+  // process holds them, not the group database). Empty: every client. listen: listener names separated
   // the same way; empty: every listener. Users and groups are resolved now.
   // Throws ConfigError naming the bad entry.
   static AccessPolicy parse(std::string_view allow, std::string_view listen);
@@ -40,6 +42,9 @@ class AccessPolicy {
   // matches at least one entry.
   [[nodiscard]] bool allows(const AccessClient& client) const;
   [[nodiscard]] bool published_on(const std::string& listener) const;
+  // A local user (the FUSE mount's callers): only the user:/group: entries
+  // count; with none of them, everyone (the file's mode decides then).
+  [[nodiscard]] bool allows_local_user(const AccessClient& client) const;
   [[nodiscard]] bool open() const noexcept { return allow_text_.empty() && listen_text_.empty(); }
   // Normalized texts (single spaces), for status and persistence.
   [[nodiscard]] const std::string& allow_text() const noexcept { return allow_text_; }
@@ -57,7 +62,7 @@ class AccessPolicy {
     unsigned prefix = 0;
   };
   [[nodiscard]] bool matches_address(const std::string& address) const;
-  [[nodiscard]] bool matches_unix(uid_t uid, std::optional<gid_t> gid) const;
+  [[nodiscard]] bool matches_unix(const AccessClient& client) const;
 
   std::vector<Net> nets_;
   std::vector<std::string> certs_, psks_, listeners_;

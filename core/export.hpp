@@ -18,6 +18,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <shared_mutex>
 #include <string>
 #include <utility>
@@ -65,6 +66,11 @@ struct Export {
   std::atomic<std::shared_ptr<const AccessPolicy>> access;
   // NBD clients refused by `access` (INFO, GO, EXPORT_NAME, meta contexts).
   std::atomic<uint64_t> denied{0};
+  // fuse-uid=, fuse-gid=, fuse-mode=: the owner and mode of its file in the
+  // FUSE mount; unset: the mount's uid/gid/mode. Fixed once built.
+  std::optional<uid_t> file_uid;
+  std::optional<gid_t> file_gid;
+  std::optional<mode_t> file_mode;
 };
 
 // What happened to an export, for ExportTable observers.

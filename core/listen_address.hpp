@@ -4,7 +4,10 @@
 // Pure value type, no threads. Mistakes are ConfigError (core/options.hpp).
 #pragma once
 
+#include <sys/types.h>
+
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -22,6 +25,16 @@ struct ListenAddress {
   // optionally prefixed by "NAME=".
   static ListenAddress parse(std::string_view text);
   [[nodiscard]] std::string to_string() const;
+};
+
+// socket-mode / socket-user / socket-group: given to every Unix socket the
+// server binds, after bind and before listen (a connect() before listen() is
+// refused, so no client gets in under the looser mode in between). Sockets
+// passed by systemd keep what the socket unit set.
+struct UnixSocketAccess {
+  std::optional<mode_t> mode;
+  std::optional<uid_t> uid;
+  std::optional<gid_t> gid;
 };
 
 // What to add to the message of a bind() that failed with errno `err`: for a

@@ -41,10 +41,12 @@ std::shared_ptr<Node> find(Mount& mount, fuse_ino_t ino, const fuse_file_info* f
 struct stat attr_of(const FuseOptions& options, const Node& n) {
   struct stat st{};
   st.st_ino = n.ino;
-  st.st_mode = S_IFREG | (n.read_only ? (options.mode & 0444) : options.mode);
+  // fuse-uid=, fuse-gid=, fuse-mode= of the export over the mount's.
+  const mode_t mode = n.exp->file_mode.value_or(options.mode);
+  st.st_mode = S_IFREG | (n.read_only ? (mode & 0444) : mode);
   st.st_nlink = 1;
-  st.st_uid = options.uid;
-  st.st_gid = options.gid;
+  st.st_uid = n.exp->file_uid.value_or(options.uid);
+  st.st_gid = n.exp->file_gid.value_or(options.gid);
   st.st_size = static_cast<off_t>(n.size);
   st.st_blksize = 4096;
   st.st_blocks = static_cast<blkcnt_t>((n.size + 511) / 512);
@@ -65,13 +67,41 @@ struct stat root_attr(const Mount& mount) {
   return st;
 }
 
+// An export whose allow= names users or groups: only those see its file
+// (and root, whom file permissions do not stop either). The caller's groups
+// are those its process holds (fuse_req_getgroups reads them from /proc).
+bool restricted(const Node& node) {
+  const auto policy = node.exp->access.load();
+  return policy && !policy->allows_local_user(core::AccessClient{});
+}
+
+bool visible(fuse_req_t req, const Node& node) {
+  const auto policy = node.exp->access.load();
+  if (!policy || policy->allows_local_user(core::AccessClient{})) return true;
+  const fuse_ctx* ctx = fuse_req_ctx(req);
+  if (ctx->uid == 0) return true;
+  core::AccessClient caller{.uid = ctx->uid, .gid = ctx->gid};
+  std::vector<gid_t> groups(64);
+  int n = fuse_req_getgroups(req, static_cast<int>(groups.size()), groups.data());
+  if (n > static_cast<int>(groups.size())) {
+    groups.resize(static_cast<size_t>(n));
+    n = fuse_req_getgroups(req, n, groups.data());
+  }
+  if (n > 0) {
+    groups.resize(std::min(groups.size(), static_cast<size_t>(n)));
+    caller.groups = std::move(groups);
+  }
+  return policy->allows_local_user(caller);
+}
+
 void reply_entry(fuse_req_t req, const Mount& mount, const Node& node) {
   fuse_entry_param e{};
   e.ino = node.ino;
   e.generation = 1;
   e.attr = attr_of(mount.options(), node);
-  e.attr_timeout = kAttrTimeout;
-  e.entry_timeout = kAttrTimeout;
+  // The kernel's caches are shared by every caller: a restricted file is
+  // looked up again for each of them.
+  e.attr_timeout = e.entry_timeout = restricted(node) ? 0.0 : kAttrTimeout;
   fuse_reply_entry(req, &e);
 }
 
@@ -104,7 +134,7 @@ void op_lookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
   auto& mount = mount_of(req);
   if (parent != FUSE_ROOT_ID) return (void)fuse_reply_err(req, ENOTDIR);
   auto node = mount.inodes().lookup(name);
-  if (!node) return (void)fuse_reply_err(req, ENOENT);
+  if (!node || !visible(req, *node)) return (void)fuse_reply_err(req, ENOENT);
   reply_entry(req, mount, *node);
 }
 
@@ -115,9 +145,9 @@ void op_getattr(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
     return (void)fuse_reply_attr(req, &st, kAttrTimeout);
   }
   auto node = find(mount, ino, fi);
-  if (!node) return (void)fuse_reply_err(req, ENOENT);
+  if (!node || !visible(req, *node)) return (void)fuse_reply_err(req, ENOENT);
   const auto st = attr_of(mount.options(), *node);
-  fuse_reply_attr(req, &st, kAttrTimeout);
+  fuse_reply_attr(req, &st, restricted(*node) ? 0.0 : kAttrTimeout);
 }
 
 void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_set, fuse_file_info* fi) {
@@ -151,6 +181,7 @@ void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_fil
   entries.emplace_back(".", dir);
   entries.emplace_back("..", dir);
   for (const auto& [name, file_ino] : files) {
+    if (auto node = mount.inodes().find(file_ino); !node || !visible(req, *node)) continue;
     struct stat st{};
     st.st_ino = file_ino;
     st.st_mode = S_IFREG;
@@ -171,7 +202,7 @@ void op_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   auto& mount = mount_of(req);
   if (ino == FUSE_ROOT_ID) return (void)fuse_reply_err(req, EISDIR);
   auto node = find(mount, ino, nullptr);
-  if (!node) return (void)fuse_reply_err(req, ENOENT);
+  if (!node || !visible(req, *node)) return (void)fuse_reply_err(req, ENOENT);
   if ((fi->flags & O_ACCMODE) != O_RDONLY && node->read_only) return (void)fuse_reply_err(req, EROFS);
   // No memory for the handle or its entry: ENOMEM from Guarded, nothing held.
   Handle* h = mount.inodes().open(std::move(node));

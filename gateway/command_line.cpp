@@ -29,6 +29,20 @@ const Flag kFlags[] = {
      [](CommandLine& l, const std::string& v) { l.config_file = v; }},
     {"--listen", "ADDR", "listen on HOST:PORT, [IPV6]:PORT or unix:/path (repeatable; default 127.0.0.1:10809)",
      [](CommandLine& l, const std::string& v) { l.listen.push_back(core::ListenAddress::parse(v)); }},
+    {"--socket-mode", "MODE",
+     "file mode of the NBD Unix sockets (--listen unix:/PATH), octal like 0660 (default: 0777 less the umask; "
+     "0660 with --socket-group). Set before the socket listens; systemd's sockets keep SocketMode=",
+     [](CommandLine& l, const std::string& v) { l.config.socket_mode = parse_socket_mode(v, "--socket-mode"); }},
+    {"--socket-user", "USER", "owner of the NBD Unix sockets (a name or uid; needs root)",
+     [](CommandLine& l, const std::string& v) {
+       (void)socket_user_id(v, "--socket-user");  // an unknown user stops here
+       l.config.socket_user = v;
+     }},
+    {"--socket-group", "GROUP", "group of the NBD Unix sockets (a name or gid): its members may connect",
+     [](CommandLine& l, const std::string& v) {
+       (void)socket_group_id(v, "--socket-group");
+       l.config.socket_group = v;
+     }},
     {"--export", "NAME=URI[,OPT=VAL...]", "add an export (repeatable); the URIs and options are listed below",
      [](CommandLine& l, const std::string& v) { l.config.exports.push_back(ExportConfig::parse_spec(v)); }},
     {"--stdio", "NAME=URI[,...]", "serve one client on stdin/stdout and exit when it leaves",
@@ -244,6 +258,9 @@ DaemonConfig effective_config(CommandLine line) {
     if (cfg.log_format != defaults.log_format) from_file.log_format = cfg.log_format;
     if (!cfg.control_socket.empty()) from_file.control_socket = cfg.control_socket;
     if (!cfg.control_socket_group.empty()) from_file.control_socket_group = cfg.control_socket_group;
+    if (cfg.socket_mode) from_file.socket_mode = cfg.socket_mode;
+    if (!cfg.socket_user.empty()) from_file.socket_user = cfg.socket_user;
+    if (!cfg.socket_group.empty()) from_file.socket_group = cfg.socket_group;
     if (line.metrics_set) from_file.metrics = cfg.metrics;
     if (line.tls_mode_set) from_file.tls.mode = cfg.tls.mode;
     if (!cfg.tls.certificates_dir.empty()) from_file.tls.certificates_dir = cfg.tls.certificates_dir;

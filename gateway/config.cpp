@@ -1,10 +1,10 @@
 #include "gateway/config.hpp"
 
 #include "core/access_policy.hpp"
+#include "core/user_lookup.hpp"
 
 #include <toml++/toml.h>
 #include <unistd.h>
-#include <grp.h>
 
 #include <algorithm>
 #include <charconv>
@@ -42,12 +42,29 @@ const core::OptionSpec kExportOptions[] = {
      .help = "publish the export only on these named listeners (--listen NAME=ADDR), separated by spaces or "
              "';' (default: on every listener)",
      .value = "NAMES"},
+    {.name = "fuse-uid",
+     .kind = core::OptionKind::text,
+     .help = "owner of the export's file in the FUSE mount, a user name or uid (default: the mount's uid=)",
+     .value = "USER"},
+    {.name = "fuse-gid",
+     .kind = core::OptionKind::text,
+     .help = "group of the export's file in the FUSE mount, a group name or gid (default: the mount's gid=)",
+     .value = "GROUP"},
+    {.name = "fuse-mode",
+     .kind = core::OptionKind::octal,
+     .help = "permission bits of the export's file in the FUSE mount (default: the mount's mode=; read-only "
+             "exports & 0444)",
+     .min = 0,
+     .max = 0777},
 };
 const core::OptionSpec& kReadOnly = kExportOptions[0];
 const core::OptionSpec& kDescription = kExportOptions[1];
 const core::OptionSpec& kTls = kExportOptions[2];
 const core::OptionSpec& kAllow = kExportOptions[3];
 const core::OptionSpec& kListenOn = kExportOptions[4];
+const core::OptionSpec& kFuseUid = kExportOptions[5];
+const core::OptionSpec& kFuseGid = kExportOptions[6];
+const core::OptionSpec& kFuseMode = kExportOptions[7];
 
 bool names(const core::OptionSpec& spec, const std::string& key) {
   return key == spec.name || std::find(spec.aliases.begin(), spec.aliases.end(), key) != spec.aliases.end();
@@ -70,6 +87,15 @@ bool apply_export_key(ExportConfig& e, const std::string& key, const std::string
       throw ConfigError("export '" + e.name + "': " + err.what());
     }
     (key == "allow" ? e.allow : e.listen_on) = value;
+  } else if (names(kFuseUid, key)) {
+    e.fuse_uid = core::find_user(value);
+    if (!e.fuse_uid) throw ConfigError("export '" + e.name + "': option fuse-uid='" + value + "': no such user");
+  } else if (names(kFuseGid, key)) {
+    e.fuse_gid = core::find_group(value);
+    if (!e.fuse_gid) throw ConfigError("export '" + e.name + "': option fuse-gid='" + value + "': no such group");
+  } else if (names(kFuseMode, key)) {
+    e.fuse_mode = static_cast<unsigned>(
+        core::parse_number(value, "export '" + e.name + "': option fuse-mode", kFuseMode.min, kFuseMode.max, 8));
   } else {
     return false;
   }
@@ -170,6 +196,11 @@ void DaemonConfig::validate() const {
                       " needs --tls-certificates DIR or --tls-psk FILE");
   if (tls.verify_peer && tls.certificates_dir.empty())
     throw ConfigError("tls-verify-peer needs --tls-certificates DIR (its ca-cert.pem checks the clients)");
+  const bool socket_access = socket_mode || !socket_user.empty() || !socket_group.empty();
+  if (socket_access && !listen.empty() &&
+      std::none_of(listen.begin(), listen.end(), [](const ListenAddress& l) { return l.kind == ListenAddress::Kind::unix_socket; }))
+    throw ConfigError("socket-mode, socket-user and socket-group apply to Unix listeners, and none is configured "
+                      "(add --listen unix:/PATH)");
   std::set<std::string> listeners;
   for (const auto& l : listen)
     if (!l.name.empty() && !listeners.insert(l.name).second)
@@ -213,9 +244,26 @@ void load_config_file(const std::string& path, DaemonConfig& cfg) {
     }
     throw ConfigError(path + ": '" + key + "' must be a string, number or boolean");
   };
+  // "0660" (a string read as octal) or 0o660 (a TOML integer).
+  auto file_mode = [&](const toml::node& n, const std::string& key) -> unsigned {
+    if (auto i = n.value<int64_t>(); i && !n.is_string()) {
+      if (*i < 0 || *i > 0777)
+        throw ConfigError(path + ": " + key + " " + std::to_string(*i) + " is not a file mode like \"0660\" or 0o660");
+      return static_cast<unsigned>(*i);
+    }
+    return parse_socket_mode(as_string(n, key), path + ": " + key);
+  };
   for (const auto& [k, node] : root) {
     const std::string key(k.str());
-    if (key == "listen") {
+    if (key == "socket-mode") {
+      cfg.socket_mode = file_mode(node, key);
+    } else if (key == "socket-user") {
+      cfg.socket_user = as_string(node, key);
+      (void)socket_user_id(cfg.socket_user, path + ": socket-user");
+    } else if (key == "socket-group") {
+      cfg.socket_group = as_string(node, key);
+      (void)socket_group_id(cfg.socket_group, path + ": socket-group");
+    } else if (key == "listen") {
       cfg.listen.clear();
       auto* arr = node.as_array();
       if (!arr) throw ConfigError(path + ": 'listen' must be an array of strings");
@@ -230,20 +278,7 @@ void load_config_file(const std::string& path, DaemonConfig& cfg) {
           if (cfg.control_socket.empty())
             throw ConfigError(path + ": control.socket is empty (use \"off\" to disable the control socket)");
         } else if (ckey == "mode") {
-          // "0660" (a string read as octal) or 0o660 (a TOML integer).
-          unsigned m = 0;
-          std::string text;
-          if (auto i = cnode.value<int64_t>(); i && !cnode.is_string()) {
-            text = std::to_string(*i);
-            m = *i < 0 ? 01000 : static_cast<unsigned>(std::min<int64_t>(*i, 01000));
-          } else {
-            text = as_string(cnode, "control.mode");
-            auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), m, 8);
-            if (ec != std::errc{} || end != text.data() + text.size()) m = 01000;
-          }
-          if (m > 0777)
-            throw ConfigError(path + ": control.mode '" + text + "' is not a file mode like \"0660\" or 0o660");
-          cfg.control_socket_mode = m;
+          cfg.control_socket_mode = file_mode(cnode, "control.mode");
           cfg.control_socket_mode_set = true;
         } else if (ckey == "group") {
           cfg.control_socket_group = as_string(cnode, "control.group");
@@ -376,14 +411,36 @@ ListenAddress parse_metrics_address(std::string_view text) {
 
 unsigned control_group_id(const std::string& group, const std::string& what) {
   if (group.empty()) throw ConfigError(what + " is empty (leave it out for a root-only socket)");
-  std::vector<char> buf(16384);
-  struct group gr {};
-  struct group* found = nullptr;
-  if (::getgrnam_r(group.c_str(), &gr, buf.data(), buf.size(), &found) == 0 && found) return found->gr_gid;
-  unsigned id = 0;
-  auto [end, ec] = std::from_chars(group.data(), group.data() + group.size(), id);
-  if (ec == std::errc{} && end == group.data() + group.size() && id != static_cast<unsigned>(-1)) return id;
+  return socket_group_id(group, what);
+}
+
+unsigned parse_socket_mode(const std::string& text, const std::string& what) {
+  unsigned m = 0;
+  auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), m, 8);
+  if (text.empty() || ec != std::errc{} || end != text.data() + text.size() || m > 0777)
+    throw ConfigError(what + " '" + text + "' is not a file mode like 0660 (octal, at most 0777)");
+  return m;
+}
+
+uid_t socket_user_id(const std::string& user, const std::string& what) {
+  if (user.empty()) throw ConfigError(what + " is empty (a user name or uid)");
+  if (auto id = core::find_user(user)) return *id;
+  throw ConfigError(what + " '" + user + "': no such user");
+}
+
+gid_t socket_group_id(const std::string& group, const std::string& what) {
+  if (group.empty()) throw ConfigError(what + " is empty (a group name or gid)");
+  if (auto id = core::find_group(group)) return *id;
   throw ConfigError(what + " '" + group + "': no such group");
+}
+
+core::UnixSocketAccess DaemonConfig::unix_socket_access() const {
+  core::UnixSocketAccess a;
+  if (!socket_user.empty()) a.uid = socket_user_id(socket_user, "socket-user");
+  if (!socket_group.empty()) a.gid = socket_group_id(socket_group, "socket-group");
+  // Like [control] group: a group is named so that its members may connect.
+  a.mode = socket_mode ? std::optional<mode_t>(*socket_mode) : a.gid ? std::optional<mode_t>(0660) : std::nullopt;
+  return a;
 }
 
 }  // namespace blockway::gateway

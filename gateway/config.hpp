@@ -9,6 +9,8 @@
 #include "core/options.hpp"
 #include "nbd/tls_context.hpp"
 
+#include <sys/types.h>
+
 #include <chrono>
 #include <cstdint>
 #include <map>
@@ -28,6 +30,11 @@ struct ExportConfig {
   bool tls_required = false;  // tls=require
   std::string allow;          // allow=: who may use it over NBD (core::AccessPolicy)
   std::string listen_on;      // listen=: the named listeners it is published on
+  // fuse-uid=, fuse-gid= (names resolved when parsed), fuse-mode=: its file
+  // in the FUSE mount.
+  std::optional<uid_t> fuse_uid;
+  std::optional<gid_t> fuse_gid;
+  std::optional<unsigned> fuse_mode;
   // Options not understood by the generic export code (backend, cache, ...),
   // each consumed by the part that knows it; leftovers are an error.
   std::map<std::string, std::string> options;
@@ -71,6 +78,11 @@ struct DaemonConfig {
   [[nodiscard]] unsigned control_mode() const noexcept {
     return control_socket_mode_set || control_socket_group.empty() ? control_socket_mode : 0660;
   }
+  // socket-mode / socket-user / socket-group: the NBD Unix listeners' file
+  // mode and owner (checked when parsed; a group alone means mode 0660).
+  std::optional<unsigned> socket_mode;
+  std::string socket_user, socket_group;
+  [[nodiscard]] core::UnixSocketAccess unix_socket_access() const;
   uint64_t max_inflight_bytes = 128ull << 20;  // per connection
   uint64_t remote_bandwidth = 0;  // bytes per second to and from network remotes, all exports; 0 = no cap
   uint32_t max_request_bytes = 32u << 20;      // largest read/write payload
@@ -101,5 +113,13 @@ void load_config_file(const std::string& path, DaemonConfig& cfg);
 // number). Throws ConfigError naming the setting (`what`) if there is no such
 // group.
 unsigned control_group_id(const std::string& group, const std::string& what = "control.group");
+
+// --socket-mode / socket-mode: an octal file mode ("0660", or a TOML integer
+// read as octal digits); ConfigError naming `what` otherwise.
+unsigned parse_socket_mode(const std::string& text, const std::string& what);
+// socket-user / socket-group: the id of a user or group name or number;
+// ConfigError naming `what` if there is none.
+uid_t socket_user_id(const std::string& user, const std::string& what);
+gid_t socket_group_id(const std::string& group, const std::string& what);
 
 }  // namespace blockway::gateway

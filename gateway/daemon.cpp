@@ -207,6 +207,7 @@ int run_daemon(DaemonConfig config) {
     if (cache) caches.push_back(cache);
   }
   RuntimeExports runtime_exports(builder, exports, loops);
+  runtime_exports.set_tls_enabled(config.tls.mode != nbd::TlsMode::off);
   runtime_exports.open_saved(caches);
   exports.set_default(config.default_export);
   for (auto* c : caches) c->start();
@@ -245,6 +246,10 @@ int run_daemon(DaemonConfig config) {
   sopts.limits.max_inflight_bytes = config.max_inflight_bytes;
   sopts.handshake_timeout = config.handshake_timeout;
   sopts.shutdown_timeout = config.shutdown_timeout;
+  sopts.unix_access = config.unix_socket_access();
+  if ((sopts.unix_access.mode || sopts.unix_access.uid || sopts.unix_access.gid) && listen_plan.bind.empty())
+    log->warn("socket-mode/socket-user/socket-group apply only to sockets blockwayd binds: the ones systemd "
+              "passed keep the socket unit's SocketMode=, SocketUser= and SocketGroup=");
   if (config.tls.mode != nbd::TlsMode::off) {
     try {
       sopts.tls = std::make_shared<nbd::TlsContext>(config.tls);

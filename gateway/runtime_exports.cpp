@@ -83,6 +83,12 @@ Task<void> close_when_unused(std::shared_ptr<Export> exp) {
 
 }  // namespace
 
+void RuntimeExports::check_tls(const ExportConfig& cfg) const {
+  if (cfg.tls_required && !tls_enabled_)
+    throw ConfigError("export '" + cfg.name + "' has tls=require but TLS is off on this daemon, so no client "
+                      "could reach it (start the daemon with --tls=on or --tls=require)");
+}
+
 // Opens the exports saved by earlier export-add commands. One that cannot
 // be opened is logged and skipped (and kept in the catalogue: its remote
 // may come back); a name the configuration also defines is the
@@ -96,7 +102,9 @@ void RuntimeExports::open_saved(std::vector<cache::CacheLayer*>& caches) {
       continue;
     }
     try {
-      auto [exp, cache] = builder_.build(parse(saved.name, saved.uri, saved.options));
+      const auto cfg = parse(saved.name, saved.uri, saved.options);
+      check_tls(cfg);
+      auto [exp, cache] = builder_.build(cfg);
       if (cache) caches.push_back(cache);
       log_->info("export '{}': {} ({} bytes, added at run time)", exp->name, exp->device->describe(),
                  exp->device->geometry().size);
@@ -189,6 +197,7 @@ Task<Json> RuntimeExports::add(const Json& req) {
   const auto uri = arg_string(req, "uri");
   const auto options = req.contains("options") ? arg_string(req, "options") : std::string();
   ExportConfig cfg = parse(name, uri, options);  // ConfigError: bad-request
+  check_tls(cfg);
   auto guard = co_await lock_.lock();
   if (shutting_down_) throw ControlError("refused", ESHUTDOWN, "the daemon is shutting down");
   if (exports_.find(name)) throw ControlError("refused", EEXIST, "export '" + name + "' already exists");

@@ -58,8 +58,15 @@ class RuntimeExports {
   core::Task<Json> remove(const Json& req);
   // From now on export-add is refused (the daemon is stopping).
   void set_shutting_down() { shutting_down_ = true; }
+  // Whether the daemon serves TLS at all: an export with tls=require is
+  // refused (export-add) or skipped (saved) on a daemon without it, since
+  // no client could ever reach it. Set before open_saved().
+  void set_tls_enabled(bool on) { tls_enabled_ = on; }
 
  private:
+  // ConfigError for tls=require on a daemon without TLS.
+  void check_tls(const ExportConfig& cfg) const;
+
   struct Failed {
     std::string uri, options, reason;
   };
@@ -72,6 +79,7 @@ class RuntimeExports {
   core::EventLoops& loops_;
   std::shared_ptr<spdlog::logger> log_;
   core::AsyncMutex lock_;
+  bool tls_enabled_ = false;
   // Held (on the blocking pool) while a run-time setting is saved or an
   // export's saved entry and settings are forgotten: a save is a
   // read-modify-write of a run-time export's options, and one that loses the

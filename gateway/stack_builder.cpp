@@ -99,6 +99,9 @@ StackBuilder::Built StackBuilder::build(ExportConfig cfg) {
   exp->name = cfg.name;
   exp->description = cfg.description;
   exp->tls_required = cfg.tls_required;
+  exp->file_uid = cfg.fuse_uid;
+  exp->file_gid = cfg.fuse_gid;
+  if (cfg.fuse_mode) exp->file_mode = static_cast<mode_t>(*cfg.fuse_mode);
   exp->access.store(access_policy(cfg));
   exp->uri = cfg.uri;
   cache::CacheLayer* cache_layer = nullptr;

@@ -62,7 +62,8 @@ class Handshake {
   [[nodiscard]] bool visible(const core::Export& exp) const {
     const auto policy = exp.access.load();
     if (!policy) return true;
-    core::AccessClient c{.address = peer_.address, .uid = peer_.uid, .gid = peer_.gid, .listener = peer_.listener};
+    core::AccessClient c{.address = peer_.address, .uid = peer_.uid, .gid = peer_.gid, .groups = peer_.groups,
+                         .listener = peer_.listener};
     (state_.tls_psk ? c.psk_name : c.cert_name) = state_.tls_peer_name;
     return policy->allows(c);
   }

@@ -50,6 +50,7 @@ struct PeerInfo {
   bool unix_socket = false;
   std::optional<uid_t> uid;  // Unix socket: SO_PEERCRED
   std::optional<gid_t> gid;
+  std::vector<gid_t> groups;  // Unix socket: SO_PEERGROUPS (supplementary groups)
   std::string listener;  // the name of the listener it came in on, if it has one
 };
 

@@ -10,9 +10,11 @@
 #include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstring>
 
 namespace blockway::nbd {
 
@@ -43,6 +45,38 @@ Server::~Server() {
   }
 }
 
+namespace {
+// Owner and mode of a freshly bound socket file, through an O_PATH handle
+// of the file itself: a symlink swapped in at `path` is refused, never
+// followed. (fchmod() on the socket's own fd would change the socket, not
+// the file that connect() checks.)
+void set_socket_access(const std::string& path, const core::UnixSocketAccess& access, const std::string& where) {
+  if (!access.mode && !access.uid && !access.gid) return;
+  const int fd = ::open(path.c_str(), O_PATH | O_NOFOLLOW | O_CLOEXEC);
+  struct stat st {};
+  if (fd < 0 || ::fstat(fd, &st) != 0 || !S_ISSOCK(st.st_mode)) {
+    const int err = fd < 0 ? errno : ELOOP;
+    if (fd >= 0) ::close(fd);
+    ::unlink(path.c_str());
+    throw std::runtime_error(where + ": the socket file changed under us: " + std::strerror(err));
+  }
+  const std::string proc = "/proc/self/fd/" + std::to_string(fd);
+  std::string failed;
+  if ((access.uid || access.gid) &&
+      ::fchownat(fd, "", access.uid.value_or(static_cast<uid_t>(-1)), access.gid.value_or(static_cast<gid_t>(-1)),
+                 AT_EMPTY_PATH) != 0)
+    failed = "socket-user/socket-group: " + std::string(std::strerror(errno)) +
+             (errno == EPERM ? " (changing the owner needs root or CAP_CHOWN; a group needs membership)" : "");
+  else if (access.mode && ::chmod(proc.c_str(), *access.mode) != 0)
+    failed = "socket-mode: " + std::string(std::strerror(errno));
+  ::close(fd);
+  if (!failed.empty()) {
+    ::unlink(path.c_str());
+    throw std::runtime_error(where + ": " + failed);
+  }
+}
+}  // namespace
+
 std::vector<std::string> Server::listen(const core::ListenAddress& address) {
   auto& ctx = loops_.at(0);
   std::vector<std::string> bound;
@@ -63,7 +97,9 @@ std::vector<std::string> Server::listen(const core::ListenAddress& address) {
     boost::system::error_code ec;
     acceptor->open(asio::local::stream_protocol(), ec);
     if (!ec) acceptor->bind(asio::local::stream_protocol::endpoint(address.path), ec);
-    if (!ec) acceptor->listen(asio::socket_base::max_listen_connections, ec);
+    if (ec) throw std::runtime_error("cannot listen on " + address.to_string() + ": " + ec.message());
+    set_socket_access(address.path, options_.unix_access, "cannot listen on " + address.to_string());
+    acceptor->listen(asio::socket_base::max_listen_connections, ec);
     if (ec) throw std::runtime_error("cannot listen on " + address.to_string() + ": " + ec.message());
     struct stat mine {};
     ::lstat(address.path.c_str(), &mine);
@@ -177,6 +213,18 @@ PeerInfo unix_peer(int fd, const std::string& path) {
     peer.uid = cred.uid;
     peer.gid = cred.gid;
     peer.text = "unix:" + path + " (pid " + std::to_string(cred.pid) + " uid " + std::to_string(cred.uid) + ")";
+    // Its supplementary groups as the kernel holds them (group: rules).
+    std::vector<gid_t> groups(64);
+    for (;;) {
+      socklen_t glen = static_cast<socklen_t>(groups.size() * sizeof(gid_t));
+      if (::getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, groups.data(), &glen) == 0) {
+        groups.resize(glen / sizeof(gid_t));
+        peer.groups = std::move(groups);
+        break;
+      }
+      if (errno != ERANGE || glen / sizeof(gid_t) <= groups.size()) break;
+      groups.resize(glen / sizeof(gid_t));
+    }
   } else {
     peer.text = "unix:" + path;
   }

@@ -36,6 +36,7 @@ struct ServerOptions {
   // required. Unix sockets and --stdio offer it as TCP does.
   std::shared_ptr<const TlsContext> tls;
   TlsMode tls_mode = TlsMode::off;
+  core::UnixSocketAccess unix_access;  // --socket-mode/-user/-group
 };
 
 class Server {

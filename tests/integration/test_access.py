@@ -145,6 +145,23 @@ class AccessTest(control_common.ControlTestCase):
         self.assertTrue(opens(cert % (self.port, "c")))
         self.assertFalse(opens(cert % (self.port, "a")))
 
+    def test_tls_required_export_refused_at_run_time_without_tls(self):
+        d = self.start(self.exports(a=""))
+        _, err = self.bw("export", "add", "t", "file://" + self.img, "tls=require", expect=2)
+        self.assertIn("has tls=require but TLS is off on this daemon", err)
+        self.assertNotIn("t", [e["name"] for e in self.bwj("status")["exports"]])
+        # Added under TLS, then the daemon restarted without it: skipped with the reason.
+        pki_root = tempfile.mkdtemp(prefix="bw-pki-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, pki_root, ignore_errors=True)
+        psk = tls_certs.make_psk(os.path.join(pki_root, "keys.psk"), "alice")
+        d.stop()
+        d = self.start(self.exports(a=""), extra=["--tls=on", "--tls-psk", psk])
+        self.bw("export", "add", "t", "file://" + self.img, "tls=require")
+        d.stop()
+        d = self.start(self.exports(a=""))
+        self.assertIn("has tls=require but TLS is off on this daemon", d.log())
+        self.assertFalse(opens(self.uri("t")))
+
     def test_bad_rules_refused(self):
         for spec, needle in (("allow=300.1.1.1", "not an IP address"), ("allow=10.0.0.0/33", "prefix length"),
                              ("allow=user:no-such-user-here", "no such user"), ("allow=cert:", "name is empty"),

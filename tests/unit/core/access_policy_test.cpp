@@ -55,6 +55,9 @@ TEST(AccessPolicy, UnixUsersAndGroupsByNameOrNumber) {
   EXPECT_TRUE(p.allows(AccessClient{.uid = 65000u, .gid = 1u}));
   EXPECT_TRUE(p.allows(AccessClient{.uid = 64000u, .gid = 4242u}));  // primary group
   EXPECT_FALSE(p.allows(AccessClient{.uid = 64000u, .gid = 64000u}));
+  // A supplementary group of the peer process (SO_PEERGROUPS) counts too.
+  EXPECT_TRUE(p.allows(AccessClient{.uid = 64000u, .gid = 64000u, .groups = {7u, 4242u}}));
+  EXPECT_FALSE(p.allows(AccessClient{.uid = 64000u, .gid = 64000u, .groups = {7u, 8u}}));
   // A TCP client from anywhere is not a Unix user.
   EXPECT_FALSE(p.allows(tcp("127.0.0.1")));
 }
@@ -100,6 +103,16 @@ TEST(AccessPolicy, MistakesNameTheEntry) {
   EXPECT_NE(what("user:no-such-user-here").find("no such user"), std::string::npos);
   EXPECT_NE(what("group:no-such-group-here").find("no such group"), std::string::npos);
   EXPECT_NE(what("", "127.0.0.1:10809").find("a listener name"), std::string::npos);
+}
+
+TEST(AccessPolicy, LocalUsersSeeOnlyTheUserAndGroupEntries) {
+  // Addresses, certificates and listeners say nothing about a local user.
+  EXPECT_TRUE(AccessPolicy::parse("127.0.0.1 cert:a", "inner").allows_local_user(AccessClient{.uid = 5u}));
+  const auto p = AccessPolicy::parse("10.0.0.0/8 user:65000 group:4242", "");
+  EXPECT_TRUE(p.allows_local_user(AccessClient{.uid = 65000u, .gid = 1u}));
+  EXPECT_TRUE(p.allows_local_user(AccessClient{.uid = 1u, .gid = 1u, .groups = {4242u}}));
+  EXPECT_FALSE(p.allows_local_user(AccessClient{.uid = 1u, .gid = 1u, .groups = {2u}}));
+  EXPECT_FALSE(p.allows_local_user(AccessClient{.address = "10.0.0.1"}));
 }
 
 }  // namespace

@@ -368,6 +368,44 @@ TEST(ControlConfig, MistakesNameTheSetting) {
   EXPECT_NE(message("[control]\ngroup = \"\"\n").find("control.group"), std::string::npos);
 }
 
+TEST(UnixSocketAccess, ModeOwnerAndGroup) {
+  auto cfg = load("listen = [\"unix:/run/x.sock\"]\nsocket-mode = 0o640\nsocket-user = \"root\"\nsocket-group = \"4321\"\n");
+  EXPECT_NO_THROW(cfg.validate());
+  auto a = cfg.unix_socket_access();
+  EXPECT_EQ(a.mode, std::optional<mode_t>(0640));
+  EXPECT_EQ(a.uid, std::optional<uid_t>(0));
+  EXPECT_EQ(a.gid, std::optional<gid_t>(4321));
+  // A group alone means 0660 (its members may connect); nothing set: nothing changed.
+  EXPECT_EQ(load("socket-group = \"root\"\n").unix_socket_access().mode, std::optional<mode_t>(0660));
+  EXPECT_EQ(load("socket-mode = \"600\"\n").unix_socket_access().mode, std::optional<mode_t>(0600));
+  const auto none = load("threads = 2\n").unix_socket_access();
+  EXPECT_FALSE(none.mode || none.uid || none.gid);
+  EXPECT_EQ(parse_socket_mode("0777", "m"), 0777u);
+  EXPECT_EQ(socket_user_id("0", "u"), 0u);
+}
+
+TEST(UnixSocketAccess, MistakesNameTheSetting) {
+  EXPECT_THAT(what_of<ConfigError>([] { (void)load("socket-mode = \"rw\"\n"); }), HasSubstr("socket-mode 'rw' is not a file mode"));
+  EXPECT_THAT(what_of<ConfigError>([] { (void)load("socket-mode = 0o1777\n"); }), HasSubstr("socket-mode 1023 is not a file mode"));
+  EXPECT_THAT(what_of<ConfigError>([] { (void)load("socket-user = \"no-such-user-here\"\n"); }), HasSubstr("no such user"));
+  EXPECT_THAT(what_of<ConfigError>([] { (void)load("socket-group = \"no-such-group-here\"\n"); }), HasSubstr("no such group"));
+  EXPECT_THAT(what_of<ConfigError>([] { (void)parse_socket_mode("", "--socket-mode"); }), HasSubstr("--socket-mode ''"));
+  // Only Unix listeners have a file to give a mode to.
+  EXPECT_THAT(what_of<ConfigError>([] { (void)load("listen = [\"127.0.0.1:1\"]\nsocket-mode = \"0600\"\n").validate(); }),
+              HasSubstr("apply to Unix listeners"));
+}
+
+TEST(ExportSpec, FuseOwnerAndMode) {
+  const auto e = ExportConfig::parse_spec("a=file:///x,fuse-uid=root,fuse-gid=1234,fuse-mode=0640");
+  EXPECT_EQ(e.fuse_uid, std::optional<uid_t>(0));
+  EXPECT_EQ(e.fuse_gid, std::optional<gid_t>(1234));
+  EXPECT_EQ(e.fuse_mode, std::optional<unsigned>(0640));
+  EXPECT_TRUE(e.options.empty());
+  EXPECT_THAT(what_of<ConfigError>([] { (void)ExportConfig::parse_spec("a=file:///x,fuse-uid=no-such-user-here"); }),
+              HasSubstr("option fuse-uid='no-such-user-here': no such user"));
+  EXPECT_THAT(what_of<ConfigError>([] { (void)ExportConfig::parse_spec("a=file:///x,fuse-mode=0800"); }), HasSubstr("fuse-mode"));
+}
+
 
 // ---------------------------------------------------------------- metrics address
 

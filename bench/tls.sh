@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# NBD over TLS (issue 14): blockwayd with --tls=require against blockwayd in
+# plaintext and against nbdkit --tls=require on the same certificates,
+# serving the same raw file from page cache, side by side in one run.
+#
+# Usage: bench/tls.sh            (report on stdout; BENCH_OUT=FILE also writes it there)
+#
+# Client: bench/nbd_io.c (built here with cc -lnbd): libnbd's asynchronous
+# API on one connection, requests kept DEPTH deep. fio's nbd engine cannot
+# be used: libnbd refuses the tls-certificates URI parameter unless the
+# program allows local files, and fio does not; nbdcopy has no random I/O.
+# Tests: seq read and seq write (1 MiB, depth 8), 4k random read and write
+# (depth 16), each for RUNTIME seconds.
+#
+# Environment knobs: BENCH_QUICK=1 (one round, 2 s, 256 MiB), BENCH_RUNTIME=N
+# (seconds per test, default 8), BENCH_REPS=N (rounds, default 5),
+# BENCH_SIZE_MIB=N (default 1024), BENCH_TMPDIR, BLOCKWAYD.
+#
+# Method: each round starts each server in turn on a fresh port, runs the four
+# tests against it, and stops it; the servers' order rotates from round to
+# round so drift in the machine's load hits all of them alike. The report
+# gives the median of each cell, the ratios the targets are about, and the
+# load average before every round.
+set -euo pipefail
+
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+bench_settings 8 5
+EXPORT=bench
+SERVERS=(blockwayd-tls blockwayd-plain nbdkit-tls)
+TESTS=(seq-read seq-write rand-read-4k rand-write-4k)
+
+for tool in nbdkit nbdinfo cc certtool; do
+    command -v "$tool" >/dev/null || die "missing tool: $tool"
+done
+[[ -x $BLOCKWAYD ]] || die "blockwayd not found at $BLOCKWAYD (set BLOCKWAYD=)"
+
+bench_tmpdir tls-bench
+IMG=$TMP/img.raw
+RESULTS=$TMP/results.tsv
+bench_private_daemon
+bench_cleanup_trap
+cd "$TMP"
+
+cc -O2 -Wall -o "$TMP/nbd_io" "$repo/bench/nbd_io.c" -lnbd || die "cannot build bench/nbd_io.c (libnbd-dev)"
+"$PY" -c "import sys; sys.path.insert(0, '$repo/tests/integration'); import tls_certs; tls_certs.make_pki('$TMP/pki')" \
+    || die "cannot make certificates (certtool)"
+PKI=$TMP/pki
+head -c $((SIZE_MIB << 20)) /dev/urandom >"$IMG"
+
+start_server() {
+    local name=$1 port=$2
+    case $name in
+    blockwayd-tls | blockwayd-plain)
+        local tls=()
+        [[ $name == blockwayd-tls ]] && tls=(--tls=require --tls-certificates "$PKI/server")
+        rm -f "$TMP/blockwayd.pid"
+        bench_start "$TMP/$name.log" "$BLOCKWAYD" --listen "127.0.0.1:$port" --export "$EXPORT=file://$IMG" \
+            --control-socket off --pid-file "$TMP/blockwayd.pid" "${tls[@]}"
+        wait_pid_file "$TMP/blockwayd.pid" "$BG_PID"
+        ;;
+    nbdkit-tls)
+        bench_start "$TMP/$name.log" nbdkit -f -p "$port" -e "$EXPORT" --tls=require \
+            --tls-certificates="$PKI/server" file "$IMG"
+        ;;
+    esac
+    SERVER_PID=$BG_PID
+    wait_nbd "$(uri "$name" "$port")"
+}
+
+uri() {
+    if [[ $1 == *-tls ]]; then
+        echo "nbds://localhost:$2/$EXPORT?tls-certificates=$PKI/client"
+    else
+        echo "nbd://localhost:$2/$EXPORT"
+    fi
+}
+
+run_test() {
+    local u=$1 test=$2
+    case $test in
+    seq-read) "$TMP/nbd_io" "$u" read 1048576 8 "$RUNTIME" ;;
+    seq-write) "$TMP/nbd_io" "$u" write 1048576 8 "$RUNTIME" ;;
+    rand-read-4k) "$TMP/nbd_io" "$u" randread 4096 16 "$RUNTIME" ;;
+    rand-write-4k) "$TMP/nbd_io" "$u" randwrite 4096 16 "$RUNTIME" ;;
+    esac
+}
+
+loads=()
+for round in $(seq "$REPS"); do
+    loads+=("$(cut -d' ' -f1 /proc/loadavg)")
+    n=${#SERVERS[@]}
+    for i in $(seq 0 $((n - 1))); do
+        name=${SERVERS[$(((i + round - 1) % n))]}
+        port=$(free_port)
+        start_server "$name" "$port"
+        for test in "${TESTS[@]}"; do
+            read -r iops mbs < <(run_test "$(uri "$name" "$port")" "$test") || die "$name $test failed"
+            printf '%s\t%s\t%s\t%s\t%s\n' "$round" "$name" "$test" "$iops" "$mbs" >>"$RESULTS"
+        done
+        stop_pid "$SERVER_PID"
+    done
+done
+
+cell() { median $(awk -F'\t' -v s="$1" -v t="$2" -v c="$3" '$2==s && $3==t {print $c}' "$RESULTS"); }
+ratio() { "$PY" -c "print('%.2f' % ($1 / $2))"; }
+
+report() {
+    echo "# NBD over TLS: blockwayd --tls=require vs plaintext vs nbdkit --tls=require"
+    echo
+    bench_machine_info "$(nbdkit --version | head -n1); libnbd $(nbdinfo --version | sed -n 2p | awk '{print $2}')" \
+        "client: bench/nbd_io.c (libnbd aio, one connection); seq 1 MiB depth 8, 4k random depth 16, ${RUNTIME} s each" \
+        "image: ${SIZE_MIB} MiB random data in $TMPBASE, in page cache; certificates: ECDSA P-256 (certtool)" \
+        "${REPS} round(s), servers rotated each round; load average (1 min) before each round: ${loads[*]}"
+    echo "| test | blockwayd TLS | blockwayd plain | nbdkit TLS | TLS/plain (target) | vs nbdkit TLS (target >= 1.0) |"
+    echo "| --- | --- | --- | --- | --- | --- |"
+    local test col unit tls plain kit target
+    for test in "${TESTS[@]}"; do
+        if [[ $test == seq-* ]]; then col=5; unit=MB/s; target=0.8; else col=4; unit=IOPS; target=0.9; fi
+        tls=$(cell blockwayd-tls "$test" $col)
+        plain=$(cell blockwayd-plain "$test" $col)
+        kit=$(cell nbdkit-tls "$test" $col)
+        echo "| $test ($unit) | $tls | $plain | $kit | $(ratio "$tls" "$plain") (>= $target) | $(ratio "$tls" "$kit") |"
+    done
+    echo
+    echo "Raw rounds (round, server, test, IOPS, MB/s):"
+    echo
+    echo '```'
+    cat "$RESULTS"
+    echo '```'
+}
+
+if [[ -n ${BENCH_OUT:-} ]]; then report | tee "$BENCH_OUT"; else report; fi
