@@ -16,7 +16,10 @@
 #include <algorithm>
 #include <cerrno>
 #include <climits>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <memory>
 #include <vector>
 
@@ -69,10 +72,39 @@ struct stat root_attr(const Mount& mount) {
 
 // An export whose allow= names users or groups: only those see its file
 // (and root, whom file permissions do not stop either). The caller's groups
-// are those its process holds (fuse_req_getgroups reads them from /proc).
+// are those its thread holds (read from /proc, see caller_groups).
 bool restricted(const Node& node) {
   const auto policy = node.exp->access.load();
   return policy && !policy->allows_local_user(core::AccessClient{});
+}
+
+// The supplementary groups of the calling thread, from the "Groups:" line of
+// /proc/TID/task/TID/status (FUSE's pid is the caller's thread id). Not
+// libfuse's fuse_req_getgroups: it runs strstr over a buffer it did not
+// terminate (a heap overflow AddressSanitizer reports with libfuse 3.14).
+// Empty if the caller is gone.
+std::vector<gid_t> caller_groups(pid_t tid) {
+  char path[64];
+  std::snprintf(path, sizeof path, "/proc/%d/task/%d/status", static_cast<int>(tid), static_cast<int>(tid));
+  const int fd = ::open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return {};
+  std::string status;
+  char chunk[4096];
+  for (ssize_t n; (n = ::read(fd, chunk, sizeof chunk)) > 0;) status.append(chunk, static_cast<size_t>(n));
+  ::close(fd);
+  std::vector<gid_t> groups;
+  const size_t at = status.find("\nGroups:");
+  if (at == std::string::npos) return groups;
+  const char* p = status.c_str() + at + std::strlen("\nGroups:");
+  for (;;) {
+    char* end = nullptr;
+    const unsigned long g = std::strtoul(p, &end, 10);
+    if (end == p) break;  // no number: the line ended (strtoul may skip the newline, but the next line starts with a name)
+    groups.push_back(static_cast<gid_t>(g));
+    p = end;
+    if (*p == '\n') break;
+  }
+  return groups;
 }
 
 bool visible(fuse_req_t req, const Node& node) {
@@ -81,16 +113,7 @@ bool visible(fuse_req_t req, const Node& node) {
   const fuse_ctx* ctx = fuse_req_ctx(req);
   if (ctx->uid == 0) return true;
   core::AccessClient caller{.uid = ctx->uid, .gid = ctx->gid};
-  std::vector<gid_t> groups(64);
-  int n = fuse_req_getgroups(req, static_cast<int>(groups.size()), groups.data());
-  if (n > static_cast<int>(groups.size())) {
-    groups.resize(static_cast<size_t>(n));
-    n = fuse_req_getgroups(req, n, groups.data());
-  }
-  if (n > 0) {
-    groups.resize(std::min(groups.size(), static_cast<size_t>(n)));
-    caller.groups = std::move(groups);
-  }
+  caller.groups = caller_groups(ctx->pid);
   return policy->allows_local_user(caller);
 }
 
