@@ -42,6 +42,8 @@ class Bench:
         self.runtime, self.reps, self.size_mib = s["RUNTIME"], s["REPS"], s["SIZE_MIB"]
         self.tmp = tempfile.mkdtemp(prefix=f"seeds-{name}.", dir=s["TMPBASE"])
         self.procs = []          # [(Popen, label, log path)]
+        self.finished = {}       # pid -> log path of the processes stopped
+        self.started = 0
         self.rows = []           # (who, test, round, value)
         self.load_start = open("/proc/loadavg").read().split()[:3]
         self.loads = []          # 1-minute load average at each round
@@ -57,7 +59,8 @@ class Bench:
 
     # ---- processes -------------------------------------------------------
     def start(self, label, cmd, **kw):
-        log = os.path.join(self.tmp, f"{label}.{len(self.procs)}.log")
+        self.started += 1
+        log = os.path.join(self.tmp, f"{label}.{self.started}.log")
         p = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
                              stdin=subprocess.DEVNULL, **kw)
         self.procs.append((p, label, log))
@@ -73,6 +76,7 @@ class Bench:
                 print(f"warning: pid {p.pid} did not stop in {timeout} s; killing it", file=sys.stderr)
                 p.kill()
                 p.wait()
+        self.finished.update({e[0].pid: e[2] for e in self.procs if e[0] is p})
         self.procs = [e for e in self.procs if e[0] is not p]
         return p.returncode
 
@@ -84,7 +88,7 @@ class Bench:
         for q, _, log in self.procs:
             if q is p:
                 return log
-        return None
+        return self.finished.get(p.pid)
 
     def cleanup(self):
         self.stop_all()
