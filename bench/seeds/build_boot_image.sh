@@ -27,7 +27,9 @@ die() { echo "${0##*/}: $*" >&2; exit 1; }
 VERSION=2   # bump when what is built changes: a cached older build is rebuilt
 [[ -s $DIR/vmlinuz && -s $DIR/initrd.gz && -s $DIR/root.img && $(cat "$DIR/version" 2>/dev/null) == "$VERSION" ]] && exit 0
 for t in apt-get apt-cache dpkg-deb mkfs.ext4; do command -v $t >/dev/null || die "missing tool: $t"; done
-[[ -x /bin/busybox ]] && file -L /bin/busybox | grep -q "statically linked" || die "needs a static /bin/busybox (apt-get install busybox-static)"
+if ! { [[ -x /bin/busybox ]] && file -L /bin/busybox | grep -q "statically linked"; }; then
+    die "needs a static /bin/busybox (apt-get install busybox-static)"
+fi
 
 mkdir -p "$DIR"
 cd "$DIR"
