@@ -140,9 +140,11 @@ def empty_cache_keep_profile(d):
 
 
 def fetched(p):
-    """The 'fetched' figure blockwayd logs at shutdown (bytes from the remote), or ''."""
-    lines = [ln for ln in b.tail(p, 40).splitlines() if "cache hits" in ln]
-    return lines[-1].split("] ", 1)[-1] if lines else ""
+    """The cache statistics blockwayd logs at shutdown and its prefetch's end."""
+    lines = b.tail(p, 60).splitlines()
+    hits = [ln.split("] ", 1)[-1] for ln in lines if "cache hits" in ln]
+    done = [ln.split("prefetch done: ", 1)[-1] for ln in lines if "prefetch done" in ln]
+    return (hits[-1] if hits else "") + (f"; prefetch done: {done[-1]}" if done else "")
 
 
 stats = []
