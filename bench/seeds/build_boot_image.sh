@@ -15,16 +15,18 @@
 #                   with its disk (reads its programs and every module file,
 #                   as udev's coldplug and the services would), then prints
 #                   the marker SEEDS-BOOT-DONE on the serial console and
-#                   powers off
+#                   powers off; and FILLER_MIB (640) of random data the boot
+#                   never reads, as a VM image holds more than its boot needs
 #
 # Not debootstrap: it is not installed here, and a busybox root keeps the
 # build to seconds. Usage: bench/seeds/build_boot_image.sh [DIR]
 set -euo pipefail
 DIR=${1:-/var/tmp/blockway-seeds-boot}
 ROOT_MIB=${ROOT_MIB:-1024}
+FILLER_MIB=${FILLER_MIB:-640}
 export PATH=/usr/bin:/bin:/usr/sbin:/sbin:$PATH
 die() { echo "${0##*/}: $*" >&2; exit 1; }
-VERSION=2   # bump when what is built changes: a cached older build is rebuilt
+VERSION=3   # bump when what is built changes: a cached older build is rebuilt
 [[ -s $DIR/vmlinuz && -s $DIR/initrd.gz && -s $DIR/root.img && $(cat "$DIR/version" 2>/dev/null) == "$VERSION" ]] && exit 0
 for t in apt-get apt-cache dpkg-deb mkfs.ext4; do command -v $t >/dev/null || die "missing tool: $t"; done
 if ! { [[ -x /bin/busybox ]] && file -L /bin/busybox | grep -q "statically linked"; }; then
@@ -72,6 +74,10 @@ cp /bin/busybox root/bin/busybox
 for a in sh cat find xargs mount umount poweroff echo sleep; do ln -s busybox root/bin/$a; done
 cp -a kroot/lib/modules root/lib/
 cp -a kroot/boot root/boot
+# Data the boot does not read (a VM image holds far more than its boot
+# needs): a prefetch must copy it too, so the order it copies in matters.
+mkdir -p root/var/lib
+head -c $((FILLER_MIB << 20)) /dev/urandom >root/var/lib/filler.bin
 cat >root/sbin/init <<'INIT'
 #!/bin/sh
 # What a boot does with its disk: the programs and every module file read once.
