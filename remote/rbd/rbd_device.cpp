@@ -56,7 +56,8 @@ struct RbdDevice::Request : boost::intrusive::list_base_hook<> {
 struct RbdDevice::Inflight {
   std::string spec;  // for logs
   std::mutex mutex;
-  std::condition_variable changed;              // the watchdog's: the first request linked, or stop
+  std::condition_variable changed;              // the watchdog's: stop
+  std::chrono::milliseconds tick{1000};         // how often an idle watchdog looks at the list
   std::condition_variable drained;              // shutdown's: no request left in librbd
   boost::intrusive::list<Request> list;         // not yet answered, oldest (earliest deadline) first
   uint64_t in_librbd = 0;                       // submitted and not yet completed by librbd
@@ -86,6 +87,8 @@ RbdDevice::RbdDevice(std::string uri, RbdTarget target, bool read_only, RbdOptio
     : uri_(std::move(uri)), target_(std::move(target)), options_(options), blocking_(blocking),
       inflight_(std::make_shared<Inflight>()) {
   inflight_->spec = target_.spec();
+  inflight_->tick = std::clamp<std::chrono::milliseconds>(deadline() / 8, std::chrono::milliseconds(10),
+                                                          std::chrono::milliseconds(1000));
   try {
     open_session(session_, read_only, false);
   } catch (...) {
@@ -409,7 +412,10 @@ void RbdDevice::watch(const std::shared_ptr<Inflight>& inflight) {
   std::unique_lock lock(in.mutex);
   while (!in.stop) {
     if (in.list.empty()) {
-      in.changed.wait(lock);
+      // Not woken per request (a futex wake and a context switch per read
+      // when the list runs empty often): a request linked now is looked at
+      // within a tick, well inside its deadline.
+      in.changed.wait_for(lock, in.tick);
       continue;
     }
     Request& oldest = in.list.front();
@@ -456,15 +462,12 @@ core::Task<std::error_code> RbdDevice::submit(const char* what, Start start, std
           return;
         }
         Inflight& in = *inflight_;
-        bool first = false;
         {
           std::lock_guard lock(in.mutex);
           req->deadline = std::chrono::steady_clock::now() + deadline();
-          first = in.list.empty();
           in.list.push_back(*req);
           ++in.in_librbd;
         }
-        if (first) in.changed.notify_all();
         Request* raw = req.release();  // on_complete owns it from here, or we do again below
         r = start(image_.load(std::memory_order_acquire), c, target);
         if (r >= 0) return;
