@@ -174,7 +174,6 @@ start_ceiling() {
 }
 
 # ---------------------------------------------------------------- tests
-record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$RESULTS"; }
 
 seq_read() {   # URI: MB/s of one nbdcopy pass over the whole image
     local uri=$1 t0 t1

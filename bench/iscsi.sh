@@ -32,17 +32,9 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 bench_settings 10 3
 IQN=iqn.2026-11.io.blockway.bench:lun
 
-for tool in tgtd tgtadm iscsi-perf qemu-img nbdcopy fio jq; do
-    command -v "$tool" >/dev/null || die "missing tool: $tool"
-done
-[[ -x $BLOCKWAYD ]] || die "blockwayd not found at $BLOCKWAYD (set BLOCKWAYD=)"
-
-bench_tmpdir iscsi-bench
+bench_remote_setup iscsi-bench tgtd tgtadm iscsi-perf qemu-img nbdcopy fio jq
 IMG=$TMP/lun.raw
 SRC=$TMP/src.raw
-RESULTS=$TMP/results.tsv
-bench_private_daemon
-cd "$TMP"
 TGT_PID=
 BW_PID=
 CONTROL=
@@ -111,7 +103,6 @@ perf_avg() {  # iscsi-perf args...; prints "iops MB/s"
         sed -E 's/iops average ([0-9]+) \(([0-9]+) MB\/s\)/\1 \2/'
 }
 
-record() { printf '%s\t%s\t%s\n' "$1" "$2" "$3" >>"$RESULTS"; }
 
 for round in $(seq "$REPS"); do
     echo "iscsi.sh: round $round/$REPS" >&2

@@ -55,6 +55,37 @@ bench_private_daemon() {
     BLOCKWAYD=$TMP/blockwayd
 }
 
+# The set-up every remote benchmark shares: the tools it needs (dies naming
+# the first missing) and blockwayd, a private $TMP named after NAME holding
+# $RESULTS and a copy of blockwayd (bench_private_daemon), the shell in $TMP.
+# bench_remote_setup NAME TOOL...
+bench_remote_setup() {
+    local name=$1 tool
+    shift
+    for tool in "$@"; do
+        command -v "$tool" >/dev/null || die "missing tool: $tool"
+    done
+    [[ -x $BLOCKWAYD ]] || die "blockwayd not found at $BLOCKWAYD (set BLOCKWAYD=)"
+    bench_tmpdir "$name"
+    RESULTS=$TMP/results.tsv
+    bench_private_daemon
+    cd "$TMP"
+}
+
+# record FIELD...: one tab-separated line of $RESULTS.
+record() { local IFS=$'\t'; echo "$*" >>"$RESULTS"; }
+
+# For a cleanup hook after a failure: the last LINES lines of each FILE there.
+# bench_tail_logs LINES FILE...
+bench_tail_logs() {
+    local lines=$1 f
+    shift
+    for f in "$@"; do
+        [[ -f $f ]] && { echo "--- last lines of $f ---" >&2; tail -n "$lines" "$f" >&2; }
+    done
+    return 0
+}
+
 _bench_cleanup() {
     local rc=$? i
     set +e

@@ -101,7 +101,6 @@ stop_server() {
 }
 
 # ---------------------------------------------------------------- tests
-record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$RESULTS"; }
 
 seq_read() {
     local port=$1 t0 t1

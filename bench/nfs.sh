@@ -33,36 +33,22 @@ PSEUDO=/bwbench
 BENCH_COUNT=$((QUICK == 1 ? 20000 : 100000))   # qemu-img bench requests
 
 
-for tool in ganesha.nfsd rpcbind nfs-ls nfs-cp qemu-img nbdcopy nbdinfo fio jq; do
-    command -v "$tool" >/dev/null || die "missing tool: $tool"
-done
-[[ -x $BLOCKWAYD ]] || die "blockwayd not found at $BLOCKWAYD (set BLOCKWAYD=)"
 port_open 2049 && die "port 2049 is taken: another NFS server runs here"
-
-bench_tmpdir nfs-bench
+bench_remote_setup nfs-bench ganesha.nfsd rpcbind nfs-ls nfs-cp qemu-img nbdcopy nbdinfo fio jq
 EXP=$TMP/export
 mkdir -p "$EXP"
 IMG=$EXP/img.raw       # served by blockwayd
 IMG2=$EXP/img2.raw     # written by the direct clients
 SRC=$TMP/src.raw       # source of the sequential writes
 OUT=/dev/shm/nfs-bench-out.$$.raw
-RESULTS=$TMP/results.tsv
-bench_private_daemon
-cd "$TMP"
 BW_PID=
 
 before_cleanup() {
     stop_pid "$BW_PID"
-    if [[ $1 -ne 0 ]]; then
-        for f in "$TMP"/blockwayd.log "$TMP"/ganesha.log; do
-            [[ -f $f ]] && { echo "--- last lines of $f ---" >&2; tail -n 15 "$f" >&2; }
-        done
-    fi
+    [[ $1 -eq 0 ]] || bench_tail_logs 15 "$TMP"/blockwayd.log "$TMP"/ganesha.log
     rm -f "$OUT"
 }
 bench_cleanup_trap before_cleanup
-
-record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$RESULTS"; }
 
 # ---------------------------------------------------------------- setup
 BYTES=$((SIZE_MIB * 1024 * 1024))

@@ -32,31 +32,17 @@ bench_settings 10 3 512
 [[ $QUICK == 1 ]] && SIZE_MIB=${BENCH_SIZE_MIB:-256}
 RBD_OPS=$((QUICK == 1 ? 20000 : 100000))   # rbd bench 4k requests
 
-for tool in ceph-mon ceph-osd rbd qemu-img nbdcopy nbdinfo fio jq; do
-    command -v "$tool" >/dev/null || die "missing tool: $tool"
-done
-[[ -x $BLOCKWAYD ]] || die "blockwayd not found at $BLOCKWAYD (set BLOCKWAYD=)"
-
-bench_tmpdir rbd-bench
+bench_remote_setup rbd-bench ceph-mon ceph-osd rbd qemu-img nbdcopy nbdinfo fio jq
 SRC=$TMP/src.raw
 OUT=/dev/shm/rbd-bench-out.$$.raw
-RESULTS=$TMP/results.tsv
-bench_private_daemon
-cd "$TMP"
 BW_PID=
 
 before_cleanup() {
     stop_pid "$BW_PID"
-    if [[ $1 -ne 0 ]]; then
-        for f in "$TMP"/blockwayd.log "$TMP"/cluster.log; do
-            [[ -f $f ]] && { echo "--- last lines of $f ---" >&2; tail -n 15 "$f" >&2; }
-        done
-    fi
+    [[ $1 -eq 0 ]] || bench_tail_logs 15 "$TMP"/blockwayd.log "$TMP"/cluster.log
     rm -f "$OUT"
 }
 bench_cleanup_trap before_cleanup
-
-record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$RESULTS"; }
 
 # ---------------------------------------------------------------- setup
 BYTES=$((SIZE_MIB * 1024 * 1024))

@@ -29,17 +29,9 @@ EXPORT=bench
 SERVERS=(blockwayd-tls blockwayd-plain nbdkit-tls)
 TESTS=(seq-read seq-write rand-read-4k rand-write-4k)
 
-for tool in nbdkit nbdinfo cc certtool; do
-    command -v "$tool" >/dev/null || die "missing tool: $tool"
-done
-[[ -x $BLOCKWAYD ]] || die "blockwayd not found at $BLOCKWAYD (set BLOCKWAYD=)"
-
-bench_tmpdir tls-bench
+bench_remote_setup tls-bench nbdkit nbdinfo cc certtool
 IMG=$TMP/img.raw
-RESULTS=$TMP/results.tsv
-bench_private_daemon
 bench_cleanup_trap
-cd "$TMP"
 
 cc -O2 -Wall -o "$TMP/nbd_io" "$repo/bench/nbd_io.c" -lnbd || die "cannot build bench/nbd_io.c (libnbd-dev)"
 "$PY" -c "import sys; sys.path.insert(0, '$repo/tests/integration'); import tls_certs; tls_certs.make_pki('$TMP/pki')" \

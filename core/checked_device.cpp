@@ -28,7 +28,10 @@ bool is_unsupported(std::error_code ec) {
 }  // namespace
 
 CheckedDevice::CheckedDevice(std::unique_ptr<BlockDevice> inner, bool export_read_only)
-    : Layer(std::move(inner)), geometry_(next().geometry()), inner_caps_(next().capabilities()) {
+    : Layer(std::move(inner)),
+      geometry_(next().geometry()),
+      size_(geometry_.size),
+      inner_caps_(next().capabilities()) {
   geometry_.min_block = std::max<uint32_t>(geometry_.min_block, 1);
   geometry_.max_transfer = std::max<uint32_t>(geometry_.max_transfer, geometry_.min_block);
   caps_ = inner_caps_;
@@ -110,15 +113,21 @@ void CheckedDevice::detach_trace(const std::shared_ptr<IoTrace>& trace) {
   tracing_.store(false, std::memory_order_relaxed);
 }
 
+void CheckedDevice::grow(uint64_t new_size) noexcept {
+  uint64_t size = size_.load(std::memory_order_relaxed);
+  while (size < new_size && !size_.compare_exchange_weak(size, new_size, std::memory_order_acq_rel)) {
+  }
+}
+
 std::error_code CheckedDevice::check_range(ByteRange r, int beyond_end_error) const noexcept {
-  if (r.length > geometry_.size || r.offset > geometry_.size - r.length)
-    return errno_code(beyond_end_error);
+  const uint64_t size = size_.load(std::memory_order_acquire);
+  if (r.length > size || r.offset > size - r.length) return errno_code(beyond_end_error);
   // A range that ends at the image's end may end off the grid: the final
   // block of an image whose size is not a multiple of min_block is partial,
   // and reaching it takes such a request (whether the device takes it is the
   // device's answer).
   if (r.offset % geometry_.min_block != 0 ||
-      (r.length % geometry_.min_block != 0 && r.end() != geometry_.size))
+      (r.length % geometry_.min_block != 0 && r.end() != size))
     return errno_code(EINVAL);
   return {};
 }

@@ -33,7 +33,15 @@ class CheckedDevice final : public Layer {
   CheckedDevice(std::unique_ptr<BlockDevice> inner, bool export_read_only);
 
   [[nodiscard]] Capabilities capabilities() const noexcept override;
-  [[nodiscard]] Geometry geometry() const noexcept override { return geometry_; }
+  [[nodiscard]] Geometry geometry() const noexcept override {
+    Geometry g = geometry_;
+    g.size = size_.load(std::memory_order_acquire);
+    return g;
+  }
+  // The image grew below (a remote resized while served): requests up to
+  // new_size pass from now on, and new clients see it. Never shrinks. Any
+  // thread.
+  void grow(uint64_t new_size) noexcept;
 
   Task<std::error_code> read(std::span<std::byte> buf, uint64_t offset, IoFlags flags) override;
   Task<std::error_code> write(std::span<const std::byte> buf, uint64_t offset,
@@ -84,7 +92,8 @@ class CheckedDevice final : public Layer {
   Task<std::error_code> write_zeroes_by_writing(ByteRange range, IoFlags flags);
   Task<std::error_code> finish_fua(std::error_code ec, IoFlags flags);
 
-  Geometry geometry_;
+  Geometry geometry_;  // its size is size_
+  std::atomic<uint64_t> size_;
   Capabilities inner_caps_;
   Capabilities caps_;
   IoStats stats_;

@@ -21,6 +21,8 @@
 #include "core/block_device.hpp"
 
 #include <cerrno>
+#include <functional>
+#include <string>
 
 namespace blockway::core {
 
@@ -38,6 +40,13 @@ class RemoteDevice : public BlockDevice {
   // What the remote itself says of its health, for `blockway status` (a
   // Ceph cluster's "HEALTH_OK"); empty when it says nothing. Never blocks.
   [[nodiscard]] virtual std::string health_detail() const { return {}; }
+  // The image's size changed under the export (a backend that watches its
+  // image, e.g. rbd, saw it). The handler grows the layers above and returns
+  // an empty string, or says why the export cannot take the new size (then
+  // the backend keeps the old one). Set once, before requests; called on a
+  // backend thread. Backends that never see a resize ignore it.
+  using ResizeHandler = std::function<std::string(uint64_t old_size, uint64_t new_size)>;
+  virtual void set_resize_handler(ResizeHandler) {}
   [[nodiscard]] virtual bool connected() const noexcept = 0;
   [[nodiscard]] virtual uint64_t generation() const noexcept = 0;
 };

@@ -76,6 +76,7 @@ StackBuilder::Built StackBuilder::build(ExportConfig cfg) {
   const remote::OpenEnv env{cfg.read_only, &loops_.blocking(), &loops_};
   std::unique_ptr<BlockDevice> device;
   RetryLayer* retry_layer = nullptr;  // owned by the device chain, like the cache
+  core::RemoteDevice* remote = nullptr;  // likewise
   core::SnapshotControl* snapshots = nullptr;
   if (clone_base) device = open_clone(cfg, *clone_base, options, *exp, snapshots);
   try {
@@ -86,7 +87,9 @@ StackBuilder::Built StackBuilder::build(ExportConfig cfg) {
     if (backend && !device && backend->open_remote) {
       // A network session can drop: reconnect and retry right above the remote.
       const RetryOptions retry = RetryOptions::take_from(options);
-      auto layer = std::make_unique<RetryLayer>(backend->open_remote(cfg.uri, options, env), retry);
+      auto opened = backend->open_remote(cfg.uri, options, env);
+      remote = opened.get();
+      auto layer = std::make_unique<RetryLayer>(std::move(opened), retry);
       retry_layer = layer.get();
       device = std::move(layer);
       if (remote_bandwidth_)
@@ -127,6 +130,7 @@ StackBuilder::Built StackBuilder::build(ExportConfig cfg) {
   exp->qos = qos_layer.get();
   exp->device = std::make_shared<CheckedDevice>(std::move(qos_layer), cfg.read_only);
   if (retry_layer) exp->remote_health = [retry_layer] { return retry_layer->health(); };
+  if (remote) remote->set_resize_handler(resize_handler(cfg.name, exp->device, cache_layer != nullptr));
   if (cache_layer) {
     exp->cache_status = [cache_layer](ByteRange r, ExtentList& out) { return cache_layer->cache_status(r, out); };
     exp->control = cache_layer;
@@ -136,6 +140,23 @@ StackBuilder::Built StackBuilder::build(ExportConfig cfg) {
     clones_[cfg.name] = {exp, snapshots};
   }
   return {exp, cache_layer};
+}
+
+core::RemoteDevice::ResizeHandler StackBuilder::resize_handler(const std::string& name,
+                                                              const std::shared_ptr<CheckedDevice>& device,
+                                                              bool cached) {
+  // A cache's file, block maps and catalogue record are sized when the
+  // export opens and read without locks on every request: they cannot grow
+  // under it. An uncached export only has its bounds check to move.
+  if (cached)
+    return [name](uint64_t, uint64_t) {
+      return "export '" + name + "' has a cache, whose file and block maps cannot grow while served; flush it and "
+             "re-add the export (blockway export remove/add) or restart the daemon to serve the new size";
+    };
+  return [weak = std::weak_ptr<CheckedDevice>(device)](uint64_t, uint64_t new_size) {
+    if (auto d = weak.lock()) d->grow(new_size);
+    return std::string();
+  };
 }
 
 core::SnapshotControl* StackBuilder::snapshots_of(const std::shared_ptr<Export>& exp) const {

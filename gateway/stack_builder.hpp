@@ -26,6 +26,7 @@
 #include "core/event_loops.hpp"
 #include "core/export.hpp"
 #include "core/remote_bandwidth.hpp"
+#include "core/remote_device.hpp"
 #include "core/snapshot_control.hpp"
 #include "gateway/config.hpp"
 
@@ -93,6 +94,11 @@ class StackBuilder {
   // changed them (saved like the QoS limits). Null: no rules.
   std::shared_ptr<const core::AccessPolicy> access_policy(const ExportConfig& cfg);
   void refuse_without_its_cache(const ExportConfig& cfg);
+  // What the export does when its remote image changes size: an uncached
+  // one grows its bounds; a cached one refuses, saying why.
+  static core::RemoteDevice::ResizeHandler resize_handler(const std::string& name,
+                                                          const std::shared_ptr<core::CheckedDevice>& device,
+                                                          bool cached);
   // The device of a clone: an OverlayLayer over its base export's device.
   std::unique_ptr<core::BlockDevice> open_clone(const ExportConfig& cfg, const std::string& base_name,
                                                 core::Options& options, core::Export& exp,

@@ -56,7 +56,8 @@ struct RbdDevice::Request : boost::intrusive::list_base_hook<> {
 struct RbdDevice::Inflight {
   std::string spec;  // for logs
   std::mutex mutex;
-  std::condition_variable changed;              // the watchdog's: the first request linked, or stop
+  std::condition_variable changed;              // the watchdog's: stop
+  std::chrono::milliseconds tick{1000};         // how often an idle watchdog looks at the list
   std::condition_variable drained;              // shutdown's: no request left in librbd
   boost::intrusive::list<Request> list;         // not yet answered, oldest (earliest deadline) first
   uint64_t in_librbd = 0;                       // submitted and not yet completed by librbd
@@ -86,6 +87,8 @@ RbdDevice::RbdDevice(std::string uri, RbdTarget target, bool read_only, RbdOptio
     : uri_(std::move(uri)), target_(std::move(target)), options_(options), blocking_(blocking),
       inflight_(std::make_shared<Inflight>()) {
   inflight_->spec = target_.spec();
+  inflight_->tick = std::clamp<std::chrono::milliseconds>(deadline() / 8, std::chrono::milliseconds(10),
+                                                          std::chrono::milliseconds(1000));
   try {
     open_session(session_, read_only, false);
   } catch (...) {
@@ -93,6 +96,10 @@ RbdDevice::RbdDevice(std::string uri, RbdTarget target, bool read_only, RbdOptio
     throw;
   }
   image_.store(session_.image, std::memory_order_release);
+  {
+    std::lock_guard lock(watcher_->mutex);
+    watcher_->device = this;
+  }
   watchdog_ = std::thread([inflight = inflight_] { watch(inflight); });
 }
 
@@ -115,6 +122,10 @@ void RbdDevice::shutdown() noexcept {
   // Every caller has been answered by now (the daemon waits for its
   // requests, and the watchdog answers each within its deadline); what may
   // remain are requests librbd still holds after they timed out.
+  {
+    std::lock_guard lock(watcher_->mutex);  // waits for a resize callback running now
+    watcher_->device = nullptr;
+  }
   uint64_t left = 0;
   {
     std::unique_lock lock(inflight_->mutex);
@@ -144,6 +155,7 @@ void RbdDevice::close_session(Session s, std::string spec, std::chrono::millisec
   // both talk to the cluster, which may not answer.
   std::packaged_task<void()> task([s = std::move(s)]() mutable {
     if (s.image) {
+      if (s.watcher) (void)rbd_update_unwatch(s.image, s.watch_handle);
       if (s.locked) (void)rbd_lock_release(s.image);
       (void)rbd_close(s.image);
     }
@@ -242,13 +254,10 @@ void RbdDevice::open_session(Session& s, bool read_only, bool reopen) {
   (void)rbd_get_features(s.image, &features);
   uint64_t flags = 0;
   (void)rbd_get_flags(s.image, &flags);
-  if (reopen) {
-    if (size != geometry_.size)
-      core::logger("rbd")->warn("{}: the image is now {} bytes; the export keeps {} bytes", target_.spec(), size,
-                                geometry_.size);
-  } else {
+  if (!reopen) {  // a reopen that finds a new size: check_size() (reopen())
     fast_diff_ = (features & RBD_FEATURE_FAST_DIFF) && !(flags & RBD_FLAG_FAST_DIFF_INVALID);
     geometry_.size = size;
+    size_.store(size, std::memory_order_release);
   }
   if (!reopen) geometry_.min_block = 1;
   // The object size as the preferred block: a whole object per request is
@@ -265,6 +274,16 @@ void RbdDevice::open_session(Session& s, bool read_only, bool reopen) {
            "feature enable " + target_.spec() + " exclusive-lock) or add exclusive=off to the URI");
     take_lock(s.image, reopen);
     s.locked = true;
+  }
+  if (!snap) {
+    // Resizes (see the header); a snapshot's size never changes.
+    r = rbd_update_watch(s.image, &s.watch_handle, &RbdDevice::on_update, watcher_.get());
+    if (r < 0)
+      core::logger("rbd")->error("{}: cannot watch the image for changes ({}): a resize will not be seen until the "
+                                 "export is added again",
+                                 target_.spec(), errno_text(r));
+    else
+      s.watcher = watcher_;
   }
   (void)s.cluster->ask_health();  // for status from the start (bounded by io-timeout)
   core::logger("rbd")->info("{}: {} as {}, {} bytes, object size {}{}{}", target_.spec(),
@@ -307,7 +326,55 @@ void RbdDevice::take_lock(rbd_image_t image, bool reopen) {
   }
 }
 
-core::Geometry RbdDevice::geometry() const noexcept { return geometry_; }
+core::Geometry RbdDevice::geometry() const noexcept {
+  core::Geometry g = geometry_;
+  g.size = size_.load(std::memory_order_acquire);
+  return g;
+}
+
+void RbdDevice::set_resize_handler(ResizeHandler handler) {
+  std::lock_guard lock(resize_mutex_);
+  resize_handler_ = std::move(handler);
+}
+
+void RbdDevice::on_update(void* arg) {
+  auto& w = *static_cast<Watcher*>(arg);
+  std::lock_guard lock(w.mutex);
+  if (w.device) w.device->check_size(w.device->image_.load(std::memory_order_acquire));
+}
+
+void RbdDevice::check_size(rbd_image_t image) {
+  auto log = core::logger("rbd");
+  uint64_t now = 0;
+  if (const int r = rbd_get_size(image, &now); r < 0) {
+    log->error("{}: the image changed, but its size cannot be read: {}", target_.spec(), errno_text(r));
+    return;
+  }
+  const uint64_t served = size_.load(std::memory_order_acquire);
+  std::lock_guard lock(resize_mutex_);
+  std::string problem;
+  if (now < served) {
+    problem = "the image shrank to " + std::to_string(now) + " bytes while served; the export keeps " +
+              std::to_string(served) + " bytes (requests past the image's end fail): grow it back, or remove the "
+              "export before shrinking";
+  } else if (now > served) {
+    const std::string refused =
+        resize_handler_ ? resize_handler_(served, now) : std::string("this front end cannot grow an export");
+    if (refused.empty()) {
+      size_.store(now, std::memory_order_release);
+      log->info("{}: the image grew from {} to {} bytes; the export grows (new clients see the new size, connected "
+                "NBD clients keep the size they were told)",
+                target_.spec(), served, now);
+    } else {
+      problem = "the image grew to " + std::to_string(now) + " bytes; the export keeps " + std::to_string(served) +
+                " bytes: " + refused;
+    }
+  }
+  if (problem == size_problem_) return;
+  if (!problem.empty()) log->error("{}: {}", target_.spec(), problem);
+  else log->info("{}: the image is {} bytes again, as served", target_.spec(), now);
+  size_problem_ = std::move(problem);
+}
 
 core::Capabilities RbdDevice::capabilities() const noexcept {
   core::Capabilities c;
@@ -345,7 +412,10 @@ void RbdDevice::watch(const std::shared_ptr<Inflight>& inflight) {
   std::unique_lock lock(in.mutex);
   while (!in.stop) {
     if (in.list.empty()) {
-      in.changed.wait(lock);
+      // Not woken per request (a futex wake and a context switch per read
+      // when the list runs empty often): a request linked now is looked at
+      // within a tick, well inside its deadline.
+      in.changed.wait_for(lock, in.tick);
       continue;
     }
     Request& oldest = in.list.front();
@@ -392,15 +462,12 @@ core::Task<std::error_code> RbdDevice::submit(const char* what, Start start, std
           return;
         }
         Inflight& in = *inflight_;
-        bool first = false;
         {
           std::lock_guard lock(in.mutex);
           req->deadline = std::chrono::steady_clock::now() + deadline();
-          first = in.list.empty();
           in.list.push_back(*req);
           ++in.in_librbd;
         }
-        if (first) in.changed.notify_all();
         Request* raw = req.release();  // on_complete owns it from here, or we do again below
         r = start(image_.load(std::memory_order_acquire), c, target);
         if (r >= 0) return;
@@ -553,6 +620,11 @@ std::string RbdDevice::health_detail() const {
     cluster = session_.cluster;
   }
   if (!cluster) return "closed";
+  std::string problem;
+  {
+    std::lock_guard lock(resize_mutex_);
+    problem = size_problem_;
+  }
   std::lock_guard lock(cluster->mutex);
   if (std::chrono::steady_clock::now() - cluster->at > kHealthMaxAge &&
       !cluster->refreshing.exchange(true, std::memory_order_acq_rel)) {
@@ -561,7 +633,7 @@ std::string RbdDevice::health_detail() const {
       cluster->refreshing.store(false, std::memory_order_release);
     });
   }
-  return cluster->health;
+  return problem.empty() ? cluster->health : cluster->health + "; " + problem;
 }
 
 int RbdDevice::reopen() {
@@ -573,9 +645,14 @@ int RbdDevice::reopen() {
     close_session(std::move(fresh), target_.spec(), std::chrono::milliseconds(0));
     return -ENOTCONN;
   }
-  std::lock_guard lock(session_mutex_);
-  retired_.push_back(std::exchange(session_, std::move(fresh)));
-  image_.store(session_.image, std::memory_order_release);
+  {
+    std::lock_guard lock(session_mutex_);
+    retired_.push_back(std::exchange(session_, std::move(fresh)));
+    image_.store(session_.image, std::memory_order_release);
+  }
+  // The image may have been resized while librbd did not answer.
+  std::lock_guard lock(watcher_->mutex);
+  check_size(image_.load(std::memory_order_acquire));
   return 0;
 }
 

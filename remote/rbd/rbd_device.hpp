@@ -48,6 +48,14 @@
 // gateway broke our lock) gets EBLOCKLISTED (ESHUTDOWN) from librbd: that is
 // reported as EIO and logged, never retried.
 //
+// Resize: every session watches its image (rbd_update_watch). When the
+// image grows, the resize handler the gateway set grows the export above
+// (new clients see the new size; connected NBD clients keep theirs: NBD
+// cannot tell them) or says why it cannot (a cache), and then the device
+// keeps the old size. A shrink is refused while served: the export keeps
+// its size, the error is logged and health_detail() reports it; requests
+// past the image's new end fail in librbd.
+//
 // Thread model: any method may be called from any event-loop thread;
 // librbd's completion callbacks run on librbd's threads and only post. The
 // requests in flight are in one list under a mutex (held only to link,
@@ -108,6 +116,7 @@ class RbdDevice final : public core::RemoteDevice {
   // "unreachable: ..."); refreshed on the blocking pool when older than
   // kHealthMaxAge, so a status request never waits for the cluster.
   [[nodiscard]] std::string health_detail() const override;
+  void set_resize_handler(ResizeHandler handler) override;
 
  private:
   struct Request;
@@ -138,6 +147,16 @@ class RbdDevice final : public core::RemoteDevice {
     // rados_mon_op_timeout) and records it; 0 or a negative errno.
     int ask_health();
   };
+  // What librbd's update watch calls back into: the device, until shutdown
+  // clears it (a session left open at exit may still call back).
+  struct Watcher {
+    std::mutex mutex;  // held across a callback, so shutdown waits for one running
+    RbdDevice* device = nullptr;
+  };
+  static void on_update(void* arg);
+  // The image's header changed: a new size is taken (grow, when the export
+  // above can), or refused and reported (shrink). Under Watcher::mutex.
+  void check_size(rbd_image_t image);
   // One connection to the cluster and the image opened on it; reconnect()
   // replaces it whole after librbd stopped answering (see the header).
   struct Session {
@@ -145,6 +164,8 @@ class RbdDevice final : public core::RemoteDevice {
     rados_ioctx_t ioctx = nullptr;
     rbd_image_t image = nullptr;
     bool locked = false;
+    std::shared_ptr<Watcher> watcher;  // set while the image is watched
+    uint64_t watch_handle = 0;
   };
   // Connects and opens the image into s (start-up, or a reopen after a
   // wedge: then the lock is taken back from our previous session); throws
@@ -170,7 +191,12 @@ class RbdDevice final : public core::RemoteDevice {
   std::vector<Session> retired_;
   std::atomic<rbd_image_t> image_{nullptr};  // session_.image, for the data path
   bool read_only_ = false;
-  core::Geometry geometry_;
+  core::Geometry geometry_;  // its size is size_
+  std::atomic<uint64_t> size_{0};
+  std::shared_ptr<Watcher> watcher_ = std::make_shared<Watcher>();
+  mutable std::mutex resize_mutex_;  // guards resize_handler_ and size_problem_
+  ResizeHandler resize_handler_;
+  std::string size_problem_;  // why the image's size is not the export's, for status
   bool fast_diff_ = false;
   std::atomic<bool> connected_{true};
   std::atomic<uint64_t> generation_{1};

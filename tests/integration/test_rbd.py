@@ -351,6 +351,120 @@ class CacheTest(RbdTestCase):
         self.assertEqual(librbd()["rd"], counters["rd"], "a read of a prefetched image went to the cluster")
 
 
+class ResizeTest(RbdTestCase):
+    """`rbd resize` while the image is served: a grow reaches new clients
+    (connected ones keep the size they were told, and keep working); a
+    shrink is refused while served; a cached export keeps its size."""
+
+    def status_of(self):
+        p = harness.run([harness.BLOCKWAY, "--socket", self.csock, "status", "--json"], timeout=30)
+        return [e for e in json.loads(p.stdout)["exports"] if e["name"] == "r"][0]
+
+    def wait_health(self, needle):
+        harness.wait_until(lambda: needle in self.remote_status().get("health", ""), 30, interval=0.1,
+                           what="%r in the remote's health" % needle)
+
+    def test_grow_reaches_new_clients_while_one_stays_connected(self):
+        name = self.image(8 * MiB)
+        daemon = self.serve(CLUSTER.uri(name))
+        h = self.client()
+        first = os.urandom(8 * MiB)
+        h.pwrite(first, 0)
+        # A client busy during the grow: its I/O keeps working.
+        errors, stop = [], threading.Event()
+
+        def load():
+            i = 0
+            try:
+                while not stop.is_set():
+                    off = (i * 65536) % (8 * MiB)
+                    h.pwrite(first[off:off + 65536], off)
+                    if h.pread(65536, off) != first[off:off + 65536]:
+                        errors.append("mismatch at %d" % off)
+                    i += 1
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(repr(e))
+        t = threading.Thread(target=load)
+        t.start()
+        try:
+            time.sleep(0.3)
+            CLUSTER.rbd("resize", "--size", "24M", "rbd/" + name)
+            harness.wait_until(lambda: self.status_of()["size"] == 24 * MiB, 30, interval=0.1,
+                               what="the export to grow")
+            time.sleep(0.3)
+        finally:
+            stop.set()
+            t.join(60)
+        self.assertEqual(errors, [])
+        self.assertIn("the image grew from 8388608 to 25165824 bytes", daemon.log())
+        self.assertEqual(h.get_size(), 8 * MiB, "NBD cannot tell a connected client: it keeps its size")
+        new = self.client()
+        self.assertEqual(new.get_size(), 24 * MiB)
+        tail = os.urandom(4 * MiB)
+        new.pwrite(tail, 20 * MiB)
+        new.flush()
+        self.assertEqual(new.pread(8 * MiB, 0), first)
+        self.assertEqual(new.pread(4 * MiB, 20 * MiB), tail)
+        self.assertEqual(new.pread(MiB, 10 * MiB), b"\0" * MiB, "the new space reads as zeroes")
+        image = self.export(name)
+        self.assertEqual(len(image), 24 * MiB)
+        self.assertEqual(image[:8 * MiB] + image[20 * MiB:], first + tail)
+        self.assertNotIn("grew", self.remote_status()["health"])
+        stats = json.loads(harness.run([harness.BLOCKWAY, "--socket", self.csock, "stats", "r", "--json"],
+                                       timeout=30).stdout)
+        self.assertEqual(stats["size"], 24 * MiB)
+
+    def test_shrink_is_refused_while_served(self):
+        name = self.image(16 * MiB)
+        daemon = self.serve(CLUSTER.uri(name))
+        h = self.client()
+        data = os.urandom(4 * MiB)
+        h.pwrite(data, 0)
+        h.flush()
+        CLUSTER.rbd("resize", "--size", "8M", "--allow-shrink", "rbd/" + name)
+        self.wait_health("the image shrank to 8388608 bytes while served; the export keeps 16777216 bytes")
+        self.assertIn("the image shrank to", daemon.log())
+        self.assertEqual(self.status_of()["size"], 16 * MiB)
+        self.assertEqual(self.client().get_size(), 16 * MiB, "a new client is told the old size")
+        self.assertEqual(h.pread(4 * MiB, 0), data, "the part the image still has is served")
+        out = harness.run([harness.BLOCKWAY, "--socket", self.csock, "status"], timeout=30).stdout.decode()
+        self.assertIn("shrank", out)
+        # Grown back to the served size: the problem is gone.
+        CLUSTER.rbd("resize", "--size", "16M", "rbd/" + name)
+        harness.wait_until(lambda: "shrank" not in self.remote_status()["health"], 30, interval=0.1,
+                           what="the shrink problem to clear")
+        self.assertIn("is 16777216 bytes again, as served", daemon.log())
+        self.assertEqual(h.pread(4 * MiB, 0), data)
+
+    def test_cached_export_keeps_its_size_until_added_again(self):
+        name = self.image(8 * MiB)
+        cache = self.path("cache")
+        args = ["--log-level", "debug", "--listen", "unix:" + self.path("c.sock"), "--control-socket",
+                self.path("c.control"), "--data-dir", self.path("data"), "--export",
+                "r=%s,cache=%s,mode=writeback" % (CLUSTER.uri(name), cache)]
+        self.sock, self.csock = self.path("c.sock"), self.path("c.control")
+        daemon = self.start_daemon(args, name="cached", ready_timeout=60)
+        h = self.client()
+        data = os.urandom(8 * MiB)
+        h.pwrite(data, 0)
+        CLUSTER.rbd("resize", "--size", "16M", "rbd/" + name)
+        self.wait_health("the image grew to 16777216 bytes; the export keeps 8388608 bytes: export 'r' has a cache")
+        self.assertIn("cannot grow while served", daemon.log())
+        self.assertEqual(self.status_of()["size"], 8 * MiB)
+        self.assertEqual(self.client().get_size(), 8 * MiB)
+        self.assertEqual(h.pread(8 * MiB, 0), data)
+        # As the error says: written back, then started again at the new size
+        # (the cache starts empty) with the data in place.
+        h.flush()
+        h.shutdown()
+        daemon.stop()
+        daemon = self.start_daemon(args, name="cached2", ready_timeout=60)
+        h = self.client()
+        self.assertEqual(h.get_size(), 16 * MiB)
+        self.assertEqual(h.pread(8 * MiB, 0), data)
+        self.assertEqual(h.pread(8 * MiB, 8 * MiB), b"\0" * 8 * MiB)
+
+
 class StartupErrorTest(RbdTestCase):
     """Malformed URIs and a cluster that is not there: test_conformance.py."""
 

@@ -96,6 +96,32 @@ TEST(CheckedDeviceRange, WriteTrimZeroBeyondEndIsEnospc) {
   EXPECT_EQ(do_write(*s.dev, bytes(1024, 1), kSize - 1024), std::error_code{});
 }
 
+// An image that grew below the CheckedDevice (a remote resized while
+// served): the device reports half of the fake's bytes until it grows.
+class GrownBelow final : public core::Layer {
+ public:
+  explicit GrownBelow(std::unique_ptr<core::BlockDevice> next) : Layer(std::move(next)) {}
+  [[nodiscard]] Geometry geometry() const noexcept override { return {.size = kSize / 2}; }
+};
+
+TEST(CheckedDeviceRange, GrowMovesTheEndAndNeverShrinks) {
+  CheckedDevice dev(std::make_unique<GrownBelow>(std::make_unique<MemoryDevice>(Geometry{.size = kSize},
+                                                                                writable_caps())),
+                    false);
+  std::vector<std::byte> buf(1024);
+  EXPECT_EQ(dev.geometry().size, kSize / 2);
+  EXPECT_EQ(do_read(dev, buf, kSize / 2), err(EINVAL));
+  EXPECT_EQ(do_write(dev, bytes(1024, 7), kSize - 1024), err(ENOSPC));
+  dev.grow(kSize);
+  EXPECT_EQ(dev.geometry().size, kSize);
+  EXPECT_EQ(do_write(dev, bytes(1024, 7), kSize - 1024), std::error_code{});
+  EXPECT_EQ(do_read(dev, buf, kSize - 1024), std::error_code{});
+  EXPECT_TRUE(all_equal(buf, 7));
+  EXPECT_EQ(do_read(dev, buf, kSize), err(EINVAL));
+  dev.grow(kSize / 4);  // a smaller size is not a grow
+  EXPECT_EQ(dev.geometry().size, kSize);
+}
+
 TEST(CheckedDeviceRange, OffsetPlusLengthOverflowIsRejected) {
   auto s = make(writable_caps({&Capabilities::trim, &Capabilities::zero, &Capabilities::extents}));
   const uint64_t wrap = UINT64_MAX - 511;  // wrap + 1024 overflows to 512
