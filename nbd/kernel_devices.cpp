@@ -33,6 +33,16 @@ uint32_t kernel_block_size(uint32_t min_block) {
   return b;
 }
 
+// Kernels before 6.x ignore NBD_FLAG_ROTATIONAL (Debian 12's 6.1 always says
+// non-rotational): the queue's sysfs attribute says it on every kernel.
+void set_rotational(uint32_t index, bool rotational, spdlog::logger& log) {
+  if (!rotational) return;
+  const std::string path = "/sys/block/nbd" + std::to_string(index) + "/queue/rotational";
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC);
+  if (fd < 0 || ::write(fd, "1", 1) != 1) log.warn("{}: cannot mark the device rotational: {}", path, std::strerror(errno));
+  if (fd >= 0) ::close(fd);
+}
+
 void close_all(const std::vector<int>& fds) {
   for (int fd : fds) ::close(fd);
 }
@@ -142,6 +152,7 @@ DeviceRecord KernelDevices::connect(const std::string& name, DeviceOptions optio
     dev->record.options.index = index;
     devices_[index] = dev;
   }
+  set_rotational(index, options.rotational, *log_);
   log_->info("export '{}' attached as /dev/nbd{} ({} bytes, block {}, {} connection{}{})", name, index, geo.size,
              dev->record.block_size, options.connections, options.connections == 1 ? "" : "s",
              (flags & kFlagReadOnly) ? ", read-only" : "");
@@ -273,6 +284,7 @@ std::string KernelDevices::restore(const DeviceRecord& saved) {
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
     }
   }
+  set_rotational(saved.index, saved.options.rotational, *log_);
   log_->info("/dev/nbd{}: export '{}' reconnected after the restart", saved.index, saved.export_name);
   return "reconnected";
 }

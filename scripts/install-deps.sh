@@ -18,6 +18,7 @@ TEST_PKGS=(
   rpm prometheus python3-matplotlib gnutls-bin
   clang libclang-rt-14-dev systemd
   ceph-mon ceph-osd ceph-mgr ceph-common
+  qemu-system-x86 busybox-static nbd-client
 )
 
 want=("${BUILD_PKGS[@]}")

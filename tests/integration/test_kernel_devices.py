@@ -75,7 +75,7 @@ step rotational cat /sys/block/nbd0/queue/rotational
 step discard cat /sys/block/nbd0/queue/discard_max_bytes
 step mkfs mkfs.ext4 -q -F /dev/nbd0
 step mount mount -t ext4 /dev/nbd0 /mnt
-step fio_fs fio --name=fs --filename=/mnt/f --size=24M --rw=randwrite --bs=4k --ioengine=psync --verify=crc32c --do_verify=1 --fsync=64
+step fio_fs fio --name=fs --filename=/mnt/f --size=16M --rw=randwrite --bs=4k --ioengine=psync --verify=crc32c --do_verify=1 --fsync=64
 step busy bw disconnect /dev/nbd0
 step remove_attached bw export remove vm1
 step umount umount /mnt
@@ -109,10 +109,10 @@ step not_attached bw disconnect /dev/nbd4
 for sig in TERM KILL; do
   step "r_connect_$sig" bw connect vm1 /dev/nbd3 --timeout 2 --dead-conn-timeout 120
   dmesg -c > /dev/null
-  fio --name=r --filename=/dev/nbd3 --size=48M --rw=randwrite --bs=4k --ioengine=libaio --iodepth=8 --direct=1 \
+  fio --name=r --filename=/dev/nbd3 --size=24M --rw=randwrite --bs=4k --ioengine=libaio --iodepth=8 --direct=1 \
       --verify=crc32c --do_verify=1 --verify_fatal=1 > /tmp/fio.out 2>&1 &
   fio_pid=$!
-  sleep 4
+  sleep 3
   step "r_alive_$sig" kill -0 $fio_pid
   t0=$(cut -d' ' -f1 /proc/uptime)
   kill -$sig $(cat /run/bw.daemon)
