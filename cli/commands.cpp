@@ -72,7 +72,7 @@ const Command kCommands[] = {
     {"mount", "mount DIR           mount the FUSE front end at DIR: every export as a file", mount_command},
     {"unmount", "unmount             unmount it", unmount_command},
     {"connect",
-     "connect NAME [/dev/nbdN] [--read-only] [--connections N] [--dead-conn-timeout S]\n"
+     "connect NAME [/dev/nbdN] [--read-only] [--connections N] [...]\n"
      "                    attach the export as a kernel block device (kept across\n"
      "                    daemon restarts)",
      connect_command},

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import unittest
 
@@ -151,8 +152,11 @@ def devices_json(text):
 class KernelDevices(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
+        # The sanitizer build's daemons (two at once here) need more memory.
+        asan = "libasan" in subprocess.run(["ldd", BLOCKWAYD], stdout=subprocess.PIPE, text=True).stdout
         g = guest.Guest({"blockwayd": BLOCKWAYD, "blockway": BLOCKWAY, "fio": shutil.which("fio"),
-                         "mkfs.ext4": shutil.which("mkfs.ext4"), "e2fsck": shutil.which("e2fsck")})
+                         "mkfs.ext4": shutil.which("mkfs.ext4"), "e2fsck": shutil.which("e2fsck")},
+                        memory_mb=2560 if asan else 1024)
         _, cls.console, cls.seconds = g.run(GUEST_SCRIPT, timeout=900, smp=2)
         cls.s = sections(cls.console)
         sys.stderr.write("\nguest: image build %.1f s, run %.1f s\n" % (g.build_seconds, cls.seconds))
