@@ -215,7 +215,10 @@ Task<Json> RuntimeExports::add(const Json& req) {
     }
     return o;
   };
-  Opened opened = co_await offload(loops_.blocking(), std::move(open));
+  // Named first, then awaited: GCC 12 destroys non-trivial captures (cfg,
+  // options) of a lambda passed inside a co_await expression twice.
+  auto opening = offload(loops_.blocking(), std::move(open));
+  Opened opened = co_await std::move(opening);
   auto& exp = opened.built.exp;
   if (!opened.error.empty()) {
     if (exp) co_await exp->device->close();
@@ -314,7 +317,8 @@ Task<Json> RuntimeExports::remove(const Json& req) {
       return -1;
     }
   };
-  const int forgotten = co_await offload(loops_.blocking(), std::move(forget));
+  auto forgetting = offload(loops_.blocking(), std::move(forget));  // named: see add()
+  const int forgotten = co_await std::move(forgetting);
   Json out;
   out["name"] = name;
   out["clients"] = clients;
