@@ -195,6 +195,11 @@ class Guest:
             with open(tmp, "wb") as out:
                 _cpio(root, out)
             os.rename(tmp, self.base)
+            # Every rebuild of the binaries makes a new image: keep the newest few.
+            bases = sorted((os.path.join(CACHE, f) for f in os.listdir(CACHE)
+                            if f.startswith("base-") and f.endswith(".cpio")), key=os.path.getmtime)
+            for old in bases[:-4]:
+                os.unlink(old)
         finally:
             shutil.rmtree(root, ignore_errors=True)
 
