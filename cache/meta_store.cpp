@@ -120,6 +120,30 @@ void MetaStore::create_runtime_tables() {
   exec("CREATE TABLE IF NOT EXISTS runtime_settings ("
        " name TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, config_value TEXT NOT NULL,"
        " PRIMARY KEY (name, key)) WITHOUT ROWID");
+  exec("CREATE TABLE IF NOT EXISTS kernel_devices (idx INTEGER PRIMARY KEY, record TEXT NOT NULL)");
+}
+
+std::vector<std::pair<uint32_t, std::string>> MetaStore::kernel_devices() {
+  std::lock_guard lock(mutex_);
+  create_runtime_tables();
+  std::vector<std::pair<uint32_t, std::string>> out;
+  Statement st(db_, path_, "cannot read the kernel devices", "SELECT idx, record FROM kernel_devices ORDER BY idx");
+  while (st.step()) out.emplace_back(static_cast<uint32_t>(st.integer(0)), st.text(1));
+  return out;
+}
+
+void MetaStore::save_kernel_device(uint32_t index, const std::string& record) {
+  std::lock_guard lock(mutex_);
+  create_runtime_tables();
+  Statement st(db_, path_, "cannot save a kernel device", "INSERT OR REPLACE INTO kernel_devices (idx, record) VALUES (?, ?)");
+  st.bind(int64_t{index}).bind(record).run();
+}
+
+void MetaStore::remove_kernel_device(uint32_t index) {
+  std::lock_guard lock(mutex_);
+  create_runtime_tables();
+  Statement st(db_, path_, "cannot forget a kernel device", "DELETE FROM kernel_devices WHERE idx = ?");
+  st.bind(int64_t{index}).run();
 }
 
 std::vector<RuntimeExport> MetaStore::runtime_exports() {

@@ -21,6 +21,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 struct sqlite3;
@@ -79,6 +80,12 @@ class MetaStore {
   // Replaces the option list of a run-time export (keeping its place in the
   // order); returns false if there is none by that name.
   bool update_runtime_export_options(const std::string& name, const std::string& options);
+
+  // Kernel NBD devices the daemon attached (/dev/nbdN -> its description as
+  // the daemon writes it), for the next start to reconnect them.
+  std::vector<std::pair<uint32_t, std::string>> kernel_devices();
+  void save_kernel_device(uint32_t index, const std::string& record);
+  void remove_kernel_device(uint32_t index);
 
   // Run-time settings of configured exports (kept apart from the cache's own
   // state, which a cache reset forgets).

@@ -29,6 +29,9 @@ int flush_command(const std::vector<std::string>& args);
 int mount_command(const std::vector<std::string>& args);
 int unmount_command(const std::vector<std::string>& args);
 int trace_command(const std::vector<std::string>& args);
+int connect_command(const std::vector<std::string>& args);
+int disconnect_command(const std::vector<std::string>& args);
+int devices_command(const std::vector<std::string>& args);
 
 struct Command {
   std::string_view name;

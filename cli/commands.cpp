@@ -71,6 +71,13 @@ const Command kCommands[] = {
     {"flush", "flush NAME          flush the export", flush_command},
     {"mount", "mount DIR           mount the FUSE front end at DIR: every export as a file", mount_command},
     {"unmount", "unmount             unmount it", unmount_command},
+    {"connect",
+     "connect NAME [/dev/nbdN] [--read-only] [--connections N] [...]\n"
+     "                    attach the export as a kernel block device (kept across\n"
+     "                    daemon restarts)",
+     connect_command},
+    {"disconnect", "disconnect /dev/nbdN [--force]\n                    detach a kernel device", disconnect_command},
+    {"devices", "devices             the kernel devices the daemon serves", devices_command},
     {"trace",
      "trace NAME --seconds N FILE\n"
      "                    record every request of the export into FILE (CSV)\n"

@@ -340,6 +340,23 @@ void load_config_file(const std::string& path, DaemonConfig& cfg) {
         }
         cfg.exports.push_back(std::move(e));
       }
+    } else if (key == "device") {
+      auto* arr = node.as_array();
+      if (!arr) throw ConfigError(path + ": use [[device]] tables for kernel devices");
+      for (const auto& item : *arr) {
+        auto* t = item.as_table();
+        if (!t) throw ConfigError(path + ": every [[device]] must be a table");
+        DeviceConfig d;
+        for (const auto& [dk, dnode] : *t) {
+          const std::string dkey(dk.str());
+          if (dkey == "export")
+            d.export_name = as_string(dnode, dkey);
+          else
+            d.options[dkey] = as_string(dnode, dkey, true);
+        }
+        if (d.export_name.empty()) throw ConfigError(path + ": a [[device]] has no export");
+        cfg.devices.push_back(std::move(d));
+      }
     } else if (key == "fuse") {
       auto* t = node.as_table();
       if (!t) throw ConfigError(path + ": use a [fuse] table for the FUSE mount");

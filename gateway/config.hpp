@@ -56,6 +56,14 @@ struct FuseMountConfig {
   static FuseMountConfig parse_spec(std::string_view spec);
 };
 
+// A kernel device to attach at start ([[device]] in the file): the export
+// and the options `blockway connect` takes (device, connections, read-only,
+// rotational, dead-conn-timeout, timeout), checked by device_commands.
+struct DeviceConfig {
+  std::string export_name;
+  std::map<std::string, std::string> options;
+};
+
 struct DaemonConfig {
   std::vector<core::ListenAddress> listen;
   std::vector<ExportConfig> exports;
@@ -89,6 +97,7 @@ struct DaemonConfig {
   std::chrono::milliseconds handshake_timeout{10000};
   std::chrono::milliseconds shutdown_timeout{30000};
   std::optional<FuseMountConfig> fuse;  // each export as a file under a mount directory
+  std::vector<DeviceConfig> devices;     // [[device]]: kernel devices attached at start
   std::optional<core::ListenAddress> metrics;  // --metrics / [metrics] listen: the Prometheus endpoint
   nbd::TlsSettings tls;                        // --tls* / [tls]: NBD over TLS (STARTTLS)
   bool embedded_default = false;  // no config and no exports: serve the demo image

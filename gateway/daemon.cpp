@@ -8,6 +8,7 @@
 #include "fuse/fuse_front_end.hpp"
 #include "gateway/control_protocol.hpp"
 #include "gateway/control_server.hpp"
+#include "gateway/device_commands.hpp"
 #include "gateway/fuse_commands.hpp"
 #include "gateway/metrics.hpp"
 #include "gateway/metrics_server.hpp"
@@ -264,6 +265,15 @@ int run_daemon(DaemonConfig config) {
   }
   nbd::Server server(loops, exports, sopts);
   server_ptr = &server;
+  // Kernel devices: those the last daemon attached get fresh sockets, then
+  // the configured ones are attached (before "ready", like the listeners).
+  nbd::KernelDevices kernel_devices(loops, exports, server);
+  DeviceCommands device_commands(kernel_devices, runtime_exports, builder, loops);
+  device_commands.add_to(control_commands);
+  runtime_exports.set_device_lookup([&device_commands](const std::string& name) {
+    return device_commands.devices_of(name);
+  });
+  device_commands.start(config.devices);
 
   boost::asio::signal_set signals(loops.at(0), SIGINT, SIGTERM);
   // The FUSE front end: mounted below if configured; a control command can
@@ -312,6 +322,7 @@ int run_daemon(DaemonConfig config) {
     log->info("received {}, shutting down", sig == SIGINT ? "SIGINT" : "SIGTERM");
     stopping = true;
     service.stopping();
+    kernel_devices.stop();  // the kernel keeps them for the next daemon
     server.shutdown();
     fuse_front->unmount();
     signals.async_wait(on_signal);

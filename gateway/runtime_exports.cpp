@@ -254,6 +254,20 @@ Task<Json> RuntimeExports::add(const Json& req) {
   co_return export_json(*exp, 0);
 }
 
+Task<cache::MetaStore*> RuntimeExports::open_catalogue() {
+  if (auto* store = builder_.open_catalogue_or_null()) co_return store;
+  auto guard = co_await lock_.lock();
+  auto open = [this]() -> cache::MetaStore* {
+    try {
+      return &builder_.catalogue();
+    } catch (const std::exception& e) {
+      log_->warn("cannot open the catalogue: {}", e.what());
+      return nullptr;
+    }
+  };
+  co_return co_await offload(loops_.blocking(), std::move(open));
+}
+
 Task<Json> RuntimeExports::remove(const Json& req) {
   const auto name = arg_string(req, "name");
   const bool force = arg_bool(req, "force", false);
@@ -270,6 +284,12 @@ Task<Json> RuntimeExports::remove(const Json& req) {
     throw ControlError("refused", EBUSY,
                        "export '" + name + "' is the base of clone(s) " + clones + "; remove them first");
   const long clients = export_clients(exp);
+  const std::string devices = devices_of_ ? devices_of_(name) : std::string();
+  if (!devices.empty() && !force)
+    throw ControlError("refused", EBUSY,
+                       "export '" + name + "' is attached as " + devices +
+                           "; disconnect it first (blockway disconnect), or force: the devices keep it until "
+                           "they are disconnected");
   if (clients > 0 && !force)
     throw ControlError("refused", EBUSY,
                        "export '" + name + "' has " + std::to_string(clients) +

@@ -23,6 +23,7 @@
 #include "gateway/stack_builder.hpp"
 
 #include <atomic>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -62,6 +63,12 @@ class RuntimeExports {
   // refused (export-add) or skipped (saved) on a daemon without it, since
   // no client could ever reach it. Set before open_saved().
   void set_tls_enabled(bool on) { tls_enabled_ = on; }
+  // The kernel devices an export is attached as ("/dev/nbd0 /dev/nbd1"),
+  // named when export-remove refuses it. Set before the loops run.
+  void set_device_lookup(std::function<std::string(const std::string&)> fn) { devices_of_ = std::move(fn); }
+  // The catalogue, opened (made) on the blocking pool under the builder's
+  // lock if it is not open yet; nullptr (logged) if it cannot be.
+  core::Task<cache::MetaStore*> open_catalogue();
 
  private:
   // ConfigError for tls=require on a daemon without TLS.
@@ -75,6 +82,7 @@ class RuntimeExports {
   core::Task<Json> remove_failed(std::string name);
 
   StackBuilder& builder_;
+  std::function<std::string(const std::string&)> devices_of_;
   core::ExportTable& exports_;
   core::EventLoops& loops_;
   std::shared_ptr<spdlog::logger> log_;

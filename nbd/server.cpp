@@ -26,6 +26,8 @@ struct Server::Connection {
   Channel channel;
   PeerInfo peer;
   std::shared_ptr<Session> session;  // set once the handshake succeeded
+  std::optional<Negotiated> preset;  // a kernel device's: no handshake
+  std::function<void()> ended;
 };
 
 Server::Server(core::EventLoops& loops, core::ExportTable& exports, ServerOptions options)
@@ -261,23 +263,32 @@ void Server::serve_stdio() {
   start_connection(loops_.at(0), in, out, PeerInfo{.text = "stdio"});
 }
 
-void Server::start_connection(asio::io_context& ctx, int fd_in, int fd_out, PeerInfo peer) {
+void Server::serve_attached(int fd, Negotiated negotiated, std::string peer, std::function<void()> ended) {
+  start_connection(loops_.next(), fd, -1, PeerInfo{.text = std::move(peer)}, std::move(negotiated),
+                   std::move(ended));
+}
+
+void Server::start_connection(asio::io_context& ctx, int fd_in, int fd_out, PeerInfo peer,
+                              std::optional<Negotiated> preset, std::function<void()> ended) {
   std::shared_ptr<Connection> conn;
   try {
     Channel ch = fd_out < 0 ? Channel(Channel::Descriptor(ctx, fd_in))
                             : Channel(Channel::Descriptor(ctx, fd_in), Channel::Descriptor(ctx, fd_out));
     conn = std::make_shared<Connection>(std::move(ch), std::move(peer));
+    conn->preset = std::move(preset);
+    conn->ended = std::move(ended);
   } catch (const std::exception& e) {
     log_->error("cannot set up connection: {}", e.what());
     ::close(fd_in);
     if (fd_out >= 0) ::close(fd_out);
+    if (ended) ended();
     return;
   }
   {
     std::lock_guard lock(mutex_);
     connections_.push_back(conn);
   }
-  asio::co_spawn(ctx, serve(conn), [this, raw = conn.get()](std::exception_ptr e) {
+  asio::co_spawn(ctx, serve(conn), [this, conn](std::exception_ptr e) {
     if (e) {
       try {
         std::rethrow_exception(e);
@@ -285,12 +296,24 @@ void Server::start_connection(asio::io_context& ctx, int fd_in, int fd_out, Peer
         log_->error("connection ended with an error: {}", ex.what());
       }
     }
-    connection_ended(raw);
+    auto ended = std::move(conn->ended);
+    connection_ended(conn.get());
+    if (ended) ended();
   });
 }
 
 Task<void> Server::serve(std::shared_ptr<Connection> conn) {
   auto& ch = conn->channel;
+  if (conn->preset) {
+    if (!shutting_down_) {
+      conn->session = std::make_shared<Session>(ch, std::move(*conn->preset), options_.limits);
+      co_await conn->session->run();
+    }
+    ch.close();
+    if (conn->session) co_await conn->session->flush_if_dirty();
+    conn->session.reset();
+    co_return;
+  }
   // The handshake has a deadline: a silent or slow client is cut off.
   asio::steady_timer deadline(ch.executor(), options_.handshake_timeout);
   deadline.async_wait([conn](boost::system::error_code ec) {

@@ -24,6 +24,8 @@
 #include <list>
 #include <memory>
 #include <mutex>
+#include <optional>
+#include <string>
 #include <vector>
 
 namespace blockway::nbd {
@@ -54,6 +56,11 @@ class Server {
   std::string adopt(int fd, const std::string& name = "");
   // Serves one client on stdin/stdout; the server drains when it leaves.
   void serve_stdio();
+  // Serves a kernel NBD device's connection (the daemon's end of a
+  // socketpair): no handshake, the session starts in transmission with
+  // `negotiated` (the kernel got the flags and size by netlink). `ended`
+  // runs on the connection's loop when it is over, for whatever reason.
+  void serve_attached(int fd, Negotiated negotiated, std::string peer, std::function<void()> ended);
   // Stops accepting and ends every connection gracefully; after the timeout,
   // forcibly. Idempotent.
   void shutdown();
@@ -66,7 +73,8 @@ class Server {
   core::Task<void> accept_tcp(std::shared_ptr<boost::asio::ip::tcp::acceptor> acceptor, std::string name);
   core::Task<void> accept_unix(std::shared_ptr<boost::asio::local::stream_protocol::acceptor> acceptor,
                                   std::string path, std::string name);
-  void start_connection(boost::asio::io_context& ctx, int fd_in, int fd_out, PeerInfo peer);
+  void start_connection(boost::asio::io_context& ctx, int fd_in, int fd_out, PeerInfo peer,
+                        std::optional<Negotiated> preset = std::nullopt, std::function<void()> ended = {});
   core::Task<void> serve(std::shared_ptr<Connection> conn);
   void connection_ended(Connection* conn);
   void force_close_all();

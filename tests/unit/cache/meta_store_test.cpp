@@ -288,3 +288,28 @@ TEST_F(MetaStoreTest, ForgetRuntimeSettingsDropsEveryKeyOfOneExport) {
 
 }  // namespace
 }  // namespace blockway::cache
+
+namespace blockway::cache {
+namespace {
+
+TEST_F(MetaStoreTest, KernelDevicesAreKeptByIndexAndSurviveAReopen) {
+  {
+    MetaStore s(path_);
+    EXPECT_TRUE(s.kernel_devices().empty());
+    s.save_kernel_device(3, R"({"export":"b"})");
+    s.save_kernel_device(0, R"({"export":"a"})");
+    s.save_kernel_device(3, R"({"export":"c"})");  // replaces
+  }
+  MetaStore s(path_);
+  const auto devices = s.kernel_devices();
+  ASSERT_EQ(devices.size(), 2u);
+  EXPECT_EQ(devices[0], (std::pair<uint32_t, std::string>{0, R"({"export":"a"})"}));
+  EXPECT_EQ(devices[1], (std::pair<uint32_t, std::string>{3, R"({"export":"c"})"}));
+  s.remove_kernel_device(0);
+  s.remove_kernel_device(9);  // absent: nothing happens
+  ASSERT_EQ(s.kernel_devices().size(), 1u);
+  EXPECT_EQ(s.kernel_devices()[0].first, 3u);
+}
+
+}  // namespace
+}  // namespace blockway::cache

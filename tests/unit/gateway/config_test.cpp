@@ -446,3 +446,40 @@ TEST_F(ConfigFile, MetricsTable) {
 
 }  // namespace
 }  // namespace blockway::gateway
+
+namespace blockway::gateway {
+namespace {
+
+TEST_F(ConfigFile, DeviceTables) {
+  write(R"(
+[[device]]
+export = "vm1"
+device = "/dev/nbd2"
+dead-conn-timeout = 300
+read-only = true
+
+[[device]]
+export = "vm2"
+)");
+  DaemonConfig cfg;
+  load_config_file(path_, cfg);
+  ASSERT_EQ(cfg.devices.size(), 2u);
+  EXPECT_EQ(cfg.devices[0].export_name, "vm1");
+  EXPECT_EQ(cfg.devices[0].options.at("device"), "/dev/nbd2");
+  EXPECT_EQ(cfg.devices[0].options.at("dead-conn-timeout"), "300");
+  EXPECT_EQ(cfg.devices[0].options.at("read-only"), "on");
+  EXPECT_EQ(cfg.devices[1].export_name, "vm2");
+  EXPECT_TRUE(cfg.devices[1].options.empty());
+}
+
+TEST_F(ConfigFile, DeviceTablesNeedAnExport) {
+  write("[[device]]\ndevice = \"/dev/nbd0\"\n");
+  DaemonConfig cfg;
+  EXPECT_THAT(what_of<ConfigError>([&] { load_config_file(path_, cfg); }), HasSubstr("[[device]] has no export"));
+  write("[device]\nexport = \"a\"\n");
+  DaemonConfig cfg2;
+  EXPECT_THAT(what_of<ConfigError>([&] { load_config_file(path_, cfg2); }), HasSubstr("use [[device]] tables"));
+}
+
+}  // namespace
+}  // namespace blockway::gateway
