@@ -238,7 +238,19 @@ void TlsStream::find_peer_name() {
     char name[256];
     size_t size = sizeof name;
     if (gnutls_x509_crt_get_dn_by_oid(crt, GNUTLS_OID_X520_COMMON_NAME, 0, 0, name, &size) >= 0)
-      peer_name_.assign(name, size);
+      peer_names_.emplace_back(name, size);
+    // Subject alternative names a cert: rule may name; IP addresses and
+    // other kinds are left out (an address rule checks the real peer).
+    for (unsigned i = 0;; ++i) {
+      size = sizeof name;
+      const int type = gnutls_x509_crt_get_subject_alt_name(crt, i, name, &size, nullptr);
+      if (type == GNUTLS_E_REQUESTED_DATA_NOT_AVAILABLE) break;
+      if (type == GNUTLS_E_SHORT_MEMORY_BUFFER) continue;  // longer than any name we accept
+      if (type < 0) break;
+      if (type == GNUTLS_SAN_DNSNAME || type == GNUTLS_SAN_RFC822NAME || type == GNUTLS_SAN_URI)
+        peer_names_.emplace_back(name, size);
+    }
+    if (!peer_names_.empty()) peer_name_ = peer_names_.front();
   }
   gnutls_x509_crt_deinit(crt);
 }
