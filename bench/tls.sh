@@ -14,7 +14,8 @@
 #
 # Environment knobs: BENCH_QUICK=1 (one round, 2 s, 256 MiB), BENCH_RUNTIME=N
 # (seconds per test, default 8), BENCH_REPS=N (rounds, default 5),
-# BENCH_SIZE_MIB=N (default 1024), BENCH_TMPDIR, BLOCKWAYD.
+# BENCH_SIZE_MIB=N (default 1024), BENCH_TMPDIR, BLOCKWAYD; BLOCKWAYD_BASE=OLD
+# adds an older build's TLS server to the same rounds (a before/after column).
 #
 # Method: each round starts each server in turn on a fresh port, runs the four
 # tests against it, and stops it; the servers' order rotates from round to
@@ -28,6 +29,7 @@ bench_settings 8 5
 EXPORT=bench
 SERVERS=(blockwayd-tls blockwayd-plain nbdkit-tls)
 TESTS=(seq-read seq-write rand-read-4k rand-write-4k)
+[[ -n ${BLOCKWAYD_BASE:-} ]] && SERVERS+=(base-tls)
 
 bench_remote_setup tls-bench nbdkit nbdinfo cc certtool
 IMG=$TMP/img.raw
@@ -42,11 +44,12 @@ head -c $((SIZE_MIB << 20)) /dev/urandom >"$IMG"
 start_server() {
     local name=$1 port=$2
     case $name in
-    blockwayd-tls | blockwayd-plain)
-        local tls=()
-        [[ $name == blockwayd-tls ]] && tls=(--tls=require --tls-certificates "$PKI/server")
+    blockwayd-tls | blockwayd-plain | base-tls)
+        local tls=() bin=$BLOCKWAYD
+        [[ $name == *-tls ]] && tls=(--tls=require --tls-certificates "$PKI/server")
+        [[ $name == base-tls ]] && bin=$BLOCKWAYD_BASE
         rm -f "$TMP/blockwayd.pid"
-        bench_start "$TMP/$name.log" "$BLOCKWAYD" --listen "127.0.0.1:$port" --export "$EXPORT=file://$IMG" \
+        bench_start "$TMP/$name.log" "$bin" --listen "127.0.0.1:$port" --export "$EXPORT=file://$IMG" \
             --control-socket off --pid-file "$TMP/blockwayd.pid" "${tls[@]}"
         wait_pid_file "$TMP/blockwayd.pid" "$BG_PID"
         ;;
@@ -77,6 +80,20 @@ run_test() {
     esac
 }
 
+# The server's user+system CPU (clock ticks): what a request costs it, which
+# the machine's load disturbs far less than throughput does.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# CPU-s per GB for the sequential tests, CPU-us per request for the 4k ones.
+cpu_cost() {
+    local hz
+    hz=$(getconf CLK_TCK)
+    if [[ $1 == seq-* ]]; then
+        "$PY" -c "print('%.3f' % ($2 / $hz / max($4 * $RUNTIME / 1000, 1e-9)))"
+    else
+        "$PY" -c "print('%.1f' % ($2 / $hz * 1e6 / max($3 * $RUNTIME, 1)))"
+    fi
+}
+
 loads=()
 for round in $(seq "$REPS"); do
     loads+=("$(cut -d' ' -f1 /proc/loadavg)")
@@ -86,8 +103,10 @@ for round in $(seq "$REPS"); do
         port=$(free_port)
         start_server "$name" "$port"
         for test in "${TESTS[@]}"; do
+            t0=$(cpu_ticks "$SERVER_PID")
             read -r iops mbs < <(run_test "$(uri "$name" "$port")" "$test") || die "$name $test failed"
-            printf '%s\t%s\t%s\t%s\t%s\n' "$round" "$name" "$test" "$iops" "$mbs" >>"$RESULTS"
+            t1=$(cpu_ticks "$SERVER_PID")
+            printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$name" "$test" "$iops" "$mbs" "$(cpu_cost "$test" $((t1 - t0)) "$iops" "$mbs")" >>"$RESULTS"
         done
         stop_pid "$SERVER_PID"
     done
@@ -105,16 +124,34 @@ report() {
         "${REPS} round(s), servers rotated each round; load average (1 min) before each round: ${loads[*]}"
     echo "| test | blockwayd TLS | blockwayd plain | nbdkit TLS | TLS/plain (target) | vs nbdkit TLS (target >= 1.0) |"
     echo "| --- | --- | --- | --- | --- | --- |"
-    local test col unit tls plain kit target
+    local test col unit tls plain kit target base_rows=()
     for test in "${TESTS[@]}"; do
         if [[ $test == seq-* ]]; then col=5; unit=MB/s; target=0.8; else col=4; unit=IOPS; target=0.9; fi
         tls=$(cell blockwayd-tls "$test" $col)
         plain=$(cell blockwayd-plain "$test" $col)
         kit=$(cell nbdkit-tls "$test" $col)
         echo "| $test ($unit) | $tls | $plain | $kit | $(ratio "$tls" "$plain") (>= $target) | $(ratio "$tls" "$kit") |"
+        [[ -n ${BLOCKWAYD_BASE:-} ]] && base_rows+=("| $test ($unit) | $(cell base-tls "$test" $col) | $tls |")
     done
     echo
-    echo "Raw rounds (round, server, test, IOPS, MB/s):"
+    echo "Server CPU (user+system; median): CPU-s per GB (seq), CPU-us per request (4k)"
+    echo
+    echo "| test | blockwayd TLS | blockwayd plain | nbdkit TLS |$([[ -n ${BLOCKWAYD_BASE:-} ]] && echo ' base TLS |')"
+    echo "| --- | --- | --- | --- |$([[ -n ${BLOCKWAYD_BASE:-} ]] && echo ' --- |')"
+    for test in "${TESTS[@]}"; do
+        echo "| $test | $(cell blockwayd-tls "$test" 6) | $(cell blockwayd-plain "$test" 6) | $(cell nbdkit-tls "$test" 6) |$(
+            [[ -n ${BLOCKWAYD_BASE:-} ]] && echo " $(cell base-tls "$test" 6) |")"
+    done
+    if [[ -n ${BLOCKWAYD_BASE:-} ]]; then
+        echo
+        echo "Before/after, TLS: BLOCKWAYD_BASE=$BLOCKWAYD_BASE vs BLOCKWAYD=$BLOCKWAYD"
+        echo
+        echo "| test | base TLS | this TLS |"
+        echo "| --- | --- | --- |"
+        printf '%s\n' "${base_rows[@]}"
+    fi
+    echo
+    echo "Raw rounds (round, server, test, IOPS, MB/s, server CPU cost):"
     echo
     echo '```'
     cat "$RESULTS"

@@ -144,7 +144,8 @@ bool AccessPolicy::allows(const AccessClient& c) const {
   if (allow_text_.empty()) return true;
   if (matches_address(c.address)) return true;
   if (c.uid && matches_unix(c)) return true;
-  if (!c.cert_name.empty() && std::find(certs_.begin(), certs_.end(), c.cert_name) != certs_.end()) return true;
+  for (const auto& name : c.cert_names)
+    if (std::find(certs_.begin(), certs_.end(), name) != certs_.end()) return true;
   if (!c.psk_name.empty() && std::find(psks_.begin(), psks_.end(), c.psk_name) != psks_.end()) return true;
   return false;
 }

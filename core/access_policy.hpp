@@ -23,7 +23,9 @@ struct AccessClient {
   std::optional<uid_t> uid;  // Unix socket peer (SO_PEERCRED)
   std::optional<gid_t> gid;
   std::vector<gid_t> groups;  // the peer's supplementary groups (SO_PEERGROUPS)
-  std::string cert_name;  // CN of a verified client certificate
+  // A verified client certificate's names: its CN, then its subject
+  // alternative names (DNS, email, URI); cert: rules match any of them.
+  std::vector<std::string> cert_names;
   std::string psk_name;   // TLS PSK identity
   std::string listener;   // name of the listener it came in on ("" = unnamed)
 };

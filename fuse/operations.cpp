@@ -14,13 +14,16 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <cerrno>
+#include <chrono>
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <string>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 namespace blockway::fuse {
@@ -107,13 +110,46 @@ std::vector<gid_t> caller_groups(pid_t tid) {
   return groups;
 }
 
+// caller_groups() for the last few callers, each kept for a second: reading
+// /proc costs ~12 us of CPU here, once per lookup/getattr of a restricted
+// file (their kernel caches are off), so `ls -l` paid it per file. Keyed by
+// tid, uid and gid: a tid reused by another user misses. Groups a thread
+// changes itself (that needs CAP_SETGID) count within the second, as the
+// kernel's attribute caches of other files do.
+std::vector<gid_t> cached_caller_groups(pid_t tid, uid_t uid, gid_t gid) {
+  struct Entry {
+    pid_t tid = 0;
+    uid_t uid = 0;
+    gid_t gid = 0;
+    std::chrono::steady_clock::time_point at;
+    std::vector<gid_t> groups;
+  };
+  struct Cache {
+    std::mutex mutex;
+    std::array<Entry, 16> entries;
+    size_t next = 0;
+  };
+  static constexpr auto kKeep = std::chrono::seconds(1);
+  static auto* const cache = new Cache;  // never destroyed: FUSE threads may outlive statics
+  const auto now = std::chrono::steady_clock::now();
+  {
+    std::lock_guard lock(cache->mutex);
+    for (const auto& e : cache->entries)
+      if (e.tid == tid && e.uid == uid && e.gid == gid && e.tid != 0 && now - e.at < kKeep) return e.groups;
+  }
+  auto groups = caller_groups(tid);
+  std::lock_guard lock(cache->mutex);
+  cache->entries[cache->next++ % cache->entries.size()] = Entry{tid, uid, gid, now, groups};
+  return groups;
+}
+
 bool visible(fuse_req_t req, const Node& node) {
   const auto policy = node.exp->access.load();
   if (!policy || policy->allows_local_user(core::AccessClient{})) return true;
   const fuse_ctx* ctx = fuse_req_ctx(req);
   if (ctx->uid == 0) return true;
   core::AccessClient caller{.uid = ctx->uid, .gid = ctx->gid};
-  caller.groups = caller_groups(ctx->pid);
+  caller.groups = cached_caller_groups(ctx->pid, ctx->uid, ctx->gid);
   return policy->allows_local_user(caller);
 }
 

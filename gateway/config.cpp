@@ -197,8 +197,8 @@ void DaemonConfig::validate() const {
   if (tls.verify_peer && tls.certificates_dir.empty())
     throw ConfigError("tls-verify-peer needs --tls-certificates DIR (its ca-cert.pem checks the clients)");
   const bool socket_access = socket_mode || !socket_user.empty() || !socket_group.empty();
-  if (socket_access && !listen.empty() &&
-      std::none_of(listen.begin(), listen.end(), [](const ListenAddress& l) { return l.kind == ListenAddress::Kind::unix_socket; }))
+  const auto is_unix = [](const ListenAddress& l) { return l.kind == ListenAddress::Kind::unix_socket; };
+  if (socket_access && !listen.empty() && std::none_of(listen.begin(), listen.end(), is_unix))
     throw ConfigError("socket-mode, socket-user and socket-group apply to Unix listeners, and none is configured "
                       "(add --listen unix:/PATH)");
   std::set<std::string> listeners;

@@ -83,9 +83,10 @@ class Channel {
     in_.cancel(ignored);
     if (out_) out_->cancel(ignored);
   }
+  // The TLS session stays until the Channel goes: a coroutine cancelled by
+  // the close may still resume inside it.
   void close() {
     boost::system::error_code ignored;
-    tls_.reset();
     in_.close(ignored);
     if (out_) out_->close(ignored);
   }

@@ -64,7 +64,10 @@ class Handshake {
     if (!policy) return true;
     core::AccessClient c{.address = peer_.address, .uid = peer_.uid, .gid = peer_.gid, .groups = peer_.groups,
                          .listener = peer_.listener};
-    (state_.tls_psk ? c.psk_name : c.cert_name) = state_.tls_peer_name;
+    if (state_.tls_psk)
+      c.psk_name = state_.tls_peer_name;
+    else
+      c.cert_names = state_.tls_cert_names;
     return policy->allows(c);
   }
   bool admit(core::Export& exp) {
@@ -257,6 +260,7 @@ Task<bool> Handshake::handle_starttls(uint32_t option, uint32_t length, bool& fa
   state_.tls = true;
   state_.tls_peer_name = ch_.tls()->peer_name();
   state_.tls_psk = ch_.tls()->peer_is_psk();
+  if (!state_.tls_psk) state_.tls_cert_names = ch_.tls()->peer_names();
   contexts_for_.clear();
   log_->info("TLS with {}: {}{}", peer_.text, ch_.tls()->description(),
              state_.tls_peer_name.empty() ? "" : ", client '" + state_.tls_peer_name + "'");

@@ -63,6 +63,7 @@ struct Negotiated {
   bool tls = false;
   std::string tls_peer_name;  // PSK identity or verified certificate CN
   bool tls_psk = false;       // tls_peer_name is a PSK identity
+  std::vector<std::string> tls_cert_names;  // verified certificate: CN, then SANs
 };
 
 // The transmission flags an export advertises.

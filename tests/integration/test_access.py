@@ -134,7 +134,9 @@ class AccessTest(control_common.ControlTestCase):
         self.addCleanup(shutil.rmtree, pki_root, ignore_errors=True)
         pki = tls_certs.make_pki(pki_root)
         psk = tls_certs.make_psk(os.path.join(pki_root, "keys.psk"), "alice", "bob")
-        self.start(self.exports(a="allow=psk:alice", c="allow=cert:alice"),
+        self.start(self.exports(a="allow=psk:alice", c="allow=cert:alice", dns="allow=cert:vm7.example.org",
+                                email="allow=cert:ops@example.org", uri="allow=cert:spiffe://example.org/vm7",
+                                cn="allow=cert:carol", ip="allow=cert:127.0.0.9", other="allow=cert:vm8.example.org"),
                    extra=["--tls=require", "--tls-psk", psk, "--tls-certificates", pki["server"],
                           "--tls-verify-peer"])
         base = "nbds://%s@localhost:%d/%s?tls-psk-file=" + psk
@@ -144,6 +146,14 @@ class AccessTest(control_common.ControlTestCase):
         cert = "nbds://localhost:%d/%s?tls-certificates=" + pki["client"]
         self.assertTrue(opens(cert % (self.port, "c")))
         self.assertFalse(opens(cert % (self.port, "a")))
+        self.assertFalse(opens(cert % (self.port, "dns")), "alice's certificate has no SAN vm7.example.org")
+        # A certificate with subject alternative names: each DNS, email and
+        # URI name counts, as does the CN; an IP SAN is not a name.
+        san = "nbds://localhost:%d/%s?tls-certificates=" + pki["client-san"]
+        for export in ("dns", "email", "uri", "cn"):
+            self.assertTrue(opens(san % (self.port, export)), export)
+        for export in ("ip", "other", "c", "a"):
+            self.assertFalse(opens(san % (self.port, export)), export)
 
     def test_tls_required_export_refused_at_run_time_without_tls(self):
         d = self.start(self.exports(a=""))

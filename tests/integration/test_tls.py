@@ -8,6 +8,8 @@ configuration's mistakes. Certificates are made afresh (tls_certs.py)."""
 
 import filecmp
 import os
+import random
+import select
 import shutil
 import socket
 import ssl
@@ -178,6 +180,109 @@ class X509Test(TlsTestCase):
             # A second STARTTLS inside TLS is refused, the session goes on.
             option(t, OPT_STARTTLS)
             self.assertEqual(option_reply(t)[1], 0x80000003)
+
+
+def tls_go(port, export):
+    """STARTTLS, then NBD_OPT_GO (simple replies) inside TLS: a TLS socket."""
+    s = greet(port)
+    option(s, OPT_STARTTLS)
+    assert option_reply(s)[1] == harness.REP_ACK
+    ctx = ssl.create_default_context(cafile=os.path.join(PKI["server"], "ca-cert.pem"))
+    ctx.check_hostname = False
+    t = ctx.wrap_socket(s, server_hostname="localhost")
+    name = export.encode()
+    option(t, harness.OPT_GO, struct.pack(">I", len(name)) + name + struct.pack(">H", 0))
+    while True:
+        _opt, rtype, _data = option_reply(t)
+        assert not rtype & 0x80000000, "NBD_OPT_GO failed: %#x" % rtype
+        if rtype == harness.REP_ACK:
+            return t
+
+
+class TlsPipelineTest(TlsTestCase):
+    """Many requests in flight over one TLS connection, of sizes that start
+    and end anywhere in a TLS record (1 byte to 1 MiB), against a model: the
+    server gathers small replies into shared records and splits large ones,
+    and reads the socket in large chunks holding several requests."""
+
+    def setUp(self):
+        super().setUp()
+        self.d = self.serve_tls(certs=PKI["server"])
+
+    def exchange(self, t, wire, pending, model, deadline):
+        out = memoryview(wire)
+        pos = 0
+        inbuf = bytearray()
+        while pending:
+            self.assertLess(time.monotonic(), deadline, "replies overdue: %d pending" % len(pending))
+            progress = False
+            if pos < len(out):
+                try:
+                    pos += t.send(out[pos:pos + (256 << 10)])
+                    progress = True
+                except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                    pass
+            try:
+                data = t.recv(1 << 20)
+                if not data:
+                    raise ConnectionError("server closed with %d replies pending" % len(pending))
+                inbuf += data
+                progress = True
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                pass
+            while len(inbuf) >= 16:
+                magic, error, cookie = struct.unpack(">IIQ", inbuf[:16])
+                self.assertEqual(magic, harness.SIMPLE_REPLY_MAGIC)
+                self.assertIn(cookie, pending)
+                cmd, off, length = pending[cookie]
+                self.assertEqual(error, 0, "request %r failed" % (pending[cookie],))
+                need = 16 + (length if cmd == harness.CMD_READ else 0)
+                if len(inbuf) < need:
+                    break
+                if cmd == harness.CMD_READ:
+                    self.assertEqual(bytes(inbuf[16:need]), bytes(model[off:off + length]),
+                                     "read %d+%d differs from the model" % (off, length))
+                del inbuf[:need]
+                del pending[cookie]
+            if not progress and t.pending() == 0:
+                select.select([t], [t] if pos < len(out) else [], [], 0.5)
+
+    def test_random_pipelined_requests_against_model(self):
+        rng = random.Random(int(os.environ.get("BW_SEED", "14")))
+        size = 16 * MiB
+        with open(self.img, "rb") as f:
+            model = bytearray(f.read())
+        t = tls_go(self.port, "disk")
+        self.addCleanup(t.close)
+        t.setblocking(False)
+        deadline = time.monotonic() + 60
+        cookie = 0
+        for _batch in range(40):
+            # Ranges of one batch do not overlap: the server may answer them
+            # in any order.
+            taken, wire, pending = [], bytearray(), {}
+            for _ in range(rng.randint(1, 48)):
+                kind = rng.random()
+                length = (rng.randint(1, 600) if kind < 0.4 else rng.randint(600, 40000) if kind < 0.8
+                          else rng.randint(40000, 1 * MiB))
+                off = rng.randrange(0, size - length)
+                if any(off < e and b < off + length for b, e in taken):
+                    continue
+                taken.append((off, off + length))
+                cookie += 1
+                if rng.random() < 0.5:
+                    data = rng.randbytes(length)
+                    model[off:off + length] = data
+                    wire += harness.request(harness.CMD_WRITE, off, length, cookie) + data
+                    pending[cookie] = (harness.CMD_WRITE, off, length)
+                else:
+                    wire += harness.request(harness.CMD_READ, off, length, cookie)
+                    pending[cookie] = (harness.CMD_READ, off, length)
+            self.exchange(t, wire, pending, model, deadline)
+        t.setblocking(True)
+        t.sendall(harness.request(harness.CMD_DISC, 0, 0, cookie + 1))
+        with open(self.img, "rb") as f:
+            self.assertTrue(f.read() == model, "the image differs from the model")
 
 
 class ExpiredServerCertTest(TlsTestCase):

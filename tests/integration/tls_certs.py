@@ -30,13 +30,13 @@ def _ca(d, name):
               "--outfile", "ca-cert.pem", cwd=d)
 
 
-def _leaf(ca_dir, out_dir, prefix, cn, role, expired=False):
+def _leaf(ca_dir, out_dir, prefix, cn, role, expired=False, names=""):
     """prefix-key.pem and prefix-cert.pem in out_dir, signed by ca_dir's CA."""
     os.makedirs(out_dir, exist_ok=True)
     _key(os.path.join(out_dir, prefix + "-key.pem"), out_dir)
     dates = ('activation_date = "2020-01-01 00:00:00"\nexpiration_date = "2021-01-01 00:00:00"\n'
              if expired else "expiration_days = 3650\n")
-    extra = "dns_name = localhost\nip_address = 127.0.0.1\nip_address = ::1\n" if role == "server" else ""
+    extra = "dns_name = localhost\nip_address = 127.0.0.1\nip_address = ::1\n" if role == "server" else names
     tmpl = os.path.join(out_dir, prefix + ".info")
     _write(tmpl, "cn = %s\n%stls_www_%s\nencryption_key\nsigning_key\n%s" % (cn, extra, role, dates))
     _certtool("--generate-certificate", "--load-ca-certificate", os.path.join(ca_dir, "ca-cert.pem"),
@@ -59,14 +59,18 @@ def make_pki(root):
     client-nocert CA only (a client without a certificate)
     client-expired  CA + an expired client certificate
     client-otherca  another CA's certificate as ca-cert.pem, and a client
-                    certificate that other CA signed"""
+                    certificate that other CA signed
+    client-san    CA + client certificate CN=carol with subject alternative
+                  names DNS vm7.example.org, email ops@example.org, URI
+                  spiffe://example.org/vm7, IP 127.0.0.9"""
     ca = os.path.join(root, "ca")
     other = os.path.join(root, "other-ca")
     _ca(ca, "blockway test CA")
     _ca(other, "someone else's CA")
     dirs = {k: os.path.join(root, k) for k in
-            ("server", "server-expired", "client", "client-nocert", "client-expired", "client-otherca")}
-    for k in ("server", "server-expired", "client", "client-nocert", "client-expired"):
+            ("server", "server-expired", "client", "client-nocert", "client-expired", "client-otherca",
+              "client-san")}
+    for k in ("server", "server-expired", "client", "client-nocert", "client-expired", "client-san"):
         _copy_ca(ca, dirs[k])
     _copy_ca(other, dirs["client-otherca"])
     _leaf(ca, dirs["server"], "server", "localhost", "server")
@@ -74,6 +78,9 @@ def make_pki(root):
     _leaf(ca, dirs["client"], "client", "alice", "client")
     _leaf(ca, dirs["client-expired"], "client", "alice", "client", expired=True)
     _leaf(other, dirs["client-otherca"], "client", "alice", "client")
+    _leaf(ca, dirs["client-san"], "client", "carol", "client",
+          names="dns_name = vm7.example.org\nemail = ops@example.org\nuri = spiffe://example.org/vm7\n"
+                "ip_address = 127.0.0.9\n")
     return dirs
 
 

@@ -43,10 +43,21 @@ TEST(AccessPolicy, ZeroPrefixMatchesItsFamilyOnly) {
 
 TEST(AccessPolicy, TlsNamesAreKeptApart) {
   const auto p = AccessPolicy::parse("cert:alice psk:bob", "");
-  EXPECT_TRUE(p.allows(AccessClient{.cert_name = "alice"}));
+  EXPECT_TRUE(p.allows(AccessClient{.cert_names = {"alice"}}));
   EXPECT_FALSE(p.allows(AccessClient{.psk_name = "alice"}));
   EXPECT_TRUE(p.allows(AccessClient{.psk_name = "bob"}));
-  EXPECT_FALSE(p.allows(AccessClient{.cert_name = "bob"}));
+  EXPECT_FALSE(p.allows(AccessClient{.cert_names = {"bob"}}));
+}
+
+TEST(AccessPolicy, CertRulesMatchAnyNameOfTheCertificate) {
+  // CN first, then the subject alternative names: any one of them counts.
+  const auto p = AccessPolicy::parse("cert:vm7.example.org cert:ops@example.org", "");
+  EXPECT_TRUE(p.allows(AccessClient{.cert_names = {"alice", "vm7.example.org"}}));
+  EXPECT_TRUE(p.allows(AccessClient{.cert_names = {"bob", "x.example.org", "ops@example.org"}}));
+  EXPECT_FALSE(p.allows(AccessClient{.cert_names = {"alice", "vm8.example.org", "spiffe://example.org/vm7"}}));
+  EXPECT_FALSE(p.allows(AccessClient{.cert_names = {}}));
+  // A PSK identity is not a certificate name.
+  EXPECT_FALSE(p.allows(AccessClient{.psk_name = "vm7.example.org"}));
 }
 
 TEST(AccessPolicy, UnixUsersAndGroupsByNameOrNumber) {
