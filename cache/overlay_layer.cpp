@@ -617,7 +617,7 @@ Task<core::ControlResult> OverlayLayer::revert(std::string snap) {
   if (k == old->names.size()) co_return failure(ENOENT, "clone '" + name_ + "' has no snapshot '" + snap + "'");
   if (k + 1 != old->names.size()) {
     std::string later;
-    for (auto l = old->names.begin() + static_cast<ptrdiff_t>(k) + 1; l != old->names.end(); ++l) later += (later.empty() ? "'" : ", '") + *l + "'";
+    for (size_t l = k + 1; l < old->names.size(); ++l) later += (later.empty() ? "'" : ", '") + old->names[l] + "'";
     co_return failure(EBUSY, "revert goes back to the newest snapshot only; delete the later snapshot(s) " + later +
                                  " of clone '" + name_ + "' first");
   }
