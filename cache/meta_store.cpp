@@ -233,6 +233,14 @@ std::optional<CacheRecord> MetaStore::find(const std::string& name) {
   return r;
 }
 
+std::vector<std::string> MetaStore::cache_paths() {
+  std::lock_guard lock(mutex_);
+  Statement st(db_, path_, "cannot read the cache records", "SELECT cache_path FROM caches");
+  std::vector<std::string> out;
+  while (st.step()) out.push_back(st.text(0));
+  return out;
+}
+
 void MetaStore::reset(const CacheRecord& r) {
   std::lock_guard lock(mutex_);
   exec("BEGIN IMMEDIATE");

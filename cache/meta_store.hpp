@@ -96,6 +96,8 @@ class MetaStore {
   size_t forget_runtime_settings(const std::string& name);
 
   std::optional<CacheRecord> find(const std::string& name);
+  // The files every record names (caches, overlays, snapshots).
+  std::vector<std::string> cache_paths();
   // Inserts or replaces the record and forgets its bitmaps.
   void reset(const CacheRecord& record);
   void set_clean(const std::string& name, bool clean);

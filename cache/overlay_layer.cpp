@@ -160,6 +160,7 @@ OverlayLayer::OverlayLayer(std::shared_ptr<core::CheckedDevice> base, Params p)
     log_->warn("export '{}': the overlay was not closed cleanly; {} blocks are allocated (what was flushed)", name_,
                top.allocated.count());
   chain_.store(std::move(c), std::memory_order_release);
+  if (!injected) sweep_unused_files();
   // Last, once nothing can throw: the destructor drops it.
   base_->add_read_only_hold("export '" + base_name_ + "' is the base of clone '" + name_ +
                             "' and is read-only while clones exist");
@@ -201,6 +202,37 @@ std::string OverlayLayer::fresh_path() const {
     const auto c = chain();
     const bool used = std::any_of(c->levels.begin(), c->levels.end(), [&](const auto& l) { return l->path == path; });
     if (!used && !std::filesystem::exists(path)) return path;
+  }
+}
+
+// A new level's file (NAME.N.img) is created before the transaction that
+// records it; a crash in between leaves a file no record names. Removed at
+// open; a file another record names (a clone called NAME.N) is left alone.
+void OverlayLayer::sweep_unused_files() {
+  const std::string stem = image_file_name(name_);
+  const std::string prefix = stem.substr(0, stem.size() - 4) + ".";  // "NAME."
+  std::vector<std::string> used;
+  try {
+    used = store_.cache_paths();
+  } catch (const std::runtime_error& e) {
+    log_->warn("export '{}': stale overlay files not swept: {}", name_, e.what());
+    return;
+  }
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator(cfg_.dir, ec)) {
+    const std::string file = entry.path().filename().string();
+    if (file.size() <= prefix.size() + 4 || file.compare(0, prefix.size(), prefix) != 0 ||
+        file.compare(file.size() - 4, 4, ".img") != 0)
+      continue;
+    const std::string number = file.substr(prefix.size(), file.size() - prefix.size() - 4);
+    if (!std::all_of(number.begin(), number.end(), [](char ch) { return ch >= '0' && ch <= '9'; })) continue;
+    const std::string path = entry.path().lexically_normal().string();
+    if (std::any_of(used.begin(), used.end(),
+                    [&](const std::string& u) { return std::filesystem::path(u).lexically_normal() == path; }))
+      continue;
+    std::error_code rm;
+    if (std::filesystem::remove(path, rm))
+      log_->info("export '{}': removed {}, a new level's file that a crash left unused", name_, path);
   }
 }
 
@@ -444,19 +476,23 @@ Task<std::error_code> OverlayLayer::commit_locked() {
 }
 
 Task<std::error_code> OverlayLayer::block_status(ByteRange range, core::ExtentList& out) {
-  // One run of blocks in the same state per call (the caller asks again for the rest).
   const auto c = chain();
+  co_return co_await block_status_levels(*c, c->levels.size(), range, out);
+}
+
+Task<std::error_code> OverlayLayer::block_status_levels(const Chain& c, size_t upto, ByteRange range,
+                                                        core::ExtentList& out) {
   auto owner = [&](uint64_t b) {
-    for (size_t i = c->levels.size(); i-- > 0;)
-      if (c->levels[i]->allocated.test(b)) return i;
-    return c->levels.size();
+    for (size_t i = upto; i-- > 0;)
+      if (c.levels[i]->allocated.test(b)) return i;
+    return upto;
   };
   const uint64_t b = block_of(range.offset);
   const size_t level = owner(b);
   uint64_t next = b + 1;
   while (next * granularity_ < range.end() && owner(next) == level) ++next;
   const ByteRange run{range.offset, std::min(range.end(), next * granularity_) - range.offset};
-  if (level < c->levels.size()) co_return co_await c->levels[level]->file->block_status(run, out);
+  if (level < upto) co_return co_await c.levels[level]->file->block_status(run, out);
   co_return co_await base_->block_status(run, out);
 }
 
@@ -518,6 +554,10 @@ void OverlayLayer::resume() {
 
 // --- snapshots -------------------------------------------------------------
 
+size_t OverlayLayer::find_snapshot(const Chain& c, const std::string& name) {
+  return static_cast<size_t>(std::find(c.names.begin(), c.names.end(), name) - c.names.begin());
+}
+
 std::vector<SnapshotInfo> OverlayLayer::snapshots() const {
   const auto c = chain();
   std::vector<SnapshotInfo> out;
@@ -537,7 +577,7 @@ Task<core::ControlResult> OverlayLayer::snapshot(std::string snap) {
                               "(not starting with '.')");
   auto ops = co_await ops_mutex_.lock();
   const auto old = chain();
-  if (std::find(old->names.begin(), old->names.end(), snap) != old->names.end())
+  if (find_snapshot(*old, snap) != old->names.size())
     co_return failure(EEXIST, "clone '" + name_ + "' already has a snapshot '" + snap + "'");
   const std::string path = fresh_path();
   std::shared_ptr<Level> top;
@@ -573,11 +613,11 @@ Task<core::ControlResult> OverlayLayer::snapshot(std::string snap) {
 Task<core::ControlResult> OverlayLayer::revert(std::string snap) {
   auto ops = co_await ops_mutex_.lock();
   const auto old = chain();
-  const auto it = std::find(old->names.begin(), old->names.end(), snap);
-  if (it == old->names.end()) co_return failure(ENOENT, "clone '" + name_ + "' has no snapshot '" + snap + "'");
-  if (it + 1 != old->names.end()) {
+  const size_t k = find_snapshot(*old, snap);
+  if (k == old->names.size()) co_return failure(ENOENT, "clone '" + name_ + "' has no snapshot '" + snap + "'");
+  if (k + 1 != old->names.size()) {
     std::string later;
-    for (auto l = it + 1; l != old->names.end(); ++l) later += (later.empty() ? "'" : ", '") + *l + "'";
+    for (size_t l = k + 1; l < old->names.size(); ++l) later += (later.empty() ? "'" : ", '") + old->names[l] + "'";
     co_return failure(EBUSY, "revert goes back to the newest snapshot only; delete the later snapshot(s) " + later +
                                  " of clone '" + name_ + "' first");
   }
@@ -615,9 +655,8 @@ Task<core::ControlResult> OverlayLayer::revert(std::string snap) {
 Task<core::ControlResult> OverlayLayer::delete_snapshot(std::string snap) {
   auto ops = co_await ops_mutex_.lock();
   const auto old = chain();
-  const auto it = std::find(old->names.begin(), old->names.end(), snap);
-  if (it == old->names.end()) co_return failure(ENOENT, "clone '" + name_ + "' has no snapshot '" + snap + "'");
-  const size_t k = static_cast<size_t>(it - old->names.begin());
+  const size_t k = find_snapshot(*old, snap);
+  if (k == old->names.size()) co_return failure(ENOENT, "clone '" + name_ + "' has no snapshot '" + snap + "'");
   const Level& from = *old->levels[k];
   Level& to = *old->levels[k + 1];
   const bool into_top = k + 2 == old->levels.size();

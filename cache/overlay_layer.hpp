@@ -41,7 +41,9 @@
 // has not written: under claims when it is the top, so concurrent writers
 // never race it), commits that level, then forgets the snapshot in one
 // transaction. Readers load the chain once per request (an immutable
-// snapshot of it), so a level they read outlives the change.
+// snapshot of it), so a level they read outlives the change. A snapshot is
+// also readable on its own: snapshot_view() reads the levels up to it, then
+// the base (the daemon serves it as the read-only export CLONE@SNAPSHOT).
 //
 // While the layer lives, the base holds a read-only hold (writes to the base
 // refused, with the reason, in its CheckedDevice).
@@ -137,6 +139,9 @@ class OverlayLayer final : public core::BlockDevice, public core::SnapshotContro
   core::Task<core::ControlResult> revert(std::string name) override;
   // Merges snapshot `name` into the level above it and forgets it; online.
   core::Task<core::ControlResult> delete_snapshot(std::string name) override;
+  // A read-only view of snapshot `name` (cache/overlay_view.cpp).
+  [[nodiscard]] std::unique_ptr<core::BlockDevice> snapshot_view(const std::string& name,
+                                                                 std::shared_ptr<const void> keep) override;
 
   [[nodiscard]] OverlayStats stats() const;
   [[nodiscard]] const std::string& base_name() const noexcept { return base_name_; }
@@ -144,6 +149,7 @@ class OverlayLayer final : public core::BlockDevice, public core::SnapshotContro
 
  private:
   class Claims;       // the claimed blocks of one request, released on destruction
+  class View;         // a snapshot's read-only view (cache/overlay_view.cpp)
   class WriterPass;   // a write inside the gate, left on destruction
   // One level of the chain: an overlay file and the blocks it holds.
   struct Level {
@@ -160,8 +166,16 @@ class OverlayLayer final : public core::BlockDevice, public core::SnapshotContro
   [[nodiscard]] std::shared_ptr<const Chain> chain() const { return chain_.load(std::memory_order_acquire); }
   std::shared_ptr<Level> open_level(const std::string& record, const std::string& path);
   std::shared_ptr<Level> new_top(const std::string& path);
+  // Removes NAME.N.img files in the overlay directory that no record names.
+  void sweep_unused_files();
   // A path for a new top file that no file uses.
   std::string fresh_path() const;
+  // The index of the snapshot named `name` in c.names, or c.names.size().
+  [[nodiscard]] static size_t find_snapshot(const Chain& c, const std::string& name);
+  // Block status through levels [0, upto) and then the base: one run of
+  // blocks in the same level per call (the caller asks again for the rest).
+  core::Task<std::error_code> block_status_levels(const Chain& c, size_t upto, core::ByteRange range,
+                                                  core::ExtentList& out);
   // Reads through levels [0, upto) and then the base.
   core::Task<std::error_code> read_levels(const Chain& c, size_t upto, std::span<std::byte> buf, uint64_t offset,
                                           core::IoFlags flags, bool count);

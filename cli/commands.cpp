@@ -40,6 +40,11 @@ const Command kCommands[] = {
      "revert CLONE SNAPSHOT [--force]\n"
      "                    discard the clone's writes since its newest snapshot",
      revert_command},
+    {"export-image",
+     "export-image NAME FILE [--force]\n"
+     "                    write a full standalone raw image of an export (a clone,\n"
+     "                    a snapshot CLONE@SNAP), sparse where zero",
+     export_image_command},
     {"prefetch",
      "prefetch start|pause|resume|status NAME\n"
      "prefetch NAME [--wait [--timeout SECONDS]]\n"

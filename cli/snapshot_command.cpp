@@ -17,7 +17,9 @@ void print_list(const Json& r) {
   if (r.contains("message")) fmt::print("{}\n", str(r, "message"));
   if (list.empty()) return (void)fmt::print("clone '{}' has no snapshots\n", str(r, "name"));
   fmt::print("snapshots of clone '{}', oldest first:\n", str(r, "name"));
-  for (const auto& s : list) fmt::print("  {:<24} {} written before it\n", str(s, "name"), bytes(u64(s, "allocated_bytes")));
+  for (const auto& s : list)
+    fmt::print("  {:<24} {} written before it, served read-only as export '{}'\n", str(s, "name"),
+               bytes(u64(s, "allocated_bytes")), s.contains("export") ? str(s, "export") : "");
 }
 
 }  // namespace
@@ -26,19 +28,24 @@ int snapshot_command(const std::vector<std::string>& in) {
   static const std::string usage =
       "Usage: blockway snapshot create CLONE SNAPSHOT [--json] [--socket PATH]\n"
       "       blockway snapshot list CLONE [--json] [--socket PATH]\n"
-      "       blockway snapshot delete CLONE SNAPSHOT [--json] [--socket PATH]\n\n"
+      "       blockway snapshot delete CLONE SNAPSHOT [--force] [--json] [--socket PATH]\n\n"
       "create freezes the clone's current content as SNAPSHOT (letters, digits, '.',\n"
       "'_', '-'); its new writes go to a new overlay on top. Clients stay connected.\n"
+      "Every snapshot is also served as the read-only export CLONE@SNAPSHOT.\n"
       "delete merges the snapshot's blocks into the level above it (the next\n"
       "snapshot, or the clone's current overlay) while clients go on, then forgets\n"
-      "it. Snapshots are kept in the catalogue across restarts. blockway revert\n"
-      "goes back to the newest snapshot.";
-  OneRequest command{.usage = usage, .positionals = 2, .optional_positionals = 1};
+      "it; refused while NBD clients use CLONE@SNAPSHOT unless --force (their reads\n"
+      "then fail). Snapshots are kept in the catalogue across restarts. blockway\n"
+      "revert goes back to the newest snapshot.";
+  OneRequest command{.usage = usage, .flags = {"--force"}, .positionals = 2, .optional_positionals = 1};
   command.request = [](const Args& a) {
     const std::string& verb = a.positional[0];
     const bool named = a.positional.size() == 3;
-    if ((verb == "create" || verb == "delete") && named)
-      return Request("snapshot-" + verb, {{"name", a.positional[1]}, {"snapshot", a.positional[2]}});
+    if (verb == "delete" && named)
+      return Request("snapshot-delete",
+                     {{"name", a.positional[1]}, {"snapshot", a.positional[2]}, {"force", a.has("--force")}});
+    if (verb == "create" && named && !a.has("--force"))
+      return Request("snapshot-create", {{"name", a.positional[1]}, {"snapshot", a.positional[2]}});
     if (verb == "list" && !named) return Request("snapshot-list", {{"name", a.positional[1]}});
     throw CliError(kUsage, usage);
   };

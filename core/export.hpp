@@ -60,6 +60,8 @@ struct Export {
   std::string clone_of;
   std::string overlay_path;
   std::function<std::vector<std::pair<std::string, uint64_t>>()> overlay_counters;
+  // Set for a snapshot's read-only view (CLONE@SNAPSHOT): the clone's name.
+  std::string snapshot_of;
   // allow= and listen=: who may use it over NBD, and on which listeners it
   // is published. Replaced whole when the control plane changes the rules;
   // null means everyone, everywhere.

@@ -7,10 +7,12 @@
 // implementation serialises chain changes itself.
 #pragma once
 
+#include "core/block_device.hpp"
 #include "core/export_control.hpp"
 #include "core/task.hpp"
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -32,6 +34,11 @@ class SnapshotControl {
   virtual Task<ControlResult> revert(std::string name) = 0;
   // Merges the snapshot into the level above it and forgets it; online.
   virtual Task<ControlResult> delete_snapshot(std::string name) = 0;
+  // A read-only device showing snapshot `name` as it was frozen, or null if
+  // there is no such snapshot. It keeps `keep` (what owns this control)
+  // alive; once the snapshot is deleted its reads fail with EIO.
+  [[nodiscard]] virtual std::unique_ptr<BlockDevice> snapshot_view(const std::string& name,
+                                                                   std::shared_ptr<const void> keep) = 0;
 };
 
 }  // namespace blockway::core

@@ -335,6 +335,13 @@ Json export_json(const Export& exp, long clients) {
     j["clone"] = std::move(overlay);
     j["mode"] = "clone";
   }
+  if (!exp.snapshot_of.empty()) {
+    // A snapshot's read-only view (CLONE@SNAPSHOT).
+    remote["kind"] = "snapshot";
+    remote["connected"] = true;
+    j["snapshot_of"] = exp.snapshot_of;
+    j["mode"] = "snapshot";
+  }
   j["remote"] = std::move(remote);
   j["base_of_clones"] = exp.device->read_only_holds();
 

@@ -10,6 +10,7 @@
 #include "gateway/control_server.hpp"
 #include "gateway/device_commands.hpp"
 #include "gateway/fuse_commands.hpp"
+#include "gateway/image_commands.hpp"
 #include "gateway/metrics.hpp"
 #include "gateway/metrics_server.hpp"
 #include "gateway/runtime_exports.hpp"
@@ -17,6 +18,7 @@
 #include "gateway/socket_activation.hpp"
 #include "gateway/stack_builder.hpp"
 #include "gateway/snapshot_commands.hpp"
+#include "gateway/snapshot_exports.hpp"
 #include "gateway/trace_commands.hpp"
 #include "nbd/server.hpp"
 
@@ -210,6 +212,7 @@ int run_daemon(DaemonConfig config) {
   RuntimeExports runtime_exports(builder, exports, loops);
   runtime_exports.set_tls_enabled(config.tls.mode != nbd::TlsMode::off);
   runtime_exports.open_saved(caches);
+  for (const auto& exp : exports.list()) publish_snapshots(exports, exp, builder.snapshots_of(exp));
   exports.set_default(config.default_export);
   for (auto* c : caches) c->start();
 
@@ -232,6 +235,7 @@ int run_daemon(DaemonConfig config) {
                        [&runtime_exports](const Json& req) { return runtime_exports.remove(req); });
   add_snapshot_commands(control_commands, exports,
                         [&builder](const std::shared_ptr<Export>& exp) { return builder.snapshots_of(exp); });
+  add_image_commands(control_commands, exports, loops.blocking());
   TraceCommands trace_commands(loops.at(0), exports);
   trace_commands.add_to(control_commands);
   ControlServer control(loops.at(0), control_commands);

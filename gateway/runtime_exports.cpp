@@ -1,6 +1,7 @@
 #include "gateway/runtime_exports.hpp"
 
 #include "core/options.hpp"
+#include "gateway/snapshot_exports.hpp"
 
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
@@ -244,6 +245,7 @@ Task<Json> RuntimeExports::add(const Json& req) {
   }
   if (opened.built.cache) opened.built.cache->start();
   exports_.add(exp);
+  publish_snapshots(exports_, exp, builder_.snapshots_of(exp));
   {
     std::lock_guard lock(names_mutex_);
     runtime_names_.insert(name);
@@ -283,7 +285,8 @@ Task<Json> RuntimeExports::remove(const Json& req) {
   if (!clones.empty())
     throw ControlError("refused", EBUSY,
                        "export '" + name + "' is the base of clone(s) " + clones + "; remove them first");
-  const long clients = export_clients(exp);
+  // A clone's snapshot exports go with it: their clients count as its own.
+  const long clients = export_clients(exp) + snapshot_clients(exports_, name);
   const std::string devices = devices_of_ ? devices_of_(name) : std::string();
   if (!devices.empty() && !force)
     throw ControlError("refused", EBUSY,
@@ -296,6 +299,7 @@ Task<Json> RuntimeExports::remove(const Json& req) {
                            " client connection(s); disconnect them first, or force: existing "
                            "connections keep it until they close, new ones cannot open it");
   exports_.remove(name);
+  unpublish_snapshots(exports_, name);
   {
     std::lock_guard lock(names_mutex_);
     runtime_names_.erase(name);

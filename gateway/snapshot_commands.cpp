@@ -1,6 +1,7 @@
 #include "gateway/snapshot_commands.hpp"
 
 #include "core/logging.hpp"
+#include "gateway/snapshot_exports.hpp"
 
 #include <cerrno>
 
@@ -33,7 +34,10 @@ Target find_clone(const Context& ctx, const Json& req) {
 
 Json list_json(const Target& t) {
   Json list = Json::array();
-  for (const auto& s : t.snapshots->snapshots()) list.push_back({{"name", s.name}, {"allocated_bytes", s.allocated_bytes}});
+  for (const auto& s : t.snapshots->snapshots())
+    list.push_back({{"name", s.name},
+                    {"allocated_bytes", s.allocated_bytes},
+                    {"export", snapshot_export_name(t.exp->name, s.name)}});
   return {{"name", t.exp->name}, {"snapshots", std::move(list)}};
 }
 
@@ -53,12 +57,26 @@ Task<Json> snapshot_list(std::shared_ptr<const Context> ctx, Json req) { co_retu
 
 Task<Json> snapshot_create(std::shared_ptr<const Context> ctx, Json req) {
   const auto t = find_clone(*ctx, req);
-  co_return answer(t, co_await t.snapshots->snapshot(arg_string(req, "snapshot")));
+  const auto snap = arg_string(req, "snapshot");
+  const auto r = co_await t.snapshots->snapshot(snap);
+  if (r.ok()) publish_snapshot(ctx->exports, t.exp, *t.snapshots, snap);
+  co_return answer(t, r);
 }
 
+// Refused while NBD clients read the snapshot's export, unless forced: the
+// merge removes the level the view reads (forced, their reads fail with EIO).
 Task<Json> snapshot_delete(std::shared_ptr<const Context> ctx, Json req) {
   const auto t = find_clone(*ctx, req);
-  co_return answer(t, co_await t.snapshots->delete_snapshot(arg_string(req, "snapshot")));
+  const auto snap = arg_string(req, "snapshot");
+  const long clients = snapshot_clients(ctx->exports, t.exp->name, snap);
+  if (clients > 0 && !arg_bool(req, "force", false))
+    throw ControlError("refused", EBUSY,
+                       "snapshot export '" + snapshot_export_name(t.exp->name, snap) + "' has " +
+                           std::to_string(clients) + " client connection(s); disconnect them first, or force "
+                           "(their reads then fail)");
+  const auto r = co_await t.snapshots->delete_snapshot(snap);
+  if (r.ok()) unpublish_snapshots(ctx->exports, t.exp->name, snap);
+  co_return answer(t, r);
 }
 
 Task<Json> revert(std::shared_ptr<const Context> ctx, Json req) {
@@ -81,7 +99,7 @@ void add_snapshot_commands(ControlDispatcher& d, core::ExportTable& exports, Sna
         [ctx](const Json& req) { return snapshot_list(ctx, req); });
   d.add("snapshot-create", "freeze a clone's content as a snapshot {name, snapshot}",
         [ctx](const Json& req) { return snapshot_create(ctx, req); });
-  d.add("snapshot-delete", "delete a snapshot, merging it into the level above (online) {name, snapshot}",
+  d.add("snapshot-delete", "delete a snapshot, merging it into the level above (online) {name, snapshot, force?}",
         [ctx](const Json& req) { return snapshot_delete(ctx, req); });
   d.add("revert", "discard a clone's writes since its newest snapshot {name, snapshot, force?}",
         [ctx](const Json& req) { return revert(ctx, req); });
