@@ -153,17 +153,8 @@ Task<std::string> RuntimeExports::persist(std::shared_ptr<Export> exp, std::stri
   cache::MetaStore* store = builder_.open_catalogue_or_null();  // open: the export has a cache
   if (!store && (key == "qos" || key == "access")) {
     // QoS applies to exports without a cache too: the first change opens
-    // (makes) the catalogue, under the lock that serialises the builder.
-    auto guard = co_await lock_.lock();
-    auto open = [this]() -> cache::MetaStore* {
-      try {
-        return &builder_.catalogue();
-      } catch (const std::exception& e) {
-        log_->warn("cannot open the catalogue: {}", e.what());
-        return nullptr;
-      }
-    };
-    store = co_await offload(loops_.blocking(), std::move(open));
+    // (makes) the catalogue.
+    store = co_await open_catalogue();
   }
   auto save = [this, store, exp, name, key, value, runtime, config_value]() -> std::string {
     if (!store) return "not saved: no catalogue";
