@@ -105,6 +105,10 @@ bool apply_export_key(ExportConfig& e, const std::string& key, const std::string
 void check_export_name(const std::string& name, std::string_view where) {
   if (name.empty()) throw ConfigError(std::string(where) + ": export name is empty");
   if (name.size() > 4096) throw ConfigError(std::string(where) + ": export name is too long");
+  // CLONE@SNAP names a clone's snapshot export: a user's name must not take it.
+  if (name.find('@') != std::string::npos)
+    throw ConfigError(std::string(where) + ": export name '" + name +
+                      "' must not contain '@' (CLONE@SNAP names a clone's snapshot)");
 }
 
 }  // namespace

@@ -65,6 +65,8 @@ TEST(ExportSpec, ErrorsNameTheProblem) {
   EXPECT_THAT(what_of<ConfigError>([] { ExportConfig::parse_spec("a=,ro"); }), HasSubstr("URI is empty"));
   EXPECT_THAT(what_of<ConfigError>([] { ExportConfig::parse_spec(std::string(4097, 'n') + "=file:///x"); }),
               HasSubstr("too long"));
+  EXPECT_THAT(what_of<ConfigError>([] { ExportConfig::parse_spec("vm1@snap=file:///x"); }),
+              HasSubstr("must not contain '@'"));
   const auto twice = what_of<ConfigError>([] { ExportConfig::parse_spec("a=file:///x,cache=on,cache=off"); });
   EXPECT_THAT(twice, HasSubstr("'cache'"));
   EXPECT_THAT(twice, HasSubstr("twice"));
@@ -198,6 +200,7 @@ TEST_F(ConfigFile, BadValuesNameTheSetting) {
       {"listen = [\"nowhere\"]\n", "nowhere"},
       {"export = 3\n", "[[export]]"},
       {"[[export]]\nuri = \"file:///x\"\n", "export name is empty"},
+      {"[[export]]\nname = \"a@b\"\nuri = \"file:///x\"\n", "must not contain '@'"},
       {"[[export]]\nname = \"a\"\n", "export 'a' has no uri"},
       {"[[export]]\nname = \"a\"\nuri = \"file:///x\"\nread-only = \"perhaps\"\n", "read-only"},
   };
