@@ -33,7 +33,7 @@ class Message {
     auto* a = reinterpret_cast<nlattr*>(buf_.data() + at);
     a->nla_type = type;
     a->nla_len = static_cast<uint16_t>(NLA_HDRLEN + len);
-    std::memcpy(buf_.data() + at + NLA_HDRLEN, data, len);
+    if (len > 0) std::memcpy(buf_.data() + at + NLA_HDRLEN, data, len);  // a nest header has no data (nullptr)
   }
   void put_u32(uint16_t type, uint32_t v) { put(type, &v, sizeof v); }
   void put_u64(uint16_t type, uint64_t v) { put(type, &v, sizeof v); }
