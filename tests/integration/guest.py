@@ -33,6 +33,9 @@ INIT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
+# Only emergencies on the console: nbd's connection messages (a restart drops
+# its sockets) would split our marker lines; dmesg still has them all.
+echo 1 > /proc/sys/kernel/printk
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mkdir -p /dev/pts /dev/shm && mount -t tmpfs shm /dev/shm
