@@ -1,8 +1,10 @@
-"""Shared by test_control.py and test_control_cache.py: a daemon with a
-control socket, and blockway run against it."""
+"""Shared by the control-plane test modules: a daemon with a control socket,
+and blockway run against it; CloneTestCase adds a clone of a random golden
+image (test_snapshots.py, test_snapshot_exports.py)."""
 
 import json
 import os
+import random
 import socket
 import subprocess
 
@@ -79,3 +81,36 @@ class ControlTestCase(harness.DaemonTestCase):
 
     def has_cache_control(self, name):
         return self.bwj("stats", name)["cache"] is not None
+
+
+class CloneTestCase(ControlTestCase):
+    """A 16 MiB random golden image (file export "golden") and a clone "vm1"
+    of it at 16 KiB granularity; the golden bytes are kept for models."""
+    IMAGE = 16 * harness.MiB
+    GOLDEN_SEED = 0  # each module sets its own, so the modules' images differ
+
+    def setUp(self):
+        super().setUp()
+        self.golden = harness.make_random_image(self.path("golden.img"), self.IMAGE, seed=self.GOLDEN_SEED)
+        with open(self.golden, "rb") as f:
+            self.golden_bytes = f.read()
+        self.overlays = self.path("overlays")
+
+    def start_clone(self):
+        return self.start({"golden": "file://" + self.golden,
+                           "vm1": "clone:golden,granularity=16k,overlay=" + self.overlays})
+
+    def write_random(self, model, count, seed, lo=0, hi=None):
+        """count random writes of 512 B..64 KiB into vm1 within [lo, hi),
+        applied to `model` too, then a flush."""
+        hi = self.IMAGE if hi is None else hi
+        rng = random.Random(seed)
+        h = self.connect(self.uri("vm1"))
+        for _ in range(count):
+            n = rng.choice((512, 4096, 20000, 65536))
+            off = rng.randrange(lo // 512, (hi - n) // 512) * 512
+            data = rng.randbytes(n)
+            h.pwrite(data, off)
+            model[off:off + n] = data
+        h.flush()
+        harness.close_handle(h)

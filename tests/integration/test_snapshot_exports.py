@@ -15,7 +15,6 @@ driven the way a user would:
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -26,32 +25,11 @@ import control_common  # noqa: E402
 import harness  # noqa: E402
 
 MiB = harness.MiB
-IMAGE = 16 * MiB
+IMAGE = control_common.CloneTestCase.IMAGE
 
 
-class SnapshotExportsTest(control_common.ControlTestCase):
-    def setUp(self):
-        super().setUp()
-        self.golden = harness.make_random_image(self.path("golden.img"), IMAGE, seed=81)
-        with open(self.golden, "rb") as f:
-            self.golden_bytes = f.read()
-        self.overlays = self.path("overlays")
-
-    def start_clone(self):
-        return self.start({"golden": "file://" + self.golden,
-                           "vm1": "clone:golden,granularity=16k,overlay=" + self.overlays})
-
-    def write_random(self, model, count, seed):
-        rng = random.Random(seed)
-        h = self.connect(self.uri("vm1"))
-        for _ in range(count):
-            n = rng.choice((512, 4096, 20000, 65536))
-            off = rng.randrange(0, (IMAGE - n) // 512) * 512
-            data = rng.randbytes(n)
-            h.pwrite(data, off)
-            model[off:off + n] = data
-        h.flush()
-        harness.close_handle(h)
+class SnapshotExportsTest(control_common.CloneTestCase):
+    GOLDEN_SEED = 81
 
     def copy(self, content, name):
         path = self.path(name)
