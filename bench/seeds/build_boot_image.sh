@@ -15,8 +15,10 @@
 #                   with its disk (reads its programs and every module file,
 #                   as udev's coldplug and the services would), then prints
 #                   the marker SEEDS-BOOT-DONE on the serial console and
-#                   powers off; and FILLER_MIB (640) of random data the boot
-#                   never reads, as a VM image holds more than its boot needs
+#                   powers off (with seeds_id=NAME on the kernel command
+#                   line it first writes to its root: see the init below);
+#                   and FILLER_MIB (640) of random data the boot never
+#                   reads, as a VM image holds more than its boot needs
 #
 # Not debootstrap: it is not installed here, and a busybox root keeps the
 # build to seconds. Usage: bench/seeds/build_boot_image.sh [DIR]
@@ -26,7 +28,7 @@ ROOT_MIB=${ROOT_MIB:-1024}
 FILLER_MIB=${FILLER_MIB:-640}
 export PATH=/usr/bin:/bin:/usr/sbin:/sbin:$PATH
 die() { echo "${0##*/}: $*" >&2; exit 1; }
-VERSION=3   # bump when what is built changes: a cached older build is rebuilt
+VERSION=4   # bump when what is built changes: a cached older build is rebuilt
 [[ -s $DIR/vmlinuz && -s $DIR/initrd.gz && -s $DIR/root.img && $(cat "$DIR/version" 2>/dev/null) == "$VERSION" ]] && exit 0
 for t in apt-get apt-cache dpkg-deb mkfs.ext4; do command -v $t >/dev/null || die "missing tool: $t"; done
 if ! { [[ -x /bin/busybox ]] && file -L /bin/busybox | grep -q "statically linked"; }; then
@@ -69,7 +71,7 @@ chmod +x initrd/init
 (cd initrd && find . | busybox cpio -o -H newc 2>/dev/null) | gzip -9 >initrd.gz
 
 # the root filesystem
-mkdir -p root/{bin,sbin,dev,proc,sys,tmp,lib}
+mkdir -p root/{bin,sbin,dev,proc,sys,tmp,lib,etc}
 cp /bin/busybox root/bin/busybox
 for a in sh cat find xargs mount umount poweroff echo sleep; do ln -s busybox root/bin/$a; done
 cp -a kroot/lib/modules root/lib/
@@ -85,6 +87,20 @@ echo "SEEDS-INIT-START"
 mount -t proc proc /proc
 cat /bin/busybox /boot/* >/dev/null
 find /lib/modules -type f | xargs cat >/dev/null
+# seeds_id=NAME on the kernel command line (tests/integration/test_clone_boot.py):
+# the VM writes to its disk as a booted system does: its root remounted
+# read-write, the previous boot's name reported, its own name and 1 MiB of
+# data of its own written, all synced, and the root back to read-only.
+id=$(busybox sed -n 's/.*seeds_id=\([A-Za-z0-9_-]*\).*/\1/p' /proc/cmdline)
+if [ -n "$id" ]; then
+    mount -o remount,rw / || echo "SEEDS-REMOUNT-FAILED"
+    [ -f /etc/seeds-id ] && echo "SEEDS-PREVIOUS-ID=$(cat /etc/seeds-id)"
+    echo "$id" >/etc/seeds-id
+    busybox dd if=/dev/urandom of=/var/lib/"$id".bin bs=64k count=16 2>/dev/null
+    busybox sync
+    mount -o remount,ro / || echo "SEEDS-REMOUNT-FAILED"
+    echo "SEEDS-WROTE-ID=$id"
+fi
 echo "SEEDS-BOOT-DONE"
 poweroff -f
 INIT
