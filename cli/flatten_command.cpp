@@ -144,7 +144,7 @@ int flatten_command(const std::vector<std::string>& in) {
   else if (a.options.contains("--rate"))
     req["rate"] = rate;  // else unlimited, or a running flatten keeps its pace
   const Json r = c.call("flatten", req);
-  if (a.has("--wait") && str(r, "state") != "done") return wait_flatten(c, name, json, timeout);
+  if (a.has("--wait")) return wait_flatten(c, name, json, timeout);
   if (json) return print_json(r), kOk;
   std::puts(str(r, "message").c_str());
   return kOk;

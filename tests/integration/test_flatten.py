@@ -91,7 +91,26 @@ class FlattenTest(control_common.ControlTestCase):
         path = self.path("model.img")
         with open(path, "wb") as f:
             f.write(model)
-        harness.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", path, self.uri(name)], timeout=120)
+        p = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", path, self.uri(name)],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
+        if p.returncode != 0:
+            got = self.read_all(name)
+            first = next(i for i in range(len(model)) if got[i] != model[i])
+            end = first
+            while end < len(model) and got[end] != model[end]:
+                end += 1
+            self.fail("qemu-img compare: %s; the clone differs from the model at [%d, %d), where it reads %s"
+                      % (p.stdout.decode().strip(), first, end,
+                         "the base" if got[first:end] == self.golden_bytes[first:end] else
+                         "something else: %s, model %s, base %s" % (got[first:first + 8].hex(),
+                                                                    model[first:first + 8].hex(),
+                                                                    self.golden_bytes[first:first + 8].hex())))
+
+    def read_all(self, name):
+        h = self.connect(self.uri(name))
+        out = b"".join(h.pread(4 * MiB, off) for off in range(0, IMAGE, 4 * MiB))
+        h.shutdown()
+        return out
 
     def test_flatten_under_writes_then_remove_base_and_restart_without_it(self):
         d = self.start_base()
@@ -99,7 +118,7 @@ class FlattenTest(control_common.ControlTestCase):
         model = bytearray(self.golden_bytes)
         h = self.connect(self.uri("vm1"))
         self.write_model(model, h, random.Random(5), 40)  # some blocks of its own (copy-ups too)
-        h.zero(5 * MiB, 2 * MiB)
+        h.zero(2 * MiB, 5 * MiB)  # (count, offset)
         model[5 * MiB:7 * MiB] = bytes(2 * MiB)
         h.flush()
         h.shutdown()
@@ -108,8 +127,9 @@ class FlattenTest(control_common.ControlTestCase):
         self.assertLess(fl["done_bytes"], IMAGE)
         self.assertEqual(fl["total_bytes"], IMAGE)
 
-        # Paced: about 4 s for the image, so the writer overlaps it.
-        rate = IMAGE // 4
+        # Paced: about 6 s for the image, so the writer overlaps it and
+        # --wait below follows it for a while.
+        rate = IMAGE // 6 // 65536 * 65536
         out, _ = self.bw("flatten", "vm1", "--rate", str(rate))
         self.assertIn("flatten of clone 'vm1' started", out)
         writer = subprocess.Popen([sys.executable, "-c", WRITER, self.uri("vm1"), "9", "2.5", str(IMAGE)],
