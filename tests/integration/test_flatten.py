@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 import unittest
+import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import control_common  # noqa: E402
@@ -223,7 +224,8 @@ class FlattenTest(control_common.ControlTestCase):
         self.compare(model)
 
     def test_refusals_and_cancel(self):
-        self.start_base()
+        mport = harness.free_port()
+        self.start({"golden": self.remote.uri + ",cache=" + self.path("cache")}, ["--metrics", str(mport)])
         self.add_clone()
         _, err = self.bw("flatten", "nothere", expect=control_common.EXIT_UNKNOWN)
         self.assertIn("no export named 'nothere'", err)
@@ -247,6 +249,24 @@ class FlattenTest(control_common.ControlTestCase):
         # Cancel: it stops, what it copied stays, the base stays needed.
         self.bw("flatten", "vm1", "--rate", "1M")
         harness.wait_until(lambda: self.flatten_json()["copied_bytes"] > 0, 20, what="a flatten under way")
+        # --wait --timeout gives up waiting (exit 7); the flatten goes on.
+        _, err = self.bw("flatten", "vm1", "--wait", "--timeout", "1.5", expect=control_common.EXIT_TIMED_OUT)
+        self.assertIn("it goes on in the daemon", err)
+        self.assertEqual(self.flatten_json()["state"], "running")
+        # --rate while it runs changes its pace; without --rate it keeps it.
+        out, _ = self.bw("flatten", "vm1", "--rate", "2M")
+        self.assertIn("now at 2 MiB/s", out)
+        out, _ = self.bw("flatten", "vm1")
+        self.assertIn("is running", out)
+        self.assertEqual(self.flatten_json()["rate"], 2 * MiB)
+        out, _ = self.bw("flatten", "vm1", "--status")
+        self.assertRegex(out, r"^vm1: flatten running .* rate 2\.0 MiB/s")
+        out, _ = self.bw("stats", "vm1")
+        self.assertIn("flatten:   running", out)
+        with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % mport, timeout=10) as r:
+            metrics = r.read().decode()
+        self.assertIn('blockway_overlay_flatten_state{export="vm1",base="golden"} 1', metrics)
+        self.assertIn('blockway_overlay_flatten_rate{export="vm1",base="golden"} 2097152', metrics)
         out, _ = self.bw("flatten", "vm1", "--cancel")
         self.assertIn("cancelled", out)
         fl = self.bwj("flatten", "vm1", "--status")
