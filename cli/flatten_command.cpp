@@ -125,7 +125,7 @@ int flatten_command(const std::vector<std::string>& in) {
       } catch (const core::ConfigError& e) {
         throw CliError(kUsage, std::string(e.what()) + " (bytes per second, e.g. 50M for 50 MiB/s, 0 for unlimited)");
       }
-      if (rate < 64 * 1024)
+      if (rate != 0 && rate < 64 * 1024)
         throw CliError(kUsage, "--rate " + text + " is " + std::to_string(rate) +
                                    " bytes per second; give at least 64k (e.g. 50M for 50 MiB/s), or 0 for "
                                    "unlimited");
