@@ -89,17 +89,50 @@ TEST(OverlayFlatten, WritersDuringTheFlattenAreNeverOverwritten) {
   auto want = rig.mem().contents(0, kSize);
   // Paced so that the writers overlap it: 1 MiB at 4 MiB/s is ~250 ms.
   ASSERT_TRUE(rig.run(o.flatten(4u << 20)).ok());
-  std::mt19937_64 rng(7);
-  for (int i = 0; i < 300; ++i) {
-    const uint64_t off = rng() % kSize, len = std::min<uint64_t>(1 + rng() % 9000, kSize - off);
-    const auto v = static_cast<uint8_t>(1 + rng() % 250);
-    ASSERT_FALSE(rig.run(o.write(bytes(len, v), off, 0)));
-    std::fill_n(want.begin() + static_cast<ptrdiff_t>(off), len, std::byte{v});
-    if (i % 50 == 0) std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
+  // Four writers at once, each in its own quarter (so the model is exact),
+  // mostly partial blocks (copy-ups, which hold their claims longest).
+  constexpr int kWriters = 4;
+  std::vector<std::thread> writers;
+  std::atomic<int> failures{0};
+  for (int w = 0; w < kWriters; ++w)
+    writers.emplace_back([&, w] {
+      std::mt19937_64 rng(7 + static_cast<unsigned>(w));
+      const uint64_t lo = w * (kSize / kWriters), span = kSize / kWriters;
+      for (int i = 0; i < 250; ++i) {
+        const uint64_t off = lo + rng() % span, len = std::min<uint64_t>(1 + rng() % 6000, lo + span - off);
+        const auto v = static_cast<uint8_t>(1 + rng() % 250);
+        if (rig.run(o.write(bytes(len, v), off, 0))) ++failures;
+        std::fill_n(want.begin() + static_cast<ptrdiff_t>(off), len, std::byte{v});
+      }
+    });
+  for (auto& t : writers) t.join();
+  EXPECT_EQ(failures.load(), 0);
   ASSERT_EQ(wait_until_not_running(o), FlattenState::done) << o.flatten_progress().error;
   rig.mem().fill(0, kSize, std::byte{0});
   expect_content(rig, want, "after writers raced the flatten");
+  rig.close();
+}
+
+// The exact race: a writer's copy-up holds block 0's claim (its base read is
+// held at the gate) when the flatten reaches block 0 and waits for the
+// claim; once the writer is done the flatten must skip the block, not copy
+// the base over the write.
+TEST(OverlayFlatten, AWriterHoldingTheClaimWinsOverTheFlatten) {
+  Rig rig;
+  auto& o = rig.open(64u << 10);
+  auto want = rig.mem().contents(0, kSize);
+  rig.mem().close_gate(test::Op::read);
+  const auto data = bytes(1000, 0x5a);  // outlives the spawned write
+  auto write = rig.spawn(o.write(data, 100, 0));  // partial: a copy-up
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  ASSERT_TRUE(rig.run(o.flatten(0)).ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));  // the flatten waits for block 0's claim
+  rig.mem().open_gate(test::Op::read);
+  ASSERT_FALSE(write.get());
+  std::fill_n(want.begin() + 100, 1000, std::byte{0x5a});
+  ASSERT_EQ(wait_until_not_running(o), FlattenState::done) << o.flatten_progress().error;
+  EXPECT_EQ(o.flatten_progress().copied_bytes, kSize - (64u << 10));
+  expect_content(rig, want, "after a writer held the claim");
   rig.close();
 }
 
