@@ -87,6 +87,18 @@ bool valid_snapshot_name(const std::string& n) {
 
 core::ControlResult failure(int err, std::string message) { return {errno_code(err), std::move(message)}; }
 
+// The clone's geometry: its base's, or, for a flattened clone opened
+// without its base, the size its catalogue record keeps.
+core::Geometry opening_geometry(const core::CheckedDevice* base, MetaStore& store, const std::string& name) {
+  if (base) return base->geometry();
+  const auto rec = store.find(name);
+  if (!rec || rec->mode != "overlay" || !OverlayLayer::flattened_in(store, name))
+    throw std::runtime_error("clone '" + name + "' has no base and is not flattened");
+  core::Geometry g;
+  g.size = rec->size;
+  return g;
+}
+
 }  // namespace
 
 OverlayLayer::OverlayLayer(std::shared_ptr<core::CheckedDevice> base, Params p)
@@ -98,13 +110,14 @@ OverlayLayer::OverlayLayer(std::shared_ptr<core::CheckedDevice> base, Params p)
       store_(*p.store),
       blocking_(*p.blocking),
       log_(core::logger("overlay")),
-      geometry_(base_->geometry()),
+      geometry_(opening_geometry(base_.get(), *p.store, p.export_name)),
       granularity_(cfg_.granularity),
       nblocks_((geometry_.size + granularity_ - 1) / granularity_) {
   if (granularity_ % geometry_.min_block != 0)
     throw std::runtime_error("overlay granularity " + std::to_string(granularity_) +
                              " is not a multiple of the base's block size " + std::to_string(geometry_.min_block));
   pending_.resize(nblocks_);
+  background_ = p.background;
   const bool injected = static_cast<bool>(p.open_overlay_file);
   injected_ = injected;
   open_file_ = p.open_overlay_file;
@@ -125,6 +138,9 @@ OverlayLayer::OverlayLayer(std::shared_ptr<core::CheckedDevice> base, Params p)
   const bool reuse = have && have->mode == want.mode && have->remote == want.remote && have->size == want.size &&
                      have->chunk_size == want.chunk_size && have->cache_path == want.cache_path &&
                      (injected || (std::filesystem::exists(path_) && std::filesystem::file_size(path_) == want.size));
+  if (!base_ && !reuse)
+    throw std::runtime_error("clone '" + name_ + "' is flattened and its base '" + base_name_ + "' is gone, but its "
+                             "overlay " + path_ + " is missing or does not match its catalogue record");
   const auto saved_chain = have && have->mode == "overlay" ? store_.get_state(name_, kChainKey) : std::nullopt;
   if (have && !reuse && have->mode == "overlay") {
     // Never throw away a clone's writes or snapshots because a setting changed.
@@ -159,11 +175,30 @@ OverlayLayer::OverlayLayer(std::shared_ptr<core::CheckedDevice> base, Params p)
   if (recovered_)
     log_->warn("export '{}': the overlay was not closed cleanly; {} blocks are allocated (what was flushed)", name_,
                top.allocated.count());
+  const auto flatten = reuse ? store_.get_state(name_, kFlattenKey) : std::nullopt;
+  if (flatten && *flatten == "done") {
+    if (!all_allocated(*c))
+      throw std::runtime_error("the catalogue says clone '" + name_ + "' is flattened, but blocks of it are in no "
+                               "overlay level; restore its base '" + base_name_ + "' and flatten it again");
+    standalone_ = true;
+    flatten_state_ = core::FlattenState::done;
+  } else if (!base_) {
+    throw std::runtime_error("clone '" + name_ + "' is not flattened and its base '" + base_name_ + "' is missing");
+  } else if (flatten && flatten->rfind("running", 0) == 0) {
+    flatten_state_ = core::FlattenState::running;  // start() resumes it
+    flatten_rate_ = flatten->size() > 8 ? std::strtoull(flatten->c_str() + 8, nullptr, 10) : 0;
+  } else if (flatten && *flatten == "cancelled") {
+    flatten_state_ = core::FlattenState::cancelled;
+  }
   chain_.store(std::move(c), std::memory_order_release);
   if (!injected) sweep_unused_files();
-  // Last, once nothing can throw: the destructor drops it.
-  base_->add_read_only_hold("export '" + base_name_ + "' is the base of clone '" + name_ +
-                            "' and is read-only while clones exist");
+  // Last, once nothing can throw: the destructor drops it. A flattened
+  // clone does not need its base.
+  if (!standalone_) {
+    base_->add_read_only_hold("export '" + base_name_ + "' is the base of clone '" + name_ +
+                              "' and is read-only while clones exist");
+    hold_ = true;
+  }
 }
 
 // Opens a level's file and loads its bits from the catalogue.
@@ -236,7 +271,9 @@ void OverlayLayer::sweep_unused_files() {
   }
 }
 
-OverlayLayer::~OverlayLayer() { base_->drop_read_only_hold(); }
+OverlayLayer::~OverlayLayer() {
+  if (hold_.exchange(false)) base_->drop_read_only_hold();
+}
 
 core::Capabilities OverlayLayer::capabilities() const noexcept {
   core::Capabilities c;
@@ -287,7 +324,11 @@ Task<std::error_code> OverlayLayer::read_levels(const Chain& c, size_t upto, std
         base_reads_.fetch_add(1, std::memory_order_relaxed);
         base_read_bytes_.fetch_add(piece.size(), std::memory_order_relaxed);
       }
-      ec = co_await base_->read(piece, pos, flags);
+      // (A standalone clone never gets here: every block is in a level.)
+      if (base_)
+        ec = co_await base_->read(piece, pos, flags);
+      else
+        ec = errno_code(EIO);
     }
     if (ec) co_return ec;
     pos = stop;
@@ -493,14 +534,21 @@ Task<std::error_code> OverlayLayer::block_status_levels(const Chain& c, size_t u
   while (next * granularity_ < range.end() && owner(next) == level) ++next;
   const ByteRange run{range.offset, std::min(range.end(), next * granularity_) - range.offset};
   if (level < upto) co_return co_await c.levels[level]->file->block_status(run, out);
+  if (!base_) co_return errno_code(EIO);
   co_return co_await base_->block_status(run, out);
 }
 
-Task<std::error_code> OverlayLayer::prefetch(ByteRange range) { co_return co_await base_->prefetch(range); }
+Task<std::error_code> OverlayLayer::prefetch(ByteRange range) {
+  if (standalone_.load(std::memory_order_acquire)) co_return std::error_code{};  // all local already
+  co_return co_await base_->prefetch(range);
+}
 
 Task<void> OverlayLayer::close() {
   if (closed_) co_return;
   closed_ = true;
+  // A running flatten stops here; the catalogue still says "running", so the
+  // next start resumes it.
+  co_await stop_flatten();
   if (auto ec = co_await commit()) {
     log_->error("export '{}': closing the overlay: {}", name_, ec.message());
     co_return;
@@ -576,6 +624,9 @@ Task<core::ControlResult> OverlayLayer::snapshot(std::string snap) {
     co_return failure(EINVAL, "snapshot name '" + snap + "' must be 1-64 letters, digits, '.', '_' or '-' "
                               "(not starting with '.')");
   auto ops = co_await ops_mutex_.lock();
+  if (flatten_state_.load() == core::FlattenState::running)
+    co_return failure(EBUSY, "a flatten of clone '" + name_ + "' is running; wait for it to finish, or cancel it "
+                             "(blockway flatten " + name_ + " --cancel), then take the snapshot");
   const auto old = chain();
   if (find_snapshot(*old, snap) != old->names.size())
     co_return failure(EEXIST, "clone '" + name_ + "' already has a snapshot '" + snap + "'");
@@ -688,17 +739,34 @@ Task<core::ControlResult> OverlayLayer::delete_snapshot(std::string snap) {
 Task<std::error_code> OverlayLayer::merge_into_top(const Level& from, Level& top) {
   std::vector<std::byte> block;
   for (uint64_t b = from.allocated.find_set(0); b < nblocks_; b = from.allocated.find_set(b + 1)) {
-    if (top.allocated.test(b)) continue;
-    auto pass = co_await enter();
-    auto claims = co_await claim(top, b, b);
-    if (top.allocated.test(b)) continue;  // a writer took it meanwhile
-    const ByteRange br = block_range(b);
-    block.resize(br.length);
-    if (auto ec = co_await from.file->read(block, br.offset, 0)) co_return ec;
-    if (auto ec = co_await top.file->write(block, br.offset, 0)) co_return ec;
-    mark_allocated(top, b, b);
+    bool copied = false;
+    if (auto ec = co_await copy_into_top(top, b, *from.file, block, &copied)) co_return ec;
   }
   co_return co_await commit();
+}
+
+Task<std::error_code> OverlayLayer::copy_into_top(Level& top, uint64_t b, core::BlockDevice& source,
+                                                  std::vector<std::byte>& block, bool* copied) {
+  *copied = false;
+  if (top.allocated.test(b)) co_return std::error_code{};
+  auto pass = co_await enter();
+  auto claims = co_await claim(top, b, b);
+  if (top.allocated.test(b)) co_return std::error_code{};  // a writer took it meanwhile
+  const ByteRange br = block_range(b);
+  block.resize(br.length);
+  if (auto ec = co_await source.read(block, br.offset, 0)) co_return ec;
+  // A block of zeroes stays a hole (whatever a crash left in the file there
+  // is punched away): the overlay stays sparse.
+  const bool zeroes = std::all_of(block.begin(), block.end(), [](std::byte x) { return x == std::byte{0}; });
+  std::error_code ec;  // (no co_await inside ?:, GCC 12)
+  if (zeroes)
+    ec = co_await top.file->zero(br, 0);
+  else
+    ec = co_await top.file->write(block, br.offset, 0);
+  if (ec) co_return ec;
+  mark_allocated(top, b, b);
+  *copied = true;
+  co_return std::error_code{};
 }
 
 // The same into a frozen snapshot: nobody writes it, so no claims; its file
@@ -751,6 +819,7 @@ OverlayStats OverlayLayer::stats() const {
   s.copy_up_bytes = s.copy_ups * granularity_;
   s.commits = commits_.load(std::memory_order_relaxed);
   s.recovered = recovered_;
+  s.flatten = flatten_progress();
   return s;
 }
 

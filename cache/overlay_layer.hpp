@@ -48,6 +48,19 @@
 // While the layer lives, the base holds a read-only hold (writes to the base
 // refused, with the reason, in its CheckedDevice).
 //
+// Flatten (cache/overlay_flatten.cpp): a background task copies every block
+// that no level holds from the base into the top, each under the same claim
+// as a copy-up (a block a client writes meanwhile is skipped, never
+// overwritten), paced to a rate, committing every kFlattenCommitBlocks
+// blocks. Its state ("running RATE", "done", "cancelled") is the clone's
+// catalogue state "flatten": a restart resumes a running one from the blocks
+// still unallocated. Once every block is in some level the clone is
+// standalone: the base's hold is dropped, the base is never read again (no
+// level operation can unallocate a block of every level), and at the next
+// start the clone opens without its base (size from its record) if the base
+// is gone. Snapshots are refused while it runs; it is refused while the
+// clone has snapshots (it fills the top only).
+//
 // Thread model: every method may be called from any event-loop thread at
 // once. Bitmaps are atomics; the claim map has one mutex, held only for map
 // operations; commits are serialised by an AsyncMutex and run their SQLite
@@ -66,12 +79,14 @@
 #include "core/shared_event.hpp"
 #include "core/snapshot_control.hpp"
 
+#include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/thread_pool.hpp>
 
 #include <atomic>
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -90,6 +105,7 @@ struct OverlayStats {
   uint64_t commits = 0;                      // catalogue commits (flush, FUA)
   bool recovered = false;                    // the last start followed an unclean stop
   uint64_t snapshots = 0, snapshot_bytes = 0;  // frozen levels and the bytes they hold
+  core::FlattenProgress flatten;
 };
 
 using core::SnapshotInfo;
@@ -105,11 +121,14 @@ class OverlayLayer final : public core::BlockDevice, public core::SnapshotContro
     // Opens the overlay image at a path; the default is a FileDevice on a
     // sparse file created here. Tests pass a device that simulates power loss.
     std::function<std::unique_ptr<core::BlockDevice>(const std::string& path)> open_overlay_file;
+    // Where a flatten runs (required for flatten; tests may leave it unset).
+    std::optional<boost::asio::any_io_executor> background;
   };
 
   // Opens or creates the overlay file and its map. Throws std::runtime_error
   // with a clear message (a size mismatch with the base, a changed base or
-  // granularity while the overlay holds writes).
+  // granularity while the overlay holds writes). `base` may be null only for
+  // a clone whose catalogue says it is flattened (its base is gone).
   OverlayLayer(std::shared_ptr<core::CheckedDevice> base, Params params);
   ~OverlayLayer() override;
   OverlayLayer(const OverlayLayer&) = delete;
@@ -142,6 +161,19 @@ class OverlayLayer final : public core::BlockDevice, public core::SnapshotContro
   // A read-only view of snapshot `name` (cache/overlay_view.cpp).
   [[nodiscard]] std::unique_ptr<core::BlockDevice> snapshot_view(const std::string& name,
                                                                  std::shared_ptr<const void> keep) override;
+
+  core::Task<core::ControlResult> flatten(uint64_t rate) override;
+  core::Task<core::ControlResult> cancel_flatten() override;
+  [[nodiscard]] core::FlattenProgress flatten_progress() const override;
+  // Resumes a flatten the catalogue says was running (call once the export
+  // is built; close() stops it again).
+  void start();
+  // Whether the catalogue of `store` records clone `name` as flattened.
+  [[nodiscard]] static bool flattened_in(MetaStore& store, const std::string& name);
+  // The clone's catalogue state of its flatten: "running RATE", "done", "cancelled".
+  static constexpr const char* kFlattenKey = "flatten";
+  // Blocks copied between two durable commits of a flatten.
+  static constexpr uint64_t kFlattenCommitBytes = 8u << 20;
 
   [[nodiscard]] OverlayStats stats() const;
   [[nodiscard]] const std::string& base_name() const noexcept { return base_name_; }
@@ -186,6 +218,18 @@ class OverlayLayer final : public core::BlockDevice, public core::SnapshotContro
   core::Task<std::error_code> commit_locked();
   core::Task<std::error_code> merge_into_top(const Level& from, Level& top);
   core::Task<std::error_code> merge_into_frozen(const Level& from, Level& to);
+  // Copies block b from `source` into the top under a claim, unless the top
+  // has it (then, or when a writer took it meanwhile, *copied stays false).
+  // All-zero data is punched as a hole. (merge_into_top, flatten)
+  core::Task<std::error_code> copy_into_top(Level& top, uint64_t b, core::BlockDevice& source,
+                                            std::vector<std::byte>& block, bool* copied);
+  // The flatten task (cache/overlay_flatten.cpp) and its start.
+  core::Task<void> run_flatten(std::shared_ptr<core::SharedEvent> done);
+  void spawn_flatten();
+  core::Task<void> stop_flatten();
+  // Whether every block is held by some level (then the base is never read).
+  [[nodiscard]] bool all_allocated(const Chain& c) const;
+  void become_standalone();
 
   [[nodiscard]] uint64_t block_of(uint64_t offset) const noexcept { return offset / granularity_; }
   [[nodiscard]] core::ByteRange block_range(uint64_t b) const noexcept;
@@ -235,6 +279,16 @@ class OverlayLayer final : public core::BlockDevice, public core::SnapshotContro
   std::atomic<uint64_t> base_reads_{0}, base_read_bytes_{0}, overlay_reads_{0}, overlay_read_bytes_{0};
   std::atomic<uint64_t> copy_ups_{0}, commits_{0};
   bool recovered_ = false;
+  // Flatten: state and pacing (atomics: stats read them from any thread).
+  std::optional<boost::asio::any_io_executor> background_;
+  std::atomic<core::FlattenState> flatten_state_{core::FlattenState::none};
+  std::atomic<uint64_t> flatten_rate_{0}, flatten_copied_{0};
+  std::atomic<bool> flatten_stop_{false};
+  std::shared_ptr<core::SharedEvent> flatten_done_;  // set when the task ends (under ops_mutex_)
+  mutable std::mutex flatten_error_mutex_;
+  std::string flatten_error_;
+  std::atomic<bool> standalone_{false};  // no level operation reads the base any more
+  std::atomic<bool> hold_{false};        // the base's read-only hold is ours
   bool injected_ = false;  // overlay files opened by the test's opener
   bool closed_ = false;
 };

@@ -57,7 +57,7 @@ class OverlayLayer::View final : public core::BlockDevice {
     if (upto == 0) co_return gone();
     co_return co_await o_.block_status_levels(*c, upto, range, out);
   }
-  Task<std::error_code> prefetch(ByteRange range) override { co_return co_await o_.base_->prefetch(range); }
+  Task<std::error_code> prefetch(ByteRange range) override { co_return co_await o_.prefetch(range); }
   // The overlay is the clone's to close.
   Task<void> close() override { co_return; }
 

@@ -19,6 +19,7 @@ int export_command(const std::vector<std::string>& args);
 int clone_command(const std::vector<std::string>& args);
 int snapshot_command(const std::vector<std::string>& args);
 int revert_command(const std::vector<std::string>& args);
+int flatten_command(const std::vector<std::string>& args);
 int export_image_command(const std::vector<std::string>& args);
 int prefetch_command(const std::vector<std::string>& args);
 int detach_command(const std::vector<std::string>& args);

@@ -40,6 +40,11 @@ const Command kCommands[] = {
      "revert CLONE SNAPSHOT [--force]\n"
      "                    discard the clone's writes since its newest snapshot",
      revert_command},
+    {"flatten",
+     "flatten CLONE [--rate RATE] [--wait] | --cancel | --status\n"
+     "                    copy the blocks a clone reads from its base into its\n"
+     "                    overlay (background, resumable), so the base can go",
+     flatten_command},
     {"export-image",
      "export-image NAME FILE [--force]\n"
      "                    write a full standalone raw image of an export (a clone,\n"

@@ -59,6 +59,19 @@ int stats_command(const std::vector<std::string>& in) {
     } else {
       std::puts("cache:     none");
     }
+    if (e.contains("clone") && e["clone"].is_object()) {
+      const auto& c = e["clone"];
+      fmt::print("clone:     of '{}', overlay {}, owns {}, {} read through the base\n", str(c, "base"), str(c, "path"),
+                 bytes(u64(c, "allocated_bytes")), bytes(u64(c, "base_read_bytes")));
+      if (c.contains("flatten") && str(c["flatten"], "state") != "none") {
+        const auto& f = c["flatten"];
+        fmt::print("flatten:   {}, {} of {} held by the clone{}\n", str(f, "state"), bytes(u64(f, "done_bytes")),
+                   bytes(u64(f, "total_bytes")),
+                   str(f, "state") == "done" ? " (it no longer needs its base)"
+                   : u64(f, "rate")          ? ", at " + bytes(u64(f, "rate")) + "/s"
+                                             : "");
+      }
+    }
     if (e["qos"].is_object())
       fmt::print("qos:       burst {} s\n{}", dbl(e["qos"], "burst"), qos_summary(e["qos"], "           "));
     return;

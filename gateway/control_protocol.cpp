@@ -3,6 +3,7 @@
 #include "core/async_mutex.hpp"
 #include "core/logging.hpp"
 #include "core/options.hpp"
+#include "core/snapshot_control.hpp"
 
 #include <algorithm>
 #include <cerrno>
@@ -330,8 +331,18 @@ Json export_json(const Export& exp, long clients) {
     remote["kind"] = "clone";
     remote["connected"] = true;
     Json overlay{{"base", exp.clone_of}, {"path", exp.overlay_path}};
-    for (const auto& [key, value] : exp.overlay_counters()) overlay[key] = value;
+    Json flatten = Json::object();
+    for (const auto& [key, value] : exp.overlay_counters()) {
+      if (key.rfind("flatten_", 0) == 0)
+        flatten[key.substr(8)] = value;
+      else
+        overlay[key] = value;
+    }
     overlay["recovered"] = overlay["recovered"] == 1;
+    if (flatten.contains("state")) {
+      flatten["state"] = core::flatten_state_name(static_cast<core::FlattenState>(flatten["state"].get<uint64_t>()));
+      overlay["flatten"] = std::move(flatten);
+    }
     j["clone"] = std::move(overlay);
     j["mode"] = "clone";
   }

@@ -204,7 +204,8 @@ void write_overlay_metrics(const Export& exp, MetricsWriter& out) {
   const MetricLabels labels{{"export", exp.name}, {"base", exp.clone_of}};
   for (const auto& [key, value] : exp.overlay_counters()) {
     const bool counter = key != "granularity" && key != "allocated_bytes" && key != "file_bytes" &&
-                         key != "recovered" && key != "snapshots" && key != "snapshot_bytes";
+                         key != "recovered" && key != "snapshots" && key != "snapshot_bytes" &&
+                         (key.rfind("flatten_", 0) != 0 || key == "flatten_copied_bytes");
     const std::string name = "blockway_overlay_" + key + (counter ? "_total" : "");
     out.family(name, counter ? Type::counter : Type::gauge, "The clone's overlay: " + key + " (as in stats --json).");
     out.sample(name, labels, static_cast<double>(value));

@@ -271,11 +271,17 @@ Task<Json> RuntimeExports::remove(const Json& req) {
     co_return co_await std::move(removing);
   }
   std::string clones;
-  for (const auto& other : exports_.list())
-    if (other->clone_of == name) clones += (clones.empty() ? "'" : ", '") + other->name + "'";
+  for (const auto& other : exports_.list()) {
+    if (other->clone_of != name) continue;
+    // A flattened clone no longer reads its base.
+    const auto* snapshots = builder_.snapshots_of(other);
+    if (snapshots && snapshots->flatten_progress().state == core::FlattenState::done) continue;
+    clones += (clones.empty() ? "'" : ", '") + other->name + "'";
+  }
   if (!clones.empty())
     throw ControlError("refused", EBUSY,
-                       "export '" + name + "' is the base of clone(s) " + clones + "; remove them first");
+                       "export '" + name + "' is the base of clone(s) " + clones +
+                           "; remove them first, or flatten them (blockway flatten CLONE) so they no longer need it");
   // A clone's snapshot exports go with it: their clients count as its own.
   const long clients = export_clients(exp) + snapshot_clients(exports_, name);
   const std::string devices = devices_of_ ? devices_of_(name) : std::string();

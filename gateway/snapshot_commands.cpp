@@ -91,6 +91,49 @@ Task<Json> revert(std::shared_ptr<const Context> ctx, Json req) {
   co_return answer(t, co_await t.snapshots->revert(snap));
 }
 
+Json flatten_json(const Target& t) {
+  const auto p = t.snapshots->flatten_progress();
+  Json j{{"name", t.exp->name},
+         {"base", t.exp->clone_of},
+         {"state", core::flatten_state_name(p.state)},
+         {"done_bytes", p.done_bytes},
+         {"total_bytes", p.total_bytes},
+         {"rate", p.rate},
+         {"copied_bytes", p.copied_bytes},
+         {"percent", p.total_bytes ? 100.0 * static_cast<double>(p.done_bytes) / static_cast<double>(p.total_bytes)
+                                   : 100.0}};
+  if (!p.error.empty()) j["error"] = p.error;
+  return j;
+}
+
+Task<Json> flatten_status(std::shared_ptr<const Context> ctx, Json req) { co_return flatten_json(find_clone(*ctx, req)); }
+
+// Starts (or re-paces) a clone's flatten, or cancels it; answers at once
+// with its progress (the CLI's --wait polls flatten-status).
+Task<Json> flatten(std::shared_ptr<const Context> ctx, Json req) {
+  const auto t = find_clone(*ctx, req);
+  const bool cancel = arg_bool(req, "cancel", false);
+  const bool paced = req.contains("rate");
+  const uint64_t rate = paced ? arg_size(req, "rate") : 0;
+  core::ControlResult r;
+  if (cancel) {
+    r = co_await t.snapshots->cancel_flatten();
+  } else if (!paced && t.snapshots->flatten_progress().state == core::FlattenState::running) {
+    // No rate given: a running flatten keeps its pace (the CLI then follows it).
+    r.message = "flatten of clone '" + t.exp->name + "' is running";
+  } else {
+    r = co_await t.snapshots->flatten(rate);
+  }
+  if (!r.ok()) {
+    const int e = r.ec.value();
+    throw ControlError(e == EIO ? "failed" : "refused", e, r.message);
+  }
+  core::logger("control")->info("{}", r.message);
+  Json out = flatten_json(t);
+  out["message"] = r.message;
+  co_return out;
+}
+
 }  // namespace
 
 void add_snapshot_commands(ControlDispatcher& d, core::ExportTable& exports, SnapshotLookup lookup) {
@@ -101,6 +144,12 @@ void add_snapshot_commands(ControlDispatcher& d, core::ExportTable& exports, Sna
         [ctx](const Json& req) { return snapshot_create(ctx, req); });
   d.add("snapshot-delete", "delete a snapshot, merging it into the level above (online) {name, snapshot, force?}",
         [ctx](const Json& req) { return snapshot_delete(ctx, req); });
+  d.add("flatten", "copy every block a clone reads from its base into its overlay, in the background, "
+                   "or stop that {name, rate? (bytes/s, 0 = unlimited; absent: unlimited, or unchanged if it "
+                   "runs), cancel?}",
+        [ctx](const Json& req) { return flatten(ctx, req); });
+  d.add("flatten-status", "a clone's flatten progress {name}",
+        [ctx](const Json& req) { return flatten_status(ctx, req); });
   d.add("revert", "discard a clone's writes since its newest snapshot {name, snapshot, force?}",
         [ctx](const Json& req) { return revert(ctx, req); });
 }

@@ -77,8 +77,8 @@ StackBuilder::Built StackBuilder::build(ExportConfig cfg) {
   std::unique_ptr<BlockDevice> device;
   RetryLayer* retry_layer = nullptr;  // owned by the device chain, like the cache
   core::RemoteDevice* remote = nullptr;  // likewise
-  core::SnapshotControl* snapshots = nullptr;
-  if (clone_base) device = open_clone(cfg, *clone_base, options, *exp, snapshots);
+  cache::OverlayLayer* overlay = nullptr;  // likewise
+  if (clone_base) device = open_clone(cfg, *clone_base, options, *exp, overlay);
   try {
     const remote::Backend* backend = clone_base ? nullptr : &remote::backend_for(cfg.uri);
     // A detached export (local mode) never opens its remote again.
@@ -135,9 +135,12 @@ StackBuilder::Built StackBuilder::build(ExportConfig cfg) {
     exp->cache_status = [cache_layer](ByteRange r, ExtentList& out) { return cache_layer->cache_status(r, out); };
     exp->control = cache_layer;
   }
-  if (snapshots) {
-    std::lock_guard lock(clones_mutex_);
-    clones_[cfg.name] = {exp, snapshots};
+  if (overlay) {
+    {
+      std::lock_guard lock(clones_mutex_);
+      clones_[cfg.name] = {exp, overlay};
+    }
+    overlay->start();  // resumes a flatten that was running
   }
   return {exp, cache_layer};
 }
@@ -171,12 +174,20 @@ core::SnapshotControl* StackBuilder::snapshots_of(const std::shared_ptr<Export>&
 // shares the base's one cache and one fetch per block.
 std::unique_ptr<BlockDevice> StackBuilder::open_clone(const ExportConfig& cfg, const std::string& base_name,
                                                       core::Options& options, Export& exp,
-                                                      core::SnapshotControl*& snapshots) {
+                                                      cache::OverlayLayer*& overlay_layer) {
   const std::string what = "export '" + cfg.name + "'";
   if (base_name.empty()) throw ConfigError(what + ": clone: needs the name of its base export (clone:BASE)");
   if (base_name == cfg.name) throw ConfigError(what + " cannot be a clone of itself");
   auto base = find_export_ ? find_export_(base_name) : nullptr;
-  if (!base || base->name != base_name)
+  if (base && base->name != base_name) base = nullptr;
+  bool flattened = false;
+  try {
+    flattened = !base && cache::OverlayLayer::flattened_in(catalogue(), cfg.name);
+  } catch (const std::runtime_error& e) {
+    throw ConfigError(what + ": " + e.what());
+  }
+  // A flattened clone holds every block itself: it opens without its base.
+  if (!base && !flattened)
     throw ConfigError(what + ": its base export '" + base_name +
                       "' does not exist (define or add the base before its clones)");
   auto overlay = cache::OverlayConfig::take_from(options, std::filesystem::absolute(data_dir_ + "/overlays").string());
@@ -186,15 +197,16 @@ std::unique_ptr<BlockDevice> StackBuilder::open_clone(const ExportConfig& cfg, c
   p.config = overlay;
   p.store = &catalogue();
   p.blocking = &loops_.blocking();
+  p.background = loops_.at(0).get_executor();
   std::unique_ptr<cache::OverlayLayer> layer;
   try {
-    layer = std::make_unique<cache::OverlayLayer>(base->device, std::move(p));
+    layer = std::make_unique<cache::OverlayLayer>(base ? base->device : nullptr, std::move(p));
   } catch (const std::runtime_error& e) {
     throw ConfigError(what + ": " + e.what());
   }
   exp.clone_of = base_name;
   exp.overlay_path = layer->overlay_path();
-  snapshots = layer.get();
+  overlay_layer = layer.get();
   exp.overlay_counters = [o = layer.get()] {
     const auto s = o->stats();
     return std::vector<std::pair<std::string, uint64_t>>{
@@ -204,7 +216,11 @@ std::unique_ptr<BlockDevice> StackBuilder::open_clone(const ExportConfig& cfg, c
         {"overlay_read_bytes", s.overlay_read_bytes}, {"copy_ups", s.copy_ups},
         {"copy_up_bytes", s.copy_up_bytes}, {"commits", s.commits},
         {"recovered", s.recovered ? 1u : 0u}, {"snapshots", s.snapshots},
-        {"snapshot_bytes", s.snapshot_bytes}};
+        {"snapshot_bytes", s.snapshot_bytes},
+        // Folded into "flatten": {...} by the status report (control_protocol.cpp).
+        {"flatten_state", static_cast<uint64_t>(s.flatten.state)}, {"flatten_done_bytes", s.flatten.done_bytes},
+        {"flatten_total_bytes", s.flatten.total_bytes}, {"flatten_rate", s.flatten.rate},
+        {"flatten_copied_bytes", s.flatten.copied_bytes}};
   };
   return layer;
 }

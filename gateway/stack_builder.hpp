@@ -37,6 +37,10 @@
 #include <optional>
 #include <string>
 
+namespace blockway::cache {
+class OverlayLayer;
+}
+
 namespace blockway::remote {
 struct Backend;
 }
@@ -102,7 +106,7 @@ class StackBuilder {
   // The device of a clone: an OverlayLayer over its base export's device.
   std::unique_ptr<core::BlockDevice> open_clone(const ExportConfig& cfg, const std::string& base_name,
                                                 core::Options& options, core::Export& exp,
-                                                core::SnapshotControl*& snapshots);
+                                                cache::OverlayLayer*& overlay);
 
   core::EventLoops& loops_;
   const std::string data_dir_;

@@ -53,7 +53,9 @@ class Rig {
     pool_.join();
   }
 
-  OverlayLayer& open(uint64_t granularity = 64u << 10, std::shared_ptr<test::VolatileDevice> file = nullptr) {
+  // without_base: as the daemon opens a flattened clone whose base is gone.
+  OverlayLayer& open(uint64_t granularity = 64u << 10, std::shared_ptr<test::VolatileDevice> file = nullptr,
+                     bool without_base = false) {
     OverlayLayer::Params p;
     p.export_name = "vm1";
     p.base_name = "golden";
@@ -61,11 +63,12 @@ class Rig {
     p.config.granularity = granularity;
     p.store = store_.get();
     p.blocking = &pool_;
+    p.background = io_.get_executor();
     if (file)
       p.open_overlay_file = [file](const std::string&) -> std::unique_ptr<core::BlockDevice> {
         return std::make_unique<test::SharedDevice>(file);
       };
-    layer_ = std::make_unique<OverlayLayer>(base_, std::move(p));
+    layer_ = std::make_unique<OverlayLayer>(without_base ? nullptr : base_, std::move(p));
     return *layer_;
   }
   void close() {
