@@ -222,6 +222,21 @@ class FuseAccessTest(FuseTestCase):
         self.start(dict(spec, disk="fuse-uid=0,fuse-gid=0,fuse-mode=0640"))
         self.assertEqual(self.attrs("disk"), (0o640, 0, 0))
 
+    def test_export_added_at_run_time_keeps_its_change(self):
+        d = self.start({"plain": ""})
+        self.bw("export", "add", "late", "file://" + self.img, "fuse-gid=nogroup")
+        harness.wait_until(lambda: "late" in os.listdir(self.mnt), 10, what="late in the mount")
+        self.assertEqual(self.attrs("late"), (0o644, 0, 65534))
+        self.bw("access", "late", "--fuse-uid", str(UID), "--fuse-mode", "0600")
+        self.assertEqual(self.attrs("late"), (0o600, UID, 65534))
+        self.bw("access", "late", "--fuse-gid", "")  # the mount's again: the saved option goes
+        self.assertEqual(self.attrs("late"), (0o600, UID, 0))
+        self.assertEqual(self.read_as(as_user(UID, OTHER_GID), "late"), self.image_digest())
+        d.stop()
+        self.start({"plain": ""})
+        self.assertEqual(self.attrs("late"), (0o600, UID, 0))
+        self.assertEqual(self.read_as(as_user(OTHER_UID, OTHER_GID), "late"), {"errno": errno.EACCES})
+
     def test_bad_run_time_values_change_nothing(self):
         self.start({"disk": "fuse-mode=0600"})
         for args, needle in ((["--fuse-uid", "no-such-user-here"],
