@@ -1,15 +1,17 @@
 // Export: one named image offered to clients, and the table of them.
 //
 // Thread model: an Export is immutable after creation apart from its device's
-// own counters, and is shared (shared_ptr) by every session using it. The
-// ExportTable is read by handshakes on every event-loop thread and changed
-// rarely, so a shared_mutex guards it; sessions keep their own shared_ptr and
-// never hold the lock during I/O.
+// own counters and its atomics (access rules, file attributes and counts the
+// control plane and sessions change at run time), and is shared (shared_ptr)
+// by every session using it. The ExportTable is read by handshakes on every
+// event-loop thread and changed rarely, so a shared_mutex guards it; sessions
+// keep their own shared_ptr and never hold the lock during I/O.
 #pragma once
 
 #include "core/access_policy.hpp"
 #include "core/checked_device.hpp"
 #include "core/export_control.hpp"
+#include "core/file_attrs.hpp"
 #include "core/qos_layer.hpp"
 #include "core/retry_layer.hpp"
 
@@ -69,10 +71,16 @@ struct Export {
   // NBD clients refused by `access` (INFO, GO, EXPORT_NAME, meta contexts).
   std::atomic<uint64_t> denied{0};
   // fuse-uid=, fuse-gid=, fuse-mode=: the owner and mode of its file in the
-  // FUSE mount; unset: the mount's uid/gid/mode. Fixed once built.
-  std::optional<uid_t> file_uid;
-  std::optional<gid_t> file_gid;
-  std::optional<mode_t> file_mode;
+  // FUSE mount; null or unset fields: the mount's uid/gid/mode. Replaced
+  // whole when the control plane changes them, which then has the FUSE
+  // mount make the kernel forget what it cached (FuseFrontEnd::forget).
+  std::atomic<std::shared_ptr<const FileAttrs>> file_attrs;
+
+  // The file attributes in effect now (a copy: null reads as all unset).
+  [[nodiscard]] FileAttrs file() const {
+    const auto attrs = file_attrs.load();
+    return attrs ? *attrs : FileAttrs{};
+  }
 };
 
 // What happened to an export, for ExportTable observers.

@@ -24,5 +24,6 @@ void FuseFrontEnd::unmount() { mount_->unmount(); }
 void FuseFrontEnd::set_on_unmounted(std::function<void()> fn) { mount_->set_on_unmounted(std::move(fn)); }
 bool FuseFrontEnd::active() const { return mount_->active(); }
 std::string FuseFrontEnd::mountpoint() const { return mount_->mountpoint(); }
+void FuseFrontEnd::forget(const std::shared_ptr<core::Export>& exp) { mount_->forget(exp); }
 
 }  // namespace blockway::fuse

@@ -14,9 +14,10 @@
 // or more: on the next loop, round-robin), which calls the export's device
 // and replies from its completion. Nothing blocks a loop: reads of /dev/fuse
 // are non-blocking, and umount and the kernel notifications (which may wait
-// for a reply of ours) run on the blocking pool. This class itself only
-// forwards to the Mount and follows the export table (an ExportTable
-// observer, on the thread that changed it).
+// for a reply of ours) run on the blocking pool (forget(): its caller
+// offloads it there). This class itself only forwards to the Mount and
+// follows the export table (an ExportTable observer, on the thread that
+// changed it).
 #pragma once
 
 #include "core/event_loops.hpp"
@@ -59,6 +60,13 @@ class FuseFrontEnd {
   // Being mounted, mounted, or unmounting and not finished yet.
   [[nodiscard]] bool active() const;
   [[nodiscard]] std::string mountpoint() const;
+  // The export's owner, mode or allow= rules changed at run time: makes the
+  // kernel forget its file's cached name and attributes (it checks
+  // permissions against them), so that the next stat or open asks again.
+  // Returns when the kernel has done so; nothing when not mounted. May wait
+  // for the kernel, which may wait for a reply of ours: call it on the
+  // blocking pool, never on a loop.
+  void forget(const std::shared_ptr<core::Export>& exp);
 
  private:
   core::ExportTable& exports_;

@@ -233,6 +233,24 @@ void Mount::on_export(const std::shared_ptr<core::Export>& exp, core::ExportEven
   });
 }
 
+void Mount::forget(const std::shared_ptr<core::Export>& exp) {
+  const auto node = inodes_.lookup(exp->name);
+  if (!node || node->exp != exp) return;
+  fuse_session* se = nullptr;
+  {
+    std::lock_guard lock(mutex_);
+    if (state_ != State::mounted || !se_) return;
+    se = se_;
+    begin_request();  // keeps the session until the notifications are done
+  }
+  // The name: a file now hidden from some users must be looked up again.
+  // The attributes only (a negative offset), not the page cache: the data
+  // did not change. ENOENT when the kernel holds none of it: fine.
+  (void)fuse_lowlevel_notify_inval_entry(se, FUSE_ROOT_ID, exp->name.c_str(), exp->name.size());
+  (void)fuse_lowlevel_notify_inval_inode(se, node->ino, -1, 0);
+  end_request();
+}
+
 void Mount::tear_down() {
   std::lock_guard lock(mutex_);
   if (!se_) return;

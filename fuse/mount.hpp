@@ -54,6 +54,8 @@ class Mount : public std::enable_shared_from_this<Mount> {
   // An export added or removed: the table follows, and the kernel forgets
   // what it cached of the name and the directory.
   void on_export(const std::shared_ptr<core::Export>& exp, core::ExportEvent event);
+  // See FuseFrontEnd::forget. Blocks: never on a loop thread.
+  void forget(const std::shared_ptr<core::Export>& exp);
   // The front end goes away with the loops already stopped (start-up failed
   // after mounting): ends the session directly.
   void tear_down();

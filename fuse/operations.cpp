@@ -47,12 +47,13 @@ std::shared_ptr<Node> find(Mount& mount, fuse_ino_t ino, const fuse_file_info* f
 struct stat attr_of(const FuseOptions& options, const Node& n) {
   struct stat st{};
   st.st_ino = n.ino;
-  // fuse-uid=, fuse-gid=, fuse-mode= of the export over the mount's.
-  const mode_t mode = n.exp->file_mode.value_or(options.mode);
-  st.st_mode = S_IFREG | (n.read_only ? (mode & 0444) : mode);
+  // fuse-uid=, fuse-gid=, fuse-mode= of the export over the mount's, as they
+  // are now (blockway access may change them at any time: read once).
+  const auto file = n.exp->file().resolve(options.uid, options.gid, options.mode, n.read_only);
+  st.st_mode = S_IFREG | file.mode;
   st.st_nlink = 1;
-  st.st_uid = n.exp->file_uid.value_or(options.uid);
-  st.st_gid = n.exp->file_gid.value_or(options.gid);
+  st.st_uid = file.uid;
+  st.st_gid = file.gid;
   st.st_size = static_cast<off_t>(n.size);
   st.st_blksize = 4096;
   st.st_blocks = static_cast<blkcnt_t>((n.size + 511) / 512);

@@ -3,6 +3,7 @@
 #include "core/access_policy.hpp"
 #include "core/user_lookup.hpp"
 
+#include <fmt/format.h>
 #include <toml++/toml.h>
 #include <unistd.h>
 
@@ -88,14 +89,11 @@ bool apply_export_key(ExportConfig& e, const std::string& key, const std::string
     }
     (key == "allow" ? e.allow : e.listen_on) = value;
   } else if (names(kFuseUid, key)) {
-    e.fuse_uid = core::find_user(value);
-    if (!e.fuse_uid) throw ConfigError("export '" + e.name + "': option fuse-uid='" + value + "': no such user");
+    e.fuse.uid = parse_fuse_uid(e.name, value);
   } else if (names(kFuseGid, key)) {
-    e.fuse_gid = core::find_group(value);
-    if (!e.fuse_gid) throw ConfigError("export '" + e.name + "': option fuse-gid='" + value + "': no such group");
+    e.fuse.gid = parse_fuse_gid(e.name, value);
   } else if (names(kFuseMode, key)) {
-    e.fuse_mode = static_cast<unsigned>(
-        core::parse_number(value, "export '" + e.name + "': option fuse-mode", kFuseMode.min, kFuseMode.max, 8));
+    e.fuse.mode = parse_fuse_mode(e.name, value);
   } else {
     return false;
   }
@@ -114,6 +112,49 @@ void check_export_name(const std::string& name, std::string_view where) {
 }  // namespace
 
 std::span<const core::OptionSpec> ExportConfig::generic_options() { return kExportOptions; }
+
+uid_t parse_fuse_uid(const std::string& export_name, const std::string& value) {
+  const auto uid = core::find_user(value);
+  if (!uid) throw ConfigError("export '" + export_name + "': option fuse-uid='" + value + "': no such user");
+  return *uid;
+}
+
+gid_t parse_fuse_gid(const std::string& export_name, const std::string& value) {
+  const auto gid = core::find_group(value);
+  if (!gid) throw ConfigError("export '" + export_name + "': option fuse-gid='" + value + "': no such group");
+  return *gid;
+}
+
+mode_t parse_fuse_mode(const std::string& export_name, const std::string& value) {
+  return static_cast<mode_t>(
+      core::parse_number(value, "export '" + export_name + "': option fuse-mode", kFuseMode.min, kFuseMode.max, 8));
+}
+
+// "fuse-uid=1000,fuse-gid=,fuse-mode=0640": every key, empty where unset
+// (the mount's), numbers rather than names (a renamed user keeps the file).
+std::string saved_fuse_attrs(const core::FileAttrs& attrs) {
+  const auto number = [](const auto& v) { return v ? std::to_string(*v) : std::string(); };
+  return "fuse-uid=" + number(attrs.uid) + ",fuse-gid=" + number(attrs.gid) +
+         ",fuse-mode=" + (attrs.mode ? fmt::format("{:04o}", *attrs.mode) : std::string());
+}
+
+core::FileAttrs fuse_attrs_from_saved(const std::string& export_name, const std::string& saved) {
+  core::FileAttrs attrs;
+  for (size_t pos = 0; pos < saved.size();) {
+    const size_t end = std::min(saved.find(',', pos), saved.size());
+    const std::string item = saved.substr(pos, end - pos);
+    pos = end + 1;
+    const auto eq = item.find('=');
+    const std::string key = item.substr(0, eq);
+    const std::string value = eq == std::string::npos ? std::string() : item.substr(eq + 1);
+    if (value.empty()) continue;
+    if (key == "fuse-uid") attrs.uid = parse_fuse_uid(export_name, value);
+    else if (key == "fuse-gid") attrs.gid = parse_fuse_gid(export_name, value);
+    else if (key == "fuse-mode") attrs.mode = parse_fuse_mode(export_name, value);
+    else throw ConfigError("export '" + export_name + "': saved FUSE attributes '" + saved + "': unknown key '" + key + "'");
+  }
+  return attrs;
+}
 
 FuseMountConfig FuseMountConfig::parse_spec(std::string_view spec) {
   const std::string where = "--fuse-mount '" + std::string(spec) + "'";

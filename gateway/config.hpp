@@ -4,6 +4,7 @@
 // mistakes by throwing ConfigError with a message that names the setting.
 #pragma once
 
+#include "core/file_attrs.hpp"
 #include "core/listen_address.hpp"
 #include "core/logging.hpp"
 #include "core/options.hpp"
@@ -32,9 +33,7 @@ struct ExportConfig {
   std::string listen_on;      // listen=: the named listeners it is published on
   // fuse-uid=, fuse-gid= (names resolved when parsed), fuse-mode=: its file
   // in the FUSE mount.
-  std::optional<uid_t> fuse_uid;
-  std::optional<gid_t> fuse_gid;
-  std::optional<unsigned> fuse_mode;
+  core::FileAttrs fuse;
   // Options not understood by the generic export code (backend, cache, ...),
   // each consumed by the part that knows it; leftovers are an error.
   std::map<std::string, std::string> options;
@@ -45,6 +44,17 @@ struct ExportConfig {
   // the backend's, the RetryLayer's and the cache's are theirs.
   static std::span<const core::OptionSpec> generic_options();
 };
+
+// fuse-uid=, fuse-gid=, fuse-mode= of export NAME, as the configuration and
+// `blockway access` take them: a user or group name or number, an octal
+// mode up to 0777. ConfigError names the export and the option.
+uid_t parse_fuse_uid(const std::string& export_name, const std::string& value);
+gid_t parse_fuse_gid(const std::string& export_name, const std::string& value);
+mode_t parse_fuse_mode(const std::string& export_name, const std::string& value);
+// The form a run-time change is saved in ("fuse-uid=1000,fuse-gid=,
+// fuse-mode=0640": every key, empty where unset, ids as numbers), and back.
+std::string saved_fuse_attrs(const core::FileAttrs& attrs);
+core::FileAttrs fuse_attrs_from_saved(const std::string& export_name, const std::string& saved);
 
 // The FUSE mount ([fuse] in the file, --fuse-mount on the command line).
 // Options (mode, uid, gid, allow-other, direct-io) are checked by fuse/.

@@ -4,12 +4,16 @@
 #include "core/logging.hpp"
 #include "core/options.hpp"
 #include "core/snapshot_control.hpp"
+#include "gateway/config.hpp"
+
+#include <fmt/format.h>
 
 #include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstring>
 #include <mutex>
+#include <optional>
 #include <unistd.h>
 
 namespace blockway::gateway {
@@ -268,6 +272,11 @@ Json export_json(const Export& exp, long clients) {
   access["listen"] = policy ? policy->listen_text() : "";
   access["tls_required"] = exp.tls_required;
   access["denied"] = exp.denied.load(std::memory_order_relaxed);
+  // fuse-uid=, fuse-gid=, fuse-mode= (null: the mount's).
+  const auto file = exp.file();
+  access["fuse_uid"] = file.uid ? Json(*file.uid) : Json(nullptr);
+  access["fuse_gid"] = file.gid ? Json(*file.gid) : Json(nullptr);
+  access["fuse_mode"] = file.mode ? Json(fmt::format("{:04o}", *file.mode)) : Json(nullptr);
   j["access"] = std::move(access);
 
   Json remote;
@@ -522,18 +531,107 @@ class ExportCommands {
     co_return out;
   }
 
-  // access {name, allow?, listen?}: replaces the export's allow= and/or
-  // listen= rules (an empty string lifts them); without either, reports.
-  // Sessions already open keep going; every later handshake sees the new
-  // rules. Saved like the QoS limits.
+  // access {name, allow?, listen?, fuse_uid?, fuse_gid?, fuse_mode?}:
+  // replaces the export's allow= and/or listen= rules (an empty string lifts
+  // them) and/or the owner, group and mode of its FUSE file (an empty string:
+  // the mount's); without any, reports. Sessions already open keep going;
+  // every later handshake sees the new rules, the FUSE file its new
+  // attributes at once. Saved like the QoS limits.
   Task<Json> access(const Json& req) {
     auto exp = find_export(exports_, req, hooks_);
     const auto report = [&] {
       Json out = export_json(*exp, -1)["access"];
       out["name"] = exp->name;
+      add_fuse_file(*exp, out);
       return out;
     };
-    if (!req.contains("allow") && !req.contains("listen")) co_return report();
+    const bool fuse_change = req.contains("fuse_uid") || req.contains("fuse_gid") || req.contains("fuse_mode");
+    const bool rules_change = req.contains("allow") || req.contains("listen");
+    if (!fuse_change && !rules_change) co_return report();
+    // Parsed before anything changes: a bad value changes nothing.
+    std::optional<FilePatch> patch;
+    if (fuse_change) patch = file_patch(*exp, req);
+    Json saves = Json::object();  // what persist() warns of
+    if (rules_change) {
+      auto changing = change_rules(exp, req, saves);
+      co_await std::move(changing);
+    }
+    if (patch) {
+      auto changing = change_file(exp, *patch, saves);
+      co_await std::move(changing);
+    }
+    // Files hidden from some users now, or shown, or with a new owner or
+    // mode: the kernel forgets what it cached of them before the answer, so
+    // that a stat right after it sees them as they are.
+    auto forgetting = forget_file(exp);
+    co_await std::move(forgetting);
+    Json out = report();
+    if (patch && out.contains("fuse") && out["fuse"]["mountpoint"] == "")
+      out["message"] = "no FUSE mount now: the file gets these when one is made (blockway mount DIR)";
+    if (saves.contains("warning")) {
+      const std::string message = out.value("message", "");
+      out["message"] = message + (message.empty() ? "" : "; ") + saves.value("message", "");
+      out["warning"] = saves["warning"];
+    }
+    co_return out;
+  }
+
+ private:
+  // The fuse_uid, fuse_gid and fuse_mode of a request: which are given, and
+  // their values (an empty string: unset, the mount's).
+  struct FilePatch {
+    bool uid = false, gid = false, mode = false;
+    core::FileAttrs values;
+    [[nodiscard]] core::FileAttrs over(core::FileAttrs attrs) const {
+      if (uid) attrs.uid = values.uid;
+      if (gid) attrs.gid = values.gid;
+      if (mode) attrs.mode = values.mode;
+      return attrs;
+    }
+  };
+  // Bad-request with the configuration's message for a bad value.
+  static FilePatch file_patch(const Export& exp, const Json& req) {
+    if (!exp.snapshot_of.empty())
+      throw ControlError("refused", EPERM,
+                         "export '" + exp.name + "' is a snapshot of clone '" + exp.snapshot_of +
+                             "': its FUSE file takes the clone's owner and mode (change them on '" + exp.snapshot_of +
+                             "')");
+    FilePatch patch;
+    try {
+      if ((patch.uid = req.contains("fuse_uid")))
+        if (const auto v = arg_string(req, "fuse_uid"); !v.empty()) patch.values.uid = parse_fuse_uid(exp.name, v);
+      if ((patch.gid = req.contains("fuse_gid")))
+        if (const auto v = arg_string(req, "fuse_gid"); !v.empty()) patch.values.gid = parse_fuse_gid(exp.name, v);
+      if ((patch.mode = req.contains("fuse_mode")))
+        if (const auto v = arg_string(req, "fuse_mode"); !v.empty())
+          patch.values.mode = parse_fuse_mode(exp.name, v);
+    } catch (const ConfigError& e) {
+      bad_request(e.what());
+    }
+    return patch;
+  }
+
+  // What the export's FUSE file shows now, and where the mount is: "fuse":
+  // {mountpoint ("" when none), uid, gid, mode}.
+  void add_fuse_file(const Export& exp, Json& out) const {
+    if (!hooks_.fuse_mount) return;
+    const auto mount = hooks_.fuse_mount();
+    const auto file =
+        exp.file().resolve(mount.uid, mount.gid, mount.mode, exp.device->capabilities().read_only);
+    out["fuse"] = {{"mountpoint", mount.mountpoint},
+                   {"uid", file.uid},
+                   {"gid", file.gid},
+                   {"mode", fmt::format("{:04o}", file.mode)}};
+  }
+
+  Task<void> forget_file(std::shared_ptr<Export> exp) {
+    if (!hooks_.forget_file) co_return;
+    auto forgetting = hooks_.forget_file(std::move(exp));
+    co_await std::move(forgetting);
+  }
+
+  // allow=/listen= of an access request.
+  Task<void> change_rules(std::shared_ptr<Export> exp, const Json& req, Json& saves) {
     auto ordered = settings_lock(exp->name, "access");
     auto guard = co_await ordered->lock();
     const auto old = exp->access.load();
@@ -548,13 +646,29 @@ class ExportCommands {
     const std::string saved = policy.saved();
     exp->access.store(policy.open() ? nullptr : std::make_shared<const core::AccessPolicy>(std::move(policy)));
     core::logger("control")->info("export '{}': access rules now allow '{}', listen '{}'", exp->name, allow, listen);
-    Json out = report();
-    auto saving = persist(exp, "access", saved, out);
+    auto saving = persist(exp, "access", saved, saves);
     co_await std::move(saving);
-    co_return out;
   }
 
- private:
+  // The owner, group and mode of the export's FUSE file, and of its
+  // snapshots' (CLONE@SNAP shows its file as the clone's).
+  Task<void> change_file(std::shared_ptr<Export> exp, FilePatch patch, Json& saves) {
+    auto ordered = settings_lock(exp->name, "fuse");
+    auto guard = co_await ordered->lock();
+    const auto attrs = patch.over(exp->file());
+    exp->file_attrs.store(attrs == core::FileAttrs{} ? nullptr : std::make_shared<const core::FileAttrs>(attrs));
+    for (const auto& view : exports_.list()) {
+      if (view->snapshot_of != exp->name) continue;
+      view->file_attrs.store(exp->file_attrs.load());
+      auto forgetting = forget_file(view);
+      co_await std::move(forgetting);
+    }
+    const std::string saved = saved_fuse_attrs(attrs);
+    core::logger("control")->info("export '{}': FUSE file now {}", exp->name, saved);
+    auto saving = persist(exp, "fuse", saved, saves);
+    co_await std::move(saving);
+  }
+
   // The lock that orders the changes of one run-time setting (mode,
   // prefetch-rate) of one export: each command holds it from the change until
   // the change is saved, so the saved value is the one in effect (two

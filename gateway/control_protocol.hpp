@@ -84,8 +84,9 @@ long export_clients(const std::shared_ptr<core::Export>& exp);
 
 // What the daemon adds to the export commands; each may be empty.
 struct ExportCommandHooks {
-  // Saves a run-time change that should outlive a restart: key "mode" or
-  // "prefetch-rate" (bytes per second) of export `exp`, after the export
+  // Saves a run-time change that should outlive a restart: key "mode",
+  // "prefetch-rate" (bytes per second), "qos", "access" or "fuse" (the
+  // saved_fuse_attrs() form) of export `exp`, after the export
   // took it. Returns "" once saved, else a warning for the reply. Runs on the
   // control plane's event loop (offload what blocks), with the lock of that
   // export's setting held: changes of one setting are saved one at a time, in
@@ -101,6 +102,20 @@ struct ExportCommandHooks {
   // The daemon-wide remote bandwidth cap and its counters, for status; unset
   // without a cap.
   std::function<Json()> remote_bandwidth;
+  // The FUSE mount's owner, group and mode for files whose export sets none,
+  // and where it is mounted now ("" when not), for access's report of an
+  // export's file; unset: no such report.
+  struct FuseMount {
+    std::string mountpoint;
+    uid_t uid = 0;
+    gid_t gid = 0;
+    mode_t mode = 0;
+  };
+  std::function<FuseMount()> fuse_mount;
+  // The export's FUSE file has a new owner, mode or allow= rules: has the
+  // kernel forget what it cached of it (FuseFrontEnd::forget, on the
+  // blocking pool); done when the task is.
+  std::function<core::Task<void>(std::shared_ptr<core::Export>)> forget_file;
 };
 
 // Registers the commands that need only the export table: status, list,

@@ -5,6 +5,7 @@
 #include "core/export.hpp"
 #include "core/logging.hpp"
 #include "core/paths.hpp"
+#include "core/task.hpp"
 #include "fuse/fuse_front_end.hpp"
 #include "gateway/control_protocol.hpp"
 #include "gateway/control_server.hpp"
@@ -72,6 +73,22 @@ core::Task<Json> remote_bandwidth_command(std::shared_ptr<core::RemoteBandwidth>
     core::logger("daemon")->info("remote bandwidth cap changed to {} bytes/s{}", rate, rate ? "" : " (no cap)");
   }
   co_return remote_bandwidth_json(*cap);
+}
+
+// ExportCommandHooks::forget_file: FuseFrontEnd::forget on the blocking pool
+// (it may wait for the kernel). `fuse` is null until the front end is made.
+core::Task<void> forget_fuse_file(boost::asio::thread_pool& pool, fuse::FuseFrontEnd* fuse,
+                                  std::shared_ptr<Export> exp) {
+  if (!fuse) co_return;
+  auto forget = [fuse, exp] {
+    try {
+      fuse->forget(exp);
+    } catch (const std::exception& e) {  // offload's callable must not throw; the caches time out in a second
+      core::logger("fuse")->warn("FUSE: cannot have the kernel forget '{}': {}", exp->name, e.what());
+    }
+    return true;
+  };
+  (void)co_await core::offload(pool, std::move(forget));
 }
 
 }  // namespace
@@ -226,6 +243,17 @@ int run_daemon(DaemonConfig config) {
   };
   hooks.failed_exports = [&runtime_exports] { return runtime_exports.failed_json(); };
   if (auto cap = builder.remote_bandwidth()) hooks.remote_bandwidth = [cap] { return remote_bandwidth_json(*cap); };
+  // The FUSE front end is made below; the control plane runs once it is.
+  fuse::FuseFrontEnd* fuse_ptr = nullptr;
+  hooks.fuse_mount = [&fuse_ptr, &fuse_options] {
+    return ExportCommandHooks::FuseMount{.mountpoint = fuse_ptr ? fuse_ptr->mountpoint() : std::string(),
+                                         .uid = fuse_options.uid,
+                                         .gid = fuse_options.gid,
+                                         .mode = fuse_options.mode};
+  };
+  hooks.forget_file = [&fuse_ptr, &loops](std::shared_ptr<Export> exp) {
+    return forget_fuse_file(loops.blocking(), fuse_ptr, std::move(exp));
+  };
   control_commands.add("remote-bandwidth", "show or change the daemon-wide remote bandwidth cap {rate?}",
                        [cap = builder.remote_bandwidth()](const Json& req) { return remote_bandwidth_command(cap, req); });
   add_export_commands(control_commands, exports, std::move(hooks));
@@ -283,6 +311,7 @@ int run_daemon(DaemonConfig config) {
   // The FUSE front end: mounted below if configured; a control command can
   // mount() and unmount() it at run time.
   auto fuse_front = std::make_unique<fuse::FuseFrontEnd>(loops, exports, fuse_options);
+  fuse_ptr = fuse_front.get();
   Drain drain(loops);
   server.set_on_drained([&] {
     boost::asio::post(loops.at(0), [&] {

@@ -25,8 +25,10 @@ using core::Task;
 
 namespace {
 
-// "ro,cache=/c,mode=writeback" with key=value set (replaced or appended).
-std::string with_option(const std::string& options, const std::string& key, const std::string& value) {
+// "ro,cache=/c,mode=writeback" with key=value set (replaced or appended);
+// with `drop`, the key taken out instead.
+std::string with_option(const std::string& options, const std::string& key, const std::string& value,
+                        bool drop = false) {
   std::string out;
   bool replaced = false;
   size_t pos = 0;
@@ -34,28 +36,30 @@ std::string with_option(const std::string& options, const std::string& key, cons
     const size_t comma = std::min(options.find(',', pos), options.size());
     std::string item = options.substr(pos, comma - pos);
     if (item.substr(0, item.find('=')) == key) {
-      if (replaced) item.clear();  // a repeated key: keep one
+      if (replaced || drop) item.clear();  // a repeated key: keep one
       else item = key + "=" + value;
       replaced = true;
     }
     if (!item.empty()) out += (out.empty() ? "" : ",") + item;
     pos = comma + 1;
   }
-  if (!replaced) out += (out.empty() ? "" : ",") + key + "=" + value;
+  if (!replaced && !drop) out += (out.empty() ? "" : ",") + key + "=" + value;
   return out;
 }
 
 // with_option for a saved setting made of several options: "qos" is saved as
-// "qos-read-iops=100,qos-burst=1", "access" as "allow=...\nlisten=..." (an
-// allow list may hold no comma, but the separator must not clash with it).
+// "qos-read-iops=100,qos-burst=1", "fuse" as "fuse-uid=1000,fuse-gid=,
+// fuse-mode=0640" (an empty one: the mount's, so the key goes), "access" as
+// "allow=...\nlisten=..." (an allow list may hold no comma, but the
+// separator must not clash with it).
 std::string with_options(std::string options, const std::string& key, const std::string& value) {
-  if (key != "qos" && key != "access") return with_option(options, key, value);
-  const char separator = key == "qos" ? ',' : '\n';
+  if (key != "qos" && key != "access" && key != "fuse") return with_option(options, key, value);
+  const char separator = key == "access" ? '\n' : ',';
   for (size_t pos = 0; pos < value.size();) {
     const size_t end = std::min(value.find(separator, pos), value.size());
     const std::string item = value.substr(pos, end - pos);
     if (const auto eq = item.find('='); eq != std::string::npos)
-      options = with_option(options, item.substr(0, eq), item.substr(eq + 1));
+      options = with_option(options, item.substr(0, eq), item.substr(eq + 1), key == "fuse" && eq + 1 == item.size());
     pos = end + 1;
   }
   return options;
@@ -151,7 +155,7 @@ Task<std::string> RuntimeExports::persist(std::shared_ptr<Export> exp, std::stri
   }
   const std::string config_value = builder_.configured_value(name, key);
   cache::MetaStore* store = builder_.open_catalogue_or_null();  // open: the export has a cache
-  if (!store && (key == "qos" || key == "access")) {
+  if (!store && (key == "qos" || key == "access" || key == "fuse")) {
     // QoS applies to exports without a cache too: the first change opens
     // (makes) the catalogue.
     store = co_await open_catalogue();

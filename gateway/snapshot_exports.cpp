@@ -23,9 +23,7 @@ void publish_snapshot(core::ExportTable& exports, const std::shared_ptr<Export>&
   exp->device = std::make_shared<core::CheckedDevice>(std::move(view), true);
   exp->tls_required = clone->tls_required;
   exp->access.store(clone->access.load());
-  exp->file_uid = clone->file_uid;
-  exp->file_gid = clone->file_gid;
-  exp->file_mode = clone->file_mode;
+  exp->file_attrs.store(clone->file_attrs.load());  // and follows the clone's at run time (blockway access)
   try {
     exports.add(std::move(exp));
   } catch (const std::invalid_argument& e) {

@@ -102,9 +102,7 @@ StackBuilder::Built StackBuilder::build(ExportConfig cfg) {
   exp->name = cfg.name;
   exp->description = cfg.description;
   exp->tls_required = cfg.tls_required;
-  exp->file_uid = cfg.fuse_uid;
-  exp->file_gid = cfg.fuse_gid;
-  if (cfg.fuse_mode) exp->file_mode = static_cast<mode_t>(*cfg.fuse_mode);
+  exp->file_attrs.store(file_attrs(cfg));
   exp->access.store(access_policy(cfg));
   exp->uri = cfg.uri;
   cache::CacheLayer* cache_layer = nullptr;
@@ -315,34 +313,58 @@ void StackBuilder::apply_runtime_qos(const std::string& name, core::QosLimits& q
   }
 }
 
-std::shared_ptr<const core::AccessPolicy> StackBuilder::access_policy(const ExportConfig& cfg) {
-  auto policy = core::AccessPolicy::parse(cfg.allow, cfg.listen_on);
-  const std::string config_value = policy.saved();
+std::optional<std::string> StackBuilder::runtime_value(const std::string& name, const std::string& key,
+                                                       const std::string& config_value, std::string_view what) {
   {
     std::lock_guard lock(configured_mutex_);
-    configured_[cfg.name]["access"] = config_value;
+    configured_[name][key] = config_value;
   }
-  if (catalogue_exists()) {
-    auto& store = catalogue();
-    try {
-      for (const auto& s : store.runtime_settings(cfg.name)) {
-        if (s.key != "access") continue;
-        if (s.config_value != config_value) {
-          core::logger("daemon")->info("export '{}': the configuration's access rules changed since they were set "
-                                       "at run time: the configuration's apply", cfg.name);
-          store.forget_runtime_setting(cfg.name, s.key);
-          continue;
-        }
-        policy = core::AccessPolicy::from_saved(s.value);
-        core::logger("daemon")->info("export '{}': allow '{}', listen '{}' (set at run time)", cfg.name,
-                                     policy.allow_text(), policy.listen_text());
+  if (!catalogue_exists()) return std::nullopt;
+  auto& store = catalogue();
+  std::optional<std::string> value;
+  try {
+    for (const auto& s : store.runtime_settings(name)) {
+      if (s.key != key) continue;
+      if (s.config_value != config_value) {
+        core::logger("daemon")->info("export '{}': the configuration's {} changed since they were set at run "
+                                     "time: the configuration's apply", name, what);
+        store.forget_runtime_setting(name, s.key);
+        continue;
       }
+      value = s.value;
+    }
+  } catch (const std::runtime_error& e) {
+    throw ConfigError("export '" + name + "': " + e.what());
+  }
+  return value;
+}
+
+std::shared_ptr<const core::AccessPolicy> StackBuilder::access_policy(const ExportConfig& cfg) {
+  auto policy = core::AccessPolicy::parse(cfg.allow, cfg.listen_on);
+  if (auto saved = runtime_value(cfg.name, "access", policy.saved(), "access rules")) {
+    try {
+      policy = core::AccessPolicy::from_saved(*saved);
     } catch (const std::runtime_error& e) {
       throw ConfigError("export '" + cfg.name + "': " + e.what());
     }
+    core::logger("daemon")->info("export '{}': allow '{}', listen '{}' (set at run time)", cfg.name,
+                                 policy.allow_text(), policy.listen_text());
   }
   if (policy.open()) return nullptr;
   return std::make_shared<const core::AccessPolicy>(std::move(policy));
+}
+
+// fuse-uid=, fuse-gid=, fuse-mode=, or what `blockway access` set at run
+// time while the configuration still says what it said then.
+std::shared_ptr<const core::FileAttrs> StackBuilder::file_attrs(const ExportConfig& cfg) {
+  auto attrs = cfg.fuse;
+  if (auto saved = runtime_value(cfg.name, "fuse", saved_fuse_attrs(cfg.fuse), "FUSE owner and mode")) {
+    attrs = fuse_attrs_from_saved(cfg.name, *saved);
+    core::logger("daemon")->info("export '{}': FUSE file {} (set at run time; the configuration says {})", cfg.name,
+                                 *saved, saved_fuse_attrs(cfg.fuse));
+  }
+  if (attrs == core::FileAttrs{}) return nullptr;
+  return std::make_shared<const core::FileAttrs>(attrs);
 }
 
 // Serving an export without the cache that still holds its unwritten data

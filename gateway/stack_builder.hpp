@@ -36,6 +36,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <string_view>
 
 namespace blockway::cache {
 class OverlayLayer;
@@ -97,6 +98,14 @@ class StackBuilder {
   // allow= and listen= as the configuration says, or as `blockway access`
   // changed them (saved like the QoS limits). Null: no rules.
   std::shared_ptr<const core::AccessPolicy> access_policy(const ExportConfig& cfg);
+  // fuse-uid=, fuse-gid=, fuse-mode= likewise. Null: none set.
+  std::shared_ptr<const core::FileAttrs> file_attrs(const ExportConfig& cfg);
+  // Records the configuration's value of a run-time setting (saved form) and
+  // returns the one saved at run time while the configuration still says
+  // that; a saved one the configuration has changed since is forgotten
+  // (logged, naming `what`). Throws ConfigError.
+  std::optional<std::string> runtime_value(const std::string& name, const std::string& key,
+                                           const std::string& config_value, std::string_view what);
   void refuse_without_its_cache(const ExportConfig& cfg);
   // What the export does when its remote image changes size: an uncached
   // one grows its bounds; a cached one refuses, saying why.

@@ -6,13 +6,20 @@ other uids by setpriv on a mount with allow-other; an export's allow= user:
 and group: rules hide its file from everyone else (ENOENT on lookup, left
 out of readdir), the caller's supplementary groups counting; the rules
 changed at run time with `blockway access` apply at once and after a
-restart; bad values refused at start.
+restart; bad values refused at start. The owner, group and mode change at
+run time too (`blockway access NAME --fuse-uid/--fuse-gid/--fuse-mode`):
+stat shows them right after the command although the kernel had the old
+ones cached, opens follow them, they survive a restart with the same
+configuration and give way to a changed one, bad values change nothing,
+a clone's snapshot files follow the clone, and a daemon without a FUSE
+mount takes them for its next mount.
 
 The other identities are a uid and gids that no account uses (the machine's
 /etc/passwd and /etc/group are left alone).
 """
 
 import errno
+import hashlib
 import json
 import os
 import subprocess
@@ -47,6 +54,18 @@ for name in sys.argv[2:]:
         except OSError as e:
             out[what][name] = e.errno
 print(json.dumps(out))
+"""
+
+
+# Run as the other user: the whole file's sha256, or the errno of the open.
+READ = r"""
+import hashlib, json, sys
+try:
+    with open(sys.argv[1], "rb") as f:
+        data = f.read()
+    print(json.dumps({"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}))
+except OSError as e:
+    print(json.dumps({"errno": e.errno}))
 """
 
 
@@ -128,6 +147,161 @@ class FuseAccessTest(FuseTestCase):
                     "net": "allow=127.0.0.1", "open": "fuse-mode=0666"})
         self.assertEqual(self.probe(as_user(OTHER_UID, OTHER_GID), "u")["read"]["u"], 0)
         self.assertEqual(self.probe(as_user(UID, OTHER_GID), "u")["list"], ["net", "open"])
+
+    # ------------------------------------------------ owner and mode at run time
+
+    def read_as(self, prefix, name):
+        p = harness.run(list(prefix) + [sys.executable, "-c", READ, self.file(name)], timeout=60)
+        return json.loads(p.stdout)
+
+    def attrs(self, name):
+        st = os.stat(self.file(name))
+        return (st.st_mode & 0o7777, st.st_uid, st.st_gid)
+
+    def bw_run(self, *args):
+        return subprocess.run([BLOCKWAY, "--socket", self.csock] + list(args), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=60)
+
+    def image_digest(self):
+        with open(self.img, "rb") as f:
+            return {"sha256": hashlib.sha256(f.read()).hexdigest(), "size": MiB}
+
+    def test_owner_and_mode_changed_at_run_time(self):
+        spec = {"disk": "fuse-uid=0,fuse-gid=0,fuse-mode=0600", "plain": ""}
+        d = self.start(spec)
+        user = as_user(UID, OTHER_GID)
+        denied = {"errno": errno.EACCES}
+        self.assertEqual(self.attrs("disk"), (0o600, 0, 0))
+        self.assertEqual(self.read_as(user, "disk"), denied)
+        # The kernel holds the attributes it was just given (for a second):
+        # the change must reach it before the command returns.
+        out = self.bw_run("access", "disk", "--fuse-uid", str(UID), "--fuse-mode", "0600")
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertEqual(self.attrs("disk"), (0o600, UID, 0), "stat right after the command")
+        self.assertEqual(self.read_as(user, "disk"), self.image_digest())
+        self.assertIn("FUSE file: fuse-uid %d, fuse-gid 0, fuse-mode 0600 (shown as owner %d, group 0, mode 0600 in %s)"
+                      % (UID, UID, self.mnt), out.stdout.decode())
+        report = json.loads(self.bw_run("access", "disk", "--json").stdout)
+        self.assertEqual((report["fuse_uid"], report["fuse_gid"], report["fuse_mode"]), (UID, 0, "0600"))
+        self.assertEqual(report["fuse"], {"mountpoint": self.mnt, "uid": UID, "gid": 0, "mode": "0600"})
+        plain = json.loads(self.bw_run("access", "plain", "--json").stdout)
+        self.assertEqual((plain["fuse_uid"], plain["fuse_mode"], plain["fuse"]["mode"]), (None, None, "0644"))
+        self.assertIn("fuse-uid the mount's", self.bw_run("access", "plain").stdout.decode())
+
+        # Back to root: the user is refused again at once.
+        self.assertEqual(self.read_as(user, "disk"), self.image_digest())  # cached as readable by it
+        self.bw("access", "disk", "--fuse-uid", "0")
+        self.assertEqual(self.attrs("disk"), (0o600, 0, 0))
+        self.assertEqual(self.read_as(user, "disk"), denied)
+
+        # A group by name; a member reads, a stranger does not.
+        self.bw("access", "disk", "--fuse-gid", "nogroup", "--fuse-mode", "640")
+        self.assertEqual(self.attrs("disk"), (0o640, 0, 65534))
+        self.assertEqual(self.read_as(as_user(OTHER_UID, OTHER_GID, [65534]), "disk"), self.image_digest())
+        self.assertEqual(self.read_as(as_user(OTHER_UID, OTHER_GID), "disk"), denied)
+        # "" gives the mount's value back (mode=0644 by default): everyone reads.
+        self.bw("access", "disk", "--fuse-mode", "")
+        self.assertEqual(self.attrs("disk"), (0o644, 0, 65534))
+        self.assertEqual(self.read_as(as_user(OTHER_UID, OTHER_GID), "disk"), self.image_digest())
+
+        # Kept over a restart with the same configuration.
+        self.bw("access", "disk", "--fuse-uid", str(UID), "--fuse-mode", "0600")
+        d.stop()
+        d = self.start(spec)
+        self.assertEqual(self.attrs("disk"), (0o600, UID, 65534))
+        self.assertEqual(self.read_as(user, "disk"), self.image_digest())
+        self.assertIn("set at run time", d.log())
+        # A configuration that says something else now wins, and the saved
+        # change is forgotten.
+        d.stop()
+        d = self.start(dict(spec, disk="fuse-uid=0,fuse-gid=0,fuse-mode=0640"))
+        self.assertEqual(self.attrs("disk"), (0o640, 0, 0))
+        self.assertEqual(self.read_as(user, "disk"), denied)
+        self.assertIn("the configuration's FUSE owner and mode changed", d.log())
+        d.stop()
+        self.start(dict(spec, disk="fuse-uid=0,fuse-gid=0,fuse-mode=0640"))
+        self.assertEqual(self.attrs("disk"), (0o640, 0, 0))
+
+    def test_export_added_at_run_time_keeps_its_change(self):
+        d = self.start({"plain": ""})
+        self.bw("export", "add", "late", "file://" + self.img, "fuse-gid=nogroup")
+        harness.wait_until(lambda: "late" in os.listdir(self.mnt), 10, what="late in the mount")
+        self.assertEqual(self.attrs("late"), (0o644, 0, 65534))
+        self.bw("access", "late", "--fuse-uid", str(UID), "--fuse-mode", "0600")
+        self.assertEqual(self.attrs("late"), (0o600, UID, 65534))
+        self.bw("access", "late", "--fuse-gid", "")  # the mount's again: the saved option goes
+        self.assertEqual(self.attrs("late"), (0o600, UID, 0))
+        self.assertEqual(self.read_as(as_user(UID, OTHER_GID), "late"), self.image_digest())
+        d.stop()
+        self.start({"plain": ""})
+        self.assertEqual(self.attrs("late"), (0o600, UID, 0))
+        self.assertEqual(self.read_as(as_user(OTHER_UID, OTHER_GID), "late"), {"errno": errno.EACCES})
+
+    def test_bad_run_time_values_change_nothing(self):
+        self.start({"disk": "fuse-mode=0600"})
+        for args, needle in ((["--fuse-uid", "no-such-user-here"],
+                              "export 'disk': option fuse-uid='no-such-user-here': no such user"),
+                             (["--fuse-gid", "no-such-group"], "export 'disk': option fuse-gid='no-such-group': no such group"),
+                             (["--fuse-mode", "0999"], "export 'disk': option fuse-mode"),
+                             (["--fuse-mode", "01777"], "export 'disk': option fuse-mode"),
+                             (["--fuse-mode", "rw"], "export 'disk': option fuse-mode"),
+                             # one bad value: the good one is not taken either
+                             (["--fuse-uid", str(UID), "--fuse-mode", "0800"], "export 'disk': option fuse-mode"),
+                             (["--fuse-uid", str(UID), "--allow", "user:no-such-user-here"], "no-such-user-here")):
+            p = self.bw_run("access", "disk", *args)
+            self.assertEqual(p.returncode, 2, (args, p.stdout, p.stderr))
+            self.assertIn(needle, p.stderr.decode(), args)
+            self.assertEqual(self.attrs("disk"), (0o600, 0, 0), args)
+        p = self.bw_run("access", "nothing-here", "--fuse-uid", "0")
+        self.assertEqual(p.returncode, 4, p.stderr)
+        self.assertIn("no export named 'nothing-here'", p.stderr.decode())
+        p = self.bw_run("access", "disk", "--fuse-uid")
+        self.assertEqual(p.returncode, 2, p.stderr)
+        help_text = self.bw_run("access", "--help").stdout.decode()
+        for option in ("--fuse-uid", "--fuse-gid", "--fuse-mode"):
+            self.assertIn(option, help_text)
+
+    def test_without_a_fuse_mount(self):
+        conf = self.path("blockway.toml")
+        with open(conf, "w") as f:
+            f.write("[fuse]\nallow-other = true\n")  # options for a run-time mount; none made at start
+        self.start_daemon(["--config", conf, "--listen", "127.0.0.1:%d" % harness.free_port(),
+                           "--control-socket", self.csock, "--data-dir", self.path("data"),
+                           "--export", "disk=file://" + self.img])
+        p = self.bw_run("access", "disk", "--fuse-uid", str(UID), "--fuse-mode", "0400")
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertIn("no FUSE mount now: the file gets these when one is made", p.stdout.decode())
+        report = json.loads(self.bw_run("access", "disk", "--json").stdout)
+        self.assertEqual(report["fuse"], {"mountpoint": "", "uid": UID, "gid": 0, "mode": "0400"})
+        self.bw("mount", self.mnt)
+        self.addCleanup(lambda: self.bw_run("unmount"))
+        self.assertEqual(self.attrs("disk"), (0o400, UID, 0))
+        self.assertEqual(self.read_as(as_user(UID, OTHER_GID), "disk"), self.image_digest())
+
+    def test_snapshot_files_follow_the_clone(self):
+        overlays = self.path("overlays")
+        exports = {"golden": "file://" + self.img, "vm1": "clone:golden,overlay=%s,fuse-mode=0600" % overlays}
+        d = self.fuse_daemon(exports, fuse_opts="allow-other",
+                             extra=["--control-socket", self.csock, "--data-dir", self.path("data")])
+        self.bw("snapshot", "create", "vm1", "s1")
+        harness.wait_until(lambda: "vm1@s1" in os.listdir(self.mnt), 10, what="vm1@s1 in the mount")
+        self.assertEqual(self.attrs("vm1@s1"), (0o400, 0, 0))  # read-only: & 0444
+        user = as_user(UID, OTHER_GID)
+        self.assertEqual(self.read_as(user, "vm1@s1"), {"errno": errno.EACCES})
+        self.bw("access", "vm1", "--fuse-uid", str(UID))
+        self.assertEqual(self.attrs("vm1"), (0o600, UID, 0))
+        self.assertEqual(self.attrs("vm1@s1"), (0o400, UID, 0))
+        self.assertEqual(self.read_as(user, "vm1@s1"), self.image_digest())
+        p = self.bw_run("access", "vm1@s1", "--fuse-uid", "0")
+        self.assertEqual(p.returncode, 5, p.stderr)
+        self.assertIn("export 'vm1@s1' is a snapshot of clone 'vm1': its FUSE file takes the clone's owner and mode",
+                      p.stderr.decode())
+        self.assertEqual(self.attrs("vm1@s1"), (0o400, UID, 0))
+        d.stop()
+        self.fuse_daemon(exports, fuse_opts="allow-other",
+                         extra=["--control-socket", self.csock, "--data-dir", self.path("data")])
+        harness.wait_until(lambda: "vm1@s1" in os.listdir(self.mnt), 10, what="vm1@s1 after the restart")
+        self.assertEqual(self.attrs("vm1@s1"), (0o400, UID, 0))
 
     def test_bad_values_refused(self):
         for spec, needle in (("fuse-uid=no-such-user-here", "option fuse-uid='no-such-user-here': no such user"),

@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <string>
+#include <tuple>
 
 namespace blockway::gateway {
 namespace {
@@ -400,13 +401,57 @@ TEST(UnixSocketAccess, MistakesNameTheSetting) {
 
 TEST(ExportSpec, FuseOwnerAndMode) {
   const auto e = ExportConfig::parse_spec("a=file:///x,fuse-uid=root,fuse-gid=1234,fuse-mode=0640");
-  EXPECT_EQ(e.fuse_uid, std::optional<uid_t>(0));
-  EXPECT_EQ(e.fuse_gid, std::optional<gid_t>(1234));
-  EXPECT_EQ(e.fuse_mode, std::optional<unsigned>(0640));
+  EXPECT_EQ(e.fuse.uid, std::optional<uid_t>(0));
+  EXPECT_EQ(e.fuse.gid, std::optional<gid_t>(1234));
+  EXPECT_EQ(e.fuse.mode, std::optional<mode_t>(0640));
   EXPECT_TRUE(e.options.empty());
   EXPECT_THAT(what_of<ConfigError>([] { (void)ExportConfig::parse_spec("a=file:///x,fuse-uid=no-such-user-here"); }),
               HasSubstr("option fuse-uid='no-such-user-here': no such user"));
   EXPECT_THAT(what_of<ConfigError>([] { (void)ExportConfig::parse_spec("a=file:///x,fuse-mode=0800"); }), HasSubstr("fuse-mode"));
+}
+
+// blockway access --fuse-uid/--fuse-gid/--fuse-mode take what the keys take,
+// with the keys' messages.
+TEST(ExportSpec, FuseValuesAsTheControlPlaneTakesThem) {
+  EXPECT_EQ(parse_fuse_uid("a", "root"), 0u);
+  EXPECT_EQ(parse_fuse_uid("a", "64131"), 64131u);
+  EXPECT_EQ(parse_fuse_gid("a", "0"), 0u);
+  EXPECT_EQ(parse_fuse_mode("a", "600"), 0600u);
+  EXPECT_EQ(parse_fuse_mode("a", "0777"), 0777u);
+  EXPECT_EQ(what_of<ConfigError>([] { (void)parse_fuse_uid("vm1", "no-such-user-here"); }),
+            "export 'vm1': option fuse-uid='no-such-user-here': no such user");
+  EXPECT_EQ(what_of<ConfigError>([] { (void)parse_fuse_gid("vm1", "no-such-group"); }),
+            "export 'vm1': option fuse-gid='no-such-group': no such group");
+  EXPECT_THAT(what_of<ConfigError>([] { (void)parse_fuse_mode("vm1", "01777"); }),
+              HasSubstr("export 'vm1': option fuse-mode"));
+  EXPECT_THAT(what_of<ConfigError>([] { (void)parse_fuse_mode("vm1", "rw"); }), HasSubstr("fuse-mode"));
+  EXPECT_THAT(what_of<ConfigError>([] { (void)parse_fuse_uid("vm1", ""); }), HasSubstr("no such user"));
+}
+
+// The form a run-time change is saved in: every key, empty where unset,
+// numbers; read back to the same attributes.
+TEST(ExportSpec, FuseAttrsSavedAndReadBack) {
+  core::FileAttrs none;
+  EXPECT_EQ(saved_fuse_attrs(none), "fuse-uid=,fuse-gid=,fuse-mode=");
+  EXPECT_EQ(fuse_attrs_from_saved("a", saved_fuse_attrs(none)), none);
+  core::FileAttrs all{.uid = 64131, .gid = 0, .mode = 0600};
+  EXPECT_EQ(saved_fuse_attrs(all), "fuse-uid=64131,fuse-gid=0,fuse-mode=0600");
+  EXPECT_EQ(fuse_attrs_from_saved("a", saved_fuse_attrs(all)), all);
+  core::FileAttrs mode_only{.mode = 044};
+  EXPECT_EQ(saved_fuse_attrs(mode_only), "fuse-uid=,fuse-gid=,fuse-mode=0044");
+  EXPECT_EQ(fuse_attrs_from_saved("a", saved_fuse_attrs(mode_only)), mode_only);
+  // The configuration's keys give the same form (what a saved change is compared with).
+  EXPECT_EQ(saved_fuse_attrs(ExportConfig::parse_spec("a=file:///x,fuse-gid=7,fuse-mode=640").fuse),
+            "fuse-uid=,fuse-gid=7,fuse-mode=0640");
+  EXPECT_THAT(what_of<ConfigError>([] { (void)fuse_attrs_from_saved("a", "fuse-owner=1"); }),
+              HasSubstr("unknown key 'fuse-owner'"));
+  EXPECT_THAT(what_of<ConfigError>([] { (void)fuse_attrs_from_saved("a", "fuse-mode=9"); }), HasSubstr("fuse-mode"));
+  // What the file shows: the mount's where unset, a read-only export's
+  // write bits gone.
+  const auto shown = mode_only.resolve(5, 6, 0644, false);
+  EXPECT_EQ(std::tuple(shown.uid, shown.gid, shown.mode), std::tuple(5u, 6u, 044u));
+  EXPECT_EQ(all.resolve(5, 6, 0644, true).mode, 0400u);
+  EXPECT_EQ(none.resolve(5, 6, 0664, true).mode, 0444u);
 }
 
 

@@ -182,13 +182,66 @@ struct HookedFixture : Fixture {
       return save(exp->name, std::move(key), std::move(value));
     };
     hooks.failed_exports = [this] { return failed; };
+    hooks.fuse_mount = [] { return ExportCommandHooks::FuseMount{.mountpoint = "/mnt", .uid = 7, .gid = 8, .mode = 0644}; };
+    hooks.forget_file = [this](std::shared_ptr<Export> exp) { return forget(exp->name); };
     add_export_commands(dispatcher, table, std::move(hooks));  // replaces the commands
   }
   Task<std::string> save(std::string name, std::string key, std::string value) {
     saved.push_back(name + " " + key + "=" + value);
     co_return save_warning;
   }
+  std::vector<std::string> forgotten;
+  Task<void> forget(std::string name) {
+    forgotten.push_back(std::move(name));
+    co_return;
+  }
 };
+
+// access with fuse_uid/fuse_gid/fuse_mode: the export's file attributes
+// change (only those given; "" = the mount's), the FUSE mount is told before
+// the answer, the change is saved; a bad value changes and saves nothing.
+TEST_F(HookedFixture, FuseOwnerAndModeChangeAtRunTime) {
+  const auto plain = table.find("plain");
+  auto r = call(R"({"cmd": "access", "name": "plain"})");
+  ASSERT_EQ(r["ok"], true) << r.dump();
+  EXPECT_EQ(r["result"]["fuse_uid"], nullptr);
+  EXPECT_EQ(r["result"]["fuse"], Json({{"mountpoint", "/mnt"}, {"uid", 7}, {"gid", 8}, {"mode", "0644"}}));
+  EXPECT_TRUE(saved.empty() && forgotten.empty()) << "a report changes nothing";
+
+  r = call(R"({"cmd": "access", "name": "plain", "fuse_uid": "64131", "fuse_mode": "600"})");
+  ASSERT_EQ(r["ok"], true) << r.dump();
+  EXPECT_EQ(plain->file(), (core::FileAttrs{.uid = 64131, .mode = 0600}));
+  EXPECT_EQ(r["result"]["fuse_uid"], 64131);
+  EXPECT_EQ(r["result"]["fuse_gid"], nullptr);
+  EXPECT_EQ(r["result"]["fuse_mode"], "0600");
+  EXPECT_EQ(r["result"]["fuse"], Json({{"mountpoint", "/mnt"}, {"uid", 64131}, {"gid", 8}, {"mode", "0600"}}));
+  EXPECT_EQ(saved, (std::vector<std::string>{"plain fuse=fuse-uid=64131,fuse-gid=,fuse-mode=0600"}));
+  EXPECT_EQ(forgotten, (std::vector<std::string>{"plain"}));
+
+  // Only what is given changes; "" is the mount's again.
+  ASSERT_EQ(call(R"({"cmd": "access", "name": "plain", "fuse_gid": "root", "fuse_uid": ""})")["ok"], true);
+  EXPECT_EQ(plain->file(), (core::FileAttrs{.gid = 0, .mode = 0600}));
+  EXPECT_EQ(saved.back(), "plain fuse=fuse-uid=,fuse-gid=0,fuse-mode=0600");
+  ASSERT_EQ(call(R"({"cmd": "access", "name": "plain", "fuse_gid": "", "fuse_mode": ""})")["ok"], true);
+  EXPECT_EQ(plain->file_attrs.load(), nullptr) << "nothing set: the mount's for all";
+
+  // Bad values: the configuration's messages, nothing changed or saved.
+  const size_t saves = saved.size();
+  r = call(R"({"cmd": "access", "name": "plain", "fuse_uid": "64131", "fuse_mode": "0800"})");
+  EXPECT_EQ(code(r), "bad-request");
+  EXPECT_NE(r["error"]["message"].get<std::string>().find("export 'plain': option fuse-mode"), std::string::npos)
+      << r.dump();
+  r = call(R"({"cmd": "access", "name": "plain", "fuse_gid": "no-such-group"})");
+  EXPECT_EQ(r["error"]["message"], "export 'plain': option fuse-gid='no-such-group': no such group");
+  EXPECT_EQ(code(call(R"({"cmd": "access", "name": "plain", "fuse_uid": 5})")), "bad-request");
+  EXPECT_EQ(plain->file_attrs.load(), nullptr);
+  EXPECT_EQ(saved.size(), saves);
+
+  // A read-only export's file shows at most 0444.
+  r = call(R"({"cmd": "access", "name": "cached", "fuse_mode": "0660"})");
+  ASSERT_EQ(r["ok"], true) << r.dump();
+  EXPECT_EQ(r["result"]["fuse"]["mode"], "0440");
+}
 
 TEST_F(HookedFixture, ModeAndRateChangesAreSavedRefusalsAreNot) {
   ASSERT_EQ(call(R"({"cmd": "mode", "name": "cached", "mode": "writeback-local"})")["ok"], true);
