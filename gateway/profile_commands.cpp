@@ -4,6 +4,7 @@
 #include "core/buffer_pool.hpp"
 #include "core/logging.hpp"
 #include "core/task.hpp"
+#include "gateway/output_file.hpp"
 
 #include <fcntl.h>
 #include <gnutls/crypto.h>
@@ -200,16 +201,6 @@ Task<Json> profile_show(std::shared_ptr<const Context> ctx, Json req) {
 
 // ---- profile-export ------------------------------------------------------------------------------
 
-// The file being written; removed unless kept (a failed export leaves nothing).
-struct OutFile {
-  std::string path;
-  int fd = -1;
-  bool keep = false;
-  ~OutFile() {
-    if (fd >= 0) ::close(fd);
-    if (!keep) ::unlink(path.c_str());
-  }
-};
 
 Task<Json> profile_export(std::shared_ptr<const Context> ctx, Json req) {
   const auto t = find_cached(*ctx, arg_string(req, "name"));
@@ -241,7 +232,7 @@ Task<Json> profile_export(std::shared_ptr<const Context> ctx, Json req) {
            {"sessions", p.sessions},
            {"checksum", sessions_checksum(p.sessions)}};
   const std::string text = doc.dump() + "\n";
-  OutFile out{path};
+  OutputFile out{path};
   // Written next to the target and renamed over it: a crash or a full disk
   // never leaves a half file under the name.
   const std::string tmp = path + ".tmp" + std::to_string(::getpid());
@@ -301,28 +292,6 @@ std::string opt_string(const Json& doc, const char* key) {
   return it != doc.end() && it->is_string() ? it->get<std::string>() : std::string();
 }
 
-// The deepest nesting of arrays and objects in JSON text (strings skipped):
-// a profile nests three deep; a file that nests far deeper is refused
-// before it is parsed (the parser's result would be freed recursively).
-size_t json_nesting(const std::string& text) {
-  size_t depth = 0, deepest = 0;
-  bool in_string = false, escaped = false;
-  for (char ch : text) {
-    if (in_string) {
-      if (escaped) escaped = false;
-      else if (ch == '\\') escaped = true;
-      else if (ch == '"') in_string = false;
-    } else if (ch == '"') {
-      in_string = true;
-    } else if (ch == '[' || ch == '{') {
-      deepest = std::max(deepest, ++depth);
-    } else if ((ch == ']' || ch == '}') && depth > 0) {
-      --depth;
-    }
-  }
-  return deepest;
-}
-
 std::string field_string(const Json& doc, const char* key, const std::string& path) {
   auto it = doc.find(key);
   if (it == doc.end() || !it->is_string()) corrupt(path, std::string("\"") + key + "\" is missing or not a string");
@@ -330,7 +299,7 @@ std::string field_string(const Json& doc, const char* key, const std::string& pa
 }
 
 ProfileFile parse_profile(const std::string& text, const std::string& path) {
-  if (json_nesting(text) > 8) corrupt(path, "it nests deeper than a profile does");
+  if (json_depth(text) > 8) corrupt(path, "it nests deeper than a profile does");
   Json doc = Json::parse(text, nullptr, false);
   if (doc.is_discarded())
     corrupt(path, "it is not complete JSON (truncated or damaged; " + std::to_string(text.size()) + " bytes)");
