@@ -125,7 +125,8 @@ class ProfileTest(control_common.ControlTestCase):
         kit_other = remotes.started(self, remotes.Nbdkit(self.tmp, other, name="nbdkit-other"))
         self.start_second({"golden": "%s,cache=%s,chunk=64k" % (self.kit.uri, self.path("cache2")),
                            "small": "%s,cache=%s" % (kit_small.uri, self.path("cache3")),
-                           "other": "%s,cache=%s" % (kit_other.uri, self.path("cache4"))})
+                           "other": "%s,cache=%s" % (kit_other.uri, self.path("cache4")),
+                           "golden32": "%s,cache=%s,chunk=32k" % (self.kit.uri, self.path("cache5"))})
         _, err = self.bw2("profile", "import", "small", path, expect=EXIT_REFUSED)
         self.assertIn("is of an image of %d bytes" % SIZE, err)
         _, err = self.bw2("profile", "import", "small", path, "--force", expect=EXIT_REFUSED)
@@ -136,6 +137,12 @@ class ProfileTest(control_common.ControlTestCase):
                          [], "a refused import stores nothing")
         out, _ = self.bw2("profile", "import", "other", path, "--force")
         self.assertIn("identity differs, forced", out)
+
+        # Another chunk size: each 64 KiB chunk becomes its two 32 KiB ones, in order.
+        out, _ = self.bw2("profile", "import", "golden32", path)
+        self.assertIn("converted from chunks of 64 KiB", out)
+        show = self.bwj("profile", "show", "golden32", "--socket", self.path("control2.sock"))
+        self.assertEqual(show["sessions"][0]["first"], [n for c in ORDER for n in (2 * c, 2 * c + 1)], show)
 
         out, _ = self.bw2("profile", "import", "golden", path)
         self.assertIn("imported into export 'golden'", out)
