@@ -4,7 +4,8 @@ file, `blockway profile import` gives it to a second daemon's export of the
 same image (another data and cache directory: another host), whose hot-first
 prefetch then fetches those chunks first (the order is read from nbdkit's log
 filter at the shared remote); size and identity mismatches and damaged files
-are refused with their exit codes. `blockway cache drop --keep-profile`
+are refused with their exit codes; a detached export exports its profile but
+refuses drop and import. `blockway cache drop --keep-profile`
 empties a cache (refused while data is dirty), keeps the profile, and hot-first
 prefetch follows it again.
 """
@@ -219,6 +220,24 @@ class ProfileTest(control_common.ControlTestCase):
         out, _ = self.bw("cache", "drop", "golden")
         self.assertIn("access profile forgotten", out)
         self.assertEqual(self.bwj("profile", "show", "golden")["sessions"], [])
+
+    def test_a_detached_export_refuses_drop_and_import_but_exports(self):
+        self.start({"golden": "%s,cache=%s,chunk=64k" % (self.kit.uri, self.path("cache1"))})
+        self.read_in_order("golden")
+        self.bw("prefetch", "golden", "--wait")
+        self.bw("detach", "golden")
+        path = self.path("p.json")
+        self.bw("profile", "export", "golden", path)
+        with open(path) as f:
+            self.assertEqual(json.load(f)["sessions"][0][:len(ORDER)], ORDER)
+        _, err = self.bw("cache", "drop", "golden", "--keep-profile", expect=EXIT_REFUSED)
+        self.assertIn("is detached", err)
+        _, err = self.bw("profile", "import", "golden", path, expect=EXIT_REFUSED)
+        self.assertIn("is detached", err)
+        # The image still reads right: nothing was dropped.
+        h = self.connect(self.uri("golden"))
+        self.assertEqual(h.pread(4096, ORDER[0] * CHUNK), harness.read_file(self.img, ORDER[0] * CHUNK, 4096))
+        h.shutdown()
 
 
 if __name__ == "__main__":
