@@ -162,7 +162,40 @@ class CacheLayer final : public core::Layer, public core::ExportControl {
   core::Task<core::ControlResult> detach(bool force) override;
   core::Task<core::ControlResult> set_mode(std::string_view mode) override;
 
+  // Access profile (cache/cache_profile.cpp): the first-read order of the
+  // export's sessions, for hot-first prefetch, moved between hosts by
+  // `blockway profile export/import`.
+  struct Profile {
+    uint64_t chunk_size = 0;
+    uint64_t chunks = 0;                         // chunks of the image
+    std::vector<std::vector<uint32_t>> sessions;  // newest first, chunks in first-read order
+  };
+  // The stored sessions, the running one's first reads saved first.
+  core::Task<std::pair<std::error_code, Profile>> profile();
+  // Replaces every session before the running one by `sessions` (newest
+  // first, chunks of this cache): the next hot-first prefetch fetches them
+  // first. EPERM when detached (nothing left to prefetch).
+  core::Task<core::ControlResult> import_profile(std::vector<std::vector<uint32_t>> sessions);
+  // Empties the cache (present bits cleared and persisted, the cache file
+  // punched) while clients go on, and starts a new profile session. Refused
+  // (EBUSY, naming what to run) while chunks are dirty or the prefetch runs,
+  // EPERM when detached. Without keep_profile the stored profile is
+  // forgotten too.
+  core::Task<core::ControlResult> drop(bool keep_profile);
+  // Like read(), but not recorded in the access profile: the daemon's own
+  // reads (a profile's image identity), not a client's.
+  core::Task<std::error_code> read_unrecorded(std::span<std::byte> buf, uint64_t offset);
+  [[nodiscard]] uint64_t chunk_size() const noexcept { return uint64_t{1} << chunk_shift_; }
+  [[nodiscard]] uint64_t chunk_count() const noexcept { return nchunks_; }
+
  private:
+  // read() flag (never from a client, who reaches this layer through the
+  // CheckedDevice): leave the access profile alone.
+  static constexpr core::IoFlags kUnrecorded = 1u << 12;
+  // Under checkpoint_mutex_: saves the running session's unsaved first reads
+  // and starts a new, empty session (forgetting the stored ones unless keep).
+  core::Task<std::error_code> new_profile_session(bool keep);
+
   friend class Prefetcher;
   struct Fill;  // one populator's claim on a set of absent chunks
   struct Shard {

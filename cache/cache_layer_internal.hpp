@@ -22,6 +22,8 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
+#include <string>
 #include <cstring>
 #include <exception>
 
@@ -42,6 +44,23 @@ inline bool all_zero(const std::byte* p, size_t n) {
   for (size_t i = 0; i < head; ++i)
     if (p[i] != std::byte{0}) return false;
   return n <= 16 || std::memcmp(p, p + 16, n - 16) == 0;
+}
+
+// n bytes for people: "768.0 KiB".
+inline std::string human_bytes(uint64_t n) {
+  const char* units[] = {"bytes", "KiB", "MiB", "GiB", "TiB"};
+  double v = static_cast<double>(n);
+  int u = 0;
+  while (v >= 1024 && u < 4) {
+    v /= 1024;
+    ++u;
+  }
+  char buf[64];
+  if (u == 0)
+    std::snprintf(buf, sizeof buf, "%llu bytes", static_cast<unsigned long long>(n));
+  else
+    std::snprintf(buf, sizeof buf, "%.1f %s", v, units[u]);
+  return buf;
 }
 
 struct CacheLayer::Fill {

@@ -96,25 +96,6 @@ Task<std::error_code> CacheLayer::persist_state(std::string key, std::string val
   co_return co_await catalogue_call(blocking_, [&] { store_.set_state(name_, key, value); });
 }
 
-namespace {
-
-std::string human_bytes(uint64_t n) {
-  const char* units[] = {"bytes", "KiB", "MiB", "GiB", "TiB"};
-  double v = static_cast<double>(n);
-  int u = 0;
-  while (v >= 1024 && u < 4) {
-    v /= 1024;
-    ++u;
-  }
-  char buf[64];
-  if (u == 0)
-    std::snprintf(buf, sizeof buf, "%llu bytes", static_cast<unsigned long long>(n));
-  else
-    std::snprintf(buf, sizeof buf, "%.1f %s", v, units[u]);
-  return buf;
-}
-
-}  // namespace
 
 Task<core::ControlResult> CacheLayer::detach(bool force) {
   using core::ControlResult;

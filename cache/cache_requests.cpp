@@ -37,7 +37,7 @@ std::error_code CacheLayer::request_failed(const char* what, uint64_t length, ui
   return ec;
 }
 
-Task<std::error_code> CacheLayer::read(std::span<std::byte> buf, uint64_t offset, IoFlags) {
+Task<std::error_code> CacheLayer::read(std::span<std::byte> buf, uint64_t offset, IoFlags flags) {
   // Taken before anything can suspend: it belongs to the request that called.
   core::RequestNote* note = core::take_request_note();
   if (buf.empty()) co_return std::error_code{};
@@ -49,7 +49,7 @@ Task<std::error_code> CacheLayer::read(std::span<std::byte> buf, uint64_t offset
     co_return co_await cache_file_->read(buf, offset, 0);
   }
   const uint64_t first = chunk_of(offset), last = chunk_of(offset + buf.size() - 1);
-  if (!seen_.test(first) || !seen_.test(last)) record_first_reads(first, last);
+  if (!(flags & kUnrecorded) && (!seen_.test(first) || !seen_.test(last))) record_first_reads(first, last);
   {
     // Hit: no claim, only the eviction grace period.
     EpochGuard guard(*this);

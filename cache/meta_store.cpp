@@ -432,4 +432,27 @@ std::vector<std::vector<uint32_t>> MetaStore::load_profiles(const std::string& n
   return out;
 }
 
+void MetaStore::replace_profiles(const std::string& name, int64_t current,
+                                 const std::vector<std::vector<uint32_t>>& older) {
+  std::lock_guard lock(mutex_);
+  exec("BEGIN IMMEDIATE");
+  try {
+    Statement del(db_, path_, "cannot replace the access profile",
+                  "DELETE FROM access_profile WHERE name = ? AND session <> ?");
+    del.bind(name).bind(current).run();
+    Statement ins(db_, path_, "cannot store the access profile",
+                  "INSERT OR REPLACE INTO access_profile (name, session, batch, chunks) VALUES (?, ?, 0, ?)");
+    for (size_t i = 0; i < older.size(); ++i) {
+      if (older[i].empty()) continue;
+      ins.reset();
+      ins.bind(name).bind(current - 1 - static_cast<int64_t>(i));
+      ins.bind_blob(older[i].data(), older[i].size() * sizeof(uint32_t)).run();
+    }
+    exec("COMMIT");
+  } catch (...) {
+    sqlite3_exec(db_, "ROLLBACK", nullptr, nullptr, nullptr);
+    throw;
+  }
+}
+
 }  // namespace blockway::cache

@@ -138,6 +138,12 @@ class MetaStore {
   void append_profile(const std::string& name, int64_t session, int64_t batch, const std::vector<uint32_t>& chunks);
   // Every stored session's chunks in first-read order, newest session first.
   std::vector<std::vector<uint32_t>> load_profiles(const std::string& name);
+  // In one transaction: forgets every session of the export but `current`
+  // (the running one, whose reads keep being appended) and stores `older`
+  // (newest first) as the sessions just before it (current - 1, current - 2,
+  // ...): what `blockway profile import` and `cache drop` without
+  // --keep-profile (older empty) do.
+  void replace_profiles(const std::string& name, int64_t current, const std::vector<std::vector<uint32_t>>& older);
 
  private:
   void exec(const char* sql);

@@ -21,6 +21,8 @@ int snapshot_command(const std::vector<std::string>& args);
 int revert_command(const std::vector<std::string>& args);
 int flatten_command(const std::vector<std::string>& args);
 int export_image_command(const std::vector<std::string>& args);
+int profile_command(const std::vector<std::string>& args);
+int cache_command(const std::vector<std::string>& args);
 int prefetch_command(const std::vector<std::string>& args);
 int detach_command(const std::vector<std::string>& args);
 int mode_command(const std::vector<std::string>& args);

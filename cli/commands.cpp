@@ -58,6 +58,17 @@ const Command kCommands[] = {
      "prefetch rate NAME RATE\n"
      "                    limit the prefetch (50M = 50 MiB/s, 0 = unlimited)",
      prefetch_command},
+    {"profile",
+     "profile show NAME | profile export|import NAME FILE [--force]\n"
+     "                    the export's access profile (first-read order, for\n"
+     "                    prefetch hot-first): show it, write it to FILE, or take\n"
+     "                    it from FILE written for the same image on another host",
+     profile_command},
+    {"cache",
+     "cache drop NAME [--keep-profile]\n"
+     "                    empty the export's cache (nothing dirty), keeping its\n"
+     "                    access profile with --keep-profile",
+     cache_command},
     {"detach",
      "detach NAME [--force]\n"
      "                    run the export from its cache alone, without the remote",

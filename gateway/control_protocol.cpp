@@ -145,10 +145,9 @@ std::string ControlDispatcher::error_line(const std::string& code, int errno_val
   return r.dump(-1, ' ', false, Json::error_handler_t::replace);
 }
 
-// Deepest nesting of arrays and objects in a JSON text (strings skipped).
 // Parsing is iterative, but copying and dumping a json value recurse: a
 // request nested 30,000 deep would overflow the event loop's stack.
-static size_t json_depth(std::string_view text) {
+size_t json_depth(std::string_view text) {
   size_t depth = 0, deepest = 0;
   bool in_string = false, escaped = false;
   for (const char ch : text) {

@@ -69,6 +69,10 @@ class ControlDispatcher {
   std::map<std::string, Entry, std::less<>> table_;
 };
 
+// Deepest nesting of arrays and objects in a JSON text (strings skipped):
+// checked before parsing text from outside (a request, a profile file).
+size_t json_depth(std::string_view text);
+
 // Argument helpers: throw ControlError("bad-request") naming the argument.
 std::string arg_string(const Json& request, const char* key);
 bool arg_bool(const Json& request, const char* key, bool fallback);

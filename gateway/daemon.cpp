@@ -14,6 +14,7 @@
 #include "gateway/image_commands.hpp"
 #include "gateway/metrics.hpp"
 #include "gateway/metrics_server.hpp"
+#include "gateway/profile_commands.hpp"
 #include "gateway/runtime_exports.hpp"
 #include "gateway/service_manager.hpp"
 #include "gateway/socket_activation.hpp"
@@ -264,6 +265,7 @@ int run_daemon(DaemonConfig config) {
   add_snapshot_commands(control_commands, exports,
                         [&builder](const std::shared_ptr<Export>& exp) { return builder.snapshots_of(exp); });
   add_image_commands(control_commands, exports, loops.blocking());
+  add_profile_commands(control_commands, exports, loops.blocking());
   TraceCommands trace_commands(loops.at(0), exports);
   trace_commands.add_to(control_commands);
   ControlServer control(loops.at(0), control_commands);

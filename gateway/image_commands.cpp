@@ -2,6 +2,7 @@
 
 #include "core/logging.hpp"
 #include "core/task.hpp"
+#include "gateway/output_file.hpp"
 
 #include <fcntl.h>
 #include <unistd.h>
@@ -26,16 +27,6 @@ struct Context {
   boost::asio::thread_pool& blocking;
 };
 
-// The file being written; removed unless kept (a failed export leaves nothing).
-struct ImageFile {
-  std::string path;
-  int fd = -1;
-  bool keep = false;
-  ~ImageFile() {
-    if (fd >= 0) ::close(fd);
-    if (!keep) ::unlink(path.c_str());
-  }
-};
 
 [[noreturn]] void fail(int err, const std::string& what) {
   throw ControlError("failed", err, what + ": " + std::strerror(err));
@@ -52,7 +43,7 @@ Task<Json> export_image(std::shared_ptr<const Context> ctx, Json req) {
   std::error_code fs_ec;
   if (std::filesystem::is_block_file(path, fs_ec) || std::filesystem::is_directory(path, fs_ec))
     throw ControlError("refused", EINVAL, path + " is not a regular file");
-  ImageFile out{path};
+  OutputFile out{path};
   out.fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC | (force ? O_TRUNC : O_EXCL), 0600);
   if (out.fd < 0) {
     out.keep = true;  // not ours to remove

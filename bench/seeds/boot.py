@@ -26,19 +26,18 @@ nbd:unix:SOCK:exportname=boot. Boots, each round in this order:
   no cache    blockwayd boot=nbd://REMOTE: every read goes remote
   cold        a fresh cache (writethrough, prefetch off); this boot is also
               the recorded boot: blockwayd records the order of first reads
-  hot-first   the same daemon data dir restarted with prefetch=hot-first and
-              the cache emptied (its present bits deleted from the catalogue
-              and the cache file punched, the access profile kept: no
-              command empties a cache and keeps the profile)
+  hot-first   the cold round's cache emptied with its access profile kept
+              (`blockway cache drop boot --keep-profile` after the recorded
+              boot), and the same data dir restarted with prefetch=hot-first
   sequential  a fresh cache with prefetch=sequential
 
 Targets: hot-first <= 1.2x local, and faster than the cold cache.
-Knobs: BENCH_QUICK, BENCH_REPS (5), BENCH_DELAY (1ms), BLOCKWAYD,
-BENCH_TMPDIR, BENCH_SEEDS_BOOT_DIR. Writes bench/results/seeds-boot.md and
+Knobs: BENCH_QUICK, BENCH_REPS (5), BENCH_DELAY (1ms), BLOCKWAYD, BLOCKWAY
+(default: beside BLOCKWAYD), BENCH_TMPDIR, BENCH_SEEDS_BOOT_DIR. Writes bench/results/seeds-boot.md and
 .png and the seeds:boot section of BENCHMARKS.md (not in quick mode).
 """
+import json
 import os
-import sqlite3
 import subprocess
 import sys
 import time
@@ -51,6 +50,7 @@ b = Bench("boot", runtime=1, reps=5, size_mib=1024)
 DELAY = os.environ.get("BENCH_DELAY", "1ms")
 IMGDIR = os.environ.get("BENCH_SEEDS_BOOT_DIR", "/var/tmp/blockway-seeds-boot")
 BOOT_TIMEOUT = 300
+BLOCKWAY = os.environ.get("BLOCKWAY", os.path.join(os.path.dirname(os.path.abspath(b.blockwayd_orig)), "blockway"))
 MARKER = b"SEEDS-BOOT-DONE"
 INIT_MARKER = b"SEEDS-INIT-START"
 for tool in ("nbdkit", "nbdinfo", "qemu-system-x86_64"):
@@ -116,7 +116,7 @@ def start_bw(d, spec):
         os.unlink(sock)
     spec = spec.replace("CACHE", os.path.join(d, "cache"))
     p = b.start("blockwayd", [b.blockwayd, "--listen", f"unix:{sock}", "--data-dir", os.path.join(d, "data"),
-                              "--control-socket", "off", "--export", "boot=" + spec])
+                              "--control-socket", os.path.join(d, "control.sock"), "--export", "boot=" + spec])
     b.wait_nbd(f"nbd+unix:///boot?socket={sock}", p)
     return p, f"nbd:unix:{sock}:exportname=boot"
 
@@ -127,19 +127,23 @@ def stop_bw(p):
         die(f"blockwayd exited {rc} after SIGTERM:\n{b.tail(p)}")
 
 
+def blockway(d, *args):
+    r = subprocess.run([BLOCKWAY, *args, "--socket", os.path.join(d, "control.sock")], stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True, timeout=120)
+    if r.returncode != 0:
+        die(f"blockway {' '.join(args)}: exit {r.returncode}: {r.stderr.strip()}")
+    return r.stdout
+
+
 def empty_cache_keep_profile(d):
-    """The cache of export boot emptied with its access profile kept."""
-    db = sqlite3.connect(os.path.join(d, "data", "catalogue.db"))
-    profile = db.execute("SELECT count(*) FROM access_profile WHERE name = 'boot'").fetchone()[0]
-    if profile == 0:
-        die("the recorded boot left no access profile in the catalogue")
-    path, size = db.execute("SELECT cache_path, size FROM caches WHERE name = 'boot'").fetchone()
-    db.execute("DELETE FROM bitmap_pages WHERE name = 'boot'")
-    db.commit()
-    db.close()
-    os.truncate(path, 0)
-    os.truncate(path, size)
-    return profile
+    """The cache of export boot emptied with its access profile kept (the
+    daemon that recorded the boot still running); returns the chunks the
+    recorded boot read."""
+    profile = json.loads(blockway(d, "profile", "show", "boot", "--json"))
+    if not profile["sessions"]:
+        die("the recorded boot left no access profile")
+    blockway(d, "cache", "drop", "boot", "--keep-profile")
+    return profile["sessions"][0]["chunks"]
 
 
 def fetched(p):
@@ -172,13 +176,13 @@ for rnd in range(1, b.reps + 1):
     d = os.path.join(b.tmp, f"cold.{rnd}")
     bw, drive = start_bw(d, ruri + ",cache=CACHE")
     measure("cold cache", drive, "cold", rnd)
+    profiled = empty_cache_keep_profile(d)
     stop_bw(bw)
     stats.append(f"round {rnd} cold: {fetched(bw)}")
-    batches = empty_cache_keep_profile(d)
     bw, drive = start_bw(d, ruri + ",cache=CACHE,prefetch=hot-first")
     measure("hot-first", drive, "hotfirst", rnd)
     stop_bw(bw)
-    stats.append(f"round {rnd} hot-first ({batches} profile batch(es) recorded): {fetched(bw)}")
+    stats.append(f"round {rnd} hot-first ({profiled} chunks in the recorded boot's profile): {fetched(bw)}")
     d = os.path.join(b.tmp, f"seq.{rnd}")
     bw, drive = start_bw(d, ruri + ",cache=CACHE,prefetch=sequential")
     measure("sequential", drive, "seq", rnd)

@@ -237,6 +237,32 @@ TEST_F(MetaStoreTest, AccessProfilesKeepOrderAndOnlyTheNewestSessions) {
   EXPECT_TRUE(s.load_profiles("a").empty());
 }
 
+// profile import: the running session stays (newest), the imported ones
+// replace every earlier session just below it, newest first; the next start's
+// session comes after all of them and keeps them; an empty import forgets.
+TEST_F(MetaStoreTest, ReplacedProfilesSitBelowTheRunningSession) {
+  MetaStore s(path_);
+  s.reset(record("a"));
+  s.append_profile("a", s.begin_session("a"), 0, {1, 2});
+  const int64_t running = s.begin_session("a");
+  s.append_profile("a", running, 0, {8});
+  s.replace_profiles("a", running, {{4, 5, 6}, {7}, {}});
+  auto p = s.load_profiles("a");
+  ASSERT_EQ(p.size(), 3u);
+  EXPECT_EQ(p[0], (std::vector<uint32_t>{8}));
+  EXPECT_EQ(p[1], (std::vector<uint32_t>{4, 5, 6}));
+  EXPECT_EQ(p[2], (std::vector<uint32_t>{7}));
+  const int64_t next = s.begin_session("a");
+  EXPECT_GT(next, running);
+  s.append_profile("a", next, 0, {3});
+  p = s.load_profiles("a");
+  ASSERT_EQ(p.size(), 4u);
+  EXPECT_EQ(p[0], (std::vector<uint32_t>{3}));
+  EXPECT_EQ(p[2], (std::vector<uint32_t>{4, 5, 6}));
+  s.replace_profiles("a", next + 1, {});
+  EXPECT_TRUE(s.load_profiles("a").empty());
+}
+
 // A run-time table of another schema (an older or newer daemon's, a hand
 // edit) makes every statement on it fail to prepare: that is an error naming
 // the catalogue and the column, never an empty list read as "nothing saved".
