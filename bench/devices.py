@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/python3
 """Kernel devices in a TCG guest (tests/integration/guest.py): the daemon's
 socketpair device (blockway connect) vs the same daemon reached by
 nbd-client over TCP on the guest's loopback, fio 4k random and 1M

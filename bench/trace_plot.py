@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/python3
 """Turns a blockway trace (docs/traces.md) into two PNG pictures:
 
   PREFIX-heatmap.png   offset x time: how many requests touched each cell

@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/python3
 """Seed experiment 2 (issue 17): boot a VM from a remote image through
 blockwayd, as the remote-disk cache papers measured it.
 

@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/python3
 """Seed experiment 1 (issue 17): 4k reads through the cache versus the remote
 and versus local disk, as the remote-disk cache papers measured them.
 

@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/python3
 """Seed experiment 3 (issue 17): bonnie++ and PostMark on ext4 on the FUSE
 file blockwayd shows for an iSCSI remote, as the VM-disk papers measured
 NFS and iSCSI storage.
