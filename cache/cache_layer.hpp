@@ -225,9 +225,15 @@ class CacheLayer final : public core::Layer, public core::ExportControl {
   void release(const std::shared_ptr<Fill>& fill, const std::vector<uint64_t>& chunks, std::error_code ec);
   // True if every chunk of [first, last] is present or in `mine` (sorted).
   [[nodiscard]] bool chunks_ready(uint64_t first, uint64_t last, const std::vector<uint64_t>& mine) const noexcept;
-  // flags: kBackground for the prefetch's fills (the remote bandwidth cap's
-  // background class), else 0.
-  core::Task<std::error_code> fetch_run(uint64_t first, uint64_t last, core::IoFlags flags = 0);
+  // Fetches chunks [first, last] (claimed by the caller) from the remote,
+  // writes them to the cache file and marks them present. flags: kBackground
+  // for the prefetch's fills (the remote bandwidth cap's background class),
+  // else 0. A read miss passes `out`, the part of its reply buffer at byte
+  // `out_offset` that lies in the run: the fetched bytes are delivered there
+  // (fetched straight into it when it is the whole run, else copied from a
+  // pooled buffer), so the reply needs no read of the cache file afterwards.
+  core::Task<std::error_code> fetch_run(uint64_t first, uint64_t last, core::IoFlags flags = 0,
+                                        std::span<std::byte> out = {}, uint64_t out_offset = 0);
   void start_readahead(uint64_t after);
 
   // Write-intent for the regions of chunks [first, last], persisted before
@@ -241,8 +247,9 @@ class CacheLayer final : public core::Layer, public core::ExportControl {
   // Fetches every chunk of `mine` (claimed by the caller, sorted) that is not
   // present, in runs of up to kMaxRun bytes.
   core::Task<std::error_code> fetch_absent(const std::vector<uint64_t>& mine);
-  // A read that missed: claims every chunk of the range, fetches the absent
-  // ones and reads the range from the cache file under the claim.
+  // A read that missed: claims every chunk of the range; under the claim,
+  // reads the present runs from the cache file and fetches the absent ones
+  // straight into the reply (fetch_run's `out`).
   core::Task<std::error_code> read_miss(std::span<std::byte> buf, uint64_t offset, uint64_t first, uint64_t last);
   // A write or zero that lost a present chunk to eviction this many times
   // claims the present chunks too (then none can be evicted under it).

@@ -77,14 +77,30 @@ Task<std::error_code> CacheLayer::read_miss(std::span<std::byte> buf, uint64_t o
   // capacity far below the working set, reads that span chunks used to fail
   // that way). Hits never take this path, so they stay claim-free.
   auto [fill, mine] = co_await claim(first, last, true);
-  std::error_code ec = co_await fetch_absent(mine);
-  if (ec) {
-    request_failed("read", buf.size(), offset, "fetching from the remote", ec);
-  } else {
-    mark_referenced(first, last);
-    ec = co_await cache_file_->read(buf, offset, 0);
-    if (ec) request_failed("read", buf.size(), offset, "reading the cache file", ec);
+  // Runs of present chunks are read from the cache file; runs of absent ones
+  // (up to kMaxRun) are fetched and delivered into the reply by fetch_run,
+  // which writes them to the cache file too: the fetched bytes are not read
+  // back from it. A reader that waited on this claim finds them present.
+  const uint64_t end = offset + buf.size();
+  const uint64_t max_chunks = std::max<uint64_t>(1, kMaxRun >> chunk_shift_);
+  std::error_code ec;
+  for (uint64_t c = first; c <= last && !ec;) {
+    const bool have = present_.test(c);
+    uint64_t d = c;
+    while (d < last && present_.test(d + 1) == have && (have || d + 1 - c < max_chunks)) ++d;
+    const uint64_t lo = std::max(offset, chunk_start(c));
+    const uint64_t hi = std::min(end, chunk_start(d) + chunk_len(d));
+    const auto part = buf.subspan(lo - offset, hi - lo);
+    if (have) {
+      ec = co_await cache_file_->read(part, lo, 0);
+      if (ec) request_failed("read", buf.size(), offset, "reading the cache file", ec);
+    } else {
+      ec = co_await fetch_run(c, d, 0, part, lo);
+      if (ec) request_failed("read", buf.size(), offset, "fetching from the remote", ec);
+    }
+    c = d + 1;
   }
+  if (!ec) mark_referenced(first, last);
   release(fill, mine, ec);
   co_return ec;
 }

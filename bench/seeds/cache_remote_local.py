@@ -32,7 +32,10 @@ requests and with nbdcopy's large ones; first 4k writes into a fresh
 writeback-local cache >= 0.8x the local ceiling.
 
 Knobs (bench/lib.sh): BENCH_QUICK, BENCH_REPS (3), BENCH_RUNTIME (8 s),
-BENCH_SIZE_MIB (512; 64 quick), BENCH_DELAY (1ms), BLOCKWAYD, BENCH_TMPDIR.
+BENCH_SIZE_MIB (512; 64 quick), BENCH_DELAY (1ms), BLOCKWAYD, BENCH_TMPDIR;
+BENCH_BASE=BINARY: a second blockwayd build (before a change) also runs the
+cold nbdcopy read in every round, right after BLOCKWAYD's (`empty cache,
+base build`), so a before/after pair meets the same load.
 Writes bench/results/seeds-cache.md and .png and the seeds:cache section of
 BENCHMARKS.md (quick runs: *-quick files, BENCHMARKS.md untouched).
 """
@@ -70,13 +73,19 @@ def start_remote():
     return p, uri
 
 
-def start_bw(tag, spec):
+BASE = None
+if os.environ.get("BENCH_BASE"):
+    BASE = os.path.join(b.tmp, "blockwayd-base")   # a private copy, as Bench makes of BLOCKWAYD
+    subprocess.run(["cp", os.environ["BENCH_BASE"], BASE], check=True)
+
+
+def start_bw(tag, spec, binary=None):
     d = os.path.join(b.tmp, tag)
     subprocess.run(["rm", "-rf", d])
     os.makedirs(os.path.join(d, "cache"))
     port = b.free_port()
     spec = spec.replace("CACHE", os.path.join(d, "cache"))
-    p = b.start("blockwayd-" + tag, [b.blockwayd, "--listen", f"127.0.0.1:{port}", "--data-dir",
+    p = b.start("blockwayd-" + tag, [binary or b.blockwayd, "--listen", f"127.0.0.1:{port}", "--data-dir",
                                       os.path.join(d, "data"), "--control-socket", "off",
                                       "--export", "bench=" + spec])
     uri = f"nbd://127.0.0.1:{port}/bench"
@@ -126,6 +135,10 @@ def config(rnd, name):
         bw, uri = start_bw(name, ruri + ",cache=CACHE")
         b.record("cold", "seq_read", rnd, b.nbdcopy(uri))
         stop(bw)
+    elif name == "cold-nbdcopy-base":
+        bw, uri = start_bw(name, ruri + ",cache=CACHE", BASE)
+        b.record("cold-base", "seq_read", rnd, b.nbdcopy(uri))
+        stop(bw)
     elif name == "cold-rand":
         bw, uri = start_bw(name, ruri + ",cache=CACHE")
         b.record("cold", "rand4k_read", rnd, b.fio(uri, "randread", "4k")[0])
@@ -144,6 +157,8 @@ def config(rnd, name):
 
 
 CONFIGS = ["remote", "cold", "cold-nbdcopy", "cold-rand", "wbl-rand", "wbl-seq", "local"]
+if BASE:
+    CONFIGS.insert(CONFIGS.index("cold-nbdcopy") + 1, "cold-nbdcopy-base")
 for rnd in range(1, b.reps + 1):
     b.note_load()
     for c in CONFIGS:
@@ -155,6 +170,8 @@ for rnd in range(1, b.reps + 1):
 # ---- report ------------------------------------------------------------------
 WHO = [("remote", "remote, no cache"), ("cold", "empty cache"), ("warm", "warm cache"),
        ("wbl", "empty cache, writeback-local"), ("local", "local file")]
+if BASE:
+    WHO.insert(2, ("cold-base", "empty cache, base build"))
 TESTS = [("seq4k_read", "seq 4k read MB/s (fio QD16, one pass)"),
          ("seq_read", "seq read MB/s (nbdcopy, one pass)"),
          ("rand4k_read", "rand 4k read IOPS (fio QD16)"),
@@ -170,7 +187,7 @@ def cell(who, test):
 table = ["| test | " + " | ".join(w[1] for w in WHO) + " |", "| --- |" + " ---: |" * len(WHO)]
 for t, label in TESTS:
     if t == "rand4k_write" or t == "seq4k_write":
-        row = [cell(w, t) if w != "cold" and w != "warm" else "–" for w, _ in WHO]
+        row = [cell(w, t) if w not in ("cold", "cold-base", "warm") else "–" for w, _ in WHO]
     else:
         row = [cell(w, t) for w, _ in WHO]
     table.append(f"| {label} | " + " | ".join(row) + " |")
@@ -179,6 +196,9 @@ TARGETS = [("cold seq 4k read / remote without cache", ("cold", "seq4k_read"), (
            ("first rand 4k writes, writeback-local / local file", ("wbl", "rand4k_write"), ("local", "rand4k_write"), 0.8),
            ("first seq 4k writes, writeback-local / local file", ("wbl", "seq4k_write"), ("local", "seq4k_write"), 0.8),
            ("cold seq read (nbdcopy) / remote without cache", ("cold", "seq_read"), ("remote", "seq_read"), 0.8),
+           ("cold seq read (nbdcopy), base build / remote without cache", ("cold-base", "seq_read"),
+            ("remote", "seq_read"), None),
+           ("cold seq read (nbdcopy), this build / base build", ("cold", "seq_read"), ("cold-base", "seq_read"), None),
            ("cold rand 4k read / remote without cache", ("cold", "rand4k_read"), ("remote", "rand4k_read"), None),
            ("warm rand 4k read / local file", ("warm", "rand4k_read"), ("local", "rand4k_read"), None),
            ("warm seq 4k read / local file", ("warm", "seq4k_read"), ("local", "seq4k_read"), None)]
