@@ -30,32 +30,19 @@ TESTS = [("randread", "4k"), ("randwrite", "4k"), ("read", "1M"), ("write", "1M"
 
 SCRIPT = r"""
 set -u
-wait_file() { i=0; while [ ! -e "$1" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; }
-wait_gone() { i=0; while kill -0 "$1" 2>/dev/null && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; }
-start() {
-  rm -f /run/bw.pid
-  blockwayd --config /tmp/bw.toml --pid-file /run/bw.pid >> /tmp/daemon.log 2>&1 &
-  echo $! > /run/bw.daemon
-  wait_file /run/bw.pid
-}
-mkdir -p /tmp/data
+""" + guest.PRELUDE + r"""
 dd if=/dev/urandom of=/tmp/a.img bs=1M count=256 2>/dev/null
 cp /tmp/a.img /tmp/b.img
-cat > /tmp/bw.toml <<'EOF'
-data-dir = "/tmp/data"
-listen = ["127.0.0.1:10809"]
-threads = 2
-[control]
-socket = "/run/bw.sock"
+""" + guest.daemon_config(["127.0.0.1:10809"], """
 [[export]]
 name = "kern"
 uri = "file:///tmp/a.img"
 [[export]]
 name = "tcp"
 uri = "file:///tmp/b.img"
-EOF
+""") + r"""
 start
-blockway --socket /run/bw.sock connect kern /dev/nbd0 --connections 1 --timeout 1 > /dev/null
+bw connect kern /dev/nbd0 --connections 1 --timeout 1 > /dev/null
 nbd-client 127.0.0.1 10809 /dev/nbd1 -N tcp -b 512 > /tmp/nbdc.log 2>&1 || { echo "@@NBDCLIENT failed"; cat /tmp/nbdc.log; }
 run() {
   echo "@@FIO $1 $2 $3 $4"

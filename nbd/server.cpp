@@ -21,12 +21,19 @@ namespace blockway::nbd {
 namespace asio = boost::asio;
 using core::Task;
 
+// How long SIGTERM lets a kernel device's connection serve on while waiting
+// for a moment when the kernel has no request with it (Session::
+// stop_when_quiet): about the kernel's shortest sensible request timeout, so
+// the fallback costs no more than a request lost in the socket would.
+constexpr std::chrono::milliseconds kQuietStopLimit{1000};
+
 struct Server::Connection {
   Connection(Channel ch, PeerInfo p) : channel(std::move(ch)), peer(std::move(p)) {}
   Channel channel;
   PeerInfo peer;
   std::shared_ptr<Session> session;  // set once the handshake succeeded
   std::optional<Negotiated> preset;  // a kernel device's: no handshake
+  bool attached = false;             // a kernel device's connection (preset)
   std::function<void()> ended;
 };
 
@@ -275,6 +282,7 @@ void Server::start_connection(asio::io_context& ctx, int fd_in, int fd_out, Peer
     Channel ch = fd_out < 0 ? Channel(Channel::Descriptor(ctx, fd_in))
                             : Channel(Channel::Descriptor(ctx, fd_in), Channel::Descriptor(ctx, fd_out));
     conn = std::make_shared<Connection>(std::move(ch), std::move(peer));
+    conn->attached = preset.has_value();
     conn->preset = std::move(preset);
     conn->ended = std::move(ended);
   } catch (const std::exception& e) {
@@ -392,7 +400,9 @@ void Server::shutdown() {
   }
   for (auto& c : live) {
     asio::post(c->channel.executor(), [c] {
-      if (c->session)
+      if (c->session && c->attached)
+        c->session->stop_when_quiet(kQuietStopLimit);  // a kernel device: see Session
+      else if (c->session)
         c->session->stop();
       else
         c->channel.cancel();  // still in the handshake

@@ -5,6 +5,9 @@
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
@@ -69,6 +72,29 @@ void Session::stop() {
   if (reader_idle_) channel_.cancel_read();
 }
 
+void Session::stop_when_quiet(std::chrono::milliseconds limit) {
+  stop_when_quiet_ = true;
+  quiet_limit_ = std::make_unique<boost::asio::steady_timer>(channel_.executor(), limit);
+  quiet_limit_->async_wait([weak = weak_from_this()](boost::system::error_code ec) {
+    auto self = weak.lock();
+    if (ec || !self || self->read_shut_) return;
+    self->log_->debug("export '{}': no quiet moment on a kernel device's connection, stopping it", self->neg_.exp->name);
+    self->stop();
+  });
+  shut_if_quiet();
+}
+
+void Session::shut_if_quiet() {
+  // reader_idle_: the reader waits for a new request with nothing half-read.
+  if (!stop_when_quiet_ || read_shut_ || stopping_ || dead_ || pending_requests_ > 0 || !reader_idle_) return;
+  const int fd = channel_.in().native_handle();
+  int queued = 0;
+  if (::ioctl(fd, FIONREAD, &queued) != 0 || queued > 0) return;
+  read_shut_ = true;
+  if (quiet_limit_) quiet_limit_->cancel();
+  ::shutdown(fd, SHUT_RD);  // the reader reads what slipped in, then end of file
+}
+
 Task<void> Session::run() {
   auto self = shared_from_this();
   boost::asio::co_spawn(channel_.executor(), [self] { return self->writer(); }, boost::asio::detached);
@@ -77,6 +103,7 @@ Task<void> Session::run() {
   writer_stop_ = true;
   writer_wakeup_.notify();
   while (!writer_done_) co_await drained_.wait();
+  if (quiet_limit_) quiet_limit_->cancel();
 }
 
 Task<void> Session::flush_if_dirty() {
@@ -114,7 +141,10 @@ void Session::release(const Reply& reply) {
   --pending_requests_;
   pending_bytes_ -= reply.budget;
   budget_freed_.notify();
-  if (pending_requests_ == 0) drained_.notify();
+  if (pending_requests_ == 0) {
+    drained_.notify();
+    shut_if_quiet();
+  }
 }
 
 void Session::refuse(const RequestHeader& req, std::error_code ec) {
@@ -155,6 +185,7 @@ Task<void> Session::reader() {
         rhead_ = 0;
       }
       reader_idle_ = rhead_ == rtail_;
+      shut_if_quiet();
       auto [ec, n] = co_await channel_.read_some({rbuf_.get() + rtail_, kReceiveBuffer - rtail_});
       reader_idle_ = false;
       if (ec || n == 0) {

@@ -20,6 +20,9 @@
 #include "nbd/handshake.hpp"
 #include "nbd/protocol.hpp"
 
+#include <boost/asio/steady_timer.hpp>
+
+#include <chrono>
 #include <deque>
 #include <memory>
 #include <vector>
@@ -47,6 +50,15 @@ class Session : public std::enable_shared_from_this<Session> {
   // Graceful end: read no further requests, finish those in flight. Must be
   // called on the session's io_context.
   void stop();
+  // A kernel device's graceful end (the daemon stops): go on serving until
+  // the kernel has no request with us (none admitted, none in the socket),
+  // then shut the socket's receiving side. The kernel's next send fails and
+  // it requeues that request for the next daemon at once; stop() would leave
+  // the requests already in the socket unread, and the kernel would wait
+  // its timeout for their answers. Requests that slip in before the shutdown
+  // are still read and answered. Falls back to stop() after `limit` without
+  // such a moment. Must be called on the session's io_context.
+  void stop_when_quiet(std::chrono::milliseconds limit);
 
  private:
   using Buffer = core::IoBuffer;
@@ -71,6 +83,8 @@ class Session : public std::enable_shared_from_this<Session> {
   // Answers an admitted request with an error without running it.
   void refuse(const RequestHeader& req, std::error_code ec);
   void release(const Reply& reply);
+  // stop_when_quiet(): shuts the receiving side if nothing is in flight.
+  void shut_if_quiet();
 
   [[nodiscard]] Reply simple_reply(uint64_t cookie, uint32_t error) const;
   [[nodiscard]] Reply error_reply(const RequestHeader& req, std::error_code ec) const;
@@ -100,6 +114,9 @@ class Session : public std::enable_shared_from_this<Session> {
   bool writer_stop_ = false;
   bool writer_done_ = false;
   bool dirty_ = false;  // data changed since the last flush
+  bool stop_when_quiet_ = false;
+  bool read_shut_ = false;  // shut_if_quiet() shut the receiving side
+  std::unique_ptr<boost::asio::steady_timer> quiet_limit_;
 
   core::AsyncEvent writer_wakeup_;
   core::AsyncEvent budget_freed_;

@@ -14,6 +14,21 @@ The guest runs the script as /test.sh under busybox sh with /dev, /proc,
 /sys, a tmpfs /tmp and the nbd module loaded; it prints results on the
 serial console as lines `@@RESULT <json>` and powers off. Every run is
 bounded (qemu is killed by pid at the timeout).
+
+Network: none, unless run() is given `forwards`: then the guest has a
+virtio NIC on qemu's user network with restrict=on (it reaches nothing on
+the host or beyond but what a forward names), the address 10.0.2.15/24, and
+each forward is one qemu `guestfwd` rule: a TCP address in the guest's
+network (10.0.2.100:10809) that qemu connects to a host command's
+stdin/stdout, one process per connection (cmd:PATH ARGS), or to a host
+loopback port (tcp:127.0.0.1:PORT: a chardev, so one connection at a time
+and none after it closes). A relay command (`busybox nc 127.0.0.1 PORT`)
+is how a guest daemon reaches a remote served on the host's loopback over
+as many connections as it likes, without the guest getting any other way
+out.
+
+The shell helpers (PRELUDE) and the daemon's config (daemon_config) are
+shared by the guest tests and bench/devices.py.
 """
 
 import hashlib
@@ -28,6 +43,9 @@ CACHE = os.environ.get("BLOCKWAY_GUEST_CACHE", "/var/tmp/blockway-guest")
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
 QEMU = "qemu-system-x86_64"
 RESULT = "@@RESULT "
+# virtio-net and what it needs, in load order (Debian's cloud kernel has them as modules).
+NET_MODULES = ["virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci", "failover",
+               "net_failover", "virtio_net"]
 
 INIT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -43,12 +61,48 @@ mount -t tmpfs -o size=80% tmp /tmp
 mkdir -p /run /var/tmp && mount -t tmpfs run /run
 ip link set lo up
 insmod /lib/modules/nbd.ko nbds_max=8 || echo "@@RESULT {\"init\": \"insmod nbd failed\"}"
+if [ -e /etc/guest-net ]; then
+  # qemu's user network (Guest.run with forwards): virtio-net, static address.
+  for m in $(cat /lib/modules/net/order); do
+    insmod /lib/modules/net/$m.ko || echo "@@RESULT {\"init\": \"insmod $m failed\"}"
+  done
+  i=0; while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+  ip addr add 10.0.2.15/24 dev eth0 && ip link set eth0 up && ip route add default via 10.0.2.2 \
+    || echo "@@RESULT {\"init\": \"no network\"}"
+fi
 echo "@@BOOTED $(cut -d' ' -f1 /proc/uptime)"
 sh /test.sh
 echo "@@RESULT {\"exit\": $?}"
 sync
 poweroff -f
 """
+
+
+# Shell helpers for a guest script that runs blockwayd with /tmp/bw.toml
+# (daemon_config): start (re)starts the daemon and waits for its pid file,
+# bw is the blockway command on its control socket; the waits give up after
+# 60 s and return non-zero.
+PRELUDE = r"""
+wait_file() { i=0; while [ ! -e "$1" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; [ -e "$1" ]; }
+wait_gone() { i=0; while kill -0 "$1" 2>/dev/null && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; ! kill -0 "$1" 2>/dev/null; }
+start() {
+  rm -f /run/bw.pid
+  blockwayd --config /tmp/bw.toml --pid-file /run/bw.pid >> /tmp/daemon.log 2>&1 &
+  echo $! > /run/bw.daemon
+  wait_file /run/bw.pid || { echo "blockwayd did not start:"; tail -n 20 /tmp/daemon.log; return 1; }
+}
+bw() { blockway --socket /run/bw.sock "$@"; }
+"""
+
+
+def daemon_config(listen, tables):
+    """Shell lines that write /tmp/bw.toml: the settings every guest daemon
+    shares (data in /tmp/data, two threads, the control socket PRELUDE's bw
+    uses), `listen` (a list of addresses) and `tables`, the TOML text of the
+    script's [[export]] and [[device]] tables."""
+    return ("mkdir -p /tmp/data\ncat > /tmp/bw.toml <<'EOF'\n"
+            'data-dir = "/tmp/data"\nlisten = [%s]\nthreads = 2\n[control]\nsocket = "/run/bw.sock"\n%s\nEOF\n'
+            % (", ".join('"%s"' % a for a in listen), tables.strip()))
 
 
 def _cpio(root, out):
@@ -95,7 +149,8 @@ def missing_tools():
 
 
 def _kernel():
-    """(vmlinuz, nbd.ko, version) from the cached kernel package."""
+    """(vmlinuz, nbd.ko, {name: path} of NET_MODULES, version) from the cached
+    kernel package."""
     policy = _run(["apt-cache", "depends", KERNEL_PACKAGE]).stdout
     pkg = next(line.split()[-1] for line in policy.splitlines()
                if "Depends:" in line and "linux-image" in line)
@@ -116,13 +171,16 @@ def _kernel():
         version = f.read().strip()
     vmlinuz = [os.path.join(root, "boot", f) for f in os.listdir(os.path.join(root, "boot"))
                if f.startswith("vmlinuz")][0]
-    nbd = None
+    modules = {}
     for d, _, files in os.walk(os.path.join(root, "lib", "modules")):
-        if "nbd.ko" in files:
-            nbd = os.path.join(d, "nbd.ko")
-    if not nbd:
-        raise RuntimeError(f"{pkg} has no nbd.ko")
-    return vmlinuz, nbd, version
+        for f in files:
+            if f.endswith(".ko") and f[:-3] in NET_MODULES + ["nbd"]:
+                modules[f[:-3]] = os.path.join(d, f)
+    missing = [m for m in NET_MODULES + ["nbd"] if m not in modules]
+    if missing:
+        raise RuntimeError(f"{pkg} lacks the modules {' '.join(missing)}")
+    nbd = modules.pop("nbd")
+    return vmlinuz, nbd, modules, version
 
 
 def _libraries(paths):
@@ -154,11 +212,11 @@ class Guest:
 
     def __init__(self, binaries, memory_mb=1024):
         self.memory_mb = memory_mb
-        self.vmlinuz, self.nbd_ko, self.kernel_version = _kernel()
+        self.vmlinuz, self.nbd_ko, self.net_modules, self.kernel_version = _kernel()
         self.binaries = dict(binaries)
         self.binaries.setdefault("busybox", shutil.which("busybox") or "/bin/busybox")
         files = sorted(set(self.binaries.values()))
-        key = hashlib.sha256((self.kernel_version + INIT + _hash_files(files + [self.nbd_ko])).encode()).hexdigest()[:16]
+        key = hashlib.sha256((self.kernel_version + INIT + _hash_files(files + [self.nbd_ko] + [self.net_modules[m] for m in NET_MODULES])).encode()).hexdigest()[:16]
         self.base = os.path.join(CACHE, f"base-{key}.cpio")
         self.build_seconds = 0.0
         if not os.path.exists(self.base):
@@ -186,6 +244,11 @@ class Guest:
                 shutil.copy(lib, dst)
             # /lib64 -> the loader's real directory, as on the host.
             shutil.copy(self.nbd_ko, os.path.join(root, "lib/modules/nbd.ko"))
+            os.makedirs(os.path.join(root, "lib/modules/net"))
+            for m in NET_MODULES:
+                shutil.copy(self.net_modules[m], os.path.join(root, "lib/modules/net", m + ".ko"))
+            with open(os.path.join(root, "lib/modules/net/order"), "w") as f:
+                f.write(" ".join(NET_MODULES) + "\n")
             with open(os.path.join(root, "etc/passwd"), "w") as f:
                 f.write("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n")
             with open(os.path.join(root, "etc/group"), "w") as f:
@@ -206,15 +269,20 @@ class Guest:
         finally:
             shutil.rmtree(root, ignore_errors=True)
 
-    def run(self, script, timeout=600, files=None, smp=1):
+    def run(self, script, timeout=600, files=None, smp=1, forwards=()):
         """Boots the guest with /test.sh = script (and `files`: {guest path:
-        bytes}). Returns (results: list of dicts, console text, seconds)."""
+        bytes}). `forwards`: qemu guestfwd rules, e.g.
+        "tcp:10.0.2.100:10809-tcp:127.0.0.1:PORT" (see the module's head);
+        with any, the guest has a network device. Returns (results: list of
+        dicts, console text, seconds)."""
         work = tempfile.mkdtemp(prefix="blockway-guest-")
         proc = None
         try:
             extra = os.path.join(work, "extra")
             os.makedirs(extra)
             entries = {"test.sh": script.encode()}
+            if forwards:
+                entries["etc/guest-net"] = b"10.0.2.15/24\n"
             for path, data in (files or {}).items():
                 entries[path.lstrip("/")] = data
             for rel, data in entries.items():
@@ -232,7 +300,14 @@ class Guest:
                    "-kernel", self.vmlinuz, "-initrd", initrd,
                    "-append", "console=ttyS0 panic=-1 quiet loglevel=4 rdinit=/init",
                    "-display", "none", "-monitor", "none", "-serial", f"file:{console}",
-                   "-no-reboot", "-nodefaults", "-net", "none"]
+                   "-no-reboot", "-nodefaults"]
+            if forwards:
+                # A comma inside an option value is written twice.
+                rules = "".join(",guestfwd=" + f.replace(",", ",,") for f in forwards)
+                cmd += ["-netdev", "user,id=net0,restrict=on" + rules,
+                        "-device", "virtio-net-pci,netdev=net0,romfile="]
+            else:
+                cmd += ["-net", "none"]
             start = time.monotonic()
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             try:

@@ -10,18 +10,42 @@ RC markers and is checked here.
 import json
 import os
 import re
+import hashlib
 import shutil
 import subprocess
 import sys
+import tempfile
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import control_common  # noqa: E402
 import guest  # noqa: E402
 import harness  # noqa: E402
+import remotes  # noqa: E402
 
 BLOCKWAYD = os.environ.get("BLOCKWAYD", "")
 BLOCKWAY = os.environ.get("BLOCKWAY", "")
+
+# The remotes of the cached exports: nbdkit on the host's loopback, reached
+# from the guest through qemu's guestfwd (guest.py) at these addresses; a
+# third forward runs HOST_CHECK on the host per connection, so the guest can
+# ask what a remote's image holds at that moment.
+REMOTE_WB = "10.0.2.100:10809"
+REMOTE_WT = "10.0.2.100:10810"
+CHECK = "10.0.2.101:80"
+REMOTE_SIZE = 32 << 20
+BUSYBOX = shutil.which("busybox") or "/bin/busybox"
+
+# "NAME OFFSET LENGTH" on stdin: prints the md5 of that range of image NAME
+# (argv: NAME=PATH ...), read on the host.
+HOST_CHECK = r"""
+import hashlib, sys
+images = dict(a.split("=", 1) for a in sys.argv[1:])
+name, off, length = sys.stdin.readline().split()
+with open(images[name], "rb") as f:
+    f.seek(int(off))
+    print(hashlib.md5(f.read(int(length))).hexdigest(), flush=True)
+"""
 
 GUEST_SCRIPT = r"""
 set -u
@@ -32,25 +56,14 @@ step() {
   echo "@@BEGIN $name"; cat /tmp/step.out; echo "@@END $name $rc"
   return 0
 }
-wait_file() { i=0; while [ ! -e "$1" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; [ -e "$1" ]; }
-wait_gone() { i=0; while kill -0 "$1" 2>/dev/null && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; ! kill -0 "$1" 2>/dev/null; }
-start() {
-  rm -f /run/bw.pid
-  blockwayd --config /tmp/bw.toml --pid-file /run/bw.pid >> /tmp/daemon.log 2>&1 &
-  echo $! > /run/bw.daemon
-  wait_file /run/bw.pid
-}
-bw() { blockway --socket /run/bw.sock "$@"; }
-mkdir -p /tmp/data /mnt
+""" + guest.PRELUDE + r"""
+# What the host's nbdkit image NAME holds at OFFSET, LENGTH (an md5).
+remote_md5() { echo "$1 $2 $3" | timeout 60 nc @CHECK_HOST@ @CHECK_PORT@; }
+mkdir -p /mnt /tmp/cache
 dd if=/dev/zero of=/tmp/vm1.img bs=1M count=0 seek=192 2>/dev/null
 dd if=/dev/zero of=/tmp/cfg.img bs=1M count=0 seek=16 2>/dev/null
 dd if=/dev/urandom of=/tmp/ro.img bs=1M count=8 2>/dev/null
-cat > /tmp/bw.toml <<'EOF'
-data-dir = "/tmp/data"
-listen = ["unix:/run/nbd.sock"]
-threads = 2
-[control]
-socket = "/run/bw.sock"
+""" + guest.daemon_config(["unix:/run/nbd.sock"], """
 [[export]]
 name = "vm1"
 uri = "file:///tmp/vm1.img"
@@ -61,11 +74,22 @@ uri = "file:///tmp/cfg.img"
 name = "ro"
 uri = "file:///tmp/ro.img"
 read-only = true
+[[export]]
+name = "remote"
+uri = "nbd://@REMOTE_WB@/"
+cache = "/tmp/cache"
+mode = "writeback"
+writeback-delay = 3600
+[[export]]
+name = "remote-wt"
+uri = "nbd://@REMOTE_WT@/"
+cache = "/tmp/cache"
+mode = "writethrough"
 [[device]]
 export = "cfg"
 device = "/dev/nbd5"
 rotational = true
-EOF
+""") + r"""
 step start start
 step config_device bw devices --json
 step cfg_rotational cat /sys/block/nbd5/queue/rotational
@@ -106,27 +130,56 @@ step no_permission blockway --socket /tmp/nobody/c.sock connect ro
 kill -TERM $(cat /tmp/nobody/pid)
 step bad_option bw connect vm1 --connections 0
 step not_attached bw disconnect /dev/nbd4
-# Restart in the middle of fio verify: SIGTERM, then SIGKILL.
-for sig in TERM KILL; do
-  step "r_connect_$sig" bw connect vm1 /dev/nbd3 --timeout 2 --dead-conn-timeout 120
+# Restart in the middle of fio verify on DEVICE (connected): steps r_*_TAG.
+restart_under_fio() {
+  tag=$1; dev=$2; sig=$3
   dmesg -c > /dev/null
-  fio --name=r --filename=/dev/nbd3 --size=24M --rw=randwrite --bs=4k --ioengine=libaio --iodepth=8 --direct=1 \
+  fio --name=r --filename=$dev --size=24M --rw=randwrite --bs=4k --ioengine=libaio --iodepth=8 --direct=1 \
       --verify=crc32c --do_verify=1 --verify_fatal=1 > /tmp/fio.out 2>&1 &
   fio_pid=$!
   sleep 3
-  step "r_alive_$sig" kill -0 $fio_pid
+  step "r_alive_$tag" kill -0 $fio_pid
   t0=$(cut -d' ' -f1 /proc/uptime)
   kill -$sig $(cat /run/bw.daemon)
-  step "r_stopped_$sig" wait_gone $(cat /run/bw.daemon)
-  step "r_restart_$sig" start
+  step "r_stopped_$tag" wait_gone $(cat /run/bw.daemon)
+  step "r_restart_$tag" start
   t1=$(cut -d' ' -f1 /proc/uptime)
   wait $fio_pid
   rc=$?
-  echo "@@BEGIN r_fio_$sig"; cat /tmp/fio.out; echo "restart took $t0 -> $t1"; echo "@@END r_fio_$sig $rc"
-  step "r_dmesg_$sig" sh -c 'dmesg | grep -i "I/O error" | wc -l'
-  step "r_devices_$sig" bw devices --json
+  echo "@@BEGIN r_fio_$tag"; cat /tmp/fio.out; echo "restart took $t0 -> $t1"; echo "@@END r_fio_$tag $rc"
+  step "r_dmesg_$tag" sh -c 'dmesg | grep -i "I/O error" | wc -l'
+  step "r_devices_$tag" bw devices --json
+}
+# SIGTERM, then SIGKILL, on a file export.
+for sig in TERM KILL; do
+  step "r_connect_$sig" bw connect vm1 /dev/nbd3 --timeout 2 --dead-conn-timeout 120
+  restart_under_fio $sig /dev/nbd3 $sig
   step "r_disconnect_$sig" bw disconnect /dev/nbd3
 done
+# Cached exports whose remotes are nbdkit on the host. Writeback (no
+# background write-back for an hour): the cache fills from the remote, a
+# write stays in the cache until a flush puts it on the remote.
+step c_connect bw connect remote /dev/nbd6 --dead-conn-timeout 120
+step c_size blockdev --getsize64 /dev/nbd6
+step c_cold_read sh -c 'dd if=/dev/nbd6 bs=1M 2>/dev/null | md5sum'
+dd if=/dev/urandom of=/tmp/pat bs=1M count=4 2>/dev/null
+step c_pattern sh -c 'md5sum < /tmp/pat'
+step c_write dd if=/tmp/pat of=/dev/nbd6 bs=1M seek=8 oflag=direct
+step c_remote_before_flush remote_md5 wb 8388608 4194304
+step c_flush sync -d /dev/nbd6
+step c_remote_after_flush remote_md5 wb 8388608 4194304
+step c_disconnect bw disconnect /dev/nbd6
+# Writethrough: a write is on the remote when it is acknowledged, no flush;
+# a SIGKILL of the daemon under fio loses nothing.
+step t_connect bw connect remote-wt /dev/nbd7 --dead-conn-timeout 120
+step t_write dd if=/tmp/pat of=/dev/nbd7 bs=1M seek=3 oflag=direct
+step t_remote remote_md5 wt 3145728 4194304
+step t_device sh -c 'dd if=/dev/nbd7 bs=1M skip=3 count=4 iflag=direct 2>/dev/null | md5sum'
+restart_under_fio cached /dev/nbd7 KILL
+step t_final_flush sync -d /dev/nbd7
+step t_device_md5 sh -c 'dd if=/dev/nbd7 bs=1M 2>/dev/null | md5sum'
+step t_remote_md5 remote_md5 wt 0 @REMOTE_SIZE@
+step t_disconnect bw disconnect /dev/nbd7
 echo "@@BEGIN daemon_log"; tail -n 60 /tmp/daemon.log; echo "@@END daemon_log 0"
 kill -TERM $(cat /run/bw.daemon)
 wait_gone $(cat /run/bw.daemon)
@@ -157,7 +210,39 @@ class KernelDevices(unittest.TestCase):
         g = guest.Guest({"blockwayd": BLOCKWAYD, "blockway": BLOCKWAY, "fio": shutil.which("fio"),
                          "mkfs.ext4": shutil.which("mkfs.ext4"), "e2fsck": shutil.which("e2fsck")},
                         memory_mb=2560 if asan else 1024)
-        _, cls.console, cls.seconds = g.run(GUEST_SCRIPT, timeout=900, smp=2)
+        cls.work = tempfile.mkdtemp(prefix="blockway-kdev-")
+        cls.remotes = {}
+        try:
+            # The cached exports' remotes: nbdkit's file plugin on random data,
+            # on the host's loopback (the log filter records the requests).
+            forwards = []
+            for name, (seed, addr) in {"wb": (16, REMOTE_WB), "wt": (17, REMOTE_WT)}.items():
+                img = os.path.join(cls.work, name + ".img")
+                harness.make_random_image(img, REMOTE_SIZE, seed=seed)
+                with open(img, "rb") as f:
+                    cls.remotes[name] = {"img": img, "data": f.read()}
+                nbdkit = remotes.Nbdkit(cls.work, img, name="nbdkit-" + name, log_requests=True).start()
+                cls.remotes[name]["nbdkit"] = nbdkit
+                # One relay (busybox nc) to nbdkit's port per connection: a
+                # chardev forward (tcp:127.0.0.1:PORT) carries one connection
+                # only, and the daemon opens several (multi-conn).
+                forwards.append("tcp:%s-cmd:%s nc 127.0.0.1 %d" % (addr, BUSYBOX, nbdkit.port))
+            check = os.path.join(cls.work, "check.py")
+            with open(check, "w") as f:
+                f.write(HOST_CHECK)
+            forwards.append("tcp:%s-cmd:/usr/bin/python3 %s %s" % (CHECK, check, " ".join(
+                "%s=%s" % (name, r["img"]) for name, r in cls.remotes.items())))
+            script = (GUEST_SCRIPT.replace("@REMOTE_WB@", REMOTE_WB).replace("@REMOTE_WT@", REMOTE_WT)
+                      .replace("@CHECK_HOST@", CHECK.split(":")[0]).replace("@CHECK_PORT@", CHECK.split(":")[1])
+                      .replace("@REMOTE_SIZE@", str(REMOTE_SIZE)))
+            _, cls.console, cls.seconds = g.run(script, timeout=900, smp=2, forwards=forwards)
+            for r in cls.remotes.values():
+                r["requests"] = r["nbdkit"].requests()
+        finally:
+            for r in cls.remotes.values():
+                if "nbdkit" in r:
+                    r["nbdkit"].stop()
+            shutil.rmtree(cls.work, ignore_errors=True)
         cls.s = sections(cls.console)
         sys.stderr.write("\nguest: image build %.1f s, run %.1f s\n" % (g.build_seconds, cls.seconds))
 
@@ -231,23 +316,67 @@ class KernelDevices(unittest.TestCase):
         self.assertIn("needs root or CAP_SYS_ADMIN", self.failed("no_permission"))
         self.assertIn("connections", self.failed("bad_option"))
 
-    def check_restart(self, sig):
-        self.step("r_connect_" + sig)
-        self.step("r_alive_" + sig)
-        self.step("r_stopped_" + sig)
-        self.step("r_restart_" + sig)
-        out = self.step("r_fio_" + sig)
+    def check_restart(self, tag, device):
+        self.step("r_alive_" + tag)
+        self.step("r_stopped_" + tag)
+        self.step("r_restart_" + tag)
+        out = self.step("r_fio_" + tag)
         self.assertIn("err= 0", out)
-        self.assertEqual(self.step("r_dmesg_" + sig).strip(), "0", "I/O errors in the guest's kernel log")
-        devs = {d["device"]: d for d in devices_json(self.step("r_devices_" + sig))}
-        self.assertIn("/dev/nbd3", devs)
-        self.step("r_disconnect_" + sig)
+        self.assertEqual(self.step("r_dmesg_" + tag).strip(), "0", "I/O errors in the guest's kernel log")
+        devs = {d["device"]: d for d in devices_json(self.step("r_devices_" + tag))}
+        self.assertIn(device, devs)
 
     def test_restart_sigterm(self):
-        self.check_restart("TERM")
+        self.step("r_connect_TERM")
+        self.check_restart("TERM", "/dev/nbd3")
+        self.step("r_disconnect_TERM")
 
     def test_restart_sigkill(self):
-        self.check_restart("KILL")
+        self.step("r_connect_KILL")
+        self.check_restart("KILL", "/dev/nbd3")
+        self.step("r_disconnect_KILL")
+
+    @staticmethod
+    def md5(data):
+        return hashlib.md5(data).hexdigest()
+
+    def test_cached_nbdkit_remote_writeback(self):
+        """The writeback cache over nbdkit on the host (guestfwd): reads come
+        from the remote, a write reaches it at the flush and not before."""
+        remote = self.remotes["wb"]
+        self.assertIn("/dev/nbd6", self.step("c_connect"))
+        self.assertEqual(self.step("c_size").strip(), str(REMOTE_SIZE))
+        self.assertEqual(self.step("c_cold_read").split()[0], self.md5(remote["data"]), "the device reads the remote")
+        pattern = self.step("c_pattern").split()[0]
+        self.step("c_write")
+        window = remote["data"][8 << 20:12 << 20]
+        self.assertNotEqual(pattern, self.md5(window))
+        self.assertEqual(self.step("c_remote_before_flush").strip(), self.md5(window),
+                         "writeback: the remote has the write only after a flush")
+        self.step("c_flush")
+        self.assertEqual(self.step("c_remote_after_flush").strip(), pattern, "the flush put the write on the remote")
+        self.step("c_disconnect")
+        # The remote saw the flush (nbdkit's log filter).
+        self.assertRegex(remote["requests"], r" Flush id=\d+ ")
+
+    def test_cached_nbdkit_remote_writethrough(self):
+        """Writethrough over nbdkit on the host: an acknowledged write is on
+        the remote; a SIGKILL of the daemon under fio verify: no error, and
+        after a flush the remote's whole image equals the device."""
+        remote = self.remotes["wt"]
+        self.assertIn("/dev/nbd7", self.step("t_connect"))
+        pattern = self.step("c_pattern").split()[0]
+        self.assertNotEqual(pattern, self.md5(remote["data"][3 << 20:7 << 20]))
+        self.step("t_write")
+        self.assertEqual(self.step("t_remote").strip(), pattern, "writethrough: acknowledged means on the remote")
+        self.assertEqual(self.step("t_device").split()[0], pattern)
+        self.check_restart("cached", "/dev/nbd7")
+        self.step("t_final_flush")
+        device = self.step("t_device_md5").split()[0]
+        self.assertNotEqual(device, self.md5(remote["data"]))
+        self.assertEqual(self.step("t_remote_md5").strip(), device,
+                         "after the flush the remote holds what the device reads")
+        self.step("t_disconnect")
 
 
 class HostWithoutNbd(control_common.ControlTestCase):
