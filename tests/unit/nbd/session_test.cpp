@@ -456,10 +456,15 @@ TEST_F(SessionTest, BlockStatusOutOfRangeIsEinval) {
 
 // ---------------------------------------------------------------- stop_when_quiet (SIGTERM with a kernel device)
 
-// The peer's send on a connection whose server side stopped receiving: EPIPE.
-int send_errno(int fd, const Bytes& b) {
+// The session ended on its own (the receiving side shut once quiet): the
+// connection closes, and the peer's next send fails with EPIPE.
+void expect_quiet_end(ServerHarness& server, uint64_t cookie) {
+  EXPECT_TRUE(closed_by_peer(server.client()));
+  ASSERT_TRUE(server.wait_done());
+  const auto req = request(kCmdFlush, 0, cookie, 0, 0);
   errno = 0;
-  return ::send(fd, b.data(), b.size(), MSG_NOSIGNAL) < 0 ? errno : 0;
+  EXPECT_LT(::send(server.client(), req.data(), req.size(), MSG_NOSIGNAL), 0);
+  EXPECT_EQ(errno, EPIPE);
 }
 
 TEST_F(SessionTest, StopWhenQuietAnswersRequestsInFlightThenEnds) {
@@ -480,10 +485,7 @@ TEST_F(SessionTest, StopWhenQuietAnswersRequestsInFlightThenEnds) {
     answered.insert(r.cookie);
   }
   EXPECT_EQ(answered, (std::set<uint64_t>{1, 2, 3}));
-  // Quiet now: the receiving side shuts, the session ends, the peer can no longer send.
-  EXPECT_TRUE(closed_by_peer(fd()));
-  ASSERT_TRUE(server_->wait_done());
-  EXPECT_EQ(send_errno(fd(), request(kCmdFlush, 0, 5, 0, 0)), EPIPE);
+  ASSERT_NO_FATAL_FAILURE(expect_quiet_end(*server_, 5));  // quiet now
   EXPECT_EQ(disk_.mem->calls(test::Op::flush), 1u) << "flush 5 never reached the device";
 }
 
@@ -500,9 +502,7 @@ TEST_F(SessionTest, StopWhenQuietReadsARequestAlreadyQueuedInTheSocket) {
   }));
   expect_ok(next(), 2);
   EXPECT_EQ(disk_.mem->contents(8192, 4096), data);
-  EXPECT_TRUE(closed_by_peer(fd()));
-  ASSERT_TRUE(server_->wait_done());
-  EXPECT_EQ(send_errno(fd(), request(kCmdFlush, 0, 3, 0, 0)), EPIPE);
+  ASSERT_NO_FATAL_FAILURE(expect_quiet_end(*server_, 3));
   EXPECT_EQ(disk_.mem->calls(test::Op::flush), 2u) << "flush 1 and the flush after disconnect, no more";
 }
 
