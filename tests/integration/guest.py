@@ -216,7 +216,9 @@ class Guest:
         self.binaries = dict(binaries)
         self.binaries.setdefault("busybox", shutil.which("busybox") or "/bin/busybox")
         files = sorted(set(self.binaries.values()))
-        key = hashlib.sha256((self.kernel_version + INIT + _hash_files(files + [self.nbd_ko] + [self.net_modules[m] for m in NET_MODULES])).encode()).hexdigest()[:16]
+        # The names too: the same file under another name is another image.
+        names = " ".join(sorted(self.binaries))
+        key = hashlib.sha256((self.kernel_version + INIT + names + _hash_files(files + [self.nbd_ko] + [self.net_modules[m] for m in NET_MODULES])).encode()).hexdigest()[:16]
         self.base = os.path.join(CACHE, f"base-{key}.cpio")
         self.build_seconds = 0.0
         if not os.path.exists(self.base):

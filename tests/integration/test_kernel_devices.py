@@ -59,6 +59,15 @@ step() {
 """ + guest.PRELUDE + r"""
 # What the host's nbdkit image NAME holds at OFFSET, LENGTH (an md5).
 remote_md5() { echo "$1 $2 $3" | timeout 60 nc @CHECK_HOST@ @CHECK_PORT@; }
+# A device's queue limits and flags as the kernel shows them, KEY=VALUE.
+limits() {
+  for a in logical_block_size physical_block_size minimum_io_size discard_granularity discard_max_bytes \
+           write_zeroes_max_bytes write_cache fua rotational; do
+    echo "$a=$(cat /sys/block/$1/queue/$a)"
+  done
+  echo "ro=$(cat /sys/block/$1/ro)"
+  echo "size=$(blockdev --getsize64 /dev/$1)"
+}
 mkdir -p /mnt /tmp/cache
 dd if=/dev/zero of=/tmp/vm1.img bs=1M count=0 seek=192 2>/dev/null
 dd if=/dev/zero of=/tmp/cfg.img bs=1M count=0 seek=16 2>/dev/null
@@ -93,11 +102,23 @@ rotational = true
 step start start
 step config_device bw devices --json
 step cfg_rotational cat /sys/block/nbd5/queue/rotational
+step q_cfg limits nbd5
 step connect bw connect vm1 /dev/nbd0
 step size blockdev --getsize64 /dev/nbd0
 step sector blockdev --getss /dev/nbd0
 step rotational cat /sys/block/nbd0/queue/rotational
 step discard cat /sys/block/nbd0/queue/discard_max_bytes
+step q_vm1 limits nbd0
+# Discard and write zeroes of a range: the range reads zero, its neighbours
+# keep their data, the export counts the requests.
+step d_fill dd if=/dev/urandom of=/dev/nbd0 bs=1M count=4 oflag=direct
+step d_md5_before sh -c 'for i in 0 3; do dd if=/dev/nbd0 bs=1M skip=$i count=1 iflag=direct 2>/dev/null | md5sum; done'
+step d_stats_before bw stats vm1 --json
+step d_discard ul-blkdiscard -o 1048576 -l 1048576 /dev/nbd0
+step d_zero ul-blkdiscard -z -o 2097152 -l 1048576 /dev/nbd0
+step d_stats_after bw stats vm1 --json
+step d_md5_after sh -c 'for i in 0 3; do dd if=/dev/nbd0 bs=1M skip=$i count=1 iflag=direct 2>/dev/null | md5sum; done'
+step d_zero_range sh -c 'dd if=/dev/nbd0 bs=1M skip=1 count=2 iflag=direct 2>/dev/null | md5sum; dd if=/dev/zero bs=1M count=2 2>/dev/null | md5sum'
 step mkfs mkfs.ext4 -q -F /dev/nbd0
 step mount mount -t ext4 /dev/nbd0 /mnt
 step fio_fs fio --name=fs --filename=/mnt/f --size=16M --rw=randwrite --bs=4k --ioengine=psync --verify=crc32c --do_verify=1 --fsync=64
@@ -109,10 +130,12 @@ step disconnect bw disconnect /dev/nbd0
 step after_disconnect bw devices --json
 step ro_connect bw connect ro /dev/nbd1
 step ro_getro blockdev --getro /dev/nbd1
+step q_ro limits nbd1
 step ro_write dd if=/dev/zero of=/dev/nbd1 bs=4096 count=1 oflag=direct conv=fsync
 step ro_read sh -c 'dd if=/dev/nbd1 bs=1M count=8 2>/dev/null | md5sum; md5sum < /tmp/ro.img'
 step forced_ro_connect bw connect vm1 /dev/nbd2 --read-only
 step forced_ro_getro blockdev --getro /dev/nbd2
+step q_forced_ro limits nbd2
 step forced_ro_write dd if=/dev/zero of=/dev/nbd2 bs=4096 count=1 oflag=direct
 step forced_ro_disconnect bw disconnect /dev/nbd2
 step unknown_export bw connect nosuch
@@ -161,6 +184,7 @@ done
 # write stays in the cache until a flush puts it on the remote.
 step c_connect bw connect remote /dev/nbd6 --dead-conn-timeout 120
 step c_size blockdev --getsize64 /dev/nbd6
+step q_wb limits nbd6
 step c_cold_read sh -c 'dd if=/dev/nbd6 bs=1M 2>/dev/null | md5sum'
 dd if=/dev/urandom of=/tmp/pat bs=1M count=4 2>/dev/null
 step c_pattern sh -c 'md5sum < /tmp/pat'
@@ -172,6 +196,7 @@ step c_disconnect bw disconnect /dev/nbd6
 # Writethrough: a write is on the remote when it is acknowledged, no flush;
 # a SIGKILL of the daemon under fio loses nothing.
 step t_connect bw connect remote-wt /dev/nbd7 --dead-conn-timeout 120
+step q_wt limits nbd7
 step t_write dd if=/tmp/pat of=/dev/nbd7 bs=1M seek=3 oflag=direct
 step t_remote remote_md5 wt 3145728 4194304
 step t_device sh -c 'dd if=/dev/nbd7 bs=1M skip=3 count=4 iflag=direct 2>/dev/null | md5sum'
@@ -200,15 +225,17 @@ def devices_json(text):
 
 @unittest.skipUnless(BLOCKWAYD and BLOCKWAY, "BLOCKWAYD and BLOCKWAY must name the binaries")
 @unittest.skipIf(guest.missing_tools(), "missing for the guest: %s" % " ".join(guest.missing_tools()))
-@unittest.skipUnless(shutil.which("fio") and shutil.which("mkfs.ext4") and shutil.which("e2fsck"),
-                     "fio and e2fsprogs are needed in the guest")
+@unittest.skipUnless(shutil.which("fio") and shutil.which("mkfs.ext4") and shutil.which("e2fsck")
+                     and shutil.which("blkdiscard"), "fio, e2fsprogs and util-linux's blkdiscard are needed in the guest")
 class KernelDevices(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         # The sanitizer build's daemons (two at once here) need more memory.
         asan = "libasan" in subprocess.run(["ldd", BLOCKWAYD], stdout=subprocess.PIPE, text=True).stdout
         g = guest.Guest({"blockwayd": BLOCKWAYD, "blockway": BLOCKWAY, "fio": shutil.which("fio"),
-                         "mkfs.ext4": shutil.which("mkfs.ext4"), "e2fsck": shutil.which("e2fsck")},
+                         "mkfs.ext4": shutil.which("mkfs.ext4"), "e2fsck": shutil.which("e2fsck"),
+                         # Not named blkdiscard: busybox's applet (no -z) would replace it.
+                         "ul-blkdiscard": shutil.which("blkdiscard")},
                         memory_mb=2560 if asan else 1024)
         cls.work = tempfile.mkdtemp(prefix="blockway-kdev-")
         cls.remotes = {}
@@ -273,6 +300,65 @@ class KernelDevices(unittest.TestCase):
         self.assertEqual(self.step("sector").strip(), "512")
         self.assertEqual(self.step("rotational").strip(), "0")
         self.assertNotEqual(self.step("discard").strip(), "0", "trim is offered by the file backend")
+
+    def limits(self, name):
+        return dict(line.split("=", 1) for line in self.step(name).splitlines() if "=" in line)
+
+    def check_limits(self, name, size, write=True, rotational=False):
+        """A device's queue as the kernel shows it: the block size we passed
+        (512: the file and cached exports take any byte), the size, ro, the
+        rotational flag, discard only with trim (never on a read-only device).
+        Every export here offers flush and FUA, so the kernel shows a volatile
+        write cache ("write back") and sends FLUSH and FUA writes: for a
+        writethrough export too, whose answered writes are on the remote but
+        perhaps only in the remote's own cache until a flush, which the daemon
+        passes on (CacheLayer::flush). Linux 6.1's nbd driver takes no
+        discard or write-zeroes limits (netlink or writable sysfs) and sends
+        no NBD_CMD_WRITE_ZEROES: discard_max_bytes is its own UINT_MAX
+        sectors and write_zeroes_max_bytes 0."""
+        q = self.limits(name)
+        self.assertEqual((q["logical_block_size"], q["physical_block_size"], q["minimum_io_size"]),
+                         ("512", "512", "512"), q)
+        self.assertEqual(q["size"], str(size), q)
+        self.assertEqual(q["ro"], "0" if write else "1", q)
+        self.assertEqual(q["rotational"], "1" if rotational else "0", q)
+        self.assertEqual(q["write_cache"], "write back", q)
+        self.assertEqual(q["fua"], "1", q)
+        if write:
+            self.assertEqual(q["discard_granularity"], "512", q)
+            self.assertGreater(int(q["discard_max_bytes"]), 0, q)
+        else:
+            self.assertEqual((q["discard_granularity"], q["discard_max_bytes"]), ("0", "0"), q)
+        self.assertEqual(q["write_zeroes_max_bytes"], "0", q)
+        return q
+
+    def test_queue_limits(self):
+        self.check_limits("q_vm1", 192 << 20)
+        self.check_limits("q_cfg", 16 << 20, rotational=True)
+        self.check_limits("q_ro", 8 << 20, write=False)
+        self.check_limits("q_forced_ro", 192 << 20, write=False)
+        self.check_limits("q_wb", REMOTE_SIZE)
+        self.check_limits("q_wt", REMOTE_SIZE)
+
+    def test_discard_and_zero_range(self):
+        """blkdiscard of 1 MiB and blkdiscard -z of the next: both read zero,
+        their neighbours keep their data; the export counted one trim (or
+        more, as the kernel splits) and, with no write-zeroes in the kernel's
+        nbd driver, BLKZEROOUT's fallback: 1 MiB of zero writes."""
+        self.step("d_fill")
+        self.step("d_discard")
+        self.step("d_zero")
+        before = json.loads(self.step("d_stats_before")[self.step("d_stats_before").index("{"):])["io"]
+        after = json.loads(self.step("d_stats_after")[self.step("d_stats_after").index("{"):])["io"]
+        self.assertGreaterEqual(after["trims"] - before["trims"], 1, (before, after))
+        self.assertEqual(after["zeroes"], before["zeroes"], (before, after))
+        self.assertGreaterEqual(after["bytes_written"] - before["bytes_written"], 1 << 20, (before, after))
+        self.assertEqual(after["errors"], before["errors"], (before, after))
+        zero = self.step("d_zero_range").split()
+        self.assertEqual(zero[0], zero[2], "the discarded and zeroed range reads zero")
+        self.assertEqual(self.step("d_md5_before").split(), self.step("d_md5_after").split(),
+                         "the neighbours of the range keep their data")
+        self.assertNotEqual(self.step("d_md5_before").split()[0], hashlib.md5(bytes(1 << 20)).hexdigest())
 
     def test_filesystem_and_fio_verify(self):
         self.step("mkfs")

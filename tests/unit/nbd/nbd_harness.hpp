@@ -12,6 +12,7 @@
 
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/post.hpp>
 
 #include <sys/socket.h>
 #include <sys/time.h>
@@ -21,6 +22,8 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstring>
+#include <functional>
+#include <future>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -289,6 +292,18 @@ class ServerHarness {
     return server_error_;
   }
   boost::asio::io_context& io() { return io_; }
+  // Runs fn(session) on the server's io thread, where the Session lives, and
+  // waits for it; false when there is no session or the thread did not run it.
+  bool on_session(const std::function<void(nbd::Session&)>& fn) {
+    auto ran = std::make_shared<std::promise<bool>>();  // shared: outlives a timed-out wait
+    auto result = ran->get_future();
+    boost::asio::post(io_, [this, fn, ran] {
+      if (session_) fn(*session_);
+      ran->set_value(session_ != nullptr);
+    });
+    if (result.wait_for(std::chrono::seconds(kIoTimeoutSeconds)) != std::future_status::ready) return false;
+    return result.get();
+  }
 
  private:
   static core::Task<void> serve(ServerHarness* h) {

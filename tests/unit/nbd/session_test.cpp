@@ -454,5 +454,78 @@ TEST_F(SessionTest, BlockStatusOutOfRangeIsEinval) {
   expect_error_chunk(next(), 73, EINVAL);
 }
 
+// ---------------------------------------------------------------- stop_when_quiet (SIGTERM with a kernel device)
+
+// The session ended on its own (the receiving side shut once quiet): the
+// connection closes, and the peer's next send fails with EPIPE.
+void expect_quiet_end(ServerHarness& server, uint64_t cookie) {
+  EXPECT_TRUE(closed_by_peer(server.client()));
+  ASSERT_TRUE(server.wait_done());
+  const auto req = request(kCmdFlush, 0, cookie, 0, 0);
+  errno = 0;
+  EXPECT_LT(::send(server.client(), req.data(), req.size(), MSG_NOSIGNAL), 0);
+  EXPECT_EQ(errno, EPIPE);
+}
+
+TEST_F(SessionTest, StopWhenQuietAnswersRequestsInFlightThenEnds) {
+  start();
+  disk_.mem->fill_pattern(0, 3 * 4096);
+  disk_.mem->close_gate(test::Op::read);
+  for (uint64_t c = 1; c <= 3; ++c) send(request(kCmdRead, 0, c, (c - 1) * 4096, 4096));
+  ASSERT_TRUE(eventually([&] { return disk_.mem->in_flight(test::Op::read) == 3; }));
+  ASSERT_TRUE(server_->on_session([](Session& s) { s.stop_when_quiet(std::chrono::seconds(5)); }));
+  // Not quiet yet: the session still receives, and answers, a new request.
+  send(request(kCmdFlush, 0, 4, 0, 0));
+  expect_ok(next(), 4);
+  disk_.mem->open_gate(test::Op::read);
+  std::set<uint64_t> answered;
+  for (int i = 0; i < 3; ++i) {
+    const auto r = next();
+    EXPECT_EQ(data_of(r, r.cookie, (r.cookie - 1) * 4096), disk_.mem->contents((r.cookie - 1) * 4096, 4096));
+    answered.insert(r.cookie);
+  }
+  EXPECT_EQ(answered, (std::set<uint64_t>{1, 2, 3}));
+  ASSERT_NO_FATAL_FAILURE(expect_quiet_end(*server_, 5));  // quiet now
+  EXPECT_EQ(disk_.mem->calls(test::Op::flush), 1u) << "flush 5 never reached the device";
+}
+
+TEST_F(SessionTest, StopWhenQuietReadsARequestAlreadyQueuedInTheSocket) {
+  start();
+  send(request(kCmdFlush, 0, 1, 0, 0));
+  expect_ok(next(), 1);  // the reader now waits for a header, nothing in flight
+  const auto data = pattern(4096, 12);
+  // On the server's thread, so the reader cannot take the write before
+  // stop_when_quiet looks at the socket: the request is queued, unread.
+  ASSERT_TRUE(server_->on_session([&](Session& s) {
+    ASSERT_TRUE(send_all(fd(), request(kCmdWrite, 0, 2, 8192, 4096, data)));
+    s.stop_when_quiet(std::chrono::seconds(5));
+  }));
+  expect_ok(next(), 2);
+  EXPECT_EQ(disk_.mem->contents(8192, 4096), data);
+  ASSERT_NO_FATAL_FAILURE(expect_quiet_end(*server_, 3));
+  EXPECT_EQ(disk_.mem->calls(test::Op::flush), 2u) << "flush 1 and the flush after disconnect, no more";
+}
+
+TEST_F(SessionTest, StopWhenQuietFallsBackToStopAfterTheLimit) {
+  start();
+  disk_.mem->close_gate(test::Op::read);
+  send(request(kCmdRead, 0, 1, 0, 4096));  // kept busy: never quiet
+  ASSERT_TRUE(eventually([&] { return disk_.mem->in_flight(test::Op::read) == 1; }));
+  const auto called = std::chrono::steady_clock::now();
+  ASSERT_TRUE(server_->on_session([](Session& s) { s.stop_when_quiet(std::chrono::milliseconds(300)); }));
+  send(request(kCmdFlush, 0, 2, 0, 0));  // before the limit: still received and answered
+  expect_ok(next(), 2);
+  EXPECT_LT(std::chrono::steady_clock::now() - called, std::chrono::milliseconds(300));
+  std::this_thread::sleep_for(std::chrono::milliseconds(600));
+  // After the limit stop() ran: the receiving side no longer reads; this flush is never answered.
+  send(request(kCmdFlush, 0, 3, 0, 0));
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  EXPECT_EQ(disk_.mem->calls(test::Op::flush), 1u);
+  disk_.mem->open_gate(test::Op::read);
+  EXPECT_EQ(next().cookie, 1u);  // the request in flight is still answered
+  EXPECT_TRUE(closed_by_peer(fd()));
+  ASSERT_TRUE(server_->wait_done());
+}
+
 }  // namespace
 }  // namespace blockway::test
