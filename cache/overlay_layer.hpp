@@ -30,8 +30,8 @@
 // alone (a trim is advisory). Block status reports the overlay file's
 // extents for allocated blocks and the base's for the others.
 //
-// Snapshots: the overlay is a chain of levels, oldest first; the last, the
-// top, takes the writes, the others are frozen snapshots (each a raw file
+// Snapshots (cache/overlay_snapshots.cpp): the overlay is a chain of levels,
+// oldest first; the last, the top, takes the writes, the others are frozen snapshots (each a raw file
 // plus its bits, catalogue record "CLONE@SNAPSHOT"). A block reads from the
 // newest level that holds it, else from the base. snapshot() drains the
 // writes in flight, commits the top, and in one catalogue transaction turns
