@@ -16,6 +16,7 @@
 // snapshot, revert or delete), close() stops the task and waits for it.
 // Progress is read from atomics by stats on any thread.
 #include "cache/catalogue_call.hpp"
+#include "cache/overlay_internal.hpp"
 #include "cache/overlay_layer.hpp"
 
 #include <boost/asio/co_spawn.hpp>
@@ -33,10 +34,9 @@ namespace blockway::cache {
 using core::ControlResult;
 using core::FlattenState;
 using core::Task;
+using overlay_internal::failure;
 
 namespace {
-
-ControlResult refused(int err, std::string message) { return {core::errno_code(err), std::move(message)}; }
 
 std::string rate_text(uint64_t rate) {
   if (rate == 0) return "unlimited rate";
@@ -124,14 +124,14 @@ Task<ControlResult> OverlayLayer::flatten(uint64_t rate) {
   if (!c->names.empty()) {
     std::string names;
     for (const auto& n : c->names) names += (names.empty() ? "'" : ", '") + n + "'";
-    co_return refused(EBUSY, "clone '" + name_ + "' has snapshot(s) " + names +
+    co_return failure(EBUSY, "clone '" + name_ + "' has snapshot(s) " + names +
                                  "; flatten fills the current overlay only, so delete them first "
                                  "(blockway snapshot delete " + name_ + " SNAPSHOT)");
   }
-  if (closed_) co_return refused(ESHUTDOWN, "clone '" + name_ + "' is closing");
+  if (closed_) co_return failure(ESHUTDOWN, "clone '" + name_ + "' is closing");
   const std::string state = "running " + std::to_string(rate);
   if (auto ec = co_await catalogue_call(blocking_, [&] { store_.set_state(name_, kFlattenKey, state); }))
-    co_return refused(ec.value(), "cannot record the flatten of clone '" + name_ + "' in the catalogue (see the log)");
+    co_return failure(ec.value(), "cannot record the flatten of clone '" + name_ + "' in the catalogue (see the log)");
   flatten_rate_ = rate;
   if (flatten_state_.load() == FlattenState::running && flatten_done_ && !flatten_done_->is_set()) {
     log_->info("export '{}': flatten now at {}", name_, rate_text(rate));
@@ -153,13 +153,13 @@ Task<ControlResult> OverlayLayer::flatten(uint64_t rate) {
 Task<ControlResult> OverlayLayer::cancel_flatten() {
   auto ops = co_await ops_mutex_.lock();
   if (flatten_state_.load() != FlattenState::running)
-    co_return refused(EALREADY, "no flatten of clone '" + name_ + "' is running (it is " +
+    co_return failure(EALREADY, "no flatten of clone '" + name_ + "' is running (it is " +
                                     core::flatten_state_name(flatten_state_.load()) + ")");
   co_await stop_flatten();
   if (flatten_state_.load() == FlattenState::done)
     co_return ControlResult{{}, "flatten of clone '" + name_ + "' had already completed"};
   if (auto ec = co_await catalogue_call(blocking_, [&] { store_.set_state(name_, kFlattenKey, "cancelled"); }))
-    co_return refused(ec.value(), "cannot record the cancel in the catalogue (see the log); the flatten is stopped "
+    co_return failure(ec.value(), "cannot record the cancel in the catalogue (see the log); the flatten is stopped "
                                   "but resumes at the next start");
   flatten_state_ = FlattenState::cancelled;
   const auto p = flatten_progress();

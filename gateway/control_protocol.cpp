@@ -5,6 +5,7 @@
 #include "core/options.hpp"
 #include "core/snapshot_control.hpp"
 #include "gateway/config.hpp"
+#include "remote/uri.hpp"
 
 #include <fmt/format.h>
 
@@ -225,6 +226,13 @@ std::string arg_string(const Json& request, const char* key) {
   return it->get<std::string>();
 }
 
+std::string arg_absolute_path(const Json& request, const char* key) {
+  auto path = arg_string(request, key);
+  if (path.empty() || path[0] != '/')
+    bad_request(std::string("argument \"") + key + "\" must be an absolute path (got '" + path + "')");
+  return path;
+}
+
 bool arg_bool(const Json& request, const char* key, bool fallback) {
   auto it = request.find(key);
   if (it == request.end() || it->is_null()) return fallback;
@@ -257,7 +265,7 @@ long export_clients(const std::shared_ptr<Export>& exp) {
 Json export_json(const Export& exp, long clients) {
   Json j;
   j["name"] = exp.name;
-  j["uri"] = exp.uri;
+  j["uri"] = remote::redact_uri(exp.uri);
   j["state"] = "open";
   if (!exp.description.empty()) j["description"] = exp.description;
   j["backend"] = exp.device->describe();
@@ -397,7 +405,7 @@ class ExportCommands {
     for (const auto& exp : exports_.list()) {
       Json e;
       e["name"] = exp->name;
-      e["uri"] = exp->uri;
+      e["uri"] = remote::redact_uri(exp->uri);
       e["size"] = exp->device->geometry().size;
       e["read_only"] = exp->device->capabilities().read_only;
       e["mode"] = exp->control ? exp->control->report().mode : std::string("direct");

@@ -75,6 +75,9 @@ size_t json_depth(std::string_view text);
 
 // Argument helpers: throw ControlError("bad-request") naming the argument.
 std::string arg_string(const Json& request, const char* key);
+// A path on the daemon's host: absolute, since the daemon's working directory
+// is not the caller's.
+std::string arg_absolute_path(const Json& request, const char* key);
 bool arg_bool(const Json& request, const char* key, bool fallback);
 // A byte count: a non-negative integer, or a string with a binary suffix ("50M").
 uint64_t arg_size(const Json& request, const char* key);

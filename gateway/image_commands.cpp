@@ -34,12 +34,10 @@ struct Context {
 
 Task<Json> export_image(std::shared_ptr<const Context> ctx, Json req) {
   const auto name = arg_string(req, "name");
-  const auto path = arg_string(req, "path");
+  const auto path = arg_absolute_path(req, "path");
   const bool force = arg_bool(req, "force", false);
   auto exp = name.empty() ? nullptr : ctx->exports.find(name);
   if (!exp || exp->name != name) throw ControlError("unknown-export", ENOENT, "no export named '" + name + "'");
-  if (path.empty() || path[0] != '/')
-    throw ControlError("bad-request", EINVAL, "argument \"path\" must be an absolute path (got '" + path + "')");
   std::error_code fs_ec;
   if (std::filesystem::is_block_file(path, fs_ec) || std::filesystem::is_directory(path, fs_ec))
     throw ControlError("refused", EINVAL, path + " is not a regular file");

@@ -5,6 +5,7 @@
 #include "core/logging.hpp"
 #include "core/task.hpp"
 #include "gateway/output_file.hpp"
+#include "remote/uri.hpp"
 
 #include <fcntl.h>
 #include <gnutls/crypto.h>
@@ -65,13 +66,6 @@ Target find_cached(const Context& ctx, const std::string& name) {
   if (!layer)
     throw ControlError("no-cache", EINVAL, "export '" + name + "' has no cache (cache=DIR), so it has no access profile");
   return {std::move(exp), layer};
-}
-
-std::string absolute_path(const Json& req) {
-  const auto path = arg_string(req, "path");
-  if (path.empty() || path[0] != '/')
-    throw ControlError("bad-request", EINVAL, "argument \"path\" must be an absolute path (got '" + path + "')");
-  return path;
 }
 
 std::string hex(const unsigned char* p, size_t n) {
@@ -147,18 +141,6 @@ Task<std::string> image_identity(const Target& t) {
   co_return h.done();
 }
 
-// The remote URI without credentials (user:password@) or query.
-std::string shown_remote(const std::string& uri) {
-  std::string out = uri.substr(0, uri.find('?'));
-  const auto scheme = out.find("://");
-  if (scheme == std::string::npos) return out;
-  const auto host = scheme + 3;
-  const auto slash = out.find('/', host);
-  const auto at = out.rfind('@', slash == std::string::npos ? out.size() : slash);
-  if (at != std::string::npos && at >= host) out.erase(host, at + 1 - host);
-  return out;
-}
-
 std::string utc_now() {
   const std::time_t now = std::chrono::system_clock::to_time_t(std::chrono::system_clock::now());
   std::tm tm{};
@@ -204,7 +186,7 @@ Task<Json> profile_show(std::shared_ptr<const Context> ctx, Json req) {
 
 Task<Json> profile_export(std::shared_ptr<const Context> ctx, Json req) {
   const auto t = find_cached(*ctx, arg_string(req, "name"));
-  const auto path = absolute_path(req);
+  const auto path = arg_absolute_path(req, "path");
   const bool force = arg_bool(req, "force", false);
   std::error_code fs_ec;
   if (std::filesystem::is_directory(path, fs_ec) || std::filesystem::is_block_file(path, fs_ec))
@@ -223,7 +205,7 @@ Task<Json> profile_export(std::shared_ptr<const Context> ctx, Json req) {
   Json doc{{"format", kFormat},
            {"version", kVersion},
            {"export", t.exp->name},
-           {"remote", shown_remote(t.exp->uri)},
+           {"remote", remote::redact_uri(t.exp->uri.substr(0, t.exp->uri.find('?')))},
            {"created", utc_now()},
            {"size", size},
            {"chunk_size", p.chunk_size},
@@ -370,7 +352,7 @@ std::vector<std::vector<uint32_t>> convert(const std::vector<std::vector<uint32_
 
 Task<Json> profile_import(std::shared_ptr<const Context> ctx, Json req) {
   const auto t = find_cached(*ctx, arg_string(req, "name"));
-  const auto path = absolute_path(req);
+  const auto path = arg_absolute_path(req, "path");
   const bool force = arg_bool(req, "force", false);
   struct Read {
     int err = 0;

@@ -2,6 +2,7 @@
 
 #include "core/options.hpp"
 #include "gateway/snapshot_exports.hpp"
+#include "remote/uri.hpp"
 
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
@@ -132,7 +133,7 @@ Json RuntimeExports::failed_json() const {
   for (const auto& [name, f] : failed_) {
     Json e;
     e["name"] = name;
-    e["uri"] = f.uri;
+    e["uri"] = remote::redact_uri(f.uri);
     e["options"] = f.options;
     e["state"] = "failed: " + f.reason;
     e["error"] = f.reason;

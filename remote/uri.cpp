@@ -1,5 +1,6 @@
 #include "remote/uri.hpp"
 
+#include <algorithm>
 #include <charconv>
 #include <stdexcept>
 
@@ -34,8 +35,20 @@ std::string decode(std::string_view s, std::string_view whole) {
 
 }  // namespace
 
+std::string redact_uri(std::string_view text) {
+  const auto sep = text.find("://");
+  if (sep == std::string_view::npos) return std::string(text);
+  const auto start = sep + 3;
+  const auto end = std::min(text.find_first_of("/?#", start), text.size());
+  const auto at = text.substr(start, end - start).rfind('@');
+  if (at == std::string_view::npos) return std::string(text);
+  const auto secret = text.substr(start, at).find_first_of(":%");
+  if (secret == std::string_view::npos) return std::string(text);
+  return std::string(text.substr(0, start + secret + 1)) + "***" + std::string(text.substr(start + at));
+}
+
 Uri Uri::parse(std::string_view text) {
-  const std::string whole(text);
+  const std::string whole = redact_uri(text);  // every message below quotes it
   Uri u;
   const auto sep = text.find("://");
   if (sep == std::string_view::npos || sep == 0)

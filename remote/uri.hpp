@@ -23,4 +23,11 @@ struct Uri {
   static Uri parse(std::string_view text);
 };
 
+// The URI as it may be shown (status, logs, messages, exported profiles):
+// a password in its userinfo, `user%password@` as libiscsi spells it or
+// `user:password@`, becomes `***`. Works on text that does not parse too
+// (error messages quote what the user gave); never throws. Over-redacts a
+// user name that holds a percent escape rather than risk showing a secret.
+[[nodiscard]] std::string redact_uri(std::string_view text);
+
 }  // namespace blockway::remote

@@ -1,5 +1,7 @@
 #include "remote/iscsi/iscsi_uri.hpp"
 
+#include "remote/uri.hpp"
+
 #include <cctype>
 #include <charconv>
 #include <stdexcept>
@@ -12,7 +14,7 @@ constexpr int kMaxLun = 16383;  // flat/peripheral addressing as libiscsi encode
 constexpr size_t kMaxName = 223;  // RFC 3720: iSCSI names are at most 223 bytes
 
 [[noreturn]] void bad(std::string_view text, const std::string& why) {
-  throw std::invalid_argument("iSCSI URI '" + redact_iscsi_uri(text) + "': " + why +
+  throw std::invalid_argument("iSCSI URI '" + redact_uri(text) + "': " + why +
                               " (expected iscsi://[user%password@]host[:port]/target-iqn/lun)");
 }
 
@@ -21,17 +23,6 @@ bool valid_name_char(char c) {
 }
 
 }  // namespace
-
-std::string redact_iscsi_uri(std::string_view text) {
-  if (!text.starts_with(kScheme)) return std::string(text);
-  const auto rest = text.substr(kScheme.size());
-  const auto at = rest.substr(0, rest.find('/')).rfind('@');
-  if (at == std::string_view::npos) return std::string(text);
-  const auto userinfo = rest.substr(0, at);
-  const auto pct = userinfo.find('%');
-  if (pct == std::string_view::npos) return std::string(text);
-  return std::string(kScheme) + std::string(userinfo.substr(0, pct)) + "%***" + std::string(rest.substr(at));
-}
 
 IscsiUri IscsiUri::parse(std::string_view text) {
   IscsiUri u;

@@ -30,8 +30,4 @@ struct IscsiUri {
   [[nodiscard]] std::string redacted() const;
 };
 
-// The URI text with any password replaced by "***", for error messages
-// about URIs that did not parse.
-[[nodiscard]] std::string redact_iscsi_uri(std::string_view text);
-
 }  // namespace blockway::remote::iscsi

@@ -52,7 +52,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   } catch (const std::exception&) {
     // Refused with a message: the right answer to bad input.
   }
-  // iscsi redaction runs on text that did not parse too (error messages).
-  (void)remote::iscsi::redact_iscsi_uri(text);
+  // Redaction runs on text that did not parse too (error messages).
+  (void)remote::redact_uri(text);
   return 0;
 }

@@ -152,8 +152,18 @@ class DataPathTest(IscsiTestCase):
         out = self.start_refused("r=" + tgt.uri(auth="bob%wrong-pass1234"),
                                  "CHAP authentication failed for user 'bob'")
         self.assertNotIn("wrong-pass1234", out)
-        daemon = self.serve_remote(tgt.uri(auth="bob%s3cret-pass12"))
+        self.port = harness.free_port()
+        control = self.path("c.control")
+        daemon = self.start_daemon(["--log-level", "debug", "--listen", "127.0.0.1:%d" % self.port,
+                                    "--control-socket", control,
+                                    "--export", "r=" + tgt.uri(auth="bob%s3cret-pass12")], ready_timeout=20)
         self.assertNotIn("s3cret", daemon.log())
+        # Nor in what the control socket shows (the password stays in the
+        # configuration, where the operator put it).
+        for args in (["status", "--json"], ["export", "list"], ["stats", "r"]):
+            shown = harness.run([harness.BLOCKWAY, "--socket", control] + args, timeout=30).stdout.decode()
+            self.assertNotIn("s3cret", shown)
+            self.assertIn("bob%***@", shown)
         h = self.connect(self.uri("r"))
         self.assertEqual(h.pread(4096, 0), harness.read_file(img, 0, 4096))
 

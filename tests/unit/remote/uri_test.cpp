@@ -16,6 +16,7 @@ namespace blockway::remote {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 std::string parse_error(const std::string& text) {
   return test::what_of<std::invalid_argument>([&] { Uri::parse(text); });
@@ -85,7 +86,8 @@ TEST(Uri, BadPercentEscapes) {
   for (const char* bad : {"file:///a%", "file:///a%2", "file:///a%zz", "file:///a%g0", "nbd://u%@h/x",
                           "nbd://h/x?a=%4"}) {
     EXPECT_THAT(parse_error(bad), HasSubstr("percent")) << bad;
-    EXPECT_THAT(parse_error(bad), HasSubstr(bad)) << "the message quotes the URI";
+    // The message quotes the URI, masked: "u%@" reads as user "u" with an empty password.
+    EXPECT_THAT(parse_error(bad), HasSubstr(redact_uri(bad))) << "the message quotes the URI";
   }
 }
 
@@ -118,6 +120,29 @@ TEST(Uri, UnbracketedIpv6IsRejected) {
 TEST(Uri, EncodedNulIsRejected) {
   EXPECT_FALSE(parse_error("file:///var/tmp/a.img%00.bak").empty());
   EXPECT_FALSE(parse_error("nbd://h/x?socket=%00").empty());
+}
+
+TEST(Uri, RedactMasksAPasswordInAnyScheme) {
+  EXPECT_EQ(redact_uri("iscsi://bob%s3cret@10.0.0.5:3260/iqn.2026-11.test:d/1"),
+            "iscsi://bob%***@10.0.0.5:3260/iqn.2026-11.test:d/1");
+  EXPECT_EQ(redact_uri("nfs://alice:pw@h/export/a.img?version=4"), "nfs://alice:***@h/export/a.img?version=4");
+  // An '@' in the path or the query is not userinfo.
+  EXPECT_EQ(redact_uri("rbd://admin@rbd/vm1@snap"), "rbd://admin@rbd/vm1@snap");
+  EXPECT_EQ(redact_uri("nbd://h/x?tls-psk-user=a:b@c"), "nbd://h/x?tls-psk-user=a:b@c");
+  EXPECT_EQ(redact_uri("file:///var/tmp/a@b.img"), "file:///var/tmp/a@b.img");
+  // The last '@' of the authority ends the userinfo (a password may hold '@').
+  EXPECT_EQ(redact_uri("iscsi://bob%p@ss@h/iqn.x:y/0"), "iscsi://bob%***@h/iqn.x:y/0");
+  // Text that is not a URI, or cut short, is shown as given or masked, never thrown on.
+  EXPECT_EQ(redact_uri("not a uri"), "not a uri");
+  EXPECT_EQ(redact_uri("iscsi://bob%pw@"), "iscsi://bob%***@");
+  EXPECT_EQ(redact_uri(""), "");
+}
+
+TEST(Uri, ParseErrorsNeverQuoteThePassword) {
+  const auto e = parse_error("nfs://alice:s3cret@h:99999/x");
+  EXPECT_THAT(e, HasSubstr("bad port"));
+  EXPECT_THAT(e, HasSubstr("alice:***@h"));
+  EXPECT_THAT(e, Not(HasSubstr("s3cret")));
 }
 
 }  // namespace
