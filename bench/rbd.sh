@@ -21,7 +21,7 @@
 # write of a random source over the whole image (nbdcopy to blockwayd;
 # qemu-img convert -n to rbd:), 4k QD16 random read and write (fio's nbd
 # engine through blockwayd; `rbd bench --io-threads 16 --io-pattern rand`,
-# librbd directly), and 4k QD16 random read through blockwayd with a warm
+# librbd directly; also with librbd's cache off, as blockwayd runs librbd), and 4k QD16 random read through blockwayd with a warm
 # cache (cache=DIR, prefetched whole before fio starts). blockwayd runs
 # without a cache unless said, is started per contender (it holds the
 # image's exclusive lock) and must exit 0 after SIGTERM.
@@ -89,10 +89,11 @@ fio_4k() {   # fio_4k URI randread|randwrite -> IOPS
     echo "${v% *}"
 }
 
-rbd_bench() {   # rbd_bench read|write -> IOPS (4k random, 16 threads, librbd directly)
-    rbd -c "$CONF" --keyring "$KEYRING" bench --io-type "$1" --io-size 4K --io-threads 16 --io-pattern rand \
+rbd_bench() {   # rbd_bench read|write [CEPH-OPTION...] -> IOPS (4k random, 16 threads, librbd directly)
+    local type=$1; shift
+    rbd -c "$CONF" --keyring "$KEYRING" "$@" bench --io-type "$type" --io-size 4K --io-threads 16 --io-pattern rand \
         --io-total $((RBD_OPS * 4096)) rbd/bench 2>"$TMP/cmd.err" | awk '/^elapsed:/ {print int($6)}' \
-        | grep . || { cat "$TMP/cmd.err" >&2; die "rbd bench $1 failed"; }
+        | grep . || { cat "$TMP/cmd.err" >&2; die "rbd bench $type failed"; }
 }
 
 # ---------------------------------------------------------------- machine info
@@ -115,6 +116,12 @@ for ((round = 1; round <= REPS; round++)); do
     record qemu-img seqwrite "$round" "$(timed qemu-img convert -n -f raw -O raw "$SRC" "$QEMU")"
     record rbd-bench randread "$round" "$(rbd_bench read)"
     record rbd-bench randwrite "$round" "$(rbd_bench write)"
+    # librbd's own write-back cache is on by default in rbd bench (and in
+    # rbd-nbd); blockwayd opens librbd with rbd_cache=false (its durability
+    # is its own cache's or the cluster's), so the like-for-like figure is
+    # librbd with its cache off.
+    record rbd-bench-nocache randread "$round" "$(rbd_bench read --rbd_cache=false)"
+    record rbd-bench-nocache randwrite "$round" "$(rbd_bench write --rbd_cache=false)"
 
     # a warm cache: prefetch everything, then random reads
     rm -rf "$TMP/cache" "$TMP/data"
@@ -153,6 +160,10 @@ lines = [("seq read MB/s (nbdcopy vs qemu-img convert)", "blockwayd", "qemu-img"
          ("seq write MB/s (nbdcopy vs qemu-img convert -n)", "blockwayd", "qemu-img", "seqwrite", None, 1.0),
          ("4k randread IOPS QD16 (fio nbd vs rbd bench)", "blockwayd", "rbd-bench", "randread", None, 0.9),
          ("4k randwrite IOPS QD16 (fio nbd vs rbd bench)", "blockwayd", "rbd-bench", "randwrite", None, 0.9),
+         ("4k randread IOPS QD16 (fio nbd vs rbd bench with --rbd_cache=false, librbd as blockwayd runs it)",
+          "blockwayd", "rbd-bench-nocache", "randread", None, 0.9),
+         ("4k randwrite IOPS QD16 (fio nbd vs rbd bench with --rbd_cache=false, librbd as blockwayd runs it)",
+          "blockwayd", "rbd-bench-nocache", "randwrite", None, 0.9),
          ("4k randread IOPS QD16, warm cache vs the cluster directly (rbd bench)", "blockwayd-warm", "rbd-bench",
           "randread", None, 10.0)]
 print("## Results (median of rounds)")
