@@ -50,20 +50,53 @@ Task<std::error_code> CacheLayer::read(std::span<std::byte> buf, uint64_t offset
   }
   const uint64_t first = chunk_of(offset), last = chunk_of(offset + buf.size() - 1);
   if (!(flags & kUnrecorded) && (!seen_.test(first) || !seen_.test(last))) record_first_reads(first, last);
-  {
-    // Hit: no claim, only the eviction grace period.
-    EpochGuard guard(*this);
-    if (present_.all_set(first, last)) {
-      hits_.fetch_add(1, std::memory_order_relaxed);
-      note_outcome(note, core::CacheOutcome::hit);
-      mark_referenced(first, last);
-      auto ec = co_await cache_file_->read(buf, offset, 0);
-      if (ec) co_return request_failed("read", buf.size(), offset, "reading the cache file", ec);
-      co_return ec;
+  for (bool missed = false;;) {
+    {
+      // Hit: no claim, only the eviction grace period.
+      EpochGuard guard(*this);
+      if (present_.all_set(first, last)) {
+        if (!missed) {
+          hits_.fetch_add(1, std::memory_order_relaxed);
+          note_outcome(note, core::CacheOutcome::hit);
+        }
+        mark_referenced(first, last);
+        auto ec = co_await cache_file_->read(buf, offset, 0);
+        if (ec) co_return request_failed("read", buf.size(), offset, "reading the cache file", ec);
+        co_return ec;
+      }
     }
+    if (missed) break;
+    missed = true;
+    misses_.fetch_add(1, std::memory_order_relaxed);
+    note_outcome(note, core::CacheOutcome::miss);
+    // When other requests are filling every absent chunk of the range, wait
+    // for their fills and read as a hit (the loop's second look) instead of
+    // claiming the chunks after them: read_miss claims present chunks too,
+    // so readers that all want a chunk being fetched (a base's clones
+    // reading the same blocks) would each take the claim in turn, every
+    // release waking all the others. A fill that failed leaves its chunk
+    // absent: read_miss then fetches it.
+    bool waited = false;
+    for (uint64_t c = first; c <= last; ++c) {
+      if (present_.test(c)) continue;
+      std::shared_ptr<Fill> other;
+      {
+        auto& s = shard(c);
+        std::lock_guard lock(s.mutex);
+        if (auto it = s.fills.find(c); it != s.fills.end()) other = it->second;
+      }
+      if (!other) {  // nobody fills it: this read will
+        waited = false;
+        break;
+      }
+      // Not owning the Fill while waiting (see SharedEvent::wait_unowned).
+      core::SharedEvent* done = &other->done;
+      auto waiting = core::SharedEvent::wait_unowned(std::shared_ptr<core::SharedEvent>(std::move(other), done));
+      (void)co_await std::move(waiting);
+      waited = true;
+    }
+    if (!waited) break;
   }
-  misses_.fetch_add(1, std::memory_order_relaxed);
-  note_outcome(note, core::CacheOutcome::miss);
   auto ec = co_await read_miss(buf, offset, first, last);
   // A miss right after the previous one: read ahead of a sequential reader.
   if (!ec && last_miss_end_.exchange(last + 1, std::memory_order_relaxed) == first) start_readahead(last + 1);

@@ -10,10 +10,13 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
+#include <boost/container/small_vector.hpp>
 
 #include <algorithm>
 #include <bit>
 #include <cctype>
+#include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <stdexcept>
@@ -44,7 +47,7 @@ class OverlayLayer::Claims {
 
  private:
   OverlayLayer* o_;
-  std::vector<uint64_t> blocks_;
+  boost::container::small_vector<uint64_t, 4> blocks_;  // a write claims one or two blocks: no allocation
 };
 
 // A write inside the gate that snapshot/revert close: they wait until no
@@ -76,8 +79,18 @@ std::vector<std::string> split_names(const std::string& s) {
   return out;
 }
 
+// The clone's state key that keeps its base's block sizes, "MIN PREFERRED
+// MAX_TRANSFER", so that a flattened clone opened without its base keeps
+// the geometry its clients saw.
+constexpr const char* kGeometryKey = "geometry";
+
+std::string geometry_text(const core::Geometry& g) {
+  return std::to_string(g.min_block) + " " + std::to_string(g.preferred_block) + " " + std::to_string(g.max_transfer);
+}
+
 // The clone's geometry: its base's, or, for a flattened clone opened
-// without its base, the size its catalogue record keeps.
+// without its base, the size its catalogue record keeps and the block sizes
+// its state keeps (the defaults for a clone flattened before they were kept).
 core::Geometry opening_geometry(const core::CheckedDevice* base, MetaStore& store, const std::string& name) {
   if (base) return base->geometry();
   const auto rec = store.find(name);
@@ -85,6 +98,15 @@ core::Geometry opening_geometry(const core::CheckedDevice* base, MetaStore& stor
     throw std::runtime_error("clone '" + name + "' has no base and is not flattened");
   core::Geometry g;
   g.size = rec->size;
+  if (const auto kept = store.get_state(name, kGeometryKey)) {
+    unsigned long long min = 0, preferred = 0, max = 0;
+    if (std::sscanf(kept->c_str(), "%llu %llu %llu", &min, &preferred, &max) != 3 || min == 0 ||
+        preferred == 0 || min > max || max > UINT32_MAX || (min & (min - 1)) != 0)
+      throw std::runtime_error("clone '" + name + "': its catalogue keeps an invalid geometry '" + *kept + "'");
+    g.min_block = static_cast<uint32_t>(min);
+    g.preferred_block = static_cast<uint32_t>(preferred);
+    g.max_transfer = static_cast<uint32_t>(max);
+  }
   return g;
 }
 
@@ -161,6 +183,9 @@ OverlayLayer::OverlayLayer(std::shared_ptr<core::CheckedDevice> base, Params p)
   durable_.resize(top.allocated.word_count());
   recovered_ = reuse && !have->clean;
   store_.set_clean(name_, false);
+  // The base's block sizes, for an open without it once flattened.
+  if (base_ && store_.get_state(name_, kGeometryKey) != geometry_text(geometry_))
+    store_.set_state(name_, kGeometryKey, geometry_text(geometry_));
   if (recovered_)
     log_->warn("export '{}': the overlay was not closed cleanly; {} blocks are allocated (what was flushed)", name_,
                top.allocated.count());
@@ -327,23 +352,38 @@ Task<std::error_code> OverlayLayer::read_levels(const Chain& c, size_t upto, std
 
 Task<OverlayLayer::Claims> OverlayLayer::claim(const Level& top, uint64_t first, uint64_t last) {
   Claims claims(*this);
+  if (const uint64_t from = claim_now(top, first, last, claims); from <= last)
+    co_await claim_rest(top, from, last, claims);
+  co_return claims;
+}
+
+uint64_t OverlayLayer::claim_now(const Level& top, uint64_t first, uint64_t last, Claims& claims) {
+  std::lock_guard lock(claim_mutex_);
   for (uint64_t b = first; b <= last; ++b) {
+    if (top.allocated.test(b)) continue;
+    if (!claims_.try_emplace(b).second) return b;  // another request holds it
+    claims.add(b);
+  }
+  return last + 1;
+}
+
+Task<void> OverlayLayer::claim_rest(const Level& top, uint64_t from, uint64_t last, Claims& claims) {
+  for (uint64_t b = from; b <= last; ++b) {
     while (!top.allocated.test(b)) {
       std::shared_ptr<core::SharedEvent> other;
       {
         std::lock_guard lock(claim_mutex_);
         auto [it, inserted] = claims_.try_emplace(b);
         if (inserted) {
-          it->second = std::make_shared<core::SharedEvent>();
           claims.add(b);
           break;
         }
+        if (!it->second) it->second = std::make_shared<core::SharedEvent>();
         other = it->second;
       }
       (void)co_await other->wait();
     }
   }
-  co_return claims;
 }
 
 void OverlayLayer::release(uint64_t block) noexcept {
@@ -355,7 +395,7 @@ void OverlayLayer::release(uint64_t block) noexcept {
     event = std::move(it->second);
     claims_.erase(it);
   }
-  event->set();
+  if (event) event->set();  // someone waits
 }
 
 void OverlayLayer::mark_allocated(Level& top, uint64_t first, uint64_t last) noexcept {
@@ -375,8 +415,9 @@ Task<std::error_code> OverlayLayer::write_in_block(const Chain& c, uint64_t b, s
   if (top.allocated.test(b) || (offset == br.offset && data.size() == br.length))
     co_return co_await top.file->write(data, offset, 0);
   // Copy-up: the rest of the block from below (snapshots, then the base),
-  // then the whole block.
-  std::vector<std::byte> block(br.length);
+  // then the whole block. (Not zero-filled first: the read fills it.)
+  auto storage = std::make_unique_for_overwrite<std::byte[]>(br.length);
+  const std::span<std::byte> block(storage.get(), br.length);
   if (auto ec = co_await read_levels(c, c.levels.size() - 1, block, br.offset, 0, false)) co_return ec;
   std::memcpy(block.data() + (offset - br.offset), data.data(), data.size());
   copy_ups_.fetch_add(1, std::memory_order_relaxed);
@@ -388,7 +429,8 @@ Task<std::error_code> OverlayLayer::change(std::span<const std::byte> data, Byte
   if (range.length == 0) co_return std::error_code{};
   const uint64_t first = block_of(range.offset), last = block_of(range.end() - 1);
   const IoFlags zero_flags = flags & core::kNoHole;
-  auto pass = co_await enter();
+  auto pass = try_enter();
+  if (!pass) pass.emplace(co_await enter());
   const auto c = chain();
   Level& top = *c->levels.back();
   core::BlockDevice& file = *top.file;
@@ -403,7 +445,9 @@ Task<std::error_code> OverlayLayer::change(std::span<const std::byte> data, Byte
     if (!ec && (flags & core::kFua)) ec = co_await commit();
     co_return ec;
   }
-  auto claims = co_await claim(top, first, last);
+  Claims claims(*this);
+  if (const uint64_t from = claim_now(top, first, last, claims); from <= last)
+    co_await claim_rest(top, from, last, claims);
   std::vector<std::byte> zero_piece;
   for (uint64_t pos = range.offset; pos < range.end();) {
     const uint64_t b = block_of(pos);
@@ -547,6 +591,14 @@ Task<void> OverlayLayer::close() {
 
 // --- the write gate -------------------------------------------------------
 
+std::optional<OverlayLayer::WriterPass> OverlayLayer::try_enter() noexcept {
+  // As enter(): count first, then look.
+  writers_.fetch_add(1, std::memory_order_seq_cst);
+  if (!paused_.load(std::memory_order_seq_cst)) return WriterPass(this);
+  writers_.fetch_sub(1, std::memory_order_seq_cst);
+  return std::nullopt;
+}
+
 Task<OverlayLayer::WriterPass> OverlayLayer::enter() {
   for (;;) {
     // Count first, then look (seq_cst both sides): pause() sets paused_ and
@@ -589,30 +641,53 @@ void OverlayLayer::resume() {
   if (wake) wake->set();
 }
 
-// Copies block b from `source` into the top unless the top holds it, under
-// the claim a writer's copy-up takes (used by snapshot delete's merge and
-// by flatten).
-Task<std::error_code> OverlayLayer::copy_into_top(Level& top, uint64_t b, core::BlockDevice& source,
-                                                  std::vector<std::byte>& block, bool* copied) {
-  *copied = false;
-  if (top.allocated.test(b)) co_return std::error_code{};
+// Copies the blocks of [first, last] the top does not hold from `source`
+// into the top, under the claims a writer's copy-up takes (used by snapshot
+// delete's merge and by flatten). Claims are taken ascending, as every
+// request takes them, so a batch never deadlocks with a writer.
+Task<std::error_code> OverlayLayer::copy_into_top(Level& top, uint64_t first, uint64_t last,
+                                                  core::BlockDevice& source, std::vector<std::byte>& buf,
+                                                  uint64_t* copied) {
+  *copied = 0;
+  while (first <= last && top.allocated.test(first)) ++first;
+  if (first > last) co_return std::error_code{};
   auto pass = co_await enter();
-  auto claims = co_await claim(top, b, b);
-  if (top.allocated.test(b)) co_return std::error_code{};  // a writer took it meanwhile
-  const ByteRange br = block_range(b);
-  block.resize(br.length);
-  if (auto ec = co_await source.read(block, br.offset, 0)) co_return ec;
-  // A block of zeroes stays a hole (whatever a crash left in the file there
-  // is punched away): the overlay stays sparse.
-  const bool zeroes = std::all_of(block.begin(), block.end(), [](std::byte x) { return x == std::byte{0}; });
-  std::error_code ec;  // (no co_await inside ?:, GCC 12)
-  if (zeroes)
-    ec = co_await top.file->zero(br, 0);
-  else
-    ec = co_await top.file->write(block, br.offset, 0);
-  if (ec) co_return ec;
-  mark_allocated(top, b, b);
-  *copied = true;
+  auto claims = co_await claim(top, first, last);
+  // Under the claims, the blocks still unallocated are exactly the claimed
+  // ones: a writer that took a block meanwhile allocated it.
+  for (uint64_t b = first; b <= last;) {
+    if (top.allocated.test(b)) {
+      ++b;
+      continue;
+    }
+    uint64_t e = b;
+    while (e < last && !top.allocated.test(e + 1)) ++e;
+    const uint64_t lo = b * granularity_, hi = block_range(e).end();
+    if (buf.size() < hi - lo) buf.resize(hi - lo);
+    const auto run = std::span<std::byte>(buf).first(hi - lo);
+    if (auto ec = co_await source.read(run, lo, 0)) co_return ec;
+    // A block of zeroes stays a hole (whatever a crash left in the file there
+    // is punched away): the overlay stays sparse. Neighbours alike go in one call.
+    auto zero_block = [&](uint64_t x) {
+      const auto piece = run.subspan(x * granularity_ - lo, block_range(x).length);
+      return std::all_of(piece.begin(), piece.end(), [](std::byte v) { return v == std::byte{0}; });
+    };
+    for (uint64_t x = b, y; x <= e; x = y + 1) {
+      const bool zeroes = zero_block(x);
+      y = x;
+      while (y < e && zero_block(y + 1) == zeroes) ++y;
+      const ByteRange part{x * granularity_, block_range(y).end() - x * granularity_};
+      std::error_code ec;  // (no co_await inside ?:, GCC 12)
+      if (zeroes)
+        ec = co_await top.file->zero(part, 0);
+      else
+        ec = co_await top.file->write(run.subspan(part.offset - lo, part.length), part.offset, 0);
+      if (ec) co_return ec;
+    }
+    mark_allocated(top, b, e);
+    *copied += hi - lo;
+    b = e + 1;
+  }
   co_return std::error_code{};
 }
 

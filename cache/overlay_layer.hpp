@@ -49,10 +49,10 @@
 // refused, with the reason, in its CheckedDevice).
 //
 // Flatten (cache/overlay_flatten.cpp): a background task copies every block
-// that no level holds from the base into the top, each under the same claim
-// as a copy-up (a block a client writes meanwhile is skipped, never
-// overwritten), paced to a rate, committing every kFlattenCommitBlocks
-// blocks. Its state ("running RATE", "done", "cancelled") is the clone's
+// that no level holds from the base into the top, in runs of up to
+// kCopyBatchBytes under the same claims as a copy-up (a block a client
+// writes meanwhile is skipped, never overwritten), paced to a rate,
+// committing every kFlattenCommitBytes. Its state ("running RATE", "done", "cancelled") is the clone's
 // catalogue state "flatten": a restart resumes a running one from the blocks
 // still unallocated. Once every block is in some level the clone is
 // standalone: the base's hold is dropped, the base is never read again (no
@@ -174,6 +174,10 @@ class OverlayLayer final : public core::BlockDevice, public core::SnapshotContro
   static constexpr const char* kFlattenKey = "flatten";
   // Blocks copied between two durable commits of a flatten.
   static constexpr uint64_t kFlattenCommitBytes = 8u << 20;
+  // The most a flatten (or a snapshot merge) copies in one read and claims
+  // at once; a paced flatten copies at most a tenth of a second of its rate
+  // at once (at least one block).
+  static constexpr uint64_t kCopyBatchBytes = 1u << 20;
 
   [[nodiscard]] OverlayStats stats() const;
   [[nodiscard]] const std::string& base_name() const noexcept { return base_name_; }
@@ -218,11 +222,13 @@ class OverlayLayer final : public core::BlockDevice, public core::SnapshotContro
   core::Task<std::error_code> commit_locked();
   core::Task<std::error_code> merge_into_top(const Level& from, Level& top);
   core::Task<std::error_code> merge_into_frozen(const Level& from, Level& to);
-  // Copies block b from `source` into the top under a claim, unless the top
-  // has it (then, or when a writer took it meanwhile, *copied stays false).
-  // All-zero data is punched as a hole. (merge_into_top, flatten)
-  core::Task<std::error_code> copy_into_top(Level& top, uint64_t b, core::BlockDevice& source,
-                                            std::vector<std::byte>& block, bool* copied);
+  // Copies the blocks of [first, last] that the top does not hold from
+  // `source` into the top, under the claims a writer's copy-up takes (a
+  // block a writer took meanwhile is skipped); each run of claimed blocks is
+  // one read and as few writes as its all-zero blocks (punched as holes)
+  // allow. *copied: the bytes copied. (merge_into_top, flatten)
+  core::Task<std::error_code> copy_into_top(Level& top, uint64_t first, uint64_t last, core::BlockDevice& source,
+                                            std::vector<std::byte>& buf, uint64_t* copied);
   // The flatten task (cache/overlay_flatten.cpp) and its start.
   core::Task<void> run_flatten(std::shared_ptr<core::SharedEvent> done);
   void spawn_flatten();
@@ -235,7 +241,15 @@ class OverlayLayer final : public core::BlockDevice, public core::SnapshotContro
   [[nodiscard]] core::ByteRange block_range(uint64_t b) const noexcept;
   // Claims every unallocated block of [first, last], ascending.
   core::Task<Claims> claim(const Level& top, uint64_t first, uint64_t last);
+  // The same without a coroutine while no other request holds a block:
+  // claims ascending up to the first block another request holds and
+  // returns it (last + 1 when all are claimed); claim_rest() waits for the
+  // rest. (The common, uncontended first write costs no frame.)
+  uint64_t claim_now(const Level& top, uint64_t first, uint64_t last, Claims& claims);
+  core::Task<void> claim_rest(const Level& top, uint64_t from, uint64_t last, Claims& claims);
   void release(uint64_t block) noexcept;
+  // A pass through the write gate without a coroutine when it is open.
+  std::optional<WriterPass> try_enter() noexcept;
   // Writes `data` at `offset` (inside block b, which the caller claimed if it
   // was unallocated): directly if b is allocated or data covers it, else the
   // block merged with the base's bytes around it (copy-up).
@@ -265,6 +279,8 @@ class OverlayLayer final : public core::BlockDevice, public core::SnapshotContro
   std::vector<uint64_t> durable_;  // what the catalogue holds (under commit_mutex_)
 
   std::mutex claim_mutex_;
+  // Claimed blocks; the event is made by the first request that waits for
+  // the block (an uncontended claim allocates none).
   std::unordered_map<uint64_t, std::shared_ptr<core::SharedEvent>> claims_;
 
   core::AsyncMutex commit_mutex_;

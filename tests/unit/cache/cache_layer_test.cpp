@@ -105,6 +105,30 @@ TEST_P(CacheLayerModes, ConcurrentMissesOnOneChunkMakeOneRemoteFetch) {
   }
   EXPECT_EQ(remote_->calls(Op::read), 1u);
   EXPECT_EQ(remote_->max_in_flight(Op::read), 1u);
+  // The seven that waited for the fetch count as misses too (they did not
+  // find the chunk), though they read it as hits once it came.
+  EXPECT_EQ(layer().stats().misses, 8u);
+  EXPECT_EQ(layer().stats().hits, 0u);
+}
+
+TEST_P(CacheLayerModes, ReadersOfAFailedFillFetchTheChunkThemselves) {
+  open(GetParam());
+  remote_->close_gate(Op::read);
+  remote_->fail(Op::read, EIO);
+  std::vector<std::byte> first(4096), second(4096);
+  auto a = boost::asio::co_spawn(h_->io(), layer().read(first, 5 * kChunk, 0), boost::asio::use_future);
+  ASSERT_TRUE(test::eventually([&] { return remote_->in_flight(Op::read) >= 1; }));
+  auto b = boost::asio::co_spawn(h_->io(), layer().read(second, 5 * kChunk + 8192, 0), boost::asio::use_future);
+  std::this_thread::sleep_for(std::chrono::milliseconds(30));  // b waits for a's fill
+  EXPECT_EQ(remote_->calls(Op::read), 1u);
+  remote_->open_gate(Op::read);
+  EXPECT_EQ(a.get(), errno_code(EIO));
+  // b found the chunk still absent after the failed fill and fetched it
+  // itself (failing too while the remote fails: it did not read stale bytes).
+  EXPECT_EQ(b.get(), errno_code(EIO));
+  EXPECT_EQ(remote_->calls(Op::read), 2u);
+  remote_->fail(Op::read, 0);
+  EXPECT_EQ(read(5 * kChunk + 8192, 4096), pattern(5 * kChunk + 8192, 4096));
 }
 
 TEST_P(CacheLayerModes, HitsDoNotTouchTheRemote) {
