@@ -5,8 +5,6 @@
 #include "core/checked_device.hpp"
 #include "core/logging.hpp"
 #include "core/options.hpp"
-#include "core/retry_layer.hpp"
-#include "remote/registry.hpp"
 
 #include <algorithm>
 #include <charconv>
@@ -20,23 +18,12 @@ using core::CheckedDevice;
 using core::ConfigError;
 using core::Export;
 using core::ExtentList;
-using core::RetryLayer;
-using core::RetryOptions;
 
 StackBuilder::StackBuilder(core::EventLoops& loops, std::string data_dir)
     : loops_(loops), data_dir_(std::move(data_dir)) {}
 
 cache::MetaStore& StackBuilder::catalogue() {
-  if (!catalogue_) {
-    std::error_code ec;
-    std::filesystem::create_directories(data_dir_, ec);
-    if (ec) throw ConfigError("cannot create data directory " + data_dir_ + ": " + ec.message());
-    try {
-      catalogue_ = std::make_unique<cache::MetaStore>(data_dir_ + "/catalogue.db");
-    } catch (const std::runtime_error& e) {
-      throw ConfigError(e.what());
-    }
-  }
+  if (!catalogue_) catalogue_ = stack::open_catalogue(data_dir_);
   return *catalogue_;
 }
 
@@ -57,47 +44,27 @@ std::string StackBuilder::configured_value(const std::string& name, const std::s
 }
 
 StackBuilder::Built StackBuilder::build(ExportConfig cfg) {
-  core::Options options(cfg.options, "export '" + cfg.name + "'");
-  auto qos = core::QosLimits::take_from(options);
-  apply_runtime_qos(cfg.name, qos);
-  auto cache_cfg = cache::CacheConfig::take_from(options);
+  const stack::ExportSpec spec{cfg.name, cfg.uri, cfg.read_only};
+  core::Options options(cfg.options, spec.where());
+  auto layers = stack::LayerOptions::take_from(options);
+  apply_runtime_qos(cfg.name, layers.qos);
   const auto clone_base = cache::clone_base_of(cfg.uri);
-  if (clone_base && cache_cfg)
+  if (clone_base && layers.cache)
     throw ConfigError("export '" + cfg.name + "': a clone has no cache of its own (cache=): it reads through its "
                       "base's cache");
   if (!clone_base && cache::OverlayConfig::given(options))
     throw ConfigError("export '" + cfg.name + "': overlay options (overlay=, granularity=) are for clones "
                       "(clone:BASE)");
-  if (cache_cfg) apply_runtime_settings(cfg.name, *cache_cfg);
-  if (!cache_cfg) refuse_without_its_cache(cfg);
+  if (layers.cache) apply_runtime_settings(cfg.name, *layers.cache);
+  if (!layers.cache) refuse_without_its_cache(cfg);
   auto exp = std::make_shared<Export>();
-  // The remote, and a RetryLayer above it when the registry says its
-  // session can be lost.
-  const remote::OpenEnv env{cfg.read_only, &loops_.blocking(), &loops_};
-  std::unique_ptr<BlockDevice> device;
-  RetryLayer* retry_layer = nullptr;  // owned by the device chain, like the cache
-  core::RemoteDevice* remote = nullptr;  // likewise
-  cache::OverlayLayer* overlay = nullptr;  // likewise
-  if (clone_base) device = open_clone(cfg, *clone_base, options, *exp, overlay);
-  try {
-    const remote::Backend* backend = clone_base ? nullptr : &remote::backend_for(cfg.uri);
-    // A detached export (local mode) never opens its remote again.
-    if (backend && cache_cfg) device = open_detached(cfg, *backend, options);
-    if (backend && !device && backend->open_local) device = backend->open_local(cfg.uri, options, env);
-    if (backend && !device && backend->open_remote) {
-      // A network session can drop: reconnect and retry right above the remote.
-      const RetryOptions retry = RetryOptions::take_from(options);
-      auto opened = backend->open_remote(cfg.uri, options, env);
-      remote = opened.get();
-      auto layer = std::make_unique<RetryLayer>(std::move(opened), retry);
-      retry_layer = layer.get();
-      device = std::move(layer);
-      if (remote_bandwidth_)
-        device = std::make_unique<core::RemoteBandwidthLayer>(std::move(device), remote_bandwidth_);
-    }
-  } catch (const remote::BackendError& e) {
-    throw ConfigError("export '" + cfg.name + "': " + e.what());
-  }
+  const auto ctx = context();
+  // The bottom: a clone's overlay on its base export, else the shared stack's
+  // (the remote, or a detached export's stand-in).
+  stack::Bottom bottom;
+  cache::OverlayLayer* overlay = nullptr;  // owned by the device chain, like the cache
+  if (clone_base) bottom.device = open_clone(cfg, *clone_base, options, *exp, overlay);
+  else bottom = stack::open_bottom(spec, layers.cache.has_value(), options, ctx);
   options.finish();
   exp->name = cfg.name;
   exp->description = cfg.description;
@@ -105,31 +72,12 @@ StackBuilder::Built StackBuilder::build(ExportConfig cfg) {
   exp->file_attrs.store(file_attrs(cfg));
   exp->access.store(access_policy(cfg));
   exp->uri = cfg.uri;
-  cache::CacheLayer* cache_layer = nullptr;
-  if (cache_cfg) {
-    cache::CacheLayer::Params params;
-    params.export_name = cfg.name;
-    params.remote_uri = cfg.uri;
-    params.config = *cache_cfg;
-    params.store = &catalogue();
-    params.blocking = &loops_.blocking();
-    params.background = loops_.at(0).get_executor();
-    if (retry_layer) params.remote_bandwidth = remote_bandwidth_;
-    try {
-      auto layer = std::make_unique<cache::CacheLayer>(std::move(device), std::move(params));
-      cache_layer = layer.get();
-      device = std::move(layer);
-    } catch (const std::runtime_error& e) {
-      throw ConfigError("export '" + cfg.name + "': " + e.what());
-    }
-  }
-  // QoS above the cache: cache hits are limited too, as the tenant sees them.
-  auto qos_layer = std::make_unique<core::QosLayer>(std::move(device), qos);
-  exp->qos = qos_layer.get();
-  exp->device = std::make_shared<CheckedDevice>(std::move(qos_layer), cfg.read_only);
-  if (retry_layer) exp->remote_health = [retry_layer] { return retry_layer->health(); };
-  if (remote) remote->set_resize_handler(resize_handler(cfg.name, exp->device, cache_layer != nullptr));
-  if (cache_layer) {
+  auto built = stack::add_layers(spec, std::move(bottom), layers, ctx);
+  exp->qos = built.qos;
+  exp->device = std::move(built.device);
+  if (auto* retry_layer = built.retry) exp->remote_health = [retry_layer] { return retry_layer->health(); };
+  if (built.remote) built.remote->set_resize_handler(resize_handler(cfg.name, exp->device, built.cache != nullptr));
+  if (auto* cache_layer = built.cache) {
     exp->cache_status = [cache_layer](ByteRange r, ExtentList& out) { return cache_layer->cache_status(r, out); };
     exp->control = cache_layer;
   }
@@ -140,7 +88,11 @@ StackBuilder::Built StackBuilder::build(ExportConfig cfg) {
     }
     overlay->start();  // resumes a flatten that was running
   }
-  return {exp, cache_layer};
+  return {exp, built.cache};
+}
+
+stack::Context StackBuilder::context() {
+  return {loops_, [this]() -> cache::MetaStore& { return catalogue(); }, remote_bandwidth_};
 }
 
 core::RemoteDevice::ResizeHandler StackBuilder::resize_handler(const std::string& name,
@@ -221,23 +173,6 @@ std::unique_ptr<BlockDevice> StackBuilder::open_clone(const ExportConfig& cfg, c
         {"flatten_copied_bytes", s.flatten.copied_bytes}};
   };
   return layer;
-}
-
-// The stand-in remote of an export detached in an earlier run, or nullptr.
-// The backend and retry options are still checked (and taken).
-std::unique_ptr<BlockDevice> StackBuilder::open_detached(const ExportConfig& cfg, const remote::Backend& backend,
-                                                        core::Options& options) {
-  std::unique_ptr<BlockDevice> device;
-  try {
-    device = cache::open_if_detached(catalogue(), cfg.name, cfg.uri);
-  } catch (const std::runtime_error& e) {
-    throw ConfigError("export '" + cfg.name + "': " + e.what());
-  }
-  if (device) {
-    backend.check(cfg.uri, options);
-    if (backend.retry()) (void)RetryOptions::take_from(options);
-  }
-  return device;
 }
 
 // Run-time changes of the write mode and the prefetch rate (blockway mode,

@@ -1,19 +1,21 @@
 // StackBuilder: turns an export's configuration (URI + options) into the
-// layer stack clients are served from, bottom up:
+// layer stack clients are served from. The stack itself (backend or a
+// detached export's stand-in, RetryLayer, CacheLayer, QosLayer,
+// CheckedDevice) is stack/export_stack.*, which the nbdkit plugin builds too;
+// around it this adds what only the daemon has:
 //
-//   the backend the URI's scheme names (remote/registry.cpp), or, for a
-//   clone (clone:BASE), the base export's device and an OverlayLayer on it
-//   (no retry, bandwidth cap or cache of its own: the base has them)
-//   RetryLayer         when the registry says the backend's session can be lost
-//   RemoteBandwidthLayer  above it, with --remote-bandwidth: the daemon-wide cap
-//   CacheLayer         when the options name a cache directory (cache=DIR)
-//   QosLayer           always: the export's QoS limits (qos-*), none by default
-//   CheckedDevice      always: the one checkpoint that validates and emulates
+//   a clone (clone:BASE) as the bottom: the base export's device and an
+//   OverlayLayer on it (no retry, bandwidth cap or cache of its own: the
+//   base has them)
+//   RemoteBandwidthLayer  above the RetryLayer, with --remote-bandwidth: the
+//                         daemon-wide cap (passed in stack::Context)
+//   run-time settings saved in the catalogue (write mode, prefetch rate, QoS,
+//   access rules, FUSE file attributes), applied before the stack is built
+//   the export's access policy and file attributes, its remote health, cache
+//   control and what it does when its remote image changes size
 //
-// Each part takes its options from one core::Options; what is left is an
-// unknown option. It also owns the catalogue (opened when the first cache, or
-// a run-time export, needs it), applies run-time settings saved there before
-// a cache is built, and refuses an export whose cache holds data its remote
+// It also owns the catalogue (opened when the first cache, or a run-time
+// export, needs it) and refuses an export whose cache holds data its remote
 // lacks when the configuration no longer names that cache.
 //
 // Thread model: build() runs at start-up on the main thread, and later on the
@@ -29,6 +31,7 @@
 #include "core/remote_device.hpp"
 #include "core/snapshot_control.hpp"
 #include "gateway/config.hpp"
+#include "stack/export_stack.hpp"
 
 #include <functional>
 #include <map>
@@ -40,10 +43,6 @@
 
 namespace blockway::cache {
 class OverlayLayer;
-}
-
-namespace blockway::remote {
-struct Backend;
 }
 
 namespace blockway::gateway {
@@ -91,8 +90,8 @@ class StackBuilder {
   [[nodiscard]] core::SnapshotControl* snapshots_of(const std::shared_ptr<core::Export>& exp) const;
 
  private:
-  std::unique_ptr<core::BlockDevice> open_detached(const ExportConfig& cfg, const remote::Backend& backend,
-                                                   core::Options& options);
+  // What the shared stack is built with: our loops, catalogue and bandwidth cap.
+  stack::Context context();
   void apply_runtime_settings(const std::string& name, cache::CacheConfig& c);
   void apply_runtime_qos(const std::string& name, core::QosLimits& q);
   // allow= and listen= as the configuration says, or as `blockway access`

@@ -5,6 +5,7 @@
 #include "core/qos_layer.hpp"
 #include "core/retry_layer.hpp"
 #include "remote/registry.hpp"
+#include "stack/export_stack.hpp"
 
 namespace blockway::nbdkit {
 
@@ -96,13 +97,9 @@ void PluginConfig::complete() {
   // stack takes them again when it opens.
   auto copy = options;
   core::Options o(copy, where());
-  (void)core::QosLimits::take_from(o);
-  auto cache = cache::CacheConfig::take_from(o);
-  const auto& backend = remote::backend_for(uri);
-  backend.check(uri, o);
-  if (backend.retry()) (void)core::RetryOptions::take_from(o);
+  const auto layers = stack::check(uri, o);
   o.finish();
-  if (data_dir.empty() && cache) data_dir = cache->dir;
+  if (data_dir.empty() && layers.cache) data_dir = layers.cache->dir;
 }
 
 std::string PluginConfig::help() {

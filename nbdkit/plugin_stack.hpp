@@ -1,8 +1,10 @@
-// PluginStack: the export stack blockwayd builds, inside nbdkit: the backend
-// the URI names (or the stand-in of an export detached in an earlier run), a
-// RetryLayer above a network backend, the CacheLayer with its prefetch and
-// detach when cache=DIR is given, the QosLayer and the CheckedDevice on top.
-// Each part takes its options exactly as in the daemon.
+// PluginStack: the export stack blockwayd builds, inside nbdkit: built by
+// stack/export_stack.hpp, the same code the daemon's StackBuilder builds its
+// exports with (the backend the URI names or the stand-in of an export
+// detached in an earlier run, a RetryLayer above a network backend, the
+// CacheLayer with its prefetch and detach when cache=DIR is given, the
+// QosLayer and the CheckedDevice on top), so the options, their order and
+// the messages are the daemon's.
 //
 // Thread model: nbdkit calls the plugin from its own worker threads
 // (NBDKIT_THREAD_MODEL_PARALLEL). The stack runs on its own event loops
