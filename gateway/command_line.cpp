@@ -135,6 +135,13 @@ const Flag kFlags[] = {
        if (v.empty()) throw ConfigError("--tls-psk needs a file");
        l.config.tls.psk_file = v;
      }},
+    {"--tls-priority", "STRING",
+     "the GnuTLS priority string: which TLS versions, key exchanges and ciphers are offered, in which order "
+     "(default: NORMAL with AES-128-GCM first, in the server's order; wins over [tls] priority)",
+     [](CommandLine& l, const std::string& v) {
+       if (v.empty()) throw ConfigError("--tls-priority needs a GnuTLS priority string (e.g. NORMAL)");
+       l.config.tls.priority = v;
+     }},
     {"--tls-verify-peer", "",
      "ask every TLS client for a certificate signed by ca-cert.pem and refuse those without one",
      [](CommandLine& l, const std::string&) { l.config.tls.verify_peer = true; }},
@@ -266,6 +273,7 @@ DaemonConfig effective_config(CommandLine line) {
     if (!cfg.tls.certificates_dir.empty()) from_file.tls.certificates_dir = cfg.tls.certificates_dir;
     if (!cfg.tls.psk_file.empty()) from_file.tls.psk_file = cfg.tls.psk_file;
     if (cfg.tls.verify_peer) from_file.tls.verify_peer = true;
+    if (!cfg.tls.priority.empty()) from_file.tls.priority = cfg.tls.priority;
     cfg = std::move(from_file);
   }
   if (!line.listen.empty()) cfg.listen = line.listen;

@@ -236,6 +236,8 @@ void DaemonConfig::validate() const {
     throw ConfigError("control socket '" + control_socket + "' must be an absolute path shorter than 108 bytes");
   if (tls.mode == nbd::TlsMode::off && (!tls.certificates_dir.empty() || !tls.psk_file.empty()))
     throw ConfigError("TLS credentials are given but tls is off: add --tls=on or --tls=require");
+  if (tls.mode == nbd::TlsMode::off && !tls.priority.empty())
+    throw ConfigError("a TLS priority is given but tls is off: add --tls=on or --tls=require");
   if (tls.mode != nbd::TlsMode::off && tls.certificates_dir.empty() && tls.psk_file.empty())
     throw ConfigError(std::string("--tls=") + nbd::to_string(tls.mode) +
                       " needs --tls-certificates DIR or --tls-psk FILE");
@@ -358,6 +360,10 @@ void load_config_file(const std::string& path, DaemonConfig& cfg) {
           cfg.tls.psk_file = value;
         else if (tkey == "verify-peer")
           cfg.tls.verify_peer = parse_bool(value, path + ": tls.verify-peer");
+        else if (tkey == "priority") {
+          if (value.empty()) throw ConfigError(path + ": tls.priority is empty (leave it out for the default)");
+          cfg.tls.priority = value;
+        }
         else
           throw ConfigError(path + ": unknown setting 'tls." + tkey + "'");
       }

@@ -555,6 +555,11 @@ class ExportCommands {
     const bool fuse_change = req.contains("fuse_uid") || req.contains("fuse_gid") || req.contains("fuse_mode");
     const bool rules_change = req.contains("allow") || req.contains("listen");
     if (!fuse_change && !rules_change) co_return report();
+    if (rules_change && !exp->snapshot_of.empty())
+      throw ControlError("refused", EPERM,
+                         "export '" + exp->name + "' is a snapshot of clone '" + exp->snapshot_of +
+                             "': it takes the clone's allow= and listen= rules (change them on '" + exp->snapshot_of +
+                             "')");
     // Parsed before anything changes: a bad value changes nothing.
     std::optional<FilePatch> patch;
     if (fuse_change) patch = file_patch(*exp, req);
@@ -637,7 +642,8 @@ class ExportCommands {
     co_await std::move(forgetting);
   }
 
-  // allow=/listen= of an access request.
+  // allow=/listen= of an access request, for the export and its snapshots'
+  // (CLONE@SNAP serves under the clone's rules).
   Task<void> change_rules(std::shared_ptr<Export> exp, const Json& req, Json& saves) {
     auto ordered = settings_lock(exp->name, "access");
     auto guard = co_await ordered->lock();
@@ -652,6 +658,8 @@ class ExportCommands {
     }
     const std::string saved = policy.saved();
     exp->access.store(policy.open() ? nullptr : std::make_shared<const core::AccessPolicy>(std::move(policy)));
+    for (const auto& view : exports_.list())
+      if (view->snapshot_of == exp->name) view->access.store(exp->access.load());
     core::logger("control")->info("export '{}': access rules now allow '{}', listen '{}'", exp->name, allow, listen);
     auto saving = persist(exp, "access", saved, saves);
     co_await std::move(saving);

@@ -292,10 +292,11 @@ int run_daemon(DaemonConfig config) {
       throw ConfigError(e.what());
     }
     sopts.tls_mode = config.tls.mode;
-    log->info("NBD over TLS: {} ({}{}{})", nbd::to_string(config.tls.mode),
+    log->info("NBD over TLS: {} ({}{}{}; priority {})", nbd::to_string(config.tls.mode),
               config.tls.certificates_dir.empty() ? "" : "certificates " + config.tls.certificates_dir,
               !config.tls.certificates_dir.empty() && !config.tls.psk_file.empty() ? ", " : "",
-              config.tls.psk_file.empty() ? "" : "PSK " + config.tls.psk_file);
+              config.tls.psk_file.empty() ? "" : "PSK " + config.tls.psk_file,
+              config.tls.priority.empty() ? std::string("the default") : "'" + config.tls.priority + "'");
   }
   nbd::Server server(loops, exports, sopts);
   server_ptr = &server;

@@ -22,8 +22,8 @@ void publish_snapshot(core::ExportTable& exports, const std::shared_ptr<Export>&
   exp->snapshot_of = clone->name;
   exp->device = std::make_shared<core::CheckedDevice>(std::move(view), true);
   exp->tls_required = clone->tls_required;
-  exp->access.store(clone->access.load());
-  exp->file_attrs.store(clone->file_attrs.load());  // and follows the clone's at run time (blockway access)
+  exp->access.store(clone->access.load());  // both follow the clone's at run time (blockway access)
+  exp->file_attrs.store(clone->file_attrs.load());
   try {
     exports.add(std::move(exp));
   } catch (const std::invalid_argument& e) {

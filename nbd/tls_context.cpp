@@ -40,6 +40,10 @@ void check_psk_file(const std::string& path) {
 
 }  // namespace
 
+const char* const kDefaultTlsPriority =
+    "NORMAL:%SERVER_PRECEDENCE:-CIPHER-ALL:+AES-128-GCM:+AES-256-GCM:+CHACHA20-POLY1305:+AES-256-CCM:"
+    "+AES-128-CCM:+AES-256-CBC:+AES-128-CBC";
+
 TlsMode parse_tls_mode(std::string_view text) {
   if (text == "off") return TlsMode::off;
   if (text == "on") return TlsMode::on;
@@ -87,9 +91,32 @@ TlsContext::TlsContext(const TlsSettings& settings) : settings_(settings) {
         throw tls_error("TLS PSK file " + settings_.psk_file, rc);
     }
     // PSK key exchanges are not in NORMAL: add them when a key file is given.
-    const char* prio = psk_ ? "NORMAL:+ECDHE-PSK:+DHE-PSK:+PSK" : "NORMAL";
-    if (int rc = gnutls_priority_init(&priority_, prio, nullptr); rc < 0) throw tls_error("TLS priorities", rc);
+    const std::string given = settings_.priority.empty() ? kDefaultTlsPriority : settings_.priority;
+    const std::string prio = psk_ ? given + ":+ECDHE-PSK:+DHE-PSK:+PSK" : given;
+    const char* err_pos = nullptr;
+    if (int rc = gnutls_priority_init(&priority_, prio.c_str(), &err_pos); rc < 0) {
+      // err_pos points into prio at the keyword GnuTLS did not take.
+      std::string where;
+      if (err_pos && *err_pos) {
+        const std::string rest(err_pos);
+        where = " at '" + rest.substr(0, rest.find(':')) + "'";
+      }
+      throw std::runtime_error("TLS priority '" + given + "': " + gnutls_strerror(rc) + where);
+    }
+    // A string GnuTLS takes may still leave nothing to agree on ("NONE"):
+    // every handshake would fail, so it stops the start instead.
+    bool any_suite = false;
+    for (unsigned i = 0, index = 0;; ++i) {
+      const int rc = gnutls_priority_get_cipher_suite_index(priority_, i, &index);
+      if (rc == GNUTLS_E_REQUESTED_DATA_NOT_AVAILABLE) break;
+      if (rc >= 0) {
+        any_suite = true;
+        break;
+      }
+    }
+    if (!any_suite) throw std::runtime_error("TLS priority '" + given + "': it enables no cipher suite");
   } catch (...) {
+    if (priority_) gnutls_priority_deinit(priority_);
     if (x509_) gnutls_certificate_free_credentials(x509_);
     if (psk_) gnutls_psk_free_server_credentials(psk_);
     throw;

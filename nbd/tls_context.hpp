@@ -31,7 +31,19 @@ struct TlsSettings {
   std::string psk_file;
   // Ask for and verify a client certificate against ca-cert.pem.
   bool verify_peer = false;
+  // A GnuTLS priority string (gnutls_priority_init(3)): the protocol
+  // versions, key exchanges and ciphers offered, in order; empty means
+  // kDefaultTlsPriority. With a PSK file the PSK key exchanges are added.
+  std::string priority;
 };
+
+// NORMAL with the server's order over the client's and AES-128-GCM first:
+// the same cipher suites as NORMAL (AES-256-GCM and ChaCha20-Poly1305 stay
+// offered), but a client that lists AES-256-GCM first (libnbd, qemu: GnuTLS's
+// NORMAL does) gets AES-128-GCM, which costs less CPU per byte on both sides
+// (see BENCHMARKS.md, "NBD over TLS"); TLS 1.3 requires every client to
+// support it.
+extern const char* const kDefaultTlsPriority;
 
 class TlsContext {
  public:

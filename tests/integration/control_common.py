@@ -6,6 +6,7 @@ import json
 import os
 import random
 import socket
+import struct
 import subprocess
 
 import harness
@@ -13,6 +14,27 @@ import remotes
 
 EXIT_FAILED, EXIT_USAGE, EXIT_NO_DAEMON, EXIT_UNKNOWN, EXIT_REFUSED, EXIT_PROTOCOL = 1, 2, 3, 4, 5, 6
 EXIT_TIMED_OUT = 7
+
+REP_ERR_UNKNOWN = 0x80000006
+
+
+def go_from(port, export, source):
+    """NBD_OPT_GO on `export` from source address `source` (127.0.0.2 and the
+    like, for allow= rules): the reply type of its last reply (ACK, or an
+    error)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    with s:
+        harness.recv_exact(s, 18)
+        s.sendall(struct.pack(">I", harness.FLAG_FIXED_NEWSTYLE | harness.FLAG_NO_ZEROES))
+        name = export.encode()
+        data = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
+        s.sendall(struct.pack(">QII", harness.IHAVEOPT, harness.OPT_GO, len(data)) + data)
+        while True:
+            _, _, rtype, rlen = struct.unpack(">QIII", harness.recv_exact(s, 20))
+            harness.recv_exact(s, rlen)
+            if rtype == harness.REP_ACK or rtype & 0x80000000:
+                return rtype
+
 
 NO_CONTROL = ("this daemon's cache offers no run-time control (ExportControl is not wired: "
               "the prefetch/detach work is not merged into this build)")

@@ -8,8 +8,6 @@ mistakes in the rules refused at start."""
 import json
 import os
 import shutil
-import socket
-import struct
 import sys
 import tempfile
 import unittest
@@ -21,25 +19,8 @@ import harness  # noqa: E402
 import tls_certs  # noqa: E402
 from harness import MiB  # noqa: E402
 
-REP_ERR_UNKNOWN = 0x80000006
-OPT_LIST = 3
-
-
-def go_from(port, export, source):
-    """NBD_OPT_GO on `export` from source address `source`: the reply type
-    of its last reply (ACK, or an error)."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
-    with s:
-        harness.recv_exact(s, 18)
-        s.sendall(struct.pack(">I", harness.FLAG_FIXED_NEWSTYLE | harness.FLAG_NO_ZEROES))
-        name = export.encode()
-        data = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
-        s.sendall(struct.pack(">QII", harness.IHAVEOPT, harness.OPT_GO, len(data)) + data)
-        while True:
-            _, _, rtype, rlen = struct.unpack(">QIII", harness.recv_exact(s, 20))
-            harness.recv_exact(s, rlen)
-            if rtype == harness.REP_ACK or rtype & 0x80000000:
-                return rtype
+REP_ERR_UNKNOWN = control_common.REP_ERR_UNKNOWN
+go_from = control_common.go_from
 
 
 def listed(uri):

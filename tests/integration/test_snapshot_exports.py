@@ -8,6 +8,8 @@ driven the way a user would:
 - deleting a snapshot whose export has a client is refused unless forced,
   and forced, that client's reads fail and the export is gone;
 - removing the clone removes its snapshot exports;
+- a snapshot export serves under its clone's allow= rules, changed at run
+  time (at once, and after a restart); its own are refused (exit 5);
 - `blockway export-image` writes a clone's and a snapshot's full raw image,
   sparse where zero (qemu-img compare), with its refusals;
 - a level file a crash left unused in the overlay directory is swept at start.
@@ -125,6 +127,43 @@ class SnapshotExportsTest(control_common.CloneTestCase):
         self.bw("snapshot", "delete", "vm1", "s1")
         harness.wait_until(lambda: "vm1@s1" not in os.listdir(mnt), 10, what="vm1@s1 gone from the mount")
         self.bw("unmount")
+
+    def test_snapshot_export_follows_the_clones_access_rules(self):
+        go_from = control_common.go_from
+        ack, unknown = harness.REP_ACK, control_common.REP_ERR_UNKNOWN
+        d = self.start_clone()
+        self.bw("snapshot", "create", "vm1", "s1")
+        self.assertEqual(go_from(self.port, "vm1@s1", "127.0.0.2"), ack)
+        out, _ = self.bw("access", "vm1", "--allow", "127.0.0.1")
+        self.assertIn("allow '127.0.0.1'", out)
+        # At once: the snapshot export serves under the clone's new rule.
+        self.assertEqual(go_from(self.port, "vm1@s1", "127.0.0.1"), ack)
+        self.assertEqual(go_from(self.port, "vm1@s1", "127.0.0.2"), unknown)
+        self.assertEqual(self.bwj("access", "vm1@s1")["allow"], "127.0.0.1")
+        self.assertEqual(self.bwj("access", "vm1@s1")["denied"], 1)
+        # Its own rules cannot be set: refused, naming the clone; nothing changes.
+        for option in ("--allow", "--listen"):
+            _, err = self.bw("access", "vm1@s1", option, "", expect=control_common.EXIT_REFUSED)
+            self.assertIn("export 'vm1@s1' is a snapshot of clone 'vm1': it takes the clone's allow= and listen= "
+                          "rules (change them on 'vm1')", err)
+        self.assertEqual(go_from(self.port, "vm1@s1", "127.0.0.2"), unknown)
+        # The clone's rule turned round: allowed and denied swap.
+        self.bw("access", "vm1", "--allow", "127.0.0.2")
+        self.assertEqual(go_from(self.port, "vm1@s1", "127.0.0.2"), ack)
+        self.assertEqual(go_from(self.port, "vm1@s1", "127.0.0.1"), unknown)
+        # After a restart (kill -9): the clone's saved rule, on the snapshot too.
+        os.kill(d.pid, signal.SIGKILL)
+        d.wait(10)
+        self.start_clone()
+        self.assertEqual(self.bwj("access", "vm1@s1")["allow"], "127.0.0.2")
+        self.assertEqual(go_from(self.port, "vm1@s1", "127.0.0.2"), ack)
+        self.assertEqual(go_from(self.port, "vm1@s1", "127.0.0.1"), unknown)
+        p = harness.run(["nbdinfo", self.uri("vm1@s1")], timeout=30, check=False)  # a real client, from 127.0.0.1
+        self.assertNotEqual(p.returncode, 0)
+        # And after the restart a change still reaches it; "" lets everyone in.
+        self.bw("access", "vm1", "--allow", "")
+        self.assertEqual(go_from(self.port, "vm1@s1", "127.0.0.1"), ack)
+        harness.run(["nbdinfo", self.uri("vm1@s1")], timeout=30)
 
     def test_delete_refused_while_served_unless_forced_and_clone_removal(self):
         self.start({"golden": "file://" + self.golden})

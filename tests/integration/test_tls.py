@@ -3,8 +3,9 @@ nbds:// with X.509 certificates and with PSK, qemu-img and qemu-io with a
 tls-creds-x509 object, TLS on a Unix socket; refusals: a plaintext client
 against --tls=require, a wrong CA, an expired certificate, a wrong PSK, a
 client certificate missing or from another CA under --tls-verify-peer; the
-STARTTLS injection pattern; per-export tls=require under --tls=on; and the
-configuration's mistakes. Certificates are made afresh (tls_certs.py)."""
+STARTTLS injection pattern; per-export tls=require under --tls=on; the
+cipher chosen by the default and by given priority strings (--tls-priority,
+[tls] priority); and the configuration's mistakes. Certificates are made afresh (tls_certs.py)."""
 
 import filecmp
 import os
@@ -334,6 +335,60 @@ class PskTest(TlsTestCase):
         self.assertTrue(bad, out)
 
 
+class PriorityTest(TlsTestCase):
+    """--tls-priority / [tls] priority: the cipher the server picks, as the
+    daemon logs it for each connection ("TLS with PEER: TLS1.3 AES-128-GCM")."""
+
+    def negotiated(self, d, uri):
+        before = d.log().count("TLS with ")
+        harness.run(["nbdinfo", uri], timeout=30)
+        harness.wait_until(lambda: d.log().count("TLS with ") > before, 10, what="the TLS log line")
+        return d.log().split("TLS with ")[-1].splitlines()[0].split(": ", 1)[1]
+
+    def test_default_prefers_aes_128_gcm(self):
+        # nbdinfo (libnbd, GnuTLS NORMAL) lists AES-256-GCM first; the
+        # server's order wins.
+        d = self.serve_tls(certs=PKI["server"], psk=PKI["psk"])
+        self.assertIn("priority the default", d.log())
+        self.assertRegex(self.negotiated(d, nbds(self.port, "disk", certs=PKI["client-nocert"])),
+                         r"^TLS1\.3 AES-128-GCM$")
+        self.assertRegex(self.negotiated(d, nbds(self.port, "disk", psk_user="bob", psk_file=PKI["psk"])),
+                         r"^TLS1\.3 AES-128-GCM PSK, client 'bob'")
+        # qemu's client too, with data through it.
+        obj = "tls-creds-x509,id=tls0,dir=%s,endpoint=client" % PKI["client-nocert"]
+        opts = "driver=nbd,host=localhost,port=%d,export=disk,tls-creds=tls0" % self.port
+        harness.run(["qemu-io", "--object", obj, "--image-opts", opts,
+                     "-c", "write -P 0x5a 2M 1M", "-c", "read -P 0x5a 2M 1M"], timeout=30)
+        self.assertRegex(d.log().split("TLS with ")[-1].splitlines()[0], r": TLS1\.3 AES-128-GCM")
+
+    def test_given_priorities(self):
+        # NORMAL alone: the client's choice (libnbd: AES-256-GCM with a
+        # certificate, ChaCha20-Poly1305 with PSK, at a tenth of AES-GCM's speed).
+        for priority, cert, psk in (("NORMAL", r"^TLS1\.3 AES-256-GCM$", r"^TLS1\.3 \S+ PSK"),
+                                    ("NORMAL:%SERVER_PRECEDENCE:-CIPHER-ALL:+CHACHA20-POLY1305",
+                                     r"^TLS1\.3 CHACHA20-POLY1305$", r"^TLS1\.3 CHACHA20-POLY1305 PSK"),
+                                    ("NORMAL:-VERS-TLS1.3", r"^TLS1\.2 ", r"^TLS1\.2 \S+ PSK")):
+            d = self.serve_tls(certs=PKI["server"], psk=PKI["psk"], extra=["--tls-priority", priority])
+            self.assertIn("priority '%s'" % priority, d.log())
+            self.assertRegex(self.negotiated(d, nbds(self.port, "disk", certs=PKI["client-nocert"])), cert)
+            # The PSK key exchanges are added to a given string.
+            self.assertRegex(self.negotiated(d, nbds(self.port, "disk", psk_user="alice", psk_file=PKI["psk"])), psk)
+            d.stop()
+
+    def test_config_file_and_the_flag_over_it(self):
+        port = harness.free_port()
+        with open(self.path("b.toml"), "w") as f:
+            f.write('listen = ["127.0.0.1:%d"]\n[tls]\nmode = "require"\ncertificates = "%s"\n'
+                    'priority = "NORMAL:%%SERVER_PRECEDENCE:-CIPHER-ALL:+CHACHA20-POLY1305"\n'
+                    '[[export]]\nname = "d"\nuri = "file://%s"\n' % (port, PKI["server"], self.img))
+        uri = "nbds://localhost:%d/d?tls-certificates=%s" % (port, PKI["client-nocert"])
+        d = self.start_daemon(["--config", self.path("b.toml")])
+        self.assertRegex(self.negotiated(d, uri), r"^TLS1\.3 CHACHA20-POLY1305")
+        d.stop()
+        d = self.start_daemon(["--config", self.path("b.toml"), "--tls-priority", "NORMAL"])
+        self.assertRegex(self.negotiated(d, uri), r"^TLS1\.3 AES-256-GCM")
+
+
 class TlsOnTest(TlsTestCase):
     """--tls=on: plaintext allowed, except for an export with tls=require."""
 
@@ -424,6 +479,15 @@ class ConfigTest(harness.DaemonTestCase):
         self.refused(["--tls=on", "--tls-psk", self.path("bad.psk")], "bad.psk:1", "psktool")
         self.refused(["--tls=on", "--tls-psk", self.path("nofile.psk")], "cannot be read")
         self.refused(["--tls=on", "--tls-psk", PKI["psk"], "--tls-verify-peer"], "tls-verify-peer")
+        self.refused(["--tls=on", "--tls-psk", PKI["psk"], "--tls-priority", "NORMAL:+NO-SUCH-CIPHER"],
+                     "TLS priority 'NORMAL:+NO-SUCH-CIPHER'", "at '+NO-SUCH-CIPHER'")
+        self.refused(["--tls=on", "--tls-psk", PKI["psk"], "--tls-priority", "NONE"],
+                     "TLS priority 'NONE': No or insufficient priorities were set")
+        # Taken by GnuTLS, but no key exchange is left for TLS 1.2 and 1.3 is off.
+        self.refused(["--tls=on", "--tls-certificates", PKI["server"], "--tls-priority", "NORMAL:-KX-ALL:-VERS-TLS1.3"],
+                     "TLS priority 'NORMAL:-KX-ALL:-VERS-TLS1.3': it enables no cipher suite")
+        self.refused(["--tls=on", "--tls-psk", PKI["psk"], "--tls-priority", ""], "--tls-priority needs")
+        self.refused(["--tls-priority", "NORMAL"], "a TLS priority is given but tls is off")
         p = harness.run([harness.BLOCKWAYD, "--listen", "127.0.0.1:%d" % harness.free_port(),
                          "--export", "d=file://%s,tls=require" % self.path("x.img")], timeout=30, check=False)
         self.assertEqual(p.returncode, 2)

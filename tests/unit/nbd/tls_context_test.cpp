@@ -6,6 +6,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <set>
 #include <stdexcept>
 
 namespace blockway::test {
@@ -83,6 +84,49 @@ TEST_F(TlsContextTest, PskFileShapeIsChecked) {
   }
   const auto msg = error_of({.mode = TlsMode::on, .psk_file = write("ok.psk", "alice:00ff\n\nbob:0123456789abcdef\n")});
   EXPECT_EQ(msg, "");
+}
+
+TEST_F(TlsContextTest, PriorityStringsAreChecked) {
+  const auto psk = write("ok.psk", "alice:00ff\n");
+  auto with = [&](const std::string& priority) {
+    return error_of({.mode = TlsMode::on, .psk_file = psk, .priority = priority});
+  };
+  EXPECT_EQ(with(""), "");  // the default
+  EXPECT_EQ(with("NORMAL"), "");
+  EXPECT_EQ(with("SECURE256:-VERS-TLS1.2"), "");
+  auto msg = with("NORMAL:+NO-SUCH-CIPHER:-VERS-TLS1.2");
+  EXPECT_NE(msg.find("TLS priority 'NORMAL:+NO-SUCH-CIPHER:-VERS-TLS1.2'"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("at '+NO-SUCH-CIPHER'"), std::string::npos) << msg;
+  msg = with("NONE");
+  EXPECT_NE(msg.find("TLS priority 'NONE': No or insufficient priorities were set"), std::string::npos) << msg;
+}
+
+TEST(TlsPriority, DefaultIsNormalWithAes128GcmFirstInTheServersOrder) {
+  gnutls_priority_t p = nullptr;
+  ASSERT_EQ(gnutls_priority_init(&p, nbd::kDefaultTlsPriority, nullptr), 0);
+  unsigned index = 0;
+  ASSERT_EQ(gnutls_priority_get_cipher_suite_index(p, 0, &index), 0);
+  unsigned char id[2];
+  gnutls_kx_algorithm_t kx;
+  gnutls_cipher_algorithm_t cipher;
+  gnutls_mac_algorithm_t mac;
+  gnutls_protocol_t version;
+  const char* name = gnutls_cipher_suite_info(index, id, &kx, &cipher, &mac, &version);
+  ASSERT_NE(name, nullptr);
+  EXPECT_STREQ(name, "TLS_AES_128_GCM_SHA256");
+  // NORMAL's ciphers, no more and no fewer.
+  gnutls_priority_t normal = nullptr;
+  ASSERT_EQ(gnutls_priority_init(&normal, "NORMAL", nullptr), 0);
+  auto ciphers = [](gnutls_priority_t q) {
+    const unsigned int* list = nullptr;
+    const int n = gnutls_priority_cipher_list(q, &list);
+    std::multiset<unsigned> out;
+    for (int i = 0; i < n; ++i) out.insert(list[i]);
+    return out;
+  };
+  EXPECT_EQ(ciphers(p), ciphers(normal));
+  gnutls_priority_deinit(normal);
+  gnutls_priority_deinit(p);
 }
 
 }  // namespace
