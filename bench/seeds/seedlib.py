@@ -191,21 +191,27 @@ class Bench:
                  f" timed runs {self.runtime} s" + (" (BENCH_QUICK)" if self.quick else "")]
         return lines + list(extra)
 
-    def all_runs_table(self):
+    def all_runs_table(self, keep=None):
+        """Every figure recorded, of the contenders keep(who) accepts (all by default)."""
         d = self.data()
         out = ["| who | test | runs (round order) |", "| --- | --- | --- |"]
         for (who, test) in sorted(d):
+            if keep is not None and not keep(who):
+                continue
             out.append(f"| {who} | {test} | " + ", ".join(f"{d[(who, test)][r]:.1f}" for r in sorted(d[(who, test)])) + " |")
         return out
 
-    def out_name(self, ext):
-        return os.path.join(RESULTS_DIR, f"seeds-{self.name}{'-quick' if self.quick else ''}.{ext}")
+    def out_name(self, ext, name=None):
+        """bench/results/seeds-NAME[-quick].EXT; NAME is the experiment's
+        unless an experiment with several reports names one."""
+        return os.path.join(RESULTS_DIR, f"seeds-{name or self.name}{'-quick' if self.quick else ''}.{ext}")
 
-    def publish(self, report_lines, section_lines):
+    def publish(self, report_lines, section_lines, name=None):
         """Writes the full report to bench/results/seeds-NAME.md and, unless
-        quick, replaces this experiment's section in BENCHMARKS.md (between
-        its markers; appended the first time)."""
-        md = self.out_name("md")
+        quick, replaces the section seeds:NAME in BENCHMARKS.md (between its
+        markers; appended the first time). NAME as for out_name."""
+        name = name or self.name
+        md = self.out_name("md", name)
         with open(md, "w") as f:
             f.write("\n".join(report_lines) + "\n")
         print(f"report: {md}", file=sys.stderr)
@@ -214,7 +220,7 @@ class Bench:
             print("\n".join(section_lines))
             return
         path = os.path.join(REPO, "BENCHMARKS.md")
-        begin, end = f"<!-- seeds:{self.name} begin -->", f"<!-- seeds:{self.name} end -->"
+        begin, end = f"<!-- seeds:{name} begin -->", f"<!-- seeds:{name} end -->"
         text = open(path).read()
         block = begin + "\n" + "\n".join(section_lines) + "\n" + end
         if begin in text and end in text:
@@ -222,7 +228,7 @@ class Bench:
         else:
             text = text.rstrip("\n") + "\n\n" + block + "\n"
         open(path, "w").write(text)
-        print(f"BENCHMARKS.md: section seeds:{self.name} updated", file=sys.stderr)
+        print(f"BENCHMARKS.md: section seeds:{name} updated", file=sys.stderr)
 
 
 def bar_chart(path, title, panels):
