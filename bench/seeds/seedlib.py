@@ -183,7 +183,9 @@ class Bench:
         cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
         head = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], stdout=subprocess.PIPE,
                               text=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", REPO, "diff", "--quiet"]).returncode != 0
+        # What the run itself writes (results, BENCHMARKS.md) does not make the code dirty.
+        dirty = subprocess.run(["git", "-C", REPO, "diff", "--quiet", "--", ".", ":!BENCHMARKS.md",
+                                ":!bench/results"]).returncode != 0
         lines = [f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
                  f"nproc {os.cpu_count()}; CPU {cpu}; kernel {os.uname().release}",
                  f"blockwayd {self.blockwayd_orig} (repo at {head}{'+dirty' if dirty else ''})",
