@@ -183,7 +183,9 @@ class Bench:
         cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
         head = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], stdout=subprocess.PIPE,
                               text=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", REPO, "diff", "--quiet"]).returncode != 0
+        # What the run itself writes (results, BENCHMARKS.md) does not make the code dirty.
+        dirty = subprocess.run(["git", "-C", REPO, "diff", "--quiet", "--", ".", ":!BENCHMARKS.md",
+                                ":!bench/results"]).returncode != 0
         lines = [f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
                  f"nproc {os.cpu_count()}; CPU {cpu}; kernel {os.uname().release}",
                  f"blockwayd {self.blockwayd_orig} (repo at {head}{'+dirty' if dirty else ''})",
@@ -191,21 +193,27 @@ class Bench:
                  f" timed runs {self.runtime} s" + (" (BENCH_QUICK)" if self.quick else "")]
         return lines + list(extra)
 
-    def all_runs_table(self):
+    def all_runs_table(self, keep=None):
+        """Every figure recorded, of the contenders keep(who) accepts (all by default)."""
         d = self.data()
         out = ["| who | test | runs (round order) |", "| --- | --- | --- |"]
         for (who, test) in sorted(d):
+            if keep is not None and not keep(who):
+                continue
             out.append(f"| {who} | {test} | " + ", ".join(f"{d[(who, test)][r]:.1f}" for r in sorted(d[(who, test)])) + " |")
         return out
 
-    def out_name(self, ext):
-        return os.path.join(RESULTS_DIR, f"seeds-{self.name}{'-quick' if self.quick else ''}.{ext}")
+    def out_name(self, ext, name=None):
+        """bench/results/seeds-NAME[-quick].EXT; NAME is the experiment's
+        unless an experiment with several reports names one."""
+        return os.path.join(RESULTS_DIR, f"seeds-{name or self.name}{'-quick' if self.quick else ''}.{ext}")
 
-    def publish(self, report_lines, section_lines):
+    def publish(self, report_lines, section_lines, name=None):
         """Writes the full report to bench/results/seeds-NAME.md and, unless
-        quick, replaces this experiment's section in BENCHMARKS.md (between
-        its markers; appended the first time)."""
-        md = self.out_name("md")
+        quick, replaces the section seeds:NAME in BENCHMARKS.md (between its
+        markers; appended the first time). NAME as for out_name."""
+        name = name or self.name
+        md = self.out_name("md", name)
         with open(md, "w") as f:
             f.write("\n".join(report_lines) + "\n")
         print(f"report: {md}", file=sys.stderr)
@@ -214,7 +222,7 @@ class Bench:
             print("\n".join(section_lines))
             return
         path = os.path.join(REPO, "BENCHMARKS.md")
-        begin, end = f"<!-- seeds:{self.name} begin -->", f"<!-- seeds:{self.name} end -->"
+        begin, end = f"<!-- seeds:{name} begin -->", f"<!-- seeds:{name} end -->"
         text = open(path).read()
         block = begin + "\n" + "\n".join(section_lines) + "\n" + end
         if begin in text and end in text:
@@ -222,7 +230,7 @@ class Bench:
         else:
             text = text.rstrip("\n") + "\n\n" + block + "\n"
         open(path, "w").write(text)
-        print(f"BENCHMARKS.md: section seeds:{self.name} updated", file=sys.stderr)
+        print(f"BENCHMARKS.md: section seeds:{name} updated", file=sys.stderr)
 
 
 def bar_chart(path, title, panels):
