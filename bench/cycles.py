@@ -21,6 +21,15 @@ ABAB... with the order reversed every other round:
   aoe         bw: aoe:// (vblade in a namespace, MTU 9000)  peer: vblade's CPU
   fuse        bw: --fuse-mount over file://IMG   peer: nbdfuse over nbdkit's
               file plugin; fio psync --direct=1 on the FUSE file
+  clone-read  bw: a clone (clone:golden) of a cached base (nbdkit file
+              remote) warmed by one full read; reads only, every one a read
+              of base data through the clone
+              peer: the base export itself in the same daemon (issue 18:
+              its CPU is in the "peer server" columns)
+  clone-write bw: a fresh clone, granularity 64k (CYCLES_GRANULARITY), of
+              the warm base; writes only (first writes copy up)
+              peer: a file:// export of a local copy of the image, in the
+              same daemon (CPU in the "peer server" columns)
 Tests: randread / randwrite: 4k random, fio nbd engine QD16 (fuse: psync),
 RUNTIME seconds; seqread / seqwrite: the whole image with nbdcopy (fuse: fio
 1M psync; qemu-img bench -s 1M -d 16 for the qemu peers).
@@ -37,7 +46,9 @@ Environment (bench/lib.sh's settings): BENCH_QUICK=1 (smoke: 1 round,
 2 s, 256 MiB), BENCH_REPS (3), BENCH_RUNTIME (3), BENCH_SIZE_MIB (1024),
 BENCH_TMPDIR, BLOCKWAYD (a private copy is run); CYCLES_BASE=BINARY adds
 a second blockwayd build as a third variant in the same rounds (before /
-after a change); CYCLES_OUT=FILE also writes the Markdown result there.
+after a change); CYCLES_OUT=FILE also writes the Markdown result there;
+CYCLES_PERF=DIR records each blockwayd test with `perf record -g` into
+DIR/PATH-VARIANT-TEST-rROUND.data (where the CPU goes: perf report -i).
 
 It runs in a private network and mount namespace (own rpcbind, /run, port
 2049, FUSE mounts that go away with it), so it meets no other test here.
@@ -45,6 +56,7 @@ It runs in a private network and mount namespace (own rpcbind, /run, port
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -56,8 +68,9 @@ from harness import free_port  # noqa: E402
 import remotes  # noqa: E402
 
 SETTINGS = lib.settings(3, 3, 1024)
-PATHS = ["file", "cache-hit", "cache-miss", "nbd-remote", "iscsi", "nfs", "aoe", "fuse"]
-TESTS = {"cache-hit": ["randread", "seqread"], "cache-miss": ["seqread"]}
+PATHS = ["file", "cache-hit", "cache-miss", "nbd-remote", "iscsi", "nfs", "aoe", "fuse", "clone-read", "clone-write"]
+TESTS = {"cache-hit": ["randread", "seqread"], "cache-miss": ["seqread"], "clone-read": ["randread"],
+         "clone-write": ["randwrite"]}
 ALL_TESTS = ["randread", "randwrite", "seqread", "seqwrite"]
 PEV = "raw_syscalls:sys_enter,context-switches"
 
@@ -65,12 +78,13 @@ PEV = "raw_syscalls:sys_enter,context-switches"
 class Bw:
     """A blockwayd serving one export `bench` on a free port (or FUSE)."""
 
-    def __init__(self, binary, export, tmp, extra=()):
+    def __init__(self, binary, export, tmp, extra=(), before=()):
+        """before: --export arguments ahead of `bench` (a clone's base)."""
         port = free_port()
         pidf = f"{tmp}/bw.{port}.pid"
         self.uri = f"nbd://127.0.0.1:{port}/bench"
-        self.p = subprocess.Popen([binary, "--listen", f"127.0.0.1:{port}", "--log-level", "warn",
-                                   "--export", f"bench={export}", "--pid-file", pidf] + list(extra),
+        self.p = subprocess.Popen([binary, "--listen", f"127.0.0.1:{port}", "--log-level", "warn"] + list(before) +
+                                  ["--export", f"bench={export}", "--pid-file", pidf] + list(extra),
                                   stdout=open(f"{tmp}/blockwayd.log", "a"), stderr=subprocess.STDOUT)
         for _ in range(600):
             if os.path.exists(pidf) and os.path.getsize(pidf) > 0:
@@ -144,11 +158,12 @@ class Path:
         self.peer_label = {"file": "nbdkit file", "cache-hit": "nbdkit file (local)",
                            "cache-miss": "bw uncached", "nbd-remote": "nbdkit direct",
                            "iscsi": "qemu iscsi driver", "nfs": "qemu nfs driver", "aoe": "vblade only",
-                           "fuse": "nbdfuse+nbdkit"}[name]
+                           "fuse": "nbdfuse+nbdkit", "clone-read": "the base export (same daemon)",
+                           "clone-write": "file export (same daemon)"}[name]
 
     def setup(self):
         n, tmp = self.name, self.tmp
-        if n in ("cache-hit", "cache-miss", "nbd-remote"):
+        if n in ("cache-hit", "cache-miss", "nbd-remote", "clone-read", "clone-write"):
             nk = remotes.Nbdkit(tmp, self.img, name="remote")
             self.peers.append(nk)
             nk.start()
@@ -179,8 +194,33 @@ class Path:
         for p in reversed(self.peers):
             p.close()
 
+    def start_clone(self, variant):
+        """clone-read / clone-write: one daemon with the base `golden` (cached,
+        warmed by a full read), the clone `bench` and, for writes, `local`
+        (file:// on a local copy); the peer variant measures the base (reads)
+        or `local` (writes) in the same kind of daemon, its CPU as the
+        server's."""
+        tmp = self.tmp
+        d = f"{tmp}/clone"
+        shutil.rmtree(d, ignore_errors=True)
+        binary = self.base if variant == "base" else self.binary
+        gran = os.environ.get("CYCLES_GRANULARITY", "64k")
+        before = ["--export", f"golden={self.remote_uri},cache={d}/cache"]
+        extra = ["--data-dir", f"{d}/data"]  # a catalogue of its own
+        if self.name == "clone-write":
+            shutil.copy(self.img, f"{tmp}/local.raw")
+            extra += ["--export", f"local=file://{tmp}/local.raw"]
+        bw = Bw(binary, f"clone:golden,overlay={d}/overlays,granularity={gran}", tmp, extra, before)
+        lib.run_child(["nbdcopy", "--requests=16", bw.uri.replace("/bench", "/golden"), "null:"])  # warm the base
+        if variant != "peer":
+            return bw.uri, bw.pid, [], bw.close
+        peer = "/golden" if self.name == "clone-read" else "/local"
+        return bw.uri.replace("/bench", peer), None, [bw.pid], bw.close
+
     def start(self, variant, test):
         n, tmp = self.name, self.tmp
+        if n.startswith("clone-"):
+            return self.start_clone(variant)
         if variant in ("bw", "base"):
             binary = self.base if variant == "base" else self.binary
             if n in ("file", "fuse"):
@@ -252,6 +292,12 @@ def run_path(path, reps, res):
                     target, bwpid, spids, close = started
                     try:
                         ps = lib.PerfStat(bwpid or spids, path.tmp, PEV)  # the peer's server when no blockwayd
+                        rec = None
+                        if os.environ.get("CYCLES_PERF") and (bwpid or path.name.startswith("clone-")):
+                            data = f"{os.environ['CYCLES_PERF']}/{path.name}-{v}-{t}-r{r}.data"
+                            rec = subprocess.Popen(["perf", "record", "-q", "-g", "-F", "2000", "-o", data, "-p",
+                                                    str(bwpid or spids[0])],
+                                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                         b0, s0 = lib.cpu(bwpid), sum(lib.cpu(p) for p in spids)
                         try:
                             wall, ccpu, work = one_test(t, target, path.size, path.tmp)
@@ -262,6 +308,10 @@ def run_path(path, reps, res):
                             ps.stop()
                             print(f"round {r} {path.name} peer {t}: {e}", flush=True)
                             continue
+                        finally:
+                            if rec:
+                                rec.send_signal(signal.SIGINT)
+                                rec.wait()
                         ev = ps.stop()
                         bcpu, scpu = lib.cpu(bwpid) - b0, sum(lib.cpu(p) for p in spids) - s0
                     finally:

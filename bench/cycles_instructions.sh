@@ -10,6 +10,11 @@
 #   hit-read    4k random reads through a warm cache (nbd://REMOTE,cache=DIR;
 #               nbdkit remote; the cache warmed by a daemon run without
 #               valgrind, then reused)
+#   clone-read  4k random reads of base data through a clone (issue 18) of
+#               such a warm cached base
+#   clone-write 4k random writes into a fresh clone (granularity 64k: first
+#               writes copy up from the warm base); clone-write4k: granularity
+#               4k. Each run starts from the warm base's catalogue, no clone.
 # a fresh daemon runs under `valgrind --tool=callgrind`, fio sends N requests
 # (nbd engine over a Unix socket, QD16, random offsets of an image in the
 # page cache) and the daemon stops. The slope between two request counts
@@ -17,7 +22,8 @@
 # out. Kernel work (system calls, copies) is not counted here: bench/cycles.py
 # measures the whole CPU time and the system calls per request.
 # Usage: bench/cycles_instructions.sh [BLOCKWAYD...]   (BENCH_N1, BENCH_N2,
-#        CYCLES_KINDS="file-read file-write hit-read")
+#        CYCLES_KINDS="file-read file-write hit-read"; the clone kinds are
+#        asked for by name)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 bench_settings 1 1 64
@@ -45,26 +51,36 @@ export_of() {  # kind -> the --export value
     case $1 in
         file-*) echo "bench=file://$img" ;;
         hit-read) echo "bench=nbd+unix:///?socket=$rsock,cache=$TMP/cache,mode=writethrough" ;;
+        clone-read | clone-write) echo "golden=nbd+unix:///?socket=$rsock,cache=$TMP/cache bench=clone:golden,overlay=$TMP/overlays,granularity=64k" ;;
+        clone-write4k) echo "golden=nbd+unix:///?socket=$rsock,cache=$TMP/cache bench=clone:golden,overlay=$TMP/overlays,granularity=4k" ;;
         *) die "unknown kind $1" ;;
     esac
 }
 
-# warm BINARY: fills the cache with the whole image (a daemon without valgrind).
+# warm BINARY KIND: fills the cache with the whole image (a daemon without
+# valgrind); its catalogue is kept in $TMP/data.warm for every run.
 warm() {
-    rm -rf "$TMP/cache" "$TMP/pid" "$sock"
+    local spec=$(export_of hit-read) name=bench
+    [[ $2 == clone-* ]] && spec="golden=nbd+unix:///?socket=$rsock,cache=$TMP/cache" name=golden
+    rm -rf "$TMP/cache" "$TMP/pid" "$sock" "$TMP/data" "$TMP/data.warm"
     bench_start "$TMP/blockwayd.log" "$1" --listen "unix:$sock" --control-socket off --pid-file "$TMP/pid" \
-        --export "$(export_of hit-read)"
+        --data-dir "$TMP/data" --export "$spec"
     local pid=$BG_PID
     wait_pid_file "$TMP/pid" "$pid" 30
-    wait_nbd "nbd+unix:///bench?socket=$sock" 30
-    nbdcopy "nbd+unix:///bench?socket=$sock" null: || die "warming the cache failed"
+    wait_nbd "nbd+unix:///$name?socket=$sock" 30
+    nbdcopy "nbd+unix:///$name?socket=$sock" null: || die "warming the cache failed"
     stop_pid "$pid" TERM
+    cp -a "$TMP/data" "$TMP/data.warm"
 }
 
 # instructions BINARY KIND N: the daemon's total instructions for N requests.
 instructions() {
     local rw=randread
-    [[ $2 == *-write ]] && rw=randwrite
+    [[ $2 == *-write* ]] && rw=randwrite
+    if [[ $2 == hit-read || $2 == clone-* ]]; then  # the warm catalogue, no clone yet
+        rm -rf "$TMP/data" "$TMP/overlays"
+        cp -a "$TMP/data.warm" "$TMP/data"
+    fi
     callgrind_requests "$1" "$(export_of "$2")" bench "$rw" "$3"
 }
 
@@ -77,7 +93,7 @@ echo "$hdr"; echo "$sep"
 for bin in "${binaries[@]}"; do
     row="| $bin |"
     for kind in "${kinds[@]}"; do
-        [[ $kind == hit-read ]] && warm "$bin"
+        [[ $kind == hit-read || $kind == clone-* ]] && warm "$bin" "$kind"
         a=$(instructions "$bin" "$kind" "$N1")
         b=$(instructions "$bin" "$kind" "$N2")
         row+=" $(awk -v a="$a" -v b="$b" -v n1="$N1" -v n2="$N2" 'BEGIN { printf "%.0f", (b - a) / (n2 - n1) }') |"

@@ -190,14 +190,17 @@ bench_machine_info() {
 }
 
 # callgrind_requests BINARY EXPORT NAME RW N: starts BINARY under callgrind
-# with --export EXPORT (whose name is NAME) on $TMP/nbd.sock, sends N 4k
-# requests of fio's RW (randread, randwrite) at QD16 over SIZE_MIB, stops it
-# and prints the daemon's total instructions (bench/*_instructions.sh).
+# with --export EXPORT (whose name is NAME; several exports separated by
+# spaces, a clone's base first) on $TMP/nbd.sock, its catalogue in
+# $TMP/data, sends N 4k requests of fio's RW (randread, randwrite) at QD16
+# over SIZE_MIB, stops it and prints the daemon's total instructions
+# (bench/*_instructions.sh).
 callgrind_requests() {
-    local bin=$1 spec=$2 name=$3 rw=$4 n=$5 out=$TMP/callgrind.out sock=$TMP/nbd.sock pid
+    local bin=$1 spec=$2 name=$3 rw=$4 n=$5 out=$TMP/callgrind.out sock=$TMP/nbd.sock pid s args=()
+    for s in $spec; do args+=(--export "$s"); done
     rm -f "$out" "$TMP/pid" "$sock"
     bench_start "$TMP/blockwayd.log" valgrind --tool=callgrind --callgrind-out-file="$out" \
-        "$bin" --listen "unix:$sock" --control-socket off --pid-file "$TMP/pid" --export "$spec"
+        "$bin" --listen "unix:$sock" --control-socket off --pid-file "$TMP/pid" --data-dir "$TMP/data" "${args[@]}"
     pid=$BG_PID
     wait_pid_file "$TMP/pid" "$pid" 120
     wait_nbd "nbd+unix:///$name?socket=$sock" 60

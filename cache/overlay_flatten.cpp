@@ -2,11 +2,9 @@
 // holds from its base into its top, in the background, so that the clone
 // stands alone and its base can be removed.
 //
-// Why this way: runs of blocks (up to kCopyBatchBytes, one base read each,
-// so a cold base fetches in large requests) go through copy_into_top(), under
-// the same claims a writer's copy-up takes, so a client writing the clone
-// meanwhile is never overwritten by base data (a block it wrote is simply
-// skipped); the task
+// Why this way: each block goes through copy_into_top(), the same claim a
+// writer's copy-up takes, so a client writing the clone meanwhile is never
+// overwritten by base data (a block it wrote is simply skipped); the task
 // commits (fdatasync, then the allocation bits) every kFlattenCommitBytes, so
 // after a crash it resumes from the blocks still unallocated, its catalogue
 // state "running RATE" telling the next start to go on. The state becomes
@@ -189,8 +187,8 @@ Task<void> OverlayLayer::run_flatten(std::shared_ptr<core::SharedEvent> done) {
       if (c->levels[i]->allocated.test(b)) return true;
     return false;
   };
-  const uint64_t batch_cap = std::max<uint64_t>(1, kCopyBatchBytes / granularity_);
-  std::vector<std::byte> buf;
+  const uint64_t commit_every = std::max<uint64_t>(1, kFlattenCommitBytes / granularity_);
+  std::vector<std::byte> block;
   std::error_code ec;
   uint64_t since_commit = 0;
   // Pacing: bytes copied since `pace_start` at `pace_rate` are due at
@@ -198,28 +196,15 @@ Task<void> OverlayLayer::run_flatten(std::shared_ptr<core::SharedEvent> done) {
   // cancel) until then.
   uint64_t pace_rate = flatten_rate_.load(), paced = 0;
   auto pace_start = clock::now();
-  for (uint64_t b = 0; b < nblocks_ && !flatten_stop_.load();) {
-    // The clone reads a block held below from a snapshot, not the base; one
-    // the top holds needs nothing.
-    if (held_below(b) || top.allocated.test(b)) {
-      ++b;
-      continue;
-    }
-    // A run of blocks to copy in one read: at most kCopyBatchBytes, and
-    // when paced a tenth of a second of the rate, so the pace stays smooth.
-    const uint64_t rate_now = flatten_rate_.load();
-    const uint64_t limit =
-        rate_now == 0 ? batch_cap : std::clamp<uint64_t>(rate_now / 10 / granularity_, 1, batch_cap);
-    uint64_t e = b;
-    while (e + 1 < nblocks_ && e + 1 - b < limit && !held_below(e + 1) && !top.allocated.test(e + 1)) ++e;
-    uint64_t copied = 0;
-    ec = co_await copy_into_top(top, b, e, *base_, buf, &copied);
+  for (uint64_t b = 0; b < nblocks_ && !flatten_stop_.load(); ++b) {
+    bool copied = false;
+    if (held_below(b)) continue;  // the clone reads it from a snapshot, not the base
+    ec = co_await copy_into_top(top, b, *base_, block, &copied);
     if (ec) break;
-    b = e + 1;
-    if (copied == 0) continue;
-    flatten_copied_.fetch_add(copied, std::memory_order_relaxed);
-    since_commit += copied;
-    if (since_commit >= kFlattenCommitBytes) {
+    if (!copied) continue;
+    const uint64_t len = block_range(b).length;
+    flatten_copied_.fetch_add(len, std::memory_order_relaxed);
+    if (++since_commit >= commit_every) {
       since_commit = 0;
       ec = co_await commit();
       if (ec) break;
@@ -229,7 +214,7 @@ Task<void> OverlayLayer::run_flatten(std::shared_ptr<core::SharedEvent> done) {
       pace_start = clock::now();
       paced = 0;
     }
-    paced += copied;
+    paced += len;
     if (pace_rate == 0) continue;
     const auto due = pace_start + std::chrono::duration_cast<clock::duration>(
                                       std::chrono::duration<double>(static_cast<double>(paced) /

@@ -641,53 +641,30 @@ void OverlayLayer::resume() {
   if (wake) wake->set();
 }
 
-// Copies the blocks of [first, last] the top does not hold from `source`
-// into the top, under the claims a writer's copy-up takes (used by snapshot
-// delete's merge and by flatten). Claims are taken ascending, as every
-// request takes them, so a batch never deadlocks with a writer.
-Task<std::error_code> OverlayLayer::copy_into_top(Level& top, uint64_t first, uint64_t last,
-                                                  core::BlockDevice& source, std::vector<std::byte>& buf,
-                                                  uint64_t* copied) {
-  *copied = 0;
-  while (first <= last && top.allocated.test(first)) ++first;
-  if (first > last) co_return std::error_code{};
+// Copies block b from `source` into the top unless the top holds it, under
+// the claim a writer's copy-up takes (used by snapshot delete's merge and
+// by flatten).
+Task<std::error_code> OverlayLayer::copy_into_top(Level& top, uint64_t b, core::BlockDevice& source,
+                                                  std::vector<std::byte>& block, bool* copied) {
+  *copied = false;
+  if (top.allocated.test(b)) co_return std::error_code{};
   auto pass = co_await enter();
-  auto claims = co_await claim(top, first, last);
-  // Under the claims, the blocks still unallocated are exactly the claimed
-  // ones: a writer that took a block meanwhile allocated it.
-  for (uint64_t b = first; b <= last;) {
-    if (top.allocated.test(b)) {
-      ++b;
-      continue;
-    }
-    uint64_t e = b;
-    while (e < last && !top.allocated.test(e + 1)) ++e;
-    const uint64_t lo = b * granularity_, hi = block_range(e).end();
-    if (buf.size() < hi - lo) buf.resize(hi - lo);
-    const auto run = std::span<std::byte>(buf).first(hi - lo);
-    if (auto ec = co_await source.read(run, lo, 0)) co_return ec;
-    // A block of zeroes stays a hole (whatever a crash left in the file there
-    // is punched away): the overlay stays sparse. Neighbours alike go in one call.
-    auto zero_block = [&](uint64_t x) {
-      const auto piece = run.subspan(x * granularity_ - lo, block_range(x).length);
-      return std::all_of(piece.begin(), piece.end(), [](std::byte v) { return v == std::byte{0}; });
-    };
-    for (uint64_t x = b, y; x <= e; x = y + 1) {
-      const bool zeroes = zero_block(x);
-      y = x;
-      while (y < e && zero_block(y + 1) == zeroes) ++y;
-      const ByteRange part{x * granularity_, block_range(y).end() - x * granularity_};
-      std::error_code ec;  // (no co_await inside ?:, GCC 12)
-      if (zeroes)
-        ec = co_await top.file->zero(part, 0);
-      else
-        ec = co_await top.file->write(run.subspan(part.offset - lo, part.length), part.offset, 0);
-      if (ec) co_return ec;
-    }
-    mark_allocated(top, b, e);
-    *copied += hi - lo;
-    b = e + 1;
-  }
+  auto claims = co_await claim(top, b, b);
+  if (top.allocated.test(b)) co_return std::error_code{};  // a writer took it meanwhile
+  const ByteRange br = block_range(b);
+  block.resize(br.length);
+  if (auto ec = co_await source.read(block, br.offset, 0)) co_return ec;
+  // A block of zeroes stays a hole (whatever a crash left in the file there
+  // is punched away): the overlay stays sparse.
+  const bool zeroes = std::all_of(block.begin(), block.end(), [](std::byte x) { return x == std::byte{0}; });
+  std::error_code ec;  // (no co_await inside ?:, GCC 12)
+  if (zeroes)
+    ec = co_await top.file->zero(br, 0);
+  else
+    ec = co_await top.file->write(block, br.offset, 0);
+  if (ec) co_return ec;
+  mark_allocated(top, b, b);
+  *copied = true;
   co_return std::error_code{};
 }
 

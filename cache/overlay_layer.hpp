@@ -49,10 +49,10 @@
 // refused, with the reason, in its CheckedDevice).
 //
 // Flatten (cache/overlay_flatten.cpp): a background task copies every block
-// that no level holds from the base into the top, in runs of up to
-// kCopyBatchBytes under the same claims as a copy-up (a block a client
-// writes meanwhile is skipped, never overwritten), paced to a rate,
-// committing every kFlattenCommitBytes. Its state ("running RATE", "done", "cancelled") is the clone's
+// that no level holds from the base into the top, each under the same claim
+// as a copy-up (a block a client writes meanwhile is skipped, never
+// overwritten), paced to a rate, committing every kFlattenCommitBlocks
+// blocks. Its state ("running RATE", "done", "cancelled") is the clone's
 // catalogue state "flatten": a restart resumes a running one from the blocks
 // still unallocated. Once every block is in some level the clone is
 // standalone: the base's hold is dropped, the base is never read again (no
@@ -174,10 +174,6 @@ class OverlayLayer final : public core::BlockDevice, public core::SnapshotContro
   static constexpr const char* kFlattenKey = "flatten";
   // Blocks copied between two durable commits of a flatten.
   static constexpr uint64_t kFlattenCommitBytes = 8u << 20;
-  // The most a flatten (or a snapshot merge) copies in one read and claims
-  // at once; a paced flatten copies at most a tenth of a second of its rate
-  // at once (at least one block).
-  static constexpr uint64_t kCopyBatchBytes = 1u << 20;
 
   [[nodiscard]] OverlayStats stats() const;
   [[nodiscard]] const std::string& base_name() const noexcept { return base_name_; }
@@ -222,13 +218,11 @@ class OverlayLayer final : public core::BlockDevice, public core::SnapshotContro
   core::Task<std::error_code> commit_locked();
   core::Task<std::error_code> merge_into_top(const Level& from, Level& top);
   core::Task<std::error_code> merge_into_frozen(const Level& from, Level& to);
-  // Copies the blocks of [first, last] that the top does not hold from
-  // `source` into the top, under the claims a writer's copy-up takes (a
-  // block a writer took meanwhile is skipped); each run of claimed blocks is
-  // one read and as few writes as its all-zero blocks (punched as holes)
-  // allow. *copied: the bytes copied. (merge_into_top, flatten)
-  core::Task<std::error_code> copy_into_top(Level& top, uint64_t first, uint64_t last, core::BlockDevice& source,
-                                            std::vector<std::byte>& buf, uint64_t* copied);
+  // Copies block b from `source` into the top under a claim, unless the top
+  // has it (then, or when a writer took it meanwhile, *copied stays false).
+  // All-zero data is punched as a hole. (merge_into_top, flatten)
+  core::Task<std::error_code> copy_into_top(Level& top, uint64_t b, core::BlockDevice& source,
+                                            std::vector<std::byte>& block, bool* copied);
   // The flatten task (cache/overlay_flatten.cpp) and its start.
   core::Task<void> run_flatten(std::shared_ptr<core::SharedEvent> done);
   void spawn_flatten();

@@ -155,16 +155,12 @@ Task<core::ControlResult> OverlayLayer::delete_snapshot(std::string snap) {
 }
 
 // Copies the blocks of `from` that the top has not written into the top,
-// under claims as a writer's copy-up would (runs of up to kCopyBatchBytes
-// at once), then commits them.
+// each under a claim as a writer's copy-up would, then commits them.
 Task<std::error_code> OverlayLayer::merge_into_top(const Level& from, Level& top) {
-  std::vector<std::byte> buf;
-  const uint64_t batch = std::max<uint64_t>(1, kCopyBatchBytes / granularity_);
+  std::vector<std::byte> block;
   for (uint64_t b = from.allocated.find_set(0); b < nblocks_; b = from.allocated.find_set(b + 1)) {
-    uint64_t e = b, copied = 0;
-    while (e + 1 < nblocks_ && e + 1 - b < batch && from.allocated.test(e + 1)) ++e;
-    if (auto ec = co_await copy_into_top(top, b, e, *from.file, buf, &copied)) co_return ec;
-    b = e;
+    bool copied = false;
+    if (auto ec = co_await copy_into_top(top, b, *from.file, block, &copied)) co_return ec;
   }
   co_return co_await commit();
 }

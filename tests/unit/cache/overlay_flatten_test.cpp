@@ -45,13 +45,9 @@ TEST(OverlayFlatten, CopiesEveryBlockAndFreesTheBase) {
   EXPECT_EQ(o.flatten_progress().state, FlattenState::none);
   EXPECT_LT(o.flatten_progress().done_bytes, kSize);
 
-  const uint64_t base_reads = rig.base().stats().snapshot().reads;
   const auto r = rig.run(o.flatten(0));
   ASSERT_TRUE(r.ok()) << r.message;
   ASSERT_EQ(wait_until_not_running(o), FlattenState::done) << o.flatten_progress().error;
-  // Unpaced, it reads runs of blocks at once (up to kCopyBatchBytes), not
-  // block by block: the clone's own blocks split the 64 blocks into 3 runs.
-  EXPECT_EQ(rig.base().stats().snapshot().reads - base_reads, 3u);
   const auto p = o.flatten_progress();
   EXPECT_EQ(p.done_bytes, kSize);
   EXPECT_EQ(p.total_bytes, kSize);
