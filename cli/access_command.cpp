@@ -37,7 +37,8 @@ int access_command(const std::vector<std::string>& in) {
                "octal permission bits up to 0777 (\"\" = the mount's uid=, gid=, mode=): the\n"
                "FUSE file shows them at once (read-only exports keep at most 0444), opens by\n"
                "users they no longer let in fail with EACCES; files already open stay open.\n"
-               "A snapshot export (CLONE@SNAP) takes its clone's.\n"
+               "A snapshot export (CLONE@SNAP) takes its clone's rules, owner and mode: change\n"
+               "them on the clone.\n"
                "Kept across restarts while the configuration says what it said when they\n"
                "were set (a changed configuration value wins).",
       .positionals = 1,

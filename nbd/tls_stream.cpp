@@ -22,6 +22,7 @@ namespace {
 constexpr size_t kInBuffer = 256u << 10;
 constexpr size_t kFlushAt = 256u << 10;
 constexpr size_t kMaxRecord = 16384;  // TLS's largest plaintext record
+constexpr size_t kRecordHeader = 5;   // type, version, length
 
 class TlsCategory : public std::error_category {
  public:
@@ -141,15 +142,39 @@ Task<std::error_code> TlsStream::handshake() {
   co_return std::error_code{};
 }
 
+bool TlsStream::record_buffered() const noexcept {
+  // Decrypted bytes of a record the last receive did not take, or a whole
+  // record in our buffer (GnuTLS pulls a record's header, then its body, so
+  // in_head_ sits on a record boundary between receives; if it ever does
+  // not, a receive finds the record incomplete and says AGAIN: one more
+  // read() that returns EAGAIN, no wrong data).
+  if (gnutls_record_check_pending(session_) > 0) return true;
+  const size_t avail = in_tail_ - in_head_;
+  if (avail < kRecordHeader) return false;
+  const auto* h = in_buf_.get() + in_head_;
+  const size_t length = (std::to_integer<size_t>(h[3]) << 8) | std::to_integer<size_t>(h[4]);
+  return avail >= kRecordHeader + length;
+}
+
 Task<std::pair<std::error_code, size_t>> TlsStream::read_some(std::span<std::byte> buf) {
+  // A receive returns one record at most; a client's small records (a
+  // request header, a 4 KiB write's payload, libnbd sends each in its own)
+  // that already arrived are taken in the same call, so the session parses
+  // a batch of requests per wake-up as it does in plaintext.
+  size_t got = 0;
   for (;;) {
-    const ssize_t n = gnutls_record_recv(session_, buf.data(), buf.size());
+    const ssize_t n = gnutls_record_recv(session_, buf.data() + got, buf.size() - got);
     // A key update answered inside the receive waits in out_pending_; the
     // writer sends it with its next batch if it is flushing, else we do.
     if (!out_pending_.empty() && !flushing_) {
-      if (auto ec = co_await flush()) co_return std::pair{ec, size_t{0}};
+      if (auto ec = co_await flush()) co_return std::pair{ec, got};
     }
-    if (n > 0) co_return std::pair{std::error_code{}, static_cast<size_t>(n)};
+    if (n > 0) {
+      got += static_cast<size_t>(n);
+      if (got < buf.size() && record_buffered()) continue;
+      co_return std::pair{std::error_code{}, got};
+    }
+    if (got > 0) co_return std::pair{std::error_code{}, got};  // the next call sees the end or the error
     if (n == 0) co_return std::pair{std::error_code(boost::system::error_code(asio::error::eof)), size_t{0}};
     if (again(n)) {
       if (auto ec = co_await wait_readable()) co_return std::pair{ec, size_t{0}};

@@ -80,6 +80,7 @@ class TlsStream {
   std::error_code send_record(const std::byte* data, size_t size);
   core::Task<std::error_code> flush();
   core::Task<std::error_code> wait_readable();
+  [[nodiscard]] bool record_buffered() const noexcept;
   void find_peer_name();
 
   Descriptor& in_;
