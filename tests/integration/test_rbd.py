@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -354,7 +355,8 @@ class CacheTest(RbdTestCase):
 class ResizeTest(RbdTestCase):
     """`rbd resize` while the image is served: a grow reaches new clients
     (connected ones keep the size they were told, and keep working); a
-    shrink is refused while served; a cached export keeps its size."""
+    shrink is refused while served; a cached export keeps its size while
+    served, and its cache grows with the image when it opens again."""
 
     def status_of(self):
         p = harness.run([harness.BLOCKWAY, "--socket", self.csock, "status", "--json"], timeout=30)
@@ -436,33 +438,68 @@ class ResizeTest(RbdTestCase):
         self.assertIn("is 16777216 bytes again, as served", daemon.log())
         self.assertEqual(h.pread(4 * MiB, 0), data)
 
-    def test_cached_export_keeps_its_size_until_added_again(self):
+    def test_cached_export_grows_at_restart_keeping_its_dirty_data(self):
+        """A write-back cache (writeback-local: FLUSH makes data durable in
+        the cache only): data flushed before and after a grow it cannot
+        follow while served, kill -9, and a restart opens the cache at the
+        new size with all of it; data written into the new space survives
+        another kill -9, and all of it reaches the cluster on FLUSH."""
         name = self.image(8 * MiB)
         cache = self.path("cache")
-        args = ["--log-level", "debug", "--listen", "unix:" + self.path("c.sock"), "--control-socket",
-                self.path("c.control"), "--data-dir", self.path("data"), "--export",
-                "r=%s,cache=%s,mode=writeback" % (CLUSTER.uri(name), cache)]
-        self.sock, self.csock = self.path("c.sock"), self.path("c.control")
-        daemon = self.start_daemon(args, name="cached", ready_timeout=60)
+        # exclusive=break: a restart after kill -9 takes the lock the killed
+        # gateway could not release (the URI is the cache's identity: it
+        # stays the same for every start).
+        uri = CLUSTER.uri(name, extra="exclusive=break")
+
+        def start(mode, label):
+            self.sock, self.csock = self.path(label + ".sock"), self.path(label + ".control")
+            return self.start_daemon(
+                ["--log-level", "debug", "--listen", "unix:" + self.sock, "--control-socket", self.csock,
+                 "--data-dir", self.path("data"), "--export",
+                 "r=%s,cache=%s,mode=%s,writeback-delay=3600" % (uri, cache, mode)],
+                name=label, ready_timeout=60)
+        daemon = start("writeback-local", "cached")
         h = self.client()
-        data = os.urandom(8 * MiB)
-        h.pwrite(data, 0)
+        before = os.urandom(4 * MiB)
+        h.pwrite(before, 0)
+        h.flush()
         CLUSTER.rbd("resize", "--size", "16M", "rbd/" + name)
         self.wait_health("the image grew to 16777216 bytes; the export keeps 8388608 bytes: export 'r' has a cache")
         self.assertIn("cannot grow while served", daemon.log())
         self.assertEqual(self.status_of()["size"], 8 * MiB)
         self.assertEqual(self.client().get_size(), 8 * MiB)
-        self.assertEqual(h.pread(8 * MiB, 0), data)
-        # As the error says: written back, then started again at the new size
-        # (the cache starts empty) with the data in place.
+        after = os.urandom(4 * MiB)
+        h.pwrite(after, 4 * MiB)
         h.flush()
-        h.shutdown()
-        daemon.stop()
-        daemon = self.start_daemon(args, name="cached2", ready_timeout=60)
+        self.assertEqual(h.pread(8 * MiB, 0), before + after)
+        self.assertEqual(self.export(name)[:8 * MiB], b"\0" * 8 * MiB, "written back before the kill")
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait(10)
+
+        daemon = start("writeback-local", "cached2")
+        self.assertIn("the remote grew from 8388608 to 16777216 bytes", daemon.log())
         h = self.client()
         self.assertEqual(h.get_size(), 16 * MiB)
-        self.assertEqual(h.pread(8 * MiB, 0), data)
+        self.assertEqual(h.pread(8 * MiB, 0), before + after)
         self.assertEqual(h.pread(8 * MiB, 8 * MiB), b"\0" * 8 * MiB)
+        tail = os.urandom(2 * MiB)
+        h.pwrite(tail, 12 * MiB)
+        h.flush()
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait(10)
+
+        # writeback: FLUSH now writes everything back to the cluster.
+        daemon = start("writeback", "cached3")
+        self.assertNotIn("grew", daemon.log())
+        h = self.client()
+        self.assertEqual(h.get_size(), 16 * MiB)
+        self.assertEqual(h.pread(8 * MiB, 0), before + after)
+        self.assertEqual(h.pread(2 * MiB, 12 * MiB), tail)
+        h.flush()
+        image = self.export(name)
+        self.assertEqual(len(image), 16 * MiB)
+        self.assertEqual(image[:8 * MiB], before + after)
+        self.assertEqual(image[12 * MiB:14 * MiB], tail)
 
 
 class StartupErrorTest(RbdTestCase):
