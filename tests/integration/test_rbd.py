@@ -325,6 +325,58 @@ class DeadlineTest(RbdTestCase):
         self.assertEqual(h2.pread(4096, 0), b"c" * 4096)
 
 
+class ReopenTest(RbdTestCase):
+    def test_sessions_replaced_by_reopens_are_closed_once_drained(self):
+        """Each OSD freeze past a request's deadline makes the export reopen
+        the image on a new cluster connection. The old one is closed once
+        librbd let go of its requests: after several reopens the daemon's
+        threads (librados runs many per connection) are back near where they
+        were, and the log says each replaced session was closed."""
+        name = self.image(8 * MiB)
+        # io-timeout=0.6: librbd's op timeout is whole seconds (1 s), the
+        # request's own deadline 0.9 s, so a frozen OSD wedges the session
+        # (with whole seconds librbd's ETIMEDOUT comes first, and the retry
+        # only asks the mons: no reopen).
+        daemon = self.serve(CLUSTER.uri(name), "retry-timeout=30,io-timeout=0.6")
+        h = self.client()
+        h.pwrite(b"r" * 4096, 0)
+        h.flush()
+
+        def threads():
+            return len(os.listdir("/proc/%d/task" % daemon.pid))
+
+        def log():
+            with open(daemon.log_path, "rb") as f:  # whole (Daemon.log() is its tail)
+                return f.read().decode(errors="replace")
+        base = threads()
+        rounds, peak = 4, base
+        wedged, reopened = "reopening the image on a new cluster connection", ": reopened as "
+        for i in range(rounds):
+            results = []
+            reader = threading.Thread(target=lambda: results.append(h.pread(4096, 0)))
+            wedged_before, reopened_before = log().count(wedged), log().count(reopened)
+            with harness.frozen(CLUSTER.osd.proc.pid):
+                reader.start()
+                harness.wait_until(lambda: log().count(wedged) > wedged_before, 20, interval=0.1,
+                                   what="a request past its deadline in round %d" % i)
+            reader.join(40)
+            self.assertFalse(reader.is_alive(), "the read hung")
+            self.assertEqual(results, [b"r" * 4096])
+            harness.wait_until(lambda: log().count(reopened) > reopened_before, 30, interval=0.1,
+                               what="the image reopened in round %d" % i)
+            peak = max(peak, threads())
+        reopens = log().count(reopened)
+        self.assertGreaterEqual(reopens, rounds)
+        harness.wait_until(lambda: log().count("closing the session a reopen replaced") >= reopens, 30,
+                           interval=0.2, what="every replaced session closed:\n" + log()[-3000:])
+        # Closing ends the connection's threads: back within a few of the start.
+        harness.wait_until(lambda: threads() <= base + 4, 20, interval=0.2,
+                           what="threads back near %d (peak %d, now %d)" % (base, peak, threads()))
+        h.pwrite(b"s" * 4096, 4096)
+        h.flush()
+        self.assertEqual(self.export(name)[:8192], b"r" * 4096 + b"s" * 4096)
+
+
 class CacheTest(RbdTestCase):
     def test_prefetch_reads_whole_objects_then_serves_from_the_cache(self):
         """A cached export over rbd prefetches the image in whole objects
