@@ -377,6 +377,33 @@ class ReopenTest(RbdTestCase):
         self.assertEqual(self.export(name)[:8192], b"r" * 4096 + b"s" * 4096)
 
 
+    def test_librbd_timeout_makes_the_retry_layer_reconnect_on_the_same_session(self):
+        """With whole seconds of io-timeout, librbd's own op timeout answers
+        first (ETIMEDOUT, a connection error): the RetryLayer reconnects (asks
+        the mons) and sends the request again, as long as retry-timeout
+        allows, on the same session: the read completes once the OSD runs
+        again, and no reopen happened (a fresh session could not have done
+        better, and would fence the old one)."""
+        name = self.image(8 * MiB)
+        daemon = self.serve(CLUSTER.uri(name), "retry-timeout=30,io-timeout=1")
+        h = self.client()
+        h.pwrite(b"t" * 4096, 0)
+        h.flush()
+        results = []
+        reader = threading.Thread(target=lambda: results.append(h.pread(4096, 0)))
+        with harness.frozen(CLUSTER.osd.proc.pid):
+            reader.start()
+            harness.wait_until(lambda: "read failed: Connection timed out; reconnecting" in daemon.log() and
+                               daemon.log().count("reconnected after 1 attempt(s)") >= 2,
+                               20, interval=0.1, what="librbd's ETIMEDOUT retried twice")
+        reader.join(40)
+        self.assertFalse(reader.is_alive(), "the read hung")
+        self.assertEqual(results, [b"t" * 4096])
+        log = daemon.log()
+        self.assertNotIn("reopening the image", log)
+        self.assertNotIn(": reopened as ", log)
+
+
 class CacheTest(RbdTestCase):
     def test_prefetch_reads_whole_objects_then_serves_from_the_cache(self):
         """A cached export over rbd prefetches the image in whole objects
