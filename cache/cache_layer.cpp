@@ -68,11 +68,29 @@ CacheLayer::CacheLayer(std::unique_ptr<core::BlockDevice> remote, Params p)
   CacheRecord want{name_, remote_uri_, cache_path_, to_string(cfg_.mode), geometry_.size, cfg_.chunk_size, true};
   auto have = store_.find(name_);
   const bool injected = static_cast<bool>(p.open_cache_file);
-  bool reuse = have && have->remote == want.remote && have->size == want.size &&
-               have->chunk_size == want.chunk_size && have->cache_path == want.cache_path &&
-               (injected || (std::filesystem::exists(cache_path_) &&
-                             std::filesystem::file_size(cache_path_) == geometry_.size));
-  if (have && !reuse && store_.get_state(name_, "detached").value_or("") == "1")
+  const bool same_cache = have && have->remote == want.remote && have->chunk_size == want.chunk_size &&
+                          have->cache_path == want.cache_path;
+  // The cache file's size is the record's, or (a grow that stopped between
+  // extending the file and committing the record) the remote's.
+  auto file_is = [&](uint64_t a, uint64_t b) {
+    if (injected) return true;
+    std::error_code ec;
+    const auto n = std::filesystem::file_size(cache_path_, ec);
+    return !ec && (n == a || n == b);
+  };
+  bool reuse = same_cache && have->size == want.size && file_is(want.size, want.size);
+  const bool is_detached = have && store_.get_state(name_, "detached").value_or("") == "1";
+  if (same_cache && !is_detached && have->size < want.size && file_is(have->size, want.size)) {
+    grow_cache(*have, want.size, injected);
+    reuse = true;
+  }
+  if (same_cache && !reuse && have->size > want.size && has_dirty(store_, *have))
+    throw std::runtime_error("export '" + name_ + "': " + have->remote + " shrank from " +
+                             std::to_string(have->size) + " to " + std::to_string(want.size) + " bytes, but the cache " +
+                             have->cache_path + " holds data not yet written to it; grow the image back to " +
+                             std::to_string(have->size) + " bytes and start the export so the data is written back "
+                             "(flush), then shrink it");
+  if (have && !reuse && is_detached)
     // After a detach the cache file is the only up-to-date copy of the image
     // (local-mode writes are never dirty: there is no remote to owe them to).
     throw std::runtime_error("export '" + name_ + "' is detached (local mode) and its image is " + have->cache_path +
@@ -81,8 +99,7 @@ CacheLayer::CacheLayer(std::unique_ptr<core::BlockDevice> remote, Params p)
                              "serve the image itself with file://" + have->cache_path);
   if (have && !reuse) {
     // Never throw away data the remote does not have.
-    const auto dirty = store_.load_bitmap(name_, BitmapKind::dirty, (have->size / have->chunk_size + 64) / 64 + 1);
-    if (std::any_of(dirty.begin(), dirty.end(), [](uint64_t w) { return w != 0; }))
+    if (has_dirty(store_, *have))
       throw std::runtime_error("export '" + name_ + "': the cache " + have->cache_path +
                                " holds data not yet written to " + have->remote +
                                ", but the remote, size, chunk size or cache file changed; restore the previous "
@@ -149,6 +166,62 @@ CacheLayer::CacheLayer(std::unique_ptr<core::BlockDevice> remote, Params p)
 }
 
 CacheLayer::~CacheLayer() = default;
+
+bool CacheLayer::has_dirty(MetaStore& store, const CacheRecord& rec) {
+  const auto dirty = store.load_bitmap(rec.name, BitmapKind::dirty, (rec.size / rec.chunk_size + 64) / 64 + 1);
+  return std::any_of(dirty.begin(), dirty.end(), [](uint64_t w) { return w != 0; });
+}
+
+void CacheLayer::grow_cache(const CacheRecord& have, uint64_t new_size, bool injected) {
+  // The remote grew while the export was not served (rbd resize, truncate
+  // -s): every present and dirty chunk stays; the new chunks are absent.
+  // Order, so that a crash anywhere leaves a cache that opens: the file is
+  // extended and synced first (a file larger than its record is accepted, as
+  // a grow to finish), then the record's size and the bits that change are
+  // committed in one transaction.
+  if (!injected) {
+    const int fd = ::open(cache_path_.c_str(), O_RDWR | O_CLOEXEC);
+    int e = fd < 0 ? errno : 0;
+    if (!e && ::ftruncate(fd, static_cast<off_t>(new_size)) != 0) e = errno;
+    if (!e && cfg_.preallocate)
+      e = ::posix_fallocate(fd, static_cast<off_t>(have.size), static_cast<off_t>(new_size - have.size));
+    if (!e && ::fsync(fd) != 0) e = errno;
+    if (fd >= 0) ::close(fd);
+    if (e)
+      throw std::runtime_error("export '" + name_ + "': the remote grew from " + std::to_string(have.size) + " to " +
+                               std::to_string(new_size) + " bytes, but the cache file " + cache_path_ +
+                               " cannot grow with it: " + std::strerror(e));
+  }
+  // The old last chunk, if the old size cut it short, now reaches into the
+  // new space: clean, it is dropped (fetched again whole); dirty, it stays
+  // (its write-back covers the new space with the zeroes the file has there,
+  // which is what the grown remote holds).
+  std::vector<MetaStore::PageWrite> pages;
+  const char* last_chunk = "";
+  if (have.size % have.chunk_size != 0) {
+    const uint64_t c = have.size >> chunk_shift_;
+    const size_t word = c / 64, page = word / MetaStore::kWordsPerPage;
+    const size_t nwords = (nchunks_ + 63) / 64;
+    const auto dirty = store_.load_bitmap(name_, BitmapKind::dirty, nwords);
+    auto present = store_.load_bitmap(name_, BitmapKind::present, nwords);
+    const uint64_t bit = uint64_t{1} << (c % 64);
+    if ((present[word] & bit) && !(dirty[word] & bit)) {
+      present[word] &= ~bit;
+      const size_t first = page * MetaStore::kWordsPerPage;
+      const size_t n = std::min(MetaStore::kWordsPerPage, nwords - first);
+      pages.push_back({BitmapKind::present, static_cast<uint32_t>(page),
+                       std::vector<uint64_t>(present.begin() + static_cast<long>(first),
+                                             present.begin() + static_cast<long>(first + n))});
+      last_chunk = "; the old last chunk, cut short by the old size, is fetched again";
+    } else if (dirty[word] & bit) {
+      last_chunk = "; the old last chunk, cut short by the old size, stays dirty";
+    }
+  }
+  store_.grow(name_, new_size, pages);
+  log_->info("export '{}': the remote grew from {} to {} bytes since the cache was last open; the cache {} grows "
+             "with it, keeping what it holds{}",
+             name_, have.size, new_size, cache_path_, last_chunk);
+}
 
 void CacheLayer::recover_after_unclean_stop() {
   // A region with persisted write-intent may hold cache data that never became

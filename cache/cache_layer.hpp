@@ -370,6 +370,12 @@ class CacheLayer final : public core::Layer, public core::ExportControl {
   // present stay in the cache file (eviction waits for guards of the epoch in
   // which it cleared their present bits). No-op without a capacity.
   class EpochGuard;
+  // Start-up: the remote is larger than the cache's record (it grew while
+  // the export was not served): extends the cache file and commits the new
+  // size; throws std::runtime_error.
+  void grow_cache(const CacheRecord& have, uint64_t new_size, bool injected);
+  // True if the record's persisted dirty bitmap has a bit set.
+  static bool has_dirty(MetaStore& store, const CacheRecord& rec);
   void recover_after_unclean_stop();
   // After recovery: frees the disk space of every absent chunk.
   void punch_absent_chunks();

@@ -287,9 +287,23 @@ std::vector<uint64_t> MetaStore::load_bitmap(const std::string& name, BitmapKind
 }
 
 void MetaStore::commit(const std::string& name, const std::vector<PageWrite>& pages, std::optional<bool> clean) {
+  commit_with_size(name, pages, clean, std::nullopt);
+}
+
+void MetaStore::grow(const std::string& name, uint64_t size, const std::vector<PageWrite>& pages) {
+  commit_with_size(name, pages, std::nullopt, size);
+}
+
+void MetaStore::commit_with_size(const std::string& name, const std::vector<PageWrite>& pages,
+                                 std::optional<bool> clean, std::optional<uint64_t> size) {
   std::lock_guard lock(mutex_);
   exec("BEGIN IMMEDIATE");
   try {
+    if (size) {
+      Statement st(db_, path_, "cannot grow the cache record", "UPDATE caches SET size = ? WHERE name = ?");
+      st.bind(static_cast<int64_t>(*size)).bind(name).run();
+      if (sqlite3_changes(db_) != 1) throw std::runtime_error("catalogue " + path_ + ": no cache record of " + name);
+    }
     if (!pages.empty()) {
       Statement st(db_, path_, "commit failed",
                    "INSERT OR REPLACE INTO bitmap_pages (name, kind, page, bits) VALUES (?, ?, ?, ?)");

@@ -113,6 +113,10 @@ class MetaStore {
   };
   // Writes pages (and optionally the clean flag) in one durable transaction.
   void commit(const std::string& name, const std::vector<PageWrite>& pages, std::optional<bool> clean);
+  // The remote grew: the record's size becomes `size` and `pages` are
+  // written, in one durable transaction (a crash leaves the old record or
+  // the new one, never a mix).
+  void grow(const std::string& name, uint64_t size, const std::vector<PageWrite>& pages);
 
   // Per-export state ("detached", "prefetch", ...); reset() forgets it.
   std::optional<std::string> get_state(const std::string& name, const std::string& key);
@@ -148,6 +152,8 @@ class MetaStore {
  private:
   void exec(const char* sql);
   void create_runtime_tables();
+  void commit_with_size(const std::string& name, const std::vector<PageWrite>& pages, std::optional<bool> clean,
+                        std::optional<uint64_t> size);
   std::mutex mutex_;
   sqlite3* db_ = nullptr;
   std::string path_;

@@ -156,8 +156,15 @@ OverlayLayer::OverlayLayer(std::shared_ptr<core::CheckedDevice> base, Params p)
   if (have && !reuse && have->mode == "overlay") {
     // Never throw away a clone's writes or snapshots because a setting changed.
     const auto saved = store_.load_bitmap(name_, BitmapKind::present, (have->size / have->chunk_size + 64) / 64 + 1);
-    if (std::any_of(saved.begin(), saved.end(), [](uint64_t w) { return w != 0; }) ||
-        (saved_chain && !saved_chain->empty()))
+    const bool holds_writes = std::any_of(saved.begin(), saved.end(), [](uint64_t w) { return w != 0; }) ||
+                              (saved_chain && !saved_chain->empty());
+    if (holds_writes && have->size != want.size && have->remote == want.remote &&
+        have->chunk_size == want.chunk_size && have->cache_path == want.cache_path)
+      throw std::runtime_error("its base '" + base_name_ + "' is now " + std::to_string(want.size) +
+                               " bytes, but the clone was made at " + std::to_string(have->size) +
+                               " bytes and its overlay " + have->cache_path + " holds its writes; a clone keeps "
+                               "its base's size: restore the base's size, or remove the clone and make it again");
+    if (holds_writes)
       throw std::runtime_error("the overlay " + have->cache_path + " holds the clone's writes (" + have->remote +
                                ", size " + std::to_string(have->size) + ", granularity " +
                                std::to_string(have->chunk_size) + "), but the base, its size, the granularity or "

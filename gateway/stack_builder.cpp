@@ -100,11 +100,14 @@ core::RemoteDevice::ResizeHandler StackBuilder::resize_handler(const std::string
                                                               bool cached) {
   // A cache's file, block maps and catalogue record are sized when the
   // export opens and read without locks on every request: they cannot grow
-  // under it. An uncached export only has its bounds check to move.
+  // under it. When the export opens again, the cache grows with the image
+  // and keeps what it holds (CacheLayer::grow_cache). An uncached export only
+  // has its bounds check to move.
   if (cached)
     return [name](uint64_t, uint64_t) {
-      return "export '" + name + "' has a cache, whose file and block maps cannot grow while served; flush it and "
-             "re-add the export (blockway export remove/add) or restart the daemon to serve the new size";
+      return "export '" + name + "' has a cache, whose file and block maps cannot grow while served; re-add the "
+             "export (blockway export remove/add) or restart the daemon to serve the new size (the cache grows "
+             "with it and keeps its data, dirty data too)";
     };
   return [weak = std::weak_ptr<CheckedDevice>(device)](uint64_t, uint64_t new_size) {
     if (auto d = weak.lock()) d->grow(new_size);

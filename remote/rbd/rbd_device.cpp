@@ -26,18 +26,6 @@ std::string errno_text(int negative) { return std::strerror(negative < 0 ? -nega
 // Largest range one block-status call asks librbd about: it may answer less.
 constexpr uint64_t kMaxStatusBytes = 1ull << 30;
 
-// Handles left open at shutdown because librbd still held requests on them:
-// kept reachable (not leaked as far as LeakSanitizer is concerned) and never
-// closed, since closing would wait for those requests.
-std::mutex abandoned_mutex;
-std::vector<std::shared_ptr<void>>* abandoned_handles = nullptr;
-
-void keep_forever(std::shared_ptr<void> handle) {
-  std::lock_guard lock(abandoned_mutex);
-  if (!abandoned_handles) abandoned_handles = new std::vector<std::shared_ptr<void>>();
-  abandoned_handles->push_back(std::move(handle));
-}
-
 }  // namespace
 
 // One request librbd works on. Owned by librbd's completion callback (which
@@ -45,6 +33,7 @@ void keep_forever(std::shared_ptr<void> handle) {
 // linked, under Inflight::mutex.
 struct RbdDevice::Request : boost::intrusive::list_base_hook<> {
   std::shared_ptr<Inflight> inflight;
+  SessionRef session;  // the session it was submitted on: open while librbd holds the request
   const char* what = "";
   boost::asio::any_io_executor executor;
   std::unique_ptr<common::Completion> done;  // null once the caller has been answered (timed out)
@@ -89,13 +78,14 @@ RbdDevice::RbdDevice(std::string uri, RbdTarget target, bool read_only, RbdOptio
   inflight_->spec = target_.spec();
   inflight_->tick = std::clamp<std::chrono::milliseconds>(deadline() / 8, std::chrono::milliseconds(10),
                                                           std::chrono::milliseconds(1000));
+  auto session = new_session();
   try {
-    open_session(session_, read_only, false);
+    open_session(*session, read_only, false);
   } catch (...) {
-    close_session(std::move(session_), target_.spec(), kCloseBound);
+    session->close_bound = kCloseBound;  // the only reference: closed here
     throw;
   }
-  image_.store(session_.image, std::memory_order_release);
+  session_.store(std::move(session), std::memory_order_release);
   {
     std::lock_guard lock(watcher_->mutex);
     watcher_->device = this;
@@ -133,24 +123,43 @@ void RbdDevice::shutdown() noexcept {
     left = inflight_->in_librbd;
   }
   stop_watchdog();
-  std::vector<Session> sessions;
-  {
-    std::lock_guard lock(session_mutex_);
-    sessions = std::move(retired_);
-    sessions.push_back(std::exchange(session_, Session{}));
-  }
-  image_.store(nullptr, std::memory_order_release);
-  if (left > 0) {
-    core::logger("rbd")->warn("{}: {} request(s) still inside librbd after {} s; leaving the image and the cluster "
-                              "connection open (closing them would wait for those requests)",
+  // Sessions that librbd still holds requests on (this one, or one a reopen
+  // replaced) stay open until librbd lets go of them, or until the process
+  // exits: closing them would wait for those requests.
+  auto session = session_.exchange(nullptr, std::memory_order_acq_rel);
+  if (left > 0)
+    core::logger("rbd")->warn("{}: {} request(s) still inside librbd after {} s; their image and cluster "
+                              "connection stay open until librbd answers them (closing would wait for them)",
                               target_.spec(), left, kCloseBound.count());
-    keep_forever(std::make_shared<std::vector<Session>>(std::move(sessions)));
-    return;
-  }
-  for (auto& s : sessions) close_session(std::move(s), target_.spec(), kCloseBound);
+  // Nobody can take a new reference now: if ours is the last, the close
+  // runs here, bounded; else where the last one goes, without waiting.
+  if (session && session.use_count() == 1) session->close_bound = kCloseBound;
+  session.reset();
 }
 
-void RbdDevice::close_session(Session s, std::string spec, std::chrono::milliseconds bound) {
+RbdDevice::SessionRef RbdDevice::new_session() const {
+  auto closer = [](Session* p) {
+    std::unique_ptr<Session> s(p);
+    const auto bound = s->close_bound;
+    close_session(std::move(*s), bound);
+  };
+  SessionRef s(std::make_unique<Session>().release(), closer);
+  s->spec = target_.spec();
+  return s;
+}
+
+void RbdDevice::close_session(Session s, std::chrono::milliseconds bound) {
+  // A replaced session no longer counts once nothing uses it: its close is
+  // under way (and bounded by nothing but librbd: a close that hangs keeps
+  // only its own thread).
+  const bool retired = static_cast<bool>(s.retired_open);
+  int still_open = 0;
+  if (retired) still_open = s.retired_open->fetch_sub(1, std::memory_order_acq_rel) - 1;
+  std::string spec = s.spec;
+  if (retired)
+    core::logger("rbd")->info("{}: closing the session a reopen replaced, now that nothing uses it ({} other "
+                              "replaced session(s) still open)",
+                              spec, still_open);
   // rbd_close releases the lock and flushes, rados_shutdown says goodbye:
   // both talk to the cluster, which may not answer.
   std::packaged_task<void()> task([s = std::move(s)]() mutable {
@@ -340,7 +349,9 @@ void RbdDevice::set_resize_handler(ResizeHandler handler) {
 void RbdDevice::on_update(void* arg) {
   auto& w = *static_cast<Watcher*>(arg);
   std::lock_guard lock(w.mutex);
-  if (w.device) w.device->check_size(w.device->image_.load(std::memory_order_acquire));
+  if (!w.device) return;
+  // Holds the session while it asks: a reopen may replace it meanwhile.
+  if (auto session = w.device->session_.load(std::memory_order_acquire)) w.device->check_size(session->image);
 }
 
 void RbdDevice::check_size(rbd_image_t image) {
@@ -404,7 +415,11 @@ void RbdDevice::on_complete(rbd_completion_t c, void* arg) {
   }
   // The caller still waits for this, so its buffer is alive.
   if (r >= 0 && req->bounce) std::memcpy(req->dest.data(), req->bounce.get(), req->dest.size());
-  common::post_completion(req->executor, std::move(done), r < 0 ? static_cast<int>(-r) : 0);
+  int err = r < 0 ? static_cast<int>(-r) : 0;
+  // Fenced because our own reopen took the lock from this session: a lost
+  // session (retried on the new one), not another gateway's doing.
+  if (err == ESHUTDOWN && req->session->replaced->load(std::memory_order_acquire)) err = ENOTCONN;
+  common::post_completion(req->executor, std::move(done), err);
 }
 
 void RbdDevice::watch(const std::shared_ptr<Inflight>& inflight) {
@@ -462,6 +477,14 @@ core::Task<std::error_code> RbdDevice::submit(const char* what, Start start, std
           return;
         }
         Inflight& in = *inflight_;
+        req->session = session_.load(std::memory_order_acquire);
+        if (!req->session) {  // after shutdown
+          auto ex = req->executor;
+          rbd_aio_release(c);
+          common::post_completion(ex, std::move(req->done), ENOTCONN);
+          return;
+        }
+        rbd_image_t image = req->session->image;
         {
           std::lock_guard lock(in.mutex);
           req->deadline = std::chrono::steady_clock::now() + deadline();
@@ -469,7 +492,7 @@ core::Task<std::error_code> RbdDevice::submit(const char* what, Start start, std
           ++in.in_librbd;
         }
         Request* raw = req.release();  // on_complete owns it from here, or we do again below
-        r = start(image_.load(std::memory_order_acquire), c, target);
+        r = start(image, c, target);
         if (r >= 0) return;
         // Refused at once: librbd will not call on_complete.
         std::unique_ptr<Request> back(raw);
@@ -549,15 +572,23 @@ core::Task<std::error_code> RbdDevice::block_status(core::ByteRange range, core:
     uint64_t offset;
     uint64_t length;
   };
-  auto result = co_await core::offload(blocking_, [this, off = range.offset, len] {
+  // The session is held until librbd answers (a reopen may replace it).
+  // Built first, then awaited: GCC 12 destroys a lambda's captures in a
+  // co_await'ed call twice.
+  auto diff = [session = session_.load(std::memory_order_acquire), fast_diff = fast_diff_, off = range.offset, len] {
     std::pair<int, std::vector<Found>> res;
+    if (!session) {
+      res.first = -ENOTCONN;
+      return res;
+    }
     auto cb = [](uint64_t o, size_t l, int exists, void* arg) -> int {
       if (exists) static_cast<std::vector<Found>*>(arg)->push_back({o, l});
       return 0;
     };
-    res.first = rbd_diff_iterate2(image_.load(std::memory_order_acquire), nullptr, off, len, 1, fast_diff_ ? 1 : 0, cb, &res.second);
+    res.first = rbd_diff_iterate2(session->image, nullptr, off, len, 1, fast_diff ? 1 : 0, cb, &res.second);
     return res;
-  });
+  };
+  auto result = co_await core::offload(blocking_, diff);
   if (result.first < 0) co_return note(core::errno_code(-result.first), "block status");
   auto& found = result.second;
   std::sort(found.begin(), found.end(), [](const Found& a, const Found& b) { return a.offset < b.offset; });
@@ -615,10 +646,7 @@ int RbdDevice::Cluster::ask_health() {
 
 std::string RbdDevice::health_detail() const {
   std::shared_ptr<Cluster> cluster;
-  {
-    std::lock_guard lock(session_mutex_);
-    cluster = session_.cluster;
-  }
+  if (auto session = session_.load(std::memory_order_acquire)) cluster = session->cluster;
   if (!cluster) return "closed";
   std::string problem;
   {
@@ -637,22 +665,37 @@ std::string RbdDevice::health_detail() const {
 }
 
 int RbdDevice::reopen() {
-  Session fresh;
-  try {
-    open_session(fresh, read_only_, true);
-  } catch (const BackendError& e) {
-    core::logger("rbd")->warn("{}", e.what());
-    close_session(std::move(fresh), target_.spec(), std::chrono::milliseconds(0));
+  if (const int open = retired_open_->load(std::memory_order_acquire); open >= kMaxRetired) {
+    core::logger("rbd")->error("{}: {} sessions replaced by earlier reopens still hold requests librbd has not "
+                               "answered; not opening another cluster connection until one of them drains",
+                               target_.spec(), open);
     return -ENOTCONN;
   }
-  {
-    std::lock_guard lock(session_mutex_);
-    retired_.push_back(std::exchange(session_, std::move(fresh)));
-    image_.store(session_.image, std::memory_order_release);
+  // The fresh session breaks the current one's lock (take_lock), and the
+  // cluster then fails its requests with EBLOCKLISTED: marked first, so that
+  // those are retried on the new session instead of failing with EIO. (A
+  // reopen that fails leaves the mark: a later EBLOCKLISTED there is retried
+  // until retry-timeout rather than failed at once.)
+  if (auto current = session_.load(std::memory_order_acquire))
+    current->replaced->store(true, std::memory_order_release);
+  auto fresh = new_session();
+  try {
+    open_session(*fresh, read_only_, true);
+  } catch (const BackendError& e) {
+    core::logger("rbd")->warn("{}", e.what());
+    return -ENOTCONN;  // fresh closes as it goes, without being waited for
+  }
+  rbd_image_t image = fresh->image;
+  auto old = session_.exchange(std::move(fresh), std::memory_order_acq_rel);
+  if (old) {
+    // Closed where its last user lets go (now, if nothing uses it).
+    retired_open_->fetch_add(1, std::memory_order_acq_rel);
+    old->retired_open = retired_open_;
+    old.reset();
   }
   // The image may have been resized while librbd did not answer.
   std::lock_guard lock(watcher_->mutex);
-  check_size(image_.load(std::memory_order_acquire));
+  check_size(image);
   return 0;
 }
 
@@ -682,11 +725,8 @@ core::Task<std::error_code> RbdDevice::reconnect() {
     // co_await'ed call twice (a shared_ptr captured here was released twice).
     r = co_await core::offload(blocking_, [this] {
       std::shared_ptr<Cluster> cluster;
-      {
-        std::lock_guard lock(session_mutex_);
-        cluster = session_.cluster;
-      }
-      return cluster->ask_health();
+      if (auto session = session_.load(std::memory_order_acquire)) cluster = session->cluster;
+      return cluster ? cluster->ask_health() : -ENOTCONN;
     });
   }
   if (r < 0) co_return core::errno_code(-r == ETIMEDOUT ? ETIMEDOUT : ENOTCONN);

@@ -38,6 +38,17 @@
 // them) and the process exits with them; rbd_close and rados_shutdown run
 // on a thread of their own and are abandoned past kCloseBound too.
 //
+// Sessions: a session (one cluster connection and the image opened on it)
+// is shared by everything that uses it: each request in librbd, a block
+// status on the blocking pool and a resize callback hold a reference to the
+// session they started on. A reopen (see Failures) replaces the current
+// session; the old one is closed, on a thread of its own, off the data path,
+// as soon as its last user lets go (librbd answered or failed its last
+// request). Sessions replaced but still held (requests librbd never answers)
+// are bounded: with kMaxRetired of them open, a reopen is refused (logged)
+// until one drains, so a gateway that rides out many outages keeps a bounded
+// number of cluster connections (and librados threads).
+//
 // Failures: librbd resends its requests itself across OSD and mon restarts.
 // rados_osd_op_timeout and rados_mon_op_timeout are set to io-timeout, so a
 // request the cluster does not answer in time fails with ETIMEDOUT, which the
@@ -64,6 +75,10 @@
 // connected() and generation() are atomics; the last health string is under
 // a small mutex never held across a co_await or a librados call. reconnect() runs on the
 // blocking pool and is never concurrent with itself (RetryLayer's contract).
+// The current session is an atomic shared_ptr: the data path loads it (no
+// mutex), reopen() exchanges it; a session's closer runs where its last
+// reference is dropped and only starts a thread there (never waits, except
+// at shutdown for the last session, bounded by kCloseBound).
 #pragma once
 
 #include "core/remote_device.hpp"
@@ -166,7 +181,22 @@ class RbdDevice final : public core::RemoteDevice {
     bool locked = false;
     std::shared_ptr<Watcher> watcher;  // set while the image is watched
     uint64_t watch_handle = 0;
+    std::string spec;  // for logs
+    // Set by the one that drops the last reference, before it does: how long
+    // the close may be waited for there (0: not at all).
+    std::chrono::milliseconds close_bound{0};
+    // Set when a reopen replaced the session: the device's count of replaced
+    // sessions still open, which the close decrements.
+    std::shared_ptr<std::atomic<int>> retired_open;
+    // Set (before retired_open) when a reopen replaced the session; read by
+    // completions on librbd's threads: the reopen broke this session's lock,
+    // so the cluster fences it (EBLOCKLISTED), which then means "ask the new
+    // session", not "another gateway took the image".
+    std::shared_ptr<std::atomic<bool>> replaced = std::make_shared<std::atomic<bool>>(false);
   };
+  // A session that closes itself (close_session) when its last user lets go.
+  using SessionRef = std::shared_ptr<Session>;
+  SessionRef new_session() const;
   // Connects and opens the image into s (start-up, or a reopen after a
   // wedge: then the lock is taken back from our previous session); throws
   // BackendError, leaving in s what to close.
@@ -174,7 +204,7 @@ class RbdDevice final : public core::RemoteDevice {
   void take_lock(rbd_image_t image, bool reopen);
   // Closes s on a thread of its own and waits for it at most `bound` (0: not
   // at all); a close still running then is left to finish on its own.
-  static void close_session(Session s, std::string spec, std::chrono::milliseconds bound);
+  static void close_session(Session s, std::chrono::milliseconds bound);
   // Replaces the session by a fresh one (blocking pool): 0 or a negative errno.
   int reopen();
   void shutdown() noexcept;
@@ -183,13 +213,12 @@ class RbdDevice final : public core::RemoteDevice {
   RbdTarget target_;
   RbdOptions options_;
   boost::asio::thread_pool& blocking_;
-  mutable std::mutex session_mutex_;  // guards session_; never held across a librados call
-  Session session_;
-  // Sessions replaced by a reopen: closed at shutdown, not earlier (a block
-  // status on the blocking pool may still use one; librbd may still hold
-  // requests on it).
-  std::vector<Session> retired_;
-  std::atomic<rbd_image_t> image_{nullptr};  // session_.image, for the data path
+  // The current session (null after shutdown). Replaced sessions live as
+  // long as something holds them (see the header).
+  std::atomic<SessionRef> session_;
+  // Replaced sessions not closed yet (shared with their closers).
+  std::shared_ptr<std::atomic<int>> retired_open_ = std::make_shared<std::atomic<int>>(0);
+  static constexpr int kMaxRetired = 4;
   bool read_only_ = false;
   core::Geometry geometry_;  // its size is size_
   std::atomic<uint64_t> size_{0};

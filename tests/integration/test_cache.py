@@ -159,6 +159,100 @@ class FileRemoteTest(CacheTestCase):
         h = self.connect(self.uri("disk"))
         self.assertEqual(h.pread(4096, 5 * CHUNK), b"K" * 4096)
 
+    def test_restart_after_the_remote_grew_keeps_the_cache(self):
+        """The remote grew while the daemon was down (truncate -s): the cache
+        opens at the new size with every chunk it held, the dirty ones too,
+        fetches only the new space, and writes the dirty data back."""
+        spec_opts = ",writeback-delay=3600"  # the write stays dirty in the cache
+        d = self.cached("file://" + self.remote, "writeback-local", spec_opts, name="first")
+        h = self.connect(self.uri("disk"))
+        original = harness.read_file(self.remote, 0, SIZE)
+        self.assertEqual(h.pread(SIZE, 0), original)  # every chunk present
+        h.pwrite(b"G" * 4096, 3 * CHUNK)
+        h.flush()
+        h.shutdown()
+        d.stop()
+        self.assertEqual(harness.read_file(self.remote, 3 * CHUNK, 4096), original[3 * CHUNK:3 * CHUNK + 4096])
+        os.truncate(self.remote, SIZE + 8 * MiB)
+
+        d = self.cached("file://" + self.remote, "writeback-local", spec_opts, name="second")
+        self.assertIn("the remote grew from %d to %d bytes" % (SIZE, SIZE + 8 * MiB), d.log())
+        self.assertEqual(os.path.getsize(os.path.join(self.cache_dir, "disk.img")), SIZE + 8 * MiB)
+        h = self.connect(self.uri("disk"))
+        self.assertEqual(h.get_size(), SIZE + 8 * MiB)
+        expect = bytearray(original)
+        expect[3 * CHUNK:3 * CHUNK + 4096] = b"G" * 4096
+        self.assertEqual(h.pread(SIZE, 0), bytes(expect))
+        self.assertEqual(h.pread(8 * MiB, SIZE), b"\0" * 8 * MiB)
+        h.pwrite(b"N" * 4096, SIZE + CHUNK)
+        h.flush()
+        h.shutdown()
+        d.stop()
+        self.assertEqual(fetched_bytes(d.log()), 8 * MiB, "only the new space may be fetched")
+
+        d = self.cached("file://" + self.remote, "writeback-local", ",writeback-delay=0", name="third")
+        harness.wait_until(lambda: harness.read_file(self.remote, 3 * CHUNK, 4096) == b"G" * 4096 and
+                           harness.read_file(self.remote, SIZE + CHUNK, 4096) == b"N" * 4096,
+                           30, what="the dirty data written back")
+        self.assertNotIn("starting with an empty cache", d.log())
+
+    def test_remote_shrunk_under_dirty_data_refuses_to_start_until_grown_back(self):
+        d = self.cached("file://" + self.remote, "writeback-local", ",writeback-delay=3600", name="first")
+        h = self.connect(self.uri("disk"))
+        h.pwrite(b"S" * 4096, SIZE - CHUNK)
+        h.flush()
+        h.shutdown()
+        d.stop()
+        os.truncate(self.remote, SIZE // 2)
+        spec = "disk=file://%s,cache=%s,mode=writeback-local,chunk=64k" % (self.remote, self.cache_dir)
+        p = harness.run([harness.BLOCKWAYD, "--listen", "127.0.0.1:%d" % harness.free_port(),
+                         "--data-dir", self.data_dir, "--export", spec], timeout=20, check=False)
+        out = (p.stderr + p.stdout).decode(errors="replace")
+        self.assertEqual(p.returncode, 2, out)
+        self.assertIn("shrank from %d to %d bytes" % (SIZE, SIZE // 2), out)
+        self.assertIn("grow the image back to %d bytes" % SIZE, out)
+        # As the message says: grown back, it starts, and a FLUSH in
+        # writeback mode writes the data back (and persists it clean).
+        os.truncate(self.remote, SIZE)
+        d = self.cached("file://" + self.remote, "writeback", name="second")
+        h = self.connect(self.uri("disk"))
+        h.flush()
+        self.assertEqual(harness.read_file(self.remote, SIZE - CHUNK, 4096), b"S" * 4096)
+        h.shutdown()
+        d.stop()
+        # Clean, a shrink starts an empty cache at the new size.
+        os.truncate(self.remote, SIZE // 2)
+        d = self.cached("file://" + self.remote, "writeback-local", name="third")
+        self.assertIn("starting with an empty cache", d.log())
+        self.assertEqual(self.connect(self.uri("disk")).get_size(), SIZE // 2)
+
+    def test_clone_over_a_base_that_grew_refuses_clearly(self):
+        """A clone keeps the size its base had when it was made: once the
+        base's remote grew, a clone with writes of its own refuses to start
+        and says why (the base's cache itself grows)."""
+        def args(port):
+            return ["--log-level", "info", "--listen", "127.0.0.1:%d" % port, "--data-dir", self.data_dir,
+                    "--export", "disk=file://%s,cache=%s,mode=writeback" % (self.remote, self.cache_dir),
+                    "--export", "c=clone:disk,overlay=" + self.path("overlays")]
+        self.port = harness.free_port()
+        d = self.start_daemon(args(self.port), name="first")
+        h = self.connect(self.uri("c"))
+        h.pwrite(b"C" * 4096, 0)
+        h.flush()
+        h.shutdown()
+        d.stop()
+        os.truncate(self.remote, SIZE + 4 * MiB)
+        p = harness.run([harness.BLOCKWAYD] + args(harness.free_port()), timeout=30, check=False)
+        out = (p.stderr + p.stdout).decode(errors="replace")
+        self.assertEqual(p.returncode, 2, out)
+        self.assertIn("its base 'disk' is now %d bytes, but the clone was made at %d bytes" % (SIZE + 4 * MiB, SIZE),
+                      out)
+        # Restored, both start again with the clone's writes.
+        os.truncate(self.remote, SIZE)
+        self.port = harness.free_port()
+        self.start_daemon(args(self.port), name="second")
+        self.assertEqual(self.connect(self.uri("c")).pread(4096, 0), b"C" * 4096)
+
     def test_wrong_cache_options_exit_2_naming_the_option(self):
         cases = [("mode=writearound", "mode"), ("chunk=3k", "chunk"), ("chunk=lots", "chunk"),
                  ("preallocate=maybe", "preallocate"), ("readahead=1T", "readahead")]

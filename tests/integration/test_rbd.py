@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -324,6 +325,85 @@ class DeadlineTest(RbdTestCase):
         self.assertEqual(h2.pread(4096, 0), b"c" * 4096)
 
 
+class ReopenTest(RbdTestCase):
+    def test_sessions_replaced_by_reopens_are_closed_once_drained(self):
+        """Each OSD freeze past a request's deadline makes the export reopen
+        the image on a new cluster connection. The old one is closed once
+        librbd let go of its requests: after several reopens the daemon's
+        threads (librados runs many per connection) are back near where they
+        were, and the log says each replaced session was closed."""
+        name = self.image(8 * MiB)
+        # io-timeout=0.6: librbd's op timeout is whole seconds (1 s), the
+        # request's own deadline 0.9 s, so a frozen OSD wedges the session
+        # (with whole seconds librbd's ETIMEDOUT comes first, and the retry
+        # only asks the mons: no reopen).
+        daemon = self.serve(CLUSTER.uri(name), "retry-timeout=30,io-timeout=0.6")
+        h = self.client()
+        h.pwrite(b"r" * 4096, 0)
+        h.flush()
+
+        def threads():
+            return len(os.listdir("/proc/%d/task" % daemon.pid))
+
+        def log():
+            with open(daemon.log_path, "rb") as f:  # whole (Daemon.log() is its tail)
+                return f.read().decode(errors="replace")
+        base = threads()
+        rounds, peak = 4, base
+        wedged, reopened = "reopening the image on a new cluster connection", ": reopened as "
+        for i in range(rounds):
+            results = []
+            reader = threading.Thread(target=lambda: results.append(h.pread(4096, 0)))
+            wedged_before, reopened_before = log().count(wedged), log().count(reopened)
+            with harness.frozen(CLUSTER.osd.proc.pid):
+                reader.start()
+                harness.wait_until(lambda: log().count(wedged) > wedged_before, 20, interval=0.1,
+                                   what="a request past its deadline in round %d" % i)
+            reader.join(40)
+            self.assertFalse(reader.is_alive(), "the read hung")
+            self.assertEqual(results, [b"r" * 4096])
+            harness.wait_until(lambda: log().count(reopened) > reopened_before, 30, interval=0.1,
+                               what="the image reopened in round %d" % i)
+            peak = max(peak, threads())
+        reopens = log().count(reopened)
+        self.assertGreaterEqual(reopens, rounds)
+        harness.wait_until(lambda: log().count("closing the session a reopen replaced") >= reopens, 30,
+                           interval=0.2, what="every replaced session closed:\n" + log()[-3000:])
+        # Closing ends the connection's threads: back within a few of the start.
+        harness.wait_until(lambda: threads() <= base + 4, 20, interval=0.2,
+                           what="threads back near %d (peak %d, now %d)" % (base, peak, threads()))
+        h.pwrite(b"s" * 4096, 4096)
+        h.flush()
+        self.assertEqual(self.export(name)[:8192], b"r" * 4096 + b"s" * 4096)
+
+
+    def test_librbd_timeout_makes_the_retry_layer_reconnect_on_the_same_session(self):
+        """With whole seconds of io-timeout, librbd's own op timeout answers
+        first (ETIMEDOUT, a connection error): the RetryLayer reconnects (asks
+        the mons) and sends the request again, as long as retry-timeout
+        allows, on the same session: the read completes once the OSD runs
+        again, and no reopen happened (a fresh session could not have done
+        better, and would fence the old one)."""
+        name = self.image(8 * MiB)
+        daemon = self.serve(CLUSTER.uri(name), "retry-timeout=30,io-timeout=1")
+        h = self.client()
+        h.pwrite(b"t" * 4096, 0)
+        h.flush()
+        results = []
+        reader = threading.Thread(target=lambda: results.append(h.pread(4096, 0)))
+        with harness.frozen(CLUSTER.osd.proc.pid):
+            reader.start()
+            harness.wait_until(lambda: "read failed: Connection timed out; reconnecting" in daemon.log() and
+                               daemon.log().count("reconnected after 1 attempt(s)") >= 2,
+                               20, interval=0.1, what="librbd's ETIMEDOUT retried twice")
+        reader.join(40)
+        self.assertFalse(reader.is_alive(), "the read hung")
+        self.assertEqual(results, [b"t" * 4096])
+        log = daemon.log()
+        self.assertNotIn("reopening the image", log)
+        self.assertNotIn(": reopened as ", log)
+
+
 class CacheTest(RbdTestCase):
     def test_prefetch_reads_whole_objects_then_serves_from_the_cache(self):
         """A cached export over rbd prefetches the image in whole objects
@@ -354,7 +434,8 @@ class CacheTest(RbdTestCase):
 class ResizeTest(RbdTestCase):
     """`rbd resize` while the image is served: a grow reaches new clients
     (connected ones keep the size they were told, and keep working); a
-    shrink is refused while served; a cached export keeps its size."""
+    shrink is refused while served; a cached export keeps its size while
+    served, and its cache grows with the image when it opens again."""
 
     def status_of(self):
         p = harness.run([harness.BLOCKWAY, "--socket", self.csock, "status", "--json"], timeout=30)
@@ -436,33 +517,68 @@ class ResizeTest(RbdTestCase):
         self.assertIn("is 16777216 bytes again, as served", daemon.log())
         self.assertEqual(h.pread(4 * MiB, 0), data)
 
-    def test_cached_export_keeps_its_size_until_added_again(self):
+    def test_cached_export_grows_at_restart_keeping_its_dirty_data(self):
+        """A write-back cache (writeback-local: FLUSH makes data durable in
+        the cache only): data flushed before and after a grow it cannot
+        follow while served, kill -9, and a restart opens the cache at the
+        new size with all of it; data written into the new space survives
+        another kill -9, and all of it reaches the cluster on FLUSH."""
         name = self.image(8 * MiB)
         cache = self.path("cache")
-        args = ["--log-level", "debug", "--listen", "unix:" + self.path("c.sock"), "--control-socket",
-                self.path("c.control"), "--data-dir", self.path("data"), "--export",
-                "r=%s,cache=%s,mode=writeback" % (CLUSTER.uri(name), cache)]
-        self.sock, self.csock = self.path("c.sock"), self.path("c.control")
-        daemon = self.start_daemon(args, name="cached", ready_timeout=60)
+        # exclusive=break: a restart after kill -9 takes the lock the killed
+        # gateway could not release (the URI is the cache's identity: it
+        # stays the same for every start).
+        uri = CLUSTER.uri(name, extra="exclusive=break")
+
+        def start(mode, label):
+            self.sock, self.csock = self.path(label + ".sock"), self.path(label + ".control")
+            return self.start_daemon(
+                ["--log-level", "debug", "--listen", "unix:" + self.sock, "--control-socket", self.csock,
+                 "--data-dir", self.path("data"), "--export",
+                 "r=%s,cache=%s,mode=%s,writeback-delay=3600" % (uri, cache, mode)],
+                name=label, ready_timeout=60)
+        daemon = start("writeback-local", "cached")
         h = self.client()
-        data = os.urandom(8 * MiB)
-        h.pwrite(data, 0)
+        before = os.urandom(4 * MiB)
+        h.pwrite(before, 0)
+        h.flush()
         CLUSTER.rbd("resize", "--size", "16M", "rbd/" + name)
         self.wait_health("the image grew to 16777216 bytes; the export keeps 8388608 bytes: export 'r' has a cache")
         self.assertIn("cannot grow while served", daemon.log())
         self.assertEqual(self.status_of()["size"], 8 * MiB)
         self.assertEqual(self.client().get_size(), 8 * MiB)
-        self.assertEqual(h.pread(8 * MiB, 0), data)
-        # As the error says: written back, then started again at the new size
-        # (the cache starts empty) with the data in place.
+        after = os.urandom(4 * MiB)
+        h.pwrite(after, 4 * MiB)
         h.flush()
-        h.shutdown()
-        daemon.stop()
-        daemon = self.start_daemon(args, name="cached2", ready_timeout=60)
+        self.assertEqual(h.pread(8 * MiB, 0), before + after)
+        self.assertEqual(self.export(name)[:8 * MiB], b"\0" * 8 * MiB, "written back before the kill")
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait(10)
+
+        daemon = start("writeback-local", "cached2")
+        self.assertIn("the remote grew from 8388608 to 16777216 bytes", daemon.log())
         h = self.client()
         self.assertEqual(h.get_size(), 16 * MiB)
-        self.assertEqual(h.pread(8 * MiB, 0), data)
+        self.assertEqual(h.pread(8 * MiB, 0), before + after)
         self.assertEqual(h.pread(8 * MiB, 8 * MiB), b"\0" * 8 * MiB)
+        tail = os.urandom(2 * MiB)
+        h.pwrite(tail, 12 * MiB)
+        h.flush()
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait(10)
+
+        # writeback: FLUSH now writes everything back to the cluster.
+        daemon = start("writeback", "cached3")
+        self.assertNotIn("grew", daemon.log())
+        h = self.client()
+        self.assertEqual(h.get_size(), 16 * MiB)
+        self.assertEqual(h.pread(8 * MiB, 0), before + after)
+        self.assertEqual(h.pread(2 * MiB, 12 * MiB), tail)
+        h.flush()
+        image = self.export(name)
+        self.assertEqual(len(image), 16 * MiB)
+        self.assertEqual(image[:8 * MiB], before + after)
+        self.assertEqual(image[12 * MiB:14 * MiB], tail)
 
 
 class StartupErrorTest(RbdTestCase):

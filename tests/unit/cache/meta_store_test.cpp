@@ -55,6 +55,32 @@ TEST_F(MetaStoreTest, ResetStoresTheRecord) {
   EXPECT_FALSE(r->clean);
 }
 
+TEST_F(MetaStoreTest, GrowChangesTheSizeAndPagesTogetherAndKeepsTheRest) {
+  MetaStore s(path_);
+  s.reset(record());
+  const size_t n = MetaStore::kWordsPerPage + 3;  // a short last page, as a smaller image left it
+  const auto dirty = words(n, 4);
+  s.commit("vm1", {{BitmapKind::dirty, 0, std::vector<uint64_t>(dirty.begin(), dirty.begin() + 512)},
+                   {BitmapKind::dirty, 1, std::vector<uint64_t>(dirty.begin() + 512, dirty.end())}},
+           std::nullopt);
+  s.set_state("vm1", "prefetch", "sequential");
+  s.grow("vm1", 2u << 30, {{BitmapKind::present, 0, std::vector<uint64_t>(512, 1)}});
+  auto r = s.find("vm1");
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->size, 2u << 30);
+  EXPECT_FALSE(r->clean);
+  EXPECT_EQ(r->mode, "writeback");
+  // The old bits stay where they were; the new words read as zero.
+  auto loaded = s.load_bitmap("vm1", BitmapKind::dirty, 2 * n);
+  EXPECT_EQ(std::vector<uint64_t>(loaded.begin(), loaded.begin() + static_cast<long>(n)), dirty);
+  EXPECT_EQ(std::vector<uint64_t>(loaded.begin() + static_cast<long>(n), loaded.end()), std::vector<uint64_t>(n, 0));
+  EXPECT_EQ(s.load_bitmap("vm1", BitmapKind::present, 512), std::vector<uint64_t>(512, 1));
+  EXPECT_EQ(s.get_state("vm1", "prefetch"), "sequential");
+  // No record, no grow.
+  EXPECT_THROW(s.grow("nope", 1, {}), std::runtime_error);
+  EXPECT_FALSE(s.find("nope").has_value());
+}
+
 TEST_F(MetaStoreTest, CommitAndLoadPagesOfEveryKind) {
   MetaStore s(path_);
   s.reset(record());
