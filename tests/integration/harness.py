@@ -216,12 +216,20 @@ class Daemon:
         self.proc.wait(5)
         raise AssertionError("blockwayd not ready within %.0fs:\n%s" % (ready_timeout, self.log()))
 
-    def log(self):
+    def log(self, tail=8000):
+        """The daemon's output: its last `tail` characters (for failure
+        messages), or all of it with tail=None."""
         try:
             with open(self.log_path, "rb") as f:
-                return f.read().decode(errors="replace")[-8000:]
+                text = f.read().decode(errors="replace")
         except FileNotFoundError:
             return ""
+        return text if tail is None else text[-tail:]
+
+    def full_log(self):
+        """All of the daemon's output: what an assertNotIn must search (a
+        tail would let an early line go unseen)."""
+        return self.log(tail=None)
 
     def running(self):
         return self.proc is not None and self.proc.poll() is None

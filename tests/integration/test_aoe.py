@@ -256,7 +256,7 @@ class AoeTest(harness.DaemonTestCase):
             self.assertGreater(counts[kind], 0, "no %s frames counted: %r" % (kind, counts))
         # Replayed answers carry tags that are done: they count as stale, never as answers.
         self.assertGreater(counts["stale"], replayed // 2, (counts, replayed))
-        self.assertNotIn("AoE error", d.log())  # the forged error answer was not taken for ours
+        self.assertNotIn("AoE error", d.full_log())  # the forged error answer was not taken for ours
 
     # --- start-up errors --------------------------------------------------------
 

@@ -194,7 +194,7 @@ class FileRemoteTest(CacheTestCase):
         harness.wait_until(lambda: harness.read_file(self.remote, 3 * CHUNK, 4096) == b"G" * 4096 and
                            harness.read_file(self.remote, SIZE + CHUNK, 4096) == b"N" * 4096,
                            30, what="the dirty data written back")
-        self.assertNotIn("starting with an empty cache", d.log())
+        self.assertNotIn("starting with an empty cache", d.full_log())
 
     def test_remote_shrunk_under_dirty_data_refuses_to_start_until_grown_back(self):
         d = self.cached("file://" + self.remote, "writeback-local", ",writeback-delay=3600", name="first")

@@ -376,7 +376,7 @@ class Errors(ControlTestCase):
                                       "--control-socket", "off", "--export", "b=file://" + img], name="nocontrol")
         self.addCleanup(d.cleanup)
         d.start()
-        self.assertNotIn("control socket", d.log())
+        self.assertNotIn("control socket", d.full_log())
 
 
     def test_control_group_flag(self):
@@ -515,7 +515,7 @@ class RuntimeExports(ControlTestCase):
         os.rename(img + ".away", img)
         d = self.start({"base": "file://" + base})
         self.assertEqual([e["name"] for e in self.bwj("export", "list")["exports"]], ["base"])
-        self.assertNotIn("late", d.log())
+        self.assertNotIn("late", d.full_log())
         # A failed one can also be replaced by adding it again (once it opens).
         self.bw("export", "add", "late", "file://" + img)
         d.stop()

@@ -115,7 +115,7 @@ class DataPathTest(NbdRemoteTestCase):
         self.assertLess(time.monotonic() - start, 2.0, "an EIO from the remote is not retried")
         os.unlink(errfile)
         self.assertEqual(h.pread(4096, 8192), harness.read_file(img, 8192, 4096))
-        self.assertNotIn("reconnect", daemon.log())
+        self.assertNotIn("reconnect", daemon.full_log())
 
 
 class ReconnectTest(NbdRemoteTestCase):

@@ -184,8 +184,8 @@ class LeaseTest(NfsTestCase):
                 self.assertIn("NFS4ERR_EXPIRED", daemon.log())  # the lease did run out
                 self.assertIn("reconnected", daemon.log())
             else:
-                self.assertNotIn("NFS4ERR", daemon.log())
-                self.assertNotIn("reconnected", daemon.log())
+                self.assertNotIn("NFS4ERR", daemon.full_log())
+                self.assertNotIn("reconnected", daemon.full_log())
 
 
 class StartupErrorTest(NfsTestCase):

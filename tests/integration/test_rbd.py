@@ -394,7 +394,7 @@ class ReopenTest(RbdTestCase):
         with harness.frozen(CLUSTER.osd.proc.pid):
             reader.start()
             harness.wait_until(lambda: "read failed: Connection timed out; reconnecting" in daemon.log() and
-                               daemon.log().count("reconnected after 1 attempt(s)") >= 2,
+                               daemon.full_log().count("reconnected after 1 attempt(s)") >= 2,
                                20, interval=0.1, what="librbd's ETIMEDOUT retried twice")
         reader.join(40)
         self.assertFalse(reader.is_alive(), "the read hung")
@@ -569,7 +569,7 @@ class ResizeTest(RbdTestCase):
 
         # writeback: FLUSH now writes everything back to the cluster.
         daemon = start("writeback", "cached3")
-        self.assertNotIn("grew", daemon.log())
+        self.assertNotIn("grew", daemon.full_log())
         h = self.client()
         self.assertEqual(h.get_size(), 16 * MiB)
         self.assertEqual(h.pread(8 * MiB, 0), before + after)

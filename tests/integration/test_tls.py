@@ -159,7 +159,7 @@ class X509Test(TlsTestCase):
                 self.assertEqual(data, b"")
                 raise ConnectionError("closed")
         harness.wait_until(lambda: "TLS handshake with" in self.d.log(), 10, what="the failed handshake logged")
-        self.assertNotIn("option 3", self.d.log().split("TLS handshake with")[-1])
+        self.assertNotIn("option 3", self.d.full_log().split("TLS handshake with")[-1])
         # The daemon serves proper clients afterwards.
         harness.run(["nbdinfo", nbds(self.port, "disk", certs=PKI["client-nocert"])], timeout=30)
 
@@ -314,7 +314,7 @@ class VerifyPeerTest(TlsTestCase):
             bad, out = fails(["nbdinfo", nbds(self.port, "disk", certs=PKI[name])])
             self.assertTrue(bad, name + ": " + out)
         # The refused ones are logged with the peer.
-        self.assertGreaterEqual(self.d.log().count("TLS handshake with 127.0.0.1:"), 3)
+        self.assertGreaterEqual(self.d.full_log().count("TLS handshake with 127.0.0.1:"), 3)
 
 
 class PskTest(TlsTestCase):
@@ -348,9 +348,9 @@ class PriorityTest(TlsTestCase):
     daemon logs it for each connection ("TLS with PEER: TLS1.3 AES-128-GCM")."""
 
     def negotiated(self, d, uri):
-        before = d.log().count("TLS with ")
+        before = d.full_log().count("TLS with ")
         harness.run(["nbdinfo", uri], timeout=30)
-        harness.wait_until(lambda: d.log().count("TLS with ") > before, 10, what="the TLS log line")
+        harness.wait_until(lambda: d.full_log().count("TLS with ") > before, 10, what="the TLS log line")
         return d.log().split("TLS with ")[-1].splitlines()[0].split(": ", 1)[1]
 
     def test_default_prefers_aes_128_gcm(self):
