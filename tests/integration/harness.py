@@ -183,6 +183,11 @@ class Daemon:
         self.pid_file = os.path.join(workdir, name + ".pid")
         self.log_path = os.path.join(workdir, name + ".log")
         self.args = list(prefix) + [BLOCKWAYD] + list(args) + ["--pid-file", self.pid_file]
+        # The test's own catalogue unless it names one (or a configuration,
+        # or $STATE_DIRECTORY at start): without it every test's caches met
+        # in the host's /var/lib/blockway (two tests at once, -j2, both
+        # naming an export 'r', shared one record).
+        self.own_data_dir = "--data-dir" not in args and "--config" not in args
         self.proc = None
         self._log = None
 
@@ -194,7 +199,10 @@ class Daemon:
         if os.path.exists(self.pid_file):
             os.unlink(self.pid_file)
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL,
+        args = self.args
+        if self.own_data_dir and "STATE_DIRECTORY" not in os.environ:
+            args = args + ["--data-dir", os.path.join(self.workdir, "data")]
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL,
                                      stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:
