@@ -82,6 +82,10 @@ class Bw:
         """before: --export arguments ahead of `bench` (a clone's base)."""
         port = free_port()
         pidf = f"{tmp}/bw.{port}.pid"
+        if "--data-dir" not in list(extra) + list(before):
+            # A catalogue of its own, never the host's /var/lib/blockway (a
+            # cache's record there would outlive the run and meet the next).
+            extra = list(extra) + ["--data-dir", f"{tmp}/data.{port}"]
         self.uri = f"nbd://127.0.0.1:{port}/bench"
         self.p = subprocess.Popen([binary, "--listen", f"127.0.0.1:{port}", "--log-level", "warn"] + list(before) +
                                   ["--export", f"bench={export}", "--pid-file", pidf] + list(extra),
