@@ -21,7 +21,7 @@ constexpr uint64_t kChunk = 64u << 10;
 constexpr uint64_t kChunks = 16;
 constexpr uint64_t kSize = kChunk * kChunks;
 
-std::vector<std::byte> bytes(size_t n, uint8_t v) { return std::vector<std::byte>(n, std::byte{v}); }
+using test::bytes;
 
 class CacheGrowTest : public test::MemoryRemoteLayerTest {
  protected:

@@ -25,6 +25,9 @@
 
 namespace blockway::test {
 
+// n bytes of value v: what most cache tests write and expect back.
+inline std::vector<std::byte> bytes(size_t n, uint8_t v) { return std::vector<std::byte>(n, std::byte{v}); }
+
 // Every write mode but local, for INSTANTIATE_TEST_SUITE_P(..., kAllWriteModes, write_mode_name).
 inline const auto kAllWriteModes =
     ::testing::Values(cache::WriteMode::writethrough, cache::WriteMode::writeback, cache::WriteMode::writeback_local);

@@ -95,7 +95,7 @@ class RemoteLossTest : public test::MemoryRemoteLayerTest {
   LosingRemote* losing_ = nullptr;
 };
 
-std::vector<std::byte> bytes(size_t n, uint8_t v) { return std::vector<std::byte>(n, std::byte{v}); }
+using test::bytes;
 
 // writeback: FLUSH writes chunk 1 back; the remote loses it before the flush
 // covers it. The FLUSH writes it again on the new session and succeeds.

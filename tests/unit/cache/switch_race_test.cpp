@@ -74,7 +74,7 @@ class SlowWrites final : public core::BlockDevice {
   std::shared_ptr<std::atomic<int>> delay_ms_;
 };
 
-std::vector<std::byte> bytes(size_t n, uint8_t v) { return std::vector<std::byte>(n, std::byte{v}); }
+using test::bytes;
 
 class SwitchRaceTest : public test::MemoryRemoteLayerTest {
  protected:
