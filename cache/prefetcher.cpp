@@ -207,8 +207,13 @@ void Prefetcher::persist() {
   }
   // Serialised, and a write older than one already made is skipped: the
   // catalogue ends with the newest state whatever order the pool runs them.
+  persist_queue_->pending.fetch_add(1, std::memory_order_relaxed);
   boost::asio::post(c_.blocking_, [queue = persist_queue_, &store = c_.store_, name = c_.name_, wanted, paused,
                                    seq] {
+    struct Done {
+      PersistQueue& q;
+      ~Done() { q.pending.fetch_sub(1, std::memory_order_release); }
+    } done{*queue};
     std::lock_guard lock(queue->mutex);
     if (seq < queue->applied) return;
     queue->applied = seq;
@@ -228,14 +233,13 @@ Task<void> Prefetcher::stop() {
     timer.expires_after(std::chrono::milliseconds(5));
     co_await timer.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
   }
-  // Let a pending catalogue write finish before the layer goes away.
-  // (A raw pointer: GCC 12 destroys non-trivial captures of a lambda inside a
-  // co_await expression twice; persist_queue_ keeps it alive.)
-  PersistQueue* queue = persist_queue_.get();
-  co_await core::offload(c_.blocking_, [queue]() -> std::error_code {
-    std::lock_guard lock(queue->mutex);
-    return {};
-  });
+  // Let every catalogue write posted so far run before the layer goes away:
+  // the pool may not have started the last one yet (a pause just before a
+  // close was lost that way, and the next start found no prefetch at all).
+  while (persist_queue_->pending.load(std::memory_order_acquire) > 0) {
+    timer.expires_after(std::chrono::milliseconds(1));
+    co_await timer.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
+  }
 }
 
 Task<void> Prefetcher::scan_holes() {

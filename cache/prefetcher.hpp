@@ -118,6 +118,9 @@ class Prefetcher {
   struct PersistQueue {
     std::mutex mutex;
     uint64_t applied = 0;
+    // Writes posted and not yet run: stop() waits for them, so a state set
+    // just before a close (a pause) is in the catalogue when the cache reopens.
+    std::atomic<uint32_t> pending{0};
   };
   std::shared_ptr<PersistQueue> persist_queue_ = std::make_shared<PersistQueue>();
   std::atomic<uint64_t> persist_seq_{0};

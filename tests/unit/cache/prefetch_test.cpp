@@ -305,6 +305,10 @@ TEST_F(PrefetchTest, ResumesAfterAnUncleanStopAndFetchesOnlyWhatIsMissing) {
 
 TEST_F(PrefetchTest, PausedStaysPausedAcrossARestart) {
   open(WriteMode::writethrough);
+  // Unlimited, the prefetcher may put the whole 8 MiB image in flight (16
+  // runs of 1 MiB) before the pause below: it then completes, rightly "done".
+  // A low rate keeps it to a run or two, so there is work left to pause.
+  layer().prefetch_set_rate(256u << 10);
   remote_->close_gate(Op::read);
   ASSERT_TRUE(layer().prefetch_start(PrefetchOrder::hot_first).ok());
   ASSERT_TRUE(layer().prefetch_pause().ok());
