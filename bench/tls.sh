@@ -10,7 +10,9 @@
 # be used: libnbd refuses the tls-certificates URI parameter unless the
 # program allows local files, and fio does not; nbdcopy has no random I/O.
 # Tests: seq read and seq write (1 MiB, depth 8), 4k random read and write
-# (depth 16), each for RUNTIME seconds.
+# (depth 16), each for RUNTIME seconds. Both sides' CPU is reported: the
+# server's from /proc, the client's from /usr/bin/time; on the sequential
+# tests their sum bounds what any server-side threading could gain here.
 #
 # Environment knobs: BENCH_QUICK=1 (one round, 2 s, 256 MiB), BENCH_RUNTIME=N
 # (seconds per test, default 8), BENCH_REPS=N (rounds, default 5),
@@ -70,29 +72,37 @@ uri() {
     fi
 }
 
+# run_test URI TEST: prints "IOPS MB/s"; the client's user+system CPU
+# seconds go to $TMP/client.cpu.
 run_test() {
-    local u=$1 test=$2
+    local u=$1 test=$2 args
     case $test in
-    seq-read) "$TMP/nbd_io" "$u" read 1048576 8 "$RUNTIME" ;;
-    seq-write) "$TMP/nbd_io" "$u" write 1048576 8 "$RUNTIME" ;;
-    rand-read-4k) "$TMP/nbd_io" "$u" randread 4096 16 "$RUNTIME" ;;
-    rand-write-4k) "$TMP/nbd_io" "$u" randwrite 4096 16 "$RUNTIME" ;;
+    seq-read) args=(read 1048576 8) ;;
+    seq-write) args=(write 1048576 8) ;;
+    rand-read-4k) args=(randread 4096 16) ;;
+    rand-write-4k) args=(randwrite 4096 16) ;;
     esac
+    "$TIME" -f '%U %S' -o "$TMP/client.cpu" "$TMP/nbd_io" "$u" "${args[@]}" "$RUNTIME"
 }
 
 # The server's user+system CPU (clock ticks): what a request costs it, which
 # the machine's load disturbs far less than throughput does.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-# CPU-s per GB for the sequential tests, CPU-us per request for the 4k ones.
+# CPU-s per GB for the sequential tests, CPU-us per request for the 4k ones:
+# cpu_cost TEST CPU-SECONDS IOPS MB/s
 cpu_cost() {
-    local hz
-    hz=$(getconf CLK_TCK)
     if [[ $1 == seq-* ]]; then
-        "$PY" -c "print('%.3f' % ($2 / $hz / max($4 * $RUNTIME / 1000, 1e-9)))"
+        "$PY" -c "print('%.3f' % ($2 / max($4 * $RUNTIME / 1000, 1e-9)))"
     else
-        "$PY" -c "print('%.1f' % ($2 / $hz * 1e6 / max($3 * $RUNTIME, 1)))"
+        "$PY" -c "print('%.1f' % ($2 * 1e6 / max($3 * $RUNTIME, 1)))"
     fi
 }
+HZ=$(getconf CLK_TCK)
+# The client's CPU too: client and server share the machine's cores, so what
+# the client spends bounds what a faster server could gain (see the notes in
+# bench/results/tls.md on encrypting on a second thread).
+TIME=/usr/bin/time
+[[ -x $TIME ]] || die "missing /usr/bin/time (Debian package time)"
 
 loads=()
 for round in $(seq "$REPS"); do
@@ -104,9 +114,14 @@ for round in $(seq "$REPS"); do
         start_server "$name" "$port"
         for test in "${TESTS[@]}"; do
             t0=$(cpu_ticks "$SERVER_PID")
-            read -r iops mbs < <(run_test "$(uri "$name" "$port")" "$test") || die "$name $test failed"
+            run_test "$(uri "$name" "$port")" "$test" >"$TMP/io.out" || die "$name $test failed"
             t1=$(cpu_ticks "$SERVER_PID")
-            printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$name" "$test" "$iops" "$mbs" "$(cpu_cost "$test" $((t1 - t0)) "$iops" "$mbs")" >>"$RESULTS"
+            read -r iops mbs <"$TMP/io.out"
+            read -r cu cs <"$TMP/client.cpu"
+            server=$("$PY" -c "print($((t1 - t0)) / $HZ)")
+            client=$("$PY" -c "print($cu + $cs)")
+            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$name" "$test" "$iops" "$mbs" \
+                "$(cpu_cost "$test" "$server" "$iops" "$mbs")" "$(cpu_cost "$test" "$client" "$iops" "$mbs")" >>"$RESULTS"
         done
         stop_pid "$SERVER_PID"
     done
@@ -114,6 +129,7 @@ done
 
 cell() { median $(awk -F'\t' -v s="$1" -v t="$2" -v c="$3" '$2==s && $3==t {print $c}' "$RESULTS"); }
 ratio() { "$PY" -c "print('%.2f' % ($1 / $2))"; }
+ceiling() { "$PY" -c "print('%.0f' % ($(nproc) * 1000 / max($(cell "$1" "$2" 6) + $(cell "$1" "$2" 7), 1e-9)))"; }
 
 report() {
     echo "# NBD over TLS: blockwayd --tls=require vs plaintext vs nbdkit --tls=require"
@@ -142,6 +158,25 @@ report() {
         echo "| $test | $(cell blockwayd-tls "$test" 6) | $(cell blockwayd-plain "$test" 6) | $(cell nbdkit-tls "$test" 6) |$(
             [[ -n ${BLOCKWAYD_BASE:-} ]] && echo " $(cell base-tls "$test" 6) |")"
     done
+    echo
+    echo "Client CPU (bench/nbd_io with libnbd, user+system; median), same units"
+    echo
+    echo "| test | blockwayd TLS | blockwayd plain | nbdkit TLS |"
+    echo "| --- | --- | --- | --- |"
+    for test in "${TESTS[@]}"; do
+        echo "| $test | $(cell blockwayd-tls "$test" 7) | $(cell blockwayd-plain "$test" 7) | $(cell nbdkit-tls "$test" 7) |"
+    done
+    echo
+    echo "Ceiling with client and server on this machine's $(nproc) cores, sequential:"
+    echo "cores / (server + client CPU-s per GB), in MB/s (the most any server"
+    echo "threading could reach with this client here), against the median measured"
+    echo
+    echo "| test | blockwayd TLS ceiling | measured | blockwayd plain ceiling | measured |"
+    echo "| --- | --- | --- | --- | --- |"
+    for test in "${TESTS[@]}"; do
+        [[ $test == seq-* ]] || continue
+        echo "| $test | $(ceiling blockwayd-tls "$test") | $(cell blockwayd-tls "$test" 5) | $(ceiling blockwayd-plain "$test") | $(cell blockwayd-plain "$test" 5) |"
+    done
     if [[ -n ${BLOCKWAYD_BASE:-} ]]; then
         echo
         echo "Before/after, TLS: BLOCKWAYD_BASE=$BLOCKWAYD_BASE vs BLOCKWAYD=$BLOCKWAYD"
@@ -151,7 +186,7 @@ report() {
         printf '%s\n' "${base_rows[@]}"
     fi
     echo
-    echo "Raw rounds (round, server, test, IOPS, MB/s, server CPU cost):"
+    echo "Raw rounds (round, server, test, IOPS, MB/s, server CPU cost, client CPU cost):"
     echo
     echo '```'
     cat "$RESULTS"
