@@ -32,7 +32,7 @@ Task<void> CacheLayer::background_loop() {
   auto last_checkpoint = std::chrono::steady_clock::now();
   auto backoff = std::chrono::milliseconds(100);
   std::optional<std::chrono::steady_clock::time_point> dirty_since;
-  const uint64_t cache_chunks = capacity_chunks_ ? capacity_chunks_ : nchunks_;
+  const uint64_t cache_chunks = capacity_chunks_ ? capacity_chunks_ : chunk_count();
   while (!stopping_.load()) {
     timer.expires_after(std::chrono::milliseconds(100));
     co_await timer.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));

@@ -46,19 +46,24 @@ CacheLayer::CacheLayer(std::unique_ptr<core::BlockDevice> remote, Params p)
       geometry_(next().geometry()),
       remote_caps_(next().capabilities()) {
   chunk_shift_ = static_cast<unsigned>(std::countr_zero(cfg_.chunk_size));
-  nchunks_ = (geometry_.size + cfg_.chunk_size - 1) >> chunk_shift_;
-  nregions_ = (nchunks_ + kChunksPerRegion - 1) / kChunksPerRegion;
+  const uint64_t nchunks = (geometry_.size + cfg_.chunk_size - 1) >> chunk_shift_;
+  const uint64_t nregions = (nchunks + kChunksPerRegion - 1) / kChunksPerRegion;
+  size_.store(geometry_.size);
+  nchunks_.store(nchunks);
+  nregions_.store(nregions);
   mode_.store(cfg_.mode);
+  // Room to grow while served (grow_while_served): address space only.
+  const uint64_t reserve_chunks = std::max(nchunks, kGrowReserveBytes >> chunk_shift_);
+  const uint64_t reserve_regions = (reserve_chunks + kChunksPerRegion - 1) / kChunksPerRegion;
   for (auto* b : {&present_, &dirty_, &cleaning_, &dirty_persisted_, &holes_, &no_hole_, &seen_, &unflushed_[0].chunks,
                   &unflushed_[1].chunks})
-    b->resize(nchunks_);
-  for (auto* b : {&intent_, &intent_persisted_, &touched_}) b->resize(nregions_);
-  region_writes_ = std::make_unique<std::atomic<uint32_t>[]>(nregions_ ? nregions_ : 1);
-  for (uint64_t r = 0; r < nregions_; ++r) region_writes_[r].store(0);
+    b->resize(nchunks, reserve_chunks);
+  for (auto* b : {&intent_, &intent_persisted_, &touched_}) b->resize(nregions, reserve_regions);
+  region_writes_.reset(nregions, reserve_regions);
   cache_path_ = cfg_.dir + "/" + image_file_name(name_);
   if (cfg_.capacity && cfg_.capacity < geometry_.size) {
     capacity_chunks_ = cfg_.capacity >> chunk_shift_;
-    referenced_.resize(nchunks_);
+    referenced_.resize(nchunks, reserve_chunks);
   }
 
   std::error_code fs_ec;
@@ -68,6 +73,7 @@ CacheLayer::CacheLayer(std::unique_ptr<core::BlockDevice> remote, Params p)
   CacheRecord want{name_, remote_uri_, cache_path_, to_string(cfg_.mode), geometry_.size, cfg_.chunk_size, true};
   auto have = store_.find(name_);
   const bool injected = static_cast<bool>(p.open_cache_file);
+  injected_file_ = injected;
   const bool same_cache = have && have->remote == want.remote && have->chunk_size == want.chunk_size &&
                           have->cache_path == want.cache_path;
   // The cache file's size is the record's, or (a grow that stopped between
@@ -146,7 +152,7 @@ CacheLayer::CacheLayer(std::unique_ptr<core::BlockDevice> remote, Params p)
     // Local mode: the cache file is the image. Nothing may be dropped (there
     // is no remote to fetch it from again), and every chunk is present.
     local_.store(true);
-    for (uint64_t c = 0; c < nchunks_; ++c) present_.set(c);
+    for (uint64_t c = 0; c < nchunks; ++c) present_.set(c);
     for (size_t i = 0; i < dirty_.word_count(); ++i) dirty_.store_word(i, 0);
     recovered_ = !have->clean;
   } else {
@@ -161,7 +167,7 @@ CacheLayer::CacheLayer(std::unique_ptr<core::BlockDevice> remote, Params p)
   prefetcher_ = std::make_unique<Prefetcher>(*this);
   log_->info("export '{}': {} cache {} ({} chunks of {} KiB, {} present, {} dirty{})", name_,
              local_ ? std::string("local (detached)") : to_string(cfg_.mode),
-             cache_path_, nchunks_, cfg_.chunk_size >> 10, present_.count(), dirty_.count(),
+             cache_path_, nchunks, cfg_.chunk_size >> 10, present_.count(), dirty_.count(),
              recovered_ ? ", recovered after an unclean stop" : "");
 }
 
@@ -180,14 +186,7 @@ void CacheLayer::grow_cache(const CacheRecord& have, uint64_t new_size, bool inj
   // a grow to finish), then the record's size and the bits that change are
   // committed in one transaction.
   if (!injected) {
-    const int fd = ::open(cache_path_.c_str(), O_RDWR | O_CLOEXEC);
-    int e = fd < 0 ? errno : 0;
-    if (!e && ::ftruncate(fd, static_cast<off_t>(new_size)) != 0) e = errno;
-    if (!e && cfg_.preallocate)
-      e = ::posix_fallocate(fd, static_cast<off_t>(have.size), static_cast<off_t>(new_size - have.size));
-    if (!e && ::fsync(fd) != 0) e = errno;
-    if (fd >= 0) ::close(fd);
-    if (e)
+    if (const int e = extend_cache_file(have.size, new_size))
       throw std::runtime_error("export '" + name_ + "': the remote grew from " + std::to_string(have.size) + " to " +
                                std::to_string(new_size) + " bytes, but the cache file " + cache_path_ +
                                " cannot grow with it: " + std::strerror(e));
@@ -201,7 +200,7 @@ void CacheLayer::grow_cache(const CacheRecord& have, uint64_t new_size, bool inj
   if (have.size % have.chunk_size != 0) {
     const uint64_t c = have.size >> chunk_shift_;
     const size_t word = c / 64, page = word / MetaStore::kWordsPerPage;
-    const size_t nwords = (nchunks_ + 63) / 64;
+    const size_t nwords = (chunk_count() + 63) / 64;
     const auto dirty = store_.load_bitmap(name_, BitmapKind::dirty, nwords);
     auto present = store_.load_bitmap(name_, BitmapKind::present, nwords);
     const uint64_t bit = uint64_t{1} << (c % 64);
@@ -223,15 +222,27 @@ void CacheLayer::grow_cache(const CacheRecord& have, uint64_t new_size, bool inj
              name_, have.size, new_size, cache_path_, last_chunk);
 }
 
+int CacheLayer::extend_cache_file(uint64_t old_size, uint64_t new_size) {
+  const int fd = ::open(cache_path_.c_str(), O_RDWR | O_CLOEXEC);
+  int e = fd < 0 ? errno : 0;
+  if (!e && ::ftruncate(fd, static_cast<off_t>(new_size)) != 0) e = errno;
+  if (!e && cfg_.preallocate)
+    e = ::posix_fallocate(fd, static_cast<off_t>(old_size), static_cast<off_t>(new_size - old_size));
+  if (!e && ::fsync(fd) != 0) e = errno;
+  if (fd >= 0) ::close(fd);
+  return e;
+}
+
 void CacheLayer::recover_after_unclean_stop() {
   // A region with persisted write-intent may hold cache data that never became
   // durable or never reached the remote: every present chunk there that is
   // not persisted dirty is dropped and will be fetched again.
   uint64_t dropped = 0;
-  for (uint64_t r = 0; r < nregions_; ++r) {
+  const uint64_t nchunks = chunk_count(), nregions = nregions_.load();
+  for (uint64_t r = 0; r < nregions; ++r) {
     if (!intent_.test(r)) continue;
     const uint64_t first = r * kChunksPerRegion;
-    const uint64_t last = std::min(nchunks_, first + kChunksPerRegion) - 1;
+    const uint64_t last = std::min(nchunks, first + kChunksPerRegion) - 1;
     for (uint64_t c = first; c <= last; ++c)
       if (present_.test(c) && !dirty_.test(c)) {
         present_.clear(c);
@@ -268,8 +279,9 @@ void CacheLayer::punch_absent_chunks() {
   const int fd = ::open(cache_path_.c_str(), O_RDWR | O_CLOEXEC);
   if (fd < 0) return;
   uint64_t punched = 0;
-  for (uint64_t c = present_.find_clear(0); c < nchunks_;) {
-    const uint64_t next_present = std::min(present_.find_set(c), nchunks_);
+  const uint64_t nchunks = chunk_count();
+  for (uint64_t c = present_.find_clear(0); c < nchunks;) {
+    const uint64_t next_present = std::min(present_.find_set(c), nchunks);
     const uint64_t off = chunk_start(c), len = chunk_start(next_present - 1) + chunk_len(next_present - 1) - off;
     if (::fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(off),
                     static_cast<off_t>(len)) != 0) {
@@ -277,7 +289,7 @@ void CacheLayer::punch_absent_chunks() {
       break;
     }
     punched += len;
-    c = next_present >= nchunks_ ? nchunks_ : present_.find_clear(next_present);
+    c = next_present >= nchunks ? nchunks : present_.find_clear(next_present);
   }
   ::close(fd);
   log_->debug("export '{}': punched {} bytes of absent chunks out of the cache file", name_, punched);
@@ -285,7 +297,7 @@ void CacheLayer::punch_absent_chunks() {
 
 uint64_t CacheLayer::chunk_len(uint64_t c) const noexcept {
   const uint64_t start = chunk_start(c);
-  return std::min<uint64_t>(cfg_.chunk_size, geometry_.size - start);
+  return std::min<uint64_t>(cfg_.chunk_size, size_.load(std::memory_order_acquire) - start);
 }
 
 core::Capabilities CacheLayer::capabilities() const noexcept {
@@ -358,11 +370,12 @@ CacheStats CacheLayer::stats() const {
   s.bytes_fetched = fetched_.load();
   s.bytes_written_back = written_back_.load();
   s.chunk_size = cfg_.chunk_size;
-  s.chunks = nchunks_;
-  s.present_bytes = std::min(geometry_.size, present_.count() << chunk_shift_);
+  const uint64_t size = image_size();
+  s.chunks = chunk_count();
+  s.present_bytes = std::min(size, present_.count() << chunk_shift_);
   uint64_t dirty = 0;
   for (size_t i = 0; i < dirty_.word_count(); ++i) dirty += std::popcount(dirty_.word(i) | cleaning_.word(i));
-  s.dirty_bytes = std::min(geometry_.size, dirty << chunk_shift_);
+  s.dirty_bytes = std::min(size, dirty << chunk_shift_);
   s.writeback_errors = wb_errors_.load();
   s.fetch_errors = fetch_errors_.load();
   s.recovered = recovered_;

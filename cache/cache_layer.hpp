@@ -48,8 +48,10 @@
 // shard (held only for map operations, never across I/O); write-back passes
 // are serialised by an AsyncMutex; checkpoints are group-committed under
 // another AsyncMutex and do their fsync and SQLite work on the blocking pool.
-// Lock order: writeback_mutex_ before checkpoint_mutex_; shard mutexes are
-// leaves.
+// Lock order: control_mutex_ before writeback_mutex_ before
+// checkpoint_mutex_; shard mutexes are leaves. The image may grow while
+// served (grow_while_served, cache/cache_grow.cpp): the bitmaps never move
+// and the sizes are atomics, so none of the above changes for it.
 #pragma once
 
 #include "cache/bitmap.hpp"
@@ -186,7 +188,21 @@ class CacheLayer final : public core::Layer, public core::ExportControl {
   // reads (a profile's image identity), not a client's.
   core::Task<std::error_code> read_unrecorded(std::span<std::byte> buf, uint64_t offset);
   [[nodiscard]] uint64_t chunk_size() const noexcept { return uint64_t{1} << chunk_shift_; }
-  [[nodiscard]] uint64_t chunk_count() const noexcept { return nchunks_; }
+  [[nodiscard]] uint64_t chunk_count() const noexcept { return nchunks_.load(std::memory_order_acquire); }
+  // The image's size as the cache serves it (grows with grow_while_served()).
+  [[nodiscard]] uint64_t image_size() const noexcept { return size_.load(std::memory_order_acquire); }
+
+  // The remote grew to new_size while the export is served (rbd resize):
+  // the cache grows in place, keeping every chunk it holds (dirty ones too);
+  // the new chunks are absent. Returns an empty string once requests up to
+  // new_size may come (the caller then grows the export's bounds), else why
+  // the cache keeps its size. Crash-safe in the order of grow_cache(): the
+  // cache file is extended and synced, then the record's size committed.
+  // See "growing while served" below for which readers were made safe.
+  core::Task<std::string> grow_while_served(uint64_t new_size);
+  // Why grow_while_served(new_size) would refuse, as far as can be told now
+  // without waiting (empty: it would try); any thread, no locks.
+  [[nodiscard]] std::string grow_refusal(uint64_t new_size) const;
 
  private:
   // read() flag (never from a client, who reaches this layer through the
@@ -370,6 +386,25 @@ class CacheLayer final : public core::Layer, public core::ExportControl {
   // present stay in the cache file (eviction waits for guards of the epoch in
   // which it cleared their present bits). No-op without a capacity.
   class EpochGuard;
+  // Growing while served (grow_while_served): every bitmap and the
+  // per-region counters live in StableArrays reserved at open for an image of
+  // up to kGrowReserveBytes (or the size at open, if larger), so growing
+  // never moves them: requests, stats(), cache_status(), the background loop
+  // (write-back, checkpoints, eviction), readahead and the prefetcher read
+  // them without locks as before. nchunks_, nregions_ and size_ are atomics,
+  // published only after the storage grew and the catalogue committed the
+  // new size, and before the export's bounds (CheckedDevice) let a request
+  // reach the new space; readers that loaded the old values work on the old
+  // range. The saved_* page snapshots change under checkpoint_mutex_, which
+  // the grow holds across its commit; control_mutex_ keeps it apart from
+  // detach, set_mode, drop and close. Refused (with the reason): a detached
+  // cache, a capacity that would start eviction (EpochGuard reads
+  // capacity_chunks_ without a lock, so eviction cannot be switched on under
+  // readers), and a size beyond the reservation.
+  static constexpr uint64_t kGrowReserveBytes = uint64_t{64} << 40;  // 64 TiB
+  // Extends the cache file to new_size (and preallocates, if configured) and
+  // syncs it; 0 or the errno.
+  int extend_cache_file(uint64_t old_size, uint64_t new_size);
   // Start-up: the remote is larger than the cache's record (it grew while
   // the export was not served): extends the cache file and commits the new
   // size; throws std::runtime_error.
@@ -442,13 +477,16 @@ class CacheLayer final : public core::Layer, public core::ExportControl {
   };
   std::shared_ptr<WritebackFd> writeback_fd_;
   std::string cache_path_;
+  bool injected_file_ = false;  // Params::open_cache_file: a test's device, not a file here to extend
   unsigned chunk_shift_ = 16;
-  uint64_t nchunks_ = 0;
-  uint64_t nregions_ = 0;
+  // Atomics: they grow while served (grow_while_served); see there.
+  std::atomic<uint64_t> nchunks_{0};
+  std::atomic<uint64_t> nregions_{0};
+  std::atomic<uint64_t> size_{0};  // the image's size; geometry_.size is the size at open
 
   AtomicBitmap present_, dirty_, cleaning_, intent_, intent_persisted_, touched_;
   AtomicBitmap dirty_persisted_;  // dirty bits as last persisted
-  std::unique_ptr<std::atomic<uint32_t>[]> region_writes_;
+  StableArray<std::atomic<uint32_t>> region_writes_;
   std::array<Shard, kShards> shards_;
 
   // Last persisted words, to write only changed pages (checkpoint_mutex_).

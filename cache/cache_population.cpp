@@ -164,7 +164,7 @@ void CacheLayer::mark_remote_written(uint64_t first, uint64_t last) noexcept {
     if (!no_hole_.test(c)) no_hole_.set(c);
 }
 
-uint64_t CacheLayer::chunks_bytes(uint64_t n) const noexcept { return std::min(geometry_.size, n << chunk_shift_); }
+uint64_t CacheLayer::chunks_bytes(uint64_t n) const noexcept { return std::min(image_size(), n << chunk_shift_); }
 
 uint64_t CacheLayer::dirty_chunks() const noexcept {
   uint64_t n = 0;

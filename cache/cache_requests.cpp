@@ -401,7 +401,7 @@ Task<std::error_code> CacheLayer::durable_on_remote(uint64_t first, uint64_t las
 Task<std::error_code> CacheLayer::zero_cached(ByteRange range, IoFlags flags, bool whole_chunks_only) {
   if (whole_chunks_only) {  // trim: only what covers whole chunks, the rest is advisory
     uint64_t start = (range.offset + cfg_.chunk_size - 1) & ~(cfg_.chunk_size - 1);
-    uint64_t stop = range.end() == geometry_.size ? range.end() : range.end() & ~(cfg_.chunk_size - 1);
+    uint64_t stop = range.end() == image_size() ? range.end() : range.end() & ~(cfg_.chunk_size - 1);
     if (stop <= start) co_return std::error_code{};
     range = {start, stop - start};
   }

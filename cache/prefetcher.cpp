@@ -86,7 +86,7 @@ ControlResult Prefetcher::start(PrefetchOrder order, bool paused) {
     if (c_.capacity_chunks_)
       return {errno_code(ENOSPC), "the cache capacity of export '" + c_.name_ + "' (" +
                                       std::to_string(c_.capacity_chunks_ << c_.chunk_shift_) +
-                                      " bytes) is smaller than the image (" + std::to_string(c_.geometry_.size) +
+                                      " bytes) is smaller than the image (" + std::to_string(c_.image_size()) +
                                       " bytes): a prefetch would evict what it copies; set capacity=0 to prefetch"};
     if (c_.stopping_.load()) return {errno_code(ESHUTDOWN), "export '" + c_.name_ + "' is shutting down"};
     state_ = paused ? PrefetchState::paused : PrefetchState::running;
@@ -244,7 +244,7 @@ Task<void> Prefetcher::stop() {
 
 Task<void> Prefetcher::scan_holes() {
   if (c_.remote_caps_.extents != core::Support::native) co_return;
-  const uint64_t size = c_.geometry_.size;
+  const uint64_t size = c_.image_size();
   const uint64_t chunk = c_.cfg_.chunk_size;
   uint64_t pos = 0;
   for (int calls = 0; pos < size && calls < (1 << 20) && !stop_.load() && !c_.stopping_.load(); ++calls) {
@@ -280,7 +280,7 @@ std::vector<uint64_t> Prefetcher::hot_order() const {
     c_.log_->warn("export '{}': cannot read the access profile: {}", c_.name_, e.what());
   }
   std::vector<uint64_t> order;
-  std::vector<bool> listed(c_.nchunks_);
+  std::vector<bool> listed(c_.chunk_count());
   // The newest earlier session first (this one's own reads are in profile_
   // but are served already).
   for (const auto& p : profiles)
@@ -309,7 +309,9 @@ Task<void> Prefetcher::run(PrefetchOrder order) {
     auto profiles = co_await core::offload(c_.blocking_, [this] { return hot_order(); });
     hot = std::move(profiles);
   }
-  const uint64_t n = c_.nchunks_;
+  // Read again before each run and at the end of a pass: the image may grow
+  // while served (CacheLayer::grow_while_served).
+  uint64_t n = c_.chunk_count();
   const unsigned shift = c_.chunk_shift_;
   auto quit = [this] { return stop_.load() || c_.stopping_.load() || c_.local_.load(); };
   failures_.store(0);
@@ -346,7 +348,9 @@ Task<void> Prefetcher::run(PrefetchOrder order) {
         co_await sleep_for(std::chrono::milliseconds(std::min(5000, 100 << std::min(f, 6))));
       }
 
-      // The next absent chunk in this order.
+      // The next absent chunk in this order (of the image as it is now: it
+      // may have grown while served).
+      n = c_.chunk_count();
       uint64_t c = n;
       while (hot_i < hot.size() && c == n) {
         const uint64_t h = hot[hot_i++];
@@ -416,6 +420,7 @@ Task<void> Prefetcher::run(PrefetchOrder order) {
       wake->expires_after(std::chrono::milliseconds(5));
       co_await wake->async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
     }
+    n = c_.chunk_count();
     complete = c_.present_.find_clear(0) >= n;
   }
   sample_rate();
@@ -461,7 +466,7 @@ Task<void> Prefetcher::run(PrefetchOrder order) {
       co_return;
     }
     if (c_.local_.load()) co_return;  // detached by command meanwhile
-    const uint64_t missing = n - c_.present_.count();
+    const uint64_t missing = c_.chunk_count() - c_.present_.count();
     if (missing > 0) {
       // Chunks went missing after the copy (a writethrough trim or a failed
       // cache update drops them): fetch them again, then detach. A new copy

@@ -6,6 +6,9 @@
 #include "core/logging.hpp"
 #include "core/options.hpp"
 
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+
 #include <algorithm>
 #include <charconv>
 #include <filesystem>
@@ -76,7 +79,7 @@ StackBuilder::Built StackBuilder::build(ExportConfig cfg) {
   exp->qos = built.qos;
   exp->device = std::move(built.device);
   if (auto* retry_layer = built.retry) exp->remote_health = [retry_layer] { return retry_layer->health(); };
-  if (built.remote) built.remote->set_resize_handler(resize_handler(cfg.name, exp->device, built.cache != nullptr));
+  if (built.remote) built.remote->set_resize_handler(resize_handler(cfg.name, exp->device, built.cache));
   if (auto* cache_layer = built.cache) {
     exp->cache_status = [cache_layer](ByteRange r, ExtentList& out) { return cache_layer->cache_status(r, out); };
     exp->control = cache_layer;
@@ -97,22 +100,59 @@ stack::Context StackBuilder::context() {
 
 core::RemoteDevice::ResizeHandler StackBuilder::resize_handler(const std::string& name,
                                                               const std::shared_ptr<CheckedDevice>& device,
-                                                              bool cached) {
-  // A cache's file, block maps and catalogue record are sized when the
-  // export opens and read without locks on every request: they cannot grow
-  // under it. When the export opens again, the cache grows with the image
-  // and keeps what it holds (CacheLayer::grow_cache). An uncached export only
-  // has its bounds check to move.
-  if (cached)
-    return [name](uint64_t, uint64_t) {
-      return "export '" + name + "' has a cache, whose file and block maps cannot grow while served; re-add the "
-             "export (blockway export remove/add) or restart the daemon to serve the new size (the cache grows "
-             "with it and keeps its data, dirty data too)";
+                                                              cache::CacheLayer* cache) {
+  // An uncached export only has its bounds check to move. A cached one grows
+  // its cache first (CacheLayer::grow_while_served: the file, the catalogue
+  // record, the block maps, in place while requests go on), on the loop,
+  // not on the backend's thread that calls this; its bounds move once that
+  // is done. What the cache can tell at once that it would refuse is the
+  // answer here (the backend then keeps the old size and reports why);
+  // a later failure is logged, and the export keeps its size.
+  if (cache)
+    return [this, name, cache, weak = std::weak_ptr<CheckedDevice>(device)](uint64_t, uint64_t new_size) {
+      if (auto why = cache->grow_refusal(new_size); !why.empty()) return "export '" + name + "': " + why;
+      if (auto d = weak.lock())
+        boost::asio::co_spawn(loops_.at(0).get_executor(), grow_cached(name, std::move(d), cache, new_size),
+                              boost::asio::detached);
+      return std::string();
     };
-  return [weak = std::weak_ptr<CheckedDevice>(device)](uint64_t, uint64_t new_size) {
+  return [this, name, weak = std::weak_ptr<CheckedDevice>(device)](uint64_t, uint64_t new_size) {
     if (auto d = weak.lock()) d->grow(new_size);
+    note_clones_keep_size(name, new_size);
     return std::string();
   };
+}
+
+core::Task<void> StackBuilder::grow_cached(std::string name, std::shared_ptr<CheckedDevice> device,
+                                           cache::CacheLayer* cache, uint64_t new_size) {
+  // `device` owns the stack, the cache too: it lives until this ends.
+  const std::string why = co_await cache->grow_while_served(new_size);
+  if (!why.empty()) {
+    core::logger("daemon")->error("export '{}': the remote grew to {} bytes, but the export keeps {} bytes: {}", name,
+                                  new_size, device->geometry().size, why);
+    co_return;
+  }
+  device->grow(new_size);
+  note_clones_keep_size(name, new_size);
+}
+
+void StackBuilder::note_clones_keep_size(const std::string& base, uint64_t new_size) const {
+  // A clone's overlay (its block map and file) is sized when the clone is
+  // made and never changes: it keeps serving that size, reading its base
+  // below it, and (OverlayLayer's open) refuses to open again over a base of
+  // another size while it holds writes. Said at each grow, at warn, so
+  // nobody expects the clone to follow.
+  std::vector<std::string> names;
+  {
+    std::lock_guard lock(clones_mutex_);
+    for (const auto& [clone, entry] : clones_)
+      if (auto e = entry.first.lock(); e && e->clone_of == base) names.push_back(clone);
+  }
+  for (const auto& clone : names)
+    core::logger("daemon")->warn("export '{}' is a clone of '{}', which grew to {} bytes: a clone keeps the size it "
+                                 "was made with (and, holding writes, will not open again over the grown base: "
+                                 "remove it and make it again to use the new size)",
+                                 clone, base, new_size);
 }
 
 core::SnapshotControl* StackBuilder::snapshots_of(const std::shared_ptr<Export>& exp) const {

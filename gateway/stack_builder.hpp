@@ -106,11 +106,15 @@ class StackBuilder {
   std::optional<std::string> runtime_value(const std::string& name, const std::string& key,
                                            const std::string& config_value, std::string_view what);
   void refuse_without_its_cache(const ExportConfig& cfg);
-  // What the export does when its remote image changes size: an uncached
-  // one grows its bounds; a cached one refuses, saying why.
-  static core::RemoteDevice::ResizeHandler resize_handler(const std::string& name,
-                                                          const std::shared_ptr<core::CheckedDevice>& device,
-                                                          bool cached);
+  // What the export does when its remote image grows: an uncached one grows
+  // its bounds; a cached one grows its cache in place first (on the loop),
+  // or says at once why it cannot. Clones of it keep their size (logged).
+  core::RemoteDevice::ResizeHandler resize_handler(const std::string& name,
+                                                   const std::shared_ptr<core::CheckedDevice>& device,
+                                                   cache::CacheLayer* cache);
+  core::Task<void> grow_cached(std::string name, std::shared_ptr<core::CheckedDevice> device,
+                               cache::CacheLayer* cache, uint64_t new_size);
+  void note_clones_keep_size(const std::string& base, uint64_t new_size) const;
   // The device of a clone: an OverlayLayer over its base export's device.
   std::unique_ptr<core::BlockDevice> open_clone(const ExportConfig& cfg, const std::string& base_name,
                                                 core::Options& options, core::Export& exp,

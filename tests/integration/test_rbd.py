@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -433,9 +434,10 @@ class CacheTest(RbdTestCase):
 
 class ResizeTest(RbdTestCase):
     """`rbd resize` while the image is served: a grow reaches new clients
-    (connected ones keep the size they were told, and keep working); a
-    shrink is refused while served; a cached export keeps its size while
-    served, and its cache grows with the image when it opens again."""
+    (connected ones keep the size they were told, and keep working), cached
+    exports too (the cache grows in place, crash-safe, under fio); a shrink
+    is refused while served; a cache whose capacity would start eviction
+    keeps its size; a clone of a growing base keeps its size."""
 
     def status_of(self):
         p = harness.run([harness.BLOCKWAY, "--socket", self.csock, "status", "--json"], timeout=30)
@@ -517,68 +519,149 @@ class ResizeTest(RbdTestCase):
         self.assertIn("is 16777216 bytes again, as served", daemon.log())
         self.assertEqual(h.pread(4 * MiB, 0), data)
 
-    def test_cached_export_grows_at_restart_keeping_its_dirty_data(self):
+    def start_cached(self, uri, mode, label, options=""):
+        """blockwayd exporting `uri` as 'r' with a cache (self.path("cache"))
+        in `mode`, its catalogue in self.path("data"): the same cache for
+        every start."""
+        self.sock, self.csock = self.path(label + ".sock"), self.path(label + ".control")
+        return self.start_daemon(
+            ["--log-level", "debug", "--listen", "unix:" + self.sock, "--control-socket", self.csock,
+             "--data-dir", self.path("data"), "--export",
+             "r=%s,cache=%s,mode=%s%s" % (uri, self.path("cache"), mode, "," + options if options else "")],
+            name=label, ready_timeout=60)
+
+    def test_cached_export_grows_while_served_keeping_its_dirty_data(self):
         """A write-back cache (writeback-local: FLUSH makes data durable in
-        the cache only): data flushed before and after a grow it cannot
-        follow while served, kill -9, and a restart opens the cache at the
-        new size with all of it; data written into the new space survives
-        another kill -9, and all of it reaches the cluster on FLUSH."""
+        the cache only) grows with the image while served: new clients see
+        the new size, data flushed before and after the grow (old and new
+        space) is all there after kill -9 and a restart (no grow at the
+        restart: the cache's record grew already), and all of it reaches the
+        cluster once FLUSH writes back."""
         name = self.image(8 * MiB)
-        cache = self.path("cache")
         # exclusive=break: a restart after kill -9 takes the lock the killed
         # gateway could not release (the URI is the cache's identity: it
         # stays the same for every start).
         uri = CLUSTER.uri(name, extra="exclusive=break")
+        daemon = self.start_cached(uri, "writeback-local", "cached", "writeback-delay=3600")
+        model = bytearray(16 * MiB)
 
-        def start(mode, label):
-            self.sock, self.csock = self.path(label + ".sock"), self.path(label + ".control")
-            return self.start_daemon(
-                ["--log-level", "debug", "--listen", "unix:" + self.sock, "--control-socket", self.csock,
-                 "--data-dir", self.path("data"), "--export",
-                 "r=%s,cache=%s,mode=%s,writeback-delay=3600" % (uri, cache, mode)],
-                name=label, ready_timeout=60)
-        daemon = start("writeback-local", "cached")
+        def write(h, data, off):
+            h.pwrite(data, off)
+            model[off:off + len(data)] = data
         h = self.client()
-        before = os.urandom(4 * MiB)
-        h.pwrite(before, 0)
+        write(h, os.urandom(4 * MiB), 0)
         h.flush()
         CLUSTER.rbd("resize", "--size", "16M", "rbd/" + name)
-        self.wait_health("the image grew to 16777216 bytes; the export keeps 8388608 bytes: export 'r' has a cache")
-        self.assertIn("cannot grow while served", daemon.log())
-        self.assertEqual(self.status_of()["size"], 8 * MiB)
-        self.assertEqual(self.client().get_size(), 8 * MiB)
-        after = os.urandom(4 * MiB)
-        h.pwrite(after, 4 * MiB)
+        harness.wait_until(lambda: self.status_of()["size"] == 16 * MiB, 30, interval=0.1,
+                           what="the cached export to grow")
+        self.assertIn("grows with it, keeping what it holds", daemon.log())
+        self.assertNotIn("grew", self.remote_status()["health"])
+        self.assertEqual(h.get_size(), 8 * MiB, "NBD cannot tell a connected client: it keeps its size")
+        new = self.client()
+        self.assertEqual(new.get_size(), 16 * MiB)
+        self.assertEqual(new.pread(8 * MiB, 8 * MiB), bytes(8 * MiB), "the new space is fetched: zeroes")
+        write(h, os.urandom(4 * MiB), 4 * MiB)      # the old space, by the old client
+        write(new, os.urandom(3 * MiB), 10 * MiB)   # the new space
+        write(new, os.urandom(MiB), 15 * MiB)       # up to the new end
+        write(new, os.urandom(4096), 8 * MiB - 2048)  # across the old end
+        new.flush()
         h.flush()
-        self.assertEqual(h.pread(8 * MiB, 0), before + after)
-        self.assertEqual(self.export(name)[:8 * MiB], b"\0" * 8 * MiB, "written back before the kill")
+        self.assertEqual(new.pread(16 * MiB, 0), bytes(model))
+        self.assertEqual(self.export(name), bytes(16 * MiB), "writeback-local: nothing written back yet")
+        stats = json.loads(harness.run([harness.BLOCKWAY, "--socket", self.csock, "stats", "r", "--json"],
+                                       timeout=30).stdout)
+        self.assertEqual(stats["size"], 16 * MiB)
         daemon.send_signal(signal.SIGKILL)
         daemon.wait(10)
 
-        daemon = start("writeback-local", "cached2")
-        self.assertIn("the remote grew from 8388608 to 16777216 bytes", daemon.log())
+        daemon = self.start_cached(uri, "writeback-local", "cached2")
+        self.assertNotIn("the remote grew from", daemon.log(), "the record grew while served")
         h = self.client()
         self.assertEqual(h.get_size(), 16 * MiB)
-        self.assertEqual(h.pread(8 * MiB, 0), before + after)
-        self.assertEqual(h.pread(8 * MiB, 8 * MiB), b"\0" * 8 * MiB)
-        tail = os.urandom(2 * MiB)
-        h.pwrite(tail, 12 * MiB)
-        h.flush()
+        self.assertEqual(h.pread(16 * MiB, 0), bytes(model))
         daemon.send_signal(signal.SIGKILL)
         daemon.wait(10)
 
         # writeback: FLUSH now writes everything back to the cluster.
-        daemon = start("writeback", "cached3")
-        self.assertNotIn("grew", daemon.full_log())
+        self.start_cached(uri, "writeback", "cached3")
         h = self.client()
-        self.assertEqual(h.get_size(), 16 * MiB)
-        self.assertEqual(h.pread(8 * MiB, 0), before + after)
-        self.assertEqual(h.pread(2 * MiB, 12 * MiB), tail)
+        self.assertEqual(h.pread(16 * MiB, 0), bytes(model))
         h.flush()
-        image = self.export(name)
-        self.assertEqual(len(image), 16 * MiB)
-        self.assertEqual(image[:8 * MiB], before + after)
-        self.assertEqual(image[12 * MiB:14 * MiB], tail)
+        self.assertEqual(self.export(name), bytes(model))
+
+    @unittest.skipUnless(harness.have("fio"), "fio missing")
+    def test_cached_export_grows_under_fio_verify(self):
+        """fio writes and verifies at QD16 through a write-back cache while
+        the image grows: no error, verify passes, and the new space works
+        for a new client."""
+        name = self.image(16 * MiB)
+        daemon = self.start_cached(CLUSTER.uri(name), "writeback", "fio")
+        # --rate_iops: about 7 s of writes, so the grow lands in the middle.
+        fio = subprocess.Popen(
+            ["fio", "--name=v", "--ioengine=nbd", "--uri=" + self.unix_uri("r"), "--rw=randwrite", "--bs=4k",
+             "--iodepth=16", "--size=%d" % (16 * MiB), "--rate_iops=600", "--verify=crc32c",
+             "--verify_fatal=1", "--do_verify=1", "--randseed=7"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=self.tmp)
+        try:
+            time.sleep(1)
+            self.assertIsNone(fio.poll(), "fio ended before the grow")
+            CLUSTER.rbd("resize", "--size", "40M", "rbd/" + name)
+            harness.wait_until(lambda: self.status_of()["size"] == 40 * MiB, 30, interval=0.1,
+                               what="the cached export to grow")
+            self.assertIsNone(fio.poll(), "fio ended before the export grew")
+            out, err = fio.communicate(timeout=60)
+        finally:
+            if fio.poll() is None:
+                fio.kill()
+                fio.wait()
+        self.assertEqual(fio.returncode, 0, (out + err).decode(errors="replace")[-3000:])
+        self.assertIn("grows with it", daemon.log())
+        h = self.client()
+        self.assertEqual(h.get_size(), 40 * MiB)
+        tail = os.urandom(MiB)
+        h.pwrite(tail, 39 * MiB)
+        h.flush()
+        self.assertEqual(h.pread(MiB, 39 * MiB), tail)
+        self.assertEqual(self.export(name)[39 * MiB:], tail)
+
+    def test_cached_export_with_a_capacity_below_the_new_size_keeps_its_size(self):
+        """Eviction cannot start under requests in flight: a cache whose
+        capacity held the image, but not the grown one, refuses the grow,
+        and says so in the remote's health and the log."""
+        name = self.image(8 * MiB)
+        daemon = self.start_cached(CLUSTER.uri(name), "writeback", "cap", "capacity=12M")
+        h = self.client()
+        data = os.urandom(MiB)
+        h.pwrite(data, 0)
+        CLUSTER.rbd("resize", "--size", "16M", "rbd/" + name)
+        self.wait_health("the image grew to 16777216 bytes; the export keeps 8388608 bytes: export 'r': its cache "
+                         "capacity (12582912 bytes) is smaller than the new size")
+        self.assertIn("eviction cannot start under requests in flight", daemon.log())
+        self.assertEqual(self.status_of()["size"], 8 * MiB)
+        self.assertEqual(self.client().get_size(), 8 * MiB)
+        self.assertEqual(h.pread(MiB, 0), data)
+
+    def test_a_clone_of_a_growing_cached_base_keeps_its_size(self):
+        """The base grows; its clone (an overlay sized when it was made)
+        keeps its size and goes on working, and the log says so."""
+        name = self.image(8 * MiB)
+        self.sock, self.csock = self.path("clone.sock"), self.path("clone.control")
+        daemon = self.start_daemon(
+            ["--log-level", "debug", "--listen", "unix:" + self.sock, "--control-socket", self.csock,
+             "--data-dir", self.path("data"), "--export",
+             "r=%s,cache=%s,mode=writeback" % (CLUSTER.uri(name), self.path("cache")),
+             "--export", "c=clone:r,overlay=" + self.path("overlays")], name="clone", ready_timeout=60)
+        c = self.connect(self.unix_uri("c"))
+        mine = os.urandom(MiB)
+        c.pwrite(mine, MiB)
+        CLUSTER.rbd("resize", "--size", "16M", "rbd/" + name)
+        harness.wait_until(lambda: self.status_of()["size"] == 16 * MiB, 30, interval=0.1,
+                           what="the base to grow")
+        harness.wait_until(lambda: "export 'c' is a clone of 'r', which grew to 16777216 bytes" in daemon.log(),
+                           10, what="the clone's note in the log")
+        self.assertEqual(self.connect(self.unix_uri("c")).get_size(), 8 * MiB)
+        self.assertEqual(c.pread(MiB, MiB), mine)
+        self.assertEqual(self.client().get_size(), 16 * MiB)
 
 
 class StartupErrorTest(RbdTestCase):

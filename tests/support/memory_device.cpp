@@ -187,6 +187,13 @@ std::vector<std::byte> MemoryDevice::contents(uint64_t offset, uint64_t length) 
           data_.begin() + static_cast<std::ptrdiff_t>(offset + length)};
 }
 
+void MemoryDevice::grow(uint64_t size) {
+  std::lock_guard lock(mutex_);
+  if (size <= data_.size()) return;
+  data_.resize(size);
+  geometry_.size = size;
+}
+
 void MemoryDevice::fill(uint64_t offset, uint64_t length, std::byte value) {
   std::lock_guard lock(mutex_);
   std::fill_n(data_.begin() + static_cast<std::ptrdiff_t>(offset), length, value);

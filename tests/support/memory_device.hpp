@@ -54,7 +54,10 @@ class MemoryDevice final : public core::BlockDevice {
   MemoryDevice(core::Geometry geometry, core::Capabilities caps);
   ~MemoryDevice() override;
 
-  [[nodiscard]] core::Geometry geometry() const noexcept override { return geometry_; }
+  [[nodiscard]] core::Geometry geometry() const noexcept override {
+    std::lock_guard lock(mutex_);
+    return geometry_;
+  }
   [[nodiscard]] core::Capabilities capabilities() const noexcept override { return caps_; }
   [[nodiscard]] std::string describe() const override { return "memory"; }
 
@@ -77,6 +80,9 @@ class MemoryDevice final : public core::BlockDevice {
   // blocksize-policy filter does): the partial final block of an image
   // whose size is off the grid cannot be reached.
   void refuse_partial_blocks(bool on);
+  // The image grows to `size` bytes (never shrinks), the new ones zero: an
+  // rbd resize or truncate -s under a served export.
+  void grow(uint64_t size);
   // Native block_status appends exactly these extents (default: one data extent).
   void set_extents(core::ExtentList extents);
   // Closes or opens the gate of `op`: while closed, calls wait before doing anything.
