@@ -242,7 +242,8 @@ report = ["# Seed experiment: cache vs remote vs local (bench/seeds/cache_remote
     ["- " + l for l in machine] + ["- " + b.load_line(), "", "## Results (median)", ""] + table + \
     ["", "## Ratios", ""] + ttable + ["", f"![chart]({os.path.basename(png)})", "", "## All runs", ""] + b.all_runs_table()
 section = [
-    "### Seed experiment: cache vs remote vs local: `bench/seeds/cache_remote_local.py`", "",
+    "### Seed experiment: cache vs remote vs local: `bench/seeds/cache_remote_local.py`" +
+    (f" (BENCH_ONLY={','.join(ONLY)}" + (", BENCH_BASE" if BASE else "") + ")" if ONLY else ""), "",
     f"Run {machine[0][6:]}, {b.reps} rounds, {b.size_mib} MiB image, {b.load_line()}. "
     f"Remote: nbdkit file + delay filter ({DELAY} read and write) on loopback; each column a fresh "
     "blockwayd (`remote`: no cache; `empty`/`warm`: cache, writethrough; `writeback-local`: fresh cache; "
