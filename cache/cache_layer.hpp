@@ -203,6 +203,9 @@ class CacheLayer final : public core::Layer, public core::ExportControl {
   // Why grow_while_served(new_size) would refuse, as far as can be told now
   // without waiting (empty: it would try); any thread, no locks.
   [[nodiscard]] std::string grow_refusal(uint64_t new_size) const;
+  // Deferred fills (write-back modes) at a time; past it, a write that covers
+  // an absent chunk in part fetches the chunk first.
+  static constexpr uint64_t kMaxDeferred = 64;
 
  private:
   // read() flag (never from a client, who reaches this layer through the
@@ -236,8 +239,12 @@ class CacheLayer final : public core::Layer, public core::ExportControl {
   core::Task<std::error_code> populate(uint64_t first, uint64_t last);
   // Claims the absent chunks of [first, last] for the caller (all of them
   // with present_too), waiting for other claimers; returns the claimed chunks.
+  // With `deferred_seen`, a chunk held by a deferred fill (below) is not
+  // waited for but noted there, for the caller to join.
+  using DeferredSeen = std::vector<std::pair<uint64_t, std::shared_ptr<Fill>>>;
   core::Task<std::pair<std::shared_ptr<Fill>, std::vector<uint64_t>>> claim(uint64_t first, uint64_t last,
-                                                                              bool present_too = false);
+                                                                              bool present_too = false,
+                                                                              DeferredSeen* deferred_seen = nullptr);
   void release(const std::shared_ptr<Fill>& fill, const std::vector<uint64_t>& chunks, std::error_code ec);
   // True if every chunk of [first, last] is present or in `mine` (sorted).
   [[nodiscard]] bool chunks_ready(uint64_t first, uint64_t last, const std::vector<uint64_t>& mine) const noexcept;
@@ -250,6 +257,36 @@ class CacheLayer final : public core::Layer, public core::ExportControl {
   // pooled buffer), so the reply needs no read of the cache file afterwards.
   core::Task<std::error_code> fetch_run(uint64_t first, uint64_t last, core::IoFlags flags = 0,
                                         std::span<std::byte> out = {}, uint64_t out_offset = 0);
+  // Reads [offset, offset + into.size()) from the remote in max_transfer pieces.
+  core::Task<std::error_code> fetch_bytes(std::span<std::byte> into, uint64_t offset, core::IoFlags flags);
+
+  // Deferred fills (cache/cache_deferred_fill.cpp): in the write-back modes a
+  // write that covers an absent chunk only in part writes its bytes at once
+  // and is answered; the chunk's fetch runs behind it and fills only the
+  // bytes no write covered, then the chunk becomes present and dirty.
+  // Under the claim of `mine` (sorted): the absent chunks at either end of
+  // `range` that it covers only in part and may be deferred (budget taken).
+  std::vector<uint64_t> deferrable_ends(core::ByteRange range, const std::vector<uint64_t>& mine);
+  // Joins every fill of `seen` for `range` (all or none); returns the first
+  // one that is completing, if any (then wait for its done and try again).
+  std::shared_ptr<Fill> join_deferred(const DeferredSeen& seen, core::ByteRange range);
+  // Turns the claimed chunks `defer` into deferred fills joined by the caller
+  // for `range`, appending them to `joined`, and starts their fetches.
+  void start_deferred(const std::vector<uint64_t>& defer, const std::shared_ptr<Fill>& claim_fill,
+                      core::ByteRange range, DeferredSeen& joined);
+  void leave_deferred(const DeferredSeen& joined, std::error_code ec);
+  // The fill's fetch (tried again until it works, writes cover the chunk or
+  // the layer stops); then, or when the last joined write leaves after it,
+  // complete_deferred() merges the chunk and releases the claim.
+  core::Task<void> run_deferred(uint64_t c, std::shared_ptr<Fill> pf);
+  core::Task<void> complete_deferred(uint64_t c, std::shared_ptr<Fill> pf);
+  void spawn_deferred(core::Task<void> task, uint64_t c);
+  // Waits until every deferred fill of chunks [first, last] that exists now
+  // has completed; EIO if one of them failed its fetch meanwhile (it goes on
+  // trying, the written bytes stay) or a deferred fill lost its writes.
+  core::Task<std::error_code> settle_deferred(uint64_t first, uint64_t last);
+  std::atomic<uint64_t> deferred_{0};      // deferred fills running (and budget taken)
+  std::atomic<bool> deferred_loss_{false};  // a deferred fill gave up: the next FLUSH fails
   void start_readahead(uint64_t after);
 
   // Write-intent for the regions of chunks [first, last], persisted before
@@ -280,6 +317,12 @@ class CacheLayer final : public core::Layer, public core::ExportControl {
   core::Task<std::error_code> write_through(std::span<const std::byte> buf, uint64_t offset,
                                                core::IoFlags flags);
   core::Task<std::error_code> zero_cached(core::ByteRange range, core::IoFlags flags, bool whole_chunks_only);
+  // A write-back mode's write or zero of `range` into the cache file (done by
+  // `change`, under the claims and joins it needs): `what` names the request
+  // in errors, `partly`/`verb` the rest ("written"/"writing").
+  core::Task<std::error_code> change_cached(core::ByteRange range, core::IoFlags flags, const char* what,
+                                            const char* partly, const char* verb,
+                                            const std::function<core::Task<std::error_code>()>& change);
   // After a writethrough change reached the remote but not the cache file:
   // drops the clean chunks of [first, last] (fetched again when read). Dirty
   // ones (inherited from a write-back mode) cannot be dropped without losing
@@ -451,8 +494,9 @@ class CacheLayer final : public core::Layer, public core::ExportControl {
   // After a write or zero of chunks [first, last] into the cache file under
   // the claim of `mine`: dirty and present when it worked, else the clean
   // chunks it touched leave the cache.
-  void settle_cache_change(uint64_t first, uint64_t last, const std::vector<uint64_t>& mine,
-                           std::error_code ec) noexcept;
+  // Chunks in `deferred` (sorted) are left alone: their deferred fill settles them.
+  void settle_cache_change(uint64_t first, uint64_t last, const std::vector<uint64_t>& mine, std::error_code ec,
+                           const std::vector<uint64_t>& deferred = {}) noexcept;
   // Access profile: the first read of each chunk in this session.
   void record_first_reads(uint64_t first, uint64_t last);
   void open_cache_file();

@@ -10,6 +10,7 @@
 #include "cache/cache_layer.hpp"
 #include "cache/catalogue_call.hpp"
 
+#include "core/buffer_pool.hpp"
 #include "core/logging.hpp"
 #include "core/shared_event.hpp"
 #include "core/task.hpp"
@@ -26,6 +27,9 @@
 #include <string>
 #include <cstring>
 #include <exception>
+#include <mutex>
+#include <utility>
+#include <vector>
 
 namespace blockway::cache {
 
@@ -64,7 +68,22 @@ inline std::string human_bytes(uint64_t n) {
 }
 
 struct CacheLayer::Fill {
+  // A deferred fill's state (cache_deferred_fill.cpp), under `mutex`.
+  struct Deferred {
+    std::mutex mutex;
+    std::vector<std::pair<uint32_t, uint32_t>> written;  // [lo, hi) in the chunk, sorted, disjoint
+    int writers = 0;      // joined writes whose bytes may not be in the cache file yet
+    bool closed = false;  // the fetch ended: no more joins; the last writer out completes
+    bool fetched = false;  // `data` holds the remote's chunk
+    std::error_code fetch_ec;  // the last fetch's error, when not fetched
+    core::IoBuffer data;
+    std::shared_ptr<core::SharedEvent> attempt;  // the current fetch: set with its error, or at the end
+    [[nodiscard]] bool covers(uint64_t len) const noexcept {
+      return written.size() == 1 && written[0].first == 0 && written[0].second >= len;
+    }
+  };
   core::SharedEvent done;
+  std::unique_ptr<Deferred> deferred;  // set for a deferred fill
 };
 
 // Counts writes in progress per region while it lives, and marks the regions

@@ -239,7 +239,8 @@ Task<core::ControlResult> CacheLayer::set_mode(std::string_view mode_name) {
     // (dirtied during the first pass), with requests flowing. New writes go to the remote and dirty nothing
     // (write-back and writethrough writes exclude each other by the chunk
     // claim), so this ends; only a failed write-back dirties chunks again.
-    std::error_code ec;
+    // Deferred fills from before the switch end dirty: settle them first.
+    std::error_code ec = co_await settle_deferred(0, nchunks_ - 1);
     for (int round = 0; round < kSwitchAttempts && !ec && dirty_chunks() > 0 && !stopping_.load(); ++round)
       ec = co_await write_back_durably(0, nchunks_ - 1);
     if (ec || dirty_chunks() > 0) {

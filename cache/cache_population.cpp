@@ -18,7 +18,8 @@ namespace blockway::cache {
 
 Task<std::pair<std::shared_ptr<CacheLayer::Fill>, std::vector<uint64_t>>> CacheLayer::claim(uint64_t first,
                                                                                              uint64_t last,
-                                                                                             bool present_too) {
+                                                                                             bool present_too,
+                                                                                             DeferredSeen* deferred_seen) {
   std::shared_ptr<Fill> fill;  // allocated on the first claim: hits need none
   std::vector<uint64_t> mine;
   uint64_t c = first;
@@ -41,6 +42,13 @@ Task<std::pair<std::shared_ptr<CacheLayer::Fill>, std::vector<uint64_t>>> CacheL
         else if (it->second != fill)
           other = it->second;
       }
+    }
+    if (other && deferred_seen && other->deferred) {
+      // A deferred fill: the caller (a write) joins it instead of waiting.
+      if (std::none_of(deferred_seen->begin(), deferred_seen->end(), [&](const auto& e) { return e.first == c; }))
+        deferred_seen->emplace_back(c, std::move(other));
+      ++c;
+      continue;
     }
     if (other) {
       // Then look at chunk c again. The wait does not own the other Fill, so
@@ -84,17 +92,7 @@ Task<std::error_code> CacheLayer::fetch_run(uint64_t first, uint64_t last, core:
     own = core::IoBuffer(len);  // pooled: warm pages, no faults
     into = own.span();
   }
-  const uint64_t step = std::max<uint64_t>(geometry_.max_transfer / geometry_.min_block * geometry_.min_block,
-                                           geometry_.min_block);
-  for (uint64_t done = 0; done < len;) {
-    const uint64_t n = std::min(step, len - done);
-    if (auto ec = co_await next().read(into.subspan(done, n), off + done, flags)) {
-      fetch_errors_.fetch_add(1, std::memory_order_relaxed);
-      log_->debug("export '{}': fetch of {} bytes at {} failed: {}", name_, n, off + done, ec.message());
-      co_return ec;
-    }
-    done += n;
-  }
+  if (auto ec = co_await fetch_bytes(into, off, flags)) co_return ec;
   // The chunk becomes present only once the cache file holds its bytes (a
   // reader waiting on the claim then reads them there): the write stays
   // before present_.set, as the checkpoint's ordering needs (DESIGN.md,
@@ -108,6 +106,21 @@ Task<std::error_code> CacheLayer::fetch_run(uint64_t first, uint64_t last, core:
     std::memcpy(out.data(), into.data() + (out_offset - off), out.size());
   for (uint64_t c = first; c <= last; ++c) present_.set(c);
   fetched_.fetch_add(len, std::memory_order_relaxed);
+  co_return std::error_code{};
+}
+
+Task<std::error_code> CacheLayer::fetch_bytes(std::span<std::byte> into, uint64_t off, core::IoFlags flags) {
+  const uint64_t step = std::max<uint64_t>(geometry_.max_transfer / geometry_.min_block * geometry_.min_block,
+                                           geometry_.min_block);
+  for (uint64_t done = 0; done < into.size();) {
+    const uint64_t n = std::min<uint64_t>(step, into.size() - done);
+    if (auto ec = co_await next().read(into.subspan(done, n), off + done, flags)) {
+      fetch_errors_.fetch_add(1, std::memory_order_relaxed);
+      log_->debug("export '{}': fetch of {} bytes at {} failed: {}", name_, n, off + done, ec.message());
+      co_return ec;
+    }
+    done += n;
+  }
   co_return std::error_code{};
 }
 

@@ -11,6 +11,9 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <functional>
+#include <iterator>
+#include <string>
 
 namespace blockway::cache {
 namespace {
@@ -88,6 +91,22 @@ Task<std::error_code> CacheLayer::read(std::span<std::byte> buf, uint64_t offset
       if (!other) {  // nobody fills it: this read will
         waited = false;
         break;
+      }
+      if (other->deferred) {
+        // A chunk written in part whose fetch runs behind the writes: wait
+        // for the fetch's next outcome; a failed one fails this read (the
+        // fill goes on trying).
+        std::shared_ptr<core::SharedEvent> attempt;
+        {
+          std::lock_guard lock(other->deferred->mutex);
+          attempt = other->deferred->attempt;
+        }
+        other.reset();
+        auto waiting = core::SharedEvent::wait_unowned(std::move(attempt));
+        if (auto ec = co_await std::move(waiting))
+          co_return request_failed("read", buf.size(), offset, "fetching from the remote", ec);
+        waited = true;
+        continue;
       }
       // Not owning the Fill while waiting (see SharedEvent::wait_unowned).
       core::SharedEvent* done = &other->done;
@@ -179,9 +198,10 @@ Task<std::error_code> CacheLayer::fetch_partial_ends(ByteRange range, const std:
 }
 
 void CacheLayer::settle_cache_change(uint64_t first, uint64_t last, const std::vector<uint64_t>& mine,
-                                     std::error_code ec) noexcept {
+                                     std::error_code ec, const std::vector<uint64_t>& deferred) noexcept {
   if (!ec) {
-    for (uint64_t c = first; c <= last; ++c) dirty_.set(c);
+    for (uint64_t c = first; c <= last; ++c)
+      if (!std::binary_search(deferred.begin(), deferred.end(), c)) dirty_.set(c);
     for (uint64_t c : mine) present_.set(c);
     return;
   }
@@ -196,35 +216,78 @@ void CacheLayer::settle_cache_change(uint64_t first, uint64_t last, const std::v
 }
 
 Task<std::error_code> CacheLayer::write_cached(std::span<const std::byte> buf, uint64_t offset, IoFlags flags) {
-  const uint64_t end = offset + buf.size();
-  const uint64_t first = chunk_of(offset), last = chunk_of(end - 1);
+  const std::function<Task<std::error_code>()> change = [&] { return cache_file_->write(buf, offset, 0); };
+  co_return co_await change_cached({offset, buf.size()}, flags, "write", "written", "writing", change);
+}
+
+Task<std::error_code> CacheLayer::change_cached(ByteRange range, IoFlags flags, const char* what, const char* partly,
+                                                const char* verb,
+                                                const std::function<Task<std::error_code>()>& change) {
+  const uint64_t first = chunk_of(range.offset), last = chunk_of(range.end() - 1);
+  auto failed = [&](const std::string& where, std::error_code ec) {
+    return request_failed(what, range.length, range.offset, where.c_str(), ec);
+  };
   RegionWrites guard(*this, first, last);
-  if (auto ec = co_await ensure_intent(first, last)) co_return request_failed("write", buf.size(), offset, "persisting the write intent", ec);
+  if (auto ec = co_await ensure_intent(first, last)) co_return failed("persisting the write intent", ec);
   std::error_code ec;
-  for (int attempt = 0;; ++attempt) {
+  bool joined_any = false;
+  for (int attempt = 0;;) {
     // Absent chunks are claimed (no fill may store older bytes over this
-    // write); present ones only after two rounds lost one of them to
-    // eviction, and then no eviction can take them.
-    auto [fill, mine] = co_await claim(first, last, attempt >= kClaimAllAfter);
-    if (auto pec = co_await fetch_partial_ends({offset, buf.size()}, mine)) {
+    // change); present ones only after two rounds lost one of them to
+    // eviction, and then no eviction can take them. Chunks with a deferred
+    // fill (cache_deferred_fill.cpp) are joined, not waited for.
+    DeferredSeen seen;
+    auto [fill, mine] = co_await claim(first, last, attempt >= kClaimAllAfter, &seen);
+    // Absent chunks at either end that the change covers in part: deferred
+    // while the budget lasts (fetched behind it), else fetched first.
+    const auto defer = deferrable_ends(range, mine);
+    std::vector<uint64_t> fetch_first;
+    std::set_difference(mine.begin(), mine.end(), defer.begin(), defer.end(), std::back_inserter(fetch_first));
+    if (auto pec = co_await fetch_partial_ends(range, fetch_first)) {
+      deferred_.fetch_sub(defer.size(), std::memory_order_acq_rel);
       release(fill, mine, pec);
-      co_return request_failed("write", buf.size(), offset, "fetching the rest of a partly written chunk", pec);
+      co_return failed(std::string("fetching the rest of a partly ") + partly + " chunk", pec);
     }
     bool done = false;
+    std::shared_ptr<Fill> busy;  // a deferred fill that closed before this change could join it
     {
       EpochGuard guard(*this);
       // Eviction may have taken a chunk since it was checked: then start over.
-      done = chunks_ready(first, last, mine);
+      std::vector<uint64_t> held = mine;
+      for (const auto& e : seen) held.push_back(e.first);
+      std::sort(held.begin(), held.end());
+      done = chunks_ready(first, last, held);
+      if (done && !seen.empty() && (busy = join_deferred(seen, range))) done = false;
       if (done) {
-        ec = co_await cache_file_->write(buf, offset, 0);
-        settle_cache_change(first, last, mine, ec);
+        DeferredSeen joined = std::move(seen);
+        start_deferred(defer, fill, range, joined);
+        std::vector<uint64_t> pending;
+        for (const auto& e : joined) pending.push_back(e.first);
+        std::erase_if(mine, [&](uint64_t c) { return std::binary_search(defer.begin(), defer.end(), c); });
+        ec = co_await change();
+        settle_cache_change(first, last, mine, ec, pending);
+        leave_deferred(joined, ec);
+        joined_any = !joined.empty();
       }
     }
+    if (!done) deferred_.fetch_sub(defer.size(), std::memory_order_acq_rel);  // not started
     release(fill, mine, ec);
     if (done) break;
+    if (busy) {
+      core::SharedEvent* ev = &busy->done;
+      auto waiting = core::SharedEvent::wait_unowned(std::shared_ptr<core::SharedEvent>(std::move(busy), ev));
+      (void)co_await std::move(waiting);
+    } else {
+      ++attempt;
+    }
   }
-  if (ec) co_return request_failed("write", buf.size(), offset, "writing the cache file", ec);
-  if (flags & core::kFua) co_return co_await make_durable(first, last);
+  if (ec) co_return failed(std::string(verb) + " the cache file", ec);
+  if (flags & core::kFua) {
+    if (joined_any)
+      if (auto sec = co_await settle_deferred(first, last))
+        co_return failed(std::string("fetching the rest of a partly ") + partly + " chunk", sec);
+    co_return co_await make_durable(first, last);
+  }
   co_return std::error_code{};
 }
 
@@ -365,6 +428,9 @@ Task<std::error_code> CacheLayer::flush() {
     co_await wait_for_switch();
   if (local_.load(std::memory_order_acquire)) co_return co_await cache_file_->flush();
   const uint64_t last = nchunks_ ? nchunks_ - 1 : 0;
+  // Chunks written in part before this FLUSH become present and dirty first.
+  if (auto ec = co_await settle_deferred(0, last))
+    co_return request_failed("flush", 0, 0, "fetching the rest of a partly written chunk", ec);
   switch (mode()) {
     case WriteMode::writethrough: co_return co_await durable_on_remote(0, last, true);
     case WriteMode::writeback_local:
@@ -405,33 +471,9 @@ Task<std::error_code> CacheLayer::zero_cached(ByteRange range, IoFlags flags, bo
     if (stop <= start) co_return std::error_code{};
     range = {start, stop - start};
   }
-  const uint64_t first = chunk_of(range.offset), last = chunk_of(range.end() - 1);
-  RegionWrites guard(*this, first, last);
-  const char* what = whole_chunks_only ? "trim" : "write-zeroes";
-  if (auto ec = co_await ensure_intent(first, last))
-    co_return request_failed(what, range.length, range.offset, "persisting the write intent", ec);
-  std::error_code ec;
-  for (int attempt = 0;; ++attempt) {
-    auto [fill, mine] = co_await claim(first, last, attempt >= kClaimAllAfter);  // as write_cached
-    if (auto pec = co_await fetch_partial_ends(range, mine)) {
-      release(fill, mine, pec);
-      co_return request_failed(what, range.length, range.offset, "fetching the rest of a partly zeroed chunk", pec);
-    }
-    bool done = false;
-    {
-      EpochGuard guard(*this);
-      done = chunks_ready(first, last, mine);
-      if (done) {
-        ec = co_await zero_cache_file(range, flags);
-        settle_cache_change(first, last, mine, ec);
-      }
-    }
-    release(fill, mine, ec);
-    if (done) break;
-  }
-  if (ec) co_return request_failed(what, range.length, range.offset, "zeroing the cache file", ec);
-  if (flags & core::kFua) co_return co_await make_durable(first, last);
-  co_return std::error_code{};
+  const std::function<Task<std::error_code>()> change = [&] { return zero_cache_file(range, flags); };
+  co_return co_await change_cached(range, flags, whole_chunks_only ? "trim" : "write-zeroes", "zeroed", "zeroing",
+                                   change);
 }
 
 Task<std::error_code> CacheLayer::zero(ByteRange range, IoFlags flags) {

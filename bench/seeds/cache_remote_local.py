@@ -34,8 +34,12 @@ writeback-local cache >= 0.8x the local ceiling.
 Knobs (bench/lib.sh): BENCH_QUICK, BENCH_REPS (3), BENCH_RUNTIME (8 s),
 BENCH_SIZE_MIB (512; 64 quick), BENCH_DELAY (1ms), BLOCKWAYD, BENCH_TMPDIR;
 BENCH_BASE=BINARY: a second blockwayd build (before a change) also runs the
-cold nbdcopy read in every round, right after BLOCKWAYD's (`empty cache,
-base build`), so a before/after pair meets the same load.
+cold nbdcopy read and the first sequential 4k writes in every round, each
+right after BLOCKWAYD's (`empty cache, base build`), so a before/after pair
+meets the same load. BENCH_ONLY=CONFIG,... runs only those configurations
+(of remote, cold, cold-nbdcopy, cold-rand, wbl-rand, wbl-seq, local; the
+base ones come with BENCH_BASE) and reports to seeds-cache-only.md and the
+seeds:cache-only section instead, leaving the full table alone.
 Writes bench/results/seeds-cache.md and .png and the seeds:cache section of
 BENCHMARKS.md (quick runs: *-quick files, BENCHMARKS.md untouched).
 """
@@ -151,14 +155,26 @@ def config(rnd, name):
         bw, uri = start_bw(name, ruri + ",cache=CACHE,mode=writeback-local")
         b.record("wbl", "seq4k_write", rnd, b.fio(uri, "write", "4k", timed=False)[1])
         stop(bw)
+    elif name == "wbl-seq-base":
+        bw, uri = start_bw(name, ruri + ",cache=CACHE,mode=writeback-local", BASE)
+        b.record("wbl-base", "seq4k_write", rnd, b.fio(uri, "write", "4k", timed=False)[1])
+        stop(bw)
     stop(rem)
     subprocess.run(["rm", "-rf", os.path.join(b.tmp, name)])
     subprocess.run(["sync"])   # flush dirty pages now, not in the next test
 
 
 CONFIGS = ["remote", "cold", "cold-nbdcopy", "cold-rand", "wbl-rand", "wbl-seq", "local"]
+ONLY = [c for c in os.environ.get("BENCH_ONLY", "").split(",") if c]
+for c in ONLY:
+    if c not in CONFIGS:
+        die(f"BENCH_ONLY: unknown configuration {c!r} (of {', '.join(CONFIGS)})")
+if ONLY:
+    CONFIGS = [c for c in CONFIGS if c in ONLY]
 if BASE:
-    CONFIGS.insert(CONFIGS.index("cold-nbdcopy") + 1, "cold-nbdcopy-base")
+    for c in ("cold-nbdcopy", "wbl-seq"):
+        if c in CONFIGS:
+            CONFIGS.insert(CONFIGS.index(c) + 1, c + "-base")
 for rnd in range(1, b.reps + 1):
     b.note_load()
     for c in CONFIGS:
@@ -172,6 +188,8 @@ WHO = [("remote", "remote, no cache"), ("cold", "empty cache"), ("warm", "warm c
        ("wbl", "empty cache, writeback-local"), ("local", "local file")]
 if BASE:
     WHO.insert(2, ("cold-base", "empty cache, base build"))
+    WHO.insert(WHO.index(("wbl", "empty cache, writeback-local")) + 1,
+               ("wbl-base", "empty cache, writeback-local, base build"))
 TESTS = [("seq4k_read", "seq 4k read MB/s (fio QD16, one pass)"),
          ("seq_read", "seq read MB/s (nbdcopy, one pass)"),
          ("rand4k_read", "rand 4k read IOPS (fio QD16)"),
@@ -195,6 +213,10 @@ for t, label in TESTS:
 TARGETS = [("cold seq 4k read / remote without cache", ("cold", "seq4k_read"), ("remote", "seq4k_read"), 0.8),
            ("first rand 4k writes, writeback-local / local file", ("wbl", "rand4k_write"), ("local", "rand4k_write"), 0.8),
            ("first seq 4k writes, writeback-local / local file", ("wbl", "seq4k_write"), ("local", "seq4k_write"), 0.8),
+           ("first seq 4k writes, writeback-local, base build / local file", ("wbl-base", "seq4k_write"),
+            ("local", "seq4k_write"), None),
+           ("first seq 4k writes, writeback-local, this build / base build", ("wbl", "seq4k_write"),
+            ("wbl-base", "seq4k_write"), None),
            ("cold seq read (nbdcopy) / remote without cache", ("cold", "seq_read"), ("remote", "seq_read"), 0.8),
            ("cold seq read (nbdcopy), base build / remote without cache", ("cold-base", "seq_read"),
             ("remote", "seq_read"), None),
@@ -210,7 +232,8 @@ for label, x, y, goal in TARGETS:
     res = "–" if goal is None else ("met" if r >= goal else "missed")
     ttable.append(f"| {label} | {r:.2f}x | {pr:.2f}x | {'≥ ' + str(goal) + 'x' if goal else '–'} | {res} |")
 
-png = b.out_name("png")
+OUT = "cache-only" if ONLY else None   # BENCH_ONLY: its own report and section
+png = b.out_name("png", OUT)
 bar_chart(png, f"blockwayd cache vs remote ({DELAY} delay) vs local file, {b.size_mib} MiB, medians of {b.reps}",
           [(label, label.split(" (")[0].split()[-1], [(w[1], b.med(w[0], t)) for w in WHO if b.med(w[0], t) is not None])
            for t, label in TESTS])
@@ -219,11 +242,12 @@ report = ["# Seed experiment: cache vs remote vs local (bench/seeds/cache_remote
     ["- " + l for l in machine] + ["- " + b.load_line(), "", "## Results (median)", ""] + table + \
     ["", "## Ratios", ""] + ttable + ["", f"![chart]({os.path.basename(png)})", "", "## All runs", ""] + b.all_runs_table()
 section = [
-    "### Seed experiment: cache vs remote vs local: `bench/seeds/cache_remote_local.py`", "",
+    "### Seed experiment: cache vs remote vs local: `bench/seeds/cache_remote_local.py`" +
+    (f" (BENCH_ONLY={','.join(ONLY)}" + (", BENCH_BASE" if BASE else "") + ")" if ONLY else ""), "",
     f"Run {machine[0][6:]}, {b.reps} rounds, {b.size_mib} MiB image, {b.load_line()}. "
     f"Remote: nbdkit file + delay filter ({DELAY} read and write) on loopback; each column a fresh "
     "blockwayd (`remote`: no cache; `empty`/`warm`: cache, writethrough; `writeback-local`: fresh cache; "
     "`local`: file export of a local copy). fio nbd engine QD16, nbdcopy for large reads, no flush. "
-    f"Full report: [bench/results/{os.path.basename(b.out_name('md'))}](bench/results/{os.path.basename(b.out_name('md'))}), "
+    f"Full report: [bench/results/{os.path.basename(b.out_name('md', OUT))}](bench/results/{os.path.basename(b.out_name('md', OUT))}), "
     f"chart: [{os.path.basename(png)}](bench/results/{os.path.basename(png)}).", ""] + table + [""] + ttable
-b.publish(report, section)
+b.publish(report, section, name=OUT)

@@ -320,6 +320,36 @@ class NbdkitRemoteTest(CacheTestCase):
         harness.wait_until(lambda: harness.read_file(self.remote, 8 * CHUNK, CHUNK) == b"W" * CHUNK,
                            30, what="write-back after the remote came back")
 
+    def test_first_writes_do_not_wait_for_the_remote_and_survive_kill_after_flush(self):
+        # writeback-local over a remote that takes 100 ms per read: 4 KiB
+        # writes across 9 absent chunks are answered without waiting for
+        # each chunk's fetch (it runs behind them, deferred fill), and what
+        # the FLUSH acknowledged survives kill -9.
+        kit = self.nbdkit(filters=["delay"], params=["rdelay=100ms"])
+        d = self.cached(kit.uri, "writeback-local", name="first")
+        h = self.connect(self.uri("disk"))
+        start = 3 * CHUNK + 500
+        data = os.urandom(8 * CHUNK)
+        t0 = time.monotonic()
+        for off in range(0, len(data), 4096):
+            h.pwrite(data[off:off + 4096], start + off)
+        elapsed = time.monotonic() - t0
+        h.flush()
+        h.pwrite(b"U" * 4096, 14 * CHUNK + 100)  # after the FLUSH: may be lost
+        d.send_signal(signal.SIGKILL)
+        d.wait(10)
+        # Fetching first, 9 chunks one after the other take 0.9 s at least.
+        self.assertLess(elapsed, 0.6, "sequential first writes waited for the remote")
+        self.cached(kit.uri, "writeback-local", name="second")
+        h = self.connect(self.uri("disk"))
+        self.assertEqual(h.pread(len(data), start), data)
+        # The rest of the first and last chunk came from the remote.
+        self.assertEqual(h.pread(500, 3 * CHUNK), harness.read_file(self.remote, 3 * CHUNK, 500))
+        end = start + len(data)
+        self.assertEqual(h.pread(12 * CHUNK - end, end), harness.read_file(self.remote, end, 12 * CHUNK - end))
+        self.assertIn(h.pread(4096, 14 * CHUNK + 100),
+                      (b"U" * 4096, harness.read_file(self.remote, 14 * CHUNK + 100, 4096)))
+
     def test_restart_does_not_refetch_from_nbdkit(self):
         kit = self.nbdkit(log_requests=True)
         d = self.cached(kit.uri, "writethrough", name="first")
