@@ -1,5 +1,7 @@
 #include "remote/file/file_device.hpp"
 
+#include "core/logging.hpp"
+
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
@@ -9,6 +11,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstring>
 #include <system_error>
 
 namespace blockway::remote::file {
@@ -83,8 +86,14 @@ FileDevice::FileDevice(std::string path, bool read_only, boost::asio::thread_poo
     : path_(std::move(path)), read_only_(read_only), blocking_(blocking) {
   fd_ = ::open(path_.c_str(), (read_only_ ? O_RDONLY : O_RDWR) | O_CLOEXEC);
   if (fd_ < 0 && !read_only_ && (errno == EACCES || errno == EROFS || errno == EPERM)) {
+    const int why = errno;
     fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
     read_only_ = true;
+    // Said once here, or an operator only sees writes refused: the usual
+    // cause is the packaged unit's ProtectSystem=strict (EROFS outside its
+    // directories) or the image's owner (EACCES for the blockway user).
+    if (fd_ >= 0)
+      core::logger("file")->warn("{}: {}: serving it read-only", path_, std::strerror(why));
   }
   if (fd_ < 0) throw std::system_error(errno, std::system_category(), "cannot open " + path_);
   struct stat st {};
