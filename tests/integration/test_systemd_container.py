@@ -19,7 +19,10 @@ ProtectSystem=strict (a write outside the unit's directories fails with
 EROFS, even for root in the daemon's mount namespace; a file export outside
 them is served read-only until the packaged images.conf drop-in names its
 directory), ProtectHome, PrivateTmp, the low-port.conf drop-in granting
-exactly CAP_NET_BIND_SERVICE, and that it serves (nbdinfo, nbdcopy).
+exactly CAP_NET_BIND_SERVICE, and that it serves (nbdinfo, nbdcopy). Before
+the install a blockwayd run as root leaves a catalogue, a run-time export
+and its image in /var/lib/blockway, as a version that ran as root would:
+after the upgrade the packaged daemon serves that export and writes there.
 
 Commands in the container run through nsenter into its PID 1's namespaces.
 One boot serves every test (about 5 s); the container is powered off and
