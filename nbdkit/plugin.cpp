@@ -147,7 +147,8 @@ const char* blockway_export_description(void*) {
   return g_config->description.empty() ? nullptr : g_config->description.c_str();
 }
 
-int64_t blockway_get_size(void*) { return static_cast<int64_t>(g_stack->device().geometry().size); }
+// nbdkit asks once per connection: a file that grew since is followed.
+int64_t blockway_get_size(void*) { return static_cast<int64_t>(g_stack->size_for_new_connection()); }
 
 int blockway_block_size(void*, uint32_t* minimum, uint32_t* preferred, uint32_t* maximum) {
   const auto g = g_stack->device().geometry();

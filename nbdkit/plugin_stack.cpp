@@ -19,6 +19,11 @@ PluginStack::PluginStack(PluginConfig cfg) : cfg_(std::move(cfg)), loops_(cfg_.t
 
 PluginStack::~PluginStack() { close(); }
 
+uint64_t PluginStack::size_for_new_connection() {
+  if (follow_size_) follow_size_();
+  return device_->geometry().size;
+}
+
 // The stack blockwayd builds (stack/export_stack.hpp) with nothing of the
 // daemon's around it: no run-time settings, access rules or remote bandwidth
 // cap, and the catalogue only when there is a cache.
@@ -32,6 +37,20 @@ void PluginStack::build() {
   auto built = stack::build({cfg_.name, cfg_.uri, cfg_.read_only}, options, ctx);
   cache_ = built.cache;
   device_ = std::move(built.device);
+  follow_size_ = std::move(built.follow_size);
+  if (built.remote) {
+    // A backend that watches its image (rbd): as in blockwayd
+    // (StackBuilder::resize_handler), an uncached stack grows with it; a
+    // cached one keeps its size until nbdkit starts again.
+    built.remote->set_resize_handler([weak = std::weak_ptr(device_), cached = cache_ != nullptr,
+                                      where = cfg_.where()](uint64_t, uint64_t new_size) {
+      if (cached)
+        return where + " has a cache, whose file and block maps cannot grow while served; start nbdkit again to "
+                       "serve the new size (the cache grows with it and keeps its data)";
+      if (auto d = weak.lock()) d->grow(new_size);
+      return std::string();
+    });
+  }
   core::logger("nbdkit")->info("{}: {} ({} bytes{})", cfg_.where(), device_->describe(), device_->geometry().size,
                                device_->capabilities().read_only ? ", read-only" : "");
 }

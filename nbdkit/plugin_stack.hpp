@@ -25,6 +25,7 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/use_future.hpp>
 
+#include <functional>
 #include <memory>
 #include <thread>
 
@@ -40,6 +41,11 @@ class PluginStack {
   PluginStack& operator=(const PluginStack&) = delete;
 
   [[nodiscard]] core::CheckedDevice& device() const noexcept { return *device_; }
+  // The size a new connection is told (nbdkit asks once per connection):
+  // an uncached file:// image that grew since is followed first
+  // (stack::Stack::follow_size); an rbd image's growth is followed as its
+  // watch reports it. A cached stack keeps the size it opened with.
+  [[nodiscard]] uint64_t size_for_new_connection();
   [[nodiscard]] const PluginConfig& config() const noexcept { return cfg_; }
   // The loop a new connection's requests run on (round robin).
   [[nodiscard]] boost::asio::io_context& next_loop() { return loops_.next(); }
@@ -62,6 +68,7 @@ class PluginStack {
   core::EventLoops loops_;
   std::unique_ptr<cache::MetaStore> catalogue_;
   std::shared_ptr<core::CheckedDevice> device_;
+  std::function<void()> follow_size_;
   cache::CacheLayer* cache_ = nullptr;  // owned by device_'s chain
   std::thread runner_;
   bool closed_ = false;

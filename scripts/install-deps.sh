@@ -16,7 +16,7 @@ TEST_PKGS=(
   tgt libiscsi-bin nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils vblade qemu-block-extra
   fuse3 iproute2 e2fsprogs util-linux sqlite3 tmux strace
   rpm prometheus python3-matplotlib gnutls-bin
-  clang libclang-rt-14-dev systemd
+  clang libclang-rt-14-dev systemd systemd-container
   ceph-mon ceph-osd ceph-mgr ceph-common
   bonnie++ postmark busybox-static qemu-system-x86 nbd-client time
 )

@@ -1,5 +1,7 @@
 #include "stack/export_stack.hpp"
 
+#include "core/logging.hpp"
+#include "remote/file/file_device.hpp"
 #include "remote/registry.hpp"
 
 #include <filesystem>
@@ -54,6 +56,8 @@ Bottom open_bottom(const ExportSpec& spec, bool cached, core::Options& options, 
       }
     }
     if (backend.open_local) bottom.device = backend.open_local(spec.uri, options, env);
+    if (auto* file = dynamic_cast<remote::file::FileDevice*>(bottom.device.get()))
+      bottom.current_size = [file] { return file->current_size(); };
     if (!bottom.device && backend.open_remote) {
       // A network session can drop: reconnect and retry right above the remote.
       const auto retry = core::RetryOptions::take_from(options);
@@ -97,6 +101,26 @@ Stack add_layers(const ExportSpec& spec, Bottom bottom, const LayerOptions& laye
   auto qos = std::make_unique<core::QosLayer>(std::move(device), layers.qos);
   stack.qos = qos.get();
   stack.device = std::make_shared<core::CheckedDevice>(std::move(qos), spec.read_only);
+  if (bottom.current_size && !stack.cache) {
+    // The layers between hold no size of their own: only the checkpoint
+    // on top (and the file's own geometry, which current_size moves) bound
+    // requests.
+    stack.follow_size = [probe = std::move(bottom.current_size), weak = std::weak_ptr(stack.device),
+                         where = spec.where()] {
+      auto device = weak.lock();
+      if (!device) return;
+      const uint64_t served = device->geometry().size, now = probe();
+      if (now > served) {
+        device->grow(now);
+        core::logger("stack")->info("{}: the image grew from {} to {} bytes; new clients see the new size", where,
+                                    served, now);
+      } else if (now < served) {
+        core::logger("stack")->warn("{}: the image is {} bytes, smaller than the {} served: requests past its end "
+                                    "fail",
+                                    where, now, served);
+      }
+    };
+  }
   return stack;
 }
 

@@ -74,6 +74,9 @@ struct Bottom {
   std::unique_ptr<core::BlockDevice> device;
   core::RemoteDevice* remote = nullptr;  // the backend's device if its session can be lost; owned by `device`
   core::RetryLayer* retry = nullptr;     // the RetryLayer right above it; likewise
+  // The image's size now, for a backend whose image can grow without telling
+  // (file://: truncate, qemu-img resize, lvextend); null for the others.
+  std::function<uint64_t()> current_size;
 };
 
 // The stack, top first.
@@ -83,6 +86,14 @@ struct Stack {
   cache::CacheLayer* cache = nullptr;  // if cached: start() it once the export is served
   core::RetryLayer* retry = nullptr;
   core::RemoteDevice* remote = nullptr;
+  // For an uncached stack on a bottom with current_size: looks at the
+  // image's size again and grows the stack when it grew (a new client then
+  // sees the new size; connected ones keep theirs, as NBD has no way to tell
+  // them). A front end calls it as a client connects. Null for a cached
+  // stack (its cache file and maps are sized when it opens: it grows at the
+  // next open, CacheLayer::grow_cache) and for backends that say themselves
+  // (rbd's watch: RemoteDevice::set_resize_handler). Any thread.
+  std::function<void()> follow_size;
 };
 
 // The catalogue in `data_dir` (catalogue.db), the directory made if missing.

@@ -1,5 +1,7 @@
 #include "remote/file/file_device.hpp"
 
+#include "core/logging.hpp"
+
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
@@ -9,6 +11,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstring>
 #include <system_error>
 
 namespace blockway::remote::file {
@@ -83,8 +86,14 @@ FileDevice::FileDevice(std::string path, bool read_only, boost::asio::thread_poo
     : path_(std::move(path)), read_only_(read_only), blocking_(blocking) {
   fd_ = ::open(path_.c_str(), (read_only_ ? O_RDONLY : O_RDWR) | O_CLOEXEC);
   if (fd_ < 0 && !read_only_ && (errno == EACCES || errno == EROFS || errno == EPERM)) {
+    const int why = errno;
     fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
     read_only_ = true;
+    // Said once here, or an operator only sees writes refused: the usual
+    // cause is the packaged unit's ProtectSystem=strict (EROFS outside its
+    // directories) or the image's owner (EACCES for the blockway user).
+    if (fd_ >= 0)
+      core::logger("file")->warn("{}: {}: serving it read-only", path_, std::strerror(why));
   }
   if (fd_ < 0) throw std::system_error(errno, std::system_category(), "cannot open " + path_);
   struct stat st {};
@@ -95,13 +104,15 @@ FileDevice::FileDevice(std::string path, bool read_only, boost::asio::thread_poo
   }
   if (S_ISBLK(st.st_mode)) {
     is_block_device_ = true;
-    if (::ioctl(fd_, BLKGETSIZE64, &size_) != 0) {
+    uint64_t size = 0;
+    if (::ioctl(fd_, BLKGETSIZE64, &size) != 0) {
       const int e = errno;
       ::close(fd_);
       throw std::system_error(e, std::system_category(), "cannot get the size of " + path_);
     }
+    size_.store(size);
   } else if (S_ISREG(st.st_mode)) {
-    size_ = static_cast<uint64_t>(st.st_size);
+    size_.store(static_cast<uint64_t>(st.st_size));
   } else {
     ::close(fd_);
     throw std::system_error(EINVAL, std::system_category(),
@@ -114,7 +125,23 @@ FileDevice::~FileDevice() {
 }
 
 core::Geometry FileDevice::geometry() const noexcept {
-  return {.size = size_, .min_block = 1, .preferred_block = 4096, .max_transfer = 64u << 20};
+  return {.size = size_.load(std::memory_order_acquire), .min_block = 1, .preferred_block = 4096,
+          .max_transfer = 64u << 20};
+}
+
+uint64_t FileDevice::current_size() noexcept {
+  uint64_t now = 0;
+  if (is_block_device_) {
+    if (::ioctl(fd_, BLKGETSIZE64, &now) != 0) return size_.load(std::memory_order_acquire);
+  } else {
+    struct stat st {};
+    if (::fstat(fd_, &st) != 0) return size_.load(std::memory_order_acquire);
+    now = static_cast<uint64_t>(st.st_size);
+  }
+  uint64_t known = size_.load(std::memory_order_relaxed);
+  while (known < now && !size_.compare_exchange_weak(known, now, std::memory_order_acq_rel)) {
+  }
+  return now;
 }
 
 core::Capabilities FileDevice::capabilities() const noexcept {

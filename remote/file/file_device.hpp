@@ -1,5 +1,8 @@
 // FileDevice: a raw image file or a block device on this host.
 //
+// Its size is the file's when it opens; current_size() looks again (the
+// stack calls it for each new client of an uncached export).
+//
 // Thread model: stateless apart from the fd and a few capability latches
 // (atomics), so any number of threads may call it at once. Reads first try
 // preadv2(RWF_NOWAIT) on the calling event loop, which succeeds at memory
@@ -32,6 +35,14 @@ class FileDevice final : public core::BlockDevice {
   [[nodiscard]] core::Capabilities capabilities() const noexcept override;
   [[nodiscard]] std::string describe() const override { return "file:" + path_; }
 
+  // The image's size now (fstat, or BLKGETSIZE64 for a block device): a
+  // file can grow under the export (truncate -s, qemu-img resize, lvextend)
+  // and nothing tells us. geometry() follows a larger size from then on; a
+  // smaller one is returned but not taken (requests past the image's end
+  // fail as the kernel answers them). On an error, the size already known.
+  // Any thread; a few microseconds (one system call).
+  [[nodiscard]] uint64_t current_size() noexcept;
+
   core::Task<std::error_code> read(std::span<std::byte> buf, uint64_t offset,
                                       core::IoFlags flags) override;
   core::Task<std::error_code> write(std::span<const std::byte> buf, uint64_t offset,
@@ -49,7 +60,7 @@ class FileDevice final : public core::BlockDevice {
 
   std::string path_;
   int fd_ = -1;
-  uint64_t size_ = 0;
+  std::atomic<uint64_t> size_{0};
   bool is_block_device_ = false;
   bool read_only_ = false;
   boost::asio::thread_pool& blocking_;

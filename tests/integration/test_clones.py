@@ -85,7 +85,7 @@ class ClonesTest(control_common.ControlTestCase):
                 "--rw=randwrite", "--bs=4k", "--iodepth=8", "--size=%d" % size, "--offset=%d" % (i * SLICE),
                 "--randseed=%d" % (1000 + i), "--output-format=json"]
         if verify:
-            args += ["--verify=crc32c", "--do_verify=1", "--verify_fatal=1"]
+            args += ["--verify=crc32c", "--verify_state_save=0", "--do_verify=1", "--verify_fatal=1"]
         return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def test_eight_clones_share_one_base(self):

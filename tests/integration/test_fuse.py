@@ -395,7 +395,7 @@ class FuseClientsTest(FuseTestCase):
         for engine, extra in (("psync", []), ("libaio", ["--direct=1", "--iodepth=8"])):
             harness.run(["fio", "--name=verify", "--filename=" + f, "--ioengine=" + engine,
                          "--rw=randwrite", "--bs=4k", "--bsrange=4k-256k", "--size=12M",
-                         "--numjobs=4", "--offset_increment=16M", "--verify=crc32c",
+                         "--numjobs=4", "--offset_increment=16M", "--verify=crc32c", "--verify_state_save=0",
                          "--do_verify=1", "--verify_fatal=1", "--group_reporting"] + extra,
                         timeout=300)
 
@@ -515,7 +515,8 @@ class FuseMinBlockTest(FuseTestCase):
         region = 5 * MiB
         harness.run(["fio", "--name=rmw", "--filename=" + f, "--ioengine=libaio", "--direct=1",
                      "--iodepth=16", "--rw=randwrite", "--bs=512", "--offset=%d" % region,
-                     "--size=%d" % MiB, "--verify=crc32c", "--do_verify=1", "--verify_fatal=1"],
+                     "--size=%d" % MiB, "--verify=crc32c", "--verify_state_save=0", "--do_verify=1",
+                     "--verify_fatal=1"],
                     timeout=300)
         with open(f, "rb") as inp:
             inp.seek(region)

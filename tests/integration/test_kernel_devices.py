@@ -35,6 +35,17 @@ REMOTE_WT = "10.0.2.100:10810"
 CHECK = "10.0.2.101:80"
 REMOTE_SIZE = 32 << 20
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
+# The longest a write may wait across a daemon restart (check_restart): at
+# most PAUSE_AFTER_START longer than the restart itself (kill, exit, start
+# until ready) or, after a SIGKILL, PAUSE_AFTER_RESEND longer than the
+# device's timeout; PAUSE_BOUND in all. Measured here (TCG, host load 6-17,
+# three runs): SIGTERM 1.9-3.7 s for restarts of 2.0-3.9 s; SIGKILL 2.1-3.9
+# s for restarts of 2.0-3.9 s (timeout 2); SIGKILL of the cached export
+# 5.3-6.2 s for restarts of 2.3-6.1 s (timeout 5). bench/devices.py measures
+# 1.0-1.5 s at load 7-9 (the issue's target: 2 s).
+PAUSE_AFTER_START = 1.5
+PAUSE_AFTER_RESEND = 2.5
+PAUSE_BOUND = 12.0
 
 # "NAME OFFSET LENGTH" on stdin: prints the md5 of that range of image NAME
 # (argv: NAME=PATH ...), read on the host.
@@ -158,7 +169,8 @@ restart_under_fio() {
   tag=$1; dev=$2; sig=$3
   dmesg -c > /dev/null
   fio --name=r --filename=$dev --size=24M --rw=randwrite --bs=4k --ioengine=libaio --iodepth=8 --direct=1 \
-      --verify=crc32c --do_verify=1 --verify_fatal=1 > /tmp/fio.out 2>&1 &
+      --verify=crc32c --do_verify=1 --verify_fatal=1 --output-format=json --output=/tmp/fio.json \
+      > /tmp/fio.out 2>&1 &
   fio_pid=$!
   sleep 3
   step "r_alive_$tag" kill -0 $fio_pid
@@ -169,7 +181,7 @@ restart_under_fio() {
   t1=$(cut -d' ' -f1 /proc/uptime)
   wait $fio_pid
   rc=$?
-  echo "@@BEGIN r_fio_$tag"; cat /tmp/fio.out; echo "restart took $t0 -> $t1"; echo "@@END r_fio_$tag $rc"
+  echo "@@BEGIN r_fio_$tag"; cat /tmp/fio.out /tmp/fio.json; echo "restart took $t0 -> $t1"; echo "@@END r_fio_$tag $rc"
   step "r_dmesg_$tag" sh -c 'dmesg | grep -i "I/O error" | wc -l'
   step "r_devices_$tag" bw devices --json
 }
@@ -402,12 +414,33 @@ class KernelDevices(unittest.TestCase):
         self.assertIn("needs root or CAP_SYS_ADMIN", self.failed("no_permission"))
         self.assertIn("connections", self.failed("bad_option"))
 
-    def check_restart(self, tag, device):
+    def check_restart(self, tag, device, resend_after=None):
+        """No error, verify passed, and the I/O pause: the longest a write
+        waited (fio's clat max) spans the daemon's stop, its start and the
+        kernel's reconnect. Under TCG on a shared 2-core host the restart
+        itself takes seconds, so what is bounded tightly is the pause beyond
+        it: PAUSE_AFTER_START; PAUSE_BOUND in all. After a SIGKILL the
+        kernel re-sends what the old daemon never answered once the device's
+        `timeout` has passed (resend_after: 2 s, or the default 5), and the
+        re-sent write may take PAUSE_AFTER_RESEND to be answered; after a
+        SIGTERM nothing waits for it (the daemon answers what the kernel
+        sent before it goes)."""
         self.step("r_alive_" + tag)
         self.step("r_stopped_" + tag)
         self.step("r_restart_" + tag)
         out = self.step("r_fio_" + tag)
-        self.assertIn("err= 0", out)
+        job = json.loads(out[out.index("{\n"):out.rindex("\n}") + 2])["jobs"][0]
+        self.assertEqual(job["error"], 0, out)
+        self.assertGreater(job["write"]["total_ios"], 0, out)
+        pause = job["write"]["clat_ns"]["max"] / 1e9
+        t0, t1 = map(float, re.search(r"restart took ([\d.]+) -> ([\d.]+)", out).groups())
+        sys.stderr.write("\nrestart %s: I/O pause %.2f s, restart %.2f s\n" % (tag, pause, t1 - t0))
+        allowed = t1 - t0 + PAUSE_AFTER_START
+        if resend_after:  # a re-sent write goes through the whole stack again (a remote via guestfwd)
+            allowed = max(allowed, resend_after + PAUSE_AFTER_RESEND)
+        self.assertLessEqual(pause, allowed,
+                             "the %s restart took %.2f s, writes waited %.2f s" % (tag, t1 - t0, pause))
+        self.assertLessEqual(pause, PAUSE_BOUND, "the I/O pause of the %s restart" % tag)
         self.assertEqual(self.step("r_dmesg_" + tag).strip(), "0", "I/O errors in the guest's kernel log")
         devs = {d["device"]: d for d in devices_json(self.step("r_devices_" + tag))}
         self.assertIn(device, devs)
@@ -419,7 +452,7 @@ class KernelDevices(unittest.TestCase):
 
     def test_restart_sigkill(self):
         self.step("r_connect_KILL")
-        self.check_restart("KILL", "/dev/nbd3")
+        self.check_restart("KILL", "/dev/nbd3", resend_after=2)
         self.step("r_disconnect_KILL")
 
     @staticmethod
@@ -456,7 +489,7 @@ class KernelDevices(unittest.TestCase):
         self.step("t_write")
         self.assertEqual(self.step("t_remote").strip(), pattern, "writethrough: acknowledged means on the remote")
         self.assertEqual(self.step("t_device").split()[0], pattern)
-        self.check_restart("cached", "/dev/nbd7")
+        self.check_restart("cached", "/dev/nbd7", resend_after=5)  # connected without --timeout
         self.step("t_final_flush")
         device = self.step("t_device_md5").split()[0]
         self.assertNotEqual(device, self.md5(remote["data"]))

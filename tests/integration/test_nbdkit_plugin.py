@@ -5,6 +5,7 @@ served by nbdkit, driven by real clients (nbdcopy, nbdinfo, fio, libnbd).
   non-zero with the message blockwayd gives for the same mistake;
 - nbdcopy in and out through the plugin over a file, and the capabilities
   nbdinfo sees equal what blockwayd reports for the same stack;
+- a file that grows while served reaches new connections (uncached);
 - fio verify through a cache in writeback-local over an nbdkit remote, read
   back by a second nbdkit on the same cache after a clean stop;
 - under nbdkit's cow filter (the image stays untouched) and retry filter
@@ -226,6 +227,49 @@ class PluginTest(harness.DaemonTestCase):
         self.assertEqual(p.returncode, 0, p.stderr.decode(errors="replace"))
         harness.run(["cmp", src, dst])
         harness.run(["cmp", src, out])
+
+    def test_a_grown_file_reaches_new_connections(self):
+        """`truncate -s` of the image while nbdkit serves it, uncached: a
+        connection made after sees the new size (nbdkit asks the plugin per
+        connection) and reads zeroes in the new space and writes there; a
+        connection made before keeps the size it was told and keeps working.
+        A shrink is not taken. A cached stack keeps the size it opened with,
+        as blockwayd's cached exports do."""
+        img = harness.make_random_image(self.path("img"), 8 * MiB, seed=21)
+        with open(img, "rb") as f:
+            first = f.read()
+        server = self.serve(["file://" + img, "data-dir=" + self.path("d"), "log-level=info"])
+        early = self.connect(server.uri)
+        self.assertEqual(early.get_size(), 8 * MiB)
+        os.truncate(img, 24 * MiB)
+        size = harness.run(["nbdinfo", "--size", server.uri], timeout=30).stdout.decode().strip()
+        self.assertEqual(size, str(24 * MiB))
+        late = self.connect(server.uri)
+        self.assertEqual(late.get_size(), 24 * MiB)
+        self.assertEqual(early.get_size(), 8 * MiB, "NBD cannot tell a connected client: it keeps its size")
+        self.assertEqual(late.pread(MiB, 12 * MiB), bytes(MiB), "the new space reads as zeroes")
+        tail = os.urandom(MiB)
+        late.pwrite(tail, 23 * MiB)
+        late.flush()
+        self.assertEqual(harness.read_file(img, 23 * MiB, MiB), tail)
+        self.assertEqual(early.pread(MiB, 7 * MiB), first[7 * MiB:])
+        self.assertEqual(late.pread(8 * MiB, 0), first)
+        with open(server.log_path) as f:
+            self.assertIn("the image grew from %d to %d bytes" % (8 * MiB, 24 * MiB), f.read())
+        # A shrink is reported, not followed: the stack keeps what it served.
+        os.truncate(img, 16 * MiB)
+        self.assertEqual(self.connect(server.uri).get_size(), 24 * MiB)
+        with open(server.log_path) as f:
+            self.assertIn("the image is %d bytes, smaller than the %d served" % (16 * MiB, 24 * MiB), f.read())
+        # Cached: the size it opened with, and no message per connection.
+        cached_img = harness.make_random_image(self.path("cached.img"), 8 * MiB, seed=22)
+        cached = self.serve(["file://" + cached_img, "cache=" + self.path("cache"), "data-dir=" + self.path("d2"),
+                             "log-level=info"], name="cached")
+        self.assertEqual(self.connect(cached.uri).get_size(), 8 * MiB)  # the stack is open
+        os.truncate(cached_img, 24 * MiB)
+        self.assertEqual(self.connect(cached.uri).get_size(), 8 * MiB)
+        with open(cached.log_path) as f:
+            self.assertNotIn("grew", f.read())
 
     def test_capabilities_are_the_stacks(self):
         """What nbdinfo sees through nbdkit equals what blockwayd reports for

@@ -120,7 +120,7 @@ class SnapshotsTest(control_common.CloneTestCase):
         fio = subprocess.Popen(
             ["fio", "--name=load", "--ioengine=nbd", "--uri=" + self.uri("vm1"), "--rw=randwrite", "--bs=4k",
              "--iodepth=8", "--size=%d" % half, "--offset=0", "--randseed=5", "--verify=crc32c",
-             "--do_verify=1", "--verify_fatal=1", "--output-format=json"],
+             "--verify_state_save=0", "--do_verify=1", "--verify_fatal=1", "--output-format=json"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         errors, reads = [], [0]
         stop = threading.Event()

@@ -1,7 +1,8 @@
 // The shared export stack (stack/export_stack.cpp) over real files, a real
 // cache and a refusing NBD remote: which layers it puts where, when it asks
-// for the catalogue, a detached export opening without its remote, and the
-// messages a bad option or a remote that cannot be opened give.
+// for the catalogue, a detached export opening without its remote, an
+// uncached file followed as it grows, and the messages a bad option or a
+// remote that cannot be opened give.
 #include "stack/export_stack.hpp"
 
 #include "tests/support/temp_dir.hpp"
@@ -92,6 +93,26 @@ TEST_F(ExportStackTest, AFileWithoutACacheIsQosAndTheCheckpointOverTheFile) {
   auto ro = build("ro", "file://" + img, {}, true);
   EXPECT_TRUE(ro.device->capabilities().read_only);
   EXPECT_EQ(run(ro.device->write(buf, 0, 0)), std::errc::operation_not_permitted);
+}
+
+TEST_F(ExportStackTest, AnUncachedFileIsFollowedWhenItGrowsACachedOneIsNot) {
+  const auto img = make_image(dir_.str() + "/img");
+  auto s = build("plain", "file://" + img, {});
+  ASSERT_TRUE(s.follow_size);
+  std::filesystem::resize_file(img, 3 * kSize);
+  EXPECT_EQ(s.device->geometry().size, kSize) << "followed when a front end asks, not before";
+  std::vector<std::byte> buf(4096, std::byte{7});
+  EXPECT_EQ(run(s.device->write(buf, 2 * kSize, 0)), std::errc::no_space_on_device);
+  s.follow_size();
+  EXPECT_EQ(s.device->geometry().size, 3 * kSize);
+  EXPECT_FALSE(run(s.device->write(buf, 3 * kSize - buf.size(), 0)));
+  // A shrink is not taken.
+  std::filesystem::resize_file(img, 2 * kSize);
+  s.follow_size();
+  EXPECT_EQ(s.device->geometry().size, 3 * kSize);
+  // A cached stack keeps its size while served: nothing to follow.
+  auto cached = build("cached", "file://" + img, {{"cache", dir_.str() + "/cache"}, {"chunk", "64k"}});
+  EXPECT_FALSE(cached.follow_size);
 }
 
 TEST_F(ExportStackTest, ACachedExportDetachedEarlierOpensWithoutItsRemote) {

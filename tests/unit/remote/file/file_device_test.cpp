@@ -259,6 +259,24 @@ TEST_F(FileDeviceTest, UnwritableFileFallsBackToReadOnly) {
   EXPECT_TRUE(dev.capabilities().read_only);
 }
 
+TEST_F(FileDeviceTest, CurrentSizeFollowsAGrowthButNotAShrink) {
+  FileDevice dev(path_, false, pool_);
+  EXPECT_EQ(dev.current_size(), kSize);
+  ASSERT_EQ(::truncate(path_.c_str(), 3 * kSize), 0);
+  EXPECT_EQ(dev.geometry().size, kSize) << "nothing tells the device until it looks";
+  EXPECT_EQ(dev.current_size(), 3 * kSize);
+  EXPECT_EQ(dev.geometry().size, 3 * kSize);
+  // The new space reads as zeroes and takes writes.
+  EXPECT_TRUE(all_zero(read(dev, 2 * kSize, 4096)));
+  const auto data = pattern(4096, 9);
+  EXPECT_EQ(sync_wait(dev.write(data, 3 * kSize - 4096, 0)), std::error_code{});
+  EXPECT_EQ(raw_read(3 * kSize - 4096, 4096), data);
+  // A shrink is reported but not taken.
+  ASSERT_EQ(::truncate(path_.c_str(), 2 * kSize), 0);
+  EXPECT_EQ(dev.current_size(), 2 * kSize);
+  EXPECT_EQ(dev.geometry().size, 3 * kSize);
+}
+
 TEST_F(FileDeviceTest, MissingFileThrowsWithThePath) {
   const std::string missing = dir_ + "/no-such.img";
   try {
