@@ -66,11 +66,17 @@ class PluginStack {
   template <class T>
   T run(core::Task<T> task) {
     boost::asio::io_context& io = thread_context();
-    io.restart();  // the last request's end ran it out of work, which stops it
-    const auto work = boost::asio::make_work_guard(io);  // run_one() waits, never returns idle
+    // Work first, then restart(): the io_context stops whenever its work
+    // count drops to 0, which the end of the last request did, possibly on
+    // one of our loops (a hop back releases its work there) and possibly
+    // late. Once this guard holds work, nothing can stop it again, so the
+    // restart() below sticks and run_one() waits rather than returning.
+    const auto work = boost::asio::make_work_guard(io);
+    io.restart();
     Outcome<T> out;
     boost::asio::co_spawn(io, std::move(task), out.handler());
-    while (!out.done) io.run_one();
+    while (!out.done)
+      if (io.run_one() == 0) io.restart();  // stopped all the same: never spin on it
     return out.get();
   }
 

@@ -270,13 +270,13 @@ TEST(RetryLayerTest, ConcurrentFailuresShareOneReconnect) {
 
 // Runs one request on `io` as the nbdkit plugin does: only until it is done.
 std::error_code run_until_done(boost::asio::io_context& io, Task<std::error_code> task) {
+  const auto work = boost::asio::make_work_guard(io);  // before restart(): see PluginStack::run()
   io.restart();
   std::optional<std::error_code> result;
   boost::asio::co_spawn(io, std::move(task), [&](std::exception_ptr e, std::error_code ec) {
     if (e) std::rethrow_exception(e);
     result = ec;
   });
-  const auto work = boost::asio::make_work_guard(io);
   while (!result) io.run_one();
   return *result;
 }
