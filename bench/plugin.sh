@@ -90,7 +90,7 @@ for kind in uncached cached; do
                 read -r iops mb < <(fio_nbd "${server_uri[$who]}" "$rw" "$bs")
                 t1=$(cpu_ticks "${server_pid[$who]}")
                 us=$(awk -v t="$((t1 - t0))" -v hz="$CLK_TCK" -v n="$((iops * RUNTIME))" \
-                    'BEGIN { printf "%.1f", n > 0 ? t / hz * 1e6 / n : 0 }')
+                    'BEGIN { printf "%.1f", (n > 0 ? t / hz * 1e6 / n : 0) }')
                 v=$iops; [[ $bs == 1m ]] && v=$mb
                 got["$kind $rw $who"]+="$v "
                 cpu["$kind $rw $who"]+="$us "
