@@ -113,7 +113,7 @@ TEST(PluginStack, RunRunsTheRequestOnTheCallingThreadAndComesBackThereAfterAHop)
   std::atomic<int> ok{0};
   for (int t = 0; t < 4; ++t) {
     workers.emplace_back([&] {
-      for (int i = 0; i < 50; ++i) {
+      for (int i = 0; i < 500; ++i) {
         const auto seen = stack.run(where_it_runs(stack.loop(0)));
         const auto me = std::this_thread::get_id();
         if (seen == std::vector<std::thread::id>{me, loop_thread, me}) ++ok;
@@ -122,7 +122,7 @@ TEST(PluginStack, RunRunsTheRequestOnTheCallingThreadAndComesBackThereAfterAHop)
   }
   for (auto& w : workers) w.join();
   EXPECT_NE(loop_thread, std::this_thread::get_id());
-  EXPECT_EQ(ok, 4 * 50);
+  EXPECT_EQ(ok, 4 * 500);
 }
 
 TEST(PluginStack, RunRethrowsWhatEscapesATaskAndRunsTheNextOne) {
