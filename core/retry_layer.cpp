@@ -126,7 +126,8 @@ Task<bool> RetryLayer::recover(uint64_t failed_generation, Clock::time_point dea
     if (!reconnecting_.exchange(true, std::memory_order_acq_rel)) {
       // Detached: an attempt in progress is not abandoned when this request
       // gives up; the loop ends once nobody waits for it.
-      const auto ex = co_await boost::asio::this_coro::executor;
+      boost::asio::any_io_executor ex = reconnect_executor_;
+      if (!ex) ex = co_await boost::asio::this_coro::executor;
       boost::asio::co_spawn(ex, reconnect_loop(), boost::asio::detached);
     }
     co_await sleep_until(std::min(deadline, Clock::now() + options_.poll));

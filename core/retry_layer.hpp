@@ -16,7 +16,8 @@
 // flush errors), after which they count as handled.
 //
 // One reconnect at a time: the first request that needs one starts a
-// reconnect loop (detached, on its own executor) that tries until it succeeds
+// reconnect loop (detached, on the executor reconnect_on() named, else on the
+// request's own) that tries until it succeeds
 // or no request waits any more; every request that needs a session newer
 // than the one it failed on waits for it, bounded by its own deadline. The
 // back-off carries over from one loop to the next and resets on success. A request that failed on an old session retries at once if a
@@ -32,6 +33,8 @@
 #include "core/block_device.hpp"
 #include "core/options.hpp"
 #include "core/remote_device.hpp"
+
+#include <boost/asio/any_io_executor.hpp>
 
 #include <atomic>
 #include <chrono>
@@ -71,6 +74,15 @@ class RetryLayer final : public Layer {
  public:
   RetryLayer(std::unique_ptr<RemoteDevice> remote, RetryOptions options);
 
+  // Where the reconnect loop runs: an event loop that keeps running (the
+  // export stack passes loop 0). Without it the loop runs on the executor of
+  // the request that starts it, which must then keep running until the loop
+  // ends: true of the daemon's loops, not of a caller that runs its own
+  // io_context only until its request is done (the nbdkit plugin's worker
+  // threads), where the loop would be stranded with reconnecting_ set and
+  // every later request would wait for it in vain. Before any request.
+  void reconnect_on(boost::asio::any_io_executor ex) { reconnect_executor_ = std::move(ex); }
+
   Task<std::error_code> read(std::span<std::byte> buf, uint64_t offset, IoFlags flags) override;
   Task<std::error_code> write(std::span<const std::byte> buf, uint64_t offset, IoFlags flags) override;
   Task<std::error_code> flush() override;
@@ -106,6 +118,7 @@ class RetryLayer final : public Layer {
   RemoteDevice& remote_;
   RetryOptions options_;
   std::atomic<bool> reconnecting_{false};
+  boost::asio::any_io_executor reconnect_executor_;  // empty: the starting request's
   std::atomic<unsigned> waiters_{0};  // requests inside recover()
 
   mutable std::mutex mutex_;

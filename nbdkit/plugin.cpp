@@ -5,8 +5,9 @@
 // Thread model: NBDKIT_THREAD_MODEL_PARALLEL. .config/.config_complete run
 // on nbdkit's main thread and only check the keys (nothing opens, since
 // nbdkit may still fork to the background); .after_fork opens the remote and
-// starts our event loops; the data callbacks run on nbdkit's worker threads
-// and hand each request to the connection's loop through PluginStack::run();
+// starts our event loops; the data callbacks run each request on the nbdkit
+// worker thread that calls them, through PluginStack::run() (which hops to our
+// loops only for what lives there, such as a remote session's I/O);
 // .cleanup (after the last connection) flushes and closes the stack, and
 // .unload does it if .cleanup did not run. Errors on the data path go to
 // nbdkit as errno values (nbdkit_set_error), the one mapping of this front end.
@@ -37,23 +38,21 @@ std::optional<PluginConfig> g_config;
 std::unique_ptr<PluginStack> g_stack;
 std::string g_help;  // built at load: config_help points into it
 
-// One per NBD connection: the loop its requests run on.
-struct Handle {
-  boost::asio::io_context* loop;
-};
-
-Handle* handle_of(void* h) { return static_cast<Handle*>(h); }
+// What blockway_open() returns for every connection: nbdkit wants a non-null
+// handle, and a connection has no state of its own here (its requests run on
+// whichever nbdkit thread calls, PluginStack::run()).
+char g_connection;
 
 int fail(int error) {
   nbdkit_set_error(error);
   return -1;
 }
 
-// Runs one request of a connection on its loop; errno to nbdkit.
+// Runs one request on the calling thread; errno to nbdkit.
 template <class F>
-int request(void* h, F make_task) {
+int request(F make_task) {
   try {
-    const std::error_code ec = g_stack->run(*handle_of(h)->loop, make_task(g_stack->device()));
+    const std::error_code ec = g_stack->run(make_task(g_stack->device()));
     return ec ? fail(ec.value()) : 0;
   } catch (const std::exception& e) {
     nbdkit_error("blockway: %s", e.what());
@@ -132,16 +131,7 @@ void blockway_dump_plugin() {
   std::printf("blockway_thread_model=parallel\n");
 }
 
-void* blockway_open(int /*readonly*/) {
-  try {
-    return new Handle{&g_stack->next_loop()};
-  } catch (const std::exception& e) {
-    nbdkit_error("blockway: %s", e.what());
-    return nullptr;
-  }
-}
-
-void blockway_close(void* h) { delete handle_of(h); }
+void* blockway_open(int /*readonly*/) { return &g_connection; }
 
 const char* blockway_export_description(void*) {
   return g_config->description.empty() ? nullptr : g_config->description.c_str();
@@ -181,35 +171,35 @@ int blockway_can_cache(void*) {
   return g_stack->device().capabilities().prefetch != Support::none ? NBDKIT_CACHE_NATIVE : NBDKIT_CACHE_NONE;
 }
 
-int blockway_pread(void* h, void* buf, uint32_t count, uint64_t offset, uint32_t) {
-  return request(h, [&](auto& dev) { return dev.read({static_cast<std::byte*>(buf), count}, offset, 0); });
+int blockway_pread(void*, void* buf, uint32_t count, uint64_t offset, uint32_t) {
+  return request([&](auto& dev) { return dev.read({static_cast<std::byte*>(buf), count}, offset, 0); });
 }
 
-int blockway_pwrite(void* h, const void* buf, uint32_t count, uint64_t offset, uint32_t flags) {
-  return request(h, [&](auto& dev) {
+int blockway_pwrite(void*, const void* buf, uint32_t count, uint64_t offset, uint32_t flags) {
+  return request([&](auto& dev) {
     return dev.write({static_cast<const std::byte*>(buf), count}, offset, flags_of(flags));
   });
 }
 
-int blockway_flush(void* h, uint32_t) {
-  return request(h, [](auto& dev) { return dev.flush(); });
+int blockway_flush(void*, uint32_t) {
+  return request([](auto& dev) { return dev.flush(); });
 }
 
-int blockway_trim(void* h, uint32_t count, uint64_t offset, uint32_t flags) {
-  return request(h, [&](auto& dev) { return dev.trim(ByteRange{offset, count}, flags_of(flags)); });
+int blockway_trim(void*, uint32_t count, uint64_t offset, uint32_t flags) {
+  return request([&](auto& dev) { return dev.trim(ByteRange{offset, count}, flags_of(flags)); });
 }
 
-int blockway_zero(void* h, uint32_t count, uint64_t offset, uint32_t flags) {
-  return request(h, [&](auto& dev) { return dev.zero(ByteRange{offset, count}, zero_flags_of(flags)); });
+int blockway_zero(void*, uint32_t count, uint64_t offset, uint32_t flags) {
+  return request([&](auto& dev) { return dev.zero(ByteRange{offset, count}, zero_flags_of(flags)); });
 }
 
-int blockway_cache(void* h, uint32_t count, uint64_t offset, uint32_t) {
-  return request(h, [&](auto& dev) { return dev.prefetch(ByteRange{offset, count}); });
+int blockway_cache(void*, uint32_t count, uint64_t offset, uint32_t) {
+  return request([&](auto& dev) { return dev.prefetch(ByteRange{offset, count}); });
 }
 
-int blockway_extents(void* h, uint32_t count, uint64_t offset, uint32_t, struct nbdkit_extents* extents) {
+int blockway_extents(void*, uint32_t count, uint64_t offset, uint32_t, struct nbdkit_extents* extents) {
   ExtentList list;
-  if (int r = request(h, [&](auto& dev) { return dev.block_status(ByteRange{offset, count}, list); }); r != 0)
+  if (int r = request([&](auto& dev) { return dev.block_status(ByteRange{offset, count}, list); }); r != 0)
     return r;
   uint64_t at = offset;
   for (const auto& e : list) {
@@ -238,7 +228,6 @@ struct nbdkit_plugin make_plugin() {
   p.cleanup = blockway_close_stack;
   p.dump_plugin = blockway_dump_plugin;
   p.open = blockway_open;
-  p.close = blockway_close;
   p.export_description = blockway_export_description;
   p.get_size = blockway_get_size;
   p.block_size = blockway_block_size;

@@ -24,6 +24,13 @@ uint64_t PluginStack::size_for_new_connection() {
   return device_->geometry().size;
 }
 
+boost::asio::io_context& PluginStack::thread_context() {
+  // Concurrency hint 1: only this thread runs it; posts from our loops (a
+  // remote's completion, a waiter woken elsewhere) still take its lock.
+  thread_local boost::asio::io_context io(1);
+  return io;
+}
+
 // The stack blockwayd builds (stack/export_stack.hpp) with nothing of the
 // daemon's around it: no run-time settings, access rules or remote bandwidth
 // cap, and the catalogue only when there is a cache.
@@ -63,9 +70,9 @@ void PluginStack::close() {
     auto& loop = loops_.at(0);
     auto& dev = *device_;
     if (!dev.capabilities().read_only && dev.capabilities().flush != core::Support::none) {
-      if (auto ec = run(loop, dev.flush())) log->error("{}: flush at close: {}", cfg_.where(), ec.message());
+      if (auto ec = run_on(loop, dev.flush())) log->error("{}: flush at close: {}", cfg_.where(), ec.message());
     }
-    run(loop, dev.close());
+    run_on(loop, dev.close());
   } catch (const std::exception& e) {
     log->error("{}: close: {}", cfg_.where(), e.what());
   }

@@ -7,12 +7,25 @@
 // the messages are the daemon's.
 //
 // Thread model: nbdkit calls the plugin from its own worker threads
-// (NBDKIT_THREAD_MODEL_PARALLEL). The stack runs on its own event loops
-// (core::EventLoops, run by one thread of ours); run() posts a request's
-// coroutine to a connection's loop and blocks the calling nbdkit thread on
-// its future until the loop has finished it: no busy waiting, and the stack
-// sees the same threads and executors as in blockwayd. Built and closed on
-// nbdkit's main thread (.after_fork, .cleanup).
+// (NBDKIT_THREAD_MODEL_PARALLEL), each blocked on one request at a time.
+// run() runs a request's coroutine on the calling thread, on an io_context of
+// that thread's own (thread_local), until the request is done: a cache hit or
+// a local file never leaves the thread, as in blockwayd, where a request runs
+// on the loop that read it. Handing every request to one of our loops and
+// back (what run() did before: co_spawn + std::future) cost two thread
+// switches, a wake through the loop's eventfd and a futex, plus the future's
+// shared state, per request: measured 0.24x of blockwayd at 4 KiB cached
+// random reads on 2 cores (bench/results/plugin.md). What must stay on a loop
+// still goes there: a remote session's I/O hops to its session's loop and
+// back (remote/common/loop_session.hpp, on_loop_of), the blocking pool runs
+// what blocks, the cache's background work runs on loop 0, and the
+// RetryLayer's reconnect loop runs on loop 0 (reconnect_on()), never on a
+// worker thread that stops running its io_context once its request is done.
+// Nothing a request leaves behind outlives it on the worker's io_context:
+// the stack's detached work goes to those loops. The loops themselves run
+// on threads of ours (core::EventLoops, started here). Built and closed on
+// nbdkit's main thread (.after_fork, .cleanup); close() runs its flush on
+// loop 0 (run_on()).
 #pragma once
 
 #include "cache/cache_layer.hpp"
@@ -22,11 +35,14 @@
 #include "nbdkit/plugin_config.hpp"
 
 #include <boost/asio/co_spawn.hpp>
+#include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/use_future.hpp>
 
 #include <functional>
+#include <exception>
 #include <memory>
+#include <optional>
 #include <thread>
 
 namespace blockway::nbdkit {
@@ -47,12 +63,32 @@ class PluginStack {
   // watch reports it. A cached stack keeps the size it opened with.
   [[nodiscard]] uint64_t size_for_new_connection();
   [[nodiscard]] const PluginConfig& config() const noexcept { return cfg_; }
-  // The loop a new connection's requests run on (round robin).
-  [[nodiscard]] boost::asio::io_context& next_loop() { return loops_.next(); }
+  // Loop i of the stack's event loops (threads=N of them).
+  [[nodiscard]] boost::asio::io_context& loop(size_t i) { return loops_.at(i); }
 
-  // Runs `task` on `loop` and waits for its result on the calling thread.
+  // Runs `task` on the calling thread (its own io_context, run until the
+  // task is done) and returns its result; an exception escaping the task is
+  // rethrown here. Any thread, any number at once; not from inside a task.
   template <class T>
-  T run(boost::asio::io_context& loop, core::Task<T> task) {
+  T run(core::Task<T> task) {
+    boost::asio::io_context& io = thread_context();
+    // Work first, then restart(): the io_context stops whenever its work
+    // count drops to 0, which the end of the last request did, possibly on
+    // one of our loops (a hop back releases its work there) and possibly
+    // late. Once this guard holds work, nothing can stop it again, so the
+    // restart() below sticks and run_one() waits rather than returning.
+    const auto work = boost::asio::make_work_guard(io);
+    io.restart();
+    Outcome<T> out;
+    boost::asio::co_spawn(io, std::move(task), out.handler());
+    while (!out.done)
+      if (io.run_one() == 0) io.restart();  // stopped all the same: never spin on it
+    return out.get();
+  }
+
+  // Runs `task` on `loop` (one of ours) and waits for its result.
+  template <class T>
+  T run_on(boost::asio::io_context& loop, core::Task<T> task) {
     return boost::asio::co_spawn(loop, std::move(task), boost::asio::use_future).get();
   }
 
@@ -61,7 +97,30 @@ class PluginStack {
   // its state) and stops the loops. Once; the destructor calls it too.
   void close();
 
+  // The calling thread's io_context (made on its first request, destroyed
+  // when the thread exits).
+  static boost::asio::io_context& thread_context();
+
  private:
+  // A task's result, filled by co_spawn's completion on the running thread.
+  template <class T>
+  struct Outcome {
+    std::optional<T> value;
+    std::exception_ptr error;
+    bool done = false;
+    auto handler() {
+      return [this](std::exception_ptr e, T v) {
+        error = std::move(e);
+        if (!error) value.emplace(std::move(v));
+        done = true;
+      };
+    }
+    T get() {
+      if (error) std::rethrow_exception(error);
+      return std::move(*value);
+    }
+  };
+
   void build();
 
   PluginConfig cfg_;
@@ -72,6 +131,21 @@ class PluginStack {
   cache::CacheLayer* cache_ = nullptr;  // owned by device_'s chain
   std::thread runner_;
   bool closed_ = false;
+};
+
+template <>
+struct PluginStack::Outcome<void> {
+  std::exception_ptr error;
+  bool done = false;
+  auto handler() {
+    return [this](std::exception_ptr e) {
+      error = std::move(e);
+      done = true;
+    };
+  }
+  void get() {
+    if (error) std::rethrow_exception(error);
+  }
 };
 
 }  // namespace blockway::nbdkit

@@ -64,6 +64,9 @@ Bottom open_bottom(const ExportSpec& spec, bool cached, core::Options& options, 
       auto opened = backend.open_remote(spec.uri, options, env);
       bottom.remote = opened.get();
       auto layer = std::make_unique<core::RetryLayer>(std::move(opened), retry);
+      // Its reconnect loop on a loop of ours, never on a caller's thread that
+      // may stop running it (the plugin runs requests on nbdkit's threads).
+      layer->reconnect_on(ctx.loops.at(0).get_executor());
       bottom.retry = layer.get();
       bottom.device = std::move(layer);
       if (ctx.remote_bandwidth)

@@ -9,6 +9,7 @@
 
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/co_spawn.hpp>
+#include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/this_coro.hpp>
@@ -16,6 +17,7 @@
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -264,6 +266,41 @@ TEST(RetryLayerTest, ConcurrentFailuresShareOneReconnect) {
   EXPECT_EQ(f.remote->reconnects_ok, 1);
   EXPECT_EQ(f.remote->max_concurrent_reconnects, 1);
   EXPECT_EQ(f.layer->health().reconnects, 1u);
+}
+
+// Runs one request on `io` as the nbdkit plugin does: only until it is done.
+std::error_code run_until_done(boost::asio::io_context& io, Task<std::error_code> task) {
+  const auto work = boost::asio::make_work_guard(io);  // before restart(): see PluginStack::run()
+  io.restart();
+  std::optional<std::error_code> result;
+  boost::asio::co_spawn(io, std::move(task), [&](std::exception_ptr e, std::error_code ec) {
+    if (e) std::rethrow_exception(e);
+    result = ec;
+  });
+  while (!result) io.run_one();
+  return *result;
+}
+
+TEST(RetryLayerTest, TheReconnectLoopRunsWhereReconnectOnSaysNotOnACallerThatStopsRunning) {
+  Fixture f(300ms);
+  boost::asio::io_context loop;
+  auto loop_work = boost::asio::make_work_guard(loop);
+  std::jthread loop_thread([&] { loop.run(); });
+  f.layer->reconnect_on(loop.get_executor());
+  f.remote->down = true;
+  // The first request starts the reconnect loop and gives up; its thread
+  // never runs its io_context again (an nbdkit worker that went idle).
+  boost::asio::io_context first;
+  EXPECT_EQ(run_until_done(first, f.layer->read(f.buf, 0, 0)), err(EIO));
+  // Once the remote is back, a request from another thread gets a session:
+  // the loop it started ended on `loop` (nobody waited), so this one starts
+  // a new one. Had the loop stayed on `first`, it would never end, and this
+  // request would wait for it until its deadline and fail with EIO.
+  f.remote->down = false;
+  boost::asio::io_context second;
+  EXPECT_FALSE(run_until_done(second, f.layer->read(f.buf, 0, 0)));
+  EXPECT_EQ(f.remote->reconnects_ok, 1);
+  loop_work.reset();
 }
 
 TEST(RetryLayerTest, FlushAfterReconnectReportsPossiblyLostWritesOnce) {
