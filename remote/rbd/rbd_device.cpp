@@ -80,7 +80,7 @@ RbdDevice::RbdDevice(std::string uri, RbdTarget target, bool read_only, RbdOptio
                                                           std::chrono::milliseconds(1000));
   auto session = new_session();
   try {
-    open_session(*session, read_only, false);
+    open_session(*session, read_only, nullptr);
   } catch (...) {
     session->close_bound = kCloseBound;  // the only reference: closed here
     throw;
@@ -184,7 +184,8 @@ void RbdDevice::close_session(Session s, std::chrono::milliseconds bound) {
                               spec, bound.count());
 }
 
-void RbdDevice::open_session(Session& s, bool read_only, bool reopen) {
+void RbdDevice::open_session(Session& s, bool read_only, const Session* previous) {
+  const bool reopen = previous != nullptr;
   const std::string where = "RBD image '" + target_.spec() + "' (" + uri_ + ")";
   auto fail = [&where](const std::string& what) { throw BackendError(where + ": " + what); };
   const std::string user = "client." + target_.id;
@@ -225,6 +226,10 @@ void RbdDevice::open_session(Session& s, bool read_only, bool reopen) {
     if (r == -ETIMEDOUT)
       fail("no answer from the mons within " + seconds + " s (io-timeout): is the cluster up, is mon host right?");
     fail("cannot connect to the cluster as " + user + ": " + errno_text(r));
+  }
+  if (char* addrs = nullptr; rados_getaddrs(s.cluster->handle, &addrs) == 0 && addrs) {
+    s.address = addrs;
+    rados_buffer_free(addrs);
   }
   r = rados_ioctx_create(s.cluster->handle, target_.pool.c_str(), &s.ioctx);
   if (r < 0) {
@@ -281,7 +286,7 @@ void RbdDevice::open_session(Session& s, bool read_only, bool reopen) {
     if (!(features & RBD_FEATURE_EXCLUSIVE_LOCK))
       fail("the image lacks the exclusive-lock feature, so a second writer cannot be kept out; enable it (rbd "
            "feature enable " + target_.spec() + " exclusive-lock) or add exclusive=off to the URI");
-    take_lock(s.image, reopen);
+    take_lock(s.image, previous);
     s.locked = true;
   }
   if (!snap) {
@@ -300,7 +305,28 @@ void RbdDevice::open_session(Session& s, bool read_only, bool reopen) {
                             read_only_ ? ", read-only" : "", s.locked ? ", exclusive lock held" : "");
 }
 
-void RbdDevice::take_lock(rbd_image_t image, bool reopen) {
+namespace {
+
+// Whether the lock owner `owner` (librbd names it by its address,
+// "IP:PORT/NONCE") is the client whose addresses rados_getaddrs gave as
+// `ours` ("[v2:IP:PORT/NONCE,...]", "any:IP:PORT/NONCE"...): by the nonce,
+// which is drawn at random per client instance (the IP a client reports
+// for itself may differ from the one the OSD recorded).
+bool same_client(const std::string& owner, const std::string& ours) {
+  const auto slash = owner.rfind('/');
+  if (slash == std::string::npos || slash + 1 == owner.size()) return false;
+  const std::string nonce = owner.substr(slash);  // "/NONCE"
+  for (size_t at = ours.find(nonce); at != std::string::npos; at = ours.find(nonce, at + 1)) {
+    const size_t end = at + nonce.size();
+    if (end == ours.size() || ours[end] == ',' || ours[end] == ']') return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+void RbdDevice::take_lock(rbd_image_t image, const Session* previous) {
+  const bool reopen = previous != nullptr;
   const std::string where = "RBD image '" + target_.spec() + "' (" + uri_ + ")";
   auto owners = [image] {
     rbd_lock_mode_t mode{};
@@ -317,6 +343,16 @@ void RbdDevice::take_lock(rbd_image_t image, bool reopen) {
   // requests librbd no longer answered: breaking it fences that session.
   if (target_.lock == LockMode::take_over || reopen) {
     for (const auto& owner : owners()) {
+      if (reopen) {
+        // Only our own previous session's lock: if another gateway holds
+        // it, it took the image (exclusive=break), and this one yields.
+        if (!same_client(owner, previous->address))
+          throw BackendError(where + ": the exclusive lock is held by " + owner + ", not by this gateway's " +
+                             "previous session (" + previous->address + "): another gateway took the image; " +
+                             "not taking it back");
+        // Marked before the break fences it (see Session::replaced).
+        previous->replaced->store(true, std::memory_order_release);
+      }
       core::logger("rbd")->warn("{}: breaking the exclusive lock of {} ({})", target_.spec(), owner,
                                 reopen ? "our previous session" : "exclusive=break");
       const int r = rbd_lock_break(image, RBD_LOCK_MODE_EXCLUSIVE, owner.c_str());
@@ -672,19 +708,21 @@ int RbdDevice::reopen() {
     return -ENOTCONN;
   }
   // The fresh session breaks the current one's lock (take_lock), and the
-  // cluster then fails its requests with EBLOCKLISTED: marked first, so that
-  // those are retried on the new session instead of failing with EIO. (A
-  // reopen that fails leaves the mark: a later EBLOCKLISTED there is retried
-  // until retry-timeout rather than failed at once.)
-  if (auto current = session_.load(std::memory_order_acquire))
-    current->replaced->store(true, std::memory_order_release);
+  // cluster then fails the current one's requests with EBLOCKLISTED: take_lock
+  // marks it replaced just before, so that those are retried on the new
+  // session instead of failing with EIO. A reopen that fails before that
+  // leaves no mark, and one that finds another gateway holding the lock
+  // leaves it alone.
+  auto current = session_.load(std::memory_order_acquire);
+  if (!current) return -ENOTCONN;  // shut down
   auto fresh = new_session();
   try {
-    open_session(*fresh, read_only_, true);
+    open_session(*fresh, read_only_, current.get());
   } catch (const BackendError& e) {
     core::logger("rbd")->warn("{}", e.what());
     return -ENOTCONN;  // fresh closes as it goes, without being waited for
   }
+  current.reset();
   rbd_image_t image = fresh->image;
   auto old = session_.exchange(std::move(fresh), std::memory_order_acq_rel);
   if (old) {

@@ -188,20 +188,27 @@ class RbdDevice final : public core::RemoteDevice {
     // Set when a reopen replaced the session: the device's count of replaced
     // sessions still open, which the close decrements.
     std::shared_ptr<std::atomic<int>> retired_open;
-    // Set (before retired_open) when a reopen replaced the session; read by
-    // completions on librbd's threads: the reopen broke this session's lock,
-    // so the cluster fences it (EBLOCKLISTED), which then means "ask the new
-    // session", not "another gateway took the image".
+    // The client's own addresses (rados_getaddrs), taken at open: a reopen
+    // breaks the image's lock only when its holder is this session.
+    std::string address;
+    // Set by a reopen just before it breaks this session's lock; read by
+    // completions on librbd's threads: the cluster then fences this session
+    // (EBLOCKLISTED), which means "ask the new session", not "another
+    // gateway took the image". A reopen that fails before it breaks the
+    // lock leaves it unset, so a later break by another gateway still fails
+    // the export at once.
     std::shared_ptr<std::atomic<bool>> replaced = std::make_shared<std::atomic<bool>>(false);
   };
   // A session that closes itself (close_session) when its last user lets go.
   using SessionRef = std::shared_ptr<Session>;
   SessionRef new_session() const;
   // Connects and opens the image into s (start-up, or a reopen after a
-  // wedge: then the lock is taken back from our previous session); throws
-  // BackendError, leaving in s what to close.
-  void open_session(Session& s, bool read_only, bool reopen);
-  void take_lock(rbd_image_t image, bool reopen);
+  // wedge: then `previous` is the session replaced, whose lock is taken
+  // back); throws BackendError, leaving in s what to close.
+  void open_session(Session& s, bool read_only, const Session* previous);
+  // Takes the exclusive lock; a reopen breaks it only when `previous` holds
+  // it (marking `previous` replaced first), never another gateway's.
+  void take_lock(rbd_image_t image, const Session* previous);
   // Closes s on a thread of its own and waits for it at most `bound` (0: not
   // at all); a close still running then is left to finish on its own.
   static void close_session(Session s, std::chrono::milliseconds bound);

@@ -377,6 +377,55 @@ class ReopenTest(RbdTestCase):
         self.assertEqual(self.export(name)[:8192], b"r" * 4096 + b"s" * 4096)
 
 
+    def test_failed_reopen_leaves_a_later_lock_break_by_another_gateway_fatal(self):
+        """A reopen that fails (the OSD frozen: the fresh session cannot open
+        the image) must not leave the current session marked as replaced by
+        us: when another gateway later breaks the lock, the first one's
+        writes fail with EIO at once, and its next reopen does not take the
+        lock back from the other gateway (whose writes go on)."""
+        name = self.image(8 * MiB)
+        first = self.serve(CLUSTER.uri(name), "retry-timeout=2,io-timeout=0.6", name="first")
+        h = self.client()
+        h.pwrite(b"a" * 4096, 0)
+        h.flush()
+        tried, failed = "reopening the image on a new cluster connection", "RBD image '"
+
+        def reopens_settled():  # every reopen tried has failed, and none is running
+            log = first.full_log()
+            return log.count(tried) > 0 and log.count(tried) == log.count(failed)
+        with harness.frozen(CLUSTER.osd.proc.pid):
+            with self.assertRaises(nbd.Error) as cm:
+                h.pread(4096, 0)
+            self.assertEqual(cm.exception.errnum, errno.EIO)
+            # No request waits now, so the reconnect loop ends after the
+            # reopen it may still be running.
+            harness.wait_until(reopens_settled, 20, interval=0.1, what="reopens that failed:\n" + first.log(3000))
+            time.sleep(0.5)
+            harness.wait_until(reopens_settled, 20, interval=0.1, what="reopens that failed:\n" + first.log(3000))
+        # The OSD runs again: the old session serves (librbd resends), no
+        # reopen needed.
+        self.assertEqual(h.pread(4096, 0), b"a" * 4096)
+        self.assertNotIn(": reopened as ", first.full_log())
+
+        second_daemon = self.serve(CLUSTER.uri(name, extra="exclusive=break"), "retry-timeout=2", name="second")
+        self.assertIn("breaking the exclusive lock", second_daemon.log())
+        h2 = self.client()
+        h2.pwrite(b"2" * 4096, 0)
+        h2.flush()
+        start = time.monotonic()
+        with self.assertRaises(nbd.Error) as cm:
+            h.pwrite(b"X" * 4096, 4096)
+            h.flush()
+        self.assertEqual(cm.exception.errnum, errno.EIO)
+        self.assertLess(time.monotonic() - start, 10)
+        # The second gateway still holds the image.
+        h2.pwrite(b"3" * 4096, 8192)
+        h2.flush()
+        self.assertEqual(self.export(name)[:12288], b"2" * 4096 + b"\0" * 4096 + b"3" * 4096)
+        log = first.full_log()
+        self.assertNotIn(": reopened as ", log)
+        self.assertEqual(log.count("breaking the exclusive lock"), 0, log[-3000:])
+
     def test_librbd_timeout_makes_the_retry_layer_reconnect_on_the_same_session(self):
         """With whole seconds of io-timeout, librbd's own op timeout answers
         first (ETIMEDOUT, a connection error): the RetryLayer reconnects (asks
