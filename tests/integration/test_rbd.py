@@ -93,6 +93,24 @@ class RbdTestCase(harness.DaemonTestCase):
         du = json.loads(CLUSTER.rbd("du", "--format", "json", "rbd/" + name).stdout)
         return sum(i["used_size"] for i in du["images"] if i["name"] == name and "snapshot" not in i)
 
+    def take_over(self, name, first, within):
+        """A second gateway takes image `name` with exclusive=break and
+        writes "2"s at 0; the first gateway's next write (on handle `first`)
+        then fails with EIO within `within` seconds. Returns the second
+        gateway's handle."""
+        second_daemon = self.serve(CLUSTER.uri(name, extra="exclusive=break"), "retry-timeout=2", name="second")
+        self.assertIn("breaking the exclusive lock", second_daemon.log())
+        second = self.client()
+        second.pwrite(b"2" * 4096, 0)
+        second.flush()
+        start = time.monotonic()
+        with self.assertRaises(nbd.Error) as cm:
+            first.pwrite(b"X" * 4096, 4096)
+            first.flush()
+        self.assertEqual(cm.exception.errnum, errno.EIO)
+        self.assertLess(time.monotonic() - start, within)
+        return second
+
     def export(self, spec):
         out = self.path("export-%d.img" % time.monotonic_ns())
         CLUSTER.rbd("export", "--no-progress", "rbd/" + spec, out)
@@ -292,17 +310,7 @@ class LockTest(RbdTestCase):
         shared.stop(timeout=60)
 
         # exclusive=break takes the lock; the cluster fences the first gateway.
-        second_daemon = self.serve(uri + "&exclusive=break", "retry-timeout=2", name="second")
-        self.assertIn("breaking the exclusive lock", second_daemon.log())
-        second = self.client()
-        second.pwrite(b"2" * 4096, 0)
-        second.flush()
-        start = time.monotonic()
-        with self.assertRaises(nbd.Error) as cm:
-            first.pwrite(b"X" * 4096, 4096)
-            first.flush()
-        self.assertEqual(cm.exception.errnum, errno.EIO)
-        self.assertLess(time.monotonic() - start, 30)
+        self.take_over(name, first, within=30)
         self.assertEqual(self.export(name)[:8192], b"2" * 4096 + b"\0" * 4096)
 
 
@@ -494,17 +502,7 @@ class ReopenTest(RbdTestCase):
         self.assertEqual(h.pread(4096, 0), b"a" * 4096)
         self.assertNotIn(": reopened as ", first.full_log())
 
-        second_daemon = self.serve(CLUSTER.uri(name, extra="exclusive=break"), "retry-timeout=2", name="second")
-        self.assertIn("breaking the exclusive lock", second_daemon.log())
-        h2 = self.client()
-        h2.pwrite(b"2" * 4096, 0)
-        h2.flush()
-        start = time.monotonic()
-        with self.assertRaises(nbd.Error) as cm:
-            h.pwrite(b"X" * 4096, 4096)
-            h.flush()
-        self.assertEqual(cm.exception.errnum, errno.EIO)
-        self.assertLess(time.monotonic() - start, 10)
+        h2 = self.take_over(name, h, within=10)
         # The second gateway still holds the image.
         h2.pwrite(b"3" * 4096, 8192)
         h2.flush()
