@@ -11,6 +11,7 @@
 #include <rbd/features.h>
 
 #include <algorithm>
+#include <array>
 #include <cerrno>
 #include <condition_variable>
 #include <cstring>
@@ -40,6 +41,22 @@ struct RbdDevice::Request : boost::intrusive::list_base_hook<> {
   std::chrono::steady_clock::time_point deadline;
   std::unique_ptr<std::byte[]> bounce;  // a read's data, until it is copied to `dest`
   std::span<std::byte> dest;            // the caller's buffer: only written while `done` is set
+  // A sequential run (see the header): a read widened to run_length bytes
+  // from run_offset (its own caller's range first), which later readers of a
+  // range inside it join while it is in flight, if no write started since
+  // (run_epoch). 0: a plain request.
+  uint64_t run_offset = 0;
+  uint64_t run_length = 0;
+  uint64_t run_epoch = 0;
+  std::vector<Joined> joined;  // under Inflight::mutex until the request leaves
+};
+
+// A reader answered by a run another read started (see Request).
+struct RbdDevice::Joined {
+  std::span<std::byte> dest;  // the caller's buffer: alive while `done` is set
+  uint64_t at = 0;            // where its range starts in the run
+  std::unique_ptr<common::Completion> done;
+  boost::asio::any_io_executor executor;
 };
 
 struct RbdDevice::Inflight {
@@ -53,21 +70,45 @@ struct RbdDevice::Inflight {
   uint64_t abandoned = 0;                       // of those, answered with ETIMEDOUT already
   bool wedged = false;                          // a request passed its deadline since the last reopen
   bool stop = false;
+  std::vector<Request*> runs;                   // runs in flight that readers may still join
+  struct End {
+    uint64_t offset = 0;  // where a recent read ended
+    uint32_t streak = 0;  // how many reads in a row ended there, each where the one before ended
+  };
+  std::array<End, 32> ends{};
+  size_t next_end = 0;
 
   // r left librbd: unlinks it and returns what answers its caller (null if
-  // the watchdog did already).
-  std::unique_ptr<common::Completion> leave(Request& r) {
+  // the watchdog did already) and the readers that joined it.
+  std::unique_ptr<common::Completion> leave(Request& r, std::vector<Joined>& joined) {
     std::unique_ptr<common::Completion> done;
     {
       std::lock_guard lock(mutex);
       if (r.is_linked()) list.erase(list.iterator_to(r));
+      if (r.run_length) drop_run(r);
       done = std::move(r.done);
+      joined = std::move(r.joined);
       --in_librbd;
       if (!done) --abandoned;
       if (in_librbd > 0) return done;
     }
     drained.notify_all();
     return done;
+  }
+  void drop_run(Request& r) {  // under mutex
+    if (auto it = std::find(runs.begin(), runs.end(), &r); it != runs.end()) runs.erase(it);
+  }
+  // Whether a read from `offset` continues a stream of at least two reads,
+  // each starting where the one before ended (one adjacent read may be
+  // chance); records where this one ends. Under mutex.
+  bool sequential(uint64_t offset, uint64_t end) {
+    uint32_t streak = 0;
+    if (offset != 0) {
+      const auto it = std::find_if(ends.begin(), ends.end(), [offset](const End& e) { return e.offset == offset; });
+      if (it != ends.end()) streak = it->streak + 1;
+    }
+    ends[next_end++ % ends.size()] = {end, streak};
+    return streak >= 2;
   }
 };
 
@@ -80,11 +121,14 @@ RbdDevice::RbdDevice(std::string uri, RbdTarget target, bool read_only, RbdOptio
                                                           std::chrono::milliseconds(1000));
   auto session = new_session();
   try {
-    open_session(*session, read_only, false);
+    open_session(*session, read_only, nullptr);
   } catch (...) {
     session->close_bound = kCloseBound;  // the only reference: closed here
     throw;
   }
+  // Runs only where no other client writes the image: a snapshot, or an
+  // image whose exclusive lock this gateway holds.
+  runs_ = !target_.snap.empty() || session->locked;
   session_.store(std::move(session), std::memory_order_release);
   {
     std::lock_guard lock(watcher_->mutex);
@@ -184,7 +228,8 @@ void RbdDevice::close_session(Session s, std::chrono::milliseconds bound) {
                               spec, bound.count());
 }
 
-void RbdDevice::open_session(Session& s, bool read_only, bool reopen) {
+void RbdDevice::open_session(Session& s, bool read_only, const Session* previous) {
+  const bool reopen = previous != nullptr;
   const std::string where = "RBD image '" + target_.spec() + "' (" + uri_ + ")";
   auto fail = [&where](const std::string& what) { throw BackendError(where + ": " + what); };
   const std::string user = "client." + target_.id;
@@ -225,6 +270,10 @@ void RbdDevice::open_session(Session& s, bool read_only, bool reopen) {
     if (r == -ETIMEDOUT)
       fail("no answer from the mons within " + seconds + " s (io-timeout): is the cluster up, is mon host right?");
     fail("cannot connect to the cluster as " + user + ": " + errno_text(r));
+  }
+  if (char* addrs = nullptr; rados_getaddrs(s.cluster->handle, &addrs) == 0 && addrs) {
+    s.address = addrs;
+    rados_buffer_free(addrs);
   }
   r = rados_ioctx_create(s.cluster->handle, target_.pool.c_str(), &s.ioctx);
   if (r < 0) {
@@ -281,7 +330,7 @@ void RbdDevice::open_session(Session& s, bool read_only, bool reopen) {
     if (!(features & RBD_FEATURE_EXCLUSIVE_LOCK))
       fail("the image lacks the exclusive-lock feature, so a second writer cannot be kept out; enable it (rbd "
            "feature enable " + target_.spec() + " exclusive-lock) or add exclusive=off to the URI");
-    take_lock(s.image, reopen);
+    take_lock(s.image, previous);
     s.locked = true;
   }
   if (!snap) {
@@ -300,7 +349,28 @@ void RbdDevice::open_session(Session& s, bool read_only, bool reopen) {
                             read_only_ ? ", read-only" : "", s.locked ? ", exclusive lock held" : "");
 }
 
-void RbdDevice::take_lock(rbd_image_t image, bool reopen) {
+namespace {
+
+// Whether the lock owner `owner` (librbd names it by its address,
+// "IP:PORT/NONCE") is the client whose addresses rados_getaddrs gave as
+// `ours` ("[v2:IP:PORT/NONCE,...]", "any:IP:PORT/NONCE"...): by the nonce,
+// which is drawn at random per client instance (the IP a client reports
+// for itself may differ from the one the OSD recorded).
+bool same_client(const std::string& owner, const std::string& ours) {
+  const auto slash = owner.rfind('/');
+  if (slash == std::string::npos || slash + 1 == owner.size()) return false;
+  const std::string nonce = owner.substr(slash);  // "/NONCE"
+  for (size_t at = ours.find(nonce); at != std::string::npos; at = ours.find(nonce, at + 1)) {
+    const size_t end = at + nonce.size();
+    if (end == ours.size() || ours[end] == ',' || ours[end] == ']') return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+void RbdDevice::take_lock(rbd_image_t image, const Session* previous) {
+  const bool reopen = previous != nullptr;
   const std::string where = "RBD image '" + target_.spec() + "' (" + uri_ + ")";
   auto owners = [image] {
     rbd_lock_mode_t mode{};
@@ -317,6 +387,16 @@ void RbdDevice::take_lock(rbd_image_t image, bool reopen) {
   // requests librbd no longer answered: breaking it fences that session.
   if (target_.lock == LockMode::take_over || reopen) {
     for (const auto& owner : owners()) {
+      if (reopen) {
+        // Only our own previous session's lock: if another gateway holds
+        // it, it took the image (exclusive=break), and this one yields.
+        if (!same_client(owner, previous->address))
+          throw BackendError(where + ": the exclusive lock is held by " + owner + ", not by this gateway's " +
+                             "previous session (" + previous->address + "): another gateway took the image; " +
+                             "not taking it back");
+        // Marked before the break fences it (see Session::replaced).
+        previous->replaced->store(true, std::memory_order_release);
+      }
       core::logger("rbd")->warn("{}: breaking the exclusive lock of {} ({})", target_.spec(), owner,
                                 reopen ? "our previous session" : "exclusive=break");
       const int r = rbd_lock_break(image, RBD_LOCK_MODE_EXCLUSIVE, owner.c_str());
@@ -407,18 +487,25 @@ void RbdDevice::on_complete(rbd_completion_t c, void* arg) {
   const ssize_t r = rbd_aio_get_return_value(c);
   rbd_aio_release(c);
   Inflight& in = *req->inflight;
-  auto done = in.leave(*req);
+  std::vector<Joined> joined;
+  auto done = in.leave(*req, joined);
   if (!done) {
     core::logger("rbd")->info("{}: a {} that timed out came back from librbd ({})", in.spec, req->what,
                               r < 0 ? errno_text(static_cast<int>(r)) : std::string("done"));
     return;
   }
-  // The caller still waits for this, so its buffer is alive.
-  if (r >= 0 && req->bounce) std::memcpy(req->dest.data(), req->bounce.get(), req->dest.size());
   int err = r < 0 ? static_cast<int>(-r) : 0;
   // Fenced because our own reopen took the lock from this session: a lost
   // session (retried on the new one), not another gateway's doing.
   if (err == ESHUTDOWN && req->session->replaced->load(std::memory_order_acquire)) err = ENOTCONN;
+  // The callers still wait for this, so their buffers are alive: the
+  // request's own, and those of the readers that joined its run (at their
+  // place in it).
+  if (err == 0 && req->bounce) std::memcpy(req->dest.data(), req->bounce.get(), req->dest.size());
+  for (auto& j : joined) {
+    if (err == 0) std::memcpy(j.dest.data(), req->bounce.get() + j.at, j.dest.size());
+    common::post_completion(j.executor, std::move(j.done), err);
+  }
   common::post_completion(req->executor, std::move(done), err);
 }
 
@@ -447,6 +534,11 @@ void RbdDevice::watch(const std::shared_ptr<Inflight>& inflight) {
     const char* what = oldest.what;
     const uint64_t abandoned = in.abandoned;
     common::post_completion(oldest.executor, std::move(oldest.done), ETIMEDOUT);
+    if (oldest.run_length) {
+      in.drop_run(oldest);
+      for (auto& j : oldest.joined) common::post_completion(j.executor, std::move(j.done), ETIMEDOUT);
+      oldest.joined.clear();
+    }
     lock.unlock();
     core::logger("rbd")->warn("{}: a {} got no answer from librbd by its deadline; failed with ETIMEDOUT and left "
                               "to librbd ({} such request(s) still inside it)",
@@ -456,49 +548,76 @@ void RbdDevice::watch(const std::shared_ptr<Inflight>& inflight) {
 }
 
 template <class Start>
-core::Task<std::error_code> RbdDevice::submit(const char* what, Start start, std::span<std::byte> read_into) {
+core::Task<std::error_code> RbdDevice::submit(const char* what, Start start, std::span<std::byte> read_into,
+                                              uint64_t read_offset) {
   co_return co_await boost::asio::async_initiate<const boost::asio::use_awaitable_t<>, void(std::error_code)>(
-      [this, what, &start, read_into](auto handler) {
+      [this, what, &start, read_into, read_offset](auto handler) {
         auto req = std::make_unique<Request>();
         req->inflight = inflight_;
         req->what = what;
         req->executor = boost::asio::get_associated_executor(handler);
         req->done = std::make_unique<common::CompletionOf<decltype(handler)>>(std::move(handler));
-        if (!read_into.empty()) {
-          req->bounce = std::make_unique_for_overwrite<std::byte[]>(read_into.size());
-          req->dest = read_into;
-        }
-        char* target = reinterpret_cast<char*>(req->bounce.get());
-        rbd_completion_t c = nullptr;
-        int r = rbd_aio_create_completion(req.get(), &RbdDevice::on_complete, &c);
-        if (r < 0) {
-          auto ex = req->executor;
-          common::post_completion(ex, std::move(req->done), -r);
-          return;
-        }
         Inflight& in = *inflight_;
         req->session = session_.load(std::memory_order_acquire);
         if (!req->session) {  // after shutdown
           auto ex = req->executor;
-          rbd_aio_release(c);
           common::post_completion(ex, std::move(req->done), ENOTCONN);
           return;
         }
-        rbd_image_t image = req->session->image;
+        uint64_t length = read_into.size();
         {
+          const uint64_t epoch = write_epoch_.load();
           std::lock_guard lock(in.mutex);
+          if (!read_into.empty()) {
+            // Join a run in flight that covers this read, or start one if
+            // this read continues an earlier one (see the header).
+            const uint64_t end = read_offset + length;
+            const bool seq = in.sequential(read_offset, end);
+            for (Request* run : in.runs) {
+              if (run->run_epoch == epoch && read_offset >= run->run_offset &&
+                  end <= run->run_offset + run->run_length) {
+                run->joined.push_back(
+                    {read_into, read_offset - run->run_offset, std::move(req->done), req->executor});
+                return;
+              }
+            }
+            if (seq && runs_ && length < kRunBytes && writes_in_flight_.load() == 0) {
+              const uint64_t run_end =
+                  std::min(read_offset / kRunBytes * kRunBytes + kRunBytes, size_.load(std::memory_order_acquire));
+              if (run_end > end) {
+                req->run_offset = read_offset;
+                req->run_length = length = run_end - read_offset;
+                req->run_epoch = epoch;
+              }
+            }
+          }
           req->deadline = std::chrono::steady_clock::now() + deadline();
           in.list.push_back(*req);
           ++in.in_librbd;
+          if (req->run_length) in.runs.push_back(req.get());
         }
+        // Linked: the watchdog may answer it from here on; joiners only add
+        // themselves to it.
+        if (!read_into.empty()) {
+          req->bounce = std::make_unique_for_overwrite<std::byte[]>(length);
+          req->dest = read_into;
+        }
+        char* target = reinterpret_cast<char*>(req->bounce.get());
+        rbd_image_t image = req->session->image;
         Request* raw = req.release();  // on_complete owns it from here, or we do again below
-        r = start(image, c, target);
-        if (r >= 0) return;
+        rbd_completion_t c = nullptr;
+        int r = rbd_aio_create_completion(raw, &RbdDevice::on_complete, &c);
+        if (r >= 0) {
+          r = start(image, c, target, length);
+          if (r >= 0) return;
+          rbd_aio_release(c);
+        }
         // Refused at once: librbd will not call on_complete.
         std::unique_ptr<Request> back(raw);
-        auto done = in.leave(*back);
-        rbd_aio_release(c);
+        std::vector<Joined> joined;
+        auto done = in.leave(*back, joined);
         if (done) common::post_completion(back->executor, std::move(done), -r);
+        for (auto& j : joined) common::post_completion(j.executor, std::move(j.done), -r);
       },
       boost::asio::use_awaitable);
 }
@@ -526,8 +645,10 @@ std::error_code RbdDevice::note(std::error_code ec, const char* what) {
 core::Task<std::error_code> RbdDevice::read(std::span<std::byte> buf, uint64_t offset, core::IoFlags) {
   const auto ec = co_await submit(
       "read",
-      [&](rbd_image_t img, rbd_completion_t c, char* into) { return rbd_aio_read(img, offset, buf.size(), into, c); },
-      buf);
+      [&](rbd_image_t img, rbd_completion_t c, char* into, uint64_t length) {
+        return rbd_aio_read(img, offset, length, into, c);
+      },
+      buf, offset);
   co_return note(ec, "read");
 }
 
@@ -535,7 +656,8 @@ core::Task<std::error_code> RbdDevice::write(std::span<const std::byte> buf, uin
   if (read_only_) co_return core::errno_code(EROFS);
   // librbd copies the data at submission (rbd_disable_zero_copy_writes), so
   // a write abandoned at its deadline never reads the caller's buffer later.
-  const auto ec = co_await submit("write", [&](rbd_image_t img, rbd_completion_t c, char*) {
+  const WriteMark mark(*this);
+  const auto ec = co_await submit("write", [&](rbd_image_t img, rbd_completion_t c, char*, uint64_t) {
     return rbd_aio_write(img, offset, buf.size(), reinterpret_cast<const char*>(buf.data()), c);
   });
   co_return note(ec, "write");
@@ -543,13 +665,14 @@ core::Task<std::error_code> RbdDevice::write(std::span<const std::byte> buf, uin
 
 core::Task<std::error_code> RbdDevice::flush() {
   const auto ec =
-      co_await submit("flush", [](rbd_image_t img, rbd_completion_t c, char*) { return rbd_aio_flush(img, c); });
+      co_await submit("flush", [](rbd_image_t img, rbd_completion_t c, char*, uint64_t) { return rbd_aio_flush(img, c); });
   co_return note(ec, "flush");
 }
 
 core::Task<std::error_code> RbdDevice::trim(core::ByteRange range, core::IoFlags) {
   if (read_only_) co_return core::errno_code(EROFS);
-  const auto ec = co_await submit("discard", [&](rbd_image_t img, rbd_completion_t c, char*) {
+  const WriteMark mark(*this);
+  const auto ec = co_await submit("discard", [&](rbd_image_t img, rbd_completion_t c, char*, uint64_t) {
     return rbd_aio_discard(img, range.offset, range.length, c);
   });
   co_return note(ec, "discard");
@@ -560,7 +683,8 @@ core::Task<std::error_code> RbdDevice::zero(core::ByteRange range, core::IoFlags
   // librbd zeroes by discarding whole objects and writing zeroes at the
   // edges: always fast; NO_HOLE asks it to keep the range allocated.
   const int zero_flags = (flags & core::kNoHole) ? RBD_WRITE_ZEROES_FLAG_THICK_PROVISION : 0;
-  const auto ec = co_await submit("write-zeroes", [&](rbd_image_t img, rbd_completion_t c, char*) {
+  const WriteMark mark(*this);
+  const auto ec = co_await submit("write-zeroes", [&](rbd_image_t img, rbd_completion_t c, char*, uint64_t) {
     return rbd_aio_write_zeroes(img, range.offset, range.length, c, zero_flags, 0);
   });
   co_return note(ec, "write-zeroes");
@@ -672,19 +796,21 @@ int RbdDevice::reopen() {
     return -ENOTCONN;
   }
   // The fresh session breaks the current one's lock (take_lock), and the
-  // cluster then fails its requests with EBLOCKLISTED: marked first, so that
-  // those are retried on the new session instead of failing with EIO. (A
-  // reopen that fails leaves the mark: a later EBLOCKLISTED there is retried
-  // until retry-timeout rather than failed at once.)
-  if (auto current = session_.load(std::memory_order_acquire))
-    current->replaced->store(true, std::memory_order_release);
+  // cluster then fails the current one's requests with EBLOCKLISTED: take_lock
+  // marks it replaced just before, so that those are retried on the new
+  // session instead of failing with EIO. A reopen that fails before that
+  // leaves no mark, and one that finds another gateway holding the lock
+  // leaves it alone.
+  auto current = session_.load(std::memory_order_acquire);
+  if (!current) return -ENOTCONN;  // shut down
   auto fresh = new_session();
   try {
-    open_session(*fresh, read_only_, true);
+    open_session(*fresh, read_only_, current.get());
   } catch (const BackendError& e) {
     core::logger("rbd")->warn("{}", e.what());
     return -ENOTCONN;  // fresh closes as it goes, without being waited for
   }
+  current.reset();
   rbd_image_t image = fresh->image;
   auto old = session_.exchange(std::move(fresh), std::memory_order_acq_rel);
   if (old) {

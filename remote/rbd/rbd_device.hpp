@@ -14,7 +14,7 @@
 // discard/write_zeroes). Each request allocates one librbd completion whose
 // callback, on a librbd thread, posts the result to the executor of the
 // coroutine that issued it: no thread waits per request, no lock is taken
-// beyond the post. librbd is thread-safe, so every event loop submits
+// beyond the in-flight list's (see Deadline) and the post. librbd is thread-safe, so every event loop submits
 // directly; there is one rados client and one image handle per device.
 // librbd's own cache is off (rbd_cache=false): a write librbd acknowledges is
 // on the OSDs, and a flush is still passed down (it is cheap then) so that
@@ -22,6 +22,22 @@
 // a flush (CheckedDevice emulates it). Block status comes from
 // rbd_diff_iterate2 (fast with the fast-diff feature), which librbd offers
 // only synchronously: it runs on the blocking pool.
+//
+// Sequential runs: a client that reads the image in order in small
+// requests (a kernel's readahead through the NBD device or the FUSE file,
+// fio --rw=read --bs=256k: 128-512 KiB, many in flight) would cost the OSD
+// one op per request, where qemu's driver sends 2 MiB (nbdcopy takes the
+// preferred block, the 4 MiB object, and is not widened). A read that continues a stream (it starts
+// where a recent read ended, which started where the one before it ended)
+// is widened to the end of its 2 MiB-aligned run (kRunBytes; never across
+// an object boundary for objects of 2 MiB or more), and reads of a range
+// inside a run still in flight join it instead of going to librbd: they
+// are answered from its buffer when it completes. A run is joined only if
+// no write, discard or write-zeroes started after it was sent
+// (write_epoch_), and started only while none is in flight, so a read never
+// returns data older than a write acknowledged before it was sent; runs
+// are used only where no other client writes the image (a snapshot, or the
+// exclusive lock held). Random reads are never widened.
 //
 // Deadline: librbd's op timeouts do not bound every wait inside it (a
 // request re-issued after a timeout, or one waiting for the exclusive lock
@@ -70,7 +86,7 @@
 // Thread model: any method may be called from any event-loop thread;
 // librbd's completion callbacks run on librbd's threads and only post. The
 // requests in flight are in one list under a mutex (held only to link,
-// unlink or expire, never across a librbd call); the watchdog thread is the
+// unlink, expire or join a run, never across a librbd call); the watchdog thread is the
 // device's own, joined by the destructor.
 // connected() and generation() are atomics; the last health string is under
 // a small mutex never held across a co_await or a librados call. reconnect() runs on the
@@ -135,13 +151,28 @@ class RbdDevice final : public core::RemoteDevice {
 
  private:
   struct Request;
+  struct Joined;
   struct Inflight;  // the requests in flight; shared with librbd's callbacks, which may outlive the device
   static void on_complete(rbd_completion_t c, void* arg);
   // Creates a completion, calls start(c) (an rbd_aio_* call) and awaits the
   // result; librbd's negative errno becomes an error_code. A read passes its
   // destination: librbd then reads into a bounce buffer (see the header).
+  // A read also passes its offset: it may join a run, or start one.
   template <class Start>
-  core::Task<std::error_code> submit(const char* what, Start start, std::span<std::byte> read_into = {});
+  core::Task<std::error_code> submit(const char* what, Start start, std::span<std::byte> read_into = {},
+                                     uint64_t read_offset = 0);
+  // A write, discard or write-zeroes in flight (for its whole life): reads
+  // from its start on join no run started before it.
+  struct WriteMark {
+    explicit WriteMark(RbdDevice& d) : device(d) {
+      device.writes_in_flight_.fetch_add(1);
+      device.write_epoch_.fetch_add(1);
+    }
+    ~WriteMark() { device.writes_in_flight_.fetch_sub(1); }
+    WriteMark(const WriteMark&) = delete;
+    WriteMark& operator=(const WriteMark&) = delete;
+    RbdDevice& device;
+  };
   // The watchdog thread: fails requests past their deadline.
   static void watch(const std::shared_ptr<Inflight>& inflight);
   void stop_watchdog() noexcept;
@@ -188,20 +219,27 @@ class RbdDevice final : public core::RemoteDevice {
     // Set when a reopen replaced the session: the device's count of replaced
     // sessions still open, which the close decrements.
     std::shared_ptr<std::atomic<int>> retired_open;
-    // Set (before retired_open) when a reopen replaced the session; read by
-    // completions on librbd's threads: the reopen broke this session's lock,
-    // so the cluster fences it (EBLOCKLISTED), which then means "ask the new
-    // session", not "another gateway took the image".
+    // The client's own addresses (rados_getaddrs), taken at open: a reopen
+    // breaks the image's lock only when its holder is this session.
+    std::string address;
+    // Set by a reopen just before it breaks this session's lock; read by
+    // completions on librbd's threads: the cluster then fences this session
+    // (EBLOCKLISTED), which means "ask the new session", not "another
+    // gateway took the image". A reopen that fails before it breaks the
+    // lock leaves it unset, so a later break by another gateway still fails
+    // the export at once.
     std::shared_ptr<std::atomic<bool>> replaced = std::make_shared<std::atomic<bool>>(false);
   };
   // A session that closes itself (close_session) when its last user lets go.
   using SessionRef = std::shared_ptr<Session>;
   SessionRef new_session() const;
   // Connects and opens the image into s (start-up, or a reopen after a
-  // wedge: then the lock is taken back from our previous session); throws
-  // BackendError, leaving in s what to close.
-  void open_session(Session& s, bool read_only, bool reopen);
-  void take_lock(rbd_image_t image, bool reopen);
+  // wedge: then `previous` is the session replaced, whose lock is taken
+  // back); throws BackendError, leaving in s what to close.
+  void open_session(Session& s, bool read_only, const Session* previous);
+  // Takes the exclusive lock; a reopen breaks it only when `previous` holds
+  // it (marking `previous` replaced first), never another gateway's.
+  void take_lock(rbd_image_t image, const Session* previous);
   // Closes s on a thread of its own and waits for it at most `bound` (0: not
   // at all); a close still running then is left to finish on its own.
   static void close_session(Session s, std::chrono::milliseconds bound);
@@ -231,6 +269,12 @@ class RbdDevice final : public core::RemoteDevice {
   std::atomic<uint64_t> generation_{1};
   std::shared_ptr<Inflight> inflight_;
   std::thread watchdog_;
+  // Sequential runs (see the header): whether reads may share them, and
+  // what tells a run that a write started after it.
+  static constexpr uint64_t kRunBytes = 2u << 20;
+  bool runs_ = false;
+  std::atomic<uint64_t> write_epoch_{0};
+  std::atomic<uint64_t> writes_in_flight_{0};
 
   // A request's deadline: 1.5 x io-timeout, so librbd's own op timeout
   // (= io-timeout) fails it first when it can.
