@@ -39,8 +39,8 @@
 // fetch first as before.
 //
 // Thread model: as CacheLayer's. A fill's state is under its own mutex
-// (never held across I/O or with a shard mutex; several only in chunk
-// order); its fetch and completion run on the background executor and never
+// (never held across I/O; inside a shard mutex at most, never around one;
+// several only in chunk order); its fetch and completion run on the background executor and never
 // wait on an event the fill owns; deferred_ counts the fills running, and
 // abandon() waits for it to drop to zero.
 #include "cache/cache_layer.hpp"

@@ -79,6 +79,25 @@ Task<std::error_code> CacheLayer::read(std::span<std::byte> buf, uint64_t offset
     // reading the same blocks) would each take the claim in turn, every
     // release waking all the others. A fill that failed leaves its chunk
     // absent: read_miss then fetches it.
+    // Chunks written in part whose fetch runs behind the writes (deferred
+    // fills) first, all of them: a failed fetch fails this read, where the
+    // claim of read_miss would wait for the fill until the remote answers.
+    for (uint64_t c = first; c <= last; ++c) {
+      if (present_.test(c)) continue;
+      std::shared_ptr<core::SharedEvent> attempt;
+      {
+        auto& s = shard(c);
+        std::lock_guard lock(s.mutex);
+        if (auto it = s.fills.find(c); it != s.fills.end() && it->second->deferred) {
+          std::lock_guard dlock(it->second->deferred->mutex);
+          attempt = it->second->deferred->attempt;
+        }
+      }
+      if (!attempt) continue;
+      auto waiting = core::SharedEvent::wait_unowned(std::move(attempt));
+      if (auto ec = co_await std::move(waiting))
+        co_return request_failed("read", buf.size(), offset, "fetching from the remote", ec);
+    }
     bool waited = false;
     for (uint64_t c = first; c <= last; ++c) {
       if (present_.test(c)) continue;
