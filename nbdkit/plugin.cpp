@@ -5,9 +5,10 @@
 // Thread model: NBDKIT_THREAD_MODEL_PARALLEL. .config/.config_complete run
 // on nbdkit's main thread and only check the keys (nothing opens, since
 // nbdkit may still fork to the background); .after_fork opens the remote and
-// starts our event loops; the data callbacks run each request on the nbdkit
-// worker thread that calls them, through PluginStack::run() (which hops to our
-// loops only for what lives there, such as a remote session's I/O);
+// starts our event loops; the data callbacks run each request through
+// PluginStack::run_request(): with a cache on the nbdkit worker thread that
+// calls them (hopping to our loops only for what lives there, such as a
+// remote session's I/O), without one on one of our loops;
 // .cleanup (after the last connection) flushes and closes the stack, and
 // .unload does it if .cleanup did not run. Errors on the data path go to
 // nbdkit as errno values (nbdkit_set_error), the one mapping of this front end.
@@ -39,8 +40,8 @@ std::unique_ptr<PluginStack> g_stack;
 std::string g_help;  // built at load: config_help points into it
 
 // What blockway_open() returns for every connection: nbdkit wants a non-null
-// handle, and a connection has no state of its own here (its requests run on
-// whichever nbdkit thread calls, PluginStack::run()).
+// handle, and a connection has no state of its own here (its requests go
+// through PluginStack::run_request()).
 char g_connection;
 
 int fail(int error) {
@@ -48,11 +49,11 @@ int fail(int error) {
   return -1;
 }
 
-// Runs one request on the calling thread; errno to nbdkit.
+// Runs one request (PluginStack::run_request); errno to nbdkit.
 template <class F>
 int request(F make_task) {
   try {
-    const std::error_code ec = g_stack->run(make_task(g_stack->device()));
+    const std::error_code ec = g_stack->run_request(make_task(g_stack->device()));
     return ec ? fail(ec.value()) : 0;
   } catch (const std::exception& e) {
     nbdkit_error("blockway: %s", e.what());

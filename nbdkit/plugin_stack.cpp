@@ -43,6 +43,7 @@ void PluginStack::build() {
                            }};
   auto built = stack::build({cfg_.name, cfg_.uri, cfg_.read_only}, options, ctx);
   cache_ = built.cache;
+  inline_requests_ = cache_ != nullptr || cfg_.uri.starts_with("file:");
   device_ = std::move(built.device);
   follow_size_ = std::move(built.follow_size);
   if (built.remote) {

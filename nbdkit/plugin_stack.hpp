@@ -92,6 +92,19 @@ class PluginStack {
     return boost::asio::co_spawn(loop, std::move(task), boost::asio::use_future).get();
   }
 
+  // A client's request: with a cache or over a file, on the calling thread
+  // (run(): a hit or a file read never leaves it); over a network remote
+  // without a cache, on one of our loops (run_on()), where the remote's
+  // sessions live: running it here would hop there and back, two spawns
+  // instead of one. Measured on a quiet machine, 4k reads over an NBD remote:
+  // 35-49 us of CPU per request inline against 31-39 on a loop; a cached 4k
+  // hit 9.0 us inline against 25.6 on a loop.
+  template <class T>
+  T run_request(core::Task<T> task) {
+    if (inline_requests_) return run(std::move(task));
+    return run_on(loops_.next(), std::move(task));
+  }
+
   // Flushes the stack (what a write mode keeps back reaches where it
   // promises), closes it (the cache stops its background work and persists
   // its state) and stops the loops. Once; the destructor calls it too.
@@ -129,6 +142,7 @@ class PluginStack {
   std::shared_ptr<core::CheckedDevice> device_;
   std::function<void()> follow_size_;
   cache::CacheLayer* cache_ = nullptr;  // owned by device_'s chain
+  bool inline_requests_ = false;        // see run_request(); set by build()
   std::thread runner_;
   bool closed_ = false;
 };
