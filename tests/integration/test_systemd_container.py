@@ -51,6 +51,10 @@ EXPOSURE_BOUND = 2.0
 CAP_NET_BIND_SERVICE = 10
 BOOT_TIMEOUT = 90
 PKG_DIR = "/run/bw-pkg"  # where the container sees the .deb (bind-mounted read-only)
+# Where the container sees the tree's own binaries (bind-mounted read-only):
+# the overlay shows the host's root filesystem only, not /tmp or other
+# mounts, and a checkout may live in any of them (CI clones into /tmp).
+TREE_BIN_DIR = "/run/bw-tree-bin"
 DROPIN_DIR = "/etc/systemd/system/blockwayd.service.d"
 DOC_DROPINS = "/usr/share/doc/blockway/examples/blockwayd.service.d"
 # A blockwayd run as root with the packaged defaults' data directory: it
@@ -116,6 +120,7 @@ class Container:
         self.proc = subprocess.Popen(
             ["systemd-nspawn", "--quiet", "-D", self.root, "-M", self.name, "--private-network",
              "--register=no", "--keep-unit", "--console=read-only", "--bind-ro=%s:%s" % (self.pkg_dir, PKG_DIR),
+             "--bind-ro=%s:%s" % (os.path.dirname(os.path.abspath(harness.BLOCKWAYD)), TREE_BIN_DIR),
              "--boot", "--", "systemd.unit=basic.target"],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         log.close()
@@ -188,10 +193,13 @@ class PackagedUnitUnderSystemd(unittest.TestCase):
             cls.c.start()
             # An upgrade from a version that ran as root: a catalogue, an
             # export added at run time and its image in /var/lib/blockway,
-            # all root's (made by the tree's own binaries, which the
-            # container sees through the overlay). Whatever the host has
+            # all root's (made by the tree's own binaries, bind-mounted at
+            # TREE_BIN_DIR; BLOCKWAY must sit beside BLOCKWAYD, as in a build
+            # tree). Whatever the host has
             # there is hidden first.
-            cls.c.out(ROOT_DAEMON.replace("@BLOCKWAYD@", harness.BLOCKWAYD).replace("@BLOCKWAY@", harness.BLOCKWAY))
+            in_tree = lambda path: os.path.join(TREE_BIN_DIR, os.path.basename(path))  # noqa: E731
+            cls.c.out(ROOT_DAEMON.replace("@BLOCKWAYD@", in_tree(harness.BLOCKWAYD))
+                      .replace("@BLOCKWAY@", in_tree(harness.BLOCKWAY)))
             # As an operator would: dpkg -i, the socket unit up as at boot, an
             # image in the state directory (the daemon's own) added at run time.
             cls.install_log = cls.c.out("DEBIAN_FRONTEND=noninteractive dpkg -i --no-triggers %s 2>&1" % cls.deb,
