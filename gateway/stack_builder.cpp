@@ -110,10 +110,13 @@ core::RemoteDevice::ResizeHandler StackBuilder::resize_handler(const std::string
   // a later failure is logged, and the export keeps its size.
   if (cache)
     return [this, name, cache, weak = std::weak_ptr<CheckedDevice>(device)](uint64_t, uint64_t new_size) {
+      // The device owns the stack, the cache too: hold it before the cache
+      // is touched (an export removed while its remote reports a resize).
+      auto d = weak.lock();
+      if (!d) return std::string();
       if (auto why = cache->grow_refusal(new_size); !why.empty()) return "export '" + name + "': " + why;
-      if (auto d = weak.lock())
-        boost::asio::co_spawn(loops_.at(0).get_executor(), grow_cached(name, std::move(d), cache, new_size),
-                              boost::asio::detached);
+      boost::asio::co_spawn(loops_.at(0).get_executor(), grow_cached(name, std::move(d), cache, new_size),
+                            boost::asio::detached);
       return std::string();
     };
   return [this, name, weak = std::weak_ptr<CheckedDevice>(device)](uint64_t, uint64_t new_size) {
