@@ -3,6 +3,9 @@
 #include "core/logging.hpp"
 #include "stack/export_stack.hpp"
 
+#include <mutex>
+#include <vector>
+
 namespace blockway::nbdkit {
 
 PluginStack::PluginStack(PluginConfig cfg) : cfg_(std::move(cfg)), loops_(cfg_.threads, 4) {
@@ -24,11 +27,59 @@ uint64_t PluginStack::size_for_new_connection() {
   return device_->geometry().size;
 }
 
+namespace {
+
+// A thread's io_context outlives the thread. A loop that resumes a request's
+// coroutine on its worker thread (the hop back from a remote's session)
+// releases its hold on the worker's io_context a moment after, possibly
+// after run() returned and the thread exited: an io_context destroyed with
+// the thread (a plain thread_local) was used after free (ASan, the unit test
+// RunRunsTheRequestOnTheCallingThreadAndComesBackThereAfterAHop). So a
+// thread leases one from this pool and gives it back when it exits, for the
+// next thread to run; the pool, as many contexts as threads ever ran at
+// once, lives until the process ends.
+class ContextPool {
+ public:
+  std::unique_ptr<boost::asio::io_context> take() {
+    {
+      const std::lock_guard lock(mutex_);
+      if (!idle_.empty()) {
+        auto io = std::move(idle_.back());
+        idle_.pop_back();
+        return io;
+      }
+    }
+    // Concurrency hint 1: only the leasing thread runs it; posts from our
+    // loops (a remote's completion, a waiter woken elsewhere) still lock.
+    return std::make_unique<boost::asio::io_context>(1);
+  }
+  void give_back(std::unique_ptr<boost::asio::io_context> io) {
+    const std::lock_guard lock(mutex_);
+    idle_.push_back(std::move(io));
+  }
+  static ContextPool& instance() {
+    static auto* pool = new ContextPool;  // never destroyed: see above
+    return *pool;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<std::unique_ptr<boost::asio::io_context>> idle_;
+};
+
+struct ContextLease {
+  std::unique_ptr<boost::asio::io_context> io = ContextPool::instance().take();
+  ContextLease() = default;
+  ContextLease(const ContextLease&) = delete;
+  ContextLease& operator=(const ContextLease&) = delete;
+  ~ContextLease() { ContextPool::instance().give_back(std::move(io)); }
+};
+
+}  // namespace
+
 boost::asio::io_context& PluginStack::thread_context() {
-  // Concurrency hint 1: only this thread runs it; posts from our loops (a
-  // remote's completion, a waiter woken elsewhere) still take its lock.
-  thread_local boost::asio::io_context io(1);
-  return io;
+  thread_local ContextLease lease;
+  return *lease.io;
 }
 
 // The stack blockwayd builds (stack/export_stack.hpp) with nothing of the

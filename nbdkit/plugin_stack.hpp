@@ -9,7 +9,7 @@
 // Thread model: nbdkit calls the plugin from its own worker threads
 // (NBDKIT_THREAD_MODEL_PARALLEL), each blocked on one request at a time.
 // run() runs a request's coroutine on the calling thread, on an io_context of
-// that thread's own (thread_local), until the request is done: a cache hit or
+// that thread's own (thread_context()), until the request is done: a cache hit or
 // a local file never leaves the thread, as in blockwayd, where a request runs
 // on the loop that read it. Handing every request to one of our loops and
 // back (what run() did before: co_spawn + std::future) cost two thread
@@ -110,8 +110,8 @@ class PluginStack {
   // its state) and stops the loops. Once; the destructor calls it too.
   void close();
 
-  // The calling thread's io_context (made on its first request, destroyed
-  // when the thread exits).
+  // The calling thread's io_context (leased on its first request, given
+  // back to a pool when the thread exits; never destroyed, see the .cpp).
   static boost::asio::io_context& thread_context();
 
  private:
