@@ -173,6 +173,22 @@ CacheLayer::CacheLayer(std::unique_ptr<core::BlockDevice> remote, Params p)
 
 CacheLayer::~CacheLayer() = default;
 
+void CacheLayer::abandon_waiters() {
+  for (auto& s : shards_) {
+    std::unordered_map<uint64_t, std::shared_ptr<Fill>> fills;
+    {
+      std::lock_guard lock(s.mutex);
+      fills.swap(s.fills);
+    }
+  }  // each fill (and its events, their waiters) freed here, out of the lock
+  background_done_.reset();
+  std::shared_ptr<core::SharedEvent> switching;
+  {
+    std::lock_guard lock(switch_mutex_);
+    switching = std::move(switch_done_);
+  }
+}
+
 bool CacheLayer::has_dirty(MetaStore& store, const CacheRecord& rec) {
   const auto dirty = store.load_bitmap(rec.name, BitmapKind::dirty, (rec.size / rec.chunk_size + 64) / 64 + 1);
   return std::any_of(dirty.begin(), dirty.end(), [](uint64_t w) { return w != 0; });

@@ -155,6 +155,17 @@ class CacheLayer final : public core::Layer, public core::ExportControl {
   // and the prefetch if configured or persisted as running.
   void start();
 
+  // For a simulated crash in tests (an unclean stop with the layer's loops
+  // stopped, not yet destroyed): drops the events the layer owns (its fills'
+  // and its background work's), and with them the coroutine frames waiting
+  // on them, whose destruction is posted to their loops. Those frames point
+  // into the layer (an in-flight count, a claim), so the caller destroys
+  // them there (the loop's shutdown) before it destroys the layer; a layer
+  // destroyed first would leave them pointing into freed memory, a loop
+  // destroyed first would take posts after its end. Not for serving: the
+  // requests those frames ran never answer.
+  void abandon_waiters();
+
   // ExportControl.
   [[nodiscard]] core::CacheReport report() const override;
   core::ControlResult prefetch_start(core::PrefetchOrder order) override;
