@@ -37,6 +37,11 @@ struct Export {
   // (extent flag 1 = present locally, 2 = dirty), for the blockway:cache
   // metadata context.
   std::function<Task<std::error_code>(ByteRange, ExtentList&)> cache_status;
+  // Set for an uncached stack over an image that can grow under it (a
+  // file): looks at the image's size again and grows the device when it
+  // grew (stack::Stack::follow_size). The NBD server calls it before it
+  // tells a client the size; connected clients keep the size they were told.
+  std::function<void()> follow_size;
   // Set when the backend reaches its image over a network session: the
   // health of that session (from the RetryLayer above it), for status.
   std::function<RetryHealth()> remote_health;

@@ -78,6 +78,7 @@ StackBuilder::Built StackBuilder::build(ExportConfig cfg) {
   auto built = stack::add_layers(spec, std::move(bottom), layers, ctx);
   exp->qos = built.qos;
   exp->device = std::move(built.device);
+  exp->follow_size = std::move(built.follow_size);
   if (auto* retry_layer = built.retry) exp->remote_health = [retry_layer] { return retry_layer->health(); };
   if (built.remote) built.remote->set_resize_handler(resize_handler(cfg.name, exp->device, built.cache));
   if (auto* cache_layer = built.cache) {

@@ -182,6 +182,7 @@ Task<bool> Handshake::handle_info(uint32_t option, std::optional<Negotiated>& re
   // the export's existence is not for it to learn.
   if (!exp || !admit(*exp)) co_return co_await reply_error(option, kRepErrUnknown, "no export named '" + name + "'");
   if (needs_tls(*exp)) co_return co_await reply_error(option, kRepErrTlsReqd, "export requires TLS: use STARTTLS");
+  if (exp->follow_size) exp->follow_size();  // a grown file: this client sees its new size
   if (!co_await send_info(option, *exp, want_name, want_description)) co_return false;
   if (!co_await reply(option, kRepAck)) co_return false;
   if (option == kOptGo) {
@@ -309,6 +310,7 @@ Task<std::optional<Negotiated>> Handshake::run() {
       if (contexts_for_ != exp->name) state_.contexts.clear();
       state_.exp = exp;
       state_.transmission_flags = transmission_flags(exp->device->capabilities(), state_.structured_replies);
+      if (exp->follow_size) exp->follow_size();
       std::array<std::byte, 10 + 124> reply{};
       put64(reply.data(), exp->device->geometry().size);
       put16(reply.data() + 8, state_.transmission_flags);

@@ -327,5 +327,52 @@ def _blockwayd_children_serving(img):
     return False
 
 
+class GrowingFileTest(harness.DaemonTestCase):
+    def test_a_grown_file_reaches_new_clients(self):
+        """`truncate -s` of an uncached file export while it is served: a
+        client that connects after (NBD_OPT_GO, NBD_OPT_INFO and the old
+        NBD_OPT_EXPORT_NAME) sees the new size, reads zeroes in the new space
+        and writes there; a client connected before keeps its size and keeps
+        working. A shrink is reported, not followed. A cached export keeps the
+        size it opened with until the daemon starts again."""
+        img = harness.make_random_image(self.path("img"), 8 * MiB, seed=23)
+        first = harness.read_file(img, 0, 8 * MiB)
+        cached_img = harness.make_random_image(self.path("cached.img"), 8 * MiB, seed=24)
+        daemon = self.serve({"disk": img, "cached": cached_img + ",cache=" + self.path("cache")})
+        early = self.connect(self.uri("disk"))
+        self.assertEqual(early.get_size(), 8 * MiB)
+        os.truncate(img, 24 * MiB)
+        size = harness.run(["nbdinfo", "--size", self.uri("disk")], timeout=30).stdout.decode().strip()
+        self.assertEqual(size, str(24 * MiB))
+        late = self.connect(self.uri("disk"))
+        self.assertEqual(late.get_size(), 24 * MiB)
+        self.assertEqual(early.get_size(), 8 * MiB, "NBD cannot tell a connected client: it keeps its size")
+        self.assertEqual(late.pread(MiB, 12 * MiB), bytes(MiB), "the new space reads as zeroes")
+        tail = os.urandom(MiB)
+        late.pwrite(tail, 23 * MiB)
+        late.flush()
+        self.assertEqual(harness.read_file(img, 23 * MiB, MiB), tail)
+        self.assertEqual(early.pread(MiB, 7 * MiB), first[7 * MiB:])
+        with self.assertRaises(nbd.Error):  # past the size the early client was told
+            early.pread(4096, 8 * MiB)
+        self.assertEqual(late.pread(8 * MiB, 0), first)
+        self.assertIn("the image grew from %d to %d bytes" % (8 * MiB, 24 * MiB), daemon.log(tail=None))
+        # The old handshake (no fixed newstyle: NBD_OPT_EXPORT_NAME) follows too.
+        os.truncate(img, 32 * MiB)
+        old = nbd.NBD()
+        self.addCleanup(harness.close_handle, old)
+        old.set_handshake_flags(0)
+        old.connect_uri(self.uri("disk"))
+        self.assertEqual(old.get_size(), 32 * MiB)
+        # A shrink is reported, not followed: the export keeps what it served.
+        os.truncate(img, 16 * MiB)
+        self.assertEqual(self.connect(self.uri("disk")).get_size(), 32 * MiB)
+        self.assertIn("the image is %d bytes, smaller than the %d served" % (16 * MiB, 32 * MiB), daemon.log(tail=None))
+        # Cached: the size it opened with, and nothing logged per connection.
+        os.truncate(cached_img, 24 * MiB)
+        self.assertEqual(self.connect(self.uri("cached")).get_size(), 8 * MiB)
+        self.assertNotIn("export 'cached': the image grew", daemon.log(tail=None))
+
+
 if __name__ == "__main__":
     unittest.main()
