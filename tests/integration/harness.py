@@ -356,6 +356,31 @@ class DaemonTestCase(unittest.TestCase):
         return h
 
 
+    def assert_grown_file_reaches_new_clients(self, img, uri, early, log_path):
+        """The 8 MiB image file `img`, served uncached at `uri` (handle `early`
+        connected before), grows to 24 MiB: a client that connects after sees
+        the new size, reads zeroes in the new space and writes there; `early`
+        keeps its size and keeps working; the server's log (`log_path`) says
+        so. Returns the handle connected after."""
+        first = read_file(img, 0, 8 * MiB)
+        self.assertEqual(early.get_size(), 8 * MiB)
+        os.truncate(img, 24 * MiB)
+        size = run(["nbdinfo", "--size", uri], timeout=30).stdout.decode().strip()
+        self.assertEqual(size, str(24 * MiB))
+        late = self.connect(uri)
+        self.assertEqual(late.get_size(), 24 * MiB)
+        self.assertEqual(early.get_size(), 8 * MiB, "NBD cannot tell a connected client: it keeps its size")
+        self.assertEqual(late.pread(MiB, 12 * MiB), bytes(MiB), "the new space reads as zeroes")
+        tail = os.urandom(MiB)
+        late.pwrite(tail, 23 * MiB)
+        late.flush()
+        self.assertEqual(read_file(img, 23 * MiB, MiB), tail)
+        self.assertEqual(early.pread(MiB, 7 * MiB), first[7 * MiB:])
+        self.assertEqual(late.pread(8 * MiB, 0), first)
+        with open(log_path, errors="replace") as f:
+            self.assertIn("the image grew from %d to %d bytes" % (8 * MiB, 24 * MiB), f.read())
+        return late
+
     def assert_requests_fail_with_eio_in_time(self, h, retry_timeout, slack=5.0, flush=True):
         """With the remote gone: a read, a write and (unless flush is False: a
         backend that has nothing to flush need not ask the remote) a flush on

@@ -497,12 +497,7 @@ class ConformanceCases:
         # reconnected may still fail (a loaded machine: a restarted OSD seen
         # by librados only after the mon's next map); the export recovers on
         # its own, with no restart.
-        def reads_ok():
-            try:
-                return h.pread(4096, 4096) == harness.read_file(img, 4096, 4096)
-            except nbd.Error:
-                return False
-        harness.wait_until(reads_ok, 30, interval=0.2, what="reads after the peer came back")
+        self.wait_reads_recover(h, img, 4096, 30, "reads after the peer came back")
         h.pwrite(b"\x5e" * 4096, 8192)
         h.flush()
         self.assertEqual(harness.read_file(b.contents(), 8192, 4096), b"\x5e" * 4096)
@@ -525,13 +520,17 @@ class ConformanceCases:
         self.assertLess(took, 8.0)
         if b.hung_log:
             self.assertRegex(daemon.log(), b.hung_log)
+        self.wait_reads_recover(h, img, 8192, 20, "reads after SIGCONT")
 
+    def wait_reads_recover(self, h, img, offset, timeout, what):
+        """Waits until a 4 KiB read at `offset` through handle h succeeds and
+        returns the bytes of the image file `img` there."""
         def reads_ok():
             try:
-                return h.pread(4096, 8192) == harness.read_file(img, 8192, 4096)
+                return h.pread(4096, offset) == harness.read_file(img, offset, 4096)
             except nbd.Error:
                 return False
-        harness.wait_until(reads_ok, 20, interval=0.2, what="reads after SIGCONT")
+        harness.wait_until(reads_ok, timeout, interval=0.2, what=what)
 
     # ---- start-up ----
 
