@@ -109,6 +109,7 @@ class Session : public std::enable_shared_from_this<Session> {
   uint64_t pending_requests_ = 0;  // admitted, reply not yet sent
   uint64_t pending_bytes_ = 0;
   bool stopping_ = false;
+  bool header_only_ = false;  // the last request was a large write read straight into its buffer
   bool reader_idle_ = false;  // waiting for a new request header, nothing half-read
   bool dead_ = false;         // the client can no longer be written to
   bool writer_stop_ = false;
