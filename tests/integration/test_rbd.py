@@ -252,6 +252,39 @@ class SequentialRunTest(RbdTestCase):
             self.assertTrue(h.pread(4096, off) == data[off:off + 4096])
         self.assertEqual(self.librbd_reads(daemon.pid) - before, 4)
 
+    def test_long_reads_go_to_librbd_in_2mib_aligned_parts(self):
+        """A read longer than 2 MiB (nbdcopy's 4 MiB preferred block, a
+        whole 16 MiB request) reaches librbd as 2 MiB-aligned parts sent
+        together (one OSD op per whole object would keep one OSD thread on
+        it); the parts land at their place: every read returns the image.
+        The image has 4 MiB objects, so an object's read is two parts."""
+        name = "t%d" % next(_names)
+        size = 16 * MiB
+        data = os.urandom(size)
+        src = self.path("src.raw")
+        with open(src, "wb") as f:
+            f.write(data)
+        CLUSTER.rbd("import", "--no-progress", "--object-size", "4M", src, "rbd/" + name)
+        daemon = self.serve(CLUSTER.uri(name))
+        h = self.client()
+        # (offset, length, parts): aligned, unaligned at both ends, exactly
+        # one part long, one byte longer than a part, the whole image.
+        cases = ((4 * MiB, 4 * MiB, 2), (3 * MiB + 4096, 8 * MiB, 5), (6 * MiB, 2 * MiB, 1),
+                 (1 * MiB + 512, 2 * MiB + 1, 2), (0, size, 8))
+        for off, length, parts in cases:
+            before = self.librbd_reads(daemon.pid)
+            self.assertTrue(h.pread(length, off) == data[off:off + length], "wrong data at %d+%d" % (off, length))
+            self.assertEqual(self.librbd_reads(daemon.pid) - before, parts, "librbd reads for %d+%d" % (off, length))
+        # Many in flight at once, as nbdcopy sends them: each lands right.
+        pending = []
+        for off in range(0, size, 4 * MiB):
+            buf = nbd.Buffer(4 * MiB)
+            pending.append((h.aio_pread(buf, off), buf, off))
+        for cookie, buf, off in pending:
+            while not h.aio_command_completed(cookie):
+                h.poll(-1)
+            self.assertTrue(buf.to_bytearray() == data[off:off + 4 * MiB], "wrong data at %d" % off)
+
     def test_reads_sent_after_a_write_was_acknowledged_see_it(self):
         """Sequential reads with many in flight (runs in flight all the
         time) while a second connection overwrites ranges just ahead of the
@@ -560,7 +593,10 @@ class CacheTest(RbdTestCase):
             return [v for k, v in dump.items() if k.startswith("librbd-")][0]
         counters = librbd()
         self.assertEqual(counters["rd_bytes"], size)
-        self.assertEqual(counters["rd"], size // (4 * MiB), "prefetch reads are not whole objects: %r" % counters)
+        # Each whole-object (4 MiB) prefetch read reaches librbd as two 2 MiB
+        # parts (a long read is sent in parts); the prefetch's own 1 MiB
+        # runs would be 32 reads.
+        self.assertEqual(counters["rd"], size // (2 * MiB), "prefetch reads are not whole objects: %r" % counters)
         h = self.client()
         self.assertEqual(h.pread(size, 0), harness.read_file(src, 0, size))
         self.assertEqual(librbd()["rd"], counters["rd"], "a read of a prefetched image went to the cluster")
