@@ -454,6 +454,44 @@ class DeadlineTest(RbdTestCase):
         self.assertEqual(h2.pread(4096, 0), b"c" * 4096)
 
 
+    def test_long_read_past_its_deadline_fails_and_its_late_parts_land_harmlessly(self):
+        """A long read (four 2 MiB parts) with the OSD frozen fails with
+        EIO in bounded time: with io-timeout=0.6 the request's deadline
+        (0.9 s) comes before librbd's own op timeout (whole seconds: 1 s),
+        so the watchdog answers the caller and abandons the parts to
+        librbd, whose completions come back later into the request's own
+        buffer (the caller's may be gone; the sanitizer build checks it),
+        logged. Once the OSD runs again, long reads return the image."""
+        name = "t%d" % next(_names)
+        size = 16 * MiB
+        data = os.urandom(size)
+        src = self.path("src.raw")
+        with open(src, "wb") as f:
+            f.write(data)
+        CLUSTER.rbd("import", "--no-progress", "--object-size", "4M", src, "rbd/" + name)
+        daemon = self.serve(CLUSTER.uri(name), "retry-timeout=2,io-timeout=0.6")
+        h = self.client()
+        self.assertTrue(h.pread(8 * MiB, 0) == data[:8 * MiB])
+        off, length = 4 * MiB + 4096, 7 * MiB
+        with harness.frozen(CLUSTER.osd.proc.pid):
+            start = time.monotonic()
+            with self.assertRaises(nbd.Error) as cm:
+                h.pread(length, off)
+            self.assertEqual(cm.exception.errnum, errno.EIO)
+            self.assertLess(time.monotonic() - start, 10.0)
+            harness.wait_until(lambda: "a read that timed out came back from librbd" in daemon.log(), 30,
+                               interval=0.2, what="an abandoned read's parts back from librbd")
+
+        def long_read_ok():
+            try:
+                return h.pread(length, off) == data[off:off + length]
+            except nbd.Error:
+                return False  # the gateway may still be reopening
+        harness.wait_until(long_read_ok, 60, interval=0.5, what="a long read after the OSD runs again")
+        self.assertTrue(h.pread(size, 0) == data)
+        self.assertTrue(daemon.running())
+
+
 class ReopenTest(RbdTestCase):
     def test_sessions_replaced_by_reopens_are_closed_once_drained(self):
         """Each OSD freeze past a request's deadline makes the export reopen
