@@ -47,7 +47,10 @@ Environment (bench/lib.sh's settings): BENCH_QUICK=1 (smoke: 1 round,
 BENCH_TMPDIR, BLOCKWAYD (a private copy is run); CYCLES_BASE=BINARY adds
 a second blockwayd build as a third variant in the same rounds (before /
 after a change); CYCLES_OUT=FILE also writes the Markdown result there;
-CYCLES_PERF=DIR records each blockwayd test with `perf record -g` into
+CYCLES_TGT_MRDSL=BYTES sets tgt's MaxRecvDataSegmentLength (the largest
+Data-Out PDU an initiator may send it; tgt's default 8192 splits every
+write into 8 KiB PDUs, two system calls each in libiscsi) for the iscsi
+path; CYCLES_PERF=DIR records each blockwayd test with `perf record -g` into
 DIR/PATH-VARIANT-TEST-rROUND.data (where the CPU goes: perf report -i).
 
 It runs in a private network and mount namespace (own rpcbind, /run, port
@@ -177,6 +180,10 @@ class Path:
             tgt.luns.append((1, self.img, False))
             self.peers.append(tgt)
             tgt.start()
+            mrdsl = os.environ.get("CYCLES_TGT_MRDSL")
+            if mrdsl:  # before anyone logs in: it is declared at login
+                tgt.tgtadm("--op", "update", "--mode", "target", "--tid", "1", "--name",
+                           "MaxRecvDataSegmentLength", "--value", mrdsl)
             self.remote_uri, self.server_pids = tgt.uri(), [tgt.pid]
         elif n == "nfs":
             rpc, gan = remotes.Rpcbind(tmp), remotes.Ganesha(tmp)

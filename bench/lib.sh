@@ -16,6 +16,11 @@
 #                              (BLOCKWAYD_ORIG keeps the original path)
 #   bench_cleanup_trap [HOOK]  on exit: HOOK, stop every tracked pid (newest
 #                              first), remove TMP; INT and TERM exit too
+#   bench_ceph_cluster SRC     a one-node Ceph cluster with the image
+#                              rbd/bench written with SRC (random data):
+#                              CONF, KEYRING, QEMU, OSD (see there)
+#   bench_blockwayd BIN SPEC   BIN exporting bench=SPEC on loopback: BW_PID,
+#                              NBD; bench_stop_blockwayd (exit status 0)
 #   bench_start LOG CMD...     CMD in the background, output to LOG; its pid
 #                              in BG_PID, tracked for the cleanup
 #   stop_pid PID [SIGNAL]      SIGNAL (TERM), SIGKILL after 10 s, reap; the
@@ -70,6 +75,50 @@ bench_remote_setup() {
     RESULTS=$TMP/results.tsv
     bench_private_daemon
     cd "$TMP"
+}
+
+# A one-node Ceph cluster under $TMP/cluster (bench/ceph_cluster.py, tracked
+# for the cleanup) with the image rbd/bench of SIZE_MIB, written with SRC, a
+# fresh file of random data (left for the caller); sets CONF, KEYRING, QEMU
+# (the image's name for qemu's rbd driver) and OSD (the ceph-osd's pid).
+# bench_ceph_cluster SRC
+bench_ceph_cluster() {
+    mkdir -p "$TMP/cluster"
+    bench_start "$TMP/cluster.log" "$PY" "$repo/bench/ceph_cluster.py" "$TMP/cluster" bench "$SIZE_MIB"
+    for _ in $(seq 240); do
+        [[ -f $TMP/cluster/ready ]] && break
+        kill -0 "$BG_PID" || die "the cluster did not start"
+        sleep 0.5
+    done
+    [[ -f $TMP/cluster/ready ]] || die "the cluster did not start within 120 s"
+    read -r CONF KEYRING <"$TMP/cluster/ready"
+    QEMU="rbd:rbd/bench:conf=$CONF:keyring=$KEYRING"
+    OSD=$(pgrep -f "^ceph-osd -f -c $CONF" | head -n1)
+    [[ -n $OSD ]] || die "no ceph-osd for $CONF"
+    dd if=/dev/urandom of="$1" bs=1M count="$SIZE_MIB" iflag=fullblock status=none
+    qemu-img convert -n -f raw -O raw "$1" "$QEMU"
+}
+
+# blockwayd (BINARY) exporting "bench=SPEC" on a free loopback port, no
+# control socket, data in $TMP/data, until it answers; sets BW_PID (tracked
+# for the cleanup) and NBD (the export's URI). bench_stop_blockwayd stops it
+# and fails unless it exited 0 after SIGTERM.
+# bench_blockwayd BINARY SPEC
+bench_blockwayd() {
+    local port
+    port=$(free_port)
+    rm -f "$TMP/blockwayd.pid"
+    bench_start "$TMP/blockwayd.log" "$1" --listen "127.0.0.1:$port" --control-socket off --data-dir "$TMP/data" \
+        --export "bench=$2" --pid-file "$TMP/blockwayd.pid"
+    BW_PID=$BG_PID
+    wait_pid_file "$TMP/blockwayd.pid" "$BW_PID" 60
+    NBD="nbd://127.0.0.1:$port/bench"
+    wait_nbd "$NBD" 30
+}
+bench_stop_blockwayd() {
+    stop_pid "$BW_PID"
+    BW_PID=
+    [[ $STOP_RC == 0 ]] || die "blockwayd exited with status $STOP_RC after SIGTERM"
 }
 
 # record FIELD...: one tab-separated line of $RESULTS.

@@ -47,33 +47,15 @@ bench_cleanup_trap before_cleanup
 # ---------------------------------------------------------------- setup
 BYTES=$((SIZE_MIB * 1024 * 1024))
 echo "Starting a Ceph cluster in $TMP/cluster ..." >&2
-mkdir -p "$TMP/cluster"
-bench_start "$TMP/cluster.log" "$PY" "$repo/bench/ceph_cluster.py" "$TMP/cluster" bench "$SIZE_MIB"
-for _ in $(seq 240); do [[ -f $TMP/cluster/ready ]] && break; kill -0 "$BG_PID" || die "the cluster did not start"; sleep 0.5; done
-[[ -f $TMP/cluster/ready ]] || die "the cluster did not start within 120 s"
-read -r CONF KEYRING <"$TMP/cluster/ready"
+bench_ceph_cluster "$SRC"
 URI="rbd://rbd/bench?conf=$CONF&keyring=$KEYRING"
-QEMU="rbd:rbd/bench:conf=$CONF:keyring=$KEYRING"
-dd if=/dev/urandom of="$SRC" bs=1M count="$SIZE_MIB" iflag=fullblock status=none
-qemu-img convert -n -f raw -O raw "$SRC" "$QEMU"
 : >"$RESULTS"
 
 # ---------------------------------------------------------------- blockwayd
-start_blockwayd() {   # start_blockwayd [OPTIONS] -> sets BW_PORT
-    BW_PORT=$(free_port)
-    rm -f "$TMP/blockwayd.pid"
-    bench_start "$TMP/blockwayd.log" "$BLOCKWAYD" --listen "127.0.0.1:$BW_PORT" --control-socket off \
-        --data-dir "$TMP/data" --export "bench=$URI${1:+,$1}" --pid-file "$TMP/blockwayd.pid"
-    BW_PID=$BG_PID
-    wait_pid_file "$TMP/blockwayd.pid" "$BW_PID" 60
-    wait_nbd "nbd://127.0.0.1:$BW_PORT/bench" 30
+start_blockwayd() {   # start_blockwayd [OPTIONS] -> sets BW_PID, NBD
+    bench_blockwayd "$BLOCKWAYD" "$URI${1:+,$1}"
 }
-
-stop_blockwayd() {
-    stop_pid "$BW_PID"
-    BW_PID=
-    [[ $STOP_RC == 0 ]] || die "blockwayd exited with status $STOP_RC after SIGTERM"
-}
+stop_blockwayd() { bench_stop_blockwayd; }
 
 timed() {   # timed CMD... -> MB/s for BYTES
     local t0 t1
@@ -105,7 +87,7 @@ bench_machine_info "$(dpkg-query -W -f='ceph ${Version}' ceph-osd 2>/dev/null); 
 # ---------------------------------------------------------------- run
 for ((round = 1; round <= REPS; round++)); do
     start_blockwayd
-    nbd="nbd://127.0.0.1:$BW_PORT/bench"
+    nbd=$NBD
     record blockwayd seqread "$round" "$(timed nbdcopy "$nbd" "$OUT")"; rm -f "$OUT"
     record blockwayd seqwrite "$round" "$(timed nbdcopy "$SRC" "$nbd")"
     record blockwayd randread "$round" "$(fio_4k "$nbd" randread)"
@@ -129,7 +111,7 @@ for ((round = 1; round <= REPS; round++)); do
     start_blockwayd "cache=$TMP/cache,prefetch=sequential"
     for _ in $(seq 600); do grep -q "prefetch done" "$TMP/blockwayd.log" && break; sleep 0.2; done
     grep -q "prefetch done" "$TMP/blockwayd.log" || die "the prefetch did not finish within 120 s"
-    record blockwayd-warm randread "$round" "$(fio_4k "nbd://127.0.0.1:$BW_PORT/bench" randread)"
+    record blockwayd-warm randread "$round" "$(fio_4k "$NBD" randread)"
     stop_blockwayd
     : >"$TMP/blockwayd.log"
     echo "round $round/$REPS: $(awk -F'\t' -v r="$round" '$3==r {printf "%s/%s=%s ", $1, $2, $4}' "$RESULTS")" >&2
@@ -138,7 +120,7 @@ done
 # The data path is right: what blockwayd reads is what qemu's driver wrote.
 qemu-img convert -n -f raw -O raw "$SRC" "$QEMU"
 start_blockwayd
-nbdcopy "nbd://127.0.0.1:$BW_PORT/bench" "$OUT"
+nbdcopy "$NBD" "$OUT"
 stop_blockwayd
 cmp -s "$SRC" "$OUT" || die "blockwayd read back something else than qemu-img wrote"
 rm -f "$OUT"

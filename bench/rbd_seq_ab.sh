@@ -22,34 +22,20 @@ before_cleanup() { stop_pid "$BW_PID"; rm -f /dev/shm/rbd-seq-ab.$$.raw; }
 bench_cleanup_trap before_cleanup
 
 BYTES=$((SIZE_MIB * 1024 * 1024))
-mkdir -p "$TMP/cluster"
-bench_start "$TMP/cluster.log" "$PY" "$repo/bench/ceph_cluster.py" "$TMP/cluster" bench "$SIZE_MIB"
-for _ in $(seq 240); do [[ -f $TMP/cluster/ready ]] && break; kill -0 "$BG_PID" || die "the cluster did not start"; sleep 0.5; done
-[[ -f $TMP/cluster/ready ]] || die "the cluster did not start within 120 s"
-read -r CONF KEYRING <"$TMP/cluster/ready"
-OSD=$(pgrep -f "^ceph-osd -f -c $CONF" | head -n1)
-[[ -n $OSD ]] || die "no ceph-osd for $CONF"
-dd if=/dev/urandom of="$TMP/src.raw" bs=1M count="$SIZE_MIB" iflag=fullblock status=none
-qemu-img convert -n -f raw -O raw "$TMP/src.raw" "rbd:rbd/bench:conf=$CONF:keyring=$KEYRING"
+bench_ceph_cluster "$TMP/src.raw"
 rm -f "$TMP/src.raw"
 
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 hz=$(getconf CLK_TCK)
 
 one() {   # one LABEL BINARY TEST -> a result row
-    local port t0 t1 b0 o0 mbs
-    port=$(free_port)
-    rm -f "$TMP/bw.pid"
-    bench_start "$TMP/blockwayd.log" "$2" --listen "127.0.0.1:$port" --control-socket off --data-dir "$TMP/data" \
-        --export "bench=rbd://rbd/bench?conf=$CONF&keyring=$KEYRING" --pid-file "$TMP/bw.pid"
-    BW_PID=$BG_PID
-    wait_pid_file "$TMP/bw.pid" "$BW_PID" 60
-    wait_nbd "nbd://127.0.0.1:$port/bench" 30
+    local t0 t1 b0 o0 mbs
+    bench_blockwayd "$2" "rbd://rbd/bench?conf=$CONF&keyring=$KEYRING"
     b0=$(ticks "$BW_PID") o0=$(ticks "$OSD") t0=$(now)
     case $3 in
-        fio256k) fio --name=s --ioengine=nbd --uri="nbd://127.0.0.1:$port/bench" --rw=read --bs=256k --iodepth=16 \
+        fio256k) fio --name=s --ioengine=nbd --uri="$NBD" --rw=read --bs=256k --iodepth=16 \
                      --size="$BYTES" --output-format=json --output="$TMP/fio.json" >/dev/null ;;
-        nbdcopy) nbdcopy "nbd://127.0.0.1:$port/bench" /dev/shm/rbd-seq-ab.$$.raw; rm -f /dev/shm/rbd-seq-ab.$$.raw ;;
+        nbdcopy) nbdcopy "$NBD" /dev/shm/rbd-seq-ab.$$.raw; rm -f /dev/shm/rbd-seq-ab.$$.raw ;;
     esac
     t1=$(now)
     mbs=$(mbps "$BYTES" "$t0" "$t1")

@@ -14,6 +14,7 @@
 #include <boost/asio/read.hpp>
 #include <boost/asio/write.hpp>
 
+#include <array>
 #include <memory>
 #include <optional>
 #include <span>
@@ -40,6 +41,26 @@ class Channel {
         in_, boost::asio::buffer(buf.data(), buf.size()), whole_transfer,
         boost::asio::as_tuple(boost::asio::use_awaitable));
     co_return std::error_code(ec);
+  }
+
+  // Reads `first` whole and, in the same system calls (readv), whatever of
+  // `then` the stream already holds by then, maybe nothing: -> the error and
+  // how many bytes went to `then`. The session reads a large write's payload
+  // straight into its buffer this way and picks up the next request's header
+  // with it. Through TLS only `first` is read.
+  core::Task<std::pair<std::error_code, size_t>> read_exact_then(std::span<std::byte> first,
+                                                                 std::span<std::byte> then) {
+    if (tls_) co_return std::pair{co_await tls_->read_exact(first), size_t{0}};
+    const std::array<boost::asio::mutable_buffer, 2> bufs{boost::asio::buffer(first.data(), first.size()),
+                                                          boost::asio::buffer(then.data(), then.size())};
+    const size_t need = first.size();
+    auto until_first_full = [need](const boost::system::error_code& ec, std::size_t done) -> std::size_t {
+      return ec || done >= need ? 0 : std::size_t{1} << 30;
+    };
+    auto [ec, n] = co_await boost::asio::async_read(in_, bufs, until_first_full,
+                                                    boost::asio::as_tuple(boost::asio::use_awaitable));
+    if (n < need) co_return std::pair{std::error_code(ec ? ec : boost::asio::error::eof), size_t{0}};
+    co_return std::pair{std::error_code{}, n - need};
   }
 
   // Whatever the stream has now, at least one byte.

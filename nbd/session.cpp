@@ -23,6 +23,9 @@ constexpr size_t kReceiveBuffer = 64u << 10;
 // Every admitted request is charged at least this much, so that a flood of
 // small requests whose replies are never read is bounded too.
 constexpr uint64_t kReplyOverhead = 64;
+// A write of at least this many bytes is read straight into its payload
+// buffer, together with the next request's header only (see reader()).
+constexpr uint64_t kDirectPayload = 32u << 10;
 // A write larger than the limit is read and thrown away to stay in sync with
 // the client, up to this size; beyond it the connection is dropped.
 constexpr uint64_t kMaxDiscard = 1ull << 30;
@@ -186,7 +189,11 @@ Task<void> Session::reader() {
       }
       reader_idle_ = rhead_ == rtail_;
       shut_if_quiet();
-      auto [ec, n] = co_await channel_.read_some({rbuf_.get() + rtail_, kReceiveBuffer - rtail_});
+      // After a large write, read only the rest of a header: a full buffer
+      // would take the start of the next payload, to be copied out again.
+      size_t want = kReceiveBuffer - rtail_;
+      if (header_only_) want = std::min(want, kRequestHeaderSize - (rtail_ - rhead_));
+      auto [ec, n] = co_await channel_.read_some({rbuf_.get() + rtail_, want});
       reader_idle_ = false;
       if (ec || n == 0) {
         if (ec && ec != eof && ec != aborted)
@@ -219,13 +226,26 @@ Task<void> Session::reader() {
     }
     const uint64_t charge = (req.type == kCmdWrite || req.type == kCmdRead) ? req.length : 0;
     if (!try_admit(charge) && !co_await admit(charge)) co_return;
+    header_only_ = false;
     if (req.type == kCmdWrite) {
       payload = Buffer(req.length);
       const size_t buffered = std::min<size_t>(req.length, rtail_ - rhead_);
       if (buffered) std::memcpy(payload.data(), rbuf_.get() + rhead_, buffered);  // data() is null when empty
       rhead_ += buffered;
-      if (buffered < req.length &&
-          co_await channel_.read_exact({payload.data() + buffered, req.length - buffered})) {
+      std::error_code ec;
+      if (buffered < req.length && req.length >= kDirectPayload) {
+        // The rest of the payload straight into its buffer (no copy out of
+        // the receive buffer), and the next header in the same readv.
+        rhead_ = rtail_ = 0;  // all consumed
+        const auto [rec, extra] = co_await channel_.read_exact_then(
+            {payload.data() + buffered, req.length - buffered}, {rbuf_.get(), kRequestHeaderSize});
+        ec = rec;
+        rtail_ = extra;
+        header_only_ = true;
+      } else if (buffered < req.length) {
+        ec = co_await channel_.read_exact({payload.data() + buffered, req.length - buffered});
+      }
+      if (ec) {
         --pending_requests_;  // admitted but never started
         pending_bytes_ -= charge + kReplyOverhead;
         if (pending_requests_ == 0) drained_.notify();

@@ -2,12 +2,15 @@
 //
 // A reader coroutine parses requests out of a large receive buffer (many per
 // read() when the client pipelines) and starts one handler coroutine per
-// request; handlers complete in any order and queue their replies; a writer
-// coroutine sends every queued reply with one gathered write. Memory is
-// bounded: a request is admitted only while the bytes of requests whose
-// replies are not yet sent stay under max_inflight_bytes (one request is
-// always admitted), so a client that stops reading replies stalls its own
-// connection instead of growing the daemon.
+// request; a large write's payload (32 KiB and more) is read straight into
+// its own buffer instead, with just the next header behind it, so that it
+// is not copied out of the receive buffer (issue 17); handlers complete in
+// any order and queue their replies; a writer coroutine sends every queued
+// reply with one gathered write. Memory is bounded: a request is admitted
+// only while the bytes of requests whose replies are not yet sent stay
+// under max_inflight_bytes (one request is always admitted), so a client
+// that stops reading replies stalls its own connection instead of growing
+// the daemon.
 //
 // Thread model: everything runs on the connection's io_context (one thread);
 // no locks. The export's device is shared with other sessions and is
@@ -109,6 +112,7 @@ class Session : public std::enable_shared_from_this<Session> {
   uint64_t pending_requests_ = 0;  // admitted, reply not yet sent
   uint64_t pending_bytes_ = 0;
   bool stopping_ = false;
+  bool header_only_ = false;  // the last request was a large write read straight into its buffer
   bool reader_idle_ = false;  // waiting for a new request header, nothing half-read
   bool dead_ = false;         // the client can no longer be written to
   bool writer_stop_ = false;

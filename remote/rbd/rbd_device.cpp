@@ -52,6 +52,20 @@ struct RbdDevice::Request : boost::intrusive::list_base_hook<> {
   uint64_t run_length = 0;
   uint64_t run_epoch = 0;
   std::vector<Joined> joined;  // under Inflight::mutex until the request leaves
+  // Parts still in librbd (a long read is sent in parts, see the header),
+  // and the first failure among them (a negative errno).
+  std::atomic<uint64_t> parts{1};
+  std::atomic<int> error{0};
+
+  // n parts are done (left librbd, or were never sent), with result r:
+  // whether they were the last.
+  bool parts_done(uint64_t n, int r) {
+    if (r < 0) {
+      int none = 0;
+      error.compare_exchange_strong(none, r, std::memory_order_acq_rel);
+    }
+    return parts.fetch_sub(n, std::memory_order_acq_rel) == n;
+  }
 };
 
 // A reader answered by a run another read started (see Request).
@@ -249,18 +263,23 @@ core::Capabilities RbdDevice::capabilities() const noexcept {
 std::string RbdDevice::describe() const { return "rbd:" + target_.spec(); }
 
 void RbdDevice::on_complete(rbd_completion_t c, void* arg) {
-  std::unique_ptr<Request> req(static_cast<Request*>(arg));
+  auto* raw = static_cast<Request*>(arg);
   const ssize_t r = rbd_aio_get_return_value(c);
   rbd_aio_release(c);
+  if (raw->parts_done(1, r < 0 ? static_cast<int>(r) : 0)) finish(std::unique_ptr<Request>(raw));
+}
+
+void RbdDevice::finish(std::unique_ptr<Request> req) {
+  const int r = req->error.load(std::memory_order_acquire);
   Inflight& in = *req->inflight;
   std::vector<Joined> joined;
   auto done = in.leave(*req, joined);
   if (!done) {
     core::logger("rbd")->info("{}: a {} that timed out came back from librbd ({})", in.spec, req->what,
-                              r < 0 ? errno_text(static_cast<int>(r)) : std::string("done"));
+                              r < 0 ? errno_text(r) : std::string("done"));
     return;
   }
-  int err = r < 0 ? static_cast<int>(-r) : 0;
+  int err = -r;
   // Fenced because our own reopen took the lock from this session: a lost
   // session (retried on the new one), not another gateway's doing.
   if (err == ESHUTDOWN && req->session->replaced->load(std::memory_order_acquire)) err = ENOTCONN;
@@ -370,20 +389,31 @@ core::Task<std::error_code> RbdDevice::submit(const char* what, Start start, std
         }
         char* target = reinterpret_cast<char*>(req->bounce.get());
         rbd_image_t image = req->session->image;
+        // A long read in 2 MiB-aligned parts (see the header); anything
+        // else in one.
+        uint64_t count = 1;
+        if (length > kPartBytes)
+          count = (read_offset + length - 1) / kPartBytes - read_offset / kPartBytes + 1;
+        req->parts.store(count, std::memory_order_relaxed);
         Request* raw = req.release();  // on_complete owns it from here, or we do again below
-        rbd_completion_t c = nullptr;
-        int r = rbd_aio_create_completion(raw, &RbdDevice::on_complete, &c);
-        if (r >= 0) {
-          r = start(image, c, target, length);
-          if (r >= 0) return;
-          rbd_aio_release(c);
+        uint64_t sent = 0;
+        int r = 0;
+        for (uint64_t at = read_offset, end = read_offset + length; sent < count; ++sent) {
+          const uint64_t part = count == 1 ? length : std::min(end, at / kPartBytes * kPartBytes + kPartBytes) - at;
+          rbd_completion_t c = nullptr;
+          r = rbd_aio_create_completion(raw, &RbdDevice::on_complete, &c);
+          if (r < 0) break;
+          r = start(image, c, target + (at - read_offset), at, part);
+          if (r < 0) {
+            rbd_aio_release(c);
+            break;
+          }
+          at += part;
         }
-        // Refused at once: librbd will not call on_complete.
-        std::unique_ptr<Request> back(raw);
-        std::vector<Joined> joined;
-        auto done = in.leave(*back, joined);
-        if (done) common::post_completion(back->executor, std::move(done), -r);
-        for (auto& j : joined) common::post_completion(j.executor, std::move(j.done), -r);
+        if (sent == count) return;
+        // Refused at once: librbd will not call on_complete for the parts
+        // not sent; the last part back answers, which may be here.
+        if (raw->parts_done(count - sent, r)) finish(std::unique_ptr<Request>(raw));
       },
       boost::asio::use_awaitable);
 }
@@ -411,8 +441,8 @@ std::error_code RbdDevice::note(std::error_code ec, const char* what) {
 core::Task<std::error_code> RbdDevice::read(std::span<std::byte> buf, uint64_t offset, core::IoFlags) {
   const auto ec = co_await submit(
       "read",
-      [&](rbd_image_t img, rbd_completion_t c, char* into, uint64_t length) {
-        return rbd_aio_read(img, offset, length, into, c);
+      [](rbd_image_t img, rbd_completion_t c, char* into, uint64_t at, uint64_t length) {
+        return rbd_aio_read(img, at, length, into, c);
       },
       buf, offset);
   co_return note(ec, "read");
@@ -423,22 +453,23 @@ core::Task<std::error_code> RbdDevice::write(std::span<const std::byte> buf, uin
   // librbd copies the data at submission (rbd_disable_zero_copy_writes), so
   // a write abandoned at its deadline never reads the caller's buffer later.
   const WriteMark mark(*this);
-  const auto ec = co_await submit("write", [&](rbd_image_t img, rbd_completion_t c, char*, uint64_t) {
+  const auto ec = co_await submit("write", [&](rbd_image_t img, rbd_completion_t c, char*, uint64_t, uint64_t) {
     return rbd_aio_write(img, offset, buf.size(), reinterpret_cast<const char*>(buf.data()), c);
   });
   co_return note(ec, "write");
 }
 
 core::Task<std::error_code> RbdDevice::flush() {
-  const auto ec =
-      co_await submit("flush", [](rbd_image_t img, rbd_completion_t c, char*, uint64_t) { return rbd_aio_flush(img, c); });
+  const auto ec = co_await submit("flush", [](rbd_image_t img, rbd_completion_t c, char*, uint64_t, uint64_t) {
+    return rbd_aio_flush(img, c);
+  });
   co_return note(ec, "flush");
 }
 
 core::Task<std::error_code> RbdDevice::trim(core::ByteRange range, core::IoFlags) {
   if (read_only_) co_return core::errno_code(EROFS);
   const WriteMark mark(*this);
-  const auto ec = co_await submit("discard", [&](rbd_image_t img, rbd_completion_t c, char*, uint64_t) {
+  const auto ec = co_await submit("discard", [&](rbd_image_t img, rbd_completion_t c, char*, uint64_t, uint64_t) {
     return rbd_aio_discard(img, range.offset, range.length, c);
   });
   co_return note(ec, "discard");
@@ -450,7 +481,7 @@ core::Task<std::error_code> RbdDevice::zero(core::ByteRange range, core::IoFlags
   // edges: always fast; NO_HOLE asks it to keep the range allocated.
   const int zero_flags = (flags & core::kNoHole) ? RBD_WRITE_ZEROES_FLAG_THICK_PROVISION : 0;
   const WriteMark mark(*this);
-  const auto ec = co_await submit("write-zeroes", [&](rbd_image_t img, rbd_completion_t c, char*, uint64_t) {
+  const auto ec = co_await submit("write-zeroes", [&](rbd_image_t img, rbd_completion_t c, char*, uint64_t, uint64_t) {
     return rbd_aio_write_zeroes(img, range.offset, range.length, c, zero_flags, 0);
   });
   co_return note(ec, "write-zeroes");

@@ -39,6 +39,15 @@
 // are used only where no other client writes the image (a snapshot, or the
 // exclusive lock held). Random reads are never widened.
 //
+// Long reads in parts: a read longer than kPartBytes (nbdcopy's 4 MiB
+// preferred block, a 32 MiB request) goes to librbd as 2 MiB-aligned parts
+// sent together, each its own librbd completion on the one request (and
+// bounce buffer); the caller is answered when the last part is back. One
+// whole-object read is one OSD op, served by one OSD thread from start to
+// end; parts keep the OSD busy on several (qemu's driver sends 2 MiB
+// requests, 8 in flight, for the same reason). The first failing part's
+// error is the request's.
+//
 // Deadline: librbd's op timeouts do not bound every wait inside it (a
 // request re-issued after a timeout, or one waiting for the exclusive lock
 // librbd re-takes after its watch failed, can wait without bound), so each
@@ -154,10 +163,15 @@ class RbdDevice final : public core::RemoteDevice {
   struct Joined;
   struct Inflight;  // the requests in flight; shared with librbd's callbacks, which may outlive the device
   static void on_complete(rbd_completion_t c, void* arg);
-  // Creates a completion, calls start(c) (an rbd_aio_* call) and awaits the
-  // result; librbd's negative errno becomes an error_code. A read passes its
-  // destination: librbd then reads into a bounce buffer (see the header).
-  // A read also passes its offset: it may join a run, or start one.
+  // The last part of `req` left librbd (or was never sent): answers its
+  // caller and the readers that joined it.
+  static void finish(std::unique_ptr<Request> req);
+  // Creates a completion, calls start(image, c, into, offset, length) (an
+  // rbd_aio_* call) and awaits the result; librbd's negative errno becomes
+  // an error_code. A read passes its destination: librbd then reads into a
+  // bounce buffer (see the header). A read also passes its offset: it may
+  // join a run, or start one; a long read goes to librbd in parts
+  // (kPartBytes), one start() each.
   template <class Start>
   core::Task<std::error_code> submit(const char* what, Start start, std::span<std::byte> read_into = {},
                                      uint64_t read_offset = 0);
@@ -272,6 +286,8 @@ class RbdDevice final : public core::RemoteDevice {
   // Sequential runs (see the header): whether reads may share them, and
   // what tells a run that a write started after it.
   static constexpr uint64_t kRunBytes = 2u << 20;
+  // Parts of a long read (see the header): 2 MiB-aligned, sent together.
+  static constexpr uint64_t kPartBytes = 2u << 20;
   bool runs_ = false;
   std::atomic<uint64_t> write_epoch_{0};
   std::atomic<uint64_t> writes_in_flight_{0};

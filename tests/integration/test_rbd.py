@@ -252,6 +252,39 @@ class SequentialRunTest(RbdTestCase):
             self.assertTrue(h.pread(4096, off) == data[off:off + 4096])
         self.assertEqual(self.librbd_reads(daemon.pid) - before, 4)
 
+    def test_long_reads_go_to_librbd_in_2mib_aligned_parts(self):
+        """A read longer than 2 MiB (nbdcopy's 4 MiB preferred block, a
+        whole 16 MiB request) reaches librbd as 2 MiB-aligned parts sent
+        together (one OSD op per whole object would keep one OSD thread on
+        it); the parts land at their place: every read returns the image.
+        The image has 4 MiB objects, so an object's read is two parts."""
+        name = "t%d" % next(_names)
+        size = 16 * MiB
+        data = os.urandom(size)
+        src = self.path("src.raw")
+        with open(src, "wb") as f:
+            f.write(data)
+        CLUSTER.rbd("import", "--no-progress", "--object-size", "4M", src, "rbd/" + name)
+        daemon = self.serve(CLUSTER.uri(name))
+        h = self.client()
+        # (offset, length, parts): aligned, unaligned at both ends, exactly
+        # one part long, one byte longer than a part, the whole image.
+        cases = ((4 * MiB, 4 * MiB, 2), (3 * MiB + 4096, 8 * MiB, 5), (6 * MiB, 2 * MiB, 1),
+                 (1 * MiB + 512, 2 * MiB + 1, 2), (0, size, 8))
+        for off, length, parts in cases:
+            before = self.librbd_reads(daemon.pid)
+            self.assertTrue(h.pread(length, off) == data[off:off + length], "wrong data at %d+%d" % (off, length))
+            self.assertEqual(self.librbd_reads(daemon.pid) - before, parts, "librbd reads for %d+%d" % (off, length))
+        # Many in flight at once, as nbdcopy sends them: each lands right.
+        pending = []
+        for off in range(0, size, 4 * MiB):
+            buf = nbd.Buffer(4 * MiB)
+            pending.append((h.aio_pread(buf, off), buf, off))
+        for cookie, buf, off in pending:
+            while not h.aio_command_completed(cookie):
+                h.poll(-1)
+            self.assertTrue(buf.to_bytearray() == data[off:off + 4 * MiB], "wrong data at %d" % off)
+
     def test_reads_sent_after_a_write_was_acknowledged_see_it(self):
         """Sequential reads with many in flight (runs in flight all the
         time) while a second connection overwrites ranges just ahead of the
@@ -421,6 +454,44 @@ class DeadlineTest(RbdTestCase):
         self.assertEqual(h2.pread(4096, 0), b"c" * 4096)
 
 
+    def test_long_read_past_its_deadline_fails_and_its_late_parts_land_harmlessly(self):
+        """A long read (four 2 MiB parts) with the OSD frozen fails with
+        EIO in bounded time: with io-timeout=0.6 the request's deadline
+        (0.9 s) comes before librbd's own op timeout (whole seconds: 1 s),
+        so the watchdog answers the caller and abandons the parts to
+        librbd, whose completions come back later into the request's own
+        buffer (the caller's may be gone; the sanitizer build checks it),
+        logged. Once the OSD runs again, long reads return the image."""
+        name = "t%d" % next(_names)
+        size = 16 * MiB
+        data = os.urandom(size)
+        src = self.path("src.raw")
+        with open(src, "wb") as f:
+            f.write(data)
+        CLUSTER.rbd("import", "--no-progress", "--object-size", "4M", src, "rbd/" + name)
+        daemon = self.serve(CLUSTER.uri(name), "retry-timeout=2,io-timeout=0.6")
+        h = self.client()
+        self.assertTrue(h.pread(8 * MiB, 0) == data[:8 * MiB])
+        off, length = 4 * MiB + 4096, 7 * MiB
+        with harness.frozen(CLUSTER.osd.proc.pid):
+            start = time.monotonic()
+            with self.assertRaises(nbd.Error) as cm:
+                h.pread(length, off)
+            self.assertEqual(cm.exception.errnum, errno.EIO)
+            self.assertLess(time.monotonic() - start, 10.0)
+            harness.wait_until(lambda: "a read that timed out came back from librbd" in daemon.log(), 30,
+                               interval=0.2, what="an abandoned read's parts back from librbd")
+
+        def long_read_ok():
+            try:
+                return h.pread(length, off) == data[off:off + length]
+            except nbd.Error:
+                return False  # the gateway may still be reopening
+        harness.wait_until(long_read_ok, 60, interval=0.5, what="a long read after the OSD runs again")
+        self.assertTrue(h.pread(size, 0) == data)
+        self.assertTrue(daemon.running())
+
+
 class ReopenTest(RbdTestCase):
     def test_sessions_replaced_by_reopens_are_closed_once_drained(self):
         """Each OSD freeze past a request's deadline makes the export reopen
@@ -560,7 +631,10 @@ class CacheTest(RbdTestCase):
             return [v for k, v in dump.items() if k.startswith("librbd-")][0]
         counters = librbd()
         self.assertEqual(counters["rd_bytes"], size)
-        self.assertEqual(counters["rd"], size // (4 * MiB), "prefetch reads are not whole objects: %r" % counters)
+        # Each whole-object (4 MiB) prefetch read reaches librbd as two 2 MiB
+        # parts (a long read is sent in parts); the prefetch's own 1 MiB
+        # runs would be 32 reads.
+        self.assertEqual(counters["rd"], size // (2 * MiB), "prefetch reads are not whole objects: %r" % counters)
         h = self.client()
         self.assertEqual(h.pread(size, 0), harness.read_file(src, 0, size))
         self.assertEqual(librbd()["rd"], counters["rd"], "a read of a prefetched image went to the cluster")

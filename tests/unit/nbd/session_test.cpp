@@ -7,6 +7,7 @@
 #include <cerrno>
 #include <map>
 #include <set>
+#include <thread>
 
 namespace blockway::test {
 namespace {
@@ -343,6 +344,77 @@ TEST_F(SessionTest, PipelinedRequestsAreAllAnswered) {
   EXPECT_EQ(*answered.rbegin(), 1049u);
   for (uint64_t i = 0; i < 50; i += 2)
     EXPECT_EQ(disk_.mem->contents(i * 4096, 4096), pattern(4096, static_cast<uint8_t>(i)));
+}
+
+// Writes of 32 KiB and more are read straight into their payload buffer with
+// only the next header behind them (Session::reader): a stream that mixes
+// them with small requests, back to back, must parse and land intact.
+// Sent whole, and in pieces (7919 and 20 bytes) so that headers and payloads
+// arrive split at every kind of boundary.
+TEST_F(SessionTest, LargeWritesMixedWithSmallRequestsInOneBatch) {
+  start();
+  disk_.mem->fill_pattern(3u << 20, 4096);
+  struct Op {
+    uint16_t type;
+    uint64_t offset;
+    uint32_t length;
+  };
+  // Large after large, small after large, large after small, a read and a
+  // flush between, the threshold itself and one block above it.
+  const std::vector<Op> ops = {{kCmdWrite, 0, 256u << 10},           {kCmdWrite, 256u << 10, 32u << 10},
+                               {kCmdWrite, 288u << 10, 512},         {kCmdRead, 3u << 20, 4096},
+                               {kCmdWrite, 1u << 20, (1u << 20) + 512}, {kCmdFlush, 0, 0},
+                               {kCmdWrite, 300u << 10, 33u << 10},   {kCmdWrite, 400u << 10, 4096},
+                               {kCmdWrite, 2304u << 10, 64u << 10}};
+  for (size_t piece : {size_t{0}, size_t{7919}, size_t{20}}) {
+    SCOPED_TRACE("piece " + std::to_string(piece));
+    Bytes stream;
+    std::map<uint64_t, Bytes> written;  // offset -> data
+    for (size_t i = 0; i < ops.size(); ++i) {
+      const auto& op = ops[i];
+      Bytes payload;
+      if (op.type == kCmdWrite) {
+        payload = pattern(op.length, static_cast<uint8_t>(i * 7 + piece));
+        written[op.offset] = payload;
+      }
+      const auto r = request(op.type, 0, 100 + i, op.offset, op.length, payload);
+      stream.insert(stream.end(), r.begin(), r.end());
+    }
+    if (piece == 0) {
+      send(stream);
+    } else {
+      for (size_t at = 0; at < stream.size(); at += piece) {
+        send(Bytes(stream.begin() + static_cast<std::ptrdiff_t>(at),
+                   stream.begin() + static_cast<std::ptrdiff_t>(std::min(stream.size(), at + piece))));
+        if (at % (piece * 64) == 0) std::this_thread::sleep_for(std::chrono::microseconds(200));
+      }
+    }
+    std::set<uint64_t> answered;
+    for (size_t i = 0; i < ops.size(); ++i) {
+      const auto r = next();
+      ASSERT_GE(r.cookie, 100u);
+      ASSERT_LT(r.cookie, 100u + ops.size());
+      EXPECT_TRUE(answered.insert(r.cookie).second);
+      if (ops[r.cookie - 100].type == kCmdRead)
+        EXPECT_EQ(data_of(r, r.cookie, 3u << 20), disk_.mem->contents(3u << 20, 4096));
+      else
+        expect_ok(r, r.cookie);
+    }
+    for (const auto& [off, data] : written) EXPECT_EQ(disk_.mem->contents(off, data.size()), data) << off;
+  }
+  // The stream is still in step: a small request after all that.
+  send(request(kCmdRead, 0, 999, 0, 4096));
+  EXPECT_EQ(data_of(next(), 999, 0), disk_.mem->contents(0, 4096));
+}
+
+TEST_F(SessionTest, ClientGoneInTheMiddleOfALargeWritePayloadEndsTheSession) {
+  start();
+  const auto r = request(kCmdWrite, 0, 70, 0, 256u << 10, pattern(256u << 10, 3));
+  send(Bytes(r.begin(), r.begin() + static_cast<std::ptrdiff_t>(kRequestHeaderSize + (100u << 10))));
+  ::shutdown(fd(), SHUT_WR);
+  EXPECT_TRUE(closed_by_peer(fd())) << "no reply; the connection ends";
+  ASSERT_TRUE(server_->wait_done());
+  EXPECT_EQ(disk_.mem->calls(test::Op::write), 0u);
 }
 
 TEST_F(SessionTest, RepliesMayOvertakeSlowRequests) {
