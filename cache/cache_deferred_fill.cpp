@@ -230,7 +230,7 @@ Task<void> CacheLayer::complete_deferred(uint64_t c, std::shared_ptr<Fill> pf) {
     uint64_t pos = 0;
     for (size_t i = 0; i <= written.size() && !ec; ++i) {
       const uint64_t gap_end = i < written.size() ? written[i].first : len;
-      if (gap_end > pos) ec = co_await write_cache_file(*cache_file_, d.data.span().subspan(pos, gap_end - pos), off + pos);
+      if (gap_end > pos) ec = co_await cache_file_->write(d.data.span().subspan(pos, gap_end - pos), off + pos, 0);
       if (i < written.size()) pos = written[i].second;
     }
     if (ec) log_->error("export '{}': writing the cache file failed: {}", name_, ec.message());

@@ -1,6 +1,6 @@
 // Pieces the CacheLayer's source files share: the RAII guards a request
 // holds (InFlight, RegionWrites, EpochGuard), the fill a claim waits on,
-// catalogue_call(), all_zero(), kMaxRun and write_cache_file(). Private to cache/: include it
+// catalogue_call(), all_zero() and kMaxRun. Private to cache/: include it
 // only from the cache_*.cpp files of CacheLayer.
 //
 // Thread model: as CacheLayer's (cache_layer.hpp): guards live on whichever
@@ -41,25 +41,6 @@ using core::Task;
 
 // Largest single remote request of a fill or a write-back.
 inline constexpr uint64_t kMaxRun = 1u << 20;
-
-// Largest single buffered write into the cache file. One write makes
-// page-cache folios as large as itself, and a later 4 KiB write into a large
-// folio walks every buffer head of it in the kernel (issue 16:
-// ext4_block_write_begin was 54-70 % of the CPU at cached 4 KiB random writes
-// after 1 MiB fills; bench/page_cache_folios.py: 4.1 us per 4 KiB write into
-// pages written 64 KiB at a time, 17.4 after 1 MiB, 41 after 4 MiB).
-inline constexpr size_t kCacheFileWritePiece = 64 * 1024;
-
-// Writes `buf` at `offset` into the cache file in pieces of at most
-// kCacheFileWritePiece; stops at the first error. A write that fits in one
-// piece is the file's own write (no frame of its own).
-Task<std::error_code> write_cache_file_pieces(core::BlockDevice& file, std::span<const std::byte> buf,
-                                              uint64_t offset);
-inline Task<std::error_code> write_cache_file(core::BlockDevice& file, std::span<const std::byte> buf,
-                                              uint64_t offset) {
-  if (buf.size() <= kCacheFileWritePiece) return file.write(buf, offset, 0);
-  return write_cache_file_pieces(file, buf, offset);
-}
 
 inline bool all_zero(const std::byte* p, size_t n) {
   if (n == 0) return true;

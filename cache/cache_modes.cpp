@@ -70,7 +70,7 @@ void CacheLayer::unquiesce() {
 }
 
 Task<std::error_code> CacheLayer::local_write(std::span<const std::byte> buf, uint64_t offset, IoFlags flags) {
-  auto ec = co_await write_cache_file(*cache_file_, buf, offset);
+  auto ec = co_await cache_file_->write(buf, offset, 0);
   if (!ec && (flags & core::kFua)) ec = co_await cache_file_->flush();
   co_return ec;
 }

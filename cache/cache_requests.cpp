@@ -235,7 +235,7 @@ void CacheLayer::settle_cache_change(uint64_t first, uint64_t last, const std::v
 }
 
 Task<std::error_code> CacheLayer::write_cached(std::span<const std::byte> buf, uint64_t offset, IoFlags flags) {
-  const std::function<Task<std::error_code>()> change = [&] { return write_cache_file(*cache_file_, buf, offset); };
+  const std::function<Task<std::error_code>()> change = [&] { return cache_file_->write(buf, offset, 0); };
   co_return co_await change_cached({offset, buf.size()}, flags, "write", "written", "writing", change);
 }
 
@@ -349,8 +349,8 @@ Task<std::error_code> CacheLayer::write_through(std::span<const std::byte> buf, 
     request_failed("write", buf.size(), offset, "writing to the remote", ec);
   }
   if (!ec && cache_needs_it) {
-    if (auto cec = co_await write_cache_file(*cache_file_, buf.subspan(for_cache.offset - offset, for_cache.length),
-                                             for_cache.offset)) {
+    if (auto cec = co_await cache_file_->write(buf.subspan(for_cache.offset - offset, for_cache.length),
+                                               for_cache.offset, 0)) {
       // The remote has the data; the cache must not keep the old bytes.
       log_->warn("export '{}': cache file write failed ({}), dropping those chunks", name_, cec.message());
       if (drop_clean_chunks(first, last)) ec = cec;
