@@ -14,9 +14,17 @@
 // writing (the fetch, or the last write out, completes it), only the ranges
 // no write covered are copied into the cache file, and the chunk becomes
 // present and dirty the normal way (dirty before present, after the cache
-// file holds every byte: invariant 3). A chunk the writes covered whole
-// before the fetch returned takes nothing from it. Write-zeroes and trim in
-// these modes take the same path.
+// file holds every byte: invariant 3). Write-zeroes and trim in these modes
+// take the same path.
+//
+// A chunk the writes cover whole needs nothing from the remote: the last
+// joined write out closes and completes it at once (whatever its fetch is
+// doing; the fetch's bytes are dropped). And the fetch does not start at
+// once: it waits while writes keep joining (grace_, a step of 250 us: a
+// sequential writer covers a 64 KiB chunk in far less, so its chunks are
+// never read from the remote), and starts after a step with no join, after
+// grace_.max, or at once when a read or FLUSH waits for the chunk
+// (urge_deferred cancels the grace timer).
 //
 // Crash safety: nothing about a pending chunk is persisted; it is not
 // present (so no checkpoint, eviction, write-back, drop, detach or prefetch
@@ -51,6 +59,7 @@
 
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/co_spawn.hpp>
+#include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
@@ -111,6 +120,7 @@ std::shared_ptr<CacheLayer::Fill> CacheLayer::join_deferred(const DeferredSeen& 
     const uint64_t lo = std::max(range.offset, cs), hi = std::min(range.end(), cs + chunk_len(c));
     add_range(f->deferred->written, static_cast<uint32_t>(lo - cs), static_cast<uint32_t>(hi - cs));
     ++f->deferred->writers;
+    ++f->deferred->joins;
   }
   return nullptr;
 }
@@ -126,6 +136,7 @@ void CacheLayer::start_deferred(const std::vector<uint64_t>& defer, const std::s
     const uint64_t lo = std::max(range.offset, cs), hi = std::min(range.end(), cs + chunk_len(c));
     d.written.emplace_back(static_cast<uint32_t>(lo - cs), static_cast<uint32_t>(hi - cs));
     d.writers = 1;
+    d.joins = 1;
     {
       // The caller's claim on c becomes the fill's: whoever waits on the
       // caller's claim looks at c again and finds this one.
@@ -136,19 +147,22 @@ void CacheLayer::start_deferred(const std::vector<uint64_t>& defer, const std::s
     }
     region_writes_[c / kChunksPerRegion].fetch_add(1, std::memory_order_seq_cst);
     joined.emplace_back(c, pf);
-    spawn_deferred(run_deferred(c, pf), c);
+    deferred_runners_.fetch_add(1, std::memory_order_acq_rel);
+    spawn_deferred(run_deferred(c, pf), c, true);
   }
   std::sort(joined.begin(), joined.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
 }
 
-void CacheLayer::spawn_deferred(Task<void> task, uint64_t c) {
-  boost::asio::co_spawn(background_, std::move(task), [this, c](std::exception_ptr e) {
-    if (!e) return;
-    try {
-      std::rethrow_exception(e);
-    } catch (const std::exception& ex) {
-      log_->error("export '{}': the deferred fill of chunk {} failed: {}", name_, c, ex.what());
+void CacheLayer::spawn_deferred(Task<void> task, uint64_t c, bool runner) {
+  boost::asio::co_spawn(background_, std::move(task), [this, c, runner](std::exception_ptr e) {
+    if (e) {
+      try {
+        std::rethrow_exception(e);
+      } catch (const std::exception& ex) {
+        log_->error("export '{}': the deferred fill of chunk {} failed: {}", name_, c, ex.what());
+      }
     }
+    if (runner) deferred_runners_.fetch_sub(1, std::memory_order_acq_rel);  // the last touch: close() may go on
   });
 }
 
@@ -158,15 +172,45 @@ Task<void> CacheLayer::run_deferred(uint64_t c, std::shared_ptr<Fill> pf) {
   // forever if the event loop were torn down under it.
   auto& d = *pf->deferred;
   const uint64_t off = chunk_start(c), len = chunk_len(c);
-  core::IoBuffer buf(len);
   boost::asio::steady_timer timer(co_await boost::asio::this_coro::executor);
+  // Grace: a sequential writer covers the chunk within a few hundred
+  // microseconds (sixteen 4 KiB writes at QD16 make a 64 KiB chunk), and a
+  // covered chunk needs nothing from the remote. Fetching at once read every
+  // chunk of a first sequential write (the remote's CPU, the socket copy,
+  // this daemon's recv: a fifth of its CPU there) only to throw it away. So
+  // the fetch waits while writes keep joining: it starts after a step in
+  // which none joined, when a reader or FLUSH waits for it (urge), or after
+  // grace_.max; a random writer's chunk waits one step. Nothing waits on
+  // the fill meanwhile but reads and FLUSHes of this chunk, which urge it.
+  const auto started = std::chrono::steady_clock::now();
+  for (uint64_t joins = 0;;) {
+    {
+      std::lock_guard lock(d.mutex);
+      // Covered: the last joined write out completes it (leave_deferred).
+      if (d.closed || d.covers(len)) co_return;
+      if (d.urgent) break;
+      if (d.joins == joins) break;  // a step passed with no write joining
+      joins = d.joins;
+    }
+    if (stopping_.load(std::memory_order_acquire) || std::chrono::steady_clock::now() - started >= grace_.max) break;
+    timer.expires_after(grace_.step);
+    {
+      std::lock_guard lock(d.mutex);
+      d.grace_timer = &timer;  // urge_deferred() cancels it (on this loop)
+    }
+    co_await timer.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
+    std::lock_guard lock(d.mutex);
+    d.grace_timer = nullptr;
+  }
+  core::IoBuffer buf;
   std::error_code ec;
   bool fetched = false;
   for (auto backoff = std::chrono::milliseconds(10);;) {
     {
       std::lock_guard lock(d.mutex);
-      if (d.covers(len)) break;  // the writes need nothing from the remote
+      if (d.closed || d.covers(len)) co_return;  // as above
     }
+    if (buf.size() == 0) buf = core::IoBuffer(len);
     ec = co_await fetch_bytes(buf.span(), off, 0);
     if (!ec) {
       fetched = true;
@@ -189,6 +233,7 @@ Task<void> CacheLayer::run_deferred(uint64_t c, std::shared_ptr<Fill> pf) {
   bool now = false;
   {
     std::lock_guard lock(d.mutex);
+    if (d.closed || d.covers(len)) co_return;  // covered meanwhile: as above
     d.closed = true;
     d.fetched = fetched;
     d.fetch_ec = ec;
@@ -198,6 +243,28 @@ Task<void> CacheLayer::run_deferred(uint64_t c, std::shared_ptr<Fill> pf) {
   if (now) co_await complete_deferred(c, std::move(pf));
 }
 
+void CacheLayer::wake_runner(const std::shared_ptr<Fill>& f) {
+  // Under f's mutex. The timer lives in the runner's frame on background_,
+  // and only that loop touches it: the cancel goes there, and finds it only
+  // while the runner still waits (it clears grace_timer on that loop when it
+  // wakes).
+  if (f->deferred->grace_timer)
+    boost::asio::post(background_, [f] {
+      std::lock_guard lock(f->deferred->mutex);
+      if (f->deferred->grace_timer) f->deferred->grace_timer->cancel();
+    });
+}
+
+std::shared_ptr<core::SharedEvent> CacheLayer::urge_deferred(const std::shared_ptr<Fill>& f) {
+  auto& d = *f->deferred;
+  std::lock_guard lock(d.mutex);
+  if (!d.urgent) {
+    d.urgent = true;
+    wake_runner(f);
+  }
+  return d.attempt;
+}
+
 void CacheLayer::leave_deferred(const DeferredSeen& joined, std::error_code) {
   // A joined write that failed leaves its range undefined in a chunk that
   // becomes dirty: the client's failed write, as in settle_cache_change.
@@ -205,7 +272,15 @@ void CacheLayer::leave_deferred(const DeferredSeen& joined, std::error_code) {
     bool last = false;
     {
       std::lock_guard lock(f->deferred->mutex);
-      last = --f->deferred->writers == 0 && f->deferred->closed;
+      auto& d = *f->deferred;
+      // Covered by the writes, none of them still writing: nothing is needed
+      // from the remote, so it completes now, not when its fetch (or grace)
+      // ends; a runner still fetching or waiting drops out when it sees it.
+      if (--d.writers == 0 && !d.closed && d.covers(chunk_len(c))) {
+        d.closed = true;
+        wake_runner(f);  // its grace is over: it leaves
+      }
+      last = d.writers == 0 && d.closed;
     }
     if (last) spawn_deferred(complete_deferred(c, f), c);
   }
@@ -291,10 +366,7 @@ Task<std::error_code> CacheLayer::settle_deferred(uint64_t first, uint64_t last)
   // Weak: this frame never owns a fill or its events (see wait_unowned).
   for (const auto& wf : fills) {
     std::shared_ptr<core::SharedEvent> attempt;
-    if (auto f = wf.lock(); f && !f->done.is_set()) {
-      std::lock_guard lock(f->deferred->mutex);
-      attempt = f->deferred->attempt;
-    }
+    if (auto f = wf.lock(); f && !f->done.is_set()) attempt = urge_deferred(f);
     if (!attempt) continue;  // completed; a loss shows in deferred_loss_
     auto waiting = core::SharedEvent::wait_unowned(std::move(attempt));
     if (auto ec = co_await std::move(waiting); ec && !result) {

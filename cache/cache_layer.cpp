@@ -351,7 +351,7 @@ Task<void> CacheLayer::abandon() {
   if (background_done_) co_await background_done_->wait();
   co_await prefetcher_->stop();
   boost::asio::steady_timer timer(co_await boost::asio::this_coro::executor);
-  while (readaheads_.load() > 0 || deferred_.load() > 0) {
+  while (readaheads_.load() > 0 || deferred_.load() > 0 || deferred_runners_.load() > 0) {
     timer.expires_after(std::chrono::milliseconds(10));
     co_await timer.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
   }

@@ -217,6 +217,14 @@ class CacheLayer final : public core::Layer, public core::ExportControl {
   // Deferred fills (write-back modes) at a time; past it, a write that covers
   // an absent chunk in part fetches the chunk first.
   static constexpr uint64_t kMaxDeferred = 64;
+  // A deferred fill's grace before its fetch (cache_deferred_fill.cpp): it
+  // looks every `step` and fetches once a step passed with no write joining
+  // it, a read or FLUSH waits for it, or `max` passed. Tests lengthen it.
+  struct DeferredGrace {
+    std::chrono::microseconds step{250};
+    std::chrono::microseconds max{4000};
+  };
+  void set_deferred_grace(DeferredGrace g) noexcept { grace_ = g; }
 
  private:
   // read() flag (never from a client, who reaches this layer through the
@@ -233,6 +241,8 @@ class CacheLayer final : public core::Layer, public core::ExportControl {
     std::unordered_map<uint64_t, std::shared_ptr<Fill>> fills;
   };
   static constexpr uint64_t kChunksPerRegion = 64;
+  // Regions after a sequential writer's that ensure_intent() marks ahead.
+  static constexpr uint64_t kIntentAhead = 8;
   // Detach and set_mode: how often the door may close and find chunks
   // dirtied again by clients during the write-back, or requests in flight
   // that do not drain, before the switch answers EAGAIN (busy). set_mode to
@@ -286,18 +296,26 @@ class CacheLayer final : public core::Layer, public core::ExportControl {
   void start_deferred(const std::vector<uint64_t>& defer, const std::shared_ptr<Fill>& claim_fill,
                       core::ByteRange range, DeferredSeen& joined);
   void leave_deferred(const DeferredSeen& joined, std::error_code ec);
+  // A read or FLUSH about to wait for the fill's fetch: ends its grace now
+  // (the fetch starts) and returns the current attempt to wait on.
+  std::shared_ptr<core::SharedEvent> urge_deferred(const std::shared_ptr<Fill>& f);
+  // Ends the grace wait of f's runner, if it waits (under f's mutex).
+  void wake_runner(const std::shared_ptr<Fill>& f);
   // The fill's fetch (tried again until it works, writes cover the chunk or
   // the layer stops); then, or when the last joined write leaves after it,
   // complete_deferred() merges the chunk and releases the claim.
   core::Task<void> run_deferred(uint64_t c, std::shared_ptr<Fill> pf);
   core::Task<void> complete_deferred(uint64_t c, std::shared_ptr<Fill> pf);
-  void spawn_deferred(core::Task<void> task, uint64_t c);
+  // runner: the fill's run_deferred(), counted in deferred_runners_.
+  void spawn_deferred(core::Task<void> task, uint64_t c, bool runner = false);
   // Waits until every deferred fill of chunks [first, last] that exists now
   // has completed; EIO if one of them failed its fetch meanwhile (it goes on
   // trying, the written bytes stay) or a deferred fill lost its writes.
   core::Task<std::error_code> settle_deferred(uint64_t first, uint64_t last);
   std::atomic<uint64_t> deferred_{0};      // deferred fills running (and budget taken)
+  std::atomic<uint64_t> deferred_runners_{0};  // run_deferred() frames alive (close() waits for them)
   std::atomic<bool> deferred_loss_{false};  // a deferred fill gave up: the next FLUSH fails
+  DeferredGrace grace_;                     // set before requests come (tests)
   void start_readahead(uint64_t after);
 
   // Write-intent for the regions of chunks [first, last], persisted before

@@ -15,6 +15,7 @@
 #include "core/shared_event.hpp"
 #include "core/task.hpp"
 
+#include <boost/asio/steady_timer.hpp>
 #include <boost/asio/thread_pool.hpp>
 
 #include <algorithm>
@@ -73,6 +74,9 @@ struct CacheLayer::Fill {
     std::mutex mutex;
     std::vector<std::pair<uint32_t, uint32_t>> written;  // [lo, hi) in the chunk, sorted, disjoint
     int writers = 0;      // joined writes whose bytes may not be in the cache file yet
+    uint64_t joins = 0;   // writes that joined, ever (the grace watches it grow)
+    bool urgent = false;  // a read or FLUSH waits for it: fetch now, grace over
+    boost::asio::steady_timer* grace_timer = nullptr;  // the runner's, while it waits out the grace
     bool closed = false;  // the fetch ended: no more joins; the last writer out completes
     bool fetched = false;  // `data` holds the remote's chunk
     std::error_code fetch_ec;  // the last fetch's error, when not fetched

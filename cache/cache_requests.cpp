@@ -84,16 +84,15 @@ Task<std::error_code> CacheLayer::read(std::span<std::byte> buf, uint64_t offset
     // claim of read_miss would wait for the fill until the remote answers.
     for (uint64_t c = first; c <= last; ++c) {
       if (present_.test(c)) continue;
-      std::shared_ptr<core::SharedEvent> attempt;
+      std::shared_ptr<Fill> pending;
       {
         auto& s = shard(c);
         std::lock_guard lock(s.mutex);
-        if (auto it = s.fills.find(c); it != s.fills.end() && it->second->deferred) {
-          std::lock_guard dlock(it->second->deferred->mutex);
-          attempt = it->second->deferred->attempt;
-        }
+        if (auto it = s.fills.find(c); it != s.fills.end() && it->second->deferred) pending = it->second;
       }
-      if (!attempt) continue;
+      if (!pending) continue;
+      auto attempt = urge_deferred(pending);
+      pending.reset();
       auto waiting = core::SharedEvent::wait_unowned(std::move(attempt));
       if (auto ec = co_await std::move(waiting))
         co_return request_failed("read", buf.size(), offset, "fetching from the remote", ec);
@@ -115,11 +114,7 @@ Task<std::error_code> CacheLayer::read(std::span<std::byte> buf, uint64_t offset
         // A chunk written in part whose fetch runs behind the writes: wait
         // for the fetch's next outcome; a failed one fails this read (the
         // fill goes on trying).
-        std::shared_ptr<core::SharedEvent> attempt;
-        {
-          std::lock_guard lock(other->deferred->mutex);
-          attempt = other->deferred->attempt;
-        }
+        std::shared_ptr<core::SharedEvent> attempt = urge_deferred(other);
         other.reset();
         auto waiting = core::SharedEvent::wait_unowned(std::move(attempt));
         if (auto ec = co_await std::move(waiting))
@@ -187,6 +182,17 @@ Task<std::error_code> CacheLayer::ensure_intent(uint64_t first, uint64_t last) {
     }
   }
   if (!need) co_return std::error_code{};
+  // A writer that moves on from a region with intent into the next one (a
+  // sequential writer) gets the intent of the regions after it too, in this
+  // same commit: else every new region (4 MiB of 64 KiB chunks) held up all
+  // its writes for a catalogue commit and its fsync, sixty-four of them per
+  // 256 MiB of first writes. More intent than needed is safe (recovery only
+  // drops the clean chunks of those regions; the next checkpoint after the
+  // writes clears what no write touched).
+  const uint64_t r0 = first / kChunksPerRegion, r1 = last / kChunksPerRegion;
+  if (r0 > 0 && intent_.test(r0 - 1))
+    for (uint64_t r = r1 + 1; r <= r1 + kIntentAhead && r < nregions_.load(std::memory_order_acquire); ++r)
+      if (!intent_.test(r)) intent_.set(r);
   co_return co_await checkpoint(false);
 }
 

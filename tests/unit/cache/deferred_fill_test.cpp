@@ -129,11 +129,70 @@ TEST_P(DeferredFill, ChunkCoveredByWritesTakesNothingFromTheRemote) {
     ASSERT_FALSE(w.get());
     pos += n;
   }
-  EXPECT_EQ(remote_->calls(Op::read), 1u);
+  EXPECT_LE(remote_->calls(Op::read), 1u);
+  EXPECT_EQ(state(2), 3u) << "a chunk the writes covered waits for nothing: present and dirty at once";
   remote_->open_gate(Op::read);
   EXPECT_FALSE(flush());
   EXPECT_EQ(read(2 * kChunk, kChunk), want);
   EXPECT_EQ(layer().stats().bytes_fetched, 0u) << "the fetch's bytes were used although writes covered the chunk";
+}
+
+// The grace before a fill's fetch (issue 17): a sequential writer's burst
+// covers the chunk before the fetch would start, so the remote is never read.
+TEST_P(DeferredFill, ABurstOfWritesThatCoversAChunkNeverReadsTheRemote) {
+  open();
+  layer().set_deferred_grace({std::chrono::seconds(2), std::chrono::seconds(10)});  // a slow machine
+  std::vector<std::byte> want(kChunk);
+  std::vector<std::future<std::error_code>> writes;
+  std::vector<std::vector<std::byte>> pieces;  // alive until the writes end
+  pieces.reserve(kChunk / 4096);
+  for (uint64_t pos = 0; pos < kChunk; pos += 4096) {  // QD16 4 KiB, as fio writes
+    const auto& piece = pieces.emplace_back(bytes(4096, static_cast<uint8_t>(0x40 + pos / 4096)));
+    std::copy(piece.begin(), piece.end(), want.begin() + static_cast<long>(pos));
+    writes.push_back(spawn(layer().write(piece, 8 * kChunk + pos, 0)));
+  }
+  for (auto& w : writes) {
+    ASSERT_TRUE(ready(w, 2000));
+    EXPECT_FALSE(w.get());
+  }
+  EXPECT_EQ(state(8), 3u) << "covered: present and dirty without the remote";
+  EXPECT_EQ(remote_->calls(Op::read), 0u) << "the chunk was fetched although writes covered it";
+  EXPECT_FALSE(flush());
+  EXPECT_EQ(read(8 * kChunk, kChunk), want);
+  EXPECT_EQ(remote_->calls(Op::read), 0u);
+  EXPECT_EQ(layer().stats().bytes_fetched, 0u);
+}
+
+// A read or FLUSH of a chunk in its grace does not wait the grace out.
+TEST_P(DeferredFill, AReadOrFlushEndsTheGraceAtOnce) {
+  open();
+  layer().set_deferred_grace({std::chrono::seconds(60), std::chrono::seconds(120)});
+  const auto a = bytes(4096, 0x51), b = bytes(100, 0x52);
+  ASSERT_FALSE(write(14 * kChunk + 4096, a));
+  ASSERT_FALSE(write(15 * kChunk + 300, b));
+  EXPECT_EQ(remote_->calls(Op::read), 0u) << "fetched during the grace";
+  std::vector<std::byte> buf(kChunk);
+  auto r = spawn(layer().read(buf, 14 * kChunk, 0));
+  ASSERT_TRUE(ready(r, 5000)) << "the read waited out the grace";
+  EXPECT_FALSE(r.get());
+  EXPECT_EQ(buf, merged(14 * kChunk, 14 * kChunk + 4096, a));
+  auto f = spawn(layer().flush());
+  ASSERT_TRUE(ready(f, 5000)) << "FLUSH waited out the grace";
+  EXPECT_FALSE(f.get());
+  EXPECT_EQ(state(15), flushed());
+  EXPECT_EQ(read(15 * kChunk, kChunk), merged(15 * kChunk, 15 * kChunk + 300, b));
+  EXPECT_EQ(remote_->calls(Op::read), 2u);
+}
+
+// A random writer's chunk (no more writes join) is fetched after one quiet
+// step of the default grace, with no read or FLUSH to ask for it.
+TEST_P(DeferredFill, ALoneWriteIsFetchedAfterTheGrace) {
+  open();
+  const auto a = bytes(4096, 0x61);
+  ASSERT_FALSE(write(16 * kChunk + 8192, a));
+  ASSERT_TRUE(test::eventually([&] { return state(16) == 3u; })) << "the fill never completed on its own";
+  EXPECT_EQ(remote_->calls(Op::read), 1u);
+  EXPECT_EQ(read(16 * kChunk, kChunk), merged(16 * kChunk, 16 * kChunk + 8192, a));
 }
 
 TEST_P(DeferredFill, FailedFetchFailsFlushKeepsTheWriteAndIsTriedAgain) {
