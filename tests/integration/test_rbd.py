@@ -72,6 +72,17 @@ class RbdTestCase(harness.DaemonTestCase):
         CLUSTER.create_image(name, size, *extra)
         return name
 
+    def imported_image(self, size, *import_args):
+        """An image of `size` random bytes made by `rbd import` (with
+        `import_args`, e.g. "--object-size", "4M"): -> (name, the bytes)."""
+        name = "t%d" % next(_names)
+        data = os.urandom(size)
+        src = self.path("src-%s.raw" % name)
+        with open(src, "wb") as f:
+            f.write(data)
+        CLUSTER.rbd("import", "--no-progress", *import_args, src, "rbd/" + name)
+        return name, data
+
     def serve(self, uri, options="", name="blockwayd"):
         """blockwayd exporting uri as 'r' on a Unix socket, with a control
         socket of its own (self.csock) for `blockway`."""
@@ -221,13 +232,8 @@ class SequentialRunTest(RbdTestCase):
         --bs=256k does; nbdcopy would take the 4 MiB preferred block):
         blockwayd sends librbd far fewer, larger reads (runs of up to 2 MiB
         that the next requests join), and every read returns the image."""
-        name = "t%d" % next(_names)
         size, chunk = 32 * MiB, 256 * 1024
-        data = os.urandom(size)
-        src = self.path("src.raw")
-        with open(src, "wb") as f:
-            f.write(data)
-        CLUSTER.rbd("import", "--no-progress", src, "rbd/" + name)
+        name, data = self.imported_image(size)
         daemon = self.serve(CLUSTER.uri(name))
         h = self.client()
         before = self.librbd_reads(daemon.pid)
@@ -258,13 +264,8 @@ class SequentialRunTest(RbdTestCase):
         together (one OSD op per whole object would keep one OSD thread on
         it); the parts land at their place: every read returns the image.
         The image has 4 MiB objects, so an object's read is two parts."""
-        name = "t%d" % next(_names)
         size = 16 * MiB
-        data = os.urandom(size)
-        src = self.path("src.raw")
-        with open(src, "wb") as f:
-            f.write(data)
-        CLUSTER.rbd("import", "--no-progress", "--object-size", "4M", src, "rbd/" + name)
+        name, data = self.imported_image(size, "--object-size", "4M")
         daemon = self.serve(CLUSTER.uri(name))
         h = self.client()
         # (offset, length, parts): aligned, unaligned at both ends, exactly
@@ -462,13 +463,8 @@ class DeadlineTest(RbdTestCase):
         librbd, whose completions come back later into the request's own
         buffer (the caller's may be gone; the sanitizer build checks it),
         logged. Once the OSD runs again, long reads return the image."""
-        name = "t%d" % next(_names)
         size = 16 * MiB
-        data = os.urandom(size)
-        src = self.path("src.raw")
-        with open(src, "wb") as f:
-            f.write(data)
-        CLUSTER.rbd("import", "--no-progress", "--object-size", "4M", src, "rbd/" + name)
+        name, data = self.imported_image(size, "--object-size", "4M")
         daemon = self.serve(CLUSTER.uri(name), "retry-timeout=2,io-timeout=0.6")
         h = self.client()
         self.assertTrue(h.pread(8 * MiB, 0) == data[:8 * MiB])
