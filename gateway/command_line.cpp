@@ -160,7 +160,8 @@ const Flag kFlags[] = {
 const std::pair<DaemonExit, std::string_view> kExits[] = {
     {kExitStopped, "stopped after SIGTERM or SIGINT (with --stdio: when the client left)"},
     {kExitFatal, "an error while running"},
-    {kExitConfig, "a configuration mistake: a flag, the file, an export, a URI or an option"},
+    {kExitConfig, "a configuration mistake: a flag, the file, a URI or an option; or no export could be opened "
+                  "(one that cannot while others can is served as failed and retried)"},
 };
 
 constexpr size_t kColumn = 25;  // where the help text of a flag, URI or option starts

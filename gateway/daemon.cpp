@@ -220,16 +220,30 @@ int run_daemon(DaemonConfig config) {
   builder.set_remote_bandwidth(config.remote_bandwidth);
   builder.set_export_lookup([&exports](const std::string& name) { return exports.find(name); });
   std::vector<cache::CacheLayer*> caches;  // started once every export is open
-  for (auto& e : all) {
-    auto [exp, cache] = builder.build(e);
-    log->info("export '{}': {} ({} bytes{})", exp->name, exp->device->describe(), exp->device->geometry().size,
-              exp->device->capabilities().read_only ? ", read-only" : "");
-    exports.add(std::move(exp));
-    if (cache) caches.push_back(cache);
-  }
   RuntimeExports runtime_exports(builder, exports, loops);
   runtime_exports.set_tls_enabled(config.tls.mode != nbd::TlsMode::off);
+  // One export that cannot be opened (its remote down, its image missing, a
+  // mistake in its options) does not take the others down: it is listed as
+  // failed and retried in the background. Only a daemon that would serve
+  // nothing at all, or one client on stdio, stops at once.
+  std::exception_ptr first_failure;
+  for (auto& e : all) {
+    try {
+      auto [exp, cache] = builder.build(e);
+      log->info("export '{}': {} ({} bytes{})", exp->name, exp->device->describe(), exp->device->geometry().size,
+                exp->device->capabilities().read_only ? ", read-only" : "");
+      exports.add(std::move(exp));
+      if (cache) caches.push_back(cache);
+    } catch (const std::exception& err) {
+      if (config.stdio_export) throw;
+      if (!first_failure) first_failure = std::current_exception();
+      log->error("export '{}' cannot be opened; serving the others and retrying it in the background "
+                 "(blockway status shows it): {}", e.name, err.what());
+      runtime_exports.add_failed(e, err.what());
+    }
+  }
   runtime_exports.open_saved(caches);
+  if (first_failure && exports.list().empty()) std::rethrow_exception(first_failure);
   for (const auto& exp : exports.list()) publish_snapshots(exports, exp, builder.snapshots_of(exp));
   exports.set_default(config.default_export);
   for (auto* c : caches) c->start();
@@ -309,6 +323,7 @@ int run_daemon(DaemonConfig config) {
     return device_commands.devices_of(name);
   });
   device_commands.start(config.devices);
+  runtime_exports.set_on_opened([&device_commands](const std::string& name) { device_commands.attach_waiting(name); });
 
   boost::asio::signal_set signals(loops.at(0), SIGINT, SIGTERM);
   // The FUSE front end: mounted below if configured; a control command can
@@ -390,6 +405,7 @@ int run_daemon(DaemonConfig config) {
     std::filesystem::rename(tmp, config.pid_file);
   }
   service.ready();
+  runtime_exports.start_retrying();
 
   loops.run();
   for (const auto& exp : exports.list()) log_stats(*log, *exp);

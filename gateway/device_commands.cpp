@@ -3,6 +3,9 @@
 #include "core/options.hpp"
 #include "nbd/kernel_netlink.hpp"
 
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+
 #include <cerrno>
 #include <chrono>
 
@@ -99,6 +102,11 @@ void DeviceCommands::start(const std::vector<DeviceConfig>& configured) {
     for (const auto& [index, text] : store->kernel_devices()) {
       try {
         const auto saved = device_from_json(Json::parse(text));
+        if (runtime_.is_failed(saved.export_name)) {
+          log_->warn("/dev/nbd{}: export '{}' is not open yet: reconnected once it opens", index, saved.export_name);
+          waiting_saved_.emplace(saved.export_name, saved);
+          continue;
+        }
         const std::string what = devices_.restore(saved);
         log_->info("/dev/nbd{} (export '{}'): {}", index, saved.export_name, what);
         if (auto now = devices_.find(index)) save(store, *now);
@@ -115,12 +123,59 @@ void DeviceCommands::start(const std::vector<DeviceConfig>& configured) {
     for (uint32_t i : devices_.attached_to(d.export_name))
       if (!options[k].index || *options[k].index == i) attached = true;
     if (attached) continue;
+    if (runtime_.is_failed(d.export_name)) {
+      log_->warn("{}: the export is not open yet: attached once it opens", where);
+      waiting_configured_.emplace(d.export_name, options[k]);
+      continue;
+    }
     try {
       save(store, devices_.connect(d.export_name, options[k]));
     } catch (const std::exception& e) {
       throw ConfigError(where + ": " + e.what());
     }
   }
+}
+
+void DeviceCommands::attach_waiting(const std::string& name) {
+  std::vector<nbd::DeviceRecord> saved;
+  std::vector<nbd::DeviceOptions> configured;
+  for (auto [it, end] = waiting_saved_.equal_range(name); it != end; ++it) saved.push_back(it->second);
+  for (auto [it, end] = waiting_configured_.equal_range(name); it != end; ++it) configured.push_back(it->second);
+  waiting_saved_.erase(name);
+  waiting_configured_.erase(name);
+  if (saved.empty() && configured.empty()) return;
+  boost::asio::co_spawn(loops_.at(0), attach(std::move(saved), std::move(configured), name), boost::asio::detached);
+}
+
+Task<void> DeviceCommands::attach(std::vector<nbd::DeviceRecord> saved, std::vector<nbd::DeviceOptions> configured,
+                                  std::string name) {
+  cache::MetaStore* store = co_await runtime_.open_catalogue();
+  auto work = [this, store, &saved, &configured, &name] {
+    for (const auto& record : saved) {
+      try {
+        log_->info("/dev/nbd{} (export '{}'): {}", record.index, name, devices_.restore(record));
+        if (auto now = devices_.find(record.index)) save(store, *now);
+      } catch (const std::exception& e) {
+        log_->error("/dev/nbd{}: cannot reconnect it: {}", record.index, e.what());
+      }
+    }
+    for (const auto& options : configured) {
+      bool attached = false;
+      for (uint32_t i : devices_.attached_to(name))
+        if (!options.index || *options.index == i) attached = true;
+      if (attached) continue;
+      try {
+        const auto record = devices_.connect(name, options);
+        save(store, record);
+        log_->info("/dev/nbd{}: export '{}' attached", record.index, name);
+      } catch (const std::exception& e) {
+        log_->error("[[device]] export '{}': cannot attach it: {}", name, e.what());
+      }
+    }
+    return 0;
+  };
+  auto attaching = offload(loops_.blocking(), std::move(work));  // named: GCC 12, see RuntimeExports::add()
+  co_await std::move(attaching);
 }
 
 Task<Json> DeviceCommands::connect(const Json& req) {

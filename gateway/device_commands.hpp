@@ -30,8 +30,14 @@ class DeviceCommands {
 
   // Reconnects the devices the catalogue names (logging those that cannot
   // be), then attaches the configured ones not attached yet. Throws
-  // ConfigError for a configured device that cannot be attached.
+  // ConfigError for a configured device that cannot be attached. The
+  // devices of an export that failed to open (RuntimeExports::is_failed)
+  // wait for it instead: attach_waiting().
   void start(const std::vector<DeviceConfig>& configured);
+  // Attaches the devices that wait for export `name`, which a retry has just
+  // opened: those the catalogue names, then the configured ones. Loop 0; the
+  // netlink calls run on the blocking pool.
+  void attach_waiting(const std::string& name);
   void add_to(ControlDispatcher& dispatcher);
   // "/dev/nbd0 /dev/nbd2" for export `name`, empty if none.
   [[nodiscard]] std::string devices_of(const std::string& name) const;
@@ -41,12 +47,19 @@ class DeviceCommands {
   core::Task<Json> disconnect(const Json& req);
   core::Task<Json> list(const Json& req);
   void save(cache::MetaStore* store, const nbd::DeviceRecord& record);
+  core::Task<void> attach(std::vector<nbd::DeviceRecord> saved, std::vector<nbd::DeviceOptions> configured,
+                          std::string name);
 
   nbd::KernelDevices& devices_;
   RuntimeExports& runtime_;
   StackBuilder& builder_;
   core::EventLoops& loops_;
   std::shared_ptr<spdlog::logger> log_;
+  // Devices whose export failed to open at start, by export name: records
+  // from the catalogue and configured devices' options. Main thread at
+  // start, loop 0 after.
+  std::multimap<std::string, nbd::DeviceRecord> waiting_saved_;
+  std::multimap<std::string, nbd::DeviceOptions> waiting_configured_;
 };
 
 // One device as `devices` reports it and the catalogue keeps it.

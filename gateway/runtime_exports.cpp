@@ -6,9 +6,11 @@
 
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
+#include <boost/asio/redirect_error.hpp>
 #include <boost/asio/steady_timer.hpp>
 
 #include <algorithm>
+#include <chrono>
 #include <optional>
 
 
@@ -121,9 +123,126 @@ void RuntimeExports::open_saved(std::vector<cache::CacheLayer*>& caches) {
       log_->error("export '{}' added at run time cannot be opened, skipped (blockway status shows it; "
                   "blockway export remove drops it): {}", saved.name, e.what());
       std::lock_guard lock(names_mutex_);
-      failed_[saved.name] = Failed{saved.uri, saved.options, e.what()};
+      failed_[saved.name] = Failed{saved.uri, saved.options, e.what(), std::nullopt};
     }
   }
+}
+
+void RuntimeExports::add_failed(const ExportConfig& cfg, const std::string& reason) {
+  std::lock_guard lock(names_mutex_);
+  failed_[cfg.name] = Failed{cfg.uri, {}, reason, cfg};
+}
+
+bool RuntimeExports::is_failed(const std::string& name) const {
+  std::lock_guard lock(names_mutex_);
+  return failed_.contains(name);
+}
+
+void RuntimeExports::start_retrying() {
+  if (retry_timer_ || shutting_down_) return;
+  {
+    std::lock_guard lock(names_mutex_);
+    if (failed_.empty()) return;
+  }
+  retry_timer_ = std::make_unique<boost::asio::steady_timer>(loops_.at(0));
+  boost::asio::co_spawn(loops_.at(0), retry_failed(), [log = log_](std::exception_ptr e) {
+    if (!e) return;
+    try {
+      std::rethrow_exception(e);
+    } catch (const std::exception& ex) {
+      log->error("retrying the failed exports stopped: {}", ex.what());
+    }
+  });
+}
+
+void RuntimeExports::set_shutting_down() {
+  shutting_down_ = true;
+  if (retry_timer_) retry_timer_->cancel();
+}
+
+// Rounds over the failed exports, 2 s after the start and then at a delay
+// that doubles up to 60 s: a remote that is back is found soon, one that
+// stays down costs a connection attempt a minute. Ends when nothing is left
+// to retry or the daemon stops.
+Task<void> RuntimeExports::retry_failed() {
+  constexpr auto kFirst = std::chrono::seconds(2), kLongest = std::chrono::seconds(60);
+  auto delay = std::chrono::duration_cast<std::chrono::steady_clock::duration>(kFirst);
+  while (!shutting_down_) {
+    retry_timer_->expires_after(delay);
+    boost::system::error_code ec;
+    co_await retry_timer_->async_wait(boost::asio::redirect_error(boost::asio::use_awaitable, ec));
+    if (shutting_down_) break;
+    std::vector<std::string> names;
+    {
+      std::lock_guard lock(names_mutex_);
+      for (const auto& [name, failed] : failed_) names.push_back(name);
+    }
+    if (names.empty()) break;
+    for (const auto& name : names) {
+      if (shutting_down_) break;
+      auto attempt = retry_one(name);
+      co_await std::move(attempt);
+    }
+    delay = std::min<std::chrono::steady_clock::duration>(delay * 2, kLongest);
+  }
+}
+
+Task<bool> RuntimeExports::retry_one(std::string name) {
+  auto guard = co_await lock_.lock();
+  std::optional<Failed> failed;
+  {
+    std::lock_guard lock(names_mutex_);
+    if (auto it = failed_.find(name); it != failed_.end()) failed = it->second;
+  }
+  // Removed meanwhile, or added again under its name (export-add).
+  if (!failed || shutting_down_ || exports_.find(name)) co_return false;
+  struct Opened {
+    StackBuilder::Built built;
+    std::string error;
+  };
+  auto open = [this, name, failed]() -> Opened {
+    Opened o;
+    try {
+      ExportConfig cfg = failed->configured ? *failed->configured : parse(name, failed->uri, failed->options);
+      check_tls(cfg);
+      o.built = builder_.build(std::move(cfg));
+    } catch (const std::exception& e) {
+      o.error = e.what();
+    }
+    return o;
+  };
+  auto opening = offload(loops_.blocking(), std::move(open));  // named: see add()
+  Opened opened = co_await std::move(opening);
+  auto& exp = opened.built.exp;
+  if (!opened.error.empty() || shutting_down_) {
+    if (exp) co_await exp->device->close();
+    if (opened.error.empty()) co_return false;  // opened as the daemon began to stop
+    std::lock_guard lock(names_mutex_);
+    if (auto it = failed_.find(name); it != failed_.end()) {
+      ++it->second.attempts;
+      // Each attempt at debug; a new reason (the remote answers now, but
+      // differently) at warn.
+      if (it->second.reason != opened.error) log_->warn("export '{}' still cannot be opened: {}", name, opened.error);
+      else log_->debug("export '{}' still cannot be opened (attempt {}): {}", name, it->second.attempts, opened.error);
+      it->second.reason = opened.error;
+    }
+    co_return false;
+  }
+  unsigned attempts = 0;
+  {
+    std::lock_guard lock(names_mutex_);
+    auto it = failed_.find(name);
+    if (it != failed_.end()) attempts = it->second.attempts + 1;
+    failed_.erase(name);
+    if (!failed->configured) runtime_names_.insert(name);
+  }
+  if (opened.built.cache) opened.built.cache->start();
+  exports_.add(exp);
+  publish_snapshots(exports_, exp, builder_.snapshots_of(exp));
+  log_->info("export '{}': {} ({} bytes) opened at attempt {}", name, exp->device->describe(),
+             exp->device->geometry().size, attempts);
+  if (on_opened_) on_opened_(name);
+  co_return true;
 }
 
 // The saved exports that failed to open, for status, list and stats.
@@ -139,6 +258,8 @@ Json RuntimeExports::failed_json() const {
     e["error"] = f.reason;
     e["mode"] = "failed";
     e["clients"] = 0;
+    e["configured"] = f.configured.has_value();
+    e["attempts"] = f.attempts;
     list.push_back(std::move(e));
   }
   return list;
@@ -347,7 +468,8 @@ Task<Json> RuntimeExports::remove(const Json& req) {
   co_return out;
 }
 
-// export-remove of a saved export that failed to open: forget it.
+// export-remove of an export that failed to open: no more retries, and a
+// saved one is forgotten.
 Task<Json> RuntimeExports::remove_failed(std::string name) {
   std::optional<Failed> failed;
   {
@@ -377,8 +499,10 @@ Task<Json> RuntimeExports::remove_failed(std::string name) {
   Json out;
   out["name"] = name;
   out["clients"] = 0;
-  out["message"] = "export '" + name + "' (which failed to open: " + failed->reason +
-                   ") removed; it is forgotten in the catalogue";
+  // No longer retried. A configured one is back (and tried) at the next start.
+  out["message"] = "export '" + name + "' (which failed to open: " + failed->reason + ") removed; " +
+                   (failed->configured ? "it comes from the configuration, so it is back at the next start"
+                                       : "it is forgotten in the catalogue");
   log_->info("{}", out["message"].get<std::string>());
   co_return out;
 }

@@ -8,6 +8,12 @@
 // Opening an export may block (connecting to a remote, creating a cache
 // file), so it runs on the blocking pool.
 //
+// An export that cannot be opened at start (its remote is down, its image
+// missing; configured or saved) does not stop the others: it is listed as
+// failed, and retry_failed() (a coroutine on loop 0, started by
+// start_retrying()) opens it again with a growing delay (2 s doubling to
+// 60 s) until it opens, it is removed, or the daemon stops.
+//
 // Removing an export that clients are connected to is refused (EBUSY) unless
 // forced; forced, the export leaves the table at once (no new client can open
 // it) and the sessions that hold it keep working until they disconnect, after
@@ -22,11 +28,14 @@
 #include "gateway/control_protocol.hpp"
 #include "gateway/stack_builder.hpp"
 
+#include <boost/asio/steady_timer.hpp>
+
 #include <atomic>
 #include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -46,6 +55,17 @@ class RuntimeExports {
   // configuration's. The caches of those opened are appended to `caches`, to
   // be started with the configured exports'.
   void open_saved(std::vector<cache::CacheLayer*>& caches);
+  // A configured export that could not be opened at start: listed as failed
+  // and retried once start_retrying() runs.
+  void add_failed(const ExportConfig& cfg, const std::string& reason);
+  // Starts retrying the failed exports (on loop 0), if there are any. Called
+  // once the daemon serves.
+  void start_retrying();
+  // Called on loop 0 with each export a retry opened (and added to the
+  // table): the kernel devices that wait for it are attached then.
+  void set_on_opened(std::function<void(const std::string&)> fn) { on_opened_ = std::move(fn); }
+  // Whether `name` is a failed export waiting for a retry.
+  [[nodiscard]] bool is_failed(const std::string& name) const;
   // The saved exports that failed to open, for status, list and stats.
   Json failed_json() const;
   // Saves a run-time change (hook of the "mode" and "prefetch-rate"
@@ -57,8 +77,9 @@ class RuntimeExports {
   core::Task<Json> add(const Json& req);
   // export-remove {name, force?}.
   core::Task<Json> remove(const Json& req);
-  // From now on export-add is refused (the daemon is stopping).
-  void set_shutting_down() { shutting_down_ = true; }
+  // From now on export-add is refused (the daemon is stopping) and failed
+  // exports are no longer retried. Loop 0.
+  void set_shutting_down();
   // Whether the daemon serves TLS at all: an export with tls=require is
   // refused (export-add) or skipped (saved) on a daemon without it, since
   // no client could ever reach it. Set before open_saved().
@@ -76,7 +97,13 @@ class RuntimeExports {
 
   struct Failed {
     std::string uri, options, reason;
+    std::optional<ExportConfig> configured;  // set for a configured export, else a saved one
+    unsigned attempts = 1;
   };
+  // The retries: one round over the failed exports after each delay.
+  core::Task<void> retry_failed();
+  // One attempt at opening the failed export `name`; true if it opened.
+  core::Task<bool> retry_one(std::string name);
 
   // export-remove of a saved export that failed to open: forget it.
   core::Task<Json> remove_failed(std::string name);
@@ -99,6 +126,9 @@ class RuntimeExports {
   mutable std::mutex names_mutex_;
   std::set<std::string> runtime_names_;
   std::map<std::string, Failed> failed_;
+  // The delay of retry_failed(); cancelled by set_shutting_down(). Loop 0.
+  std::unique_ptr<boost::asio::steady_timer> retry_timer_;
+  std::function<void(const std::string&)> on_opened_;
 };
 
 }  // namespace blockway::gateway

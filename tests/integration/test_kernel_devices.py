@@ -545,5 +545,28 @@ class HostWithoutNbd(control_common.ControlTestCase):
         self.assertIn("unknown option 'speed'", p.stderr.decode())
 
 
+class DeviceOfAFailedExport(control_common.ControlTestCase):
+    """A [[device]] of an export that cannot be opened at start waits for it
+    (the daemon serves the others) and is attached once a retry opens it; on
+    this host the attach then meets the missing nbd module, which the log says."""
+
+    def test_device_waits_for_its_export(self):
+        if os.path.exists("/sys/module/nbd"):
+            self.skipTest("this host has the nbd module")
+        a, b = self.path("a.img"), self.path("b.img")
+        harness.make_sparse_image(a, 1 << 20)
+        cfg = self.path("dev.toml")
+        with open(cfg, "w") as f:
+            f.write('[[device]]\nexport = "b"\n')
+        d = self.start({"a": "file://" + a, "b": "file://" + b}, extra=["--config", cfg])
+        self.assertIn("[[device]] export 'b': the export is not open yet: attached once it opens", d.log())
+        self.assertEqual(self.connect(self.uri("a")).get_size(), 1 << 20)
+        harness.make_sparse_image(b, 2 << 20)
+        harness.wait_until(lambda: "[[device]] export 'b': cannot attach it" in d.log(), 30, interval=0.5,
+                           what="the retry to open 'b' and try its device")
+        self.assertIn("modprobe nbd", d.log())
+        self.assertEqual(self.connect(self.uri("b")).get_size(), 2 << 20)
+
+
 if __name__ == "__main__":
     unittest.main()
