@@ -35,7 +35,6 @@ void InodeTable::add(const std::shared_ptr<core::Export>& exp) {
   node->name = exp->name;
   node->exp = exp;
   const auto geometry = exp->device->geometry();
-  node->size = geometry.size;
   node->read_only = exp->device->capabilities().read_only;
   // Requests off the device's grid are widened or read-modify-written there;
   // its log names the file as the front end's own messages do.
@@ -91,7 +90,7 @@ std::vector<std::pair<std::string, fuse_ino_t>> InodeTable::list() const {
 InodeTable::Totals InodeTable::totals() const {
   std::lock_guard lock(mutex_);
   Totals t;
-  for (const auto& [name, node] : by_name_) t.bytes += node->size;
+  for (const auto& [name, node] : by_name_) t.bytes += node->size();
   t.files = by_name_.size();
   return t;
 }

@@ -45,7 +45,6 @@ struct Node {
   fuse_ino_t ino = 0;
   std::string name;
   std::shared_ptr<core::Export> exp;
-  uint64_t size = 0;
   bool read_only = false;
   // On the export's device when its min_block > 1, for requests off that
   // grid (and, so that they are ordered against those, for every write and
@@ -53,6 +52,15 @@ struct Node {
   std::unique_ptr<core::BlockSizeLayer> blocks;
   int64_t created_ns = 0;
   std::atomic<int64_t> mtime_ns{0};
+
+  // The file's size: the export's as it is now, so a file follows its
+  // export when it grows while served (a grown file:// image, an rbd resize,
+  // a remote that grew); read once per request. Through a BlockSizeLayer
+  // (min_block > 1) the size the file had when it appeared, which that layer
+  // keeps.
+  [[nodiscard]] uint64_t size() const noexcept {
+    return blocks ? blocks->geometry().size : exp->device->geometry().size;
+  }
 
   // Where reads, zeroes and block status go.
   [[nodiscard]] core::BlockDevice& device() const noexcept {

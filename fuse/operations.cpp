@@ -54,9 +54,10 @@ struct stat attr_of(const FuseOptions& options, const Node& n) {
   st.st_nlink = 1;
   st.st_uid = file.uid;
   st.st_gid = file.gid;
-  st.st_size = static_cast<off_t>(n.size);
+  const uint64_t size = n.size();
+  st.st_size = static_cast<off_t>(size);
   st.st_blksize = 4096;
-  st.st_blocks = static_cast<blkcnt_t>((n.size + 511) / 512);
+  st.st_blocks = static_cast<blkcnt_t>((size + 511) / 512);
   st.st_atim = to_timespec(n.created_ns);
   st.st_mtim = to_timespec(n.mtime_ns.load(std::memory_order_relaxed));
   st.st_ctim = to_timespec(std::max(n.created_ns, n.mtime_ns.load(std::memory_order_relaxed)));
@@ -154,7 +155,15 @@ bool visible(fuse_req_t req, const Node& node) {
   return policy->allows_local_user(caller);
 }
 
+// An uncached file:// image that grew is followed when the kernel asks for
+// the file's attributes (at most once a second: kAttrTimeout) or opens it,
+// as it is when an NBD client connects: one stat of the image.
+void follow_size(const Node& node) {
+  if (node.exp->follow_size) node.exp->follow_size();
+}
+
 void reply_entry(fuse_req_t req, const Mount& mount, const Node& node) {
+  follow_size(node);
   fuse_entry_param e{};
   e.ino = node.ino;
   e.generation = 1;
@@ -206,6 +215,7 @@ void op_getattr(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   }
   auto node = find(mount, ino, fi);
   if (!node || !visible(req, *node)) return (void)fuse_reply_err(req, ENOENT);
+  follow_size(*node);
   const auto st = attr_of(mount.options(), *node);
   fuse_reply_attr(req, &st, restricted(*node) ? 0.0 : kAttrTimeout);
 }
@@ -219,7 +229,7 @@ void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_set, f
   if (to_set & (FUSE_SET_ATTR_MODE | FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID)) return (void)fuse_reply_err(req, EPERM);
   // An export has the size of its image: truncating to that size is a no-op,
   // any other size cannot be honoured.
-  if ((to_set & FUSE_SET_ATTR_SIZE) && static_cast<uint64_t>(attr->st_size) != node->size)
+  if ((to_set & FUSE_SET_ATTR_SIZE) && static_cast<uint64_t>(attr->st_size) != node->size())
     return (void)fuse_reply_err(req, node->read_only ? EROFS : EINVAL);
   if (to_set & FUSE_SET_ATTR_MTIME_NOW)
     node->mtime_ns.store(now_ns(), std::memory_order_relaxed);
@@ -264,6 +274,7 @@ void op_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   auto node = find(mount, ino, nullptr);
   if (!node || !visible(req, *node)) return (void)fuse_reply_err(req, ENOENT);
   if ((fi->flags & O_ACCMODE) != O_RDONLY && node->read_only) return (void)fuse_reply_err(req, EROFS);
+  follow_size(*node);
   // No memory for the handle or its entry: ENOMEM from Guarded, nothing held.
   Handle* h = mount.inodes().open(std::move(node));
   fi->fh = reinterpret_cast<uint64_t>(h);
@@ -311,8 +322,9 @@ void op_read(fuse_req_t req, fuse_ino_t, size_t size, off_t off, fuse_file_info*
   auto node = handle_of(fi).node;
   if (off < 0) return (void)fuse_reply_err(req, EINVAL);
   const auto offset = static_cast<uint64_t>(off);
-  if (offset >= node->size || size == 0) return (void)fuse_reply_buf(req, nullptr, 0);  // end of file
-  const size_t n = static_cast<size_t>(std::min<uint64_t>(size, node->size - offset));
+  const uint64_t end = node->size();
+  if (offset >= end || size == 0) return (void)fuse_reply_buf(req, nullptr, 0);  // end of file
+  const size_t n = static_cast<size_t>(std::min<uint64_t>(size, end - offset));
   spawn(req, do_read(req, std::move(node), n, offset), n);
 }
 
@@ -346,8 +358,9 @@ void op_write(fuse_req_t req, fuse_ino_t, const char* data, size_t size, off_t o
   const auto offset = static_cast<uint64_t>(off);
   if (size == 0) return (void)fuse_reply_write(req, 0);
   // The file cannot grow: like a block device, a write at the end has no space.
-  if (offset >= node->size) return (void)fuse_reply_err(req, ENOSPC);
-  const size_t n = static_cast<size_t>(std::min<uint64_t>(size, node->size - offset));
+  const uint64_t end = node->size();
+  if (offset >= end) return (void)fuse_reply_err(req, ENOSPC);
+  const size_t n = static_cast<size_t>(std::min<uint64_t>(size, end - offset));
   IoBuffer owner;
   const std::byte* payload = reinterpret_cast<const std::byte*>(data);
   auto* reader = Reader::current;
@@ -406,9 +419,9 @@ void op_fallocate(fuse_req_t req, fuse_ino_t, int mode, off_t off, off_t len, fu
   const bool keep_size = mode & FALLOC_FL_KEEP_SIZE;
   uint64_t start = static_cast<uint64_t>(off);
   uint64_t end = start + static_cast<uint64_t>(len);
-  if (end > node->size) {
+  if (const uint64_t size = node->size(); end > size) {
     if (!keep_size) return (void)fuse_reply_err(req, ENOSPC);  // the file cannot grow
-    end = node->size;
+    end = size;
   }
   if (start >= end || !(mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE)))
     return (void)fuse_reply_err(req, 0);  // plain allocation: the image already has its size
@@ -423,7 +436,7 @@ void op_fallocate(fuse_req_t req, fuse_ino_t, int mode, off_t off, off_t len, fu
 // Block status from `from` on (a BlockSizeLayer asks the device from its
 // grid and cuts the answer back to `from`).
 Task<void> do_lseek(fuse_req_t req, std::shared_ptr<Node> node, uint64_t from, int whence) {
-  const uint64_t size = node->size;
+  const uint64_t size = node->size();
   uint64_t pos = from;
   while (pos < size) {
     ExtentList extents;
@@ -458,7 +471,7 @@ void op_lseek(fuse_req_t req, fuse_ino_t, off_t off, int whence, fuse_file_info*
   auto node = handle_of(fi).node;
   if (whence != SEEK_DATA && whence != SEEK_HOLE) return (void)fuse_reply_err(req, EINVAL);
   if (off < 0) return (void)fuse_reply_err(req, EINVAL);
-  if (static_cast<uint64_t>(off) >= node->size) return (void)fuse_reply_err(req, ENXIO);
+  if (static_cast<uint64_t>(off) >= node->size()) return (void)fuse_reply_err(req, ENXIO);
   spawn(req, do_lseek(req, std::move(node), static_cast<uint64_t>(off), whence));
 }
 

@@ -416,6 +416,36 @@ class FuseClientsTest(FuseTestCase):
         with open(self.file("d"), "rb") as f:
             self.assertEqual(f.read(900), b"from nbd!" * 100)
 
+    def test_a_grown_image_grows_its_file(self):
+        """`truncate -s` of an uncached file:// image while it is mounted: the
+        file takes the new size (no NBD client needed),
+        reads zeroes there and takes writes there, byte-exact in the image.
+        The kernel keeps a file's attributes for a second, so a stat may show
+        the old size until then."""
+        img = self.image(size=8 * MiB, random_data=True)
+        first = harness.read_file(img, 0, 8 * MiB)
+        d = self.fuse_daemon({"d": "file://" + img})
+        self.assertEqual(os.stat(self.file("d")).st_size, 8 * MiB)
+        os.truncate(img, 24 * MiB)
+        harness.wait_until(lambda: os.stat(self.file("d")).st_size == 24 * MiB, 3, interval=0.1,
+                           what="the file's new size")
+        with open(self.file("d"), "r+b") as f:
+            self.assertEqual(os.fstat(f.fileno()).st_size, 24 * MiB)
+            f.seek(12 * MiB)
+            self.assertEqual(f.read(MiB), bytes(MiB), "the new space reads as zeroes")
+            tail = os.urandom(MiB)
+            f.seek(23 * MiB)
+            f.write(tail)
+            f.flush()
+            os.fsync(f.fileno())
+            with self.assertRaises(OSError) as cm:  # still a fixed size: no growth by writing
+                os.pwrite(f.fileno(), b"x", 24 * MiB)
+            self.assertEqual(cm.exception.errno, errno.ENOSPC)
+        self.assertEqual(harness.read_file(img, 23 * MiB, MiB), tail)
+        self.assertEqual(harness.read_file(img, 0, 8 * MiB), first)
+        self.assertEqual(os.stat(self.file("d")).st_size, 24 * MiB)
+        self.assertIn("the image grew from %d to %d bytes" % (8 * MiB, 24 * MiB), d.log(tail=None))
+
     def test_direct_io_option(self):
         img = self.image(size=8 * MiB, random_data=True)
         self.fuse_daemon({"d": "file://" + img}, fuse_opts="direct-io")

@@ -36,7 +36,7 @@ TEST(InodeTable, FollowsTheExportsWithNewInodeNumbers) {
   ASSERT_TRUE(nb);
   EXPECT_EQ(table.find(nb->ino), nb);
   EXPECT_TRUE(nb->read_only);
-  EXPECT_EQ(nb->size, 8192u);
+  EXPECT_EQ(nb->size(), 8192u);
   EXPECT_FALSE(table.lookup("bad/name"));
 
   // A second export of a name taken changes nothing; removing another export
