@@ -4,6 +4,7 @@
 #include "remote/file/file_device.hpp"
 #include "remote/registry.hpp"
 
+#include <atomic>
 #include <filesystem>
 
 namespace blockway::stack {
@@ -108,8 +109,9 @@ Stack add_layers(const ExportSpec& spec, Bottom bottom, const LayerOptions& laye
     // The layers between hold no size of their own: only the checkpoint
     // on top (and the file's own geometry, which current_size moves) bound
     // requests.
+    // A shrink is warned about once per size: FUSE looks every second.
     stack.follow_size = [probe = std::move(bottom.current_size), weak = std::weak_ptr(stack.device),
-                         where = spec.where()] {
+                         where = spec.where(), warned = std::make_shared<std::atomic<uint64_t>>(0)] {
       auto device = weak.lock();
       if (!device) return;
       const uint64_t served = device->geometry().size, now = probe();
@@ -117,7 +119,7 @@ Stack add_layers(const ExportSpec& spec, Bottom bottom, const LayerOptions& laye
         device->grow(now);
         core::logger("stack")->info("{}: the image grew from {} to {} bytes; new clients see the new size", where,
                                     served, now);
-      } else if (now < served) {
+      } else if (now < served && warned->exchange(now) != now) {
         core::logger("stack")->warn("{}: the image is {} bytes, smaller than the {} served: requests past its end "
                                     "fail",
                                     where, now, served);
