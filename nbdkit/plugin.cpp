@@ -5,7 +5,7 @@
 // Thread model: NBDKIT_THREAD_MODEL_PARALLEL. .config/.config_complete run
 // on nbdkit's main thread and only check the keys (nothing opens, since
 // nbdkit may still fork to the background); .after_fork opens the remote and
-// starts our event loops; the data callbacks run each request through
+// starts our event loops (if it cannot, each connection's .open tries again); the data callbacks run each request through
 // PluginStack::run_request(): with a cache on the nbdkit worker thread that
 // calls them (hopping to our loops only for what lives there, such as a
 // remote session's I/O), without one on one of our loops;
@@ -21,8 +21,10 @@
 #include "nbdkit/plugin_stack.hpp"
 #include "remote/registry.hpp"
 
+#include <atomic>
 #include <cerrno>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 
@@ -37,6 +39,11 @@ using blockway::nbdkit::PluginStack;
 
 std::optional<PluginConfig> g_config;
 std::unique_ptr<PluginStack> g_stack;
+// Opening g_stack after .after_fork could not (in .open, on connection
+// threads): one at a time, and set once. The data callbacks read g_stack
+// without the lock: their connection's .open saw it open.
+std::mutex g_stack_mutex;
+std::atomic<bool> g_stack_open{false};
 std::string g_help;  // built at load: config_help points into it
 
 // What blockway_open() returns for every connection: nbdkit wants a non-null
@@ -77,6 +84,8 @@ void blockway_load() {
 }
 
 void blockway_close_stack() {
+  std::lock_guard lock(g_stack_mutex);
+  g_stack_open.store(false, std::memory_order_release);
   if (g_stack) g_stack->close();
   g_stack.reset();
 }
@@ -107,16 +116,31 @@ int blockway_config_complete() {
   }
 }
 
-// After nbdkit forked into the background (or decided not to): our threads
-// must be started in the process that serves.
-int blockway_after_fork() {
+// Opens the stack (the remote, the cache); false, with the reason as
+// nbdkit's error, if it cannot. Under g_stack_mutex.
+bool open_stack() {
   try {
     g_stack = std::make_unique<PluginStack>(*g_config);
-    return 0;
+    g_stack_open.store(true, std::memory_order_release);
+    return true;
   } catch (const std::exception& e) {
     nbdkit_error("%s", e.what());
-    return -1;
+    return false;
   }
+}
+
+// After nbdkit forked into the background (or decided not to): our threads
+// must be started in the process that serves. A remote that cannot be opened
+// does not end the server: each new connection tries again and, until one
+// succeeds, fails with the reason. Ending it would hang `nbdkit --run CMD`:
+// nbdkit's captive parent, which runs CMD, keeps the listening socket open,
+// so CMD's connection would wait with nobody serving it.
+int blockway_after_fork() {
+  std::lock_guard lock(g_stack_mutex);
+  if (!open_stack())
+    nbdkit_error("blockway: serving anyway: each new connection tries to open the remote again, and fails with "
+                 "this reason until it can");
+  return 0;
 }
 
 void blockway_dump_plugin() {
@@ -132,7 +156,13 @@ void blockway_dump_plugin() {
   std::printf("blockway_thread_model=parallel\n");
 }
 
-void* blockway_open(int /*readonly*/) { return &g_connection; }
+void* blockway_open(int /*readonly*/) {
+  if (!g_stack_open.load(std::memory_order_acquire)) {
+    std::lock_guard lock(g_stack_mutex);
+    if (!g_stack && !open_stack()) return nullptr;  // nbdkit sends the client our error
+  }
+  return &g_connection;
+}
 
 const char* blockway_export_description(void*) {
   return g_config->description.empty() ? nullptr : g_config->description.c_str();
