@@ -288,6 +288,17 @@ int run_daemon(DaemonConfig config) {
   MetricsCollector metrics_collector(exports);
   if (auto cap = builder.remote_bandwidth())
     metrics_collector.add_daemon_provider([cap](MetricsWriter& out) { write_remote_bandwidth_metrics(cap->stats(), out); });
+  metrics_collector.add_daemon_provider([&runtime_exports](MetricsWriter& out) {
+    const Json failed = runtime_exports.failed_json();
+    out.family("blockway_exports_failed", MetricsWriter::Type::gauge,
+               "Exports that could not be opened and are being retried (blockway status says why).");
+    out.sample("blockway_exports_failed", {}, static_cast<double>(failed.size()));
+    out.family("blockway_export_open_attempts", MetricsWriter::Type::gauge,
+               "Attempts made so far to open each failed export.");
+    for (const auto& e : failed)
+      out.sample("blockway_export_open_attempts", {{"export", e.at("name").get<std::string>()}},
+                 e.at("attempts").get<double>());
+  });
   MetricsServer metrics(loops.at(0), metrics_collector);
 
   nbd::ServerOptions sopts;

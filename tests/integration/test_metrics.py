@@ -148,6 +148,24 @@ class MetricsTest(control_common.ControlTestCase):
         harness.wait_until(lambda: value(parse(self.scrape()), "blockway_clients") == 0, 10,
                            what="the client count to drop")
 
+    def test_failed_exports_are_counted_until_they_open(self):
+        img = harness.make_sparse_image(self.path("a.img"), MiB)
+        later = self.path("later.img")
+        self.start_metrics({"a": "file://" + img, "b": "file://" + later})
+        text = self.scrape()
+        p = subprocess.run(["promtool", "check", "metrics"], input=text.encode(), capture_output=True, timeout=60)
+        self.assertEqual(p.returncode, 0, p.stdout.decode() + p.stderr.decode())
+        s = parse(text)
+        self.assertEqual(value(s, "blockway_exports"), 1)
+        self.assertEqual(value(s, "blockway_exports_failed"), 1)
+        self.assertGreaterEqual(value(s, "blockway_export_open_attempts", export="b"), 1)
+        harness.make_sparse_image(later, MiB)
+        harness.wait_until(lambda: value(parse(self.scrape()), "blockway_exports") == 2, 30, interval=0.5,
+                           what="'b' to open")
+        s = parse(self.scrape())
+        self.assertEqual(value(s, "blockway_exports_failed"), 0)
+        self.assertNotIn(("blockway_export_open_attempts", frozenset({("export", "b")})), s)
+
     def test_qos_counters_match_stats(self):
         """An export limited to 20 read IOPS with a 0.1 s burst: 10 reads in
         a row must wait, and the QoS families say what `stats --json` says."""
