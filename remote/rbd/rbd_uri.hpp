@@ -1,6 +1,6 @@
 // RbdTarget: what an rbd:// URI names, validated without touching the network.
 //
-//   rbd://[ID@]POOL[/NAMESPACE]/IMAGE[@SNAP][?conf=PATH&keyring=PATH&exclusive=on|off|break]
+//   rbd://[ID@]POOL[/NAMESPACE]/IMAGE[@SNAP][?conf=PATH&keyring=PATH&exclusive=on|off|break&rbd_cache=on|off]
 //
 // ID is the cephx user without "client." (default: admin, as the rbd tool).
 // conf is the ceph.conf to read (default: librados' search path,
@@ -9,11 +9,13 @@
 // start-up and refuses to start when another client holds it; break takes it
 // from the holder (which librbd blocklists); off shares the image (the user
 // answers for any other writer). A snapshot is always opened read-only and
-// takes no lock. Components are percent-decoded.
+// takes no lock. rbd_cache: librbd's own cache (see rbd_device.hpp; unset:
+// off). Components are percent-decoded.
 //
 // Pure value type, no threads.
 #pragma once
 
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -30,6 +32,7 @@ struct RbdTarget {
   std::string conf;          // empty: librados' default search
   std::string keyring;       // empty: what the conf says
   LockMode lock = LockMode::on;
+  std::optional<bool> rbd_cache;  // rbd_cache=on|off; unset: the default
 
   // Throws BackendError (remote/backend.hpp) with a message that quotes the
   // URI and says what is wrong and what is expected.
