@@ -27,9 +27,8 @@
 // before the FLUSH was sent only to a later flush that finds writes in flight
 // (librbd/cache/WriteAroundObjectDispatch: flush() passes straight down when
 // nothing is in flight, and the error stays pending): such a FLUSH succeeds
-// although the write is lost. That is why the default is off.
-// FUA is a write followed by
-// a flush (CheckedDevice emulates it). Block status comes from
+// although the write is lost. That is why the default is off. FUA is a
+// write followed by a flush (CheckedDevice emulates it). Block status comes from
 // rbd_diff_iterate2 (fast with the fast-diff feature), which librbd offers
 // only synchronously: it runs on the blocking pool.
 //

@@ -9,13 +9,12 @@
 // start-up and refuses to start when another client holds it; break takes it
 // from the holder (which librbd blocklists); off shares the image (the user
 // answers for any other writer). A snapshot is always opened read-only and
-// takes no lock. rbd_cache: librbd's own cache (see rbd_device.hpp; unset:
-// off). Components are percent-decoded.
+// takes no lock. rbd_cache: librbd's own cache (see rbd_device.hpp;
+// default off). Components are percent-decoded.
 //
 // Pure value type, no threads.
 #pragma once
 
-#include <optional>
 #include <string>
 #include <string_view>
 
@@ -32,7 +31,7 @@ struct RbdTarget {
   std::string conf;          // empty: librados' default search
   std::string keyring;       // empty: what the conf says
   LockMode lock = LockMode::on;
-  std::optional<bool> rbd_cache;  // rbd_cache=on|off; unset: the default
+  bool rbd_cache = false;    // rbd_cache=on|off: librbd's own cache
 
   // Throws BackendError (remote/backend.hpp) with a message that quotes the
   // URI and says what is wrong and what is expected.

@@ -447,19 +447,26 @@ class ClusterRestartTest(RbdTestCase):
         for off, data in dict(writer.durable).items():
             self.assertEqual(img[off:off + len(data)], data, "flushed data at %d lost" % off)
 
-    def test_cluster_stopped_past_retry_timeout_gives_eio_then_recovers(self):
-        """Mon and OSD both gone: requests fail with EIO after retry-timeout
-        (librbd's own waits bounded by io-timeout), and the export works
-        again once the cluster is back, with no restart of the gateway."""
+    def stop_the_cluster_under(self, extra=""):
+        """A gateway (retry-timeout=3, io-timeout=1; URI query `extra`) on a
+        new image with "a"s FLUSHed at 0, then mon and OSD killed:
+        -> (image, daemon, handle). The caller starts them again."""
         name = self.image(8 * MiB)
-        # librbd's cache off (the default): a write waits for the OSDs (with
-        # rbd_cache=on it is acknowledged at once, see the next test).
-        daemon = self.serve(CLUSTER.uri(name), "retry-timeout=3,io-timeout=1")
+        daemon = self.serve(CLUSTER.uri(name, extra=extra), "retry-timeout=3,io-timeout=1")
         h = self.client()
         h.pwrite(b"a" * 4096, 0)
         h.flush()
         CLUSTER.osd.kill()
         CLUSTER.mon.kill()
+        return name, daemon, h
+
+    def test_cluster_stopped_past_retry_timeout_gives_eio_then_recovers(self):
+        """Mon and OSD both gone: requests fail with EIO after retry-timeout
+        (librbd's own waits bounded by io-timeout), and the export works
+        again once the cluster is back, with no restart of the gateway."""
+        # librbd's cache off (the default): a write waits for the OSDs (with
+        # rbd_cache=on it is acknowledged at once, see the next test).
+        name, daemon, h = self.stop_the_cluster_under()
         try:
             self.assert_requests_fail_with_eio_in_time(h, retry_timeout=3, slack=5.0, flush=False)
             self.assertTrue(daemon.running())
@@ -484,20 +491,13 @@ class ClusterRestartTest(RbdTestCase):
         # Each wait for the mons was bounded by io-timeout.
         self.assertIn("reconnect failed: Connection timed out", daemon.log())
 
-
     def test_cluster_stopped_with_librbd_cache_fails_the_flush_after_an_acknowledged_write(self):
         """rbd_cache=on: with the cluster gone a write is acknowledged at
         once (write-around) and the FLUSH sent right after it fails with EIO
         within retry-timeout plus slack, so the client learns the write may
         be lost; a read fails with EIO after retry-timeout; the export works
         again once the cluster is back."""
-        name = self.image(8 * MiB)
-        self.serve(CLUSTER.uri(name, extra="rbd_cache=on"), "retry-timeout=3,io-timeout=1")
-        h = self.client()
-        h.pwrite(b"a" * 4096, 0)
-        h.flush()
-        CLUSTER.osd.kill()
-        CLUSTER.mon.kill()
+        name, _daemon, h = self.stop_the_cluster_under("rbd_cache=on")
         try:
             self.assert_requests_fail_with_eio_in_time(h, retry_timeout=3, slack=5.0, flush=False, early_writes=True)
         finally:

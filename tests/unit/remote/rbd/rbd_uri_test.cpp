@@ -41,7 +41,7 @@ TEST(RbdUri, LockModes) {
   EXPECT_EQ(RbdTarget::parse("rbd://p/i?exclusive=break").lock, LockMode::take_over);
   EXPECT_EQ(RbdTarget::parse("rbd://p/i?exclusive=on").lock, LockMode::on);
   EXPECT_EQ(RbdTarget::parse("rbd://p/i@s?exclusive=off").lock, LockMode::off);
-  EXPECT_FALSE(RbdTarget::parse("rbd://p/i").rbd_cache.has_value()) << "unset: the device's default";
+  EXPECT_FALSE(RbdTarget::parse("rbd://p/i").rbd_cache) << "off unless asked for";
   EXPECT_EQ(RbdTarget::parse("rbd://p/i?rbd_cache=on").rbd_cache, true);
   EXPECT_EQ(RbdTarget::parse("rbd://p/i?rbd_cache=true").rbd_cache, true);
   EXPECT_EQ(RbdTarget::parse("rbd://p/i?rbd_cache=off&exclusive=off").rbd_cache, false);
