@@ -17,12 +17,17 @@
 #
 # Method: one cluster, one image `bench`, written full of random data first.
 # Each round, in turn: sequential read of the whole image into /dev/shm
-# (nbdcopy from blockwayd's export; qemu-img convert from rbd:), sequential
-# write of a random source over the whole image (nbdcopy to blockwayd;
-# qemu-img convert -n to rbd:), 4k QD16 random read and write (fio's nbd
-# engine through blockwayd; `rbd bench --io-threads 16 --io-pattern rand`,
-# librbd directly; also with librbd's cache off, as blockwayd runs librbd), and 4k QD16 random read through blockwayd with a warm
-# cache (cache=DIR, prefetched whole before fio starts). blockwayd runs
+# (nbdcopy from blockwayd's export; qemu-img convert from rbd:; and
+# qemu-img convert from blockwayd's nbd:// export, the same client on both
+# sides, so the gateway's own cost is seen apart from nbdcopy's), sequential
+# write of a random source over the whole image (the same three: nbdcopy to
+# blockwayd, qemu-img convert -n to rbd: and to blockwayd's export), 4k
+# QD16 random read and write (fio's nbd engine through blockwayd;
+# `rbd bench --io-threads 16 --io-pattern rand`, librbd directly, with its
+# cache as it runs by default (on) and with --rbd_cache=false, as blockwayd
+# runs librbd by default); blockwayd again with rbd_cache=on (nbdcopy seq
+# read and write, fio 4k); and 4k QD16 random read through blockwayd with a
+# warm cache (cache=DIR, prefetched whole before fio starts). blockwayd runs
 # without a cache unless said, is started per contender (it holds the
 # image's exclusive lock) and must exit 0 after SIGTERM.
 set -euo pipefail
@@ -52,8 +57,8 @@ URI="rbd://rbd/bench?conf=$CONF&keyring=$KEYRING"
 : >"$RESULTS"
 
 # ---------------------------------------------------------------- blockwayd
-start_blockwayd() {   # start_blockwayd [OPTIONS] -> sets BW_PID, NBD
-    bench_blockwayd "$BLOCKWAYD" "$URI${1:+,$1}"
+start_blockwayd() {   # start_blockwayd [OPTIONS [URI-QUERY]] -> sets BW_PID, NBD
+    bench_blockwayd "$BLOCKWAYD" "$URI${2:+&$2}${1:+,$1}"
 }
 stop_blockwayd() { bench_stop_blockwayd; }
 
@@ -92,16 +97,24 @@ for ((round = 1; round <= REPS; round++)); do
     record blockwayd seqwrite "$round" "$(timed nbdcopy "$SRC" "$nbd")"
     record blockwayd randread "$round" "$(fio_4k "$nbd" randread)"
     record blockwayd randwrite "$round" "$(fio_4k "$nbd" randwrite)"
+    record blockwayd-qemu seqread "$round" "$(timed qemu-img convert -f raw -O raw "$nbd" "$OUT")"; rm -f "$OUT"
+    record blockwayd-qemu seqwrite "$round" "$(timed qemu-img convert -n -f raw -O raw "$SRC" "$nbd")"
+    stop_blockwayd
+    start_blockwayd "" rbd_cache=on
+    record blockwayd-rbdcache seqread "$round" "$(timed nbdcopy "$NBD" "$OUT")"; rm -f "$OUT"
+    record blockwayd-rbdcache seqwrite "$round" "$(timed nbdcopy "$SRC" "$NBD")"
+    record blockwayd-rbdcache randread "$round" "$(fio_4k "$NBD" randread)"
+    record blockwayd-rbdcache randwrite "$round" "$(fio_4k "$NBD" randwrite)"
     stop_blockwayd
 
     record qemu-img seqread "$round" "$(timed qemu-img convert -f raw -O raw "$QEMU" "$OUT")"; rm -f "$OUT"
     record qemu-img seqwrite "$round" "$(timed qemu-img convert -n -f raw -O raw "$SRC" "$QEMU")"
     record rbd-bench randread "$round" "$(rbd_bench read)"
     record rbd-bench randwrite "$round" "$(rbd_bench write)"
-    # librbd's own write-back cache is on by default in rbd bench (and in
-    # rbd-nbd); blockwayd opens librbd with rbd_cache=false (its durability
-    # is its own cache's or the cluster's), so the like-for-like figure is
-    # librbd with its cache off.
+    # librbd's own cache is on by default in rbd bench, rbd-nbd and qemu
+    # (cache=writeback); blockwayd runs it off unless rbd_cache=on: the
+    # like-for-like pairs are blockwayd / --rbd_cache=false and
+    # blockwayd rbd_cache=on / rbd bench's default.
     record rbd-bench-nocache randread "$round" "$(rbd_bench read --rbd_cache=false)"
     record rbd-bench-nocache randwrite "$round" "$(rbd_bench write --rbd_cache=false)"
 
@@ -139,13 +152,31 @@ def ratio(ours, theirs, t_ours, t_theirs=None):
           if (ours, t_ours, r) in by_round and (theirs, t_theirs, r) in by_round]
     return rs
 lines = [("seq read MB/s (nbdcopy vs qemu-img convert)", "blockwayd", "qemu-img", "seqread", None, 1.0),
+         ("seq read MB/s, same client (qemu-img convert from nbd:// vs from rbd:)", "blockwayd-qemu", "qemu-img",
+          "seqread", None, 1.0),
          ("seq write MB/s (nbdcopy vs qemu-img convert -n)", "blockwayd", "qemu-img", "seqwrite", None, 1.0),
-         ("4k randread IOPS QD16 (fio nbd vs rbd bench)", "blockwayd", "rbd-bench", "randread", None, 0.9),
-         ("4k randwrite IOPS QD16 (fio nbd vs rbd bench)", "blockwayd", "rbd-bench", "randwrite", None, 0.9),
-         ("4k randread IOPS QD16 (fio nbd vs rbd bench with --rbd_cache=false, librbd as blockwayd runs it)",
+         ("seq write MB/s, same client (qemu-img convert -n to nbd:// vs to rbd:)", "blockwayd-qemu", "qemu-img",
+          "seqwrite", None, 1.0),
+         ("4k randread IOPS QD16 (fio nbd vs rbd bench as it runs by default, librbd cache on)", "blockwayd",
+          "rbd-bench", "randread", None, 0.9),
+         ("4k randwrite IOPS QD16 (fio nbd vs rbd bench as it runs by default, librbd cache on)", "blockwayd",
+          "rbd-bench", "randwrite", None, 0.9),
+         ("4k randread IOPS QD16, librbd cache off on both (fio nbd vs rbd bench --rbd_cache=false)",
           "blockwayd", "rbd-bench-nocache", "randread", None, 0.9),
-         ("4k randwrite IOPS QD16 (fio nbd vs rbd bench with --rbd_cache=false, librbd as blockwayd runs it)",
+         ("4k randwrite IOPS QD16, librbd cache off on both (fio nbd vs rbd bench --rbd_cache=false)",
           "blockwayd", "rbd-bench-nocache", "randwrite", None, 0.9),
+         ("4k randread IOPS QD16, librbd cache on on both (fio nbd, rbd_cache=on vs rbd bench)",
+          "blockwayd-rbdcache", "rbd-bench", "randread", None, 0.9),
+         ("4k randwrite IOPS QD16, librbd cache on on both (fio nbd, rbd_cache=on vs rbd bench)",
+          "blockwayd-rbdcache", "rbd-bench", "randwrite", None, 0.9),
+         ("seq read MB/s, blockwayd rbd_cache=on vs off (nbdcopy, same run)", "blockwayd-rbdcache", "blockwayd",
+          "seqread", None, 0),
+         ("seq write MB/s, blockwayd rbd_cache=on vs off (nbdcopy, same run)", "blockwayd-rbdcache", "blockwayd",
+          "seqwrite", None, 0),
+         ("4k randread IOPS QD16, blockwayd rbd_cache=on vs off (same run)", "blockwayd-rbdcache", "blockwayd",
+          "randread", None, 0),
+         ("4k randwrite IOPS QD16, blockwayd rbd_cache=on vs off (same run)", "blockwayd-rbdcache", "blockwayd",
+          "randwrite", None, 0),
          ("4k randread IOPS QD16, warm cache vs the cluster directly (rbd bench)", "blockwayd-warm", "rbd-bench",
           "randread", None, 10.0)]
 print("## Results (median of rounds)")
@@ -156,7 +187,8 @@ for label, ours, theirs, t, _, target in lines:
     rs = ratio(ours, theirs, t)
     m = statistics.median(rs) if rs else float("nan")
     print(f"| {label} | {med[(ours, t)]:.0f} | {med[(theirs, t)]:.0f} | {m:.2f} (rounds: "
-          + " ".join("%.2f" % x for x in rs) + f") | {target:g}x | {'yes' if m >= target else 'no'} |")
+          + " ".join("%.2f" % x for x in rs) + ") | "
+          + (f"{target:g}x | {'yes' if m >= target else 'no'} |" if target else "- | - |"))
 print()
 print("All runs:", "; ".join(f"{w}/{t}: " + ", ".join("%.0f" % x for x in v) for (w, t), v in sorted(data.items())))
 print()

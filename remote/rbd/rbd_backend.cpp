@@ -24,7 +24,10 @@ void check(const std::string& uri, core::Options& options) {
 
 std::unique_ptr<core::RemoteDevice> open(const std::string& uri, core::Options& options, const OpenEnv& env) {
   RbdTarget target = RbdTarget::parse(uri);
-  const RbdOptions o = take_options(options);
+  RbdOptions o = take_options(options);
+  // librbd's cache only when asked for (see rbd_device.hpp: its write-around
+  // mode can let a FLUSH succeed after a write it acknowledged failed).
+  o.rbd_cache = target.rbd_cache;
   if (!env.blocking) throw BackendError("RBD URI '" + uri + "': no blocking pool to open it on");
   return std::make_unique<RbdDevice>(uri, std::move(target), env.read_only, o, *env.blocking);
 }
@@ -33,7 +36,7 @@ std::unique_ptr<core::RemoteDevice> open(const std::string& uri, core::Options& 
 
 const Backend kBackend = Backend::network(
     "rbd", "an image or snapshot in a Ceph cluster (librbd)", {"rbd"},
-    {"rbd://[ID@]POOL[/NAMESPACE]/IMAGE[@SNAP][?conf=PATH&keyring=PATH&exclusive=on|off|break]"}, kOptions, check,
-    open);
+    {"rbd://[ID@]POOL[/NAMESPACE]/IMAGE[@SNAP][?conf=PATH&keyring=PATH&exclusive=on|off|break&rbd_cache=on|off]"},
+    kOptions, check, open);
 
 }  // namespace blockway::remote::rbd

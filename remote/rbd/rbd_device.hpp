@@ -16,10 +16,19 @@
 // coroutine that issued it: no thread waits per request, no lock is taken
 // beyond the in-flight list's (see Deadline) and the post. librbd is thread-safe, so every event loop submits
 // directly; there is one rados client and one image handle per device.
-// librbd's own cache is off (rbd_cache=false): a write librbd acknowledges is
-// on the OSDs, and a flush is still passed down (it is cheap then) so that
-// FLUSH reaches the cluster as the NBD spec asks. FUA is a write followed by
-// a flush (CheckedDevice emulates it). Block status comes from
+// librbd's own cache is off unless the URI says rbd_cache=on: a write librbd
+// acknowledges is then on the OSDs, and a flush is still passed down (it is
+// cheap then) so that FLUSH reaches the cluster as the NBD spec asks. With
+// rbd_cache=on (as qemu runs librbd with cache=writeback) librbd's
+// write-around policy acknowledges a write once sent, before the OSDs answer
+// (reads of its range wait for it; writethrough until the first flush), and
+// FLUSH is rbd_aio_flush, which waits for the writes still in flight and
+// fails if one of them failed. But librbd 16 reports a write that failed
+// before the FLUSH was sent only to a later flush that finds writes in flight
+// (librbd/cache/WriteAroundObjectDispatch: flush() passes straight down when
+// nothing is in flight, and the error stays pending): such a FLUSH succeeds
+// although the write is lost. That is why the default is off. FUA is a
+// write followed by a flush (CheckedDevice emulates it). Block status comes from
 // rbd_diff_iterate2 (fast with the fast-diff feature), which librbd offers
 // only synchronously: it runs on the blocking pool.
 //
@@ -125,6 +134,7 @@ namespace blockway::remote::rbd {
 
 struct RbdOptions {
   std::chrono::milliseconds io_timeout{30000};
+  bool rbd_cache = false;  // librbd's own cache (rbd_cache=on|off; see the header)
 };
 
 class RbdDevice final : public core::RemoteDevice {

@@ -112,7 +112,10 @@ void RbdDevice::open_session(Session& s, bool read_only, const Session* previous
     r = rados_conf_set(s.cluster->handle, name, seconds.c_str());
     if (r < 0) fail(std::string("cannot set ") + name + ": " + errno_text(r));
   }
-  (void)rados_conf_set(s.cluster->handle, "rbd_cache", "false");
+  // librbd's cache (see the header); its other settings are librbd's defaults,
+  // as in qemu and rbd bench.
+  r = rados_conf_set(s.cluster->handle, "rbd_cache", options_.rbd_cache ? "true" : "false");
+  if (r < 0) fail(std::string("cannot set rbd_cache: ") + errno_text(r));
   // librbd copies a write's data at submission: a write abandoned at its
   // deadline (see the header) must not read the caller's buffer later.
   r = rados_conf_set(s.cluster->handle, "rbd_disable_zero_copy_writes", "true");
@@ -200,9 +203,10 @@ void RbdDevice::open_session(Session& s, bool read_only, const Session* previous
       s.watcher = watcher_;
   }
   (void)s.cluster->ask_health();  // for status from the start (bounded by io-timeout)
-  core::logger("rbd")->info("{}: {} as {}, {} bytes, object size {}{}{}", target_.spec(),
+  core::logger("rbd")->info("{}: {} as {}, {} bytes, object size {}{}{}, librbd cache {}", target_.spec(),
                             reopen ? "reopened" : "opened", user, size, info.obj_size,
-                            read_only_ ? ", read-only" : "", s.locked ? ", exclusive lock held" : "");
+                            read_only_ ? ", read-only" : "", s.locked ? ", exclusive lock held" : "",
+                            options_.rbd_cache ? "on" : "off");
 }
 
 namespace {

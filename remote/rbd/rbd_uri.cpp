@@ -9,7 +9,7 @@ namespace blockway::remote::rbd {
 namespace {
 
 constexpr const char* kForm =
-    "rbd://[ID@]POOL[/NAMESPACE]/IMAGE[@SNAP][?conf=PATH&keyring=PATH&exclusive=on|off|break]";
+    "rbd://[ID@]POOL[/NAMESPACE]/IMAGE[@SNAP][?conf=PATH&keyring=PATH&exclusive=on|off|break&rbd_cache=on|off]";
 
 int hex_value(char c) {
   if (c >= '0' && c <= '9') return c - '0';
@@ -118,8 +118,16 @@ RbdTarget RbdTarget::parse(std::string_view text) {
         } else {
           fail("has exclusive='" + value + "' (expected on, off or break)");
         }
+      } else if (key == "rbd_cache") {
+        if (value == "on" || value == "true") {
+          t.rbd_cache = true;
+        } else if (value == "off" || value == "false") {
+          t.rbd_cache = false;
+        } else {
+          fail("has rbd_cache='" + value + "' (expected on or off)");
+        }
       } else {
-        fail("has the unknown parameter '" + key + "' (conf, keyring and exclusive are taken)");
+        fail("has the unknown parameter '" + key + "' (conf, keyring, exclusive and rbd_cache are taken)");
       }
     }
   }

@@ -1,6 +1,6 @@
 // RbdTarget: what an rbd:// URI names, validated without touching the network.
 //
-//   rbd://[ID@]POOL[/NAMESPACE]/IMAGE[@SNAP][?conf=PATH&keyring=PATH&exclusive=on|off|break]
+//   rbd://[ID@]POOL[/NAMESPACE]/IMAGE[@SNAP][?conf=PATH&keyring=PATH&exclusive=on|off|break&rbd_cache=on|off]
 //
 // ID is the cephx user without "client." (default: admin, as the rbd tool).
 // conf is the ceph.conf to read (default: librados' search path,
@@ -9,7 +9,8 @@
 // start-up and refuses to start when another client holds it; break takes it
 // from the holder (which librbd blocklists); off shares the image (the user
 // answers for any other writer). A snapshot is always opened read-only and
-// takes no lock. Components are percent-decoded.
+// takes no lock. rbd_cache: librbd's own cache (see rbd_device.hpp;
+// default off). Components are percent-decoded.
 //
 // Pure value type, no threads.
 #pragma once
@@ -30,6 +31,7 @@ struct RbdTarget {
   std::string conf;          // empty: librados' default search
   std::string keyring;       // empty: what the conf says
   LockMode lock = LockMode::on;
+  bool rbd_cache = false;    // rbd_cache=on|off: librbd's own cache
 
   // Throws BackendError (remote/backend.hpp) with a message that quotes the
   // URI and says what is wrong and what is expected.

@@ -123,6 +123,17 @@ class RbdTestCase(harness.DaemonTestCase):
         self.assertLess(time.monotonic() - start, within)
         return second
 
+    def start_cached(self, uri, mode, label, options=""):
+        """blockwayd exporting `uri` as 'r' with a cache (self.path("cache"))
+        in `mode`, its catalogue in self.path("data"): the same cache for
+        every start."""
+        self.sock, self.csock = self.path(label + ".sock"), self.path(label + ".control")
+        return self.start_daemon(
+            ["--log-level", "debug", "--listen", "unix:" + self.sock, "--control-socket", self.csock,
+             "--data-dir", self.path("data"), "--export",
+             "r=%s,cache=%s,mode=%s%s" % (uri, self.path("cache"), mode, "," + options if options else "")],
+            name=label, ready_timeout=60)
+
     def export(self, spec):
         out = self.path("export-%d.img" % time.monotonic_ns())
         CLUSTER.rbd("export", "--no-progress", "rbd/" + spec, out)
@@ -216,6 +227,66 @@ class DataPathTest(RbdTestCase):
         self.assertTrue(h.is_read_only())
         self.assertEqual(h.pread(4096, 0), b"\0" * 4096)
         self.assertIn("may not write to the image; serving it read-only", daemon.log())
+
+
+class LibrbdCacheTest(RbdTestCase):
+    def rbd_cache(self, pid):
+        """librbd's rbd_cache inside blockwayd, as its admin socket says."""
+        conf = CLUSTER.asok(pid, "client.admin", "config", "get", "rbd_cache")
+        self.assertIsNotNone(conf, "no admin socket answers for pid %d" % pid)
+        return conf["rbd_cache"]
+
+    def test_rbd_cache_on_a_flushed_write_survives_kill_9(self):
+        """rbd_cache=on: librbd runs with its own cache (as qemu runs it);
+        every write acknowledged and then FLUSHed is in the cluster after the
+        daemon is killed with SIGKILL right after the FLUSH."""
+        name = self.image(16 * MiB)
+        daemon = self.serve(CLUSTER.uri(name, extra="rbd_cache=on"))
+        self.assertEqual(self.rbd_cache(daemon.pid), "true")
+        self.assertIn("librbd cache on", daemon.log())
+        h = self.client()
+        model = bytearray(16 * MiB)
+        # The first FLUSH ends librbd's writethrough-until-flush: the writes
+        # after it are acknowledged from its cache.
+        first = os.urandom(MiB)
+        h.pwrite(first, 0)
+        model[0:MiB] = first
+        h.flush()
+        for _ in range(3):
+            for i in range(64):
+                off = 4096 * ((i * 37 + _ * 11) % 4096)
+                data = os.urandom(4096)
+                h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(data)), off)
+                model[off:off + 4096] = data
+            while h.aio_in_flight() > 0:
+                h.poll(-1)
+            h.flush()
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait(10)
+        self.assertEqual(self.export(name), bytes(model), "a write acknowledged and FLUSHed was lost")
+
+    def test_rbd_cache_is_off_by_default_and_the_uri_decides(self):
+        """librbd's cache is off unless rbd_cache=on, with or without
+        blockway's cache; rbd_cache=off says so; anything else stops the
+        daemon."""
+        name = self.image(8 * MiB)
+        daemon = self.serve(CLUSTER.uri(name), name="plain")
+        self.assertEqual(self.rbd_cache(daemon.pid), "false")
+        self.assertIn("librbd cache off", daemon.log())
+        daemon.stop()
+        daemon = self.serve(CLUSTER.uri(name, extra="rbd_cache=off"), name="plain-off")
+        self.assertEqual(self.rbd_cache(daemon.pid), "false")
+        h = self.client()
+        h.pwrite(b"x" * 4096, 0)
+        h.flush()
+        self.assertEqual(self.export(name)[:4096], b"x" * 4096)
+        h.shutdown()
+        daemon.stop()
+        daemon = self.start_cached(CLUSTER.uri(name, extra="rbd_cache=on"), "writethrough", "cached-on")
+        self.assertEqual(self.rbd_cache(daemon.pid), "true")
+        daemon.stop()
+        self.start_refused("r=" + CLUSTER.uri(name, extra="rbd_cache=writeback"),
+                           "rbd_cache='writeback' (expected on or off)")
 
 
 class SequentialRunTest(RbdTestCase):
@@ -376,17 +447,26 @@ class ClusterRestartTest(RbdTestCase):
         for off, data in dict(writer.durable).items():
             self.assertEqual(img[off:off + len(data)], data, "flushed data at %d lost" % off)
 
-    def test_cluster_stopped_past_retry_timeout_gives_eio_then_recovers(self):
-        """Mon and OSD both gone: requests fail with EIO after retry-timeout
-        (librbd's own waits bounded by io-timeout), and the export works
-        again once the cluster is back, with no restart of the gateway."""
+    def stop_the_cluster_under(self, extra=""):
+        """A gateway (retry-timeout=3, io-timeout=1; URI query `extra`) on a
+        new image with "a"s FLUSHed at 0, then mon and OSD killed:
+        -> (image, daemon, handle). The caller starts them again."""
         name = self.image(8 * MiB)
-        daemon = self.serve(CLUSTER.uri(name), "retry-timeout=3,io-timeout=1")
+        daemon = self.serve(CLUSTER.uri(name, extra=extra), "retry-timeout=3,io-timeout=1")
         h = self.client()
         h.pwrite(b"a" * 4096, 0)
         h.flush()
         CLUSTER.osd.kill()
         CLUSTER.mon.kill()
+        return name, daemon, h
+
+    def test_cluster_stopped_past_retry_timeout_gives_eio_then_recovers(self):
+        """Mon and OSD both gone: requests fail with EIO after retry-timeout
+        (librbd's own waits bounded by io-timeout), and the export works
+        again once the cluster is back, with no restart of the gateway."""
+        # librbd's cache off (the default): a write waits for the OSDs (with
+        # rbd_cache=on it is acknowledged at once, see the next test).
+        name, daemon, h = self.stop_the_cluster_under()
         try:
             self.assert_requests_fail_with_eio_in_time(h, retry_timeout=3, slack=5.0, flush=False)
             self.assertTrue(daemon.running())
@@ -410,6 +490,29 @@ class ClusterRestartTest(RbdTestCase):
         self.assertEqual(self.export(name)[:8192], b"a" * 4096 + b"b" * 4096)
         # Each wait for the mons was bounded by io-timeout.
         self.assertIn("reconnect failed: Connection timed out", daemon.log())
+
+    def test_cluster_stopped_with_librbd_cache_fails_the_flush_after_an_acknowledged_write(self):
+        """rbd_cache=on: with the cluster gone a write is acknowledged at
+        once (write-around) and the FLUSH sent right after it fails with EIO
+        within retry-timeout plus slack, so the client learns the write may
+        be lost; a read fails with EIO after retry-timeout; the export works
+        again once the cluster is back."""
+        name, _daemon, h = self.stop_the_cluster_under("rbd_cache=on")
+        try:
+            self.assert_requests_fail_with_eio_in_time(h, retry_timeout=3, slack=5.0, flush=False, early_writes=True)
+        finally:
+            CLUSTER.mon.start()
+            CLUSTER.osd.start()
+
+        def flushed():
+            try:
+                h.pwrite(b"b" * 4096, 4096)
+                h.flush()
+                return True
+            except nbd.Error:
+                return False
+        harness.wait_until(flushed, 60, interval=0.5, what="a FLUSH to succeed after the cluster came back")
+        self.assertEqual(self.export(name)[:8192], b"a" * 4096 + b"b" * 4096)
 
 
 class DeadlineTest(RbdTestCase):
@@ -722,17 +825,6 @@ class ResizeTest(RbdTestCase):
                            what="the shrink problem to clear")
         self.assertIn("is 16777216 bytes again, as served", daemon.log())
         self.assertEqual(h.pread(4 * MiB, 0), data)
-
-    def start_cached(self, uri, mode, label, options=""):
-        """blockwayd exporting `uri` as 'r' with a cache (self.path("cache"))
-        in `mode`, its catalogue in self.path("data"): the same cache for
-        every start."""
-        self.sock, self.csock = self.path(label + ".sock"), self.path(label + ".control")
-        return self.start_daemon(
-            ["--log-level", "debug", "--listen", "unix:" + self.sock, "--control-socket", self.csock,
-             "--data-dir", self.path("data"), "--export",
-             "r=%s,cache=%s,mode=%s%s" % (uri, self.path("cache"), mode, "," + options if options else "")],
-            name=label, ready_timeout=60)
 
     def test_cached_export_grows_while_served_keeping_its_dirty_data(self):
         """A write-back cache (writeback-local: FLUSH makes data durable in

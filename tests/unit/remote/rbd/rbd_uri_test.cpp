@@ -41,6 +41,11 @@ TEST(RbdUri, LockModes) {
   EXPECT_EQ(RbdTarget::parse("rbd://p/i?exclusive=break").lock, LockMode::take_over);
   EXPECT_EQ(RbdTarget::parse("rbd://p/i?exclusive=on").lock, LockMode::on);
   EXPECT_EQ(RbdTarget::parse("rbd://p/i@s?exclusive=off").lock, LockMode::off);
+  EXPECT_FALSE(RbdTarget::parse("rbd://p/i").rbd_cache) << "off unless asked for";
+  EXPECT_EQ(RbdTarget::parse("rbd://p/i?rbd_cache=on").rbd_cache, true);
+  EXPECT_EQ(RbdTarget::parse("rbd://p/i?rbd_cache=true").rbd_cache, true);
+  EXPECT_EQ(RbdTarget::parse("rbd://p/i?rbd_cache=off&exclusive=off").rbd_cache, false);
+  EXPECT_EQ(RbdTarget::parse("rbd://p/i?rbd_cache=false").rbd_cache, false);
 }
 
 void expect_refused(const std::string& uri, const std::string& words) {
@@ -67,6 +72,8 @@ TEST(RbdUri, RefusesWithAReason) {
   expect_refused("rbd://p/i?conf=relative.conf", "absolute path for conf=");
   expect_refused("rbd://p/i?keyring=", "absolute path for keyring=");
   expect_refused("rbd://p/i?exclusive=yes", "exclusive='yes' (expected on, off or break)");
+  expect_refused("rbd://p/i?rbd_cache=writeback", "rbd_cache='writeback' (expected on or off)");
+  expect_refused("rbd://p/i?rbd_cache=", "rbd_cache='' (expected on or off)");
   expect_refused("rbd://p/i?secret=abc", "unknown parameter 'secret'");
   expect_refused("rbd://p/i?conf", "malformed query parameter");
   expect_refused("rbd://p/i@s?exclusive=on", "exclusive lock on a snapshot");
