@@ -309,7 +309,48 @@ NbdDevice::NbdDevice(std::string uri, bool read_only, NbdOptions options, core::
             caps_.read_only ? ", read-only" : "");
 }
 
-NbdDevice::~NbdDevice() { sessions_.kill_all(ENOTCONN, "device closed"); }
+NbdDevice::~NbdDevice() {
+  sessions_.kill_all(ENOTCONN, "device closed");
+  // The callers' threads are done with their requests by now (nbdkit's
+  // .cleanup runs after the last connection).
+  for (auto& [io, caller] : callers_)
+    if (caller.session) caller.session->kill(ENOTCONN, "device closed");
+}
+
+bool NbdDevice::serve_callers(CallerContext which) {
+  if (!caps_.multi_conn || options_.connections != 0) return false;
+  caller_context_ = std::move(which);
+  return true;
+}
+
+NbdDevice::Session& NbdDevice::caller_session(boost::asio::io_context& io) {
+  Caller* c = nullptr;
+  {
+    const std::lock_guard lock(callers_mutex_);
+    c = &callers_[&io];
+  }
+  const uint64_t gen = generation();
+  if (c->session && (c->session->alive() || c->generation >= gen)) return *c->session;
+  // None yet, or lost and a reconnect() made since: open one on this thread
+  // (it waits for its request anyway). Blocking, bounded by io-timeout.
+  c->generation = gen;
+  const uint64_t n = caller_opened_.fetch_add(1, std::memory_order_relaxed) + 1;
+  if (!c->session) c->session = std::make_shared<Session>(io, options_.io_timeout, uri_ + " caller #" + std::to_string(n));
+  auto log = core::logger("nbd");
+  auto res = connect_handle(uri_, options_.io_timeout);
+  if (!res) {
+    log->warn("{}: cannot open a connection for a caller's thread: {}", uri_, res.message);
+    return *c->session;  // down: its requests fail with ENOTCONN until the next reconnect()
+  }
+  const int64_t size = nbd_get_size(res.handle.get());
+  if (size < 0 || static_cast<uint64_t>(size) != geometry_.size) {
+    log->error("{}: a new connection sees {} bytes instead of {}; not using it", uri_, size, geometry_.size);
+    return *c->session;
+  }
+  c->session->install(std::move(res.handle));
+  log->debug("{}: connection {} for a caller's thread", uri_, n);
+  return *c->session;
+}
 
 bool NbdDevice::connected() const noexcept { return sessions_.all_alive(); }
 
@@ -325,6 +366,8 @@ Task<std::error_code> NbdDevice::submit_on(Session& s, Issue issue) {
 // its own frame), saving a frame allocation per command.
 template <class Issue>
 Task<std::error_code> NbdDevice::submit(Issue issue) {
+  if (caller_context_)
+    if (boost::asio::io_context* io = caller_context_()) return submit_on(caller_session(*io), std::move(issue));
   return submit_on(sessions_.pick(), std::move(issue));
 }
 
