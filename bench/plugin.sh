@@ -13,6 +13,7 @@
 # user+system time over the fio run (/proc/PID/stat) divided by the requests
 # fio completed, in microseconds (for nbdkit + plugin: nbdkit's process).
 # Usage: bench/plugin.sh   (BENCH_QUICK=1: 2 s runs, 1 round; BENCH_RUNTIME, BENCH_REPS, BENCH_SIZE_MIB)
+#   BENCH_KINDS="uncached cached"  the stacks measured (default both)
 #   BLOCKWAY_NBDKIT_PLUGIN=SO  the plugin measured (default: next to $BLOCKWAYD)
 #   BLOCKWAY_NBDKIT_PLUGIN_BASE=SO  a second plugin (say, last main's) measured
 #                              as "plugin-base" in the same rounds: before/after
@@ -72,7 +73,9 @@ start_servers() {
 
 cells=("read 1m" "write 1m" "randread 4k" "randwrite 4k")
 declare -A got cpu
-for kind in uncached cached; do
+read -ra kinds <<<"${BENCH_KINDS:-uncached cached}"
+for kind in "${kinds[@]}"; do
+    [[ $kind == uncached || $kind == cached ]] || die "BENCH_KINDS: '$kind' is neither uncached nor cached"
     opts=""
     [[ $kind == cached ]] && opts="mode=writeback-local"
     start_servers "$kind" "$opts"
@@ -117,7 +120,7 @@ fi
 echo "| stack | cell | blockwayd | nbdkit + plugin | plugin / daemon |$base_head CPU µs/req daemon / plugin${base_head:+ / base} |"
 echo "| --- | --- | --- | --- | --- |$base_rule --- |"
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2fx", a / b }'; }
-for kind in uncached cached; do
+for kind in "${kinds[@]}"; do
     for cell in "${cells[@]}"; do
         read -r rw bs <<<"$cell"
         # shellcheck disable=SC2086
