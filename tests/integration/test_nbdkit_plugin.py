@@ -364,7 +364,8 @@ class PluginTest(harness.DaemonTestCase):
         threads): in a round the ranges written are pairwise distinct and
         none is read in the same round; across rounds they overlap at random.
         Every read is checked against `model` (a bytearray), which the
-        writes update."""
+        writes update. Reads of 1 MiB go to the loops' connections (over
+        256 KiB), the others to the worker's own: both paths mix."""
         import nbd
         size = len(model)
         for rnd in range(rounds):
@@ -372,7 +373,7 @@ class PluginTest(harness.DaemonTestCase):
             ops = []
             for _ in range(per_round):
                 for _try in range(20):
-                    length = rng.choice((512, 4096, 8192, 65536, 262144, rng.randrange(1, 512) * 512))
+                    length = rng.choice((512, 4096, 8192, 65536, 262144, 1 << 20, rng.randrange(1, 512) * 512))
                     offset = rng.randrange(0, (size - length) // 512 + 1) * 512
                     if all(offset + length <= a or b <= offset for a, b in taken):
                         break
