@@ -338,7 +338,8 @@ NbdDevice::Session& NbdDevice::caller_session(boost::asio::io_context& io) {
   // (it waits for its request anyway). Blocking, bounded by io-timeout.
   c->generation = gen;
   const uint64_t n = caller_opened_.fetch_add(1, std::memory_order_relaxed) + 1;
-  if (!c->session) c->session = std::make_shared<Session>(io, options_.io_timeout, uri_ + " caller #" + std::to_string(n));
+  if (!c->session)
+    c->session = std::make_shared<Session>(io, options_.io_timeout, uri_ + " caller #" + std::to_string(n));
   auto log = core::logger("nbd");
   auto res = connect_handle(uri_, options_.io_timeout);
   if (!res) {

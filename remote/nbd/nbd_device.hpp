@@ -107,10 +107,6 @@ class NbdDevice final : public core::RemoteDevice {
   // file). Returns false and changes nothing unless the server offers
   // multi-conn and no connections= count was set. Before any request.
   bool serve_callers(CallerContext which);
-  // Callers' connections opened so far (each counted once, reopened ones too).
-  [[nodiscard]] uint64_t caller_connections_opened() const noexcept {
-    return caller_opened_.load(std::memory_order_relaxed);
-  }
 
   class Session;
   struct Request;
@@ -148,7 +144,7 @@ class NbdDevice final : public core::RemoteDevice {
   CallerContext caller_context_;
   std::mutex callers_mutex_;
   std::unordered_map<boost::asio::io_context*, Caller> callers_;
-  std::atomic<uint64_t> caller_opened_{0};
+  std::atomic<uint64_t> caller_opened_{0};  // numbers them in messages
 };
 
 }  // namespace blockway::remote::nbd
