@@ -13,6 +13,9 @@
 # user+system time over the fio run (/proc/PID/stat) divided by the requests
 # fio completed, in microseconds (for nbdkit + plugin: nbdkit's process).
 # Usage: bench/plugin.sh   (BENCH_QUICK=1: 2 s runs, 1 round; BENCH_RUNTIME, BENCH_REPS, BENCH_SIZE_MIB)
+#   BENCH_KINDS="uncached cached"  the stacks measured (default both)
+#   BENCH_SWITCHES=1  also the server's context switches per request (perf
+#                     stat -e context-switches -p PID over each fio run)
 #   BLOCKWAY_NBDKIT_PLUGIN=SO  the plugin measured (default: next to $BLOCKWAYD)
 #   BLOCKWAY_NBDKIT_PLUGIN_BASE=SO  a second plugin (say, last main's) measured
 #                              as "plugin-base" in the same rounds: before/after
@@ -38,6 +41,21 @@ CLK_TCK=$(getconf CLK_TCK)
 
 # cpu_ticks PID: the process's user+system time so far, in clock ticks.
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+
+# start_switches PID / stop_switches REQUESTS: perf stat counts PID's
+# context switches between the two; stop prints them per request.
+SWITCHES=${BENCH_SWITCHES:-0}
+[[ $SWITCHES == 1 ]] && ! command -v perf >/dev/null && die "BENCH_SWITCHES=1 needs perf (linux-perf)"
+start_switches() {
+    perf stat -x, -e context-switches -p "$1" -o "$TMP/switches" &
+    SWITCHES_PID=$!
+    sleep 0.2  # attached before fio starts
+}
+stop_switches() {
+    kill -INT "$SWITCHES_PID"
+    wait "$SWITCHES_PID" || true
+    awk -F, -v n="$1" '$3 == "context-switches" { printf "%.2f", (n > 0 ? $1 / n : 0) }' "$TMP/switches"
+}
 
 declare -A remote server_uri server_pid
 for who in "${servers[@]}"; do
@@ -71,8 +89,10 @@ start_servers() {
 }
 
 cells=("read 1m" "write 1m" "randread 4k" "randwrite 4k")
-declare -A got cpu
-for kind in uncached cached; do
+declare -A got cpu sw
+read -ra kinds <<<"${BENCH_KINDS:-uncached cached}"
+for kind in "${kinds[@]}"; do
+    [[ $kind == uncached || $kind == cached ]] || die "BENCH_KINDS: '$kind' is neither uncached nor cached"
     opts=""
     [[ $kind == cached ]] && opts="mode=writeback-local"
     start_servers "$kind" "$opts"
@@ -86,15 +106,21 @@ for kind in uncached cached; do
         for cell in "${cells[@]}"; do
             read -r rw bs <<<"$cell"
             for who in "${servers[@]}"; do
+                [[ $SWITCHES == 1 ]] && start_switches "${server_pid[$who]}"
                 t0=$(cpu_ticks "${server_pid[$who]}")
                 read -r iops mb < <(fio_nbd "${server_uri[$who]}" "$rw" "$bs")
                 t1=$(cpu_ticks "${server_pid[$who]}")
                 us=$(awk -v t="$((t1 - t0))" -v hz="$CLK_TCK" -v n="$((iops * RUNTIME))" \
                     'BEGIN { printf "%.1f", (n > 0 ? t / hz * 1e6 / n : 0) }')
+                cs=""
+                if [[ $SWITCHES == 1 ]]; then
+                    cs=$(stop_switches "$((iops * RUNTIME))")
+                    sw["$kind $rw $who"]+="$cs "
+                fi
                 v=$iops; [[ $bs == 1m ]] && v=$mb
                 got["$kind $rw $who"]+="$v "
                 cpu["$kind $rw $who"]+="$us "
-                echo "round $r $kind $rw $bs $who: $iops IOPS $mb MB/s, $us us CPU/request" \
+                echo "round $r $kind $rw $bs $who: $iops IOPS $mb MB/s, $us us CPU/request${cs:+, $cs context switches/request}" \
                     "(load $(cut -d' ' -f1 /proc/loadavg))" >&2
             done
         done
@@ -117,7 +143,7 @@ fi
 echo "| stack | cell | blockwayd | nbdkit + plugin | plugin / daemon |$base_head CPU µs/req daemon / plugin${base_head:+ / base} |"
 echo "| --- | --- | --- | --- | --- |$base_rule --- |"
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2fx", a / b }'; }
-for kind in uncached cached; do
+for kind in "${kinds[@]}"; do
     for cell in "${cells[@]}"; do
         read -r rw bs <<<"$cell"
         # shellcheck disable=SC2086
@@ -132,8 +158,16 @@ for kind in uncached cached; do
             # shellcheck disable=SC2086
             c+=" / $(median ${cpu["$kind $rw plugin-base"]})"
         fi
+        if [[ $SWITCHES == 1 ]]; then
+            c+=" (switches/req"
+            # shellcheck disable=SC2086
+            for who in "${servers[@]}"; do c+=" $(median ${sw["$kind $rw $who"]})"; done
+            c+=")"
+        fi
         echo "| $kind | $rw $bs | $d | $p | $(ratio "$p" "$d") |$extra $c |"
     done
 done
 echo
-for k in "${!got[@]}"; do echo "- rounds $k: ${got[$k]} (CPU µs/req: ${cpu[$k]})"; done | sort
+for k in "${!got[@]}"; do
+    echo "- rounds $k: ${got[$k]} (CPU µs/req: ${cpu[$k]}${sw[$k]:+; context switches/req: ${sw[$k]}})"
+done | sort

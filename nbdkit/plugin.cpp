@@ -5,10 +5,12 @@
 // Thread model: NBDKIT_THREAD_MODEL_PARALLEL. .config/.config_complete run
 // on nbdkit's main thread and only check the keys (nothing opens, since
 // nbdkit may still fork to the background); .after_fork opens the remote and
-// starts our event loops (if it cannot, each connection's .open tries again); the data callbacks run each request through
-// PluginStack::run_request(): with a cache on the nbdkit worker thread that
-// calls them (hopping to our loops only for what lives there, such as a
-// remote session's I/O), without one on one of our loops;
+// starts our event loops (if it cannot, each connection's .open tries
+// again); the data callbacks run each request through
+// PluginStack::run_request(): with a cache, over a file or over an NBD
+// remote with multi-conn (each worker thread its own connection) on the
+// nbdkit worker thread that calls them (hopping to our loops only for what
+// lives there, such as a remote session's I/O), else on one of our loops;
 // .cleanup (after the last connection) flushes and closes the stack, and
 // .unload does it if .cleanup did not run. Errors on the data path go to
 // nbdkit as errno values (nbdkit_set_error), the one mapping of this front end.

@@ -1,6 +1,7 @@
 #include "nbdkit/plugin_stack.hpp"
 
 #include "core/logging.hpp"
+#include "remote/nbd/nbd_device.hpp"
 #include "stack/export_stack.hpp"
 
 #include <mutex>
@@ -75,11 +76,20 @@ struct ContextLease {
   ~ContextLease() { ContextPool::instance().give_back(std::move(io)); }
 };
 
+// The calling thread's leased io_context, once it has one.
+thread_local boost::asio::io_context* t_leased = nullptr;
+
 }  // namespace
 
 boost::asio::io_context& PluginStack::thread_context() {
   thread_local ContextLease lease;
+  t_leased = lease.io.get();
   return *lease.io;
+}
+
+boost::asio::io_context* PluginStack::running_context() {
+  boost::asio::io_context* io = t_leased;
+  return io != nullptr && io->get_executor().running_in_this_thread() ? io : nullptr;
 }
 
 // The stack blockwayd builds (stack/export_stack.hpp) with nothing of the
@@ -94,7 +104,14 @@ void PluginStack::build() {
                            }};
   auto built = stack::build({cfg_.name, cfg_.uri, cfg_.read_only}, options, ctx);
   cache_ = built.cache;
-  inline_requests_ = cache_ != nullptr || cfg_.uri.starts_with("file:");
+  // An uncached NBD remote that offers multi-conn: each nbdkit worker thread
+  // gets a connection of its own, driven from its io_context (see
+  // run_request()), so its requests run inline too.
+  bool own_connections = false;
+  if (cache_ == nullptr)
+    if (auto* nbd = dynamic_cast<remote::nbd::NbdDevice*>(built.remote))
+      own_connections = nbd->serve_callers(&PluginStack::running_context);
+  inline_requests_ = cache_ != nullptr || cfg_.uri.starts_with("file:") || own_connections;
   device_ = std::move(built.device);
   follow_size_ = std::move(built.follow_size);
   if (built.remote) {

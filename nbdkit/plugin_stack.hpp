@@ -17,7 +17,11 @@
 // shared state, per request: measured 0.24x of blockwayd at 4 KiB cached
 // random reads on 2 cores (bench/results/plugin.md). What must stay on a loop
 // still goes there: a remote session's I/O hops to its session's loop and
-// back (remote/common/loop_session.hpp, on_loop_of), the blocking pool runs
+// back (remote/common/loop_session.hpp, on_loop_of), except over an
+// uncached NBD remote with multi-conn, where each worker thread has a
+// connection of its own driven from its io_context
+// (NbdDevice::serve_callers(): the hops cost ~3 context switches per 4 KiB
+// request, bench/results/plugin.md); the blocking pool runs
 // what blocks, the cache's background work runs on loop 0, and the
 // RetryLayer's reconnect loop runs on loop 0 (reconnect_on()), never on a
 // worker thread that stops running its io_context once its request is done.
@@ -92,13 +96,16 @@ class PluginStack {
     return boost::asio::co_spawn(loop, std::move(task), boost::asio::use_future).get();
   }
 
-  // A client's request: with a cache or over a file, on the calling thread
-  // (run(): a hit or a file read never leaves it); over a network remote
-  // without a cache, on one of our loops (run_on()), where the remote's
-  // sessions live: running it here would hop there and back, two spawns
-  // instead of one. Measured on a quiet machine, 4k reads over an NBD remote:
-  // 35-49 us of CPU per request inline against 31-39 on a loop; a cached 4k
-  // hit 9.0 us inline against 25.6 on a loop.
+  // A client's request: with a cache, over a file, or over an NBD remote
+  // that gives each worker thread a connection of its own (multi-conn, no
+  // connections= count: NbdDevice::serve_callers()), on the calling thread
+  // (run(): a hit, a file read or a remote request on the thread's own
+  // connection never leaves it); over another network remote without a
+  // cache, on one of our loops (run_on()), where the remote's sessions live:
+  // running it here would hop there and back, two spawns instead of one.
+  // Measured on a quiet machine, 4k reads over an NBD remote on the loops'
+  // sessions: 35-49 us of CPU per request inline against 31-39 on a loop; a
+  // cached 4k hit 9.0 us inline against 25.6 on a loop.
   template <class T>
   T run_request(core::Task<T> task) {
     if (inline_requests_) return run(std::move(task));
@@ -113,6 +120,9 @@ class PluginStack {
   // The calling thread's io_context (leased on its first request, given
   // back to a pool when the thread exits; never destroyed, see the .cpp).
   static boost::asio::io_context& thread_context();
+  // The calling thread's io_context while it runs a request (inside run()),
+  // else nullptr: what NbdDevice::serve_callers() asks.
+  static boost::asio::io_context* running_context();
 
  private:
   // A task's result, filled by co_spawn's completion on the running thread.

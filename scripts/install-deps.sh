@@ -18,7 +18,7 @@ TEST_PKGS=(
   rpm prometheus python3-matplotlib gnutls-bin
   clang libclang-rt-14-dev systemd systemd-container
   ceph-mon ceph-osd ceph-mgr ceph-common
-  bonnie++ postmark busybox-static qemu-system-x86 nbd-client time
+  bonnie++ postmark busybox-static qemu-system-x86 nbd-client time linux-perf
 )
 
 want=("${BUILD_PKGS[@]}")

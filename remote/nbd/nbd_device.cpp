@@ -27,6 +27,9 @@ namespace {
 // NBD lengths are 32-bit; trim, zero and block status go in steps of this.
 constexpr uint64_t kMaxCommandLength = 1ull << 30;
 constexpr const char* kBaseAllocation = "base:allocation";
+// Reads larger than this go to the loops' connections even for a caller with
+// a connection of its own (see the header).
+constexpr uint64_t kCallerMaxData = 256 * 1024;
 
 struct HandleCloser {
   void operator()(nbd_handle* h) const noexcept { nbd_close(h); }
@@ -309,7 +312,49 @@ NbdDevice::NbdDevice(std::string uri, bool read_only, NbdOptions options, core::
             caps_.read_only ? ", read-only" : "");
 }
 
-NbdDevice::~NbdDevice() { sessions_.kill_all(ENOTCONN, "device closed"); }
+NbdDevice::~NbdDevice() {
+  sessions_.kill_all(ENOTCONN, "device closed");
+  // The callers' threads are done with their requests by now (nbdkit's
+  // .cleanup runs after the last connection).
+  for (auto& [io, caller] : callers_)
+    if (caller.session) caller.session->kill(ENOTCONN, "device closed");
+}
+
+bool NbdDevice::serve_callers(CallerContext which) {
+  if (!caps_.multi_conn || options_.connections != 0) return false;
+  caller_context_ = std::move(which);
+  return true;
+}
+
+NbdDevice::Session& NbdDevice::caller_session(boost::asio::io_context& io) {
+  Caller* c = nullptr;
+  {
+    const std::lock_guard lock(callers_mutex_);
+    c = &callers_[&io];
+  }
+  const uint64_t gen = generation();
+  if (c->session && (c->session->alive() || c->generation >= gen)) return *c->session;
+  // None yet, or lost and a reconnect() made since: open one on this thread
+  // (it waits for its request anyway). Blocking, bounded by io-timeout.
+  c->generation = gen;
+  const uint64_t n = caller_opened_.fetch_add(1, std::memory_order_relaxed) + 1;
+  if (!c->session)
+    c->session = std::make_shared<Session>(io, options_.io_timeout, uri_ + " caller #" + std::to_string(n));
+  auto log = core::logger("nbd");
+  auto res = connect_handle(uri_, options_.io_timeout);
+  if (!res) {
+    log->warn("{}: cannot open a connection for a caller's thread: {}", uri_, res.message);
+    return *c->session;  // down: its requests fail with ENOTCONN until the next reconnect()
+  }
+  const int64_t size = nbd_get_size(res.handle.get());
+  if (size < 0 || static_cast<uint64_t>(size) != geometry_.size) {
+    log->error("{}: a new connection sees {} bytes instead of {}; not using it", uri_, size, geometry_.size);
+    return *c->session;
+  }
+  c->session->install(std::move(res.handle));
+  log->debug("{}: connection {} for a caller's thread", uri_, n);
+  return *c->session;
+}
 
 bool NbdDevice::connected() const noexcept { return sessions_.all_alive(); }
 
@@ -324,7 +369,9 @@ Task<std::error_code> NbdDevice::submit_on(Session& s, Issue issue) {
 // Not a coroutine: hands back submit_on's awaitable (which moves `issue` into
 // its own frame), saving a frame allocation per command.
 template <class Issue>
-Task<std::error_code> NbdDevice::submit(Issue issue) {
+Task<std::error_code> NbdDevice::submit(Issue issue, uint64_t data) {
+  if (caller_context_ && data <= kCallerMaxData)
+    if (boost::asio::io_context* io = caller_context_()) return submit_on(caller_session(*io), std::move(issue));
   return submit_on(sessions_.pick(), std::move(issue));
 }
 
@@ -345,18 +392,22 @@ Task<std::error_code> NbdDevice::submit_in_steps(ByteRange range, Issue issue) {
 
 Task<std::error_code> NbdDevice::read(std::span<std::byte> buf, uint64_t offset, IoFlags /*flags*/) {
   if (buf.empty()) co_return std::error_code{};
-  co_return co_await submit([buf, offset](nbd_handle* h, Request*, nbd_completion_callback cb) {
-    return nbd_aio_pread(h, buf.data(), buf.size(), offset, cb, 0);
-  });
+  co_return co_await submit(
+      [buf, offset](nbd_handle* h, Request*, nbd_completion_callback cb) {
+        return nbd_aio_pread(h, buf.data(), buf.size(), offset, cb, 0);
+      },
+      buf.size());
 }
 
 Task<std::error_code> NbdDevice::write(std::span<const std::byte> buf, uint64_t offset, IoFlags flags) {
   if (caps_.read_only) co_return errno_code(EPERM);
   if (buf.empty()) co_return std::error_code{};
   const uint32_t f = nbd_flags(flags & core::kFua, caps_.fua == Support::native);
-  co_return co_await submit([buf, offset, f](nbd_handle* h, Request*, nbd_completion_callback cb) {
-    return nbd_aio_pwrite(h, buf.data(), buf.size(), offset, cb, f);
-  });
+  co_return co_await submit(
+      [buf, offset, f](nbd_handle* h, Request*, nbd_completion_callback cb) {
+        return nbd_aio_pwrite(h, buf.data(), buf.size(), offset, cb, f);
+      },
+      0);  // large writes measured faster on the callers' connections (1.11-1.18x)
 }
 
 Task<std::error_code> NbdDevice::flush() {

@@ -27,6 +27,23 @@
 // the blocking pool (each bounded by io-timeout) and then swaps them in on
 // their loops; generation() counts the swaps.
 //
+// Callers' own connections (serve_callers(), the nbdkit plugin): a front end
+// whose requests run on threads of its own, each blocked on one request at a
+// time and running an io_context of its own meanwhile (nbdkit's workers,
+// nbdkit/plugin_stack.hpp), can have each such thread use a connection of
+// its own, opened on its first request and driven from its io_context, so a
+// request never leaves the thread: the hop to a session's loop and back cost
+// the plugin ~3 context switches per 4 KiB request (bench/results/plugin.md).
+// Only when the server offers multi-conn (then a flush on one connection
+// covers the writes completed on all of them, NBD spec) and connections= was
+// not set; reads larger than 256 KiB still go to the loops' connections,
+// where 1 MiB reads measured faster (on the callers' connections 0.53-0.80x
+// of that in bench/plugin.sh, 0.90x in direct A/B runs; 1 MiB writes
+// 1.11-1.18x faster there, so writes of any size stay), the hop being small
+// beside the transfer. A caller's connection that is lost fails its requests fast with
+// ENOTCONN, like a loop's; it is opened again on the caller's thread once a
+// reconnect() (RetryLayer's) made a new generation.
+//
 // Thread model: any method may be called from any event-loop thread. The
 // session objects are fixed at construction; what changes (handle, in-flight
 // list, timers) is confined to each session's loop. connected() and
@@ -41,8 +58,11 @@
 
 #include <atomic>
 #include <chrono>
+#include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 namespace blockway::remote::nbd {
@@ -79,12 +99,27 @@ class NbdDevice final : public core::RemoteDevice {
 
   [[nodiscard]] size_t connection_count() const noexcept { return sessions_.size(); }
 
+  // The calling thread's own io_context when it is one of a front end's
+  // request threads running it, else nullptr (our loops, anything else).
+  using CallerContext = std::function<boost::asio::io_context*()>;
+  // From now on a request arriving on a thread for which `which` names an
+  // io_context runs on that context's own connection (see the head of this
+  // file). Returns false and changes nothing unless the server offers
+  // multi-conn and no connections= count was set. Before any request.
+  bool serve_callers(CallerContext which);
+
   class Session;
   struct Request;
 
  private:
+  // The connection of the caller's io_context `io`: opened here (blocking,
+  // bounded by io-timeout) on its first request, and again when lost and a
+  // reconnect() has been made since; a lost one otherwise (fails fast).
+  Session& caller_session(boost::asio::io_context& io);
+  // `data`: the bytes a read moves (0 for the other commands): over
+  // kCallerMaxData, a caller's read goes to the loops' connections.
   template <class Issue>
-  core::Task<std::error_code> submit(Issue issue);
+  core::Task<std::error_code> submit(Issue issue, uint64_t data = 0);
   template <class Issue>
   core::Task<std::error_code> submit_on(Session& s, Issue issue);
   // Trim, zero and cache in commands of at most kMaxCommandLength.
@@ -99,6 +134,17 @@ class NbdDevice final : public core::RemoteDevice {
   core::Capabilities caps_;
   bool fast_zero_ = false;
   common::SessionSet<Session> sessions_;
+  // Callers' connections by io_context (serve_callers()). An entry is only
+  // touched on the thread running its io_context; the map under the mutex
+  // (its nodes stay put as it grows).
+  struct Caller {
+    std::shared_ptr<Session> session;
+    uint64_t generation = 0;  // generation() when it was last (re)opened
+  };
+  CallerContext caller_context_;
+  std::mutex callers_mutex_;
+  std::unordered_map<boost::asio::io_context*, Caller> callers_;
+  std::atomic<uint64_t> caller_opened_{0};  // numbers them in messages
 };
 
 }  // namespace blockway::remote::nbd
