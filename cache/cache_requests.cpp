@@ -82,6 +82,9 @@ Task<std::error_code> CacheLayer::read(std::span<std::byte> buf, uint64_t offset
     // Chunks written in part whose fetch runs behind the writes (deferred
     // fills) first, all of them: a failed fetch fails this read, where the
     // claim of read_miss would wait for the fill until the remote answers.
+    // All of them are urged before the first wait, so their fetches overlap:
+    // a read over N pending chunks takes about one fetch, not N.
+    std::vector<std::shared_ptr<core::SharedEvent>> attempts;
     for (uint64_t c = first; c <= last; ++c) {
       if (present_.test(c)) continue;
       std::shared_ptr<Fill> pending;
@@ -90,9 +93,9 @@ Task<std::error_code> CacheLayer::read(std::span<std::byte> buf, uint64_t offset
         std::lock_guard lock(s.mutex);
         if (auto it = s.fills.find(c); it != s.fills.end() && it->second->deferred) pending = it->second;
       }
-      if (!pending) continue;
-      auto attempt = urge_deferred(pending);
-      pending.reset();
+      if (pending) attempts.push_back(urge_deferred(pending));
+    }
+    for (auto& attempt : attempts) {
       auto waiting = core::SharedEvent::wait_unowned(std::move(attempt));
       if (auto ec = co_await std::move(waiting))
         co_return request_failed("read", buf.size(), offset, "fetching from the remote", ec);
