@@ -191,10 +191,13 @@ Task<std::error_code> CacheLayer::ensure_intent(uint64_t first, uint64_t last) {
   // its writes for a catalogue commit and its fsync, sixty-four of them per
   // 256 MiB of first writes. More intent than needed is safe (recovery only
   // drops the clean chunks of those regions; the next checkpoint after the
-  // writes clears what no write touched).
+  // writes clears what no write touched). How far ahead is capped in bytes
+  // (kIntentAheadBytes, at least one region), so large chunks, whose regions
+  // are large, do not put gigabytes of clean chunks at risk.
   const uint64_t r0 = first / kChunksPerRegion, r1 = last / kChunksPerRegion;
+  const uint64_t ahead = std::max<uint64_t>(1, kIntentAheadBytes / (kChunksPerRegion << chunk_shift_));
   if (r0 > 0 && intent_.test(r0 - 1))
-    for (uint64_t r = r1 + 1; r <= r1 + kIntentAhead && r < nregions_.load(std::memory_order_acquire); ++r)
+    for (uint64_t r = r1 + 1; r <= r1 + ahead && r < nregions_.load(std::memory_order_acquire); ++r)
       if (!intent_.test(r)) intent_.set(r);
   co_return co_await checkpoint(false);
 }
