@@ -23,6 +23,16 @@ void note_outcome(core::RequestNote* note, core::CacheOutcome outcome) noexcept 
   if (note && note->cache != core::CacheOutcome::miss) note->cache = outcome;
 }
 
+// Whether every region of chunks [first, last] has a persisted write-intent:
+// then ensure_intent() has nothing to do, and a write skips its coroutine
+// frame (most writes: one commit covers a sequential writer's next 32 MiB).
+bool intent_held(const AtomicBitmap& intent, const AtomicBitmap& persisted, uint64_t first, uint64_t last,
+                 uint64_t per_region) noexcept {
+  for (uint64_t r = first / per_region; r <= last / per_region; ++r)
+    if (!intent.test(r) || !persisted.test(r)) return false;
+  return true;
+}
+
 }  // namespace
 
 // ---- requests ----------------------------------------------------------------
@@ -259,7 +269,8 @@ Task<std::error_code> CacheLayer::change_cached(ByteRange range, IoFlags flags, 
     return request_failed(what, range.length, range.offset, where.c_str(), ec);
   };
   RegionWrites guard(*this, first, last);
-  if (auto ec = co_await ensure_intent(first, last)) co_return failed("persisting the write intent", ec);
+  if (!intent_held(intent_, intent_persisted_, first, last, kChunksPerRegion))
+    if (auto ec = co_await ensure_intent(first, last)) co_return failed("persisting the write intent", ec);
   std::error_code ec;
   bool joined_any = false;
   for (int attempt = 0;;) {
@@ -274,7 +285,9 @@ Task<std::error_code> CacheLayer::change_cached(ByteRange range, IoFlags flags, 
     const auto defer = deferrable_ends(range, mine);
     std::vector<uint64_t> fetch_first;
     std::set_difference(mine.begin(), mine.end(), defer.begin(), defer.end(), std::back_inserter(fetch_first));
-    if (auto pec = co_await fetch_partial_ends(range, fetch_first)) {
+    // (Nothing to fetch first for most writes: a sequential writer's chunks
+    // are deferred or joined; no coroutine frame then.)
+    if (auto pec = fetch_first.empty() ? std::error_code{} : co_await fetch_partial_ends(range, fetch_first)) {
       deferred_.fetch_sub(defer.size(), std::memory_order_acq_rel);
       release(fill, mine, pec);
       co_return failed(std::string("fetching the rest of a partly ") + partly + " chunk", pec);
@@ -335,7 +348,8 @@ Task<std::error_code> CacheLayer::write_through(std::span<const std::byte> buf, 
   const uint64_t end = offset + buf.size();
   const uint64_t first = chunk_of(offset), last = chunk_of(end - 1);
   RegionWrites guard(*this, first, last);
-  if (auto ec = co_await ensure_intent(first, last)) co_return ec;
+  if (!intent_held(intent_, intent_persisted_, first, last, kChunksPerRegion))
+    if (auto ec = co_await ensure_intent(first, last)) co_return ec;
   mark_remote_written(first, last);
   // Hold the chunks (absent ones: so that no fill can store data older than
   // this write; present ones: so that two overlapping writes update remote
@@ -519,7 +533,8 @@ Task<std::error_code> CacheLayer::zero(ByteRange range, IoFlags flags) {
   if (remote_caps_.zero != Support::native) co_return co_await zero_through_by_writes(range, flags);
   const uint64_t first = chunk_of(range.offset), last = chunk_of(range.end() - 1);
   RegionWrites guard(*this, first, last);
-  if (auto ec = co_await ensure_intent(first, last)) co_return ec;
+  if (!intent_held(intent_, intent_persisted_, first, last, kChunksPerRegion))
+    if (auto ec = co_await ensure_intent(first, last)) co_return ec;
   mark_remote_written(first, last);
   auto [fill, mine] = co_await claim(first, last, true);
   const uint64_t begun = remote_write_begin();
@@ -561,7 +576,8 @@ Task<std::error_code> CacheLayer::trim(ByteRange range, IoFlags flags) {
   if (remote_caps_.trim != Support::native) co_return std::error_code{};
   const uint64_t first = chunk_of(range.offset), last = chunk_of(range.end() - 1);
   RegionWrites guard(*this, first, last);
-  if (auto ec = co_await ensure_intent(first, last)) co_return ec;
+  if (!intent_held(intent_, intent_persisted_, first, last, kChunksPerRegion))
+    if (auto ec = co_await ensure_intent(first, last)) co_return ec;
   mark_remote_written(first, last);
   auto [fill, mine] = co_await claim(first, last, true);  // no fill may race with the trim
   auto ec = co_await remote_change([&](IoFlags f) { return next().trim(range, f); }, flags);
