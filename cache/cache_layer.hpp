@@ -241,8 +241,10 @@ class CacheLayer final : public core::Layer, public core::ExportControl {
     std::unordered_map<uint64_t, std::shared_ptr<Fill>> fills;
   };
   static constexpr uint64_t kChunksPerRegion = 64;
-  // Regions after a sequential writer's that ensure_intent() marks ahead.
-  static constexpr uint64_t kIntentAhead = 8;
+  // How far ahead of a sequential writer ensure_intent() marks regions, in
+  // bytes (at least one region): a count of regions would be 1 GiB each with
+  // 16 MiB chunks, and a crash drops the clean chunks of every marked region.
+  static constexpr uint64_t kIntentAheadBytes = 32u << 20;
   // Detach and set_mode: how often the door may close and find chunks
   // dirtied again by clients during the write-back, or requests in flight
   // that do not drain, before the switch answers EAGAIN (busy). set_mode to

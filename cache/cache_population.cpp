@@ -30,17 +30,20 @@ Task<std::pair<std::shared_ptr<CacheLayer::Fill>, std::vector<uint64_t>>> CacheL
       ++c;
       continue;
     }
-    if (!fill) fill = std::make_shared<Fill>();
     std::shared_ptr<Fill> other;
     {
       auto& s = shard(c);
       std::lock_guard lock(s.mutex);
       if (present_too || !present_.test(c)) {
-        auto [it, inserted] = s.fills.try_emplace(c, fill);
-        if (inserted)
+        // The Fill is made only when a chunk is taken: a write that joins a
+        // deferred fill (a sequential writer's usual case) allocates none.
+        if (auto it = s.fills.find(c); it != s.fills.end()) {
+          if (it->second != fill) other = it->second;
+        } else {
+          if (!fill) fill = std::make_shared<Fill>();
+          s.fills.emplace(c, fill);
           mine.push_back(c);
-        else if (it->second != fill)
-          other = it->second;
+        }
       }
     }
     if (other && deferred_seen && other->deferred) {

@@ -23,6 +23,16 @@ void note_outcome(core::RequestNote* note, core::CacheOutcome outcome) noexcept 
   if (note && note->cache != core::CacheOutcome::miss) note->cache = outcome;
 }
 
+// Whether every region of chunks [first, last] has a persisted write-intent:
+// then ensure_intent() has nothing to do, and a write skips its coroutine
+// frame (most writes: one commit covers a sequential writer's next 32 MiB).
+bool intent_held(const AtomicBitmap& intent, const AtomicBitmap& persisted, uint64_t first, uint64_t last,
+                 uint64_t per_region) noexcept {
+  for (uint64_t r = first / per_region; r <= last / per_region; ++r)
+    if (!intent.test(r) || !persisted.test(r)) return false;
+  return true;
+}
+
 }  // namespace
 
 // ---- requests ----------------------------------------------------------------
@@ -82,6 +92,9 @@ Task<std::error_code> CacheLayer::read(std::span<std::byte> buf, uint64_t offset
     // Chunks written in part whose fetch runs behind the writes (deferred
     // fills) first, all of them: a failed fetch fails this read, where the
     // claim of read_miss would wait for the fill until the remote answers.
+    // All of them are urged before the first wait, so their fetches overlap:
+    // a read over N pending chunks takes about one fetch, not N.
+    std::vector<std::shared_ptr<core::SharedEvent>> attempts;
     for (uint64_t c = first; c <= last; ++c) {
       if (present_.test(c)) continue;
       std::shared_ptr<Fill> pending;
@@ -90,9 +103,9 @@ Task<std::error_code> CacheLayer::read(std::span<std::byte> buf, uint64_t offset
         std::lock_guard lock(s.mutex);
         if (auto it = s.fills.find(c); it != s.fills.end() && it->second->deferred) pending = it->second;
       }
-      if (!pending) continue;
-      auto attempt = urge_deferred(pending);
-      pending.reset();
+      if (pending) attempts.push_back(urge_deferred(pending));
+    }
+    for (auto& attempt : attempts) {
       auto waiting = core::SharedEvent::wait_unowned(std::move(attempt));
       if (auto ec = co_await std::move(waiting))
         co_return request_failed("read", buf.size(), offset, "fetching from the remote", ec);
@@ -188,10 +201,13 @@ Task<std::error_code> CacheLayer::ensure_intent(uint64_t first, uint64_t last) {
   // its writes for a catalogue commit and its fsync, sixty-four of them per
   // 256 MiB of first writes. More intent than needed is safe (recovery only
   // drops the clean chunks of those regions; the next checkpoint after the
-  // writes clears what no write touched).
+  // writes clears what no write touched). How far ahead is capped in bytes
+  // (kIntentAheadBytes, at least one region), so large chunks, whose regions
+  // are large, do not put gigabytes of clean chunks at risk.
   const uint64_t r0 = first / kChunksPerRegion, r1 = last / kChunksPerRegion;
+  const uint64_t ahead = std::max<uint64_t>(1, kIntentAheadBytes / (kChunksPerRegion << chunk_shift_));
   if (r0 > 0 && intent_.test(r0 - 1))
-    for (uint64_t r = r1 + 1; r <= r1 + kIntentAhead && r < nregions_.load(std::memory_order_acquire); ++r)
+    for (uint64_t r = r1 + 1; r <= r1 + ahead && r < nregions_.load(std::memory_order_acquire); ++r)
       if (!intent_.test(r)) intent_.set(r);
   co_return co_await checkpoint(false);
 }
@@ -253,7 +269,8 @@ Task<std::error_code> CacheLayer::change_cached(ByteRange range, IoFlags flags, 
     return request_failed(what, range.length, range.offset, where.c_str(), ec);
   };
   RegionWrites guard(*this, first, last);
-  if (auto ec = co_await ensure_intent(first, last)) co_return failed("persisting the write intent", ec);
+  if (!intent_held(intent_, intent_persisted_, first, last, kChunksPerRegion))
+    if (auto ec = co_await ensure_intent(first, last)) co_return failed("persisting the write intent", ec);
   std::error_code ec;
   bool joined_any = false;
   for (int attempt = 0;;) {
@@ -268,7 +285,9 @@ Task<std::error_code> CacheLayer::change_cached(ByteRange range, IoFlags flags, 
     const auto defer = deferrable_ends(range, mine);
     std::vector<uint64_t> fetch_first;
     std::set_difference(mine.begin(), mine.end(), defer.begin(), defer.end(), std::back_inserter(fetch_first));
-    if (auto pec = co_await fetch_partial_ends(range, fetch_first)) {
+    // (Nothing to fetch first for most writes: a sequential writer's chunks
+    // are deferred or joined; no coroutine frame then.)
+    if (auto pec = fetch_first.empty() ? std::error_code{} : co_await fetch_partial_ends(range, fetch_first)) {
       deferred_.fetch_sub(defer.size(), std::memory_order_acq_rel);
       release(fill, mine, pec);
       co_return failed(std::string("fetching the rest of a partly ") + partly + " chunk", pec);
@@ -329,7 +348,8 @@ Task<std::error_code> CacheLayer::write_through(std::span<const std::byte> buf, 
   const uint64_t end = offset + buf.size();
   const uint64_t first = chunk_of(offset), last = chunk_of(end - 1);
   RegionWrites guard(*this, first, last);
-  if (auto ec = co_await ensure_intent(first, last)) co_return ec;
+  if (!intent_held(intent_, intent_persisted_, first, last, kChunksPerRegion))
+    if (auto ec = co_await ensure_intent(first, last)) co_return ec;
   mark_remote_written(first, last);
   // Hold the chunks (absent ones: so that no fill can store data older than
   // this write; present ones: so that two overlapping writes update remote
@@ -513,7 +533,8 @@ Task<std::error_code> CacheLayer::zero(ByteRange range, IoFlags flags) {
   if (remote_caps_.zero != Support::native) co_return co_await zero_through_by_writes(range, flags);
   const uint64_t first = chunk_of(range.offset), last = chunk_of(range.end() - 1);
   RegionWrites guard(*this, first, last);
-  if (auto ec = co_await ensure_intent(first, last)) co_return ec;
+  if (!intent_held(intent_, intent_persisted_, first, last, kChunksPerRegion))
+    if (auto ec = co_await ensure_intent(first, last)) co_return ec;
   mark_remote_written(first, last);
   auto [fill, mine] = co_await claim(first, last, true);
   const uint64_t begun = remote_write_begin();
@@ -555,7 +576,8 @@ Task<std::error_code> CacheLayer::trim(ByteRange range, IoFlags flags) {
   if (remote_caps_.trim != Support::native) co_return std::error_code{};
   const uint64_t first = chunk_of(range.offset), last = chunk_of(range.end() - 1);
   RegionWrites guard(*this, first, last);
-  if (auto ec = co_await ensure_intent(first, last)) co_return ec;
+  if (!intent_held(intent_, intent_persisted_, first, last, kChunksPerRegion))
+    if (auto ec = co_await ensure_intent(first, last)) co_return ec;
   mark_remote_written(first, last);
   auto [fill, mine] = co_await claim(first, last, true);  // no fill may race with the trim
   auto ec = co_await remote_change([&](IoFlags f) { return next().trim(range, f); }, flags);

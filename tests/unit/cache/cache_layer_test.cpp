@@ -1,5 +1,6 @@
 // Unit tests for cache/cache_layer: the sector cache over an in-memory remote.
 #include "cache/cache_layer.hpp"
+#include "cache/meta_store.hpp"
 
 #include "tests/unit/cache/memory_remote_fixture.hpp"
 
@@ -484,6 +485,29 @@ TEST_P(CacheLayerModes, RestartAfterAnUncleanStopKeepsUntouchedRegions) {
     // The write was not flushed: either value is allowed, but consistently.
     EXPECT_EQ(read(0, 10), std::vector<std::byte>(all.begin(), all.begin() + 10));
   }
+}
+
+// The write-intent a sequential writer marks ahead of itself is capped in
+// bytes (32 MiB, at least one region), not in regions: with large chunks a
+// region is large, and a crash drops the clean chunks of every intent region.
+class IntentAhead : public test::MemoryRemoteLayerTest, public ::testing::WithParamInterface<WriteMode> {
+ protected:
+  static constexpr uint64_t kBigChunk = 512u << 10;       // a region is 32 MiB
+  static constexpr uint64_t kRegion = 64 * kBigChunk;
+  IntentAhead() : MemoryRemoteLayerTest(kBigChunk, 4 * kRegion) {}
+  std::vector<uint64_t> persisted_intent() { return store_->load_bitmap("vm", BitmapKind::intent, 1); }
+};
+
+INSTANTIATE_TEST_SUITE_P(AllModes, IntentAhead, test::kAllWriteModes, test::write_mode_name);
+
+TEST_P(IntentAhead, ASequentialWriterMarksAtMost32MiBAhead) {
+  open_layer(config(GetParam()), nullptr, false);  // no background checkpoint clears intent meanwhile
+  ASSERT_FALSE(write(kRegion - kBigChunk, bytes(kBigChunk, 0x31)));  // the last chunk of region 0
+  EXPECT_EQ(persisted_intent(), std::vector<uint64_t>{0b1});
+  ASSERT_FALSE(write(kRegion, bytes(kBigChunk, 0x32)));  // moves on into region 1
+  // Regions 1 and the one after it (32 MiB); region 3 is 64 MiB ahead.
+  EXPECT_EQ(persisted_intent(), std::vector<uint64_t>{0b111});
+  EXPECT_EQ(read(kRegion, kBigChunk), bytes(kBigChunk, 0x32));
 }
 
 TEST_F(CacheLayerTest, SettingsChangeWithDirtyDataRefusesToStart) {

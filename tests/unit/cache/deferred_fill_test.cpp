@@ -184,6 +184,38 @@ TEST_P(DeferredFill, AReadOrFlushEndsTheGraceAtOnce) {
   EXPECT_EQ(remote_->calls(Op::read), 2u);
 }
 
+// A read over several pending chunks urges them all before it waits: their
+// fetches overlap (one remote round trip for the read, not one per chunk).
+TEST_P(DeferredFill, AReadOverPendingChunksFetchesThemTogether) {
+  open();
+  layer().set_deferred_grace({std::chrono::seconds(60), std::chrono::seconds(120)});
+  constexpr uint64_t kFirst = 40, kN = 8;
+  std::vector<std::vector<std::byte>> data;
+  for (uint64_t i = 0; i < kN; ++i) {
+    data.push_back(bytes(1000, static_cast<uint8_t>(0x70 + i)));
+    ASSERT_FALSE(write((kFirst + i) * kChunk + 4096, data.back()));
+  }
+  EXPECT_EQ(remote_->calls(Op::read), 0u) << "fetched during the grace";
+  remote_->close_gate(Op::read);  // a slow remote: every fetch held until the gate opens
+  std::vector<std::byte> buf(kN * kChunk);
+  auto r = spawn(layer().read(buf, kFirst * kChunk, 0));
+  EXPECT_TRUE(test::eventually([&] { return remote_->in_flight(Op::read) == kN; }))
+      << "the read waited for one chunk's fetch before urging the next: " << remote_->in_flight(Op::read)
+      << " of " << kN << " fetches in flight";
+  EXPECT_FALSE(ready(r, 0));
+  remote_->open_gate(Op::read);
+  ASSERT_TRUE(ready(r, 5000));
+  EXPECT_FALSE(r.get());
+  EXPECT_EQ(remote_->max_in_flight(Op::read), kN);
+  for (uint64_t i = 0; i < kN; ++i) {
+    const uint64_t c = kFirst + i;
+    const std::vector<std::byte> got(buf.begin() + static_cast<long>(i * kChunk),
+                                     buf.begin() + static_cast<long>((i + 1) * kChunk));
+    EXPECT_EQ(got, merged(c * kChunk, c * kChunk + 4096, data[i])) << "chunk " << c;
+  }
+  EXPECT_EQ(remote_->calls(Op::read), kN);
+}
+
 // A random writer's chunk (no more writes join) is fetched after one quiet
 // step of the default grace, with no read or FLUSH to ask for it.
 TEST_P(DeferredFill, ALoneWriteIsFetchedAfterTheGrace) {
