@@ -24,8 +24,8 @@ to 0 and back) before every configuration so each starts from the same state:
 Configurations, each an ext4 made fresh (mkfs.ext4) on a loop device over a
 file, mounted, and both workloads run on it:
   local            the loop device on a local sparse file with direct I/O,
-                   like every other configuration's loop device (the ceiling
-                   the ratios are taken against: ext4's O_DIRECT reads reach
+                   like every other configuration's loop device (the papers'
+                   ceiling, the first ratio table: ext4's O_DIRECT reads reach
                    the host file with O_DIRECT, i.e. the disk, as the papers'
                    local disk; run once per round, shared by both remotes'
                    tables)
