@@ -13,10 +13,23 @@
 #include <algorithm>
 #include <chrono>
 #include <cerrno>
+#include <cstring>
+#include <span>
 
 namespace blockway::cache {
 
 // ---- write-back ----------------------------------------------------------------
+
+namespace {
+
+// len bytes of zeroes (len <= kMaxRun), never written: sending them costs no
+// buffer and no memset, and their pages stay shared.
+std::span<const std::byte> zero_run(uint64_t len) noexcept {
+  alignas(4096) static const std::byte zeroes[kMaxRun] = {};
+  return {zeroes, static_cast<size_t>(std::min<uint64_t>(len, kMaxRun))};
+}
+
+}  // namespace
 
 Task<std::error_code> CacheLayer::write_back(uint64_t first, uint64_t last) {
   auto guard = co_await writeback_mutex_.lock();
@@ -49,16 +62,39 @@ Task<std::error_code> CacheLayer::write_back_run(uint64_t a, uint64_t b) {
   auto [fill, mine] = co_await claim(a, b, true);
   const uint64_t off = chunk_start(a);
   const uint64_t len = chunk_start(b) + chunk_len(b) - off;
-  core::IoBuffer buf(len);
   const uint64_t begun = remote_write_begin();
-  auto ec = co_await cache_file_->read(buf.span(), off, 0);
+  // A run that is a hole of the cache file (trimmed or zeroed: mkfs's
+  // discard of the whole image makes every chunk one) reads as zeroes
+  // without reading it: reading it would have the kernel's read-ahead
+  // allocate and memset page-cache folios on this loop thread (up to tens of
+  // ms per MiB, RWF_NOWAIT succeeds on holes), which stalled every client
+  // request meanwhile and filled the page cache with zeroes. SEEK_DATA never
+  // calls data a hole (delayed-allocation pages count as data); a write
+  // landing after the look sets dirty again after its cache write, as with a
+  // read, so the chunk is written back once more.
+  std::error_code ec;
+  core::ExtentList extents;
+  const bool hole = !co_await cache_file_->block_status({off, len}, extents) && extents.size() == 1 &&
+                    extents[0].length >= len && (extents[0].flags & core::kExtentZero);
+  core::IoBuffer buf;
+  std::span<const std::byte> data;
+  if (hole && len <= kMaxRun) {
+    data = zero_run(len);  // no buffer, no memset
+  } else {
+    buf = core::IoBuffer(len);
+    if (hole)
+      std::memset(buf.data(), 0, len);  // a chunk larger than kMaxRun
+    else
+      ec = co_await cache_file_->read(buf.span(), off, 0);
+    data = buf.span();
+  }
   if (!ec) {
-    if (remote_caps_.zero == Support::native && all_zero(buf.data(), len)) {
+    if (remote_caps_.zero == Support::native && (hole || all_zero(data.data(), len))) {
       ec = co_await next().zero({off, len}, 0);  // keeps the remote sparse
       if (ec == std::errc::not_supported || ec == std::errc::operation_not_supported)
-        ec = co_await next().write(buf.span(), off, 0);
+        ec = co_await next().write(data, off, 0);
     } else {
-      ec = co_await next().write(buf.span(), off, 0);
+      ec = co_await next().write(data, off, 0);
     }
   }
   remote_write_done(0, ec);

@@ -23,10 +23,18 @@ to 0 and back) before every configuration so each starts from the same state:
 
 Configurations, each an ext4 made fresh (mkfs.ext4) on a loop device over a
 file, mounted, and both workloads run on it:
-  local            the loop device on a local sparse file (the ceiling: its
-                   storage is the host's page cache, as the remote image's is
-                   for tgtd and ganesha; run once per round, shared by both
-                   remotes' tables)
+  local            the loop device on a local sparse file with direct I/O,
+                   like every other configuration's loop device (the papers'
+                   ceiling, the first ratio table: ext4's O_DIRECT reads reach
+                   the host file with O_DIRECT, i.e. the disk, as the papers'
+                   local disk; run once per round, shared by both remotes'
+                   tables)
+  local-buffered   the same with the loop device buffered (--direct-io=off):
+                   the local file's storage is the host's page cache, as the
+                   remote image's is for tgtd and ganesha and blockway's
+                   cache file's is for blockwayd (its reads are buffered
+                   preadv2). A second, labelled ceiling with its own ratios;
+                   see bench/results/seeds-notes.md for why both
   direct           the same image without blockway: qemu-nbd (qemu's iscsi or
                    nfs driver: libiscsi, libnfs) on a Unix socket + nbdfuse
                    (libnbd's FUSE tool). nbdkit has no iscsi or nfs plugin
@@ -35,8 +43,8 @@ file, mounted, and both workloads run on it:
   bw-MODE          blockwayd --export d=URI,cache=DIR,mode=MODE --fuse-mount
                    MNT (a fresh cache), the loop device on MNT/d; MODE
                    writethrough, writeback, writeback-local
-The loop devices on FUSE files use --direct-io=on, so every request reaches
-the daemon or nbdfuse.
+The loop devices use --direct-io=on (all but local-buffered), so every request
+of the FUSE files reaches the daemon or nbdfuse.
 
 Workloads:
   bonnie++ -D -s FILE_MIB:8k -r FILE_MIB/2 -n 0 -f -u root   (8 KiB blocks:
@@ -92,7 +100,7 @@ FILE_MIB = int(os.environ.get("SEEDS_FILE_MIB", 128 if Q else 1024))
 TRANSACTIONS = int(os.environ.get("SEEDS_TRANSACTIONS", 2000 if Q else 100000))
 LUN_MIB = int(os.environ.get("SEEDS_LUN_MIB", 512 if Q else 3072))
 SEEK_S = 3 if Q else 10
-ALL_CONFIGS = ["local", "direct", "bw-writethrough", "bw-writeback", "bw-writeback-local"]
+ALL_CONFIGS = ["local", "local-buffered", "direct", "bw-writethrough", "bw-writeback", "bw-writeback-local"]
 CONFIGS = os.environ.get("SEEDS_CONFIGS", " ".join(ALL_CONFIGS)).split()
 for c in CONFIGS:
     if c not in ALL_CONFIGS:
@@ -213,7 +221,7 @@ def wait_file(path, p, seconds=20):
 def attach(name, remote, d):
     """The file the loop device goes on, for configuration name over remote
     (None for local), in the work directory d."""
-    if name == "local":
+    if remote is None:   # local, local-buffered
         path = os.path.join(d, "local.raw")
         sparse(path)
         return path
@@ -297,9 +305,10 @@ def run_config(name, remote, rnd):
     os.makedirs(d)
     path = attach(name, remote, d)
     # Every request of the FUSE files must reach the daemon (nbdfuse): the loop
-    # device reads and writes them with O_DIRECT. The local file's storage is
-    # the host's page cache, as the remote image file's is for the servers: buffered.
-    loop = sh(["losetup", "-f", "--show", f"--direct-io={'off' if name == 'local' else 'on'}", path]).strip()
+    # device reads and writes them with O_DIRECT; so does the local ceiling's,
+    # on its file (the disk). local-buffered: the host's page cache instead.
+    loop = sh(["losetup", "-f", "--show", f"--direct-io={'off' if name == 'local-buffered' else 'on'}",
+               path]).strip()
     MOUNTS.append(("loop", loop, None))
     direct = open(f"/sys/block/{os.path.basename(loop)}/loop/dio").read().strip() == "1"
     sh(["mkfs.ext4", "-q", "-F", loop])
@@ -359,7 +368,7 @@ for rnd in range(1, b.reps + 1):
     b.note_load()
     for r in [None] + REMOTES:
         for c in CONFIGS:
-            if (c == "local") != (r is None):
+            if c.startswith("local") != (r is None):
                 continue
             print(f"round {rnd}/{b.reps}: {c}{'' if r is None else ' over ' + r.key}", file=sys.stderr)
             dio[(r.key if r else None, c)] = run_config(c, r, rnd)
@@ -378,19 +387,27 @@ def fmt(v):
 
 def publish(remote):
     """The report, chart and BENCHMARKS.md section of one remote's experiment."""
-    cols = [(c if c == "local" else f"{remote.key}/{c}", c) for c in CONFIGS]   # (who, label)
+    cols = [(c if c.startswith("local") else f"{remote.key}/{c}", c) for c in CONFIGS]   # (who, label)
     table = ["| test | " + " | ".join(label for _, label in cols) + " |", "| --- |" + " ---: |" * len(cols)]
     for t, label, _ in TESTS:
         table.append(f"| {label} | " + " | ".join(fmt(b.med(who, t)) for who, _ in cols) + " |")
-    others = [(who, label) for who, label in cols if label != "local"]
-    ttable = ["| speed (x local ext4; times: local's / its) | " + " | ".join(label for _, label in others) + " |",
-              "| --- |" + " ---: |" * len(others)]
-    for t, label, sign in SPEED:
-        cells = []
-        for who, _ in others:
-            r, _ = b.ratio((who, t), ("local", t))
-            cells.append("–" if not r else f"{r ** sign:.2f}x")
-        ttable.append(f"| {label} | " + " | ".join(cells) + " |")
+    others = [(who, label) for who, label in cols if not label.startswith("local")]
+
+    def ratios(ceiling, title):
+        rows = [f"| speed (x {title}; times: its / this one's) | " + " | ".join(label for _, label in others) + " |",
+                "| --- |" + " ---: |" * len(others)]
+        for t, label, sign in SPEED:
+            cells = []
+            for who, _ in others:
+                r, _ = b.ratio((who, t), (ceiling, t))
+                cells.append("–" if not r else f"{r ** sign:.2f}x")
+            rows.append(f"| {label} | " + " | ".join(cells) + " |")
+        return rows
+
+    # Against the direct-I/O local ext4 (the ceiling); against the buffered one too, labelled, when it ran.
+    ttable = ratios("local", "local ext4, loop dio")
+    if "local-buffered" in CONFIGS:
+        ttable += [""] + ratios("local-buffered", "local ext4, loop buffered (page cache)")
     png = b.out_name("png", remote.section)
     bar_chart(png, f"ext4 on the FUSE file over {remote.title}, bonnie++ {FILE_MIB} MiB 8k, PostMark {TRANSACTIONS}",
               [(label, label.split()[-1], [(lb, b.med(who, t)) for who, lb in cols if b.med(who, t) is not None])
@@ -406,10 +423,12 @@ def publish(remote):
     report = [f"# Seed experiment: bonnie++ and PostMark over {remote.title} (bench/seeds/fs.py)", ""] + \
         ["- " + ln for ln in machine] + ["- " + b.load_line(), "", "## Results (median)", ""] + table + \
         ["", "## Ratios", ""] + ttable + ["", f"![chart]({os.path.basename(png)})", "", "## All runs", ""] + \
-        b.all_runs_table(lambda who: who == "local" or who.startswith(remote.key + "/"))
+        b.all_runs_table(lambda who: who.startswith("local") or who.startswith(remote.key + "/"))
     section = [
         f"### Seed experiment: bonnie++ and PostMark over {remote.title}: `bench/seeds/fs.py --remote {remote.key}`", "",
-        f"Run {machine[0][6:]}, {b.reps} round(s), {b.load_line()}. ext4 on a loop device on: a local file (`local`), the {remote.title} image through "
+        f"Run {machine[0][6:]}, {b.reps} round(s), {b.load_line()}. ext4 on a loop device on: a local file (`local`: loop "
+        "with direct I/O, the ceiling of the ratios; `local-buffered`: loop buffered, the host's page cache, second ratio "
+        f"table), the {remote.title} image through "
         "qemu-nbd + nbdfuse (`direct`, no blockway), blockwayd's FUSE file over "
         f"{remote.key}:// with a fresh cache in each write mode (`bw-*`). bonnie++ {FILE_MIB} MiB, 8 KiB blocks "
         "(block write O_DIRECT, rewrite buffered); reads: fio, 8 KiB O_DIRECT, on a "

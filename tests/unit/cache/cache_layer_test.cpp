@@ -321,6 +321,62 @@ TEST_F(CacheLayerTest, WritebackFlushWritesDirtyDataToTheRemoteAndFlushesIt) {
   EXPECT_TRUE(remote_->log_of(Op::write).empty());
 }
 
+// Zeroed chunks are holes of the cache file: their write-back sends zeroes
+// (the remote's write-zeroes, or a buffer of zeroes) without reading them,
+// and a run with data next to them still carries its bytes.
+TEST_F(CacheLayerTest, WritebackOfZeroedChunksSendsZeroesAndKeepsDataAround) {
+  open(WriteMode::writeback);
+  ASSERT_FALSE(write(2 * kChunk, bytes(kChunk, 0x22)));
+  ASSERT_FALSE(h_->run(layer().zero({4 * kChunk, 4 * kChunk}, 0)));
+  ASSERT_FALSE(h_->run(layer().trim({9 * kChunk, 2 * kChunk}, 0)));
+  ASSERT_FALSE(write(11 * kChunk, bytes(kChunk, 0x11)));  // data right after a trimmed run
+  remote_->clear_log();
+  ASSERT_FALSE(flush());
+  EXPECT_EQ(remote_->contents(2 * kChunk, kChunk), bytes(kChunk, 0x22));
+  EXPECT_EQ(remote_->contents(4 * kChunk, 4 * kChunk), bytes(4 * kChunk, 0));
+  EXPECT_EQ(remote_->contents(9 * kChunk, 2 * kChunk), bytes(2 * kChunk, 0));
+  EXPECT_EQ(remote_->contents(11 * kChunk, kChunk), bytes(kChunk, 0x11));
+  EXPECT_EQ(remote_->contents(8 * kChunk, kChunk), pattern(8 * kChunk, kChunk)) << "never written";
+  uint64_t zeroed = 0;
+  for (const auto& c : remote_->log_of(Op::zero)) zeroed += c.length;
+  EXPECT_EQ(zeroed, 4 * kChunk) << "the zeroed run went as write-zeroes";
+  EXPECT_EQ(layer().stats().dirty_bytes, 0u);
+}
+
+// The same over a remote without write-zeroes: the zeroes go as data.
+TEST_F(CacheLayerTest, WritebackOfZeroedChunksWritesZeroesWhereTheRemoteCannotZero) {
+  core::Capabilities caps;
+  caps.flush = caps.fua = caps.trim = caps.extents = core::Support::native;
+  make_remote(caps);
+  open(WriteMode::writeback);
+  ASSERT_FALSE(h_->run(layer().zero({kChunk, 3 * kChunk}, 0)));
+  ASSERT_FALSE(write(6 * kChunk + 4096, bytes(8192, 0x66)));
+  ASSERT_FALSE(flush());
+  EXPECT_EQ(remote_->contents(kChunk, 3 * kChunk), bytes(3 * kChunk, 0));
+  EXPECT_EQ(remote_->contents(6 * kChunk + 4096, 8192), bytes(8192, 0x66));
+  EXPECT_EQ(remote_->contents(6 * kChunk, 4096), pattern(6 * kChunk, 4096));
+  EXPECT_EQ(remote_->calls(Op::zero), 0u);
+}
+
+// Chunks larger than a write-back run's shared zeroes (kMaxRun, 1 MiB): a
+// zeroed one is written back from a buffer of zeroes.
+class CacheLayerBigChunkTest : public test::MemoryRemoteLayerTest {
+ protected:
+  CacheLayerBigChunkTest() : MemoryRemoteLayerTest(2u << 20, 8u << 20) {}
+};
+
+TEST_F(CacheLayerBigChunkTest, WritebackOfAZeroedChunkLargerThanARunWritesZeroes) {
+  core::Capabilities caps;
+  caps.flush = caps.fua = caps.trim = caps.extents = core::Support::native;
+  make_remote(caps);
+  open_layer(config(WriteMode::writeback), nullptr, false);
+  ASSERT_FALSE(h_->run(layer().zero({2u << 20, 4u << 20}, 0)));
+  ASSERT_FALSE(h_->run(layer().flush()));
+  EXPECT_EQ(remote_->contents(2u << 20, 4u << 20), bytes(4u << 20, 0));
+  EXPECT_EQ(remote_->contents(0, 2u << 20), pattern(0, 2u << 20));
+  EXPECT_EQ(remote_->calls(Op::zero), 0u);
+}
+
 TEST_F(CacheLayerTest, WritebackFuaWriteReachesTheRemote) {
   open(WriteMode::writeback);
   ASSERT_FALSE(write(kChunk, bytes(kChunk, 1)));  // dirty, not FUA
