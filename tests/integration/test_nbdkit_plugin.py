@@ -339,6 +339,29 @@ class PluginTest(harness.DaemonTestCase):
         self.assertEqual(seen[1 << 20:(1 << 20) + 65536], b"\xab" * 65536)
         self.assertEqual(seen[(1 << 20) + 65536:], before[(1 << 20) + 65536:])
 
+    def read_across_restart(self, h, remote, server, down):
+        """With `remote` killed: reads 64 KiB at 4 MiB through handle h in a
+        thread, starts the remote again (same port) after `down` seconds and
+        asserts that the read returned without error. Returns (data, seconds
+        the read took)."""
+        result = {}
+
+        def read():
+            t0 = time.monotonic()
+            try:
+                result["data"] = h.pread(65536, 4 * MiB)
+            except Exception as e:  # noqa: BLE001 - reported below
+                result["error"] = e
+            result["seconds"] = time.monotonic() - t0
+        reader = threading.Thread(target=read)
+        reader.start()
+        time.sleep(down)
+        remote.start()  # same port, main thread (PR_SET_PDEATHSIG)
+        reader.join(60)
+        self.assertFalse(reader.is_alive(), "the read did not return")
+        self.assertNotIn("error", result, "%r\n%s" % (result.get("error"), server.log()))
+        return result["data"], result["seconds"]
+
     def test_retry_filter_over_a_remote_restart(self):
         """The remote dies: our RetryLayer gives up after retry-timeout=1 with
         EIO, nbdkit's retry filter reopens the plugin and tries again, and once
@@ -352,24 +375,9 @@ class PluginTest(harness.DaemonTestCase):
         h = self.connect(server.uri)
         self.assertEqual(h.pread(65536, 0), data[:65536])
         remote.kill()
-        result = {}
-
-        def read():
-            t0 = time.monotonic()
-            try:
-                result["data"] = h.pread(65536, 4 * MiB)
-            except Exception as e:  # noqa: BLE001 - reported below
-                result["error"] = e
-            result["seconds"] = time.monotonic() - t0
-        reader = threading.Thread(target=read)
-        reader.start()
-        time.sleep(2.5)
-        remote.start()  # same port, main thread (PR_SET_PDEATHSIG)
-        reader.join(60)
-        self.assertFalse(reader.is_alive(), "the read did not return")
-        self.assertNotIn("error", result, "%r\n%s" % (result.get("error"), server.log()))
-        self.assertEqual(result["data"], data[4 * MiB:4 * MiB + 65536])
-        self.assertGreater(result["seconds"], 2.0)
+        got, seconds = self.read_across_restart(h, remote, server, 2.5)
+        self.assertEqual(got, data[4 * MiB:4 * MiB + 65536])
+        self.assertGreater(seconds, 2.0)
         self.assertRegex(server.log(), r"retry \d+: waiting", "the retry filter never retried")
         harness.close_handle(h)
 
@@ -473,21 +481,8 @@ class PluginTest(harness.DaemonTestCase):
         before = self.remote_connections(remote)
         self.assertGreater(before, 2)
         remote.kill()
-        result = {}
-
-        def read():
-            try:
-                result["data"] = handles[0].pread(65536, 4 * MiB)
-            except Exception as e:  # noqa: BLE001 - reported below
-                result["error"] = e
-        reader = threading.Thread(target=read)
-        reader.start()
-        time.sleep(1.5)
-        remote.start()  # same port, main thread (PR_SET_PDEATHSIG)
-        reader.join(60)
-        self.assertFalse(reader.is_alive(), "the read did not return")
-        self.assertNotIn("error", result, "%r\n%s" % (result.get("error"), server.log()))
-        self.assertEqual(result["data"], bytes(model[4 * MiB:4 * MiB + 65536]))
+        got, _ = self.read_across_restart(handles[0], remote, server, 1.5)
+        self.assertEqual(got, bytes(model[4 * MiB:4 * MiB + 65536]))
         self.run_model_rounds(handles, model, rng, rounds=10)
         self.assertGreater(self.remote_connections(remote), 2)
         # Writes acknowledged before the restart and never flushed: the first
