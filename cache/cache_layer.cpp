@@ -132,6 +132,9 @@ CacheLayer::CacheLayer(std::unique_ptr<core::BlockDevice> remote, Params p)
       writeback_fd_ = std::make_shared<WritebackFd>();
       writeback_fd_->fd = fd;
     }
+    std::string why;
+    direct_ = DirectWriter::open(cache_path_, why);
+    if (!direct_) log_->debug("export '{}': {} on {}: fills go through the page cache", name_, why, cache_path_);
   }
   if (cache_file_->capabilities().read_only)
     throw std::runtime_error("cache file " + cache_path_ + " is not writable");
@@ -174,6 +177,7 @@ CacheLayer::CacheLayer(std::unique_ptr<core::BlockDevice> remote, Params p)
 CacheLayer::~CacheLayer() = default;
 
 void CacheLayer::abandon_waiters() {
+  if (direct_) direct_->abandon();  // the kernel's writes end first; their waiters are freed
   for (auto& s : shards_) {
     std::unordered_map<uint64_t, std::shared_ptr<Fill>> fills;
     {

@@ -56,6 +56,7 @@
 
 #include "cache/bitmap.hpp"
 #include "cache/cache_config.hpp"
+#include "cache/direct_writer.hpp"
 #include "cache/meta_store.hpp"
 #include "core/async_mutex.hpp"
 #include "core/block_device.hpp"
@@ -280,6 +281,14 @@ class CacheLayer final : public core::Layer, public core::ExportControl {
   // pooled buffer), so the reply needs no read of the cache file afterwards.
   core::Task<std::error_code> fetch_run(uint64_t first, uint64_t last, core::IoFlags flags = 0,
                                         std::span<std::byte> out = {}, uint64_t out_offset = 0);
+  // Writes a fill's fetched bytes at `offset` of the cache file. A run the
+  // reply holds whole (`reply_has_it`) goes to the disk with O_DIRECT when
+  // it is 4 KiB-aligned in the file and in memory: no page-cache copy, no
+  // new pages zeroed (a cold read's largest costs); the reader has the bytes
+  // already, and a later hit reads them from the disk. Everything else (read-
+  // ahead and prefetch fills, whose bytes are about to be read) is buffered,
+  // in pieces of at most 64 KiB (see fetch_run).
+  core::Task<std::error_code> write_fill(std::span<const std::byte> bytes, uint64_t offset, bool reply_has_it);
   // Reads [offset, offset + into.size()) from the remote in max_transfer pieces.
   core::Task<std::error_code> fetch_bytes(std::span<std::byte> into, uint64_t offset, core::IoFlags flags);
 
@@ -551,6 +560,14 @@ class CacheLayer final : public core::Layer, public core::ExportControl {
     ~WritebackFd();
   };
   std::shared_ptr<WritebackFd> writeback_fd_;
+  // The cache file opened with O_DIRECT, for the fills whose bytes a reply
+  // already holds (write_fill): written from the reply buffer to the disk by
+  // asynchronous I/O, not copied into the page cache. Null for a test's
+  // device, a file system without O_DIRECT or a kernel without AIO;
+  // direct_fills_ is cleared if the kernel refuses a direct write's
+  // alignment (then every fill is buffered).
+  std::unique_ptr<DirectWriter> direct_;
+  std::atomic<bool> direct_fills_{true};
   std::string cache_path_;
   bool injected_file_ = false;  // Params::open_cache_file: a test's device, not a file here to extend
   unsigned chunk_shift_ = 16;

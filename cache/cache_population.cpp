@@ -105,25 +105,56 @@ Task<std::error_code> CacheLayer::fetch_run(uint64_t first, uint64_t last, core:
   // reader waiting on the claim then reads them there): the write stays
   // before present_.set, as the checkpoint's ordering needs (DESIGN.md,
   // invariant 3: the fdatasync that precedes persisting a present bit must
-  // follow the write).
-  //
+  // follow the write; a direct write is on the disk when it returns, and the
+  // same fdatasync makes its block allocation durable).
+  if (auto ec = co_await write_fill(into, off, into.data() == out.data())) {
+    log_->error("export '{}': writing the cache file failed: {}", name_, ec.message());
+    co_return ec;
+  }
+  if (!out.empty() && into.data() != out.data())
+    std::memcpy(out.data(), into.data() + (out_offset - off), out.size());
+  for (uint64_t c = first; c <= last; ++c) present_.set(c);
+  fetched_.fetch_add(len, std::memory_order_relaxed);
+  co_return std::error_code{};
+}
+
+namespace {
+// 4 KiB: the largest logical block size of the disks a cache lives on, so
+// an O_DIRECT write aligned to it is aligned for all of them.
+constexpr uint64_t kDirectAlign = 4096;
+}  // namespace
+
+Task<std::error_code> CacheLayer::write_fill(std::span<const std::byte> bytes, uint64_t off, bool reply_has_it) {
+  if (reply_has_it && direct_ && direct_fills_.load(std::memory_order_relaxed) && off % kDirectAlign == 0 &&
+      bytes.size() % kDirectAlign == 0 && reinterpret_cast<uintptr_t>(bytes.data()) % kDirectAlign == 0) {
+    // The claim on the run keeps every buffered reader and writer of the
+    // cache file out of these pages meanwhile (hits read present chunks
+    // only; chunks are 4 KiB multiples, so no page is shared with another
+    // chunk), and the kernel drops any page cached for the range around the
+    // write. The chunk becomes present after it completes, as a buffered one.
+    auto ec = co_await direct_->write(bytes, off);
+    if (!ec) co_return ec;
+    if (ec == std::errc::invalid_argument) {
+      // The file system wants another alignment: buffered from now on.
+      if (direct_fills_.exchange(false))
+        log_->info("export '{}': O_DIRECT writes to {} refused (EINVAL): fills go through the page cache", name_,
+                   cache_path_);
+    } else {
+      log_->debug("export '{}': direct write of {} bytes at {} failed ({}): writing through the page cache", name_,
+                  bytes.size(), off, ec.message());
+    }
+    // The same bytes again, buffered (whatever part was written is overwritten).
+  }
   // In pieces of at most kFillWritePiece: a buffered write makes page-cache
   // folios as large as itself, and a later 4 KiB write into a large folio
   // walks every buffer head of it in the kernel (ext4_block_write_begin:
   // 54-70 % of the CPU at cached 4 KiB random writes after a 1 MiB fill;
   // bench/page_cache_folios.py: 2.5 / 4.1 / 17.4 / 41 us per 4 KiB write into
   // pages filled by 4 KiB / 64 KiB / 1 MiB / 4 MiB writes).
-  for (size_t pos = 0; pos < into.size(); pos += kFillWritePiece) {
-    const size_t n = std::min<size_t>(kFillWritePiece, into.size() - pos);
-    if (auto ec = co_await cache_file_->write(into.subspan(pos, n), off + pos, 0)) {
-      log_->error("export '{}': writing the cache file failed: {}", name_, ec.message());
-      co_return ec;
-    }
+  for (size_t pos = 0; pos < bytes.size(); pos += kFillWritePiece) {
+    const size_t n = std::min<size_t>(kFillWritePiece, bytes.size() - pos);
+    if (auto ec = co_await cache_file_->write(bytes.subspan(pos, n), off + pos, 0)) co_return ec;
   }
-  if (!out.empty() && into.data() != out.data())
-    std::memcpy(out.data(), into.data() + (out_offset - off), out.size());
-  for (uint64_t c = first; c <= last; ++c) present_.set(c);
-  fetched_.fetch_add(len, std::memory_order_relaxed);
   co_return std::error_code{};
 }
 
