@@ -5,6 +5,8 @@
 
 #include <fcntl.h>
 #include <linux/aio_abi.h>
+#include <poll.h>
+#include <sys/eventfd.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -43,6 +45,8 @@ struct Op {
 struct DirectWriter::State {
   int fd = -1;
   aio_context_t ctx = 0;
+  int completions = -1;  // eventfd the kernel counts completions on (IOCB_FLAG_RESFD)
+  int stopping = -1;     // eventfd stop_reaper() wakes the reaper with
   std::mutex mutex;
   std::unordered_map<Op*, std::shared_ptr<Op>> inflight;
   std::atomic<bool> stop{false};
@@ -82,8 +86,25 @@ struct DirectWriter::State {
     const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
     while (in_flight() > 0 && std::chrono::steady_clock::now() < until) reap(1, std::chrono::milliseconds(100), drop);
   }
+  // Sleeps until the kernel completes a write or stop_reaper() says stop:
+  // an idle cache costs no wake-ups.
+  void reap_until_stopped() {
+    while (!stop.load(std::memory_order_relaxed)) {
+      pollfd p[2] = {{completions, POLLIN, 0}, {stopping, POLLIN, 0}};
+      if (::poll(p, 2, -1) < 0) continue;  // EINTR
+      if (p[1].revents != 0) break;
+      uint64_t count = 0;
+      [[maybe_unused]] const ssize_t r = ::read(completions, &count, sizeof count);
+      while (reap(0, std::chrono::milliseconds(0), false) > 0) {
+      }
+    }
+  }
   void stop_reaper() {
     stop.store(true);
+    const uint64_t one = 1;
+    if (stopping >= 0) {
+      [[maybe_unused]] const ssize_t r = ::write(stopping, &one, sizeof one);
+    }
     if (reaper.joinable()) reaper.join();
   }
   ~State() {
@@ -91,6 +112,8 @@ struct DirectWriter::State {
     drain(false);
     if (ctx) io_destroy(ctx);  // waits for (or cancels) anything still in flight
     if (fd >= 0) ::close(fd);
+    if (completions >= 0) ::close(completions);
+    if (stopping >= 0) ::close(stopping);
     std::lock_guard lock(mutex);
     inflight.clear();
   }
@@ -108,9 +131,13 @@ std::unique_ptr<DirectWriter> DirectWriter::open(const std::string& path, std::s
     st->ctx = 0;
     return nullptr;
   }
-  st->reaper = std::thread([s = st.get()] {
-    while (!s->stop.load(std::memory_order_relaxed)) s->reap(1, std::chrono::milliseconds(20), false);
-  });
+  st->completions = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  st->stopping = ::eventfd(0, EFD_CLOEXEC);
+  if (st->completions < 0 || st->stopping < 0) {
+    why = std::string("eventfd: ") + std::strerror(errno);
+    return nullptr;
+  }
+  st->reaper = std::thread([s = st.get()] { s->reap_until_stopped(); });
   return std::unique_ptr<DirectWriter>(new DirectWriter(std::move(st)));
 }
 
@@ -125,6 +152,8 @@ core::Task<std::error_code> DirectWriter::write(std::span<const std::byte> bytes
   op->cb.aio_buf = reinterpret_cast<uintptr_t>(bytes.data());
   op->cb.aio_nbytes = bytes.size();
   op->cb.aio_offset = static_cast<int64_t>(offset);
+  op->cb.aio_flags = IOCB_FLAG_RESFD;
+  op->cb.aio_resfd = static_cast<uint32_t>(st_->completions);
   {
     std::lock_guard lock(st_->mutex);
     if (st_->inflight.size() >= kMaxInFlight) co_return core::errno_code(EAGAIN);

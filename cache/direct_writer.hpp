@@ -14,8 +14,9 @@
 //
 // Thread model: write() may be called on any thread (io_submit is thread-
 // safe); the bytes must stay valid until its task completes. One thread of
-// its own reaps the completions (io_getevents, waking at least every 20 ms
-// to see a stop) and sets each write's SharedEvent; the writer resumes on
+// its own reaps the completions (it sleeps in poll() on an eventfd the
+// kernel signals per completion, IOCB_FLAG_RESFD, and on a stop eventfd, so
+// an idle cache wakes nothing) and sets each write's SharedEvent; the writer resumes on
 // its own executor. No Asio object lives here, so nothing depends on an
 // event loop outliving the writer (the tests' crash() tears loops down
 // first). The map of writes in flight is under a mutex.
