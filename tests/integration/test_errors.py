@@ -431,7 +431,7 @@ class ConfigErrorTest(harness.DaemonTestCase):
 
     def test_bad_sizes_and_levels(self):
         exp = self.listen() + ["--export", "a=file://" + self.img]
-        self.expect_config_error(exp + ["--max-inflight", "1M"], "max-inflight")
+        self.expect_config_error(exp + ["--max-inflight", "1k"], "max-inflight")
         self.expect_config_error(exp + ["--max-request", "12x"], "max-request")
         self.expect_config_error(exp + ["--log-level", "loud"], "loud")
         self.expect_config_error(exp + ["--default-export", "zz"], "zz")
