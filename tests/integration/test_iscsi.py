@@ -10,6 +10,7 @@ import errno
 import os
 import re
 import socket
+import subprocess
 import sys
 import time
 import unittest
@@ -155,6 +156,41 @@ class DataPathTest(IscsiTestCase):
                 h.zero(MiB, 0, nbd.CMD_FLAG_FAST_ZERO)
             self.assertEqual(cm.exception.errnum, errno.ENOTSUP)
         self.assertNotIn("refuses WRITE SAME", daemon.full_log())
+
+    def test_fuse_zero_range_at_byte_edges(self):
+        # The path of a file system's discard on the FUSE file (mkfs, a
+        # loop device, blkdiscard -z): fallocate ZERO_RANGE / PUNCH_HOLE at
+        # byte offsets. The partial blocks at the edges are read, patched and
+        # written; the blocks between go as WRITE SAME.
+        size = 40 * MiB
+        img = harness.make_random_image(self.path("lun.img"), size, seed=24)
+        expect = bytearray(harness.read_file(img, 0, size))
+        tgt = self.start_tgt({1: (img, False)})
+        mnt = self.path("mnt")
+        os.mkdir(mnt)
+        self.start_daemon(["--log-level", "debug", "--listen", "127.0.0.1:%d" % harness.free_port(),
+                           "--fuse-mount", mnt, "--export", "r=" + tgt.uri()])
+        self.addCleanup(subprocess.run, ["fusermount3", "-u", "-z", mnt], stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL, timeout=30)
+        f = os.path.join(mnt, "r")
+        harness.wait_until(lambda: os.path.exists(f), 10, what="the FUSE file")
+        tgt.debug(True)
+        for op, off, length in (("--zero-range", MiB + 1000, 20 * MiB + 333),
+                                ("--punch-hole", 30 * MiB + 7, 3 * MiB + 1)):
+            harness.run(["fallocate", op, "--keep-size", "-o", str(off), "-l", str(length), f], timeout=60)
+            expect[off:off + length] = bytes(length)
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        tgt.debug(False)
+        log = tgt.log(tail=10 ** 7)
+        self.assertGreaterEqual(self.commands(log, 0x93), 2, log[-2000:])
+        self.assertLessEqual(self.commands(log, 0x8a), 8, log[-2000:])  # the edges only
+        self.assertTrue(harness.read_file(img, 0, size) == expect, "the LUN's file differs")
+        with open(f, "rb") as fh:
+            self.assertTrue(fh.read() == expect, "the FUSE file differs")
 
     def test_lun_refusing_write_same_falls_back_to_writes(self):
         # tgt's aio backing store answers WRITE SAME with ILLEGAL REQUEST /
