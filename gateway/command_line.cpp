@@ -57,7 +57,7 @@ const Flag kFlags[] = {
      [](CommandLine& l, const std::string& v) {
        l.config.blocking_threads = static_cast<unsigned>(core::parse_number(v, "--blocking-threads", 0, UINT32_MAX));
      }},
-    {"--max-inflight", "SIZE", "per-connection cap on bytes in flight (default 128M)",
+    {"--max-inflight", "SIZE", "per-connection cap on bytes in flight (default 128M; one request is always admitted)",
      [](CommandLine& l, const std::string& v) { l.config.max_inflight_bytes = core::parse_size(v, "--max-inflight"); }},
     {"--remote-bandwidth", "SIZE",
      "cap on bytes per second to and from network remotes, all exports together, shared 3:1 by client "

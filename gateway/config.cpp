@@ -219,9 +219,8 @@ void DaemonConfig::validate() const {
     throw ConfigError("default-export '" + default_export + "' names no export");
   if (max_request_bytes < 4096 || max_request_bytes > (256u << 20))
     throw ConfigError("max-request must be between 4k and 256M");
-  if (max_inflight_bytes < max_request_bytes)
-    throw ConfigError("max-inflight must be at least max-request (" +
-                      std::to_string(max_request_bytes) + " bytes)");
+  // Below max-request is fine: one request is always admitted, however large.
+  if (max_inflight_bytes < 4096) throw ConfigError("max-inflight must be at least 4k");
   static const std::set<std::string> levels{"trace", "debug", "info", "warn", "error", "critical", "off"};
   if (!levels.contains(log_level))
     throw ConfigError("log-level '" + log_level + "' is not one of trace, debug, info, warn, error, off");

@@ -101,7 +101,13 @@ struct DaemonConfig {
   std::optional<unsigned> socket_mode;
   std::string socket_user, socket_group;
   [[nodiscard]] core::UnixSocketAccess unix_socket_access() const;
-  uint64_t max_inflight_bytes = 128ull << 20;  // per connection
+  // Per connection. One request is always admitted, so it may be below
+  // max_request_bytes. 4 MiB cut the daemon's CPU per GB of iSCSI/NFS
+  // sequential reads by 13-27 % (issue 17: requests admitted past the
+  // remote's own in-flight budget wait holding buffers that go cold); not
+  // the default, since it would also leave an export read in 4 MiB
+  // requests (RBD's preferred block) one request per connection.
+  uint64_t max_inflight_bytes = 128ull << 20;
   uint64_t remote_bandwidth = 0;  // bytes per second to and from network remotes, all exports; 0 = no cap
   uint32_t max_request_bytes = 32u << 20;      // largest read/write payload
   std::chrono::milliseconds handshake_timeout{10000};

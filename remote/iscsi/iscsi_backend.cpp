@@ -16,7 +16,11 @@ constexpr core::OptionSpec kInitiator{.name = "initiator",
                                       .help = "the initiator name to log in with (default "
                                               "iqn.2026-11.io.blockway:initiator)",
                                       .value = "IQN"};
-constexpr core::OptionSpec kOptions[] = {kSessions, kIoTimeout, kInitiator, common::kInflightKibOption};
+constexpr core::OptionSpec kWriteSame{.name = "write-same",
+                                      .kind = core::OptionKind::flag,
+                                      .help = "write-zeroes as WRITE SAME without UNMAP on a LUN that is not thin: "
+                                              "the target writes the zeroes (default on; off: send them)"};
+constexpr core::OptionSpec kOptions[] = {kSessions, kIoTimeout, kInitiator, common::kInflightKibOption, kWriteSame};
 
 IscsiUri parse_uri(const std::string& uri) {
   try {
@@ -40,6 +44,7 @@ IscsiOptions take_options(core::Options& options) {
     o.initiator = *name;
   }
   if (auto budget = common::take_inflight_budget(options)) o.inflight_bytes = *budget;
+  if (auto on = options.flag(kWriteSame)) o.write_same = *on;
   return o;
 }
 

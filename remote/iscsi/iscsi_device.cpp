@@ -353,6 +353,9 @@ class IscsiDevice::Session final : public common::LoopSession {
     const int key = status == SCSI_STATUS_CHECK_CONDITION ? static_cast<int>(task->sense.key) : 0;
     const int ascq = status == SCSI_STATUS_CHECK_CONDITION ? task->sense.ascq : 0;
     ScsiOutcome out = scsi_outcome(status, key, ascq);
+    // A WRITE SAME the LUN does not do: EOPNOTSUPP, zero()'s cue to stop
+    // sending it (CheckedDevice then writes the zeroes).
+    if (task->cdb[0] == SCSI_OPCODE_WRITE_SAME16 && scsi_command_refused(status, key, ascq)) out.err = EOPNOTSUPP;
     if (status == SCSI_STATUS_CANCELLED || status == SCSI_STATUS_ERROR) s->broken_ = true;
     if (out.err == 0 && r->extents != nullptr) out.err = parse_lba_status(*r, task.get());
     if (out.err != 0 && !core::is_connection_error(errno_code(out.err)))
@@ -436,7 +439,12 @@ IscsiDevice::IscsiDevice(IscsiUri uri, bool read_only, IscsiOptions options, cor
   caps_.trim = info_.thin && info_.unmap && info_.max_unmap_blocks > 0 && info_.max_unmap_descriptors > 0
                    ? Support::native
                    : Support::none;
-  caps_.zero = info_.thin && info_.write_same_unmap ? Support::native : Support::none;
+  // WRITE SAME(16): with UNMAP on a thin LUN with LBPWS; without UNMAP
+  // wherever the Block Limits page is there (tgt's plain LUNs too), so
+  // zeroes stop crossing the wire; zero() falls back if the LUN refuses.
+  caps_.zero = (info_.thin && info_.write_same_unmap) || (info_.has_block_limits && options_.write_same)
+                   ? Support::native
+                   : Support::none;
   caps_.extents = info_.thin ? Support::native : Support::none;
   caps_.prefetch = Support::none;
   caps_.multi_conn = true;  // SYNCHRONIZE CACHE acts on the LUN, whichever session sends it
@@ -570,10 +578,15 @@ Task<std::error_code> IscsiDevice::trim(ByteRange range, IoFlags flags) {
 Task<std::error_code> IscsiDevice::zero(ByteRange range, IoFlags flags) {
   if (caps_.read_only) co_return errno_code(EPERM);
   if (caps_.zero != Support::native) co_return errno_code(EOPNOTSUPP);
-  // WRITE SAME with UNMAP only where unmapped blocks read as zeroes; with
-  // NO_HOLE, write the zeroes (allocated).
-  const int unmap = info_.unmapped_reads_zero && !(flags & core::kNoHole) ? 1 : 0;
+  // WRITE SAME with UNMAP only on a thin LUN that has it and where unmapped
+  // blocks read as zeroes; with NO_HOLE, or on a LUN that is not thin, the
+  // target writes the zeroes (allocated). That is not "fast": FAST_ZERO
+  // wants the unmapping kind.
+  const int unmap =
+      info_.thin && info_.write_same_unmap && info_.unmapped_reads_zero && !(flags & core::kNoHole) ? 1 : 0;
   if ((flags & core::kFastZero) && !unmap) co_return errno_code(EOPNOTSUPP);
+  if (!unmap && (!options_.write_same || write_same_refused_.load(std::memory_order_relaxed)))
+    co_return errno_code(EOPNOTSUPP);
   const uint32_t bs = info_.block_size;
   const uint64_t lba = range.offset / bs;
   const uint64_t left = range.length / bs;
@@ -584,7 +597,13 @@ Task<std::error_code> IscsiDevice::zero(ByteRange range, IoFlags flags) {
                                          uint64_t n) {
     return iscsi_writesame16_task(ctx, lun, first, pattern, bs, static_cast<uint32_t>(n), 0, unmap, 0, 0, cb, r);
   };
-  if (auto ec = co_await submit_blocks(lba, left, step, write_same)) co_return ec;
+  if (auto ec = co_await submit_blocks(lba, left, step, write_same)) {
+    if (!unmap && ec == std::errc::operation_not_supported &&
+        !write_same_refused_.exchange(true, std::memory_order_relaxed))
+      core::logger("iscsi")->info("{}: the LUN refuses WRITE SAME(16) without UNMAP; zeroes are written instead",
+                                  uri_.redacted());
+    co_return ec;
+  }
   if (flags & core::kFua) co_return co_await flush();
   co_return std::error_code{};
 }

@@ -11,6 +11,12 @@
 // when DPOFUA), SYNCHRONIZE CACHE(16), UNMAP for trim, WRITE SAME(16) (with
 // the UNMAP bit where unmapped blocks read as zeroes) for write-zeroes, and
 // GET LBA STATUS for block status when the LUN is thin-provisioned.
+// Write-zeroes on a LUN that is not thin (or has no LBPWS) is WRITE SAME(16)
+// without UNMAP: one block of zeroes crosses the wire and the target writes
+// the range, split at the Block Limits page's MAXIMUM WRITE SAME LENGTH. It
+// is offered where that page exists; a LUN that answers it with ILLEGAL
+// REQUEST (invalid opcode or CDB field) is remembered, and from then on
+// zero() says EOPNOTSUPP and CheckedDevice writes zeroes, as without it.
 //
 // Data path: libiscsi's asynchronous API, many commands in flight per
 // session, buffers handed to libiscsi as iovecs (no copy). Each session
@@ -58,6 +64,10 @@ struct IscsiOptions {
   std::chrono::milliseconds io_timeout{30000};
   std::string initiator = "iqn.2026-11.io.blockway:initiator";
   uint64_t inflight_bytes = common::kDefaultInflightBytes;  // data in flight per session
+  // Write-zeroes as WRITE SAME without UNMAP (the target writes the zeroes);
+  // off: CheckedDevice sends them, for a target whose WRITE SAME is slower
+  // than the wire (tgt writes it one block per system call).
+  bool write_same = true;
 };
 
 // What the probe found out about the LUN (also for tests and logs).
@@ -131,6 +141,8 @@ class IscsiDevice final : public core::RemoteDevice {
   core::Geometry geometry_;
   core::Capabilities caps_;
   std::vector<unsigned char> zero_block_;  // WRITE SAME's one block of zeroes
+  // The LUN refused WRITE SAME without UNMAP once: never sent again.
+  std::atomic<bool> write_same_refused_{false};
   common::SessionSet<Session> sessions_;
 };
 

@@ -60,6 +60,11 @@ ScsiOutcome scsi_outcome(int status, int sense_key, int ascq) noexcept {
   }
 }
 
+bool scsi_command_refused(int status, int sense_key, int ascq) noexcept {
+  return status == SCSI_STATUS_CHECK_CONDITION && sense_key == SCSI_SENSE_ILLEGAL_REQUEST &&
+         (ascq == SCSI_SENSE_ASCQ_INVALID_OPERATION_CODE || ascq == SCSI_SENSE_ASCQ_INVALID_FIELD_IN_CDB);
+}
+
 namespace {
 
 // libiscsi's scsi_sense_key_str() returns NULL for some keys; our own names.

@@ -22,6 +22,12 @@ struct ScsiOutcome {
 // looked at for CHECK CONDITION.
 [[nodiscard]] ScsiOutcome scsi_outcome(int status, int sense_key, int ascq) noexcept;
 
+// The LUN does not do this command at all, or not with these bits: ILLEGAL
+// REQUEST with INVALID OPERATION CODE or INVALID FIELD IN CDB. For a command
+// with a fallback (WRITE SAME without UNMAP: write the zeroes instead) this
+// means "stop sending it", not "the request failed".
+[[nodiscard]] bool scsi_command_refused(int status, int sense_key, int ascq) noexcept;
+
 // "CHECK CONDITION: MEDIUM_ERROR (0x3) ascq 0x1100", for logs.
 [[nodiscard]] std::string describe_scsi_status(int status, int sense_key, int ascq);
 

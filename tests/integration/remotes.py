@@ -326,6 +326,7 @@ class Tgt(PeerProcess):
         self.control = 1000 + self.port % 31000
         self.log_path = os.path.join(workdir, name + ".log")
         self.luns = []     # (lun, path, thin) to recreate on restart
+        self.bstype = None  # tgt's backing store for every LUN (default rdwr; aio has no WRITE SAME)
         self.accounts = []  # (user, password)
 
     def tgtadm(self, *args, check=True):
@@ -358,7 +359,8 @@ class Tgt(PeerProcess):
         return self
 
     def _add_lun(self, lun, path, thin):
-        self.tgtadm("--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", str(lun), "-b", path)
+        self.tgtadm("--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", str(lun), "-b", path,
+                    *(("--bstype", self.bstype) if self.bstype else ()))
         if thin:
             self.tgtadm("--op", "update", "--mode", "logicalunit", "--tid", "1", "--lun", str(lun),
                         "--params", "thin_provisioning=1")

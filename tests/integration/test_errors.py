@@ -336,6 +336,29 @@ class MemoryCapTest(harness.DaemonTestCase):
         d.stop(timeout=20)
         self.assertLess(time.monotonic() - t0, 15)
 
+    def test_inflight_cap_below_the_largest_request(self):
+        # --max-inflight may be below --max-request: one request is always
+        # admitted, so a 32 MiB read or write still runs (alone), and many
+        # small ones in flight at once are all answered.
+        img = harness.make_random_image(self.path("d.img"), 64 * MiB, seed=31)
+        self.serve({"d": img}, extra=["--max-inflight", "4M", "--max-request", "32M"])
+        h = self.connect(self.uri("d"))
+        self.assertEqual(h.get_block_size(nbd.SIZE_MAXIMUM), 32 * MiB)
+        self.assertTrue(h.pread(32 * MiB, 0) == harness.read_file(img, 0, 32 * MiB))
+        data = os.urandom(32 * MiB)
+        h.pwrite(data, 32 * MiB)
+        h.flush()
+        self.assertTrue(harness.read_file(img, 32 * MiB, 32 * MiB) == data)
+        bufs = [(nbd.Buffer(256 * 1024), off) for off in range(0, 32 * MiB, 256 * 1024)]
+        cookies = [h.aio_pread(buf, off) for buf, off in bufs]  # 128 x 256 KiB: 32 MiB asked at once
+        while h.aio_in_flight() > 0:
+            h.poll(-1)
+        for c in cookies:
+            self.assertTrue(h.aio_command_completed(c))
+        expect = harness.read_file(img, 0, 32 * MiB)
+        for buf, off in bufs:
+            self.assertTrue(buf.to_bytearray() == expect[off:off + 256 * 1024], "wrong data at %d" % off)
+
     def test_small_request_flood(self):
         img = harness.make_sparse_image(self.path("d.img"), 64 * MiB)
         d = self.serve({"d": img}, extra=["--max-inflight", "128M"])
@@ -431,7 +454,7 @@ class ConfigErrorTest(harness.DaemonTestCase):
 
     def test_bad_sizes_and_levels(self):
         exp = self.listen() + ["--export", "a=file://" + self.img]
-        self.expect_config_error(exp + ["--max-inflight", "1M"], "max-inflight")
+        self.expect_config_error(exp + ["--max-inflight", "1k"], "max-inflight")
         self.expect_config_error(exp + ["--max-request", "12x"], "max-request")
         self.expect_config_error(exp + ["--log-level", "loud"], "loud")
         self.expect_config_error(exp + ["--default-export", "zz"], "zz")

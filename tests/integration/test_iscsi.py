@@ -8,7 +8,9 @@ tests running in parallel never talk to each other's daemon.
 
 import errno
 import os
+import re
 import socket
+import subprocess
 import sys
 import time
 import unittest
@@ -23,9 +25,10 @@ import nbd  # noqa: E402
 
 @unittest.skipUnless(harness.have("tgtd") and harness.have("tgtadm"), "tgt missing")
 class IscsiTestCase(harness.DaemonTestCase):
-    def start_tgt(self, luns, port=None):
+    def start_tgt(self, luns, port=None, bstype=None):
         """luns: {lun: (path, thin)}."""
         tgt = Tgt(self.tmp, port=port)
+        tgt.bstype = bstype
         for lun, (path, thin) in luns.items():
             tgt.luns.append((lun, path, thin))
         return remotes.started(self, tgt)
@@ -101,11 +104,132 @@ class DataPathTest(IscsiTestCase):
         self.serve_remote(tgt.uri())
         h = self.connect(self.uri("r"))
         self.assertFalse(h.can_trim())  # no LBPME: UNMAP is not used
-        self.assertTrue(h.can_zero())   # CheckedDevice writes zeroes instead
+        self.assertTrue(h.can_zero())   # WRITE SAME without UNMAP (test_plain_lun_zero_is_write_same)
         h.zero(MiB, MiB)
         h.flush()
         self.assertEqual(harness.read_file(img, MiB, MiB), b"\0" * MiB)
         self.assertEqual(h.pread(4096, 0), harness.read_file(img, 0, 4096))
+
+    @staticmethod
+    def commands(log, opcode):
+        """How many commands with this opcode tgt's debug log shows queued."""
+        return len(re.findall(r"target_cmd_queue\(\d+\) 0x[0-9a-f]+ %02x " % opcode, log))
+
+    def zero_and_check(self, h, img, expect, offset, length, flags=0):
+        """Zeroes [offset, offset+length) over NBD; the export and the LUN's
+        file then read as `expect` with that range zeroed."""
+        h.zero(length, offset, flags)
+        h.flush()
+        expect[offset:offset + length] = bytes(length)
+        for at in range(0, len(expect), 32 * MiB):
+            piece = min(32 * MiB, len(expect) - at)
+            self.assertTrue(h.pread(piece, at) == expect[at:at + piece], "differs in [%d, +%d)" % (at, piece))
+        self.assertTrue(harness.read_file(img, 0, len(expect)) == expect, "the LUN's file differs")
+
+    def test_plain_lun_zero_is_write_same(self):
+        # A LUN that is not thin: write-zeroes is WRITE SAME(16) without
+        # UNMAP, one block of zeroes on the wire, the target writes the range.
+        size = 80 * MiB
+        img = harness.make_random_image(self.path("lun.img"), size, seed=21)
+        expect = bytearray(harness.read_file(img, 0, size))
+        tgt = self.start_tgt({1: (img, False)})
+        daemon = self.serve_remote(tgt.uri())
+        self.assertIn(", write-same", daemon.full_log())
+        h = self.connect(self.uri("r"))
+        self.assertTrue(h.can_zero())
+        tgt.debug(True)
+        # 70 MiB, more than one command's 32 MiB, from and to odd 512-byte
+        # blocks (the export's minimum block; libnbd refuses less).
+        self.zero_and_check(h, img, expect, MiB + 512, 70 * MiB + 1536)
+        tgt.debug(False)
+        log = tgt.log(tail=10 ** 7)
+        self.assertGreaterEqual(self.commands(log, 0x93), 3, log[-2000:])
+        self.assertEqual(self.commands(log, 0x8a), 0, log[-2000:])
+        # NO_HOLE is the same command; the whole LUN in one request too.
+        self.zero_and_check(h, img, expect, 0, 4096, nbd.CMD_FLAG_NO_HOLE)
+        h.pwrite(b"\x77" * 8192, size - 8192)
+        expect[size - 8192:] = b"\x77" * 8192
+        self.zero_and_check(h, img, expect, 0, size)
+        # FAST_ZERO: the target writes every block, which is not fast.
+        if h.can_fast_zero():
+            with self.assertRaises(nbd.Error) as cm:
+                h.zero(MiB, 0, nbd.CMD_FLAG_FAST_ZERO)
+            self.assertEqual(cm.exception.errnum, errno.ENOTSUP)
+        self.assertNotIn("refuses WRITE SAME", daemon.full_log())
+
+    def test_fuse_zero_range_at_byte_edges(self):
+        # The path of a file system's discard on the FUSE file (mkfs, a
+        # loop device, blkdiscard -z): fallocate ZERO_RANGE / PUNCH_HOLE at
+        # byte offsets. The partial blocks at the edges are read, patched and
+        # written; the blocks between go as WRITE SAME.
+        size = 40 * MiB
+        img = harness.make_random_image(self.path("lun.img"), size, seed=24)
+        expect = bytearray(harness.read_file(img, 0, size))
+        tgt = self.start_tgt({1: (img, False)})
+        mnt = self.path("mnt")
+        os.mkdir(mnt)
+        self.start_daemon(["--log-level", "debug", "--listen", "127.0.0.1:%d" % harness.free_port(),
+                           "--fuse-mount", mnt, "--export", "r=" + tgt.uri()])
+        self.addCleanup(subprocess.run, ["fusermount3", "-u", "-z", mnt], stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL, timeout=30)
+        f = os.path.join(mnt, "r")
+        harness.wait_until(lambda: os.path.exists(f), 10, what="the FUSE file")
+        tgt.debug(True)
+        for op, off, length in (("--zero-range", MiB + 1000, 20 * MiB + 333),
+                                ("--punch-hole", 30 * MiB + 7, 3 * MiB + 1)):
+            harness.run(["fallocate", op, "--keep-size", "-o", str(off), "-l", str(length), f], timeout=60)
+            expect[off:off + length] = bytes(length)
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        tgt.debug(False)
+        log = tgt.log(tail=10 ** 7)
+        self.assertGreaterEqual(self.commands(log, 0x93), 2, log[-2000:])
+        self.assertLessEqual(self.commands(log, 0x8a), 8, log[-2000:])  # the edges only
+        self.assertTrue(harness.read_file(img, 0, size) == expect, "the LUN's file differs")
+        with open(f, "rb") as fh:
+            self.assertTrue(fh.read() == expect, "the FUSE file differs")
+
+    def test_lun_refusing_write_same_falls_back_to_writes(self):
+        # tgt's aio backing store answers WRITE SAME with ILLEGAL REQUEST /
+        # INVALID OPERATION CODE: the zeroes are written instead, and WRITE
+        # SAME is not tried again.
+        size = 16 * MiB
+        img = harness.make_random_image(self.path("lun.img"), size, seed=22)
+        expect = bytearray(harness.read_file(img, 0, size))
+        tgt = self.start_tgt({1: (img, False)}, bstype="aio")
+        daemon = self.serve_remote(tgt.uri())
+        h = self.connect(self.uri("r"))
+        tgt.debug(True)
+        self.zero_and_check(h, img, expect, 3 * MiB, 5 * MiB)
+        log = tgt.log(tail=10 ** 7)
+        self.assertGreaterEqual(self.commands(log, 0x93), 1)
+        self.assertGreaterEqual(self.commands(log, 0x8a), 5)
+        self.assertEqual(daemon.full_log().count("the LUN refuses WRITE SAME(16) without UNMAP"), 1)
+        self.zero_and_check(h, img, expect, 9 * MiB + 512, 2 * MiB)
+        tgt.debug(False)
+        self.assertEqual(self.commands(tgt.log(tail=10 ** 7), 0x93), self.commands(log, 0x93))
+        self.assertEqual(daemon.full_log().count("the LUN refuses WRITE SAME(16) without UNMAP"), 1)
+        self.assertNotIn("reconnect", daemon.full_log())
+
+    def test_write_same_off_sends_the_zeroes(self):
+        size = 16 * MiB
+        img = harness.make_random_image(self.path("lun.img"), size, seed=23)
+        expect = bytearray(harness.read_file(img, 0, size))
+        tgt = self.start_tgt({1: (img, False)})
+        daemon = self.serve_remote(tgt.uri(), "write-same=off")
+        self.assertNotIn(", write-same", daemon.full_log())
+        h = self.connect(self.uri("r"))
+        self.assertTrue(h.can_zero())  # CheckedDevice writes zeroes
+        tgt.debug(True)
+        self.zero_and_check(h, img, expect, 2 * MiB, 6 * MiB)
+        tgt.debug(False)
+        log = tgt.log(tail=10 ** 7)
+        self.assertEqual(self.commands(log, 0x93), 0)
+        self.assertGreaterEqual(self.commands(log, 0x8a), 6)
+        self.start_refused("r=%s,write-same=sometimes" % tgt.uri(), "write-same='sometimes'")
 
     def test_write_protected_lun_fails_writes_not_the_session(self):
         img = harness.make_random_image(self.path("lun.img"), 8 * MiB, seed=8)

@@ -31,6 +31,7 @@ TEST(IscsiBackend, CheckValidatesWithoutConnecting) {
   EXPECT_THAT(check_error("iscsi://127.0.0.1/iqn.x/1", {{"io-timeout", "soon"}}), HasSubstr("io-timeout='soon'"));
   EXPECT_THAT(check_error("iscsi://127.0.0.1/iqn.x/1", {{"io-timeout", "0"}}), HasSubstr("from 0.1 to 86400"));
   EXPECT_THAT(check_error("iscsi://127.0.0.1/iqn.x/1", {{"initiator", "me"}}), HasSubstr("initiator='me'"));
+  EXPECT_THAT(check_error("iscsi://127.0.0.1/iqn.x/1", {{"write-same", "maybe"}}), HasSubstr("write-same='maybe'"));
 }
 
 TEST(IscsiBackend, OptionsAreParsedAndTaken) {
@@ -40,6 +41,19 @@ TEST(IscsiBackend, OptionsAreParsedAndTaken) {
   EXPECT_EQ(o.sessions, 2u);
   EXPECT_EQ(o.inflight_bytes, common::kUnboundedInflight);
   EXPECT_EQ(values.size(), 1u);
+  EXPECT_TRUE(o.write_same);  // on unless turned off
+}
+
+TEST(IscsiBackend, WriteSameCanBeTurnedOff) {
+  for (const char* off : {"off", "no", "0", "false"}) {
+    std::map<std::string, std::string> values{{"write-same", off}};
+    core::Options options(values);
+    EXPECT_FALSE(take_options(options).write_same) << off;
+    EXPECT_TRUE(values.empty());
+  }
+  std::map<std::string, std::string> values{{"write-same", "on"}};
+  core::Options options(values);
+  EXPECT_TRUE(take_options(options).write_same);
 }
 
 }  // namespace

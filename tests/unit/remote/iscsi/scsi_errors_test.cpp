@@ -60,6 +60,23 @@ TEST(ScsiErrors, IllegalRequestIsEinvalOrUnsupported) {
   EXPECT_FALSE(check(SCSI_SENSE_ILLEGAL_REQUEST, 0x2400).retry);
 }
 
+// What makes IscsiDevice::zero stop sending WRITE SAME and write zeroes.
+TEST(ScsiErrors, RefusedCommandIsInvalidOpcodeOrCdbField) {
+  const int cc = SCSI_STATUS_CHECK_CONDITION;
+  EXPECT_TRUE(scsi_command_refused(cc, SCSI_SENSE_ILLEGAL_REQUEST, SCSI_SENSE_ASCQ_INVALID_OPERATION_CODE));
+  EXPECT_TRUE(scsi_command_refused(cc, SCSI_SENSE_ILLEGAL_REQUEST, SCSI_SENSE_ASCQ_INVALID_FIELD_IN_CDB));
+  // An LBA out of range or a missing LUN is a real failure, not a refusal.
+  EXPECT_FALSE(scsi_command_refused(cc, SCSI_SENSE_ILLEGAL_REQUEST, SCSI_SENSE_ASCQ_LBA_OUT_OF_RANGE));
+  EXPECT_FALSE(scsi_command_refused(cc, SCSI_SENSE_ILLEGAL_REQUEST, SCSI_SENSE_ASCQ_LOGICAL_UNIT_NOT_SUPPORTED));
+  EXPECT_FALSE(scsi_command_refused(cc, SCSI_SENSE_ILLEGAL_REQUEST, SCSI_SENSE_ASCQ_INVALID_FIELD_IN_PARAMETER_LIST));
+  // Other keys, and statuses other than CHECK CONDITION, never are.
+  EXPECT_FALSE(scsi_command_refused(cc, SCSI_SENSE_MEDIUM_ERROR, SCSI_SENSE_ASCQ_INVALID_FIELD_IN_CDB));
+  EXPECT_FALSE(scsi_command_refused(cc, SCSI_SENSE_DATA_PROTECTION, 0x2700));
+  EXPECT_FALSE(scsi_command_refused(SCSI_STATUS_GOOD, SCSI_SENSE_ILLEGAL_REQUEST,
+                                    SCSI_SENSE_ASCQ_INVALID_OPERATION_CODE));
+  EXPECT_FALSE(scsi_command_refused(SCSI_STATUS_BUSY, 0, 0));
+}
+
 TEST(ScsiErrors, WriteProtectIsErofsAndOtherProtectionEperm) {
   EXPECT_EQ(check(SCSI_SENSE_DATA_PROTECTION, SCSI_SENSE_ASCQ_WRITE_PROTECTED).err, EROFS);
   EXPECT_EQ(check(SCSI_SENSE_DATA_PROTECTION, SCSI_SENSE_ASCQ_HARDWARE_WRITE_PROTECTED).err, EROFS);
