@@ -39,18 +39,22 @@ rm -f "$TMP/src.raw"
 
 hz=$(getconf CLK_TCK)
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-# blockwayd's threads: "own ticks librados-ticks" (librbd and librados name
-# theirs; blockwayd's own keep the process name)
-split_ticks() {
+# blockwayd's threads, split: "own librados" CPU ticks (split_ticks) or
+# voluntary context switches (split_switches); librbd and librados name their
+# threads, blockwayd's own keep the process name.
+thread_ticks() { awk '{print $14 + $15}' "$1/stat"; }
+thread_switches() { awk '/^voluntary_ctxt_switches/ {print $2}' "$1/status"; }
+split_threads() {   # split_threads PID thread_ticks|thread_switches
     local t own=0 lib=0 comm v
     for t in /proc/"$1"/task/*; do
-        comm=$(<"$t/comm") v=$(awk '{print $14 + $15}' "$t/stat" 2>/dev/null) || continue
+        comm=$(<"$t/comm") v=$("$2" "$t" 2>/dev/null) || continue
         if [[ $comm == blockwayd* ]]; then own=$((own + v)); else lib=$((lib + v)); fi
     done
     echo "$own $lib"
 }
-# blockwayd's voluntary context switches: "own librados" (as split_ticks)
-split_switches() {
+split_ticks() { split_threads "$1" thread_ticks; }
+split_switches() { split_threads "$1" thread_switches; }
+switches() {
     local t own=0 lib=0 comm v
     for t in /proc/"$1"/task/*; do
         comm=$(<"$t/comm") v=$(awk '/^voluntary_ctxt_switches/ {print $2}' "$t/status" 2>/dev/null) || continue
