@@ -25,7 +25,9 @@
 # QD16 random read and write (fio's nbd engine through blockwayd;
 # `rbd bench --io-threads 16 --io-pattern rand`, librbd directly, with its
 # cache as it runs by default (on) and with --rbd_cache=false, as blockwayd
-# runs librbd by default); blockwayd again with rbd_cache=on (nbdcopy seq
+# runs librbd by default; and fio's own rbd engine, librbd inside fio with
+# its cache off: the same client program as through blockwayd, without the
+# NBD hop); blockwayd again with rbd_cache=on (nbdcopy seq
 # read and write, fio 4k); and 4k QD16 random read through blockwayd with a
 # warm cache (cache=DIR, prefetched whole before fio starts). blockwayd runs
 # without a cache unless said, is started per contender (it holds the
@@ -38,6 +40,7 @@ bench_settings 10 3 512
 RBD_OPS=$((QUICK == 1 ? 20000 : 100000))   # rbd bench 4k requests
 
 bench_remote_setup rbd-bench ceph-mon ceph-osd rbd qemu-img nbdcopy nbdinfo fio jq
+fio --enghelp 2>/dev/null | grep -qw rbd || die "this fio has no rbd engine (Debian's fio has it)"
 SRC=$TMP/src.raw
 OUT=/dev/shm/rbd-bench-out.$$.raw
 BW_PID=
@@ -74,6 +77,17 @@ fio_4k() {   # fio_4k URI randread|randwrite -> IOPS
     local v
     v=$(fio_nbd "$1" "$2" 4k)
     echo "${v% *}"
+}
+
+fio_rbd() {   # fio_rbd randread|randwrite -> IOPS (4k QD16, fio's rbd engine: librbd in fio, cache off)
+    local dir=read
+    [[ $1 == randwrite ]] && dir=write
+    CEPH_CONF=$CONF CEPH_ARGS="--keyring $KEYRING --rbd_cache=false" fio --name="$1" --ioengine=rbd \
+        --clientname=admin --pool=rbd --rbdname=bench --rw="$1" --bs=4k --iodepth=16 --numjobs=1 --time_based \
+        --runtime="$RUNTIME" --size="${SIZE_MIB}M" --output-format=json --output="$TMP/fio-rbd.json" \
+        >/dev/null 2>"$TMP/cmd.err" || { cat "$TMP/cmd.err" >&2; die "fio's rbd engine $1 failed"; }
+    [[ $(jq '.jobs[0].error' "$TMP/fio-rbd.json") == 0 ]] || die "fio's rbd engine $1 reported an error"
+    jq ".jobs[0].$dir.iops | floor" "$TMP/fio-rbd.json"
 }
 
 rbd_bench() {   # rbd_bench read|write [CEPH-OPTION...] -> IOPS (4k random, 16 threads, librbd directly)
@@ -117,6 +131,8 @@ for ((round = 1; round <= REPS; round++)); do
     # blockwayd rbd_cache=on / rbd bench's default.
     record rbd-bench-nocache randread "$round" "$(rbd_bench read --rbd_cache=false)"
     record rbd-bench-nocache randwrite "$round" "$(rbd_bench write --rbd_cache=false)"
+    record fio-rbd randread "$round" "$(fio_rbd randread)"
+    record fio-rbd randwrite "$round" "$(fio_rbd randwrite)"
 
     # a warm cache: prefetch everything, then random reads
     rm -rf "$TMP/cache" "$TMP/data"
@@ -165,6 +181,10 @@ lines = [("seq read MB/s (nbdcopy vs qemu-img convert)", "blockwayd", "qemu-img"
           "blockwayd", "rbd-bench-nocache", "randread", None, 0.9),
          ("4k randwrite IOPS QD16, librbd cache off on both (fio nbd vs rbd bench --rbd_cache=false)",
           "blockwayd", "rbd-bench-nocache", "randwrite", None, 0.9),
+         ("4k randread IOPS QD16, the same client program (fio nbd vs fio's rbd engine, librbd cache off on both)",
+          "blockwayd", "fio-rbd", "randread", None, 0),
+         ("4k randwrite IOPS QD16, the same client program (fio nbd vs fio's rbd engine, librbd cache off on both)",
+          "blockwayd", "fio-rbd", "randwrite", None, 0),
          ("4k randread IOPS QD16, librbd cache on on both (fio nbd, rbd_cache=on vs rbd bench)",
           "blockwayd-rbdcache", "rbd-bench", "randread", None, 0.9),
          ("4k randwrite IOPS QD16, librbd cache on on both (fio nbd, rbd_cache=on vs rbd bench)",
