@@ -187,6 +187,24 @@ Task<void> RuntimeExports::retry_failed() {
   }
 }
 
+Task<RuntimeExports::Opened> RuntimeExports::open_on_pool(ExportConfig cfg, std::function<void()> after_open) {
+  auto open = [this, cfg = std::move(cfg), after_open = std::move(after_open)]() mutable -> Opened {
+    Opened o;
+    try {
+      check_tls(cfg);
+      o.built = builder_.build(std::move(cfg));
+      if (after_open) after_open();
+    } catch (const std::exception& e) {
+      o.error = e.what();
+    }
+    return o;
+  };
+  // Named first, then awaited: GCC 12 destroys non-trivial captures (cfg,
+  // the callables) of a lambda passed inside a co_await expression twice.
+  auto opening = offload(loops_.blocking(), std::move(open));
+  co_return co_await std::move(opening);
+}
+
 Task<bool> RuntimeExports::retry_one(std::string name) {
   auto guard = co_await lock_.lock();
   std::optional<Failed> failed;
@@ -196,23 +214,14 @@ Task<bool> RuntimeExports::retry_one(std::string name) {
   }
   // Removed meanwhile, or added again under its name (export-add).
   if (!failed || shutting_down_ || exports_.find(name)) co_return false;
-  struct Opened {
-    StackBuilder::Built built;
-    std::string error;
-  };
-  auto open = [this, name, failed]() -> Opened {
-    Opened o;
-    try {
-      ExportConfig cfg = failed->configured ? *failed->configured : parse(name, failed->uri, failed->options);
-      check_tls(cfg);
-      o.built = builder_.build(std::move(cfg));
-    } catch (const std::exception& e) {
-      o.error = e.what();
-    }
-    return o;
-  };
-  auto opening = offload(loops_.blocking(), std::move(open));  // named: see add()
-  Opened opened = co_await std::move(opening);
+  Opened opened;
+  try {
+    auto opening = open_on_pool(failed->configured ? *failed->configured : parse(name, failed->uri, failed->options),
+                                {});
+    opened = co_await std::move(opening);
+  } catch (const std::exception& e) {  // parse()
+    opened.error = e.what();
+  }
   auto& exp = opened.built.exp;
   if (!opened.error.empty() || shutting_down_) {
     if (exp) co_await exp->device->close();
@@ -314,28 +323,15 @@ Task<Json> RuntimeExports::add(const Json& req) {
   const auto name = arg_string(req, "name");
   const auto uri = arg_string(req, "uri");
   const auto options = req.contains("options") ? arg_string(req, "options") : std::string();
-  ExportConfig cfg = parse(name, uri, options);  // ConfigError: bad-request
+  const ExportConfig cfg = parse(name, uri, options);  // ConfigError: bad-request
   check_tls(cfg);
   auto guard = co_await lock_.lock();
   if (shutting_down_) throw ControlError("refused", ESHUTDOWN, "the daemon is shutting down");
   if (exports_.find(name)) throw ControlError("refused", EEXIST, "export '" + name + "' already exists");
-  struct Opened {
-    StackBuilder::Built built;
-    std::string error;
+  auto save = [this, name, uri = cfg.uri, options] {
+    if (!shutting_down_) builder_.catalogue().save_runtime_export({name, uri, options});
   };
-  auto open = [this, cfg, options]() -> Opened {
-    Opened o;
-    try {
-      o.built = builder_.build(cfg);
-      if (!shutting_down_) builder_.catalogue().save_runtime_export({cfg.name, cfg.uri, options});
-    } catch (const std::exception& e) {
-      o.error = e.what();
-    }
-    return o;
-  };
-  // Named first, then awaited: GCC 12 destroys non-trivial captures (cfg,
-  // options) of a lambda passed inside a co_await expression twice.
-  auto opening = offload(loops_.blocking(), std::move(open));
+  auto opening = open_on_pool(cfg, std::move(save));
   Opened opened = co_await std::move(opening);
   auto& exp = opened.built.exp;
   if (!opened.error.empty()) {

@@ -100,6 +100,17 @@ class RuntimeExports {
     std::optional<ExportConfig> configured;  // set for a configured export, else a saved one
     unsigned attempts = 1;
   };
+  // What open_on_pool() gives back: the export's stack, or why it could not
+  // be built (with whatever was built, to close).
+  struct Opened {
+    StackBuilder::Built built;
+    std::string error;
+  };
+  // Builds `cfg` on the blocking pool, then runs `after_open` there (add():
+  // saves it in the catalogue); an exception of either is the error. Call
+  // with lock_ held.
+  core::Task<Opened> open_on_pool(ExportConfig cfg, std::function<void()> after_open);
+
   // The retries: one round over the failed exports after each delay.
   core::Task<void> retry_failed();
   // One attempt at opening the failed export `name`; true if it opened.
