@@ -384,6 +384,10 @@ int run_daemon(DaemonConfig config) {
     log->info("received {}, shutting down", sig == SIGINT ? "SIGINT" : "SIGTERM");
     stopping = true;
     service.stopping();
+    // No more retries of failed exports, and an open in flight (a retry's,
+    // an export-add's) is abandoned: a remote that accepts and never answers
+    // would hold the stop for its io-timeout.
+    runtime_exports.set_shutting_down();
     kernel_devices.stop();  // the kernel keeps them for the next daemon
     server.shutdown();
     fuse_front->unmount();

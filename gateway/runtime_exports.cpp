@@ -2,6 +2,7 @@
 
 #include "core/options.hpp"
 #include "gateway/snapshot_exports.hpp"
+#include "remote/common/poll_until.hpp"
 #include "remote/uri.hpp"
 
 #include <boost/asio/co_spawn.hpp>
@@ -187,8 +188,11 @@ Task<void> RuntimeExports::retry_failed() {
   }
 }
 
-Task<RuntimeExports::Opened> RuntimeExports::open_on_pool(ExportConfig cfg, std::function<void()> after_open) {
-  auto open = [this, cfg = std::move(cfg), after_open = std::move(after_open)]() mutable -> Opened {
+Task<RuntimeExports::Opened> RuntimeExports::open_on_pool(ExportConfig cfg, std::function<void()> after_open,
+                                                          std::function<bool()> cancelled) {
+  auto open = [this, cfg = std::move(cfg), after_open = std::move(after_open),
+               cancelled = std::move(cancelled)]() mutable -> Opened {
+    remote::common::CancelOpensWhen cancel(std::move(cancelled));
     Opened o;
     try {
       check_tls(cfg);
@@ -205,6 +209,14 @@ Task<RuntimeExports::Opened> RuntimeExports::open_on_pool(ExportConfig cfg, std:
   co_return co_await std::move(opening);
 }
 
+Task<core::AsyncMutex::Guard> RuntimeExports::lock_for_command() {
+  ++commands_waiting_;
+  auto locking = lock_.lock();
+  auto guard = co_await std::move(locking);
+  --commands_waiting_;
+  co_return guard;
+}
+
 Task<bool> RuntimeExports::retry_one(std::string name) {
   auto guard = co_await lock_.lock();
   std::optional<Failed> failed;
@@ -212,20 +224,23 @@ Task<bool> RuntimeExports::retry_one(std::string name) {
     std::lock_guard lock(names_mutex_);
     if (auto it = failed_.find(name); it != failed_.end()) failed = it->second;
   }
-  // Removed meanwhile, or added again under its name (export-add).
-  if (!failed || shutting_down_ || exports_.find(name)) co_return false;
+  // Removed meanwhile, or added again under its name (export-add); a control
+  // command waiting for lock_ goes first.
+  if (!failed || retry_should_yield() || exports_.find(name)) co_return false;
   Opened opened;
   try {
     auto opening = open_on_pool(failed->configured ? *failed->configured : parse(name, failed->uri, failed->options),
-                                {});
+                                {}, [this] { return retry_should_yield(); });
     opened = co_await std::move(opening);
   } catch (const std::exception& e) {  // parse()
     opened.error = e.what();
   }
   auto& exp = opened.built.exp;
-  if (!opened.error.empty() || shutting_down_) {
+  if (!opened.error.empty() || retry_should_yield()) {
     if (exp) co_await exp->device->close();
-    if (opened.error.empty()) co_return false;  // opened as the daemon began to stop
+    // Opened as the daemon began to stop, or abandoned for a control
+    // command (tried again in the next round): not an attempt.
+    if (opened.error.empty() || retry_should_yield()) co_return false;
     std::lock_guard lock(names_mutex_);
     if (auto it = failed_.find(name); it != failed_.end()) {
       ++it->second.attempts;
@@ -325,17 +340,19 @@ Task<Json> RuntimeExports::add(const Json& req) {
   const auto options = req.contains("options") ? arg_string(req, "options") : std::string();
   const ExportConfig cfg = parse(name, uri, options);  // ConfigError: bad-request
   check_tls(cfg);
-  auto guard = co_await lock_.lock();
+  auto guard = co_await lock_for_command();
   if (shutting_down_) throw ControlError("refused", ESHUTDOWN, "the daemon is shutting down");
   if (exports_.find(name)) throw ControlError("refused", EEXIST, "export '" + name + "' already exists");
   auto save = [this, name, uri = cfg.uri, options] {
     if (!shutting_down_) builder_.catalogue().save_runtime_export({name, uri, options});
   };
-  auto opening = open_on_pool(cfg, std::move(save));
+  auto opening = open_on_pool(cfg, std::move(save), [this] { return shutting_down_.load(); });
   Opened opened = co_await std::move(opening);
   auto& exp = opened.built.exp;
   if (!opened.error.empty()) {
     if (exp) co_await exp->device->close();
+    // Abandoned (or failed) as the daemon began to stop.
+    if (shutting_down_) throw ControlError("refused", ESHUTDOWN, "the daemon is shutting down");
     // Options the backend or cache reject, a missing image, an unreachable
     // remote: all "failed", with the opener's message.
     throw ControlError("failed", EIO, "cannot add export '" + name + "': " + opened.error);
@@ -371,7 +388,7 @@ Task<Json> RuntimeExports::add(const Json& req) {
 
 Task<cache::MetaStore*> RuntimeExports::open_catalogue() {
   if (auto* store = builder_.open_catalogue_or_null()) co_return store;
-  auto guard = co_await lock_.lock();
+  auto guard = co_await lock_for_command();
   auto open = [this]() -> cache::MetaStore* {
     try {
       return &builder_.catalogue();
@@ -386,7 +403,7 @@ Task<cache::MetaStore*> RuntimeExports::open_catalogue() {
 Task<Json> RuntimeExports::remove(const Json& req) {
   const auto name = arg_string(req, "name");
   const bool force = arg_bool(req, "force", false);
-  auto guard = co_await lock_.lock();
+  auto guard = co_await lock_for_command();
   auto exp = name.empty() ? nullptr : exports_.find(name);
   if (!exp) {
     auto removing = remove_failed(name);

@@ -107,9 +107,11 @@ Connected connect_handle(const std::string& uri, std::chrono::milliseconds timeo
     return fail(EINVAL);
   Handshake handshake{h};
   const auto end = common::poll_until(handshake, Clock::now() + timeout);
-  if (end == common::PollEnd::timed_out) {
-    r.err = ETIMEDOUT;
-    r.message = "no answer to the handshake within " + std::to_string(timeout.count()) + " ms";
+  if (end == common::PollEnd::timed_out || end == common::PollEnd::cancelled) {
+    const bool cancelled = end == common::PollEnd::cancelled;
+    r.err = cancelled ? ECANCELED : ETIMEDOUT;
+    r.message = cancelled ? std::string("the open was abandoned")
+                          : "no answer to the handshake within " + std::to_string(timeout.count()) + " ms";
     r.handle.reset();
     return r;
   }
