@@ -163,15 +163,21 @@ void RuntimeExports::set_shutting_down() {
 
 // Rounds over the failed exports, 2 s after the start and then at a delay
 // that doubles up to 60 s: a remote that is back is found soon, one that
-// stays down costs a connection attempt a minute. Ends when nothing is left
-// to retry or the daemon stops.
+// stays down costs a connection attempt a minute. A round in which one
+// opened is followed by another at once: it may be the base of a clone tried
+// before it (in name order), which would otherwise wait for the next round,
+// up to a minute. Ends when nothing is left to retry or the daemon stops.
 Task<void> RuntimeExports::retry_failed() {
   constexpr auto kFirst = std::chrono::seconds(2), kLongest = std::chrono::seconds(60);
   auto delay = std::chrono::duration_cast<std::chrono::steady_clock::duration>(kFirst);
+  bool wait = true;
   while (!shutting_down_) {
-    retry_timer_->expires_after(delay);
-    boost::system::error_code ec;
-    co_await retry_timer_->async_wait(boost::asio::redirect_error(boost::asio::use_awaitable, ec));
+    if (wait) {
+      retry_timer_->expires_after(delay);
+      boost::system::error_code ec;
+      co_await retry_timer_->async_wait(boost::asio::redirect_error(boost::asio::use_awaitable, ec));
+      delay = std::min<std::chrono::steady_clock::duration>(delay * 2, kLongest);
+    }
     if (shutting_down_) break;
     std::vector<std::string> names;
     {
@@ -179,12 +185,13 @@ Task<void> RuntimeExports::retry_failed() {
       for (const auto& [name, failed] : failed_) names.push_back(name);
     }
     if (names.empty()) break;
+    bool opened = false;
     for (const auto& name : names) {
       if (shutting_down_) break;
       auto attempt = retry_one(name);
-      co_await std::move(attempt);
+      if (co_await std::move(attempt)) opened = true;
     }
-    delay = std::min<std::chrono::steady_clock::duration>(delay * 2, kLongest);
+    wait = !opened;  // each round without a wait opens one more: bounded
   }
 }
 

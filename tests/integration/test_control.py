@@ -559,6 +559,22 @@ class RuntimeExports(ControlTestCase):
         harness.wait_until(retry_connected, 15, interval=0.1, what="the retry of 'b' to connect")
         return d, img
 
+    def test_a_clone_named_before_its_failed_base_opens_right_after_it(self):
+        """The retries go in name order: 'aclone' is tried before its base
+        'base' in the round that opens 'base', and must not wait for the
+        next round (4 s, 8 s ... up to a minute later) to follow it."""
+        img = harness.make_random_image(self.path("a.img"), 4 * MiB, seed=19)
+        remote_img = harness.make_random_image(self.path("r.img"), 8 * MiB, seed=20)
+        port = harness.free_port()
+        d = self.start({"z": "file://" + img, "base": "nbd://127.0.0.1:%d/" % port, "aclone": "clone:base"})
+        harness.wait_until(lambda: self.failed_attempts("base") >= 3, 20, interval=0.1, what="two retries")
+        remotes.started(self, remotes.Nbdkit(self.tmp, remote_img, port=port))
+        harness.wait_until(lambda: self.states()["base"] == "open", 20, interval=0.1, what="'base' to open")
+        harness.wait_until(lambda: self.states()["aclone"] == "open", 2, interval=0.1,
+                           what="'aclone' to open right after its base")
+        self.assertEqual(self.connect(self.uri("aclone")).pread(8192, MiB), harness.read_file(remote_img, MiB, 8192))
+        d.stop()
+
     def failed_attempts(self, name):
         return {e["name"]: e.get("attempts", 0) for e in self.bwj("status")["exports"]}[name]
 
