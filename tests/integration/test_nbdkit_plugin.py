@@ -239,6 +239,36 @@ class PluginTest(harness.DaemonTestCase):
         h.shutdown()
         self.assertIsNone(server.proc.poll(), "nbdkit is still serving")
 
+    def test_connections_to_a_hung_remote_share_one_open_attempt(self):
+        """A remote that accepts and never answers (a frozen nbdkit),
+        io-timeout=3: 6 clients connecting at once are refused within about
+        one io-timeout each (those that waited for another's attempt take
+        its reason; they queued one attempt each, the last waiting 18 s).
+        Once the remote answers, the next client is served."""
+        img = harness.make_random_image(self.path("remote.img"), 4 * MiB, seed=33)
+        remote = remotes.started(self, remotes.Nbdkit(self.tmp, img))
+        with remote.frozen():
+            server = remotes.started(self, PluginServer(self.tmp, [remote.uri, "io-timeout=3"]))
+            results = {}
+
+            def client(i):
+                began = time.monotonic()
+                p = harness.run(["nbdinfo", "--size", server.uri], timeout=120, check=False)
+                results[i] = (p.returncode, time.monotonic() - began)
+            threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            for i, (rc, took) in sorted(results.items()):
+                self.assertNotEqual(rc, 0)
+                self.assertLess(took, 8.5, "client %d waited %.1f s: %r" % (i, took, results))
+            with open(server.log_path, errors="replace") as f:
+                self.assertIn("no answer to the handshake within 3000 ms", f.read())
+        h = self.connect(server.uri)
+        self.assertEqual(h.pread(4096, MiB), harness.read_file(img, MiB, 4096))
+        h.shutdown()
+
     def test_nbdcopy_in_and_out_over_a_file(self):
         src = harness.make_random_image(self.path("src.img"), 48 * MiB, seed=16)
         dst = self.path("dst.img")
