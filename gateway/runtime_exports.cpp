@@ -243,10 +243,11 @@ Task<bool> RuntimeExports::retry_one(std::string name) {
     opened.error = e.what();
   }
   auto& exp = opened.built.exp;
-  if (!opened.error.empty() || retry_should_yield()) {
+  if (!opened.error.empty() || shutting_down_) {
     if (exp) co_await exp->device->close();
     // Opened as the daemon began to stop, or abandoned for a control
-    // command (tried again in the next round): not an attempt.
+    // command (tried again in the next round): not an attempt. One that
+    // opened while a command waited is kept (the command waits for its add).
     if (opened.error.empty() || retry_should_yield()) co_return false;
     std::lock_guard lock(names_mutex_);
     if (auto it = failed_.find(name); it != failed_.end()) {
