@@ -105,9 +105,19 @@ void RuntimeExports::check_tls(const ExportConfig& cfg) const {
 void RuntimeExports::open_saved(std::vector<cache::CacheLayer*>& caches) {
   if (!builder_.catalogue_exists()) return;
   for (const auto& saved : builder_.catalogue().runtime_exports()) {
-    if (exports_.find(saved.name) && !saved.name.empty()) {
+    // The configuration's, also when it failed to open (it is retried): the
+    // saved one must not be served beside it, listed twice.
+    std::string configured_uri;
+    if (auto exp = exports_.find(saved.name)) {
+      configured_uri = exp->uri;
+    } else {
+      std::lock_guard lock(names_mutex_);
+      if (auto it = failed_.find(saved.name); it != failed_.end() && it->second.configured)
+        configured_uri = it->second.uri + ", which failed to open and is retried";
+    }
+    if (!configured_uri.empty() && !saved.name.empty()) {
       log_->warn("export '{}' added at run time is also defined in the configuration: serving the "
-                 "configuration's ({})", saved.name, exports_.find(saved.name)->uri);
+                 "configuration's ({})", saved.name, configured_uri);
       continue;
     }
     try {

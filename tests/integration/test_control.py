@@ -605,6 +605,30 @@ class RuntimeExports(ControlTestCase):
         self.assertLess(time.monotonic() - began, 5, "the stop waited for the retry's handshake:\n" + d.log())
         self.assertNotIn("opened at attempt", d.full_log())
 
+    def test_a_saved_export_named_like_a_failed_configured_one_is_not_served_beside_it(self):
+        """`export add b` while the configured 'b' has failed serves the
+        added one; at the next start the configuration's 'b' is the one (the
+        saved one was opened too, and 'b' was listed twice: open and
+        failed, with blockway_exports_failed 1 for a served name)."""
+        img = harness.make_random_image(self.path("a.img"), 4 * MiB, seed=21)
+        remote_img = harness.make_random_image(self.path("r.img"), 8 * MiB, seed=22)
+        port = harness.free_port()
+        config = {"a": "file://" + img, "b": "nbd://127.0.0.1:%d/" % port}
+        d = self.start(config)
+        self.bw("export", "add", "b", "file://" + img)
+        self.assertEqual(self.states(), {"a": "open", "b": "open"})
+        d.stop()
+        d = self.start(config)
+        listed = [(e["name"], e["state"].split(":")[0]) for e in self.bwj("status")["exports"]]
+        self.assertEqual(sorted(listed), [("a", "open"), ("b", "failed")])
+        self.assertIn("export 'b' added at run time is also defined in the configuration: serving the "
+                      "configuration's (nbd://127.0.0.1:%d/, which failed to open" % port, d.log())
+        remotes.started(self, remotes.Nbdkit(self.tmp, remote_img, port=port))
+        harness.wait_until(lambda: self.states() == {"a": "open", "b": "open"}, 30, interval=0.5,
+                           what="the configured 'b' to open")
+        self.assertEqual(self.connect(self.uri("b")).get_size(), 8 * MiB)
+        d.stop()
+
     def test_failed_configured_export_is_removed_until_the_next_start(self):
         img = harness.make_random_image(self.path("a.img"), 4 * MiB, seed=13)
         self.start({"a": "file://" + img, "b": "file://" + self.path("later.img")})
