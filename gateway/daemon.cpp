@@ -336,7 +336,10 @@ int run_daemon(DaemonConfig config) {
   device_commands.start(config.devices);
   runtime_exports.set_on_opened([&device_commands](const std::string& name) { device_commands.attach_waiting(name); });
 
-  boost::asio::signal_set signals(loops.at(0), SIGINT, SIGTERM);
+  // SIGHUP stops the daemon like SIGTERM (as nbdkit and qemu-nbd do): it has
+  // no configuration to reload, and the default action would end it without
+  // flushing its clients' writes or closing its caches (a closed terminal).
+  boost::asio::signal_set signals(loops.at(0), SIGINT, SIGTERM, SIGHUP);
   // The FUSE front end: mounted below if configured; a control command can
   // mount() and unmount() it at run time.
   auto fuse_front = std::make_unique<fuse::FuseFrontEnd>(loops, exports, fuse_options);
@@ -381,9 +384,16 @@ int run_daemon(DaemonConfig config) {
   std::function<void(const boost::system::error_code&, int)> on_signal = [&](const boost::system::error_code& ec,
                                                                              int sig) {
     if (ec) return;
-    log->info("received {}, shutting down", sig == SIGINT ? "SIGINT" : "SIGTERM");
+    log->info("received {}, shutting down{}", sig == SIGINT ? "SIGINT" : sig == SIGHUP ? "SIGHUP" : "SIGTERM",
+              sig == SIGHUP ? " (blockwayd has no configuration reload: blockway export add/remove, mode and "
+                              "the other commands change a running daemon)"
+                            : "");
     stopping = true;
     service.stopping();
+    // No more retries of failed exports, and an open in flight (a retry's,
+    // an export-add's) is abandoned: a remote that accepts and never answers
+    // would hold the stop for its io-timeout.
+    runtime_exports.set_shutting_down();
     kernel_devices.stop();  // the kernel keeps them for the next daemon
     server.shutdown();
     fuse_front->unmount();

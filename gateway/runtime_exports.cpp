@@ -2,6 +2,7 @@
 
 #include "core/options.hpp"
 #include "gateway/snapshot_exports.hpp"
+#include "remote/common/poll_until.hpp"
 #include "remote/uri.hpp"
 
 #include <boost/asio/co_spawn.hpp>
@@ -104,9 +105,19 @@ void RuntimeExports::check_tls(const ExportConfig& cfg) const {
 void RuntimeExports::open_saved(std::vector<cache::CacheLayer*>& caches) {
   if (!builder_.catalogue_exists()) return;
   for (const auto& saved : builder_.catalogue().runtime_exports()) {
-    if (exports_.find(saved.name) && !saved.name.empty()) {
+    // The configuration's, also when it failed to open (it is retried): the
+    // saved one must not be served beside it, listed twice.
+    std::string configured_uri;
+    if (auto exp = exports_.find(saved.name)) {
+      configured_uri = exp->uri;
+    } else {
+      std::lock_guard lock(names_mutex_);
+      if (auto it = failed_.find(saved.name); it != failed_.end() && it->second.configured)
+        configured_uri = it->second.uri + ", which failed to open and is retried";
+    }
+    if (!configured_uri.empty() && !saved.name.empty()) {
       log_->warn("export '{}' added at run time is also defined in the configuration: serving the "
-                 "configuration's ({})", saved.name, exports_.find(saved.name)->uri);
+                 "configuration's ({})", saved.name, configured_uri);
       continue;
     }
     try {
@@ -162,15 +173,21 @@ void RuntimeExports::set_shutting_down() {
 
 // Rounds over the failed exports, 2 s after the start and then at a delay
 // that doubles up to 60 s: a remote that is back is found soon, one that
-// stays down costs a connection attempt a minute. Ends when nothing is left
-// to retry or the daemon stops.
+// stays down costs a connection attempt a minute. A round in which one
+// opened is followed by another at once: it may be the base of a clone tried
+// before it (in name order), which would otherwise wait for the next round,
+// up to a minute. Ends when nothing is left to retry or the daemon stops.
 Task<void> RuntimeExports::retry_failed() {
   constexpr auto kFirst = std::chrono::seconds(2), kLongest = std::chrono::seconds(60);
   auto delay = std::chrono::duration_cast<std::chrono::steady_clock::duration>(kFirst);
+  bool wait = true;
   while (!shutting_down_) {
-    retry_timer_->expires_after(delay);
-    boost::system::error_code ec;
-    co_await retry_timer_->async_wait(boost::asio::redirect_error(boost::asio::use_awaitable, ec));
+    if (wait) {
+      retry_timer_->expires_after(delay);
+      boost::system::error_code ec;
+      co_await retry_timer_->async_wait(boost::asio::redirect_error(boost::asio::use_awaitable, ec));
+      delay = std::min<std::chrono::steady_clock::duration>(delay * 2, kLongest);
+    }
     if (shutting_down_) break;
     std::vector<std::string> names;
     {
@@ -178,13 +195,43 @@ Task<void> RuntimeExports::retry_failed() {
       for (const auto& [name, failed] : failed_) names.push_back(name);
     }
     if (names.empty()) break;
+    bool opened = false;
     for (const auto& name : names) {
       if (shutting_down_) break;
       auto attempt = retry_one(name);
-      co_await std::move(attempt);
+      if (co_await std::move(attempt)) opened = true;
     }
-    delay = std::min<std::chrono::steady_clock::duration>(delay * 2, kLongest);
+    wait = !opened;  // each round without a wait opens one more: bounded
   }
+}
+
+Task<RuntimeExports::Opened> RuntimeExports::open_on_pool(ExportConfig cfg, std::function<void()> after_open,
+                                                          std::function<bool()> cancelled) {
+  auto open = [this, cfg = std::move(cfg), after_open = std::move(after_open),
+               cancelled = std::move(cancelled)]() mutable -> Opened {
+    remote::common::CancelOpensWhen cancel(std::move(cancelled));
+    Opened o;
+    try {
+      check_tls(cfg);
+      o.built = builder_.build(std::move(cfg));
+      if (after_open) after_open();
+    } catch (const std::exception& e) {
+      o.error = e.what();
+    }
+    return o;
+  };
+  // Named first, then awaited: GCC 12 destroys non-trivial captures (cfg,
+  // the callables) of a lambda passed inside a co_await expression twice.
+  auto opening = offload(loops_.blocking(), std::move(open));
+  co_return co_await std::move(opening);
+}
+
+Task<core::AsyncMutex::Guard> RuntimeExports::lock_for_command() {
+  ++commands_waiting_;
+  auto locking = lock_.lock();
+  auto guard = co_await std::move(locking);
+  --commands_waiting_;
+  co_return guard;
 }
 
 Task<bool> RuntimeExports::retry_one(std::string name) {
@@ -194,29 +241,24 @@ Task<bool> RuntimeExports::retry_one(std::string name) {
     std::lock_guard lock(names_mutex_);
     if (auto it = failed_.find(name); it != failed_.end()) failed = it->second;
   }
-  // Removed meanwhile, or added again under its name (export-add).
-  if (!failed || shutting_down_ || exports_.find(name)) co_return false;
-  struct Opened {
-    StackBuilder::Built built;
-    std::string error;
-  };
-  auto open = [this, name, failed]() -> Opened {
-    Opened o;
-    try {
-      ExportConfig cfg = failed->configured ? *failed->configured : parse(name, failed->uri, failed->options);
-      check_tls(cfg);
-      o.built = builder_.build(std::move(cfg));
-    } catch (const std::exception& e) {
-      o.error = e.what();
-    }
-    return o;
-  };
-  auto opening = offload(loops_.blocking(), std::move(open));  // named: see add()
-  Opened opened = co_await std::move(opening);
+  // Removed meanwhile, or added again under its name (export-add); a control
+  // command waiting for lock_ goes first.
+  if (!failed || retry_should_yield() || exports_.find(name)) co_return false;
+  Opened opened;
+  try {
+    auto opening = open_on_pool(failed->configured ? *failed->configured : parse(name, failed->uri, failed->options),
+                                {}, [this] { return retry_should_yield(); });
+    opened = co_await std::move(opening);
+  } catch (const std::exception& e) {  // parse()
+    opened.error = e.what();
+  }
   auto& exp = opened.built.exp;
   if (!opened.error.empty() || shutting_down_) {
     if (exp) co_await exp->device->close();
-    if (opened.error.empty()) co_return false;  // opened as the daemon began to stop
+    // Opened as the daemon began to stop, or abandoned for a control
+    // command (tried again in the next round): not an attempt. One that
+    // opened while a command waited is kept (the command waits for its add).
+    if (opened.error.empty() || retry_should_yield()) co_return false;
     std::lock_guard lock(names_mutex_);
     if (auto it = failed_.find(name); it != failed_.end()) {
       ++it->second.attempts;
@@ -314,32 +356,21 @@ Task<Json> RuntimeExports::add(const Json& req) {
   const auto name = arg_string(req, "name");
   const auto uri = arg_string(req, "uri");
   const auto options = req.contains("options") ? arg_string(req, "options") : std::string();
-  ExportConfig cfg = parse(name, uri, options);  // ConfigError: bad-request
+  const ExportConfig cfg = parse(name, uri, options);  // ConfigError: bad-request
   check_tls(cfg);
-  auto guard = co_await lock_.lock();
+  auto guard = co_await lock_for_command();
   if (shutting_down_) throw ControlError("refused", ESHUTDOWN, "the daemon is shutting down");
   if (exports_.find(name)) throw ControlError("refused", EEXIST, "export '" + name + "' already exists");
-  struct Opened {
-    StackBuilder::Built built;
-    std::string error;
+  auto save = [this, name, uri = cfg.uri, options] {
+    if (!shutting_down_) builder_.catalogue().save_runtime_export({name, uri, options});
   };
-  auto open = [this, cfg, options]() -> Opened {
-    Opened o;
-    try {
-      o.built = builder_.build(cfg);
-      if (!shutting_down_) builder_.catalogue().save_runtime_export({cfg.name, cfg.uri, options});
-    } catch (const std::exception& e) {
-      o.error = e.what();
-    }
-    return o;
-  };
-  // Named first, then awaited: GCC 12 destroys non-trivial captures (cfg,
-  // options) of a lambda passed inside a co_await expression twice.
-  auto opening = offload(loops_.blocking(), std::move(open));
+  auto opening = open_on_pool(cfg, std::move(save), [this] { return shutting_down_.load(); });
   Opened opened = co_await std::move(opening);
   auto& exp = opened.built.exp;
   if (!opened.error.empty()) {
     if (exp) co_await exp->device->close();
+    // Abandoned (or failed) as the daemon began to stop.
+    if (shutting_down_) throw ControlError("refused", ESHUTDOWN, "the daemon is shutting down");
     // Options the backend or cache reject, a missing image, an unreachable
     // remote: all "failed", with the opener's message.
     throw ControlError("failed", EIO, "cannot add export '" + name + "': " + opened.error);
@@ -375,7 +406,7 @@ Task<Json> RuntimeExports::add(const Json& req) {
 
 Task<cache::MetaStore*> RuntimeExports::open_catalogue() {
   if (auto* store = builder_.open_catalogue_or_null()) co_return store;
-  auto guard = co_await lock_.lock();
+  auto guard = co_await lock_for_command();
   auto open = [this]() -> cache::MetaStore* {
     try {
       return &builder_.catalogue();
@@ -390,7 +421,7 @@ Task<cache::MetaStore*> RuntimeExports::open_catalogue() {
 Task<Json> RuntimeExports::remove(const Json& req) {
   const auto name = arg_string(req, "name");
   const bool force = arg_bool(req, "force", false);
-  auto guard = co_await lock_.lock();
+  auto guard = co_await lock_for_command();
   auto exp = name.empty() ? nullptr : exports_.find(name);
   if (!exp) {
     auto removing = remove_failed(name);

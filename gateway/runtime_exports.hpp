@@ -12,7 +12,11 @@
 // missing; configured or saved) does not stop the others: it is listed as
 // failed, and retry_failed() (a coroutine on loop 0, started by
 // start_retrying()) opens it again with a growing delay (2 s doubling to
-// 60 s) until it opens, it is removed, or the daemon stops.
+// 60 s) until it opens, it is removed, or the daemon stops. A retry holds
+// lock_ like export-add, but gives its open up (poll_until's
+// CancelOpensWhen) as soon as a control command waits for lock_ or the
+// daemon stops: a remote that accepts and never answers the handshake must
+// not hold them for its io-timeout.
 //
 // Removing an export that clients are connected to is refused (EBUSY) unless
 // forced; forced, the export leaves the table at once (no new client can open
@@ -77,8 +81,9 @@ class RuntimeExports {
   core::Task<Json> add(const Json& req);
   // export-remove {name, force?}.
   core::Task<Json> remove(const Json& req);
-  // From now on export-add is refused (the daemon is stopping) and failed
-  // exports are no longer retried. Loop 0.
+  // From now on export-add is refused (the daemon is stopping), failed
+  // exports are no longer retried, and an open in flight on a remote is
+  // abandoned. Called at the stop signal and again after the drain. Loop 0.
   void set_shutting_down();
   // Whether the daemon serves TLS at all: an export with tls=require is
   // refused (export-add) or skipped (saved) on a daemon without it, since
@@ -100,6 +105,26 @@ class RuntimeExports {
     std::optional<ExportConfig> configured;  // set for a configured export, else a saved one
     unsigned attempts = 1;
   };
+  // What open_on_pool() gives back: the export's stack, or why it could not
+  // be built (with whatever was built, to close).
+  struct Opened {
+    StackBuilder::Built built;
+    std::string error;
+  };
+  // Builds `cfg` on the blocking pool, then runs `after_open` there (add():
+  // saves it in the catalogue); an exception of either is the error. An open
+  // that waits on a remote is abandoned (an error) soon after `cancelled`
+  // says so (common::CancelOpensWhen). Call with lock_ held.
+  core::Task<Opened> open_on_pool(ExportConfig cfg, std::function<void()> after_open,
+                                  std::function<bool()> cancelled);
+  // Whether a background retry should give its open up: the daemon stops,
+  // or export-add/export-remove wait for lock_ (a remote that accepts and
+  // never answers would hold them for its io-timeout).
+  [[nodiscard]] bool retry_should_yield() const { return shutting_down_ || commands_waiting_ > 0; }
+  // lock_ for export-add/export-remove: a background retry that holds it
+  // gives its open up.
+  core::Task<core::AsyncMutex::Guard> lock_for_command();
+
   // The retries: one round over the failed exports after each delay.
   core::Task<void> retry_failed();
   // One attempt at opening the failed export `name`; true if it opened.
@@ -121,6 +146,7 @@ class RuntimeExports {
   // race with export-remove must find the export gone, not save it again.
   std::mutex settings_mutex_;
   std::atomic<bool> shutting_down_{false};
+  std::atomic<int> commands_waiting_{0};  // export-add/export-remove waiting for lock_
   // Names of the exports this class opened (run-time ones), and the saved
   // ones that failed to open; read by the control plane's hooks.
   mutable std::mutex names_mutex_;

@@ -46,6 +46,12 @@ std::unique_ptr<PluginStack> g_stack;
 // without the lock: their connection's .open saw it open.
 std::mutex g_stack_mutex;
 std::atomic<bool> g_stack_open{false};
+// Failed opens so far, and the last one's reason (under g_stack_mutex): a
+// connection that waited for the lock while another's open failed is refused
+// with that reason instead of trying again itself, so N connections to a
+// remote that accepts and never answers wait one io-timeout, not N.
+std::atomic<uint64_t> g_failed_opens{0};
+std::string g_open_error;
 std::string g_help;  // built at load: config_help points into it
 
 // What blockway_open() returns for every connection: nbdkit wants a non-null
@@ -127,6 +133,8 @@ bool open_stack() {
     return true;
   } catch (const std::exception& e) {
     nbdkit_error("%s", e.what());
+    g_open_error = e.what();
+    g_failed_opens.fetch_add(1, std::memory_order_release);
     return false;
   }
 }
@@ -160,7 +168,13 @@ void blockway_dump_plugin() {
 
 void* blockway_open(int /*readonly*/) {
   if (!g_stack_open.load(std::memory_order_acquire)) {
+    const uint64_t failed_before = g_failed_opens.load(std::memory_order_acquire);
     std::lock_guard lock(g_stack_mutex);
+    if (!g_stack && g_failed_opens.load(std::memory_order_acquire) != failed_before) {
+      // Another connection's open failed while this one waited: its reason.
+      nbdkit_error("%s", g_open_error.c_str());
+      return nullptr;
+    }
     if (!g_stack && !open_stack()) return nullptr;  // nbdkit sends the client our error
   }
   return &g_connection;

@@ -5,6 +5,7 @@
 #include "remote/registry.hpp"
 
 #include <atomic>
+#include <cstdint>
 #include <filesystem>
 
 namespace blockway::stack {
@@ -109,19 +110,25 @@ Stack add_layers(const ExportSpec& spec, Bottom bottom, const LayerOptions& laye
     // The layers between hold no size of their own: only the checkpoint
     // on top (and the file's own geometry, which current_size moves) bound
     // requests.
-    // A shrink is warned about once per size: FUSE looks every second.
+    // A shrink is warned about once, and again only if the image shrinks
+    // further: FUSE looks at every open and getattr, and a writer past the
+    // image's end grows it again a few KiB at a time (`warned`: the size last
+    // warned about, UINT64_MAX while the image is not smaller than served).
     stack.follow_size = [probe = std::move(bottom.current_size), weak = std::weak_ptr(stack.device),
-                         where = spec.where(), warned = std::make_shared<std::atomic<uint64_t>>(0)] {
+                         where = spec.where(),
+                         warned = std::make_shared<std::atomic<uint64_t>>(UINT64_MAX)] {
       auto device = weak.lock();
       if (!device) return;
       const uint64_t served = device->geometry().size, now = probe();
+      if (now >= served) warned->store(UINT64_MAX);
       if (now > served) {
         device->grow(now);
         core::logger("stack")->info("{}: the image grew from {} to {} bytes; new clients see the new size", where,
                                     served, now);
-      } else if (now < served && warned->exchange(now) != now) {
-        core::logger("stack")->warn("{}: the image is {} bytes, smaller than the {} served: requests past its end "
-                                    "fail",
+      } else if (uint64_t last = warned->load(); now < served && now < last &&
+                                                 warned->compare_exchange_strong(last, now)) {
+        core::logger("stack")->warn("{}: the image is {} bytes, smaller than the {} served: reads past its end "
+                                    "fail, writes there grow it again",
                                     where, now, served);
       }
     };

@@ -11,6 +11,11 @@
 // also called after a poll() that timed out (revents 0), so a library can
 // run its own timers.
 //
+// An open its caller gives up on (the daemon stops, or a control command
+// waits for a background retry) ends within a slice: the caller sets
+// `cancel_opens_when` on its thread around the open (CancelOpensWhen), and
+// poll_until() asks it between polls.
+//
 // Thread model: the calling thread only; the library handle is not shared.
 #pragma once
 
@@ -19,7 +24,9 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <functional>
 #include <thread>
+#include <utility>
 
 namespace blockway::remote::common {
 
@@ -27,6 +34,22 @@ enum class PollEnd {
   done,       // lib.done() holds
   timed_out,  // the deadline passed first
   failed,     // lib.service() failed, or poll() did (errno is left set)
+  cancelled,  // this thread's cancel_opens_when said so
+};
+
+// Asked between polls on this thread; empty: never cancelled.
+inline thread_local std::function<bool()> cancel_opens_when;
+
+// Sets cancel_opens_when for its scope (the blocking pool's thread is reused).
+class CancelOpensWhen {
+ public:
+  explicit CancelOpensWhen(std::function<bool()> test) : saved_(std::exchange(cancel_opens_when, std::move(test))) {}
+  ~CancelOpensWhen() { cancel_opens_when = std::move(saved_); }
+  CancelOpensWhen(const CancelOpensWhen&) = delete;
+  CancelOpensWhen& operator=(const CancelOpensWhen&) = delete;
+
+ private:
+  std::function<bool()> saved_;
 };
 
 template <class Lib>
@@ -36,6 +59,7 @@ PollEnd poll_until(Lib& lib, std::chrono::steady_clock::time_point deadline,
   while (!lib.done()) {
     const auto left = duration_cast<milliseconds>(deadline - steady_clock::now());
     if (left.count() <= 0) return PollEnd::timed_out;
+    if (cancel_opens_when && cancel_opens_when()) return PollEnd::cancelled;
     const int wait = static_cast<int>(std::min(left, slice).count());
     pollfd p{lib.fd(), lib.events(), 0};
     if (p.fd < 0 || p.events == 0) {

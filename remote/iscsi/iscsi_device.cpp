@@ -106,11 +106,12 @@ struct LoginStep {
 bool run_until(iscsi_context* ctx, ConnectState& state, Clock::time_point deadline) {
   LoginStep step{ctx, state};
   const auto end = common::poll_until(step, deadline);
-  if (end == common::PollEnd::failed && !state.done) {
-    // Lost before libiscsi called back (e.g. the target closed during the login).
+  if ((end == common::PollEnd::failed || end == common::PollEnd::cancelled) && !state.done) {
+    // Lost before libiscsi called back (e.g. the target closed during the
+    // login), or abandoned (common::CancelOpensWhen).
     state.done = true;
     state.status = SCSI_STATUS_ERROR;
-    state.error = context_error(ctx);
+    state.error = end == common::PollEnd::cancelled ? std::string("the login was abandoned") : context_error(ctx);
   }
   return end != common::PollEnd::timed_out;
 }

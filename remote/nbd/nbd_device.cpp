@@ -30,6 +30,9 @@ constexpr const char* kBaseAllocation = "base:allocation";
 // Reads larger than this go to the loops' connections even for a caller with
 // a connection of its own (see the header).
 constexpr uint64_t kCallerMaxData = 256 * 1024;
+// How long a caller whose own connection could not be opened uses the loops'
+// before it tries again (a reconnect() tries at once).
+constexpr auto kCallerRetry = std::chrono::seconds(10);
 
 struct HandleCloser {
   void operator()(nbd_handle* h) const noexcept { nbd_close(h); }
@@ -107,9 +110,11 @@ Connected connect_handle(const std::string& uri, std::chrono::milliseconds timeo
     return fail(EINVAL);
   Handshake handshake{h};
   const auto end = common::poll_until(handshake, Clock::now() + timeout);
-  if (end == common::PollEnd::timed_out) {
-    r.err = ETIMEDOUT;
-    r.message = "no answer to the handshake within " + std::to_string(timeout.count()) + " ms";
+  if (end == common::PollEnd::timed_out || end == common::PollEnd::cancelled) {
+    const bool cancelled = end == common::PollEnd::cancelled;
+    r.err = cancelled ? ECANCELED : ETIMEDOUT;
+    r.message = cancelled ? std::string("the open was abandoned")
+                          : "no answer to the handshake within " + std::to_string(timeout.count()) + " ms";
     r.handle.reset();
     return r;
   }
@@ -326,34 +331,50 @@ bool NbdDevice::serve_callers(CallerContext which) {
   return true;
 }
 
-NbdDevice::Session& NbdDevice::caller_session(boost::asio::io_context& io) {
+NbdDevice::Session* NbdDevice::caller_session(boost::asio::io_context& io) {
   Caller* c = nullptr;
   {
     const std::lock_guard lock(callers_mutex_);
     c = &callers_[&io];
   }
   const uint64_t gen = generation();
-  if (c->session && (c->session->alive() || c->generation >= gen)) return *c->session;
-  // None yet, or lost and a reconnect() made since: open one on this thread
-  // (it waits for its request anyway). Blocking, bounded by io-timeout.
+  // Alive; or lost, and no reconnect() since: its requests fail fast, for
+  // RetryLayer to reconnect (and to fail the next flush once: the writes it
+  // acknowledged may be gone with it).
+  if (c->session && (c->session->alive() || (!c->refused && c->generation >= gen))) return c->session.get();
+  const auto now = std::chrono::steady_clock::now();
+  if (c->refused && c->generation >= gen && now < c->next_try) return nullptr;
+  // None yet, lost and a reconnect() made since, or refused a while ago:
+  // open one on this thread (it waits for its request anyway). Blocking,
+  // bounded by io-timeout.
   c->generation = gen;
+  c->next_try = now + kCallerRetry;
+  c->refused = true;  // until it opens
   const uint64_t n = caller_opened_.fetch_add(1, std::memory_order_relaxed) + 1;
   if (!c->session)
     c->session = std::make_shared<Session>(io, options_.io_timeout, uri_ + " caller #" + std::to_string(n));
   auto log = core::logger("nbd");
   auto res = connect_handle(uri_, options_.io_timeout);
   if (!res) {
-    log->warn("{}: cannot open a connection for a caller's thread: {}", uri_, res.message);
-    return *c->session;  // down: its requests fail with ENOTCONN until the next reconnect()
+    // A server that limits its connections refuses every caller's: said
+    // once, not per thread and retry.
+    if (!caller_refusal_warned_.exchange(true))
+      log->warn("{}: cannot open a connection for a caller's thread, its requests go to the loops' connections "
+                "(tried again after a reconnect or {} s): {}",
+                uri_, std::chrono::duration_cast<std::chrono::seconds>(kCallerRetry).count(), res.message);
+    else
+      log->debug("{}: cannot open a connection for a caller's thread: {}", uri_, res.message);
+    return nullptr;
   }
   const int64_t size = nbd_get_size(res.handle.get());
   if (size < 0 || static_cast<uint64_t>(size) != geometry_.size) {
     log->error("{}: a new connection sees {} bytes instead of {}; not using it", uri_, size, geometry_.size);
-    return *c->session;
+    return nullptr;
   }
   c->session->install(std::move(res.handle));
+  c->refused = false;
   log->debug("{}: connection {} for a caller's thread", uri_, n);
-  return *c->session;
+  return c->session.get();
 }
 
 bool NbdDevice::connected() const noexcept { return sessions_.all_alive(); }
@@ -371,7 +392,8 @@ Task<std::error_code> NbdDevice::submit_on(Session& s, Issue issue) {
 template <class Issue>
 Task<std::error_code> NbdDevice::submit(Issue issue, uint64_t data) {
   if (caller_context_ && data <= kCallerMaxData)
-    if (boost::asio::io_context* io = caller_context_()) return submit_on(caller_session(*io), std::move(issue));
+    if (boost::asio::io_context* io = caller_context_())
+      if (Session* own = caller_session(*io)) return submit_on(*own, std::move(issue));
   return submit_on(sessions_.pick(), std::move(issue));
 }
 

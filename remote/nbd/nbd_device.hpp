@@ -40,9 +40,12 @@
 // where 1 MiB reads measured faster (on the callers' connections 0.53-0.80x
 // of that in bench/plugin.sh, 0.90x in direct A/B runs; 1 MiB writes
 // 1.11-1.18x faster there, so writes of any size stay), the hop being small
-// beside the transfer. A caller's connection that is lost fails its requests fast with
-// ENOTCONN, like a loop's; it is opened again on the caller's thread once a
-// reconnect() (RetryLayer's) made a new generation.
+// beside the transfer. A caller's connection that is lost fails its requests
+// fast with ENOTCONN, like a loop's; it is opened again on the caller's
+// thread once a reconnect() (RetryLayer's) made a new generation. A caller
+// whose connection cannot be opened (a server that limits its connections
+// refuses it) sends its requests to the loops' connections, and tries again
+// after a reconnect() or 10 s.
 //
 // Thread model: any method may be called from any event-loop thread. The
 // session objects are fixed at construction; what changes (handle, in-flight
@@ -114,8 +117,9 @@ class NbdDevice final : public core::RemoteDevice {
  private:
   // The connection of the caller's io_context `io`: opened here (blocking,
   // bounded by io-timeout) on its first request, and again when lost and a
-  // reconnect() has been made since; a lost one otherwise (fails fast).
-  Session& caller_session(boost::asio::io_context& io);
+  // reconnect() has been made since (a lost one until then: fails fast);
+  // nullptr (use the loops') for kCallerRetry after an open failed.
+  Session* caller_session(boost::asio::io_context& io);
   // `data`: the bytes a read moves (0 for the other commands): over
   // kCallerMaxData, a caller's read goes to the loops' connections.
   template <class Issue>
@@ -140,7 +144,10 @@ class NbdDevice final : public core::RemoteDevice {
   struct Caller {
     std::shared_ptr<Session> session;
     uint64_t generation = 0;  // generation() when it was last (re)opened
+    bool refused = false;  // the last open failed: the loops' connections until next_try
+    std::chrono::steady_clock::time_point next_try;
   };
+  std::atomic<bool> caller_refusal_warned_{false};  // one warning per device
   CallerContext caller_context_;
   std::mutex callers_mutex_;
   std::unordered_map<boost::asio::io_context*, Caller> callers_;

@@ -163,6 +163,9 @@ bool wait_for(nfs_context* ctx, SyncCall& call, Clock::time_point deadline, std:
     case common::PollEnd::timed_out:
       why = "no answer from the server in time";
       return false;
+    case common::PollEnd::cancelled:
+      why = "abandoned";
+      return false;
     case common::PollEnd::failed:
       break;
   }

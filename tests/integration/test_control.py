@@ -534,6 +534,101 @@ class RuntimeExports(ControlTestCase):
         self.assertEqual(harness.read_file(remote_img, 0, 4096), before)
         d.stop()
 
+    def retrying_on_a_hung_remote(self, seed):
+        """A daemon with export 'a' and export 'b' whose nbdkit was down at
+        the start, then came up frozen (SIGSTOP: the kernel accepts its
+        connections, nothing answers the handshake) with 'b' io-timeout=20:
+        returned once the background retry of 'b' is connected and waiting
+        on it. Returns (daemon, img)."""
+        img = harness.make_random_image(self.path("a.img"), 4 * MiB, seed=seed)
+        remote_img = harness.make_random_image(self.path("r.img"), 4 * MiB, seed=seed + 1)
+        port = harness.free_port()
+        d = self.start({"a": "file://" + img, "b": "nbd://127.0.0.1:%d/,io-timeout=20" % port})
+        # After the first retry (2 s), the next is 4 s away: time to start
+        # nbdkit and freeze it before that one connects.
+        harness.wait_until(lambda: self.failed_attempts("b") >= 2, 15, interval=0.1, what="the first retry")
+        k = remotes.started(self, remotes.Nbdkit(self.tmp, remote_img, port=port))
+        frozen = k.frozen()
+        frozen.__enter__()
+        self.addCleanup(frozen.__exit__, None, None, None)
+
+        def retry_connected():
+            out = subprocess.run(["ss", "-Htn", "state", "established", "( dport = :%d )" % port],
+                                 stdout=subprocess.PIPE, check=True).stdout.decode()
+            return bool(out.strip())
+        harness.wait_until(retry_connected, 15, interval=0.1, what="the retry of 'b' to connect")
+        return d, img
+
+    def test_a_clone_named_before_its_failed_base_opens_right_after_it(self):
+        """The retries go in name order: 'aclone' is tried before its base
+        'base' in the round that opens 'base', and must not wait for the
+        next round (4 s, 8 s ... up to a minute later) to follow it."""
+        img = harness.make_random_image(self.path("a.img"), 4 * MiB, seed=19)
+        remote_img = harness.make_random_image(self.path("r.img"), 8 * MiB, seed=20)
+        port = harness.free_port()
+        d = self.start({"z": "file://" + img, "base": "nbd://127.0.0.1:%d/" % port, "aclone": "clone:base"})
+        harness.wait_until(lambda: self.failed_attempts("base") >= 3, 20, interval=0.1, what="two retries")
+        remotes.started(self, remotes.Nbdkit(self.tmp, remote_img, port=port))
+        harness.wait_until(lambda: self.states()["base"] == "open", 20, interval=0.1, what="'base' to open")
+        harness.wait_until(lambda: self.states()["aclone"] == "open", 2, interval=0.1,
+                           what="'aclone' to open right after its base")
+        self.assertEqual(self.connect(self.uri("aclone")).pread(8192, MiB), harness.read_file(remote_img, MiB, 8192))
+        d.stop()
+
+    def failed_attempts(self, name):
+        return {e["name"]: e.get("attempts", 0) for e in self.bwj("status")["exports"]}[name]
+
+    def test_a_retry_on_a_hung_remote_gives_way_to_export_add_and_remove(self):
+        """A background retry must not hold export-add or export-remove for
+        the remote's io-timeout (they waited 20 s here)."""
+        d, img = self.retrying_on_a_hung_remote(seed=15)
+        began = time.monotonic()
+        self.bw("export", "add", "x", "file://" + img)
+        self.assertLess(time.monotonic() - began, 5, "export add waited for the retry")
+        st = {e["name"]: e for e in self.bwj("status")["exports"]}
+        self.assertEqual(st["x"]["state"], "open")
+        self.assertTrue(st["b"]["state"].startswith("failed: "), st["b"])
+        self.assertNotIn("abandoned", st["b"]["error"], "an abandoned retry is not a reason")
+        self.assertEqual(st["b"]["attempts"], 2, "nor an attempt")
+        self.assertEqual(self.connect(self.uri("x")).pread(4096, 0), harness.read_file(img, 0, 4096))
+        began = time.monotonic()
+        out, _ = self.bw("export", "remove", "b")
+        self.assertLess(time.monotonic() - began, 5, "export remove waited for the retry")
+        self.assertIn("export 'b'", out)
+        self.assertEqual(self.states(), {"a": "open", "x": "open"})
+        d.stop()
+
+    def test_sigterm_during_a_retry_on_a_hung_remote_stops_at_once(self):
+        d, _ = self.retrying_on_a_hung_remote(seed=17)
+        began = time.monotonic()
+        d.stop(timeout=40)
+        self.assertLess(time.monotonic() - began, 5, "the stop waited for the retry's handshake:\n" + d.log())
+        self.assertNotIn("opened at attempt", d.full_log())
+
+    def test_a_saved_export_named_like_a_failed_configured_one_is_not_served_beside_it(self):
+        """`export add b` while the configured 'b' has failed serves the
+        added one; at the next start the configuration's 'b' is the one (the
+        saved one was opened too, and 'b' was listed twice: open and
+        failed, with blockway_exports_failed 1 for a served name)."""
+        img = harness.make_random_image(self.path("a.img"), 4 * MiB, seed=21)
+        remote_img = harness.make_random_image(self.path("r.img"), 8 * MiB, seed=22)
+        port = harness.free_port()
+        config = {"a": "file://" + img, "b": "nbd://127.0.0.1:%d/" % port}
+        d = self.start(config)
+        self.bw("export", "add", "b", "file://" + img)
+        self.assertEqual(self.states(), {"a": "open", "b": "open"})
+        d.stop()
+        d = self.start(config)
+        listed = [(e["name"], e["state"].split(":")[0]) for e in self.bwj("status")["exports"]]
+        self.assertEqual(sorted(listed), [("a", "open"), ("b", "failed")])
+        self.assertIn("export 'b' added at run time is also defined in the configuration: serving the "
+                      "configuration's (nbd://127.0.0.1:%d/, which failed to open" % port, d.log())
+        remotes.started(self, remotes.Nbdkit(self.tmp, remote_img, port=port))
+        harness.wait_until(lambda: self.states() == {"a": "open", "b": "open"}, 30, interval=0.5,
+                           what="the configured 'b' to open")
+        self.assertEqual(self.connect(self.uri("b")).get_size(), 8 * MiB)
+        d.stop()
+
     def test_failed_configured_export_is_removed_until_the_next_start(self):
         img = harness.make_random_image(self.path("a.img"), 4 * MiB, seed=13)
         self.start({"a": "file://" + img, "b": "file://" + self.path("later.img")})

@@ -446,6 +446,41 @@ class FuseClientsTest(FuseTestCase):
         self.assertEqual(os.stat(self.file("d")).st_size, 24 * MiB)
         self.assertIn("the image grew from %d to %d bytes" % (8 * MiB, 24 * MiB), d.log(tail=None))
 
+    def test_a_shrunk_image_is_warned_about_once_under_a_writer(self):
+        """`truncate` shrinks an uncached file:// image under its mounted
+        file: the file keeps its size, reads past the image's end fail with
+        EIO, and writes there grow the image again. Each open looks at the
+        image, and the writer grows it a little at a time: that is one
+        shrink, warned about once (it was once per open), and again only
+        when the image shrinks further."""
+        img = self.image(size=8 * MiB, random_data=True)
+        first = harness.read_file(img, 0, 2 * MiB)
+        d = self.fuse_daemon({"d": "file://" + img})
+        os.truncate(img, 4 * MiB)
+        for i in range(20):
+            fd = os.open(self.file("d"), os.O_RDWR)
+            try:
+                self.assertEqual(os.fstat(fd).st_size, 8 * MiB, "a shrink is not followed")
+                os.pwrite(fd, bytes([i + 1]) * 4096, 6 * MiB + i * 4096)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self.assertEqual(os.stat(img).st_size, 6 * MiB + 20 * 4096, "the writes grew the image again")
+        self.assertEqual(harness.read_file(img, 6 * MiB + 19 * 4096, 4096), bytes([20]) * 4096)
+        self.assertEqual(harness.read_file(img, 0, 2 * MiB), first)
+        fd = os.open(self.file("d"), os.O_RDONLY)
+        try:
+            with self.assertRaises(OSError) as cm:
+                os.pread(fd, 4096, 7 * MiB)
+            self.assertEqual(cm.exception.errno, errno.EIO)
+        finally:
+            os.close(fd)
+        warned = lambda: d.log(tail=None).count("smaller than the %d served" % (8 * MiB))  # noqa: E731
+        self.assertEqual(warned(), 1, d.log())
+        os.truncate(img, 2 * MiB)
+        harness.wait_until(lambda: os.stat(self.file("d")) and warned() == 2, 5, interval=0.1,
+                           what="a warning about the further shrink")
+
     def test_direct_io_option(self):
         img = self.image(size=8 * MiB, random_data=True)
         self.fuse_daemon({"d": "file://" + img}, fuse_opts="direct-io")

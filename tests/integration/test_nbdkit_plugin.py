@@ -239,6 +239,36 @@ class PluginTest(harness.DaemonTestCase):
         h.shutdown()
         self.assertIsNone(server.proc.poll(), "nbdkit is still serving")
 
+    def test_connections_to_a_hung_remote_share_one_open_attempt(self):
+        """A remote that accepts and never answers (a frozen nbdkit),
+        io-timeout=3: 6 clients connecting at once are refused within about
+        one io-timeout each (those that waited for another's attempt take
+        its reason; they queued one attempt each, the last waiting 18 s).
+        Once the remote answers, the next client is served."""
+        img = harness.make_random_image(self.path("remote.img"), 4 * MiB, seed=33)
+        remote = remotes.started(self, remotes.Nbdkit(self.tmp, img))
+        with remote.frozen():
+            server = remotes.started(self, PluginServer(self.tmp, [remote.uri, "io-timeout=3"]))
+            results = {}
+
+            def client(i):
+                began = time.monotonic()
+                p = harness.run(["nbdinfo", "--size", server.uri], timeout=120, check=False)
+                results[i] = (p.returncode, time.monotonic() - began)
+            threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            for i, (rc, took) in sorted(results.items()):
+                self.assertNotEqual(rc, 0)
+                self.assertLess(took, 8.5, "client %d waited %.1f s: %r" % (i, took, results))
+            with open(server.log_path, errors="replace") as f:
+                self.assertIn("no answer to the handshake within 3000 ms", f.read())
+        h = self.connect(server.uri)
+        self.assertEqual(h.pread(4096, MiB), harness.read_file(img, MiB, 4096))
+        h.shutdown()
+
     def test_nbdcopy_in_and_out_over_a_file(self):
         src = harness.make_random_image(self.path("src.img"), 48 * MiB, seed=16)
         dst = self.path("dst.img")
@@ -460,6 +490,41 @@ class PluginTest(harness.DaemonTestCase):
             self.assertEqual(f.read(), bytes(model), "a flush did not reach every worker connection's writes")
         fresh = self.connect(remote.uri)
         self.assertEqual(fresh.pread(size, 0), bytes(model))
+
+    def test_worker_threads_use_the_loops_connections_on_a_remote_that_limits_connections(self):
+        """A remote that takes 2 connections (nbdkit's limit filter): the
+        loops' 2 connections are open, every worker's own is refused. The
+        workers' requests go to the loops' connections instead of failing
+        (they failed with EIO after retry-timeout, the refused connection
+        opened again after each reconnect), with nbdkit --threads 1 and 64;
+        the refusal is warned about once, not per worker."""
+        import random
+        size = 8 * MiB
+        img = harness.make_random_image(self.path("img"), size, seed=23)
+        with open(img, "rb") as f:
+            model = bytearray(f.read())
+        remote = remotes.started(self, remotes.Nbdkit(self.tmp, img, filters=["limit"], params=["limit=2"]))
+        self.assertTrue(capabilities(remote.uri)["can_multi_conn"])
+        rng = random.Random(23)
+        for threads in (1, 64):
+            with self.subTest(threads=threads):
+                harness.wait_until(lambda: self.remote_connections(remote) == 0, 10, interval=0.1,
+                                   what="the last server's connections to close")
+                server = self.serve([remote.uri, "threads=2", "retry-timeout=3", "name=l%d" % threads],
+                                    name="nbdkit-bw-%d" % threads, server_args=["--threads", str(threads)])
+                handles = [self.connect(server.uri) for _ in range(3)]
+                began = time.monotonic()
+                self.run_model_rounds(handles, model, rng, rounds=10)
+                self.assertLess(time.monotonic() - began, 30)
+                handles[0].flush()
+                for h in handles:
+                    h.shutdown()
+                server.stop()
+                with open(server.log_path, errors="replace") as f:
+                    log = f.read()
+                self.assertEqual(log.count("cannot open a connection for a caller's thread"), 1, log[-3000:])
+                with open(img, "rb") as f:
+                    self.assertEqual(f.read(), bytes(model))
 
     def test_worker_threads_connections_come_back_after_a_remote_restart(self):
         """The remote restarts while the worker threads hold connections of

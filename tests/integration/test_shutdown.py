@@ -96,12 +96,20 @@ class ShutdownTest(harness.DaemonTestCase):
                 f.seek(b * BLOCK)
                 self.assertEqual(f.read(BLOCK), block_data(b), "acknowledged block %d lost" % b)
         self.assertFalse(os.path.exists(d.pid_file))
+        return d
 
     def test_sigterm_keeps_acknowledged_writes(self):
         self._acked_writes_survive(signal.SIGTERM)
 
     def test_sigint_keeps_acknowledged_writes(self):
         self._acked_writes_survive(signal.SIGINT)
+
+    def test_sighup_keeps_acknowledged_writes(self):
+        """SIGHUP (a closed terminal, or `kill -HUP` meant as a reload, which
+        blockwayd does not have) stops it cleanly too: it killed the daemon
+        at once (exit by signal, pid file left)."""
+        d = self._acked_writes_survive(signal.SIGHUP)
+        self.assertIn("received SIGHUP, shutting down (blockwayd has no configuration reload", d.full_log())
 
     def test_idle_clients_do_not_delay_shutdown(self):
         img = harness.make_sparse_image(self.path("d.img"), 8 * MiB)
