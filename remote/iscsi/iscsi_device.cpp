@@ -583,8 +583,10 @@ Task<std::error_code> IscsiDevice::zero(ByteRange range, IoFlags flags) {
   // blocks read as zeroes; with NO_HOLE, or on a LUN that is not thin, the
   // target writes the zeroes (allocated). That is not "fast": FAST_ZERO
   // wants the unmapping kind.
-  const int unmap =
-      info_.thin && info_.write_same_unmap && info_.unmapped_reads_zero && !(flags & core::kNoHole) ? 1 : 0;
+  const int unmap = info_.thin && info_.write_same_unmap && info_.unmapped_reads_zero &&
+                            !unmap_refused_.load(std::memory_order_relaxed) && !(flags & core::kNoHole)
+                        ? 1
+                        : 0;
   if ((flags & core::kFastZero) && !unmap) co_return errno_code(EOPNOTSUPP);
   if (!unmap && (!options_.write_same || write_same_refused_.load(std::memory_order_relaxed)))
     co_return errno_code(EOPNOTSUPP);
@@ -602,6 +604,10 @@ Task<std::error_code> IscsiDevice::zero(ByteRange range, IoFlags flags) {
     if (!unmap && ec == std::errc::operation_not_supported &&
         !write_same_refused_.exchange(true, std::memory_order_relaxed))
       core::logger("iscsi")->info("{}: the LUN refuses WRITE SAME(16) without UNMAP; zeroes are written instead",
+                                  uri_.redacted());
+    if (unmap && ec == std::errc::operation_not_supported &&
+        !unmap_refused_.exchange(true, std::memory_order_relaxed))
+      core::logger("iscsi")->info("{}: the LUN refuses WRITE SAME(16) with UNMAP; zeroes are written allocated instead",
                                   uri_.redacted());
     co_return ec;
   }

@@ -143,6 +143,9 @@ class IscsiDevice final : public core::RemoteDevice {
   std::vector<unsigned char> zero_block_;  // WRITE SAME's one block of zeroes
   // The LUN refused WRITE SAME without UNMAP once: never sent again.
   std::atomic<bool> write_same_refused_{false};
+  // The LUN refused WRITE SAME with UNMAP once: zeroes go the allocated way
+  // (WRITE SAME without UNMAP, or written) from then on.
+  std::atomic<bool> unmap_refused_{false};
   common::SessionSet<Session> sessions_;
 };
 
